@@ -1,0 +1,1 @@
+"""Hive Flow C execution-ticket-service."""

@@ -1,0 +1,1 @@
+"""Hive Flow C orchestrator-dynamic."""
