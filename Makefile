@@ -1,0 +1,53 @@
+# Hive Flow C — developer entry points. `make help` lists them.
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+UV ?= uv
+BUF ?= $(CURDIR)/node_modules/.bin/buf
+PY_SRC := libs/common/src services/execution-ticket-service/src services/service-registry/src services/orchestrator-dynamic/src
+PYTEST_ARGS ?=
+
+.PHONY: help
+help: ## List the targets
+	@awk 'BEGIN {FS = ":.*## "} /^[a-zA-Z_-]+:.*## / {printf "  \033[36m%-12s\033[0m %s\n", $$1, $$2}' $(MAKEFILE_LIST)
+
+.PHONY: install
+install: ## Install every tool and dependency (uv, buf, FerretDB, PostgreSQL if absent, the venv)
+	bash scripts/install-tools.sh
+
+.PHONY: gen
+gen: ## Regenerate the Python stubs from libs/contracts/proto
+	BUF=$(BUF) libs/contracts/gen.sh
+
+.PHONY: fmt
+fmt: ## Format and auto-fix Python code
+	$(UV) run ruff format .
+	$(UV) run ruff check --fix .
+
+.PHONY: lint
+lint: ## ruff, buf lint, and a check that the committed stubs match the protos
+	$(UV) run ruff check .
+	$(UV) run ruff format --check .
+	cd libs/contracts && $(BUF) lint
+	@tmp=$$(mktemp -d) && trap 'rm -rf "$$tmp"' EXIT && \
+	  BUF=$(BUF) libs/contracts/gen.sh "$$tmp" >/dev/null 2>&1 && \
+	  if ! diff -r "$$tmp/src/neuralhive" libs/contracts/src/neuralhive -x __pycache__ >/dev/null; then \
+	    echo "Generated stubs are stale: run 'make gen' and commit the result." >&2; \
+	    diff -r "$$tmp/src/neuralhive" libs/contracts/src/neuralhive -x __pycache__ | head -20 >&2; exit 1; \
+	  else echo "generated stubs up to date"; fi
+
+.PHONY: breaking
+breaking: ## buf breaking-change check of the protos against the main branch
+	cd libs/contracts && $(BUF) breaking --against '$(CURDIR)/.git#branch=main,subdir=libs/contracts'
+
+.PHONY: typecheck
+typecheck: ## mypy --strict over our code (generated stubs excluded)
+	$(UV) run mypy $(PY_SRC)
+
+.PHONY: test
+test: ## Run every test (unit, service, integration) against real databases
+	$(UV) run pytest $(PYTEST_ARGS)
+
+.PHONY: test-unit
+test-unit: ## Only the fast unit tests (no databases)
+	$(UV) run pytest $(PYTEST_ARGS) libs/common/tests/unit services/*/tests/unit
