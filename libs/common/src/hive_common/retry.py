@@ -1,0 +1,199 @@
+"""Retry policies for the edges of the system (tenacity, asyncio).
+
+Two uses only (CONVENTIONS.md): retrying *idempotent* client calls that failed with
+UNAVAILABLE / DEADLINE_EXCEEDED, and waiting for a dependency at start-up. Both always
+have an overall deadline and use exponential backoff with full jitter, so replicas that
+lost the same dependency do not retry in lock step.
+
+A tenacity ``AsyncRetrying`` object keeps per-run state in a thread-local, which all
+coroutines of one event loop share (a hazard as soon as a hook awaits);
+:func:`call_with_policy` therefore runs on a ``copy()`` of the policy, so one policy
+object may be shared by concurrent callers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any, ParamSpec, TypeVar
+
+import grpc
+import structlog
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception,
+    stop_after_attempt,
+    stop_before_delay,
+    wait_random_exponential,
+)
+from tenacity.stop import stop_base
+
+from hive_common.errors import DeadlineExceeded, HiveError, Unavailable
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+RETRYABLE_STATUS_CODES: frozenset[grpc.StatusCode] = frozenset(
+    {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+)
+"""Raw gRPC codes worth retrying for an idempotent call."""
+
+_log = structlog.stdlib.get_logger(__name__)
+
+
+def is_retryable(exc: BaseException) -> bool:
+    """True for errors that say "try again later" and nothing else.
+
+    ``Unavailable`` / ``DeadlineExceeded`` (including CANCELLED, which
+    :func:`hive_common.grpc_errors.from_rpc_error` maps to ``Unavailable``) and raw
+    ``grpc.RpcError`` with code UNAVAILABLE or DEADLINE_EXCEEDED. Every other
+    ``HiveError`` (INVALID_ARGUMENT, NOT_FOUND, ABORTED, FAILED_PRECONDITION ...) is a
+    definite answer that retrying would not change.
+    """
+    if isinstance(exc, HiveError):
+        return isinstance(exc, Unavailable | DeadlineExceeded)
+    if isinstance(exc, grpc.RpcError):
+        code_fn = getattr(exc, "code", None)
+        return callable(code_fn) and code_fn() in RETRYABLE_STATUS_CODES
+    return False
+
+
+def _log_retry(retry_state: RetryCallState) -> None:
+    outcome = retry_state.outcome
+    error = outcome.exception() if outcome is not None else None
+    sleep = retry_state.next_action.sleep if retry_state.next_action is not None else None
+    _log.info(
+        "retrying call",
+        function=getattr(retry_state.fn, "__qualname__", repr(retry_state.fn)),
+        attempt=retry_state.attempt_number,
+        error=repr(error),
+        sleep_seconds=sleep,
+    )
+
+
+def retry_policy(
+    *,
+    deadline_seconds: float = 10.0,
+    initial_wait: float = 0.1,
+    max_wait: float = 2.0,
+    max_attempts: int | None = None,
+    retry_on: Callable[[BaseException], bool] = is_retryable,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+) -> AsyncRetrying:
+    """A policy for idempotent async calls.
+
+    Waits are drawn uniformly from ``[0, min(max_wait, initial_wait * 2**(n-1))]`` (full
+    jitter). No attempt starts once the next wait would cross ``deadline_seconds`` from
+    the first attempt, and at most ``max_attempts`` attempts run when given. When it
+    gives up, the last error is re-raised unchanged (not a ``tenacity.RetryError``).
+    ``sleep`` is replaceable for tests.
+    """
+    if deadline_seconds <= 0:
+        raise ValueError("deadline_seconds must be positive")
+    if initial_wait <= 0 or max_wait < initial_wait:
+        raise ValueError("need 0 < initial_wait <= max_wait")
+    if max_attempts is not None and max_attempts < 1:
+        raise ValueError("max_attempts must be at least 1")
+    stop: stop_base = stop_before_delay(deadline_seconds)
+    if max_attempts is not None:
+        stop = stop | stop_after_attempt(max_attempts)
+    return AsyncRetrying(
+        retry=retry_if_exception(retry_on),
+        wait=wait_random_exponential(multiplier=initial_wait, max=max_wait),
+        stop=stop,
+        sleep=sleep,
+        before_sleep=_log_retry,
+        reraise=True,
+    )
+
+
+async def call_with_retry(
+    fn: Callable[P, Awaitable[T]],
+    /,
+    *args: P.args,
+    **kwargs: P.kwargs,
+) -> T:
+    """Await ``fn(*args, **kwargs)`` under the default :func:`retry_policy`.
+
+    Only for idempotent calls. For a custom policy use :func:`call_with_policy`.
+    """
+    return await call_with_policy(retry_policy(), fn, *args, **kwargs)
+
+
+async def call_with_policy(
+    policy: AsyncRetrying,
+    fn: Callable[P, Awaitable[T]],
+    /,
+    *args: P.args,
+    **kwargs: P.kwargs,
+) -> T:
+    """Await ``fn(*args, **kwargs)`` under ``policy`` (copied, so the policy may be shared)."""
+    result: T = await policy.copy()(fn, *args, **kwargs)
+    return result
+
+
+async def wait_for_dependency(
+    check: Callable[[], Awaitable[Any]],
+    *,
+    name: str,
+    deadline_seconds: float,
+    initial_wait: float = 0.2,
+    max_wait: float = 5.0,
+    sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+) -> None:
+    """Block start-up until ``check()`` succeeds, logging every failed attempt.
+
+    ``check`` succeeds when it returns anything but ``False`` without raising; any
+    exception counts as "not yet" (a database that is still starting raises driver
+    errors of every kind). After ``deadline_seconds`` it raises
+    :class:`~hive_common.errors.Unavailable` naming the dependency, chained to the last
+    error.
+    """
+    log = _log.bind(dependency=name)
+    attempts = 0
+    last_error: BaseException | None = None
+
+    async def attempt() -> None:
+        nonlocal attempts, last_error
+        attempts += 1
+        try:
+            result = await check()
+        except Exception as exc:
+            last_error = exc
+            log.warning("dependency not ready", attempt=attempts, error=repr(exc))
+            raise
+        if result is False:
+            last_error = None
+            log.warning("dependency not ready", attempt=attempts, error="check returned False")
+            raise _NotReady(name)
+        log.info("dependency ready", attempt=attempts)
+
+    policy = AsyncRetrying(
+        retry=retry_if_exception(lambda exc: isinstance(exc, Exception)),
+        wait=wait_random_exponential(multiplier=initial_wait, max=max_wait),
+        stop=stop_before_delay(deadline_seconds),
+        sleep=sleep,
+        reraise=True,
+    )
+    try:
+        await policy(attempt)
+    except Exception as exc:
+        raise Unavailable(
+            f"{name} not available after {deadline_seconds:g}s ({attempts} attempts)",
+            details={"dependency": name, "attempts": attempts},
+        ) from (last_error or exc)
+
+
+class _NotReady(Exception):
+    """Internal marker: the check answered, but "not ready"."""
+
+
+__all__ = [
+    "RETRYABLE_STATUS_CODES",
+    "call_with_policy",
+    "call_with_retry",
+    "is_retryable",
+    "retry_policy",
+    "wait_for_dependency",
+]
