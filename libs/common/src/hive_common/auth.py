@@ -1,0 +1,361 @@
+"""JWT issuing and verification (PyJWT, HS256 with a shared secret).
+
+Three kinds of token (DESIGN.md section 6):
+
+* ``service``: held by a service (the orchestrator); ``sub`` is the service name.
+* ``worker``: returned by Register; ``sub`` and ``worker_id`` are the worker id.
+* ``ticket``: returned by GenerateToken; bound to one ``ticket_id``, ``plan_id`` and
+  ``attempt``; ``sub`` and ``worker_id`` are the worker running that attempt.
+
+Every token carries ``iss``, ``aud``, ``sub``, ``iat``, ``exp`` and a random ``jti``;
+``kind`` and ``scope`` (space-separated, as in RFC 8693) are ours. Verification turns
+every kind of bad token into :class:`~hive_common.errors.Unauthenticated` with a clear
+message and a machine-readable ``details["reason"]``. Deciding what a valid token may
+do (PERMISSION_DENIED) is the caller's business.
+"""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import StrEnum
+from typing import Any
+
+import jwt
+
+from hive_common.errors import Unauthenticated
+
+ALGORITHM = "HS256"
+DEFAULT_AUDIENCE = "neuralhive"
+MIN_SECRET_BYTES = 32
+"""RFC 7518 section 3.2: an HS256 key must be at least 256 bits."""
+
+_REGISTERED_CLAIMS = ("iss", "aud", "sub", "iat", "exp", "jti")
+
+
+class TokenKind(StrEnum):
+    """Who holds a token; decides which claims it must carry."""
+
+    SERVICE = "service"
+    WORKER = "worker"
+    TICKET = "ticket"
+
+
+@dataclass(frozen=True, slots=True)
+class TokenClaims:
+    """The verified content of a token."""
+
+    kind: TokenKind
+    subject: str
+    issuer: str
+    audience: str
+    jti: str
+    issued_at: datetime
+    expires_at: datetime
+    scopes: frozenset[str] = field(default_factory=frozenset)
+    worker_id: str | None = None
+    ticket_id: str | None = None
+    plan_id: str | None = None
+    attempt: int | None = None
+
+    def has_scope(self, scope: str) -> bool:
+        """True when the token was granted ``scope``."""
+        return scope in self.scopes
+
+
+def _secret_bytes(secret: str | bytes) -> bytes:
+    key = secret.encode() if isinstance(secret, str) else secret
+    if len(key) < MIN_SECRET_BYTES:
+        raise ValueError(f"JWT secret must be at least {MIN_SECRET_BYTES} bytes for {ALGORITHM}")
+    return key
+
+
+def _require_text(name: str, value: str) -> str:
+    if not value or not value.strip():
+        raise ValueError(f"{name} must not be empty")
+    return value
+
+
+class TokenIssuer:
+    """Signs tokens for one issuer (a service name) and audience."""
+
+    def __init__(
+        self,
+        *,
+        secret: str | bytes,
+        issuer: str,
+        audience: str = DEFAULT_AUDIENCE,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self._key = _secret_bytes(secret)
+        self._issuer = _require_text("issuer", issuer)
+        self._audience = _require_text("audience", audience)
+        self._clock = clock
+
+    def issue_service_token(
+        self, *, service: str, ttl_seconds: int, scopes: Iterable[str] = ()
+    ) -> tuple[str, TokenClaims]:
+        """A token for ``service`` (``sub`` = service name)."""
+        return self._issue(
+            kind=TokenKind.SERVICE,
+            subject=_require_text("service", service),
+            ttl_seconds=ttl_seconds,
+            scopes=scopes,
+        )
+
+    def issue_worker_token(
+        self, *, worker_id: str, ttl_seconds: int, scopes: Iterable[str] = ()
+    ) -> tuple[str, TokenClaims]:
+        """A token for a registered worker (``sub`` = ``worker_id``)."""
+        _require_text("worker_id", worker_id)
+        return self._issue(
+            kind=TokenKind.WORKER,
+            subject=worker_id,
+            ttl_seconds=ttl_seconds,
+            scopes=scopes,
+            worker_id=worker_id,
+        )
+
+    def issue_ticket_token(
+        self,
+        *,
+        worker_id: str,
+        ticket_id: str,
+        plan_id: str,
+        attempt: int,
+        ttl_seconds: int,
+        scopes: Iterable[str] = (),
+    ) -> tuple[str, TokenClaims]:
+        """A token for one attempt of one ticket, held by ``worker_id``."""
+        _require_text("worker_id", worker_id)
+        _require_text("ticket_id", ticket_id)
+        _require_text("plan_id", plan_id)
+        if isinstance(attempt, bool) or not isinstance(attempt, int) or attempt < 0:
+            raise ValueError("attempt must be a non-negative integer")
+        return self._issue(
+            kind=TokenKind.TICKET,
+            subject=worker_id,
+            ttl_seconds=ttl_seconds,
+            scopes=scopes,
+            worker_id=worker_id,
+            ticket_id=ticket_id,
+            plan_id=plan_id,
+            attempt=attempt,
+        )
+
+    def _issue(
+        self,
+        *,
+        kind: TokenKind,
+        subject: str,
+        ttl_seconds: int,
+        scopes: Iterable[str],
+        worker_id: str | None = None,
+        ticket_id: str | None = None,
+        plan_id: str | None = None,
+        attempt: int | None = None,
+    ) -> tuple[str, TokenClaims]:
+        if ttl_seconds <= 0:
+            raise ValueError("ttl_seconds must be positive")
+        scope_set = frozenset(scopes)
+        if any(not s or " " in s for s in scope_set):
+            raise ValueError("scopes must be non-empty and contain no spaces")
+        # Whole seconds: JWT NumericDate, so the returned claims equal the verified ones.
+        issued = int(self._clock())
+        claims = TokenClaims(
+            kind=kind,
+            subject=subject,
+            issuer=self._issuer,
+            audience=self._audience,
+            jti=str(uuid.uuid4()),
+            issued_at=datetime.fromtimestamp(issued, UTC),
+            expires_at=datetime.fromtimestamp(issued + int(ttl_seconds), UTC),
+            scopes=scope_set,
+            worker_id=worker_id,
+            ticket_id=ticket_id,
+            plan_id=plan_id,
+            attempt=attempt,
+        )
+        payload: dict[str, Any] = {
+            "iss": claims.issuer,
+            "aud": claims.audience,
+            "sub": claims.subject,
+            "iat": issued,
+            "exp": issued + int(ttl_seconds),
+            "jti": claims.jti,
+            "kind": kind.value,
+            "scope": " ".join(sorted(scope_set)),
+        }
+        for name, value in (
+            ("worker_id", worker_id),
+            ("ticket_id", ticket_id),
+            ("plan_id", plan_id),
+            ("attempt", attempt),
+        ):
+            if value is not None:
+                payload[name] = value
+        return jwt.encode(payload, self._key, algorithm=ALGORITHM), claims
+
+
+def _refuse(reason: str, message: str) -> Unauthenticated:
+    return Unauthenticated(message, details={"reason": reason})
+
+
+_KINDS_BY_VALUE: dict[str, TokenKind] = {k.value: k for k in TokenKind}
+
+_REQUIRED_BY_KIND: dict[TokenKind, tuple[str, ...]] = {
+    TokenKind.SERVICE: (),
+    TokenKind.WORKER: ("worker_id",),
+    TokenKind.TICKET: ("worker_id", "ticket_id", "plan_id", "attempt"),
+}
+
+
+class TokenVerifier:
+    """Verifies tokens signed with the shared secret for one audience.
+
+    ``issuers``, when given, restricts which ``iss`` values are accepted.
+    ``leeway_seconds`` tolerates clock skew on ``exp`` and ``iat``.
+    """
+
+    def __init__(
+        self,
+        *,
+        secret: str | bytes,
+        audience: str = DEFAULT_AUDIENCE,
+        leeway_seconds: float = 5.0,
+        issuers: Iterable[str] | None = None,
+    ) -> None:
+        if leeway_seconds < 0:
+            raise ValueError("leeway_seconds must not be negative")
+        self._key = _secret_bytes(secret)
+        self._audience = _require_text("audience", audience)
+        self._leeway = leeway_seconds
+        self._issuers = frozenset(issuers) if issuers is not None else None
+
+    def verify(self, token: str) -> TokenClaims:
+        """The claims of ``token``; :class:`Unauthenticated` for any bad token."""
+        payload = self._decode(token)
+        return self._claims(payload)
+
+    def verify_metadata(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> TokenClaims:
+        """Verify the bearer token of gRPC invocation metadata; a missing token is refused."""
+        token = bearer_token_from_metadata(metadata)
+        if token is None:
+            raise _refuse("missing", "missing 'authorization: Bearer <token>' metadata")
+        return self.verify(token)
+
+    def _decode(self, token: str) -> dict[str, Any]:
+        try:
+            payload: dict[str, Any] = jwt.decode(
+                token,
+                self._key,
+                algorithms=[ALGORITHM],
+                audience=self._audience,
+                leeway=self._leeway,
+                options={"require": list(_REGISTERED_CLAIMS), "verify_iss": False},
+            )
+        except jwt.ExpiredSignatureError as exc:
+            raise _refuse("expired", "token has expired") from exc
+        except jwt.InvalidSignatureError as exc:
+            raise _refuse("bad_signature", "token signature is invalid") from exc
+        except jwt.InvalidAlgorithmError as exc:
+            raise _refuse("bad_algorithm", f"token algorithm is not {ALGORITHM}") from exc
+        except jwt.InvalidAudienceError as exc:
+            raise _refuse(
+                "wrong_audience", f"token is not meant for audience {self._audience!r}"
+            ) from exc
+        except jwt.MissingRequiredClaimError as exc:
+            raise _refuse("missing_claim", f"token lacks the {exc.claim!r} claim") from exc
+        except jwt.ImmatureSignatureError as exc:
+            raise _refuse("not_yet_valid", "token is issued in the future") from exc
+        except jwt.DecodeError as exc:
+            raise _refuse("malformed", "token is malformed") from exc
+        except jwt.InvalidTokenError as exc:
+            raise _refuse("invalid", f"token is invalid: {exc}") from exc
+        return payload
+
+    def _claims(self, payload: dict[str, Any]) -> TokenClaims:
+        issuer = payload["iss"]
+        if not isinstance(issuer, str):
+            raise _refuse("invalid", "token issuer must be a string")
+        if self._issuers is not None and issuer not in self._issuers:
+            raise _refuse("wrong_issuer", f"token issuer {issuer!r} is not trusted")
+        raw_kind = payload.get("kind")
+        if not isinstance(raw_kind, str) or raw_kind not in _KINDS_BY_VALUE:
+            raise _refuse("unknown_kind", f"token kind {raw_kind!r} is unknown")
+        kind = _KINDS_BY_VALUE[raw_kind]
+        for name in _REQUIRED_BY_KIND[kind]:
+            if payload.get(name) is None:
+                raise _refuse("missing_claim", f"{kind} token lacks the {name!r} claim")
+        subject = payload["sub"]
+        jti = payload["jti"]
+        scope = payload.get("scope", "")
+        attempt = payload.get("attempt")
+        text_claims = {
+            "sub": subject,
+            "jti": jti,
+            "scope": scope,
+            **{n: payload.get(n) for n in ("worker_id", "ticket_id", "plan_id")},
+        }
+        for name, value in text_claims.items():
+            if value is not None and not isinstance(value, str):
+                raise _refuse("invalid", f"token claim {name!r} must be a string")
+        if not subject:
+            raise _refuse("invalid", "token subject is empty")
+        if attempt is not None and (
+            isinstance(attempt, bool) or not isinstance(attempt, int) or attempt < 0
+        ):
+            raise _refuse("invalid", "token claim 'attempt' must be a non-negative integer")
+        if kind is not TokenKind.SERVICE and payload["worker_id"] != subject:
+            raise _refuse("invalid", f"{kind} token subject does not match its worker_id")
+        return TokenClaims(
+            kind=kind,
+            subject=subject,
+            issuer=issuer,
+            audience=self._audience,
+            jti=jti,
+            issued_at=datetime.fromtimestamp(int(payload["iat"]), UTC),
+            expires_at=datetime.fromtimestamp(int(payload["exp"]), UTC),
+            scopes=frozenset(scope.split()),
+            worker_id=payload.get("worker_id"),
+            ticket_id=payload.get("ticket_id"),
+            plan_id=payload.get("plan_id"),
+            attempt=attempt,
+        )
+
+
+def bearer_token_from_metadata(
+    metadata: Iterable[tuple[str, str | bytes]] | None,
+) -> str | None:
+    """The token of the ``authorization: Bearer <jwt>`` entry of gRPC metadata.
+
+    ``None`` when there is no ``authorization`` entry; :class:`Unauthenticated` when the
+    entry is repeated, uses another scheme (the scheme is case-insensitive) or has no
+    token.
+    """
+    values = [value for key, value in (metadata or ()) if key.lower() == "authorization"]
+    if not values:
+        return None
+    if len(values) > 1:
+        raise _refuse("malformed_header", "more than one authorization header")
+    raw = values[0]
+    header = raw.decode("ascii", errors="replace") if isinstance(raw, bytes) else raw
+    parts = header.split()
+    if len(parts) != 2 or parts[0].lower() != "bearer":
+        raise _refuse("malformed_header", "authorization header must be 'Bearer <token>'")
+    return parts[1]
+
+
+__all__ = [
+    "ALGORITHM",
+    "DEFAULT_AUDIENCE",
+    "MIN_SECRET_BYTES",
+    "TokenClaims",
+    "TokenIssuer",
+    "TokenKind",
+    "TokenVerifier",
+    "bearer_token_from_metadata",
+]
