@@ -1,0 +1,1 @@
+"""Pure ticket logic: models, state machine, validation, page tokens. No I/O."""

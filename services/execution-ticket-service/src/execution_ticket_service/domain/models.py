@@ -1,0 +1,161 @@
+"""The execution ticket and its events (DESIGN.md section 4)."""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+JsonObject = dict[str, Any]
+
+
+class TicketStatus(enum.StrEnum):
+    PENDING = "PENDING"
+    ASSIGNED = "ASSIGNED"
+    RUNNING = "RUNNING"
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+
+    @property
+    def terminal(self) -> bool:
+        return self in TERMINAL_STATUSES
+
+
+TERMINAL_STATUSES = frozenset({TicketStatus.COMPLETED, TicketStatus.FAILED, TicketStatus.CANCELLED})
+LEASED_STATUSES = frozenset({TicketStatus.ASSIGNED, TicketStatus.RUNNING})
+
+
+class Priority(enum.StrEnum):
+    LOW = "LOW"
+    NORMAL = "NORMAL"
+    HIGH = "HIGH"
+    CRITICAL = "CRITICAL"
+
+
+class EventType(enum.StrEnum):
+    CREATED = "CREATED"
+    ASSIGNED = "ASSIGNED"
+    STATUS_CHANGED = "STATUS_CHANGED"
+    REQUEUED = "REQUEUED"
+    LEASE_EXPIRED = "LEASE_EXPIRED"
+    LATE_RESULT_REJECTED = "LATE_RESULT_REJECTED"
+    SNAPSHOT = "SNAPSHOT"
+
+
+@dataclass(frozen=True, slots=True)
+class TicketSpec:
+    """What a creator supplies for one ticket, validated and with defaults resolved."""
+
+    plan_id: str
+    task_id: str
+    task_type: str
+    intent_id: str = ""
+    description: str = ""
+    parameters: JsonObject = field(default_factory=dict)
+    required_capabilities: tuple[str, ...] = ()
+    depends_on: tuple[str, ...] = ()
+    priority: Priority = Priority.NORMAL
+    max_retries: int = 0
+    timeout_seconds: int = 3600
+
+
+# Fields of a spec that must match for a repeated create to be "the same ticket".
+SPEC_CONTENT_FIELDS: tuple[str, ...] = (
+    "intent_id",
+    "task_type",
+    "description",
+    "parameters",
+    "required_capabilities",
+    "depends_on",
+    "priority",
+    "max_retries",
+    "timeout_seconds",
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Ticket:
+    ticket_id: str
+    spec: TicketSpec
+    status: TicketStatus
+    attempt: int
+    version: int
+    created_at: datetime
+    updated_at: datetime
+    worker_id: str = ""
+    lease_expires_at: datetime | None = None
+    error_message: str = ""
+    result: JsonObject | None = None
+    started_at: datetime | None = None
+    completed_at: datetime | None = None
+    # Fingerprint of the last applied status update, so an identical retry is a no-op.
+    last_update_digest: str = ""
+
+    @property
+    def plan_id(self) -> str:
+        return self.spec.plan_id
+
+    @property
+    def task_id(self) -> str:
+        return self.spec.task_id
+
+    @property
+    def retries_left(self) -> bool:
+        """Attempts start at 1, so attempt ``max_retries + 1`` is the last one."""
+        return self.attempt <= self.spec.max_retries
+
+
+@dataclass(frozen=True, slots=True)
+class TicketEvent:
+    """One change of one ticket; also the outbox row relayed to the audit trail."""
+
+    event_id: str
+    type: EventType
+    ticket: Ticket
+    previous_status: TicketStatus | None
+    occurred_at: datetime
+    actor: str
+    # The worker the event concerns (the one that lost the ticket on a re-queue).
+    worker_id: str = ""
+    details: JsonObject = field(default_factory=dict)
+    # Opaque resume position; empty until the event has been stored.
+    cursor: str = ""
+
+    @property
+    def status_changed(self) -> bool:
+        return self.previous_status is not None and self.previous_status != self.ticket.status
+
+
+@dataclass(frozen=True, slots=True)
+class StatusUpdate:
+    """A validated UpdateTicketStatus request."""
+
+    ticket_id: str
+    status: TicketStatus
+    attempt: int
+    expected_version: int | None = None
+    result: JsonObject | None = None
+    error_message: str = ""
+    permanent: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Assignment:
+    """A validated AssignTicket request."""
+
+    ticket_id: str
+    worker_id: str
+    lease_seconds: int
+    attempt: int
+    expected_version: int | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class TicketFilter:
+    """ListTickets / WatchTickets filters; empty means "any"."""
+
+    plan_id: str = ""
+    statuses: frozenset[TicketStatus] = frozenset()
+    worker_id: str = ""

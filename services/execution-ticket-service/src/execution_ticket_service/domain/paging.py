@@ -1,0 +1,93 @@
+"""Opaque tokens: ListTickets page tokens and WatchTickets cursors.
+
+Both are base64url JSON so they are opaque to clients but debuggable; a page token is
+bound to the filter it was issued for, so reusing it with other filters is bad input.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+from dataclasses import dataclass
+
+from execution_ticket_service.domain.models import TicketFilter
+from execution_ticket_service.domain.validation import Violations
+
+
+def _encode(body: dict[str, object]) -> str:
+    raw = json.dumps(body, separators=(",", ":"), sort_keys=True).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode(token: str) -> dict[str, object] | None:
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        body = json.loads(raw)
+    except (binascii.Error, ValueError, UnicodeDecodeError):
+        return None
+    return body if isinstance(body, dict) else None
+
+
+def filter_digest(ticket_filter: TicketFilter) -> str:
+    canonical = json.dumps(
+        [
+            ticket_filter.plan_id,
+            sorted(s.value for s in ticket_filter.statuses),
+            ticket_filter.worker_id,
+        ],
+        separators=(",", ":"),
+    )
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def encode_page_token(after_seq: int, ticket_filter: TicketFilter) -> str:
+    return _encode({"v": 1, "after": after_seq, "f": filter_digest(ticket_filter)})
+
+
+def decode_page_token(token: str, ticket_filter: TicketFilter, errors: Violations) -> int:
+    """The sequence number to continue after (0 for an empty token)."""
+    if not token:
+        return 0
+    body = _decode(token)
+    after = body.get("after") if body else None
+    if body is None or body.get("v") != 1 or not isinstance(after, int) or after < 0:
+        errors.add("page_token", "is not a page token issued by this service")
+        return 0
+    if body.get("f") != filter_digest(ticket_filter):
+        errors.add("page_token", "was issued for different filters")
+        return 0
+    return after
+
+
+@dataclass(frozen=True, order=True, slots=True)
+class Cursor:
+    """A position in the event log: (writer transaction id, sequence), see storage."""
+
+    xid: int
+    seq: int
+
+
+def encode_cursor(cursor: Cursor) -> str:
+    return _encode({"v": 1, "x": cursor.xid, "s": cursor.seq})
+
+
+def decode_cursor(token: str, errors: Violations, path: str = "cursor") -> Cursor | None:
+    """``None`` for an empty token (start with new events)."""
+    if not token:
+        return None
+    body = _decode(token)
+    xid = body.get("x") if body else None
+    seq = body.get("s") if body else None
+    if (
+        body is None
+        or body.get("v") != 1
+        or not isinstance(xid, int)
+        or not isinstance(seq, int)
+        or xid < 0
+        or seq < 0
+    ):
+        errors.add(path, "is not a cursor issued by this service")
+        return None
+    return Cursor(xid=xid, seq=seq)

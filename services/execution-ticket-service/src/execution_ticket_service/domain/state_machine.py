@@ -1,0 +1,284 @@
+"""The ticket state machine (DESIGN.md section 4) as data plus three decision functions.
+
+Each ``decide_*`` function is pure: given the current ticket and a request it returns an
+:class:`Outcome` saying what to store (the new ticket and/or an event) and what to answer.
+Storage applies the outcome under a row lock, so the rules live in one place.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import uuid
+from dataclasses import dataclass, replace
+from datetime import datetime, timedelta
+
+from execution_ticket_service.domain.models import (
+    LEASED_STATUSES,
+    Assignment,
+    EventType,
+    StatusUpdate,
+    Ticket,
+    TicketEvent,
+    TicketStatus,
+)
+from hive_common.errors import Aborted, FailedPrecondition, HiveError
+
+S = TicketStatus
+
+# Every legal edge of the state machine; anything else is FAILED_PRECONDITION.
+LEGAL_TRANSITIONS: dict[TicketStatus, frozenset[TicketStatus]] = {
+    S.PENDING: frozenset({S.ASSIGNED, S.CANCELLED}),
+    # -> PENDING is a re-queue (lease expired or retryable failure with attempts left).
+    S.ASSIGNED: frozenset({S.RUNNING, S.FAILED, S.CANCELLED, S.PENDING}),
+    S.RUNNING: frozenset({S.COMPLETED, S.FAILED, S.CANCELLED, S.PENDING}),
+    S.COMPLETED: frozenset(),
+    S.FAILED: frozenset(),
+    S.CANCELLED: frozenset(),
+}
+
+# Targets a caller may request through UpdateTicketStatus (ASSIGNED has its own RPC,
+# PENDING only happens as a consequence of a failure or an expired lease).
+UPDATE_TARGETS: frozenset[TicketStatus] = frozenset({S.RUNNING, S.COMPLETED, S.FAILED, S.CANCELLED})
+
+LEASE_EXPIRED_MESSAGE = "timed out"
+LEASE_SWEEPER_ACTOR = "system:lease-sweeper"
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What a request does to a ticket.
+
+    ``ticket`` is what the caller gets back (unchanged for an idempotent repeat);
+    ``changed`` says whether the ticket row must be written; ``event`` is the outbox row to
+    write (also present for a rejected late result); ``error`` is raised after the
+    transaction commits, so a rejected late result is still recorded.
+    """
+
+    ticket: Ticket
+    changed: bool = False
+    event: TicketEvent | None = None
+    error: HiveError | None = None
+
+
+def update_digest(update: StatusUpdate) -> str:
+    """Fingerprint of a status update; an identical retry has the same digest."""
+    body = {
+        "status": update.status.value,
+        "attempt": update.attempt,
+        "result": update.result,
+        "error_message": update.error_message,
+        "permanent": update.permanent,
+    }
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), default=str)
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _event(
+    kind: EventType,
+    *,
+    before: Ticket,
+    after: Ticket,
+    now: datetime,
+    actor: str,
+    worker_id: str = "",
+    details: dict[str, object] | None = None,
+) -> TicketEvent:
+    return TicketEvent(
+        event_id=str(uuid.uuid4()),
+        type=kind,
+        ticket=after,
+        previous_status=before.status,
+        occurred_at=now,
+        actor=actor,
+        worker_id=worker_id or after.worker_id or before.worker_id,
+        details=dict(details or {}),
+    )
+
+
+def _check_version(ticket: Ticket, expected: int | None) -> None:
+    if expected is not None and expected != ticket.version:
+        raise Aborted(
+            f"ticket {ticket.ticket_id} is at version {ticket.version}, not {expected}",
+            details={"current_version": ticket.version, "expected_version": expected},
+        )
+
+
+def _check_edge(ticket: Ticket, target: TicketStatus) -> None:
+    if ticket.status.terminal:
+        raise FailedPrecondition(
+            f"ticket {ticket.ticket_id} is {ticket.status.value}, a terminal status",
+            details={"status": ticket.status.value, "requested": target.value},
+        )
+    if target not in LEGAL_TRANSITIONS[ticket.status]:
+        raise FailedPrecondition(
+            f"illegal transition {ticket.status.value} -> {target.value}",
+            details={"status": ticket.status.value, "requested": target.value},
+        )
+
+
+def _requeue(ticket: Ticket, now: datetime) -> Ticket:
+    return replace(
+        ticket,
+        status=S.PENDING,
+        attempt=ticket.attempt + 1,
+        worker_id="",
+        lease_expires_at=None,
+        started_at=None,
+        version=ticket.version + 1,
+        updated_at=now,
+    )
+
+
+def decide_assign(ticket: Ticket, request: Assignment, *, now: datetime, actor: str) -> Outcome:
+    """PENDING -> ASSIGNED for the ticket's current attempt, with a lease."""
+    if (
+        ticket.status is S.ASSIGNED
+        and ticket.worker_id == request.worker_id
+        and ticket.attempt == request.attempt
+    ):
+        return Outcome(ticket=ticket)  # a retried assignment: same answer, no event
+    if request.attempt != ticket.attempt:
+        raise FailedPrecondition(
+            f"attempt {request.attempt} is not the current attempt {ticket.attempt}",
+            details={"current_attempt": ticket.attempt, "attempt": request.attempt},
+        )
+    _check_version(ticket, request.expected_version)
+    _check_edge(ticket, S.ASSIGNED)
+    after = replace(
+        ticket,
+        status=S.ASSIGNED,
+        worker_id=request.worker_id,
+        lease_expires_at=now + timedelta(seconds=request.lease_seconds),
+        version=ticket.version + 1,
+        updated_at=now,
+    )
+    event = _event(EventType.ASSIGNED, before=ticket, after=after, now=now, actor=actor)
+    return Outcome(ticket=after, changed=True, event=event)
+
+
+def decide_update(ticket: Ticket, update: StatusUpdate, *, now: datetime, actor: str) -> Outcome:
+    """Every other transition: start, complete, fail (maybe re-queue), cancel.
+
+    ``update.attempt == 0`` is only valid for CANCELLED (validation enforces it) and means
+    "whatever attempt is current": cancellation is an operator action, not a worker result.
+    """
+    digest = update_digest(update)
+    if digest == ticket.last_update_digest:
+        return Outcome(ticket=ticket)  # identical retry: same answer, no second event
+    if update.attempt and update.attempt < ticket.attempt:
+        # Fencing: a result from an attempt that was re-queued is never applied, only recorded.
+        error = FailedPrecondition(
+            f"attempt {update.attempt} is stale; the ticket is at attempt {ticket.attempt}",
+            details={"current_attempt": ticket.attempt, "attempt": update.attempt},
+        )
+        event = _event(
+            EventType.LATE_RESULT_REJECTED,
+            before=ticket,
+            after=ticket,
+            now=now,
+            actor=actor,
+            details={
+                "reported_status": update.status.value,
+                "reported_attempt": update.attempt,
+                "result": update.result,
+                "error_message": update.error_message,
+            },
+        )
+        return Outcome(ticket=ticket, event=event, error=error)
+    if update.attempt > ticket.attempt:
+        raise FailedPrecondition(
+            f"attempt {update.attempt} does not exist; the ticket is at attempt {ticket.attempt}",
+            details={"current_attempt": ticket.attempt, "attempt": update.attempt},
+        )
+    _check_version(ticket, update.expected_version)
+    _check_edge(ticket, update.status)
+
+    base = replace(ticket, version=ticket.version + 1, updated_at=now, last_update_digest=digest)
+    kind = EventType.STATUS_CHANGED
+    details: dict[str, object] = {}
+    if update.status is S.RUNNING:
+        # From here the worker has the task's own timeout to finish.
+        after = replace(
+            base,
+            status=S.RUNNING,
+            started_at=now,
+            lease_expires_at=now + timedelta(seconds=ticket.spec.timeout_seconds),
+        )
+    elif update.status is S.COMPLETED:
+        after = replace(
+            base,
+            status=S.COMPLETED,
+            result=update.result,
+            error_message="",
+            completed_at=now,
+            lease_expires_at=None,
+        )
+    elif update.status is S.FAILED and not update.permanent and ticket.retries_left:
+        after = replace(_requeue(ticket, now), error_message=update.error_message)
+        after = replace(after, last_update_digest=digest)
+        kind = EventType.REQUEUED
+        details = {"failed_attempt": ticket.attempt, "error_message": update.error_message}
+    elif update.status is S.FAILED:
+        after = replace(
+            base,
+            status=S.FAILED,
+            result=update.result,
+            error_message=update.error_message,
+            completed_at=now,
+            lease_expires_at=None,
+        )
+        details = {"permanent": update.permanent}
+    else:  # CANCELLED
+        after = replace(
+            base,
+            status=S.CANCELLED,
+            error_message=update.error_message,
+            completed_at=now,
+            lease_expires_at=None,
+        )
+    event = _event(kind, before=ticket, after=after, now=now, actor=actor, details=details)
+    return Outcome(ticket=after, changed=True, event=event)
+
+
+def decide_lease_expiry(ticket: Ticket, *, now: datetime) -> Outcome:
+    """An ASSIGNED or RUNNING ticket whose lease passed: re-queue, or FAILED when out of retries."""
+    if (
+        ticket.status not in LEASED_STATUSES
+        or ticket.lease_expires_at is None
+        or ticket.lease_expires_at > now
+    ):
+        return Outcome(ticket=ticket)
+    if ticket.retries_left:
+        after = _requeue(ticket, now)
+        details: dict[str, object] = {"expired_attempt": ticket.attempt, "requeued": True}
+    else:
+        after = replace(
+            ticket,
+            status=S.FAILED,
+            error_message=LEASE_EXPIRED_MESSAGE,
+            completed_at=now,
+            lease_expires_at=None,
+            version=ticket.version + 1,
+            updated_at=now,
+        )
+        details = {"expired_attempt": ticket.attempt, "requeued": False}
+    event = _event(
+        EventType.LEASE_EXPIRED,
+        before=ticket,
+        after=after,
+        now=now,
+        actor=LEASE_SWEEPER_ACTOR,
+        details=details,
+    )
+    return Outcome(ticket=after, changed=True, event=event)
+
+
+def check_token_eligible(ticket: Ticket) -> None:
+    """GenerateToken is only for an assigned (or running), non-terminal ticket."""
+    if ticket.status not in LEASED_STATUSES or not ticket.worker_id:
+        raise FailedPrecondition(
+            f"ticket {ticket.ticket_id} is {ticket.status.value}; tokens are only issued "
+            "for an assigned ticket",
+            details={"status": ticket.status.value},
+        )

@@ -1,0 +1,324 @@
+"""Input validation: every problem is reported at once as a FieldViolation."""
+
+from __future__ import annotations
+
+import json
+import uuid
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from execution_ticket_service.domain.models import (
+    Assignment,
+    JsonObject,
+    Priority,
+    StatusUpdate,
+    TicketFilter,
+    TicketSpec,
+    TicketStatus,
+)
+from execution_ticket_service.domain.state_machine import UPDATE_TARGETS
+from hive_common.errors import FieldViolation, InvalidArgument
+
+MAX_ID_LENGTH = 200
+MAX_TEXT_LENGTH = 4000
+MAX_LIST_ITEMS = 200
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Bounds and defaults for requests (configurable through the service settings)."""
+
+    max_parameters_bytes: int = 64 * 1024
+    max_result_bytes: int = 1024 * 1024
+    max_batch_size: int = 10_000
+    default_timeout_seconds: int = 3600
+    max_timeout_seconds: int = 7 * 24 * 3600
+    max_retries: int = 100
+    default_lease_seconds: int = 60
+    max_lease_seconds: int = 24 * 3600
+    default_page_size: int = 100
+    max_page_size: int = 1000
+    default_token_ttl_seconds: int = 3600
+    max_token_ttl_seconds: int = 24 * 3600
+
+
+@dataclass(frozen=True, slots=True)
+class RawTicketSpec:
+    """A TicketSpec as it arrives, enums by name ("" = unspecified), nothing checked yet."""
+
+    plan_id: str = ""
+    task_id: str = ""
+    task_type: str = ""
+    intent_id: str = ""
+    description: str = ""
+    parameters: JsonObject = field(default_factory=dict)
+    required_capabilities: Sequence[str] = ()
+    depends_on: Sequence[str] = ()
+    priority: str = ""
+    max_retries: int = 0
+    timeout_seconds: int = 0
+
+
+class Violations:
+    """Collects violations; :meth:`raise_if_any` ends validation with one error."""
+
+    def __init__(self) -> None:
+        self.items: list[FieldViolation] = []
+
+    def add(self, path: str, description: str) -> None:
+        self.items.append(FieldViolation(field=path, description=description))
+
+    def raise_if_any(self, message: str = "invalid request") -> None:
+        if self.items:
+            raise InvalidArgument(message, violations=self.items)
+
+
+def _has_control_chars(value: str) -> bool:
+    return any(ord(ch) < 32 or ord(ch) == 127 for ch in value)
+
+
+def check_identifier(value: str, path: str, errors: Violations, *, required: bool = True) -> None:
+    """A client-chosen id (plan, task, worker, capability): non-blank, bounded, printable."""
+    if not value.strip():
+        if required:
+            errors.add(path, "is required")
+        elif value:
+            errors.add(path, "must not be blank")
+        return
+    if len(value) > MAX_ID_LENGTH:
+        errors.add(path, f"must be at most {MAX_ID_LENGTH} characters")
+    if _has_control_chars(value) or value != value.strip():
+        errors.add(path, "must not contain control characters or surrounding whitespace")
+
+
+def check_uuid(value: str, path: str, errors: Violations) -> str:
+    """Returns the canonical (lower-case, hyphenated) form, or ``value`` if it is invalid."""
+    if not value:
+        errors.add(path, "is required")
+        return value
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        errors.add(path, "must be a UUID")
+        return value
+
+
+def _check_text(value: str, path: str, errors: Violations) -> None:
+    if len(value) > MAX_TEXT_LENGTH:
+        errors.add(path, f"must be at most {MAX_TEXT_LENGTH} characters")
+
+
+def json_size(value: Any) -> int:
+    return len(json.dumps(value, separators=(",", ":"), default=str).encode())
+
+
+def _check_id_list(values: Sequence[str], path: str, errors: Violations) -> tuple[str, ...]:
+    if len(values) > MAX_LIST_ITEMS:
+        errors.add(path, f"must have at most {MAX_LIST_ITEMS} items")
+    seen: set[str] = set()
+    for index, value in enumerate(values):
+        check_identifier(value, f"{path}[{index}]", errors)
+        if value in seen:
+            errors.add(f"{path}[{index}]", f"duplicate value {value!r}")
+        seen.add(value)
+    return tuple(values)
+
+
+def parse_priority(value: str, path: str, errors: Violations) -> Priority:
+    if value in ("", "UNSPECIFIED"):
+        return Priority.NORMAL
+    try:
+        return Priority(value)
+    except ValueError:
+        errors.add(path, f"unknown priority {value!r}")
+        return Priority.NORMAL
+
+
+def parse_status(value: str, path: str, errors: Violations) -> TicketStatus | None:
+    try:
+        return TicketStatus(value)
+    except ValueError:
+        errors.add(path, f"unknown status {value!r}")
+        return None
+
+
+def validate_spec(
+    raw: RawTicketSpec, limits: Limits, errors: Violations, prefix: str = "ticket"
+) -> TicketSpec:
+    """Check one spec, adding violations under ``prefix``; returns it with defaults resolved."""
+    check_identifier(raw.plan_id, f"{prefix}.plan_id", errors)
+    check_identifier(raw.task_id, f"{prefix}.task_id", errors)
+    check_identifier(raw.task_type, f"{prefix}.task_type", errors)
+    check_identifier(raw.intent_id, f"{prefix}.intent_id", errors, required=False)
+    _check_text(raw.description, f"{prefix}.description", errors)
+    if json_size(raw.parameters) > limits.max_parameters_bytes:
+        errors.add(
+            f"{prefix}.parameters",
+            f"must be at most {limits.max_parameters_bytes} bytes as JSON",
+        )
+    capabilities = _check_id_list(
+        raw.required_capabilities, f"{prefix}.required_capabilities", errors
+    )
+    depends_on = _check_id_list(raw.depends_on, f"{prefix}.depends_on", errors)
+    if raw.task_id and raw.task_id in depends_on:
+        errors.add(f"{prefix}.depends_on", "a task cannot depend on itself")
+    priority = parse_priority(raw.priority, f"{prefix}.priority", errors)
+    if not 0 <= raw.max_retries <= limits.max_retries:
+        errors.add(f"{prefix}.max_retries", f"must be between 0 and {limits.max_retries}")
+    timeout = raw.timeout_seconds or limits.default_timeout_seconds
+    if not 0 < timeout <= limits.max_timeout_seconds:
+        errors.add(
+            f"{prefix}.timeout_seconds",
+            f"must be between 1 and {limits.max_timeout_seconds} (0 = default)",
+        )
+    return TicketSpec(
+        plan_id=raw.plan_id,
+        task_id=raw.task_id,
+        task_type=raw.task_type,
+        intent_id=raw.intent_id,
+        description=raw.description,
+        parameters=dict(raw.parameters),
+        required_capabilities=capabilities,
+        depends_on=depends_on,
+        priority=priority,
+        max_retries=raw.max_retries,
+        timeout_seconds=timeout,
+    )
+
+
+def validate_create(raw: RawTicketSpec, limits: Limits) -> TicketSpec:
+    errors = Violations()
+    spec = validate_spec(raw, limits, errors)
+    errors.raise_if_any("invalid ticket")
+    return spec
+
+
+def validate_batch(raws: Sequence[RawTicketSpec], limits: Limits) -> list[TicketSpec]:
+    """All-or-nothing: any bad spec or a repeated (plan_id, task_id) rejects the batch."""
+    errors = Violations()
+    if not raws:
+        errors.add("tickets", "must not be empty")
+    if len(raws) > limits.max_batch_size:
+        errors.add("tickets", f"must have at most {limits.max_batch_size} items")
+        errors.raise_if_any("invalid batch")
+    specs: list[TicketSpec] = []
+    seen: dict[tuple[str, str], int] = {}
+    for index, raw in enumerate(raws):
+        spec = validate_spec(raw, limits, errors, prefix=f"tickets[{index}]")
+        key = (spec.plan_id, spec.task_id)
+        if key in seen:
+            errors.add(
+                f"tickets[{index}].task_id",
+                f"repeats tickets[{seen[key]}] (same plan_id and task_id)",
+            )
+        seen.setdefault(key, index)
+        specs.append(spec)
+    errors.raise_if_any("invalid batch")
+    return specs
+
+
+def validate_ticket_id(value: str, path: str = "ticket_id") -> str:
+    errors = Violations()
+    ticket_id = check_uuid(value, path, errors)
+    errors.raise_if_any("invalid ticket id")
+    return ticket_id
+
+
+def validate_assignment(
+    *,
+    ticket_id: str,
+    worker_id: str,
+    lease_seconds: int,
+    attempt: int,
+    expected_version: int | None,
+    limits: Limits,
+) -> Assignment:
+    errors = Violations()
+    ticket_id = check_uuid(ticket_id, "ticket_id", errors)
+    check_identifier(worker_id, "worker_id", errors)
+    lease = lease_seconds or limits.default_lease_seconds
+    if not 0 < lease <= limits.max_lease_seconds:
+        errors.add("lease_seconds", f"must be between 1 and {limits.max_lease_seconds}")
+    if attempt < 1:
+        errors.add("attempt", "must be at least 1 (the ticket's current attempt)")
+    if expected_version is not None and expected_version < 1:
+        errors.add("expected_version", "must be at least 1")
+    errors.raise_if_any("invalid assignment")
+    return Assignment(
+        ticket_id=ticket_id,
+        worker_id=worker_id,
+        lease_seconds=lease,
+        attempt=attempt,
+        expected_version=expected_version,
+    )
+
+
+def validate_status_update(
+    *,
+    ticket_id: str,
+    status: str,
+    attempt: int,
+    expected_version: int | None,
+    result: JsonObject | None,
+    error_message: str,
+    permanent: bool,
+    limits: Limits,
+) -> StatusUpdate:
+    errors = Violations()
+    ticket_id = check_uuid(ticket_id, "ticket_id", errors)
+    target = parse_status(status, "status", errors) if status else None
+    if not status:
+        errors.add("status", "is required")
+    elif target is not None and target not in UPDATE_TARGETS:
+        allowed = ", ".join(sorted(s.value for s in UPDATE_TARGETS))
+        errors.add("status", f"must be one of {allowed}")
+    if attempt < 0 or (attempt == 0 and target is not TicketStatus.CANCELLED):
+        errors.add("attempt", "must be at least 1 (0 is only allowed to cancel)")
+    if expected_version is not None and expected_version < 1:
+        errors.add("expected_version", "must be at least 1")
+    if result is not None and json_size(result) > limits.max_result_bytes:
+        errors.add("result", f"must be at most {limits.max_result_bytes} bytes as JSON")
+    _check_text(error_message, "error_message", errors)
+    if permanent and target is not TicketStatus.FAILED:
+        errors.add("permanent", "only applies to FAILED")
+    errors.raise_if_any("invalid status update")
+    assert target is not None
+    return StatusUpdate(
+        ticket_id=ticket_id,
+        status=target,
+        attempt=attempt,
+        expected_version=expected_version,
+        result=result,
+        error_message=error_message,
+        permanent=permanent,
+    )
+
+
+def validate_filter(
+    *, plan_id: str, statuses: Iterable[str], worker_id: str, errors: Violations
+) -> TicketFilter:
+    check_identifier(plan_id, "plan_id", errors, required=False)
+    check_identifier(worker_id, "worker_id", errors, required=False)
+    parsed: set[TicketStatus] = set()
+    for index, value in enumerate(statuses):
+        status = parse_status(value, f"statuses[{index}]", errors)
+        if status is not None:
+            parsed.add(status)
+    return TicketFilter(plan_id=plan_id, statuses=frozenset(parsed), worker_id=worker_id)
+
+
+def resolve_page_size(page_size: int, limits: Limits, errors: Violations) -> int:
+    if page_size < 0:
+        errors.add("page_size", "must not be negative")
+        return limits.default_page_size
+    return min(page_size or limits.default_page_size, limits.max_page_size)
+
+
+def resolve_token_ttl(ttl_seconds: int, limits: Limits) -> int:
+    errors = Violations()
+    ttl = ttl_seconds or limits.default_token_ttl_seconds
+    if not 0 < ttl <= limits.max_token_ttl_seconds:
+        errors.add("ttl_seconds", f"must be between 1 and {limits.max_token_ttl_seconds}")
+    errors.raise_if_any("invalid token request")
+    return ttl

@@ -1,0 +1,221 @@
+"""Validation reports every bad field with its path; page tokens and cursors round-trip."""
+
+from __future__ import annotations
+
+import pytest
+
+from execution_ticket_service.domain.models import Priority, TicketFilter, TicketStatus
+from execution_ticket_service.domain.paging import (
+    Cursor,
+    decode_cursor,
+    decode_page_token,
+    encode_cursor,
+    encode_page_token,
+)
+from execution_ticket_service.domain.validation import (
+    Limits,
+    RawTicketSpec,
+    Violations,
+    resolve_page_size,
+    resolve_token_ttl,
+    validate_assignment,
+    validate_batch,
+    validate_create,
+    validate_filter,
+    validate_status_update,
+    validate_ticket_id,
+)
+from hive_common.errors import InvalidArgument
+
+LIMITS = Limits(max_parameters_bytes=100)
+TID = "6F1F0A3E-8A47-4CF8-9A0F-3C1D1FBB7A11"
+
+
+def good(**kwargs: object) -> RawTicketSpec:
+    values: dict[str, object] = {"plan_id": "p", "task_id": "t", "task_type": "echo"}
+    values.update(kwargs)
+    return RawTicketSpec(**values)  # type: ignore[arg-type]
+
+
+def fields_of(error: InvalidArgument) -> set[str]:
+    return {v.field for v in error.violations}
+
+
+def test_defaults_are_resolved() -> None:
+    spec = validate_create(good(), LIMITS)
+    assert spec.priority is Priority.NORMAL
+    assert spec.timeout_seconds == LIMITS.default_timeout_seconds
+    assert validate_create(good(priority="HIGH", timeout_seconds=5), LIMITS).timeout_seconds == 5
+
+
+@pytest.mark.parametrize(
+    ("spec", "field"),
+    [
+        (good(plan_id=""), "ticket.plan_id"),
+        (good(plan_id="   "), "ticket.plan_id"),
+        (good(plan_id="x" * 201), "ticket.plan_id"),
+        (good(task_id=""), "ticket.task_id"),
+        (good(task_id="a\nb"), "ticket.task_id"),
+        (good(task_type=""), "ticket.task_type"),
+        (good(intent_id=" "), "ticket.intent_id"),
+        (good(description="d" * 4001), "ticket.description"),
+        (good(parameters={"blob": "x" * 200}), "ticket.parameters"),
+        (good(required_capabilities=["a", "a"]), "ticket.required_capabilities[1]"),
+        (good(required_capabilities=[""]), "ticket.required_capabilities[0]"),
+        (good(depends_on=["t"]), "ticket.depends_on"),
+        (good(priority="URGENT"), "ticket.priority"),
+        (good(priority="7"), "ticket.priority"),
+        (good(max_retries=-1), "ticket.max_retries"),
+        (good(max_retries=101), "ticket.max_retries"),
+        (good(timeout_seconds=-5), "ticket.timeout_seconds"),
+        (good(timeout_seconds=10**9), "ticket.timeout_seconds"),
+    ],
+)
+def test_bad_spec_names_the_field(spec: RawTicketSpec, field: str) -> None:
+    with pytest.raises(InvalidArgument) as info:
+        validate_create(spec, LIMITS)
+    assert field in fields_of(info.value)
+
+
+def test_every_problem_is_reported_at_once() -> None:
+    with pytest.raises(InvalidArgument) as info:
+        validate_create(RawTicketSpec(priority="NOPE"), LIMITS)
+    assert fields_of(info.value) == {
+        "ticket.plan_id",
+        "ticket.task_id",
+        "ticket.task_type",
+        "ticket.priority",
+    }
+
+
+def test_batch_paths_and_duplicates() -> None:
+    with pytest.raises(InvalidArgument) as info:
+        validate_batch([good(), good(task_id=""), good()], LIMITS)
+    assert fields_of(info.value) == {"tickets[1].task_id", "tickets[2].task_id"}
+    with pytest.raises(InvalidArgument):
+        validate_batch([], LIMITS)
+    with pytest.raises(InvalidArgument):
+        validate_batch([good(task_id=str(i)) for i in range(3)], Limits(max_batch_size=2))
+    assert len(validate_batch([good(task_id="a"), good(task_id="b")], LIMITS)) == 2
+
+
+def test_ticket_ids_are_uuids_in_canonical_form() -> None:
+    assert validate_ticket_id(TID) == TID.lower()
+    for bad in ("", "nope", "123"):
+        with pytest.raises(InvalidArgument) as info:
+            validate_ticket_id(bad)
+        assert fields_of(info.value) == {"ticket_id"}
+
+
+def test_assignment_validation() -> None:
+    ok = validate_assignment(
+        ticket_id=TID,
+        worker_id="w",
+        lease_seconds=0,
+        attempt=1,
+        expected_version=None,
+        limits=LIMITS,
+    )
+    assert ok.lease_seconds == LIMITS.default_lease_seconds
+    with pytest.raises(InvalidArgument) as info:
+        validate_assignment(
+            ticket_id="x",
+            worker_id="",
+            lease_seconds=-1,
+            attempt=0,
+            expected_version=0,
+            limits=LIMITS,
+        )
+    assert fields_of(info.value) == {
+        "ticket_id",
+        "worker_id",
+        "lease_seconds",
+        "attempt",
+        "expected_version",
+    }
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"status": ""}, "status"),
+        ({"status": "PENDING"}, "status"),
+        ({"status": "ASSIGNED"}, "status"),
+        ({"status": "BOGUS"}, "status"),
+        ({"attempt": 0}, "attempt"),
+        ({"attempt": -1, "status": "CANCELLED"}, "attempt"),
+        ({"expected_version": 0}, "expected_version"),
+        ({"permanent": True}, "permanent"),
+        ({"error_message": "e" * 4001}, "error_message"),
+        ({"ticket_id": "zzz"}, "ticket_id"),
+    ],
+)
+def test_bad_status_update_names_the_field(kwargs: dict[str, object], field: str) -> None:
+    values: dict[str, object] = {
+        "ticket_id": TID,
+        "status": "RUNNING",
+        "attempt": 1,
+        "expected_version": None,
+        "result": None,
+        "error_message": "",
+        "permanent": False,
+    }
+    values.update(kwargs)
+    with pytest.raises(InvalidArgument) as info:
+        validate_status_update(limits=LIMITS, **values)  # type: ignore[arg-type]
+    assert field in fields_of(info.value)
+
+
+def test_cancel_may_omit_the_attempt() -> None:
+    update = validate_status_update(
+        ticket_id=TID,
+        status="CANCELLED",
+        attempt=0,
+        expected_version=None,
+        result=None,
+        error_message="",
+        permanent=False,
+        limits=LIMITS,
+    )
+    assert update.status is TicketStatus.CANCELLED
+
+
+def test_filter_and_page_size() -> None:
+    errors = Violations()
+    f = validate_filter(plan_id="p", statuses=["RUNNING", "X"], worker_id="", errors=errors)
+    assert f.statuses == {TicketStatus.RUNNING}
+    assert [v.field for v in errors.items] == ["statuses[1]"]
+    errors = Violations()
+    assert resolve_page_size(0, LIMITS, errors) == LIMITS.default_page_size
+    assert resolve_page_size(10**6, LIMITS, errors) == LIMITS.max_page_size
+    assert not errors.items
+    resolve_page_size(-1, LIMITS, errors)
+    assert [v.field for v in errors.items] == ["page_size"]
+
+
+def test_token_ttl() -> None:
+    assert resolve_token_ttl(0, LIMITS) == LIMITS.default_token_ttl_seconds
+    with pytest.raises(InvalidArgument):
+        resolve_token_ttl(LIMITS.max_token_ttl_seconds + 1, LIMITS)
+
+
+def test_page_token_round_trip_and_filter_binding() -> None:
+    f = TicketFilter(plan_id="p", statuses=frozenset({TicketStatus.PENDING}))
+    token = encode_page_token(42, f)
+    errors = Violations()
+    assert decode_page_token(token, f, errors) == 42
+    assert decode_page_token("", f, errors) == 0
+    assert not errors.items
+    decode_page_token(token, TicketFilter(plan_id="q"), errors)
+    decode_page_token("garbage!", f, errors)
+    decode_page_token(encode_cursor(Cursor(1, 2)), f, errors)
+    assert [v.field for v in errors.items] == ["page_token"] * 3
+
+
+def test_cursor_round_trip_and_order() -> None:
+    errors = Violations()
+    assert decode_cursor(encode_cursor(Cursor(xid=7, seq=9)), errors) == Cursor(7, 9)
+    assert decode_cursor("", errors) is None
+    assert decode_cursor("bm9wZQ", errors) is None
+    assert [v.field for v in errors.items] == ["cursor"]
+    assert Cursor(1, 9) < Cursor(2, 1) < Cursor(2, 2)
