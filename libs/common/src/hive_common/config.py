@@ -1,0 +1,139 @@
+"""Settings shared by every Hive Flow C service.
+
+Each service subclasses :class:`HiveSettings` in its own ``config.py`` with its own
+environment prefix, and overrides the defaults that differ (name, ports)::
+
+    class TicketSettings(HiveSettings):
+        model_config = SettingsConfigDict(env_prefix="HIVE_TICKETS_")
+
+        service_name: str = "execution-ticket-service"
+        grpc_port: int = 50052
+        postgres_dsn: str = "postgresql://localhost/tickets"
+
+``HIVE_TICKETS_GRPC_PORT=1234`` then configures only that service. The settings object is
+built once in ``__main__`` / ``app.py`` and passed down; never at module level.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from typing import Any, Literal, Protocol
+
+from pydantic import Field, SecretStr, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+LogFormat = Literal["auto", "json", "pretty"]
+
+DEVELOPMENT_JWT_SECRET = "hive-flow-c-local-development-only-insecure-jwt-secret"
+"""Default signing secret, fit only for a developer's machine; start-up warns loudly."""
+
+MIN_JWT_SECRET_BYTES = 32
+"""HS256 keys shorter than the hash output (32 bytes) are weak (RFC 7518, section 3.2)."""
+
+_LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
+
+
+class WarningLogger(Protocol):
+    """Anything with a structlog-style ``warning(event, **fields)`` method."""
+
+    def warning(self, event: str, /, **fields: Any) -> Any: ...
+
+
+class HiveSettings(BaseSettings):
+    """Base settings: logging, bind address, ports, JWT and shutdown grace.
+
+    Environment variables are ``<env_prefix><FIELD>`` (case-insensitive); the base prefix is
+    ``HIVE_`` and each service sets its own (``HIVE_TICKETS_``, ``HIVE_REGISTRY_``,
+    ``HIVE_ORCHESTRATOR_``). Empty variables count as unset, so ``HIVE_X_METRICS_PORT=``
+    keeps the default ``None``.
+    """
+
+    model_config = SettingsConfigDict(
+        env_prefix="HIVE_",
+        env_ignore_empty=True,
+        extra="ignore",
+        validate_default=True,
+    )
+
+    service_name: str = "hive-service"
+    log_level: str = "INFO"
+    log_format: LogFormat = "auto"
+    host: str = "0.0.0.0"
+    grpc_port: int = Field(default=50051, ge=0, le=65535)
+    http_port: int = Field(default=8000, ge=0, le=65535)
+    metrics_port: int | None = Field(
+        default=None,
+        ge=0,
+        le=65535,
+        description="Own port for /metrics; None serves /metrics on the HTTP app.",
+    )
+    jwt_secret: SecretStr = SecretStr(DEVELOPMENT_JWT_SECRET)
+    jwt_issuer: str = "hive-flow-c"
+    jwt_audience: str = "neuralhive"
+    shutdown_grace_seconds: float = Field(default=10.0, ge=0)
+
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _normalise_log_level(cls, value: object) -> object:
+        if isinstance(value, str):
+            upper = value.strip().upper()
+            if upper == "WARN":
+                upper = "WARNING"
+            if upper not in _LOG_LEVELS:
+                raise ValueError(f"must be one of {', '.join(_LOG_LEVELS)}")
+            return upper
+        return value
+
+    @field_validator("jwt_secret")
+    @classmethod
+    def _check_jwt_secret(cls, value: SecretStr) -> SecretStr:
+        if len(value.get_secret_value().encode()) < MIN_JWT_SECRET_BYTES:
+            raise ValueError(f"must be at least {MIN_JWT_SECRET_BYTES} bytes for HS256")
+        return value
+
+    @property
+    def uses_development_jwt_secret(self) -> bool:
+        """True when no real secret was configured."""
+        return self.jwt_secret.get_secret_value() == DEVELOPMENT_JWT_SECRET
+
+    @property
+    def log_level_number(self) -> int:
+        """``log_level`` as a stdlib ``logging`` level number."""
+        return logging.getLevelNamesMapping()[self.log_level]
+
+    def resolved_log_format(self, *, is_tty: bool | None = None) -> Literal["json", "pretty"]:
+        """``log_format`` with ``auto`` resolved: pretty on a terminal, JSON otherwise."""
+        if self.log_format != "auto":
+            return self.log_format
+        if is_tty is None:
+            is_tty = sys.stdout.isatty()
+        return "pretty" if is_tty else "json"
+
+    def warn_if_insecure(self, logger: WarningLogger) -> bool:
+        """Log a loud warning when the development JWT secret is in use; True if it is.
+
+        Call once at start-up, after logging is configured.
+        """
+        if not self.uses_development_jwt_secret:
+            return False
+        prefix = self.model_config.get("env_prefix", "")
+        logger.warning(
+            "INSECURE_DEVELOPMENT_JWT_SECRET",
+            service=self.service_name,
+            detail=(
+                "tokens are signed with the public development secret; anyone can forge them. "
+                f"Set {prefix}JWT_SECRET to a random value of at least "
+                f"{MIN_JWT_SECRET_BYTES} bytes outside local development."
+            ),
+        )
+        return True
+
+
+__all__ = [
+    "DEVELOPMENT_JWT_SECRET",
+    "MIN_JWT_SECRET_BYTES",
+    "HiveSettings",
+    "LogFormat",
+    "WarningLogger",
+]
