@@ -1,0 +1,249 @@
+"""Input validation: every problem is reported at once, with the field it concerns."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import json
+import re
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from hive_common.errors import FieldViolation, InvalidArgument
+from service_registry.domain.models import (
+    DEFAULT_NAMESPACE,
+    DiscoveryQuery,
+    HeartbeatUpdate,
+    ListCursor,
+    ListQuery,
+    RegistrationSpec,
+    WorkerStatus,
+)
+
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+NAMESPACE_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+CAPABILITY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/+-]{0,63}$")
+LABEL_KEY_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._/-]{0,61}[A-Za-z0-9])?$")
+MAX_CAPABILITIES = 64
+MAX_LABELS = 32
+MAX_LABEL_VALUE = 256
+MAX_VERSION = 64
+MAX_CONCURRENT_LIMIT = 10_000
+MAX_UINT63 = 2**63 - 1  # counters are stored as PostgreSQL bigint
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    """Defaults and caps of result sizes; larger requests are capped, not refused."""
+
+    default_max_results: int = 10
+    max_results_cap: int = 100
+    default_page_size: int = 50
+    page_size_cap: int = 500
+
+
+class _Violations:
+    def __init__(self) -> None:
+        self.items: list[FieldViolation] = []
+
+    def add(self, field: str, description: str) -> None:
+        self.items.append(FieldViolation(field=field, description=description))
+
+    def raise_if_any(self, message: str) -> None:
+        if self.items:
+            raise InvalidArgument(message, violations=self.items)
+
+
+def _namespace(value: str, field: str, v: _Violations) -> str:
+    if not value:
+        return DEFAULT_NAMESPACE
+    if not NAMESPACE_RE.match(value):
+        v.add(field, "must be a DNS label: 1-63 lowercase letters, digits or '-'")
+    return value
+
+
+def _capabilities(
+    values: Iterable[str], field: str, v: _Violations, *, required: bool
+) -> tuple[str, ...]:
+    values = list(values)
+    if required and not values:
+        v.add(field, "at least one capability is required")
+    if len(values) > MAX_CAPABILITIES:
+        v.add(field, f"at most {MAX_CAPABILITIES} capabilities")
+    for i, cap in enumerate(values):
+        if not CAPABILITY_RE.match(cap):
+            v.add(
+                f"{field}[{i}]",
+                "must be 1-64 characters: letters, digits and . _ : / + - "
+                "(starting with a letter or digit)",
+            )
+    return tuple(sorted(set(values)))
+
+
+def _labels(values: Mapping[str, str], field: str, v: _Violations) -> dict[str, str]:
+    if len(values) > MAX_LABELS:
+        v.add(field, f"at most {MAX_LABELS} labels")
+    for key, value in values.items():
+        if not LABEL_KEY_RE.match(key):
+            v.add(
+                f"{field}[{key}]",
+                "label key must be 1-63 letters, digits, '.', '_', '/' or '-', "
+                "starting and ending with a letter or digit",
+            )
+        if len(value) > MAX_LABEL_VALUE:
+            v.add(f"{field}[{key}]", f"label value longer than {MAX_LABEL_VALUE} characters")
+    return dict(values)
+
+
+def _worker_id(value: str, field: str, v: _Violations) -> uuid.UUID:
+    try:
+        return uuid.UUID(value)
+    except ValueError:
+        v.add(field, "must be a UUID" if value else "is required")
+        return uuid.UUID(int=0)
+
+
+def parse_worker_id(value: str, field: str = "worker_id") -> uuid.UUID:
+    v = _Violations()
+    worker_id = _worker_id(value, field, v)
+    v.raise_if_any("invalid worker_id")
+    return worker_id
+
+
+def validate_registration(
+    *,
+    name: str,
+    namespace: str,
+    capabilities: Iterable[str],
+    labels: Mapping[str, str],
+    max_concurrent: int,
+    version: str,
+) -> RegistrationSpec:
+    v = _Violations()
+    if not name:
+        v.add("name", "is required")
+    elif not NAME_RE.match(name):
+        v.add("name", "must be 1-128 letters, digits, '.', '_', ':' or '-', starting alphanumeric")
+    spec = RegistrationSpec(
+        name=name,
+        namespace=_namespace(namespace, "namespace", v),
+        capabilities=_capabilities(capabilities, "capabilities", v, required=True),
+        labels=_labels(labels, "labels", v),
+        max_concurrent=max_concurrent,
+        version=version,
+    )
+    if not 1 <= max_concurrent <= MAX_CONCURRENT_LIMIT:
+        v.add("max_concurrent", f"must be between 1 and {MAX_CONCURRENT_LIMIT}")
+    if len(version) > MAX_VERSION:
+        v.add("version", f"at most {MAX_VERSION} characters")
+    v.raise_if_any("invalid registration")
+    return spec
+
+
+def validate_heartbeat(
+    *,
+    worker_id: str,
+    in_flight: int,
+    succeeded_total: int | None,
+    failed_total: int | None,
+    draining: bool,
+) -> HeartbeatUpdate:
+    v = _Violations()
+    parsed = _worker_id(worker_id, "worker_id", v)
+    if in_flight < 0:
+        v.add("in_flight", "must not be negative")
+    for field, total in (("succeeded_total", succeeded_total), ("failed_total", failed_total)):
+        if total is not None and not 0 <= total <= MAX_UINT63:
+            v.add(field, f"must be between 0 and {MAX_UINT63}")
+    v.raise_if_any("invalid heartbeat")
+    return HeartbeatUpdate(
+        worker_id=parsed,
+        in_flight=in_flight,
+        succeeded_total=succeeded_total,
+        failed_total=failed_total,
+        draining=draining,
+    )
+
+
+def _capped(value: int, field: str, default: int, cap: int, v: _Violations) -> int:
+    if value < 0:
+        v.add(field, "must not be negative")
+        return default
+    if value == 0:
+        return default
+    return min(value, cap)
+
+
+def validate_discovery(
+    *,
+    required_capabilities: Iterable[str],
+    label_selector: Mapping[str, str],
+    namespace: str,
+    max_results: int,
+    limits: Limits,
+) -> DiscoveryQuery:
+    v = _Violations()
+    query = DiscoveryQuery(
+        required_capabilities=_capabilities(
+            required_capabilities, "required_capabilities", v, required=False
+        ),
+        label_selector=_labels(label_selector, "label_selector", v),
+        namespace=_namespace(namespace, "namespace", v),
+        max_results=_capped(
+            max_results, "max_results", limits.default_max_results, limits.max_results_cap, v
+        ),
+    )
+    v.raise_if_any("invalid discovery request")
+    return query
+
+
+def encode_cursor(cursor: ListCursor) -> str:
+    raw = json.dumps([cursor.namespace, cursor.name], separators=(",", ":")).encode()
+    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
+
+
+def _decode_cursor(token: str) -> ListCursor | None:
+    try:
+        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
+        value = json.loads(raw)
+    except (binascii.Error, ValueError):
+        return None
+    if isinstance(value, list) and len(value) == 2 and all(isinstance(part, str) for part in value):
+        return ListCursor(namespace=value[0], name=value[1])
+    return None
+
+
+def validate_list(
+    *,
+    namespace: str,
+    statuses: Iterable[WorkerStatus],
+    capability: str,
+    page_size: int,
+    page_token: str,
+    limits: Limits,
+    label_selector: Mapping[str, str] | None = None,
+) -> ListQuery:
+    """Empty namespace means every namespace (an operator's view), unlike discovery."""
+    v = _Violations()
+    if namespace and not NAMESPACE_RE.match(namespace):
+        v.add("namespace", "must be a DNS label: 1-63 lowercase letters, digits or '-'")
+    if capability and not CAPABILITY_RE.match(capability):
+        v.add("capability", "must be 1-64 characters: letters, digits and . _ : / + -")
+    after = None
+    if page_token:
+        after = _decode_cursor(page_token)
+        if after is None:
+            v.add("page_token", "is not a token returned by ListWorkers")
+    query = ListQuery(
+        namespace=namespace or None,
+        statuses=frozenset(statuses),
+        capability=capability or None,
+        page_size=_capped(
+            page_size, "page_size", limits.default_page_size, limits.page_size_cap, v
+        ),
+        after=after,
+        label_selector=_labels(label_selector or {}, "labels", v),
+    )
+    v.raise_if_any("invalid list request")
+    return query
