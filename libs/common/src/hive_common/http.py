@@ -1,0 +1,319 @@
+"""The FastAPI application skeleton every service's HTTP API starts from.
+
+:func:`create_http_app` gives
+
+* ``GET /health``: 200 while the process runs (liveness / startup probe);
+* ``GET /ready``: runs the service's readiness callable; 200 unless a check is ``down``
+  (``degraded`` checks are reported but not fatal), 503 otherwise;
+* one error shape for everything, ``{"error": {"code", "message", "details"}}``:
+  ``HiveError`` -> its ``http_status``; request validation -> 400 ``INVALID_ARGUMENT`` with
+  ``details.field_violations`` whose ``field`` is a JSON path (``body.tasks[2].task_id``,
+  ``query.page_size``); Starlette HTTP errors (404 unknown route, 405 ...) -> their status;
+  any other exception -> 500 ``INTERNAL`` with a generic message, logged with its stack;
+* one canonical log line per request (method, path, route, status, duration_ms,
+  request_id from ``x-request-id`` or generated, echoed back in the response header);
+* optional HTTP metrics. OpenAPI stays at ``/docs`` and ``/openapi.json``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import re
+import time
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import Any, Literal, NotRequired, TypedDict
+
+import structlog
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from hive_common.errors import FieldViolation, HiveError, InvalidArgument
+from hive_common.logging import bind_request_context, clear_request_context, new_request_id
+from hive_common.metrics import HttpMetrics
+
+CheckStatus = Literal["ok", "degraded", "down"]
+
+
+class CheckResult(TypedDict):
+    """The outcome of one readiness check; ``detail`` is free-form (message, lag, ...)."""
+
+    status: CheckStatus
+    detail: NotRequired[Any]
+
+
+ReadinessReport = Mapping[str, CheckResult]
+ReadinessCheck = Callable[[], Awaitable[ReadinessReport]]
+"""An async callable returning ``{check name: {"status": ..., "detail": ...}}``."""
+
+REQUEST_ID_HEADER = "x-request-id"
+INTERNAL_ERROR_MESSAGE = "internal error"
+QUIET_PATHS: tuple[str, ...] = ("/health", "/ready", "/metrics")
+"""Probe and scrape paths; their request lines are logged at DEBUG."""
+
+_REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+_STATE_ERROR_CODE = "hive_error_code"
+
+_CODE_BY_HTTP_STATUS: dict[int, str] = {
+    400: "INVALID_ARGUMENT",
+    401: "UNAUTHENTICATED",
+    403: "PERMISSION_DENIED",
+    404: "NOT_FOUND",
+    405: "UNIMPLEMENTED",
+    409: "ABORTED",
+    412: "FAILED_PRECONDITION",
+    413: "RESOURCE_EXHAUSTED",
+    429: "RESOURCE_EXHAUSTED",
+    501: "UNIMPLEMENTED",
+    503: "UNAVAILABLE",
+    504: "DEADLINE_EXCEEDED",
+}
+
+
+def overall_status(report: ReadinessReport) -> CheckStatus:
+    """``down`` if any check is down, else ``degraded`` if any is, else ``ok``."""
+    statuses = {result["status"] for result in report.values()}
+    if "down" in statuses:
+        return "down"
+    if "degraded" in statuses:
+        return "degraded"
+    return "ok"
+
+
+async def evaluate_readiness(
+    readiness: ReadinessCheck | None, *, timeout_seconds: float
+) -> tuple[CheckStatus, dict[str, CheckResult]]:
+    """Run ``readiness`` once; a crash or timeout becomes a ``down`` check named ``readiness``."""
+    if readiness is None:
+        return "ok", {}
+    try:
+        async with asyncio.timeout(timeout_seconds):
+            report = dict(await readiness())
+    except TimeoutError:
+        report = {"readiness": {"status": "down", "detail": f"timed out after {timeout_seconds}s"}}
+    except Exception as exc:
+        structlog.stdlib.get_logger("hive.http").exception("readiness check failed")
+        report = {"readiness": {"status": "down", "detail": type(exc).__name__}}
+    return overall_status(report), report
+
+
+def json_path(loc: Sequence[int | str]) -> str:
+    """A pydantic error location as a JSON path: ``("body", "tasks", 2, "id")`` ->
+    ``body.tasks[2].id``."""
+    path = ""
+    for part in loc:
+        if isinstance(part, int):
+            path += f"[{part}]"
+        else:
+            path += f".{part}" if path else str(part)
+    return path
+
+
+def validation_violations(errors: Sequence[Any]) -> list[FieldViolation]:
+    """FastAPI/pydantic validation errors as field violations with JSON paths."""
+    violations: list[FieldViolation] = []
+    for error in errors:
+        loc = tuple(error.get("loc", ()))
+        if error.get("type") == "json_invalid":
+            # pydantic puts the character offset in loc; the body as a whole is invalid.
+            loc = loc[:1]
+        violations.append(FieldViolation(json_path(loc), str(error.get("msg", "invalid"))))
+    return violations
+
+
+def error_response(error: HiveError, *, headers: Mapping[str, str] | None = None) -> JSONResponse:
+    """The JSON response for ``error`` (status from its class)."""
+    return JSONResponse(error.to_dict(), status_code=error.http_status, headers=headers)
+
+
+def _remember_error_code(request: Request, code: str) -> None:
+    request.scope.setdefault("state", {})[_STATE_ERROR_CODE] = code
+
+
+async def _hive_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, HiveError)
+    _remember_error_code(request, exc.code)
+    return error_response(exc)
+
+
+async def _validation_error_handler(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    error = InvalidArgument(
+        "request validation failed", violations=validation_violations(exc.errors())
+    )
+    _remember_error_code(request, error.code)
+    return error_response(error)
+
+
+async def _http_exception_handler(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, StarletteHTTPException)
+    status = exc.status_code
+    code = _CODE_BY_HTTP_STATUS.get(status, "INTERNAL" if status >= 500 else "INVALID_ARGUMENT")
+    _remember_error_code(request, code)
+    body = {"error": {"code": code, "message": str(exc.detail), "details": {}}}
+    return JSONResponse(body, status_code=status, headers=exc.headers)
+
+
+class RequestLoggingMiddleware:
+    """Pure-ASGI middleware: request id, one log line per request, metrics, last-resort 500.
+
+    Exceptions no handler took (anything but ``HiveError`` / validation / HTTP errors)
+    are logged with their stack here and answered with a generic 500 body.
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        metrics: HttpMetrics | None = None,
+        logger: Any | None = None,
+        quiet_paths: Sequence[str] = QUIET_PATHS,
+    ) -> None:
+        self.app = app
+        self._metrics = metrics
+        self._logger = logger if logger is not None else structlog.stdlib.get_logger("hive.http")
+        self._quiet = frozenset(quiet_paths)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+
+        request_id = _incoming_request_id(scope) or new_request_id()
+        clear_request_context()
+        bind_request_context(request_id=request_id)
+        started = time.perf_counter()
+        status = 500
+        response_started = False
+
+        async def send_with_request_id(message: Message) -> None:
+            nonlocal status, response_started
+            if message["type"] == "http.response.start":
+                response_started = True
+                status = message["status"]
+                headers = list(message.get("headers", []))
+                headers.append((REQUEST_ID_HEADER.encode(), request_id.encode()))
+                message = {**message, "headers": headers}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_request_id)
+        except Exception:
+            self._logger.exception(
+                "unhandled exception in request", method=scope["method"], path=scope["path"]
+            )
+            if response_started:
+                raise  # too late for a clean 500; let the server drop the connection
+            body = {"error": {"code": "INTERNAL", "message": INTERNAL_ERROR_MESSAGE, "details": {}}}
+            await send_with_request_id(
+                {
+                    "type": "http.response.start",
+                    "status": 500,
+                    "headers": [(b"content-type", b"application/json")],
+                }
+            )
+            await send({"type": "http.response.body", "body": json.dumps(body).encode()})
+        finally:
+            self._finish(scope, status, time.perf_counter() - started)
+
+    def _finish(self, scope: Scope, status: int, seconds: float) -> None:
+        route = scope.get("route")
+        route_path = str(getattr(route, "path", "")) or "unmatched"
+        if self._metrics is not None:
+            self._metrics.request_finished(scope["method"], route_path, status, seconds)
+        fields: dict[str, Any] = {
+            "method": scope["method"],
+            "path": scope["path"],
+            "route": route_path,
+            "status": status,
+            "duration_ms": round(seconds * 1000, 3),
+        }
+        client = scope.get("client")
+        if client:
+            fields["client"] = f"{client[0]}:{client[1]}"
+        state = scope.get("state")
+        if isinstance(state, dict) and _STATE_ERROR_CODE in state:
+            fields["error_code"] = state[_STATE_ERROR_CODE]
+        elif status >= 500:
+            fields["error_code"] = "INTERNAL"
+        if status >= 500:
+            self._logger.error("http_request", **fields)
+        elif scope["path"] in self._quiet:
+            self._logger.debug("http_request", **fields)
+        else:
+            self._logger.info("http_request", **fields)
+
+
+def _incoming_request_id(scope: Scope) -> str | None:
+    for key, value in scope.get("headers", []):
+        if key == REQUEST_ID_HEADER.encode():
+            candidate = bytes(value).decode("latin-1")
+            # Untrusted input goes into every log line: accept only a sane token.
+            return candidate if _REQUEST_ID_PATTERN.match(candidate) else None
+    return None
+
+
+def create_http_app(
+    *,
+    title: str,
+    version: str,
+    readiness: ReadinessCheck | None = None,
+    readiness_timeout_seconds: float = 5.0,
+    metrics: HttpMetrics | None = None,
+    description: str = "",
+    logger: Any | None = None,
+) -> FastAPI:
+    """A FastAPI app with /health, /ready, the shared error handlers and request logging.
+
+    ``readiness`` is awaited on every ``GET /ready`` (bounded by
+    ``readiness_timeout_seconds``); keep it cheap (a ``SELECT 1``, a ping). Add the
+    service's routers with ``app.include_router(...)``.
+    """
+    app = FastAPI(title=title, version=version, description=description)
+    app.add_middleware(RequestLoggingMiddleware, metrics=metrics, logger=logger)
+    app.add_exception_handler(HiveError, _hive_error_handler)
+    app.add_exception_handler(RequestValidationError, _validation_error_handler)
+    app.add_exception_handler(StarletteHTTPException, _http_exception_handler)
+
+    @app.get("/health", tags=["probes"], summary="Liveness: the process is running")
+    async def health() -> dict[str, str]:
+        return {"status": "ok"}
+
+    @app.get(
+        "/ready",
+        tags=["probes"],
+        summary="Readiness: 200 unless a check is down (then 503)",
+        responses={503: {"description": "At least one check is down"}},
+    )
+    async def ready() -> JSONResponse:
+        status, report = await evaluate_readiness(
+            readiness, timeout_seconds=readiness_timeout_seconds
+        )
+        return JSONResponse(
+            {"status": status, "checks": report},
+            status_code=503 if status == "down" else 200,
+        )
+
+    return app
+
+
+__all__ = [
+    "INTERNAL_ERROR_MESSAGE",
+    "QUIET_PATHS",
+    "REQUEST_ID_HEADER",
+    "CheckResult",
+    "CheckStatus",
+    "ReadinessCheck",
+    "ReadinessReport",
+    "RequestLoggingMiddleware",
+    "create_http_app",
+    "error_response",
+    "evaluate_readiness",
+    "json_path",
+    "overall_status",
+    "validation_violations",
+]

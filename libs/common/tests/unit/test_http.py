@@ -1,0 +1,299 @@
+"""The FastAPI skeleton, driven in-process through httpx's ASGI transport."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import AsyncIterator
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI
+from pydantic import BaseModel, Field
+
+from hive_common.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound
+from hive_common.http import (
+    CheckResult,
+    ReadinessReport,
+    create_http_app,
+    json_path,
+    overall_status,
+)
+from hive_common.logging import configure_logging, current_request_context
+from hive_common.metrics import HttpMetrics, new_registry
+
+SECRET = "connection string postgres://admin:hunter2@db"
+
+
+class Task(BaseModel):
+    task_id: str = Field(min_length=1)
+    timeout_seconds: int = Field(default=60, gt=0)
+
+
+class Plan(BaseModel):
+    name: str
+    tasks: list[Task]
+
+
+def build_app(report: dict[str, CheckResult], metrics: HttpMetrics | None = None) -> FastAPI:
+    async def readiness() -> ReadinessReport:
+        return report
+
+    app = create_http_app(title="test", version="0.0.1", readiness=readiness, metrics=metrics)
+
+    @app.post("/plans")
+    async def submit(plan: Plan) -> dict[str, int]:
+        return {"tasks": len(plan.tasks)}
+
+    @app.get("/plans")
+    async def list_plans(page_size: int = 10) -> dict[str, Any]:
+        return {"page_size": page_size, "request_id": current_request_context().get("request_id")}
+
+    @app.get("/plans/{plan_id}")
+    async def get_plan(plan_id: str) -> dict[str, str]:
+        if plan_id == "missing":
+            raise NotFound("plan not found", details={"plan_id": plan_id})
+        if plan_id == "bad":
+            raise InvalidArgument("bad plan id", violations=[FieldViolation("plan_id", "bad")])
+        if plan_id == "done":
+            raise FailedPrecondition("plan is finished")
+        raise RuntimeError(SECRET)
+
+    return app
+
+
+@pytest.fixture
+def log_stream() -> io.StringIO:
+    stream = io.StringIO()
+    configure_logging(level="DEBUG", fmt="json", stream=stream)
+    return stream
+
+
+def log_lines(stream: io.StringIO) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in stream.getvalue().splitlines() if line.strip()]
+
+
+@pytest.fixture
+def report() -> dict[str, CheckResult]:
+    return {"postgres": {"status": "ok"}}
+
+
+@pytest.fixture
+async def client(
+    report: dict[str, CheckResult], log_stream: io.StringIO
+) -> AsyncIterator[httpx.AsyncClient]:
+    transport = httpx.ASGITransport(app=build_app(report))
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+        yield c
+
+
+async def test_health_is_always_ok(
+    client: httpx.AsyncClient, report: dict[str, CheckResult]
+) -> None:
+    report["postgres"] = {"status": "down", "detail": "connection refused"}
+    response = await client.get("/health")
+    assert response.status_code == 200
+    assert response.json() == {"status": "ok"}
+
+
+async def test_ready_ok(client: httpx.AsyncClient) -> None:
+    response = await client.get("/ready")
+    assert response.status_code == 200
+    assert response.json() == {"status": "ok", "checks": {"postgres": {"status": "ok"}}}
+
+
+async def test_ready_degraded_is_still_200(
+    client: httpx.AsyncClient, report: dict[str, CheckResult]
+) -> None:
+    report["mongo"] = {"status": "degraded", "detail": "audit relay lagging"}
+    response = await client.get("/ready")
+    assert response.status_code == 200
+    body = response.json()
+    assert body["status"] == "degraded"
+    assert body["checks"]["mongo"] == {"status": "degraded", "detail": "audit relay lagging"}
+
+
+async def test_ready_down_is_503(client: httpx.AsyncClient, report: dict[str, CheckResult]) -> None:
+    report["mongo"] = {"status": "degraded"}
+    report["postgres"] = {"status": "down", "detail": "connection refused"}
+    response = await client.get("/ready")
+    assert response.status_code == 503
+    assert response.json()["status"] == "down"
+    assert response.json()["checks"]["postgres"]["detail"] == "connection refused"
+
+
+async def test_ready_when_check_crashes_is_503(log_stream: io.StringIO) -> None:
+    async def readiness() -> ReadinessReport:
+        raise ConnectionError(SECRET)
+
+    app = create_http_app(title="t", version="1", readiness=readiness)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+        response = await c.get("/ready")
+    assert response.status_code == 503
+    assert response.json()["checks"]["readiness"]["status"] == "down"
+    assert SECRET not in response.text
+
+
+async def test_ready_without_checks_is_ok(log_stream: io.StringIO) -> None:
+    app = create_http_app(title="t", version="1")
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+        response = await c.get("/ready")
+    assert response.status_code == 200
+    assert response.json() == {"status": "ok", "checks": {}}
+
+
+async def test_body_validation_error_shape(client: httpx.AsyncClient) -> None:
+    response = await client.post(
+        "/plans",
+        json={"name": "p", "tasks": [{"task_id": "a"}, {"task_id": "b"}, {"task_id": ""}]},
+    )
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["code"] == "INVALID_ARGUMENT"
+    assert error["message"] == "request validation failed"
+    violations = error["details"]["field_violations"]
+    assert [v["field"] for v in violations] == ["body.tasks[2].task_id"]
+    assert "at least 1 character" in violations[0]["description"]
+
+
+async def test_every_violation_is_reported(client: httpx.AsyncClient) -> None:
+    response = await client.post(
+        "/plans", json={"tasks": [{"task_id": "a", "timeout_seconds": 0}, {}]}
+    )
+    assert response.status_code == 400
+    fields = {v["field"] for v in response.json()["error"]["details"]["field_violations"]}
+    assert fields == {"body.name", "body.tasks[0].timeout_seconds", "body.tasks[1].task_id"}
+
+
+async def test_query_validation_error_path(client: httpx.AsyncClient) -> None:
+    response = await client.get("/plans", params={"page_size": "many"})
+    assert response.status_code == 400
+    violations = response.json()["error"]["details"]["field_violations"]
+    assert [v["field"] for v in violations] == ["query.page_size"]
+
+
+async def test_malformed_json_is_400_on_body(client: httpx.AsyncClient) -> None:
+    response = await client.post(
+        "/plans", content=b"{not json", headers={"content-type": "application/json"}
+    )
+    assert response.status_code == 400
+    violations = response.json()["error"]["details"]["field_violations"]
+    assert [v["field"] for v in violations] == ["body"]
+
+
+@pytest.mark.parametrize(
+    ("plan_id", "status", "code"),
+    [
+        ("missing", 404, "NOT_FOUND"),
+        ("bad", 400, "INVALID_ARGUMENT"),
+        ("done", 412, "FAILED_PRECONDITION"),
+    ],
+)
+async def test_hive_errors_map_to_status_and_body(
+    client: httpx.AsyncClient, plan_id: str, status: int, code: str
+) -> None:
+    response = await client.get(f"/plans/{plan_id}")
+    assert response.status_code == status
+    assert response.json()["error"]["code"] == code
+
+
+async def test_hive_error_body_is_to_dict(client: httpx.AsyncClient) -> None:
+    response = await client.get("/plans/missing")
+    assert response.json() == NotFound("plan not found", details={"plan_id": "missing"}).to_dict()
+
+
+async def test_unexpected_exception_is_generic_500_and_logged(
+    client: httpx.AsyncClient, log_stream: io.StringIO
+) -> None:
+    response = await client.get("/plans/boom")
+    assert response.status_code == 500
+    assert response.json() == {
+        "error": {"code": "INTERNAL", "message": "internal error", "details": {}}
+    }
+    assert SECRET not in response.text
+    assert response.headers["x-request-id"]
+    lines = log_lines(log_stream)
+    crash = [line for line in lines if line["event"] == "unhandled exception in request"]
+    assert len(crash) == 1
+    assert SECRET in json.dumps(crash[0]["exception"])
+    request_lines = [line for line in lines if line["event"] == "http_request"]
+    assert request_lines[-1]["status"] == 500
+    assert request_lines[-1]["route"] == "/plans/{plan_id}"
+
+
+async def test_unknown_route_uses_error_shape(client: httpx.AsyncClient) -> None:
+    response = await client.get("/nowhere")
+    assert response.status_code == 404
+    assert response.json()["error"]["code"] == "NOT_FOUND"
+    response = await client.delete("/health")
+    assert response.status_code == 405
+    assert response.json()["error"]["code"] == "UNIMPLEMENTED"
+
+
+async def test_one_log_line_per_request_with_request_id(
+    client: httpx.AsyncClient, log_stream: io.StringIO
+) -> None:
+    response = await client.get("/plans", headers={"x-request-id": "req-7"})
+    assert response.json() == {"page_size": 10, "request_id": "req-7"}
+    assert response.headers["x-request-id"] == "req-7"
+    lines = [line for line in log_lines(log_stream) if line["event"] == "http_request"]
+    assert len(lines) == 1
+    assert lines[0]["request_id"] == "req-7"
+    assert lines[0]["method"] == "GET"
+    assert lines[0]["path"] == "/plans"
+    assert lines[0]["status"] == 200
+    assert lines[0]["level"] == "info"
+
+
+async def test_hostile_request_id_is_replaced(client: httpx.AsyncClient) -> None:
+    response = await client.get("/plans", headers={"x-request-id": "a b\tc"})
+    generated = response.json()["request_id"]
+    assert generated != "a b\tc"
+    assert len(generated) == 32
+
+
+async def test_error_code_in_request_line(
+    client: httpx.AsyncClient, log_stream: io.StringIO
+) -> None:
+    await client.get("/plans/missing")
+    lines = [line for line in log_lines(log_stream) if line["event"] == "http_request"]
+    assert lines[0]["error_code"] == "NOT_FOUND"
+    assert lines[0]["status"] == 404
+
+
+async def test_http_metrics_by_route(
+    report: dict[str, CheckResult], log_stream: io.StringIO
+) -> None:
+    registry = new_registry()
+    app = build_app(report, metrics=HttpMetrics(registry))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+        await c.get("/plans/missing")
+        await c.get("/plans/done")
+        await c.get("/ready")
+    labels = {"method": "GET", "route": "/plans/{plan_id}"}
+    assert registry.get_sample_value("http_requests_total", {**labels, "status": "404"}) == 1
+    assert registry.get_sample_value("http_requests_total", {**labels, "status": "412"}) == 1
+    assert registry.get_sample_value("http_request_duration_seconds_count", labels) == 2
+    ready = {"method": "GET", "route": "/ready", "status": "200"}
+    assert registry.get_sample_value("http_requests_total", ready) == 1
+
+
+async def test_openapi_stays_enabled(client: httpx.AsyncClient) -> None:
+    response = await client.get("/openapi.json")
+    assert response.status_code == 200
+    assert "/plans" in response.json()["paths"]
+    assert "/ready" in response.json()["paths"]
+
+
+def test_json_path() -> None:
+    assert json_path(("body", "tasks", 2, "task_id")) == "body.tasks[2].task_id"
+    assert json_path(("query", "page_size")) == "query.page_size"
+    assert json_path(("body",)) == "body"
+    assert json_path(()) == ""
+
+
+def test_overall_status() -> None:
+    assert overall_status({}) == "ok"
+    assert overall_status({"a": {"status": "ok"}, "b": {"status": "degraded"}}) == "degraded"
+    assert overall_status({"a": {"status": "down"}, "b": {"status": "degraded"}}) == "down"
