@@ -1,0 +1,161 @@
+"""apply_migrations against a real PostgreSQL: once, idempotent, concurrent, atomic."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import psycopg
+import pytest
+
+from hive_common.errors import InvalidArgument
+from hive_common.migrations import MigrationError, apply_migrations, postgres_url
+
+pytestmark = pytest.mark.service
+
+
+def write(directory: Path, name: str, body: str) -> None:
+    directory.mkdir(parents=True, exist_ok=True)
+    (directory / name).write_text(body)
+
+
+def tables(dsn: str) -> set[str]:
+    with psycopg.connect(dsn) as conn:
+        rows = conn.execute(
+            "SELECT table_name FROM information_schema.tables WHERE table_schema = 'public'"
+        ).fetchall()
+    return {row[0] for row in rows if not row[0].startswith(("_yoyo", "yoyo"))}
+
+
+@pytest.fixture
+def migrations_dir(tmp_path: Path) -> Path:
+    directory = tmp_path / "migrations"
+    write(
+        directory,
+        "0001_create_runs.sql",
+        # The INSERT makes a second application visible; the sleep widens the window in
+        # which concurrent appliers would overlap without the lock.
+        "CREATE TABLE runs (id serial PRIMARY KEY, note text NOT NULL);\n"
+        "SELECT pg_sleep(0.5);\n"
+        "INSERT INTO runs (note) VALUES ('applied');\n",
+    )
+    write(directory, "0002_add_index.sql", "CREATE INDEX runs_note_idx ON runs (note);\n")
+    return directory
+
+
+def test_applies_pending_migrations_in_order(postgres_dsn: str, migrations_dir: Path) -> None:
+    assert apply_migrations(dsn=postgres_dsn, directory=migrations_dir) == [
+        "0001_create_runs",
+        "0002_add_index",
+    ]
+    with psycopg.connect(postgres_dsn) as conn:
+        assert conn.execute("SELECT note FROM runs").fetchall() == [("applied",)]
+        index = conn.execute("SELECT 1 FROM pg_indexes WHERE indexname = 'runs_note_idx'")
+        assert index.fetchone() == (1,)
+
+
+def test_rerun_is_a_no_op(postgres_dsn: str, migrations_dir: Path) -> None:
+    apply_migrations(dsn=postgres_dsn, directory=migrations_dir)
+    assert apply_migrations(dsn=postgres_dsn, directory=migrations_dir) == []
+
+    write(migrations_dir, "0003_more.sql", "ALTER TABLE runs ADD COLUMN extra int;\n")
+    assert apply_migrations(dsn=postgres_dsn, directory=migrations_dir) == ["0003_more"]
+    with psycopg.connect(postgres_dsn) as conn:
+        assert conn.execute("SELECT count(*) FROM runs").fetchone() == (1,)
+
+
+def test_concurrent_appliers_both_succeed_and_migrate_once(
+    postgres_dsn: str, migrations_dir: Path
+) -> None:
+    start = threading.Barrier(2)
+    results: list[list[str]] = []
+    errors: list[BaseException] = []
+
+    def replica() -> None:
+        start.wait()
+        try:
+            results.append(apply_migrations(dsn=postgres_dsn, directory=migrations_dir))
+        except BaseException as exc:
+            errors.append(exc)
+
+    threads = [threading.Thread(target=replica) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+
+    assert errors == []
+    assert sorted(results) == [[], ["0001_create_runs", "0002_add_index"]]
+    with psycopg.connect(postgres_dsn) as conn:
+        assert conn.execute("SELECT count(*) FROM runs").fetchone() == (1,)
+
+
+def test_failing_migration_raises_and_leaves_no_partial_state(
+    postgres_dsn: str, tmp_path: Path
+) -> None:
+    directory = tmp_path / "migrations"
+    write(directory, "0001_ok.sql", "CREATE TABLE ok_table (id int);\n")
+    write(
+        directory,
+        "0002_broken.sql",
+        "CREATE TABLE half_done (id int);\nINSERT INTO missing_table VALUES (1);\n",
+    )
+
+    with pytest.raises(MigrationError) as caught:
+        apply_migrations(dsn=postgres_dsn, directory=directory)
+
+    error = caught.value
+    assert error.code == "INTERNAL"
+    assert "0002_broken" in error.message
+    assert "missing_table" in error.message
+    assert error.details["migration_id"] == "0002_broken"
+    assert error.details["applied"] == ["0001_ok"]
+    # The broken migration's first statement was rolled back with it.
+    assert tables(postgres_dsn) == {"ok_table"}
+
+    # Fixing the file lets the next start-up finish the job.
+    write(directory, "0002_broken.sql", "CREATE TABLE half_done (id int);\n")
+    assert apply_migrations(dsn=postgres_dsn, directory=directory) == ["0002_broken"]
+    assert tables(postgres_dsn) == {"ok_table", "half_done"}
+
+
+def test_missing_directory_is_invalid_argument(postgres_dsn: str, tmp_path: Path) -> None:
+    with pytest.raises(InvalidArgument, match="does not exist"):
+        apply_migrations(dsn=postgres_dsn, directory=tmp_path / "nope")
+
+
+def test_unreachable_database_raises_migration_error(tmp_path: Path) -> None:
+    directory = tmp_path / "migrations"
+    write(directory, "0001_ok.sql", "CREATE TABLE ok_table (id int);\n")
+    with pytest.raises(MigrationError, match="cannot connect"):
+        apply_migrations(
+            dsn="postgresql://nobody@127.0.0.1:1/none?connect_timeout=2", directory=directory
+        )
+
+
+def test_key_value_conninfo_is_accepted(postgres_dsn: str, migrations_dir: Path) -> None:
+    conninfo = psycopg.conninfo.make_conninfo(postgres_dsn)
+    key_value = " ".join(f"{k}={v}" for k, v in psycopg.conninfo.conninfo_to_dict(conninfo).items())
+    assert "://" not in key_value
+    assert apply_migrations(dsn=key_value, directory=migrations_dir) == [
+        "0001_create_runs",
+        "0002_add_index",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("dsn", "url"),
+    [
+        (
+            "postgresql://app:s3cr%40t@db.example:5433/tickets?sslmode=disable",
+            "postgresql+psycopg://app:s3cr%40t@db.example:5433/tickets?sslmode=disable",
+        ),
+        (
+            "host=/run/postgresql port=5432 user=app dbname=tickets",
+            "postgresql+psycopg://app@/tickets?host=%2Frun%2Fpostgresql&port=5432",
+        ),
+        ("host=::1 dbname=x", "postgresql+psycopg://[::1]/x"),
+    ],
+)
+def test_postgres_url_conversion(dsn: str, url: str) -> None:
+    assert postgres_url(dsn, scheme="postgresql+psycopg") == url
