@@ -1,0 +1,1 @@
+"""Plan model, validation and scheduling decisions: pure logic, no I/O."""
