@@ -1,0 +1,1 @@
+"""PostgreSQL and MongoDB adapters. Driver exceptions never leave this package."""

@@ -1,0 +1,588 @@
+"""TicketRepository: tickets and their event log in PostgreSQL (psycopg 3, async pool).
+
+Every change runs in one transaction that locks the ticket row (``SELECT ... FOR UPDATE``),
+lets the domain decide, writes the new row and appends the event row. The event table is
+both the transactional outbox (relayed to MongoDB) and the log WatchTickets reads.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import uuid
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any, TypeVar
+
+import psycopg
+import psycopg_pool
+from psycopg import AsyncConnection, sql
+from psycopg.rows import DictRow, dict_row
+from psycopg.types.json import Jsonb
+
+from execution_ticket_service.domain.models import (
+    SPEC_CONTENT_FIELDS,
+    Assignment,
+    EventType,
+    StatusUpdate,
+    Ticket,
+    TicketEvent,
+    TicketFilter,
+    TicketSpec,
+    TicketStatus,
+)
+from execution_ticket_service.domain.paging import Cursor, encode_cursor
+from execution_ticket_service.domain.state_machine import (
+    Outcome,
+    decide_assign,
+    decide_lease_expiry,
+    decide_update,
+)
+from execution_ticket_service.storage.rows import ticket_from_row
+from hive_common.errors import (
+    Aborted,
+    AlreadyExists,
+    FieldViolation,
+    HiveError,
+    Internal,
+    NotFound,
+    Unavailable,
+)
+
+T = TypeVar("T")
+Pool = psycopg_pool.AsyncConnectionPool[AsyncConnection[DictRow]]
+Clock = Callable[[], datetime]
+
+# Conflicts PostgreSQL resolves by aborting one transaction; retrying it is always safe.
+_RETRYABLE = (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure)
+_ATTEMPTS = 3
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def open_pool(dsn: str, *, min_size: int = 1, max_size: int = 10) -> Pool:
+    """An unopened pool; the caller opens it at start-up and closes it at shutdown."""
+    return psycopg_pool.AsyncConnectionPool(
+        dsn,
+        min_size=min_size,
+        max_size=max_size,
+        open=False,
+        kwargs={"row_factory": dict_row, "autocommit": True},
+        connection_class=AsyncConnection[DictRow],
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class OutboxEntry:
+    seq: int
+    event: TicketEvent
+
+
+def _spec_differences(existing: TicketSpec, requested: TicketSpec) -> list[str]:
+    return [
+        name for name in SPEC_CONTENT_FIELDS if getattr(existing, name) != getattr(requested, name)
+    ]
+
+
+def _event_from_row(row: dict[str, Any]) -> TicketEvent:
+    previous = row["previous_status"]
+    return TicketEvent(
+        event_id=str(row["event_id"]),
+        type=EventType(row["event_type"]),
+        ticket=ticket_from_row(row["ticket"]),
+        previous_status=TicketStatus(previous) if previous else None,
+        occurred_at=row["occurred_at"],
+        actor=row["actor"],
+        worker_id=row["worker_id"] or "",
+        details=dict(row["details"]),
+        cursor=encode_cursor(Cursor(xid=row["xid"], seq=row["seq"])),
+    )
+
+
+_INSERT_TICKETS = """
+WITH input AS (
+    SELECT * FROM unnest(
+        %(ticket_id)s::uuid[], %(plan_id)s::text[], %(task_id)s::text[], %(intent_id)s::text[],
+        %(task_type)s::text[], %(description)s::text[], %(parameters)s::text[]::jsonb[],
+        %(required_capabilities)s::text[]::jsonb[], %(depends_on)s::text[]::jsonb[],
+        %(priority)s::text[], %(max_retries)s::int[], %(timeout_seconds)s::int[]
+    ) WITH ORDINALITY AS i(ticket_id, plan_id, task_id, intent_id, task_type, description,
+                           parameters, required_capabilities, depends_on, priority,
+                           max_retries, timeout_seconds, ord)
+),
+inserted AS (
+    INSERT INTO tickets (ticket_id, plan_id, task_id, intent_id, task_type, description,
+                         parameters, required_capabilities, depends_on, priority, max_retries,
+                         timeout_seconds, status, attempt, version, created_at, updated_at)
+    SELECT ticket_id, plan_id, task_id, intent_id, task_type, description, parameters,
+           required_capabilities, depends_on, priority, max_retries, timeout_seconds,
+           'PENDING', 1, 1, %(now)s, %(now)s
+    FROM input ORDER BY ord
+    ON CONFLICT (plan_id, task_id) DO NOTHING
+    RETURNING *
+),
+events AS (
+    INSERT INTO ticket_events (event_id, event_type, ticket_id, plan_id, status, actor,
+                               occurred_at, ticket)
+    SELECT gen_random_uuid(), 'CREATED', ticket_id, plan_id, 'PENDING', %(actor)s, %(now)s,
+           to_jsonb(inserted)
+    FROM inserted
+)
+SELECT ticket_id FROM inserted
+"""
+
+_SELECT_BY_KEYS = """
+SELECT t.* FROM tickets t
+JOIN unnest(%(plan_id)s::text[], %(task_id)s::text[]) AS k(plan_id, task_id)
+  ON t.plan_id = k.plan_id AND t.task_id = k.task_id
+"""
+
+_UPDATE_TICKET = """
+UPDATE tickets SET
+    status = %(status)s, attempt = %(attempt)s, worker_id = %(worker_id)s,
+    lease_expires_at = %(lease_expires_at)s, error_message = %(error_message)s,
+    result = %(result)s, version = %(version)s, last_update_digest = %(last_update_digest)s,
+    updated_at = %(updated_at)s, started_at = %(started_at)s, completed_at = %(completed_at)s
+WHERE ticket_id = %(ticket_id)s
+"""
+
+# The payload is the ticket row as stored, read back in the same transaction.
+_INSERT_EVENT = """
+INSERT INTO ticket_events (event_id, event_type, ticket_id, plan_id, worker_id, previous_status,
+                           status, actor, occurred_at, ticket, details)
+SELECT %(event_id)s, %(event_type)s, t.ticket_id, t.plan_id, %(worker_id)s, %(previous_status)s,
+       t.status, %(actor)s, %(occurred_at)s, to_jsonb(t), %(details)s
+FROM tickets t WHERE t.ticket_id = %(ticket_id)s
+"""
+
+_EVENT_COLUMNS = (
+    "seq, xid, event_id, event_type, worker_id, previous_status, actor, occurred_at, "
+    "ticket, details"
+)
+
+
+class TicketRepository:
+    """All ticket persistence. Raises only :class:`hive_common.errors.HiveError`."""
+
+    def __init__(
+        self,
+        *,
+        pool: Pool,
+        clock: Clock = utc_now,
+        on_change: Callable[[], None] | None = None,
+    ) -> None:
+        self._pool = pool
+        self._clock = clock
+        self._on_change = on_change
+
+    # -- plumbing -------------------------------------------------------------------------
+
+    async def _run(self, work: Callable[[AsyncConnection[DictRow]], Awaitable[T]]) -> T:
+        """Run ``work`` in one transaction, retrying deadlocks; translate driver errors."""
+        for attempt in range(1, _ATTEMPTS + 1):
+            try:
+                async with self._pool.connection() as conn, conn.transaction():
+                    return await work(conn)
+            except HiveError:
+                raise
+            except _RETRYABLE as exc:
+                if attempt == _ATTEMPTS:
+                    raise Aborted("concurrent update conflict; retry the request") from exc
+                await asyncio.sleep(0.01 * attempt)
+            except psycopg_pool.PoolTimeout as exc:
+                raise Unavailable("database connection pool exhausted") from exc
+            except psycopg.OperationalError as exc:
+                raise Unavailable("database unavailable") from exc
+            except psycopg.Error as exc:
+                raise Internal("database error", details={"sqlstate": exc.sqlstate or ""}) from exc
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    def _changed(self) -> None:
+        if self._on_change is not None:
+            self._on_change()
+
+    async def _lock(self, conn: AsyncConnection[DictRow], ticket_id: str) -> Ticket:
+        cur = await conn.execute(
+            "SELECT * FROM tickets WHERE ticket_id = %s FOR UPDATE", (ticket_id,)
+        )
+        row = await cur.fetchone()
+        if row is None:
+            raise NotFound(f"ticket {ticket_id} not found", details={"ticket_id": ticket_id})
+        return ticket_from_row(row)
+
+    async def _apply(self, conn: AsyncConnection[DictRow], outcome: Outcome) -> None:
+        ticket = outcome.ticket
+        if outcome.changed:
+            await conn.execute(
+                _UPDATE_TICKET,
+                {
+                    "ticket_id": ticket.ticket_id,
+                    "status": ticket.status.value,
+                    "attempt": ticket.attempt,
+                    "worker_id": ticket.worker_id or None,
+                    "lease_expires_at": ticket.lease_expires_at,
+                    "error_message": ticket.error_message,
+                    "result": None if ticket.result is None else Jsonb(ticket.result),
+                    "version": ticket.version,
+                    "last_update_digest": ticket.last_update_digest,
+                    "updated_at": ticket.updated_at,
+                    "started_at": ticket.started_at,
+                    "completed_at": ticket.completed_at,
+                },
+            )
+        event = outcome.event
+        if event is not None:
+            await conn.execute(
+                _INSERT_EVENT,
+                {
+                    "event_id": event.event_id,
+                    "event_type": event.type.value,
+                    "worker_id": event.worker_id or None,
+                    "previous_status": event.previous_status.value
+                    if event.previous_status
+                    else None,
+                    "actor": event.actor,
+                    "occurred_at": event.occurred_at,
+                    "details": Jsonb(event.details),
+                    "ticket_id": ticket.ticket_id,
+                },
+            )
+
+    async def _decide_and_apply(
+        self, ticket_id: str, decide: Callable[[Ticket, datetime], Outcome]
+    ) -> Ticket:
+        async def work(conn: AsyncConnection[DictRow]) -> Outcome:
+            ticket = await self._lock(conn, ticket_id)
+            outcome = decide(ticket, self._clock())
+            await self._apply(conn, outcome)
+            return outcome
+
+        outcome = await self._run(work)
+        if outcome.event is not None:
+            self._changed()
+        if outcome.error is not None:
+            raise outcome.error  # raised after commit, so a late result is still recorded
+        return outcome.ticket
+
+    # -- creation -------------------------------------------------------------------------
+
+    async def create_many(
+        self, specs: Sequence[TicketSpec], *, actor: str
+    ) -> list[tuple[Ticket, bool]]:
+        """Create tickets all-or-nothing; returns ``(ticket, created)`` in request order.
+
+        Idempotent per (plan_id, task_id): an identical existing ticket is returned with
+        ``created=False``; a different one makes the whole batch ALREADY_EXISTS.
+        """
+        now = self._clock()
+        ids = [str(uuid.uuid4()) for _ in specs]
+        params: dict[str, Any] = {
+            "ticket_id": ids,
+            "plan_id": [s.plan_id for s in specs],
+            "task_id": [s.task_id for s in specs],
+            "intent_id": [s.intent_id for s in specs],
+            "task_type": [s.task_type for s in specs],
+            "description": [s.description for s in specs],
+            "parameters": [json.dumps(s.parameters) for s in specs],
+            "required_capabilities": [json.dumps(s.required_capabilities) for s in specs],
+            "depends_on": [json.dumps(s.depends_on) for s in specs],
+            "priority": [s.priority.value for s in specs],
+            "max_retries": [s.max_retries for s in specs],
+            "timeout_seconds": [s.timeout_seconds for s in specs],
+            "now": now,
+            "actor": actor,
+        }
+
+        async def work(conn: AsyncConnection[DictRow]) -> list[tuple[Ticket, bool]]:
+            cur = await conn.execute(_INSERT_TICKETS, params)
+            inserted = {str(row["ticket_id"]) for row in await cur.fetchall()}
+            existing: dict[tuple[str, str], Ticket] = {}
+            if len(inserted) < len(specs):
+                missing = [s for s, i in zip(specs, ids, strict=True) if i not in inserted]
+                cur = await conn.execute(
+                    _SELECT_BY_KEYS,
+                    {
+                        "plan_id": [s.plan_id for s in missing],
+                        "task_id": [s.task_id for s in missing],
+                    },
+                )
+                for row in await cur.fetchall():
+                    ticket = ticket_from_row(row)
+                    existing[(ticket.plan_id, ticket.task_id)] = ticket
+            results: list[tuple[Ticket, bool]] = []
+            violations: list[FieldViolation] = []
+            prefix = "ticket" if len(specs) == 1 else "tickets[{}]"
+            for index, (spec, ticket_id) in enumerate(zip(specs, ids, strict=True)):
+                if ticket_id in inserted:
+                    results.append((_new_ticket(ticket_id, spec, now), True))
+                    continue
+                found = existing[(spec.plan_id, spec.task_id)]
+                for name in _spec_differences(found.spec, spec):
+                    violations.append(
+                        FieldViolation(
+                            field=f"{prefix.format(index)}.{name}",
+                            description=f"differs from existing ticket {found.ticket_id}",
+                        )
+                    )
+                results.append((found, False))
+            if violations:
+                raise AlreadyExists(
+                    "a ticket with the same plan_id and task_id but different content exists",
+                    violations=violations,
+                    details={"differing_fields": ", ".join(v.field for v in violations)},
+                )
+            return results
+
+        results = await self._run(work)
+        if any(created for _, created in results):
+            self._changed()
+        return results
+
+    # -- reads --------------------------------------------------------------------------------
+
+    async def get(self, ticket_id: str) -> Ticket:
+        async def work(conn: AsyncConnection[DictRow]) -> Ticket:
+            cur = await conn.execute("SELECT * FROM tickets WHERE ticket_id = %s", (ticket_id,))
+            row = await cur.fetchone()
+            if row is None:
+                raise NotFound(f"ticket {ticket_id} not found", details={"ticket_id": ticket_id})
+            return ticket_from_row(row)
+
+        return await self._run(work)
+
+    async def list_page(
+        self, ticket_filter: TicketFilter, *, after_seq: int, limit: int
+    ) -> tuple[list[Ticket], int | None]:
+        """One page in insertion order; the second value is the seq to continue after."""
+        conditions = [sql.SQL("seq > %(after)s")]
+        if ticket_filter.plan_id:
+            conditions.append(sql.SQL("plan_id = %(plan_id)s"))
+        if ticket_filter.worker_id:
+            conditions.append(sql.SQL("worker_id = %(worker_id)s"))
+        if ticket_filter.statuses:
+            conditions.append(sql.SQL("status = ANY(%(statuses)s)"))
+        query = sql.SQL("SELECT * FROM tickets WHERE {} ORDER BY seq LIMIT %(limit)s").format(
+            sql.SQL(" AND ").join(conditions)
+        )
+        params = {
+            "after": after_seq,
+            "plan_id": ticket_filter.plan_id,
+            "worker_id": ticket_filter.worker_id,
+            "statuses": sorted(s.value for s in ticket_filter.statuses),
+            "limit": limit + 1,
+        }
+
+        async def work(conn: AsyncConnection[DictRow]) -> tuple[list[Ticket], int | None]:
+            cur = await conn.execute(query, params)
+            rows = await cur.fetchall()
+            more = len(rows) > limit
+            rows = rows[:limit]
+            next_after = rows[-1]["seq"] if more and rows else None
+            return [ticket_from_row(r) for r in rows], next_after
+
+        return await self._run(work)
+
+    async def count_by_status(self) -> dict[TicketStatus, int]:
+        async def work(conn: AsyncConnection[DictRow]) -> dict[TicketStatus, int]:
+            cur = await conn.execute("SELECT status, count(*) AS n FROM tickets GROUP BY status")
+            counts = {status: 0 for status in TicketStatus}
+            for row in await cur.fetchall():
+                counts[TicketStatus(row["status"])] = row["n"]
+            return counts
+
+        return await self._run(work)
+
+    async def ping(self) -> None:
+        async def work(conn: AsyncConnection[DictRow]) -> None:
+            await conn.execute("SELECT 1 FROM tickets LIMIT 0")
+
+        await self._run(work)
+
+    # -- changes ------------------------------------------------------------------------------
+
+    async def assign(self, request: Assignment, *, actor: str) -> Ticket:
+        return await self._decide_and_apply(
+            request.ticket_id, lambda t, now: decide_assign(t, request, now=now, actor=actor)
+        )
+
+    async def update_status(self, update: StatusUpdate, *, actor: str) -> Ticket:
+        return await self._decide_and_apply(
+            update.ticket_id, lambda t, now: decide_update(t, update, now=now, actor=actor)
+        )
+
+    async def expire_leases(self, *, limit: int = 100) -> list[TicketEvent]:
+        """Re-queue or fail tickets whose lease passed. Replicas skip each other's rows."""
+        now = self._clock()
+
+        async def work(conn: AsyncConnection[DictRow]) -> list[TicketEvent]:
+            cur = await conn.execute(
+                "SELECT * FROM tickets WHERE lease_expires_at <= %s "
+                "ORDER BY lease_expires_at LIMIT %s FOR UPDATE SKIP LOCKED",
+                (now, limit),
+            )
+            events: list[TicketEvent] = []
+            for row in await cur.fetchall():
+                outcome = decide_lease_expiry(ticket_from_row(row), now=now)
+                await self._apply(conn, outcome)
+                if outcome.event is not None:
+                    events.append(outcome.event)
+            return events
+
+        events = await self._run(work)
+        if events:
+            self._changed()
+        return events
+
+    # -- the event log: watch -------------------------------------------------------------
+
+    async def current_position(self) -> Cursor:
+        """Where "new events only" starts: everything from still-running transactions on."""
+
+        async def work(conn: AsyncConnection[DictRow]) -> Cursor:
+            cur = await conn.execute(
+                "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint AS xmin"
+            )
+            row = await cur.fetchone()
+            assert row is not None
+            return Cursor(xid=row["xmin"], seq=0)
+
+        return await self._run(work)
+
+    async def snapshot(self, ticket_filter: TicketFilter) -> tuple[Cursor, list[Ticket]]:
+        """Non-terminal matching tickets plus the position to follow them from, consistently.
+
+        Events after the position may repeat changes already in the snapshot (at least once);
+        ``ticket.version`` tells a client which is newer.
+        """
+        conditions = [sql.SQL("status IN ('PENDING', 'ASSIGNED', 'RUNNING')")]
+        if ticket_filter.plan_id:
+            conditions.append(sql.SQL("plan_id = %(plan_id)s"))
+        if ticket_filter.worker_id:
+            conditions.append(sql.SQL("worker_id = %(worker_id)s"))
+        query = sql.SQL("SELECT * FROM tickets WHERE {} ORDER BY seq").format(
+            sql.SQL(" AND ").join(conditions)
+        )
+        params = {"plan_id": ticket_filter.plan_id, "worker_id": ticket_filter.worker_id}
+
+        async def work(conn: AsyncConnection[DictRow]) -> tuple[Cursor, list[Ticket]]:
+            await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
+            cur = await conn.execute(
+                "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint AS xmin"
+            )
+            row = await cur.fetchone()
+            assert row is not None
+            cur = await conn.execute(query, params)
+            tickets = [ticket_from_row(r) for r in await cur.fetchall()]
+            return Cursor(xid=row["xmin"], seq=0), tickets
+
+        return await self._run(work)
+
+    async def events_after(
+        self, cursor: Cursor, ticket_filter: TicketFilter, *, limit: int
+    ) -> list[TicketEvent]:
+        """Committed events after ``cursor`` in log order, never skipping a late commit."""
+        conditions = [
+            sql.SQL("(xid, seq) > (%(xid)s, %(seq)s)"),
+            # Rows of transactions still running could later appear *before* rows we have
+            # already passed; only read below the oldest running transaction.
+            sql.SQL("xid < pg_snapshot_xmin(pg_current_snapshot())::text::bigint"),
+        ]
+        if ticket_filter.plan_id:
+            conditions.append(sql.SQL("plan_id = %(plan_id)s"))
+        if ticket_filter.worker_id:
+            conditions.append(sql.SQL("worker_id = %(worker_id)s"))
+        query = sql.SQL(
+            "SELECT {} FROM ticket_events WHERE {} ORDER BY xid, seq LIMIT %(limit)s"
+        ).format(sql.SQL(_EVENT_COLUMNS), sql.SQL(" AND ").join(conditions))
+        params = {
+            "xid": cursor.xid,
+            "seq": cursor.seq,
+            "plan_id": ticket_filter.plan_id,
+            "worker_id": ticket_filter.worker_id,
+            "limit": limit,
+        }
+
+        async def work(conn: AsyncConnection[DictRow]) -> list[TicketEvent]:
+            cur = await conn.execute(query, params)
+            return [_event_from_row(row) for row in await cur.fetchall()]
+
+        return await self._run(work)
+
+    # -- the event log: outbox ----------------------------------------------------------------
+
+    async def claim_outbox(self, *, limit: int, claim_seconds: float) -> list[OutboxEntry]:
+        """Claim undelivered events for ``claim_seconds``; other replicas skip them."""
+
+        async def work(conn: AsyncConnection[DictRow]) -> list[OutboxEntry]:
+            cur = await conn.execute(
+                f"""
+                UPDATE ticket_events
+                SET relay_claimed_until = now() + %(claim)s * interval '1 second'
+                WHERE seq IN (
+                    SELECT seq FROM ticket_events
+                    WHERE relayed_at IS NULL
+                      AND (relay_claimed_until IS NULL OR relay_claimed_until < now())
+                    ORDER BY seq LIMIT %(limit)s
+                    FOR UPDATE SKIP LOCKED)
+                RETURNING {_EVENT_COLUMNS}
+                """,
+                {"claim": claim_seconds, "limit": limit},
+            )
+            rows = sorted(await cur.fetchall(), key=lambda r: r["seq"])
+            return [OutboxEntry(seq=r["seq"], event=_event_from_row(r)) for r in rows]
+
+        return await self._run(work)
+
+    async def mark_relayed(self, seqs: Sequence[int]) -> None:
+        async def work(conn: AsyncConnection[DictRow]) -> None:
+            await conn.execute(
+                "UPDATE ticket_events SET relayed_at = now(), relay_claimed_until = NULL "
+                "WHERE seq = ANY(%s)",
+                (list(seqs),),
+            )
+
+        await self._run(work)
+
+    async def release_claims(self, seqs: Sequence[int]) -> None:
+        """Give claimed events back at once (delivery failed) instead of waiting for expiry."""
+
+        async def work(conn: AsyncConnection[DictRow]) -> None:
+            await conn.execute(
+                "UPDATE ticket_events SET relay_claimed_until = NULL "
+                "WHERE seq = ANY(%s) AND relayed_at IS NULL",
+                (list(seqs),),
+            )
+
+        await self._run(work)
+
+    async def outbox_backlog(self) -> tuple[int, datetime | None]:
+        """How many events await relay, and when the oldest of them happened."""
+
+        async def work(conn: AsyncConnection[DictRow]) -> tuple[int, datetime | None]:
+            cur = await conn.execute(
+                "SELECT count(*) AS n, min(occurred_at) AS oldest FROM ticket_events "
+                "WHERE relayed_at IS NULL"
+            )
+            row = await cur.fetchone()
+            assert row is not None
+            return row["n"], row["oldest"]
+
+        return await self._run(work)
+
+
+def _new_ticket(ticket_id: str, spec: TicketSpec, now: datetime) -> Ticket:
+    return Ticket(
+        ticket_id=ticket_id,
+        spec=spec,
+        status=TicketStatus.PENDING,
+        attempt=1,
+        version=1,
+        created_at=now,
+        updated_at=now,
+    )
+
+
+__all__ = ["OutboxEntry", "Pool", "TicketRepository", "open_pool", "utc_now"]

@@ -1,0 +1,167 @@
+"""TicketRepository against a real PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+
+import pytest
+
+from execution_ticket_service.domain.models import (
+    Assignment,
+    EventType,
+    Priority,
+    StatusUpdate,
+    TicketFilter,
+    TicketSpec,
+    TicketStatus,
+)
+from execution_ticket_service.storage.tickets import TicketRepository
+from hive_common.errors import AlreadyExists, FailedPrecondition, NotFound
+
+pytestmark = pytest.mark.service
+
+S = TicketStatus
+
+
+def spec(task_id: str = "t1", plan_id: str = "plan-1", **kwargs: object) -> TicketSpec:
+    return TicketSpec(plan_id=plan_id, task_id=task_id, task_type="echo", **kwargs)  # type: ignore[arg-type]
+
+
+async def test_create_get_and_idempotent_retry(repo: TicketRepository) -> None:
+    [(created, was_new)] = await repo.create_many([spec(parameters={"a": 1})], actor="service:o")
+    assert was_new
+    assert (await repo.get(created.ticket_id)) == created
+    [(again, was_new)] = await repo.create_many([spec(parameters={"a": 1})], actor="service:o")
+    assert not was_new
+    assert again == created
+
+
+async def test_same_key_different_content_names_the_fields(repo: TicketRepository) -> None:
+    await repo.create_many([spec(), spec("t2")], actor="s")
+    with pytest.raises(AlreadyExists) as info:
+        await repo.create_many(
+            [spec("new"), spec("t2", priority=Priority.HIGH, description="x")], actor="s"
+        )
+    fields = {v.field for v in info.value.violations}
+    assert fields == {"tickets[1].priority", "tickets[1].description"}
+    # all-or-nothing: the new ticket of the refused batch was not written
+    page, _ = await repo.list_page(TicketFilter(plan_id="plan-1"), after_seq=0, limit=10)
+    assert [t.task_id for t in page] == ["t1", "t2"]
+    backlog, _ = await repo.outbox_backlog()
+    assert backlog == 2
+
+
+async def test_concurrent_identical_creates_make_one_ticket(repo: TicketRepository) -> None:
+    results = await asyncio.gather(
+        *(repo.create_many([spec("same"), spec(f"own-{i}")], actor="s") for i in range(8))
+    )
+    same = {r[0][0].ticket_id for r in results}
+    assert len(same) == 1
+    assert sum(r[0][1] for r in results) == 1
+    backlog, _ = await repo.outbox_backlog()
+    assert backlog == 1 + 8
+
+
+async def test_list_pages_in_insertion_order_with_filters(repo: TicketRepository) -> None:
+    await repo.create_many([spec(f"t{i:02}") for i in range(7)], actor="s")
+    await repo.create_many([spec("other", plan_id="plan-2")], actor="s")
+    seen: list[str] = []
+    after = 0
+    while True:
+        page, nxt = await repo.list_page(TicketFilter(plan_id="plan-1"), after_seq=after, limit=3)
+        seen += [t.task_id for t in page]
+        if nxt is None:
+            break
+        after = nxt
+    assert seen == [f"t{i:02}" for i in range(7)]
+    pending, _ = await repo.list_page(
+        TicketFilter(statuses=frozenset({S.PENDING})), after_seq=0, limit=100
+    )
+    assert len(pending) == 8
+    none, nxt = await repo.list_page(TicketFilter(worker_id="w"), after_seq=0, limit=100)
+    assert none == []
+    assert nxt is None
+
+
+async def test_update_flow_and_events(repo: TicketRepository) -> None:
+    [(t, _)] = await repo.create_many([spec(max_retries=1)], actor="s")
+    position = await repo.current_position()
+    t = await repo.assign(
+        Assignment(ticket_id=t.ticket_id, worker_id="w1", lease_seconds=30, attempt=1),
+        actor="service:o",
+    )
+    assert t.status is S.ASSIGNED
+    t = await repo.update_status(
+        StatusUpdate(ticket_id=t.ticket_id, status=S.RUNNING, attempt=1), actor="worker:w1"
+    )
+    t = await repo.update_status(
+        StatusUpdate(ticket_id=t.ticket_id, status=S.FAILED, attempt=1, error_message="x"),
+        actor="worker:w1",
+    )
+    assert t.status is S.PENDING
+    assert t.attempt == 2
+    with pytest.raises(FailedPrecondition):
+        await repo.update_status(
+            StatusUpdate(ticket_id=t.ticket_id, status=S.COMPLETED, attempt=1),
+            actor="worker:w1",
+        )
+    assert (await repo.get(t.ticket_id)) == t
+    events = await repo.events_after(position, TicketFilter(worker_id="w1"), limit=100)
+    assert [e.type for e in events] == [
+        EventType.ASSIGNED,
+        EventType.STATUS_CHANGED,
+        EventType.REQUEUED,
+    ]
+    assert events[-1].ticket == t
+    assert events[-1].worker_id == "w1"  # the worker that lost the ticket is told
+    rest = await repo.events_after(
+        position.__class__(0, 0), TicketFilter(plan_id="plan-1"), limit=100
+    )
+    assert [e.type for e in rest] == [
+        EventType.CREATED,
+        EventType.ASSIGNED,
+        EventType.STATUS_CHANGED,
+        EventType.REQUEUED,
+        EventType.LATE_RESULT_REJECTED,
+    ]
+    assert rest[-1].details["reported_status"] == "COMPLETED"
+    assert rest[-1].actor == "worker:w1"
+
+
+async def test_unknown_ticket(repo: TicketRepository) -> None:
+    with pytest.raises(NotFound):
+        await repo.get("00000000-0000-0000-0000-000000000000")
+
+
+async def test_lease_expiry_requeues_then_fails(
+    repo: TicketRepository, advance_clock: Callable[[float], None]
+) -> None:
+    [(t, _)] = await repo.create_many([spec(max_retries=1)], actor="s")
+    for attempt in (1, 2):
+        await repo.assign(
+            Assignment(ticket_id=t.ticket_id, worker_id="w", lease_seconds=10, attempt=attempt),
+            actor="s",
+        )
+        assert await repo.expire_leases() == []
+        advance_clock(11)
+        [event] = await repo.expire_leases()
+        assert event.type is EventType.LEASE_EXPIRED
+    t = await repo.get(t.ticket_id)
+    assert t.status is S.FAILED
+    assert t.error_message == "timed out"
+    assert t.attempt == 2
+
+
+async def test_outbox_claims_are_exclusive(repo: TicketRepository) -> None:
+    await repo.create_many([spec(f"t{i}") for i in range(5)], actor="s")
+    first = await repo.claim_outbox(limit=3, claim_seconds=30)
+    second = await repo.claim_outbox(limit=10, claim_seconds=30)
+    assert len(first) == 3
+    assert len(second) == 2
+    assert {e.seq for e in first}.isdisjoint({e.seq for e in second})
+    await repo.mark_relayed([e.seq for e in first])
+    await repo.release_claims([e.seq for e in second])
+    again = await repo.claim_outbox(limit=10, claim_seconds=30)
+    assert [e.seq for e in again] == [e.seq for e in second]
+    assert (await repo.outbox_backlog())[0] == 2
