@@ -22,9 +22,8 @@ bidirectional calls are not intercepted (no contract uses them).
 Keepalive: while a call is open, clients ping every ``keepalive_time_ms`` (default 30 s)
 even when the stream carries no data, so a dead peer under a long WatchTickets stream is
 noticed. gRPC servers by default answer pings more frequent than one per 5 minutes
-without data with GOAWAY ``too_many_pings``; servers must therefore lower
-``grpc.http2.min_recv_ping_interval_without_data_ms`` below the client's interval -- see
-:data:`SERVER_KEEPALIVE_OPTIONS`.
+without data with GOAWAY "too many pings" (the client sees UNAVAILABLE); servers must
+therefore be started with :data:`SERVER_KEEPALIVE_OPTIONS`.
 """
 
 from __future__ import annotations
@@ -52,11 +51,26 @@ DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024
 DEFAULT_KEEPALIVE_TIME_MS = 30_000
 DEFAULT_KEEPALIVE_TIMEOUT_MS = 10_000
 
-SERVER_KEEPALIVE_OPTIONS: tuple[tuple[str, int], ...] = (
-    ("grpc.http2.min_recv_ping_interval_without_data_ms", DEFAULT_KEEPALIVE_TIME_MS // 3),
-    ("grpc.keepalive_permit_without_calls", 1),
-)
-"""Server options that accept this module's client keepalive pings (for grpc_server)."""
+
+def server_keepalive_options(
+    client_keepalive_time_ms: int = DEFAULT_KEEPALIVE_TIME_MS,
+) -> tuple[tuple[str, int], ...]:
+    """Server options that accept pings from clients pinging every ``client_keepalive_time_ms``.
+
+    grpcio (checked with 1.85) polices received pings with
+    ``grpc.http2.min_ping_interval_without_data_ms``; older cores used the ``_recv_``
+    variant, so both are set, to a third of the client's interval.
+    """
+    floor = max(client_keepalive_time_ms // 3, 1)
+    return (
+        ("grpc.http2.min_ping_interval_without_data_ms", floor),
+        ("grpc.http2.min_recv_ping_interval_without_data_ms", floor),
+        ("grpc.keepalive_permit_without_calls", 1),
+    )
+
+
+SERVER_KEEPALIVE_OPTIONS = server_keepalive_options()
+"""Pass to the gRPC server so this module's default client keepalive is not refused."""
 
 
 def channel_options(
@@ -269,4 +283,5 @@ __all__ = [
     "client_interceptors",
     "create_channel",
     "current_request_id",
+    "server_keepalive_options",
 ]

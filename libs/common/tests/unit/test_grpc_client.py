@@ -5,7 +5,8 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from contextlib import asynccontextmanager
 from typing import Any
 
 import grpc
@@ -23,6 +24,7 @@ from hive_common.grpc_client import (
     HiveUnaryUnaryInterceptor,
     channel_options,
     create_channel,
+    server_keepalive_options,
 )
 from hive_common.grpc_errors import abort
 
@@ -97,9 +99,11 @@ def recorder() -> Recorder:
     return Recorder()
 
 
-@pytest.fixture
-async def target(recorder: Recorder) -> AsyncIterator[str]:
-    server = grpc.aio.server()
+@asynccontextmanager
+async def _server(
+    recorder: Recorder, options: Sequence[tuple[str, Any]] = ()
+) -> AsyncIterator[str]:
+    server = grpc.aio.server(options=options)
     server.add_generic_rpc_handlers((_handlers(recorder),))
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
@@ -108,6 +112,12 @@ async def target(recorder: Recorder) -> AsyncIterator[str]:
     finally:
         recorder.never.set()
         await server.stop(grace=None)
+
+
+@pytest.fixture
+async def target(recorder: Recorder) -> AsyncIterator[str]:
+    async with _server(recorder) as address:
+        yield address
 
 
 @pytest.fixture
@@ -293,6 +303,33 @@ async def test_decorated_details_exactly() -> None:
     await call(continuation, with_timeout, b"req")
     assert seen[1].timeout == 1.5
     assert seen[1].wait_for_ready is True
+
+
+async def test_server_without_keepalive_options_refuses_frequent_pings(
+    recorder: Recorder,
+) -> None:
+    # Documents why servers need server_keepalive_options(): the stream is torn down.
+    async with (
+        _server(recorder) as address,
+        create_channel(address, keepalive_time_ms=200) as channel,
+    ):
+        call = _stream(channel, "Endless")(b"")
+        assert await _read(call) == b"first"
+        with pytest.raises(Unavailable):
+            await asyncio.wait_for(call.read(), timeout=30)
+
+
+async def test_server_keepalive_options_keep_an_idle_stream_open(recorder: Recorder) -> None:
+    async with (
+        _server(recorder, server_keepalive_options(200)) as address,
+        create_channel(address, keepalive_time_ms=200) as channel,
+    ):
+        call = _stream(channel, "Endless")(b"")
+        assert await _read(call) == b"first"
+        # Ten ping intervals with no data: the stream must still be open (the read
+        # only ends by our timeout, never with an error).
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(call.read(), timeout=2.0)
 
 
 def test_channel_options_are_sane() -> None:
