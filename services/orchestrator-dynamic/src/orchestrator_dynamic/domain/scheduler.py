@@ -1,0 +1,649 @@
+"""C3 to C5 as pure decisions: no I/O, no clock, no randomness unless injected.
+
+The orchestrator feeds in the plan and what it knows of each ticket (from the ticket
+service, via WatchTickets or a ListTickets resync) and gets back what to do next: which
+tickets to dispatch, which to cancel, which re-queued tickets start a retry backoff, the
+plan's aggregated status, and when to look again.
+
+Decisions:
+- Fail-fast (default): a ticket that is FAILED (the ticket service only leaves a ticket
+  FAILED once its retries are used up) cancels every other non-terminal ticket and fails
+  the plan at once. With ``fail_fast=False`` only the failed task's transitive dependents
+  are cancelled; independent branches finish and the plan becomes FAILED when nothing is
+  left in flight.
+- A ticket CANCELLED outside a plan cancel (e.g. through the ticket service API) blocks
+  its dependents, which are cancelled; it is not a failure, so it does not fail-fast. A
+  plan that ends with cancelled but no failed tickets is CANCELLED.
+- Every re-queue (attempt > 1, whether after a FAILED report or a lost lease) waits for an
+  exponential backoff with full jitter before it is dispatched again.
+- ``status`` can be terminal while ``settled`` is False: the plan has FAILED or been
+  CANCELLED but some ticket is still in flight and must be cancelled. The orchestrator keeps
+  driving a plan until it is settled.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
+from enum import StrEnum
+
+from orchestrator_dynamic.domain.graph import heights, transitive_dependents
+from orchestrator_dynamic.domain.plan import JsonValue, Plan
+
+
+class TicketStatus(StrEnum):
+    PENDING = "PENDING"
+    ASSIGNED = "ASSIGNED"
+    RUNNING = "RUNNING"
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+
+    @property
+    def terminal(self) -> bool:
+        return self in _TERMINAL_TICKET
+
+
+_TERMINAL_TICKET = frozenset({TicketStatus.COMPLETED, TicketStatus.FAILED, TicketStatus.CANCELLED})
+
+
+class PlanStatus(StrEnum):
+    PENDING = "PENDING"
+    RUNNING = "RUNNING"
+    COMPLETED = "COMPLETED"
+    FAILED = "FAILED"
+    CANCELLED = "CANCELLED"
+
+    @property
+    def terminal(self) -> bool:
+        return self in _TERMINAL_PLAN
+
+
+_TERMINAL_PLAN = frozenset({PlanStatus.COMPLETED, PlanStatus.FAILED, PlanStatus.CANCELLED})
+
+
+@dataclass(frozen=True, slots=True)
+class TicketState:
+    """What the orchestrator knows of one task's ticket.
+
+    ``ticket_id`` is None until C2 created the ticket. ``backoff_until`` is only meaningful
+    for ``backoff_attempt``: a backoff computed for attempt 2 says nothing about attempt 3.
+    """
+
+    task_id: str
+    ticket_id: str | None = None
+    status: TicketStatus = TicketStatus.PENDING
+    attempt: int = 1
+    worker_id: str | None = None
+    error_message: str | None = None
+    lease_expires_at: datetime | None = None
+    backoff_until: datetime | None = None
+    backoff_attempt: int | None = None
+    updated_at: datetime | None = None
+
+    def backoff_end(self) -> datetime | None:
+        if self.backoff_attempt == self.attempt:
+            return self.backoff_until
+        return None
+
+
+@dataclass(frozen=True, slots=True)
+class RetryBackoff:
+    """Exponential backoff with full jitter: the wait before attempt ``n`` (n >= 2) is
+    uniform in ``[0, min(cap, base * 2 ** (n - 2))]``.
+
+    ``jitter`` returns a number in ``[0, 1]``; inject a constant in tests.
+    """
+
+    base_seconds: float = 1.0
+    cap_seconds: float = 300.0
+    jitter: Callable[[], float] = random.random
+
+    def ceiling(self, attempt: int) -> float:
+        retry = attempt - 1
+        if retry < 1:
+            return 0.0
+        # Stop doubling once past the cap: 2 ** 10_000 would overflow a float.
+        ceiling = self.base_seconds
+        for _ in range(retry - 1):
+            ceiling *= 2
+            if ceiling >= self.cap_seconds:
+                break
+        return max(0.0, min(self.cap_seconds, ceiling))
+
+    def delay(self, attempt: int) -> timedelta:
+        fraction = min(1.0, max(0.0, self.jitter()))
+        return timedelta(seconds=self.ceiling(attempt) * fraction)
+
+    def until(self, attempt: int, now: datetime) -> datetime:
+        return now + self.delay(attempt)
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulingPolicy:
+    fail_fast: bool = True
+    backoff: RetryBackoff = field(default_factory=RetryBackoff)
+
+
+class PlanGraph:
+    """The dependency structure of a validated plan, computed once per plan."""
+
+    def __init__(self, plan: Plan) -> None:
+        self.plan = plan
+        self.order: tuple[str, ...] = plan.task_ids()
+        self.index: dict[str, int] = {task_id: i for i, task_id in enumerate(self.order)}
+        self.depends_on: dict[str, tuple[str, ...]] = {t.task_id: t.depends_on for t in plan.tasks}
+        self.max_retries: dict[str, int] = {t.task_id: t.max_retries for t in plan.tasks}
+        self.required_capabilities: dict[str, tuple[str, ...]] = {
+            t.task_id: t.required_capabilities for t in plan.tasks
+        }
+        # Longest chain of dependents above each task: dispatch the critical path first.
+        self.height: dict[str, int] = heights(self.order, self.depends_on)
+
+    def dependents_of(self, roots: Sequence[str]) -> set[str]:
+        return transitive_dependents(roots, self.depends_on)
+
+
+@dataclass(frozen=True, slots=True)
+class SchedulingDecision:
+    status: PlanStatus
+    # Ticket count per status name, every status present (tasks without a ticket count as
+    # PENDING).
+    counts: Mapping[str, int]
+    # Tasks to assign now, critical path first.
+    dispatch: tuple[str, ...]
+    # Tasks whose tickets must be cancelled (those without a ticket yet: just never create).
+    cancel: tuple[str, ...]
+    # Re-queued tasks whose backoff starts now: task id -> backoff end, to be persisted with
+    # the ticket's current attempt.
+    start_backoff: Mapping[str, datetime]
+    # Tasks that have no ticket yet and still need one (C2).
+    missing_tickets: tuple[str, ...]
+    # The earliest future backoff end: when to decide again if nothing else happens.
+    next_wakeup: datetime | None
+    # Every ticket is terminal: nothing left to drive.
+    settled: bool
+    error_message: str | None = None
+
+
+def _states(graph: PlanGraph, tickets: Mapping[str, TicketState]) -> dict[str, TicketState]:
+    return {
+        task_id: tickets.get(task_id) or TicketState(task_id=task_id) for task_id in graph.order
+    }
+
+
+def count_statuses(states: Mapping[str, TicketState]) -> dict[str, int]:
+    counts = {status.value: 0 for status in TicketStatus}
+    for state in states.values():
+        counts[state.status.value] += 1
+    return counts
+
+
+def decide(
+    graph: PlanGraph,
+    tickets: Mapping[str, TicketState],
+    *,
+    now: datetime,
+    policy: SchedulingPolicy,
+    cancel_requested: bool = False,
+) -> SchedulingDecision:
+    """What to do next for one plan, given every ticket's current state (keyed by task id;
+    missing tasks have no ticket yet)."""
+    states = _states(graph, tickets)
+    order = graph.order
+    failed = [t for t in order if states[t].status is TicketStatus.FAILED]
+    cancelled = [t for t in order if states[t].status is TicketStatus.CANCELLED]
+    active = [t for t in order if not states[t].status.terminal]
+
+    if cancel_requested or (failed and policy.fail_fast):
+        to_cancel = set(active)
+    else:
+        blocked = graph.dependents_of(failed + cancelled)
+        to_cancel = {t for t in active if t in blocked}
+
+    def effective(task_id: str) -> TicketStatus:
+        return TicketStatus.CANCELLED if task_id in to_cancel else states[task_id].status
+
+    start_backoff: dict[str, datetime] = {}
+    dispatch: list[str] = []
+    wakeups: list[datetime] = []
+    missing: list[str] = []
+    for task_id in order:
+        state = states[task_id]
+        if effective(task_id) is not TicketStatus.PENDING:
+            continue
+        if state.ticket_id is None:
+            missing.append(task_id)
+            continue
+        backoff_end = state.backoff_end()
+        if state.attempt > 1 and backoff_end is None:
+            backoff_end = policy.backoff.until(state.attempt, now)
+            start_backoff[task_id] = backoff_end
+        deps_done = all(
+            states[dep].status is TicketStatus.COMPLETED for dep in graph.depends_on[task_id]
+        )
+        if not deps_done:
+            continue
+        if backoff_end is not None and backoff_end > now:
+            wakeups.append(backoff_end)
+            continue
+        dispatch.append(task_id)
+    dispatch.sort(key=lambda t: (-graph.height[t], graph.index[t]))
+
+    all_done = all(effective(t).terminal for t in order)
+    if all_done:
+        if all(states[t].status is TicketStatus.COMPLETED for t in order):
+            status = PlanStatus.COMPLETED
+        elif cancel_requested:
+            status = PlanStatus.CANCELLED
+        elif failed:
+            status = PlanStatus.FAILED
+        else:
+            status = PlanStatus.CANCELLED
+    elif any(states[t].status is not TicketStatus.PENDING or states[t].attempt > 1 for t in order):
+        status = PlanStatus.RUNNING
+    else:
+        status = PlanStatus.PENDING
+
+    return SchedulingDecision(
+        status=status,
+        counts=count_statuses(states),
+        dispatch=tuple(dispatch),
+        cancel=tuple(t for t in order if t in to_cancel),
+        start_backoff=start_backoff,
+        missing_tickets=tuple(missing),
+        next_wakeup=min(wakeups, default=None),
+        settled=all(states[t].status.terminal for t in order),
+        error_message=_error_message(states, failed, cancelled, status, cancel_requested),
+    )
+
+
+def _error_message(
+    states: Mapping[str, TicketState],
+    failed: Sequence[str],
+    cancelled: Sequence[str],
+    status: PlanStatus,
+    cancel_requested: bool,
+) -> str | None:
+    if status is PlanStatus.COMPLETED:
+        return None
+    if cancel_requested:
+        return "cancelled on request" if status is PlanStatus.CANCELLED else None
+    if failed:
+        first = states[failed[0]]
+        message = (
+            f"task {first.task_id!r} failed after {first.attempt} "
+            f"attempt{'s' if first.attempt != 1 else ''}"
+        )
+        if first.error_message:
+            message += f": {first.error_message}"
+        if len(failed) > 1:
+            message += f" (and {len(failed) - 1} more failed tasks)"
+        return message
+    if cancelled and status is PlanStatus.CANCELLED:
+        return f"task {cancelled[0]!r} was cancelled outside the plan"
+    return None
+
+
+# -- worker choice -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerCandidate:
+    """One DiscoverWorkers result: best first, with the spare capacity it reported."""
+
+    worker_id: str
+    spare_capacity: int
+    score: float = 0.0
+
+
+def choose_worker(
+    candidates: Sequence[WorkerCandidate], promised: Mapping[str, int]
+) -> WorkerCandidate | None:
+    """The best-ranked candidate that still has room once the capacity already promised in
+    this scheduling round is subtracted; None if every candidate is full. The registry's
+    ranking (spare capacity, health, track record) is kept as is."""
+    for candidate in candidates:
+        if candidate.spare_capacity - promised.get(candidate.worker_id, 0) > 0:
+            return candidate
+    return None
+
+
+class CapacityLedger:
+    """Capacity promised to assignments during one scheduling round, so that several ready
+    tickets ranked against the same DiscoverWorkers snapshot do not overfill one worker."""
+
+    def __init__(self) -> None:
+        self._promised: dict[str, int] = {}
+
+    def promised(self, worker_id: str) -> int:
+        return self._promised.get(worker_id, 0)
+
+    def choose(self, candidates: Sequence[WorkerCandidate]) -> WorkerCandidate | None:
+        """Pick a worker and promise it one slot."""
+        chosen = choose_worker(candidates, self._promised)
+        if chosen is not None:
+            self._promised[chosen.worker_id] = self.promised(chosen.worker_id) + 1
+        return chosen
+
+    def release(self, worker_id: str) -> None:
+        """Give a slot back (the assignment did not happen)."""
+        remaining = self.promised(worker_id) - 1
+        if remaining > 0:
+            self._promised[worker_id] = remaining
+        else:
+            self._promised.pop(worker_id, None)
+
+
+# -- explain -------------------------------------------------------------------------------
+
+
+class WorkerHealth(StrEnum):
+    HEALTHY = "HEALTHY"
+    UNHEALTHY = "UNHEALTHY"
+    DRAINING = "DRAINING"
+
+
+@dataclass(frozen=True, slots=True)
+class WorkerView:
+    """What explain needs to know about one registered worker."""
+
+    worker_id: str
+    capabilities: frozenset[str]
+    status: WorkerHealth = WorkerHealth.HEALTHY
+    spare_capacity: int = 1
+    last_heartbeat_at: datetime | None = None
+
+    @property
+    def takes_work(self) -> bool:
+        return self.status is WorkerHealth.HEALTHY
+
+
+class ReasonCode(StrEnum):
+    RUNNING = "RUNNING"
+    FINISHED = "FINISHED"
+    PLAN_CANCELLED = "PLAN_CANCELLED"
+    PLAN_FAILED = "PLAN_FAILED"
+    TICKET_NOT_CREATED = "TICKET_NOT_CREATED"
+    WAITING_ON_DEPENDENCIES = "WAITING_ON_DEPENDENCIES"
+    DEPENDENCY_FAILED = "DEPENDENCY_FAILED"
+    RETRY_BACKOFF = "RETRY_BACKOFF"
+    NO_CAPABLE_WORKER = "NO_CAPABLE_WORKER"
+    NO_WORKER_CAPACITY = "NO_WORKER_CAPACITY"
+    WORKERS_UNKNOWN = "WORKERS_UNKNOWN"
+    LEASED = "LEASED"
+    READY = "READY"
+
+
+@dataclass(frozen=True, slots=True)
+class Reason:
+    code: ReasonCode
+    message: str
+    details: Mapping[str, JsonValue] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, JsonValue]:
+        return {"code": self.code.value, "message": self.message, "details": dict(self.details)}
+
+
+@dataclass(frozen=True, slots=True)
+class Explanation:
+    task_id: str
+    ticket_id: str | None
+    status: TicketStatus
+    attempt: int
+    max_attempts: int
+    worker_id: str | None
+    # The first reason's message: one line for humans.
+    summary: str
+    reasons: tuple[Reason, ...]
+
+    def to_json(self) -> dict[str, JsonValue]:
+        return {
+            "task_id": self.task_id,
+            "ticket_id": self.ticket_id,
+            "status": self.status.value,
+            "attempt": self.attempt,
+            "max_attempts": self.max_attempts,
+            "worker_id": self.worker_id,
+            "summary": self.summary,
+            "reasons": [reason.to_json() for reason in self.reasons],
+        }
+
+
+def _no_jitter() -> float:
+    return 1.0
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return moment.isoformat() if moment is not None else None
+
+
+def explain(
+    graph: PlanGraph,
+    tickets: Mapping[str, TicketState],
+    task_id: str,
+    *,
+    now: datetime,
+    policy: SchedulingPolicy,
+    workers: Sequence[WorkerView] | None,
+    cancel_requested: bool = False,
+) -> Explanation:
+    """Why ``task_id``'s ticket is (not) running. ``workers`` is the registry's view of the
+    registered workers (None when the registry could not be asked). Raises ``KeyError``
+    for a task that is not in the plan."""
+    if task_id not in graph.index:
+        raise KeyError(task_id)
+    states = _states(graph, tickets)
+    state = states[task_id]
+    # Explaining must not draw jitter: a backoff that has not started is shown at its ceiling.
+    upper_bound = replace(policy, backoff=replace(policy.backoff, jitter=_no_jitter))
+    decision = decide(
+        graph, tickets, now=now, policy=upper_bound, cancel_requested=cancel_requested
+    )
+    by_id = {w.worker_id: w for w in workers or ()}
+    reasons: list[Reason] = []
+
+    if state.status in (TicketStatus.ASSIGNED, TicketStatus.RUNNING):
+        reasons.append(_lease_reason(state, by_id, workers is not None, now))
+    elif state.status.terminal:
+        detail = f": {state.error_message}" if state.error_message else ""
+        reasons.append(
+            Reason(
+                ReasonCode.FINISHED,
+                f"finished as {state.status.value} after attempt {state.attempt}{detail}",
+                {"status": state.status.value, "error_message": state.error_message},
+            )
+        )
+    if task_id in decision.cancel:
+        reasons.insert(0, _cancel_reason(graph, states, task_id, decision, cancel_requested))
+    if state.status is TicketStatus.PENDING:
+        reasons.extend(_pending_reasons(graph, states, state, decision, workers, now))
+
+    max_attempts = graph.max_retries[task_id] + 1
+    return Explanation(
+        task_id=task_id,
+        ticket_id=state.ticket_id,
+        status=state.status,
+        attempt=state.attempt,
+        max_attempts=max_attempts,
+        worker_id=state.worker_id,
+        summary=reasons[0].message,
+        reasons=tuple(reasons),
+    )
+
+
+def _cancel_reason(
+    graph: PlanGraph,
+    states: Mapping[str, TicketState],
+    task_id: str,
+    decision: SchedulingDecision,
+    cancel_requested: bool,
+) -> Reason:
+    if cancel_requested:
+        return Reason(ReasonCode.PLAN_CANCELLED, "the plan was cancelled; cancelling the ticket")
+    # Failed or cancelled tasks upstream, nearest first.
+    blocked_by: list[str] = []
+    seen: set[str] = set()
+    frontier = list(graph.depends_on[task_id])
+    while frontier:
+        dep = frontier.pop(0)
+        if dep in seen:
+            continue
+        seen.add(dep)
+        if states[dep].status in (TicketStatus.FAILED, TicketStatus.CANCELLED):
+            blocked_by.append(dep)
+        else:
+            frontier.extend(graph.depends_on[dep])
+    if blocked_by:
+        return Reason(
+            ReasonCode.DEPENDENCY_FAILED,
+            "will never run: depends on "
+            + ", ".join(f"{d} ({states[d].status.value})" for d in blocked_by)
+            + "; cancelling the ticket",
+            {"dependencies": {d: states[d].status.value for d in blocked_by}},
+        )
+    return Reason(
+        ReasonCode.PLAN_FAILED,
+        f"the plan failed ({decision.error_message}); cancelling the ticket",
+    )
+
+
+def _lease_reason(
+    state: TicketState, by_id: Mapping[str, WorkerView], workers_known: bool, now: datetime
+) -> Reason:
+    worker = by_id.get(state.worker_id or "")
+    details: dict[str, JsonValue] = {
+        "worker_id": state.worker_id,
+        "lease_expires_at": _iso(state.lease_expires_at),
+        "last_heartbeat_at": _iso(worker.last_heartbeat_at if worker else None),
+        "worker_status": worker.status.value if worker else None,
+    }
+    if worker is not None:
+        seen = (
+            f"last seen {worker.last_heartbeat_at.isoformat()}"
+            if worker.last_heartbeat_at
+            else "never seen"
+        )
+        health = f"{worker.status.value.lower()}, {seen}"
+    elif workers_known:
+        health = "no longer registered; the ticket is re-queued when its lease expires"
+    else:
+        health = "worker status unknown"
+    if state.status is TicketStatus.RUNNING:
+        return Reason(
+            ReasonCode.RUNNING, f"running on worker {state.worker_id} ({health})", details
+        )
+    lease = (
+        f" until {state.lease_expires_at.isoformat()}"
+        + (" (expired)" if state.lease_expires_at <= now else "")
+        if state.lease_expires_at
+        else ""
+    )
+    return Reason(
+        ReasonCode.LEASED,
+        f"leased to worker {state.worker_id}{lease}, waiting for it to start ({health})",
+        details,
+    )
+
+
+def _pending_reasons(
+    graph: PlanGraph,
+    states: Mapping[str, TicketState],
+    state: TicketState,
+    decision: SchedulingDecision,
+    workers: Sequence[WorkerView] | None,
+    now: datetime,
+) -> list[Reason]:
+    task_id = state.task_id
+    if task_id in decision.cancel:
+        return []
+    reasons: list[Reason] = []
+    if state.ticket_id is None:
+        reasons.append(Reason(ReasonCode.TICKET_NOT_CREATED, "its ticket has not been created yet"))
+    waiting = [
+        dep for dep in graph.depends_on[task_id] if states[dep].status is not TicketStatus.COMPLETED
+    ]
+    if waiting:
+        reasons.append(
+            Reason(
+                ReasonCode.WAITING_ON_DEPENDENCIES,
+                "waiting on " + ", ".join(f"{dep} ({states[dep].status.value})" for dep in waiting),
+                {"dependencies": {dep: states[dep].status.value for dep in waiting}},
+            )
+        )
+    backoff_end = state.backoff_end()
+    if task_id in decision.start_backoff:
+        reasons.append(
+            Reason(
+                ReasonCode.RETRY_BACKOFF,
+                f"re-queued for attempt {state.attempt}; a retry backoff ending no later than "
+                f"{decision.start_backoff[task_id].isoformat()} starts in the next scheduling "
+                "round"
+                + (f" (previous error: {state.error_message})" if state.error_message else ""),
+                {
+                    "backoff_until": None,
+                    "backoff_until_at_most": decision.start_backoff[task_id].isoformat(),
+                    "attempt": state.attempt,
+                },
+            )
+        )
+    elif backoff_end is not None and backoff_end > now:
+        reasons.append(
+            Reason(
+                ReasonCode.RETRY_BACKOFF,
+                f"retry backoff until {backoff_end.isoformat()} before attempt {state.attempt}"
+                + (f" (previous error: {state.error_message})" if state.error_message else ""),
+                {"backoff_until": backoff_end.isoformat(), "attempt": state.attempt},
+            )
+        )
+    reasons.extend(_worker_reasons(graph.required_capabilities[task_id], workers))
+    blocked_on_workers = any(
+        r.code in (ReasonCode.NO_CAPABLE_WORKER, ReasonCode.NO_WORKER_CAPACITY) for r in reasons
+    )
+    if task_id in decision.dispatch and not blocked_on_workers:
+        reasons.insert(
+            0, Reason(ReasonCode.READY, "ready: it is assigned in the next scheduling round")
+        )
+    return reasons
+
+
+def _worker_reasons(required: Sequence[str], workers: Sequence[WorkerView] | None) -> list[Reason]:
+    if workers is None:
+        return [
+            Reason(
+                ReasonCode.WORKERS_UNKNOWN,
+                "worker availability unknown: the registry could not be asked",
+            )
+        ]
+    live = [w for w in workers if w.takes_work]
+    needed = frozenset(required)
+    offered: frozenset[str] = frozenset().union(*(w.capabilities for w in live))
+    missing = [c for c in required if c not in offered]
+    if missing:
+        return [
+            Reason(
+                ReasonCode.NO_CAPABLE_WORKER,
+                "no live worker with capability " + ", ".join(repr(c) for c in missing),
+                {"missing_capabilities": list(missing)},
+            )
+        ]
+    capable = [w for w in live if needed <= w.capabilities]
+    if not capable:
+        return [
+            Reason(
+                ReasonCode.NO_CAPABLE_WORKER,
+                "no single live worker has all of " + ", ".join(repr(c) for c in required),
+                {"missing_capabilities": []},
+            )
+        ]
+    if all(w.spare_capacity <= 0 for w in capable):
+        return [
+            Reason(
+                ReasonCode.NO_WORKER_CAPACITY,
+                f"all {len(capable)} capable live workers are at capacity",
+                {"workers": [w.worker_id for w in capable]},
+            )
+        ]
+    return []
