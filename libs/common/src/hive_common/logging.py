@@ -43,10 +43,8 @@ def _shared_processors() -> list[Processor]:
 
 def _renderer_chain(fmt: Literal["json", "pretty"]) -> list[Processor]:
     if fmt == "json":
-        return [
-            structlog.processors.dict_tracebacks,
-            structlog.processors.JSONRenderer(),
-        ]
+        # Plain-text traceback: no frame locals (they can hold secrets or request bodies).
+        return [structlog.processors.format_exc_info, structlog.processors.JSONRenderer()]
     return [structlog.dev.ConsoleRenderer()]
 
 

@@ -1,0 +1,142 @@
+"""HiveSettings: defaults, per-service env prefixes, validation, insecure-secret warning."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+from pydantic_settings import SettingsConfigDict
+
+from hive_common.config import DEVELOPMENT_JWT_SECRET, HiveSettings
+
+REAL_SECRET = "x" * 40
+
+
+class TicketSettings(HiveSettings):
+    model_config = SettingsConfigDict(env_prefix="HIVE_TICKETS_")
+
+    service_name: str = "execution-ticket-service"
+    grpc_port: int = 50052
+    postgres_dsn: str = "postgresql://localhost/tickets"
+
+
+class RegistrySettings(HiveSettings):
+    model_config = SettingsConfigDict(env_prefix="HIVE_REGISTRY_")
+
+    service_name: str = "service-registry"
+
+
+class RecordingLogger:
+    def __init__(self) -> None:
+        self.warnings: list[tuple[str, dict[str, Any]]] = []
+
+    def warning(self, event: str, /, **fields: Any) -> None:
+        self.warnings.append((event, fields))
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ambient HIVE_* variables must not leak into these tests."""
+    import os
+
+    for name in list(os.environ):
+        if name.upper().startswith("HIVE_"):
+            monkeypatch.delenv(name)
+
+
+def test_defaults() -> None:
+    settings = HiveSettings()
+    assert settings.log_level == "INFO"
+    assert settings.log_format == "auto"
+    assert settings.host == "0.0.0.0"
+    assert settings.metrics_port is None
+    assert settings.jwt_audience == "neuralhive"
+    assert settings.shutdown_grace_seconds == 10
+    assert settings.uses_development_jwt_secret
+
+
+def test_each_service_reads_its_own_prefix(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HIVE_TICKETS_GRPC_PORT", "6001")
+    monkeypatch.setenv("HIVE_TICKETS_POSTGRES_DSN", "postgresql://db/t")
+    monkeypatch.setenv("HIVE_REGISTRY_GRPC_PORT", "6002")
+    monkeypatch.setenv("HIVE_REGISTRY_LOG_LEVEL", "debug")
+    monkeypatch.setenv("HIVE_GRPC_PORT", "6003")
+
+    tickets = TicketSettings()
+    registry = RegistrySettings()
+    base = HiveSettings()
+
+    assert tickets.grpc_port == 6001
+    assert tickets.postgres_dsn == "postgresql://db/t"
+    assert tickets.log_level == "INFO"
+    assert tickets.service_name == "execution-ticket-service"
+    assert registry.grpc_port == 6002
+    assert registry.log_level == "DEBUG"
+    assert base.grpc_port == 6003
+
+
+def test_subclass_keeps_base_behaviour(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HIVE_TICKETS_METRICS_PORT", "")  # empty = unset
+    monkeypatch.setenv("HIVE_TICKETS_UNKNOWN_THING", "ignored")
+    monkeypatch.setenv("HIVE_TICKETS_JWT_SECRET", "short")
+    with pytest.raises(ValidationError, match="jwt_secret"):
+        TicketSettings()
+    monkeypatch.setenv("HIVE_TICKETS_JWT_SECRET", REAL_SECRET)
+    settings = TicketSettings()
+    assert settings.metrics_port is None
+    assert not settings.uses_development_jwt_secret
+
+
+def test_metrics_port_from_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HIVE_TICKETS_METRICS_PORT", "9090")
+    assert TicketSettings().metrics_port == 9090
+
+
+@pytest.mark.parametrize(("given", "expected"), [("debug", "DEBUG"), (" warn ", "WARNING")])
+def test_log_level_is_normalised(given: str, expected: str) -> None:
+    assert HiveSettings(log_level=given).log_level == expected
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        {"log_level": "LOUD"},
+        {"log_format": "xml"},
+        {"grpc_port": 70000},
+        {"http_port": -1},
+        {"shutdown_grace_seconds": -1},
+    ],
+)
+def test_invalid_values_are_rejected(bad: dict[str, Any]) -> None:
+    with pytest.raises(ValidationError):
+        HiveSettings(**bad)
+
+
+def test_secret_is_not_printed() -> None:
+    settings = HiveSettings(jwt_secret=REAL_SECRET)
+    assert REAL_SECRET not in repr(settings)
+    assert REAL_SECRET not in str(settings.model_dump())
+    assert settings.jwt_secret.get_secret_value() == REAL_SECRET
+
+
+def test_warn_if_insecure_with_development_secret() -> None:
+    logger = RecordingLogger()
+    assert TicketSettings().warn_if_insecure(logger) is True
+    [(event, fields)] = logger.warnings
+    assert event == "INSECURE_DEVELOPMENT_JWT_SECRET"
+    assert "HIVE_TICKETS_JWT_SECRET" in fields["detail"]
+    assert DEVELOPMENT_JWT_SECRET not in str(fields)
+
+
+def test_no_warning_with_real_secret() -> None:
+    logger = RecordingLogger()
+    assert TicketSettings(jwt_secret=REAL_SECRET).warn_if_insecure(logger) is False
+    assert logger.warnings == []
+
+
+def test_resolved_log_format() -> None:
+    assert HiveSettings(log_format="auto").resolved_log_format(is_tty=True) == "pretty"
+    assert HiveSettings(log_format="auto").resolved_log_format(is_tty=False) == "json"
+    assert HiveSettings(log_format="json").resolved_log_format(is_tty=True) == "json"
+    assert HiveSettings(log_level="warning").log_level_number == 30
