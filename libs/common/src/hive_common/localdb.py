@@ -27,6 +27,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -585,3 +586,56 @@ class LocalMongo(_LocalServer):
         finally:
             client.close()
         return True
+
+
+# --------------------------------------------------------------------------------------------
+# Command line: `python -m hive_common.localdb` keeps both servers up for a dev stack.
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Start PostgreSQL and a MongoDB-compatible server; print their URLs; stop on a signal."""
+    import argparse
+    import json
+
+    parser = argparse.ArgumentParser(
+        prog="python -m hive_common.localdb",
+        description="Run local PostgreSQL and MongoDB-compatible servers until interrupted.",
+    )
+    parser.add_argument("--data-dir", type=Path, default=Path(".hive/db"))
+    parser.add_argument("--postgres-port", type=int, default=0)
+    parser.add_argument("--mongo-port", type=int, default=0)
+    parser.add_argument(
+        "--database", action="append", default=[], help="PostgreSQL database to ensure (repeat)"
+    )
+    parser.add_argument(
+        "--env-file", type=Path, help="also write HIVE_DEV_* variables (KEY=value) to this file"
+    )
+    args = parser.parse_args(argv)
+
+    data_dir: Path = args.data_dir.resolve()
+    stop = threading.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(signum, lambda *_: stop.set())
+    postgres = LocalPostgres(data_dir=data_dir / "postgres", port=args.postgres_port)
+    mongo = LocalMongo(data_dir=data_dir / "mongo", port=args.mongo_port)
+    try:
+        postgres.start()
+        mongo.start()
+        urls = {name: postgres.ensure_database(name) for name in args.database}
+        env = {"HIVE_DEV_POSTGRES_ADMIN_DSN": postgres.dsn, "HIVE_DEV_MONGO_URI": mongo.uri}
+        env |= {f"HIVE_DEV_POSTGRES_{name.upper()}_DSN": url for name, url in urls.items()}
+        if args.env_file is not None:
+            args.env_file.write_text("".join(f"{k}={v}\n" for k, v in env.items()))
+        print(json.dumps(env), flush=True)
+        stop.wait()
+    except LocalServerError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    finally:
+        mongo.close()
+        postgres.close()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
