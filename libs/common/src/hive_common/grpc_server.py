@@ -3,7 +3,8 @@
 :func:`build_grpc_server` returns a :class:`HiveGrpcServer` with
 
 * the standard ``grpc.health.v1.Health`` service, NOT_SERVING for ``""`` and every service
-  name until :meth:`HiveGrpcServer.set_serving` is called with True;
+  name until :meth:`HiveGrpcServer.set_serving` is called with True (``Watch`` streams
+  end at shutdown so they cannot hold a graceful stop);
 * server reflection (v1alpha) listing the services, health and reflection;
 * interceptors, outermost first: :class:`RequestLoggingInterceptor` (one canonical line per
   RPC, ``request_id`` from ``x-request-id`` metadata or generated, bound in contextvars),
@@ -19,6 +20,7 @@ it ends. Servicers are plain ``async def`` methods (or async generators for stre
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import inspect
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
@@ -349,6 +351,40 @@ class GrpcService:
     register: Callable[[grpc.aio.Server], None]
 
 
+class DrainingHealthServicer(health.aio.HealthServicer):  # type: ignore[misc]
+    """The standard aio health servicer, except that ``Watch`` streams end at shutdown.
+
+    Stock ``Watch`` never returns, so one connected watcher (e.g. client-side health
+    checking) would hold every graceful stop for its full grace period. Here, once
+    :meth:`enter_graceful_shutdown` runs, each watcher is sent NOT_SERVING and its stream
+    completes.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._shutdown = asyncio.Event()
+
+    async def enter_graceful_shutdown(self) -> None:
+        await super().enter_graceful_shutdown()
+        self._shutdown.set()
+
+    async def Watch(self, request: Any, context: Any) -> None:
+        if not self._shutdown.is_set():
+            watching = asyncio.ensure_future(super().Watch(request, context))
+            stopping = asyncio.ensure_future(self._shutdown.wait())
+            try:
+                await asyncio.wait({watching, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                for task in (watching, stopping):
+                    task.cancel()
+                    with contextlib.suppress(asyncio.CancelledError):
+                        await task
+        # A repeated NOT_SERVING is harmless: watchers only act on the latest status.
+        await context.write(
+            health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.NOT_SERVING)
+        )
+
+
 class HiveGrpcServer:
     """A built ``grpc.aio.Server`` plus its health servicer; see :func:`build_grpc_server`."""
 
@@ -356,7 +392,7 @@ class HiveGrpcServer:
         self,
         *,
         server: grpc.aio.Server,
-        health_servicer: health.aio.HealthServicer,
+        health_servicer: DrainingHealthServicer,
         service_names: Sequence[str],
     ) -> None:
         self.server = server
@@ -441,7 +477,7 @@ def build_grpc_server(
     )
     for service in services:
         service.register(server)
-    health_servicer = health.aio.HealthServicer()
+    health_servicer = DrainingHealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     names = [s.name for s in services]
     reflection.enable_server_reflection(
@@ -455,6 +491,7 @@ __all__ = [
     "INTERNAL_ERROR_MESSAGE",
     "QUIET_METHOD_PREFIXES",
     "REQUEST_ID_METADATA_KEY",
+    "DrainingHealthServicer",
     "ErrorMappingInterceptor",
     "GrpcService",
     "HandlerWrappingInterceptor",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 from collections.abc import AsyncIterator
@@ -376,3 +377,22 @@ async def test_stop_refuses_set_serving(server: tuple[HiveGrpcServer, int]) -> N
     await built.stop(5)
     await built.set_serving(True)  # ignored once shutting down
     assert not built.serving
+
+
+async def test_health_watch_ends_at_shutdown(server: tuple[HiveGrpcServer, int]) -> None:
+    built, port = server
+    await built.set_serving(True)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as ch:
+        watch = health_pb2_grpc.HealthStub(ch).Watch(health_pb2.HealthCheckRequest(service=""))
+        assert (await watch.read()).status == health_pb2.HealthCheckResponse.SERVING
+        # A stock Watch never ends and would hold this stop for the whole 60 s grace;
+        # the guard below is far shorter, so a hang fails the test instead of passing slowly.
+        async with asyncio.timeout(20):
+            stopping = asyncio.create_task(built.stop(60))
+            rest: list[int] = []
+            while (reply := await watch.read()) is not grpc.aio.EOF:
+                rest.append(reply.status)
+            await stopping
+        assert rest
+        assert set(rest) == {health_pb2.HealthCheckResponse.NOT_SERVING}
+        assert await watch.code() == grpc.StatusCode.OK
