@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
@@ -159,3 +160,7 @@ class TicketFilter:
     plan_id: str = ""
     statuses: frozenset[TicketStatus] = frozenset()
     worker_id: str = ""
+
+
+# How many events of each (type, previous status, new status) a write produced.
+TransitionCounts = Mapping[tuple[EventType, TicketStatus | None, TicketStatus], int]

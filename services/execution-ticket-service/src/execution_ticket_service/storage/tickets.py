@@ -8,6 +8,7 @@ both the transactional outbox (relayed to MongoDB) and the log WatchTickets read
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
@@ -31,6 +32,7 @@ from execution_ticket_service.domain.models import (
     TicketFilter,
     TicketSpec,
     TicketStatus,
+    TransitionCounts,
 )
 from execution_ticket_service.domain.paging import Cursor, encode_cursor
 from execution_ticket_service.domain.state_machine import (
@@ -172,7 +174,7 @@ class TicketRepository:
         *,
         pool: Pool,
         clock: Clock = utc_now,
-        on_change: Callable[[], None] | None = None,
+        on_change: Callable[[TransitionCounts], None] | None = None,
     ) -> None:
         self._pool = pool
         self._clock = clock
@@ -200,9 +202,15 @@ class TicketRepository:
                 raise Internal("database error", details={"sqlstate": exc.sqlstate or ""}) from exc
         raise AssertionError("unreachable")  # pragma: no cover
 
-    def _changed(self) -> None:
-        if self._on_change is not None:
-            self._on_change()
+    def _changed(self, counts: TransitionCounts) -> None:
+        """Tell the process (watchers, metrics) what was just committed."""
+        if self._on_change is not None and counts:
+            self._on_change(counts)
+
+    def _changed_events(self, events: Sequence[TicketEvent]) -> None:
+        self._changed(
+            collections.Counter((e.type, e.previous_status, e.ticket.status) for e in events)
+        )
 
     async def _lock(self, conn: AsyncConnection[DictRow], ticket_id: str) -> Ticket:
         cur = await conn.execute(
@@ -262,7 +270,7 @@ class TicketRepository:
 
         outcome = await self._run(work)
         if outcome.event is not None:
-            self._changed()
+            self._changed_events([outcome.event])
         if outcome.error is not None:
             raise outcome.error  # raised after commit, so a late result is still recorded
         return outcome.ticket
@@ -337,8 +345,8 @@ class TicketRepository:
             return results
 
         results = await self._run(work)
-        if any(created for _, created in results):
-            self._changed()
+        created = sum(1 for _, was_created in results if was_created)
+        self._changed({(EventType.CREATED, None, TicketStatus.PENDING): created} if created else {})
         return results
 
     # -- reads --------------------------------------------------------------------------------
@@ -432,8 +440,7 @@ class TicketRepository:
             return events
 
         events = await self._run(work)
-        if events:
-            self._changed()
+        self._changed_events(events)
         return events
 
     # -- the event log: watch -------------------------------------------------------------

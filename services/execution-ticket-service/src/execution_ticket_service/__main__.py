@@ -1,0 +1,28 @@
+"""``execution-ticket-service``: run the service configured from ``HIVE_TICKETS_*``."""
+
+from __future__ import annotations
+
+import asyncio
+
+import structlog
+
+from execution_ticket_service.app import build_service
+from execution_ticket_service.config import TicketSettings
+from hive_common.logging import configure_logging
+
+
+async def _run() -> None:
+    settings = TicketSettings()
+    configure_logging(level=settings.log_level, fmt=settings.log_format)
+    settings.warn_if_insecure(structlog.get_logger("execution_ticket_service"))
+    service = await build_service(settings)
+    await service.start()
+    await service.runtime.run_until_signal()
+
+
+def main() -> None:
+    asyncio.run(_run())
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,218 @@
+"""The one place that builds and wires the service's objects."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Coroutine
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pymongo import AsyncMongoClient
+
+from execution_ticket_service.background import (
+    LeaseSweeper,
+    OutboxRelay,
+    RelaySettings,
+    StatsRefresher,
+)
+from execution_ticket_service.config import TicketSettings
+from execution_ticket_service.domain.models import TransitionCounts
+from execution_ticket_service.metrics import TicketMetrics
+from execution_ticket_service.signals import ChangeSignal
+from execution_ticket_service.storage.audit import AuditStore, MongoClient
+from execution_ticket_service.storage.tickets import (
+    Clock,
+    Pool,
+    TicketRepository,
+    open_pool,
+    utc_now,
+)
+from execution_ticket_service.transport.grpc.auth import SERVICE_NAME, TicketAuthInterceptor
+from execution_ticket_service.transport.grpc.servicer import TicketServicer, WatchSettings
+from execution_ticket_service.transport.http.routes import build_router
+from hive_common.auth import TokenIssuer, TokenVerifier
+from hive_common.errors import HiveError
+from hive_common.grpc_server import GrpcService, build_grpc_server
+from hive_common.http import CheckResult, create_http_app
+from hive_common.logging import get_logger
+from hive_common.metrics import HttpMetrics, RpcMetrics, new_registry
+from hive_common.migrations import apply_migrations
+from hive_common.retry import wait_for_dependency
+from hive_common.runtime import ServiceRuntime
+from neuralhive.ticket.v1 import ticket_service_pb2_grpc as pb_grpc
+
+MIGRATIONS_DIRECTORY = Path(__file__).parent / "storage" / "migrations"
+VERSION = "0.1.0"
+
+log = get_logger(__name__)
+
+
+@dataclass
+class TicketService:
+    """A built service: ``start()`` serves, ``stop()`` drains and releases everything."""
+
+    runtime: ServiceRuntime
+    repository: TicketRepository
+    relay: OutboxRelay
+    sweeper: LeaseSweeper
+    stats: StatsRefresher
+    pool: Pool
+    mongo: MongoClient
+    tasks: list[asyncio.Task[None]] = field(default_factory=list)
+
+    async def start(self) -> None:
+        await self.runtime.start()
+        for name, job in (
+            ("outbox-relay", self.relay.run()),
+            ("lease-sweeper", self.sweeper.run()),
+            ("stats", self.stats.run()),
+        ):
+            self.tasks.append(_background(name, job))
+
+    async def stop(self, grace: float | None = None) -> None:
+        await self.runtime.stop(grace)
+
+    async def _shutdown(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        for task in self.tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        await self.mongo.close()
+        await self.pool.close()
+
+
+def _background(name: str, job: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
+    return asyncio.create_task(job, name=f"tickets-{name}")
+
+
+async def build_service(settings: TicketSettings, *, clock: Clock = utc_now) -> TicketService:
+    """Wait for PostgreSQL, apply migrations, then build (not start) the service."""
+    pool = open_pool(
+        settings.postgres_dsn,
+        min_size=settings.postgres_pool_min_size,
+        max_size=settings.postgres_pool_max_size,
+    )
+
+    async def migrate() -> None:
+        applied = await asyncio.to_thread(
+            apply_migrations, dsn=settings.postgres_dsn, directory=MIGRATIONS_DIRECTORY
+        )
+        log.info("migrations applied", applied=applied)
+
+    await wait_for_dependency(migrate, name="postgresql", deadline_seconds=60)
+    await pool.open(wait=True, timeout=30)
+
+    registry = new_registry()
+    metrics = TicketMetrics(registry)
+    signal = ChangeSignal()
+
+    def on_change(counts: TransitionCounts) -> None:
+        signal.notify()
+        metrics.record_transitions(counts)
+
+    repository = TicketRepository(pool=pool, clock=clock, on_change=on_change)
+    # MongoDB is optional at start-up: the client connects lazily, the relay retries.
+    mongo: MongoClient = AsyncMongoClient(
+        settings.mongo_uri,
+        serverSelectionTimeoutMS=settings.mongo_timeout_ms,
+        connectTimeoutMS=settings.mongo_timeout_ms,
+        socketTimeoutMS=settings.mongo_timeout_ms * 5,
+        tz_aware=True,
+    )
+    audit = AuditStore(client=mongo, database=settings.mongo_database)
+    relay = OutboxRelay(
+        repository=repository,
+        audit=audit,
+        metrics=metrics,
+        signal=signal,
+        settings=RelaySettings(
+            batch_size=settings.relay_batch_size,
+            idle_interval=settings.relay_idle_interval_seconds,
+            max_backoff=settings.relay_max_backoff_seconds,
+        ),
+    )
+    sweeper = LeaseSweeper(repository=repository, interval=settings.lease_sweep_interval_seconds)
+    stats = StatsRefresher(
+        repository=repository, metrics=metrics, interval=settings.stats_interval_seconds
+    )
+
+    secret = settings.jwt_secret.get_secret_value()
+    issuer = TokenIssuer(secret=secret, issuer=settings.jwt_issuer, audience=settings.jwt_audience)
+    verifier = TokenVerifier(secret=secret, audience=settings.jwt_audience)
+    limits = settings.limits()
+    servicer = TicketServicer(
+        repository=repository,
+        issuer=issuer,
+        limits=limits,
+        signal=signal,
+        watch=WatchSettings(
+            poll_interval=settings.watch_poll_interval_seconds,
+            batch_size=settings.watch_batch_size,
+        ),
+    )
+    grpc_server = build_grpc_server(
+        services=[
+            GrpcService(
+                name=SERVICE_NAME,
+                register=lambda server: pb_grpc.add_TicketServiceServicer_to_server(
+                    servicer, server
+                ),
+            )
+        ],
+        metrics=RpcMetrics(registry),
+        interceptors=[TicketAuthInterceptor(verifier=verifier, ticket_lookup=repository.get)],
+    )
+
+    async def readiness() -> dict[str, CheckResult]:
+        report: dict[str, CheckResult] = {}
+        try:
+            await repository.ping()  # reads the tickets table: also proves the schema
+            report["postgresql"] = {"status": "ok"}
+            report["migrations"] = {"status": "ok"}
+        except HiveError as exc:
+            report["postgresql"] = {"status": "down", "detail": exc.message}
+        try:
+            await audit.ping()
+            report["mongodb"] = {"status": "ok"}
+        except HiveError as exc:
+            # The outbox keeps every event until MongoDB is back: degraded, not down.
+            report["mongodb"] = {"status": "degraded", "detail": exc.message}
+        return report
+
+    http_app = create_http_app(
+        title="execution-ticket-service",
+        version=VERSION,
+        description="Execution tickets of Hive Flow C (read API; writes go through gRPC).",
+        readiness=readiness,
+        metrics=HttpMetrics(registry),
+    )
+    http_app.include_router(
+        build_router(
+            repository=repository,
+            audit=audit,
+            limits=limits,
+            verifier=verifier if settings.http_require_auth else None,
+        )
+    )
+    runtime = ServiceRuntime.from_settings(
+        settings,
+        grpc_server=grpc_server,
+        http_app=http_app,
+        metrics_registry=registry,
+        readiness=readiness,
+        readiness_interval_seconds=settings.readiness_interval_seconds,
+    )
+    service = TicketService(
+        runtime=runtime,
+        repository=repository,
+        relay=relay,
+        sweeper=sweeper,
+        stats=stats,
+        pool=pool,
+        mongo=mongo,
+    )
+    runtime.add_shutdown_callback(service._shutdown)
+    return service

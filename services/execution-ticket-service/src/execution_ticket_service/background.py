@@ -1,0 +1,163 @@
+"""Background loops: the outbox relay to MongoDB, the lease sweeper, metric refresh.
+
+Each loop survives its dependencies being down: it logs, backs off and keeps going.
+Ticket operations never wait for these loops (the relay reads committed outbox rows).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from dataclasses import dataclass
+
+from execution_ticket_service.metrics import TicketMetrics
+from execution_ticket_service.signals import ChangeSignal
+from execution_ticket_service.storage.audit import AuditStore
+from execution_ticket_service.storage.tickets import TicketRepository, utc_now
+from hive_common.errors import HiveError
+from hive_common.logging import get_logger
+
+log = get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class RelaySettings:
+    batch_size: int = 500
+    idle_interval: float = 0.5
+    claim_seconds: float = 30.0
+    max_backoff: float = 10.0
+
+
+class Backoff:
+    """Exponential backoff with full jitter, reset after a success."""
+
+    def __init__(self, *, base: float = 0.2, cap: float = 10.0) -> None:
+        self._base = base
+        self._cap = cap
+        self._failures = 0
+
+    def reset(self) -> None:
+        self._failures = 0
+
+    def next_delay(self) -> float:
+        self._failures += 1
+        return random.uniform(0, min(self._cap, self._base * 2 ** min(self._failures, 16)))
+
+
+class OutboxRelay:
+    """Delivers outbox rows to the MongoDB audit trail, at least once, in small batches."""
+
+    def __init__(
+        self,
+        *,
+        repository: TicketRepository,
+        audit: AuditStore,
+        metrics: TicketMetrics,
+        signal: ChangeSignal,
+        settings: RelaySettings,
+    ) -> None:
+        self._repository = repository
+        self._audit = audit
+        self._metrics = metrics
+        self._signal = signal
+        self._settings = settings
+        self._indexes_ready = False
+        self.healthy = False  # last round reached MongoDB (shown by /ready as degraded)
+
+    async def relay_once(self) -> int:
+        """Deliver one batch; returns how many events were delivered."""
+        if not self._indexes_ready:
+            await self._audit.ensure_indexes()
+            self._indexes_ready = True
+        entries = await self._repository.claim_outbox(
+            limit=self._settings.batch_size, claim_seconds=self._settings.claim_seconds
+        )
+        if not entries:
+            await self._audit.ping()
+            return 0
+        seqs = [entry.seq for entry in entries]
+        try:
+            await self._audit.record(entries)
+        except HiveError:
+            # Hand the rows back at once; the claim would expire anyway.
+            await self._repository.release_claims(seqs)
+            raise
+        await self._repository.mark_relayed(seqs)
+        self._metrics.relayed.inc(len(entries))
+        return len(entries)
+
+    async def run(self) -> None:
+        backoff = Backoff(cap=self._settings.max_backoff)
+        while True:
+            generation = self._signal.generation
+            try:
+                delivered = await self.relay_once()
+                self.healthy = True
+                backoff.reset()
+            except HiveError as exc:
+                self.healthy = False
+                self._metrics.relay_failures.inc()
+                log.warning("audit relay round failed", error=exc.message, code=exc.code)
+                await asyncio.sleep(backoff.next_delay())
+                continue
+            if delivered < self._settings.batch_size:
+                await self._signal.wait(generation, self._settings.idle_interval)
+
+
+class LeaseSweeper:
+    """Re-queues (or fails) tickets whose lease passed; safe to run on every replica."""
+
+    def __init__(
+        self, *, repository: TicketRepository, interval: float, batch_size: int = 100
+    ) -> None:
+        self._repository = repository
+        self._interval = interval
+        self._batch_size = batch_size
+
+    async def sweep_once(self) -> int:
+        total = 0
+        while True:
+            events = await self._repository.expire_leases(limit=self._batch_size)
+            total += len(events)
+            for event in events:
+                log.info(
+                    "lease expired",
+                    ticket_id=event.ticket.ticket_id,
+                    worker_id=event.worker_id,
+                    status=event.ticket.status.value,
+                    attempt=event.ticket.attempt,
+                )
+            if len(events) < self._batch_size:
+                return total
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.sweep_once()
+            except HiveError as exc:
+                log.warning("lease sweep failed", error=exc.message, code=exc.code)
+            await asyncio.sleep(self._interval)
+
+
+class StatsRefresher:
+    """Refreshes gauges that need a query: tickets by status, outbox backlog and lag."""
+
+    def __init__(
+        self, *, repository: TicketRepository, metrics: TicketMetrics, interval: float
+    ) -> None:
+        self._repository = repository
+        self._metrics = metrics
+        self._interval = interval
+
+    async def refresh_once(self) -> None:
+        self._metrics.set_status_counts(await self._repository.count_by_status())
+        pending, oldest = await self._repository.outbox_backlog()
+        self._metrics.set_backlog(pending, oldest, utc_now())
+
+    async def run(self) -> None:
+        while True:
+            try:
+                await self.refresh_once()
+            except HiveError as exc:
+                log.warning("metrics refresh failed", error=exc.message, code=exc.code)
+            await asyncio.sleep(self._interval)

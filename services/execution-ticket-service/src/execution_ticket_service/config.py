@@ -1,0 +1,68 @@
+"""Settings of the execution-ticket-service, from ``HIVE_TICKETS_*`` environment variables.
+
+Defaults suit a local run next to the other services (gRPC 50052, HTTP 8002, metrics 9092);
+containers set ``HIVE_TICKETS_HTTP_PORT=8000`` and ``HIVE_TICKETS_METRICS_PORT=9090``.
+"""
+
+from __future__ import annotations
+
+from pydantic import Field
+from pydantic_settings import SettingsConfigDict
+
+from execution_ticket_service.domain.validation import Limits
+from hive_common.config import HiveSettings
+
+
+class TicketSettings(HiveSettings):
+    model_config = SettingsConfigDict(env_prefix="HIVE_TICKETS_", extra="ignore")
+
+    service_name: str = "execution-ticket-service"
+    grpc_port: int = Field(default=50052, ge=0, le=65535)
+    http_port: int = Field(default=8002, ge=0, le=65535)
+    metrics_port: int | None = Field(default=9092, ge=0, le=65535)
+
+    postgres_dsn: str = "postgresql://localhost/tickets"
+    postgres_pool_min_size: int = Field(default=2, ge=1)
+    postgres_pool_max_size: int = Field(default=20, ge=1)
+    mongo_uri: str = "mongodb://localhost:27017"
+    mongo_database: str = "hive_tickets"
+    mongo_timeout_ms: int = Field(default=2000, ge=100)
+
+    # Request limits and defaults.
+    max_parameters_bytes: int = Field(default=64 * 1024, ge=2)
+    max_result_bytes: int = Field(default=1024 * 1024, ge=2)
+    max_batch_size: int = Field(default=10_000, ge=1)
+    default_timeout_seconds: int = Field(default=3600, ge=1)
+    default_lease_seconds: int = Field(default=60, ge=1)
+    max_lease_seconds: int = Field(default=24 * 3600, ge=1)
+    default_page_size: int = Field(default=100, ge=1)
+    max_page_size: int = Field(default=1000, ge=1)
+    default_token_ttl_seconds: int = Field(default=3600, ge=1)
+    max_token_ttl_seconds: int = Field(default=24 * 3600, ge=1)
+
+    # Background work.
+    lease_sweep_interval_seconds: float = Field(default=1.0, gt=0)
+    relay_batch_size: int = Field(default=500, ge=1)
+    relay_idle_interval_seconds: float = Field(default=0.5, gt=0)
+    relay_max_backoff_seconds: float = Field(default=10.0, gt=0)
+    stats_interval_seconds: float = Field(default=5.0, gt=0)
+    watch_poll_interval_seconds: float = Field(default=0.5, gt=0)
+    watch_batch_size: int = Field(default=500, ge=1)
+    readiness_interval_seconds: float = Field(default=2.0, gt=0)
+
+    # The HTTP read API asks for a bearer token like the gRPC API does.
+    http_require_auth: bool = True
+
+    def limits(self) -> Limits:
+        return Limits(
+            max_parameters_bytes=self.max_parameters_bytes,
+            max_result_bytes=self.max_result_bytes,
+            max_batch_size=self.max_batch_size,
+            default_timeout_seconds=self.default_timeout_seconds,
+            default_lease_seconds=self.default_lease_seconds,
+            max_lease_seconds=self.max_lease_seconds,
+            default_page_size=self.default_page_size,
+            max_page_size=self.max_page_size,
+            default_token_ttl_seconds=self.default_token_ttl_seconds,
+            max_token_ttl_seconds=self.max_token_ttl_seconds,
+        )

@@ -1,0 +1,30 @@
+"""In-process wake-ups: writers say "something changed", pollers stop sleeping early."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+
+class ChangeSignal:
+    """A generation counter plus an event; other replicas' changes are found by polling."""
+
+    def __init__(self) -> None:
+        self._generation = 0
+        self._event = asyncio.Event()
+
+    @property
+    def generation(self) -> int:
+        return self._generation
+
+    def notify(self) -> None:
+        self._generation += 1
+        event, self._event = self._event, asyncio.Event()
+        event.set()
+
+    async def wait(self, since: int, max_wait: float) -> None:
+        """Return after a change past generation ``since``, or after ``max_wait`` seconds."""
+        if self._generation != since:
+            return
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._event.wait(), max_wait)

@@ -1,0 +1,1 @@
+"""Transports: gRPC and HTTP adapters around the domain and storage."""

@@ -1,0 +1,1 @@
+"""gRPC TicketService: servicer, protobuf mapping, authorization interceptor."""

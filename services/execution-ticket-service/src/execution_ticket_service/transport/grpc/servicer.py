@@ -1,0 +1,219 @@
+"""TicketService servicer: maps protobuf to validated domain requests and back."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from typing import Any
+
+from google.protobuf import timestamp_pb2
+
+from execution_ticket_service.domain.models import EventType, TicketEvent, TicketFilter
+from execution_ticket_service.domain.paging import (
+    Cursor,
+    decode_cursor,
+    decode_page_token,
+    encode_cursor,
+    encode_page_token,
+)
+from execution_ticket_service.domain.state_machine import check_token_eligible
+from execution_ticket_service.domain.validation import (
+    Limits,
+    Violations,
+    check_identifier,
+    resolve_page_size,
+    resolve_token_ttl,
+    validate_assignment,
+    validate_batch,
+    validate_create,
+    validate_filter,
+    validate_status_update,
+    validate_ticket_id,
+)
+from execution_ticket_service.signals import ChangeSignal
+from execution_ticket_service.storage.tickets import TicketRepository, utc_now
+from execution_ticket_service.transport.grpc.auth import actor_of, current_claims
+from execution_ticket_service.transport.grpc.convert import (
+    event_to_proto,
+    raw_spec,
+    status_name,
+    struct_to_dict,
+    ticket_to_proto,
+)
+from hive_common.auth import TokenIssuer
+from neuralhive.ticket.v1 import ticket_service_pb2 as pb
+from neuralhive.ticket.v1 import ticket_service_pb2_grpc as pb_grpc
+
+TICKET_TOKEN_SCOPES = ("ticket:update",)
+SNAPSHOT_ACTOR = "system:watch"
+
+
+@dataclass(frozen=True, slots=True)
+class WatchSettings:
+    poll_interval: float = 0.5
+    batch_size: int = 500
+
+
+class TicketServicer(pb_grpc.TicketServiceServicer):
+    def __init__(
+        self,
+        *,
+        repository: TicketRepository,
+        issuer: TokenIssuer,
+        limits: Limits,
+        signal: ChangeSignal,
+        watch: WatchSettings,
+    ) -> None:
+        self._repository = repository
+        self._issuer = issuer
+        self._limits = limits
+        self._signal = signal
+        self._watch = watch
+
+    async def CreateTicket(
+        self, request: pb.CreateTicketRequest, context: Any
+    ) -> pb.CreateTicketResponse:
+        spec = validate_create(raw_spec(request.ticket), self._limits)
+        [(ticket, created)] = await self._repository.create_many(
+            [spec], actor=actor_of(current_claims())
+        )
+        return pb.CreateTicketResponse(ticket=ticket_to_proto(ticket), created=created)
+
+    async def BatchCreateTickets(
+        self, request: pb.BatchCreateTicketsRequest, context: Any
+    ) -> pb.BatchCreateTicketsResponse:
+        specs = validate_batch([raw_spec(s) for s in request.tickets], self._limits)
+        results = await self._repository.create_many(specs, actor=actor_of(current_claims()))
+        return pb.BatchCreateTicketsResponse(
+            tickets=[ticket_to_proto(ticket) for ticket, _ in results],
+            created_count=sum(1 for _, created in results if created),
+        )
+
+    async def GetTicket(self, request: pb.GetTicketRequest, context: Any) -> pb.GetTicketResponse:
+        ticket = await self._repository.get(validate_ticket_id(request.ticket_id))
+        return pb.GetTicketResponse(ticket=ticket_to_proto(ticket))
+
+    async def ListTickets(
+        self, request: pb.ListTicketsRequest, context: Any
+    ) -> pb.ListTicketsResponse:
+        errors = Violations()
+        ticket_filter = validate_filter(
+            plan_id=request.plan_id,
+            statuses=[status_name(s) for s in request.statuses],
+            worker_id=request.worker_id,
+            errors=errors,
+        )
+        limit = resolve_page_size(request.page_size, self._limits, errors)
+        after = decode_page_token(request.page_token, ticket_filter, errors)
+        errors.raise_if_any("invalid list request")
+        tickets, next_after = await self._repository.list_page(
+            ticket_filter, after_seq=after, limit=limit
+        )
+        return pb.ListTicketsResponse(
+            tickets=[ticket_to_proto(t) for t in tickets],
+            next_page_token=(
+                encode_page_token(next_after, ticket_filter) if next_after is not None else ""
+            ),
+        )
+
+    async def AssignTicket(
+        self, request: pb.AssignTicketRequest, context: Any
+    ) -> pb.AssignTicketResponse:
+        assignment = validate_assignment(
+            ticket_id=request.ticket_id,
+            worker_id=request.worker_id,
+            lease_seconds=request.lease_seconds,
+            attempt=request.attempt,
+            expected_version=(
+                request.expected_version if request.HasField("expected_version") else None
+            ),
+            limits=self._limits,
+        )
+        ticket = await self._repository.assign(assignment, actor=actor_of(current_claims()))
+        return pb.AssignTicketResponse(ticket=ticket_to_proto(ticket))
+
+    async def UpdateTicketStatus(
+        self, request: pb.UpdateTicketStatusRequest, context: Any
+    ) -> pb.UpdateTicketStatusResponse:
+        update = validate_status_update(
+            ticket_id=request.ticket_id,
+            status=status_name(request.status),
+            attempt=request.attempt,
+            expected_version=(
+                request.expected_version if request.HasField("expected_version") else None
+            ),
+            result=struct_to_dict(request.result) if request.HasField("result") else None,
+            error_message=request.error_message,
+            permanent=request.permanent,
+            limits=self._limits,
+        )
+        ticket = await self._repository.update_status(update, actor=actor_of(current_claims()))
+        return pb.UpdateTicketStatusResponse(ticket=ticket_to_proto(ticket))
+
+    async def GenerateToken(
+        self, request: pb.GenerateTokenRequest, context: Any
+    ) -> pb.GenerateTokenResponse:
+        ticket_id = validate_ticket_id(request.ticket_id)
+        ttl = resolve_token_ttl(request.ttl_seconds, self._limits)
+        ticket = await self._repository.get(ticket_id)
+        check_token_eligible(ticket)
+        token, claims = self._issuer.issue_ticket_token(
+            worker_id=ticket.worker_id,
+            ticket_id=ticket.ticket_id,
+            plan_id=ticket.plan_id,
+            attempt=ticket.attempt,
+            ttl_seconds=ttl,
+            scopes=TICKET_TOKEN_SCOPES,
+        )
+        expires_at = timestamp_pb2.Timestamp()
+        expires_at.FromDatetime(claims.expires_at)
+        return pb.GenerateTokenResponse(token=token, expires_at=expires_at, attempt=ticket.attempt)
+
+    async def WatchTickets(
+        self, request: pb.WatchTicketsRequest, context: Any
+    ) -> AsyncIterator[pb.WatchTicketsResponse]:
+        errors = Violations()
+        check_identifier(request.plan_id, "plan_id", errors, required=False)
+        check_identifier(request.worker_id, "worker_id", errors, required=False)
+        cursor = decode_cursor(request.cursor, errors)
+        if request.cursor and request.include_snapshot:
+            errors.add("include_snapshot", "only applies without a cursor")
+        errors.raise_if_any("invalid watch request")
+        ticket_filter = TicketFilter(plan_id=request.plan_id, worker_id=request.worker_id)
+
+        if cursor is None and request.include_snapshot:
+            cursor, tickets = await self._repository.snapshot(ticket_filter)
+            now = utc_now()
+            for ticket in tickets:
+                snapshot = TicketEvent(
+                    event_id=f"snapshot-{ticket.ticket_id}-{ticket.version}",
+                    type=EventType.SNAPSHOT,
+                    ticket=ticket,
+                    previous_status=None,
+                    occurred_at=now,
+                    actor=SNAPSHOT_ACTOR,
+                    worker_id=ticket.worker_id,
+                    cursor=encode_cursor(cursor),
+                )
+                yield pb.WatchTicketsResponse(event=event_to_proto(snapshot))
+        elif cursor is None:
+            cursor = await self._repository.current_position()
+
+        # Each subscriber polls on its own: a slow or vanished client only stalls itself.
+        while True:
+            generation = self._signal.generation
+            events = await self._repository.events_after(
+                cursor, ticket_filter, limit=self._watch.batch_size
+            )
+            for event in events:
+                yield pb.WatchTicketsResponse(event=event_to_proto(event))
+            if events:
+                cursor = _cursor_of(events[-1])
+            if len(events) < self._watch.batch_size:
+                await self._signal.wait(generation, self._watch.poll_interval)
+
+
+def _cursor_of(event: TicketEvent) -> Cursor:
+    cursor = decode_cursor(event.cursor, Violations())
+    assert cursor is not None  # the repository always sets a valid cursor
+    return cursor

@@ -1,0 +1,1 @@
+"""HTTP read API: /api/v1/tickets ..."""

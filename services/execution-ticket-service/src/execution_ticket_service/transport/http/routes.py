@@ -1,0 +1,149 @@
+"""Read-only HTTP API over tickets and their audit history."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Query, Request
+from pydantic import BaseModel
+
+from execution_ticket_service.domain.paging import decode_page_token, encode_page_token
+from execution_ticket_service.domain.validation import (
+    Limits,
+    Violations,
+    resolve_page_size,
+    validate_filter,
+    validate_ticket_id,
+)
+from execution_ticket_service.storage.audit import AuditStore
+from execution_ticket_service.storage.rows import ticket_document
+from execution_ticket_service.storage.tickets import TicketRepository
+from hive_common.auth import TokenClaims, TokenVerifier
+from hive_common.errors import Unauthenticated
+
+MAX_EVENTS = 1000
+
+
+class TicketOut(BaseModel):
+    ticket_id: str
+    plan_id: str
+    intent_id: str
+    task_id: str
+    task_type: str
+    description: str
+    parameters: dict[str, Any]
+    required_capabilities: list[str]
+    depends_on: list[str]
+    priority: str
+    status: str
+    attempt: int
+    max_retries: int
+    timeout_seconds: int
+    worker_id: str
+    lease_expires_at: datetime | None
+    error_message: str
+    result: dict[str, Any] | None
+    version: int
+    created_at: datetime
+    updated_at: datetime
+    started_at: datetime | None
+    completed_at: datetime | None
+
+
+class TicketPage(BaseModel):
+    tickets: list[TicketOut]
+    next_page_token: str
+
+
+class AuditEventOut(BaseModel):
+    event_id: str
+    sequence: int
+    type: str
+    ticket_id: str
+    plan_id: str
+    worker_id: str
+    attempt: int
+    previous_status: str | None
+    status: str
+    actor: str
+    occurred_at: datetime
+    late_result: bool
+    details: dict[str, Any]
+
+
+class AuditHistory(BaseModel):
+    ticket_id: str
+    events: list[AuditEventOut]
+
+
+def build_router(
+    *,
+    repository: TicketRepository,
+    audit: AuditStore,
+    limits: Limits,
+    verifier: TokenVerifier | None,
+) -> APIRouter:
+    """``verifier=None`` serves the API without authentication (local development)."""
+
+    async def authenticated(request: Request) -> TokenClaims | None:
+        if verifier is None:
+            return None
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not token.strip():
+            raise Unauthenticated(
+                "missing 'Authorization: Bearer <token>' header", details={"reason": "missing"}
+            )
+        return verifier.verify(token.strip())
+
+    router = APIRouter(prefix="/api/v1/tickets", tags=["tickets"])
+    auth = [Depends(authenticated)]
+
+    @router.get("", response_model=TicketPage, dependencies=auth, summary="List tickets")
+    async def list_tickets(
+        plan_id: str = "",
+        worker_id: str = "",
+        status: Annotated[list[str] | None, Query(description="any of these statuses")] = None,
+        page_size: int = 0,
+        page_token: str = "",
+    ) -> TicketPage:
+        errors = Violations()
+        ticket_filter = validate_filter(
+            plan_id=plan_id, statuses=status or [], worker_id=worker_id, errors=errors
+        )
+        limit = resolve_page_size(page_size, limits, errors)
+        after = decode_page_token(page_token, ticket_filter, errors)
+        errors.raise_if_any("invalid list request")
+        tickets, next_after = await repository.list_page(
+            ticket_filter, after_seq=after, limit=limit
+        )
+        return TicketPage(
+            tickets=[TicketOut(**ticket_document(t)) for t in tickets],
+            next_page_token=(
+                encode_page_token(next_after, ticket_filter) if next_after is not None else ""
+            ),
+        )
+
+    @router.get("/{ticket_id}", response_model=TicketOut, dependencies=auth, summary="A ticket")
+    async def get_ticket(ticket_id: str) -> TicketOut:
+        ticket = await repository.get(validate_ticket_id(ticket_id))
+        return TicketOut(**ticket_document(ticket))
+
+    @router.get(
+        "/{ticket_id}/events",
+        response_model=AuditHistory,
+        dependencies=auth,
+        summary="Audit history of a ticket (from MongoDB; 503 while it is unavailable)",
+    )
+    async def ticket_events(
+        ticket_id: str, limit: Annotated[int, Query(ge=1, le=MAX_EVENTS)] = MAX_EVENTS
+    ) -> AuditHistory:
+        ticket = await repository.get(validate_ticket_id(ticket_id))
+        documents = await audit.history(ticket.ticket_id, limit=limit)
+        return AuditHistory(
+            ticket_id=ticket.ticket_id,
+            events=[AuditEventOut(**doc) for doc in documents],
+        )
+
+    return router
