@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
@@ -134,19 +135,41 @@ def test_ranking_table(
     assert [r.worker.name for r in ranked] == expected
     scores = [r.score for r in ranked]
     assert scores == sorted(scores, reverse=True)
-    assert all(0.0 <= s <= 1.0 for s in scores)
+    assert all(0.0 <= s <= 1.0 + 1e-9 for s in scores)
 
 
 def test_score_formula(policy: HealthPolicy, make_worker: MakeWorker) -> None:
     ranker = WorkerRanker(
         policy=policy, weights=RankingWeights(spare_capacity=2, success_rate=1, freshness=1)
     )
-    # 1 of 4 slots free, success 0.5, one missed interval of 3 -> freshness 2/3.
+    # 1 of 4 slots free, success 0.5, heartbeat 7 s old of 15 s allowed -> freshness 8/15.
     worker = make_worker("w", in_flight=3, success_rate=0.5, last_heartbeat_at=T0)
     score = ranker.score(worker, T0 + timedelta(seconds=7))
-    assert score == pytest.approx(0.5 * 0.25 + 0.25 * 0.5 + 0.25 * (2 / 3))
+    assert score == pytest.approx(0.5 * 0.25 + 0.25 * 0.5 + 0.25 * (8 / 15))
     ranked = ranker.rank([worker], query(), T0 + timedelta(seconds=7))
     assert ranked[0].spare_capacity == 1
+    assert ranked[0].score == score
+
+
+def test_rank_key_orders_like_the_score(policy: HealthPolicy, make_worker: MakeWorker) -> None:
+    """The stored, clock-free key must order workers exactly as the score does."""
+    ranker = WorkerRanker(policy=policy)
+    now = T0 + timedelta(seconds=30)
+    workers = [
+        make_worker(
+            f"w{i}",
+            in_flight=i % 4,
+            success_rate=(i * 37 % 100) / 100,
+            last_heartbeat_at=now - timedelta(seconds=(i * 13 % 150) / 10),
+        )
+        for i in range(60)
+    ]
+    by_key = sorted(workers, key=lambda w: -ranker.rank_key(w))
+    scores = [ranker.score(w, now) for w in by_key]
+    assert all(a >= b - 1e-12 for a, b in itertools.pairwise(scores))
+    # The difference is the same for every worker at one instant.
+    gaps = {round(ranker.score(w, now) - ranker.rank_key(w), 9) for w in workers}
+    assert len(gaps) == 1
 
 
 def test_ties_are_deterministic_and_spread(policy: HealthPolicy, make_worker: MakeWorker) -> None:

@@ -1,20 +1,25 @@
 """Which workers can take a task, and in what order (DiscoverWorkers).
 
-score = (w_spare * spare_fraction + w_success * success_rate + w_fresh * freshness)
-        / (w_spare + w_success + w_fresh)
+With weights normalised to sum 1 (defaults: spare 0.6, success 0.3, freshness 0.1)::
+
+    score = w_spare * spare_fraction + w_success * success_rate + w_fresh * freshness
 
 * spare_fraction = (max_concurrent - in_flight) / max_concurrent, in [0, 1]
 * success_rate   = moving average of recent task outcomes, in [0, 1] (1.0 without history)
-* freshness      = 1 - missed_intervals / missed_heartbeats, in [0, 1]; a worker that
-                   heartbeats on schedule has 1.0, one about to turn UNHEALTHY nears 0
+* freshness      = 1 - heartbeat_age / unhealthy_after, in [0, 1] for a live worker
 
-Ties (equal score, e.g. idle identical workers) are broken by ``tiebreak XOR seed``
-ascending, where ``tiebreak`` is fixed per worker (from its id) and ``seed`` hashes the
-request (capabilities, labels, namespace) and the current heartbeat interval number. The
-order is therefore deterministic for a given request and clock, differs between kinds
-of request (different task kinds prefer different equal workers) and rotates every
-heartbeat interval, which spreads load among equals. Storage evaluates the same formula
-in SQL to pick a small candidate window; this module decides the final order.
+Freshness is linear in the heartbeat time on purpose: ``score`` then equals a per-worker
+``rank_key`` (no clock in it) plus a term that is the same for every worker at a given
+instant. Storage keeps ``rank_key`` in an indexed column, written at every registration
+and heartbeat, so discovery over many workers reads the best few from an index instead of
+scoring them all. It also rotates equals: among otherwise identical workers, the one
+that heartbeated last comes first, and that changes as heartbeats arrive.
+
+Exact ties (same key, e.g. workers that heartbeated in the same instant) are broken by
+``tiebreak XOR seed`` ascending, where ``tiebreak`` is fixed per worker (from its id) and
+``seed`` hashes the request (capabilities, labels, namespace) and the current heartbeat
+interval number: deterministic for a given request and clock, different between kinds
+of request, and rotating every interval, which spreads load among equals.
 """
 
 from __future__ import annotations
@@ -24,16 +29,19 @@ import json
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 
 from service_registry.domain.models import DiscoveryQuery, HealthPolicy, Worker
+
+RANK_EPOCH = datetime(2025, 1, 1, tzinfo=UTC)
+"""Origin of the heartbeat term of ``rank_key``; keeps the stored numbers small."""
 
 
 @dataclass(frozen=True, slots=True)
 class RankingWeights:
-    spare_capacity: float = 0.5
+    spare_capacity: float = 0.6
     success_rate: float = 0.3
-    freshness: float = 0.2
+    freshness: float = 0.1
 
     def __post_init__(self) -> None:
         parts = (self.spare_capacity, self.success_rate, self.freshness)
@@ -75,18 +83,27 @@ class WorkerRanker:
         )
 
     def freshness(self, worker: Worker, now: datetime) -> float:
-        missed = min(
-            self._policy.missed_intervals(worker.last_heartbeat_at, now),
-            self._policy.missed_heartbeats,
+        age = (now - worker.last_heartbeat_at).total_seconds()
+        limit = self._policy.unhealthy_after.total_seconds()
+        return min(1.0, max(0.0, 1.0 - age / limit))
+
+    def rank_key(self, worker: Worker) -> float:
+        """``score`` minus a term shared by all workers at one instant; higher ranks first.
+
+        Stored and indexed by the repository; it does not depend on the clock.
+        """
+        w_spare, w_success, w_fresh = self._weights
+        heartbeat = (worker.last_heartbeat_at - RANK_EPOCH).total_seconds()
+        return (
+            w_spare * (worker.spare_capacity / worker.max_concurrent)
+            + w_success * worker.success_rate
+            + w_fresh * (heartbeat / self._policy.unhealthy_after.total_seconds())
         )
-        return 1.0 - missed / self._policy.missed_heartbeats
 
     def score(self, worker: Worker, now: datetime) -> float:
         w_spare, w_success, w_fresh = self._weights
-        spare_fraction = worker.spare_capacity / worker.max_concurrent
-        # Same operation order as the SQL in storage, so both agree to the last bit.
         return (
-            w_spare * spare_fraction
+            w_spare * (worker.spare_capacity / worker.max_concurrent)
             + w_success * worker.success_rate
             + w_fresh * self.freshness(worker, now)
         )
@@ -118,5 +135,6 @@ class WorkerRanker:
             for w in candidates
             if self.is_eligible(w, query, now)
         ]
-        ranked.sort(key=lambda r: (-r.score, r.worker.tiebreak ^ seed))
+        keys = {r.worker.worker_id: self.rank_key(r.worker) for r in ranked}
+        ranked.sort(key=lambda r: (-keys[r.worker.worker_id], r.worker.tiebreak ^ seed))
         return ranked[: query.max_results]

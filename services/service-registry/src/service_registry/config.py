@@ -1,0 +1,86 @@
+"""Settings of the service-registry, from ``HIVE_REGISTRY_*`` environment variables."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import SettingsConfigDict
+
+from hive_common.config import HiveSettings
+from service_registry.domain.models import HealthPolicy
+from service_registry.domain.ranking import RankingWeights
+from service_registry.domain.validation import Limits
+
+
+class RegistrySettings(HiveSettings):
+    """Local defaults (gRPC 50051, HTTP 8001) avoid the other services' local ports;
+    containers set ``HIVE_REGISTRY_HTTP_PORT=8000``."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="HIVE_REGISTRY_",
+        env_ignore_empty=True,
+        extra="ignore",
+        validate_default=True,
+    )
+
+    service_name: str = "service-registry"
+    grpc_port: int = Field(default=50051, ge=0, le=65535)
+    http_port: int = Field(default=8001, ge=0, le=65535)
+    postgres_dsn: SecretStr = SecretStr("postgresql://postgres@127.0.0.1:5432/registry")
+    postgres_pool_min_size: int = Field(default=2, ge=1)
+    postgres_pool_max_size: int = Field(default=10, ge=1)
+    migrate_on_start: bool = True
+    startup_timeout_seconds: float = Field(default=60.0, gt=0)
+
+    # Workers present this as "authorization: Bearer <secret>" to Register; unset means
+    # only the service token may register workers.
+    registration_secret: SecretStr | None = None
+    worker_token_ttl_seconds: int = Field(default=86_400, ge=60)
+
+    heartbeat_interval_seconds: int = Field(default=5, ge=1)
+    unhealthy_after_missed_heartbeats: int = Field(default=3, ge=1)
+    expire_after_seconds: int = Field(default=60, ge=2)
+    sweep_interval_seconds: float = Field(default=2.0, gt=0)
+    mass_transition_threshold: int = Field(default=10, ge=1)
+    event_retention_seconds: int = Field(default=3600, ge=60)
+    watch_poll_interval_seconds: float = Field(default=0.25, gt=0)
+
+    ranking_weight_spare_capacity: float = Field(default=0.6, ge=0)
+    ranking_weight_success_rate: float = Field(default=0.3, ge=0)
+    ranking_weight_freshness: float = Field(default=0.1, ge=0)
+
+    default_max_results: int = Field(default=10, ge=1)
+    max_results_cap: int = Field(default=100, ge=1)
+    default_page_size: int = Field(default=50, ge=1)
+    page_size_cap: int = Field(default=500, ge=1)
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> RegistrySettings:
+        self.health_policy()
+        self.ranking_weights()
+        if self.postgres_pool_min_size > self.postgres_pool_max_size:
+            raise ValueError("postgres_pool_min_size must not exceed postgres_pool_max_size")
+        return self
+
+    def health_policy(self) -> HealthPolicy:
+        return HealthPolicy(
+            heartbeat_interval=timedelta(seconds=self.heartbeat_interval_seconds),
+            missed_heartbeats=self.unhealthy_after_missed_heartbeats,
+            expire_after=timedelta(seconds=self.expire_after_seconds),
+        )
+
+    def ranking_weights(self) -> RankingWeights:
+        return RankingWeights(
+            spare_capacity=self.ranking_weight_spare_capacity,
+            success_rate=self.ranking_weight_success_rate,
+            freshness=self.ranking_weight_freshness,
+        )
+
+    def limits(self) -> Limits:
+        return Limits(
+            default_max_results=min(self.default_max_results, self.max_results_cap),
+            max_results_cap=self.max_results_cap,
+            default_page_size=min(self.default_page_size, self.page_size_cap),
+            page_size_cap=self.page_size_cap,
+        )

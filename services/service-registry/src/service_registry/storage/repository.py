@@ -1,0 +1,489 @@
+"""WorkerRepository: workers and their event log in PostgreSQL (psycopg 3, async pool).
+
+Every time comparison uses the ``now`` passed in by the caller (the registry's clock),
+never the database's ``now()``, so the health timeline follows one injectable clock.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import AsyncIterator, Mapping, Sequence
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import psycopg
+from psycopg import sql
+from psycopg.types.json import Jsonb
+from psycopg_pool import AsyncConnectionPool, PoolTimeout
+
+from hive_common.errors import HiveError, Internal, NotFound, Unavailable
+from service_registry.domain import lifecycle
+from service_registry.domain.lifecycle import Transition
+from service_registry.domain.models import (
+    DiscoveryQuery,
+    HealthPolicy,
+    HeartbeatUpdate,
+    ListCursor,
+    ListQuery,
+    RegistrationSpec,
+    Worker,
+    WorkerEvent,
+    WorkerEventType,
+    WorkerPage,
+    WorkerStatus,
+    tiebreak_of,
+)
+from service_registry.domain.ranking import WorkerRanker
+from service_registry.storage.advisory import EVENTS_LOCK_KEY
+
+COLUMNS = (
+    "worker_id, name, namespace, capabilities, labels, max_concurrent, in_flight, version, "
+    "draining, marked_unhealthy, registered_at, last_heartbeat_at, succeeded_total, "
+    "failed_total, success_rate"
+)
+_SELECT = sql.SQL("SELECT " + COLUMNS + " FROM workers")
+
+_INSERT = sql.SQL(
+    "INSERT INTO workers (" + COLUMNS + ", rank_key, tiebreak) VALUES ("
+    "%(worker_id)s, %(name)s, %(namespace)s, %(capabilities)s, %(labels)s, %(max_concurrent)s, "
+    "%(in_flight)s, %(version)s, %(draining)s, %(marked_unhealthy)s, %(registered_at)s, "
+    "%(last_heartbeat_at)s, %(succeeded_total)s, %(failed_total)s, %(success_rate)s, "
+    "%(rank_key)s, %(tiebreak)s)"
+)
+
+_UPDATE = sql.SQL(
+    "UPDATE workers SET capabilities = %(capabilities)s, labels = %(labels)s, "
+    "max_concurrent = %(max_concurrent)s, in_flight = %(in_flight)s, version = %(version)s, "
+    "draining = %(draining)s, marked_unhealthy = %(marked_unhealthy)s, "
+    "last_heartbeat_at = %(last_heartbeat_at)s, succeeded_total = %(succeeded_total)s, "
+    "failed_total = %(failed_total)s, success_rate = %(success_rate)s, rank_key = %(rank_key)s "
+    "WHERE worker_id = %(worker_id)s"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class SweepResult:
+    """Workers announced UNHEALTHY and workers removed as EXPIRED by one sweep."""
+
+    unhealthy: list[Worker]
+    expired: list[Worker]
+
+
+def _params(worker: Worker, ranker: WorkerRanker) -> dict[str, Any]:
+    return {
+        "rank_key": ranker.rank_key(worker),
+        "worker_id": worker.worker_id,
+        "name": worker.name,
+        "namespace": worker.namespace,
+        "capabilities": list(worker.capabilities),
+        "labels": Jsonb(dict(worker.labels)),
+        "max_concurrent": worker.max_concurrent,
+        "in_flight": worker.in_flight,
+        "version": worker.version,
+        "draining": worker.draining,
+        "marked_unhealthy": worker.marked_unhealthy,
+        "registered_at": worker.registered_at,
+        "last_heartbeat_at": worker.last_heartbeat_at,
+        "succeeded_total": worker.succeeded_total,
+        "failed_total": worker.failed_total,
+        "success_rate": worker.success_rate,
+        "tiebreak": tiebreak_of(worker.worker_id),
+    }
+
+
+def worker_to_json(worker: Worker) -> dict[str, Any]:
+    """The snapshot stored with an event (what watchers receive)."""
+    return {
+        "worker_id": str(worker.worker_id),
+        "name": worker.name,
+        "namespace": worker.namespace,
+        "capabilities": list(worker.capabilities),
+        "labels": dict(worker.labels),
+        "max_concurrent": worker.max_concurrent,
+        "in_flight": worker.in_flight,
+        "version": worker.version,
+        "status": worker.status.value,
+        "draining": worker.draining,
+        "marked_unhealthy": worker.marked_unhealthy,
+        "registered_at": worker.registered_at.isoformat(),
+        "last_heartbeat_at": worker.last_heartbeat_at.isoformat(),
+        "succeeded_total": worker.succeeded_total,
+        "failed_total": worker.failed_total,
+        "success_rate": worker.success_rate,
+    }
+
+
+def worker_from_json(data: Mapping[str, Any]) -> Worker:
+    return Worker(
+        worker_id=uuid.UUID(data["worker_id"]),
+        name=data["name"],
+        namespace=data["namespace"],
+        capabilities=tuple(data["capabilities"]),
+        labels=dict(data["labels"]),
+        max_concurrent=int(data["max_concurrent"]),
+        in_flight=int(data["in_flight"]),
+        version=data["version"],
+        status=WorkerStatus(data["status"]),
+        draining=bool(data["draining"]),
+        marked_unhealthy=bool(data["marked_unhealthy"]),
+        registered_at=datetime.fromisoformat(data["registered_at"]),
+        last_heartbeat_at=datetime.fromisoformat(data["last_heartbeat_at"]),
+        succeeded_total=int(data["succeeded_total"]),
+        failed_total=int(data["failed_total"]),
+        success_rate=float(data["success_rate"]),
+    )
+
+
+class WorkerRepository:
+    """Workers, their health transitions and the ordered event log, in PostgreSQL."""
+
+    def __init__(
+        self, *, pool: AsyncConnectionPool[Any], policy: HealthPolicy, ranker: WorkerRanker
+    ) -> None:
+        self._pool = pool
+        self._policy = policy
+        self._ranker = ranker
+
+    # -- plumbing -------------------------------------------------------------------------
+
+    @asynccontextmanager
+    async def _connection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        try:
+            async with self._pool.connection() as conn:
+                yield conn
+        except HiveError:
+            raise
+        except PoolTimeout as exc:
+            raise Unavailable("registry database is not reachable (pool timeout)") from exc
+        except psycopg.OperationalError as exc:
+            raise Unavailable(f"registry database is not reachable: {exc}") from exc
+        except psycopg.Error as exc:
+            raise Internal(f"registry database error: {type(exc).__name__}") from exc
+
+    @asynccontextmanager
+    async def _transaction(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        async with self._connection() as conn, conn.transaction():
+            yield conn
+
+    def _row_to_worker(self, row: Sequence[Any], now: datetime) -> Worker:
+        return Worker(
+            worker_id=row[0],
+            name=row[1],
+            namespace=row[2],
+            capabilities=tuple(row[3]),
+            labels=dict(row[4]),
+            max_concurrent=row[5],
+            in_flight=row[6],
+            version=row[7],
+            status=self._policy.status_of(last_heartbeat_at=row[11], draining=row[8], now=now),
+            draining=row[8],
+            marked_unhealthy=row[9],
+            registered_at=row[10],
+            last_heartbeat_at=row[11],
+            succeeded_total=row[12],
+            failed_total=row[13],
+            success_rate=row[14],
+        )
+
+    async def _insert_events(
+        self, conn: psycopg.AsyncConnection[Any], events: Sequence[WorkerEvent]
+    ) -> None:
+        if not events:
+            return
+        # Serialises event writers until commit: sequence order == commit order (see migration).
+        await conn.execute("SELECT pg_advisory_xact_lock(%s)", (EVENTS_LOCK_KEY,))
+        async with conn.cursor() as cur:
+            await cur.executemany(
+                "INSERT INTO worker_events (event_id, type, worker_id, namespace, worker, "
+                "occurred_at) VALUES (%s, %s, %s, %s, %s, %s)",
+                [
+                    (
+                        e.event_id,
+                        e.type.value,
+                        e.worker.worker_id,
+                        e.worker.namespace,
+                        Jsonb(worker_to_json(e.worker)),
+                        e.occurred_at,
+                    )
+                    for e in events
+                ],
+            )
+
+    # -- commands -------------------------------------------------------------------------
+
+    async def ping(self) -> None:
+        async with self._connection() as conn:
+            await conn.execute("SELECT 1")
+
+    async def register(self, spec: RegistrationSpec, *, now: datetime) -> Transition:
+        try:
+            return await self._register_once(spec, now=now)
+        except _RegisterRace:
+            # The row exists now, so the second attempt takes the update path.
+            return await self._register_once(spec, now=now)
+
+    async def _register_once(self, spec: RegistrationSpec, *, now: datetime) -> Transition:
+        async with self._transaction() as conn:
+            cur = await conn.execute(
+                _SELECT + sql.SQL(" WHERE namespace = %s AND name = %s FOR UPDATE"),
+                (spec.namespace, spec.name),
+            )
+            row = await cur.fetchone()
+            existing = self._row_to_worker(row, now) if row else None
+            transition = lifecycle.register(existing, spec, now=now, policy=self._policy)
+            if transition.previous is not None:
+                await conn.execute(_UPDATE, _params(transition.worker, self._ranker))
+            else:
+                if existing is not None:  # expired, not swept yet
+                    await conn.execute(
+                        "DELETE FROM workers WHERE worker_id = %s", (existing.worker_id,)
+                    )
+                # A concurrent first registration of the same name makes this insert wait
+                # for the other transaction, then do nothing; register() retries as an update.
+                cur = await conn.execute(
+                    _INSERT + sql.SQL(" ON CONFLICT (namespace, name) DO NOTHING"),
+                    _params(transition.worker, self._ranker),
+                )
+                if cur.rowcount == 0:
+                    raise _RegisterRace()
+            await self._insert_events(conn, transition.events)
+        return transition
+
+    async def heartbeat(self, update: HeartbeatUpdate, *, now: datetime) -> Transition:
+        expired = False
+        async with self._transaction() as conn:
+            cur = await conn.execute(
+                _SELECT + sql.SQL(" WHERE worker_id = %s FOR UPDATE"), (update.worker_id,)
+            )
+            row = await cur.fetchone()
+            existing = self._row_to_worker(row, now) if row else None
+            if existing is not None and self._policy.is_expired(existing.last_heartbeat_at, now):
+                await conn.execute("DELETE FROM workers WHERE worker_id = %s", (update.worker_id,))
+                await self._insert_events(
+                    conn, [lifecycle.event(WorkerEventType.EXPIRED, existing, now)]
+                )
+                expired = True
+            else:
+                transition = lifecycle.heartbeat(existing, update, now=now, policy=self._policy)
+                await conn.execute(_UPDATE, _params(transition.worker, self._ranker))
+                await self._insert_events(conn, transition.events)
+        if expired:
+            raise NotFound(
+                "worker expired; register again", details={"worker_id": str(update.worker_id)}
+            )
+        return transition
+
+    async def deregister(self, worker_id: uuid.UUID, *, now: datetime) -> Worker | None:
+        """Remove the worker; ``None`` if it was already gone (deregistering is idempotent)."""
+        async with self._transaction() as conn:
+            cur = await conn.execute(
+                sql.SQL("DELETE FROM workers WHERE worker_id = %s RETURNING ") + sql.SQL(COLUMNS),
+                (worker_id,),
+            )
+            row = await cur.fetchone()
+            if row is None:
+                return None
+            worker = self._row_to_worker(row, now)
+            expired = self._policy.is_expired(worker.last_heartbeat_at, now)
+            kind = WorkerEventType.EXPIRED if expired else WorkerEventType.DEREGISTERED
+            await self._insert_events(conn, [lifecycle.event(kind, worker, now)])
+        return None if expired else worker
+
+    async def sweep(self, *, now: datetime) -> SweepResult:
+        """Announce newly UNHEALTHY workers and remove EXPIRED ones, with their events.
+
+        Safe with several replicas: each row changes once, because a concurrent sweeper
+        waits for the row lock and then re-checks the WHERE clause (READ COMMITTED).
+        """
+        params = {
+            "unhealthy_cutoff": self._policy.unhealthy_cutoff(now),
+            "expiry_cutoff": self._policy.expiry_cutoff(now),
+        }
+        async with self._transaction() as conn:
+            cur = await conn.execute(
+                sql.SQL(
+                    "DELETE FROM workers WHERE last_heartbeat_at < %(expiry_cutoff)s RETURNING "
+                )
+                + sql.SQL(COLUMNS),
+                params,
+            )
+            expired = [self._row_to_worker(r, now) for r in await cur.fetchall()]
+            cur = await conn.execute(
+                sql.SQL(
+                    "UPDATE workers SET marked_unhealthy = true WHERE NOT marked_unhealthy "
+                    "AND last_heartbeat_at < %(unhealthy_cutoff)s RETURNING "
+                )
+                + sql.SQL(COLUMNS),
+                params,
+            )
+            unhealthy = [self._row_to_worker(r, now) for r in await cur.fetchall()]
+            await self._insert_events(
+                conn,
+                [lifecycle.event(WorkerEventType.EXPIRED, w, now) for w in expired]
+                + [lifecycle.event(WorkerEventType.UNHEALTHY, w, now) for w in unhealthy],
+            )
+        return SweepResult(unhealthy=unhealthy, expired=expired)
+
+    async def prune_events(self, *, older_than: datetime) -> int:
+        async with self._transaction() as conn:
+            cur = await conn.execute(
+                "DELETE FROM worker_events WHERE occurred_at < %s", (older_than,)
+            )
+            return cur.rowcount
+
+    # -- queries --------------------------------------------------------------------------
+
+    async def get(self, worker_id: uuid.UUID, *, now: datetime) -> Worker:
+        async with self._connection() as conn:
+            cur = await conn.execute(
+                _SELECT + sql.SQL(" WHERE worker_id = %s AND last_heartbeat_at >= %s"),
+                (worker_id, self._policy.expiry_cutoff(now)),
+            )
+            row = await cur.fetchone()
+        if row is None:
+            raise NotFound("worker not found", details={"worker_id": str(worker_id)})
+        return self._row_to_worker(row, now)
+
+    def _status_condition(self, statuses: frozenset[WorkerStatus]) -> sql.Composable:
+        parts = {
+            WorkerStatus.HEALTHY: "(NOT draining AND last_heartbeat_at >= %(unhealthy_cutoff)s)",
+            WorkerStatus.DRAINING: "(draining AND last_heartbeat_at >= %(unhealthy_cutoff)s)",
+            WorkerStatus.UNHEALTHY: "(last_heartbeat_at < %(unhealthy_cutoff)s)",
+        }
+        chosen = [sql.SQL(parts[s]) for s in WorkerStatus if s in statuses]
+        return sql.SQL("(") + sql.SQL(" OR ").join(chosen) + sql.SQL(")")
+
+    async def list_page(self, query: ListQuery, *, now: datetime) -> WorkerPage:
+        conditions: list[sql.Composable] = [sql.SQL("last_heartbeat_at >= %(expiry_cutoff)s")]
+        params: dict[str, Any] = {
+            "expiry_cutoff": self._policy.expiry_cutoff(now),
+            "unhealthy_cutoff": self._policy.unhealthy_cutoff(now),
+            "limit": query.page_size + 1,
+        }
+        if query.namespace is not None:
+            conditions.append(sql.SQL("namespace = %(namespace)s"))
+            params["namespace"] = query.namespace
+        if query.capability is not None:
+            conditions.append(sql.SQL("capabilities @> %(capabilities)s"))
+            params["capabilities"] = [query.capability]
+        if query.label_selector:
+            conditions.append(sql.SQL("labels @> %(labels)s"))
+            params["labels"] = Jsonb(dict(query.label_selector))
+        if query.statuses:
+            conditions.append(self._status_condition(query.statuses))
+        if query.after is not None:
+            conditions.append(sql.SQL("(namespace, name) > (%(after_ns)s, %(after_name)s)"))
+            params["after_ns"] = query.after.namespace
+            params["after_name"] = query.after.name
+        statement = (
+            _SELECT
+            + sql.SQL(" WHERE ")
+            + sql.SQL(" AND ").join(conditions)
+            + sql.SQL(" ORDER BY namespace, name LIMIT %(limit)s")
+        )
+        async with self._connection() as conn:
+            cur = await conn.execute(statement, params)
+            rows = await cur.fetchall()
+        workers = [self._row_to_worker(r, now) for r in rows[: query.page_size]]
+        next_cursor = None
+        if len(rows) > query.page_size:
+            last = workers[-1]
+            next_cursor = ListCursor(namespace=last.namespace, name=last.name)
+        return WorkerPage(workers=workers, next_cursor=next_cursor)
+
+    async def discovery_candidates(
+        self,
+        query: DiscoveryQuery,
+        *,
+        now: datetime,
+        seed: int,
+        window: int,
+    ) -> list[Worker]:
+        """Eligible workers, best ``window`` first by ``rank_key`` and tie-break (ranking.py).
+
+        Filtering and ordering happen here, on indexes; the caller ranks this small window.
+        """
+        conditions: list[sql.Composable] = [
+            sql.SQL("namespace = %(namespace)s"),
+            sql.SQL("NOT draining"),
+            sql.SQL("last_heartbeat_at >= %(healthy_since)s"),
+            sql.SQL("in_flight < max_concurrent"),
+        ]
+        params: dict[str, Any] = {
+            "namespace": query.namespace,
+            "healthy_since": self._policy.unhealthy_cutoff(now),
+            "seed": seed,
+            "window": window,
+        }
+        if query.required_capabilities:
+            conditions.append(sql.SQL("capabilities @> %(capabilities)s"))
+            params["capabilities"] = list(query.required_capabilities)
+        if query.label_selector:
+            conditions.append(sql.SQL("labels @> %(labels)s"))
+            params["labels"] = Jsonb(dict(query.label_selector))
+        statement = (
+            _SELECT
+            + sql.SQL(" WHERE ")
+            + sql.SQL(" AND ").join(conditions)
+            + sql.SQL(" ORDER BY rank_key DESC, (tiebreak # %(seed)s) LIMIT %(window)s")
+        )
+        async with self._connection() as conn:
+            cur = await conn.execute(statement, params)
+            rows = await cur.fetchall()
+        return [self._row_to_worker(r, now) for r in rows]
+
+    async def count_by_status(self, *, now: datetime) -> dict[WorkerStatus, int]:
+        async with self._connection() as conn:
+            cur = await conn.execute(
+                "SELECT"
+                " count(*) FILTER (WHERE last_heartbeat_at >= %(uc)s AND NOT draining),"
+                " count(*) FILTER (WHERE last_heartbeat_at >= %(uc)s AND draining),"
+                " count(*) FILTER (WHERE last_heartbeat_at < %(uc)s)"
+                " FROM workers WHERE last_heartbeat_at >= %(ec)s",
+                {
+                    "uc": self._policy.unhealthy_cutoff(now),
+                    "ec": self._policy.expiry_cutoff(now),
+                },
+            )
+            row = await cur.fetchone()
+        healthy, draining, unhealthy = row if row else (0, 0, 0)
+        return {
+            WorkerStatus.HEALTHY: healthy,
+            WorkerStatus.DRAINING: draining,
+            WorkerStatus.UNHEALTHY: unhealthy,
+        }
+
+    async def latest_event_sequence(self) -> int:
+        async with self._connection() as conn:
+            cur = await conn.execute("SELECT coalesce(max(sequence), 0) FROM worker_events")
+            row = await cur.fetchone()
+        return int(row[0]) if row else 0
+
+    async def events_after(
+        self, sequence: int, *, namespace: str | None, limit: int = 500
+    ) -> list[WorkerEvent]:
+        async with self._connection() as conn:
+            cur = await conn.execute(
+                "SELECT sequence, event_id, type, worker, occurred_at FROM worker_events"
+                " WHERE sequence > %(after)s"
+                " AND (%(namespace)s::text IS NULL OR namespace = %(namespace)s)"
+                " ORDER BY sequence LIMIT %(limit)s",
+                {"after": sequence, "namespace": namespace, "limit": limit},
+            )
+            rows = await cur.fetchall()
+        return [
+            WorkerEvent(
+                sequence=row[0],
+                event_id=row[1],
+                type=WorkerEventType(row[2]),
+                worker=worker_from_json(row[3]),
+                occurred_at=row[4],
+            )
+            for row in rows
+        ]
+
+
+class _RegisterRace(Exception):
+    """Another transaction registered the same (namespace, name) first; retry once."""

@@ -1,0 +1,38 @@
+"""Token checks shared by the gRPC interceptor and the HTTP routes."""
+
+from __future__ import annotations
+
+import hmac
+
+from hive_common.auth import TokenClaims, TokenKind, TokenVerifier
+from hive_common.errors import PermissionDenied, Unauthenticated
+
+
+class Authorizer:
+    """Checks one bearer token against the allowed kinds (shared by gRPC and HTTP)."""
+
+    def __init__(self, *, verifier: TokenVerifier, registration_secret: str | None) -> None:
+        self._verifier = verifier
+        self._secret = registration_secret.encode() if registration_secret else None
+
+    def authorize(
+        self, token: str | None, allowed: frozenset[TokenKind | None], action: str
+    ) -> TokenClaims | None:
+        if token is None:
+            raise Unauthenticated(
+                "missing 'authorization: Bearer <token>'", details={"reason": "missing"}
+            )
+        if (
+            None in allowed
+            and self._secret is not None
+            and hmac.compare_digest(token.encode(), self._secret)
+        ):
+            return None
+        claims = self._verifier.verify(token)
+        if claims.kind not in allowed:
+            kinds = sorted(k.value for k in allowed if k is not None)
+            raise PermissionDenied(
+                f"{action} needs a {' or '.join(kinds)} token, not a {claims.kind.value} token",
+                details={"token_kind": claims.kind.value},
+            )
+        return claims

@@ -1,0 +1,1 @@
+"""gRPC transport of the registry: servicer, auth interceptor, protobuf mapping."""

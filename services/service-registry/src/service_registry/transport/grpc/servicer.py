@@ -1,0 +1,166 @@
+"""gRPC ServiceRegistry: maps requests to RegistryService calls and results back."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from typing import Any
+
+from hive_common.auth import TokenIssuer
+from hive_common.errors import HiveError, NotFound
+from neuralhive.registry.v1 import registry_service_pb2 as pb
+from neuralhive.registry.v1 import registry_service_pb2_grpc as pb_grpc
+from service_registry.domain.models import WorkerEventType
+from service_registry.domain.service import RegistryService
+from service_registry.domain.validation import (
+    Limits,
+    encode_cursor,
+    parse_worker_id,
+    validate_discovery,
+    validate_heartbeat,
+    validate_list,
+    validate_registration,
+)
+from service_registry.metrics import RegistryMetrics
+from service_registry.transport.grpc.auth import require_worker
+from service_registry.transport.grpc.mapping import (
+    event_to_pb,
+    ranked_to_pb,
+    statuses_from_pb,
+    timestamp,
+    worker_to_pb,
+)
+
+
+class RegistryServicer(pb_grpc.ServiceRegistryServicer):
+    def __init__(
+        self,
+        *,
+        service: RegistryService,
+        issuer: TokenIssuer,
+        metrics: RegistryMetrics,
+        limits: Limits,
+        heartbeat_interval_seconds: int,
+        worker_token_ttl_seconds: int,
+    ) -> None:
+        self._service = service
+        self._issuer = issuer
+        self._metrics = metrics
+        self._limits = limits
+        self._interval = heartbeat_interval_seconds
+        self._token_ttl = worker_token_ttl_seconds
+
+    async def Register(self, request: pb.RegisterRequest, context: Any) -> pb.RegisterResponse:
+        spec = validate_registration(
+            name=request.name,
+            namespace=request.namespace,
+            capabilities=list(request.capabilities),
+            labels=dict(request.labels),
+            max_concurrent=request.max_concurrent,
+            version=request.version,
+        )
+        transition = await self._service.register(spec)
+        self._metrics.registrations.labels("again" if transition.previous else "new").inc()
+        self._metrics.count_events([e.type for e in transition.events])
+        worker = transition.worker
+        token, claims = self._issuer.issue_worker_token(
+            worker_id=str(worker.worker_id), ttl_seconds=self._token_ttl
+        )
+        return pb.RegisterResponse(
+            worker=worker_to_pb(worker),
+            token=token,
+            token_expires_at=timestamp(claims.expires_at),
+            heartbeat_interval_seconds=self._interval,
+        )
+
+    async def Heartbeat(self, request: pb.HeartbeatRequest, context: Any) -> pb.HeartbeatResponse:
+        try:
+            update = validate_heartbeat(
+                worker_id=request.worker_id,
+                in_flight=request.in_flight,
+                succeeded_total=(
+                    request.succeeded_total if request.HasField("succeeded_total") else None
+                ),
+                failed_total=request.failed_total if request.HasField("failed_total") else None,
+                draining=request.draining,
+            )
+            require_worker(str(update.worker_id))
+        except HiveError:
+            self._metrics.heartbeats.labels("refused").inc()
+            raise
+        try:
+            transition = await self._service.heartbeat(update)
+        except NotFound:
+            self._metrics.heartbeats.labels("not_found").inc()
+            raise
+        self._metrics.heartbeats.labels("ok").inc()
+        self._metrics.count_events([e.type for e in transition.events])
+        return pb.HeartbeatResponse(
+            worker=worker_to_pb(transition.worker), heartbeat_interval_seconds=self._interval
+        )
+
+    async def Deregister(
+        self, request: pb.DeregisterRequest, context: Any
+    ) -> pb.DeregisterResponse:
+        worker_id = parse_worker_id(request.worker_id)
+        require_worker(str(worker_id))
+        if await self._service.deregister(worker_id) is not None:
+            self._metrics.count_events([WorkerEventType.DEREGISTERED])
+        return pb.DeregisterResponse()
+
+    async def DiscoverWorkers(
+        self, request: pb.DiscoverWorkersRequest, context: Any
+    ) -> pb.DiscoverWorkersResponse:
+        started = time.perf_counter()
+        query = validate_discovery(
+            required_capabilities=list(request.required_capabilities),
+            label_selector=dict(request.label_selector),
+            namespace=request.namespace,
+            max_results=request.max_results,
+            limits=self._limits,
+        )
+        ranked = await self._service.discover(query)
+        self._metrics.discovery_seconds.observe(time.perf_counter() - started)
+        self._metrics.discovery_results.observe(len(ranked))
+        return pb.DiscoverWorkersResponse(workers=[ranked_to_pb(r) for r in ranked])
+
+    async def GetWorker(self, request: pb.GetWorkerRequest, context: Any) -> pb.GetWorkerResponse:
+        worker = await self._service.get(parse_worker_id(request.worker_id))
+        return pb.GetWorkerResponse(worker=worker_to_pb(worker))
+
+    async def ListWorkers(
+        self, request: pb.ListWorkersRequest, context: Any
+    ) -> pb.ListWorkersResponse:
+        query = validate_list(
+            namespace=request.namespace,
+            statuses=statuses_from_pb(list(request.statuses)),
+            capability=request.capability,
+            page_size=request.page_size,
+            page_token=request.page_token,
+            limits=self._limits,
+        )
+        page = await self._service.list_workers(query)
+        return pb.ListWorkersResponse(
+            workers=[worker_to_pb(w) for w in page.workers],
+            next_page_token=encode_cursor(page.next_cursor) if page.next_cursor else "",
+        )
+
+    async def WatchWorkers(
+        self, request: pb.WatchWorkersRequest, context: Any
+    ) -> AsyncIterator[pb.WatchWorkersResponse]:
+        namespace = None
+        if request.namespace:
+            # Same rules as elsewhere; an invalid namespace could never match anything.
+            namespace = validate_list(
+                namespace=request.namespace,
+                statuses=[],
+                capability="",
+                page_size=0,
+                page_token="",
+                limits=self._limits,
+            ).namespace
+        position = await self._service.watch_position()
+        # Initial metadata tells the client the watch is live: nothing after it is missed.
+        await context.send_initial_metadata(())
+        async for event in self._service.watch(namespace=namespace, after=position):
+            yield pb.WatchWorkersResponse(event=event_to_pb(event))

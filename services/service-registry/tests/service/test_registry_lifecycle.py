@@ -1,0 +1,268 @@
+"""Register / heartbeat / unhealthy / recover / expire, draining, deregister, watch, restart."""
+
+from __future__ import annotations
+
+import grpc
+import pytest
+
+from hive_common.grpc_errors import from_rpc_error
+from neuralhive.registry.v1 import registry_service_pb2 as pb
+
+pytestmark = pytest.mark.service
+
+HEALTHY = pb.WORKER_STATUS_HEALTHY
+UNHEALTHY = pb.WORKER_STATUS_UNHEALTHY
+DRAINING = pb.WORKER_STATUS_DRAINING
+
+
+async def get_status(registry, worker_id: str) -> int:  # type: ignore[no-untyped-def]
+    response = await registry.stub.GetWorker(
+        pb.GetWorkerRequest(worker_id=worker_id), metadata=registry.service_md
+    )
+    return int(response.worker.status)
+
+
+async def test_register_is_idempotent_on_namespace_and_name(registry) -> None:  # type: ignore[no-untyped-def]
+    first = await registry.register(
+        "host-1", capabilities=["python", "gpu"], labels={"zone": "a"}, version="1.0"
+    )
+    assert first.worker.worker_id
+    assert first.token
+    assert first.heartbeat_interval_seconds == 5
+    assert first.token_expires_at.seconds > 0
+    assert first.worker.namespace == "default"
+    assert list(first.worker.capabilities) == ["gpu", "python"]
+    assert first.worker.status == HEALTHY
+
+    registry.clock.advance(2)
+    again = await registry.register(
+        "host-1", capabilities=["python"], max_concurrent=8, version="1.1"
+    )
+    assert again.worker.worker_id == first.worker.worker_id
+    assert again.worker.max_concurrent == 8
+    assert list(again.worker.capabilities) == ["python"]
+    assert again.worker.registered_at == first.worker.registered_at
+
+    other_ns = await registry.register("host-1", namespace="batch")
+    assert other_ns.worker.worker_id != first.worker.worker_id
+
+    # The service token may register too.
+    by_service = await registry.stub.Register(
+        pb.RegisterRequest(name="host-2", capabilities=["x"], max_concurrent=1),
+        metadata=registry.service_md,
+    )
+    assert by_service.worker.worker_id
+
+
+async def test_health_timeline_with_watch_events_in_order(registry) -> None:  # type: ignore[no-untyped-def]
+    watch = await registry.open_watch()
+    worker_id = (await registry.register("w1")).worker.worker_id
+
+    # On time: stays healthy.
+    registry.clock.advance(5)
+    assert (await registry.heartbeat(worker_id, in_flight=1)).worker.status == HEALTHY
+    registry.clock.advance(15)  # exactly 3 intervals: still healthy
+    assert await get_status(registry, worker_id) == HEALTHY
+    await registry.sweep()
+
+    # Missed 3 intervals: UNHEALTHY (immediately on reads, announced by the sweeper).
+    registry.clock.advance(1)
+    assert await get_status(registry, worker_id) == UNHEALTHY
+    result = await registry.sweep()
+    assert [w.name for w in result.unhealthy] == ["w1"]
+    assert (await registry.sweep()).unhealthy == []  # announced once
+
+    # Recovers on its next heartbeat.
+    registry.clock.advance(10)
+    assert (await registry.heartbeat(worker_id, in_flight=0)).worker.status == HEALTHY
+
+    # Silent past the TTL: the sweeper expires it; heartbeats then get NOT_FOUND.
+    registry.clock.advance(61)
+    result = await registry.sweep()
+    assert [w.name for w in result.expired] == ["w1"]
+    with pytest.raises(grpc.aio.AioRpcError) as exc:
+        await registry.heartbeat(worker_id, in_flight=0)
+    assert exc.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.aio.AioRpcError) as exc:
+        await get_status(registry, worker_id)
+    assert exc.value.code() == grpc.StatusCode.NOT_FOUND
+
+    # It must register again, and gets a new identity.
+    again = await registry.register("w1")
+    assert again.worker.worker_id != worker_id
+
+    assert await registry.next_events(watch, 5) == [
+        ("WORKER_EVENT_TYPE_REGISTERED", "w1"),
+        ("WORKER_EVENT_TYPE_UNHEALTHY", "w1"),
+        ("WORKER_EVENT_TYPE_UPDATED", "w1"),
+        ("WORKER_EVENT_TYPE_EXPIRED", "w1"),
+        ("WORKER_EVENT_TYPE_REGISTERED", "w1"),
+    ]
+    watch.cancel()
+
+
+async def test_expired_but_not_swept_worker_is_expired_on_contact(registry) -> None:  # type: ignore[no-untyped-def]
+    watch = await registry.open_watch()
+    old = (await registry.register("w1")).worker.worker_id
+    registry.clock.advance(61)  # no sweep: the heartbeat itself notices
+    with pytest.raises(grpc.aio.AioRpcError) as exc:
+        await registry.heartbeat(old, in_flight=0)
+    assert exc.value.code() == grpc.StatusCode.NOT_FOUND
+
+    lagging = (await registry.register("w2")).worker.worker_id
+    registry.clock.advance(61)
+    again = await registry.register("w2")  # registering the expired name: new identity
+    assert again.worker.worker_id != lagging
+    assert await registry.next_events(watch, 5) == [
+        ("WORKER_EVENT_TYPE_REGISTERED", "w1"),
+        ("WORKER_EVENT_TYPE_EXPIRED", "w1"),
+        ("WORKER_EVENT_TYPE_REGISTERED", "w2"),
+        ("WORKER_EVENT_TYPE_EXPIRED", "w2"),
+        ("WORKER_EVENT_TYPE_REGISTERED", "w2"),
+    ]
+    watch.cancel()
+
+
+async def test_mass_expiry_is_visible(registry, caplog) -> None:  # type: ignore[no-untyped-def]
+    for i in range(4):
+        await registry.register(f"w{i}")
+    survivor = (await registry.register("survivor")).worker.worker_id
+    registry.clock.advance(60)
+    await registry.heartbeat(survivor, in_flight=0)
+    registry.clock.advance(5)
+    result = await registry.sweep()
+    assert sorted(w.name for w in result.expired) == ["w0", "w1", "w2", "w3"]
+    metrics = (await registry.http.get("/metrics")).text
+    assert 'registry_mass_transitions_total{transition="expired"} 1.0' in metrics
+    assert 'registry_worker_events_total{type="EXPIRED"} 4.0' in metrics
+    assert 'registry_workers{status="HEALTHY"} 1.0' in metrics
+
+
+async def test_draining_is_sticky_and_cleared_by_registering_again(registry) -> None:  # type: ignore[no-untyped-def]
+    watch = await registry.open_watch()
+    worker_id = (await registry.register("w1")).worker.worker_id
+    drained = await registry.heartbeat(worker_id, in_flight=2, draining=True)
+    assert drained.worker.status == DRAINING
+    registry.clock.advance(3)
+    still = await registry.heartbeat(worker_id, in_flight=1, draining=False)
+    assert still.worker.status == DRAINING
+    found = await registry.stub.DiscoverWorkers(
+        pb.DiscoverWorkersRequest(required_capabilities=["python"]), metadata=registry.service_md
+    )
+    assert list(found.workers) == []
+
+    again = await registry.register("w1")
+    assert again.worker.worker_id == worker_id
+    assert again.worker.status == HEALTHY
+    assert await registry.next_events(watch, 3) == [
+        ("WORKER_EVENT_TYPE_REGISTERED", "w1"),
+        ("WORKER_EVENT_TYPE_DRAINING", "w1"),
+        ("WORKER_EVENT_TYPE_UPDATED", "w1"),
+    ]
+    watch.cancel()
+
+
+async def test_deregister_removes_and_is_idempotent(registry) -> None:  # type: ignore[no-untyped-def]
+    watch = await registry.open_watch()
+    worker_id = (await registry.register("w1")).worker.worker_id
+    md = registry.worker_md(worker_id)
+    await registry.stub.Deregister(pb.DeregisterRequest(worker_id=worker_id), metadata=md)
+    await registry.stub.Deregister(pb.DeregisterRequest(worker_id=worker_id), metadata=md)
+    with pytest.raises(grpc.aio.AioRpcError) as exc:
+        await get_status(registry, worker_id)
+    assert exc.value.code() == grpc.StatusCode.NOT_FOUND
+    with pytest.raises(grpc.aio.AioRpcError) as exc:
+        await registry.heartbeat(worker_id, in_flight=0)
+    assert exc.value.code() == grpc.StatusCode.NOT_FOUND
+    assert await registry.next_events(watch, 2) == [
+        ("WORKER_EVENT_TYPE_REGISTERED", "w1"),
+        ("WORKER_EVENT_TYPE_DEREGISTERED", "w1"),
+    ]
+    watch.cancel()
+
+
+async def test_watch_filters_by_namespace(registry) -> None:  # type: ignore[no-untyped-def]
+    watch = await registry.open_watch(namespace="batch")
+    await registry.register("a", namespace="default")
+    await registry.register("b", namespace="batch")
+    await registry.register("c", namespace="default")
+    await registry.register("d", namespace="batch")
+    assert await registry.next_events(watch, 2) == [
+        ("WORKER_EVENT_TYPE_REGISTERED", "b"),
+        ("WORKER_EVENT_TYPE_REGISTERED", "d"),
+    ]
+    watch.cancel()
+
+
+async def test_heartbeat_counters_are_cumulative(registry) -> None:  # type: ignore[no-untyped-def]
+    worker_id = (await registry.register("w1")).worker.worker_id
+    r = await registry.heartbeat(worker_id, in_flight=3, succeeded_total=10, failed_total=2)
+    assert (r.worker.in_flight, r.worker.succeeded_total, r.worker.failed_total) == (3, 10, 2)
+    r = await registry.heartbeat(worker_id, in_flight=1)  # absent counters: unchanged
+    assert (r.worker.in_flight, r.worker.succeeded_total, r.worker.failed_total) == (1, 10, 2)
+
+
+async def test_restart_keeps_registrations(start_registry) -> None:  # type: ignore[no-untyped-def]
+    first = await start_registry()
+    registered = await first.register("w1", labels={"zone": "a"})
+    worker_id = registered.worker.worker_id
+    await first.heartbeat(worker_id, in_flight=2, succeeded_total=5)
+    await first.app.stop(0)
+
+    second = await start_registry()
+    got = await second.stub.GetWorker(
+        pb.GetWorkerRequest(worker_id=worker_id), metadata=second.service_md
+    )
+    assert got.worker.name == "w1"
+    assert got.worker.in_flight == 2
+    assert got.worker.succeeded_total == 5
+    assert dict(got.worker.labels) == {"zone": "a"}
+    # The token from before the restart still works.
+    response = await second.stub.Heartbeat(
+        pb.HeartbeatRequest(worker_id=worker_id, in_flight=0),
+        metadata=(("authorization", f"Bearer {registered.token}"),),
+    )
+    assert response.worker.status == HEALTHY
+
+
+async def test_invalid_registration_reports_every_field(registry) -> None:  # type: ignore[no-untyped-def]
+    with pytest.raises(grpc.aio.AioRpcError) as exc:
+        await registry.stub.Register(
+            pb.RegisterRequest(
+                name="bad name",
+                namespace="UPPER",
+                capabilities=["ok", "no spaces"],
+                labels={"bad key": "v"},
+                max_concurrent=0,
+            ),
+            metadata=registry.secret_md,
+        )
+    assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    error = from_rpc_error(exc.value)
+    assert {v.field for v in error.violations} == {
+        "name",
+        "namespace",
+        "capabilities[1]",
+        "labels[bad key]",
+        "max_concurrent",
+    }
+    listed = await registry.stub.ListWorkers(pb.ListWorkersRequest(), metadata=registry.service_md)
+    assert list(listed.workers) == []
+
+
+@pytest.mark.parametrize(
+    ("request_fields", "field"),
+    [
+        ({"worker_id": "not-a-uuid"}, "worker_id"),
+        ({"in_flight": -1}, "in_flight"),
+    ],
+)
+async def test_invalid_heartbeat(registry, request_fields, field) -> None:  # type: ignore[no-untyped-def]
+    worker_id = (await registry.register("w1")).worker.worker_id
+    fields = {"worker_id": worker_id, "in_flight": 0, **request_fields}
+    with pytest.raises(grpc.aio.AioRpcError) as exc:
+        await registry.stub.Heartbeat(
+            pb.HeartbeatRequest(**fields), metadata=registry.worker_md(worker_id)
+        )
+    assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert [v.field for v in from_rpc_error(exc.value).violations] == [field]
