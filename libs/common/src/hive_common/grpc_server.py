@@ -20,7 +20,6 @@ it ends. Servicers are plain ``async def`` methods (or async generators for stre
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import inspect
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
@@ -35,6 +34,7 @@ from grpc_reflection.v1alpha import reflection
 
 from hive_common import grpc_errors
 from hive_common.errors import HiveError
+from hive_common.grpc_client import SERVER_KEEPALIVE_OPTIONS
 from hive_common.logging import bind_request_context, clear_request_context, new_request_id
 from hive_common.metrics import RpcMetrics
 
@@ -351,38 +351,55 @@ class GrpcService:
     register: Callable[[grpc.aio.Server], None]
 
 
-class DrainingHealthServicer(health.aio.HealthServicer):  # type: ignore[misc]
-    """The standard aio health servicer, except that ``Watch`` streams end at shutdown.
+class DrainingHealthServicer(health_pb2_grpc.HealthServicer):  # type: ignore[misc]
+    """The standard health service, except that ``Watch`` streams end at shutdown.
 
-    Stock ``Watch`` never returns, so one connected watcher (e.g. client-side health
-    checking) would hold every graceful stop for its full grace period. Here, once
+    The stock servicer's ``Watch`` never returns, so one connected watcher (e.g. client-side
+    health checking) would hold every graceful stop for its full grace period. Here, once
     :meth:`enter_graceful_shutdown` runs, each watcher is sent NOT_SERVING and its stream
-    completes.
+    completes. (Wrapping the stock ``Watch`` and cancelling it races with its own write.)
     """
 
     def __init__(self) -> None:
-        super().__init__()
-        self._shutdown = asyncio.Event()
+        self._status: dict[str, int] = {"": health_pb2.HealthCheckResponse.SERVING}
+        self._changed = asyncio.Condition()
+        self._shutting_down = False
 
-    async def enter_graceful_shutdown(self) -> None:
-        await super().enter_graceful_shutdown()
-        self._shutdown.set()
+    async def Check(self, request: Any, context: Any) -> Any:
+        status = self._status.get(request.service)
+        if status is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {request.service!r}")
+        return health_pb2.HealthCheckResponse(status=status)
 
     async def Watch(self, request: Any, context: Any) -> None:
-        if not self._shutdown.is_set():
-            watching = asyncio.ensure_future(super().Watch(request, context))
-            stopping = asyncio.ensure_future(self._shutdown.wait())
-            try:
-                await asyncio.wait({watching, stopping}, return_when=asyncio.FIRST_COMPLETED)
-            finally:
-                for task in (watching, stopping):
-                    task.cancel()
-                    with contextlib.suppress(asyncio.CancelledError):
-                        await task
-        # A repeated NOT_SERVING is harmless: watchers only act on the latest status.
-        await context.write(
-            health_pb2.HealthCheckResponse(status=health_pb2.HealthCheckResponse.NOT_SERVING)
-        )
+        last: int | None = None
+        async with self._changed:
+            while True:
+                status = self._status.get(
+                    request.service, health_pb2.HealthCheckResponse.SERVICE_UNKNOWN
+                )
+                if status != last:
+                    await context.write(health_pb2.HealthCheckResponse(status=status))
+                    last = status
+                if self._shutting_down:
+                    return
+                await self._changed.wait()
+
+    async def set(self, service: str, status: int) -> None:
+        """Set ``service``'s status; ignored once shutdown has begun."""
+        if self._shutting_down:
+            return
+        async with self._changed:
+            self._status[service] = status
+            self._changed.notify_all()
+
+    async def enter_graceful_shutdown(self) -> None:
+        """NOT_SERVING for every service, for good; every ``Watch`` stream then ends."""
+        async with self._changed:
+            self._shutting_down = True
+            for service in self._status:
+                self._status[service] = health_pb2.HealthCheckResponse.NOT_SERVING
+            self._changed.notify_all()
 
 
 class HiveGrpcServer:
@@ -457,7 +474,9 @@ def build_grpc_server(
     """Build (not start) a ``grpc.aio`` server hosting ``services`` with health and reflection.
 
     ``interceptors`` run inside the built-in logging / metrics / error-mapping chain.
-    ``options`` are extra gRPC channel arguments (keepalive ...). Bind with
+    The server accepts the keepalive pings of :func:`hive_common.grpc_client.create_channel`
+    (otherwise idle watch streams are torn down with "too many pings"); ``options`` are
+    extra gRPC channel arguments and override those defaults. Bind with
     :meth:`HiveGrpcServer.add_insecure_port`, then ``await start()``.
     """
     services = list(services)
@@ -472,6 +491,7 @@ def build_grpc_server(
         options=[
             ("grpc.max_receive_message_length", max_receive_message_bytes),
             ("grpc.max_send_message_length", max_send_message_bytes),
+            *SERVER_KEEPALIVE_OPTIONS,
             *options,
         ],
     )
