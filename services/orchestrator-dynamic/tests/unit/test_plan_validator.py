@@ -220,6 +220,20 @@ ERROR_CASES: list[tuple[str, object, set[tuple[str, IssueCode]]]] = [
         plan(task("a", max_retries=False)),
         {("$.tasks[0].max_retries", E.WRONG_TYPE)},
     ),
+    ("NUL in name", plan(task("a"), name="a\x00b"), {("$.name", E.INVALID_VALUE)}),
+    (
+        "NUL in description",
+        plan(task("a", description="\x00")),
+        {("$.tasks[0].description", E.INVALID_VALUE)},
+    ),
+    (
+        "NUL in a parameter string and key",
+        plan(task("a", parameters={"x": ["ok", "a\x00"], "k\x00": 1})),
+        {
+            ("$.tasks[0].parameters.x[1]", E.INVALID_VALUE),
+            ('$.tasks[0].parameters["k\\u0000"]', E.INVALID_VALUE),
+        },
+    ),
     # -- ids and dependencies across tasks
     (
         "duplicate task id",

@@ -81,6 +81,8 @@ class TicketState:
     lease_expires_at: datetime | None = None
     backoff_until: datetime | None = None
     backoff_attempt: int | None = None
+    # The ticket's version when this was observed: older observations never overwrite newer.
+    version: int = 0
     updated_at: datetime | None = None
 
     def backoff_end(self) -> datetime | None:

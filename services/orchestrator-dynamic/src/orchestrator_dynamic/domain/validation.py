@@ -35,6 +35,8 @@ from orchestrator_dynamic.domain.plan import JsonValue, Plan, Priority, TaskSpec
 ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]*")
 TASK_TYPE_PATTERN = re.compile(r"[A-Za-z][A-Za-z0-9._-]*")
 CAPABILITY_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]*")
+# PostgreSQL text and jsonb cannot hold U+0000.
+_NUL_MESSAGE = "must not contain NUL (U+0000) characters"
 _PLAIN_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 PLAN_FIELDS = frozenset({"plan_id", "intent_id", "name", "priority", "tasks"})
@@ -365,6 +367,9 @@ class PlanValidator:
                 f"is {len(value)} characters long; the limit is {max_length}",
             )
             return None
+        if "\x00" in value:
+            issues.error(field_path, IssueCode.INVALID_VALUE, _NUL_MESSAGE)
+            return None
         return value
 
     def _id_value(
@@ -664,10 +669,17 @@ class PlanValidator:
                             f"object keys must be strings, got {_shorten(repr(key))}",
                         )
                         continue
+                    if "\x00" in key:
+                        issues.error(
+                            child(node_path, key), IssueCode.INVALID_VALUE, "key: " + _NUL_MESSAGE
+                        )
+                        continue
                     stack.append((item, child(node_path, key), nesting + 1))
             elif isinstance(node, list):
                 for i, item in reversed(list(enumerate(node))):
                     stack.append((item, child(node_path, i), nesting + 1))
+            elif isinstance(node, str) and "\x00" in node:
+                issues.error(node_path, IssueCode.INVALID_VALUE, _NUL_MESSAGE)
             elif isinstance(node, float) and not math.isfinite(node):
                 issues.error(node_path, IssueCode.INVALID_VALUE, f"{node} is not a JSON number")
             elif node is not None and not isinstance(node, str | int | float | bool):

@@ -1,0 +1,2 @@
+DROP TABLE plan_tasks;
+DROP TABLE plans;
