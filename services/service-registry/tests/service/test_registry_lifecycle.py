@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING, Any
+
 import grpc
 import pytest
 
 from hive_common.grpc_errors import from_rpc_error
 from neuralhive.registry.v1 import registry_service_pb2 as pb
+
+if TYPE_CHECKING:  # conftest is not importable at run time (import mode importlib)
+    from conftest import Registry, StartRegistry
 
 pytestmark = pytest.mark.service
 
@@ -15,14 +20,14 @@ UNHEALTHY = pb.WORKER_STATUS_UNHEALTHY
 DRAINING = pb.WORKER_STATUS_DRAINING
 
 
-async def get_status(registry, worker_id: str) -> int:  # type: ignore[no-untyped-def]
+async def get_status(registry: Registry, worker_id: str) -> int:
     response = await registry.stub.GetWorker(
         pb.GetWorkerRequest(worker_id=worker_id), metadata=registry.service_md
     )
     return int(response.worker.status)
 
 
-async def test_register_is_idempotent_on_namespace_and_name(registry) -> None:  # type: ignore[no-untyped-def]
+async def test_register_is_idempotent_on_namespace_and_name(registry: Registry) -> None:
     first = await registry.register(
         "host-1", capabilities=["python", "gpu"], labels={"zone": "a"}, version="1.0"
     )
@@ -54,7 +59,7 @@ async def test_register_is_idempotent_on_namespace_and_name(registry) -> None:  
     assert by_service.worker.worker_id
 
 
-async def test_health_timeline_with_watch_events_in_order(registry) -> None:  # type: ignore[no-untyped-def]
+async def test_health_timeline_with_watch_events_in_order(registry: Registry) -> None:
     watch = await registry.open_watch()
     worker_id = (await registry.register("w1")).worker.worker_id
 
@@ -101,7 +106,7 @@ async def test_health_timeline_with_watch_events_in_order(registry) -> None:  # 
     watch.cancel()
 
 
-async def test_expired_but_not_swept_worker_is_expired_on_contact(registry) -> None:  # type: ignore[no-untyped-def]
+async def test_expired_but_not_swept_worker_is_expired_on_contact(registry: Registry) -> None:
     watch = await registry.open_watch()
     old = (await registry.register("w1")).worker.worker_id
     registry.clock.advance(61)  # no sweep: the heartbeat itself notices
@@ -123,7 +128,7 @@ async def test_expired_but_not_swept_worker_is_expired_on_contact(registry) -> N
     watch.cancel()
 
 
-async def test_mass_expiry_is_visible(registry, caplog) -> None:  # type: ignore[no-untyped-def]
+async def test_mass_expiry_is_visible(registry: Registry) -> None:
     for i in range(4):
         await registry.register(f"w{i}")
     survivor = (await registry.register("survivor")).worker.worker_id
@@ -138,7 +143,7 @@ async def test_mass_expiry_is_visible(registry, caplog) -> None:  # type: ignore
     assert 'registry_workers{status="HEALTHY"} 1.0' in metrics
 
 
-async def test_draining_is_sticky_and_cleared_by_registering_again(registry) -> None:  # type: ignore[no-untyped-def]
+async def test_draining_is_sticky_and_cleared_by_registering_again(registry: Registry) -> None:
     watch = await registry.open_watch()
     worker_id = (await registry.register("w1")).worker.worker_id
     drained = await registry.heartbeat(worker_id, in_flight=2, draining=True)
@@ -162,7 +167,7 @@ async def test_draining_is_sticky_and_cleared_by_registering_again(registry) -> 
     watch.cancel()
 
 
-async def test_deregister_removes_and_is_idempotent(registry) -> None:  # type: ignore[no-untyped-def]
+async def test_deregister_removes_and_is_idempotent(registry: Registry) -> None:
     watch = await registry.open_watch()
     worker_id = (await registry.register("w1")).worker.worker_id
     md = registry.worker_md(worker_id)
@@ -181,7 +186,7 @@ async def test_deregister_removes_and_is_idempotent(registry) -> None:  # type: 
     watch.cancel()
 
 
-async def test_watch_filters_by_namespace(registry) -> None:  # type: ignore[no-untyped-def]
+async def test_watch_filters_by_namespace(registry: Registry) -> None:
     watch = await registry.open_watch(namespace="batch")
     await registry.register("a", namespace="default")
     await registry.register("b", namespace="batch")
@@ -194,7 +199,7 @@ async def test_watch_filters_by_namespace(registry) -> None:  # type: ignore[no-
     watch.cancel()
 
 
-async def test_heartbeat_counters_are_cumulative(registry) -> None:  # type: ignore[no-untyped-def]
+async def test_heartbeat_counters_are_cumulative(registry: Registry) -> None:
     worker_id = (await registry.register("w1")).worker.worker_id
     r = await registry.heartbeat(worker_id, in_flight=3, succeeded_total=10, failed_total=2)
     assert (r.worker.in_flight, r.worker.succeeded_total, r.worker.failed_total) == (3, 10, 2)
@@ -202,7 +207,7 @@ async def test_heartbeat_counters_are_cumulative(registry) -> None:  # type: ign
     assert (r.worker.in_flight, r.worker.succeeded_total, r.worker.failed_total) == (1, 10, 2)
 
 
-async def test_restart_keeps_registrations(start_registry) -> None:  # type: ignore[no-untyped-def]
+async def test_restart_keeps_registrations(start_registry: StartRegistry) -> None:
     first = await start_registry()
     registered = await first.register("w1", labels={"zone": "a"})
     worker_id = registered.worker.worker_id
@@ -225,7 +230,7 @@ async def test_restart_keeps_registrations(start_registry) -> None:  # type: ign
     assert response.worker.status == HEALTHY
 
 
-async def test_invalid_registration_reports_every_field(registry) -> None:  # type: ignore[no-untyped-def]
+async def test_invalid_registration_reports_every_field(registry: Registry) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as exc:
         await registry.stub.Register(
             pb.RegisterRequest(
@@ -257,7 +262,9 @@ async def test_invalid_registration_reports_every_field(registry) -> None:  # ty
         ({"in_flight": -1}, "in_flight"),
     ],
 )
-async def test_invalid_heartbeat(registry, request_fields, field) -> None:  # type: ignore[no-untyped-def]
+async def test_invalid_heartbeat(
+    registry: Registry, request_fields: dict[str, Any], field: str
+) -> None:
     worker_id = (await registry.register("w1")).worker.worker_id
     fields = {"worker_id": worker_id, "in_flight": 0, **request_fields}
     with pytest.raises(grpc.aio.AioRpcError) as exc:

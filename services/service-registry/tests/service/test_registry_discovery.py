@@ -1,0 +1,215 @@
+"""DiscoverWorkers ranking (table-driven) and every filter of discovery and listing."""
+
+from __future__ import annotations
+
+from datetime import timedelta
+from typing import TYPE_CHECKING, Any
+
+import grpc
+import pytest
+
+from neuralhive.registry.v1 import registry_service_pb2 as pb
+
+if TYPE_CHECKING:  # conftest is not importable at run time (import mode importlib)
+    from conftest import Registry
+
+pytestmark = pytest.mark.service
+
+
+async def discover(registry: Registry, **fields: Any) -> list[pb.RankedWorker]:
+    response = await registry.stub.DiscoverWorkers(
+        pb.DiscoverWorkersRequest(**fields), metadata=registry.service_md
+    )
+    return list(response.workers)
+
+
+async def setup_workers(registry: Registry, workers: dict[str, dict[str, Any]]) -> None:
+    """Register every worker at t0, then heartbeat each at its own offset (seconds)."""
+    start = registry.clock.now()
+    ids = {}
+    for name, spec in workers.items():
+        response = await registry.register(
+            name,
+            capabilities=spec.get("capabilities", ["python"]),
+            labels=spec.get("labels", {}),
+            namespace=spec.get("namespace", ""),
+            max_concurrent=spec.get("max_concurrent", 4),
+        )
+        ids[name] = response.worker.worker_id
+    for name, spec in sorted(workers.items(), key=lambda item: item[1].get("at", 0)):
+        registry.clock.set(start + timedelta(seconds=spec.get("at", 0)))
+        await registry.heartbeat(
+            ids[name],
+            in_flight=spec.get("in_flight", 0),
+            succeeded_total=spec.get("succeeded", 0),
+            failed_total=spec.get("failed", 0),
+            draining=spec.get("draining", False),
+        )
+    registry.clock.set(start + timedelta(seconds=10))
+
+
+RANKING_CASES: list[tuple[str, dict[str, dict[str, Any]], dict[str, Any], list[str]]] = [
+    (
+        "spare capacity first",
+        {"busy": {"in_flight": 3}, "idle": {}, "half": {"in_flight": 2}},
+        {},
+        ["idle", "half", "busy"],
+    ),
+    (
+        "spare capacity is relative to max_concurrent",
+        {"big": {"max_concurrent": 10, "in_flight": 5}, "small": {"max_concurrent": 2}},
+        {},
+        ["small", "big"],
+    ),
+    (
+        "recent success rate",
+        {
+            "flaky": {"succeeded": 2, "failed": 8},
+            "solid": {"succeeded": 9, "failed": 1},
+            "new": {},
+        },
+        {},
+        ["new", "solid", "flaky"],
+    ),
+    (
+        "heartbeat freshness",
+        {"stale": {"at": 0}, "fresh": {"at": 9}, "middle": {"at": 5}},
+        {},
+        ["fresh", "middle", "stale"],
+    ),
+    (
+        "full, draining and unhealthy are left out",
+        {
+            "ok": {"at": 9},
+            "full": {"in_flight": 4, "at": 9},
+            "draining": {"draining": True, "at": 9},
+            "silent": {"at": -10},  # last heartbeat 20 s before the query: unhealthy
+        },
+        {},
+        ["ok"],
+    ),
+    (
+        "max_results keeps the best",
+        {"w1": {"in_flight": 1}, "w2": {}, "w3": {"in_flight": 2}, "w4": {"in_flight": 3}},
+        {"max_results": 2},
+        ["w2", "w1"],
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("workers", "request_fields", "expected"),
+    [case[1:] for case in RANKING_CASES],
+    ids=[case[0] for case in RANKING_CASES],
+)
+async def test_ranking(
+    registry: Registry,
+    workers: dict[str, dict[str, Any]],
+    request_fields: dict[str, Any],
+    expected: list[str],
+) -> None:
+    await setup_workers(registry, workers)
+    ranked = await discover(registry, required_capabilities=["python"], **request_fields)
+    assert [r.worker.name for r in ranked] == expected
+    scores = [r.score for r in ranked]
+    assert scores == sorted(scores, reverse=True)
+    for r in ranked:
+        assert r.spare_capacity == r.worker.max_concurrent - r.worker.in_flight
+        assert r.worker.status == pb.WORKER_STATUS_HEALTHY
+
+
+async def test_equal_workers_have_a_deterministic_order(registry: Registry) -> None:
+    await setup_workers(registry, {f"w{i}": {} for i in range(8)})
+    first = [r.worker.name for r in await discover(registry, required_capabilities=["python"])]
+    second = [r.worker.name for r in await discover(registry, required_capabilities=["python"])]
+    assert first == second
+    assert sorted(first) == [f"w{i}" for i in range(8)]
+
+
+async def test_discovery_filters(registry: Registry) -> None:
+    await setup_workers(
+        registry,
+        {
+            "py": {"capabilities": ["python"], "labels": {"zone": "a"}},
+            "py-gpu": {"capabilities": ["python", "gpu"], "labels": {"zone": "a", "tier": "1"}},
+            "gpu": {"capabilities": ["gpu"], "labels": {"zone": "b"}},
+            "batch-py": {"capabilities": ["python"], "namespace": "batch"},
+        },
+    )
+
+    async def names(**fields: Any) -> set[str]:
+        return {r.worker.name for r in await discover(registry, **fields)}
+
+    assert await names(required_capabilities=["python"]) == {"py", "py-gpu"}
+    assert await names(required_capabilities=["python", "gpu"]) == {"py-gpu"}
+    assert await names(required_capabilities=["rust"]) == set()
+    assert await names() == {"py", "py-gpu", "gpu"}  # no requirement: any live worker
+    assert await names(label_selector={"zone": "a"}) == {"py", "py-gpu"}
+    assert await names(label_selector={"zone": "a", "tier": "1"}) == {"py-gpu"}
+    assert await names(label_selector={"zone": "c"}) == set()
+    assert await names(namespace="batch") == {"batch-py"}
+    assert await names(namespace="default", required_capabilities=["gpu"]) == {"py-gpu", "gpu"}
+
+
+async def test_max_results_default_and_cap(start_registry: Any) -> None:
+    registry: Registry = await start_registry(default_max_results=3, max_results_cap=5)
+    await setup_workers(registry, {f"w{i}": {} for i in range(7)})
+    assert len(await discover(registry)) == 3
+    assert len(await discover(registry, max_results=2)) == 2
+    assert len(await discover(registry, max_results=1000)) == 5
+    with pytest.raises(grpc.aio.AioRpcError) as exc:
+        await discover(registry, max_results=-1)
+    assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def list_names(registry: Registry, **fields: Any) -> list[str]:
+    response = await registry.stub.ListWorkers(
+        pb.ListWorkersRequest(**fields), metadata=registry.service_md
+    )
+    return [w.name for w in response.workers]
+
+
+async def test_list_filters_and_pages(registry: Registry) -> None:
+    await setup_workers(
+        registry,
+        {
+            "a-healthy": {"capabilities": ["python"], "at": 9},
+            "b-draining": {"capabilities": ["python"], "draining": True, "at": 9},
+            "c-silent": {"capabilities": ["gpu"], "at": -10},
+            "d-other-ns": {"namespace": "batch", "at": 9},
+        },
+    )
+    assert await list_names(registry) == ["d-other-ns", "a-healthy", "b-draining", "c-silent"]
+    assert await list_names(registry, namespace="default") == [
+        "a-healthy",
+        "b-draining",
+        "c-silent",
+    ]
+    assert await list_names(registry, capability="gpu") == ["c-silent"]
+    assert await list_names(registry, statuses=[pb.WORKER_STATUS_UNHEALTHY]) == ["c-silent"]
+    assert await list_names(registry, statuses=[pb.WORKER_STATUS_DRAINING]) == ["b-draining"]
+    assert await list_names(
+        registry, statuses=[pb.WORKER_STATUS_HEALTHY, pb.WORKER_STATUS_DRAINING]
+    ) == ["d-other-ns", "a-healthy", "b-draining"]
+
+    seen: list[str] = []
+    token = ""
+    while True:
+        response = await registry.stub.ListWorkers(
+            pb.ListWorkersRequest(page_size=3, page_token=token), metadata=registry.service_md
+        )
+        seen.extend(w.name for w in response.workers)
+        token = response.next_page_token
+        if not token:
+            break
+    assert seen == ["d-other-ns", "a-healthy", "b-draining", "c-silent"]
+
+    for bad in (
+        {"statuses": [pb.WORKER_STATUS_UNSPECIFIED]},
+        {"page_token": "garbage!"},
+        {"page_size": -1},
+        {"namespace": "Not Valid"},
+    ):
+        with pytest.raises(grpc.aio.AioRpcError) as exc:
+            await list_names(registry, **bad)
+        assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
