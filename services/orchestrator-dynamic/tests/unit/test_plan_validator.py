@@ -241,6 +241,11 @@ ERROR_CASES: list[tuple[str, object, set[tuple[str, IssueCode]]]] = [
         {("$.tasks[2].task_id", E.DUPLICATE_TASK_ID)},
     ),
     (
+        "dependency on a task whose id is invalid reports only that id",
+        plan({"task_id": "a b", "task_type": "echo"}, task("c", "a b")),
+        {("$.tasks[0].task_id", E.INVALID_VALUE)},
+    ),
+    (
         "unknown dependency",
         plan(task("a"), task("b", "a", "zz")),
         {("$.tasks[1].depends_on[1]", E.UNKNOWN_DEPENDENCY)},
@@ -548,8 +553,12 @@ def test_validation_does_not_alias_or_mutate_input() -> None:
     raw = plan(task("a", parameters={"x": [1, 2]}))
     before = copy.deepcopy(raw)
 
-    PlanValidator().validate(raw)
+    result = PlanValidator().validate(raw)
+    raw["tasks"][0]["parameters"]["x"].append(3)
 
+    assert isinstance(result, ValidPlan)
+    assert result.plan.tasks[0].parameters == {"x": [1, 2]}
+    raw["tasks"][0]["parameters"]["x"].pop()
     assert raw == before
 
 

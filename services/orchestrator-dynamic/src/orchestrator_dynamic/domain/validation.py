@@ -216,6 +216,8 @@ class _TaskDraft:
     index: int
     path: str
     task_id: str | None = None
+    # The task_id as given when it was a string, valid or not.
+    raw_task_id: str | None = None
     task_type: str | None = None
     description: str = ""
     # (position in the array, value) for every usable entry.
@@ -472,6 +474,8 @@ class PlanValidator:
         if body.get("task_id") is None:
             issues.error(child(path, "task_id"), IssueCode.REQUIRED, "is required")
         else:
+            if isinstance(body["task_id"], str):
+                draft.raw_task_id = body["task_id"]
             draft.task_id = self._id_value(
                 body["task_id"], child(path, "task_id"), issues, what="a task id"
             )
@@ -691,10 +695,11 @@ class PlanValidator:
         if len(issues.errors) > before:
             return None
         try:
-            size = len(json.dumps(value, separators=(",", ":"), ensure_ascii=False).encode("utf-8"))
+            encoded = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
         except (ValueError, TypeError, RecursionError):  # pragma: no cover - walked above
             issues.error(field_path, IssueCode.INVALID_VALUE, "is not serialisable as JSON")
             return None
+        size = len(encoded.encode("utf-8"))
         if size > lim.max_parameters_bytes:
             issues.error(
                 field_path,
@@ -702,7 +707,9 @@ class PlanValidator:
                 f"is {size} bytes as JSON; the limit is {lim.max_parameters_bytes}",
             )
             return None
-        return value
+        # A private deep copy: the plan must not change when the caller's input does.
+        copied: dict[str, JsonValue] = json.loads(encoded)
+        return copied
 
     # -- across tasks ------------------------------------------------------------------
 
@@ -721,6 +728,9 @@ class PlanValidator:
             else:
                 first_index[draft.task_id] = draft.index
 
+        invalid_ids = {
+            d.raw_task_id for d in drafts if d.task_id is None and d.raw_task_id is not None
+        }
         # The graph holds the first task of each id and only edges to known tasks, so the
         # cycle and depth checks below still run when other problems exist.
         nodes: list[str] = []
@@ -738,6 +748,8 @@ class PlanValidator:
                     issues.error(
                         item_path, IssueCode.SELF_DEPENDENCY, "a task cannot depend on itself"
                     )
+                elif dep in invalid_ids:
+                    pass  # that task's id is reported already; don't pile on
                 elif dep not in first_index:
                     issues.error(
                         item_path,
