@@ -10,6 +10,7 @@ import pytest
 
 from orchestrator_dynamic.domain.plan import Plan, TaskSpec
 from orchestrator_dynamic.domain.scheduler import (
+    Assignment,
     CapacityLedger,
     PlanGraph,
     PlanStatus,
@@ -18,6 +19,8 @@ from orchestrator_dynamic.domain.scheduler import (
     TicketState,
     TicketStatus,
     WorkerCandidate,
+    assign_round,
+    capability_groups,
     choose_worker,
     decide,
 )
@@ -495,3 +498,56 @@ def test_ledger_promises_capacity_across_one_round() -> None:
     ledger.release("B")
     ledger.release("B")  # releasing more than promised never goes negative
     assert ledger.promised("B") == 0
+
+
+CAPS_PLAN = Plan(
+    tasks=(
+        TaskSpec("p1", "echo", required_capabilities=("python",)),
+        TaskSpec("g1", "echo", required_capabilities=("gpu", "python")),
+        TaskSpec("p2", "echo", required_capabilities=("python",)),
+        TaskSpec("any", "echo"),
+        TaskSpec("g2", "echo", required_capabilities=("python", "gpu")),
+        TaskSpec("p3", "echo", required_capabilities=("python",)),
+    )
+)
+
+
+def test_capability_groups_share_one_discovery_per_set() -> None:
+    graph = PlanGraph(CAPS_PLAN)
+
+    groups = capability_groups(graph, ["p1", "g1", "p2", "any", "g2"])
+
+    assert groups == {
+        frozenset({"python"}): ["p1", "p2"],
+        frozenset({"python", "gpu"}): ["g1", "g2"],
+        frozenset(): ["any"],
+    }
+
+
+def test_assign_round_fills_workers_in_rank_order_and_leaves_the_rest_waiting() -> None:
+    graph = PlanGraph(CAPS_PLAN)
+    py = frozenset({"python"})
+    both = frozenset({"python", "gpu"})
+    big = WorkerCandidate("big", spare_capacity=2)
+    gpu = WorkerCandidate("gpu", spare_capacity=1)
+    candidates = {py: [big, gpu], both: [gpu], frozenset(): [big, gpu]}
+    ledger = CapacityLedger()
+
+    result = assign_round(graph, ["g1", "p1", "p2", "p3", "g2", "any"], candidates, ledger)
+
+    assert result.assignments == (
+        Assignment("g1", "gpu"),
+        Assignment("p1", "big"),
+        Assignment("p2", "big"),
+    )
+    assert result.unassigned == ("p3", "g2", "any")
+    assert (ledger.promised("big"), ledger.promised("gpu")) == (2, 1)
+
+
+def test_assign_round_without_candidates_assigns_nothing() -> None:
+    graph = PlanGraph(CAPS_PLAN)
+
+    result = assign_round(graph, ["p1", "g1"], {}, CapacityLedger())
+
+    assert result.assignments == ()
+    assert result.unassigned == ("p1", "g1")

@@ -339,6 +339,49 @@ class CapacityLedger:
             self._promised.pop(worker_id, None)
 
 
+def capability_groups(graph: PlanGraph, task_ids: Sequence[str]) -> dict[frozenset[str], list[str]]:
+    """Ready tasks grouped by required capability set (order kept), so one DiscoverWorkers
+    call serves every task of a group."""
+    groups: dict[frozenset[str], list[str]] = {}
+    for task_id in task_ids:
+        groups.setdefault(frozenset(graph.required_capabilities[task_id]), []).append(task_id)
+    return groups
+
+
+@dataclass(frozen=True, slots=True)
+class Assignment:
+    task_id: str
+    worker_id: str
+
+
+@dataclass(frozen=True, slots=True)
+class AssignmentRound:
+    assignments: tuple[Assignment, ...]
+    # Ready tasks no candidate had room for: they wait for capacity or a new worker.
+    unassigned: tuple[str, ...]
+
+
+def assign_round(
+    graph: PlanGraph,
+    ready: Sequence[str],
+    candidates: Mapping[frozenset[str], Sequence[WorkerCandidate]],
+    ledger: CapacityLedger,
+) -> AssignmentRound:
+    """Match ready tasks (in dispatch order) to workers: for each, the best-ranked candidate
+    for its capability set that still has room after this round's promises. The ledger may
+    be shared across plans so one round never overfills a worker."""
+    assignments: list[Assignment] = []
+    unassigned: list[str] = []
+    for task_id in ready:
+        needed = frozenset(graph.required_capabilities[task_id])
+        chosen = ledger.choose(candidates.get(needed, ()))
+        if chosen is None:
+            unassigned.append(task_id)
+        else:
+            assignments.append(Assignment(task_id, chosen.worker_id))
+    return AssignmentRound(tuple(assignments), tuple(unassigned))
+
+
 # -- explain -------------------------------------------------------------------------------
 
 
