@@ -55,7 +55,7 @@ def _bearer(authorization: str | None) -> str | None:
     return parts[1]
 
 
-def _parse_statuses(values: list[str]) -> list[WorkerStatus]:
+def _parse_statuses(values: list[str]) -> tuple[list[WorkerStatus], list[FieldViolation]]:
     statuses, violations = [], []
     for i, value in enumerate(values):
         try:
@@ -64,12 +64,10 @@ def _parse_statuses(values: list[str]) -> list[WorkerStatus]:
             violations.append(
                 FieldViolation(f"query.status[{i}]", "must be HEALTHY, UNHEALTHY or DRAINING")
             )
-    if violations:
-        raise InvalidArgument("invalid list request", violations=violations)
-    return statuses
+    return statuses, violations
 
 
-def _parse_labels(values: list[str]) -> dict[str, str]:
+def _parse_labels(values: list[str]) -> tuple[dict[str, str], list[FieldViolation]]:
     labels, violations = {}, []
     for i, value in enumerate(values):
         key, sep, label_value = value.partition("=")
@@ -77,9 +75,7 @@ def _parse_labels(values: list[str]) -> dict[str, str]:
             violations.append(FieldViolation(f"query.label[{i}]", "must be key=value"))
         else:
             labels[key] = label_value
-    if violations:
-        raise InvalidArgument("invalid list request", violations=violations)
-    return labels
+    return labels, violations
 
 
 def build_router(*, service: RegistryService, authorizer: Authorizer, limits: Limits) -> APIRouter:
@@ -98,14 +94,20 @@ def build_router(*, service: RegistryService, authorizer: Authorizer, limits: Li
         page_token: str = "",
     ) -> dict[str, Any]:
         authorizer.authorize(_bearer(authorization), service_only, "listing workers")
+        statuses, status_violations = _parse_statuses(status or [])
+        labels, label_violations = _parse_labels(label or [])
+        if status_violations or label_violations:
+            raise InvalidArgument(
+                "invalid list request", violations=status_violations + label_violations
+            )
         query = validate_list(
             namespace=namespace,
-            statuses=_parse_statuses(status or []),
+            statuses=statuses,
             capability=capability,
             page_size=page_size,
             page_token=page_token,
             limits=limits,
-            label_selector=_parse_labels(label or []),
+            label_selector=labels,
         )
         page = await service.list_workers(query)
         return {
