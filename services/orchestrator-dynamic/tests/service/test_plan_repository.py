@@ -590,6 +590,28 @@ async def test_progress_writes_need_the_current_lease(
     assert await repo.update_tickets(new, observation) == ["build"]
 
 
+async def test_concurrent_owner_writes_to_one_plan_do_not_conflict(
+    repo: PlanRepository, clock: FakeClock
+) -> None:
+    lease = await owned(repo)
+
+    await asyncio.gather(
+        *(
+            write
+            for v in range(1, 11)
+            for write in (
+                repo.update_tickets(lease, [TicketState("build", "tk", S.RUNNING, version=v)]),
+                repo.set_status(lease, status=PlanStatus.RUNNING),
+                repo.save_watch_cursor(lease, f"c{v}"),
+            )
+        )
+    )
+
+    stored = await repo.get("plan-1")
+    assert stored.ticket_states()["build"].version == 10
+    assert stored.summary.status is PlanStatus.RUNNING
+
+
 async def test_status_lifecycle_and_first_terminal_status_wins(
     repo: PlanRepository, clock: FakeClock
 ) -> None:

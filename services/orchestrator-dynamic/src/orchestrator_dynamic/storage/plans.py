@@ -6,8 +6,8 @@ run an NTP-synchronised clock and lease TTLs must be far longer than any skew (t
 seconds against milliseconds); the epoch check, not the clock, is what keeps a stale owner
 from writing (see ``orchestrator_dynamic.domain.records``).
 
-A lease-fenced write first takes a share lock on the plan row and checks owner and epoch in
-the same transaction; a concurrent claim (an UPDATE of that row) therefore waits for the write
+A lease-fenced write first locks the plan row and checks owner and epoch in the same
+transaction; a concurrent claim (an UPDATE of that row) therefore waits for the write
 to commit, or the write sees the new epoch and raises ``PlanOwnershipLost``. A lease that has
 expired but was not claimed by anyone else still fences correctly and may keep writing.
 """
@@ -151,8 +151,10 @@ UPDATE plan_tasks t
 RETURNING t.task_id
 """
 
+# FOR NO KEY UPDATE, not FOR SHARE: the fenced transactions go on to update the plan row,
+# and two share locks upgrading at once would deadlock.
 _FENCE = """
-SELECT owner_id, owner_epoch FROM plans WHERE plan_id = %(plan_id)s FOR SHARE
+SELECT owner_id, owner_epoch FROM plans WHERE plan_id = %(plan_id)s FOR NO KEY UPDATE
 """
 
 _SET_STATUS = """
