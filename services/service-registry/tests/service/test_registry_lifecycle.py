@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -273,3 +274,38 @@ async def test_invalid_heartbeat(
         )
     assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert [v.field for v in from_rpc_error(exc.value).violations] == [field]
+
+
+async def test_two_replicas_sweep_each_worker_once(start_registry: StartRegistry) -> None:
+    first = await start_registry()
+    second = await start_registry()
+    watch = await first.open_watch()
+    for i in range(6):
+        await first.register(f"w{i}")
+    first.clock.advance(61)
+    a, b = await asyncio.gather(first.sweep(), second.sweep())
+    expired = sorted(w.name for w in a.expired + b.expired)
+    assert expired == [f"w{i}" for i in range(6)]
+    events = await first.next_events(watch, 12)
+    assert sorted(events[6:]) == [("WORKER_EVENT_TYPE_EXPIRED", f"w{i}") for i in range(6)]
+    # Nothing more: no worker was expired twice.
+    third = await second.register("late")
+    assert await first.next_events(watch, 1) == [("WORKER_EVENT_TYPE_REGISTERED", "late")]
+    assert third.worker.worker_id
+    watch.cancel()
+
+
+async def test_concurrent_registrations_of_one_name_agree(start_registry: StartRegistry) -> None:
+    first = await start_registry()
+    second = await start_registry()
+    watch = await first.open_watch()
+    responses = await asyncio.gather(
+        *(replica.register("same") for replica in (first, second, first, second))
+    )
+    assert len({r.worker.worker_id for r in responses}) == 1
+    events = await first.next_events(watch, 4)
+    assert (
+        sorted(events)
+        == [("WORKER_EVENT_TYPE_REGISTERED", "same")] + [("WORKER_EVENT_TYPE_UPDATED", "same")] * 3
+    )
+    watch.cancel()
