@@ -96,7 +96,7 @@ def make_plan(plan_id: str = "plan-1", *, name: str = "release", cmd: str = "mak
 
 async def create(repo: PlanRepository, plan_id: str = "plan-1", **kw: Any) -> Plan:
     plan = make_plan(plan_id, **kw)
-    await repo.create(plan, body_hash=plan_body_hash(plan))
+    await repo.create(plan)  # hash computed by default
     return plan
 
 

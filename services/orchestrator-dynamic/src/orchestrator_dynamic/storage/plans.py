@@ -38,7 +38,7 @@ from hive_common.errors import (
     NotFound,
     Unavailable,
 )
-from orchestrator_dynamic.domain.plan import Plan
+from orchestrator_dynamic.domain.plan import Plan, plan_body_hash
 from orchestrator_dynamic.domain.records import (
     PlanLease,
     PlanOwnershipLost,
@@ -285,17 +285,20 @@ class PlanRepository:
 
     # -- plans -------------------------------------------------------------------------
 
-    async def create(self, plan: Plan, *, body_hash: str) -> tuple[StoredPlan, bool]:
+    async def create(self, plan: Plan, *, body_hash: str | None = None) -> tuple[StoredPlan, bool]:
         """Store a new plan (``plan.plan_id`` must be set) with one PENDING row per task.
 
-        Idempotent: if the plan id exists with the same ``body_hash`` the stored plan is
-        returned with ``created=False``; with a different hash it is ``AlreadyExists``.
+        Idempotent: if the plan id exists with the same ``body_hash`` (default:
+        ``plan_body_hash(plan)``) the stored plan is returned with ``created=False``; with a
+        different hash it is ``AlreadyExists`` and nothing changes.
         """
         if plan.plan_id is None:
             raise InvalidArgument(
                 "a plan needs a plan_id to be stored",
                 violations=[FieldViolation("$.plan_id", "is required")],
             )
+        if body_hash is None:
+            body_hash = plan_body_hash(plan)
         now = self._clock()
         async with self._transaction() as conn:
             cur = await conn.execute(
