@@ -506,6 +506,8 @@ def explain(
     if state.status is TicketStatus.PENDING:
         reasons.extend(_pending_reasons(graph, states, state, decision, workers, now))
 
+    if not reasons:  # pragma: no cover - every state above yields a reason; never index []
+        reasons.append(Reason(ReasonCode.READY, f"{state.status.value.lower()}"))
     max_attempts = graph.max_retries[task_id] + 1
     return Explanation(
         task_id=task_id,
