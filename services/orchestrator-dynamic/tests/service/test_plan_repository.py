@@ -13,7 +13,7 @@ import pytest
 
 from hive_common.errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
 from hive_common.migrations import apply_migrations
-from orchestrator_dynamic.domain.plan import Plan, plan_body_hash
+from orchestrator_dynamic.domain.plan import Plan, Priority, plan_body_hash
 from orchestrator_dynamic.domain.records import PlanLease, PlanOwnershipLost
 from orchestrator_dynamic.domain.scheduler import PlanStatus, TicketState, TicketStatus
 from orchestrator_dynamic.domain.validation import PlanValidator, ValidPlan
@@ -142,6 +142,7 @@ async def test_create_stores_plan_and_one_pending_row_per_task(
         "release",
         PlanStatus.PENDING,
     )
+    assert (s.priority, s.task_count) == (Priority.HIGH, 3)
     assert s.created_at == s.updated_at == clock.now
     assert (s.completed_at, s.settled_at, s.cancel_requested_at, s.owner_id) == (None,) * 4
     assert s.counts == {

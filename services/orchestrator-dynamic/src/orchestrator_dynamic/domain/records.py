@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from datetime import datetime
 
 from hive_common.errors import FailedPrecondition
-from orchestrator_dynamic.domain.plan import Plan
+from orchestrator_dynamic.domain.plan import Plan, Priority
 from orchestrator_dynamic.domain.scheduler import PlanStatus, TicketState
 
 
@@ -38,6 +38,8 @@ class PlanSummary:
     plan_id: str
     intent_id: str
     name: str
+    priority: Priority
+    task_count: int
     status: PlanStatus
     error_message: str | None
     # Ticket count per status name, every status present.

@@ -38,7 +38,7 @@ from hive_common.errors import (
     NotFound,
     Unavailable,
 )
-from orchestrator_dynamic.domain.plan import Plan, plan_body_hash
+from orchestrator_dynamic.domain.plan import Plan, Priority, plan_body_hash
 from orchestrator_dynamic.domain.records import (
     PlanLease,
     PlanOwnershipLost,
@@ -77,7 +77,8 @@ def _utc_now() -> datetime:
 
 
 _SUMMARY_COLUMNS = """
-    p.plan_id, p.intent_id, p.name, p.status, p.error_message, p.created_at, p.updated_at,
+    p.plan_id, p.intent_id, p.name, p.priority, p.task_count, p.status, p.error_message,
+    p.created_at, p.updated_at,
     p.completed_at, p.settled_at, p.cancel_requested_at, p.owner_id, p.owner_lease_expires_at,
     COALESCE(
         (SELECT jsonb_object_agg(s.status, s.n)
@@ -601,6 +602,8 @@ def _summary(row: Mapping[str, Any]) -> PlanSummary:
         plan_id=row["plan_id"],
         intent_id=row["intent_id"],
         name=row["name"],
+        priority=Priority(row["priority"]),
+        task_count=row["task_count"],
         status=PlanStatus(row["status"]),
         error_message=row["error_message"],
         counts=counts,
