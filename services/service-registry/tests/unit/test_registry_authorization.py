@@ -1,0 +1,91 @@
+"""Authorizer: which token kinds and secrets each rule accepts (no I/O)."""
+
+from __future__ import annotations
+
+import pytest
+
+from hive_common.auth import TokenIssuer, TokenKind, TokenVerifier
+from hive_common.errors import PermissionDenied, Unauthenticated
+from service_registry.transport.authorization import Authorizer
+from service_registry.transport.grpc.auth import RULES
+
+SECRET = "unit-test-jwt-secret-0123456789abcdef0123"
+ISSUER = TokenIssuer(secret=SECRET, issuer="tests")
+
+
+def authorizer(registration_secret: str | None = "bootstrap-secret") -> Authorizer:
+    return Authorizer(
+        verifier=TokenVerifier(secret=SECRET), registration_secret=registration_secret
+    )
+
+
+def token(kind: str) -> str:
+    if kind == "service":
+        return ISSUER.issue_service_token(service="orchestrator", ttl_seconds=60)[0]
+    if kind == "worker":
+        return ISSUER.issue_worker_token(worker_id="w-1", ttl_seconds=60)[0]
+    return ISSUER.issue_ticket_token(
+        worker_id="w-1", ticket_id="t", plan_id="p", attempt=0, ttl_seconds=60
+    )[0]
+
+
+# (rpc, token kind) -> allowed?
+MATRIX = [
+    ("Register", "service", True),
+    ("Register", "worker", False),
+    ("Register", "ticket", False),
+    ("Heartbeat", "worker", True),
+    ("Heartbeat", "service", False),
+    ("Heartbeat", "ticket", False),
+    ("Deregister", "worker", True),
+    ("Deregister", "service", False),
+    ("DiscoverWorkers", "service", True),
+    ("DiscoverWorkers", "worker", False),
+    ("ListWorkers", "service", True),
+    ("ListWorkers", "ticket", False),
+    ("WatchWorkers", "service", True),
+    ("WatchWorkers", "worker", False),
+    ("GetWorker", "service", True),
+    ("GetWorker", "worker", True),
+    ("GetWorker", "ticket", True),
+]
+
+
+@pytest.mark.parametrize(("rpc", "kind", "allowed"), MATRIX)
+def test_token_kinds_per_rpc(rpc: str, kind: str, allowed: bool) -> None:
+    if allowed:
+        claims = authorizer().authorize(token(kind), RULES[rpc], rpc)
+        assert claims is not None
+        assert claims.kind is TokenKind(kind)
+    else:
+        with pytest.raises(PermissionDenied):
+            authorizer().authorize(token(kind), RULES[rpc], rpc)
+
+
+def test_every_rpc_has_a_rule() -> None:
+    assert set(RULES) == {
+        "Register",
+        "Heartbeat",
+        "Deregister",
+        "DiscoverWorkers",
+        "GetWorker",
+        "ListWorkers",
+        "WatchWorkers",
+    }
+
+
+def test_registration_secret_only_opens_register() -> None:
+    assert authorizer().authorize("bootstrap-secret", RULES["Register"], "Register") is None
+    for rpc in RULES:
+        if rpc != "Register":
+            with pytest.raises(Unauthenticated):
+                authorizer().authorize("bootstrap-secret", RULES[rpc], rpc)
+    with pytest.raises(Unauthenticated):
+        authorizer().authorize("bootstrap-secreT", RULES["Register"], "Register")
+    with pytest.raises(Unauthenticated):
+        authorizer(None).authorize("bootstrap-secret", RULES["Register"], "Register")
+
+
+def test_missing_token_is_unauthenticated() -> None:
+    with pytest.raises(Unauthenticated):
+        authorizer().authorize(None, RULES["GetWorker"], "GetWorker")
