@@ -222,6 +222,21 @@ ERROR_CASES: list[tuple[str, object, set[tuple[str, IssueCode]]]] = [
     ),
     ("NUL in name", plan(task("a"), name="a\x00b"), {("$.name", E.INVALID_VALUE)}),
     (
+        "intent_id with surrounding whitespace",
+        plan(task("a"), intent_id=" i "),
+        {("$.intent_id", E.INVALID_VALUE)},
+    ),
+    (
+        "intent_id with a control character",
+        plan(task("a"), intent_id="i\n2"),
+        {("$.intent_id", E.INVALID_VALUE)},
+    ),
+    (
+        "integer parameter beyond 2^53",
+        plan(task("a", parameters={"big": 2**53 + 1, "ok": -(2**53), "f": 1e300})),
+        {("$.tasks[0].parameters.big", E.INVALID_VALUE)},
+    ),
+    (
         "NUL in description",
         plan(task("a", description="\x00")),
         {("$.tasks[0].description", E.INVALID_VALUE)},
@@ -282,6 +297,16 @@ LIMIT_CASES: list[tuple[str, object, set[tuple[str, IssueCode]]]] = [
     (
         "parameters too large",
         plan(task("a", parameters={"cmd": "x" * 30})),
+        {("$.tasks[0].parameters", E.LIMIT_EXCEEDED)},
+    ),
+    (
+        "parameters measured with non-ASCII escaped",
+        plan(task("a", parameters={"c": "é" * 3})),  # {"c":"\u00e9..."}: 26 bytes
+        {("$.tasks[0].parameters", E.LIMIT_EXCEEDED)},
+    ),
+    (
+        "parameters measured with integers as doubles",
+        plan(task("a", parameters={"n": [1, 2, 3, 4]})),  # {"n":[1.0,2.0,3.0,4.0]}: 23 bytes
         {("$.tasks[0].parameters", E.LIMIT_EXCEEDED)},
     ),
     (
@@ -354,6 +379,13 @@ def test_each_limit_reports_exactly_its_problem(
 
     assert isinstance(result, InvalidPlan)
     assert issues_of(result) == expected
+
+
+def test_capabilities_may_use_plus_like_the_registry() -> None:
+    result = PlanValidator().validate(plan(task("a", required_capabilities=["c++", "gpu:a100"])))
+
+    assert isinstance(result, ValidPlan)
+    assert result.plan.tasks[0].required_capabilities == ("c++", "gpu:a100")
 
 
 def test_limits_admit_values_at_the_limit() -> None:

@@ -34,7 +34,9 @@ from orchestrator_dynamic.domain.plan import JsonValue, Plan, Priority, TaskSpec
 
 ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]*")
 TASK_TYPE_PATTERN = re.compile(r"[A-Za-z][A-Za-z0-9._-]*")
-CAPABILITY_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/-]*")
+CAPABILITY_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/+-]*")
+# Ticket parameters travel as protobuf Struct, whose numbers are doubles.
+_MAX_EXACT_INTEGER = 2**53
 # PostgreSQL text and jsonb cannot hold U+0000.
 _NUL_MESSAGE = "must not contain NUL (U+0000) characters"
 _PLAIN_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -103,16 +105,18 @@ class PlanLimits:
     max_tasks: int = 10_000
     # Tasks on the longest dependency chain (a task without dependencies has depth 1).
     max_dag_depth: int = 256
-    # Canonical JSON encoding of one task's parameters, in bytes.
+    # One task's parameters as JSON the way the ticket service measures them after the
+    # protobuf Struct round trip: numbers as doubles, non-ASCII escaped (never smaller than
+    # the UTF-8 form). Keep it at most the ticket service's limit.
     max_parameters_bytes: int = 64 * 1024
     max_parameters_nesting: int = 32
     max_id_length: int = 128
     max_name_length: int = 256
-    max_description_length: int = 4096
+    max_description_length: int = 4000
     max_task_type_length: int = 64
     max_capability_length: int = 64
     max_capabilities_per_task: int = 32
-    max_dependencies_per_task: int = 1000
+    max_dependencies_per_task: int = 200
     max_timeout_seconds: int = 7 * 24 * 3600
     max_retries: int = 20
     default_max_retries: int = 0
@@ -175,6 +179,17 @@ def json_type_name(value: object) -> str:
     if isinstance(value, dict):
         return "object"
     return f"non-JSON value ({type(value).__name__})"
+
+
+def _as_doubles(value: object) -> object:
+    """``value`` with every integer as a float (called only on walked, bounded-depth data)."""
+    if isinstance(value, dict):
+        return {k: _as_doubles(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_as_doubles(v) for v in value]
+    if isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    return value
 
 
 def child(path: str, key: str | int) -> str:
@@ -306,6 +321,15 @@ class PlanValidator:
 
         plan_id = self._optional_id(body, "plan_id", "$", issues)
         intent_id = self._optional_string(body, "intent_id", "$", lim.max_id_length, issues)
+        if intent_id is not None and (
+            intent_id != intent_id.strip() or any(ord(c) < 32 or ord(c) == 127 for c in intent_id)
+        ):
+            issues.error(
+                "$.intent_id",
+                IssueCode.INVALID_VALUE,
+                "must not contain control characters or surrounding whitespace",
+            )
+            intent_id = None
         name = self._optional_string(body, "name", "$", lim.max_name_length, issues)
         priority = self._priority(body, issues)
         drafts = self._tasks(body, issues)
@@ -594,7 +618,7 @@ class PlanValidator:
                     item_path,
                     IssueCode.INVALID_VALUE,
                     f"{_shorten(repr(capability))} is not a valid capability: use letters, "
-                    "digits and . _ : / -, starting with a letter or digit",
+                    "digits and . _ : / + -, starting with a letter or digit",
                 )
             else:
                 capabilities.append((i, capability))
@@ -686,6 +710,17 @@ class PlanValidator:
                 issues.error(node_path, IssueCode.INVALID_VALUE, _NUL_MESSAGE)
             elif isinstance(node, float) and not math.isfinite(node):
                 issues.error(node_path, IssueCode.INVALID_VALUE, f"{node} is not a JSON number")
+            elif (
+                isinstance(node, int)
+                and not isinstance(node, bool)
+                and abs(node) > _MAX_EXACT_INTEGER
+            ):
+                issues.error(
+                    node_path,
+                    IssueCode.INVALID_VALUE,
+                    "integers beyond ±2^53 cannot be passed on exactly (JSON numbers travel as "
+                    "doubles); send it as a string",
+                )
             elif node is not None and not isinstance(node, str | int | float | bool):
                 issues.error(
                     node_path,
@@ -699,7 +734,7 @@ class PlanValidator:
         except (ValueError, TypeError, RecursionError):  # pragma: no cover - walked above
             issues.error(field_path, IssueCode.INVALID_VALUE, "is not serialisable as JSON")
             return None
-        size = len(encoded.encode("utf-8"))
+        size = len(json.dumps(_as_doubles(value), separators=(",", ":")))
         if size > lim.max_parameters_bytes:
             issues.error(
                 field_path,
