@@ -53,7 +53,6 @@ Connection: TypeAlias = AsyncConnection[DictRow]
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
-_TERMINAL_PLAN = [s.value for s in PlanStatus if s.terminal]
 
 
 def open_pool(
