@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime, timedelta
 
 import pytest
@@ -23,6 +23,7 @@ from orchestrator_dynamic.domain.scheduler import (
     capability_groups,
     choose_worker,
     decide,
+    merge_observation,
 )
 
 NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
@@ -551,3 +552,68 @@ def test_assign_round_without_candidates_assigns_nothing() -> None:
 
     assert result.assignments == ()
     assert result.unassigned == ("p1", "g1")
+
+
+BACKOFF_END = NOW + timedelta(seconds=9)
+KNOWN = TicketState(
+    "a", "tk", S.PENDING, attempt=2, version=4, backoff_until=BACKOFF_END, backoff_attempt=2
+)
+MERGES: list[tuple[str, TicketState, TicketState, TicketState | None]] = [
+    (
+        "newer version wins, backoff kept",
+        KNOWN,
+        TicketState("a", "tk", S.ASSIGNED, attempt=2, worker_id="w", version=5),
+        TicketState(
+            "a",
+            "tk",
+            S.ASSIGNED,
+            attempt=2,
+            worker_id="w",
+            version=5,
+            backoff_until=BACKOFF_END,
+            backoff_attempt=2,
+        ),
+    ),
+    (
+        "same version is not newer",
+        KNOWN,
+        replace(KNOWN, status=S.RUNNING, backoff_until=None),
+        None,
+    ),
+    ("older version is ignored", KNOWN, TicketState("a", "tk", S.RUNNING, version=3), None),
+    (
+        "first observation with a ticket id is taken even at version 0",
+        TicketState("a"),
+        TicketState("a", "tk", S.PENDING, version=0),
+        TicketState("a", "tk", S.PENDING, version=0),
+    ),
+    (
+        "a newer observation without a ticket id keeps the known id",
+        KNOWN,
+        TicketState("a", None, S.RUNNING, attempt=2, version=6),
+        replace(KNOWN, status=S.RUNNING, version=6),
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("current", "observed", "merged"),
+    [(c, o, m) for _, c, o, m in MERGES],
+    ids=[n for n, *_ in MERGES],
+)
+def test_merge_observation(
+    current: TicketState, observed: TicketState, merged: TicketState | None
+) -> None:
+    assert merge_observation(current, observed) == merged
+
+
+def test_merged_requeue_starts_a_new_backoff() -> None:
+    requeued = merge_observation(KNOWN, TicketState("a", "tk", S.PENDING, attempt=3, version=9))
+    assert requeued is not None
+    graph = PlanGraph(make_plan({"a": ()}))
+    policy = SchedulingPolicy(backoff=RetryBackoff(base_seconds=1, jitter=lambda: 1.0))
+
+    decision = decide(graph, {"a": requeued}, now=NOW, policy=policy)
+
+    assert requeued.backoff_end() is None  # the stored backoff belonged to attempt 2
+    assert decision.start_backoff == {"a": NOW + timedelta(seconds=2)}

@@ -91,6 +91,23 @@ class TicketState:
         return None
 
 
+def merge_observation(current: TicketState, observed: TicketState) -> TicketState | None:
+    """Fold a ticket observation (a WatchTickets event or a ListTickets resync) into what is
+    known. Returns the new state, or None when the observation is not newer (the same rule
+    ``PlanRepository.update_tickets`` applies): a higher ``version`` wins, and the first
+    observation carrying a ticket id is always taken. The orchestrator's own backoff fields
+    are kept; they only count for the attempt they were computed for."""
+    first_ticket = current.ticket_id is None and observed.ticket_id is not None
+    if observed.version <= current.version and not first_ticket:
+        return None
+    return replace(
+        observed,
+        ticket_id=observed.ticket_id or current.ticket_id,
+        backoff_until=current.backoff_until,
+        backoff_attempt=current.backoff_attempt,
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class RetryBackoff:
     """Exponential backoff with full jitter: the wait before attempt ``n`` (n >= 2) is
