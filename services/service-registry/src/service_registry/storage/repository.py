@@ -62,6 +62,14 @@ _UPDATE = sql.SQL(
     "WHERE worker_id = %(worker_id)s"
 )
 
+# Heartbeats are the hot path: touch only what a heartbeat can change.
+_HEARTBEAT_UPDATE = sql.SQL(
+    "UPDATE workers SET in_flight = %(in_flight)s, draining = %(draining)s, "
+    "marked_unhealthy = %(marked_unhealthy)s, last_heartbeat_at = %(last_heartbeat_at)s, "
+    "succeeded_total = %(succeeded_total)s, failed_total = %(failed_total)s, "
+    "success_rate = %(success_rate)s, rank_key = %(rank_key)s WHERE worker_id = %(worker_id)s"
+)
+
 
 @dataclass(frozen=True, slots=True)
 class SweepResult:
@@ -267,7 +275,7 @@ class WorkerRepository:
                 expired = True
             else:
                 transition = lifecycle.heartbeat(existing, update, now=now, policy=self._policy)
-                await conn.execute(_UPDATE, _params(transition.worker, self._ranker))
+                await conn.execute(_HEARTBEAT_UPDATE, _params(transition.worker, self._ranker))
                 await self._insert_events(conn, transition.events)
         if expired:
             raise NotFound(
