@@ -1,0 +1,263 @@
+"""Machinery shared by the typed clients: unary calls under a retry policy with an
+overall deadline, and server streams that reconnect after transient failures."""
+
+from __future__ import annotations
+
+import asyncio
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+import grpc
+
+from hive_common.errors import DeadlineExceeded, HiveError
+from hive_common.logging import get_logger
+from hive_common.retry import call_with_policy, is_retryable, retry_policy
+
+RequestT = TypeVar("RequestT")
+ResponseT = TypeVar("ResponseT")
+ItemT = TypeVar("ItemT")
+
+Metadata = Sequence[tuple[str, str]]
+Sleep = Callable[[float], Awaitable[None]]
+
+_log = get_logger("hive_common.clients")
+
+
+@dataclass(frozen=True, slots=True)
+class CallPolicy:
+    """Deadlines and retries of a client's unary calls.
+
+    ``timeout_seconds`` bounds one attempt; ``deadline_seconds`` bounds the whole call,
+    retries included (no attempt outlives it). Retries back off exponentially with full
+    jitter between ``initial_backoff_seconds`` and ``max_backoff_seconds``.
+    """
+
+    timeout_seconds: float = 10.0
+    deadline_seconds: float = 30.0
+    initial_backoff_seconds: float = 0.1
+    max_backoff_seconds: float = 2.0
+
+    def __post_init__(self) -> None:
+        if self.timeout_seconds <= 0 or self.deadline_seconds <= 0:
+            raise ValueError("timeout_seconds and deadline_seconds must be positive")
+        if not 0 < self.initial_backoff_seconds <= self.max_backoff_seconds:
+            raise ValueError("need 0 < initial_backoff_seconds <= max_backoff_seconds")
+
+
+@dataclass(frozen=True, slots=True)
+class ReconnectPolicy:
+    """How a watch stream reconnects after a transient failure.
+
+    Waits grow exponentially (full jitter) up to ``max_backoff_seconds`` and start over
+    once a connection delivers something. ``give_up_after_seconds`` (``None``: never)
+    bounds one outage; after it the last error is raised from the iteration.
+    """
+
+    initial_backoff_seconds: float = 0.1
+    max_backoff_seconds: float = 5.0
+    give_up_after_seconds: float | None = None
+
+    def __post_init__(self) -> None:
+        if not 0 < self.initial_backoff_seconds <= self.max_backoff_seconds:
+            raise ValueError("need 0 < initial_backoff_seconds <= max_backoff_seconds")
+        if self.give_up_after_seconds is not None and self.give_up_after_seconds <= 0:
+            raise ValueError("give_up_after_seconds must be positive or None")
+
+    def backoff(self, failures: int) -> float:
+        """The wait before reconnection number ``failures`` (1-based), with full jitter."""
+        exponent = min(max(failures - 1, 0), 30)  # beyond that the cap applies anyway
+        ceiling = min(self.max_backoff_seconds, self.initial_backoff_seconds * 2**exponent)
+        return random.uniform(0, ceiling)
+
+
+RECONNECT_CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
+    ("grpc.initial_reconnect_backoff_ms", 200),
+    ("grpc.max_reconnect_backoff_ms", 5_000),
+)
+"""Channel options of the clients' own channels: gRPC's default reconnect back-off grows
+to 120 s, which would keep a client away from a service long after it came back."""
+
+
+def bearer_metadata(token: str | None) -> Metadata | None:
+    """``authorization: Bearer <token>`` metadata overriding the channel's token provider."""
+    return (("authorization", f"Bearer {token}"),) if token else None
+
+
+class UnaryInvoker:
+    """Runs unary calls under a :class:`CallPolicy`."""
+
+    def __init__(self, *, policy: CallPolicy, sleep: Sleep = asyncio.sleep) -> None:
+        self.policy = policy
+        self._sleep = sleep
+
+    async def __call__(
+        self,
+        method: grpc.aio.UnaryUnaryMultiCallable[RequestT, ResponseT],
+        request: RequestT,
+        *,
+        idempotent: bool,
+        metadata: Metadata | None = None,
+        attempt_timeout: float | None = None,
+        deadline: float | None = None,
+    ) -> ResponseT:
+        """Call ``method``; retry transient failures when ``idempotent``.
+
+        ``attempt_timeout`` / ``deadline`` override the policy's per-attempt and overall
+        bounds.
+        Errors arrive as :class:`~hive_common.errors.HiveError` (the channel translates).
+        """
+        loop = asyncio.get_running_loop()
+        per_attempt = self.policy.timeout_seconds if attempt_timeout is None else attempt_timeout
+        overall = deadline if deadline is not None else self.policy.deadline_seconds
+        ends_at = loop.time() + overall
+
+        async def attempt() -> ResponseT:
+            remaining = ends_at - loop.time()
+            if remaining <= 0:
+                raise DeadlineExceeded(
+                    f"no time left within the call's {overall:g}s deadline",
+                    details={"deadline_seconds": overall},
+                )
+            response: ResponseT = await method(
+                request, timeout=min(per_attempt, remaining), metadata=metadata
+            )
+            return response
+
+        if not idempotent:
+            return await attempt()
+        policy = retry_policy(
+            deadline_seconds=overall,
+            initial_wait=self.policy.initial_backoff_seconds,
+            max_wait=self.policy.max_backoff_seconds,
+            sleep=self._sleep,
+        )
+        return await call_with_policy(policy, attempt)
+
+
+class ReconnectingStream(Generic[ResponseT, ItemT]):
+    """An async iterator over a server stream that reopens it after transient failures.
+
+    Subclasses say which request to (re)open with and what to yield per response (and
+    remember their resume position there). UNAVAILABLE, DEADLINE_EXCEEDED and a stream
+    the server ends on its own (e.g. at shutdown) cause a reconnect; any other error is
+    raised from the iteration. Close with :meth:`aclose` (or ``async with``).
+    """
+
+    def __init__(
+        self,
+        *,
+        method: grpc.aio.UnaryStreamMultiCallable[Any, ResponseT],
+        metadata: Metadata | None,
+        reconnect: ReconnectPolicy | None,
+        sleep: Sleep = asyncio.sleep,
+    ) -> None:
+        self._method = method
+        self._metadata = metadata
+        self._reconnect = reconnect
+        self._sleep = sleep
+        self._call: grpc.aio.UnaryStreamCall[Any, ResponseT] | None = None
+        self._iterator: AsyncIterator[ResponseT] | None = None
+        self._closed = False
+        self._failures = 0
+        self._outage_started: float | None = None
+        self.connections = 0
+        """How many times the stream was opened (1 + reconnections)."""
+
+    def _request(self) -> Any:
+        raise NotImplementedError
+
+    def _accept(self, response: ResponseT) -> ItemT:
+        raise NotImplementedError
+
+    async def _connected(self, call: grpc.aio.UnaryStreamCall[Any, ResponseT]) -> None:
+        """Hook run right after a stream is opened (before its first message)."""
+
+    def __aiter__(self) -> ReconnectingStream[ResponseT, ItemT]:
+        return self
+
+    async def __aenter__(self) -> ReconnectingStream[ResponseT, ItemT]:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.aclose()
+
+    async def __anext__(self) -> ItemT:
+        while True:
+            if self._closed:
+                raise StopAsyncIteration
+            try:
+                if self._iterator is None:
+                    await self._open()
+                assert self._iterator is not None
+                response = await self._iterator.__anext__()
+            except StopAsyncIteration:
+                if self._reconnect is None:
+                    self._drop()
+                    self._closed = True
+                    raise
+                await self._failed(None)
+                continue
+            except HiveError as exc:
+                if self._reconnect is None or not is_retryable(exc):
+                    self._drop()
+                    raise
+                await self._failed(exc)
+                continue
+            self._failures = 0
+            self._outage_started = None
+            return self._accept(response)
+
+    async def _open(self) -> None:
+        call = self._method(self._request(), metadata=self._metadata)
+        self._call = call
+        self._iterator = call.__aiter__()
+        self.connections += 1
+        await self._connected(call)
+
+    def _drop(self) -> None:
+        if self._call is not None and not self._call.done():
+            self._call.cancel()
+        self._call = None
+        self._iterator = None
+
+    async def _failed(self, error: HiveError | None) -> None:
+        assert self._reconnect is not None
+        self._drop()
+        loop = asyncio.get_running_loop()
+        now = loop.time()
+        if self._outage_started is None:
+            self._outage_started = now
+        limit = self._reconnect.give_up_after_seconds
+        if limit is not None and now - self._outage_started >= limit:
+            self._closed = True
+            if error is not None:
+                raise error
+            raise StopAsyncIteration
+        self._failures += 1
+        wait = self._reconnect.backoff(self._failures)
+        _log.info(
+            "watch stream lost; reconnecting",
+            stream=type(self).__name__,
+            error=repr(error) if error else "stream ended",
+            attempt=self._failures,
+            sleep_seconds=round(wait, 3),
+        )
+        await self._sleep(wait)
+
+    async def aclose(self) -> None:
+        """Stop the stream (cancels the open call); later iterations end at once."""
+        self._closed = True
+        self._drop()
+
+
+__all__ = [
+    "RECONNECT_CHANNEL_OPTIONS",
+    "CallPolicy",
+    "Metadata",
+    "ReconnectPolicy",
+    "ReconnectingStream",
+    "UnaryInvoker",
+    "bearer_metadata",
+]

@@ -1,0 +1,351 @@
+"""Typed client of ``neuralhive.ticket.v1.TicketService``.
+
+Every TicketService RPC is idempotent by design (creation on ``(plan_id, task_id)``,
+assignment on ``(ticket, worker, attempt)``, status updates by their content), so every
+unary call retries UNAVAILABLE / DEADLINE_EXCEEDED within the client's overall deadline;
+any other failure is raised at once as the matching :class:`~hive_common.errors.HiveError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import Iterable, Mapping
+from typing import Any
+
+import grpc
+from google.protobuf import struct_pb2
+
+from hive_common.clients._calls import (
+    RECONNECT_CHANNEL_OPTIONS,
+    CallPolicy,
+    Metadata,
+    ReconnectingStream,
+    ReconnectPolicy,
+    Sleep,
+    UnaryInvoker,
+    bearer_metadata,
+)
+from hive_common.grpc_client import TokenProvider, create_channel
+from neuralhive.ticket.v1 import ticket_service_pb2 as pb
+from neuralhive.ticket.v1 import ticket_service_pb2_grpc as pb_grpc
+
+
+def to_struct(value: Mapping[str, Any]) -> struct_pb2.Struct:
+    """A ``google.protobuf.Struct`` from a JSON object (``ValueError`` if it is not one)."""
+    struct = struct_pb2.Struct()
+    # A JSON round trip rejects what Struct cannot hold (NaN, non-string keys, objects).
+    struct.update(json.loads(json.dumps(dict(value), allow_nan=False)))
+    return struct
+
+
+class TicketWatch(ReconnectingStream[pb.WatchTicketsResponse, pb.TicketEvent]):
+    """``WatchTickets`` as an async iterator of :class:`TicketEvent` that never misses one.
+
+    After UNAVAILABLE / DEADLINE_EXCEEDED (or a stream the server ends) it reconnects with
+    backoff and resumes after :attr:`cursor`, the cursor of the last event it yielded.
+    Delivery is at least once: an event may repeat around a reconnection, so handle
+    events idempotently (by ``event_id`` or by ticket version).
+
+    A stream that drops before its first event has no cursor to resume from; it then
+    reconnects with ``include_snapshot`` so the current state of every matching
+    non-terminal ticket is delivered again (as SNAPSHOT events), even if the first request
+    did not ask for a snapshot. A ticket that reached a terminal status during such a gap
+    is not reported: the contract gives a new stream no starting cursor.
+    """
+
+    def __init__(
+        self,
+        *,
+        stub: pb_grpc.TicketServiceAsyncStub,
+        plan_id: str,
+        worker_id: str,
+        cursor: str,
+        include_snapshot: bool,
+        metadata: Metadata | None,
+        reconnect: ReconnectPolicy | None,
+        sleep: Sleep = asyncio.sleep,
+    ) -> None:
+        super().__init__(
+            method=stub.WatchTickets, metadata=metadata, reconnect=reconnect, sleep=sleep
+        )
+        self._plan_id = plan_id
+        self._worker_id = worker_id
+        self._include_snapshot = include_snapshot
+        self.cursor = cursor
+        """Resume position: the cursor of the last event yielded (or the initial one)."""
+
+    def _request(self) -> pb.WatchTicketsRequest:
+        snapshot = not self.cursor and (self._include_snapshot or self.connections > 0)
+        return pb.WatchTicketsRequest(
+            plan_id=self._plan_id,
+            worker_id=self._worker_id,
+            cursor=self.cursor,
+            include_snapshot=snapshot,
+        )
+
+    def _accept(self, response: pb.WatchTicketsResponse) -> pb.TicketEvent:
+        event = response.event
+        if event.cursor:
+            self.cursor = event.cursor
+        return event
+
+
+class TicketClient:
+    """One method per TicketService RPC, keyword arguments in, protobuf messages out.
+
+    Build it over a channel from :func:`hive_common.grpc_client.create_channel` (the
+    channel's token provider supplies the bearer token) or with :meth:`connect`. Every
+    method takes ``token=`` to send another bearer token for that one call (a worker
+    reports a ticket's status with that ticket's token), and ``attempt_timeout=`` /
+    ``deadline=`` to override the policy's per-attempt and overall bounds.
+    """
+
+    def __init__(
+        self,
+        *,
+        channel: grpc.aio.Channel,
+        policy: CallPolicy | None = None,
+        reconnect: ReconnectPolicy | None = None,
+        owns_channel: bool = False,
+        sleep: Sleep = asyncio.sleep,
+    ) -> None:
+        self._channel = channel
+        self._stub: pb_grpc.TicketServiceAsyncStub = pb_grpc.TicketServiceStub(channel)
+        self._invoke = UnaryInvoker(policy=policy or CallPolicy(), sleep=sleep)
+        self._reconnect = reconnect or ReconnectPolicy()
+        self._owns_channel = owns_channel
+        self._sleep = sleep
+
+    @classmethod
+    def connect(
+        cls,
+        target: str,
+        *,
+        token_provider: TokenProvider | None = None,
+        policy: CallPolicy | None = None,
+        reconnect: ReconnectPolicy | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+    ) -> TicketClient:
+        """A client with its own channel to ``target`` (closed by :meth:`close`)."""
+        policy = policy or CallPolicy()
+        channel = create_channel(
+            target,
+            token_provider=token_provider,
+            default_timeout=policy.timeout_seconds,
+            credentials=credentials,
+            extra_options=RECONNECT_CHANNEL_OPTIONS,
+        )
+        return cls(channel=channel, policy=policy, reconnect=reconnect, owns_channel=True)
+
+    @property
+    def policy(self) -> CallPolicy:
+        """The deadlines and retries of unary calls."""
+        return self._invoke.policy
+
+    async def close(self) -> None:
+        """Close the channel if this client created it."""
+        if self._owns_channel:
+            await self._channel.close()
+
+    async def __aenter__(self) -> TicketClient:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()
+
+    async def create_ticket(
+        self,
+        *,
+        spec: pb.TicketSpec,
+        token: str | None = None,
+        attempt_timeout: float | None = None,
+        deadline: float | None = None,
+    ) -> pb.CreateTicketResponse:
+        """Create one ticket (idempotent on ``(plan_id, task_id)``); ``created`` says if new."""
+        return await self._invoke(
+            self._stub.CreateTicket,
+            pb.CreateTicketRequest(ticket=spec),
+            idempotent=True,
+            metadata=bearer_metadata(token),
+            attempt_timeout=attempt_timeout,
+            deadline=deadline,
+        )
+
+    async def batch_create_tickets(
+        self,
+        *,
+        specs: Iterable[pb.TicketSpec],
+        token: str | None = None,
+        attempt_timeout: float | None = None,
+        deadline: float | None = None,
+    ) -> pb.BatchCreateTicketsResponse:
+        """Create tickets all-or-nothing; the answer lists them in request order."""
+        return await self._invoke(
+            self._stub.BatchCreateTickets,
+            pb.BatchCreateTicketsRequest(tickets=list(specs)),
+            idempotent=True,
+            metadata=bearer_metadata(token),
+            attempt_timeout=attempt_timeout,
+            deadline=deadline,
+        )
+
+    async def get_ticket(
+        self,
+        *,
+        ticket_id: str,
+        token: str | None = None,
+        attempt_timeout: float | None = None,
+        deadline: float | None = None,
+    ) -> pb.ExecutionTicket:
+        """The ticket ``ticket_id`` (``NotFound`` if there is none)."""
+        response = await self._invoke(
+            self._stub.GetTicket,
+            pb.GetTicketRequest(ticket_id=ticket_id),
+            idempotent=True,
+            metadata=bearer_metadata(token),
+            attempt_timeout=attempt_timeout,
+            deadline=deadline,
+        )
+        return response.ticket
+
+    async def list_tickets(
+        self,
+        *,
+        plan_id: str = "",
+        statuses: Iterable[pb.TicketStatus.ValueType] = (),
+        worker_id: str = "",
+        page_size: int = 0,
+        page_token: str = "",
+        token: str | None = None,
+        attempt_timeout: float | None = None,
+        deadline: float | None = None,
+    ) -> pb.ListTicketsResponse:
+        """One page of tickets; pass ``next_page_token`` back for the next one."""
+        return await self._invoke(
+            self._stub.ListTickets,
+            pb.ListTicketsRequest(
+                plan_id=plan_id,
+                statuses=list(statuses),
+                worker_id=worker_id,
+                page_size=page_size,
+                page_token=page_token,
+            ),
+            idempotent=True,
+            metadata=bearer_metadata(token),
+            attempt_timeout=attempt_timeout,
+            deadline=deadline,
+        )
+
+    async def assign_ticket(
+        self,
+        *,
+        ticket_id: str,
+        worker_id: str,
+        attempt: int,
+        lease_seconds: int = 0,
+        expected_version: int | None = None,
+        token: str | None = None,
+        attempt_timeout: float | None = None,
+        deadline: float | None = None,
+    ) -> pb.ExecutionTicket:
+        """PENDING -> ASSIGNED for ``attempt``; repeating the same assignment is harmless."""
+        request = pb.AssignTicketRequest(
+            ticket_id=ticket_id, worker_id=worker_id, attempt=attempt, lease_seconds=lease_seconds
+        )
+        if expected_version is not None:
+            request.expected_version = expected_version
+        response = await self._invoke(
+            self._stub.AssignTicket,
+            request,
+            idempotent=True,
+            metadata=bearer_metadata(token),
+            attempt_timeout=attempt_timeout,
+            deadline=deadline,
+        )
+        return response.ticket
+
+    async def update_ticket_status(
+        self,
+        *,
+        ticket_id: str,
+        status: pb.TicketStatus.ValueType,
+        attempt: int,
+        result: Mapping[str, Any] | None = None,
+        error_message: str = "",
+        permanent: bool = False,
+        expected_version: int | None = None,
+        token: str | None = None,
+        attempt_timeout: float | None = None,
+        deadline: float | None = None,
+    ) -> pb.ExecutionTicket:
+        """Move the ticket (RUNNING, COMPLETED, FAILED or CANCELLED) for ``attempt``.
+
+        An identical repeat gets the same answer, so retrying is safe. ``result`` must be
+        a JSON object (``ValueError`` otherwise, before anything is sent).
+        """
+        request = pb.UpdateTicketStatusRequest(
+            ticket_id=ticket_id,
+            status=status,
+            attempt=attempt,
+            error_message=error_message,
+            permanent=permanent,
+        )
+        if result is not None:
+            request.result.CopyFrom(to_struct(result))
+        if expected_version is not None:
+            request.expected_version = expected_version
+        response = await self._invoke(
+            self._stub.UpdateTicketStatus,
+            request,
+            idempotent=True,
+            metadata=bearer_metadata(token),
+            attempt_timeout=attempt_timeout,
+            deadline=deadline,
+        )
+        return response.ticket
+
+    async def generate_token(
+        self,
+        *,
+        ticket_id: str,
+        ttl_seconds: int = 0,
+        token: str | None = None,
+        attempt_timeout: float | None = None,
+        deadline: float | None = None,
+    ) -> pb.GenerateTokenResponse:
+        """A token for the ticket's current attempt (``attempt`` says which)."""
+        return await self._invoke(
+            self._stub.GenerateToken,
+            pb.GenerateTokenRequest(ticket_id=ticket_id, ttl_seconds=ttl_seconds),
+            idempotent=True,
+            metadata=bearer_metadata(token),
+            attempt_timeout=attempt_timeout,
+            deadline=deadline,
+        )
+
+    def watch_tickets(
+        self,
+        *,
+        plan_id: str = "",
+        worker_id: str = "",
+        cursor: str = "",
+        include_snapshot: bool = False,
+        reconnect: bool = True,
+        token: str | None = None,
+    ) -> TicketWatch:
+        """Follow ticket changes (see :class:`TicketWatch`); ``reconnect=False`` raises
+        the first stream failure instead of resuming."""
+        return TicketWatch(
+            stub=self._stub,
+            plan_id=plan_id,
+            worker_id=worker_id,
+            cursor=cursor,
+            include_snapshot=include_snapshot,
+            metadata=bearer_metadata(token),
+            reconnect=self._reconnect if reconnect else None,
+            sleep=self._sleep,
+        )
+
+
+__all__ = ["TicketClient", "TicketWatch", "to_struct"]
