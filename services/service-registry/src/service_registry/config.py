@@ -4,13 +4,15 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from hive_common.config import HiveSettings
 from service_registry.domain.models import HealthPolicy
 from service_registry.domain.ranking import RankingWeights
 from service_registry.domain.validation import Limits
+
+MIN_REGISTRATION_SECRET = 16
 
 
 class RegistrySettings(HiveSettings):
@@ -54,6 +56,13 @@ class RegistrySettings(HiveSettings):
     max_results_cap: int = Field(default=100, ge=1)
     default_page_size: int = Field(default=50, ge=1)
     page_size_cap: int = Field(default=500, ge=1)
+
+    @field_validator("registration_secret")
+    @classmethod
+    def _check_registration_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value()) < MIN_REGISTRATION_SECRET:
+            raise ValueError(f"must be at least {MIN_REGISTRATION_SECRET} characters")
+        return value
 
     @model_validator(mode="after")
     def _check_consistency(self) -> RegistrySettings:
