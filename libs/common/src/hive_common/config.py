@@ -37,7 +37,7 @@ _LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
 class WarningLogger(Protocol):
     """Anything with a structlog-style ``warning(event, **fields)`` method."""
 
-    def warning(self, event: str, /, **fields: Any) -> Any: ...
+    def warning(self, event: str | None = ..., *args: Any, **fields: Any) -> Any: ...
 
 
 class HiveSettings(BaseSettings):

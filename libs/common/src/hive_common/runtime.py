@@ -329,7 +329,11 @@ class ServiceRuntime:
                 if listener is not None and listener.task is not None:
                     watched.append(listener.task)
             if self.grpc_server is not None:
-                terminated = asyncio.ensure_future(self.grpc_server.server.wait_for_termination())
+                # Shielded: cancelling wait_for_termination() cancels grpc.aio's own
+                # shutdown future, and the later server.stop() then fails.
+                terminated = asyncio.ensure_future(
+                    asyncio.shield(self.grpc_server.server.wait_for_termination())
+                )
                 owned.append(terminated)
                 watched.append(terminated)
             await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)

@@ -13,6 +13,7 @@ from typing import Any
 import grpc
 import httpx
 import pytest
+import structlog
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from hive_common.config import HiveSettings
@@ -270,11 +271,14 @@ async def test_run_until_signal_stops_gracefully_on_sigterm(servicer: SlowServic
 
     rt.add_shutdown_callback(close)
     await rt.start()
-    running = asyncio.create_task(rt.run_until_signal())
-    await asyncio.sleep(0)  # run_until_signal installs its handlers before its first await
-    os.kill(os.getpid(), signal.SIGTERM)
-    async with asyncio.timeout(30):
-        await running
+    with structlog.testing.capture_logs() as logs:
+        running = asyncio.create_task(rt.run_until_signal())
+        await asyncio.sleep(0)  # run_until_signal installs its handlers before its first await
+        os.kill(os.getpid(), signal.SIGTERM)
+        async with asyncio.timeout(30):
+            await running
+    # The servers stopped cleanly (no "server stop failed").
+    assert [e for e in logs if e["log_level"] == "error"] == []
     assert not rt.started
     assert closed == [True]
     # Handlers are removed again: the default disposition is back.
