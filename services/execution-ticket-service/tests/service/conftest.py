@@ -8,11 +8,17 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
+import grpc
 import pytest
+from pydantic import SecretStr
 
 import execution_ticket_service.storage as storage_pkg
+from execution_ticket_service.app import TicketService, build_service
+from execution_ticket_service.config import TicketSettings
 from execution_ticket_service.storage.tickets import Pool, TicketRepository, open_pool
+from hive_common.auth import TokenIssuer
 from hive_common.migrations import apply_migrations
+from neuralhive.ticket.v1 import ticket_service_pb2_grpc as pb_grpc
 
 MIGRATIONS = Path(storage_pkg.__file__).parent / "migrations"
 
@@ -60,3 +66,66 @@ def repo(pool: Pool, clock: FakeClock) -> TicketRepository:
 def advance_clock(clock: FakeClock) -> Callable[[float], None]:
     """Move the service's clock forward by some seconds."""
     return clock.advance
+
+
+TEST_JWT_SECRET = "execution-ticket-service-tests-secret-0123456789"
+
+
+@pytest.fixture
+def settings(postgres_dsn: str, mongo_uri: str, mongo_database_name: str) -> TicketSettings:
+    """Settings for an in-process service on free ports with fast background loops."""
+    return TicketSettings(
+        host="127.0.0.1",
+        grpc_port=0,
+        http_port=0,
+        metrics_port=0,
+        postgres_dsn=postgres_dsn,
+        postgres_pool_min_size=1,
+        postgres_pool_max_size=10,
+        mongo_uri=mongo_uri,
+        mongo_database=mongo_database_name,
+        mongo_timeout_ms=500,
+        jwt_secret=SecretStr(TEST_JWT_SECRET),
+        lease_sweep_interval_seconds=0.05,
+        relay_idle_interval_seconds=0.05,
+        relay_max_backoff_seconds=0.5,
+        watch_poll_interval_seconds=0.05,
+        readiness_interval_seconds=0.1,
+        stats_interval_seconds=0.2,
+        shutdown_grace_seconds=1.0,
+        max_parameters_bytes=1024,
+    )
+
+
+@pytest.fixture
+async def service(settings: TicketSettings, clock: FakeClock) -> AsyncIterator[TicketService]:
+    built = await build_service(settings, clock=clock)
+    await built.start()
+    try:
+        yield built
+    finally:
+        await built.stop(0.5)
+
+
+@pytest.fixture
+async def channel(service: TicketService) -> AsyncIterator[grpc.aio.Channel]:
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{service.runtime.grpc_port}") as ch:
+        yield ch
+
+
+@pytest.fixture
+def stub(channel: grpc.aio.Channel) -> pb_grpc.TicketServiceAsyncStub:
+    return pb_grpc.TicketServiceAsyncStub(channel)
+
+
+@pytest.fixture
+def issuer(settings: TicketSettings) -> TokenIssuer:
+    return TokenIssuer(
+        secret=TEST_JWT_SECRET, issuer=settings.jwt_issuer, audience=settings.jwt_audience
+    )
+
+
+@pytest.fixture
+def service_token(issuer: TokenIssuer) -> str:
+    token, _ = issuer.issue_service_token(service="orchestrator-dynamic", ttl_seconds=600)
+    return token

@@ -180,6 +180,8 @@ class TicketServicer(pb_grpc.TicketServiceServicer):
             errors.add("include_snapshot", "only applies without a cursor")
         errors.raise_if_any("invalid watch request")
         ticket_filter = TicketFilter(plan_id=request.plan_id, worker_id=request.worker_id)
+        # Headers now, not with the first event: a client can tell the watch is established.
+        await context.send_initial_metadata(())
 
         if cursor is None and request.include_snapshot:
             cursor, tickets = await self._repository.snapshot(ticket_filter)

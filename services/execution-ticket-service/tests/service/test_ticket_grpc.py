@@ -1,0 +1,800 @@
+"""The real gRPC server (port 0) on real PostgreSQL + MongoDB, driven by the generated stubs."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, cast
+
+import grpc
+import pytest
+from google.protobuf import struct_pb2
+from google.rpc import error_details_pb2
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from execution_ticket_service.app import TicketService
+from hive_common.auth import TokenIssuer
+from hive_common.grpc_errors import rich_status_of
+from neuralhive.ticket.v1 import ticket_service_pb2 as pb
+from neuralhive.ticket.v1 import ticket_service_pb2_grpc as pb_grpc
+
+pytestmark = pytest.mark.service
+
+# A number no TicketStatus has (what a newer client might send).
+UNKNOWN_STATUS = cast(pb.TicketStatus.ValueType, 42)
+
+Code = grpc.StatusCode
+Stub = pb_grpc.TicketServiceAsyncStub
+S = pb.TicketStatus
+
+
+def bearer(token: str) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {token}"),)
+
+
+def spec(task_id: str = "t1", plan_id: str = "plan-1", **kwargs: Any) -> pb.TicketSpec:
+    return pb.TicketSpec(plan_id=plan_id, task_id=task_id, task_type="echo", **kwargs)
+
+
+def struct(**values: Any) -> struct_pb2.Struct:
+    message = struct_pb2.Struct()
+    message.update(values)
+    return message
+
+
+async def next_event(stream: Any) -> pb.TicketEvent:
+    response = await stream.read()
+    assert isinstance(response, pb.WatchTicketsResponse), response
+    return response.event
+
+
+async def code_of(call: Awaitable[Any]) -> Code:
+    try:
+        await call
+    except grpc.aio.AioRpcError as exc:
+        return exc.code()
+    return Code.OK
+
+
+def violations(exc: grpc.aio.AioRpcError) -> set[str]:
+    status = rich_status_of(exc)
+    assert status is not None
+    fields: set[str] = set()
+    for detail in status.details:
+        if detail.Is(error_details_pb2.BadRequest.DESCRIPTOR):
+            bad = error_details_pb2.BadRequest()
+            detail.Unpack(bad)
+            fields |= {v.field for v in bad.field_violations}
+    return fields
+
+
+@dataclass
+class Client:
+    """The stub plus tokens, so tests read like the calls a peer makes."""
+
+    stub: Stub
+    issuer: TokenIssuer
+    service_token: str
+
+    @property
+    def svc(self) -> tuple[tuple[str, str], ...]:
+        return bearer(self.service_token)
+
+    def worker(self, worker_id: str) -> tuple[tuple[str, str], ...]:
+        token, _ = self.issuer.issue_worker_token(worker_id=worker_id, ttl_seconds=600)
+        return bearer(token)
+
+    async def create(self, **kwargs: Any) -> pb.ExecutionTicket:
+        response = await self.stub.CreateTicket(
+            pb.CreateTicketRequest(ticket=spec(**kwargs)), metadata=self.svc
+        )
+        return response.ticket
+
+    async def assign(
+        self, ticket: pb.ExecutionTicket, worker_id: str = "w1", **kwargs: Any
+    ) -> pb.ExecutionTicket:
+        request = pb.AssignTicketRequest(
+            ticket_id=ticket.ticket_id, worker_id=worker_id, attempt=ticket.attempt, **kwargs
+        )
+        return (await self.stub.AssignTicket(request, metadata=self.svc)).ticket
+
+    async def ticket_token(self, ticket_id: str, worker_id: str = "w1") -> str:
+        response = await self.stub.GenerateToken(
+            pb.GenerateTokenRequest(ticket_id=ticket_id), metadata=self.worker(worker_id)
+        )
+        return response.token
+
+    async def update(
+        self, ticket: pb.ExecutionTicket, status: Any, token: str | None = None, **kwargs: Any
+    ) -> pb.ExecutionTicket:
+        request = pb.UpdateTicketStatusRequest(
+            ticket_id=ticket.ticket_id, status=status, **{"attempt": ticket.attempt, **kwargs}
+        )
+        metadata = bearer(token) if token else self.svc
+        return (await self.stub.UpdateTicketStatus(request, metadata=metadata)).ticket
+
+    async def get(self, ticket_id: str) -> pb.ExecutionTicket:
+        response = await self.stub.GetTicket(
+            pb.GetTicketRequest(ticket_id=ticket_id), metadata=self.svc
+        )
+        return response.ticket
+
+
+@pytest.fixture
+def client(stub: Stub, issuer: TokenIssuer, service_token: str) -> Client:
+    return Client(stub=stub, issuer=issuer, service_token=service_token)
+
+
+async def eventually(
+    probe: Callable[[], Awaitable[bool]], *, what: str, deadline: float = 20.0
+) -> None:
+    """Wait for a condition the service reaches on its own (background loops)."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + deadline
+    while not await probe():
+        if loop.time() > end:
+            raise AssertionError(f"gave up waiting for {what}")
+        await asyncio.sleep(0.05)
+
+
+# ---- create / get / list --------------------------------------------------------------------
+
+
+async def test_create_is_idempotent_and_conflicts_name_fields(client: Client) -> None:
+    first = await client.stub.CreateTicket(
+        pb.CreateTicketRequest(ticket=spec(parameters=struct(a=1))), metadata=client.svc
+    )
+    assert first.created
+    assert first.ticket.status == S.TICKET_STATUS_PENDING
+    assert first.ticket.attempt == 1
+    assert first.ticket.version == 1
+    assert first.ticket.priority == pb.PRIORITY_NORMAL
+    again = await client.stub.CreateTicket(
+        pb.CreateTicketRequest(ticket=spec(parameters=struct(a=1))), metadata=client.svc
+    )
+    assert not again.created
+    assert again.ticket == first.ticket
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await client.stub.CreateTicket(
+            pb.CreateTicketRequest(ticket=spec(parameters=struct(a=2), max_retries=3)),
+            metadata=client.svc,
+        )
+    assert info.value.code() is Code.ALREADY_EXISTS
+    assert violations(info.value) == {"ticket.parameters", "ticket.max_retries"}
+    assert await client.get(first.ticket.ticket_id) == first.ticket
+
+
+async def test_concurrent_create_retries_make_exactly_one_ticket(client: Client) -> None:
+    request = pb.CreateTicketRequest(ticket=spec("racy"))
+    responses = await asyncio.gather(
+        *(client.stub.CreateTicket(request, metadata=client.svc) for _ in range(12))
+    )
+    assert len({r.ticket.ticket_id for r in responses}) == 1
+    assert sum(r.created for r in responses) == 1
+
+
+async def test_batch_create_is_all_or_nothing_and_idempotent(client: Client) -> None:
+    batch = [spec(f"b{i}", priority=pb.PRIORITY_HIGH) for i in range(50)]
+    created = await client.stub.BatchCreateTickets(
+        pb.BatchCreateTicketsRequest(tickets=batch), metadata=client.svc
+    )
+    assert created.created_count == 50
+    assert [t.task_id for t in created.tickets] == [f"b{i}" for i in range(50)]
+    retry = await client.stub.BatchCreateTickets(
+        pb.BatchCreateTicketsRequest(tickets=[*batch, spec("b50")]), metadata=client.svc
+    )
+    assert retry.created_count == 1
+    assert list(retry.tickets[:50]) == list(created.tickets)
+    conflicting = [spec("b51"), spec("b3", priority=pb.PRIORITY_HIGH, description="changed")]
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await client.stub.BatchCreateTickets(
+            pb.BatchCreateTicketsRequest(tickets=conflicting), metadata=client.svc
+        )
+    assert info.value.code() is Code.ALREADY_EXISTS
+    assert violations(info.value) == {"tickets[1].description"}
+    listed = await client.stub.ListTickets(
+        pb.ListTicketsRequest(plan_id="plan-1", page_size=1000), metadata=client.svc
+    )
+    assert len(listed.tickets) == 51  # b51 was not written
+
+
+@pytest.mark.parametrize(
+    ("request_", "fields"),
+    [
+        (pb.CreateTicketRequest(), {"ticket.plan_id", "ticket.task_id", "ticket.task_type"}),
+        (pb.CreateTicketRequest(ticket=spec(priority=9)), {"ticket.priority"}),
+        (
+            pb.CreateTicketRequest(ticket=spec(parameters=struct(blob="x" * 2000))),
+            {"ticket.parameters"},
+        ),
+        (pb.CreateTicketRequest(ticket=spec(max_retries=-1)), {"ticket.max_retries"}),
+    ],
+)
+async def test_bad_create_is_invalid_argument_and_writes_nothing(
+    client: Client, request_: pb.CreateTicketRequest, fields: set[str]
+) -> None:
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await client.stub.CreateTicket(request_, metadata=client.svc)
+    assert info.value.code() is Code.INVALID_ARGUMENT
+    assert violations(info.value) == fields
+    listed = await client.stub.ListTickets(pb.ListTicketsRequest(), metadata=client.svc)
+    assert list(listed.tickets) == []
+
+
+@pytest.mark.parametrize(
+    ("call", "fields"),
+    [
+        ("get", {"ticket_id"}),
+        ("assign", {"ticket_id", "worker_id", "attempt"}),
+        ("update", {"ticket_id", "status", "attempt"}),
+        ("list", {"statuses[0]", "page_token", "page_size"}),
+        ("token", {"ticket_id"}),
+    ],
+)
+async def test_malformed_requests_name_their_fields(
+    client: Client, call: str, fields: set[str]
+) -> None:
+    stub, md = client.stub, client.svc
+    calls: dict[str, Callable[[], Awaitable[Any]]] = {
+        "get": lambda: stub.GetTicket(pb.GetTicketRequest(ticket_id="nope"), metadata=md),
+        "assign": lambda: stub.AssignTicket(pb.AssignTicketRequest(ticket_id="x"), metadata=md),
+        "update": lambda: stub.UpdateTicketStatus(
+            pb.UpdateTicketStatusRequest(ticket_id="x", status=UNKNOWN_STATUS), metadata=md
+        ),
+        "list": lambda: stub.ListTickets(
+            pb.ListTicketsRequest(statuses=[77], page_token="zz", page_size=-1),  # type: ignore[list-item]
+            metadata=md,
+        ),
+        "token": lambda: stub.GenerateToken(pb.GenerateTokenRequest(ticket_id="1"), metadata=md),
+    }
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await calls[call]()
+    assert info.value.code() is Code.INVALID_ARGUMENT
+    assert violations(info.value) == fields
+
+
+async def test_list_filters_and_cursor_pages(client: Client) -> None:
+    await client.stub.BatchCreateTickets(
+        pb.BatchCreateTicketsRequest(tickets=[spec(f"t{i:02}") for i in range(25)]),
+        metadata=client.svc,
+    )
+    await client.create(task_id="x", plan_id="plan-2")
+    first = (await client.stub.ListTickets(pb.ListTicketsRequest(), metadata=client.svc)).tickets
+    await client.assign(first[3], worker_id="w7")
+    seen: list[str] = []
+    token = ""
+    while True:
+        page = await client.stub.ListTickets(
+            pb.ListTicketsRequest(plan_id="plan-1", page_size=10, page_token=token),
+            metadata=client.svc,
+        )
+        seen += [t.task_id for t in page.tickets]
+        token = page.next_page_token
+        if not token:
+            break
+    assert seen == [f"t{i:02}" for i in range(25)]
+    by_worker = await client.stub.ListTickets(
+        pb.ListTicketsRequest(worker_id="w7"), metadata=client.svc
+    )
+    assert [t.task_id for t in by_worker.tickets] == ["t03"]
+    assigned = await client.stub.ListTickets(
+        pb.ListTicketsRequest(statuses=[S.TICKET_STATUS_ASSIGNED, S.TICKET_STATUS_RUNNING]),
+        metadata=client.svc,
+    )
+    assert [t.task_id for t in assigned.tickets] == ["t03"]
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await client.stub.ListTickets(
+            pb.ListTicketsRequest(plan_id="plan-2", page_token=page.next_page_token or "x"),
+            metadata=client.svc,
+        )
+    assert info.value.code() is Code.INVALID_ARGUMENT
+
+
+# ---- the state machine, table-driven ---------------------------------------------------------
+
+ASSIGN = -1  # pseudo status: the AssignTicket RPC
+
+# (status to drive the ticket to, request) -> resulting status or the refusal code.
+TRANSITIONS: list[tuple[Any, Any, Any]] = [
+    (S.TICKET_STATUS_PENDING, ASSIGN, S.TICKET_STATUS_ASSIGNED),
+    (S.TICKET_STATUS_PENDING, S.TICKET_STATUS_RUNNING, Code.FAILED_PRECONDITION),
+    (S.TICKET_STATUS_PENDING, S.TICKET_STATUS_COMPLETED, Code.FAILED_PRECONDITION),
+    (S.TICKET_STATUS_PENDING, S.TICKET_STATUS_FAILED, Code.FAILED_PRECONDITION),
+    (S.TICKET_STATUS_PENDING, S.TICKET_STATUS_CANCELLED, S.TICKET_STATUS_CANCELLED),
+    (S.TICKET_STATUS_ASSIGNED, ASSIGN, Code.FAILED_PRECONDITION),
+    (S.TICKET_STATUS_ASSIGNED, S.TICKET_STATUS_RUNNING, S.TICKET_STATUS_RUNNING),
+    (S.TICKET_STATUS_ASSIGNED, S.TICKET_STATUS_COMPLETED, Code.FAILED_PRECONDITION),
+    (S.TICKET_STATUS_ASSIGNED, S.TICKET_STATUS_FAILED, S.TICKET_STATUS_FAILED),
+    (S.TICKET_STATUS_ASSIGNED, S.TICKET_STATUS_CANCELLED, S.TICKET_STATUS_CANCELLED),
+    (S.TICKET_STATUS_RUNNING, ASSIGN, Code.FAILED_PRECONDITION),
+    (S.TICKET_STATUS_RUNNING, S.TICKET_STATUS_COMPLETED, S.TICKET_STATUS_COMPLETED),
+    (S.TICKET_STATUS_RUNNING, S.TICKET_STATUS_FAILED, S.TICKET_STATUS_FAILED),
+    (S.TICKET_STATUS_RUNNING, S.TICKET_STATUS_CANCELLED, S.TICKET_STATUS_CANCELLED),
+    *[
+        (terminal, request, Code.FAILED_PRECONDITION)
+        for terminal in (
+            S.TICKET_STATUS_COMPLETED,
+            S.TICKET_STATUS_FAILED,
+            S.TICKET_STATUS_CANCELLED,
+        )
+        for request in (
+            ASSIGN,
+            S.TICKET_STATUS_RUNNING,
+            S.TICKET_STATUS_COMPLETED,
+            S.TICKET_STATUS_FAILED,
+            S.TICKET_STATUS_CANCELLED,
+        )
+    ],
+]
+
+
+async def drive(client: Client, status: Any) -> pb.ExecutionTicket:
+    """A ticket (no retries) brought to ``status`` through the public API."""
+    ticket = await client.create(task_id=f"to-{status}")
+    if status == S.TICKET_STATUS_PENDING:
+        return ticket
+    if status == S.TICKET_STATUS_CANCELLED:
+        return await client.update(ticket, S.TICKET_STATUS_CANCELLED, attempt=0)
+    ticket = await client.assign(ticket)
+    if status == S.TICKET_STATUS_ASSIGNED:
+        return ticket
+    ticket = await client.update(ticket, S.TICKET_STATUS_RUNNING)
+    if status == S.TICKET_STATUS_COMPLETED:
+        return await client.update(ticket, S.TICKET_STATUS_COMPLETED, result=struct(ok=True))
+    if status == S.TICKET_STATUS_FAILED:
+        return await client.update(ticket, S.TICKET_STATUS_FAILED, error_message="boom")
+    return ticket
+
+
+@pytest.mark.parametrize(
+    ("start", "request_", "expected"),
+    TRANSITIONS,
+    ids=[f"{S.Name(a)}->{'ASSIGN' if b == ASSIGN else S.Name(b)}" for a, b, _ in TRANSITIONS],
+)
+async def test_transition_table(client: Client, start: Any, request_: Any, expected: Any) -> None:
+    ticket = await drive(client, start)
+    assert ticket.status == start
+    if request_ == ASSIGN:
+        call = client.assign(ticket, worker_id="w2")
+    else:
+        # Content differs from how drive() got here, so no request is an idempotent repeat.
+        call = client.update(ticket, request_, error_message="table", result=struct(n=1))
+    if isinstance(expected, Code):
+        assert await code_of(call) is expected
+        assert await client.get(ticket.ticket_id) == ticket  # nothing changed
+        return
+    after = await call
+    assert after.status == expected
+    assert after.version == ticket.version + 1
+
+
+async def test_failure_with_retries_left_requeues_then_fails_for_good(client: Client) -> None:
+    ticket = await client.assign(await client.create(max_retries=1))
+    ticket = await client.update(ticket, S.TICKET_STATUS_FAILED, error_message="flaky")
+    assert ticket.status == S.TICKET_STATUS_PENDING
+    assert ticket.attempt == 2
+    assert ticket.worker_id == ""
+    assert ticket.error_message == "flaky"
+    ticket = await client.assign(ticket)
+    ticket = await client.update(ticket, S.TICKET_STATUS_RUNNING)
+    assert ticket.HasField("started_at")
+    ticket = await client.update(ticket, S.TICKET_STATUS_FAILED, error_message="again")
+    assert ticket.status == S.TICKET_STATUS_FAILED
+    assert ticket.HasField("completed_at")
+    permanent = await client.assign(await client.create(task_id="p", max_retries=5))
+    permanent = await client.update(
+        permanent, S.TICKET_STATUS_FAILED, error_message="bad input", permanent=True
+    )
+    assert permanent.status == S.TICKET_STATUS_FAILED
+    assert permanent.attempt == 1
+
+
+async def test_repeated_identical_update_is_idempotent(client: Client) -> None:
+    ticket = await client.update(
+        await client.assign(await client.create()), S.TICKET_STATUS_RUNNING
+    )
+    done = await client.update(ticket, S.TICKET_STATUS_COMPLETED, result=struct(out="x"))
+    again = await client.update(ticket, S.TICKET_STATUS_COMPLETED, result=struct(out="x"))
+    assert again == done
+    assert done.result == struct(out="x")
+    assert done.HasField("completed_at")
+    reassign = await client.assign(await client.create(task_id="t2"))
+    assert await client.assign(reassign) == reassign
+
+
+async def test_expected_version_mismatch_is_aborted(client: Client) -> None:
+    ticket = await client.create()
+    code = await code_of(client.assign(ticket, expected_version=ticket.version + 5))
+    assert code is Code.ABORTED
+    ticket = await client.assign(ticket, expected_version=ticket.version)
+    code = await code_of(
+        client.update(ticket, S.TICKET_STATUS_RUNNING, expected_version=ticket.version - 1)
+    )
+    assert code is Code.ABORTED
+
+
+async def test_two_concurrent_conflicting_updates_exactly_one_wins(client: Client) -> None:
+    ticket = await client.update(
+        await client.assign(await client.create()), S.TICKET_STATUS_RUNNING
+    )
+    cases: list[dict[str, Any]] = [{}, {"expected_version": ticket.version}]
+    for kwargs in cases:
+        complete = client.update(ticket, S.TICKET_STATUS_COMPLETED, **kwargs)
+        fail = client.update(
+            ticket, S.TICKET_STATUS_FAILED, error_message="x", permanent=True, **kwargs
+        )
+        codes = await asyncio.gather(code_of(complete), code_of(fail))
+        assert sorted(c.name for c in codes)[0] != "OK" or codes.count(Code.OK) == 1
+        assert codes.count(Code.OK) == 1
+        loser = next(c for c in codes if c is not Code.OK)
+        assert loser in (Code.FAILED_PRECONDITION, Code.ABORTED)
+        final = await client.get(ticket.ticket_id)
+        assert final.version == ticket.version + 1
+        winner = S.TICKET_STATUS_COMPLETED if codes[0] is Code.OK else S.TICKET_STATUS_FAILED
+        assert final.status == winner
+        ticket = await client.update(
+            await client.assign(await client.create(task_id=f"again-{len(kwargs)}")),
+            S.TICKET_STATUS_RUNNING,
+        )
+
+
+# ---- fencing, leases ---------------------------------------------------------------------------
+
+
+async def test_attempt_fencing_rejects_and_records_late_results(
+    client: Client, advance_clock: Callable[[float], None]
+) -> None:
+    ticket = await client.assign(await client.create(max_retries=2), lease_seconds=30)
+    old_token = await client.ticket_token(ticket.ticket_id)
+    await client.update(ticket, S.TICKET_STATUS_RUNNING, token=old_token)
+    advance_clock(ticket.timeout_seconds + 1)
+
+    async def requeued() -> bool:
+        return (await client.get(ticket.ticket_id)).attempt == 2
+
+    await eventually(requeued, what="lease expiry re-queue")
+    current = await client.get(ticket.ticket_id)
+    assert current.status == S.TICKET_STATUS_PENDING
+    # The old attempt's worker reports late: refused, never applied.
+    late = client.update(ticket, S.TICKET_STATUS_COMPLETED, token=old_token, result=struct(r=1))
+    assert await code_of(late) is Code.FAILED_PRECONDITION
+    assert await client.get(ticket.ticket_id) == current
+    # A future attempt is refused too.
+    future = client.update(current, S.TICKET_STATUS_RUNNING, attempt=3)
+    assert await code_of(future) is Code.FAILED_PRECONDITION
+
+
+async def test_lease_expiry_requeues_then_fails_timed_out(
+    client: Client, advance_clock: Callable[[float], None]
+) -> None:
+    ticket = await client.create(max_retries=1)
+    for attempt in (1, 2):
+        ticket = await client.assign(ticket, lease_seconds=10)
+        assert ticket.attempt == attempt
+        advance_clock(11)
+
+        async def swept(ticket_id: str = ticket.ticket_id, seen: int = ticket.version) -> bool:
+            return (await client.get(ticket_id)).version > seen
+
+        await eventually(swept, what=f"lease expiry of attempt {attempt}")
+        ticket = await client.get(ticket.ticket_id)
+    assert ticket.status == S.TICKET_STATUS_FAILED
+    assert ticket.error_message == "timed out"
+    assert ticket.attempt == 2
+    assert not ticket.HasField("lease_expires_at")
+
+
+# ---- tokens ------------------------------------------------------------------------------------
+
+
+async def test_generate_token_only_for_assigned_tickets(client: Client) -> None:
+    pending = await client.create()
+    code = await code_of(
+        client.stub.GenerateToken(
+            pb.GenerateTokenRequest(ticket_id=pending.ticket_id), metadata=client.svc
+        )
+    )
+    assert code is Code.FAILED_PRECONDITION
+    assigned = await client.assign(pending, worker_id="w1")
+    response = await client.stub.GenerateToken(
+        pb.GenerateTokenRequest(ticket_id=assigned.ticket_id, ttl_seconds=120),
+        metadata=client.worker("w1"),
+    )
+    assert response.attempt == 1
+    claims = client.issuer  # same secret: verify what the service signed
+    from hive_common.auth import TokenVerifier
+
+    verified = TokenVerifier(secret=claims._key, audience="neuralhive").verify(response.token)
+    assert verified.ticket_id == assigned.ticket_id
+    assert verified.plan_id == "plan-1"
+    assert verified.attempt == 1
+    assert verified.worker_id == "w1"
+    assert verified.subject == "w1"
+    assert verified.jti
+    assert (verified.expires_at - verified.issued_at).total_seconds() == 120
+    assert response.expires_at.ToDatetime().replace(tzinfo=verified.expires_at.tzinfo) == (
+        verified.expires_at
+    )
+
+
+@dataclass
+class Scene:
+    client: Client
+    ticket: pb.ExecutionTicket  # assigned to w1, attempt 1
+    other: pb.ExecutionTicket  # assigned to w2
+    ticket_token: str
+
+
+@pytest.fixture
+async def scene(client: Client) -> Scene:
+    ticket = await client.assign(await client.create(task_id="mine"), worker_id="w1")
+    other = await client.assign(await client.create(task_id="theirs"), worker_id="w2")
+    return Scene(client, ticket, other, await client.ticket_token(ticket.ticket_id, "w1"))
+
+
+def _update(scene: Scene, md: Any, **overrides: Any) -> Awaitable[Any]:
+    values: dict[str, Any] = {
+        "ticket_id": scene.ticket.ticket_id,
+        "status": S.TICKET_STATUS_RUNNING,
+        "attempt": 1,
+    }
+    values.update(overrides)
+    return scene.client.stub.UpdateTicketStatus(pb.UpdateTicketStatusRequest(**values), metadata=md)
+
+
+async def _first_event(call: Any) -> Any:
+    async for item in call:
+        return item
+    return None
+
+
+def _expired(scene: Scene) -> Any:
+    issuer = scene.client.issuer
+    token, _ = TokenIssuer(
+        secret=issuer._key, issuer="x", audience="neuralhive", clock=lambda: 1_000_000.0
+    ).issue_service_token(service="o", ttl_seconds=60)
+    return bearer(token)
+
+
+def _foreign(scene: Scene) -> Any:
+    token, _ = TokenIssuer(
+        secret="another-secret-that-is-long-enough-for-hs256", issuer="x"
+    ).issue_service_token(service="o", ttl_seconds=60)
+    return bearer(token)
+
+
+REFUSALS: dict[str, tuple[Code, Callable[[Scene], Awaitable[Any]]]] = {
+    "no token": (Code.UNAUTHENTICATED, lambda s: _update(s, ())),
+    "garbage token": (Code.UNAUTHENTICATED, lambda s: _update(s, bearer("not.a.jwt"))),
+    "expired token": (Code.UNAUTHENTICATED, lambda s: _update(s, _expired(s))),
+    "wrong signing key": (Code.UNAUTHENTICATED, lambda s: _update(s, _foreign(s))),
+    "no token on reads": (
+        Code.UNAUTHENTICATED,
+        lambda s: s.client.stub.GetTicket(pb.GetTicketRequest(ticket_id=s.ticket.ticket_id)),
+    ),
+    "worker creates": (
+        Code.PERMISSION_DENIED,
+        lambda s: s.client.stub.CreateTicket(
+            pb.CreateTicketRequest(ticket=spec("w")), metadata=s.client.worker("w1")
+        ),
+    ),
+    "worker batch-creates": (
+        Code.PERMISSION_DENIED,
+        lambda s: s.client.stub.BatchCreateTickets(
+            pb.BatchCreateTicketsRequest(tickets=[spec("w")]), metadata=s.client.worker("w1")
+        ),
+    ),
+    "worker assigns": (
+        Code.PERMISSION_DENIED,
+        lambda s: s.client.stub.AssignTicket(
+            pb.AssignTicketRequest(ticket_id=s.ticket.ticket_id, worker_id="w1", attempt=1),
+            metadata=s.client.worker("w1"),
+        ),
+    ),
+    "worker token updates status": (
+        Code.PERMISSION_DENIED,
+        lambda s: _update(s, s.client.worker("w1")),
+    ),
+    "worker token for another ticket's token": (
+        Code.PERMISSION_DENIED,
+        lambda s: s.client.stub.GenerateToken(
+            pb.GenerateTokenRequest(ticket_id=s.other.ticket_id), metadata=s.client.worker("w1")
+        ),
+    ),
+    "worker watches another worker": (
+        Code.PERMISSION_DENIED,
+        lambda s: _first_event(
+            s.client.stub.WatchTickets(
+                pb.WatchTicketsRequest(worker_id="w2"), metadata=s.client.worker("w1")
+            )
+        ),
+    ),
+    "worker watches a whole plan": (
+        Code.PERMISSION_DENIED,
+        lambda s: _first_event(
+            s.client.stub.WatchTickets(
+                pb.WatchTicketsRequest(plan_id="plan-1"), metadata=s.client.worker("w1")
+            )
+        ),
+    ),
+    "ticket token for another ticket": (
+        Code.PERMISSION_DENIED,
+        lambda s: _update(s, bearer(s.ticket_token), ticket_id=s.other.ticket_id),
+    ),
+    "ticket token for another attempt": (
+        Code.PERMISSION_DENIED,
+        lambda s: _update(s, bearer(s.ticket_token), attempt=2),
+    ),
+    "ticket token cancels": (
+        Code.PERMISSION_DENIED,
+        lambda s: _update(s, bearer(s.ticket_token), status=S.TICKET_STATUS_CANCELLED),
+    ),
+    "ticket token assigns": (
+        Code.PERMISSION_DENIED,
+        lambda s: s.client.stub.AssignTicket(
+            pb.AssignTicketRequest(ticket_id=s.ticket.ticket_id, worker_id="w1", attempt=1),
+            metadata=bearer(s.ticket_token),
+        ),
+    ),
+    "ticket token mints tokens": (
+        Code.PERMISSION_DENIED,
+        lambda s: s.client.stub.GenerateToken(
+            pb.GenerateTokenRequest(ticket_id=s.ticket.ticket_id), metadata=bearer(s.ticket_token)
+        ),
+    ),
+    "ticket token watches": (
+        Code.PERMISSION_DENIED,
+        lambda s: _first_event(
+            s.client.stub.WatchTickets(
+                pb.WatchTicketsRequest(worker_id="w1"), metadata=bearer(s.ticket_token)
+            )
+        ),
+    ),
+}
+
+
+@pytest.mark.parametrize("case", list(REFUSALS))
+async def test_token_refusals(scene: Scene, case: str) -> None:
+    expected, make_call = REFUSALS[case]
+    assert await code_of(make_call(scene)) is expected
+    # Refused calls change nothing.
+    assert await scene.client.get(scene.ticket.ticket_id) == scene.ticket
+
+
+async def test_tokens_that_are_allowed(scene: Scene) -> None:
+    client = scene.client
+    worker_md = client.worker("w1")
+    got = await client.stub.GetTicket(
+        pb.GetTicketRequest(ticket_id=scene.ticket.ticket_id), metadata=worker_md
+    )
+    assert got.ticket == scene.ticket
+    listed = await client.stub.ListTickets(
+        pb.ListTicketsRequest(), metadata=bearer(scene.ticket_token)
+    )
+    assert len(listed.tickets) == 2
+    running = await _update(scene, bearer(scene.ticket_token))
+    assert running.ticket.status == S.TICKET_STATUS_RUNNING
+    assert running.ticket.worker_id == "w1"
+
+
+# ---- watch ---------------------------------------------------------------------------------------
+
+
+async def test_worker_watch_sees_its_assignments_and_resumes_from_cursor(client: Client) -> None:
+    stream = client.stub.WatchTickets(
+        pb.WatchTicketsRequest(worker_id="w1"), metadata=client.worker("w1")
+    )
+    # Wait until the stream is established before producing events.
+    await stream.wait_for_connection()
+    await asyncio.sleep(0.2)
+    first = await client.assign(await client.create(task_id="a"), worker_id="w1")
+    await client.assign(await client.create(task_id="b"), worker_id="w2")
+    event = await next_event(stream)
+    assert event.type == pb.TICKET_EVENT_TYPE_ASSIGNED
+    assert event.ticket.ticket_id == first.ticket_id
+    assert event.previous_status == S.TICKET_STATUS_PENDING
+    assert event.actor == "service:orchestrator-dynamic"
+    stream.cancel()
+
+    # Changes while disconnected are delivered after reconnecting with the cursor.
+    token = await client.ticket_token(first.ticket_id)
+    await client.update(first, S.TICKET_STATUS_RUNNING, token=token)
+    second = await client.assign(await client.create(task_id="c"), worker_id="w1")
+    resumed = client.stub.WatchTickets(
+        pb.WatchTicketsRequest(worker_id="w1", cursor=event.cursor), metadata=client.worker("w1")
+    )
+    a = await next_event(resumed)
+    b = await next_event(resumed)
+    assert (a.type, a.ticket.ticket_id, a.actor) == (
+        pb.TICKET_EVENT_TYPE_STATUS_CHANGED,
+        first.ticket_id,
+        "worker:w1",
+    )
+    assert (b.type, b.ticket.ticket_id) == (pb.TICKET_EVENT_TYPE_ASSIGNED, second.ticket_id)
+    resumed.cancel()
+
+
+async def test_watch_snapshot_then_changes_by_plan(client: Client) -> None:
+    done = await client.create(task_id="done")
+    await client.update(done, S.TICKET_STATUS_CANCELLED, attempt=0)
+    waiting = await client.create(task_id="waiting")
+    await client.create(task_id="elsewhere", plan_id="plan-2")
+    stream = client.stub.WatchTickets(
+        pb.WatchTicketsRequest(plan_id="plan-1", include_snapshot=True), metadata=client.svc
+    )
+    snap = await next_event(stream)
+    assert snap.type == pb.TICKET_EVENT_TYPE_SNAPSHOT
+    assert snap.ticket.ticket_id == waiting.ticket_id
+    await client.assign(waiting)
+    # At least once: events racing the snapshot may repeat; skip up to the change we made.
+    while True:
+        event = await next_event(stream)
+        if event.type == pb.TICKET_EVENT_TYPE_ASSIGNED:
+            break
+        assert event.ticket.plan_id == "plan-1"
+    assert event.ticket.ticket_id == waiting.ticket_id
+    stream.cancel()
+
+
+async def test_a_stalled_watcher_does_not_hold_back_others(client: Client) -> None:
+    stalled = client.stub.WatchTickets(pb.WatchTicketsRequest(), metadata=client.svc)
+    await stalled.wait_for_connection()
+    live = client.stub.WatchTickets(pb.WatchTicketsRequest(plan_id="plan-9"), metadata=client.svc)
+    await live.wait_for_connection()
+    await asyncio.sleep(0.2)
+    # Far more events than fit in the stalled stream's flow-control window.
+    await client.stub.BatchCreateTickets(
+        pb.BatchCreateTicketsRequest(
+            tickets=[spec(f"n{i}", parameters=struct(pad="x" * 500)) for i in range(2000)]
+        ),
+        metadata=client.svc,
+    )
+    marker = await client.create(task_id="marker", plan_id="plan-9")
+    event = await next_event(live)
+    assert event.ticket.ticket_id == marker.ticket_id
+    stalled.cancel()
+    live.cancel()
+
+
+# ---- health and reflection -----------------------------------------------------------------
+
+
+async def test_reflection_lists_the_service(channel: grpc.aio.Channel) -> None:
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+
+    async def requests() -> Any:
+        yield reflection_pb2.ServerReflectionRequest(list_services="")
+
+    async for response in stub.ServerReflectionInfo(requests()):
+        names = {s.name for s in response.list_services_response.service}
+        assert "neuralhive.ticket.v1.TicketService" in names
+        assert "grpc.health.v1.Health" in names
+        break
+
+
+async def test_health_is_serving_only_while_ready(
+    service: TicketService, channel: grpc.aio.Channel
+) -> None:
+    health = health_pb2_grpc.HealthStub(channel)
+
+    async def status_is(expected: int) -> bool:
+        names = ("", "neuralhive.ticket.v1.TicketService")
+        for name in names:
+            response = await health.Check(health_pb2.HealthCheckRequest(service=name))
+            if response.status != expected:
+                return False
+        return True
+
+    await eventually(lambda: status_is(health_pb2.HealthCheckResponse.SERVING), what="SERVING")
+    # Take the schema away (as if migrations were missing): readiness is down.
+    pool = service.pool
+    async with pool.connection() as conn:
+        await conn.execute("ALTER TABLE tickets RENAME TO tickets_hidden")
+    await eventually(
+        lambda: status_is(health_pb2.HealthCheckResponse.NOT_SERVING), what="NOT_SERVING"
+    )
+    async with pool.connection() as conn:
+        await conn.execute("ALTER TABLE tickets_hidden RENAME TO tickets")
+    await eventually(lambda: status_is(health_pb2.HealthCheckResponse.SERVING), what="SERVING")
