@@ -1,0 +1,106 @@
+"""``hive-worker``: run the reference worker from the command line.
+
+Every flag overrides the matching ``HIVE_WORKER_*`` environment variable. The
+registration secret is read from the environment only (``HIVE_WORKER_REGISTRATION_SECRET``)
+so it never shows up in a process listing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from pydantic import ValidationError
+
+from hive_common.errors import HiveError
+from hive_common.logging import configure_logging, get_logger
+from hive_worker.config import WorkerSettings
+from hive_worker.sdk import Worker
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser (every option defaults to "not given": env or default applies)."""
+    parser = argparse.ArgumentParser(
+        prog="hive-worker",
+        description="Hive Flow C reference worker: runs echo, sleep, fail, http_get and "
+        "shell tickets assigned to it.",
+        argument_default=argparse.SUPPRESS,
+    )
+    add = parser.add_argument
+    add("--registry", dest="registry_target", help="registry gRPC host:port")
+    add("--tickets", dest="tickets_target", help="ticket service gRPC host:port")
+    add("--name", help="stable worker name (default: host name)")
+    add("--namespace", help="registry namespace")
+    add("--capabilities", help="comma-separated capabilities, e.g. python,shell")
+    add(
+        "--label",
+        dest="label",
+        action="append",
+        metavar="KEY=VALUE",
+        help="a label (repeatable)",
+    )
+    add("--max-concurrent", dest="max_concurrent", type=int, help="tasks run at once")
+    add(
+        "--heartbeat-interval",
+        dest="heartbeat_interval_seconds",
+        type=float,
+        help="seconds between heartbeats (default: what the registry asks for)",
+    )
+    add(
+        "--drain-grace",
+        dest="drain_grace_seconds",
+        type=float,
+        help="seconds running tasks get to finish after SIGTERM",
+    )
+    add(
+        "--shell-allow",
+        dest="shell_allow_list",
+        help="comma-separated programs the shell task may run (exact argv[0])",
+    )
+    add("--sleep-max", dest="sleep_max_seconds", type=float, help="longest allowed sleep task")
+    add("--log-level", dest="log_level")
+    add("--log-format", dest="log_format", choices=["auto", "json", "pretty"])
+    return parser
+
+
+def settings_from_args(argv: Sequence[str] | None = None) -> WorkerSettings:
+    """Environment settings overridden by the command line."""
+    values: dict[str, Any] = vars(build_parser().parse_args(argv))
+    labels = values.pop("label", None)
+    if labels is not None:
+        values["labels"] = ",".join(labels)
+    return WorkerSettings(**values)
+
+
+async def _serve(settings: WorkerSettings) -> None:
+    await Worker(settings=settings).run()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run until SIGTERM/SIGINT; 0 after a clean drain, 1 on refusal, 2 on bad settings."""
+    try:
+        settings = settings_from_args(argv)
+    except ValidationError as exc:
+        print(f"hive-worker: invalid settings:\n{exc}", file=sys.stderr)
+        return 2
+    configure_logging(level=settings.log_level, fmt=settings.log_format)
+    log = get_logger("hive_worker")
+    if settings.registration_secret is None:
+        log.warning(
+            "no registration secret",
+            detail="set HIVE_WORKER_REGISTRATION_SECRET to the registry's registration "
+            "secret; without it the registry refuses to register this worker",
+        )
+    try:
+        asyncio.run(_serve(settings))
+    except HiveError as exc:
+        log.error("worker stopped", error=repr(exc))
+        return 1
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,118 @@
+"""What a task handler is, what it gets, how it fails, and where handlers are kept.
+
+A handler is an async function ``(params, ctx) -> dict``: ``params`` is the ticket's
+``parameters`` object, ``ctx`` a :class:`TaskContext`; the returned JSON object becomes
+the ticket's ``result``. Raising :class:`TaskError` reports a failure with its message
+(``permanent=True`` when retrying cannot help); any other exception is a retryable
+failure; running past the ticket's timeout is a retryable failure too.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+TaskHandler = Callable[[dict[str, Any], "TaskContext"], Awaitable[Mapping[str, Any]]]
+"""``async def handler(params: dict, ctx: TaskContext) -> dict``."""
+
+_TASK_TYPE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/-]{0,127}$")
+
+
+@dataclass(frozen=True, slots=True)
+class TaskContext:
+    """What a handler knows about the ticket it runs."""
+
+    ticket_id: str
+    plan_id: str
+    task_id: str
+    task_type: str
+    attempt: int
+    max_retries: int
+    timeout_seconds: float
+    worker_id: str
+    description: str = ""
+    logger: Any = field(default_factory=lambda: structlog.stdlib.get_logger("hive_worker.task"))
+
+    @property
+    def last_attempt(self) -> bool:
+        """True when a retryable failure would not be retried."""
+        return self.attempt > self.max_retries
+
+
+class TaskError(Exception):
+    """A task failure to report; ``permanent`` failures are not retried.
+
+    ``result`` (a JSON object) is stored with the failure, e.g. a command's output.
+    """
+
+    permanent: bool = False
+
+    def __init__(
+        self,
+        message: str,
+        *,
+        permanent: bool | None = None,
+        result: Mapping[str, Any] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.message = message
+        if permanent is not None:
+            self.permanent = permanent
+        self.result: dict[str, Any] | None = dict(result) if result is not None else None
+
+
+class PermanentTaskError(TaskError):
+    """A failure that retrying cannot fix."""
+
+    permanent = True
+
+
+class InvalidParameters(PermanentTaskError):
+    """The ticket's parameters are unusable; ``field`` names the offending one."""
+
+    def __init__(self, field_name: str, problem: str) -> None:
+        super().__init__(f"parameters.{field_name}: {problem}")
+        self.field = field_name
+
+
+class TaskRegistry:
+    """Task type -> handler."""
+
+    def __init__(self) -> None:
+        self._handlers: dict[str, TaskHandler] = {}
+
+    def register(self, task_type: str, handler: TaskHandler, *, replace: bool = False) -> None:
+        """Add ``handler`` for ``task_type``; ``ValueError`` for a bad or taken name."""
+        if not _TASK_TYPE.match(task_type):
+            raise ValueError(
+                f"task type {task_type!r} must be 1-128 characters of letters, digits "
+                "and _ . : / - (starting with a letter or digit)"
+            )
+        if task_type in self._handlers and not replace:
+            raise ValueError(f"task type {task_type!r} already has a handler")
+        self._handlers[task_type] = handler
+
+    def get(self, task_type: str) -> TaskHandler | None:
+        """The handler of ``task_type``, or ``None``."""
+        return self._handlers.get(task_type)
+
+    def task_types(self) -> list[str]:
+        """Registered task types, sorted."""
+        return sorted(self._handlers)
+
+    def __contains__(self, task_type: object) -> bool:
+        return task_type in self._handlers
+
+
+__all__ = [
+    "InvalidParameters",
+    "PermanentTaskError",
+    "TaskContext",
+    "TaskError",
+    "TaskHandler",
+    "TaskRegistry",
+]

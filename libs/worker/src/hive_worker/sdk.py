@@ -1,0 +1,843 @@
+"""The reference worker: register, heartbeat, watch own assignments, run handlers, report.
+
+Life of one assignment (DESIGN.md sections 4 and 6)::
+
+    ASSIGNED event for this worker --(a free slot of max_concurrent)--> GenerateToken
+      --> UpdateTicketStatus RUNNING (ticket token, attempt-fenced)
+      --> handler(params, ctx) within the ticket's timeout
+      --> UpdateTicketStatus COMPLETED {result} | FAILED {error_message, permanent}
+
+Outages delay work and lose nothing: the ticket watch resumes from its last cursor (and
+starts with a snapshot, so assignments made while the worker was away are picked up),
+every call is retried on UNAVAILABLE, and a result is reported until the ticket service
+gives a definite answer. When a ticket moves on without this worker (cancelled,
+re-queued after a lease expiry, assigned elsewhere), its handler is cancelled and
+nothing is reported.
+
+Draining (SIGTERM, :meth:`Worker.drain`): heartbeat ``draining=true``, take no new work,
+let running tasks finish within ``drain_grace_seconds`` (then cancel them and report
+them FAILED, retryable), deregister, return. Accepted tickets that had not started yet
+are left ASSIGNED; their assignment lease expires and the ticket service re-queues them
+(there is no RPC for a worker to hand an assignment back without using up an attempt).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import json
+import signal
+from collections import OrderedDict
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, TypeVar
+
+from google.protobuf import json_format
+
+from hive_common.clients import CallPolicy, ReconnectPolicy, RegistryClient, TicketClient
+from hive_common.errors import (
+    Aborted,
+    FailedPrecondition,
+    HiveError,
+    InvalidArgument,
+    NotFound,
+    PermissionDenied,
+    Unauthenticated,
+)
+from hive_common.logging import get_logger
+from hive_common.retry import is_retryable
+from hive_worker.config import WorkerSettings
+from hive_worker.handlers import TaskContext, TaskError, TaskHandler, TaskRegistry
+from hive_worker.tasks import builtin_tasks
+from neuralhive.ticket.v1 import ticket_service_pb2 as pb
+
+HandlerT = TypeVar("HandlerT", bound=TaskHandler)
+
+ERROR_MESSAGE_LIMIT = 4000
+"""The ticket service refuses longer error messages."""
+
+_TERMINAL = frozenset(
+    {pb.TICKET_STATUS_COMPLETED, pb.TICKET_STATUS_FAILED, pb.TICKET_STATUS_CANCELLED}
+)
+_DEFINITE_REFUSALS = (FailedPrecondition, PermissionDenied, NotFound, Aborted)
+_FINISHED_MEMORY = 4096
+_SHUTDOWN_REPORT_SECONDS = 10.0
+
+
+class Phase(enum.Enum):
+    """Where one accepted assignment is."""
+
+    QUEUED = "queued"  # waiting for a free slot
+    STARTING = "starting"  # getting a token, marking RUNNING
+    RUNNING = "running"  # the handler runs
+    REPORTING = "reporting"  # sending the outcome
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What to report for one attempt."""
+
+    completed: bool
+    result: dict[str, Any] | None = None
+    error_message: str = ""
+    permanent: bool = False
+
+    @classmethod
+    def failure(
+        cls, message: str, *, permanent: bool = False, result: dict[str, Any] | None = None
+    ) -> Outcome:
+        return cls(completed=False, error_message=message, permanent=permanent, result=result)
+
+
+@dataclass(eq=False)
+class _Run:
+    """One accepted (ticket, attempt)."""
+
+    ticket: pb.ExecutionTicket
+    worker_id: str
+    phase: Phase = Phase.QUEUED
+    task: asyncio.Task[None] | None = None
+    handler_task: asyncio.Task[Mapping[str, Any]] | None = None
+    token: str = ""
+    token_expires_at: datetime | None = None
+    abandoned: bool = False  # the ticket moved on: stop, report nothing
+    released: bool = False  # draining before it started: drop it
+    interrupted: bool = False  # drain grace over: stop, report FAILED
+    accepted_version: int = 0
+    log: Any = field(default=None)
+
+    @property
+    def key(self) -> tuple[str, int]:
+        return (self.ticket.ticket_id, self.ticket.attempt)
+
+    def superseded_by(self, ticket: pb.ExecutionTicket) -> bool:
+        """True when ``ticket`` (newer than what this run started from) left this run."""
+        if ticket.version <= self.accepted_version:
+            return False
+        if ticket.attempt != self.ticket.attempt:
+            return ticket.attempt > self.ticket.attempt
+        return ticket.status in _TERMINAL or ticket.worker_id != self.worker_id
+
+    def stop_handler(self) -> None:
+        if self.handler_task is not None and not self.handler_task.done():
+            self.handler_task.cancel()
+
+
+def _clean_text(value: str) -> str:
+    # PostgreSQL text and jsonb cannot hold NUL characters.
+    return value.replace("\x00", "\ufffd")
+
+
+def _clean_json(value: Any) -> Any:
+    if isinstance(value, str):
+        return _clean_text(value)
+    if isinstance(value, dict):
+        return {_clean_text(str(k)): _clean_json(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_clean_json(v) for v in value]
+    return value
+
+
+def normalise_result(value: object) -> dict[str, Any]:
+    """A handler's return value as a storable JSON object (``TypeError``/``ValueError``)."""
+    if not isinstance(value, Mapping):
+        raise TypeError(f"a handler must return a dict, not {type(value).__name__}")
+    decoded = json.loads(json.dumps(dict(value), allow_nan=False))
+    cleaned: dict[str, Any] = _clean_json(decoded)
+    return cleaned
+
+
+def _error_text(message: str) -> str:
+    text = _clean_text(message) or "failed"
+    if len(text) > ERROR_MESSAGE_LIMIT:
+        text = text[: ERROR_MESSAGE_LIMIT - 1] + "…"
+    return text
+
+
+class Worker:
+    """A Hive Flow C worker: built-in task types plus your own handlers.
+
+    ::
+
+        worker = Worker(settings=WorkerSettings(capabilities=["python"]))
+
+        @worker.task("resize")
+        async def resize(params: dict, ctx: TaskContext) -> dict:
+            return {"width": params["width"] // 2}
+
+        await worker.run()      # until SIGTERM / SIGINT or worker.drain()
+
+    ``registry`` / ``tickets`` clients may be passed in (tests, custom channels); by
+    default :meth:`run` connects to the configured targets and closes them at the end.
+    """
+
+    def __init__(
+        self,
+        *,
+        settings: WorkerSettings,
+        registry: RegistryClient | None = None,
+        tickets: TicketClient | None = None,
+        builtin_task_types: bool = True,
+    ) -> None:
+        self.settings = settings
+        self.tasks = TaskRegistry()
+        if builtin_task_types:
+            for task_type, handler in builtin_tasks(
+                sleep_max_seconds=settings.sleep_max_seconds,
+                shell_allow_list=settings.shell_allow_list,
+                shell_max_output_bytes=settings.shell_max_output_bytes,
+                shell_timeout_seconds=settings.shell_timeout_seconds,
+                http_get_timeout_seconds=settings.http_get_timeout_seconds,
+                http_get_max_timeout_seconds=settings.http_get_max_timeout_seconds,
+                http_get_max_body_bytes=settings.http_get_max_body_bytes,
+            ).items():
+                self.tasks.register(task_type, handler)
+        self._registry = registry
+        self._tickets = tickets
+        self._log = get_logger("hive_worker", worker=settings.name)
+        self._worker_id: str | None = None
+        self._worker_token: str | None = None
+        self._token_expires_at: datetime | None = None
+        self._server_interval: float = 5.0
+        self._runs: dict[tuple[str, int], _Run] = {}
+        self._finished: OrderedDict[tuple[str, int], None] = OrderedDict()
+        self._slots = asyncio.Semaphore(settings.max_concurrent)
+        self._drain_requested = asyncio.Event()
+        self._draining = False
+        self._ready = asyncio.Event()
+        self._heartbeat_wake = asyncio.Event()
+        self._watch_task: asyncio.Task[None] | None = None
+        self._watch_cursor: tuple[str, str] = ("", "")  # (worker_id, cursor)
+        self._signals = 0
+        self._background: set[asyncio.Task[None]] = set()
+        self._backoff = ReconnectPolicy(max_backoff_seconds=settings.reconnect_max_backoff_seconds)
+        self.succeeded_total = 0
+        """Attempts reported COMPLETED since this process started."""
+        self.failed_total = 0
+        """Attempts reported FAILED since this process started."""
+
+    # ------------------------------------------------------------------ public API
+
+    def task(self, task_type: str) -> Callable[[HandlerT], HandlerT]:
+        """Decorator registering an async ``(params, ctx) -> dict`` handler for ``task_type``."""
+
+        def register(handler: HandlerT) -> HandlerT:
+            self.tasks.register(task_type, handler)
+            return handler
+
+        return register
+
+    def add_task(self, task_type: str, handler: TaskHandler, *, replace: bool = False) -> None:
+        """Register ``handler`` for ``task_type`` (``replace=True`` overrides a built-in)."""
+        self.tasks.register(task_type, handler, replace=replace)
+
+    @property
+    def worker_id(self) -> str | None:
+        """The id the registry gave this worker (``None`` before registration)."""
+        return self._worker_id
+
+    @property
+    def in_flight(self) -> int:
+        """Accepted attempts not finished yet (queued for a slot or running)."""
+        return len(self._runs)
+
+    @property
+    def draining(self) -> bool:
+        return self._draining
+
+    async def wait_ready(self) -> str:
+        """Wait until registered and watching; returns the worker id."""
+        await self._ready.wait()
+        assert self._worker_id is not None
+        return self._worker_id
+
+    def drain(self) -> None:
+        """Start a graceful stop (what SIGTERM does); :meth:`run` returns when done."""
+        self._drain_requested.set()
+
+    async def run(self, *, install_signal_handlers: bool = True) -> None:
+        """Serve until drained. Raises a :class:`HiveError` if registration is refused."""
+        loop = asyncio.get_running_loop()
+        owned = self._open_clients()
+        installed: list[signal.Signals] = []
+        if install_signal_handlers:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                with contextlib.suppress(NotImplementedError, RuntimeError):
+                    loop.add_signal_handler(sig, self._on_signal, sig)
+                    installed.append(sig)
+        heartbeat: asyncio.Task[None] | None = None
+        try:
+            registered = await self._register_until_done()
+            if not registered:
+                return  # drained before the registry ever answered
+            self._log = self._log.bind(worker_id=self._worker_id)
+            self._log.info(
+                "worker registered",
+                capabilities=list(self.settings.capabilities),
+                task_types=self.tasks.task_types(),
+                max_concurrent=self.settings.max_concurrent,
+            )
+            heartbeat = asyncio.create_task(self._heartbeat_loop(), name="hive-worker-heartbeat")
+            self._start_watch()
+            self._ready.set()
+            failure = await self._until_drain_or_failure(heartbeat)
+            await self._shutdown(heartbeat)
+            heartbeat = None
+            if failure is not None:
+                raise failure
+        finally:
+            if heartbeat is not None:
+                heartbeat.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await heartbeat
+            await self._cancel_all()
+            for sig in installed:
+                loop.remove_signal_handler(sig)
+            for client in owned:
+                await client.close()
+
+    # ------------------------------------------------------------------ wiring
+
+    def _open_clients(self) -> list[RegistryClient | TicketClient]:
+        policy = CallPolicy(
+            timeout_seconds=self.settings.call_timeout_seconds,
+            deadline_seconds=self.settings.call_deadline_seconds,
+        )
+        reconnect = ReconnectPolicy(max_backoff_seconds=self.settings.reconnect_max_backoff_seconds)
+        owned: list[RegistryClient | TicketClient] = []
+        if self._registry is None:
+            self._registry = RegistryClient.connect(
+                self.settings.registry_target,
+                token_provider=self._current_worker_token,
+                policy=policy,
+                reconnect=reconnect,
+            )
+            owned.append(self._registry)
+        if self._tickets is None:
+            self._tickets = TicketClient.connect(
+                self.settings.tickets_target,
+                token_provider=self._current_worker_token,
+                policy=policy,
+                reconnect=reconnect,
+            )
+            owned.append(self._tickets)
+        return owned
+
+    def _current_worker_token(self) -> str | None:
+        return self._worker_token
+
+    @property
+    def _registry_client(self) -> RegistryClient:
+        assert self._registry is not None
+        return self._registry
+
+    @property
+    def _ticket_client(self) -> TicketClient:
+        assert self._tickets is not None
+        return self._tickets
+
+    def _on_signal(self, sig: signal.Signals) -> None:
+        self._signals += 1
+        if self._signals == 1:
+            self._log.info("signal received; draining", signal=sig.name)
+            self.drain()
+        else:
+            # A second signal: stop waiting for running tasks.
+            self._log.warning("second signal; interrupting running tasks", signal=sig.name)
+            for run in list(self._runs.values()):
+                run.interrupted = True
+                run.stop_handler()
+
+    async def _until_drain_or_failure(self, heartbeat: asyncio.Task[None]) -> BaseException | None:
+        """Wait for a drain request; a background loop dying also ends the wait."""
+        drain = asyncio.create_task(self._drain_requested.wait())
+        try:
+            while True:
+                watch = self._watch_task
+                waiting: set[asyncio.Task[Any]] = {drain, heartbeat}
+                if watch is not None:
+                    waiting.add(watch)
+                done, _ = await asyncio.wait(waiting, return_when=asyncio.FIRST_COMPLETED)
+                if drain in done:
+                    return None
+                for task in done:
+                    if task is watch and self._watch_task is not watch:
+                        continue  # replaced on purpose (re-registered under a new id)
+                    error = task.exception() if not task.cancelled() else None
+                    self._log.error("worker loop stopped", loop=task.get_name(), error=repr(error))
+                    return error or RuntimeError(f"{task.get_name()} stopped")
+        finally:
+            drain.cancel()
+
+    # ------------------------------------------------------------------ registration
+
+    async def _register(self) -> None:
+        secret = self.settings.registration_secret
+        response = await self._registry_client.register(
+            name=self.settings.name,
+            namespace=self.settings.namespace,
+            capabilities=self.settings.capabilities,
+            labels=self.settings.labels,
+            max_concurrent=self.settings.max_concurrent,
+            version=self.settings.version,
+            token=secret.get_secret_value() if secret is not None else None,
+        )
+        previous = self._worker_id
+        self._worker_id = response.worker.worker_id
+        self._worker_token = response.token
+        self._token_expires_at = (
+            response.token_expires_at.ToDatetime(tzinfo=UTC)
+            if response.HasField("token_expires_at")
+            else None
+        )
+        if response.heartbeat_interval_seconds > 0:
+            self._server_interval = float(response.heartbeat_interval_seconds)
+        self._heartbeat_wake.set()  # re-registration reset in_flight at the registry
+        if previous is not None and previous != self._worker_id:
+            self._log = self._log.bind(worker_id=self._worker_id)
+            self._log.warning(
+                "registered under a new worker id; watching its assignments",
+                previous_worker_id=previous,
+            )
+            self._start_watch()
+
+    async def _register_until_done(self) -> bool:
+        """Register, retrying transient failures until it works or a drain is requested."""
+        failures = 0
+        while not self._drain_requested.is_set():
+            try:
+                await self._register()
+                return True
+            except HiveError as exc:
+                if not is_retryable(exc):
+                    self._log.error(
+                        "registration refused",
+                        error=repr(exc),
+                        hint="check HIVE_WORKER_REGISTRATION_SECRET and the registry's "
+                        "registration secret / JWT secret",
+                    )
+                    raise
+                failures += 1
+                self._log.warning("registry unavailable; retrying", error=repr(exc))
+                await self._pause(failures)
+        return False
+
+    async def _pause(self, failures: int) -> None:
+        """Back off (full jitter), waking early on a drain request."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._drain_requested.wait(), self._backoff.backoff(failures))
+
+    # ------------------------------------------------------------------ heartbeat
+
+    @property
+    def _interval(self) -> float:
+        return self.settings.heartbeat_interval_seconds or self._server_interval
+
+    async def _heartbeat_loop(self) -> None:
+        while True:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._heartbeat_wake.wait(), self._interval)
+            self._heartbeat_wake.clear()
+            await self._heartbeat_once()
+            # Coalesce bursts of in-flight changes into one heartbeat.
+            await asyncio.sleep(min(0.1, self._interval))
+
+    async def _heartbeat_once(self) -> None:
+        assert self._worker_id is not None
+        try:
+            if not self._draining and self._token_expiring():
+                self._log.info("worker token about to expire; registering again")
+                await self._register()
+            response = await self._registry_client.heartbeat(
+                worker_id=self._worker_id,
+                in_flight=len(self._runs),
+                succeeded_total=self.succeeded_total,
+                failed_total=self.failed_total,
+                draining=self._draining,
+            )
+            if response.heartbeat_interval_seconds > 0:
+                self._server_interval = float(response.heartbeat_interval_seconds)
+        except (NotFound, Unauthenticated) as exc:
+            if self._draining:
+                self._log.info("registry no longer knows this worker while draining")
+                return
+            self._log.warning("heartbeat refused; registering again", error=repr(exc))
+            try:
+                await self._register()
+            except HiveError as again:
+                self._log.error("re-registration failed", error=repr(again))
+        except HiveError as exc:
+            self._log.warning("heartbeat failed", error=repr(exc))
+
+    def _token_expiring(self) -> bool:
+        if self._token_expires_at is None:
+            return False
+        margin = timedelta(seconds=max(60.0, 3 * self._interval))
+        return datetime.now(UTC) >= self._token_expires_at - margin
+
+    # ------------------------------------------------------------------ watch
+
+    def _start_watch(self) -> None:
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+        if self._draining:
+            self._watch_task = None
+            return
+        self._watch_task = asyncio.create_task(self._watch_loop(), name="hive-worker-watch")
+
+    async def _watch_loop(self) -> None:
+        failures = 0
+        while not self._draining:
+            worker_id = self._worker_id
+            assert worker_id is not None
+            watched, cursor = self._watch_cursor
+            if watched != worker_id:
+                cursor = ""
+            watch = self._ticket_client.watch_tickets(
+                worker_id=worker_id, cursor=cursor, include_snapshot=not cursor
+            )
+            try:
+                async for event in watch:
+                    failures = 0
+                    self._watch_cursor = (worker_id, watch.cursor)
+                    self._on_event(event)
+            except HiveError as exc:
+                # Transient failures are handled inside the watch; this is a refusal.
+                failures += 1
+                self._log.warning("ticket watch refused", error=repr(exc))
+                if isinstance(exc, Unauthenticated | PermissionDenied):
+                    # A fresh worker token (or a new id, which restarts this watch).
+                    with contextlib.suppress(HiveError):
+                        await self._register()
+                await self._pause(failures)
+            finally:
+                await watch.aclose()
+
+    def _on_event(self, event: pb.TicketEvent) -> None:
+        ticket = event.ticket
+        for run in [r for r in self._runs.values() if r.ticket.ticket_id == ticket.ticket_id]:
+            if run.superseded_by(ticket):
+                self._abandon(run, ticket)
+        if ticket.worker_id != self._worker_id:
+            return
+        key = (ticket.ticket_id, ticket.attempt)
+        if key in self._runs or key in self._finished:
+            return
+        if ticket.status == pb.TICKET_STATUS_ASSIGNED:
+            if self._draining:
+                self._log.info("draining; not taking assignment", ticket_id=ticket.ticket_id)
+                return
+            self._accept(ticket)
+        elif (
+            ticket.status == pb.TICKET_STATUS_RUNNING
+            and event.type == pb.TICKET_EVENT_TYPE_SNAPSHOT
+        ):
+            # Running for this worker id, but not in this process: a previous process
+            # died mid-task. Fail the attempt so it is retried now, not at lease expiry.
+            self._remember(key)
+            orphan = asyncio.create_task(self._fail_orphan(ticket), name="hive-worker-orphan")
+            self._background.add(orphan)
+            orphan.add_done_callback(self._background.discard)
+
+    def _abandon(self, run: _Run, ticket: pb.ExecutionTicket) -> None:
+        if run.phase is Phase.REPORTING or run.abandoned:
+            return  # our own report caused this change, or already stopping
+        run.abandoned = True
+        run.log.info(
+            "ticket moved on; stopping",
+            status=pb.TicketStatus.Name(ticket.status),
+            current_attempt=ticket.attempt,
+        )
+        if run.phase is Phase.RUNNING:
+            run.stop_handler()
+        elif run.task is not None:
+            run.task.cancel()
+
+    def _accept(self, ticket: pb.ExecutionTicket) -> None:
+        assert self._worker_id is not None
+        run = _Run(
+            ticket=ticket,
+            worker_id=self._worker_id,
+            accepted_version=ticket.version,
+            log=self._log.bind(
+                ticket_id=ticket.ticket_id,
+                plan_id=ticket.plan_id,
+                task_id=ticket.task_id,
+                attempt=ticket.attempt,
+            ),
+        )
+        self._runs[run.key] = run
+        run.task = asyncio.create_task(self._execute(run), name=f"hive-task-{ticket.ticket_id}")
+        self._heartbeat_wake.set()
+
+    def _remember(self, key: tuple[str, int]) -> None:
+        self._finished[key] = None
+        while len(self._finished) > _FINISHED_MEMORY:
+            self._finished.popitem(last=False)
+
+    # ------------------------------------------------------------------ one attempt
+
+    async def _execute(self, run: _Run) -> None:
+        try:
+            async with self._slots:
+                if self._draining:
+                    run.log.info("draining; assignment not started")
+                    return
+                run.phase = Phase.STARTING
+                if not await self._mark_running(run):
+                    return
+                run.phase = Phase.RUNNING
+                outcome = await self._invoke_handler(run)
+                if outcome is None:
+                    return
+                run.phase = Phase.REPORTING
+                await self._report(run, outcome)
+        except asyncio.CancelledError:
+            if run.abandoned or run.released:
+                return  # we cancelled it on purpose
+            raise
+        finally:
+            if run.handler_task is not None and not run.handler_task.done():
+                run.handler_task.cancel()
+            self._runs.pop(run.key, None)
+            self._remember(run.key)
+            self._heartbeat_wake.set()
+
+    async def _until_definite(self, run: _Run, what: str, call: Callable[[], Any]) -> Any:
+        """Await ``call()`` until it succeeds or fails with a non-transient error."""
+        failures = 0
+        while True:
+            try:
+                return await call()
+            except HiveError as exc:
+                if not is_retryable(exc):
+                    raise
+                failures += 1
+                run.log.warning(f"{what}: ticket service unavailable; retrying", error=repr(exc))
+                await asyncio.sleep(self._backoff.backoff(failures))
+
+    async def _refresh_token(self, run: _Run) -> None:
+        ticket_id = run.ticket.ticket_id
+        response: pb.GenerateTokenResponse = await self._until_definite(
+            run, "token", lambda: self._ticket_client.generate_token(ticket_id=ticket_id)
+        )
+        if response.attempt != run.ticket.attempt:
+            raise FailedPrecondition(
+                f"the ticket is at attempt {response.attempt}, not {run.ticket.attempt}"
+            )
+        run.token = response.token
+        run.token_expires_at = (
+            response.expires_at.ToDatetime(tzinfo=UTC) if response.HasField("expires_at") else None
+        )
+
+    def _token_fresh(self, run: _Run) -> bool:
+        if not run.token:
+            return False
+        if run.token_expires_at is None:
+            return True
+        return datetime.now(UTC) < run.token_expires_at - timedelta(seconds=30)
+
+    async def _mark_running(self, run: _Run) -> bool:
+        ticket = run.ticket
+        try:
+            await self._refresh_token(run)
+            updated: pb.ExecutionTicket = await self._until_definite(
+                run,
+                "start",
+                lambda: self._ticket_client.update_ticket_status(
+                    ticket_id=ticket.ticket_id,
+                    status=pb.TICKET_STATUS_RUNNING,
+                    attempt=ticket.attempt,
+                    token=run.token,
+                ),
+            )
+        except _DEFINITE_REFUSALS as exc:
+            run.log.info("assignment no longer valid; not starting", error=repr(exc))
+            return False
+        run.ticket = updated
+        run.accepted_version = max(run.accepted_version, updated.version)
+        run.log.info("task started", task_type=ticket.task_type)
+        return True
+
+    def _handler_timeout(self, ticket: pb.ExecutionTicket) -> float | None:
+        if ticket.timeout_seconds <= 0:
+            return None
+        # Leave a little of the RUNNING lease for reporting the outcome in time.
+        return ticket.timeout_seconds - min(5.0, 0.1 * ticket.timeout_seconds)
+
+    async def _invoke_handler(self, run: _Run) -> Outcome | None:
+        ticket = run.ticket
+        if run.interrupted:
+            return Outcome.failure("the worker stopped before the task started")
+        handler = self.tasks.get(ticket.task_type)
+        if handler is None:
+            known = ", ".join(self.tasks.task_types()) or "none"
+            return Outcome.failure(
+                f"unknown task type {ticket.task_type!r} (this worker runs: {known})",
+                permanent=True,
+            )
+        params: dict[str, Any] = json_format.MessageToDict(ticket.parameters)
+        ctx = TaskContext(
+            ticket_id=ticket.ticket_id,
+            plan_id=ticket.plan_id,
+            task_id=ticket.task_id,
+            task_type=ticket.task_type,
+            attempt=ticket.attempt,
+            max_retries=ticket.max_retries,
+            timeout_seconds=float(ticket.timeout_seconds),
+            worker_id=run.worker_id,
+            description=ticket.description,
+            logger=run.log,
+        )
+        timeout = self._handler_timeout(ticket)
+        handler_task: asyncio.Task[Mapping[str, Any]] = asyncio.ensure_future(handler(params, ctx))
+        run.handler_task = handler_task
+        done, _ = await asyncio.wait({handler_task}, timeout=timeout)
+        if not done:
+            handler_task.cancel()
+            await asyncio.gather(handler_task, return_exceptions=True)
+            if run.abandoned:
+                return None
+            return Outcome.failure(f"timed out after {timeout:g}s")
+        if handler_task.cancelled():
+            if run.abandoned:
+                return None
+            return Outcome.failure("the worker stopped before the task finished")
+        error = handler_task.exception()
+        if isinstance(error, TaskError):
+            return Outcome.failure(error.message, permanent=error.permanent, result=error.result)
+        if error is not None:
+            run.log.warning("task raised", error=repr(error), exc_info=error)
+            return Outcome.failure(f"{type(error).__name__}: {error}")
+        try:
+            return Outcome(completed=True, result=normalise_result(handler_task.result()))
+        except (TypeError, ValueError) as exc:
+            return Outcome.failure(f"the handler returned an invalid result: {exc}", permanent=True)
+
+    async def _report(self, run: _Run, outcome: Outcome) -> None:
+        for _ in range(3):  # a fresh token or a rejected result may take another round
+            if not self._token_fresh(run):
+                try:
+                    await self._refresh_token(run)
+                except _DEFINITE_REFUSALS as exc:
+                    run.log.warning("ticket moved on; outcome not reported", error=repr(exc))
+                    return
+            try:
+                await self._until_definite(run, "report", self._sender(run, outcome))
+            except Unauthenticated:
+                run.token = ""  # expired meanwhile: get a new one and try again
+                continue
+            except InvalidArgument as exc:
+                if not outcome.completed or outcome.result is None:
+                    run.log.error("outcome refused by the ticket service", error=repr(exc))
+                    return
+                # e.g. a result over the size limit: report that instead; it will not change.
+                outcome = Outcome.failure(
+                    f"the result was refused: {exc.message}",
+                    permanent=True,
+                )
+                continue
+            except _DEFINITE_REFUSALS as exc:
+                run.log.warning("ticket moved on; outcome not applied", error=repr(exc))
+                return
+            if outcome.completed:
+                self.succeeded_total += 1
+                run.log.info("task completed")
+            else:
+                self.failed_total += 1
+                run.log.info(
+                    "task failed", error=outcome.error_message, permanent=outcome.permanent
+                )
+            return
+        run.log.error("outcome could not be reported")
+
+    def _sender(self, run: _Run, outcome: Outcome) -> Callable[[], Any]:
+        """One UpdateTicketStatus call reporting ``outcome`` with the run's current token."""
+        ticket = run.ticket
+        status = pb.TICKET_STATUS_COMPLETED if outcome.completed else pb.TICKET_STATUS_FAILED
+        error = "" if outcome.completed else _error_text(outcome.error_message)
+        result = _clean_json(outcome.result) if outcome.result else None
+
+        def send() -> Any:
+            return self._ticket_client.update_ticket_status(
+                ticket_id=ticket.ticket_id,
+                status=status,
+                attempt=ticket.attempt,
+                result=result,
+                error_message=error,
+                permanent=outcome.permanent,
+                token=run.token,
+            )
+
+        return send
+
+    async def _fail_orphan(self, ticket: pb.ExecutionTicket) -> None:
+        assert self._worker_id is not None
+        run = _Run(
+            ticket=ticket,
+            worker_id=self._worker_id,
+            phase=Phase.REPORTING,
+            log=self._log.bind(ticket_id=ticket.ticket_id, attempt=ticket.attempt),
+        )
+        run.log.warning("found a running attempt this process does not own; failing it")
+        try:
+            await self._report(
+                run, Outcome.failure("the worker restarted while this attempt was running")
+            )
+        except HiveError as exc:
+            run.log.warning("could not fail the orphaned attempt", error=repr(exc))
+
+    # ------------------------------------------------------------------ drain
+
+    async def _shutdown(self, heartbeat: asyncio.Task[None]) -> None:
+        self._draining = True
+        log = self._log
+        log.info("draining", in_flight=len(self._runs))
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._watch_task
+            self._watch_task = None
+        for run in list(self._runs.values()):
+            if run.phase is Phase.QUEUED and run.task is not None:
+                run.released = True
+                run.task.cancel()
+        self._heartbeat_wake.set()  # tell the registry now: no new assignments
+
+        pending = [r.task for r in self._runs.values() if r.task is not None]
+        if pending:
+            _, still = await asyncio.wait(pending, timeout=self.settings.drain_grace_seconds)
+            if still:
+                log.warning("drain grace over; interrupting running tasks", count=len(still))
+                for run in list(self._runs.values()):
+                    run.interrupted = True
+                    run.stop_handler()
+                _, still = await asyncio.wait(still, timeout=_SHUTDOWN_REPORT_SECONDS)
+                for task in still:
+                    task.cancel()
+                await asyncio.gather(*still, return_exceptions=True)
+
+        heartbeat.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await heartbeat
+        await self._heartbeat_once()  # final totals, draining
+        if self._worker_id is not None:
+            try:
+                await self._registry_client.deregister(worker_id=self._worker_id)
+                log.info("deregistered")
+            except HiveError as exc:
+                log.warning("deregistration failed; the registry will expire us", error=repr(exc))
+
+    async def _cancel_all(self) -> None:
+        tasks = [r.task for r in self._runs.values() if r.task is not None]
+        tasks.extend(self._background)
+        if self._watch_task is not None:
+            tasks.append(self._watch_task)
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+__all__ = ["ERROR_MESSAGE_LIMIT", "Outcome", "Phase", "Worker", "normalise_result"]

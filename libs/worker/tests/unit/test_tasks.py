@@ -1,0 +1,307 @@
+"""Built-in task types, each against the real thing it touches (a local HTTP server on
+127.0.0.1:0, real child processes) but no Hive service."""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+
+import pytest
+from hive_worker.handlers import InvalidParameters, PermanentTaskError, TaskContext, TaskError
+from hive_worker.tasks import HttpGetTask, ShellTask, SleepTask, builtin_tasks, echo, fail
+
+PY = sys.executable
+
+
+def ctx(task_type: str = "t") -> TaskContext:
+    return TaskContext(
+        ticket_id="00000000-0000-0000-0000-000000000001",
+        plan_id="p",
+        task_id="t1",
+        task_type=task_type,
+        attempt=1,
+        max_retries=0,
+        timeout_seconds=60,
+        worker_id="w",
+    )
+
+
+# ---------------------------------------------------------------- echo, sleep, fail
+
+
+async def test_echo_returns_its_parameters() -> None:
+    params: dict[str, Any] = {"a": 1.0, "nested": {"b": [True, None, "x"]}}
+    assert await echo(params, ctx()) == params
+
+
+async def test_sleep_sleeps_within_bounds() -> None:
+    task = SleepTask(max_seconds=5)
+    assert await task({"seconds": 0.0}, ctx()) == {"slept_seconds": 0.0}
+    assert await task({"seconds": 0.01}, ctx()) == {"slept_seconds": 0.01}
+
+
+@pytest.mark.parametrize(
+    ("params", "problem"),
+    [
+        ({}, "is required"),
+        ({"seconds": "1"}, "must be a number"),
+        ({"seconds": True}, "must be a number"),
+        ({"seconds": -1.0}, "between 0 and 5"),
+        ({"seconds": 5.5}, "between 0 and 5"),
+    ],
+)
+async def test_sleep_refuses_bad_seconds(params: dict[str, Any], problem: str) -> None:
+    with pytest.raises(InvalidParameters, match=problem) as raised:
+        await SleepTask(max_seconds=5)(params, ctx())
+    assert raised.value.permanent
+    assert raised.value.field == "seconds"
+
+
+async def test_fail_is_retryable_by_default_and_permanent_on_request() -> None:
+    with pytest.raises(TaskError) as retryable:
+        await fail({"message": "boom"}, ctx())
+    assert (retryable.value.message, retryable.value.permanent) == ("boom", False)
+    with pytest.raises(TaskError) as permanent:
+        await fail({"permanent": True}, ctx())
+    assert (permanent.value.message, permanent.value.permanent) == ("failed on purpose", True)
+    with pytest.raises(InvalidParameters):
+        await fail({"permanent": "yes"}, ctx())
+
+
+# ---------------------------------------------------------------- http_get
+
+
+class _Handler(BaseHTTPRequestHandler):
+    def do_GET(self) -> None:
+        path = self.path
+        if path.startswith("/status/"):
+            self._send(int(path.rsplit("/", 1)[1]), b"status page")
+        elif path == "/big":
+            self._send(200, b"x" * 100)
+        elif path == "/slow":
+            time.sleep(1.0)
+            self._send(200, b"late")
+        elif path == "/to-ftp":
+            self.send_response(302)
+            self.send_header("Location", "ftp://example.invalid/file")
+            self.end_headers()
+        elif path == "/to-ok":
+            self.send_response(302)
+            self.send_header("Location", "/status/200")
+            self.end_headers()
+        else:
+            self._send(200, "héllo".encode())
+
+    def _send(self, status: int, body: bytes) -> None:
+        self.send_response(status)
+        self.send_header("Content-Type", "text/plain; charset=utf-8")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        with contextlib.suppress(BrokenPipeError, ConnectionResetError):  # client gave up
+            self.wfile.write(body)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        pass
+
+
+@pytest.fixture(scope="module")
+def http_base() -> Iterator[str]:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    server.daemon_threads = True
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def http_task(max_body: int = 1024) -> HttpGetTask:
+    return HttpGetTask(default_timeout_seconds=5, max_timeout_seconds=10, max_body_bytes=max_body)
+
+
+async def test_http_get_returns_status_and_body(http_base: str) -> None:
+    result = await http_task()({"url": f"{http_base}/"}, ctx())
+    assert result["status"] == 200
+    assert result["body"] == "héllo"
+    assert result["content_type"] == "text/plain"
+    assert result["truncated"] is False
+
+
+async def test_http_get_bounds_the_body(http_base: str) -> None:
+    result = await http_task(max_body=10)({"url": f"{http_base}/big"}, ctx())
+    assert result["body"] == "x" * 10
+    assert result["truncated"] is True
+
+
+async def test_http_get_follows_http_redirects(http_base: str) -> None:
+    result = await http_task()({"url": f"{http_base}/to-ok"}, ctx())
+    assert (result["status"], result["body"]) == (200, "status page")
+
+
+@pytest.mark.parametrize(
+    ("status", "permanent"), [(404, True), (400, True), (429, False), (503, False)]
+)
+async def test_http_get_error_statuses_fail(http_base: str, status: int, permanent: bool) -> None:
+    with pytest.raises(TaskError) as raised:
+        await http_task()({"url": f"{http_base}/status/{status}"}, ctx())
+    assert raised.value.permanent is permanent
+    assert raised.value.result is not None
+    assert raised.value.result["status"] == status
+    assert raised.value.result["body"] == "status page"
+
+
+@pytest.mark.parametrize(
+    "url", ["ftp://example.com/x", "file:///etc/passwd", "http://", "example.com", ""]
+)
+async def test_http_get_only_takes_http_urls(url: str) -> None:
+    with pytest.raises(InvalidParameters, match="url"):
+        await http_task()({"url": url}, ctx())
+
+
+async def test_http_get_refuses_a_redirect_to_another_scheme(http_base: str) -> None:
+    with pytest.raises(PermanentTaskError, match="non-HTTP"):
+        await http_task()({"url": f"{http_base}/to-ftp"}, ctx())
+
+
+async def test_http_get_timeout_is_a_retryable_failure(http_base: str) -> None:
+    with pytest.raises(TaskError) as raised:
+        await http_task()({"url": f"{http_base}/slow", "timeout_seconds": 0.2}, ctx())
+    assert not raised.value.permanent
+
+
+@pytest.mark.parametrize("seconds", [0, -1, 11, "5"])
+async def test_http_get_timeout_must_be_in_range(http_base: str, seconds: object) -> None:
+    with pytest.raises(InvalidParameters, match="timeout_seconds"):
+        await http_task()({"url": http_base, "timeout_seconds": seconds}, ctx())
+
+
+async def test_http_get_unreachable_is_retryable() -> None:
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    port = server.server_address[1]
+    server.server_close()  # nothing listens there any more
+    with pytest.raises(TaskError) as raised:
+        await http_task()({"url": f"http://127.0.0.1:{port}/"}, ctx())
+    assert not raised.value.permanent
+
+
+# ---------------------------------------------------------------- shell
+
+
+def shell(max_output: int = 1024, timeout: float = 30) -> ShellTask:
+    return ShellTask(
+        allow_list=(PY, "/definitely/not/here"),
+        max_output_bytes=max_output,
+        default_timeout_seconds=timeout,
+    )
+
+
+async def test_shell_runs_an_allowed_program_without_a_shell() -> None:
+    # "$HOME" and ";" reach the program verbatim: no shell interprets them.
+    result = await shell()(
+        {"argv": [PY, "-c", "import sys; print(sys.argv[1:])", "$HOME", ";", "x"]}, ctx()
+    )
+    assert result["exit_code"] == 0
+    assert result["stdout"].strip() == "['$HOME', ';', 'x']"
+    assert result["stderr"] == ""
+
+
+async def test_shell_cmd_is_split_with_shlex() -> None:
+    result = await shell()({"cmd": f"{PY} -c 'print(\"a b\")'"}, ctx())
+    assert result["argv"] == [PY, "-c", 'print("a b")']
+    assert result["stdout"].strip() == "a b"
+
+
+async def test_shell_bounds_output() -> None:
+    result = await shell(max_output=5)(
+        {"argv": [PY, "-c", "import sys; print('y' * 100000); print('e' * 9, file=sys.stderr)"]},
+        ctx(),
+    )
+    assert result["stdout"] == "yyyyy"
+    assert result["stdout_truncated"] is True
+    assert result["stderr"] == "eeeee"
+    assert result["stderr_truncated"] is True
+
+
+async def test_shell_non_zero_exit_is_a_retryable_failure_with_output() -> None:
+    with pytest.raises(TaskError) as raised:
+        await shell()({"argv": [PY, "-c", "import sys; print('out'); sys.exit(3)"]}, ctx())
+    assert not raised.value.permanent
+    assert raised.value.result is not None
+    assert raised.value.result["exit_code"] == 3
+    assert raised.value.result["stdout"].strip() == "out"
+
+
+@pytest.mark.parametrize(
+    "params",
+    [
+        {"cmd": "rm -rf /"},
+        {"cmd": "python3 -c 1"},  # a bare name is not the allowed absolute path
+        {"argv": [f"/tmp/evil/{PY.rsplit('/', 1)[1]}"]},  # nor is a same-named program
+        {"cmd": f"sh -c '{PY} -c 1'"},
+    ],
+)
+async def test_shell_refuses_programs_outside_the_allow_list(params: dict[str, Any]) -> None:
+    with pytest.raises(PermanentTaskError, match="not in the shell allow-list"):
+        await shell()(params, ctx())
+
+
+@pytest.mark.parametrize(
+    ("params", "field"),
+    [
+        ({}, "cmd"),
+        ({"cmd": "a", "argv": ["a"]}, "cmd"),
+        ({"cmd": "unbalanced 'quote"}, "cmd"),
+        ({"cmd": ""}, "cmd"),
+        ({"argv": "a b"}, "argv"),
+        ({"argv": [PY, 1]}, "argv"),
+        ({"argv": []}, "argv"),
+        ({"argv": [PY], "timeout_seconds": 0}, "timeout_seconds"),
+    ],
+)
+async def test_shell_refuses_bad_parameters(params: dict[str, Any], field: str) -> None:
+    with pytest.raises(InvalidParameters) as raised:
+        await shell()(params, ctx())
+    assert raised.value.field == field
+
+
+async def test_shell_with_an_empty_allow_list_runs_nothing() -> None:
+    task = ShellTask(allow_list=(), max_output_bytes=10, default_timeout_seconds=1)
+    with pytest.raises(PermanentTaskError, match=r"allowed: none"):
+        await task({"argv": [PY, "-c", "1"]}, ctx())
+
+
+async def test_shell_timeout_kills_the_program() -> None:
+    with pytest.raises(TaskError, match="timed out") as raised:
+        await shell()(
+            {"argv": [PY, "-c", "import time; time.sleep(30)"], "timeout_seconds": 0.3}, ctx()
+        )
+    assert not raised.value.permanent
+
+
+async def test_shell_missing_program_is_retryable() -> None:
+    with pytest.raises(TaskError, match="cannot start") as raised:
+        await shell()({"argv": ["/definitely/not/here"]}, ctx())
+    assert not raised.value.permanent
+
+
+def test_builtin_task_types() -> None:
+    handlers = builtin_tasks(
+        sleep_max_seconds=1,
+        shell_allow_list=["make"],
+        shell_max_output_bytes=10,
+        shell_timeout_seconds=1,
+        http_get_timeout_seconds=100,
+        http_get_max_timeout_seconds=5,
+        http_get_max_body_bytes=10,
+    )
+    assert sorted(handlers) == ["echo", "fail", "http_get", "shell", "sleep"]
+    http = handlers["http_get"]
+    assert isinstance(http, HttpGetTask)
+    assert http.default_timeout_seconds == 5  # capped by the maximum

@@ -1,0 +1,256 @@
+"""The handler registry, the public decorator API, settings/CLI parsing and how one
+attempt's outcome is decided (no service involved: the dispatch runs without I/O)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from google.protobuf import struct_pb2
+from hive_worker import (
+    InvalidParameters,
+    PermanentTaskError,
+    TaskContext,
+    TaskError,
+    TaskRegistry,
+    Worker,
+    WorkerSettings,
+)
+from hive_worker.cli import settings_from_args
+from hive_worker.sdk import Outcome, _Run, normalise_result
+
+from neuralhive.ticket.v1 import ticket_service_pb2 as pb
+
+TICKET = "5b2f3a8e-1d7c-4c1e-9a53-2f1b0c9d8e71"
+
+
+async def noop(params: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
+    return {}
+
+
+def test_registry_registers_and_refuses_duplicates_and_bad_names() -> None:
+    registry = TaskRegistry()
+    registry.register("resize", noop)
+    assert registry.get("resize") is noop
+    assert registry.get("missing") is None
+    assert "resize" in registry
+    with pytest.raises(ValueError, match="already has a handler"):
+        registry.register("resize", noop)
+    registry.register("resize", echo_twice, replace=True)
+    assert registry.get("resize") is echo_twice
+    for bad in ["", " x", "a b", "-lead", "x" * 129]:
+        with pytest.raises(ValueError, match="task type"):
+            registry.register(bad, noop)
+    assert registry.task_types() == ["resize"]
+
+
+async def echo_twice(params: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
+    return {"twice": [params, params]}
+
+
+def settings(**values: Any) -> WorkerSettings:
+    values.setdefault("name", "unit")
+    return WorkerSettings(**values)
+
+
+def test_worker_decorator_adds_user_handlers_next_to_builtins() -> None:
+    worker = Worker(settings=settings())
+
+    @worker.task("resize")
+    async def resize(params: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
+        return {"width": params["width"] / 2}
+
+    assert worker.tasks.get("resize") is resize
+    assert worker.tasks.task_types() == ["echo", "fail", "http_get", "resize", "shell", "sleep"]
+    with pytest.raises(ValueError, match="already"):
+        worker.add_task("echo", noop)
+    worker.add_task("echo", noop, replace=True)
+    assert worker.tasks.get("echo") is noop
+    assert Worker(settings=settings(), builtin_task_types=False).tasks.task_types() == []
+
+
+def ticket(task_type: str, params: dict[str, Any], *, timeout: int = 60) -> pb.ExecutionTicket:
+    struct = struct_pb2.Struct()
+    struct.update(params)
+    return pb.ExecutionTicket(
+        ticket_id=TICKET,
+        plan_id="plan",
+        task_id="t",
+        task_type=task_type,
+        parameters=struct,
+        attempt=1,
+        max_retries=2,
+        timeout_seconds=timeout,
+        worker_id="w-1",
+        status=pb.TICKET_STATUS_RUNNING,
+        version=3,
+    )
+
+
+async def dispatch(worker: Worker, t: pb.ExecutionTicket) -> Outcome | None:
+    run = _Run(ticket=t, worker_id="w-1", log=worker._log)
+    return await worker._invoke_handler(run)
+
+
+async def test_dispatch_outcomes() -> None:
+    worker = Worker(settings=settings())
+    seen: list[TaskContext] = []
+
+    @worker.task("ctx")
+    async def record(params: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
+        seen.append(ctx)
+        return {"n": params["n"] + 1}
+
+    @worker.task("crash")
+    async def crash(params: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
+        raise RuntimeError("disk on fire")
+
+    @worker.task("bad-result")
+    async def bad_result(params: dict[str, Any], ctx: TaskContext) -> Any:
+        return ["not", "an", "object"]
+
+    @worker.task("bad-params")
+    async def bad_params(params: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
+        raise InvalidParameters("width", "must be positive")
+
+    @worker.task("hang")
+    async def hang(params: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
+        await asyncio.Event().wait()
+        return {}
+
+    assert await dispatch(worker, ticket("echo", {"a": "b"})) == Outcome(
+        completed=True, result={"a": "b"}
+    )
+    assert await dispatch(worker, ticket("ctx", {"n": 1})) == Outcome(
+        completed=True, result={"n": 2.0}
+    )
+    assert (seen[0].ticket_id, seen[0].attempt, seen[0].max_retries) == (TICKET, 1, 2)
+    assert not seen[0].last_attempt
+
+    unknown = await dispatch(worker, ticket("resize", {}))
+    assert unknown is not None
+    assert unknown.permanent
+    assert "unknown task type 'resize'" in unknown.error_message
+
+    crashed = await dispatch(worker, ticket("crash", {}))
+    assert crashed == Outcome.failure("RuntimeError: disk on fire")
+
+    refused = await dispatch(worker, ticket("bad-result", {}))
+    assert refused is not None
+    assert refused.permanent
+    assert "must return a dict" in refused.error_message
+
+    invalid = await dispatch(worker, ticket("bad-params", {}))
+    assert invalid == Outcome.failure("parameters.width: must be positive", permanent=True)
+
+    failing = await dispatch(worker, ticket("fail", {"message": "nope", "permanent": True}))
+    assert failing == Outcome.failure("nope", permanent=True)
+
+    timed_out = await dispatch(worker, ticket("hang", {}, timeout=1))
+    assert timed_out is not None
+    assert not timed_out.permanent
+    assert timed_out.error_message.startswith("timed out after 0.9s")
+
+
+async def test_dispatch_of_a_disallowed_shell_command_is_permanent() -> None:
+    worker = Worker(settings=settings(shell_allow_list="make"))
+    outcome = await dispatch(worker, ticket("shell", {"cmd": "rm -rf /"}))
+    assert outcome is not None
+    assert outcome.permanent
+    assert "not in the shell allow-list" in outcome.error_message
+
+
+def test_task_error_flags() -> None:
+    assert not TaskError("x").permanent
+    assert TaskError("x", permanent=True).permanent
+    assert PermanentTaskError("x").permanent
+    assert not PermanentTaskError("x", permanent=False).permanent
+    assert TaskError("x", result={"a": 1}).result == {"a": 1}
+
+
+def test_normalise_result() -> None:
+    assert normalise_result({"a": (1, 2), "s": "nul\x00"}) == {"a": [1, 2], "s": "nul\ufffd"}
+    with pytest.raises(TypeError):
+        normalise_result([1])
+    with pytest.raises(ValueError, match="Out of range"):
+        normalise_result({"x": float("inf")})
+    with pytest.raises(TypeError):
+        normalise_result({"x": object()})
+
+
+def test_a_run_is_superseded_only_by_newer_changes_that_leave_it() -> None:
+    run = _Run(ticket=ticket("echo", {}), worker_id="w-1", accepted_version=3)
+
+    def change(**fields: Any) -> pb.ExecutionTicket:
+        t = ticket("echo", {})
+        t.version = fields.pop("version", 4)
+        for name, value in fields.items():
+            setattr(t, name, value)
+        return t
+
+    assert not run.superseded_by(change(status=pb.TICKET_STATUS_RUNNING))
+    assert not run.superseded_by(change(status=pb.TICKET_STATUS_CANCELLED, version=3))
+    assert run.superseded_by(change(status=pb.TICKET_STATUS_CANCELLED))
+    assert run.superseded_by(change(status=pb.TICKET_STATUS_PENDING, attempt=2, worker_id=""))
+    assert run.superseded_by(change(status=pb.TICKET_STATUS_ASSIGNED, worker_id="w-2"))
+    assert not run.superseded_by(change(attempt=0))
+
+
+def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HIVE_WORKER_CAPABILITIES", "python, shell,python")
+    monkeypatch.setenv("HIVE_WORKER_LABELS", "zone=a, tier=gpu")
+    monkeypatch.setenv("HIVE_WORKER_SHELL_ALLOW_LIST", '["make", "pytest"]')
+    monkeypatch.setenv("HIVE_WORKER_REGISTRATION_SECRET", "join")
+    monkeypatch.setenv("HIVE_WORKER_MAX_CONCURRENT", "3")
+    loaded = WorkerSettings()
+    assert loaded.capabilities == ["python", "shell"]
+    assert loaded.labels == {"zone": "a", "tier": "gpu"}
+    assert loaded.shell_allow_list == ["make", "pytest"]
+    assert loaded.registration_secret is not None
+    assert loaded.registration_secret.get_secret_value() == "join"
+    assert loaded.max_concurrent == 3
+    assert loaded.name  # defaults to the host name
+
+
+def test_flags_override_the_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HIVE_WORKER_CAPABILITIES", "python")
+    monkeypatch.setenv("HIVE_WORKER_NAME", "from-env")
+    monkeypatch.setenv("HIVE_WORKER_MAX_CONCURRENT", "3")
+    loaded = settings_from_args(
+        [
+            "--capabilities",
+            "python,shell",
+            "--name",
+            "w1",
+            "--label",
+            "zone=b",
+            "--label",
+            "gpu=yes",
+            "--shell-allow",
+            "make",
+            "--registry",
+            "registry:50051",
+        ]
+    )
+    assert loaded.capabilities == ["python", "shell"]
+    assert loaded.name == "w1"
+    assert loaded.labels == {"zone": "b", "gpu": "yes"}
+    assert loaded.shell_allow_list == ["make"]
+    assert loaded.registry_target == "registry:50051"
+    assert loaded.max_concurrent == 3  # not given on the command line: env applies
+
+
+@pytest.mark.parametrize(
+    "values",
+    [
+        {"max_concurrent": 0},
+        {"labels": "novalue"},
+        {"capabilities": ["a", " "]},
+        {"log_level": "LOUD"},
+        {"name": ""},
+    ],
+)
+def test_bad_settings_are_refused(values: dict[str, Any]) -> None:
+    with pytest.raises(ValueError, match="validation error"):
+        WorkerSettings(**values)
