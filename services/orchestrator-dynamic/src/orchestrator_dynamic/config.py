@@ -1,0 +1,109 @@
+"""Settings of orchestrator-dynamic, from ``HIVE_ORCHESTRATOR_*`` environment variables.
+
+Local defaults (HTTP 8003, gRPC 50053) sit beside the registry (8001/50051) and the ticket
+service (8002/50052); containers set ``HIVE_ORCHESTRATOR_HTTP_PORT=8000``.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import SettingsConfigDict
+
+from hive_common.config import HiveSettings
+from orchestrator_dynamic.domain.scheduler import RetryBackoff, SchedulingPolicy
+from orchestrator_dynamic.domain.validation import PlanLimits
+
+
+class OrchestratorSettings(HiveSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="HIVE_ORCHESTRATOR_",
+        env_ignore_empty=True,
+        extra="ignore",
+        validate_default=True,
+    )
+
+    service_name: str = "orchestrator-dynamic"
+    grpc_port: int = Field(default=50053, ge=0, le=65535)
+    http_port: int = Field(default=8003, ge=0, le=65535)
+
+    postgres_dsn: SecretStr = SecretStr("postgresql://postgres@127.0.0.1:5432/orchestrator")
+    postgres_pool_min_size: int = Field(default=1, ge=1)
+    postgres_pool_max_size: int = Field(default=10, ge=1)
+    startup_timeout_seconds: float = Field(default=60.0, gt=0)
+
+    ticket_service_target: str = "127.0.0.1:50052"
+    registry_target: str = "127.0.0.1:50051"
+    # Per attempt / whole call (retries of UNAVAILABLE included) for unary calls.
+    rpc_timeout_seconds: float = Field(default=5.0, gt=0)
+    rpc_deadline_seconds: float = Field(default=15.0, gt=0)
+    service_token_ttl_seconds: int = Field(default=3600, ge=60)
+    # Registry namespace the workers are discovered in; empty means "default".
+    worker_namespace: str = ""
+
+    # Optional static token for the HTTP API (``Authorization: Bearer <token>``); unset
+    # leaves the API open (local development; put it behind a gateway otherwise).
+    api_token: SecretStr | None = None
+    max_request_bytes: int = Field(default=8 * 1024 * 1024, ge=1024)
+
+    # Plan limits (C1).
+    max_tasks: int = Field(default=10_000, ge=1)
+    max_dag_depth: int = Field(default=256, ge=1)
+    max_parameters_bytes: int = Field(default=64 * 1024, ge=2)
+    max_retries: int = Field(default=20, ge=0)
+    # Tickets per BatchCreateTickets call (C2).
+    ticket_batch_size: int = Field(default=500, ge=1)
+
+    # Scheduling (C3 to C5).
+    fail_fast: bool = True
+    backoff_base_seconds: float = Field(default=1.0, ge=0)
+    backoff_cap_seconds: float = Field(default=300.0, ge=0)
+    # AssignTicket lease; 0 means the ticket service's default.
+    assign_lease_seconds: int = Field(default=0, ge=0)
+    # Re-check tickets that found no worker (besides registry events) this often.
+    dispatch_retry_seconds: float = Field(default=5.0, gt=0)
+    # Full ListTickets resync of every driven plan (the watch is the fast path).
+    resync_interval_seconds: float = Field(default=30.0, gt=0)
+    # Wait after a failed round before trying again (dependency outage).
+    error_retry_seconds: float = Field(default=1.0, gt=0)
+
+    # Plan ownership (one replica drives a plan at a time).
+    owner_id: str | None = None
+    lease_ttl_seconds: float = Field(default=30.0, gt=0)
+    lease_renew_interval_seconds: float = Field(default=10.0, gt=0)
+    claim_interval_seconds: float = Field(default=5.0, gt=0)
+    # How long POST /api/v1/plans waits for ticket creation before answering without ids.
+    submit_wait_seconds: float = Field(default=10.0, ge=0)
+
+    readiness_interval_seconds: float = Field(default=5.0, gt=0)
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> OrchestratorSettings:
+        if self.lease_renew_interval_seconds >= self.lease_ttl_seconds:
+            raise ValueError("lease_renew_interval_seconds must be below lease_ttl_seconds")
+        if self.postgres_pool_min_size > self.postgres_pool_max_size:
+            raise ValueError("postgres_pool_min_size must not exceed postgres_pool_max_size")
+        if self.backoff_base_seconds > self.backoff_cap_seconds:
+            raise ValueError("backoff_base_seconds must not exceed backoff_cap_seconds")
+        return self
+
+    def plan_limits(self) -> PlanLimits:
+        return PlanLimits(
+            max_tasks=self.max_tasks,
+            max_dag_depth=self.max_dag_depth,
+            max_parameters_bytes=self.max_parameters_bytes,
+            max_retries=self.max_retries,
+        )
+
+    def scheduling_policy(self) -> SchedulingPolicy:
+        return SchedulingPolicy(
+            fail_fast=self.fail_fast,
+            backoff=RetryBackoff(
+                base_seconds=self.backoff_base_seconds, cap_seconds=self.backoff_cap_seconds
+            ),
+        )
+
+    @property
+    def lease_ttl(self) -> timedelta:
+        return timedelta(seconds=self.lease_ttl_seconds)

@@ -1,0 +1,703 @@
+"""The plan driver: C2 (ticket creation) to C5 (monitoring) for the plans this replica owns.
+
+One asyncio component per process:
+
+* a **claim loop** takes ownership of plans nobody drives (new plans, plans released at
+  shutdown, plans whose owner died and whose lease expired) with ``claim_unowned``; a plan
+  submitted through this replica is claimed at once (:meth:`PlanDriver.adopt`);
+* a **renew loop** extends the leases of every driven plan; a lease that could not be
+  renewed is lost and the plan is dropped (the epoch fences any late write);
+* one **WatchTickets stream per plan** (filter ``plan_id``, resumed from the plan's saved
+  cursor) feeds an inbox; a **WatchWorkers stream** wakes plans waiting for a worker;
+* the **main loop** wakes on any of that (or on a timer), folds inbox events with
+  ``merge_observation``, persists what changed, calls ``decide()`` once per plan and wakes,
+  starts backoffs, cancels, stores the plan status and dispatches all ready tickets of all
+  plans in one round (one DiscoverWorkers per capability set, a shared ``CapacityLedger``).
+
+The ticket service is the truth: activation (and every ``resync_interval``) re-reads all of
+a plan's tickets with ListTickets; the watch only makes changes arrive sooner. Every
+remote call is idempotent, so a round that failed halfway (a dependency outage) is simply
+run again later; nothing is kept only in memory that cannot be rebuilt from PostgreSQL
+and the ticket service.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass, field, replace
+from datetime import UTC, datetime, timedelta
+from typing import TypeVar
+
+from hive_common.clients import RegistryClient, TicketClient, TicketWatch
+from hive_common.errors import (
+    Aborted,
+    DeadlineExceeded,
+    FailedPrecondition,
+    HiveError,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+)
+from hive_common.logging import get_logger
+from neuralhive.registry.v1 import registry_service_pb2 as registry_pb
+from neuralhive.ticket.v1 import ticket_service_pb2 as ticket_pb
+from orchestrator_dynamic.domain.plan import Priority
+from orchestrator_dynamic.domain.records import PlanLease, PlanOwnershipLost, StoredPlan
+from orchestrator_dynamic.domain.scheduler import (
+    Assignment,
+    CapacityLedger,
+    PlanGraph,
+    PlanStatus,
+    SchedulingDecision,
+    SchedulingPolicy,
+    TicketState,
+    TicketStatus,
+    WorkerCandidate,
+    assign_round,
+    decide,
+    merge_observation,
+)
+from orchestrator_dynamic.engine.convert import ticket_spec, ticket_state, worker_candidate
+from orchestrator_dynamic.engine.health import REGISTRY, TICKET_SERVICE, DependencyHealth
+from orchestrator_dynamic.storage.plans import PlanRepository
+
+_log = get_logger("orchestrator_dynamic.driver")
+T = TypeVar("T")
+
+_PRIORITY_RANK = {Priority.CRITICAL: 0, Priority.HIGH: 1, Priority.NORMAL: 2, Priority.LOW: 3}
+_TRANSIENT = (Unavailable, DeadlineExceeded)
+_WORKER_WAKE_EVENTS = frozenset(
+    {registry_pb.WORKER_EVENT_TYPE_REGISTERED, registry_pb.WORKER_EVENT_TYPE_UPDATED}
+)
+# Tickets in these states occupy a slot of their worker.
+_OCCUPYING = frozenset({TicketStatus.ASSIGNED, TicketStatus.RUNNING})
+_MAX_PARALLEL_CALLS = 16
+
+
+@dataclass(frozen=True, slots=True)
+class DriverSettings:
+    owner_id: str
+    lease_ttl: timedelta = timedelta(seconds=30)
+    lease_renew_interval: float = 10.0
+    claim_interval: float = 5.0
+    claim_batch: int = 100
+    resync_interval: float = 30.0
+    dispatch_retry: float = 5.0
+    error_retry: float = 1.0
+    ticket_batch_size: int = 500
+    assign_lease_seconds: int = 0
+    namespace: str = ""
+
+
+@dataclass
+class DrivenPlan:
+    """A plan this replica owns, with what it knows of its tickets."""
+
+    lease: PlanLease
+    graph: PlanGraph
+    tickets: dict[str, TicketState]
+    cancel_requested: bool
+    status: PlanStatus
+    error_message: str | None
+    created_at: datetime
+    saved_cursor: str | None
+    activated: asyncio.Event = field(default_factory=asyncio.Event)
+    # Events delivered by the watch and not yet folded, with the cursor of the last one.
+    inbox: list[ticket_pb.TicketEvent] = field(default_factory=list)
+    # Observations folded into ``tickets`` but not yet stored, and the watch cursor they
+    # reach: kept until a write succeeds, so a database hiccup loses nothing.
+    unsaved: dict[str, TicketState] = field(default_factory=dict)
+    unsaved_cursor: str | None = None
+    watch: TicketWatch | None = None
+    watch_task: asyncio.Task[None] | None = None
+    # Loop time at which to run the plan's round again (0: now).
+    due: float = 0.0
+    resync_due: float = 0.0
+    waiting_for_workers: bool = False
+    lost: bool = False
+
+    @property
+    def plan_id(self) -> str:
+        return self.lease.plan_id
+
+    @property
+    def priority(self) -> Priority:
+        return self.graph.plan.priority
+
+
+class PlanDriver:
+    """Drives owned plans to completion; see the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        repository: PlanRepository,
+        tickets: TicketClient,
+        registry: RegistryClient,
+        policy: SchedulingPolicy,
+        settings: DriverSettings,
+        health: DependencyHealth,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self._repo = repository
+        self._tickets = tickets
+        self._registry = registry
+        self._policy = policy
+        self._settings = settings
+        self._health = health
+        self._clock = clock
+        self._plans: dict[str, DrivenPlan] = {}
+        self._wake = asyncio.Event()
+        self._claim_lock = asyncio.Lock()
+        self._tasks: list[asyncio.Task[None]] = []
+        self._stopping = False
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    @property
+    def owner_id(self) -> str:
+        return self._settings.owner_id
+
+    def driven_plan_ids(self) -> list[str]:
+        return sorted(self._plans)
+
+    async def start(self) -> None:
+        for name, job in (
+            ("main", self._main_loop),
+            ("claim", self._claim_loop),
+            ("renew", self._renew_loop),
+            ("workers", self._worker_watch_loop),
+        ):
+            self._tasks.append(asyncio.create_task(job(), name=f"plan-driver-{name}"))
+
+    async def stop(self) -> None:
+        """Stop driving and release every lease so another replica takes over at once."""
+        self._stopping = True
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        self._tasks.clear()
+        for plan in list(self._plans.values()):
+            await self._stop_watch(plan)
+            with contextlib.suppress(HiveError):
+                await self._repo.release(plan.lease)
+        self._plans.clear()
+
+    def kick(self, plan_id: str, *, cancel_requested: bool = False) -> None:
+        """Look at a plan again now (e.g. after a cancel request through this replica)."""
+        plan = self._plans.get(plan_id)
+        if plan is None:
+            return
+        if cancel_requested:
+            plan.cancel_requested = True
+        plan.due = 0.0
+        self._wake.set()
+
+    async def adopt(self, plan_id: str, *, wait_seconds: float) -> bool:
+        """Claim a plan just submitted through this replica and wait (at most
+        ``wait_seconds``) until its tickets exist. False if another replica drives it or
+        the wait timed out (the driver keeps trying in the background)."""
+        async with self._claim_lock:
+            plan = self._plans.get(plan_id)
+            if plan is None:
+                lease = await self._repo.claim(
+                    plan_id, owner_id=self.owner_id, ttl=self._settings.lease_ttl
+                )
+                if lease is None:
+                    return False
+                plan = await self._attach(lease)
+                if plan is None:
+                    return False
+        try:
+            async with asyncio.timeout(wait_seconds):
+                await plan.activated.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    async def _attach(self, lease: PlanLease) -> DrivenPlan | None:
+        try:
+            stored = await self._repo.get(lease.plan_id)
+        except HiveError:
+            await self._safe_release(lease)
+            raise
+        if stored.summary.settled:
+            await self._safe_release(lease)
+            return None
+        plan = _driven(lease, stored)
+        self._plans[lease.plan_id] = plan
+        self._wake.set()
+        _log.info("driving plan", plan_id=lease.plan_id, epoch=lease.epoch)
+        return plan
+
+    async def _safe_release(self, lease: PlanLease) -> None:
+        with contextlib.suppress(HiveError):
+            await self._repo.release(lease)
+
+    # -- background loops ----------------------------------------------------------------
+
+    async def _claim_loop(self) -> None:
+        while True:
+            try:
+                async with self._claim_lock:
+                    leases = await self._repo.claim_unowned(
+                        owner_id=self.owner_id,
+                        ttl=self._settings.lease_ttl,
+                        limit=self._settings.claim_batch,
+                    )
+                    for lease in leases:
+                        await self._attach(lease)
+            except HiveError as exc:
+                _log.warning("claiming plans failed", error=str(exc))
+            except Exception:
+                _log.exception("claim loop error")
+            await asyncio.sleep(self._settings.claim_interval)
+
+    async def _renew_loop(self) -> None:
+        while True:
+            await asyncio.sleep(self._settings.lease_renew_interval)
+            plans = [p for p in self._plans.values() if not p.lost]
+            if not plans:
+                continue
+            try:
+                renewed = await self._repo.renew_many(
+                    [p.lease for p in plans], ttl=self._settings.lease_ttl
+                )
+            except HiveError as exc:
+                # The epoch still fences writes; if the outage outlasts the lease another
+                # replica may take the plans over and our next write notices.
+                _log.warning("renewing plan leases failed", error=str(exc))
+                continue
+            kept = {lease.plan_id: lease for lease in renewed}
+            for plan in plans:
+                lease = kept.get(plan.plan_id)
+                if lease is None:
+                    plan.lost = True
+                    self._wake.set()
+                else:
+                    plan.lease = lease
+
+    async def _worker_watch_loop(self) -> None:
+        async def resynchronise() -> None:
+            self._wake_waiting()
+
+        while True:
+            try:
+                watch = self._registry.watch_workers(
+                    namespace=self._settings.namespace, on_connected=resynchronise
+                )
+                async with watch:
+                    async for event in watch:
+                        self._health.succeeded(REGISTRY)
+                        if event.type in _WORKER_WAKE_EVENTS:
+                            self._wake_waiting()
+            except HiveError as exc:
+                self._health.failed(REGISTRY, str(exc))
+                _log.warning("worker watch failed", error=str(exc))
+            except Exception:
+                _log.exception("worker watch error")
+            await asyncio.sleep(self._settings.error_retry)
+
+    def _wake_waiting(self) -> None:
+        woke = False
+        for plan in self._plans.values():
+            if plan.waiting_for_workers:
+                plan.due = 0.0
+                woke = True
+        if woke:
+            self._wake.set()
+
+    async def _watch_plan(self, plan: DrivenPlan) -> None:
+        cursor = plan.saved_cursor or ""
+        while True:
+            watch = self._tickets.watch_tickets(
+                plan_id=plan.plan_id, cursor=cursor, include_snapshot=not cursor
+            )
+            plan.watch = watch
+            try:
+                async with watch:
+                    async for event in watch:
+                        plan.inbox.append(event)
+                        self._wake.set()
+            except InvalidArgument as exc:
+                # A cursor the service no longer accepts: start afresh; the resync
+                # (ListTickets) covers whatever happened in between.
+                _log.warning("plan watch cursor refused", plan_id=plan.plan_id, error=str(exc))
+                cursor = ""
+                plan.resync_due = 0.0
+            except HiveError as exc:
+                self._health.failed(TICKET_SERVICE, str(exc))
+                _log.warning("plan watch failed", plan_id=plan.plan_id, error=str(exc))
+                cursor = watch.cursor
+                plan.resync_due = 0.0
+            await asyncio.sleep(self._settings.error_retry)
+
+    async def _stop_watch(self, plan: DrivenPlan) -> None:
+        if plan.watch_task is not None:
+            plan.watch_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await plan.watch_task
+            plan.watch_task = None
+        if plan.watch is not None:
+            await plan.watch.aclose()
+            plan.watch = None
+
+    # -- main loop -----------------------------------------------------------------------
+
+    async def _main_loop(self) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            now = loop.time()
+            wake_at = min(
+                (min(p.due, p.resync_due) for p in self._plans.values()),
+                default=now + 60.0,
+            )
+            if wake_at > now:
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(wake_at - now):
+                        await self._wake.wait()
+            self._wake.clear()
+            try:
+                await self._round()
+            except Exception:
+                _log.exception("plan driver round failed")
+                await asyncio.sleep(self._settings.error_retry)
+
+    async def _round(self) -> None:
+        loop = asyncio.get_running_loop()
+        ready: list[tuple[DrivenPlan, tuple[str, ...]]] = []
+        for plan in sorted(self._plans.values(), key=_plan_order):
+            if plan.lost:
+                await self._drop(plan, "lease lost")
+                continue
+            now = loop.time()
+            if not plan.inbox and plan.due > now and plan.resync_due > now:
+                continue
+            plan.due = now + 3600.0  # recomputed below
+            dispatch = await self._guarded(plan, self._step(plan))
+            if dispatch:
+                ready.append((plan, dispatch))
+        if ready:
+            await self._dispatch(ready)
+
+    async def _guarded(self, plan: DrivenPlan, work: Awaitable[tuple[str, ...]]) -> tuple[str, ...]:
+        loop = asyncio.get_running_loop()
+        try:
+            return await work
+        except PlanOwnershipLost:
+            await self._drop(plan, "ownership lost")
+        except _TRANSIENT as exc:
+            _log.warning("plan round postponed", plan_id=plan.plan_id, error=str(exc))
+            self._postpone(plan, loop.time() + self._settings.error_retry)
+        except HiveError as exc:
+            _log.error("plan round failed", plan_id=plan.plan_id, error=repr(exc))
+            self._postpone(plan, loop.time() + self._settings.error_retry)
+        return ()
+
+    @staticmethod
+    def _postpone(plan: DrivenPlan, at: float) -> None:
+        plan.due = min(plan.due, at)
+        # A failed resync is retried with the round, not in a tight loop.
+        plan.resync_due = max(plan.resync_due, at)
+
+    async def _drop(self, plan: DrivenPlan, why: str) -> None:
+        _log.info("no longer driving plan", plan_id=plan.plan_id, reason=why)
+        self._plans.pop(plan.plan_id, None)
+        await self._stop_watch(plan)
+
+    async def _step(self, plan: DrivenPlan) -> tuple[str, ...]:
+        """One round for one plan; returns the tasks to dispatch now."""
+        loop = asyncio.get_running_loop()
+        if not plan.activated.is_set():
+            await self._activate(plan)
+        self._fold_inbox(plan)
+        if plan.resync_due <= loop.time():
+            await self._resync(plan)
+        await self._flush(plan)
+
+        decision = self._decide(plan)
+        if decision.start_backoff:
+            await self._start_backoffs(plan, decision)
+            decision = self._decide(plan)
+        if decision.cancel:
+            await self._cancel(plan, decision.cancel)
+            decision = self._decide(plan)
+        await self._store_status(plan, decision)
+        if decision.settled:
+            await self._finish(plan)
+            return ()
+        if decision.next_wakeup is not None:
+            delay = (decision.next_wakeup - self._clock()).total_seconds()
+            plan.due = min(plan.due, loop.time() + max(0.0, delay))
+        return decision.dispatch
+
+    def _decide(self, plan: DrivenPlan) -> SchedulingDecision:
+        return decide(
+            plan.graph,
+            plan.tickets,
+            now=self._clock(),
+            policy=self._policy,
+            cancel_requested=plan.cancel_requested,
+        )
+
+    async def _activate(self, plan: DrivenPlan) -> None:
+        """C2 for tasks without a ticket, then follow the plan's tickets."""
+        missing = [t for t in plan.graph.order if plan.tickets[t].ticket_id is None]
+        if missing:
+            await self._create_tickets(plan, missing)
+        if plan.watch_task is None:
+            plan.watch_task = asyncio.create_task(
+                self._watch_plan(plan), name=f"plan-watch-{plan.plan_id}"
+            )
+        plan.resync_due = 0.0
+        plan.activated.set()
+
+    async def _create_tickets(self, plan: DrivenPlan, task_ids: Sequence[str]) -> None:
+        size = self._settings.ticket_batch_size
+        graph_plan = plan.graph.plan
+        for start in range(0, len(task_ids), size):
+            chunk = task_ids[start : start + size]
+            specs = [ticket_spec(graph_plan, graph_plan.task(t)) for t in chunk]
+            response = await self._call_tickets(self._tickets.batch_create_tickets(specs=specs))
+            for ticket in response.tickets:
+                self._merge(plan, ticket_state(ticket.task_id, ticket))
+            await self._flush(plan)
+        _log.info("tickets created", plan_id=plan.plan_id, count=len(task_ids))
+
+    @staticmethod
+    def _merge(plan: DrivenPlan, observed: TicketState) -> None:
+        current = plan.tickets.get(observed.task_id)
+        if current is None:
+            return  # not a task of this plan (never expected)
+        merged = merge_observation(current, observed)
+        if merged is not None:
+            plan.tickets[observed.task_id] = merged
+            plan.unsaved[observed.task_id] = merged
+
+    def _fold_inbox(self, plan: DrivenPlan) -> None:
+        events, plan.inbox = plan.inbox, []
+        for event in events:
+            if event.HasField("ticket"):
+                self._merge(plan, ticket_state(event.ticket.task_id, event.ticket))
+            if event.cursor:
+                plan.unsaved_cursor = event.cursor
+        if events:
+            self._health.succeeded(TICKET_SERVICE)
+
+    async def _resync(self, plan: DrivenPlan) -> None:
+        loop = asyncio.get_running_loop()
+        page_token = ""
+        while True:
+            page = await self._call_tickets(
+                self._tickets.list_tickets(plan_id=plan.plan_id, page_token=page_token)
+            )
+            for ticket in page.tickets:
+                self._merge(plan, ticket_state(ticket.task_id, ticket))
+            page_token = page.next_page_token
+            if not page_token:
+                break
+        # A cancel requested through another replica reaches us here.
+        summary = await self._repo.get_summary(plan.plan_id)
+        if summary.cancel_requested_at is not None:
+            plan.cancel_requested = True
+        plan.resync_due = loop.time() + self._settings.resync_interval
+
+    async def _flush(self, plan: DrivenPlan) -> None:
+        """Store the unsaved observations, then the cursor they reach (in that order: a
+        restart resumes from the cursor, so it must never be ahead of the stored states)."""
+        if plan.unsaved:
+            pending = plan.unsaved
+            plan.unsaved = {}
+            try:
+                await self._repo.update_tickets(plan.lease, list(pending.values()))
+            except BaseException:
+                plan.unsaved = {**pending, **plan.unsaved}
+                raise
+        cursor = plan.unsaved_cursor
+        if cursor is not None and cursor != plan.saved_cursor:
+            await self._repo.save_watch_cursor(plan.lease, cursor)
+            plan.saved_cursor = cursor
+
+    async def _start_backoffs(self, plan: DrivenPlan, decision: SchedulingDecision) -> None:
+        backoffs = {
+            task_id: (plan.tickets[task_id].attempt, until)
+            for task_id, until in decision.start_backoff.items()
+        }
+        await self._repo.start_backoffs(plan.lease, backoffs)
+        for task_id, (attempt, until) in backoffs.items():
+            plan.tickets[task_id] = replace(
+                plan.tickets[task_id], backoff_until=until, backoff_attempt=attempt
+            )
+            _log.info(
+                "retry backoff",
+                plan_id=plan.plan_id,
+                task_id=task_id,
+                attempt=attempt,
+                until=until.isoformat(),
+            )
+
+    async def _cancel(self, plan: DrivenPlan, task_ids: Sequence[str]) -> None:
+        for task_id in task_ids:
+            state = plan.tickets[task_id]
+            if state.ticket_id is None or state.status.terminal:
+                continue
+            try:
+                ticket = await self._call_tickets(
+                    self._tickets.update_ticket_status(
+                        ticket_id=state.ticket_id,
+                        status=ticket_pb.TICKET_STATUS_CANCELLED,
+                        attempt=state.attempt,
+                        error_message="cancelled by the orchestrator",
+                    )
+                )
+            except (FailedPrecondition, Aborted):
+                # It moved on (finished, or re-queued to a new attempt): read the truth.
+                ticket = await self._call_tickets(
+                    self._tickets.get_ticket(ticket_id=state.ticket_id)
+                )
+            self._merge(plan, ticket_state(task_id, ticket))
+        await self._flush(plan)
+
+    async def _store_status(self, plan: DrivenPlan, decision: SchedulingDecision) -> None:
+        status, error = decision.status, decision.error_message
+        if plan.status.terminal:
+            # The first terminal status wins (the repository ignores later ones).
+            status, error = plan.status, plan.error_message
+        if (status, error) == (plan.status, plan.error_message) and not decision.settled:
+            return
+        summary = await self._repo.set_status(
+            plan.lease, status=status, error_message=error, settled=decision.settled
+        )
+        if summary.status != plan.status:
+            _log.info("plan status", plan_id=plan.plan_id, status=summary.status.value)
+        plan.status, plan.error_message = summary.status, summary.error_message
+
+    async def _finish(self, plan: DrivenPlan) -> None:
+        _log.info("plan settled", plan_id=plan.plan_id, status=plan.status.value)
+        self._plans.pop(plan.plan_id, None)
+        await self._stop_watch(plan)
+        await self._safe_release(plan.lease)
+
+    # -- dispatch (C3/C4) ----------------------------------------------------------------
+
+    def _known_active(self) -> dict[str, int]:
+        active: dict[str, int] = {}
+        for plan in self._plans.values():
+            for state in plan.tickets.values():
+                if state.status in _OCCUPYING and state.worker_id:
+                    active[state.worker_id] = active.get(state.worker_id, 0) + 1
+        return active
+
+    async def _dispatch(self, ready: list[tuple[DrivenPlan, tuple[str, ...]]]) -> None:
+        loop = asyncio.get_running_loop()
+        needed: set[frozenset[str]] = set()
+        for plan, task_ids in ready:
+            needed.update(frozenset(plan.graph.required_capabilities[t]) for t in task_ids)
+        active = self._known_active()
+        candidates: dict[frozenset[str], list[WorkerCandidate]] = {}
+        for capabilities in needed:
+            try:
+                ranked = await self._registry.discover_workers(
+                    required_capabilities=sorted(capabilities),
+                    namespace=self._settings.namespace,
+                    max_results=100,
+                )
+                self._health.succeeded(REGISTRY)
+            except HiveError as exc:
+                if isinstance(exc, _TRANSIENT):
+                    self._health.failed(REGISTRY, str(exc))
+                _log.warning("worker discovery failed", error=str(exc))
+                ranked = []
+            candidates[capabilities] = [
+                worker_candidate(r, active.get(r.worker.worker_id, 0)) for r in ranked
+            ]
+        ledger = CapacityLedger()
+        for plan, task_ids in ready:
+            assignment_round = assign_round(plan.graph, task_ids, candidates, ledger)
+            plan.waiting_for_workers = bool(assignment_round.unassigned)
+            if assignment_round.unassigned:
+                plan.due = min(plan.due, loop.time() + self._settings.dispatch_retry)
+            if assignment_round.assignments:
+                await self._guarded(plan, self._assign(plan, assignment_round.assignments))
+
+    async def _assign(self, plan: DrivenPlan, assignments: Sequence[Assignment]) -> tuple[str, ...]:
+        limit = asyncio.Semaphore(_MAX_PARALLEL_CALLS)
+
+        async def one(assignment: Assignment) -> TicketState | None:
+            state = plan.tickets[assignment.task_id]
+            assert state.ticket_id is not None
+            async with limit:
+                try:
+                    ticket = await self._call_tickets(
+                        self._tickets.assign_ticket(
+                            ticket_id=state.ticket_id,
+                            worker_id=assignment.worker_id,
+                            attempt=state.attempt,
+                            lease_seconds=self._settings.assign_lease_seconds,
+                            expected_version=state.version,
+                        )
+                    )
+                except (Aborted, FailedPrecondition, NotFound) as exc:
+                    # Someone else changed the ticket (a race with a status change or
+                    # another replica): re-read it; the next round decides again.
+                    _log.info(
+                        "assignment refused; re-reading the ticket",
+                        plan_id=plan.plan_id,
+                        task_id=assignment.task_id,
+                        error=str(exc),
+                    )
+                    ticket = await self._call_tickets(
+                        self._tickets.get_ticket(ticket_id=state.ticket_id)
+                    )
+                    plan.due = 0.0
+            return ticket_state(assignment.task_id, ticket)
+
+        results = await asyncio.gather(*(one(a) for a in assignments), return_exceptions=True)
+        failure: BaseException | None = None
+        for assignment, result in zip(assignments, results, strict=True):
+            if isinstance(result, BaseException):
+                failure = failure or result
+                continue
+            if result is not None:
+                self._merge(plan, result)
+                _log.info(
+                    "ticket assigned",
+                    plan_id=plan.plan_id,
+                    task_id=assignment.task_id,
+                    worker_id=assignment.worker_id,
+                    attempt=result.attempt,
+                )
+        await self._flush(plan)
+        if failure is not None:
+            raise failure
+        return ()
+
+    async def _call_tickets(self, call: Awaitable[T]) -> T:
+        try:
+            result = await call
+        except _TRANSIENT as exc:
+            self._health.failed(TICKET_SERVICE, str(exc))
+            raise
+        self._health.succeeded(TICKET_SERVICE)
+        return result
+
+
+def _plan_order(plan: DrivenPlan) -> tuple[int, datetime, str]:
+    return (_PRIORITY_RANK[plan.priority], plan.created_at, plan.plan_id)
+
+
+def _driven(lease: PlanLease, stored: StoredPlan) -> DrivenPlan:
+    return DrivenPlan(
+        lease=lease,
+        graph=PlanGraph(stored.plan),
+        tickets=stored.ticket_states(),
+        cancel_requested=stored.summary.cancel_requested_at is not None,
+        status=stored.summary.status,
+        error_message=stored.summary.error_message,
+        created_at=stored.summary.created_at,
+        saved_cursor=stored.watch_cursor,
+    )

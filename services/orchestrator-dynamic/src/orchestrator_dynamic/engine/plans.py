@@ -1,0 +1,191 @@
+"""Use cases behind the plan API: submit (C1 + C2), read, list, cancel, explain."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable, Collection
+from dataclasses import dataclass
+from datetime import UTC, datetime
+
+from hive_common.clients import RegistryClient
+from hive_common.errors import DeadlineExceeded, HiveError, NotFound, Unavailable
+from hive_common.logging import get_logger
+from neuralhive.registry.v1 import registry_service_pb2 as registry_pb
+from orchestrator_dynamic.domain.plan import plan_body_hash
+from orchestrator_dynamic.domain.records import PlanPage, StoredPlan
+from orchestrator_dynamic.domain.scheduler import (
+    Explanation,
+    PlanGraph,
+    PlanStatus,
+    SchedulingPolicy,
+    WorkerView,
+    explain,
+)
+from orchestrator_dynamic.domain.validation import (
+    InvalidPlan,
+    IssueCode,
+    PlanValidator,
+    Severity,
+    ValidationIssue,
+)
+from orchestrator_dynamic.engine.convert import worker_view
+from orchestrator_dynamic.engine.driver import PlanDriver
+from orchestrator_dynamic.engine.health import REGISTRY, DependencyHealth
+from orchestrator_dynamic.storage.plans import PlanRepository
+
+_log = get_logger("orchestrator_dynamic.plans")
+_LIVE = (registry_pb.WORKER_STATUS_HEALTHY,)
+# Explain and feasibility read at most this many workers (pages of 500).
+_MAX_WORKERS_READ = 5000
+
+
+@dataclass(frozen=True, slots=True)
+class Submission:
+    stored: StoredPlan
+    created: bool
+    warnings: tuple[ValidationIssue, ...]
+    # False when the tickets could not be created yet (the driver keeps trying).
+    tickets_created: bool
+
+
+class PlanService:
+    """The orchestrator's plan operations, shared by the HTTP (and gRPC) transports."""
+
+    def __init__(
+        self,
+        *,
+        repository: PlanRepository,
+        validator: PlanValidator,
+        driver: PlanDriver,
+        registry: RegistryClient,
+        policy: SchedulingPolicy,
+        health: DependencyHealth,
+        namespace: str = "",
+        submit_wait_seconds: float = 10.0,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self._repo = repository
+        self._validator = validator
+        self._driver = driver
+        self._registry = registry
+        self._policy = policy
+        self._health = health
+        self._namespace = namespace
+        self._submit_wait = submit_wait_seconds
+        self._clock = clock
+
+    async def submit(self, raw: object, *, strict: bool = False) -> Submission:
+        """Validate (C1), store, create the tickets (C2). Raises ``InvalidArgument`` with
+        every problem, ``AlreadyExists`` for a known plan id with a different body."""
+        capabilities, feasibility_warning = await self._live_capabilities()
+        result = self._validator.validate(raw, worker_capabilities=capabilities, strict=strict)
+        if isinstance(result, InvalidPlan):
+            raise result.to_error()
+        plan = result.plan
+        if plan.plan_id is None:
+            plan = plan.with_plan_id(str(uuid.uuid4()))
+        warnings = result.warnings + ((feasibility_warning,) if feasibility_warning else ())
+        stored, created = await self._repo.create(plan, body_hash=plan_body_hash(result.plan))
+        tickets_created = all(t.ticket_id is not None for t in stored.tasks)
+        if not stored.summary.settled and not tickets_created:
+            try:
+                await self._driver.adopt(stored.plan_id, wait_seconds=self._submit_wait)
+            except HiveError as exc:
+                # Stored: the claim loop picks the plan up when the database answers again.
+                _log.warning("adopting a new plan failed", plan_id=stored.plan_id, error=str(exc))
+            stored = await self._repo.get(stored.plan_id)
+            tickets_created = all(t.ticket_id is not None for t in stored.tasks)
+        _log.info(
+            "plan submitted" if created else "plan resubmitted",
+            plan_id=stored.plan_id,
+            tasks=len(stored.tasks),
+            tickets_created=tickets_created,
+        )
+        return Submission(stored, created, warnings, tickets_created)
+
+    async def _live_capabilities(
+        self,
+    ) -> tuple[list[frozenset[str]] | None, ValidationIssue | None]:
+        """Capability sets of the live workers, or None (and a warning) when the registry
+        cannot be asked: the plan is accepted and waits for workers anyway."""
+        try:
+            workers = await self._workers(statuses=_LIVE)
+        except (Unavailable, DeadlineExceeded) as exc:
+            self._health.failed(REGISTRY, str(exc))
+            return None, ValidationIssue(
+                "$.tasks",
+                "capability feasibility not checked: the registry is unavailable",
+                IssueCode.CAPABILITY_UNAVAILABLE,
+                Severity.WARNING,
+            )
+        return [frozenset(w.capabilities) for w in workers], None
+
+    async def _workers(
+        self, *, statuses: Collection[registry_pb.WorkerStatus.ValueType] = ()
+    ) -> list[registry_pb.Worker]:
+        workers: list[registry_pb.Worker] = []
+        page_token = ""
+        while len(workers) < _MAX_WORKERS_READ:
+            page = await self._registry.list_workers(
+                namespace=self._namespace or "default",
+                statuses=statuses,
+                page_size=500,
+                page_token=page_token,
+            )
+            self._health.succeeded(REGISTRY)
+            workers.extend(page.workers)
+            page_token = page.next_page_token
+            if not page_token:
+                break
+        return workers
+
+    async def get(self, plan_id: str) -> StoredPlan:
+        return await self._repo.get(plan_id)
+
+    async def list_plans(
+        self, *, page_size: int, page_token: str | None, statuses: Collection[PlanStatus]
+    ) -> PlanPage:
+        return await self._repo.list_plans(
+            page_size=page_size, page_token=page_token, statuses=statuses
+        )
+
+    async def cancel(self, plan_id: str) -> tuple[StoredPlan, bool]:
+        """Mark the plan CANCELLED; its owner cancels every ticket still in flight."""
+        _, changed = await self._repo.request_cancel(plan_id)
+        if changed:
+            self._driver.kick(plan_id, cancel_requested=True)
+            _log.info("plan cancel requested", plan_id=plan_id)
+        return await self._repo.get(plan_id), changed
+
+    async def explain(self, plan_id: str, task_id: str | None = None) -> list[Explanation]:
+        """Why the task's ticket (or every not-running ticket) is where it is."""
+        stored = await self._repo.get(plan_id)
+        graph = PlanGraph(stored.plan)
+        if task_id is not None and task_id not in graph.index:
+            raise NotFound(
+                f"plan {plan_id!r} has no task {task_id!r}",
+                details={"plan_id": plan_id, "task_id": task_id},
+            )
+        views: list[WorkerView] | None
+        try:
+            views = [worker_view(w) for w in await self._workers()]
+        except (Unavailable, DeadlineExceeded) as exc:
+            self._health.failed(REGISTRY, str(exc))
+            views = None
+        tickets = stored.ticket_states()
+        cancel_requested = stored.summary.cancel_requested_at is not None
+        task_ids = [task_id] if task_id is not None else list(graph.order)
+        now = self._clock()
+        explanations = [
+            explain(
+                graph,
+                tickets,
+                t,
+                now=now,
+                policy=self._policy,
+                workers=views,
+                cancel_requested=cancel_requested,
+            )
+            for t in task_ids
+        ]
+        return explanations

@@ -1,0 +1,42 @@
+"""The orchestrator's own service token, minted locally with the shared JWT secret.
+
+The orchestrator never mints ticket tokens: it has no channel to hand one to a worker.
+A worker that sees its assignment calls GenerateToken itself (with its worker token).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+
+from hive_common.auth import TokenIssuer
+
+
+class ServiceTokenProvider:
+    """A ``TokenProvider`` for the typed clients: one service token, re-issued once it has
+    less than a fifth of its lifetime left."""
+
+    def __init__(
+        self,
+        *,
+        issuer: TokenIssuer,
+        service: str,
+        ttl_seconds: int,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self._issuer = issuer
+        self._service = service
+        self._ttl = ttl_seconds
+        self._clock = clock
+        self._token: str | None = None
+        self._refresh_at: datetime | None = None
+
+    def __call__(self) -> str:
+        now = self._clock()
+        if self._token is None or self._refresh_at is None or now >= self._refresh_at:
+            token, claims = self._issuer.issue_service_token(
+                service=self._service, ttl_seconds=self._ttl
+            )
+            self._token = token
+            self._refresh_at = claims.expires_at - timedelta(seconds=self._ttl / 5)
+        return self._token

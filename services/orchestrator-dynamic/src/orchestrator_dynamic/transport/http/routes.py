@@ -1,0 +1,236 @@
+"""The orchestrator's HTTP API: ``/api/v1/plans``.
+
+The plan body is read and decoded here rather than by FastAPI's model binding, so that
+every kind of bad input (too large, not JSON, wrong types, invalid plan) gets the one error
+shape with JSON paths from ``PlanValidator``.
+"""
+
+from __future__ import annotations
+
+import hmac
+import json
+from datetime import datetime
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Query, Request
+from starlette.responses import JSONResponse
+
+from hive_common.errors import (
+    FailedPrecondition,
+    FieldViolation,
+    InvalidArgument,
+    ResourceExhausted,
+    Unauthenticated,
+)
+from orchestrator_dynamic.domain.records import PlanSummary, StoredPlan
+from orchestrator_dynamic.domain.scheduler import PlanStatus, TicketState, TicketStatus
+from orchestrator_dynamic.engine.plans import PlanService
+
+PLANS_PATH = "/api/v1/plans"
+
+
+class PayloadTooLarge(ResourceExhausted):
+    """The request body exceeds the configured limit."""
+
+    http_status = 413
+
+
+def _iso(moment: datetime | None) -> str | None:
+    return moment.isoformat() if moment is not None else None
+
+
+def summary_json(summary: PlanSummary) -> dict[str, Any]:
+    return {
+        "plan_id": summary.plan_id,
+        "intent_id": summary.intent_id,
+        "name": summary.name,
+        "priority": summary.priority.value,
+        "status": summary.status.value,
+        "error_message": summary.error_message,
+        "task_count": summary.task_count,
+        "counts": dict(summary.counts),
+        "created_at": _iso(summary.created_at),
+        "updated_at": _iso(summary.updated_at),
+        "completed_at": _iso(summary.completed_at),
+        "settled_at": _iso(summary.settled_at),
+        "cancel_requested_at": _iso(summary.cancel_requested_at),
+    }
+
+
+def ticket_json(state: TicketState) -> dict[str, Any]:
+    return {
+        "task_id": state.task_id,
+        "ticket_id": state.ticket_id,
+        "status": state.status.value,
+        "attempt": state.attempt,
+        "worker_id": state.worker_id,
+        "error_message": state.error_message,
+        "lease_expires_at": _iso(state.lease_expires_at),
+        "backoff_until": _iso(state.backoff_end()),
+        "updated_at": _iso(state.updated_at),
+    }
+
+
+def plan_json(stored: StoredPlan) -> dict[str, Any]:
+    body = summary_json(stored.summary)
+    body["tickets"] = [ticket_json(t) for t in stored.tasks]
+    return body
+
+
+async def read_json_body(request: Request, *, limit: int) -> object:
+    """The request body decoded as JSON; 413 beyond ``limit`` bytes, 400 if not JSON."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise PayloadTooLarge(
+            f"request body of {declared} bytes exceeds the limit of {limit} bytes",
+            details={"limit_bytes": limit},
+        )
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLarge(
+                f"request body exceeds the limit of {limit} bytes",
+                details={"limit_bytes": limit},
+            )
+        chunks.append(chunk)
+    raw = b"".join(chunks)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InvalidArgument(
+            "request body is not UTF-8",
+            violations=[FieldViolation("$", f"invalid UTF-8 at byte {exc.start}")],
+        ) from exc
+    if not text.strip():
+        raise InvalidArgument(
+            "request body is empty", violations=[FieldViolation("$", "a plan object is required")]
+        )
+
+    def no_constants(name: str) -> object:
+        raise ValueError(f"{name} is not valid JSON")
+
+    try:
+        return json.loads(text, parse_constant=no_constants)
+    except json.JSONDecodeError as exc:
+        raise InvalidArgument(
+            "request body is not valid JSON",
+            violations=[FieldViolation("$", f"{exc.msg} at line {exc.lineno} column {exc.colno}")],
+        ) from exc
+    except (ValueError, RecursionError) as exc:
+        raise InvalidArgument(
+            "request body is not valid JSON", violations=[FieldViolation("$", str(exc))]
+        ) from exc
+
+
+def _statuses(values: list[str]) -> list[PlanStatus]:
+    violations = []
+    statuses: list[PlanStatus] = []
+    for i, value in enumerate(values):
+        try:
+            statuses.append(PlanStatus(value.upper()))
+        except ValueError:
+            violations.append(
+                FieldViolation(
+                    f"query.status[{i}]",
+                    "must be one of " + ", ".join(s.value for s in PlanStatus),
+                )
+            )
+    if violations:
+        raise InvalidArgument("invalid status filter", violations=violations)
+    return statuses
+
+
+def build_router(
+    *, plans: PlanService, max_request_bytes: int, api_token: str | None = None
+) -> APIRouter:
+    """Routes under ``/api/v1/plans``; with ``api_token`` every route needs
+    ``Authorization: Bearer <api_token>``."""
+
+    async def authorize(request: Request) -> None:
+        if api_token is None:
+            return
+        header = request.headers.get("authorization", "")
+        scheme, _, token = header.partition(" ")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(
+            token.strip().encode(), api_token.encode()
+        ):
+            raise Unauthenticated("missing or wrong API token (Authorization: Bearer <token>)")
+
+    router = APIRouter(prefix=PLANS_PATH, tags=["plans"], dependencies=[Depends(authorize)])
+
+    @router.post(
+        "",
+        status_code=202,
+        summary="Submit a plan (202 new, 200 identical resubmission, 409 different body)",
+    )
+    async def submit_plan(
+        request: Request, strict: Annotated[bool, Query()] = False
+    ) -> JSONResponse:
+        raw = await read_json_body(request, limit=max_request_bytes)
+        submission = await plans.submit(raw, strict=strict)
+        body = plan_json(submission.stored)
+        body["created"] = submission.created
+        body["tickets_created"] = submission.tickets_created
+        body["ticket_ids"] = {t.task_id: t.ticket_id for t in submission.stored.tasks}
+        body["warnings"] = [w.to_json() for w in submission.warnings]
+        return JSONResponse(
+            body,
+            status_code=202 if submission.created else 200,
+            headers={"Location": f"{PLANS_PATH}/{submission.stored.plan_id}"},
+        )
+
+    @router.get("", summary="List plans, newest first (cursor pagination)")
+    async def list_plans(
+        page_size: Annotated[int, Query(ge=0, le=500)] = 0,
+        page_token: Annotated[str | None, Query()] = None,
+        status: Annotated[list[str] | None, Query()] = None,
+    ) -> dict[str, Any]:
+        page = await plans.list_plans(
+            page_size=page_size, page_token=page_token or None, statuses=_statuses(status or [])
+        )
+        return {
+            "plans": [summary_json(s) for s in page.plans],
+            "next_page_token": page.next_page_token,
+        }
+
+    @router.get("/{plan_id}", summary="Plan status, per-ticket status, counts, timestamps")
+    async def get_plan(plan_id: str) -> dict[str, Any]:
+        return plan_json(await plans.get(plan_id))
+
+    @router.post("/{plan_id}/cancel", summary="Cancel a plan and every ticket in flight")
+    async def cancel_plan(plan_id: str) -> dict[str, Any]:
+        stored, changed = await plans.cancel(plan_id)
+        status = stored.summary.status
+        if not changed and status is not PlanStatus.CANCELLED:
+            raise FailedPrecondition(
+                f"plan {plan_id!r} is already {status.value}",
+                details={"plan_id": plan_id, "status": status.value},
+            )
+        body = plan_json(stored)
+        body["cancel_requested"] = changed
+        return body
+
+    @router.get("/{plan_id}/explain", summary="Why each ticket that is not running is not running")
+    async def explain_plan(
+        plan_id: str, all_tasks: Annotated[bool, Query(alias="all")] = False
+    ) -> dict[str, Any]:
+        explanations = await plans.explain(plan_id)
+        if not all_tasks:
+            explanations = [
+                e
+                for e in explanations
+                if e.status is not TicketStatus.RUNNING and not e.status.terminal
+            ]
+        return {"plan_id": plan_id, "tasks": [e.to_json() for e in explanations]}
+
+    @router.get(
+        "/{plan_id}/tasks/{task_id}/explain", summary="Why one task's ticket is where it is"
+    )
+    async def explain_task(plan_id: str, task_id: str) -> dict[str, Any]:
+        (explanation,) = await plans.explain(plan_id, task_id)
+        body: dict[str, Any] = {"plan_id": plan_id, **explanation.to_json()}
+        return body
+
+    return router
