@@ -115,7 +115,8 @@ async def channel(service: TicketService) -> AsyncIterator[grpc.aio.Channel]:
 
 @pytest.fixture
 def stub(channel: grpc.aio.Channel) -> pb_grpc.TicketServiceAsyncStub:
-    return pb_grpc.TicketServiceAsyncStub(channel)
+    # The stubs' type hints return the async variant for an aio channel.
+    return pb_grpc.TicketServiceStub(channel)
 
 
 @pytest.fixture

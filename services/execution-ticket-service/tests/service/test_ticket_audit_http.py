@@ -1,0 +1,281 @@
+"""Audit relay to MongoDB (including an outage), the HTTP API and metrics."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import httpx
+import pytest
+from pymongo import AsyncMongoClient
+
+from execution_ticket_service.app import TicketService
+from execution_ticket_service.config import TicketSettings
+from hive_common.auth import TokenIssuer
+from hive_common.testing.databases import MongoServer
+from neuralhive.ticket.v1 import ticket_service_pb2 as pb
+from neuralhive.ticket.v1 import ticket_service_pb2_grpc as pb_grpc
+
+pytestmark = pytest.mark.service
+
+S = pb.TicketStatus
+
+
+def bearer(token: str) -> tuple[tuple[str, str], ...]:
+    return (("authorization", f"Bearer {token}"),)
+
+
+async def eventually(
+    probe: Callable[[], Awaitable[bool]], *, what: str, deadline: float = 30.0
+) -> None:
+    """Wait for a condition the service reaches on its own (background loops)."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + deadline
+    while not await probe():
+        if loop.time() > end:
+            raise AssertionError(f"gave up waiting for {what}")
+        await asyncio.sleep(0.1)
+
+
+async def run_lifecycle(
+    stub: pb_grpc.TicketServiceAsyncStub, md: Any, task_id: str
+) -> pb.ExecutionTicket:
+    """create -> assign -> running -> failed (re-queued) -> late result -> assign -> completed."""
+    ticket = (
+        await stub.CreateTicket(
+            pb.CreateTicketRequest(
+                ticket=pb.TicketSpec(
+                    plan_id="plan-a", task_id=task_id, task_type="echo", max_retries=1
+                )
+            ),
+            metadata=md,
+        )
+    ).ticket
+    for attempt in (1, 2):
+        await stub.AssignTicket(
+            pb.AssignTicketRequest(ticket_id=ticket.ticket_id, worker_id="w1", attempt=attempt),
+            metadata=md,
+        )
+        await stub.UpdateTicketStatus(
+            pb.UpdateTicketStatusRequest(
+                ticket_id=ticket.ticket_id, status=S.TICKET_STATUS_RUNNING, attempt=attempt
+            ),
+            metadata=md,
+        )
+        final = S.TICKET_STATUS_FAILED if attempt == 1 else S.TICKET_STATUS_COMPLETED
+        await stub.UpdateTicketStatus(
+            pb.UpdateTicketStatusRequest(
+                ticket_id=ticket.ticket_id, status=final, attempt=attempt, error_message="e"
+            ),
+            metadata=md,
+        )
+        if attempt == 2:
+            break
+        # A late result from attempt 1 after the re-queue: refused, but audited.
+        with pytest.raises(Exception, match="stale"):
+            await stub.UpdateTicketStatus(
+                pb.UpdateTicketStatusRequest(
+                    ticket_id=ticket.ticket_id, status=S.TICKET_STATUS_COMPLETED, attempt=1
+                ),
+                metadata=md,
+            )
+    return (
+        await stub.GetTicket(pb.GetTicketRequest(ticket_id=ticket.ticket_id), metadata=md)
+    ).ticket
+
+
+EXPECTED_TYPES = [
+    "CREATED",
+    "ASSIGNED",
+    "STATUS_CHANGED",
+    "REQUEUED",
+    "LATE_RESULT_REJECTED",
+    "ASSIGNED",
+    "STATUS_CHANGED",
+    "STATUS_CHANGED",
+]
+
+
+async def test_every_event_reaches_mongodb_even_after_an_outage(
+    service: TicketService,
+    stub: pb_grpc.TicketServiceAsyncStub,
+    service_token: str,
+    mongo_server: MongoServer,
+    mongo_uri: str,
+    settings: TicketSettings,
+) -> None:
+    md = bearer(service_token)
+    before = await run_lifecycle(stub, md, "before")
+    mongo: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
+        mongo_uri, serverSelectionTimeoutMS=2000
+    )
+    db = mongo[settings.mongo_database]
+    try:
+
+        async def delivered(ticket_id: str, n: int) -> bool:
+            return await db.audit_trail.count_documents({"ticket_id": ticket_id}) >= n
+
+        await eventually(lambda: delivered(before.ticket_id, 8), what="relay before the outage")
+
+        mongo_server.stop()
+        # Ticket operations go on while MongoDB is down.
+        during = await run_lifecycle(stub, md, "during")
+        assert during.status == S.TICKET_STATUS_COMPLETED
+        async with httpx.AsyncClient(
+            base_url=f"http://127.0.0.1:{service.runtime.http_port}"
+        ) as http:
+            ready = await http.get("/ready")
+            assert ready.status_code == 200
+            assert ready.json()["checks"]["mongodb"]["status"] == "degraded"
+            events = await http.get(
+                f"/api/v1/tickets/{during.ticket_id}/events",
+                headers={"authorization": f"Bearer {service_token}"},
+            )
+            assert events.status_code == 503
+            assert events.json()["error"]["code"] == "UNAVAILABLE"
+        pending, _ = await service.repository.outbox_backlog()
+        assert pending >= 8
+        mongo_server.start()
+
+        await eventually(lambda: delivered(during.ticket_id, 8), what="relay after the outage")
+        trail = [
+            doc
+            async for doc in db.audit_trail.find({"ticket_id": during.ticket_id}).sort(
+                "sequence", 1
+            )
+        ]
+        assert [d["type"] for d in trail] == EXPECTED_TYPES
+        assert len({d["event_id"] for d in trail}) == len(trail)
+        late = [d for d in trail if d["late_result"]]
+        assert len(late) == 1
+        assert late[0]["details"]["reported_attempt"] == 1
+        assert late[0]["details"]["reported_status"] == "COMPLETED"
+        changes = [
+            (d["previous_status"], d["status"])
+            async for d in db.status_change_events.find({"ticket_id": during.ticket_id}).sort(
+                "sequence", 1
+            )
+        ]
+        assert changes == [
+            ("PENDING", "ASSIGNED"),
+            ("ASSIGNED", "RUNNING"),
+            ("RUNNING", "PENDING"),
+            ("PENDING", "ASSIGNED"),
+            ("ASSIGNED", "RUNNING"),
+            ("RUNNING", "COMPLETED"),
+        ]
+        await eventually(lambda: _backlog_empty(service), what="outbox fully relayed", deadline=30)
+    finally:
+        await mongo.close()
+
+
+async def _backlog_empty(service: TicketService) -> bool:
+    pending, _ = await service.repository.outbox_backlog()
+    return pending == 0
+
+
+async def test_redelivery_is_harmless(
+    service: TicketService,
+    stub: pb_grpc.TicketServiceAsyncStub,
+    service_token: str,
+    mongo_uri: str,
+    settings: TicketSettings,
+) -> None:
+    ticket = await run_lifecycle(stub, bearer(service_token), "twice")
+    await eventually(lambda: _backlog_empty(service), what="first delivery")
+    # Forget that the rows were delivered, as after a crash between insert and mark.
+    async with service.pool.connection() as conn:
+        await conn.execute("UPDATE ticket_events SET relayed_at = NULL")
+    await eventually(lambda: _backlog_empty(service), what="redelivery")
+    mongo: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(mongo_uri)
+    try:
+        db = mongo[settings.mongo_database]
+        assert await db.audit_trail.count_documents({"ticket_id": ticket.ticket_id}) == 8
+        assert await db.status_change_events.count_documents({"ticket_id": ticket.ticket_id}) == 6
+    finally:
+        await mongo.close()
+
+
+async def test_http_api(
+    service: TicketService,
+    stub: pb_grpc.TicketServiceAsyncStub,
+    service_token: str,
+    issuer: TokenIssuer,
+) -> None:
+    md = bearer(service_token)
+    ticket = await run_lifecycle(stub, md, "http")
+    await stub.BatchCreateTickets(
+        pb.BatchCreateTicketsRequest(
+            tickets=[
+                pb.TicketSpec(plan_id="plan-b", task_id=f"t{i}", task_type="echo") for i in range(5)
+            ]
+        ),
+        metadata=md,
+    )
+    worker_token, _ = issuer.issue_worker_token(worker_id="w1", ttl_seconds=60)
+    headers = {"authorization": f"Bearer {worker_token}"}
+    async with httpx.AsyncClient(
+        base_url=f"http://127.0.0.1:{service.runtime.http_port}", headers=headers
+    ) as http:
+        assert (await http.get("/health")).json() == {"status": "ok"}
+        ready = (await http.get("/ready")).json()
+        assert ready["checks"]["postgresql"]["status"] == "ok"
+        assert ready["checks"]["migrations"]["status"] == "ok"
+        assert (await http.get("/openapi.json")).json()["paths"]["/api/v1/tickets/{ticket_id}"]
+
+        got = await http.get(f"/api/v1/tickets/{ticket.ticket_id}")
+        assert got.status_code == 200
+        assert got.json()["status"] == "COMPLETED"
+        assert got.json()["attempt"] == 2
+
+        names: list[str] = []
+        token = ""
+        while True:
+            page = (
+                await http.get(
+                    "/api/v1/tickets",
+                    params={"plan_id": "plan-b", "page_size": 2, "page_token": token},
+                )
+            ).json()
+            names += [t["task_id"] for t in page["tickets"]]
+            token = page["next_page_token"]
+            if not token:
+                break
+        assert names == [f"t{i}" for i in range(5)]
+        completed = (await http.get("/api/v1/tickets", params={"status": "COMPLETED"})).json()
+        assert [t["ticket_id"] for t in completed["tickets"]] == [ticket.ticket_id]
+
+        async def audited() -> bool:
+            response = await http.get(f"/api/v1/tickets/{ticket.ticket_id}/events")
+            return response.status_code == 200 and len(response.json()["events"]) == 8
+
+        await eventually(audited, what="audit history over HTTP")
+        history = (await http.get(f"/api/v1/tickets/{ticket.ticket_id}/events")).json()
+        assert [e["type"] for e in history["events"]] == EXPECTED_TYPES
+
+        bad = await http.get("/api/v1/tickets", params={"status": "NOPE", "page_size": -1})
+        assert bad.status_code == 400
+        fields = {v["field"] for v in bad.json()["error"]["details"]["field_violations"]}
+        assert fields == {"statuses[0]", "page_size"}
+        assert (await http.get("/api/v1/tickets/not-a-uuid")).status_code == 400
+        missing = await http.get("/api/v1/tickets/00000000-0000-0000-0000-000000000000")
+        assert missing.status_code == 404
+        anonymous = await http.get("/api/v1/tickets", headers={"authorization": ""})
+        assert anonymous.status_code == 401
+
+    async with httpx.AsyncClient(
+        base_url=f"http://127.0.0.1:{service.runtime.metrics_port}"
+    ) as metrics_http:
+
+        async def scraped() -> bool:
+            text = (await metrics_http.get("/metrics")).text
+            return 'hive_tickets{status="COMPLETED"} 1.0' in text
+
+        await eventually(scraped, what="tickets-by-status gauge")
+        text = (await metrics_http.get("/metrics")).text
+        assert "grpc_server_handling_seconds_bucket" in text
+        assert 'grpc_method="UpdateTicketStatus"' in text
+        assert 'hive_ticket_transitions_total{event_type="REQUEUED"' in text
+        assert "hive_ticket_outbox_lag_seconds" in text
+        assert "hive_ticket_lease_expiries_total" in text
