@@ -4,6 +4,7 @@ SHELL := /bin/bash
 
 UV ?= uv
 BUF ?= $(CURDIR)/node_modules/.bin/buf
+COMPOSE ?= docker compose
 PY_SRC := libs/common/src services/execution-ticket-service/src services/service-registry/src services/orchestrator-dynamic/src
 PYTEST_ARGS ?=
 
@@ -25,7 +26,7 @@ fmt: ## Format and auto-fix Python code
 	$(UV) run ruff check --fix .
 
 .PHONY: lint
-lint: ## ruff, buf lint, and a check that the committed stubs match the protos
+lint: lint-deploy ## ruff, buf lint, a check that the committed stubs match the protos, lint-deploy
 	$(UV) run ruff check .
 	$(UV) run ruff format --check .
 	cd libs/contracts && $(BUF) lint
@@ -35,6 +36,10 @@ lint: ## ruff, buf lint, and a check that the committed stubs match the protos
 	    echo "Generated stubs are stale: run 'make gen' and commit the result." >&2; \
 	    diff -r "$$tmp/src/neuralhive" libs/contracts/src/neuralhive -x __pycache__ | head -20 >&2; exit 1; \
 	  else echo "generated stubs up to date"; fi
+
+.PHONY: lint-deploy
+lint-deploy: ## Offline checks: docker-compose.yml (compose spec), deploy/k8s (Kubernetes schemas), Dockerfiles
+	$(UV) run python scripts/lint_deploy.py
 
 .PHONY: breaking
 breaking: ## buf breaking-change check of the protos against the main branch
@@ -51,3 +56,15 @@ test: ## Run every test (unit, service, integration) against real databases
 .PHONY: test-unit
 test-unit: ## Only the fast unit tests (no databases)
 	$(UV) run pytest $(PYTEST_ARGS) libs/common/tests/unit services/*/tests/unit
+
+.PHONY: up
+up: ## Build and start the Docker stack (PostgreSQL, MongoDB, 3 services, 2 workers); waits until healthy
+	$(COMPOSE) up -d --build --wait
+
+.PHONY: down
+down: ## Stop and remove the Docker stack (volumes kept; `docker compose down -v` drops the data)
+	$(COMPOSE) down
+
+.PHONY: logs
+logs: ## Follow the Docker stack's logs
+	$(COMPOSE) logs --follow --tail=200
