@@ -29,7 +29,7 @@ import enum
 import json
 import signal
 from collections import OrderedDict
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
@@ -211,6 +211,7 @@ class Worker:
         self._watch_task: asyncio.Task[None] | None = None
         self._watch_cursor: tuple[str, str] = ("", "")  # (worker_id, cursor)
         self._signals = 0
+        self._active = 0  # attempts holding a slot
         self._background: set[asyncio.Task[None]] = set()
         self._backoff = ReconnectPolicy(max_backoff_seconds=settings.reconnect_max_backoff_seconds)
         self.succeeded_total = 0
@@ -244,7 +245,18 @@ class Worker:
         return len(self._runs)
 
     @property
+    def queued(self) -> int:
+        """Accepted attempts waiting for a free slot (not started)."""
+        return sum(1 for run in self._runs.values() if run.phase is Phase.QUEUED)
+
+    @property
+    def free_slots(self) -> int:
+        """How many more attempts could run right now (``max_concurrent`` - active)."""
+        return self.settings.max_concurrent - self._active
+
+    @property
     def draining(self) -> bool:
+        """True once a drain has started."""
         return self._draining
 
     async def wait_ready(self) -> str:
@@ -582,18 +594,19 @@ class Worker:
     async def _execute(self, run: _Run) -> None:
         try:
             async with self._slots:
-                if self._draining:
-                    run.log.info("draining; assignment not started")
-                    return
-                run.phase = Phase.STARTING
-                if not await self._mark_running(run):
-                    return
-                run.phase = Phase.RUNNING
-                outcome = await self._invoke_handler(run)
-                if outcome is None:
-                    return
-                run.phase = Phase.REPORTING
-                await self._report(run, outcome)
+                with self._holding_slot():
+                    if self._draining:
+                        run.log.info("draining; assignment not started")
+                        return
+                    run.phase = Phase.STARTING
+                    if not await self._mark_running(run):
+                        return
+                    run.phase = Phase.RUNNING
+                    outcome = await self._invoke_handler(run)
+                    if outcome is None:
+                        return
+                    run.phase = Phase.REPORTING
+                    await self._report(run, outcome)
         except asyncio.CancelledError:
             if run.abandoned or run.released:
                 return  # we cancelled it on purpose
@@ -604,6 +617,14 @@ class Worker:
             self._runs.pop(run.key, None)
             self._remember(run.key)
             self._heartbeat_wake.set()
+
+    @contextlib.contextmanager
+    def _holding_slot(self) -> Iterator[None]:
+        self._active += 1
+        try:
+            yield
+        finally:
+            self._active -= 1
 
     async def _until_definite(self, run: _Run, what: str, call: Callable[[], Any]) -> Any:
         """Await ``call()`` until it succeeds or fails with a non-transient error."""

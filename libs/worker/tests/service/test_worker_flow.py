@@ -1,0 +1,306 @@
+"""A real Worker against the real ticket service and registry.
+
+The test plays the orchestrator (service token): it creates tickets and assigns them to
+the worker, then watches what the worker made of them.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import uuid
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import pytest
+from hive_worker import TaskContext
+
+from hive_common.clients import RegistryClient, TicketClient
+from hive_common.errors import NotFound
+from neuralhive.registry.v1 import registry_service_pb2 as rpb
+from neuralhive.ticket.v1 import ticket_service_pb2 as pb
+
+pytestmark = pytest.mark.service
+
+WAIT_SECONDS = 30.0
+COMPLETED = pb.TICKET_STATUS_COMPLETED
+FAILED = pb.TICKET_STATUS_FAILED
+PENDING = pb.TICKET_STATUS_PENDING
+ASSIGNED = pb.TICKET_STATUS_ASSIGNED
+RUNNING = pb.TICKET_STATUS_RUNNING
+CANCELLED = pb.TICKET_STATUS_CANCELLED
+
+
+def spec(task_type: str, params: dict[str, Any] | None = None, **fields: Any) -> pb.TicketSpec:
+    """A ticket spec with a unique plan and task id."""
+    result = pb.TicketSpec(
+        plan_id=fields.pop("plan_id", f"plan-{uuid.uuid4().hex[:8]}"),
+        task_id=fields.pop("task_id", f"task-{uuid.uuid4().hex[:8]}"),
+        task_type=task_type,
+        required_capabilities=["python"],
+        **fields,
+    )
+    result.parameters.update(params or {})
+    return result
+
+
+async def eventually(
+    probe: Callable[[], Awaitable[Any]],
+    condition: Callable[[Any], bool],
+    *,
+    what: str,
+    seconds: float = WAIT_SECONDS,
+) -> Any:
+    """Poll ``probe`` until ``condition`` holds (a bounded wait, not a timing assertion)."""
+    loop = asyncio.get_running_loop()
+    ends = loop.time() + seconds
+    last: Any = None
+    while loop.time() < ends:
+        last = await probe()
+        if condition(last):
+            return last
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}; last seen: {last}")
+
+
+async def wait_status(
+    client: TicketClient, ticket_id: str, *statuses: pb.TicketStatus.ValueType, attempt: int = 1
+) -> pb.ExecutionTicket:
+    ticket: pb.ExecutionTicket = await eventually(
+        lambda: client.get_ticket(ticket_id=ticket_id),
+        lambda t: t.status in statuses and t.attempt == attempt,
+        what=f"ticket {ticket_id} to reach {[pb.TicketStatus.Name(s) for s in statuses]} "
+        f"at attempt {attempt}",
+    )
+    return ticket
+
+
+async def create_and_assign(
+    client: TicketClient, worker_id: str, ticket_spec: pb.TicketSpec
+) -> pb.ExecutionTicket:
+    created = await client.create_ticket(spec=ticket_spec)
+    return await client.assign_ticket(
+        ticket_id=created.ticket.ticket_id, worker_id=worker_id, attempt=created.ticket.attempt
+    )
+
+
+class Gate:
+    """A handler that blocks until released, counting how many run at once."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+        self.active = 0
+        self.peak = 0
+        self.started: list[str] = []
+        self.cancelled: list[str] = []
+        self._changed = asyncio.Event()
+
+    async def __call__(self, params: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
+        self.active += 1
+        self.peak = max(self.peak, self.active)
+        self.started.append(ctx.ticket_id)
+        self._changed.set()
+        try:
+            await self.release.wait()
+        except asyncio.CancelledError:
+            self.cancelled.append(ctx.ticket_id)
+            self._changed.set()
+            raise
+        finally:
+            self.active -= 1
+        return {"released": ctx.ticket_id}
+
+    async def until(self, condition: Callable[[], bool]) -> None:
+        async def wait() -> None:
+            while not condition():
+                self._changed.clear()
+                await self._changed.wait()
+
+        await asyncio.wait_for(wait(), WAIT_SECONDS)
+
+
+async def test_echo_runs_to_completed_with_its_result(
+    workers: Any, orchestrator: TicketClient, registry_admin: RegistryClient
+) -> None:
+    worker = workers.make(capabilities=["python", "shell"], labels={"zone": "a"})
+    worker_id = await workers.start(worker)
+    registered = await registry_admin.get_worker(worker_id=worker_id)
+    assert list(registered.capabilities) == ["python", "shell"]
+    assert dict(registered.labels) == {"zone": "a"}
+
+    params = {"message": "hello", "n": 2, "nested": {"ok": True}}
+    assigned = await create_and_assign(orchestrator, worker_id, spec("echo", params))
+    done = await wait_status(orchestrator, assigned.ticket_id, COMPLETED)
+    assert dict(done.result) == {"message": "hello", "n": 2.0, "nested": {"ok": True}}
+    assert done.worker_id == worker_id
+    assert done.HasField("started_at")
+    assert done.error_message == ""
+    # The heartbeat carries the cumulative totals to the registry.
+    seen = await eventually(
+        lambda: registry_admin.get_worker(worker_id=worker_id),
+        lambda w: w.succeeded_total == 1,
+        what="succeeded_total == 1 in the registry",
+    )
+    assert seen.failed_total == 0
+
+
+async def test_a_retryable_failure_is_requeued_then_fails_for_good(
+    workers: Any, orchestrator: TicketClient, registry_admin: RegistryClient
+) -> None:
+    worker_id = await workers.start(workers.make())
+    ticket_spec = spec("fail", {"message": "flaky dependency"}, max_retries=1)
+    first = await create_and_assign(orchestrator, worker_id, ticket_spec)
+
+    requeued = await wait_status(orchestrator, first.ticket_id, PENDING, attempt=2)
+    assert requeued.error_message == "flaky dependency"
+    assert requeued.worker_id == ""
+
+    await orchestrator.assign_ticket(ticket_id=first.ticket_id, worker_id=worker_id, attempt=2)
+    final = await wait_status(orchestrator, first.ticket_id, FAILED, attempt=2)
+    assert final.error_message == "flaky dependency"
+    await eventually(
+        lambda: registry_admin.get_worker(worker_id=worker_id),
+        lambda w: w.failed_total == 2,
+        what="failed_total == 2 in the registry",
+    )
+
+
+@pytest.mark.parametrize(
+    ("task_type", "params", "message"),
+    [
+        ("fail", {"message": "bad input", "permanent": True}, "bad input"),
+        ("resize", {}, "unknown task type 'resize'"),
+        ("shell", {"cmd": "rm -rf /"}, "not in the shell allow-list"),
+        ("sleep", {"seconds": -1}, "parameters.seconds"),
+    ],
+)
+async def test_permanent_failures_skip_the_remaining_retries(
+    workers: Any,
+    orchestrator: TicketClient,
+    task_type: str,
+    params: dict[str, Any],
+    message: str,
+) -> None:
+    worker_id = await workers.start(workers.make(shell_allow_list=["make"]))
+    assigned = await create_and_assign(
+        orchestrator, worker_id, spec(task_type, params, max_retries=3)
+    )
+    final = await wait_status(orchestrator, assigned.ticket_id, FAILED, attempt=1)
+    assert message in final.error_message
+
+
+async def test_max_concurrent_is_honoured(workers: Any, orchestrator: TicketClient) -> None:
+    worker = workers.make(max_concurrent=2)
+    gate = Gate()
+    worker.add_task("block", gate)
+    worker_id = await workers.start(worker)
+    plan = f"plan-{uuid.uuid4().hex[:8]}"
+    ids = [
+        (await create_and_assign(orchestrator, worker_id, spec("block", plan_id=plan))).ticket_id
+        for _ in range(4)
+    ]
+    # Settled: every slot taken and every other accepted ticket queued for one. (With a
+    # third slot, this state is only reached once three handlers run.)
+    await eventually(
+        lambda: asyncio.sleep(0, (worker.in_flight, worker.free_slots, worker.queued)),
+        lambda seen: seen == (4, 0, 4 - len(gate.started)),
+        what="all four accepted, no free slot, the rest queued",
+    )
+    assert len(gate.started) == 2
+    page = await orchestrator.list_tickets(plan_id=plan)
+    statuses = sorted(pb.TicketStatus.Name(t.status) for t in page.tickets)
+    # Two run; the other two wait for a slot without being started.
+    assert statuses == ["TICKET_STATUS_ASSIGNED"] * 2 + ["TICKET_STATUS_RUNNING"] * 2
+
+    gate.release.set()
+    for ticket_id in ids:
+        done = await wait_status(orchestrator, ticket_id, COMPLETED)
+        assert dict(done.result) == {"released": ticket_id}
+    assert gate.peak == 2
+    assert sorted(gate.started) == sorted(ids)
+
+
+async def test_an_assignment_made_while_the_worker_was_away_is_picked_up(
+    workers: Any, registry: Any, orchestrator: TicketClient
+) -> None:
+    name = f"returning-{uuid.uuid4().hex[:6]}"
+    # An earlier life of this worker registered; the ticket was assigned to it meanwhile.
+    earlier = RegistryClient.connect(f"127.0.0.1:{registry.runtime.grpc_port}")
+    async with earlier:
+        response = await earlier.register(
+            name=name,
+            capabilities=["python"],
+            max_concurrent=1,
+            token="hive-worker-service-tests-registration-secret",
+        )
+    assigned = await create_and_assign(
+        orchestrator, response.worker.worker_id, spec("echo", {"x": "while away"})
+    )
+
+    worker_id = await workers.start(workers.make(name=name))
+    assert worker_id == response.worker.worker_id
+    done = await wait_status(orchestrator, assigned.ticket_id, COMPLETED)
+    assert dict(done.result) == {"x": "while away"}
+
+
+async def test_a_cancelled_ticket_stops_its_handler_and_reports_nothing(
+    workers: Any, orchestrator: TicketClient
+) -> None:
+    worker = workers.make()
+    gate = Gate()
+    worker.add_task("block", gate)
+    worker_id = await workers.start(worker)
+    assigned = await create_and_assign(orchestrator, worker_id, spec("block"))
+    await gate.until(lambda: len(gate.started) == 1)
+
+    await orchestrator.update_ticket_status(
+        ticket_id=assigned.ticket_id, status=CANCELLED, attempt=0, error_message="plan cancelled"
+    )
+    await gate.until(lambda: gate.cancelled == [assigned.ticket_id])
+    await eventually(lambda: asyncio.sleep(0, worker.in_flight), lambda n: n == 0, what="idle")
+    final = await orchestrator.get_ticket(ticket_id=assigned.ticket_id)
+    assert final.status == CANCELLED
+    assert final.error_message == "plan cancelled"
+    assert worker.succeeded_total == worker.failed_total == 0
+
+
+async def test_drain_finishes_running_work_takes_no_new_work_and_deregisters(
+    workers: Any, orchestrator: TicketClient, registry_admin: RegistryClient
+) -> None:
+    worker = workers.make(drain_grace_seconds=60)
+    gate = Gate()
+    worker.add_task("block", gate)
+    worker_id = await workers.start(worker)
+    running = await create_and_assign(orchestrator, worker_id, spec("block"))
+    await gate.until(lambda: len(gate.started) == 1)
+
+    worker.drain()
+    draining = await eventually(
+        lambda: registry_admin.get_worker(worker_id=worker_id),
+        lambda w: w.status == rpb.WORKER_STATUS_DRAINING,
+        what="the registry to show the worker DRAINING",
+    )
+    assert draining.in_flight == 1
+    # Assigned after the drain started: the worker must not start it.
+    late = await create_and_assign(orchestrator, worker_id, spec("echo", {"late": True}))
+
+    gate.release.set()
+    task = workers.running[-1][1]
+    await asyncio.wait_for(task, WAIT_SECONDS)  # run() returned normally
+    assert (await orchestrator.get_ticket(ticket_id=running.ticket_id)).status == COMPLETED
+    assert (await orchestrator.get_ticket(ticket_id=late.ticket_id)).status == ASSIGNED
+    with pytest.raises(NotFound):
+        await registry_admin.get_worker(worker_id=worker_id)
+
+
+async def test_a_ticket_service_outage_delays_work_and_loses_nothing(
+    workers: Any, tickets: Any, orchestrator: TicketClient
+) -> None:
+    worker_id = await workers.start(workers.make())
+    before = await create_and_assign(orchestrator, worker_id, spec("echo", {"n": 1}))
+    await wait_status(orchestrator, before.ticket_id, COMPLETED)
+
+    await tickets.stop()  # the worker's watch stream breaks
+    await tickets.start()  # same port, same database
+    after = await create_and_assign(orchestrator, worker_id, spec("echo", {"n": 2}))
+    done = await wait_status(orchestrator, after.ticket_id, COMPLETED)
+    assert dict(done.result) == {"n": 2.0}
