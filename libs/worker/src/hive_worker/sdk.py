@@ -309,6 +309,11 @@ class Worker:
                 loop.remove_signal_handler(sig)
             for client in owned:
                 await client.close()
+            # Clients this run created are closed: a later run() creates new ones.
+            if self._registry in owned:
+                self._registry = None
+            if self._tickets in owned:
+                self._tickets = None
 
     # ------------------------------------------------------------------ wiring
 

@@ -99,12 +99,34 @@ def registry_dsn(postgres_server: PostgresServer) -> Iterator[str]:
         yield dsn
 
 
+@dataclass
+class Registry:
+    """A (re)startable registry on a fixed port."""
+
+    settings: RegistrySettings
+    app: RegistryApp | None = None
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.settings.grpc_port}"
+
+    async def start(self) -> None:
+        # The sweeper stays off: no test here waits for heartbeat expiry.
+        self.app = await build_app(self.settings, run_sweeper=False)
+        await self.app.start()
+
+    async def stop(self) -> None:
+        if self.app is not None:
+            await self.app.stop(0)
+            self.app = None
+
+
 @pytest.fixture
-async def registry(registry_dsn: str) -> AsyncIterator[RegistryApp]:
+async def registry(registry_dsn: str) -> AsyncIterator[Registry]:
     settings = RegistrySettings(
         postgres_dsn=SecretStr(registry_dsn),
         host="127.0.0.1",
-        grpc_port=0,
+        grpc_port=free_port(),
         http_port=0,
         jwt_secret=SecretStr(JWT_SECRET),
         registration_secret=SecretStr(REGISTRATION_SECRET),
@@ -114,12 +136,12 @@ async def registry(registry_dsn: str) -> AsyncIterator[RegistryApp]:
         postgres_pool_max_size=4,
         shutdown_grace_seconds=0,
     )
-    app = await build_app(settings, run_sweeper=False)
-    await app.start()
+    service = Registry(settings=settings)
+    await service.start()
     try:
-        yield app
+        yield service
     finally:
-        await app.stop(0)
+        await service.stop()
 
 
 @pytest.fixture
@@ -144,11 +166,9 @@ async def orchestrator(tickets: Tickets, service_token: str) -> AsyncIterator[Ti
 
 
 @pytest.fixture
-async def registry_admin(
-    registry: RegistryApp, service_token: str
-) -> AsyncIterator[RegistryClient]:
+async def registry_admin(registry: Registry, service_token: str) -> AsyncIterator[RegistryClient]:
     client = RegistryClient.connect(
-        f"127.0.0.1:{registry.runtime.grpc_port}",
+        registry.target,
         token_provider=lambda: service_token,
         policy=FAST,
     )
@@ -161,12 +181,12 @@ class Workers:
     """Builds Workers wired to the services and runs them; drains them at the end."""
 
     tickets: Tickets
-    registry: RegistryApp
+    registry: Registry
     running: list[tuple[Worker, asyncio.Task[None]]] = field(default_factory=list)
 
     def make(self, **overrides: Any) -> Worker:
         values: dict[str, Any] = {
-            "registry_target": f"127.0.0.1:{self.registry.runtime.grpc_port}",
+            "registry_target": self.registry.target,
             "tickets_target": self.tickets.target,
             "registration_secret": REGISTRATION_SECRET,
             "name": f"worker-{uuid.uuid4().hex[:8]}",
@@ -199,6 +219,8 @@ class Workers:
         for worker, _ in self.running:
             worker.drain()
         for _, task in self.running:
+            if task.done():
+                continue  # stopped by the test itself
             try:
                 await asyncio.wait_for(task, WAIT_SECONDS)
             except BaseException:
@@ -207,7 +229,7 @@ class Workers:
 
 
 @pytest.fixture
-async def workers(tickets: Tickets, registry: RegistryApp) -> AsyncIterator[Workers]:
+async def workers(tickets: Tickets, registry: Registry) -> AsyncIterator[Workers]:
     pool = Workers(tickets=tickets, registry=registry)
     try:
         yield pool

@@ -15,7 +15,7 @@ import pytest
 from hive_worker import TaskContext
 
 from hive_common.clients import RegistryClient, TicketClient
-from hive_common.errors import NotFound
+from hive_common.errors import NotFound, Unauthenticated
 from neuralhive.registry.v1 import registry_service_pb2 as rpb
 from neuralhive.ticket.v1 import ticket_service_pb2 as pb
 
@@ -224,7 +224,7 @@ async def test_an_assignment_made_while_the_worker_was_away_is_picked_up(
 ) -> None:
     name = f"returning-{uuid.uuid4().hex[:6]}"
     # An earlier life of this worker registered; the ticket was assigned to it meanwhile.
-    earlier = RegistryClient.connect(f"127.0.0.1:{registry.runtime.grpc_port}")
+    earlier = RegistryClient.connect(registry.target)
     async with earlier:
         response = await earlier.register(
             name=name,
@@ -304,3 +304,48 @@ async def test_a_ticket_service_outage_delays_work_and_loses_nothing(
     after = await create_and_assign(orchestrator, worker_id, spec("echo", {"n": 2}))
     done = await wait_status(orchestrator, after.ticket_id, COMPLETED)
     assert dict(done.result) == {"n": 2.0}
+
+
+async def test_a_registry_outage_does_not_stop_work(
+    workers: Any, registry: Any, orchestrator: TicketClient, registry_admin: RegistryClient
+) -> None:
+    worker = workers.make()
+    worker_id = await workers.start(worker)
+    await registry.stop()  # heartbeats now fail
+    during = await create_and_assign(orchestrator, worker_id, spec("echo", {"n": 1}))
+    await wait_status(orchestrator, during.ticket_id, COMPLETED)
+    await registry.start()  # same port, same database
+    # Heartbeats resume and carry what happened meanwhile.
+    seen = await eventually(
+        lambda: registry_admin.get_worker(worker_id=worker_id),
+        lambda w: w.succeeded_total == 1,
+        what="the registry to hear about the completed ticket",
+    )
+    assert seen.status == rpb.WORKER_STATUS_HEALTHY
+
+
+async def test_registration_with_a_wrong_secret_is_refused(workers: Any) -> None:
+    worker = workers.make(registration_secret="not-the-secret")
+    with pytest.raises(Unauthenticated):
+        await asyncio.wait_for(worker.run(install_signal_handlers=False), WAIT_SECONDS)
+
+
+async def test_an_attempt_left_running_by_a_dead_process_is_failed_on_restart(
+    workers: Any, orchestrator: TicketClient
+) -> None:
+    name = f"phoenix-{uuid.uuid4().hex[:6]}"
+    first = workers.make(name=name)
+    gate = Gate()
+    first.add_task("block", gate)
+    worker_id = await workers.start(first)
+    assigned = await create_and_assign(orchestrator, worker_id, spec("block", max_retries=1))
+    await gate.until(lambda: len(gate.started) == 1)
+    # The process dies: no report, no deregistration; the ticket stays RUNNING.
+    workers.running[-1][1].cancel()
+    await asyncio.gather(workers.running[-1][1], return_exceptions=True)
+    assert (await orchestrator.get_ticket(ticket_id=assigned.ticket_id)).status == RUNNING
+
+    # Its successor (same name, so same worker id) finds the attempt in its snapshot.
+    assert await workers.start(workers.make(name=name)) == worker_id
+    requeued = await wait_status(orchestrator, assigned.ticket_id, PENDING, attempt=2)
+    assert requeued.error_message == "the worker restarted while this attempt was running"
