@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -74,8 +75,11 @@ class Violations:
             raise InvalidArgument(message, violations=self.items)
 
 
+_CONTROL_CHARS = re.compile(r"[\x00-\x1f\x7f]")
+
+
 def _has_control_chars(value: str) -> bool:
-    return any(ord(ch) < 32 or ord(ch) == 127 for ch in value)
+    return _CONTROL_CHARS.search(value) is not None
 
 
 def check_identifier(value: str, path: str, errors: Violations, *, required: bool = True) -> None:
