@@ -6,12 +6,14 @@ import asyncio
 import contextlib
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 from pymongo import AsyncMongoClient
 
 from execution_ticket_service.background import (
+    EventPurger,
     LeaseSweeper,
     OutboxRelay,
     RelaySettings,
@@ -58,6 +60,7 @@ class TicketService:
     relay: OutboxRelay
     sweeper: LeaseSweeper
     stats: StatsRefresher
+    purger: EventPurger
     pool: Pool
     mongo: MongoClient
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
@@ -68,6 +71,7 @@ class TicketService:
             ("outbox-relay", self.relay.run()),
             ("lease-sweeper", self.sweeper.run()),
             ("stats", self.stats.run()),
+            ("event-purger", self.purger.run()),
         ):
             self.tasks.append(_background(name, job))
 
@@ -137,6 +141,12 @@ async def build_service(settings: TicketSettings, *, clock: Clock = utc_now) -> 
     sweeper = LeaseSweeper(repository=repository, interval=settings.lease_sweep_interval_seconds)
     stats = StatsRefresher(
         repository=repository, metrics=metrics, interval=settings.stats_interval_seconds
+    )
+
+    purger = EventPurger(
+        repository=repository,
+        retention=timedelta(hours=settings.event_retention_hours),
+        interval=settings.event_purge_interval_seconds,
     )
 
     secret = settings.jwt_secret.get_secret_value()
@@ -211,6 +221,7 @@ async def build_service(settings: TicketSettings, *, clock: Clock = utc_now) -> 
         relay=relay,
         sweeper=sweeper,
         stats=stats,
+        purger=purger,
         pool=pool,
         mongo=mongo,
     )

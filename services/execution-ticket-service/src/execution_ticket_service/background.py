@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import random
 from dataclasses import dataclass
+from datetime import timedelta
 
 from execution_ticket_service.metrics import TicketMetrics
 from execution_ticket_service.signals import ChangeSignal
@@ -160,4 +161,37 @@ class StatsRefresher:
                 await self.refresh_once()
             except HiveError as exc:
                 log.warning("metrics refresh failed", error=exc.message, code=exc.code)
+            await asyncio.sleep(self._interval)
+
+
+class EventPurger:
+    """Keeps the event log bounded: relayed events older than the retention are deleted.
+
+    A WatchTickets cursor older than the retention may therefore miss events.
+    """
+
+    def __init__(
+        self, *, repository: TicketRepository, retention: timedelta, interval: float
+    ) -> None:
+        self._repository = repository
+        self._retention = retention
+        self._interval = interval
+
+    async def purge_once(self) -> int:
+        cutoff = utc_now() - self._retention
+        total = 0
+        while True:
+            deleted = await self._repository.purge_events(older_than=cutoff)
+            total += deleted
+            if deleted == 0:
+                return total
+
+    async def run(self) -> None:
+        while True:
+            try:
+                deleted = await self.purge_once()
+                if deleted:
+                    log.info("old events purged", deleted=deleted)
+            except HiveError as exc:
+                log.warning("event purge failed", error=exc.message, code=exc.code)
             await asyncio.sleep(self._interval)

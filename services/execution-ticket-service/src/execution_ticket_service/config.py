@@ -49,6 +49,9 @@ class TicketSettings(HiveSettings):
     watch_poll_interval_seconds: float = Field(default=0.5, gt=0)
     watch_batch_size: int = Field(default=500, ge=1)
     readiness_interval_seconds: float = Field(default=2.0, gt=0)
+    # Relayed events older than this are deleted (bounds the watch log and outbox table).
+    event_retention_hours: float = Field(default=7 * 24, gt=0)
+    event_purge_interval_seconds: float = Field(default=300.0, gt=0)
 
     # The HTTP read API asks for a bearer token like the gRPC API does.
     http_require_auth: bool = True

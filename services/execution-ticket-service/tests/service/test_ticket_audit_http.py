@@ -257,7 +257,7 @@ async def test_http_api(
         bad = await http.get("/api/v1/tickets", params={"status": "NOPE", "page_size": -1})
         assert bad.status_code == 400
         fields = {v["field"] for v in bad.json()["error"]["details"]["field_violations"]}
-        assert fields == {"statuses[0]", "page_size"}
+        assert fields == {"status[0]", "page_size"}
         assert (await http.get("/api/v1/tickets/not-a-uuid")).status_code == 400
         missing = await http.get("/api/v1/tickets/00000000-0000-0000-0000-000000000000")
         assert missing.status_code == 404

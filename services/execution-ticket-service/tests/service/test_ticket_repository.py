@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from datetime import timedelta
 
 import pytest
 
@@ -165,3 +166,18 @@ async def test_outbox_claims_are_exclusive(repo: TicketRepository) -> None:
     again = await repo.claim_outbox(limit=10, claim_seconds=30)
     assert [e.seq for e in again] == [e.seq for e in second]
     assert (await repo.outbox_backlog())[0] == 2
+
+
+async def test_purge_removes_only_old_relayed_events(
+    repo: TicketRepository, advance_clock: Callable[[float], None]
+) -> None:
+    await repo.create_many([spec(f"t{i}") for i in range(3)], actor="s")
+    relayed = await repo.claim_outbox(limit=2, claim_seconds=30)
+    await repo.mark_relayed([e.seq for e in relayed])
+    advance_clock(3600)
+    await repo.create_many([spec("recent")], actor="s")
+    cutoff = relayed[0].event.occurred_at + timedelta(seconds=1)
+    assert await repo.purge_events(older_than=cutoff) == 2
+    assert await repo.purge_events(older_than=cutoff) == 0
+    pending, _ = await repo.outbox_backlog()
+    assert pending == 2  # the undelivered old event and the recent one are kept

@@ -300,13 +300,18 @@ def validate_status_update(
 
 
 def validate_filter(
-    *, plan_id: str, statuses: Iterable[str], worker_id: str, errors: Violations
+    *,
+    plan_id: str,
+    statuses: Iterable[str],
+    worker_id: str,
+    errors: Violations,
+    statuses_path: str = "statuses",
 ) -> TicketFilter:
     check_identifier(plan_id, "plan_id", errors, required=False)
     check_identifier(worker_id, "worker_id", errors, required=False)
     parsed: set[TicketStatus] = set()
     for index, value in enumerate(statuses):
-        status = parse_status(value, f"statuses[{index}]", errors)
+        status = parse_status(value, f"{statuses_path}[{index}]", errors)
         if status is not None:
             parsed.add(status)
     return TicketFilter(plan_id=plan_id, statuses=frozenset(parsed), worker_id=worker_id)

@@ -566,6 +566,21 @@ class TicketRepository:
 
         await self._run(work)
 
+    async def purge_events(self, *, older_than: datetime, limit: int = 10_000) -> int:
+        """Delete relayed events that happened before ``older_than`` (never undelivered ones)."""
+
+        async def work(conn: AsyncConnection[DictRow]) -> int:
+            cur = await conn.execute(
+                "DELETE FROM ticket_events WHERE seq IN ("
+                " SELECT seq FROM ticket_events"
+                " WHERE relayed_at IS NOT NULL AND occurred_at < %s"
+                " ORDER BY seq LIMIT %s)",
+                (older_than, limit),
+            )
+            return cur.rowcount
+
+        return await self._run(work)
+
     async def outbox_backlog(self) -> tuple[int, datetime | None]:
         """How many events await relay, and when the oldest of them happened."""
 

@@ -110,7 +110,11 @@ def build_router(
     ) -> TicketPage:
         errors = Violations()
         ticket_filter = validate_filter(
-            plan_id=plan_id, statuses=status or [], worker_id=worker_id, errors=errors
+            plan_id=plan_id,
+            statuses=status or [],
+            worker_id=worker_id,
+            errors=errors,
+            statuses_path="status",
         )
         limit = resolve_page_size(page_size, limits, errors)
         after = decode_page_token(page_token, ticket_filter, errors)
