@@ -16,8 +16,7 @@ async def _run() -> None:
     configure_logging(level=settings.log_level, fmt=settings.log_format)
     settings.warn_if_insecure(structlog.get_logger("execution_ticket_service"))
     service = await build_service(settings)
-    await service.start()
-    await service.runtime.run_until_signal()
+    await service.run_until_signal()
 
 
 def main() -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import signal
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -56,6 +57,7 @@ class TicketService:
     """A built service: ``start()`` serves, ``stop()`` drains and releases everything."""
 
     runtime: ServiceRuntime
+    servicer: TicketServicer
     repository: TicketRepository
     relay: OutboxRelay
     sweeper: LeaseSweeper
@@ -76,7 +78,29 @@ class TicketService:
             self.tasks.append(_background(name, job))
 
     async def stop(self, grace: float | None = None) -> None:
+        """End watch streams first (they never finish on their own), then stop gracefully."""
+        self.servicer.drain()
         await self.runtime.stop(grace)
+
+    async def run_until_signal(self) -> None:
+        """Serve until SIGTERM / SIGINT, then :meth:`stop`.
+
+        Not ``ServiceRuntime.run_until_signal``: that stops the servers directly, and open
+        WatchTickets streams would then hold the stop for the whole grace period.
+        """
+        loop = asyncio.get_running_loop()
+        stop_requested = asyncio.Event()
+        signals = (signal.SIGTERM, signal.SIGINT)
+        for sig in signals:
+            loop.add_signal_handler(sig, stop_requested.set)
+        try:
+            await self.start()
+            await stop_requested.wait()
+            log.info("stop requested")
+        finally:
+            for sig in signals:
+                loop.remove_signal_handler(sig)
+            await self.stop()
 
     async def _shutdown(self) -> None:
         for task in self.tasks:
@@ -217,6 +241,7 @@ async def build_service(settings: TicketSettings, *, clock: Clock = utc_now) -> 
     )
     service = TicketService(
         runtime=runtime,
+        servicer=servicer,
         repository=repository,
         relay=relay,
         sweeper=sweeper,

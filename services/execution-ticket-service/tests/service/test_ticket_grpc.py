@@ -803,3 +803,17 @@ async def test_health_is_serving_only_while_ready(
     async with pool.connection() as conn:
         await conn.execute("ALTER TABLE tickets_hidden RENAME TO tickets")
     await eventually(lambda: status_is(health_pb2.HealthCheckResponse.SERVING), what="SERVING")
+
+
+async def test_stop_ends_watch_streams_instead_of_waiting_for_the_grace(
+    client: Client, service: TicketService
+) -> None:
+    stream = client.stub.WatchTickets(pb.WatchTicketsRequest(), metadata=client.svc)
+    await stream.initial_metadata()
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await service.stop(30)
+    assert await stream.read() is grpc.aio.EOF
+    assert await stream.code() is Code.OK
+    # Far below the 30 s grace: the stream ended because of the drain, not the deadline.
+    assert loop.time() - started < 15

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -69,6 +70,12 @@ class TicketServicer(pb_grpc.TicketServiceServicer):
         self._limits = limits
         self._signal = signal
         self._watch = watch
+        self._draining = asyncio.Event()
+
+    def drain(self) -> None:
+        """End every WatchTickets stream at its next idle moment (clients resume by cursor)."""
+        self._draining.set()
+        self._signal.notify()
 
     async def CreateTicket(
         self, request: pb.CreateTicketRequest, context: Any
@@ -202,7 +209,7 @@ class TicketServicer(pb_grpc.TicketServiceServicer):
             cursor = await self._repository.current_position()
 
         # Each subscriber polls on its own: a slow or vanished client only stalls itself.
-        while True:
+        while not self._draining.is_set():
             generation = self._signal.generation
             events = await self._repository.events_after(
                 cursor, ticket_filter, limit=self._watch.batch_size
