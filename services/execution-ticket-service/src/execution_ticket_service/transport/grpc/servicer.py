@@ -42,6 +42,7 @@ from execution_ticket_service.transport.grpc.convert import (
     ticket_to_proto,
 )
 from hive_common.auth import TokenIssuer
+from hive_common.logging import bind_request_context
 from neuralhive.ticket.v1 import ticket_service_pb2 as pb
 from neuralhive.ticket.v1 import ticket_service_pb2_grpc as pb_grpc
 
@@ -81,6 +82,7 @@ class TicketServicer(pb_grpc.TicketServiceServicer):
         self, request: pb.CreateTicketRequest, context: Any
     ) -> pb.CreateTicketResponse:
         spec = validate_create(raw_spec(request.ticket), self._limits)
+        bind_request_context(plan_id=spec.plan_id)
         [(ticket, created)] = await self._repository.create_many(
             [spec], actor=actor_of(current_claims())
         )
@@ -97,7 +99,7 @@ class TicketServicer(pb_grpc.TicketServiceServicer):
         )
 
     async def GetTicket(self, request: pb.GetTicketRequest, context: Any) -> pb.GetTicketResponse:
-        ticket = await self._repository.get(validate_ticket_id(request.ticket_id))
+        ticket = await self._repository.get(_bound(validate_ticket_id(request.ticket_id)))
         return pb.GetTicketResponse(ticket=ticket_to_proto(ticket))
 
     async def ListTickets(
@@ -136,6 +138,7 @@ class TicketServicer(pb_grpc.TicketServiceServicer):
             ),
             limits=self._limits,
         )
+        _bound(assignment.ticket_id)
         ticket = await self._repository.assign(assignment, actor=actor_of(current_claims()))
         return pb.AssignTicketResponse(ticket=ticket_to_proto(ticket))
 
@@ -154,13 +157,14 @@ class TicketServicer(pb_grpc.TicketServiceServicer):
             permanent=request.permanent,
             limits=self._limits,
         )
+        _bound(update.ticket_id)
         ticket = await self._repository.update_status(update, actor=actor_of(current_claims()))
         return pb.UpdateTicketStatusResponse(ticket=ticket_to_proto(ticket))
 
     async def GenerateToken(
         self, request: pb.GenerateTokenRequest, context: Any
     ) -> pb.GenerateTokenResponse:
-        ticket_id = validate_ticket_id(request.ticket_id)
+        ticket_id = _bound(validate_ticket_id(request.ticket_id))
         ttl = resolve_token_ttl(request.ttl_seconds, self._limits)
         ticket = await self._repository.get(ticket_id)
         check_token_eligible(ticket)
@@ -220,6 +224,12 @@ class TicketServicer(pb_grpc.TicketServiceServicer):
                 cursor = _cursor_of(events[-1])
             if len(events) < self._watch.batch_size:
                 await self._signal.wait(generation, self._watch.poll_interval)
+
+
+def _bound(ticket_id: str) -> str:
+    """Put the ticket id on every log line of this RPC (including the final one)."""
+    bind_request_context(ticket_id=ticket_id)
+    return ticket_id
 
 
 def _cursor_of(event: TicketEvent) -> Cursor:
