@@ -6,6 +6,7 @@ import asyncio
 from collections.abc import Callable
 from datetime import timedelta
 
+import psycopg
 import pytest
 
 from execution_ticket_service.domain.models import (
@@ -181,3 +182,30 @@ async def test_purge_removes_only_old_relayed_events(
     assert await repo.purge_events(older_than=cutoff) == 0
     pending, _ = await repo.outbox_backlog()
     assert pending == 2  # the undelivered old event and the recent one are kept
+
+
+async def test_watch_never_skips_an_event_that_commits_late(
+    repo: TicketRepository, migrated_dsn: str
+) -> None:
+    [(early, _)] = await repo.create_many([spec("early")], actor="s")
+    start = await repo.current_position()
+    async with await psycopg.AsyncConnection.connect(migrated_dsn) as slow:
+        # A writer that started first but commits last (its event has the lower xid).
+        await slow.execute(
+            "UPDATE tickets SET version = version + 1, updated_at = now() WHERE ticket_id = %s",
+            (early.ticket_id,),
+        )
+        await slow.execute(
+            "INSERT INTO ticket_events (event_id, event_type, ticket_id, plan_id, status, actor,"
+            " occurred_at, ticket) SELECT gen_random_uuid(), 'STATUS_CHANGED', ticket_id,"
+            " plan_id, status, 'test:slow', now(), to_jsonb(t) FROM tickets t"
+            " WHERE ticket_id = %s",
+            (early.ticket_id,),
+        )
+        await repo.create_many([spec("fast")], actor="s")
+        # The fast commit is held back while the slow writer is open ...
+        assert await repo.events_after(start, TicketFilter(), limit=10) == []
+        await slow.commit()
+    # ... and afterwards both arrive, the slow one first.
+    events = await repo.events_after(start, TicketFilter(), limit=10)
+    assert [(e.actor, e.ticket.task_id) for e in events] == [("test:slow", "early"), ("s", "fast")]
