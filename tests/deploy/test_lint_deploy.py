@@ -250,3 +250,14 @@ def test_a_broken_dockerfile_fails(copy: Path, old: str, new: str, expected: str
     _edit_text(copy / TICKETS_DOCKERFILE, old, new)
     problems = _problems(copy, only="docker")
     assert any(expected in problem for problem in problems), problems
+
+
+def test_an_http_only_service_must_have_a_ready_readiness_probe(copy: Path) -> None:
+    """The orchestrator serves no gRPC: its readiness is GET /ready, not /health."""
+
+    def health_readiness(documents: list[Any]) -> None:
+        _container(documents)["readinessProbe"]["httpGet"]["path"] = "/health"
+
+    _edit_yaml(copy / "deploy/k8s/22-orchestrator-dynamic.yaml", health_readiness)
+    problems = _problems(copy, only="k8s")
+    assert any("or httpGet /ready without gRPC" in problem for problem in problems), problems
