@@ -114,9 +114,10 @@ async def test_update_flow_and_events(repo: TicketRepository) -> None:
         EventType.ASSIGNED,
         EventType.STATUS_CHANGED,
         EventType.REQUEUED,
+        EventType.LATE_RESULT_REJECTED,  # concerns the worker that reported it
     ]
-    assert events[-1].ticket == t
-    assert events[-1].worker_id == "w1"  # the worker that lost the ticket is told
+    assert events[2].ticket == t
+    assert events[2].worker_id == "w1"  # the worker that lost the ticket is told
     rest = await repo.events_after(
         position.__class__(0, 0), TicketFilter(plan_id="plan-1"), limit=100
     )

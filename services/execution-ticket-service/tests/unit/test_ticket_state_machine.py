@@ -200,6 +200,8 @@ def test_stale_attempt_is_recorded_as_late_result_and_not_applied() -> None:
     assert outcome.event.type is EventType.LATE_RESULT_REJECTED
     assert outcome.event.details["reported_attempt"] == 1
     assert outcome.event.details["reported_status"] == "COMPLETED"
+    # The event concerns the worker that reported late, not the ticket's current holder.
+    assert outcome.event.worker_id == "old"
 
 
 def test_future_attempt_is_refused_without_event() -> None:

@@ -81,7 +81,7 @@ def _event(
     after: Ticket,
     now: datetime,
     actor: str,
-    worker_id: str = "",
+    worker_id: str | None = None,
     details: dict[str, object] | None = None,
 ) -> TicketEvent:
     return TicketEvent(
@@ -91,7 +91,7 @@ def _event(
         previous_status=before.status,
         occurred_at=now,
         actor=actor,
-        worker_id=worker_id or after.worker_id or before.worker_id,
+        worker_id=worker_id if worker_id is not None else after.worker_id or before.worker_id,
         details=dict(details or {}),
     )
 
@@ -178,6 +178,8 @@ def decide_update(ticket: Ticket, update: StatusUpdate, *, now: datetime, actor:
             after=ticket,
             now=now,
             actor=actor,
+            # Concerns the reporting worker, not whoever holds the ticket now.
+            worker_id=actor.removeprefix("worker:") if actor.startswith("worker:") else "",
             details={
                 "reported_status": update.status.value,
                 "reported_attempt": update.attempt,
