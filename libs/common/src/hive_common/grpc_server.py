@@ -203,6 +203,13 @@ def status_code_name(context: Any, exc: BaseException | None) -> str:
     return "OK" if exc is None else "UNKNOWN"
 
 
+def _is_dead_call_error(exc: BaseException) -> bool:
+    # A write to a call whose client has gone fails with cygrpc's (private) ExecuteBatchError,
+    # sometimes before the context reports the cancellation.
+    kind = type(exc)
+    return kind.__name__ == "ExecuteBatchError" and kind.__module__.startswith("grpc.")
+
+
 def _is_cancellation(exc: BaseException) -> bool:
     # GeneratorExit: the server closed a response stream early (client went away).
     return isinstance(exc, asyncio.CancelledError | GeneratorExit)
@@ -233,6 +240,8 @@ class RequestLoggingInterceptor(HandlerWrappingInterceptor):
         bind_request_context(
             request_id=call.metadata_value(REQUEST_ID_METADATA_KEY) or new_request_id()
         )
+        # Read now: peer() on a call torn down by a vanished client can crash the process.
+        peer = _peer(context)
         started = time.perf_counter()
         failure: BaseException | None = None
         try:
@@ -247,9 +256,9 @@ class RequestLoggingInterceptor(HandlerWrappingInterceptor):
                 "rpc_type": call.rpc_type,
                 "code": code,
                 "duration_ms": round((time.perf_counter() - started) * 1000, 3),
-                "peer": _peer(context),
+                "peer": peer,
             }
-            if code != "OK":
+            if code not in ("OK", "CANCELLED"):
                 details = _details(context)
                 if details:
                     fields["error"] = details
@@ -334,7 +343,10 @@ class ErrorMappingInterceptor(HandlerWrappingInterceptor):
             raise
         except HiveError as err:
             await grpc_errors.abort(context, err)
-        except Exception:
+        except Exception as exc:
+            if context.cancelled() or _is_dead_call_error(exc):
+                # The client went away and a write to the dead call failed: not a fault.
+                raise asyncio.CancelledError from None
             self._logger.exception("unhandled exception in rpc", method=call.method)
             await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_ERROR_MESSAGE)
 

@@ -73,6 +73,10 @@ class EchoServicer:
         for chunk in (b"a", b"b"):
             await context.write(chunk)
 
+    async def flood(self, request: bytes, context: Any) -> None:
+        while True:
+            await context.write(b"x" * 1_000_000)
+
 
 def echo_service(servicer: EchoServicer) -> GrpcService:
     handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
@@ -85,6 +89,7 @@ def echo_service(servicer: EchoServicer) -> GrpcService:
         "CountThenFail": grpc.unary_stream_rpc_method_handler(servicer.count_then_fail),
         "StreamCrash": grpc.unary_stream_rpc_method_handler(servicer.stream_crash),
         "WriteStyle": grpc.unary_stream_rpc_method_handler(servicer.write_style),
+        "Flood": grpc.unary_stream_rpc_method_handler(servicer.flood),
     }
 
     def register(server: grpc.aio.Server) -> None:
@@ -294,6 +299,25 @@ async def test_server_streaming_crash_is_internal(channel: grpc.aio.Channel) -> 
         _ = [item async for item in stream(channel, "StreamCrash")(b"")]
     assert info.value.code() == grpc.StatusCode.INTERNAL
     assert SECRET not in str(info.value)
+
+
+async def test_client_gone_mid_write_is_cancelled_not_a_fault(
+    server: tuple[HiveGrpcServer, int], log_stream: io.StringIO
+) -> None:
+    # The handler is blocked writing when the client cancels: that is CANCELLED, logged as
+    # such with the peer read while the call was alive, and never an "unhandled exception".
+    for _ in range(3):
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{server[1]}") as ch:
+            call = stream(ch, "Flood")(b"")
+            await call.read()
+            call.cancel()
+    async with asyncio.timeout(10):
+        while len([e for e in log_lines(log_stream) if e.get("method") == f"/{SERVICE}/Flood"]) < 3:  # noqa: ASYNC110
+            await asyncio.sleep(0.05)
+    lines = [e for e in log_lines(log_stream) if e.get("method") == f"/{SERVICE}/Flood"]
+    assert [e["event"] for e in lines] == ["rpc"] * 3
+    assert {e["code"] for e in lines} == {"CANCELLED"}
+    assert all(e["peer"].startswith("ipv4:127.0.0.1:") for e in lines)
 
 
 async def test_extra_interceptor_errors_are_mapped(channel: grpc.aio.Channel) -> None:
