@@ -1,0 +1,257 @@
+"""Rendering of the services' JSON answers as text tables, detail blocks and errors."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+from hive_cli.api import ApiError, JsonObject, ServiceUnreachable
+
+STATUS_ORDER = ("PENDING", "ASSIGNED", "RUNNING", "COMPLETED", "FAILED", "CANCELLED")
+TERMINAL_PLAN_STATUSES = frozenset({"COMPLETED", "FAILED", "CANCELLED"})
+MAX_CELL = 60
+
+
+def to_json(value: object) -> str:
+    """Pretty JSON, as printed by ``--output json``."""
+    return json.dumps(value, indent=2, ensure_ascii=False)
+
+
+def cell(value: object, *, limit: int = MAX_CELL) -> str:
+    """One table cell: ``-`` for nothing, timestamps shortened, one line, bounded."""
+    if value is None or value == "" or value == [] or value == {}:
+        return "-"
+    if isinstance(value, bool):
+        text = "yes" if value else "no"
+    elif isinstance(value, list):
+        text = ",".join(str(v) for v in value)
+    elif isinstance(value, dict):
+        text = ",".join(f"{k}={v}" for k, v in value.items())
+    elif isinstance(value, str):
+        text = short_time(value)
+    else:
+        text = str(value)
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def short_time(value: str) -> str:
+    """An ISO-8601 timestamp as ``YYYY-MM-DD HH:MM:SSZ`` (UTC); any other text unchanged."""
+    if len(value) < 19 or value[4] != "-" or value[10] != "T":
+        return value
+    try:
+        moment = datetime.fromisoformat(value)
+    except ValueError:
+        return value
+    if moment.tzinfo is None:
+        return moment.strftime("%Y-%m-%d %H:%M:%S")
+    return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A plain, left-aligned text table (no trailing spaces)."""
+    cells = [[cell(v) for v in row] for row in rows]
+    widths = [len(h) for h in headers]
+    for row in cells:
+        for i, text in enumerate(row):
+            widths[i] = max(widths[i], len(text))
+    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
+    for row in cells:
+        lines.append("  ".join(t.ljust(w) for t, w in zip(row, widths, strict=True)).rstrip())
+    return "\n".join(lines)
+
+
+def counts_text(counts: Mapping[str, Any]) -> str:
+    """``COMPLETED 3 · RUNNING 1`` in lifecycle order, zeros left out."""
+    parts = [f"{s} {counts[s]}" for s in STATUS_ORDER if counts.get(s)]
+    parts += [f"{s} {n}" for s, n in counts.items() if s not in STATUS_ORDER and n]
+    return " · ".join(parts) if parts else "no tickets yet"
+
+
+def plans_table(plans: Sequence[JsonObject]) -> str:
+    return table(
+        ["PLAN", "STATUS", "TASKS", "NAME", "COUNTS", "CREATED"],
+        [
+            [
+                p.get("plan_id"),
+                p.get("status"),
+                p.get("task_count"),
+                p.get("name"),
+                counts_text(p.get("counts") or {}),
+                p.get("created_at"),
+            ]
+            for p in plans
+        ],
+    )
+
+
+def plan_detail(plan: JsonObject) -> str:
+    """Header lines and the per-ticket table of one plan."""
+    lines = [
+        f"plan      {plan.get('plan_id')}" + (f"  ({plan['name']})" if plan.get("name") else ""),
+        f"status    {plan.get('status')}",
+        f"tasks     {plan.get('task_count')}: {counts_text(plan.get('counts') or {})}",
+        f"priority  {plan.get('priority')}",
+        f"created   {cell(plan.get('created_at'))}",
+    ]
+    if plan.get("intent_id"):
+        lines.append(f"intent    {plan['intent_id']}")
+    if plan.get("completed_at"):
+        lines.append(f"finished  {cell(plan.get('completed_at'))}")
+    if plan.get("cancel_requested_at"):
+        lines.append(f"cancelled {cell(plan.get('cancel_requested_at'))} (requested)")
+    if plan.get("error_message"):
+        lines.append(f"error     {plan['error_message']}")
+    tickets = plan.get("tickets") or []
+    if tickets:
+        lines.append("")
+        lines.append(tickets_of_plan_table(tickets))
+    return "\n".join(lines)
+
+
+def tickets_of_plan_table(tickets: Sequence[JsonObject]) -> str:
+    return table(
+        ["TASK", "STATUS", "ATTEMPT", "WORKER", "TICKET", "ERROR"],
+        [
+            [
+                t.get("task_id"),
+                t.get("status"),
+                t.get("attempt"),
+                t.get("worker_id"),
+                t.get("ticket_id"),
+                t.get("error_message"),
+            ]
+            for t in tickets
+        ],
+    )
+
+
+def submission_text(body: JsonObject) -> str:
+    """What ``plan submit`` prints: plan id, whether it is new, warnings, ticket ids."""
+    plan_id = body.get("plan_id")
+    state = "submitted" if body.get("created") else "already submitted (identical plan)"
+    lines = [f"plan {plan_id} {state}: {body.get('status')}, {body.get('task_count')} tasks"]
+    for warning in body.get("warnings") or []:
+        if isinstance(warning, Mapping):
+            lines.append(f"warning: {warning.get('field')}: {warning.get('description')}")
+    ticket_ids = body.get("ticket_ids") or {}
+    if ticket_ids:
+        rows = [[task, ticket or "(not created yet)"] for task, ticket in ticket_ids.items()]
+        lines.append("")
+        lines.append(table(["TASK", "TICKET"], rows))
+    if body.get("tickets_created") is False:
+        lines.append("")
+        lines.append("tickets are still being created; `hive plan status` shows them later")
+    return "\n".join(lines)
+
+
+def tickets_table(tickets: Sequence[JsonObject]) -> str:
+    return table(
+        ["TICKET", "PLAN", "TASK", "TYPE", "STATUS", "ATTEMPT", "WORKER", "UPDATED"],
+        [
+            [
+                t.get("ticket_id"),
+                t.get("plan_id"),
+                t.get("task_id"),
+                t.get("task_type"),
+                t.get("status"),
+                t.get("attempt"),
+                t.get("worker_id"),
+                t.get("updated_at"),
+            ]
+            for t in tickets
+        ],
+    )
+
+
+def workers_table(workers: Sequence[JsonObject]) -> str:
+    return table(
+        ["WORKER", "NAME", "STATUS", "CAPABILITIES", "LOAD", "SUCCESS", "LAST HEARTBEAT"],
+        [
+            [
+                w.get("worker_id"),
+                w.get("name"),
+                w.get("status"),
+                w.get("capabilities"),
+                f"{w.get('in_flight')}/{w.get('max_concurrent')}",
+                _rate(w.get("success_rate")),
+                w.get("last_heartbeat_at"),
+            ]
+            for w in workers
+        ],
+    )
+
+
+def _rate(value: object) -> str:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return f"{value:.0%}"
+    return "-"
+
+
+def explanations_text(body: JsonObject) -> str:
+    """``plan explain``: one block per task: status, summary and every reason."""
+    tasks = body.get("tasks")
+    if tasks is None:  # a single task's explanation
+        tasks = [body]
+    if not tasks:
+        return f"plan {body.get('plan_id')}: nothing is waiting (use --all to see every task)"
+    blocks = []
+    for task in tasks:
+        head = (
+            f"{task.get('task_id')}  {task.get('status')}  "
+            f"attempt {task.get('attempt')}/{task.get('max_attempts')}"
+        )
+        if task.get("worker_id"):
+            head += f"  worker {task['worker_id']}"
+        lines = [head, f"  {task.get('summary')}"]
+        for reason in task.get("reasons") or []:
+            if not isinstance(reason, Mapping):
+                continue
+            line = f"  - [{reason.get('code')}] {reason.get('message')}"
+            details = reason.get("details")
+            if isinstance(details, Mapping) and details:
+                line += "  " + json.dumps(details, ensure_ascii=False, sort_keys=True)
+            lines.append(line)
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
+
+
+def error_text(error: ApiError | ServiceUnreachable, *, hint: str | None = None) -> str:
+    """An error for humans: code, message, every field violation with its JSON path."""
+    if isinstance(error, ServiceUnreachable):
+        lines = [f"error: {error.service} at {error.url} is unreachable: {error.reason}"]
+        lines.append("hint: is the service running? (see --orchestrator/--tickets/--registry)")
+        return "\n".join(lines)
+    lines = [f"error: {error.code}: {error.message}"]
+    violations = error.field_violations
+    for path, description in violations:
+        lines.append(f"  {path}: {description}")
+    extra = {k: v for k, v in error.details.items() if k != "field_violations"}
+    if extra:
+        lines.append("  details: " + json.dumps(extra, ensure_ascii=False, sort_keys=True))
+    if hint:
+        lines.append(f"hint: {hint}")
+    return "\n".join(lines)
+
+
+def error_json(error: ApiError | ServiceUnreachable) -> JsonObject:
+    """The same error as JSON for ``--output json`` (the services' shape, plus context)."""
+    if isinstance(error, ServiceUnreachable):
+        return {
+            "error": {
+                "code": "UNREACHABLE",
+                "message": f"{error.service} at {error.url} is unreachable: {error.reason}",
+                "details": {"service": error.service, "url": error.url},
+            }
+        }
+    return {
+        "error": {
+            "code": error.code,
+            "message": error.message,
+            "details": error.details,
+            "http_status": error.status,
+            "service": error.service,
+        }
+    }
