@@ -1,0 +1,244 @@
+"""C1 to C5 end to end: real ticket service, registry, orchestrator and reference workers."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from neuralhive.ticket.v1 import ticket_service_pb2 as ticket_pb
+
+if TYPE_CHECKING:  # conftest is not importable at run time (import mode importlib)
+    from conftest import Flow
+
+pytestmark = pytest.mark.service
+
+
+def echo(
+    task_id: str, *deps: str, caps: tuple[str, ...] = ("python",), **extra: Any
+) -> dict[str, Any]:
+    return {
+        "task_id": task_id,
+        "task_type": "echo",
+        "required_capabilities": list(caps),
+        "depends_on": list(deps),
+        "parameters": {"task": task_id},
+        **extra,
+    }
+
+
+async def test_three_level_dag_completes(flow: Flow) -> None:
+    await flow.start_orchestrator()
+    await flow.start_worker("w1", ["python"], max_concurrent=2)
+    await flow.start_worker("w2", ["python", "shell"], max_concurrent=2)
+    plan: dict[str, Any] = {
+        "plan_id": "release-1",
+        "name": "three levels",
+        "tasks": [
+            echo("build"),
+            echo("unit", "build"),
+            echo("lint", "build"),
+            echo("package", "unit", "lint"),
+        ],
+    }
+    response = await flow.submit(plan)
+    assert response.status_code == 202, response.text
+    assert response.headers["location"] == "/api/v1/plans/release-1"
+    body = response.json()
+    assert body["created"] is True
+    assert body["tickets_created"] is True
+    assert set(body["ticket_ids"]) == {"build", "unit", "lint", "package"}
+    assert all(body["ticket_ids"].values())
+
+    final = await flow.wait_settled("release-1")
+    assert final["status"] == "COMPLETED"
+    assert final["error_message"] is None
+    assert final["completed_at"] is not None
+    assert final["counts"]["COMPLETED"] == 4
+    tickets = flow.tasks(final)
+    assert {t["status"] for t in tickets.values()} == {"COMPLETED"}
+    assert {t["attempt"] for t in tickets.values()} == {1}
+
+    # The ticket service agrees, and dependencies ran before their dependents.
+    async with flow.ticket_client() as client:
+        listed = await client.list_tickets(plan_id="release-1")
+    by_task = {t.task_id: t for t in listed.tickets}
+    assert {t.status for t in listed.tickets} == {ticket_pb.TICKET_STATUS_COMPLETED}
+    for task in plan["tasks"]:
+        for dep in task["depends_on"]:
+            assert (
+                by_task[dep].completed_at.ToDatetime()
+                <= by_task[task["task_id"]].started_at.ToDatetime()
+            )
+    assert by_task["package"].result["task"] == "package"
+
+    # A finished plan cannot be cancelled.
+    response = await flow.client().post("/api/v1/plans/release-1/cancel")
+    assert response.status_code == 412, response.text
+    assert response.json()["error"]["code"] == "FAILED_PRECONDITION"
+
+
+async def test_failing_task_is_retried_then_fails_the_plan(flow: Flow) -> None:
+    await flow.start_orchestrator()
+    await flow.start_worker("w1", ["python"], max_concurrent=4)
+    plan: dict[str, Any] = {
+        "plan_id": "fails",
+        "tasks": [
+            echo("prepare"),
+            {
+                "task_id": "flaky",
+                "task_type": "fail",
+                "required_capabilities": ["python"],
+                "depends_on": ["prepare"],
+                "parameters": {"message": "boom"},
+                "max_retries": 2,
+            },
+            echo("after", "flaky"),
+            echo("last", "after"),
+        ],
+    }
+    response = await flow.submit(plan)
+    assert response.status_code == 202, response.text
+
+    final = await flow.wait_settled("fails")
+    assert final["status"] == "FAILED"
+    assert "flaky" in final["error_message"]
+    assert "3 attempts" in final["error_message"]
+    tickets = flow.tasks(final)
+    assert tickets["prepare"]["status"] == "COMPLETED"
+    assert tickets["flaky"]["status"] == "FAILED"
+    assert tickets["flaky"]["attempt"] == 3  # 1 + max_retries
+    assert "boom" in tickets["flaky"]["error_message"]
+    assert tickets["after"]["status"] == "CANCELLED"
+    assert tickets["last"]["status"] == "CANCELLED"
+
+    explained = await flow.client().get("/api/v1/plans/fails/tasks/after/explain")
+    assert explained.status_code == 200, explained.text
+    assert explained.json()["status"] == "CANCELLED"
+
+
+async def test_cancel_stops_everything_in_flight(flow: Flow) -> None:
+    await flow.start_orchestrator()
+    await flow.start_worker("w1", ["python"], max_concurrent=2)
+    plan: dict[str, Any] = {
+        "plan_id": "to-cancel",
+        "tasks": [
+            {
+                "task_id": "long",
+                "task_type": "sleep",
+                "required_capabilities": ["python"],
+                "parameters": {"seconds": 120},
+            },
+            echo("next", "long"),
+        ],
+    }
+    assert (await flow.submit(plan)).status_code == 202
+    await flow.wait_plan(
+        "to-cancel",
+        lambda b: flow.tasks(b)["long"]["status"] == "RUNNING",
+        "the long task running",
+    )
+    explained = await flow.client().get("/api/v1/plans/to-cancel/explain")
+    assert explained.status_code == 200
+    waiting = {t["task_id"]: t for t in explained.json()["tasks"]}
+    assert set(waiting) == {"next"}  # the running ticket is not listed
+    assert waiting["next"]["reasons"][0]["code"] == "WAITING_ON_DEPENDENCIES"
+
+    response = await flow.client().post("/api/v1/plans/to-cancel/cancel")
+    assert response.status_code == 200, response.text
+    assert response.json()["status"] == "CANCELLED"
+    assert response.json()["cancel_requested"] is True
+
+    final = await flow.wait_settled("to-cancel")
+    assert final["status"] == "CANCELLED"
+    assert {t["status"] for t in final["tickets"]} == {"CANCELLED"}
+
+    again = await flow.client().post("/api/v1/plans/to-cancel/cancel")
+    assert again.status_code == 200
+    assert again.json()["cancel_requested"] is False
+
+
+async def test_orchestrator_restart_mid_plan_still_finishes(flow: Flow) -> None:
+    first = await flow.start_orchestrator()
+    await flow.start_worker("w1", ["python"], max_concurrent=2)
+    plan: dict[str, Any] = {
+        "plan_id": "survives",
+        "tasks": [
+            {
+                "task_id": "first",
+                "task_type": "sleep",
+                "required_capabilities": ["python"],
+                "parameters": {"seconds": 1},
+            },
+            echo("second", "first"),
+            echo("third", "second"),
+        ],
+    }
+    assert (await flow.submit(plan)).status_code == 202
+    await flow.wait_plan(
+        "survives",
+        lambda b: flow.tasks(b)["first"]["status"] == "RUNNING",
+        "the first task running",
+    )
+    await flow.stop_orchestrator(first)
+
+    # While no orchestrator runs, the first task finishes; nobody dispatches the second.
+    async with flow.ticket_client() as client:
+
+        async def first_done() -> bool:
+            listed = await client.list_tickets(plan_id="survives")
+            by_task = {t.task_id: t for t in listed.tickets}
+            return bool(by_task["first"].status == ticket_pb.TICKET_STATUS_COMPLETED)
+
+        await flow.wait_for(first_done, what="the first task completing")
+        listed = await client.list_tickets(plan_id="survives")
+        assert {t.task_id: t.status for t in listed.tickets}["second"] == (
+            ticket_pb.TICKET_STATUS_PENDING
+        )
+
+    # A new process (new owner id) on the same database resumes and finishes the plan.
+    second = await flow.start_orchestrator()
+    assert second.driver.owner_id != first.driver.owner_id
+    final = await flow.wait_settled("survives")
+    assert final["status"] == "COMPLETED"
+    assert {t["status"] for t in final["tickets"]} == {"COMPLETED"}
+    assert {t["attempt"] for t in final["tickets"]} == {1}
+
+
+async def test_plan_waits_for_a_missing_capability(flow: Flow) -> None:
+    await flow.start_orchestrator()
+    await flow.start_worker("cpu", ["python"])
+    plan: dict[str, Any] = {
+        "plan_id": "needs-gpu",
+        "tasks": [echo("prep"), echo("train", "prep", caps=("gpu",))],
+    }
+    response = await flow.submit(plan)
+    assert response.status_code == 202, response.text
+    warnings = response.json()["warnings"]
+    assert [w["field"] for w in warnings] == ["$.tasks[1].required_capabilities[0]"]
+    assert warnings[0]["code"] == "capability_unavailable"
+
+    await flow.wait_plan(
+        "needs-gpu", lambda b: flow.tasks(b)["prep"]["status"] == "COMPLETED", "prep done"
+    )
+    explained = await flow.client().get("/api/v1/plans/needs-gpu/tasks/train/explain")
+    assert explained.status_code == 200, explained.text
+    reasons = explained.json()["reasons"]
+    assert reasons[0]["code"] == "NO_CAPABLE_WORKER"
+    assert reasons[0]["details"]["missing_capabilities"] == ["gpu"]
+    assert flow.tasks(await flow.plan("needs-gpu"))["train"]["status"] == "PENDING"
+
+    await flow.start_worker("gpu-box", ["python", "gpu"])
+    final = await flow.wait_settled("needs-gpu")
+    assert final["status"] == "COMPLETED"
+
+
+async def test_strict_mode_rejects_an_infeasible_plan(flow: Flow) -> None:
+    await flow.start_orchestrator()
+    await flow.start_worker("cpu", ["python"])
+    plan: dict[str, Any] = {"plan_id": "strict", "tasks": [echo("a", caps=("quantum",))]}
+    response = await flow.submit(plan, strict="true")
+    assert response.status_code == 400, response.text
+    violations = response.json()["error"]["details"]["field_violations"]
+    assert violations[0]["field"] == "$.tasks[0].required_capabilities[0]"
+    assert (await flow.client().get("/api/v1/plans/strict")).status_code == 404
