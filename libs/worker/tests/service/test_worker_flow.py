@@ -7,6 +7,9 @@ the worker, then watches what the worker made of them.
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
+import sys
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -349,3 +352,65 @@ async def test_an_attempt_left_running_by_a_dead_process_is_failed_on_restart(
     assert await workers.start(workers.make(name=name)) == worker_id
     requeued = await wait_status(orchestrator, assigned.ticket_id, PENDING, attempt=2)
     assert requeued.error_message == "the worker restarted while this attempt was running"
+
+
+async def _hive_worker_process(registry: Any, tickets: Any, secret: str, name: str) -> Any:
+    env = {
+        **os.environ,
+        "HIVE_WORKER_REGISTRATION_SECRET": secret,
+        "HIVE_WORKER_LOG_FORMAT": "json",
+    }
+    return await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "hive_worker",
+        "--registry",
+        registry.target,
+        "--tickets",
+        tickets.target,
+        "--name",
+        name,
+        "--capabilities",
+        "python,shell",
+        "--drain-grace",
+        "5",
+        env=env,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.STDOUT,
+    )
+
+
+async def test_the_command_drains_on_sigterm_and_exits_0(
+    registry: Any, tickets: Any, registry_admin: RegistryClient, orchestrator: TicketClient
+) -> None:
+    name = f"cli-{uuid.uuid4().hex[:6]}"
+    process = await _hive_worker_process(
+        registry, tickets, "hive-worker-service-tests-registration-secret", name
+    )
+    try:
+        page = await eventually(
+            lambda: registry_admin.list_workers(capability="shell"),
+            lambda p: any(w.name == name for w in p.workers),
+            what="the command's worker in the registry",
+        )
+        worker = next(w for w in page.workers if w.name == name)
+        assigned = await create_and_assign(orchestrator, worker.worker_id, spec("echo", {"a": 1}))
+        await wait_status(orchestrator, assigned.ticket_id, COMPLETED)
+        process.send_signal(signal.SIGTERM)
+        output, _ = await asyncio.wait_for(process.communicate(), WAIT_SECONDS)
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode == 0, output.decode(errors="replace")
+    with pytest.raises(NotFound):
+        await registry_admin.get_worker(worker_id=worker.worker_id)
+
+
+async def test_the_command_exits_1_when_registration_is_refused(
+    registry: Any, tickets: Any
+) -> None:
+    process = await _hive_worker_process(registry, tickets, "wrong-secret", "cli-refused")
+    output, _ = await asyncio.wait_for(process.communicate(), WAIT_SECONDS)
+    assert process.returncode == 1
+    assert b"registration refused" in output

@@ -254,3 +254,10 @@ def test_flags_override_the_environment(monkeypatch: pytest.MonkeyPatch) -> None
 def test_bad_settings_are_refused(values: dict[str, Any]) -> None:
     with pytest.raises(ValueError, match="validation error"):
         WorkerSettings(**values)
+
+
+def test_the_command_refuses_bad_settings(capsys: pytest.CaptureFixture[str]) -> None:
+    from hive_worker.cli import main
+
+    assert main(["--max-concurrent", "0"]) == 2
+    assert "max_concurrent" in capsys.readouterr().err
