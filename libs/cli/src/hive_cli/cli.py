@@ -334,7 +334,8 @@ def read_plan(path: str, stdin: IO[bytes] | None) -> bytes:
     except OSError as exc:
         raise UsageError(f"cannot read plan file {name}: {exc.strerror or exc}") from exc
     try:
-        json.loads(raw)
+        # The orchestrator reads UTF-8 only; json.loads(bytes) would also guess UTF-16/32.
+        json.loads(raw.decode("utf-8"))
     except UnicodeDecodeError as exc:
         raise UsageError(f"{name} is not UTF-8 text: {exc.reason}") from exc
     except json.JSONDecodeError as exc:

@@ -1,0 +1,78 @@
+"""Which bearer token goes to which service."""
+
+from __future__ import annotations
+
+import pytest
+from hive_cli.auth import CredentialsError, resolve_credentials
+from hive_cli.exit_codes import ExitCode
+
+from hive_common.auth import TokenKind, TokenVerifier
+from hive_common.config import DEVELOPMENT_JWT_SECRET
+from hive_common.errors import Unauthenticated
+
+from .conftest import FakeServices
+
+SECRET = "a-real-secret-of-at-least-thirty-two-bytes"
+
+
+def test_explicit_token_wins_over_env_and_secret() -> None:
+    env = {"HIVE_TOKEN": "env-token", "HIVE_JWT_SECRET": SECRET}
+    assert resolve_credentials(token="flag", api_token=None, env=env).service_token == "flag"
+    assert resolve_credentials(token=None, api_token=None, env=env).service_token == "env-token"
+
+
+def test_minted_service_token_verifies_with_the_shared_secret() -> None:
+    creds = resolve_credentials(token=None, api_token=None, env={"HIVE_JWT_SECRET": SECRET})
+    assert creds.service_token_source == "secret"
+    assert creds.service_token is not None
+    claims = TokenVerifier(secret=SECRET).verify(creds.service_token)
+    assert claims.kind is TokenKind.SERVICE
+    assert claims.subject == "hive-cli"
+    with pytest.raises(Unauthenticated):
+        TokenVerifier(secret=DEVELOPMENT_JWT_SECRET).verify(creds.service_token)
+
+
+def test_without_configuration_the_development_secret_signs() -> None:
+    creds = resolve_credentials(token=None, api_token=None, env={})
+    assert creds.service_token_source == "dev"
+    assert creds.service_token is not None
+    assert TokenVerifier(secret=DEVELOPMENT_JWT_SECRET).verify(creds.service_token).kind is (
+        TokenKind.SERVICE
+    )
+
+
+def test_issuer_and_audience_follow_the_environment() -> None:
+    env = {"HIVE_JWT_SECRET": SECRET, "HIVE_JWT_AUDIENCE": "other", "HIVE_JWT_ISSUER": "ops"}
+    creds = resolve_credentials(token=None, api_token=None, env=env)
+    assert creds.service_token is not None
+    claims = TokenVerifier(secret=SECRET, audience="other").verify(creds.service_token)
+    assert claims.issuer == "ops"
+
+
+def test_short_secret_is_refused() -> None:
+    with pytest.raises(CredentialsError, match="HIVE_JWT_SECRET"):
+        resolve_credentials(token=None, api_token=None, env={"HIVE_JWT_SECRET": "short"})
+    run = FakeServices().run("tickets", "list", env={"HIVE_JWT_SECRET": "short"})
+    assert run.code == ExitCode.USAGE
+    assert "HIVE_JWT_SECRET" in run.err
+
+
+def test_each_service_gets_its_own_credential() -> None:
+    services = FakeServices()
+    services.on("GET", "/api/v1/plans", body={"plans": [], "next_page_token": ""})
+    services.on("GET", "/api/v1/tickets", body={"tickets": [], "next_page_token": ""})
+    services.on("GET", "/api/v1/workers", body={"workers": [], "next_page_token": ""})
+    env = {"HIVE_TOKEN": "jwt-for-services", "HIVE_ORCHESTRATOR_API_TOKEN": "orch-api-token"}
+    for argv in (["plan", "list"], ["tickets", "list"], ["workers", "list"]):
+        assert services.run(*argv, env=env).code == ExitCode.OK
+    sent = {r.url.path: r.headers.get("authorization") for r in services.requests}
+    assert sent == {
+        "/api/v1/plans": "Bearer orch-api-token",
+        "/api/v1/tickets": "Bearer jwt-for-services",
+        "/api/v1/workers": "Bearer jwt-for-services",
+    }
+    services.requests.clear()
+    services.run("plan", "list", env={})
+    assert "authorization" not in services.requests[0].headers
+    services.run("plan", "list", "--api-token", "flag-token", env=env)
+    assert services.requests[-1].headers["authorization"] == "Bearer flag-token"

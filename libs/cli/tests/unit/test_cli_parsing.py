@@ -1,0 +1,113 @@
+"""Argument parsing, option precedence and usage errors."""
+
+from __future__ import annotations
+
+import pytest
+from hive_cli.cli import DEFAULT_URLS, Settings, build_parser, resolve_settings
+from hive_cli.exit_codes import ExitCode
+
+from .conftest import FakeServices
+
+
+def settings_for(*argv: str, env: dict[str, str] | None = None) -> Settings:
+    return resolve_settings(build_parser().parse_args(list(argv)), env or {})
+
+
+def test_defaults_are_the_local_dev_ports() -> None:
+    settings = settings_for("plan", "list")
+    assert settings.urls == {
+        "orchestrator": "http://127.0.0.1:8003",
+        "tickets": "http://127.0.0.1:8002",
+        "registry": "http://127.0.0.1:8001",
+    }
+    assert settings.urls == DEFAULT_URLS
+    assert settings.output == "table"
+
+
+def test_flag_beats_environment_beats_default() -> None:
+    env = {
+        "HIVE_ORCHESTRATOR_URL": "http://orch.env:1",
+        "HIVE_TICKETS_URL": "http://tickets.env:2",
+        "HIVE_OUTPUT": "json",
+    }
+    settings = settings_for("--orchestrator", "http://orch.flag:9", "plan", "list", env=env)
+    assert settings.urls["orchestrator"] == "http://orch.flag:9"
+    assert settings.urls["tickets"] == "http://tickets.env:2"
+    assert settings.urls["registry"] == DEFAULT_URLS["registry"]
+    assert settings.output == "json"
+    assert settings_for("-o", "table", "plan", "list", env=env).output == "table"
+
+
+def test_global_options_work_before_and_after_the_subcommand() -> None:
+    before = settings_for("--output", "json", "--registry", "http://r:1", "workers", "list")
+    after = settings_for("workers", "list", "--output", "json", "--registry", "http://r:1")
+    assert before.output == after.output == "json"
+    assert before.urls["registry"] == after.urls["registry"] == "http://r:1"
+
+
+def test_subcommand_arguments() -> None:
+    args = build_parser().parse_args(
+        ["plan", "submit", "p.json", "--watch", "--strict", "--interval", "0.2", "--timeout", "5"]
+    )
+    assert (args.group, args.command, args.file) == ("plan", "submit", "p.json")
+    assert args.watch
+    assert args.strict
+    assert (args.interval, args.timeout) == (0.2, 5.0)
+    args = build_parser().parse_args(["plan", "explain", "p1", "build"])
+    assert (args.plan_id, args.task_id, args.all) == ("p1", "build", False)
+    args = build_parser().parse_args(
+        ["tickets", "list", "--plan", "p1", "--status", "failed,running", "--status", "PENDING"]
+    )
+    assert (args.plan, args.status) == ("p1", ["failed,running", "PENDING"])
+
+
+def test_statuses_are_split_and_upper_cased_into_repeated_query_keys() -> None:
+    services = FakeServices()
+    services.on("GET", "/api/v1/tickets", body={"tickets": [], "next_page_token": ""})
+    run = services.run("tickets", "list", "--status", "failed,running", "--status", "pending")
+    assert run.code == ExitCode.OK
+    (request,) = services.requests
+    assert request.url.params.get_list("status") == ["FAILED", "RUNNING", "PENDING"]
+    assert "plan_id" not in request.url.params  # empty filters are not sent
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        ["plan"],
+        ["plan", "frobnicate"],
+        ["plan", "status"],
+        ["plan", "list", "--limit", "0"],
+        ["plan", "submit", "p.json", "--interval", "-1"],
+        ["-o", "yaml", "plan", "list"],
+        ["workers", "list", "--bogus"],
+    ],
+)
+def test_usage_errors_exit_2_with_usage_on_stderr(argv: list[str]) -> None:
+    run = FakeServices().run(*argv)
+    assert run.code == 2
+    assert "usage: hive" in run.err
+    assert run.out == ""
+
+
+def test_bad_url_and_bad_env_output_are_usage_errors() -> None:
+    services = FakeServices()
+    run = services.run("--orchestrator", "127.0.0.1:8003", "plan", "list")
+    assert run.code == ExitCode.USAGE
+    assert "--orchestrator must be an http:// or https:// URL" in run.err
+    run = services.run("plan", "list", env={"HIVE_OUTPUT": "yaml"})
+    assert run.code == ExitCode.USAGE
+    assert services.requests == []
+
+
+def test_help_lists_exit_codes_on_stdout_and_exits_0() -> None:
+    run = FakeServices().run("--help")
+    assert run.code == 0
+    assert "exit codes:" in run.out
+    for code in ExitCode:
+        assert f"\n  {code.value:<4} " in run.out
+    sub = FakeServices().run("plan", "submit", "--help")
+    assert sub.code == 0
+    assert "--watch" in sub.out
+    assert "exit codes:" in sub.out

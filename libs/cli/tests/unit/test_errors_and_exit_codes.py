@@ -1,0 +1,219 @@
+"""Every kind of failure becomes a clear message and a documented exit code."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import httpx
+import pytest
+from hive_cli.exit_codes import ExitCode, exit_code_for_status
+
+from .conftest import FakeServices, error_body
+
+
+@pytest.mark.parametrize(
+    ("status", "code"),
+    [
+        (400, ExitCode.USAGE),
+        (413, ExitCode.USAGE),
+        (422, ExitCode.USAGE),
+        (404, ExitCode.NOT_FOUND),
+        (409, ExitCode.CONFLICT),
+        (412, ExitCode.CONFLICT),
+        (401, ExitCode.AUTH),
+        (403, ExitCode.AUTH),
+        (429, ExitCode.UNAVAILABLE),
+        (503, ExitCode.UNAVAILABLE),
+        (504, ExitCode.UNAVAILABLE),
+        (500, ExitCode.SERVER_ERROR),
+        (418, ExitCode.SERVER_ERROR),
+    ],
+)
+def test_http_status_to_exit_code(status: int, code: ExitCode) -> None:
+    assert exit_code_for_status(status) is code
+
+
+def test_exit_code_values_are_stable() -> None:
+    # Scripts depend on these numbers; changing one is a breaking change.
+    assert {c.name: c.value for c in ExitCode} == {
+        "OK": 0,
+        "PLAN_UNSUCCESSFUL": 1,
+        "USAGE": 2,
+        "NOT_FOUND": 3,
+        "CONFLICT": 4,
+        "UNAVAILABLE": 5,
+        "AUTH": 6,
+        "SERVER_ERROR": 7,
+        "WATCH_TIMEOUT": 8,
+        "INTERRUPTED": 130,
+    }
+
+
+def test_not_found_prints_the_service_error_and_exits_3() -> None:
+    services = FakeServices()
+    services.on(
+        "GET",
+        "/api/v1/plans/nope",
+        404,
+        error_body("NOT_FOUND", "plan 'nope' does not exist", plan_id="nope"),
+    )
+    run = services.run("plan", "status", "nope")
+    assert run.code == 3
+    assert run.out == ""
+    assert "error: NOT_FOUND: plan 'nope' does not exist" in run.err
+    assert '"plan_id": "nope"' in run.err
+    assert "Traceback" not in run.err
+
+
+def test_validation_errors_print_every_json_path_and_exit_2(tmp_path: Path) -> None:
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"tasks": [{"task_id": "a", "depends_on": ["zz"]}]}))
+    services = FakeServices()
+    services.on(
+        "POST",
+        "/api/v1/plans",
+        400,
+        error_body(
+            "INVALID_ARGUMENT",
+            "invalid plan",
+            field_violations=[
+                {"field": "tasks[0].task_type", "description": "is required"},
+                {"field": "tasks[0].depends_on[0]", "description": "unknown task 'zz'"},
+            ],
+        ),
+    )
+    run = services.run("plan", "submit", str(plan))
+    assert run.code == ExitCode.USAGE
+    assert "error: INVALID_ARGUMENT: invalid plan" in run.err
+    assert "  tasks[0].task_type: is required" in run.err
+    assert "  tasks[0].depends_on[0]: unknown task 'zz'" in run.err
+    # The file's bytes were sent untouched, with the strict flag only when asked.
+    (request,) = services.requests
+    assert request.content == plan.read_bytes()
+    assert request.headers["content-type"] == "application/json"
+    assert "strict" not in request.url.params
+    services.run("plan", "submit", str(plan), "--strict")
+    assert services.requests[-1].url.params["strict"] == "true"
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "exit_code"),
+    [
+        (409, "ALREADY_EXISTS", ExitCode.CONFLICT),
+        (412, "FAILED_PRECONDITION", ExitCode.CONFLICT),
+        (503, "UNAVAILABLE", ExitCode.UNAVAILABLE),
+        (500, "INTERNAL", ExitCode.SERVER_ERROR),
+    ],
+)
+def test_service_errors_map_to_exit_codes(status: int, code: str, exit_code: ExitCode) -> None:
+    services = FakeServices()
+    services.on("POST", "/api/v1/plans/p1/cancel", status, error_body(code, "nope"))
+    run = services.run("plan", "cancel", "p1")
+    assert run.code == exit_code
+    assert f"error: {code}: nope" in run.err
+
+
+def test_unauthenticated_exits_6_with_a_hint() -> None:
+    services = FakeServices()
+    services.on("GET", "/api/v1/workers", 401, error_body("UNAUTHENTICATED", "invalid token"))
+    run = services.run("workers", "list")
+    assert run.code == 6
+    assert "error: UNAUTHENTICATED: invalid token" in run.err
+    assert "hint: " in run.err
+    assert "HIVE_JWT_SECRET" in run.err
+
+
+def test_a_body_that_is_not_the_error_shape_still_gives_a_clear_error() -> None:
+    services = FakeServices()
+    services.routes[("GET", "/api/v1/plans")] = lambda _r: httpx.Response(
+        502, text="<html>Bad Gateway</html>"
+    )
+    run = services.run("plan", "list")
+    assert run.code == ExitCode.UNAVAILABLE
+    assert "error: HTTP_502: <html>Bad Gateway</html>" in run.err
+
+
+def test_a_success_that_is_not_json_is_a_server_error() -> None:
+    services = FakeServices()
+    services.routes[("GET", "/api/v1/plans")] = lambda _r: httpx.Response(200, text="hello")
+    run = services.run("plan", "list")
+    assert run.code == ExitCode.SERVER_ERROR
+    assert "BAD_RESPONSE" in run.err
+
+
+def test_connection_refused_exits_5_naming_the_service_and_url() -> None:
+    def refuse(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("[Errno 111] Connection refused", request=request)
+
+    services = FakeServices()
+    services.routes[("GET", "/api/v1/tickets")] = refuse
+    run = services.run("tickets", "list", "--tickets", "http://127.0.0.1:1")
+    assert run.code == 5
+    assert "tickets at http://127.0.0.1:1 is unreachable" in run.err
+    assert "Connection refused" in run.err
+
+
+def test_timeout_exits_5() -> None:
+    def slow(request: httpx.Request) -> httpx.Response:
+        raise httpx.ReadTimeout("timed out", request=request)
+
+    services = FakeServices()
+    services.routes[("GET", "/api/v1/plans/p1")] = slow
+    run = services.run("plan", "status", "p1")
+    assert run.code == ExitCode.UNAVAILABLE
+    assert "timed out" in run.err
+
+
+def test_json_mode_errors_are_json_on_stderr_and_stdout_stays_empty() -> None:
+    services = FakeServices()
+    services.on("GET", "/api/v1/plans/x", 404, error_body("NOT_FOUND", "no plan x"))
+    run = services.run("-o", "json", "plan", "status", "x")
+    assert run.code == ExitCode.NOT_FOUND
+    assert run.out == ""
+    body = json.loads(run.err)
+    assert body["error"]["code"] == "NOT_FOUND"
+    assert body["error"]["http_status"] == 404
+    assert body["error"]["service"] == "orchestrator"
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        (b'{"tasks": [', "is not valid JSON: Expecting value at line 1 column 12"),
+        (b"\xff\xfe{}", "is not UTF-8 text"),
+    ],
+)
+def test_plan_file_that_is_not_json_is_rejected_locally(
+    tmp_path: Path, content: bytes, message: str
+) -> None:
+    plan = tmp_path / "plan.json"
+    plan.write_bytes(content)
+    services = FakeServices()
+    run = services.run("plan", "submit", str(plan))
+    assert run.code == ExitCode.USAGE
+    assert message in run.err
+    assert services.requests == []
+
+
+def test_missing_plan_file_is_a_usage_error(tmp_path: Path) -> None:
+    services = FakeServices()
+    run = services.run("plan", "submit", str(tmp_path / "absent.json"))
+    assert run.code == ExitCode.USAGE
+    assert "cannot read plan file" in run.err
+    assert "absent.json" in run.err
+    assert services.requests == []
+
+
+def test_plan_from_standard_input() -> None:
+    services = FakeServices()
+    services.on(
+        "POST",
+        "/api/v1/plans",
+        202,
+        {"plan_id": "p1", "created": True, "status": "PENDING", "task_count": 0},
+    )
+    run = services.run("plan", "submit", "-", stdin=b'{"tasks": []}')
+    assert run.code == ExitCode.OK
+    assert services.requests[0].content == b'{"tasks": []}'
+    assert "plan p1 submitted" in run.out

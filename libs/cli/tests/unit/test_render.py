@@ -1,0 +1,188 @@
+"""Tables, detail blocks and JSON output."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import httpx
+from hive_cli.exit_codes import ExitCode
+from hive_cli.render import (
+    cell,
+    counts_text,
+    explanations_text,
+    plan_detail,
+    submission_text,
+    table,
+)
+
+from .conftest import FakeServices
+
+
+def plan(status: str = "RUNNING", **extra: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "plan_id": "p1",
+        "intent_id": "",
+        "name": "release",
+        "priority": "NORMAL",
+        "status": status,
+        "error_message": None,
+        "task_count": 2,
+        "counts": {"COMPLETED": 1, "RUNNING": 1},
+        "created_at": "2026-11-24T23:00:00.123456+00:00",
+        "updated_at": "2026-11-24T23:00:01+00:00",
+        "completed_at": None,
+        "settled_at": None,
+        "cancel_requested_at": None,
+        "tickets": [
+            {
+                "task_id": "build",
+                "ticket_id": "t-1",
+                "status": "COMPLETED",
+                "attempt": 1,
+                "worker_id": "w-1",
+                "error_message": None,
+            },
+            {
+                "task_id": "test",
+                "ticket_id": "t-2",
+                "status": "RUNNING",
+                "attempt": 2,
+                "worker_id": "w-2",
+                "error_message": "exit 1",
+            },
+        ],
+    }
+    body.update(extra)
+    return body
+
+
+def test_table_aligns_columns_without_trailing_spaces() -> None:
+    text = table(["A", "LONGER"], [["xx", None], ["y", "z"]])
+    assert text.splitlines() == ["A   LONGER", "xx  -", "y   z"]
+
+
+def test_cells() -> None:
+    assert cell(None) == cell("") == cell([]) == "-"
+    assert cell(["python", "shell"]) == "python,shell"
+    assert cell({"zone": "a"}) == "zone=a"
+    assert cell(True) == "yes"
+    assert cell("2026-11-24T23:00:00.5+01:00") == "2026-11-24 22:00:00Z"
+    assert cell("line one\nline two") == "line one line two"
+    long = cell("x" * 100)
+    assert len(long) == 60
+    assert long.endswith("…")
+
+
+def test_counts_in_lifecycle_order_without_zeros() -> None:
+    assert counts_text({"FAILED": 1, "PENDING": 2, "RUNNING": 0}) == "PENDING 2 · FAILED 1"
+    assert counts_text({}) == "no tickets yet"
+
+
+def test_plan_detail_shows_header_and_ticket_rows() -> None:
+    text = plan_detail(plan("FAILED", error_message="task test failed"))
+    lines = text.splitlines()
+    assert lines[0] == "plan      p1  (release)"
+    assert "status    FAILED" in lines
+    assert "tasks     2: RUNNING 1 · COMPLETED 1" in lines
+    assert "error     task test failed" in lines
+    assert any(line.split()[:4] == ["test", "RUNNING", "2", "w-2"] for line in lines)
+    assert lines[-1].endswith("exit 1")
+
+
+def test_submission_text_lists_ticket_ids_and_warnings() -> None:
+    body = plan(
+        "PENDING",
+        created=True,
+        tickets_created=True,
+        ticket_ids={"build": "t-1", "test": None},
+        warnings=[{"field": "tasks[1].required_capabilities[0]", "description": "no live worker"}],
+    )
+    text = submission_text(body)
+    assert text.startswith("plan p1 submitted: PENDING, 2 tasks")
+    assert "warning: tasks[1].required_capabilities[0]: no live worker" in text
+    assert "build  t-1" in text
+    assert "test   (not created yet)" in text
+    again = submission_text({**body, "created": False, "tickets_created": False})
+    assert "already submitted (identical plan)" in again
+    assert "tickets are still being created" in again
+
+
+def test_explanations() -> None:
+    body = {
+        "plan_id": "p1",
+        "tasks": [
+            {
+                "task_id": "deploy",
+                "ticket_id": "t-3",
+                "status": "PENDING",
+                "attempt": 1,
+                "max_attempts": 3,
+                "worker_id": None,
+                "summary": "waiting for dependencies",
+                "reasons": [
+                    {
+                        "code": "WAITING_FOR_DEPENDENCIES",
+                        "message": "waiting for test",
+                        "details": {"pending": ["test"]},
+                    },
+                ],
+            }
+        ],
+    }
+    text = explanations_text(body)
+    assert text.splitlines() == [
+        "deploy  PENDING  attempt 1/3",
+        "  waiting for dependencies",
+        '  - [WAITING_FOR_DEPENDENCIES] waiting for test  {"pending": ["test"]}',
+    ]
+    single = explanations_text({"plan_id": "p1", **body["tasks"][0]})  # type: ignore[dict-item]
+    assert single == text
+    assert "nothing is waiting" in explanations_text({"plan_id": "p1", "tasks": []})
+
+
+def test_json_output_is_the_service_answer_verbatim() -> None:
+    services = FakeServices()
+    services.on("GET", "/api/v1/plans/p1", body=plan())
+    run = services.run("plan", "status", "p1", "--output", "json")
+    assert run.code == ExitCode.OK
+    assert json.loads(run.out) == plan()
+    assert run.err == ""
+
+
+def test_list_pages_and_all() -> None:
+    services = FakeServices()
+    pages = {
+        "": {"plans": [plan()], "next_page_token": "c1"},
+        "c1": {"plans": [plan(plan_id="p2")], "next_page_token": ""},
+    }
+    services.routes[("GET", "/api/v1/plans")] = lambda r: httpx.Response(
+        200, json=pages[r.url.params.get("page_token", "")]
+    )
+    one = services.run("plan", "list", "--limit", "1")
+    assert one.code == ExitCode.OK
+    assert one.out.splitlines()[0].split() == [
+        "PLAN",
+        "STATUS",
+        "TASKS",
+        "NAME",
+        "COUNTS",
+        "CREATED",
+    ]
+    assert len(one.out.splitlines()) == 2
+    assert "--page-token c1" in one.err
+    assert services.requests[-1].url.params["page_size"] == "1"
+    every = services.run("plan", "list", "--all", "-o", "json")
+    body = json.loads(every.out)
+    assert [p["plan_id"] for p in body["plans"]] == ["p1", "p2"]
+    assert body["next_page_token"] == ""
+
+
+def test_empty_list_says_so_on_stderr() -> None:
+    services = FakeServices()
+    services.on("GET", "/api/v1/workers", body={"workers": [], "next_page_token": ""})
+    run = services.run("workers", "list", "--capability", "gpu")
+    assert run.code == ExitCode.OK
+    assert run.out == ""
+    assert "no workers found" in run.err
+    assert services.requests[0].url.params["capability"] == "gpu"
