@@ -616,6 +616,8 @@ class Worker:
             if run.abandoned or run.released:
                 return  # we cancelled it on purpose
             raise
+        except Exception:
+            run.log.exception("unexpected error while handling the assignment")
         finally:
             if run.handler_task is not None and not run.handler_task.done():
                 run.handler_task.cancel()
@@ -681,6 +683,10 @@ class Worker:
             )
         except _DEFINITE_REFUSALS as exc:
             run.log.info("assignment no longer valid; not starting", error=repr(exc))
+            return False
+        except HiveError as exc:
+            # Unexpected (e.g. tokens refused): leave it; the assignment lease re-queues it.
+            run.log.error("could not start the assignment", error=repr(exc))
             return False
         run.ticket = updated
         run.accepted_version = max(run.accepted_version, updated.version)
@@ -750,23 +756,34 @@ class Worker:
                 except _DEFINITE_REFUSALS as exc:
                     run.log.warning("ticket moved on; outcome not reported", error=repr(exc))
                     return
+                except HiveError as exc:
+                    run.log.error("no ticket token; outcome not reported", error=repr(exc))
+                    return
             try:
                 await self._until_definite(run, "report", self._sender(run, outcome))
             except Unauthenticated:
                 run.token = ""  # expired meanwhile: get a new one and try again
                 continue
             except InvalidArgument as exc:
-                if not outcome.completed or outcome.result is None:
+                if outcome.result is None:
                     run.log.error("outcome refused by the ticket service", error=repr(exc))
                     return
-                # e.g. a result over the size limit: report that instead; it will not change.
-                outcome = Outcome.failure(
-                    f"the result was refused: {exc.message}",
-                    permanent=True,
-                )
+                # e.g. a result over the size limit: report without it; it will not change.
+                if outcome.completed:
+                    outcome = Outcome.failure(
+                        f"the result was refused: {exc.message}", permanent=True
+                    )
+                else:
+                    outcome = Outcome.failure(
+                        f"{outcome.error_message} (result dropped: {exc.message})",
+                        permanent=outcome.permanent,
+                    )
                 continue
             except _DEFINITE_REFUSALS as exc:
                 run.log.warning("ticket moved on; outcome not applied", error=repr(exc))
+                return
+            except HiveError as exc:  # e.g. INTERNAL: retrying the same report will not help
+                run.log.error("outcome refused by the ticket service", error=repr(exc))
                 return
             if outcome.completed:
                 self.succeeded_total += 1

@@ -83,6 +83,7 @@ async def tickets(
         readiness_interval_seconds=0.1,
         stats_interval_seconds=0.2,
         shutdown_grace_seconds=0.5,
+        max_result_bytes=4096,
     )
     service = Tickets(settings=settings)
     await service.start()

@@ -191,6 +191,28 @@ async def test_permanent_failures_skip_the_remaining_retries(
     assert message in final.error_message
 
 
+async def test_results_the_service_cannot_store_become_clear_failures(
+    workers: Any, orchestrator: TicketClient
+) -> None:
+    worker = workers.make()
+
+    @worker.task("huge")
+    async def huge(params: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
+        return {"blob": "x" * 10_000}  # over the service's 4 KiB result limit
+
+    @worker.task("nul")
+    async def nul(params: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
+        return {"text": "a\x00b"}  # PostgreSQL cannot store NUL characters
+
+    worker_id = await workers.start(worker)
+    too_big = await create_and_assign(orchestrator, worker_id, spec("huge", max_retries=2))
+    with_nul = await create_and_assign(orchestrator, worker_id, spec("nul"))
+    refused = await wait_status(orchestrator, too_big.ticket_id, FAILED, attempt=1)
+    assert refused.error_message.startswith("the result was refused")
+    stored = await wait_status(orchestrator, with_nul.ticket_id, COMPLETED)
+    assert dict(stored.result) == {"text": "a\ufffdb"}
+
+
 async def test_max_concurrent_is_honoured(workers: Any, orchestrator: TicketClient) -> None:
     worker = workers.make(max_concurrent=2)
     gate = Gate()
