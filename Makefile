@@ -7,6 +7,7 @@ BUF ?= $(CURDIR)/node_modules/.bin/buf
 COMPOSE ?= docker compose
 PY_SRC := libs/common/src services/execution-ticket-service/src services/service-registry/src services/orchestrator-dynamic/src
 PYTEST_ARGS ?=
+BENCH_ARGS ?=
 
 .PHONY: help
 help: ## List the targets
@@ -56,6 +57,10 @@ test: ## Run every test (unit, service, integration) against real databases
 .PHONY: test-unit
 test-unit: ## Only the fast unit tests (no databases)
 	$(UV) run pytest $(PYTEST_ARGS) libs/common/tests/unit services/*/tests/unit
+
+.PHONY: bench
+bench: ## Benchmarks against same-run baselines (real services, real databases): Markdown + bench/out/*.json; BENCH_ARGS=--quick for small sizes
+	$(UV) run --all-packages python -m bench $(BENCH_ARGS)
 
 .PHONY: up
 up: ## Build and start the Docker stack (PostgreSQL, MongoDB, 3 services, 2 workers); waits until healthy

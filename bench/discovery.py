@@ -1,0 +1,125 @@
+"""DiscoverWorkers latency with 100 and 10,000 registered workers, beside the echo floor."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import grpc
+
+from bench.report import Figure, Report
+from bench.stack import REGISTRATION_SECRET, bearer
+from bench.stats import LoadResult, closed_loop
+from neuralhive.registry.v1 import registry_service_pb2 as rpb
+from neuralhive.registry.v1 import registry_service_pb2_grpc as rpb_grpc
+
+SECTION = "DiscoverWorkers"
+# One worker in this many also has the "gpu" capability and label zone=b (a selective query).
+RARE_EVERY = 100
+
+
+@dataclass(frozen=True, slots=True)
+class DiscoverySizes:
+    populations: tuple[int, ...]
+    calls: int
+    register_concurrency: int
+
+
+def _register_request(i: int) -> rpb.RegisterRequest:
+    rare = i % RARE_EVERY == 0
+    return rpb.RegisterRequest(
+        name=f"bench-worker-{i}",
+        capabilities=["python", "bench", *(["gpu"] if rare else [])],
+        labels={"zone": "b" if rare else "a"},
+        max_concurrent=4,
+        version="0.1.0",
+    )
+
+
+COMMON = rpb.DiscoverWorkersRequest(required_capabilities=["python"], max_results=10)
+SELECTIVE = rpb.DiscoverWorkersRequest(
+    required_capabilities=["python", "gpu"], label_selector={"zone": "b"}, max_results=10
+)
+
+
+async def run_discovery(
+    report: Report, *, registry_target: str, echo_target: str, sizes: DiscoverySizes
+) -> None:
+    register_metadata = (("authorization", f"Bearer {REGISTRATION_SECRET}"),)
+    metadata = bearer()
+    async with (
+        grpc.aio.insecure_channel(registry_target) as channel,
+        grpc.aio.insecure_channel(echo_target) as echo_channel,
+    ):
+        stub: rpb_grpc.ServiceRegistryAsyncStub = rpb_grpc.ServiceRegistryStub(channel)
+        echo: rpb_grpc.ServiceRegistryAsyncStub = rpb_grpc.ServiceRegistryStub(echo_channel)
+        registered = 0
+        report.raw["discovery"] = {}
+
+        async def discover(request: rpb.DiscoverWorkersRequest, expect: int) -> LoadResult:
+            async def call(_: int) -> None:
+                response = await stub.DiscoverWorkers(request, metadata=metadata, timeout=30)
+                if len(response.workers) != expect:
+                    raise RuntimeError(
+                        f"DiscoverWorkers returned {len(response.workers)} workers, "
+                        f"expected {expect}"
+                    )
+
+            await closed_loop(call, concurrency=1, total=20)  # warm-up
+            result = await closed_loop(call, concurrency=1, total=sizes.calls)
+            if result.errors:
+                raise RuntimeError(f"DiscoverWorkers failed: {result.first_error}")
+            return result
+
+        async def discover_echo(_: int) -> None:
+            await echo.DiscoverWorkers(COMMON, metadata=metadata, timeout=30)
+
+        await closed_loop(discover_echo, concurrency=1, total=20)
+        for population in sizes.populations:
+
+            async def register(i: int, base: int = registered) -> None:
+                await stub.Register(
+                    _register_request(base + i), metadata=register_metadata, timeout=60
+                )
+
+            reg = await closed_loop(
+                register, concurrency=sizes.register_concurrency, total=population - registered
+            )
+            if reg.errors:
+                raise RuntimeError(f"Register failed: {reg.first_error}")
+            registered = population
+            rare_count = len(range(0, population, RARE_EVERY))
+            common = await discover(COMMON, min(10, population))
+            selective = await discover(SELECTIVE, min(10, rare_count))
+            floor = await closed_loop(discover_echo, concurrency=1, total=sizes.calls)
+            report.raw["discovery"][str(population)] = {
+                "register": reg.to_json(),
+                "common": common.to_json(),
+                "selective": selective.to_json(),
+                "echo": floor.to_json(),
+            }
+            targeted = population >= 10_000
+            for label, result in (
+                ("capability every worker has", common),
+                (f"rare capability + label (1 in {RARE_EVERY} workers)", selective),
+            ):
+                for name, fraction in (("p50", 0.5), ("p99", 0.99)):
+                    is_target = targeted and name == "p99"
+                    report.add(
+                        Figure(
+                            SECTION,
+                            f"{name}, {population:,} workers, {label}",
+                            result.p(fraction),
+                            "ms",
+                            "bare grpc.aio echo (10 ranked workers)",
+                            floor.p(fraction),
+                            target="p99 < 5 ms with 10,000 workers" if is_target else "",
+                            met=result.p(fraction) < 5.0 if is_target else None,
+                            note=f"{result.calls} sequential calls, max_results 10",
+                        )
+                    )
+            report.notes.append(
+                f"DiscoverWorkers population {population:,}: registered through concurrent "
+                f"Register RPCs ({sizes.register_concurrency} at a time) at "
+                f"{reg.rate:,.0f} registrations/s (p99 {reg.p(0.99):.1f} ms); the registry ran "
+                "with a long heartbeat interval so the silent workers stayed HEALTHY."
+            )

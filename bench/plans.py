@@ -1,0 +1,524 @@
+"""Whole plans through the three services and 8 reference workers (separate processes).
+
+Times come from the services' own records, not from polling granularity: ``t0`` is the
+bench's clock just before the plan is POSTed; "all tickets exist" is the latest ticket
+``created_at``, "all assigned" the latest first ASSIGNED event of a ticket (both in the
+ticket service's PostgreSQL), "COMPLETED" the plan's ``completed_at`` from the
+orchestrator. The relay lag is ``relayed_at - occurred_at`` of every outbox event (the row
+is marked relayed after the MongoDB write succeeded).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import math
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import grpc
+import httpx
+import psycopg
+from pymongo import MongoClient
+
+from bench import stack
+from bench.environment import Databases
+from bench.report import Figure, Report
+from bench.stats import percentile
+from hive_common.procstack import ProcessStack
+from neuralhive.ticket.v1 import ticket_service_pb2 as pb
+from neuralhive.ticket.v1 import ticket_service_pb2_grpc as pb_grpc
+
+SECTION = "Whole plans (3 services + 8 reference workers, no-op echo tasks)"
+SECTION_RELAY = "Audit relay lag"
+TERMINAL = ("COMPLETED", "FAILED", "CANCELLED")
+
+
+@dataclass(frozen=True, slots=True)
+class PlanSizes:
+    wide_tasks: int
+    dag_levels: int
+    dag_width: int
+    many_plans: int
+    many_plan_tasks: int
+    workers: int
+    worker_slots: int
+    timeout_s: float
+
+
+FULL_PLANS = PlanSizes(
+    wide_tasks=1000,
+    dag_levels=10,
+    dag_width=100,
+    many_plans=100,
+    many_plan_tasks=10,
+    workers=8,
+    worker_slots=4,
+    timeout_s=90.0,
+)
+QUICK_PLANS = PlanSizes(
+    wide_tasks=200,
+    dag_levels=10,
+    dag_width=10,
+    many_plans=20,
+    many_plan_tasks=10,
+    workers=8,
+    worker_slots=4,
+    timeout_s=60.0,
+)
+
+
+def _task(task_id: str, deps: list[str]) -> dict[str, Any]:
+    return {
+        "task_id": task_id,
+        "task_type": "echo",
+        "required_capabilities": ["python"],
+        "depends_on": deps,
+        "parameters": {"task": task_id},
+    }
+
+
+def wide_plan(plan_id: str, tasks: int) -> dict[str, Any]:
+    return {
+        "plan_id": plan_id,
+        "name": f"wide {tasks}",
+        "tasks": [_task(f"t{i}", []) for i in range(tasks)],
+    }
+
+
+def dag_plan(plan_id: str, levels: int, width: int) -> dict[str, Any]:
+    """``levels`` levels of ``width`` tasks; each task needs two tasks of the level above."""
+    tasks = []
+    for level in range(levels):
+        for i in range(width):
+            deps = (
+                []
+                if level == 0
+                else sorted({f"l{level - 1}-{i}", f"l{level - 1}-{(i + 1) % width}"})
+            )
+            tasks.append(_task(f"l{level}-{i}", deps))
+    return {"plan_id": plan_id, "name": f"dag {levels}x{width}", "tasks": tasks}
+
+
+def _ts(value: str | None) -> float:
+    return datetime.fromisoformat(value).timestamp() if value else math.nan
+
+
+@dataclass(slots=True)
+class PlanTiming:
+    plan_id: str
+    tasks: int
+    status: str
+    submit_s: float
+    all_created_s: float
+    all_assigned_s: float
+    assigned_count: int
+    all_tickets_completed_s: float
+    plan_completed_s: float
+
+    def to_json(self) -> dict[str, Any]:
+        return {k: getattr(self, k) for k in self.__slots__}
+
+
+class PlanRunner:
+    """Submits plans over HTTP and reads their timings from the services' records."""
+
+    def __init__(self, *, http: httpx.AsyncClient, tickets_dsn: str, timeout_s: float) -> None:
+        self.http = http
+        self.tickets_dsn = tickets_dsn
+        self.timeout_s = timeout_s
+
+    async def submit(self, plan: dict[str, Any]) -> tuple[float, float]:
+        """POST the plan; returns (t0 wall clock, seconds the POST took)."""
+        t0 = time.time()
+        start = time.perf_counter()
+        response = await self.http.post("/api/v1/plans", json=plan, timeout=120)
+        if response.status_code not in (200, 202):
+            raise RuntimeError(
+                f"plan {plan['plan_id']}: HTTP {response.status_code} {response.text[:500]}"
+            )
+        return t0, time.perf_counter() - start
+
+    async def wait_settled(self, plan_ids: set[str]) -> dict[str, str]:
+        """Poll the plan list until every plan is terminal (or the timeout); id -> status."""
+        deadline = time.monotonic() + self.timeout_s
+        statuses: dict[str, str] = {}
+        while time.monotonic() < deadline:
+            statuses = {}
+            token = ""
+            while True:
+                params: dict[str, Any] = {"page_size": 500}
+                if token:
+                    params["page_token"] = token
+                response = await self.http.get("/api/v1/plans", params=params, timeout=30)
+                response.raise_for_status()
+                body = response.json()
+                for plan in body["plans"]:
+                    if plan["plan_id"] in plan_ids:
+                        statuses[plan["plan_id"]] = plan["status"]
+                token = body.get("next_page_token") or ""
+                if not token:
+                    break
+            if len(statuses) == len(plan_ids) and all(s in TERMINAL for s in statuses.values()):
+                return statuses
+            await asyncio.sleep(0.2)
+        return statuses
+
+    async def timing(self, plan_id: str, tasks: int, t0: float, submit_s: float) -> PlanTiming:
+        response = await self.http.get(f"/api/v1/plans/{plan_id}", timeout=30)
+        response.raise_for_status()
+        plan = response.json()
+        async with await psycopg.AsyncConnection.connect(self.tickets_dsn) as conn:
+            cur = await conn.execute(
+                "SELECT extract(epoch FROM max(created_at)), "
+                "extract(epoch FROM max(completed_at)), "
+                "count(*) FILTER (WHERE status = 'COMPLETED') "
+                "FROM tickets WHERE plan_id = %s",
+                (plan_id,),
+            )
+            created, completed, _ = await cur.fetchone() or (None, None, 0)
+            cur = await conn.execute(
+                "SELECT extract(epoch FROM max(first)), count(*) FROM ("
+                " SELECT min(occurred_at) AS first FROM ticket_events"
+                " WHERE plan_id = %s AND event_type = 'ASSIGNED' GROUP BY ticket_id) a",
+                (plan_id,),
+            )
+            assigned, assigned_count = await cur.fetchone() or (None, 0)
+
+        def since(value: Any) -> float:
+            return float(value) - t0 if value is not None else math.nan
+
+        return PlanTiming(
+            plan_id=plan_id,
+            tasks=tasks,
+            status=plan["status"],
+            submit_s=submit_s,
+            all_created_s=since(created),
+            all_assigned_s=since(assigned) if assigned_count >= tasks else math.nan,
+            assigned_count=int(assigned_count),
+            all_tickets_completed_s=since(completed) if plan["status"] == "COMPLETED" else math.nan,
+            plan_completed_s=_ts(plan.get("completed_at")) - t0
+            if plan["status"] == "COMPLETED"
+            else math.nan,
+        )
+
+    async def explain(self, plan_id: str) -> str:
+        try:
+            response = await self.http.get(f"/api/v1/plans/{plan_id}", timeout=30)
+            body = response.json()
+            counts = body.get("counts")
+            why = await self.http.get(f"/api/v1/plans/{plan_id}/explain", timeout=30)
+            return f"status {body.get('status')}, counts {counts}, explain: {why.text[:400]}"
+        except (httpx.HTTPError, ValueError) as exc:
+            return f"could not read plan: {exc!r}"
+
+
+async def _idle_relay_lag(tickets_target: str, dsn: str, samples: int) -> list[float]:
+    """Relay lag of single events on the idle stack (the relay's own floor)."""
+    lags = []
+    async with grpc.aio.insecure_channel(tickets_target) as channel:
+        stub: pb_grpc.TicketServiceAsyncStub = pb_grpc.TicketServiceStub(channel)
+        for i in range(samples):
+            spec = pb.TicketSpec(
+                plan_id=f"idle-relay-{uuid.uuid4().hex[:8]}", task_id=f"t{i}", task_type="echo"
+            )
+            response = await stub.CreateTicket(
+                pb.CreateTicketRequest(ticket=spec), metadata=stack.bearer(), timeout=30
+            )
+            ticket_id = response.ticket.ticket_id
+            deadline = time.monotonic() + 30
+            async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+                while time.monotonic() < deadline:
+                    cur = await conn.execute(
+                        "SELECT extract(epoch FROM relayed_at - occurred_at) FROM ticket_events "
+                        "WHERE ticket_id = %s AND relayed_at IS NOT NULL",
+                        (ticket_id,),
+                    )
+                    row = await cur.fetchone()
+                    if row is not None:
+                        lags.append(float(row[0]))
+                        break
+                    await asyncio.sleep(0.02)
+            await asyncio.sleep(0.37)  # land at different points of the relay's poll cycle
+    return lags
+
+
+async def _relay_lag_since(dsn: str, since: float, drain_timeout: float) -> dict[str, Any]:
+    """Per-event lag of every event since ``since`` (waits for the outbox to drain)."""
+    deadline = time.monotonic() + drain_timeout
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        pending = -1
+        while time.monotonic() < deadline:
+            cur = await conn.execute("SELECT count(*) FROM ticket_events WHERE relayed_at IS NULL")
+            row = await cur.fetchone()
+            pending = int(row[0]) if row else 0
+            if pending == 0:
+                break
+            await asyncio.sleep(0.25)
+        cur = await conn.execute(
+            "SELECT extract(epoch FROM coalesce(relayed_at, now()) - occurred_at) "
+            "FROM ticket_events WHERE occurred_at >= to_timestamp(%s)",
+            (since,),
+        )
+        lags = [float(r[0]) for r in await cur.fetchall()]
+    return {
+        "events": len(lags),
+        "unrelayed_at_end": pending,
+        "p50_s": percentile(lags, 0.5),
+        "p99_s": percentile(lags, 0.99),
+        "max_s": max(lags) if lags else math.nan,
+    }
+
+
+def _floor(report: Report, tasks: int) -> dict[str, float]:
+    """Seconds the ticket-service work of ``tasks`` tasks takes at this run's micro rates."""
+    try:
+        ingest = report.raw["ingest_batch"]
+        ingest_rate = ingest["grpc_tickets"] / ingest["grpc_seconds"]
+        assign_rate = report.raw["assign_setup"]["rate_per_s"]
+        update_rate = report.raw["updates"]["64"]["service"]["rate_per_s"]
+    except KeyError:
+        return {"created": math.nan, "assigned": math.nan, "completed": math.nan}
+    created = tasks / ingest_rate
+    assigned = created + tasks / assign_rate
+    return {
+        "created": created,
+        "assigned": assigned,
+        "completed": assigned + 2 * tasks / update_rate,
+    }
+
+
+FLOOR_LABEL = "ticket-service work alone at this run's micro rates"
+
+
+def _plan_figures(report: Report, name: str, timing: PlanTiming, target_s: float | None) -> None:
+    floor = _floor(report, timing.tasks)
+    note = f"status {timing.status}; POST answered in {timing.submit_s * 1000:.0f} ms"
+    rows = (
+        ("all tickets exist", timing.all_created_s, floor["created"], None),
+        ("all tickets assigned", timing.all_assigned_s, floor["assigned"], None),
+        ("plan COMPLETED", timing.plan_completed_s, floor["completed"], target_s),
+    )
+    for label, value, baseline, target in rows:
+        report.add(
+            Figure(
+                SECTION,
+                f"{name}: {label}",
+                value,
+                "s",
+                FLOOR_LABEL,
+                baseline,
+                target=f"COMPLETED in < {target:g} s" if target else "",
+                met=(not math.isnan(value) and value < target) if target else None,
+                note=note if label == "plan COMPLETED" else "",
+            )
+        )
+
+
+async def run_plans(
+    report: Report,
+    *,
+    orchestrator_url: str,
+    tickets_target: str,
+    tickets_dsn: str,
+    sizes: PlanSizes,
+) -> None:
+    run_id = uuid.uuid4().hex[:6]
+    idle = await _idle_relay_lag(tickets_target, tickets_dsn, samples=5)
+    report.raw["relay_idle_lag_s"] = idle
+    phase_start = time.time()
+    limits = httpx.Limits(max_connections=sizes.many_plans + 5)
+    async with httpx.AsyncClient(base_url=orchestrator_url, limits=limits) as http:
+        runner = PlanRunner(http=http, tickets_dsn=tickets_dsn, timeout_s=sizes.timeout_s)
+        report.raw["plans"] = {}
+        for name, plan, target in (
+            (
+                f"wide plan, {sizes.wide_tasks:,} tasks",
+                wide_plan(f"wide-{run_id}", sizes.wide_tasks),
+                3.0,
+            ),
+            (
+                f"{sizes.dag_levels}-level DAG, {sizes.dag_levels * sizes.dag_width:,} tasks",
+                dag_plan(f"dag-{run_id}", sizes.dag_levels, sizes.dag_width),
+                None,
+            ),
+        ):
+            print(f"bench: plans: {name}", flush=True)
+            t0, submit_s = await runner.submit(plan)
+            statuses = await runner.wait_settled({plan["plan_id"]})
+            timing = await runner.timing(plan["plan_id"], len(plan["tasks"]), t0, submit_s)
+            report.raw["plans"][name] = timing.to_json()
+            if timing.status != "COMPLETED":
+                report.notes.append(
+                    f"GAP: {name} did not complete within {sizes.timeout_s:.0f} s "
+                    f"(statuses {statuses}); {await runner.explain(plan['plan_id'])}"
+                )
+            _plan_figures(report, name, timing, target if sizes.wide_tasks >= 1000 else None)
+
+        # Many small plans at once.
+        name = f"{sizes.many_plans} plans of {sizes.many_plan_tasks} tasks, submitted concurrently"
+        print(f"bench: plans: {name}", flush=True)
+        plans = [
+            wide_plan(f"many-{run_id}-{i}", sizes.many_plan_tasks) for i in range(sizes.many_plans)
+        ]
+        start_wall = time.time()
+        submitted = await asyncio.gather(*(runner.submit(p) for p in plans))
+        all_submitted_s = time.time() - start_wall
+        ids = {p["plan_id"] for p in plans}
+        statuses = await runner.wait_settled(ids)
+        timings = [
+            await runner.timing(p["plan_id"], len(p["tasks"]), t0, submit_s)
+            for p, (t0, submit_s) in zip(plans, submitted, strict=True)
+        ]
+        done = [t for t in timings if t.status == "COMPLETED"]
+        last_completed = max(
+            (t.plan_completed_s + t0 for t, (t0, _) in zip(timings, submitted, strict=True)),
+            default=math.nan,
+        )
+        per_plan = [t.plan_completed_s for t in done]
+        makespan = last_completed - start_wall if len(done) == len(plans) else math.nan
+        report.raw["plans"][name] = {
+            "completed": len(done),
+            "statuses": sorted(set(statuses.values())),
+            "all_submitted_s": all_submitted_s,
+            "makespan_s": makespan,
+            "per_plan_completed_p50_s": percentile(per_plan, 0.5),
+            "per_plan_completed_p99_s": percentile(per_plan, 0.99),
+            "submit_p50_s": percentile([t.submit_s for t in timings], 0.5),
+            "submit_p99_s": percentile([t.submit_s for t in timings], 0.99),
+        }
+        if len(done) != len(plans):
+            report.notes.append(
+                f"GAP: {name}: only {len(done)} of {len(plans)} plans COMPLETED within "
+                f"{sizes.timeout_s:.0f} s (statuses {sorted(set(statuses.values()))})"
+            )
+        total_tasks = sizes.many_plans * sizes.many_plan_tasks
+        floor = _floor(report, total_tasks)
+        report.add(
+            Figure(
+                SECTION,
+                f"{name}: all plans COMPLETED (from first POST)",
+                makespan,
+                "s",
+                FLOOR_LABEL,
+                floor["completed"],
+                note=f"{len(done)}/{len(plans)} COMPLETED; all POSTs answered after "
+                f"{all_submitted_s:.2f} s",
+            )
+        )
+        report.add(
+            Figure(
+                SECTION,
+                f"{name}: per-plan time to COMPLETED, p50",
+                percentile(per_plan, 0.5),
+                "s",
+                FLOOR_LABEL + f" ({sizes.many_plan_tasks} tasks)",
+                _floor(report, sizes.many_plan_tasks)["completed"],
+            )
+        )
+        report.add(
+            Figure(
+                SECTION,
+                f"{name}: per-plan time to COMPLETED, p99",
+                percentile(per_plan, 0.99),
+                "s",
+                FLOOR_LABEL + f" ({sizes.many_plan_tasks} tasks)",
+                _floor(report, sizes.many_plan_tasks)["completed"],
+            )
+        )
+
+    lag = await _relay_lag_since(tickets_dsn, phase_start, drain_timeout=30)
+    report.raw["relay_lag_under_load"] = lag
+    idle_p50 = percentile(idle, 0.5)
+    report.add(
+        Figure(
+            SECTION_RELAY,
+            "p50 lag (relayed_at - occurred_at) over every event of the plan runs",
+            lag["p50_s"] * 1000,
+            "ms",
+            "single event on the idle stack (median of 5)",
+            idle_p50 * 1000,
+            note=f"{lag['events']:,} events",
+        )
+    )
+    report.add(
+        Figure(
+            SECTION_RELAY,
+            "p99 lag over every event of the plan runs",
+            lag["p99_s"] * 1000,
+            "ms",
+            "single event on the idle stack (max of 5)",
+            max(idle, default=math.nan) * 1000,
+            target="p99 < 1 s",
+            met=lag["p99_s"] < 1.0,
+            note=f"max {lag['max_s'] * 1000:.0f} ms; {lag['unrelayed_at_end']} unrelayed at end",
+        )
+    )
+
+
+def phase_plans(report: Report, dbs: Databases, args: argparse.Namespace, logs: Path) -> None:
+    sizes = QUICK_PLANS if args.quick else FULL_PLANS
+    tickets_dsn = dbs.fresh_database("bench_tickets_plans")
+    registry_dsn = dbs.fresh_database("bench_registry_plans")
+    orchestrator_dsn = dbs.fresh_database("bench_orchestrator_plans")
+    mongo: MongoClient[dict[str, Any]] = MongoClient(dbs.mongo_uri, serverSelectionTimeoutMS=5000)
+    try:
+        mongo.drop_database("bench_tickets_plans")
+    finally:
+        mongo.close()
+    tickets = stack.ticket_service(
+        name="execution-ticket-service",
+        postgres_dsn=tickets_dsn,
+        mongo_uri=dbs.mongo_uri,
+        mongo_database="bench_tickets_plans",
+        log_level=args.log_level,
+    )
+    registry = stack.registry(
+        name="service-registry", postgres_dsn=registry_dsn, log_level=args.log_level
+    )
+    orchestrator = stack.orchestrator(
+        name="orchestrator-dynamic",
+        postgres_dsn=orchestrator_dsn,
+        tickets=tickets.endpoint,
+        registry=registry.endpoint,
+        log_level=args.log_level,
+    )
+    workers = [
+        stack.worker(
+            name=f"worker-{i}",
+            tickets=tickets.endpoint,
+            registry=registry.endpoint,
+            max_concurrent=sizes.worker_slots,
+            log_level=args.log_level,
+        )
+        for i in range(1, sizes.workers + 1)
+    ]
+    specs = [tickets.spec, registry.spec, orchestrator.spec, *(w.spec for w in workers)]
+    report.parameters["plans: workers"] = (
+        f"{sizes.workers} hive-worker processes, max_concurrent {sizes.worker_slots} each"
+    )
+    with ProcessStack(specs, log_dir=logs / "plans") as procs:
+        procs.start_all(timeout=120)
+        asyncio.run(
+            run_plans(
+                report,
+                orchestrator_url=orchestrator.endpoint.http_url,
+                tickets_target=tickets.endpoint.grpc_target,
+                tickets_dsn=tickets_dsn,
+                sizes=sizes,
+            )
+        )
+        for process in procs:
+            report.memory.append(
+                {
+                    "phase": "plans",
+                    "process": process.name,
+                    "pid": process.pid,
+                    "vmhwm_mib": stack.vm_hwm_mib(process.pid),
+                    "note": "after all plan runs",
+                }
+            )

@@ -1,0 +1,146 @@
+"""The benchmark report: figures beside their baselines, targets, Markdown and JSON."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+@dataclass(slots=True)
+class Figure:
+    """One measured value beside the baseline measured in the same run.
+
+    ``ratio`` is value / baseline. ``target`` is the issue's wording; ``met`` is None when
+    the figure has no target or could not be measured.
+    """
+
+    section: str
+    measure: str
+    value: float
+    unit: str
+    baseline_label: str
+    baseline: float
+    target: str = ""
+    met: bool | None = None
+    note: str = ""
+
+    @property
+    def ratio(self) -> float:
+        if self.baseline and not math.isnan(self.baseline) and not math.isnan(self.value):
+            return self.value / self.baseline
+        return math.nan
+
+    def to_json(self) -> dict[str, Any]:
+        data = asdict(self)
+        data["ratio"] = self.ratio
+        return data
+
+
+@dataclass(slots=True)
+class Report:
+    """Everything one run produced."""
+
+    started_at: str
+    machine: dict[str, Any]
+    parameters: dict[str, Any]
+    figures: list[Figure] = field(default_factory=list)
+    memory: list[dict[str, Any]] = field(default_factory=list)
+    raw: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+    finished_at: str = ""
+    duration_s: float = math.nan
+
+    def add(self, figure: Figure) -> Figure:
+        self.figures.append(figure)
+        return figure
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "started_at": self.started_at,
+            "finished_at": self.finished_at,
+            "duration_s": self.duration_s,
+            "machine": self.machine,
+            "parameters": self.parameters,
+            "figures": [f.to_json() for f in self.figures],
+            "targets": [
+                {"measure": f"{f.section}: {f.measure}", "target": f.target, "met": f.met}
+                for f in self.figures
+                if f.target
+            ],
+            "memory": self.memory,
+            "raw": self.raw,
+            "notes": self.notes,
+        }
+
+    def write_json(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_json(), indent=2, default=str, allow_nan=True) + "\n")
+
+    def markdown(self) -> str:
+        out: list[str] = ["# Hive Flow C benchmark report", ""]
+        out.append(
+            f"Run {self.started_at} → {self.finished_at} ({self.duration_s:.0f} s), "
+            "produced by `make bench` (`python -m bench`). Every figure stands beside a "
+            "baseline measured in the same run on the same machine; ratio = result / baseline."
+        )
+        out += ["", "## Machine", ""]
+        out += [f"- **{key}**: {value}" for key, value in self.machine.items()]
+        out += ["", "## Parameters", ""]
+        out += [f"- **{key}**: {value}" for key, value in self.parameters.items()]
+        targeted = [f for f in self.figures if f.target]
+        if targeted:
+            out += ["", "## Targets (issue 7)", "", "| target | result | met |", "|---|---|---|"]
+            for f in targeted:
+                out.append(
+                    f"| {f.section}: {f.target} | {_num(f.value)} {f.unit} "
+                    f"(baseline {_num(f.baseline)} {f.unit}, ratio {_ratio(f.ratio)}) "
+                    f"| {_met(f.met)} |"
+                )
+        sections: dict[str, list[Figure]] = {}
+        for f in self.figures:
+            sections.setdefault(f.section, []).append(f)
+        for section, figures in sections.items():
+            out += ["", f"## {section}", ""]
+            out.append("| measure | result | baseline (same run) | ratio | target | note |")
+            out.append("|---|---|---|---|---|---|")
+            for f in figures:
+                target = f"{f.target}: {_met(f.met)}" if f.target else ""
+                out.append(
+                    f"| {f.measure} | {_num(f.value)} {f.unit} | {f.baseline_label}: "
+                    f"{_num(f.baseline)} {f.unit} | {_ratio(f.ratio)} | {target} | {f.note} |"
+                )
+        if self.memory:
+            out += ["", "## Peak memory (VmHWM from /proc/<pid>/status)", ""]
+            out += ["| phase | process | VmHWM | note |", "|---|---|---|---|"]
+            for m in self.memory:
+                out.append(
+                    f"| {m['phase']} | {m['process']} | {_num(m['vmhwm_mib'])} MiB "
+                    f"| {m.get('note', '')} |"
+                )
+        if self.notes:
+            out += ["", "## Notes", ""]
+            out += [f"- {note}" for note in self.notes]
+        return "\n".join(out) + "\n"
+
+
+def _num(value: float) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    if abs(value) >= 1000:
+        return f"{value:,.0f}"
+    if abs(value) >= 100:
+        return f"{value:.0f}"
+    if abs(value) >= 10:
+        return f"{value:.1f}"
+    return f"{value:.2f}"
+
+
+def _ratio(value: float) -> str:
+    return "n/a" if math.isnan(value) else f"{value:.2f}x"
+
+
+def _met(met: bool | None) -> str:
+    return {True: "**met**", False: "**not met**", None: "not measured"}[met]

@@ -1,0 +1,179 @@
+"""Command line of ``make bench``: start real services on real databases, measure, report."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+
+from bench import stack
+from bench.discovery import DiscoverySizes, run_discovery
+from bench.environment import Databases, databases, describe_machine, load_average
+from bench.report import Report
+from bench.tickets import TicketSizes, run_ingest, run_updates
+from hive_common.procstack import ProcessStack
+
+PHASES = ("tickets", "discovery", "plans")
+
+FULL_TICKETS = TicketSizes(
+    plans=20,
+    plan_size=1000,
+    ingest_concurrency=2,
+    single_calls=4000,
+    single_concurrency=16,
+    update_calls={1: 1000, 16: 4000, 64: 4000},
+)
+QUICK_TICKETS = TicketSizes(
+    plans=4,
+    plan_size=1000,
+    ingest_concurrency=2,
+    single_calls=500,
+    single_concurrency=16,
+    update_calls={1: 200, 16: 600, 64: 600},
+)
+FULL_DISCOVERY = DiscoverySizes(populations=(100, 10_000), calls=1000, register_concurrency=32)
+QUICK_DISCOVERY = DiscoverySizes(populations=(100, 1000), calls=200, register_concurrency=32)
+
+
+def _record_memory(report: Report, phase: str, processes: ProcessStack, note: str = "") -> None:
+    for process in processes:
+        report.memory.append(
+            {
+                "phase": phase,
+                "process": process.name,
+                "pid": process.pid,
+                "vmhwm_mib": stack.vm_hwm_mib(process.pid),
+                "note": note if process.name != "echo" else "baseline: bare grpc.aio process",
+            }
+        )
+
+
+@contextlib.contextmanager
+def _running(processes: ProcessStack) -> Iterator[ProcessStack]:
+    with processes:
+        processes.start_all()
+        yield processes
+
+
+def phase_tickets(report: Report, dbs: Databases, args: argparse.Namespace, logs: Path) -> None:
+    dsn = dbs.fresh_database("bench_tickets_micro")
+    tickets = stack.ticket_service(
+        name="execution-ticket-service",
+        postgres_dsn=dsn,
+        mongo_uri=dbs.mongo_uri,
+        mongo_database="bench_tickets_micro",
+        log_level=args.log_level,
+    )
+    echo = stack.echo_server()
+    sizes = QUICK_TICKETS if args.quick else FULL_TICKETS
+    with _running(ProcessStack([tickets.spec, echo.spec], log_dir=logs / "tickets")) as procs:
+        asyncio.run(
+            run_ingest(
+                report,
+                tickets_target=tickets.endpoint.grpc_target,
+                echo_target=echo.endpoint.grpc_target,
+                dsn=dsn,
+                sizes=sizes,
+            )
+        )
+        asyncio.run(
+            run_updates(
+                report,
+                tickets_target=tickets.endpoint.grpc_target,
+                echo_target=echo.endpoint.grpc_target,
+                sizes=sizes,
+            )
+        )
+        _record_memory(report, "tickets", procs, "after ingest and update benchmarks")
+
+
+def phase_discovery(report: Report, dbs: Databases, args: argparse.Namespace, logs: Path) -> None:
+    dsn = dbs.fresh_database("bench_registry_discovery")
+    registry = stack.registry(
+        name="service-registry",
+        postgres_dsn=dsn,
+        log_level=args.log_level,
+        heartbeat_interval_seconds=600,
+    )
+    echo = stack.echo_server()
+    sizes = QUICK_DISCOVERY if args.quick else FULL_DISCOVERY
+    with _running(ProcessStack([registry.spec, echo.spec], log_dir=logs / "discovery")) as procs:
+        asyncio.run(
+            run_discovery(
+                report,
+                registry_target=registry.endpoint.grpc_target,
+                echo_target=echo.endpoint.grpc_target,
+                sizes=sizes,
+            )
+        )
+        _record_memory(report, "discovery", procs, f"after {sizes.populations[-1]:,} registrations")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="small sizes (harness development)")
+    parser.add_argument(
+        "--phase", action="append", choices=PHASES, help="run only these phases (repeatable)"
+    )
+    parser.add_argument(
+        "--no-durable",
+        dest="durable",
+        action="store_false",
+        help="provisioned PostgreSQL without fsync/synchronous_commit (default: durable)",
+    )
+    parser.add_argument("--log-level", default="INFO", help="services' log level (default INFO)")
+    parser.add_argument("--out", type=Path, default=Path("bench/out"), help="JSON and logs")
+    parser.add_argument(
+        "--markdown",
+        type=Path,
+        default=Path("bench/out/latest.md"),
+        help="also write the Markdown report here (default bench/out/latest.md)",
+    )
+    args = parser.parse_args(argv)
+    phases = args.phase or list(PHASES)
+
+    started = time.monotonic()
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    logs = (args.out / f"logs-{stamp}").resolve()
+    with databases(durable=args.durable) as dbs:
+        report = Report(
+            started_at=datetime.now(UTC).isoformat(timespec="seconds"),
+            machine=describe_machine(dbs),
+            parameters={
+                "mode": "quick (development sizes)" if args.quick else "full",
+                "phases": ", ".join(phases),
+                "postgresql durability": {
+                    True: "durable (fsync on, synchronous_commit on)",
+                    False: "fsync off, synchronous_commit off",
+                    None: "as configured by HIVE_BENCH_POSTGRES_DSN",
+                }[dbs.durable],
+                "service log level": args.log_level,
+                "load average at start (1/5/15 min)": load_average(),
+                "process logs": str(logs),
+            },
+        )
+        for phase in phases:
+            print(f"bench: phase {phase} (load {load_average()})", flush=True)
+            if phase == "tickets":
+                phase_tickets(report, dbs, args, logs)
+            elif phase == "discovery":
+                phase_discovery(report, dbs, args, logs)
+            elif phase == "plans":
+                from bench.plans import phase_plans
+
+                phase_plans(report, dbs, args, logs)
+    report.parameters["load average at end (1/5/15 min)"] = load_average()
+    report.finished_at = datetime.now(UTC).isoformat(timespec="seconds")
+    report.duration_s = time.monotonic() - started
+    markdown = report.markdown()
+    print(markdown)
+    report.write_json(args.out / f"bench-{stamp}.json")
+    report.write_json(args.out / "latest.json")
+    if args.markdown:
+        args.markdown.write_text(markdown)
+    print(f"bench: JSON report {args.out / f'bench-{stamp}.json'}", flush=True)
+    return 0

@@ -1,0 +1,395 @@
+"""Ticket service benchmarks: ingest (batch and single) and UpdateTicketStatus, each beside
+its baseline (raw psycopg executemany, a bare grpc.aio echo service) measured in this run."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import time
+import uuid
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+
+import grpc
+import psycopg
+from psycopg.types.json import Jsonb
+
+from bench.report import Figure, Report
+from bench.stack import bearer
+from bench.stats import LoadResult, closed_loop
+from neuralhive.ticket.v1 import ticket_service_pb2 as pb
+from neuralhive.ticket.v1 import ticket_service_pb2_grpc as pb_grpc
+
+SECTION_INGEST = "Ticket ingest"
+SECTION_UPDATES = "UpdateTicketStatus"
+CHANNEL_OPTIONS = [
+    ("grpc.max_send_message_length", 64 * 1024 * 1024),
+    ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+]
+
+
+@dataclass(frozen=True, slots=True)
+class TicketSizes:
+    plans: int  # 1,000-ticket plans per side (service, raw baseline)
+    plan_size: int
+    ingest_concurrency: int
+    single_calls: int
+    single_concurrency: int
+    update_calls: dict[int, int]  # concurrency -> number of updates
+
+
+def _spec_values(plan_id: str, i: int) -> dict[str, Any]:
+    return {
+        "plan_id": plan_id,
+        "task_id": f"task-{i}",
+        "task_type": "echo",
+        "parameters": {"message": "hello", "index": i},
+        "required_capabilities": ["python"],
+        "depends_on": [f"task-{i - 1}"] if i else [],
+    }
+
+
+def _spec(values: dict[str, Any]) -> pb.TicketSpec:
+    spec = pb.TicketSpec(
+        plan_id=values["plan_id"],
+        task_id=values["task_id"],
+        task_type=values["task_type"],
+        required_capabilities=values["required_capabilities"],
+        depends_on=values["depends_on"],
+    )
+    spec.parameters.update(values["parameters"])
+    return spec
+
+
+_RAW_INSERT = """
+INSERT INTO tickets (ticket_id, plan_id, task_id, intent_id, task_type, description, parameters,
+                     required_capabilities, depends_on, priority, status, attempt, max_retries,
+                     timeout_seconds, version, created_at, updated_at)
+VALUES (%s, %s, %s, '', %s, '', %s, %s, %s, 'NORMAL', 'PENDING', 1, 0, 3600, 1, %s, %s)
+"""
+
+
+def _raw_rows(plan_id: str, size: int) -> list[tuple[Any, ...]]:
+    now = datetime.now(UTC)
+    rows = []
+    for i in range(size):
+        v = _spec_values(plan_id, i)
+        rows.append(
+            (
+                uuid.uuid4(),
+                v["plan_id"],
+                v["task_id"],
+                v["task_type"],
+                Jsonb(v["parameters"]),
+                Jsonb(v["required_capabilities"]),
+                Jsonb(v["depends_on"]),
+                now,
+                now,
+            )
+        )
+    return rows
+
+
+async def _raw_executemany(
+    dsn: str, batches: list[list[tuple[Any, ...]]], concurrency: int
+) -> float:
+    """Seconds to insert every batch (one transaction each) from ``concurrency`` connections."""
+    conns = [await psycopg.AsyncConnection.connect(dsn) for _ in range(concurrency)]
+    queue = list(batches)
+    try:
+
+        async def run(conn: psycopg.AsyncConnection[Any]) -> None:
+            while queue:
+                rows = queue.pop()
+                async with conn.transaction(), conn.cursor() as cur:
+                    await cur.executemany(_RAW_INSERT, rows)
+
+        start = time.perf_counter()
+        await asyncio.gather(*(run(c) for c in conns))
+        return time.perf_counter() - start
+    finally:
+        for conn in conns:
+            await conn.close()
+
+
+async def _grpc_batches(
+    stub: pb_grpc.TicketServiceAsyncStub,
+    requests: list[pb.BatchCreateTicketsRequest],
+    concurrency: int,
+) -> float:
+    metadata = bearer()
+    queue = list(requests)
+
+    async def run() -> None:
+        while queue:
+            request = queue.pop()
+            response = await stub.BatchCreateTickets(request, metadata=metadata, timeout=120)
+            if response.created_count != len(request.tickets):
+                raise RuntimeError("BatchCreateTickets created fewer tickets than sent")
+
+    start = time.perf_counter()
+    await asyncio.gather(*(run() for _ in range(concurrency)))
+    return time.perf_counter() - start
+
+
+async def run_ingest(
+    report: Report, *, tickets_target: str, echo_target: str, dsn: str, sizes: TicketSizes
+) -> None:
+    """BatchCreateTickets vs raw executemany; single CreateTicket vs the echo service."""
+    run_id = uuid.uuid4().hex[:8]
+    async with (
+        grpc.aio.insecure_channel(tickets_target, options=CHANNEL_OPTIONS) as channel,
+        grpc.aio.insecure_channel(echo_target, options=CHANNEL_OPTIONS) as echo_channel,
+    ):
+        stub: pb_grpc.TicketServiceAsyncStub = pb_grpc.TicketServiceStub(channel)
+        echo: pb_grpc.TicketServiceAsyncStub = pb_grpc.TicketServiceStub(echo_channel)
+        metadata = bearer()
+
+        # Warm-up: connections, pools, JIT-free but cache-warm code paths.
+        await _grpc_batches(
+            stub,
+            [
+                pb.BatchCreateTicketsRequest(
+                    tickets=[_spec(_spec_values(f"warm-{run_id}", i)) for i in range(100)]
+                )
+            ],
+            1,
+        )
+        await _raw_executemany(dsn, [_raw_rows(f"raw-warm-{run_id}", 100)], 1)
+
+        # Two interleaved rounds so that drift in background load hits both sides alike.
+        per_round = max(1, sizes.plans // 2)
+        grpc_time = raw_time = 0.0
+        grpc_count = raw_count = 0
+        for round_no in range(2):
+            requests = [
+                pb.BatchCreateTicketsRequest(
+                    tickets=[
+                        _spec(_spec_values(f"ingest-{run_id}-{round_no}-{n}", i))
+                        for i in range(sizes.plan_size)
+                    ]
+                )
+                for n in range(per_round)
+            ]
+            raw_batches = [
+                _raw_rows(f"raw-{run_id}-{round_no}-{n}", sizes.plan_size) for n in range(per_round)
+            ]
+            raw_time += await _raw_executemany(dsn, raw_batches, sizes.ingest_concurrency)
+            raw_count += per_round * sizes.plan_size
+            grpc_time += await _grpc_batches(stub, requests, sizes.ingest_concurrency)
+            grpc_count += per_round * sizes.plan_size
+        grpc_rate = grpc_count / grpc_time
+        raw_rate = raw_count / raw_time
+        report.raw["ingest_batch"] = {
+            "grpc_tickets": grpc_count,
+            "grpc_seconds": grpc_time,
+            "raw_rows": raw_count,
+            "raw_seconds": raw_time,
+            "concurrency": sizes.ingest_concurrency,
+            "plan_size": sizes.plan_size,
+        }
+        note = (
+            f"{grpc_count:,} tickets as {grpc_count // sizes.plan_size} plans of "
+            f"{sizes.plan_size:,}, {sizes.ingest_concurrency} concurrent calls; the service "
+            "also writes one outbox/event row per ticket"
+        )
+        report.add(
+            Figure(
+                SECTION_INGEST,
+                f"BatchCreateTickets ({sizes.plan_size:,}-ticket plans)",
+                grpc_rate,
+                "tickets/s",
+                "raw psycopg executemany, same rows, same table",
+                raw_rate,
+                target="≥ 40% of raw executemany",
+                met=grpc_rate >= 0.4 * raw_rate,
+                note=note,
+            )
+        )
+        report.add(
+            Figure(
+                SECTION_INGEST,
+                "BatchCreateTickets absolute rate",
+                grpc_rate,
+                "tickets/s",
+                "raw psycopg executemany",
+                raw_rate,
+                target="≥ 20,000 tickets/s",
+                met=grpc_rate >= 20_000,
+            )
+        )
+
+        # Single CreateTicket RPCs vs the echo service at the same client concurrency.
+        single_specs = [
+            _spec(_spec_values(f"single-{run_id}-{i // 100}", i % 100))
+            for i in range(sizes.single_calls + 50)
+        ]
+
+        async def create(i: int) -> None:
+            await stub.CreateTicket(
+                pb.CreateTicketRequest(ticket=single_specs[i]), metadata=metadata, timeout=30
+            )
+
+        async def create_echo(i: int) -> None:
+            await echo.CreateTicket(
+                pb.CreateTicketRequest(ticket=single_specs[i]), metadata=metadata, timeout=30
+            )
+
+        await closed_loop(lambda i: create_echo(sizes.single_calls + i), concurrency=4, total=50)
+        await closed_loop(lambda i: create(sizes.single_calls + i), concurrency=4, total=50)
+        echo_result = await closed_loop(
+            create_echo, concurrency=sizes.single_concurrency, total=sizes.single_calls
+        )
+        real = await closed_loop(
+            create, concurrency=sizes.single_concurrency, total=sizes.single_calls
+        )
+        report.raw["ingest_single"] = {"service": real.to_json(), "echo": echo_result.to_json()}
+        _check(real, "CreateTicket")
+        report.add(
+            Figure(
+                SECTION_INGEST,
+                f"single CreateTicket RPCs, {sizes.single_concurrency} concurrent clients",
+                real.rate,
+                "RPCs/s",
+                "bare grpc.aio echo",
+                echo_result.rate,
+                target="≥ 50% of echo",
+                met=real.rate >= 0.5 * echo_result.rate,
+                note=f"p50 {real.p(0.5):.1f} ms / p99 {real.p(0.99):.1f} ms "
+                f"(echo {echo_result.p(0.5):.1f} / {echo_result.p(0.99):.1f} ms)",
+            )
+        )
+
+
+def _check(result: LoadResult, what: str) -> None:
+    if result.errors:
+        raise RuntimeError(
+            f"{what}: {result.errors} of {result.calls} calls failed: {result.first_error}"
+        )
+
+
+async def _assigned_tickets(
+    stub: pb_grpc.TicketServiceAsyncStub, *, count: int, run_id: str, plan_size: int
+) -> tuple[list[str], LoadResult]:
+    """Create ``count`` tickets and assign each to a (fictitious) worker; returns their ids."""
+    metadata = bearer()
+    ids: list[str] = []
+    for start in range(0, count, plan_size):
+        n = min(plan_size, count - start)
+        request = pb.BatchCreateTicketsRequest(
+            tickets=[_spec(_spec_values(f"upd-{run_id}-{start}", i)) for i in range(n)]
+        )
+        response = await stub.BatchCreateTickets(request, metadata=metadata, timeout=120)
+        ids.extend(t.ticket_id for t in response.tickets)
+
+    async def assign(i: int) -> None:
+        await stub.AssignTicket(
+            pb.AssignTicketRequest(
+                ticket_id=ids[i], worker_id="bench-worker", lease_seconds=3600, attempt=1
+            ),
+            metadata=metadata,
+            timeout=30,
+        )
+
+    result = await closed_loop(assign, concurrency=16, total=len(ids))
+    _check(result, "AssignTicket")
+    return ids, result
+
+
+async def run_updates(
+    report: Report, *, tickets_target: str, echo_target: str, sizes: TicketSizes
+) -> None:
+    """UpdateTicketStatus (ASSIGNED→RUNNING, then RUNNING→COMPLETED) at 1/16/64 clients."""
+    run_id = uuid.uuid4().hex[:8]
+    async with (
+        grpc.aio.insecure_channel(tickets_target, options=CHANNEL_OPTIONS) as channel,
+        grpc.aio.insecure_channel(echo_target, options=CHANNEL_OPTIONS) as echo_channel,
+    ):
+        stub: pb_grpc.TicketServiceAsyncStub = pb_grpc.TicketServiceStub(channel)
+        echo: pb_grpc.TicketServiceAsyncStub = pb_grpc.TicketServiceStub(echo_channel)
+        metadata = bearer()
+        per_level = {c: max(2, n // 2) for c, n in sizes.update_calls.items()}
+        ids, assign = await _assigned_tickets(
+            stub, count=sum(per_level.values()) + 20, run_id=run_id, plan_size=sizes.plan_size
+        )
+        report.raw["assign_setup"] = assign.to_json()
+        result_struct = json.dumps({"message": "hello"})
+        offset = 0
+
+        def request(
+            ticket_id: str, status: pb.TicketStatus.ValueType
+        ) -> pb.UpdateTicketStatusRequest:
+            req = pb.UpdateTicketStatusRequest(ticket_id=ticket_id, status=status, attempt=1)
+            if status == pb.TICKET_STATUS_COMPLETED:
+                req.result.update(json.loads(result_struct))
+            return req
+
+        async def updates(
+            target: pb_grpc.TicketServiceAsyncStub, batch: list[str], c: int
+        ) -> LoadResult:
+            results = []
+            for status in (pb.TICKET_STATUS_RUNNING, pb.TICKET_STATUS_COMPLETED):
+
+                async def call(i: int, status: pb.TicketStatus.ValueType = status) -> None:
+                    await target.UpdateTicketStatus(
+                        request(batch[i], status), metadata=metadata, timeout=30
+                    )
+
+                results.append(await closed_loop(call, concurrency=c, total=len(batch)))
+            return LoadResult(
+                calls=sum(r.calls for r in results),
+                elapsed=sum(r.elapsed for r in results),
+                latencies=[x for r in results for x in r.latencies],
+                errors=sum(r.errors for r in results),
+                first_error=next((r.first_error for r in results if r.first_error), ""),
+            )
+
+        # Warm-up on a few tickets.
+        await updates(stub, ids[-20:], 4)
+        await updates(echo, ids[-20:], 4)
+        report.raw["updates"] = {}
+        for concurrency, count in per_level.items():
+            batch = ids[offset : offset + count]
+            offset += count
+            echo_result = await updates(echo, batch, concurrency)
+            real = await updates(stub, batch, concurrency)
+            _check(real, "UpdateTicketStatus")
+            report.raw["updates"][str(concurrency)] = {
+                "service": real.to_json(),
+                "echo": echo_result.to_json(),
+            }
+            label = f"{concurrency} concurrent client{'s' if concurrency > 1 else ''}"
+            report.add(
+                Figure(
+                    SECTION_UPDATES,
+                    f"updates/s, {label}",
+                    real.rate,
+                    "updates/s",
+                    "bare grpc.aio echo",
+                    echo_result.rate,
+                    note=f"{real.calls:,} updates (half RUNNING, half COMPLETED)",
+                )
+            )
+            report.add(
+                Figure(
+                    SECTION_UPDATES,
+                    f"p50 latency, {label}",
+                    real.p(0.5),
+                    "ms",
+                    "bare grpc.aio echo",
+                    echo_result.p(0.5),
+                )
+            )
+            report.add(
+                Figure(
+                    SECTION_UPDATES,
+                    f"p99 latency, {label}",
+                    real.p(0.99),
+                    "ms",
+                    "bare grpc.aio echo",
+                    echo_result.p(0.99),
+                    target="p99 < 20 ms" if concurrency == 16 else "",
+                    met=real.p(0.99) < 20.0 if concurrency == 16 else None,
+                )
+            )
