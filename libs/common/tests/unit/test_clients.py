@@ -104,8 +104,14 @@ class FakeTickets(pb_grpc.TicketServiceServicer):
     async def BatchCreateTickets(self, request: Any, context: Context) -> Any:
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not scripted")
 
-    async def ListTickets(self, request: Any, context: Context) -> Any:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not scripted")
+    async def ListTickets(self, request: pb.ListTicketsRequest, context: Context) -> Any:
+        await self._fail_if_scripted("ListTickets", request, context)
+        start = int(request.page_token or 0)
+        ids = [f"t{n}" for n in range(start, min(start + request.page_size, 5))]
+        return pb.ListTicketsResponse(
+            tickets=[pb.ExecutionTicket(ticket_id=i, plan_id=request.plan_id) for i in ids],
+            next_page_token=str(start + len(ids)) if start + len(ids) < 5 else "",
+        )
 
     async def GenerateToken(self, request: pb.GenerateTokenRequest, context: Context) -> Any:
         await self._fail_if_scripted("GenerateToken", request, context)
@@ -360,6 +366,23 @@ async def test_an_unreachable_server_is_unavailable_after_retries(sleeps: Sleeps
         with pytest.raises(Unavailable):
             await client.get_ticket(ticket_id=TICKET_ID)
     assert len(sleeps.waits) >= 1
+
+
+async def test_iter_tickets_walks_every_page_retrying_each(
+    tickets: FakeTickets, ticket_port: int, sleeps: Sleeps
+) -> None:
+    tickets.failures = [Unavailable("blip")]
+    async with ticket_client(ticket_port, sleeps) as client:
+        seen = [
+            t.ticket_id
+            async for t in client.iter_tickets(
+                plan_id="p", statuses=[pb.TICKET_STATUS_PENDING], page_size=2
+            )
+        ]
+    assert seen == ["t0", "t1", "t2", "t3", "t4"]
+    requests = [c[1] for c in tickets.calls]
+    assert [r.page_token for r in requests] == ["", "", "2", "4"]  # the first one retried
+    assert all(list(r.statuses) == [pb.TICKET_STATUS_PENDING] for r in requests)
 
 
 def test_result_that_is_not_json_is_refused_before_sending() -> None:

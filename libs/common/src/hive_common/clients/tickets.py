@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping
 from typing import Any
 
 import grpc
@@ -236,6 +236,33 @@ class TicketClient:
             attempt_timeout=attempt_timeout,
             deadline=deadline,
         )
+
+    async def iter_tickets(
+        self,
+        *,
+        plan_id: str = "",
+        statuses: Iterable[pb.TicketStatus.ValueType] = (),
+        worker_id: str = "",
+        page_size: int = 0,
+        token: str | None = None,
+    ) -> AsyncIterator[pb.ExecutionTicket]:
+        """Every matching ticket, page after page (each page call retried on its own)."""
+        wanted = list(statuses)
+        page_token = ""
+        while True:
+            page = await self.list_tickets(
+                plan_id=plan_id,
+                statuses=wanted,
+                worker_id=worker_id,
+                page_size=page_size,
+                page_token=page_token,
+                token=token,
+            )
+            for ticket in page.tickets:
+                yield ticket
+            if not page.next_page_token:
+                return
+            page_token = page.next_page_token
 
     async def assign_ticket(
         self,
