@@ -1,0 +1,488 @@
+"""The whole of Flow C as separate OS processes: the service registry, the ticket service, the
+orchestrator and two reference workers (``hive_common.procstack``), on PostgreSQL and a
+MongoDB-compatible server from the ``hive_common.testing.databases`` plugin.
+
+Each test module gets its own stack and its own databases (three PostgreSQL databases and
+one MongoDB database). Intervals are shortened through the services' environment variables
+so that failures are noticed within seconds. Waiting is always polling with a generous
+deadline; no test asserts on elapsed time.
+"""
+
+from __future__ import annotations
+
+import secrets
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+import pytest
+from pymongo import ASCENDING, MongoClient
+
+from hive_common.auth import TokenIssuer
+from hive_common.localdb import free_port
+from hive_common.procstack import ProcessSpec, ProcessStack, http_ready, log_ready
+from hive_common.testing.databases import (
+    MongoServer,
+    PostgresServer,
+    temporary_mongo_database,
+    temporary_postgres_database,
+)
+
+# Bound for waiting on the system; never an assertion about speed.
+WAIT_SECONDS = 60.0
+TERMINAL_PLAN_STATUSES = frozenset({"COMPLETED", "FAILED", "CANCELLED"})
+WORKER_NAMES = ("worker-1", "worker-2")
+
+T = TypeVar("T")
+
+
+def wait_for(probe: Callable[[], T | None], *, what: str, timeout: float = WAIT_SECONDS) -> T:
+    """Poll ``probe`` until it returns something truthy; fail the test after ``timeout``."""
+    deadline = time.monotonic() + timeout
+    last: T | None = None
+    while time.monotonic() < deadline:
+        last = probe()
+        if last:
+            return last
+        time.sleep(0.1)
+    pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}; last value: {last!r}")
+
+
+@dataclass
+class Ports:
+    registry_grpc: int = field(default_factory=free_port)
+    registry_http: int = field(default_factory=free_port)
+    tickets_grpc: int = field(default_factory=free_port)
+    tickets_http: int = field(default_factory=free_port)
+    tickets_metrics: int = field(default_factory=free_port)
+    orchestrator_grpc: int = field(default_factory=free_port)
+    orchestrator_http: int = field(default_factory=free_port)
+
+
+@dataclass
+class FlowStack:
+    """The running processes plus clients to drive and inspect them."""
+
+    processes: ProcessStack
+    ports: Ports
+    jwt_secret: str
+    mongo_uri: str
+    mongo_database: str
+    http: httpx.Client = field(init=False)
+    service_token: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.http = httpx.Client(timeout=10.0)
+        issuer = TokenIssuer(secret=self.jwt_secret, issuer="hive-flow-c")
+        self.service_token, _ = issuer.issue_service_token(
+            service="integration-tests", ttl_seconds=3600
+        )
+
+    def close(self) -> None:
+        self.http.close()
+
+    # -- addresses ----------------------------------------------------------------------
+
+    @property
+    def orchestrator_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports.orchestrator_http}"
+
+    @property
+    def tickets_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports.tickets_http}"
+
+    @property
+    def registry_url(self) -> str:
+        return f"http://127.0.0.1:{self.ports.registry_http}"
+
+    @property
+    def auth(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.service_token}"}
+
+    # -- orchestrator -------------------------------------------------------------------
+
+    def submit(self, plan: dict[str, Any]) -> httpx.Response:
+        return self.http.post(f"{self.orchestrator_url}/api/v1/plans", json=plan)
+
+    def plan(self, plan_id: str) -> dict[str, Any]:
+        response = self.http.get(f"{self.orchestrator_url}/api/v1/plans/{plan_id}")
+        response.raise_for_status()
+        body: dict[str, Any] = response.json()
+        return body
+
+    def wait_plan_settled(self, plan_id: str, *, timeout: float = WAIT_SECONDS) -> dict[str, Any]:
+        """The plan once it is terminal (whatever the status: the caller asserts it)."""
+
+        def settled() -> dict[str, Any] | None:
+            try:
+                body = self.plan(plan_id)
+            except httpx.HTTPError:
+                return None  # the orchestrator may be briefly unavailable in fault tests
+            return body if body["status"] in TERMINAL_PLAN_STATUSES else None
+
+        return wait_for(settled, what=f"plan {plan_id} to settle", timeout=timeout)
+
+    # -- ticket service -----------------------------------------------------------------
+
+    def tickets(self, plan_id: str) -> list[dict[str, Any]]:
+        """Every ticket of the plan according to the ticket service (all pages)."""
+        found: list[dict[str, Any]] = []
+        token = ""
+        while True:
+            response = self.http.get(
+                f"{self.tickets_url}/api/v1/tickets",
+                params={"plan_id": plan_id, "page_size": 1000, "page_token": token},
+                headers=self.auth,
+            )
+            response.raise_for_status()
+            body = response.json()
+            found.extend(body["tickets"])
+            token = body["next_page_token"]
+            if not token:
+                return found
+
+    def ticket(self, ticket_id: str) -> dict[str, Any]:
+        response = self.http.get(
+            f"{self.tickets_url}/api/v1/tickets/{ticket_id}", headers=self.auth
+        )
+        response.raise_for_status()
+        body: dict[str, Any] = response.json()
+        return body
+
+    # -- registry -----------------------------------------------------------------------
+
+    def workers(self) -> list[dict[str, Any]]:
+        response = self.http.get(f"{self.registry_url}/api/v1/workers", headers=self.auth)
+        response.raise_for_status()
+        workers: list[dict[str, Any]] = response.json()["workers"]
+        return workers
+
+    def worker_id(self, name: str) -> str:
+        (worker,) = [w for w in self.workers() if w["name"] == name]
+        worker_id: str = worker["worker_id"]
+        return worker_id
+
+    # -- audit (MongoDB) ----------------------------------------------------------------
+
+    def audit(self, collection: str, plan_id: str) -> dict[str, list[dict[str, Any]]]:
+        """The plan's documents in ``collection``, per ticket id, ordered by sequence."""
+        client: MongoClient[dict[str, Any]] = MongoClient(
+            self.mongo_uri, serverSelectionTimeoutMS=5000
+        )
+        try:
+            cursor = (
+                client[self.mongo_database][collection]
+                .find({"plan_id": plan_id}, {"_id": False})
+                .sort("sequence", ASCENDING)
+            )
+            per_ticket: dict[str, list[dict[str, Any]]] = {}
+            for document in cursor:
+                per_ticket.setdefault(document["ticket_id"], []).append(document)
+            return per_ticket
+        finally:
+            client.close()
+
+
+def audit_problems(
+    stack: FlowStack, plan_id: str, tickets: list[dict[str, Any]]
+) -> list[str] | None:
+    """None when the audit trail of every ticket is complete and in order, else what is
+    wrong (a list of messages).
+
+    Complete and in order means, per ticket, sorted by the outbox sequence: the status
+    changes chain (each ``previous_status`` is the status before it, starting from PENDING,
+    the last is the ticket's current status), and ``audit_trail`` holds an event for every
+    version of the ticket from 1 (its creation) to its current version.
+    """
+    problems: list[str] = []
+    changes = stack.audit("status_change_events", plan_id)
+    trail = stack.audit("audit_trail", plan_id)
+    for ticket in tickets:
+        ticket_id = ticket["ticket_id"]
+        events = changes.get(ticket_id, [])
+        statuses = [(e["previous_status"], e["status"]) for e in events]
+        # Creation is an event (audit_trail), not a status change: the chain starts at PENDING.
+        expected_previous = "PENDING"
+        for previous, status in statuses:
+            if previous != expected_previous:
+                problems.append(f"{ticket['task_id']}: broken status chain {statuses}")
+                break
+            expected_previous = status
+        if expected_previous != ticket["status"]:
+            problems.append(
+                f"{ticket['task_id']}: status changes end at {expected_previous}, "
+                f"the ticket is {ticket['status']}: {statuses}"
+            )
+        sequences = [e["sequence"] for e in events]
+        if sequences != sorted(set(sequences)):
+            problems.append(f"{ticket['task_id']}: sequences not strictly increasing {sequences}")
+        versions = {e["ticket"]["version"] for e in trail.get(ticket_id, [])}
+        missing = set(range(1, ticket["version"] + 1)) - versions
+        if missing:
+            problems.append(f"{ticket['task_id']}: audit_trail lacks versions {sorted(missing)}")
+    return problems or None
+
+
+def wait_audit_complete(stack: FlowStack, plan_id: str) -> list[dict[str, Any]]:
+    """Poll until :func:`audit_problems` finds nothing; returns the plan's tickets."""
+    tickets = stack.tickets(plan_id)
+    last: list[str] | None = None
+
+    def complete() -> bool:
+        nonlocal last
+        last = audit_problems(stack, plan_id, tickets)
+        return last is None
+
+    deadline = time.monotonic() + WAIT_SECONDS
+    while not complete():
+        if time.monotonic() > deadline:
+            pytest.fail(f"audit trail of plan {plan_id} incomplete: {last}")
+        time.sleep(0.2)
+    return tickets
+
+
+def new_plan_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex[:10]}"
+
+
+def task(
+    task_id: str,
+    task_type: str = "echo",
+    *,
+    depends_on: tuple[str, ...] = (),
+    parameters: dict[str, Any] | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    return {
+        "task_id": task_id,
+        "task_type": task_type,
+        "required_capabilities": ["python"],
+        "depends_on": list(depends_on),
+        "parameters": parameters if parameters is not None else {"task": task_id},
+        **extra,
+    }
+
+
+def diamond_plan(plan_id: str) -> dict[str, Any]:
+    """a -> (b, c) -> d, tasks of well under a second."""
+    return {
+        "plan_id": plan_id,
+        "name": "diamond",
+        "tasks": [
+            task("a"),
+            task("b", "sleep", depends_on=("a",), parameters={"seconds": 0.2}),
+            task("c", "sleep", depends_on=("a",), parameters={"seconds": 0.2}),
+            task("d", depends_on=("b", "c")),
+        ],
+    }
+
+
+# --------------------------------------------------------------------------------------------
+# The stack
+
+
+def stack_specs(
+    *,
+    ports: Ports,
+    dsns: dict[str, str],
+    mongo_uri: str,
+    mongo_database: str,
+    jwt_secret: str,
+    registration_secret: str,
+) -> list[ProcessSpec]:
+    """The five processes with short intervals suited to tests."""
+    python = sys.executable
+    common = {"LOG_LEVEL": "INFO", "LOG_FORMAT": "json", "HOST": "127.0.0.1"}
+
+    def prefixed(prefix: str, values: dict[str, object]) -> dict[str, str]:
+        return {f"{prefix}{k}": str(v) for k, v in ({**common, **values}).items()}
+
+    registry_env = prefixed(
+        "HIVE_REGISTRY_",
+        {
+            "GRPC_PORT": ports.registry_grpc,
+            "HTTP_PORT": ports.registry_http,
+            "POSTGRES_DSN": dsns["registry"],
+            "POSTGRES_POOL_MIN_SIZE": 1,
+            "JWT_SECRET": jwt_secret,
+            "REGISTRATION_SECRET": registration_secret,
+            "HEARTBEAT_INTERVAL_SECONDS": 1,
+            "UNHEALTHY_AFTER_MISSED_HEARTBEATS": 2,
+            "EXPIRE_AFTER_SECONDS": 6,
+            "SWEEP_INTERVAL_SECONDS": 0.5,
+            "WATCH_POLL_INTERVAL_SECONDS": 0.1,
+            "SHUTDOWN_GRACE_SECONDS": 2,
+        },
+    )
+    tickets_env = prefixed(
+        "HIVE_TICKETS_",
+        {
+            "GRPC_PORT": ports.tickets_grpc,
+            "HTTP_PORT": ports.tickets_http,
+            "METRICS_PORT": ports.tickets_metrics,
+            "POSTGRES_DSN": dsns["tickets"],
+            "POSTGRES_POOL_MIN_SIZE": 1,
+            "MONGO_URI": mongo_uri,
+            "MONGO_DATABASE": mongo_database,
+            "MONGO_TIMEOUT_MS": 500,
+            "JWT_SECRET": jwt_secret,
+            # An assignment not started within 2 s goes back to PENDING.
+            "DEFAULT_LEASE_SECONDS": 2,
+            "LEASE_SWEEP_INTERVAL_SECONDS": 0.2,
+            "RELAY_IDLE_INTERVAL_SECONDS": 0.1,
+            "RELAY_MAX_BACKOFF_SECONDS": 1,
+            "WATCH_POLL_INTERVAL_SECONDS": 0.05,
+            "READINESS_INTERVAL_SECONDS": 0.5,
+            "SHUTDOWN_GRACE_SECONDS": 2,
+        },
+    )
+    orchestrator_env = prefixed(
+        "HIVE_ORCHESTRATOR_",
+        {
+            "GRPC_PORT": ports.orchestrator_grpc,
+            "HTTP_PORT": ports.orchestrator_http,
+            "POSTGRES_DSN": dsns["orchestrator"],
+            "POSTGRES_POOL_MIN_SIZE": 1,
+            "TICKET_SERVICE_TARGET": f"127.0.0.1:{ports.tickets_grpc}",
+            "REGISTRY_TARGET": f"127.0.0.1:{ports.registry_grpc}",
+            "JWT_SECRET": jwt_secret,
+            "RPC_TIMEOUT_SECONDS": 2,
+            "RPC_DEADLINE_SECONDS": 4,
+            "BACKOFF_BASE_SECONDS": 0.2,
+            "BACKOFF_CAP_SECONDS": 0.5,
+            "DISPATCH_RETRY_SECONDS": 0.5,
+            "RESYNC_INTERVAL_SECONDS": 2,
+            "ERROR_RETRY_SECONDS": 0.2,
+            "LEASE_TTL_SECONDS": 5,
+            "LEASE_RENEW_INTERVAL_SECONDS": 1,
+            "CLAIM_INTERVAL_SECONDS": 0.3,
+            "READINESS_INTERVAL_SECONDS": 0.5,
+            "SHUTDOWN_GRACE_SECONDS": 2,
+        },
+    )
+    specs = [
+        ProcessSpec(
+            name="service-registry",
+            argv=[python, "-m", "service_registry"],
+            env=registry_env,
+            ready=http_ready(f"http://127.0.0.1:{ports.registry_http}/ready"),
+            stop_grace=10,
+        ),
+        ProcessSpec(
+            name="execution-ticket-service",
+            argv=[python, "-m", "execution_ticket_service"],
+            env=tickets_env,
+            ready=http_ready(f"http://127.0.0.1:{ports.tickets_http}/ready"),
+            stop_grace=10,
+        ),
+        ProcessSpec(
+            name="orchestrator-dynamic",
+            argv=[python, "-m", "orchestrator_dynamic"],
+            env=orchestrator_env,
+            ready=http_ready(f"http://127.0.0.1:{ports.orchestrator_http}/ready"),
+            stop_grace=10,
+            tier=1,
+        ),
+    ]
+    for name in WORKER_NAMES:
+        worker_env = prefixed(
+            "HIVE_WORKER_",
+            {
+                "REGISTRY_TARGET": f"127.0.0.1:{ports.registry_grpc}",
+                "TICKETS_TARGET": f"127.0.0.1:{ports.tickets_grpc}",
+                "REGISTRATION_SECRET": registration_secret,
+                "NAME": name,
+                "CAPABILITIES": "python",
+                "MAX_CONCURRENT": 4,
+                "DRAIN_GRACE_SECONDS": 2,
+                "CALL_TIMEOUT_SECONDS": 2,
+                "CALL_DEADLINE_SECONDS": 5,
+                "RECONNECT_MAX_BACKOFF_SECONDS": 0.5,
+            },
+        )
+        worker_env.pop("HIVE_WORKER_HOST")
+        specs.append(
+            ProcessSpec(
+                name=name,
+                argv=[python, "-m", "hive_worker"],
+                env=worker_env,
+                ready=log_ready("worker registered"),
+                stop_grace=10,
+                tier=2,
+            )
+        )
+    return specs
+
+
+@pytest.fixture(scope="module")
+def module_stack(
+    postgres_server: PostgresServer,
+    mongo_server_info: MongoServer,
+    tmp_path_factory: pytest.TempPathFactory,
+    request: pytest.FixtureRequest,
+) -> Iterator[FlowStack]:
+    """A fresh stack with its own databases for the test module."""
+    jwt_secret = secrets.token_urlsafe(32)
+    registration_secret = secrets.token_urlsafe(16)
+    log_dir = Path(tmp_path_factory.mktemp(f"stack-{request.module.__name__.rsplit('.', 1)[-1]}"))
+    with (
+        temporary_postgres_database(postgres_server) as tickets_dsn,
+        temporary_postgres_database(postgres_server) as registry_dsn,
+        temporary_postgres_database(postgres_server) as orchestrator_dsn,
+        temporary_mongo_database(mongo_server_info) as mongo_database,
+    ):
+        ports = Ports()
+        specs = stack_specs(
+            ports=ports,
+            dsns={
+                "tickets": tickets_dsn,
+                "registry": registry_dsn,
+                "orchestrator": orchestrator_dsn,
+            },
+            mongo_uri=mongo_server_info.uri,
+            mongo_database=mongo_database,
+            jwt_secret=jwt_secret,
+            registration_secret=registration_secret,
+        )
+        processes = ProcessStack(specs, log_dir=log_dir)
+        stack = FlowStack(
+            processes=processes,
+            ports=ports,
+            jwt_secret=jwt_secret,
+            mongo_uri=mongo_server_info.uri,
+            mongo_database=mongo_database,
+        )
+        try:
+            processes.start_all(timeout=90)
+            yield stack
+        finally:
+            stack.close()
+            processes.stop_all()
+
+
+@pytest.fixture
+def stack(module_stack: FlowStack) -> Iterator[FlowStack]:
+    """The module's stack; a test that killed or stopped a process gets it back afterwards."""
+    yield module_stack
+    processes = module_stack.processes
+    for process in processes.exited():
+        process.start()
+    processes.wait_ready(timeout=60)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """A failed test's report ends with the tail of every process log."""
+    report = yield
+    stack = getattr(item, "funcargs", {}).get("stack")
+    if report.when == "call" and report.failed and isinstance(stack, FlowStack):
+        for process in stack.processes:
+            report.sections.append(
+                (f"log of {process.name} ({process.log_path})", process.log_tail(40))
+            )
+    return report
