@@ -422,6 +422,23 @@ async def test_watch_dropped_before_any_event_comes_back_with_a_snapshot(
     assert requests == [("p-1", "", False), ("p-1", "", True)]
 
 
+async def test_closing_a_watch_ends_a_pending_read_in_another_task(
+    tickets: FakeTickets, ticket_port: int, sleeps: Sleeps
+) -> None:
+    tickets.watch_scripts = [([1], "wait")]
+    async with ticket_client(ticket_port, sleeps) as client:
+        watch = client.watch_tickets(worker_id="w-1")
+        assert (await anext(watch)).event_id == "e1"
+        pending = asyncio.ensure_future(anext(watch))
+        await asyncio.sleep(0.05)  # let the read start (passes either way if it did not)
+        await watch.aclose()
+        with pytest.raises(StopAsyncIteration):
+            await asyncio.wait_for(pending, timeout=10)
+        with pytest.raises(StopAsyncIteration):
+            await anext(watch)
+    assert len(tickets.watch_requests) == 1
+
+
 async def test_watch_raises_errors_that_retrying_cannot_fix(
     tickets: FakeTickets, ticket_port: int, sleeps: Sleeps
 ) -> None:

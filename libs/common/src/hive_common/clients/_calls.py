@@ -205,6 +205,13 @@ class ReconnectingStream(Generic[ResponseT, ItemT]):
                     raise
                 await self._failed(exc)
                 continue
+            except asyncio.CancelledError:
+                # aclose() from another task cancels the call under a pending read: that
+                # reader sees the end of the stream, unless it is itself being cancelled.
+                task = asyncio.current_task()
+                if self._closed and (task is None or task.cancelling() == 0):
+                    raise StopAsyncIteration from None
+                raise
             self._failures = 0
             self._outage_started = None
             return self._accept(response)
