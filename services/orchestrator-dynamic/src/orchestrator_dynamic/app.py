@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import socket
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
@@ -21,13 +21,15 @@ from hive_common.runtime import ServiceRuntime
 from orchestrator_dynamic.config import OrchestratorSettings
 from orchestrator_dynamic.domain.validation import PlanValidator
 from orchestrator_dynamic.engine.driver import DriverSettings, PlanDriver
-from orchestrator_dynamic.engine.health import DependencyHealth
+from orchestrator_dynamic.engine.health import REGISTRY, TICKET_SERVICE, DependencyHealth
 from orchestrator_dynamic.engine.plans import PlanService
 from orchestrator_dynamic.engine.tokens import ServiceTokenProvider
 from orchestrator_dynamic.storage import MIGRATIONS_DIRECTORY, PlanRepository, Pool, open_pool
 from orchestrator_dynamic.transport.http.routes import build_router
 
 VERSION = "0.1.0"
+# A plan id no plan has: the readiness probe's ListTickets reads an empty index range.
+_PROBE_PLAN = "orchestrator-readiness-probe"
 
 log = get_logger(__name__)
 
@@ -145,7 +147,21 @@ async def build_app(
             report["postgresql"] = {"status": "ok"}
         except HiveError as exc:
             report["postgresql"] = {"status": "down", "detail": exc.message}
-        # The remote services only delay work: degraded, never down.
+        # The remote services only delay work: degraded, never down. A cheap call to
+        # each (with the service token) refreshes what the driver last saw.
+        probes: tuple[tuple[str, Callable[[], Awaitable[object]]], ...] = (
+            (
+                TICKET_SERVICE,
+                lambda: tickets.list_tickets(plan_id=_PROBE_PLAN, page_size=1, deadline=1.0),
+            ),
+            (REGISTRY, lambda: registry.list_workers(page_size=1, deadline=1.0)),
+        )
+        for name, probe in probes:
+            try:
+                await probe()
+                health.succeeded(name)
+            except HiveError as exc:
+                health.failed(name, f"{type(exc).__name__}: {exc.message}")
         report.update(health.report())
         return report
 

@@ -63,10 +63,8 @@ def registry_dsn(postgres_server: PostgresServer) -> Iterator[str]:
 
 
 @pytest.fixture
-async def ticket_service(
-    tickets_dsn: str, mongo_uri: str, mongo_database_name: str
-) -> AsyncIterator[TicketService]:
-    settings = TicketSettings(
+def ticket_settings(tickets_dsn: str, mongo_uri: str, mongo_database_name: str) -> TicketSettings:
+    return TicketSettings(
         host="127.0.0.1",
         grpc_port=0,
         http_port=0,
@@ -85,17 +83,11 @@ async def ticket_service(
         stats_interval_seconds=1.0,
         shutdown_grace_seconds=1.0,
     )
-    service = await build_service(settings)
-    await service.start()
-    try:
-        yield service
-    finally:
-        await service.stop(0.5)
 
 
 @pytest.fixture
-async def registry(registry_dsn: str) -> AsyncIterator[RegistryApp]:
-    settings = RegistrySettings(
+def registry_settings(registry_dsn: str) -> RegistrySettings:
+    return RegistrySettings(
         host="127.0.0.1",
         grpc_port=0,
         http_port=0,
@@ -107,21 +99,20 @@ async def registry(registry_dsn: str) -> AsyncIterator[RegistryApp]:
         watch_poll_interval_seconds=0.05,
         shutdown_grace_seconds=1.0,
     )
-    app = await build_registry(settings)
-    await app.start()
-    try:
-        yield app
-    finally:
-        await app.stop(0.5)
 
 
 @dataclass
 class Flow:
     """The running system plus helpers to drive it."""
 
-    ticket_service: TicketService
-    registry: RegistryApp
+    ticket_settings: TicketSettings
+    registry_settings: RegistrySettings
     orchestrator_dsn: str
+    ticket_service: TicketService | None = None
+    registry: RegistryApp | None = None
+    # Ports kept across restarts of a dependency (the orchestrator's targets stay valid).
+    tickets_port: int = 0
+    registry_port: int = 0
     orchestrators: list[OrchestratorApp] = field(default_factory=list)
     workers: list[tuple[Worker, asyncio.Task[None]]] = field(default_factory=list)
     http: httpx.AsyncClient | None = None
@@ -129,11 +120,35 @@ class Flow:
 
     @property
     def tickets_target(self) -> str:
-        return f"127.0.0.1:{self.ticket_service.runtime.grpc_port}"
+        return f"127.0.0.1:{self.tickets_port}"
 
     @property
     def registry_target(self) -> str:
-        return f"127.0.0.1:{self.registry.runtime.grpc_port}"
+        return f"127.0.0.1:{self.registry_port}"
+
+    async def start_ticket_service(self) -> None:
+        settings = self.ticket_settings.model_copy(update={"grpc_port": self.tickets_port})
+        self.ticket_service = await build_service(settings)
+        await self.ticket_service.start()
+        assert self.ticket_service.runtime.grpc_port is not None
+        self.tickets_port = self.ticket_service.runtime.grpc_port
+
+    async def stop_ticket_service(self) -> None:
+        assert self.ticket_service is not None
+        await self.ticket_service.stop(0.5)
+        self.ticket_service = None
+
+    async def start_registry(self) -> None:
+        settings = self.registry_settings.model_copy(update={"grpc_port": self.registry_port})
+        self.registry = await build_registry(settings)
+        await self.registry.start()
+        assert self.registry.runtime.grpc_port is not None
+        self.registry_port = self.registry.runtime.grpc_port
+
+    async def stop_registry(self) -> None:
+        assert self.registry is not None
+        await self.registry.stop(0.5)
+        self.registry = None
 
     def orchestrator_settings(self, **overrides: Any) -> OrchestratorSettings:
         values: dict[str, Any] = {
@@ -257,14 +272,24 @@ class Flow:
             await app.stop(0.5)
         if self.http is not None:
             await self.http.aclose()
+        if self.ticket_service is not None:
+            await self.stop_ticket_service()
+        if self.registry is not None:
+            await self.stop_registry()
 
 
 @pytest.fixture
 async def flow(
-    ticket_service: TicketService, registry: RegistryApp, postgres_dsn: str
+    ticket_settings: TicketSettings, registry_settings: RegistrySettings, postgres_dsn: str
 ) -> AsyncIterator[Flow]:
-    system = Flow(ticket_service=ticket_service, registry=registry, orchestrator_dsn=postgres_dsn)
+    system = Flow(
+        ticket_settings=ticket_settings,
+        registry_settings=registry_settings,
+        orchestrator_dsn=postgres_dsn,
+    )
     try:
+        await system.start_ticket_service()
+        await system.start_registry()
         yield system
     finally:
         await system.close()

@@ -110,11 +110,14 @@ class PlanService:
         cannot be asked: the plan is accepted and waits for workers anyway."""
         try:
             workers = await self._workers(statuses=_LIVE)
-        except (Unavailable, DeadlineExceeded) as exc:
-            self._health.failed(REGISTRY, str(exc))
+        except HiveError as exc:
+            if isinstance(exc, Unavailable | DeadlineExceeded):
+                self._health.failed(REGISTRY, str(exc))
+            else:
+                _log.error("listing workers failed", error=repr(exc))
             return None, ValidationIssue(
                 "$.tasks",
-                "capability feasibility not checked: the registry is unavailable",
+                "capability feasibility not checked: the registry could not be asked",
                 IssueCode.CAPABILITY_UNAVAILABLE,
                 Severity.WARNING,
             )
@@ -169,8 +172,9 @@ class PlanService:
         views: list[WorkerView] | None
         try:
             views = [worker_view(w) for w in await self._workers()]
-        except (Unavailable, DeadlineExceeded) as exc:
-            self._health.failed(REGISTRY, str(exc))
+        except HiveError as exc:
+            if isinstance(exc, Unavailable | DeadlineExceeded):
+                self._health.failed(REGISTRY, str(exc))
             views = None
         tickets = stored.ticket_states()
         cancel_requested = stored.summary.cancel_requested_at is not None

@@ -1,0 +1,120 @@
+"""Outages and replicas: an outage of the ticket service or the registry delays work and
+loses nothing; two orchestrator replicas never drive one plan at once and take over each
+other's plans."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import psycopg
+import pytest
+
+if TYPE_CHECKING:  # conftest is not importable at run time (import mode importlib)
+    from conftest import Flow
+
+pytestmark = pytest.mark.service
+
+
+def chain(plan_id: str, *, sleep_first: float = 0.0, length: int = 3) -> dict[str, Any]:
+    tasks: list[dict[str, Any]] = []
+    for n in range(length):
+        body: dict[str, Any] = {
+            "task_id": f"t{n}",
+            "task_type": "echo",
+            "required_capabilities": ["python"],
+            "depends_on": [f"t{n - 1}"] if n else [],
+            "parameters": {"n": n},
+        }
+        if n == 0 and sleep_first:
+            body |= {"task_type": "sleep", "parameters": {"seconds": sleep_first}}
+        tasks.append(body)
+    return {"plan_id": plan_id, "tasks": tasks}
+
+
+async def readiness(flow: Flow) -> dict[str, Any]:
+    response = await flow.client().get("/ready")
+    body: dict[str, Any] = response.json()
+    return body
+
+
+async def test_ticket_service_outage_delays_and_loses_nothing(flow: Flow) -> None:
+    await flow.start_orchestrator()
+    await flow.start_worker("w1", ["python"])
+    assert (await flow.submit(chain("outage", sleep_first=1.0))).status_code == 202
+    await flow.wait_plan(
+        "outage", lambda b: flow.tasks(b)["t0"]["status"] == "RUNNING", "t0 running"
+    )
+
+    await flow.stop_ticket_service()
+
+    async def degraded() -> bool:
+        body = await readiness(flow)
+        return body["checks"]["ticket_service"]["status"] == "degraded"
+
+    await flow.wait_for(degraded, what="readiness reporting the ticket service degraded")
+    ready = await flow.client().get("/ready")
+    assert ready.status_code == 200  # degraded, not down: the orchestrator still serves
+    # Submissions are still accepted and stored; their tickets follow later.
+    late = await flow.submit(chain("submitted-during-outage"))
+    assert late.status_code == 202, late.text
+    assert late.json()["tickets_created"] is False
+    assert all(t is None for t in late.json()["ticket_ids"].values())
+
+    await flow.start_ticket_service()
+
+    for plan_id in ("outage", "submitted-during-outage"):
+        final = await flow.wait_settled(plan_id)
+        assert final["status"] == "COMPLETED", final
+    assert (await readiness(flow))["checks"]["ticket_service"]["status"] == "ok"
+
+
+async def test_registry_outage_delays_dispatch(flow: Flow) -> None:
+    await flow.start_orchestrator()
+    await flow.start_worker("w1", ["python"])
+    await flow.stop_registry()
+
+    response = await flow.submit(chain("no-registry"))
+    assert response.status_code == 202, response.text
+    warnings = response.json()["warnings"]
+    assert any("could not be asked" in w["description"] for w in warnings), warnings
+    explained = await flow.client().get("/api/v1/plans/no-registry/tasks/t0/explain")
+    assert explained.status_code == 200
+    codes = [r["code"] for r in explained.json()["reasons"]]
+    assert "WORKERS_UNKNOWN" in codes
+
+    async def degraded() -> bool:
+        return bool((await readiness(flow))["checks"]["registry"]["status"] == "degraded")
+
+    await flow.wait_for(degraded, what="readiness reporting the registry degraded")
+    body = await flow.plan("no-registry")
+    assert flow.tasks(body)["t0"]["status"] == "PENDING"
+
+    await flow.start_registry()
+    final = await flow.wait_settled("no-registry")
+    assert final["status"] == "COMPLETED"
+
+
+async def test_two_replicas_share_plans_and_take_over(flow: Flow) -> None:
+    first = await flow.start_orchestrator()
+    second = await flow.start_orchestrator()  # flow.client() now talks to the second
+    await flow.start_worker("w1", ["python"], max_concurrent=4)
+    plan_ids = [f"shared-{n}" for n in range(6)]
+    for plan_id in plan_ids:
+        assert (await flow.submit(chain(plan_id, sleep_first=0.5))).status_code == 202
+
+    # Every unsettled plan has at most one owner, and it is one of the two replicas.
+    owners = {first.driver.owner_id, second.driver.owner_id}
+    async with await psycopg.AsyncConnection.connect(flow.orchestrator_dsn) as conn:
+        cur = await conn.execute("SELECT plan_id, owner_id FROM plans WHERE settled_at IS NULL")
+        for _, owner in await cur.fetchall():
+            assert owner is None or owner in owners
+    assert not set(first.driver.driven_plan_ids()) & set(second.driver.driven_plan_ids())
+
+    # The second replica goes away; its plans are released and the first finishes them.
+    await flow.stop_orchestrator(second)
+    third_view = await flow.start_orchestrator()  # only for reading over HTTP
+    for plan_id in plan_ids:
+        final = await flow.wait_settled(plan_id)
+        assert final["status"] == "COMPLETED", final
+        assert {t["attempt"] for t in final["tickets"]} == {1}
+    assert third_view.driver.owner_id not in {first.driver.owner_id, second.driver.owner_id}
