@@ -49,7 +49,7 @@ async def test_ticket_service_outage_delays_and_loses_nothing(flow: Flow) -> Non
 
     async def degraded() -> bool:
         body = await readiness(flow)
-        return body["checks"]["ticket_service"]["status"] == "degraded"
+        return bool(body["checks"]["ticket_service"]["status"] == "degraded")
 
     await flow.wait_for(degraded, what="readiness reporting the ticket service degraded")
     ready = await flow.client().get("/ready")
