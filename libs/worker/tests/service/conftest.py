@@ -12,6 +12,7 @@ import socket
 import uuid
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from typing import Any
 
 import pytest
@@ -25,6 +26,7 @@ from hive_common.clients import CallPolicy, ReconnectPolicy, RegistryClient, Tic
 from hive_common.testing.databases import PostgresServer, temporary_postgres_database
 from service_registry.app import RegistryApp, build_app
 from service_registry.config import RegistrySettings
+from service_registry.domain.clock import ManualClock
 
 JWT_SECRET = "hive-worker-service-tests-jwt-secret-0123456789"
 REGISTRATION_SECRET = "hive-worker-service-tests-registration-secret"
@@ -105,6 +107,8 @@ class Registry:
     """A (re)startable registry on a fixed port."""
 
     settings: RegistrySettings
+    # Registry time moves only when a test says so (to expire a worker on demand).
+    clock: ManualClock = field(default_factory=lambda: ManualClock(datetime.now(UTC)))
     app: RegistryApp | None = None
 
     @property
@@ -113,7 +117,7 @@ class Registry:
 
     async def start(self) -> None:
         # The sweeper stays off: no test here waits for heartbeat expiry.
-        self.app = await build_app(self.settings, run_sweeper=False)
+        self.app = await build_app(self.settings, clock=self.clock, run_sweeper=False)
         await self.app.start()
 
     async def stop(self) -> None:

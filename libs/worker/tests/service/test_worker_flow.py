@@ -436,3 +436,24 @@ async def test_the_command_exits_1_when_registration_is_refused(
     output, _ = await asyncio.wait_for(process.communicate(), WAIT_SECONDS)
     assert process.returncode == 1
     assert b"registration refused" in output
+
+
+async def test_a_worker_the_registry_forgot_registers_again_and_keeps_working(
+    workers: Any, registry: Any, orchestrator: TicketClient, registry_admin: RegistryClient
+) -> None:
+    worker = workers.make(heartbeat_interval_seconds=0.2)
+    old_id = await workers.start(worker)
+    registry.clock.advance(3600)
+    swept = await registry.app.sweeper.sweep_once()  # the worker expires and is removed
+    assert [w.worker_id for w in swept.expired] == [uuid.UUID(old_id)]
+
+    # Its next heartbeat gets NOT_FOUND: it registers again, under a new id.
+    new_id = await eventually(
+        lambda: asyncio.sleep(0, worker.worker_id),
+        lambda current: current != old_id,
+        what="the worker to register again",
+    )
+    assert (await registry_admin.get_worker(worker_id=new_id)).name == worker.settings.name
+    assigned = await create_and_assign(orchestrator, new_id, spec("echo", {"again": True}))
+    done = await wait_status(orchestrator, assigned.ticket_id, COMPLETED)
+    assert dict(done.result) == {"again": True}
