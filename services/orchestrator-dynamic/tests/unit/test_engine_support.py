@@ -1,0 +1,215 @@
+"""The orchestrator's small pure pieces: protobuf mapping, the service token cache,
+dependency health, settings checks, and the HTTP body reader."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import httpx
+import pytest
+from fastapi import FastAPI, Request
+from pydantic import ValidationError
+
+from hive_common.auth import TokenIssuer, TokenVerifier
+from hive_common.http import create_http_app
+from neuralhive.registry.v1 import registry_service_pb2 as registry_pb
+from neuralhive.ticket.v1 import ticket_service_pb2 as ticket_pb
+from orchestrator_dynamic.config import OrchestratorSettings
+from orchestrator_dynamic.domain.plan import Plan, Priority, TaskSpec
+from orchestrator_dynamic.domain.scheduler import TicketStatus, WorkerHealth
+from orchestrator_dynamic.engine.convert import (
+    ticket_spec,
+    ticket_state,
+    worker_candidate,
+    worker_view,
+)
+from orchestrator_dynamic.engine.health import REGISTRY, TICKET_SERVICE, DependencyHealth
+from orchestrator_dynamic.engine.tokens import ServiceTokenProvider
+from orchestrator_dynamic.transport.http.routes import read_json_body
+
+SECRET = "unit-test-secret-0123456789abcdef-0123456789"
+
+
+def test_ticket_state_maps_every_field() -> None:
+    ticket = ticket_pb.ExecutionTicket(
+        ticket_id="t-1",
+        task_id="build",
+        status=ticket_pb.TICKET_STATUS_RUNNING,
+        attempt=2,
+        worker_id="w-1",
+        error_message="",
+        version=7,
+    )
+    lease = datetime(2030, 1, 2, 3, 4, 5, tzinfo=UTC)
+    ticket.lease_expires_at.FromDatetime(lease)
+    state = ticket_state("build", ticket)
+    assert state.task_id == "build"
+    assert state.ticket_id == "t-1"
+    assert state.status is TicketStatus.RUNNING
+    assert state.attempt == 2
+    assert state.worker_id == "w-1"
+    assert state.error_message is None  # empty string on the wire means none
+    assert state.lease_expires_at == lease
+    assert state.updated_at is None  # unset timestamp
+    assert state.version == 7
+
+
+@pytest.mark.parametrize(
+    ("wire", "status"),
+    [
+        (ticket_pb.TICKET_STATUS_PENDING, TicketStatus.PENDING),
+        (ticket_pb.TICKET_STATUS_ASSIGNED, TicketStatus.ASSIGNED),
+        (ticket_pb.TICKET_STATUS_COMPLETED, TicketStatus.COMPLETED),
+        (ticket_pb.TICKET_STATUS_FAILED, TicketStatus.FAILED),
+        (ticket_pb.TICKET_STATUS_CANCELLED, TicketStatus.CANCELLED),
+    ],
+)
+def test_ticket_statuses(wire: ticket_pb.TicketStatus.ValueType, status: TicketStatus) -> None:
+    assert ticket_state("x", ticket_pb.ExecutionTicket(status=wire, attempt=1)).status is status
+
+
+def test_ticket_spec_carries_the_plan_and_task() -> None:
+    task = TaskSpec(
+        task_id="test",
+        task_type="shell",
+        description="run tests",
+        required_capabilities=("python", "linux"),
+        depends_on=("build",),
+        parameters={"cmd": "make test", "n": 3},
+        timeout_seconds=None,
+        max_retries=2,
+    )
+    plan = Plan(tasks=(task,), plan_id="p-1", intent_id="i-1", priority=Priority.HIGH)
+    spec = ticket_spec(plan, task)
+    assert (spec.plan_id, spec.intent_id, spec.task_id, spec.task_type) == (
+        "p-1",
+        "i-1",
+        "test",
+        "shell",
+    )
+    assert spec.description == "run tests"
+    assert list(spec.required_capabilities) == ["python", "linux"]
+    assert list(spec.depends_on) == ["build"]
+    assert dict(spec.parameters) == {"cmd": "make test", "n": 3.0}
+    assert spec.priority == ticket_pb.PRIORITY_HIGH
+    assert spec.max_retries == 2
+    assert spec.timeout_seconds == 0  # the ticket service's default
+
+
+def _ranked(spare: int, max_concurrent: int) -> registry_pb.RankedWorker:
+    return registry_pb.RankedWorker(
+        worker=registry_pb.Worker(worker_id="w", max_concurrent=max_concurrent),
+        spare_capacity=spare,
+        score=0.5,
+    )
+
+
+@pytest.mark.parametrize(
+    ("spare", "max_concurrent", "known_active", "expected"),
+    [
+        (3, 4, 0, 3),  # the registry's view is the tighter one
+        (3, 4, 2, 2),  # tickets assigned since the worker's last heartbeat
+        (1, 4, 4, 0),  # full as far as this orchestrator knows
+    ],
+)
+def test_worker_candidate_spare_is_the_tighter_bound(
+    spare: int, max_concurrent: int, known_active: int, expected: int
+) -> None:
+    candidate = worker_candidate(_ranked(spare, max_concurrent), known_active)
+    assert candidate.spare_capacity == expected
+    assert candidate.score == 0.5
+
+
+def test_worker_view() -> None:
+    worker = registry_pb.Worker(
+        worker_id="w",
+        capabilities=["python"],
+        status=registry_pb.WORKER_STATUS_DRAINING,
+        max_concurrent=4,
+        in_flight=1,
+    )
+    seen = datetime(2030, 1, 1, tzinfo=UTC)
+    worker.last_heartbeat_at.FromDatetime(seen)
+    view = worker_view(worker)
+    assert view.capabilities == frozenset({"python"})
+    assert view.status is WorkerHealth.DRAINING
+    assert view.spare_capacity == 3
+    assert view.last_heartbeat_at == seen
+    assert not view.takes_work
+
+
+def test_service_token_is_cached_and_renewed_before_expiry() -> None:
+    now = [datetime.now(UTC)]
+    issuer = TokenIssuer(secret=SECRET, issuer="hive-flow-c", clock=lambda: now[0].timestamp())
+    provider = ServiceTokenProvider(
+        issuer=issuer, service="orchestrator-dynamic", ttl_seconds=100, clock=lambda: now[0]
+    )
+    first = provider()
+    assert provider() == first
+    now[0] += timedelta(seconds=79)
+    assert provider() == first
+    now[0] += timedelta(seconds=2)  # less than a fifth of the lifetime left
+    renewed = provider()
+    assert renewed != first
+    # The verifier runs on the real clock: check the token issued "now".
+    claims = TokenVerifier(secret=SECRET).verify(first)
+    assert claims.subject == "orchestrator-dynamic"
+    assert claims.kind.value == "service"
+
+
+def test_dependency_health_reports_degraded_until_success() -> None:
+    health = DependencyHealth()
+    assert health.report() == {TICKET_SERVICE: {"status": "ok"}, REGISTRY: {"status": "ok"}}
+    health.failed(REGISTRY, "connection refused")
+    assert health.report()[REGISTRY] == {"status": "degraded", "detail": "connection refused"}
+    assert not health.is_ok(REGISTRY)
+    assert health.is_ok(TICKET_SERVICE)
+    health.succeeded(REGISTRY)
+    assert health.report()[REGISTRY] == {"status": "ok"}
+
+
+def test_settings_reject_a_renew_interval_beyond_the_lease() -> None:
+    with pytest.raises(ValidationError):
+        OrchestratorSettings(lease_ttl_seconds=5, lease_renew_interval_seconds=5)
+    with pytest.raises(ValidationError):
+        OrchestratorSettings(backoff_base_seconds=10, backoff_cap_seconds=1)
+    settings = OrchestratorSettings(max_tasks=5, fail_fast=False, backoff_base_seconds=0.5)
+    assert settings.plan_limits().max_tasks == 5
+    assert settings.scheduling_policy().fail_fast is False
+    assert settings.scheduling_policy().backoff.base_seconds == 0.5
+
+
+def _body_app(limit: int) -> FastAPI:
+    app = create_http_app(title="t", version="0")
+
+    @app.post("/echo")
+    async def echo(request: Request) -> dict[str, Any]:
+        return {"value": await read_json_body(request, limit=limit)}
+
+    return app
+
+
+@pytest.mark.parametrize(
+    ("content", "status"),
+    [
+        (b'{"a": [1, 2]}', 200),
+        (b"[1,", 400),
+        (b"", 400),
+        (b"   ", 400),
+        (b"\xff\xfe", 400),
+        (b'{"a": Infinity}', 400),
+        (b"[" * 5000 + b"]" * 5000, 400),  # nesting too deep for the decoder
+        (b'"' + b"x" * 20_001 + b'"', 413),
+    ],
+)
+async def test_read_json_body(content: bytes, status: int) -> None:
+    transport = httpx.ASGITransport(app=_body_app(limit=20_000))
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        response = await client.post("/echo", content=content)
+    assert response.status_code == status, response.text
+    if status != 200:
+        error = response.json()["error"]
+        assert error["code"] in ("INVALID_ARGUMENT", "RESOURCE_EXHAUSTED")
+    else:
+        assert response.json() == {"value": {"a": [1, 2]}}
