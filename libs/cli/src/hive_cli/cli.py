@@ -10,6 +10,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any, NoReturn, TextIO
@@ -383,7 +384,7 @@ class Command:
         if not self.json_output:
             self.streams.out.write(submission_text(body) + "\n\n")
             self.streams.out.flush()
-        final = self._watch(str(body["plan_id"]))
+        final, elapsed = self._watch(str(body["plan_id"]))
         if self.json_output:
             final = {
                 **final,
@@ -391,12 +392,13 @@ class Command:
                 "ticket_ids": {t.get("task_id"): t.get("ticket_id") for t in final["tickets"]},
                 "warnings": body.get("warnings", []),
             }
-        return self._finish_watch(final)
+        return self._finish_watch(final, elapsed)
 
     def _plan_watch(self) -> int:
-        return self._finish_watch(self._watch(self.args.plan_id))
+        return self._finish_watch(*self._watch(self.args.plan_id))
 
-    def _watch(self, plan_id: str) -> JsonObject:
+    def _watch(self, plan_id: str) -> tuple[JsonObject, float]:
+        """The terminal snapshot and the seconds spent watching."""
         # Progress is for people: stdout in table mode, stderr when stdout carries JSON.
         stream = self.streams.err if self.json_output else self.streams.out
         watcher = PlanWatcher(
@@ -406,10 +408,12 @@ class Command:
             timeout=self.args.timeout,
         )
         self.watching = plan_id
-        return watcher.watch(plan_id)
+        started = time.monotonic()
+        final = watcher.watch(plan_id)
+        return final, time.monotonic() - started
 
-    def _finish_watch(self, final: JsonObject) -> int:
-        self.emit(final, lambda: final_summary(final))
+    def _finish_watch(self, final: JsonObject, elapsed: float) -> int:
+        self.emit(final, lambda: final_summary(final, elapsed=elapsed))
         return plan_exit_code(final)
 
     def _plan_status(self) -> int:

@@ -205,17 +205,31 @@ def explanations_text(body: JsonObject) -> str:
         )
         if task.get("worker_id"):
             head += f"  worker {task['worker_id']}"
-        lines = [head, f"  {task.get('summary')}"]
-        for reason in task.get("reasons") or []:
-            if not isinstance(reason, Mapping):
-                continue
-            line = f"  - [{reason.get('code')}] {reason.get('message')}"
-            details = reason.get("details")
-            if isinstance(details, Mapping) and details:
+        reasons = [r for r in task.get("reasons") or [] if isinstance(r, Mapping)]
+        lines = [head]
+        # The summary is the first reason's message; print it once.
+        if not reasons or reasons[0].get("message") != task.get("summary"):
+            lines.append(f"  {task.get('summary')}")
+        for reason in reasons:
+            message = str(reason.get("message"))
+            line = f"  - [{reason.get('code')}] {message}"
+            details = _new_details(reason.get("details"), message)
+            if details:
                 line += "  " + json.dumps(details, ensure_ascii=False, sort_keys=True)
             lines.append(line)
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks)
+
+
+def _new_details(details: object, message: str) -> dict[str, Any]:
+    """Details worth printing: not null and not already spelled out in the message."""
+    if not isinstance(details, Mapping):
+        return {}
+    return {
+        k: v
+        for k, v in details.items()
+        if v is not None and v != [] and not (isinstance(v, str | int) and str(v) in message)
+    }
 
 
 def error_text(error: ApiError | ServiceUnreachable, *, hint: str | None = None) -> str:

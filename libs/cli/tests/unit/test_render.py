@@ -141,6 +141,28 @@ def test_explanations() -> None:
     assert "nothing is waiting" in explanations_text({"plan_id": "p1", "tasks": []})
 
 
+def test_explanation_summary_and_details_are_not_repeated() -> None:
+    finished = {
+        "task_id": "a",
+        "status": "FAILED",
+        "attempt": 3,
+        "max_attempts": 3,
+        "worker_id": "w-1",
+        "summary": "finished as FAILED after attempt 3: boom",
+        "reasons": [
+            {
+                "code": "FINISHED",
+                "message": "finished as FAILED after attempt 3: boom",
+                "details": {"status": "FAILED", "error_message": "boom", "lease": None, "n": 7},
+            }
+        ],
+    }
+    assert explanations_text({"plan_id": "p1", "tasks": [finished]}).splitlines() == [
+        "a  FAILED  attempt 3/3  worker w-1",
+        '  - [FINISHED] finished as FAILED after attempt 3: boom  {"n": 7}',
+    ]
+
+
 def test_json_output_is_the_service_answer_verbatim() -> None:
     services = FakeServices()
     services.on("GET", "/api/v1/plans/p1", body=plan())

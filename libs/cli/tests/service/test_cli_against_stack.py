@@ -1,0 +1,253 @@
+"""``hive`` against the real orchestrator, ticket service, registry and reference workers."""
+
+from __future__ import annotations
+
+import json
+import socket
+import uuid
+from typing import Any
+
+import pytest
+from hive_cli.exit_codes import ExitCode
+
+from .conftest import EXAMPLES, WATCH_TIMEOUT_SECONDS, Stack
+
+pytestmark = [pytest.mark.service, pytest.mark.asyncio(loop_scope="module")]
+
+WATCH = ("--watch", "--interval", "0.2", "--timeout", str(WATCH_TIMEOUT_SECONDS))
+
+
+def plan_id_of(out: str) -> str:
+    """The id from the first line ``plan <id> submitted: ...``."""
+    first = out.splitlines()[0].split()
+    assert first[0] == "plan", out
+    return first[1]
+
+
+def echo_plan(plan_id: str | None = None, *tasks: str, **extra: Any) -> bytes:
+    body: dict[str, Any] = {
+        "name": "cli test",
+        "tasks": [
+            {
+                "task_id": task,
+                "task_type": "echo",
+                "required_capabilities": ["python"],
+                "parameters": {"task": task},
+            }
+            for task in (tasks or ("only",))
+        ],
+        **extra,
+    }
+    if plan_id is not None:
+        body["plan_id"] = plan_id
+    return json.dumps(body).encode()
+
+
+async def test_wide_plan_is_watched_to_completed(stack: Stack) -> None:
+    run = await stack.hive("plan", "submit", str(EXAMPLES / "wide.json"), *WATCH)
+    assert run.code == ExitCode.OK, run.err + run.out
+    plan_id = plan_id_of(run.out)
+    lines = run.out.splitlines()
+    assert lines[0] == f"plan {plan_id} submitted: PENDING, 14 tasks"
+    printed_tickets = {
+        parts[0]: parts[1]
+        for parts in (line.split() for line in lines[1:])
+        if len(parts) == 2 and (parts[0] in ("prepare", "collect") or parts[0].startswith("shard-"))
+    }
+    assert len(printed_tickets) == 14
+    # Not a terminal: plain progress lines, the last one at 100%, then the summary.
+    assert "\r" not in run.out
+    progress = [line for line in lines if line.startswith(("PENDING ", "RUNNING ", "COMPLETED "))]
+    assert progress
+    assert progress[-1].startswith("COMPLETED [##")
+    assert " 14/14 100%" in progress[-1]
+    assert lines[-1].startswith(f"plan {plan_id} COMPLETED after ")
+    assert lines[-1].endswith(": 14/14 tasks finished")
+
+    status = await stack.hive("-o", "json", "plan", "status", plan_id)
+    assert status.code == ExitCode.OK
+    body = status.json()
+    assert body["status"] == "COMPLETED"
+    assert {s: n for s, n in body["counts"].items() if n} == {"COMPLETED": 14}
+    assert {t["task_id"]: t["ticket_id"] for t in body["tickets"]} == printed_tickets
+
+    tickets = await stack.hive("tickets", "list", "--plan", plan_id, "-o", "json", "--all")
+    assert tickets.code == ExitCode.OK
+    listed = tickets.json()["tickets"]
+    assert {t["ticket_id"] for t in listed} == set(printed_tickets.values())
+    assert {t["status"] for t in listed} == {"COMPLETED"}
+
+    table = await stack.hive("tickets", "list", "--plan", plan_id, "--status", "completed")
+    assert table.code == ExitCode.OK
+    rows = table.out.splitlines()
+    assert rows[0].split()[:5] == ["TICKET", "PLAN", "TASK", "TYPE", "STATUS"]
+    assert len(rows) == 15
+    assert all(row.split()[1] == plan_id and row.split()[4] == "COMPLETED" for row in rows[1:])
+
+
+async def test_failing_plan_exits_1_and_names_the_failed_task(stack: Stack) -> None:
+    run = await stack.hive("plan", "submit", str(EXAMPLES / "retry.json"), *WATCH)
+    assert run.code == ExitCode.PLAN_UNSUCCESSFUL, run.err + run.out
+    plan_id = plan_id_of(run.out)
+    # The final failure is shown as it happens (the retries too, when a poll sees them).
+    failed = [line for line in run.out.splitlines() if line.startswith("FAILED  flaky")]
+    assert len(failed) == 1
+    assert failed[0].startswith("FAILED  flaky (attempt 3): ")
+    assert "simulated transient error" in failed[0]
+    assert f"plan {plan_id} FAILED after " in run.out
+    summary = run.out[run.out.index(f"plan {plan_id} FAILED after ") :].splitlines()
+    assert any(line.startswith("  FAILED    flaky: ") for line in summary)
+
+    explained = await stack.hive("plan", "explain", plan_id, "flaky")
+    assert explained.code == ExitCode.OK
+    assert explained.out.startswith("flaky  FAILED  attempt 3/3")
+
+
+async def test_shell_example_runs_on_the_shell_worker(stack: Stack) -> None:
+    run = await stack.hive("-o", "json", "plan", "submit", str(EXAMPLES / "shell.json"), *WATCH)
+    assert run.code == ExitCode.OK, run.err + run.out
+    final = run.json()
+    assert final["status"] == "COMPLETED"
+    assert final["created"] is True
+    assert set(final["ticket_ids"]) == {"hello", "python-version", "pause", "done"}
+    # Progress went to stderr so stdout is one JSON document.
+    assert "COMPLETED [" in run.err
+    tickets = await stack.hive("-o", "json", "tickets", "list", "--plan", final["plan_id"])
+    results = {t["task_id"]: t["result"] for t in tickets.json()["tickets"]}
+    assert results["hello"]["stdout"] == "hello from hive\n"
+    assert results["hello"]["exit_code"] == 0
+
+
+async def test_invalid_plan_exits_2_with_every_json_path(stack: Stack) -> None:
+    run = await stack.hive("plan", "submit", str(EXAMPLES / "invalid.json"), "--watch")
+    assert run.code == ExitCode.USAGE
+    assert run.out == ""
+    assert run.err.startswith("error: INVALID_ARGUMENT: ")
+    for line in (
+        "  $.tasks[1].task_type: is required",
+        "  $.tasks[3].task_id: task id 'a' is already used by $.tasks[0]",
+        "  $.tasks[1].depends_on[1]: depends on 'missing', which is not a task of this plan",
+        "  $.tasks[0].depends_on[0]: dependency cycle: a -> c -> b -> a",
+    ):
+        assert line in run.err, run.err
+    as_json = await stack.hive("-o", "json", "plan", "submit", str(EXAMPLES / "invalid.json"))
+    assert as_json.code == ExitCode.USAGE
+    violations = json.loads(as_json.err)["error"]["details"]["field_violations"]
+    assert {v["field"] for v in violations} >= {"$.tasks[1].task_type", "$.tasks[3].task_id"}
+
+
+async def test_unserved_capability_strict_explain_and_cancel(stack: Stack) -> None:
+    plan = json.dumps(
+        {
+            "name": "needs a gpu",
+            "tasks": [
+                {"task_id": "train", "task_type": "echo", "required_capabilities": ["gpu"]},
+                {"task_id": "eval", "task_type": "echo", "depends_on": ["train"]},
+            ],
+        }
+    ).encode()
+    strict = await stack.hive("plan", "submit", "-", "--strict", stdin=plan)
+    assert strict.code == ExitCode.USAGE
+    assert "  $.tasks[0].required_capabilities[0]: " in strict.err
+
+    lenient = await stack.hive("plan", "submit", "-", stdin=plan)
+    assert lenient.code == ExitCode.OK, lenient.err
+    plan_id = plan_id_of(lenient.out)
+    assert "warning: $.tasks[0].required_capabilities[0]: " in lenient.out
+
+    explained = await stack.hive("plan", "explain", plan_id)
+    assert explained.code == ExitCode.OK
+    blocks = explained.out.split("\n\n")
+    assert [block.split()[0] for block in blocks] == ["train", "eval"]
+    assert "gpu" in blocks[0]
+    as_json = await stack.hive("-o", "json", "plan", "explain", plan_id, "eval")
+    assert as_json.json()["task_id"] == "eval"
+
+    cancelled = await stack.hive("plan", "cancel", plan_id)
+    assert cancelled.code == ExitCode.OK, cancelled.err
+    assert cancelled.out.startswith(f"plan {plan_id}: cancel requested")
+    watched = await stack.hive("plan", "watch", plan_id, "--interval", "0.2")
+    assert watched.code == ExitCode.PLAN_UNSUCCESSFUL
+    assert f"plan {plan_id} CANCELLED" in watched.out
+    again = await stack.hive("plan", "cancel", plan_id)
+    assert again.code == ExitCode.OK
+    assert again.out.strip() == f"plan {plan_id} was already cancelled"
+
+
+async def test_unknown_plan_and_task_exit_3(stack: Stack) -> None:
+    for argv in (
+        ("plan", "status", "no-such-plan"),
+        ("plan", "watch", "no-such-plan"),
+        ("plan", "cancel", "no-such-plan"),
+        ("plan", "explain", "no-such-plan"),
+    ):
+        run = await stack.hive(*argv)
+        assert run.code == ExitCode.NOT_FOUND, (argv, run.err)
+        assert run.err.startswith("error: NOT_FOUND: "), run.err
+        assert "Traceback" not in run.err
+    plan_id = f"cli-{uuid.uuid4().hex[:8]}"
+    assert (await stack.hive("plan", "submit", "-", stdin=echo_plan(plan_id))).code == 0
+    missing_task = await stack.hive("plan", "explain", plan_id, "no-such-task")
+    assert missing_task.code == ExitCode.NOT_FOUND, missing_task.err
+
+
+async def test_resubmission_is_idempotent_and_a_different_body_conflicts(stack: Stack) -> None:
+    plan_id = f"cli-{uuid.uuid4().hex[:8]}"
+    first = await stack.hive("plan", "submit", "-", *WATCH, stdin=echo_plan(plan_id, "a", "b"))
+    assert first.code == ExitCode.OK, first.err
+    assert first.out.startswith(f"plan {plan_id} submitted: ")
+    again = await stack.hive("plan", "submit", "-", stdin=echo_plan(plan_id, "a", "b"))
+    assert again.code == ExitCode.OK
+    assert again.out.startswith(f"plan {plan_id} already submitted (identical plan): COMPLETED")
+    different = await stack.hive("plan", "submit", "-", stdin=echo_plan(plan_id, "a", "c"))
+    assert different.code == ExitCode.CONFLICT, different.err
+    # A finished plan cannot be cancelled.
+    late_cancel = await stack.hive("plan", "cancel", plan_id)
+    assert late_cancel.code == ExitCode.CONFLICT
+    assert late_cancel.err.startswith("error: FAILED_PRECONDITION: ")
+
+
+async def test_json_output_of_every_listing_is_valid_json(stack: Stack) -> None:
+    plans = await stack.hive("-o", "json", "plan", "list", "--limit", "2")
+    assert plans.code == ExitCode.OK
+    page = plans.json()
+    assert len(page["plans"]) == 2
+    assert page["next_page_token"]
+    every = await stack.hive("plan", "list", "--all", "-o", "json")
+    assert len(every.json()["plans"]) >= 2
+
+    workers = await stack.hive("workers", "list", "-o", "json", "--status", "healthy")
+    assert workers.code == ExitCode.OK
+    by_name = {w["name"]: w for w in workers.json()["workers"]}
+    assert set(by_name) == {"cli-w1", "cli-w2"}
+    shell = await stack.hive("-o", "json", "workers", "list", "--capability", "shell")
+    assert [w["name"] for w in shell.json()["workers"]] == ["cli-w1"]
+    table = await stack.hive("workers", "list")
+    assert table.out.splitlines()[0].split()[:3] == ["WORKER", "NAME", "STATUS"]
+    assert len(table.out.splitlines()) == 3
+
+    worker_id = by_name["cli-w1"]["worker_id"]
+    tickets = await stack.hive("-o", "json", "tickets", "list", "--worker", worker_id)
+    assert tickets.code == ExitCode.OK
+    assert all(t["worker_id"] == worker_id for t in tickets.json()["tickets"])
+
+
+async def test_credentials_the_services_reject_exit_6(stack: Stack) -> None:
+    wrong = {"HIVE_JWT_SECRET": "another-secret-that-is-long-enough-0123456789"}
+    for argv in (("tickets", "list"), ("workers", "list")):
+        run = await stack.hive(*argv, env=wrong)
+        assert run.code == ExitCode.AUTH, (argv, run.err)
+        assert run.err.startswith("error: UNAUTHENTICATED: "), run.err
+        assert "hint: check that HIVE_JWT_SECRET matches" in run.err
+    bad_status = await stack.hive("tickets", "list", "--status", "sleeping")
+    assert bad_status.code == ExitCode.USAGE
+    assert "status" in bad_status.err
+
+
+async def test_unreachable_service_exits_5(stack: Stack) -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        closed = sock.getsockname()[1]  # nothing listens once the socket is closed
+    run = await stack.hive("plan", "list", "--orchestrator", f"http://127.0.0.1:{closed}")
+    assert run.code == ExitCode.UNAVAILABLE
+    assert f"orchestrator at http://127.0.0.1:{closed} is unreachable" in run.err
