@@ -64,6 +64,7 @@ _TERMINAL = frozenset(
 _DEFINITE_REFUSALS = (FailedPrecondition, PermissionDenied, NotFound, Aborted)
 _FINISHED_MEMORY = 4096
 _SHUTDOWN_REPORT_SECONDS = 10.0
+_DEREGISTER_SECONDS = 5.0
 
 
 class Phase(enum.Enum):
@@ -302,8 +303,7 @@ class Worker:
         finally:
             if heartbeat is not None:
                 heartbeat.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await heartbeat
+                await asyncio.gather(heartbeat, return_exceptions=True)
             await self._cancel_all()
             for sig in installed:
                 loop.remove_signal_handler(sig)
@@ -840,8 +840,7 @@ class Worker:
         log.info("draining", in_flight=len(self._runs))
         if self._watch_task is not None:
             self._watch_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._watch_task
+            await asyncio.gather(self._watch_task, return_exceptions=True)
             self._watch_task = None
         for run in list(self._runs.values()):
             if run.phase is Phase.QUEUED and run.task is not None:
@@ -863,12 +862,13 @@ class Worker:
                 await asyncio.gather(*still, return_exceptions=True)
 
         heartbeat.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await heartbeat
-        await self._heartbeat_once()  # final totals, draining
+        await asyncio.gather(heartbeat, return_exceptions=True)
         if self._worker_id is not None:
             try:
-                await self._registry_client.deregister(worker_id=self._worker_id)
+                # Short: with the registry down, expiry removes us anyway.
+                await self._registry_client.deregister(
+                    worker_id=self._worker_id, deadline=_DEREGISTER_SECONDS
+                )
                 log.info("deregistered")
             except HiveError as exc:
                 log.warning("deregistration failed; the registry will expire us", error=repr(exc))
