@@ -9,8 +9,9 @@ No Docker engine or cluster is needed, and nothing is fetched:
 * ``deploy/k8s/*.yaml`` against the Kubernetes OpenAPI schemas in strict mode (unknown fields
   are errors; the schemas ship inside ``kubernetes-validate``), then the project's rules:
   the probes of the design (startup and liveness ``GET /health`` on the ``http`` port,
-  readiness gRPC health on the ``grpc`` port), resources, non-root read-only containers,
-  ConfigMap/Secret references that resolve, Services that select a Deployment's ports.
+  readiness gRPC health on the ``grpc`` port), resources, non-root read-only containers that
+  Pod Security "restricted" admits, ConfigMap/Secret references that resolve, Services that
+  select a Deployment's ports.
 * Dockerfiles with ``dockerfile-utils`` (npm; the linter of the VS Code Docker extension),
   any diagnostic failing, then the project's rules: a non-root ``USER`` in the final stage,
   ``COPY --from`` naming an earlier stage, valid ``EXPOSE`` ports, a ``HEALTHCHECK`` in every
@@ -252,6 +253,12 @@ def _check_deployment(
             report.add(where, "readOnlyRootFilesystem is not true")
         if security.get("allowPrivilegeEscalation", True):
             report.add(where, "allowPrivilegeEscalation is not false")
+        # What the namespace's Pod Security level "restricted" admits, checked here.
+        if "ALL" not in ((security.get("capabilities") or {}).get("drop") or []):
+            report.add(where, "capabilities.drop does not contain ALL")
+        seccomp = security.get("seccompProfile") or pod_security.get("seccompProfile") or {}
+        if seccomp.get("type") not in ("RuntimeDefault", "Localhost"):
+            report.add(where, "seccompProfile is not RuntimeDefault or Localhost")
         resources = container.get("resources") or {}
         for part in ("requests", "limits"):
             missing = {"cpu", "memory"} - set(resources.get(part) or {})

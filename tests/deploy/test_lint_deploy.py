@@ -201,6 +201,15 @@ def _writable_root(documents: list[Any]) -> None:
     _container(documents)["securityContext"]["readOnlyRootFilesystem"] = False
 
 
+def _keeps_capabilities(documents: list[Any]) -> None:
+    del _container(documents)["securityContext"]["capabilities"]
+
+
+def _no_seccomp(documents: list[Any]) -> None:
+    (deployment,) = [d for d in documents if d["kind"] == "Deployment"]
+    del deployment["spec"]["template"]["spec"]["securityContext"]["seccompProfile"]
+
+
 def _service_to_unknown_port(documents: list[Any]) -> None:
     (service,) = [d for d in documents if d["kind"] == "Service"]
     service["spec"]["ports"][0]["targetPort"] = "grcp"
@@ -222,6 +231,8 @@ def _selector_mismatch(documents: list[Any]) -> None:
         (_missing_secret_key, "Secret 'hive-secrets' has no key 'mongo-uri'"),
         (_no_limits, "resources.limits lacks cpu, memory"),
         (_writable_root, "readOnlyRootFilesystem is not true"),
+        (_keeps_capabilities, "capabilities.drop does not contain ALL"),
+        (_no_seccomp, "seccompProfile is not RuntimeDefault or Localhost"),
         (_service_to_unknown_port, "targetPort 'grcp' is no container port"),
         (_selector_mismatch, "does not match the pod labels"),
     ],
