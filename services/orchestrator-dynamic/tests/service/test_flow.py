@@ -242,3 +242,54 @@ async def test_strict_mode_rejects_an_infeasible_plan(flow: Flow) -> None:
     violations = response.json()["error"]["details"]["field_violations"]
     assert violations[0]["field"] == "$.tasks[0].required_capabilities[0]"
     assert (await flow.client().get("/api/v1/plans/strict")).status_code == 404
+
+
+async def test_huge_plans_create_tickets_in_chunks(flow: Flow) -> None:
+    await flow.start_orchestrator(ticket_batch_size=3)
+    await flow.start_worker("w1", ["python"], max_concurrent=8)
+    leaves = [echo(f"leaf{n}") for n in range(10)]
+    plan = {"plan_id": "wide", "tasks": [*leaves, echo("join", *(t["task_id"] for t in leaves))]}
+    response = await flow.submit(plan)
+    assert response.status_code == 202, response.text
+    ticket_ids = response.json()["ticket_ids"]
+    assert len(set(ticket_ids.values())) == 11
+    assert None not in ticket_ids.values()
+    final = await flow.wait_settled("wide")
+    assert final["status"] == "COMPLETED"
+    async with flow.ticket_client() as client:
+        listed = await client.list_tickets(plan_id="wide", page_size=100)
+    assert {t.ticket_id for t in listed.tickets} == set(ticket_ids.values())
+
+
+async def test_without_fail_fast_independent_branches_finish(flow: Flow) -> None:
+    await flow.start_orchestrator(fail_fast=False)
+    await flow.start_worker("w1", ["python"], max_concurrent=4)
+    plan: dict[str, Any] = {
+        "plan_id": "partial",
+        "tasks": [
+            {
+                "task_id": "broken",
+                "task_type": "fail",
+                "required_capabilities": ["python"],
+                "parameters": {"message": "nope", "permanent": True},
+                "max_retries": 3,
+            },
+            echo("needs-broken", "broken"),
+            {
+                "task_id": "independent",
+                "task_type": "sleep",
+                "required_capabilities": ["python"],
+                "parameters": {"seconds": 1},
+            },
+            echo("after-independent", "independent"),
+        ],
+    }
+    assert (await flow.submit(plan)).status_code == 202
+    final = await flow.wait_settled("partial")
+    assert final["status"] == "FAILED"
+    tickets = flow.tasks(final)
+    assert tickets["broken"]["status"] == "FAILED"
+    assert tickets["broken"]["attempt"] == 1  # a permanent failure is not retried
+    assert tickets["needs-broken"]["status"] == "CANCELLED"
+    assert tickets["independent"]["status"] == "COMPLETED"
+    assert tickets["after-independent"]["status"] == "COMPLETED"
