@@ -7,6 +7,7 @@ plain appended lines anywhere else (CI logs, pipes).
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, TextIO
@@ -159,18 +160,21 @@ def _can_print_unicode(stream: TextIO) -> bool:
 class LiveDisplay:
     """A terminal: one progress line redrawn in place; failures scroll above it."""
 
-    def __init__(self, stream: TextIO, *, bar_width: int = 24) -> None:
+    def __init__(self, stream: TextIO, *, bar_width: int = 24, columns: int | None = None) -> None:
         self._stream = stream
         self._bar_width = bar_width
         self._unicode = _can_print_unicode(stream)
+        # A line wider than the terminal wraps, and "\r" then redraws only its last row.
+        self._columns = columns or shutil.get_terminal_size().columns
         self._line = ""
 
     def update(self, plan: JsonObject, failures: list[Failure], elapsed: float) -> None:
         for failure in failures:
             self._print_above(("✗ " if self._unicode else "x ") + failure.text())
-        self._line = progress_line(
+        line = progress_line(
             plan, bar_width=self._bar_width, unicode=self._unicode, elapsed=elapsed
         )
+        self._line = line if len(line) < self._columns else line[: max(self._columns - 2, 1)] + "…"
         self._stream.write(_ERASE_LINE + self._line)
         self._stream.flush()
 

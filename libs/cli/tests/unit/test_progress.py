@@ -135,8 +135,7 @@ class Tty(io.StringIO):
 
 def test_live_display_redraws_one_line_and_prints_failures_above_it() -> None:
     stream = Tty()
-    display = display_for(stream)
-    assert isinstance(display, LiveDisplay)
+    display = LiveDisplay(stream, columns=200)
     tracker = FailureTracker()
     first = snapshot("RUNNING", ticket("a", "RUNNING"))
     second = snapshot("FAILED", ticket("a", "FAILED", 1, "bad"))
@@ -152,7 +151,18 @@ def test_live_display_redraws_one_line_and_prints_failures_above_it() -> None:
     )
 
 
-def test_non_tty_gets_the_plain_display() -> None:
+def test_live_line_is_cut_to_the_terminal_width() -> None:
+    stream = Tty()
+    display = LiveDisplay(stream, bar_width=10, columns=30)
+    plan = snapshot("RUNNING", ticket("a", "RUNNING"), ticket("b", "PENDING"))
+    display.update(plan, [], 1.0)
+    drawn = stream.getvalue().removeprefix("\r\x1b[2K")
+    assert drawn == "RUNNING   [░░░░░░░░░░] 0/2  …"
+    assert len(drawn) == 29
+
+
+def test_a_tty_gets_the_live_display_anything_else_plain_lines() -> None:
+    assert isinstance(display_for(Tty()), LiveDisplay)
     assert isinstance(display_for(io.StringIO()), PlainDisplay)
 
 
