@@ -44,8 +44,9 @@ class PlanWatcher:
     def watch(self, plan_id: str) -> JsonObject:
         """The first terminal snapshot; :class:`WatchTimeout` when ``timeout`` elapses.
 
-        ``ApiError`` (e.g. NOT_FOUND) propagates; ``ServiceUnreachable`` only once the
-        orchestrator has been unreachable for longer than ``unreachable_grace``.
+        ``ApiError`` (e.g. NOT_FOUND) propagates; ``ServiceUnreachable`` at once if the
+        first poll fails, else once the orchestrator has been unreachable for longer than
+        ``unreachable_grace``.
         """
         failures = FailureTracker()
         started = self.clock()
@@ -56,6 +57,8 @@ class PlanWatcher:
                 try:
                     plan = self.api.get_plan(plan_id)
                 except ServiceUnreachable as exc:
+                    if last is None:
+                        raise  # never reached: a wrong URL or a stopped service, not a restart
                     now = self.clock()
                     if unreachable_since is None:
                         unreachable_since = now

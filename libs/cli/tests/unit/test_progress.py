@@ -249,14 +249,44 @@ def test_watch_timeout_carries_the_last_snapshot() -> None:
 def test_watch_rides_out_a_short_outage_but_not_a_long_one() -> None:
     down = ServiceUnreachable("orchestrator", "http://x", "refused")
     clock = FakeClock()
-    api = ScriptedApi([down, down, snapshot("COMPLETED", ticket("a", "COMPLETED"))])
-    assert watcher(api, clock, unreachable_grace=5.0).watch("p1")["status"] == "COMPLETED"
+    display = io.StringIO()
+    api = ScriptedApi(
+        [
+            snapshot("RUNNING", ticket("a", "RUNNING")),
+            down,
+            down,
+            snapshot("COMPLETED", ticket("a", "COMPLETED")),
+        ]
+    )
+    plain = watcher(api, clock, unreachable_grace=5.0)
+    plain.display = PlainDisplay(display)
+    assert plain.watch("p1")["status"] == "COMPLETED"
+    notes = [line for line in display.getvalue().splitlines() if "orchestrator" in line]
+    assert notes == ["orchestrator unreachable (refused); retrying", "orchestrator reachable again"]
 
     clock = FakeClock()
     api = ScriptedApi([snapshot("RUNNING", ticket("a", "RUNNING"))] + [down] * 20)
     with pytest.raises(ServiceUnreachable):
         watcher(api, clock, unreachable_grace=2.0).watch("p1")
     assert clock.now <= 3.0
+
+
+def test_watch_fails_at_once_if_the_orchestrator_was_never_reached() -> None:
+    api = ScriptedApi([ServiceUnreachable("orchestrator", "http://x", "refused")])
+    with pytest.raises(ServiceUnreachable):
+        watcher(api, FakeClock()).watch("p1")
+    assert api.calls == 1
+
+
+def test_ctrl_c_stops_the_watch_and_says_how_to_reattach() -> None:
+    def interrupt(_request: httpx.Request) -> httpx.Response:
+        raise KeyboardInterrupt
+
+    services = FakeServices()
+    services.routes[("GET", "/api/v1/plans/p1")] = interrupt
+    run = services.run("plan", "watch", "p1")
+    assert run.code == 130
+    assert "interrupted; plan p1 keeps running (hive plan watch p1)" in run.err
 
 
 def test_watch_does_not_retry_api_errors() -> None:
