@@ -166,6 +166,8 @@ class LiveDisplay:
         self._unicode = _can_print_unicode(stream)
         # A line wider than the terminal wraps, and "\r" then redraws only its last row.
         self._columns = columns or shutil.get_terminal_size().columns
+        # A narrower bar leaves room for the counts on an 80-column terminal.
+        self._bar_width = min(bar_width, max(10, self._columns // 5))
         self._line = ""
 
     def update(self, plan: JsonObject, failures: list[Failure], elapsed: float) -> None:
