@@ -5,7 +5,7 @@ SHELL := /bin/bash
 UV ?= uv
 BUF ?= $(CURDIR)/node_modules/.bin/buf
 COMPOSE ?= docker compose
-PY_SRC := libs/common/src services/execution-ticket-service/src services/service-registry/src services/orchestrator-dynamic/src
+PY_SRC := libs/common/src libs/worker/src libs/cli/src services/execution-ticket-service/src services/service-registry/src services/orchestrator-dynamic/src
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
@@ -56,7 +56,7 @@ test: ## Run every test (unit, service, integration) against real databases
 
 .PHONY: test-unit
 test-unit: ## Only the fast unit tests (no databases)
-	$(UV) run pytest $(PYTEST_ARGS) libs/common/tests/unit services/*/tests/unit
+	$(UV) run pytest $(PYTEST_ARGS) libs/*/tests/unit services/*/tests/unit
 
 .PHONY: bench
 bench: ## Benchmarks against same-run baselines (real services, real databases): Markdown + bench/out/*.json; BENCH_ARGS=--quick for small sizes

@@ -20,14 +20,14 @@ from typing import Any
 
 import pytest
 import pytest_asyncio
-from hive_cli.cli import main
-from hive_worker.config import WorkerSettings
-from hive_worker.sdk import Worker
 from pydantic import SecretStr
 
 from execution_ticket_service.app import TicketService, build_service
 from execution_ticket_service.config import TicketSettings
+from hive_cli.cli import main
 from hive_common.testing.databases import PostgresServer, temporary_postgres_database
+from hive_worker.config import WorkerSettings
+from hive_worker.sdk import Worker
 from orchestrator_dynamic.app import OrchestratorApp
 from orchestrator_dynamic.app import build_app as build_orchestrator
 from orchestrator_dynamic.config import OrchestratorSettings

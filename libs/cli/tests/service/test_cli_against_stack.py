@@ -8,6 +8,7 @@ import uuid
 from typing import Any
 
 import pytest
+
 from hive_cli.exit_codes import ExitCode
 
 from .conftest import EXAMPLES, WATCH_TIMEOUT_SECONDS, Stack

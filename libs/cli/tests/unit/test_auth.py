@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
+
 from hive_cli.auth import CredentialsError, resolve_credentials
 from hive_cli.exit_codes import ExitCode
-
 from hive_common.auth import TokenKind, TokenVerifier
 from hive_common.config import DEVELOPMENT_JWT_SECRET
 from hive_common.errors import Unauthenticated

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import pytest
+
 from hive_cli.cli import DEFAULT_URLS, Settings, build_parser, resolve_settings
 from hive_cli.exit_codes import ExitCode
 

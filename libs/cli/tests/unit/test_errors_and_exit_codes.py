@@ -7,6 +7,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+
 from hive_cli.exit_codes import ExitCode, exit_code_for_status
 
 from .conftest import FakeServices, error_body

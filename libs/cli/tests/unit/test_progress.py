@@ -9,6 +9,7 @@ from typing import Any
 
 import httpx
 import pytest
+
 from hive_cli.api import ApiError, JsonObject, ServiceUnreachable
 from hive_cli.exit_codes import ExitCode
 from hive_cli.progress import (

@@ -6,6 +6,7 @@ import json
 from typing import Any
 
 import httpx
+
 from hive_cli.exit_codes import ExitCode
 from hive_cli.render import (
     cell,
