@@ -26,8 +26,10 @@ RUN --mount=type=cache,target=/root/.cache/uv \
 COPY libs/contracts/src libs/contracts/src
 COPY libs/common/src libs/common/src
 COPY libs/worker/src libs/worker/src
-RUN --mount=type=cache,target=/root/.cache/uv \
-    uv sync --no-dev --no-editable --package hive-worker
+# --no-cache: uv caches wheels built from local directories keyed on their pyproject.toml,
+# so with the cache mount a source-only change could ship a stale wheel; our members are
+# always built afresh (the third-party packages are already in the venv).
+RUN uv sync --no-dev --no-editable --no-cache --package hive-worker
 
 FROM ${PYTHON_IMAGE} AS runtime
 # A real passwd entry (tools that ask for the user name fail for a bare UID).

@@ -15,7 +15,8 @@ No Docker engine or cluster is needed, and nothing is fetched:
 * Dockerfiles with ``dockerfile-utils`` (npm; the linter of the VS Code Docker extension),
   any diagnostic failing, then the project's rules: a non-root ``USER`` in the final stage,
   ``COPY --from`` naming an earlier stage, valid ``EXPOSE`` ports, a ``HEALTHCHECK`` in every
-  image that exposes an HTTP port, tagged base images.
+  image that exposes an HTTP port, tagged base images, and no ``uv sync`` that could install
+  our packages from a stale cached wheel.
 
 Usage: ``python scripts/lint_deploy.py`` checks the repository's files; ``--compose``,
 ``--k8s`` and ``--dockerfile`` check other files (only those given). Exit status 1 when
@@ -443,6 +444,18 @@ def check_dockerfile(path: Path, report: Report, *, dockerfile_utils: Path) -> N
                     report.add(where, f"EXPOSE {spec}: not a port number")
                 elif port == "8000":
                     exposes_http = True
+        elif i.keyword == "RUN" and "uv sync" in i.arguments:
+            words = i.arguments.split()
+            # uv keys its cache of wheels built from local directories on pyproject.toml, so a
+            # cached (e.g. cache-mounted) wheel of a workspace member can hide source changes.
+            if "--no-install-workspace" not in words and not {"--no-cache", "--refresh"} & set(
+                words
+            ):
+                report.add(
+                    where,
+                    "a uv sync that installs workspace members needs --no-cache (or --refresh): "
+                    "uv may reuse a wheel built from older sources",
+                )
         elif i.keyword == "HEALTHCHECK":
             has_healthcheck = not i.arguments.upper().startswith("NONE")
         elif i.keyword in ("COPY", "ADD"):

@@ -256,6 +256,7 @@ def test_a_broken_manifest_fails(
         ("EXPOSE 50052 8000 9090", "EXPOSE 50052 8000 90900", "EXPOSE 90900: not a port"),
         ("HEALTHCHECK --interval", "HEALTHCHECK NONE\n# --interval", "has no HEALTHCHECK"),
         ("python:3.11-slim-bookworm", "python", "needs an explicit tag"),
+        ("--no-editable --no-cache --package", "--no-editable --package", "needs --no-cache"),
     ],
 )
 def test_a_broken_dockerfile_fails(copy: Path, old: str, new: str, expected: str) -> None:
