@@ -12,12 +12,14 @@ from datetime import UTC, datetime
 from hive_common.auth import TokenIssuer
 from hive_common.clients import CallPolicy, RegistryClient, TicketClient
 from hive_common.errors import HiveError
+from hive_common.grpc_server import GrpcService, build_grpc_server
 from hive_common.http import CheckResult, create_http_app
 from hive_common.logging import get_logger
-from hive_common.metrics import HttpMetrics, new_registry
+from hive_common.metrics import HttpMetrics, RpcMetrics, new_registry
 from hive_common.migrations import apply_migrations
 from hive_common.retry import wait_for_dependency
 from hive_common.runtime import ServiceRuntime
+from neuralhive.orchestrator.v1 import orchestrator_service_pb2_grpc as pb_grpc
 from orchestrator_dynamic.config import OrchestratorSettings
 from orchestrator_dynamic.domain.validation import PlanValidator
 from orchestrator_dynamic.engine.driver import DriverSettings, PlanDriver
@@ -25,6 +27,7 @@ from orchestrator_dynamic.engine.health import REGISTRY, TICKET_SERVICE, Depende
 from orchestrator_dynamic.engine.plans import PlanService
 from orchestrator_dynamic.engine.tokens import ServiceTokenProvider
 from orchestrator_dynamic.storage import MIGRATIONS_DIRECTORY, PlanRepository, Pool, open_pool
+from orchestrator_dynamic.transport.grpc.servicer import SERVICE_NAME, OrchestratorServicer
 from orchestrator_dynamic.transport.http.routes import build_router
 
 VERSION = "0.1.0"
@@ -180,8 +183,27 @@ async def build_app(
             api_token=settings.api_token.get_secret_value() if settings.api_token else None,
         )
     )
+    grpc_server = None
+    if settings.grpc_enabled:
+        servicer = OrchestratorServicer(
+            plans=plans,
+            api_token=settings.api_token.get_secret_value() if settings.api_token else None,
+            watch_interval_seconds=settings.watch_plan_interval_seconds,
+        )
+        grpc_server = build_grpc_server(
+            services=[
+                GrpcService(
+                    name=SERVICE_NAME,
+                    register=lambda server: pb_grpc.add_OrchestratorServiceServicer_to_server(
+                        servicer, server
+                    ),
+                )
+            ],
+            metrics=RpcMetrics(metrics_registry),
+        )
     runtime = ServiceRuntime.from_settings(
         settings,
+        grpc_server=grpc_server,
         http_app=http_app,
         metrics_registry=metrics_registry,
         readiness=readiness,

@@ -78,6 +78,10 @@ class OrchestratorSettings(HiveSettings):
 
     readiness_interval_seconds: float = Field(default=5.0, gt=0)
 
+    # The OrchestratorService gRPC twin of the HTTP API (on grpc_port).
+    grpc_enabled: bool = True
+    watch_plan_interval_seconds: float = Field(default=0.5, gt=0)
+
     @model_validator(mode="after")
     def _check_consistency(self) -> OrchestratorSettings:
         if self.lease_renew_interval_seconds >= self.lease_ttl_seconds:

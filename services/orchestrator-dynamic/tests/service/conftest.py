@@ -12,8 +12,6 @@ from typing import Any
 
 import httpx
 import pytest
-from hive_worker.config import WorkerSettings
-from hive_worker.sdk import Worker
 from pydantic import SecretStr
 
 from execution_ticket_service.app import TicketService, build_service
@@ -21,6 +19,8 @@ from execution_ticket_service.config import TicketSettings
 from hive_common.auth import TokenIssuer
 from hive_common.clients import TicketClient
 from hive_common.testing.databases import PostgresServer, temporary_postgres_database
+from hive_worker.config import WorkerSettings
+from hive_worker.sdk import Worker
 from orchestrator_dynamic.app import OrchestratorApp, build_app
 from orchestrator_dynamic.config import OrchestratorSettings
 from service_registry.app import RegistryApp
@@ -154,6 +154,8 @@ class Flow:
         values: dict[str, Any] = {
             "host": "127.0.0.1",
             "http_port": 0,
+            "grpc_port": 0,
+            "watch_plan_interval_seconds": 0.1,
             "postgres_dsn": SecretStr(self.orchestrator_dsn),
             "postgres_pool_min_size": 1,
             "ticket_service_target": self.tickets_target,

@@ -1,0 +1,181 @@
+"""OrchestratorService: the gRPC twin of the HTTP plan API.
+
+A ``PlanSpec`` is turned into the same JSON shape the HTTP API takes and goes through the
+same ``PlanValidator``, so both APIs accept exactly the same plans and report problems with
+the same JSON paths (``$.tasks[2].depends_on[0]``). Errors are ``HiveError``s, mapped to
+status codes with ``google.rpc.BadRequest`` details by the shared interceptor.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+from collections.abc import AsyncIterator
+from datetime import datetime
+from typing import Any
+
+from google.protobuf import json_format
+
+from hive_common.errors import Unauthenticated
+from neuralhive.orchestrator.v1 import orchestrator_service_pb2 as pb
+from neuralhive.orchestrator.v1 import orchestrator_service_pb2_grpc as pb_grpc
+from neuralhive.ticket.v1 import ticket_service_pb2 as ticket_pb
+from orchestrator_dynamic.domain.records import StoredPlan
+from orchestrator_dynamic.domain.scheduler import PlanStatus, TicketStatus
+from orchestrator_dynamic.engine.plans import PlanService
+
+SERVICE_NAME = "neuralhive.orchestrator.v1.OrchestratorService"
+
+_PLAN_STATUS = {
+    PlanStatus.PENDING: pb.PLAN_STATUS_PENDING,
+    PlanStatus.RUNNING: pb.PLAN_STATUS_RUNNING,
+    PlanStatus.COMPLETED: pb.PLAN_STATUS_COMPLETED,
+    PlanStatus.FAILED: pb.PLAN_STATUS_FAILED,
+    PlanStatus.CANCELLED: pb.PLAN_STATUS_CANCELLED,
+}
+_TICKET_STATUS = {
+    TicketStatus.PENDING: ticket_pb.TICKET_STATUS_PENDING,
+    TicketStatus.ASSIGNED: ticket_pb.TICKET_STATUS_ASSIGNED,
+    TicketStatus.RUNNING: ticket_pb.TICKET_STATUS_RUNNING,
+    TicketStatus.COMPLETED: ticket_pb.TICKET_STATUS_COMPLETED,
+    TicketStatus.FAILED: ticket_pb.TICKET_STATUS_FAILED,
+    TicketStatus.CANCELLED: ticket_pb.TICKET_STATUS_CANCELLED,
+}
+_MAX_EXACT_INTEGER = 2**53
+
+
+def _integral(value: Any) -> Any:
+    """Struct numbers are doubles: give whole numbers back their integer form, so a plan
+    sent over gRPC hashes like the same plan sent as JSON."""
+    if isinstance(value, dict):
+        return {k: _integral(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_integral(v) for v in value]
+    if isinstance(value, float) and value.is_integer() and abs(value) <= _MAX_EXACT_INTEGER:
+        return int(value)
+    return value
+
+
+def plan_spec_json(spec: pb.PlanSpec) -> dict[str, Any]:
+    """The HTTP API's JSON for a ``PlanSpec`` (proto3 defaults mean "absent")."""
+    body: dict[str, Any] = {}
+    for name in ("plan_id", "intent_id", "name"):
+        if getattr(spec, name):
+            body[name] = getattr(spec, name)
+    if spec.priority != ticket_pb.PRIORITY_UNSPECIFIED:
+        body["priority"] = ticket_pb.Priority.Name(spec.priority).removeprefix("PRIORITY_")
+    tasks: list[dict[str, Any]] = []
+    for task in spec.tasks:
+        item: dict[str, Any] = {
+            "task_id": task.task_id,
+            "task_type": task.task_type,
+            "required_capabilities": list(task.required_capabilities),
+            "depends_on": list(task.depends_on),
+        }
+        if task.description:
+            item["description"] = task.description
+        if task.HasField("parameters"):
+            item["parameters"] = _integral(json_format.MessageToDict(task.parameters))
+        if task.timeout_seconds:
+            item["timeout_seconds"] = task.timeout_seconds
+        if task.max_retries:
+            item["max_retries"] = task.max_retries
+        tasks.append(item)
+    body["tasks"] = tasks
+    return body
+
+
+def _set_time(target: Any, moment: datetime | None) -> None:
+    if moment is not None:
+        target.FromDatetime(moment)
+
+
+def plan_message(stored: StoredPlan) -> pb.Plan:
+    summary = stored.summary
+    message = pb.Plan(
+        plan_id=summary.plan_id,
+        intent_id=summary.intent_id,
+        name=summary.name,
+        status=_PLAN_STATUS[summary.status],
+        counts=dict(summary.counts),
+        error_message=summary.error_message or "",
+        tickets=[
+            pb.PlanTicket(
+                task_id=t.task_id,
+                ticket_id=t.ticket_id or "",
+                status=_TICKET_STATUS[t.status],
+                worker_id=t.worker_id or "",
+                attempt=t.attempt,
+                error_message=t.error_message or "",
+            )
+            for t in stored.tasks
+        ],
+    )
+    _set_time(message.created_at, summary.created_at)
+    _set_time(message.updated_at, summary.updated_at)
+    _set_time(message.completed_at, summary.completed_at)
+    return message
+
+
+class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
+    def __init__(
+        self,
+        *,
+        plans: PlanService,
+        api_token: str | None = None,
+        watch_interval_seconds: float = 0.5,
+    ) -> None:
+        self._plans = plans
+        self._api_token = api_token
+        self._watch_interval = watch_interval_seconds
+
+    def _authorize(self, context: Any) -> None:
+        if self._api_token is None:
+            return
+        for key, value in context.invocation_metadata() or ():
+            if key == "authorization":
+                scheme, _, token = str(value).partition(" ")
+                if scheme.lower() == "bearer" and hmac.compare_digest(
+                    token.strip().encode(), self._api_token.encode()
+                ):
+                    return
+        raise Unauthenticated("missing or wrong API token (authorization: Bearer <token>)")
+
+    async def SubmitPlan(
+        self, request: pb.SubmitPlanRequest, context: Any
+    ) -> pb.SubmitPlanResponse:
+        self._authorize(context)
+        submission = await self._plans.submit(plan_spec_json(request.plan), strict=request.strict)
+        return pb.SubmitPlanResponse(
+            plan=plan_message(submission.stored),
+            created=submission.created,
+            warnings=[str(w) for w in submission.warnings],
+        )
+
+    async def GetPlan(self, request: pb.GetPlanRequest, context: Any) -> pb.GetPlanResponse:
+        self._authorize(context)
+        return pb.GetPlanResponse(plan=plan_message(await self._plans.get(request.plan_id)))
+
+    async def CancelPlan(
+        self, request: pb.CancelPlanRequest, context: Any
+    ) -> pb.CancelPlanResponse:
+        self._authorize(context)
+        stored, _ = await self._plans.cancel(request.plan_id)
+        return pb.CancelPlanResponse(plan=plan_message(stored))
+
+    async def WatchPlan(
+        self, request: pb.WatchPlanRequest, context: Any
+    ) -> AsyncIterator[pb.WatchPlanResponse]:
+        """The plan now and after every change, until every ticket is terminal."""
+        self._authorize(context)
+        last: tuple[object, ...] | None = None
+        while True:
+            stored = await self._plans.get(request.plan_id)
+            summary = stored.summary
+            key = (summary.updated_at, summary.status, summary.settled_at, tuple(stored.tasks))
+            if key != last:
+                last = key
+                yield pb.WatchPlanResponse(plan=plan_message(stored))
+            if summary.settled:
+                return
+            await asyncio.sleep(self._watch_interval)

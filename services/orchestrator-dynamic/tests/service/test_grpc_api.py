@@ -1,0 +1,149 @@
+"""OrchestratorService, the gRPC twin of the HTTP API, against the real system."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
+
+import grpc
+import pytest
+from google.protobuf import struct_pb2
+
+from hive_common.errors import AlreadyExists, InvalidArgument, NotFound, Unauthenticated
+from hive_common.grpc_client import create_channel
+from neuralhive.orchestrator.v1 import orchestrator_service_pb2 as pb
+from neuralhive.orchestrator.v1 import orchestrator_service_pb2_grpc as pb_grpc
+from neuralhive.ticket.v1 import ticket_service_pb2 as ticket_pb
+
+if TYPE_CHECKING:  # conftest is not importable at run time (import mode importlib)
+    from conftest import Flow
+
+pytestmark = pytest.mark.service
+
+
+def params(**values: Any) -> struct_pb2.Struct:
+    struct = struct_pb2.Struct()
+    struct.update(values)
+    return struct
+
+
+def spec(plan_id: str, *, name: str = "") -> pb.PlanSpec:
+    return pb.PlanSpec(
+        plan_id=plan_id,
+        name=name,
+        priority=ticket_pb.PRIORITY_HIGH,
+        tasks=[
+            pb.TaskSpec(
+                task_id="a",
+                task_type="echo",
+                required_capabilities=["python"],
+                parameters=params(n=3, word="x"),
+            ),
+            pb.TaskSpec(
+                task_id="b",
+                task_type="echo",
+                required_capabilities=["python"],
+                depends_on=["a"],
+                max_retries=1,
+            ),
+        ],
+    )
+
+
+@pytest.fixture
+async def channel(flow: Flow) -> AsyncIterator[grpc.aio.Channel]:
+    app = await flow.start_orchestrator()
+    channel = create_channel(f"127.0.0.1:{app.runtime.grpc_port}")
+    try:
+        yield channel
+    finally:
+        await channel.close()
+
+
+async def test_submit_watch_and_resubmit(flow: Flow, channel: grpc.aio.Channel) -> None:
+    stub = pb_grpc.OrchestratorServiceStub(channel)
+    await flow.start_worker("w1", ["python"])
+    submitted = await stub.SubmitPlan(pb.SubmitPlanRequest(plan=spec("over-grpc")))
+    assert submitted.created is True
+    assert [t.task_id for t in submitted.plan.tickets] == ["a", "b"]
+    assert all(t.ticket_id for t in submitted.plan.tickets)
+
+    statuses: list[int] = []
+    async for update in stub.WatchPlan(pb.WatchPlanRequest(plan_id="over-grpc")):
+        statuses.append(update.plan.status)
+    assert statuses[-1] == pb.PLAN_STATUS_COMPLETED
+    final = (await stub.GetPlan(pb.GetPlanRequest(plan_id="over-grpc"))).plan
+    assert final.counts["COMPLETED"] == 2
+    assert final.HasField("completed_at")
+
+    again = await stub.SubmitPlan(pb.SubmitPlanRequest(plan=spec("over-grpc")))
+    assert again.created is False
+    with pytest.raises(AlreadyExists):
+        await stub.SubmitPlan(pb.SubmitPlanRequest(plan=spec("over-grpc", name="changed")))
+
+    # The same plan as JSON over HTTP is the same plan (Struct doubles are not a change).
+    as_json = {
+        "plan_id": "over-grpc",
+        "priority": "HIGH",
+        "tasks": [
+            {
+                "task_id": "a",
+                "task_type": "echo",
+                "required_capabilities": ["python"],
+                "parameters": {"n": 3, "word": "x"},
+            },
+            {
+                "task_id": "b",
+                "task_type": "echo",
+                "required_capabilities": ["python"],
+                "depends_on": ["a"],
+                "max_retries": 1,
+            },
+        ],
+    }
+    response = await flow.submit(as_json)
+    assert response.status_code == 200, response.text
+
+
+async def test_invalid_plans_and_unknown_ids(flow: Flow, channel: grpc.aio.Channel) -> None:
+    stub = pb_grpc.OrchestratorServiceStub(channel)
+    cyclic = pb.PlanSpec(
+        plan_id="bad",
+        tasks=[
+            pb.TaskSpec(task_id="a", task_type="echo", depends_on=["b"]),
+            pb.TaskSpec(task_id="b", task_type="echo", depends_on=["a"]),
+            pb.TaskSpec(task_id="", task_type="echo"),
+        ],
+    )
+    with pytest.raises(InvalidArgument) as raised:
+        await stub.SubmitPlan(pb.SubmitPlanRequest(plan=cyclic))
+    fields = {v.field: v.description for v in raised.value.violations}
+    assert "$.tasks[2].task_id" in fields
+    assert any("a -> b -> a" in d for d in fields.values()), fields
+    with pytest.raises(NotFound):
+        await stub.GetPlan(pb.GetPlanRequest(plan_id="bad"))
+    with pytest.raises(NotFound):
+        await stub.CancelPlan(pb.CancelPlanRequest(plan_id="nope"))
+
+
+async def test_cancel_over_grpc_and_api_token(flow: Flow) -> None:
+    app = await flow.start_orchestrator(api_token="grpc-token-for-tests")
+    plain = create_channel(f"127.0.0.1:{app.runtime.grpc_port}")
+    authed = create_channel(
+        f"127.0.0.1:{app.runtime.grpc_port}", token_provider=lambda: "grpc-token-for-tests"
+    )
+    try:
+        with pytest.raises(Unauthenticated):
+            await pb_grpc.OrchestratorServiceStub(plain).GetPlan(pb.GetPlanRequest(plan_id="x"))
+        stub = pb_grpc.OrchestratorServiceStub(authed)
+        await stub.SubmitPlan(pb.SubmitPlanRequest(plan=spec("cancel-me")))
+        cancelled = await stub.CancelPlan(pb.CancelPlanRequest(plan_id="cancel-me"))
+        assert cancelled.plan.status == pb.PLAN_STATUS_CANCELLED
+        last = None
+        async for update in stub.WatchPlan(pb.WatchPlanRequest(plan_id="cancel-me")):
+            last = update.plan
+        assert last is not None
+        assert {t.status for t in last.tickets} == {ticket_pb.TICKET_STATUS_CANCELLED}
+    finally:
+        await plain.close()
+        await authed.close()
