@@ -62,6 +62,10 @@ test-unit: ## Only the fast unit tests (no databases)
 bench: ## Benchmarks against same-run baselines (real services, real databases): Markdown + bench/out/*.json; BENCH_ARGS=--quick for small sizes
 	$(UV) run --all-packages python -m bench $(BENCH_ARGS)
 
+.PHONY: dev
+dev: ## Run everything without Docker: local PostgreSQL + MongoDB-compatible server, 3 services, 2 workers (Ctrl-C stops)
+	$(UV) run --all-packages python scripts/dev-stack.py $(DEV_ARGS)
+
 .PHONY: up
 up: ## Build and start the Docker stack (PostgreSQL, MongoDB, 3 services, 2 workers); waits until healthy
 	$(COMPOSE) up -d --build --wait

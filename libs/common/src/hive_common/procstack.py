@@ -356,6 +356,11 @@ class ProcessStack:
         """Process names in the order they were given."""
         return list(self._processes)
 
+    def start(self, *names: str) -> None:
+        """Start the named processes (those not running); does not wait for readiness."""
+        for process in [self[name] for name in names]:
+            process.start()
+
     def start_all(self, *, timeout: float | None = None) -> None:
         """Start every process at once, then wait until all are ready.
 

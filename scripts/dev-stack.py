@@ -1,0 +1,415 @@
+"""Run the whole of Hive Flow C on this machine without Docker (``make dev``).
+
+Starts PostgreSQL and a MongoDB-compatible server from local binaries (``python -m
+hive_common.localdb``, data kept under ``.hive/db``) unless ``HIVE_DEV_POSTGRES_DSN`` /
+``HIVE_DEV_MONGO_URI`` name servers to use; creates the databases ``tickets``, ``registry``
+and ``orchestrator``; then runs the service registry, the ticket service, the orchestrator
+and two reference workers as processes (``hive_common.procstack``) on distinct ports, with a
+JWT secret and a registration secret generated for the session (or ``HIVE_DEV_JWT_SECRET`` /
+``HIVE_DEV_REGISTRATION_SECRET``). Waits until everything is ready, prints where it all is,
+and on Ctrl-C (or SIGTERM) stops the workers, then the orchestrator, then the services
+(each drains on SIGTERM), then the databases.
+
+    uv run --all-packages python scripts/dev-stack.py [--port-offset N] [--state-dir .hive]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import shlex
+import signal
+import socket
+import sys
+import threading
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from types import FrameType
+
+import psycopg
+from psycopg import sql
+
+from hive_common.auth import TokenIssuer
+from hive_common.migrations import postgres_url
+from hive_common.procstack import (
+    ProcessSpec,
+    ProcessStack,
+    ProcessStackError,
+    http_ready,
+    log_ready,
+)
+
+REPO = Path(__file__).resolve().parent.parent
+DATABASES = ("tickets", "registry", "orchestrator")
+MONGO_DATABASE = "hive_tickets"
+DB_PROCESS = "databases"
+SERVICES = ("service-registry", "execution-ticket-service", "orchestrator-dynamic")
+WORKERS = {
+    # name: (capabilities, labels); as in docker-compose.yml
+    "worker-1": ("python,shell", "stack=dev,worker=1"),
+    "worker-2": ("python,http", "stack=dev,worker=2"),
+}
+SHELL_ALLOW_LIST = "echo,true,false,sleep,python"
+
+
+@dataclass(frozen=True)
+class Ports:
+    """Where everything listens: the services' local defaults (see each config.py) moved by
+    ``--port-offset``, and the local databases' ports."""
+
+    registry_grpc: int
+    registry_http: int
+    tickets_grpc: int
+    tickets_http: int
+    tickets_metrics: int
+    orchestrator_grpc: int
+    orchestrator_http: int
+    postgres_port: int
+    mongo_port: int
+
+    @classmethod
+    def with_offset(cls, offset: int, *, postgres_port: int, mongo_port: int) -> Ports:
+        return cls(
+            registry_grpc=50051 + offset,
+            registry_http=8001 + offset,
+            tickets_grpc=50052 + offset,
+            tickets_http=8002 + offset,
+            tickets_metrics=9092 + offset,
+            orchestrator_grpc=50053 + offset,
+            orchestrator_http=8003 + offset,
+            postgres_port=postgres_port,
+            mongo_port=mongo_port,
+        )
+
+    def service_ports(self) -> dict[str, int]:
+        ports = asdict(self)
+        del ports["postgres_port"], ports["mongo_port"]
+        return ports
+
+
+def port_in_use(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return True
+    return False
+
+
+def ensure_databases(admin_dsn: str) -> dict[str, str]:
+    """Create the services' databases unless they exist; return their conninfo URLs."""
+    with psycopg.connect(admin_dsn, autocommit=True, connect_timeout=10) as conn:
+        for name in DATABASES:
+            found = conn.execute("SELECT 1 FROM pg_database WHERE datname = %s", (name,))
+            if found.fetchone() is None:
+                conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(name)))
+    return {name: postgres_url(admin_dsn, dbname=name) for name in DATABASES}
+
+
+def database_spec(*, state_dir: Path, ports: Ports) -> ProcessSpec:
+    command = [
+        sys.executable,
+        "-m",
+        "hive_common.localdb",
+        "--data-dir",
+        str(state_dir / "db"),
+        "--postgres-port",
+        str(ports.postgres_port),
+        "--mongo-port",
+        str(ports.mongo_port),
+    ]
+    return ProcessSpec(
+        name=DB_PROCESS,
+        argv=command,
+        # localdb prints one JSON line with the URLs once both servers accept connections.
+        ready=log_ready(r'"HIVE_DEV_MONGO_URI"'),
+        ready_timeout=120,
+        stop_grace=30,
+        tier=-1,
+    )
+
+
+def service_specs(
+    *,
+    ports: Ports,
+    dsns: dict[str, str],
+    mongo_uri: str,
+    jwt_secret: str,
+    registration_secret: str,
+    log_format: str,
+) -> list[ProcessSpec]:
+    python = sys.executable
+    common = {"HOST": "127.0.0.1", "LOG_FORMAT": log_format, "JWT_SECRET": jwt_secret}
+
+    def env(prefix: str, values: dict[str, object]) -> dict[str, str]:
+        return {f"{prefix}{k}": str(v) for k, v in {**common, **values}.items()}
+
+    specs = [
+        ProcessSpec(
+            name="service-registry",
+            argv=[python, "-m", "service_registry"],
+            env=env(
+                "HIVE_REGISTRY_",
+                {
+                    "GRPC_PORT": ports.registry_grpc,
+                    "HTTP_PORT": ports.registry_http,
+                    "POSTGRES_DSN": dsns["registry"],
+                    "REGISTRATION_SECRET": registration_secret,
+                },
+            ),
+            ready=http_ready(f"http://127.0.0.1:{ports.registry_http}/ready"),
+            stop_grace=20,
+        ),
+        ProcessSpec(
+            name="execution-ticket-service",
+            argv=[python, "-m", "execution_ticket_service"],
+            env=env(
+                "HIVE_TICKETS_",
+                {
+                    "GRPC_PORT": ports.tickets_grpc,
+                    "HTTP_PORT": ports.tickets_http,
+                    "METRICS_PORT": ports.tickets_metrics,
+                    "POSTGRES_DSN": dsns["tickets"],
+                    "MONGO_URI": mongo_uri,
+                    "MONGO_DATABASE": MONGO_DATABASE,
+                },
+            ),
+            ready=http_ready(f"http://127.0.0.1:{ports.tickets_http}/ready"),
+            stop_grace=20,
+        ),
+        ProcessSpec(
+            name="orchestrator-dynamic",
+            argv=[python, "-m", "orchestrator_dynamic"],
+            env=env(
+                "HIVE_ORCHESTRATOR_",
+                {
+                    "GRPC_PORT": ports.orchestrator_grpc,
+                    "HTTP_PORT": ports.orchestrator_http,
+                    "POSTGRES_DSN": dsns["orchestrator"],
+                    "TICKET_SERVICE_TARGET": f"127.0.0.1:{ports.tickets_grpc}",
+                    "REGISTRY_TARGET": f"127.0.0.1:{ports.registry_grpc}",
+                },
+            ),
+            ready=http_ready(f"http://127.0.0.1:{ports.orchestrator_http}/ready"),
+            stop_grace=20,
+            tier=1,
+        ),
+    ]
+    for name, (capabilities, labels) in WORKERS.items():
+        worker_env = {
+            "HIVE_WORKER_NAME": name,
+            "HIVE_WORKER_CAPABILITIES": capabilities,
+            "HIVE_WORKER_LABELS": labels,
+            "HIVE_WORKER_REGISTRY_TARGET": f"127.0.0.1:{ports.registry_grpc}",
+            "HIVE_WORKER_TICKETS_TARGET": f"127.0.0.1:{ports.tickets_grpc}",
+            "HIVE_WORKER_REGISTRATION_SECRET": registration_secret,
+            "HIVE_WORKER_SHELL_ALLOW_LIST": SHELL_ALLOW_LIST,
+            "HIVE_WORKER_DRAIN_GRACE_SECONDS": "10",
+            "HIVE_WORKER_LOG_FORMAT": log_format,
+        }
+        specs.append(
+            ProcessSpec(
+                name=name,
+                argv=[python, "-m", "hive_worker"],
+                env=worker_env,
+                ready=log_ready("worker registered"),
+                stop_grace=20,
+                tier=2,
+            )
+        )
+    return specs
+
+
+def summary(
+    *,
+    ports: Ports,
+    dsns: dict[str, str],
+    mongo_uri: str,
+    log_dir: Path,
+    env_file: Path,
+) -> str:
+    orchestrator = f"http://127.0.0.1:{ports.orchestrator_http}"
+    tickets = f"http://127.0.0.1:{ports.tickets_http}"
+    registry = f"http://127.0.0.1:{ports.registry_http}"
+    try:
+        logs = log_dir.relative_to(Path.cwd())
+    except ValueError:
+        logs = log_dir
+    workers = ", ".join(f"{name} ({caps})" for name, (caps, _) in WORKERS.items())
+    return f"""
+Hive Flow C dev stack is ready. Ctrl-C stops everything.
+
+  orchestrator      {orchestrator}   (POST /api/v1/plans, docs {orchestrator}/docs)
+                    gRPC health 127.0.0.1:{ports.orchestrator_grpc}
+  ticket service    {tickets}   gRPC 127.0.0.1:{ports.tickets_grpc}   metrics http://127.0.0.1:{ports.tickets_metrics}/metrics
+  service registry  {registry}   gRPC 127.0.0.1:{ports.registry_grpc}
+  workers           {workers}
+  PostgreSQL        {", ".join(dsns.values())}
+  MongoDB           {mongo_uri}  (database {MONGO_DATABASE}: audit_trail, status_change_events)
+  logs              {logs}/<name>.log     tail -f {logs}/*.log
+  environment       {env_file}  (URLs, gRPC targets and a service token: `source` it)
+
+Submit a plan and follow it:
+
+  curl -s -X POST {orchestrator}/api/v1/plans -H 'Content-Type: application/json' \\
+       -d @examples/diamond.json
+  watch -n1 curl -s {orchestrator}/api/v1/plans/<plan_id>           # status, counts, tickets
+  curl -s {orchestrator}/api/v1/plans/<plan_id>/explain             # why a task is waiting
+
+The ticket and registry APIs want a token (in the environment file):
+
+  source {env_file}
+  curl -s -H "Authorization: Bearer $HIVE_SERVICE_TOKEN" \\
+       "{tickets}/api/v1/tickets?plan_id=<plan_id>"
+  curl -s -H "Authorization: Bearer $HIVE_SERVICE_TOKEN" {registry}/api/v1/workers
+"""
+
+
+def write_env_file(path: Path, values: dict[str, str]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    text = "".join(f"export {key}={shlex.quote(value)}\n" for key, value in values.items())
+    path.write_text(text)
+    path.chmod(0o600)  # holds a service token and the secrets
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="dev-stack", description=__doc__.split("\n\n")[0])
+    parser.add_argument("--state-dir", type=Path, default=REPO / ".hive", help="default .hive")
+    parser.add_argument(
+        "--port-offset", type=int, default=int(os.environ.get("HIVE_DEV_PORT_OFFSET", "0"))
+    )
+    parser.add_argument("--postgres-port", type=int, default=55432)
+    parser.add_argument("--mongo-port", type=int, default=57017)
+    parser.add_argument("--log-format", choices=("pretty", "json"), default="pretty")
+    args = parser.parse_args(argv)
+
+    state_dir: Path = args.state_dir.resolve()
+    log_dir = state_dir / "logs"
+    env_file = state_dir / "dev.env"
+    ports = Ports.with_offset(
+        args.port_offset, postgres_port=args.postgres_port, mongo_port=args.mongo_port
+    )
+    given_postgres = os.environ.get("HIVE_DEV_POSTGRES_DSN", "").strip()
+    given_mongo = os.environ.get("HIVE_DEV_MONGO_URI", "").strip()
+    run_databases = not (given_postgres and given_mongo)
+
+    wanted = dict(ports.service_ports())
+    if run_databases:
+        wanted |= {"postgres": ports.postgres_port, "mongo": ports.mongo_port}
+    busy = {name: port for name, port in wanted.items() if port_in_use(port)}
+    if busy:
+        listing = ", ".join(f"{name} {port}" for name, port in busy.items())
+        print(
+            f"error: ports in use: {listing}. Is a stack already running (`make up` or "
+            "another `make dev`)? Use --port-offset N (HIVE_DEV_PORT_OFFSET) to move the "
+            "services, --postgres-port/--mongo-port for the databases.",
+            file=sys.stderr,
+        )
+        return 2
+
+    jwt_secret = os.environ.get("HIVE_DEV_JWT_SECRET") or secrets.token_urlsafe(32)
+    registration_secret = os.environ.get("HIVE_DEV_REGISTRATION_SECRET") or secrets.token_urlsafe(
+        24
+    )
+
+    stop = threading.Event()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        if stop.is_set():
+            print("\nalready stopping; please wait (processes get their grace period)")
+        stop.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+
+    specs: list[ProcessSpec] = []
+    if run_databases:
+        specs.append(database_spec(state_dir=state_dir, ports=ports))
+    postgres_admin = (
+        given_postgres or f"postgresql://postgres@127.0.0.1:{ports.postgres_port}/postgres"
+    )
+    mongo_uri = given_mongo or f"mongodb://127.0.0.1:{ports.mongo_port}/?directConnection=true"
+    # The services' DSNs follow from the admin DSN (same server, one database each).
+    dsns = {name: postgres_url(postgres_admin, dbname=name) for name in DATABASES}
+    specs += service_specs(
+        ports=ports,
+        dsns=dsns,
+        mongo_uri=mongo_uri,
+        jwt_secret=jwt_secret,
+        registration_secret=registration_secret,
+        log_format=args.log_format,
+    )
+    stack = ProcessStack(specs, log_dir=log_dir)
+    status = 0
+    try:
+        if run_databases:
+            print(f"starting PostgreSQL and MongoDB (data in {state_dir / 'db'}) ...", flush=True)
+            stack.start(DB_PROCESS)
+            stack.wait_ready([DB_PROCESS])
+        ensure_databases(postgres_admin)
+        others = [name for name in stack.names if name != DB_PROCESS]
+        print(f"starting {', '.join(others)} (logs in {log_dir}) ...", flush=True)
+        stack.start(*others)
+        stack.wait_ready(others, timeout=120)
+
+        issuer = TokenIssuer(secret=jwt_secret, issuer="hive-flow-c")
+        token, _ = issuer.issue_service_token(service="dev-stack", ttl_seconds=12 * 3600)
+        write_env_file(
+            env_file,
+            {
+                "HIVE_ORCHESTRATOR_URL": f"http://127.0.0.1:{ports.orchestrator_http}",
+                "HIVE_TICKETS_URL": f"http://127.0.0.1:{ports.tickets_http}",
+                "HIVE_REGISTRY_URL": f"http://127.0.0.1:{ports.registry_http}",
+                "HIVE_TICKETS_TARGET": f"127.0.0.1:{ports.tickets_grpc}",
+                "HIVE_REGISTRY_TARGET": f"127.0.0.1:{ports.registry_grpc}",
+                "HIVE_SERVICE_TOKEN": token,
+                "HIVE_DEV_JWT_SECRET": jwt_secret,
+                "HIVE_DEV_REGISTRATION_SECRET": registration_secret,
+                "HIVE_DEV_POSTGRES_DSN": postgres_admin,
+                "HIVE_DEV_MONGO_URI": mongo_uri,
+            },
+        )
+        print(
+            summary(
+                ports=ports,
+                dsns=dsns,
+                mongo_uri=mongo_uri,
+                log_dir=log_dir,
+                env_file=env_file,
+            ),
+            flush=True,
+        )
+        print(json.dumps({"event": "dev stack ready"}), flush=True)
+        while not stop.wait(0.5):
+            dead = stack.exited()
+            if dead:
+                for process in dead:
+                    print(
+                        f"\n{process.name} exited with code {process.returncode}; last lines of "
+                        f"{process.log_path}:\n{process.log_tail(30)}",
+                        file=sys.stderr,
+                    )
+                print("stopping the stack", file=sys.stderr)
+                status = 1
+                break
+    except (ProcessStackError, psycopg.Error) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        status = 1
+    finally:
+        print("stopping: workers, then the orchestrator, then the services ...", flush=True)
+        stack.stop_all()
+        unclean = {
+            p.name: p.returncode for p in stack if p.starts and p.returncode not in (0, None)
+        }
+        if unclean:
+            print(f"processes that did not exit cleanly: {unclean}", file=sys.stderr)
+            status = status or 1
+        print("stopped", flush=True)
+    return status
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
