@@ -152,7 +152,6 @@ class PlanDriver:
         self._wake = asyncio.Event()
         self._claim_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
-        self._stopping = False
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -174,7 +173,6 @@ class PlanDriver:
 
     async def stop(self) -> None:
         """Stop driving and release every lease so another replica takes over at once."""
-        self._stopping = True
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -332,6 +330,11 @@ class PlanDriver:
             except HiveError as exc:
                 self._health.failed(TICKET_SERVICE, str(exc))
                 _log.warning("plan watch failed", plan_id=plan.plan_id, error=str(exc))
+                cursor = watch.cursor
+                plan.resync_due = 0.0
+            except Exception:
+                # Never let a plan go unwatched: reopen from the last cursor seen.
+                _log.exception("plan watch error", plan_id=plan.plan_id)
                 cursor = watch.cursor
                 plan.resync_due = 0.0
             await asyncio.sleep(self._settings.error_retry)
