@@ -266,11 +266,22 @@ def test_a_broken_dockerfile_fails(copy: Path, old: str, new: str, expected: str
 
 
 def test_an_http_only_service_must_have_a_ready_readiness_probe(copy: Path) -> None:
-    """The orchestrator serves no gRPC: its readiness is GET /ready, not /health."""
+    """Without a gRPC port, readiness is GET /ready (what the orchestrator would use without
+    its gRPC twin); GET /health is liveness, not readiness."""
 
-    def health_readiness(documents: list[Any]) -> None:
-        _container(documents)["readinessProbe"]["httpGet"]["path"] = "/health"
+    def http_only(documents: list[Any]) -> None:
+        container = _container(documents)
+        container["ports"] = [p for p in container["ports"] if p["name"] != "grpc"]
+        container["readinessProbe"] = {"httpGet": {"path": "/health", "port": 8000}}
+        (service,) = [d for d in documents if d["kind"] == "Service"]
+        service["spec"]["ports"] = [p for p in service["spec"]["ports"] if p["name"] != "grpc"]
 
-    _edit_yaml(copy / "deploy/k8s/22-orchestrator-dynamic.yaml", health_readiness)
+    _edit_yaml(copy / TICKETS_K8S, http_only)
     problems = _problems(copy, only="k8s")
     assert any("or httpGet /ready without gRPC" in problem for problem in problems), problems
+
+    def ready(documents: list[Any]) -> None:
+        _container(documents)["readinessProbe"]["httpGet"]["path"] = "/ready"
+
+    _edit_yaml(copy / TICKETS_K8S, ready)
+    assert _problems(copy, only="k8s") == []
