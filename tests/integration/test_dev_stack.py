@@ -1,0 +1,178 @@
+"""``make dev`` as a user runs it: ``scripts/dev-stack.py`` starts its own local databases,
+the services and the workers; a plan from examples/ completes; Ctrl-C (SIGINT) stops every
+process cleanly."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from hive_common.localdb import find_mongo_server, find_postgres_bin_dir
+from hive_common.testing.databases import unavailable_action
+
+from .conftest import wait_for
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[2]
+SERVICE_PORTS = (50051, 8001, 50052, 8002, 9092, 50053, 8003)
+
+
+def port_free(port: int) -> bool:
+    import socket
+
+    with socket.socket() as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def free_offset() -> int:
+    """A --port-offset whose seven service ports are free right now."""
+    for _ in range(200):
+        offset = random.randrange(10_000, 14_000)
+        if all(port_free(p + offset) for p in SERVICE_PORTS):
+            return offset
+    pytest.fail("no free port range for the dev stack")
+
+
+class DevStack:
+    def __init__(self, state_dir: Path) -> None:
+        from hive_common.localdb import free_port
+
+        self.state_dir = state_dir
+        self.output = state_dir / "dev-stack.out"
+        self.offset = free_offset()
+        command = [
+            sys.executable,
+            str(REPO / "scripts" / "dev-stack.py"),
+            "--state-dir",
+            str(state_dir),
+            "--port-offset",
+            str(self.offset),
+            "--postgres-port",
+            str(free_port()),
+            "--mongo-port",
+            str(free_port()),
+            "--log-format",
+            "json",
+        ]
+        state_dir.mkdir(parents=True, exist_ok=True)
+        env = {k: v for k, v in os.environ.items() if not k.startswith("HIVE_DEV_")}
+        with self.output.open("wb") as out:
+            self.process = subprocess.Popen(
+                command, stdout=out, stderr=subprocess.STDOUT, cwd=REPO, env=env
+            )
+
+    def text(self) -> str:
+        return self.output.read_text(errors="replace")
+
+    def wait_ready(self) -> None:
+        def ready() -> bool:
+            if self.process.poll() is not None:
+                pytest.fail(f"dev stack exited with {self.process.returncode}:\n{self.text()}")
+            return '"dev stack ready"' in self.text()
+
+        wait_for(ready, what="the dev stack to be ready", timeout=180)
+
+    def env(self) -> dict[str, str]:
+        values: dict[str, str] = {}
+        for line in (self.state_dir / "dev.env").read_text().splitlines():
+            key, _, value = line.removeprefix("export ").partition("=")
+            values[key] = shlex.split(value)[0]
+        return values
+
+
+@pytest.fixture
+def dev_stack() -> Iterator[DevStack]:
+    if find_postgres_bin_dir() is None or find_mongo_server() is None:
+        message = "make dev needs local PostgreSQL and MongoDB-compatible server binaries"
+        if unavailable_action(os.environ) == "fail":
+            pytest.fail(message)
+        pytest.skip(message)
+    # Not pytest's tmp_path: its 0700 parents would keep PostgreSQL's unprivileged OS user
+    # (when the tests run as root) out of the data directory.
+    state_dir = Path(tempfile.mkdtemp(prefix="hive-dev-stack-"))
+    state_dir.chmod(0o755)
+    stack = DevStack(state_dir)
+    try:
+        yield stack
+    finally:
+        if stack.process.poll() is None:
+            stack.process.send_signal(signal.SIGINT)
+            try:
+                stack.process.wait(90)
+            except subprocess.TimeoutExpired:
+                stack.process.kill()
+                stack.process.wait(10)
+        shutil.rmtree(state_dir, ignore_errors=True)
+
+
+def test_make_dev_runs_an_example_plan_and_ctrl_c_stops_everything_cleanly(
+    dev_stack: DevStack,
+) -> None:
+    dev_stack.wait_ready()
+    out = dev_stack.text()
+    orchestrator = f"http://127.0.0.1:{8003 + dev_stack.offset}"
+    assert orchestrator in out
+    assert "examples/diamond.json" in out
+    env = dev_stack.env()
+    assert env["HIVE_ORCHESTRATOR_URL"] == orchestrator
+    logs = sorted(p.name for p in (dev_stack.state_dir / "logs").iterdir())
+    assert logs == [
+        "databases.log",
+        "execution-ticket-service.log",
+        "orchestrator-dynamic.log",
+        "service-registry.log",
+        "worker-1.log",
+        "worker-2.log",
+    ]
+
+    with httpx.Client(timeout=10) as http:
+        plan = json.loads((REPO / "examples" / "diamond.json").read_text())
+        submitted = http.post(f"{orchestrator}/api/v1/plans", json=plan)
+        assert submitted.status_code == 202, submitted.text
+        plan_id = submitted.json()["plan_id"]
+
+        def completed() -> dict[str, object] | None:
+            body: dict[str, object] = http.get(f"{orchestrator}/api/v1/plans/{plan_id}").json()
+            return body if body["status"] in {"COMPLETED", "FAILED", "CANCELLED"} else None
+
+        assert wait_for(completed, what="the example plan")["status"] == "COMPLETED"
+        tickets = http.get(
+            f"{env['HIVE_TICKETS_URL']}/api/v1/tickets",
+            params={"plan_id": plan_id},
+            headers={"Authorization": f"Bearer {env['HIVE_SERVICE_TOKEN']}"},
+        )
+        assert tickets.status_code == 200, tickets.text
+        assert [t["status"] for t in tickets.json()["tickets"]] == ["COMPLETED"] * 4
+        workers = http.get(
+            f"{env['HIVE_REGISTRY_URL']}/api/v1/workers",
+            headers={"Authorization": f"Bearer {env['HIVE_SERVICE_TOKEN']}"},
+        )
+        assert sorted(w["name"] for w in workers.json()["workers"]) == ["worker-1", "worker-2"]
+
+    dev_stack.process.send_signal(signal.SIGINT)  # what Ctrl-C sends
+    began = time.monotonic()
+    while dev_stack.process.poll() is None:
+        assert time.monotonic() - began < 120, "the dev stack did not stop"
+        time.sleep(0.2)
+    out = dev_stack.text()
+    assert "did not exit cleanly" not in out, out[-2000:]
+    assert dev_stack.process.returncode == 0, out[-2000:]
+    assert out.rstrip().endswith("stopped")
