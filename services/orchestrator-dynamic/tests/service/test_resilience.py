@@ -4,6 +4,8 @@ other's plans."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 from typing import TYPE_CHECKING, Any
 
 import psycopg
@@ -118,3 +120,60 @@ async def test_two_replicas_share_plans_and_take_over(flow: Flow) -> None:
         assert final["status"] == "COMPLETED", final
         assert {t["attempt"] for t in final["tickets"]} == {1}
     assert third_view.driver.owner_id not in {first.driver.owner_id, second.driver.owner_id}
+
+
+async def test_a_ticket_of_a_lost_worker_runs_elsewhere(flow: Flow) -> None:
+    # Short leases so the lost worker's ticket comes back quickly.
+    await flow.start_orchestrator(assign_lease_seconds=2)
+    doomed = await flow.start_worker("doomed", ["python"])
+    started = asyncio.Event()
+
+    async def hang(params: dict[str, Any], ctx: Any) -> dict[str, Any]:
+        started.set()
+        await asyncio.Event().wait()  # never finishes: the worker dies first
+        return {}
+
+    doomed.add_task("job", hang)
+    plan = {
+        "plan_id": "orphan",
+        "tasks": [
+            {
+                "task_id": "job",
+                "task_type": "job",
+                "required_capabilities": ["python"],
+                "timeout_seconds": 2,
+                "max_retries": 5,
+            },
+            {
+                "task_id": "after",
+                "task_type": "echo",
+                "required_capabilities": ["python"],
+                "depends_on": ["job"],
+                # The dead worker looks alive until it misses its heartbeats, so this
+                # ticket may be leased to it once too.
+                "max_retries": 5,
+            },
+        ],
+    }
+    assert (await flow.submit(plan)).status_code == 202
+    async with asyncio.timeout(60):
+        await started.wait()
+
+    # The worker process dies without a word: no report, no deregistration.
+    _, task = next((w, t) for w, t in flow.workers if w is doomed)
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    flow.workers = [(w, t) for w, t in flow.workers if w is not doomed]
+
+    survivor = await flow.start_worker("survivor", ["python"])
+
+    async def done(params: dict[str, Any], ctx: Any) -> dict[str, Any]:
+        return {"ran_on": "survivor", "attempt": ctx.attempt}
+
+    survivor.add_task("job", done)
+    final = await flow.wait_settled("orphan")
+    assert final["status"] == "COMPLETED", final
+    job = flow.tasks(final)["job"]
+    assert job["attempt"] >= 2
+    assert job["worker_id"] == survivor.worker_id
