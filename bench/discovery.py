@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass
 
 import grpc
 
+from bench.cpu import CpuMeter
 from bench.report import Figure, Report
 from bench.stack import REGISTRATION_SECRET, bearer
 from bench.stats import LoadResult, closed_loop
@@ -42,7 +44,12 @@ SELECTIVE = rpb.DiscoverWorkersRequest(
 
 
 async def run_discovery(
-    report: Report, *, registry_target: str, echo_target: str, sizes: DiscoverySizes
+    report: Report,
+    *,
+    registry_target: str,
+    echo_target: str,
+    sizes: DiscoverySizes,
+    meter: CpuMeter,
 ) -> None:
     register_metadata = (("authorization", f"Bearer {REGISTRATION_SECRET}"),)
     metadata = bearer()
@@ -81,16 +88,20 @@ async def run_discovery(
                     _register_request(base + i), metadata=register_metadata, timeout=60
                 )
 
-            reg = await closed_loop(
-                register, concurrency=sizes.register_concurrency, total=population - registered
-            )
+            with meter.measure(f"Register up to {population:,} workers"):
+                reg = await closed_loop(
+                    register, concurrency=sizes.register_concurrency, total=population - registered
+                )
             if reg.errors:
                 raise RuntimeError(f"Register failed: {reg.first_error}")
             registered = population
+            await asyncio.sleep(1.0)  # let the registration burst's follow-up work settle
             rare_count = len(range(0, population, RARE_EVERY))
-            common = await discover(COMMON, min(10, population))
-            selective = await discover(SELECTIVE, min(10, rare_count))
-            floor = await closed_loop(discover_echo, concurrency=1, total=sizes.calls)
+            with meter.measure(f"DiscoverWorkers, {population:,} workers"):
+                common = await discover(COMMON, min(10, population))
+                selective = await discover(SELECTIVE, min(10, rare_count))
+            with meter.measure(f"DiscoverWorkers echo ({population:,} phase)"):
+                floor = await closed_loop(discover_echo, concurrency=1, total=sizes.calls)
             report.raw["discovery"][str(population)] = {
                 "register": reg.to_json(),
                 "common": common.to_json(),

@@ -8,8 +8,8 @@ import platform
 import re
 import subprocess
 import sys
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +17,7 @@ import psycopg
 from psycopg import sql
 from pymongo import MongoClient
 
+from bench import cpu
 from hive_common.localdb import LocalMongo, LocalPostgres, find_ferretdb
 
 
@@ -28,6 +29,8 @@ class Databases:
     mongo_uri: str
     provisioned: bool
     durable: bool | None
+    # CPU-seconds sources of the servers we started (none for servers given by URL).
+    cpu_sources: dict[str, Callable[[], float]] = field(default_factory=dict)
 
     def fresh_database(self, name: str) -> str:
         """(Re)create database ``name`` empty; return its conninfo URL."""
@@ -80,22 +83,31 @@ def databases(*, durable: bool) -> Iterator[Databases]:
         dsn = os.environ.get("HIVE_BENCH_POSTGRES_DSN")
         uri = os.environ.get("HIVE_BENCH_MONGO_URI")
         provisioned = not (dsn and uri)
+        sources: dict[str, Callable[[], float]] = {}
         if not dsn:
             # Under /tmp: the server runs as an unprivileged user that must reach its files.
             postgres = LocalPostgres(durable=durable, max_connections=400)
             stack.callback(postgres.close)
             postgres.start()
             dsn = postgres.dsn
+            pid_file = postgres.cluster_dir / "postmaster.pid"
+            postmaster = int(pid_file.read_text().split()[0])
+            sources["postgresql"] = lambda: cpu.postgres_seconds(postmaster)
         if not uri:
             mongo = LocalMongo()
             stack.callback(mongo.close)
             mongo.start()
             uri = mongo.uri
+            fragment = str(mongo.base_dir)
+            sources[mongo.kind] = lambda: sum(
+                cpu.process_seconds(pid) for pid in cpu.pids_with_argument(fragment)
+            )
         yield Databases(
             postgres_admin_dsn=dsn,
             mongo_uri=uri,
             provisioned=provisioned,
             durable=durable if "HIVE_BENCH_POSTGRES_DSN" not in os.environ else None,
+            cpu_sources=sources,
         )
 
 

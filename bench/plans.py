@@ -25,7 +25,8 @@ import httpx
 import psycopg
 from pymongo import MongoClient
 
-from bench import stack
+from bench import cpu, profiling, stack
+from bench.cpu import CpuMeter
 from bench.environment import Databases
 from bench.report import Figure, Report
 from bench.stats import percentile
@@ -48,6 +49,9 @@ class PlanSizes:
     workers: int
     worker_slots: int
     timeout_s: float
+    # The wide plan again with this many slots per worker (0: skip), to separate the
+    # services' own throughput from the workers' default concurrency.
+    wide_again_slots: int = 32
 
 
 FULL_PLANS = PlanSizes(
@@ -102,6 +106,51 @@ def dag_plan(plan_id: str, levels: int, width: int) -> dict[str, Any]:
             )
             tasks.append(_task(f"l{level}-{i}", deps))
     return {"plan_id": plan_id, "name": f"dag {levels}x{width}", "tasks": tasks}
+
+
+_STAGES = """
+WITH t AS (
+    SELECT ticket_id,
+           min(occurred_at) FILTER (WHERE event_type = 'CREATED') AS created,
+           min(occurred_at) FILTER (WHERE event_type = 'ASSIGNED') AS assigned,
+           min(occurred_at) FILTER (WHERE event_type = 'STATUS_CHANGED' AND status = 'RUNNING')
+               AS running,
+           min(occurred_at) FILTER (WHERE event_type = 'STATUS_CHANGED' AND status = 'COMPLETED')
+               AS completed
+    FROM ticket_events WHERE plan_id = ANY(%(plans)s) GROUP BY ticket_id
+)
+SELECT extract(epoch FROM assigned - created), extract(epoch FROM running - assigned),
+       extract(epoch FROM completed - running)
+FROM t
+"""
+
+# For every completion on a worker: how long until the next ticket was assigned to it.
+_REFILL = """
+SELECT extract(epoch FROM (
+           SELECT min(a.occurred_at) FROM ticket_events a
+           WHERE a.plan_id = ANY(%(plans)s) AND a.event_type = 'ASSIGNED'
+             AND a.worker_id = d.worker_id AND a.occurred_at >= d.occurred_at
+       ) - d.occurred_at)
+FROM ticket_events d
+WHERE d.plan_id = ANY(%(plans)s) AND d.event_type = 'STATUS_CHANGED' AND d.status = 'COMPLETED'
+"""
+
+
+def _spread(values: list[float]) -> dict[str, float]:
+    return {
+        "n": len(values),
+        "p50_s": percentile(values, 0.5),
+        "p99_s": percentile(values, 0.99),
+        "max_s": max(values) if values else math.nan,
+    }
+
+
+def _stage_note(name: str, stages: dict[str, Any]) -> str:
+    parts = [
+        f"{stage}: p50 {v['p50_s'] * 1000:.0f} ms, p99 {v['p99_s'] * 1000:.0f} ms (n={v['n']})"
+        for stage, v in stages.items()
+    ]
+    return f"Stage breakdown, {name}: " + "; ".join(parts)
 
 
 def _ts(value: str | None) -> float:
@@ -205,6 +254,26 @@ class PlanRunner:
             if plan["status"] == "COMPLETED"
             else math.nan,
         )
+
+    async def stages(self, plan_ids: list[str]) -> dict[str, Any]:
+        """Per-ticket stage durations from the ticket event log (seconds: p50, p99, max)."""
+        async with await psycopg.AsyncConnection.connect(self.tickets_dsn) as conn:
+            cur = await conn.execute(_STAGES, {"plans": plan_ids})
+            rows = await cur.fetchall()
+            cur = await conn.execute(_REFILL, {"plans": plan_ids})
+            refill = [float(r[0]) for r in await cur.fetchall() if r[0] is not None]
+        columns = (
+            "created -> first ASSIGNED (waiting for a worker slot)",
+            "ASSIGNED -> RUNNING (worker pickup: watch delivery, token, update)",
+            "RUNNING -> COMPLETED (no-op task + report)",
+            "COMPLETED -> orchestrator's next ASSIGN to that worker (slot refill)",
+        )
+        stages: dict[str, Any] = {}
+        for index, name in enumerate(columns[:3]):
+            values = [float(r[index]) for r in rows if r[index] is not None]
+            stages[name] = _spread(values)
+        stages[columns[3]] = _spread(refill)
+        return stages
 
     async def explain(self, plan_id: str) -> str:
         try:
@@ -319,6 +388,33 @@ def _plan_figures(report: Report, name: str, timing: PlanTiming, target_s: float
         )
 
 
+async def run_one_plan(
+    report: Report,
+    runner: PlanRunner,
+    meter: CpuMeter,
+    name: str,
+    plan: dict[str, Any],
+    target: float | None,
+    sizes: PlanSizes,
+) -> None:
+    """Submit one plan, wait until it settles, record its timings and stage breakdown."""
+    print(f"bench: plans: {name}", flush=True)
+    with meter.measure(name):
+        t0, submit_s = await runner.submit(plan)
+        statuses = await runner.wait_settled({plan["plan_id"]})
+    timing = await runner.timing(plan["plan_id"], len(plan["tasks"]), t0, submit_s)
+    report.raw["plans"][name] = timing.to_json()
+    stages = await runner.stages([plan["plan_id"]])
+    report.raw["plans"][name]["stages"] = stages
+    report.notes.append(_stage_note(name, stages))
+    if timing.status != "COMPLETED":
+        report.notes.append(
+            f"GAP: {name} did not complete within {sizes.timeout_s:.0f} s "
+            f"(statuses {statuses}); {await runner.explain(plan['plan_id'])}"
+        )
+    _plan_figures(report, name, timing, target if sizes.wide_tasks >= 1000 else None)
+
+
 async def run_plans(
     report: Report,
     *,
@@ -326,6 +422,7 @@ async def run_plans(
     tickets_target: str,
     tickets_dsn: str,
     sizes: PlanSizes,
+    meter: CpuMeter,
 ) -> None:
     run_id = uuid.uuid4().hex[:6]
     idle = await _idle_relay_lag(tickets_target, tickets_dsn, samples=5)
@@ -347,17 +444,7 @@ async def run_plans(
                 None,
             ),
         ):
-            print(f"bench: plans: {name}", flush=True)
-            t0, submit_s = await runner.submit(plan)
-            statuses = await runner.wait_settled({plan["plan_id"]})
-            timing = await runner.timing(plan["plan_id"], len(plan["tasks"]), t0, submit_s)
-            report.raw["plans"][name] = timing.to_json()
-            if timing.status != "COMPLETED":
-                report.notes.append(
-                    f"GAP: {name} did not complete within {sizes.timeout_s:.0f} s "
-                    f"(statuses {statuses}); {await runner.explain(plan['plan_id'])}"
-                )
-            _plan_figures(report, name, timing, target if sizes.wide_tasks >= 1000 else None)
+            await run_one_plan(report, runner, meter, name, plan, target, sizes)
 
         # Many small plans at once.
         name = f"{sizes.many_plans} plans of {sizes.many_plan_tasks} tasks, submitted concurrently"
@@ -366,10 +453,11 @@ async def run_plans(
             wide_plan(f"many-{run_id}-{i}", sizes.many_plan_tasks) for i in range(sizes.many_plans)
         ]
         start_wall = time.time()
-        submitted = await asyncio.gather(*(runner.submit(p) for p in plans))
-        all_submitted_s = time.time() - start_wall
-        ids = {p["plan_id"] for p in plans}
-        statuses = await runner.wait_settled(ids)
+        with meter.measure(name):
+            submitted = await asyncio.gather(*(runner.submit(p) for p in plans))
+            all_submitted_s = time.time() - start_wall
+            ids = {p["plan_id"] for p in plans}
+            statuses = await runner.wait_settled(ids)
         timings = [
             await runner.timing(p["plan_id"], len(p["tasks"]), t0, submit_s)
             for p, (t0, submit_s) in zip(plans, submitted, strict=True)
@@ -391,6 +479,9 @@ async def run_plans(
             "submit_p50_s": percentile([t.submit_s for t in timings], 0.5),
             "submit_p99_s": percentile([t.submit_s for t in timings], 0.99),
         }
+        stages = await runner.stages(sorted(ids))
+        report.raw["plans"][name]["stages"] = stages
+        report.notes.append(_stage_note(name, stages))
         if len(done) != len(plans):
             report.notes.append(
                 f"GAP: {name}: only {len(done)} of {len(plans)} plans COMPLETED within "
@@ -460,6 +551,61 @@ async def run_plans(
     )
 
 
+def _wide_again(
+    report: Report,
+    dbs: Databases,
+    args: argparse.Namespace,
+    logs: Path,
+    procs: ProcessStack,
+    tickets: stack.Built,
+    registry: stack.Built,
+    orchestrator: stack.Built,
+    sizes: PlanSizes,
+    tickets_dsn: str,
+) -> None:
+    """Replace the workers by ones with more slots and run the wide plan once more."""
+    procs.stop(*(p.name for p in procs if p.name.startswith("worker-")))
+    workers = [
+        stack.worker(
+            name=f"worker-{sizes.wide_again_slots}slots-{i}",
+            tickets=tickets.endpoint,
+            registry=registry.endpoint,
+            max_concurrent=sizes.wide_again_slots,
+            log_level=args.log_level,
+        )
+        for i in range(1, sizes.workers + 1)
+    ]
+    with ProcessStack([w.spec for w in workers], log_dir=logs / "plans") as extra:
+        extra.start_all(timeout=120)
+        services = [p for p in procs if p.is_running]
+        meter = cpu.meter_for(dbs.cpu_sources, [*services, *extra])
+        if args.profile:
+            meter.around = profiling.sampler_for(services, args.out / "profiles")
+        name = (
+            f"wide plan, {sizes.wide_tasks:,} tasks, {sizes.workers} workers with "
+            f"max_concurrent {sizes.wide_again_slots}"
+        )
+
+        async def run() -> None:
+            async with httpx.AsyncClient(base_url=orchestrator.endpoint.http_url) as http:
+                runner = PlanRunner(http=http, tickets_dsn=tickets_dsn, timeout_s=sizes.timeout_s)
+                plan = wide_plan(f"wide-again-{uuid.uuid4().hex[:6]}", sizes.wide_tasks)
+                await run_one_plan(report, runner, meter, name, plan, None, sizes)
+
+        asyncio.run(run())
+        report.cpu.update(meter.results)
+        for process in extra:
+            report.memory.append(
+                {
+                    "phase": "plans",
+                    "process": process.name,
+                    "pid": process.pid,
+                    "vmhwm_mib": stack.vm_hwm_mib(process.pid),
+                    "note": f"max_concurrent {sizes.wide_again_slots}, after the wide plan",
+                }
+            )
+
+
 def phase_plans(report: Report, dbs: Databases, args: argparse.Namespace, logs: Path) -> None:
     sizes = QUICK_PLANS if args.quick else FULL_PLANS
     tickets_dsn = dbs.fresh_database("bench_tickets_plans")
@@ -503,6 +649,9 @@ def phase_plans(report: Report, dbs: Databases, args: argparse.Namespace, logs: 
     )
     with ProcessStack(specs, log_dir=logs / "plans") as procs:
         procs.start_all(timeout=120)
+        meter = cpu.meter_for(dbs.cpu_sources, procs)
+        if args.profile:
+            meter.around = profiling.sampler_for(procs, args.out / "profiles")
         asyncio.run(
             run_plans(
                 report,
@@ -510,8 +659,14 @@ def phase_plans(report: Report, dbs: Databases, args: argparse.Namespace, logs: 
                 tickets_target=tickets.endpoint.grpc_target,
                 tickets_dsn=tickets_dsn,
                 sizes=sizes,
+                meter=meter,
             )
         )
+        report.cpu.update(meter.results)
+        if sizes.wide_again_slots:
+            _wide_again(
+                report, dbs, args, logs, procs, tickets, registry, orchestrator, sizes, tickets_dsn
+            )
         for process in procs:
             report.memory.append(
                 {

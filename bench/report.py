@@ -48,6 +48,7 @@ class Report:
     parameters: dict[str, Any]
     figures: list[Figure] = field(default_factory=list)
     memory: list[dict[str, Any]] = field(default_factory=list)
+    cpu: dict[str, dict[str, float]] = field(default_factory=dict)
     raw: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
     finished_at: str = ""
@@ -71,6 +72,7 @@ class Report:
                 if f.target
             ],
             "memory": self.memory,
+            "cpu_seconds": self.cpu,
             "raw": self.raw,
             "notes": self.notes,
         }
@@ -120,6 +122,20 @@ class Report:
                     f"| {m['phase']} | {m['process']} | {_num(m['vmhwm_mib'])} MiB "
                     f"| {m.get('note', '')} |"
                 )
+        if self.cpu:
+            out += [
+                "",
+                "## Where the CPU went (CPU seconds per process during each measurement)",
+                "",
+            ]
+            for label, groups in self.cpu.items():
+                wall = groups.get("wall", math.nan)
+                parts = ", ".join(
+                    f"{name} {seconds:.2f}"
+                    for name, seconds in sorted(groups.items(), key=lambda kv: -kv[1])
+                    if name != "wall" and seconds >= 0.005
+                )
+                out.append(f"- {label} (wall {wall:.2f} s): {parts}")
         if self.notes:
             out += ["", "## Notes", ""]
             out += [f"- {note}" for note in self.notes]

@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from datetime import UTC, datetime
 from pathlib import Path
 
-from bench import stack
+from bench import cpu, profiling, stack
 from bench.discovery import DiscoverySizes, run_discovery
 from bench.environment import Databases, databases, describe_machine, load_average
 from bench.report import Report
@@ -59,6 +59,13 @@ def _running(processes: ProcessStack) -> Iterator[ProcessStack]:
         yield processes
 
 
+def _meter(dbs: Databases, procs: ProcessStack, args: argparse.Namespace) -> cpu.CpuMeter:
+    meter = cpu.meter_for(dbs.cpu_sources, procs)
+    if args.profile:
+        meter.around = profiling.sampler_for(procs, args.out / "profiles")
+    return meter
+
+
 def phase_tickets(report: Report, dbs: Databases, args: argparse.Namespace, logs: Path) -> None:
     dsn = dbs.fresh_database("bench_tickets_micro")
     tickets = stack.ticket_service(
@@ -71,6 +78,7 @@ def phase_tickets(report: Report, dbs: Databases, args: argparse.Namespace, logs
     echo = stack.echo_server()
     sizes = QUICK_TICKETS if args.quick else FULL_TICKETS
     with _running(ProcessStack([tickets.spec, echo.spec], log_dir=logs / "tickets")) as procs:
+        meter = _meter(dbs, procs, args)
         asyncio.run(
             run_ingest(
                 report,
@@ -78,6 +86,7 @@ def phase_tickets(report: Report, dbs: Databases, args: argparse.Namespace, logs
                 echo_target=echo.endpoint.grpc_target,
                 dsn=dsn,
                 sizes=sizes,
+                meter=meter,
             )
         )
         asyncio.run(
@@ -86,8 +95,10 @@ def phase_tickets(report: Report, dbs: Databases, args: argparse.Namespace, logs
                 tickets_target=tickets.endpoint.grpc_target,
                 echo_target=echo.endpoint.grpc_target,
                 sizes=sizes,
+                meter=meter,
             )
         )
+        report.cpu.update(meter.results)
         _record_memory(report, "tickets", procs, "after ingest and update benchmarks")
 
 
@@ -102,14 +113,17 @@ def phase_discovery(report: Report, dbs: Databases, args: argparse.Namespace, lo
     echo = stack.echo_server()
     sizes = QUICK_DISCOVERY if args.quick else FULL_DISCOVERY
     with _running(ProcessStack([registry.spec, echo.spec], log_dir=logs / "discovery")) as procs:
+        meter = _meter(dbs, procs, args)
         asyncio.run(
             run_discovery(
                 report,
                 registry_target=registry.endpoint.grpc_target,
                 echo_target=echo.endpoint.grpc_target,
                 sizes=sizes,
+                meter=meter,
             )
         )
+        report.cpu.update(meter.results)
         _record_memory(report, "discovery", procs, f"after {sizes.populations[-1]:,} registrations")
 
 
@@ -124,6 +138,9 @@ def main(argv: list[str] | None = None) -> int:
         dest="durable",
         action="store_false",
         help="provisioned PostgreSQL without fsync/synchronous_commit (default: durable)",
+    )
+    parser.add_argument(
+        "--profile", action="store_true", help="py-spy the services into <out>/profiles"
     )
     parser.add_argument("--log-level", default="INFO", help="services' log level (default INFO)")
     parser.add_argument("--out", type=Path, default=Path("bench/out"), help="JSON and logs")

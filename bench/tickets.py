@@ -15,6 +15,7 @@ import grpc
 import psycopg
 from psycopg.types.json import Jsonb
 
+from bench.cpu import CpuMeter
 from bench.report import Figure, Report
 from bench.stack import bearer
 from bench.stats import LoadResult, closed_loop
@@ -134,7 +135,13 @@ async def _grpc_batches(
 
 
 async def run_ingest(
-    report: Report, *, tickets_target: str, echo_target: str, dsn: str, sizes: TicketSizes
+    report: Report,
+    *,
+    tickets_target: str,
+    echo_target: str,
+    dsn: str,
+    sizes: TicketSizes,
+    meter: CpuMeter,
 ) -> None:
     """BatchCreateTickets vs raw executemany; single CreateTicket vs the echo service."""
     run_id = uuid.uuid4().hex[:8]
@@ -175,9 +182,11 @@ async def run_ingest(
             raw_batches = [
                 _raw_rows(f"raw-{run_id}-{round_no}-{n}", sizes.plan_size) for n in range(per_round)
             ]
-            raw_time += await _raw_executemany(dsn, raw_batches, sizes.ingest_concurrency)
+            with meter.measure("ingest: raw executemany"):
+                raw_time += await _raw_executemany(dsn, raw_batches, sizes.ingest_concurrency)
             raw_count += per_round * sizes.plan_size
-            grpc_time += await _grpc_batches(stub, requests, sizes.ingest_concurrency)
+            with meter.measure("ingest: BatchCreateTickets"):
+                grpc_time += await _grpc_batches(stub, requests, sizes.ingest_concurrency)
             grpc_count += per_round * sizes.plan_size
         grpc_rate = grpc_count / grpc_time
         raw_rate = raw_count / raw_time
@@ -238,12 +247,14 @@ async def run_ingest(
 
         await closed_loop(lambda i: create_echo(sizes.single_calls + i), concurrency=4, total=50)
         await closed_loop(lambda i: create(sizes.single_calls + i), concurrency=4, total=50)
-        echo_result = await closed_loop(
-            create_echo, concurrency=sizes.single_concurrency, total=sizes.single_calls
-        )
-        real = await closed_loop(
-            create, concurrency=sizes.single_concurrency, total=sizes.single_calls
-        )
+        with meter.measure("single CreateTicket: echo"):
+            echo_result = await closed_loop(
+                create_echo, concurrency=sizes.single_concurrency, total=sizes.single_calls
+            )
+        with meter.measure("single CreateTicket: service"):
+            real = await closed_loop(
+                create, concurrency=sizes.single_concurrency, total=sizes.single_calls
+            )
         report.raw["ingest_single"] = {"service": real.to_json(), "echo": echo_result.to_json()}
         _check(real, "CreateTicket")
         report.add(
@@ -298,7 +309,7 @@ async def _assigned_tickets(
 
 
 async def run_updates(
-    report: Report, *, tickets_target: str, echo_target: str, sizes: TicketSizes
+    report: Report, *, tickets_target: str, echo_target: str, sizes: TicketSizes, meter: CpuMeter
 ) -> None:
     """UpdateTicketStatus (ASSIGNED→RUNNING, then RUNNING→COMPLETED) at 1/16/64 clients."""
     run_id = uuid.uuid4().hex[:8]
@@ -352,8 +363,10 @@ async def run_updates(
         for concurrency, count in per_level.items():
             batch = ids[offset : offset + count]
             offset += count
-            echo_result = await updates(echo, batch, concurrency)
-            real = await updates(stub, batch, concurrency)
+            with meter.measure(f"UpdateTicketStatus x{concurrency}: echo"):
+                echo_result = await updates(echo, batch, concurrency)
+            with meter.measure(f"UpdateTicketStatus x{concurrency}: service"):
+                real = await updates(stub, batch, concurrency)
             _check(real, "UpdateTicketStatus")
             report.raw["updates"][str(concurrency)] = {
                 "service": real.to_json(),
