@@ -126,6 +126,17 @@ class _Run:
             self.handler_task.cancel()
 
 
+async def _wait_event(event: asyncio.Event, seconds: float) -> None:
+    """Wait for ``event`` at most ``seconds``.
+
+    Not ``asyncio.wait_for``: on Python 3.11 it loses a cancellation that arrives just as
+    the event is set, which kept the heartbeat loop alive through a drain.
+    """
+    with contextlib.suppress(TimeoutError):
+        async with asyncio.timeout(seconds):
+            await event.wait()
+
+
 def _clean_text(value: str) -> str:
     # PostgreSQL text and jsonb cannot hold NUL characters.
     return value.replace("\x00", "\ufffd")
@@ -443,8 +454,7 @@ class Worker:
 
     async def _pause(self, failures: int) -> None:
         """Back off (full jitter), waking early on a drain request."""
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._drain_requested.wait(), self._backoff.backoff(failures))
+        await _wait_event(self._drain_requested, self._backoff.backoff(failures))
 
     # ------------------------------------------------------------------ heartbeat
 
@@ -454,8 +464,7 @@ class Worker:
 
     async def _heartbeat_loop(self) -> None:
         while True:
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self._heartbeat_wake.wait(), self._interval)
+            await _wait_event(self._heartbeat_wake, self._interval)
             self._heartbeat_wake.clear()
             await self._heartbeat_once()
             # Coalesce bursts of in-flight changes into one heartbeat.

@@ -16,7 +16,6 @@ from datetime import UTC, datetime
 from typing import Any
 
 import pytest
-from hive_worker import Worker, WorkerSettings
 from pydantic import SecretStr
 
 from execution_ticket_service.app import TicketService, build_service
@@ -24,6 +23,7 @@ from execution_ticket_service.config import TicketSettings
 from hive_common.auth import TokenIssuer
 from hive_common.clients import CallPolicy, ReconnectPolicy, RegistryClient, TicketClient
 from hive_common.testing.databases import PostgresServer, temporary_postgres_database
+from hive_worker import Worker, WorkerSettings
 from service_registry.app import RegistryApp, build_app
 from service_registry.config import RegistrySettings
 from service_registry.domain.clock import ManualClock

@@ -15,10 +15,10 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
-from hive_worker import TaskContext
 
 from hive_common.clients import RegistryClient, TicketClient
 from hive_common.errors import NotFound, Unauthenticated
+from hive_worker import TaskContext
 from neuralhive.registry.v1 import registry_service_pb2 as rpb
 from neuralhive.ticket.v1 import ticket_service_pb2 as pb
 
@@ -457,3 +457,23 @@ async def test_a_worker_the_registry_forgot_registers_again_and_keeps_working(
     assigned = await create_and_assign(orchestrator, new_id, spec("echo", {"again": True}))
     done = await wait_status(orchestrator, assigned.ticket_id, COMPLETED)
     assert dict(done.result) == {"again": True}
+
+
+async def test_work_still_running_when_the_drain_grace_ends_is_failed_for_a_retry(
+    workers: Any, orchestrator: TicketClient, registry_admin: RegistryClient
+) -> None:
+    worker = workers.make(drain_grace_seconds=0.2)
+    gate = Gate()  # never released
+    worker.add_task("block", gate)
+    worker_id = await workers.start(worker)
+    assigned = await create_and_assign(orchestrator, worker_id, spec("block", max_retries=1))
+    await gate.until(lambda: len(gate.started) == 1)
+
+    worker.drain()
+    await asyncio.wait_for(workers.running[-1][1], WAIT_SECONDS)
+    assert gate.cancelled == [assigned.ticket_id]
+    requeued = await orchestrator.get_ticket(ticket_id=assigned.ticket_id)
+    assert (requeued.status, requeued.attempt) == (PENDING, 2)
+    assert requeued.error_message == "the worker stopped before the task finished"
+    with pytest.raises(NotFound):
+        await registry_admin.get_worker(worker_id=worker_id)

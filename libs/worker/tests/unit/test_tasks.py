@@ -12,6 +12,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 
 import pytest
+
 from hive_worker.handlers import InvalidParameters, PermanentTaskError, TaskContext, TaskError
 from hive_worker.tasks import HttpGetTask, ShellTask, SleepTask, builtin_tasks, echo, fail
 

@@ -8,6 +8,7 @@ from typing import Any
 
 import pytest
 from google.protobuf import struct_pb2
+
 from hive_worker import (
     InvalidParameters,
     PermanentTaskError,
@@ -19,7 +20,6 @@ from hive_worker import (
 )
 from hive_worker.cli import settings_from_args
 from hive_worker.sdk import Outcome, _Run, normalise_result
-
 from neuralhive.ticket.v1 import ticket_service_pb2 as pb
 
 TICKET = "5b2f3a8e-1d7c-4c1e-9a53-2f1b0c9d8e71"
