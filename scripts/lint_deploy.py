@@ -394,8 +394,47 @@ def parse_dockerfile(text: str) -> list[_Instruction]:
     return instructions
 
 
-def check_dockerfile(path: Path, report: Report, *, dockerfile_utils: Path) -> None:
-    """dockerfile-utils diagnostics (any counts), then the project's rules."""
+def _dockerignore_patterns(context: Path) -> list[re.Pattern[str]]:
+    """``.dockerignore`` exclusions as regular expressions (``!`` exceptions are not used)."""
+    ignore_file = context / ".dockerignore"
+    if not ignore_file.is_file():
+        return []
+    patterns: list[re.Pattern[str]] = []
+    for raw in ignore_file.read_text().splitlines():
+        line = raw.strip().strip("/")
+        if not line or line.startswith(("#", "!")):
+            continue
+        regex = ""
+        index = 0
+        while index < len(line):
+            if line.startswith("**/", index):
+                regex, index = regex + "(?:.*/)?", index + 3
+            elif line.startswith("**", index):
+                regex, index = regex + ".*", index + 2
+            else:
+                char = line[index]
+                regex += {"*": "[^/]*", "?": "[^/]"}.get(char, re.escape(char))
+                index += 1
+        patterns.append(re.compile(regex))
+    return patterns
+
+
+def _ignored(source: str, patterns: list[re.Pattern[str]]) -> bool:
+    """True if ``source`` or a directory above it is excluded from the build context."""
+    parts = Path(source).parts
+    prefixes = ["/".join(parts[: n + 1]) for n in range(len(parts))]
+    return any(pattern.fullmatch(prefix) for pattern in patterns for prefix in prefixes)
+
+
+def check_dockerfile(
+    path: Path, report: Report, *, dockerfile_utils: Path, context: Path = REPO_ROOT
+) -> None:
+    """dockerfile-utils diagnostics (any counts), then the project's rules.
+
+    ``context`` is the build context (the repository root for all our images): every
+    ``COPY`` source must exist there and not be excluded by its ``.dockerignore``.
+    """
+    ignored = _dockerignore_patterns(context)
     result = subprocess.run(
         [str(dockerfile_utils), "lint", "--json", str(path)],
         capture_output=True,
@@ -459,11 +498,22 @@ def check_dockerfile(path: Path, report: Report, *, dockerfile_utils: Path) -> N
         elif i.keyword == "HEALTHCHECK":
             has_healthcheck = not i.arguments.upper().startswith("NONE")
         elif i.keyword in ("COPY", "ADD"):
-            for word in shlex.split(i.arguments):
-                if word.startswith("--from="):
-                    source = word.removeprefix("--from=")
-                    if source not in stages[:-1] and not source.isdigit():
-                        report.add(where, f"COPY --from={source}: no earlier stage of that name")
+            words = shlex.split(i.arguments)
+            flags = [w for w in words if w.startswith("--")]
+            from_stage = next(
+                (f.removeprefix("--from=") for f in flags if f.startswith("--from=")), None
+            )
+            if from_stage is not None:
+                if from_stage not in stages[:-1] and not from_stage.isdigit():
+                    report.add(where, f"COPY --from={from_stage}: no earlier stage of that name")
+                continue
+            for source in [w for w in words if not w.startswith("--")][:-1]:
+                if any(char in source for char in "*?[$"):
+                    continue  # globs and variables: left to the build
+                if not (context / source).exists():
+                    report.add(where, f"{i.keyword} {source}: not in the build context {context}")
+                elif _ignored(source.strip("/"), ignored):
+                    report.add(where, f"{i.keyword} {source}: excluded by .dockerignore")
     if not stages:
         report.add(path, "no FROM instruction")
         return

@@ -257,6 +257,8 @@ def test_a_broken_manifest_fails(
         ("HEALTHCHECK --interval", "HEALTHCHECK NONE\n# --interval", "has no HEALTHCHECK"),
         ("python:3.11-slim-bookworm", "python", "needs an explicit tag"),
         ("--no-editable --no-cache --package", "--no-editable --package", "needs --no-cache"),
+        ("COPY libs/common/src libs", "COPY libs/commons/src libs", "not in the build context"),
+        ("COPY pyproject.toml uv.lock ./", "COPY pyproject.toml uv.lock .ci ./", "excluded by"),
     ],
 )
 def test_a_broken_dockerfile_fails(copy: Path, old: str, new: str, expected: str) -> None:
