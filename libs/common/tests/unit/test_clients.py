@@ -385,6 +385,17 @@ async def test_iter_tickets_walks_every_page_retrying_each(
     assert all(list(r.statuses) == [pb.TICKET_STATUS_PENDING] for r in requests)
 
 
+def test_reconnect_backoff_is_jittered_capped_and_never_overflows() -> None:
+    policy = ReconnectPolicy(initial_backoff_seconds=0.1, max_backoff_seconds=2.0)
+    for failures in (1, 2, 10, 5_000):
+        ceiling = min(2.0, 0.1 * 2 ** min(failures - 1, 30))
+        assert all(0 <= policy.backoff(failures) <= ceiling for _ in range(50))
+    with pytest.raises(ValueError, match="initial_backoff_seconds"):
+        ReconnectPolicy(initial_backoff_seconds=3, max_backoff_seconds=2)
+    with pytest.raises(ValueError, match="deadline_seconds"):
+        CallPolicy(deadline_seconds=0)
+
+
 def test_result_that_is_not_json_is_refused_before_sending() -> None:
     with pytest.raises(ValueError, match="Out of range float values"):
         to_struct({"x": float("nan")})
