@@ -127,7 +127,11 @@ def check_compose(path: Path, report: Report) -> None:
             elif dockerfile and not (context / dockerfile).is_file():
                 report.add(where, f"build dockerfile {context / dockerfile} does not exist")
         for volume in service.get("volumes") or []:
-            source = volume.split(":", 1)[0] if isinstance(volume, str) else volume.get("source")
+            if isinstance(volume, str):
+                # "SOURCE:TARGET[:MODE]"; a lone path is an anonymous volume.
+                source = volume.split(":", 1)[0] if ":" in volume else None
+            else:
+                source = volume.get("source")
             if isinstance(source, str) and source.startswith((".", "/")):
                 if not (base / source).exists():
                     report.add(where, f"bind-mount source {source} does not exist")
