@@ -52,8 +52,9 @@ def test_a_worker_killed_mid_task_loses_its_ticket_to_the_other_worker(stack: Fl
     plan = {
         "plan_id": plan_id,
         "tasks": [
-            # A short timeout: the RUNNING lease of the dead worker's attempt ends soon.
-            task("slow", "sleep", parameters={"seconds": 1.0}, timeout_seconds=3, max_retries=3),
+            # Long enough to be caught running even on a busy machine; a short timeout, so the
+            # RUNNING lease of the dead worker's attempt ends soon.
+            task("slow", "sleep", parameters={"seconds": 2.0}, timeout_seconds=4, max_retries=3),
             task("after", depends_on=("slow",)),
         ],
     }
