@@ -24,6 +24,7 @@ from orchestrator_dynamic.config import OrchestratorSettings
 from orchestrator_dynamic.domain.validation import PlanValidator
 from orchestrator_dynamic.engine.driver import DriverSettings, PlanDriver
 from orchestrator_dynamic.engine.health import REGISTRY, TICKET_SERVICE, DependencyHealth
+from orchestrator_dynamic.engine.metrics import OrchestratorMetrics
 from orchestrator_dynamic.engine.plans import PlanService
 from orchestrator_dynamic.engine.tokens import ServiceTokenProvider
 from orchestrator_dynamic.storage import MIGRATIONS_DIRECTORY, PlanRepository, Pool, open_pool
@@ -110,6 +111,8 @@ async def build_app(
         settings.registry_target, token_provider=token_provider, policy=call_policy
     )
     health = DependencyHealth()
+    metrics_registry = new_registry()
+    metrics = OrchestratorMetrics(metrics_registry)
     policy = settings.scheduling_policy()
     driver = PlanDriver(
         repository=repository,
@@ -117,6 +120,7 @@ async def build_app(
         registry=registry,
         policy=policy,
         health=health,
+        metrics=metrics,
         clock=clock,
         settings=DriverSettings(
             owner_id=settings.owner_id or default_owner_id(),
@@ -138,6 +142,7 @@ async def build_app(
         registry=registry,
         policy=policy,
         health=health,
+        metrics=metrics,
         namespace=settings.worker_namespace,
         submit_wait_seconds=settings.submit_wait_seconds,
         clock=clock,
@@ -168,7 +173,6 @@ async def build_app(
         report.update(health.report())
         return report
 
-    metrics_registry = new_registry()
     http_app = create_http_app(
         title="orchestrator-dynamic",
         version=VERSION,

@@ -72,6 +72,12 @@ async def test_three_level_dag_completes(flow: Flow) -> None:
             )
     assert by_task["package"].result["task"] == "package"
 
+    metrics = (await flow.client().get("/metrics")).text
+    assert 'hive_orchestrator_plans_settled_total{status="COMPLETED"} 1.0' in metrics
+    assert 'hive_orchestrator_assignments_total{outcome="assigned"} 4.0' in metrics
+    assert 'hive_orchestrator_plan_submissions_total{result="created"} 1.0' in metrics
+    assert "hive_orchestrator_plans_driven 0.0" in metrics
+
     # A finished plan cannot be cancelled.
     response = await flow.client().post("/api/v1/plans/release-1/cancel")
     assert response.status_code == 412, response.text

@@ -61,6 +61,7 @@ from orchestrator_dynamic.domain.scheduler import (
 )
 from orchestrator_dynamic.engine.convert import ticket_spec, ticket_state, worker_candidate
 from orchestrator_dynamic.engine.health import REGISTRY, TICKET_SERVICE, DependencyHealth
+from orchestrator_dynamic.engine.metrics import OrchestratorMetrics
 from orchestrator_dynamic.storage.plans import PlanRepository
 
 _log = get_logger("orchestrator_dynamic.driver")
@@ -139,8 +140,10 @@ class PlanDriver:
         policy: SchedulingPolicy,
         settings: DriverSettings,
         health: DependencyHealth,
+        metrics: OrchestratorMetrics,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
+        self._metrics = metrics
         self._repo = repository
         self._tickets = tickets
         self._registry = registry
@@ -228,6 +231,7 @@ class PlanDriver:
             return None
         plan = _driven(lease, stored)
         self._plans[lease.plan_id] = plan
+        self._metrics.plans_driven.set(len(self._plans))
         self._wake.set()
         _log.info("driving plan", plan_id=lease.plan_id, epoch=lease.epoch)
         return plan
@@ -392,11 +396,14 @@ class PlanDriver:
         try:
             return await work
         except PlanOwnershipLost:
+            self._metrics.round_failures.labels("ownership_lost").inc()
             await self._drop(plan, "ownership lost")
         except _TRANSIENT as exc:
+            self._metrics.round_failures.labels("transient").inc()
             _log.warning("plan round postponed", plan_id=plan.plan_id, error=str(exc))
             self._postpone(plan, loop.time() + self._settings.error_retry)
         except HiveError as exc:
+            self._metrics.round_failures.labels("error").inc()
             _log.error("plan round failed", plan_id=plan.plan_id, error=repr(exc))
             self._postpone(plan, loop.time() + self._settings.error_retry)
         return ()
@@ -410,6 +417,7 @@ class PlanDriver:
     async def _drop(self, plan: DrivenPlan, why: str) -> None:
         _log.info("no longer driving plan", plan_id=plan.plan_id, reason=why)
         self._plans.pop(plan.plan_id, None)
+        self._metrics.plans_driven.set(len(self._plans))
         await self._stop_watch(plan)
 
     async def _step(self, plan: DrivenPlan) -> tuple[str, ...]:
@@ -563,6 +571,7 @@ class PlanDriver:
                     self._tickets.get_ticket(ticket_id=state.ticket_id)
                 )
             self._merge(plan, ticket_state(task_id, ticket))
+            self._metrics.cancellations.inc()
         await self._flush(plan)
 
     async def _store_status(self, plan: DrivenPlan, decision: SchedulingDecision) -> None:
@@ -582,6 +591,8 @@ class PlanDriver:
     async def _finish(self, plan: DrivenPlan) -> None:
         _log.info("plan settled", plan_id=plan.plan_id, status=plan.status.value)
         self._plans.pop(plan.plan_id, None)
+        self._metrics.plans_settled.labels(plan.status.value).inc()
+        self._metrics.plans_driven.set(len(self._plans))
         await self._stop_watch(plan)
         await self._safe_release(plan.lease)
 
@@ -619,13 +630,16 @@ class PlanDriver:
                 worker_candidate(r, active.get(r.worker.worker_id, 0)) for r in ranked
             ]
         ledger = CapacityLedger()
+        waiting = 0
         for plan, task_ids in ready:
             assignment_round = assign_round(plan.graph, task_ids, candidates, ledger)
             plan.waiting_for_workers = bool(assignment_round.unassigned)
+            waiting += len(assignment_round.unassigned)
             if assignment_round.unassigned:
                 plan.due = min(plan.due, loop.time() + self._settings.dispatch_retry)
             if assignment_round.assignments:
                 await self._guarded(plan, self._assign(plan, assignment_round.assignments))
+        self._metrics.tickets_waiting_for_workers.set(waiting)
 
     async def _assign(self, plan: DrivenPlan, assignments: Sequence[Assignment]) -> tuple[str, ...]:
         limit = asyncio.Semaphore(_MAX_PARALLEL_CALLS)
@@ -645,6 +659,7 @@ class PlanDriver:
                         )
                     )
                 except (Aborted, FailedPrecondition, NotFound) as exc:
+                    self._metrics.assignments.labels("refused").inc()
                     # Someone else changed the ticket (a race with a status change or
                     # another replica): re-read it; the next round decides again.
                     _log.info(
@@ -657,6 +672,8 @@ class PlanDriver:
                         self._tickets.get_ticket(ticket_id=state.ticket_id)
                     )
                     plan.due = 0.0
+                else:
+                    self._metrics.assignments.labels("assigned").inc()
             return ticket_state(assignment.task_id, ticket)
 
         results = await asyncio.gather(*(one(a) for a in assignments), return_exceptions=True)

@@ -31,6 +31,7 @@ from orchestrator_dynamic.domain.validation import (
 from orchestrator_dynamic.engine.convert import worker_view
 from orchestrator_dynamic.engine.driver import PlanDriver
 from orchestrator_dynamic.engine.health import REGISTRY, DependencyHealth
+from orchestrator_dynamic.engine.metrics import OrchestratorMetrics
 from orchestrator_dynamic.storage.plans import PlanRepository
 
 _log = get_logger("orchestrator_dynamic.plans")
@@ -60,6 +61,7 @@ class PlanService:
         registry: RegistryClient,
         policy: SchedulingPolicy,
         health: DependencyHealth,
+        metrics: OrchestratorMetrics,
         namespace: str = "",
         submit_wait_seconds: float = 10.0,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
@@ -70,6 +72,7 @@ class PlanService:
         self._registry = registry
         self._policy = policy
         self._health = health
+        self._metrics = metrics
         self._namespace = namespace
         self._submit_wait = submit_wait_seconds
         self._clock = clock
@@ -95,6 +98,7 @@ class PlanService:
                 _log.warning("adopting a new plan failed", plan_id=stored.plan_id, error=str(exc))
             stored = await self._repo.get(stored.plan_id)
             tickets_created = all(t.ticket_id is not None for t in stored.tasks)
+        self._metrics.submissions.labels("created" if created else "existing").inc()
         _log.info(
             "plan submitted" if created else "plan resubmitted",
             plan_id=stored.plan_id,

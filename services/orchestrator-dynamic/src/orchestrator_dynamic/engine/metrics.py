@@ -1,0 +1,49 @@
+"""The orchestrator's own Prometheus metrics (HTTP and RPC metrics come from hive_common)."""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+
+class OrchestratorMetrics:
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.plans_driven = Gauge(
+            "hive_orchestrator_plans_driven",
+            "Plans this replica owns and drives.",
+            registry=registry,
+        )
+        self.tickets_waiting_for_workers = Gauge(
+            "hive_orchestrator_tickets_waiting_for_workers",
+            "Ready tickets that found no worker with the capabilities and spare capacity "
+            "in the last dispatch round.",
+            registry=registry,
+        )
+        self.assignments = Counter(
+            "hive_orchestrator_assignments_total",
+            "AssignTicket calls by outcome (assigned, refused: a race, the ticket is re-read).",
+            ("outcome",),
+            registry=registry,
+        )
+        self.cancellations = Counter(
+            "hive_orchestrator_ticket_cancellations_total",
+            "Tickets the orchestrator cancelled (plan cancel, fail-fast, blocked dependents).",
+            registry=registry,
+        )
+        self.plans_settled = Counter(
+            "hive_orchestrator_plans_settled_total",
+            "Plans whose tickets all reached a terminal status, by plan status.",
+            ("status",),
+            registry=registry,
+        )
+        self.round_failures = Counter(
+            "hive_orchestrator_round_failures_total",
+            "Plan rounds that failed and are retried, by kind (transient, error, ownership_lost).",
+            ("kind",),
+            registry=registry,
+        )
+        self.submissions = Counter(
+            "hive_orchestrator_plan_submissions_total",
+            "Accepted plan submissions (created, existing).",
+            ("result",),
+            registry=registry,
+        )
