@@ -299,3 +299,23 @@ async def test_without_fail_fast_independent_branches_finish(flow: Flow) -> None
     assert tickets["needs-broken"]["status"] == "CANCELLED"
     assert tickets["independent"]["status"] == "COMPLETED"
     assert tickets["after-independent"]["status"] == "COMPLETED"
+
+
+async def test_tickets_the_ticket_service_refuses_fail_the_plan(flow: Flow) -> None:
+    # Misconfiguration: the ticket service takes smaller parameters than the orchestrator.
+    flow.ticket_settings = flow.ticket_settings.model_copy(update={"max_parameters_bytes": 1024})
+    await flow.stop_ticket_service()
+    await flow.start_ticket_service()
+    await flow.start_orchestrator(ticket_batch_size=1)
+    plan = {
+        "plan_id": "refused",
+        "tasks": [echo("small"), echo("big", "small") | {"parameters": {"blob": "x" * 2000}}],
+    }
+    response = await flow.submit(plan)
+    assert response.status_code == 202, response.text
+    final = await flow.wait_settled("refused")
+    assert final["status"] == "FAILED"
+    assert "refused the plan's tickets" in final["error_message"]
+    tickets = flow.tasks(final)
+    assert tickets["small"]["status"] == "CANCELLED"  # created in the first chunk
+    assert tickets["big"]["ticket_id"] is None

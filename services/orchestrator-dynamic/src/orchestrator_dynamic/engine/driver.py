@@ -33,6 +33,7 @@ from typing import TypeVar
 from hive_common.clients import RegistryClient, TicketClient, TicketWatch
 from hive_common.errors import (
     Aborted,
+    AlreadyExists,
     DeadlineExceeded,
     FailedPrecondition,
     HiveError,
@@ -424,7 +425,10 @@ class PlanDriver:
         """One round for one plan; returns the tasks to dispatch now."""
         loop = asyncio.get_running_loop()
         if not plan.activated.is_set():
-            await self._activate(plan)
+            refused = await self._activate(plan)
+            if refused is not None:
+                await self._abandon(plan, refused)
+                return ()
         self._fold_inbox(plan)
         if plan.resync_due <= loop.time():
             await self._resync(plan)
@@ -455,17 +459,41 @@ class PlanDriver:
             cancel_requested=plan.cancel_requested,
         )
 
-    async def _activate(self, plan: DrivenPlan) -> None:
-        """C2 for tasks without a ticket, then follow the plan's tickets."""
+    async def _activate(self, plan: DrivenPlan) -> str | None:
+        """C2 for tasks without a ticket, then follow the plan's tickets. Returns why the
+        ticket service refused the tickets for good, if it did."""
         missing = [t for t in plan.graph.order if plan.tickets[t].ticket_id is None]
         if missing:
-            await self._create_tickets(plan, missing)
+            try:
+                await self._create_tickets(plan, missing)
+            except (InvalidArgument, AlreadyExists) as exc:
+                # Only a misconfiguration gets here (the validator mirrors the ticket
+                # service's rules): retrying cannot help, so the plan fails visibly.
+                return f"the ticket service refused the plan's tickets: {exc.message}"
         if plan.watch_task is None:
             plan.watch_task = asyncio.create_task(
                 self._watch_plan(plan), name=f"plan-watch-{plan.plan_id}"
             )
         plan.resync_due = 0.0
         plan.activated.set()
+        return None
+
+    async def _abandon(self, plan: DrivenPlan, reason: str) -> None:
+        """Fail a plan whose tickets cannot be created; cancel those that were."""
+        _log.error("plan abandoned", plan_id=plan.plan_id, reason=reason)
+        created = [
+            t
+            for t in plan.graph.order
+            if plan.tickets[t].ticket_id is not None and not plan.tickets[t].status.terminal
+        ]
+        if created:
+            await self._cancel(plan, created)
+        summary = await self._repo.set_status(
+            plan.lease, status=PlanStatus.FAILED, error_message=reason, settled=True
+        )
+        plan.status, plan.error_message = summary.status, summary.error_message
+        plan.activated.set()
+        await self._finish(plan)
 
     async def _create_tickets(self, plan: DrivenPlan, task_ids: Sequence[str]) -> None:
         size = self._settings.ticket_batch_size
