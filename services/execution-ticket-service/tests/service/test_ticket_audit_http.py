@@ -279,3 +279,45 @@ async def test_http_api(
         assert 'hive_ticket_transitions_total{event_type="REQUEUED"' in text
         assert "hive_ticket_outbox_lag_seconds" in text
         assert "hive_ticket_lease_expiries_total" in text
+
+
+async def test_http_nul_characters_are_400_with_the_field(
+    service: TicketService, stub: pb_grpc.TicketServiceAsyncStub, service_token: str
+) -> None:
+    md = bearer(service_token)
+    created = await stub.BatchCreateTickets(
+        pb.BatchCreateTicketsRequest(
+            tickets=[pb.TicketSpec(plan_id="p", task_id=f"t{i}", task_type="echo") for i in (1, 2)]
+        ),
+        metadata=md,
+    )
+    ticket_id = created.tickets[0].ticket_id
+    async with httpx.AsyncClient(
+        base_url=f"http://127.0.0.1:{service.runtime.http_port}",
+        headers={"authorization": f"Bearer {service_token}"},
+    ) as http:
+        page = (await http.get("/api/v1/tickets", params={"page_size": 1})).json()
+        token = page["next_page_token"]
+        assert token
+
+        async def fields_of(path: str, params: dict[str, Any] | None = None) -> set[str]:
+            response = await http.get(path, params=params)
+            assert response.status_code == 400, response.text
+            error = response.json()["error"]
+            assert error["code"] == "INVALID_ARGUMENT"
+            return {v["field"] for v in error["details"]["field_violations"]}
+
+        nul = "\u0000"
+        assert await fields_of(
+            "/api/v1/tickets",
+            {"plan_id": f"p{nul}", "worker_id": f"{nul}w", "status": [f"PENDING{nul}"]},
+        ) == {"plan_id", "worker_id", "status[0]"}
+        # A valid token with a NUL appended is not that token.
+        assert await fields_of(
+            "/api/v1/tickets", {"page_size": 1, "page_token": f"{token}{nul}"}
+        ) == {"page_token"}
+        assert await fields_of(f"/api/v1/tickets/{ticket_id}%00") == {"ticket_id"}
+        assert await fields_of(f"/api/v1/tickets/{ticket_id}%00/events") == {"ticket_id"}
+        # The same requests without the NUL are fine.
+        again = await http.get("/api/v1/tickets", params={"page_size": 1, "page_token": token})
+        assert [t["task_id"] for t in again.json()["tickets"]] == ["t2"]

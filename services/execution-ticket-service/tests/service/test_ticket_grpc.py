@@ -257,6 +257,111 @@ async def test_malformed_requests_name_their_fields(
     assert violations(info.value) == fields
 
 
+NUL = "\u0000"
+
+
+def _nul_cases(ticket_id: str) -> dict[str, tuple[Callable[[Stub, Any], Awaitable[Any]], set[str]]]:
+    """A NUL character in every text input of every RPC (PostgreSQL text and jsonb refuse it)."""
+
+    def create(**kwargs: Any) -> Callable[[Stub, Any], Awaitable[Any]]:
+        return lambda stub, md: stub.CreateTicket(
+            pb.CreateTicketRequest(ticket=spec(**kwargs)), metadata=md
+        )
+
+    def update(**kwargs: Any) -> Callable[[Stub, Any], Awaitable[Any]]:
+        request = pb.UpdateTicketStatusRequest(
+            ticket_id=ticket_id, status=S.TICKET_STATUS_FAILED, attempt=1, **kwargs
+        )
+        return lambda stub, md: stub.UpdateTicketStatus(request, metadata=md)
+
+    nested = struct(foo={"bar": ["ok", f"b{NUL}d"]})
+    bad_key = struct_pb2.Struct()
+    bad_key.update({f"k{NUL}y": 1})
+    deep_bad_key = struct_pb2.Struct()
+    deep_bad_key.update({"outer": [{f"k{NUL}": 1}]})
+    return {
+        "description": (create(description=f"a{NUL}b"), {"ticket.description"}),
+        "task_id": (create(task_id=f"t{NUL}"), {"ticket.task_id"}),
+        "intent_id": (create(intent_id=f"i{NUL}"), {"ticket.intent_id"}),
+        "capability": (
+            create(required_capabilities=["gpu", f"x{NUL}"]),
+            {"ticket.required_capabilities[1]"},
+        ),
+        "depends_on": (create(depends_on=[f"d{NUL}"]), {"ticket.depends_on[0]"}),
+        "parameters value": (create(parameters=struct(foo=f"x{NUL}")), {"ticket.parameters.foo"}),
+        "parameters nested": (create(parameters=nested), {"ticket.parameters.foo.bar[1]"}),
+        "parameters key": (create(parameters=bad_key), {"ticket.parameters"}),
+        "batch": (
+            lambda stub, md: stub.BatchCreateTickets(
+                pb.BatchCreateTicketsRequest(
+                    tickets=[spec("fine"), spec("bad", description=f"{NUL}")]
+                ),
+                metadata=md,
+            ),
+            {"tickets[1].description"},
+        ),
+        "error_message": (update(error_message=f"boom{NUL}"), {"error_message"}),
+        "result value": (update(result=struct(foo=f"{NUL}")), {"result.foo"}),
+        "result nested": (update(result=nested), {"result.foo.bar[1]"}),
+        "result key": (update(result=bad_key), {"result"}),
+        "result deep key": (update(result=deep_bad_key), {"result.outer[0]"}),
+        "assign worker_id": (
+            lambda stub, md: stub.AssignTicket(
+                pb.AssignTicketRequest(ticket_id=ticket_id, worker_id=f"w{NUL}", attempt=1),
+                metadata=md,
+            ),
+            {"worker_id"},
+        ),
+        "get ticket_id": (
+            lambda stub, md: stub.GetTicket(
+                pb.GetTicketRequest(ticket_id=f"{ticket_id}{NUL}"), metadata=md
+            ),
+            {"ticket_id"},
+        ),
+        "token ticket_id": (
+            lambda stub, md: stub.GenerateToken(
+                pb.GenerateTokenRequest(ticket_id=f"{NUL}{ticket_id}"), metadata=md
+            ),
+            {"ticket_id"},
+        ),
+        "list": (
+            lambda stub, md: stub.ListTickets(
+                pb.ListTicketsRequest(
+                    plan_id=f"p{NUL}", worker_id=f"w{NUL}", page_token=f"e30{NUL}"
+                ),
+                metadata=md,
+            ),
+            {"plan_id", "worker_id", "page_token"},
+        ),
+        "watch": (
+            lambda stub, md: _first_event(
+                stub.WatchTickets(
+                    pb.WatchTicketsRequest(
+                        plan_id=f"p{NUL}", worker_id=f"w{NUL}", cursor=f"e30{NUL}"
+                    ),
+                    metadata=md,
+                )
+            ),
+            {"plan_id", "worker_id", "cursor"},
+        ),
+    }
+
+
+@pytest.mark.parametrize("case", list(_nul_cases("")))
+async def test_nul_characters_are_invalid_argument_and_write_nothing(
+    client: Client, service: TicketService, case: str
+) -> None:
+    ticket = await client.assign(await client.create(task_id="target"))
+    call, fields = _nul_cases(ticket.ticket_id)[case]
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await call(client.stub, client.svc)
+    assert info.value.code() is Code.INVALID_ARGUMENT, info.value.details()
+    assert violations(info.value) == fields
+    listed = await client.stub.ListTickets(pb.ListTicketsRequest(), metadata=client.svc)
+    assert [t.task_id for t in listed.tickets] == ["target"]
+    assert await client.get(ticket.ticket_id) == ticket
+
+
 async def test_list_filters_and_cursor_pages(client: Client) -> None:
     await client.stub.BatchCreateTickets(
         pb.BatchCreateTicketsRequest(tickets=[spec(f"t{i:02}") for i in range(25)]),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import pytest
 
 from execution_ticket_service.domain.models import Priority, TicketFilter, TicketStatus
@@ -219,3 +221,65 @@ def test_cursor_round_trip_and_order() -> None:
     assert decode_cursor("bm9wZQ", errors) is None
     assert [v.field for v in errors.items] == ["cursor"]
     assert Cursor(1, 9) < Cursor(2, 1) < Cursor(2, 2)
+
+
+@pytest.mark.parametrize("after", [10, 100, 10_000, 100_000])
+@pytest.mark.parametrize("mangle", [lambda t: t + "\x00", lambda t: "\x00" + t, lambda t: t + " "])
+def test_tokens_with_foreign_characters_are_not_tokens(after: int, mangle: Any) -> None:
+    ticket_filter = TicketFilter()
+    errors = Violations()
+    decode_page_token(mangle(encode_page_token(after, ticket_filter)), ticket_filter, errors)
+    decode_cursor(mangle(encode_cursor(Cursor(xid=after, seq=after))), errors)
+    assert {v.field for v in errors.items} == {"page_token", "cursor"}
+    assert len(errors.items) == 2
+
+
+NUL = "\x00"
+
+
+@pytest.mark.parametrize(
+    ("spec", "field"),
+    [
+        (good(description=f"a{NUL}"), "ticket.description"),
+        (good(task_type=f"echo{NUL}"), "ticket.task_type"),
+        (good(parameters={"a": f"{NUL}"}), "ticket.parameters.a"),
+        (good(parameters={"a": [1, {"b": [f"{NUL}"]}]}), "ticket.parameters.a[1].b[0]"),
+        (good(parameters={f"{NUL}": 1}), "ticket.parameters"),
+        (good(parameters={"a": {f"k{NUL}": 1}}), "ticket.parameters.a"),
+    ],
+)
+def test_nul_in_a_spec_names_the_field(spec: RawTicketSpec, field: str) -> None:
+    with pytest.raises(InvalidArgument) as info:
+        validate_create(spec, LIMITS)
+    assert fields_of(info.value) == {field}
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field"),
+    [
+        ({"error_message": f"x{NUL}y"}, "error_message"),
+        ({"result": {"foo": f"{NUL}"}}, "result.foo"),
+        ({"result": {"foo": {"bar": [True, None, f"{NUL}"]}}}, "result.foo.bar[2]"),
+        ({"result": {f"k{NUL}": "v"}}, "result"),
+    ],
+)
+def test_nul_in_a_status_update_names_the_field(kwargs: dict[str, Any], field: str) -> None:
+    values: dict[str, Any] = {
+        "ticket_id": TID,
+        "status": "FAILED",
+        "attempt": 1,
+        "expected_version": None,
+        "result": None,
+        "error_message": "",
+        "permanent": False,
+        "limits": LIMITS,
+        **kwargs,
+    }
+    with pytest.raises(InvalidArgument) as info:
+        validate_status_update(**values)
+    assert fields_of(info.value) == {field}
+
+
+def test_other_control_characters_in_free_text_are_fine() -> None:
+    spec = validate_create(good(description="a\tb\nc", parameters={"k\n": "v\t"}), LIMITS)
+    assert spec.description == "a\tb\nc"

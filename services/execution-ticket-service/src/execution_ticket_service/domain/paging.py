@@ -10,6 +10,7 @@ import base64
 import binascii
 import hashlib
 import json
+import re
 from dataclasses import dataclass
 
 from execution_ticket_service.domain.models import TicketFilter
@@ -21,7 +22,13 @@ def _encode(body: dict[str, object]) -> str:
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
+# b64decode silently drops characters outside the alphabet (NUL included): check first.
+_TOKEN = re.compile(r"[A-Za-z0-9_-]*")
+
+
 def _decode(token: str) -> dict[str, object] | None:
+    if _TOKEN.fullmatch(token) is None:
+        return None
     try:
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
         body = json.loads(raw)

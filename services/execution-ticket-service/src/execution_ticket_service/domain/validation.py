@@ -108,9 +108,39 @@ def check_uuid(value: str, path: str, errors: Violations) -> str:
         return value
 
 
+NUL = "\x00"
+_NUL_MESSAGE = "must not contain NUL (\\u0000) characters"
+
+
+def check_no_nul(value: str, path: str, errors: Violations) -> None:
+    """PostgreSQL text and jsonb cannot store NUL: refuse it as bad input, not a DB error."""
+    if NUL in value:
+        errors.add(path, _NUL_MESSAGE)
+
+
+def check_json(value: Any, path: str, errors: Violations) -> None:
+    """Every string inside a JSON value (keys too) must be free of NUL characters.
+
+    A bad string is named by its path (``result.foo.bar[1]``); a bad key by the object
+    that holds it (the key itself cannot be echoed back safely).
+    """
+    if isinstance(value, str):
+        check_no_nul(value, path, errors)
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            if NUL in key:
+                errors.add(path, f"key {key!r} {_NUL_MESSAGE}")
+                continue
+            check_json(item, f"{path}.{key}", errors)
+    elif isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            check_json(item, f"{path}[{index}]", errors)
+
+
 def _check_text(value: str, path: str, errors: Violations) -> None:
     if len(value) > MAX_TEXT_LENGTH:
         errors.add(path, f"must be at most {MAX_TEXT_LENGTH} characters")
+    check_no_nul(value, path, errors)
 
 
 def json_size(value: Any) -> int:
@@ -161,6 +191,8 @@ def validate_spec(
             f"{prefix}.parameters",
             f"must be at most {limits.max_parameters_bytes} bytes as JSON",
         )
+    else:
+        check_json(raw.parameters, f"{prefix}.parameters", errors)
     capabilities = _check_id_list(
         raw.required_capabilities, f"{prefix}.required_capabilities", errors
     )
@@ -283,6 +315,8 @@ def validate_status_update(
         errors.add("expected_version", "must be at least 1")
     if result is not None and json_size(result) > limits.max_result_bytes:
         errors.add("result", f"must be at most {limits.max_result_bytes} bytes as JSON")
+    elif result is not None:
+        check_json(result, "result", errors)
     _check_text(error_message, "error_message", errors)
     if permanent and target is not TicketStatus.FAILED:
         errors.add("permanent", "only applies to FAILED")
