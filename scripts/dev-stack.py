@@ -24,6 +24,7 @@ import signal
 import socket
 import sys
 import threading
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from types import FrameType
@@ -316,10 +317,14 @@ def main(argv: list[str] | None = None) -> int:
     )
 
     stop = threading.Event()
+    first_signal_at: list[float] = []
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
-        if stop.is_set():
+        # Ctrl-C reaches us twice at once (from the terminal and forwarded by `uv run`).
+        if first_signal_at and time.monotonic() - first_signal_at[0] > 1.0:
             print("\nalready stopping; please wait (processes get their grace period)")
+        elif not first_signal_at:
+            first_signal_at.append(time.monotonic())
         stop.set()
 
     signal.signal(signal.SIGINT, on_signal)
