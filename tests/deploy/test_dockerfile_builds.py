@@ -152,7 +152,7 @@ def _check_image_venv(dockerfile: Path, tmp_path: Path) -> None:
 
 def test_a_dockerfile_that_forgets_a_workspace_member_fails(tmp_path: Path) -> None:
     dockerfile = tmp_path / "worker.Dockerfile"
-    original = (REPO_ROOT / "docker" / "worker.Dockerfile").read_text()
+    original = (REPO_ROOT / "deploy" / "docker" / "worker.Dockerfile").read_text()
     assert "COPY libs/common/src libs/common/src\n" in original
     dockerfile.write_text(original.replace("COPY libs/common/src libs/common/src\n", ""))
     work = tmp_path / "work"

@@ -39,7 +39,7 @@ lint_deploy = _load_script()
 def copy(tmp_path: Path) -> Path:
     """The compose file, the manifests and every Dockerfile, laid out as in the repository."""
     shutil.copy(REPO_ROOT / "docker-compose.yml", tmp_path)
-    shutil.copytree(REPO_ROOT / "docker", tmp_path / "docker")
+    shutil.copytree(REPO_ROOT / "deploy" / "docker", tmp_path / "deploy" / "docker")
     shutil.copytree(REPO_ROOT / "deploy" / "k8s", tmp_path / "deploy" / "k8s")
     for dockerfile in lint_deploy.default_dockerfiles(REPO_ROOT):
         target = tmp_path / dockerfile.relative_to(REPO_ROOT)
@@ -116,7 +116,7 @@ def _depend_on_unknown(documents: list[Any]) -> None:
 
 
 def _missing_dockerfile(documents: list[Any]) -> None:
-    documents[0]["services"]["worker-1"]["build"]["dockerfile"] = "docker/workr.Dockerfile"
+    documents[0]["services"]["worker-1"]["build"]["dockerfile"] = "deploy/docker/workr.Dockerfile"
 
 
 @pytest.mark.parametrize(

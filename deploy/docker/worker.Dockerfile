@@ -1,5 +1,5 @@
 # Reference worker image (libs/worker, the `hive-worker` command). Build context: the repository root:
-#   docker build -f docker/worker.Dockerfile -t hive-flow-c/worker .
+#   docker build -f deploy/docker/worker.Dockerfile -t hive-flow-c/worker .
 # The worker only makes outgoing gRPC calls (registry and ticket service), so it exposes no
 # port and has no HTTP health endpoint. Configuration: HIVE_WORKER_* (see libs/worker).
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm
