@@ -10,6 +10,7 @@ deadline; no test asserts on elapsed time.
 
 from __future__ import annotations
 
+import os
 import secrets
 import sys
 import time
@@ -429,7 +430,10 @@ def module_stack(
     """A fresh stack with its own databases for the test module."""
     jwt_secret = secrets.token_urlsafe(32)
     registration_secret = secrets.token_urlsafe(16)
-    log_dir = Path(tmp_path_factory.mktemp(f"stack-{request.module.__name__.rsplit('.', 1)[-1]}"))
+    module = request.module.__name__.rsplit(".", 1)[-1]
+    # HIVE_INTEGRATION_LOG_DIR keeps the process logs somewhere stable (e.g. a CI artifact).
+    kept = os.environ.get("HIVE_INTEGRATION_LOG_DIR")
+    log_dir = Path(kept) / module if kept else tmp_path_factory.mktemp(f"stack-{module}")
     with (
         temporary_postgres_database(postgres_server) as tickets_dsn,
         temporary_postgres_database(postgres_server) as registry_dsn,
