@@ -1,6 +1,7 @@
 """Faults injected into the running system: a worker killed with SIGKILL mid-task, the ticket
-service restarted mid-plan, MongoDB stopped mid-plan. Every plan must still complete, with
-no duplicate ticket and a complete audit trail."""
+service restarted mid-plan, MongoDB stopped mid-plan, the orchestrator killed with SIGKILL
+mid-plan. Every plan must still complete, with no duplicate ticket and a complete audit
+trail."""
 
 from __future__ import annotations
 
@@ -124,3 +125,22 @@ def test_mongodb_stopped_mid_plan(stack: FlowStack, mongo_server: MongoServer) -
     tickets = wait_audit_complete(stack, plan_id)
     assert sorted(t["ticket_id"] for t in tickets) == sorted(ticket_ids.values())
     assert all(t["status"] == "COMPLETED" for t in tickets)
+
+
+def test_the_orchestrator_killed_mid_plan_and_started_again(stack: FlowStack) -> None:
+    plan_id = new_plan_id("crash")
+    plan = diamond_plan(plan_id)
+    plan["tasks"][0] = task("a", "sleep", parameters={"seconds": 1.0})
+    ticket_ids = submit(stack, plan)
+    wait_running(stack, ticket_ids["a"])
+
+    orchestrator = stack.processes["orchestrator-dynamic"]
+    assert orchestrator.kill() == -9  # no chance to release its plan lease
+    orchestrator.start()
+    orchestrator.wait_ready()
+
+    # The new process takes the plan over once the dead owner's lease expires.
+    settled = stack.wait_plan_settled(plan_id)
+    assert settled["status"] == "COMPLETED", settled
+    assert_no_duplicates(stack, plan_id, ticket_ids)
+    wait_audit_complete(stack, plan_id)
