@@ -7,8 +7,9 @@ One asyncio component per process:
   submitted through this replica is claimed at once (:meth:`PlanDriver.adopt`);
 * a **renew loop** extends the leases of every driven plan; a lease that could not be
   renewed is lost and the plan is dropped (the epoch fences any late write);
-* one **WatchTickets stream per plan** (filter ``plan_id``, resumed from the plan's saved
-  cursor) feeds an inbox; a **WatchWorkers stream** wakes plans waiting for a worker;
+* **one WatchTickets stream** for the whole replica (the service token may watch every
+  ticket) routes each event to the inbox of the plan it belongs to, if this replica drives
+  it; a **WatchWorkers stream** wakes plans waiting for a worker;
 * the **main loop** wakes on any of that (or on a timer), folds inbox events with
   ``merge_observation``, persists what changed, calls ``decide()`` once per plan and wakes,
   starts backoffs, cancels, stores the plan status and dispatches all ready tickets of all
@@ -30,7 +31,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
-from hive_common.clients import RegistryClient, TicketClient, TicketWatch
+from hive_common.clients import RegistryClient, TicketClient
 from hive_common.errors import (
     Aborted,
     AlreadyExists,
@@ -104,16 +105,12 @@ class DrivenPlan:
     status: PlanStatus
     error_message: str | None
     created_at: datetime
-    saved_cursor: str | None
     activated: asyncio.Event = field(default_factory=asyncio.Event)
-    # Events delivered by the watch and not yet folded, with the cursor of the last one.
+    # Events delivered by the watch and not yet folded.
     inbox: list[ticket_pb.TicketEvent] = field(default_factory=list)
-    # Observations folded into ``tickets`` but not yet stored, and the watch cursor they
-    # reach: kept until a write succeeds, so a database hiccup loses nothing.
+    # Observations folded into ``tickets`` but not yet stored: kept until a write
+    # succeeds, so a database hiccup loses nothing.
     unsaved: dict[str, TicketState] = field(default_factory=dict)
-    unsaved_cursor: str | None = None
-    watch: TicketWatch | None = None
-    watch_task: asyncio.Task[None] | None = None
     # Loop time at which to run the plan's round again (0: now).
     due: float = 0.0
     resync_due: float = 0.0
@@ -168,6 +165,7 @@ class PlanDriver:
 
     async def start(self) -> None:
         for name, job in (
+            ("tickets", self._ticket_watch_loop),
             ("main", self._main_loop),
             ("claim", self._claim_loop),
             ("renew", self._renew_loop),
@@ -184,7 +182,6 @@ class PlanDriver:
                 await task
         self._tasks.clear()
         for plan in list(self._plans.values()):
-            await self._stop_watch(plan)
             with contextlib.suppress(HiveError):
                 await self._repo.release(plan.lease)
         self._plans.clear()
@@ -314,45 +311,43 @@ class PlanDriver:
         if woke:
             self._wake.set()
 
-    async def _watch_plan(self, plan: DrivenPlan) -> None:
-        cursor = plan.saved_cursor or ""
+    async def _ticket_watch_loop(self) -> None:
+        """Follow every ticket change and hand each to the plan it belongs to.
+
+        The stream starts at "now" and resumes from its last cursor after a failure (the
+        client reconnects by itself). A plan's past is read with ListTickets when it is
+        activated and at every resync, so nothing before the stream's start is needed.
+        """
+        cursor = ""
         while True:
-            watch = self._tickets.watch_tickets(
-                plan_id=plan.plan_id, cursor=cursor, include_snapshot=not cursor
-            )
-            plan.watch = watch
+            watch = self._tickets.watch_tickets(cursor=cursor)
             try:
                 async with watch:
                     async for event in watch:
-                        plan.inbox.append(event)
-                        self._wake.set()
+                        cursor = watch.cursor
+                        plan = self._plans.get(event.ticket.plan_id)
+                        if plan is not None:
+                            plan.inbox.append(event)
+                            self._wake.set()
             except InvalidArgument as exc:
-                # A cursor the service no longer accepts: start afresh; the resync
-                # (ListTickets) covers whatever happened in between.
-                _log.warning("plan watch cursor refused", plan_id=plan.plan_id, error=str(exc))
+                # A cursor the service no longer accepts: start afresh and re-read every
+                # plan (whatever happened in between).
+                _log.warning("ticket watch cursor refused", error=str(exc))
                 cursor = ""
-                plan.resync_due = 0.0
+                self._resync_all()
             except HiveError as exc:
                 self._health.failed(TICKET_SERVICE, str(exc))
-                _log.warning("plan watch failed", plan_id=plan.plan_id, error=str(exc))
-                cursor = watch.cursor
-                plan.resync_due = 0.0
+                _log.warning("ticket watch failed", error=str(exc))
+                self._resync_all()
             except Exception:
-                # Never let a plan go unwatched: reopen from the last cursor seen.
-                _log.exception("plan watch error", plan_id=plan.plan_id)
-                cursor = watch.cursor
-                plan.resync_due = 0.0
+                _log.exception("ticket watch error")
+                self._resync_all()
             await asyncio.sleep(self._settings.error_retry)
 
-    async def _stop_watch(self, plan: DrivenPlan) -> None:
-        if plan.watch_task is not None:
-            plan.watch_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await plan.watch_task
-            plan.watch_task = None
-        if plan.watch is not None:
-            await plan.watch.aclose()
-            plan.watch = None
+    def _resync_all(self) -> None:
+        for plan in self._plans.values():
+            plan.resync_due = 0.0
+        self._wake.set()
 
     # -- main loop -----------------------------------------------------------------------
 
@@ -419,7 +414,6 @@ class PlanDriver:
         _log.info("no longer driving plan", plan_id=plan.plan_id, reason=why)
         self._plans.pop(plan.plan_id, None)
         self._metrics.plans_driven.set(len(self._plans))
-        await self._stop_watch(plan)
 
     async def _step(self, plan: DrivenPlan) -> tuple[str, ...]:
         """One round for one plan; returns the tasks to dispatch now."""
@@ -470,10 +464,6 @@ class PlanDriver:
                 # Only a misconfiguration gets here (the validator mirrors the ticket
                 # service's rules): retrying cannot help, so the plan fails visibly.
                 return f"the ticket service refused the plan's tickets: {exc.message}"
-        if plan.watch_task is None:
-            plan.watch_task = asyncio.create_task(
-                self._watch_plan(plan), name=f"plan-watch-{plan.plan_id}"
-            )
         plan.resync_due = 0.0
         plan.activated.set()
         return None
@@ -522,8 +512,6 @@ class PlanDriver:
         for event in events:
             if event.HasField("ticket"):
                 self._merge(plan, ticket_state(event.ticket.task_id, event.ticket))
-            if event.cursor:
-                plan.unsaved_cursor = event.cursor
         if events:
             self._health.succeeded(TICKET_SERVICE)
 
@@ -546,8 +534,7 @@ class PlanDriver:
         plan.resync_due = loop.time() + self._settings.resync_interval
 
     async def _flush(self, plan: DrivenPlan) -> None:
-        """Store the unsaved observations, then the cursor they reach (in that order: a
-        restart resumes from the cursor, so it must never be ahead of the stored states)."""
+        """Store the unsaved observations."""
         if plan.unsaved:
             pending = plan.unsaved
             plan.unsaved = {}
@@ -556,10 +543,6 @@ class PlanDriver:
             except BaseException:
                 plan.unsaved = {**pending, **plan.unsaved}
                 raise
-        cursor = plan.unsaved_cursor
-        if cursor is not None and cursor != plan.saved_cursor:
-            await self._repo.save_watch_cursor(plan.lease, cursor)
-            plan.saved_cursor = cursor
 
     async def _start_backoffs(self, plan: DrivenPlan, decision: SchedulingDecision) -> None:
         backoffs = {
@@ -621,7 +604,6 @@ class PlanDriver:
         self._plans.pop(plan.plan_id, None)
         self._metrics.plans_settled.labels(plan.status.value).inc()
         self._metrics.plans_driven.set(len(self._plans))
-        await self._stop_watch(plan)
         await self._safe_release(plan.lease)
 
     # -- dispatch (C3/C4) ----------------------------------------------------------------
@@ -747,5 +729,4 @@ def _driven(lease: PlanLease, stored: StoredPlan) -> DrivenPlan:
         status=stored.summary.status,
         error_message=stored.summary.error_message,
         created_at=stored.summary.created_at,
-        saved_cursor=stored.watch_cursor,
     )
