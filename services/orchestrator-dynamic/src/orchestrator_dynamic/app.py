@@ -145,6 +145,7 @@ async def build_app(
         metrics=metrics,
         namespace=settings.worker_namespace,
         submit_wait_seconds=settings.submit_wait_seconds,
+        registry_deadline_seconds=settings.rpc_timeout_seconds,
         clock=clock,
     )
 

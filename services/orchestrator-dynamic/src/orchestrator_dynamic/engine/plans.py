@@ -64,6 +64,7 @@ class PlanService:
         metrics: OrchestratorMetrics,
         namespace: str = "",
         submit_wait_seconds: float = 10.0,
+        registry_deadline_seconds: float = 5.0,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
     ) -> None:
         self._repo = repository
@@ -75,6 +76,8 @@ class PlanService:
         self._metrics = metrics
         self._namespace = namespace
         self._submit_wait = submit_wait_seconds
+        # Feasibility and explain are advisory: a slow registry must not stall them long.
+        self._registry_deadline = registry_deadline_seconds
         self._clock = clock
 
     async def submit(self, raw: object, *, strict: bool = False) -> Submission:
@@ -138,6 +141,7 @@ class PlanService:
                 statuses=statuses,
                 page_size=500,
                 page_token=page_token,
+                deadline=self._registry_deadline,
             )
             self._health.succeeded(REGISTRY)
             workers.extend(page.workers)
