@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import os
 import re
 import shutil
 import signal
@@ -54,7 +55,9 @@ def sampled(
                     "raw",
                     "--rate",
                     str(rate),
-                    "--nonblocking",
+                    # --native (C frames too: grpc core, asyncio, psycopg) must stop the
+                    # process to unwind it; otherwise sample without pausing it.
+                    "--native" if os.environ.get("BENCH_PYSPY_NATIVE") else "--nonblocking",
                     "--output",
                     str(output),
                 ],

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import Iterator
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -15,6 +16,7 @@ from bench.discovery import DiscoverySizes, run_discovery
 from bench.environment import Databases, databases, describe_machine, load_average
 from bench.report import Report
 from bench.tickets import TicketSizes, run_ingest, run_updates
+from hive_common.localdb import free_port
 from hive_common.procstack import ProcessStack
 
 PHASES = ("tickets", "discovery", "plans")
@@ -98,8 +100,33 @@ def phase_tickets(report: Report, dbs: Databases, args: argparse.Namespace, logs
                 meter=meter,
             )
         )
-        report.cpu.update(meter.results)
         _record_memory(report, "tickets", procs, "after ingest and update benchmarks")
+        procs.stop("execution-ticket-service")
+        # Diagnostic: the same updates with the audit relay idle (MongoDB unreachable, the
+        # relay backs off), to show what the relay and FerretDB cost the hot path.
+        quiet = stack.ticket_service(
+            name="execution-ticket-service-relay-idle",
+            postgres_dsn=dsn,
+            mongo_uri=f"mongodb://127.0.0.1:{free_port()}",
+            mongo_database="bench_tickets_micro",
+            log_level=args.log_level,
+            mongo_timeout_ms=200,  # readiness answers at once while MongoDB is away
+        )
+        with _running(ProcessStack([quiet.spec], log_dir=logs / "tickets")) as more:
+            meter.add_pid(quiet.spec.name, more[quiet.spec.name].pid)
+            if args.profile:
+                meter.around = profiling.sampler_for([*procs, *more], args.out / "profiles")
+            asyncio.run(
+                run_updates(
+                    report,
+                    tickets_target=quiet.endpoint.grpc_target,
+                    echo_target=echo.endpoint.grpc_target,
+                    sizes=replace(sizes, update_calls={16: sizes.update_calls[16]}),
+                    meter=meter,
+                    variant="audit relay idle: MongoDB unreachable",
+                )
+            )
+        report.cpu.update(meter.results)
 
 
 def phase_discovery(report: Report, dbs: Databases, args: argparse.Namespace, logs: Path) -> None:

@@ -76,7 +76,13 @@ def echo_server(name: str = "echo") -> Built:
 
 
 def ticket_service(
-    *, name: str, postgres_dsn: str, mongo_uri: str, mongo_database: str, log_level: str
+    *,
+    name: str,
+    postgres_dsn: str,
+    mongo_uri: str,
+    mongo_database: str,
+    log_level: str,
+    mongo_timeout_ms: int | None = None,
 ) -> Built:
     endpoint = _ports()
     env = {
@@ -91,6 +97,8 @@ def ticket_service(
         "HIVE_TICKETS_LOG_LEVEL": log_level,
         "HIVE_TICKETS_LOG_FORMAT": "json",
     }
+    if mongo_timeout_ms is not None:
+        env["HIVE_TICKETS_MONGO_TIMEOUT_MS"] = str(mongo_timeout_ms)
     spec = ProcessSpec(
         name=name,
         argv=[_script("execution-ticket-service")],

@@ -1,0 +1,1 @@
+"""One-off experiments that back a finding of the benchmark report with numbers."""
