@@ -402,6 +402,11 @@ class PlanDriver:
             self._metrics.round_failures.labels("error").inc()
             _log.error("plan round failed", plan_id=plan.plan_id, error=repr(exc))
             self._postpone(plan, loop.time() + self._settings.error_retry)
+        except Exception:
+            # A bug must not stall the plan (nor the other plans of this round).
+            self._metrics.round_failures.labels("error").inc()
+            _log.exception("plan round crashed", plan_id=plan.plan_id)
+            self._postpone(plan, loop.time() + self._settings.error_retry)
         return ()
 
     @staticmethod
