@@ -23,38 +23,32 @@ import pytest
 from hive_common.localdb import find_mongo_server, find_postgres_bin_dir
 from hive_common.testing.databases import unavailable_action
 
-from .conftest import wait_for
+from .conftest import ephemeral_port_range, port_is_free, quiet_port, wait_for
 
 pytestmark = pytest.mark.integration
 
 REPO = Path(__file__).resolve().parents[2]
-SERVICE_PORTS = (50051, 8001, 50052, 8002, 9092, 50053, 8003)
-
-
-def port_free(port: int) -> bool:
-    import socket
-
-    with socket.socket() as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
+# The dev stack's default ports, which --port-offset moves.
+GRPC_PORTS = (50051, 50052, 50053)
+HTTP_PORTS = (8001, 8002, 8003, 9092)
 
 
 def free_offset() -> int:
-    """A --port-offset whose seven service ports are free right now."""
+    """A --port-offset whose seven service ports are free and, where the kernel's ephemeral
+    range allows, all outside it (gRPC ports above it, HTTP ports below it)."""
+    low, high = ephemeral_port_range()
+    smallest = max(high + 1 - min(GRPC_PORTS), 1)
+    largest = min(65_535 - max(GRPC_PORTS), low - 1 - max(HTTP_PORTS))
+    offsets = range(smallest, largest + 1) if smallest <= largest else range(10_000, 15_000)
     for _ in range(200):
-        offset = random.randrange(10_000, 14_000)
-        if all(port_free(p + offset) for p in SERVICE_PORTS):
+        offset = random.choice(offsets)
+        if all(port_is_free(p + offset) for p in GRPC_PORTS + HTTP_PORTS):
             return offset
     pytest.fail("no free port range for the dev stack")
 
 
 class DevStack:
     def __init__(self, state_dir: Path) -> None:
-        from hive_common.localdb import free_port
-
         self.state_dir = state_dir
         self.output = state_dir / "dev-stack.out"
         self.offset = free_offset()
@@ -66,9 +60,9 @@ class DevStack:
             "--port-offset",
             str(self.offset),
             "--postgres-port",
-            str(free_port()),
+            str(quiet_port()),
             "--mongo-port",
-            str(free_port()),
+            str(quiet_port()),
             "--log-format",
             "json",
         ]
