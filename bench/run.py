@@ -145,6 +145,7 @@ def phase_discovery(report: Report, dbs: Databases, args: argparse.Namespace, lo
             run_discovery(
                 report,
                 registry_target=registry.endpoint.grpc_target,
+                registry_dsn=dsn,
                 echo_target=echo.endpoint.grpc_target,
                 sizes=sizes,
                 meter=meter,
@@ -202,6 +203,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         for phase in phases:
             print(f"bench: phase {phase} (load {load_average()})", flush=True)
+            report.parameters[f"load average before phase {phase}"] = load_average()
             if phase == "tickets":
                 phase_tickets(report, dbs, args, logs)
             elif phase == "discovery":
