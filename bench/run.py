@@ -201,6 +201,26 @@ def main(argv: list[str] | None = None) -> int:
                 "process logs": str(logs),
             },
         )
+        report.notes += [
+            "Method: every service is its own OS process started from its console script "
+            "(hive_common.procstack) on databases this run provisioned; the load generator is "
+            "this one Python asyncio process with the generated grpc.aio stubs, closed loop "
+            "(each client sends its next call when the previous one answered). The echo "
+            "baseline gets byte-for-byte the same requests from the same client code. Client, "
+            "services and databases share the same cores, so the CPU table below says where "
+            "the time went.",
+            "Auth: every call carries a service JWT (HS256), verified by the service as in "
+            "production; UpdateTicketStatus is sent with the service token rather than "
+            "per-ticket tokens (same verification cost).",
+            "Whole-plan baseline: the ticket-service work of the plan at the rates this run "
+            "measured in isolation (create at the BatchCreateTickets rate + one AssignTicket "
+            "at the 16-client assign rate + two updates at the 64-client update rate, per "
+            "task), summed; the stack may overlap these steps, so it is a yardstick, not a "
+            "lower bound.",
+            "Relay lag: relayed_at - occurred_at of every outbox event written during the plan "
+            "runs (relayed_at is set after the MongoDB insert succeeded), read from the ticket "
+            "service's PostgreSQL once the outbox drained.",
+        ]
         for phase in phases:
             print(f"bench: phase {phase} (load {load_average()})", flush=True)
             report.parameters[f"load average before phase {phase}"] = load_average()
