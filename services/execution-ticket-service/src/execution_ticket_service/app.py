@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import signal
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
@@ -66,6 +65,8 @@ class TicketService:
     pool: Pool
     mongo: MongoClient
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
+    # How long stop() waits for cancelled background loops before closing the pools anyway.
+    task_stop_timeout: float = 5.0
 
     async def start(self) -> None:
         await self.runtime.start()
@@ -103,13 +104,23 @@ class TicketService:
             await self.stop()
 
     async def _shutdown(self) -> None:
-        for task in self.tasks:
-            task.cancel()
-        for task in self.tasks:
-            with contextlib.suppress(asyncio.CancelledError):
-                await task
+        await self._stop_tasks()
         await self.mongo.close()
         await self.pool.close()
+
+    async def _stop_tasks(self) -> None:
+        """Cancel the background loops and wait for them, but never without a bound."""
+        for task in self.tasks:
+            task.cancel()
+        if not self.tasks:
+            return
+        done, pending = await asyncio.wait(self.tasks, timeout=self.task_stop_timeout)
+        for task in done:
+            if not task.cancelled() and task.exception() is not None:
+                log.error("background task failed", task=task.get_name(), exc_info=task.exception())
+        for task in pending:
+            # Left behind rather than holding the stop; the pools close under it.
+            log.error("background task ignored its cancellation", task=task.get_name())
 
 
 def _background(name: str, job: Coroutine[Any, Any, None]) -> asyncio.Task[None]:

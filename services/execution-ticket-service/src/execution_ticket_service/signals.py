@@ -26,5 +26,8 @@ class ChangeSignal:
         """Return after a change past generation ``since``, or after ``max_wait`` seconds."""
         if self._generation != since:
             return
+        # Not asyncio.wait_for: on Python 3.11 it drops a cancellation that arrives as the
+        # event is set, and the cancelled loop went on (a stop then waited for it forever).
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._event.wait(), max_wait)
+            async with asyncio.timeout(max_wait):
+                await self._event.wait()

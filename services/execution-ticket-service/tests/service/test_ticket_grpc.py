@@ -922,3 +922,31 @@ async def test_stop_ends_watch_streams_instead_of_waiting_for_the_grace(
     assert await stream.code() is Code.OK
     # Far below the 30 s grace: the stream ended because of the drain, not the deadline.
     assert loop.time() - started < 15
+
+
+async def test_stop_does_not_wait_forever_for_a_background_loop(service: TicketService) -> None:
+    release = asyncio.Event()
+    cancels = 0
+
+    async def stubborn() -> None:
+        # What a loop that lost its cancellation looks like from stop()'s side.
+        nonlocal cancels
+        while not release.is_set():
+            try:
+                await release.wait()
+            except asyncio.CancelledError:
+                cancels += 1
+
+    task = asyncio.create_task(stubborn())
+    service.tasks.append(task)
+    service.task_stop_timeout = 0.2
+    try:
+        await service.stop(0.5)
+        assert cancels == 1
+        assert not task.done()
+        # The other loops did stop, and the pools were closed regardless.
+        assert all(t.done() for t in service.tasks if t is not task)
+        assert service.pool.closed
+    finally:
+        release.set()
+        await task
