@@ -822,6 +822,44 @@ async def test_worker_watch_sees_its_assignments_and_resumes_from_cursor(client:
     resumed.cancel()
 
 
+async def watch_cursor_of(stream: Any) -> str:
+    metadata = await stream.initial_metadata()
+    cursors = [value for key, value in metadata if key == "x-watch-cursor"]
+    assert len(cursors) == 1, metadata
+    assert isinstance(cursors[0], str)
+    assert cursors[0]
+    return cursors[0]
+
+
+async def test_a_watch_dropped_before_its_first_event_resumes_from_its_header_cursor(
+    client: Client,
+) -> None:
+    stream = client.stub.WatchTickets(pb.WatchTicketsRequest(plan_id="plan-w"), metadata=client.svc)
+    start = await watch_cursor_of(stream)
+    stream.cancel()  # dropped before any event: the header is all the client has
+    created = await client.create(task_id="while-away", plan_id="plan-w")
+    await client.create(task_id="other-plan", plan_id="plan-x")
+    resumed = client.stub.WatchTickets(
+        pb.WatchTicketsRequest(plan_id="plan-w", cursor=start), metadata=client.svc
+    )
+    assert await watch_cursor_of(resumed) == start  # a resumed stream echoes its cursor
+    event = await next_event(resumed)
+    assert (event.type, event.ticket.ticket_id) == (pb.TICKET_EVENT_TYPE_CREATED, created.ticket_id)
+    resumed.cancel()
+
+
+async def test_a_snapshot_watch_sends_the_snapshot_cursor_in_its_header(client: Client) -> None:
+    waiting = await client.create(task_id="waiting")
+    stream = client.stub.WatchTickets(
+        pb.WatchTicketsRequest(plan_id="plan-1", include_snapshot=True), metadata=client.svc
+    )
+    start = await watch_cursor_of(stream)
+    snap = await next_event(stream)
+    assert (snap.type, snap.ticket.ticket_id) == (pb.TICKET_EVENT_TYPE_SNAPSHOT, waiting.ticket_id)
+    assert snap.cursor == start
+    stream.cancel()
+
+
 async def test_watch_snapshot_then_changes_by_plan(client: Client) -> None:
     done = await client.create(task_id="done")
     await client.update(done, S.TICKET_STATUS_CANCELLED, attempt=0)

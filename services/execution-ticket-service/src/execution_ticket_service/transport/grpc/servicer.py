@@ -9,7 +9,7 @@ from typing import Any
 
 from google.protobuf import timestamp_pb2
 
-from execution_ticket_service.domain.models import EventType, TicketEvent, TicketFilter
+from execution_ticket_service.domain.models import EventType, Ticket, TicketEvent, TicketFilter
 from execution_ticket_service.domain.paging import (
     Cursor,
     decode_cursor,
@@ -48,6 +48,8 @@ from neuralhive.ticket.v1 import ticket_service_pb2_grpc as pb_grpc
 
 TICKET_TOKEN_SCOPES = ("ticket:update",)
 SNAPSHOT_ACTOR = "system:watch"
+# Initial metadata of WatchTickets: the cursor the stream starts from (see WatchTickets).
+WATCH_CURSOR_HEADER = "x-watch-cursor"
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,11 +193,20 @@ class TicketServicer(pb_grpc.TicketServiceServicer):
             errors.add("include_snapshot", "only applies without a cursor")
         errors.raise_if_any("invalid watch request")
         ticket_filter = TicketFilter(plan_id=request.plan_id, worker_id=request.worker_id)
-        # Headers now, not with the first event: a client can tell the watch is established.
-        await context.send_initial_metadata(())
 
+        tickets: list[Ticket] = []
         if cursor is None and request.include_snapshot:
             cursor, tickets = await self._repository.snapshot(ticket_filter)
+        elif cursor is None:
+            cursor = await self._repository.current_position()
+        # Headers as soon as the watch is positioned, not with the first event: the client
+        # knows the watch is established, and gets the stream's starting cursor in
+        # `x-watch-cursor`. Without it, a stream started with an empty cursor that drops
+        # before its first event leaves the client nowhere to resume from, and a change made
+        # before it reconnects would be missed. (A resumed stream echoes its own cursor.)
+        await context.send_initial_metadata(((WATCH_CURSOR_HEADER, encode_cursor(cursor)),))
+
+        if tickets:
             now = utc_now()
             for ticket in tickets:
                 snapshot = TicketEvent(
@@ -209,8 +220,6 @@ class TicketServicer(pb_grpc.TicketServiceServicer):
                     cursor=encode_cursor(cursor),
                 )
                 yield pb.WatchTicketsResponse(event=event_to_proto(snapshot))
-        elif cursor is None:
-            cursor = await self._repository.current_position()
 
         # Each subscriber polls on its own: a slow or vanished client only stalls itself.
         while not self._draining.is_set():
