@@ -69,6 +69,8 @@ class FakeTickets(pb_grpc.TicketServiceServicer):
         self.watch_scripts: list[tuple[list[int], str]] = []
         self.watch_requests: list[pb.WatchTicketsRequest] = []
         self.watch_opened = asyncio.Event()
+        # Sent as the `x-watch-cursor` initial metadata of every watch (None: no header).
+        self.watch_header_cursor: str | None = None
 
     async def _fail_if_scripted(self, name: str, request: Any, context: Context) -> None:
         self.calls.append((name, request, _metadata(context)))
@@ -124,6 +126,8 @@ class FakeTickets(pb_grpc.TicketServiceServicer):
         self.calls.append(("WatchTickets", request, _metadata(context)))
         self.watch_opened.set()
         numbers, action = self.watch_scripts.pop(0) if self.watch_scripts else ([], "wait")
+        if self.watch_header_cursor is not None:
+            await context.send_initial_metadata((("x-watch-cursor", self.watch_header_cursor),))
         for n in numbers:
             yield _event(n)
         if action == "abort":
@@ -431,6 +435,51 @@ async def test_watch_dropped_before_any_event_comes_back_with_a_snapshot(
     assert event.event_id == "e7"
     requests = [(r.plan_id, r.cursor, r.include_snapshot) for r in tickets.watch_requests]
     assert requests == [("p-1", "", False), ("p-1", "", True)]
+
+
+async def test_watch_dropped_before_any_event_resumes_from_the_header_cursor(
+    tickets: FakeTickets, ticket_port: int, sleeps: Sleeps
+) -> None:
+    tickets.watch_header_cursor = "c0"
+    tickets.watch_scripts = [([], "abort"), ([7], "wait")]
+    client = ticket_client(ticket_port, sleeps)
+    watch = client.watch_tickets(plan_id="p-1")
+    async with client, watch:
+        event = await anext(watch)
+    assert event.event_id == "e7"
+    assert watch.cursor == "c7"
+    requests = [(r.plan_id, r.cursor, r.include_snapshot) for r in tickets.watch_requests]
+    # The stream's starting position, not a snapshot: nothing in the gap is lost.
+    assert requests == [("p-1", "", False), ("p-1", "c0", False)]
+
+
+async def test_watch_header_cursor_does_not_replace_a_cursor_or_a_snapshot(
+    tickets: FakeTickets, ticket_port: int, sleeps: Sleeps
+) -> None:
+    tickets.watch_header_cursor = "from-header"
+
+    def requests() -> list[tuple[str, bool]]:
+        seen = [(r.cursor, r.include_snapshot) for r in tickets.watch_requests]
+        tickets.watch_requests.clear()
+        return seen
+
+    client = ticket_client(ticket_port, sleeps)
+    async with client:
+        # A snapshot watch that drops before its snapshot arrives asks for it again.
+        tickets.watch_scripts = [([], "abort"), ([3], "wait")]
+        async with client.watch_tickets(plan_id="p-1", include_snapshot=True) as watch:
+            await anext(watch)
+        assert requests() == [("", True), ("", True)]
+        # A cursor the caller gave (or an event's) is not replaced by the header's.
+        tickets.watch_scripts = [([], "abort"), ([4], "wait")]
+        async with client.watch_tickets(plan_id="p-1", cursor="c9") as resumed:
+            await anext(resumed)
+        assert requests() == [("c9", False), ("c9", False)]
+        tickets.watch_scripts = [([5], "abort"), ([6], "wait")]
+        async with client.watch_tickets(plan_id="p-1") as fresh:
+            await anext(fresh)
+            await anext(fresh)
+        assert requests() == [("", False), ("c5", False)]
 
 
 async def test_closing_a_watch_ends_a_pending_read_in_another_task(

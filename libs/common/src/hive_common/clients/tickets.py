@@ -30,6 +30,9 @@ from hive_common.grpc_client import TokenProvider, create_channel
 from neuralhive.ticket.v1 import ticket_service_pb2 as pb
 from neuralhive.ticket.v1 import ticket_service_pb2_grpc as pb_grpc
 
+WATCH_CURSOR_METADATA = "x-watch-cursor"
+"""Initial metadata of a WatchTickets stream: the cursor the stream starts from."""
+
 
 def to_struct(value: Mapping[str, Any]) -> struct_pb2.Struct:
     """A ``google.protobuf.Struct`` from a JSON object (``ValueError`` if it is not one)."""
@@ -47,11 +50,14 @@ class TicketWatch(ReconnectingStream[pb.WatchTicketsResponse, pb.TicketEvent]):
     Delivery is at least once: an event may repeat around a reconnection, so handle
     events idempotently (by ``event_id`` or by ticket version).
 
-    A stream that drops before its first event has no cursor to resume from; it then
-    reconnects with ``include_snapshot`` so the current state of every matching
-    non-terminal ticket is delivered again (as SNAPSHOT events), even if the first request
-    did not ask for a snapshot. A ticket that reached a terminal status during such a gap
-    is not reported: the contract gives a new stream no starting cursor.
+    A stream opened without a cursor takes its starting cursor from the server's initial
+    metadata (``x-watch-cursor``), so a stream that drops before its first event resumes
+    from where it started and misses nothing. Not for a snapshot request: that one, if it
+    drops before its first event, asks for the snapshot again. Against a server that
+    sends no such header, a stream that drops before its first event reconnects with
+    ``include_snapshot`` so the current state of every matching non-terminal ticket is
+    delivered again (as SNAPSHOT events); a ticket that reached a terminal status during
+    that gap is then not reported.
     """
 
     def __init__(
@@ -72,17 +78,32 @@ class TicketWatch(ReconnectingStream[pb.WatchTicketsResponse, pb.TicketEvent]):
         self._plan_id = plan_id
         self._worker_id = worker_id
         self._include_snapshot = include_snapshot
+        self._snapshot_requested = False
         self.cursor = cursor
         """Resume position: the cursor of the last event yielded (or the initial one)."""
 
     def _request(self) -> pb.WatchTicketsRequest:
         snapshot = not self.cursor and (self._include_snapshot or self.connections > 0)
+        self._snapshot_requested = snapshot
         return pb.WatchTicketsRequest(
             plan_id=self._plan_id,
             worker_id=self._worker_id,
             cursor=self.cursor,
             include_snapshot=snapshot,
         )
+
+    async def _connected(
+        self, call: grpc.aio.UnaryStreamCall[pb.WatchTicketsRequest, pb.WatchTicketsResponse]
+    ) -> None:
+        if self.cursor or self._snapshot_requested:
+            return
+        try:
+            metadata = await call.initial_metadata()
+        except grpc.aio.AioRpcError:
+            return  # the next read reports the failure (translated) and reconnects
+        for key, value in metadata or ():
+            if key == WATCH_CURSOR_METADATA and isinstance(value, str) and value:
+                self.cursor = value
 
     def _accept(self, response: pb.WatchTicketsResponse) -> pb.TicketEvent:
         event = response.event
@@ -375,4 +396,4 @@ class TicketClient:
         )
 
 
-__all__ = ["TicketClient", "TicketWatch", "to_struct"]
+__all__ = ["WATCH_CURSOR_METADATA", "TicketClient", "TicketWatch", "to_struct"]
