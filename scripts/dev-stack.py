@@ -133,6 +133,14 @@ def database_spec(*, state_dir: Path, ports: Ports) -> ProcessSpec:
     )
 
 
+def local_no_proxy() -> dict[str, str]:
+    """``no_proxy`` covering loopback: gRPC and HTTP clients honour ``http_proxy`` from the
+    environment, which must not capture calls between local processes."""
+    existing = os.environ.get("no_proxy") or os.environ.get("NO_PROXY") or ""
+    value = ",".join(filter(None, [existing, "127.0.0.1,localhost"]))
+    return {"no_proxy": value, "NO_PROXY": value}
+
+
 def service_specs(
     *,
     ports: Ports,
@@ -144,9 +152,10 @@ def service_specs(
 ) -> list[ProcessSpec]:
     python = sys.executable
     common = {"HOST": "127.0.0.1", "LOG_FORMAT": log_format, "JWT_SECRET": jwt_secret}
+    local = local_no_proxy()
 
     def env(prefix: str, values: dict[str, object]) -> dict[str, str]:
-        return {f"{prefix}{k}": str(v) for k, v in {**common, **values}.items()}
+        return local | {f"{prefix}{k}": str(v) for k, v in {**common, **values}.items()}
 
     specs = [
         ProcessSpec(
@@ -200,7 +209,7 @@ def service_specs(
         ),
     ]
     for name, (capabilities, labels) in WORKERS.items():
-        worker_env = {
+        worker_env = local | {
             "HIVE_WORKER_NAME": name,
             "HIVE_WORKER_CAPABILITIES": capabilities,
             "HIVE_WORKER_LABELS": labels,

@@ -114,7 +114,7 @@ class FlowStack:
     service_token: str = field(init=False)
 
     def __post_init__(self) -> None:
-        self.http = httpx.Client(timeout=10.0)
+        self.http = httpx.Client(timeout=10.0, trust_env=False)
         issuer = TokenIssuer(secret=self.jwt_secret, issuer="hive-flow-c")
         self.service_token, _ = issuer.issue_service_token(
             service="integration-tests", ttl_seconds=3600
@@ -323,6 +323,14 @@ def diamond_plan(plan_id: str) -> dict[str, Any]:
 # The stack
 
 
+def local_no_proxy() -> dict[str, str]:
+    """``no_proxy`` covering loopback: gRPC and HTTP clients honour ``http_proxy`` from the
+    environment, which must not capture calls between local processes."""
+    existing = os.environ.get("no_proxy") or os.environ.get("NO_PROXY") or ""
+    value = ",".join(filter(None, [existing, "127.0.0.1,localhost"]))
+    return {"no_proxy": value, "NO_PROXY": value}
+
+
 def stack_specs(
     *,
     ports: Ports,
@@ -335,9 +343,10 @@ def stack_specs(
     """The five processes with short intervals suited to tests."""
     python = sys.executable
     common = {"LOG_LEVEL": "INFO", "LOG_FORMAT": "json", "HOST": "127.0.0.1"}
+    local = local_no_proxy()
 
     def prefixed(prefix: str, values: dict[str, object]) -> dict[str, str]:
-        return {f"{prefix}{k}": str(v) for k, v in ({**common, **values}).items()}
+        return local | {f"{prefix}{k}": str(v) for k, v in ({**common, **values}).items()}
 
     registry_env = prefixed(
         "HIVE_REGISTRY_",

@@ -137,7 +137,7 @@ def test_make_dev_runs_an_example_plan_and_ctrl_c_stops_everything_cleanly(
         "worker-2.log",
     ]
 
-    with httpx.Client(timeout=10) as http:
+    with httpx.Client(timeout=10, trust_env=False) as http:
         plan = json.loads((REPO / "examples" / "diamond.json").read_text())
         submitted = http.post(f"{orchestrator}/api/v1/plans", json=plan)
         assert submitted.status_code == 202, submitted.text

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 from typing import Any
 
-import httpx
 import pytest
 
 from hive_common.testing.databases import MongoServer
@@ -115,7 +114,7 @@ def test_mongodb_stopped_mid_plan(stack: FlowStack, mongo_server: MongoServer) -
     assert not mongo_server.is_running
 
     def degraded() -> dict[str, Any] | None:
-        response = httpx.get(f"{stack.tickets_url}/ready", timeout=5)
+        response = stack.http.get(f"{stack.tickets_url}/ready")
         body: dict[str, Any] = response.json()
         return body if response.status_code == 200 and "degraded" in response.text else None
 

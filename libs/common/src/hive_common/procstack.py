@@ -94,9 +94,12 @@ class ProcessSpec:
 def http_ready(url: str, *, timeout: float = 1.0) -> ReadyProbe:
     """A probe that is ready when ``GET url`` answers 200."""
 
+    # Never through an HTTP proxy from the environment: the process is local.
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
     def probe(_: ManagedProcess) -> bool:
         try:
-            with urllib.request.urlopen(url, timeout=timeout) as response:
+            with opener.open(url, timeout=timeout) as response:
                 return int(response.status) == 200
         except (urllib.error.URLError, OSError, ValueError):
             return False

@@ -190,9 +190,10 @@ def test_stack_starts_all_stops_by_tier_and_reports_exits(tmp_path: Path) -> Non
     server, port = http_spec("server", tier=0, stop_grace=5)
     client_code = f"""
     import signal, sys, time, urllib.request
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({{}}))
     def up():
         try:
-            return urllib.request.urlopen("http://127.0.0.1:{port}/ready", timeout=1).status
+            return opener.open("http://127.0.0.1:{port}/ready", timeout=1).status
         except Exception as exc:
             return repr(exc)
     def on_term(*_):
