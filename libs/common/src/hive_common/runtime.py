@@ -15,10 +15,11 @@ callable the HTTP ``/ready`` uses) and the runtime re-evaluates it every
 and call :meth:`ServiceRuntime.set_serving` yourself once dependencies are up (a running
 readiness watcher overrides manual calls at its next evaluation).
 
-Shutdown (:meth:`ServiceRuntime.stop`): health goes NOT_SERVING for good, the servers stop
-accepting, in-flight RPCs and HTTP requests get ``grace`` seconds to finish (then are
-cancelled), and finally the registered shutdown callbacks run in reverse order (close
-pools last, after nothing can use them).
+Shutdown (:meth:`ServiceRuntime.stop`): the before-stop callbacks run first (end work that
+would otherwise hold the drain, such as endless server streams), health goes NOT_SERVING for
+good, the servers stop accepting, in-flight RPCs and HTTP requests get ``grace`` seconds to
+finish (then are cancelled), and finally the registered shutdown callbacks run in reverse
+order (close pools last, after nothing can use them).
 """
 
 from __future__ import annotations
@@ -149,6 +150,7 @@ class ServiceRuntime:
         self._readiness_timeout = readiness_timeout_seconds
         self._logger = logger if logger is not None else structlog.stdlib.get_logger("hive.runtime")
         self._shutdown_callbacks: list[ShutdownCallback] = []
+        self._before_stop_callbacks: list[ShutdownCallback] = []
         self._http: _HttpListener | None = None
         self._metrics: _HttpListener | None = None
         self._readiness_task: asyncio.Task[None] | None = None
@@ -193,6 +195,15 @@ class ServiceRuntime:
     def add_shutdown_callback(self, callback: ShutdownCallback) -> None:
         """Run ``callback`` at the end of :meth:`stop` (callbacks run last-added first)."""
         self._shutdown_callbacks.append(callback)
+
+    def add_before_stop_callback(self, callback: ShutdownCallback) -> None:
+        """Run ``callback`` at the start of :meth:`stop`, before the servers drain.
+
+        For work the drain would otherwise wait for until the grace period ends (e.g. tell
+        endless server streams to finish). Callbacks run in the order added, once; a failing
+        one is logged and the stop goes on.
+        """
+        self._before_stop_callbacks.append(callback)
 
     async def start(self) -> None:
         """Bind and start every part; on any failure, stop what started and re-raise."""
@@ -265,7 +276,8 @@ class ServiceRuntime:
             await self._evaluate_readiness()
 
     async def stop(self, grace: float | None = None) -> None:
-        """Graceful stop (idempotent): NOT_SERVING, drain up to ``grace`` s, then callbacks.
+        """Graceful stop (idempotent): before-stop callbacks, NOT_SERVING, drain up to
+        ``grace`` s, then shutdown callbacks.
 
         ``grace`` defaults to ``shutdown_grace_seconds``.
         """
@@ -275,6 +287,12 @@ class ServiceRuntime:
             self._state = "stopped"
             grace = self.shutdown_grace_seconds if grace is None else grace
             self._logger.info("service stopping", grace_seconds=grace)
+
+            for callback in self._before_stop_callbacks:
+                try:
+                    await callback()
+                except Exception:
+                    self._logger.exception("before-stop callback failed", callback=repr(callback))
 
             if self._readiness_task is not None:
                 self._readiness_task.cancel()

@@ -204,6 +204,43 @@ async def test_graceful_stop_lets_in_flight_rpc_finish(servicer: SlowServicer) -
     assert order == ["close_other", "close_pool finished=True"]
 
 
+async def test_before_stop_callbacks_run_first_and_can_end_in_flight_work(
+    servicer: SlowServicer,
+) -> None:
+    rt = make_runtime(servicer)
+    order: list[str] = []
+
+    async def end_in_flight_work() -> None:
+        assert rt.grpc_server is not None
+        order.append(f"before_stop serving={rt.grpc_server.serving}")
+        servicer.release.set()  # what ending an endless stream does
+
+    async def broken() -> None:
+        raise RuntimeError("a failing hook does not stop the stop")
+
+    async def close() -> None:
+        order.append(f"close finished={servicer.finished}")
+
+    rt.add_before_stop_callback(end_in_flight_work)
+    rt.add_before_stop_callback(broken)
+    rt.add_shutdown_callback(close)
+    await rt.start()
+    await rt.set_serving(True)
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{rt.grpc_port}") as channel:
+        in_flight = asyncio.ensure_future(call(channel, "Wait")(b""))
+        await servicer.entered.wait()
+        with structlog.testing.capture_logs() as logs:
+            # Nothing else releases the RPC: only the hook lets it finish inside the grace.
+            await rt.stop(30)
+        assert await in_flight == b"done"
+    assert order == ["before_stop serving=True", "close finished=True"]
+    assert [e["event"] for e in logs if e["log_level"] == "error"] == [
+        "before-stop callback failed"
+    ]
+    await rt.stop()  # idempotent: the hooks ran once
+    assert order == ["before_stop serving=True", "close finished=True"]
+
+
 async def test_stop_reports_not_serving_before_draining(servicer: SlowServicer) -> None:
     rt = make_runtime(servicer)
     await rt.start()
