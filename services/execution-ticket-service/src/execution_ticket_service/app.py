@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import signal
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -70,6 +69,9 @@ class TicketService:
 
     async def start(self) -> None:
         await self.runtime.start()
+        self._start_background()
+
+    def _start_background(self) -> None:
         for name, job in (
             ("outbox-relay", self.relay.run()),
             ("lease-sweeper", self.sweeper.run()),
@@ -79,29 +81,21 @@ class TicketService:
             self.tasks.append(_background(name, job))
 
     async def stop(self, grace: float | None = None) -> None:
-        """End watch streams first (they never finish on their own), then stop gracefully."""
-        self.servicer.drain()
+        """Stop gracefully: watch streams end first (a before-stop callback, see build)."""
         await self.runtime.stop(grace)
 
     async def run_until_signal(self) -> None:
-        """Serve until SIGTERM / SIGINT, then :meth:`stop`.
+        """Serve until SIGTERM / SIGINT, then :meth:`stop`; raises if a server dies."""
+        # The loops only need the pools, so they start first and the runtime's own
+        # run_until_signal (with its "a server died" detection) owns the rest; its shutdown
+        # callback cancels them whichever way the run ends.
+        self._start_background()
+        await self.runtime.run_until_signal()
 
-        Not ``ServiceRuntime.run_until_signal``: that stops the servers directly, and open
-        WatchTickets streams would then hold the stop for the whole grace period.
-        """
-        loop = asyncio.get_running_loop()
-        stop_requested = asyncio.Event()
-        signals = (signal.SIGTERM, signal.SIGINT)
-        for sig in signals:
-            loop.add_signal_handler(sig, stop_requested.set)
-        try:
-            await self.start()
-            await stop_requested.wait()
-            log.info("stop requested")
-        finally:
-            for sig in signals:
-                loop.remove_signal_handler(sig)
-            await self.stop()
+    async def _end_watches(self) -> None:
+        # WatchTickets streams never finish on their own: without this, every open stream
+        # would hold the stop for the whole grace period (clients resume by cursor).
+        self.servicer.drain()
 
     async def _shutdown(self) -> None:
         await self._stop_tasks()
@@ -261,5 +255,6 @@ async def build_service(settings: TicketSettings, *, clock: Clock = utc_now) -> 
         pool=pool,
         mongo=mongo,
     )
+    runtime.add_before_stop_callback(service._end_watches)
     runtime.add_shutdown_callback(service._shutdown)
     return service

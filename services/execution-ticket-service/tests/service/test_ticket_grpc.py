@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, cast
@@ -14,7 +15,7 @@ from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
-from execution_ticket_service.app import TicketService
+from execution_ticket_service.app import TicketService, build_service
 from hive_common.auth import TokenIssuer
 from hive_common.grpc_errors import rich_status_of
 from neuralhive.ticket.v1 import ticket_service_pb2 as pb
@@ -988,3 +989,31 @@ async def test_stop_does_not_wait_forever_for_a_background_loop(service: TicketS
     finally:
         release.set()
         await task
+
+
+async def test_run_until_signal_stops_everything_when_a_server_dies(
+    settings: Any, clock: Any
+) -> None:
+    built = await build_service(settings, clock=clock)
+    running = asyncio.create_task(built.run_until_signal())
+    try:
+        await eventually(
+            lambda: _true(built.runtime.started and len(built.tasks) == 4), what="started"
+        )
+        assert built.runtime.grpc_server is not None
+        await built.runtime.grpc_server.server.stop(0)  # dies without being asked to
+        with pytest.raises(RuntimeError, match="stopped unexpectedly"):
+            async with asyncio.timeout(30):  # a hang guard, not a timing assertion
+                await running
+        assert not built.runtime.started
+        assert all(task.done() for task in built.tasks)
+        assert built.pool.closed
+    finally:
+        running.cancel()
+        with contextlib.suppress(BaseException):
+            await running
+        await built.stop(0)
+
+
+async def _true(value: bool) -> bool:
+    return value
