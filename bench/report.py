@@ -94,11 +94,13 @@ class Report:
         out += [f"- **{key}**: {value}" for key, value in self.parameters.items()]
         targeted = [f for f in self.figures if f.target]
         if targeted:
-            out += ["", "## Targets (issue 7)", "", "| target | result | met |", "|---|---|---|"]
+            out += ["", "## Targets (issue 7)", ""]
+            out += ["| measure | target | result | baseline (same run) | ratio | met |"]
+            out += ["|---|---|---|---|---|---|"]
             for f in targeted:
                 out.append(
-                    f"| {f.section}: {f.target} | {_num(f.value)} {f.unit} "
-                    f"(baseline {_num(f.baseline)} {f.unit}, ratio {_ratio(f.ratio)}) "
+                    f"| {f.section}: {f.measure} | {f.target} | {_num(f.value)} {f.unit} "
+                    f"| {f.baseline_label}: {_num(f.baseline)} {f.unit} | {_ratio(f.ratio)} "
                     f"| {_met(f.met)} |"
                 )
         sections: dict[str, list[Figure]] = {}

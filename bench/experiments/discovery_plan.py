@@ -69,6 +69,46 @@ def explain(dsn: str) -> None:
             print("\n".join(r[0] for r in rows))
 
 
+PREPARED = """
+PREPARE discover_{name}(text, timestamptz, text[], jsonb, bigint, int) AS
+SELECT * FROM workers
+WHERE namespace = $1 AND NOT draining AND last_heartbeat_at >= $2
+  AND in_flight < max_concurrent AND capabilities @> $3 {labels}
+ORDER BY rank_key DESC, (tiebreak # $5) LIMIT $6
+"""
+
+
+def explain_prepared(dsn: str) -> None:
+    """psycopg prepares a statement after 5 executions; PostgreSQL may then switch to a
+    generic plan (chosen without the parameter values)."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        namespace = conn.execute("SELECT namespace FROM workers LIMIT 1").fetchone()
+        ns = namespace[0] if namespace else ""
+        for name, capabilities, labels in (
+            ("common", ["python"], None),
+            ("rare", ["python", "gpu"], {"zone": "b"}),
+        ):
+            conn.execute(PREPARED.format(name=name, labels="AND labels @> $4" if labels else ""))
+            args = (
+                ns,
+                datetime.now(UTC) - timedelta(hours=1),
+                capabilities,
+                Jsonb(labels or {}),
+                12345,
+                20,
+            )
+            # EXECUTE takes literals: bind on the client side.
+            cur = psycopg.ClientCursor(conn)
+            for _ in range(6):
+                cur.execute(f"EXECUTE discover_{name}(%s, %s, %s, %s, %s, %s)", args)
+            rows = cur.execute(
+                f"EXPLAIN (ANALYZE, COSTS OFF) EXECUTE discover_{name}(%s, %s, %s, %s, %s, %s)",
+                args,
+            ).fetchall()
+            print(f"--- prepared, 7th execution: {name}")
+            print("\n".join(r[0] for r in rows))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="EXPLAIN the registry's discovery query")
     parser.add_argument("--workers", type=int, default=10_000)
@@ -90,6 +130,7 @@ def main() -> None:
                 conn.execute("ANALYZE workers")
             print("=== after ANALYZE workers")
             explain(dsn)
+            explain_prepared(dsn)
 
 
 if __name__ == "__main__":
