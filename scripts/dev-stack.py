@@ -262,7 +262,13 @@ Hive Flow C dev stack is ready. Ctrl-C stops everything.
   logs              {logs}/<name>.log     tail -f {logs}/*.log
   environment       {env_file}  (URLs, gRPC targets and a service token: `source` it)
 
-Submit a plan and follow it:
+Submit a plan and watch it run (the `hive` CLI reads the environment file):
+
+  source {env_file}
+  uv run hive plan submit examples/diamond.json --watch
+  uv run hive tickets list --plan <plan_id>; uv run hive workers list
+
+or with curl:
 
   curl -s -X POST {orchestrator}/api/v1/plans -H 'Content-Type: application/json' \\
        -d @examples/diamond.json
@@ -380,6 +386,7 @@ def main(argv: list[str] | None = None) -> int:
                 "HIVE_TICKETS_TARGET": f"127.0.0.1:{ports.tickets_grpc}",
                 "HIVE_REGISTRY_TARGET": f"127.0.0.1:{ports.registry_grpc}",
                 "HIVE_SERVICE_TOKEN": token,
+                "HIVE_TOKEN": token,  # what the `hive` CLI sends to the ticket and registry APIs
                 "HIVE_DEV_JWT_SECRET": jwt_secret,
                 "HIVE_DEV_REGISTRATION_SECRET": registration_secret,
                 "HIVE_DEV_POSTGRES_DSN": postgres_admin,
