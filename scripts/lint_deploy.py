@@ -531,7 +531,9 @@ def check_dockerfile(
 
 
 def default_dockerfiles(root: Path) -> list[Path]:
-    return sorted(root.glob("services/*/Dockerfile")) + sorted(root.glob("deploy/docker/*.Dockerfile"))
+    return sorted(root.glob("services/*/Dockerfile")) + sorted(
+        root.glob("deploy/docker/*.Dockerfile")
+    )
 
 
 def run(
