@@ -482,6 +482,41 @@ async def test_watch_header_cursor_does_not_replace_a_cursor_or_a_snapshot(
         assert requests() == [("", False), ("c5", False)]
 
 
+async def test_watch_is_positioned_by_its_cursor_the_header_or_the_first_event(
+    tickets: FakeTickets, ticket_port: int, sleeps: Sleeps
+) -> None:
+    client = ticket_client(ticket_port, sleeps)
+    async with client:
+        # Resuming from a cursor: positioned before anything is sent.
+        assert client.watch_tickets(plan_id="p-1", cursor="c5").positioned
+
+        # From "now": the header positions it, before (and without) any event.
+        tickets.watch_header_cursor = "c0"
+        tickets.watch_scripts = [([], "wait")]
+        watch = client.watch_tickets(plan_id="p-1")
+        assert not watch.positioned
+        async with watch:
+            reader = asyncio.ensure_future(anext(watch))
+            await asyncio.wait_for(watch.wait_positioned(), timeout=10)
+            assert watch.positioned
+            assert watch.cursor == "c0"
+            assert not reader.done()  # no event was sent
+            reader.cancel()
+            with pytest.raises(asyncio.CancelledError):
+                await reader
+
+        # A server without the header: the first event positions it.
+        tickets.watch_header_cursor = None
+        tickets.watch_scripts = [([3], "wait")]
+        async with client.watch_tickets(plan_id="p-1") as old_server:
+            waiter = asyncio.ensure_future(old_server.wait_positioned())
+            await asyncio.sleep(0)
+            assert not waiter.done()
+            assert (await anext(old_server)).event_id == "e3"
+            await asyncio.wait_for(waiter, timeout=10)
+            assert old_server.cursor == "c3"
+
+
 async def test_closing_a_watch_ends_a_pending_read_in_another_task(
     tickets: FakeTickets, ticket_port: int, sleeps: Sleeps
 ) -> None:

@@ -79,8 +79,36 @@ class TicketWatch(ReconnectingStream[pb.WatchTicketsResponse, pb.TicketEvent]):
         self._worker_id = worker_id
         self._include_snapshot = include_snapshot
         self._snapshot_requested = False
+        self._positioned = asyncio.Event()
+        self._cursor = ""
         self.cursor = cursor
+
+    @property
+    def cursor(self) -> str:
         """Resume position: the cursor of the last event yielded (or the initial one)."""
+        return self._cursor
+
+    @cursor.setter
+    def cursor(self, value: str) -> None:
+        self._cursor = value
+        if value:
+            self._positioned.set()
+
+    @property
+    def positioned(self) -> bool:
+        """True once the stream's position is known (:attr:`cursor` is not empty): every
+        change after that point is delivered, even across reconnections.
+
+        A watch given a cursor is positioned from the start; one without becomes
+        positioned when the server's ``x-watch-cursor`` header or its first event arrives.
+        """
+        return self._positioned.is_set()
+
+    async def wait_positioned(self) -> None:
+        """Wait until :attr:`positioned` (the stream must be iterated meanwhile: it is
+        opened by the first read). Never returns if the watch ends before that, so bound
+        the wait or cancel it."""
+        await self._positioned.wait()
 
     def _request(self) -> pb.WatchTicketsRequest:
         snapshot = not self.cursor and (self._include_snapshot or self.connections > 0)

@@ -16,7 +16,9 @@ One asyncio component per process:
   plans in one round (one DiscoverWorkers per capability set, a shared ``CapacityLedger``).
 
 The ticket service is the truth: activation (and every ``resync_interval``) re-reads all of
-a plan's tickets with ListTickets; the watch only makes changes arrive sooner. Every
+a plan's tickets with ListTickets; the watch only makes changes arrive sooner. A listing
+made before the watch knew its position is made again as soon as it does, so a change is
+never left to the next periodic resync. Every
 remote call is idempotent, so a round that failed halfway (a dependency outage) is simply
 run again later; nothing is kept only in memory that cannot be rebuilt from PostgreSQL
 and the ticket service.
@@ -31,7 +33,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
-from hive_common.clients import RegistryClient, TicketClient
+from hive_common.clients import RegistryClient, TicketClient, TicketWatch
 from hive_common.errors import (
     Aborted,
     AlreadyExists,
@@ -153,6 +155,11 @@ class PlanDriver:
         self._wake = asyncio.Event()
         self._claim_lock = asyncio.Lock()
         self._tasks: list[asyncio.Task[None]] = []
+        # Whether the replica's ticket watch knows its position (every change from there on
+        # reaches us), and how many times a watch started from "now" got there: a resync
+        # only counts if the watch was positioned, and still the same one, when it read.
+        self._watch_positioned = False
+        self._watch_generation = 0
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -314,35 +321,52 @@ class PlanDriver:
     async def _ticket_watch_loop(self) -> None:
         """Follow every ticket change and hand each to the plan it belongs to.
 
-        The stream starts at "now" and resumes from its last cursor after a failure (the
-        client reconnects by itself). A plan's past is read with ListTickets when it is
-        activated and at every resync, so nothing before the stream's start is needed.
+        The first stream starts at "now"; a rebuilt one resumes from the previous one's
+        cursor (the client itself reconnects after transient failures), so only a cursor
+        the service refuses starts a new one from "now". A plan's past is read with
+        ListTickets when it is activated and at every resync; a resync done before the
+        watch was positioned is done again once it is (:meth:`_watch_became_positioned`),
+        so every change is either in a listing or on the stream.
         """
         cursor = ""
         while True:
             watch = self._tickets.watch_tickets(cursor=cursor)
+            if not watch.positioned:
+                self._watch_positioned = False
+            positioning = asyncio.create_task(self._watch_became_positioned(watch))
             try:
                 async with watch:
                     async for event in watch:
-                        cursor = watch.cursor
                         plan = self._plans.get(event.ticket.plan_id)
                         if plan is not None:
                             plan.inbox.append(event)
                             self._wake.set()
+                cursor = watch.cursor
             except InvalidArgument as exc:
-                # A cursor the service no longer accepts: start afresh and re-read every
-                # plan (whatever happened in between).
+                # A cursor the service no longer accepts: start afresh from "now"; once
+                # that watch is positioned every plan is re-read (whatever happened in
+                # between).
                 _log.warning("ticket watch cursor refused", error=str(exc))
                 cursor = ""
-                self._resync_all()
             except HiveError as exc:
                 self._health.failed(TICKET_SERVICE, str(exc))
                 _log.warning("ticket watch failed", error=str(exc))
-                self._resync_all()
+                cursor = watch.cursor
             except Exception:
                 _log.exception("ticket watch error")
-                self._resync_all()
+                cursor = watch.cursor
+            finally:
+                positioning.cancel()
             await asyncio.sleep(self._settings.error_retry)
+
+    async def _watch_became_positioned(self, watch: TicketWatch) -> None:
+        await watch.wait_positioned()
+        if not self._watch_positioned:
+            # A watch started from "now" is positioned: re-read every plan, since a
+            # listing made before this point may have missed a change made before it.
+            self._watch_positioned = True
+            self._watch_generation += 1
+            self._resync_all()
 
     def _resync_all(self) -> None:
         for plan in self._plans.values():
@@ -522,6 +546,7 @@ class PlanDriver:
 
     async def _resync(self, plan: DrivenPlan) -> None:
         loop = asyncio.get_running_loop()
+        generation = self._watch_generation if self._watch_positioned else None
         page_token = ""
         while True:
             page = await self._call_tickets(
@@ -536,7 +561,16 @@ class PlanDriver:
         summary = await self._repo.get_summary(plan.plan_id)
         if summary.cancel_requested_at is not None:
             plan.cancel_requested = True
-        plan.resync_due = loop.time() + self._settings.resync_interval
+        if generation is None and self._watch_positioned:
+            # The watch got positioned while we read: a change made just before that may
+            # be in neither the listing nor the stream, so read again now.
+            plan.resync_due = 0.0
+        elif generation is not None and generation != self._watch_generation:
+            plan.resync_due = 0.0  # same, for a watch restarted from "now" meanwhile
+        else:
+            # Either the listing is complete (the watch was positioned before it), or the
+            # positioning of the watch will ask for another one (_resync_all).
+            plan.resync_due = loop.time() + self._settings.resync_interval
 
     async def _flush(self, plan: DrivenPlan) -> None:
         """Store the unsaved observations."""
