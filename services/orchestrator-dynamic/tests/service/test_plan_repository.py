@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import asyncio
+import shutil
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
+from yoyo import get_backend, read_migrations
 
 from hive_common.errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
-from hive_common.migrations import apply_migrations
+from hive_common.migrations import apply_migrations, postgres_url
 from orchestrator_dynamic.domain.plan import Plan, Priority, plan_body_hash
 from orchestrator_dynamic.domain.records import PlanLease, PlanOwnershipLost
 from orchestrator_dynamic.domain.scheduler import PlanStatus, TicketState, TicketStatus
@@ -27,6 +30,7 @@ from orchestrator_dynamic.storage import (
 pytestmark = pytest.mark.service
 
 TTL = timedelta(seconds=30)
+DROP_WATCH_CURSOR = "0002_drop_plans_watch_cursor"
 S = TicketStatus
 
 
@@ -111,7 +115,7 @@ async def test_migrations_apply_once_and_then_find_nothing_to_do(postgres_dsn: s
         apply_migrations, dsn=postgres_dsn, directory=MIGRATIONS_DIRECTORY
     )
 
-    assert first == ["0001_plans"]
+    assert first == ["0001_plans", DROP_WATCH_CURSOR]
     assert second == []
     async with await psycopg.AsyncConnection.connect(postgres_dsn) as conn:
         cur = await conn.execute(
@@ -119,6 +123,51 @@ async def test_migrations_apply_once_and_then_find_nothing_to_do(postgres_dsn: s
             "WHERE table_schema = 'public' AND table_name LIKE 'plan%' ORDER BY 1"
         )
         assert [r[0] for r in await cur.fetchall()] == ["plan_tasks", "plans"]
+    assert "watch_cursor" not in await plan_columns(postgres_dsn)
+
+
+async def test_unused_watch_cursor_column_is_dropped_and_restored_by_the_rollback(
+    postgres_dsn: str, tmp_path: Path
+) -> None:
+    # A database migrated before the column was dropped.
+    only_first = tmp_path / "migrations"
+    only_first.mkdir()
+    for name in ("0001_plans.sql", "0001_plans.rollback.sql"):
+        shutil.copy(MIGRATIONS_DIRECTORY / name, only_first / name)
+    applied = await asyncio.to_thread(apply_migrations, dsn=postgres_dsn, directory=only_first)
+    assert applied == ["0001_plans"]
+    assert "watch_cursor" in await plan_columns(postgres_dsn)
+
+    applied = await asyncio.to_thread(
+        apply_migrations, dsn=postgres_dsn, directory=MIGRATIONS_DIRECTORY
+    )
+    assert applied == [DROP_WATCH_CURSOR]
+    assert "watch_cursor" not in await plan_columns(postgres_dsn)
+
+    def roll_back_the_drop() -> None:
+        backend = get_backend(postgres_url(postgres_dsn, scheme="postgresql+psycopg"))
+        migrations = read_migrations(str(MIGRATIONS_DIRECTORY))
+        try:
+            with backend.lock():
+                backend.rollback_one(next(m for m in migrations if m.id == DROP_WATCH_CURSOR))
+        finally:
+            backend.connection.close()
+
+    await asyncio.to_thread(roll_back_the_drop)
+    assert "watch_cursor" in await plan_columns(postgres_dsn)
+    applied = await asyncio.to_thread(
+        apply_migrations, dsn=postgres_dsn, directory=MIGRATIONS_DIRECTORY
+    )
+    assert applied == [DROP_WATCH_CURSOR]
+
+
+async def plan_columns(dsn: str) -> set[str]:
+    async with await psycopg.AsyncConnection.connect(dsn) as conn:
+        cur = await conn.execute(
+            "SELECT column_name FROM information_schema.columns "
+            "WHERE table_schema = 'public' AND table_name = 'plans'"
+        )
+        return {r[0] for r in await cur.fetchall()}
 
 
 # -- create / get ----------------------------------------------------------------------------
@@ -134,7 +183,6 @@ async def test_create_stores_plan_and_one_pending_row_per_task(
     assert created is True
     assert stored.plan == plan
     assert stored.body_hash == plan_body_hash(plan)
-    assert stored.watch_cursor is None
     s = stored.summary
     assert (s.plan_id, s.intent_id, s.name, s.status) == (
         "plan-1",
@@ -370,9 +418,9 @@ async def test_reclaiming_ones_own_plan_starts_a_new_epoch(repo: PlanRepository)
     assert second is not None
     assert second.epoch == first.epoch + 1
     with pytest.raises(PlanOwnershipLost):
-        await repo.save_watch_cursor(first, "c1")
-    await repo.save_watch_cursor(second, "c1")
-    assert (await repo.get("plan-1")).watch_cursor == "c1"
+        await repo.set_status(first, status=PlanStatus.RUNNING)
+    await repo.set_status(second, status=PlanStatus.RUNNING)
+    assert (await repo.get("plan-1")).summary.status is PlanStatus.RUNNING
 
 
 async def test_concurrent_claims_have_one_winner(pool: Pool, clock: FakeClock) -> None:
@@ -584,8 +632,6 @@ async def test_progress_writes_need_the_current_lease(
         await repo.update_tickets(lease, observation)
     with pytest.raises(PlanOwnershipLost):
         await repo.start_backoffs(lease, {"build": (1, clock.now)})
-    with pytest.raises(PlanOwnershipLost):
-        await repo.save_watch_cursor(lease, "c")
 
     assert (await repo.get("plan-1")).ticket_states()["build"].status is S.PENDING
     assert await repo.update_tickets(new, observation) == ["build"]
@@ -603,7 +649,6 @@ async def test_concurrent_owner_writes_to_one_plan_do_not_conflict(
             for write in (
                 repo.update_tickets(lease, [TicketState("build", "tk", S.RUNNING, version=v)]),
                 repo.set_status(lease, status=PlanStatus.RUNNING),
-                repo.save_watch_cursor(lease, f"c{v}"),
             )
         )
     )

@@ -66,8 +66,6 @@ class StoredPlan:
     body_hash: str
     # In plan order; ``ticket_id`` is None until the ticket was created.
     tasks: tuple[TicketState, ...]
-    # The last WatchTickets cursor fully applied, to resume the stream.
-    watch_cursor: str | None
 
     @property
     def plan_id(self) -> str:

@@ -355,7 +355,7 @@ class PlanRepository:
 
     async def _load(self, conn: Connection, plan_id: str) -> StoredPlan | None:
         cur = await conn.execute(
-            "SELECT " + _SUMMARY_COLUMNS + ", p.body, p.body_hash, p.watch_cursor "
+            "SELECT " + _SUMMARY_COLUMNS + ", p.body, p.body_hash "
             "FROM plans p WHERE p.plan_id = %(plan_id)s",
             {"plan_id": plan_id},
         )
@@ -370,7 +370,6 @@ class PlanRepository:
             plan=plan,
             body_hash=row["body_hash"],
             tasks=tasks,
-            watch_cursor=row["watch_cursor"],
         )
 
     async def list_plans(
@@ -510,15 +509,6 @@ class PlanRepository:
                 },
             )
         return await self.get_summary(lease.plan_id)
-
-    async def save_watch_cursor(self, lease: PlanLease, cursor: str) -> None:
-        """Remember the last WatchTickets cursor whose events are stored."""
-        async with self._transaction() as conn:
-            await self._check_lease(conn, lease)
-            await conn.execute(
-                "UPDATE plans SET watch_cursor = %(cursor)s WHERE plan_id = %(plan_id)s",
-                {"cursor": cursor, "plan_id": lease.plan_id},
-            )
 
     # -- ownership ---------------------------------------------------------------------
 
