@@ -41,6 +41,19 @@ def process_seconds(pid: int, *, with_children: bool = False) -> float:
     return ticks / _TICKS
 
 
+MACHINE = "(whole machine)"
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds every process on the machine spent busy (all cores), from /proc/stat."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+    except OSError:
+        return 0.0
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (int(x) for x in fields[:8])
+    return (user + nice + system + irq + softirq + steal) / _TICKS
+
+
 def children_of(parent: int) -> list[int]:
     pids = []
     for entry in os.scandir("/proc"):
@@ -139,4 +152,5 @@ def meter_for(
         )
     for name, source in db_sources.items():
         meter.add(name, source)
+    meter.add(MACHINE, machine_busy_seconds)
     return meter

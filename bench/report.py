@@ -8,6 +8,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from bench.cpu import MACHINE
+
 
 @dataclass(slots=True)
 class Figure:
@@ -130,12 +132,20 @@ class Report:
                 "## Where the CPU went (CPU seconds per process during each measurement)",
                 "",
             ]
+            out.append(
+                "Per measurement: CPU seconds of each process group; *other processes* is the "
+                "whole machine's busy time (/proc/stat) minus ours: load this run did not cause."
+            )
+            out.append("")
             for label, groups in self.cpu.items():
                 wall = groups.get("wall", math.nan)
+                ours = {k: v for k, v in groups.items() if k not in ("wall", MACHINE)}
+                if MACHINE in groups:
+                    ours["*other processes*"] = max(0.0, groups[MACHINE] - sum(ours.values()))
                 parts = ", ".join(
                     f"{name} {seconds:.2f}"
-                    for name, seconds in sorted(groups.items(), key=lambda kv: -kv[1])
-                    if name != "wall" and seconds >= 0.005
+                    for name, seconds in sorted(ours.items(), key=lambda kv: -kv[1])
+                    if seconds >= 0.005
                 )
                 out.append(f"- {label} (wall {wall:.2f} s): {parts}")
         if self.notes:

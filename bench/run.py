@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import time
 from collections.abc import Iterator
 from dataclasses import replace
@@ -155,6 +156,22 @@ def phase_discovery(report: Report, dbs: Databases, args: argparse.Namespace, lo
         _record_memory(report, "discovery", procs, f"after {sizes.populations[-1]:,} registrations")
 
 
+def _foreign_share(report: Report) -> str:
+    """Busy time of processes that are not ours, as a share of all cores, over all
+    measurements (the machine is shared; the figures are only as clean as this)."""
+    foreign = wall = 0.0
+    for groups in report.cpu.values():
+        if cpu.MACHINE not in groups:
+            continue
+        ours = sum(v for k, v in groups.items() if k not in ("wall", cpu.MACHINE))
+        foreign += max(0.0, groups[cpu.MACHINE] - ours)
+        wall += groups.get("wall", 0.0)
+    cores = os.cpu_count() or 1
+    if wall <= 0:
+        return "n/a"
+    return f"{foreign / (wall * cores):.0%} of {cores} cores on average ({foreign:.1f} CPU-s)"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench", description=__doc__)
     parser.add_argument("--quick", action="store_true", help="small sizes (harness development)")
@@ -233,6 +250,9 @@ def main(argv: list[str] | None = None) -> int:
 
                 phase_plans(report, dbs, args, logs)
     report.parameters["load average at end (1/5/15 min)"] = load_average()
+    report.parameters["CPU taken by processes outside this run, during the measurements"] = (
+        _foreign_share(report)
+    )
     report.finished_at = datetime.now(UTC).isoformat(timespec="seconds")
     report.duration_s = time.monotonic() - started
     markdown = report.markdown()
