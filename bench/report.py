@@ -81,7 +81,9 @@ class Report:
 
     def write_json(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(self.to_json(), indent=2, default=str, allow_nan=True) + "\n")
+        # Strict JSON: NaN (not measured) becomes null.
+        text = json.dumps(_finite(self.to_json()), indent=2, default=str, allow_nan=False)
+        path.write_text(text + "\n")
 
     def markdown(self) -> str:
         out: list[str] = ["# Hive Flow C benchmark report", ""]
@@ -152,6 +154,16 @@ class Report:
             out += ["", "## Notes", ""]
             out += [f"- {note}" for note in self.notes]
         return "\n".join(out) + "\n"
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
 
 
 def _num(value: float) -> str:
