@@ -7,11 +7,12 @@ import asyncio
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Generic, TypeVar
+from typing import Any, Generic, Self, TypeVar
 
 import grpc
 
 from hive_common.errors import DeadlineExceeded, HiveError
+from hive_common.grpc_client import TokenProvider, create_channel
 from hive_common.logging import get_logger
 from hive_common.retry import call_with_policy, is_retryable, retry_policy
 
@@ -268,3 +269,60 @@ __all__ = [
     "UnaryInvoker",
     "bearer_metadata",
 ]
+
+
+class GrpcClient:
+    """What every typed client shares: the channel, the unary call policy, the stream
+    reconnect policy, and closing the channel it created. Subclasses build their stub."""
+
+    def __init__(
+        self,
+        *,
+        channel: grpc.aio.Channel,
+        policy: CallPolicy | None = None,
+        reconnect: ReconnectPolicy | None = None,
+        owns_channel: bool = False,
+        sleep: Sleep = asyncio.sleep,
+    ) -> None:
+        self._channel = channel
+        self._invoke = UnaryInvoker(policy=policy or CallPolicy(), sleep=sleep)
+        self._reconnect = reconnect or ReconnectPolicy()
+        self._owns_channel = owns_channel
+        self._sleep = sleep
+
+    @classmethod
+    def connect(
+        cls,
+        target: str,
+        *,
+        token_provider: TokenProvider | None = None,
+        policy: CallPolicy | None = None,
+        reconnect: ReconnectPolicy | None = None,
+        credentials: grpc.ChannelCredentials | None = None,
+    ) -> Self:
+        """A client with its own channel to ``target`` (closed by :meth:`close`)."""
+        policy = policy or CallPolicy()
+        channel = create_channel(
+            target,
+            token_provider=token_provider,
+            default_timeout=policy.timeout_seconds,
+            credentials=credentials,
+            extra_options=RECONNECT_CHANNEL_OPTIONS,
+        )
+        return cls(channel=channel, policy=policy, reconnect=reconnect, owns_channel=True)
+
+    @property
+    def policy(self) -> CallPolicy:
+        """The deadlines and retries of unary calls."""
+        return self._invoke.policy
+
+    async def close(self) -> None:
+        """Close the channel if this client created it."""
+        if self._owns_channel:
+            await self._channel.close()
+
+    async def __aenter__(self) -> Self:
+        return self
+
+    async def __aexit__(self, *exc_info: object) -> None:
+        await self.close()

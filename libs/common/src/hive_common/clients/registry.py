@@ -14,16 +14,14 @@ from typing import Any
 import grpc
 
 from hive_common.clients._calls import (
-    RECONNECT_CHANNEL_OPTIONS,
     CallPolicy,
+    GrpcClient,
     Metadata,
     ReconnectingStream,
     ReconnectPolicy,
     Sleep,
-    UnaryInvoker,
     bearer_metadata,
 )
-from hive_common.grpc_client import TokenProvider, create_channel
 from neuralhive.registry.v1 import registry_service_pb2 as pb
 from neuralhive.registry.v1 import registry_service_pb2_grpc as pb_grpc
 
@@ -76,7 +74,7 @@ class WorkerWatch(ReconnectingStream[pb.WatchWorkersResponse, pb.WorkerEvent]):
         await self._on_connected()
 
 
-class RegistryClient:
+class RegistryClient(GrpcClient):
     """One method per ServiceRegistry RPC, keyword arguments in, protobuf messages out.
 
     The channel's token provider supplies the bearer token; every method takes
@@ -93,49 +91,14 @@ class RegistryClient:
         owns_channel: bool = False,
         sleep: Sleep = asyncio.sleep,
     ) -> None:
-        self._channel = channel
-        self._stub: pb_grpc.ServiceRegistryAsyncStub = pb_grpc.ServiceRegistryStub(channel)
-        self._invoke = UnaryInvoker(policy=policy or CallPolicy(), sleep=sleep)
-        self._reconnect = reconnect or ReconnectPolicy()
-        self._owns_channel = owns_channel
-        self._sleep = sleep
-
-    @classmethod
-    def connect(
-        cls,
-        target: str,
-        *,
-        token_provider: TokenProvider | None = None,
-        policy: CallPolicy | None = None,
-        reconnect: ReconnectPolicy | None = None,
-        credentials: grpc.ChannelCredentials | None = None,
-    ) -> RegistryClient:
-        """A client with its own channel to ``target`` (closed by :meth:`close`)."""
-        policy = policy or CallPolicy()
-        channel = create_channel(
-            target,
-            token_provider=token_provider,
-            default_timeout=policy.timeout_seconds,
-            credentials=credentials,
-            extra_options=RECONNECT_CHANNEL_OPTIONS,
+        super().__init__(
+            channel=channel,
+            policy=policy,
+            reconnect=reconnect,
+            owns_channel=owns_channel,
+            sleep=sleep,
         )
-        return cls(channel=channel, policy=policy, reconnect=reconnect, owns_channel=True)
-
-    @property
-    def policy(self) -> CallPolicy:
-        """The deadlines and retries of unary calls."""
-        return self._invoke.policy
-
-    async def close(self) -> None:
-        """Close the channel if this client created it."""
-        if self._owns_channel:
-            await self._channel.close()
-
-    async def __aenter__(self) -> RegistryClient:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.close()
+        self._stub: pb_grpc.ServiceRegistryAsyncStub = pb_grpc.ServiceRegistryStub(channel)
 
     async def register(
         self,

@@ -17,16 +17,14 @@ import grpc
 from google.protobuf import struct_pb2
 
 from hive_common.clients._calls import (
-    RECONNECT_CHANNEL_OPTIONS,
     CallPolicy,
+    GrpcClient,
     Metadata,
     ReconnectingStream,
     ReconnectPolicy,
     Sleep,
-    UnaryInvoker,
     bearer_metadata,
 )
-from hive_common.grpc_client import TokenProvider, create_channel
 from neuralhive.ticket.v1 import ticket_service_pb2 as pb
 from neuralhive.ticket.v1 import ticket_service_pb2_grpc as pb_grpc
 
@@ -140,7 +138,7 @@ class TicketWatch(ReconnectingStream[pb.WatchTicketsResponse, pb.TicketEvent]):
         return event
 
 
-class TicketClient:
+class TicketClient(GrpcClient):
     """One method per TicketService RPC, keyword arguments in, protobuf messages out.
 
     Build it over a channel from :func:`hive_common.grpc_client.create_channel` (the
@@ -159,49 +157,14 @@ class TicketClient:
         owns_channel: bool = False,
         sleep: Sleep = asyncio.sleep,
     ) -> None:
-        self._channel = channel
-        self._stub: pb_grpc.TicketServiceAsyncStub = pb_grpc.TicketServiceStub(channel)
-        self._invoke = UnaryInvoker(policy=policy or CallPolicy(), sleep=sleep)
-        self._reconnect = reconnect or ReconnectPolicy()
-        self._owns_channel = owns_channel
-        self._sleep = sleep
-
-    @classmethod
-    def connect(
-        cls,
-        target: str,
-        *,
-        token_provider: TokenProvider | None = None,
-        policy: CallPolicy | None = None,
-        reconnect: ReconnectPolicy | None = None,
-        credentials: grpc.ChannelCredentials | None = None,
-    ) -> TicketClient:
-        """A client with its own channel to ``target`` (closed by :meth:`close`)."""
-        policy = policy or CallPolicy()
-        channel = create_channel(
-            target,
-            token_provider=token_provider,
-            default_timeout=policy.timeout_seconds,
-            credentials=credentials,
-            extra_options=RECONNECT_CHANNEL_OPTIONS,
+        super().__init__(
+            channel=channel,
+            policy=policy,
+            reconnect=reconnect,
+            owns_channel=owns_channel,
+            sleep=sleep,
         )
-        return cls(channel=channel, policy=policy, reconnect=reconnect, owns_channel=True)
-
-    @property
-    def policy(self) -> CallPolicy:
-        """The deadlines and retries of unary calls."""
-        return self._invoke.policy
-
-    async def close(self) -> None:
-        """Close the channel if this client created it."""
-        if self._owns_channel:
-            await self._channel.close()
-
-    async def __aenter__(self) -> TicketClient:
-        return self
-
-    async def __aexit__(self, *exc_info: object) -> None:
-        await self.close()
+        self._stub: pb_grpc.TicketServiceAsyncStub = pb_grpc.TicketServiceStub(channel)
 
     async def create_ticket(
         self,
