@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import psycopg
 import psycopg_pool
 from psycopg import AsyncConnection, sql
-from psycopg.rows import DictRow, dict_row
+from psycopg.rows import DictRow
 from psycopg.types.json import Jsonb
 
 from execution_ticket_service.domain.models import (
@@ -51,9 +51,10 @@ from hive_common.errors import (
     NotFound,
     Unavailable,
 )
+from hive_common.postgres import DictPool, open_pool
 
 T = TypeVar("T")
-Pool = psycopg_pool.AsyncConnectionPool[AsyncConnection[DictRow]]
+Pool = DictPool
 Clock = Callable[[], datetime]
 
 # Conflicts PostgreSQL resolves by aborting one transaction; retrying it is always safe.
@@ -63,18 +64,6 @@ _ATTEMPTS = 3
 
 def utc_now() -> datetime:
     return datetime.now(UTC)
-
-
-def open_pool(dsn: str, *, min_size: int = 1, max_size: int = 10) -> Pool:
-    """An unopened pool; the caller opens it at start-up and closes it at shutdown."""
-    return psycopg_pool.AsyncConnectionPool(
-        dsn,
-        min_size=min_size,
-        max_size=max_size,
-        open=False,
-        kwargs={"row_factory": dict_row, "autocommit": True},
-        connection_class=AsyncConnection[DictRow],
-    )
 
 
 @dataclass(frozen=True, slots=True)

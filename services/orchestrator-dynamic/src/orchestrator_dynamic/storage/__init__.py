@@ -2,7 +2,8 @@
 
 from pathlib import Path
 
-from orchestrator_dynamic.storage.plans import PlanRepository, Pool, open_pool
+from hive_common.postgres import open_pool
+from orchestrator_dynamic.storage.plans import PlanRepository, Pool
 
 MIGRATIONS_DIRECTORY = Path(__file__).parent / "migrations"
 

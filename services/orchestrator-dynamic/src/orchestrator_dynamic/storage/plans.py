@@ -23,9 +23,8 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, TypeAlias
 
 import psycopg
-import psycopg_pool
 from psycopg import AsyncConnection
-from psycopg.rows import DictRow, dict_row
+from psycopg.rows import DictRow
 from psycopg.types.json import Jsonb
 from psycopg_pool import PoolTimeout
 
@@ -38,6 +37,7 @@ from hive_common.errors import (
     NotFound,
     Unavailable,
 )
+from hive_common.postgres import DictPool
 from orchestrator_dynamic.domain.plan import Plan, Priority, plan_body_hash
 from orchestrator_dynamic.domain.records import (
     PlanLease,
@@ -48,27 +48,11 @@ from orchestrator_dynamic.domain.records import (
 )
 from orchestrator_dynamic.domain.scheduler import PlanStatus, TicketState, TicketStatus
 
-Pool: TypeAlias = psycopg_pool.AsyncConnectionPool[AsyncConnection[DictRow]]
+Pool: TypeAlias = DictPool
 Connection: TypeAlias = AsyncConnection[DictRow]
 
 DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
-
-
-def open_pool(
-    dsn: str, *, min_size: int = 1, max_size: int = 10, timeout_seconds: float = 30.0
-) -> Pool:
-    """An unopened pool; the caller opens it at start-up and closes it at shutdown.
-    ``timeout_seconds`` bounds the wait for a connection (then ``Unavailable``)."""
-    return psycopg_pool.AsyncConnectionPool(
-        dsn,
-        min_size=min_size,
-        max_size=max_size,
-        timeout=timeout_seconds,
-        open=False,
-        kwargs={"row_factory": dict_row, "autocommit": True},
-        connection_class=AsyncConnection[DictRow],
-    )
 
 
 def _utc_now() -> datetime:
