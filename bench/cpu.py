@@ -54,6 +54,20 @@ def machine_busy_seconds() -> float:
     return (user + nice + system + irq + softirq + steal) / _TICKS
 
 
+KERNEL = "(kernel: threads, irq, softirq)"
+
+
+def kernel_seconds() -> float:
+    """CPU seconds of kernel threads (children of kthreadd) plus irq and softirq time: work
+    such as the ext4 journal and loopback networking done for whichever process caused it."""
+    try:
+        fields = Path("/proc/stat").read_text().splitlines()[0].split()[1:]
+        interrupts = (int(fields[5]) + int(fields[6])) / _TICKS
+    except (OSError, IndexError, ValueError):
+        interrupts = 0.0
+    return interrupts + sum(process_seconds(pid) for pid in children_of(2))
+
+
 def children_of(parent: int) -> list[int]:
     pids = []
     for entry in os.scandir("/proc"):
@@ -153,4 +167,5 @@ def meter_for(
     for name, source in db_sources.items():
         meter.add(name, source)
     meter.add(MACHINE, machine_busy_seconds)
+    meter.add(KERNEL, kernel_seconds)
     return meter

@@ -8,7 +8,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.cpu import MACHINE
+from bench.cpu import KERNEL, MACHINE
 
 
 @dataclass(slots=True)
@@ -135,15 +135,21 @@ class Report:
                 "",
             ]
             out.append(
-                "Per measurement: CPU seconds of each process group; *other processes* is the "
-                "whole machine's busy time (/proc/stat) minus ours: load this run did not cause."
+                "Per measurement: CPU seconds of each process group; *kernel* is kernel threads "
+                "plus irq/softirq time (much of it I/O and loopback networking done for our "
+                "processes); *other processes* is the whole machine's busy time (/proc/stat) "
+                "minus ours and the kernel's (other helpers' test suites, anything not "
+                "attributed)."
             )
             out.append("")
             for label, groups in self.cpu.items():
                 wall = groups.get("wall", math.nan)
-                ours = {k: v for k, v in groups.items() if k not in ("wall", MACHINE)}
+                ours = {k: v for k, v in groups.items() if k not in ("wall", MACHINE, KERNEL)}
                 if MACHINE in groups:
-                    ours["*other processes*"] = max(0.0, groups[MACHINE] - sum(ours.values()))
+                    kernel = groups.get(KERNEL, 0.0)
+                    others = groups[MACHINE] - sum(ours.values()) - kernel
+                    ours["*kernel*"] = kernel
+                    ours["*other processes*"] = max(0.0, others)
                 parts = ", ".join(
                     f"{name} {seconds:.2f}"
                     for name, seconds in sorted(ours.items(), key=lambda kv: -kv[1])
