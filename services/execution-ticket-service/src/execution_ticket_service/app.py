@@ -164,6 +164,7 @@ async def build_service(settings: TicketSettings, *, clock: Clock = utc_now) -> 
         settings=RelaySettings(
             batch_size=settings.relay_batch_size,
             idle_interval=settings.relay_idle_interval_seconds,
+            batch_window=settings.relay_batch_window_seconds,
             max_backoff=settings.relay_max_backoff_seconds,
         ),
     )

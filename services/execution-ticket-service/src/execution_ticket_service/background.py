@@ -25,6 +25,9 @@ log = get_logger(__name__)
 class RelaySettings:
     batch_size: int = 500
     idle_interval: float = 0.5
+    # After a wake-up, wait this long before claiming so a burst of changes is written in
+    # one insert_many (each MongoDB write costs far more than one more document in it).
+    batch_window: float = 0.15
     claim_seconds: float = 30.0
     max_backoff: float = 10.0
 
@@ -103,6 +106,8 @@ class OutboxRelay:
                 continue
             if delivered < self._settings.batch_size:
                 await self._signal.wait(generation, self._settings.idle_interval)
+                if self._signal.generation != generation and self._settings.batch_window > 0:
+                    await asyncio.sleep(self._settings.batch_window)
 
 
 class LeaseSweeper:

@@ -44,6 +44,8 @@ class TicketSettings(HiveSettings):
     lease_sweep_interval_seconds: float = Field(default=1.0, gt=0)
     relay_batch_size: int = Field(default=500, ge=1)
     relay_idle_interval_seconds: float = Field(default=0.5, gt=0)
+    # Events arriving within this window after a change are relayed together (lag target < 1 s).
+    relay_batch_window_seconds: float = Field(default=0.15, ge=0)
     relay_max_backoff_seconds: float = Field(default=10.0, gt=0)
     stats_interval_seconds: float = Field(default=5.0, gt=0)
     watch_poll_interval_seconds: float = Field(default=0.5, gt=0)
