@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import collections
 import json
-import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -22,6 +21,7 @@ from psycopg import AsyncConnection, sql
 from psycopg.rows import DictRow
 from psycopg.types.json import Jsonb
 
+from execution_ticket_service.domain.ids import new_uuid4_strings
 from execution_ticket_service.domain.models import (
     SPEC_CONTENT_FIELDS,
     Assignment,
@@ -276,7 +276,7 @@ class TicketRepository:
         ``created=False``; a different one makes the whole batch ALREADY_EXISTS.
         """
         now = self._clock()
-        ids = [str(uuid.uuid4()) for _ in specs]
+        ids = new_uuid4_strings(len(specs))
         params: dict[str, Any] = {
             "ticket_id": ids,
             "plan_id": [s.plan_id for s in specs],

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from datetime import datetime
 from typing import Any
 
-from google.protobuf import json_format, struct_pb2, timestamp_pb2
+from google.protobuf import struct_pb2, timestamp_pb2
 
 from execution_ticket_service.domain.models import (
     EventType,
@@ -33,8 +34,32 @@ def status_name(value: int) -> str:
     return enum_name(pb.TicketStatus, value, "TICKET_STATUS_")
 
 
+def _value_to_python(value: struct_pb2.Value) -> Any:
+    kind = value.WhichOneof("kind")
+    if kind == "string_value":
+        return value.string_value
+    if kind == "number_value":
+        number = value.number_value
+        if math.isinf(number) or math.isnan(number):
+            # As json_format.MessageToDict: JSON has no such numbers.
+            raise ValueError(f"Fail to serialize {number} for Value.number_value")
+        return number
+    if kind == "bool_value":
+        return value.bool_value
+    if kind == "struct_value":
+        return struct_to_dict(value.struct_value)
+    if kind == "list_value":
+        return [_value_to_python(item) for item in value.list_value.values]
+    return None  # null_value or unset
+
+
 def struct_to_dict(message: struct_pb2.Struct) -> dict[str, Any]:
-    return json_format.MessageToDict(message)
+    """The JSON object of a Struct, as ``json_format.MessageToDict`` gives it.
+
+    A direct walk: MessageToDict's generic descriptor-driven path was a fifth of
+    BatchCreateTickets' CPU time.
+    """
+    return {key: _value_to_python(item) for key, item in message.fields.items()}
 
 
 def dict_to_struct(value: dict[str, Any]) -> struct_pb2.Struct:
@@ -75,7 +100,11 @@ def status_to_proto(status: TicketStatus | None) -> pb.TicketStatus.ValueType:
     return _STATUS[status] if status is not None else pb.TICKET_STATUS_UNSPECIFIED
 
 
-def ticket_to_proto(ticket: Ticket) -> pb.ExecutionTicket:
+def ticket_to_proto(
+    ticket: Ticket, *, parameters: struct_pb2.Struct | None = None
+) -> pb.ExecutionTicket:
+    """``parameters``: a Struct already equal to ``ticket.spec.parameters`` (the request's),
+    copied instead of rebuilt from the dict."""
     spec = ticket.spec
     message = pb.ExecutionTicket(
         ticket_id=ticket.ticket_id,
@@ -84,7 +113,7 @@ def ticket_to_proto(ticket: Ticket) -> pb.ExecutionTicket:
         task_id=spec.task_id,
         task_type=spec.task_type,
         description=spec.description,
-        parameters=dict_to_struct(spec.parameters),
+        parameters=parameters if parameters is not None else dict_to_struct(spec.parameters),
         required_capabilities=spec.required_capabilities,
         depends_on=spec.depends_on,
         priority=_PRIORITY[spec.priority],

@@ -95,8 +95,18 @@ class TicketServicer(pb_grpc.TicketServiceServicer):
     ) -> pb.BatchCreateTicketsResponse:
         specs = validate_batch([raw_spec(s) for s in request.tickets], self._limits)
         results = await self._repository.create_many(specs, actor=actor_of(current_claims()))
+        # A new ticket's parameters are the request's: copy its Struct rather than rebuild
+        # it from the dict. An existing ticket's come from the database and are rebuilt.
         return pb.BatchCreateTicketsResponse(
-            tickets=[ticket_to_proto(ticket) for ticket, _ in results],
+            tickets=[
+                ticket_to_proto(
+                    ticket,
+                    parameters=source.parameters
+                    if created and source.HasField("parameters")
+                    else None,
+                )
+                for (ticket, created), source in zip(results, request.tickets, strict=True)
+            ],
             created_count=sum(1 for _, created in results if created),
         )
 

@@ -1,0 +1,40 @@
+import math
+from typing import Any
+
+import pytest
+from google.protobuf import json_format, struct_pb2
+
+from execution_ticket_service.transport.grpc.convert import dict_to_struct, struct_to_dict
+
+SAMPLES: list[dict[str, Any]] = [
+    {},
+    {"a": 1, "b": 2.5, "c": "x", "d": True, "e": False, "f": None},
+    {"nested": {"deep": {"list": [1, "two", None, [3, {"k": "v"}], {}], "empty": []}}},
+    {"unicode": "héllo ✓", "big": 1e300, "neg": -7, "zero": 0},
+]
+
+
+@pytest.mark.parametrize("value", SAMPLES)
+def test_struct_to_dict_matches_message_to_dict(value: dict[str, Any]) -> None:
+    message = dict_to_struct(value)
+    expected = json_format.MessageToDict(message)
+    result = struct_to_dict(message)
+    assert result == expected
+    # Same types too (numbers are doubles in a Struct).
+    assert repr(result) == repr(expected)
+
+
+def test_struct_to_dict_unset_value_is_none() -> None:
+    message = struct_pb2.Struct()
+    message.fields["x"].SetInParent()
+    assert struct_to_dict(message) == json_format.MessageToDict(message) == {"x": None}
+
+
+@pytest.mark.parametrize("number", [math.inf, -math.inf, math.nan])
+def test_struct_to_dict_refuses_non_json_numbers_like_message_to_dict(number: float) -> None:
+    message = struct_pb2.Struct()
+    message.fields["x"].number_value = number
+    with pytest.raises(ValueError):
+        json_format.MessageToDict(message)
+    with pytest.raises(ValueError):
+        struct_to_dict(message)
