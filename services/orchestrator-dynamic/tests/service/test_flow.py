@@ -319,3 +319,38 @@ async def test_tickets_the_ticket_service_refuses_fail_the_plan(flow: Flow) -> N
     tickets = flow.tasks(final)
     assert tickets["small"]["status"] == "CANCELLED"  # created in the first chunk
     assert tickets["big"]["ticket_id"] is None
+
+
+async def test_a_slot_freed_by_one_plan_serves_a_plan_waiting_for_a_worker(flow: Flow) -> None:
+    # No periodic retry or resync within the test's bounds: only the completion of the
+    # first plan's ticket (a freed slot) can get the second plan's ticket assigned.
+    await flow.start_orchestrator(dispatch_retry_seconds=3600, resync_interval_seconds=3600)
+    worker = await flow.start_worker("only", ["python"], max_concurrent=1)
+    first: dict[str, Any] = {
+        "plan_id": "first",
+        "tasks": [
+            {
+                "task_id": "hold",
+                "task_type": "sleep",
+                "required_capabilities": ["python"],
+                "parameters": {"seconds": 2},
+            }
+        ],
+    }
+    assert (await flow.submit(first)).status_code == 202
+    await flow.wait_plan(
+        "first", lambda b: flow.tasks(b)["hold"]["status"] == "RUNNING", "the slot taken"
+    )
+    # Submitted while the only slot is held (for 2 s), so it must wait for a worker.
+    assert (await flow.submit({"plan_id": "second", "tasks": [echo("next")]})).status_code == 202
+
+    final = await flow.wait_settled("second")
+    assert final["status"] == "COMPLETED"
+    done_first = await flow.wait_settled("first")
+    assert done_first["status"] == "COMPLETED"
+    async with flow.ticket_client() as client:
+        held = (await client.list_tickets(plan_id="first")).tickets[0]
+        waited = (await client.list_tickets(plan_id="second")).tickets[0]
+    assert held.worker_id == waited.worker_id == worker.worker_id
+    # The one slot was used in turn: the second ticket started after the first finished.
+    assert held.completed_at.ToDatetime() <= waited.started_at.ToDatetime()

@@ -9,7 +9,8 @@ One asyncio component per process:
   renewed is lost and the plan is dropped (the epoch fences any late write);
 * **one WatchTickets stream** for the whole replica (the service token may watch every
   ticket) routes each event to the inbox of the plan it belongs to, if this replica drives
-  it; a **WatchWorkers stream** wakes plans waiting for a worker;
+  it; a **WatchWorkers stream** wakes plans waiting for a worker, and so does any ticket
+  that leaves ASSIGNED/RUNNING (a slot freed by one plan may serve another);
 * the **main loop** wakes on any of that (or on a timer), folds inbox events with
   ``merge_observation``, persists what changed, calls ``decide()`` once per plan and wakes,
   starts backoffs, cancels, stores the plan status and dispatches all ready tickets of all
@@ -90,6 +91,12 @@ class DriverSettings:
     claim_batch: int = 100
     resync_interval: float = 30.0
     dispatch_retry: float = 5.0
+    # A slot freed on a worker reaches the registry with the worker's next heartbeat (sent
+    # right after it reports), which may land after our DiscoverWorkers: until the
+    # registry shows the freed worker with a spare slot again (at most this long), plans
+    # still waiting for a worker look again after registry_lag_retry.
+    registry_lag_window: float = 2.0
+    registry_lag_retry: float = 0.1
     error_retry: float = 1.0
     ticket_batch_size: int = 500
     assign_lease_seconds: int = 0
@@ -160,6 +167,9 @@ class PlanDriver:
         # only counts if the watch was positioned, and still the same one, when it read.
         self._watch_positioned = False
         self._watch_generation = 0
+        # Workers on which one of our tickets freed a slot -> loop time it happened, until
+        # DiscoverWorkers shows them with a spare slot (see DriverSettings.registry_lag_window).
+        self._freed_workers: dict[str, float] = {}
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -526,37 +536,53 @@ class PlanDriver:
             await self._flush(plan)
         _log.info("tickets created", plan_id=plan.plan_id, count=len(task_ids))
 
-    @staticmethod
-    def _merge(plan: DrivenPlan, observed: TicketState) -> None:
+    def _merge(self, plan: DrivenPlan, observed: TicketState) -> bool:
+        """Fold one observation; True if it freed a worker slot (the ticket left
+        ASSIGNED/RUNNING, or moved to another worker)."""
         current = plan.tickets.get(observed.task_id)
         if current is None:
-            return  # not a task of this plan (never expected)
+            return False  # not a task of this plan (never expected)
         merged = merge_observation(current, observed)
-        if merged is not None:
-            plan.tickets[observed.task_id] = merged
-            plan.unsaved[observed.task_id] = merged
+        if merged is None:
+            return False
+        plan.tickets[observed.task_id] = merged
+        plan.unsaved[observed.task_id] = merged
+        freed = current.status in _OCCUPYING and (
+            merged.status not in _OCCUPYING or merged.worker_id != current.worker_id
+        )
+        if freed and current.worker_id:
+            self._freed_workers[current.worker_id] = asyncio.get_running_loop().time()
+        return freed
 
     def _fold_inbox(self, plan: DrivenPlan) -> None:
         events, plan.inbox = plan.inbox, []
+        freed = False
         for event in events:
             if event.HasField("ticket"):
-                self._merge(plan, ticket_state(event.ticket.task_id, event.ticket))
+                freed |= self._merge(plan, ticket_state(event.ticket.task_id, event.ticket))
         if events:
             self._health.succeeded(TICKET_SERVICE)
+        if freed:
+            # The slot may serve a ticket of another plan: without this, plans waiting for
+            # a worker would only look again after dispatch_retry or a registry event.
+            self._wake_waiting()
 
     async def _resync(self, plan: DrivenPlan) -> None:
         loop = asyncio.get_running_loop()
         generation = self._watch_generation if self._watch_positioned else None
         page_token = ""
+        freed = False
         while True:
             page = await self._call_tickets(
                 self._tickets.list_tickets(plan_id=plan.plan_id, page_token=page_token)
             )
             for ticket in page.tickets:
-                self._merge(plan, ticket_state(ticket.task_id, ticket))
+                freed |= self._merge(plan, ticket_state(ticket.task_id, ticket))
             page_token = page.next_page_token
             if not page_token:
                 break
+        if freed:
+            self._wake_waiting()
         # A cancel requested through another replica reaches us here.
         summary = await self._repo.get_summary(plan.plan_id)
         if summary.cancel_requested_at is not None:
@@ -620,7 +646,8 @@ class PlanDriver:
                 ticket = await self._call_tickets(
                     self._tickets.get_ticket(ticket_id=state.ticket_id)
                 )
-            self._merge(plan, ticket_state(task_id, ticket))
+            if self._merge(plan, ticket_state(task_id, ticket)):
+                self._wake_waiting()
             self._metrics.cancellations.inc()
         await self._flush(plan)
 
@@ -662,6 +689,8 @@ class PlanDriver:
             needed.update(frozenset(plan.graph.required_capabilities[t]) for t in task_ids)
         active = self._known_active()
         candidates: dict[frozenset[str], list[WorkerCandidate]] = {}
+        # Workers the registry offered with a spare slot of its own reckoning.
+        discovered: set[str] = set()
         for capabilities in needed:
             try:
                 ranked = await self._registry.discover_workers(
@@ -678,6 +707,10 @@ class PlanDriver:
             candidates[capabilities] = [
                 worker_candidate(r, active.get(r.worker.worker_id, 0)) for r in ranked
             ]
+            discovered.update(r.worker.worker_id for r in ranked if r.spare_capacity > 0)
+        retry = self._settings.dispatch_retry
+        if self._registry_lagging(discovered):
+            retry = min(retry, self._settings.registry_lag_retry)
         ledger = CapacityLedger()
         waiting = 0
         for plan, task_ids in ready:
@@ -685,10 +718,22 @@ class PlanDriver:
             plan.waiting_for_workers = bool(assignment_round.unassigned)
             waiting += len(assignment_round.unassigned)
             if assignment_round.unassigned:
-                plan.due = min(plan.due, loop.time() + self._settings.dispatch_retry)
+                plan.due = min(plan.due, loop.time() + retry)
             if assignment_round.assignments:
                 await self._guarded(plan, self._assign(plan, assignment_round.assignments))
         self._metrics.tickets_waiting_for_workers.set(waiting)
+
+    def _registry_lagging(self, discovered: set[str]) -> bool:
+        """Whether a worker we freed a slot on recently is not yet offered by the registry
+        with a spare slot (its heartbeat has not arrived): then look again soon."""
+        now = asyncio.get_running_loop().time()
+        window = self._settings.registry_lag_window
+        self._freed_workers = {
+            worker_id: at
+            for worker_id, at in self._freed_workers.items()
+            if worker_id not in discovered and now - at < window
+        }
+        return bool(self._freed_workers)
 
     async def _assign(self, plan: DrivenPlan, assignments: Sequence[Assignment]) -> tuple[str, ...]:
         limit = asyncio.Semaphore(_MAX_PARALLEL_CALLS)
