@@ -34,7 +34,7 @@ def test_struct_to_dict_unset_value_is_none() -> None:
 def test_struct_to_dict_refuses_non_json_numbers_like_message_to_dict(number: float) -> None:
     message = struct_pb2.Struct()
     message.fields["x"].number_value = number
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="Fail to serialize"):
         json_format.MessageToDict(message)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="Fail to serialize"):
         struct_to_dict(message)

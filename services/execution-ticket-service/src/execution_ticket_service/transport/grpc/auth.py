@@ -8,8 +8,10 @@ context variable (used to name the actor of each change). Health and reflection 
 
 from __future__ import annotations
 
+import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
 from contextvars import ContextVar
 from typing import Any, cast
 
@@ -19,7 +21,7 @@ from execution_ticket_service.domain.authorization import AccessRequest, authori
 from execution_ticket_service.domain.models import Ticket, TicketStatus
 from execution_ticket_service.domain.validation import validate_ticket_id
 from execution_ticket_service.transport.grpc.convert import status_name
-from hive_common.auth import TokenClaims, TokenKind, TokenVerifier
+from hive_common.auth import TokenClaims, TokenKind, TokenVerifier, bearer_token_from_metadata
 from hive_common.errors import Internal
 
 SERVICE_NAME = "neuralhive.ticket.v1.TicketService"
@@ -58,9 +60,67 @@ def _status(value: int) -> TicketStatus | None:
         return None
 
 
-class TicketAuthInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, *, verifier: TokenVerifier, ticket_lookup: TicketLookup) -> None:
+class VerifiedTokenCache:
+    """Verified claims by token string, until the token's expiry; a bounded LRU.
+
+    Clients send the same token on every call, and decoding and checking an HS256 JWT
+    was a large part of a small RPC's CPU time. A token is only ever cached after the
+    verifier accepted it, and is served from the cache only before its ``exp``: after
+    that the verifier decides again (and refuses it once its leeway has passed too).
+    """
+
+    def __init__(
+        self,
+        *,
+        verifier: TokenVerifier,
+        max_entries: int = 10_000,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if max_entries < 1:
+            raise ValueError("max_entries must be at least 1")
         self._verifier = verifier
+        self._max_entries = max_entries
+        self._clock = clock
+        self._entries: OrderedDict[str, tuple[TokenClaims, float]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def verify_metadata(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> TokenClaims:
+        """As :meth:`TokenVerifier.verify_metadata`, from the cache when possible."""
+        token = bearer_token_from_metadata(metadata)
+        if token is None:
+            return self._verifier.verify_metadata(metadata)  # refuses: missing token
+        return self.verify(token)
+
+    def verify(self, token: str) -> TokenClaims:
+        """As :meth:`TokenVerifier.verify`, from the cache when possible."""
+        now = self._clock()
+        cached = self._entries.get(token)
+        if cached is not None:
+            claims, expires_at = cached
+            if now < expires_at:
+                self._entries.move_to_end(token)
+                return claims
+            del self._entries[token]
+        claims = self._verifier.verify(token)
+        expires_at = claims.expires_at.timestamp()
+        if now < expires_at:
+            self._entries[token] = (claims, expires_at)
+            if len(self._entries) > self._max_entries:
+                self._entries.popitem(last=False)
+        return claims
+
+
+class TicketAuthInterceptor(grpc.aio.ServerInterceptor):
+    def __init__(
+        self,
+        *,
+        verifier: TokenVerifier,
+        ticket_lookup: TicketLookup,
+        token_cache_size: int = 10_000,
+    ) -> None:
+        self._tokens = VerifiedTokenCache(verifier=verifier, max_entries=token_cache_size)
         self._lookup = ticket_lookup
 
     async def _access(self, method: str, request: Any, claims: TokenClaims) -> AccessRequest:
@@ -79,7 +139,7 @@ class TicketAuthInterceptor(grpc.aio.ServerInterceptor):
         return AccessRequest(method=method)
 
     async def _check(self, method: str, request: Any, metadata: Any) -> TokenClaims:
-        claims = self._verifier.verify_metadata(metadata)
+        claims = self._tokens.verify_metadata(metadata)
         authorize(claims, await self._access(method, request, claims))
         return claims
 
