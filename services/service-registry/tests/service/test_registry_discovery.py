@@ -6,6 +6,7 @@ from datetime import timedelta
 from typing import TYPE_CHECKING, Any
 
 import grpc
+import psycopg
 import pytest
 
 from neuralhive.registry.v1 import registry_service_pb2 as pb
@@ -213,3 +214,35 @@ async def test_list_filters_and_pages(registry: Registry) -> None:
         with pytest.raises(grpc.aio.AioRpcError) as exc:
             await list_names(registry, **bad)
         assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+async def test_a_registration_burst_refreshes_the_planner_statistics(
+    registry: Registry, postgres_dsn: str
+) -> None:
+    # Discovery's plan depends on statistics that know how many workers exist: the
+    # registry analyses the table after 64 new workers, then whenever it about doubled
+    # (autovacuum, set to 100 + 2% changed rows, would not have run yet).
+    async def estimated_rows() -> float:
+        async with await psycopg.AsyncConnection.connect(postgres_dsn, autocommit=True) as conn:
+            cur = await conn.execute(
+                "SELECT reltuples FROM pg_class WHERE oid = 'workers'::regclass"
+            )
+            row = await cur.fetchone()
+        assert row is not None
+        return float(row[0])
+
+    for n in range(63):
+        await registry.register(f"w{n}")
+    assert await estimated_rows() < 0  # never analysed
+    await registry.register("w63")
+    assert await estimated_rows() == 64
+    for n in range(64, 127):
+        await registry.register(f"w{n}")
+    assert await estimated_rows() == 64
+    await registry.register("w127")
+    assert await estimated_rows() == 128
+    # Registering again (same names) adds no worker and does not count.
+    for n in range(64):
+        await registry.register(f"w{n}")
+    assert await estimated_rows() == 128
+    assert len(await discover(registry, required_capabilities=["python"], max_results=100)) == 100

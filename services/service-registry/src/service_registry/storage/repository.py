@@ -6,6 +6,7 @@ never the database's ``now()``, so the health timeline follows one injectable cl
 
 from __future__ import annotations
 
+import asyncio
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
@@ -19,6 +20,7 @@ from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool, PoolTimeout
 
 from hive_common.errors import HiveError, Internal, NotFound, Unavailable
+from hive_common.logging import get_logger
 from service_registry.domain import lifecycle
 from service_registry.domain.lifecycle import Transition
 from service_registry.domain.models import (
@@ -37,6 +39,8 @@ from service_registry.domain.models import (
 )
 from service_registry.domain.ranking import WorkerRanker
 from service_registry.storage.advisory import EVENTS_LOCK_KEY
+
+_log = get_logger("service_registry.storage")
 
 COLUMNS = (
     "worker_id, name, namespace, capabilities, labels, max_concurrent, in_flight, version, "
@@ -148,11 +152,22 @@ class WorkerRepository:
     """Workers, their health transitions and the ordered event log, in PostgreSQL."""
 
     def __init__(
-        self, *, pool: AsyncConnectionPool[Any], policy: HealthPolicy, ranker: WorkerRanker
+        self,
+        *,
+        pool: AsyncConnectionPool[Any],
+        policy: HealthPolicy,
+        ranker: WorkerRanker,
+        analyze_after_registrations: int = 64,
     ) -> None:
         self._pool = pool
         self._policy = policy
         self._ranker = ranker
+        # Discovery's plan needs statistics that know how many workers there are: after
+        # this many new workers, and then whenever the table about doubled since the last
+        # ANALYZE, this replica analyses it (autovacuum would only some time later).
+        self._analyze_after = analyze_after_registrations
+        self._new_since_analyze = 0
+        self._analyze_lock = asyncio.Lock()
 
     # -- plumbing -------------------------------------------------------------------------
 
@@ -227,10 +242,35 @@ class WorkerRepository:
 
     async def register(self, spec: RegistrationSpec, *, now: datetime) -> Transition:
         try:
-            return await self._register_once(spec, now=now)
+            transition = await self._register_once(spec, now=now)
         except _RegisterRace:
             # The row exists now, so the second attempt takes the update path.
-            return await self._register_once(spec, now=now)
+            transition = await self._register_once(spec, now=now)
+        if transition.previous is None:
+            self._new_since_analyze += 1
+            if self._new_since_analyze >= self._analyze_after:
+                await self._analyze()
+        return transition
+
+    async def _analyze(self) -> None:
+        """ANALYZE workers after a registration burst (see __init__); one at a time."""
+        if self._analyze_lock.locked():
+            return
+        async with self._analyze_lock:
+            self._new_since_analyze = 0
+            try:
+                async with self._connection() as conn:
+                    await conn.execute("ANALYZE workers")
+                    cur = await conn.execute(
+                        "SELECT reltuples FROM pg_class WHERE oid = 'workers'::regclass"
+                    )
+                    row = await cur.fetchone()
+            except HiveError as exc:
+                # Only an optimisation: the registration itself succeeded.
+                _log.warning("analysing workers failed", error=str(exc))
+                return
+            rows = int(row[0]) if row else 0
+            self._analyze_after = max(self._analyze_after, rows)
 
     async def _register_once(self, spec: RegistrationSpec, *, now: datetime) -> Transition:
         async with self._transaction() as conn:
@@ -438,7 +478,10 @@ class WorkerRepository:
             + sql.SQL(" ORDER BY rank_key DESC, (tiebreak # %(seed)s) LIMIT %(window)s")
         )
         async with self._connection() as conn:
-            cur = await conn.execute(statement, params)
+            # Never prepared: PostgreSQL's generic plan for a prepared statement ignores how
+            # selective the capabilities and labels are and scanned every worker (custom
+            # plan 0.55 ms, generic 2.55 ms at 10,000 workers).
+            cur = await conn.execute(statement, params, prepare=False)
             rows = await cur.fetchall()
         return [self._row_to_worker(r, now) for r in rows]
 
