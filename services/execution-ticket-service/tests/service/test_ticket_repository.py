@@ -117,6 +117,9 @@ async def test_update_flow_and_events(repo: TicketRepository) -> None:
         EventType.LATE_RESULT_REJECTED,  # concerns the worker that reported it
     ]
     assert events[2].ticket == t
+    # Each event carries the ticket as that change left it (written in the same statement).
+    assert [e.ticket.status for e in events[:3]] == [S.ASSIGNED, S.RUNNING, S.PENDING]
+    assert [e.ticket.version for e in events[:3]] == [2, 3, 4]
     assert events[2].worker_id == "w1"  # the worker that lost the ticket is told
     rest = await repo.events_after(
         position.__class__(0, 0), TicketFilter(plan_id="plan-1"), limit=100

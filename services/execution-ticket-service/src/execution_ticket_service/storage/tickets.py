@@ -145,9 +145,28 @@ WHERE ticket_id = %(ticket_id)s
 _INSERT_EVENT = """
 INSERT INTO ticket_events (event_id, event_type, ticket_id, plan_id, worker_id, previous_status,
                            status, actor, occurred_at, ticket, details)
-SELECT %(event_id)s, %(event_type)s, t.ticket_id, t.plan_id, %(worker_id)s, %(previous_status)s,
-       t.status, %(actor)s, %(occurred_at)s, to_jsonb(t), %(details)s
+SELECT %(event_id)s, %(event_type)s, t.ticket_id, t.plan_id, %(event_worker_id)s,
+       %(previous_status)s, t.status, %(actor)s, %(occurred_at)s, to_jsonb(t), %(details)s
 FROM tickets t WHERE t.ticket_id = %(ticket_id)s
+"""
+
+# Both in one statement (one round trip): the event reads the updated row from RETURNING,
+# since a data-modifying CTE's changes are not visible to the rest of the statement.
+_UPDATE_TICKET_AND_INSERT_EVENT = """
+WITH updated AS (
+    UPDATE tickets SET
+        status = %(status)s, attempt = %(attempt)s, worker_id = %(worker_id)s,
+        lease_expires_at = %(lease_expires_at)s, error_message = %(error_message)s,
+        result = %(result)s, version = %(version)s, last_update_digest = %(last_update_digest)s,
+        updated_at = %(updated_at)s, started_at = %(started_at)s, completed_at = %(completed_at)s
+    WHERE ticket_id = %(ticket_id)s
+    RETURNING *
+)
+INSERT INTO ticket_events (event_id, event_type, ticket_id, plan_id, worker_id, previous_status,
+                           status, actor, occurred_at, ticket, details)
+SELECT %(event_id)s, %(event_type)s, u.ticket_id, u.plan_id, %(event_worker_id)s,
+       %(previous_status)s, u.status, %(actor)s, %(occurred_at)s, to_jsonb(u), %(details)s
+FROM updated u
 """
 
 _EVENT_COLUMNS = (
@@ -213,41 +232,41 @@ class TicketRepository:
 
     async def _apply(self, conn: AsyncConnection[DictRow], outcome: Outcome) -> None:
         ticket = outcome.ticket
+        update: dict[str, Any] | None = None
         if outcome.changed:
-            await conn.execute(
-                _UPDATE_TICKET,
-                {
-                    "ticket_id": ticket.ticket_id,
-                    "status": ticket.status.value,
-                    "attempt": ticket.attempt,
-                    "worker_id": ticket.worker_id or None,
-                    "lease_expires_at": ticket.lease_expires_at,
-                    "error_message": ticket.error_message,
-                    "result": None if ticket.result is None else Jsonb(ticket.result),
-                    "version": ticket.version,
-                    "last_update_digest": ticket.last_update_digest,
-                    "updated_at": ticket.updated_at,
-                    "started_at": ticket.started_at,
-                    "completed_at": ticket.completed_at,
-                },
-            )
+            update = {
+                "ticket_id": ticket.ticket_id,
+                "status": ticket.status.value,
+                "attempt": ticket.attempt,
+                "worker_id": ticket.worker_id or None,
+                "lease_expires_at": ticket.lease_expires_at,
+                "error_message": ticket.error_message,
+                "result": None if ticket.result is None else Jsonb(ticket.result),
+                "version": ticket.version,
+                "last_update_digest": ticket.last_update_digest,
+                "updated_at": ticket.updated_at,
+                "started_at": ticket.started_at,
+                "completed_at": ticket.completed_at,
+            }
         event = outcome.event
-        if event is not None:
-            await conn.execute(
-                _INSERT_EVENT,
-                {
-                    "event_id": event.event_id,
-                    "event_type": event.type.value,
-                    "worker_id": event.worker_id or None,
-                    "previous_status": event.previous_status.value
-                    if event.previous_status
-                    else None,
-                    "actor": event.actor,
-                    "occurred_at": event.occurred_at,
-                    "details": Jsonb(event.details),
-                    "ticket_id": ticket.ticket_id,
-                },
-            )
+        if event is None:
+            if update is not None:
+                await conn.execute(_UPDATE_TICKET, update)
+            return
+        insert: dict[str, Any] = {
+            "event_id": event.event_id,
+            "event_type": event.type.value,
+            "event_worker_id": event.worker_id or None,
+            "previous_status": event.previous_status.value if event.previous_status else None,
+            "actor": event.actor,
+            "occurred_at": event.occurred_at,
+            "details": Jsonb(event.details),
+            "ticket_id": ticket.ticket_id,
+        }
+        if update is not None:
+            await conn.execute(_UPDATE_TICKET_AND_INSERT_EVENT, update | insert)
+        else:
+            await conn.execute(_INSERT_EVENT, insert)
 
     async def _decide_and_apply(
         self, ticket_id: str, decide: Callable[[Ticket, datetime], Outcome]
