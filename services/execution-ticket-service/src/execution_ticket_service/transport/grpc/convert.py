@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 from google.protobuf import struct_pb2, timestamp_pb2
@@ -84,12 +84,25 @@ def raw_spec(spec: pb.TicketSpec) -> RawTicketSpec:
     )
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+
+def datetime_to_timestamp(value: datetime) -> timestamp_pb2.Timestamp:
+    """As ``Timestamp.FromDatetime`` (a naive datetime is UTC), by plain arithmetic.
+
+    FromDatetime goes through ``utctimetuple`` and ``calendar.timegm``: a quarter of a
+    1,000-ticket response's CPU time, with four timestamps per ticket.
+    """
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    delta = value - _EPOCH
+    return timestamp_pb2.Timestamp(
+        seconds=delta.days * 86_400 + delta.seconds, nanos=delta.microseconds * 1000
+    )
+
+
 def _ts(value: datetime | None) -> timestamp_pb2.Timestamp | None:
-    if value is None:
-        return None
-    stamp = timestamp_pb2.Timestamp()
-    stamp.FromDatetime(value)
-    return stamp
+    return None if value is None else datetime_to_timestamp(value)
 
 
 _PRIORITY = {p: pb.Priority.Value(f"PRIORITY_{p.value}") for p in Priority}
