@@ -254,6 +254,12 @@ def test_nul_in_a_spec_names_the_field(spec: RawTicketSpec, field: str) -> None:
     assert fields_of(info.value) == {field}
 
 
+def test_the_text_of_an_escaped_nul_is_not_a_nul() -> None:
+    text = "\\u0000"  # a backslash, then "u0000"
+    spec = validate_create(good(parameters={text: text, "a": [text]}), LIMITS)
+    assert spec.parameters == {text: text, "a": [text]}
+
+
 @pytest.mark.parametrize(
     ("kwargs", "field"),
     [

@@ -143,8 +143,15 @@ def _check_text(value: str, path: str, errors: Violations) -> None:
     check_no_nul(value, path, errors)
 
 
+_ESCAPED_NUL = "\\u0000"
+
+
+def _json_text(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), default=str)
+
+
 def json_size(value: Any) -> int:
-    return len(json.dumps(value, separators=(",", ":"), default=str).encode())
+    return len(_json_text(value).encode())
 
 
 def _check_id_list(values: Sequence[str], path: str, errors: Violations) -> tuple[str, ...]:
@@ -186,12 +193,15 @@ def validate_spec(
     check_identifier(raw.task_type, f"{prefix}.task_type", errors)
     check_identifier(raw.intent_id, f"{prefix}.intent_id", errors, required=False)
     _check_text(raw.description, f"{prefix}.description", errors)
-    if json_size(raw.parameters) > limits.max_parameters_bytes:
+    encoded = _json_text(raw.parameters)
+    if len(encoded.encode()) > limits.max_parameters_bytes:
         errors.add(
             f"{prefix}.parameters",
             f"must be at most {limits.max_parameters_bytes} bytes as JSON",
         )
-    else:
+    elif _ESCAPED_NUL in encoded:
+        # json.dumps writes every NUL (in keys too) as \u0000, so walking the value to
+        # name the bad path is only needed when that text occurs.
         check_json(raw.parameters, f"{prefix}.parameters", errors)
     capabilities = _check_id_list(
         raw.required_capabilities, f"{prefix}.required_capabilities", errors
