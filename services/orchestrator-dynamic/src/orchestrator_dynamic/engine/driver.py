@@ -778,6 +778,9 @@ class PlanDriver:
                 continue
             if result is not None:
                 self._merge(plan, result)
+                if result.worker_id == assignment.worker_id:
+                    # The freed slot is taken again: no need to wait for the registry.
+                    self._freed_workers.pop(assignment.worker_id, None)
                 _log.info(
                     "ticket assigned",
                     plan_id=plan.plan_id,
