@@ -33,6 +33,7 @@ from execution_ticket_service.storage.tickets import (
 from execution_ticket_service.transport.grpc.auth import SERVICE_NAME, TicketAuthInterceptor
 from execution_ticket_service.transport.grpc.servicer import TicketServicer, WatchSettings
 from execution_ticket_service.transport.http.routes import build_router
+from execution_ticket_service.watch import EventLogTail, TailSettings
 from hive_common.auth import TokenIssuer, TokenVerifier
 from hive_common.errors import HiveError
 from hive_common.grpc_server import GrpcService, build_grpc_server
@@ -61,6 +62,7 @@ class TicketService:
     sweeper: LeaseSweeper
     stats: StatsRefresher
     purger: EventPurger
+    tail: EventLogTail
     pool: Pool
     mongo: MongoClient
     tasks: list[asyncio.Task[None]] = field(default_factory=list)
@@ -77,6 +79,7 @@ class TicketService:
             ("lease-sweeper", self.sweeper.run()),
             ("stats", self.stats.run()),
             ("event-purger", self.purger.run()),
+            ("watch-tail", self.tail.run()),
         ):
             self.tasks.append(_background(name, job))
 
@@ -183,11 +186,20 @@ async def build_service(settings: TicketSettings, *, clock: Clock = utc_now) -> 
     issuer = TokenIssuer(secret=secret, issuer=settings.jwt_issuer, audience=settings.jwt_audience)
     verifier = TokenVerifier(secret=secret, audience=settings.jwt_audience)
     limits = settings.limits()
+    tail = EventLogTail(
+        repository=repository,
+        signal=signal,
+        settings=TailSettings(
+            poll_interval=settings.watch_poll_interval_seconds,
+            batch_size=settings.watch_batch_size,
+            window=settings.watch_window_events,
+        ),
+    )
     servicer = TicketServicer(
         repository=repository,
         issuer=issuer,
         limits=limits,
-        signal=signal,
+        tail=tail,
         watch=WatchSettings(
             poll_interval=settings.watch_poll_interval_seconds,
             batch_size=settings.watch_batch_size,
@@ -253,6 +265,7 @@ async def build_service(settings: TicketSettings, *, clock: Clock = utc_now) -> 
         sweeper=sweeper,
         stats=stats,
         purger=purger,
+        tail=tail,
         pool=pool,
         mongo=mongo,
     )

@@ -50,6 +50,9 @@ class TicketSettings(HiveSettings):
     stats_interval_seconds: float = Field(default=5.0, gt=0)
     watch_poll_interval_seconds: float = Field(default=0.5, gt=0)
     watch_batch_size: int = Field(default=500, ge=1)
+    # Recent events kept in memory for WatchTickets streams (one database read per change
+    # for all streams); a stream further behind reads the database until it catches up.
+    watch_window_events: int = Field(default=5_000, ge=1)
     readiness_interval_seconds: float = Field(default=2.0, gt=0)
     # Relayed events older than this are deleted (bounds the watch log and outbox table).
     event_retention_hours: float = Field(default=7 * 24, gt=0)

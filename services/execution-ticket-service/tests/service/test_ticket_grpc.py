@@ -998,7 +998,7 @@ async def test_run_until_signal_stops_everything_when_a_server_dies(
     running = asyncio.create_task(built.run_until_signal())
     try:
         await eventually(
-            lambda: _true(built.runtime.started and len(built.tasks) == 4), what="started"
+            lambda: _true(built.runtime.started and len(built.tasks) == 5), what="started"
         )
         assert built.runtime.grpc_server is not None
         await built.runtime.grpc_server.server.stop(0)  # dies without being asked to

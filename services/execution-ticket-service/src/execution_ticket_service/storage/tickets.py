@@ -497,15 +497,23 @@ class TicketRepository:
         return await self._run(work)
 
     async def events_after(
-        self, cursor: Cursor, ticket_filter: TicketFilter, *, limit: int
+        self,
+        cursor: Cursor,
+        ticket_filter: TicketFilter,
+        *,
+        limit: int,
+        until: Cursor | None = None,
     ) -> list[TicketEvent]:
-        """Committed events after ``cursor`` in log order, never skipping a late commit."""
+        """Committed events after ``cursor`` (and at or before ``until``) in log order,
+        never skipping a late commit."""
         conditions = [
             sql.SQL("(xid, seq) > (%(xid)s, %(seq)s)"),
             # Rows of transactions still running could later appear *before* rows we have
             # already passed; only read below the oldest running transaction.
             sql.SQL("xid < pg_snapshot_xmin(pg_current_snapshot())::text::bigint"),
         ]
+        if until is not None:
+            conditions.append(sql.SQL("(xid, seq) <= (%(until_xid)s, %(until_seq)s)"))
         if ticket_filter.plan_id:
             conditions.append(sql.SQL("plan_id = %(plan_id)s"))
         if ticket_filter.worker_id:
@@ -518,6 +526,8 @@ class TicketRepository:
             "seq": cursor.seq,
             "plan_id": ticket_filter.plan_id,
             "worker_id": ticket_filter.worker_id,
+            "until_xid": until.xid if until is not None else None,
+            "until_seq": until.seq if until is not None else None,
             "limit": limit,
         }
 

@@ -11,7 +11,6 @@ from google.protobuf import timestamp_pb2
 
 from execution_ticket_service.domain.models import EventType, Ticket, TicketEvent, TicketFilter
 from execution_ticket_service.domain.paging import (
-    Cursor,
     decode_cursor,
     decode_page_token,
     encode_cursor,
@@ -31,7 +30,6 @@ from execution_ticket_service.domain.validation import (
     validate_status_update,
     validate_ticket_id,
 )
-from execution_ticket_service.signals import ChangeSignal
 from execution_ticket_service.storage.tickets import TicketRepository, utc_now
 from execution_ticket_service.transport.grpc.auth import actor_of, current_claims
 from execution_ticket_service.transport.grpc.convert import (
@@ -41,6 +39,7 @@ from execution_ticket_service.transport.grpc.convert import (
     struct_to_dict,
     ticket_to_proto,
 )
+from execution_ticket_service.watch import EventLogTail
 from hive_common.auth import TokenIssuer
 from hive_common.logging import bind_request_context
 from neuralhive.ticket.v1 import ticket_service_pb2 as pb
@@ -65,20 +64,20 @@ class TicketServicer(pb_grpc.TicketServiceServicer):
         repository: TicketRepository,
         issuer: TokenIssuer,
         limits: Limits,
-        signal: ChangeSignal,
+        tail: EventLogTail,
         watch: WatchSettings,
     ) -> None:
         self._repository = repository
         self._issuer = issuer
         self._limits = limits
-        self._signal = signal
+        self._tail = tail
         self._watch = watch
         self._draining = asyncio.Event()
 
     def drain(self) -> None:
         """End every WatchTickets stream at its next idle moment (clients resume by cursor)."""
         self._draining.set()
-        self._signal.notify()
+        self._tail.wake()
 
     async def CreateTicket(
         self, request: pb.CreateTicketRequest, context: Any
@@ -231,27 +230,20 @@ class TicketServicer(pb_grpc.TicketServiceServicer):
                 )
                 yield pb.WatchTicketsResponse(event=event_to_proto(snapshot))
 
-        # Each subscriber polls on its own: a slow or vanished client only stalls itself.
+        # Each stream keeps its own position in the shared tail: a slow or vanished client
+        # only stalls itself.
         while not self._draining.is_set():
-            generation = self._signal.generation
-            events = await self._repository.events_after(
+            generation = self._tail.generation
+            events, cursor = await self._tail.read(
                 cursor, ticket_filter, limit=self._watch.batch_size
             )
             for event in events:
                 yield pb.WatchTicketsResponse(event=event_to_proto(event))
-            if events:
-                cursor = _cursor_of(events[-1])
             if len(events) < self._watch.batch_size:
-                await self._signal.wait(generation, self._watch.poll_interval)
+                await self._tail.wait(generation, self._watch.poll_interval)
 
 
 def _bound(ticket_id: str) -> str:
     """Put the ticket id on every log line of this RPC (including the final one)."""
     bind_request_context(ticket_id=ticket_id)
     return ticket_id
-
-
-def _cursor_of(event: TicketEvent) -> Cursor:
-    cursor = decode_cursor(event.cursor, Violations())
-    assert cursor is not None  # the repository always sets a valid cursor
-    return cursor

@@ -1,0 +1,140 @@
+"""One reader of the event log per process, shared by every WatchTickets stream.
+
+Each stream used to query the log itself on every change, so a change cost one query per
+open stream (the orchestrator's plus one per worker). The tail reads the log once per
+change into a bounded in-memory window; a stream whose position is inside the window is
+served from memory, filtered in Python. A stream behind the window (resumed from an old
+cursor, or slower than the window is long) reads the database until it reaches it.
+
+Why the window is exact: the tail reads only events of transactions that ended before its
+read (see ``TicketRepository.events_after``), in log order, so the window always holds every
+committed event between its start and the tail's position, and no event can appear there
+later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import bisect
+from dataclasses import dataclass
+
+from execution_ticket_service.domain.models import TicketEvent, TicketFilter
+from execution_ticket_service.domain.paging import Cursor, decode_cursor
+from execution_ticket_service.domain.validation import Violations
+from execution_ticket_service.signals import ChangeSignal
+from execution_ticket_service.storage.tickets import TicketRepository
+from hive_common.errors import HiveError
+from hive_common.logging import get_logger
+
+log = get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class TailSettings:
+    poll_interval: float = 0.5
+    batch_size: int = 500
+    # Events kept in memory; a stream further behind than this reads the database.
+    window: int = 5_000
+    retry_interval: float = 1.0
+
+
+def cursor_of(event: TicketEvent) -> Cursor:
+    cursor = decode_cursor(event.cursor, Violations())
+    assert cursor is not None  # the repository always sets a valid cursor
+    return cursor
+
+
+def _matches(event: TicketEvent, ticket_filter: TicketFilter) -> bool:
+    if ticket_filter.plan_id and event.ticket.plan_id != ticket_filter.plan_id:
+        return False
+    # The same column the database filters on: the worker the event concerns.
+    return not ticket_filter.worker_id or event.worker_id == ticket_filter.worker_id
+
+
+class EventLogTail:
+    """Reads the event log once per change and serves every watch stream from memory."""
+
+    def __init__(
+        self, *, repository: TicketRepository, signal: ChangeSignal, settings: TailSettings
+    ) -> None:
+        self._repository = repository
+        self._signal = signal
+        self._settings = settings
+        # The window: every committed event after ``_start`` up to the last key, in order.
+        self._start: Cursor | None = None
+        self._keys: list[Cursor] = []
+        self._events: list[TicketEvent] = []
+        self._appended = ChangeSignal()
+
+    @property
+    def generation(self) -> int:
+        """Changes as seen by streams: bumps when the window grows."""
+        return self._appended.generation
+
+    async def wait(self, since: int, max_wait: float) -> None:
+        await self._appended.wait(since, max_wait)
+
+    def wake(self) -> None:
+        """Wake every waiting stream now (e.g. to let them see a drain)."""
+        self._appended.notify()
+
+    async def run(self) -> None:
+        """Follow the log until cancelled; survives the database being away."""
+        position: Cursor | None = None
+        while True:
+            generation = self._signal.generation
+            try:
+                if position is None:
+                    position = await self._repository.current_position()
+                    self._start = position
+                events = await self._repository.events_after(
+                    position, TicketFilter(), limit=self._settings.batch_size
+                )
+            except HiveError as exc:
+                log.warning("event log tail: read failed; retrying", error=exc.message)
+                await asyncio.sleep(self._settings.retry_interval)
+                continue
+            if events:
+                position = self._append(events)
+            if len(events) < self._settings.batch_size:
+                # Other replicas' changes are found by polling.
+                await self._signal.wait(generation, self._settings.poll_interval)
+
+    def _append(self, events: list[TicketEvent]) -> Cursor:
+        self._keys.extend(cursor_of(e) for e in events)
+        self._events.extend(events)
+        excess = len(self._events) - self._settings.window
+        if excess > 0:
+            self._start = self._keys[excess - 1]
+            del self._keys[:excess]
+            del self._events[:excess]
+        self._appended.notify()
+        return self._keys[-1]
+
+    async def read(
+        self, position: Cursor, ticket_filter: TicketFilter, *, limit: int
+    ) -> tuple[list[TicketEvent], Cursor]:
+        """Up to ``limit`` matching events after ``position``, and the position to read on
+        from (past events that did not match, so they are not looked at again)."""
+        start = self._start
+        found: list[TicketEvent] = []
+        if start is None or position < start:
+            # Behind the window (or no window yet): from the database, up to the window.
+            found = await self._repository.events_after(
+                position, ticket_filter, limit=limit, until=start
+            )
+            if start is None or len(found) == limit:
+                return found, cursor_of(found[-1]) if found else position
+            position = start  # caught up with the window as it was; go on from memory
+            if self._start is not None and position < self._start:
+                return found, position  # it moved on during the read: next time
+        # No await from here on: the window cannot move under us.
+        index = bisect.bisect_right(self._keys, position)
+        scanned = position
+        for key, event in zip(self._keys[index:], self._events[index:], strict=True):
+            scanned = key
+            if _matches(event, ticket_filter):
+                found.append(event)
+                if len(found) == limit:
+                    break
+        return found, scanned

@@ -1,0 +1,174 @@
+"""EventLogTail: one log reader per process serving every watch stream, on real PostgreSQL."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import pytest
+
+from execution_ticket_service.domain.models import (
+    Assignment,
+    StatusUpdate,
+    TicketEvent,
+    TicketFilter,
+    TicketSpec,
+    TicketStatus,
+)
+from execution_ticket_service.domain.paging import Cursor
+from execution_ticket_service.signals import ChangeSignal
+from execution_ticket_service.storage.tickets import TicketRepository
+from execution_ticket_service.watch import EventLogTail, TailSettings, cursor_of
+
+pytestmark = pytest.mark.service
+
+ORIGIN = Cursor(xid=0, seq=0)
+
+
+class CountingRepository(TicketRepository):
+    """The real repository, counting the log reads made through it."""
+
+    def __init__(self, inner: TicketRepository) -> None:
+        self.__dict__.update(inner.__dict__)
+        self.reads: list[TicketFilter] = []
+
+    async def events_after(self, *args: Any, **kwargs: Any) -> list[TicketEvent]:
+        self.reads.append(args[1])
+        return await super().events_after(*args, **kwargs)
+
+
+@pytest.fixture
+def counting(repo: TicketRepository) -> CountingRepository:
+    return CountingRepository(repo)
+
+
+@contextlib.asynccontextmanager
+async def _running(tail: EventLogTail) -> AsyncIterator[EventLogTail]:
+    task = asyncio.create_task(tail.run())
+    try:
+        yield tail
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+@pytest.fixture
+async def tail(counting: CountingRepository) -> AsyncIterator[EventLogTail]:
+    signal = ChangeSignal()
+    counting._on_change = lambda counts: signal.notify()
+    settings = TailSettings(poll_interval=0.05, batch_size=50, window=1_000)
+    async with _running(
+        EventLogTail(repository=counting, signal=signal, settings=settings)
+    ) as running:
+        yield running
+
+
+async def _until(tail: EventLogTail, probe: Callable[[], bool]) -> None:
+    async with asyncio.timeout(20):  # a hang guard, not a timing assertion
+        while not probe():
+            await tail.wait(tail.generation, 0.05)
+
+
+def _holds(tail: EventLogTail, event: TicketEvent) -> Callable[[], bool]:
+    return lambda: bool(tail._keys) and tail._keys[-1] == cursor_of(event)
+
+
+async def _history(repo: TicketRepository, plan: str, tasks: int, worker: str) -> None:
+    """Create ``tasks`` tickets and take each through ASSIGNED and RUNNING."""
+    created = await repo.create_many(
+        [TicketSpec(plan_id=plan, task_id=f"t{i}", task_type="echo") for i in range(tasks)],
+        actor="service:test",
+    )
+    for ticket, _ in created:
+        await repo.assign(
+            Assignment(ticket_id=ticket.ticket_id, worker_id=worker, lease_seconds=60, attempt=1),
+            actor="service:test",
+        )
+        await repo.update_status(
+            StatusUpdate(ticket_id=ticket.ticket_id, status=TicketStatus.RUNNING, attempt=1),
+            actor=f"worker:{worker}",
+        )
+
+
+async def _read_all(
+    tail: EventLogTail, position: Cursor, ticket_filter: TicketFilter, *, limit: int
+) -> tuple[list[TicketEvent], Cursor]:
+    found: list[TicketEvent] = []
+    while True:
+        events, position = await tail.read(position, ticket_filter, limit=limit)
+        found.extend(events)
+        if len(events) < limit:
+            return found, position
+
+
+async def test_streams_inside_the_window_are_served_without_a_database_read(
+    tail: EventLogTail, counting: CountingRepository
+) -> None:
+    await _until(tail, lambda: tail._start is not None)
+    start = tail._start
+    assert start is not None
+    await _history(counting, "plan-a", 3, "w1")
+    await _history(counting, "plan-b", 2, "w2")
+    expected = await counting.events_after(start, TicketFilter(), limit=1_000)
+    assert len(expected) == 5 * 3
+    await _until(tail, _holds(tail, expected[-1]))
+
+    reads_before = len(counting.reads)
+    filters = [
+        TicketFilter(),
+        TicketFilter(plan_id="plan-a"),
+        TicketFilter(worker_id="w2"),
+        TicketFilter(plan_id="plan-b", worker_id="w1"),
+    ]
+    served = {f: (await _read_all(tail, start, f, limit=4))[0] for f in filters}
+    assert len(counting.reads) == reads_before  # every stream was served from memory
+    for ticket_filter, events in served.items():
+        from_db = await counting.events_after(start, ticket_filter, limit=1_000)
+        assert [e.event_id for e in events] == [e.event_id for e in from_db], ticket_filter
+    assert served[TicketFilter(plan_id="plan-b", worker_id="w1")] == []
+
+
+async def test_a_stream_skips_past_events_it_does_not_want(tail: EventLogTail) -> None:
+    await _until(tail, lambda: tail._start is not None)
+    start = tail._start
+    assert start is not None
+    await _history(tail._repository, "plan-a", 2, "w1")
+    await _until(tail, lambda: len(tail._keys) == 6)
+    events, position = await tail.read(start, TicketFilter(worker_id="nobody"), limit=10)
+    assert events == []
+    assert position == tail._keys[-1]  # not scanned again on the next change
+
+
+async def test_a_stream_behind_the_window_reads_the_database_then_joins_it(
+    counting: CountingRepository,
+) -> None:
+    # A stream resumed from before the window (or slower than the window is long) gets
+    # every event exactly once, in log order, whatever the window holds meanwhile.
+    signal = ChangeSignal()
+    counting._on_change = lambda counts: signal.notify()
+    await _history(counting, "old", 4, "w1")  # before the tail started
+    settings = TailSettings(poll_interval=0.05, batch_size=50, window=3)
+    async with _running(
+        EventLogTail(repository=counting, signal=signal, settings=settings)
+    ) as tail:
+        await _until(tail, lambda: tail._start is not None)
+        await _history(counting, "new", 4, "w1")
+        everything = await counting.events_after(ORIGIN, TicketFilter(), limit=1_000)
+        await _until(tail, _holds(tail, everything[-1]))
+        assert len(tail._events) == 3  # the window keeps only the newest events
+
+        for limit in (1, 2, 5, 100):
+            events, position = await _read_all(
+                tail, ORIGIN, TicketFilter(worker_id="w1"), limit=limit
+            )
+            expected = [e for e in everything if e.worker_id == "w1"]
+            assert [e.event_id for e in events] == [e.event_id for e in expected], limit
+            assert position == tail._keys[-1]
+
+        # Once joined, later changes come from memory.
+        reads_before = len(counting.reads)
+        events, _ = await tail.read(position, TicketFilter(worker_id="w1"), limit=10)
+        assert events == []
+        assert len(counting.reads) == reads_before
