@@ -8,9 +8,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.echo import READY_LINE
+from hive_common import flowc_processes as flowc
 from hive_common.auth import TokenIssuer
+from hive_common.flowc_processes import Endpoint, Launch
 from hive_common.localdb import free_port
-from hive_common.procstack import ProcessSpec, http_ready, log_ready
+from hive_common.procstack import ProcessSpec, log_ready
 
 # Benchmark-only credentials: the services run on loopback for the length of a run.
 JWT_SECRET = "bench-only-jwt-secret-not-for-any-real-deployment-0123456789"
@@ -30,26 +32,9 @@ def bearer() -> tuple[tuple[str, str]]:
     return (("authorization", f"Bearer {service_token()}"),)
 
 
-def _script(name: str) -> str:
+def _launch(log_level: str) -> Launch:
     # Console scripts of the workspace venv: the pid we get is the service's own.
-    return str(Path(sys.executable).parent / name)
-
-
-@dataclass(slots=True)
-class Endpoint:
-    """Where one process listens."""
-
-    grpc_port: int = 0
-    http_port: int = 0
-    metrics_port: int = 0
-
-    @property
-    def grpc_target(self) -> str:
-        return f"127.0.0.1:{self.grpc_port}"
-
-    @property
-    def http_url(self) -> str:
-        return f"http://127.0.0.1:{self.http_port}"
+    return Launch(console_scripts=True, log_level=log_level, log_format="json", ready_timeout=90)
 
 
 @dataclass(slots=True)
@@ -85,27 +70,16 @@ def ticket_service(
     mongo_timeout_ms: int | None = None,
 ) -> Built:
     endpoint = _ports()
-    env = {
-        "HIVE_TICKETS_HOST": "127.0.0.1",
-        "HIVE_TICKETS_GRPC_PORT": str(endpoint.grpc_port),
-        "HIVE_TICKETS_HTTP_PORT": str(endpoint.http_port),
-        "HIVE_TICKETS_METRICS_PORT": str(endpoint.metrics_port),
-        "HIVE_TICKETS_POSTGRES_DSN": postgres_dsn,
-        "HIVE_TICKETS_MONGO_URI": mongo_uri,
-        "HIVE_TICKETS_MONGO_DATABASE": mongo_database,
-        "HIVE_TICKETS_JWT_SECRET": JWT_SECRET,
-        "HIVE_TICKETS_LOG_LEVEL": log_level,
-        "HIVE_TICKETS_LOG_FORMAT": "json",
-    }
-    if mongo_timeout_ms is not None:
-        env["HIVE_TICKETS_MONGO_TIMEOUT_MS"] = str(mongo_timeout_ms)
-    spec = ProcessSpec(
+    settings = {} if mongo_timeout_ms is None else {"MONGO_TIMEOUT_MS": mongo_timeout_ms}
+    spec = flowc.ticket_service_spec(
         name=name,
-        argv=[_script("execution-ticket-service")],
-        env=env,
-        ready=http_ready(f"{endpoint.http_url}/ready"),
-        ready_timeout=90,
-        stop_grace=10,
+        endpoint=endpoint,
+        postgres_dsn=postgres_dsn,
+        mongo_uri=mongo_uri,
+        mongo_database=mongo_database,
+        jwt_secret=JWT_SECRET,
+        launch=_launch(log_level),
+        settings=settings,
     )
     return Built(spec, endpoint)
 
@@ -118,27 +92,19 @@ def registry(
     heartbeat_interval_seconds: int | None = None,
 ) -> Built:
     endpoint = _ports()
-    env = {
-        "HIVE_REGISTRY_HOST": "127.0.0.1",
-        "HIVE_REGISTRY_GRPC_PORT": str(endpoint.grpc_port),
-        "HIVE_REGISTRY_HTTP_PORT": str(endpoint.http_port),
-        "HIVE_REGISTRY_POSTGRES_DSN": postgres_dsn,
-        "HIVE_REGISTRY_JWT_SECRET": JWT_SECRET,
-        "HIVE_REGISTRY_REGISTRATION_SECRET": REGISTRATION_SECRET,
-        "HIVE_REGISTRY_LOG_LEVEL": log_level,
-        "HIVE_REGISTRY_LOG_FORMAT": "json",
-    }
+    settings: dict[str, object] = {}
     if heartbeat_interval_seconds is not None:
         # Registered-but-silent workers must stay HEALTHY while they are being discovered.
-        env["HIVE_REGISTRY_HEARTBEAT_INTERVAL_SECONDS"] = str(heartbeat_interval_seconds)
-        env["HIVE_REGISTRY_EXPIRE_AFTER_SECONDS"] = str(heartbeat_interval_seconds * 10)
-    spec = ProcessSpec(
+        settings["HEARTBEAT_INTERVAL_SECONDS"] = heartbeat_interval_seconds
+        settings["EXPIRE_AFTER_SECONDS"] = heartbeat_interval_seconds * 10
+    spec = flowc.registry_spec(
         name=name,
-        argv=[_script("service-registry")],
-        env=env,
-        ready=http_ready(f"{endpoint.http_url}/ready"),
-        ready_timeout=90,
-        stop_grace=10,
+        endpoint=endpoint,
+        postgres_dsn=postgres_dsn,
+        jwt_secret=JWT_SECRET,
+        registration_secret=REGISTRATION_SECRET,
+        launch=_launch(log_level),
+        settings=settings,
     )
     return Built(spec, endpoint)
 
@@ -147,25 +113,14 @@ def orchestrator(
     *, name: str, postgres_dsn: str, tickets: Endpoint, registry: Endpoint, log_level: str
 ) -> Built:
     endpoint = _ports()
-    env = {
-        "HIVE_ORCHESTRATOR_HOST": "127.0.0.1",
-        "HIVE_ORCHESTRATOR_GRPC_PORT": str(endpoint.grpc_port),
-        "HIVE_ORCHESTRATOR_HTTP_PORT": str(endpoint.http_port),
-        "HIVE_ORCHESTRATOR_POSTGRES_DSN": postgres_dsn,
-        "HIVE_ORCHESTRATOR_TICKET_SERVICE_TARGET": tickets.grpc_target,
-        "HIVE_ORCHESTRATOR_REGISTRY_TARGET": registry.grpc_target,
-        "HIVE_ORCHESTRATOR_JWT_SECRET": JWT_SECRET,
-        "HIVE_ORCHESTRATOR_LOG_LEVEL": log_level,
-        "HIVE_ORCHESTRATOR_LOG_FORMAT": "json",
-    }
-    spec = ProcessSpec(
+    spec = flowc.orchestrator_spec(
         name=name,
-        argv=[_script("orchestrator-dynamic")],
-        env=env,
-        ready=http_ready(f"{endpoint.http_url}/ready"),
-        ready_timeout=90,
-        stop_grace=10,
-        tier=1,
+        endpoint=endpoint,
+        postgres_dsn=postgres_dsn,
+        tickets_target=tickets.grpc_target,
+        registry_target=registry.grpc_target,
+        jwt_secret=JWT_SECRET,
+        launch=_launch(log_level),
     )
     return Built(spec, endpoint)
 
@@ -173,25 +128,15 @@ def orchestrator(
 def worker(
     *, name: str, tickets: Endpoint, registry: Endpoint, max_concurrent: int, log_level: str
 ) -> Built:
-    env = {
-        "HIVE_WORKER_REGISTRY_TARGET": registry.grpc_target,
-        "HIVE_WORKER_TICKETS_TARGET": tickets.grpc_target,
-        "HIVE_WORKER_REGISTRATION_SECRET": REGISTRATION_SECRET,
-        "HIVE_WORKER_NAME": name,
-        "HIVE_WORKER_CAPABILITIES": "python",
-        "HIVE_WORKER_MAX_CONCURRENT": str(max_concurrent),
-        "HIVE_WORKER_LOG_LEVEL": log_level,
-        "HIVE_WORKER_LOG_FORMAT": "json",
-        "HIVE_WORKER_DRAIN_GRACE_SECONDS": "2",
-    }
-    spec = ProcessSpec(
-        name=name,
-        argv=[_script("hive-worker")],
-        env=env,
-        ready=log_ready("worker registered"),
-        ready_timeout=90,
-        stop_grace=10,
-        tier=2,
+    options = flowc.WorkerOptions(
+        name=name, max_concurrent=max_concurrent, settings={"DRAIN_GRACE_SECONDS": 2}
+    )
+    spec = flowc.worker_spec(
+        options,
+        tickets_target=tickets.grpc_target,
+        registry_target=registry.grpc_target,
+        registration_secret=REGISTRATION_SECRET,
+        launch=_launch(log_level),
     )
     return Built(spec)
 

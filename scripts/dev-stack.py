@@ -25,7 +25,7 @@ import socket
 import sys
 import threading
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
@@ -33,61 +33,49 @@ import psycopg
 from psycopg import sql
 
 from hive_common.auth import TokenIssuer
+from hive_common.flowc_processes import Launch, StackPorts, WorkerOptions, flow_specs
 from hive_common.migrations import postgres_url
-from hive_common.procstack import (
-    ProcessSpec,
-    ProcessStack,
-    ProcessStackError,
-    http_ready,
-    log_ready,
-)
+from hive_common.procstack import ProcessSpec, ProcessStack, ProcessStackError, log_ready
 
 REPO = Path(__file__).resolve().parent.parent
 DATABASES = ("tickets", "registry", "orchestrator")
 MONGO_DATABASE = "hive_tickets"
 DB_PROCESS = "databases"
 SERVICES = ("service-registry", "execution-ticket-service", "orchestrator-dynamic")
-WORKERS = {
-    # name: (capabilities, labels); as in docker-compose.yml
-    "worker-1": ("python,shell", "stack=dev,worker=1"),
-    "worker-2": ("python,http", "stack=dev,worker=2"),
-}
-SHELL_ALLOW_LIST = "echo,true,false,sleep,python"
+# As in docker-compose.yml.
+WORKER_SETTINGS = {"SHELL_ALLOW_LIST": "echo,true,false,sleep,python", "DRAIN_GRACE_SECONDS": 10}
+WORKERS = (
+    WorkerOptions(
+        name="worker-1",
+        capabilities=("python", "shell"),
+        labels={"stack": "dev", "worker": "1"},
+        settings=WORKER_SETTINGS,
+    ),
+    WorkerOptions(
+        name="worker-2",
+        capabilities=("python", "http"),
+        labels={"stack": "dev", "worker": "2"},
+        settings=WORKER_SETTINGS,
+    ),
+)
 
 
 @dataclass(frozen=True)
 class Ports:
-    """Where everything listens: the services' local defaults (see each config.py) moved by
-    ``--port-offset``, and the local databases' ports."""
+    """Where everything listens: the services' local defaults moved by ``--port-offset``,
+    and the local databases' ports."""
 
-    registry_grpc: int
-    registry_http: int
-    tickets_grpc: int
-    tickets_http: int
-    tickets_metrics: int
-    orchestrator_grpc: int
-    orchestrator_http: int
+    services: StackPorts
     postgres_port: int
     mongo_port: int
 
     @classmethod
     def with_offset(cls, offset: int, *, postgres_port: int, mongo_port: int) -> Ports:
         return cls(
-            registry_grpc=50051 + offset,
-            registry_http=8001 + offset,
-            tickets_grpc=50052 + offset,
-            tickets_http=8002 + offset,
-            tickets_metrics=9092 + offset,
-            orchestrator_grpc=50053 + offset,
-            orchestrator_http=8003 + offset,
+            services=StackPorts.defaults(offset),
             postgres_port=postgres_port,
             mongo_port=mongo_port,
         )
-
-    def service_ports(self) -> dict[str, int]:
-        ports = asdict(self)
-        del ports["postgres_port"], ports["mongo_port"]
-        return ports
 
 
 def port_in_use(port: int) -> bool:
@@ -133,14 +121,6 @@ def database_spec(*, state_dir: Path, ports: Ports) -> ProcessSpec:
     )
 
 
-def local_no_proxy() -> dict[str, str]:
-    """``no_proxy`` covering loopback: gRPC and HTTP clients honour ``http_proxy`` from the
-    environment, which must not capture calls between local processes."""
-    existing = os.environ.get("no_proxy") or os.environ.get("NO_PROXY") or ""
-    value = ",".join(filter(None, [existing, "127.0.0.1,localhost"]))
-    return {"no_proxy": value, "NO_PROXY": value}
-
-
 def service_specs(
     *,
     ports: Ports,
@@ -150,87 +130,18 @@ def service_specs(
     registration_secret: str,
     log_format: str,
 ) -> list[ProcessSpec]:
-    python = sys.executable
-    common = {"HOST": "127.0.0.1", "LOG_FORMAT": log_format, "JWT_SECRET": jwt_secret}
-    local = local_no_proxy()
-
-    def env(prefix: str, values: dict[str, object]) -> dict[str, str]:
-        return local | {f"{prefix}{k}": str(v) for k, v in {**common, **values}.items()}
-
-    specs = [
-        ProcessSpec(
-            name="service-registry",
-            argv=[python, "-m", "service_registry"],
-            env=env(
-                "HIVE_REGISTRY_",
-                {
-                    "GRPC_PORT": ports.registry_grpc,
-                    "HTTP_PORT": ports.registry_http,
-                    "POSTGRES_DSN": dsns["registry"],
-                    "REGISTRATION_SECRET": registration_secret,
-                },
-            ),
-            ready=http_ready(f"http://127.0.0.1:{ports.registry_http}/ready"),
-            stop_grace=20,
-        ),
-        ProcessSpec(
-            name="execution-ticket-service",
-            argv=[python, "-m", "execution_ticket_service"],
-            env=env(
-                "HIVE_TICKETS_",
-                {
-                    "GRPC_PORT": ports.tickets_grpc,
-                    "HTTP_PORT": ports.tickets_http,
-                    "METRICS_PORT": ports.tickets_metrics,
-                    "POSTGRES_DSN": dsns["tickets"],
-                    "MONGO_URI": mongo_uri,
-                    "MONGO_DATABASE": MONGO_DATABASE,
-                },
-            ),
-            ready=http_ready(f"http://127.0.0.1:{ports.tickets_http}/ready"),
-            stop_grace=20,
-        ),
-        ProcessSpec(
-            name="orchestrator-dynamic",
-            argv=[python, "-m", "orchestrator_dynamic"],
-            env=env(
-                "HIVE_ORCHESTRATOR_",
-                {
-                    "GRPC_PORT": ports.orchestrator_grpc,
-                    "HTTP_PORT": ports.orchestrator_http,
-                    "POSTGRES_DSN": dsns["orchestrator"],
-                    "TICKET_SERVICE_TARGET": f"127.0.0.1:{ports.tickets_grpc}",
-                    "REGISTRY_TARGET": f"127.0.0.1:{ports.registry_grpc}",
-                },
-            ),
-            ready=http_ready(f"http://127.0.0.1:{ports.orchestrator_http}/ready"),
-            stop_grace=20,
-            tier=1,
-        ),
-    ]
-    for name, (capabilities, labels) in WORKERS.items():
-        worker_env = local | {
-            "HIVE_WORKER_NAME": name,
-            "HIVE_WORKER_CAPABILITIES": capabilities,
-            "HIVE_WORKER_LABELS": labels,
-            "HIVE_WORKER_REGISTRY_TARGET": f"127.0.0.1:{ports.registry_grpc}",
-            "HIVE_WORKER_TICKETS_TARGET": f"127.0.0.1:{ports.tickets_grpc}",
-            "HIVE_WORKER_REGISTRATION_SECRET": registration_secret,
-            "HIVE_WORKER_SHELL_ALLOW_LIST": SHELL_ALLOW_LIST,
-            "HIVE_WORKER_DRAIN_GRACE_SECONDS": "10",
-            "HIVE_WORKER_LOG_FORMAT": log_format,
-        }
-        specs.append(
-            ProcessSpec(
-                name=name,
-                argv=[python, "-m", "hive_worker"],
-                env=worker_env,
-                ready=log_ready("worker registered"),
-                stop_grace=20,
-                tier=2,
-            )
-        )
-    return specs
+    return flow_specs(
+        ports=ports.services,
+        tickets_dsn=dsns["tickets"],
+        registry_dsn=dsns["registry"],
+        orchestrator_dsn=dsns["orchestrator"],
+        mongo_uri=mongo_uri,
+        mongo_database=MONGO_DATABASE,
+        jwt_secret=jwt_secret,
+        registration_secret=registration_secret,
+        workers=WORKERS,
+        launch=Launch(log_format=log_format, stop_grace=20),
+    )
 
 
 def summary(
@@ -241,21 +152,22 @@ def summary(
     log_dir: Path,
     env_file: Path,
 ) -> str:
-    orchestrator = f"http://127.0.0.1:{ports.orchestrator_http}"
-    tickets = f"http://127.0.0.1:{ports.tickets_http}"
-    registry = f"http://127.0.0.1:{ports.registry_http}"
+    orchestrator = ports.services.orchestrator.http_url
+    tickets = ports.services.tickets.http_url
+    registry = ports.services.registry.http_url
     try:
         logs = log_dir.relative_to(Path.cwd())
     except ValueError:
         logs = log_dir
-    workers = ", ".join(f"{name} ({caps})" for name, (caps, _) in WORKERS.items())
+    workers = ", ".join(f"{w.name} ({','.join(w.capabilities)})" for w in WORKERS)
+    services = ports.services
     return f"""
 Hive Flow C dev stack is ready. Ctrl-C stops everything.
 
   orchestrator      {orchestrator}   (POST /api/v1/plans, docs {orchestrator}/docs)
-                    gRPC health 127.0.0.1:{ports.orchestrator_grpc}
-  ticket service    {tickets}   gRPC 127.0.0.1:{ports.tickets_grpc}   metrics http://127.0.0.1:{ports.tickets_metrics}/metrics
-  service registry  {registry}   gRPC 127.0.0.1:{ports.registry_grpc}
+                    gRPC health {services.orchestrator.grpc_target}
+  ticket service    {tickets}   gRPC {services.tickets.grpc_target}   metrics http://127.0.0.1:{services.tickets.metrics_port}/metrics
+  service registry  {registry}   gRPC {services.registry.grpc_target}
   workers           {workers}
   PostgreSQL        {", ".join(dsns.values())}
   MongoDB           {mongo_uri}  (database {MONGO_DATABASE}: audit_trail, status_change_events)
@@ -312,7 +224,7 @@ def main(argv: list[str] | None = None) -> int:
     given_mongo = os.environ.get("HIVE_DEV_MONGO_URI", "").strip()
     run_databases = not (given_postgres and given_mongo)
 
-    wanted = dict(ports.service_ports())
+    wanted = ports.services.named()
     if run_databases:
         wanted |= {"postgres": ports.postgres_port, "mongo": ports.mongo_port}
     busy = {name: port for name, port in wanted.items() if port_in_use(port)}
@@ -380,11 +292,11 @@ def main(argv: list[str] | None = None) -> int:
         write_env_file(
             env_file,
             {
-                "HIVE_ORCHESTRATOR_URL": f"http://127.0.0.1:{ports.orchestrator_http}",
-                "HIVE_TICKETS_URL": f"http://127.0.0.1:{ports.tickets_http}",
-                "HIVE_REGISTRY_URL": f"http://127.0.0.1:{ports.registry_http}",
-                "HIVE_TICKETS_TARGET": f"127.0.0.1:{ports.tickets_grpc}",
-                "HIVE_REGISTRY_TARGET": f"127.0.0.1:{ports.registry_grpc}",
+                "HIVE_ORCHESTRATOR_URL": ports.services.orchestrator.http_url,
+                "HIVE_TICKETS_URL": ports.services.tickets.http_url,
+                "HIVE_REGISTRY_URL": ports.services.registry.http_url,
+                "HIVE_TICKETS_TARGET": ports.services.tickets.grpc_target,
+                "HIVE_REGISTRY_TARGET": ports.services.registry.grpc_target,
                 "HIVE_SERVICE_TOKEN": token,
                 "HIVE_TOKEN": token,  # what the `hive` CLI sends to the ticket and registry APIs
                 "HIVE_DEV_JWT_SECRET": jwt_secret,

@@ -14,7 +14,6 @@ import os
 import random
 import secrets
 import socket
-import sys
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -27,8 +26,9 @@ import pytest
 from pymongo import ASCENDING, MongoClient
 
 from hive_common.auth import TokenIssuer
+from hive_common.flowc_processes import Launch, StackPorts, WorkerOptions, flow_specs
 from hive_common.localdb import free_port
-from hive_common.procstack import ProcessSpec, ProcessStack, http_ready, log_ready
+from hive_common.procstack import ProcessSpec, ProcessStack
 from hive_common.testing.databases import (
     MongoServer,
     PostgresServer,
@@ -91,22 +91,11 @@ def quiet_port() -> int:
 
 
 @dataclass
-class Ports:
-    registry_grpc: int = field(default_factory=quiet_port)
-    registry_http: int = field(default_factory=quiet_port)
-    tickets_grpc: int = field(default_factory=quiet_port)
-    tickets_http: int = field(default_factory=quiet_port)
-    tickets_metrics: int = field(default_factory=quiet_port)
-    orchestrator_grpc: int = field(default_factory=quiet_port)
-    orchestrator_http: int = field(default_factory=quiet_port)
-
-
-@dataclass
 class FlowStack:
     """The running processes plus clients to drive and inspect them."""
 
     processes: ProcessStack
-    ports: Ports
+    ports: StackPorts
     jwt_secret: str
     mongo_uri: str
     mongo_database: str
@@ -127,15 +116,15 @@ class FlowStack:
 
     @property
     def orchestrator_url(self) -> str:
-        return f"http://127.0.0.1:{self.ports.orchestrator_http}"
+        return self.ports.orchestrator.http_url
 
     @property
     def tickets_url(self) -> str:
-        return f"http://127.0.0.1:{self.ports.tickets_http}"
+        return self.ports.tickets.http_url
 
     @property
     def registry_url(self) -> str:
-        return f"http://127.0.0.1:{self.ports.registry_http}"
+        return self.ports.registry.http_url
 
     @property
     def auth(self) -> dict[str, str]:
@@ -323,17 +312,54 @@ def diamond_plan(plan_id: str) -> dict[str, Any]:
 # The stack
 
 
-def local_no_proxy() -> dict[str, str]:
-    """``no_proxy`` covering loopback: gRPC and HTTP clients honour ``http_proxy`` from the
-    environment, which must not capture calls between local processes."""
-    existing = os.environ.get("no_proxy") or os.environ.get("NO_PROXY") or ""
-    value = ",".join(filter(None, [existing, "127.0.0.1,localhost"]))
-    return {"no_proxy": value, "NO_PROXY": value}
+# Intervals shortened so that the faults the tests inject are noticed within seconds.
+REGISTRY_SETTINGS = {
+    "POSTGRES_POOL_MIN_SIZE": 1,
+    "HEARTBEAT_INTERVAL_SECONDS": 1,
+    "UNHEALTHY_AFTER_MISSED_HEARTBEATS": 2,
+    "EXPIRE_AFTER_SECONDS": 6,
+    "SWEEP_INTERVAL_SECONDS": 0.5,
+    "WATCH_POLL_INTERVAL_SECONDS": 0.1,
+    "SHUTDOWN_GRACE_SECONDS": 2,
+}
+TICKETS_SETTINGS = {
+    "POSTGRES_POOL_MIN_SIZE": 1,
+    "MONGO_TIMEOUT_MS": 500,
+    # An assignment not started within 2 s goes back to PENDING.
+    "DEFAULT_LEASE_SECONDS": 2,
+    "LEASE_SWEEP_INTERVAL_SECONDS": 0.2,
+    "RELAY_IDLE_INTERVAL_SECONDS": 0.1,
+    "RELAY_MAX_BACKOFF_SECONDS": 1,
+    "WATCH_POLL_INTERVAL_SECONDS": 0.05,
+    "READINESS_INTERVAL_SECONDS": 0.5,
+    "SHUTDOWN_GRACE_SECONDS": 2,
+}
+ORCHESTRATOR_SETTINGS = {
+    "POSTGRES_POOL_MIN_SIZE": 1,
+    "RPC_TIMEOUT_SECONDS": 2,
+    "RPC_DEADLINE_SECONDS": 4,
+    "BACKOFF_BASE_SECONDS": 0.2,
+    "BACKOFF_CAP_SECONDS": 0.5,
+    "DISPATCH_RETRY_SECONDS": 0.5,
+    "RESYNC_INTERVAL_SECONDS": 2,
+    "ERROR_RETRY_SECONDS": 0.2,
+    "LEASE_TTL_SECONDS": 5,
+    "LEASE_RENEW_INTERVAL_SECONDS": 1,
+    "CLAIM_INTERVAL_SECONDS": 0.3,
+    "READINESS_INTERVAL_SECONDS": 0.5,
+    "SHUTDOWN_GRACE_SECONDS": 2,
+}
+WORKER_SETTINGS = {
+    "DRAIN_GRACE_SECONDS": 2,
+    "CALL_TIMEOUT_SECONDS": 2,
+    "CALL_DEADLINE_SECONDS": 5,
+    "RECONNECT_MAX_BACKOFF_SECONDS": 0.5,
+}
 
 
 def stack_specs(
     *,
-    ports: Ports,
+    ports: StackPorts,
     dsns: dict[str, str],
     mongo_uri: str,
     mongo_database: str,
@@ -341,128 +367,24 @@ def stack_specs(
     registration_secret: str,
 ) -> list[ProcessSpec]:
     """The five processes with short intervals suited to tests."""
-    python = sys.executable
-    common = {"LOG_LEVEL": "INFO", "LOG_FORMAT": "json", "HOST": "127.0.0.1"}
-    local = local_no_proxy()
-
-    def prefixed(prefix: str, values: dict[str, object]) -> dict[str, str]:
-        return local | {f"{prefix}{k}": str(v) for k, v in ({**common, **values}).items()}
-
-    registry_env = prefixed(
-        "HIVE_REGISTRY_",
-        {
-            "GRPC_PORT": ports.registry_grpc,
-            "HTTP_PORT": ports.registry_http,
-            "POSTGRES_DSN": dsns["registry"],
-            "POSTGRES_POOL_MIN_SIZE": 1,
-            "JWT_SECRET": jwt_secret,
-            "REGISTRATION_SECRET": registration_secret,
-            "HEARTBEAT_INTERVAL_SECONDS": 1,
-            "UNHEALTHY_AFTER_MISSED_HEARTBEATS": 2,
-            "EXPIRE_AFTER_SECONDS": 6,
-            "SWEEP_INTERVAL_SECONDS": 0.5,
-            "WATCH_POLL_INTERVAL_SECONDS": 0.1,
-            "SHUTDOWN_GRACE_SECONDS": 2,
-        },
+    return flow_specs(
+        ports=ports,
+        tickets_dsn=dsns["tickets"],
+        registry_dsn=dsns["registry"],
+        orchestrator_dsn=dsns["orchestrator"],
+        mongo_uri=mongo_uri,
+        mongo_database=mongo_database,
+        jwt_secret=jwt_secret,
+        registration_secret=registration_secret,
+        workers=[
+            WorkerOptions(name=name, max_concurrent=4, settings=WORKER_SETTINGS)
+            for name in WORKER_NAMES
+        ],
+        launch=Launch(log_level="INFO", log_format="json", stop_grace=10),
+        tickets_settings=TICKETS_SETTINGS,
+        registry_settings=REGISTRY_SETTINGS,
+        orchestrator_settings=ORCHESTRATOR_SETTINGS,
     )
-    tickets_env = prefixed(
-        "HIVE_TICKETS_",
-        {
-            "GRPC_PORT": ports.tickets_grpc,
-            "HTTP_PORT": ports.tickets_http,
-            "METRICS_PORT": ports.tickets_metrics,
-            "POSTGRES_DSN": dsns["tickets"],
-            "POSTGRES_POOL_MIN_SIZE": 1,
-            "MONGO_URI": mongo_uri,
-            "MONGO_DATABASE": mongo_database,
-            "MONGO_TIMEOUT_MS": 500,
-            "JWT_SECRET": jwt_secret,
-            # An assignment not started within 2 s goes back to PENDING.
-            "DEFAULT_LEASE_SECONDS": 2,
-            "LEASE_SWEEP_INTERVAL_SECONDS": 0.2,
-            "RELAY_IDLE_INTERVAL_SECONDS": 0.1,
-            "RELAY_MAX_BACKOFF_SECONDS": 1,
-            "WATCH_POLL_INTERVAL_SECONDS": 0.05,
-            "READINESS_INTERVAL_SECONDS": 0.5,
-            "SHUTDOWN_GRACE_SECONDS": 2,
-        },
-    )
-    orchestrator_env = prefixed(
-        "HIVE_ORCHESTRATOR_",
-        {
-            "GRPC_PORT": ports.orchestrator_grpc,
-            "HTTP_PORT": ports.orchestrator_http,
-            "POSTGRES_DSN": dsns["orchestrator"],
-            "POSTGRES_POOL_MIN_SIZE": 1,
-            "TICKET_SERVICE_TARGET": f"127.0.0.1:{ports.tickets_grpc}",
-            "REGISTRY_TARGET": f"127.0.0.1:{ports.registry_grpc}",
-            "JWT_SECRET": jwt_secret,
-            "RPC_TIMEOUT_SECONDS": 2,
-            "RPC_DEADLINE_SECONDS": 4,
-            "BACKOFF_BASE_SECONDS": 0.2,
-            "BACKOFF_CAP_SECONDS": 0.5,
-            "DISPATCH_RETRY_SECONDS": 0.5,
-            "RESYNC_INTERVAL_SECONDS": 2,
-            "ERROR_RETRY_SECONDS": 0.2,
-            "LEASE_TTL_SECONDS": 5,
-            "LEASE_RENEW_INTERVAL_SECONDS": 1,
-            "CLAIM_INTERVAL_SECONDS": 0.3,
-            "READINESS_INTERVAL_SECONDS": 0.5,
-            "SHUTDOWN_GRACE_SECONDS": 2,
-        },
-    )
-    specs = [
-        ProcessSpec(
-            name="service-registry",
-            argv=[python, "-m", "service_registry"],
-            env=registry_env,
-            ready=http_ready(f"http://127.0.0.1:{ports.registry_http}/ready"),
-            stop_grace=10,
-        ),
-        ProcessSpec(
-            name="execution-ticket-service",
-            argv=[python, "-m", "execution_ticket_service"],
-            env=tickets_env,
-            ready=http_ready(f"http://127.0.0.1:{ports.tickets_http}/ready"),
-            stop_grace=10,
-        ),
-        ProcessSpec(
-            name="orchestrator-dynamic",
-            argv=[python, "-m", "orchestrator_dynamic"],
-            env=orchestrator_env,
-            ready=http_ready(f"http://127.0.0.1:{ports.orchestrator_http}/ready"),
-            stop_grace=10,
-            tier=1,
-        ),
-    ]
-    for name in WORKER_NAMES:
-        worker_env = prefixed(
-            "HIVE_WORKER_",
-            {
-                "REGISTRY_TARGET": f"127.0.0.1:{ports.registry_grpc}",
-                "TICKETS_TARGET": f"127.0.0.1:{ports.tickets_grpc}",
-                "REGISTRATION_SECRET": registration_secret,
-                "NAME": name,
-                "CAPABILITIES": "python",
-                "MAX_CONCURRENT": 4,
-                "DRAIN_GRACE_SECONDS": 2,
-                "CALL_TIMEOUT_SECONDS": 2,
-                "CALL_DEADLINE_SECONDS": 5,
-                "RECONNECT_MAX_BACKOFF_SECONDS": 0.5,
-            },
-        )
-        worker_env.pop("HIVE_WORKER_HOST")
-        specs.append(
-            ProcessSpec(
-                name=name,
-                argv=[python, "-m", "hive_worker"],
-                env=worker_env,
-                ready=log_ready("worker registered"),
-                stop_grace=10,
-                tier=2,
-            )
-        )
-    return specs
 
 
 @pytest.fixture(scope="module")
@@ -485,7 +407,7 @@ def module_stack(
         temporary_postgres_database(postgres_server) as orchestrator_dsn,
         temporary_mongo_database(mongo_server_info) as mongo_database,
     ):
-        ports = Ports()
+        ports = StackPorts.allocate(quiet_port)
         specs = stack_specs(
             ports=ports,
             dsns={
