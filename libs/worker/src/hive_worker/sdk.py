@@ -125,6 +125,15 @@ class _Run:
         if self.handler_task is not None and not self.handler_task.done():
             self.handler_task.cancel()
 
+    def take_token(self, token: pb.TicketToken | None) -> None:
+        """Use the ticket token delivered with the assignment, if it is for this attempt."""
+        if token is None or not token.token or token.attempt != self.ticket.attempt:
+            return
+        self.token = token.token
+        self.token_expires_at = (
+            token.expires_at.ToDatetime(tzinfo=UTC) if token.HasField("expires_at") else None
+        )
+
 
 async def _wait_event(event: asyncio.Event, seconds: float) -> None:
     """Wait for ``event`` at most ``seconds``.
@@ -521,8 +530,12 @@ class Worker:
             watched, cursor = self._watch_cursor
             if watched != worker_id:
                 cursor = ""
+            # Assignments come with their ticket token: no GenerateToken call per task.
             watch = self._ticket_client.watch_tickets(
-                worker_id=worker_id, cursor=cursor, include_snapshot=not cursor
+                worker_id=worker_id,
+                cursor=cursor,
+                include_snapshot=not cursor,
+                include_ticket_tokens=True,
             )
             try:
                 async for event in watch:
@@ -543,6 +556,7 @@ class Worker:
 
     def _on_event(self, event: pb.TicketEvent) -> None:
         ticket = event.ticket
+        token = event.ticket_token if event.HasField("ticket_token") else None
         for run in [r for r in self._runs.values() if r.ticket.ticket_id == ticket.ticket_id]:
             if run.superseded_by(ticket):
                 self._abandon(run, ticket)
@@ -555,7 +569,7 @@ class Worker:
             if self._draining:
                 self._log.info("draining; not taking assignment", ticket_id=ticket.ticket_id)
                 return
-            self._accept(ticket)
+            self._accept(ticket, token)
         elif (
             ticket.status == pb.TICKET_STATUS_RUNNING
             and event.type == pb.TICKET_EVENT_TYPE_SNAPSHOT
@@ -563,7 +577,9 @@ class Worker:
             # Running for this worker id, but not in this process: a previous process
             # died mid-task. Fail the attempt so it is retried now, not at lease expiry.
             self._remember(key)
-            orphan = asyncio.create_task(self._fail_orphan(ticket), name="hive-worker-orphan")
+            orphan = asyncio.create_task(
+                self._fail_orphan(ticket, token), name="hive-worker-orphan"
+            )
             self._background.add(orphan)
             orphan.add_done_callback(self._background.discard)
 
@@ -581,7 +597,7 @@ class Worker:
         elif run.task is not None:
             run.task.cancel()
 
-    def _accept(self, ticket: pb.ExecutionTicket) -> None:
+    def _accept(self, ticket: pb.ExecutionTicket, token: pb.TicketToken | None) -> None:
         assert self._worker_id is not None
         run = _Run(
             ticket=ticket,
@@ -594,6 +610,7 @@ class Worker:
                 attempt=ticket.attempt,
             ),
         )
+        run.take_token(token)
         self._runs[run.key] = run
         run.task = asyncio.create_task(self._execute(run), name=f"hive-task-{ticket.ticket_id}")
         self._heartbeat_wake.set()
@@ -679,7 +696,8 @@ class Worker:
     async def _mark_running(self, run: _Run) -> bool:
         ticket = run.ticket
         try:
-            await self._refresh_token(run)
+            if not self._token_fresh(run):
+                await self._refresh_token(run)
             updated: pb.ExecutionTicket = await self._until_definite(
                 run,
                 "start",
@@ -825,7 +843,7 @@ class Worker:
 
         return send
 
-    async def _fail_orphan(self, ticket: pb.ExecutionTicket) -> None:
+    async def _fail_orphan(self, ticket: pb.ExecutionTicket, token: pb.TicketToken | None) -> None:
         assert self._worker_id is not None
         run = _Run(
             ticket=ticket,
@@ -833,6 +851,7 @@ class Worker:
             phase=Phase.REPORTING,
             log=self._log.bind(ticket_id=ticket.ticket_id, attempt=ticket.attempt),
         )
+        run.take_token(token)
         run.log.warning("found a running attempt this process does not own; failing it")
         try:
             await self._report(

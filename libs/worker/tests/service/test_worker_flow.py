@@ -121,8 +121,18 @@ class Gate:
         await asyncio.wait_for(wait(), WAIT_SECONDS)
 
 
+def _rpcs_started(tickets: Any, method: str) -> float:
+    registry = tickets.service.runtime.metrics_registry
+    labels = {
+        "grpc_service": "neuralhive.ticket.v1.TicketService",
+        "grpc_method": method,
+        "grpc_type": "unary_unary",
+    }
+    return registry.get_sample_value("grpc_server_started_total", labels) or 0.0
+
+
 async def test_echo_runs_to_completed_with_its_result(
-    workers: Any, orchestrator: TicketClient, registry_admin: RegistryClient
+    workers: Any, orchestrator: TicketClient, registry_admin: RegistryClient, tickets: Any
 ) -> None:
     worker = workers.make(capabilities=["python", "shell"], labels={"zone": "a"})
     worker_id = await workers.start(worker)
@@ -137,6 +147,9 @@ async def test_echo_runs_to_completed_with_its_result(
     assert done.worker_id == worker_id
     assert done.HasField("started_at")
     assert done.error_message == ""
+    # The ticket token came with the assignment: the worker never asked for one.
+    assert _rpcs_started(tickets, "UpdateTicketStatus") == 2
+    assert _rpcs_started(tickets, "GenerateToken") == 0
     # The heartbeat carries the cumulative totals to the registry.
     seen = await eventually(
         lambda: registry_admin.get_worker(worker_id=worker_id),

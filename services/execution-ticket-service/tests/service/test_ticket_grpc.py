@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, cast
 
 import grpc
@@ -234,6 +235,7 @@ async def test_bad_create_is_invalid_argument_and_writes_nothing(
         ("update", {"ticket_id", "status", "attempt"}),
         ("list", {"statuses[0]", "page_token", "page_size"}),
         ("token", {"ticket_id"}),
+        ("watch", {"include_ticket_tokens"}),
     ],
 )
 async def test_malformed_requests_name_their_fields(
@@ -251,6 +253,11 @@ async def test_malformed_requests_name_their_fields(
             metadata=md,
         ),
         "token": lambda: stub.GenerateToken(pb.GenerateTokenRequest(ticket_id="1"), metadata=md),
+        "watch": lambda: _first_event(
+            stub.WatchTickets(
+                pb.WatchTicketsRequest(plan_id="p", include_ticket_tokens=True), metadata=md
+            )
+        ),
     }
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await calls[call]()
@@ -803,6 +810,7 @@ async def test_worker_watch_sees_its_assignments_and_resumes_from_cursor(client:
     assert event.ticket.ticket_id == first.ticket_id
     assert event.previous_status == S.TICKET_STATUS_PENDING
     assert event.actor == "service:orchestrator-dynamic"
+    assert not event.HasField("ticket_token")  # not asked for
     stream.cancel()
 
     # Changes while disconnected are delivered after reconnecting with the cursor.
@@ -821,6 +829,50 @@ async def test_worker_watch_sees_its_assignments_and_resumes_from_cursor(client:
     )
     assert (b.type, b.ticket.ticket_id) == (pb.TICKET_EVENT_TYPE_ASSIGNED, second.ticket_id)
     resumed.cancel()
+
+
+async def test_a_worker_watch_can_deliver_each_assignment_with_its_ticket_token(
+    client: Client,
+) -> None:
+    stream = client.stub.WatchTickets(
+        pb.WatchTicketsRequest(worker_id="w1", include_ticket_tokens=True),
+        metadata=client.worker("w1"),
+    )
+    await stream.initial_metadata()
+    mine = await client.assign(await client.create(task_id="a"), worker_id="w1")
+    other = await client.assign(await client.create(task_id="b"), worker_id="w2")
+    event = await next_event(stream)
+    assert (event.type, event.ticket.ticket_id) == (pb.TICKET_EVENT_TYPE_ASSIGNED, mine.ticket_id)
+    token = event.ticket_token
+    assert token.token
+    assert token.attempt == mine.attempt == 1
+    assert token.expires_at.ToDatetime(tzinfo=UTC) > datetime.now(UTC)
+    # The token is a ticket token for this ticket and attempt, as GenerateToken's would be.
+    assert await code_of(client.update(other, S.TICKET_STATUS_RUNNING, token=token.token)) is (
+        Code.PERMISSION_DENIED
+    )
+    running = await client.update(mine, S.TICKET_STATUS_RUNNING, token=token.token)
+    assert running.status == S.TICKET_STATUS_RUNNING
+    changed = await next_event(stream)
+    assert changed.type == pb.TICKET_EVENT_TYPE_STATUS_CHANGED
+    assert not changed.HasField("ticket_token")  # only events that hand over a ticket
+    stream.cancel()
+
+    # A snapshot hands over every ticket the worker holds, each with its token.
+    queued = await client.assign(await client.create(task_id="c"), worker_id="w1")
+    snapshot = client.stub.WatchTickets(
+        pb.WatchTicketsRequest(worker_id="w1", include_snapshot=True, include_ticket_tokens=True),
+        metadata=client.worker("w1"),
+    )
+    held = {}
+    for _ in range(2):
+        e = await next_event(snapshot)
+        assert e.type == pb.TICKET_EVENT_TYPE_SNAPSHOT
+        held[e.ticket.ticket_id] = e.ticket_token
+    snapshot.cancel()
+    assert set(held) == {mine.ticket_id, queued.ticket_id}
+    done = await client.update(running, S.TICKET_STATUS_COMPLETED, token=held[mine.ticket_id].token)
+    assert done.status == S.TICKET_STATUS_COMPLETED
 
 
 async def watch_cursor_of(stream: Any) -> str:

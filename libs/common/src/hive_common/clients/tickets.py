@@ -69,6 +69,7 @@ class TicketWatch(ReconnectingStream[pb.WatchTicketsResponse, pb.TicketEvent]):
         metadata: Metadata | None,
         reconnect: ReconnectPolicy | None,
         sleep: Sleep = asyncio.sleep,
+        include_ticket_tokens: bool = False,
     ) -> None:
         super().__init__(
             method=stub.WatchTickets, metadata=metadata, reconnect=reconnect, sleep=sleep
@@ -76,6 +77,7 @@ class TicketWatch(ReconnectingStream[pb.WatchTicketsResponse, pb.TicketEvent]):
         self._plan_id = plan_id
         self._worker_id = worker_id
         self._include_snapshot = include_snapshot
+        self._include_ticket_tokens = include_ticket_tokens
         self._snapshot_requested = False
         self._positioned = asyncio.Event()
         self._cursor = ""
@@ -116,6 +118,7 @@ class TicketWatch(ReconnectingStream[pb.WatchTicketsResponse, pb.TicketEvent]):
             worker_id=self._worker_id,
             cursor=self.cursor,
             include_snapshot=snapshot,
+            include_ticket_tokens=self._include_ticket_tokens,
         )
 
     async def _connected(
@@ -370,17 +373,20 @@ class TicketClient(GrpcClient):
         worker_id: str = "",
         cursor: str = "",
         include_snapshot: bool = False,
+        include_ticket_tokens: bool = False,
         reconnect: bool = True,
         token: str | None = None,
     ) -> TicketWatch:
         """Follow ticket changes (see :class:`TicketWatch`); ``reconnect=False`` raises
-        the first stream failure instead of resuming."""
+        the first stream failure instead of resuming. ``include_ticket_tokens`` (with
+        ``worker_id``): assignments arrive with their ticket token (``event.ticket_token``)."""
         return TicketWatch(
             stub=self._stub,
             plan_id=plan_id,
             worker_id=worker_id,
             cursor=cursor,
             include_snapshot=include_snapshot,
+            include_ticket_tokens=include_ticket_tokens,
             metadata=bearer_metadata(token),
             reconnect=self._reconnect if reconnect else None,
             sleep=self._sleep,

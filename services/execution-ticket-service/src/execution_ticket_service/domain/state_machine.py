@@ -276,9 +276,14 @@ def decide_lease_expiry(ticket: Ticket, *, now: datetime) -> Outcome:
     return Outcome(ticket=after, changed=True, event=event)
 
 
+def token_eligible(ticket: Ticket) -> bool:
+    """Ticket tokens are only for an assigned (or running) ticket."""
+    return ticket.status in LEASED_STATUSES and bool(ticket.worker_id)
+
+
 def check_token_eligible(ticket: Ticket) -> None:
     """GenerateToken is only for an assigned (or running), non-terminal ticket."""
-    if ticket.status not in LEASED_STATUSES or not ticket.worker_id:
+    if not token_eligible(ticket):
         raise FailedPrecondition(
             f"ticket {ticket.ticket_id} is {ticket.status.value}; tokens are only issued "
             "for an assigned ticket",

@@ -610,6 +610,7 @@ class WatchTicketsRequest(_message.Message):
     WORKER_ID_FIELD_NUMBER: _builtins.int
     CURSOR_FIELD_NUMBER: _builtins.int
     INCLUDE_SNAPSHOT_FIELD_NUMBER: _builtins.int
+    INCLUDE_TICKET_TOKENS_FIELD_NUMBER: _builtins.int
     plan_id: _builtins.str
     """At least one of plan_id or worker_id, unless the caller holds the service token."""
     worker_id: _builtins.str
@@ -617,6 +618,11 @@ class WatchTicketsRequest(_message.Message):
     """Resume after this cursor (from a previous event); empty starts with new events."""
     include_snapshot: _builtins.bool
     """With an empty cursor: first send one SNAPSHOT event per matching non-terminal ticket."""
+    include_ticket_tokens: _builtins.bool
+    """Requires worker_id. On ASSIGNED and SNAPSHOT events whose ticket is assigned (or
+    running) and held by that worker, set TicketEvent.ticket_token: what GenerateToken
+    would return, so the worker can start without calling it.
+    """
     def __init__(
         self,
         *,
@@ -624,10 +630,11 @@ class WatchTicketsRequest(_message.Message):
         worker_id: _builtins.str = ...,
         cursor: _builtins.str = ...,
         include_snapshot: _builtins.bool = ...,
+        include_ticket_tokens: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor", "include_snapshot", b"include_snapshot", "plan_id", b"plan_id", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor", "include_snapshot", b"include_snapshot", "include_ticket_tokens", b"include_ticket_tokens", "plan_id", b"plan_id", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -644,6 +651,7 @@ class TicketEvent(_message.Message):
     TICKET_FIELD_NUMBER: _builtins.int
     OCCURRED_AT_FIELD_NUMBER: _builtins.int
     ACTOR_FIELD_NUMBER: _builtins.int
+    TICKET_TOKEN_FIELD_NUMBER: _builtins.int
     event_id: _builtins.str
     cursor: _builtins.str
     """Opaque, increasing; pass back as WatchTicketsRequest.cursor to resume."""
@@ -657,6 +665,10 @@ class TicketEvent(_message.Message):
 
     @_builtins.property
     def occurred_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def ticket_token(self) -> Global___TicketToken:
+        """Only with WatchTicketsRequest.include_ticket_tokens (see there)."""
+
     def __init__(
         self,
         *,
@@ -667,14 +679,43 @@ class TicketEvent(_message.Message):
         ticket: Global___ExecutionTicket | None = ...,
         occurred_at: _timestamp_pb2.Timestamp | None = ...,
         actor: _builtins.str = ...,
+        ticket_token: Global___TicketToken | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["occurred_at", b"occurred_at", "ticket", b"ticket"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["occurred_at", b"occurred_at", "ticket", b"ticket", "ticket_token", b"ticket_token"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "cursor", b"cursor", "event_id", b"event_id", "occurred_at", b"occurred_at", "previous_status", b"previous_status", "ticket", b"ticket", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor", b"actor", "cursor", b"cursor", "event_id", b"event_id", "occurred_at", b"occurred_at", "previous_status", b"previous_status", "ticket", b"ticket", "ticket_token", b"ticket_token", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___TicketEvent: _TypeAlias = TicketEvent  # noqa: Y015
+
+@_typing.final
+class TicketToken(_message.Message):
+    """A ticket token for one attempt of one ticket (as GenerateTokenResponse)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TOKEN_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    ATTEMPT_FIELD_NUMBER: _builtins.int
+    token: _builtins.str
+    attempt: _builtins.int
+    @_builtins.property
+    def expires_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        token: _builtins.str = ...,
+        expires_at: _timestamp_pb2.Timestamp | None = ...,
+        attempt: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["expires_at", b"expires_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "expires_at", b"expires_at", "token", b"token"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TicketToken: _TypeAlias = TicketToken  # noqa: Y015
 
 @_typing.final
 class WatchTicketsResponse(_message.Message):

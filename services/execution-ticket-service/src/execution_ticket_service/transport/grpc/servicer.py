@@ -16,7 +16,7 @@ from execution_ticket_service.domain.paging import (
     encode_cursor,
     encode_page_token,
 )
-from execution_ticket_service.domain.state_machine import check_token_eligible
+from execution_ticket_service.domain.state_machine import check_token_eligible, token_eligible
 from execution_ticket_service.domain.validation import (
     Limits,
     Violations,
@@ -49,6 +49,8 @@ TICKET_TOKEN_SCOPES = ("ticket:update",)
 SNAPSHOT_ACTOR = "system:watch"
 # Initial metadata of WatchTickets: the cursor the stream starts from (see WatchTickets).
 WATCH_CURSOR_HEADER = "x-watch-cursor"
+# The events that hand a worker a ticket to start (include_ticket_tokens).
+_TOKEN_EVENTS = frozenset({EventType.ASSIGNED, EventType.SNAPSHOT})
 
 
 @dataclass(frozen=True, slots=True)
@@ -179,17 +181,39 @@ class TicketServicer(pb_grpc.TicketServiceServicer):
         ttl = resolve_token_ttl(request.ttl_seconds, self._limits)
         ticket = await self._repository.get(ticket_id)
         check_token_eligible(ticket)
+        token = self._ticket_token(ticket, ttl)
+        return pb.GenerateTokenResponse(
+            token=token.token, expires_at=token.expires_at, attempt=token.attempt
+        )
+
+    def _ticket_token(self, ticket: Ticket, ttl_seconds: int) -> pb.TicketToken:
         token, claims = self._issuer.issue_ticket_token(
             worker_id=ticket.worker_id,
             ticket_id=ticket.ticket_id,
             plan_id=ticket.plan_id,
             attempt=ticket.attempt,
-            ttl_seconds=ttl,
+            ttl_seconds=ttl_seconds,
             scopes=TICKET_TOKEN_SCOPES,
         )
         expires_at = timestamp_pb2.Timestamp()
         expires_at.FromDatetime(claims.expires_at)
-        return pb.GenerateTokenResponse(token=token, expires_at=expires_at, attempt=ticket.attempt)
+        return pb.TicketToken(token=token, expires_at=expires_at, attempt=ticket.attempt)
+
+    def _event_message(self, event: TicketEvent, token_holder: str) -> pb.WatchTicketsResponse:
+        """The stream message; with a ticket token when ``token_holder`` (a worker id) is
+        to start the ticket (see WatchTicketsRequest.include_ticket_tokens)."""
+        message = event_to_proto(event)
+        ticket = event.ticket
+        if (
+            token_holder
+            and event.type in _TOKEN_EVENTS
+            and ticket.worker_id == token_holder
+            and token_eligible(ticket)
+        ):
+            message.ticket_token.CopyFrom(
+                self._ticket_token(ticket, self._limits.default_token_ttl_seconds)
+            )
+        return pb.WatchTicketsResponse(event=message)
 
     async def WatchTickets(
         self, request: pb.WatchTicketsRequest, context: Any
@@ -200,8 +224,11 @@ class TicketServicer(pb_grpc.TicketServiceServicer):
         cursor = decode_cursor(request.cursor, errors)
         if request.cursor and request.include_snapshot:
             errors.add("include_snapshot", "only applies without a cursor")
+        if request.include_ticket_tokens and not request.worker_id:
+            errors.add("include_ticket_tokens", "requires worker_id")
         errors.raise_if_any("invalid watch request")
         ticket_filter = TicketFilter(plan_id=request.plan_id, worker_id=request.worker_id)
+        token_holder = request.worker_id if request.include_ticket_tokens else ""
 
         tickets: list[Ticket] = []
         if cursor is None and request.include_snapshot:
@@ -228,7 +255,7 @@ class TicketServicer(pb_grpc.TicketServiceServicer):
                     worker_id=ticket.worker_id,
                     cursor=encode_cursor(cursor),
                 )
-                yield pb.WatchTicketsResponse(event=event_to_proto(snapshot))
+                yield self._event_message(snapshot, token_holder)
 
         # Each stream keeps its own position in the shared tail: a slow or vanished client
         # only stalls itself.
@@ -238,7 +265,7 @@ class TicketServicer(pb_grpc.TicketServiceServicer):
                 cursor, ticket_filter, limit=self._watch.batch_size
             )
             for event in events:
-                yield pb.WatchTicketsResponse(event=event_to_proto(event))
+                yield self._event_message(event, token_holder)
             if len(events) < self._watch.batch_size:
                 await self._tail.wait(generation, self._watch.poll_interval)
 
