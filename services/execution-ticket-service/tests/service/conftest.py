@@ -10,7 +10,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-from pydantic import SecretStr
 
 import execution_ticket_service.storage as storage_pkg
 from execution_ticket_service.app import TicketService, build_service
@@ -18,6 +17,7 @@ from execution_ticket_service.config import TicketSettings
 from execution_ticket_service.storage.tickets import Pool, TicketRepository, open_pool
 from hive_common.auth import TokenIssuer
 from hive_common.migrations import apply_migrations
+from hive_testsupport import FAST_TICKET_LOOPS, ticket_settings
 from neuralhive.ticket.v1 import ticket_service_pb2_grpc as pb_grpc
 
 MIGRATIONS = Path(storage_pkg.__file__).parent / "migrations"
@@ -74,25 +74,12 @@ TEST_JWT_SECRET = "execution-ticket-service-tests-secret-0123456789"
 @pytest.fixture
 def settings(postgres_dsn: str, mongo_uri: str, mongo_database_name: str) -> TicketSettings:
     """Settings for an in-process service on free ports with fast background loops."""
-    return TicketSettings(
-        host="127.0.0.1",
-        grpc_port=0,
-        http_port=0,
-        metrics_port=0,
+    return ticket_settings(
         postgres_dsn=postgres_dsn,
-        postgres_pool_min_size=1,
-        postgres_pool_max_size=10,
         mongo_uri=mongo_uri,
         mongo_database=mongo_database_name,
-        mongo_timeout_ms=500,
-        jwt_secret=SecretStr(TEST_JWT_SECRET),
-        lease_sweep_interval_seconds=0.05,
-        relay_idle_interval_seconds=0.05,
-        relay_max_backoff_seconds=0.5,
-        watch_poll_interval_seconds=0.05,
-        readiness_interval_seconds=0.1,
-        stats_interval_seconds=0.2,
-        shutdown_grace_seconds=1.0,
+        jwt_secret=TEST_JWT_SECRET,
+        **FAST_TICKET_LOOPS,
         max_parameters_bytes=1024,
     )
 
