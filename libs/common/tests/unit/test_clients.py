@@ -23,6 +23,7 @@ from hive_common.clients import (
 )
 from hive_common.errors import (
     DeadlineExceeded,
+    FailedPrecondition,
     FieldViolation,
     Internal,
     InvalidArgument,
@@ -94,6 +95,23 @@ class FakeTickets(pb_grpc.TicketServiceServicer):
             ticket=pb.ExecutionTicket(
                 ticket_id=request.ticket_id, status=request.status, result=request.result
             )
+        )
+
+    async def AssignTickets(self, request: pb.AssignTicketsRequest, context: Context) -> Any:
+        await self._fail_if_scripted("AssignTickets", request, context)
+        # Scripted by worker id: "ok" is assigned, "busy" refused, "new" a code unknown here.
+        codes = {"ok": 0, "busy": grpc.StatusCode.FAILED_PRECONDITION.value[0], "new": 99}
+        return pb.AssignTicketsResponse(
+            results=[
+                pb.AssignTicketsResult(
+                    ticket=pb.ExecutionTicket(ticket_id=a.ticket_id, worker_id=a.worker_id)
+                )
+                if codes[a.worker_id] == 0
+                else pb.AssignTicketsResult(
+                    error_code=codes[a.worker_id], error_message=f"no: {a.ticket_id}"
+                )
+                for a in request.assignments
+            ]
         )
 
     async def AssignTicket(self, request: pb.AssignTicketRequest, context: Context) -> Any:
@@ -313,6 +331,27 @@ async def test_unavailable_is_retried_until_success(
     assert [c[0] for c in tickets.calls] == ["AssignTicket"] * 3
     assert tickets.calls[0][1].expected_version == 3
     assert len(sleeps.waits) == 2  # one back-off per retry
+
+
+async def test_assign_tickets_answers_each_assignment_in_order_retrying_the_call(
+    tickets: FakeTickets, ticket_port: int, sleeps: Sleeps
+) -> None:
+    tickets.failures = [Unavailable("db down")]
+    requests = [
+        pb.AssignTicketRequest(ticket_id=f"t{i}", worker_id=w, attempt=1)
+        for i, w in enumerate(["ok", "busy", "new", "ok"])
+    ]
+    async with ticket_client(ticket_port, sleeps) as client:
+        results = await client.assign_tickets(requests)
+    assigned, busy, unknown, last = results
+    assert isinstance(assigned, pb.ExecutionTicket)
+    assert (assigned.ticket_id, assigned.worker_id) == ("t0", "ok")
+    assert isinstance(busy, FailedPrecondition)
+    assert busy.message == "no: t1"
+    assert isinstance(unknown, Internal)  # a code this client does not know
+    assert isinstance(last, pb.ExecutionTicket)
+    assert last.ticket_id == "t3"
+    assert [c[0] for c in tickets.calls] == ["AssignTickets"] * 2
 
 
 async def test_invalid_argument_is_not_retried(

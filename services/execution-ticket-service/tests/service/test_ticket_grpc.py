@@ -519,6 +519,59 @@ async def test_repeated_identical_update_is_idempotent(client: Client) -> None:
     assert await client.assign(reassign) == reassign
 
 
+async def test_assign_tickets_applies_each_assignment_or_says_why_not(client: Client) -> None:
+    a, b, c = [await client.create(task_id=t) for t in ("a", "b", "c")]
+    await client.assign(c, worker_id="w9")
+    unknown = "00000000-0000-4000-8000-0000000000ff"
+
+    def item(ticket_id: str, worker_id: str, **kwargs: Any) -> pb.AssignTicketRequest:
+        return pb.AssignTicketRequest(ticket_id=ticket_id, worker_id=worker_id, attempt=1, **kwargs)
+
+    request = pb.AssignTicketsRequest(
+        assignments=[
+            item(a.ticket_id, "w1"),
+            item(b.ticket_id, "w2", expected_version=b.version + 1),
+            item(c.ticket_id, "w1"),
+            item(unknown, "w1"),
+        ]
+    )
+    response = await client.stub.AssignTickets(request, metadata=client.svc)
+    first, stale, taken, missing = response.results
+    assert first.error_code == 0
+    assert (first.ticket.ticket_id, first.ticket.worker_id) == (a.ticket_id, "w1")
+    assert first.ticket.status == S.TICKET_STATUS_ASSIGNED
+    assert (stale.error_code, stale.HasField("ticket")) == (Code.ABORTED.value[0], False)
+    assert taken.error_code == Code.FAILED_PRECONDITION.value[0]
+    assert missing.error_code == Code.NOT_FOUND.value[0]
+    assert all(r.error_message for r in (stale, taken, missing))
+    # The refusals changed nothing; the assignment that held is stored.
+    assert (await client.get(b.ticket_id)).status == S.TICKET_STATUS_PENDING
+    assert (await client.get(c.ticket_id)).worker_id == "w9"
+    assert await client.get(a.ticket_id) == first.ticket
+    # Retrying the batch: the same answer for the assignment that held, no second change.
+    again = await client.stub.AssignTickets(request, metadata=client.svc)
+    assert again.results[0].ticket == first.ticket
+
+
+async def test_assign_tickets_refuses_bad_batches_whole_and_non_service_callers(
+    client: Client,
+) -> None:
+    a = await client.create(task_id="a")
+    good = pb.AssignTicketRequest(ticket_id=a.ticket_id, worker_id="w1", attempt=1)
+    bad = pb.AssignTicketsRequest(
+        assignments=[good, pb.AssignTicketRequest(ticket_id="x", worker_id="w1", attempt=1), good]
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await client.stub.AssignTickets(bad, metadata=client.svc)
+    assert info.value.code() is Code.INVALID_ARGUMENT
+    assert violations(info.value) == {"assignments[1].ticket_id", "assignments[2].ticket_id"}
+    assert (await client.get(a.ticket_id)).status == S.TICKET_STATUS_PENDING
+    one = pb.AssignTicketsRequest(assignments=[good])
+    code = await code_of(client.stub.AssignTickets(one, metadata=client.worker("w1")))
+    assert code is Code.PERMISSION_DENIED
+    assert (await client.get(a.ticket_id)).status == S.TICKET_STATUS_PENDING
+
+
 async def test_expected_version_mismatch_is_aborted(client: Client) -> None:
     ticket = await client.create()
     code = await code_of(client.assign(ticket, expected_version=ticket.version + 5))

@@ -16,11 +16,13 @@ from execution_ticket_service.domain.paging import (
 )
 from execution_ticket_service.domain.validation import (
     Limits,
+    RawAssignment,
     RawTicketSpec,
     Violations,
     resolve_page_size,
     resolve_token_ttl,
     validate_assignment,
+    validate_assignments,
     validate_batch,
     validate_create,
     validate_filter,
@@ -110,24 +112,10 @@ def test_ticket_ids_are_uuids_in_canonical_form() -> None:
 
 
 def test_assignment_validation() -> None:
-    ok = validate_assignment(
-        ticket_id=TID,
-        worker_id="w",
-        lease_seconds=0,
-        attempt=1,
-        expected_version=None,
-        limits=LIMITS,
-    )
+    ok = validate_assignment(RawAssignment(TID, "w", 0, 1, None), LIMITS)
     assert ok.lease_seconds == LIMITS.default_lease_seconds
     with pytest.raises(InvalidArgument) as info:
-        validate_assignment(
-            ticket_id="x",
-            worker_id="",
-            lease_seconds=-1,
-            attempt=0,
-            expected_version=0,
-            limits=LIMITS,
-        )
+        validate_assignment(RawAssignment("x", "", -1, 0, 0), LIMITS)
     assert fields_of(info.value) == {
         "ticket_id",
         "worker_id",
@@ -135,6 +123,36 @@ def test_assignment_validation() -> None:
         "attempt",
         "expected_version",
     }
+
+
+def test_assignments_validation_names_each_item_and_refuses_repeats() -> None:
+    other = "00000000-0000-4000-8000-000000000002"
+    ok = validate_assignments(
+        [RawAssignment(TID, "w1", 0, 1, None), RawAssignment(other, "w2", 30, 2, 3)], LIMITS
+    )
+    assert [(a.ticket_id, a.worker_id, a.lease_seconds) for a in ok] == [
+        (TID.lower(), "w1", LIMITS.default_lease_seconds),
+        (other, "w2", 30),
+    ]
+    with pytest.raises(InvalidArgument) as info:
+        validate_assignments(
+            [
+                RawAssignment(TID, "w1", 0, 1, None),
+                RawAssignment("x", "", 0, 0, None),
+                RawAssignment(TID.upper(), "w3", 0, 1, None),
+            ],
+            LIMITS,
+        )
+    assert fields_of(info.value) == {
+        "assignments[1].ticket_id",
+        "assignments[1].worker_id",
+        "assignments[1].attempt",
+        "assignments[2].ticket_id",  # the same ticket as assignments[0]
+    }
+    for raws in ([], [RawAssignment(TID, "w", 0, 1, None)] * (LIMITS.max_batch_size + 1)):
+        with pytest.raises(InvalidArgument) as info:
+            validate_assignments(raws, LIMITS)
+        assert fields_of(info.value) == {"assignments"}
 
 
 @pytest.mark.parametrize(

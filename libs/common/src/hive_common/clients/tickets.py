@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Iterable, Mapping
+from collections.abc import AsyncIterator, Iterable, Mapping, Sequence
 from typing import Any
 
 import grpc
@@ -25,8 +25,13 @@ from hive_common.clients._calls import (
     Sleep,
     bearer_metadata,
 )
+from hive_common.errors import HiveError
+from hive_common.grpc_errors import error_class_for
 from neuralhive.ticket.v1 import ticket_service_pb2 as pb
 from neuralhive.ticket.v1 import ticket_service_pb2_grpc as pb_grpc
+
+# AssignTicketsResult.error_code -> grpc.StatusCode
+_STATUS_CODES = {code.value[0]: code for code in grpc.StatusCode}
 
 WATCH_CURSOR_METADATA = "x-watch-cursor"
 """Initial metadata of a WatchTickets stream: the cursor the stream starts from."""
@@ -306,6 +311,33 @@ class TicketClient(GrpcClient):
             deadline=deadline,
         )
         return response.ticket
+
+    async def assign_tickets(
+        self,
+        assignments: Sequence[pb.AssignTicketRequest],
+        *,
+        token: str | None = None,
+        attempt_timeout: float | None = None,
+        deadline: float | None = None,
+    ) -> list[pb.ExecutionTicket | HiveError]:
+        """Several assignments in one call and one transaction: per assignment, in order,
+        the ticket after it, or the error :meth:`assign_ticket` would have raised."""
+        response = await self._invoke(
+            self._stub.AssignTickets,
+            pb.AssignTicketsRequest(assignments=assignments),
+            idempotent=True,  # an applied assignment repeats as a no-op
+            metadata=bearer_metadata(token),
+            attempt_timeout=attempt_timeout,
+            deadline=deadline,
+        )
+        return [
+            result.ticket
+            if result.error_code == 0
+            else error_class_for(_STATUS_CODES.get(result.error_code, grpc.StatusCode.UNKNOWN))(
+                result.error_message
+            )
+            for result in response.results
+        ]
 
     async def update_ticket_status(
         self,

@@ -18,7 +18,9 @@ from hive_common.auth import TokenClaims, TokenKind
 from hive_common.errors import PermissionDenied
 
 READ_METHODS = frozenset({"GetTicket", "ListTickets"})
-SERVICE_ONLY_METHODS = frozenset({"CreateTicket", "BatchCreateTickets", "AssignTicket"})
+SERVICE_ONLY_METHODS = frozenset(
+    {"CreateTicket", "BatchCreateTickets", "AssignTicket", "AssignTickets"}
+)
 WORKER_UPDATE_TARGETS = frozenset(
     {TicketStatus.RUNNING, TicketStatus.COMPLETED, TicketStatus.FAILED}
 )

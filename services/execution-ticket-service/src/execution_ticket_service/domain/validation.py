@@ -271,33 +271,66 @@ def validate_ticket_id(value: str, path: str = "ticket_id") -> str:
     return ticket_id
 
 
-def validate_assignment(
-    *,
-    ticket_id: str,
-    worker_id: str,
-    lease_seconds: int,
-    attempt: int,
-    expected_version: int | None,
-    limits: Limits,
+@dataclass(frozen=True, slots=True)
+class RawAssignment:
+    """An AssignTicket request's fields, as received."""
+
+    ticket_id: str
+    worker_id: str
+    lease_seconds: int
+    attempt: int
+    expected_version: int | None
+
+
+def _check_assignment(
+    raw: RawAssignment, limits: Limits, errors: Violations, *, prefix: str = ""
 ) -> Assignment:
-    errors = Violations()
-    ticket_id = check_uuid(ticket_id, "ticket_id", errors)
-    check_identifier(worker_id, "worker_id", errors)
-    lease = lease_seconds or limits.default_lease_seconds
+    ticket_id = check_uuid(raw.ticket_id, f"{prefix}ticket_id", errors)
+    check_identifier(raw.worker_id, f"{prefix}worker_id", errors)
+    lease = raw.lease_seconds or limits.default_lease_seconds
     if not 0 < lease <= limits.max_lease_seconds:
-        errors.add("lease_seconds", f"must be between 1 and {limits.max_lease_seconds}")
-    if attempt < 1:
-        errors.add("attempt", "must be at least 1 (the ticket's current attempt)")
-    if expected_version is not None and expected_version < 1:
-        errors.add("expected_version", "must be at least 1")
-    errors.raise_if_any("invalid assignment")
+        errors.add(f"{prefix}lease_seconds", f"must be between 1 and {limits.max_lease_seconds}")
+    if raw.attempt < 1:
+        errors.add(f"{prefix}attempt", "must be at least 1 (the ticket's current attempt)")
+    if raw.expected_version is not None and raw.expected_version < 1:
+        errors.add(f"{prefix}expected_version", "must be at least 1")
     return Assignment(
         ticket_id=ticket_id,
-        worker_id=worker_id,
+        worker_id=raw.worker_id,
         lease_seconds=lease,
-        attempt=attempt,
-        expected_version=expected_version,
+        attempt=raw.attempt,
+        expected_version=raw.expected_version,
     )
+
+
+def validate_assignment(raw: RawAssignment, limits: Limits) -> Assignment:
+    errors = Violations()
+    assignment = _check_assignment(raw, limits, errors)
+    errors.raise_if_any("invalid assignment")
+    return assignment
+
+
+def validate_assignments(raws: Sequence[RawAssignment], limits: Limits) -> list[Assignment]:
+    """All-or-nothing validation of AssignTickets: any bad item rejects the request."""
+    errors = Violations()
+    if not raws:
+        errors.add("assignments", "must not be empty")
+    if len(raws) > limits.max_batch_size:
+        errors.add("assignments", f"must have at most {limits.max_batch_size} items")
+        errors.raise_if_any("invalid assignments")
+    assignments: list[Assignment] = []
+    seen: dict[str, int] = {}
+    for index, raw in enumerate(raws):
+        assignment = _check_assignment(raw, limits, errors, prefix=f"assignments[{index}].")
+        if assignment.ticket_id in seen:
+            errors.add(
+                f"assignments[{index}].ticket_id",
+                f"repeats assignments[{seen[assignment.ticket_id]}]",
+            )
+        seen.setdefault(assignment.ticket_id, index)
+        assignments.append(assignment)
+    errors.raise_if_any("invalid assignments")
+    return assignments
 
 
 def validate_status_update(

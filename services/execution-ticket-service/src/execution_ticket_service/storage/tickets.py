@@ -239,7 +239,7 @@ class TicketRepository:
         )
         row = await cur.fetchone()
         if row is None:
-            raise NotFound(f"ticket {ticket_id} not found", details={"ticket_id": ticket_id})
+            raise _not_found(ticket_id)
         return ticket_from_row(row)
 
     async def _apply(self, conn: AsyncConnection[DictRow], outcome: Outcome) -> None:
@@ -377,7 +377,7 @@ class TicketRepository:
             cur = await conn.execute("SELECT * FROM tickets WHERE ticket_id = %s", (ticket_id,))
             row = await cur.fetchone()
             if row is None:
-                raise NotFound(f"ticket {ticket_id} not found", details={"ticket_id": ticket_id})
+                raise _not_found(ticket_id)
             return ticket_from_row(row)
 
         return await self._run(work, transaction=False)
@@ -436,6 +436,43 @@ class TicketRepository:
         return await self._decide_and_apply(
             request.ticket_id, lambda t, now: decide_assign(t, request, now=now, actor=actor)
         )
+
+    async def assign_many(
+        self, requests: Sequence[Assignment], *, actor: str
+    ) -> list[Ticket | HiveError]:
+        """Several assignments in one transaction (tickets distinct); each one is applied
+        or refused (the error AssignTicket would raise) on its own, in request order."""
+        ids = [r.ticket_id for r in requests]
+
+        async def work(conn: AsyncConnection[DictRow]) -> list[Outcome | HiveError]:
+            # Locked in one order, so concurrent batches cannot deadlock on each other.
+            cur = await conn.execute(
+                "SELECT * FROM tickets WHERE ticket_id = ANY(%s::uuid[]) "
+                "ORDER BY ticket_id FOR UPDATE",
+                (ids,),
+            )
+            found = {str(row["ticket_id"]): ticket_from_row(row) for row in await cur.fetchall()}
+            now = self._clock()
+            results: list[Outcome | HiveError] = []
+            for request in requests:
+                ticket = found.get(request.ticket_id)
+                if ticket is None:
+                    results.append(_not_found(request.ticket_id))
+                    continue
+                try:
+                    outcome = decide_assign(ticket, request, now=now, actor=actor)
+                except HiveError as exc:
+                    results.append(exc)
+                    continue
+                await self._apply(conn, outcome)
+                results.append(outcome)
+            return results
+
+        results = await self._run(work)
+        self._changed_events(
+            [r.event for r in results if isinstance(r, Outcome) and r.event is not None]
+        )
+        return [r.ticket if isinstance(r, Outcome) else r for r in results]
 
     async def update_status(self, update: StatusUpdate, *, actor: str) -> Ticket:
         return await self._decide_and_apply(
@@ -624,6 +661,10 @@ class TicketRepository:
             return row["n"], row["oldest"]
 
         return await self._run(work, transaction=False)
+
+
+def _not_found(ticket_id: str) -> NotFound:
+    return NotFound(f"ticket {ticket_id} not found", details={"ticket_id": ticket_id})
 
 
 def _new_ticket(ticket_id: str, spec: TicketSpec, now: datetime) -> Ticket:

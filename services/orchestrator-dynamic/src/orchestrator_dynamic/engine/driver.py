@@ -79,7 +79,6 @@ _WORKER_WAKE_EVENTS = frozenset(
 )
 # Tickets in these states occupy a slot of their worker.
 _OCCUPYING = frozenset({TicketStatus.ASSIGNED, TicketStatus.RUNNING})
-_MAX_PARALLEL_CALLS = 16
 
 
 @dataclass(frozen=True, slots=True)
@@ -736,23 +735,28 @@ class PlanDriver:
         return bool(self._freed_workers)
 
     async def _assign(self, plan: DrivenPlan, assignments: Sequence[Assignment]) -> tuple[str, ...]:
-        limit = asyncio.Semaphore(_MAX_PARALLEL_CALLS)
-
-        async def one(assignment: Assignment) -> TicketState | None:
-            state = plan.tickets[assignment.task_id]
-            assert state.ticket_id is not None
-            async with limit:
-                try:
-                    ticket = await self._call_tickets(
-                        self._tickets.assign_ticket(
-                            ticket_id=state.ticket_id,
-                            worker_id=assignment.worker_id,
-                            attempt=state.attempt,
-                            lease_seconds=self._settings.assign_lease_seconds,
-                            expected_version=state.version,
-                        )
+        """The round's assignments of one plan, in batches (one call and one ticket-service
+        transaction each); a refused one is re-read and decided again next round."""
+        size = self._settings.ticket_batch_size
+        failure: HiveError | None = None
+        for start in range(0, len(assignments), size):
+            chunk = assignments[start : start + size]
+            requests = []
+            for assignment in chunk:
+                state = plan.tickets[assignment.task_id]
+                assert state.ticket_id is not None
+                requests.append(
+                    ticket_pb.AssignTicketRequest(
+                        ticket_id=state.ticket_id,
+                        worker_id=assignment.worker_id,
+                        attempt=state.attempt,
+                        lease_seconds=self._settings.assign_lease_seconds,
+                        expected_version=state.version,
                     )
-                except (Aborted, FailedPrecondition, NotFound) as exc:
+                )
+            results = await self._call_tickets(self._tickets.assign_tickets(requests))
+            for assignment, request, result in zip(chunk, requests, results, strict=True):
+                if isinstance(result, Aborted | FailedPrecondition | NotFound):
                     self._metrics.assignments.labels("refused").inc()
                     # Someone else changed the ticket (a race with a status change or
                     # another replica): re-read it; the next round decides again.
@@ -760,35 +764,30 @@ class PlanDriver:
                         "assignment refused; re-reading the ticket",
                         plan_id=plan.plan_id,
                         task_id=assignment.task_id,
-                        error=str(exc),
+                        error=str(result),
                     )
                     ticket = await self._call_tickets(
-                        self._tickets.get_ticket(ticket_id=state.ticket_id)
+                        self._tickets.get_ticket(ticket_id=request.ticket_id)
                     )
                     plan.due = 0.0
+                elif isinstance(result, HiveError):
+                    failure = failure or result
+                    continue
                 else:
+                    ticket = result
                     self._metrics.assignments.labels("assigned").inc()
-            return ticket_state(assignment.task_id, ticket)
-
-        results = await asyncio.gather(*(one(a) for a in assignments), return_exceptions=True)
-        failure: BaseException | None = None
-        for assignment, result in zip(assignments, results, strict=True):
-            if isinstance(result, BaseException):
-                failure = failure or result
-                continue
-            if result is not None:
-                self._merge(plan, result)
-                if result.worker_id == assignment.worker_id:
-                    # The freed slot is taken again: no need to wait for the registry.
-                    self._freed_workers.pop(assignment.worker_id, None)
-                _log.info(
-                    "ticket assigned",
-                    plan_id=plan.plan_id,
-                    task_id=assignment.task_id,
-                    worker_id=assignment.worker_id,
-                    attempt=result.attempt,
-                )
-        await self._flush(plan)
+                    if ticket.worker_id == assignment.worker_id:
+                        # The freed slot is taken again: no need to wait for the registry.
+                        self._freed_workers.pop(assignment.worker_id, None)
+                    _log.info(
+                        "ticket assigned",
+                        plan_id=plan.plan_id,
+                        task_id=assignment.task_id,
+                        worker_id=assignment.worker_id,
+                        attempt=ticket.attempt,
+                    )
+                self._merge(plan, ticket_state(assignment.task_id, ticket))
+            await self._flush(plan)
         if failure is not None:
             raise failure
         return ()

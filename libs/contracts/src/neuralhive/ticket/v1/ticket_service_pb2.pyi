@@ -489,6 +489,81 @@ class AssignTicketResponse(_message.Message):
 Global___AssignTicketResponse: _TypeAlias = AssignTicketResponse  # noqa: Y015
 
 @_typing.final
+class AssignTicketsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ASSIGNMENTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def assignments(self) -> _containers.RepeatedCompositeFieldContainer[Global___AssignTicketRequest]:
+        """At most the service's batch limit; each ticket at most once."""
+
+    def __init__(
+        self,
+        *,
+        assignments: _abc.Iterable[Global___AssignTicketRequest] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["assignments", b"assignments"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AssignTicketsRequest: _TypeAlias = AssignTicketsRequest  # noqa: Y015
+
+@_typing.final
+class AssignTicketsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___AssignTicketsResult]:
+        """One per assignment, in request order."""
+
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___AssignTicketsResult] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AssignTicketsResponse: _TypeAlias = AssignTicketsResponse  # noqa: Y015
+
+@_typing.final
+class AssignTicketsResult(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TICKET_FIELD_NUMBER: _builtins.int
+    ERROR_CODE_FIELD_NUMBER: _builtins.int
+    ERROR_MESSAGE_FIELD_NUMBER: _builtins.int
+    error_code: _builtins.int
+    """When refused: the gRPC status code AssignTicket would have returned (NOT_FOUND = 5,
+    FAILED_PRECONDITION = 9, ABORTED = 10) and its message; 0 when assigned.
+    """
+    error_message: _builtins.str
+    @_builtins.property
+    def ticket(self) -> Global___ExecutionTicket:
+        """The ticket after the assignment; unset when it was refused."""
+
+    def __init__(
+        self,
+        *,
+        ticket: Global___ExecutionTicket | None = ...,
+        error_code: _builtins.int = ...,
+        error_message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ticket", b"ticket"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error_code", b"error_code", "error_message", b"error_message", "ticket", b"ticket"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AssignTicketsResult: _TypeAlias = AssignTicketsResult  # noqa: Y015
+
+@_typing.final
 class UpdateTicketStatusRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -41,6 +41,11 @@ class TicketServiceStub(object):
                 request_serializer=neuralhive_dot_ticket_dot_v1_dot_ticket__service__pb2.AssignTicketRequest.SerializeToString,
                 response_deserializer=neuralhive_dot_ticket_dot_v1_dot_ticket__service__pb2.AssignTicketResponse.FromString,
                 )
+        self.AssignTickets = channel.unary_unary(
+                '/neuralhive.ticket.v1.TicketService/AssignTickets',
+                request_serializer=neuralhive_dot_ticket_dot_v1_dot_ticket__service__pb2.AssignTicketsRequest.SerializeToString,
+                response_deserializer=neuralhive_dot_ticket_dot_v1_dot_ticket__service__pb2.AssignTicketsResponse.FromString,
+                )
         self.UpdateTicketStatus = channel.unary_unary(
                 '/neuralhive.ticket.v1.TicketService/UpdateTicketStatus',
                 request_serializer=neuralhive_dot_ticket_dot_v1_dot_ticket__service__pb2.UpdateTicketStatusRequest.SerializeToString,
@@ -97,6 +102,14 @@ class TicketServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AssignTickets(self, request, context):
+        """Several assignments in one transaction; each succeeds or is refused on its own
+        (a malformed item makes the whole request INVALID_ARGUMENT, nothing assigned).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def UpdateTicketStatus(self, request, context):
         """Every other transition; fenced by attempt, optionally by expected_version.
         """
@@ -145,6 +158,11 @@ def add_TicketServiceServicer_to_server(servicer, server):
                     servicer.AssignTicket,
                     request_deserializer=neuralhive_dot_ticket_dot_v1_dot_ticket__service__pb2.AssignTicketRequest.FromString,
                     response_serializer=neuralhive_dot_ticket_dot_v1_dot_ticket__service__pb2.AssignTicketResponse.SerializeToString,
+            ),
+            'AssignTickets': grpc.unary_unary_rpc_method_handler(
+                    servicer.AssignTickets,
+                    request_deserializer=neuralhive_dot_ticket_dot_v1_dot_ticket__service__pb2.AssignTicketsRequest.FromString,
+                    response_serializer=neuralhive_dot_ticket_dot_v1_dot_ticket__service__pb2.AssignTicketsResponse.SerializeToString,
             ),
             'UpdateTicketStatus': grpc.unary_unary_rpc_method_handler(
                     servicer.UpdateTicketStatus,
@@ -255,6 +273,23 @@ class TicketService(object):
         return grpc.experimental.unary_unary(request, target, '/neuralhive.ticket.v1.TicketService/AssignTicket',
             neuralhive_dot_ticket_dot_v1_dot_ticket__service__pb2.AssignTicketRequest.SerializeToString,
             neuralhive_dot_ticket_dot_v1_dot_ticket__service__pb2.AssignTicketResponse.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+    @staticmethod
+    def AssignTickets(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(request, target, '/neuralhive.ticket.v1.TicketService/AssignTickets',
+            neuralhive_dot_ticket_dot_v1_dot_ticket__service__pb2.AssignTicketsRequest.SerializeToString,
+            neuralhive_dot_ticket_dot_v1_dot_ticket__service__pb2.AssignTicketsResponse.FromString,
             options, channel_credentials,
             insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
 

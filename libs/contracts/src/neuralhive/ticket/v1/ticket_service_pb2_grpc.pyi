@@ -45,6 +45,10 @@ class TicketServiceStub:
     ListTickets: _grpc.UnaryUnaryMultiCallable[_ticket_service_pb2.ListTicketsRequest, _ticket_service_pb2.ListTicketsResponse]
     AssignTicket: _grpc.UnaryUnaryMultiCallable[_ticket_service_pb2.AssignTicketRequest, _ticket_service_pb2.AssignTicketResponse]
     """PENDING -> ASSIGNED, binding the ticket to a worker with a lease."""
+    AssignTickets: _grpc.UnaryUnaryMultiCallable[_ticket_service_pb2.AssignTicketsRequest, _ticket_service_pb2.AssignTicketsResponse]
+    """Several assignments in one transaction; each succeeds or is refused on its own
+    (a malformed item makes the whole request INVALID_ARGUMENT, nothing assigned).
+    """
     UpdateTicketStatus: _grpc.UnaryUnaryMultiCallable[_ticket_service_pb2.UpdateTicketStatusRequest, _ticket_service_pb2.UpdateTicketStatusResponse]
     """Every other transition; fenced by attempt, optionally by expected_version."""
     GenerateToken: _grpc.UnaryUnaryMultiCallable[_ticket_service_pb2.GenerateTokenRequest, _ticket_service_pb2.GenerateTokenResponse]
@@ -69,6 +73,10 @@ class TicketServiceAsyncStub(TicketServiceStub):
     ListTickets: _aio.UnaryUnaryMultiCallable[_ticket_service_pb2.ListTicketsRequest, _ticket_service_pb2.ListTicketsResponse]  # type: ignore[assignment]
     AssignTicket: _aio.UnaryUnaryMultiCallable[_ticket_service_pb2.AssignTicketRequest, _ticket_service_pb2.AssignTicketResponse]  # type: ignore[assignment]
     """PENDING -> ASSIGNED, binding the ticket to a worker with a lease."""
+    AssignTickets: _aio.UnaryUnaryMultiCallable[_ticket_service_pb2.AssignTicketsRequest, _ticket_service_pb2.AssignTicketsResponse]  # type: ignore[assignment]
+    """Several assignments in one transaction; each succeeds or is refused on its own
+    (a malformed item makes the whole request INVALID_ARGUMENT, nothing assigned).
+    """
     UpdateTicketStatus: _aio.UnaryUnaryMultiCallable[_ticket_service_pb2.UpdateTicketStatusRequest, _ticket_service_pb2.UpdateTicketStatusResponse]  # type: ignore[assignment]
     """Every other transition; fenced by attempt, optionally by expected_version."""
     GenerateToken: _aio.UnaryUnaryMultiCallable[_ticket_service_pb2.GenerateTokenRequest, _ticket_service_pb2.GenerateTokenResponse]  # type: ignore[assignment]
@@ -120,6 +128,16 @@ class TicketServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_ticket_service_pb2.AssignTicketResponse, _abc.Awaitable[_ticket_service_pb2.AssignTicketResponse]]:
         """PENDING -> ASSIGNED, binding the ticket to a worker with a lease."""
+
+    @_abc_1.abstractmethod
+    def AssignTickets(
+        self,
+        request: _ticket_service_pb2.AssignTicketsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ticket_service_pb2.AssignTicketsResponse, _abc.Awaitable[_ticket_service_pb2.AssignTicketsResponse]]:
+        """Several assignments in one transaction; each succeeds or is refused on its own
+        (a malformed item makes the whole request INVALID_ARGUMENT, nothing assigned).
+        """
 
     @_abc_1.abstractmethod
     def UpdateTicketStatus(

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
 
+import grpc
 from google.protobuf import timestamp_pb2
 
 from execution_ticket_service.domain.models import EventType, Ticket, TicketEvent, TicketFilter
@@ -19,11 +20,13 @@ from execution_ticket_service.domain.paging import (
 from execution_ticket_service.domain.state_machine import check_token_eligible, token_eligible
 from execution_ticket_service.domain.validation import (
     Limits,
+    RawAssignment,
     Violations,
     check_identifier,
     resolve_page_size,
     resolve_token_ttl,
     validate_assignment,
+    validate_assignments,
     validate_batch,
     validate_create,
     validate_filter,
@@ -41,6 +44,7 @@ from execution_ticket_service.transport.grpc.convert import (
 )
 from execution_ticket_service.watch import EventLogTail
 from hive_common.auth import TokenIssuer
+from hive_common.errors import HiveError
 from hive_common.logging import bind_request_context
 from neuralhive.ticket.v1 import ticket_service_pb2 as pb
 from neuralhive.ticket.v1 import ticket_service_pb2_grpc as pb_grpc
@@ -141,19 +145,29 @@ class TicketServicer(pb_grpc.TicketServiceServicer):
     async def AssignTicket(
         self, request: pb.AssignTicketRequest, context: Any
     ) -> pb.AssignTicketResponse:
-        assignment = validate_assignment(
-            ticket_id=request.ticket_id,
-            worker_id=request.worker_id,
-            lease_seconds=request.lease_seconds,
-            attempt=request.attempt,
-            expected_version=(
-                request.expected_version if request.HasField("expected_version") else None
-            ),
-            limits=self._limits,
-        )
+        assignment = validate_assignment(_raw_assignment(request), self._limits)
         _bound(assignment.ticket_id)
         ticket = await self._repository.assign(assignment, actor=actor_of(current_claims()))
         return pb.AssignTicketResponse(ticket=ticket_to_proto(ticket))
+
+    async def AssignTickets(
+        self, request: pb.AssignTicketsRequest, context: Any
+    ) -> pb.AssignTicketsResponse:
+        assignments = validate_assignments(
+            [_raw_assignment(a) for a in request.assignments], self._limits
+        )
+        results = await self._repository.assign_many(assignments, actor=actor_of(current_claims()))
+        return pb.AssignTicketsResponse(
+            results=[
+                pb.AssignTicketsResult(
+                    error_code=grpc.StatusCode[result.grpc_code].value[0],
+                    error_message=result.message,
+                )
+                if isinstance(result, HiveError)
+                else pb.AssignTicketsResult(ticket=ticket_to_proto(result))
+                for result in results
+            ]
+        )
 
     async def UpdateTicketStatus(
         self, request: pb.UpdateTicketStatusRequest, context: Any
@@ -268,6 +282,18 @@ class TicketServicer(pb_grpc.TicketServiceServicer):
                 yield self._event_message(event, token_holder)
             if len(events) < self._watch.batch_size:
                 await self._tail.wait(generation, self._watch.poll_interval)
+
+
+def _raw_assignment(request: pb.AssignTicketRequest) -> RawAssignment:
+    return RawAssignment(
+        ticket_id=request.ticket_id,
+        worker_id=request.worker_id,
+        lease_seconds=request.lease_seconds,
+        attempt=request.attempt,
+        expected_version=(
+            request.expected_version if request.HasField("expected_version") else None
+        ),
+    )
 
 
 def _bound(ticket_id: str) -> str:
