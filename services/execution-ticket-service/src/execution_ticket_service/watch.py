@@ -6,6 +6,9 @@ change into a bounded in-memory window; a stream whose position is inside the wi
 served from memory, filtered in Python. A stream behind the window (resumed from an old
 cursor, or slower than the window is long) reads the database until it reaches it.
 
+The tail only reads while at least one stream is open (:meth:`EventLogTail.subscribed`):
+without watchers, writes cost nothing extra.
+
 Why the window is exact: the tail reads only events of transactions that ended before its
 read (see ``TicketRepository.events_after``), in log order, so the window always holds every
 committed event between its start and the tail's position, and no event can appear there
@@ -16,6 +19,8 @@ from __future__ import annotations
 
 import asyncio
 import bisect
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 from execution_ticket_service.domain.models import TicketEvent, TicketFilter
@@ -65,6 +70,20 @@ class EventLogTail:
         self._keys: list[Cursor] = []
         self._events: list[TicketEvent] = []
         self._appended = ChangeSignal()
+        self._subscribers = 0
+        self._wanted = asyncio.Event()
+
+    @contextlib.contextmanager
+    def subscribed(self) -> Iterator[None]:
+        """Keep the tail reading while a stream is open."""
+        self._subscribers += 1
+        self._wanted.set()
+        try:
+            yield
+        finally:
+            self._subscribers -= 1
+            if not self._subscribers:
+                self._wanted.clear()
 
     @property
     def generation(self) -> int:
@@ -79,9 +98,16 @@ class EventLogTail:
         self._appended.notify()
 
     async def run(self) -> None:
-        """Follow the log until cancelled; survives the database being away."""
+        """Follow the log while streams are open, until cancelled; survives the database
+        being away."""
         position: Cursor | None = None
         while True:
+            if not self._subscribers:
+                # Nobody to serve: forget the window, start afresh with the next stream.
+                position = self._start = None
+                self._keys.clear()
+                self._events.clear()
+                await self._wanted.wait()
             generation = self._signal.generation
             try:
                 if position is None:

@@ -46,9 +46,11 @@ def counting(repo: TicketRepository) -> CountingRepository:
 
 @contextlib.asynccontextmanager
 async def _running(tail: EventLogTail) -> AsyncIterator[EventLogTail]:
+    """The tail running, with one stream open (it only reads while streams are open)."""
     task = asyncio.create_task(tail.run())
     try:
-        yield tail
+        with tail.subscribed():
+            yield tail
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
@@ -172,3 +174,34 @@ async def test_a_stream_behind_the_window_reads_the_database_then_joins_it(
         events, _ = await tail.read(position, TicketFilter(worker_id="w1"), limit=10)
         assert events == []
         assert len(counting.reads) == reads_before
+
+
+async def test_the_tail_reads_only_while_streams_are_open(counting: CountingRepository) -> None:
+    signal = ChangeSignal()
+    counting._on_change = lambda counts: signal.notify()
+    tail = EventLogTail(
+        repository=counting,
+        signal=signal,
+        settings=TailSettings(poll_interval=0.05, batch_size=50, window=1_000),
+    )
+    task = asyncio.create_task(tail.run())
+    try:
+        await _history(counting, "quiet", 2, "w1")
+        await asyncio.sleep(0.2)  # several poll intervals: the tail must stay idle
+        assert counting.reads == []
+        assert tail._start is None
+
+        with tail.subscribed():
+            await _until(tail, lambda: tail._start is not None)
+            await _history(counting, "watched", 1, "w1")
+            await _until(tail, lambda: len(tail._keys) == 3)
+        # The last stream left: the window is dropped and reading stops.
+        await _until(tail, lambda: tail._start is None)
+        assert tail._keys == []
+        reads = len(counting.reads)
+        await _history(counting, "quiet-again", 1, "w1")
+        await asyncio.sleep(0.2)
+        assert len(counting.reads) == reads
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)

@@ -244,44 +244,45 @@ class TicketServicer(pb_grpc.TicketServiceServicer):
         ticket_filter = TicketFilter(plan_id=request.plan_id, worker_id=request.worker_id)
         token_holder = request.worker_id if request.include_ticket_tokens else ""
 
-        tickets: list[Ticket] = []
-        if cursor is None and request.include_snapshot:
-            cursor, tickets = await self._repository.snapshot(ticket_filter)
-        elif cursor is None:
-            cursor = await self._repository.current_position()
-        # Headers as soon as the watch is positioned, not with the first event: the client
-        # knows the watch is established, and gets the stream's starting cursor in
-        # `x-watch-cursor`. Without it, a stream started with an empty cursor that drops
-        # before its first event leaves the client nowhere to resume from, and a change made
-        # before it reconnects would be missed. (A resumed stream echoes its own cursor.)
-        await context.send_initial_metadata(((WATCH_CURSOR_HEADER, encode_cursor(cursor)),))
+        with self._tail.subscribed():
+            tickets: list[Ticket] = []
+            if cursor is None and request.include_snapshot:
+                cursor, tickets = await self._repository.snapshot(ticket_filter)
+            elif cursor is None:
+                cursor = await self._repository.current_position()
+            # Headers as soon as the watch is positioned, not with the first event: the client
+            # knows the watch is established, and gets the stream's starting cursor in
+            # `x-watch-cursor`. Without it, a stream started with an empty cursor that drops
+            # before its first event leaves the client nowhere to resume from, and a change made
+            # before it reconnects would be missed. (A resumed stream echoes its own cursor.)
+            await context.send_initial_metadata(((WATCH_CURSOR_HEADER, encode_cursor(cursor)),))
 
-        if tickets:
-            now = utc_now()
-            for ticket in tickets:
-                snapshot = TicketEvent(
-                    event_id=f"snapshot-{ticket.ticket_id}-{ticket.version}",
-                    type=EventType.SNAPSHOT,
-                    ticket=ticket,
-                    previous_status=None,
-                    occurred_at=now,
-                    actor=SNAPSHOT_ACTOR,
-                    worker_id=ticket.worker_id,
-                    cursor=encode_cursor(cursor),
+            if tickets:
+                now = utc_now()
+                for ticket in tickets:
+                    snapshot = TicketEvent(
+                        event_id=f"snapshot-{ticket.ticket_id}-{ticket.version}",
+                        type=EventType.SNAPSHOT,
+                        ticket=ticket,
+                        previous_status=None,
+                        occurred_at=now,
+                        actor=SNAPSHOT_ACTOR,
+                        worker_id=ticket.worker_id,
+                        cursor=encode_cursor(cursor),
+                    )
+                    yield self._event_message(snapshot, token_holder)
+
+            # Each stream keeps its own position in the shared tail: a slow or vanished client
+            # only stalls itself.
+            while not self._draining.is_set():
+                generation = self._tail.generation
+                events, cursor = await self._tail.read(
+                    cursor, ticket_filter, limit=self._watch.batch_size
                 )
-                yield self._event_message(snapshot, token_holder)
-
-        # Each stream keeps its own position in the shared tail: a slow or vanished client
-        # only stalls itself.
-        while not self._draining.is_set():
-            generation = self._tail.generation
-            events, cursor = await self._tail.read(
-                cursor, ticket_filter, limit=self._watch.batch_size
-            )
-            for event in events:
-                yield self._event_message(event, token_holder)
-            if len(events) < self._watch.batch_size:
-                await self._tail.wait(generation, self._watch.poll_interval)
+                for event in events:
+                    yield self._event_message(event, token_holder)
+                if len(events) < self._watch.batch_size:
+                    await self._tail.wait(generation, self._watch.poll_interval)
 
 
 def _raw_assignment(request: pb.AssignTicketRequest) -> RawAssignment:
