@@ -25,8 +25,8 @@ log = get_logger(__name__)
 class RelaySettings:
     batch_size: int = 500
     idle_interval: float = 0.5
-    # After a wake-up, wait this long before claiming so a burst of changes is written in
-    # one insert_many (each MongoDB write costs far more than one more document in it).
+    # Rounds start at least this far apart, so a stream of changes is written in batches
+    # (each MongoDB write costs far more than one more document in it); see claim_delay.
     batch_window: float = 0.15
     claim_seconds: float = 30.0
     max_backoff: float = 10.0
@@ -46,6 +46,16 @@ class Backoff:
     def next_delay(self) -> float:
         self._failures += 1
         return random.uniform(0, min(self._cap, self._base * 2 ** min(self._failures, 16)))
+
+
+def claim_delay(*, now: float, last_claim: float, window: float) -> float:
+    """How long to wait, after a change woke the relay, before claiming again.
+
+    Claims are spaced at least ``window`` apart: a change after a quiet spell is relayed at
+    once, changes arriving meanwhile wait for the rest of the window and go together; a
+    round that took longer than the window is followed at once (no window on top of it).
+    """
+    return max(0.0, last_claim + window - now)
 
 
 class OutboxRelay:
@@ -91,9 +101,11 @@ class OutboxRelay:
         return len(entries)
 
     async def run(self) -> None:
+        loop = asyncio.get_running_loop()
         backoff = Backoff(cap=self._settings.max_backoff)
         while True:
             generation = self._signal.generation
+            last_claim = loop.time()
             try:
                 delivered = await self.relay_once()
                 self.healthy = True
@@ -106,8 +118,12 @@ class OutboxRelay:
                 continue
             if delivered < self._settings.batch_size:
                 await self._signal.wait(generation, self._settings.idle_interval)
-                if self._signal.generation != generation and self._settings.batch_window > 0:
-                    await asyncio.sleep(self._settings.batch_window)
+                if self._signal.generation != generation:
+                    delay = claim_delay(
+                        now=loop.time(), last_claim=last_claim, window=self._settings.batch_window
+                    )
+                    if delay > 0:
+                        await asyncio.sleep(delay)
 
 
 class LeaseSweeper:
