@@ -6,12 +6,12 @@
   name until :meth:`HiveGrpcServer.set_serving` is called with True (``Watch`` streams
   end at shutdown so they cannot hold a graceful stop);
 * server reflection (v1alpha) listing the services, health and reflection;
-* interceptors, outermost first: :class:`RequestLoggingInterceptor` (one canonical line per
-  RPC, ``request_id`` from ``x-request-id`` metadata or generated, bound in contextvars),
-  :class:`RpcMetricsInterceptor` (when metrics are given), :class:`ErrorMappingInterceptor`
-  (``HiveError`` -> status with ``google.rpc`` details; any other exception -> INTERNAL with
-  a generic message, logged with its stack), then the caller's own interceptors (auth ...),
-  so a ``HiveError`` raised by an auth interceptor's wrapped handler is mapped too.
+* interceptors, outermost first: :class:`ServerCallInterceptor` (one canonical line per
+  RPC, ``request_id`` from ``x-request-id`` metadata or generated, bound in contextvars;
+  metrics when given; ``HiveError`` -> status with ``google.rpc`` details, any other
+  exception -> INTERNAL with a generic message, logged with its stack), then the caller's
+  own interceptors (auth ...), so a ``HiveError`` raised by an auth interceptor's wrapped
+  handler is mapped too.
 
 Interceptors wrap unary and streaming handlers alike; a stream is measured and logged when
 it ends. Servicers are plain ``async def`` methods (or async generators for streams).
@@ -215,19 +215,32 @@ def _is_cancellation(exc: BaseException) -> bool:
     return isinstance(exc, asyncio.CancelledError | GeneratorExit)
 
 
-class RequestLoggingInterceptor(HandlerWrappingInterceptor):
-    """One canonical structured log line per RPC: method, code, duration_ms, peer, request_id.
+class ServerCallInterceptor(HandlerWrappingInterceptor):
+    """The outermost interceptor, one layer for what every RPC needs:
 
-    Clears the RPC task's contextvars, then binds ``request_id`` (from ``x-request-id``
-    metadata, else generated) so every line the handler writes carries it.
+    * one canonical structured log line per RPC (method, code, duration_ms, peer,
+      request_id): the RPC task's contextvars are cleared, then ``request_id`` (from
+      ``x-request-id`` metadata, else generated) is bound so every line the handler writes
+      carries it;
+    * metrics (started / handled / latency) when ``metrics`` is given;
+    * the one place where exceptions become gRPC statuses: ``HiveError`` -> its code,
+      message and ``google.rpc`` details (BadRequest field violations, ErrorInfo) via
+      :func:`hive_common.grpc_errors.abort`; a servicer's own ``context.abort`` passes
+      through; anything else -> INTERNAL with a generic message, the exception and its
+      stack logged here, never sent to the client.
+
+    One layer rather than three: each interceptor layer costs every RPC a continuation,
+    a handler copy and a context manager.
     """
 
     def __init__(
         self,
         *,
+        metrics: RpcMetrics | None = None,
         logger: Any | None = None,
         quiet_method_prefixes: Sequence[str] = QUIET_METHOD_PREFIXES,
     ) -> None:
+        self._metrics = metrics
         self._logger = logger if logger is not None else structlog.stdlib.get_logger("hive.grpc")
         self._quiet = tuple(quiet_method_prefixes)
 
@@ -242,20 +255,40 @@ class RequestLoggingInterceptor(HandlerWrappingInterceptor):
         )
         # Read now: peer() on a call torn down by a vanished client can crash the process.
         peer = _peer(context)
+        if self._metrics is not None:
+            self._metrics.rpc_started(call.method, call.rpc_type)
         started = time.perf_counter()
+        code: str | None = None  # decided here when this layer turns an error into a status
         failure: BaseException | None = None
         try:
-            yield
+            try:
+                yield
+            except grpc.aio.AbortError:
+                raise
+            except HiveError as err:
+                code = err.grpc_code
+                await grpc_errors.abort(context, err)
+            except Exception as exc:
+                if context.cancelled() or _is_dead_call_error(exc):
+                    # The client went away and a write to the dead call failed: not a fault.
+                    raise asyncio.CancelledError from None
+                code = "INTERNAL"
+                self._logger.exception("unhandled exception in rpc", method=call.method)
+                await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_ERROR_MESSAGE)
         except BaseException as exc:
             failure = exc
             raise
         finally:
-            code = status_code_name(context, failure)
+            if code is None:
+                code = status_code_name(context, failure)
+            elapsed = time.perf_counter() - started
+            if self._metrics is not None:
+                self._metrics.rpc_finished(call.method, call.rpc_type, code, elapsed)
             fields: dict[str, Any] = {
                 "method": call.method,
                 "rpc_type": call.rpc_type,
                 "code": code,
-                "duration_ms": round((time.perf_counter() - started) * 1000, 3),
+                "duration_ms": round(elapsed * 1000, 3),
                 "peer": peer,
             }
             if code not in ("OK", "CANCELLED"):
@@ -290,65 +323,6 @@ def _details(context: Any) -> str | None:
     if isinstance(details, bytes):
         return details.decode("utf-8", "replace")
     return details if isinstance(details, str) and details else None
-
-
-class RpcMetricsInterceptor(HandlerWrappingInterceptor):
-    """Counts started / handled RPCs and observes their latency into :class:`RpcMetrics`."""
-
-    def __init__(self, metrics: RpcMetrics) -> None:
-        self._metrics = metrics
-
-    def around(self, call: RpcCall, context: Any) -> AbstractAsyncContextManager[None]:
-        return self._observe(call, context)
-
-    @asynccontextmanager
-    async def _observe(self, call: RpcCall, context: Any) -> AsyncIterator[None]:
-        self._metrics.rpc_started(call.method, call.rpc_type)
-        started = time.perf_counter()
-        failure: BaseException | None = None
-        try:
-            yield
-        except BaseException as exc:
-            failure = exc
-            raise
-        finally:
-            self._metrics.rpc_finished(
-                call.method,
-                call.rpc_type,
-                status_code_name(context, failure),
-                time.perf_counter() - started,
-            )
-
-
-class ErrorMappingInterceptor(HandlerWrappingInterceptor):
-    """The one place where exceptions become gRPC statuses.
-
-    ``HiveError`` -> its code, message and ``google.rpc`` details (BadRequest field
-    violations, ErrorInfo) via :func:`hive_common.grpc_errors.abort`. A servicer's own
-    ``context.abort`` passes through untouched. Anything else -> INTERNAL with a generic
-    message; the exception and its stack are logged here, never sent to the client.
-    """
-
-    def __init__(self, *, logger: Any | None = None) -> None:
-        self._logger = logger if logger is not None else structlog.stdlib.get_logger("hive.grpc")
-
-    def around(self, call: RpcCall, context: Any) -> AbstractAsyncContextManager[None]:
-        return self._translate(call, context)
-
-    @asynccontextmanager
-    async def _translate(self, call: RpcCall, context: Any) -> AsyncIterator[None]:
-        try:
-            yield
-        except grpc.aio.AbortError:
-            raise
-        except HiveError as err:
-            await grpc_errors.abort(context, err)
-        except Exception as exc:
-            if context.cancelled() or _is_dead_call_error(exc):
-                # The client went away and a write to the dead call failed: not a fault.
-                raise asyncio.CancelledError from None
-            self._logger.exception("unhandled exception in rpc", method=call.method)
-            await context.abort(grpc.StatusCode.INTERNAL, INTERNAL_ERROR_MESSAGE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -492,11 +466,10 @@ def build_grpc_server(
     :meth:`HiveGrpcServer.add_insecure_port`, then ``await start()``.
     """
     services = list(services)
-    chain: list[grpc.aio.ServerInterceptor] = [RequestLoggingInterceptor(logger=logger)]
-    if metrics is not None:
-        chain.append(RpcMetricsInterceptor(metrics))
-    chain.append(ErrorMappingInterceptor(logger=logger))
-    chain.extend(interceptors)
+    chain: list[grpc.aio.ServerInterceptor] = [
+        ServerCallInterceptor(metrics=metrics, logger=logger),
+        *interceptors,
+    ]
 
     server = grpc.aio.server(
         interceptors=chain,
@@ -524,13 +497,11 @@ __all__ = [
     "QUIET_METHOD_PREFIXES",
     "REQUEST_ID_METADATA_KEY",
     "DrainingHealthServicer",
-    "ErrorMappingInterceptor",
     "GrpcService",
     "HandlerWrappingInterceptor",
     "HiveGrpcServer",
-    "RequestLoggingInterceptor",
     "RpcCall",
-    "RpcMetricsInterceptor",
+    "ServerCallInterceptor",
     "build_grpc_server",
     "status_code_name",
     "wrap_handler",
