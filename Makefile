@@ -5,7 +5,7 @@ SHELL := /bin/bash
 UV ?= uv
 BUF ?= $(CURDIR)/node_modules/.bin/buf
 COMPOSE ?= docker compose
-PY_SRC := libs/common/src libs/worker/src libs/cli/src libs/testsupport/src services/execution-ticket-service/src services/service-registry/src services/orchestrator-dynamic/src
+PY_SRC := libs/common/src libs/worker/src libs/cli/src libs/testsupport/src services/execution-ticket-service/src services/service-registry/src services/orchestrator-dynamic/src bench
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 

@@ -564,7 +564,18 @@ def _wide_again(
     tickets_dsn: str,
 ) -> None:
     """Replace the workers by ones with more slots and run the wide plan once more."""
-    procs.stop(*(p.name for p in procs if p.name.startswith("worker-")))
+    replaced = [p for p in procs if p.name.startswith("worker-")]
+    for process in replaced:  # read before they stop: /proc/<pid> goes with the process
+        report.memory.append(
+            {
+                "phase": "plans",
+                "process": process.name,
+                "pid": process.pid,
+                "vmhwm_mib": stack.vm_hwm_mib(process.pid),
+                "note": f"max_concurrent {sizes.worker_slots}, after the plan runs",
+            }
+        )
+    procs.stop(*(p.name for p in replaced))
     workers = [
         stack.worker(
             name=f"worker-{sizes.wide_again_slots}slots-{i}",
@@ -667,7 +678,7 @@ def phase_plans(report: Report, dbs: Databases, args: argparse.Namespace, logs: 
             _wide_again(
                 report, dbs, args, logs, procs, tickets, registry, orchestrator, sizes, tickets_dsn
             )
-        for process in procs:
+        for process in (p for p in procs if p.is_running):
             report.memory.append(
                 {
                     "phase": "plans",

@@ -102,7 +102,7 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
 
     def bare() -> grpc.aio.Server:
         server = grpc.aio.server()
-        pb_grpc.add_TicketServiceServicer_to_server(EchoTicketService(), server)
+        pb_grpc.add_TicketServiceServicer_to_server(EchoTicketService(), server)  # type: ignore[abstract]
         return server
 
     def hive() -> grpc.aio.Server:
@@ -111,7 +111,8 @@ async def main_async(args: argparse.Namespace) -> dict[str, Any]:
                 GrpcService(
                     name="neuralhive.ticket.v1.TicketService",
                     register=lambda s: pb_grpc.add_TicketServiceServicer_to_server(
-                        EchoTicketService(), s
+                        EchoTicketService(),  # type: ignore[abstract]
+                        s,
                     ),
                 )
             ],
