@@ -233,9 +233,8 @@ def main(argv: list[str] | None = None) -> int:
             "measured in isolation (create at the BatchCreateTickets rate + one AssignTicket "
             "at the 16-client assign rate + two updates at the 64-client update rate, per "
             "task), summed; the stack may overlap these steps (and the orchestrator assigns "
-            "in batches with AssignTickets), so it is a yardstick, not a lower bound. The "
-            "wide plan with 32 slots per worker shows the CPU floor: its CPU table adds up "
-            "to both cores busy for the whole run.",
+            "in batches with AssignTickets), so it is a yardstick, not a lower bound. For the "
+            "CPU floor, compare a plan's total in the CPU table with nproc x its wall time.",
             "Relay lag: relayed_at - occurred_at of every outbox event written during the plan "
             "runs (relayed_at is set after the MongoDB insert succeeded), read from the ticket "
             "service's PostgreSQL once the outbox drained.",
