@@ -240,14 +240,22 @@ def validate_create(raw: RawTicketSpec, limits: Limits) -> TicketSpec:
     return spec
 
 
+def _check_batch_size(
+    size: int, path: str, limits: Limits, errors: Violations, *, message: str
+) -> None:
+    """Not empty, not over the limit; an oversized batch is refused before its items are
+    looked at (each item would only add work and violations)."""
+    if not size:
+        errors.add(path, "must not be empty")
+    if size > limits.max_batch_size:
+        errors.add(path, f"must have at most {limits.max_batch_size} items")
+        errors.raise_if_any(message)
+
+
 def validate_batch(raws: Sequence[RawTicketSpec], limits: Limits) -> list[TicketSpec]:
     """All-or-nothing: any bad spec or a repeated (plan_id, task_id) rejects the batch."""
     errors = Violations()
-    if not raws:
-        errors.add("tickets", "must not be empty")
-    if len(raws) > limits.max_batch_size:
-        errors.add("tickets", f"must have at most {limits.max_batch_size} items")
-        errors.raise_if_any("invalid batch")
+    _check_batch_size(len(raws), "tickets", limits, errors, message="invalid batch")
     specs: list[TicketSpec] = []
     seen: dict[tuple[str, str], int] = {}
     for index, raw in enumerate(raws):
@@ -313,11 +321,7 @@ def validate_assignment(raw: RawAssignment, limits: Limits) -> Assignment:
 def validate_assignments(raws: Sequence[RawAssignment], limits: Limits) -> list[Assignment]:
     """All-or-nothing validation of AssignTickets: any bad item rejects the request."""
     errors = Violations()
-    if not raws:
-        errors.add("assignments", "must not be empty")
-    if len(raws) > limits.max_batch_size:
-        errors.add("assignments", f"must have at most {limits.max_batch_size} items")
-        errors.raise_if_any("invalid assignments")
+    _check_batch_size(len(raws), "assignments", limits, errors, message="invalid assignments")
     assignments: list[Assignment] = []
     seen: dict[str, int] = {}
     for index, raw in enumerate(raws):
