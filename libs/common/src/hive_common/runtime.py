@@ -271,9 +271,12 @@ class ServiceRuntime:
             log("serving status changed", serving=serving, readiness=status, checks=report)
 
     async def _watch_readiness(self) -> None:
-        while True:
+        # Also ends on the state, not only on cancellation: a check's client library may
+        # turn the cancellation into its own error (then a "down" result) and return.
+        while self._state == "started":
             await asyncio.sleep(self._readiness_interval)
-            await self._evaluate_readiness()
+            if self._state == "started":
+                await self._evaluate_readiness()
 
     async def stop(self, grace: float | None = None) -> None:
         """Graceful stop (idempotent): before-stop callbacks, NOT_SERVING, drain up to
@@ -296,8 +299,8 @@ class ServiceRuntime:
 
             if self._readiness_task is not None:
                 self._readiness_task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await self._readiness_task
+                # Bounded: a check that swallowed the cancellation finishes its round first.
+                await asyncio.wait({self._readiness_task}, timeout=self._readiness_timeout)
 
             draining: list[Awaitable[None]] = []
             if self.grpc_server is not None:

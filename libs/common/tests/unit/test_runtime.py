@@ -299,6 +299,36 @@ async def test_readiness_watcher_drives_grpc_health(servicer: SlowServicer) -> N
         await rt.stop(1)
 
 
+async def test_stop_ends_even_when_a_readiness_check_swallows_its_cancellation(
+    servicer: SlowServicer,
+) -> None:
+    # Some client libraries turn a cancelled call into their own error; the check then
+    # reports "down" and returns instead of letting the cancellation through.
+    in_check = asyncio.Event()
+    release = asyncio.Event()
+    swallowed = 0
+
+    async def readiness() -> ReadinessReport:
+        nonlocal swallowed
+        if in_check.is_set():  # the first evaluation runs inside start()
+            try:
+                await release.wait()
+            except asyncio.CancelledError:
+                swallowed += 1
+                return {"mongo": {"status": "down", "detail": "operation cancelled"}}
+        in_check.set()
+        return {"mongo": {"status": "ok"}}
+
+    rt = make_runtime(servicer, readiness=readiness, readiness_interval_seconds=0.01)
+    await rt.start()
+    assert in_check.is_set()
+    await asyncio.sleep(0.1)  # the watcher is now blocked inside a check
+    async with asyncio.timeout(30):  # a hang guard, not a timing assertion
+        await rt.stop(0)
+    assert swallowed == 1
+    assert not rt.started
+
+
 async def test_run_until_signal_stops_gracefully_on_sigterm(servicer: SlowServicer) -> None:
     rt = make_runtime(servicer)
     closed: list[bool] = []
