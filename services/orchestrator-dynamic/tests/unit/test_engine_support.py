@@ -17,7 +17,7 @@ from neuralhive.registry.v1 import registry_service_pb2 as registry_pb
 from neuralhive.ticket.v1 import ticket_service_pb2 as ticket_pb
 from orchestrator_dynamic.config import OrchestratorSettings
 from orchestrator_dynamic.domain.plan import Plan, Priority, TaskSpec
-from orchestrator_dynamic.domain.scheduler import TicketStatus, WorkerHealth
+from orchestrator_dynamic.domain.scheduler import FreedSlot, TicketStatus, WorkerHealth
 from orchestrator_dynamic.engine.convert import (
     ticket_spec,
     ticket_state,
@@ -119,6 +119,28 @@ def test_worker_candidate_spare_is_the_tighter_bound(
     candidate = worker_candidate(_ranked(spare, max_concurrent), known_active)
     assert candidate.spare_capacity == expected
     assert candidate.score == 0.5
+
+
+def test_worker_candidate_adds_the_slots_freed_since_the_last_heartbeat() -> None:
+    heartbeat = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
+    ranked = _ranked(0, 4)  # full at its last heartbeat
+    ranked.worker.in_flight = 4
+    ranked.worker.last_heartbeat_at.FromDatetime(heartbeat)
+    second = timedelta(seconds=1)
+    freed = [
+        FreedSlot(running_at=heartbeat - 2 * second, freed_at=heartbeat + second),  # counts
+        FreedSlot(running_at=heartbeat - second, freed_at=heartbeat + second),  # counts
+        # Freed before the heartbeat: already in its count.
+        FreedSlot(running_at=heartbeat - 3 * second, freed_at=heartbeat - second),
+        # Started after the heartbeat: the heartbeat never counted it.
+        FreedSlot(running_at=heartbeat + second, freed_at=heartbeat + 2 * second),
+    ]
+    assert worker_candidate(ranked, known_active=1, freed=freed).spare_capacity == 2
+    # Still bounded by what this orchestrator knows to be on the worker.
+    assert worker_candidate(ranked, known_active=3, freed=freed).spare_capacity == 1
+    # Without a heartbeat time nothing can be added.
+    ranked.worker.ClearField("last_heartbeat_at")
+    assert worker_candidate(ranked, known_active=0, freed=freed).spare_capacity == 0
 
 
 def test_worker_view() -> None:

@@ -90,6 +90,17 @@ RANKING_CASES: list[tuple[str, dict[str, dict[str, Any]], dict[str, Any], list[s
         ["ok"],
     ),
     (
+        "include_full adds full workers, never draining or unhealthy ones",
+        {
+            "ok": {"at": 9},
+            "full": {"in_flight": 4, "at": 9},
+            "draining": {"draining": True, "at": 9},
+            "silent": {"at": -10},
+        },
+        {"include_full": True},
+        ["ok", "full"],
+    ),
+    (
         "max_results keeps the best",
         {"w1": {"in_flight": 1}, "w2": {}, "w3": {"in_flight": 2}, "w4": {"in_flight": 3}},
         {"max_results": 2},

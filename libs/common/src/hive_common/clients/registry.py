@@ -183,11 +183,13 @@ class RegistryClient(GrpcClient):
         label_selector: Mapping[str, str] | None = None,
         namespace: str = "",
         max_results: int = 0,
+        include_full: bool = False,
         token: str | None = None,
         attempt_timeout: float | None = None,
         deadline: float | None = None,
     ) -> list[pb.RankedWorker]:
-        """Healthy workers with spare capacity and every capability, best first."""
+        """Healthy workers with spare capacity and every capability, best first
+        (``include_full``: also those with no spare slot at their last heartbeat)."""
         response = await self._invoke(
             self._stub.DiscoverWorkers,
             pb.DiscoverWorkersRequest(
@@ -195,6 +197,7 @@ class RegistryClient(GrpcClient):
                 label_selector=dict(label_selector or {}),
                 namespace=namespace,
                 max_results=max_results,
+                include_full=include_full,
             ),
             idempotent=True,
             metadata=bearer_metadata(token),

@@ -24,7 +24,7 @@ Decisions:
 from __future__ import annotations
 
 import random
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -316,6 +316,24 @@ class WorkerCandidate:
     worker_id: str
     spare_capacity: int
     score: float = 0.0
+
+
+@dataclass(frozen=True, slots=True)
+class FreedSlot:
+    """A slot this orchestrator saw a ticket leave on a worker: the ticket was RUNNING
+    there at ``running_at`` and left at ``freed_at`` (ticket-service times)."""
+
+    running_at: datetime
+    freed_at: datetime
+
+
+def freed_since_heartbeat(freed: Iterable[FreedSlot], heartbeat_at: datetime | None) -> int:
+    """How many slots the worker's last heartbeat still counted as in flight that are free
+    by now: the ticket was already RUNNING (so the worker held it) at the heartbeat and
+    left after it. The registry learns of them only with the next heartbeat."""
+    if heartbeat_at is None:
+        return 0
+    return sum(1 for slot in freed if slot.running_at <= heartbeat_at < slot.freed_at)
 
 
 def choose_worker(

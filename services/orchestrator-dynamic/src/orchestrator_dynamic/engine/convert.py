@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from datetime import UTC, datetime
 
 from google.protobuf import timestamp_pb2
@@ -11,11 +12,13 @@ from neuralhive.registry.v1 import registry_service_pb2 as registry_pb
 from neuralhive.ticket.v1 import ticket_service_pb2 as ticket_pb
 from orchestrator_dynamic.domain.plan import Plan, Priority, TaskSpec
 from orchestrator_dynamic.domain.scheduler import (
+    FreedSlot,
     TicketState,
     TicketStatus,
     WorkerCandidate,
     WorkerHealth,
     WorkerView,
+    freed_since_heartbeat,
 )
 
 _STATUS_FROM_PROTO: dict[int, TicketStatus] = {
@@ -41,11 +44,13 @@ _HEALTH_FROM_PROTO: dict[int, WorkerHealth] = {
 }
 
 
-def timestamp(ticket: ticket_pb.ExecutionTicket, field: str) -> datetime | None:
-    """A timestamp field of a ticket as an aware datetime, None when unset."""
-    if not ticket.HasField(field):  # type: ignore[arg-type]
+def timestamp(
+    message: ticket_pb.ExecutionTicket | registry_pb.Worker, field: str
+) -> datetime | None:
+    """A timestamp field of a ticket or worker as an aware datetime, None when unset."""
+    if not message.HasField(field):  # type: ignore[arg-type]
         return None
-    value: timestamp_pb2.Timestamp = getattr(ticket, field)
+    value: timestamp_pb2.Timestamp = getattr(message, field)
     return value.ToDatetime(tzinfo=UTC)
 
 
@@ -82,14 +87,19 @@ def ticket_spec(plan: Plan, task: TaskSpec) -> ticket_pb.TicketSpec:
     )
 
 
-def worker_candidate(ranked: registry_pb.RankedWorker, known_active: int) -> WorkerCandidate:
-    """A DiscoverWorkers result; the spare capacity is also bounded by the tickets this
-    orchestrator knows to be assigned to or running on the worker (the registry only
-    learns of them at the worker's next heartbeat)."""
-    by_us = ranked.worker.max_concurrent - known_active
+def worker_candidate(
+    ranked: registry_pb.RankedWorker, known_active: int, freed: Iterable[FreedSlot] = ()
+) -> WorkerCandidate:
+    """A DiscoverWorkers result. Its spare capacity is the registry's (as of the worker's
+    last heartbeat) plus the slots this orchestrator saw freed since that heartbeat, and
+    at most what the tickets this orchestrator knows to be assigned to or running on the
+    worker leave (the registry only learns of them at the worker's next heartbeat)."""
+    worker = ranked.worker
+    heartbeat_at = timestamp(worker, "last_heartbeat_at")
+    by_registry = ranked.spare_capacity + freed_since_heartbeat(freed, heartbeat_at)
     return WorkerCandidate(
-        worker_id=ranked.worker.worker_id,
-        spare_capacity=min(ranked.spare_capacity, by_us),
+        worker_id=worker.worker_id,
+        spare_capacity=min(by_registry, worker.max_concurrent - known_active),
         score=ranked.score,
     )
 

@@ -53,6 +53,7 @@ from orchestrator_dynamic.domain.records import PlanLease, PlanOwnershipLost, St
 from orchestrator_dynamic.domain.scheduler import (
     Assignment,
     CapacityLedger,
+    FreedSlot,
     PlanGraph,
     PlanStatus,
     SchedulingDecision,
@@ -79,6 +80,8 @@ _WORKER_WAKE_EVENTS = frozenset(
 )
 # Tickets in these states occupy a slot of their worker.
 _OCCUPYING = frozenset({TicketStatus.ASSIGNED, TicketStatus.RUNNING})
+# How long a freed slot is remembered for worker_candidate (heartbeats come far more often).
+_FREED_SLOT_MEMORY = timedelta(seconds=60)
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,6 +172,9 @@ class PlanDriver:
         # Workers on which one of our tickets freed a slot -> loop time it happened, until
         # DiscoverWorkers shows them with a spare slot (see DriverSettings.registry_lag_window).
         self._freed_workers: dict[str, float] = {}
+        # Slots seen freed per worker, to add to the registry's count until the worker's
+        # next heartbeat reports them (see worker_candidate).
+        self._freed_slots: dict[str, list[FreedSlot]] = {}
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -551,6 +557,14 @@ class PlanDriver:
         )
         if freed and current.worker_id:
             self._freed_workers[current.worker_id] = asyncio.get_running_loop().time()
+            if (
+                current.status is TicketStatus.RUNNING
+                and current.updated_at is not None
+                and merged.updated_at is not None
+            ):
+                self._freed_slots.setdefault(current.worker_id, []).append(
+                    FreedSlot(running_at=current.updated_at, freed_at=merged.updated_at)
+                )
         return freed
 
     def _fold_inbox(self, plan: DrivenPlan) -> None:
@@ -687,6 +701,7 @@ class PlanDriver:
         for plan, task_ids in ready:
             needed.update(frozenset(plan.graph.required_capabilities[t]) for t in task_ids)
         active = self._known_active()
+        self._forget_old_frees()
         candidates: dict[frozenset[str], list[WorkerCandidate]] = {}
         # Workers the registry offered with a spare slot of its own reckoning.
         discovered: set[str] = set()
@@ -696,6 +711,8 @@ class PlanDriver:
                     required_capabilities=sorted(capabilities),
                     namespace=self._settings.namespace,
                     max_results=100,
+                    # Full ones too: we may have freed slots there since their heartbeat.
+                    include_full=True,
                 )
                 self._health.succeeded(REGISTRY)
             except HiveError as exc:
@@ -703,10 +720,16 @@ class PlanDriver:
                     self._health.failed(REGISTRY, str(exc))
                 _log.warning("worker discovery failed", error=str(exc))
                 ranked = []
-            candidates[capabilities] = [
-                worker_candidate(r, active.get(r.worker.worker_id, 0)) for r in ranked
+            found = [
+                worker_candidate(
+                    r,
+                    active.get(r.worker.worker_id, 0),
+                    self._freed_slots.get(r.worker.worker_id, ()),
+                )
+                for r in ranked
             ]
-            discovered.update(r.worker.worker_id for r in ranked if r.spare_capacity > 0)
+            candidates[capabilities] = found
+            discovered.update(c.worker_id for c in found if c.spare_capacity > 0)
         retry = self._settings.dispatch_retry
         if self._registry_lagging(discovered):
             retry = min(retry, self._settings.registry_lag_retry)
@@ -721,6 +744,15 @@ class PlanDriver:
             if assignment_round.assignments:
                 await self._guarded(plan, self._assign(plan, assignment_round.assignments))
         self._metrics.tickets_waiting_for_workers.set(waiting)
+
+    def _forget_old_frees(self) -> None:
+        """A worker heartbeats every few seconds: older frees are in the registry's count."""
+        horizon = self._clock() - _FREED_SLOT_MEMORY
+        self._freed_slots = {
+            worker_id: recent
+            for worker_id, slots in self._freed_slots.items()
+            if (recent := [s for s in slots if s.freed_at > horizon])
+        }
 
     def _registry_lagging(self, discovered: set[str]) -> bool:
         """Whether a worker we freed a slot on recently is not yet offered by the registry

@@ -149,6 +149,8 @@ class DiscoveryQuery:
     label_selector: Mapping[str, str]
     namespace: str
     max_results: int
+    # Also workers with no spare slot at their last heartbeat (same score, which full lowers).
+    include_full: bool = False
 
 
 @dataclass(frozen=True, slots=True)

@@ -72,12 +72,13 @@ class WorkerRanker:
         return self._weights
 
     def is_eligible(self, worker: Worker, query: DiscoveryQuery, now: datetime) -> bool:
-        """Live, not draining, not full, in the namespace, all capabilities, every label."""
+        """Live, not draining, not full (unless asked for), in the namespace, all
+        capabilities, every label."""
         return (
             worker.namespace == query.namespace
             and not worker.draining
             and not self._policy.is_unhealthy(worker.last_heartbeat_at, now)
-            and worker.in_flight < worker.max_concurrent
+            and (query.include_full or worker.in_flight < worker.max_concurrent)
             and set(query.required_capabilities).issubset(worker.capabilities)
             and all(worker.labels.get(k) == v for k, v in query.label_selector.items())
         )

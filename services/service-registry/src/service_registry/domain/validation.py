@@ -182,6 +182,7 @@ def validate_discovery(
     namespace: str,
     max_results: int,
     limits: Limits,
+    include_full: bool = False,
 ) -> DiscoveryQuery:
     v = _Violations()
     query = DiscoveryQuery(
@@ -193,6 +194,7 @@ def validate_discovery(
         max_results=_capped(
             max_results, "max_results", limits.default_max_results, limits.max_results_cap, v
         ),
+        include_full=include_full,
     )
     v.raise_if_any("invalid discovery request")
     return query

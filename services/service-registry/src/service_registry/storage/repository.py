@@ -457,8 +457,9 @@ class WorkerRepository:
             sql.SQL("namespace = %(namespace)s"),
             sql.SQL("NOT draining"),
             sql.SQL("last_heartbeat_at >= %(healthy_since)s"),
-            sql.SQL("in_flight < max_concurrent"),
         ]
+        if not query.include_full:
+            conditions.append(sql.SQL("in_flight < max_concurrent"))
         params: dict[str, Any] = {
             "namespace": query.namespace,
             "healthy_since": self._policy.unhealthy_cutoff(now),

@@ -362,10 +362,17 @@ class DiscoverWorkersRequest(_message.Message):
     LABEL_SELECTOR_FIELD_NUMBER: _builtins.int
     NAMESPACE_FIELD_NUMBER: _builtins.int
     MAX_RESULTS_FIELD_NUMBER: _builtins.int
+    INCLUDE_FULL_FIELD_NUMBER: _builtins.int
     namespace: _builtins.str
     """Empty means "default"."""
     max_results: _builtins.int
     """0 means the default; larger values are capped."""
+    include_full: _builtins.bool
+    """Also return live, non-draining matching workers that had no spare slot at their last
+    heartbeat (spare_capacity 0; ranked by the same score, which a full worker lowers): a
+    caller that freed slots on a worker since that heartbeat (Worker.last_heartbeat_at,
+    in_flight) may use them at once instead of waiting for the next heartbeat.
+    """
     @_builtins.property
     def required_capabilities(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The worker must have all of them."""
@@ -381,10 +388,11 @@ class DiscoverWorkersRequest(_message.Message):
         label_selector: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         namespace: _builtins.str = ...,
         max_results: _builtins.int = ...,
+        include_full: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["label_selector", b"label_selector", "max_results", b"max_results", "namespace", b"namespace", "required_capabilities", b"required_capabilities"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["include_full", b"include_full", "label_selector", b"label_selector", "max_results", b"max_results", "namespace", b"namespace", "required_capabilities", b"required_capabilities"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -118,6 +118,7 @@ class RegistryServicer(pb_grpc.ServiceRegistryServicer):
             namespace=request.namespace,
             max_results=request.max_results,
             limits=self._limits,
+            include_full=request.include_full,
         )
         ranked = await self._service.discover(query)
         self._metrics.discovery_seconds.observe(time.perf_counter() - started)
