@@ -954,16 +954,66 @@ async def test_a_watch_dropped_before_its_first_event_resumes_from_its_header_cu
     resumed.cancel()
 
 
-async def test_a_snapshot_watch_sends_the_snapshot_cursor_in_its_header(client: Client) -> None:
+async def test_a_snapshot_watch_dropped_before_its_first_event_resumes_from_its_header(
+    client: Client,
+) -> None:
     waiting = await client.create(task_id="waiting")
     stream = client.stub.WatchTickets(
         pb.WatchTicketsRequest(plan_id="plan-1", include_snapshot=True), metadata=client.svc
     )
     start = await watch_cursor_of(stream)
-    snap = await next_event(stream)
-    assert (snap.type, snap.ticket.ticket_id) == (pb.TICKET_EVENT_TYPE_SNAPSHOT, waiting.ticket_id)
-    assert snap.cursor == start
     stream.cancel()
+    # The header cursor resumes with the snapshot (as it is now), then the changes.
+    later = await client.create(task_id="later")
+    resumed = client.stub.WatchTickets(
+        pb.WatchTicketsRequest(plan_id="plan-1", cursor=start), metadata=client.svc
+    )
+    first, second = await next_event(resumed), await next_event(resumed)
+    assert [(e.type, e.ticket.ticket_id) for e in (first, second)] == [
+        (pb.TICKET_EVENT_TYPE_SNAPSHOT, waiting.ticket_id),
+        (pb.TICKET_EVENT_TYPE_SNAPSHOT, later.ticket_id),
+    ]
+    # At least once: the creation of "later" after the snapshot's position follows.
+    created = await next_event(resumed)
+    assert (created.type, created.ticket.ticket_id) == (
+        pb.TICKET_EVENT_TYPE_CREATED,
+        later.ticket_id,
+    )
+    resumed.cancel()
+
+
+async def test_a_watch_dropped_in_the_middle_of_its_snapshot_gets_the_rest_of_it(
+    client: Client,
+) -> None:
+    tickets = [await client.create(task_id=f"t{i}") for i in range(4)]
+    stream = client.stub.WatchTickets(
+        pb.WatchTicketsRequest(plan_id="plan-1", include_snapshot=True), metadata=client.svc
+    )
+    first, second = await next_event(stream), await next_event(stream)
+    stream.cancel()
+    assert [e.ticket.ticket_id for e in (first, second)] == [t.ticket_id for t in tickets[:2]]
+    # Meanwhile one of the rest is assigned and one reaches a terminal status.
+    assigned = await client.assign(tickets[2])
+    await client.update(tickets[3], S.TICKET_STATUS_CANCELLED, attempt=0)
+
+    resumed = client.stub.WatchTickets(
+        pb.WatchTicketsRequest(plan_id="plan-1", cursor=second.cursor), metadata=client.svc
+    )
+    rest = await next_event(resumed)
+    # The rest of the snapshot as the tickets are now (the cancelled one is not in it),
+    assert (rest.type, rest.ticket.ticket_id, rest.ticket.status) == (
+        pb.TICKET_EVENT_TYPE_SNAPSHOT,
+        assigned.ticket_id,
+        S.TICKET_STATUS_ASSIGNED,
+    )
+    # then every change after the snapshot's position: nothing is lost.
+    changes = [await next_event(resumed) for _ in range(2)]
+    assert [(e.type, e.ticket.ticket_id) for e in changes] == [
+        (pb.TICKET_EVENT_TYPE_ASSIGNED, tickets[2].ticket_id),
+        (pb.TICKET_EVENT_TYPE_STATUS_CHANGED, tickets[3].ticket_id),
+    ]
+    assert changes[1].ticket.status == S.TICKET_STATUS_CANCELLED
+    resumed.cancel()
 
 
 async def test_watch_snapshot_then_changes_by_plan(client: Client) -> None:

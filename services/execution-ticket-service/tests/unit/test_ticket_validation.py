@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 from typing import Any
 
 import pytest
@@ -11,6 +12,7 @@ from execution_ticket_service.domain.paging import (
     Cursor,
     decode_cursor,
     decode_page_token,
+    decode_watch_cursor,
     encode_cursor,
     encode_page_token,
 )
@@ -239,6 +241,20 @@ def test_cursor_round_trip_and_order() -> None:
     assert decode_cursor("bm9wZQ", errors) is None
     assert [v.field for v in errors.items] == ["cursor"]
     assert Cursor(1, 9) < Cursor(2, 1) < Cursor(2, 2)
+
+
+def test_watch_cursors_carry_the_snapshot_position() -> None:
+    errors = Violations()
+    plain = encode_cursor(Cursor(xid=7, seq=9))
+    mid = encode_cursor(Cursor(xid=7, seq=9), snapshot_after=41)
+    assert decode_watch_cursor(plain, errors) == (Cursor(7, 9), None)
+    assert decode_watch_cursor(mid, errors) == (Cursor(7, 9), 41)
+    assert decode_cursor(mid, errors) == Cursor(7, 9)  # the log position alone
+    assert decode_watch_cursor("", errors) == (None, None)
+    assert not errors.items
+    forged = base64.urlsafe_b64encode(b'{"v":1,"x":7,"s":9,"t":-1}').decode().rstrip("=")
+    assert decode_watch_cursor(forged, errors) == (None, None)
+    assert [v.field for v in errors.items] == ["cursor"]
 
 
 @pytest.mark.parametrize("after", [10, 100, 10_000, 100_000])

@@ -76,8 +76,13 @@ class Cursor:
     seq: int
 
 
-def encode_cursor(cursor: Cursor) -> str:
-    return _encode({"v": 1, "x": cursor.xid, "s": cursor.seq})
+def encode_cursor(cursor: Cursor, *, snapshot_after: int | None = None) -> str:
+    """``snapshot_after``: the cursor is in the middle of a snapshot, whose tickets after
+    that ticket sequence number are still to be sent (see WatchTickets)."""
+    body: dict[str, object] = {"v": 1, "x": cursor.xid, "s": cursor.seq}
+    if snapshot_after is not None:
+        body["t"] = snapshot_after
+    return _encode(body)
 
 
 def decode_cursor(token: str, errors: Violations, path: str = "cursor") -> Cursor | None:
@@ -98,3 +103,21 @@ def decode_cursor(token: str, errors: Violations, path: str = "cursor") -> Curso
         errors.add(path, "is not a cursor issued by this service")
         return None
     return Cursor(xid=xid, seq=seq)
+
+
+def decode_watch_cursor(
+    token: str, errors: Violations, path: str = "cursor"
+) -> tuple[Cursor | None, int | None]:
+    """A WatchTickets cursor: the log position and, for a cursor taken in the middle of a
+    snapshot, the ticket sequence number the rest of the snapshot starts after."""
+    cursor = decode_cursor(token, errors, path)
+    if cursor is None:
+        return None, None
+    body = _decode(token)
+    after = body.get("t") if body else None
+    if after is None:
+        return cursor, None
+    if not isinstance(after, int) or isinstance(after, bool) or after < 0:
+        errors.add(path, "is not a cursor issued by this service")
+        return None, None
+    return cursor, after

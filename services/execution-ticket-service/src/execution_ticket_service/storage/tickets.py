@@ -516,13 +516,19 @@ class TicketRepository:
 
         return await self._run(work, transaction=False)
 
-    async def snapshot(self, ticket_filter: TicketFilter) -> tuple[Cursor, list[Ticket]]:
-        """Non-terminal matching tickets plus the position to follow them from, consistently.
+    async def snapshot(
+        self, ticket_filter: TicketFilter, *, after_seq: int = 0
+    ) -> tuple[Cursor, list[tuple[int, Ticket]]]:
+        """Non-terminal matching tickets (with their sequence numbers, in that order, after
+        ``after_seq``) plus the position to follow them from, consistently.
 
         Events after the position may repeat changes already in the snapshot (at least once);
         ``ticket.version`` tells a client which is newer.
         """
-        conditions = [sql.SQL("status IN ('PENDING', 'ASSIGNED', 'RUNNING')")]
+        conditions = [
+            sql.SQL("status IN ('PENDING', 'ASSIGNED', 'RUNNING')"),
+            sql.SQL("seq > %(after)s"),
+        ]
         if ticket_filter.plan_id:
             conditions.append(sql.SQL("plan_id = %(plan_id)s"))
         if ticket_filter.worker_id:
@@ -530,9 +536,13 @@ class TicketRepository:
         query = sql.SQL("SELECT * FROM tickets WHERE {} ORDER BY seq").format(
             sql.SQL(" AND ").join(conditions)
         )
-        params = {"plan_id": ticket_filter.plan_id, "worker_id": ticket_filter.worker_id}
+        params = {
+            "plan_id": ticket_filter.plan_id,
+            "worker_id": ticket_filter.worker_id,
+            "after": after_seq,
+        }
 
-        async def work(conn: AsyncConnection[DictRow]) -> tuple[Cursor, list[Ticket]]:
+        async def work(conn: AsyncConnection[DictRow]) -> tuple[Cursor, list[tuple[int, Ticket]]]:
             await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
             cur = await conn.execute(
                 "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint AS xmin"
@@ -540,7 +550,7 @@ class TicketRepository:
             row = await cur.fetchone()
             assert row is not None
             cur = await conn.execute(query, params)
-            tickets = [ticket_from_row(r) for r in await cur.fetchall()]
+            tickets = [(r["seq"], ticket_from_row(r)) for r in await cur.fetchall()]
             return Cursor(xid=row["xmin"], seq=0), tickets
 
         return await self._run(work)

@@ -12,8 +12,8 @@ from google.protobuf import timestamp_pb2
 
 from execution_ticket_service.domain.models import EventType, Ticket, TicketEvent, TicketFilter
 from execution_ticket_service.domain.paging import (
-    decode_cursor,
     decode_page_token,
+    decode_watch_cursor,
     encode_cursor,
     encode_page_token,
 )
@@ -235,7 +235,7 @@ class TicketServicer(pb_grpc.TicketServiceServicer):
         errors = Violations()
         check_identifier(request.plan_id, "plan_id", errors, required=False)
         check_identifier(request.worker_id, "worker_id", errors, required=False)
-        cursor = decode_cursor(request.cursor, errors)
+        cursor, snapshot_after = decode_watch_cursor(request.cursor, errors)
         if request.cursor and request.include_snapshot:
             errors.add("include_snapshot", "only applies without a cursor")
         if request.include_ticket_tokens and not request.worker_id:
@@ -245,21 +245,30 @@ class TicketServicer(pb_grpc.TicketServiceServicer):
         token_holder = request.worker_id if request.include_ticket_tokens else ""
 
         with self._tail.subscribed():
-            tickets: list[Ticket] = []
+            tickets: list[tuple[int, Ticket]] = []
             if cursor is None and request.include_snapshot:
                 cursor, tickets = await self._repository.snapshot(ticket_filter)
+                snapshot_after = 0
             elif cursor is None:
                 cursor = await self._repository.current_position()
+            elif snapshot_after is not None:
+                # Resumed in the middle of a snapshot: the rest of it (as the tickets are
+                # now), then the changes after the snapshot's position, as before.
+                _, tickets = await self._repository.snapshot(
+                    ticket_filter, after_seq=snapshot_after
+                )
             # Headers as soon as the watch is positioned, not with the first event: the client
             # knows the watch is established, and gets the stream's starting cursor in
             # `x-watch-cursor`. Without it, a stream started with an empty cursor that drops
             # before its first event leaves the client nowhere to resume from, and a change made
             # before it reconnects would be missed. (A resumed stream echoes its own cursor.)
-            await context.send_initial_metadata(((WATCH_CURSOR_HEADER, encode_cursor(cursor)),))
+            # A snapshot stream's header cursor resumes with the whole snapshot again.
+            header = encode_cursor(cursor, snapshot_after=snapshot_after)
+            await context.send_initial_metadata(((WATCH_CURSOR_HEADER, header),))
 
             if tickets:
                 now = utc_now()
-                for ticket in tickets:
+                for seq, ticket in tickets:
                     snapshot = TicketEvent(
                         event_id=f"snapshot-{ticket.ticket_id}-{ticket.version}",
                         type=EventType.SNAPSHOT,
@@ -268,7 +277,8 @@ class TicketServicer(pb_grpc.TicketServiceServicer):
                         occurred_at=now,
                         actor=SNAPSHOT_ACTOR,
                         worker_id=ticket.worker_id,
-                        cursor=encode_cursor(cursor),
+                        # Resuming here sends the rest of the snapshot first.
+                        cursor=encode_cursor(cursor, snapshot_after=seq),
                     )
                     yield self._event_message(snapshot, token_holder)
 
