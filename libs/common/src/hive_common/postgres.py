@@ -1,10 +1,17 @@
-"""The PostgreSQL connection pool every service's storage layer uses."""
+"""The PostgreSQL connection pool every service's storage layer uses, and the one place
+its driver errors become :class:`~hive_common.errors.HiveError`."""
 
 from __future__ import annotations
 
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import psycopg
 import psycopg_pool
 from psycopg import AsyncConnection
 from psycopg.rows import DictRow, dict_row
+
+from hive_common.errors import Internal, Unavailable
 
 DictPool = psycopg_pool.AsyncConnectionPool[AsyncConnection[DictRow]]
 
@@ -26,3 +33,21 @@ def open_pool(
         kwargs={"row_factory": dict_row, "autocommit": True},
         connection_class=AsyncConnection[DictRow],
     )
+
+
+@asynccontextmanager
+async def database_errors(database: str) -> AsyncIterator[None]:
+    """Translate driver errors raised in the block (storage layers only).
+
+    No free connection in time or a lost server is UNAVAILABLE (retryable); any other
+    driver error is INTERNAL with its SQLSTATE. Messages name ``database`` but never carry
+    the driver's text (it holds host names and ports).
+    """
+    try:
+        yield
+    except psycopg_pool.PoolTimeout as exc:
+        raise Unavailable(f"{database}: connection pool exhausted") from exc
+    except psycopg.OperationalError as exc:
+        raise Unavailable(f"{database} unavailable") from exc
+    except psycopg.Error as exc:
+        raise Internal(f"{database} error", details={"sqlstate": exc.sqlstate or ""}) from exc

@@ -16,7 +16,6 @@ from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 import psycopg
-import psycopg_pool
 from psycopg import AsyncConnection, sql
 from psycopg.rows import DictRow
 from psycopg.types.json import Jsonb
@@ -47,11 +46,9 @@ from hive_common.errors import (
     AlreadyExists,
     FieldViolation,
     HiveError,
-    Internal,
     NotFound,
-    Unavailable,
 )
-from hive_common.postgres import DictPool, open_pool
+from hive_common.postgres import DictPool, database_errors, open_pool
 
 T = TypeVar("T")
 Pool = DictPool
@@ -202,25 +199,18 @@ class TicketRepository:
         ``transaction=False`` for work that is one statement (atomic on its own, on an
         autocommit connection): it saves the BEGIN and COMMIT round trips.
         """
-        for attempt in range(1, _ATTEMPTS + 1):
-            try:
-                async with self._pool.connection() as conn:
-                    if not transaction:
-                        return await work(conn)
-                    async with conn.transaction():
-                        return await work(conn)
-            except HiveError:
-                raise
-            except _RETRYABLE as exc:
-                if attempt == _ATTEMPTS:
-                    raise Aborted("concurrent update conflict; retry the request") from exc
-                await asyncio.sleep(0.01 * attempt)
-            except psycopg_pool.PoolTimeout as exc:
-                raise Unavailable("database connection pool exhausted") from exc
-            except psycopg.OperationalError as exc:
-                raise Unavailable("database unavailable") from exc
-            except psycopg.Error as exc:
-                raise Internal("database error", details={"sqlstate": exc.sqlstate or ""}) from exc
+        async with database_errors("ticket database"):
+            for attempt in range(1, _ATTEMPTS + 1):
+                try:
+                    async with self._pool.connection() as conn:
+                        if not transaction:
+                            return await work(conn)
+                        async with conn.transaction():
+                            return await work(conn)
+                except _RETRYABLE as exc:
+                    if attempt == _ATTEMPTS:
+                        raise Aborted("concurrent update conflict; retry the request") from exc
+                    await asyncio.sleep(0.01 * attempt)
         raise AssertionError("unreachable")  # pragma: no cover
 
     def _changed(self, counts: TransitionCounts) -> None:

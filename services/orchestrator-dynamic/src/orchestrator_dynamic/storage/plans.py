@@ -22,22 +22,18 @@ from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeAlias
 
-import psycopg
 from psycopg import AsyncConnection
 from psycopg.rows import DictRow
 from psycopg.types.json import Jsonb
-from psycopg_pool import PoolTimeout
 
 from hive_common.errors import (
     AlreadyExists,
     FieldViolation,
-    HiveError,
     Internal,
     InvalidArgument,
     NotFound,
-    Unavailable,
 )
-from hive_common.postgres import DictPool
+from hive_common.postgres import DictPool, database_errors
 from orchestrator_dynamic.domain.plan import Plan, Priority, plan_body_hash
 from orchestrator_dynamic.domain.records import (
     PlanLease,
@@ -233,17 +229,8 @@ class PlanRepository:
 
     @asynccontextmanager
     async def _connection(self) -> AsyncIterator[Connection]:
-        try:
-            async with self._pool.connection() as conn:
-                yield conn
-        except HiveError:
-            raise
-        except PoolTimeout as exc:
-            raise Unavailable("orchestrator database is not reachable (pool timeout)") from exc
-        except psycopg.OperationalError as exc:
-            raise Unavailable(f"orchestrator database is not reachable: {exc}") from exc
-        except psycopg.Error as exc:
-            raise Internal(f"orchestrator database error: {type(exc).__name__}") from exc
+        async with database_errors("orchestrator database"), self._pool.connection() as conn:
+            yield conn
 
     @asynccontextmanager
     async def _transaction(self) -> AsyncIterator[Connection]:

@@ -17,10 +17,11 @@ from typing import Any
 import psycopg
 from psycopg import sql
 from psycopg.types.json import Jsonb
-from psycopg_pool import AsyncConnectionPool, PoolTimeout
+from psycopg_pool import AsyncConnectionPool
 
-from hive_common.errors import HiveError, Internal, NotFound, Unavailable
+from hive_common.errors import HiveError, NotFound
 from hive_common.logging import get_logger
+from hive_common.postgres import database_errors
 from service_registry.domain import lifecycle
 from service_registry.domain.lifecycle import Transition
 from service_registry.domain.models import (
@@ -173,17 +174,8 @@ class WorkerRepository:
 
     @asynccontextmanager
     async def _connection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
-        try:
-            async with self._pool.connection() as conn:
-                yield conn
-        except HiveError:
-            raise
-        except PoolTimeout as exc:
-            raise Unavailable("registry database is not reachable (pool timeout)") from exc
-        except psycopg.OperationalError as exc:
-            raise Unavailable(f"registry database is not reachable: {exc}") from exc
-        except psycopg.Error as exc:
-            raise Internal(f"registry database error: {type(exc).__name__}") from exc
+        async with database_errors("registry database"), self._pool.connection() as conn:
+            yield conn
 
     @asynccontextmanager
     async def _transaction(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:

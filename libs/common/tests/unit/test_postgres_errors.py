@@ -1,0 +1,45 @@
+"""hive_common.postgres.database_errors: driver errors as HiveErrors, without driver text."""
+
+from __future__ import annotations
+
+import psycopg
+import psycopg_pool
+import pytest
+
+from hive_common.errors import Internal, NotFound, Unavailable
+from hive_common.postgres import database_errors
+
+
+@pytest.mark.parametrize(
+    ("raised", "expected", "message"),
+    [
+        (
+            psycopg_pool.PoolTimeout("no connection in 30s"),
+            Unavailable,
+            "x db: connection pool exhausted",
+        ),
+        (
+            psycopg.OperationalError("connection to server at 10.0.0.7, port 5432 failed"),
+            Unavailable,
+            "x db unavailable",
+        ),
+        (psycopg.errors.DeadlockDetected("deadlock"), Unavailable, "x db unavailable"),
+        (psycopg.errors.UndefinedTable("relation missing"), Internal, "x db error"),
+    ],
+)
+async def test_driver_errors_become_hive_errors(
+    raised: Exception, expected: type[Exception], message: str
+) -> None:
+    with pytest.raises(expected) as info:
+        async with database_errors("x db"):
+            raise raised
+    assert str(info.value.message) == message  # type: ignore[attr-defined]
+    assert info.value.__cause__ is raised
+
+
+async def test_other_errors_pass_through_unchanged() -> None:
+    error = NotFound("ticket t not found")
+    with pytest.raises(NotFound) as info:
+        async with database_errors("x db"):
+            raise error
+    assert info.value is error
