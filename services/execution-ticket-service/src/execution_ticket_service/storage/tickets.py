@@ -17,6 +17,7 @@ from typing import Any, TypeVar
 
 import psycopg
 from psycopg import AsyncConnection, sql
+from psycopg.abc import Params
 from psycopg.rows import DictRow
 from psycopg.types.json import Jsonb
 
@@ -53,6 +54,7 @@ from hive_common.postgres import DictPool, database_errors, open_pool
 T = TypeVar("T")
 Pool = DictPool
 Clock = Callable[[], datetime]
+Statement = str | sql.Composed
 
 # Conflicts PostgreSQL resolves by aborting one transaction; retrying it is always safe.
 _RETRYABLE = (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure)
@@ -213,6 +215,24 @@ class TicketRepository:
                     await asyncio.sleep(0.01 * attempt)
         raise AssertionError("unreachable")  # pragma: no cover
 
+    async def _fetch(self, query: Statement, params: Params | None = None) -> list[DictRow]:
+        """The rows of one statement run on its own (no BEGIN/COMMIT round trips)."""
+
+        async def work(conn: AsyncConnection[DictRow]) -> list[DictRow]:
+            cur = await conn.execute(query, params)
+            return await cur.fetchall()
+
+        return await self._run(work, transaction=False)
+
+    async def _execute(self, query: Statement, params: Params | None = None) -> int:
+        """One statement without results, on its own; how many rows it touched."""
+
+        async def work(conn: AsyncConnection[DictRow]) -> int:
+            cur = await conn.execute(query, params)
+            return cur.rowcount
+
+        return await self._run(work, transaction=False)
+
     def _changed(self, counts: TransitionCounts) -> None:
         """Tell the process (watchers, metrics) what was just committed."""
         if self._on_change is not None and counts:
@@ -363,14 +383,10 @@ class TicketRepository:
     # -- reads --------------------------------------------------------------------------------
 
     async def get(self, ticket_id: str) -> Ticket:
-        async def work(conn: AsyncConnection[DictRow]) -> Ticket:
-            cur = await conn.execute("SELECT * FROM tickets WHERE ticket_id = %s", (ticket_id,))
-            row = await cur.fetchone()
-            if row is None:
-                raise _not_found(ticket_id)
-            return ticket_from_row(row)
-
-        return await self._run(work, transaction=False)
+        rows = await self._fetch("SELECT * FROM tickets WHERE ticket_id = %s", (ticket_id,))
+        if not rows:
+            raise _not_found(ticket_id)
+        return ticket_from_row(rows[0])
 
     async def list_page(
         self, ticket_filter: TicketFilter, *, after_seq: int, limit: int
@@ -394,31 +410,20 @@ class TicketRepository:
             "limit": limit + 1,
         }
 
-        async def work(conn: AsyncConnection[DictRow]) -> tuple[list[Ticket], int | None]:
-            cur = await conn.execute(query, params)
-            rows = await cur.fetchall()
-            more = len(rows) > limit
-            rows = rows[:limit]
-            next_after = rows[-1]["seq"] if more and rows else None
-            return [ticket_from_row(r) for r in rows], next_after
-
-        return await self._run(work, transaction=False)
+        rows = await self._fetch(query, params)
+        more = len(rows) > limit
+        rows = rows[:limit]
+        next_after = rows[-1]["seq"] if more and rows else None
+        return [ticket_from_row(r) for r in rows], next_after
 
     async def count_by_status(self) -> dict[TicketStatus, int]:
-        async def work(conn: AsyncConnection[DictRow]) -> dict[TicketStatus, int]:
-            cur = await conn.execute("SELECT status, count(*) AS n FROM tickets GROUP BY status")
-            counts = {status: 0 for status in TicketStatus}
-            for row in await cur.fetchall():
-                counts[TicketStatus(row["status"])] = row["n"]
-            return counts
-
-        return await self._run(work, transaction=False)
+        counts = {status: 0 for status in TicketStatus}
+        for row in await self._fetch("SELECT status, count(*) AS n FROM tickets GROUP BY status"):
+            counts[TicketStatus(row["status"])] = row["n"]
+        return counts
 
     async def ping(self) -> None:
-        async def work(conn: AsyncConnection[DictRow]) -> None:
-            await conn.execute("SELECT 1 FROM tickets LIMIT 0")
-
-        await self._run(work, transaction=False)
+        await self._fetch("SELECT 1 FROM tickets LIMIT 0")
 
     # -- changes ------------------------------------------------------------------------------
 
@@ -496,15 +501,10 @@ class TicketRepository:
     async def current_position(self) -> Cursor:
         """Where "new events only" starts: everything from still-running transactions on."""
 
-        async def work(conn: AsyncConnection[DictRow]) -> Cursor:
-            cur = await conn.execute(
-                "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint AS xmin"
-            )
-            row = await cur.fetchone()
-            assert row is not None
-            return Cursor(xid=row["xmin"], seq=0)
-
-        return await self._run(work, transaction=False)
+        [row] = await self._fetch(
+            "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint AS xmin"
+        )
+        return Cursor(xid=row["xmin"], seq=0)
 
     async def snapshot(
         self, ticket_filter: TicketFilter, *, after_seq: int = 0
@@ -580,87 +580,61 @@ class TicketRepository:
             "limit": limit,
         }
 
-        async def work(conn: AsyncConnection[DictRow]) -> list[TicketEvent]:
-            cur = await conn.execute(query, params)
-            return [_event_from_row(row) for row in await cur.fetchall()]
-
-        return await self._run(work, transaction=False)
+        return [_event_from_row(row) for row in await self._fetch(query, params)]
 
     # -- the event log: outbox ----------------------------------------------------------------
 
     async def claim_outbox(self, *, limit: int, claim_seconds: float) -> list[OutboxEntry]:
         """Claim undelivered events for ``claim_seconds``; other replicas skip them."""
-
-        async def work(conn: AsyncConnection[DictRow]) -> list[OutboxEntry]:
-            cur = await conn.execute(
-                f"""
-                UPDATE ticket_events
-                SET relay_claimed_until = now() + %(claim)s * interval '1 second'
-                WHERE seq IN (
-                    SELECT seq FROM ticket_events
-                    WHERE relayed_at IS NULL
-                      AND (relay_claimed_until IS NULL OR relay_claimed_until < now())
-                    ORDER BY seq LIMIT %(limit)s
-                    FOR UPDATE SKIP LOCKED)
-                RETURNING {_EVENT_COLUMNS}
-                """,
-                {"claim": claim_seconds, "limit": limit},
-            )
-            rows = sorted(await cur.fetchall(), key=lambda r: r["seq"])
-            return [OutboxEntry(seq=r["seq"], event=_event_from_row(r)) for r in rows]
-
-        return await self._run(work, transaction=False)
+        rows = await self._fetch(
+            f"""
+            UPDATE ticket_events
+            SET relay_claimed_until = now() + %(claim)s * interval '1 second'
+            WHERE seq IN (
+                SELECT seq FROM ticket_events
+                WHERE relayed_at IS NULL
+                  AND (relay_claimed_until IS NULL OR relay_claimed_until < now())
+                ORDER BY seq LIMIT %(limit)s
+                FOR UPDATE SKIP LOCKED)
+            RETURNING {_EVENT_COLUMNS}
+            """,
+            {"claim": claim_seconds, "limit": limit},
+        )
+        rows.sort(key=lambda r: r["seq"])
+        return [OutboxEntry(seq=r["seq"], event=_event_from_row(r)) for r in rows]
 
     async def mark_relayed(self, seqs: Sequence[int]) -> None:
-        async def work(conn: AsyncConnection[DictRow]) -> None:
-            await conn.execute(
-                "UPDATE ticket_events SET relayed_at = now(), relay_claimed_until = NULL "
-                "WHERE seq = ANY(%s)",
-                (list(seqs),),
-            )
-
-        await self._run(work, transaction=False)
+        await self._execute(
+            "UPDATE ticket_events SET relayed_at = now(), relay_claimed_until = NULL "
+            "WHERE seq = ANY(%s)",
+            (list(seqs),),
+        )
 
     async def release_claims(self, seqs: Sequence[int]) -> None:
         """Give claimed events back at once (delivery failed) instead of waiting for expiry."""
-
-        async def work(conn: AsyncConnection[DictRow]) -> None:
-            await conn.execute(
-                "UPDATE ticket_events SET relay_claimed_until = NULL "
-                "WHERE seq = ANY(%s) AND relayed_at IS NULL",
-                (list(seqs),),
-            )
-
-        await self._run(work, transaction=False)
+        await self._execute(
+            "UPDATE ticket_events SET relay_claimed_until = NULL "
+            "WHERE seq = ANY(%s) AND relayed_at IS NULL",
+            (list(seqs),),
+        )
 
     async def purge_events(self, *, older_than: datetime, limit: int = 10_000) -> int:
         """Delete relayed events that happened before ``older_than`` (never undelivered ones)."""
-
-        async def work(conn: AsyncConnection[DictRow]) -> int:
-            cur = await conn.execute(
-                "DELETE FROM ticket_events WHERE seq IN ("
-                " SELECT seq FROM ticket_events"
-                " WHERE relayed_at IS NOT NULL AND occurred_at < %s"
-                " ORDER BY seq LIMIT %s)",
-                (older_than, limit),
-            )
-            return cur.rowcount
-
-        return await self._run(work, transaction=False)
+        return await self._execute(
+            "DELETE FROM ticket_events WHERE seq IN ("
+            " SELECT seq FROM ticket_events"
+            " WHERE relayed_at IS NOT NULL AND occurred_at < %s"
+            " ORDER BY seq LIMIT %s)",
+            (older_than, limit),
+        )
 
     async def outbox_backlog(self) -> tuple[int, datetime | None]:
         """How many events await relay, and when the oldest of them happened."""
-
-        async def work(conn: AsyncConnection[DictRow]) -> tuple[int, datetime | None]:
-            cur = await conn.execute(
-                "SELECT count(*) AS n, min(occurred_at) AS oldest FROM ticket_events "
-                "WHERE relayed_at IS NULL"
-            )
-            row = await cur.fetchone()
-            assert row is not None
-            return row["n"], row["oldest"]
-
-        return await self._run(work, transaction=False)
+        [row] = await self._fetch(
+            "SELECT count(*) AS n, min(occurred_at) AS oldest FROM ticket_events "
+            "WHERE relayed_at IS NULL"
+        )
+        return row["n"], row["oldest"]
 
 
 def _not_found(ticket_id: str) -> NotFound:
