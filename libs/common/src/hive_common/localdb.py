@@ -17,7 +17,6 @@ temporary data directory, and every server still running when the interpreter ex
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import glob
 import os
@@ -31,7 +30,6 @@ import sys
 import tempfile
 import threading
 import time
-import weakref
 from abc import ABC, abstractmethod
 from pathlib import Path
 from types import TracebackType
@@ -41,6 +39,8 @@ import psycopg
 from psycopg import sql
 from pymongo import MongoClient
 from pymongo.errors import PyMongoError
+
+from hive_common._exit import StopAtExit
 
 __all__ = [
     "LocalMongo",
@@ -155,24 +155,7 @@ def free_port(host: str = "127.0.0.1") -> int:
 # --------------------------------------------------------------------------------------------
 # Process management shared by both servers
 
-_live_servers: weakref.WeakSet[_LocalServer] = weakref.WeakSet()
-_atexit_lock = threading.Lock()
-_atexit_registered = False
-
-
-def _stop_all_at_exit() -> None:
-    for server in list(_live_servers):
-        with contextlib.suppress(Exception):
-            server.close()
-
-
-def _register(server: _LocalServer) -> None:
-    global _atexit_registered
-    with _atexit_lock:
-        if not _atexit_registered:
-            atexit.register(_stop_all_at_exit)
-            _atexit_registered = True
-        _live_servers.add(server)
+_live_servers: StopAtExit[_LocalServer] = StopAtExit(lambda server: server.close())
 
 
 class _LocalServer(ABC):
@@ -203,7 +186,7 @@ class _LocalServer(ABC):
         self._process: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
         self._closed = False
-        _register(self)
+        _live_servers.add(self)
 
     # -- public API ---------------------------------------------------------------------
 

@@ -16,7 +16,6 @@ Linux, children also get SIGTERM when the supervisor dies without cleaning up (v
 
 from __future__ import annotations
 
-import atexit
 import contextlib
 import os
 import re
@@ -27,12 +26,13 @@ import threading
 import time
 import urllib.error
 import urllib.request
-import weakref
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
 from typing import Self
+
+from hive_common._exit import StopAtExit
 
 __all__ = [
     "ManagedProcess",
@@ -121,24 +121,7 @@ def log_ready(pattern: str) -> ReadyProbe:
 # --------------------------------------------------------------------------------------------
 # Clean-up of processes still running when the interpreter exits
 
-_live: weakref.WeakSet[ManagedProcess] = weakref.WeakSet()
-_atexit_lock = threading.Lock()
-_atexit_registered = False
-
-
-def _stop_all_at_exit() -> None:
-    for process in list(_live):
-        with contextlib.suppress(Exception):
-            process.stop(grace=5.0)
-
-
-def _track(process: ManagedProcess) -> None:
-    global _atexit_registered
-    with _atexit_lock:
-        if not _atexit_registered:
-            atexit.register(_stop_all_at_exit)
-            _atexit_registered = True
-        _live.add(process)
+_live: StopAtExit[ManagedProcess] = StopAtExit(lambda process: process.stop(grace=5.0))
 
 
 class ManagedProcess:
@@ -212,7 +195,7 @@ class ManagedProcess:
         finally:
             log.close()  # the child has its own copy of the descriptor
         self.starts += 1
-        _track(self)
+        _live.add(self)
 
     def wait_ready(self, timeout: float | None = None) -> None:
         """Block until the readiness probe passes (immediately without a probe).
