@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import psycopg
 import pytest
@@ -18,8 +18,8 @@ from execution_ticket_service.domain.models import (
     TicketSpec,
     TicketStatus,
 )
-from execution_ticket_service.storage.tickets import TicketRepository
-from hive_common.errors import AlreadyExists, FailedPrecondition, NotFound
+from execution_ticket_service.storage.tickets import Pool, TicketRepository
+from hive_common.errors import Aborted, AlreadyExists, FailedPrecondition, NotFound
 
 pytestmark = pytest.mark.service
 
@@ -133,6 +133,102 @@ async def test_update_flow_and_events(repo: TicketRepository) -> None:
     ]
     assert rest[-1].details["reported_status"] == "COMPLETED"
     assert rest[-1].actor == "worker:w1"
+
+
+async def _running_ticket(repo: TicketRepository, task_id: str = "t1") -> str:
+    [(t, _)] = await repo.create_many([spec(task_id)], actor="s")
+    await repo.assign(
+        Assignment(ticket_id=t.ticket_id, worker_id="w1", lease_seconds=30, attempt=1), actor="s"
+    )
+    await repo.update_status(
+        StatusUpdate(ticket_id=t.ticket_id, status=S.RUNNING, attempt=1), actor="worker:w1"
+    )
+    return t.ticket_id
+
+
+def _clock_with_concurrent_writer(
+    dsn: str, statement: str, ticket_id: str, *, times: int
+) -> Callable[[], datetime]:
+    """A clock that, the first ``times`` times the repository asks for the time (between
+    its read of the ticket and its write), commits ``statement`` on another connection:
+    another replica's change landing in that gap."""
+    calls = 0
+
+    def clock() -> datetime:
+        nonlocal calls
+        calls += 1
+        if calls <= times:
+            with psycopg.connect(dsn, autocommit=True) as other:
+                other.execute(statement, (ticket_id,))
+        return datetime.now(UTC)
+
+    return clock
+
+
+async def test_a_change_that_lost_the_race_is_decided_again_on_the_new_row(
+    repo: TicketRepository, pool: Pool, migrated_dsn: str
+) -> None:
+    ticket_id = await _running_ticket(repo)
+    cancel = (
+        "UPDATE tickets SET status = 'CANCELLED', version = version + 1, completed_at = now(), "
+        "lease_expires_at = NULL WHERE ticket_id = %s"
+    )
+    racing = TicketRepository(
+        pool=pool, clock=_clock_with_concurrent_writer(migrated_dsn, cancel, ticket_id, times=1)
+    )
+    position = await repo.current_position()
+    # Decided on RUNNING (legal), but the ticket was cancelled before the write: decided
+    # again on CANCELLED, which is terminal.
+    with pytest.raises(FailedPrecondition, match="terminal"):
+        await racing.update_status(
+            StatusUpdate(ticket_id=ticket_id, status=S.COMPLETED, attempt=1, result={"x": 1}),
+            actor="worker:w1",
+        )
+    stored = await repo.get(ticket_id)
+    assert (stored.status, stored.version, stored.result) == (S.CANCELLED, 4, None)
+    assert await repo.events_after(position, TicketFilter(), limit=10) == []
+
+
+async def test_a_change_that_keeps_losing_the_race_is_aborted_and_writes_nothing(
+    repo: TicketRepository, pool: Pool, migrated_dsn: str
+) -> None:
+    ticket_id = await _running_ticket(repo)
+    bump = "UPDATE tickets SET version = version + 1 WHERE ticket_id = %s"
+    racing = TicketRepository(
+        pool=pool, clock=_clock_with_concurrent_writer(migrated_dsn, bump, ticket_id, times=100)
+    )
+    position = await repo.current_position()
+    with pytest.raises(Aborted, match="retry"):
+        await racing.update_status(
+            StatusUpdate(ticket_id=ticket_id, status=S.COMPLETED, attempt=1), actor="worker:w1"
+        )
+    stored = await repo.get(ticket_id)
+    assert stored.status is S.RUNNING
+    assert stored.version == 3 + 5  # five reads, five concurrent bumps, no write of ours
+    assert await repo.events_after(position, TicketFilter(), limit=10) == []
+
+
+async def test_concurrent_terminal_reports_on_one_ticket_one_wins(repo: TicketRepository) -> None:
+    ticket_id = await _running_ticket(repo)
+    position = await repo.current_position()
+    updates = [
+        StatusUpdate(ticket_id=ticket_id, status=S.COMPLETED, attempt=1, result={"n": n})
+        for n in range(8)
+    ] + [
+        StatusUpdate(ticket_id=ticket_id, status=S.CANCELLED, attempt=0, error_message=f"c{n}")
+        for n in range(8)
+    ]
+    results = await asyncio.gather(
+        *(repo.update_status(u, actor="s") for u in updates), return_exceptions=True
+    )
+    won = [r for r in results if not isinstance(r, BaseException)]
+    assert len(won) == 1, results
+    assert all(isinstance(r, FailedPrecondition) for r in results if r not in won)
+    stored = await repo.get(ticket_id)
+    assert stored == won[0]
+    assert stored.version == 4
+    [event] = await repo.events_after(position, TicketFilter(), limit=20)
+    assert event.ticket == stored
 
 
 async def test_unknown_ticket(repo: TicketRepository) -> None:

@@ -2,7 +2,8 @@
 
 Each ``decide_*`` function is pure: given the current ticket and a request it returns an
 :class:`Outcome` saying what to store (the new ticket and/or an event) and what to answer.
-Storage applies the outcome under a row lock, so the rules live in one place.
+Storage applies the outcome only to the ticket version it was decided on (re-deciding on
+a fresh read if the ticket changed meanwhile), so the rules live in one place.
 """
 
 from __future__ import annotations

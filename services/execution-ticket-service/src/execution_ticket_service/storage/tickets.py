@@ -1,8 +1,11 @@
 """TicketRepository: tickets and their event log in PostgreSQL (psycopg 3, async pool).
 
-Every change runs in one transaction that locks the ticket row (``SELECT ... FOR UPDATE``),
-lets the domain decide, writes the new row and appends the event row. The event table is
-both the transactional outbox (relayed to MongoDB) and the log WatchTickets reads.
+A change to one ticket reads the row, lets the domain decide, then writes the new row and
+appends the event row in one statement that only applies if the row still has the version
+that was read (optimistic concurrency: two round trips, no transaction held open; a lost
+race is decided again on the fresh row). Batches (assignments, lease expiry) lock their
+rows in one transaction and write through the same statements. The event table is both
+the transactional outbox (relayed to MongoDB) and the log WatchTickets reads.
 """
 
 from __future__ import annotations
@@ -59,6 +62,9 @@ Statement = str | sql.Composed
 # Conflicts PostgreSQL resolves by aborting one transaction; retrying it is always safe.
 _RETRYABLE = (psycopg.errors.DeadlockDetected, psycopg.errors.SerializationFailure)
 _ATTEMPTS = 3
+# A single-ticket change that keeps losing the race to concurrent changes of the same
+# ticket gives up (ABORTED, retryable) rather than spin.
+_OPTIMISTIC_ATTEMPTS = 5
 
 
 def utc_now() -> datetime:
@@ -137,16 +143,17 @@ UPDATE tickets SET
     lease_expires_at = %(lease_expires_at)s, error_message = %(error_message)s,
     result = %(result)s, version = %(version)s, last_update_digest = %(last_update_digest)s,
     updated_at = %(updated_at)s, started_at = %(started_at)s, completed_at = %(completed_at)s
-WHERE ticket_id = %(ticket_id)s
+WHERE ticket_id = %(ticket_id)s AND version = %(read_version)s
 """
 
-# The payload is the ticket row as stored, read back in the same transaction.
+# The payload is the ticket row as stored, read back in the same statement. Every write
+# names the version the decision was made on and touches no row if the ticket moved on.
 _INSERT_EVENT = """
 INSERT INTO ticket_events (event_id, event_type, ticket_id, plan_id, worker_id, previous_status,
                            status, actor, occurred_at, ticket, details)
 SELECT %(event_id)s, %(event_type)s, t.ticket_id, t.plan_id, %(event_worker_id)s,
        %(previous_status)s, t.status, %(actor)s, %(occurred_at)s, to_jsonb(t), %(details)s
-FROM tickets t WHERE t.ticket_id = %(ticket_id)s
+FROM tickets t WHERE t.ticket_id = %(ticket_id)s AND t.version = %(read_version)s
 """
 
 # Both in one statement (one round trip): the event reads the updated row from RETURNING,
@@ -158,7 +165,7 @@ WITH updated AS (
         lease_expires_at = %(lease_expires_at)s, error_message = %(error_message)s,
         result = %(result)s, version = %(version)s, last_update_digest = %(last_update_digest)s,
         updated_at = %(updated_at)s, started_at = %(started_at)s, completed_at = %(completed_at)s
-    WHERE ticket_id = %(ticket_id)s
+    WHERE ticket_id = %(ticket_id)s AND version = %(read_version)s
     RETURNING *
 )
 INSERT INTO ticket_events (event_id, event_type, ticket_id, plan_id, worker_id, previous_status,
@@ -243,21 +250,17 @@ class TicketRepository:
             collections.Counter((e.type, e.previous_status, e.ticket.status) for e in events)
         )
 
-    async def _lock(self, conn: AsyncConnection[DictRow], ticket_id: str) -> Ticket:
-        cur = await conn.execute(
-            "SELECT * FROM tickets WHERE ticket_id = %s FOR UPDATE", (ticket_id,)
-        )
-        row = await cur.fetchone()
-        if row is None:
-            raise _not_found(ticket_id)
-        return ticket_from_row(row)
-
-    async def _apply(self, conn: AsyncConnection[DictRow], outcome: Outcome) -> None:
+    async def _apply(
+        self, conn: AsyncConnection[DictRow], outcome: Outcome, *, read_version: int
+    ) -> bool:
+        """Write ``outcome`` if the ticket is still at ``read_version`` (the version the
+        decision was made on); False when a concurrent change got there first."""
         ticket = outcome.ticket
         update: dict[str, Any] | None = None
         if outcome.changed:
             update = {
                 "ticket_id": ticket.ticket_id,
+                "read_version": read_version,
                 "status": ticket.status.value,
                 "attempt": ticket.attempt,
                 "worker_id": ticket.worker_id or None,
@@ -272,9 +275,9 @@ class TicketRepository:
             }
         event = outcome.event
         if event is None:
-            if update is not None:
-                await conn.execute(_UPDATE_TICKET, update)
-            return
+            if update is None:
+                return True
+            return (await conn.execute(_UPDATE_TICKET, update)).rowcount == 1
         insert: dict[str, Any] = {
             "event_id": event.event_id,
             "event_type": event.type.value,
@@ -284,22 +287,37 @@ class TicketRepository:
             "occurred_at": event.occurred_at,
             "details": Jsonb(event.details),
             "ticket_id": ticket.ticket_id,
+            "read_version": read_version,
         }
         if update is not None:
-            await conn.execute(_UPDATE_TICKET_AND_INSERT_EVENT, update | insert)
+            cur = await conn.execute(_UPDATE_TICKET_AND_INSERT_EVENT, update | insert)
         else:
-            await conn.execute(_INSERT_EVENT, insert)
+            cur = await conn.execute(_INSERT_EVENT, insert)
+        return cur.rowcount == 1
 
     async def _decide_and_apply(
         self, ticket_id: str, decide: Callable[[Ticket, datetime], Outcome]
     ) -> Ticket:
-        async def work(conn: AsyncConnection[DictRow]) -> Outcome:
-            ticket = await self._lock(conn, ticket_id)
-            outcome = decide(ticket, self._clock())
-            await self._apply(conn, outcome)
-            return outcome
+        """Read, decide, write-if-unchanged: two autocommit statements, no row lock held
+        between them. A concurrent change in between makes the write touch nothing; the
+        request is then decided again on the ticket as it is now."""
 
-        outcome = await self._run(work)
+        async def work(conn: AsyncConnection[DictRow]) -> Outcome:
+            for _ in range(_OPTIMISTIC_ATTEMPTS):
+                cur = await conn.execute("SELECT * FROM tickets WHERE ticket_id = %s", (ticket_id,))
+                row = await cur.fetchone()
+                if row is None:
+                    raise _not_found(ticket_id)
+                ticket = ticket_from_row(row)
+                outcome = decide(ticket, self._clock())
+                if await self._apply(conn, outcome, read_version=ticket.version):
+                    return outcome
+            raise Aborted(
+                f"ticket {ticket_id} kept changing concurrently; retry the request",
+                details={"ticket_id": ticket_id},
+            )
+
+        outcome = await self._run(work, transaction=False)
         if outcome.event is not None:
             self._changed_events([outcome.event])
         if outcome.error is not None:
@@ -459,7 +477,7 @@ class TicketRepository:
                 except HiveError as exc:
                     results.append(exc)
                     continue
-                await self._apply(conn, outcome)
+                await self._apply(conn, outcome, read_version=ticket.version)  # row locked
                 results.append(outcome)
             return results
 
@@ -486,8 +504,9 @@ class TicketRepository:
             )
             events: list[TicketEvent] = []
             for row in await cur.fetchall():
-                outcome = decide_lease_expiry(ticket_from_row(row), now=now)
-                await self._apply(conn, outcome)
+                ticket = ticket_from_row(row)
+                outcome = decide_lease_expiry(ticket, now=now)
+                await self._apply(conn, outcome, read_version=ticket.version)  # row locked
                 if outcome.event is not None:
                     events.append(outcome.event)
             return events
