@@ -1,23 +1,28 @@
-"""structlog set-up shared by every service, with stdlib logging routed through it.
+"""structlog set-up shared by every service, with stdlib logging rendered the same way.
 
-:func:`configure_logging` installs one pipeline: contextvars merge (``request_id``,
-``plan_id``, ``ticket_id`` bound per request), log level, logger name, ISO-8601 UTC
-timestamp, then a JSON or console renderer. Records from stdlib loggers (uvicorn, grpc,
-libraries) go through the same processors via :class:`structlog.stdlib.ProcessorFormatter`,
-so a process prints one format only.
+:func:`configure_logging` installs one set of processors: contextvars merge
+(``request_id``, ``plan_id``, ``ticket_id`` bound per request), log level, logger name,
+ISO-8601 UTC timestamp, then a JSON or console renderer. structlog loggers run them
+natively (no stdlib ``LogRecord``; disabled levels are no-op methods) and write each line
+straight to the stream. Records from stdlib loggers (uvicorn, grpc, libraries) go through
+the same processors via :class:`structlog.stdlib.ProcessorFormatter` on a handler writing
+to that stream, under the same lock, so a process prints one format only and lines from
+the two paths never interleave.
 """
 
 from __future__ import annotations
 
 import logging
 import sys
+import traceback
 import uuid
-from collections.abc import Iterator, Mapping
-from contextlib import contextmanager
-from typing import IO, Any, Literal
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import AbstractContextManager, contextmanager
+from types import FrameType
+from typing import IO, Any, Literal, Protocol
 
 import structlog
-from structlog.typing import Processor
+from structlog.typing import EventDict, FilteringBoundLogger, Processor, WrappedLogger
 
 from hive_common.config import LogFormat
 
@@ -30,12 +35,102 @@ _ROUTED_LOGGERS = ("uvicorn", "uvicorn.error", "uvicorn.access", "grpc", "grpc._
 _HANDLER_MARK = "_hive_common_handler"
 
 
+class HiveLogger(Protocol):
+    """What :func:`get_logger` returns: a structlog bound logger (level-filtering wrapper).
+
+    Log methods take the event, optional ``%`` arguments and fields. Unlike
+    ``structlog.stdlib.BoundLogger`` there are no stdlib ``Logger`` methods
+    (``setLevel``, ``isEnabledFor``, ...). ``event`` is declared optional to match
+    ``hive_common.config.WarningLogger``, but a call must pass it.
+    """
+
+    def bind(self, **new_values: Any) -> HiveLogger: ...
+    def unbind(self, *keys: str) -> HiveLogger: ...
+    def debug(self, event: str | None = ..., *args: Any, **kw: Any) -> Any: ...
+    def info(self, event: str | None = ..., *args: Any, **kw: Any) -> Any: ...
+    def warning(self, event: str | None = ..., *args: Any, **kw: Any) -> Any: ...
+    def error(self, event: str | None = ..., *args: Any, **kw: Any) -> Any: ...
+    def exception(self, event: str | None = ..., *args: Any, **kw: Any) -> Any: ...
+    def critical(self, event: str | None = ..., *args: Any, **kw: Any) -> Any: ...
+
+
+class _LineWriter:
+    """What a structlog logger wraps: writes one rendered line to the shared stream.
+
+    ``name`` is read by :func:`structlog.stdlib.add_logger_name` for the ``logger`` key.
+    """
+
+    __slots__ = ("_flush", "_lock", "_write", "name")
+
+    def __init__(
+        self,
+        name: str,
+        write: Callable[[str], object],
+        flush: Callable[[], object],
+        lock: AbstractContextManager[Any],
+    ) -> None:
+        self.name = name
+        self._write = write
+        self._flush = flush
+        self._lock = lock
+
+    def msg(self, message: str) -> None:
+        """Write ``message`` and a newline in one call, then flush (as StreamHandler does)."""
+        with self._lock:
+            self._write(message + "\n")
+            self._flush()
+
+    log = debug = info = warn = warning = msg
+    fatal = failure = err = error = critical = exception = msg
+
+
+class _LineWriterFactory:
+    """structlog ``logger_factory``: a :class:`_LineWriter` named as ``get_logger`` was asked.
+
+    Called for every line (loggers are not cached, so reconfiguration reaches them), so it
+    only builds a four-slot object.
+    """
+
+    def __init__(self, stream: IO[str], lock: AbstractContextManager[Any]) -> None:
+        self._write = stream.write
+        self._flush = stream.flush
+        self._lock = lock
+
+    def __call__(self, *args: Any) -> _LineWriter:
+        if not args:
+            # structlog.get_logger() without a name: the calling module, as stdlib's
+            # LoggerFactory guesses it.
+            name = _calling_module()
+        elif args[0] is None:
+            name = "root"  # what logging.getLogger(None) was called
+        else:
+            name = str(args[0])
+        return _LineWriter(name, self._write, self._flush, self._lock)
+
+
+def _calling_module() -> str:
+    # The first frame outside this module and structlog, as structlog's stdlib factory does.
+    frame: FrameType | None = sys._getframe(1)
+    while frame is not None:
+        module = str(frame.f_globals.get("__name__", "?"))
+        if module != __name__ and not module.startswith("structlog"):
+            return module
+        frame = frame.f_back
+    return "?"
+
+
+def _drop_everything(logger: WrappedLogger, method_name: str, event_dict: EventDict) -> EventDict:
+    raise structlog.DropEvent
+
+
 def _shared_processors() -> list[Processor]:
+    # No PositionalArgumentsFormatter: the filtering wrapper applies ``%`` arguments itself
+    # and ProcessorFormatter hands foreign records over already formatted.
     return [
         structlog.contextvars.merge_contextvars,
-        structlog.stdlib.add_log_level,
+        structlog.processors.add_log_level,
+        # The stdlib record's name for foreign records, the _LineWriter's name otherwise.
         structlog.stdlib.add_logger_name,
-        structlog.stdlib.PositionalArgumentsFormatter(),
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         structlog.processors.StackInfoRenderer(),
     ]
@@ -55,6 +150,67 @@ def _resolve_format(fmt: LogFormat, stream: IO[str]) -> Literal["json", "pretty"
     return "pretty" if callable(isatty) and isatty() else "json"
 
 
+def _report_logging_error() -> None:
+    """What :meth:`logging.Handler.handleError` does: tell stderr, never fail the caller."""
+    if logging.raiseExceptions and sys.stderr:
+        try:
+            sys.stderr.write("--- Logging error ---\n")
+            traceback.print_exc(file=sys.stderr)
+        except OSError:  # stderr is gone too
+            pass
+
+
+def _never_raising(base: type[FilteringBoundLogger]) -> type[FilteringBoundLogger]:
+    """``base`` whose log calls swallow (and report) rendering and write errors.
+
+    A line that cannot be rendered or written (closed stream, broken pipe, full disk) must
+    not fail the request that logs it; the stdlib handler path never did either.
+    """
+
+    def _proxy_to_logger(
+        self: structlog.BoundLoggerBase,
+        method_name: str,
+        event: str | None = None,
+        **event_kw: Any,
+    ) -> Any:
+        try:
+            return structlog.BoundLoggerBase._proxy_to_logger(self, method_name, event, **event_kw)
+        except Exception:
+            _report_logging_error()
+            return None
+
+    wrapper: type[FilteringBoundLogger] = type(
+        base.__name__, (base,), {"_proxy_to_logger": _proxy_to_logger}
+    )
+    return wrapper
+
+
+# structlog has a filtering wrapper class per standard level only.
+_WRAPPERS = {
+    level: _never_raising(structlog.make_filtering_bound_logger(level))
+    for level in (
+        logging.NOTSET,
+        logging.DEBUG,
+        logging.INFO,
+        logging.WARNING,
+        logging.ERROR,
+        logging.CRITICAL,
+    )
+}
+
+
+def _filtering_wrapper(level: int) -> tuple[type[FilteringBoundLogger], list[Processor]]:
+    """structlog's wrapper class for ``level`` and the processors to put before all others.
+
+    A level between two standard ones filters the named methods like the next standard
+    level up; above CRITICAL nothing is logged (as stdlib does).
+    """
+    for standard, wrapper in _WRAPPERS.items():
+        if level <= standard:
+            return wrapper, []
+    return _WRAPPERS[logging.CRITICAL], [_drop_everything]
+
+
 def configure_logging(
     *,
     level: int | str = "INFO",
@@ -64,7 +220,9 @@ def configure_logging(
     """Configure structlog and stdlib logging for the whole process.
 
     ``fmt="auto"`` renders pretty on a terminal and JSON otherwise. ``stream`` defaults to
-    ``sys.stdout``. Safe to call again: the previous handler is replaced, never duplicated.
+    ``sys.stdout``. Safe to call again: the previous handler is replaced, never duplicated,
+    and loggers from :func:`get_logger` follow the new level, format and stream. A logger
+    returned by ``.bind()`` keeps the configuration it was bound under.
     """
     out = stream if stream is not None else sys.stdout
     resolved = _resolve_format(fmt, out)
@@ -72,29 +230,30 @@ def configure_logging(
         logging.getLevelNamesMapping()[level.upper()] if isinstance(level, str) else level
     )
     shared = _shared_processors()
+    renderer = _renderer_chain(resolved)
 
+    handler = logging.StreamHandler(out)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=shared,
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, *renderer],
+        )
+    )
+    setattr(handler, _HANDLER_MARK, True)
+    # structlog loggers write under the handler's own lock: one lock for every line that
+    # reaches the stream, whichever path it took.
+    lock = handler.lock
+    assert lock is not None  # created by Handler.__init__
+
+    wrapper_class, drop = _filtering_wrapper(numeric_level)
     structlog.configure(
-        processors=[
-            structlog.stdlib.filter_by_level,
-            *shared,
-            structlog.stdlib.ProcessorFormatter.wrap_for_formatter,
-        ],
-        logger_factory=structlog.stdlib.LoggerFactory(),
-        wrapper_class=structlog.stdlib.BoundLogger,
+        processors=[*drop, *shared, *renderer],
+        logger_factory=_LineWriterFactory(out, lock),
+        wrapper_class=wrapper_class,
+        context_class=dict,
         # Not cached so that a second configure_logging() call takes effect everywhere.
         cache_logger_on_first_use=False,
     )
-
-    formatter = structlog.stdlib.ProcessorFormatter(
-        foreign_pre_chain=shared,
-        processors=[
-            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
-            *_renderer_chain(resolved),
-        ],
-    )
-    handler = logging.StreamHandler(out)
-    handler.setFormatter(formatter)
-    setattr(handler, _HANDLER_MARK, True)
 
     # Lines are rendered from the event dict: the caller's file and line, thread and
     # process that stdlib gathers for every record are never shown, and finding the
@@ -118,9 +277,12 @@ def configure_logging(
         routed.setLevel(logging.NOTSET)
 
 
-def get_logger(name: str | None = None, **initial: Any) -> structlog.stdlib.BoundLogger:
-    """A structlog logger (stdlib-backed) named ``name`` with ``initial`` fields bound."""
-    logger: structlog.stdlib.BoundLogger = structlog.stdlib.get_logger(name, **initial)
+def get_logger(name: str | None = None, **initial: Any) -> HiveLogger:
+    """A structlog logger named ``name`` (``logger`` key) with ``initial`` fields bound.
+
+    Without a name the ``logger`` key is ``root``, as for the stdlib root logger.
+    """
+    logger: HiveLogger = structlog.get_logger(name, **initial)
     return logger
 
 
@@ -170,6 +332,7 @@ def request_context(**fields: Any) -> Iterator[None]:
 
 __all__ = [
     "REQUEST_CONTEXT_KEYS",
+    "HiveLogger",
     "bind_request_context",
     "clear_request_context",
     "configure_logging",
