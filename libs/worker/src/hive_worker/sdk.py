@@ -531,11 +531,13 @@ class Worker:
             if watched != worker_id:
                 cursor = ""
             # Assignments come with their ticket token: no GenerateToken call per task.
+            # Our own reports are not echoed back (we know them from their answers).
             watch = self._ticket_client.watch_tickets(
                 worker_id=worker_id,
                 cursor=cursor,
                 include_snapshot=not cursor,
                 include_ticket_tokens=True,
+                exclude_own_changes=True,
             )
             try:
                 async for event in watch:

@@ -928,6 +928,49 @@ async def test_a_worker_watch_can_deliver_each_assignment_with_its_ticket_token(
     assert done.status == S.TICKET_STATUS_COMPLETED
 
 
+async def test_a_watch_can_skip_the_changes_its_caller_made(client: Client) -> None:
+    # The worker's stream skips its own reports, the service's stream its own creates and
+    # assignments; everyone else's changes still arrive, in order.
+    worker_stream = client.stub.WatchTickets(
+        pb.WatchTicketsRequest(worker_id="w1", exclude_own_changes=True),
+        metadata=client.worker("w1"),
+    )
+    service_stream = client.stub.WatchTickets(
+        pb.WatchTicketsRequest(plan_id="plan-1", exclude_own_changes=True),
+        metadata=client.svc,
+    )
+    await worker_stream.initial_metadata()
+    await service_stream.initial_metadata()
+    first = await client.assign(await client.create(task_id="a"), worker_id="w1")
+    token = await client.ticket_token(first.ticket_id)
+    running = await client.update(first, S.TICKET_STATUS_RUNNING, token=token)
+    await client.update(running, S.TICKET_STATUS_COMPLETED, token=token)
+    second = await client.assign(await client.create(task_id="b"), worker_id="w1")
+    cancelled = await client.update(second, S.TICKET_STATUS_CANCELLED, attempt=0)
+
+    seen = [await next_event(worker_stream) for _ in range(3)]
+    assert [(e.type, e.ticket.ticket_id, e.actor) for e in seen] == [
+        (pb.TICKET_EVENT_TYPE_ASSIGNED, first.ticket_id, "service:orchestrator-dynamic"),
+        (pb.TICKET_EVENT_TYPE_ASSIGNED, second.ticket_id, "service:orchestrator-dynamic"),
+        (pb.TICKET_EVENT_TYPE_STATUS_CHANGED, second.ticket_id, "service:orchestrator-dynamic"),
+    ]
+    assert seen[-1].ticket == cancelled
+    # One more change by the worker: the next event on the service's stream after the
+    # worker's first two, so the service's own cancel in between was skipped.
+    third = await client.assign(await client.create(task_id="c"), worker_id="w1")
+    await client.update(
+        third, S.TICKET_STATUS_RUNNING, token=await client.ticket_token(third.ticket_id)
+    )
+    seen = [await next_event(service_stream) for _ in range(3)]
+    assert [(e.ticket.ticket_id, e.ticket.status, e.actor) for e in seen] == [
+        (first.ticket_id, S.TICKET_STATUS_RUNNING, "worker:w1"),
+        (first.ticket_id, S.TICKET_STATUS_COMPLETED, "worker:w1"),
+        (third.ticket_id, S.TICKET_STATUS_RUNNING, "worker:w1"),
+    ]
+    worker_stream.cancel()
+    service_stream.cancel()
+
+
 async def watch_cursor_of(stream: Any) -> str:
     metadata = await stream.initial_metadata()
     cursors = [value for key, value in metadata if key == "x-watch-cursor"]

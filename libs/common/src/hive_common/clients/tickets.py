@@ -75,6 +75,7 @@ class TicketWatch(ReconnectingStream[pb.WatchTicketsResponse, pb.TicketEvent]):
         reconnect: ReconnectPolicy | None,
         sleep: Sleep = asyncio.sleep,
         include_ticket_tokens: bool = False,
+        exclude_own_changes: bool = False,
     ) -> None:
         super().__init__(
             method=stub.WatchTickets, metadata=metadata, reconnect=reconnect, sleep=sleep
@@ -83,6 +84,7 @@ class TicketWatch(ReconnectingStream[pb.WatchTicketsResponse, pb.TicketEvent]):
         self._worker_id = worker_id
         self._include_snapshot = include_snapshot
         self._include_ticket_tokens = include_ticket_tokens
+        self._exclude_own_changes = exclude_own_changes
         self._snapshot_requested = False
         self._positioned = asyncio.Event()
         self._cursor = ""
@@ -124,6 +126,7 @@ class TicketWatch(ReconnectingStream[pb.WatchTicketsResponse, pb.TicketEvent]):
             cursor=self.cursor,
             include_snapshot=snapshot,
             include_ticket_tokens=self._include_ticket_tokens,
+            exclude_own_changes=self._exclude_own_changes,
         )
 
     async def _connected(
@@ -406,12 +409,15 @@ class TicketClient(GrpcClient):
         cursor: str = "",
         include_snapshot: bool = False,
         include_ticket_tokens: bool = False,
+        exclude_own_changes: bool = False,
         reconnect: bool = True,
         token: str | None = None,
     ) -> TicketWatch:
         """Follow ticket changes (see :class:`TicketWatch`); ``reconnect=False`` raises
         the first stream failure instead of resuming. ``include_ticket_tokens`` (with
-        ``worker_id``): assignments arrive with their ticket token (``event.ticket_token``)."""
+        ``worker_id``): assignments arrive with their ticket token (``event.ticket_token``).
+        ``exclude_own_changes``: skip the changes this caller made itself (it knows them
+        from its own calls' answers)."""
         return TicketWatch(
             stub=self._stub,
             plan_id=plan_id,
@@ -419,6 +425,7 @@ class TicketClient(GrpcClient):
             cursor=cursor,
             include_snapshot=include_snapshot,
             include_ticket_tokens=include_ticket_tokens,
+            exclude_own_changes=exclude_own_changes,
             metadata=bearer_metadata(token),
             reconnect=self._reconnect if reconnect else None,
             sleep=self._sleep,

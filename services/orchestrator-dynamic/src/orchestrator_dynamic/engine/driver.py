@@ -345,7 +345,10 @@ class PlanDriver:
         """
         cursor = ""
         while True:
-            watch = self._tickets.watch_tickets(cursor=cursor)
+            # Our own creates, assignments and cancels are merged from the calls' answers;
+            # a change another replica made to a plan we now drive is caught by the
+            # resync (and a refused assignment re-reads the ticket).
+            watch = self._tickets.watch_tickets(cursor=cursor, exclude_own_changes=True)
             if not watch.positioned:
                 self._watch_positioned = False
             positioning = asyncio.create_task(self._watch_became_positioned(watch))

@@ -686,6 +686,7 @@ class WatchTicketsRequest(_message.Message):
     CURSOR_FIELD_NUMBER: _builtins.int
     INCLUDE_SNAPSHOT_FIELD_NUMBER: _builtins.int
     INCLUDE_TICKET_TOKENS_FIELD_NUMBER: _builtins.int
+    EXCLUDE_OWN_CHANGES_FIELD_NUMBER: _builtins.int
     plan_id: _builtins.str
     """At least one of plan_id or worker_id, unless the caller holds the service token."""
     worker_id: _builtins.str
@@ -698,6 +699,13 @@ class WatchTicketsRequest(_message.Message):
     running) and held by that worker, set TicketEvent.ticket_token: what GenerateToken
     would return, so the worker can start without calling it.
     """
+    exclude_own_changes: _builtins.bool
+    """Skip events the caller caused itself (the event's actor is the caller: the token's
+    "service:<name>", or "worker:<id>" for worker and ticket tokens): changes it made and
+    already knows from the answer to its own call. SNAPSHOT events are always sent. A
+    stream that only skipped events does not move its client's cursor; resuming from the
+    last delivered cursor skips them again.
+    """
     def __init__(
         self,
         *,
@@ -706,10 +714,11 @@ class WatchTicketsRequest(_message.Message):
         cursor: _builtins.str = ...,
         include_snapshot: _builtins.bool = ...,
         include_ticket_tokens: _builtins.bool = ...,
+        exclude_own_changes: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor", "include_snapshot", b"include_snapshot", "include_ticket_tokens", b"include_ticket_tokens", "plan_id", b"plan_id", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor", "exclude_own_changes", b"exclude_own_changes", "include_snapshot", b"include_snapshot", "include_ticket_tokens", b"include_ticket_tokens", "plan_id", b"plan_id", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
