@@ -23,7 +23,6 @@ import shlex
 import signal
 import socket
 import sys
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -243,16 +242,16 @@ def main(argv: list[str] | None = None) -> int:
         24
     )
 
-    stop = threading.Event()
+    # The handler only records the signal: no locks (a threading.Event.set() interrupted
+    # by a second signal deadlocked on its own lock) and no buffered print.
     first_signal_at: list[float] = []
 
     def on_signal(signum: int, _frame: FrameType | None) -> None:
         # Ctrl-C reaches us twice at once (from the terminal and forwarded by `uv run`).
         if first_signal_at and time.monotonic() - first_signal_at[0] > 1.0:
-            print("\nalready stopping; please wait (processes get their grace period)")
+            os.write(2, b"\nalready stopping; please wait (processes get their grace period)\n")
         elif not first_signal_at:
             first_signal_at.append(time.monotonic())
-        stop.set()
 
     signal.signal(signal.SIGINT, on_signal)
     signal.signal(signal.SIGTERM, on_signal)
@@ -316,7 +315,8 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
         print(json.dumps({"event": "dev stack ready"}), flush=True)
-        while not stop.wait(0.5):
+        while not first_signal_at:
+            time.sleep(0.5)
             dead = stack.exited()
             if dead:
                 for process in dead:
