@@ -135,6 +135,10 @@ class _Run:
         )
 
 
+_LOAD_REPORT_GAP = 0.5
+"""Seconds between heartbeats sent early because the worker's load changed."""
+
+
 async def _wait_event(event: asyncio.Event, seconds: float) -> None:
     """Wait for ``event`` at most ``seconds``.
 
@@ -476,8 +480,10 @@ class Worker:
             await _wait_event(self._heartbeat_wake, self._interval)
             self._heartbeat_wake.clear()
             await self._heartbeat_once()
-            # Coalesce bursts of in-flight changes into one heartbeat.
-            await asyncio.sleep(min(0.1, self._interval))
+            # Coalesce in-flight changes into at most one heartbeat per _LOAD_REPORT_GAP:
+            # at 0.1 s a busy worker sent ~10 a second. Nothing waits for them: the
+            # orchestrator counts the slots it sees freed and taken from ticket events.
+            await asyncio.sleep(min(_LOAD_REPORT_GAP, self._interval))
 
     async def _heartbeat_once(self) -> None:
         assert self._worker_id is not None
