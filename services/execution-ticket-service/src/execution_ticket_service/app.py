@@ -149,7 +149,9 @@ async def build_service(settings: TicketSettings, *, clock: Clock = utc_now) -> 
         signal.notify()
         metrics.record_transitions(counts)
 
-    repository = TicketRepository(pool=pool, clock=clock, on_change=on_change)
+    repository = TicketRepository(
+        pool=pool, clock=clock, on_change=on_change, recent_tickets=settings.recent_tickets
+    )
     # MongoDB is optional at start-up: the client connects lazily, the relay retries.
     mongo: MongoClient = AsyncMongoClient(
         settings.mongo_uri,

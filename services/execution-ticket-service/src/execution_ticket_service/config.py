@@ -53,6 +53,9 @@ class TicketSettings(HiveSettings):
     # Recent events kept in memory for WatchTickets streams (one database read per change
     # for all streams); a stream further behind reads the database until it catches up.
     watch_window_events: int = Field(default=5_000, ge=1)
+    # Unfinished tickets whose last written state is remembered, so that their next change
+    # needs no read first (the write is checked against the version); 0 turns it off.
+    recent_tickets: int = Field(default=5_000, ge=0)
     readiness_interval_seconds: float = Field(default=2.0, gt=0)
     # Relayed events older than this are deleted (bounds the watch log and outbox table).
     event_retention_hours: float = Field(default=7 * 24, gt=0)

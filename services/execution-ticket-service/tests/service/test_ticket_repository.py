@@ -231,6 +231,66 @@ async def test_concurrent_terminal_reports_on_one_ticket_one_wins(repo: TicketRe
     assert event.ticket == stored
 
 
+def _sql(dsn: str, statement: str, ticket_id: str) -> None:
+    """A change made by someone else (another replica), committed at once."""
+    with psycopg.connect(dsn, autocommit=True) as other:
+        other.execute(statement, (ticket_id,))
+
+
+async def test_a_change_decided_on_the_remembered_ticket_skips_the_read(
+    repo: TicketRepository, migrated_dsn: str
+) -> None:
+    ticket_id = await _running_ticket(repo)  # remembered as RUNNING at version 3
+    # Changed behind the repository's back *without* a new version (no writer does that):
+    # only a read would see it, so the answer shows whether one was made.
+    _sql(migrated_dsn, "UPDATE tickets SET description = 'changed' WHERE ticket_id = %s", ticket_id)
+    done = await repo.update_status(
+        StatusUpdate(ticket_id=ticket_id, status=S.COMPLETED, attempt=1), actor="worker:w1"
+    )
+    assert (done.status, done.version, done.spec.description) == (S.COMPLETED, 4, "")
+    assert (await repo.get(ticket_id)).spec.description == "changed"
+
+
+async def test_a_remembered_ticket_changed_elsewhere_is_read_again(
+    repo: TicketRepository, migrated_dsn: str
+) -> None:
+    ticket_id = await _running_ticket(repo)
+    position = await repo.current_position()
+    _sql(
+        migrated_dsn,
+        "UPDATE tickets SET status = 'CANCELLED', version = version + 1, "
+        "lease_expires_at = NULL, completed_at = now() WHERE ticket_id = %s",
+        ticket_id,
+    )
+    # Legal on the remembered RUNNING, but the write finds version 4: decided again.
+    with pytest.raises(FailedPrecondition, match="terminal"):
+        await repo.update_status(
+            StatusUpdate(ticket_id=ticket_id, status=S.COMPLETED, attempt=1), actor="worker:w1"
+        )
+    assert (await repo.get(ticket_id)).status is S.CANCELLED
+    assert await repo.events_after(position, TicketFilter(), limit=10) == []
+
+
+async def test_a_refusal_on_the_remembered_ticket_is_checked_on_a_fresh_read(
+    repo: TicketRepository, migrated_dsn: str
+) -> None:
+    [(t, _)] = await repo.create_many([spec()], actor="s")
+    await repo.assign(
+        Assignment(ticket_id=t.ticket_id, worker_id="w1", lease_seconds=30, attempt=1), actor="s"
+    )  # remembered as ASSIGNED
+    _sql(
+        migrated_dsn,
+        "UPDATE tickets SET status = 'RUNNING', version = version + 1, started_at = now() "
+        "WHERE ticket_id = %s",
+        t.ticket_id,
+    )
+    # ASSIGNED -> COMPLETED would be refused; the ticket is RUNNING, so it is not.
+    done = await repo.update_status(
+        StatusUpdate(ticket_id=t.ticket_id, status=S.COMPLETED, attempt=1), actor="worker:w1"
+    )
+    assert (done.status, done.version) == (S.COMPLETED, 4)
+
+
 async def test_unknown_ticket(repo: TicketRepository) -> None:
     with pytest.raises(NotFound):
         await repo.get("00000000-0000-0000-0000-000000000000")

@@ -181,8 +181,40 @@ _EVENT_COLUMNS = (
 )
 
 
+class RecentTickets:
+    """The state this process last wrote for recently changed, unfinished tickets (LRU).
+
+    A change decided on it skips the read; the write still names the version, so if the
+    ticket changed meanwhile (another replica) it touches nothing and the change is decided
+    again on a fresh read. Terminal tickets are dropped: nothing changes them any more.
+    """
+
+    def __init__(self, max_entries: int) -> None:
+        self._max_entries = max_entries
+        self._tickets: collections.OrderedDict[str, Ticket] = collections.OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._tickets)
+
+    def get(self, ticket_id: str) -> Ticket | None:
+        return self._tickets.get(ticket_id)
+
+    def put(self, ticket: Ticket) -> None:
+        if ticket.status.terminal or self._max_entries == 0:
+            self._tickets.pop(ticket.ticket_id, None)
+            return
+        self._tickets[ticket.ticket_id] = ticket
+        self._tickets.move_to_end(ticket.ticket_id)
+        if len(self._tickets) > self._max_entries:
+            self._tickets.popitem(last=False)
+
+
 class TicketRepository:
-    """All ticket persistence. Raises only :class:`hive_common.errors.HiveError`."""
+    """All ticket persistence. Raises only :class:`hive_common.errors.HiveError`.
+
+    ``recent_tickets``: how many recently changed tickets to remember (:class:`RecentTickets`;
+    0 disables it).
+    """
 
     def __init__(
         self,
@@ -190,10 +222,12 @@ class TicketRepository:
         pool: Pool,
         clock: Clock = utc_now,
         on_change: Callable[[TransitionCounts], None] | None = None,
+        recent_tickets: int = 5_000,
     ) -> None:
         self._pool = pool
         self._clock = clock
         self._on_change = on_change
+        self._recent = RecentTickets(recent_tickets)
 
     # -- plumbing -------------------------------------------------------------------------
 
@@ -246,6 +280,8 @@ class TicketRepository:
             self._on_change(counts)
 
     def _changed_events(self, events: Sequence[TicketEvent]) -> None:
+        for event in events:
+            self._recent.put(event.ticket)  # each event carries the ticket as written
         self._changed(
             collections.Counter((e.type, e.previous_status, e.ticket.status) for e in events)
         )
@@ -300,9 +336,26 @@ class TicketRepository:
     ) -> Ticket:
         """Read, decide, write-if-unchanged: two autocommit statements, no row lock held
         between them. A concurrent change in between makes the write touch nothing; the
-        request is then decided again on the ticket as it is now."""
+        request is then decided again on the ticket as it is now.
+
+        With the ticket in :class:`RecentTickets` the read is skipped when the decision is
+        a write (it is checked by the write's version); refusals and repeats, which write
+        nothing, are always decided on a fresh read.
+        """
 
         async def work(conn: AsyncConnection[DictRow]) -> Outcome:
+            recent = self._recent.get(ticket_id)
+            if recent is not None:
+                try:
+                    outcome: Outcome | None = decide(recent, self._clock())
+                except HiveError:
+                    outcome = None
+                if (
+                    outcome is not None
+                    and (outcome.changed or outcome.event is not None)
+                    and await self._apply(conn, outcome, read_version=recent.version)
+                ):
+                    return outcome
             for _ in range(_OPTIMISTIC_ATTEMPTS):
                 cur = await conn.execute("SELECT * FROM tickets WHERE ticket_id = %s", (ticket_id,))
                 row = await cur.fetchone()
@@ -393,7 +446,9 @@ class TicketRepository:
                 )
             return results
 
-        results = await self._run(work)
+        # One ticket needs no transaction: its INSERT either creates it or changes nothing
+        # (a conflict), so there is never a partial batch to roll back.
+        results = await self._run(work, transaction=len(specs) > 1)
         created = sum(1 for _, was_created in results if was_created)
         self._changed({(EventType.CREATED, None, TicketStatus.PENDING): created} if created else {})
         return results
