@@ -9,6 +9,7 @@ import structlog
 from execution_ticket_service.app import build_service
 from execution_ticket_service.config import TicketSettings
 from hive_common.logging import configure_logging
+from hive_common.runtime import freeze_heap
 
 
 async def _run() -> None:
@@ -16,6 +17,7 @@ async def _run() -> None:
     configure_logging(level=settings.log_level, fmt=settings.log_format)
     settings.warn_if_insecure(structlog.get_logger("execution_ticket_service"))
     service = await build_service(settings)
+    freeze_heap()  # start-up objects are never garbage: keep full GCs short
     await service.run_until_signal()
 
 

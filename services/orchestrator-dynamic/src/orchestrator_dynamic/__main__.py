@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from hive_common.logging import configure_logging, get_logger
+from hive_common.runtime import freeze_heap
 from orchestrator_dynamic.app import build_app
 from orchestrator_dynamic.config import OrchestratorSettings
 
@@ -20,6 +21,7 @@ async def _run() -> None:
             detail="no HIVE_ORCHESTRATOR_API_TOKEN: anyone who reaches the port can submit plans",
         )
     app = await build_app(settings)
+    freeze_heap()  # start-up objects are never garbage: keep full GCs short
     await app.run_until_signal()
 
 

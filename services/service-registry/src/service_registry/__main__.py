@@ -6,6 +6,7 @@ import asyncio
 from typing import Any
 
 from hive_common.logging import configure_logging, get_logger
+from hive_common.runtime import freeze_heap
 from service_registry.app import build_app
 from service_registry.config import RegistrySettings
 
@@ -23,6 +24,7 @@ async def _main() -> None:
             "HIVE_REGISTRY_REGISTRATION_SECRET to let workers join with it",
         )
     app = await build_app(settings)
+    freeze_heap()  # start-up objects are never garbage: keep full GCs short
     await app.run_until_signal()
 
 
