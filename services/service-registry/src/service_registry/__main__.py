@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-from typing import Any
 
 from hive_common.logging import configure_logging, get_logger
 from hive_common.runtime import freeze_heap
@@ -14,8 +13,7 @@ from service_registry.config import RegistrySettings
 async def _main() -> None:
     settings = RegistrySettings()
     configure_logging(level=settings.log_level, fmt=settings.log_format)
-    # Any: structlog's BoundLogger.warning signature does not match WarningLogger exactly.
-    logger: Any = get_logger("service_registry")
+    logger = get_logger("service_registry")
     settings.warn_if_insecure(logger)
     if settings.registration_secret is None:
         logger.warning(
