@@ -182,7 +182,8 @@ _EVENT_COLUMNS = (
 
 
 class RecentTickets:
-    """The state this process last wrote for recently changed, unfinished tickets (LRU).
+    """The state this process last wrote for recently changed, unfinished tickets (the
+    least recently written are forgotten first).
 
     A change decided on it skips the read; the write still names the version, so if the
     ticket changed meanwhile (another replica) it touches nothing and the change is decided
