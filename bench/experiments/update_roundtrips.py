@@ -5,7 +5,9 @@ insert the outbox/event row, commit) against the real tickets schema, from ``con
 clients, two ways:
 
 * ``as today``: ``conn.transaction()`` on an autocommit pool connection: BEGIN, SELECT ...
-  FOR UPDATE, UPDATE, INSERT, COMMIT = 5 round trips;
+  FOR UPDATE, UPDATE, INSERT, COMMIT = 5 round trips (the service's write path in session
+  1; it now reads, then writes-if-the-version-is-unchanged in one statement, and skips
+  the read for a ticket it changed recently);
 * ``pipelined``: the same statements in psycopg pipeline mode: BEGIN + SELECT in one round
   trip, UPDATE + INSERT + COMMIT in a second.
 
