@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import asyncio
-import gc
 import io
 import os
 import signal
 import socket
-import weakref
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -23,7 +21,7 @@ from hive_common.grpc_server import GrpcService, build_grpc_server
 from hive_common.http import CheckResult, ReadinessReport, create_http_app
 from hive_common.logging import configure_logging
 from hive_common.metrics import HttpMetrics, RpcMetrics, new_registry
-from hive_common.runtime import ServiceRuntime, freeze_heap
+from hive_common.runtime import ServiceRuntime
 
 SERVICE = "test.Slow"
 SERVING = health_pb2.HealthCheckResponse.SERVING
@@ -397,23 +395,3 @@ def test_from_settings_uses_ports_and_grace() -> None:
     assert rt.host == "127.0.0.1"
     assert rt.shutdown_grace_seconds == 7
     assert rt._requested_ports == (1, 2, 3)
-
-
-def test_freeze_heap_takes_the_live_objects_out_of_collections() -> None:
-    class Node:
-        other: object = None
-
-    try:
-        gc.unfreeze()
-        frozen_before = gc.get_freeze_count()
-        freeze_heap()
-        assert gc.get_freeze_count() > max(frozen_before, 1000)
-        # Garbage made afterwards is still collected.
-        a, b = Node(), Node()
-        a.other, b.other = b, a
-        probe = weakref.ref(a)
-        del a, b
-        gc.collect()
-        assert probe() is None
-    finally:
-        gc.unfreeze()

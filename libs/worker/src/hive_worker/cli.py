@@ -16,6 +16,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from hive_common.errors import HiveError
+from hive_common.heap import freeze_heap
 from hive_common.logging import configure_logging, get_logger
 from hive_worker.config import WorkerSettings
 from hive_worker.sdk import Worker
@@ -76,7 +77,9 @@ def settings_from_args(argv: Sequence[str] | None = None) -> WorkerSettings:
 
 
 async def _serve(settings: WorkerSettings) -> None:
-    await Worker(settings=settings).run()
+    worker = Worker(settings=settings)
+    freeze_heap()  # start-up objects are never garbage: keep full GCs short
+    await worker.run()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

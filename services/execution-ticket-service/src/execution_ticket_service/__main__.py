@@ -8,8 +8,8 @@ import structlog
 
 from execution_ticket_service.app import build_service
 from execution_ticket_service.config import TicketSettings
+from hive_common.heap import freeze_heap
 from hive_common.logging import configure_logging
-from hive_common.runtime import freeze_heap
 
 
 async def _run() -> None:

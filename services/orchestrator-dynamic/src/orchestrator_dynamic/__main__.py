@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import asyncio
 
+from hive_common.heap import freeze_heap
 from hive_common.logging import configure_logging, get_logger
-from hive_common.runtime import freeze_heap
 from orchestrator_dynamic.app import build_app
 from orchestrator_dynamic.config import OrchestratorSettings
 
