@@ -527,6 +527,8 @@ async def test_fenced_write_to_unknown_plan_is_not_found(
 
     with pytest.raises(NotFound):
         await repo.set_status(ghost, status=PlanStatus.RUNNING)
+    with pytest.raises(NotFound):
+        await repo.update_tickets(ghost, [TicketState("build", "tk", S.RUNNING, version=2)])
 
 
 async def test_list_unsettled_pages_oldest_first(repo: PlanRepository, clock: FakeClock) -> None:

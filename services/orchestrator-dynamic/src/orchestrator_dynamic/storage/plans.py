@@ -101,7 +101,17 @@ _LIST = (
 """
 )
 
+# One statement (one round trip, no BEGIN/COMMIT): the fence locks the plan row and, only
+# if this lease still owns the plan, the observations are applied and the plan row touched.
+# The caller tells "plan gone" and "lease lost" apart from the fence row it gets back.
 _UPDATE_TICKETS = """
+WITH fence AS (
+    SELECT owner_id, owner_epoch FROM plans WHERE plan_id = %(plan_id)s FOR NO KEY UPDATE
+),
+owned AS (
+    SELECT 1 FROM fence WHERE owner_id = %(owner_id)s AND owner_epoch = %(owner_epoch)s
+),
+changed AS (
 UPDATE plan_tasks t
    SET ticket_id = COALESCE(u.ticket_id, t.ticket_id),
        status = u.status,
@@ -116,10 +126,17 @@ UPDATE plan_tasks t
               %(leases)s::timestamptz[], %(versions)s::bigint[])
        AS u(task_id, ticket_id, status, attempt, worker_id, error_message, lease_expires_at,
             version)
- WHERE t.plan_id = %(plan_id)s
+ WHERE EXISTS (SELECT 1 FROM owned)
+   AND t.plan_id = %(plan_id)s
    AND t.task_id = u.task_id
    AND (t.ticket_version < u.version OR (t.ticket_id IS NULL AND u.ticket_id IS NOT NULL))
 RETURNING t.task_id
+),
+touched AS (
+    UPDATE plans SET updated_at = %(now)s
+     WHERE plan_id = %(plan_id)s AND EXISTS (SELECT 1 FROM changed)
+)
+SELECT f.owner_id, f.owner_epoch, ARRAY(SELECT task_id FROM changed) AS changed FROM fence f
 """
 
 _START_BACKOFFS = """
@@ -237,10 +254,14 @@ class PlanRepository:
         async with self._connection() as conn, conn.transaction():
             yield conn
 
-    @staticmethod
-    async def _check_lease(conn: Connection, lease: PlanLease) -> None:
+    @classmethod
+    async def _check_lease(cls, conn: Connection, lease: PlanLease) -> None:
         cur = await conn.execute(_FENCE, {"plan_id": lease.plan_id})
-        row = await cur.fetchone()
+        cls._check_fence(lease, await cur.fetchone())
+
+    @staticmethod
+    def _check_fence(lease: PlanLease, row: dict[str, Any] | None) -> None:
+        """The plan row's owner and epoch (locked by a fence) must be ``lease``'s."""
         if row is None:
             raise NotFound(f"plan {lease.plan_id!r} not found", details={"plan_id": lease.plan_id})
         if row["owner_id"] != lease.owner_id or row["owner_epoch"] != lease.epoch:
@@ -423,15 +444,13 @@ class PlanRepository:
             "leases": [t.lease_expires_at for t in tickets],
             "versions": [t.version for t in tickets],
         }
-        async with self._transaction() as conn:
-            await self._check_lease(conn, lease)
+        params |= {"owner_id": lease.owner_id, "owner_epoch": lease.epoch}
+        async with self._connection() as conn:
             cur = await conn.execute(_UPDATE_TICKETS, params)
-            changed = [r["task_id"] for r in await cur.fetchall()]
-            if changed:
-                await conn.execute(
-                    "UPDATE plans SET updated_at = %(now)s WHERE plan_id = %(plan_id)s", params
-                )
-        return changed
+            fence = await cur.fetchone()
+        self._check_fence(lease, fence)
+        assert fence is not None
+        return list(fence["changed"])
 
     async def start_backoffs(
         self, lease: PlanLease, backoffs: Mapping[str, tuple[int, datetime]]
