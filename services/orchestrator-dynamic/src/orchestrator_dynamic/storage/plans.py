@@ -112,25 +112,25 @@ owned AS (
     SELECT 1 FROM fence WHERE owner_id = %(owner_id)s AND owner_epoch = %(owner_epoch)s
 ),
 changed AS (
-UPDATE plan_tasks t
-   SET ticket_id = COALESCE(u.ticket_id, t.ticket_id),
-       status = u.status,
-       attempt = u.attempt,
-       worker_id = u.worker_id,
-       error_message = u.error_message,
-       lease_expires_at = u.lease_expires_at,
-       ticket_version = u.version,
-       updated_at = %(now)s
-  FROM unnest(%(task_ids)s::text[], %(ticket_ids)s::text[], %(statuses)s::text[],
-              %(attempts)s::int[], %(worker_ids)s::text[], %(errors)s::text[],
-              %(leases)s::timestamptz[], %(versions)s::bigint[])
-       AS u(task_id, ticket_id, status, attempt, worker_id, error_message, lease_expires_at,
-            version)
- WHERE EXISTS (SELECT 1 FROM owned)
-   AND t.plan_id = %(plan_id)s
-   AND t.task_id = u.task_id
-   AND (t.ticket_version < u.version OR (t.ticket_id IS NULL AND u.ticket_id IS NOT NULL))
-RETURNING t.task_id
+    UPDATE plan_tasks t
+       SET ticket_id = COALESCE(u.ticket_id, t.ticket_id),
+           status = u.status,
+           attempt = u.attempt,
+           worker_id = u.worker_id,
+           error_message = u.error_message,
+           lease_expires_at = u.lease_expires_at,
+           ticket_version = u.version,
+           updated_at = %(now)s
+      FROM unnest(%(task_ids)s::text[], %(ticket_ids)s::text[], %(statuses)s::text[],
+                  %(attempts)s::int[], %(worker_ids)s::text[], %(errors)s::text[],
+                  %(leases)s::timestamptz[], %(versions)s::bigint[])
+           AS u(task_id, ticket_id, status, attempt, worker_id, error_message, lease_expires_at,
+                version)
+     WHERE EXISTS (SELECT 1 FROM owned)
+       AND t.plan_id = %(plan_id)s
+       AND t.task_id = u.task_id
+       AND (t.ticket_version < u.version OR (t.ticket_id IS NULL AND u.ticket_id IS NOT NULL))
+    RETURNING t.task_id
 ),
 touched AS (
     UPDATE plans SET updated_at = %(now)s
@@ -443,8 +443,9 @@ class PlanRepository:
             "errors": [t.error_message for t in tickets],
             "leases": [t.lease_expires_at for t in tickets],
             "versions": [t.version for t in tickets],
+            "owner_id": lease.owner_id,
+            "owner_epoch": lease.epoch,
         }
-        params |= {"owner_id": lease.owner_id, "owner_epoch": lease.epoch}
         async with self._connection() as conn:
             cur = await conn.execute(_UPDATE_TICKETS, params)
             fence = await cur.fetchone()
