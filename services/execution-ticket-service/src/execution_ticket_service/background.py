@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from datetime import timedelta
 
 from execution_ticket_service.metrics import TicketMetrics
-from execution_ticket_service.signals import ChangeSignal
+from execution_ticket_service.signals import ChangeSignal, spaced_delay
 from execution_ticket_service.storage.audit import AuditStore
 from execution_ticket_service.storage.tickets import TicketRepository, utc_now
 from hive_common.errors import HiveError
@@ -26,7 +26,7 @@ class RelaySettings:
     batch_size: int = 500
     idle_interval: float = 0.5
     # Rounds start at least this far apart, so a stream of changes is written in batches
-    # (each MongoDB write costs far more than one more document in it); see claim_delay.
+    # (each MongoDB write costs far more than one more document in it); see spaced_delay.
     batch_window: float = 0.15
     claim_seconds: float = 30.0
     max_backoff: float = 10.0
@@ -46,16 +46,6 @@ class Backoff:
     def next_delay(self) -> float:
         self._failures += 1
         return random.uniform(0, min(self._cap, self._base * 2 ** min(self._failures, 16)))
-
-
-def claim_delay(*, now: float, last_claim: float, window: float) -> float:
-    """How long to wait, after a change woke the relay, before claiming again.
-
-    Claims are spaced at least ``window`` apart: a change after a quiet spell is relayed at
-    once, changes arriving meanwhile wait for the rest of the window and go together; a
-    round that took longer than the window is followed at once (no window on top of it).
-    """
-    return max(0.0, last_claim + window - now)
 
 
 class OutboxRelay:
@@ -119,8 +109,8 @@ class OutboxRelay:
             if delivered < self._settings.batch_size:
                 await self._signal.wait(generation, self._settings.idle_interval)
                 if self._signal.generation != generation:
-                    delay = claim_delay(
-                        now=loop.time(), last_claim=last_claim, window=self._settings.batch_window
+                    delay = spaced_delay(
+                        now=loop.time(), last=last_claim, gap=self._settings.batch_window
                     )
                     if delay > 0:
                         await asyncio.sleep(delay)

@@ -53,6 +53,9 @@ class TicketSettings(HiveSettings):
     # Recent events kept in memory for WatchTickets streams (one database read per change
     # for all streams); a stream further behind reads the database until it catches up.
     watch_window_events: int = Field(default=5_000, ge=1)
+    # The event-log reader's reads start at least this far apart: under load one read
+    # picks up the changes of a few milliseconds instead of one query per change.
+    watch_read_gap_seconds: float = Field(default=0.005, ge=0)
     # Unfinished tickets whose last written state is remembered, so that their next change
     # needs no read first (the write is checked against the version); 0 turns it off.
     recent_tickets: int = Field(default=5_000, ge=0)

@@ -6,6 +6,16 @@ import asyncio
 import contextlib
 
 
+def spaced_delay(*, now: float, last: float, gap: float) -> float:
+    """How long to wait, after a change woke a loop, before its next round.
+
+    Rounds start at least ``gap`` apart: a change after a quiet spell is handled at once,
+    changes arriving meanwhile wait for the rest of the gap and are handled together; a
+    round that took longer than the gap is followed at once (no gap on top of it).
+    """
+    return max(0.0, last + gap - now)
+
+
 class ChangeSignal:
     """A generation counter plus an event; other replicas' changes are found by polling."""
 

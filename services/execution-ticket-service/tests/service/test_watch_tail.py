@@ -205,3 +205,27 @@ async def test_the_tail_reads_only_while_streams_are_open(counting: CountingRepo
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_changes_within_the_read_gap_are_read_together(
+    counting: CountingRepository,
+) -> None:
+    signal = ChangeSignal()
+    counting._on_change = lambda counts: signal.notify()
+    # A long gap, so that the burst below surely falls within it on any machine.
+    settings = TailSettings(poll_interval=10.0, batch_size=50, window=1_000, read_gap=2.0)
+    async with _running(
+        EventLogTail(repository=counting, signal=signal, settings=settings)
+    ) as tail:
+        await _until(tail, lambda: tail._start is not None)
+        reads_before = len(counting.reads)
+        for i in range(10):  # ten changes, each waking the tail
+            await counting.create_many(
+                [TicketSpec(plan_id="burst", task_id=f"t{i}", task_type="echo")],
+                actor="service:test",
+            )
+        await _until(tail, lambda: len(tail._keys) == 10)
+        # Not one read per change: at most the one the first change woke at once (its
+        # read may also have found a few more) and the one after the gap.
+        assert len(counting.reads) - reads_before <= 2
+        assert [e.ticket.task_id for e in tail._events] == [f"t{i}" for i in range(10)]

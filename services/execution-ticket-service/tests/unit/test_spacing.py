@@ -1,10 +1,10 @@
-"""The audit relay's batching window (pure part)."""
+"""Spacing of the audit relay's claims and the event-log reader's reads (pure part)."""
 
 from __future__ import annotations
 
 import pytest
 
-from execution_ticket_service.background import claim_delay
+from execution_ticket_service.signals import spaced_delay
 
 
 @pytest.mark.parametrize(
@@ -17,8 +17,8 @@ from execution_ticket_service.background import claim_delay
     ],
 )
 def test_claims_are_spaced_by_the_window(now: float, last_claim: float, expected: float) -> None:
-    assert claim_delay(now=now, last_claim=last_claim, window=0.15) == pytest.approx(expected)
+    assert spaced_delay(now=now, last=last_claim, gap=0.15) == pytest.approx(expected)
 
 
 def test_no_window_means_no_wait() -> None:
-    assert claim_delay(now=10.0, last_claim=10.0, window=0.0) == 0.0
+    assert spaced_delay(now=10.0, last=10.0, gap=0.0) == 0.0
