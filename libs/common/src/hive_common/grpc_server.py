@@ -28,14 +28,18 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from hive_common import grpc_errors
 from hive_common.errors import HiveError
 from hive_common.grpc_client import SERVER_KEEPALIVE_OPTIONS
-from hive_common.logging import bind_request_context, clear_request_context, new_request_id
+from hive_common.logging import (
+    bind_request_context,
+    clear_request_context,
+    get_logger,
+    new_request_id,
+)
 from hive_common.metrics import RpcMetrics
 
 REQUEST_ID_METADATA_KEY = "x-request-id"
@@ -241,7 +245,7 @@ class ServerCallInterceptor(HandlerWrappingInterceptor):
         quiet_method_prefixes: Sequence[str] = QUIET_METHOD_PREFIXES,
     ) -> None:
         self._metrics = metrics
-        self._logger = logger if logger is not None else structlog.stdlib.get_logger("hive.grpc")
+        self._logger = logger if logger is not None else get_logger("hive.grpc")
         self._quiet = tuple(quiet_method_prefixes)
 
     def around(self, call: RpcCall, context: Any) -> AbstractAsyncContextManager[None]:

@@ -24,7 +24,6 @@ import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from typing import Any, Literal, NotRequired, TypedDict
 
-import structlog
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
@@ -33,7 +32,12 @@ from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from hive_common.errors import FieldViolation, HiveError, InvalidArgument
-from hive_common.logging import bind_request_context, clear_request_context, new_request_id
+from hive_common.logging import (
+    bind_request_context,
+    clear_request_context,
+    get_logger,
+    new_request_id,
+)
 from hive_common.metrics import HttpMetrics
 
 CheckStatus = Literal["ok", "degraded", "down"]
@@ -96,7 +100,7 @@ async def evaluate_readiness(
     except TimeoutError:
         report = {"readiness": {"status": "down", "detail": f"timed out after {timeout_seconds}s"}}
     except Exception as exc:
-        structlog.stdlib.get_logger("hive.http").exception("readiness check failed")
+        get_logger("hive.http").exception("readiness check failed")
         report = {"readiness": {"status": "down", "detail": type(exc).__name__}}
     return overall_status(report), report
 
@@ -175,7 +179,7 @@ class RequestLoggingMiddleware:
     ) -> None:
         self.app = app
         self._metrics = metrics
-        self._logger = logger if logger is not None else structlog.stdlib.get_logger("hive.http")
+        self._logger = logger if logger is not None else get_logger("hive.http")
         self._quiet = frozenset(quiet_paths)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

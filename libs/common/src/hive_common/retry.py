@@ -18,7 +18,6 @@ from collections.abc import Awaitable, Callable
 from typing import Any, ParamSpec, TypeVar
 
 import grpc
-import structlog
 from tenacity import (
     AsyncRetrying,
     RetryCallState,
@@ -30,6 +29,7 @@ from tenacity import (
 from tenacity.stop import stop_base
 
 from hive_common.errors import DeadlineExceeded, HiveError, Unavailable
+from hive_common.logging import get_logger
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -39,7 +39,7 @@ RETRYABLE_STATUS_CODES: frozenset[grpc.StatusCode] = frozenset(
 )
 """Raw gRPC codes worth retrying for an idempotent call."""
 
-_log = structlog.stdlib.get_logger(__name__)
+_log = get_logger(__name__)
 
 
 def is_retryable(exc: BaseException) -> bool:

@@ -32,7 +32,6 @@ import socket
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
 
-import structlog
 import uvicorn
 from fastapi import FastAPI
 from prometheus_client import CollectorRegistry
@@ -41,6 +40,7 @@ from starlette.types import ASGIApp
 from hive_common.config import HiveSettings
 from hive_common.grpc_server import HiveGrpcServer
 from hive_common.http import ReadinessCheck, evaluate_readiness
+from hive_common.logging import get_logger
 from hive_common.metrics import add_metrics_route, metrics_asgi_app
 
 ShutdownCallback = Callable[[], Awaitable[None]]
@@ -148,7 +148,7 @@ class ServiceRuntime:
         self._readiness = readiness
         self._readiness_interval = readiness_interval_seconds
         self._readiness_timeout = readiness_timeout_seconds
-        self._logger = logger if logger is not None else structlog.stdlib.get_logger("hive.runtime")
+        self._logger = logger if logger is not None else get_logger("hive.runtime")
         self._shutdown_callbacks: list[ShutdownCallback] = []
         self._before_stop_callbacks: list[ShutdownCallback] = []
         self._http: _HttpListener | None = None

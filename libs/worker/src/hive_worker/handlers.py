@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import structlog
+from hive_common.logging import get_logger
 
 TaskHandler = Callable[[dict[str, Any], "TaskContext"], Awaitable[Mapping[str, Any]]]
 """``async def handler(params: dict, ctx: TaskContext) -> dict``."""
@@ -35,7 +35,7 @@ class TaskContext:
     timeout_seconds: float
     worker_id: str
     description: str = ""
-    logger: Any = field(default_factory=lambda: structlog.stdlib.get_logger("hive_worker.task"))
+    logger: Any = field(default_factory=lambda: get_logger("hive_worker.task"))
 
     @property
     def last_attempt(self) -> bool:
