@@ -71,15 +71,18 @@ def ticket_service(
 ) -> Built:
     endpoint = _ports()
     settings = {} if mongo_timeout_ms is None else {"MONGO_TIMEOUT_MS": mongo_timeout_ms}
-    spec = flowc.ticket_service_spec(
-        name=name,
+    launch = _launch(log_level)
+    env = flowc.ticket_service_env(
         endpoint=endpoint,
         postgres_dsn=postgres_dsn,
         mongo_uri=mongo_uri,
         mongo_database=mongo_database,
         jwt_secret=JWT_SECRET,
-        launch=_launch(log_level),
+        launch=launch,
         settings=settings,
+    )
+    spec = flowc.service_spec(
+        flowc.TICKET_SERVICE, name=name, endpoint=endpoint, env=env, launch=launch
     )
     return Built(spec, endpoint)
 
@@ -97,15 +100,16 @@ def registry(
         # Registered-but-silent workers must stay HEALTHY while they are being discovered.
         settings["HEARTBEAT_INTERVAL_SECONDS"] = heartbeat_interval_seconds
         settings["EXPIRE_AFTER_SECONDS"] = heartbeat_interval_seconds * 10
-    spec = flowc.registry_spec(
-        name=name,
+    launch = _launch(log_level)
+    env = flowc.registry_env(
         endpoint=endpoint,
         postgres_dsn=postgres_dsn,
         jwt_secret=JWT_SECRET,
         registration_secret=REGISTRATION_SECRET,
-        launch=_launch(log_level),
+        launch=launch,
         settings=settings,
     )
+    spec = flowc.service_spec(flowc.REGISTRY, name=name, endpoint=endpoint, env=env, launch=launch)
     return Built(spec, endpoint)
 
 
@@ -113,14 +117,17 @@ def orchestrator(
     *, name: str, postgres_dsn: str, tickets: Endpoint, registry: Endpoint, log_level: str
 ) -> Built:
     endpoint = _ports()
-    spec = flowc.orchestrator_spec(
-        name=name,
+    launch = _launch(log_level)
+    env = flowc.orchestrator_env(
         endpoint=endpoint,
         postgres_dsn=postgres_dsn,
         tickets_target=tickets.grpc_target,
         registry_target=registry.grpc_target,
         jwt_secret=JWT_SECRET,
-        launch=_launch(log_level),
+        launch=launch,
+    )
+    spec = flowc.service_spec(
+        flowc.ORCHESTRATOR, name=name, endpoint=endpoint, env=env, launch=launch
     )
     return Built(spec, endpoint)
 

@@ -37,12 +37,10 @@ __all__ = [
     "flow_specs",
     "loopback_no_proxy",
     "orchestrator_env",
-    "orchestrator_spec",
     "prefixed",
     "registry_env",
-    "registry_spec",
+    "service_spec",
     "ticket_service_env",
-    "ticket_service_spec",
     "worker_env",
     "worker_spec",
 ]
@@ -310,15 +308,16 @@ def worker_env(
     return _program_env(WORKER, launch, wiring, worker.settings)
 
 
-def _service_spec(
+def service_spec(
     program: Program,
     *,
-    name: str | None,
     endpoint: Endpoint,
     env: dict[str, str],
     launch: Launch,
-    tier: int,
+    name: str | None = None,
 ) -> ProcessSpec:
+    """A service (``env`` from its ``*_env`` function) as a process, ready once its HTTP
+    ``/ready`` answers 200; the orchestrator stops before the services it calls."""
     return ProcessSpec(
         name=name or program.name,
         argv=launch.argv(program),
@@ -327,84 +326,7 @@ def _service_spec(
         ready=http_ready(endpoint.ready_url),
         ready_timeout=launch.ready_timeout,
         stop_grace=launch.stop_grace,
-        tier=tier,
-    )
-
-
-def ticket_service_spec(
-    *,
-    endpoint: Endpoint,
-    postgres_dsn: str,
-    mongo_uri: str,
-    mongo_database: str,
-    jwt_secret: str,
-    launch: Launch,
-    settings: Settings = _NO_SETTINGS,
-    name: str | None = None,
-) -> ProcessSpec:
-    """The ticket service as a process, ready once its HTTP ``/ready`` answers 200."""
-    env = ticket_service_env(
-        endpoint=endpoint,
-        postgres_dsn=postgres_dsn,
-        mongo_uri=mongo_uri,
-        mongo_database=mongo_database,
-        jwt_secret=jwt_secret,
-        launch=launch,
-        settings=settings,
-    )
-    return _service_spec(
-        TICKET_SERVICE, name=name, endpoint=endpoint, env=env, launch=launch, tier=_SERVICE_TIER
-    )
-
-
-def registry_spec(
-    *,
-    endpoint: Endpoint,
-    postgres_dsn: str,
-    jwt_secret: str,
-    registration_secret: str,
-    launch: Launch,
-    settings: Settings = _NO_SETTINGS,
-    name: str | None = None,
-) -> ProcessSpec:
-    """The service registry as a process, ready once its HTTP ``/ready`` answers 200."""
-    env = registry_env(
-        endpoint=endpoint,
-        postgres_dsn=postgres_dsn,
-        jwt_secret=jwt_secret,
-        registration_secret=registration_secret,
-        launch=launch,
-        settings=settings,
-    )
-    return _service_spec(
-        REGISTRY, name=name, endpoint=endpoint, env=env, launch=launch, tier=_SERVICE_TIER
-    )
-
-
-def orchestrator_spec(
-    *,
-    endpoint: Endpoint,
-    postgres_dsn: str,
-    tickets_target: str,
-    registry_target: str,
-    jwt_secret: str,
-    launch: Launch,
-    settings: Settings = _NO_SETTINGS,
-    name: str | None = None,
-) -> ProcessSpec:
-    """The orchestrator as a process (stopped before the services it calls), ready once
-    its HTTP ``/ready`` answers 200."""
-    env = orchestrator_env(
-        endpoint=endpoint,
-        postgres_dsn=postgres_dsn,
-        tickets_target=tickets_target,
-        registry_target=registry_target,
-        jwt_secret=jwt_secret,
-        launch=launch,
-        settings=settings,
-    )
-    return _service_spec(
-        ORCHESTRATOR, name=name, endpoint=endpoint, env=env, launch=launch, tier=_ORCHESTRATOR_TIER
+        tier=_ORCHESTRATOR_TIER if program is ORCHESTRATOR else _SERVICE_TIER,
     )
 
 
@@ -455,31 +377,46 @@ def flow_specs(
     """The whole of Flow C: registry, ticket service, orchestrator (wired to the other two)
     and ``workers``, in that order, under their default process names."""
     specs = [
-        registry_spec(
+        service_spec(
+            REGISTRY,
             endpoint=ports.registry,
-            postgres_dsn=registry_dsn,
-            jwt_secret=jwt_secret,
-            registration_secret=registration_secret,
+            env=registry_env(
+                endpoint=ports.registry,
+                postgres_dsn=registry_dsn,
+                jwt_secret=jwt_secret,
+                registration_secret=registration_secret,
+                launch=launch,
+                settings=registry_settings,
+            ),
             launch=launch,
-            settings=registry_settings,
         ),
-        ticket_service_spec(
+        service_spec(
+            TICKET_SERVICE,
             endpoint=ports.tickets,
-            postgres_dsn=tickets_dsn,
-            mongo_uri=mongo_uri,
-            mongo_database=mongo_database,
-            jwt_secret=jwt_secret,
+            env=ticket_service_env(
+                endpoint=ports.tickets,
+                postgres_dsn=tickets_dsn,
+                mongo_uri=mongo_uri,
+                mongo_database=mongo_database,
+                jwt_secret=jwt_secret,
+                launch=launch,
+                settings=tickets_settings,
+            ),
             launch=launch,
-            settings=tickets_settings,
         ),
-        orchestrator_spec(
+        service_spec(
+            ORCHESTRATOR,
             endpoint=ports.orchestrator,
-            postgres_dsn=orchestrator_dsn,
-            tickets_target=ports.tickets.grpc_target,
-            registry_target=ports.registry.grpc_target,
-            jwt_secret=jwt_secret,
+            env=orchestrator_env(
+                endpoint=ports.orchestrator,
+                postgres_dsn=orchestrator_dsn,
+                tickets_target=ports.tickets.grpc_target,
+                registry_target=ports.registry.grpc_target,
+                jwt_secret=jwt_secret,
+                launch=launch,
+                settings=orchestrator_settings,
+            ),
             launch=launch,
-            settings=orchestrator_settings,
         ),
     ]
     specs += [

@@ -270,14 +270,21 @@ def test_flow_specs_wire_each_service_to_its_database_and_the_others() -> None:
 
 
 def test_a_spec_can_take_another_name() -> None:
-    spec = flowc.ticket_service_spec(
-        name="execution-ticket-service-relay-idle",
+    launch = Launch(console_scripts=True, python="/venv/bin/python")
+    env = flowc.ticket_service_env(
         endpoint=TICKETS,
         postgres_dsn="pg",
         mongo_uri="mongo",
         mongo_database="db",
         jwt_secret="jwt",
-        launch=Launch(console_scripts=True, python="/venv/bin/python"),
+        launch=launch,
+    )
+    spec = flowc.service_spec(
+        flowc.TICKET_SERVICE,
+        name="execution-ticket-service-relay-idle",
+        endpoint=TICKETS,
+        env=env,
+        launch=launch,
     )
     assert spec.name == "execution-ticket-service-relay-idle"
     assert list(spec.argv) == ["/venv/bin/execution-ticket-service"]
