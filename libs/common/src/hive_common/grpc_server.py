@@ -104,9 +104,10 @@ async def _iterate(result: Any) -> AsyncIterator[Any]:
 
 def wrap_handler(
     handler: grpc.RpcMethodHandler[Any, Any],
-    around: Callable[[Any], AbstractAsyncContextManager[None]],
+    around: Callable[[Any, Any], AbstractAsyncContextManager[None]],
 ) -> grpc.RpcMethodHandler[Any, Any]:
-    """A copy of ``handler`` whose behaviour runs inside ``around(context)``.
+    """A copy of ``handler`` whose behaviour runs inside ``around(context, request)``
+    (``request`` is None for client-streaming RPCs, whose requests arrive later).
 
     Exceptions from the behaviour propagate through the context manager, which may
     translate them. Streaming behaviours keep their flavour: an async generator stays an
@@ -122,7 +123,7 @@ def wrap_handler(
     if not handler.response_streaming:
 
         async def unary_response(request: Any, context: Any) -> Any:
-            async with around(context):
+            async with around(context, None if handler.request_streaming else request):
                 result = inner(request, context)
                 if inspect.isawaitable(result):
                     result = await result
@@ -135,14 +136,14 @@ def wrap_handler(
     if inspect.iscoroutinefunction(inner):
 
         async def writer_stream(request: Any, context: Any) -> None:
-            async with around(context):
+            async with around(context, None if handler.request_streaming else request):
                 await inner(request, context)
 
         stream_behaviour: Behaviour = writer_stream
     else:
 
         async def generator_stream(request: Any, context: Any) -> AsyncIterator[Any]:
-            async with around(context):
+            async with around(context, None if handler.request_streaming else request):
                 async for item in _iterate(inner(request, context)):
                     yield item
 
@@ -160,8 +161,11 @@ class HandlerWrappingInterceptor(grpc.aio.ServerInterceptor):
     RPC's own task, so contextvars bound there belong to that RPC only.
     """
 
-    def around(self, call: RpcCall, context: Any) -> AbstractAsyncContextManager[None]:
-        """Wrap one RPC; exceptions from the handler propagate through it."""
+    def around(
+        self, call: RpcCall, context: Any, request: Any
+    ) -> AbstractAsyncContextManager[None]:
+        """Wrap one RPC; exceptions from the handler propagate through it. ``request`` is
+        the RPC's request message (None for client-streaming RPCs)."""
         raise NotImplementedError
 
     async def intercept_service(
@@ -182,8 +186,8 @@ class HandlerWrappingInterceptor(grpc.aio.ServerInterceptor):
             ),
         )
 
-        def around(context: Any) -> AbstractAsyncContextManager[None]:
-            return self.around(call, context)
+        def around(context: Any, request: Any) -> AbstractAsyncContextManager[None]:
+            return self.around(call, context, request)
 
         return wrap_handler(handler, around)
 
@@ -248,7 +252,9 @@ class ServerCallInterceptor(HandlerWrappingInterceptor):
         self._logger = logger if logger is not None else get_logger("hive.grpc")
         self._quiet = tuple(quiet_method_prefixes)
 
-    def around(self, call: RpcCall, context: Any) -> AbstractAsyncContextManager[None]:
+    def around(
+        self, call: RpcCall, context: Any, request: Any
+    ) -> AbstractAsyncContextManager[None]:
         return self._observe(call, context)
 
     @asynccontextmanager

@@ -101,7 +101,9 @@ def echo_service(servicer: EchoServicer) -> GrpcService:
 class TagInterceptor(HandlerWrappingInterceptor):
     """An extra (auth-like) interceptor: rejects calls whose metadata says so."""
 
-    def around(self, call: RpcCall, context: Any) -> AbstractAsyncContextManager[None]:
+    def around(
+        self, call: RpcCall, context: Any, request: Any
+    ) -> AbstractAsyncContextManager[None]:
         return self._check(call)
 
     @asynccontextmanager

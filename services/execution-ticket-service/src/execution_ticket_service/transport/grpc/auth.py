@@ -12,10 +12,9 @@ import time
 import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from contextvars import ContextVar
-from typing import Any, cast
-
-import grpc
+from typing import Any
 
 from execution_ticket_service.domain.authorization import AccessRequest, authorize
 from execution_ticket_service.domain.models import Ticket, TicketStatus
@@ -23,6 +22,7 @@ from execution_ticket_service.domain.validation import validate_ticket_id
 from execution_ticket_service.transport.grpc.convert import status_name
 from hive_common.auth import TokenClaims, TokenKind, TokenVerifier, bearer_token_from_metadata
 from hive_common.errors import Internal
+from hive_common.grpc_server import HandlerWrappingInterceptor, RpcCall
 
 SERVICE_NAME = "neuralhive.ticket.v1.TicketService"
 _PREFIX = f"/{SERVICE_NAME}/"
@@ -112,7 +112,7 @@ class VerifiedTokenCache:
         return claims
 
 
-class TicketAuthInterceptor(grpc.aio.ServerInterceptor):
+class TicketAuthInterceptor(HandlerWrappingInterceptor):
     def __init__(
         self,
         *,
@@ -143,43 +143,19 @@ class TicketAuthInterceptor(grpc.aio.ServerInterceptor):
         authorize(claims, await self._access(method, request, claims))
         return claims
 
-    async def intercept_service(
-        self,
-        continuation: Callable[
-            [grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler[Any, Any] | None]
-        ],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler[Any, Any] | None:
-        handler = await continuation(handler_call_details)
-        full_method: str = handler_call_details.method
-        if handler is None or not full_method.startswith(_PREFIX):
-            return handler
-        method = full_method.removeprefix(_PREFIX)
-        metadata = tuple(handler_call_details.invocation_metadata or ())
-        serializers: dict[str, Any] = {
-            "request_deserializer": handler.request_deserializer,
-            "response_serializer": handler.response_serializer,
-        }
-        if handler.unary_unary is not None:
-            inner_unary = handler.unary_unary
+    def around(
+        self, call: RpcCall, context: Any, request: Any
+    ) -> AbstractAsyncContextManager[None]:
+        return self._around(call, request)
 
-            async def unary(request: Any, context: Any) -> Any:
-                token = _claims.set(await self._check(method, request, metadata))
-                try:
-                    return await inner_unary(request, context)
-                finally:
-                    _claims.reset(token)
-
-            return grpc.unary_unary_rpc_method_handler(unary, **serializers)
-        if handler.unary_stream is not None:
-            inner_stream = handler.unary_stream
-
-            async def stream(request: Any, context: Any) -> AsyncIterator[Any]:
-                _claims.set(await self._check(method, request, metadata))
-                # Our servicer's streams are async generators.
-                items = cast(AsyncIterator[Any], inner_stream(request, context))
-                async for item in items:
-                    yield item
-
-            return grpc.unary_stream_rpc_method_handler(stream, **serializers)
-        return handler  # TicketService has no client-streaming RPCs
+    @asynccontextmanager
+    async def _around(self, call: RpcCall, request: Any) -> AsyncIterator[None]:
+        if not call.method.startswith(_PREFIX):
+            yield  # health, reflection
+            return
+        claims = await self._check(call.method.removeprefix(_PREFIX), request, call.metadata)
+        token = _claims.set(claims)
+        try:
+            yield
+        finally:
+            _claims.reset(token)

@@ -60,7 +60,9 @@ class RegistryAuthInterceptor(HandlerWrappingInterceptor):
     def __init__(self, *, authorizer: Authorizer) -> None:
         self._authorizer = authorizer
 
-    def around(self, call: RpcCall, context: Any) -> AbstractAsyncContextManager[None]:
+    def around(
+        self, call: RpcCall, context: Any, request: Any
+    ) -> AbstractAsyncContextManager[None]:
         return self._around(call)
 
     @asynccontextmanager
