@@ -201,6 +201,17 @@ def _program_env(program: Program, launch: Launch, *layers: Settings) -> dict[st
     return loopback_no_proxy() | prefixed(program.env_prefix, merged)
 
 
+def _service_wiring(endpoint: Endpoint, postgres_dsn: str, jwt_secret: str) -> dict[str, object]:
+    """What every service is given: where to listen, its database, the JWT secret."""
+    return {
+        "HOST": LOOPBACK,
+        "GRPC_PORT": endpoint.grpc_port,
+        "HTTP_PORT": endpoint.http_port,
+        "POSTGRES_DSN": postgres_dsn,
+        "JWT_SECRET": jwt_secret,
+    }
+
+
 def ticket_service_env(
     *,
     endpoint: Endpoint,
@@ -212,15 +223,8 @@ def ticket_service_env(
     settings: Settings = _NO_SETTINGS,
 ) -> dict[str, str]:
     """The ticket service's environment (``HIVE_TICKETS_*``); ``settings`` win."""
-    wiring: dict[str, object] = {
-        "HOST": LOOPBACK,
-        "GRPC_PORT": endpoint.grpc_port,
-        "HTTP_PORT": endpoint.http_port,
-        "POSTGRES_DSN": postgres_dsn,
-        "MONGO_URI": mongo_uri,
-        "MONGO_DATABASE": mongo_database,
-        "JWT_SECRET": jwt_secret,
-    }
+    wiring = _service_wiring(endpoint, postgres_dsn, jwt_secret)
+    wiring |= {"MONGO_URI": mongo_uri, "MONGO_DATABASE": mongo_database}
     if endpoint.metrics_port:
         wiring["METRICS_PORT"] = endpoint.metrics_port
     return _program_env(TICKET_SERVICE, launch, wiring, settings)
@@ -236,14 +240,8 @@ def registry_env(
     settings: Settings = _NO_SETTINGS,
 ) -> dict[str, str]:
     """The service registry's environment (``HIVE_REGISTRY_*``); ``settings`` win."""
-    wiring: dict[str, object] = {
-        "HOST": LOOPBACK,
-        "GRPC_PORT": endpoint.grpc_port,
-        "HTTP_PORT": endpoint.http_port,
-        "POSTGRES_DSN": postgres_dsn,
-        "JWT_SECRET": jwt_secret,
-        "REGISTRATION_SECRET": registration_secret,
-    }
+    wiring = _service_wiring(endpoint, postgres_dsn, jwt_secret)
+    wiring["REGISTRATION_SECRET"] = registration_secret
     return _program_env(REGISTRY, launch, wiring, settings)
 
 
@@ -258,15 +256,8 @@ def orchestrator_env(
     settings: Settings = _NO_SETTINGS,
 ) -> dict[str, str]:
     """The orchestrator's environment (``HIVE_ORCHESTRATOR_*``); ``settings`` win."""
-    wiring: dict[str, object] = {
-        "HOST": LOOPBACK,
-        "GRPC_PORT": endpoint.grpc_port,
-        "HTTP_PORT": endpoint.http_port,
-        "POSTGRES_DSN": postgres_dsn,
-        "TICKET_SERVICE_TARGET": tickets_target,
-        "REGISTRY_TARGET": registry_target,
-        "JWT_SECRET": jwt_secret,
-    }
+    wiring = _service_wiring(endpoint, postgres_dsn, jwt_secret)
+    wiring |= {"TICKET_SERVICE_TARGET": tickets_target, "REGISTRY_TARGET": registry_target}
     return _program_env(ORCHESTRATOR, launch, wiring, settings)
 
 
