@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import shutil
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -12,10 +11,10 @@ from typing import Any
 
 import psycopg
 import pytest
-from yoyo import get_backend, read_migrations
 
 from hive_common.errors import AlreadyExists, InvalidArgument, NotFound, Unavailable
-from hive_common.migrations import apply_migrations, postgres_url
+from hive_common.migrations import apply_migrations
+from hive_testsupport.migrations import migrations_until, roll_back_migration
 from orchestrator_dynamic.domain.plan import Plan, Priority, plan_body_hash
 from orchestrator_dynamic.domain.records import PlanLease, PlanOwnershipLost
 from orchestrator_dynamic.domain.scheduler import PlanStatus, TicketState, TicketStatus
@@ -130,10 +129,7 @@ async def test_unused_watch_cursor_column_is_dropped_and_restored_by_the_rollbac
     postgres_dsn: str, tmp_path: Path
 ) -> None:
     # A database migrated before the column was dropped.
-    only_first = tmp_path / "migrations"
-    only_first.mkdir()
-    for name in ("0001_plans.sql", "0001_plans.rollback.sql"):
-        shutil.copy(MIGRATIONS_DIRECTORY / name, only_first / name)
+    only_first = migrations_until(MIGRATIONS_DIRECTORY, "0001_plans", into=tmp_path / "migrations")
     applied = await asyncio.to_thread(apply_migrations, dsn=postgres_dsn, directory=only_first)
     assert applied == ["0001_plans"]
     assert "watch_cursor" in await plan_columns(postgres_dsn)
@@ -144,16 +140,9 @@ async def test_unused_watch_cursor_column_is_dropped_and_restored_by_the_rollbac
     assert applied == [DROP_WATCH_CURSOR]
     assert "watch_cursor" not in await plan_columns(postgres_dsn)
 
-    def roll_back_the_drop() -> None:
-        backend = get_backend(postgres_url(postgres_dsn, scheme="postgresql+psycopg"))
-        migrations = read_migrations(str(MIGRATIONS_DIRECTORY))
-        try:
-            with backend.lock():
-                backend.rollback_one(next(m for m in migrations if m.id == DROP_WATCH_CURSOR))
-        finally:
-            backend.connection.close()
-
-    await asyncio.to_thread(roll_back_the_drop)
+    await asyncio.to_thread(
+        roll_back_migration, postgres_dsn, MIGRATIONS_DIRECTORY, DROP_WATCH_CURSOR
+    )
     assert "watch_cursor" in await plan_columns(postgres_dsn)
     applied = await asyncio.to_thread(
         apply_migrations, dsn=postgres_dsn, directory=MIGRATIONS_DIRECTORY
