@@ -4,8 +4,8 @@ Times come from the services' own records, not from polling granularity: ``t0`` 
 bench's clock just before the plan is POSTed; "all tickets exist" is the latest ticket
 ``created_at``, "all assigned" the latest first ASSIGNED event of a ticket (both in the
 ticket service's PostgreSQL), "COMPLETED" the plan's ``completed_at`` from the
-orchestrator. The relay lag is ``relayed_at - occurred_at`` of every outbox event (the row
-is marked relayed after the MongoDB write succeeded).
+orchestrator. The relay lag is ``relayed_at - occurred_at`` of every audit document (the
+relay stamps ``relayed_at`` when it sends the batch to MongoDB).
 """
 
 from __future__ import annotations
@@ -16,14 +16,14 @@ import math
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import grpc
 import httpx
 import psycopg
-from pymongo import MongoClient
+from pymongo import AsyncMongoClient, MongoClient
 
 from bench import cpu, profiling, stack
 from bench.cpu import CpuMeter
@@ -286,54 +286,77 @@ class PlanRunner:
             return f"could not read plan: {exc!r}"
 
 
-async def _idle_relay_lag(tickets_target: str, dsn: str, samples: int) -> list[float]:
+@dataclass(frozen=True)
+class AuditTrail:
+    """Where the ticket service's audit trail is (the relay stamps each document with the
+    time it sent it, ``relayed_at``)."""
+
+    mongo_uri: str
+    database: str
+
+    def client(self) -> AsyncMongoClient[dict[str, Any]]:
+        return AsyncMongoClient(self.mongo_uri, serverSelectionTimeoutMS=5000)
+
+
+async def _idle_relay_lag(tickets_target: str, audit: AuditTrail, samples: int) -> list[float]:
     """Relay lag of single events on the idle stack (the relay's own floor)."""
     lags = []
-    async with grpc.aio.insecure_channel(tickets_target) as channel:
-        stub: pb_grpc.TicketServiceAsyncStub = pb_grpc.TicketServiceStub(channel)
-        for i in range(samples):
-            spec = pb.TicketSpec(
-                plan_id=f"idle-relay-{uuid.uuid4().hex[:8]}", task_id=f"t{i}", task_type="echo"
-            )
-            response = await stub.CreateTicket(
-                pb.CreateTicketRequest(ticket=spec), metadata=stack.bearer(), timeout=30
-            )
-            ticket_id = response.ticket.ticket_id
-            deadline = time.monotonic() + 30
-            async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+    mongo = audit.client()
+    try:
+        trail = mongo[audit.database]["audit_trail"]
+        async with grpc.aio.insecure_channel(tickets_target) as channel:
+            stub: pb_grpc.TicketServiceAsyncStub = pb_grpc.TicketServiceStub(channel)
+            for i in range(samples):
+                spec = pb.TicketSpec(
+                    plan_id=f"idle-relay-{uuid.uuid4().hex[:8]}", task_id=f"t{i}", task_type="echo"
+                )
+                response = await stub.CreateTicket(
+                    pb.CreateTicketRequest(ticket=spec), metadata=stack.bearer(), timeout=30
+                )
+                deadline = time.monotonic() + 30
                 while time.monotonic() < deadline:
-                    cur = await conn.execute(
-                        "SELECT extract(epoch FROM relayed_at - occurred_at) FROM ticket_events "
-                        "WHERE ticket_id = %s AND relayed_at IS NOT NULL",
-                        (ticket_id,),
-                    )
-                    row = await cur.fetchone()
-                    if row is not None:
-                        lags.append(float(row[0]))
+                    doc = await trail.find_one({"ticket_id": response.ticket.ticket_id})
+                    if doc is not None:
+                        lags.append((doc["relayed_at"] - doc["occurred_at"]).total_seconds())
                         break
                     await asyncio.sleep(0.02)
-            await asyncio.sleep(0.37)  # land at different points of the relay's poll cycle
+                await asyncio.sleep(0.37)  # land at different points of the relay's poll cycle
+    finally:
+        await mongo.close()
     return lags
 
 
-async def _relay_lag_since(dsn: str, since: float, drain_timeout: float) -> dict[str, Any]:
-    """Per-event lag of every event since ``since`` (waits for the outbox to drain)."""
+async def _relay_lag_since(
+    dsn: str, audit: AuditTrail, since: float, drain_timeout: float
+) -> dict[str, Any]:
+    """Per-event lag of every event since ``since`` (waits for the outbox to drain); an
+    event still undelivered at the end counts with its age."""
     deadline = time.monotonic() + drain_timeout
     async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
         pending = -1
         while time.monotonic() < deadline:
-            cur = await conn.execute("SELECT count(*) FROM ticket_events WHERE relayed_at IS NULL")
+            cur = await conn.execute("SELECT count(*) FROM ticket_outbox")
             row = await cur.fetchone()
             pending = int(row[0]) if row else 0
             if pending == 0:
                 break
             await asyncio.sleep(0.25)
         cur = await conn.execute(
-            "SELECT extract(epoch FROM coalesce(relayed_at, now()) - occurred_at) "
-            "FROM ticket_events WHERE occurred_at >= to_timestamp(%s)",
+            "SELECT extract(epoch FROM now() - e.occurred_at) "
+            "FROM ticket_outbox JOIN ticket_events e USING (seq) "
+            "WHERE e.occurred_at >= to_timestamp(%s)",
             (since,),
         )
         lags = [float(r[0]) for r in await cur.fetchall()]
+    mongo = audit.client()
+    try:
+        cursor = mongo[audit.database]["audit_trail"].find(
+            {"occurred_at": {"$gte": datetime.fromtimestamp(since, UTC)}},
+            {"occurred_at": True, "relayed_at": True},
+        )
+        lags += [(d["relayed_at"] - d["occurred_at"]).total_seconds() async for d in cursor]
+    finally:
+        await mongo.close()
     return {
         "events": len(lags),
         "unrelayed_at_end": pending,
@@ -421,11 +444,12 @@ async def run_plans(
     orchestrator_url: str,
     tickets_target: str,
     tickets_dsn: str,
+    audit: AuditTrail,
     sizes: PlanSizes,
     meter: CpuMeter,
 ) -> None:
     run_id = uuid.uuid4().hex[:6]
-    idle = await _idle_relay_lag(tickets_target, tickets_dsn, samples=5)
+    idle = await _idle_relay_lag(tickets_target, audit, samples=5)
     report.raw["relay_idle_lag_s"] = idle
     phase_start = time.time()
     limits = httpx.Limits(max_connections=sizes.many_plans + 5)
@@ -522,7 +546,7 @@ async def run_plans(
             )
         )
 
-    lag = await _relay_lag_since(tickets_dsn, phase_start, drain_timeout=30)
+    lag = await _relay_lag_since(tickets_dsn, audit, phase_start, drain_timeout=30)
     report.raw["relay_lag_under_load"] = lag
     idle_p50 = percentile(idle, 0.5)
     report.add(
@@ -669,6 +693,7 @@ def phase_plans(report: Report, dbs: Databases, args: argparse.Namespace, logs: 
                 orchestrator_url=orchestrator.endpoint.http_url,
                 tickets_target=tickets.endpoint.grpc_target,
                 tickets_dsn=tickets_dsn,
+                audit=AuditTrail(mongo_uri=dbs.mongo_uri, database="bench_tickets_plans"),
                 sizes=sizes,
                 meter=meter,
             )

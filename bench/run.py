@@ -235,9 +235,9 @@ def main(argv: list[str] | None = None) -> int:
             "task), summed; the stack may overlap these steps (and the orchestrator assigns "
             "in batches with AssignTickets), so it is a yardstick, not a lower bound. For the "
             "CPU floor, compare a plan's total in the CPU table with nproc x its wall time.",
-            "Relay lag: relayed_at - occurred_at of every outbox event written during the plan "
-            "runs (relayed_at is set after the MongoDB insert succeeded), read from the ticket "
-            "service's PostgreSQL once the outbox drained.",
+            "Relay lag: relayed_at - occurred_at of every audit document of the plan runs "
+            "(the relay stamps relayed_at when it sends the batch to MongoDB), read from "
+            "MongoDB once the outbox drained.",
         ]
         for phase in phases:
             print(f"bench: phase {phase} (load {load_average()})", flush=True)

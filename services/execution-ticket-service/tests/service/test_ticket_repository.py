@@ -329,6 +329,50 @@ async def test_outbox_claims_are_exclusive(repo: TicketRepository) -> None:
     assert (await repo.outbox_backlog())[0] == 2
 
 
+async def test_every_event_enters_the_outbox_and_relaying_leaves_event_rows_untouched(
+    repo: TicketRepository, pool: Pool, advance_clock: Callable[[float], None]
+) -> None:
+    # Every statement that writes events: batch create, assignment, status update, lease
+    # expiry, a refused late result.
+    [(t, _)] = await repo.create_many([spec(max_retries=1)], actor="s")
+    await repo.create_many([spec("t2"), spec("t3")], actor="s")
+    await repo.assign(
+        Assignment(ticket_id=t.ticket_id, worker_id="w", lease_seconds=10, attempt=1), actor="s"
+    )
+    await repo.update_status(
+        StatusUpdate(ticket_id=t.ticket_id, status=S.RUNNING, attempt=1), actor="w"
+    )
+    advance_clock(24 * 3600)  # past any lease (a RUNNING lease lasts the task's timeout)
+    assert len(await repo.expire_leases()) == 1
+    with pytest.raises(FailedPrecondition):
+        await repo.update_status(
+            StatusUpdate(ticket_id=t.ticket_id, status=S.COMPLETED, attempt=1), actor="w"
+        )
+
+    async def event_rows() -> list[tuple[int, str]]:
+        async with pool.connection() as conn:
+            cur = await conn.execute(
+                "SELECT seq, xmin::text AS xmin FROM ticket_events ORDER BY seq"
+            )
+            return [(r["seq"], r["xmin"]) for r in await cur.fetchall()]
+
+    before = await event_rows()
+    assert len(before) == 7
+    assert (await repo.outbox_backlog())[0] == 7
+    claimed = await repo.claim_outbox(limit=100, claim_seconds=30)
+    assert [e.seq for e in claimed] == [seq for seq, _ in before]
+    assert [e.event.type for e in claimed][-2:] == [
+        EventType.LEASE_EXPIRED,
+        EventType.LATE_RESULT_REJECTED,
+    ]
+    await repo.release_claims([e.seq for e in claimed[:3]])
+    await repo.mark_relayed([e.seq for e in claimed[3:]])
+    assert (await repo.outbox_backlog())[0] == 3
+    # Claiming, handing back and marking relayed wrote only the outbox: the event rows
+    # are the versions their own statements wrote.
+    assert await event_rows() == before
+
+
 async def test_purge_removes_only_old_relayed_events(
     repo: TicketRepository, advance_clock: Callable[[float], None]
 ) -> None:

@@ -7,6 +7,7 @@ harmless duplicate-key error, which is ignored.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from datetime import UTC, datetime
 from typing import Any
 
 from pymongo import ASCENDING, AsyncMongoClient
@@ -24,7 +25,7 @@ _DUPLICATE_KEY = 11000
 MongoClient = AsyncMongoClient[dict[str, Any]]
 
 
-def audit_document(entry: OutboxEntry) -> dict[str, Any]:
+def audit_document(entry: OutboxEntry, *, relayed_at: datetime) -> dict[str, Any]:
     event = entry.event
     ticket = event.ticket
     return {
@@ -40,6 +41,8 @@ def audit_document(entry: OutboxEntry) -> dict[str, Any]:
         "status": ticket.status.value,
         "actor": event.actor,
         "occurred_at": event.occurred_at,
+        # When the relay sent the event to MongoDB (relayed_at - occurred_at is the relay lag).
+        "relayed_at": relayed_at,
         # Fenced-off results are kept, and marked, so an operator can see what was refused.
         "late_result": event.type is EventType.LATE_RESULT_REJECTED,
         "details": event.details,
@@ -70,7 +73,8 @@ class AuditStore:
 
     async def record(self, entries: Sequence[OutboxEntry]) -> None:
         """Store the events; already stored ones are skipped (redelivery is harmless)."""
-        documents = [audit_document(entry) for entry in entries]
+        relayed_at = datetime.now(UTC)
+        documents = [audit_document(entry, relayed_at=relayed_at) for entry in entries]
         status_changes = [
             doc for doc, entry in zip(documents, entries, strict=True) if entry.event.status_changed
         ]

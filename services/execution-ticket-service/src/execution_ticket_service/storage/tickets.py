@@ -4,8 +4,10 @@ A change to one ticket reads the row, lets the domain decide, then writes the ne
 appends the event row in one statement that only applies if the row still has the version
 that was read (optimistic concurrency: two round trips, no transaction held open; a lost
 race is decided again on the fresh row). Batches (assignments, lease expiry) lock their
-rows in one transaction and write through the same statements. The event table is both
-the transactional outbox (relayed to MongoDB) and the log WatchTickets reads.
+rows in one transaction and write through the same statements. The event table is the log
+WatchTickets reads; a trigger enters every event into ``ticket_outbox`` in the statement
+that writes it (the transactional outbox the relay delivers to MongoDB), so an event row
+is written once and the relay's bookkeeping stays in that narrow table.
 """
 
 from __future__ import annotations
@@ -663,51 +665,47 @@ class TicketRepository:
         """Claim undelivered events for ``claim_seconds``; other replicas skip them."""
         rows = await self._fetch(
             f"""
-            UPDATE ticket_events
-            SET relay_claimed_until = now() + %(claim)s * interval '1 second'
-            WHERE seq IN (
-                SELECT seq FROM ticket_events
-                WHERE relayed_at IS NULL
-                  AND (relay_claimed_until IS NULL OR relay_claimed_until < now())
-                ORDER BY seq LIMIT %(limit)s
-                FOR UPDATE SKIP LOCKED)
-            RETURNING {_EVENT_COLUMNS}
+            WITH claimed AS (
+                UPDATE ticket_outbox
+                SET claimed_until = now() + %(claim)s * interval '1 second'
+                WHERE seq IN (
+                    SELECT seq FROM ticket_outbox
+                    WHERE claimed_until IS NULL OR claimed_until < now()
+                    ORDER BY seq LIMIT %(limit)s
+                    FOR UPDATE SKIP LOCKED)
+                RETURNING seq
+            )
+            SELECT {_EVENT_COLUMNS} FROM ticket_events JOIN claimed USING (seq) ORDER BY seq
             """,
             {"claim": claim_seconds, "limit": limit},
         )
-        rows.sort(key=lambda r: r["seq"])
         return [OutboxEntry(seq=r["seq"], event=_event_from_row(r)) for r in rows]
 
     async def mark_relayed(self, seqs: Sequence[int]) -> None:
-        await self._execute(
-            "UPDATE ticket_events SET relayed_at = now(), relay_claimed_until = NULL "
-            "WHERE seq = ANY(%s)",
-            (list(seqs),),
-        )
+        await self._execute("DELETE FROM ticket_outbox WHERE seq = ANY(%s)", (list(seqs),))
 
     async def release_claims(self, seqs: Sequence[int]) -> None:
         """Give claimed events back at once (delivery failed) instead of waiting for expiry."""
         await self._execute(
-            "UPDATE ticket_events SET relay_claimed_until = NULL "
-            "WHERE seq = ANY(%s) AND relayed_at IS NULL",
-            (list(seqs),),
+            "UPDATE ticket_outbox SET claimed_until = NULL WHERE seq = ANY(%s)", (list(seqs),)
         )
 
     async def purge_events(self, *, older_than: datetime, limit: int = 10_000) -> int:
         """Delete relayed events that happened before ``older_than`` (never undelivered ones)."""
         return await self._execute(
             "DELETE FROM ticket_events WHERE seq IN ("
-            " SELECT seq FROM ticket_events"
-            " WHERE relayed_at IS NOT NULL AND occurred_at < %s"
-            " ORDER BY seq LIMIT %s)",
+            " SELECT e.seq FROM ticket_events e"
+            " WHERE e.occurred_at < %s"
+            "   AND NOT EXISTS (SELECT 1 FROM ticket_outbox o WHERE o.seq = e.seq)"
+            " ORDER BY e.seq LIMIT %s)",
             (older_than, limit),
         )
 
     async def outbox_backlog(self) -> tuple[int, datetime | None]:
         """How many events await relay, and when the oldest of them happened."""
         [row] = await self._fetch(
-            "SELECT count(*) AS n, min(occurred_at) AS oldest FROM ticket_events "
-            "WHERE relayed_at IS NULL"
+            "SELECT count(*) AS n, min(e.occurred_at) AS oldest"
+            " FROM ticket_outbox o JOIN ticket_events e USING (seq)"
         )
         return row["n"], row["oldest"]
 

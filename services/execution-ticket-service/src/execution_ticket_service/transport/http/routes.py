@@ -68,6 +68,8 @@ class AuditEventOut(BaseModel):
     status: str
     actor: str
     occurred_at: datetime
+    # When the relay sent the event to MongoDB (absent on documents of earlier versions).
+    relayed_at: datetime | None = None
     late_result: bool
     details: dict[str, Any]
 

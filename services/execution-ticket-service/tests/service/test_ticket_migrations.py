@@ -1,0 +1,80 @@
+"""Schema migrations of the ticket database, applied to a database of the earlier schema."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import psycopg
+import pytest
+
+import execution_ticket_service.storage as storage_pkg
+from execution_ticket_service.domain.models import TicketSpec
+from execution_ticket_service.storage.tickets import TicketRepository, open_pool
+from hive_common.migrations import apply_migrations
+from hive_testsupport.migrations import migrations_until, roll_back_migration
+
+pytestmark = pytest.mark.service
+
+MIGRATIONS = Path(storage_pkg.__file__).parent / "migrations"
+NARROW_OUTBOX = "0002_narrow_outbox"
+
+
+async def _create(dsn: str, *task_ids: str) -> None:
+    pool = open_pool(dsn, min_size=1, max_size=2)
+    await pool.open(wait=True)
+    try:
+        specs = [TicketSpec(plan_id="p", task_id=t, task_type="echo") for t in task_ids]
+        await TicketRepository(pool=pool).create_many(specs, actor="s")
+    finally:
+        await pool.close()
+
+
+async def _rows(dsn: str, query: str) -> list[tuple[object, ...]]:
+    async with await psycopg.AsyncConnection.connect(dsn) as conn:
+        cur = await conn.execute(query)
+        return await cur.fetchall()
+
+
+async def _event_columns(dsn: str) -> set[str]:
+    rows = await _rows(
+        dsn,
+        "SELECT column_name FROM information_schema.columns "
+        "WHERE table_schema = 'public' AND table_name = 'ticket_events'",
+    )
+    return {str(r[0]) for r in rows}
+
+
+async def test_narrow_outbox_keeps_pending_events_and_rolls_back(
+    postgres_dsn: str, tmp_path: Path
+) -> None:
+    # A database of the first schema, with one event relayed and two still pending.
+    only_first = migrations_until(MIGRATIONS, "0001_tickets", into=tmp_path / "migrations")
+    await asyncio.to_thread(apply_migrations, dsn=postgres_dsn, directory=only_first)
+    await _create(postgres_dsn, "t1", "t2", "t3")
+    async with await psycopg.AsyncConnection.connect(postgres_dsn) as conn:
+        await conn.execute(
+            "UPDATE ticket_events SET relayed_at = now() "
+            "WHERE seq = (SELECT min(seq) FROM ticket_events)"
+        )
+    [(first, last)] = await _rows(postgres_dsn, "SELECT min(seq), max(seq) FROM ticket_events")
+    assert isinstance(first, int)
+    assert isinstance(last, int)
+
+    applied = await asyncio.to_thread(apply_migrations, dsn=postgres_dsn, directory=MIGRATIONS)
+    assert applied == [NARROW_OUTBOX]
+    pending = [r[0] for r in await _rows(postgres_dsn, "SELECT seq FROM ticket_outbox ORDER BY 1")]
+    assert pending == list(range(first + 1, last + 1))
+    assert {"relayed_at", "relay_claimed_until"}.isdisjoint(await _event_columns(postgres_dsn))
+    await _create(postgres_dsn, "t4")  # the trigger enters new events
+    assert len(await _rows(postgres_dsn, "SELECT seq FROM ticket_outbox")) == 3
+
+    await asyncio.to_thread(roll_back_migration, postgres_dsn, MIGRATIONS, NARROW_OUTBOX)
+    unrelayed = await _rows(
+        postgres_dsn,
+        "SELECT ticket->>'task_id' FROM ticket_events WHERE relayed_at IS NULL ORDER BY seq",
+    )
+    assert [r[0] for r in unrelayed] == ["t2", "t3", "t4"]
+    applied = await asyncio.to_thread(apply_migrations, dsn=postgres_dsn, directory=MIGRATIONS)
+    assert applied == [NARROW_OUTBOX]
+    assert len(await _rows(postgres_dsn, "SELECT seq FROM ticket_outbox")) == 3
