@@ -373,6 +373,34 @@ async def test_every_event_enters_the_outbox_and_relaying_leaves_event_rows_unto
     assert await event_rows() == before
 
 
+async def test_a_big_read_is_decoded_in_chunks_with_the_event_loop_let_in_between(
+    repo: TicketRepository,
+) -> None:
+    turns = 0
+
+    async def ticker() -> None:
+        nonlocal turns
+        while True:
+            turns += 1
+            await asyncio.sleep(0)
+
+    seen: list[tuple[int, int]] = []
+
+    def convert(row: dict[str, int]) -> int:
+        seen.append((row["n"], turns))
+        return row["n"]
+
+    task = asyncio.create_task(ticker())
+    try:
+        rows = await repo._fetch_converted("SELECT generate_series(1, 120) AS n", None, convert)
+    finally:
+        task.cancel()
+    assert rows == list(range(1, 121))
+    # Decoded 50 rows at a time; other tasks ran between the chunks.
+    [first], [second], [third] = ({t for n, t in seen if (n - 1) // 50 == c} for c in range(3))
+    assert first < second < third
+
+
 async def test_purge_removes_only_old_relayed_events(
     repo: TicketRepository, advance_clock: Callable[[float], None]
 ) -> None:

@@ -6,6 +6,7 @@ harmless duplicate-key error, which is ignored.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -21,6 +22,8 @@ from hive_common.errors import Unavailable
 AUDIT_TRAIL = "audit_trail"
 STATUS_CHANGES = "status_change_events"
 _DUPLICATE_KEY = 11000
+# Documents built between two turns of the event loop.
+_DOCUMENT_CHUNK = 100
 
 MongoClient = AsyncMongoClient[dict[str, Any]]
 
@@ -74,7 +77,11 @@ class AuditStore:
     async def record(self, entries: Sequence[OutboxEntry]) -> None:
         """Store the events; already stored ones are skipped (redelivery is harmless)."""
         relayed_at = datetime.now(UTC)
-        documents = [audit_document(entry, relayed_at=relayed_at) for entry in entries]
+        documents: list[dict[str, Any]] = []
+        for start in range(0, len(entries), _DOCUMENT_CHUNK):
+            chunk = entries[start : start + _DOCUMENT_CHUNK]
+            documents.extend(audit_document(entry, relayed_at=relayed_at) for entry in chunk)
+            await asyncio.sleep(0)  # let requests in between (as TicketRepository does)
         status_changes = [
             doc for doc, entry in zip(documents, entries, strict=True) if entry.event.status_changed
         ]
