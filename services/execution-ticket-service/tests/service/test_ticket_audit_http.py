@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
+from datetime import datetime
 from typing import Any
 
 import httpx
@@ -253,6 +254,10 @@ async def test_http_api(
         await eventually(audited, what="audit history over HTTP")
         history = (await http.get(f"/api/v1/tickets/{ticket.ticket_id}/events")).json()
         assert [e["type"] for e in history["events"]] == EXPECTED_TYPES
+        # Each event says when the relay sent it, never before it happened.
+        for event in history["events"]:
+            relayed_at = datetime.fromisoformat(event["relayed_at"])
+            assert relayed_at >= datetime.fromisoformat(event["occurred_at"])
 
         bad = await http.get("/api/v1/tickets", params={"status": "NOPE", "page_size": -1})
         assert bad.status_code == 400
