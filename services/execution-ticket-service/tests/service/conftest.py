@@ -68,6 +68,30 @@ def advance_clock(clock: FakeClock) -> Callable[[float], None]:
     return clock.advance
 
 
+@dataclass
+class LoopTurns:
+    """How many turns the event loop has made since the ``loop_turns`` fixture started."""
+
+    count: int = 0
+
+
+@pytest.fixture
+async def loop_turns() -> AsyncIterator[LoopTurns]:
+    """Counts the event loop's turns (to see whether work lets other tasks in)."""
+    turns = LoopTurns()
+
+    async def tick() -> None:
+        while True:
+            turns.count += 1
+            await asyncio.sleep(0)
+
+    task = asyncio.create_task(tick())
+    try:
+        yield turns
+    finally:
+        task.cancel()
+
+
 TEST_JWT_SECRET = "execution-ticket-service-tests-secret-0123456789"
 
 

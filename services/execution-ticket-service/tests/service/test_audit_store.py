@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import asyncio
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from pymongo import AsyncMongoClient
@@ -13,6 +12,9 @@ from execution_ticket_service.storage import audit
 from execution_ticket_service.storage.audit import AuditStore
 from execution_ticket_service.storage.tickets import OutboxEntry, TicketRepository
 
+if TYPE_CHECKING:  # conftest is not importable at run time (import mode importlib)
+    from conftest import LoopTurns
+
 pytestmark = pytest.mark.service
 
 
@@ -21,33 +23,24 @@ async def test_a_big_batch_is_built_in_chunks_with_the_event_loop_let_in_between
     mongo_uri: str,
     mongo_database_name: str,
     monkeypatch: pytest.MonkeyPatch,
+    loop_turns: LoopTurns,
 ) -> None:
     specs = [TicketSpec(plan_id="p", task_id=f"t{i}", task_type="echo") for i in range(250)]
     await repo.create_many(specs, actor="s")
     entries = await repo.claim_outbox(limit=500, claim_seconds=30)
-    turns = 0
-
-    async def ticker() -> None:
-        nonlocal turns
-        while True:
-            turns += 1
-            await asyncio.sleep(0)
-
     built: list[int] = []
     build = audit.audit_document
 
     def audit_document(entry: OutboxEntry, **kwargs: Any) -> dict[str, Any]:
-        built.append(turns)
+        built.append(loop_turns.count)
         return build(entry, **kwargs)
 
     monkeypatch.setattr(audit, "audit_document", audit_document)
     client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(mongo_uri)
-    task = asyncio.create_task(ticker())
     try:
         await AuditStore(client=client, database=mongo_database_name).record(entries)
         stored = await client[mongo_database_name]["audit_trail"].count_documents({})
     finally:
-        task.cancel()
         await client.close()
     assert stored == 250
     # 100 documents at a time; other tasks ran between the chunks.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from typing import TYPE_CHECKING
 
 import psycopg
 import pytest
@@ -20,6 +21,9 @@ from execution_ticket_service.domain.models import (
 )
 from execution_ticket_service.storage.tickets import Pool, TicketRepository
 from hive_common.errors import Aborted, AlreadyExists, FailedPrecondition, NotFound
+
+if TYPE_CHECKING:  # conftest is not importable at run time (import mode importlib)
+    from conftest import LoopTurns
 
 pytestmark = pytest.mark.service
 
@@ -374,27 +378,15 @@ async def test_every_event_enters_the_outbox_and_relaying_leaves_event_rows_unto
 
 
 async def test_a_big_read_is_decoded_in_chunks_with_the_event_loop_let_in_between(
-    repo: TicketRepository,
+    repo: TicketRepository, loop_turns: LoopTurns
 ) -> None:
-    turns = 0
-
-    async def ticker() -> None:
-        nonlocal turns
-        while True:
-            turns += 1
-            await asyncio.sleep(0)
-
     seen: list[tuple[int, int]] = []
 
     def convert(row: dict[str, int]) -> int:
-        seen.append((row["n"], turns))
+        seen.append((row["n"], loop_turns.count))
         return row["n"]
 
-    task = asyncio.create_task(ticker())
-    try:
-        rows = await repo._fetch_converted("SELECT generate_series(1, 120) AS n", None, convert)
-    finally:
-        task.cancel()
+    rows = await repo._fetch_converted("SELECT generate_series(1, 120) AS n", None, convert)
     assert rows == list(range(1, 121))
     # Decoded 50 rows at a time; other tasks ran between the chunks.
     [first], [second], [third] = ({t for n, t in seen if (n - 1) // 50 == c} for c in range(3))
