@@ -25,13 +25,11 @@ from typing import Any
 import psycopg
 from psycopg.types.json import Jsonb
 
-import execution_ticket_service.storage as storage_pkg
 from bench.environment import databases
+from execution_ticket_service.storage import MIGRATIONS_DIRECTORY
 from execution_ticket_service.storage.tickets import TicketRepository, open_pool
 from hive_common.migrations import apply_migrations
 from hive_testsupport.migrations import migrations_until
-
-MIGRATIONS = Path(storage_pkg.__file__).parent / "migrations"
 
 _INSERT_EVENT = """
 INSERT INTO ticket_events (event_id, event_type, ticket_id, plan_id, worker_id, previous_status,
@@ -185,9 +183,11 @@ def main() -> None:
             "before": dbs.fresh_database("outbox_before"),
             "after": dbs.fresh_database("outbox_after"),
         }
-        first = migrations_until(MIGRATIONS, "0001_tickets", into=Path(tmp) / "migrations")
+        first = migrations_until(
+            MIGRATIONS_DIRECTORY, "0001_tickets", into=Path(tmp) / "migrations"
+        )
         apply_migrations(dsn=dsns["before"], directory=first)
-        apply_migrations(dsn=dsns["after"], directory=MIGRATIONS)
+        apply_migrations(dsn=dsns["after"], directory=MIGRATIONS_DIRECTORY)
         results = asyncio.run(
             measure(dsns, dbs.cpu_sources["postgresql"], rounds=args.rounds, batch=args.batch)
         )

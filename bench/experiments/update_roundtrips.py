@@ -24,17 +24,16 @@ import json
 import os
 import uuid
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import psycopg
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 
-import execution_ticket_service.storage as storage_pkg
 from bench.cpu import process_seconds
 from bench.environment import databases
 from bench.stats import closed_loop
+from execution_ticket_service.storage import MIGRATIONS_DIRECTORY
 from hive_common.migrations import apply_migrations
 
 # The statements of execution_ticket_service.storage.tickets (_lock, _UPDATE_TICKET,
@@ -116,7 +115,7 @@ async def pipelined(conn: psycopg.AsyncConnection[Any], ticket_id: Any) -> None:
 
 
 async def run(dsn: str, updates: int, concurrency: int) -> list[dict[str, Any]]:
-    apply_migrations(dsn=dsn, directory=Path(storage_pkg.__file__).parent / "migrations")
+    apply_migrations(dsn=dsn, directory=MIGRATIONS_DIRECTORY)
     results = []
     variants = (("as today (5 round trips)", as_today), ("pipelined (2 round trips)", pipelined))
     for name, variant in variants * 2:  # twice, interleaved, to even out background load

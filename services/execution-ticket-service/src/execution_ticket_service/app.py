@@ -6,7 +6,6 @@ import asyncio
 from collections.abc import Coroutine
 from dataclasses import dataclass, field
 from datetime import timedelta
-from pathlib import Path
 from typing import Any
 
 from pymongo import AsyncMongoClient
@@ -22,6 +21,7 @@ from execution_ticket_service.config import TicketSettings
 from execution_ticket_service.domain.models import TransitionCounts
 from execution_ticket_service.metrics import TicketMetrics
 from execution_ticket_service.signals import ChangeSignal
+from execution_ticket_service.storage import MIGRATIONS_DIRECTORY
 from execution_ticket_service.storage.audit import AuditStore, MongoClient
 from execution_ticket_service.storage.tickets import (
     Clock,
@@ -45,7 +45,6 @@ from hive_common.retry import wait_for_dependency
 from hive_common.runtime import ServiceRuntime
 from neuralhive.ticket.v1 import ticket_service_pb2_grpc as pb_grpc
 
-MIGRATIONS_DIRECTORY = Path(__file__).parent / "storage" / "migrations"
 VERSION = "0.1.0"
 
 log = get_logger(__name__)

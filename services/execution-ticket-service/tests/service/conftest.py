@@ -6,21 +6,18 @@ import asyncio
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 
 import grpc
 import pytest
 
-import execution_ticket_service.storage as storage_pkg
 from execution_ticket_service.app import TicketService, build_service
 from execution_ticket_service.config import TicketSettings
+from execution_ticket_service.storage import MIGRATIONS_DIRECTORY
 from execution_ticket_service.storage.tickets import Pool, TicketRepository, open_pool
 from hive_common.auth import TokenIssuer
 from hive_common.migrations import apply_migrations
 from hive_testsupport import FAST_TICKET_LOOPS, ticket_settings
 from neuralhive.ticket.v1 import ticket_service_pb2_grpc as pb_grpc
-
-MIGRATIONS = Path(storage_pkg.__file__).parent / "migrations"
 
 
 @dataclass
@@ -38,7 +35,7 @@ class FakeClock:
 
 @pytest.fixture
 async def migrated_dsn(postgres_dsn: str) -> str:
-    await asyncio.to_thread(apply_migrations, dsn=postgres_dsn, directory=MIGRATIONS)
+    await asyncio.to_thread(apply_migrations, dsn=postgres_dsn, directory=MIGRATIONS_DIRECTORY)
     return postgres_dsn
 
 

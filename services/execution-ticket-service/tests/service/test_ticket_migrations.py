@@ -8,15 +8,14 @@ from pathlib import Path
 import psycopg
 import pytest
 
-import execution_ticket_service.storage as storage_pkg
 from execution_ticket_service.domain.models import TicketSpec
+from execution_ticket_service.storage import MIGRATIONS_DIRECTORY
 from execution_ticket_service.storage.tickets import TicketRepository, open_pool
 from hive_common.migrations import apply_migrations
 from hive_testsupport.migrations import migrations_until, roll_back_migration
 
 pytestmark = pytest.mark.service
 
-MIGRATIONS = Path(storage_pkg.__file__).parent / "migrations"
 NARROW_OUTBOX = "0002_narrow_outbox"
 
 
@@ -49,7 +48,9 @@ async def test_narrow_outbox_keeps_pending_events_and_rolls_back(
     postgres_dsn: str, tmp_path: Path
 ) -> None:
     # A database of the first schema, with one event relayed and two still pending.
-    only_first = migrations_until(MIGRATIONS, "0001_tickets", into=tmp_path / "migrations")
+    only_first = migrations_until(
+        MIGRATIONS_DIRECTORY, "0001_tickets", into=tmp_path / "migrations"
+    )
     await asyncio.to_thread(apply_migrations, dsn=postgres_dsn, directory=only_first)
     await _create(postgres_dsn, "t1", "t2", "t3")
     async with await psycopg.AsyncConnection.connect(postgres_dsn) as conn:
@@ -61,7 +62,9 @@ async def test_narrow_outbox_keeps_pending_events_and_rolls_back(
     assert isinstance(first, int)
     assert isinstance(last, int)
 
-    applied = await asyncio.to_thread(apply_migrations, dsn=postgres_dsn, directory=MIGRATIONS)
+    applied = await asyncio.to_thread(
+        apply_migrations, dsn=postgres_dsn, directory=MIGRATIONS_DIRECTORY
+    )
     assert applied == [NARROW_OUTBOX]
     pending = [r[0] for r in await _rows(postgres_dsn, "SELECT seq FROM ticket_outbox ORDER BY 1")]
     assert pending == list(range(first + 1, last + 1))
@@ -69,12 +72,14 @@ async def test_narrow_outbox_keeps_pending_events_and_rolls_back(
     await _create(postgres_dsn, "t4")  # the trigger enters new events
     assert len(await _rows(postgres_dsn, "SELECT seq FROM ticket_outbox")) == 3
 
-    await asyncio.to_thread(roll_back_migration, postgres_dsn, MIGRATIONS, NARROW_OUTBOX)
+    await asyncio.to_thread(roll_back_migration, postgres_dsn, MIGRATIONS_DIRECTORY, NARROW_OUTBOX)
     unrelayed = await _rows(
         postgres_dsn,
         "SELECT ticket->>'task_id' FROM ticket_events WHERE relayed_at IS NULL ORDER BY seq",
     )
     assert [r[0] for r in unrelayed] == ["t2", "t3", "t4"]
-    applied = await asyncio.to_thread(apply_migrations, dsn=postgres_dsn, directory=MIGRATIONS)
+    applied = await asyncio.to_thread(
+        apply_migrations, dsn=postgres_dsn, directory=MIGRATIONS_DIRECTORY
+    )
     assert applied == [NARROW_OUTBOX]
     assert len(await _rows(postgres_dsn, "SELECT seq FROM ticket_outbox")) == 3
