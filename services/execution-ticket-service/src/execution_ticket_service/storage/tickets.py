@@ -263,19 +263,15 @@ class TicketRepository:
 
     async def _fetch(self, query: Statement, params: Params | None = None) -> list[DictRow]:
         """The rows of one statement run on its own (no BEGIN/COMMIT round trips)."""
-
-        async def work(conn: AsyncConnection[DictRow]) -> list[DictRow]:
-            cur = await conn.execute(query, params)
-            return await cur.fetchall()
-
-        return await self._run(work, transaction=False)
+        return await self._fetch_converted(query, params, lambda row: row)
 
     async def _fetch_converted(
-        self, query: Statement, params: Params, convert: Callable[[DictRow], T]
+        self, query: Statement, params: Params | None, convert: Callable[[DictRow], T]
     ) -> list[T]:
-        """``[convert(row) for row in rows]`` of one statement on its own, a chunk of rows at
-        a time with the event loop let in between: decoding a few hundred events (their
-        ticket JSON) at once would hold up every other request for milliseconds."""
+        """``[convert(row) for row in rows]`` of one statement run on its own, decoded a
+        chunk of rows at a time with the event loop let in between: decoding a few hundred
+        events (their ticket JSON) at once would hold up every other request for
+        milliseconds."""
 
         async def work(conn: AsyncConnection[DictRow]) -> list[T]:
             cur = await conn.execute(query, params)
