@@ -65,9 +65,10 @@ class FakeTickets(pb_grpc.TicketServiceServicer):
         self.calls: list[tuple[str, Any, dict[str, str]]] = []
         self.hang = asyncio.Event()
         self.hanging = False
-        # WatchTickets: one script per connection, each a list of event numbers and a
-        # final action: "abort" (UNAVAILABLE), "end" (stream ends), "deny" or "wait".
-        self.watch_scripts: list[tuple[list[int], str]] = []
+        # WatchTickets: one script per connection, each a list of event numbers (a list
+        # of them: one batched message) and a final action: "abort" (UNAVAILABLE), "end"
+        # (stream ends), "deny" or "wait".
+        self.watch_scripts: list[tuple[list[int | list[int]], str]] = []
         self.watch_requests: list[pb.WatchTicketsRequest] = []
         self.watch_opened = asyncio.Event()
         # Sent as the `x-watch-cursor` initial metadata of every watch (None: no header).
@@ -147,7 +148,10 @@ class FakeTickets(pb_grpc.TicketServiceServicer):
         if self.watch_header_cursor is not None:
             await context.send_initial_metadata((("x-watch-cursor", self.watch_header_cursor),))
         for n in numbers:
-            yield _event(n)
+            if isinstance(n, list):
+                yield pb.WatchTicketsResponse(events=[_event(m).event for m in n])
+            else:
+                yield _event(n)
         if action == "abort":
             await abort(context, Unavailable("ticket store is restarting"))
         elif action == "deny":
@@ -462,6 +466,24 @@ async def test_watch_resumes_after_the_last_cursor(
     assert watch.connections == 3
     # Every stream carried the channel's token.
     assert {c[2]["authorization"] for c in tickets.calls} == {"Bearer service-token"}
+
+
+async def test_watch_asks_for_batches_and_hands_out_their_events_one_by_one(
+    tickets: FakeTickets, ticket_port: int, sleeps: Sleeps
+) -> None:
+    tickets.watch_scripts = [([1, [2, 3, 4]], "abort"), ([[5, 6]], "wait")]
+    async with ticket_client(ticket_port, sleeps) as client:
+        watch = client.watch_tickets(plan_id="p-1")
+        async with watch:
+            first, second = await anext(watch), await anext(watch)
+            # The cursor is the last event handed out, not the last one received.
+            assert watch.cursor == "c2"
+            rest = [await anext(watch) for _ in range(4)]
+    assert [e.event_id for e in (first, second, *rest)] == [f"e{n}" for n in range(1, 7)]
+    assert watch.cursor == "c6"
+    requests = [(r.cursor, r.batch_events) for r in tickets.watch_requests]
+    # The batch's every event was delivered before the stream broke: resumed after it.
+    assert requests == [("", True), ("c4", True)]
 
 
 async def test_watch_dropped_before_any_event_comes_back_with_a_snapshot(

@@ -17,6 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from execution_ticket_service.app import TicketService, build_service
+from execution_ticket_service.transport.grpc.servicer import WATCH_BATCH_BYTES, WATCH_BATCH_EVENTS
 from hive_common.auth import TokenIssuer
 from hive_common.grpc_errors import rich_status_of
 from neuralhive.ticket.v1 import ticket_service_pb2 as pb
@@ -1103,6 +1104,70 @@ async def test_a_stalled_watcher_does_not_hold_back_others(client: Client) -> No
     seen = [(await next_event(stalled)).ticket.task_id for _ in range(2001)]
     assert seen == [*(f"n{i}" for i in range(2000)), "marker"]
     stalled.cancel()
+
+
+async def test_a_batched_watch_sends_the_same_events_several_to_a_message(
+    client: Client,
+) -> None:
+    plain = client.stub.WatchTickets(pb.WatchTicketsRequest(plan_id="plan-b"), metadata=client.svc)
+    start = await watch_cursor_of(plain)
+    small = [spec(f"s{i}", plan_id="plan-b") for i in range(150)]
+    large = [spec(f"l{i}", plan_id="plan-b") for i in range(30)]
+    for tickets in (small, large):
+        response = await client.stub.BatchCreateTickets(
+            pb.BatchCreateTicketsRequest(tickets=tickets), metadata=client.svc
+        )
+    # ~3 MiB of events: 30 results of 100 KB, more than one message may carry.
+    for ticket in response.tickets:
+        running = await client.update(await client.assign(ticket), S.TICKET_STATUS_RUNNING)
+        await client.update(running, S.TICKET_STATUS_COMPLETED, result=struct(pad="x" * 100_000))
+    count = 150 + 4 * 30
+    expected = [await next_event(plain) for _ in range(count)]
+    plain.cancel()
+
+    async def read_batches(stream: Any, count: int) -> list[list[pb.TicketEvent]]:
+        messages: list[list[pb.TicketEvent]] = []
+        while sum(map(len, messages)) < count:
+            response = await stream.read()
+            assert not response.HasField("event")
+            messages.append(list(response.events))
+        return messages
+
+    # From the same start, with every event already written: read in large chunks.
+    batched = client.stub.WatchTickets(
+        pb.WatchTicketsRequest(plan_id="plan-b", cursor=start, batch_events=True),
+        metadata=client.svc,
+    )
+    messages = await read_batches(batched, count)
+    batched.cancel()
+    # The same events, cursors and order as one per message,
+    assert [e for m in messages for e in m] == expected
+    # several to a message, within the count and size bounds (one larger event goes alone).
+    assert max(map(len, messages)) == WATCH_BATCH_EVENTS
+    for message in messages:
+        assert len(message) <= WATCH_BATCH_EVENTS
+        assert len(message) == 1 or sum(e.ByteSize() for e in message) <= WATCH_BATCH_BYTES
+    with_results = [m for m in messages if any(e.ticket.HasField("result") for e in m)]
+    assert len(with_results) >= 3
+
+    # A snapshot is batched the same way; resuming from an event in the middle of a
+    # message sends the rest of the snapshot.
+    snapshot = client.stub.WatchTickets(
+        pb.WatchTicketsRequest(plan_id="plan-b", include_snapshot=True, batch_events=True),
+        metadata=client.svc,
+    )
+    first = (await read_batches(snapshot, 1))[0]
+    snapshot.cancel()
+    assert len(first) == WATCH_BATCH_EVENTS
+    assert {e.type for e in first} == {pb.TICKET_EVENT_TYPE_SNAPSHOT}
+    resumed = client.stub.WatchTickets(
+        pb.WatchTicketsRequest(plan_id="plan-b", cursor=first[49].cursor, batch_events=True),
+        metadata=client.svc,
+    )
+    rest = [e for m in await read_batches(resumed, 100) for e in m]
+    resumed.cancel()
+    # Every ticket not COMPLETED (the 150 small ones), in creation order.
+    assert [e.ticket.task_id for e in first[:50] + rest] == [t.task_id for t in small]
 
 
 # ---- health and reflection -----------------------------------------------------------------

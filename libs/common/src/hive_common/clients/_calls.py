@@ -4,8 +4,9 @@ overall deadline, and server streams that reconnect after transient failures."""
 from __future__ import annotations
 
 import asyncio
+import collections
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any, Generic, Self, TypeVar
 
@@ -178,6 +179,8 @@ class ReconnectingStream(Generic[ResponseT, ItemT]):
         self._sleep = sleep
         self._call: grpc.aio.UnaryStreamCall[Any, ResponseT] | None = None
         self._iterator: AsyncIterator[ResponseT] | None = None
+        # Items of the last message not yet handed out (a message may carry several).
+        self._pending: collections.deque[ItemT] = collections.deque()
         self._closed = False
         self._failures = 0
         self._outage_started: float | None = None
@@ -187,8 +190,12 @@ class ReconnectingStream(Generic[ResponseT, ItemT]):
     def _request(self) -> Any:
         raise NotImplementedError
 
-    def _accept(self, response: ResponseT) -> ItemT:
+    def _accept(self, response: ResponseT) -> Iterable[ItemT]:
+        """The items of one message, in order."""
         raise NotImplementedError
+
+    def _delivered(self, item: ItemT) -> None:
+        """Hook run as ``item`` is handed to the consumer (e.g. to move a resume cursor)."""
 
     async def _connected(self, call: grpc.aio.UnaryStreamCall[Any, ResponseT]) -> None:
         """Hook run right after a stream is opened (before its first message)."""
@@ -206,6 +213,10 @@ class ReconnectingStream(Generic[ResponseT, ItemT]):
         while True:
             if self._closed:
                 raise StopAsyncIteration
+            if self._pending:
+                item = self._pending.popleft()
+                self._delivered(item)
+                return item
             try:
                 if self._iterator is None:
                     await self._open()
@@ -233,7 +244,7 @@ class ReconnectingStream(Generic[ResponseT, ItemT]):
                 raise
             self._failures = 0
             self._outage_started = None
-            return self._accept(response)
+            self._pending.extend(self._accept(response))
 
     async def _open(self) -> None:
         call = self._method(self._request(), metadata=self._metadata)

@@ -57,8 +57,8 @@ class WorkerWatch(ReconnectingStream[pb.WatchWorkersResponse, pb.WorkerEvent]):
     def _request(self) -> pb.WatchWorkersRequest:
         return pb.WatchWorkersRequest(namespace=self._namespace)
 
-    def _accept(self, response: pb.WatchWorkersResponse) -> pb.WorkerEvent:
-        return response.event
+    def _accept(self, response: pb.WatchWorkersResponse) -> tuple[pb.WorkerEvent]:
+        return (response.event,)
 
     async def _connected(
         self, call: grpc.aio.UnaryStreamCall[Any, pb.WatchWorkersResponse]

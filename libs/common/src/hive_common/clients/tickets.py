@@ -127,6 +127,7 @@ class TicketWatch(ReconnectingStream[pb.WatchTicketsResponse, pb.TicketEvent]):
             include_snapshot=snapshot,
             include_ticket_tokens=self._include_ticket_tokens,
             exclude_own_changes=self._exclude_own_changes,
+            batch_events=True,
         )
 
     async def _connected(
@@ -142,11 +143,14 @@ class TicketWatch(ReconnectingStream[pb.WatchTicketsResponse, pb.TicketEvent]):
             if key == WATCH_CURSOR_METADATA and isinstance(value, str) and value:
                 self.cursor = value
 
-    def _accept(self, response: pb.WatchTicketsResponse) -> pb.TicketEvent:
-        event = response.event
+    def _accept(self, response: pb.WatchTicketsResponse) -> Sequence[pb.TicketEvent]:
+        # Several per message when the server batches them (batch_events; a server that
+        # predates it ignores the flag and sends one per message in `event`).
+        return response.events or (response.event,)
+
+    def _delivered(self, event: pb.TicketEvent) -> None:
         if event.cursor:
             self.cursor = event.cursor
-        return event
 
 
 class TicketClient(GrpcClient):

@@ -687,6 +687,7 @@ class WatchTicketsRequest(_message.Message):
     INCLUDE_SNAPSHOT_FIELD_NUMBER: _builtins.int
     INCLUDE_TICKET_TOKENS_FIELD_NUMBER: _builtins.int
     EXCLUDE_OWN_CHANGES_FIELD_NUMBER: _builtins.int
+    BATCH_EVENTS_FIELD_NUMBER: _builtins.int
     plan_id: _builtins.str
     """At least one of plan_id or worker_id, unless the caller holds the service token."""
     worker_id: _builtins.str
@@ -706,6 +707,11 @@ class WatchTicketsRequest(_message.Message):
     stream that only skipped events does not move its client's cursor; resuming from the
     last delivered cursor skips them again.
     """
+    batch_events: _builtins.bool
+    """Send the events in WatchTicketsResponse.events, several per message when several
+    are ready at once (in order, up to about 1 MiB per message), instead of one per
+    message in WatchTicketsResponse.event.
+    """
     def __init__(
         self,
         *,
@@ -715,10 +721,11 @@ class WatchTicketsRequest(_message.Message):
         include_snapshot: _builtins.bool = ...,
         include_ticket_tokens: _builtins.bool = ...,
         exclude_own_changes: _builtins.bool = ...,
+        batch_events: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cursor", b"cursor", "exclude_own_changes", b"exclude_own_changes", "include_snapshot", b"include_snapshot", "include_ticket_tokens", b"include_ticket_tokens", "plan_id", b"plan_id", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["batch_events", b"batch_events", "cursor", b"cursor", "exclude_own_changes", b"exclude_own_changes", "include_snapshot", b"include_snapshot", "include_ticket_tokens", b"include_ticket_tokens", "plan_id", b"plan_id", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -806,16 +813,24 @@ class WatchTicketsResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     EVENT_FIELD_NUMBER: _builtins.int
+    EVENTS_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def event(self) -> Global___TicketEvent: ...
+    def event(self) -> Global___TicketEvent:
+        """Without WatchTicketsRequest.batch_events: the one event of this message."""
+
+    @_builtins.property
+    def events(self) -> _containers.RepeatedCompositeFieldContainer[Global___TicketEvent]:
+        """With WatchTicketsRequest.batch_events: one or more events, in order."""
+
     def __init__(
         self,
         *,
         event: Global___TicketEvent | None = ...,
+        events: _abc.Iterable[Global___TicketEvent] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["event", b"event", "events", b"events"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

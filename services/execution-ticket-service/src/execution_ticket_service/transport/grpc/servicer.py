@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,6 +53,11 @@ TICKET_TOKEN_SCOPES = ("ticket:update",)
 SNAPSHOT_ACTOR = "system:watch"
 # Initial metadata of WatchTickets: the cursor the stream starts from (see WatchTickets).
 WATCH_CURSOR_HEADER = "x-watch-cursor"
+# A batched WatchTickets message (batch_events) holds at most this many events and,
+# unless one event alone is larger, this many bytes of them (the default receive limit of
+# gRPC clients is 4 MiB; a ticket's result alone may be up to 1 MiB).
+WATCH_BATCH_EVENTS = 100
+WATCH_BATCH_BYTES = 1024 * 1024
 # The events that hand a worker a ticket to start (include_ticket_tokens).
 _TOKEN_EVENTS = frozenset({EventType.ASSIGNED, EventType.SNAPSHOT})
 
@@ -213,8 +218,8 @@ class TicketServicer(pb_grpc.TicketServiceServicer):
         expires_at.FromDatetime(claims.expires_at)
         return pb.TicketToken(token=token, expires_at=expires_at, attempt=ticket.attempt)
 
-    def _event_message(self, event: TicketEvent, token_holder: str) -> pb.WatchTicketsResponse:
-        """The stream message; with a ticket token when ``token_holder`` (a worker id) is
+    def _event_message(self, event: TicketEvent, token_holder: str) -> pb.TicketEvent:
+        """The event as sent; with a ticket token when ``token_holder`` (a worker id) is
         to start the ticket (see WatchTicketsRequest.include_ticket_tokens)."""
         message = event_to_proto(event)
         ticket = event.ticket
@@ -227,7 +232,7 @@ class TicketServicer(pb_grpc.TicketServiceServicer):
             message.ticket_token.CopyFrom(
                 self._ticket_token(ticket, self._limits.default_token_ttl_seconds)
             )
-        return pb.WatchTicketsResponse(event=message)
+        return message
 
     async def WatchTickets(
         self, request: pb.WatchTicketsRequest, context: Any
@@ -271,8 +276,8 @@ class TicketServicer(pb_grpc.TicketServiceServicer):
 
             if tickets:
                 now = utc_now()
-                for seq, ticket in tickets:
-                    snapshot = TicketEvent(
+                snapshots = (
+                    TicketEvent(
                         event_id=f"snapshot-{ticket.ticket_id}-{ticket.version}",
                         type=EventType.SNAPSHOT,
                         ticket=ticket,
@@ -283,7 +288,13 @@ class TicketServicer(pb_grpc.TicketServiceServicer):
                         # Resuming here sends the rest of the snapshot first.
                         cursor=encode_cursor(cursor, snapshot_after=seq),
                     )
-                    yield self._event_message(snapshot, token_holder)
+                    for seq, ticket in tickets
+                )
+                for response in _responses(
+                    (self._event_message(e, token_holder) for e in snapshots),
+                    batch=request.batch_events,
+                ):
+                    yield response
 
             # Each stream keeps its own position in the shared tail: a slow or vanished client
             # only stalls itself.
@@ -292,11 +303,39 @@ class TicketServicer(pb_grpc.TicketServiceServicer):
                 events, cursor = await self._tail.read(
                     cursor, ticket_filter, limit=self._watch.batch_size
                 )
-                for event in events:
-                    if event.actor != own_actor:
-                        yield self._event_message(event, token_holder)
+                for response in _responses(
+                    (self._event_message(e, token_holder) for e in events if e.actor != own_actor),
+                    batch=request.batch_events,
+                ):
+                    yield response
                 if len(events) < self._watch.batch_size:
                     await self._tail.wait(generation, self._watch.poll_interval)
+
+
+def _responses(
+    events: Iterable[pb.TicketEvent], *, batch: bool
+) -> Iterator[pb.WatchTicketsResponse]:
+    """The stream messages carrying ``events``: one each, or with ``batch`` as many per
+    message as fit in :data:`WATCH_BATCH_EVENTS` and :data:`WATCH_BATCH_BYTES` (an event
+    larger than that goes alone)."""
+    if not batch:
+        for event in events:
+            yield pb.WatchTicketsResponse(event=event)
+        return
+    response = pb.WatchTicketsResponse()
+    size = 0
+    for event in events:
+        event_size = event.ByteSize()
+        if response.events and (
+            len(response.events) >= WATCH_BATCH_EVENTS or size + event_size > WATCH_BATCH_BYTES
+        ):
+            yield response
+            response = pb.WatchTicketsResponse()
+            size = 0
+        response.events.append(event)
+        size += event_size
+    if response.events:
+        yield response
 
 
 def _raw_assignment(request: pb.AssignTicketRequest) -> RawAssignment:
