@@ -3,9 +3,12 @@
 Life of one assignment (DESIGN.md sections 4 and 6)::
 
     ASSIGNED event for this worker --(a free slot of max_concurrent)--> GenerateToken
-      --> UpdateTicketStatus RUNNING (ticket token, attempt-fenced)
+      --> report RUNNING (ticket token, attempt-fenced)
       --> handler(params, ctx) within the ticket's timeout
-      --> UpdateTicketStatus COMPLETED {result} | FAILED {error_message, permanent}
+      --> report COMPLETED {result} | FAILED {error_message, permanent}
+
+Reports go in UpdateTicketStatuses calls, with the reports of the worker's other tickets
+made at the same time (:mod:`hive_worker.reports`); each is answered on its own.
 
 Outages delay work and lose nothing: the ticket watch resumes from its last cursor (and
 starts with a snapshot, so assignments made while the worker was away are picked up),
@@ -29,14 +32,20 @@ import enum
 import json
 import signal
 from collections import OrderedDict
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
 from google.protobuf import json_format
 
-from hive_common.clients import CallPolicy, ReconnectPolicy, RegistryClient, TicketClient
+from hive_common.clients import (
+    CallPolicy,
+    ReconnectPolicy,
+    RegistryClient,
+    TicketClient,
+    status_update_request,
+)
 from hive_common.errors import (
     Aborted,
     FailedPrecondition,
@@ -50,6 +59,7 @@ from hive_common.logging import get_logger
 from hive_common.retry import is_retryable
 from hive_worker.config import WorkerSettings
 from hive_worker.handlers import TaskContext, TaskError, TaskHandler, TaskRegistry
+from hive_worker.reports import ReportBatcher
 from hive_worker.tasks import builtin_tasks
 from neuralhive.ticket.v1 import ticket_service_pb2 as pb
 
@@ -239,6 +249,9 @@ class Worker:
         self._active = 0  # attempts holding a slot
         self._background: set[asyncio.Task[None]] = set()
         self._backoff = ReconnectPolicy(max_backoff_seconds=settings.reconnect_max_backoff_seconds)
+        self._reports = ReportBatcher(
+            lambda reports: self._ticket_client.update_ticket_statuses(reports)
+        )
         self.succeeded_total = 0
         """Attempts reported COMPLETED since this process started."""
         self.failed_total = 0
@@ -706,15 +719,11 @@ class Worker:
         try:
             if not self._token_fresh(run):
                 await self._refresh_token(run)
+            start = status_update_request(
+                ticket_id=ticket.ticket_id, status=pb.TICKET_STATUS_RUNNING, attempt=ticket.attempt
+            )
             updated: pb.ExecutionTicket = await self._until_definite(
-                run,
-                "start",
-                lambda: self._ticket_client.update_ticket_status(
-                    ticket_id=ticket.ticket_id,
-                    status=pb.TICKET_STATUS_RUNNING,
-                    attempt=ticket.attempt,
-                    token=run.token,
-                ),
+                run, "start", lambda: self._send_report(start, run)
             )
         except _DEFINITE_REFUSALS as exc:
             run.log.info("assignment no longer valid; not starting", error=repr(exc))
@@ -832,24 +841,23 @@ class Worker:
         run.log.error("outcome could not be reported")
 
     def _sender(self, run: _Run, outcome: Outcome) -> Callable[[], Any]:
-        """One UpdateTicketStatus call reporting ``outcome`` with the run's current token."""
-        ticket = run.ticket
-        status = pb.TICKET_STATUS_COMPLETED if outcome.completed else pb.TICKET_STATUS_FAILED
-        error = "" if outcome.completed else _error_text(outcome.error_message)
-        result = _clean_json(outcome.result) if outcome.result else None
+        """Reports ``outcome`` with the run's current token when called."""
+        update = status_update_request(
+            ticket_id=run.ticket.ticket_id,
+            status=pb.TICKET_STATUS_COMPLETED if outcome.completed else pb.TICKET_STATUS_FAILED,
+            attempt=run.ticket.attempt,
+            result=_clean_json(outcome.result) if outcome.result else None,
+            error_message="" if outcome.completed else _error_text(outcome.error_message),
+            permanent=outcome.permanent,
+        )
+        return lambda: self._send_report(update, run)
 
-        def send() -> Any:
-            return self._ticket_client.update_ticket_status(
-                ticket_id=ticket.ticket_id,
-                status=status,
-                attempt=ticket.attempt,
-                result=result,
-                error_message=error,
-                permanent=outcome.permanent,
-                token=run.token,
-            )
-
-        return send
+    def _send_report(
+        self, update: pb.UpdateTicketStatusRequest, run: _Run
+    ) -> Awaitable[pb.ExecutionTicket]:
+        """The update with the run's current ticket token, in the next UpdateTicketStatuses
+        call (see :mod:`hive_worker.reports`)."""
+        return self._reports.report(pb.TicketStatusReport(update=update, ticket_token=run.token))
 
     async def _fail_orphan(self, ticket: pb.ExecutionTicket, token: pb.TicketToken | None) -> None:
         assert self._worker_id is not None
@@ -917,6 +925,7 @@ class Worker:
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
+        await self._reports.aclose()
 
 
 __all__ = ["ERROR_MESSAGE_LIMIT", "Outcome", "Phase", "Worker", "normalise_result"]

@@ -147,8 +147,10 @@ async def test_echo_runs_to_completed_with_its_result(
     assert done.worker_id == worker_id
     assert done.HasField("started_at")
     assert done.error_message == ""
-    # The ticket token came with the assignment: the worker never asked for one.
-    assert _rpcs_started(tickets, "UpdateTicketStatus") == 2
+    # The ticket token came with the assignment: the worker never asked for one. Its two
+    # reports (RUNNING, then COMPLETED) went in two UpdateTicketStatuses calls.
+    assert _rpcs_started(tickets, "UpdateTicketStatuses") == 2
+    assert _rpcs_started(tickets, "UpdateTicketStatus") == 0
     assert _rpcs_started(tickets, "GenerateToken") == 0
     # The heartbeat carries the cumulative totals to the registry.
     seen = await eventually(
@@ -255,6 +257,38 @@ async def test_max_concurrent_is_honoured(workers: Any, orchestrator: TicketClie
         assert dict(done.result) == {"released": ticket_id}
     assert gate.peak == 2
     assert sorted(gate.started) == sorted(ids)
+
+
+async def test_reports_made_together_go_in_one_call(
+    workers: Any, orchestrator: TicketClient, tickets: Any
+) -> None:
+    worker = workers.make(max_concurrent=4)
+    gate = Gate()
+    worker.add_task("block", gate)
+    worker_id = await workers.start(worker)
+    plan = f"plan-{uuid.uuid4().hex[:8]}"
+    created = [
+        (await orchestrator.create_ticket(spec=spec("block", plan_id=plan))).ticket
+        for _ in range(4)
+    ]
+    # Assigned in one transaction: one watch message hands the worker all four, they
+    # start in the same turn of its loop, and their RUNNING reports go in one call.
+    assigned = await orchestrator.assign_tickets(
+        [
+            pb.AssignTicketRequest(ticket_id=t.ticket_id, worker_id=worker_id, attempt=1)
+            for t in created
+        ]
+    )
+    assert all(isinstance(t, pb.ExecutionTicket) for t in assigned)
+    await gate.until(lambda: len(gate.started) == 4)
+    assert _rpcs_started(tickets, "UpdateTicketStatuses") == 1
+    # Released together: the four COMPLETED reports go in one call too.
+    gate.release.set()
+    for ticket in created:
+        done = await wait_status(orchestrator, ticket.ticket_id, COMPLETED)
+        assert dict(done.result) == {"released": ticket.ticket_id}
+    assert _rpcs_started(tickets, "UpdateTicketStatuses") == 2
+    assert worker.succeeded_total == 4
 
 
 async def test_an_assignment_made_while_the_worker_was_away_is_picked_up(

@@ -197,6 +197,7 @@ async def build_service(settings: TicketSettings, *, clock: Clock = utc_now) -> 
             read_gap=settings.watch_read_gap_seconds,
         ),
     )
+    auth = TicketAuthInterceptor(verifier=verifier, ticket_lookup=repository.get)
     servicer = TicketServicer(
         repository=repository,
         issuer=issuer,
@@ -206,6 +207,7 @@ async def build_service(settings: TicketSettings, *, clock: Clock = utc_now) -> 
             poll_interval=settings.watch_poll_interval_seconds,
             batch_size=settings.watch_batch_size,
         ),
+        authorize_report=auth.authorize_report,
     )
     grpc_server = build_grpc_server(
         services=[
@@ -217,7 +219,7 @@ async def build_service(settings: TicketSettings, *, clock: Clock = utc_now) -> 
             )
         ],
         metrics=RpcMetrics(registry),
-        interceptors=[TicketAuthInterceptor(verifier=verifier, ticket_lookup=repository.get)],
+        interceptors=[auth],
     )
 
     async def readiness() -> dict[str, CheckResult]:

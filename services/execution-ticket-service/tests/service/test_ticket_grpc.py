@@ -573,6 +573,118 @@ async def test_assign_tickets_refuses_bad_batches_whole_and_non_service_callers(
     assert (await client.get(a.ticket_id)).status == S.TICKET_STATUS_PENDING
 
 
+def report(
+    ticket: pb.ExecutionTicket, status: Any, token: str = "", **kwargs: Any
+) -> pb.TicketStatusReport:
+    update = pb.UpdateTicketStatusRequest(
+        ticket_id=ticket.ticket_id, status=status, **{"attempt": ticket.attempt, **kwargs}
+    )
+    return pb.TicketStatusReport(update=update, ticket_token=token)
+
+
+async def test_update_ticket_statuses_applies_each_report_or_says_why_not(
+    client: Client,
+) -> None:
+    created = [await client.create(task_id=t, max_retries=1) for t in "abcdefgh"]
+    a, b, c, d, e, f, g, late = [await client.assign(t) for t in created]
+    tokens = {t.ticket_id: await client.ticket_token(t.ticket_id) for t in (a, b, c, d, e, g)}
+    late_token = await client.ticket_token(late.ticket_id)
+    late = await client.update(late, S.TICKET_STATUS_FAILED, error_message="retry")  # attempt 2
+    unknown = pb.ExecutionTicket(ticket_id="00000000-0000-4000-8000-0000000000ff", attempt=1)
+    unknown_token, _ = client.issuer.issue_ticket_token(
+        worker_id="w1", ticket_id=unknown.ticket_id, plan_id="plan-1", attempt=1, ttl_seconds=60
+    )
+    request = pb.UpdateTicketStatusesRequest(
+        reports=[
+            report(a, S.TICKET_STATUS_RUNNING, tokens[a.ticket_id]),
+            report(b, S.TICKET_STATUS_RUNNING, tokens[a.ticket_id]),  # a's token
+            report(c, S.TICKET_STATUS_COMPLETED, tokens[c.ticket_id]),  # not RUNNING yet
+            report(d, S.TICKET_STATUS_RUNNING, tokens[d.ticket_id], expected_version=1),
+            report(e, S.TICKET_STATUS_FAILED, tokens[e.ticket_id], error_message="nul\x00"),
+            report(f, S.TICKET_STATUS_RUNNING, "not-a-token"),
+            report(unknown, S.TICKET_STATUS_RUNNING, unknown_token),
+            report(created[7], S.TICKET_STATUS_COMPLETED, late_token),  # attempt 1: late
+            report(g, S.TICKET_STATUS_RUNNING),  # no token of its own: the call's (a worker's)
+        ]
+    )
+    watch = client.stub.WatchTickets(pb.WatchTicketsRequest(plan_id="plan-1"), metadata=client.svc)
+    await watch.initial_metadata()
+    response = await client.stub.UpdateTicketStatuses(request, metadata=client.worker("w1"))
+    codes = [Code.OK if r.error_code == 0 else _code(r.error_code) for r in response.results]
+    assert codes == [
+        Code.OK,
+        Code.PERMISSION_DENIED,
+        Code.FAILED_PRECONDITION,
+        Code.ABORTED,
+        Code.INVALID_ARGUMENT,
+        Code.UNAUTHENTICATED,
+        Code.NOT_FOUND,
+        Code.FAILED_PRECONDITION,
+        Code.PERMISSION_DENIED,
+    ]
+    applied, *refused = response.results
+    assert all(r.error_message and not r.HasField("ticket") for r in refused)
+    assert applied.ticket.status == S.TICKET_STATUS_RUNNING
+    assert await client.get(a.ticket_id) == applied.ticket
+    # The refusals changed nothing.
+    for ticket in (b, c, d, e, f, g, late):
+        assert await client.get(ticket.ticket_id) == ticket
+    # The events (written in ticket id order): the update, by the worker its token names,
+    # and the late result, recorded.
+    events = [await next_event(watch) for _ in range(2)]
+    assert {(e.type, e.ticket.ticket_id, e.actor) for e in events} == {
+        (pb.TICKET_EVENT_TYPE_STATUS_CHANGED, a.ticket_id, "worker:w1"),
+        (pb.TICKET_EVENT_TYPE_LATE_RESULT_REJECTED, late.ticket_id, "worker:w1"),
+    }
+    watch.cancel()
+    # Sent again: the same answer for the update that held, without a second change.
+    again = await client.stub.UpdateTicketStatuses(request, metadata=client.worker("w1"))
+    assert again.results[0] == applied
+    # The service token reports for any ticket without ticket tokens.
+    by_service = await client.stub.UpdateTicketStatuses(
+        pb.UpdateTicketStatusesRequest(
+            reports=[report(b, S.TICKET_STATUS_RUNNING), report(g, S.TICKET_STATUS_CANCELLED)]
+        ),
+        metadata=client.svc,
+    )
+    assert [r.ticket.status for r in by_service.results] == [
+        S.TICKET_STATUS_RUNNING,
+        S.TICKET_STATUS_CANCELLED,
+    ]
+
+
+def _code(value: int) -> Code:
+    return next(c for c in Code if c.value[0] == value)
+
+
+async def test_update_ticket_statuses_refuses_bad_batches_whole(client: Client) -> None:
+    ticket = await client.assign(await client.create())
+    running = report(ticket, S.TICKET_STATUS_RUNNING)
+    upper = pb.TicketStatusReport(
+        update=pb.UpdateTicketStatusRequest(
+            ticket_id=ticket.ticket_id.upper(), status=S.TICKET_STATUS_RUNNING, attempt=1
+        )
+    )
+    cases = {
+        "empty": (pb.UpdateTicketStatusesRequest(), {"reports"}),
+        "a ticket twice": (
+            pb.UpdateTicketStatusesRequest(reports=[running, upper]),
+            {"reports[1].update.ticket_id"},
+        ),
+    }
+    for name, (request, fields) in cases.items():
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await client.stub.UpdateTicketStatuses(request, metadata=client.svc)
+        assert info.value.code() is Code.INVALID_ARGUMENT, name
+        assert violations(info.value) == fields, name
+    assert await client.get(ticket.ticket_id) == ticket
+    unauthenticated = client.stub.UpdateTicketStatuses(
+        pb.UpdateTicketStatusesRequest(reports=[running]), metadata=bearer("garbage")
+    )
+    assert await code_of(unauthenticated) is Code.UNAUTHENTICATED
+    assert await client.get(ticket.ticket_id) == ticket
+
+
 async def test_expected_version_mismatch_is_aborted(client: Client) -> None:
     ticket = await client.create()
     code = await code_of(client.assign(ticket, expected_version=ticket.version + 5))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from typing import TYPE_CHECKING
@@ -15,6 +16,7 @@ from execution_ticket_service.domain.models import (
     EventType,
     Priority,
     StatusUpdate,
+    Ticket,
     TicketFilter,
     TicketSpec,
     TicketStatus,
@@ -233,6 +235,39 @@ async def test_concurrent_terminal_reports_on_one_ticket_one_wins(repo: TicketRe
     assert stored.version == 4
     [event] = await repo.events_after(position, TicketFilter(), limit=20)
     assert event.ticket == stored
+
+
+async def test_concurrent_report_batches_on_the_same_tickets_apply_each_report_once(
+    repo: TicketRepository,
+) -> None:
+    ids = [await _running_ticket(repo, f"t{i}") for i in range(6)]
+    position = await repo.current_position()
+    completed = [StatusUpdate(ticket_id=i, status=S.COMPLETED, attempt=1) for i in ids]
+    # Eight batches of the same reports in different orders, all at once: each ticket is
+    # completed once (the other batches get the same ticket back as an identical repeat).
+    batches = [
+        [(u, "worker:w1") for u in (completed[n:] + completed[:n])[:: 1 if n % 2 else -1]]
+        for n in range(8)
+    ]
+    results = await asyncio.gather(*(repo.update_status_many(b) for b in batches))
+    for batch, answers in zip(batches, results, strict=True):
+        done = [a for a in answers if isinstance(a, Ticket) and a.status is S.COMPLETED]
+        assert [a.ticket_id for a in done] == [u.ticket_id for u, _ in batch]
+    events = await repo.events_after(position, TicketFilter(), limit=100)
+    assert sorted(e.ticket.ticket_id for e in events) == sorted(ids)
+    # A refusal stays with its report; the others of the batch are applied.
+    [(fresh, _)] = await repo.create_many([spec("fresh")], actor="s")
+    running = await _running_ticket(repo, "r")
+    answers = await repo.update_status_many(
+        [
+            (StatusUpdate(ticket_id=fresh.ticket_id, status=S.COMPLETED, attempt=1), "s"),
+            (StatusUpdate(ticket_id=running, status=S.COMPLETED, attempt=1), "s"),
+            (StatusUpdate(ticket_id=str(uuid.uuid4()), status=S.RUNNING, attempt=1), "s"),
+        ]
+    )
+    assert [type(a).__name__ for a in answers] == ["FailedPrecondition", "Ticket", "NotFound"]
+    assert (await repo.get(running)).status is S.COMPLETED
+    assert (await repo.get(fresh.ticket_id)).status is S.PENDING
 
 
 def _sql(dsn: str, statement: str, ticket_id: str) -> None:

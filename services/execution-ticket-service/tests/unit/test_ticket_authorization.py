@@ -63,6 +63,7 @@ METHODS = [
     "ListTickets",
     "AssignTicket",
     "UpdateTicketStatus",
+    "UpdateTicketStatuses",
     "GenerateToken",
     "WatchTickets",
 ]
@@ -78,6 +79,11 @@ CASES: list[tuple[str, TokenClaims, AccessRequest, bool]] = [
         (f"{c.kind} {m}", c, AccessRequest(method=m, ticket_id=TID, attempt=2), False)
         for c in (WORKER, TICKET)
         for m in ("CreateTicket", "BatchCreateTickets", "AssignTicket")
+    ],
+    # Open to every token: each report in it is authorized on its own (as UpdateTicketStatus).
+    *[
+        (f"{c.kind} UpdateTicketStatuses", c, AccessRequest(method="UpdateTicketStatuses"), True)
+        for c in (WORKER, TICKET)
     ],
     ("worker watches itself", WORKER, AccessRequest(method="WatchTickets", worker_id="w1"), True),
     ("worker watches another", WORKER, AccessRequest(method="WatchTickets", worker_id="w2"), False),

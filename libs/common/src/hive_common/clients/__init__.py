@@ -10,7 +10,12 @@ as async iterators that reconnect (the ticket watch resumes from its last cursor
 
 from hive_common.clients._calls import CallPolicy, ReconnectPolicy
 from hive_common.clients.registry import RegistryClient, WorkerWatch
-from hive_common.clients.tickets import TicketClient, TicketWatch, to_struct
+from hive_common.clients.tickets import (
+    TicketClient,
+    TicketWatch,
+    status_update_request,
+    to_struct,
+)
 
 __all__ = [
     "CallPolicy",
@@ -19,5 +24,6 @@ __all__ = [
     "TicketClient",
     "TicketWatch",
     "WorkerWatch",
+    "status_update_request",
     "to_struct",
 ]

@@ -45,6 +45,45 @@ def to_struct(value: Mapping[str, Any]) -> struct_pb2.Struct:
     return struct
 
 
+def status_update_request(
+    *,
+    ticket_id: str,
+    status: pb.TicketStatus.ValueType,
+    attempt: int,
+    result: Mapping[str, Any] | None = None,
+    error_message: str = "",
+    permanent: bool = False,
+    expected_version: int | None = None,
+) -> pb.UpdateTicketStatusRequest:
+    """An UpdateTicketStatus request; ``result`` must be a JSON object (``ValueError``)."""
+    request = pb.UpdateTicketStatusRequest(
+        ticket_id=ticket_id,
+        status=status,
+        attempt=attempt,
+        error_message=error_message,
+        permanent=permanent,
+    )
+    if result is not None:
+        request.result.CopyFrom(to_struct(result))
+    if expected_version is not None:
+        request.expected_version = expected_version
+    return request
+
+
+def _batch_results(
+    results: Iterable[pb.AssignTicketsResult | pb.UpdateTicketStatusesResult],
+) -> list[pb.ExecutionTicket | HiveError]:
+    """Per item of a batch answer: the ticket, or the error its code stands for."""
+    return [
+        result.ticket
+        if result.error_code == 0
+        else error_class_for(_STATUS_CODES.get(result.error_code, grpc.StatusCode.UNKNOWN))(
+            result.error_message
+        )
+        for result in results
+    ]
+
+
 class TicketWatch(ReconnectingStream[pb.WatchTicketsResponse, pb.TicketEvent]):
     """``WatchTickets`` as an async iterator of :class:`TicketEvent` that never misses one.
 
@@ -337,14 +376,7 @@ class TicketClient(GrpcClient):
             attempt_timeout=attempt_timeout,
             deadline=deadline,
         )
-        return [
-            result.ticket
-            if result.error_code == 0
-            else error_class_for(_STATUS_CODES.get(result.error_code, grpc.StatusCode.UNKNOWN))(
-                result.error_message
-            )
-            for result in response.results
-        ]
+        return _batch_results(response.results)
 
     async def update_ticket_status(
         self,
@@ -365,17 +397,15 @@ class TicketClient(GrpcClient):
         An identical repeat gets the same answer, so retrying is safe. ``result`` must be
         a JSON object (``ValueError`` otherwise, before anything is sent).
         """
-        request = pb.UpdateTicketStatusRequest(
+        request = status_update_request(
             ticket_id=ticket_id,
             status=status,
             attempt=attempt,
+            result=result,
             error_message=error_message,
             permanent=permanent,
+            expected_version=expected_version,
         )
-        if result is not None:
-            request.result.CopyFrom(to_struct(result))
-        if expected_version is not None:
-            request.expected_version = expected_version
         response = await self._invoke(
             self._stub.UpdateTicketStatus,
             request,
@@ -385,6 +415,29 @@ class TicketClient(GrpcClient):
             deadline=deadline,
         )
         return response.ticket
+
+    async def update_ticket_statuses(
+        self,
+        reports: Sequence[pb.TicketStatusReport],
+        *,
+        token: str | None = None,
+        attempt_timeout: float | None = None,
+        deadline: float | None = None,
+    ) -> list[pb.ExecutionTicket | HiveError]:
+        """Several status updates (each ticket at most once) in one call and one
+        transaction: per report, in order, the ticket after it, or the error
+        :meth:`update_ticket_status` would have raised with the report's ``ticket_token``
+        (the call's token when it has none). Build each update with
+        :func:`status_update_request`."""
+        response = await self._invoke(
+            self._stub.UpdateTicketStatuses,
+            pb.UpdateTicketStatusesRequest(reports=reports),
+            idempotent=True,  # an applied update repeats with the same answer
+            metadata=bearer_metadata(token),
+            attempt_timeout=attempt_timeout,
+            deadline=deadline,
+        )
+        return _batch_results(response.results)
 
     async def generate_token(
         self,
@@ -436,4 +489,10 @@ class TicketClient(GrpcClient):
         )
 
 
-__all__ = ["WATCH_CURSOR_METADATA", "TicketClient", "TicketWatch", "to_struct"]
+__all__ = [
+    "WATCH_CURSOR_METADATA",
+    "TicketClient",
+    "TicketWatch",
+    "status_update_request",
+    "to_struct",
+]

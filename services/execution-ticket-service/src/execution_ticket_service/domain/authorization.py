@@ -4,7 +4,9 @@
 * worker token: reads, WatchTickets for its own worker_id, GenerateToken for a ticket
   assigned to it;
 * ticket token: reads, and UpdateTicketStatus to RUNNING/COMPLETED/FAILED for exactly its
-  ticket and attempt.
+  ticket and attempt;
+* any token: UpdateTicketStatuses, whose every report is then authorized as an
+  UpdateTicketStatus call with the report's ticket token (or the call's token).
 
 Authentication (a valid, unexpired token) happens before; this decides PERMISSION_DENIED.
 """
@@ -21,6 +23,8 @@ READ_METHODS = frozenset({"GetTicket", "ListTickets"})
 SERVICE_ONLY_METHODS = frozenset(
     {"CreateTicket", "BatchCreateTickets", "AssignTicket", "AssignTickets"}
 )
+# Open to every token: each report in it is authorized on its own, as UpdateTicketStatus.
+REPORT_METHODS = frozenset({"UpdateTicketStatuses"})
 WORKER_UPDATE_TARGETS = frozenset(
     {TicketStatus.RUNNING, TicketStatus.COMPLETED, TicketStatus.FAILED}
 )
@@ -45,7 +49,11 @@ def _deny(message: str, reason: str) -> PermissionDenied:
 
 def authorize(claims: TokenClaims, request: AccessRequest) -> None:
     """Raise :class:`PermissionDenied` unless ``claims`` may make ``request``."""
-    if claims.kind is TokenKind.SERVICE or request.method in READ_METHODS:
+    if (
+        claims.kind is TokenKind.SERVICE
+        or request.method in READ_METHODS
+        or request.method in REPORT_METHODS
+    ):
         return
     if claims.kind is TokenKind.WORKER:
         if request.method == "WatchTickets":

@@ -337,6 +337,20 @@ def validate_assignments(raws: Sequence[RawAssignment], limits: Limits) -> list[
     return assignments
 
 
+def validate_report_batch(ticket_ids: Sequence[str], limits: Limits) -> None:
+    """What UpdateTicketStatuses refuses whole: no reports, too many, a ticket twice (each
+    report is then validated on its own, :func:`validate_status_update`)."""
+    errors = Violations()
+    _check_batch_size(len(ticket_ids), "reports", limits, errors, message="invalid reports")
+    seen: dict[str, int] = {}
+    for index, ticket_id in enumerate(ticket_ids):
+        key = check_uuid(ticket_id, "", Violations())  # canonical when it is a UUID
+        if key in seen:
+            errors.add(f"reports[{index}].update.ticket_id", f"repeats reports[{seen[key]}]")
+        seen.setdefault(key, index)
+    errors.raise_if_any("invalid reports")
+
+
 def validate_status_update(
     *,
     ticket_id: str,

@@ -361,40 +361,47 @@ class TicketRepository:
         a write (it is checked by the write's version); refusals and repeats, which write
         nothing, are always decided on a fresh read.
         """
-
-        async def work(conn: AsyncConnection[DictRow]) -> Outcome:
-            recent = self._recent.get(ticket_id)
-            if recent is not None:
-                try:
-                    outcome: Outcome | None = decide(recent, self._clock())
-                except HiveError:
-                    outcome = None
-                if (
-                    outcome is not None
-                    and (outcome.changed or outcome.event is not None)
-                    and await self._apply(conn, outcome, read_version=recent.version)
-                ):
-                    return outcome
-            for _ in range(_OPTIMISTIC_ATTEMPTS):
-                cur = await conn.execute("SELECT * FROM tickets WHERE ticket_id = %s", (ticket_id,))
-                row = await cur.fetchone()
-                if row is None:
-                    raise _not_found(ticket_id)
-                ticket = ticket_from_row(row)
-                outcome = decide(ticket, self._clock())
-                if await self._apply(conn, outcome, read_version=ticket.version):
-                    return outcome
-            raise Aborted(
-                f"ticket {ticket_id} kept changing concurrently; retry the request",
-                details={"ticket_id": ticket_id},
-            )
-
-        outcome = await self._run(work, transaction=False)
+        outcome = await self._run(
+            lambda conn: self._decide_and_apply_on(conn, ticket_id, decide), transaction=False
+        )
         if outcome.event is not None:
             self._changed_events([outcome.event])
         if outcome.error is not None:
             raise outcome.error  # raised after commit, so a late result is still recorded
         return outcome.ticket
+
+    async def _decide_and_apply_on(
+        self,
+        conn: AsyncConnection[DictRow],
+        ticket_id: str,
+        decide: Callable[[Ticket, datetime], Outcome],
+    ) -> Outcome:
+        """:meth:`_decide_and_apply`'s work on ``conn`` (raises the decision's refusal)."""
+        recent = self._recent.get(ticket_id)
+        if recent is not None:
+            try:
+                outcome: Outcome | None = decide(recent, self._clock())
+            except HiveError:
+                outcome = None
+            if (
+                outcome is not None
+                and (outcome.changed or outcome.event is not None)
+                and await self._apply(conn, outcome, read_version=recent.version)
+            ):
+                return outcome
+        for _ in range(_OPTIMISTIC_ATTEMPTS):
+            cur = await conn.execute("SELECT * FROM tickets WHERE ticket_id = %s", (ticket_id,))
+            row = await cur.fetchone()
+            if row is None:
+                raise _not_found(ticket_id)
+            ticket = ticket_from_row(row)
+            outcome = decide(ticket, self._clock())
+            if await self._apply(conn, outcome, read_version=ticket.version):
+                return outcome
+        raise Aborted(
+            f"ticket {ticket_id} kept changing concurrently; retry the request",
+            details={"ticket_id": ticket_id},
+        )
 
     # -- creation -------------------------------------------------------------------------
 
@@ -562,9 +569,40 @@ class TicketRepository:
         return [r.ticket if isinstance(r, Outcome) else r for r in results]
 
     async def update_status(self, update: StatusUpdate, *, actor: str) -> Ticket:
-        return await self._decide_and_apply(
-            update.ticket_id, lambda t, now: decide_update(t, update, now=now, actor=actor)
+        return await self._decide_and_apply(update.ticket_id, _deciding(update, actor))
+
+    async def update_status_many(
+        self, updates: Sequence[tuple[StatusUpdate, str]]
+    ) -> list[Ticket | HiveError]:
+        """Several status updates ``(update, actor)`` of distinct tickets in one
+        transaction; each is applied or refused (the error :meth:`update_status` would
+        raise) on its own, in request order. A late result is recorded and refused, as
+        by :meth:`update_status`."""
+        # In one order, so concurrent batches wait for each other instead of deadlocking.
+        order = sorted(range(len(updates)), key=lambda i: updates[i][0].ticket_id)
+
+        async def work(conn: AsyncConnection[DictRow]) -> dict[int, Outcome | HiveError]:
+            results: dict[int, Outcome | HiveError] = {}
+            for index in order:
+                update, actor = updates[index]
+                try:
+                    results[index] = await self._decide_and_apply_on(
+                        conn, update.ticket_id, _deciding(update, actor)
+                    )
+                except HiveError as exc:  # the decision's refusal; database errors are not
+                    results[index] = exc
+            return results
+
+        # One update needs no transaction: its one write is atomic on its own.
+        results = await self._run(work, transaction=len(updates) > 1)
+        outcomes = [results[i] for i in range(len(updates))]
+        self._changed_events(
+            [o.event for o in outcomes if isinstance(o, Outcome) and o.event is not None]
         )
+        return [
+            o if isinstance(o, HiveError) else o.error if o.error is not None else o.ticket
+            for o in outcomes
+        ]
 
     async def expire_leases(self, *, limit: int = 100) -> list[TicketEvent]:
         """Re-queue or fail tickets whose lease passed. Replicas skip each other's rows."""
@@ -724,6 +762,10 @@ class TicketRepository:
             " FROM ticket_outbox o JOIN ticket_events e USING (seq)"
         )
         return row["n"], row["oldest"]
+
+
+def _deciding(update: StatusUpdate, actor: str) -> Callable[[Ticket, datetime], Outcome]:
+    return lambda ticket, now: decide_update(ticket, update, now=now, actor=actor)
 
 
 def _not_found(ticket_id: str) -> NotFound:

@@ -629,6 +629,109 @@ class UpdateTicketStatusResponse(_message.Message):
 Global___UpdateTicketStatusResponse: _TypeAlias = UpdateTicketStatusResponse  # noqa: Y015
 
 @_typing.final
+class UpdateTicketStatusesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    REPORTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def reports(self) -> _containers.RepeatedCompositeFieldContainer[Global___TicketStatusReport]:
+        """At least one and at most the service's batch limit; each ticket at most once."""
+
+    def __init__(
+        self,
+        *,
+        reports: _abc.Iterable[Global___TicketStatusReport] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reports", b"reports"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateTicketStatusesRequest: _TypeAlias = UpdateTicketStatusesRequest  # noqa: Y015
+
+@_typing.final
+class TicketStatusReport(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    UPDATE_FIELD_NUMBER: _builtins.int
+    TICKET_TOKEN_FIELD_NUMBER: _builtins.int
+    ticket_token: _builtins.str
+    """The token authorizing this one update, as UpdateTicketStatus's bearer token would:
+    a worker sends each ticket's ticket token here and authenticates the call itself
+    with its worker token. Empty: the call's own bearer token authorizes the update.
+    """
+    @_builtins.property
+    def update(self) -> Global___UpdateTicketStatusRequest: ...
+    def __init__(
+        self,
+        *,
+        update: Global___UpdateTicketStatusRequest | None = ...,
+        ticket_token: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["update", b"update"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ticket_token", b"ticket_token", "update", b"update"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TicketStatusReport: _TypeAlias = TicketStatusReport  # noqa: Y015
+
+@_typing.final
+class UpdateTicketStatusesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___UpdateTicketStatusesResult]:
+        """One per report, in request order."""
+
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___UpdateTicketStatusesResult] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateTicketStatusesResponse: _TypeAlias = UpdateTicketStatusesResponse  # noqa: Y015
+
+@_typing.final
+class UpdateTicketStatusesResult(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TICKET_FIELD_NUMBER: _builtins.int
+    ERROR_CODE_FIELD_NUMBER: _builtins.int
+    ERROR_MESSAGE_FIELD_NUMBER: _builtins.int
+    error_code: _builtins.int
+    """When refused: the gRPC status code UpdateTicketStatus would have returned (e.g.
+    INVALID_ARGUMENT = 3, NOT_FOUND = 5, PERMISSION_DENIED = 7, FAILED_PRECONDITION = 9,
+    ABORTED = 10, UNAUTHENTICATED = 16) and its message; 0 when applied.
+    """
+    error_message: _builtins.str
+    @_builtins.property
+    def ticket(self) -> Global___ExecutionTicket:
+        """The ticket after the update; unset when it was refused."""
+
+    def __init__(
+        self,
+        *,
+        ticket: Global___ExecutionTicket | None = ...,
+        error_code: _builtins.int = ...,
+        error_message: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["ticket", b"ticket"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["error_code", b"error_code", "error_message", b"error_message", "ticket", b"ticket"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___UpdateTicketStatusesResult: _TypeAlias = UpdateTicketStatusesResult  # noqa: Y015
+
+@_typing.final
 class GenerateTokenRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

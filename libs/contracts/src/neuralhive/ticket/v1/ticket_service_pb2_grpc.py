@@ -51,6 +51,11 @@ class TicketServiceStub(object):
                 request_serializer=neuralhive_dot_ticket_dot_v1_dot_ticket__service__pb2.UpdateTicketStatusRequest.SerializeToString,
                 response_deserializer=neuralhive_dot_ticket_dot_v1_dot_ticket__service__pb2.UpdateTicketStatusResponse.FromString,
                 )
+        self.UpdateTicketStatuses = channel.unary_unary(
+                '/neuralhive.ticket.v1.TicketService/UpdateTicketStatuses',
+                request_serializer=neuralhive_dot_ticket_dot_v1_dot_ticket__service__pb2.UpdateTicketStatusesRequest.SerializeToString,
+                response_deserializer=neuralhive_dot_ticket_dot_v1_dot_ticket__service__pb2.UpdateTicketStatusesResponse.FromString,
+                )
         self.GenerateToken = channel.unary_unary(
                 '/neuralhive.ticket.v1.TicketService/GenerateToken',
                 request_serializer=neuralhive_dot_ticket_dot_v1_dot_ticket__service__pb2.GenerateTokenRequest.SerializeToString,
@@ -117,6 +122,15 @@ class TicketServiceServicer(object):
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def UpdateTicketStatuses(self, request, context):
+        """Several status updates in one call (a worker reporting for several of its tickets),
+        written in one transaction; each is validated, authorized and applied or refused on
+        its own, exactly as UpdateTicketStatus would (see TicketStatusReport.ticket_token).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GenerateToken(self, request, context):
         """A JWT for one ticket and one attempt; only for an assigned, non-terminal ticket.
         """
@@ -168,6 +182,11 @@ def add_TicketServiceServicer_to_server(servicer, server):
                     servicer.UpdateTicketStatus,
                     request_deserializer=neuralhive_dot_ticket_dot_v1_dot_ticket__service__pb2.UpdateTicketStatusRequest.FromString,
                     response_serializer=neuralhive_dot_ticket_dot_v1_dot_ticket__service__pb2.UpdateTicketStatusResponse.SerializeToString,
+            ),
+            'UpdateTicketStatuses': grpc.unary_unary_rpc_method_handler(
+                    servicer.UpdateTicketStatuses,
+                    request_deserializer=neuralhive_dot_ticket_dot_v1_dot_ticket__service__pb2.UpdateTicketStatusesRequest.FromString,
+                    response_serializer=neuralhive_dot_ticket_dot_v1_dot_ticket__service__pb2.UpdateTicketStatusesResponse.SerializeToString,
             ),
             'GenerateToken': grpc.unary_unary_rpc_method_handler(
                     servicer.GenerateToken,
@@ -307,6 +326,23 @@ class TicketService(object):
         return grpc.experimental.unary_unary(request, target, '/neuralhive.ticket.v1.TicketService/UpdateTicketStatus',
             neuralhive_dot_ticket_dot_v1_dot_ticket__service__pb2.UpdateTicketStatusRequest.SerializeToString,
             neuralhive_dot_ticket_dot_v1_dot_ticket__service__pb2.UpdateTicketStatusResponse.FromString,
+            options, channel_credentials,
+            insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
+
+    @staticmethod
+    def UpdateTicketStatuses(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(request, target, '/neuralhive.ticket.v1.TicketService/UpdateTicketStatuses',
+            neuralhive_dot_ticket_dot_v1_dot_ticket__service__pb2.UpdateTicketStatusesRequest.SerializeToString,
+            neuralhive_dot_ticket_dot_v1_dot_ticket__service__pb2.UpdateTicketStatusesResponse.FromString,
             options, channel_credentials,
             insecure, call_credentials, compression, wait_for_ready, timeout, metadata)
 

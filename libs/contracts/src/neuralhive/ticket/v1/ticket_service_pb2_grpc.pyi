@@ -51,6 +51,11 @@ class TicketServiceStub:
     """
     UpdateTicketStatus: _grpc.UnaryUnaryMultiCallable[_ticket_service_pb2.UpdateTicketStatusRequest, _ticket_service_pb2.UpdateTicketStatusResponse]
     """Every other transition; fenced by attempt, optionally by expected_version."""
+    UpdateTicketStatuses: _grpc.UnaryUnaryMultiCallable[_ticket_service_pb2.UpdateTicketStatusesRequest, _ticket_service_pb2.UpdateTicketStatusesResponse]
+    """Several status updates in one call (a worker reporting for several of its tickets),
+    written in one transaction; each is validated, authorized and applied or refused on
+    its own, exactly as UpdateTicketStatus would (see TicketStatusReport.ticket_token).
+    """
     GenerateToken: _grpc.UnaryUnaryMultiCallable[_ticket_service_pb2.GenerateTokenRequest, _ticket_service_pb2.GenerateTokenResponse]
     """A JWT for one ticket and one attempt; only for an assigned, non-terminal ticket."""
     WatchTickets: _grpc.UnaryStreamMultiCallable[_ticket_service_pb2.WatchTicketsRequest, _ticket_service_pb2.WatchTicketsResponse]
@@ -79,6 +84,11 @@ class TicketServiceAsyncStub(TicketServiceStub):
     """
     UpdateTicketStatus: _aio.UnaryUnaryMultiCallable[_ticket_service_pb2.UpdateTicketStatusRequest, _ticket_service_pb2.UpdateTicketStatusResponse]  # type: ignore[assignment]
     """Every other transition; fenced by attempt, optionally by expected_version."""
+    UpdateTicketStatuses: _aio.UnaryUnaryMultiCallable[_ticket_service_pb2.UpdateTicketStatusesRequest, _ticket_service_pb2.UpdateTicketStatusesResponse]  # type: ignore[assignment]
+    """Several status updates in one call (a worker reporting for several of its tickets),
+    written in one transaction; each is validated, authorized and applied or refused on
+    its own, exactly as UpdateTicketStatus would (see TicketStatusReport.ticket_token).
+    """
     GenerateToken: _aio.UnaryUnaryMultiCallable[_ticket_service_pb2.GenerateTokenRequest, _ticket_service_pb2.GenerateTokenResponse]  # type: ignore[assignment]
     """A JWT for one ticket and one attempt; only for an assigned, non-terminal ticket."""
     WatchTickets: _aio.UnaryStreamMultiCallable[_ticket_service_pb2.WatchTicketsRequest, _ticket_service_pb2.WatchTicketsResponse]  # type: ignore[assignment]
@@ -146,6 +156,17 @@ class TicketServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_ticket_service_pb2.UpdateTicketStatusResponse, _abc.Awaitable[_ticket_service_pb2.UpdateTicketStatusResponse]]:
         """Every other transition; fenced by attempt, optionally by expected_version."""
+
+    @_abc_1.abstractmethod
+    def UpdateTicketStatuses(
+        self,
+        request: _ticket_service_pb2.UpdateTicketStatusesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_ticket_service_pb2.UpdateTicketStatusesResponse, _abc.Awaitable[_ticket_service_pb2.UpdateTicketStatusesResponse]]:
+        """Several status updates in one call (a worker reporting for several of its tickets),
+        written in one transaction; each is validated, authorized and applied or refused on
+        its own, exactly as UpdateTicketStatus would (see TicketStatusReport.ticket_token).
+        """
 
     @_abc_1.abstractmethod
     def GenerateToken(

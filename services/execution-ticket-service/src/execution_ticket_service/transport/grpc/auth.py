@@ -4,6 +4,8 @@ It verifies the bearer token of every TicketService call (UNAUTHENTICATED when m
 malformed, badly signed or expired), applies :func:`domain.authorization.authorize` to the
 request (PERMISSION_DENIED), and exposes the verified claims to the servicer through a
 context variable (used to name the actor of each change). Health and reflection are open.
+UpdateTicketStatuses is authorized per report (:meth:`TicketAuthInterceptor.authorize_report`,
+called by the servicer): any valid token may make the call itself.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from execution_ticket_service.transport.grpc.convert import status_name
 from hive_common.auth import TokenClaims, TokenKind, TokenVerifier, bearer_token_from_metadata
 from hive_common.errors import Internal
 from hive_common.grpc_server import HandlerWrappingInterceptor, RpcCall
+from neuralhive.ticket.v1 import ticket_service_pb2 as pb
 
 SERVICE_NAME = "neuralhive.ticket.v1.TicketService"
 _PREFIX = f"/{SERVICE_NAME}/"
@@ -58,6 +61,15 @@ def _status(value: int) -> TicketStatus | None:
         return TicketStatus(status_name(value))
     except ValueError:
         return None
+
+
+def _update_access(request: pb.UpdateTicketStatusRequest) -> AccessRequest:
+    return AccessRequest(
+        method="UpdateTicketStatus",
+        ticket_id=_canonical_uuid(request.ticket_id),
+        attempt=request.attempt,
+        status=_status(request.status),
+    )
 
 
 class VerifiedTokenCache:
@@ -123,14 +135,18 @@ class TicketAuthInterceptor(HandlerWrappingInterceptor):
         self._tokens = VerifiedTokenCache(verifier=verifier, max_entries=token_cache_size)
         self._lookup = ticket_lookup
 
+    def authorize_report(self, report: pb.TicketStatusReport) -> TokenClaims:
+        """The claims that authorize one report of UpdateTicketStatuses: its own
+        ``ticket_token`` (else the call's token), checked exactly as UpdateTicketStatus's
+        bearer token would be (UNAUTHENTICATED, PERMISSION_DENIED)."""
+        token = report.ticket_token
+        claims = self._tokens.verify(token) if token else current_claims()
+        authorize(claims, _update_access(report.update))
+        return claims
+
     async def _access(self, method: str, request: Any, claims: TokenClaims) -> AccessRequest:
         if method == "UpdateTicketStatus":
-            return AccessRequest(
-                method=method,
-                ticket_id=_canonical_uuid(request.ticket_id),
-                attempt=request.attempt,
-                status=_status(request.status),
-            )
+            return _update_access(request)
         if method == "WatchTickets":
             return AccessRequest(method=method, worker_id=request.worker_id)
         if method == "GenerateToken" and claims.kind is TokenKind.WORKER:

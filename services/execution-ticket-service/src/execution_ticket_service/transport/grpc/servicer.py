@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 from google.protobuf import timestamp_pb2
 
-from execution_ticket_service.domain.models import EventType, Ticket, TicketEvent, TicketFilter
+from execution_ticket_service.domain.models import (
+    EventType,
+    StatusUpdate,
+    Ticket,
+    TicketEvent,
+    TicketFilter,
+)
 from execution_ticket_service.domain.paging import (
     decode_page_token,
     decode_watch_cursor,
@@ -30,6 +36,7 @@ from execution_ticket_service.domain.validation import (
     validate_batch,
     validate_create,
     validate_filter,
+    validate_report_batch,
     validate_status_update,
     validate_ticket_id,
 )
@@ -43,7 +50,7 @@ from execution_ticket_service.transport.grpc.convert import (
     ticket_to_proto,
 )
 from execution_ticket_service.watch import EventLogTail
-from hive_common.auth import TokenIssuer
+from hive_common.auth import TokenClaims, TokenIssuer
 from hive_common.errors import HiveError
 from hive_common.logging import bind_request_context
 from neuralhive.ticket.v1 import ticket_service_pb2 as pb
@@ -77,8 +84,10 @@ class TicketServicer(pb_grpc.TicketServiceServicer):
         limits: Limits,
         tail: EventLogTail,
         watch: WatchSettings,
+        authorize_report: Callable[[pb.TicketStatusReport], TokenClaims],
     ) -> None:
         self._repository = repository
+        self._authorize_report = authorize_report
         self._issuer = issuer
         self._limits = limits
         self._tail = tail
@@ -163,21 +172,11 @@ class TicketServicer(pb_grpc.TicketServiceServicer):
         )
         results = await self._repository.assign_many(assignments, actor=actor_of(current_claims()))
         return pb.AssignTicketsResponse(
-            results=[
-                pb.AssignTicketsResult(
-                    error_code=grpc.StatusCode[result.grpc_code].value[0],
-                    error_message=result.message,
-                )
-                if isinstance(result, HiveError)
-                else pb.AssignTicketsResult(ticket=ticket_to_proto(result))
-                for result in results
-            ]
+            results=[_batch_result(pb.AssignTicketsResult, result) for result in results]
         )
 
-    async def UpdateTicketStatus(
-        self, request: pb.UpdateTicketStatusRequest, context: Any
-    ) -> pb.UpdateTicketStatusResponse:
-        update = validate_status_update(
+    def _status_update(self, request: pb.UpdateTicketStatusRequest) -> StatusUpdate:
+        return validate_status_update(
             ticket_id=request.ticket_id,
             status=status_name(request.status),
             attempt=request.attempt,
@@ -189,9 +188,39 @@ class TicketServicer(pb_grpc.TicketServiceServicer):
             permanent=request.permanent,
             limits=self._limits,
         )
+
+    async def UpdateTicketStatus(
+        self, request: pb.UpdateTicketStatusRequest, context: Any
+    ) -> pb.UpdateTicketStatusResponse:
+        update = self._status_update(request)
         _bound(update.ticket_id)
         ticket = await self._repository.update_status(update, actor=actor_of(current_claims()))
         return pb.UpdateTicketStatusResponse(ticket=ticket_to_proto(ticket))
+
+    async def UpdateTicketStatuses(
+        self, request: pb.UpdateTicketStatusesRequest, context: Any
+    ) -> pb.UpdateTicketStatusesResponse:
+        reports = request.reports
+        validate_report_batch([r.update.ticket_id for r in reports], self._limits)
+        # A report refused before the database (token, validation) holds its error here;
+        # the others (None) get theirs from the one transaction that applies them all.
+        refusals: list[HiveError | None] = []
+        accepted: list[tuple[StatusUpdate, str]] = []
+        for report in reports:
+            try:
+                claims = self._authorize_report(report)
+                accepted.append((self._status_update(report.update), actor_of(claims)))
+            except HiveError as exc:  # this report only, as UpdateTicketStatus would refuse it
+                refusals.append(exc)
+            else:
+                refusals.append(None)
+        applied = iter(await self._repository.update_status_many(accepted) if accepted else ())
+        return pb.UpdateTicketStatusesResponse(
+            results=[
+                _batch_result(pb.UpdateTicketStatusesResult, refusal or next(applied))
+                for refusal in refusals
+            ]
+        )
 
     async def GenerateToken(
         self, request: pb.GenerateTokenRequest, context: Any
@@ -336,6 +365,18 @@ def _responses(
         size += event_size
     if response.events:
         yield response
+
+
+BatchResult = TypeVar("BatchResult", pb.AssignTicketsResult, pb.UpdateTicketStatusesResult)
+
+
+def _batch_result(message: type[BatchResult], result: Ticket | HiveError) -> BatchResult:
+    """One item of a batch answer: the ticket, or the code and message of its refusal."""
+    if isinstance(result, HiveError):
+        return message(
+            error_code=grpc.StatusCode[result.grpc_code].value[0], error_message=result.message
+        )
+    return message(ticket=ticket_to_proto(result))
 
 
 def _raw_assignment(request: pb.AssignTicketRequest) -> RawAssignment:
