@@ -4,7 +4,8 @@ A change to one ticket reads the row, lets the domain decide, then writes the ne
 appends the event row in one statement that only applies if the row still has the version
 that was read (optimistic concurrency: two round trips, no transaction held open; a lost
 race is decided again on the fresh row). Batches (assignments, lease expiry) lock their
-rows in one transaction and write through the same statements. The event table is the log
+rows in one transaction; status report batches decide on remembered tickets as single
+changes do. A batch writes all its changes and their events in one statement. The event table is the log
 WatchTickets reads; a trigger enters every event into ``ticket_outbox`` in the statement
 that writes it (the transactional outbox the relay delivers to MongoDB), so an event row
 is written once and the relay's bookkeeping stays in that narrow table.
@@ -160,23 +161,45 @@ SELECT %(event_id)s, %(event_type)s, t.ticket_id, t.plan_id, %(event_worker_id)s
 FROM tickets t WHERE t.ticket_id = %(ticket_id)s AND t.version = %(read_version)s
 """
 
-# Both in one statement (one round trip): the event reads the updated row from RETURNING,
-# since a data-modifying CTE's changes are not visible to the rest of the statement.
-_UPDATE_TICKET_AND_INSERT_EVENT = """
-WITH updated AS (
-    UPDATE tickets SET
-        status = %(status)s, attempt = %(attempt)s, worker_id = %(worker_id)s,
-        lease_expires_at = %(lease_expires_at)s, error_message = %(error_message)s,
-        result = %(result)s, version = %(version)s, last_update_digest = %(last_update_digest)s,
-        updated_at = %(updated_at)s, started_at = %(started_at)s, completed_at = %(completed_at)s
-    WHERE ticket_id = %(ticket_id)s AND version = %(read_version)s
-    RETURNING *
+# Changed tickets and their events, any number in one statement (one round trip, one
+# firing of the outbox trigger): each row is updated only if it still has the version its
+# change was decided on, and the event reads the updated row from RETURNING (a
+# data-modifying CTE's changes are not visible to the rest of the statement). Returns the
+# ids of the tickets written.
+_WRITE_CHANGES = """
+WITH input AS (
+    SELECT * FROM unnest(
+        %(ticket_id)s::uuid[], %(read_version)s::bigint[], %(status)s::text[],
+        %(attempt)s::integer[], %(worker_id)s::text[], %(lease_expires_at)s::timestamptz[],
+        %(error_message)s::text[], %(result)s::jsonb[], %(version)s::bigint[],
+        %(last_update_digest)s::text[], %(updated_at)s::timestamptz[],
+        %(started_at)s::timestamptz[], %(completed_at)s::timestamptz[],
+        %(event_id)s::uuid[], %(event_type)s::text[], %(event_worker_id)s::text[],
+        %(previous_status)s::text[], %(actor)s::text[], %(occurred_at)s::timestamptz[],
+        %(details)s::jsonb[]
+    ) WITH ORDINALITY AS i(
+        ticket_id, read_version, status, attempt, worker_id, lease_expires_at, error_message,
+        result, version, last_update_digest, updated_at, started_at, completed_at, event_id,
+        event_type, event_worker_id, previous_status, actor, occurred_at, details, ord
+    )
+), updated AS (
+    UPDATE tickets t SET
+        status = i.status, attempt = i.attempt, worker_id = i.worker_id,
+        lease_expires_at = i.lease_expires_at, error_message = i.error_message,
+        result = i.result, version = i.version, last_update_digest = i.last_update_digest,
+        updated_at = i.updated_at, started_at = i.started_at, completed_at = i.completed_at
+    FROM input i
+    WHERE t.ticket_id = i.ticket_id AND t.version = i.read_version
+    RETURNING t.*
+), events AS (
+    INSERT INTO ticket_events (event_id, event_type, ticket_id, plan_id, worker_id,
+                               previous_status, status, actor, occurred_at, ticket, details)
+    SELECT i.event_id, i.event_type, u.ticket_id, u.plan_id, i.event_worker_id,
+           i.previous_status, u.status, i.actor, i.occurred_at, to_jsonb(u), i.details
+    FROM updated u JOIN input i ON i.ticket_id = u.ticket_id
+    ORDER BY i.ord
 )
-INSERT INTO ticket_events (event_id, event_type, ticket_id, plan_id, worker_id, previous_status,
-                           status, actor, occurred_at, ticket, details)
-SELECT %(event_id)s, %(event_type)s, u.ticket_id, u.plan_id, %(event_worker_id)s,
-       %(previous_status)s, u.status, %(actor)s, %(occurred_at)s, to_jsonb(u), %(details)s
-FROM updated u
+SELECT ticket_id::text FROM updated
 """
 
 _EVENT_COLUMNS = (
@@ -310,45 +333,47 @@ class TicketRepository:
     ) -> bool:
         """Write ``outcome`` if the ticket is still at ``read_version`` (the version the
         decision was made on); False when a concurrent change got there first."""
-        ticket = outcome.ticket
-        update: dict[str, Any] | None = None
+        if _is_change(outcome):
+            return bool(await self._apply_changes(conn, [(outcome, read_version)]))
         if outcome.changed:
-            update = {
-                "ticket_id": ticket.ticket_id,
-                "read_version": read_version,
-                "status": ticket.status.value,
-                "attempt": ticket.attempt,
-                "worker_id": ticket.worker_id or None,
-                "lease_expires_at": ticket.lease_expires_at,
-                "error_message": ticket.error_message,
-                "result": None if ticket.result is None else Jsonb(ticket.result),
-                "version": ticket.version,
-                "last_update_digest": ticket.last_update_digest,
-                "updated_at": ticket.updated_at,
-                "started_at": ticket.started_at,
-                "completed_at": ticket.completed_at,
-            }
-        event = outcome.event
-        if event is None:
-            if update is None:
-                return True
-            return (await conn.execute(_UPDATE_TICKET, update)).rowcount == 1
-        insert: dict[str, Any] = {
-            "event_id": event.event_id,
-            "event_type": event.type.value,
-            "event_worker_id": event.worker_id or None,
-            "previous_status": event.previous_status.value if event.previous_status else None,
-            "actor": event.actor,
-            "occurred_at": event.occurred_at,
-            "details": Jsonb(event.details),
-            "ticket_id": ticket.ticket_id,
-            "read_version": read_version,
-        }
-        if update is not None:
-            cur = await conn.execute(_UPDATE_TICKET_AND_INSERT_EVENT, update | insert)
-        else:
-            cur = await conn.execute(_INSERT_EVENT, insert)
-        return cur.rowcount == 1
+            cur = await conn.execute(_UPDATE_TICKET, _row_params(outcome, read_version))
+            return cur.rowcount == 1
+        if outcome.event is not None:
+            cur = await conn.execute(_INSERT_EVENT, _event_params(outcome, read_version))
+            return cur.rowcount == 1
+        return True
+
+    async def _apply_all(
+        self, conn: AsyncConnection[DictRow], decided: Sequence[tuple[Outcome, int]]
+    ) -> set[int]:
+        """Write every ``(outcome, read_version)``: the changes with an event (nearly all)
+        in one statement, the rest one by one. Returns the positions of those not written
+        because their ticket had moved on."""
+        changes = [i for i, (outcome, _) in enumerate(decided) if _is_change(outcome)]
+        written = await self._apply_changes(conn, [decided[i] for i in changes])
+        missed = {i for i in changes if decided[i][0].ticket.ticket_id not in written}
+        for i, (outcome, version) in enumerate(decided):
+            if not _is_change(outcome) and not await self._apply(
+                conn, outcome, read_version=version
+            ):
+                missed.add(i)
+        return missed
+
+    async def _apply_changes(
+        self, conn: AsyncConnection[DictRow], changes: Sequence[tuple[Outcome, int]]
+    ) -> set[str]:
+        """Write outcomes that change their ticket and record an event, each ``(outcome,
+        read_version)`` as :meth:`_apply` would, in one statement; returns the ids of the
+        tickets written (the others had moved on)."""
+        if not changes:
+            return set()
+        rows = [
+            _row_params(outcome, version) | _event_params(outcome, version)
+            for outcome, version in changes
+        ]
+        params = {key: [row[key] for row in rows] for key in rows[0]}
+        cur = await conn.execute(_WRITE_CHANGES, params)
+        return {row["ticket_id"] for row in await cur.fetchall()}
 
     async def _decide_and_apply(
         self, ticket_id: str, decide: Callable[[Ticket, datetime], Outcome]
@@ -377,18 +402,35 @@ class TicketRepository:
         decide: Callable[[Ticket, datetime], Outcome],
     ) -> Outcome:
         """:meth:`_decide_and_apply`'s work on ``conn`` (raises the decision's refusal)."""
-        recent = self._recent.get(ticket_id)
-        if recent is not None:
-            try:
-                outcome: Outcome | None = decide(recent, self._clock())
-            except HiveError:
-                outcome = None
-            if (
-                outcome is not None
-                and (outcome.changed or outcome.event is not None)
-                and await self._apply(conn, outcome, read_version=recent.version)
-            ):
+        on_recent = self._decided_on_recent(ticket_id, decide)
+        if on_recent is not None:
+            outcome, version = on_recent
+            if await self._apply(conn, outcome, read_version=version):
                 return outcome
+        return await self._decide_fresh_and_apply(conn, ticket_id, decide)
+
+    def _decided_on_recent(
+        self, ticket_id: str, decide: Callable[[Ticket, datetime], Outcome]
+    ) -> tuple[Outcome, int] | None:
+        """``(outcome, read_version)`` decided on the remembered ticket, when there is one
+        and the decision writes (refusals and repeats are decided on a fresh read)."""
+        recent = self._recent.get(ticket_id)
+        if recent is None:
+            return None
+        try:
+            outcome = decide(recent, self._clock())
+        except HiveError:
+            return None
+        if outcome.changed or outcome.event is not None:
+            return outcome, recent.version
+        return None
+
+    async def _decide_fresh_and_apply(
+        self,
+        conn: AsyncConnection[DictRow],
+        ticket_id: str,
+        decide: Callable[[Ticket, datetime], Outcome],
+    ) -> Outcome:
         for _ in range(_OPTIMISTIC_ATTEMPTS):
             cur = await conn.execute("SELECT * FROM tickets WHERE ticket_id = %s", (ticket_id,))
             row = await cur.fetchone()
@@ -548,6 +590,7 @@ class TicketRepository:
             found = {str(row["ticket_id"]): ticket_from_row(row) for row in await cur.fetchall()}
             now = self._clock()
             results: list[Outcome | HiveError] = []
+            decided: list[tuple[Outcome, int]] = []
             for request in requests:
                 ticket = found.get(request.ticket_id)
                 if ticket is None:
@@ -558,8 +601,9 @@ class TicketRepository:
                 except HiveError as exc:
                     results.append(exc)
                     continue
-                await self._apply(conn, outcome, read_version=ticket.version)  # row locked
+                decided.append((outcome, ticket.version))
                 results.append(outcome)
+            await self._apply_all(conn, decided)  # rows locked: every one is written
             return results
 
         results = await self._run(work)
@@ -581,16 +625,29 @@ class TicketRepository:
         # In one order, so concurrent batches wait for each other instead of deadlocking.
         order = sorted(range(len(updates)), key=lambda i: updates[i][0].ticket_id)
 
+        decides = [_deciding(update, actor) for update, actor in updates]
+
         async def work(conn: AsyncConnection[DictRow]) -> dict[int, Outcome | HiveError]:
-            results: dict[int, Outcome | HiveError] = {}
-            for index in order:
-                update, actor = updates[index]
-                try:
-                    results[index] = await self._decide_and_apply_on(
-                        conn, update.ticket_id, _deciding(update, actor)
-                    )
-                except HiveError as exc:  # the decision's refusal; database errors are not
-                    results[index] = exc
+            # Decided on the remembered tickets: written together, in one statement;
+            on_recent = {
+                i: decided
+                for i in order
+                if (decided := self._decided_on_recent(updates[i][0].ticket_id, decides[i]))
+            }
+            indexes = list(on_recent)
+            missed = await self._apply_all(conn, [on_recent[i] for i in indexes])
+            results: dict[int, Outcome | HiveError] = {
+                i: on_recent[i][0] for n, i in enumerate(indexes) if n not in missed
+            }
+            # the others (not remembered, refused, or moved on) one by one on a fresh read.
+            for i in order:
+                if i not in results:
+                    try:
+                        results[i] = await self._decide_fresh_and_apply(
+                            conn, updates[i][0].ticket_id, decides[i]
+                        )
+                    except HiveError as exc:  # the decision's refusal (not database errors)
+                        results[i] = exc
             return results
 
         # One update needs no transaction: its one write is atomic on its own.
@@ -614,14 +671,12 @@ class TicketRepository:
                 "ORDER BY lease_expires_at LIMIT %s FOR UPDATE SKIP LOCKED",
                 (now, limit),
             )
-            events: list[TicketEvent] = []
+            decided: list[tuple[Outcome, int]] = []
             for row in await cur.fetchall():
                 ticket = ticket_from_row(row)
-                outcome = decide_lease_expiry(ticket, now=now)
-                await self._apply(conn, outcome, read_version=ticket.version)  # row locked
-                if outcome.event is not None:
-                    events.append(outcome.event)
-            return events
+                decided.append((decide_lease_expiry(ticket, now=now), ticket.version))
+            await self._apply_all(conn, decided)  # rows locked: every one is written
+            return [outcome.event for outcome, _ in decided if outcome.event is not None]
 
         events = await self._run(work)
         self._changed_events(events)
@@ -762,6 +817,46 @@ class TicketRepository:
             " FROM ticket_outbox o JOIN ticket_events e USING (seq)"
         )
         return row["n"], row["oldest"]
+
+
+def _is_change(outcome: Outcome) -> bool:
+    """A ticket write with its event (what :data:`_WRITE_CHANGES` writes)."""
+    return outcome.changed and outcome.event is not None
+
+
+def _row_params(outcome: Outcome, read_version: int) -> dict[str, Any]:
+    ticket = outcome.ticket
+    return {
+        "ticket_id": ticket.ticket_id,
+        "read_version": read_version,
+        "status": ticket.status.value,
+        "attempt": ticket.attempt,
+        "worker_id": ticket.worker_id or None,
+        "lease_expires_at": ticket.lease_expires_at,
+        "error_message": ticket.error_message,
+        "result": None if ticket.result is None else Jsonb(ticket.result),
+        "version": ticket.version,
+        "last_update_digest": ticket.last_update_digest,
+        "updated_at": ticket.updated_at,
+        "started_at": ticket.started_at,
+        "completed_at": ticket.completed_at,
+    }
+
+
+def _event_params(outcome: Outcome, read_version: int) -> dict[str, Any]:
+    event = outcome.event
+    assert event is not None
+    return {
+        "ticket_id": outcome.ticket.ticket_id,
+        "read_version": read_version,
+        "event_id": event.event_id,
+        "event_type": event.type.value,
+        "event_worker_id": event.worker_id or None,
+        "previous_status": event.previous_status.value if event.previous_status else None,
+        "actor": event.actor,
+        "occurred_at": event.occurred_at,
+        "details": Jsonb(event.details),
+    }
 
 
 def _deciding(update: StatusUpdate, actor: str) -> Callable[[Ticket, datetime], Outcome]:
