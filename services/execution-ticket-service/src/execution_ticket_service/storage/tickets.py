@@ -5,10 +5,10 @@ appends the event row in one statement that only applies if the row still has th
 that was read (optimistic concurrency: two round trips, no transaction held open; a lost
 race is decided again on the fresh row). Batches (assignments, lease expiry) lock their
 rows in one transaction; status report batches decide on remembered tickets as single
-changes do. A batch writes all its changes and their events in one statement. The event table is the log
-WatchTickets reads; a trigger enters every event into ``ticket_outbox`` in the statement
-that writes it (the transactional outbox the relay delivers to MongoDB), so an event row
-is written once and the relay's bookkeeping stays in that narrow table.
+changes do. A batch writes all its changes and their events in one statement. The event
+table is the log WatchTickets reads; a trigger enters every event into ``ticket_outbox``
+in the statement that writes it (the transactional outbox the relay delivers to MongoDB),
+so an event row is written once and the relay's bookkeeping stays in that narrow table.
 """
 
 from __future__ import annotations
