@@ -152,12 +152,22 @@ async def test_every_event_reaches_mongodb_even_after_an_outage(
         assert len(late) == 1
         assert late[0]["details"]["reported_attempt"] == 1
         assert late[0]["details"]["reported_status"] == "COMPLETED"
-        changes = [
-            (d["previous_status"], d["status"])
-            async for d in db.status_change_events.find({"ticket_id": during.ticket_id}).sort(
-                "sequence", 1
-            )
+        change_docs = [
+            d
+            async for d in db.status_change_events.find(
+                {"ticket_id": during.ticket_id}, {"_id": False}
+            ).sort("sequence", 1)
         ]
+        # A status change is the audit document of its event without the ticket snapshot
+        # (audit_trail has it under the same event_id).
+        by_event = {d["event_id"]: d for d in trail}
+        for change in change_docs:
+            assert "ticket" not in change
+            full = dict(by_event[change["event_id"]])
+            assert full.pop("ticket")["status"] == change["status"]
+            full.pop("_id")
+            assert change == full
+        changes = [(d["previous_status"], d["status"]) for d in change_docs]
         assert changes == [
             ("PENDING", "ASSIGNED"),
             ("ASSIGNED", "RUNNING"),

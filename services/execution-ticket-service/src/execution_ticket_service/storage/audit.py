@@ -53,6 +53,13 @@ def audit_document(entry: OutboxEntry, *, relayed_at: datetime) -> dict[str, Any
     }
 
 
+def status_change_document(audit: dict[str, Any]) -> dict[str, Any]:
+    """The ``status_change_events`` document of an event's ``audit_trail`` document: the
+    same fields without the ticket snapshot (which ``audit_trail`` holds under the same
+    ``event_id``): a status change log stays small and cheap to write."""
+    return {key: value for key, value in audit.items() if key != "ticket"}
+
+
 class AuditStore:
     """Writes and reads the audit collections. Raises only :class:`Unavailable`."""
 
@@ -83,7 +90,9 @@ class AuditStore:
             documents.extend(audit_document(entry, relayed_at=relayed_at) for entry in chunk)
             await asyncio.sleep(0)  # let requests in between (as TicketRepository does)
         status_changes = [
-            doc for doc, entry in zip(documents, entries, strict=True) if entry.event.status_changed
+            status_change_document(doc)
+            for doc, entry in zip(documents, entries, strict=True)
+            if entry.event.status_changed
         ]
         try:
             await self._insert(AUDIT_TRAIL, documents)
@@ -92,11 +101,11 @@ class AuditStore:
             raise Unavailable(f"MongoDB unavailable: {exc}") from exc
 
     async def _insert(self, collection: str, documents: list[dict[str, Any]]) -> None:
+        """Insert ``documents`` (insert_many adds ``_id`` to them)."""
         if not documents:
             return
         try:
-            # insert_many adds _id to the dicts it is given; pass copies.
-            await self._db[collection].insert_many([dict(d) for d in documents], ordered=False)
+            await self._db[collection].insert_many(documents, ordered=False)
         except BulkWriteError as exc:
             errors = exc.details.get("writeErrors", [])
             if any(error.get("code") != _DUPLICATE_KEY for error in errors) or not errors:
