@@ -273,10 +273,10 @@ async def test_concurrent_report_batches_on_the_same_tickets_apply_each_report_o
 async def test_a_report_batch_decides_again_the_tickets_changed_elsewhere(
     repo: TicketRepository, migrated_dsn: str
 ) -> None:
-    # All three remembered as RUNNING; one is cancelled, one just re-versioned, behind the
+    # All remembered as RUNNING; one is cancelled, one just re-versioned, behind the
     # repository's back (another replica): their writes in the batch statement touch
     # nothing, and each is decided again on a fresh read.
-    cancelled, bumped, untouched = [await _running_ticket(repo, f"t{i}") for i in range(3)]
+    cancelled, bumped, *untouched = [await _running_ticket(repo, f"t{i}") for i in range(5)]
     _sql(
         migrated_dsn,
         "UPDATE tickets SET status = 'CANCELLED', version = version + 1, "
@@ -288,17 +288,17 @@ async def test_a_report_batch_decides_again_the_tickets_changed_elsewhere(
     answers = await repo.update_status_many(
         [
             (StatusUpdate(ticket_id=t, status=S.COMPLETED, attempt=1), "worker:w1")
-            for t in (cancelled, bumped, untouched)
+            for t in (cancelled, bumped, *untouched)
         ]
     )
     assert isinstance(answers[0], FailedPrecondition)
     done = [a for a in answers[1:] if isinstance(a, Ticket)]
     assert [(t.ticket_id, t.status, t.version) for t in done] == [
         (bumped, S.COMPLETED, 5),
-        (untouched, S.COMPLETED, 4),
+        *((t, S.COMPLETED, 4) for t in untouched),
     ]
     events = await repo.events_after(position, TicketFilter(), limit=10)
-    assert sorted(e.ticket.ticket_id for e in events) == sorted([bumped, untouched])
+    assert sorted(e.ticket.ticket_id for e in events) == sorted([bumped, *untouched])
     assert {e.ticket.ticket_id: e.ticket for e in events} == {t.ticket_id: t for t in done}
 
 
