@@ -4,11 +4,12 @@ dependency health, settings checks, and the HTTP body reader."""
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, cast
 
 import httpx
 import pytest
 from fastapi import FastAPI, Request
+from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 
 from hive_common.auth import TokenIssuer, TokenVerifier
@@ -17,14 +18,25 @@ from neuralhive.registry.v1 import registry_service_pb2 as registry_pb
 from neuralhive.ticket.v1 import ticket_service_pb2 as ticket_pb
 from orchestrator_dynamic.config import OrchestratorSettings
 from orchestrator_dynamic.domain.plan import Plan, Priority, TaskSpec
-from orchestrator_dynamic.domain.scheduler import FreedSlot, TicketStatus, WorkerHealth
+from orchestrator_dynamic.domain.records import PlanLease
+from orchestrator_dynamic.domain.scheduler import (
+    FreedSlot,
+    PlanGraph,
+    PlanStatus,
+    SchedulingPolicy,
+    TicketState,
+    TicketStatus,
+    WorkerHealth,
+)
 from orchestrator_dynamic.engine.convert import (
     ticket_spec,
     ticket_state,
     worker_candidate,
     worker_view,
 )
+from orchestrator_dynamic.engine.driver import DrivenPlan, DriverSettings, PlanDriver
 from orchestrator_dynamic.engine.health import REGISTRY, TICKET_SERVICE, DependencyHealth
+from orchestrator_dynamic.engine.metrics import OrchestratorMetrics
 from orchestrator_dynamic.engine.tokens import ServiceTokenProvider
 from orchestrator_dynamic.transport.http.routes import read_json_body
 
@@ -128,12 +140,12 @@ def test_worker_candidate_adds_the_slots_freed_since_the_last_heartbeat() -> Non
     ranked.worker.last_heartbeat_at.FromDatetime(heartbeat)
     second = timedelta(seconds=1)
     freed = [
-        FreedSlot(running_at=heartbeat - 2 * second, freed_at=heartbeat + second),  # counts
-        FreedSlot(running_at=heartbeat - second, freed_at=heartbeat + second),  # counts
+        FreedSlot(held_since=heartbeat - 2 * second, freed_at=heartbeat + second),  # counts
+        FreedSlot(held_since=heartbeat - second, freed_at=heartbeat + second),  # counts
         # Freed before the heartbeat: already in its count.
-        FreedSlot(running_at=heartbeat - 3 * second, freed_at=heartbeat - second),
-        # Started after the heartbeat: the heartbeat never counted it.
-        FreedSlot(running_at=heartbeat + second, freed_at=heartbeat + 2 * second),
+        FreedSlot(held_since=heartbeat - 3 * second, freed_at=heartbeat - second),
+        # Assigned after the heartbeat: the heartbeat never counted it.
+        FreedSlot(held_since=heartbeat + second, freed_at=heartbeat + 2 * second),
     ]
     assert worker_candidate(ranked, known_active=1, freed=freed).spare_capacity == 2
     # Still bounded by what this orchestrator knows to be on the worker.
@@ -141,6 +153,49 @@ def test_worker_candidate_adds_the_slots_freed_since_the_last_heartbeat() -> Non
     # Without a heartbeat time nothing can be added.
     ranked.worker.ClearField("last_heartbeat_at")
     assert worker_candidate(ranked, known_active=0, freed=freed).spare_capacity == 0
+
+
+async def test_a_freed_slot_counts_from_when_the_ticket_was_assigned() -> None:
+    driver = PlanDriver(
+        repository=cast(Any, None),
+        tickets=cast(Any, None),
+        registry=cast(Any, None),
+        policy=SchedulingPolicy(),
+        settings=DriverSettings(owner_id="o"),
+        health=DependencyHealth(),
+        metrics=OrchestratorMetrics(CollectorRegistry()),
+    )
+    graph = PlanGraph(Plan(tasks=(TaskSpec(task_id="a", task_type="echo"),)))
+    start = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
+    plan = DrivenPlan(
+        lease=PlanLease(plan_id="p", owner_id="o", epoch=1, expires_at=start),
+        graph=graph,
+        tickets={"a": TicketState(task_id="a")},
+        cancel_requested=False,
+        status=PlanStatus.RUNNING,
+        error_message=None,
+        created_at=start,
+    )
+    second = timedelta(seconds=1)
+
+    def seen(status: TicketStatus, version: int, at: datetime) -> bool:
+        state = TicketState(
+            task_id="a",
+            ticket_id="t",
+            status=status,
+            worker_id="w1",
+            version=version,
+            updated_at=at,
+        )
+        return driver._merge(plan, state)
+
+    assert not seen(TicketStatus.ASSIGNED, 2, start)
+    assert not seen(TicketStatus.RUNNING, 3, start + second)
+    assert seen(TicketStatus.COMPLETED, 4, start + 2 * second)
+    # A heartbeat between the assignment and the start counted the ticket (a worker counts
+    # the assignments it accepted): the slot counts as freed since then, not since RUNNING.
+    assert driver._freed_slots == {"w1": [FreedSlot(held_since=start, freed_at=start + 2 * second)]}
+    assert plan.assigned_at == {}
 
 
 def test_worker_view() -> None:

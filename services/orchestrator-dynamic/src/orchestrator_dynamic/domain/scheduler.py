@@ -320,20 +320,24 @@ class WorkerCandidate:
 
 @dataclass(frozen=True, slots=True)
 class FreedSlot:
-    """A slot this orchestrator saw a ticket leave on a worker: the ticket was RUNNING
-    there at ``running_at`` and left at ``freed_at`` (ticket-service times)."""
+    """A slot this orchestrator saw a ticket leave on a worker: the ticket was assigned
+    there at ``held_since`` and left at ``freed_at`` (ticket-service times)."""
 
-    running_at: datetime
+    held_since: datetime
     freed_at: datetime
 
 
 def freed_since_heartbeat(freed: Iterable[FreedSlot], heartbeat_at: datetime | None) -> int:
-    """How many slots the worker's last heartbeat still counted as in flight that are free
-    by now: the ticket was already RUNNING (so the worker held it) at the heartbeat and
-    left after it. The registry learns of them only with the next heartbeat."""
+    """How many slots the worker's last heartbeat may still have counted as in flight that
+    are free by now: the ticket was already assigned there at the heartbeat (a worker
+    counts the assignments it accepted, started or not) and left after it. The registry
+    learns of them only with the next heartbeat. (An assignment still on its way to the
+    worker at the heartbeat was not counted, so this may count one slot too many; what
+    the orchestrator knows to be on the worker bounds the total, see
+    ``engine.convert.worker_candidate``.)"""
     if heartbeat_at is None:
         return 0
-    return sum(1 for slot in freed if slot.running_at <= heartbeat_at < slot.freed_at)
+    return sum(1 for slot in freed if slot.held_since <= heartbeat_at < slot.freed_at)
 
 
 def choose_worker(

@@ -122,6 +122,9 @@ class DrivenPlan:
     # Observations folded into ``tickets`` but not yet stored: kept until a write
     # succeeds, so a database hiccup loses nothing.
     unsaved: dict[str, TicketState] = field(default_factory=dict)
+    # Task id -> when its ticket was assigned to the worker it now occupies (ASSIGNED or
+    # RUNNING there; ticket-service time): what a slot freed on that worker counts from.
+    assigned_at: dict[str, datetime] = field(default_factory=dict)
     # Loop time at which to run the plan's round again (0: now).
     due: float = 0.0
     resync_due: float = 0.0
@@ -558,15 +561,17 @@ class PlanDriver:
         freed = current.status in _OCCUPYING and (
             merged.status not in _OCCUPYING or merged.worker_id != current.worker_id
         )
+        # When the ticket was assigned to the worker it held (else, if that was not seen,
+        # the time of the last change seen: later, so fewer slots count as freed).
+        held_since = plan.assigned_at.pop(observed.task_id, None) if freed else None
+        if merged.status is TicketStatus.ASSIGNED and merged.updated_at is not None:
+            plan.assigned_at[observed.task_id] = merged.updated_at
         if freed and current.worker_id:
             self._freed_workers[current.worker_id] = asyncio.get_running_loop().time()
-            if (
-                current.status is TicketStatus.RUNNING
-                and current.updated_at is not None
-                and merged.updated_at is not None
-            ):
+            held_since = held_since or current.updated_at
+            if held_since is not None and merged.updated_at is not None:
                 self._freed_slots.setdefault(current.worker_id, []).append(
-                    FreedSlot(running_at=current.updated_at, freed_at=merged.updated_at)
+                    FreedSlot(held_since=held_since, freed_at=merged.updated_at)
                 )
         return freed
 
