@@ -129,6 +129,7 @@ async def build_app(
             claim_interval=settings.claim_interval_seconds,
             resync_interval=settings.resync_interval_seconds,
             dispatch_retry=settings.dispatch_retry_seconds,
+            discovery_cache=settings.discovery_cache_seconds,
             error_retry=settings.error_retry_seconds,
             ticket_batch_size=settings.ticket_batch_size,
             assign_lease_seconds=settings.assign_lease_seconds,

@@ -63,6 +63,8 @@ class OrchestratorSettings(HiveSettings):
     assign_lease_seconds: int = Field(default=0, ge=0)
     # Re-check tickets that found no worker (besides registry events) this often.
     dispatch_retry_seconds: float = Field(default=5.0, gt=0)
+    # Reuse a DiscoverWorkers answer for this long (0: ask every scheduling round).
+    discovery_cache_seconds: float = Field(default=0.25, ge=0)
     # Full ListTickets resync of every driven plan (the watch is the fast path).
     resync_interval_seconds: float = Field(default=30.0, gt=0)
     # Wait after a failed round before trying again (dependency outage).

@@ -13,6 +13,7 @@ from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
 
 from hive_common.auth import TokenIssuer, TokenVerifier
+from hive_common.errors import Unavailable
 from hive_common.http import create_http_app
 from neuralhive.registry.v1 import registry_service_pb2 as registry_pb
 from neuralhive.ticket.v1 import ticket_service_pb2 as ticket_pb
@@ -155,16 +156,58 @@ def test_worker_candidate_adds_the_slots_freed_since_the_last_heartbeat() -> Non
     assert worker_candidate(ranked, known_active=0, freed=freed).spare_capacity == 0
 
 
-async def test_a_freed_slot_counts_from_when_the_ticket_was_assigned() -> None:
-    driver = PlanDriver(
+def _driver(registry: Any = None, **settings: Any) -> PlanDriver:
+    """A driver for its pure bookkeeping (no database, no ticket service)."""
+    return PlanDriver(
         repository=cast(Any, None),
         tickets=cast(Any, None),
-        registry=cast(Any, None),
+        registry=registry,
         policy=SchedulingPolicy(),
-        settings=DriverSettings(owner_id="o"),
+        settings=DriverSettings(owner_id="o", **settings),
         health=DependencyHealth(),
         metrics=OrchestratorMetrics(CollectorRegistry()),
     )
+
+
+class CountingRegistry:
+    def __init__(self) -> None:
+        self.calls = 0
+        self.failing = False
+
+    async def discover_workers(self, **kwargs: Any) -> list[registry_pb.RankedWorker]:
+        self.calls += 1
+        if self.failing:
+            raise Unavailable("registry down")
+        return [_ranked(1, 4)]
+
+
+async def test_a_discovery_answer_is_reused_for_a_short_while() -> None:
+    registry = CountingRegistry()
+    python = frozenset({"python"})
+    cached = _driver(registry, discovery_cache=3600.0)
+    first = await cached._discover(python)
+    assert await cached._discover(python) == first
+    assert registry.calls == 1
+    await cached._discover(frozenset({"gpu"}))  # other capabilities: their own answer
+    assert registry.calls == 2
+    cached._discovered.clear()  # what a registry event does
+    await cached._discover(python)
+    assert registry.calls == 3
+    # Not reused with a cache time of 0, and a failure is not remembered.
+    uncached = _driver(registry, discovery_cache=0.0)
+    await uncached._discover(python)
+    await uncached._discover(python)
+    assert registry.calls == 5
+    registry.failing = True
+    failing = _driver(registry, discovery_cache=3600.0)
+    assert await failing._discover(python) == []
+    registry.failing = False
+    assert await failing._discover(python) == first
+    assert registry.calls == 7
+
+
+async def test_a_freed_slot_counts_from_when_the_ticket_was_assigned() -> None:
+    driver = _driver()
     graph = PlanGraph(Plan(tasks=(TaskSpec(task_id="a", task_type="echo"),)))
     start = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
     plan = DrivenPlan(

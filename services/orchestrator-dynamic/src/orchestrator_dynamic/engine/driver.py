@@ -93,6 +93,12 @@ class DriverSettings:
     claim_batch: int = 100
     resync_interval: float = 30.0
     dispatch_retry: float = 5.0
+    # A DiscoverWorkers answer is reused this long (seconds; 0 = not at all), unless a
+    # registry event or a lagging registry (below) says the workers changed. Reusing it
+    # keeps spare capacity right: it is the registry's count as of each worker's last
+    # heartbeat, plus the slots freed since that heartbeat, capped by what this
+    # orchestrator knows to be on the worker (worker_candidate).
+    discovery_cache: float = 0.25
     # A slot freed on a worker reaches the registry with the worker's next heartbeat (sent
     # right after it reports), which may land after our DiscoverWorkers: until the
     # registry shows the freed worker with a spare slot again (at most this long), plans
@@ -178,6 +184,8 @@ class PlanDriver:
         # Slots seen freed per worker, to add to the registry's count until the worker's
         # next heartbeat reports them (see worker_candidate).
         self._freed_slots: dict[str, list[FreedSlot]] = {}
+        # Capabilities -> (loop time, DiscoverWorkers answer) (see DriverSettings).
+        self._discovered: dict[frozenset[str], tuple[float, list[registry_pb.RankedWorker]]] = {}
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -318,6 +326,7 @@ class PlanDriver:
                 async with watch:
                     async for event in watch:
                         self._health.succeeded(REGISTRY)
+                        self._discovered.clear()  # the workers changed
                         if event.type in _WORKER_WAKE_EVENTS:
                             self._wake_waiting()
             except HiveError as exc:
@@ -714,20 +723,7 @@ class PlanDriver:
         # Workers the registry offered with a spare slot of its own reckoning.
         discovered: set[str] = set()
         for capabilities in needed:
-            try:
-                ranked = await self._registry.discover_workers(
-                    required_capabilities=sorted(capabilities),
-                    namespace=self._settings.namespace,
-                    max_results=100,
-                    # Full ones too: we may have freed slots there since their heartbeat.
-                    include_full=True,
-                )
-                self._health.succeeded(REGISTRY)
-            except HiveError as exc:
-                if isinstance(exc, _TRANSIENT):
-                    self._health.failed(REGISTRY, str(exc))
-                _log.warning("worker discovery failed", error=str(exc))
-                ranked = []
+            ranked = await self._discover(capabilities)
             found = [
                 worker_candidate(
                     r,
@@ -741,6 +737,7 @@ class PlanDriver:
         retry = self._settings.dispatch_retry
         if self._registry_lagging(discovered):
             retry = min(retry, self._settings.registry_lag_retry)
+            self._discovered.clear()  # look again, at the registry
         ledger = CapacityLedger()
         waiting = 0
         for plan, task_ids in ready:
@@ -752,6 +749,30 @@ class PlanDriver:
             if assignment_round.assignments:
                 await self._guarded(plan, self._assign(plan, assignment_round.assignments))
         self._metrics.tickets_waiting_for_workers.set(waiting)
+
+    async def _discover(self, capabilities: frozenset[str]) -> list[registry_pb.RankedWorker]:
+        """The registry's ranked workers for ``capabilities`` (recent answers reused);
+        none while it fails."""
+        now = asyncio.get_running_loop().time()
+        cached = self._discovered.get(capabilities)
+        if cached is not None and now - cached[0] < self._settings.discovery_cache:
+            return cached[1]
+        try:
+            ranked = await self._registry.discover_workers(
+                required_capabilities=sorted(capabilities),
+                namespace=self._settings.namespace,
+                max_results=100,
+                # Full ones too: we may have freed slots there since their heartbeat.
+                include_full=True,
+            )
+        except HiveError as exc:
+            if isinstance(exc, _TRANSIENT):
+                self._health.failed(REGISTRY, str(exc))
+            _log.warning("worker discovery failed", error=str(exc))
+            return []
+        self._health.succeeded(REGISTRY)
+        self._discovered[capabilities] = (now, ranked)
+        return ranked
 
     def _forget_old_frees(self) -> None:
         """A worker heartbeats every few seconds: older frees are in the registry's count."""
