@@ -283,6 +283,14 @@ class Worker:
         return len(self._runs)
 
     @property
+    def load(self) -> int:
+        """What heartbeats report as ``in_flight``: accepted attempts that hold or wait for
+        a slot, not those whose outcome is being reported (their slot is as good as free:
+        the ticket service may already have applied the outcome, and the orchestrator
+        counts the slot free from then on)."""
+        return sum(1 for run in self._runs.values() if run.phase is not Phase.REPORTING)
+
+    @property
     def queued(self) -> int:
         """Accepted attempts waiting for a free slot (not started)."""
         return sum(1 for run in self._runs.values() if run.phase is Phase.QUEUED)
@@ -506,7 +514,7 @@ class Worker:
                 await self._register()
             response = await self._registry_client.heartbeat(
                 worker_id=self._worker_id,
-                in_flight=len(self._runs),
+                in_flight=self.load,
                 succeeded_total=self.succeeded_total,
                 failed_total=self.failed_total,
                 draining=self._draining,
@@ -658,6 +666,7 @@ class Worker:
                     if outcome is None:
                         return
                     run.phase = Phase.REPORTING
+                    self._heartbeat_wake.set()  # the load changed
                     await self._report(run, outcome)
         except asyncio.CancelledError:
             if run.abandoned or run.released:

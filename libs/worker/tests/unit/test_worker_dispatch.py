@@ -19,7 +19,7 @@ from hive_worker import (
     WorkerSettings,
 )
 from hive_worker.cli import settings_from_args
-from hive_worker.sdk import Outcome, _Run, normalise_result
+from hive_worker.sdk import Outcome, Phase, _Run, normalise_result
 from neuralhive.ticket.v1 import ticket_service_pb2 as pb
 
 TICKET = "5b2f3a8e-1d7c-4c1e-9a53-2f1b0c9d8e71"
@@ -195,6 +195,17 @@ def test_a_run_is_superseded_only_by_newer_changes_that_leave_it() -> None:
     assert run.superseded_by(change(status=pb.TICKET_STATUS_PENDING, attempt=2, worker_id=""))
     assert run.superseded_by(change(status=pb.TICKET_STATUS_ASSIGNED, worker_id="w-2"))
     assert not run.superseded_by(change(attempt=0))
+
+
+def test_the_load_a_heartbeat_reports_leaves_out_attempts_reporting_their_outcome() -> None:
+    worker = Worker(settings=settings(max_concurrent=4))
+    for n, phase in enumerate(Phase):
+        run = _Run(ticket=ticket("echo", {}), worker_id="w-1", phase=phase)
+        run.ticket.attempt = n + 1  # one run per phase, each its own key
+        worker._runs[run.key] = run
+    # Queued, starting, running: they hold or wait for a slot. Reporting: done with it.
+    assert worker.in_flight == 4
+    assert worker.load == 3
 
 
 def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
