@@ -142,8 +142,8 @@ JOIN unnest(%(plan_id)s::text[], %(task_id)s::text[]) AS k(plan_id, task_id)
   ON t.plan_id = k.plan_id AND t.task_id = k.task_id
 """
 
-# What a change writes: the ticket columns, and the event row's own fields (with the SQL
-# types the batch statement casts its arrays to).
+# What a change writes: the ticket columns, and the event row's own fields (with their
+# SQL types: the batch statement reads them from JSON records).
 _WRITTEN_COLUMNS = {
     "status": "text",
     "attempt": "integer",
@@ -429,28 +429,21 @@ class TicketRepository:
         a write (it is checked by the write's version); refusals and repeats, which write
         nothing, are always decided on a fresh read.
         """
-        outcome = await self._run(
-            lambda conn: self._decide_and_apply_on(conn, ticket_id, decide), transaction=False
-        )
+
+        async def work(conn: AsyncConnection[DictRow]) -> Outcome:
+            on_recent = self._decided_on_recent(ticket_id, decide)
+            if on_recent is not None:
+                outcome, version = on_recent
+                if await self._apply(conn, outcome, read_version=version):
+                    return outcome
+            return await self._decide_fresh_and_apply(conn, ticket_id, decide)
+
+        outcome = await self._run(work, transaction=False)
         if outcome.event is not None:
             self._changed_events([outcome.event])
         if outcome.error is not None:
             raise outcome.error  # raised after commit, so a late result is still recorded
         return outcome.ticket
-
-    async def _decide_and_apply_on(
-        self,
-        conn: AsyncConnection[DictRow],
-        ticket_id: str,
-        decide: Callable[[Ticket, datetime], Outcome],
-    ) -> Outcome:
-        """:meth:`_decide_and_apply`'s work on ``conn`` (raises the decision's refusal)."""
-        on_recent = self._decided_on_recent(ticket_id, decide)
-        if on_recent is not None:
-            outcome, version = on_recent
-            if await self._apply(conn, outcome, read_version=version):
-                return outcome
-        return await self._decide_fresh_and_apply(conn, ticket_id, decide)
 
     def _decided_on_recent(
         self, ticket_id: str, decide: Callable[[Ticket, datetime], Outcome]
@@ -667,7 +660,6 @@ class TicketRepository:
         by :meth:`update_status`."""
         # In one order, so concurrent batches wait for each other instead of deadlocking.
         order = sorted(range(len(updates)), key=lambda i: updates[i][0].ticket_id)
-
         decides = [_deciding(update, actor) for update, actor in updates]
 
         async def work(conn: AsyncConnection[DictRow]) -> dict[int, Outcome | HiveError]:
