@@ -9,7 +9,10 @@ cursor, or slower than the window is long) reads the database until it reaches i
 The tail only reads while at least one stream is open (:meth:`EventLogTail.subscribed`):
 without watchers, writes cost nothing extra. Reads start at least ``read_gap`` apart
 (5 ms by default): under load the changes of those few milliseconds are read in one
-query instead of one each; a change after a quiet spell is read at once.
+query instead of one each; a change after a quiet spell is read at once. Changes of other
+replicas are found by polling (every ``poll_interval``; every ``busy_poll_interval`` for a
+second after any activity, since committed events that a running transaction hid from a
+read become visible when it ends, and nothing signals that).
 
 Why the window is exact: the tail reads only events of transactions that ended before its
 read (see ``TicketRepository.events_after``), in log order, so the window always holds every
@@ -46,6 +49,11 @@ class TailSettings:
     retry_interval: float = 1.0
     # Reads start at least this far apart (see spaced_delay).
     read_gap: float = 0.005
+    # For busy_seconds after a change was signalled or read, poll every busy_poll_interval
+    # instead of poll_interval: the end of a transaction that held back the visibility of
+    # committed events (any transaction of the cluster, see events_after) is not signalled.
+    busy_poll_interval: float = 0.02
+    busy_seconds: float = 1.0
 
 
 def cursor_of(event: TicketEvent) -> Cursor:
@@ -108,6 +116,8 @@ class EventLogTail:
         loop = asyncio.get_running_loop()
         position: Cursor | None = None
         last_read = -math.inf
+        last_generation = self._signal.generation
+        busy_until = -math.inf
         while True:
             if not self._subscribers:
                 # Nobody to serve: forget the window, start afresh with the next stream.
@@ -120,6 +130,9 @@ class EventLogTail:
                 await asyncio.sleep(delay)
             generation = self._signal.generation
             last_read = loop.time()
+            if generation != last_generation:  # a change was signalled
+                busy_until = last_read + self._settings.busy_seconds
+                last_generation = generation
             try:
                 if position is None:
                     position = await self._repository.current_position()
@@ -133,9 +146,13 @@ class EventLogTail:
                 continue
             if events:
                 position = self._append(events)
+                busy_until = loop.time() + self._settings.busy_seconds
             if len(events) < self._settings.batch_size:
-                # Other replicas' changes are found by polling.
-                await self._signal.wait(generation, self._settings.poll_interval)
+                # Other replicas' changes, and events a running transaction hid, are found
+                # by polling: fast while busy.
+                busy = loop.time() < busy_until
+                poll = self._settings.busy_poll_interval if busy else self._settings.poll_interval
+                await self._signal.wait(generation, poll)
 
     def _append(self, events: list[TicketEvent]) -> Cursor:
         self._keys.extend(cursor_of(e) for e in events)

@@ -7,6 +7,7 @@ import contextlib
 from collections.abc import AsyncIterator, Callable
 from typing import Any
 
+import psycopg
 import pytest
 
 from execution_ticket_service.domain.models import (
@@ -229,3 +230,31 @@ async def test_changes_within_the_read_gap_are_read_together(
         # read may also have found a few more) and the one after the gap.
         assert len(counting.reads) - reads_before <= 2
         assert [e.ticket.task_id for e in tail._events] == [f"t{i}" for i in range(10)]
+
+
+async def test_events_a_running_transaction_hid_are_read_once_it_ends(
+    counting: CountingRepository, migrated_dsn: str
+) -> None:
+    signal = ChangeSignal()
+    counting._on_change = lambda counts: signal.notify()
+    # No slow polling within the test's bounds: only the busy polling can find the event.
+    settings = TailSettings(
+        poll_interval=3600.0, busy_poll_interval=0.02, busy_seconds=3600.0, window=1_000
+    )
+    async with _running(
+        EventLogTail(repository=counting, signal=signal, settings=settings)
+    ) as tail:
+        await _until(tail, lambda: tail._start is not None)
+        # A transaction elsewhere in the cluster, with an id: the tail reads only below it.
+        async with await psycopg.AsyncConnection.connect(migrated_dsn) as other:
+            await other.execute("SELECT pg_current_xact_id()")
+            reads_before = len(counting.reads)
+            await counting.create_many(
+                [TicketSpec(plan_id="hidden", task_id="t", task_type="echo")],
+                actor="service:test",
+            )  # committed and signalled, but hidden from the tail's reads
+            await _until(tail, lambda: len(counting.reads) >= reads_before + 2)
+            assert not tail._keys
+            await other.rollback()  # ends without a signal
+        await _until(tail, lambda: len(tail._keys) == 1)
+        assert tail._events[0].ticket.plan_id == "hidden"
