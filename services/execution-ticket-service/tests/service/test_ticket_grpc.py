@@ -667,6 +667,7 @@ async def test_update_ticket_statuses_refuses_bad_batches_whole(client: Client) 
     )
     cases = {
         "empty": (pb.UpdateTicketStatusesRequest(), {"reports"}),
+        "too many": (pb.UpdateTicketStatusesRequest(reports=[running] * 10_001), {"reports"}),
         "a ticket twice": (
             pb.UpdateTicketStatusesRequest(reports=[running, upper]),
             {"reports[1].update.ticket_id"},
