@@ -187,7 +187,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--profile", action="store_true", help="py-spy the services into <out>/profiles"
     )
-    parser.add_argument("--log-level", default="INFO", help="services' log level (default INFO)")
+    parser.add_argument(
+        "--log-level",
+        default="INFO",
+        help="services' log level (default INFO; workers log at INFO at least)",
+    )
     parser.add_argument("--out", type=Path, default=Path("bench/out"), help="JSON and logs")
     parser.add_argument(
         "--markdown",
