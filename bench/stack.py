@@ -135,10 +135,6 @@ def orchestrator(
 def worker(
     *, name: str, tickets: Endpoint, registry: Endpoint, max_concurrent: int, log_level: str
 ) -> Built:
-    """A reference worker; it logs at INFO even when ``log_level`` is less verbose: its
-    readiness is its "worker registered" line (``flowc.WORKER_READY_PATTERN``)."""
-    if log_level.upper() != "DEBUG":
-        log_level = "INFO"
     options = flowc.WorkerOptions(
         name=name, max_concurrent=max_concurrent, settings={"DRAIN_GRACE_SECONDS": 2}
     )

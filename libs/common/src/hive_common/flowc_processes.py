@@ -17,7 +17,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from hive_common.procstack import ProcessSpec, http_ready, log_ready
@@ -330,7 +330,9 @@ def worker_spec(
     launch: Launch,
 ) -> ProcessSpec:
     """A reference worker as a process named after the worker (stopped first), ready once
-    it logged its registration."""
+    it logged its registration: so it logs at INFO (DEBUG if ``launch`` says so), whatever
+    ``launch`` or the environment ask for."""
+    verbose = "DEBUG" if (launch.log_level or "").upper() == "DEBUG" else "INFO"
     return ProcessSpec(
         name=worker.name,
         argv=launch.argv(WORKER),
@@ -339,7 +341,7 @@ def worker_spec(
             tickets_target=tickets_target,
             registry_target=registry_target,
             registration_secret=registration_secret,
-            launch=launch,
+            launch=replace(launch, log_level=verbose),
         ),
         cwd=launch.cwd,
         ready=log_ready(WORKER_READY_PATTERN),

@@ -269,6 +269,20 @@ def test_flow_specs_wire_each_service_to_its_database_and_the_others() -> None:
     assert not any("DEFAULT_LEASE" in key for key in registry.env)
 
 
+@pytest.mark.parametrize(
+    ("asked", "worker_level"),
+    [(None, "INFO"), ("WARNING", "INFO"), ("error", "INFO"), ("INFO", "INFO"), ("debug", "DEBUG")],
+)
+def test_workers_log_their_registration_whatever_the_stack_log_level(
+    asked: str | None, worker_level: str
+) -> None:
+    """A worker is ready once it logged "worker registered" (at INFO): a stack started at
+    WARNING never saw its workers ready. The services keep the level asked for."""
+    registry, *_, worker, _ = flow(Launch(log_level=asked))
+    assert worker.env["HIVE_WORKER_LOG_LEVEL"] == worker_level
+    assert registry.env.get("HIVE_REGISTRY_LOG_LEVEL") == asked
+
+
 def test_a_spec_can_take_another_name() -> None:
     launch = Launch(console_scripts=True, python="/venv/bin/python")
     env = flowc.ticket_service_env(
