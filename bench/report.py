@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -134,16 +135,23 @@ class Report:
                 "## Where the CPU went (CPU seconds per process during each measurement)",
                 "",
             ]
+            cores = os.cpu_count() or 1
             out.append(
                 "Per measurement: CPU seconds of each process group; *kernel* is kernel threads "
                 "plus irq/softirq time (much of it I/O and loopback networking done for our "
                 "processes); *other processes* is the whole machine's busy time (/proc/stat) "
                 "minus ours and the kernel's (other helpers' test suites, anything not "
-                "attributed)."
+                f"attributed); *busy*: the machine's busy time over {cores} cores x wall time "
+                "(near 100 %, a measurement is CPU-bound)."
             )
             out.append("")
             for label, groups in self.cpu.items():
                 wall = groups.get("wall", math.nan)
+                busy = (
+                    f"; busy {groups[MACHINE] / (wall * cores):.0%}"
+                    if MACHINE in groups and wall > 0
+                    else ""
+                )
                 ours = {k: v for k, v in groups.items() if k not in ("wall", MACHINE, KERNEL)}
                 if MACHINE in groups:
                     kernel = groups.get(KERNEL, 0.0)
@@ -155,7 +163,7 @@ class Report:
                     for name, seconds in sorted(ours.items(), key=lambda kv: -kv[1])
                     if seconds >= 0.005
                 )
-                out.append(f"- {label} (wall {wall:.2f} s): {parts}")
+                out.append(f"- {label} (wall {wall:.2f} s{busy}): {parts}")
         if self.notes:
             out += ["", "## Notes", ""]
             out += [f"- {note}" for note in self.notes]

@@ -237,8 +237,8 @@ def main(argv: list[str] | None = None) -> int:
             "measured in isolation (create at the BatchCreateTickets rate + one AssignTicket "
             "at the 16-client assign rate + two updates at the 64-client update rate, per "
             "task), summed; the stack may overlap these steps (and the orchestrator assigns "
-            "in batches with AssignTickets), so it is a yardstick, not a lower bound. For the "
-            "CPU floor, compare a plan's total in the CPU table with nproc x its wall time.",
+            "in batches with AssignTickets), so it is a yardstick, not a lower bound. How "
+            "close a plan is to its CPU floor: its *busy* share in the CPU table.",
             "Relay lag: relayed_at - occurred_at of every audit document of the plan runs "
             "(the relay stamps relayed_at when it sends the batch to MongoDB), read from "
             "MongoDB once the outbox drained.",
