@@ -20,7 +20,6 @@ from orchestrator_dynamic.domain.scheduler import (
     TicketStatus,
     WorkerCandidate,
     assign_round,
-    capability_groups,
     choose_worker,
     decide,
     merge_observation,
@@ -511,18 +510,6 @@ CAPS_PLAN = Plan(
         TaskSpec("p3", "echo", required_capabilities=("python",)),
     )
 )
-
-
-def test_capability_groups_share_one_discovery_per_set() -> None:
-    graph = PlanGraph(CAPS_PLAN)
-
-    groups = capability_groups(graph, ["p1", "g1", "p2", "any", "g2"])
-
-    assert groups == {
-        frozenset({"python"}): ["p1", "p2"],
-        frozenset({"python", "gpu"}): ["g1", "g2"],
-        frozenset(): ["any"],
-    }
 
 
 def test_assign_round_fills_workers_in_rank_order_and_leaves_the_rest_waiting() -> None:

@@ -158,8 +158,15 @@ class PlanGraph:
         self.required_capabilities: dict[str, tuple[str, ...]] = {
             t.task_id: t.required_capabilities for t in plan.tasks
         }
+        # The same as sets: what a task's workers must have (DiscoverWorkers' key).
+        self.capability_set: dict[str, frozenset[str]] = {
+            task_id: frozenset(caps) for task_id, caps in self.required_capabilities.items()
+        }
         # Longest chain of dependents above each task: dispatch the critical path first.
         self.height: dict[str, int] = heights(self.order, self.depends_on)
+        # Dispatch order: the critical path first, then plan order.
+        ranked = sorted(self.order, key=lambda t: (-self.height[t], self.index[t]))
+        self.dispatch_rank: dict[str, int] = {task_id: i for i, task_id in enumerate(ranked)}
 
     def dependents_of(self, roots: Sequence[str]) -> set[str]:
         return transitive_dependents(roots, self.depends_on)
@@ -193,11 +200,12 @@ def _states(graph: PlanGraph, tickets: Mapping[str, TicketState]) -> dict[str, T
     }
 
 
-def count_statuses(states: Mapping[str, TicketState]) -> dict[str, int]:
-    counts = {status.value: 0 for status in TicketStatus}
-    for state in states.values():
-        counts[state.status.value] += 1
-    return counts
+def _dependencies_completed(deps: Sequence[str], states: Mapping[str, TicketState]) -> bool:
+    # A loop, not all(<generator>): decide runs it for every waiting task, every round.
+    for dep in deps:  # noqa: SIM110
+        if states[dep].status is not TicketStatus.COMPLETED:
+            return False
+    return True
 
 
 def decide(
@@ -209,29 +217,44 @@ def decide(
     cancel_requested: bool = False,
 ) -> SchedulingDecision:
     """What to do next for one plan, given every ticket's current state (keyed by task id;
-    missing tasks have no ticket yet)."""
+    missing tasks have no ticket yet).
+
+    Called every scheduling round: one pass over the plan for the counts and the
+    non-terminal tasks, a second over those only."""
     states = _states(graph, tickets)
     order = graph.order
-    failed = [t for t in order if states[t].status is TicketStatus.FAILED]
-    cancelled = [t for t in order if states[t].status is TicketStatus.CANCELLED]
-    active = [t for t in order if not states[t].status.terminal]
+    by_status = dict.fromkeys(TicketStatus, 0)
+    failed: list[str] = []
+    cancelled: list[str] = []
+    active: list[str] = []  # non-terminal, in plan order
+    started = False  # some ticket left PENDING or was re-queued
+    for task_id in order:
+        state = states[task_id]
+        ticket_status = state.status
+        by_status[ticket_status] += 1
+        if ticket_status in _TERMINAL_TICKET:
+            if ticket_status is TicketStatus.FAILED:
+                failed.append(task_id)
+            elif ticket_status is TicketStatus.CANCELLED:
+                cancelled.append(task_id)
+        else:
+            active.append(task_id)
+        if ticket_status is not TicketStatus.PENDING or state.attempt > 1:
+            started = True
 
     if cancel_requested or (failed and policy.fail_fast):
         to_cancel = set(active)
     else:
         blocked = graph.dependents_of(failed + cancelled)
-        to_cancel = {t for t in active if t in blocked}
-
-    def effective(task_id: str) -> TicketStatus:
-        return TicketStatus.CANCELLED if task_id in to_cancel else states[task_id].status
+        to_cancel = {t for t in active if t in blocked} if blocked else set()
 
     start_backoff: dict[str, datetime] = {}
     dispatch: list[str] = []
     wakeups: list[datetime] = []
     missing: list[str] = []
-    for task_id in order:
+    for task_id in active:
         state = states[task_id]
-        if effective(task_id) is not TicketStatus.PENDING:
+        if state.status is not TicketStatus.PENDING or task_id in to_cancel:
             continue
         if state.ticket_id is None:
             missing.append(task_id)
@@ -240,20 +263,17 @@ def decide(
         if state.attempt > 1 and backoff_end is None:
             backoff_end = policy.backoff.until(state.attempt, now)
             start_backoff[task_id] = backoff_end
-        deps_done = all(
-            states[dep].status is TicketStatus.COMPLETED for dep in graph.depends_on[task_id]
-        )
-        if not deps_done:
+        if not _dependencies_completed(graph.depends_on[task_id], states):
             continue
         if backoff_end is not None and backoff_end > now:
             wakeups.append(backoff_end)
             continue
         dispatch.append(task_id)
-    dispatch.sort(key=lambda t: (-graph.height[t], graph.index[t]))
+    dispatch.sort(key=graph.dispatch_rank.__getitem__)
 
-    all_done = all(effective(t).terminal for t in order)
-    if all_done:
-        if all(states[t].status is TicketStatus.COMPLETED for t in order):
+    # Every task terminal, or about to be cancelled (to_cancel only holds active tasks).
+    if len(to_cancel) == len(active):
+        if by_status[TicketStatus.COMPLETED] == len(order):
             status = PlanStatus.COMPLETED
         elif cancel_requested:
             status = PlanStatus.CANCELLED
@@ -261,20 +281,20 @@ def decide(
             status = PlanStatus.FAILED
         else:
             status = PlanStatus.CANCELLED
-    elif any(states[t].status is not TicketStatus.PENDING or states[t].attempt > 1 for t in order):
+    elif started:
         status = PlanStatus.RUNNING
     else:
         status = PlanStatus.PENDING
 
     return SchedulingDecision(
         status=status,
-        counts=count_statuses(states),
+        counts={ticket_status.value: count for ticket_status, count in by_status.items()},
         dispatch=tuple(dispatch),
-        cancel=tuple(t for t in order if t in to_cancel),
+        cancel=tuple(t for t in active if t in to_cancel),
         start_backoff=start_backoff,
         missing_tickets=tuple(missing),
         next_wakeup=min(wakeups, default=None),
-        settled=all(states[t].status.terminal for t in order),
+        settled=not active,
         error_message=_error_message(states, failed, cancelled, status, cancel_requested),
     )
 
@@ -378,15 +398,6 @@ class CapacityLedger:
             self._promised.pop(worker_id, None)
 
 
-def capability_groups(graph: PlanGraph, task_ids: Sequence[str]) -> dict[frozenset[str], list[str]]:
-    """Ready tasks grouped by required capability set (order kept), so one DiscoverWorkers
-    call serves every task of a group."""
-    groups: dict[frozenset[str], list[str]] = {}
-    for task_id in task_ids:
-        groups.setdefault(frozenset(graph.required_capabilities[task_id]), []).append(task_id)
-    return groups
-
-
 @dataclass(frozen=True, slots=True)
 class Assignment:
     task_id: str
@@ -411,10 +422,14 @@ def assign_round(
     be shared across plans so one round never overfills a worker."""
     assignments: list[Assignment] = []
     unassigned: list[str] = []
+    # Capability sets whose candidates are all full: promises only grow during the round,
+    # so the other tasks needing them are left waiting without looking again.
+    full: set[frozenset[str]] = set()
     for task_id in ready:
-        needed = frozenset(graph.required_capabilities[task_id])
-        chosen = ledger.choose(candidates.get(needed, ()))
+        needed = graph.capability_set[task_id]
+        chosen = None if needed in full else ledger.choose(candidates.get(needed, ()))
         if chosen is None:
+            full.add(needed)
             unassigned.append(task_id)
         else:
             assignments.append(Assignment(task_id, chosen.worker_id))

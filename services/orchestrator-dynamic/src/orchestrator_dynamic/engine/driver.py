@@ -716,7 +716,7 @@ class PlanDriver:
         loop = asyncio.get_running_loop()
         needed: set[frozenset[str]] = set()
         for plan, task_ids in ready:
-            needed.update(frozenset(plan.graph.required_capabilities[t]) for t in task_ids)
+            needed.update(plan.graph.capability_set[t] for t in task_ids)
         active = self._known_active()
         self._forget_old_frees()
         candidates: dict[frozenset[str], list[WorkerCandidate]] = {}
