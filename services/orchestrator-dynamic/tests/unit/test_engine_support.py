@@ -140,11 +140,13 @@ def test_worker_candidate_adds_the_slots_freed_since_the_last_heartbeat() -> Non
     ranked.worker.in_flight = 4
     ranked.worker.last_heartbeat_at.FromDatetime(heartbeat)
     second = timedelta(seconds=1)
-    freed = [
-        FreedSlot(held_since=heartbeat - 2 * second, freed_at=heartbeat + second),  # counts
-        FreedSlot(held_since=heartbeat - second, freed_at=heartbeat + second),  # counts
+    freed = [  # as the driver keeps them: sorted by freed_at
         # Freed before the heartbeat: already in its count.
         FreedSlot(held_since=heartbeat - 3 * second, freed_at=heartbeat - second),
+        # Freed at the heartbeat: in its count too.
+        FreedSlot(held_since=heartbeat - 3 * second, freed_at=heartbeat),
+        FreedSlot(held_since=heartbeat - 2 * second, freed_at=heartbeat + second),  # counts
+        FreedSlot(held_since=heartbeat - second, freed_at=heartbeat + second),  # counts
         # Assigned after the heartbeat: the heartbeat never counted it.
         FreedSlot(held_since=heartbeat + second, freed_at=heartbeat + 2 * second),
     ]
@@ -239,6 +241,61 @@ async def test_a_freed_slot_counts_from_when_the_ticket_was_assigned() -> None:
     # the assignments it accepted): the slot counts as freed since then, not since RUNNING.
     assert driver._freed_slots == {"w1": [FreedSlot(held_since=start, freed_at=start + 2 * second)]}
     assert plan.assigned_at == {}
+
+
+async def test_freed_slots_are_kept_in_freed_order_and_forgotten_after_a_minute() -> None:
+    start = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
+    now = [start]
+    driver = _driver()
+    driver._clock = lambda: now[0]
+    tasks = ("a", "b", "c")
+    graph = PlanGraph(Plan(tasks=tuple(TaskSpec(task_id=t, task_type="echo") for t in tasks)))
+    plan = DrivenPlan(
+        lease=PlanLease(plan_id="p", owner_id="o", epoch=1, expires_at=start),
+        graph=graph,
+        tickets={t: TicketState(task_id=t) for t in tasks},
+        cancel_requested=False,
+        status=PlanStatus.RUNNING,
+        error_message=None,
+        created_at=start,
+    )
+    second = timedelta(seconds=1)
+    for task_id in tasks:
+        driver._merge(
+            plan,
+            TicketState(
+                task_id,
+                "t-" + task_id,
+                TicketStatus.ASSIGNED,
+                worker_id="w1",
+                version=2,
+                updated_at=start,
+            ),
+        )
+    # Seen out of order (events of different transactions): kept sorted by freed_at.
+    for task_id, freed in (("a", 3), ("b", 1), ("c", 2)):
+        driver._merge(
+            plan,
+            TicketState(
+                task_id,
+                "t-" + task_id,
+                TicketStatus.COMPLETED,
+                worker_id="w1",
+                version=3,
+                updated_at=start + freed * second,
+            ),
+        )
+    assert [s.freed_at for s in driver._freed_slots["w1"]] == [
+        start + second,
+        start + 2 * second,
+        start + 3 * second,
+    ]
+    now[0] = start + timedelta(seconds=62)
+    driver._forget_old_frees()
+    assert [s.freed_at for s in driver._freed_slots["w1"]] == [start + 3 * second]
+    now[0] = start + timedelta(seconds=64)
+    driver._forget_old_frees()
+    assert driver._freed_slots == {}
 
 
 def test_worker_view() -> None:

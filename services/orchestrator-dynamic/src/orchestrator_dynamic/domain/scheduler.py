@@ -23,8 +23,9 @@ Decisions:
 
 from __future__ import annotations
 
+import bisect
 import random
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -194,7 +195,10 @@ class SchedulingDecision:
     error_message: str | None = None
 
 
-def _states(graph: PlanGraph, tickets: Mapping[str, TicketState]) -> dict[str, TicketState]:
+def _states(graph: PlanGraph, tickets: Mapping[str, TicketState]) -> Mapping[str, TicketState]:
+    """Every task's state (tasks without a ticket: PENDING, no ticket id)."""
+    if tickets.keys() >= graph.index.keys():  # what a driven plan holds: no copy needed
+        return tickets
     return {
         task_id: tickets.get(task_id) or TicketState(task_id=task_id) for task_id in graph.order
     }
@@ -347,17 +351,25 @@ class FreedSlot:
     freed_at: datetime
 
 
-def freed_since_heartbeat(freed: Iterable[FreedSlot], heartbeat_at: datetime | None) -> int:
+def freed_at(slot: FreedSlot) -> datetime:
+    return slot.freed_at
+
+
+def freed_since_heartbeat(freed: Sequence[FreedSlot], heartbeat_at: datetime | None) -> int:
     """How many slots the worker's last heartbeat may still have counted as in flight that
     are free by now: the ticket was already assigned there at the heartbeat (a worker
     counts the assignments it accepted, started or not) and left after it. The registry
     learns of them only with the next heartbeat. (An assignment still on its way to the
     worker at the heartbeat was not counted, so this may count one slot too many; what
     the orchestrator knows to be on the worker bounds the total, see
-    ``engine.convert.worker_candidate``.)"""
+    ``engine.convert.worker_candidate``.)
+
+    ``freed`` is sorted by ``freed_at``: only the slots freed after the heartbeat are read.
+    """
     if heartbeat_at is None:
         return 0
-    return sum(1 for slot in freed if slot.held_since <= heartbeat_at < slot.freed_at)
+    after = bisect.bisect_right(freed, heartbeat_at, key=freed_at)
+    return sum(1 for slot in freed[after:] if slot.held_since <= heartbeat_at)
 
 
 def choose_worker(

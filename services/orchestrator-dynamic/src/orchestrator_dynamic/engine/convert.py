@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Sequence
 from datetime import UTC, datetime
 
 from google.protobuf import timestamp_pb2
@@ -88,12 +88,13 @@ def ticket_spec(plan: Plan, task: TaskSpec) -> ticket_pb.TicketSpec:
 
 
 def worker_candidate(
-    ranked: registry_pb.RankedWorker, known_active: int, freed: Iterable[FreedSlot] = ()
+    ranked: registry_pb.RankedWorker, known_active: int, freed: Sequence[FreedSlot] = ()
 ) -> WorkerCandidate:
     """A DiscoverWorkers result. Its spare capacity is the registry's (as of the worker's
     last heartbeat) plus the slots this orchestrator saw freed since that heartbeat, and
     at most what the tickets this orchestrator knows to be assigned to or running on the
-    worker leave (the registry only learns of them at the worker's next heartbeat)."""
+    worker leave (the registry only learns of them at the worker's next heartbeat).
+    ``freed``: sorted by ``freed_at``."""
     worker = ranked.worker
     heartbeat_at = timestamp(worker, "last_heartbeat_at")
     by_registry = ranked.spare_capacity + freed_since_heartbeat(freed, heartbeat_at)

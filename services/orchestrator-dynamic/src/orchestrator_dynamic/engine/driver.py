@@ -28,6 +28,7 @@ and the ticket service.
 from __future__ import annotations
 
 import asyncio
+import bisect
 import contextlib
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
@@ -63,6 +64,7 @@ from orchestrator_dynamic.domain.scheduler import (
     WorkerCandidate,
     assign_round,
     decide,
+    freed_at,
     merge_observation,
 )
 from orchestrator_dynamic.engine.convert import ticket_spec, ticket_state, worker_candidate
@@ -181,8 +183,8 @@ class PlanDriver:
         # Workers on which one of our tickets freed a slot -> loop time it happened, until
         # DiscoverWorkers shows them with a spare slot (see DriverSettings.registry_lag_window).
         self._freed_workers: dict[str, float] = {}
-        # Slots seen freed per worker, to add to the registry's count until the worker's
-        # next heartbeat reports them (see worker_candidate).
+        # Slots seen freed per worker (sorted by freed_at), to add to the registry's count
+        # until the worker's next heartbeat reports them (see worker_candidate).
         self._freed_slots: dict[str, list[FreedSlot]] = {}
         # Capabilities -> (loop time, DiscoverWorkers answer) (see DriverSettings).
         self._discovered: dict[frozenset[str], tuple[float, list[registry_pb.RankedWorker]]] = {}
@@ -579,8 +581,10 @@ class PlanDriver:
             self._freed_workers[current.worker_id] = asyncio.get_running_loop().time()
             held_since = held_since or current.updated_at
             if held_since is not None and merged.updated_at is not None:
-                self._freed_slots.setdefault(current.worker_id, []).append(
-                    FreedSlot(held_since=held_since, freed_at=merged.updated_at)
+                bisect.insort(
+                    self._freed_slots.setdefault(current.worker_id, []),
+                    FreedSlot(held_since=held_since, freed_at=merged.updated_at),
+                    key=freed_at,
                 )
         return freed
 
@@ -777,11 +781,10 @@ class PlanDriver:
     def _forget_old_frees(self) -> None:
         """A worker heartbeats every few seconds: older frees are in the registry's count."""
         horizon = self._clock() - _FREED_SLOT_MEMORY
-        self._freed_slots = {
-            worker_id: recent
-            for worker_id, slots in self._freed_slots.items()
-            if (recent := [s for s in slots if s.freed_at > horizon])
-        }
+        for worker_id, slots in list(self._freed_slots.items()):
+            del slots[: bisect.bisect_right(slots, horizon, key=freed_at)]
+            if not slots:
+                del self._freed_slots[worker_id]
 
     def _registry_lagging(self, discovered: set[str]) -> bool:
         """Whether a worker we freed a slot on recently is not yet offered by the registry
