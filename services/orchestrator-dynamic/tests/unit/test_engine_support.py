@@ -141,16 +141,17 @@ def test_worker_candidate_adds_the_slots_freed_since_the_last_heartbeat() -> Non
     ranked.worker.last_heartbeat_at.FromDatetime(heartbeat)
     second = timedelta(seconds=1)
     freed = [  # as the driver keeps them: sorted by freed_at
-        # Freed before the heartbeat: already in its count.
+        # Freed well before the heartbeat: already in its count.
         FreedSlot(held_since=heartbeat - 3 * second, freed_at=heartbeat - second),
-        # Freed at the heartbeat: in its count too.
-        FreedSlot(held_since=heartbeat - 3 * second, freed_at=heartbeat),
+        # Freed just before the heartbeat's stamp: the worker may have counted its load
+        # before that (the stamp is the registry's, when it stored the heartbeat).
+        FreedSlot(held_since=heartbeat - 3 * second, freed_at=heartbeat - second / 10),
         FreedSlot(held_since=heartbeat - 2 * second, freed_at=heartbeat + second),  # counts
         FreedSlot(held_since=heartbeat - second, freed_at=heartbeat + second),  # counts
         # Assigned after the heartbeat: the heartbeat never counted it.
         FreedSlot(held_since=heartbeat + second, freed_at=heartbeat + 2 * second),
     ]
-    assert worker_candidate(ranked, known_active=1, freed=freed).spare_capacity == 2
+    assert worker_candidate(ranked, known_active=0, freed=freed).spare_capacity == 3
     # Still bounded by what this orchestrator knows to be on the worker.
     assert worker_candidate(ranked, known_active=3, freed=freed).spare_capacity == 1
     # Without a heartbeat time nothing can be added.

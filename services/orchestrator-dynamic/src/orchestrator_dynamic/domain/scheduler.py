@@ -355,12 +355,20 @@ def freed_at(slot: FreedSlot) -> datetime:
     return slot.freed_at
 
 
+# The registry stamps a heartbeat when it stores it, some time after the worker counted its
+# load: a slot freed within this much before the stamp may still be in that count.
+HEARTBEAT_STAMP_SLACK = timedelta(milliseconds=250)
+
+
 def freed_since_heartbeat(freed: Sequence[FreedSlot], heartbeat_at: datetime | None) -> int:
     """How many slots the worker's last heartbeat may still have counted as in flight that
     are free by now: the ticket was already assigned there at the heartbeat (a worker
     counts the assignments it accepted, started or not) and left after it. The registry
-    learns of them only with the next heartbeat. (An assignment still on its way to the
-    worker at the heartbeat was not counted, so this may count one slot too many; what
+    learns of them only with the next heartbeat. "After it" allows for the heartbeat's
+    stamp lagging the worker's count (``HEARTBEAT_STAMP_SLACK``): a slot freed just
+    before a late stamp would otherwise wait for the next heartbeat. (An assignment still
+    on its way to the worker at the heartbeat was not counted, and a slot freed within the
+    slack may already be out of the count, so this may count a slot or two too many; what
     the orchestrator knows to be on the worker bounds the total, see
     ``engine.convert.worker_candidate``.)
 
@@ -368,7 +376,7 @@ def freed_since_heartbeat(freed: Sequence[FreedSlot], heartbeat_at: datetime | N
     """
     if heartbeat_at is None:
         return 0
-    after = bisect.bisect_right(freed, heartbeat_at, key=freed_at)
+    after = bisect.bisect_right(freed, heartbeat_at - HEARTBEAT_STAMP_SLACK, key=freed_at)
     return sum(1 for slot in freed[after:] if slot.held_since <= heartbeat_at)
 
 
