@@ -52,6 +52,9 @@ class PlanSizes:
     # The wide plan again with this many slots per worker (0: skip), to separate the
     # services' own throughput from the workers' default concurrency.
     wide_again_slots: int = 32
+    # A wide plan of this many tasks (0: skip): the orchestrator's default plan size
+    # limit, where per-round work that grows with the plan shows.
+    large_tasks: int = 0
 
 
 FULL_PLANS = PlanSizes(
@@ -63,6 +66,7 @@ FULL_PLANS = PlanSizes(
     workers=8,
     worker_slots=4,
     timeout_s=90.0,
+    large_tasks=10_000,
 )
 QUICK_PLANS = PlanSizes(
     wide_tasks=200,
@@ -575,6 +579,21 @@ async def run_plans(
     )
 
 
+async def _run_alone(
+    report: Report,
+    orchestrator_url: str,
+    tickets_dsn: str,
+    meter: CpuMeter,
+    sizes: PlanSizes,
+    name: str,
+    plan: dict[str, Any],
+) -> None:
+    """One plan on its own (no target), as :func:`run_one_plan` records it."""
+    async with httpx.AsyncClient(base_url=orchestrator_url) as http:
+        runner = PlanRunner(http=http, tickets_dsn=tickets_dsn, timeout_s=sizes.timeout_s)
+        await run_one_plan(report, runner, meter, name, plan, None, sizes)
+
+
 def _wide_again(
     report: Report,
     dbs: Databases,
@@ -621,13 +640,12 @@ def _wide_again(
             f"max_concurrent {sizes.wide_again_slots}"
         )
 
-        async def run() -> None:
-            async with httpx.AsyncClient(base_url=orchestrator.endpoint.http_url) as http:
-                runner = PlanRunner(http=http, tickets_dsn=tickets_dsn, timeout_s=sizes.timeout_s)
-                plan = wide_plan(f"wide-again-{uuid.uuid4().hex[:6]}", sizes.wide_tasks)
-                await run_one_plan(report, runner, meter, name, plan, None, sizes)
-
-        asyncio.run(run())
+        plan = wide_plan(f"wide-again-{uuid.uuid4().hex[:6]}", sizes.wide_tasks)
+        asyncio.run(
+            _run_alone(
+                report, orchestrator.endpoint.http_url, tickets_dsn, meter, sizes, name, plan
+            )
+        )
         report.cpu.update(meter.results)
         for process in extra:
             report.memory.append(
@@ -699,6 +717,15 @@ def phase_plans(report: Report, dbs: Databases, args: argparse.Namespace, logs: 
             )
         )
         report.cpu.update(meter.results)
+        if sizes.large_tasks:  # after the relay lag was read: its load is not in that figure
+            name = f"wide plan, {sizes.large_tasks:,} tasks (the default plan size limit)"
+            plan = wide_plan(f"large-{uuid.uuid4().hex[:6]}", sizes.large_tasks)
+            asyncio.run(
+                _run_alone(
+                    report, orchestrator.endpoint.http_url, tickets_dsn, meter, sizes, name, plan
+                )
+            )
+            report.cpu.update(meter.results)
         if sizes.wide_again_slots:
             _wide_again(
                 report, dbs, args, logs, procs, tickets, registry, orchestrator, sizes, tickets_dsn
