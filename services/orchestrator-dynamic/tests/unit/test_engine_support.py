@@ -23,6 +23,7 @@ from orchestrator_dynamic.domain.records import PlanLease
 from orchestrator_dynamic.domain.scheduler import (
     FreedSlot,
     PlanGraph,
+    PlanProgress,
     PlanStatus,
     SchedulingPolicy,
     TicketState,
@@ -215,8 +216,7 @@ async def test_a_freed_slot_counts_from_when_the_ticket_was_assigned() -> None:
     start = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
     plan = DrivenPlan(
         lease=PlanLease(plan_id="p", owner_id="o", epoch=1, expires_at=start),
-        graph=graph,
-        tickets={"a": TicketState(task_id="a")},
+        progress=PlanProgress(graph),
         cancel_requested=False,
         status=PlanStatus.RUNNING,
         error_message=None,
@@ -253,8 +253,7 @@ async def test_freed_slots_are_kept_in_freed_order_and_forgotten_after_a_minute(
     graph = PlanGraph(Plan(tasks=tuple(TaskSpec(task_id=t, task_type="echo") for t in tasks)))
     plan = DrivenPlan(
         lease=PlanLease(plan_id="p", owner_id="o", epoch=1, expires_at=start),
-        graph=graph,
-        tickets={t: TicketState(task_id=t) for t in tasks},
+        progress=PlanProgress(graph),
         cancel_requested=False,
         status=PlanStatus.RUNNING,
         error_message=None,

@@ -1,4 +1,4 @@
-"""explain(task_id): why a ticket is (not) running."""
+"""explain(task_ids): why tickets are (not) running."""
 
 from __future__ import annotations
 
@@ -237,10 +237,10 @@ def test_explain(case: Case) -> None:
         backoff=RetryBackoff(base_seconds=10, cap_seconds=60, jitter=lambda: 0.0),
     )
 
-    explanation = explain(
+    (explanation,) = explain(
         PlanGraph(PLAN),
         case.tickets,
-        case.task_id,
+        [case.task_id],
         now=NOW,
         policy=policy,
         workers=case.workers,
@@ -255,10 +255,10 @@ def test_explain(case: Case) -> None:
 def test_explain_carries_structured_details() -> None:
     tickets = {**A_DONE, "b": ts("b", S.RUNNING), "d": ts("d", attempt=2, error_message="x")}
 
-    explanation = explain(
+    (explanation,) = explain(
         PlanGraph(PLAN),
         tickets,
-        "d",
+        ["d"],
         now=NOW,
         policy=SchedulingPolicy(),
         workers=[PY],
@@ -279,8 +279,8 @@ def test_explain_lease_details_name_worker_and_last_heartbeat() -> None:
     lease = NOW + timedelta(seconds=9)
     tickets = {**ALL_PENDING, "a": ts("a", S.ASSIGNED, worker_id="w-py", lease_expires_at=lease)}
 
-    explanation = explain(
-        PlanGraph(PLAN), tickets, "a", now=NOW, policy=SchedulingPolicy(), workers=[PY]
+    (explanation,) = explain(
+        PlanGraph(PLAN), tickets, ["a"], now=NOW, policy=SchedulingPolicy(), workers=[PY]
     )
 
     assert explanation.worker_id == "w-py"
@@ -299,7 +299,7 @@ def test_explain_does_not_draw_jitter() -> None:
     policy = SchedulingPolicy(backoff=RetryBackoff(jitter=exploding_jitter))
     tickets = {**ALL_PENDING, "x": ts("x", attempt=2)}
 
-    explanation = explain(PlanGraph(PLAN), tickets, "x", now=NOW, policy=policy, workers=[PY])
+    (explanation,) = explain(PlanGraph(PLAN), tickets, ["x"], now=NOW, policy=policy, workers=[PY])
 
     assert explanation.reasons[0].code is R.RETRY_BACKOFF
 
@@ -307,5 +307,10 @@ def test_explain_does_not_draw_jitter() -> None:
 def test_explain_unknown_task() -> None:
     with pytest.raises(KeyError):
         explain(
-            PlanGraph(PLAN), ALL_PENDING, "nope", now=NOW, policy=SchedulingPolicy(), workers=[]
+            PlanGraph(PLAN),
+            ALL_PENDING,
+            ["a", "nope"],
+            now=NOW,
+            policy=SchedulingPolicy(),
+            workers=[],
         )

@@ -131,6 +131,3 @@ def test_with_plan_id_keeps_everything_else() -> None:
     assert named.plan_id == "generated"
     assert named.tasks == original.tasks
     assert plan_body_hash(named) == plan_body_hash(original)
-    assert named.task("test").depends_on == ("build",)
-    with pytest.raises(KeyError):
-        named.task("nope")

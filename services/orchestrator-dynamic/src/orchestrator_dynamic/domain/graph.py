@@ -131,29 +131,32 @@ def longest_chains(
     return depth, next_hop
 
 
+def reverse_edges(nodes: Sequence[str], edges: Mapping[str, Sequence[str]]) -> dict[str, list[str]]:
+    """The edges turned around (``b -> a`` for every ``a -> b``), every node a key, each
+    edge once however often it is listed."""
+    reversed_edges: dict[str, list[str]] = {node: [] for node in nodes}
+    for node in nodes:
+        for target in dict.fromkeys(edges.get(node, ())):
+            reversed_edges[target].append(node)
+    return reversed_edges
+
+
 def heights(nodes: Sequence[str], edges: Mapping[str, Sequence[str]]) -> dict[str, int]:
     """For an acyclic graph: tasks on the longest chain of dependents above ``n``, counting
     ``n`` (1 for a task nothing depends on). Used to run the critical path first."""
-    reversed_edges: dict[str, list[str]] = {node: [] for node in nodes}
-    for node in nodes:
-        for dep in edges.get(node, ()):
-            reversed_edges[dep].append(node)
-    depth, _ = longest_chains(nodes, reversed_edges)
+    depth, _ = longest_chains(nodes, reverse_edges(nodes, edges))
     return depth
 
 
-def transitive_dependents(roots: Sequence[str], edges: Mapping[str, Sequence[str]]) -> set[str]:
-    """Every task that (directly or not) depends on one of ``roots``, roots excluded."""
-    dependents: dict[str, list[str]] = {}
-    for node, deps in edges.items():
-        for dep in deps:
-            dependents.setdefault(dep, []).append(node)
+def reachable(roots: Sequence[str], edges: Mapping[str, Sequence[str]]) -> set[str]:
+    """Every node reachable from one of ``roots`` along ``edges``, roots excluded (with the
+    reversed dependency edges: every task that directly or not depends on a root)."""
     found: set[str] = set()
     queue: deque[str] = deque(roots)
     while queue:
         node = queue.popleft()
-        for dependent in dependents.get(node, ()):
-            if dependent not in found:
-                found.add(dependent)
-                queue.append(dependent)
+        for target in edges.get(node, ()):
+            if target not in found:
+                found.add(target)
+                queue.append(target)
     return found - set(roots)

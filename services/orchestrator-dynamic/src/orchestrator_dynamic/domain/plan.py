@@ -62,12 +62,6 @@ class Plan:
     name: str = ""
     priority: Priority = Priority.NORMAL
 
-    def task(self, task_id: str) -> TaskSpec:
-        for task in self.tasks:
-            if task.task_id == task_id:
-                return task
-        raise KeyError(task_id)
-
     def task_ids(self) -> tuple[str, ...]:
         return tuple(task.task_id for task in self.tasks)
 

@@ -30,8 +30,8 @@ from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from enum import StrEnum
 
-from orchestrator_dynamic.domain.graph import heights, transitive_dependents
-from orchestrator_dynamic.domain.plan import JsonValue, Plan
+from orchestrator_dynamic.domain.graph import heights, reachable, reverse_edges
+from orchestrator_dynamic.domain.plan import JsonValue, Plan, TaskSpec
 
 
 class TicketStatus(StrEnum):
@@ -152,9 +152,12 @@ class PlanGraph:
 
     def __init__(self, plan: Plan) -> None:
         self.plan = plan
+        self.tasks: dict[str, TaskSpec] = {t.task_id: t for t in plan.tasks}
         self.order: tuple[str, ...] = plan.task_ids()
         self.index: dict[str, int] = {task_id: i for i, task_id in enumerate(self.order)}
         self.depends_on: dict[str, tuple[str, ...]] = {t.task_id: t.depends_on for t in plan.tasks}
+        # The other way round: the tasks waiting for each task.
+        self.dependents: dict[str, list[str]] = reverse_edges(self.order, self.depends_on)
         self.max_retries: dict[str, int] = {t.task_id: t.max_retries for t in plan.tasks}
         self.required_capabilities: dict[str, tuple[str, ...]] = {
             t.task_id: t.required_capabilities for t in plan.tasks
@@ -163,14 +166,18 @@ class PlanGraph:
         self.capability_set: dict[str, frozenset[str]] = {
             task_id: frozenset(caps) for task_id, caps in self.required_capabilities.items()
         }
+        self.capability_sets: frozenset[frozenset[str]] = frozenset(self.capability_set.values())
         # Longest chain of dependents above each task: dispatch the critical path first.
-        self.height: dict[str, int] = heights(self.order, self.depends_on)
+        height = heights(self.order, self.depends_on)
         # Dispatch order: the critical path first, then plan order.
-        ranked = sorted(self.order, key=lambda t: (-self.height[t], self.index[t]))
-        self.dispatch_rank: dict[str, int] = {task_id: i for i, task_id in enumerate(ranked)}
+        self.ranked: tuple[str, ...] = tuple(
+            sorted(self.order, key=lambda t: (-height[t], self.index[t]))
+        )
+        self.dispatch_rank: dict[str, int] = {task_id: i for i, task_id in enumerate(self.ranked)}
 
     def dependents_of(self, roots: Sequence[str]) -> set[str]:
-        return transitive_dependents(roots, self.depends_on)
+        """Every task that directly or not depends on one of ``roots``."""
+        return reachable(roots, self.dependents)
 
 
 @dataclass(frozen=True, slots=True)
@@ -195,21 +202,189 @@ class SchedulingDecision:
     error_message: str | None = None
 
 
-def _states(graph: PlanGraph, tickets: Mapping[str, TicketState]) -> Mapping[str, TicketState]:
-    """Every task's state (tasks without a ticket: PENDING, no ticket id)."""
-    if tickets.keys() >= graph.index.keys():  # what a driven plan holds: no copy needed
-        return tickets
-    return {
-        task_id: tickets.get(task_id) or TicketState(task_id=task_id) for task_id in graph.order
-    }
+# Tickets in these states occupy a slot of their worker.
+OCCUPYING = frozenset({TicketStatus.ASSIGNED, TicketStatus.RUNNING})
 
 
-def _dependencies_completed(deps: Sequence[str], states: Mapping[str, TicketState]) -> bool:
-    # A loop, not all(<generator>): decide runs it for every waiting task, every round.
-    for dep in deps:  # noqa: SIM110
-        if states[dep].status is not TicketStatus.COMPLETED:
-            return False
-    return True
+class PlanProgress:
+    """What is known of one plan's tickets, indexed for :meth:`decide`.
+
+    The counts per status, the non-terminal tasks and, for every task, how many of its
+    dependencies are not COMPLETED are kept up to date as states are recorded, so a scheduling
+    round costs what changed and what is ready to go rather than the plan's size (a plan
+    may hold 10,000 tasks, and a round runs every few ticket events). Tasks without a
+    ticket state are PENDING with no ticket.
+    """
+
+    def __init__(self, graph: PlanGraph, tickets: Mapping[str, TicketState] | None = None) -> None:
+        self.graph = graph
+        self._states: dict[str, TicketState] = {}
+        self._by_status = dict.fromkeys(TicketStatus, 0)
+        # Dependencies not COMPLETED, per task (the ones not set yet count as not).
+        self._unmet = {task_id: len(set(deps)) for task_id, deps in graph.depends_on.items()}
+        self._active: set[str] = set()  # non-terminal
+        self._failed: set[str] = set()
+        self._cancelled: set[str] = set()
+        self._started = 0  # tasks whose ticket left PENDING or was re-queued
+        # PENDING tasks by what decide() has to do with them: create the ticket; start or
+        # wait out a retry backoff; dispatch once the dependencies are COMPLETED (``_ready``:
+        # the dispatch ranks of those whose dependencies are, sorted).
+        self._missing: set[str] = set()
+        self._retrying: set[str] = set()
+        self._ready: list[int] = []
+        # Worker id -> this plan's tickets ASSIGNED or RUNNING there.
+        self.occupying: dict[str, int] = {}
+        tickets = tickets or {}
+        for task_id in graph.order:
+            self.record(tickets.get(task_id) or TicketState(task_id=task_id))
+
+    @property
+    def states(self) -> Mapping[str, TicketState]:
+        """Every task's state, by task id (read-only: change it with :meth:`record`)."""
+        return self._states
+
+    def record(self, state: TicketState) -> None:
+        """Record a task's new state (``KeyError`` for a task not in the plan)."""
+        task_id = state.task_id
+        old = self._states.get(task_id)
+        if old is None and task_id not in self._unmet:
+            raise KeyError(task_id)
+        if old is not None:
+            self._unindex(old)
+        self._states[task_id] = state
+        self._index(state)
+        done = state.status is TicketStatus.COMPLETED
+        if done != (old is not None and old.status is TicketStatus.COMPLETED):
+            self._dependency_changed(task_id, -1 if done else 1)
+
+    def _dependency_changed(self, task_id: str, delta: int) -> None:
+        for dependent in self.graph.dependents[task_id]:
+            state = self._states.get(dependent)
+            waiting = state is not None and _waits_for_dependencies(state)
+            if waiting and not self._unmet[dependent]:
+                self._unready(dependent)
+            self._unmet[dependent] += delta
+            if waiting and not self._unmet[dependent]:
+                bisect.insort(self._ready, self.graph.dispatch_rank[dependent])
+
+    def _unready(self, task_id: str) -> None:
+        ready = self._ready
+        del ready[bisect.bisect_left(ready, self.graph.dispatch_rank[task_id])]
+
+    def _index(self, state: TicketState) -> None:
+        task_id, status = state.task_id, state.status
+        self._by_status[status] += 1
+        if status is TicketStatus.FAILED:
+            self._failed.add(task_id)
+        elif status is TicketStatus.CANCELLED:
+            self._cancelled.add(task_id)
+        elif status is not TicketStatus.COMPLETED:
+            self._active.add(task_id)
+        if status is not TicketStatus.PENDING or state.attempt > 1:
+            self._started += 1
+        if _waits_for_dependencies(state):
+            if not self._unmet[task_id]:
+                bisect.insort(self._ready, self.graph.dispatch_rank[task_id])
+        elif status is TicketStatus.PENDING:
+            (self._missing if state.ticket_id is None else self._retrying).add(task_id)
+        elif status in OCCUPYING and state.worker_id:
+            self.occupying[state.worker_id] = self.occupying.get(state.worker_id, 0) + 1
+
+    def _unindex(self, state: TicketState) -> None:
+        task_id, status = state.task_id, state.status
+        self._by_status[status] -= 1
+        self._failed.discard(task_id)
+        self._cancelled.discard(task_id)
+        self._active.discard(task_id)
+        if status is not TicketStatus.PENDING or state.attempt > 1:
+            self._started -= 1
+        if _waits_for_dependencies(state):
+            if not self._unmet[task_id]:
+                self._unready(task_id)
+        elif status is TicketStatus.PENDING:
+            (self._missing if state.ticket_id is None else self._retrying).discard(task_id)
+        elif status in OCCUPYING and state.worker_id:
+            left = self.occupying[state.worker_id] - 1
+            if left:
+                self.occupying[state.worker_id] = left
+            else:
+                del self.occupying[state.worker_id]
+
+    def _in_plan_order(self, task_ids: set[str]) -> list[str]:
+        return sorted(task_ids, key=self.graph.index.__getitem__)
+
+    def decide(
+        self, *, now: datetime, policy: SchedulingPolicy, cancel_requested: bool = False
+    ) -> SchedulingDecision:
+        """What to do next for the plan; see :func:`decide`."""
+        graph, states, active = self.graph, self._states, self._active
+        failed = self._in_plan_order(self._failed)
+        cancelled = self._in_plan_order(self._cancelled)
+        if cancel_requested or (failed and policy.fail_fast):
+            to_cancel = active
+        elif failed or cancelled:
+            to_cancel = graph.dependents_of(failed + cancelled) & active
+        else:
+            to_cancel = set()
+
+        ranks: list[int] = self._ready
+        if to_cancel:
+            ranks = [r for r in ranks if graph.ranked[r] not in to_cancel]
+        start_backoff: dict[str, datetime] = {}
+        wakeups: list[datetime] = []
+        for task_id in self._in_plan_order(self._retrying - to_cancel):
+            state = states[task_id]
+            backoff_end = state.backoff_end()
+            if backoff_end is None:
+                backoff_end = policy.backoff.until(state.attempt, now)
+                start_backoff[task_id] = backoff_end
+            if self._unmet[task_id]:
+                continue
+            if backoff_end > now:
+                wakeups.append(backoff_end)
+            else:
+                if ranks is self._ready:
+                    ranks = list(ranks)
+                bisect.insort(ranks, graph.dispatch_rank[task_id])
+
+        # Every task terminal, or about to be cancelled (to_cancel only holds active tasks).
+        if len(to_cancel) == len(active):
+            if self._by_status[TicketStatus.COMPLETED] == len(graph.order):
+                status = PlanStatus.COMPLETED
+            elif cancel_requested:
+                status = PlanStatus.CANCELLED
+            elif failed:
+                status = PlanStatus.FAILED
+            else:
+                status = PlanStatus.CANCELLED
+        elif self._started:
+            status = PlanStatus.RUNNING
+        else:
+            status = PlanStatus.PENDING
+
+        return SchedulingDecision(
+            status=status,
+            counts={ticket_status.value: n for ticket_status, n in self._by_status.items()},
+            dispatch=tuple(map(graph.ranked.__getitem__, ranks)),
+            cancel=tuple(self._in_plan_order(to_cancel)),
+            start_backoff=start_backoff,
+            missing_tickets=tuple(self._in_plan_order(self._missing - to_cancel)),
+            next_wakeup=min(wakeups, default=None),
+            settled=not active,
+            error_message=_error_message(states, failed, cancelled, status, cancel_requested),
+        )
+
+
+def _waits_for_dependencies(state: TicketState) -> bool:
+    """A PENDING ticket on its first attempt with no backoff: dispatched as soon as its
+    dependencies are COMPLETED. (A PENDING task without a ticket needs one first; one on a
+    later attempt is checked for a retry backoff.)"""
+    return (
+        state.status is TicketStatus.PENDING
+        and state.ticket_id is not None
+        and state.attempt == 1
+        and state.backoff_end() is None
+    )
 
 
 def decide(
@@ -221,85 +396,10 @@ def decide(
     cancel_requested: bool = False,
 ) -> SchedulingDecision:
     """What to do next for one plan, given every ticket's current state (keyed by task id;
-    missing tasks have no ticket yet).
-
-    Called every scheduling round: one pass over the plan for the counts and the
-    non-terminal tasks, a second over those only."""
-    states = _states(graph, tickets)
-    order = graph.order
-    by_status = dict.fromkeys(TicketStatus, 0)
-    failed: list[str] = []
-    cancelled: list[str] = []
-    active: list[str] = []  # non-terminal, in plan order
-    started = False  # some ticket left PENDING or was re-queued
-    for task_id in order:
-        state = states[task_id]
-        ticket_status = state.status
-        by_status[ticket_status] += 1
-        if ticket_status in _TERMINAL_TICKET:
-            if ticket_status is TicketStatus.FAILED:
-                failed.append(task_id)
-            elif ticket_status is TicketStatus.CANCELLED:
-                cancelled.append(task_id)
-        else:
-            active.append(task_id)
-        if ticket_status is not TicketStatus.PENDING or state.attempt > 1:
-            started = True
-
-    if cancel_requested or (failed and policy.fail_fast):
-        to_cancel = set(active)
-    else:
-        blocked = graph.dependents_of(failed + cancelled)
-        to_cancel = {t for t in active if t in blocked} if blocked else set()
-
-    start_backoff: dict[str, datetime] = {}
-    dispatch: list[str] = []
-    wakeups: list[datetime] = []
-    missing: list[str] = []
-    for task_id in active:
-        state = states[task_id]
-        if state.status is not TicketStatus.PENDING or task_id in to_cancel:
-            continue
-        if state.ticket_id is None:
-            missing.append(task_id)
-            continue
-        backoff_end = state.backoff_end()
-        if state.attempt > 1 and backoff_end is None:
-            backoff_end = policy.backoff.until(state.attempt, now)
-            start_backoff[task_id] = backoff_end
-        if not _dependencies_completed(graph.depends_on[task_id], states):
-            continue
-        if backoff_end is not None and backoff_end > now:
-            wakeups.append(backoff_end)
-            continue
-        dispatch.append(task_id)
-    dispatch.sort(key=graph.dispatch_rank.__getitem__)
-
-    # Every task terminal, or about to be cancelled (to_cancel only holds active tasks).
-    if len(to_cancel) == len(active):
-        if by_status[TicketStatus.COMPLETED] == len(order):
-            status = PlanStatus.COMPLETED
-        elif cancel_requested:
-            status = PlanStatus.CANCELLED
-        elif failed:
-            status = PlanStatus.FAILED
-        else:
-            status = PlanStatus.CANCELLED
-    elif started:
-        status = PlanStatus.RUNNING
-    else:
-        status = PlanStatus.PENDING
-
-    return SchedulingDecision(
-        status=status,
-        counts={ticket_status.value: count for ticket_status, count in by_status.items()},
-        dispatch=tuple(dispatch),
-        cancel=tuple(t for t in active if t in to_cancel),
-        start_backoff=start_backoff,
-        missing_tickets=tuple(missing),
-        next_wakeup=min(wakeups, default=None),
-        settled=not active,
-        error_message=_error_message(states, failed, cancelled, status, cancel_requested),
+    missing tasks have no ticket yet). The orchestrator keeps a :class:`PlanProgress` per
+    plan and asks it instead, which costs only what is ready rather than the whole plan."""
+    return PlanProgress(graph, tickets).decide(
+        now=now, policy=policy, cancel_requested=cancel_requested
     )
 
 
@@ -443,16 +543,20 @@ def assign_round(
     assignments: list[Assignment] = []
     unassigned: list[str] = []
     # Capability sets whose candidates are all full: promises only grow during the round,
-    # so the other tasks needing them are left waiting without looking again.
+    # so the other tasks needing them are left waiting without looking again, and once
+    # every set of the plan is full, so is the rest of the list.
     full: set[frozenset[str]] = set()
-    for task_id in ready:
+    for i, task_id in enumerate(ready):
         needed = graph.capability_set[task_id]
         chosen = None if needed in full else ledger.choose(candidates.get(needed, ()))
-        if chosen is None:
-            full.add(needed)
-            unassigned.append(task_id)
-        else:
+        if chosen is not None:
             assignments.append(Assignment(task_id, chosen.worker_id))
+            continue
+        unassigned.append(task_id)
+        full.add(needed)
+        if len(full) == len(graph.capability_sets):
+            unassigned.extend(ready[i + 1 :])
+            break
     return AssignmentRound(tuple(assignments), tuple(unassigned))
 
 
@@ -542,30 +646,62 @@ def _iso(moment: datetime | None) -> str | None:
 def explain(
     graph: PlanGraph,
     tickets: Mapping[str, TicketState],
-    task_id: str,
+    task_ids: Sequence[str],
     *,
     now: datetime,
     policy: SchedulingPolicy,
     workers: Sequence[WorkerView] | None,
     cancel_requested: bool = False,
-) -> Explanation:
-    """Why ``task_id``'s ticket is (not) running. ``workers`` is the registry's view of the
-    registered workers (None when the registry could not be asked). Raises ``KeyError``
-    for a task that is not in the plan."""
-    if task_id not in graph.index:
-        raise KeyError(task_id)
-    states = _states(graph, tickets)
-    state = states[task_id]
+) -> list[Explanation]:
+    """Why each of ``task_ids``' tickets is (not) running. ``workers`` is the registry's
+    view of the registered workers (None when the registry could not be asked). Raises
+    ``KeyError`` for a task that is not in the plan."""
+    for task_id in task_ids:
+        if task_id not in graph.index:
+            raise KeyError(task_id)
+    progress = PlanProgress(graph, tickets)
     # Explaining must not draw jitter: a backoff that has not started is shown at its ceiling.
     upper_bound = replace(policy, backoff=replace(policy.backoff, jitter=_no_jitter))
-    decision = decide(
-        graph, tickets, now=now, policy=upper_bound, cancel_requested=cancel_requested
+    decision = progress.decide(now=now, policy=upper_bound, cancel_requested=cancel_requested)
+    context = _Explaining(
+        graph=graph,
+        states=progress.states,
+        decision=decision,
+        cancel=frozenset(decision.cancel),
+        dispatch=frozenset(decision.dispatch),
+        workers=workers,
+        by_id={w.worker_id: w for w in workers or ()},
+        now=now,
+        cancel_requested=cancel_requested,
     )
-    by_id = {w.worker_id: w for w in workers or ()}
-    reasons: list[Reason] = []
+    return [_explain_one(context, task_id) for task_id in task_ids]
 
+
+@dataclass(frozen=True, slots=True)
+class _Explaining:
+    """What explaining the tasks of one plan shares."""
+
+    graph: PlanGraph
+    states: Mapping[str, TicketState]
+    decision: SchedulingDecision
+    cancel: frozenset[str]
+    dispatch: frozenset[str]
+    workers: Sequence[WorkerView] | None
+    by_id: Mapping[str, WorkerView]
+    now: datetime
+    cancel_requested: bool
+    # Required capabilities -> what the workers say about them (the same for many tasks).
+    worker_reasons: dict[tuple[str, ...], list[Reason]] = field(default_factory=dict)
+
+
+def _explain_one(context: _Explaining, task_id: str) -> Explanation:
+    graph, states = context.graph, context.states
+    state = states[task_id]
+    reasons: list[Reason] = []
     if state.status in (TicketStatus.ASSIGNED, TicketStatus.RUNNING):
-        reasons.append(_lease_reason(state, by_id, workers is not None, now))
+        reasons.append(
+            _lease_reason(state, context.by_id, context.workers is not None, context.now)
+        )
     elif state.status.terminal:
         detail = f": {state.error_message}" if state.error_message else ""
         reasons.append(
@@ -575,10 +711,12 @@ def explain(
                 {"status": state.status.value, "error_message": state.error_message},
             )
         )
-    if task_id in decision.cancel:
-        reasons.insert(0, _cancel_reason(graph, states, task_id, decision, cancel_requested))
-    if state.status is TicketStatus.PENDING:
-        reasons.extend(_pending_reasons(graph, states, state, decision, workers, now))
+    if task_id in context.cancel:
+        reasons.insert(
+            0, _cancel_reason(graph, states, task_id, context.decision, context.cancel_requested)
+        )
+    elif state.status is TicketStatus.PENDING:
+        reasons.extend(_pending_reasons(context, state))
 
     if not reasons:  # pragma: no cover - every state above yields a reason; never index []
         reasons.append(Reason(ReasonCode.READY, f"{state.status.value.lower()}"))
@@ -669,17 +807,9 @@ def _lease_reason(
     )
 
 
-def _pending_reasons(
-    graph: PlanGraph,
-    states: Mapping[str, TicketState],
-    state: TicketState,
-    decision: SchedulingDecision,
-    workers: Sequence[WorkerView] | None,
-    now: datetime,
-) -> list[Reason]:
+def _pending_reasons(context: _Explaining, state: TicketState) -> list[Reason]:
+    graph, states, decision, now = context.graph, context.states, context.decision, context.now
     task_id = state.task_id
-    if task_id in decision.cancel:
-        return []
     reasons: list[Reason] = []
     if state.ticket_id is None:
         reasons.append(Reason(ReasonCode.TICKET_NOT_CREATED, "its ticket has not been created yet"))
@@ -719,11 +849,14 @@ def _pending_reasons(
                 {"backoff_until": backoff_end.isoformat(), "attempt": state.attempt},
             )
         )
-    reasons.extend(_worker_reasons(graph.required_capabilities[task_id], workers))
+    required = graph.required_capabilities[task_id]
+    if required not in context.worker_reasons:
+        context.worker_reasons[required] = _worker_reasons(required, context.workers)
+    reasons.extend(context.worker_reasons[required])
     blocked_on_workers = any(
         r.code in (ReasonCode.NO_CAPABLE_WORKER, ReasonCode.NO_WORKER_CAPACITY) for r in reasons
     )
-    if task_id in decision.dispatch and not blocked_on_workers:
+    if task_id in context.dispatch and not blocked_on_workers:
         reasons.insert(
             0, Reason(ReasonCode.READY, "ready: it is assigned in the next scheduling round")
         )

@@ -12,9 +12,10 @@ One asyncio component per process:
   it; a **WatchWorkers stream** wakes plans waiting for a worker, and so does any ticket
   that leaves ASSIGNED/RUNNING (a slot freed by one plan may serve another);
 * the **main loop** wakes on any of that (or on a timer), folds inbox events with
-  ``merge_observation``, persists what changed, calls ``decide()`` once per plan and wakes,
-  starts backoffs, cancels, stores the plan status and dispatches all ready tickets of all
-  plans in one round (one DiscoverWorkers per capability set, a shared ``CapacityLedger``).
+  ``merge_observation`` into each plan's ``PlanProgress``, persists what changed, decides
+  once per plan and wakes, starts backoffs, cancels, stores the plan status and dispatches
+  all ready tickets of all plans in one round (one DiscoverWorkers per capability set, a
+  shared ``CapacityLedger``).
 
 The ticket service is the truth: activation (and every ``resync_interval``) re-reads all of
 a plan's tickets with ListTickets; the watch only makes changes arrive sooner. A listing
@@ -30,7 +31,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import TypeVar
@@ -52,10 +53,12 @@ from neuralhive.ticket.v1 import ticket_service_pb2 as ticket_pb
 from orchestrator_dynamic.domain.plan import Priority
 from orchestrator_dynamic.domain.records import PlanLease, PlanOwnershipLost, StoredPlan
 from orchestrator_dynamic.domain.scheduler import (
+    OCCUPYING,
     Assignment,
     CapacityLedger,
     FreedSlot,
     PlanGraph,
+    PlanProgress,
     PlanStatus,
     SchedulingDecision,
     SchedulingPolicy,
@@ -63,7 +66,6 @@ from orchestrator_dynamic.domain.scheduler import (
     TicketStatus,
     WorkerCandidate,
     assign_round,
-    decide,
     freed_at,
     merge_observation,
 )
@@ -80,8 +82,6 @@ _TRANSIENT = (Unavailable, DeadlineExceeded)
 _WORKER_WAKE_EVENTS = frozenset(
     {registry_pb.WORKER_EVENT_TYPE_REGISTERED, registry_pb.WORKER_EVENT_TYPE_UPDATED}
 )
-# Tickets in these states occupy a slot of their worker.
-_OCCUPYING = frozenset({TicketStatus.ASSIGNED, TicketStatus.RUNNING})
 # How long a freed slot is remembered for worker_candidate (heartbeats come far more often).
 _FREED_SLOT_MEMORY = timedelta(seconds=60)
 
@@ -118,8 +118,8 @@ class DrivenPlan:
     """A plan this replica owns, with what it knows of its tickets."""
 
     lease: PlanLease
-    graph: PlanGraph
-    tickets: dict[str, TicketState]
+    # What is known of the plan's tickets (change it with progress.record).
+    progress: PlanProgress
     cancel_requested: bool
     status: PlanStatus
     error_message: str | None
@@ -142,6 +142,14 @@ class DrivenPlan:
     @property
     def plan_id(self) -> str:
         return self.lease.plan_id
+
+    @property
+    def graph(self) -> PlanGraph:
+        return self.progress.graph
+
+    @property
+    def tickets(self) -> Mapping[str, TicketState]:
+        return self.progress.states
 
     @property
     def priority(self) -> Priority:
@@ -506,9 +514,7 @@ class PlanDriver:
         return decision.dispatch
 
     def _decide(self, plan: DrivenPlan) -> SchedulingDecision:
-        return decide(
-            plan.graph,
-            plan.tickets,
+        return plan.progress.decide(
             now=self._clock(),
             policy=self._policy,
             cancel_requested=plan.cancel_requested,
@@ -551,7 +557,7 @@ class PlanDriver:
         graph_plan = plan.graph.plan
         for start in range(0, len(task_ids), size):
             chunk = task_ids[start : start + size]
-            specs = [ticket_spec(graph_plan, graph_plan.task(t)) for t in chunk]
+            specs = [ticket_spec(graph_plan, plan.graph.tasks[t]) for t in chunk]
             response = await self._call_tickets(self._tickets.batch_create_tickets(specs=specs))
             for ticket in response.tickets:
                 self._merge(plan, ticket_state(ticket.task_id, ticket))
@@ -567,10 +573,10 @@ class PlanDriver:
         merged = merge_observation(current, observed)
         if merged is None:
             return False
-        plan.tickets[observed.task_id] = merged
+        plan.progress.record(merged)
         plan.unsaved[observed.task_id] = merged
-        freed = current.status in _OCCUPYING and (
-            merged.status not in _OCCUPYING or merged.worker_id != current.worker_id
+        freed = current.status in OCCUPYING and (
+            merged.status not in OCCUPYING or merged.worker_id != current.worker_id
         )
         # When the ticket was assigned to the worker it held (else, if that was not seen,
         # the time of the last change seen: later, so fewer slots count as freed).
@@ -650,8 +656,8 @@ class PlanDriver:
         }
         await self._repo.start_backoffs(plan.lease, backoffs)
         for task_id, (attempt, until) in backoffs.items():
-            plan.tickets[task_id] = replace(
-                plan.tickets[task_id], backoff_until=until, backoff_attempt=attempt
+            plan.progress.record(
+                replace(plan.tickets[task_id], backoff_until=until, backoff_attempt=attempt)
             )
             _log.info(
                 "retry backoff",
@@ -709,18 +715,18 @@ class PlanDriver:
     # -- dispatch (C3/C4) ----------------------------------------------------------------
 
     def _known_active(self) -> dict[str, int]:
+        """Worker id -> tickets of the driven plans ASSIGNED or RUNNING there."""
         active: dict[str, int] = {}
         for plan in self._plans.values():
-            for state in plan.tickets.values():
-                if state.status in _OCCUPYING and state.worker_id:
-                    active[state.worker_id] = active.get(state.worker_id, 0) + 1
+            for worker_id, count in plan.progress.occupying.items():
+                active[worker_id] = active.get(worker_id, 0) + count
         return active
 
     async def _dispatch(self, ready: list[tuple[DrivenPlan, tuple[str, ...]]]) -> None:
         loop = asyncio.get_running_loop()
         needed: set[frozenset[str]] = set()
         for plan, task_ids in ready:
-            needed.update(plan.graph.capability_set[t] for t in task_ids)
+            needed.update(map(plan.graph.capability_set.__getitem__, task_ids))
         active = self._known_active()
         self._forget_old_frees()
         candidates: dict[frozenset[str], list[WorkerCandidate]] = {}
@@ -873,8 +879,7 @@ def _plan_order(plan: DrivenPlan) -> tuple[int, datetime, str]:
 def _driven(lease: PlanLease, stored: StoredPlan) -> DrivenPlan:
     return DrivenPlan(
         lease=lease,
-        graph=PlanGraph(stored.plan),
-        tickets=stored.ticket_states(),
+        progress=PlanProgress(PlanGraph(stored.plan), stored.ticket_states()),
         cancel_requested=stored.summary.cancel_requested_at is not None,
         status=stored.summary.status,
         error_message=stored.summary.error_message,

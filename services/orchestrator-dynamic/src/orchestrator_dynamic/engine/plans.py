@@ -184,20 +184,12 @@ class PlanService:
             if isinstance(exc, Unavailable | DeadlineExceeded):
                 self._health.failed(REGISTRY, str(exc))
             views = None
-        tickets = stored.ticket_states()
-        cancel_requested = stored.summary.cancel_requested_at is not None
-        task_ids = [task_id] if task_id is not None else list(graph.order)
-        now = self._clock()
-        explanations = [
-            explain(
-                graph,
-                tickets,
-                t,
-                now=now,
-                policy=self._policy,
-                workers=views,
-                cancel_requested=cancel_requested,
-            )
-            for t in task_ids
-        ]
-        return explanations
+        return explain(
+            graph,
+            stored.ticket_states(),
+            [task_id] if task_id is not None else graph.order,
+            now=self._clock(),
+            policy=self._policy,
+            workers=views,
+            cancel_requested=stored.summary.cancel_requested_at is not None,
+        )
