@@ -532,6 +532,32 @@ def test_assign_round_fills_workers_in_rank_order_and_leaves_the_rest_waiting() 
     assert (ledger.promised("big"), ledger.promised("gpu")) == (2, 1)
 
 
+def test_assign_round_leaves_the_rest_waiting_once_every_capability_set_is_full() -> None:
+    graph = PlanGraph(CAPS_PLAN)
+    py = frozenset({"python"})
+    both = frozenset({"python", "gpu"})
+    one = WorkerCandidate("one", spare_capacity=1)
+    ledger = CapacityLedger()
+    candidates = {py: [one], both: [one], frozenset(): [one]}
+
+    result = assign_round(graph, ["p1", "g1", "p2", "any", "p3", "g2"], candidates, ledger)
+
+    assert result.assignments == (Assignment("p1", "one"),)
+    assert result.unassigned == ("g1", "p2", "any", "p3", "g2")
+    assert ledger.promised("one") == 1
+
+
+def test_capability_sets_of_ready_tasks() -> None:
+    graph = PlanGraph(CAPS_PLAN)
+    py, both = frozenset({"python"}), frozenset({"python", "gpu"})
+
+    assert graph.capability_sets == {py, both, frozenset()}
+    assert graph.capability_sets_of(["p1", "p2"]) == {py}
+    assert graph.capability_sets_of(["g2", "p3", "g1"]) == {py, both}
+    assert graph.capability_sets_of(["p1", "any", "g1", "p2"]) == graph.capability_sets
+    assert graph.capability_sets_of([]) == set()
+
+
 def test_assign_round_without_candidates_assigns_nothing() -> None:
     graph = PlanGraph(CAPS_PLAN)
 

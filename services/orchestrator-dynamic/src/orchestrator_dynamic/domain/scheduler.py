@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import bisect
 import random
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -174,6 +174,16 @@ class PlanGraph:
             sorted(self.order, key=lambda t: (-height[t], self.index[t]))
         )
         self.dispatch_rank: dict[str, int] = {task_id: i for i, task_id in enumerate(self.ranked)}
+
+    def capability_sets_of(self, task_ids: Iterable[str]) -> set[frozenset[str]]:
+        """The capability sets ``task_ids`` need (done as soon as it has every set the plan
+        uses: ready lists may be long, and most plans use one or two)."""
+        found: set[frozenset[str]] = set()
+        for task_id in task_ids:
+            found.add(self.capability_set[task_id])
+            if len(found) == len(self.capability_sets):
+                break
+        return found
 
     def dependents_of(self, roots: Sequence[str]) -> set[str]:
         """Every task that directly or not depends on one of ``roots``."""

@@ -726,7 +726,7 @@ class PlanDriver:
         loop = asyncio.get_running_loop()
         needed: set[frozenset[str]] = set()
         for plan, task_ids in ready:
-            needed.update(map(plan.graph.capability_set.__getitem__, task_ids))
+            needed |= plan.graph.capability_sets_of(task_ids)
         active = self._known_active()
         self._forget_old_frees()
         candidates: dict[frozenset[str], list[WorkerCandidate]] = {}
