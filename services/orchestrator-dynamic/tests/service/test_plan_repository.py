@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import random
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -30,6 +31,7 @@ pytestmark = pytest.mark.service
 
 TTL = timedelta(seconds=30)
 DROP_WATCH_CURSOR = "0002_drop_plans_watch_cursor"
+TASK_COUNTS = "0003_plan_task_counts"
 S = TicketStatus
 
 
@@ -114,7 +116,7 @@ async def test_migrations_apply_once_and_then_find_nothing_to_do(postgres_dsn: s
         apply_migrations, dsn=postgres_dsn, directory=MIGRATIONS_DIRECTORY
     )
 
-    assert first == ["0001_plans", DROP_WATCH_CURSOR]
+    assert first == ["0001_plans", DROP_WATCH_CURSOR, TASK_COUNTS]
     assert second == []
     async with await psycopg.AsyncConnection.connect(postgres_dsn) as conn:
         cur = await conn.execute(
@@ -137,17 +139,73 @@ async def test_unused_watch_cursor_column_is_dropped_and_restored_by_the_rollbac
     applied = await asyncio.to_thread(
         apply_migrations, dsn=postgres_dsn, directory=MIGRATIONS_DIRECTORY
     )
-    assert applied == [DROP_WATCH_CURSOR]
+    assert applied == [DROP_WATCH_CURSOR, TASK_COUNTS]
     assert "watch_cursor" not in await plan_columns(postgres_dsn)
 
-    await asyncio.to_thread(
-        roll_back_migration, postgres_dsn, MIGRATIONS_DIRECTORY, DROP_WATCH_CURSOR
-    )
+    for migration in (TASK_COUNTS, DROP_WATCH_CURSOR):
+        await asyncio.to_thread(roll_back_migration, postgres_dsn, MIGRATIONS_DIRECTORY, migration)
     assert "watch_cursor" in await plan_columns(postgres_dsn)
     applied = await asyncio.to_thread(
         apply_migrations, dsn=postgres_dsn, directory=MIGRATIONS_DIRECTORY
     )
-    assert applied == [DROP_WATCH_CURSOR]
+    assert applied == [DROP_WATCH_CURSOR, TASK_COUNTS]
+
+
+async def counted(dsn: str) -> dict[str, dict[str, int]]:
+    """Plan id -> task count per status, counted over plan_tasks (what the summary held
+    before migration 0003)."""
+    async with await psycopg.AsyncConnection.connect(dsn) as conn:
+        cur = await conn.execute(
+            "SELECT plan_id, status, count(*) FROM plan_tasks GROUP BY plan_id, status"
+        )
+        found: dict[str, dict[str, int]] = {}
+        for plan_id, status, n in await cur.fetchall():
+            found.setdefault(plan_id, {})[status] = n
+        return found
+
+
+async def test_task_counts_are_filled_in_for_existing_plans_and_rolled_back(
+    postgres_dsn: str, tmp_path: Path
+) -> None:
+    before = migrations_until(MIGRATIONS_DIRECTORY, DROP_WATCH_CURSOR, into=tmp_path / "m")
+    await asyncio.to_thread(apply_migrations, dsn=postgres_dsn, directory=before)
+    async with await psycopg.AsyncConnection.connect(postgres_dsn) as conn:
+        for plan_id, statuses in (
+            ("a", ["COMPLETED", "RUNNING", "COMPLETED", "PENDING"]),
+            ("b", ["PENDING"]),
+        ):
+            await conn.execute(
+                "INSERT INTO plans (plan_id, priority, body, body_hash, task_count, "
+                "created_at, updated_at) VALUES (%s, 'NORMAL', '{}', 'h', %s, now(), now())",
+                (plan_id, len(statuses)),
+            )
+            for i, status in enumerate(statuses):
+                await conn.execute(
+                    "INSERT INTO plan_tasks (plan_id, task_id, position, status, updated_at) "
+                    "VALUES (%s, %s, %s, %s, now())",
+                    (plan_id, f"t{i}", i, status),
+                )
+
+    applied = await asyncio.to_thread(
+        apply_migrations, dsn=postgres_dsn, directory=MIGRATIONS_DIRECTORY
+    )
+
+    assert applied == [TASK_COUNTS]
+    repo_pool = open_pool(postgres_dsn, min_size=1, max_size=1)
+    await repo_pool.open(wait=True)
+    try:
+        repo = PlanRepository(pool=repo_pool)
+        a, b = (await repo.get_summary("a")).counts, (await repo.get_summary("b")).counts
+    finally:
+        await repo_pool.close()
+    assert (a["COMPLETED"], a["RUNNING"], a["PENDING"], a["FAILED"]) == (2, 1, 1, 0)
+    assert (b["PENDING"], sum(b.values())) == (1, 1)
+    await asyncio.to_thread(roll_back_migration, postgres_dsn, MIGRATIONS_DIRECTORY, TASK_COUNTS)
+    assert "counts" not in await plan_columns(postgres_dsn)
+    assert await counted(postgres_dsn) == {
+        "a": {"COMPLETED": 2, "RUNNING": 1, "PENDING": 1},
+        "b": {"PENDING": 1},
+    }
 
 
 async def plan_columns(dsn: str) -> set[str]:
@@ -582,6 +640,49 @@ async def test_ticket_observations_apply_only_when_newer(
     assert stored["test"].ticket_id == "tk-test"
     assert stored["docs"].ticket_id is None
     assert (await repo.get_summary("plan-1")).counts["RUNNING"] == 1
+
+
+async def test_task_counts_follow_every_applied_change_and_only_those(
+    repo: PlanRepository, migrated_dsn: str, clock: FakeClock
+) -> None:
+    leases = [await owned(repo, "plan-1"), await owned(repo, "plan-2")]
+    rng = random.Random(7)
+    versions: dict[tuple[str, str], int] = {}
+    for _ in range(40):
+        lease = rng.choice(leases)
+        batch = []
+        for task_id in rng.sample(["build", "test", "docs"], k=rng.randint(1, 3)):
+            known = versions.get((lease.plan_id, task_id), 0)
+            # Newer, a repeat or an older observation (not applied).
+            version = max(1, known + rng.choice([-1, 0, 1, 1, 2]))
+            versions[(lease.plan_id, task_id)] = max(known, version)
+            status = rng.choice(list(S))
+            worker = "w1" if status in (S.ASSIGNED, S.RUNNING) else None
+            batch.append(
+                TicketState(
+                    task_id,
+                    f"tk-{lease.plan_id}-{task_id}",
+                    status,
+                    worker_id=worker,
+                    version=version,
+                )
+            )
+        await repo.update_tickets(lease, batch)
+
+        truth = await counted(migrated_dsn)
+        for plan_id in ("plan-1", "plan-2"):
+            summary = await repo.get_summary(plan_id)
+            assert {k: v for k, v in summary.counts.items() if v} == truth[plan_id]
+            assert sum(summary.counts.values()) == 3
+    # A write refused for a lost lease changes no count either.
+    before = (await repo.get_summary("plan-1")).counts
+    clock.advance(TTL.total_seconds())
+    assert await repo.claim("plan-1", owner_id="other", ttl=TTL) is not None
+    with pytest.raises(PlanOwnershipLost):
+        await repo.update_tickets(
+            leases[0], [TicketState("build", "tk-plan-1-build", S.FAILED, version=99)]
+        )
+    assert (await repo.get_summary("plan-1")).counts == before
 
 
 async def test_requeue_and_backoff_are_tied_to_the_attempt(

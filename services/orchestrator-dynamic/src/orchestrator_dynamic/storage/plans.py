@@ -59,21 +59,17 @@ _SUMMARY_COLUMNS = """
     p.plan_id, p.intent_id, p.name, p.priority, p.task_count, p.status, p.error_message,
     p.created_at, p.updated_at,
     p.completed_at, p.settled_at, p.cancel_requested_at, p.owner_id, p.owner_lease_expires_at,
-    COALESCE(
-        (SELECT jsonb_object_agg(s.status, s.n)
-           FROM (SELECT t.status, count(*) AS n FROM plan_tasks t
-                  WHERE t.plan_id = p.plan_id GROUP BY t.status) s),
-        '{}'::jsonb
-    ) AS counts
+    p.counts
 """
 
 _SELECT_SUMMARY = "SELECT " + _SUMMARY_COLUMNS + " FROM plans p"
 
 _INSERT_PLAN = """
 INSERT INTO plans (plan_id, intent_id, name, priority, body, body_hash, task_count, status,
-                   created_at, updated_at)
+                   counts, created_at, updated_at)
 VALUES (%(plan_id)s, %(intent_id)s, %(name)s, %(priority)s, %(body)s, %(body_hash)s,
-        %(task_count)s, 'PENDING', %(now)s, %(now)s)
+        %(task_count)s, 'PENDING', jsonb_build_object('PENDING', %(task_count)s::int),
+        %(now)s, %(now)s)
 ON CONFLICT (plan_id) DO NOTHING
 RETURNING plan_id
 """
