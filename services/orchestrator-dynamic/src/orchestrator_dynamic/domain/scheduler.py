@@ -220,17 +220,17 @@ class PlanProgress:
     """What is known of one plan's tickets, indexed for :meth:`decide`.
 
     The counts per status, the non-terminal tasks and, for every task, how many of its
-    dependencies are not COMPLETED are kept up to date as states are recorded, so a scheduling
-    round costs what changed and what is ready to go rather than the plan's size (a plan
-    may hold 10,000 tasks, and a round runs every few ticket events). Tasks without a
-    ticket state are PENDING with no ticket.
+    dependencies are not COMPLETED are kept up to date as states are recorded, so a
+    scheduling round costs what changed and what is ready to go rather than the plan's
+    size (a plan may hold 10,000 tasks, and a round runs every few ticket events). Tasks
+    without a ticket state are PENDING with no ticket.
     """
 
     def __init__(self, graph: PlanGraph, tickets: Mapping[str, TicketState] | None = None) -> None:
         self.graph = graph
         self._states: dict[str, TicketState] = {}
         self._by_status = dict.fromkeys(TicketStatus, 0)
-        # Dependencies not COMPLETED, per task (the ones not set yet count as not).
+        # Dependencies not COMPLETED, per task (one not recorded yet counts as not).
         self._unmet = {task_id: len(set(deps)) for task_id, deps in graph.depends_on.items()}
         self._active: set[str] = set()  # non-terminal
         self._failed: set[str] = set()
