@@ -652,6 +652,24 @@ def test_capability_feasibility(
     assert all(i.code is E.CAPABILITY_UNAVAILABLE for i in reported)
 
 
+def test_feasibility_reports_every_task_that_no_single_worker_serves() -> None:
+    raw = plan(
+        task("a", required_capabilities=["python", "gpu"]),
+        task("b", required_capabilities=["gpu", "python"]),
+        task("c", required_capabilities=["python", "shell"]),
+        task("d", required_capabilities=["gpu", "python"]),
+    )
+    workers = [["python"], ["gpu"], ["python", "shell"]] * 50
+
+    result = PlanValidator().validate(raw, worker_capabilities=workers)
+
+    assert [w.path for w in result.warnings] == [
+        "$.tasks[0].required_capabilities",
+        "$.tasks[1].required_capabilities",
+        "$.tasks[3].required_capabilities",
+    ]
+
+
 def test_feasibility_is_skipped_without_worker_information() -> None:
     raw = plan(task("a", required_capabilities=["gpu"]))
 

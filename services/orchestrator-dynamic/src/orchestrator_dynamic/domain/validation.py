@@ -832,8 +832,12 @@ class PlanValidator:
         strict: bool,
         issues: _Issues,
     ) -> None:
-        workers = [frozenset(caps) for caps in worker_capabilities]
+        # Distinct capability sets (workers mostly share a few), and per set of required
+        # capabilities whether one of them has it all: 10,000 tasks against 5,000 workers
+        # must not compare every task with every worker.
+        workers = {frozenset(caps) for caps in worker_capabilities}
         offered: frozenset[str] = frozenset().union(*workers)
+        served: dict[frozenset[str], bool] = {}
         report = issues.error if strict else issues.warn
         for draft in drafts:
             required = draft.required_capabilities
@@ -850,7 +854,9 @@ class PlanValidator:
             if missing or len(required) < 2:
                 continue
             needed = frozenset(c for _, c in required)
-            if not any(needed <= caps for caps in workers):
+            if needed not in served:
+                served[needed] = any(needed <= caps for caps in workers)
+            if not served[needed]:
                 report(
                     caps_path,
                     IssueCode.CAPABILITY_UNAVAILABLE,
