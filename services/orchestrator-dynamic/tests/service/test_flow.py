@@ -239,6 +239,38 @@ async def test_plan_waits_for_a_missing_capability(flow: Flow) -> None:
     assert final["status"] == "COMPLETED"
 
 
+@pytest.mark.parametrize("sets", [3, 40], ids=["asks-per-set", "reads-the-workers"])
+async def test_feasibility_asks_the_registry_about_the_plans_capability_sets(
+    flow: Flow, sets: int
+) -> None:
+    # Up to 32 distinct sets the registry is asked about each (DiscoverWorkers); beyond,
+    # the live workers are read. Same answers either way.
+    await flow.start_orchestrator()
+    await flow.start_worker("cpu", ["python", "shell"], max_concurrent=8)
+    await flow.start_worker("gpu", ["gpu"])
+    tasks = [
+        echo("both", caps=("python", "shell")),  # one worker has both
+        echo("split", caps=("python", "gpu")),  # offered, but not by one worker
+        echo("rare", caps=("gpu", "quantum")),  # gpu offered, quantum by nobody
+    ]
+    tasks += [echo(f"x{i}", caps=("python", f"x{i}")) for i in range(sets - 3)]
+    plan: dict[str, Any] = {"plan_id": f"feasibility-{sets}", "tasks": tasks}
+
+    response = await flow.submit(plan)
+
+    assert response.status_code == 202, response.text
+    fields = [w["field"] for w in response.json()["warnings"]]
+    assert fields == [
+        "$.tasks[1].required_capabilities",
+        "$.tasks[2].required_capabilities[1]",
+        *(f"$.tasks[{i}].required_capabilities[1]" for i in range(3, sets)),
+    ]
+    strict = await flow.submit({**plan, "plan_id": f"strict-{sets}"}, strict="true")
+    assert strict.status_code == 400, strict.text
+    violations = strict.json()["error"]["details"]["field_violations"]
+    assert [v["field"] for v in violations] == fields
+
+
 async def test_strict_mode_rejects_an_infeasible_plan(flow: Flow) -> None:
     await flow.start_orchestrator()
     await flow.start_worker("cpu", ["python"])

@@ -709,20 +709,41 @@ def test_invalid_plan_converts_to_invalid_argument_with_paths() -> None:
 
 
 def test_warnings_travel_in_error_details() -> None:
-    raw = plan(task("a", "zz", required_capabilities=["gpu"]))
+    raw = plan(task("a", "zz"), owner="me")
 
-    result = PlanValidator().validate(raw, worker_capabilities=[])
+    result = PlanValidator(unknown_fields=UnknownFieldPolicy.WARNING).validate(raw)
 
     assert isinstance(result, InvalidPlan)
-    assert result.to_error().details == {
-        "warnings": [
-            {
-                "field": "$.tasks[0].required_capabilities[0]",
-                "description": "no live worker offers capability 'gpu'",
-                "code": "capability_unavailable",
-            }
-        ]
-    }
+    [warning] = result.to_error().details["warnings"]
+    assert (warning["field"], warning["code"]) == ("$.owner", "unknown_field")
+
+
+def test_feasibility_is_checked_on_plans_valid_otherwise() -> None:
+    raw = plan(task("a", "zz", required_capabilities=["gpu"]))
+
+    result = PlanValidator().validate(raw, worker_capabilities=[], strict=True)
+
+    assert isinstance(result, InvalidPlan)
+    assert [e.code for e in result.errors] == [E.UNKNOWN_DEPENDENCY]
+    assert result.warnings == ()
+
+
+def test_feasibility_checked_afterwards_is_the_same_check() -> None:
+    raw = plan(
+        task("a", required_capabilities=["python", "gpu"]),
+        task("b", required_capabilities=["shell"]),
+        owner="me",
+    )
+    validator = PlanValidator(unknown_fields=UnknownFieldPolicy.WARNING)
+    workers = [["python"], ["gpu", "python", "x"]]
+    valid = validator.validate(raw)
+    assert isinstance(valid, ValidPlan)
+
+    for strict in (False, True):
+        at_once = validator.validate(raw, worker_capabilities=workers, strict=strict)
+        afterwards = validator.check_feasibility(valid, workers, strict=strict)
+        assert afterwards == at_once
+        assert afterwards.ok is not strict
 
 
 def test_reported_issues_are_bounded() -> None:

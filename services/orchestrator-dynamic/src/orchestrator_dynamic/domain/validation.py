@@ -273,15 +273,47 @@ class PlanValidator:
         """Check ``raw`` (decoded JSON) and build the plan.
 
         ``worker_capabilities``: the capability set of each live worker; None skips the
-        feasibility check. Infeasible capabilities are warnings, errors when ``strict``.
+        feasibility check (made on a plan valid otherwise, see :meth:`check_feasibility`).
+        Infeasible capabilities are warnings, errors when ``strict``.
         """
         issues = _Issues(self._unknown_fields)
-        plan = self._check(raw, issues, worker_capabilities, strict)
+        plan = self._check(raw, issues)
         errors = self._bounded(issues.errors)
         warnings = self._bounded(issues.warnings)
         if errors or plan is None:
             return InvalidPlan(errors=errors, warnings=warnings)
-        return ValidPlan(plan=plan, warnings=warnings)
+        valid = ValidPlan(plan=plan, warnings=warnings)
+        if worker_capabilities is None:
+            return valid
+        return self.check_feasibility(valid, worker_capabilities, strict=strict)
+
+    def check_feasibility(
+        self,
+        valid: ValidPlan,
+        worker_capabilities: Iterable[Collection[str]],
+        *,
+        strict: bool = False,
+    ) -> PlanValidationResult:
+        """The feasibility check of :meth:`validate`, for a plan that passed ``validate``
+        without one: the caller can then ask the registry about just the capability sets
+        the plan needs. ``worker_capabilities`` are capability sets of live workers; the
+        result is the same as with every live worker's set as long as it holds, for each
+        set a task requires, one that covers it if any worker's does, and otherwise, for
+        each capability of it that some worker has, one such worker's set."""
+        issues = _Issues(self._unknown_fields)
+        drafts = [
+            _TaskDraft(
+                index=i,
+                path=child("$.tasks", i),
+                required_capabilities=tuple(enumerate(task.required_capabilities)),
+            )
+            for i, task in enumerate(valid.plan.tasks)
+        ]
+        self._feasibility(drafts, worker_capabilities, strict, issues)
+        warnings = valid.warnings + self._bounded(issues.warnings)
+        if issues.errors:
+            return InvalidPlan(errors=self._bounded(issues.errors), warnings=warnings)
+        return ValidPlan(plan=valid.plan, warnings=warnings)
 
     def _bounded(self, issues: list[ValidationIssue]) -> tuple[ValidationIssue, ...]:
         limit = max(self._limits.max_reported_issues, 1)
@@ -301,13 +333,7 @@ class PlanValidator:
 
     # -- top level -----------------------------------------------------------------
 
-    def _check(
-        self,
-        raw: object,
-        issues: _Issues,
-        worker_capabilities: Iterable[Collection[str]] | None,
-        strict: bool,
-    ) -> Plan | None:
+    def _check(self, raw: object, issues: _Issues) -> Plan | None:
         lim = self._limits
         if not isinstance(raw, dict):
             issues.error(
@@ -337,8 +363,6 @@ class PlanValidator:
             return None
 
         self._cross_task_checks(drafts, issues)
-        if worker_capabilities is not None:
-            self._feasibility(drafts, worker_capabilities, strict, issues)
         if issues.errors:
             return None
         tasks = tuple(

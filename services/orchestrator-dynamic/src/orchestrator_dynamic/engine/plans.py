@@ -11,7 +11,7 @@ from hive_common.clients import RegistryClient
 from hive_common.errors import DeadlineExceeded, HiveError, NotFound, Unavailable
 from hive_common.logging import get_logger
 from neuralhive.registry.v1 import registry_service_pb2 as registry_pb
-from orchestrator_dynamic.domain.plan import plan_body_hash
+from orchestrator_dynamic.domain.plan import Plan, plan_body_hash
 from orchestrator_dynamic.domain.records import PlanPage, StoredPlan
 from orchestrator_dynamic.domain.scheduler import (
     Explanation,
@@ -36,8 +36,12 @@ from orchestrator_dynamic.storage.plans import PlanRepository
 
 _log = get_logger("orchestrator_dynamic.plans")
 _LIVE = (registry_pb.WORKER_STATUS_HEALTHY,)
-# Explain and feasibility read at most this many workers (pages of 500).
+# Explain (and feasibility for plans with many capability sets) read at most this many
+# workers (pages of 500).
 _MAX_WORKERS_READ = 5000
+# Feasibility asks DiscoverWorkers about each distinct capability set a plan requires, up
+# to this many sets.
+_MAX_DISCOVERED_SETS = 32
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,10 +87,14 @@ class PlanService:
     async def submit(self, raw: object, *, strict: bool = False) -> Submission:
         """Validate (C1), store, create the tickets (C2). Raises ``InvalidArgument`` with
         every problem, ``AlreadyExists`` for a known plan id with a different body."""
-        capabilities, feasibility_warning = await self._live_capabilities()
-        result = self._validator.validate(raw, worker_capabilities=capabilities, strict=strict)
+        result = self._validator.validate(raw, strict=strict)
         if isinstance(result, InvalidPlan):
             raise result.to_error()
+        capabilities, feasibility_warning = await self._capabilities_for(result.plan)
+        if capabilities is not None:
+            result = self._validator.check_feasibility(result, capabilities, strict=strict)
+            if isinstance(result, InvalidPlan):
+                raise result.to_error()
         plan = result.plan
         if plan.plan_id is None:
             plan = plan.with_plan_id(str(uuid.uuid4()))
@@ -110,13 +118,24 @@ class PlanService:
         )
         return Submission(stored, created, warnings, tickets_created)
 
-    async def _live_capabilities(
-        self,
+    async def _capabilities_for(
+        self, plan: Plan
     ) -> tuple[list[frozenset[str]] | None, ValidationIssue | None]:
-        """Capability sets of the live workers, or None (and a warning) when the registry
-        cannot be asked: the plan is accepted and waits for workers anyway."""
+        """Capability sets of live workers, enough for the plan's feasibility check (see
+        ``PlanValidator.check_feasibility``), or None (and a warning) when the registry
+        cannot be asked: the plan is accepted and waits for workers anyway.
+
+        One DiscoverWorkers per distinct set the plan requires (and, for a set no worker
+        covers, per capability of it): a few indexed queries whatever the number of
+        workers. A plan requiring more than ``_MAX_DISCOVERED_SETS`` distinct sets reads
+        the live workers instead (at most ``_MAX_WORKERS_READ``)."""
+        needed = {frozenset(t.required_capabilities) for t in plan.tasks}
+        needed.discard(frozenset())
         try:
-            workers = await self._workers(statuses=_LIVE)
+            if len(needed) > _MAX_DISCOVERED_SETS:
+                workers = await self._workers(statuses=_LIVE)
+                return [frozenset(w.capabilities) for w in workers], None
+            return await self._witnesses(needed), None
         except HiveError as exc:
             if isinstance(exc, Unavailable | DeadlineExceeded):
                 self._health.failed(REGISTRY, str(exc))
@@ -128,7 +147,30 @@ class PlanService:
                 IssueCode.CAPABILITY_UNAVAILABLE,
                 Severity.WARNING,
             )
-        return [frozenset(w.capabilities) for w in workers], None
+
+    async def _witnesses(self, needed: Collection[frozenset[str]]) -> list[frozenset[str]]:
+        """For each set, the capabilities of one live worker that has them all; for a set
+        no live worker covers, of one live worker per capability of it someone has."""
+        found: dict[frozenset[str], frozenset[str] | None] = {}
+
+        async def witness(capabilities: frozenset[str]) -> frozenset[str] | None:
+            if capabilities not in found:
+                ranked = await self._registry.discover_workers(
+                    required_capabilities=sorted(capabilities),
+                    namespace=self._namespace,
+                    max_results=1,
+                    include_full=True,
+                    deadline=self._registry_deadline,
+                )
+                self._health.succeeded(REGISTRY)
+                found[capabilities] = frozenset(ranked[0].worker.capabilities) if ranked else None
+            return found[capabilities]
+
+        for capabilities in needed:
+            if await witness(capabilities) is None and len(capabilities) > 1:
+                for capability in capabilities:
+                    await witness(frozenset({capability}))
+        return [caps for caps in found.values() if caps is not None]
 
     async def _workers(
         self, *, statuses: Collection[registry_pb.WorkerStatus.ValueType] = ()
