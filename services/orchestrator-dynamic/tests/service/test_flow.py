@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+import psycopg
 import pytest
 
 from neuralhive.ticket.v1 import ticket_service_pb2 as ticket_pb
@@ -282,7 +283,7 @@ async def test_strict_mode_rejects_an_infeasible_plan(flow: Flow) -> None:
     assert (await flow.client().get("/api/v1/plans/strict")).status_code == 404
 
 
-async def test_huge_plans_create_tickets_in_chunks(flow: Flow) -> None:
+async def test_huge_plans_create_tickets_in_chunks(flow: Flow, tickets_dsn: str) -> None:
     await flow.start_orchestrator(ticket_batch_size=3)
     await flow.start_worker("w1", ["python"], max_concurrent=8)
     leaves = [echo(f"leaf{n}") for n in range(10)]
@@ -297,6 +298,18 @@ async def test_huge_plans_create_tickets_in_chunks(flow: Flow) -> None:
     async with flow.ticket_client() as client:
         listed = await client.list_tickets(plan_id="wide", page_size=100)
     assert {t.ticket_id for t in listed.tickets} == set(ticket_ids.values())
+    # One chunk per scheduling round: the first tickets were assigned before the last
+    # ones were created (in the ticket service's event log).
+    async with await psycopg.AsyncConnection.connect(tickets_dsn) as conn:
+        cur = await conn.execute(
+            "SELECT min(seq) FILTER (WHERE event_type = 'ASSIGNED'),"
+            " max(seq) FILTER (WHERE event_type = 'CREATED')"
+            " FROM ticket_events WHERE plan_id = 'wide'"
+        )
+        first_assigned, last_created = await cur.fetchone() or (None, None)
+    assert first_assigned is not None
+    assert last_created is not None
+    assert first_assigned < last_created
 
 
 async def test_without_fail_fast_independent_branches_finish(flow: Flow) -> None:

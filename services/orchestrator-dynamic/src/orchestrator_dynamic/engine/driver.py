@@ -17,8 +17,9 @@ One asyncio component per process:
   all ready tickets of all plans in one round (one DiscoverWorkers per capability set, a
   shared ``CapacityLedger``).
 
-The ticket service is the truth: activation (and every ``resync_interval``) re-reads all of
-a plan's tickets with ListTickets; the watch only makes changes arrive sooner. A listing
+The ticket service is the truth: the first round of a plan taken up (and every
+``resync_interval``) re-reads its tickets with ListTickets; the watch only makes changes
+arrive sooner. A listing
 made before the watch knew its position is made again as soon as it does, so a change is
 never left to the next periodic resync. Every
 remote call is idempotent, so a round that failed halfway (a dependency outage) is simply
@@ -361,7 +362,7 @@ class PlanDriver:
         The first stream starts at "now"; a rebuilt one resumes from the previous one's
         cursor (the client itself reconnects after transient failures), so only a cursor
         the service refuses starts a new one from "now". A plan's past is read with
-        ListTickets when it is activated and at every resync; a resync done before the
+        ListTickets when it is taken up and at every resync; a resync done before the
         watch was positioned is done again once it is (:meth:`_watch_became_positioned`),
         so every change is either in a listing or on the stream.
         """
@@ -521,18 +522,27 @@ class PlanDriver:
         )
 
     async def _activate(self, plan: DrivenPlan) -> str | None:
-        """C2 for tasks without a ticket, then follow the plan's tickets. Returns why the
-        ticket service refused the tickets for good, if it did."""
-        missing = [t for t in plan.graph.order if plan.tickets[t].ticket_id is None]
-        if missing:
+        """C2 for tasks without a ticket, one batch (``ticket_batch_size``, critical path
+        first) per round, so the tickets created so far are dispatched while the others
+        are created; the plan is activated once every task has one. Returns why the ticket
+        service refused the tickets for good, if it did.
+
+        The round's resync (due when the plan is taken up) reads what exists by then;
+        the tickets created after it are known from the calls' answers and followed on
+        the watch like every other change."""
+        missing = [t for t in plan.graph.ranked if plan.tickets[t].ticket_id is None]
+        batch = missing[: self._settings.ticket_batch_size]
+        if batch:
             try:
-                await self._create_tickets(plan, missing)
+                await self._create_tickets(plan, batch)
             except (InvalidArgument, AlreadyExists) as exc:
                 # Only a misconfiguration gets here (the validator mirrors the ticket
                 # service's rules): retrying cannot help, so the plan fails visibly.
                 return f"the ticket service refused the plan's tickets: {exc.message}"
-        plan.resync_due = 0.0
-        plan.activated.set()
+        if len(missing) > len(batch):
+            plan.due = 0.0  # the next batch in the next round
+        else:
+            plan.activated.set()
         return None
 
     async def _abandon(self, plan: DrivenPlan, reason: str) -> None:
@@ -553,15 +563,13 @@ class PlanDriver:
         await self._finish(plan)
 
     async def _create_tickets(self, plan: DrivenPlan, task_ids: Sequence[str]) -> None:
-        size = self._settings.ticket_batch_size
-        graph_plan = plan.graph.plan
-        for start in range(0, len(task_ids), size):
-            chunk = task_ids[start : start + size]
-            specs = [ticket_spec(graph_plan, plan.graph.tasks[t]) for t in chunk]
-            response = await self._call_tickets(self._tickets.batch_create_tickets(specs=specs))
-            for ticket in response.tickets:
-                self._merge(plan, ticket_state(ticket.task_id, ticket))
-            await self._flush(plan)
+        """One BatchCreateTickets call (and one ticket-service transaction)."""
+        graph = plan.graph
+        specs = [ticket_spec(graph.plan, graph.tasks[t]) for t in task_ids]
+        response = await self._call_tickets(self._tickets.batch_create_tickets(specs=specs))
+        for ticket in response.tickets:
+            self._merge(plan, ticket_state(ticket.task_id, ticket))
+        await self._flush(plan)
         _log.info("tickets created", plan_id=plan.plan_id, count=len(task_ids))
 
     def _merge(self, plan: DrivenPlan, observed: TicketState) -> bool:
