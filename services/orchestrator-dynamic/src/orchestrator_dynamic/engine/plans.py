@@ -140,7 +140,7 @@ class PlanService:
             if isinstance(exc, Unavailable | DeadlineExceeded):
                 self._health.failed(REGISTRY, str(exc))
             else:
-                _log.error("listing workers failed", error=repr(exc))
+                _log.error("asking the registry about capabilities failed", error=repr(exc))
             return None, ValidationIssue(
                 "$.tasks",
                 "capability feasibility not checked: the registry could not be asked",
