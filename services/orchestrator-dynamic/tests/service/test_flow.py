@@ -8,6 +8,7 @@ import psycopg
 import pytest
 
 from neuralhive.ticket.v1 import ticket_service_pb2 as ticket_pb
+from orchestrator_dynamic.engine import plans as plans_module
 
 if TYPE_CHECKING:  # conftest is not importable at run time (import mode importlib)
     from conftest import Flow
@@ -270,6 +271,32 @@ async def test_feasibility_asks_the_registry_about_the_plans_capability_sets(
     assert strict.status_code == 400, strict.text
     violations = strict.json()["error"]["details"]["field_violations"]
     assert [v["field"] for v in violations] == fields
+
+
+async def test_more_workers_than_are_read_are_never_taken_for_gone(
+    flow: Flow, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Reading at most one worker, a page at a time, with two registered.
+    monkeypatch.setattr(plans_module, "_WORKERS_PAGE", 1)
+    monkeypatch.setattr(plans_module, "_MAX_WORKERS_READ", 1)
+    await flow.start_orchestrator()
+    await flow.start_worker("w1", ["python"])
+    await flow.start_worker("w2", ["python"])
+    tasks = [echo(f"x{i}", caps=("python", f"x{i}")) for i in range(40)]
+
+    response = await flow.submit({"plan_id": "many-sets", "tasks": tasks})
+
+    assert response.status_code == 202, response.text
+    [warning] = response.json()["warnings"]
+    assert warning["description"] == (
+        "capability feasibility not checked: the plan requires more than 32 distinct"
+        " capability sets and more than 1 workers are live"
+    )
+    explained = await flow.client().get("/api/v1/plans/many-sets/tasks/x0/explain")
+    assert explained.status_code == 200, explained.text
+    reasons = explained.json()["reasons"]
+    assert "WORKERS_UNKNOWN" in [r["code"] for r in reasons]
+    assert "NO_CAPABLE_WORKER" not in [r["code"] for r in reasons]
 
 
 async def test_strict_mode_rejects_an_infeasible_plan(flow: Flow) -> None:

@@ -664,7 +664,7 @@ def explain(
     cancel_requested: bool = False,
 ) -> list[Explanation]:
     """Why each of ``task_ids``' tickets is (not) running. ``workers`` is the registry's
-    view of the registered workers (None when the registry could not be asked). Raises
+    view of the registered workers (None when they could not be read). Raises
     ``KeyError`` for a task that is not in the plan."""
     for task_id in task_ids:
         if task_id not in graph.index:
@@ -878,7 +878,7 @@ def _worker_reasons(required: Sequence[str], workers: Sequence[WorkerView] | Non
         return [
             Reason(
                 ReasonCode.WORKERS_UNKNOWN,
-                "worker availability unknown: the registry could not be asked",
+                "worker availability unknown: the registry's workers could not be read",
             )
         ]
     live = [w for w in workers if w.takes_work]

@@ -36,9 +36,10 @@ from orchestrator_dynamic.storage.plans import PlanRepository
 
 _log = get_logger("orchestrator_dynamic.plans")
 _LIVE = (registry_pb.WORKER_STATUS_HEALTHY,)
-# Explain (and feasibility for plans with many capability sets) read at most this many
-# workers (pages of 500).
+# Explain (and feasibility for plans with many capability sets) read the registered
+# workers, in pages of 500, if there are at most this many.
 _MAX_WORKERS_READ = 5000
+_WORKERS_PAGE = 500
 # Feasibility asks DiscoverWorkers about each distinct capability set a plan requires, up
 # to this many sets.
 _MAX_DISCOVERED_SETS = 32
@@ -122,31 +123,37 @@ class PlanService:
         self, plan: Plan
     ) -> tuple[list[frozenset[str]] | None, ValidationIssue | None]:
         """Capability sets of live workers, enough for the plan's feasibility check (see
-        ``PlanValidator.check_feasibility``), or None (and a warning) when the registry
-        cannot be asked: the plan is accepted and waits for workers anyway.
+        ``PlanValidator.check_feasibility``), or None (and a warning) when that cannot be
+        told: the plan is accepted and waits for workers anyway.
 
         One DiscoverWorkers per distinct set the plan requires (and, for a set no worker
         covers, per capability of it): a few indexed queries whatever the number of
         workers. A plan requiring more than ``_MAX_DISCOVERED_SETS`` distinct sets reads
-        the live workers instead (at most ``_MAX_WORKERS_READ``)."""
+        the live workers instead (and says it could not tell past ``_MAX_WORKERS_READ``)."""
         needed = {frozenset(t.required_capabilities) for t in plan.tasks}
         needed.discard(frozenset())
         try:
-            if len(needed) > _MAX_DISCOVERED_SETS:
-                workers = await self._workers(statuses=_LIVE)
+            if len(needed) <= _MAX_DISCOVERED_SETS:
+                return await self._witnesses(needed), None
+            workers = await self._workers(statuses=_LIVE)
+            if workers is not None:
                 return [frozenset(w.capabilities) for w in workers], None
-            return await self._witnesses(needed), None
+            reason = (
+                f"the plan requires more than {_MAX_DISCOVERED_SETS} distinct capability sets"
+                f" and more than {_MAX_WORKERS_READ} workers are live"
+            )
         except HiveError as exc:
             if isinstance(exc, Unavailable | DeadlineExceeded):
                 self._health.failed(REGISTRY, str(exc))
             else:
                 _log.error("asking the registry about capabilities failed", error=repr(exc))
-            return None, ValidationIssue(
-                "$.tasks",
-                "capability feasibility not checked: the registry could not be asked",
-                IssueCode.CAPABILITY_UNAVAILABLE,
-                Severity.WARNING,
-            )
+            reason = "the registry could not be asked"
+        return None, ValidationIssue(
+            "$.tasks",
+            f"capability feasibility not checked: {reason}",
+            IssueCode.CAPABILITY_UNAVAILABLE,
+            Severity.WARNING,
+        )
 
     async def _witnesses(self, needed: Collection[frozenset[str]]) -> list[frozenset[str]]:
         """For each set, the capabilities of one live worker that has them all; for a set
@@ -174,14 +181,16 @@ class PlanService:
 
     async def _workers(
         self, *, statuses: Collection[registry_pb.WorkerStatus.ValueType] = ()
-    ) -> list[registry_pb.Worker]:
+    ) -> list[registry_pb.Worker] | None:
+        """The registered workers (with these statuses); None when there are more than
+        ``_MAX_WORKERS_READ``: a partial list would make absent workers look gone."""
         workers: list[registry_pb.Worker] = []
         page_token = ""
-        while len(workers) < _MAX_WORKERS_READ:
+        while True:
             page = await self._registry.list_workers(
                 namespace=self._namespace or "default",
                 statuses=statuses,
-                page_size=500,
+                page_size=_WORKERS_PAGE,
                 page_token=page_token,
                 deadline=self._registry_deadline,
             )
@@ -189,8 +198,9 @@ class PlanService:
             workers.extend(page.workers)
             page_token = page.next_page_token
             if not page_token:
-                break
-        return workers
+                return workers
+            if len(workers) >= _MAX_WORKERS_READ:
+                return None
 
     async def get(self, plan_id: str) -> StoredPlan:
         return await self._repo.get(plan_id)
@@ -219,13 +229,14 @@ class PlanService:
                 f"plan {plan_id!r} has no task {task_id!r}",
                 details={"plan_id": plan_id, "task_id": task_id},
             )
-        views: list[WorkerView] | None
+        views: list[WorkerView] | None = None
         try:
-            views = [worker_view(w) for w in await self._workers()]
+            workers = await self._workers()
         except HiveError as exc:
             if isinstance(exc, Unavailable | DeadlineExceeded):
                 self._health.failed(REGISTRY, str(exc))
-            views = None
+        else:
+            views = [worker_view(w) for w in workers] if workers is not None else None
         return explain(
             graph,
             stored.ticket_states(),
