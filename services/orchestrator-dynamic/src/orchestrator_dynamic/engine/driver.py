@@ -12,10 +12,12 @@ One asyncio component per process:
   it; a **WatchWorkers stream** wakes plans waiting for a worker, and so does any ticket
   that leaves ASSIGNED/RUNNING (a slot freed by one plan may serve another);
 * the **main loop** wakes on any of that (or on a timer), folds inbox events with
-  ``merge_observation`` into each plan's ``PlanProgress``, persists what changed, decides
-  once per plan and wakes, starts backoffs, cancels, stores the plan status and dispatches
-  all ready tickets of all plans in one round (one DiscoverWorkers per capability set, a
-  shared ``CapacityLedger``).
+  ``merge_observation`` into each plan's ``PlanProgress``, decides once per plan and
+  wakes, starts backoffs, cancels, stores the plan status, dispatches all ready tickets of
+  all plans in one round (one DiscoverWorkers per capability set, a shared
+  ``CapacityLedger``) and persists what changed, with the plan's assignments when it has
+  any (one statement: the observations are not needed in PostgreSQL before dispatching,
+  as a takeover re-reads them from the ticket service anyway).
 
 The ticket service is the truth: the first round of a plan taken up (and every
 ``resync_interval``) re-reads its tickets with ListTickets; the watch only makes changes
@@ -452,7 +454,8 @@ class PlanDriver:
         if ready:
             await self._dispatch(ready)
 
-    async def _guarded(self, plan: DrivenPlan, work: Awaitable[tuple[str, ...]]) -> tuple[str, ...]:
+    async def _guarded(self, plan: DrivenPlan, work: Awaitable[T]) -> T | None:
+        """``work``'s result; None when it failed (the plan is dropped or postponed)."""
         loop = asyncio.get_running_loop()
         try:
             return await work
@@ -472,7 +475,7 @@ class PlanDriver:
             self._metrics.round_failures.labels("error").inc()
             _log.exception("plan round crashed", plan_id=plan.plan_id)
             self._postpone(plan, loop.time() + self._settings.error_retry)
-        return ()
+        return None
 
     @staticmethod
     def _postpone(plan: DrivenPlan, at: float) -> None:
@@ -496,7 +499,6 @@ class PlanDriver:
         self._fold_inbox(plan)
         if plan.resync_due <= loop.time():
             await self._resync(plan)
-        await self._flush(plan)
 
         decision = self._decide(plan)
         if decision.start_backoff:
@@ -506,6 +508,9 @@ class PlanDriver:
             await self._cancel(plan, decision.cancel)
             decision = self._decide(plan)
         await self._store_status(plan, decision)
+        if not decision.dispatch:
+            # Else stored with the round's assignments (one statement; see _dispatch).
+            await self._flush(plan)
         if decision.settled:
             await self._finish(plan)
             return ()
@@ -766,6 +771,8 @@ class PlanDriver:
                 plan.due = min(plan.due, loop.time() + retry)
             if assignment_round.assignments:
                 await self._guarded(plan, self._assign(plan, assignment_round.assignments))
+            else:
+                await self._guarded(plan, self._flush(plan))
         self._metrics.tickets_waiting_for_workers.set(waiting)
 
     async def _discover(self, capabilities: frozenset[str]) -> list[registry_pb.RankedWorker]:
@@ -812,9 +819,10 @@ class PlanDriver:
         }
         return bool(self._freed_workers)
 
-    async def _assign(self, plan: DrivenPlan, assignments: Sequence[Assignment]) -> tuple[str, ...]:
+    async def _assign(self, plan: DrivenPlan, assignments: Sequence[Assignment]) -> None:
         """The round's assignments of one plan, in batches (one call and one ticket-service
-        transaction each); a refused one is re-read and decided again next round."""
+        transaction each), each stored with the observations the round folded (one
+        statement); a refused one is re-read and decided again next round."""
         size = self._settings.ticket_batch_size
         failure: HiveError | None = None
         for start in range(0, len(assignments), size):
@@ -868,7 +876,6 @@ class PlanDriver:
             await self._flush(plan)
         if failure is not None:
             raise failure
-        return ()
 
     async def _call_tickets(self, call: Awaitable[T]) -> T:
         try:
