@@ -507,10 +507,10 @@ class PlanDriver:
         if decision.cancel:
             await self._cancel(plan, decision.cancel)
             decision = self._decide(plan)
-        await self._store_status(plan, decision)
         if not decision.dispatch:
             # Else stored with the round's assignments (one statement; see _dispatch).
             await self._flush(plan)
+        await self._store_status(plan, decision)
         if decision.settled:
             await self._finish(plan)
             return ()
