@@ -210,11 +210,9 @@ async def test_a_discovery_answer_is_reused_for_a_short_while() -> None:
     assert registry.calls == 7
 
 
-async def test_a_freed_slot_counts_from_when_the_ticket_was_assigned() -> None:
-    driver = _driver()
-    graph = PlanGraph(Plan(tasks=(TaskSpec(task_id="a", task_type="echo"),)))
-    start = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
-    plan = DrivenPlan(
+def driven_plan(task_ids: tuple[str, ...], start: datetime) -> DrivenPlan:
+    graph = PlanGraph(Plan(tasks=tuple(TaskSpec(task_id=t, task_type="echo") for t in task_ids)))
+    return DrivenPlan(
         lease=PlanLease(plan_id="p", owner_id="o", epoch=1, expires_at=start),
         progress=PlanProgress(graph),
         cancel_requested=False,
@@ -222,6 +220,12 @@ async def test_a_freed_slot_counts_from_when_the_ticket_was_assigned() -> None:
         error_message=None,
         created_at=start,
     )
+
+
+async def test_a_freed_slot_counts_from_when_the_ticket_was_assigned() -> None:
+    driver = _driver()
+    start = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
+    plan = driven_plan(("a",), start)
     second = timedelta(seconds=1)
 
     def seen(status: TicketStatus, version: int, at: datetime) -> bool:
@@ -250,15 +254,7 @@ async def test_freed_slots_are_kept_in_freed_order_and_forgotten_after_a_minute(
     driver = _driver()
     driver._clock = lambda: now[0]
     tasks = ("a", "b", "c")
-    graph = PlanGraph(Plan(tasks=tuple(TaskSpec(task_id=t, task_type="echo") for t in tasks)))
-    plan = DrivenPlan(
-        lease=PlanLease(plan_id="p", owner_id="o", epoch=1, expires_at=start),
-        progress=PlanProgress(graph),
-        cancel_requested=False,
-        status=PlanStatus.RUNNING,
-        error_message=None,
-        created_at=start,
-    )
+    plan = driven_plan(tasks, start)
     second = timedelta(seconds=1)
     for task_id in tasks:
         driver._merge(
