@@ -30,6 +30,7 @@ from bench.cpu import CpuMeter
 from bench.environment import Databases
 from bench.report import Figure, Report
 from bench.stats import percentile
+from bench.tickets import audit_settled
 from hive_common.procstack import ProcessStack
 from neuralhive.ticket.v1 import ticket_service_pb2 as pb
 from neuralhive.ticket.v1 import ticket_service_pb2_grpc as pb_grpc
@@ -342,16 +343,8 @@ async def _relay_lag_since(
 ) -> dict[str, Any]:
     """Per-event lag of every event since ``since`` (waits for the outbox to drain); an
     event still undelivered at the end counts with its age."""
-    deadline = time.monotonic() + drain_timeout
+    pending = await audit_settled(dsn, give_up_after=drain_timeout)
     async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
-        pending = -1
-        while time.monotonic() < deadline:
-            cur = await conn.execute("SELECT count(*) FROM ticket_outbox")
-            row = await cur.fetchone()
-            pending = int(row[0]) if row else 0
-            if pending == 0:
-                break
-            await asyncio.sleep(0.25)
         cur = await conn.execute(
             "SELECT extract(epoch FROM now() - e.occurred_at) "
             "FROM ticket_outbox JOIN ticket_events e USING (seq) "
@@ -433,6 +426,7 @@ async def run_one_plan(
 ) -> None:
     """Submit one plan, wait until it settles, record its timings and stage breakdown."""
     print(f"bench: plans: {name}", flush=True)
+    await audit_settled(runner.tickets_dsn)
     with meter.measure(name):
         t0, submit_s = await runner.submit(plan)
         statuses = await runner.wait_settled({plan["plan_id"]})
@@ -487,6 +481,7 @@ async def run_plans(
         plans = [
             wide_plan(f"many-{run_id}-{i}", sizes.many_plan_tasks) for i in range(sizes.many_plans)
         ]
+        await audit_settled(tickets_dsn)
         start_wall = time.time()
         with meter.measure(name):
             submitted = await asyncio.gather(*(runner.submit(p) for p in plans))

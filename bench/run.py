@@ -99,6 +99,7 @@ def phase_tickets(report: Report, dbs: Databases, args: argparse.Namespace, logs
                 echo_target=echo.endpoint.grpc_target,
                 sizes=sizes,
                 meter=meter,
+                outbox_dsn=dsn,
             )
         )
         _record_memory(report, "tickets", procs, "after ingest and update benchmarks")
@@ -124,6 +125,7 @@ def phase_tickets(report: Report, dbs: Databases, args: argparse.Namespace, logs
                     echo_target=echo.endpoint.grpc_target,
                     sizes=replace(sizes, update_calls={16: sizes.update_calls[16]}),
                     meter=meter,
+                    outbox_dsn=None,  # MongoDB unreachable: the outbox only grows
                     variant="audit relay idle: MongoDB unreachable",
                 )
             )
@@ -230,6 +232,11 @@ def main(argv: list[str] | None = None) -> int:
             "baseline gets byte-for-byte the same requests from the same client code. Client, "
             "services and databases share the same cores, so the CPU table below says where "
             "the time went.",
+            "Quiescence: every measurement that involves the ticket service (and the echo "
+            "measured beside it) starts once the audit relay has delivered every earlier "
+            "event (its outbox is empty), so no measurement runs beside the audit backlog of "
+            "the ones before it; a measurement's own relay work runs during it and, for the "
+            "part still queued when it ends, after it (the relay lag).",
             "Auth: every call carries a service JWT (HS256), verified by the service as in "
             "production; UpdateTicketStatus is sent with the service token rather than "
             "per-ticket tokens (same verification cost).",

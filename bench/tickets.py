@@ -42,6 +42,31 @@ class TicketSizes:
     update_calls: dict[int, int]  # concurrency -> number of updates
 
 
+async def outbox_backlog(dsn: str) -> int:
+    """Events the ticket service's audit relay has not delivered yet."""
+    async with await psycopg.AsyncConnection.connect(dsn, autocommit=True) as conn:
+        cur = await conn.execute("SELECT count(*) FROM ticket_outbox")
+        row = await cur.fetchone()
+    return int(row[0]) if row else 0
+
+
+async def audit_settled(dsn: str | None, *, give_up_after: float = 180.0) -> int:
+    """Wait until the audit relay has delivered every event so far (empty outbox), so a
+    measurement never pays for the audit copies of the ones before it; returns the events
+    still undelivered (0 unless it gave up). ``dsn`` None: nothing to wait for
+    (a run whose relay is kept idle on purpose)."""
+    if dsn is None:
+        return 0
+    deadline = time.monotonic() + give_up_after
+    pending = await outbox_backlog(dsn)
+    while pending and time.monotonic() < deadline:
+        await asyncio.sleep(0.1)
+        pending = await outbox_backlog(dsn)
+    if pending:
+        print(f"bench: audit relay still {pending:,} events behind after {give_up_after:.0f} s")
+    return pending
+
+
 def _spec_values(plan_id: str, i: int) -> dict[str, Any]:
     return {
         "plan_id": plan_id,
@@ -223,12 +248,14 @@ async def run_ingest(
             raw_batches = [
                 _raw_rows(f"raw-{run_id}-{round_no}-{n}", sizes.plan_size) for n in range(per_round)
             ]
+            await audit_settled(dsn)
             with meter.measure("ingest: raw executemany"):
                 raw_time += await _raw_executemany(dsn, raw_batches, sizes.ingest_concurrency)
             raw_count += per_round * sizes.plan_size
             with meter.measure("ingest: BatchCreateTickets"):
                 grpc_time += await _grpc_batches(stub, requests, sizes.ingest_concurrency)
             grpc_count += per_round * sizes.plan_size
+            await audit_settled(dsn)
             repo_batches = [
                 _domain_specs(f"repo-{run_id}-{round_no}-{n}", sizes.plan_size)
                 for n in range(per_round)
@@ -310,10 +337,12 @@ async def run_ingest(
 
         await closed_loop(lambda i: create_echo(sizes.single_calls + i), concurrency=4, total=50)
         await closed_loop(lambda i: create(sizes.single_calls + i), concurrency=4, total=50)
+        await audit_settled(dsn)
         with meter.measure("single CreateTicket: echo"):
             echo_result = await closed_loop(
                 create_echo, concurrency=sizes.single_concurrency, total=sizes.single_calls
             )
+        await audit_settled(dsn)
         with meter.measure("single CreateTicket: service"):
             real = await closed_loop(
                 create, concurrency=sizes.single_concurrency, total=sizes.single_calls
@@ -378,9 +407,12 @@ async def run_updates(
     echo_target: str,
     sizes: TicketSizes,
     meter: CpuMeter,
+    outbox_dsn: str | None,
     variant: str = "",
 ) -> None:
-    """UpdateTicketStatus (ASSIGNED→RUNNING, then RUNNING→COMPLETED) at 1/16/64 clients.
+    """UpdateTicketStatus (ASSIGNED→RUNNING, then RUNNING→COMPLETED) at 1/16/64 clients,
+    each measurement started once the audit relay caught up (``outbox_dsn``: the ticket
+    database; None when the relay is idle on purpose).
 
     ``variant`` names a diagnostic re-run (its figures carry no target and the raw data
     goes under its own key).
@@ -439,8 +471,10 @@ async def run_updates(
         for concurrency, count in per_level.items():
             batch = ids[offset : offset + count]
             offset += count
+            await audit_settled(outbox_dsn)
             with meter.measure(f"UpdateTicketStatus x{concurrency}: echo{suffix}"):
                 echo_result = await updates(echo, batch, concurrency)
+            await audit_settled(outbox_dsn)
             with meter.measure(f"UpdateTicketStatus x{concurrency}: service{suffix}"):
                 real = await updates(stub, batch, concurrency)
             _check(real, "UpdateTicketStatus")
