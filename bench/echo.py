@@ -4,6 +4,11 @@ It serves the same RPC names and message types as the ticket service and the reg
 (so the client code, protobuf (de)serialisation and HTTP/2 framing are identical) but has
 no interceptors, auth, validation or database: each handler builds a response of the same
 shape from the request. Run as its own process: ``python -m bench.echo --port N``.
+
+With ``--postgres-dsn`` it is the *durable floor* instead: CreateTicket and
+UpdateTicketStatus each first insert one row into a one-table database and commit it (one
+autocommit statement on a pooled connection, as durable as the server's settings), the
+least any service that stores a change before answering pays on top of the transport.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from typing import Any
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
+from psycopg_pool import AsyncConnectionPool
 
 from neuralhive.registry.v1 import registry_service_pb2 as rpb
 from neuralhive.registry.v1 import registry_service_pb2_grpc as rpb_grpc
@@ -82,6 +88,36 @@ class EchoTicketService(pb_grpc.TicketServiceServicer):
         return pb.UpdateTicketStatusResponse(ticket=ticket)
 
 
+_FLOOR_TABLE = """
+CREATE TABLE IF NOT EXISTS echo_writes (
+    seq bigserial PRIMARY KEY,
+    ticket_id text NOT NULL,
+    status integer NOT NULL,
+    written_at timestamptz NOT NULL DEFAULT now()
+)
+"""
+_FLOOR_INSERT = "INSERT INTO echo_writes (ticket_id, status) VALUES (%s, %s)"
+
+
+class DurableEchoTicketService(EchoTicketService):
+    """The echo, after committing one row per CreateTicket / UpdateTicketStatus."""
+
+    def __init__(self, pool: AsyncConnectionPool) -> None:
+        self._pool = pool
+
+    async def _write(self, ticket_id: str, status: int) -> None:
+        async with self._pool.connection() as conn:
+            await conn.execute(_FLOOR_INSERT, (ticket_id, status))
+
+    async def CreateTicket(self, request: pb.CreateTicketRequest, context: Any) -> Any:
+        await self._write(f"{request.ticket.plan_id}/{request.ticket.task_id}", 0)
+        return await super().CreateTicket(request, context)
+
+    async def UpdateTicketStatus(self, request: pb.UpdateTicketStatusRequest, context: Any) -> Any:
+        await self._write(request.ticket_id, request.status)
+        return await super().UpdateTicketStatus(request, context)
+
+
 class EchoRegistry(rpb_grpc.ServiceRegistryServicer):
     def __init__(self) -> None:
         now = _now()
@@ -110,10 +146,21 @@ class EchoRegistry(rpb_grpc.ServiceRegistryServicer):
         return rpb.DiscoverWorkersResponse(workers=self._workers[:count])
 
 
-async def serve(port: int) -> None:
-    server = grpc.aio.server()
+async def serve(port: int, postgres_dsn: str | None = None) -> None:
     # The generated base classes answer UNIMPLEMENTED for the RPCs not overridden here.
-    pb_grpc.add_TicketServiceServicer_to_server(EchoTicketService(), server)  # type: ignore[abstract]
+    tickets = EchoTicketService()  # type: ignore[abstract]
+    pool = None
+    if postgres_dsn:
+        # The ticket service's pool sizes (HIVE_TICKETS_POSTGRES_POOL_MIN_SIZE, _MAX_SIZE).
+        pool = AsyncConnectionPool(
+            postgres_dsn, min_size=2, max_size=20, kwargs={"autocommit": True}, open=False
+        )
+        await pool.open(wait=True)
+        async with pool.connection() as conn:
+            await conn.execute(_FLOOR_TABLE)
+        tickets = DurableEchoTicketService(pool)  # type: ignore[abstract]
+    server = grpc.aio.server()
+    pb_grpc.add_TicketServiceServicer_to_server(tickets, server)
     rpb_grpc.add_ServiceRegistryServicer_to_server(EchoRegistry(), server)  # type: ignore[abstract]
     bound = server.add_insecure_port(f"127.0.0.1:{port}")
     await server.start()
@@ -124,12 +171,18 @@ async def serve(port: int) -> None:
         loop.add_signal_handler(signum, stop.set)
     await stop.wait()
     await server.stop(1)
+    if pool is not None:
+        await pool.close()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description="bare grpc.aio echo service (benchmark floor)")
     parser.add_argument("--port", type=int, required=True)
-    asyncio.run(serve(parser.parse_args().port))
+    parser.add_argument(
+        "--postgres-dsn", help="commit one row per CreateTicket / UpdateTicketStatus first"
+    )
+    args = parser.parse_args()
+    asyncio.run(serve(args.port, args.postgres_dsn))
 
 
 if __name__ == "__main__":

@@ -16,9 +16,9 @@ from bench import cpu, profiling, stack
 from bench.discovery import DiscoverySizes, run_discovery
 from bench.environment import Databases, databases, describe_machine, load_average
 from bench.report import Report
-from bench.tickets import TicketSizes, run_ingest, run_updates
+from bench.tickets import TicketSizes, run_durable_floor, run_ingest, run_updates
 from hive_common.localdb import free_port
-from hive_common.procstack import ProcessStack
+from hive_common.procstack import ProcessSpec, ProcessStack
 
 PHASES = ("tickets", "discovery", "plans")
 
@@ -60,6 +60,22 @@ def _running(processes: ProcessStack) -> Iterator[ProcessStack]:
     with processes:
         processes.start_all()
         yield processes
+
+
+@contextlib.contextmanager
+def _alongside(
+    procs: ProcessStack,
+    spec: ProcessSpec,
+    meter: cpu.CpuMeter,
+    args: argparse.Namespace,
+    log_dir: Path,
+) -> Iterator[None]:
+    """Run one more process for the block, metered (and profiled) with ``procs``."""
+    with _running(ProcessStack([spec], log_dir=log_dir)) as more:
+        meter.add_pid(spec.name, more[spec.name].pid)
+        if args.profile:
+            meter.around = profiling.sampler_for([*procs, *more], args.out / "profiles")
+        yield
 
 
 def _meter(dbs: Databases, procs: ProcessStack, args: argparse.Namespace) -> cpu.CpuMeter:
@@ -114,10 +130,7 @@ def phase_tickets(report: Report, dbs: Databases, args: argparse.Namespace, logs
             log_level=args.log_level,
             mongo_timeout_ms=200,  # readiness answers at once while MongoDB is away
         )
-        with _running(ProcessStack([quiet.spec], log_dir=logs / "tickets")) as more:
-            meter.add_pid(quiet.spec.name, more[quiet.spec.name].pid)
-            if args.profile:
-                meter.around = profiling.sampler_for([*procs, *more], args.out / "profiles")
+        with _alongside(procs, quiet.spec, meter, args, logs / "tickets"):
             asyncio.run(
                 run_updates(
                     report,
@@ -127,6 +140,21 @@ def phase_tickets(report: Report, dbs: Databases, args: argparse.Namespace, logs
                     meter=meter,
                     outbox_dsn=None,  # MongoDB unreachable: the outbox only grows
                     variant="audit relay idle: MongoDB unreachable",
+                )
+            )
+        # Diagnostic: the durable floor (the echo committing one row per call first), with
+        # every ticket service stopped.
+        floor = stack.echo_server(
+            "echo-durable", postgres_dsn=dbs.fresh_database("bench_echo_durable")
+        )
+        with _alongside(procs, floor.spec, meter, args, logs / "tickets"):
+            asyncio.run(
+                run_durable_floor(
+                    report,
+                    echo_target=echo.endpoint.grpc_target,
+                    floor_target=floor.endpoint.grpc_target,
+                    sizes=sizes,
+                    meter=meter,
                 )
             )
         report.cpu.update(meter.results)

@@ -47,11 +47,15 @@ def _ports() -> Endpoint:
     return Endpoint(grpc_port=free_port(), http_port=free_port(), metrics_port=free_port())
 
 
-def echo_server(name: str = "echo") -> Built:
+def echo_server(name: str = "echo", *, postgres_dsn: str | None = None) -> Built:
+    """The echo service; with ``postgres_dsn`` the durable floor (see bench.echo)."""
     endpoint = Endpoint(grpc_port=free_port())
+    argv = [sys.executable, "-m", "bench.echo", "--port", str(endpoint.grpc_port)]
+    if postgres_dsn:
+        argv += ["--postgres-dsn", postgres_dsn]
     spec = ProcessSpec(
         name=name,
-        argv=[sys.executable, "-m", "bench.echo", "--port", str(endpoint.grpc_port)],
+        argv=argv,
         cwd=REPO_ROOT,
         ready=log_ready(re.escape(READY_LINE)),
         ready_timeout=60,

@@ -4,9 +4,9 @@ its baseline (raw psycopg executemany, a bare grpc.aio echo service) measured in
 from __future__ import annotations
 
 import asyncio
-import json
 import time
 import uuid
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -400,6 +400,38 @@ async def _assigned_tickets(
     return ids, result
 
 
+def _update_request(
+    ticket_id: str, status: pb.TicketStatus.ValueType
+) -> pb.UpdateTicketStatusRequest:
+    request = pb.UpdateTicketStatusRequest(ticket_id=ticket_id, status=status, attempt=1)
+    if status == pb.TICKET_STATUS_COMPLETED:
+        request.result.update({"message": "hello"})
+    return request
+
+
+async def _updates(
+    target: pb_grpc.TicketServiceAsyncStub, ticket_ids: list[str], concurrency: int
+) -> LoadResult:
+    """Every ticket ASSIGNED→RUNNING, then every one RUNNING→COMPLETED, closed loop."""
+    metadata = bearer()
+    results = []
+    for status in (pb.TICKET_STATUS_RUNNING, pb.TICKET_STATUS_COMPLETED):
+
+        async def call(i: int, status: pb.TicketStatus.ValueType = status) -> None:
+            await target.UpdateTicketStatus(
+                _update_request(ticket_ids[i], status), metadata=metadata, timeout=30
+            )
+
+        results.append(await closed_loop(call, concurrency=concurrency, total=len(ticket_ids)))
+    return LoadResult(
+        calls=sum(r.calls for r in results),
+        elapsed=sum(r.elapsed for r in results),
+        latencies=[x for r in results for x in r.latencies],
+        errors=sum(r.errors for r in results),
+        first_error=next((r.first_error for r in results if r.first_error), ""),
+    )
+
+
 async def run_updates(
     report: Report,
     *,
@@ -424,47 +456,17 @@ async def run_updates(
     ):
         stub: pb_grpc.TicketServiceAsyncStub = pb_grpc.TicketServiceStub(channel)
         echo: pb_grpc.TicketServiceAsyncStub = pb_grpc.TicketServiceStub(echo_channel)
-        metadata = bearer()
         per_level = {c: max(2, n // 2) for c, n in sizes.update_calls.items()}
         ids, assign = await _assigned_tickets(
             stub, count=sum(per_level.values()) + 20, run_id=run_id, plan_size=sizes.plan_size
         )
         if not variant:
             report.raw["assign_setup"] = assign.to_json()
-        result_struct = json.dumps({"message": "hello"})
         offset = 0
 
-        def request(
-            ticket_id: str, status: pb.TicketStatus.ValueType
-        ) -> pb.UpdateTicketStatusRequest:
-            req = pb.UpdateTicketStatusRequest(ticket_id=ticket_id, status=status, attempt=1)
-            if status == pb.TICKET_STATUS_COMPLETED:
-                req.result.update(json.loads(result_struct))
-            return req
-
-        async def updates(
-            target: pb_grpc.TicketServiceAsyncStub, batch: list[str], c: int
-        ) -> LoadResult:
-            results = []
-            for status in (pb.TICKET_STATUS_RUNNING, pb.TICKET_STATUS_COMPLETED):
-
-                async def call(i: int, status: pb.TicketStatus.ValueType = status) -> None:
-                    await target.UpdateTicketStatus(
-                        request(batch[i], status), metadata=metadata, timeout=30
-                    )
-
-                results.append(await closed_loop(call, concurrency=c, total=len(batch)))
-            return LoadResult(
-                calls=sum(r.calls for r in results),
-                elapsed=sum(r.elapsed for r in results),
-                latencies=[x for r in results for x in r.latencies],
-                errors=sum(r.errors for r in results),
-                first_error=next((r.first_error for r in results if r.first_error), ""),
-            )
-
         # Warm-up on a few tickets.
-        await updates(stub, ids[-20:], 4)
-        await updates(echo, ids[-20:], 4)
+        await _updates(stub, ids[-20:], 4)
+        await _updates(echo, ids[-20:], 4)
         raw_key = f"updates {variant}" if variant else "updates"
         report.raw[raw_key] = {}
         suffix = f" ({variant})" if variant else ""
@@ -473,10 +475,10 @@ async def run_updates(
             offset += count
             await audit_settled(outbox_dsn)
             with meter.measure(f"UpdateTicketStatus x{concurrency}: echo{suffix}"):
-                echo_result = await updates(echo, batch, concurrency)
+                echo_result = await _updates(echo, batch, concurrency)
             await audit_settled(outbox_dsn)
             with meter.measure(f"UpdateTicketStatus x{concurrency}: service{suffix}"):
-                real = await updates(stub, batch, concurrency)
+                real = await _updates(stub, batch, concurrency)
             _check(real, "UpdateTicketStatus")
             report.raw[raw_key][str(concurrency)] = {
                 "service": real.to_json(),
@@ -517,3 +519,82 @@ async def run_updates(
                     met=real.p(0.99) < 20.0 if targeted else None,
                 )
             )
+
+
+FLOOR_LABEL = "durable floor: the echo committing one PostgreSQL row per call first"
+
+
+async def run_durable_floor(
+    report: Report, *, echo_target: str, floor_target: str, sizes: TicketSizes, meter: CpuMeter
+) -> None:
+    """Single CreateTicket and UpdateTicketStatus at 16 clients against the durable floor
+    (``bench.echo --postgres-dsn``) beside the bare echo: what storing each change before
+    answering costs a service that does nothing else (no audit copy, no auth, no state
+    machine)."""
+    run_id = uuid.uuid4().hex[:8]
+    concurrency = sizes.single_concurrency
+    specs = [_spec(_spec_values(f"floor-{run_id}", i)) for i in range(sizes.single_calls + 50)]
+    update_ids = [str(uuid.uuid4()) for _ in range(max(2, sizes.update_calls[16] // 2) + 20)]
+    async with (
+        grpc.aio.insecure_channel(echo_target, options=CHANNEL_OPTIONS) as echo_channel,
+        grpc.aio.insecure_channel(floor_target, options=CHANNEL_OPTIONS) as floor_channel,
+    ):
+        echo: pb_grpc.TicketServiceAsyncStub = pb_grpc.TicketServiceStub(echo_channel)
+        floor: pb_grpc.TicketServiceAsyncStub = pb_grpc.TicketServiceStub(floor_channel)
+        metadata = bearer()
+
+        def creating(
+            stub: pb_grpc.TicketServiceAsyncStub, first: int = 0
+        ) -> Callable[[int], Awaitable[object]]:
+            async def create(i: int) -> None:
+                await stub.CreateTicket(
+                    pb.CreateTicketRequest(ticket=specs[first + i]), metadata=metadata, timeout=30
+                )
+
+            return create
+
+        results: dict[str, dict[str, LoadResult]] = {"create": {}, "update": {}}
+        for stub in (echo, floor):  # warm-up
+            await closed_loop(creating(stub, sizes.single_calls), concurrency=4, total=50)
+            await _updates(stub, update_ids[-20:], 4)
+        for name, stub in (("echo", echo), ("floor", floor)):
+            with meter.measure(f"single CreateTicket: {name} (durable floor run)"):
+                results["create"][name] = await closed_loop(
+                    creating(stub), concurrency=concurrency, total=sizes.single_calls
+                )
+            with meter.measure(f"UpdateTicketStatus x16: {name} (durable floor run)"):
+                results["update"][name] = await _updates(stub, update_ids[:-20], 16)
+    for kind in results.values():
+        _check(kind["floor"], "durable floor")
+    report.raw["durable_floor"] = {
+        kind: {name: r.to_json() for name, r in by_name.items()}
+        for kind, by_name in results.items()
+    }
+    create, update = results["create"], results["update"]
+    report.add(
+        Figure(
+            SECTION_INGEST,
+            f"single CreateTicket RPCs, {concurrency} concurrent clients, {FLOOR_LABEL}",
+            create["floor"].rate,
+            "RPCs/s",
+            "bare grpc.aio echo",
+            create["echo"].rate,
+            note=f"p50 {create['floor'].p(0.5):.1f} ms / p99 {create['floor'].p(0.99):.1f} ms "
+            f"(echo {create['echo'].p(0.5):.1f} / {create['echo'].p(0.99):.1f} ms)",
+        )
+    )
+    for measure, unit, value, baseline in (
+        ("updates/s", "updates/s", update["floor"].rate, update["echo"].rate),
+        ("p50 latency", "ms", update["floor"].p(0.5), update["echo"].p(0.5)),
+        ("p99 latency", "ms", update["floor"].p(0.99), update["echo"].p(0.99)),
+    ):
+        report.add(
+            Figure(
+                SECTION_UPDATES,
+                f"{measure}, 16 concurrent clients, {FLOOR_LABEL}",
+                value,
+                unit,
+                "bare grpc.aio echo",
+                baseline,
+            )
+        )
