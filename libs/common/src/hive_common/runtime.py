@@ -44,6 +44,7 @@ from hive_common.logging import get_logger
 from hive_common.metrics import add_metrics_route, metrics_asgi_app
 
 ShutdownCallback = Callable[[], Awaitable[None]]
+_METRICS_STOP_GRACE = 1.0  # seconds (uvicorn's grace is whole seconds)
 
 
 class _EmbeddedUvicornServer(uvicorn.Server):
@@ -309,8 +310,14 @@ class ServiceRuntime:
                 draining.append(self._http.stop(grace))
             results = await asyncio.gather(*draining, return_exceptions=True)
             if self._metrics is not None:
-                # Last, so the drain itself can still be scraped.
-                results.extend(await asyncio.gather(self._metrics.stop(0), return_exceptions=True))
+                # Last, so the drain itself can still be scraped; a scrape in flight gets
+                # uvicorn's shortest grace (0 would log every stop as an ERROR "timeout
+                # graceful shutdown exceeded"); idle connections close at once.
+                results.extend(
+                    await asyncio.gather(
+                        self._metrics.stop(_METRICS_STOP_GRACE), return_exceptions=True
+                    )
+                )
             for result in results:
                 if isinstance(result, BaseException):
                     self._logger.error("server stop failed", exc_info=result)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import os
 import signal
 import socket
@@ -202,6 +203,20 @@ async def test_graceful_stop_lets_in_flight_rpc_finish(servicer: SlowServicer) -
     assert order == ["close_other", "close_pool finished=True"]
     await rt.stop()  # idempotent
     assert order == ["close_other", "close_pool finished=True"]
+
+
+async def test_a_clean_stop_logs_no_error(servicer: SlowServicer, quiet_logs: io.StringIO) -> None:
+    # The dedicated metrics server once stopped with no grace at all, which uvicorn logs
+    # as an ERROR ("timeout graceful shutdown exceeded") on every shutdown.
+    rt = make_runtime(servicer)
+    await rt.start()
+    async with httpx.AsyncClient() as client:  # a scraper's keep-alive connection
+        assert (await client.get(f"http://127.0.0.1:{rt.metrics_port}/metrics")).status_code == 200
+        assert (await client.get(f"http://127.0.0.1:{rt.http_port}/health")).status_code == 200
+        await rt.stop()
+    lines = [json.loads(line) for line in quiet_logs.getvalue().splitlines()]
+    assert any(line["event"] == "service stopped" for line in lines)
+    assert [line for line in lines if line["level"] in ("error", "critical")] == []
 
 
 async def test_before_stop_callbacks_run_first_and_can_end_in_flight_work(
