@@ -15,6 +15,7 @@ import asyncio
 import math
 import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -31,7 +32,8 @@ from bench.environment import Databases
 from bench.report import Figure, Report
 from bench.stats import percentile
 from bench.tickets import audit_settled
-from hive_common.procstack import ProcessStack
+from hive_common.localdb import free_port
+from hive_common.procstack import ManagedProcess, ProcessSpec, ProcessStack
 from neuralhive.ticket.v1 import ticket_service_pb2 as pb
 from neuralhive.ticket.v1 import ticket_service_pb2_grpc as pb_grpc
 
@@ -191,6 +193,8 @@ class PlanRunner:
     def __init__(self, *, http: httpx.AsyncClient, tickets_dsn: str, timeout_s: float) -> None:
         self.http = http
         self.tickets_dsn = tickets_dsn
+        # Where to wait for the audit relay to catch up before a measurement (None: don't).
+        self.outbox_dsn: str | None = tickets_dsn
         self.timeout_s = timeout_s
 
     async def submit(self, plan: dict[str, Any]) -> tuple[float, float]:
@@ -426,7 +430,7 @@ async def run_one_plan(
 ) -> None:
     """Submit one plan, wait until it settles, record its timings and stage breakdown."""
     print(f"bench: plans: {name}", flush=True)
-    await audit_settled(runner.tickets_dsn)
+    await audit_settled(runner.outbox_dsn)
     with meter.measure(name):
         t0, submit_s = await runner.submit(plan)
         statuses = await runner.wait_settled({plan["plan_id"]})
@@ -610,16 +614,8 @@ def _wide_again(
 ) -> None:
     """Replace the workers by ones with more slots and run the wide plan once more."""
     replaced = [p for p in procs if p.name.startswith("worker-")]
-    for process in replaced:  # read before they stop: /proc/<pid> goes with the process
-        report.memory.append(
-            {
-                "phase": "plans",
-                "process": process.name,
-                "pid": process.pid,
-                "vmhwm_mib": stack.vm_hwm_mib(process.pid),
-                "note": f"max_concurrent {sizes.worker_slots}, after the plan runs",
-            }
-        )
+    # Read before they stop: /proc/<pid> goes with the process.
+    _record_memory(report, replaced, f"max_concurrent {sizes.worker_slots}, after the plan runs")
     procs.stop(*(p.name for p in replaced))
     workers = [
         stack.worker(
@@ -649,40 +645,56 @@ def _wide_again(
             )
         )
         report.cpu.update(meter.results)
-        for process in extra:
-            report.memory.append(
-                {
-                    "phase": "plans",
-                    "process": process.name,
-                    "pid": process.pid,
-                    "vmhwm_mib": stack.vm_hwm_mib(process.pid),
-                    "note": f"max_concurrent {sizes.wide_again_slots}, after the wide plan",
-                }
-            )
+        _record_memory(
+            report, extra, f"max_concurrent {sizes.wide_again_slots}, after the wide plan"
+        )
 
 
-def phase_plans(report: Report, dbs: Databases, args: argparse.Namespace, logs: Path) -> None:
-    sizes = QUICK_PLANS if args.quick else FULL_PLANS
-    tickets_dsn = dbs.fresh_database("bench_tickets_plans")
-    registry_dsn = dbs.fresh_database("bench_registry_plans")
-    orchestrator_dsn = dbs.fresh_database("bench_orchestrator_plans")
+@dataclass(frozen=True)
+class PlanStack:
+    """The three services and the reference workers of a plans run, on fresh databases."""
+
+    tickets: stack.Built
+    registry: stack.Built
+    orchestrator: stack.Built
+    workers: list[stack.Built]
+    tickets_dsn: str
+    audit: AuditTrail
+
+    @property
+    def specs(self) -> list[ProcessSpec]:
+        services = [self.tickets, self.registry, self.orchestrator, *self.workers]
+        return [built.spec for built in services]
+
+
+def _plan_stack(
+    dbs: Databases, args: argparse.Namespace, sizes: PlanSizes, *, relay_idle: bool = False
+) -> PlanStack:
+    """``relay_idle``: the ticket service's MongoDB is unreachable, so its audit relay only
+    backs off (the audit copy's cost, by difference)."""
+    suffix = "-relay-idle" if relay_idle else ""
+    database = "bench_tickets_plans" + suffix.replace("-", "_")
+    tickets_dsn = dbs.fresh_database(database)
+    registry_dsn = dbs.fresh_database("bench_registry_plans" + suffix.replace("-", "_"))
+    orchestrator_dsn = dbs.fresh_database("bench_orchestrator_plans" + suffix.replace("-", "_"))
     mongo: MongoClient[dict[str, Any]] = MongoClient(dbs.mongo_uri, serverSelectionTimeoutMS=5000)
     try:
-        mongo.drop_database("bench_tickets_plans")
+        mongo.drop_database(database)
     finally:
         mongo.close()
     tickets = stack.ticket_service(
-        name="execution-ticket-service",
+        name="execution-ticket-service" + suffix,
         postgres_dsn=tickets_dsn,
-        mongo_uri=dbs.mongo_uri,
-        mongo_database="bench_tickets_plans",
+        mongo_uri=f"mongodb://127.0.0.1:{free_port()}" if relay_idle else dbs.mongo_uri,
+        mongo_database=database,
         log_level=args.log_level,
+        mongo_timeout_ms=200 if relay_idle else None,  # readiness answers at once
     )
     registry = stack.registry(
-        name="service-registry", postgres_dsn=registry_dsn, log_level=args.log_level
+        name="service-registry" + suffix, postgres_dsn=registry_dsn, log_level=args.log_level
     )
     orchestrator = stack.orchestrator(
-        name="orchestrator-dynamic",
+        name="orchestrator-dynamic" + suffix,
         postgres_dsn=orchestrator_dsn,
         tickets=tickets.endpoint,
         registry=registry.endpoint,
@@ -690,7 +702,7 @@ def phase_plans(report: Report, dbs: Databases, args: argparse.Namespace, logs: 
     )
     workers = [
         stack.worker(
-            name=f"worker-{i}",
+            name=f"worker-{i}{suffix}",
             tickets=tickets.endpoint,
             registry=registry.endpoint,
             max_concurrent=sizes.worker_slots,
@@ -698,11 +710,26 @@ def phase_plans(report: Report, dbs: Databases, args: argparse.Namespace, logs: 
         )
         for i in range(1, sizes.workers + 1)
     ]
-    specs = [tickets.spec, registry.spec, orchestrator.spec, *(w.spec for w in workers)]
-    report.parameters["plans: workers"] = (
-        f"{sizes.workers} hive-worker processes, max_concurrent {sizes.worker_slots} each"
+    return PlanStack(
+        tickets=tickets,
+        registry=registry,
+        orchestrator=orchestrator,
+        workers=workers,
+        tickets_dsn=tickets_dsn,
+        audit=AuditTrail(mongo_uri=dbs.mongo_uri, database=database),
     )
-    with ProcessStack(specs, log_dir=logs / "plans") as procs:
+
+
+def phase_plans(report: Report, dbs: Databases, args: argparse.Namespace, logs: Path) -> None:
+    sizes = QUICK_PLANS if args.quick else FULL_PLANS
+    plan_stack = _plan_stack(dbs, args, sizes)
+    tickets, registry, orchestrator = (
+        plan_stack.tickets,
+        plan_stack.registry,
+        plan_stack.orchestrator,
+    )
+    tickets_dsn = plan_stack.tickets_dsn
+    with ProcessStack(plan_stack.specs, log_dir=logs / "plans") as procs:
         procs.start_all(timeout=120)
         meter = cpu.meter_for(dbs.cpu_sources, procs)
         if args.profile:
@@ -713,7 +740,7 @@ def phase_plans(report: Report, dbs: Databases, args: argparse.Namespace, logs: 
                 orchestrator_url=orchestrator.endpoint.http_url,
                 tickets_target=tickets.endpoint.grpc_target,
                 tickets_dsn=tickets_dsn,
-                audit=AuditTrail(mongo_uri=dbs.mongo_uri, database="bench_tickets_plans"),
+                audit=plan_stack.audit,
                 sizes=sizes,
                 meter=meter,
             )
@@ -732,13 +759,46 @@ def phase_plans(report: Report, dbs: Databases, args: argparse.Namespace, logs: 
             _wide_again(
                 report, dbs, args, logs, procs, tickets, registry, orchestrator, sizes, tickets_dsn
             )
-        for process in (p for p in procs if p.is_running):
-            report.memory.append(
-                {
-                    "phase": "plans",
-                    "process": process.name,
-                    "pid": process.pid,
-                    "vmhwm_mib": stack.vm_hwm_mib(process.pid),
-                    "note": "after all plan runs",
-                }
-            )
+        _record_memory(report, procs, "after all plan runs")
+    _wide_relay_idle(report, dbs, args, logs, sizes)
+
+
+def _record_memory(report: Report, processes: Iterable[ManagedProcess], note: str) -> None:
+    """Peak memory of each running process of ``processes``."""
+    for process in (p for p in processes if p.is_running):
+        report.memory.append(
+            {
+                "phase": "plans",
+                "process": process.name,
+                "pid": process.pid,
+                "vmhwm_mib": stack.vm_hwm_mib(process.pid),
+                "note": note,
+            }
+        )
+
+
+def _wide_relay_idle(
+    report: Report, dbs: Databases, args: argparse.Namespace, logs: Path, sizes: PlanSizes
+) -> None:
+    """The wide plan once more, on a fresh stack whose audit relay is idle (MongoDB
+    unreachable): what the audit copy costs the plan, by difference."""
+    idle = _plan_stack(dbs, args, sizes, relay_idle=True)
+    with ProcessStack(idle.specs, log_dir=logs / "plans") as procs:
+        procs.start_all(timeout=120)
+        meter = cpu.meter_for(dbs.cpu_sources, procs)
+        if args.profile:
+            meter.around = profiling.sampler_for(procs, args.out / "profiles")
+        name = f"wide plan, {sizes.wide_tasks:,} tasks, audit relay idle (MongoDB unreachable)"
+        plan = wide_plan(f"wide-relay-idle-{uuid.uuid4().hex[:6]}", sizes.wide_tasks)
+
+        async def run() -> None:
+            async with httpx.AsyncClient(base_url=idle.orchestrator.endpoint.http_url) as http:
+                runner = PlanRunner(
+                    http=http, tickets_dsn=idle.tickets_dsn, timeout_s=sizes.timeout_s
+                )
+                runner.outbox_dsn = None  # the outbox only grows: nothing to wait for
+                await run_one_plan(report, runner, meter, name, plan, None, sizes)
+
+        asyncio.run(run())
+        report.cpu.update(meter.results)
+        _record_memory(report, procs, "after the wide plan with the audit relay idle")
