@@ -81,6 +81,9 @@ async def build_app(
         dsn,
         min_size=settings.postgres_pool_min_size,
         max_size=settings.postgres_pool_max_size,
+        # A single statement is its own transaction (one round trip, not BEGIN + statement
+        # + COMMIT); multi-statement work opens one explicitly (WorkerRepository._transaction).
+        kwargs={"autocommit": True},
         open=False,
         name="registry",
     )

@@ -257,3 +257,14 @@ async def test_a_registration_burst_refreshes_the_planner_statistics(
         await registry.register(f"w{n}")
     assert await estimated_rows() == 128
     assert len(await discover(registry, required_capabilities=["python"], max_results=100)) == 100
+
+
+async def test_one_statement_is_one_round_trip(registry: Registry) -> None:
+    # Without autocommit psycopg wraps every statement in BEGIN ... COMMIT: three round
+    # trips per discovery (~13 % of the registry's CPU per call). Work of several
+    # statements opens its transaction explicitly (WorkerRepository._transaction).
+    async with registry.app.pool.connection() as conn:
+        assert conn.autocommit
+        await conn.execute("SELECT 1")
+        assert conn.info.transaction_status == psycopg.pq.TransactionStatus.IDLE
+    assert len(await discover(registry, required_capabilities=["python"])) == 0
