@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import time
 import uuid
+from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -349,6 +350,58 @@ def bearer_token_from_metadata(
     return parts[1]
 
 
+class VerifiedTokenCache:
+    """Verified claims by token string, until the token's expiry; a bounded LRU.
+
+    Clients send the same token on every call, and decoding and checking an HS256 JWT
+    was a large part of a small RPC's CPU time. A token is only ever cached after the
+    verifier accepted it, and is served from the cache only before its ``exp``: after
+    that the verifier decides again (and refuses it once its leeway has passed too).
+    """
+
+    def __init__(
+        self,
+        *,
+        verifier: TokenVerifier,
+        max_entries: int = 10_000,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        if max_entries < 1:
+            raise ValueError("max_entries must be at least 1")
+        self._verifier = verifier
+        self._max_entries = max_entries
+        self._clock = clock
+        self._entries: OrderedDict[str, tuple[TokenClaims, float]] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def verify_metadata(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> TokenClaims:
+        """As :meth:`TokenVerifier.verify_metadata`, from the cache when possible."""
+        token = bearer_token_from_metadata(metadata)
+        if token is None:
+            return self._verifier.verify_metadata(metadata)  # refuses: missing token
+        return self.verify(token)
+
+    def verify(self, token: str) -> TokenClaims:
+        """As :meth:`TokenVerifier.verify`, from the cache when possible."""
+        now = self._clock()
+        cached = self._entries.get(token)
+        if cached is not None:
+            claims, expires_at = cached
+            if now < expires_at:
+                self._entries.move_to_end(token)
+                return claims
+            del self._entries[token]
+        claims = self._verifier.verify(token)
+        expires_at = claims.expires_at.timestamp()
+        if now < expires_at:
+            self._entries[token] = (claims, expires_at)
+            if len(self._entries) > self._max_entries:
+                self._entries.popitem(last=False)
+        return claims
+
+
 __all__ = [
     "ALGORITHM",
     "DEFAULT_AUDIENCE",
@@ -357,5 +410,6 @@ __all__ = [
     "TokenIssuer",
     "TokenKind",
     "TokenVerifier",
+    "VerifiedTokenCache",
     "bearer_token_from_metadata",
 ]

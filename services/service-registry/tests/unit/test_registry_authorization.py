@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from hive_common.auth import TokenIssuer, TokenKind, TokenVerifier
+from hive_common.auth import TokenClaims, TokenIssuer, TokenKind, TokenVerifier
 from hive_common.errors import PermissionDenied, Unauthenticated
 from service_registry.transport.authorization import Authorizer
 from service_registry.transport.grpc.auth import RULES
@@ -89,3 +89,22 @@ def test_registration_secret_only_opens_register() -> None:
 def test_missing_token_is_unauthenticated() -> None:
     with pytest.raises(Unauthenticated):
         authorizer().authorize(None, RULES["GetWorker"], "GetWorker")
+
+
+def test_a_token_is_verified_once_and_its_kind_checked_every_time() -> None:
+    verified: list[str] = []
+
+    class Counting(TokenVerifier):
+        def verify(self, token: str) -> TokenClaims:
+            verified.append(token)
+            return super().verify(token)
+
+    checks = Authorizer(verifier=Counting(secret=SECRET), registration_secret=None)
+    service = token("service")
+    for _ in range(3):
+        claims = checks.authorize(service, RULES["DiscoverWorkers"], "DiscoverWorkers")
+        assert claims is not None
+        assert claims.kind is TokenKind.SERVICE
+        with pytest.raises(PermissionDenied):  # a cached token still gets its kind checked
+            checks.authorize(service, RULES["Heartbeat"], "Heartbeat")
+    assert verified == [service]

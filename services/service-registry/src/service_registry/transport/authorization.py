@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import hmac
 
-from hive_common.auth import TokenClaims, TokenKind, TokenVerifier
+from hive_common.auth import TokenClaims, TokenKind, TokenVerifier, VerifiedTokenCache
 from hive_common.errors import PermissionDenied, Unauthenticated
 
 
@@ -12,7 +12,8 @@ class Authorizer:
     """Checks one bearer token against the allowed kinds (shared by gRPC and HTTP)."""
 
     def __init__(self, *, verifier: TokenVerifier, registration_secret: str | None) -> None:
-        self._verifier = verifier
+        # Workers and the orchestrator send the same token on every call.
+        self._tokens = VerifiedTokenCache(verifier=verifier)
         self._secret = registration_secret.encode() if registration_secret else None
 
     def authorize(
@@ -28,7 +29,7 @@ class Authorizer:
             and hmac.compare_digest(token.encode(), self._secret)
         ):
             return None
-        claims = self._verifier.verify(token)
+        claims = self._tokens.verify(token)
         if claims.kind not in allowed:
             kinds = sorted(k.value for k in allowed if k is not None)
             raise PermissionDenied(

@@ -10,10 +10,8 @@ called by the servicer): any valid token may make the call itself.
 
 from __future__ import annotations
 
-import time
 import uuid
-from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from contextvars import ContextVar
 from typing import Any
@@ -22,7 +20,12 @@ from execution_ticket_service.domain.authorization import AccessRequest, authori
 from execution_ticket_service.domain.models import Ticket, TicketStatus
 from execution_ticket_service.domain.validation import validate_ticket_id
 from execution_ticket_service.transport.grpc.convert import status_name
-from hive_common.auth import TokenClaims, TokenKind, TokenVerifier, bearer_token_from_metadata
+from hive_common.auth import (
+    TokenClaims,
+    TokenKind,
+    TokenVerifier,
+    VerifiedTokenCache,
+)
 from hive_common.errors import Internal
 from hive_common.grpc_server import HandlerWrappingInterceptor, RpcCall
 from neuralhive.ticket.v1 import ticket_service_pb2 as pb
@@ -70,58 +73,6 @@ def _update_access(request: pb.UpdateTicketStatusRequest) -> AccessRequest:
         attempt=request.attempt,
         status=_status(request.status),
     )
-
-
-class VerifiedTokenCache:
-    """Verified claims by token string, until the token's expiry; a bounded LRU.
-
-    Clients send the same token on every call, and decoding and checking an HS256 JWT
-    was a large part of a small RPC's CPU time. A token is only ever cached after the
-    verifier accepted it, and is served from the cache only before its ``exp``: after
-    that the verifier decides again (and refuses it once its leeway has passed too).
-    """
-
-    def __init__(
-        self,
-        *,
-        verifier: TokenVerifier,
-        max_entries: int = 10_000,
-        clock: Callable[[], float] = time.time,
-    ) -> None:
-        if max_entries < 1:
-            raise ValueError("max_entries must be at least 1")
-        self._verifier = verifier
-        self._max_entries = max_entries
-        self._clock = clock
-        self._entries: OrderedDict[str, tuple[TokenClaims, float]] = OrderedDict()
-
-    def __len__(self) -> int:
-        return len(self._entries)
-
-    def verify_metadata(self, metadata: Iterable[tuple[str, str | bytes]] | None) -> TokenClaims:
-        """As :meth:`TokenVerifier.verify_metadata`, from the cache when possible."""
-        token = bearer_token_from_metadata(metadata)
-        if token is None:
-            return self._verifier.verify_metadata(metadata)  # refuses: missing token
-        return self.verify(token)
-
-    def verify(self, token: str) -> TokenClaims:
-        """As :meth:`TokenVerifier.verify`, from the cache when possible."""
-        now = self._clock()
-        cached = self._entries.get(token)
-        if cached is not None:
-            claims, expires_at = cached
-            if now < expires_at:
-                self._entries.move_to_end(token)
-                return claims
-            del self._entries[token]
-        claims = self._verifier.verify(token)
-        expires_at = claims.expires_at.timestamp()
-        if now < expires_at:
-            self._entries[token] = (claims, expires_at)
-            if len(self._entries) > self._max_entries:
-                self._entries.popitem(last=False)
-        return claims
 
 
 class TicketAuthInterceptor(HandlerWrappingInterceptor):

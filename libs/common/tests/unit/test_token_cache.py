@@ -1,9 +1,10 @@
+"""VerifiedTokenCache: verified claims served until the token expires, bounded."""
+
 import time
 
 import pytest
 
-from execution_ticket_service.transport.grpc.auth import VerifiedTokenCache
-from hive_common.auth import TokenClaims, TokenIssuer, TokenVerifier
+from hive_common.auth import TokenClaims, TokenIssuer, TokenVerifier, VerifiedTokenCache
 from hive_common.errors import Unauthenticated
 
 SECRET = "s" * 32
