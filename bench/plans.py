@@ -679,10 +679,11 @@ def _plan_stack(
     """``relay_idle``: the ticket service's MongoDB is unreachable, so its audit relay only
     backs off (the audit copy's cost, by difference)."""
     suffix = "-relay-idle" if relay_idle else ""
-    database = "bench_tickets_plans" + suffix.replace("-", "_")
+    db_suffix = suffix.replace("-", "_")
+    database = f"bench_tickets_plans{db_suffix}"
     tickets_dsn = dbs.fresh_database(database)
-    registry_dsn = dbs.fresh_database("bench_registry_plans" + suffix.replace("-", "_"))
-    orchestrator_dsn = dbs.fresh_database("bench_orchestrator_plans" + suffix.replace("-", "_"))
+    registry_dsn = dbs.fresh_database(f"bench_registry_plans{db_suffix}")
+    orchestrator_dsn = dbs.fresh_database(f"bench_orchestrator_plans{db_suffix}")
     mongo: MongoClient[dict[str, Any]] = MongoClient(dbs.mongo_uri, serverSelectionTimeoutMS=5000)
     try:
         mongo.drop_database(database)
@@ -728,6 +729,9 @@ def _plan_stack(
 
 def phase_plans(report: Report, dbs: Databases, args: argparse.Namespace, logs: Path) -> None:
     sizes = QUICK_PLANS if args.quick else FULL_PLANS
+    report.parameters["plans: workers"] = (
+        f"{sizes.workers} hive-worker processes, max_concurrent {sizes.worker_slots} each"
+    )
     plan_stack = _plan_stack(dbs, args, sizes)
     tickets, registry, orchestrator = (
         plan_stack.tickets,
