@@ -1,15 +1,10 @@
 import math
-from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
 
 import pytest
-from google.protobuf import json_format, struct_pb2, timestamp_pb2
+from google.protobuf import json_format, struct_pb2
 
-from execution_ticket_service.transport.grpc.convert import (
-    datetime_to_timestamp,
-    dict_to_struct,
-    struct_to_dict,
-)
+from execution_ticket_service.transport.grpc.convert import dict_to_struct, struct_to_dict
 
 SAMPLES: list[dict[str, Any]] = [
     {},
@@ -43,20 +38,3 @@ def test_struct_to_dict_refuses_non_json_numbers_like_message_to_dict(number: fl
         json_format.MessageToDict(message)
     with pytest.raises(ValueError, match="Fail to serialize"):
         struct_to_dict(message)
-
-
-@pytest.mark.parametrize(
-    "value",
-    [
-        datetime(2026, 11, 25, 1, 2, 3, 456789, tzinfo=UTC),
-        datetime(2026, 11, 25, 1, 2, 3, tzinfo=timezone(timedelta(hours=-5, minutes=-30))),
-        datetime(2026, 11, 25, 1, 2, 3, 1),  # naive: UTC, as FromDatetime takes it
-        datetime(1969, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),
-        datetime(1900, 1, 1, tzinfo=UTC),
-        datetime(9999, 12, 31, 23, 59, 59, 999999, tzinfo=UTC),
-    ],
-)
-def test_datetime_to_timestamp_matches_from_datetime(value: datetime) -> None:
-    expected = timestamp_pb2.Timestamp()
-    expected.FromDatetime(value)
-    assert datetime_to_timestamp(value) == expected

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
-from google.protobuf import timestamp_pb2
 
 from execution_ticket_service.domain.models import (
     EventType,
@@ -53,6 +52,7 @@ from execution_ticket_service.watch import EventLogTail
 from hive_common.auth import TokenClaims, TokenIssuer
 from hive_common.errors import HiveError
 from hive_common.logging import bind_request_context
+from hive_common.timestamps import datetime_to_timestamp
 from neuralhive.ticket.v1 import ticket_service_pb2 as pb
 from neuralhive.ticket.v1 import ticket_service_pb2_grpc as pb_grpc
 
@@ -243,9 +243,11 @@ class TicketServicer(pb_grpc.TicketServiceServicer):
             ttl_seconds=ttl_seconds,
             scopes=TICKET_TOKEN_SCOPES,
         )
-        expires_at = timestamp_pb2.Timestamp()
-        expires_at.FromDatetime(claims.expires_at)
-        return pb.TicketToken(token=token, expires_at=expires_at, attempt=ticket.attempt)
+        return pb.TicketToken(
+            token=token,
+            expires_at=datetime_to_timestamp(claims.expires_at),
+            attempt=ticket.attempt,
+        )
 
     def _event_message(self, event: TicketEvent, token_holder: str) -> pb.TicketEvent:
         """The event as sent; with a ticket token when ``token_holder`` (a worker id) is

@@ -17,6 +17,7 @@ from typing import Any
 from google.protobuf import json_format
 
 from hive_common.errors import Unauthenticated
+from hive_common.timestamps import datetime_to_timestamp
 from neuralhive.orchestrator.v1 import orchestrator_service_pb2 as pb
 from neuralhive.orchestrator.v1 import orchestrator_service_pb2_grpc as pb_grpc
 from neuralhive.ticket.v1 import ticket_service_pb2 as ticket_pb
@@ -87,7 +88,7 @@ def plan_spec_json(spec: pb.PlanSpec) -> dict[str, Any]:
 
 def _set_time(target: Any, moment: datetime | None) -> None:
     if moment is not None:
-        target.FromDatetime(moment)
+        target.CopyFrom(datetime_to_timestamp(moment))
 
 
 def plan_message(stored: StoredPlan) -> pb.Plan:

@@ -2,11 +2,8 @@
 
 from __future__ import annotations
 
-from datetime import datetime
-
-from google.protobuf.timestamp_pb2 import Timestamp
-
 from hive_common.errors import FieldViolation, InvalidArgument
+from hive_common.timestamps import datetime_to_timestamp
 from neuralhive.registry.v1 import registry_service_pb2 as pb
 from service_registry.domain.models import Worker, WorkerEvent, WorkerEventType, WorkerStatus
 from service_registry.domain.ranking import RankedWorker
@@ -28,12 +25,6 @@ EVENT_TO_PB: dict[WorkerEventType, pb.WorkerEventType.ValueType] = {
 }
 
 
-def timestamp(value: datetime) -> Timestamp:
-    ts = Timestamp()
-    ts.FromDatetime(value)
-    return ts
-
-
 def worker_to_pb(worker: Worker) -> pb.Worker:
     return pb.Worker(
         worker_id=str(worker.worker_id),
@@ -45,8 +36,8 @@ def worker_to_pb(worker: Worker) -> pb.Worker:
         in_flight=worker.in_flight,
         version=worker.version,
         status=STATUS_TO_PB[worker.status],
-        registered_at=timestamp(worker.registered_at),
-        last_heartbeat_at=timestamp(worker.last_heartbeat_at),
+        registered_at=datetime_to_timestamp(worker.registered_at),
+        last_heartbeat_at=datetime_to_timestamp(worker.last_heartbeat_at),
         succeeded_total=worker.succeeded_total,
         failed_total=worker.failed_total,
     )
@@ -65,7 +56,7 @@ def event_to_pb(event: WorkerEvent) -> pb.WorkerEvent:
         event_id=str(event.event_id),
         type=EVENT_TO_PB[event.type],
         worker=worker_to_pb(event.worker),
-        occurred_at=timestamp(event.occurred_at),
+        occurred_at=datetime_to_timestamp(event.occurred_at),
     )
 
 

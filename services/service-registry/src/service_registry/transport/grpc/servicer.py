@@ -8,6 +8,7 @@ from typing import Any
 
 from hive_common.auth import TokenIssuer
 from hive_common.errors import HiveError, NotFound
+from hive_common.timestamps import datetime_to_timestamp
 from neuralhive.registry.v1 import registry_service_pb2 as pb
 from neuralhive.registry.v1 import registry_service_pb2_grpc as pb_grpc
 from service_registry.domain.models import WorkerEventType
@@ -27,7 +28,6 @@ from service_registry.transport.grpc.mapping import (
     event_to_pb,
     ranked_to_pb,
     statuses_from_pb,
-    timestamp,
     worker_to_pb,
 )
 
@@ -69,7 +69,7 @@ class RegistryServicer(pb_grpc.ServiceRegistryServicer):
         return pb.RegisterResponse(
             worker=worker_to_pb(worker),
             token=token,
-            token_expires_at=timestamp(claims.expires_at),
+            token_expires_at=datetime_to_timestamp(claims.expires_at),
             heartbeat_interval_seconds=self._interval,
         )
 
