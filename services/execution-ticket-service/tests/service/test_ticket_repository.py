@@ -302,6 +302,57 @@ async def test_a_report_batch_decides_again_the_tickets_changed_elsewhere(
     assert {e.ticket.ticket_id: e.ticket for e in events} == {t.ticket_id: t for t in done}
 
 
+def _batch_xids(dsn: str, ticket_ids: list[str]) -> set[int]:
+    """The transactions that wrote the latest event of each of these tickets."""
+    with psycopg.connect(dsn, autocommit=True) as conn:
+        rows = conn.execute(
+            "SELECT DISTINCT ON (ticket_id) xid FROM ticket_events"
+            " WHERE ticket_id = ANY(%s::uuid[]) ORDER BY ticket_id, seq DESC",
+            (ticket_ids,),
+        ).fetchall()
+    assert len(rows) == len(ticket_ids)
+    return {row[0] for row in rows}
+
+
+@pytest.mark.parametrize("moved_on", [False, True])
+async def test_a_batch_is_written_in_one_transaction(
+    repo: TicketRepository, migrated_dsn: str, moved_on: bool
+) -> None:
+    # Decided on remembered tickets, a batch is one all-or-nothing statement; if one
+    # ticket moved on meanwhile it writes nothing, and the batch is decided again in one
+    # transaction: either way the changes of a batch commit together (one xid).
+    created = await repo.create_many([spec(f"a{i}") for i in range(5)], actor="s")
+    pending = [t.ticket_id for t, _ in created]
+    running = [await _running_ticket(repo, f"r{i}") for i in range(5)]
+    if moved_on:
+        for ticket_id in (pending[2], running[3]):
+            _sql(
+                migrated_dsn,
+                "UPDATE tickets SET version = version + 1 WHERE ticket_id = %s",
+                ticket_id,
+            )
+    assigned = await repo.assign_many(
+        [
+            Assignment(ticket_id=t, worker_id="w2", lease_seconds=30, attempt=1)
+            for t in reversed(pending)
+        ],
+        actor="s",
+    )
+    assert [a.ticket_id for a in assigned if isinstance(a, Ticket)] == pending[::-1]
+    assert all(a.status is S.ASSIGNED and a.worker_id == "w2" for a in assigned)  # type: ignore[union-attr]
+    assert len(_batch_xids(migrated_dsn, pending)) == 1
+    done = await repo.update_status_many(
+        [(StatusUpdate(ticket_id=t, status=S.COMPLETED, attempt=1), "worker:w1") for t in running]
+    )
+    assert [(d.ticket_id, d.status) for d in done if isinstance(d, Ticket)] == [
+        (t, S.COMPLETED) for t in running
+    ]
+    assert len(_batch_xids(migrated_dsn, running)) == 1
+    for ticket in [*assigned, *done]:
+        assert isinstance(ticket, Ticket)
+        assert await repo.get(ticket.ticket_id) == ticket
+
+
 def _sql(dsn: str, statement: str, ticket_id: str) -> None:
     """A change made by someone else (another replica), committed at once."""
     with psycopg.connect(dsn, autocommit=True) as other:

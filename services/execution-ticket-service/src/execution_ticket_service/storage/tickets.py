@@ -224,6 +224,7 @@ WITH input AS (
     -- thinks of the JSON's row count (else a cached plan may scan the whole table).
     WHERE t.ticket_id = ANY(%(ids)s::uuid[])
       AND t.ticket_id = i.ticket_id AND t.version = i.read_version
+      {{guard}}
     RETURNING t.*
 ), events AS (
     INSERT INTO ticket_events (event_id, event_type, ticket_id, plan_id, worker_id,
@@ -235,6 +236,23 @@ WITH input AS (
 )
 SELECT ticket_id::text FROM updated
 """
+# The same, all or nothing: the rows are locked first (in one order, so concurrent
+# batches wait for each other) and written only if every one is still at the version its
+# change was decided on (a locked row is its latest version). One statement is one
+# transaction: a batch decided entirely on remembered tickets needs no BEGIN and COMMIT.
+_UPDATE_ALL_OR_NONE = _UPDATE_TICKETS_AND_INSERT_EVENTS.replace(
+    "WITH input AS (",
+    """WITH locked AS (
+    SELECT ticket_id, version FROM tickets WHERE ticket_id = ANY(%(ids)s::uuid[])
+    ORDER BY ticket_id FOR UPDATE
+), input AS (""",
+    1,
+).replace(
+    "{guard}",
+    """AND (SELECT count(*) FROM locked l JOIN input c
+           ON c.ticket_id = l.ticket_id AND c.read_version = l.version) = %(count)s""",
+)
+_UPDATE_TICKETS_AND_INSERT_EVENTS = _UPDATE_TICKETS_AND_INSERT_EVENTS.replace("{guard}", "")
 
 _EVENT_COLUMNS = (
     "seq, xid, event_id, event_type, worker_id, previous_status, actor, occurred_at, "
@@ -399,11 +417,16 @@ class TicketRepository:
         return missed
 
     async def _apply_changes(
-        self, conn: AsyncConnection[DictRow], changes: Sequence[tuple[Outcome, int]]
+        self,
+        conn: AsyncConnection[DictRow],
+        changes: Sequence[tuple[Outcome, int]],
+        *,
+        all_or_none: bool = False,
     ) -> set[str]:
         """Write outcomes that change their ticket and record an event, each ``(outcome,
         read_version)`` as :meth:`_apply` would, in one statement; returns the ids of the
-        tickets written (the others had moved on)."""
+        tickets written (the others had moved on; with ``all_or_none``, none is written
+        unless all are still at their read version)."""
         rows = [
             {
                 name: _json_value(value)
@@ -414,9 +437,34 @@ class TicketRepository:
             | {"ord": ord}
             for ord, (outcome, version) in enumerate(changes)
         ]
-        params = {"changes": Jsonb(rows), "ids": [row["ticket_id"] for row in rows]}
-        cur = await conn.execute(_UPDATE_TICKETS_AND_INSERT_EVENTS, params)
+        params = {
+            "changes": Jsonb(rows),
+            "ids": [row["ticket_id"] for row in rows],
+            "count": len(rows),
+        }
+        statement = _UPDATE_ALL_OR_NONE if all_or_none else _UPDATE_TICKETS_AND_INSERT_EVENTS
+        cur = await conn.execute(statement, params)
         return {row["ticket_id"] for row in await cur.fetchall()}
+
+    async def _apply_all_on_recent(
+        self, ticket_ids: Sequence[str], decides: Sequence[Callable[[Ticket, datetime], Outcome]]
+    ) -> list[Outcome] | None:
+        """The changes of a batch (tickets distinct), in request order, written in one
+        all-or-nothing statement when every one can be decided on its remembered ticket;
+        None when one cannot, or a ticket moved on meanwhile (then nothing was written)."""
+        decided: list[tuple[Outcome, int]] = []
+        for ticket_id, decide in zip(ticket_ids, decides, strict=True):
+            on_recent = self._decided_on_recent(ticket_id, decide)
+            if on_recent is None or not _is_change(on_recent[0]):
+                return None
+            decided.append(on_recent)
+
+        async def work(conn: AsyncConnection[DictRow]) -> set[str]:
+            return await self._apply_changes(conn, decided, all_or_none=True)
+
+        if not await self._run(work, transaction=False):
+            return None
+        return [outcome for outcome, _ in decided]
 
     async def _decide_and_apply(
         self, ticket_id: str, decide: Callable[[Ticket, datetime], Outcome]
@@ -553,6 +601,9 @@ class TicketRepository:
         # One ticket needs no transaction: its INSERT either creates it or changes nothing
         # (a conflict), so there is never a partial batch to roll back.
         results = await self._run(work, transaction=len(specs) > 1)
+        for ticket, was_created in results:
+            if was_created:  # as written: the first assignment needs no read
+                self._recent.put(ticket)
         created = sum(1 for _, was_created in results if was_created)
         self._changed({(EventType.CREATED, None, TicketStatus.PENDING): created} if created else {})
         return results
@@ -605,9 +656,7 @@ class TicketRepository:
     # -- changes ------------------------------------------------------------------------------
 
     async def assign(self, request: Assignment, *, actor: str) -> Ticket:
-        return await self._decide_and_apply(
-            request.ticket_id, lambda t, now: decide_assign(t, request, now=now, actor=actor)
-        )
+        return await self._decide_and_apply(request.ticket_id, _assigning(request, actor))
 
     async def assign_many(
         self, requests: Sequence[Assignment], *, actor: str
@@ -615,6 +664,10 @@ class TicketRepository:
         """Several assignments in one transaction (tickets distinct); each one is applied
         or refused (the error AssignTicket would raise) on its own, in request order."""
         ids = [r.ticket_id for r in requests]
+        if len(requests) > 1:
+            written = await self._apply_all_on_recent(ids, [_assigning(r, actor) for r in requests])
+            if written is not None:
+                return self._batch_answers(written)
 
         async def work(conn: AsyncConnection[DictRow]) -> list[Outcome | HiveError]:
             # Locked in one order, so concurrent batches cannot deadlock on each other.
@@ -642,11 +695,7 @@ class TicketRepository:
             await self._apply_all(conn, decided)  # rows locked: every one is written
             return results
 
-        results = await self._run(work)
-        self._changed_events(
-            [r.event for r in results if isinstance(r, Outcome) and r.event is not None]
-        )
-        return [r.ticket if isinstance(r, Outcome) else r for r in results]
+        return self._batch_answers(await self._run(work))
 
     async def update_status(self, update: StatusUpdate, *, actor: str) -> Ticket:
         return await self._decide_and_apply(update.ticket_id, _deciding(update, actor))
@@ -661,6 +710,10 @@ class TicketRepository:
         # In one order, so concurrent batches wait for each other instead of deadlocking.
         order = sorted(range(len(updates)), key=lambda i: updates[i][0].ticket_id)
         decides = [_deciding(update, actor) for update, actor in updates]
+        if len(updates) > 1:
+            written = await self._apply_all_on_recent([u.ticket_id for u, _ in updates], decides)
+            if written is not None:
+                return self._batch_answers(written)
 
         async def work(conn: AsyncConnection[DictRow]) -> dict[int, Outcome | HiveError]:
             # Decided on the remembered tickets: written together, in one statement;
@@ -687,7 +740,10 @@ class TicketRepository:
 
         # One update needs no transaction: its one write is atomic on its own.
         results = await self._run(work, transaction=len(updates) > 1)
-        outcomes = [results[i] for i in range(len(updates))]
+        return self._batch_answers([results[i] for i in range(len(updates))])
+
+    def _batch_answers(self, outcomes: Sequence[Outcome | HiveError]) -> list[Ticket | HiveError]:
+        """Tell the process what a batch changed; its answers (a late result is refused)."""
         self._changed_events(
             [o.event for o in outcomes if isinstance(o, Outcome) and o.event is not None]
         )
@@ -906,6 +962,10 @@ def _event_params(outcome: Outcome, read_version: int) -> dict[str, Any]:
 
 def _deciding(update: StatusUpdate, actor: str) -> Callable[[Ticket, datetime], Outcome]:
     return lambda ticket, now: decide_update(ticket, update, now=now, actor=actor)
+
+
+def _assigning(request: Assignment, actor: str) -> Callable[[Ticket, datetime], Outcome]:
+    return lambda ticket, now: decide_assign(ticket, request, now=now, actor=actor)
 
 
 def _not_found(ticket_id: str) -> NotFound:
