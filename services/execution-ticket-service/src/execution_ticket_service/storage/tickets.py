@@ -204,7 +204,8 @@ FROM updated u
 # parameter: cheap to build); returns the ids of the tickets written. Used from
 # _BATCH_STATEMENT_MIN changes on: per change, client and PostgreSQL CPU together were
 # ~1.2x single statements' at 2 changes, ~1x at 3, ~0.7x at 4, ~0.35x at 16
-# (bench/experiments/batch_writes.py).
+# (bench/experiments/batch_writes.py). (A batch decided entirely on remembered tickets
+# uses its all-or-nothing form below from 2 changes on: it also saves BEGIN and COMMIT.)
 _BATCH_STATEMENT_MIN = 4
 _BATCH_INPUT = (
     {"ticket_id": "uuid", "read_version": "bigint"}
