@@ -15,7 +15,7 @@ import asyncio
 import math
 import time
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -33,7 +33,7 @@ from bench.report import Figure, Report
 from bench.stats import percentile
 from bench.tickets import audit_settled
 from hive_common.localdb import free_port
-from hive_common.procstack import ManagedProcess, ProcessSpec, ProcessStack
+from hive_common.procstack import ProcessSpec, ProcessStack
 from neuralhive.ticket.v1 import ticket_service_pb2 as pb
 from neuralhive.ticket.v1 import ticket_service_pb2_grpc as pb_grpc
 
@@ -193,11 +193,19 @@ class PlanTiming:
 class PlanRunner:
     """Submits plans over HTTP and reads their timings from the services' records."""
 
-    def __init__(self, *, http: httpx.AsyncClient, tickets_dsn: str, timeout_s: float) -> None:
+    def __init__(
+        self,
+        *,
+        http: httpx.AsyncClient,
+        tickets_dsn: str,
+        timeout_s: float,
+        relay_idle: bool = False,
+    ) -> None:
         self.http = http
         self.tickets_dsn = tickets_dsn
-        # Where to wait for the audit relay to catch up before a measurement (None: don't).
-        self.outbox_dsn: str | None = tickets_dsn
+        # Where to wait for the audit relay to catch up before a measurement (None: an
+        # idle relay's outbox only grows).
+        self.outbox_dsn = None if relay_idle else tickets_dsn
         self.timeout_s = timeout_s
 
     async def submit(self, plan: dict[str, Any]) -> tuple[float, float]:
@@ -647,7 +655,9 @@ def _wide_again(
     """Replace the workers by ones with more slots and run the wide plan once more."""
     replaced = [p for p in procs if p.name.startswith("worker-")]
     # Read before they stop: /proc/<pid> goes with the process.
-    _record_memory(report, replaced, f"max_concurrent {sizes.worker_slots}, after the plan runs")
+    stack.record_memory(
+        report, "plans", replaced, f"max_concurrent {sizes.worker_slots}, after the plan runs"
+    )
     procs.stop(*(p.name for p in replaced))
     workers = [
         stack.worker(
@@ -677,8 +687,8 @@ def _wide_again(
             )
         )
         report.cpu.update(meter.results)
-        _record_memory(
-            report, extra, f"max_concurrent {sizes.wide_again_slots}, after the wide plan"
+        stack.record_memory(
+            report, "plans", extra, f"max_concurrent {sizes.wide_again_slots}, after the wide plan"
         )
 
 
@@ -796,21 +806,7 @@ def phase_plans(report: Report, dbs: Databases, args: argparse.Namespace, logs: 
             _wide_again(
                 report, dbs, args, logs, procs, tickets, registry, orchestrator, sizes, tickets_dsn
             )
-        _record_memory(report, procs, "after all plan runs")
-
-
-def _record_memory(report: Report, processes: Iterable[ManagedProcess], note: str) -> None:
-    """Peak memory of each running process of ``processes``."""
-    for process in (p for p in processes if p.is_running):
-        report.memory.append(
-            {
-                "phase": "plans",
-                "process": process.name,
-                "pid": process.pid,
-                "vmhwm_mib": stack.vm_hwm_mib(process.pid),
-                "note": note,
-            }
-        )
+        stack.record_memory(report, "plans", procs, "after all plan runs")
 
 
 def _wide_relay_idle(
@@ -831,13 +827,15 @@ def _wide_relay_idle(
         async def run() -> None:
             async with httpx.AsyncClient(base_url=idle.orchestrator.endpoint.http_url) as http:
                 runner = PlanRunner(
-                    http=http, tickets_dsn=idle.tickets_dsn, timeout_s=sizes.timeout_s
+                    http=http,
+                    tickets_dsn=idle.tickets_dsn,
+                    timeout_s=sizes.timeout_s,
+                    relay_idle=True,
                 )
-                runner.outbox_dsn = None  # the outbox only grows: nothing to wait for
                 await run_one_plan(
                     report, runner, meter, name, plan, None, sizes, sizes.wide_repeats
                 )
 
         asyncio.run(run())
         report.cpu.update(meter.results)
-        _record_memory(report, procs, "after the wide plan with the audit relay idle")
+        stack.record_memory(report, "plans", procs, "after the wide plan with the audit relay idle")

@@ -42,19 +42,6 @@ FULL_DISCOVERY = DiscoverySizes(populations=(100, 10_000), calls=1000, register_
 QUICK_DISCOVERY = DiscoverySizes(populations=(100, 1000), calls=200, register_concurrency=32)
 
 
-def _record_memory(report: Report, phase: str, processes: ProcessStack, note: str = "") -> None:
-    for process in processes:
-        report.memory.append(
-            {
-                "phase": phase,
-                "process": process.name,
-                "pid": process.pid,
-                "vmhwm_mib": stack.vm_hwm_mib(process.pid),
-                "note": note if process.name != "echo" else "baseline: bare grpc.aio process",
-            }
-        )
-
-
 @contextlib.contextmanager
 def _running(processes: ProcessStack) -> Iterator[ProcessStack]:
     with processes:
@@ -118,7 +105,7 @@ def phase_tickets(report: Report, dbs: Databases, args: argparse.Namespace, logs
                 outbox_dsn=dsn,
             )
         )
-        _record_memory(report, "tickets", procs, "after ingest and update benchmarks")
+        stack.record_memory(report, "tickets", procs, "after ingest and update benchmarks")
         procs.stop("execution-ticket-service")
         # Diagnostic: the same updates with the audit relay idle (MongoDB unreachable, the
         # relay backs off), to show what the relay and FerretDB cost the hot path.
@@ -183,7 +170,9 @@ def phase_discovery(report: Report, dbs: Databases, args: argparse.Namespace, lo
             )
         )
         report.cpu.update(meter.results)
-        _record_memory(report, "discovery", procs, f"after {sizes.populations[-1]:,} registrations")
+        stack.record_memory(
+            report, "discovery", procs, f"after {sizes.populations[-1]:,} registrations"
+        )
 
 
 def _foreign_share(report: Report) -> str:

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import re
 import sys
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from bench.echo import READY_LINE
+from bench.report import Report
 from hive_common import flowc_processes as flowc
 from hive_common.auth import TokenIssuer
 from hive_common.flowc_processes import Endpoint, Launch
 from hive_common.localdb import free_port
-from hive_common.procstack import ProcessSpec, log_ready
+from hive_common.procstack import ManagedProcess, ProcessSpec, log_ready
 
 # Benchmark-only credentials: the services run on loopback for the length of a run.
 JWT_SECRET = "bench-only-jwt-secret-not-for-any-real-deployment-0123456789"
@@ -163,3 +165,19 @@ def vm_hwm_mib(pid: int | None) -> float:
     except OSError:
         pass
     return float("nan")
+
+
+def record_memory(
+    report: Report, phase: str, processes: Iterable[ManagedProcess], note: str
+) -> None:
+    """Peak memory of each running process of ``processes`` (the echo is the baseline)."""
+    for process in (p for p in processes if p.is_running):
+        report.memory.append(
+            {
+                "phase": phase,
+                "process": process.name,
+                "pid": process.pid,
+                "vmhwm_mib": vm_hwm_mib(process.pid),
+                "note": "baseline: bare grpc.aio process" if process.name == "echo" else note,
+            }
+        )

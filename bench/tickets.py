@@ -4,9 +4,10 @@ its baseline (raw psycopg executemany, a bare grpc.aio echo service) measured in
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -40,6 +41,21 @@ class TicketSizes:
     single_calls: int
     single_concurrency: int
     update_calls: dict[int, int]  # concurrency -> number of updates
+
+
+@contextlib.asynccontextmanager
+async def _ticket_stubs(
+    *targets: str,
+) -> AsyncIterator[list[pb_grpc.TicketServiceAsyncStub]]:
+    """A TicketService stub per target (the service or an echo), each on its own channel."""
+    async with contextlib.AsyncExitStack() as channels:
+        stubs: list[pb_grpc.TicketServiceAsyncStub] = []
+        for target in targets:
+            channel = await channels.enter_async_context(
+                grpc.aio.insecure_channel(target, options=CHANNEL_OPTIONS)
+            )
+            stubs.append(pb_grpc.TicketServiceStub(channel))
+        yield stubs
 
 
 async def outbox_backlog(dsn: str) -> int:
@@ -211,12 +227,7 @@ async def run_ingest(
 ) -> None:
     """BatchCreateTickets vs raw executemany; single CreateTicket vs the echo service."""
     run_id = uuid.uuid4().hex[:8]
-    async with (
-        grpc.aio.insecure_channel(tickets_target, options=CHANNEL_OPTIONS) as channel,
-        grpc.aio.insecure_channel(echo_target, options=CHANNEL_OPTIONS) as echo_channel,
-    ):
-        stub: pb_grpc.TicketServiceAsyncStub = pb_grpc.TicketServiceStub(channel)
-        echo: pb_grpc.TicketServiceAsyncStub = pb_grpc.TicketServiceStub(echo_channel)
+    async with _ticket_stubs(tickets_target, echo_target) as (stub, echo):
         metadata = bearer()
 
         # Warm-up: connections, pools, JIT-free but cache-warm code paths.
@@ -450,12 +461,7 @@ async def run_updates(
     goes under its own key).
     """
     run_id = uuid.uuid4().hex[:8]
-    async with (
-        grpc.aio.insecure_channel(tickets_target, options=CHANNEL_OPTIONS) as channel,
-        grpc.aio.insecure_channel(echo_target, options=CHANNEL_OPTIONS) as echo_channel,
-    ):
-        stub: pb_grpc.TicketServiceAsyncStub = pb_grpc.TicketServiceStub(channel)
-        echo: pb_grpc.TicketServiceAsyncStub = pb_grpc.TicketServiceStub(echo_channel)
+    async with _ticket_stubs(tickets_target, echo_target) as (stub, echo):
         per_level = {c: max(2, n // 2) for c, n in sizes.update_calls.items()}
         ids, assign = await _assigned_tickets(
             stub, count=sum(per_level.values()) + 20, run_id=run_id, plan_size=sizes.plan_size
@@ -535,12 +541,7 @@ async def run_durable_floor(
     concurrency = sizes.single_concurrency
     specs = [_spec(_spec_values(f"floor-{run_id}", i)) for i in range(sizes.single_calls + 50)]
     update_ids = [str(uuid.uuid4()) for _ in range(max(2, sizes.update_calls[16] // 2) + 20)]
-    async with (
-        grpc.aio.insecure_channel(echo_target, options=CHANNEL_OPTIONS) as echo_channel,
-        grpc.aio.insecure_channel(floor_target, options=CHANNEL_OPTIONS) as floor_channel,
-    ):
-        echo: pb_grpc.TicketServiceAsyncStub = pb_grpc.TicketServiceStub(echo_channel)
-        floor: pb_grpc.TicketServiceAsyncStub = pb_grpc.TicketServiceStub(floor_channel)
+    async with _ticket_stubs(echo_target, floor_target) as (echo, floor):
         metadata = bearer()
 
         def creating(

@@ -215,8 +215,27 @@ _BATCH_INPUT = (
 )
 _RECORD_COLUMNS = ", ".join(f"{name} {kind}" for name, kind in _BATCH_INPUT.items())
 _SET_FROM_INPUT = ", ".join(f"{column} = i.{column}" for column in _WRITTEN_COLUMNS)
-_UPDATE_TICKETS_AND_INSERT_EVENTS = f"""
-WITH input AS (
+
+
+def _batch_write(*, all_or_none: bool) -> str:
+    """The statement writing a batch of changes with their events (see above).
+
+    ``all_or_none``: the rows are locked first (in one order, so concurrent batches wait
+    for each other) and written only if every one is still at the version its change was
+    decided on (a locked row is its latest version). One statement is one transaction: a
+    batch decided entirely on remembered tickets needs no BEGIN and COMMIT.
+    """
+    locked = guard = ""
+    if all_or_none:
+        locked = """locked AS (
+    SELECT ticket_id, version FROM tickets WHERE ticket_id = ANY(%(ids)s::uuid[])
+    ORDER BY ticket_id FOR UPDATE
+), """
+        guard = """
+      AND (SELECT count(*) FROM locked l JOIN input c
+           ON c.ticket_id = l.ticket_id AND c.read_version = l.version) = %(count)s"""
+    return f"""
+WITH {locked}input AS (
     SELECT * FROM jsonb_to_recordset(%(changes)s) AS i({_RECORD_COLUMNS})
 ), updated AS (
     UPDATE tickets t SET {_SET_FROM_INPUT}
@@ -224,8 +243,7 @@ WITH input AS (
     -- The ids again as an array: the rows are found by the primary key whatever the plan
     -- thinks of the JSON's row count (else a cached plan may scan the whole table).
     WHERE t.ticket_id = ANY(%(ids)s::uuid[])
-      AND t.ticket_id = i.ticket_id AND t.version = i.read_version
-      {{guard}}
+      AND t.ticket_id = i.ticket_id AND t.version = i.read_version{guard}
     RETURNING t.*
 ), events AS (
     INSERT INTO ticket_events (event_id, event_type, ticket_id, plan_id, worker_id,
@@ -237,23 +255,10 @@ WITH input AS (
 )
 SELECT ticket_id::text FROM updated
 """
-# The same, all or nothing: the rows are locked first (in one order, so concurrent
-# batches wait for each other) and written only if every one is still at the version its
-# change was decided on (a locked row is its latest version). One statement is one
-# transaction: a batch decided entirely on remembered tickets needs no BEGIN and COMMIT.
-_UPDATE_ALL_OR_NONE = _UPDATE_TICKETS_AND_INSERT_EVENTS.replace(
-    "WITH input AS (",
-    """WITH locked AS (
-    SELECT ticket_id, version FROM tickets WHERE ticket_id = ANY(%(ids)s::uuid[])
-    ORDER BY ticket_id FOR UPDATE
-), input AS (""",
-    1,
-).replace(
-    "{guard}",
-    """AND (SELECT count(*) FROM locked l JOIN input c
-           ON c.ticket_id = l.ticket_id AND c.read_version = l.version) = %(count)s""",
-)
-_UPDATE_TICKETS_AND_INSERT_EVENTS = _UPDATE_TICKETS_AND_INSERT_EVENTS.replace("{guard}", "")
+
+
+_UPDATE_TICKETS_AND_INSERT_EVENTS = _batch_write(all_or_none=False)
+_UPDATE_ALL_OR_NONE = _batch_write(all_or_none=True)
 
 _EVENT_COLUMNS = (
     "seq, xid, event_id, event_type, worker_id, previous_status, actor, occurred_at, "
