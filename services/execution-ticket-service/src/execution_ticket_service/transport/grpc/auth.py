@@ -20,12 +20,7 @@ from execution_ticket_service.domain.authorization import AccessRequest, authori
 from execution_ticket_service.domain.models import Ticket, TicketStatus
 from execution_ticket_service.domain.validation import validate_ticket_id
 from execution_ticket_service.transport.grpc.convert import status_name
-from hive_common.auth import (
-    TokenClaims,
-    TokenKind,
-    TokenVerifier,
-    VerifiedTokenCache,
-)
+from hive_common.auth import TokenClaims, TokenKind, TokenVerifier, VerifiedTokenCache
 from hive_common.errors import Internal
 from hive_common.grpc_server import HandlerWrappingInterceptor, RpcCall
 from neuralhive.ticket.v1 import ticket_service_pb2 as pb
