@@ -9,10 +9,10 @@ worker with several slots makes one call and one database transaction for many r
 
 from __future__ import annotations
 
-import asyncio
 from collections.abc import Awaitable, Callable, Sequence
 
-from hive_common.errors import HiveError, Internal
+from hive_common.batching import GroupCommit
+from hive_common.errors import HiveError
 from neuralhive.ticket.v1 import ticket_service_pb2 as pb
 
 SendReports = Callable[
@@ -38,66 +38,27 @@ class ReportBatcher:
     ) -> None:
         if max_per_call < 1:
             raise ValueError("max_per_call must be at least 1")
-        self._send = send
         self._max = max_per_call
         self._max_bytes = max_bytes_per_call
-        self._queue: list[tuple[pb.TicketStatusReport, asyncio.Future[pb.ExecutionTicket]]] = []
-        self._sender: asyncio.Task[None] | None = None
+        self._calls: GroupCommit[pb.TicketStatusReport, pb.ExecutionTicket] = GroupCommit(
+            send, take=self._take, name="hive-worker-reports"
+        )
 
     async def report(self, report: pb.TicketStatusReport) -> pb.ExecutionTicket:
-        answer: asyncio.Future[pb.ExecutionTicket] = asyncio.get_running_loop().create_future()
-        self._queue.append((report, answer))
-        if self._sender is None:
-            # Starts in the next turn of the loop: reports made in this one go with it.
-            self._sender = asyncio.create_task(self._send_queued(), name="hive-worker-reports")
-        return await answer
+        return await self._calls.submit(report)
 
     async def aclose(self) -> None:
         """Stop sending; reports still waiting fail with ``CancelledError``."""
-        sender, self._sender = self._sender, None
-        if sender is not None:
-            sender.cancel()
-            await asyncio.gather(sender, return_exceptions=True)
-        for _, answer in self._queue:
-            answer.cancel()
-        self._queue.clear()
+        await self._calls.aclose()
 
-    def _take(self) -> list[tuple[pb.TicketStatusReport, asyncio.Future[pb.ExecutionTicket]]]:
-        """The next call's reports: the oldest, up to the count and size bounds (a report
-        larger than the size bound goes alone)."""
+    def _take(self, reports: Sequence[pb.TicketStatusReport]) -> int:
+        """How many of the oldest reports the next call carries: up to the count and size
+        bounds (a report larger than the size bound goes alone)."""
         size = 0
         count = 0
-        for report, _ in self._queue[: self._max]:
+        for report in reports[: self._max]:
             size += report.ByteSize()
             if count and size > self._max_bytes:
                 break
             count += 1
-        batch, self._queue = self._queue[:count], self._queue[count:]
-        return batch
-
-    async def _send_queued(self) -> None:
-        try:
-            while self._queue:
-                batch = self._take()
-                try:
-                    results: Sequence[pb.ExecutionTicket | Exception] = await self._send(
-                        [report for report, _ in batch]
-                    )
-                    if len(results) != len(batch):
-                        raise Internal(f"{len(results)} answers to {len(batch)} reports")
-                except Exception as exc:  # the call failed: so did each of its reports
-                    results = [exc] * len(batch)
-                except BaseException:
-                    for _, answer in batch:
-                        answer.cancel()
-                    raise
-                for (_, answer), result in zip(batch, results, strict=True):
-                    if answer.done():  # its waiter gave up (cancelled)
-                        continue
-                    if isinstance(result, Exception):
-                        answer.set_exception(result)
-                    else:
-                        answer.set_result(result)
-        finally:
-            if self._sender is asyncio.current_task():
-                self._sender = None
+        return count

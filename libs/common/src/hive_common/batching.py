@@ -1,0 +1,110 @@
+"""Group commit: items submitted while a call is in flight go together in the next call.
+
+Every item waits for the next call of ``send``, which carries the items submitted since
+the previous call went out: those submitted in the same turn of the event loop and those
+submitted while a call was in flight. A lone item goes at once, so nothing waits longer
+than one call; under load, many items share one call (one round trip, one transaction).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable, Hashable, Sequence
+from typing import Generic, TypeVar
+
+from hive_common.errors import Internal
+
+I = TypeVar("I")  # noqa: E741 (the item type)
+R = TypeVar("R")
+
+# One answer per item, in order: its result, or the exception that item raises.
+Send = Callable[[list[I]], Awaitable[Sequence[R | Exception]]]
+# How many of the oldest waiting items (at least one) the next call carries.
+Take = Callable[[Sequence[I]], int]
+
+
+class GroupCommit(Generic[I, R]):
+    """``await submit(item)`` → the item's answer from ``send``, or raises its error (a
+    failed call raises its error for each of its items).
+
+    ``take`` bounds a call (default: every waiting item); ``name`` names the sending task.
+    """
+
+    def __init__(self, send: Send[I, R], *, take: Take[I] | None = None, name: str) -> None:
+        self._send = send
+        self._take = take
+        self._name = name
+        self._queue: list[tuple[I, asyncio.Future[R]]] = []
+        self._sender: asyncio.Task[None] | None = None
+
+    async def submit(self, item: I) -> R:
+        answer: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        self._queue.append((item, answer))
+        if self._sender is None:
+            # Starts in the next turn of the loop: items submitted in this one go with it.
+            self._sender = asyncio.create_task(self._send_queued(), name=self._name)
+        return await answer
+
+    async def aclose(self) -> None:
+        """Stop sending; items still waiting fail with ``CancelledError``. Submitting
+        again starts afresh."""
+        sender, self._sender = self._sender, None
+        if sender is not None:
+            sender.cancel()
+            await asyncio.gather(sender, return_exceptions=True)
+        for _, answer in self._queue:
+            answer.cancel()
+        self._queue.clear()
+
+    def _next_call(self) -> list[tuple[I, asyncio.Future[R]]]:
+        count = len(self._queue)
+        if self._take is not None:
+            count = max(1, self._take([item for item, _ in self._queue]))
+        batch, self._queue = self._queue[:count], self._queue[count:]
+        return batch
+
+    async def _send_queued(self) -> None:
+        try:
+            while self._queue:
+                batch = self._next_call()
+                try:
+                    results = await self._send([item for item, _ in batch])
+                    if len(results) != len(batch):
+                        raise Internal(f"{len(results)} answers to {len(batch)} items")
+                except Exception as exc:  # the call failed: so did each of its items
+                    results = [exc] * len(batch)
+                except BaseException:
+                    for _, answer in batch:
+                        answer.cancel()
+                    raise
+                for (_, answer), result in zip(batch, results, strict=True):
+                    if answer.done():  # its waiter gave up (cancelled)
+                        continue
+                    if isinstance(result, Exception):
+                        answer.set_exception(result)
+                    else:
+                        answer.set_result(result)
+        finally:
+            if self._sender is asyncio.current_task():
+                self._sender = None
+
+
+def distinct_prefix(key: Callable[[I], Hashable], *, limit: int) -> Take[I]:
+    """A ``take``: the oldest items up to ``limit``, stopping before the first whose key
+    an earlier one of them has (so no call carries two items for the same thing)."""
+    if limit < 1:
+        raise ValueError("limit must be at least 1")
+
+    def take(items: Sequence[I]) -> int:
+        seen: set[Hashable] = set()
+        for count, item in enumerate(items[:limit]):
+            k = key(item)
+            if k in seen:
+                return count
+            seen.add(k)
+        return min(len(items), limit)
+
+    return take
+
+
+__all__ = ["GroupCommit", "Send", "Take", "distinct_prefix"]

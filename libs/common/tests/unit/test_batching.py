@@ -1,0 +1,102 @@
+"""GroupCommit: which items share a call, and what each waiter gets back."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from hive_common.batching import GroupCommit, distinct_prefix
+from hive_common.errors import FailedPrecondition, Internal, Unavailable
+
+
+class Recorder:
+    """Answers each item with its upper case (or a scripted refusal); calls wait for
+    ``gate`` when it is set to a pending event."""
+
+    def __init__(self) -> None:
+        self.calls: list[list[str]] = []
+        self.refuse: dict[str, Exception] = {}
+        self.fail_call: Exception | None = None
+        self.answers_short = False
+        self.gate: asyncio.Event | None = None
+
+    async def send(self, items: list[str]) -> list[str | Exception]:
+        self.calls.append(items)
+        if self.gate is not None:
+            await self.gate.wait()
+        if self.fail_call is not None:
+            raise self.fail_call
+        answers = [self.refuse.get(item) or item.upper() for item in items]
+        return answers[:-1] if self.answers_short else answers
+
+
+async def test_items_of_one_turn_and_those_made_during_a_call_share_the_next_call() -> None:
+    recorder = Recorder()
+    recorder.gate = asyncio.Event()
+    group: GroupCommit[str, str] = GroupCommit(recorder.send, name="test")
+    first = [asyncio.create_task(group.submit(item)) for item in ("a", "b")]
+    await asyncio.sleep(0.01)
+    assert recorder.calls == [["a", "b"]]
+    later = [asyncio.create_task(group.submit(item)) for item in ("c", "d", "e")]
+    await asyncio.sleep(0.01)
+    assert recorder.calls == [["a", "b"]]  # waiting for the call in flight
+    recorder.gate.set()
+    assert await asyncio.gather(*first, *later) == ["A", "B", "C", "D", "E"]
+    assert recorder.calls == [["a", "b"], ["c", "d", "e"]]
+    assert await group.submit("f") == "F"  # idle again: alone, at once
+    assert recorder.calls[-1] == ["f"]
+
+
+async def test_each_item_gets_its_own_answer_or_its_calls_failure() -> None:
+    recorder = Recorder()
+    recorder.refuse["b"] = FailedPrecondition("b is finished")
+    group: GroupCommit[str, str] = GroupCommit(recorder.send, name="test")
+    a, b = await asyncio.gather(group.submit("a"), group.submit("b"), return_exceptions=True)
+    assert a == "A"
+    assert isinstance(b, FailedPrecondition)
+    recorder.fail_call = Unavailable("database restarting")
+    results = await asyncio.gather(group.submit("c"), group.submit("d"), return_exceptions=True)
+    assert [type(r) for r in results] == [Unavailable, Unavailable]
+    recorder.fail_call = None
+    recorder.answers_short = True  # a wrong number of answers: an error each, nobody hangs
+    results = await asyncio.gather(group.submit("e"), group.submit("f"), return_exceptions=True)
+    assert [type(r) for r in results] == [Internal, Internal]
+
+
+async def test_distinct_prefix_keeps_repeated_keys_for_a_later_call_in_order() -> None:
+    recorder = Recorder()
+    take = distinct_prefix(lambda item: item[0], limit=3)
+    group: GroupCommit[str, str] = GroupCommit(recorder.send, take=take, name="test")
+    items = ["a1", "b1", "a2", "c1", "d1", "e1", "f1"]
+    answers = await asyncio.gather(*(group.submit(item) for item in items))
+    assert answers == [item.upper() for item in items]
+    assert recorder.calls == [["a1", "b1"], ["a2", "c1", "d1"], ["e1", "f1"]]
+    with pytest.raises(ValueError, match="at least 1"):
+        distinct_prefix(lambda item: item, limit=0)
+
+
+async def test_a_cancelled_waiter_does_not_disturb_the_others() -> None:
+    recorder = Recorder()
+    recorder.gate = asyncio.Event()
+    group: GroupCommit[str, str] = GroupCommit(recorder.send, name="test")
+    quitter = asyncio.create_task(group.submit("a"))
+    stayer = asyncio.create_task(group.submit("b"))
+    await asyncio.sleep(0.01)
+    quitter.cancel()
+    recorder.gate.set()
+    assert await stayer == "B"
+    assert quitter.cancelled()
+
+
+async def test_closing_cancels_the_items_still_waiting_and_a_new_submit_starts_afresh() -> None:
+    recorder = Recorder()
+    recorder.gate = asyncio.Event()
+    group: GroupCommit[str, str] = GroupCommit(recorder.send, name="test")
+    waiting = [asyncio.create_task(group.submit(item)) for item in ("a", "b")]
+    await asyncio.sleep(0.01)
+    await group.aclose()
+    results = await asyncio.gather(*waiting, return_exceptions=True)
+    assert all(isinstance(r, asyncio.CancelledError) for r in results)
+    recorder.gate.set()
+    assert await group.submit("c") == "C"
