@@ -101,6 +101,7 @@ class TicketService:
 
     async def _shutdown(self) -> None:
         await self._stop_tasks()
+        await self.repository.aclose()
         await self.mongo.close()
         await self.pool.close()
 

@@ -353,6 +353,64 @@ async def test_a_batch_is_written_in_one_transaction(
         assert await repo.get(ticket.ticket_id) == ticket
 
 
+async def test_concurrent_single_creates_are_written_together_and_answered_each(
+    repo: TicketRepository, migrated_dsn: str
+) -> None:
+    [(taken, _)] = await repo.create_many([spec("taken", parameters={"a": 1})], actor="s")
+    position = await repo.current_position()
+    answers = await asyncio.gather(
+        *(repo.create(spec(f"new{i}"), actor="service:o") for i in range(4)),
+        repo.create(spec("taken", parameters={"a": 1}), actor="service:o"),  # identical
+        repo.create(spec("taken", parameters={"a": 2}), actor="service:o"),  # differs
+        repo.create(spec("elsewhere", plan_id="plan-2"), actor="service:p"),  # another actor
+        return_exceptions=True,
+    )
+    *new, identical, differs, elsewhere = answers
+    assert [(t.spec.task_id, created) for t, created in new] == [  # type: ignore[union-attr,misc]
+        (f"new{i}", True) for i in range(4)
+    ]
+    assert identical == (taken, False)
+    assert isinstance(differs, AlreadyExists)
+    assert [v.field for v in differs.violations] == ["ticket.parameters"]
+    assert isinstance(elsewhere, tuple)
+    assert elsewhere[1]
+    # The four of one turn went in one statement, and the refusal took nothing back.
+    assert len(_batch_xids(migrated_dsn, [t.ticket_id for t, _ in new])) == 1  # type: ignore[union-attr,misc]
+    events = await repo.events_after(position, TicketFilter(), limit=10)
+    assert sorted((e.ticket.task_id, e.actor) for e in events) == [
+        ("elsewhere", "service:p"),
+        *((f"new{i}", "service:o") for i in range(4)),
+    ]
+
+
+async def test_concurrent_single_updates_are_written_together_and_answered_each(
+    repo: TicketRepository, migrated_dsn: str
+) -> None:
+    running = [await _running_ticket(repo, f"r{i}") for i in range(4)]
+    [(pending, _)] = await repo.create_many([spec("pending")], actor="s")
+    results = await asyncio.gather(
+        *(
+            repo.update_status(StatusUpdate(ticket_id=t, status=S.COMPLETED, attempt=1), actor="w")
+            for t in running
+        ),
+        # PENDING -> COMPLETED is refused, for this update only.
+        repo.update_status(
+            StatusUpdate(ticket_id=pending.ticket_id, status=S.COMPLETED, attempt=1), actor="w"
+        ),
+        # The same ticket twice: the second is decided after the first (a repeat).
+        repo.update_status(
+            StatusUpdate(ticket_id=running[0], status=S.COMPLETED, attempt=1), actor="w"
+        ),
+        return_exceptions=True,
+    )
+    *done, refused, repeat = results
+    assert [(t.ticket_id, t.status) for t in done] == [(t, S.COMPLETED) for t in running]  # type: ignore[union-attr]
+    assert isinstance(refused, FailedPrecondition)
+    assert repeat == done[0]
+    assert len(_batch_xids(migrated_dsn, running)) == 1
+    assert (await repo.get(pending.ticket_id)).status is S.PENDING
+
+
 def _sql(dsn: str, statement: str, ticket_id: str) -> None:
     """A change made by someone else (another replica), committed at once."""
     with psycopg.connect(dsn, autocommit=True) as other:

@@ -19,7 +19,7 @@ import json
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 
 import psycopg
 from psycopg import AsyncConnection, sql
@@ -48,6 +48,7 @@ from execution_ticket_service.domain.state_machine import (
     decide_update,
 )
 from execution_ticket_service.storage.rows import ticket_from_row
+from hive_common.batching import GroupCommit, Take, distinct_prefix
 from hive_common.errors import (
     Aborted,
     AlreadyExists,
@@ -68,6 +69,9 @@ _ATTEMPTS = 3
 # A single-ticket change that keeps losing the race to concurrent changes of the same
 # ticket gives up (ABORTED, retryable) rather than spin.
 _OPTIMISTIC_ATTEMPTS = 5
+# Concurrent single creates / status updates are written together (group commit), at most
+# this many in one statement.
+_GROUP_MAX = 100
 # Rows decoded between two turns of the event loop when a read returns many events.
 _CONVERT_CHUNK = 50
 
@@ -314,6 +318,19 @@ class TicketRepository:
         self._clock = clock
         self._on_change = on_change
         self._recent = RecentTickets(recent_tickets)
+        self._creates: GroupCommit[tuple[TicketSpec, str], tuple[Ticket, bool]] = GroupCommit(
+            self._create_each, take=_one_actor_distinct_tasks, name="ticket-creates"
+        )
+        self._updates: GroupCommit[tuple[StatusUpdate, str], Ticket] = GroupCommit(
+            self.update_status_many,
+            take=distinct_prefix(lambda item: item[0].ticket_id, limit=_GROUP_MAX),
+            name="ticket-updates",
+        )
+
+    async def aclose(self) -> None:
+        """Stop writing grouped creates and updates (those still waiting are cancelled)."""
+        await self._creates.aclose()
+        await self._updates.aclose()
 
     # -- plumbing -------------------------------------------------------------------------
 
@@ -537,6 +554,12 @@ class TicketRepository:
 
     # -- creation -------------------------------------------------------------------------
 
+    async def create(self, spec: TicketSpec, *, actor: str) -> tuple[Ticket, bool]:
+        """Create one ticket: ``(ticket, created)`` as :meth:`create_many` for one spec.
+        Creates made concurrently (by one actor, of distinct tasks) are written together,
+        each still created or refused on its own."""
+        return await self._creates.submit((spec, actor))
+
     async def create_many(
         self, specs: Sequence[TicketSpec], *, actor: str
     ) -> list[tuple[Ticket, bool]]:
@@ -545,6 +568,20 @@ class TicketRepository:
         Idempotent per (plan_id, task_id): an identical existing ticket is returned with
         ``created=False``; a different one makes the whole batch ALREADY_EXISTS.
         """
+        answers = await self._insert(specs, actor=actor, all_or_none=True)
+        return cast(list[tuple[Ticket, bool]], answers)  # a refusal was raised instead
+
+    async def _create_each(
+        self, items: Sequence[tuple[TicketSpec, str]]
+    ) -> list[tuple[Ticket, bool] | AlreadyExists]:
+        """The grouped creates of :meth:`create` (one actor, distinct tasks)."""
+        return await self._insert([spec for spec, _ in items], actor=items[0][1], all_or_none=False)
+
+    async def _insert(
+        self, specs: Sequence[TicketSpec], *, actor: str, all_or_none: bool
+    ) -> list[tuple[Ticket, bool] | AlreadyExists]:
+        """``(ticket, created)`` per spec, or its refusal (an existing ticket with other
+        content); ``all_or_none``: one refusal refuses the whole batch (raised)."""
         now = self._clock()
         ids = new_uuid4_strings(len(specs))
         params: dict[str, Any] = {
@@ -563,8 +600,10 @@ class TicketRepository:
             "now": now,
             "actor": actor,
         }
+        # Fields of a batch's refusals name the ticket's position in the request.
+        prefix = "tickets[{}]" if all_or_none and len(specs) > 1 else "ticket"
 
-        async def work(conn: AsyncConnection[DictRow]) -> list[tuple[Ticket, bool]]:
+        async def work(conn: AsyncConnection[DictRow]) -> list[tuple[Ticket, bool] | AlreadyExists]:
             cur = await conn.execute(_INSERT_TICKETS, params)
             inserted = {str(row["ticket_id"]) for row in await cur.fetchall()}
             existing: dict[tuple[str, str], Ticket] = {}
@@ -580,39 +619,36 @@ class TicketRepository:
                 for row in await cur.fetchall():
                     ticket = ticket_from_row(row)
                     existing[(ticket.plan_id, ticket.task_id)] = ticket
-            results: list[tuple[Ticket, bool]] = []
+            answers: list[tuple[Ticket, bool] | AlreadyExists] = []
             violations: list[FieldViolation] = []
-            prefix = "ticket" if len(specs) == 1 else "tickets[{}]"
             for index, (spec, ticket_id) in enumerate(zip(specs, ids, strict=True)):
                 if ticket_id in inserted:
-                    results.append((_new_ticket(ticket_id, spec, now), True))
+                    answers.append((_new_ticket(ticket_id, spec, now), True))
                     continue
                 found = existing[(spec.plan_id, spec.task_id)]
-                for name in _spec_differences(found.spec, spec):
-                    violations.append(
-                        FieldViolation(
-                            field=f"{prefix.format(index)}.{name}",
-                            description=f"differs from existing ticket {found.ticket_id}",
-                        )
+                differing = [
+                    FieldViolation(
+                        field=f"{prefix.format(index)}.{name}",
+                        description=f"differs from existing ticket {found.ticket_id}",
                     )
-                results.append((found, False))
-            if violations:
-                raise AlreadyExists(
-                    "a ticket with the same plan_id and task_id but different content exists",
-                    violations=violations,
-                    details={"differing_fields": ", ".join(v.field for v in violations)},
-                )
-            return results
+                    for name in _spec_differences(found.spec, spec)
+                ]
+                violations.extend(differing)
+                answers.append(_conflict(differing) if differing else (found, False))
+            if all_or_none and violations:
+                raise _conflict(violations)  # rolls the batch back
+            return answers
 
-        # One ticket needs no transaction: its INSERT either creates it or changes nothing
-        # (a conflict), so there is never a partial batch to roll back.
-        results = await self._run(work, transaction=len(specs) > 1)
-        for ticket, was_created in results:
-            if was_created:  # as written: the first assignment needs no read
-                self._recent.put(ticket)
-        created = sum(1 for _, was_created in results if was_created)
+        # One INSERT either creates a ticket or changes nothing (a conflict): only an
+        # all-or-nothing batch has anything to roll back.
+        answers = await self._run(work, transaction=all_or_none and len(specs) > 1)
+        created = 0
+        for answer in answers:
+            if not isinstance(answer, AlreadyExists) and answer[1]:
+                self._recent.put(answer[0])  # as written: the first assignment needs no read
+                created += 1
         self._changed({(EventType.CREATED, None, TicketStatus.PENDING): created} if created else {})
-        return results
+        return answers
 
     # -- reads --------------------------------------------------------------------------------
 
@@ -704,7 +740,9 @@ class TicketRepository:
         return self._batch_answers(await self._run(work))
 
     async def update_status(self, update: StatusUpdate, *, actor: str) -> Ticket:
-        return await self._decide_and_apply(update.ticket_id, _deciding(update, actor))
+        """Apply one status update, or raise its refusal. Updates made concurrently (of
+        distinct tickets) are written together, as by :meth:`update_status_many`."""
+        return await self._updates.submit((update, actor))
 
     async def update_status_many(
         self, updates: Sequence[tuple[StatusUpdate, str]]
@@ -972,6 +1010,27 @@ def _deciding(update: StatusUpdate, actor: str) -> Callable[[Ticket, datetime], 
 
 def _assigning(request: Assignment, actor: str) -> Callable[[Ticket, datetime], Outcome]:
     return lambda ticket, now: decide_assign(ticket, request, now=now, actor=actor)
+
+
+def _conflict(violations: list[FieldViolation]) -> AlreadyExists:
+    return AlreadyExists(
+        "a ticket with the same plan_id and task_id but different content exists",
+        violations=violations,
+        details={"differing_fields": ", ".join(v.field for v in violations)},
+    )
+
+
+_distinct_tasks: Take[tuple[TicketSpec, str]] = distinct_prefix(
+    lambda item: (item[0].plan_id, item[0].task_id), limit=_GROUP_MAX
+)
+
+
+def _one_actor_distinct_tasks(items: Sequence[tuple[TicketSpec, str]]) -> int:
+    """How many grouped creates go in one statement: of one actor (the events name it) and
+    distinct (plan_id, task_id)."""
+    actor = items[0][1]
+    count = _distinct_tasks(items)
+    return next((n for n, (_, a) in enumerate(items[:count]) if a != actor), count)
 
 
 def _not_found(ticket_id: str) -> NotFound:

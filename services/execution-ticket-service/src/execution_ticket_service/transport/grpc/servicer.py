@@ -104,9 +104,7 @@ class TicketServicer(pb_grpc.TicketServiceServicer):
     ) -> pb.CreateTicketResponse:
         spec = validate_create(raw_spec(request.ticket), self._limits)
         bind_request_context(plan_id=spec.plan_id)
-        [(ticket, created)] = await self._repository.create_many(
-            [spec], actor=actor_of(current_claims())
-        )
+        ticket, created = await self._repository.create(spec, actor=actor_of(current_claims()))
         return pb.CreateTicketResponse(ticket=ticket_to_proto(ticket), created=created)
 
     async def BatchCreateTickets(
