@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable, Hashable, Sequence
-from typing import Generic, TypeVar
+from dataclasses import dataclass
+from typing import Generic, TypeAlias, TypeVar
 
 from hive_common.errors import Internal
 
@@ -21,6 +22,18 @@ R = TypeVar("R")
 Send = Callable[[list[I]], Awaitable[Sequence[R | Exception]]]
 # How many of the oldest waiting items (at least one) the next call carries.
 Take = Callable[[Sequence[I]], int]
+
+
+@dataclass(frozen=True, slots=True)
+class _CallFailed:
+    """The answer of every item of a call that failed as a whole."""
+
+    error: Exception
+
+
+# What an item's future holds: its answer from send (a refusal too, as a value), or the
+# failure of its call.
+_Answer: TypeAlias = R | Exception | _CallFailed
 
 
 class GroupCommit(Generic[I, R]):
@@ -34,16 +47,36 @@ class GroupCommit(Generic[I, R]):
         self._send = send
         self._take = take
         self._name = name
-        self._queue: list[tuple[I, asyncio.Future[R]]] = []
+        self._queue: list[tuple[I, asyncio.Future[_Answer[R]]]] = []
         self._sender: asyncio.Task[None] | None = None
 
     async def submit(self, item: I) -> R:
-        answer: asyncio.Future[R] = asyncio.get_running_loop().create_future()
+        answer = await self._enqueue(item)
+        if isinstance(answer, _CallFailed):
+            raise answer.error
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    async def submit_many(self, items: Sequence[I]) -> list[R | Exception]:
+        """Submit several items together; their answers in order, a refusal as its
+        exception. Raises the error of a failed call carrying any of them (the other
+        items may have been written)."""
+        answers = await asyncio.gather(*(self._enqueue(item) for item in items))
+        results: list[R | Exception] = []
+        for answer in answers:
+            if isinstance(answer, _CallFailed):
+                raise answer.error
+            results.append(answer)
+        return results
+
+    def _enqueue(self, item: I) -> asyncio.Future[_Answer[R]]:
+        answer: asyncio.Future[_Answer[R]] = asyncio.get_running_loop().create_future()
         self._queue.append((item, answer))
         if self._sender is None:
             # Starts in the next turn of the loop: items submitted in this one go with it.
             self._sender = asyncio.create_task(self._send_queued(), name=self._name)
-        return await answer
+        return answer
 
     async def aclose(self) -> None:
         """Stop sending; items still waiting fail with ``CancelledError``. Submitting
@@ -56,7 +89,7 @@ class GroupCommit(Generic[I, R]):
             answer.cancel()
         self._queue.clear()
 
-    def _next_call(self) -> list[tuple[I, asyncio.Future[R]]]:
+    def _next_call(self) -> list[tuple[I, asyncio.Future[_Answer[R]]]]:
         count = len(self._queue)
         if self._take is not None:
             count = max(1, self._take([item for item, _ in self._queue]))
@@ -67,22 +100,19 @@ class GroupCommit(Generic[I, R]):
         try:
             while self._queue:
                 batch = self._next_call()
+                results: Sequence[_Answer[R]]
                 try:
                     results = await self._send([item for item, _ in batch])
                     if len(results) != len(batch):
                         raise Internal(f"{len(results)} answers to {len(batch)} items")
                 except Exception as exc:  # the call failed: so did each of its items
-                    results = [exc] * len(batch)
+                    results = [_CallFailed(exc)] * len(batch)
                 except BaseException:
                     for _, answer in batch:
                         answer.cancel()
                     raise
                 for (_, answer), result in zip(batch, results, strict=True):
-                    if answer.done():  # its waiter gave up (cancelled)
-                        continue
-                    if isinstance(result, Exception):
-                        answer.set_exception(result)
-                    else:
+                    if not answer.done():  # else its waiter gave up (cancelled)
                         answer.set_result(result)
         finally:
             if self._sender is asyncio.current_task():

@@ -100,3 +100,17 @@ async def test_closing_cancels_the_items_still_waiting_and_a_new_submit_starts_a
     assert all(isinstance(r, asyncio.CancelledError) for r in results)
     recorder.gate.set()
     assert await group.submit("c") == "C"
+
+
+async def test_submit_many_answers_in_order_and_raises_only_a_failed_call() -> None:
+    recorder = Recorder()
+    recorder.refuse["b"] = FailedPrecondition("b is finished")
+    group: GroupCommit[str, str] = GroupCommit(recorder.send, name="test")
+    lone, many = await asyncio.gather(group.submit("x"), group.submit_many(["a", "b", "c"]))
+    assert lone == "X"
+    assert many[0::2] == ["A", "C"]
+    assert isinstance(many[1], FailedPrecondition)  # a refusal is an answer
+    assert recorder.calls == [["x", "a", "b", "c"]]  # with the concurrent submit
+    recorder.fail_call = Unavailable("database restarting")
+    with pytest.raises(Unavailable):
+        await group.submit_many(["d", "e"])

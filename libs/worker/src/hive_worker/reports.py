@@ -4,7 +4,7 @@ Every report waits for the next UpdateTicketStatuses call, which carries all the
 made since the previous call was sent: those made in the same turn of the event loop (the
 assignments of one watch message start together) and those made while a call was in
 flight. A lone report goes at once, so nothing waits longer than one call; under load a
-worker with several slots makes one call and one database transaction for many reports.
+worker with several slots makes one call for many reports.
 """
 
 from __future__ import annotations

@@ -383,30 +383,28 @@ async def test_concurrent_single_creates_are_written_together_and_answered_each(
     ]
 
 
-async def test_concurrent_single_updates_are_written_together_and_answered_each(
+async def test_concurrent_updates_are_written_together_and_answered_each(
     repo: TicketRepository, migrated_dsn: str
 ) -> None:
     running = [await _running_ticket(repo, f"r{i}") for i in range(4)]
     [(pending, _)] = await repo.create_many([spec("pending")], actor="s")
-    results = await asyncio.gather(
-        *(
-            repo.update_status(StatusUpdate(ticket_id=t, status=S.COMPLETED, attempt=1), actor="w")
-            for t in running
-        ),
-        # PENDING -> COMPLETED is refused, for this update only.
-        repo.update_status(
-            StatusUpdate(ticket_id=pending.ticket_id, status=S.COMPLETED, attempt=1), actor="w"
-        ),
+
+    def completed(ticket_id: str) -> StatusUpdate:
+        return StatusUpdate(ticket_id=ticket_id, status=S.COMPLETED, attempt=1)
+
+    first, second, batch, refused, repeat = await asyncio.gather(
+        *(repo.update_status(completed(t), actor="w") for t in running[:2]),
+        repo.update_status_many([(completed(t), "w") for t in running[2:]]),  # another caller's
+        repo.update_status(completed(pending.ticket_id), actor="w"),  # PENDING -> COMPLETED
         # The same ticket twice: the second is decided after the first (a repeat).
-        repo.update_status(
-            StatusUpdate(ticket_id=running[0], status=S.COMPLETED, attempt=1), actor="w"
-        ),
+        repo.update_status(completed(running[0]), actor="w"),
         return_exceptions=True,
     )
-    *done, refused, repeat = results
+    assert isinstance(batch, list)
+    done = [first, second, *batch]
     assert [(t.ticket_id, t.status) for t in done] == [(t, S.COMPLETED) for t in running]  # type: ignore[union-attr]
-    assert isinstance(refused, FailedPrecondition)
-    assert repeat == done[0]
+    assert isinstance(refused, FailedPrecondition)  # for this update only
+    assert repeat == first
     assert len(_batch_xids(migrated_dsn, running)) == 1
     assert (await repo.get(pending.ticket_id)).status is S.PENDING
 

@@ -424,8 +424,8 @@ class TicketClient(GrpcClient):
         attempt_timeout: float | None = None,
         deadline: float | None = None,
     ) -> list[pb.ExecutionTicket | HiveError]:
-        """Several status updates (each ticket at most once) in one call and one
-        transaction: per report, in order, the ticket after it, or the error
+        """Several status updates (each ticket at most once) in one call: per report, in
+        order, the ticket after it, or the error
         :meth:`update_ticket_status` would have raised with the report's ``ticket_token``
         (the call's token when it has none). Build each update with
         :func:`status_update_request`."""

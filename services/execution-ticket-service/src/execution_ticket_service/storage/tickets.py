@@ -5,7 +5,8 @@ appends the event row in one statement that only applies if the row still has th
 that was read (optimistic concurrency: two round trips, no transaction held open; a lost
 race is decided again on the fresh row). Batches (assignments, lease expiry) lock their
 rows in one transaction; status report batches decide on remembered tickets as single
-changes do. A batch writes all its changes and their events in one statement. The event
+changes do. A batch writes all its changes and their events in one statement; concurrent
+status updates and single creates are written together (group commit). The event
 table is the log WatchTickets reads; a trigger enters every event into ``ticket_outbox``
 in the statement that writes it (the transactional outbox the relay delivers to MongoDB),
 so an event row is written once and the relay's bookkeeping stays in that narrow table.
@@ -69,9 +70,10 @@ _ATTEMPTS = 3
 # A single-ticket change that keeps losing the race to concurrent changes of the same
 # ticket gives up (ABORTED, retryable) rather than spin.
 _OPTIMISTIC_ATTEMPTS = 5
-# Concurrent single creates / status updates are written together (group commit), at most
-# this many in one statement.
-_GROUP_MAX = 100
+# Concurrent creates of single tickets, and concurrent status updates (single or batches),
+# are written together (group commit), at most this many at a time.
+_CREATES_PER_WRITE = 100
+_UPDATES_PER_WRITE = 1_000
 # Rows decoded between two turns of the event loop when a read returns many events.
 _CONVERT_CHUNK = 50
 
@@ -322,8 +324,8 @@ class TicketRepository:
             self._create_each, take=_one_actor_distinct_tasks, name="ticket-creates"
         )
         self._updates: GroupCommit[tuple[StatusUpdate, str], Ticket] = GroupCommit(
-            self.update_status_many,
-            take=distinct_prefix(lambda item: item[0].ticket_id, limit=_GROUP_MAX),
+            self._write_updates,
+            take=distinct_prefix(lambda item: item[0].ticket_id, limit=_UPDATES_PER_WRITE),
             name="ticket-updates",
         )
 
@@ -740,17 +742,28 @@ class TicketRepository:
         return self._batch_answers(await self._run(work))
 
     async def update_status(self, update: StatusUpdate, *, actor: str) -> Ticket:
-        """Apply one status update, or raise its refusal. Updates made concurrently (of
-        distinct tickets) are written together, as by :meth:`update_status_many`."""
+        """Apply one status update, or raise its refusal; written together with concurrent
+        updates, as by :meth:`update_status_many`."""
         return await self._updates.submit((update, actor))
 
     async def update_status_many(
         self, updates: Sequence[tuple[StatusUpdate, str]]
     ) -> list[Ticket | HiveError]:
-        """Several status updates ``(update, actor)`` of distinct tickets in one
-        transaction; each is applied or refused (the error :meth:`update_status` would
-        raise) on its own, in request order. A late result is recorded and refused, as
-        by :meth:`update_status`."""
+        """Several status updates ``(update, actor)`` of distinct tickets; each is applied
+        or refused (the error :meth:`update_status` would raise) on its own, in request
+        order. A late result is recorded and refused, as by :meth:`update_status`.
+
+        Updates made concurrently, by this call and others, are written together (group
+        commit), up to :data:`_UPDATES_PER_WRITE` at a time: see :meth:`_write_updates`.
+        """
+        answers = await self._updates.submit_many(updates)
+        return cast(list[Ticket | HiveError], answers)  # _write_updates's answers
+
+    async def _write_updates(
+        self, updates: Sequence[tuple[StatusUpdate, str]]
+    ) -> list[Ticket | HiveError]:
+        """Status updates of distinct tickets, in one statement when every one can be
+        decided on its remembered ticket, else in one transaction."""
         # In one order, so concurrent batches wait for each other instead of deadlocking.
         order = sorted(range(len(updates)), key=lambda i: updates[i][0].ticket_id)
         decides = [_deciding(update, actor) for update, actor in updates]
@@ -1021,7 +1034,7 @@ def _conflict(violations: list[FieldViolation]) -> AlreadyExists:
 
 
 _distinct_tasks: Take[tuple[TicketSpec, str]] = distinct_prefix(
-    lambda item: (item[0].plan_id, item[0].task_id), limit=_GROUP_MAX
+    lambda item: (item[0].plan_id, item[0].task_id), limit=_CREATES_PER_WRITE
 )
 
 

@@ -123,9 +123,10 @@ class TicketServiceServicer(object):
         raise NotImplementedError('Method not implemented!')
 
     def UpdateTicketStatuses(self, request, context):
-        """Several status updates in one call (a worker reporting for several of its tickets),
-        written in one transaction; each is validated, authorized and applied or refused on
-        its own, exactly as UpdateTicketStatus would (see TicketStatusReport.ticket_token).
+        """Several status updates in one call (a worker reporting for several of its tickets);
+        each is validated, authorized and applied or refused on its own, exactly as
+        UpdateTicketStatus would (see TicketStatusReport.ticket_token). Not all-or-nothing:
+        the service writes them together with other concurrent updates (group commit).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -52,9 +52,10 @@ class TicketServiceStub:
     UpdateTicketStatus: _grpc.UnaryUnaryMultiCallable[_ticket_service_pb2.UpdateTicketStatusRequest, _ticket_service_pb2.UpdateTicketStatusResponse]
     """Every other transition; fenced by attempt, optionally by expected_version."""
     UpdateTicketStatuses: _grpc.UnaryUnaryMultiCallable[_ticket_service_pb2.UpdateTicketStatusesRequest, _ticket_service_pb2.UpdateTicketStatusesResponse]
-    """Several status updates in one call (a worker reporting for several of its tickets),
-    written in one transaction; each is validated, authorized and applied or refused on
-    its own, exactly as UpdateTicketStatus would (see TicketStatusReport.ticket_token).
+    """Several status updates in one call (a worker reporting for several of its tickets);
+    each is validated, authorized and applied or refused on its own, exactly as
+    UpdateTicketStatus would (see TicketStatusReport.ticket_token). Not all-or-nothing:
+    the service writes them together with other concurrent updates (group commit).
     """
     GenerateToken: _grpc.UnaryUnaryMultiCallable[_ticket_service_pb2.GenerateTokenRequest, _ticket_service_pb2.GenerateTokenResponse]
     """A JWT for one ticket and one attempt; only for an assigned, non-terminal ticket."""
@@ -85,9 +86,10 @@ class TicketServiceAsyncStub(TicketServiceStub):
     UpdateTicketStatus: _aio.UnaryUnaryMultiCallable[_ticket_service_pb2.UpdateTicketStatusRequest, _ticket_service_pb2.UpdateTicketStatusResponse]  # type: ignore[assignment]
     """Every other transition; fenced by attempt, optionally by expected_version."""
     UpdateTicketStatuses: _aio.UnaryUnaryMultiCallable[_ticket_service_pb2.UpdateTicketStatusesRequest, _ticket_service_pb2.UpdateTicketStatusesResponse]  # type: ignore[assignment]
-    """Several status updates in one call (a worker reporting for several of its tickets),
-    written in one transaction; each is validated, authorized and applied or refused on
-    its own, exactly as UpdateTicketStatus would (see TicketStatusReport.ticket_token).
+    """Several status updates in one call (a worker reporting for several of its tickets);
+    each is validated, authorized and applied or refused on its own, exactly as
+    UpdateTicketStatus would (see TicketStatusReport.ticket_token). Not all-or-nothing:
+    the service writes them together with other concurrent updates (group commit).
     """
     GenerateToken: _aio.UnaryUnaryMultiCallable[_ticket_service_pb2.GenerateTokenRequest, _ticket_service_pb2.GenerateTokenResponse]  # type: ignore[assignment]
     """A JWT for one ticket and one attempt; only for an assigned, non-terminal ticket."""
@@ -163,9 +165,10 @@ class TicketServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _ticket_service_pb2.UpdateTicketStatusesRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_ticket_service_pb2.UpdateTicketStatusesResponse, _abc.Awaitable[_ticket_service_pb2.UpdateTicketStatusesResponse]]:
-        """Several status updates in one call (a worker reporting for several of its tickets),
-        written in one transaction; each is validated, authorized and applied or refused on
-        its own, exactly as UpdateTicketStatus would (see TicketStatusReport.ticket_token).
+        """Several status updates in one call (a worker reporting for several of its tickets);
+        each is validated, authorized and applied or refused on its own, exactly as
+        UpdateTicketStatus would (see TicketStatusReport.ticket_token). Not all-or-nothing:
+        the service writes them together with other concurrent updates (group commit).
         """
 
     @_abc_1.abstractmethod

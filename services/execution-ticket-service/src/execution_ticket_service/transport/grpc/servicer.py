@@ -201,7 +201,7 @@ class TicketServicer(pb_grpc.TicketServiceServicer):
         reports = request.reports
         validate_report_batch([r.update.ticket_id for r in reports], self._limits)
         # A report refused before the database (token, validation) holds its error here;
-        # the others (None) get theirs from the one transaction that applies them all.
+        # the others (None) get theirs from the repository, which writes them together.
         refusals: list[HiveError | None] = []
         accepted: list[tuple[StatusUpdate, str]] = []
         for report in reports:
