@@ -90,6 +90,8 @@ class GroupCommit(Generic[I, R]):
         self._queue.clear()
 
     def _next_call(self) -> list[tuple[I, asyncio.Future[_Answer[R]]]]:
+        # An item whose waiter gave up (cancelled) before its call went out is not sent.
+        self._queue = [(item, answer) for item, answer in self._queue if not answer.done()]
         count = len(self._queue)
         if self._take is not None:
             count = max(1, self._take([item for item, _ in self._queue]))
@@ -98,8 +100,7 @@ class GroupCommit(Generic[I, R]):
 
     async def _send_queued(self) -> None:
         try:
-            while self._queue:
-                batch = self._next_call()
+            while batch := self._next_call():
                 results: Sequence[_Answer[R]]
                 try:
                     results = await self._send([item for item, _ in batch])

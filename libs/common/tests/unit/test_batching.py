@@ -76,17 +76,23 @@ async def test_distinct_prefix_keeps_repeated_keys_for_a_later_call_in_order() -
         distinct_prefix(lambda item: item, limit=0)
 
 
-async def test_a_cancelled_waiter_does_not_disturb_the_others() -> None:
+async def test_a_cancelled_waiter_is_not_sent_if_still_waiting_and_disturbs_nobody() -> None:
     recorder = Recorder()
     recorder.gate = asyncio.Event()
     group: GroupCommit[str, str] = GroupCommit(recorder.send, name="test")
     quitter = asyncio.create_task(group.submit("a"))
     stayer = asyncio.create_task(group.submit("b"))
     await asyncio.sleep(0.01)
-    quitter.cancel()
+    queued = [asyncio.create_task(group.submit(item)) for item in ("c", "d")]
+    await asyncio.sleep(0.01)
+    quitter.cancel()  # its call is in flight: answered, the answer dropped
+    queued[0].cancel()  # still waiting for a call: never sent
     recorder.gate.set()
     assert await stayer == "B"
+    assert await queued[1] == "D"
     assert quitter.cancelled()
+    assert queued[0].cancelled()
+    assert recorder.calls == [["a", "b"], ["d"]]
 
 
 async def test_closing_cancels_the_items_still_waiting_and_a_new_submit_starts_afresh() -> None:
