@@ -920,19 +920,22 @@ class TicketRepository:
 
     async def claim_outbox(self, *, limit: int, claim_seconds: float) -> list[OutboxEntry]:
         """Claim undelivered events for ``claim_seconds``; other replicas skip them."""
+        # The rows are found by primary key, as arrays: joined instead, the planner (which
+        # cannot know how many are claimed) may hash the whole event log on every claim.
         return await self._fetch_converted(
             f"""
             WITH claimed AS (
                 UPDATE ticket_outbox
                 SET claimed_until = now() + %(claim)s * interval '1 second'
-                WHERE seq IN (
+                WHERE seq = ANY(ARRAY(
                     SELECT seq FROM ticket_outbox
                     WHERE claimed_until IS NULL OR claimed_until < now()
                     ORDER BY seq LIMIT %(limit)s
-                    FOR UPDATE SKIP LOCKED)
+                    FOR UPDATE SKIP LOCKED))
                 RETURNING seq
             )
-            SELECT {_EVENT_COLUMNS} FROM ticket_events JOIN claimed USING (seq) ORDER BY seq
+            SELECT {_EVENT_COLUMNS} FROM ticket_events
+            WHERE seq = ANY(ARRAY(SELECT seq FROM claimed)) ORDER BY seq
             """,
             {"claim": claim_seconds, "limit": limit},
             lambda row: OutboxEntry(seq=row["seq"], event=_event_from_row(row)),
