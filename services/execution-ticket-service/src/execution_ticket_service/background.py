@@ -152,7 +152,8 @@ class LeaseSweeper:
 
 
 class StatsRefresher:
-    """Refreshes gauges that need a query: tickets by status, outbox backlog and lag."""
+    """Refreshes gauges that need a query: unfinished tickets by status, outbox backlog
+    and lag."""
 
     def __init__(
         self, *, repository: TicketRepository, metrics: TicketMetrics, interval: float
@@ -162,7 +163,7 @@ class StatsRefresher:
         self._interval = interval
 
     async def refresh_once(self) -> None:
-        self._metrics.set_status_counts(await self._repository.count_by_status())
+        self._metrics.set_status_counts(await self._repository.count_unfinished())
         pending, oldest = await self._repository.outbox_backlog()
         self._metrics.set_backlog(pending, oldest, utc_now())
 

@@ -14,7 +14,8 @@ class TicketMetrics:
     def __init__(self, registry: CollectorRegistry) -> None:
         self.tickets_by_status = Gauge(
             "hive_tickets",
-            "Tickets by status (refreshed periodically).",
+            "Unfinished tickets by status: PENDING, ASSIGNED, RUNNING (refreshed"
+            " periodically; finished ones: hive_ticket_transitions_total).",
             ("status",),
             registry=registry,
         )

@@ -285,10 +285,12 @@ async def test_http_api(
 
         async def scraped() -> bool:
             text = (await metrics_http.get("/metrics")).text
-            return 'hive_tickets{status="COMPLETED"} 1.0' in text
+            return 'hive_tickets{status="PENDING"} 5.0' in text
 
         await eventually(scraped, what="tickets-by-status gauge")
         text = (await metrics_http.get("/metrics")).text
+        assert 'hive_tickets{status="RUNNING"} 0.0' in text
+        assert 'hive_tickets{status="COMPLETED"}' not in text  # finished: transitions
         assert "grpc_server_handling_seconds_bucket" in text
         assert 'grpc_method="UpdateTicketStatus"' in text
         assert 'hive_ticket_transitions_total{event_type="REQUEUED"' in text

@@ -545,7 +545,9 @@ async def test_every_event_enters_the_outbox_and_relaying_leaves_event_rows_unto
     ]
     await repo.release_claims([e.seq for e in claimed[:3]])
     await repo.mark_relayed([e.seq for e in claimed[3:]])
-    assert (await repo.outbox_backlog())[0] == 3
+    assert await repo.outbox_backlog() == (3, claimed[0].event.occurred_at)
+    await repo.mark_relayed([claimed[0].seq])
+    assert await repo.outbox_backlog() == (2, claimed[1].event.occurred_at)
     # Claiming, handing back and marking relayed wrote only the outbox: the event rows
     # are the versions their own statements wrote.
     assert await event_rows() == before

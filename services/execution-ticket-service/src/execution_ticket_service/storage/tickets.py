@@ -688,9 +688,16 @@ class TicketRepository:
         next_after = rows[-1]["seq"] if more and rows else None
         return [ticket_from_row(r) for r in rows], next_after
 
-    async def count_by_status(self) -> dict[TicketStatus, int]:
-        counts = {status: 0 for status in TicketStatus}
-        for row in await self._fetch("SELECT status, count(*) AS n FROM tickets GROUP BY status"):
+    async def count_unfinished(self) -> dict[TicketStatus, int]:
+        """How many tickets are PENDING, ASSIGNED and RUNNING: read from the status index,
+        so the cost follows the tickets in flight, not every ticket ever made."""
+        unfinished = [status for status in TicketStatus if not status.terminal]
+        counts = dict.fromkeys(unfinished, 0)
+        rows = await self._fetch(
+            "SELECT status, count(*) AS n FROM tickets WHERE status = ANY(%s) GROUP BY status",
+            ([status.value for status in unfinished],),
+        )
+        for row in rows:
             counts[TicketStatus(row["status"])] = row["n"]
         return counts
 
@@ -962,10 +969,13 @@ class TicketRepository:
         )
 
     async def outbox_backlog(self) -> tuple[int, datetime | None]:
-        """How many events await relay, and when the oldest of them happened."""
+        """How many events await relay, and when the first of them (in log order) happened.
+
+        The first one is looked up by primary key: joining the backlog to the event log
+        made the planner hash the whole log."""
         [row] = await self._fetch(
-            "SELECT count(*) AS n, min(e.occurred_at) AS oldest"
-            " FROM ticket_outbox o JOIN ticket_events e USING (seq)"
+            "SELECT count(*) AS n, (SELECT occurred_at FROM ticket_events"
+            " WHERE seq = (SELECT min(seq) FROM ticket_outbox)) AS oldest FROM ticket_outbox"
         )
         return row["n"], row["oldest"]
 
