@@ -689,8 +689,8 @@ class TicketRepository:
         return [ticket_from_row(r) for r in rows], next_after
 
     async def count_unfinished(self) -> dict[TicketStatus, int]:
-        """How many tickets are PENDING, ASSIGNED and RUNNING: read from the status index,
-        so the cost follows the tickets in flight, not every ticket ever made."""
+        """How many tickets are PENDING, ASSIGNED and RUNNING: the status index serves it,
+        so the cost follows the unfinished tickets, not every ticket ever made."""
         unfinished = [status for status in TicketStatus if not status.terminal]
         counts = dict.fromkeys(unfinished, 0)
         rows = await self._fetch(
