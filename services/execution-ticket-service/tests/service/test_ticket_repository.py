@@ -302,6 +302,40 @@ async def test_a_report_batch_decides_again_the_tickets_changed_elsewhere(
     assert {e.ticket.ticket_id: e.ticket for e in events} == {t.ticket_id: t for t in done}
 
 
+async def test_a_batch_of_tickets_not_remembered_is_read_and_written_together(
+    repo: TicketRepository, pool: Pool, migrated_dsn: str
+) -> None:
+    # Another replica, or a restart: nothing remembered, every ticket read afresh. One
+    # of them changes between that read and the write (once): decided again.
+    running = [await _running_ticket(repo, f"t{i}") for i in range(5)]
+    [(pending, _)] = await repo.create_many([spec("pending")], actor="s")
+    bump = "UPDATE tickets SET version = version + 1 WHERE ticket_id = %s"
+    racing = _clock_with_concurrent_writer(migrated_dsn, bump, running[1], times=1)
+    reads = 0
+
+    def clock() -> datetime:
+        nonlocal reads
+        reads += 1  # once per decision round
+        return racing()
+
+    forgetful = TicketRepository(pool=pool, clock=clock, recent_tickets=0)
+    unknown = str(uuid.uuid4())
+    answers = await forgetful.update_status_many(
+        [
+            (StatusUpdate(ticket_id=t, status=S.COMPLETED, attempt=1), "worker:w1")
+            for t in (*running, pending.ticket_id, unknown)
+        ]
+    )
+    *done, refused, missing = answers
+    assert [(t.ticket_id, t.status) for t in done] == [(t, S.COMPLETED) for t in running]  # type: ignore[union-attr]
+    assert done[1].version == 5  # type: ignore[union-attr]
+    assert isinstance(refused, FailedPrecondition)
+    assert isinstance(missing, NotFound)
+    # Two rounds for seven updates: all read at once, then the one that moved on.
+    assert reads == 2
+    assert len(_batch_xids(migrated_dsn, running)) == 1
+
+
 def _batch_xids(dsn: str, ticket_ids: list[str]) -> set[int]:
     """The transactions that wrote the latest event of each of these tickets."""
     with psycopg.connect(dsn, autocommit=True) as conn:

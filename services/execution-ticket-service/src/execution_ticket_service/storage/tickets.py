@@ -472,13 +472,14 @@ class TicketRepository:
         return {row["ticket_id"] for row in await cur.fetchall()}
 
     async def _apply_all_on_recent(
-        self, ticket_ids: Sequence[str], decides: Sequence[Callable[[Ticket, datetime], Outcome]]
+        self, requests: Sequence[tuple[str, Callable[[Ticket, datetime], Outcome]]]
     ) -> list[Outcome] | None:
-        """The changes of a batch (tickets distinct), in request order, written in one
-        all-or-nothing statement when every one can be decided on its remembered ticket;
-        None when one cannot, or a ticket moved on meanwhile (then nothing was written)."""
+        """The changes ``(ticket_id, decide)`` of a batch (tickets distinct), in request
+        order, written in one all-or-nothing statement when every one can be decided on its
+        remembered ticket; None when one cannot, or a ticket moved on meanwhile (then
+        nothing was written)."""
         decided: list[tuple[Outcome, int]] = []
-        for ticket_id, decide in zip(ticket_ids, decides, strict=True):
+        for ticket_id, decide in requests:
             on_recent = self._decided_on_recent(ticket_id, decide)
             if on_recent is None or not _is_change(on_recent[0]):
                 return None
@@ -491,32 +492,43 @@ class TicketRepository:
             return None
         return [outcome for outcome, _ in decided]
 
-    async def _decide_and_apply(
-        self, ticket_id: str, decide: Callable[[Ticket, datetime], Outcome]
-    ) -> Ticket:
-        """Read, decide, write-if-unchanged: two autocommit statements, no row lock held
-        between them. A concurrent change in between makes the write touch nothing; the
-        request is then decided again on the ticket as it is now.
+    async def _decide_and_write(
+        self, requests: Sequence[tuple[str, Callable[[Ticket, datetime], Outcome]]]
+    ) -> list[Outcome | HiveError]:
+        """Decide and write changes ``(ticket_id, decide)`` of distinct tickets; per request,
+        in order, its outcome or its refusal.
 
-        With the ticket in :class:`RecentTickets` the read is skipped when the decision is
-        a write (it is checked by the write's version); refusals and repeats, which write
-        nothing, are always decided on a fresh read.
+        A change decided on a ticket in :class:`RecentTickets` skips the read (the write
+        names the version it was decided on); when every one can be, the batch is one
+        all-or-nothing statement. The others (not remembered, refusals and repeats, which
+        write nothing and are always decided on a fresh read, and those whose ticket moved
+        on) are read together, decided and written together, in one transaction with the
+        rest. One change is one autocommit statement or two (read, write-if-unchanged).
         """
+        # In one order, so concurrent batches wait for each other instead of deadlocking.
+        order = sorted(range(len(requests)), key=lambda i: requests[i][0])
+        if len(requests) > 1:
+            written = await self._apply_all_on_recent(requests)
+            if written is not None:
+                return list(written)
 
-        async def work(conn: AsyncConnection[DictRow]) -> Outcome:
-            on_recent = self._decided_on_recent(ticket_id, decide)
-            if on_recent is not None:
-                outcome, version = on_recent
-                if await self._apply(conn, outcome, read_version=version):
-                    return outcome
-            return await self._decide_fresh_and_apply(conn, ticket_id, decide)
+        async def work(conn: AsyncConnection[DictRow]) -> dict[int, Outcome | HiveError]:
+            on_recent = {
+                i: decided for i in order if (decided := self._decided_on_recent(*requests[i]))
+            }
+            indexes = list(on_recent)
+            missed = await self._apply_all(conn, [on_recent[i] for i in indexes])
+            results: dict[int, Outcome | HiveError] = {
+                i: on_recent[i][0] for n, i in enumerate(indexes) if n not in missed
+            }
+            await self._decide_fresh_and_apply(
+                conn, [(i, *requests[i]) for i in order if i not in results], results
+            )
+            return results
 
-        outcome = await self._run(work, transaction=False)
-        if outcome.event is not None:
-            self._changed_events([outcome.event])
-        if outcome.error is not None:
-            raise outcome.error  # raised after commit, so a late result is still recorded
-        return outcome.ticket
+        # One change needs no transaction: its one write is atomic on its own.
+        results = await self._run(work, transaction=len(requests) > 1)
+        return [results[i] for i in range(len(requests))]
 
     def _decided_on_recent(
         self, ticket_id: str, decide: Callable[[Ticket, datetime], Outcome]
@@ -537,22 +549,43 @@ class TicketRepository:
     async def _decide_fresh_and_apply(
         self,
         conn: AsyncConnection[DictRow],
-        ticket_id: str,
-        decide: Callable[[Ticket, datetime], Outcome],
-    ) -> Outcome:
+        requests: Sequence[tuple[int, str, Callable[[Ticket, datetime], Outcome]]],
+        results: dict[int, Outcome | HiveError],
+    ) -> None:
+        """Read the tickets of ``(key, ticket_id, decide)`` requests in one statement,
+        decide each and write them together; each outcome (or refusal) goes in
+        ``results`` under its key. Those whose ticket moved on before the write are read
+        and decided again, at most :data:`_OPTIMISTIC_ATTEMPTS` times (then ABORTED)."""
+        pending = list(requests)
         for _ in range(_OPTIMISTIC_ATTEMPTS):
-            cur = await conn.execute("SELECT * FROM tickets WHERE ticket_id = %s", (ticket_id,))
-            row = await cur.fetchone()
-            if row is None:
-                raise _not_found(ticket_id)
-            ticket = ticket_from_row(row)
-            outcome = decide(ticket, self._clock())
-            if await self._apply(conn, outcome, read_version=ticket.version):
-                return outcome
-        raise Aborted(
-            f"ticket {ticket_id} kept changing concurrently; retry the request",
-            details={"ticket_id": ticket_id},
-        )
+            if not pending:
+                return
+            cur = await conn.execute(
+                "SELECT * FROM tickets WHERE ticket_id = ANY(%s::uuid[])",
+                ([ticket_id for _, ticket_id, _ in pending],),
+            )
+            found = {str(row["ticket_id"]): ticket_from_row(row) for row in await cur.fetchall()}
+            now = self._clock()
+            decided: list[tuple[int, str, Callable[[Ticket, datetime], Outcome]]] = []
+            changes: list[tuple[Outcome, int]] = []
+            for key, ticket_id, decide in pending:
+                ticket = found.get(ticket_id)
+                if ticket is None:
+                    results[key] = _not_found(ticket_id)
+                    continue
+                try:
+                    changes.append((decide(ticket, now), ticket.version))
+                except HiveError as exc:  # the decision's refusal (not database errors)
+                    results[key] = exc
+                    continue
+                decided.append((key, ticket_id, decide))
+            missed = await self._apply_all(conn, changes)
+            for n, ((key, _, _), (outcome, _)) in enumerate(zip(decided, changes, strict=True)):
+                if n not in missed:
+                    results[key] = outcome
+            pending = [request for n, request in enumerate(decided) if n in missed]
+        for key, ticket_id, _ in pending:
+            results[key] = _kept_changing(ticket_id)
 
     # -- creation -------------------------------------------------------------------------
 
@@ -707,7 +740,11 @@ class TicketRepository:
     # -- changes ------------------------------------------------------------------------------
 
     async def assign(self, request: Assignment, *, actor: str) -> Ticket:
-        return await self._decide_and_apply(request.ticket_id, _assigning(request, actor))
+        decided = await self._decide_and_write([(request.ticket_id, _assigning(request, actor))])
+        [answer] = self._batch_answers(decided)
+        if isinstance(answer, HiveError):
+            raise answer
+        return answer
 
     async def assign_many(
         self, requests: Sequence[Assignment], *, actor: str
@@ -716,7 +753,9 @@ class TicketRepository:
         or refused (the error AssignTicket would raise) on its own, in request order."""
         ids = [r.ticket_id for r in requests]
         if len(requests) > 1:
-            written = await self._apply_all_on_recent(ids, [_assigning(r, actor) for r in requests])
+            written = await self._apply_all_on_recent(
+                [(r.ticket_id, _assigning(r, actor)) for r in requests]
+            )
             if written is not None:
                 return self._batch_answers(written)
 
@@ -769,42 +808,9 @@ class TicketRepository:
     async def _write_updates(
         self, updates: Sequence[tuple[StatusUpdate, str]]
     ) -> list[Ticket | HiveError]:
-        """Status updates of distinct tickets, in one statement when every one can be
-        decided on its remembered ticket, else in one transaction."""
-        # In one order, so concurrent batches wait for each other instead of deadlocking.
-        order = sorted(range(len(updates)), key=lambda i: updates[i][0].ticket_id)
-        decides = [_deciding(update, actor) for update, actor in updates]
-        if len(updates) > 1:
-            written = await self._apply_all_on_recent([u.ticket_id for u, _ in updates], decides)
-            if written is not None:
-                return self._batch_answers(written)
-
-        async def work(conn: AsyncConnection[DictRow]) -> dict[int, Outcome | HiveError]:
-            # Decided on the remembered tickets: written together, in one statement;
-            on_recent = {
-                i: decided
-                for i in order
-                if (decided := self._decided_on_recent(updates[i][0].ticket_id, decides[i]))
-            }
-            indexes = list(on_recent)
-            missed = await self._apply_all(conn, [on_recent[i] for i in indexes])
-            results: dict[int, Outcome | HiveError] = {
-                i: on_recent[i][0] for n, i in enumerate(indexes) if n not in missed
-            }
-            # the others (not remembered, refused, or moved on) one by one on a fresh read.
-            for i in order:
-                if i not in results:
-                    try:
-                        results[i] = await self._decide_fresh_and_apply(
-                            conn, updates[i][0].ticket_id, decides[i]
-                        )
-                    except HiveError as exc:  # the decision's refusal (not database errors)
-                        results[i] = exc
-            return results
-
-        # One update needs no transaction: its one write is atomic on its own.
-        results = await self._run(work, transaction=len(updates) > 1)
-        return self._batch_answers([results[i] for i in range(len(updates))])
+        """The grouped status updates of :meth:`update_status_many` (distinct tickets)."""
+        requests = [(update.ticket_id, _deciding(update, actor)) for update, actor in updates]
+        return self._batch_answers(await self._decide_and_write(requests))
 
     def _batch_answers(self, outcomes: Sequence[Outcome | HiveError]) -> list[Ticket | HiveError]:
         """Tell the process what a batch changed; its answers (a late result is refused)."""
@@ -1057,6 +1063,13 @@ def _one_actor_distinct_tasks(items: Sequence[tuple[TicketSpec, str]]) -> int:
     actor = items[0][1]
     count = _distinct_tasks(items)
     return next((n for n, (_, a) in enumerate(items[:count]) if a != actor), count)
+
+
+def _kept_changing(ticket_id: str) -> Aborted:
+    return Aborted(
+        f"ticket {ticket_id} kept changing concurrently; retry the request",
+        details={"ticket_id": ticket_id},
+    )
 
 
 def _not_found(ticket_id: str) -> NotFound:
