@@ -417,18 +417,24 @@ async def test_concurrent_single_creates_are_written_together_and_answered_each(
     ]
 
 
-async def test_concurrent_updates_are_written_together_and_answered_each(
+async def test_concurrent_changes_are_written_together_and_answered_each(
     repo: TicketRepository, migrated_dsn: str
 ) -> None:
     running = [await _running_ticket(repo, f"r{i}") for i in range(4)]
-    [(pending, _)] = await repo.create_many([spec("pending")], actor="s")
+    [(pending, _), (assignable, _)] = await repo.create_many(
+        [spec("pending"), spec("assignable")], actor="s"
+    )
 
     def completed(ticket_id: str) -> StatusUpdate:
         return StatusUpdate(ticket_id=ticket_id, status=S.COMPLETED, attempt=1)
 
-    first, second, batch, refused, repeat = await asyncio.gather(
+    first, second, batch, assigned, refused, repeat = await asyncio.gather(
         *(repo.update_status(completed(t), actor="w") for t in running[:2]),
         repo.update_status_many([(completed(t), "w") for t in running[2:]]),  # another caller's
+        repo.assign(
+            Assignment(ticket_id=assignable.ticket_id, worker_id="w2", lease_seconds=30, attempt=1),
+            actor="s",
+        ),
         repo.update_status(completed(pending.ticket_id), actor="w"),  # PENDING -> COMPLETED
         # The same ticket twice: the second is decided after the first (a repeat).
         repo.update_status(completed(running[0]), actor="w"),
@@ -437,9 +443,11 @@ async def test_concurrent_updates_are_written_together_and_answered_each(
     assert isinstance(batch, list)
     done = [first, second, *batch]
     assert [(t.ticket_id, t.status) for t in done] == [(t, S.COMPLETED) for t in running]  # type: ignore[union-attr]
+    assert isinstance(assigned, Ticket)
+    assert (assigned.status, assigned.worker_id) == (S.ASSIGNED, "w2")
     assert isinstance(refused, FailedPrecondition)  # for this update only
     assert repeat == first
-    assert len(_batch_xids(migrated_dsn, running)) == 1
+    assert len(_batch_xids(migrated_dsn, [*running, assignable.ticket_id])) == 1
     assert (await repo.get(pending.ticket_id)).status is S.PENDING
 
 

@@ -6,7 +6,8 @@ that was read (optimistic concurrency: two round trips, no transaction held open
 race is decided again on the fresh row). Batches (assignments, lease expiry) lock their
 rows in one transaction; status report batches decide on remembered tickets as single
 changes do. A batch writes all its changes and their events in one statement; concurrent
-status updates and single creates are written together (group commit). The event
+changes (assignments, status updates) and single creates are written together (group
+commit). The event
 table is the log WatchTickets reads; a trigger enters every event into ``ticket_outbox``
 in the statement that writes it (the transactional outbox the relay delivers to MongoDB),
 so an event row is written once and the relay's bookkeeping stays in that narrow table.
@@ -70,12 +71,16 @@ _ATTEMPTS = 3
 # A single-ticket change that keeps losing the race to concurrent changes of the same
 # ticket gives up (ABORTED, retryable) rather than spin.
 _OPTIMISTIC_ATTEMPTS = 5
-# Concurrent creates of single tickets, and concurrent status updates (single or batches),
-# are written together (group commit), at most this many at a time.
+# Concurrent creates of single tickets, and concurrent changes of tickets (AssignTicket,
+# status updates single or in batches), are written together (group commit), at most this
+# many at a time.
 _CREATES_PER_WRITE = 100
-_UPDATES_PER_WRITE = 1_000
+_CHANGES_PER_WRITE = 1_000
 # Rows decoded between two turns of the event loop when a read returns many events.
 _CONVERT_CHUNK = 50
+
+# A change to decide and write: the ticket and the decision to make on it as it is then.
+Change = tuple[str, Callable[[Ticket, datetime], Outcome]]
 
 
 def utc_now() -> datetime:
@@ -323,16 +328,16 @@ class TicketRepository:
         self._creates: GroupCommit[tuple[TicketSpec, str], tuple[Ticket, bool]] = GroupCommit(
             self._create_each, take=_one_actor_distinct_tasks, name="ticket-creates"
         )
-        self._updates: GroupCommit[tuple[StatusUpdate, str], Ticket] = GroupCommit(
-            self._write_updates,
-            take=distinct_prefix(lambda item: item[0].ticket_id, limit=_UPDATES_PER_WRITE),
-            name="ticket-updates",
+        self._changes: GroupCommit[Change, Ticket] = GroupCommit(
+            self._write_changes,
+            take=distinct_prefix(lambda change: change[0], limit=_CHANGES_PER_WRITE),
+            name="ticket-changes",
         )
 
     async def aclose(self) -> None:
-        """Stop writing grouped creates and updates (those still waiting are cancelled)."""
+        """Stop writing grouped creates and changes (those still waiting are cancelled)."""
         await self._creates.aclose()
-        await self._updates.aclose()
+        await self._changes.aclose()
 
     # -- plumbing -------------------------------------------------------------------------
 
@@ -471,9 +476,7 @@ class TicketRepository:
         cur = await conn.execute(statement, params)
         return {row["ticket_id"] for row in await cur.fetchall()}
 
-    async def _apply_all_on_recent(
-        self, requests: Sequence[tuple[str, Callable[[Ticket, datetime], Outcome]]]
-    ) -> list[Outcome] | None:
+    async def _apply_all_on_recent(self, requests: Sequence[Change]) -> list[Outcome] | None:
         """The changes ``(ticket_id, decide)`` of a batch (tickets distinct), in request
         order, written in one all-or-nothing statement when every one can be decided on its
         remembered ticket; None when one cannot, or a ticket moved on meanwhile (then
@@ -492,9 +495,7 @@ class TicketRepository:
             return None
         return [outcome for outcome, _ in decided]
 
-    async def _decide_and_write(
-        self, requests: Sequence[tuple[str, Callable[[Ticket, datetime], Outcome]]]
-    ) -> list[Outcome | HiveError]:
+    async def _decide_and_write(self, requests: Sequence[Change]) -> list[Outcome | HiveError]:
         """Decide and write changes ``(ticket_id, decide)`` of distinct tickets; per request,
         in order, its outcome or its refusal.
 
@@ -740,11 +741,9 @@ class TicketRepository:
     # -- changes ------------------------------------------------------------------------------
 
     async def assign(self, request: Assignment, *, actor: str) -> Ticket:
-        decided = await self._decide_and_write([(request.ticket_id, _assigning(request, actor))])
-        [answer] = self._batch_answers(decided)
-        if isinstance(answer, HiveError):
-            raise answer
-        return answer
+        """Apply one assignment, or raise its refusal; written together with concurrent
+        changes, as by :meth:`update_status_many`."""
+        return await self._changes.submit((request.ticket_id, _assigning(request, actor)))
 
     async def assign_many(
         self, requests: Sequence[Assignment], *, actor: str
@@ -789,8 +788,8 @@ class TicketRepository:
 
     async def update_status(self, update: StatusUpdate, *, actor: str) -> Ticket:
         """Apply one status update, or raise its refusal; written together with concurrent
-        updates, as by :meth:`update_status_many`."""
-        return await self._updates.submit((update, actor))
+        changes, as by :meth:`update_status_many`."""
+        return await self._changes.submit((update.ticket_id, _deciding(update, actor)))
 
     async def update_status_many(
         self, updates: Sequence[tuple[StatusUpdate, str]]
@@ -799,18 +798,18 @@ class TicketRepository:
         or refused (the error :meth:`update_status` would raise) on its own, in request
         order. A late result is recorded and refused, as by :meth:`update_status`.
 
-        Updates made concurrently, by this call and others, are written together (group
-        commit), up to :data:`_UPDATES_PER_WRITE` at a time: see :meth:`_write_updates`.
+        Changes made concurrently, by this call and others, are written together (group
+        commit), up to :data:`_CHANGES_PER_WRITE` at a time: see :meth:`_decide_and_write`.
         """
-        answers = await self._updates.submit_many(updates)
-        return cast(list[Ticket | HiveError], answers)  # _write_updates's answers
+        answers = await self._changes.submit_many(
+            [(update.ticket_id, _deciding(update, actor)) for update, actor in updates]
+        )
+        return cast(list[Ticket | HiveError], answers)  # _write_changes's answers
 
-    async def _write_updates(
-        self, updates: Sequence[tuple[StatusUpdate, str]]
-    ) -> list[Ticket | HiveError]:
-        """The grouped status updates of :meth:`update_status_many` (distinct tickets)."""
-        requests = [(update.ticket_id, _deciding(update, actor)) for update, actor in updates]
-        return self._batch_answers(await self._decide_and_write(requests))
+    async def _write_changes(self, changes: Sequence[Change]) -> list[Ticket | HiveError]:
+        """The grouped changes of :meth:`assign`, :meth:`update_status` and
+        :meth:`update_status_many` (distinct tickets)."""
+        return self._batch_answers(await self._decide_and_write(changes))
 
     def _batch_answers(self, outcomes: Sequence[Outcome | HiveError]) -> list[Ticket | HiveError]:
         """Tell the process what a batch changed; its answers (a late result is refused)."""
