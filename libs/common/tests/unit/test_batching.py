@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 
 import pytest
 
@@ -31,17 +32,27 @@ class Recorder:
         return answers[:-1] if self.answers_short else answers
 
 
-async def test_items_of_one_turn_and_those_made_during_a_call_share_the_next_call() -> None:
+def gated() -> tuple[Recorder, asyncio.Event, GroupCommit[str, str]]:
+    """A group whose calls wait until the returned gate is set."""
     recorder = Recorder()
-    recorder.gate = asyncio.Event()
-    group: GroupCommit[str, str] = GroupCommit(recorder.send, name="test")
-    first = [asyncio.create_task(group.submit(item)) for item in ("a", "b")]
+    recorder.gate = gate = asyncio.Event()
+    return recorder, gate, GroupCommit(recorder.send, name="test")
+
+
+async def submitted(group: GroupCommit[str, str], items: Sequence[str]) -> list[asyncio.Task[str]]:
+    """The items submitted, each by its own task, once the loop has sent what it could."""
+    tasks = [asyncio.create_task(group.submit(item)) for item in items]
     await asyncio.sleep(0.01)
+    return tasks
+
+
+async def test_items_of_one_turn_and_those_made_during_a_call_share_the_next_call() -> None:
+    recorder, gate, group = gated()
+    first = await submitted(group, ["a", "b"])
     assert recorder.calls == [["a", "b"]]
-    later = [asyncio.create_task(group.submit(item)) for item in ("c", "d", "e")]
-    await asyncio.sleep(0.01)
+    later = await submitted(group, ["c", "d", "e"])
     assert recorder.calls == [["a", "b"]]  # waiting for the call in flight
-    recorder.gate.set()
+    gate.set()
     assert await asyncio.gather(*first, *later) == ["A", "B", "C", "D", "E"]
     assert recorder.calls == [["a", "b"], ["c", "d", "e"]]
     assert await group.submit("f") == "F"  # idle again: alone, at once
@@ -66,7 +77,7 @@ async def test_each_item_gets_its_own_answer_or_its_calls_failure() -> None:
 
 async def test_distinct_prefix_keeps_repeated_keys_for_a_later_call_in_order() -> None:
     recorder = Recorder()
-    take = distinct_prefix(lambda item: item[0], limit=3)
+    take = distinct_prefix(lambda item: str(item)[0], limit=3)
     group: GroupCommit[str, str] = GroupCommit(recorder.send, take=take, name="test")
     items = ["a1", "b1", "a2", "c1", "d1", "e1", "f1"]
     answers = await asyncio.gather(*(group.submit(item) for item in items))
@@ -77,17 +88,12 @@ async def test_distinct_prefix_keeps_repeated_keys_for_a_later_call_in_order() -
 
 
 async def test_a_cancelled_waiter_is_not_sent_if_still_waiting_and_disturbs_nobody() -> None:
-    recorder = Recorder()
-    recorder.gate = asyncio.Event()
-    group: GroupCommit[str, str] = GroupCommit(recorder.send, name="test")
-    quitter = asyncio.create_task(group.submit("a"))
-    stayer = asyncio.create_task(group.submit("b"))
-    await asyncio.sleep(0.01)
-    queued = [asyncio.create_task(group.submit(item)) for item in ("c", "d")]
-    await asyncio.sleep(0.01)
+    recorder, gate, group = gated()
+    quitter, stayer = await submitted(group, ["a", "b"])
+    queued = await submitted(group, ["c", "d"])
     quitter.cancel()  # its call is in flight: answered, the answer dropped
     queued[0].cancel()  # still waiting for a call: never sent
-    recorder.gate.set()
+    gate.set()
     assert await stayer == "B"
     assert await queued[1] == "D"
     assert quitter.cancelled()
@@ -96,15 +102,12 @@ async def test_a_cancelled_waiter_is_not_sent_if_still_waiting_and_disturbs_nobo
 
 
 async def test_closing_cancels_the_items_still_waiting_and_a_new_submit_starts_afresh() -> None:
-    recorder = Recorder()
-    recorder.gate = asyncio.Event()
-    group: GroupCommit[str, str] = GroupCommit(recorder.send, name="test")
-    waiting = [asyncio.create_task(group.submit(item)) for item in ("a", "b")]
-    await asyncio.sleep(0.01)
+    _, gate, group = gated()
+    waiting = await submitted(group, ["a", "b"])
     await group.aclose()
     results = await asyncio.gather(*waiting, return_exceptions=True)
     assert all(isinstance(r, asyncio.CancelledError) for r in results)
-    recorder.gate.set()
+    gate.set()
     assert await group.submit("c") == "C"
 
 

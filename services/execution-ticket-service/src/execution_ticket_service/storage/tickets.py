@@ -7,10 +7,10 @@ race is decided again on the fresh row). Batches (assignments, lease expiry) loc
 rows in one transaction; status report batches decide on remembered tickets as single
 changes do. A batch writes all its changes and their events in one statement; concurrent
 changes (assignments, status updates) and single creates are written together (group
-commit). The event
-table is the log WatchTickets reads; a trigger enters every event into ``ticket_outbox``
-in the statement that writes it (the transactional outbox the relay delivers to MongoDB),
-so an event row is written once and the relay's bookkeeping stays in that narrow table.
+commit). The event table is the log WatchTickets reads; a trigger enters every event into
+``ticket_outbox`` in the statement that writes it (the transactional outbox the relay
+delivers to MongoDB), so an event row is written once and the relay's bookkeeping stays in
+that narrow table.
 """
 
 from __future__ import annotations
@@ -523,7 +523,7 @@ class TicketRepository:
                 i: on_recent[i][0] for n, i in enumerate(indexes) if n not in missed
             }
             await self._decide_fresh_and_apply(
-                conn, [(i, *requests[i]) for i in order if i not in results], results
+                conn, [(i, requests[i]) for i in order if i not in results], results
             )
             return results
 
@@ -550,10 +550,10 @@ class TicketRepository:
     async def _decide_fresh_and_apply(
         self,
         conn: AsyncConnection[DictRow],
-        requests: Sequence[tuple[int, str, Callable[[Ticket, datetime], Outcome]]],
+        requests: Sequence[tuple[int, Change]],
         results: dict[int, Outcome | HiveError],
     ) -> None:
-        """Read the tickets of ``(key, ticket_id, decide)`` requests in one statement,
+        """Read the tickets of ``(key, change)`` requests in one statement,
         decide each and write them together; each outcome (or refusal) goes in
         ``results`` under its key. Those whose ticket moved on before the write are read
         and decided again, at most :data:`_OPTIMISTIC_ATTEMPTS` times (then ABORTED)."""
@@ -563,29 +563,27 @@ class TicketRepository:
                 return
             cur = await conn.execute(
                 "SELECT * FROM tickets WHERE ticket_id = ANY(%s::uuid[])",
-                ([ticket_id for _, ticket_id, _ in pending],),
+                ([ticket_id for _, (ticket_id, _) in pending],),
             )
             found = {str(row["ticket_id"]): ticket_from_row(row) for row in await cur.fetchall()}
             now = self._clock()
-            decided: list[tuple[int, str, Callable[[Ticket, datetime], Outcome]]] = []
-            changes: list[tuple[Outcome, int]] = []
-            for key, ticket_id, decide in pending:
+            decided: list[tuple[tuple[int, Change], tuple[Outcome, int]]] = []
+            for request in pending:
+                key, (ticket_id, decide) = request
                 ticket = found.get(ticket_id)
                 if ticket is None:
                     results[key] = _not_found(ticket_id)
                     continue
                 try:
-                    changes.append((decide(ticket, now), ticket.version))
+                    decided.append((request, (decide(ticket, now), ticket.version)))
                 except HiveError as exc:  # the decision's refusal (not database errors)
                     results[key] = exc
-                    continue
-                decided.append((key, ticket_id, decide))
-            missed = await self._apply_all(conn, changes)
-            for n, ((key, _, _), (outcome, _)) in enumerate(zip(decided, changes, strict=True)):
+            missed = await self._apply_all(conn, [change for _, change in decided])
+            for n, ((key, _), (outcome, _)) in enumerate(decided):
                 if n not in missed:
                     results[key] = outcome
-            pending = [request for n, request in enumerate(decided) if n in missed]
-        for key, ticket_id, _ in pending:
+            pending = [request for n, (request, _) in enumerate(decided) if n in missed]
+        for key, (ticket_id, _) in pending:
             results[key] = _kept_changing(ticket_id)
 
     # -- creation -------------------------------------------------------------------------
