@@ -215,8 +215,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--markdown",
         type=Path,
-        default=Path("bench/out/latest.md"),
-        help="also write the Markdown report here (default bench/out/latest.md)",
+        help="also write the Markdown report here (default <out>/latest.md)",
     )
     args = parser.parse_args(argv)
     phases = args.phase or list(PHASES)
@@ -288,7 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     print(markdown)
     report.write_json(args.out / f"bench-{stamp}.json")
     report.write_json(args.out / "latest.json")
-    if args.markdown:
-        args.markdown.write_text(markdown)
+    markdown_path = args.markdown or args.out / "latest.md"
+    markdown_path.parent.mkdir(parents=True, exist_ok=True)
+    markdown_path.write_text(markdown)
     print(f"bench: JSON report {args.out / f'bench-{stamp}.json'}", flush=True)
     return 0
