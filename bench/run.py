@@ -21,6 +21,7 @@ from hive_common.localdb import free_port
 from hive_common.procstack import ProcessSpec, ProcessStack
 
 PHASES = ("tickets", "discovery", "plans")
+RELAY_IDLE = "audit relay idle: MongoDB unreachable"
 
 FULL_TICKETS = TicketSizes(
     plans=20,
@@ -72,6 +73,40 @@ def _meter(dbs: Databases, procs: ProcessStack, args: argparse.Namespace) -> cpu
     return meter
 
 
+async def _ingest_and_updates(
+    report: Report,
+    tickets_target: str,
+    echo_target: str,
+    dsn: str,
+    sizes: TicketSizes,
+    meter: cpu.CpuMeter,
+    *,
+    variant: str = "",
+) -> None:
+    """The ticket service's ingest and update benchmarks; a ``variant`` (the relay idle)
+    has no audit copy to wait for: its outbox only grows."""
+    outbox_dsn = None if variant else dsn
+    await run_ingest(
+        report,
+        tickets_target=tickets_target,
+        echo_target=echo_target,
+        dsn=dsn,
+        sizes=sizes,
+        meter=meter,
+        outbox_dsn=outbox_dsn,
+        variant=variant,
+    )
+    await run_updates(
+        report,
+        tickets_target=tickets_target,
+        echo_target=echo_target,
+        sizes=sizes,
+        meter=meter,
+        outbox_dsn=outbox_dsn,
+        variant=variant,
+    )
+
+
 def phase_tickets(report: Report, dbs: Databases, args: argparse.Namespace, logs: Path) -> None:
     dsn = dbs.fresh_database("bench_tickets_micro")
     tickets = stack.ticket_service(
@@ -86,29 +121,14 @@ def phase_tickets(report: Report, dbs: Databases, args: argparse.Namespace, logs
     with _running(ProcessStack([tickets.spec, echo.spec], log_dir=logs / "tickets")) as procs:
         meter = _meter(dbs, procs, args)
         asyncio.run(
-            run_ingest(
-                report,
-                tickets_target=tickets.endpoint.grpc_target,
-                echo_target=echo.endpoint.grpc_target,
-                dsn=dsn,
-                sizes=sizes,
-                meter=meter,
-            )
-        )
-        asyncio.run(
-            run_updates(
-                report,
-                tickets_target=tickets.endpoint.grpc_target,
-                echo_target=echo.endpoint.grpc_target,
-                sizes=sizes,
-                meter=meter,
-                outbox_dsn=dsn,
+            _ingest_and_updates(
+                report, tickets.endpoint.grpc_target, echo.endpoint.grpc_target, dsn, sizes, meter
             )
         )
         stack.record_memory(report, "tickets", procs, "after ingest and update benchmarks")
         procs.stop("execution-ticket-service")
-        # Diagnostic: the same updates with the audit relay idle (MongoDB unreachable, the
-        # relay backs off), to show what the relay and FerretDB cost the hot path.
+        # Diagnostic: the same ingest and updates (16 clients) with the audit relay idle
+        # (MongoDB unreachable, the relay backs off): what the relay and FerretDB cost them.
         quiet = stack.ticket_service(
             name="execution-ticket-service-relay-idle",
             postgres_dsn=dsn,
@@ -119,14 +139,14 @@ def phase_tickets(report: Report, dbs: Databases, args: argparse.Namespace, logs
         )
         with _alongside(procs, quiet.spec, meter, args, logs / "tickets"):
             asyncio.run(
-                run_updates(
+                _ingest_and_updates(
                     report,
-                    tickets_target=quiet.endpoint.grpc_target,
-                    echo_target=echo.endpoint.grpc_target,
-                    sizes=replace(sizes, update_calls={16: sizes.update_calls[16]}),
-                    meter=meter,
-                    outbox_dsn=None,  # MongoDB unreachable: the outbox only grows
-                    variant="audit relay idle: MongoDB unreachable",
+                    quiet.endpoint.grpc_target,
+                    echo.endpoint.grpc_target,
+                    dsn,
+                    replace(sizes, update_calls={16: sizes.update_calls[16]}),
+                    meter,
+                    variant=RELAY_IDLE,
                 )
             )
         # Diagnostic: the durable floor (the echo committing one row per call first), with
