@@ -41,7 +41,7 @@ class WarningLogger(Protocol):
 
 
 class HiveSettings(BaseSettings):
-    """Base settings: logging, bind address, ports, JWT and shutdown grace.
+    """Base settings: logging, bind address, ports, JWT, shutdown grace, HTTP keep-alive.
 
     Environment variables are ``<env_prefix><FIELD>`` (case-insensitive); the base prefix is
     ``HIVE_`` and each service sets its own (``HIVE_TICKETS_``, ``HIVE_REGISTRY_``,
@@ -72,6 +72,15 @@ class HiveSettings(BaseSettings):
     jwt_issuer: str = "hive-flow-c"
     jwt_audience: str = "neuralhive"
     shutdown_grace_seconds: float = Field(default=10.0, ge=0)
+    http_keep_alive_seconds: int = Field(
+        default=75,
+        ge=1,
+        description=(
+            "How long an idle HTTP connection is kept open. Longer than the clients' and "
+            "load balancers' own idle timeouts (httpx 5 s, AWS ALB 60 s), so that they, not "
+            "the server, close it: a request sent as the server closes fails."
+        ),
+    )
 
     @field_validator("log_level", mode="before")
     @classmethod

@@ -58,7 +58,9 @@ class _EmbeddedUvicornServer(uvicorn.Server):
 class _HttpListener:
     """One uvicorn server on a socket we bind ourselves (so port 0 reports its real port)."""
 
-    def __init__(self, *, name: str, app: ASGIApp, host: str, port: int, grace: float) -> None:
+    def __init__(
+        self, *, name: str, app: ASGIApp, host: str, port: int, grace: float, keep_alive: int
+    ) -> None:
         self.name = name
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
         self.socket = socket.socket(family, socket.SOCK_STREAM)
@@ -76,6 +78,7 @@ class _HttpListener:
             ws="none",
             lifespan="auto",
             timeout_graceful_shutdown=math.ceil(grace),  # uvicorn takes whole seconds
+            timeout_keep_alive=keep_alive,
             server_header=False,
         )
         self.server = _EmbeddedUvicornServer(config)
@@ -129,6 +132,7 @@ class ServiceRuntime:
         metrics_registry: CollectorRegistry | None = None,
         metrics_port: int | None = None,
         shutdown_grace_seconds: float = 10.0,
+        http_keep_alive_seconds: int = 75,
         readiness: ReadinessCheck | None = None,
         readiness_interval_seconds: float = 5.0,
         readiness_timeout_seconds: float = 5.0,
@@ -144,6 +148,7 @@ class ServiceRuntime:
         self.http_app = http_app
         self.host = host
         self.shutdown_grace_seconds = shutdown_grace_seconds
+        self.http_keep_alive_seconds = http_keep_alive_seconds
         self.metrics_registry = metrics_registry
         self._requested_ports = (grpc_port, http_port, metrics_port)
         self._readiness = readiness
@@ -173,7 +178,7 @@ class ServiceRuntime:
         readiness_interval_seconds: float = 5.0,
         logger: Any | None = None,
     ) -> ServiceRuntime:
-        """A runtime bound to the settings' host, ports and shutdown grace."""
+        """A runtime bound to the settings' host, ports, shutdown grace and keep-alive."""
         return cls(
             grpc_server=grpc_server,
             http_app=http_app,
@@ -183,6 +188,7 @@ class ServiceRuntime:
             metrics_registry=metrics_registry,
             metrics_port=settings.metrics_port,
             shutdown_grace_seconds=settings.shutdown_grace_seconds,
+            http_keep_alive_seconds=settings.http_keep_alive_seconds,
             readiness=readiness,
             readiness_interval_seconds=readiness_interval_seconds,
             logger=logger,
@@ -225,7 +231,12 @@ class ServiceRuntime:
                 add_metrics_route(self.http_app, self.metrics_registry)
             if self.http_app is not None:
                 self._http = _HttpListener(
-                    name="http", app=self.http_app, host=self.host, port=http_port, grace=grace
+                    name="http",
+                    app=self.http_app,
+                    host=self.host,
+                    port=http_port,
+                    grace=grace,
+                    keep_alive=self.http_keep_alive_seconds,
                 )
                 await self._http.start()
                 self.http_port = self._http.port
@@ -236,6 +247,7 @@ class ServiceRuntime:
                     host=self.host,
                     port=metrics_port,
                     grace=grace,
+                    keep_alive=self.http_keep_alive_seconds,
                 )
                 await self._metrics.start()
                 self.metrics_port = self._metrics.port

@@ -53,6 +53,8 @@ def test_defaults() -> None:
     assert settings.metrics_port is None
     assert settings.jwt_audience == "neuralhive"
     assert settings.shutdown_grace_seconds == 10
+    # Outlasts clients' and load balancers' idle timeouts (they close idle connections).
+    assert settings.http_keep_alive_seconds > 60
     assert settings.uses_development_jwt_secret
 
 
@@ -106,6 +108,8 @@ def test_log_level_is_normalised(given: str, expected: str) -> None:
         {"grpc_port": 70000},
         {"http_port": -1},
         {"shutdown_grace_seconds": -1},
+        {"http_keep_alive_seconds": 0},
+        {"http_keep_alive_seconds": "forever"},
     ],
 )
 def test_invalid_values_are_rejected(bad: dict[str, Any]) -> None:

@@ -78,6 +78,7 @@ def make_runtime(
     metrics_port: int | None = 0,
     readiness: Any = None,
     readiness_interval_seconds: float = 5.0,
+    http_keep_alive_seconds: int = 75,
 ) -> ServiceRuntime:
     registry = new_registry()
     grpc_server = build_grpc_server(services=[servicer.service()], metrics=RpcMetrics(registry))
@@ -91,6 +92,7 @@ def make_runtime(
         metrics_registry=registry,
         metrics_port=metrics_port,
         shutdown_grace_seconds=5,
+        http_keep_alive_seconds=http_keep_alive_seconds,
         readiness=readiness,
         readiness_interval_seconds=readiness_interval_seconds,
     )
@@ -397,6 +399,32 @@ async def test_start_twice_is_refused(runtime: ServiceRuntime) -> None:
         await runtime.start()
 
 
+@pytest.mark.parametrize("listener", ["http", "metrics"])
+async def test_idle_connections_stay_open_for_the_keep_alive_then_close(
+    servicer: SlowServicer, listener: str
+) -> None:
+    # Real sockets: after 1 s idle (under the 2 s keep-alive) the connection serves the
+    # next request; then the server closes it, well before uvicorn's own default (5 s).
+    rt = make_runtime(servicer, http_keep_alive_seconds=2)
+    await rt.start()
+    port = rt.http_port if listener == "http" else rt.metrics_port
+    path = b"/health" if listener == "http" else b"/metrics"
+    assert port is not None
+    loop = asyncio.get_running_loop()
+    try:
+        with socket.create_connection(("127.0.0.1", port)) as sock:
+            sock.setblocking(False)
+            for _ in range(2):
+                await loop.sock_sendall(sock, b"GET " + path + b" HTTP/1.1\r\nHost: t\r\n\r\n")
+                async with asyncio.timeout(5):
+                    assert (await loop.sock_recv(sock, 65536)).startswith(b"HTTP/1.1 200")
+                await asyncio.sleep(1)
+            async with asyncio.timeout(2.5):  # 1 s of the 2 s keep-alive is left
+                assert await loop.sock_recv(sock, 1) == b""
+    finally:
+        await rt.stop(1)
+
+
 def test_metrics_without_port_need_a_fastapi_app() -> None:
     with pytest.raises(ValueError, match="FastAPI"):
         ServiceRuntime(metrics_registry=new_registry(), metrics_port=None)
@@ -404,9 +432,15 @@ def test_metrics_without_port_need_a_fastapi_app() -> None:
 
 def test_from_settings_uses_ports_and_grace() -> None:
     settings = HiveSettings(
-        host="127.0.0.1", grpc_port=1, http_port=2, metrics_port=3, shutdown_grace_seconds=7
+        host="127.0.0.1",
+        grpc_port=1,
+        http_port=2,
+        metrics_port=3,
+        shutdown_grace_seconds=7,
+        http_keep_alive_seconds=9,
     )
     rt = ServiceRuntime.from_settings(settings, metrics_registry=new_registry())
     assert rt.host == "127.0.0.1"
     assert rt.shutdown_grace_seconds == 7
+    assert rt.http_keep_alive_seconds == 9
     assert rt._requested_ports == (1, 2, 3)
