@@ -27,7 +27,7 @@ from typing import Any, Literal, NotRequired, TypedDict
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -56,6 +56,7 @@ ReadinessCheck = Callable[[], Awaitable[ReadinessReport]]
 
 REQUEST_ID_HEADER = "x-request-id"
 INTERNAL_ERROR_MESSAGE = "internal error"
+CLIENT_CLOSED_REQUEST = 499  # nginx's status for a client gone before its answer
 QUIET_PATHS: tuple[str, ...] = ("/health", "/ready", "/metrics")
 """Probe and scrape paths; their request lines are logged at DEBUG."""
 
@@ -206,6 +207,11 @@ class RequestLoggingMiddleware:
 
         try:
             await self.app(scope, receive, send_with_request_id)
+        except ClientDisconnect:
+            # The client went away before its request was read: there is nobody to answer,
+            # and it is not a server error (nginx's 499 in the request line and metrics).
+            if not response_started:
+                status = CLIENT_CLOSED_REQUEST
         except Exception:
             self._logger.exception(
                 "unhandled exception in request", method=scope["method"], path=scope["path"]
@@ -306,6 +312,7 @@ def create_http_app(
 
 
 __all__ = [
+    "CLIENT_CLOSED_REQUEST",
     "INTERNAL_ERROR_MESSAGE",
     "QUIET_PATHS",
     "REQUEST_ID_HEADER",

@@ -9,11 +9,12 @@ from typing import Any
 
 import httpx
 import pytest
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
 from pydantic import BaseModel, Field
 
 from hive_common.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound
 from hive_common.http import (
+    CLIENT_CLOSED_REQUEST,
     CheckResult,
     ReadinessReport,
     create_http_app,
@@ -45,6 +46,10 @@ def build_app(report: dict[str, CheckResult], metrics: HttpMetrics | None = None
     @app.post("/plans")
     async def submit(plan: Plan) -> dict[str, int]:
         return {"tasks": len(plan.tasks)}
+
+    @app.post("/raw")
+    async def raw(request: Request) -> dict[str, int]:
+        return {"size": len(await request.body())}
 
     @app.get("/plans")
     async def list_plans(page_size: int = 10) -> dict[str, Any]:
@@ -220,6 +225,44 @@ async def test_unexpected_exception_is_generic_500_and_logged(
     request_lines = [line for line in lines if line["event"] == "http_request"]
     assert request_lines[-1]["status"] == 500
     assert request_lines[-1]["route"] == "/plans/{plan_id}"
+
+
+async def test_a_client_gone_before_its_body_is_read_is_499_not_a_server_error(
+    report: dict[str, CheckResult], log_stream: io.StringIO
+) -> None:
+    registry = new_registry()
+    app = build_app(report, metrics=HttpMetrics(registry))
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/raw",
+        "raw_path": b"/raw",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"host", b"t"), (b"content-length", b"100")],
+        "client": ("127.0.0.1", 5000),
+        "server": ("127.0.0.1", 8000),
+    }
+    sent: list[dict[str, Any]] = []
+
+    async def receive() -> dict[str, Any]:
+        return {"type": "http.disconnect"}  # gone before sending the body
+
+    async def send(message: Any) -> None:
+        sent.append(message)
+
+    await app(scope, receive, send)
+    assert sent == []  # nobody to answer
+    lines = log_lines(log_stream)
+    assert not [line for line in lines if line["event"] == "unhandled exception in request"]
+    request_line = [line for line in lines if line["event"] == "http_request"][-1]
+    assert request_line["status"] == CLIENT_CLOSED_REQUEST
+    assert request_line["level"] == "info"
+    labels = {"method": "POST", "route": "/raw", "status": str(CLIENT_CLOSED_REQUEST)}
+    assert registry.get_sample_value("http_requests_total", labels) == 1
 
 
 async def test_unknown_route_uses_error_shape(client: httpx.AsyncClient) -> None:
