@@ -506,12 +506,12 @@ class TicketRepository:
         on) are read together, decided and written together, in one transaction with the
         rest. One change is one autocommit statement or two (read, write-if-unchanged).
         """
-        # In one order, so concurrent batches wait for each other instead of deadlocking.
-        order = sorted(range(len(requests)), key=lambda i: requests[i][0])
         if len(requests) > 1:
             written = await self._apply_all_on_recent(requests)
             if written is not None:
                 return list(written)
+        # In one order, so concurrent batches wait for each other instead of deadlocking.
+        order = sorted(range(len(requests)), key=lambda i: requests[i][0])
 
         async def work(conn: AsyncConnection[DictRow]) -> dict[int, Outcome | HiveError]:
             on_recent = {
