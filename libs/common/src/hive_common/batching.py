@@ -40,7 +40,8 @@ class GroupCommit(Generic[I, R]):
     """``await submit(item)`` → the item's answer from ``send``, or raises its error (a
     failed call raises its error for each of its items).
 
-    ``take`` bounds a call (default: every waiting item); ``name`` names the sending task.
+    ``take`` bounds a call (default: every waiting item; it is only asked about a non-empty
+    queue); ``name`` names the sending task.
     """
 
     def __init__(self, send: Send[I, R], *, take: Take[I] | None = None, name: str) -> None:
@@ -93,7 +94,7 @@ class GroupCommit(Generic[I, R]):
         # An item whose waiter gave up (cancelled) before its call went out is not sent.
         self._queue = [(item, answer) for item, answer in self._queue if not answer.done()]
         count = len(self._queue)
-        if self._take is not None:
+        if count and self._take is not None:
             count = max(1, self._take([item for item, _ in self._queue]))
         batch, self._queue = self._queue[:count], self._queue[count:]
         return batch

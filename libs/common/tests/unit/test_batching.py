@@ -87,6 +87,25 @@ async def test_distinct_prefix_keeps_repeated_keys_for_a_later_call_in_order() -
         distinct_prefix(lambda item: item, limit=0)
 
 
+async def test_the_sender_ends_cleanly_once_the_queue_drains() -> None:
+    recorder = Recorder()
+    asked: list[int] = []
+
+    def first_only(items: Sequence[str]) -> int:  # a take may read the oldest item
+        asked.append(len(items))
+        return 1
+
+    group: GroupCommit[str, str] = GroupCommit(recorder.send, take=first_only, name="drain")
+    for round_items in (["a", "b"], ["c"]):
+        pending = [asyncio.create_task(group.submit(item)) for item in round_items]
+        await asyncio.sleep(0)  # the sender has started
+        (sender,) = [task for task in asyncio.all_tasks() if task.get_name() == "drain"]
+        assert await asyncio.gather(*pending) == [item.upper() for item in round_items]
+        await sender  # ends without an error
+    assert recorder.calls == [["a"], ["b"], ["c"]]
+    assert 0 not in asked  # never asked about an empty queue
+
+
 async def test_a_cancelled_waiter_is_not_sent_if_still_waiting_and_disturbs_nobody() -> None:
     recorder, gate, group = gated()
     quitter, stayer = await submitted(group, ["a", "b"])
