@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextvars
+
 import pytest
 
 from hive_common.auth import TokenClaims, TokenIssuer, TokenKind, TokenVerifier
 from hive_common.errors import PermissionDenied, Unauthenticated
+from hive_common.grpc_server import RpcCall
 from service_registry.transport.authorization import Authorizer
-from service_registry.transport.grpc.auth import RULES
+from service_registry.transport.grpc.auth import (
+    RULES,
+    SERVICE_PREFIX,
+    RegistryAuthInterceptor,
+    current_caller,
+)
 
 SECRET = "unit-test-jwt-secret-0123456789abcdef0123"
 ISSUER = TokenIssuer(secret=SECRET, issuer="tests")
@@ -108,3 +117,26 @@ def test_a_token_is_verified_once_and_its_kind_checked_every_time() -> None:
         with pytest.raises(PermissionDenied):  # a cached token still gets its kind checked
             checks.authorize(service, RULES["Heartbeat"], "Heartbeat")
     assert verified == [service]
+
+
+async def test_the_caller_is_set_for_the_rpc_and_a_stream_closed_elsewhere_ends_cleanly() -> None:
+    interceptor = RegistryAuthInterceptor(authorizer=authorizer())
+    call = RpcCall(
+        method=f"{SERVICE_PREFIX}WatchWorkers",
+        rpc_type="unary_stream",
+        metadata=(("authorization", f"Bearer {token('service')}"),),
+    )
+    around = interceptor.around(call, None, None)
+
+    async def enter() -> TokenClaims | None:
+        await around.__aenter__()
+        return current_caller()
+
+    claims = await asyncio.create_task(enter(), context=contextvars.copy_context())
+    assert claims is not None
+    assert claims.kind is TokenKind.SERVICE
+    assert current_caller() is None  # only the RPC's own context holds it
+    # A response stream the server stopped reading is closed by asyncio's async generator
+    # finalizer, in another context than the RPC's.
+    closing = around.__aexit__(GeneratorExit, GeneratorExit(), None)
+    await asyncio.create_task(closing, context=contextvars.copy_context())

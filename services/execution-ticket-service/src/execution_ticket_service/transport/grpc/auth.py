@@ -116,8 +116,8 @@ class TicketAuthInterceptor(HandlerWrappingInterceptor):
             yield  # health, reflection
             return
         claims = await self._check(call.method.removeprefix(_PREFIX), request, call.metadata)
-        token = _claims.set(claims)
-        try:
-            yield
-        finally:
-            _claims.reset(token)
+        # Set in the RPC's own task context, which ends with the RPC: no reset (a response
+        # stream closed early is finalized by asyncio in another context, where a reset
+        # would raise).
+        _claims.set(claims)
+        yield

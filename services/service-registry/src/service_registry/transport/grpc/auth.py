@@ -77,8 +77,8 @@ class RegistryAuthInterceptor(HandlerWrappingInterceptor):
         claims = self._authorizer.authorize(
             bearer_token_from_metadata(call.metadata), allowed, method
         )
-        token = _current_caller.set(claims)
-        try:
-            yield
-        finally:
-            _current_caller.reset(token)
+        # Set in the RPC's own task context, which ends with the RPC: no reset (a response
+        # stream closed early is finalized by asyncio in another context, where a reset
+        # would raise).
+        _current_caller.set(claims)
+        yield
