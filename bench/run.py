@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import os
 import time
+from collections import Counter
 from collections.abc import Iterator
 from dataclasses import replace
 from datetime import UTC, datetime
@@ -18,7 +19,7 @@ from bench.environment import Databases, databases, describe_machine, load_avera
 from bench.report import Report
 from bench.tickets import TicketSizes, run_durable_floor, run_ingest, run_updates
 from hive_common.localdb import free_port
-from hive_common.procstack import ProcessSpec, ProcessStack
+from hive_common.procstack import ProcessSpec, ProcessStack, logged_errors
 
 PHASES = ("tickets", "discovery", "plans")
 RELAY_IDLE = "audit relay idle: MongoDB unreachable"
@@ -195,6 +196,17 @@ def phase_discovery(report: Report, dbs: Databases, args: argparse.Namespace, lo
         )
 
 
+def _logged_errors(logs: Path) -> str:
+    """The error lines of the run's process logs, counted by process and message: a
+    service that logged errors did not measure its normal path."""
+    counts: Counter[str] = Counter()
+    for path in sorted(logs.rglob("*.log")):
+        for entry in logged_errors(path):
+            message = str(entry.get("event", "")).partition("\n")[0][:100]
+            counts[f"{path.parent.name}/{path.stem}: {message}"] += 1
+    return "; ".join(f"{n} x {what}" for what, n in counts.most_common()) or "none"
+
+
 def _foreign_share(report: Report) -> str:
     """Busy time of processes that are not ours, as a share of all cores, over all
     measurements (the machine is shared; the figures are only as clean as this)."""
@@ -298,6 +310,7 @@ def main(argv: list[str] | None = None) -> int:
 
                 phase_plans(report, dbs, args, logs)
     report.parameters["load average at end (1/5/15 min)"] = load_average()
+    report.parameters["errors in the process logs"] = _logged_errors(logs)
     report.parameters["CPU taken by processes outside this run, during the measurements"] = (
         _foreign_share(report)
     )

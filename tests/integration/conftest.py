@@ -28,7 +28,7 @@ from pymongo import ASCENDING, MongoClient
 from hive_common.auth import TokenIssuer
 from hive_common.flowc_processes import Launch, StackPorts, WorkerOptions, flow_specs
 from hive_common.localdb import free_port
-from hive_common.procstack import ProcessSpec, ProcessStack
+from hive_common.procstack import ProcessSpec, ProcessStack, logged_errors
 from hive_common.testing.databases import (
     MongoServer,
     PostgresServer,
@@ -434,6 +434,19 @@ def module_stack(
         finally:
             stack.close()
             processes.stop_all()
+        if errors := asyncio_errors(processes):
+            pytest.fail("asyncio reported exceptions nobody handled:\n" + "\n\n".join(errors))
+
+
+def asyncio_errors(processes: ProcessStack) -> list[str]:
+    """The errors asyncio logged in the processes' logs: exceptions nobody handled in a
+    background task, a response stream or a callback (no test result shows those)."""
+    return [
+        f"{process.name}: {entry.get('event')}\n{entry.get('exception', '')}"
+        for process in processes
+        for entry in logged_errors(process.log_path)
+        if entry.get("logger") == "asyncio"
+    ]
 
 
 @pytest.fixture

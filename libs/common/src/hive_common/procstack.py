@@ -17,6 +17,7 @@ Linux, children also get SIGTERM when the supervisor dies without cleaning up (v
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import re
 import shutil
@@ -30,7 +31,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 from hive_common._exit import StopAtExit
 
@@ -44,6 +45,7 @@ __all__ = [
     "ReadyTimeout",
     "http_ready",
     "log_ready",
+    "logged_errors",
 ]
 
 ReadyProbe = Callable[["ManagedProcess"], bool]
@@ -122,6 +124,21 @@ def log_ready(pattern: str) -> ReadyProbe:
 # Clean-up of processes still running when the interpreter exits
 
 _live: StopAtExit[ManagedProcess] = StopAtExit(lambda process: process.stop(grace=5.0))
+
+
+def logged_errors(log_path: Path) -> list[dict[str, Any]]:
+    """The ``error`` and ``critical`` entries of a process's JSON log (the services'
+    ``--log-format json``); lines that are not JSON objects are skipped."""
+    found: list[dict[str, Any]] = []
+    with contextlib.suppress(FileNotFoundError), log_path.open(errors="replace") as log:
+        for line in log:
+            try:
+                entry = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(entry, dict) and entry.get("level") in ("error", "critical"):
+                found.append(entry)
+    return found
 
 
 class ManagedProcess:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import signal
 import sys
 import textwrap
@@ -19,6 +20,7 @@ from hive_common.procstack import (
     ReadyTimeout,
     http_ready,
     log_ready,
+    logged_errors,
 )
 
 
@@ -236,3 +238,17 @@ def test_specs_are_checked() -> None:
         ProcessSpec(name="x", argv=[])
     with pytest.raises(ValueError, match="duplicate"):
         ProcessStack([ProcessSpec(name="x", argv=["true"])] * 2, log_dir=Path("/nonexistent"))
+
+
+def test_logged_errors_are_the_error_and_critical_json_entries(tmp_path: Path) -> None:
+    log = tmp_path / "service.log"
+    entries = [
+        {"event": "started", "level": "info"},
+        {"event": "Task exception was never retrieved", "level": "error", "logger": "asyncio"},
+        {"event": "relay round failed", "level": "warning"},
+        {"event": "out of memory", "level": "critical"},
+    ]
+    lines = ["=== start 1 ===", *map(json.dumps, entries), "[1, 2]", "{not json"]
+    log.write_text("\n".join(lines) + "\n")
+    assert logged_errors(log) == [entries[1], entries[3]]
+    assert logged_errors(tmp_path / "never-written.log") == []
