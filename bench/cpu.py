@@ -56,6 +56,12 @@ def machine_busy_seconds() -> float:
 
 KERNEL = "(kernel: threads, irq, softirq)"
 
+OPERATIONS = "operations"
+"""The key of a measurement's operation count (tickets, calls) in its results."""
+
+NOT_PROCESSES = ("wall", OPERATIONS, MACHINE, KERNEL)
+"""The keys of a measurement's results that are not a process group's CPU seconds."""
+
 
 def kernel_seconds() -> float:
     """CPU seconds of kernel threads (children of kthreadd) plus irq and softirq time: work
@@ -123,7 +129,9 @@ class CpuMeter:
         return {name: source() for name, source in self._sources.items()}
 
     @contextlib.contextmanager
-    def measure(self, label: str) -> Iterator[None]:
+    def measure(self, label: str, *, operations: int | None = None) -> Iterator[None]:
+        """Record the CPU seconds of every source over the block (added to earlier blocks
+        of the same label), with ``operations`` (how many tickets or calls it did)."""
         around = self.around(label) if self.around else contextlib.nullcontext()
         before = self.snapshot()
         wall = _wall()
@@ -136,6 +144,8 @@ class CpuMeter:
             for name in after:
                 result[name] = result.get(name, 0.0) + after[name] - before.get(name, 0.0)
             result["wall"] = result.get("wall", 0.0) + _wall() - wall
+            if operations is not None:
+                result[OPERATIONS] = result.get(OPERATIONS, 0) + operations
 
     def to_json(self) -> dict[str, Any]:
         return self.results

@@ -90,7 +90,9 @@ async def run_discovery(
                     _register_request(base + i), metadata=register_metadata, timeout=60
                 )
 
-            with meter.measure(f"Register up to {population:,} workers"):
+            with meter.measure(
+                f"Register up to {population:,} workers", operations=population - registered
+            ):
                 reg = await closed_loop(
                     register, concurrency=sizes.register_concurrency, total=population - registered
                 )
@@ -99,7 +101,9 @@ async def run_discovery(
             registered = population
             await asyncio.sleep(1.0)  # let the registration burst's follow-up work settle
             rare_count = len(range(0, population, RARE_EVERY))
-            with meter.measure(f"DiscoverWorkers echo ({population:,} phase)"):
+            with meter.measure(
+                f"DiscoverWorkers echo ({population:,} phase)", operations=sizes.calls
+            ):
                 floor = await closed_loop(discover_echo, concurrency=1, total=sizes.calls)
             raw: dict[str, object] = {"register": reg.to_json(), "echo": floor.to_json()}
             report.raw["discovery"][str(population)] = raw
@@ -112,7 +116,10 @@ async def run_discovery(
                         registry_dsn, autocommit=True
                     ) as conn:
                         await conn.execute("ANALYZE workers")
-                with meter.measure(f"DiscoverWorkers, {population:,} workers, {stage}"):
+                with meter.measure(
+                    f"DiscoverWorkers, {population:,} workers, {stage}",
+                    operations=2 * (20 + sizes.calls),
+                ):
                     common = await discover(COMMON, min(10, population))
                     selective = await discover(SELECTIVE, min(10, rare_count))
                 raw[f"common, {stage}"] = common.to_json()

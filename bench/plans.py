@@ -453,7 +453,7 @@ async def run_one_plan(
     for k in range(repeats):
         this = plan if repeats == 1 else {**plan, "plan_id": f"{plan['plan_id']}-{k + 1}"}
         await audit_settled(runner.outbox_dsn)
-        with meter.measure(label):
+        with meter.measure(label, operations=len(this["tasks"])):
             t0, submit_s = await runner.submit(this)
             statuses = await runner.wait_settled({this["plan_id"]})
         timing = await runner.timing(this["plan_id"], len(this["tasks"]), t0, submit_s)
@@ -527,7 +527,7 @@ async def run_plans(
         ]
         await audit_settled(tickets_dsn)
         start_wall = time.time()
-        with meter.measure(name):
+        with meter.measure(name, operations=sizes.many_plans * sizes.many_plan_tasks):
             submitted = await asyncio.gather(*(runner.submit(p) for p in plans))
             all_submitted_s = time.time() - start_wall
             ids = {p["plan_id"] for p in plans}

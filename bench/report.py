@@ -9,7 +9,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from bench.cpu import KERNEL, MACHINE
+from bench.cpu import KERNEL, MACHINE, NOT_PROCESSES, OPERATIONS
 
 
 @dataclass(slots=True)
@@ -142,7 +142,9 @@ class Report:
                 "processes); *other processes* is the whole machine's busy time (/proc/stat) "
                 "minus ours and the kernel's (other helpers' test suites, anything not "
                 f"attributed); *busy*: the machine's busy time over {cores} cores x wall time "
-                "(near 100 %, a measurement is CPU-bound)."
+                "(near 100 %, a measurement is CPU-bound). Where the count of operations "
+                "(tickets or calls) is known: the CPU of one operation (ours and the "
+                f"kernel's) and the rate those {cores} cores could reach at most at that cost."
             )
             out.append("")
             for label, groups in self.cpu.items():
@@ -152,7 +154,14 @@ class Report:
                     if MACHINE in groups and wall > 0
                     else ""
                 )
-                ours = {k: v for k, v in groups.items() if k not in ("wall", MACHINE, KERNEL)}
+                ours = {k: v for k, v in groups.items() if k not in NOT_PROCESSES}
+                operations = groups.get(OPERATIONS)
+                if operations:
+                    spent = sum(ours.values()) + groups.get(KERNEL, 0.0)
+                    busy += (
+                        f"; {operations:,.0f} operations, {1000 * spent / operations:.3f} "
+                        f"CPU-ms each: at most {operations * cores / spent:,.0f}/s"
+                    )
                 if MACHINE in groups:
                     kernel = groups.get(KERNEL, 0.0)
                     others = groups[MACHINE] - sum(ours.values()) - kernel

@@ -214,7 +214,7 @@ def _foreign_share(report: Report) -> str:
     for groups in report.cpu.values():
         if cpu.MACHINE not in groups:
             continue
-        ours = sum(v for k, v in groups.items() if k not in ("wall", cpu.MACHINE, cpu.KERNEL))
+        ours = sum(v for k, v in groups.items() if k not in cpu.NOT_PROCESSES)
         foreign += max(0.0, groups[cpu.MACHINE] - ours - groups.get(cpu.KERNEL, 0.0))
         wall += groups.get("wall", 0.0)
     cores = os.cpu_count() or 1

@@ -269,10 +269,14 @@ async def run_ingest(
                 _raw_rows(f"raw-{run_id}-{round_no}-{n}", sizes.plan_size) for n in range(per_round)
             ]
             await audit_settled(outbox_dsn)
-            with meter.measure(f"ingest: raw executemany{suffix}"):
+            with meter.measure(
+                f"ingest: raw executemany{suffix}", operations=per_round * sizes.plan_size
+            ):
                 raw_time += await _raw_executemany(dsn, raw_batches, sizes.ingest_concurrency)
             raw_count += per_round * sizes.plan_size
-            with meter.measure(f"ingest: BatchCreateTickets{suffix}"):
+            with meter.measure(
+                f"ingest: BatchCreateTickets{suffix}", operations=per_round * sizes.plan_size
+            ):
                 grpc_time += await _grpc_batches(stub, requests, sizes.ingest_concurrency)
             grpc_count += per_round * sizes.plan_size
             await audit_settled(outbox_dsn)
@@ -282,7 +286,10 @@ async def run_ingest(
                 _domain_specs(f"repo-{run_id}-{round_no}-{n}", sizes.plan_size)
                 for n in range(per_round)
             ]
-            with meter.measure("ingest: TicketRepository.create_many in the bench process"):
+            with meter.measure(
+                "ingest: TicketRepository.create_many in the bench process",
+                operations=per_round * sizes.plan_size,
+            ):
                 repo_time += await _repository_batches(dsn, repo_batches, sizes.ingest_concurrency)
             repo_count += per_round * sizes.plan_size
         grpc_rate = grpc_count / grpc_time
@@ -360,12 +367,12 @@ async def run_ingest(
         await closed_loop(lambda i: create_echo(sizes.single_calls + i), concurrency=4, total=50)
         await closed_loop(lambda i: create(sizes.single_calls + i), concurrency=4, total=50)
         await audit_settled(outbox_dsn)
-        with meter.measure(f"single CreateTicket: echo{suffix}"):
+        with meter.measure(f"single CreateTicket: echo{suffix}", operations=sizes.single_calls):
             echo_result = await closed_loop(
                 create_echo, concurrency=sizes.single_concurrency, total=sizes.single_calls
             )
         await audit_settled(outbox_dsn)
-        with meter.measure(f"single CreateTicket: service{suffix}"):
+        with meter.measure(f"single CreateTicket: service{suffix}", operations=sizes.single_calls):
             real = await closed_loop(
                 create, concurrency=sizes.single_concurrency, total=sizes.single_calls
             )
@@ -494,10 +501,14 @@ async def run_updates(
             batch = ids[offset : offset + count]
             offset += count
             await audit_settled(outbox_dsn)
-            with meter.measure(f"UpdateTicketStatus x{concurrency}: echo{suffix}"):
+            with meter.measure(
+                f"UpdateTicketStatus x{concurrency}: echo{suffix}", operations=2 * count
+            ):
                 echo_result = await _updates(echo, batch, concurrency)
             await audit_settled(outbox_dsn)
-            with meter.measure(f"UpdateTicketStatus x{concurrency}: service{suffix}"):
+            with meter.measure(
+                f"UpdateTicketStatus x{concurrency}: service{suffix}", operations=2 * count
+            ):
                 real = await _updates(stub, batch, concurrency)
             _check(real, "UpdateTicketStatus")
             report.raw[raw_key][str(concurrency)] = {
@@ -573,11 +584,16 @@ async def run_durable_floor(
             await closed_loop(creating(stub, sizes.single_calls), concurrency=4, total=50)
             await _updates(stub, update_ids[-20:], 4)
         for name, stub in (("echo", echo), ("floor", floor)):
-            with meter.measure(f"single CreateTicket: {name} (durable floor run)"):
+            with meter.measure(
+                f"single CreateTicket: {name} (durable floor run)", operations=sizes.single_calls
+            ):
                 results["create"][name] = await closed_loop(
                     creating(stub), concurrency=concurrency, total=sizes.single_calls
                 )
-            with meter.measure(f"UpdateTicketStatus x16: {name} (durable floor run)"):
+            with meter.measure(
+                f"UpdateTicketStatus x16: {name} (durable floor run)",
+                operations=2 * (len(update_ids) - 20),
+            ):
                 results["update"][name] = await _updates(stub, update_ids[:-20], 16)
     for kind in results.values():
         _check(kind["floor"], "durable floor")
