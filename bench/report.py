@@ -144,7 +144,8 @@ class Report:
                 f"attributed); *busy*: the machine's busy time over {cores} cores x wall time "
                 "(near 100 %, a measurement is CPU-bound). Where the count of operations "
                 "(tickets or calls) is known: the CPU of one operation (ours and the "
-                f"kernel's) and the rate those {cores} cores could reach at most at that cost."
+                f"kernel's) and the rate {cores} cores allow at that cost (all busy; the "
+                "accounting counts clock ticks and a little work around each measurement)."
             )
             out.append("")
             for label, groups in self.cpu.items():
@@ -160,7 +161,7 @@ class Report:
                     spent = sum(ours.values()) + groups.get(KERNEL, 0.0)
                     busy += (
                         f"; {operations:,.0f} operations, {1000 * spent / operations:.3f} "
-                        f"CPU-ms each: at most {operations * cores / spent:,.0f}/s"
+                        f"CPU-ms each: the cores allow ~{operations * cores / spent:,.0f}/s"
                     )
                 if MACHINE in groups:
                     kernel = groups.get(KERNEL, 0.0)
