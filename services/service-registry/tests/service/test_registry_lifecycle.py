@@ -6,6 +6,7 @@ import asyncio
 from typing import TYPE_CHECKING, Any
 
 import grpc
+import psycopg
 import pytest
 
 from hive_common.grpc_errors import from_rpc_error
@@ -197,6 +198,26 @@ async def test_watch_filters_by_namespace(registry: Registry) -> None:
         ("WORKER_EVENT_TYPE_REGISTERED", "b"),
         ("WORKER_EVENT_TYPE_REGISTERED", "d"),
     ]
+    watch.cancel()
+
+
+async def test_a_heartbeat_racing_another_write_is_decided_again_on_the_written_row(
+    registry: Registry, postgres_dsn: str
+) -> None:
+    worker_id = (await registry.register("w1")).worker.worker_id
+    watch = await registry.open_watch()
+    async with await psycopg.AsyncConnection.connect(postgres_dsn) as other:
+        # What the sweeper writes, not committed yet: the worker was announced UNHEALTHY.
+        await other.execute(
+            "UPDATE workers SET marked_unhealthy = true WHERE worker_id = %s", (worker_id,)
+        )
+        beat = asyncio.create_task(registry.heartbeat(worker_id, in_flight=2))
+        await asyncio.sleep(0.3)  # it read the row as committed and waits for the lock
+        assert not beat.done()
+        await other.commit()
+    assert (await beat).worker.in_flight == 2
+    # Decided again on the row as written: the recovery is published.
+    assert await registry.next_events(watch, 1) == [("WORKER_EVENT_TYPE_UPDATED", "w1")]
     watch.cancel()
 
 

@@ -74,6 +74,12 @@ _HEARTBEAT_UPDATE = sql.SQL(
     "succeeded_total = %(succeeded_total)s, failed_total = %(failed_total)s, "
     "success_rate = %(success_rate)s, rank_key = %(rank_key)s WHERE worker_id = %(worker_id)s"
 )
+# A routine heartbeat (no event to publish) without a transaction: the row as read, with
+# its version (xmin changes with every write), then this update only if it is still that
+# version; else (a sweeper, a registration, another heartbeat wrote it meanwhile) the
+# locked path decides again.
+_SELECT_VERSIONED = sql.SQL("SELECT " + COLUMNS + ", xmin::text FROM workers")
+_HEARTBEAT_UPDATE_IF_UNCHANGED = _HEARTBEAT_UPDATE + sql.SQL(" AND xmin = %(xmin)s::xid")
 
 
 @dataclass(frozen=True, slots=True)
@@ -292,6 +298,28 @@ class WorkerRepository:
         return transition
 
     async def heartbeat(self, update: HeartbeatUpdate, *, now: datetime) -> Transition:
+        """Apply a heartbeat: two statements without a transaction when the row did not
+        change between reading and writing it and nothing is to be published (the common
+        case), else the locked path."""
+        async with self._connection() as conn:
+            cur = await conn.execute(
+                _SELECT_VERSIONED + sql.SQL(" WHERE worker_id = %s"), (update.worker_id,)
+            )
+            row = await cur.fetchone()
+            if row is not None:
+                existing = self._row_to_worker(row, now)
+                if not self._policy.is_expired(existing.last_heartbeat_at, now):
+                    transition = lifecycle.heartbeat(existing, update, now=now, policy=self._policy)
+                    if not transition.events:
+                        params = _params(transition.worker, self._ranker)
+                        cur = await conn.execute(
+                            _HEARTBEAT_UPDATE_IF_UNCHANGED, {**params, "xmin": row[-1]}
+                        )
+                        if cur.rowcount == 1:
+                            return transition
+        return await self._heartbeat_locked(update, now=now)
+
+    async def _heartbeat_locked(self, update: HeartbeatUpdate, *, now: datetime) -> Transition:
         expired = False
         async with self._transaction() as conn:
             cur = await conn.execute(
