@@ -1,8 +1,10 @@
-"""DiscoverWorkers latency with 100 and 10,000 registered workers, beside the echo floor."""
+"""DiscoverWorkers latency with 100 and 10,000 registered workers, then every worker's
+heartbeat, beside the echo floor."""
 
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
 import grpc
@@ -16,6 +18,8 @@ from neuralhive.registry.v1 import registry_service_pb2 as rpb
 from neuralhive.registry.v1 import registry_service_pb2_grpc as rpb_grpc
 
 SECTION = "DiscoverWorkers"
+HEARTBEATS = "Heartbeat"
+HEARTBEAT_CONCURRENCY = 16
 # One worker in this many also has the "gpu" capability and label zone=b (a selective query).
 RARE_EVERY = 100
 
@@ -62,6 +66,7 @@ async def run_discovery(
         stub: rpb_grpc.ServiceRegistryAsyncStub = rpb_grpc.ServiceRegistryStub(channel)
         echo: rpb_grpc.ServiceRegistryAsyncStub = rpb_grpc.ServiceRegistryStub(echo_channel)
         registered = 0
+        workers: list[tuple[str, str]] = []  # (worker_id, worker token) of each registration
         report.raw["discovery"] = {}
 
         async def discover(request: rpb.DiscoverWorkersRequest, expect: int) -> LoadResult:
@@ -86,9 +91,10 @@ async def run_discovery(
         for population in sizes.populations:
 
             async def register(i: int, base: int = registered) -> None:
-                await stub.Register(
+                response = await stub.Register(
                     _register_request(base + i), metadata=register_metadata, timeout=60
                 )
+                workers.append((response.worker.worker_id, response.token))
 
             with meter.measure(
                 f"Register up to {population:,} workers", operations=population - registered
@@ -150,3 +156,59 @@ async def run_discovery(
                 f"{reg.rate:,.0f} registrations/s (p99 {reg.p(0.99):.1f} ms); the registry ran "
                 "with a long heartbeat interval so the silent workers stayed HEALTHY."
             )
+        await _heartbeats(report, registry=stub, echo=echo, workers=workers, meter=meter)
+
+
+async def _heartbeats(
+    report: Report,
+    *,
+    registry: rpb_grpc.ServiceRegistryAsyncStub,
+    echo: rpb_grpc.ServiceRegistryAsyncStub,
+    workers: list[tuple[str, str]],
+    meter: CpuMeter,
+) -> None:
+    """Every registered worker heartbeats twice, 16 at a time, each with its own worker
+    token (the first round unmeasured: it also verifies each token once, which later
+    heartbeats find cached); the echo answers the same requests."""
+
+    def beating(target: rpb_grpc.ServiceRegistryAsyncStub) -> Callable[[int], Awaitable[None]]:
+        async def call(i: int) -> None:
+            worker_id, token = workers[i]
+            await target.Heartbeat(
+                rpb.HeartbeatRequest(worker_id=worker_id, in_flight=i % 3),
+                metadata=(("authorization", f"Bearer {token}"),),
+                timeout=30,
+            )
+
+        return call
+
+    total = len(workers)
+    await closed_loop(beating(registry), concurrency=HEARTBEAT_CONCURRENCY, total=total)
+    await closed_loop(beating(echo), concurrency=HEARTBEAT_CONCURRENCY, total=min(total, 500))
+    with meter.measure("Heartbeat: echo", operations=total):
+        floor = await closed_loop(beating(echo), concurrency=HEARTBEAT_CONCURRENCY, total=total)
+    with meter.measure(f"Heartbeat: {total:,} workers", operations=total):
+        result = await closed_loop(
+            beating(registry), concurrency=HEARTBEAT_CONCURRENCY, total=total
+        )
+    if result.errors:
+        raise RuntimeError(f"Heartbeat failed: {result.first_error}")
+    report.raw["heartbeats"] = {"service": result.to_json(), "echo": floor.to_json()}
+    label = f"{total:,} workers' second heartbeat each, {HEARTBEAT_CONCURRENCY} concurrent clients"
+    baseline = "bare grpc.aio echo"
+    report.add(
+        Figure(
+            HEARTBEATS, f"heartbeats/s, {label}", result.rate, "heartbeats/s", baseline, floor.rate
+        )
+    )
+    for name, fraction in (("p50", 0.5), ("p99", 0.99)):
+        report.add(
+            Figure(
+                HEARTBEATS,
+                f"{name}, {label}",
+                result.p(fraction),
+                "ms",
+                baseline,
+                floor.p(fraction),
+            )
+        )

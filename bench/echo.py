@@ -145,6 +145,14 @@ class EchoRegistry(rpb_grpc.ServiceRegistryServicer):
         count = request.max_results or 10
         return rpb.DiscoverWorkersResponse(workers=self._workers[:count])
 
+    async def Heartbeat(self, request: rpb.HeartbeatRequest, context: Any) -> Any:
+        worker = rpb.Worker()
+        worker.CopyFrom(self._workers[0].worker)
+        worker.worker_id = request.worker_id
+        worker.in_flight = request.in_flight
+        worker.last_heartbeat_at.CopyFrom(_now())
+        return rpb.HeartbeatResponse(worker=worker, heartbeat_interval_seconds=5)
+
 
 async def serve(port: int, postgres_dsn: str | None = None) -> None:
     # The generated base classes answer UNIMPLEMENTED for the RPCs not overridden here.
