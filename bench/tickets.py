@@ -216,6 +216,11 @@ async def _grpc_batches(
     return time.perf_counter() - start
 
 
+def _raw_key(name: str, variant: str) -> str:
+    """Where a measurement's raw data goes in the JSON report (a variant under its own key)."""
+    return f"{name} {variant}" if variant else name
+
+
 async def run_ingest(
     report: Report,
     *,
@@ -253,6 +258,7 @@ async def run_ingest(
 
         # Two interleaved rounds so that drift in background load hits both sides alike.
         per_round = max(1, sizes.plans // 2)
+        round_tickets = per_round * sizes.plan_size
         grpc_time = raw_time = repo_time = 0.0
         grpc_count = raw_count = repo_count = 0
         for round_no in range(2):
@@ -269,16 +275,12 @@ async def run_ingest(
                 _raw_rows(f"raw-{run_id}-{round_no}-{n}", sizes.plan_size) for n in range(per_round)
             ]
             await audit_settled(outbox_dsn)
-            with meter.measure(
-                f"ingest: raw executemany{suffix}", operations=per_round * sizes.plan_size
-            ):
+            with meter.measure(f"ingest: raw executemany{suffix}", operations=round_tickets):
                 raw_time += await _raw_executemany(dsn, raw_batches, sizes.ingest_concurrency)
-            raw_count += per_round * sizes.plan_size
-            with meter.measure(
-                f"ingest: BatchCreateTickets{suffix}", operations=per_round * sizes.plan_size
-            ):
+            raw_count += round_tickets
+            with meter.measure(f"ingest: BatchCreateTickets{suffix}", operations=round_tickets):
                 grpc_time += await _grpc_batches(stub, requests, sizes.ingest_concurrency)
-            grpc_count += per_round * sizes.plan_size
+            grpc_count += round_tickets
             await audit_settled(outbox_dsn)
             if variant:
                 continue
@@ -288,13 +290,13 @@ async def run_ingest(
             ]
             with meter.measure(
                 "ingest: TicketRepository.create_many in the bench process",
-                operations=per_round * sizes.plan_size,
+                operations=round_tickets,
             ):
                 repo_time += await _repository_batches(dsn, repo_batches, sizes.ingest_concurrency)
-            repo_count += per_round * sizes.plan_size
+            repo_count += round_tickets
         grpc_rate = grpc_count / grpc_time
         raw_rate = raw_count / raw_time
-        report.raw[f"ingest_batch {variant}" if variant else "ingest_batch"] = {
+        report.raw[_raw_key("ingest_batch", variant)] = {
             "grpc_tickets": grpc_count,
             "grpc_seconds": grpc_time,
             "raw_rows": raw_count,
@@ -376,7 +378,7 @@ async def run_ingest(
             real = await closed_loop(
                 create, concurrency=sizes.single_concurrency, total=sizes.single_calls
             )
-        report.raw[f"ingest_single {variant}" if variant else "ingest_single"] = {
+        report.raw[_raw_key("ingest_single", variant)] = {
             "service": real.to_json(),
             "echo": echo_result.to_json(),
         }
@@ -494,7 +496,7 @@ async def run_updates(
         # Warm-up on a few tickets.
         await _updates(stub, ids[-20:], 4)
         await _updates(echo, ids[-20:], 4)
-        raw_key = f"updates {variant}" if variant else "updates"
+        raw_key = _raw_key("updates", variant)
         report.raw[raw_key] = {}
         suffix = f" ({variant})" if variant else ""
         for concurrency, count in per_level.items():

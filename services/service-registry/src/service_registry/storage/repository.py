@@ -78,7 +78,9 @@ _HEARTBEAT_UPDATE = sql.SQL(
 # its version (xmin changes with every write), then this update only if it is still that
 # version; else (a sweeper, a registration, another heartbeat wrote it meanwhile) the
 # locked path decides again.
-_SELECT_VERSIONED = sql.SQL("SELECT " + COLUMNS + ", xmin::text FROM workers")
+_SELECT_VERSIONED_BY_ID = sql.SQL(
+    "SELECT " + COLUMNS + ", xmin::text FROM workers WHERE worker_id = %s"
+)
 _HEARTBEAT_UPDATE_IF_UNCHANGED = _HEARTBEAT_UPDATE + sql.SQL(" AND xmin = %(xmin)s::xid")
 
 
@@ -302,22 +304,29 @@ class WorkerRepository:
         change between reading and writing it and nothing is to be published (the common
         case), else the locked path."""
         async with self._connection() as conn:
-            cur = await conn.execute(
-                _SELECT_VERSIONED + sql.SQL(" WHERE worker_id = %s"), (update.worker_id,)
-            )
-            row = await cur.fetchone()
-            if row is not None:
-                existing = self._row_to_worker(row, now)
-                if not self._policy.is_expired(existing.last_heartbeat_at, now):
-                    transition = lifecycle.heartbeat(existing, update, now=now, policy=self._policy)
-                    if not transition.events:
-                        params = _params(transition.worker, self._ranker)
-                        cur = await conn.execute(
-                            _HEARTBEAT_UPDATE_IF_UNCHANGED, {**params, "xmin": row[-1]}
-                        )
-                        if cur.rowcount == 1:
-                            return transition
-        return await self._heartbeat_locked(update, now=now)
+            transition = await self._heartbeat_if_unchanged(conn, update, now=now)
+        if transition is None:
+            transition = await self._heartbeat_locked(update, now=now)
+        return transition
+
+    async def _heartbeat_if_unchanged(
+        self, conn: psycopg.AsyncConnection[Any], update: HeartbeatUpdate, *, now: datetime
+    ) -> Transition | None:
+        """The routine heartbeat; None when it needs the locked path (an unknown or
+        expired worker, an event to publish, a row written since it was read)."""
+        cur = await conn.execute(_SELECT_VERSIONED_BY_ID, (update.worker_id,))
+        row = await cur.fetchone()
+        if row is None:
+            return None
+        existing = self._row_to_worker(row, now)
+        if self._policy.is_expired(existing.last_heartbeat_at, now):
+            return None
+        transition = lifecycle.heartbeat(existing, update, now=now, policy=self._policy)
+        if transition.events:
+            return None
+        params = {**_params(transition.worker, self._ranker), "xmin": row[-1]}
+        cur = await conn.execute(_HEARTBEAT_UPDATE_IF_UNCHANGED, params)
+        return transition if cur.rowcount == 1 else None
 
     async def _heartbeat_locked(self, update: HeartbeatUpdate, *, now: datetime) -> Transition:
         expired = False
