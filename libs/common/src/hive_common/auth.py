@@ -318,14 +318,23 @@ class TokenVerifier:
             issuer=issuer,
             audience=self._audience,
             jti=jti,
-            issued_at=datetime.fromtimestamp(int(payload["iat"]), UTC),
-            expires_at=datetime.fromtimestamp(int(payload["exp"]), UTC),
+            issued_at=_instant(payload["iat"], "iat"),
+            expires_at=_instant(payload["exp"], "exp"),
             scopes=frozenset(scope.split()),
             worker_id=payload.get("worker_id"),
             ticket_id=payload.get("ticket_id"),
             plan_id=payload.get("plan_id"),
             attempt=attempt,
         )
+
+
+def _instant(value: Any, name: str) -> datetime:
+    """A NumericDate claim as a datetime; PyJWT checked it is a number, not that a
+    datetime can hold it (``exp: 1e300`` is a well-formed, signed, useless token)."""
+    try:
+        return datetime.fromtimestamp(int(value), UTC)
+    except (OverflowError, OSError, ValueError):
+        raise _refuse("invalid", f"token claim {name!r} is out of range") from None
 
 
 def bearer_token_from_metadata(

@@ -310,3 +310,15 @@ def test_verify_metadata(issuer: TokenIssuer, verifier: TokenVerifier) -> None:
     with pytest.raises(Unauthenticated) as raised:
         verifier.verify_metadata((("x-request-id", "r"),))
     assert raised.value.details == {"reason": "missing"}
+
+
+@pytest.mark.parametrize(
+    "overrides", [{"exp": 10**20}, {"exp": 1e300}, {"iat": -(10**20)}], ids=repr
+)
+def test_dates_beyond_any_calendar_are_refused(
+    verifier: TokenVerifier, overrides: dict[str, Any]
+) -> None:
+    # Well signed and accepted by PyJWT, but no datetime holds them (was INTERNAL / 500).
+    error = _refused(verifier, _raw(_payload(**overrides)))
+    assert error.details == {"reason": "invalid"}
+    assert "out of range" in error.message
