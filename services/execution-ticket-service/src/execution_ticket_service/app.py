@@ -111,17 +111,22 @@ class TicketService:
             task.cancel()
         if not self.tasks:
             return
-        done, pending = await asyncio.wait(self.tasks, timeout=self.task_stop_timeout)
-        for task in done:
-            if not task.cancelled() and task.exception() is not None:
-                log.error("background task failed", task=task.get_name(), exc_info=task.exception())
+        _, pending = await asyncio.wait(self.tasks, timeout=self.task_stop_timeout)
         for task in pending:
             # Left behind rather than holding the stop; the pools close under it.
             log.error("background task ignored its cancellation", task=task.get_name())
 
 
 def _background(name: str, job: Coroutine[Any, Any, None]) -> asyncio.Task[None]:
-    return asyncio.create_task(job, name=f"tickets-{name}")
+    task = asyncio.create_task(job, name=f"tickets-{name}")
+    task.add_done_callback(_report_failure)
+    return task
+
+
+def _report_failure(task: asyncio.Task[None]) -> None:
+    # The loops survive failed rounds; one that ends anyway is logged when it ends.
+    if not task.cancelled() and task.exception() is not None:
+        log.error("background task failed", task=task.get_name(), exc_info=task.exception())
 
 
 async def build_service(settings: TicketSettings, *, clock: Clock = utc_now) -> TicketService:

@@ -1,6 +1,7 @@
 """Background loops: the outbox relay to MongoDB, the lease sweeper, metric refresh.
 
-Each loop survives its dependencies being down: it logs, backs off and keeps going.
+Each loop survives its dependencies being down, and any other failure of a round: it logs,
+backs off and keeps going.
 Ticket operations never wait for these loops (the relay reads committed outbox rows).
 """
 
@@ -19,6 +20,16 @@ from hive_common.errors import HiveError
 from hive_common.logging import get_logger
 
 log = get_logger(__name__)
+
+
+def round_failed(what: str, exc: Exception) -> None:
+    """Log a failed round of a loop, which goes on: a dependency being away is a warning;
+    anything else is a defect, logged with its traceback (the loop must survive it too,
+    or one bad row would stop the audit trail, the lease expiry or the purge for good)."""
+    if isinstance(exc, HiveError):
+        log.warning(what, error=exc.message, code=exc.code)
+    else:
+        log.error(what, exc_info=exc)
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,7 +93,7 @@ class OutboxRelay:
         seqs = [entry.seq for entry in entries]
         try:
             await self._audit.record(entries)
-        except HiveError:
+        except Exception:
             # Hand the rows back at once; the claim would expire anyway.
             await self._repository.release_claims(seqs)
             raise
@@ -100,10 +111,10 @@ class OutboxRelay:
                 delivered = await self.relay_once()
                 self.healthy = True
                 backoff.reset()
-            except HiveError as exc:
+            except Exception as exc:
                 self.healthy = False
                 self._metrics.relay_failures.inc()
-                log.warning("audit relay round failed", error=exc.message, code=exc.code)
+                round_failed("audit relay round failed", exc)
                 await asyncio.sleep(backoff.next_delay())
                 continue
             if delivered < self._settings.batch_size:
@@ -146,8 +157,8 @@ class LeaseSweeper:
         while True:
             try:
                 await self.sweep_once()
-            except HiveError as exc:
-                log.warning("lease sweep failed", error=exc.message, code=exc.code)
+            except Exception as exc:
+                round_failed("lease sweep failed", exc)
             await asyncio.sleep(self._interval)
 
 
@@ -171,8 +182,8 @@ class StatsRefresher:
         while True:
             try:
                 await self.refresh_once()
-            except HiveError as exc:
-                log.warning("metrics refresh failed", error=exc.message, code=exc.code)
+            except Exception as exc:
+                round_failed("metrics refresh failed", exc)
             await asyncio.sleep(self._interval)
 
 
@@ -204,6 +215,6 @@ class EventPurger:
                 deleted = await self.purge_once()
                 if deleted:
                     log.info("old events purged", deleted=deleted)
-            except HiveError as exc:
-                log.warning("event purge failed", error=exc.message, code=exc.code)
+            except Exception as exc:
+                round_failed("event purge failed", exc)
             await asyncio.sleep(self._interval)

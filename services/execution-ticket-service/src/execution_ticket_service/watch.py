@@ -29,12 +29,12 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
+from execution_ticket_service.background import round_failed
 from execution_ticket_service.domain.models import TicketEvent, TicketFilter
 from execution_ticket_service.domain.paging import Cursor, decode_cursor
 from execution_ticket_service.domain.validation import Violations
 from execution_ticket_service.signals import ChangeSignal, spaced_delay
 from execution_ticket_service.storage.tickets import TicketRepository
-from hive_common.errors import HiveError
 from hive_common.logging import get_logger
 
 log = get_logger(__name__)
@@ -140,8 +140,8 @@ class EventLogTail:
                 events = await self._repository.events_after(
                     position, TicketFilter(), limit=self._settings.batch_size
                 )
-            except HiveError as exc:
-                log.warning("event log tail: read failed; retrying", error=exc.message)
+            except Exception as exc:
+                round_failed("event log tail: read failed; retrying", exc)
                 await asyncio.sleep(self._settings.retry_interval)
                 continue
             if events:

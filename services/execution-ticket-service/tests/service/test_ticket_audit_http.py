@@ -3,16 +3,25 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+import contextlib
+import json
+from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 from typing import Any
 
 import httpx
 import pytest
+from prometheus_client import CollectorRegistry
 from pymongo import AsyncMongoClient
 
 from execution_ticket_service.app import TicketService
+from execution_ticket_service.background import OutboxRelay, RelaySettings
 from execution_ticket_service.config import TicketSettings
+from execution_ticket_service.domain.models import TicketSpec
+from execution_ticket_service.metrics import TicketMetrics
+from execution_ticket_service.signals import ChangeSignal
+from execution_ticket_service.storage.audit import AuditStore
+from execution_ticket_service.storage.tickets import OutboxEntry, TicketRepository
 from hive_common.auth import TokenIssuer
 from hive_common.testing.databases import MongoServer
 from neuralhive.ticket.v1 import ticket_service_pb2 as pb
@@ -338,3 +347,121 @@ async def test_http_nul_characters_are_400_with_the_field(
         # The same requests without the NUL are fine.
         again = await http.get("/api/v1/tickets", params={"page_size": 1, "page_token": token})
         assert [t["task_id"] for t in again.json()["tickets"]] == ["t2"]
+
+
+async def test_json_mongodb_would_refuse_is_audited_and_the_relay_goes_on(
+    service: TicketService,
+    stub: pb_grpc.TicketServiceAsyncStub,
+    service_token: str,
+    issuer: TokenIssuer,
+    mongo_uri: str,
+    settings: TicketSettings,
+) -> None:
+    # Keys with dots or a leading $ (FerretDB refuses them; common in real parameters) and
+    # numbers beyond 64-bit integers (BSON has none): one such event stopped the audit
+    # trail of every ticket for good.
+    parameters = {
+        "spark.executor.memory": "4g",
+        "$schema": "s",
+        "nested": {"a.b": [{"$ref": "x"}]},
+        "huge": 1e308,
+        "big": 2.0**64,
+    }
+    result = {"out.put": {"$n": 2.0**70}}
+    md = bearer(service_token)
+    odd = pb.TicketSpec(plan_id="odd", task_id="t", task_type="echo")
+    odd.parameters.update(parameters)
+    ticket = (await stub.CreateTicket(pb.CreateTicketRequest(ticket=odd), metadata=md)).ticket
+    await stub.AssignTicket(
+        pb.AssignTicketRequest(ticket_id=ticket.ticket_id, worker_id="w1", attempt=1), metadata=md
+    )
+    for status in (S.TICKET_STATUS_RUNNING, S.TICKET_STATUS_COMPLETED):
+        update = pb.UpdateTicketStatusRequest(ticket_id=ticket.ticket_id, status=status, attempt=1)
+        if status == S.TICKET_STATUS_COMPLETED:
+            update.result.update(result)
+        await stub.UpdateTicketStatus(update, metadata=md)
+    later = (
+        await stub.CreateTicket(
+            pb.CreateTicketRequest(
+                ticket=pb.TicketSpec(plan_id="odd", task_id="later", task_type="echo")
+            ),
+            metadata=md,
+        )
+    ).ticket
+    worker_token, _ = issuer.issue_worker_token(worker_id="w1", ttl_seconds=60)
+    async with httpx.AsyncClient(
+        base_url=f"http://127.0.0.1:{service.runtime.http_port}",
+        headers={"authorization": f"Bearer {worker_token}"},
+    ) as http:
+
+        async def history(ticket_id: str) -> list[dict[str, Any]]:
+            response = await http.get(f"/api/v1/tickets/{ticket_id}/events")
+            events: list[dict[str, Any]] = response.json()["events"]
+            return events
+
+        async def audited() -> bool:
+            return (
+                len(await history(ticket.ticket_id)) == 4
+                and len(await history(later.ticket_id)) == 1
+            )
+
+        await eventually(audited, what="both tickets' events in the audit trail")
+    assert service.relay.healthy
+    mongo: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(mongo_uri)
+    try:
+        documents = [
+            doc
+            async for doc in mongo[settings.mongo_database]
+            .audit_trail.find({"ticket_id": ticket.ticket_id})
+            .sort("sequence")
+        ]
+    finally:
+        await mongo.close()
+    # Stored as JSON text, the whole of it.
+    assert [json.loads(doc["ticket"]["parameters"]) for doc in documents] == [parameters] * 4
+    assert json.loads(documents[-1]["ticket"]["result"]) == result
+
+
+async def test_the_relay_survives_a_round_that_fails_unexpectedly(
+    repo: TicketRepository, mongo_uri: str, mongo_database_name: str
+) -> None:
+    # A round failing with anything but a HiveError (a document BSON could not encode)
+    # used to end the relay task silently: the audit trail stopped for every ticket.
+    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(mongo_uri)
+    store = AuditStore(client=client, database=mongo_database_name)
+    record = store.record
+    attempts = 0
+
+    async def fails_once(entries: Sequence[OutboxEntry]) -> None:
+        nonlocal attempts
+        attempts += 1
+        if attempts == 1:
+            raise OverflowError("MongoDB can only handle up to 8-byte ints")
+        await record(entries)
+
+    store.record = fails_once  # type: ignore[method-assign]
+    metrics = TicketMetrics(CollectorRegistry())
+    relay = OutboxRelay(
+        repository=repo,
+        audit=store,
+        metrics=metrics,
+        signal=ChangeSignal(),
+        settings=RelaySettings(idle_interval=0.05, max_backoff=0.05),
+    )
+    await repo.create(TicketSpec(plan_id="p", task_id="t", task_type="echo"), actor="s")
+    running = asyncio.create_task(relay.run())
+    try:
+
+        async def stored() -> bool:
+            return await client[mongo_database_name]["audit_trail"].count_documents({}) == 1
+
+        await eventually(stored, what="the event in the audit trail")
+    finally:
+        running.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await running
+        await client.close()
+    assert attempts == 2
+    assert relay.healthy
+    assert metrics.relay_failures._value.get() == 1
+    assert (await repo.outbox_backlog())[0] == 0

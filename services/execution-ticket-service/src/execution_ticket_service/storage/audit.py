@@ -2,11 +2,19 @@
 
 Delivery is at least once; a unique index on ``event_id`` makes a redelivered event a
 harmless duplicate-key error, which is ignored.
+
+The users' free-form JSON (a ticket's ``parameters`` and ``result``, a refused late
+result in ``details.result``) is stored as its JSON text: JSON allows object keys and
+numbers that a MongoDB server may refuse (FerretDB refuses every key with a ``.`` or a
+leading ``$``, common in real parameters such as ``{"spark.executor.memory": "4g"}``;
+BSON has no integer beyond 64 bits), and one refused document would hold up the relay.
+:meth:`AuditStore.history` gives the JSON back as objects.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -26,6 +34,28 @@ _DUPLICATE_KEY = 11000
 _DOCUMENT_CHUNK = 100
 
 MongoClient = AsyncMongoClient[dict[str, Any]]
+
+
+def _json_text(value: Any) -> str:
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+
+
+def _free_form_as_text(document: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+    """``document`` with the values of ``keys`` that are objects or arrays as JSON text."""
+    texts = {
+        key: _json_text(document[key]) for key in keys if isinstance(document.get(key), dict | list)
+    }
+    return {**document, **texts} if texts else document
+
+
+def _free_form_as_json(document: dict[str, Any], keys: tuple[str, ...]) -> dict[str, Any]:
+    """The inverse of :func:`_free_form_as_text` (documents written before it pass)."""
+    values = {key: json.loads(document[key]) for key in keys if isinstance(document.get(key), str)}
+    return {**document, **values} if values else document
+
+
+_TICKET_FREE_FORM = ("parameters", "result")
+_DETAILS_FREE_FORM = ("result",)
 
 
 def audit_document(entry: OutboxEntry, *, relayed_at: datetime) -> dict[str, Any]:
@@ -48,8 +78,8 @@ def audit_document(entry: OutboxEntry, *, relayed_at: datetime) -> dict[str, Any
         "relayed_at": relayed_at,
         # Fenced-off results are kept, and marked, so an operator can see what was refused.
         "late_result": event.type is EventType.LATE_RESULT_REJECTED,
-        "details": event.details,
-        "ticket": ticket_document(ticket),
+        "details": _free_form_as_text(event.details, _DETAILS_FREE_FORM),
+        "ticket": _free_form_as_text(ticket_document(ticket), _TICKET_FREE_FORM),
     }
 
 
@@ -108,7 +138,14 @@ class AuditStore:
             await self._db[collection].insert_many(documents, ordered=False)
         except BulkWriteError as exc:
             errors = exc.details.get("writeErrors", [])
-            if any(error.get("code") != _DUPLICATE_KEY for error in errors) or not errors:
+            refused = [error for error in errors if error.get("code") != _DUPLICATE_KEY]
+            if refused:
+                # Said in a line: the driver's message holds every document of the batch.
+                raise Unavailable(
+                    f"MongoDB refused {len(refused)} of {len(documents)} {collection} "
+                    f"documents: {refused[0].get('errmsg', '')}"
+                ) from exc
+            if not errors:
                 raise
 
     async def history(self, ticket_id: str, *, limit: int) -> list[dict[str, Any]]:
@@ -120,6 +157,17 @@ class AuditStore:
                 .sort("sequence", ASCENDING)
                 .limit(limit)
             )
-            return [doc async for doc in cursor]
+            documents = [doc async for doc in cursor]
         except PyMongoError as exc:
             raise Unavailable(f"MongoDB unavailable: {exc}") from exc
+        return [_readable(doc) for doc in documents]
+
+
+def _readable(document: dict[str, Any]) -> dict[str, Any]:
+    """A stored audit document with its free-form JSON as objects again."""
+    readable = dict(document)
+    if isinstance(document.get("ticket"), dict):
+        readable["ticket"] = _free_form_as_json(document["ticket"], _TICKET_FREE_FORM)
+    if isinstance(document.get("details"), dict):
+        readable["details"] = _free_form_as_json(document["details"], _DETAILS_FREE_FORM)
+    return readable
