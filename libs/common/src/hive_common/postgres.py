@@ -3,7 +3,7 @@ its driver errors become :class:`~hive_common.errors.HiveError`."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
 import psycopg
@@ -17,12 +17,18 @@ DictPool = psycopg_pool.AsyncConnectionPool[AsyncConnection[DictRow]]
 
 
 def open_pool(
-    dsn: str, *, min_size: int = 1, max_size: int = 10, timeout_seconds: float = 30.0
+    dsn: str,
+    *,
+    min_size: int = 1,
+    max_size: int = 10,
+    timeout_seconds: float = 30.0,
+    configure: Callable[[AsyncConnection[DictRow]], Awaitable[None]] | None = None,
 ) -> DictPool:
     """An unopened pool of autocommit connections returning dict rows.
 
     The caller opens it at start-up and closes it at shutdown; ``timeout_seconds`` bounds
-    the wait for a free connection (``psycopg_pool.PoolTimeout`` after it).
+    the wait for a free connection (``psycopg_pool.PoolTimeout`` after it); ``configure``
+    runs on every new connection.
     """
     return psycopg_pool.AsyncConnectionPool(
         dsn,
@@ -32,6 +38,7 @@ def open_pool(
         open=False,
         kwargs={"row_factory": dict_row, "autocommit": True},
         connection_class=AsyncConnection[DictRow],
+        configure=configure,
     )
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import math
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -17,6 +18,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from execution_ticket_service.app import TicketService, build_service
+from execution_ticket_service.domain.paging import Cursor, encode_cursor
 from execution_ticket_service.transport.grpc.servicer import WATCH_BATCH_BYTES, WATCH_BATCH_EVENTS
 from hive_common.auth import TokenIssuer
 from hive_common.grpc_errors import rich_status_of
@@ -369,6 +371,80 @@ async def test_nul_characters_are_invalid_argument_and_write_nothing(
     listed = await client.stub.ListTickets(pb.ListTicketsRequest(), metadata=client.svc)
     assert [t.task_id for t in listed.tickets] == ["target"]
     assert await client.get(ticket.ticket_id) == ticket
+
+
+def _nested_struct(levels: int) -> struct_pb2.Struct:
+    value: dict[str, Any] = {"leaf": 1}
+    for _ in range(levels - 1):
+        value = {"a": value}
+    return struct(**value)
+
+
+async def test_json_no_watcher_could_read_is_invalid_argument_and_writes_nothing(
+    client: Client,
+) -> None:
+    # Non-finite numbers were INTERNAL; 33 levels were stored, and then every watch
+    # message carrying the ticket was too deep to decode (the orchestrator's watch stuck).
+    ticket = await client.assign(await client.create(task_id="target"))
+    creates = {
+        "nan": (spec("n", parameters=struct(x=math.nan)), "ticket.parameters.x"),
+        "infinity": (spec("i", parameters=struct(x=[-math.inf])), "ticket.parameters.x[0]"),
+        "deep": (spec("d", parameters=_nested_struct(33)), "ticket.parameters" + ".a" * 32),
+    }
+    for name, (ticket_spec, field) in creates.items():
+        with pytest.raises(grpc.aio.AioRpcError) as info:
+            await client.stub.CreateTicket(
+                pb.CreateTicketRequest(ticket=ticket_spec), metadata=client.svc
+            )
+        assert info.value.code() is Code.INVALID_ARGUMENT, name
+        assert violations(info.value) == {field}, name
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await client.update(ticket, S.TICKET_STATUS_COMPLETED, result=struct(x=math.inf))
+    assert info.value.code() is Code.INVALID_ARGUMENT
+    assert violations(info.value) == {"result.x"}
+    # In a batch of reports only the bad one is refused, and says why.
+    other = await client.assign(await client.create(task_id="other"))
+    response = await client.stub.UpdateTicketStatuses(
+        pb.UpdateTicketStatusesRequest(
+            reports=[
+                report(ticket, S.TICKET_STATUS_COMPLETED, result=struct(x=math.nan)),
+                report(other, S.TICKET_STATUS_RUNNING),
+            ]
+        ),
+        metadata=client.svc,
+    )
+    refused, applied = response.results
+    assert _code(refused.error_code) is Code.INVALID_ARGUMENT
+    assert "result.x: nan is not a JSON number" in refused.error_message
+    assert applied.ticket.status == S.TICKET_STATUS_RUNNING
+    assert await client.get(ticket.ticket_id) == ticket
+    listed = await client.stub.ListTickets(pb.ListTicketsRequest(), metadata=client.svc)
+    assert {t.task_id for t in listed.tickets} == {"target", "other"}
+    # 32 levels: stored, and delivered to a watcher.
+    watch = client.stub.WatchTickets(pb.WatchTicketsRequest(plan_id="deep"), metadata=client.svc)
+    await watch.initial_metadata()
+    deepest = await client.create(plan_id="deep", parameters=_nested_struct(32))
+    assert (await next_event(watch)).ticket == deepest
+    watch.cancel()
+
+
+async def test_an_identical_create_with_numbers_beyond_2_to_the_53_is_idempotent(
+    client: Client,
+) -> None:
+    # PostgreSQL writes 2**60 back as 1152921504606847000 and 1e308 as a 309-digit
+    # integer: they compared unequal with the doubles sent (ALREADY_EXISTS on a retry).
+    parameters = struct(big=2.0**60, huge=1e308, wide=[-(2.0**64), 12345.678, 2**53])
+    request = pb.CreateTicketRequest(ticket=spec("numbers", parameters=parameters))
+    first = await client.stub.CreateTicket(request, metadata=client.svc)
+    again = await client.stub.CreateTicket(request, metadata=client.svc)
+    assert first.created
+    assert not again.created
+    assert again.ticket == first.ticket
+    assert (await client.get(first.ticket.ticket_id)).parameters == parameters
+    batch = pb.BatchCreateTicketsRequest(tickets=[request.ticket])
+    answer = await client.stub.BatchCreateTickets(batch, metadata=client.svc)
+    assert answer.created_count == 0
+    assert list(answer.tickets) == [first.ticket]
 
 
 async def test_list_filters_and_cursor_pages(client: Client) -> None:
@@ -726,7 +802,7 @@ async def test_two_concurrent_conflicting_updates_exactly_one_wins(client: Clien
 
 
 async def test_attempt_fencing_rejects_and_records_late_results(
-    client: Client, advance_clock: Callable[[float], None]
+    client: Client, service: TicketService, advance_clock: Callable[[float], None]
 ) -> None:
     ticket = await client.assign(await client.create(max_retries=2), lease_seconds=30)
     old_token = await client.ticket_token(ticket.ticket_id)
@@ -740,9 +816,18 @@ async def test_attempt_fencing_rejects_and_records_late_results(
     current = await client.get(ticket.ticket_id)
     assert current.status == S.TICKET_STATUS_PENDING
     # The old attempt's worker reports late: refused, never applied.
-    late = client.update(ticket, S.TICKET_STATUS_COMPLETED, token=old_token, result=struct(r=1))
-    assert await code_of(late) is Code.FAILED_PRECONDITION
+    for result in (struct(r=1), struct(r=1), struct(r=1), struct(r=2)):
+        late = client.update(ticket, S.TICKET_STATUS_COMPLETED, token=old_token, result=result)
+        assert await code_of(late) is Code.FAILED_PRECONDITION
     assert await client.get(ticket.ticket_id) == current
+    # Recorded once per distinct late result (a retrying worker does not grow the log).
+    async with service.pool.connection() as conn:
+        cur = await conn.execute(
+            "SELECT details->'result' AS result FROM ticket_events"
+            " WHERE ticket_id = %s AND event_type = 'LATE_RESULT_REJECTED' ORDER BY seq",
+            (ticket.ticket_id,),
+        )
+        assert [row["result"] for row in await cur.fetchall()] == [{"r": 1}, {"r": 2}]
     # A future attempt is refused too.
     future = client.update(current, S.TICKET_STATUS_RUNNING, attempt=3)
     assert await code_of(future) is Code.FAILED_PRECONDITION
@@ -1092,6 +1177,18 @@ async def watch_cursor_of(stream: Any) -> str:
     assert isinstance(cursors[0], str)
     assert cursors[0]
     return cursors[0]
+
+
+async def test_a_cursor_ahead_of_the_event_log_is_refused(client: Client) -> None:
+    # A forged cursor, or one from another database: the stream used to open and stay
+    # silent for ever.
+    ahead = encode_cursor(Cursor(xid=2**62, seq=0))
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await _first_event(
+            client.stub.WatchTickets(pb.WatchTicketsRequest(cursor=ahead), metadata=client.svc)
+        )
+    assert info.value.code() is Code.INVALID_ARGUMENT
+    assert violations(info.value) == {"cursor"}
 
 
 async def test_a_watch_dropped_before_its_first_event_resumes_from_its_header_cursor(

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import base64
+import math
 from typing import Any
 
 import pytest
+from google.protobuf.message import DecodeError
 
 from execution_ticket_service.domain.models import Priority, TicketFilter, TicketStatus
 from execution_ticket_service.domain.paging import (
@@ -15,8 +17,10 @@ from execution_ticket_service.domain.paging import (
     decode_watch_cursor,
     encode_cursor,
     encode_page_token,
+    filter_digest,
 )
 from execution_ticket_service.domain.validation import (
+    MAX_JSON_NESTING,
     Limits,
     RawAssignment,
     RawTicketSpec,
@@ -32,6 +36,7 @@ from execution_ticket_service.domain.validation import (
     validate_ticket_id,
 )
 from hive_common.errors import InvalidArgument
+from neuralhive.ticket.v1 import ticket_service_pb2 as pb
 
 LIMITS = Limits(max_parameters_bytes=100)
 TID = "6F1F0A3E-8A47-4CF8-9A0F-3C1D1FBB7A11"
@@ -257,6 +262,23 @@ def test_watch_cursors_carry_the_snapshot_position() -> None:
     assert [v.field for v in errors.items] == ["cursor"]
 
 
+def _forged(body: str) -> str:
+    return base64.urlsafe_b64encode(body.encode()).decode().rstrip("=")
+
+
+@pytest.mark.parametrize("number", ["true", "false", "1.5", "-1", str(2**63), '"7"'])
+def test_forged_positions_are_not_tokens(number: str) -> None:
+    # A bool is a Python int: it used to reach the database (INTERNAL, HTTP 500).
+    ticket_filter = TicketFilter()
+    digest = filter_digest(ticket_filter)
+    errors = Violations()
+    decode_page_token(_forged(f'{{"v":1,"after":{number},"f":"{digest}"}}'), ticket_filter, errors)
+    decode_cursor(_forged(f'{{"v":1,"x":{number},"s":0}}'), errors)
+    decode_cursor(_forged(f'{{"v":1,"x":0,"s":{number}}}'), errors)
+    decode_watch_cursor(_forged(f'{{"v":1,"x":0,"s":0,"t":{number}}}'), errors)
+    assert [v.field for v in errors.items] == ["page_token", "cursor", "cursor", "cursor"]
+
+
 @pytest.mark.parametrize("after", [10, 100, 10_000, 100_000])
 @pytest.mark.parametrize("mangle", [lambda t: t + "\x00", lambda t: "\x00" + t, lambda t: t + " "])
 def test_tokens_with_foreign_characters_are_not_tokens(after: int, mangle: Any) -> None:
@@ -318,6 +340,76 @@ def test_nul_in_a_status_update_names_the_field(kwargs: dict[str, Any], field: s
     with pytest.raises(InvalidArgument) as info:
         validate_status_update(**values)
     assert fields_of(info.value) == {field}
+
+
+def _update(**kwargs: Any) -> dict[str, Any]:
+    return {
+        "ticket_id": TID,
+        "status": "COMPLETED",
+        "attempt": 1,
+        "expected_version": None,
+        "result": None,
+        "error_message": "",
+        "permanent": False,
+        "limits": Limits(),
+        **kwargs,
+    }
+
+
+@pytest.mark.parametrize("number", [math.inf, -math.inf, math.nan])
+def test_non_finite_numbers_are_refused_with_their_path(number: float) -> None:
+    with pytest.raises(InvalidArgument) as info:
+        validate_create(good(parameters={"a": [1, {"b": number}]}), LIMITS)
+    assert fields_of(info.value) == {"ticket.parameters.a[1].b"}
+    with pytest.raises(InvalidArgument) as info:
+        validate_status_update(**_update(result={"x": number}))
+    assert fields_of(info.value) == {"result.x"}
+
+
+def test_text_that_spells_a_non_finite_number_is_fine() -> None:
+    parameters = {"NaN": "Infinity", "x": "-Infinity"}
+    assert validate_create(good(parameters=parameters), LIMITS).parameters == parameters
+
+
+def _nested(levels: int, *, arrays: bool = False) -> dict[str, Any]:
+    """An object nested ``levels`` deep counting itself (every other level an array if
+    ``arrays``)."""
+    value: Any = {"leaf": 1}
+    for level in range(levels - 1):
+        value = [value] if arrays and level % 2 else {"a": value}
+    return value if isinstance(value, dict) else {"a": value}
+
+
+@pytest.mark.parametrize("arrays", [False, True])
+def test_json_nesting_is_bounded_where_every_watcher_can_still_decode_it(arrays: bool) -> None:
+    deepest = _nested(MAX_JSON_NESTING, arrays=arrays)
+    assert validate_create(good(parameters=deepest), Limits()).parameters == deepest
+    assert validate_status_update(**_update(result=deepest)).result == deepest
+    too_deep = {"x": 1, "deep": _nested(MAX_JSON_NESTING, arrays=arrays)}
+    with pytest.raises(InvalidArgument) as info:
+        validate_create(good(parameters=too_deep), Limits())
+    (field,) = fields_of(info.value)
+    assert field.startswith("ticket.parameters.deep")
+    assert field.count(".") + field.count("[") == MAX_JSON_NESTING + 1
+    with pytest.raises(InvalidArgument) as info:
+        validate_status_update(**_update(result=too_deep))
+    assert {v.description for v in info.value.violations} == {
+        f"nests more than {MAX_JSON_NESTING} levels deep"
+    }
+
+
+def test_the_nesting_limit_keeps_every_ticket_message_decodable() -> None:
+    def watch_response(value: dict[str, Any]) -> bytes:
+        # The deepest message that carries a ticket: a watch response's event's ticket.
+        response = pb.WatchTicketsResponse()
+        ticket = response.events.add().ticket
+        ticket.parameters.update(value)
+        ticket.result.update(value)
+        return response.SerializeToString()
+
+    pb.WatchTicketsResponse.FromString(watch_response(_nested(MAX_JSON_NESTING)))
+    with pytest.raises(DecodeError):
+        pb.WatchTicketsResponse.FromString(watch_response(_nested(MAX_JSON_NESTING + 1)))
 
 
 def test_other_control_characters_in_free_text_are_fine() -> None:

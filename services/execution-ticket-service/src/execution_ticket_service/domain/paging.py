@@ -37,6 +37,14 @@ def _decode(token: str) -> dict[str, object] | None:
     return body if isinstance(body, dict) else None
 
 
+def _position(value: object) -> int | None:
+    """A sequence number or transaction id from a token: a JSON integer PostgreSQL's
+    bigint holds (``true`` is a Python int too, and would reach the database)."""
+    if type(value) is int and 0 <= value < 2**63:
+        return value
+    return None
+
+
 def filter_digest(ticket_filter: TicketFilter) -> str:
     canonical = json.dumps(
         [
@@ -58,8 +66,8 @@ def decode_page_token(token: str, ticket_filter: TicketFilter, errors: Violation
     if not token:
         return 0
     body = _decode(token)
-    after = body.get("after") if body else None
-    if body is None or body.get("v") != 1 or not isinstance(after, int) or after < 0:
+    after = _position(body.get("after")) if body else None
+    if body is None or body.get("v") != 1 or after is None:
         errors.add("page_token", "is not a page token issued by this service")
         return 0
     if body.get("f") != filter_digest(ticket_filter):
@@ -90,16 +98,9 @@ def decode_cursor(token: str, errors: Violations, path: str = "cursor") -> Curso
     if not token:
         return None
     body = _decode(token)
-    xid = body.get("x") if body else None
-    seq = body.get("s") if body else None
-    if (
-        body is None
-        or body.get("v") != 1
-        or not isinstance(xid, int)
-        or not isinstance(seq, int)
-        or xid < 0
-        or seq < 0
-    ):
+    xid = _position(body.get("x")) if body else None
+    seq = _position(body.get("s")) if body else None
+    if body is None or body.get("v") != 1 or xid is None or seq is None:
         errors.add(path, "is not a cursor issued by this service")
         return None
     return Cursor(xid=xid, seq=seq)
@@ -114,10 +115,10 @@ def decode_watch_cursor(
     if cursor is None:
         return None, None
     body = _decode(token)
-    after = body.get("t") if body else None
-    if after is None:
+    if not body or body.get("t") is None:
         return cursor, None
-    if not isinstance(after, int) or isinstance(after, bool) or after < 0:
+    after = _position(body["t"])
+    if after is None:
         errors.add(path, "is not a cursor issued by this service")
         return None, None
     return cursor, after

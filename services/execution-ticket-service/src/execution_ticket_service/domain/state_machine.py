@@ -62,6 +62,9 @@ class Outcome:
     error: HiveError | None = None
 
 
+_LATE_RESULTS = uuid.UUID("5f0c4e52-7d1b-4a53-9a8e-2a6f1c0b9d47")
+
+
 def update_digest(update: StatusUpdate) -> str:
     """Fingerprint of a status update; an identical retry has the same digest."""
     body = {
@@ -84,9 +87,10 @@ def _event(
     actor: str,
     worker_id: str | None = None,
     details: dict[str, object] | None = None,
+    event_id: str | None = None,
 ) -> TicketEvent:
     return TicketEvent(
-        event_id=str(uuid.uuid4()),
+        event_id=event_id or str(uuid.uuid4()),
         type=kind,
         ticket=after,
         previous_status=before.status,
@@ -179,6 +183,8 @@ def decide_update(ticket: Ticket, update: StatusUpdate, *, now: datetime, actor:
             after=ticket,
             now=now,
             actor=actor,
+            # The same late result sent again is the same event (recorded once).
+            event_id=str(uuid.uuid5(_LATE_RESULTS, f"{ticket.ticket_id}:{actor}:{digest}")),
             # Concerns the reporting worker, not whoever holds the ticket now.
             worker_id=actor.removeprefix("worker:") if actor.startswith("worker:") else "",
             details={

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import re
 import uuid
 from collections.abc import Iterable, Sequence
@@ -24,6 +25,11 @@ from hive_common.errors import FieldViolation, InvalidArgument
 MAX_ID_LENGTH = 200
 MAX_TEXT_LENGTH = 4000
 MAX_LIST_ITEMS = 200
+# Objects and arrays inside ``parameters`` / ``result``, the value itself being level 1 (as
+# the orchestrator counts). Protobuf decoders refuse messages nested over 100 levels and a
+# Struct object costs three: 32 levels still fit the deepest message that carries a ticket
+# (a WatchTicketsResponse); one more could be stored but never delivered to a watcher.
+MAX_JSON_NESTING = 32
 
 
 @dataclass(frozen=True, slots=True)
@@ -118,23 +124,31 @@ def check_no_nul(value: str, path: str, errors: Violations) -> None:
         errors.add(path, _NUL_MESSAGE)
 
 
-def check_json(value: Any, path: str, errors: Violations) -> None:
-    """Every string inside a JSON value (keys too) must be free of NUL characters.
+def check_json(value: Any, path: str, errors: Violations, *, nesting: int = 1) -> None:
+    """What a JSON value (``parameters``, ``result``) may hold beyond the JSON grammar:
+    no NUL in any string (keys too: PostgreSQL cannot store it), only finite numbers, and
+    objects and arrays nested at most :data:`MAX_JSON_NESTING` deep (``value`` itself is
+    level ``nesting``).
 
     A bad string is named by its path (``result.foo.bar[1]``); a bad key by the object
     that holds it (the key itself cannot be echoed back safely).
     """
     if isinstance(value, str):
         check_no_nul(value, path, errors)
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            errors.add(path, f"{value} is not a JSON number (only finite numbers are)")
+    elif isinstance(value, dict | list | tuple) and nesting > MAX_JSON_NESTING:
+        errors.add(path, f"nests more than {MAX_JSON_NESTING} levels deep")
     elif isinstance(value, dict):
         for key, item in value.items():
             if NUL in key:
                 errors.add(path, f"key {key!r} {_NUL_MESSAGE}")
                 continue
-            check_json(item, f"{path}.{key}", errors)
+            check_json(item, f"{path}.{key}", errors, nesting=nesting + 1)
     elif isinstance(value, list | tuple):
         for index, item in enumerate(value):
-            check_json(item, f"{path}[{index}]", errors)
+            check_json(item, f"{path}[{index}]", errors, nesting=nesting + 1)
 
 
 def _check_text(value: str, path: str, errors: Violations) -> None:
@@ -149,6 +163,19 @@ _ESCAPED_NUL = "\\u0000"
 # One encoder for every call: json.dumps with options builds a new one each time (~40 %
 # of a small document's encoding time).
 _json_text = json.JSONEncoder(separators=(",", ":"), default=str).encode
+
+
+def _may_need_checking(encoded: str) -> bool:
+    """Whether :func:`check_json` could find anything in the value ``encoded`` is the JSON
+    text of (walking every value costs more than these scans): json.dumps writes every
+    NUL (in keys too) as \\u0000 and non-finite numbers as NaN / Infinity, and a value
+    nested deeper than the limit has more opening brackets than that."""
+    return (
+        _ESCAPED_NUL in encoded
+        or "NaN" in encoded
+        or "Infinity" in encoded
+        or encoded.count("{") + encoded.count("[") > MAX_JSON_NESTING
+    )
 
 
 def json_size(value: Any) -> int:
@@ -200,9 +227,7 @@ def validate_spec(
             f"{prefix}.parameters",
             f"must be at most {limits.max_parameters_bytes} bytes as JSON",
         )
-    elif _ESCAPED_NUL in encoded:
-        # json.dumps writes every NUL (in keys too) as \u0000, so walking the value to
-        # name the bad path is only needed when that text occurs.
+    elif _may_need_checking(encoded):
         check_json(raw.parameters, f"{prefix}.parameters", errors)
     capabilities = _check_id_list(
         raw.required_capabilities, f"{prefix}.required_capabilities", errors

@@ -27,7 +27,7 @@ import psycopg
 from psycopg import AsyncConnection, sql
 from psycopg.abc import Params
 from psycopg.rows import DictRow
-from psycopg.types.json import Jsonb
+from psycopg.types.json import Jsonb, set_json_loads
 
 from execution_ticket_service.domain.ids import new_uuid4_strings
 from execution_ticket_service.domain.models import (
@@ -58,7 +58,8 @@ from hive_common.errors import (
     HiveError,
     NotFound,
 )
-from hive_common.postgres import DictPool, database_errors, open_pool
+from hive_common.postgres import DictPool, database_errors
+from hive_common.postgres import open_pool as open_dict_pool
 
 T = TypeVar("T")
 Pool = DictPool
@@ -85,6 +86,32 @@ Change = tuple[str, Callable[[Ticket, datetime], Outcome]]
 
 def utc_now() -> datetime:
     return datetime.now(UTC)
+
+
+# Every number of ``parameters`` and ``result`` came as a protobuf double. jsonb keeps
+# numbers as exact decimals and writes a whole one without exponent (1e308 comes back as a
+# 309-digit integer, 2**60 as 1152921504606847000): read integers beyond the exactly
+# representable range back as the doubles they were, so an identical request compares
+# equal and every value stays one BSON (or any JSON reader) can hold.
+_EXACT_INTEGERS = 2**53
+
+
+def _integer_or_double(text: str) -> int | float:
+    value = int(text)
+    return value if -_EXACT_INTEGERS <= value <= _EXACT_INTEGERS else float(value)
+
+
+def _json_loads(data: str | bytes) -> Any:
+    return json.loads(data, parse_int=_integer_or_double)
+
+
+async def _configure(conn: AsyncConnection[DictRow]) -> None:
+    set_json_loads(_json_loads, conn)
+
+
+def open_pool(dsn: str, *, min_size: int = 1, max_size: int = 10) -> Pool:
+    """An unopened pool of connections for :class:`TicketRepository`."""
+    return open_dict_pool(dsn, min_size=min_size, max_size=max_size, configure=_configure)
 
 
 @dataclass(frozen=True, slots=True)
@@ -184,14 +211,23 @@ UPDATE tickets SET {_SET_FROM_PARAMS}
 WHERE ticket_id = %(ticket_id)s AND version = %(read_version)s
 """
 
-# The payload is the ticket row as stored, read back in the same statement. Every write
-# names the version the decision was made on and touches no row if the ticket moved on.
+# An event without a change (a refused late result). The payload is the ticket row as
+# stored, read back in the same statement. Every write names the version the decision was
+# made on and touches no row if the ticket moved on; an event already recorded (the same
+# late result sent again: the same event id) is not recorded twice. ``matched``: whether
+# the ticket was still at that version.
 _INSERT_EVENT = """
-INSERT INTO ticket_events (event_id, event_type, ticket_id, plan_id, worker_id, previous_status,
-                           status, actor, occurred_at, ticket, details)
-SELECT %(event_id)s, %(event_type)s, t.ticket_id, t.plan_id, %(event_worker_id)s,
-       %(previous_status)s, t.status, %(actor)s, %(occurred_at)s, to_jsonb(t), %(details)s
-FROM tickets t WHERE t.ticket_id = %(ticket_id)s AND t.version = %(read_version)s
+WITH t AS (
+    SELECT * FROM tickets WHERE ticket_id = %(ticket_id)s AND version = %(read_version)s
+), inserted AS (
+    INSERT INTO ticket_events (event_id, event_type, ticket_id, plan_id, worker_id,
+                               previous_status, status, actor, occurred_at, ticket, details)
+    SELECT %(event_id)s, %(event_type)s, t.ticket_id, t.plan_id, %(event_worker_id)s,
+           %(previous_status)s, t.status, %(actor)s, %(occurred_at)s, to_jsonb(t), %(details)s
+    FROM t
+    ON CONFLICT (event_id) DO NOTHING
+)
+SELECT count(*) AS matched FROM t
 """
 
 # A change and its event in one statement (one round trip): the event reads the updated
@@ -424,7 +460,8 @@ class TicketRepository:
             return cur.rowcount == 1
         if outcome.event is not None:
             cur = await conn.execute(_INSERT_EVENT, _event_params(outcome, read_version))
-            return cur.rowcount == 1
+            row = await cur.fetchone()
+            return row is not None and row["matched"] == 1
         return True
 
     async def _apply_all(

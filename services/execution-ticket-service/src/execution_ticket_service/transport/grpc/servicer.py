@@ -275,6 +275,12 @@ class TicketServicer(pb_grpc.TicketServiceServicer):
         if request.include_ticket_tokens and not request.worker_id:
             errors.add("include_ticket_tokens", "requires worker_id")
         errors.raise_if_any("invalid watch request")
+        if cursor is not None and cursor > await self._repository.current_position():
+            # Every cursor this log issued lies before its current position: this one was
+            # made up, or comes from another database (a restore restarts the transaction
+            # ids); the stream would wait for events that never come.
+            errors.add("cursor", "is ahead of the event log (from another database?)")
+            errors.raise_if_any("invalid watch request")
         ticket_filter = TicketFilter(plan_id=request.plan_id, worker_id=request.worker_id)
         token_holder = request.worker_id if request.include_ticket_tokens else ""
         # The caller's own changes are skipped here, after the shared tail filtered: it
@@ -371,11 +377,13 @@ BatchResult = TypeVar("BatchResult", pb.AssignTicketsResult, pb.UpdateTicketStat
 
 
 def _batch_result(message: type[BatchResult], result: Ticket | HiveError) -> BatchResult:
-    """One item of a batch answer: the ticket, or the code and message of its refusal."""
+    """One item of a batch answer: the ticket, or the code and message of its refusal (an
+    item has no error details: its field violations are spelled out in the message)."""
     if isinstance(result, HiveError):
-        return message(
-            error_code=grpc.StatusCode[result.grpc_code].value[0], error_message=result.message
-        )
+        text = result.message
+        if result.violations:
+            text += ": " + "; ".join(f"{v.field}: {v.description}" for v in result.violations)
+        return message(error_code=grpc.StatusCode[result.grpc_code].value[0], error_message=text)
     return message(ticket=ticket_to_proto(result))
 
 
