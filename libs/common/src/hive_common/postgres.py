@@ -57,4 +57,6 @@ async def database_errors(database: str) -> AsyncIterator[None]:
     except psycopg.OperationalError as exc:
         raise Unavailable(f"{database} unavailable") from exc
     except psycopg.Error as exc:
-        raise Internal(f"{database} error", details={"sqlstate": exc.sqlstate or ""}) from exc
+        # A client-side error (e.g. a NUL byte psycopg refuses to send) has no SQLSTATE.
+        details = {"sqlstate": exc.sqlstate} if exc.sqlstate else {}
+        raise Internal(f"{database} error", details=details) from exc

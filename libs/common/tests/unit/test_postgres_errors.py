@@ -43,3 +43,14 @@ async def test_other_errors_pass_through_unchanged() -> None:
         async with database_errors("x db"):
             raise error
     assert info.value is error
+
+
+async def test_the_sqlstate_is_given_only_when_the_server_gave_one() -> None:
+    with pytest.raises(Internal) as info:
+        async with database_errors("x db"):
+            raise psycopg.errors.UndefinedTable("relation missing")
+    assert info.value.details == {"sqlstate": "42P01"}
+    with pytest.raises(Internal) as info:
+        async with database_errors("x db"):
+            raise psycopg.DataError("PostgreSQL text fields cannot contain NUL (0x00) bytes")
+    assert info.value.details == {}  # was {"sqlstate": ""}
