@@ -214,3 +214,18 @@ async def test_http_refusals(
     assert response.status_code == status
     code = "UNAUTHENTICATED" if status == 401 else "PERMISSION_DENIED"
     assert response.json()["error"]["code"] == code
+
+
+async def test_http_refuses_two_authorization_headers(registry: Registry) -> None:
+    # As gRPC does: the first used to win silently.
+    service = dict(registry.service_md)["authorization"]
+    for values in ([service, "Bearer nope"], [service, service]):
+        response = await registry.http.get(
+            "/api/v1/workers", headers=[("authorization", v) for v in values]
+        )
+        assert response.status_code == 401
+        error = response.json()["error"]
+        assert error["code"] == "UNAUTHENTICATED"
+        assert error["message"] == "more than one authorization header"
+    one = await registry.http.get("/api/v1/workers", headers=[("authorization", service)])
+    assert one.status_code == 200

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -88,3 +89,47 @@ async def test_list_and_get_workers(registry: Registry) -> None:
     malformed = await registry.http.get("/api/v1/workers/not-a-uuid", headers=headers)
     assert malformed.status_code == 400
     assert malformed.json()["error"]["details"]["field_violations"][0]["field"] == "worker_id"
+
+
+async def test_list_refusals_name_query_parameters(registry: Registry) -> None:
+    await registry.register("w1", labels={"stack": "dev"})
+    headers = auth(registry.service_md)
+
+    async def violations(params: Any) -> list[tuple[str, str]]:
+        response = await registry.http.get("/api/v1/workers", params=params, headers=headers)
+        assert response.status_code == 400, response.text
+        return [
+            (v["field"], v["description"])
+            for v in response.json()["error"]["details"]["field_violations"]
+        ]
+
+    nul = "must not contain NUL (\\u0000) characters"
+    # A NUL used to reach PostgreSQL (HTTP 500).
+    assert await violations({"label": "zone=\x00"}) == [("query.label[0]", nul)]
+    forged = base64.urlsafe_b64encode(b'["default","a\\u0000"]').decode().rstrip("=")
+    assert await violations({"page_token": forged}) == [
+        ("query.page_token", "is not a token returned by ListWorkers")
+    ]
+    # A key given twice used to keep the last value silently.
+    assert await violations([("label", "stack=nope"), ("label", "stack=dev")]) == [
+        ("query.label[1]", "label key 'stack' is given more than once")
+    ]
+    # Every field is named as a query parameter, whichever check refused it.
+    mixed = await violations(
+        [
+            ("status", "SLEEPY"),
+            ("label", "novalue"),
+            ("label", "-a=1"),
+            ("namespace", "BAD"),
+            ("capability", "no spaces"),
+            ("page_size", "-1"),
+        ]
+    )
+    assert [field for field, _ in mixed] == [
+        "query.status[0]",
+        "query.namespace",
+        "query.capability",
+        "query.page_size",
+        "query.label[0]",
+        "query.label[1]",
+    ]

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -275,6 +277,104 @@ async def test_invalid_registration_reports_every_field(registry: Registry) -> N
     }
     listed = await registry.stub.ListWorkers(pb.ListWorkersRequest(), metadata=registry.service_md)
     assert list(listed.workers) == []
+
+
+NUL = "\x00"
+
+
+async def test_nul_and_forged_page_tokens_are_invalid_argument(registry: Registry) -> None:
+    # PostgreSQL cannot store NUL: these used to reach it and come back INTERNAL.
+    forged = base64.urlsafe_b64encode(json.dumps(["default", f"a{NUL}"]).encode()).decode()
+    calls = [
+        (
+            registry.stub.Register(
+                pb.RegisterRequest(
+                    name="w1", capabilities=["python"], max_concurrent=1, version=f"v{NUL}1"
+                ),
+                metadata=registry.secret_md,
+            ),
+            "version",
+        ),
+        (
+            registry.stub.Register(
+                pb.RegisterRequest(
+                    name="w1", capabilities=["python"], max_concurrent=1, labels={"k": f"a{NUL}"}
+                ),
+                metadata=registry.secret_md,
+            ),
+            "labels[k]",
+        ),
+        (
+            registry.stub.DiscoverWorkers(
+                pb.DiscoverWorkersRequest(label_selector={"k": f"a{NUL}"}),
+                metadata=registry.service_md,
+            ),
+            "label_selector[k]",
+        ),
+        (
+            registry.stub.ListWorkers(
+                pb.ListWorkersRequest(page_token=forged.rstrip("=")),
+                metadata=registry.service_md,
+            ),
+            "page_token",
+        ),
+    ]
+    for call, field in calls:
+        with pytest.raises(grpc.aio.AioRpcError) as exc:
+            await call
+        assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT, exc.value.details()
+        assert [v.field for v in from_rpc_error(exc.value).violations] == [field]
+    listed = await registry.stub.ListWorkers(pb.ListWorkersRequest(), metadata=registry.service_md)
+    assert list(listed.workers) == []
+
+
+async def test_long_invalid_label_keys_are_invalid_argument(registry: Registry) -> None:
+    # The violations travel in a trailer that clients refuse beyond 16 KiB (the call then
+    # failed with RESOURCE_EXHAUSTED "Stream removed"): echoed keys are shortened.
+    huge_key = "k" * 20_000 + "-"
+    many_keys = {f"k{i:02d}" + "_" * 600 + "-": "v" for i in range(32)}
+    for labels in ({huge_key: "v"}, many_keys):
+        with pytest.raises(grpc.aio.AioRpcError) as exc:
+            await registry.register("w1", labels=labels)
+        assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT, exc.value.details()
+        violations = from_rpc_error(exc.value).violations
+        assert all(len(v.field) <= len("labels[]") + 65 for v in violations)
+    with pytest.raises(grpc.aio.AioRpcError) as exc:
+        await registry.stub.DiscoverWorkers(
+            pb.DiscoverWorkersRequest(label_selector={huge_key: "v"}),
+            metadata=registry.service_md,
+        )
+    assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT, exc.value.details()
+    assert [v.field for v in from_rpc_error(exc.value).violations] == [
+        "label_selector[" + "k" * 64 + "\u2026]"
+    ]
+
+
+async def test_expiry_on_contact_is_counted(registry: Registry) -> None:
+    by_heartbeat = (await registry.register("w1")).worker.worker_id
+    by_deregister = (await registry.register("w2")).worker.worker_id
+    registry.clock.advance(61)  # no sweep: the calls themselves expire the workers
+    with pytest.raises(grpc.aio.AioRpcError) as exc:
+        await registry.heartbeat(by_heartbeat, in_flight=0)
+    assert exc.value.code() == grpc.StatusCode.NOT_FOUND
+    await registry.stub.Deregister(
+        pb.DeregisterRequest(worker_id=by_deregister), metadata=registry.worker_md(by_deregister)
+    )
+    metrics = (await registry.http.get("/metrics")).text
+    assert 'registry_worker_events_total{type="EXPIRED"} 2.0' in metrics
+    assert 'registry_worker_events_total{type="DEREGISTERED"} 0.0' in metrics
+    assert 'registry_heartbeats_total{outcome="not_found"} 1.0' in metrics
+
+
+async def test_invalid_watch_namespace(registry: Registry) -> None:
+    call = registry.stub.WatchWorkers(
+        pb.WatchWorkersRequest(namespace="BAD"), metadata=registry.service_md
+    )
+    with pytest.raises(grpc.aio.AioRpcError) as exc:
+        await call.read()
+    assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert exc.value.details() == "invalid watch request"
+    assert [v.field for v in from_rpc_error(exc.value).violations] == ["namespace"]
 
 
 @pytest.mark.parametrize(

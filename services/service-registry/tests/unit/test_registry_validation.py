@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import base64
+import json
 from typing import Any
 
 import pytest
@@ -9,6 +11,7 @@ import pytest
 from hive_common.errors import InvalidArgument
 from service_registry.domain.models import ListCursor, WorkerStatus
 from service_registry.domain.validation import (
+    MAX_REPORTED_VIOLATIONS,
     Limits,
     encode_cursor,
     parse_worker_id,
@@ -16,7 +19,10 @@ from service_registry.domain.validation import (
     validate_heartbeat,
     validate_list,
     validate_registration,
+    validate_watch,
 )
+
+NUL = "\x00"
 
 GOOD_REGISTRATION: dict[str, Any] = {
     "name": "host-1.example",
@@ -56,6 +62,9 @@ def test_good_registration_is_normalised() -> None:
         ({"max_concurrent": -3}, {"max_concurrent"}),
         ({"max_concurrent": 10_001}, {"max_concurrent"}),
         ({"version": "v" * 65}, {"version"}),
+        ({"version": f"v{NUL}1"}, {"version"}),
+        ({"labels": {"k": f"a{NUL}b"}}, {"labels[k]"}),
+        ({"labels": {f"k{NUL}": "v"}}, {f"labels[k{NUL}]"}),
         (
             {"name": "", "max_concurrent": 0, "namespace": "A"},
             {"name", "max_concurrent", "namespace"},
@@ -151,3 +160,128 @@ def test_list_cursor_round_trip_and_bad_token() -> None:
                 limits=Limits(),
             )
         assert fields(exc) == {"page_token"}
+
+
+def test_nul_is_refused_before_it_reaches_the_database() -> None:
+    # PostgreSQL text and jsonb cannot hold NUL: bad input, not a database error.
+    with pytest.raises(InvalidArgument) as exc:
+        validate_registration(
+            **{**GOOD_REGISTRATION, "version": f"1{NUL}", "labels": {"zone": f"eu{NUL}"}}
+        )
+    assert {(v.field, v.description) for v in exc.value.violations} == {
+        ("version", "must not contain NUL (\\u0000) characters"),
+        ("labels[zone]", "must not contain NUL (\\u0000) characters"),
+    }
+    with pytest.raises(InvalidArgument) as exc:
+        validate_discovery(
+            required_capabilities=[],
+            label_selector={"zone": f"{NUL}"},
+            namespace="",
+            max_results=0,
+            limits=Limits(),
+        )
+    assert fields(exc) == {"label_selector[zone]"}
+    with pytest.raises(InvalidArgument) as exc:
+        validate_list(
+            namespace="",
+            statuses=[],
+            capability="",
+            page_size=0,
+            page_token="",
+            limits=Limits(),
+            labels=[f"zone={NUL}"],
+        )
+    assert fields(exc) == {"label[0]"}
+
+
+def _token(value: Any) -> str:
+    return base64.urlsafe_b64encode(json.dumps(value).encode()).decode().rstrip("=")
+
+
+@pytest.mark.parametrize(
+    "token",
+    [
+        _token(["default", f"a{NUL}"]),  # a NUL would reach PostgreSQL
+        _token([f"default{NUL}", "a"]),
+        _token(["default", "\ud800"]),  # a lone surrogate cannot even be encoded
+        _token(["NOT A NAMESPACE", "a"]),
+        _token(["default", "x" * 129]),
+        encode_cursor(ListCursor("default", "w1")) + NUL,  # b64decode would drop the NUL
+    ],
+)
+def test_forged_page_tokens_are_malformed(token: str) -> None:
+    with pytest.raises(InvalidArgument) as exc:
+        validate_list(
+            namespace="",
+            statuses=[],
+            capability="",
+            page_size=0,
+            page_token=token,
+            limits=Limits(),
+        )
+    assert fields(exc) == {"page_token"}
+
+
+def test_echoed_input_and_the_violation_list_are_bounded() -> None:
+    # They travel in a gRPC trailer: beyond 8-16 KiB the client gets no typed error at all.
+    with pytest.raises(InvalidArgument) as exc:
+        validate_registration(**{**GOOD_REGISTRATION, "labels": {"k" * 20_000 + "-": "v"}})
+    assert fields(exc) == {"labels[" + "k" * 64 + "\u2026]"}
+
+    with pytest.raises(InvalidArgument) as exc:
+        validate_discovery(
+            required_capabilities=["bad cap"] * 50,
+            label_selector={f"bad key {i}" + "_" * 600: "v" for i in range(32)},
+            namespace="",
+            max_results=0,
+            limits=Limits(),
+        )
+    violations = exc.value.violations
+    assert len(violations) == MAX_REPORTED_VIOLATIONS + 1
+    assert violations[-1].field == "request"
+    assert violations[-1].description == "62 more violations not shown"
+    assert sum(len(v.field) + len(v.description) for v in violations) < 4096
+
+
+def test_list_label_selectors_are_named_by_position_and_keys_are_unique() -> None:
+    def bad(labels: list[str]) -> list[tuple[str, str]]:
+        with pytest.raises(InvalidArgument) as exc:
+            validate_list(
+                namespace="",
+                statuses=[],
+                capability="",
+                page_size=0,
+                page_token="",
+                limits=Limits(),
+                labels=labels,
+                field_prefix="query.",
+            )
+        return [(v.field, v.description) for v in exc.value.violations]
+
+    # Both values cannot hold at once, and neither may silently win.
+    assert bad(["stack=nope", "stack=dev"]) == [
+        ("query.label[1]", "label key 'stack' is given more than once")
+    ]
+    assert [field for field, _ in bad(["novalue", "-a=1", "ok=1"])] == [
+        "query.label[0]",
+        "query.label[1]",
+    ]
+    q = validate_list(
+        namespace="",
+        statuses=[],
+        capability="",
+        page_size=0,
+        page_token="",
+        limits=Limits(),
+        labels=["zone=eu", "tier=a=b", "empty="],
+    )
+    assert q.label_selector == {"zone": "eu", "tier": "a=b", "empty": ""}
+
+
+def test_watch_namespace() -> None:
+    assert validate_watch(namespace="") is None
+    assert validate_watch(namespace="batch") == "batch"
+    with pytest.raises(InvalidArgument) as exc:
+        validate_watch(namespace="BAD")
+    assert exc.value.message == "invalid watch request"
+    assert fields(exc) == {"namespace"}

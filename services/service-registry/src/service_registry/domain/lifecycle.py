@@ -34,6 +34,11 @@ class Transition:
     previous: Worker | None = None
 
 
+class WorkerExpired(NotFound):
+    """The worker was found past its TTL and expired by this very call (EXPIRED published):
+    for the caller a worker that is gone, like any other NOT_FOUND."""
+
+
 def _event(kind: WorkerEventType, worker: Worker, now: datetime) -> WorkerEvent:
     return WorkerEvent(event_id=uuid.uuid4(), type=kind, worker=worker, occurred_at=now)
 

@@ -29,7 +29,7 @@ class WorkerStore(Protocol):
 
     async def heartbeat(self, update: HeartbeatUpdate, *, now: datetime) -> Transition: ...
 
-    async def deregister(self, worker_id: uuid.UUID, *, now: datetime) -> Worker | None: ...
+    async def deregister(self, worker_id: uuid.UUID, *, now: datetime) -> WorkerEvent | None: ...
 
     async def get(self, worker_id: uuid.UUID, *, now: datetime) -> Worker: ...
 
@@ -68,7 +68,9 @@ class RegistryService:
     async def heartbeat(self, update: HeartbeatUpdate) -> Transition:
         return await self._store.heartbeat(update, now=self._clock.now())
 
-    async def deregister(self, worker_id: uuid.UUID) -> Worker | None:
+    async def deregister(self, worker_id: uuid.UUID) -> WorkerEvent | None:
+        """The event published (DEREGISTERED, or EXPIRED for a worker past its TTL);
+        ``None`` if the worker was already gone."""
         return await self._store.deregister(worker_id, now=self._clock.now())
 
     async def get(self, worker_id: uuid.UUID) -> Worker:

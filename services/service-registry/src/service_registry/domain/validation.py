@@ -7,7 +7,7 @@ import binascii
 import json
 import re
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from hive_common.errors import FieldViolation, InvalidArgument
@@ -31,6 +31,12 @@ MAX_LABEL_VALUE = 256
 MAX_VERSION = 64
 MAX_CONCURRENT_LIMIT = 10_000
 MAX_UINT63 = 2**63 - 1  # counters are stored as PostgreSQL bigint
+# Violations travel in a gRPC trailer (grpc-status-details-bin), which clients refuse
+# beyond 8-16 KiB of metadata: echoed input is shortened and the list is bounded.
+MAX_ECHOED = 64
+MAX_REPORTED_VIOLATIONS = 20
+NUL = "\x00"
+_NUL_MESSAGE = "must not contain NUL (\\u0000) characters"
 
 
 @dataclass(frozen=True, slots=True)
@@ -43,6 +49,22 @@ class Limits:
     page_size_cap: int = 500
 
 
+def shown(value: str) -> str:
+    """``value`` as echoed in an error: at most :data:`MAX_ECHOED` characters."""
+    return value if len(value) <= MAX_ECHOED else value[:MAX_ECHOED] + "\u2026"
+
+
+def bounded(violations: list[FieldViolation]) -> list[FieldViolation]:
+    """The first :data:`MAX_REPORTED_VIOLATIONS` violations, then one counting the rest."""
+    if len(violations) <= MAX_REPORTED_VIOLATIONS:
+        return violations
+    rest = len(violations) - MAX_REPORTED_VIOLATIONS
+    return [
+        *violations[:MAX_REPORTED_VIOLATIONS],
+        FieldViolation(field="request", description=f"{rest} more violations not shown"),
+    ]
+
+
 class _Violations:
     def __init__(self) -> None:
         self.items: list[FieldViolation] = []
@@ -52,7 +74,13 @@ class _Violations:
 
     def raise_if_any(self, message: str) -> None:
         if self.items:
-            raise InvalidArgument(message, violations=self.items)
+            raise InvalidArgument(message, violations=bounded(self.items))
+
+
+def _no_nul(value: str, field: str, v: _Violations) -> None:
+    """PostgreSQL text and jsonb cannot store NUL: refuse it as bad input, not a DB error."""
+    if NUL in value:
+        v.add(field, _NUL_MESSAGE)
 
 
 def _namespace(value: str, field: str, v: _Violations) -> str:
@@ -81,19 +109,44 @@ def _capabilities(
     return tuple(sorted(set(values)))
 
 
+def _label(key: str, value: str, field: str, v: _Violations) -> None:
+    if not LABEL_KEY_RE.match(key):
+        v.add(
+            field,
+            "label key must be 1-63 letters, digits, '.', '_', '/' or '-', "
+            "starting and ending with a letter or digit",
+        )
+    if len(value) > MAX_LABEL_VALUE:
+        v.add(field, f"label value longer than {MAX_LABEL_VALUE} characters")
+    else:
+        _no_nul(value, field, v)
+
+
 def _labels(values: Mapping[str, str], field: str, v: _Violations) -> dict[str, str]:
+    """A protobuf map: each entry is named by its (shortened) key, ``labels[zone]``."""
     if len(values) > MAX_LABELS:
         v.add(field, f"at most {MAX_LABELS} labels")
     for key, value in values.items():
-        if not LABEL_KEY_RE.match(key):
-            v.add(
-                f"{field}[{key}]",
-                "label key must be 1-63 letters, digits, '.', '_', '/' or '-', "
-                "starting and ending with a letter or digit",
-            )
-        if len(value) > MAX_LABEL_VALUE:
-            v.add(f"{field}[{key}]", f"label value longer than {MAX_LABEL_VALUE} characters")
+        _label(key, value, f"{field}[{shown(key)}]", v)
     return dict(values)
+
+
+def _selector(values: Sequence[str], field: str, v: _Violations) -> dict[str, str]:
+    """Repeated ``key=value`` selectors (HTTP), each named by its position (``label[0]``);
+    a key given twice is refused: a selector is a map, and neither value may win silently."""
+    if len(values) > MAX_LABELS:
+        v.add(field, f"at most {MAX_LABELS} labels")
+    labels: dict[str, str] = {}
+    for i, item in enumerate(values):
+        key, sep, value = item.partition("=")
+        if not sep:
+            v.add(f"{field}[{i}]", "must be key=value")
+            continue
+        _label(key, value, f"{field}[{i}]", v)
+        if key in labels:
+            v.add(f"{field}[{i}]", f"label key {shown(key)!r} is given more than once")
+        labels[key] = value
+    return labels
 
 
 def _worker_id(value: str, field: str, v: _Violations) -> uuid.UUID:
@@ -137,6 +190,8 @@ def validate_registration(
         v.add("max_concurrent", f"must be between 1 and {MAX_CONCURRENT_LIMIT}")
     if len(version) > MAX_VERSION:
         v.add("version", f"at most {MAX_VERSION} characters")
+    else:
+        _no_nul(version, "version", v)
     v.raise_if_any("invalid registration")
     return spec
 
@@ -205,13 +260,27 @@ def encode_cursor(cursor: ListCursor) -> str:
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
+# b64decode silently drops characters outside the alphabet (NUL included): check first.
+_TOKEN_RE = re.compile(r"[A-Za-z0-9_-]*")
+
+
 def _decode_cursor(token: str) -> ListCursor | None:
+    if not _TOKEN_RE.fullmatch(token):
+        return None
     try:
         raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
         value = json.loads(raw)
     except (binascii.Error, ValueError):
         return None
-    if isinstance(value, list) and len(value) == 2 and all(isinstance(part, str) for part in value):
+    # A token names a stored worker, so its parts follow the registration rules; anything
+    # else (a NUL, a lone surrogate) was forged and must not reach the database.
+    if (
+        isinstance(value, list)
+        and len(value) == 2
+        and all(isinstance(part, str) for part in value)
+        and NAMESPACE_RE.match(value[0])
+        and NAME_RE.match(value[1])
+    ):
         return ListCursor(namespace=value[0], name=value[1])
     return None
 
@@ -224,28 +293,52 @@ def validate_list(
     page_size: int,
     page_token: str,
     limits: Limits,
-    label_selector: Mapping[str, str] | None = None,
+    labels: Sequence[str] = (),
+    field_prefix: str = "",
 ) -> ListQuery:
-    """Empty namespace means every namespace (an operator's view), unlike discovery."""
+    """Empty namespace means every namespace (an operator's view), unlike discovery.
+
+    ``labels`` (HTTP only) are the repeated ``key=value`` selectors; ``field_prefix``
+    names the fields as the transport spells them (``query.`` for HTTP).
+    """
     v = _Violations()
     if namespace and not NAMESPACE_RE.match(namespace):
-        v.add("namespace", "must be a DNS label: 1-63 lowercase letters, digits or '-'")
+        v.add(
+            f"{field_prefix}namespace",
+            "must be a DNS label: 1-63 lowercase letters, digits or '-'",
+        )
     if capability and not CAPABILITY_RE.match(capability):
-        v.add("capability", "must be 1-64 characters: letters, digits and . _ : / + -")
+        v.add(
+            f"{field_prefix}capability",
+            "must be 1-64 characters: letters, digits and . _ : / + -",
+        )
     after = None
     if page_token:
         after = _decode_cursor(page_token)
         if after is None:
-            v.add("page_token", "is not a token returned by ListWorkers")
+            v.add(f"{field_prefix}page_token", "is not a token returned by ListWorkers")
     query = ListQuery(
         namespace=namespace or None,
         statuses=frozenset(statuses),
         capability=capability or None,
         page_size=_capped(
-            page_size, "page_size", limits.default_page_size, limits.page_size_cap, v
+            page_size,
+            f"{field_prefix}page_size",
+            limits.default_page_size,
+            limits.page_size_cap,
+            v,
         ),
         after=after,
-        label_selector=_labels(label_selector or {}, "labels", v),
+        label_selector=_selector(labels, f"{field_prefix}label", v),
     )
     v.raise_if_any("invalid list request")
     return query
+
+
+def validate_watch(*, namespace: str) -> str | None:
+    """The namespace to watch; empty means every namespace."""
+    v = _Violations()
+    if namespace and not NAMESPACE_RE.match(namespace):
+        v.add("namespace", "must be a DNS label: 1-63 lowercase letters, digits or '-'")
+    v.raise_if_any("invalid watch request")
+    return namespace or None

@@ -23,7 +23,7 @@ from hive_common.errors import HiveError, NotFound
 from hive_common.logging import get_logger
 from hive_common.postgres import database_errors
 from service_registry.domain import lifecycle
-from service_registry.domain.lifecycle import Transition
+from service_registry.domain.lifecycle import Transition, WorkerExpired
 from service_registry.domain.models import (
     DiscoveryQuery,
     HealthPolicy,
@@ -347,13 +347,14 @@ class WorkerRepository:
                 await conn.execute(_HEARTBEAT_UPDATE, _params(transition.worker, self._ranker))
                 await self._insert_events(conn, transition.events)
         if expired:
-            raise NotFound(
+            raise WorkerExpired(
                 "worker expired; register again", details={"worker_id": str(update.worker_id)}
             )
         return transition
 
-    async def deregister(self, worker_id: uuid.UUID, *, now: datetime) -> Worker | None:
-        """Remove the worker; ``None`` if it was already gone (deregistering is idempotent)."""
+    async def deregister(self, worker_id: uuid.UUID, *, now: datetime) -> WorkerEvent | None:
+        """Remove the worker; the event published (DEREGISTERED, or EXPIRED for a worker
+        past its TTL), ``None`` if it was already gone (deregistering is idempotent)."""
         async with self._transaction() as conn:
             cur = await conn.execute(
                 sql.SQL("DELETE FROM workers WHERE worker_id = %s RETURNING ") + sql.SQL(COLUMNS),
@@ -365,8 +366,9 @@ class WorkerRepository:
             worker = self._row_to_worker(row, now)
             expired = self._policy.is_expired(worker.last_heartbeat_at, now)
             kind = WorkerEventType.EXPIRED if expired else WorkerEventType.DEREGISTERED
-            await self._insert_events(conn, [lifecycle.event(kind, worker, now)])
-        return None if expired else worker
+            event = lifecycle.event(kind, worker, now)
+            await self._insert_events(conn, [event])
+        return event
 
     async def sweep(self, *, now: datetime) -> SweepResult:
         """Announce newly UNHEALTHY workers and remove EXPIRED ones, with their events.

@@ -7,6 +7,7 @@ from hive_common.timestamps import datetime_to_timestamp
 from neuralhive.registry.v1 import registry_service_pb2 as pb
 from service_registry.domain.models import Worker, WorkerEvent, WorkerEventType, WorkerStatus
 from service_registry.domain.ranking import RankedWorker
+from service_registry.domain.validation import bounded
 
 STATUS_TO_PB: dict[WorkerStatus, pb.WorkerStatus.ValueType] = {
     WorkerStatus.HEALTHY: pb.WORKER_STATUS_HEALTHY,
@@ -72,5 +73,5 @@ def statuses_from_pb(values: list[int]) -> list[WorkerStatus]:
         else:
             statuses.append(status)
     if violations:
-        raise InvalidArgument("invalid list request", violations=violations)
+        raise InvalidArgument("invalid list request", violations=bounded(violations))
     return statuses

@@ -11,6 +11,7 @@ from hive_common.errors import HiveError, NotFound
 from hive_common.timestamps import datetime_to_timestamp
 from neuralhive.registry.v1 import registry_service_pb2 as pb
 from neuralhive.registry.v1 import registry_service_pb2_grpc as pb_grpc
+from service_registry.domain.lifecycle import WorkerExpired
 from service_registry.domain.models import WorkerEventType
 from service_registry.domain.service import RegistryService
 from service_registry.domain.validation import (
@@ -21,6 +22,7 @@ from service_registry.domain.validation import (
     validate_heartbeat,
     validate_list,
     validate_registration,
+    validate_watch,
 )
 from service_registry.metrics import RegistryMetrics
 from service_registry.transport.grpc.auth import require_worker
@@ -90,8 +92,10 @@ class RegistryServicer(pb_grpc.ServiceRegistryServicer):
             raise
         try:
             transition = await self._service.heartbeat(update)
-        except NotFound:
+        except NotFound as exc:
             self._metrics.heartbeats.labels("not_found").inc()
+            if isinstance(exc, WorkerExpired):  # this heartbeat published the EXPIRED event
+                self._metrics.count_events([WorkerEventType.EXPIRED])
             raise
         self._metrics.heartbeats.labels("ok").inc()
         self._metrics.count_events([e.type for e in transition.events])
@@ -104,8 +108,9 @@ class RegistryServicer(pb_grpc.ServiceRegistryServicer):
     ) -> pb.DeregisterResponse:
         worker_id = parse_worker_id(request.worker_id)
         require_worker(str(worker_id))
-        if await self._service.deregister(worker_id) is not None:
-            self._metrics.count_events([WorkerEventType.DEREGISTERED])
+        event = await self._service.deregister(worker_id)
+        if event is not None:  # DEREGISTERED, or EXPIRED for a worker past its TTL
+            self._metrics.count_events([event.type])
         return pb.DeregisterResponse()
 
     async def DiscoverWorkers(
@@ -149,17 +154,8 @@ class RegistryServicer(pb_grpc.ServiceRegistryServicer):
     async def WatchWorkers(
         self, request: pb.WatchWorkersRequest, context: Any
     ) -> AsyncIterator[pb.WatchWorkersResponse]:
-        namespace = None
-        if request.namespace:
-            # Same rules as elsewhere; an invalid namespace could never match anything.
-            namespace = validate_list(
-                namespace=request.namespace,
-                statuses=[],
-                capability="",
-                page_size=0,
-                page_token="",
-                limits=self._limits,
-            ).namespace
+        # Same rules as elsewhere; an invalid namespace could never match anything.
+        namespace = validate_watch(namespace=request.namespace)
         position = await self._service.watch_position()
         # Initial metadata tells the client the watch is live: nothing after it is missed.
         await context.send_initial_metadata(())

@@ -1,21 +1,23 @@
 """Read-only HTTP API: ``GET /api/v1/workers`` and ``GET /api/v1/workers/{worker_id}``.
 
 Same rules as gRPC: listing needs the service token, one worker any valid token
-(``Authorization: Bearer <jwt>``); errors use the shared JSON error shape.
+(``Authorization: Bearer <jwt>``, exactly once, as gRPC requires); errors use the shared
+JSON error shape, and field violations name query parameters (``query.label[0]``).
 """
 
 from __future__ import annotations
 
 from typing import Annotated, Any
 
-from fastapi import APIRouter, Header, Query
+from fastapi import APIRouter, Query, Request
 
-from hive_common.auth import TokenKind
-from hive_common.errors import FieldViolation, InvalidArgument, Unauthenticated
+from hive_common.auth import TokenKind, bearer_token_from_metadata
+from hive_common.errors import FieldViolation, InvalidArgument
 from service_registry.domain.models import Worker, WorkerStatus
 from service_registry.domain.service import RegistryService
 from service_registry.domain.validation import (
     Limits,
+    bounded,
     encode_cursor,
     parse_worker_id,
     validate_list,
@@ -43,16 +45,9 @@ def worker_to_json(worker: Worker) -> dict[str, Any]:
     }
 
 
-def _bearer(authorization: str | None) -> str | None:
-    if authorization is None:
-        return None
-    parts = authorization.split()
-    if len(parts) != 2 or parts[0].lower() != "bearer":
-        raise Unauthenticated(
-            "Authorization header must be 'Bearer <token>'",
-            details={"reason": "malformed_header"},
-        )
-    return parts[1]
+def _bearer(request: Request) -> str | None:
+    # Every Authorization header, not just the first: two are refused, as over gRPC.
+    return bearer_token_from_metadata(request.headers.items())
 
 
 def _parse_statuses(values: list[str]) -> tuple[list[WorkerStatus], list[FieldViolation]]:
@@ -67,17 +62,6 @@ def _parse_statuses(values: list[str]) -> tuple[list[WorkerStatus], list[FieldVi
     return statuses, violations
 
 
-def _parse_labels(values: list[str]) -> tuple[dict[str, str], list[FieldViolation]]:
-    labels, violations = {}, []
-    for i, value in enumerate(values):
-        key, sep, label_value = value.partition("=")
-        if not sep:
-            violations.append(FieldViolation(f"query.label[{i}]", "must be key=value"))
-        else:
-            labels[key] = label_value
-    return labels, violations
-
-
 def build_router(*, service: RegistryService, authorizer: Authorizer, limits: Limits) -> APIRouter:
     router = APIRouter(prefix="/api/v1", tags=["workers"])
     service_only = frozenset({TokenKind.SERVICE})
@@ -85,7 +69,7 @@ def build_router(*, service: RegistryService, authorizer: Authorizer, limits: Li
 
     @router.get("/workers", summary="List workers (service token)")
     async def list_workers(
-        authorization: Annotated[str | None, Header()] = None,
+        request: Request,
         namespace: str = "",
         status: Annotated[list[str] | None, Query()] = None,
         capability: str = "",
@@ -93,22 +77,23 @@ def build_router(*, service: RegistryService, authorizer: Authorizer, limits: Li
         page_size: int = 0,
         page_token: str = "",
     ) -> dict[str, Any]:
-        authorizer.authorize(_bearer(authorization), service_only, "listing workers")
-        statuses, status_violations = _parse_statuses(status or [])
-        labels, label_violations = _parse_labels(label or [])
-        if status_violations or label_violations:
-            raise InvalidArgument(
-                "invalid list request", violations=status_violations + label_violations
+        authorizer.authorize(_bearer(request), service_only, "listing workers")
+        statuses, violations = _parse_statuses(status or [])
+        try:
+            query = validate_list(
+                namespace=namespace,
+                statuses=statuses,
+                capability=capability,
+                page_size=page_size,
+                page_token=page_token,
+                limits=limits,
+                labels=label or [],
+                field_prefix="query.",
             )
-        query = validate_list(
-            namespace=namespace,
-            statuses=statuses,
-            capability=capability,
-            page_size=page_size,
-            page_token=page_token,
-            limits=limits,
-            label_selector=labels,
-        )
+        except InvalidArgument as exc:
+            violations += exc.violations
+        if violations:
+            raise InvalidArgument("invalid list request", violations=bounded(violations))
         page = await service.list_workers(query)
         return {
             "workers": [worker_to_json(w) for w in page.workers],
@@ -116,10 +101,8 @@ def build_router(*, service: RegistryService, authorizer: Authorizer, limits: Li
         }
 
     @router.get("/workers/{worker_id}", summary="One worker (any valid token)")
-    async def get_worker(
-        worker_id: str, authorization: Annotated[str | None, Header()] = None
-    ) -> dict[str, Any]:
-        authorizer.authorize(_bearer(authorization), any_token, "reading a worker")
+    async def get_worker(worker_id: str, request: Request) -> dict[str, Any]:
+        authorizer.authorize(_bearer(request), any_token, "reading a worker")
         return worker_to_json(await service.get(parse_worker_id(worker_id)))
 
     return router
