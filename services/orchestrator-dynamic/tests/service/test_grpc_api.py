@@ -147,3 +147,30 @@ async def test_cancel_over_grpc_and_api_token(flow: Flow) -> None:
     finally:
         await plain.close()
         await authed.close()
+
+
+async def test_a_plan_sent_as_json_with_whole_floats_is_the_grpc_plan(
+    flow: Flow, channel: grpc.aio.Channel
+) -> None:
+    """JSON ``30.0`` first, then the same plan over gRPC (Struct numbers are doubles)."""
+    stub = pb_grpc.OrchestratorServiceStub(channel)
+    as_json = {
+        "plan_id": "float-first",
+        "tasks": [{"task_id": "a", "task_type": "echo", "parameters": {"n": 30.0, "x": 2.5}}],
+    }
+    response = await flow.submit(as_json)
+    assert response.status_code == 202, response.text
+    over_grpc = pb.PlanSpec(
+        plan_id="float-first",
+        tasks=[pb.TaskSpec(task_id="a", task_type="echo", parameters=params(n=30, x=2.5))],
+    )
+    again = await stub.SubmitPlan(pb.SubmitPlanRequest(plan=over_grpc))
+    assert again.created is False
+
+
+async def test_ids_that_cannot_exist_are_not_found(flow: Flow, channel: grpc.aio.Channel) -> None:
+    stub = pb_grpc.OrchestratorServiceStub(channel)
+    with pytest.raises(NotFound):
+        await stub.GetPlan(pb.GetPlanRequest(plan_id="x\x00y"))
+    with pytest.raises(NotFound):
+        await stub.CancelPlan(pb.CancelPlanRequest(plan_id="x\x00y"))

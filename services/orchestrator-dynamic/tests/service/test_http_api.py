@@ -3,6 +3,7 @@ resubmission is idempotent; listing pages; the optional API token."""
 
 from __future__ import annotations
 
+import base64
 import json
 from typing import TYPE_CHECKING, Any
 
@@ -201,3 +202,101 @@ async def test_api_token_when_configured(flow: Flow) -> None:
     )
     assert ok.status_code == 200
     assert (await client.get("/health")).status_code == 200
+
+
+async def test_ids_and_page_tokens_that_cannot_exist(flow: Flow) -> None:
+    """PostgreSQL text cannot hold NUL: such an id is not found (it is not a valid id) and
+    such a token is malformed, not a database error."""
+    await flow.start_orchestrator()
+    client = flow.client()
+    assert (await flow.submit({"plan_id": "real", "tasks": [task("a")]})).status_code == 202
+    for method, path in [
+        ("GET", "/api/v1/plans/x%00y"),
+        ("GET", "/api/v1/plans/x%00y/explain"),
+        ("POST", "/api/v1/plans/x%00y/cancel"),
+        ("GET", "/api/v1/plans/x%00y/tasks/a/explain"),
+        ("GET", "/api/v1/plans/-dash"),
+    ]:
+        response = await client.request(method, path)
+        assert response.status_code == 404, (path, response.text)
+        error = response.json()["error"]
+        assert error["code"] == "NOT_FOUND"
+        assert "not found" in error["message"]
+
+    raw = json.dumps({"c": "2026-12-05T12:04:59+00:00", "p": "x\u0000"}).encode()
+    token = base64.urlsafe_b64encode(raw).decode().rstrip("=")
+    forged = await client.get("/api/v1/plans", params={"page_token": token})
+    assert forged.status_code == 400, forged.text
+    assert violations(forged) == {"page_token": "malformed or foreign page token"}
+    assert [p["plan_id"] for p in (await client.get("/api/v1/plans")).json()["plans"]] == ["real"]
+
+
+async def test_bodies_that_cannot_be_plans_are_refused_with_paths(flow: Flow) -> None:
+    await flow.start_orchestrator()
+    client = flow.client()
+    json_type = {"content-type": "application/json"}
+    plan_text = '{"plan_id": "ok", "tasks": [{"task_id": "a", "task_type": "echo"}]}'
+
+    # Lone surrogates anywhere: 400 with the path (this used to be a 500 while hashing).
+    for body, field in [
+        ('{"name": "a\\ud800b", "tasks": [{"task_id": "a", "task_type": "echo"}]}', "$.name"),
+        (
+            '{"tasks": [{"task_id": "a", "task_type": "echo", "description": "\\udfff"}]}',
+            "$.tasks[0].description",
+        ),
+        (
+            '{"tasks": [{"task_id": "a", "task_type": "echo", "parameters": {"\\ud800": 1}}]}',
+            '$.tasks[0].parameters["\\ud800"]',
+        ),
+        (
+            '{"tasks": [{"task_id": "a", "task_type": "echo", "parameters": {"k": ["\\ud800"]}}]}',
+            "$.tasks[0].parameters.k[0]",
+        ),
+    ]:
+        response = await client.post("/api/v1/plans", content=body.encode(), headers=json_type)
+        assert response.status_code == 400, response.text
+        assert "contains an unpaired surrogate" in violations(response)[field]
+
+    # Duplicate keys: the last one used to win silently.
+    duplicated = await client.post(
+        "/api/v1/plans",
+        content=b'{"plan_id": "d1", "plan_id": "d2", "tasks": [{"task_id": "a", '
+        b'"task_type": "echo"}], "tasks": [{"task_id": "b", "task_type": "echo"}]}',
+        headers=json_type,
+    )
+    assert duplicated.status_code == 400, duplicated.text
+    assert violations(duplicated) == {
+        "$.plan_id": "duplicate key 'plan_id': a key may appear only once in an object",
+        "$.tasks": "duplicate key 'tasks': a key may appear only once in an object",
+    }
+
+    # Anything but JSON: 415, whatever the body.
+    for headers in (
+        {"content-type": "text/plain"},
+        {"content-type": "application/x-www-form-urlencoded"},  # curl -d without -H
+        {},
+    ):
+        refused = await client.post("/api/v1/plans", content=plan_text.encode(), headers=headers)
+        assert refused.status_code == 415, refused.text
+        error = refused.json()["error"]
+        assert error["code"] == "UNSUPPORTED_MEDIA_TYPE"
+        assert "send Content-Type: application/json" in error["message"]
+
+    await assert_nothing_stored(flow)
+    accepted = await client.post(
+        "/api/v1/plans",
+        content=plan_text.encode(),
+        headers={"content-type": "application/json; charset=utf-8"},
+    )
+    assert accepted.status_code == 202, accepted.text
+
+
+async def test_whole_floats_in_parameters_are_the_same_plan(flow: Flow) -> None:
+    await flow.start_orchestrator()
+    as_int = {"plan_id": "floats", "tasks": [task("a") | {"parameters": {"n": 30, "l": [1]}}]}
+    as_float = {"plan_id": "floats", "tasks": [task("a") | {"parameters": {"n": 30.0, "l": [1.0]}}]}
+    first = await flow.submit(as_int)
+    assert first.status_code == 202, first.text
+    again = await flow.submit(as_float)
+    assert again.status_code == 200, again.text
+    assert again.json()["created"] is False

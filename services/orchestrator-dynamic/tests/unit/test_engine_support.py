@@ -3,6 +3,7 @@ dependency health, settings checks, and the HTTP body reader."""
 
 from __future__ import annotations
 
+import gzip
 from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
@@ -379,10 +380,101 @@ def _body_app(limit: int) -> FastAPI:
 async def test_read_json_body(content: bytes, status: int) -> None:
     transport = httpx.ASGITransport(app=_body_app(limit=20_000))
     async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
-        response = await client.post("/echo", content=content)
+        response = await client.post(
+            "/echo", content=content, headers={"content-type": "application/json"}
+        )
     assert response.status_code == status, response.text
     if status != 200:
         error = response.json()["error"]
         assert error["code"] in ("INVALID_ARGUMENT", "RESOURCE_EXHAUSTED")
     else:
         assert response.json() == {"value": {"a": [1, 2]}}
+
+
+@pytest.mark.parametrize(
+    "content_type",
+    [
+        "application/json",
+        "application/json; charset=utf-8",
+        "Application/JSON;charset=UTF-8",
+        "application/merge-patch+json",
+    ],
+)
+async def test_read_json_body_takes_json_media_types(content_type: str) -> None:
+    transport = httpx.ASGITransport(app=_body_app(limit=20_000))
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        response = await client.post(
+            "/echo", content=b'{"a": [1, 2]}', headers={"content-type": content_type}
+        )
+    assert response.status_code == 200, response.text
+
+
+@pytest.mark.parametrize(
+    ("headers", "shown"),
+    [
+        ({"content-type": "text/plain"}, "got 'text/plain'"),
+        ({"content-type": "application/x-www-form-urlencoded"}, "got 'application/x-www"),
+        ({"content-type": "application/jsonx"}, "got 'application/jsonx'"),
+        ({}, "none was sent"),
+    ],
+)
+async def test_read_json_body_refuses_other_media_types_with_415(
+    headers: dict[str, str], shown: str
+) -> None:
+    transport = httpx.ASGITransport(app=_body_app(limit=20_000))
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        response = await client.post("/echo", content=b'{"a": [1, 2]}', headers=headers)
+    assert response.status_code == 415, response.text
+    error = response.json()["error"]
+    assert error["code"] == "UNSUPPORTED_MEDIA_TYPE"
+    assert "send Content-Type: application/json" in error["message"]
+    assert shown in error["message"]
+
+
+async def test_read_json_body_refuses_a_compressed_body_with_415() -> None:
+    transport = httpx.ASGITransport(app=_body_app(limit=20_000))
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        response = await client.post(
+            "/echo",
+            content=gzip.compress(b'{"a": 1}'),
+            headers={"content-type": "application/json", "content-encoding": "gzip"},
+        )
+    assert response.status_code == 415, response.text
+    assert "Content-Encoding 'gzip' is not supported" in response.json()["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    ("content", "field", "description"),
+    [
+        (
+            b'{"tasks": [{"parameters": ' + b'{"n": ' * 5000 + b"1" + b"}" * 5000 + b"}]}",
+            "$",
+            "nests more than 128 levels deep",
+        ),
+        (b"[" * 1_000_000 + b"]" * 1_000_000, "$", "nests more than 128 levels deep"),
+        (
+            b'{"tasks": [{"max_retries": ' + b"9" * 5000 + b"}]}",
+            "$.tasks[0].max_retries",
+            "number too large: an integer of 5000 digits",
+        ),
+        (
+            b'{"plan_id": "a", "tasks": [1], "tasks": [2]}',
+            "$.tasks",
+            "duplicate key 'tasks': a key may appear only once in an object",
+        ),
+    ],
+)
+async def test_read_json_body_explains_unreadable_bodies_without_python_internals(
+    content: bytes, field: str, description: str
+) -> None:
+    transport = httpx.ASGITransport(app=_body_app(limit=10_000_000))
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
+        response = await client.post(
+            "/echo", content=content, headers={"content-type": "application/json"}
+        )
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert error["code"] == "INVALID_ARGUMENT"
+    assert error["details"]["field_violations"] == [{"field": field, "description": description}]
+    for internal in ("recursion", "sys.set_int_max_str_digits", "4300"):
+        assert internal not in response.text

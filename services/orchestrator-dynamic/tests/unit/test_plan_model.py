@@ -7,8 +7,10 @@ from typing import Any
 
 import pytest
 
+from neuralhive.orchestrator.v1 import orchestrator_service_pb2 as orchestrator_pb
 from orchestrator_dynamic.domain.plan import Plan, plan_body_hash
 from orchestrator_dynamic.domain.validation import PlanValidator, ValidPlan
+from orchestrator_dynamic.transport.grpc.servicer import plan_spec_json
 
 
 def parse(raw: Any) -> Plan:
@@ -59,6 +61,19 @@ SAME: list[tuple[str, Any]] = [
             ],
         ),
     ),
+    (
+        "whole numbers written as floats",
+        variant(
+            tasks=[
+                {
+                    "task_id": "build",
+                    "task_type": "shell",
+                    "parameters": {"cmd": "make", "env": {"A": 1.0}},
+                },
+                BASE["tasks"][1],
+            ]
+        ),
+    ),
     ("different plan_id", variant(plan_id="p2")),
     ("no plan_id", {k: v for k, v in BASE.items() if k != "plan_id"}),
 ]
@@ -104,6 +119,23 @@ def test_equivalent_bodies_hash_the_same(body: Any) -> None:
 @pytest.mark.parametrize("body", [b for _, b in DIFFERENT], ids=[n for n, _ in DIFFERENT])
 def test_changed_bodies_hash_differently(body: Any) -> None:
     assert plan_body_hash(parse(body)) != plan_body_hash(parse(BASE))
+
+
+def test_a_plan_hashes_the_same_as_json_and_as_protobuf() -> None:
+    """The gRPC twin's Struct numbers are doubles; JSON may say 30 or 30.0."""
+    spec = orchestrator_pb.PlanSpec(name="release")
+    grpc_task = spec.tasks.add(task_id="build", task_type="shell")
+    grpc_task.parameters.update({"n": 30, "f": 2.5, "l": [1, 2.0]})
+    from_grpc = parse(plan_spec_json(spec))
+    for numbers in ('{"n": 30, "f": 2.5, "l": [1, 2]}', '{"n": 30.0, "f": 2.5, "l": [1.0, 2.0]}'):
+        from_json = parse(
+            json.loads(
+                '{"name": "release", "tasks": [{"task_id": "build", "task_type": "shell", '
+                f'"parameters": {numbers}}}]}}'
+            )
+        )
+        assert plan_body_hash(from_json) == plan_body_hash(from_grpc)
+        assert from_json.tasks[0].parameters == from_grpc.tasks[0].parameters
 
 
 def test_hash_format() -> None:

@@ -249,6 +249,26 @@ ERROR_CASES: list[tuple[str, object, set[tuple[str, IssueCode]]]] = [
             ('$.tasks[0].parameters["k\\u0000"]', E.INVALID_VALUE),
         },
     ),
+    # A JSON "\ud800" escape decodes to a lone surrogate, which has no UTF-8 form.
+    ("lone surrogate in name", plan(task("a"), name="a\ud800b"), {("$.name", E.INVALID_VALUE)}),
+    (
+        "lone surrogate in intent_id",
+        plan(task("a"), intent_id="\udc00"),
+        {("$.intent_id", E.INVALID_VALUE)},
+    ),
+    (
+        "lone surrogate in description",
+        plan(task("a", description="\udfff")),
+        {("$.tasks[0].description", E.INVALID_VALUE)},
+    ),
+    (
+        "lone surrogate in a parameter string and key",
+        plan(task("a", parameters={"x": ["ok", "a\ud800"], "\ud800": 1})),
+        {
+            ("$.tasks[0].parameters.x[1]", E.INVALID_VALUE),
+            ('$.tasks[0].parameters["\\ud800"]', E.INVALID_VALUE),
+        },
+    ),
     # -- ids and dependencies across tasks
     (
         "duplicate task id",
@@ -506,6 +526,37 @@ def test_deeply_nested_parameters_are_reported_not_raised() -> None:
     assert isinstance(result, InvalidPlan)
     assert [i.code for i in result.errors] == [E.LIMIT_EXCEEDED]
     assert result.errors[0].path.startswith("$.tasks[0].parameters.x.x")
+
+
+def test_lone_surrogates_are_reported_with_encodable_paths_and_messages() -> None:
+    raw = json.loads(
+        '{"\\ud800": 1, "name": "a\\ud800", "tasks": [{"task_id": "\\udfff", '
+        '"task_type": "echo", "parameters": {"\\udc00": "\\ud800"}}]}'
+    )
+    result = PlanValidator().validate(raw)
+    assert isinstance(result, InvalidPlan)
+    found = {i.path: i.message for i in result.errors}
+    assert found["$.name"].startswith("contains an unpaired surrogate")
+    assert found['$.tasks[0].parameters["\\udc00"]'].startswith("key: contains an unpaired")
+    assert '$["\\ud800"]' in found  # unknown field, path escaped
+    assert "$.tasks[0].task_id" in found  # not an id
+    # The error answer can be encoded (it used to be a 500 while hashing the plan).
+    json.dumps(result.to_error().to_dict(), ensure_ascii=False).encode("utf-8")
+
+
+def test_whole_number_parameters_are_integers_but_integer_fields_stay_strict() -> None:
+    result = PlanValidator().validate(
+        plan(task("a", parameters={"n": 30.0, "l": [1.0, 2.5, -0.0], "big": 1e300, "x": 1e2}))
+    )
+    assert isinstance(result, ValidPlan)
+    params = result.plan.tasks[0].parameters
+    assert params == {"n": 30, "l": [1, 2.5, 0], "big": 1e300, "x": 100}
+    assert [type(v) for v in (params["n"], params["x"], params["big"])] == [int, int, float]
+    refused = PlanValidator().validate(plan(task("a", timeout_seconds=30.0, max_retries=1.0)))
+    assert issues_of(refused) == {
+        ("$.tasks[0].timeout_seconds", E.WRONG_TYPE),
+        ("$.tasks[0].max_retries", E.WRONG_TYPE),
+    }
 
 
 def test_valid_plan_builds_typed_plan_with_defaults() -> None:

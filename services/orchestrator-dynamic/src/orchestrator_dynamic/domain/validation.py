@@ -39,6 +39,10 @@ CAPABILITY_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/+-]*")
 _MAX_EXACT_INTEGER = 2**53
 # PostgreSQL text and jsonb cannot hold U+0000.
 _NUL_MESSAGE = "must not contain NUL (U+0000) characters"
+# JSON's "\\ud800" escapes decode to lone surrogates, which have no UTF-8 form: such a
+# string could be neither hashed, stored nor answered.
+_SURROGATE = re.compile("[\ud800-\udfff]")
+_SURROGATE_MESSAGE = "contains an unpaired surrogate (a lone \\ud800-\\udfff escape)"
 _PLAIN_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 
 PLAN_FIELDS = frozenset({"plan_id", "intent_id", "name", "priority", "tasks"})
@@ -192,12 +196,37 @@ def _as_doubles(value: object) -> object:
     return value
 
 
+def is_valid_id(value: str) -> bool:
+    """Whether ``value`` has the form of a plan or task id (lengths aside): an id that
+    has not can never be stored, so looking it up is simply "not found"."""
+    return ID_PATTERN.fullmatch(value) is not None
+
+
+def has_surrogate(value: str) -> bool:
+    """Whether ``value`` holds a lone UTF-16 surrogate (it then has no UTF-8 form)."""
+    return _SURROGATE.search(value) is not None
+
+
+def whole_numbers_as_integers(value: JsonValue) -> JsonValue:
+    """``value`` with every whole float within ±2^53 as an integer: parameters are read
+    the same way whether they came as JSON (``30.0``) or as a protobuf Struct (whose
+    numbers are all doubles), so the same plan hashes the same either way."""
+    if isinstance(value, dict):
+        return {k: whole_numbers_as_integers(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [whole_numbers_as_integers(v) for v in value]
+    if isinstance(value, float) and value.is_integer() and abs(value) <= _MAX_EXACT_INTEGER:
+        return int(value)
+    return value
+
+
 def child(path: str, key: str | int) -> str:
     if isinstance(key, int):
         return f"{path}[{key}]"
     if _PLAIN_KEY.fullmatch(key):
         return f"{path}.{key}"
-    return f"{path}[{json.dumps(key, ensure_ascii=False)}]"
+    # A key with a lone surrogate is shown escaped: the path must be encodable as UTF-8.
+    return f"{path}[{json.dumps(key, ensure_ascii=has_surrogate(key))}]"
 
 
 def _shorten(text: str, limit: int = 80) -> str:
@@ -419,6 +448,9 @@ class PlanValidator:
             return None
         if "\x00" in value:
             issues.error(field_path, IssueCode.INVALID_VALUE, _NUL_MESSAGE)
+            return None
+        if has_surrogate(value):
+            issues.error(field_path, IssueCode.INVALID_VALUE, _SURROGATE_MESSAGE)
             return None
         return value
 
@@ -726,12 +758,21 @@ class PlanValidator:
                             child(node_path, key), IssueCode.INVALID_VALUE, "key: " + _NUL_MESSAGE
                         )
                         continue
+                    if has_surrogate(key):
+                        issues.error(
+                            child(node_path, key),
+                            IssueCode.INVALID_VALUE,
+                            "key: " + _SURROGATE_MESSAGE,
+                        )
+                        continue
                     stack.append((item, child(node_path, key), nesting + 1))
             elif isinstance(node, list):
                 for i, item in reversed(list(enumerate(node))):
                     stack.append((item, child(node_path, i), nesting + 1))
             elif isinstance(node, str) and "\x00" in node:
                 issues.error(node_path, IssueCode.INVALID_VALUE, _NUL_MESSAGE)
+            elif isinstance(node, str) and has_surrogate(node):
+                issues.error(node_path, IssueCode.INVALID_VALUE, _SURROGATE_MESSAGE)
             elif isinstance(node, float) and not math.isfinite(node):
                 issues.error(node_path, IssueCode.INVALID_VALUE, f"{node} is not a JSON number")
             elif (
@@ -766,8 +807,10 @@ class PlanValidator:
                 f"is {size} bytes as JSON; the limit is {lim.max_parameters_bytes}",
             )
             return None
-        # A private deep copy: the plan must not change when the caller's input does.
-        copied: dict[str, JsonValue] = json.loads(encoded)
+        # A private deep copy (the plan must not change when the caller's input does), with
+        # whole numbers read as integers, as the gRPC twin reads them.
+        copied = whole_numbers_as_integers(json.loads(encoded))
+        assert isinstance(copied, dict)
         return copied
 
     # -- across tasks ------------------------------------------------------------------

@@ -27,6 +27,7 @@ from orchestrator_dynamic.domain.validation import (
     PlanValidator,
     Severity,
     ValidationIssue,
+    is_valid_id,
 )
 from orchestrator_dynamic.engine.convert import worker_view
 from orchestrator_dynamic.engine.driver import PlanDriver
@@ -202,8 +203,16 @@ class PlanService:
             if len(workers) >= _MAX_WORKERS_READ:
                 return None
 
+    @staticmethod
+    def _lookup(plan_id: str) -> str:
+        """``plan_id`` if it could be a plan's id; ``NotFound`` otherwise, without asking
+        the database (which cannot even compare some strings, e.g. with NUL)."""
+        if not is_valid_id(plan_id):
+            raise NotFound(f"plan {plan_id!r} not found", details={"plan_id": plan_id})
+        return plan_id
+
     async def get(self, plan_id: str) -> StoredPlan:
-        return await self._repo.get(plan_id)
+        return await self._repo.get(self._lookup(plan_id))
 
     async def list_plans(
         self, *, page_size: int, page_token: str | None, statuses: Collection[PlanStatus]
@@ -214,7 +223,7 @@ class PlanService:
 
     async def cancel(self, plan_id: str) -> tuple[StoredPlan, bool]:
         """Mark the plan CANCELLED; its owner cancels every ticket still in flight."""
-        _, changed = await self._repo.request_cancel(plan_id)
+        _, changed = await self._repo.request_cancel(self._lookup(plan_id))
         if changed:
             self._driver.kick(plan_id, cancel_requested=True)
             _log.info("plan cancel requested", plan_id=plan_id)
@@ -222,7 +231,7 @@ class PlanService:
 
     async def explain(self, plan_id: str, task_id: str | None = None) -> list[Explanation]:
         """Why the task's ticket (or every not-running ticket) is where it is."""
-        stored = await self._repo.get(plan_id)
+        stored = await self._repo.get(self._lookup(plan_id))
         graph = PlanGraph(stored.plan)
         if task_id is not None and task_id not in graph.index:
             raise NotFound(

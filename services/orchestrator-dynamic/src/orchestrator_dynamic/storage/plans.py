@@ -43,6 +43,7 @@ from orchestrator_dynamic.domain.records import (
     StoredPlan,
 )
 from orchestrator_dynamic.domain.scheduler import PlanStatus, TicketState, TicketStatus
+from orchestrator_dynamic.domain.validation import is_valid_id
 
 Pool: TypeAlias = DictPool
 Connection: TypeAlias = AsyncConnection[DictRow]
@@ -629,7 +630,9 @@ def _decode_token(token: str) -> tuple[datetime, str]:
         body = json.loads(raw)
         created_at = datetime.fromisoformat(body["c"])
         plan_id = body["p"]
-        if not isinstance(plan_id, str) or created_at.tzinfo is None:
+        # Every plan id has the id form; another string (e.g. with NUL, which PostgreSQL
+        # text cannot hold) was not issued here.
+        if not isinstance(plan_id, str) or not is_valid_id(plan_id) or created_at.tzinfo is None:
             raise ValueError("bad token content")
     except (binascii.Error, ValueError, TypeError, KeyError, UnicodeDecodeError) as exc:
         raise InvalidArgument(

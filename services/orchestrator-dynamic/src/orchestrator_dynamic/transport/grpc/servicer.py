@@ -23,6 +23,7 @@ from neuralhive.orchestrator.v1 import orchestrator_service_pb2_grpc as pb_grpc
 from neuralhive.ticket.v1 import ticket_service_pb2 as ticket_pb
 from orchestrator_dynamic.domain.records import StoredPlan
 from orchestrator_dynamic.domain.scheduler import PlanStatus, TicketStatus
+from orchestrator_dynamic.domain.validation import whole_numbers_as_integers
 from orchestrator_dynamic.engine.plans import PlanService
 
 SERVICE_NAME = "neuralhive.orchestrator.v1.OrchestratorService"
@@ -42,19 +43,6 @@ _TICKET_STATUS = {
     TicketStatus.FAILED: ticket_pb.TICKET_STATUS_FAILED,
     TicketStatus.CANCELLED: ticket_pb.TICKET_STATUS_CANCELLED,
 }
-_MAX_EXACT_INTEGER = 2**53
-
-
-def _integral(value: Any) -> Any:
-    """Struct numbers are doubles: give whole numbers back their integer form, so a plan
-    sent over gRPC hashes like the same plan sent as JSON."""
-    if isinstance(value, dict):
-        return {k: _integral(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_integral(v) for v in value]
-    if isinstance(value, float) and value.is_integer() and abs(value) <= _MAX_EXACT_INTEGER:
-        return int(value)
-    return value
 
 
 def plan_spec_json(spec: pb.PlanSpec) -> dict[str, Any]:
@@ -76,7 +64,11 @@ def plan_spec_json(spec: pb.PlanSpec) -> dict[str, Any]:
         if task.description:
             item["description"] = task.description
         if task.HasField("parameters"):
-            item["parameters"] = _integral(json_format.MessageToDict(task.parameters))
+            # Struct numbers are doubles: whole ones are read back as integers, as the
+            # validator reads JSON parameters, so both APIs hash the same plan the same.
+            item["parameters"] = whole_numbers_as_integers(
+                json_format.MessageToDict(task.parameters)
+            )
         if task.timeout_seconds:
             item["timeout_seconds"] = task.timeout_seconds
         if task.max_retries:

@@ -8,7 +8,6 @@ shape with JSON paths from ``PlanValidator``.
 from __future__ import annotations
 
 import hmac
-import json
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -22,6 +21,7 @@ from hive_common.errors import (
     ResourceExhausted,
     Unauthenticated,
 )
+from orchestrator_dynamic.domain.json_input import decode_json
 from orchestrator_dynamic.domain.records import PlanSummary, StoredPlan
 from orchestrator_dynamic.domain.scheduler import PlanStatus, TicketState, TicketStatus
 from orchestrator_dynamic.engine.plans import PlanService
@@ -33,6 +33,25 @@ class PayloadTooLarge(ResourceExhausted):
     """The request body exceeds the configured limit."""
 
     http_status = 413
+
+
+class UnsupportedMediaType(InvalidArgument):
+    """The request body is not sent as JSON (its ``Content-Type`` says otherwise)."""
+
+    http_status = 415
+
+    @property
+    def code(self) -> str:
+        return "UNSUPPORTED_MEDIA_TYPE"
+
+
+def is_json_media_type(content_type: str | None) -> bool:
+    """``application/json`` or ``application/*+json``, any parameters (``charset``)."""
+    if not content_type:
+        return False
+    media_type = content_type.split(";", 1)[0].strip().lower()
+    kind, _, subtype = media_type.partition("/")
+    return kind == "application" and (subtype == "json" or subtype.endswith("+json"))
 
 
 def _iso(moment: datetime | None) -> str | None:
@@ -78,7 +97,21 @@ def plan_json(stored: StoredPlan) -> dict[str, Any]:
 
 
 async def read_json_body(request: Request, *, limit: int) -> object:
-    """The request body decoded as JSON; 413 beyond ``limit`` bytes, 400 if not JSON."""
+    """The request body decoded as JSON; 415 unless it is sent as JSON, 413 beyond
+    ``limit`` bytes, 400 if not JSON."""
+    content_type = request.headers.get("content-type")
+    if not is_json_media_type(content_type):
+        raise UnsupportedMediaType(
+            "request body must be JSON: send Content-Type: application/json"
+            + (f" (got {content_type!r})" if content_type else " (none was sent)"),
+            details={"content_type": content_type or ""},
+        )
+    encoding = request.headers.get("content-encoding", "identity").strip().lower()
+    if encoding not in ("", "identity"):
+        raise UnsupportedMediaType(
+            f"Content-Encoding {encoding!r} is not supported: send the JSON uncompressed",
+            details={"content_encoding": encoding},
+        )
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(
@@ -107,21 +140,7 @@ async def read_json_body(request: Request, *, limit: int) -> object:
         raise InvalidArgument(
             "request body is empty", violations=[FieldViolation("$", "a plan object is required")]
         )
-
-    def no_constants(name: str) -> object:
-        raise ValueError(f"{name} is not valid JSON")
-
-    try:
-        return json.loads(text, parse_constant=no_constants)
-    except json.JSONDecodeError as exc:
-        raise InvalidArgument(
-            "request body is not valid JSON",
-            violations=[FieldViolation("$", f"{exc.msg} at line {exc.lineno} column {exc.colno}")],
-        ) from exc
-    except (ValueError, RecursionError) as exc:
-        raise InvalidArgument(
-            "request body is not valid JSON", violations=[FieldViolation("$", str(exc))]
-        ) from exc
+    return decode_json(text)
 
 
 def _statuses(values: list[str]) -> list[PlanStatus]:
