@@ -42,15 +42,29 @@ class Credentials:
         return lambda: self.service_token
 
 
+def _checked(token: str, source: str) -> str:
+    """``token`` if it can be sent in an ``Authorization`` header as is."""
+    if not all(33 <= ord(c) <= 126 for c in token):
+        raise CredentialsError(f"{source}: token must be printable ASCII without whitespace")
+    return token
+
+
 def resolve_credentials(
     *, token: str | None, api_token: str | None, env: Mapping[str, str]
 ) -> Credentials:
-    """Tokens from flags, then the environment, then a token signed with the JWT secret."""
-    orchestrator_token = api_token or env.get("HIVE_ORCHESTRATOR_API_TOKEN") or None
+    """Tokens from flags, then the environment, then a token signed with the JWT secret.
+    ``CredentialsError`` for a token that is not printable ASCII without whitespace."""
+    orchestrator_token: str | None = None
+    if api_token:
+        orchestrator_token = _checked(api_token, "--api-token")
+    elif env.get("HIVE_ORCHESTRATOR_API_TOKEN"):
+        orchestrator_token = _checked(
+            env["HIVE_ORCHESTRATOR_API_TOKEN"], "HIVE_ORCHESTRATOR_API_TOKEN"
+        )
     if token:
-        return Credentials(orchestrator_token, token, "flag")
+        return Credentials(orchestrator_token, _checked(token, "--token"), "flag")
     if env.get("HIVE_TOKEN"):
-        return Credentials(orchestrator_token, env["HIVE_TOKEN"], "env")
+        return Credentials(orchestrator_token, _checked(env["HIVE_TOKEN"], "HIVE_TOKEN"), "env")
     secret = env.get("HIVE_JWT_SECRET") or ""
     source = "secret" if secret else "dev"
     issuer_name = env.get("HIVE_JWT_ISSUER") or DEFAULT_ISSUER

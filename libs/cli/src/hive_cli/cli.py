@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -47,6 +48,11 @@ URL_ENV = {
     "tickets": "HIVE_TICKETS_URL",
     "registry": "HIVE_REGISTRY_URL",
 }
+# The orchestrator's id form (plan and task ids): anything else names no plan, and
+# characters such as '/' or '..' would not even reach the plan's URL.
+ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]*")
+# Integer literals longer than this cannot be read (Python's default limit).
+MAX_INTEGER_DIGITS = 4300
 DEFAULT_REQUEST_TIMEOUT = 10.0
 DEFAULT_WATCH_INTERVAL = 1.0
 
@@ -149,6 +155,24 @@ def _page_size(text: str) -> int:
     return value
 
 
+def _id_argument(what: str) -> Callable[[str], str]:
+    def parse(text: str) -> str:
+        if not text:
+            raise argparse.ArgumentTypeError(f"{what} must not be empty")
+        if not ID_PATTERN.fullmatch(text):
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not a valid {what}: use letters, digits and . _ : -, "
+                "starting with a letter or digit"
+            )
+        return text
+
+    return parse
+
+
+_plan_id = _id_argument("plan id")
+_task_id = _id_argument("task id")
+
+
 def _paging_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=_page_size, default=0, help="page size (server default)")
     parser.add_argument("--page-token", default="", help="continue from a previous page")
@@ -221,10 +245,10 @@ def build_parser(*, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> HiveA
     _watch_options(submit)
 
     status = leaf(plan_cmds, "status", "a plan's status and its tickets")
-    status.add_argument("plan_id")
+    status.add_argument("plan_id", type=_plan_id)
 
     watch = leaf(plan_cmds, "watch", "follow a submitted plan until it finishes")
-    watch.add_argument("plan_id")
+    watch.add_argument("plan_id", type=_plan_id)
     _watch_options(watch)
 
     listing = leaf(plan_cmds, "list", "plans, newest first")
@@ -234,13 +258,13 @@ def build_parser(*, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> HiveA
     _paging_options(listing)
 
     cancel = leaf(plan_cmds, "cancel", "cancel a plan and every ticket in flight")
-    cancel.add_argument("plan_id")
+    cancel.add_argument("plan_id", type=_plan_id)
 
     explain = leaf(
         plan_cmds, "explain", "why tasks are not running (or why one task is where it is)"
     )
-    explain.add_argument("plan_id")
-    explain.add_argument("task_id", nargs="?", help="one task only")
+    explain.add_argument("plan_id", type=_plan_id)
+    explain.add_argument("task_id", nargs="?", type=_task_id, help="one task only")
     explain.add_argument("--all", action="store_true", help="every task, running and finished too")
 
     tickets = bind(groups.add_parser("tickets", help="execution tickets (ticket service)"))
@@ -283,6 +307,12 @@ def resolve_settings(args: argparse.Namespace, env: Mapping[str, str]) -> Settin
         url = getattr(args, service, None) or env.get(URL_ENV[service]) or default
         if not url.startswith(("http://", "https://")):
             raise UsageError(f"--{service} must be an http:// or https:// URL, not {url!r}")
+        try:
+            host = httpx.URL(url).host
+        except httpx.InvalidURL as exc:
+            raise UsageError(f"--{service}: invalid URL {url!r}: {exc}") from exc
+        if not host:
+            raise UsageError(f"--{service}: invalid URL {url!r}: no host")
         urls[service] = url
     output = getattr(args, "output", None) or env.get("HIVE_OUTPUT") or "table"
     if output not in ("table", "json"):
@@ -336,14 +366,27 @@ def read_plan(path: str, stdin: IO[bytes] | None) -> bytes:
         raise UsageError(f"cannot read plan file {name}: {exc.strerror or exc}") from exc
     try:
         # The orchestrator reads UTF-8 only; json.loads(bytes) would also guess UTF-16/32.
-        json.loads(raw.decode("utf-8"))
+        # What else the orchestrator refuses (duplicate keys, lone surrogates ...) it
+        # reports with its path.
+        json.loads(raw.decode("utf-8"), parse_int=_bounded_int)
     except UnicodeDecodeError as exc:
         raise UsageError(f"{name} is not UTF-8 text: {exc.reason}") from exc
     except json.JSONDecodeError as exc:
         raise UsageError(
             f"{name} is not valid JSON: {exc.msg} at line {exc.lineno} column {exc.colno}"
         ) from exc
+    except ValueError as exc:  # from _bounded_int
+        raise UsageError(f"{name} is not valid JSON: {exc}") from exc
+    except RecursionError as exc:
+        raise UsageError(f"{name} nests too deeply to be a plan") from exc
     return raw
+
+
+def _bounded_int(text: str) -> int:
+    digits = len(text.lstrip("-"))
+    if digits > MAX_INTEGER_DIGITS:
+        raise ValueError(f"number too large: an integer of {digits} digits")
+    return int(text)
 
 
 class Command:

@@ -22,7 +22,7 @@ class ExitCode(IntEnum):
 
 def exit_code_for_status(status: int) -> ExitCode:
     """The exit code for an HTTP error status of one of the services."""
-    if status in (400, 413, 422):
+    if status in (400, 413, 415, 422):
         return ExitCode.USAGE
     if status == 404:
         return ExitCode.NOT_FOUND

@@ -76,3 +76,25 @@ def test_each_service_gets_its_own_credential() -> None:
     assert "authorization" not in services.requests[0].headers
     services.run("plan", "list", "--api-token", "flag-token", env=env)
     assert services.requests[-1].headers["authorization"] == "Bearer flag-token"
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "source"),
+    [
+        (["--api-token", "tökén", "plan", "list"], {}, "--api-token"),
+        (["plan", "list"], {"HIVE_ORCHESTRATOR_API_TOKEN": "a b"}, "HIVE_ORCHESTRATOR_API_TOKEN"),
+        (["workers", "list"], {"HIVE_TOKEN": "tökén"}, "HIVE_TOKEN"),
+        (["workers", "list"], {"HIVE_TOKEN": "a\nb"}, "HIVE_TOKEN"),
+        (["--token", "x\ny", "workers", "list"], {}, "--token"),
+    ],
+)
+def test_a_token_that_cannot_be_sent_is_a_usage_error(
+    argv: list[str], env: dict[str, str], source: str
+) -> None:
+    services = FakeServices()
+    run = services.run(*argv, env=env)
+    assert run.code == ExitCode.USAGE, run.err
+    assert f"{source}: token must be printable ASCII without whitespace" in run.err
+    assert "internal error" not in run.err
+    assert "unreachable" not in run.err
+    assert services.requests == []

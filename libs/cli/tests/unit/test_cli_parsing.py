@@ -102,6 +102,39 @@ def test_bad_url_and_bad_env_output_are_usage_errors() -> None:
     assert services.requests == []
 
 
+@pytest.mark.parametrize("url", ["http://[::1", "http://", "https://host:port"])
+def test_an_unparsable_url_is_a_usage_error(url: str) -> None:
+    services = FakeServices()
+    run = services.run("--orchestrator", url, "plan", "list")
+    assert run.code == ExitCode.USAGE, run.err
+    assert f"--orchestrator: invalid URL {url!r}" in run.err
+    assert "internal error" not in run.err
+    assert services.requests == []
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["plan", "status", ""], "plan id must not be empty"),
+        (["plan", "watch", ""], "plan id must not be empty"),
+        (["plan", "explain", ""], "plan id must not be empty"),
+        (["plan", "cancel", ""], "plan id must not be empty"),
+        (["plan", "status", ".."], "'..' is not a valid plan id"),
+        (["plan", "cancel", "a/b"], "'a/b' is not a valid plan id"),
+        (["plan", "explain", "p1", "a/b"], "'a/b' is not a valid task id"),
+        (["plan", "explain", "p1", ""], "task id must not be empty"),
+    ],
+)
+def test_ids_that_cannot_be_plan_ids_are_refused_before_any_request(
+    argv: list[str], message: str
+) -> None:
+    services = FakeServices()
+    run = services.run(*argv)
+    assert run.code == ExitCode.USAGE, run.err
+    assert message in run.err
+    assert services.requests == []
+
+
 def test_help_lists_exit_codes_on_stdout_and_exits_0() -> None:
     run = FakeServices().run("--help")
     assert run.code == 0

@@ -18,6 +18,7 @@ from .conftest import FakeServices, error_body
     [
         (400, ExitCode.USAGE),
         (413, ExitCode.USAGE),
+        (415, ExitCode.USAGE),
         (422, ExitCode.USAGE),
         (404, ExitCode.NOT_FOUND),
         (409, ExitCode.CONFLICT),
@@ -183,6 +184,8 @@ def test_json_mode_errors_are_json_on_stderr_and_stdout_stays_empty() -> None:
     [
         (b'{"tasks": [', "is not valid JSON: Expecting value at line 1 column 12"),
         (b"\xff\xfe{}", "is not UTF-8 text"),
+        (b'{"n": ' + b"9" * 5000 + b"}", "number too large: an integer of 5000 digits"),
+        (b"[" * 100_000 + b"]" * 100_000, "nests too deeply"),
     ],
 )
 def test_plan_file_that_is_not_json_is_rejected_locally(
