@@ -127,6 +127,12 @@ class Internal(HiveError):
     http_status = 500
 
 
+class UndecodableResponse(Internal):
+    """A client could not decode a response (or a stream message), e.g. one nested deeper
+    than protobuf's decoding limit. Not transient: the same call would get the same
+    bytes; a stream that resumes from the same position meets the same message again."""
+
+
 ERRORS_BY_CODE: dict[str, type[HiveError]] = {
     cls.grpc_code: cls
     for cls in (

@@ -13,6 +13,13 @@
   own interceptors (auth ...), so a ``HiveError`` raised by an auth interceptor's wrapped
   handler is mapped too.
 
+A request message the server cannot decode (e.g. nested deeper than protobuf's limit of
+100 levels) is answered INVALID_ARGUMENT ("the request could not be decoded: ...") and
+logged by the canonical line like any other bad input; no inner interceptor (auth
+included) or servicer sees it. grpc decodes a request before any interceptor code runs,
+so :class:`ServerCallInterceptor` gives grpc a request deserializer that returns an
+:class:`UndecodableRequest` instead of raising, and refuses that on entry.
+
 Interceptors wrap unary and streaming handlers alike; a stream is measured and logged when
 it ends. Servicers are plain ``async def`` methods (or async generators for streams).
 """
@@ -28,11 +35,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from hive_common import grpc_errors
-from hive_common.errors import HiveError
+from hive_common.errors import HiveError, InvalidArgument
 from hive_common.grpc_client import SERVER_KEEPALIVE_OPTIONS
 from hive_common.logging import (
     bind_request_context,
@@ -57,6 +65,32 @@ _SERVER_FAULT_CODES = frozenset({"INTERNAL", "UNKNOWN", "DATA_LOSS", "UNIMPLEMEN
 _TRANSIENT_CODES = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED"})
 
 Behaviour = Callable[..., Any]
+Deserializer = Callable[[bytes], Any]
+
+UNDECODABLE_REQUEST_MESSAGE = "the request could not be decoded"
+"""Start of the INVALID_ARGUMENT message answering a request the server cannot decode."""
+
+
+@dataclass(frozen=True, slots=True)
+class UndecodableRequest:
+    """Stands for a request message that could not be decoded (what the tolerant
+    deserializer of :class:`ServerCallInterceptor` returns instead of raising)."""
+
+    error: str
+    """The decoder's own text (e.g. ``Error parsing message ...: Exceeded
+    upb_DecodeOptions_MaxDepth``)."""
+
+
+def tolerant_deserializer(deserializer: Deserializer) -> Deserializer:
+    """``deserializer``, except that a ``DecodeError`` gives an :class:`UndecodableRequest`."""
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return deserializer(data)
+        except DecodeError as exc:
+            return UndecodableRequest(str(exc))
+
+    return deserialize
 
 
 @dataclass(frozen=True, slots=True)
@@ -105,6 +139,8 @@ async def _iterate(result: Any) -> AsyncIterator[Any]:
 def wrap_handler(
     handler: grpc.RpcMethodHandler[Any, Any],
     around: Callable[[Any, Any], AbstractAsyncContextManager[None]],
+    *,
+    request_deserializer: Deserializer | None = None,
 ) -> grpc.RpcMethodHandler[Any, Any]:
     """A copy of ``handler`` whose behaviour runs inside ``around(context, request)``
     (``request`` is None for client-streaming RPCs, whose requests arrive later).
@@ -112,11 +148,12 @@ def wrap_handler(
     Exceptions from the behaviour propagate through the context manager, which may
     translate them. Streaming behaviours keep their flavour: an async generator stays an
     async generator; a coroutine using ``context.write`` stays a coroutine.
+    ``request_deserializer`` replaces the handler's own when given.
     """
     rpc_type = _rpc_type(handler)
     inner = _behaviour(handler, rpc_type)
     serializers: dict[str, Any] = {
-        "request_deserializer": handler.request_deserializer,
+        "request_deserializer": request_deserializer or handler.request_deserializer,
         "response_serializer": handler.response_serializer,
     }
 
@@ -168,6 +205,10 @@ class HandlerWrappingInterceptor(grpc.aio.ServerInterceptor):
         the RPC's request message (None for client-streaming RPCs)."""
         raise NotImplementedError
 
+    def request_deserializer(self, handler: grpc.RpcMethodHandler[Any, Any]) -> Deserializer | None:
+        """The request deserializer of the wrapped handler (None: the handler's own)."""
+        return None
+
     async def intercept_service(
         self,
         continuation: Callable[
@@ -189,7 +230,9 @@ class HandlerWrappingInterceptor(grpc.aio.ServerInterceptor):
         def around(context: Any, request: Any) -> AbstractAsyncContextManager[None]:
             return self.around(call, context, request)
 
-        return wrap_handler(handler, around)
+        return wrap_handler(
+            handler, around, request_deserializer=self.request_deserializer(handler)
+        )
 
 
 def status_code_name(context: Any, exc: BaseException | None) -> str:
@@ -237,6 +280,13 @@ class ServerCallInterceptor(HandlerWrappingInterceptor):
       through; anything else -> INTERNAL with a generic message, the exception and its
       stack logged here, never sent to the client.
 
+    It also refuses, with INVALID_ARGUMENT, a request that could not be decoded, before
+    any inner interceptor or the servicer runs: as the outermost interceptor its handler's
+    request deserializer is the one grpc uses, and that one (:func:`tolerant_deserializer`)
+    returns an :class:`UndecodableRequest` instead of raising (grpc would otherwise answer
+    UNKNOWN and log the ``DecodeError`` as raised by the servicer). Client-streaming
+    handlers keep their own deserializer (no contract has one).
+
     One layer rather than three: each interceptor layer costs every RPC a continuation,
     a handler copy and a context manager.
     """
@@ -252,13 +302,19 @@ class ServerCallInterceptor(HandlerWrappingInterceptor):
         self._logger = logger if logger is not None else get_logger("hive.grpc")
         self._quiet = tuple(quiet_method_prefixes)
 
+    def request_deserializer(self, handler: grpc.RpcMethodHandler[Any, Any]) -> Deserializer | None:
+        deserializer = handler.request_deserializer
+        if deserializer is None or handler.request_streaming:
+            return None
+        return tolerant_deserializer(deserializer)
+
     def around(
         self, call: RpcCall, context: Any, request: Any
     ) -> AbstractAsyncContextManager[None]:
-        return self._observe(call, context)
+        return self._observe(call, context, request)
 
     @asynccontextmanager
-    async def _observe(self, call: RpcCall, context: Any) -> AsyncIterator[None]:
+    async def _observe(self, call: RpcCall, context: Any, request: Any) -> AsyncIterator[None]:
         clear_request_context()
         bind_request_context(
             request_id=call.metadata_value(REQUEST_ID_METADATA_KEY) or new_request_id()
@@ -272,6 +328,9 @@ class ServerCallInterceptor(HandlerWrappingInterceptor):
         failure: BaseException | None = None
         try:
             try:
+                if type(request) is UndecodableRequest:
+                    # Raised on entry: the servicer and inner interceptors never run.
+                    raise InvalidArgument(f"{UNDECODABLE_REQUEST_MESSAGE}: {request.error}")
                 yield
             except grpc.aio.AbortError:
                 raise
@@ -506,13 +565,16 @@ __all__ = [
     "INTERNAL_ERROR_MESSAGE",
     "QUIET_METHOD_PREFIXES",
     "REQUEST_ID_METADATA_KEY",
+    "UNDECODABLE_REQUEST_MESSAGE",
     "DrainingHealthServicer",
     "GrpcService",
     "HandlerWrappingInterceptor",
     "HiveGrpcServer",
     "RpcCall",
     "ServerCallInterceptor",
+    "UndecodableRequest",
     "build_grpc_server",
     "status_code_name",
+    "tolerant_deserializer",
     "wrap_handler",
 ]

@@ -1,5 +1,11 @@
 """Machinery shared by the typed clients: unary calls under a retry policy with an
-overall deadline, and server streams that reconnect after transient failures."""
+overall deadline, and server streams that reconnect after transient failures.
+
+A response the client cannot decode (e.g. nested deeper than protobuf's limit of 100
+levels) is raised as :class:`~hive_common.errors.UndecodableResponse` (INTERNAL, not
+retried), from a unary call and from a stream's iteration alike. grpc itself only logs
+"Exception deserializing message!" (with the decoder's text) and hands over ``None``.
+"""
 
 from __future__ import annotations
 
@@ -12,7 +18,7 @@ from typing import Any, Generic, Self, TypeVar
 
 import grpc
 
-from hive_common.errors import DeadlineExceeded, HiveError
+from hive_common.errors import DeadlineExceeded, HiveError, UndecodableResponse
 from hive_common.grpc_client import TokenProvider, create_channel
 from hive_common.logging import get_logger
 from hive_common.retry import call_with_policy, is_retryable, retry_policy
@@ -82,6 +88,28 @@ RECONNECT_CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
 to 120 s, which would keep a client away from a service long after it came back."""
 
 
+def _method_name(method: object) -> str:
+    # Best effort, for messages only: grpc's multi-callables keep their path privately.
+    name = getattr(method, "_method", None)
+    if isinstance(name, bytes):
+        return name.decode("utf-8", "replace")
+    return name if isinstance(name, str) else "unknown"
+
+
+def _undecodable_response(method: object, *, stream: str | None = None) -> UndecodableResponse:
+    """The error for a message of ``method`` that grpc could not decode (it gave ``None``)."""
+    name = _method_name(method)
+    what = "a message of the stream" if stream else "the response of"
+    details = {"method": name}
+    if stream:
+        details["stream"] = stream
+    return UndecodableResponse(
+        f"{what} {name} could not be decoded (see grpc's 'Exception deserializing "
+        "message!' log line for why, e.g. nested deeper than protobuf's limit)",
+        details=details,
+    )
+
+
 def bearer_metadata(token: str | None) -> Metadata | None:
     """``authorization: Bearer <token>`` metadata overriding the channel's token provider."""
     return (("authorization", f"Bearer {token}"),) if token else None
@@ -108,7 +136,8 @@ class UnaryInvoker:
 
         ``attempt_timeout`` / ``deadline`` override the policy's per-attempt and overall
         bounds.
-        Errors arrive as :class:`~hive_common.errors.HiveError` (the channel translates).
+        Errors arrive as :class:`~hive_common.errors.HiveError` (the channel translates);
+        a response that cannot be decoded as :class:`~hive_common.errors.UndecodableResponse`.
         """
         loop = asyncio.get_running_loop()
         per_attempt = self.policy.timeout_seconds if attempt_timeout is None else attempt_timeout
@@ -122,9 +151,11 @@ class UnaryInvoker:
                     f"no time left within the call's {overall:g}s deadline",
                     details={"deadline_seconds": overall},
                 )
-            response: ResponseT = await method(
+            response: ResponseT | None = await method(
                 request, timeout=min(per_attempt, remaining), metadata=metadata
             )
+            if response is None:  # grpc's answer to bytes it could not decode
+                raise _undecodable_response(method)
             return response
 
         if not idempotent:
@@ -162,7 +193,11 @@ class ReconnectingStream(Generic[ResponseT, ItemT]):
     Subclasses say which request to (re)open with and what to yield per response (and
     remember their resume position there). UNAVAILABLE, DEADLINE_EXCEEDED and a stream
     the server ends on its own (e.g. at shutdown) cause a reconnect; any other error is
-    raised from the iteration. Close with :meth:`aclose` (or ``async with``).
+    raised from the iteration, including
+    :class:`~hive_common.errors.UndecodableResponse` for a message that cannot be decoded
+    (the call is dropped; iterating again reopens the stream from the same position, where
+    the same message may wait: the consumer decides). Close with :meth:`aclose` (or
+    ``async with``).
     """
 
     def __init__(
@@ -242,6 +277,9 @@ class ReconnectingStream(Generic[ResponseT, ItemT]):
                 if self._closed and (task is None or task.cancelling() == 0):
                     raise StopAsyncIteration from None
                 raise
+            if response is None:  # grpc's answer to a message it could not decode
+                self._drop()
+                raise _undecodable_response(self._method, stream=type(self).__name__)
             self._failures = 0
             self._outage_started = None
             self._pending.extend(self._accept(response))
