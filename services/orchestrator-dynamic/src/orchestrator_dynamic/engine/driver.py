@@ -49,6 +49,7 @@ from hive_common.errors import (
     InvalidArgument,
     NotFound,
     Unavailable,
+    UndecodableResponse,
 )
 from hive_common.logging import get_logger
 from neuralhive.registry.v1 import registry_service_pb2 as registry_pb
@@ -363,7 +364,8 @@ class PlanDriver:
 
         The first stream starts at "now"; a rebuilt one resumes from the previous one's
         cursor (the client itself reconnects after transient failures), so only a cursor
-        the service refuses starts a new one from "now". A plan's past is read with
+        the service refuses, or a message this client cannot decode (resuming would meet
+        it again), starts a new one from "now". A plan's past is read with
         ListTickets when it is taken up and at every resync; a resync done before the
         watch was positioned is done again once it is (:meth:`_watch_became_positioned`),
         so every change is either in a listing or on the stream.
@@ -385,6 +387,18 @@ class PlanDriver:
                             plan.inbox.append(event)
                             self._wake.set()
                 cursor = watch.cursor
+            except UndecodableResponse as exc:
+                # E.g. a ticket nested deeper than protobuf decodes: resuming from this
+                # cursor would meet it again, forever. Skip it like a refused cursor (its
+                # plan, if ours, is re-read with every other once the new watch is
+                # positioned), and say so on /ready until the ticket service answers again.
+                self._health.failed(TICKET_SERVICE, str(exc))
+                _log.error(
+                    "ticket watch got a message it cannot decode; starting afresh from now",
+                    cursor=watch.cursor,
+                    error=str(exc),
+                )
+                cursor = ""
             except InvalidArgument as exc:
                 # A cursor the service no longer accepts: start afresh from "now"; once
                 # that watch is positioned every plan is re-read (whatever happened in
