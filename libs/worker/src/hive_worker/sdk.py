@@ -13,9 +13,12 @@ made at the same time (:mod:`hive_worker.reports`); each is answered on its own.
 Outages delay work and lose nothing: the ticket watch resumes from its last cursor (and
 starts with a snapshot, so assignments made while the worker was away are picked up),
 every call is retried on UNAVAILABLE, and a result is reported until the ticket service
-gives a definite answer. When a ticket moves on without this worker (cancelled,
-re-queued after a lease expiry, assigned elsewhere), its handler is cancelled and
-nothing is reported.
+gives a definite answer. A watch message the worker cannot decode (e.g. a ticket nested
+deeper than protobuf's limit) is logged and skipped: the watch starts again from "now",
+without a snapshot (which could hold the same ticket); an assignment in the skipped
+stretch is only delayed, re-queued by the ticket service when its lease expires.
+When a ticket moves on without this worker (cancelled, re-queued after a lease expiry,
+assigned elsewhere), its handler is cancelled and nothing is reported.
 
 Draining (SIGTERM, :meth:`Worker.drain`): heartbeat ``draining=true``, take no new work,
 let running tasks finish within ``drain_grace_seconds`` (then cancel them and report
@@ -54,6 +57,7 @@ from hive_common.errors import (
     NotFound,
     PermissionDenied,
     Unauthenticated,
+    UndecodableResponse,
 )
 from hive_common.logging import get_logger
 from hive_common.retry import is_retryable
@@ -551,6 +555,7 @@ class Worker:
 
     async def _watch_loop(self) -> None:
         failures = 0
+        from_now = False  # after an undecodable message: no cursor, no snapshot
         while not self._draining:
             worker_id = self._worker_id
             assert worker_id is not None
@@ -562,15 +567,30 @@ class Worker:
             watch = self._ticket_client.watch_tickets(
                 worker_id=worker_id,
                 cursor=cursor,
-                include_snapshot=not cursor,
+                include_snapshot=not cursor and not from_now,
                 include_ticket_tokens=True,
                 exclude_own_changes=True,
             )
+            from_now = False
             try:
                 async for event in watch:
                     failures = 0
                     self._watch_cursor = (worker_id, watch.cursor)
                     self._on_event(event)
+            except UndecodableResponse as exc:
+                # Resuming from this cursor (or a snapshot) would meet the same message
+                # again: skip it by starting from "now". Back off only if that repeats
+                # with nothing delivered in between.
+                failures += 1
+                self._log.error(
+                    "ticket watch got a message it cannot decode; skipping it",
+                    cursor=watch.cursor,
+                    error=str(exc),
+                )
+                self._watch_cursor = (worker_id, "")
+                from_now = True
+                if failures > 1:
+                    await self._pause(failures)
             except HiveError as exc:
                 # Transient failures are handled inside the watch; this is a refusal.
                 failures += 1
