@@ -19,7 +19,7 @@ from hive_common.errors import HiveError
 from hive_common.heap import freeze_heap
 from hive_common.logging import configure_logging, get_logger
 from hive_worker.config import WorkerSettings
-from hive_worker.sdk import Worker
+from hive_worker.sdk import Worker, describe_error
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -100,7 +100,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         asyncio.run(_serve(settings))
     except HiveError as exc:
-        log.error("worker stopped", error=repr(exc))
+        log.error("worker stopped", error=describe_error(exc))
         return 1
     return 0
 

@@ -80,7 +80,11 @@ class WorkerSettings(BaseSettings):
 
     # Liveness and shutdown.
     heartbeat_interval_seconds: float | None = Field(
-        default=None, gt=0, description="None: use the interval the registry asks for."
+        default=None,
+        gt=0,
+        description="None: use the interval the registry asks for. A longer one than the "
+        "registry's is not used (the registry's is, with a warning): missing heartbeats "
+        "makes the registry mark the worker UNHEALTHY, then remove it.",
     )
     drain_grace_seconds: float = Field(default=30.0, ge=0)
     call_timeout_seconds: float = Field(default=10.0, gt=0)
@@ -119,6 +123,19 @@ class WorkerSettings(BaseSettings):
         if any(not item for item in cleaned):
             raise ValueError("entries must not be empty")
         return list(dict.fromkeys(cleaned))
+
+    @field_validator("capabilities")
+    @classmethod
+    def _at_least_one_capability(cls, value: list[str]) -> list[str]:
+        # The registry refuses to register a worker without any (nothing could be
+        # assigned to it): say so here, before any call, naming the setting.
+        if not value:
+            raise ValueError(
+                "at least one capability is required (the registry refuses a worker "
+                "without any): set --capabilities or HIVE_WORKER_CAPABILITIES, "
+                "e.g. python,shell"
+            )
+        return value
 
     @field_validator("log_level", mode="before")
     @classmethod

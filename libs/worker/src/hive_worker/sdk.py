@@ -81,6 +81,32 @@ _SHUTDOWN_REPORT_SECONDS = 10.0
 _DEREGISTER_SECONDS = 5.0
 
 
+def describe_error(exc: BaseException) -> str:
+    """``exc`` for a log line: type, message and every field violation it carries.
+
+    ``repr`` of a :class:`HiveError` is only its message; a refusal such as Register's
+    INVALID_ARGUMENT says which setting is wrong only in its violations.
+    """
+    if not isinstance(exc, HiveError):
+        return repr(exc)
+    text = f"{type(exc).__name__}: {exc.message}"
+    if exc.violations:
+        text += " (" + "; ".join(f"{v.field}: {v.description}" for v in exc.violations) + ")"
+    return text
+
+
+def _refusal_hint(exc: HiveError) -> dict[str, str]:
+    """What to check when the registry refuses Register (only when there is a clue)."""
+    if isinstance(exc, Unauthenticated | PermissionDenied):
+        return {
+            "hint": "check HIVE_WORKER_REGISTRATION_SECRET and the registry's "
+            "registration secret / JWT secret"
+        }
+    if isinstance(exc, InvalidArgument):
+        return {"hint": "fix the settings the error names (name, namespace, capabilities ...)"}
+    return {}
+
+
 class Phase(enum.Enum):
     """Where one accepted assignment is."""
 
@@ -240,6 +266,7 @@ class Worker:
         self._worker_token: str | None = None
         self._token_expires_at: datetime | None = None
         self._server_interval: float = 5.0
+        self._warned_interval: float | None = None  # the registry interval warned about
         self._runs: dict[tuple[str, int], _Run] = {}
         self._finished: OrderedDict[tuple[str, int], None] = OrderedDict()
         self._slots = asyncio.Semaphore(settings.max_concurrent)
@@ -340,6 +367,7 @@ class Worker:
                 capabilities=list(self.settings.capabilities),
                 task_types=self.tasks.task_types(),
                 max_concurrent=self.settings.max_concurrent,
+                heartbeat_interval_seconds=self._interval,
             )
             heartbeat = asyncio.create_task(self._heartbeat_loop(), name="hive-worker-heartbeat")
             self._start_watch()
@@ -458,8 +486,7 @@ class Worker:
             if response.HasField("token_expires_at")
             else None
         )
-        if response.heartbeat_interval_seconds > 0:
-            self._server_interval = float(response.heartbeat_interval_seconds)
+        self._use_server_interval(response.heartbeat_interval_seconds)
         self._heartbeat_wake.set()  # re-registration reset in_flight at the registry
         if previous is not None and previous != self._worker_id:
             self._log = self._log.bind(worker_id=self._worker_id)
@@ -479,10 +506,7 @@ class Worker:
             except HiveError as exc:
                 if not is_retryable(exc):
                     self._log.error(
-                        "registration refused",
-                        error=repr(exc),
-                        hint="check HIVE_WORKER_REGISTRATION_SECRET and the registry's "
-                        "registration secret / JWT secret",
+                        "registration refused", error=describe_error(exc), **_refusal_hint(exc)
                     )
                     raise
                 failures += 1
@@ -498,7 +522,31 @@ class Worker:
 
     @property
     def _interval(self) -> float:
-        return self.settings.heartbeat_interval_seconds or self._server_interval
+        # The registry's interval caps the configured one: beating less often than it
+        # asks makes the registry mark the worker UNHEALTHY (after a few missed beats,
+        # 15 s by default) and remove it later, so it flaps in and out of discovery.
+        configured = self.settings.heartbeat_interval_seconds
+        if configured is None:
+            return self._server_interval
+        return min(configured, self._server_interval)
+
+    def _use_server_interval(self, seconds: int) -> None:
+        """Adopt the registry's interval; warn (once per value) when it caps the setting."""
+        if seconds <= 0:
+            return
+        self._server_interval = float(seconds)
+        configured = self.settings.heartbeat_interval_seconds
+        if configured is None or configured <= seconds or self._warned_interval == seconds:
+            return
+        self._warned_interval = float(seconds)
+        self._log.warning(
+            "heartbeat interval longer than the registry asks for; using the registry's",
+            configured_seconds=configured,
+            registry_seconds=seconds,
+            hint=f"set HIVE_WORKER_HEARTBEAT_INTERVAL_SECONDS (--heartbeat-interval) to at "
+            f"most {seconds} or leave it unset: the registry marks a worker that misses "
+            "heartbeats UNHEALTHY, then removes it",
+        )
 
     async def _heartbeat_loop(self) -> None:
         while True:
@@ -523,8 +571,7 @@ class Worker:
                 failed_total=self.failed_total,
                 draining=self._draining,
             )
-            if response.heartbeat_interval_seconds > 0:
-                self._server_interval = float(response.heartbeat_interval_seconds)
+            self._use_server_interval(response.heartbeat_interval_seconds)
         except (NotFound, Unauthenticated) as exc:
             if self._draining:
                 self._log.info("registry no longer knows this worker while draining")

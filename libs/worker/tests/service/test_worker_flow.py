@@ -7,6 +7,7 @@ the worker, then watches what the worker made of them.
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import signal
 import sys
@@ -423,7 +424,9 @@ async def test_an_attempt_left_running_by_a_dead_process_is_failed_on_restart(
     assert requeued.error_message == "the worker restarted while this attempt was running"
 
 
-async def _hive_worker_process(registry: Any, tickets: Any, secret: str, name: str) -> Any:
+async def _hive_worker_process(
+    registry: Any, tickets: Any, secret: str, name: str, capabilities: str = "python,shell"
+) -> Any:
     env = {
         **os.environ,
         "HIVE_WORKER_REGISTRATION_SECRET": secret,
@@ -440,7 +443,7 @@ async def _hive_worker_process(registry: Any, tickets: Any, secret: str, name: s
         "--name",
         name,
         "--capabilities",
-        "python,shell",
+        capabilities,
         "--drain-grace",
         "5",
         env=env,
@@ -483,6 +486,28 @@ async def test_the_command_exits_1_when_registration_is_refused(
     output, _ = await asyncio.wait_for(process.communicate(), WAIT_SECONDS)
     assert process.returncode == 1
     assert b"registration refused" in output
+    assert b"HIVE_WORKER_REGISTRATION_SECRET" in output  # a credentials problem
+
+
+async def test_the_command_names_the_settings_the_registry_refuses(
+    registry: Any, tickets: Any
+) -> None:
+    process = await _hive_worker_process(
+        registry,
+        tickets,
+        "hive-worker-service-tests-registration-secret",
+        "cli-invalid",
+        capabilities="a b",
+    )
+    output, _ = await asyncio.wait_for(process.communicate(), WAIT_SECONDS)
+    assert process.returncode == 1
+    lines = [json.loads(line) for line in output.decode().splitlines() if line.startswith("{")]
+    by_event = {line["event"]: line for line in lines}
+    violation = "capabilities[0]: must be 1-64 characters"
+    assert violation in by_event["registration refused"]["error"]
+    assert violation in by_event["worker stopped"]["error"]
+    # Not a credentials problem: the secrets are not blamed.
+    assert b"SECRET" not in output
 
 
 async def test_a_worker_the_registry_forgot_registers_again_and_keeps_working(

@@ -51,6 +51,7 @@ async def echo_twice(params: dict[str, Any], ctx: TaskContext) -> dict[str, Any]
 
 def settings(**values: Any) -> WorkerSettings:
     values.setdefault("name", "unit")
+    values.setdefault("capabilities", ["python"])
     return WorkerSettings(**values)
 
 
@@ -264,7 +265,18 @@ def test_flags_override_the_environment(monkeypatch: pytest.MonkeyPatch) -> None
 )
 def test_bad_settings_are_refused(values: dict[str, Any]) -> None:
     with pytest.raises(ValueError, match="validation error"):
-        WorkerSettings(**values)
+        WorkerSettings(**({"capabilities": ["python"]} | values))
+
+
+@pytest.mark.parametrize("capabilities", ["", " , ", [], None])
+def test_a_worker_without_capabilities_is_refused_before_registering(
+    capabilities: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The registry never registers a worker without a capability.
+    monkeypatch.delenv("HIVE_WORKER_CAPABILITIES", raising=False)
+    values = {} if capabilities is None else {"capabilities": capabilities}
+    with pytest.raises(ValueError, match="at least one capability is required"):
+        WorkerSettings(name="unit", **values)
 
 
 def test_the_command_refuses_bad_settings(capsys: pytest.CaptureFixture[str]) -> None:
@@ -272,3 +284,19 @@ def test_the_command_refuses_bad_settings(capsys: pytest.CaptureFixture[str]) ->
 
     assert main(["--max-concurrent", "0"]) == 2
     assert "max_concurrent" in capsys.readouterr().err
+
+
+def test_the_command_refuses_an_empty_capability_list_without_calling_the_registry(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from hive_worker import cli
+
+    async def must_not_run(settings: WorkerSettings) -> None:
+        raise AssertionError("the worker started")
+
+    monkeypatch.setattr(cli, "_serve", must_not_run)
+    monkeypatch.delenv("HIVE_WORKER_CAPABILITIES", raising=False)
+    assert cli.main(["--capabilities", ""]) == 2
+    assert "capabilities\n  Value error, at least one capability is required" in (
+        capsys.readouterr().err
+    )

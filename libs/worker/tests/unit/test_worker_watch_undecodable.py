@@ -68,7 +68,11 @@ def undecodable() -> UndecodableResponse:
 
 
 async def run_watch(fake: FakeTickets, *, watches: int) -> Worker:
-    worker = Worker(settings=WorkerSettings(name="unit", reconnect_max_backoff_seconds=0.1))
+    worker = Worker(
+        settings=WorkerSettings(
+            name="unit", capabilities=["python"], reconnect_max_backoff_seconds=0.1
+        )
+    )
     worker._tickets = fake  # type: ignore[assignment]
     worker._worker_id = "w-1"
     task = asyncio.create_task(worker._watch_loop())
