@@ -565,7 +565,7 @@ class LocalMongo(_LocalServer):
             return {}
         # Go collects each time the heap doubles (GOGC=100); FerretDB's live heap is small,
         # so under the audit relay's inserts it collected all the time (~11 % of its CPU).
-        # At 400 it used 12-18 % less CPU per audit document (bench/RESULTS.md, session
+        # At 400 it used 12-18 % less CPU per audit document (bench/JOURNAL.md, session
         # 9). An explicit GOGC wins.
         return {"GOGC": os.environ.get("GOGC", FERRETDB_GOGC)}
 
