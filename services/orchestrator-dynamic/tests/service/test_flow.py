@@ -125,6 +125,46 @@ async def test_failing_task_is_retried_then_fails_the_plan(flow: Flow) -> None:
     assert explained.json()["status"] == "CANCELLED"
 
 
+async def test_a_retry_backoff_is_stored_with_its_attempt(flow: Flow, postgres_dsn: str) -> None:
+    # The backoff used to be written before the re-queue's new attempt was stored, so its
+    # UPDATE matched no row: backoff_until stayed null in the API, explain's "no later
+    # than" moved on with every call, and a restart would start the wait over.
+    await flow.start_orchestrator(backoff_base_seconds=60.0, backoff_cap_seconds=60.0)
+    await flow.start_worker("w1", ["python"], max_concurrent=1)
+    plan: dict[str, Any] = {
+        "plan_id": "backs-off",
+        "tasks": [
+            {
+                "task_id": "flaky",
+                "task_type": "fail",
+                "required_capabilities": ["python"],
+                "parameters": {"message": "boom"},
+                "max_retries": 1,
+            }
+        ],
+    }
+    assert (await flow.submit(plan)).status_code == 202
+    body = await flow.wait_plan(
+        "backs-off", lambda b: flow.tasks(b)["flaky"]["backoff_until"] is not None, "a backoff"
+    )
+    flaky = flow.tasks(body)["flaky"]
+    assert flaky["attempt"] == 2
+    assert flaky["status"] == "PENDING"
+    async with await psycopg.AsyncConnection.connect(postgres_dsn) as conn:
+        cur = await conn.execute(
+            "SELECT backoff_attempt, backoff_until FROM plan_tasks"
+            " WHERE plan_id = 'backs-off' AND task_id = 'flaky'"
+        )
+        attempt, until = await cur.fetchone() or (None, None)
+    assert attempt == 2
+    assert until is not None
+    assert until.isoformat() == flaky["backoff_until"]
+    explained = (await flow.client().get("/api/v1/plans/backs-off/tasks/flaky/explain")).json()
+    [backoff] = [r for r in explained["reasons"] if r["code"] == "RETRY_BACKOFF"]
+    assert backoff["details"]["backoff_until"] == flaky["backoff_until"]
+    assert (await flow.client().post("/api/v1/plans/backs-off/cancel")).status_code == 200
+
+
 async def test_cancel_stops_everything_in_flight(flow: Flow) -> None:
     await flow.start_orchestrator()
     await flow.start_worker("w1", ["python"], max_concurrent=2)

@@ -681,6 +681,9 @@ class PlanDriver:
             task_id: (plan.tickets[task_id].attempt, until)
             for task_id, until in decision.start_backoff.items()
         }
+        # A backoff is stored only on the attempt it belongs to: the re-queue that started
+        # it (a new attempt, observed this round) must be stored first.
+        await self._flush(plan)
         await self._repo.start_backoffs(plan.lease, backoffs)
         for task_id, (attempt, until) in backoffs.items():
             plan.progress.record(
