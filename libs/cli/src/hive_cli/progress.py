@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Protocol, TextIO
 
 from hive_cli.api import JsonObject
-from hive_cli.render import STATUS_ORDER
+from hive_cli.render import STATUS_ORDER, inline
 
 TERMINAL_TICKET_STATUSES = ("COMPLETED", "FAILED", "CANCELLED")
 _ERASE_LINE = "\r\x1b[2K"
@@ -29,9 +29,10 @@ class Failure:
     final: bool
 
     def text(self) -> str:
+        message = inline(self.message)
         if self.final:
-            return f"FAILED  {self.task_id} (attempt {self.attempt}): {self.message}"
-        return f"retry   {self.task_id} attempt {self.attempt} failed: {self.message}"
+            return f"FAILED  {self.task_id} (attempt {self.attempt}): {message}"
+        return f"retry   {self.task_id} attempt {self.attempt} failed: {message}"
 
 
 class FailureTracker:
@@ -131,13 +132,13 @@ def final_summary(plan: Mapping[str, Any], *, elapsed: float | None = None) -> s
     finished = f"{progress.done}/{progress.total} tasks finished"
     lines = [f"plan {plan.get('plan_id')} {progress.status}{took}: {finished}"]
     if plan.get("error_message"):
-        lines.append(f"  reason: {plan['error_message']}")
+        lines.append(f"  reason: {inline(plan['error_message'])}")
     for ticket in plan.get("tickets") or []:
         if isinstance(ticket, Mapping) and ticket.get("status") in ("FAILED", "CANCELLED"):
             message = ticket.get("error_message") or ""
             lines.append(
                 f"  {ticket.get('status'):<9} {ticket.get('task_id')}"
-                + (f": {message}" if message else "")
+                + (f": {inline(message)}" if message else "")
             )
     return "\n".join(lines)
 

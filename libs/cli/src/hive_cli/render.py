@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -12,6 +13,17 @@ from hive_cli.api import ApiError, JsonObject, ServiceUnreachable
 STATUS_ORDER = ("PENDING", "ASSIGNED", "RUNNING", "COMPLETED", "FAILED", "CANCELLED")
 TERMINAL_PLAN_STATUSES = frozenset({"COMPLETED", "FAILED", "CANCELLED"})
 MAX_CELL = 60
+
+
+# Control characters (C0 with newline and tab, DEL, C1) and the bidirectional overrides:
+# from a plan's name or a task's error message they would drive the terminal (clear the
+# screen, set its title) or forge lines of output.
+_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
+
+
+def inline(value: object) -> str:
+    """``value`` as text for one line of a terminal: unsafe characters escaped (``\\x1b``)."""
+    return _UNSAFE.sub(lambda m: m.group().encode("unicode_escape").decode(), str(value))
 
 
 def to_json(value: object) -> str:
@@ -33,7 +45,7 @@ def cell(value: object, *, limit: int = MAX_CELL) -> str:
         text = short_time(value)
     else:
         text = str(value)
-    text = " ".join(text.split())
+    text = inline(" ".join(text.split()))
     return text if len(text) <= limit else text[: limit - 1] + "…"
 
 
@@ -90,20 +102,21 @@ def plans_table(plans: Sequence[JsonObject]) -> str:
 def plan_detail(plan: JsonObject) -> str:
     """Header lines and the per-ticket table of one plan."""
     lines = [
-        f"plan      {plan.get('plan_id')}" + (f"  ({plan['name']})" if plan.get("name") else ""),
+        f"plan      {plan.get('plan_id')}"
+        + (f"  ({inline(plan['name'])})" if plan.get("name") else ""),
         f"status    {plan.get('status')}",
         f"tasks     {plan.get('task_count')}: {counts_text(plan.get('counts') or {})}",
         f"priority  {plan.get('priority')}",
         f"created   {cell(plan.get('created_at'))}",
     ]
     if plan.get("intent_id"):
-        lines.append(f"intent    {plan['intent_id']}")
+        lines.append(f"intent    {inline(plan['intent_id'])}")
     if plan.get("completed_at"):
         lines.append(f"finished  {cell(plan.get('completed_at'))}")
     if plan.get("cancel_requested_at"):
         lines.append(f"cancelled {cell(plan.get('cancel_requested_at'))} (requested)")
     if plan.get("error_message"):
-        lines.append(f"error     {plan['error_message']}")
+        lines.append(f"error     {inline(plan['error_message'])}")
     tickets = plan.get("tickets") or []
     if tickets:
         lines.append("")
@@ -135,7 +148,9 @@ def submission_text(body: JsonObject) -> str:
     lines = [f"plan {plan_id} {state}: {body.get('status')}, {body.get('task_count')} tasks"]
     for warning in body.get("warnings") or []:
         if isinstance(warning, Mapping):
-            lines.append(f"warning: {warning.get('field')}: {warning.get('description')}")
+            lines.append(
+                f"warning: {inline(warning.get('field'))}: {inline(warning.get('description'))}"
+            )
     ticket_ids = body.get("ticket_ids") or {}
     if ticket_ids:
         rows = [[task, ticket or "(not created yet)"] for task, ticket in ticket_ids.items()]
@@ -209,13 +224,13 @@ def explanations_text(body: JsonObject) -> str:
         lines = [head]
         # The summary is the first reason's message; print it once.
         if not reasons or reasons[0].get("message") != task.get("summary"):
-            lines.append(f"  {task.get('summary')}")
+            lines.append(f"  {inline(task.get('summary'))}")
         for reason in reasons:
             message = str(reason.get("message"))
-            line = f"  - [{reason.get('code')}] {message}"
+            line = f"  - [{reason.get('code')}] {inline(message)}"
             details = _new_details(reason.get("details"), message)
             if details:
-                line += "  " + json.dumps(details, ensure_ascii=False, sort_keys=True)
+                line += "  " + inline(json.dumps(details, ensure_ascii=False, sort_keys=True))
             lines.append(line)
         blocks.append("\n".join(lines))
     return "\n\n".join(blocks)
@@ -238,13 +253,14 @@ def error_text(error: ApiError | ServiceUnreachable, *, hint: str | None = None)
         lines = [f"error: {error.service} at {error.url} is unreachable: {error.reason}"]
         lines.append("hint: is the service running? (see --orchestrator/--tickets/--registry)")
         return "\n".join(lines)
-    lines = [f"error: {error.code}: {error.message}"]
+    lines = [f"error: {inline(error.code)}: {inline(error.message)}"]
     violations = error.field_violations
     for path, description in violations:
-        lines.append(f"  {path}: {description}")
+        lines.append(f"  {inline(path)}: {inline(description)}")
     extra = {k: v for k, v in error.details.items() if k != "field_violations"}
     if extra:
-        lines.append("  details: " + json.dumps(extra, ensure_ascii=False, sort_keys=True))
+        details = json.dumps(extra, ensure_ascii=False, sort_keys=True)
+        lines.append("  details: " + inline(details))
     if hint:
         lines.append(f"hint: {hint}")
     return "\n".join(lines)

@@ -8,6 +8,7 @@ from typing import Any
 import httpx
 
 from hive_cli.exit_codes import ExitCode
+from hive_cli.progress import final_summary
 from hive_cli.render import (
     cell,
     counts_text,
@@ -209,3 +210,54 @@ def test_empty_list_says_so_on_stderr() -> None:
     assert run.out == ""
     assert "no workers found" in run.err
     assert services.requests[0].url.params["capability"] == "gpu"
+
+
+HOSTILE = "x\x1b[2J\x1b]0;pwned\x07\nFAKE LINE\u202eevil\x9b"
+
+
+def test_text_from_the_services_cannot_drive_the_terminal_or_forge_lines() -> None:
+    # A plan's name and a task's error message are anyone's input: raw, they cleared the
+    # screen, set the terminal title and added lines of output.
+    failed = plan("FAILED", name=HOSTILE, error_message=HOSTILE)
+    failed["tickets"][1]["error_message"] = HOSTILE
+    explained = {
+        "plan_id": "p1",
+        "task_id": "deploy",
+        "status": "FAILED",
+        "attempt": 1,
+        "max_attempts": 1,
+        "summary": HOSTILE,
+        "reasons": [{"code": "FAILED", "message": HOSTILE, "details": {"error": HOSTILE + "!"}}],
+    }
+    submitted = {
+        "plan_id": "p1",
+        "created": True,
+        "status": "PENDING",
+        "task_count": 1,
+        "warnings": [{"field": "$.name", "description": HOSTILE}],
+    }
+    for text in (
+        plan_detail(failed),
+        explanations_text(explained),
+        submission_text(submitted),
+        final_summary(failed),
+        table(["NAME"], [[HOSTILE]]),
+    ):
+        assert not any(ch in text for ch in "\x1b\x07\u202e\x9b"), text
+        assert "FAKE LINE" not in {line.strip() for line in text.splitlines()}
+        assert "\\x1b[2J" in text
+        assert "\\u202e" in text
+
+
+def test_a_hostile_error_message_from_a_service_is_escaped() -> None:
+    services = FakeServices()
+    services.on(
+        "GET",
+        "/api/v1/plans/p1",
+        status=400,
+        body={"error": {"code": "INVALID_ARGUMENT", "message": HOSTILE, "details": {}}},
+    )
+    run = services.run("plan", "status", "p1")
+    assert run.code == ExitCode.USAGE
+    assert "\x1b" not in run.err
+    assert "\\x1b[2J" in run.err
