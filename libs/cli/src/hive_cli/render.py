@@ -3,27 +3,22 @@
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
 
 from hive_cli.api import ApiError, JsonObject, ServiceUnreachable
+from hive_common.text import escape_controls
 
 STATUS_ORDER = ("PENDING", "ASSIGNED", "RUNNING", "COMPLETED", "FAILED", "CANCELLED")
 TERMINAL_PLAN_STATUSES = frozenset({"COMPLETED", "FAILED", "CANCELLED"})
 MAX_CELL = 60
 
 
-# Control characters (C0 with newline and tab, DEL, C1) and the bidirectional overrides:
-# from a plan's name or a task's error message they would drive the terminal (clear the
-# screen, set its title) or forge lines of output.
-_UNSAFE = re.compile("[\x00-\x1f\x7f-\x9f\u061c\u200e\u200f\u202a-\u202e\u2066-\u2069]")
-
-
 def inline(value: object) -> str:
-    """``value`` as text for one line of a terminal: unsafe characters escaped (``\\x1b``)."""
-    return _UNSAFE.sub(lambda m: m.group().encode("unicode_escape").decode(), str(value))
+    """``value`` as text for one line of a terminal: a plan's name or a task's error
+    message is anyone's input, and must not drive the terminal or forge lines."""
+    return escape_controls(str(value))
 
 
 def to_json(value: object) -> str:

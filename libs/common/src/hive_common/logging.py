@@ -25,6 +25,7 @@ import structlog
 from structlog.typing import EventDict, FilteringBoundLogger, Processor, WrappedLogger
 
 from hive_common.config import LogFormat
+from hive_common.text import escape_controls
 
 REQUEST_CONTEXT_KEYS = ("request_id", "plan_id", "ticket_id")
 """The per-request keys bound in contextvars (others may be bound too)."""
@@ -136,11 +137,20 @@ def _shared_processors() -> list[Processor]:
     ]
 
 
+def _escape_controls(logger: WrappedLogger, method_name: str, event_dict: EventDict) -> EventDict:
+    """Pretty format: values with control characters escaped (a NUL from a request path
+    made grep take a whole log for binary); the JSON format escapes them already."""
+    for key, value in event_dict.items():
+        if isinstance(value, str):
+            event_dict[key] = escape_controls(value)
+    return event_dict
+
+
 def _renderer_chain(fmt: Literal["json", "pretty"]) -> list[Processor]:
     if fmt == "json":
         # Plain-text traceback: no frame locals (they can hold secrets or request bodies).
         return [structlog.processors.format_exc_info, structlog.processors.JSONRenderer()]
-    return [structlog.dev.ConsoleRenderer()]
+    return [_escape_controls, structlog.dev.ConsoleRenderer()]
 
 
 def _resolve_format(fmt: LogFormat, stream: IO[str]) -> Literal["json", "pretty"]:

@@ -296,3 +296,14 @@ def test_a_line_that_cannot_be_written_or_rendered_does_not_fail_the_caller(
     assert errors.count("--- Logging error ---") == 3
     assert "Circular reference" in errors
     assert "I/O operation on closed file" in errors
+
+
+def test_pretty_format_escapes_control_characters_in_values() -> None:
+    # A NUL in a request path made grep take the whole log for binary; an ESC sequence
+    # would drive the terminal showing the log.
+    stream = configure(fmt="pretty")
+    get_logger("hive.test").info("http_request", path="/plans/x\x00y\x1b[2J\u202e\x85")
+    line = stream.getvalue()
+    assert "\x00" not in line
+    assert "\u202e" not in line
+    assert "x\\x00y\\x1b[2J\\u202e\\x85" in line
