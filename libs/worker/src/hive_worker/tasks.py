@@ -153,6 +153,11 @@ class HttpGetTask:
                 return response.status, response.headers.get_content_type(), body
         except urllib.error.HTTPError as exc:
             with contextlib.closing(exc):
+                if 300 <= exc.code < 400:
+                    # A redirect urllib would not follow: a loop, or to a scheme it refuses.
+                    raise PermanentTaskError(
+                        f"GET {url}: redirect not followed ({exc.code}: {exc.reason})"
+                    ) from exc
                 body = exc.read(self.max_body_bytes + 1) if exc.fp is not None else b""
                 content_type = exc.headers.get_content_type() if exc.headers else ""
                 return exc.code, content_type, body

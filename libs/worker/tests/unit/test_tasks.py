@@ -95,6 +95,10 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_response(302)
             self.send_header("Location", "/status/200")
             self.end_headers()
+        elif path in ("/loop", "/to-file"):
+            self.send_response(302)
+            self.send_header("Location", "/loop" if path == "/loop" else "file:///etc/hostname")
+            self.end_headers()
         else:
             self._send(200, "héllo".encode())
 
@@ -169,6 +173,14 @@ async def test_http_get_only_takes_http_urls(url: str) -> None:
 async def test_http_get_refuses_a_redirect_to_another_scheme(http_base: str) -> None:
     with pytest.raises(PermanentTaskError, match="non-HTTP"):
         await http_task()({"url": f"{http_base}/to-ftp"}, ctx())
+
+
+@pytest.mark.parametrize("path", ["/loop", "/to-file"])
+async def test_http_get_fails_on_a_redirect_it_does_not_follow(http_base: str, path: str) -> None:
+    # urllib answers a redirect loop, or one to file:, with the redirect itself: it was
+    # a COMPLETED task with status 302 and an empty body.
+    with pytest.raises(PermanentTaskError, match="302"):
+        await http_task()({"url": f"{http_base}{path}"}, ctx())
 
 
 async def test_http_get_timeout_is_a_retryable_failure(http_base: str) -> None:
