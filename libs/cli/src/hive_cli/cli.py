@@ -55,6 +55,9 @@ ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]*")
 MAX_INTEGER_DIGITS = 4300
 DEFAULT_REQUEST_TIMEOUT = 10.0
 DEFAULT_WATCH_INTERVAL = 1.0
+# The largest value of any SECONDS option (a week): far more than any real wait, and far
+# below what a socket timeout or time.sleep() can take (about 292 years, as nanoseconds).
+MAX_SECONDS = 7 * 24 * 3600.0
 
 DESCRIPTION = """\
 Operate Hive Flow C: submit plans and watch them run, inspect plans, tickets and workers.
@@ -128,20 +131,24 @@ def _global_options(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--request-timeout",
-        type=_positive_float,
+        type=_seconds,
         metavar="SECONDS",
         default=argparse.SUPPRESS,
         help=f"per-request HTTP timeout (default {DEFAULT_REQUEST_TIMEOUT:g})",
     )
 
 
-def _positive_float(text: str) -> float:
+def _seconds(text: str) -> float:
     try:
         value = float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not value > 0:
+    if not value > 0:  # also nan
         raise argparse.ArgumentTypeError(f"must be positive: {text!r}")
+    if value > MAX_SECONDS:
+        raise argparse.ArgumentTypeError(
+            f"must be at most {MAX_SECONDS:.0f} seconds (7 days): {text!r}"
+        )
     return value
 
 
@@ -173,6 +180,25 @@ _plan_id = _id_argument("plan id")
 _task_id = _id_argument("task id")
 
 
+def _filter_value(what: str) -> Callable[[str], str]:
+    """A listing filter: an empty one would silently list everything (e.g. ``--worker
+    "$W"`` with ``W`` unset), so it is refused. (Such options default to None: argparse
+    runs a string default through ``type``.)"""
+
+    def parse(text: str) -> str:
+        if not text.strip():
+            raise argparse.ArgumentTypeError(f"{what} must not be empty")
+        return text
+
+    return parse
+
+
+def _status_filter(text: str) -> str:
+    if not any(s.strip() for s in text.split(",")):
+        raise argparse.ArgumentTypeError(f"status must not be empty: {text!r}")
+    return text
+
+
 def _paging_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--limit", type=_page_size, default=0, help="page size (server default)")
     parser.add_argument("--page-token", default="", help="continue from a previous page")
@@ -182,14 +208,14 @@ def _paging_options(parser: argparse.ArgumentParser) -> None:
 def _watch_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--interval",
-        type=_positive_float,
+        type=_seconds,
         default=DEFAULT_WATCH_INTERVAL,
         metavar="SECONDS",
         help=f"poll interval (default {DEFAULT_WATCH_INTERVAL:g})",
     )
     parser.add_argument(
         "--timeout",
-        type=_positive_float,
+        type=_seconds,
         default=None,
         metavar="SECONDS",
         help="stop watching after this long (exit 8); the plan keeps running",
@@ -253,7 +279,11 @@ def build_parser(*, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> HiveA
 
     listing = leaf(plan_cmds, "list", "plans, newest first")
     listing.add_argument(
-        "--status", action="append", default=[], help="only these statuses (repeat or a,b)"
+        "--status",
+        action="append",
+        type=_status_filter,
+        default=[],
+        help="only these statuses (repeat or a,b)",
     )
     _paging_options(listing)
 
@@ -270,21 +300,44 @@ def build_parser(*, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> HiveA
     tickets = bind(groups.add_parser("tickets", help="execution tickets (ticket service)"))
     ticket_cmds = tickets.add_subparsers(dest="command", metavar="COMMAND", required=True)
     tickets_list = leaf(ticket_cmds, "list", "list tickets, oldest first")
-    tickets_list.add_argument("--plan", default="", metavar="PLAN_ID", help="only this plan")
     tickets_list.add_argument(
-        "--status", action="append", default=[], help="only these statuses (repeat or a,b)"
+        "--plan", type=_plan_id, default=None, metavar="PLAN_ID", help="only this plan"
     )
-    tickets_list.add_argument("--worker", default="", metavar="WORKER_ID", help="only this worker")
+    tickets_list.add_argument(
+        "--status",
+        action="append",
+        type=_status_filter,
+        default=[],
+        help="only these statuses (repeat or a,b)",
+    )
+    tickets_list.add_argument(
+        "--worker",
+        type=_filter_value("worker id"),
+        default=None,
+        metavar="WORKER_ID",
+        help="only this worker",
+    )
     _paging_options(tickets_list)
 
     workers = bind(groups.add_parser("workers", help="registered workers (service registry)"))
     worker_cmds = workers.add_subparsers(dest="command", metavar="COMMAND", required=True)
     workers_list = leaf(worker_cmds, "list", "list registered workers")
-    workers_list.add_argument("--capability", default="", help="only workers with this capability")
     workers_list.add_argument(
-        "--status", action="append", default=[], help="HEALTHY, UNHEALTHY, DRAINING (repeat or a,b)"
+        "--capability",
+        type=_filter_value("capability"),
+        default=None,
+        help="only workers with this capability",
     )
-    workers_list.add_argument("--namespace", default="", help="registry namespace")
+    workers_list.add_argument(
+        "--status",
+        action="append",
+        type=_status_filter,
+        default=[],
+        help="HEALTHY, UNHEALTHY, DRAINING (repeat or a,b)",
+    )
+    workers_list.add_argument(
+        "--namespace", type=_filter_value("namespace"), default=None, help="registry namespace"
+    )
     _paging_options(workers_list)
 
     return root
@@ -499,9 +552,9 @@ class Command:
         body = self._pages(
             "tickets",
             lambda token: self.api.list_tickets(
-                plan_id=self.args.plan,
+                plan_id=self.args.plan or "",
                 statuses=_statuses(self.args.status),
-                worker_id=self.args.worker,
+                worker_id=self.args.worker or "",
                 page_size=self.args.limit,
                 page_token=token,
             ),
@@ -512,9 +565,9 @@ class Command:
         body = self._pages(
             "workers",
             lambda token: self.api.list_workers(
-                capability=self.args.capability,
+                capability=self.args.capability or "",
                 statuses=_statuses(self.args.status),
-                namespace=self.args.namespace,
+                namespace=self.args.namespace or "",
                 page_size=self.args.limit,
                 page_token=token,
             ),

@@ -135,6 +135,64 @@ def test_ids_that_cannot_be_plan_ids_are_refused_before_any_request(
     assert services.requests == []
 
 
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["tickets", "list", "--plan", ""], "plan id must not be empty"),
+        (["tickets", "list", "--plan", "a/b"], "'a/b' is not a valid plan id"),
+        (["tickets", "list", "--worker", ""], "worker id must not be empty"),
+        (["tickets", "list", "--worker", " "], "worker id must not be empty"),
+        (["tickets", "list", "--status", ""], "status must not be empty"),
+        (["plan", "list", "--status", ","], "status must not be empty"),
+        (["workers", "list", "--capability", ""], "capability must not be empty"),
+        (["workers", "list", "--namespace", ""], "namespace must not be empty"),
+        (["workers", "list", "--status", ""], "status must not be empty"),
+    ],
+)
+def test_empty_listing_filters_are_refused_rather_than_dropped(
+    argv: list[str], message: str
+) -> None:
+    # An empty filter (a script's unset variable) used to be left out of the query, so
+    # every ticket or worker was listed.
+    services = FakeServices()
+    run = services.run(*argv)
+    assert run.code == ExitCode.USAGE, run.err
+    assert message in run.err
+    assert services.requests == []
+
+
+@pytest.mark.parametrize("value", ["inf", "-inf", "nan", "1e10", "1e300", "604801", "0", "-1"])
+@pytest.mark.parametrize(
+    "option",
+    [
+        ["--request-timeout", "{}", "plan", "list"],
+        ["plan", "watch", "p1", "--interval", "{}"],
+        ["plan", "watch", "p1", "--timeout", "{}"],
+        ["plan", "submit", "p.json", "--watch", "--interval", "{}"],
+    ],
+    ids=["request-timeout", "watch-interval", "watch-timeout", "submit-interval"],
+)
+def test_seconds_options_refuse_values_that_are_not_finite_positive_and_bounded(
+    option: list[str], value: str
+) -> None:
+    # inf or 1e10 used to reach socket.settimeout() / time.sleep(): OverflowError, exit 7.
+    services = FakeServices()
+    run = services.run(*(value if arg == "{}" else arg for arg in option))
+    assert run.code == ExitCode.USAGE, run.err
+    assert "internal error" not in run.err
+    assert "usage: hive" in run.err
+    assert services.requests == []
+
+
+def test_seconds_options_accept_up_to_a_week() -> None:
+    settings = settings_for("--request-timeout", "604800", "plan", "list")
+    assert settings.request_timeout == 604800.0
+    args = build_parser().parse_args(
+        ["plan", "watch", "p1", "--interval", "0.05", "--timeout", "1e5"]
+    )
+    assert (args.interval, args.timeout) == (0.05, 100000.0)
+
+
 def test_help_lists_exit_codes_on_stdout_and_exits_0() -> None:
     run = FakeServices().run("--help")
     assert run.code == 0
