@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import gzip
 from datetime import UTC, datetime, timedelta
+from types import SimpleNamespace
 from typing import Any, cast
 
 import httpx
@@ -293,6 +294,93 @@ async def test_freed_slots_are_kept_in_freed_order_and_forgotten_after_a_minute(
     now[0] = start + timedelta(seconds=64)
     driver._forget_old_frees()
     assert driver._freed_slots == {}
+
+
+class RecordingRepository:
+    """The two writes of a dispatching round, recorded (no database)."""
+
+    def __init__(self) -> None:
+        self.statuses: list[PlanStatus] = []
+        self.stored: list[TicketState] = []
+
+    async def update_tickets(self, lease: PlanLease, tickets: list[TicketState]) -> list[str]:
+        self.stored.extend(tickets)
+        return [t.task_id for t in tickets]
+
+    async def set_status(
+        self,
+        lease: PlanLease,
+        *,
+        status: PlanStatus,
+        error_message: str | None = None,
+        settled: bool = False,
+    ) -> Any:
+        self.statuses.append(status)
+        return SimpleNamespace(status=status, error_message=error_message)
+
+
+class AssigningTickets:
+    """AssignTickets that accepts every assignment (the worker never starts them)."""
+
+    async def assign_tickets(
+        self, requests: list[ticket_pb.AssignTicketRequest]
+    ) -> list[ticket_pb.ExecutionTicket]:
+        return [
+            ticket_pb.ExecutionTicket(
+                ticket_id=r.ticket_id,
+                task_id=r.ticket_id.removeprefix("t-"),
+                status=ticket_pb.TICKET_STATUS_ASSIGNED,
+                attempt=r.attempt,
+                worker_id=r.worker_id,
+                version=r.expected_version + 1,
+            )
+            for r in requests
+        ]
+
+
+class OneWorkerRegistry:
+    def __init__(self, spare: int) -> None:
+        self.spare = spare
+
+    async def discover_workers(self, **kwargs: Any) -> list[registry_pb.RankedWorker]:
+        return [_ranked(self.spare, 4)] if self.spare else []
+
+
+@pytest.mark.parametrize(("spare", "expected"), [(1, PlanStatus.RUNNING), (0, PlanStatus.PENDING)])
+async def test_a_plan_is_running_as_soon_as_a_round_assigns_its_first_ticket(
+    spare: int, expected: PlanStatus
+) -> None:
+    # The status used to be decided and stored before the round's assignments; our own
+    # assignments never come back on the ticket watch (it excludes our changes), so the plan
+    # stayed PENDING until the worker started a ticket or the next resync (30 s).
+    repository = RecordingRepository()
+    driver = PlanDriver(
+        repository=cast(Any, repository),
+        tickets=cast(Any, AssigningTickets()),
+        registry=cast(Any, OneWorkerRegistry(spare)),
+        policy=SchedulingPolicy(),
+        settings=DriverSettings(owner_id="o"),
+        health=DependencyHealth(),
+        metrics=OrchestratorMetrics(CollectorRegistry()),
+    )
+    start = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
+    plan = driven_plan(("a", "b"), start)
+    plan.status = PlanStatus.PENDING
+    for task_id in ("a", "b"):
+        plan.progress.record(TicketState(task_id, "t-" + task_id, version=1))
+    plan.activated.set()
+    plan.resync_due = float("inf")  # no ListTickets in this round
+    driver._plans[plan.plan_id] = plan
+
+    await driver._round()
+
+    assigned = [t.task_id for t in repository.stored if t.status is TicketStatus.ASSIGNED]
+    assert assigned == (["a"] if spare else [])
+    assert plan.status is expected
+    # Stored at most once per round, and only when it changed.
+    assert repository.statuses == ([expected] if expected is PlanStatus.RUNNING else [])
+    await driver._round()  # nothing new: nothing stored
+    assert repository.statuses == ([expected] if expected is PlanStatus.RUNNING else [])
 
 
 def test_worker_view() -> None:

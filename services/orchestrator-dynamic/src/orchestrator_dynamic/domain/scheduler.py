@@ -384,6 +384,15 @@ class PlanProgress:
             error_message=_error_message(states, failed, cancelled, status, cancel_requested),
         )
 
+    def after_dispatch(self, decision: SchedulingDecision) -> SchedulingDecision:
+        """``decision`` (from :meth:`decide`) once its dispatch was done, whether every,
+        some or none of its tickets were assigned: a PENDING plan with a ticket that left
+        PENDING is RUNNING now, as :meth:`decide` would say, without deciding again (the
+        assignments are the only change; a refused one's re-read is decided next round)."""
+        if decision.status is PlanStatus.PENDING and self._started:
+            return replace(decision, status=PlanStatus.RUNNING)
+        return decision
+
 
 def _waits_for_dependencies(state: TicketState) -> bool:
     """A PENDING ticket on its first attempt with no backoff: dispatched as soon as its

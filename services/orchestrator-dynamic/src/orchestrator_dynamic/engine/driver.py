@@ -13,11 +13,12 @@ One asyncio component per process:
   that leaves ASSIGNED/RUNNING (a slot freed by one plan may serve another);
 * the **main loop** wakes on any of that (or on a timer), folds inbox events with
   ``merge_observation`` into each plan's ``PlanProgress``, decides once per plan and
-  wakes, starts backoffs, cancels, stores the plan status, dispatches all ready tickets of
-  all plans in one round (one DiscoverWorkers per capability set, a shared
-  ``CapacityLedger``) and persists what changed, with the plan's assignments when it has
-  any (one statement: the observations are not needed in PostgreSQL before dispatching,
-  as a takeover re-reads them from the ticket service anyway).
+  wakes, starts backoffs, cancels, dispatches all ready tickets of all plans in one round
+  (one DiscoverWorkers per capability set, a shared ``CapacityLedger``) and persists what
+  changed, with the plan's assignments when it has any (one statement: the observations
+  are not needed in PostgreSQL before dispatching, as a takeover re-reads them from the
+  ticket service anyway), then the plan status (stored once per round, only when it
+  changed; for a plan that dispatched, as its assignments left it).
 
 The ticket service is the truth: the first round of a plan taken up (and every
 ``resync_interval``) re-reads its tickets with ListTickets; the watch only makes changes
@@ -453,7 +454,7 @@ class PlanDriver:
 
     async def _round(self) -> None:
         loop = asyncio.get_running_loop()
-        ready: list[tuple[DrivenPlan, tuple[str, ...]]] = []
+        ready: list[tuple[DrivenPlan, SchedulingDecision]] = []
         for plan in sorted(self._plans.values(), key=_plan_order):
             if plan.lost:
                 await self._drop(plan, "lease lost")
@@ -462,9 +463,9 @@ class PlanDriver:
             if not plan.inbox and plan.due > now and plan.resync_due > now:
                 continue
             plan.due = now + 3600.0  # recomputed below
-            dispatch = await self._guarded(plan, self._step(plan))
-            if dispatch:
-                ready.append((plan, dispatch))
+            decision = await self._guarded(plan, self._step(plan))
+            if decision is not None:
+                ready.append((plan, decision))
         if ready:
             await self._dispatch(ready)
 
@@ -502,14 +503,15 @@ class PlanDriver:
         self._plans.pop(plan.plan_id, None)
         self._metrics.plans_driven.set(len(self._plans))
 
-    async def _step(self, plan: DrivenPlan) -> tuple[str, ...]:
-        """One round for one plan; returns the tasks to dispatch now."""
+    async def _step(self, plan: DrivenPlan) -> SchedulingDecision | None:
+        """One round for one plan; returns the decision if it has tasks to dispatch now
+        (their observations and the plan status are then stored by :meth:`_dispatch`)."""
         loop = asyncio.get_running_loop()
         if not plan.activated.is_set():
             refused = await self._activate(plan)
             if refused is not None:
                 await self._abandon(plan, refused)
-                return ()
+                return None
         self._fold_inbox(plan)
         if plan.resync_due <= loop.time():
             await self._resync(plan)
@@ -522,16 +524,17 @@ class PlanDriver:
             await self._cancel(plan, decision.cancel)
             decision = self._decide(plan)
         if not decision.dispatch:
-            # Else stored with the round's assignments (one statement; see _dispatch).
+            # Else stored with the round's assignments (one statement), and the status
+            # after them (see _end_round).
             await self._flush(plan)
-        await self._store_status(plan, decision)
+            await self._store_status(plan, decision)
         if decision.settled:
             await self._finish(plan)
-            return ()
+            return None
         if decision.next_wakeup is not None:
             delay = (decision.next_wakeup - self._clock()).total_seconds()
             plan.due = min(plan.due, loop.time() + max(0.0, delay))
-        return decision.dispatch
+        return decision if decision.dispatch else None
 
     def _decide(self, plan: DrivenPlan) -> SchedulingDecision:
         return plan.progress.decide(
@@ -752,11 +755,11 @@ class PlanDriver:
                 active[worker_id] = active.get(worker_id, 0) + count
         return active
 
-    async def _dispatch(self, ready: list[tuple[DrivenPlan, tuple[str, ...]]]) -> None:
+    async def _dispatch(self, ready: list[tuple[DrivenPlan, SchedulingDecision]]) -> None:
         loop = asyncio.get_running_loop()
         needed: set[frozenset[str]] = set()
-        for plan, task_ids in ready:
-            needed |= plan.graph.capability_sets_of(task_ids)
+        for plan, decision in ready:
+            needed |= plan.graph.capability_sets_of(decision.dispatch)
         active = self._known_active()
         self._forget_old_frees()
         candidates: dict[frozenset[str], list[WorkerCandidate]] = {}
@@ -780,17 +783,28 @@ class PlanDriver:
             self._discovered.clear()  # look again, at the registry
         ledger = CapacityLedger()
         waiting = 0
-        for plan, task_ids in ready:
-            assignment_round = assign_round(plan.graph, task_ids, candidates, ledger)
+        for plan, decision in ready:
+            assignment_round = assign_round(plan.graph, decision.dispatch, candidates, ledger)
             plan.waiting_for_workers = bool(assignment_round.unassigned)
             waiting += len(assignment_round.unassigned)
             if assignment_round.unassigned:
                 plan.due = min(plan.due, loop.time() + retry)
-            if assignment_round.assignments:
-                await self._guarded(plan, self._assign(plan, assignment_round.assignments))
-            else:
-                await self._guarded(plan, self._flush(plan))
+            await self._guarded(plan, self._end_round(plan, decision, assignment_round.assignments))
         self._metrics.tickets_waiting_for_workers.set(waiting)
+
+    async def _end_round(
+        self, plan: DrivenPlan, decision: SchedulingDecision, assignments: Sequence[Assignment]
+    ) -> None:
+        """Store a dispatching plan's round: the observations with its assignments, then
+        the plan status as the assignments left it (a PENDING plan whose first ticket was
+        just assigned is RUNNING). Our own assignments never come back on the ticket watch
+        (it excludes our changes), so deciding the status before them left it PENDING until
+        the worker started the ticket or the next resync."""
+        if assignments:
+            await self._assign(plan, assignments)
+        else:
+            await self._flush(plan)
+        await self._store_status(plan, plan.progress.after_dispatch(decision))
 
     async def _discover(self, capabilities: frozenset[str]) -> list[registry_pb.RankedWorker]:
         """The registry's ranked workers for ``capabilities`` (recent answers reused);
