@@ -178,12 +178,24 @@ class RegisterRequest(_message.Message):
     LABELS_FIELD_NUMBER: _builtins.int
     MAX_CONCURRENT_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
+    INSTANCE_ID_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     namespace: _builtins.str
     """Empty means "default"."""
     max_concurrent: _builtins.int
     """At least 1."""
     version: _builtins.str
+    instance_id: _builtins.str
+    """Identifies the worker process: random, chosen once per process start (up to 128
+    letters, digits, '.', '_', ':' or '-'). Re-registrations of the same process (after
+    NOT_FOUND, token expiry, a registry restart) send the same value and keep their
+    worker_id. When another instance holds (namespace, name) and heartbeated within the
+    unhealthy window (a live process, e.g. a second worker started under the same name),
+    Register is ALREADY_EXISTS (details: reason WORKER_NAME_IN_USE, retry_after_seconds
+    until the holder's registration lapses if it stops heartbeating). A holder silent for
+    longer (crashed) is taken over: same worker_id, this instance_id. Empty: no check
+    (clients that predate the field).
+    """
     @_builtins.property
     def capabilities(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -197,10 +209,11 @@ class RegisterRequest(_message.Message):
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         max_concurrent: _builtins.int = ...,
         version: _builtins.str = ...,
+        instance_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "labels", b"labels", "max_concurrent", b"max_concurrent", "name", b"name", "namespace", b"namespace", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["capabilities", b"capabilities", "instance_id", b"instance_id", "labels", b"labels", "max_concurrent", b"max_concurrent", "name", b"name", "namespace", b"namespace", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
