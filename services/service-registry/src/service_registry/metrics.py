@@ -26,7 +26,7 @@ class RegistryMetrics:
         )
         self.registrations = Counter(
             "registry_registrations_total",
-            "Register calls, by result (new, again).",
+            "Register calls, by result (new, again, name_in_use).",
             ("result",),
             registry=registry,
         )

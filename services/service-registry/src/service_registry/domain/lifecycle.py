@@ -10,8 +10,9 @@ import uuid
 from dataclasses import dataclass, replace
 from datetime import datetime
 
-from hive_common.errors import NotFound
+from hive_common.errors import AlreadyExists, NotFound
 from service_registry.domain.models import (
+    DEFAULT_NAMESPACE,
     HealthPolicy,
     HeartbeatUpdate,
     RegistrationSpec,
@@ -32,6 +33,14 @@ class Transition:
     worker: Worker
     events: list[WorkerEvent]
     previous: Worker | None = None
+
+
+NAME_IN_USE = "WORKER_NAME_IN_USE"
+"""``details["reason"]`` of the refusal of a name held by another live instance."""
+
+
+class WorkerNameInUse(AlreadyExists):
+    """Another live process (another ``instance_id``) holds this (namespace, name)."""
 
 
 class WorkerExpired(NotFound):
@@ -57,11 +66,18 @@ def register(
     clears draining (the only way to undo it) and counts as a heartbeat. An expired
     worker that was not swept yet is expired now and registered afresh with a new id, so
     watchers always see EXPIRED for the old identity.
+
+    :class:`WorkerNameInUse` when ``spec`` names an instance and another instance holds
+    the name and is live (heartbeat within the unhealthy window): two processes sharing
+    one worker_id would both run every assignment. A holder silent for longer (crashed)
+    is taken over; a ``spec`` without an instance (older clients) is never refused.
     """
     events: list[WorkerEvent] = []
     if existing is not None and policy.is_expired(existing.last_heartbeat_at, now):
         events.append(_event(WorkerEventType.EXPIRED, expired_view(existing, policy, now), now))
         existing = None
+    if existing is not None:
+        _refuse_if_held_by_another_live_instance(existing, spec, now=now, policy=policy)
     if existing is None:
         worker = Worker(
             worker_id=new_worker_id or uuid.uuid4(),
@@ -77,6 +93,7 @@ def register(
             marked_unhealthy=False,
             registered_at=now,
             last_heartbeat_at=now,
+            instance_id=spec.instance_id,
         )
         events.append(_event(WorkerEventType.REGISTERED, worker, now))
         return Transition(worker=worker, events=events)
@@ -92,9 +109,37 @@ def register(
         draining=False,
         marked_unhealthy=False,
         last_heartbeat_at=now,
+        instance_id=spec.instance_id,
     )
     events.append(_event(WorkerEventType.UPDATED, worker, now))
     return Transition(worker=worker, events=events, previous=existing)
+
+
+def _refuse_if_held_by_another_live_instance(
+    existing: Worker, spec: RegistrationSpec, *, now: datetime, policy: HealthPolicy
+) -> None:
+    if not spec.instance_id or existing.instance_id == spec.instance_id:
+        return
+    if policy.is_unhealthy(existing.last_heartbeat_at, now):
+        return  # silent past the unhealthy window: a crashed process, take the name over
+    age = max(0.0, (now - existing.last_heartbeat_at).total_seconds())
+    window = policy.unhealthy_after.total_seconds()
+    where = "" if spec.namespace == DEFAULT_NAMESPACE else f" in namespace '{spec.namespace}'"
+    raise WorkerNameInUse(
+        f"worker name '{spec.name}'{where} is held by a running instance (last heartbeat "
+        f"{age:.1f} s ago): give this worker another name (--name), or stop the other one "
+        f"(the name of a worker that stopped heartbeating is free {window:g} s after its "
+        "last heartbeat)",
+        details={
+            "reason": NAME_IN_USE,
+            "name": spec.name,
+            "namespace": spec.namespace,
+            "last_heartbeat_age_seconds": round(age, 3),
+            # When the holder's registration lapses if it sends no further heartbeat.
+            "retry_after_seconds": round(max(0.0, window - age), 3),
+            "unhealthy_after_seconds": window,
+        },
+    )
 
 
 def expired_view(worker: Worker, policy: HealthPolicy, now: datetime) -> Worker:

@@ -104,6 +104,8 @@ class Worker:
     failed_total: int = 0
     # Exponentially weighted share of recent successes, 1.0 for a worker with no history.
     success_rate: float = 1.0
+    # The process that registered last (RegisterRequest.instance_id); "" when it sent none.
+    instance_id: str = ""
 
     @property
     def spare_capacity(self) -> int:
@@ -132,6 +134,8 @@ class RegistrationSpec:
     labels: Mapping[str, str]
     max_concurrent: int
     version: str
+    # Random per worker process; "" (a client that predates it) skips the duplicate check.
+    instance_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)

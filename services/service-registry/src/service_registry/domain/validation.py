@@ -172,6 +172,7 @@ def validate_registration(
     labels: Mapping[str, str],
     max_concurrent: int,
     version: str,
+    instance_id: str = "",
 ) -> RegistrationSpec:
     v = _Violations()
     if not name:
@@ -185,7 +186,13 @@ def validate_registration(
         labels=_labels(labels, "labels", v),
         max_concurrent=max_concurrent,
         version=version,
+        instance_id=instance_id,
     )
+    if instance_id and not NAME_RE.match(instance_id):
+        v.add(
+            "instance_id",
+            "must be empty or 1-128 letters, digits, '.', '_', ':' or '-', starting alphanumeric",
+        )
     if not 1 <= max_concurrent <= MAX_CONCURRENT_LIMIT:
         v.add("max_concurrent", f"must be between 1 and {MAX_CONCURRENT_LIMIT}")
     if len(version) > MAX_VERSION:

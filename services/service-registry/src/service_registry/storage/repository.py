@@ -46,7 +46,7 @@ _log = get_logger("service_registry.storage")
 COLUMNS = (
     "worker_id, name, namespace, capabilities, labels, max_concurrent, in_flight, version, "
     "draining, marked_unhealthy, registered_at, last_heartbeat_at, succeeded_total, "
-    "failed_total, success_rate"
+    "failed_total, success_rate, instance_id"
 )
 _SELECT = sql.SQL("SELECT " + COLUMNS + " FROM workers")
 
@@ -55,7 +55,7 @@ _INSERT = sql.SQL(
     "%(worker_id)s, %(name)s, %(namespace)s, %(capabilities)s, %(labels)s, %(max_concurrent)s, "
     "%(in_flight)s, %(version)s, %(draining)s, %(marked_unhealthy)s, %(registered_at)s, "
     "%(last_heartbeat_at)s, %(succeeded_total)s, %(failed_total)s, %(success_rate)s, "
-    "%(rank_key)s, %(tiebreak)s)"
+    "%(instance_id)s, %(rank_key)s, %(tiebreak)s)"
 )
 
 _UPDATE = sql.SQL(
@@ -63,8 +63,8 @@ _UPDATE = sql.SQL(
     "max_concurrent = %(max_concurrent)s, in_flight = %(in_flight)s, version = %(version)s, "
     "draining = %(draining)s, marked_unhealthy = %(marked_unhealthy)s, "
     "last_heartbeat_at = %(last_heartbeat_at)s, succeeded_total = %(succeeded_total)s, "
-    "failed_total = %(failed_total)s, success_rate = %(success_rate)s, rank_key = %(rank_key)s "
-    "WHERE worker_id = %(worker_id)s"
+    "failed_total = %(failed_total)s, success_rate = %(success_rate)s, rank_key = %(rank_key)s, "
+    "instance_id = %(instance_id)s WHERE worker_id = %(worker_id)s"
 )
 
 # Heartbeats are the hot path: touch only what a heartbeat can change.
@@ -110,6 +110,7 @@ def _params(worker: Worker, ranker: WorkerRanker) -> dict[str, Any]:
         "succeeded_total": worker.succeeded_total,
         "failed_total": worker.failed_total,
         "success_rate": worker.success_rate,
+        "instance_id": worker.instance_id,
         "tiebreak": tiebreak_of(worker.worker_id),
     }
 
@@ -208,6 +209,7 @@ class WorkerRepository:
             succeeded_total=row[12],
             failed_total=row[13],
             success_rate=row[14],
+            instance_id=row[15],
         )
 
     async def _insert_events(
@@ -273,6 +275,9 @@ class WorkerRepository:
             self._analyze_after = max(self._analyze_after, rows)
 
     async def _register_once(self, spec: RegistrationSpec, *, now: datetime) -> Transition:
+        # The row lock (or, for a first registration, the unique key) serialises the
+        # registrations of one name: of two instances registering at once, the second one
+        # sees the first's instance_id and heartbeat, and is refused (lifecycle.register).
         async with self._transaction() as conn:
             cur = await conn.execute(
                 _SELECT + sql.SQL(" WHERE namespace = %s AND name = %s FOR UPDATE"),

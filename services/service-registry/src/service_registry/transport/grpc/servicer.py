@@ -11,7 +11,7 @@ from hive_common.errors import HiveError, NotFound
 from hive_common.timestamps import datetime_to_timestamp
 from neuralhive.registry.v1 import registry_service_pb2 as pb
 from neuralhive.registry.v1 import registry_service_pb2_grpc as pb_grpc
-from service_registry.domain.lifecycle import WorkerExpired
+from service_registry.domain.lifecycle import WorkerExpired, WorkerNameInUse
 from service_registry.domain.models import WorkerEventType
 from service_registry.domain.service import RegistryService
 from service_registry.domain.validation import (
@@ -60,8 +60,13 @@ class RegistryServicer(pb_grpc.ServiceRegistryServicer):
             labels=dict(request.labels),
             max_concurrent=request.max_concurrent,
             version=request.version,
+            instance_id=request.instance_id,
         )
-        transition = await self._service.register(spec)
+        try:
+            transition = await self._service.register(spec)
+        except WorkerNameInUse:
+            self._metrics.registrations.labels("name_in_use").inc()
+            raise
         self._metrics.registrations.labels("again" if transition.previous else "new").inc()
         self._metrics.count_events([e.type for e in transition.events])
         worker = transition.worker
