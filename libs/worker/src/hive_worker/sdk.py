@@ -63,6 +63,12 @@ from hive_common.logging import get_logger
 from hive_common.retry import is_retryable
 from hive_worker.config import WorkerSettings
 from hive_worker.handlers import TaskContext, TaskError, TaskHandler, TaskRegistry
+from hive_worker.registration import (
+    is_name_in_use,
+    new_instance_id,
+    retry_after,
+    unhealthy_window,
+)
 from hive_worker.reports import ReportBatcher
 from hive_worker.tasks import builtin_tasks
 from neuralhive.ticket.v1 import ticket_service_pb2 as pb
@@ -78,6 +84,11 @@ _TERMINAL = frozenset(
 _DEFINITE_REFUSALS = (FailedPrecondition, PermissionDenied, NotFound, Aborted)
 _FINISHED_MEMORY = 4096
 _SHUTDOWN_REPORT_SECONDS = 10.0
+_NAME_WAIT_MARGIN = 2.0
+"""Beyond the registry's unhealthy window, when waiting for a name to be released."""
+_NAME_RETRY_MAX = 2.0
+"""Longest pause between registrations while waiting for a name (a holder that
+deregisters frees it at once)."""
 _DEREGISTER_SECONDS = 5.0
 
 
@@ -104,6 +115,11 @@ def _refusal_hint(exc: HiveError) -> dict[str, str]:
         }
     if isinstance(exc, InvalidArgument):
         return {"hint": "fix the settings the error names (name, namespace, capabilities ...)"}
+    if is_name_in_use(exc):
+        return {
+            "hint": "another running worker process uses this name: give this one another "
+            "name (--name / HIVE_WORKER_NAME; the default is the host name), or stop the other"
+        }
     return {}
 
 
@@ -263,6 +279,10 @@ class Worker:
         self._tickets = tickets
         self._log = get_logger("hive_worker", worker=settings.name)
         self._worker_id: str | None = None
+        # Tells the registry "the same process again" when re-registering (same worker id)
+        # from another process under this name (refused while that one is alive).
+        self.instance_id = new_instance_id()
+        """This process's id at the registry (random, per :class:`Worker` object)."""
         self._worker_token: str | None = None
         self._token_expires_at: datetime | None = None
         self._server_interval: float = 5.0
@@ -469,7 +489,8 @@ class Worker:
 
     async def _register(self) -> None:
         secret = self.settings.registration_secret
-        response = await self._registry_client.register(
+        client = self._registry_client
+        response = await client.register(
             name=self.settings.name,
             namespace=self.settings.namespace,
             capabilities=self.settings.capabilities,
@@ -477,6 +498,7 @@ class Worker:
             max_concurrent=self.settings.max_concurrent,
             version=self.settings.version,
             token=secret.get_secret_value() if secret is not None else None,
+            instance_id=self.instance_id,
         )
         previous = self._worker_id
         self._worker_id = response.worker.worker_id
@@ -497,13 +519,37 @@ class Worker:
             self._start_watch()
 
     async def _register_until_done(self) -> bool:
-        """Register, retrying transient failures until it works or a drain is requested."""
+        """Register, retrying transient failures until it works or a drain is requested
+        (which also interrupts a call in flight: a stop never waits out its deadline).
+
+        A name another live process holds is retried for the registry's unhealthy window:
+        after a crash, the previous process's registration stays live that long, then this
+        process takes the name over. A name still held after that is a refusal.
+        """
+        loop = asyncio.get_running_loop()
         failures = 0
+        name_wait_ends: float | None = None
         while not self._drain_requested.is_set():
             try:
-                await self._register()
-                return True
+                return await self._unless_drained(self._register())
             except HiveError as exc:
+                if is_name_in_use(exc):
+                    now = loop.time()
+                    if name_wait_ends is None:
+                        # The window plus a margin for the holder's last heartbeat in flight.
+                        name_wait_ends = now + unhealthy_window(exc) + _NAME_WAIT_MARGIN
+                        self._log.info(
+                            "worker name held by another running instance; waiting in case "
+                            "it is this worker's previous process that stopped without "
+                            "deregistering",
+                            name=self.settings.name,
+                            error=exc.message,
+                            gives_up_in_seconds=round(name_wait_ends - now, 1),
+                        )
+                    if now < name_wait_ends:
+                        pause = min(retry_after(exc) + 0.25, _NAME_RETRY_MAX, name_wait_ends - now)
+                        await _wait_event(self._drain_requested, max(pause, 0.05))
+                        continue
                 if not is_retryable(exc):
                     self._log.error(
                         "registration refused", error=describe_error(exc), **_refusal_hint(exc)
@@ -513,6 +559,24 @@ class Worker:
                 self._log.warning("registry unavailable; retrying", error=repr(exc))
                 await self._pause(failures)
         return False
+
+    async def _unless_drained(self, call: Awaitable[None]) -> bool:
+        """Await ``call``; True once done, False (``call`` cancelled) if a drain comes first."""
+        task = asyncio.ensure_future(call)
+        drained = asyncio.create_task(self._drain_requested.wait())
+        try:
+            await asyncio.wait({task, drained}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            drained.cancel()
+            if not task.done():
+                task.cancel()
+            await asyncio.gather(drained, return_exceptions=True)
+        if task.cancelled() or not task.done():
+            await asyncio.gather(task, return_exceptions=True)
+            self._log.info("registration abandoned: stopping")
+            return False
+        task.result()  # the call's error, if any
+        return True
 
     async def _pause(self, failures: int) -> None:
         """Back off (full jitter), waking early on a drain request."""

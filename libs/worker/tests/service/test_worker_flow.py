@@ -11,6 +11,7 @@ import json
 import os
 import signal
 import sys
+import types
 import uuid
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -18,8 +19,8 @@ from typing import Any
 import pytest
 
 from hive_common.clients import RegistryClient, TicketClient
-from hive_common.errors import NotFound, Unauthenticated
-from hive_worker import TaskContext
+from hive_common.errors import AlreadyExists, NotFound, Unauthenticated
+from hive_worker import TaskContext, sdk
 from neuralhive.registry.v1 import registry_service_pb2 as rpb
 from neuralhive.ticket.v1 import ticket_service_pb2 as pb
 
@@ -305,6 +306,8 @@ async def test_an_assignment_made_while_the_worker_was_away_is_picked_up(
             max_concurrent=1,
             token="hive-worker-service-tests-registration-secret",
         )
+    # That life ended long enough ago for its registration to have lapsed (not expired).
+    registry.clock.advance(16)
     assigned = await create_and_assign(
         orchestrator, response.worker.worker_id, spec("echo", {"x": "while away"})
     )
@@ -404,7 +407,7 @@ async def test_registration_with_a_wrong_secret_is_refused(workers: Any) -> None
 
 
 async def test_an_attempt_left_running_by_a_dead_process_is_failed_on_restart(
-    workers: Any, orchestrator: TicketClient
+    workers: Any, registry: Any, orchestrator: TicketClient
 ) -> None:
     name = f"phoenix-{uuid.uuid4().hex[:6]}"
     first = workers.make(name=name)
@@ -418,8 +421,12 @@ async def test_an_attempt_left_running_by_a_dead_process_is_failed_on_restart(
     await asyncio.gather(workers.running[-1][1], return_exceptions=True)
     assert (await orchestrator.get_ticket(ticket_id=assigned.ticket_id)).status == RUNNING
 
-    # Its successor (same name, so same worker id) finds the attempt in its snapshot.
-    assert await workers.start(workers.make(name=name)) == worker_id
+    # Its successor (same name) is refused while the dead process's registration looks
+    # live, and waits; once that lapses (registry time moves 16 s), it takes the name
+    # over with the same worker id and finds the attempt in its snapshot.
+    successor = workers.make(name=name)
+    asyncio.get_running_loop().call_later(1.0, registry.clock.advance, 16)
+    assert await workers.start(successor) == worker_id
     requeued = await wait_status(orchestrator, assigned.ticket_id, PENDING, attempt=2)
     assert requeued.error_message == "the worker restarted while this attempt was running"
 
@@ -560,3 +567,43 @@ async def test_work_still_running_when_the_drain_grace_ends_is_failed_for_a_retr
     assert requeued.error_message == "the worker stopped before the task finished"
     with pytest.raises(NotFound):
         await registry_admin.get_worker(worker_id=worker_id)
+
+
+async def test_a_second_live_worker_under_a_name_is_refused_and_the_first_runs_on(
+    workers: Any, orchestrator: TicketClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Two processes with one name used to share the worker id and both run every task.
+    monkeypatch.setattr(sdk, "_NAME_WAIT_MARGIN", -14.0)  # give up after 1 s, not 17
+    name = f"twin-{uuid.uuid4().hex[:6]}"
+    first = workers.make(name=name)
+    worker_id = await workers.start(first)
+    second = workers.make(name=name)
+
+    with pytest.raises(AlreadyExists) as refused:
+        await asyncio.wait_for(second.run(install_signal_handlers=False), WAIT_SECONDS)
+
+    assert f"worker name '{name}' is held by a running instance" in refused.value.message
+    assert second.worker_id is None
+    assigned = await create_and_assign(orchestrator, worker_id, spec("echo", {"n": 1}))
+    await wait_status(orchestrator, assigned.ticket_id, COMPLETED)
+    assert first.succeeded_total == 1
+
+
+async def test_the_command_stops_at_once_on_sigterm_while_the_registry_is_unreachable() -> None:
+    nowhere = types.SimpleNamespace(target="127.0.0.1:1")  # refused: Register keeps retrying
+    process = await _hive_worker_process(nowhere, nowhere, "any-secret-at-all-0123", "cli-noreg")
+    loop = asyncio.get_running_loop()
+    try:
+        # Started and retrying (the deadline of one Register call is 30 s).
+        await asyncio.sleep(3)
+        assert process.returncode is None
+        sent = loop.time()
+        process.send_signal(signal.SIGTERM)
+        output, _ = await asyncio.wait_for(process.communicate(), WAIT_SECONDS)
+        stopped_after = loop.time() - sent
+    finally:
+        if process.returncode is None:
+            process.kill()
+            await process.wait()
+    assert process.returncode == 0, output.decode(errors="replace")
+    assert stopped_after < 3, output.decode(errors="replace")  # was 20-27 s

@@ -1,15 +1,24 @@
-"""What the worker says when the registry refuses it, and which heartbeat interval it
-keeps (no service involved: the registry client is a fake that answers Register)."""
+"""What the worker says when the registry refuses it, which heartbeat interval it keeps,
+how it waits for a name another process holds, and that a stop interrupts registration
+(no service involved: the registry client is a fake that answers Register)."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 import pytest
 from structlog.testing import capture_logs
 
-from hive_common.errors import FieldViolation, InvalidArgument, Unauthenticated
-from hive_worker import Worker, WorkerSettings
+from hive_common.clients import RegistryClient
+from hive_common.errors import (
+    AlreadyExists,
+    FieldViolation,
+    InvalidArgument,
+    Unauthenticated,
+    Unavailable,
+)
+from hive_worker import Worker, WorkerSettings, sdk
 from hive_worker.sdk import describe_error
 from neuralhive.registry.v1 import registry_service_pb2 as rpb
 
@@ -103,3 +112,155 @@ async def test_the_heartbeat_interval_is_never_longer_than_the_registry_asks(
     assert (warning["configured_seconds"], warning["registry_seconds"]) == (20.0, 5)
     assert "HIVE_WORKER_HEARTBEAT_INTERVAL_SECONDS" in warning["hint"]
     assert "at most 5" in warning["hint"]
+
+
+# -- one live process per name ---------------------------------------------------------------
+
+
+def name_in_use(retry_after: float = 0.0, window: float = 15.0) -> AlreadyExists:
+    """The registry's refusal of a name another live process holds (details as decoded)."""
+    return AlreadyExists(
+        "worker name 'unit' is held by a running instance (last heartbeat 0.4 s ago): give "
+        "this worker another name (--name), or stop the other one",
+        details={
+            "reason": "WORKER_NAME_IN_USE",
+            "name": "unit",
+            "retry_after_seconds": str(retry_after),
+            "unhealthy_after_seconds": str(window),
+        },
+    )
+
+
+class ScriptedRegistry:
+    """Answers each Register with the next answer (the last one repeats); records calls."""
+
+    def __init__(self, *answers: rpb.RegisterResponse | Exception) -> None:
+        self.answers = list(answers)
+        self.calls: list[dict[str, Any]] = []
+        self.called = asyncio.Event()
+
+    async def register(self, **kwargs: Any) -> rpb.RegisterResponse:
+        self.calls.append(kwargs)
+        self.called.set()
+        answer = self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+
+async def test_every_registration_of_a_process_sends_its_instance_id() -> None:
+    registry = ScriptedRegistry(registered(5))
+    worker = worker_with(registry)  # type: ignore[arg-type]
+    other = worker_with(registry)  # type: ignore[arg-type]
+    await worker._register()
+    await worker._register()  # e.g. after NOT_FOUND or token expiry: the same process
+    await other._register()
+    ids = [call["instance_id"] for call in registry.calls]
+    assert ids == [worker.instance_id, worker.instance_id, other.instance_id]
+    assert worker.instance_id != other.instance_id
+
+
+class RecordingChannel:
+    """A channel whose unary calls record their request and answer ``registered(5)``."""
+
+    def __init__(self) -> None:
+        self.requests: list[Any] = []
+
+    def unary_unary(self, path: str, **kwargs: Any) -> Any:
+        async def call(request: Any, **kwargs: Any) -> Any:
+            self.requests.append(request)
+            return registered(5)
+
+        return call
+
+    def unary_stream(self, path: str, **kwargs: Any) -> Any:
+        return None
+
+
+async def test_the_registry_client_puts_the_instance_id_in_the_request() -> None:
+    channel = RecordingChannel()
+    client = RegistryClient(channel=channel)  # type: ignore[arg-type]
+    await client.register(
+        name="unit", capabilities=["python"], max_concurrent=2, instance_id="proc-a", token="s"
+    )
+    [request] = channel.requests
+    assert (request.name, request.instance_id, list(request.capabilities)) == (
+        "unit",
+        "proc-a",
+        ["python"],
+    )
+
+
+async def test_a_name_held_by_a_live_process_is_waited_for_then_taken_over() -> None:
+    # A restart after a crash: the dead process's registration lapses after the window.
+    registry = ScriptedRegistry(name_in_use(0.1), name_in_use(0.05), registered(5))
+    worker = worker_with(registry)  # type: ignore[arg-type]
+    with capture_logs() as logs:
+        async with asyncio.timeout(5):
+            assert await worker._register_until_done()
+    assert worker.worker_id == "w-1"
+    assert len(registry.calls) == 3
+    [waiting] = [entry for entry in logs if entry["event"].startswith("worker name held")]
+    assert waiting["log_level"] == "info"
+    assert waiting["name"] == "unit"
+    assert "--name" in waiting["error"]
+    assert [e for e in logs if e["log_level"] in ("warning", "error")] == []
+
+
+async def test_a_name_still_held_after_the_window_is_a_refusal(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(sdk, "_NAME_WAIT_MARGIN", 0.0)
+    registry = ScriptedRegistry(name_in_use(0.2, window=0.6))
+    worker = worker_with(registry)  # type: ignore[arg-type]
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    with capture_logs() as logs, pytest.raises(AlreadyExists):
+        async with asyncio.timeout(5):
+            await worker._register_until_done()
+    assert loop.time() - started >= 0.6
+    assert len(registry.calls) >= 2
+    [refused] = [entry for entry in logs if entry["event"] == "registration refused"]
+    assert refused["log_level"] == "error"
+    assert "worker name 'unit' is held by a running instance" in refused["error"]
+    assert "--name" in refused["hint"]
+
+
+class HangingRegistry:
+    """Register never answers: a call waiting out its deadline (registry unreachable)."""
+
+    def __init__(self) -> None:
+        self.started = asyncio.Event()
+        self.cancelled = False
+
+    async def register(self, **kwargs: Any) -> rpb.RegisterResponse:
+        self.started.set()
+        try:
+            await asyncio.Event().wait()
+        except asyncio.CancelledError:
+            self.cancelled = True
+            raise
+        raise AssertionError("unreachable")
+
+
+async def test_a_drain_interrupts_a_registration_in_flight() -> None:
+    registry = HangingRegistry()
+    worker = worker_with(registry)  # type: ignore[arg-type]
+    task = asyncio.create_task(worker._register_until_done())
+    await asyncio.wait_for(registry.started.wait(), 5)
+    worker.drain()  # what SIGTERM does
+    async with asyncio.timeout(1):
+        assert await task is False
+    assert registry.cancelled
+    assert worker.worker_id is None
+
+
+@pytest.mark.parametrize("refusal", [Unavailable("registry down"), name_in_use(10.0)])
+async def test_a_drain_ends_the_wait_between_registration_attempts(refusal: Exception) -> None:
+    registry = ScriptedRegistry(refusal)
+    worker = worker_with(registry)  # type: ignore[arg-type]
+    task = asyncio.create_task(worker._register_until_done())
+    await asyncio.wait_for(registry.called.wait(), 5)
+    worker.drain()
+    async with asyncio.timeout(1):
+        assert await task is False

@@ -112,9 +112,11 @@ class RegistryClient(GrpcClient):
         token: str | None = None,
         attempt_timeout: float | None = None,
         deadline: float | None = None,
+        instance_id: str = "",
     ) -> pb.RegisterResponse:
         """Register (or re-register) the worker ``(namespace, name)``; returns its worker
-        token and the heartbeat interval to use."""
+        token and the heartbeat interval to use. ``instance_id`` (one per worker process)
+        lets the registry refuse a second live process under the same name."""
         return await self._invoke(
             self._stub.Register,
             pb.RegisterRequest(
@@ -124,6 +126,7 @@ class RegistryClient(GrpcClient):
                 labels=dict(labels or {}),
                 max_concurrent=max_concurrent,
                 version=version,
+                instance_id=instance_id,
             ),
             idempotent=True,
             metadata=bearer_metadata(token),
