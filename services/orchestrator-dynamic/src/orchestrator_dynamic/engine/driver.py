@@ -143,6 +143,8 @@ class DrivenPlan:
     resync_due: float = 0.0
     waiting_for_workers: bool = False
     lost: bool = False
+    # Workers the registry expired while this plan had tickets on them (see _hand_back).
+    lost_workers: set[str] = field(default_factory=set)
 
     @property
     def plan_id(self) -> str:
@@ -344,12 +346,24 @@ class PlanDriver:
                         self._discovered.clear()  # the workers changed
                         if event.type in _WORKER_WAKE_EVENTS:
                             self._wake_waiting()
+                        elif event.type == registry_pb.WORKER_EVENT_TYPE_EXPIRED:
+                            self._worker_lost(event.worker.worker_id)
             except HiveError as exc:
                 self._health.failed(REGISTRY, str(exc))
                 _log.warning("worker watch failed", error=str(exc))
             except Exception:
                 _log.exception("worker watch error")
             await asyncio.sleep(self._settings.error_retry)
+
+    def _worker_lost(self, worker_id: str) -> None:
+        """The registry expired ``worker_id`` (no heartbeat for its TTL): the plans with
+        tickets there hand them back in their next round, instead of waiting out leases
+        as long as the tasks' timeouts (an hour by default)."""
+        for plan in self._plans.values():
+            if plan.progress.occupying.get(worker_id):
+                plan.lost_workers.add(worker_id)
+                plan.due = 0.0
+                self._wake.set()
 
     def _wake_waiting(self) -> None:
         woke = False
@@ -515,6 +529,8 @@ class PlanDriver:
         self._fold_inbox(plan)
         if plan.resync_due <= loop.time():
             await self._resync(plan)
+        if plan.lost_workers:
+            await self._hand_back(plan)
 
         decision = self._decide(plan)
         if decision.start_backoff:
@@ -723,6 +739,44 @@ class PlanDriver:
                 self._wake_waiting()
             self._metrics.cancellations.inc()
         await self._flush(plan)
+
+    async def _hand_back(self, plan: DrivenPlan) -> None:
+        """Report the tickets a lost worker held as failed (retryable, so the ticket service
+        re-queues those with attempts left: the "worker lost" edge of the state machine).
+        Should the worker still be running one, its result is refused as late (fenced)."""
+        lost, plan.lost_workers = plan.lost_workers, set()
+        handed = [
+            state
+            for state in plan.tickets.values()
+            if state.worker_id in lost and state.status in OCCUPYING and state.ticket_id
+        ]
+        for state in handed:
+            assert state.ticket_id is not None
+            try:
+                ticket = await self._call_tickets(
+                    self._tickets.update_ticket_status(
+                        ticket_id=state.ticket_id,
+                        status=ticket_pb.TICKET_STATUS_FAILED,
+                        attempt=state.attempt,
+                        error_message=f"worker {state.worker_id} lost: the registry expired it"
+                        " (no heartbeat for its TTL)",
+                    )
+                )
+            except (FailedPrecondition, Aborted):
+                # It moved on meanwhile (finished, or re-queued): read the truth.
+                ticket = await self._call_tickets(
+                    self._tickets.get_ticket(ticket_id=state.ticket_id)
+                )
+            if self._merge(plan, ticket_state(state.task_id, ticket)):
+                self._wake_waiting()
+        if handed:
+            _log.warning(
+                "tickets of a lost worker handed back",
+                plan_id=plan.plan_id,
+                workers=sorted(lost),
+                tickets=len(handed),
+            )
+            await self._flush(plan)
 
     async def _store_status(self, plan: DrivenPlan, decision: SchedulingDecision) -> None:
         status, error = decision.status, decision.error_message
