@@ -806,7 +806,10 @@ def _lease_reason(
         )
         health = f"{worker.status.value.lower()}, {seen}"
     elif workers_known:
-        health = "no longer registered; the ticket is re-queued when its lease expires"
+        health = (
+            "no longer registered; the ticket is handed back when the registry expires the"
+            " worker, or when its lease expires"
+        )
     else:
         health = "worker status unknown"
     if state.status is TicketStatus.RUNNING:
