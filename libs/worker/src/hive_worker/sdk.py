@@ -47,6 +47,7 @@ from hive_common.clients import (
     ReconnectPolicy,
     RegistryClient,
     TicketClient,
+    TicketWatch,
     status_update_request,
 )
 from hive_common.errors import (
@@ -287,6 +288,9 @@ class Worker:
         self._token_expires_at: datetime | None = None
         self._server_interval: float = 5.0
         self._warned_interval: float | None = None  # the registry interval warned about
+        # The assignment watch now open, and whether heartbeats said it was unreachable.
+        self._watch: TicketWatch | None = None
+        self._reported_unreachable = False
         self._runs: dict[tuple[str, int], _Run] = {}
         self._finished: OrderedDict[tuple[str, int], None] = OrderedDict()
         self._slots = asyncio.Semaphore(settings.max_concurrent)
@@ -630,7 +634,7 @@ class Worker:
                 await self._register()
             response = await self._registry_client.heartbeat(
                 worker_id=self._worker_id,
-                in_flight=self.load,
+                in_flight=self._reported_load(),
                 succeeded_total=self.succeeded_total,
                 failed_total=self.failed_total,
                 draining=self._draining,
@@ -647,6 +651,23 @@ class Worker:
                 self._log.error("re-registration failed", error=repr(again))
         except HiveError as exc:
             self._log.warning("heartbeat failed", error=repr(exc))
+
+    def _reported_load(self) -> int:
+        """:attr:`load`, or every slot while the assignment watch cannot reach the ticket
+        service: a worker that cannot see its assignments must not attract any (each
+        would cost an attempt and a lease, and a plan could fail for it)."""
+        watch = self._watch
+        unreachable = watch is not None and watch.down
+        if unreachable != self._reported_unreachable:
+            self._reported_unreachable = unreachable
+            if unreachable:
+                self._log.warning(
+                    "ticket service unreachable: reporting no free slot until the "
+                    "assignment watch is back"
+                )
+            else:
+                self._log.info("assignment watch back: reporting free slots again")
+        return self.settings.max_concurrent if unreachable else self.load
 
     def _token_expiring(self) -> bool:
         if self._token_expires_at is None:
@@ -683,6 +704,7 @@ class Worker:
                 exclude_own_changes=True,
             )
             from_now = False
+            self._watch = watch
             try:
                 async for event in watch:
                     failures = 0

@@ -382,6 +382,32 @@ async def test_a_ticket_service_outage_delays_work_and_loses_nothing(
     assert dict(done.result) == {"n": 2.0}
 
 
+async def test_a_worker_that_cannot_see_its_assignments_reports_no_free_slot(
+    workers: Any, tickets: Any, registry_admin: RegistryClient
+) -> None:
+    # It used to heartbeat with every slot free: the orchestrator kept assigning it
+    # tickets it never saw, each costing an attempt and a lease (plans failed for it).
+    worker = workers.make(max_concurrent=3, heartbeat_interval_seconds=0.2)
+    worker_id = await workers.start(worker)
+    await eventually(
+        lambda: registry_admin.get_worker(worker_id=worker_id),
+        lambda w: w.in_flight == 0,
+        what="a heartbeat with every slot free",
+    )
+    await tickets.stop()  # the assignment watch cannot reconnect
+    await eventually(
+        lambda: registry_admin.get_worker(worker_id=worker_id),
+        lambda w: w.in_flight == 3,
+        what="a heartbeat with no free slot",
+    )
+    await tickets.start()  # same port, same database
+    await eventually(
+        lambda: registry_admin.get_worker(worker_id=worker_id),
+        lambda w: w.in_flight == 0,
+        what="every slot free again",
+    )
+
+
 async def test_a_registry_outage_does_not_stop_work(
     workers: Any, registry: Any, orchestrator: TicketClient, registry_admin: RegistryClient
 ) -> None:

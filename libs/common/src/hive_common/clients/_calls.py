@@ -80,6 +80,9 @@ class ReconnectPolicy:
         return random.uniform(0, ceiling)
 
 
+# Reconnections in a row logged at INFO; the following ones at WARNING.
+_QUIET_FAILURES = 3
+
 RECONNECT_CHANNEL_OPTIONS: tuple[tuple[str, int], ...] = (
     ("grpc.initial_reconnect_backoff_ms", 200),
     ("grpc.max_reconnect_backoff_ms", 5_000),
@@ -222,6 +225,17 @@ class ReconnectingStream(Generic[ResponseT, ItemT]):
         self.connections = 0
         """How many times the stream was opened (1 + reconnections)."""
 
+    @property
+    def down(self) -> bool:
+        """True from a failure until the stream is established again (a message, or a
+        subclass's :meth:`_established`): while the server cannot be reached."""
+        return self._outage_started is not None
+
+    def _established(self) -> None:
+        """Subclasses: the server answered the (re)opened stream (e.g. its headers)."""
+        self._outage_started = None
+        self._failures = 0
+
     def _request(self) -> Any:
         raise NotImplementedError
 
@@ -312,7 +326,9 @@ class ReconnectingStream(Generic[ResponseT, ItemT]):
             raise StopAsyncIteration
         self._failures += 1
         wait = self._reconnect.backoff(self._failures)
-        _log.info(
+        # Loud once it is an outage rather than a blip (a restart of the server).
+        log = _log.warning if self._failures > _QUIET_FAILURES else _log.info
+        log(
             "watch stream lost; reconnecting",
             stream=type(self).__name__,
             error=repr(error) if error else "stream ended",

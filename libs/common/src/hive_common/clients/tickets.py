@@ -172,15 +172,17 @@ class TicketWatch(ReconnectingStream[pb.WatchTicketsResponse, pb.TicketEvent]):
     async def _connected(
         self, call: grpc.aio.UnaryStreamCall[pb.WatchTicketsRequest, pb.WatchTicketsResponse]
     ) -> None:
-        if self.cursor or self._snapshot_requested:
-            return
         try:
             metadata = await call.initial_metadata()
         except grpc.aio.AioRpcError:
             return  # the next read reports the failure (translated) and reconnects
+        # The service sends its cursor header once the watch is positioned (a failed call
+        # has none: grpc answers its initial_metadata() with empty metadata).
         for key, value in metadata or ():
             if key == WATCH_CURSOR_METADATA and isinstance(value, str) and value:
-                self.cursor = value
+                self._established()
+                if not self.cursor and not self._snapshot_requested:
+                    self.cursor = value
 
     def _accept(self, response: pb.WatchTicketsResponse) -> Sequence[pb.TicketEvent]:
         # Several per message when the server batches them (batch_events; a server that
