@@ -5,6 +5,7 @@ reference workers from ``hive_worker``."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
@@ -139,6 +140,14 @@ class Flow(InProcessFlow):
     def tasks(body: dict[str, Any]) -> dict[str, dict[str, Any]]:
         """A plan body's tickets keyed by task id."""
         return {t["task_id"]: t for t in body["tickets"]}
+
+    async def kill_worker(self, worker: Any) -> None:
+        """The worker process dies without a word: no report, no deregistration."""
+        _, task = next((w, t) for w, t in self.workers if w is worker)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        self.workers = [(w, t) for w, t in self.workers if w is not worker]
 
     def ticket_client(self) -> TicketClient:
         issuer = TokenIssuer(secret=JWT_SECRET, issuer="hive-flow-c", audience="neuralhive")

@@ -4,7 +4,6 @@ after a longer TTL; its assigned tickets return to PENDING"), not when their lea
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -60,12 +59,7 @@ async def test_the_tickets_of_an_expired_worker_run_elsewhere_without_waiting_fo
     async with asyncio.timeout(60):
         await started.wait()
 
-    # The worker process dies without a word: no report, no deregistration.
-    _, task = next((w, t) for w, t in flow.workers if w is doomed)
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
-    flow.workers = [(w, t) for w, t in flow.workers if w is not doomed]
+    await flow.kill_worker(doomed)
 
     survivor = await flow.start_worker("survivor", ["python"])
 

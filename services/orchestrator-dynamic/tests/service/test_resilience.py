@@ -5,7 +5,6 @@ other's plans."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from typing import TYPE_CHECKING, Any
 
 import psycopg
@@ -159,12 +158,7 @@ async def test_a_ticket_of_a_lost_worker_runs_elsewhere(flow: Flow) -> None:
     async with asyncio.timeout(60):
         await started.wait()
 
-    # The worker process dies without a word: no report, no deregistration.
-    _, task = next((w, t) for w, t in flow.workers if w is doomed)
-    task.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await task
-    flow.workers = [(w, t) for w, t in flow.workers if w is not doomed]
+    await flow.kill_worker(doomed)
 
     survivor = await flow.start_worker("survivor", ["python"])
 

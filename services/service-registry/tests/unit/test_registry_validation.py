@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from hive_common.errors import InvalidArgument
-from service_registry.domain.models import ListCursor, WorkerStatus
+from service_registry.domain.models import ListCursor, ListQuery, WorkerStatus
 from service_registry.domain.validation import (
     MAX_REPORTED_VIOLATIONS,
     Limits,
@@ -36,6 +36,19 @@ GOOD_REGISTRATION: dict[str, Any] = {
 
 def fields(exc: pytest.ExceptionInfo[InvalidArgument]) -> set[str]:
     return {v.field for v in exc.value.violations}
+
+
+def _listing(**overrides: Any) -> ListQuery:
+    """validate_list with every argument at its "nothing asked" value but ``overrides``."""
+    values: dict[str, Any] = {
+        "namespace": "",
+        "statuses": [],
+        "capability": "",
+        "page_size": 0,
+        "page_token": "",
+        "limits": Limits(),
+    }
+    return validate_list(**(values | overrides))
 
 
 def test_good_registration_is_normalised() -> None:
@@ -138,27 +151,13 @@ def test_bad_discovery_reports_every_field() -> None:
 
 def test_list_cursor_round_trip_and_bad_token() -> None:
     token = encode_cursor(ListCursor(namespace="default", name="w1"))
-    q = validate_list(
-        namespace="",
-        statuses=[WorkerStatus.HEALTHY],
-        capability="python",
-        page_size=0,
-        page_token=token,
-        limits=Limits(),
-    )
+    q = _listing(statuses=[WorkerStatus.HEALTHY], capability="python", page_token=token)
     assert q.after == ListCursor(namespace="default", name="w1")
     assert q.namespace is None
     assert q.page_size == 50
     for bad in ("!!!", encode_cursor(ListCursor("a", "b"))[:-3] + "xyz", "e30"):
         with pytest.raises(InvalidArgument) as exc:
-            validate_list(
-                namespace="",
-                statuses=[],
-                capability="",
-                page_size=10,
-                page_token=bad,
-                limits=Limits(),
-            )
+            _listing(page_size=10, page_token=bad)
         assert fields(exc) == {"page_token"}
 
 
@@ -182,15 +181,7 @@ def test_nul_is_refused_before_it_reaches_the_database() -> None:
         )
     assert fields(exc) == {"label_selector[zone]"}
     with pytest.raises(InvalidArgument) as exc:
-        validate_list(
-            namespace="",
-            statuses=[],
-            capability="",
-            page_size=0,
-            page_token="",
-            limits=Limits(),
-            labels=[f"zone={NUL}"],
-        )
+        _listing(labels=[f"zone={NUL}"])
     assert fields(exc) == {"label[0]"}
 
 
@@ -211,14 +202,7 @@ def _token(value: Any) -> str:
 )
 def test_forged_page_tokens_are_malformed(token: str) -> None:
     with pytest.raises(InvalidArgument) as exc:
-        validate_list(
-            namespace="",
-            statuses=[],
-            capability="",
-            page_size=0,
-            page_token=token,
-            limits=Limits(),
-        )
+        _listing(page_token=token)
     assert fields(exc) == {"page_token"}
 
 
@@ -246,16 +230,7 @@ def test_echoed_input_and_the_violation_list_are_bounded() -> None:
 def test_list_label_selectors_are_named_by_position_and_keys_are_unique() -> None:
     def bad(labels: list[str]) -> list[tuple[str, str]]:
         with pytest.raises(InvalidArgument) as exc:
-            validate_list(
-                namespace="",
-                statuses=[],
-                capability="",
-                page_size=0,
-                page_token="",
-                limits=Limits(),
-                labels=labels,
-                field_prefix="query.",
-            )
+            _listing(labels=labels, field_prefix="query.")
         return [(v.field, v.description) for v in exc.value.violations]
 
     # Both values cannot hold at once, and neither may silently win.
@@ -266,15 +241,7 @@ def test_list_label_selectors_are_named_by_position_and_keys_are_unique() -> Non
         "query.label[0]",
         "query.label[1]",
     ]
-    q = validate_list(
-        namespace="",
-        statuses=[],
-        capability="",
-        page_size=0,
-        page_token="",
-        limits=Limits(),
-        labels=["zone=eu", "tier=a=b", "empty="],
-    )
+    q = _listing(labels=["zone=eu", "tier=a=b", "empty="])
     assert q.label_selector == {"zone": "eu", "tier": "a=b", "empty": ""}
 
 

@@ -721,20 +721,9 @@ class PlanDriver:
             state = plan.tickets[task_id]
             if state.ticket_id is None or state.status.terminal:
                 continue
-            try:
-                ticket = await self._call_tickets(
-                    self._tickets.update_ticket_status(
-                        ticket_id=state.ticket_id,
-                        status=ticket_pb.TICKET_STATUS_CANCELLED,
-                        attempt=state.attempt,
-                        error_message="cancelled by the orchestrator",
-                    )
-                )
-            except (FailedPrecondition, Aborted):
-                # It moved on (finished, or re-queued to a new attempt): read the truth.
-                ticket = await self._call_tickets(
-                    self._tickets.get_ticket(ticket_id=state.ticket_id)
-                )
+            ticket = await self._report(
+                state, ticket_pb.TICKET_STATUS_CANCELLED, "cancelled by the orchestrator"
+            )
             if self._merge(plan, ticket_state(task_id, ticket)):
                 self._wake_waiting()
             self._metrics.cancellations.inc()
@@ -751,22 +740,12 @@ class PlanDriver:
             if state.worker_id in lost and state.status in OCCUPYING and state.ticket_id
         ]
         for state in handed:
-            assert state.ticket_id is not None
-            try:
-                ticket = await self._call_tickets(
-                    self._tickets.update_ticket_status(
-                        ticket_id=state.ticket_id,
-                        status=ticket_pb.TICKET_STATUS_FAILED,
-                        attempt=state.attempt,
-                        error_message=f"worker {state.worker_id} lost: the registry expired it"
-                        " (no heartbeat for its TTL)",
-                    )
-                )
-            except (FailedPrecondition, Aborted):
-                # It moved on meanwhile (finished, or re-queued): read the truth.
-                ticket = await self._call_tickets(
-                    self._tickets.get_ticket(ticket_id=state.ticket_id)
-                )
+            ticket = await self._report(
+                state,
+                ticket_pb.TICKET_STATUS_FAILED,
+                f"worker {state.worker_id} lost: the registry expired it"
+                " (no heartbeat for its TTL)",
+            )
             if self._merge(plan, ticket_state(state.task_id, ticket)):
                 self._wake_waiting()
         if handed:
@@ -777,6 +756,24 @@ class PlanDriver:
                 tickets=len(handed),
             )
             await self._flush(plan)
+
+    async def _report(
+        self, state: TicketState, status: ticket_pb.TicketStatus.ValueType, error_message: str
+    ) -> ticket_pb.ExecutionTicket:
+        """Report ``status`` for the ticket's current attempt; the ticket as it now is."""
+        assert state.ticket_id is not None
+        try:
+            return await self._call_tickets(
+                self._tickets.update_ticket_status(
+                    ticket_id=state.ticket_id,
+                    status=status,
+                    attempt=state.attempt,
+                    error_message=error_message,
+                )
+            )
+        except (FailedPrecondition, Aborted):
+            # It moved on (finished, or re-queued to a new attempt): read the truth.
+            return await self._call_tickets(self._tickets.get_ticket(ticket_id=state.ticket_id))
 
     async def _store_status(self, plan: DrivenPlan, decision: SchedulingDecision) -> None:
         status, error = decision.status, decision.error_message
