@@ -56,6 +56,11 @@ class HiveError(Exception):
             ]
         return {"error": {"code": self.code, "message": self.message, "details": details}}
 
+    def violations_text(self) -> str:
+        """The field violations on one line (``field: description; ...``), for places
+        that carry only text (a batch item's message, a log line)."""
+        return "; ".join(f"{v.field}: {v.description}" for v in self.violations)
+
     def __repr__(self) -> str:
         return f"{type(self).__name__}({self.message!r})"
 

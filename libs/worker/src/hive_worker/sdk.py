@@ -103,7 +103,7 @@ def describe_error(exc: BaseException) -> str:
         return repr(exc)
     text = f"{type(exc).__name__}: {exc.message}"
     if exc.violations:
-        text += " (" + "; ".join(f"{v.field}: {v.description}" for v in exc.violations) + ")"
+        text += f" ({exc.violations_text()})"
     return text
 
 
@@ -493,8 +493,7 @@ class Worker:
 
     async def _register(self) -> None:
         secret = self.settings.registration_secret
-        client = self._registry_client
-        response = await client.register(
+        response = await self._registry_client.register(
             name=self.settings.name,
             namespace=self.settings.namespace,
             capabilities=self.settings.capabilities,

@@ -382,7 +382,7 @@ def _batch_result(message: type[BatchResult], result: Ticket | HiveError) -> Bat
     if isinstance(result, HiveError):
         text = result.message
         if result.violations:
-            text += ": " + "; ".join(f"{v.field}: {v.description}" for v in result.violations)
+            text += ": " + result.violations_text()
         return message(error_code=grpc.StatusCode[result.grpc_code].value[0], error_message=text)
     return message(ticket=ticket_to_proto(result))
 
