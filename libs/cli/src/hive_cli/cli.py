@@ -109,6 +109,7 @@ def _global_options(parser: argparse.ArgumentParser) -> None:
         group.add_argument(
             f"--{service}",
             metavar="URL",
+            type=_given("URL"),
             default=argparse.SUPPRESS,
             help=f"{service} HTTP API (env {URL_ENV[service]}, default {DEFAULT_URLS[service]})",
         )
@@ -121,11 +122,13 @@ def _global_options(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument(
         "--token",
+        type=_given("token"),
         default=argparse.SUPPRESS,
         help="JWT service token for the ticket service and registry (env HIVE_TOKEN)",
     )
     group.add_argument(
         "--api-token",
+        type=_given("token"),
         default=argparse.SUPPRESS,
         help="orchestrator API token (env HIVE_ORCHESTRATOR_API_TOKEN)",
     )
@@ -136,6 +139,18 @@ def _global_options(parser: argparse.ArgumentParser) -> None:
         default=argparse.SUPPRESS,
         help=f"per-request HTTP timeout (default {DEFAULT_REQUEST_TIMEOUT:g})",
     )
+
+
+def _given(what: str) -> Callable[[str], str]:
+    """An option's value that must not be empty: ``--orchestrator ""`` (a script's unset
+    variable) used to fall back to the environment or the default without a word."""
+
+    def parse(text: str) -> str:
+        if not text.strip():
+            raise argparse.ArgumentTypeError(f"{what} must not be empty")
+        return text
+
+    return parse
 
 
 def _seconds(text: str) -> float:

@@ -134,6 +134,12 @@ def test_an_unparsable_url_is_a_usage_error(url: str) -> None:
         (["workers", "list", "--capability", ""], "capability must not be empty"),
         (["workers", "list", "--namespace", ""], "namespace must not be empty"),
         (["workers", "list", "--status", ""], "status must not be empty"),
+        # An empty URL or token used to fall back to the environment or the default.
+        (["--orchestrator", "", "plan", "list"], "URL must not be empty"),
+        (["plan", "list", "--tickets", " "], "URL must not be empty"),
+        (["--registry", "", "workers", "list"], "URL must not be empty"),
+        (["--token", "", "tickets", "list"], "token must not be empty"),
+        (["--api-token", "", "plan", "list"], "token must not be empty"),
     ],
 )
 def test_ids_and_filters_that_cannot_be_sent_are_refused_before_any_request(
