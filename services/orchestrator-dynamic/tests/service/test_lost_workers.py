@@ -1,11 +1,13 @@
 """A worker the registry expires hands its tickets back at once (DESIGN §6: "removed
-after a longer TTL; its assigned tickets return to PENDING"), not when their leases end."""
+after a longer TTL; its assigned tickets return to PENDING"), not when their leases end;
+also when no orchestrator saw it expire."""
 
 from __future__ import annotations
 
 import asyncio
 from typing import TYPE_CHECKING, Any
 
+import psycopg
 import pytest
 
 from service_registry.config import RegistrySettings
@@ -29,11 +31,8 @@ def registry_settings(registry_settings: RegistrySettings) -> RegistrySettings:
     )
 
 
-async def test_the_tickets_of_an_expired_worker_run_elsewhere_without_waiting_for_leases(
-    flow: Flow,
-) -> None:
-    # Leases as long as the defaults: only the registry's expiry can bring the ticket back.
-    await flow.start_orchestrator(assign_lease_seconds=3600)
+async def hang_on_a_doomed_worker(flow: Flow, plan_id: str) -> Any:
+    """Submit a one-task plan whose task hangs on worker "doomed"; the worker once it runs."""
     doomed = await flow.start_worker("doomed", ["python"])
     started = asyncio.Event()
 
@@ -43,32 +42,68 @@ async def test_the_tickets_of_an_expired_worker_run_elsewhere_without_waiting_fo
         return {}
 
     doomed.add_task("job", hang)
-    plan = {
-        "plan_id": "orphan",
-        "tasks": [
-            {
-                "task_id": "job",
-                "task_type": "job",
-                "required_capabilities": ["python"],
-                "timeout_seconds": 3600,
-                "max_retries": 1,
-            }
-        ],
+    task = {
+        "task_id": "job",
+        "task_type": "job",
+        "required_capabilities": ["python"],
+        # Leases as long as the defaults: only a lost worker can bring the ticket back.
+        "timeout_seconds": 3600,
+        "max_retries": 1,
     }
-    assert (await flow.submit(plan)).status_code == 202
+    assert (await flow.submit({"plan_id": plan_id, "tasks": [task]})).status_code == 202
     async with asyncio.timeout(60):
         await started.wait()
+    return doomed
 
-    await flow.kill_worker(doomed)
 
+async def assert_ran_on_a_survivor(flow: Flow, plan_id: str, survivor: Any) -> None:
+    final = await flow.wait_settled(plan_id)
+    assert final["status"] == "COMPLETED", final
+    job = flow.tasks(final)["job"]
+    assert job["attempt"] == 2
+    assert job["worker_id"] == survivor.worker_id
+
+
+async def start_survivor(flow: Flow) -> Any:
     survivor = await flow.start_worker("survivor", ["python"])
 
     async def done(params: dict[str, Any], ctx: Any) -> dict[str, Any]:
         return {"ran_on": "survivor", "attempt": ctx.attempt}
 
     survivor.add_task("job", done)
-    final = await flow.wait_settled("orphan")
-    assert final["status"] == "COMPLETED", final
-    job = flow.tasks(final)["job"]
-    assert job["attempt"] == 2
-    assert job["worker_id"] == survivor.worker_id
+    return survivor
+
+
+async def test_the_tickets_of_an_expired_worker_run_elsewhere_without_waiting_for_leases(
+    flow: Flow,
+) -> None:
+    await flow.start_orchestrator(assign_lease_seconds=3600)
+    doomed = await hang_on_a_doomed_worker(flow, "orphan")
+    await flow.kill_worker(doomed)
+    survivor = await start_survivor(flow)
+    await assert_ran_on_a_survivor(flow, "orphan", survivor)
+
+
+async def test_a_replica_taking_a_plan_over_hands_back_the_tickets_of_a_worker_gone_meanwhile(
+    flow: Flow, registry_settings: RegistrySettings
+) -> None:
+    # The worker expires while no orchestrator runs, so no replica sees the EXPIRED event:
+    # the one taking the plan over finds the worker gone when it reads the plan's tickets.
+    first = await flow.start_orchestrator(assign_lease_seconds=3600)
+    doomed = await hang_on_a_doomed_worker(flow, "orphan-taken-over")
+    await flow.stop_orchestrator(first)
+    await flow.kill_worker(doomed)
+    dsn = registry_settings.postgres_dsn.get_secret_value()
+
+    async def expired() -> bool:
+        async with await psycopg.AsyncConnection.connect(dsn) as conn:
+            cur = await conn.execute(
+                "SELECT count(*) FROM workers WHERE worker_id = %s", (doomed.worker_id,)
+            )
+            row = await cur.fetchone()
+            return row is not None and row[0] == 0
+
+    await flow.wait_for(expired, what="the registry expiring the killed worker")
+    survivor = await start_survivor(flow)
+    await flow.start_orchestrator(assign_lease_seconds=3600)
+    await assert_ran_on_a_survivor(flow, "orphan-taken-over", survivor)

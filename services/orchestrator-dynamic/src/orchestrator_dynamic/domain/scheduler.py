@@ -807,8 +807,9 @@ def _lease_reason(
         health = f"{worker.status.value.lower()}, {seen}"
     elif workers_known:
         health = (
-            "no longer registered; the ticket is handed back when the registry expires the"
-            " worker, or when its lease expires"
+            "no longer registered; the ticket is handed back when the orchestrator sees the"
+            " worker gone (at once, or at its next re-read of the plan), or when its lease"
+            " expires"
         )
     else:
         health = "worker status unknown"

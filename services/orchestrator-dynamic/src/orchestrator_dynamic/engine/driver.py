@@ -143,8 +143,8 @@ class DrivenPlan:
     resync_due: float = 0.0
     waiting_for_workers: bool = False
     lost: bool = False
-    # Workers the registry expired while this plan had tickets on them (see _hand_back).
-    lost_workers: set[str] = field(default_factory=set)
+    # Workers gone while this plan had tickets on them -> why (see _hand_back).
+    lost_workers: dict[str, str] = field(default_factory=dict)
 
     @property
     def plan_id(self) -> str:
@@ -198,6 +198,9 @@ class PlanDriver:
         # Workers on which one of our tickets freed a slot -> loop time it happened, until
         # DiscoverWorkers shows them with a spare slot (see DriverSettings.registry_lag_window).
         self._freed_workers: dict[str, float] = {}
+        # Workers the registry listed (see _find_lost_workers) -> loop time until which
+        # they are not asked about again.
+        self._seen_live: dict[str, float] = {}
         # Slots seen freed per worker (sorted by freed_at), to add to the registry's count
         # until the worker's next heartbeat reports them (see worker_candidate).
         self._freed_slots: dict[str, list[FreedSlot]] = {}
@@ -359,11 +362,39 @@ class PlanDriver:
         """The registry expired ``worker_id`` (no heartbeat for its TTL): the plans with
         tickets there hand them back in their next round, instead of waiting out leases
         as long as the tasks' timeouts (an hour by default)."""
+        self._seen_live.pop(worker_id, None)
         for plan in self._plans.values():
             if plan.progress.occupying.get(worker_id):
-                plan.lost_workers.add(worker_id)
-                plan.due = 0.0
-                self._wake.set()
+                self._lose(plan, worker_id, "the registry expired it (no heartbeat for its TTL)")
+
+    def _lose(self, plan: DrivenPlan, worker_id: str, why: str) -> None:
+        plan.lost_workers[worker_id] = why
+        plan.due = 0.0
+        self._wake.set()
+
+    async def _find_lost_workers(self, plan: DrivenPlan) -> None:
+        """Workers holding this plan's tickets that the registry no longer lists: expired
+        (or deregistered) while no WatchWorkers stream of this replica saw it, e.g. before
+        it took the plan over or while the registry was unreachable. Their tickets are
+        handed back like on an EXPIRED event, instead of waiting out their leases. A
+        worker found live is not asked again for a resync interval."""
+        now = asyncio.get_running_loop().time()
+        self._seen_live = {w: until for w, until in self._seen_live.items() if until > now}
+        for worker_id in list(plan.progress.occupying):
+            if worker_id in plan.lost_workers or worker_id in self._seen_live:
+                continue
+            try:
+                await self._registry.get_worker(worker_id=worker_id)
+            except NotFound:
+                self._lose(plan, worker_id, "the registry no longer lists it")
+                continue
+            except HiveError as exc:
+                # The watch and the leases remain; the next resync asks again.
+                if isinstance(exc, _TRANSIENT):
+                    self._health.failed(REGISTRY, str(exc))
+                _log.warning("checking the workers of a plan failed", error=str(exc))
+                return
+            self._seen_live[worker_id] = now + self._settings.resync_interval
 
     def _wake_waiting(self) -> None:
         woke = False
@@ -529,6 +560,7 @@ class PlanDriver:
         self._fold_inbox(plan)
         if plan.resync_due <= loop.time():
             await self._resync(plan)
+            await self._find_lost_workers(plan)
         if plan.lost_workers:
             await self._hand_back(plan)
 
@@ -733,18 +765,18 @@ class PlanDriver:
         """Report the tickets a lost worker held as failed (retryable, so the ticket service
         re-queues those with attempts left: the "worker lost" edge of the state machine).
         Should the worker still be running one, its result is refused as late (fenced)."""
-        lost, plan.lost_workers = plan.lost_workers, set()
+        lost, plan.lost_workers = plan.lost_workers, {}
         handed = [
             state
             for state in plan.tickets.values()
             if state.worker_id in lost and state.status in OCCUPYING and state.ticket_id
         ]
         for state in handed:
+            assert state.worker_id is not None
             ticket = await self._report(
                 state,
                 ticket_pb.TICKET_STATUS_FAILED,
-                f"worker {state.worker_id} lost: the registry expired it"
-                " (no heartbeat for its TTL)",
+                f"worker {state.worker_id} lost: {lost[state.worker_id]}",
             )
             if self._merge(plan, ticket_state(state.task_id, ticket)):
                 self._wake_waiting()
