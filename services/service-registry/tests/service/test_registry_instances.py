@@ -3,7 +3,7 @@
 Two processes under one name used to get the same worker_id and both ran every
 assignment; now a second *live* instance is refused (ALREADY_EXISTS), while the same
 process re-registering, a restart after a crash (its old registration silent past the
-unhealthy window) and clients that send no instance_id keep working.
+unhealthy window) and clients that send no instance_id (among themselves) keep working.
 """
 
 from __future__ import annotations
@@ -127,17 +127,33 @@ async def test_a_deregistered_name_is_free_at_once(registry: Registry) -> None:
     assert second.worker.worker_id != first.worker.worker_id
 
 
-async def test_registrations_without_an_instance_id_are_never_refused(registry: Registry) -> None:
+async def test_registrations_without_an_instance_id_are_idempotent_among_themselves(
+    registry: Registry,
+) -> None:
     # Older workers and the discovery bench send no instance_id: idempotent as before.
     first = await registry.register("host-1")
     again = await registry.register("host-1")
     assert again.worker.worker_id == first.worker.worker_id
-    over_an_instance = await registry.register("host-2", instance_id="proc-a")
+    # A live holder of unknown instance: a new instance must wait for it to lapse.
+    await refusal(registry, "host-1", "proc-a")
+
+
+async def test_leaving_the_instance_id_out_does_not_take_a_live_instance_over(
+    registry: Registry,
+) -> None:
+    # Was accepted: same worker_id, a worker token for it, the holder's instance erased,
+    # so whoever had the registration secret received the running worker's assignments.
+    holder = await registry.register("host-2", instance_id="proc-a")
     registry.clock.advance(1)
-    old_client = await registry.register("host-2")
-    assert old_client.worker.worker_id == over_an_instance.worker.worker_id
-    # The live holder is now a process of unknown instance: a new instance must wait.
-    await refusal(registry, "host-2", "proc-a")
+    refused = await refusal(registry, "host-2", "")
+    assert refused.details["reason"] == "WORKER_NAME_IN_USE"
+    # Nothing changed: the holder registers again as itself.
+    again = await registry.register("host-2", instance_id="proc-a")
+    assert again.worker.worker_id == holder.worker.worker_id
+    # Once the holder is silent past the unhealthy window the name is free again.
+    registry.clock.advance(20)
+    taken_over = await registry.register("host-2")
+    assert taken_over.worker.worker_id == holder.worker.worker_id
 
 
 async def test_an_invalid_instance_id_is_invalid_argument(registry: Registry) -> None:

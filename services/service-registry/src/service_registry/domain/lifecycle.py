@@ -67,10 +67,12 @@ def register(
     worker that was not swept yet is expired now and registered afresh with a new id, so
     watchers always see EXPIRED for the old identity.
 
-    :class:`WorkerNameInUse` when ``spec`` names an instance and another instance holds
-    the name and is live (heartbeat within the unhealthy window): two processes sharing
-    one worker_id would both run every assignment. A holder silent for longer (crashed)
-    is taken over; a ``spec`` without an instance (older clients) is never refused.
+    :class:`WorkerNameInUse` when another instance holds the name and is live (heartbeat
+    within the unhealthy window): two processes sharing one worker_id would both run
+    every assignment. A holder silent for longer (crashed) is taken over. A ``spec``
+    without an instance (older clients) is refused only by a live holder that named one:
+    else leaving the field out would hand anyone with the registration secret a running
+    worker's identity, token and assignments.
     """
     events: list[WorkerEvent] = []
     if existing is not None and policy.is_expired(existing.last_heartbeat_at, now):
@@ -118,8 +120,8 @@ def register(
 def _refuse_if_held_by_another_live_instance(
     existing: Worker, spec: RegistrationSpec, *, now: datetime, policy: HealthPolicy
 ) -> None:
-    if not spec.instance_id or existing.instance_id == spec.instance_id:
-        return
+    if existing.instance_id == spec.instance_id:
+        return  # the same process again (or, both empty, a client older than instances)
     if policy.is_unhealthy(existing.last_heartbeat_at, now):
         return  # silent past the unhealthy window: a crashed process, take the name over
     age = max(0.0, (now - existing.last_heartbeat_at).total_seconds())

@@ -193,8 +193,9 @@ class RegisterRequest(_message.Message):
     unhealthy window (a live process, e.g. a second worker started under the same name),
     Register is ALREADY_EXISTS (details: reason WORKER_NAME_IN_USE, retry_after_seconds
     until the holder's registration lapses if it stops heartbeating). A holder silent for
-    longer (crashed) is taken over: same worker_id, this instance_id. Empty: no check
-    (clients that predate the field).
+    longer (crashed) is taken over: same worker_id, this instance_id. Empty (clients that
+    predate the field) is another instance to a holder that sent one; among registrations
+    without one there is no check.
     """
     @_builtins.property
     def capabilities(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...

@@ -60,8 +60,8 @@ class ServiceRegistryServicer(object):
 
     def Register(self, request, context):
         """Idempotent on (namespace, name): registering again returns the same worker_id.
-        ALREADY_EXISTS when RegisterRequest.instance_id is set and the name is held by a live
-        registration of another instance (see RegisterRequest.instance_id).
+        ALREADY_EXISTS when the name is held by a live registration of another instance (see
+        RegisterRequest.instance_id).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

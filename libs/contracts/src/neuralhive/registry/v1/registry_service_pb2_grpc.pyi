@@ -37,8 +37,8 @@ class ServiceRegistryStub:
     def __new__(cls, channel: _aio.Channel) -> ServiceRegistryAsyncStub: ...
     Register: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.RegisterRequest, _registry_service_pb2.RegisterResponse]
     """Idempotent on (namespace, name): registering again returns the same worker_id.
-    ALREADY_EXISTS when RegisterRequest.instance_id is set and the name is held by a live
-    registration of another instance (see RegisterRequest.instance_id).
+    ALREADY_EXISTS when the name is held by a live registration of another instance (see
+    RegisterRequest.instance_id).
     """
     Heartbeat: _grpc.UnaryUnaryMultiCallable[_registry_service_pb2.HeartbeatRequest, _registry_service_pb2.HeartbeatResponse]
     """NOT_FOUND for an unknown or expired worker: it must register again."""
@@ -58,8 +58,8 @@ class ServiceRegistryAsyncStub(ServiceRegistryStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     Register: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.RegisterRequest, _registry_service_pb2.RegisterResponse]  # type: ignore[assignment]
     """Idempotent on (namespace, name): registering again returns the same worker_id.
-    ALREADY_EXISTS when RegisterRequest.instance_id is set and the name is held by a live
-    registration of another instance (see RegisterRequest.instance_id).
+    ALREADY_EXISTS when the name is held by a live registration of another instance (see
+    RegisterRequest.instance_id).
     """
     Heartbeat: _aio.UnaryUnaryMultiCallable[_registry_service_pb2.HeartbeatRequest, _registry_service_pb2.HeartbeatResponse]  # type: ignore[assignment]
     """NOT_FOUND for an unknown or expired worker: it must register again."""
@@ -82,8 +82,8 @@ class ServiceRegistryServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_registry_service_pb2.RegisterResponse, _abc.Awaitable[_registry_service_pb2.RegisterResponse]]:
         """Idempotent on (namespace, name): registering again returns the same worker_id.
-        ALREADY_EXISTS when RegisterRequest.instance_id is set and the name is held by a live
-        registration of another instance (see RegisterRequest.instance_id).
+        ALREADY_EXISTS when the name is held by a live registration of another instance (see
+        RegisterRequest.instance_id).
         """
 
     @_abc_1.abstractmethod
