@@ -42,7 +42,7 @@ MONGO_DATABASE = "hive_tickets"
 DB_PROCESS = "databases"
 SERVICES = ("service-registry", "execution-ticket-service", "orchestrator-dynamic")
 # As in docker-compose.yml.
-WORKER_SETTINGS = {"SHELL_ALLOW_LIST": "echo,true,false,sleep,python", "DRAIN_GRACE_SECONDS": 10}
+WORKER_SETTINGS = {"SHELL_ALLOW_LIST": "echo,true,false,sleep", "DRAIN_GRACE_SECONDS": 10}
 WORKERS = (
     WorkerOptions(
         name="worker-1",

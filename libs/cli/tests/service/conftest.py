@@ -101,7 +101,7 @@ async def stack(
             await system.start_registry()
             await system.start_orchestrator()
             await system.start_worker(
-                "cli-w1", ["python", "shell"], shell_allow_list=["echo", "sleep", "python"]
+                "cli-w1", ["python", "shell"], shell_allow_list=["echo", "sleep"]
             )
             await system.start_worker("cli-w2", ["python"])
             yield system

@@ -110,13 +110,14 @@ async def test_shell_example_runs_on_the_shell_worker(stack: Stack) -> None:
     final = run.json()
     assert final["status"] == "COMPLETED"
     assert final["created"] is True
-    assert set(final["ticket_ids"]) == {"hello", "python-version", "pause", "done"}
+    assert set(final["ticket_ids"]) == {"hello", "argv-form", "pause", "done"}
     # Progress went to stderr so stdout is one JSON document.
     assert "COMPLETED [" in run.err
     tickets = await stack.hive("-o", "json", "tickets", "list", "--plan", final["plan_id"])
     results = {t["task_id"]: t["result"] for t in tickets.json()["tickets"]}
     assert results["hello"]["stdout"] == "hello from hive\n"
     assert results["hello"]["exit_code"] == 0
+    assert results["argv-form"]["stdout"] == "no shell: $HOME ; | stay as written\n"
 
 
 async def test_invalid_plan_exits_2_with_every_json_path(stack: Stack) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import math
+import os
 import shlex
 import urllib.error
 import urllib.parse
@@ -168,6 +169,13 @@ class HttpGetTask:
             raise TaskError(f"GET {url} failed: {reason}") from exc
 
 
+def program_environment(environment: Mapping[str, str]) -> dict[str, str]:
+    """The environment of a ``shell`` task's program: the worker's own without its
+    configuration (``HIVE_*``: the registration secret among it), which a program run on
+    a plan's behalf has no business reading."""
+    return {k: v for k, v in environment.items() if not k.startswith("HIVE_")}
+
+
 @dataclass(frozen=True, slots=True)
 class ShellTask:
     """``{"cmd": "make test"}`` or ``{"argv": ["make", "test"]}``, optional
@@ -177,6 +185,8 @@ class ShellTask:
     allow-list exactly (no path or basename matching, so ``/tmp/x/make`` is not
     ``make``). Returns ``exit_code`` and bounded ``stdout`` / ``stderr``; a non-zero exit
     is a retryable failure carrying the same fields, a disallowed program a permanent one.
+    The program gets the worker's environment without ``HIVE_*`` (see
+    :func:`program_environment`).
     """
 
     allow_list: Sequence[str]
@@ -215,6 +225,7 @@ class ShellTask:
         try:
             process = await asyncio.create_subprocess_exec(
                 *argv,
+                env=program_environment(os.environ),
                 stdin=asyncio.subprocess.DEVNULL,
                 stdout=asyncio.subprocess.PIPE,
                 stderr=asyncio.subprocess.PIPE,

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import contextlib
+import json
+import os
 import sys
 import threading
 import time
@@ -223,6 +225,24 @@ async def test_shell_runs_an_allowed_program_without_a_shell() -> None:
     assert result["exit_code"] == 0
     assert result["stdout"].strip() == "['$HOME', ';', 'x']"
     assert result["stderr"] == ""
+
+
+async def test_shell_programs_do_not_get_the_workers_configuration_or_secrets(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # They used to inherit the whole environment: a plan could read the registration
+    # secret (and with it take over worker names) through any allowed program that prints
+    # its environment.
+    monkeypatch.setenv("HIVE_WORKER_REGISTRATION_SECRET", "s3cret-registration")
+    monkeypatch.setenv("HIVE_JWT_SECRET", "s3cret-jwt")
+    monkeypatch.setenv("SOME_TOOL_SETTING", "kept")
+    script = "import json, os; print(json.dumps(dict(os.environ)))"
+    result = await shell(max_output=1 << 20)({"argv": [PY, "-c", script]}, ctx())
+    seen = json.loads(result["stdout"])
+    assert not [k for k in seen if k.startswith("HIVE_")]
+    assert "s3cret" not in result["stdout"]
+    assert seen["SOME_TOOL_SETTING"] == "kept"
+    assert seen["PATH"] == os.environ["PATH"]
 
 
 async def test_shell_cmd_is_split_with_shlex() -> None:
