@@ -91,6 +91,11 @@ class RpcMetrics:
         self.handling_seconds.labels(service, method, code).observe(seconds)
 
 
+_HTTP_METHODS = frozenset(
+    {"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS", "CONNECT", "TRACE"}
+)
+
+
 class HttpMetrics:
     """HTTP server metrics, labelled by route template (not raw path) to bound cardinality.
 
@@ -115,7 +120,12 @@ class HttpMetrics:
         )
 
     def request_finished(self, method: str, route: str, status: int, seconds: float) -> None:
-        """Record one completed request."""
+        """Record one completed request. A method outside the standard ones counts as
+        ``other``: any token is a valid HTTP method, and each one used to add series
+        that were never dropped (anyone could grow /metrics without a token: the 405
+        comes before authentication)."""
+        if method not in _HTTP_METHODS:
+            method = "other"
         self.requests.labels(method, route, str(status)).inc()
         self.duration_seconds.labels(method, route).observe(seconds)
 

@@ -73,6 +73,18 @@ def test_render_latest() -> None:
     assert b'http_requests_total{method="GET",route="/x",status="200"} 1.0' in body
 
 
+def test_http_methods_outside_the_standard_ones_share_one_label() -> None:
+    registry = new_registry()
+    metrics = HttpMetrics(registry)
+    for n in range(50):
+        metrics.request_finished(f"XMETHOD{n}", "/api/v1/plans", 405, 0.001)
+    metrics.request_finished("DELETE", "/api/v1/plans", 405, 0.001)
+    body = render_latest(registry)[0].decode()
+    assert "XMETHOD" not in body
+    assert 'http_requests_total{method="other",route="/api/v1/plans",status="405"} 50.0' in body
+    assert 'http_requests_total{method="DELETE",route="/api/v1/plans",status="405"} 1.0' in body
+
+
 async def test_metrics_route_on_fastapi_app() -> None:
     registry = new_registry()
     HttpMetrics(registry).request_finished("GET", "/x", 200, 0.1)
