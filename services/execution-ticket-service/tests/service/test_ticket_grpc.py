@@ -820,14 +820,19 @@ async def test_attempt_fencing_rejects_and_records_late_results(
         late = client.update(ticket, S.TICKET_STATUS_COMPLETED, token=old_token, result=result)
         assert await code_of(late) is Code.FAILED_PRECONDITION
     assert await client.get(ticket.ticket_id) == current
-    # Recorded once per distinct late result (a retrying worker does not grow the log).
+    late = client.update(ticket, S.TICKET_STATUS_FAILED, token=old_token, error_message="lost it")
+    assert await code_of(late) is Code.FAILED_PRECONDITION
+    # Recorded once per reported status: the first one. Neither a retrying worker nor a
+    # stale token's holder varying the result (each up to 1 MiB) grows the log.
     async with service.pool.connection() as conn:
         cur = await conn.execute(
-            "SELECT details->'result' AS result FROM ticket_events"
+            "SELECT details->>'reported_status' AS status, details->'result' AS result"
+            " FROM ticket_events"
             " WHERE ticket_id = %s AND event_type = 'LATE_RESULT_REJECTED' ORDER BY seq",
             (ticket.ticket_id,),
         )
-        assert [row["result"] for row in await cur.fetchall()] == [{"r": 1}, {"r": 2}]
+        recorded = [(row["status"], row["result"]) for row in await cur.fetchall()]
+    assert recorded == [("COMPLETED", {"r": 1}), ("FAILED", None)]
     # A future attempt is refused too.
     future = client.update(current, S.TICKET_STATUS_RUNNING, attempt=3)
     assert await code_of(future) is Code.FAILED_PRECONDITION

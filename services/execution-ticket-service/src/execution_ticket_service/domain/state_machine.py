@@ -183,8 +183,16 @@ def decide_update(ticket: Ticket, update: StatusUpdate, *, now: datetime, actor:
             after=ticket,
             now=now,
             actor=actor,
-            # The same late result sent again is the same event (recorded once).
-            event_id=str(uuid.uuid5(_LATE_RESULTS, f"{ticket.ticket_id}:{actor}:{digest}")),
+            # Recorded once per reporter, attempt and reported status: the first such late
+            # result. Sent again, or with another result or message, it is the same event,
+            # so a holder of a stale ticket token cannot grow the log (up to a result's
+            # size per report) for as long as its token lives.
+            event_id=str(
+                uuid.uuid5(
+                    _LATE_RESULTS,
+                    f"{ticket.ticket_id}:{actor}:{update.attempt}:{update.status.value}",
+                )
+            ),
             # Concerns the reporting worker, not whoever holds the ticket now.
             worker_id=actor.removeprefix("worker:") if actor.startswith("worker:") else "",
             details={
