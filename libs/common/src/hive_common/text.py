@@ -19,4 +19,15 @@ def escape_controls(text: str) -> str:
     return _UNSAFE.sub(_escaped, text) if _UNSAFE.search(text) else text
 
 
-__all__ = ["escape_controls"]
+MAX_ECHOED = 64
+"""How much of a request's value an error message echoes: errors travel in gRPC trailers,
+which clients refuse beyond 8-16 KiB of metadata, and in HTTP bodies that should not be
+a copy of whatever was sent."""
+
+
+def shown(value: str) -> str:
+    """``value`` as echoed in an error: at most :data:`MAX_ECHOED` characters."""
+    return value if len(value) <= MAX_ECHOED else value[:MAX_ECHOED] + "\u2026"
+
+
+__all__ = ["MAX_ECHOED", "escape_controls", "shown"]

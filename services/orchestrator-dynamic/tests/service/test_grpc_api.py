@@ -174,3 +174,12 @@ async def test_ids_that_cannot_exist_are_not_found(flow: Flow, channel: grpc.aio
         await stub.GetPlan(pb.GetPlanRequest(plan_id="x\x00y"))
     with pytest.raises(NotFound):
         await stub.CancelPlan(pb.CancelPlanRequest(plan_id="x\x00y"))
+    # An id longer than any plan's: echoed whole in the error's trailer, it made the
+    # client refuse the answer (RESOURCE_EXHAUSTED: metadata over its limit).
+    for call in (
+        stub.GetPlan(pb.GetPlanRequest(plan_id="a" * 5000)),
+        stub.CancelPlan(pb.CancelPlanRequest(plan_id="a" * 5000)),
+    ):
+        with pytest.raises(NotFound) as raised:
+            await call
+        assert len(raised.value.message) < 200

@@ -10,6 +10,7 @@ from datetime import UTC, datetime
 from hive_common.clients import RegistryClient
 from hive_common.errors import DeadlineExceeded, HiveError, NotFound, Unavailable
 from hive_common.logging import get_logger
+from hive_common.text import shown
 from neuralhive.registry.v1 import registry_service_pb2 as registry_pb
 from orchestrator_dynamic.domain.plan import Plan, plan_body_hash
 from orchestrator_dynamic.domain.records import PlanPage, StoredPlan
@@ -203,12 +204,15 @@ class PlanService:
             if len(workers) >= _MAX_WORKERS_READ:
                 return None
 
-    @staticmethod
-    def _lookup(plan_id: str) -> str:
+    def _lookup(self, plan_id: str) -> str:
         """``plan_id`` if it could be a plan's id; ``NotFound`` otherwise, without asking
-        the database (which cannot even compare some strings, e.g. with NUL)."""
-        if not is_valid_id(plan_id):
-            raise NotFound(f"plan {plan_id!r} not found", details={"plan_id": plan_id})
+        the database (which cannot even compare some strings, e.g. with NUL), echoing at
+        most the start of it (a 5,000-character id made the gRPC error's trailer too large
+        for the client: RESOURCE_EXHAUSTED instead of NOT_FOUND)."""
+        if len(plan_id) > self._validator.limits.max_id_length or not is_valid_id(plan_id):
+            raise NotFound(
+                f"plan {shown(plan_id)!r} not found", details={"plan_id": shown(plan_id)}
+            )
         return plan_id
 
     async def get(self, plan_id: str) -> StoredPlan:
@@ -235,8 +239,8 @@ class PlanService:
         graph = PlanGraph(stored.plan)
         if task_id is not None and task_id not in graph.index:
             raise NotFound(
-                f"plan {plan_id!r} has no task {task_id!r}",
-                details={"plan_id": plan_id, "task_id": task_id},
+                f"plan {plan_id!r} has no task {shown(task_id)!r}",
+                details={"plan_id": plan_id, "task_id": shown(task_id)},
             )
         views: list[WorkerView] | None = None
         try:

@@ -11,6 +11,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from hive_common.errors import FieldViolation, InvalidArgument
+from hive_common.text import shown
 from service_registry.domain.models import (
     DEFAULT_NAMESPACE,
     DiscoveryQuery,
@@ -32,8 +33,8 @@ MAX_VERSION = 64
 MAX_CONCURRENT_LIMIT = 10_000
 MAX_UINT63 = 2**63 - 1  # counters are stored as PostgreSQL bigint
 # Violations travel in a gRPC trailer (grpc-status-details-bin), which clients refuse
-# beyond 8-16 KiB of metadata: echoed input is shortened and the list is bounded.
-MAX_ECHOED = 64
+# beyond 8-16 KiB of metadata: echoed input is shortened (hive_common.text.shown) and the
+# list is bounded.
 MAX_REPORTED_VIOLATIONS = 20
 NUL = "\x00"
 _NUL_MESSAGE = "must not contain NUL (\\u0000) characters"
@@ -47,11 +48,6 @@ class Limits:
     max_results_cap: int = 100
     default_page_size: int = 50
     page_size_cap: int = 500
-
-
-def shown(value: str) -> str:
-    """``value`` as echoed in an error: at most :data:`MAX_ECHOED` characters."""
-    return value if len(value) <= MAX_ECHOED else value[:MAX_ECHOED] + "\u2026"
 
 
 def bounded(violations: list[FieldViolation]) -> list[FieldViolation]:
