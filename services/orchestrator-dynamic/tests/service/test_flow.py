@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING, Any
 
 import psycopg
@@ -466,3 +467,50 @@ async def test_a_slot_freed_by_one_plan_serves_a_plan_waiting_for_a_worker(flow:
     assert held.worker_id == waited.worker_id == worker.worker_id
     # The one slot was used in turn: the second ticket started after the first finished.
     assert held.completed_at.ToDatetime() <= waited.started_at.ToDatetime()
+
+
+async def test_a_freed_slot_goes_to_the_highest_priority_plan_waiting(flow: Flow) -> None:
+    # The slot a LOW plan's ticket frees goes to the CRITICAL plan waiting for a worker,
+    # not to the LOW plan's next ticket: the completing plan used to take it first (its
+    # round ran; the waiting plan, earlier in priority order, had been passed over).
+    await flow.start_orchestrator(dispatch_retry_seconds=3600, resync_interval_seconds=3600)
+    worker = await flow.start_worker("only", ["python"], max_concurrent=1)
+    release = asyncio.Event()
+
+    async def hold(params: dict[str, Any], ctx: Any) -> dict[str, Any]:
+        await release.wait()
+        return {}
+
+    worker.add_task("hold", hold)
+    low = {
+        "plan_id": "low",
+        "priority": "LOW",
+        "tasks": [
+            {"task_id": f"l{n}", "task_type": "hold", "required_capabilities": ["python"]}
+            for n in range(4)
+        ],
+    }
+    assert (await flow.submit(low)).status_code == 202
+    await flow.wait_plan(
+        "low",
+        lambda b: any(t["status"] == "RUNNING" for t in b["tickets"]),
+        "the slot taken",
+    )
+    critical = {"plan_id": "critical", "priority": "CRITICAL", "tasks": [echo("c")]}
+    assert (await flow.submit(critical)).status_code == 202
+
+    async def waiting_for_capacity() -> bool:
+        explained = await flow.client().get("/api/v1/plans/critical/tasks/c/explain")
+        return any(r["code"] == "NO_WORKER_CAPACITY" for r in explained.json()["reasons"])
+
+    await flow.wait_for(waiting_for_capacity, what="the CRITICAL plan waiting for the slot")
+    release.set()
+    await flow.wait_settled("critical")
+    await flow.wait_settled("low")
+    async with flow.ticket_client() as client:
+        tickets = [
+            *(await client.list_tickets(plan_id="low")).tickets,
+            *(await client.list_tickets(plan_id="critical")).tickets,
+        ]
+    started = sorted(tickets, key=lambda t: t.started_at.ToDatetime())
+    assert [t.plan_id for t in started[:2]] == ["low", "critical"]

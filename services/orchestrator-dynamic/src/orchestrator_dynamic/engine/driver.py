@@ -499,6 +499,13 @@ class PlanDriver:
 
     async def _round(self) -> None:
         loop = asyncio.get_running_loop()
+        # Every change seen first: a slot one plan's ticket freed wakes the plans waiting
+        # for a worker before any plan is stepped, so the slot goes to the first of them
+        # in priority order, not to the plan whose ticket freed it.
+        for plan in self._plans.values():
+            if plan.inbox and plan.activated.is_set():
+                self._fold_inbox(plan)
+                plan.due = 0.0
         ready: list[tuple[DrivenPlan, SchedulingDecision]] = []
         for plan in sorted(self._plans.values(), key=_plan_order):
             if plan.lost:
