@@ -9,7 +9,13 @@ import grpc
 import pytest
 from google.protobuf import struct_pb2
 
-from hive_common.errors import AlreadyExists, InvalidArgument, NotFound, Unauthenticated
+from hive_common.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    Unauthenticated,
+)
 from hive_common.grpc_client import create_channel
 from neuralhive.orchestrator.v1 import orchestrator_service_pb2 as pb
 from neuralhive.orchestrator.v1 import orchestrator_service_pb2_grpc as pb_grpc
@@ -126,6 +132,22 @@ async def test_invalid_plans_and_unknown_ids(flow: Flow, channel: grpc.aio.Chann
         await stub.CancelPlan(pb.CancelPlanRequest(plan_id="nope"))
 
 
+async def test_cancelling_a_completed_plan_is_failed_precondition_like_over_http(
+    flow: Flow, channel: grpc.aio.Channel
+) -> None:
+    # Was OK with the plan unchanged: a gRPC client could not tell nothing was cancelled.
+    await flow.start_worker("w1", ["python"])
+    stub = pb_grpc.OrchestratorServiceStub(channel)
+    await stub.SubmitPlan(pb.SubmitPlanRequest(plan=spec("done")))
+    assert (await flow.wait_settled("done"))["status"] == "COMPLETED"
+    with pytest.raises(FailedPrecondition) as raised:
+        await stub.CancelPlan(pb.CancelPlanRequest(plan_id="done"))
+    assert "already COMPLETED" in raised.value.message
+    over_http = await flow.client().post("/api/v1/plans/done/cancel")
+    assert over_http.status_code == 412
+    assert over_http.json()["error"]["message"] == raised.value.message
+
+
 async def test_cancel_over_grpc_and_api_token(flow: Flow) -> None:
     app = await flow.start_orchestrator(api_token="grpc-token-for-tests")
     plain = create_channel(f"127.0.0.1:{app.runtime.grpc_port}")
@@ -139,6 +161,10 @@ async def test_cancel_over_grpc_and_api_token(flow: Flow) -> None:
         await stub.SubmitPlan(pb.SubmitPlanRequest(plan=spec("cancel-me")))
         cancelled = await stub.CancelPlan(pb.CancelPlanRequest(plan_id="cancel-me"))
         assert cancelled.plan.status == pb.PLAN_STATUS_CANCELLED
+        assert cancelled.cancel_requested
+        again = await stub.CancelPlan(pb.CancelPlanRequest(plan_id="cancel-me"))
+        assert again.plan.status == pb.PLAN_STATUS_CANCELLED
+        assert not again.cancel_requested
         last = None
         async for update in stub.WatchPlan(pb.WatchPlanRequest(plan_id="cancel-me")):
             last = update.plan

@@ -8,7 +8,13 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 
 from hive_common.clients import RegistryClient
-from hive_common.errors import DeadlineExceeded, HiveError, NotFound, Unavailable
+from hive_common.errors import (
+    DeadlineExceeded,
+    FailedPrecondition,
+    HiveError,
+    NotFound,
+    Unavailable,
+)
 from hive_common.logging import get_logger
 from hive_common.text import shown
 from neuralhive.registry.v1 import registry_service_pb2 as registry_pb
@@ -226,12 +232,21 @@ class PlanService:
         )
 
     async def cancel(self, plan_id: str) -> tuple[StoredPlan, bool]:
-        """Mark the plan CANCELLED; its owner cancels every ticket still in flight."""
+        """Mark the plan CANCELLED; its owner cancels every ticket still in flight. Returns
+        the plan and whether this call requested the cancel (a CANCELLED plan again: no);
+        ``FailedPrecondition`` for a COMPLETED or FAILED plan."""
         _, changed = await self._repo.request_cancel(self._lookup(plan_id))
         if changed:
             self._driver.kick(plan_id, cancel_requested=True)
             _log.info("plan cancel requested", plan_id=plan_id)
-        return await self._repo.get(plan_id), changed
+        stored = await self._repo.get(plan_id)
+        status = stored.summary.status
+        if not changed and status is not PlanStatus.CANCELLED:
+            raise FailedPrecondition(
+                f"plan {plan_id!r} is already {status.value}",
+                details={"plan_id": plan_id, "status": status.value},
+            )
+        return stored, changed
 
     async def explain(self, plan_id: str, task_id: str | None = None) -> list[Explanation]:
         """Why the task's ticket (or every not-running ticket) is where it is."""

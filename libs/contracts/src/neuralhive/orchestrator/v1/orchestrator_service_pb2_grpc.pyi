@@ -37,6 +37,9 @@ class OrchestratorServiceStub:
     """Idempotent on plan_id: the same body returns the existing plan, a different one is ALREADY_EXISTS."""
     GetPlan: _grpc.UnaryUnaryMultiCallable[_orchestrator_service_pb2.GetPlanRequest, _orchestrator_service_pb2.GetPlanResponse]
     CancelPlan: _grpc.UnaryUnaryMultiCallable[_orchestrator_service_pb2.CancelPlanRequest, _orchestrator_service_pb2.CancelPlanResponse]
+    """FAILED_PRECONDITION for a COMPLETED or FAILED plan; a CANCELLED one again is OK with
+    cancel_requested false.
+    """
     WatchPlan: _grpc.UnaryStreamMultiCallable[_orchestrator_service_pb2.WatchPlanRequest, _orchestrator_service_pb2.WatchPlanResponse]
 
 @_typing.type_check_only
@@ -48,6 +51,9 @@ class OrchestratorServiceAsyncStub(OrchestratorServiceStub):
     """Idempotent on plan_id: the same body returns the existing plan, a different one is ALREADY_EXISTS."""
     GetPlan: _aio.UnaryUnaryMultiCallable[_orchestrator_service_pb2.GetPlanRequest, _orchestrator_service_pb2.GetPlanResponse]  # type: ignore[assignment]
     CancelPlan: _aio.UnaryUnaryMultiCallable[_orchestrator_service_pb2.CancelPlanRequest, _orchestrator_service_pb2.CancelPlanResponse]  # type: ignore[assignment]
+    """FAILED_PRECONDITION for a COMPLETED or FAILED plan; a CANCELLED one again is OK with
+    cancel_requested false.
+    """
     WatchPlan: _aio.UnaryStreamMultiCallable[_orchestrator_service_pb2.WatchPlanRequest, _orchestrator_service_pb2.WatchPlanResponse]  # type: ignore[assignment]
 
 class OrchestratorServiceServicer(metaclass=_abc_1.ABCMeta):
@@ -73,7 +79,10 @@ class OrchestratorServiceServicer(metaclass=_abc_1.ABCMeta):
         self,
         request: _orchestrator_service_pb2.CancelPlanRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_orchestrator_service_pb2.CancelPlanResponse, _abc.Awaitable[_orchestrator_service_pb2.CancelPlanResponse]]: ...
+    ) -> _typing.Union[_orchestrator_service_pb2.CancelPlanResponse, _abc.Awaitable[_orchestrator_service_pb2.CancelPlanResponse]]:
+        """FAILED_PRECONDITION for a COMPLETED or FAILED plan; a CANCELLED one again is OK with
+        cancel_requested false.
+        """
 
     @_abc_1.abstractmethod
     def WatchPlan(

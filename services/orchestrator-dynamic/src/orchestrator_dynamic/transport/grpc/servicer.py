@@ -153,8 +153,8 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
         self, request: pb.CancelPlanRequest, context: Any
     ) -> pb.CancelPlanResponse:
         self._authorize(context)
-        stored, _ = await self._plans.cancel(request.plan_id)
-        return pb.CancelPlanResponse(plan=plan_message(stored))
+        stored, changed = await self._plans.cancel(request.plan_id)
+        return pb.CancelPlanResponse(plan=plan_message(stored), cancel_requested=changed)
 
     async def WatchPlan(
         self, request: pb.WatchPlanRequest, context: Any

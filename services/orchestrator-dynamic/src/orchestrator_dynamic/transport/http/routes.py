@@ -15,7 +15,6 @@ from fastapi import APIRouter, Depends, Query, Request
 from starlette.responses import JSONResponse
 
 from hive_common.errors import (
-    FailedPrecondition,
     FieldViolation,
     InvalidArgument,
     ResourceExhausted,
@@ -221,12 +220,6 @@ def build_router(
     @router.post("/{plan_id}/cancel", summary="Cancel a plan and every ticket in flight")
     async def cancel_plan(plan_id: str) -> dict[str, Any]:
         stored, changed = await plans.cancel(plan_id)
-        status = stored.summary.status
-        if not changed and status is not PlanStatus.CANCELLED:
-            raise FailedPrecondition(
-                f"plan {plan_id!r} is already {status.value}",
-                details={"plan_id": plan_id, "status": status.value},
-            )
         body = plan_json(stored)
         body["cancel_requested"] = changed
         return body
