@@ -831,3 +831,40 @@ async def test_unreachable_database_is_unavailable() -> None:
             await PlanRepository(pool=dead).get("plan-1")
     finally:
         await dead.close()
+
+
+async def test_a_plan_is_read_from_one_snapshot_while_its_tickets_change(
+    repo: PlanRepository,
+) -> None:
+    # The plan row (with its task counts) and the task rows used to be read by two
+    # statements under READ COMMITTED: a change committed between them made one answer
+    # disagree with itself (counts RUNNING 4, while all its tickets were COMPLETED).
+    lease = await owned(repo)
+    stop = asyncio.Event()
+
+    async def churn() -> None:
+        version = 0
+        statuses = [S.PENDING, S.ASSIGNED, S.RUNNING]
+        while not stop.is_set():
+            version += 1
+            status = statuses[version % 3]
+            worker = "w1" if status is not S.PENDING else None
+            await repo.update_tickets(
+                lease,
+                [
+                    TicketState(t, f"tk-{t}", status, worker_id=worker, version=version)
+                    for t in ("build", "test", "docs")
+                ],
+            )
+
+    writer = asyncio.create_task(churn())
+    try:
+        for _ in range(300):
+            stored = await repo.get("plan-1")
+            seen: dict[str, int] = {}
+            for state in stored.tasks:
+                seen[state.status.value] = seen.get(state.status.value, 0) + 1
+            assert {k: v for k, v in stored.summary.counts.items() if v} == seen
+    finally:
+        stop.set()
+        await writer

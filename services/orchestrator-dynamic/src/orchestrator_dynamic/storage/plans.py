@@ -327,6 +327,10 @@ class PlanRepository:
     async def get(self, plan_id: str) -> StoredPlan:
         """The plan with its task states; ``NotFound`` if there is none."""
         async with self._transaction() as conn:
+            # One snapshot for the plan row (its task counts) and the task rows: under
+            # READ COMMITTED each statement has its own, and an answer could disagree
+            # with itself.
+            await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ, READ ONLY")
             stored = await self._load(conn, plan_id)
         if stored is None:
             raise NotFound(f"plan {plan_id!r} not found", details={"plan_id": plan_id})
