@@ -287,6 +287,15 @@ async def test_http_api(
         assert missing.status_code == 404
         anonymous = await http.get("/api/v1/tickets", headers={"authorization": ""})
         assert anonymous.status_code == 401
+    # Two Authorization headers are refused, as over gRPC and by the registry (the first
+    # one used to be taken).
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{service.runtime.http_port}") as raw:
+        twice = await raw.get(
+            "/api/v1/tickets",
+            headers=[("authorization", headers["authorization"]), ("authorization", "Bearer x")],
+        )
+        assert twice.status_code == 401
+        assert "more than one authorization header" in twice.json()["error"]["message"]
 
     async with httpx.AsyncClient(
         base_url=f"http://127.0.0.1:{service.runtime.metrics_port}"

@@ -19,7 +19,7 @@ from execution_ticket_service.domain.validation import (
 from execution_ticket_service.storage.audit import AuditStore
 from execution_ticket_service.storage.rows import ticket_document
 from execution_ticket_service.storage.tickets import TicketRepository
-from hive_common.auth import TokenClaims, TokenVerifier
+from hive_common.auth import TokenClaims, TokenVerifier, bearer_token_from_metadata
 from hive_common.errors import Unauthenticated
 
 MAX_EVENTS = 1000
@@ -91,13 +91,13 @@ def build_router(
     async def authenticated(request: Request) -> TokenClaims | None:
         if verifier is None:
             return None
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not token.strip():
+        # Every Authorization header, not just the first: two are refused, as over gRPC.
+        token = bearer_token_from_metadata(request.headers.items())
+        if token is None:
             raise Unauthenticated(
                 "missing 'Authorization: Bearer <token>' header", details={"reason": "missing"}
             )
-        return verifier.verify(token.strip())
+        return verifier.verify(token)
 
     router = APIRouter(prefix="/api/v1/tickets", tags=["tickets"])
     auth = [Depends(authenticated)]
