@@ -191,7 +191,9 @@ async def build_service(settings: TicketSettings, *, clock: Clock = utc_now) -> 
 
     secret = settings.jwt_secret.get_secret_value()
     issuer = TokenIssuer(secret=secret, issuer=settings.jwt_issuer, audience=settings.jwt_audience)
-    verifier = TokenVerifier(secret=secret, audience=settings.jwt_audience)
+    verifier = TokenVerifier(
+        secret=secret, audience=settings.jwt_audience, issuers=[settings.jwt_issuer]
+    )
     limits = settings.limits()
     tail = EventLogTail(
         repository=repository,

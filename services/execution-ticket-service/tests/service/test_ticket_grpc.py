@@ -925,14 +925,22 @@ async def _first_event(call: Any) -> Any:
 def _expired(scene: Scene) -> Any:
     issuer = scene.client.issuer
     token, _ = TokenIssuer(
-        secret=issuer._key, issuer="x", audience="neuralhive", clock=lambda: 1_000_000.0
+        secret=issuer._key, issuer="hive-flow-c", audience="neuralhive", clock=lambda: 1_000_000.0
+    ).issue_service_token(service="o", ttl_seconds=60)
+    return bearer(token)
+
+
+def _other_issuer(scene: Scene) -> Any:
+    # Signed with the right secret, for the right audience, by an issuer not configured.
+    token, _ = TokenIssuer(
+        secret=scene.client.issuer._key, issuer="elsewhere", audience="neuralhive"
     ).issue_service_token(service="o", ttl_seconds=60)
     return bearer(token)
 
 
 def _foreign(scene: Scene) -> Any:
     token, _ = TokenIssuer(
-        secret="another-secret-that-is-long-enough-for-hs256", issuer="x"
+        secret="another-secret-that-is-long-enough-for-hs256", issuer="hive-flow-c"
     ).issue_service_token(service="o", ttl_seconds=60)
     return bearer(token)
 
@@ -942,6 +950,7 @@ REFUSALS: dict[str, tuple[Code, Callable[[Scene], Awaitable[Any]]]] = {
     "garbage token": (Code.UNAUTHENTICATED, lambda s: _update(s, bearer("not.a.jwt"))),
     "expired token": (Code.UNAUTHENTICATED, lambda s: _update(s, _expired(s))),
     "wrong signing key": (Code.UNAUTHENTICATED, lambda s: _update(s, _foreign(s))),
+    "another issuer": (Code.UNAUTHENTICATED, lambda s: _update(s, _other_issuer(s))),
     "no token on reads": (
         Code.UNAUTHENTICATED,
         lambda s: s.client.stub.GetTicket(pb.GetTicketRequest(ticket_id=s.ticket.ticket_id)),

@@ -112,7 +112,9 @@ async def build_app(
     secret = settings.jwt_secret.get_secret_value()
     issuer = TokenIssuer(secret=secret, issuer=settings.jwt_issuer, audience=settings.jwt_audience)
     authorizer = Authorizer(
-        verifier=TokenVerifier(secret=secret, audience=settings.jwt_audience),
+        verifier=TokenVerifier(
+            secret=secret, audience=settings.jwt_audience, issuers=[settings.jwt_issuer]
+        ),
         registration_secret=(
             settings.registration_secret.get_secret_value()
             if settings.registration_secret

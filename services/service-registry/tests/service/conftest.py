@@ -131,9 +131,8 @@ async def start_registry(postgres_dsn: str, clock: ManualClock) -> AsyncIterator
     started: list[Registry] = []
 
     async def start(**overrides: Any) -> Registry:
-        app = await build_app(
-            make_settings(postgres_dsn, **overrides), clock=clock, run_sweeper=False
-        )
+        settings = make_settings(postgres_dsn, **overrides)
+        app = await build_app(settings, clock=clock, run_sweeper=False)
         await app.start()
         channel = grpc.aio.insecure_channel(f"127.0.0.1:{app.runtime.grpc_port}")
         http = httpx.AsyncClient(base_url=f"http://127.0.0.1:{app.runtime.http_port}")
@@ -143,7 +142,7 @@ async def start_registry(postgres_dsn: str, clock: ManualClock) -> AsyncIterator
             channel=channel,
             http=http,
             clock=clock,
-            issuer=TokenIssuer(secret=JWT_SECRET, issuer="tests", audience=AUDIENCE),
+            issuer=TokenIssuer(secret=JWT_SECRET, issuer=settings.jwt_issuer, audience=AUDIENCE),
         )
         started.append(registry)
         return registry

@@ -75,18 +75,23 @@ async def test_bad_tokens_are_unauthenticated(registry: Registry, method: str) -
         "not a jwt": lambda: md("abc.def"),
         "expired": lambda: md(
             TokenIssuer(
-                secret=JWT_SECRET, issuer="t", clock=lambda: time.time() - 3600
+                secret=JWT_SECRET, issuer="hive-flow-c", clock=lambda: time.time() - 3600
             ).issue_worker_token(worker_id=worker_id, ttl_seconds=60)[0]
         ),
         "other secret": lambda: md(
-            TokenIssuer(secret=OTHER_SECRET, issuer="t").issue_service_token(
+            TokenIssuer(secret=OTHER_SECRET, issuer="hive-flow-c").issue_service_token(
+                service="orchestrator", ttl_seconds=60
+            )[0]
+        ),
+        "other issuer": lambda: md(
+            TokenIssuer(secret=JWT_SECRET, issuer="elsewhere").issue_service_token(
                 service="orchestrator", ttl_seconds=60
             )[0]
         ),
         "other audience": lambda: md(
-            TokenIssuer(secret=JWT_SECRET, issuer="t", audience="elsewhere").issue_service_token(
-                service="orchestrator", ttl_seconds=60
-            )[0]
+            TokenIssuer(
+                secret=JWT_SECRET, issuer="hive-flow-c", audience="elsewhere"
+            ).issue_service_token(service="orchestrator", ttl_seconds=60)[0]
         ),
     }
     request = requests_for(worker_id)[method]
