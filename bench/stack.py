@@ -11,7 +11,7 @@ from pathlib import Path
 from bench.echo import READY_LINE
 from bench.report import Report
 from hive_common import flowc_processes as flowc
-from hive_common.auth import TokenIssuer
+from hive_common.auth import DEFAULT_ISSUER, TokenIssuer
 from hive_common.flowc_processes import Endpoint, Launch
 from hive_common.localdb import free_port
 from hive_common.procstack import ManagedProcess, ProcessSpec, log_ready
@@ -24,7 +24,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 
 def service_token() -> str:
     """A service token every service accepts (same secret, default issuer and audience)."""
-    token, _ = TokenIssuer(secret=JWT_SECRET, issuer="hive-bench").issue_service_token(
+    token, _ = TokenIssuer(secret=JWT_SECRET, issuer=DEFAULT_ISSUER).issue_service_token(
         service="bench", ttl_seconds=6 * 3600
     )
     return token

@@ -31,7 +31,7 @@ from types import FrameType
 import psycopg
 from psycopg import sql
 
-from hive_common.auth import TokenIssuer
+from hive_common.auth import DEFAULT_ISSUER, TokenIssuer
 from hive_common.flowc_processes import Launch, StackPorts, WorkerOptions, flow_specs
 from hive_common.migrations import postgres_url
 from hive_common.procstack import ProcessSpec, ProcessStack, ProcessStackError, log_ready
@@ -286,7 +286,7 @@ def main(argv: list[str] | None = None) -> int:
         stack.start(*others)
         stack.wait_ready(others, timeout=120)
 
-        issuer = TokenIssuer(secret=jwt_secret, issuer="hive-flow-c")
+        issuer = TokenIssuer(secret=jwt_secret, issuer=DEFAULT_ISSUER)
         token, _ = issuer.issue_service_token(service="dev-stack", ttl_seconds=12 * 3600)
         write_env_file(
             env_file,

@@ -25,7 +25,7 @@ import httpx
 import pytest
 from pymongo import ASCENDING, MongoClient
 
-from hive_common.auth import TokenIssuer
+from hive_common.auth import DEFAULT_ISSUER, TokenIssuer
 from hive_common.flowc_processes import Launch, StackPorts, WorkerOptions, flow_specs
 from hive_common.localdb import free_port
 from hive_common.procstack import ProcessSpec, ProcessStack, logged_errors
@@ -104,7 +104,7 @@ class FlowStack:
 
     def __post_init__(self) -> None:
         self.http = httpx.Client(timeout=10.0, trust_env=False)
-        issuer = TokenIssuer(secret=self.jwt_secret, issuer="hive-flow-c")
+        issuer = TokenIssuer(secret=self.jwt_secret, issuer=DEFAULT_ISSUER)
         self.service_token, _ = issuer.issue_service_token(
             service="integration-tests", ttl_seconds=3600
         )

@@ -14,10 +14,9 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from hive_common.auth import DEFAULT_AUDIENCE, TokenIssuer
+from hive_common.auth import DEFAULT_AUDIENCE, DEFAULT_ISSUER, TokenIssuer
 from hive_common.config import DEVELOPMENT_JWT_SECRET
 
-DEFAULT_ISSUER = "hive-flow-c"
 CLI_SUBJECT = "hive-cli"
 MINTED_TOKEN_TTL_SECONDS = 900
 

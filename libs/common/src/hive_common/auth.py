@@ -31,6 +31,8 @@ from hive_common.errors import Unauthenticated
 
 ALGORITHM = "HS256"
 DEFAULT_AUDIENCE = "neuralhive"
+DEFAULT_ISSUER = "hive-flow-c"
+"""The ``iss`` every service signs with and accepts unless configured otherwise."""
 MIN_SECRET_BYTES = 32
 """RFC 7518 section 3.2: an HS256 key must be at least 256 bits."""
 

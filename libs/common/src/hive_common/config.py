@@ -23,6 +23,8 @@ from typing import Any, Literal, Protocol
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from hive_common.auth import DEFAULT_AUDIENCE, DEFAULT_ISSUER
+
 LogFormat = Literal["auto", "json", "pretty"]
 
 DEVELOPMENT_JWT_SECRET = "hive-flow-c-local-development-only-insecure-jwt-secret"
@@ -69,8 +71,8 @@ class HiveSettings(BaseSettings):
         description="Own port for /metrics; None serves /metrics on the HTTP app.",
     )
     jwt_secret: SecretStr = SecretStr(DEVELOPMENT_JWT_SECRET)
-    jwt_issuer: str = "hive-flow-c"
-    jwt_audience: str = "neuralhive"
+    jwt_issuer: str = DEFAULT_ISSUER
+    jwt_audience: str = DEFAULT_AUDIENCE
     shutdown_grace_seconds: float = Field(default=10.0, ge=0)
     http_keep_alive_seconds: int = Field(
         default=75,
