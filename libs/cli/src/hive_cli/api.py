@@ -263,6 +263,10 @@ class HiveApi:
             },
         )
 
+    def ticket_events(self, ticket_id: str) -> JsonObject:
+        """A ticket's audit history, oldest first (``{"ticket_id", "events": [...]}``)."""
+        return self.tickets.request("GET", f"/api/v1/tickets/{_segment(ticket_id)}/events")
+
     # Workers (registry).
     def list_workers(
         self,

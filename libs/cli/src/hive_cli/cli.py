@@ -53,6 +53,9 @@ URL_ENV = {
 ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]*")
 # Integer literals longer than this cannot be read (Python's default limit).
 MAX_INTEGER_DIGITS = 4300
+# The orchestrator answers 400 to a larger plans page (the ticket service and the registry
+# cap a larger page size at their configured maximum instead).
+MAX_PLANS_PAGE_SIZE = 500
 DEFAULT_REQUEST_TIMEOUT = 10.0
 DEFAULT_WATCH_INTERVAL = 1.0
 # The largest value of any SECONDS option (a week): far more than any real wait, and far
@@ -167,14 +170,19 @@ def _seconds(text: str) -> float:
     return value
 
 
-def _page_size(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
-    return value
+def _page_size(maximum: int | None) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+        if value < 1:
+            raise argparse.ArgumentTypeError(f"must be at least 1: {text!r}")
+        if maximum is not None and value > maximum:
+            raise argparse.ArgumentTypeError(f"must be at most {maximum}: {text!r}")
+        return value
+
+    return parse
 
 
 def _id_argument(what: str) -> Callable[[str], str]:
@@ -214,8 +222,14 @@ def _status_filter(text: str) -> str:
     return text
 
 
-def _paging_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--limit", type=_page_size, default=0, help="page size (server default)")
+def _paging_options(parser: argparse.ArgumentParser, *, max_page_size: int | None = None) -> None:
+    """``max_page_size``: the service refuses larger pages (else it lowers them itself)."""
+    help_text = "page size (default and maximum: the service's)"
+    if max_page_size:
+        help_text = f"page size (default: the service's; at most {max_page_size})"
+    parser.add_argument(
+        "--limit", type=_page_size(max_page_size), default=0, metavar="N", help=help_text
+    )
     parser.add_argument("--page-token", default="", help="continue from a previous page")
     parser.add_argument("--all", action="store_true", help="follow every page")
 
@@ -300,7 +314,7 @@ def build_parser(*, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> HiveA
         default=[],
         help="only these statuses (repeat or a,b)",
     )
-    _paging_options(listing)
+    _paging_options(listing, max_page_size=MAX_PLANS_PAGE_SIZE)
 
     cancel = leaf(plan_cmds, "cancel", "cancel a plan and every ticket in flight")
     cancel.add_argument("plan_id", type=_plan_id)

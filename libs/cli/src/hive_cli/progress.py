@@ -8,20 +8,23 @@ plain appended lines anywhere else (CI logs, pipes).
 from __future__ import annotations
 
 import shutil
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, Protocol, TextIO
 
-from hive_cli.api import JsonObject
-from hive_cli.render import STATUS_ORDER, inline
+from hive_cli.api import ApiError, JsonObject, ServiceUnreachable
+from hive_cli.render import STATUS_ORDER, TERMINAL_PLAN_STATUSES, inline, plural
 
 TERMINAL_TICKET_STATUSES = ("COMPLETED", "FAILED", "CANCELLED")
+# A ticket in one of these after a failure is retrying it.
+RETRYING = ("PENDING", "ASSIGNED", "RUNNING")
 _ERASE_LINE = "\r\x1b[2K"
 
 
 @dataclass(frozen=True)
 class Failure:
-    """One failed attempt seen in a snapshot."""
+    """One failed attempt; ``message`` is empty when it is not known."""
 
     task_id: str
     attempt: int
@@ -29,43 +32,100 @@ class Failure:
     final: bool
 
     def text(self) -> str:
-        message = inline(self.message)
+        message = f": {inline(self.message)}" if self.message else ""
         if self.final:
-            return f"FAILED  {self.task_id} (attempt {self.attempt}): {message}"
-        return f"retry   {self.task_id} attempt {self.attempt} failed: {message}"
+            return f"FAILED  {self.task_id} (attempt {self.attempt}){message}"
+        return f"retry   {self.task_id} attempt {self.attempt} failed{message}"
+
+
+# The message the ticket service gives a ticket whose lease ran out (worker gone or slow).
+LEASE_EXPIRED_MESSAGE = "timed out"
+
+EventsReader = Callable[[str], JsonObject]
+
+
+def failed_attempts(history: Mapping[str, Any]) -> dict[int, str]:
+    """Re-queued attempts and their error messages, from a ticket's audit events
+    (``GET /api/v1/tickets/{id}/events``): REQUEUED after a failure, or LEASE_EXPIRED
+    with ``requeued``."""
+    attempts: dict[int, str] = {}
+    for event in history.get("events") or []:
+        details = event.get("details") if isinstance(event, Mapping) else None
+        if not isinstance(details, Mapping):
+            continue
+        if event.get("type") == "REQUEUED":
+            attempt, message = details.get("failed_attempt"), details.get("error_message")
+        elif event.get("type") == "LEASE_EXPIRED" and details.get("requeued"):
+            attempt, message = details.get("expired_attempt"), LEASE_EXPIRED_MESSAGE
+        else:
+            continue
+        if isinstance(attempt, int):
+            attempts[attempt] = str(message or "")
+    return attempts
 
 
 class FailureTracker:
-    """Reports each failed attempt once, however many snapshots show it.
+    """Reports each failed attempt of every ticket once, in order, however the polls fall.
 
-    The ticket keeps the last failure's ``error_message`` when it is re-queued with
-    ``attempt + 1``: a non-terminal ticket with an error means attempt ``attempt - 1``
-    failed; a FAILED ticket means its current attempt failed for good.
+    Every attempt below a ticket's current one failed (it was re-queued); a FAILED
+    ticket's current attempt failed for good. A snapshot shows only the latest error (a
+    re-queued ticket keeps it until its next attempt ends), so it tells only the previous
+    attempt's; attempts that failed unseen between two polls are read from the ticket's
+    audit events (``events``, asked only for such tickets). The audit trail lags a moment
+    behind: an attempt it does not list yet waits for the next poll, once, while the plan
+    runs. One it cannot tell (not readable, or still not listed) comes without a message.
     """
 
-    def __init__(self) -> None:
-        self._seen: set[tuple[str, int, bool, str]] = set()
+    def __init__(self, events: EventsReader | None = None) -> None:
+        self._events = events
+        self._reported: dict[str, int] = {}  # task -> last re-queued attempt reported
+        self._final: set[str] = set()
+        self._waited: set[tuple[str, int]] = set()
 
     def new_failures(self, plan: Mapping[str, Any]) -> list[Failure]:
-        failures = []
+        # Once the plan is finished there is no next poll to wait for.
+        can_wait = plan.get("status") not in TERMINAL_PLAN_STATUSES
+        failures: list[Failure] = []
         for ticket in plan.get("tickets") or []:
-            if not isinstance(ticket, Mapping):
-                continue
-            message = ticket.get("error_message") or ""
-            status = ticket.get("status")
-            attempt = ticket.get("attempt") or 0
-            if not message or status == "CANCELLED" or not isinstance(attempt, int):
-                continue
-            final = status == "FAILED"
-            failed_attempt = attempt if final else attempt - 1
-            if failed_attempt < 1:
-                continue
-            key = (str(ticket.get("task_id")), failed_attempt, final, message)
-            if key in self._seen:
-                continue
-            self._seen.add(key)
-            failures.append(Failure(key[0], failed_attempt, message, final))
+            if isinstance(ticket, Mapping):
+                failures += self._ticket_failures(ticket, can_wait=can_wait)
         return failures
+
+    def _ticket_failures(self, ticket: Mapping[str, Any], *, can_wait: bool) -> list[Failure]:
+        attempt = ticket.get("attempt")
+        if not isinstance(attempt, int):
+            return []
+        task_id = str(ticket.get("task_id"))
+        message = str(ticket.get("error_message") or "")
+        status = ticket.get("status")
+        missed = range(self._reported.get(task_id, 0) + 1, attempt)
+        failures: list[Failure] = []
+        if missed:
+            # A re-queued ticket shows its previous attempt's error until the next one ends.
+            shown = {attempt - 1: message} if message and status in RETRYING else {}
+            events = None if missed[0] in shown else self._failed_attempts(ticket)
+            for failed in missed:
+                text = (events or {}).get(failed, shown.get(failed))
+                waiting = text is None and events is not None and can_wait
+                if waiting and (task_id, failed) not in self._waited:
+                    self._waited.add((task_id, failed))
+                    return failures  # the next poll reads the events again
+                failures.append(Failure(task_id, failed, text or "", final=False))
+                self._reported[task_id] = failed
+        if status == "FAILED" and task_id not in self._final:
+            self._final.add(task_id)
+            failures.append(Failure(task_id, attempt, message, final=True))
+        return failures
+
+    def _failed_attempts(self, ticket: Mapping[str, Any]) -> dict[int, str] | None:
+        """The ticket's re-queued attempts from its events; None if they cannot be read."""
+        ticket_id = ticket.get("ticket_id")
+        if self._events is None or not ticket_id:
+            return None
+        try:
+            return failed_attempts(self._events(str(ticket_id)))
+        except (ApiError, ServiceUnreachable):
+            return None
 
 
 @dataclass(frozen=True)
@@ -125,11 +185,29 @@ def progress_line(
     return line
 
 
+def run_time(plan: Mapping[str, Any]) -> float | None:
+    """Seconds from the plan's creation to its terminal status (``created_at`` to
+    ``completed_at``); None if the plan does not say."""
+    try:
+        started = datetime.fromisoformat(plan["created_at"])
+        return (datetime.fromisoformat(plan["completed_at"]) - started).total_seconds()
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
 def final_summary(plan: Mapping[str, Any], *, elapsed: float | None = None) -> str:
-    """The closing lines of a watch: outcome, then every task that did not complete."""
+    """The closing lines of a watch: outcome, then every task that did not complete.
+
+    The time is the plan's own run time; only a plan without its timestamps gets the
+    time spent watching (``elapsed``), labelled as such.
+    """
     progress = progress_of(plan)
-    took = f" after {elapsed:.1f}s" if elapsed is not None else ""
-    finished = f"{progress.done}/{progress.total} tasks finished"
+    took = ""
+    if (seconds := run_time(plan)) is not None:
+        took = f" after {seconds:.1f}s"
+    elif elapsed is not None:
+        took = f" (watched for {elapsed:.1f}s)"
+    finished = f"{progress.done}/{plural(progress.total, 'task')} finished"
     lines = [f"plan {plan.get('plan_id')} {progress.status}{took}: {finished}"]
     if plan.get("error_message"):
         lines.append(f"  reason: {inline(plan['error_message'])}")

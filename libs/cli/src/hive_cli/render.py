@@ -21,6 +21,11 @@ def inline(value: object) -> str:
     return escape_controls(str(value))
 
 
+def plural(count: object, noun: str) -> str:
+    """``1 task``, ``2 tasks``."""
+    return f"{count} {noun}" if count == 1 else f"{count} {noun}s"
+
+
 def to_json(value: object) -> str:
     """Pretty JSON, as printed by ``--output json``."""
     return json.dumps(value, indent=2, ensure_ascii=False)
@@ -140,7 +145,8 @@ def submission_text(body: JsonObject) -> str:
     """What ``plan submit`` prints: plan id, whether it is new, warnings, ticket ids."""
     plan_id = body.get("plan_id")
     state = "submitted" if body.get("created") else "already submitted (identical plan)"
-    lines = [f"plan {plan_id} {state}: {body.get('status')}, {body.get('task_count')} tasks"]
+    tasks = plural(body.get("task_count"), "task")
+    lines = [f"plan {plan_id} {state}: {body.get('status')}, {tasks}"]
     for warning in body.get("warnings") or []:
         if isinstance(warning, Mapping):
             lines.append(

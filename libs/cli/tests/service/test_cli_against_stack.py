@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import socket
 import uuid
+from datetime import datetime
 from typing import Any
 
 import pytest
@@ -86,15 +87,27 @@ async def test_wide_plan_is_watched_to_completed(stack: Stack) -> None:
     assert all(row.split()[1] == plan_id and row.split()[4] == "COMPLETED" for row in rows[1:])
 
 
+RETRY_FAILURES = [
+    "retry   flaky attempt 1 failed: simulated transient error",
+    "retry   flaky attempt 2 failed: simulated transient error",
+    "FAILED  flaky (attempt 3): simulated transient error",
+]
+
+
+def failure_lines(out: str) -> list[str]:
+    return [line for line in out.splitlines() if line.startswith(("retry ", "FAILED  flaky"))]
+
+
 async def test_failing_plan_exits_1_and_names_the_failed_task(stack: Stack) -> None:
     run = await stack.hive("plan", "submit", str(EXAMPLES / "retry.json"), *WATCH)
     assert run.code == ExitCode.PLAN_UNSUCCESSFUL, run.err + run.out
     plan_id = plan_id_of(run.out)
-    # The final failure is shown as it happens (the retries too, when a poll sees them).
-    failed = [line for line in run.out.splitlines() if line.startswith("FAILED  flaky")]
-    assert len(failed) == 1
-    assert failed[0].startswith("FAILED  flaky (attempt 3): ")
-    assert "simulated transient error" in failed[0]
+    # Every failed attempt once, in order, as it happens. (A failure seen only at the
+    # last poll may miss its message: the audit trail lags the ticket by a moment.)
+    assert [line.partition(":")[0] for line in failure_lines(run.out)] == [
+        line.partition(":")[0] for line in RETRY_FAILURES
+    ]
+    assert failure_lines(run.out)[-1] == RETRY_FAILURES[-1]
     assert f"plan {plan_id} FAILED after " in run.out
     summary = run.out[run.out.index(f"plan {plan_id} FAILED after ") :].splitlines()
     assert any(line.startswith("  FAILED    flaky: ") for line in summary)
@@ -102,6 +115,24 @@ async def test_failing_plan_exits_1_and_names_the_failed_task(stack: Stack) -> N
     explained = await stack.hive("plan", "explain", plan_id, "flaky")
     assert explained.code == ExitCode.OK
     assert explained.out.startswith("flaky  FAILED  attempt 3/3")
+
+
+async def test_failed_attempts_between_two_polls_come_from_the_ticket_events(
+    stack: Stack,
+) -> None:
+    # The first poll comes right after the submission; the retries all happen before the
+    # next one, so only the ticket's audit events can tell about attempts 1 and 2.
+    slow_watch = ("--watch", "--interval", "5", "--timeout", str(WATCH_TIMEOUT_SECONDS))
+    run = await stack.hive("plan", "submit", str(EXAMPLES / "retry.json"), *slow_watch)
+    assert run.code == ExitCode.PLAN_UNSUCCESSFUL, run.err + run.out
+    assert failure_lines(run.out) == RETRY_FAILURES
+    plan_id = plan_id_of(run.out)
+    # The plan's own run time, not the time spent watching (a multiple of 5 s here).
+    status = (await stack.hive("-o", "json", "plan", "status", plan_id)).json()
+    run_time = datetime.fromisoformat(status["completed_at"]) - datetime.fromisoformat(
+        status["created_at"]
+    )
+    assert f"plan {plan_id} FAILED after {run_time.total_seconds():.1f}s: " in run.out
 
 
 async def test_shell_example_runs_on_the_shell_worker(stack: Stack) -> None:

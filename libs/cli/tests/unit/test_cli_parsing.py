@@ -140,6 +140,8 @@ def test_an_unparsable_url_is_a_usage_error(url: str) -> None:
         (["--registry", "", "workers", "list"], "URL must not be empty"),
         (["--token", "", "tickets", "list"], "token must not be empty"),
         (["--api-token", "", "plan", "list"], "token must not be empty"),
+        # The orchestrator answers 400 to a larger page.
+        (["plan", "list", "--limit", "501"], "--limit: must be at most 500: '501'"),
     ],
 )
 def test_ids_and_filters_that_cannot_be_sent_are_refused_before_any_request(
@@ -182,6 +184,17 @@ def test_seconds_options_accept_up_to_a_week() -> None:
         ["plan", "watch", "p1", "--interval", "0.05", "--timeout", "1e5"]
     )
     assert (args.interval, args.timeout) == (0.05, 100000.0)
+
+
+def test_page_sizes_up_to_each_service_limit_are_sent() -> None:
+    services = FakeServices()
+    services.on("GET", "/api/v1/plans", body={"plans": [], "next_page_token": None})
+    services.on("GET", "/api/v1/tickets", body={"tickets": [], "next_page_token": ""})
+    assert services.run("plan", "list", "--limit", "500").code == ExitCode.OK
+    # The ticket service caps a larger page itself.
+    assert services.run("tickets", "list", "--limit", "5000").code == ExitCode.OK
+    assert [r.url.params["page_size"] for r in services.requests] == ["500", "5000"]
+    assert "at most 500" in services.run("plan", "list", "--help").out
 
 
 def test_help_lists_exit_codes_on_stdout_and_exits_0() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
@@ -23,7 +23,7 @@ from hive_cli.progress import (
 )
 from hive_cli.watch import PlanWatcher, WatchTimeout
 
-from .conftest import FakeServices
+from .conftest import FakeServices, error_body
 
 
 def ticket(task: str, status: str, attempt: int = 1, error: str | None = None) -> dict[str, Any]:
@@ -54,6 +54,41 @@ def snapshot(
     }
 
 
+def requeued(attempt: int, message: str) -> dict[str, Any]:
+    """A ticket's audit event: ``attempt`` failed and the ticket was re-queued."""
+    return {
+        "type": "REQUEUED",
+        "attempt": attempt + 1,
+        "status": "PENDING",
+        "details": {"failed_attempt": attempt, "error_message": message},
+    }
+
+
+def history(*events: dict[str, Any]) -> JsonObject:
+    """A ``GET /api/v1/tickets/{id}/events`` answer."""
+    created = {"type": "CREATED", "attempt": 1, "status": "PENDING", "details": {}}
+    return {"ticket_id": "t-flaky", "events": [created, *events]}
+
+
+def plan_answers(services: FakeServices, *plans: JsonObject) -> None:
+    """``GET /api/v1/plans/p1`` answers ``plans`` in turn, then the last one again."""
+    answers = list(plans)
+
+    def answer(_request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json=answers.pop(0) if len(answers) > 1 else answers[0])
+
+    services.routes[("GET", "/api/v1/plans/p1")] = answer
+
+
+def failure_lines(out: str) -> list[str]:
+    """The failure lines of a watch (not its progress lines, which may start FAILED)."""
+    return [line for line in out.splitlines() if line.startswith(("retry ", "FAILED  flaky"))]
+
+
+def ticket_reads(services: FakeServices) -> list[httpx.Request]:
+    return [r for r in services.requests if r.url.path.startswith("/api/v1/tickets/")]
+
+
 def test_bar() -> None:
     assert bar(0.0, 4, unicode=False) == "[----]"
     assert bar(0.5, 4, unicode=False) == "[##--]"
@@ -80,8 +115,12 @@ def test_progress_line_before_any_ticket_exists() -> None:
     assert progress_line(plan, bar_width=4, unicode=False) == "PENDING   [----] 0/3   0%"
 
 
+def no_event_reads(ticket_id: str) -> JsonObject:
+    raise AssertionError(f"events of {ticket_id} read, though every failure was seen")
+
+
 def test_failures_are_reported_once_each() -> None:
-    tracker = FailureTracker()
+    tracker = FailureTracker(no_event_reads)
     running = snapshot("RUNNING", ticket("a", "RUNNING"))
     assert tracker.new_failures(running) == []
     # Attempt 1 failed and the ticket was re-queued as attempt 2 (message kept).
@@ -102,6 +141,135 @@ def test_failures_are_reported_once_each() -> None:
         tracker.new_failures(snapshot("CANCELLED", ticket("b", "CANCELLED", 1, "plan failed")))
         == []
     )
+
+
+SETUP = ticket("setup", "COMPLETED")
+REPORT = ticket("report", "PENDING")
+
+
+def watch_flaky(services: FakeServices, *polls: JsonObject) -> list[str]:
+    """Watch a plan whose task ``flaky`` runs attempt 1 at the first poll, shows ``polls``
+    then fails attempt 3 for good; the failure lines printed."""
+    report_cancelled = ticket("report", "CANCELLED", 1, "dependency flaky failed")
+    plan_answers(
+        services,
+        snapshot("RUNNING", SETUP, ticket("flaky", "RUNNING", 1), REPORT),
+        *polls,
+        snapshot("FAILED", SETUP, ticket("flaky", "FAILED", 3, "error 3"), report_cancelled),
+    )
+    run = services.run("plan", "watch", "p1", "--interval", "0.01")
+    assert run.code == ExitCode.PLAN_UNSUCCESSFUL, run.err
+    assert run.err == ""
+    return failure_lines(run.out)
+
+
+@pytest.mark.parametrize(
+    "polls",
+    [
+        # Attempts 1 and 2 fail between two polls; attempt 3 waits for its backoff.
+        [snapshot("RUNNING", SETUP, ticket("flaky", "PENDING", 3, "error 2"), REPORT)],
+        # A poll sees attempt 2 (so attempt 1's error), then attempt 2 fails and attempt 3
+        # fails for good before the next.
+        [snapshot("RUNNING", SETUP, ticket("flaky", "RUNNING", 2, "error 1"), REPORT)],
+        # Every retry happens between the first poll and the one that sees the end.
+        [],
+    ],
+    ids=["attempt-jumped-by-two", "last-retry-unseen", "straight-to-the-end"],
+)
+def test_failed_attempts_between_two_polls_are_read_from_the_ticket_events(
+    polls: list[JsonObject],
+) -> None:
+    services = FakeServices()
+    events = history(requeued(1, "error 1"), requeued(2, "error 2"))
+    services.on("GET", "/api/v1/tickets/t-flaky/events", body=events)
+    assert watch_flaky(services, *polls) == [
+        "retry   flaky attempt 1 failed: error 1",
+        "retry   flaky attempt 2 failed: error 2",
+        "FAILED  flaky (attempt 3): error 3",
+    ]
+    # Only the ticket whose attempts were missed, with the CLI's service token.
+    (read,) = ticket_reads(services)
+    assert read.url.path == "/api/v1/tickets/t-flaky/events"
+    assert read.headers["authorization"].startswith("Bearer ey")
+
+
+def refuse(request: httpx.Request) -> httpx.Response:
+    raise httpx.ConnectError("[Errno 111] Connection refused", request=request)
+
+
+@pytest.mark.parametrize(
+    "events",
+    [
+        lambda _r: httpx.Response(403, json=error_body("PERMISSION_DENIED", "not for you")),
+        lambda _r: httpx.Response(401, json=error_body("UNAUTHENTICATED", "bad token")),
+        lambda _r: httpx.Response(503, json=error_body("UNAVAILABLE", "MongoDB unavailable")),
+        refuse,
+    ],
+    ids=["403", "401", "503", "unreachable"],
+)
+def test_unreadable_events_still_give_a_line_per_failed_attempt(
+    events: Callable[[httpx.Request], httpx.Response],
+) -> None:
+    services = FakeServices()
+    services.routes[("GET", "/api/v1/tickets/t-flaky/events")] = events
+    jumped = snapshot("RUNNING", SETUP, ticket("flaky", "PENDING", 3, "error 2"), REPORT)
+    assert watch_flaky(services, jumped) == [
+        "retry   flaky attempt 1 failed",
+        "retry   flaky attempt 2 failed: error 2",  # the ticket still shows it
+        "FAILED  flaky (attempt 3): error 3",
+    ]
+    assert [r.url.path for r in ticket_reads(services)] == ["/api/v1/tickets/t-flaky/events"]
+
+
+class EventReads:
+    """A ticket's events as the audit trail has them at each read."""
+
+    def __init__(self, *answers: JsonObject) -> None:
+        self._answers = list(answers)
+        self.reads: list[str] = []
+
+    def __call__(self, ticket_id: str) -> JsonObject:
+        self.reads.append(ticket_id)
+        return self._answers[min(len(self.reads), len(self._answers)) - 1]
+
+
+def test_a_failure_the_audit_trail_does_not_list_yet_waits_one_poll() -> None:
+    events = EventReads(history(), history(requeued(1, "error 1")))
+    tracker = FailureTracker(events)
+    assert tracker.new_failures(snapshot("RUNNING", ticket("a", "RUNNING"))) == []
+    # Attempt 1 failed and attempt 2 completed between two polls; the audit trail lags.
+    done = snapshot("RUNNING", ticket("a", "COMPLETED", 2), ticket("b", "RUNNING"))
+    assert tracker.new_failures(done) == []
+    assert [f.text() for f in tracker.new_failures(done)] == ["retry   a attempt 1 failed: error 1"]
+    assert tracker.new_failures(done) == []
+    assert events.reads == ["t-a", "t-a"]
+
+
+def test_a_failure_the_audit_trail_never_lists_is_reported_without_its_message() -> None:
+    events = EventReads(history())
+    tracker = FailureTracker(events)
+    done = snapshot("RUNNING", ticket("a", "COMPLETED", 2), ticket("b", "RUNNING"))
+    assert tracker.new_failures(done) == []
+    assert [f.text() for f in tracker.new_failures(done)] == ["retry   a attempt 1 failed"]
+    assert tracker.new_failures(done) == []
+    assert events.reads == ["t-a", "t-a"]
+    # A finished plan has no next poll to wait for.
+    finished = FailureTracker(EventReads(history()))
+    (failure,) = finished.new_failures(snapshot("COMPLETED", ticket("a", "COMPLETED", 2)))
+    assert failure.text() == "retry   a attempt 1 failed"
+
+
+def test_an_expired_lease_is_a_failed_attempt() -> None:
+    expired = {
+        "type": "LEASE_EXPIRED",
+        "attempt": 2,
+        "status": "PENDING",
+        "details": {"expired_attempt": 1, "requeued": True},
+    }
+    tracker = FailureTracker(EventReads(history(expired)))
+    # A re-queue after an expired lease leaves no error message on the ticket.
+    (failure,) = tracker.new_failures(snapshot("RUNNING", ticket("a", "PENDING", 2)))
+    assert failure.text() == "retry   a attempt 1 failed: timed out"
 
 
 def test_plain_display_prints_a_line_per_change_and_each_failure() -> None:
@@ -167,6 +335,12 @@ def test_a_tty_gets_the_live_display_anything_else_plain_lines() -> None:
     assert isinstance(display_for(io.StringIO()), PlainDisplay)
 
 
+FINISHED_AT = {
+    "created_at": "2026-11-24T23:00:00.500000+00:00",
+    "completed_at": "2026-11-24T23:00:03.710000+00:00",
+}
+
+
 def test_final_summary_lists_tasks_that_did_not_complete() -> None:
     plan = snapshot(
         "FAILED",
@@ -174,13 +348,31 @@ def test_final_summary_lists_tasks_that_did_not_complete() -> None:
         ticket("b", "FAILED", 3, "exit 1"),
         ticket("c", "CANCELLED"),
         error_message="task b failed",
+        **FINISHED_AT,
     )
-    assert final_summary(plan, elapsed=3.21).splitlines() == [
+    assert final_summary(plan, elapsed=60.0).splitlines() == [
         "plan p1 FAILED after 3.2s: 3/3 tasks finished",
         "  reason: task b failed",
         "  FAILED    b: exit 1",
         "  CANCELLED c",
     ]
+
+
+def test_final_summary_without_the_plan_times_says_how_long_it_was_watched() -> None:
+    plan = snapshot("COMPLETED", ticket("a", "COMPLETED"))
+    assert final_summary(plan, elapsed=3.21) == (
+        "plan p1 COMPLETED (watched for 3.2s): 1/1 task finished"
+    )
+    assert final_summary(plan) == "plan p1 COMPLETED: 1/1 task finished"
+
+
+def test_watching_a_finished_plan_prints_its_run_time() -> None:
+    services = FakeServices()
+    finished = snapshot("COMPLETED", ticket("a", "COMPLETED"), **FINISHED_AT)
+    services.on("GET", "/api/v1/plans/p1", body=finished)
+    run = services.run("plan", "watch", "p1")
+    assert run.code == ExitCode.OK, run.err
+    assert run.out.splitlines()[-1] == "plan p1 COMPLETED after 3.2s: 1/1 task finished"
 
 
 class ScriptedApi:
@@ -196,6 +388,9 @@ class ScriptedApi:
         if isinstance(answer, Exception):
             raise answer
         return answer
+
+    def ticket_events(self, ticket_id: str) -> JsonObject:
+        return no_event_reads(ticket_id)
 
 
 class FakeClock:
@@ -331,7 +526,7 @@ def test_submit_watch_exit_code_follows_the_plan(final_status: str, exit_code: E
     run = services.run("plan", "submit", "-", "--watch", "--interval", "0.01", stdin=b"{}")
     assert run.code == exit_code
     lines = run.out.splitlines()
-    assert lines[0] == "plan p1 submitted: PENDING, 1 tasks"
+    assert lines[0] == "plan p1 submitted: PENDING, 1 task"
     assert any(line.startswith("RUNNING   [") for line in lines)
     assert lines[-1 if final_status == "COMPLETED" else -2].startswith(f"plan p1 {final_status}")
 
