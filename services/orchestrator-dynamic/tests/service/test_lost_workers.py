@@ -10,6 +10,9 @@ from typing import TYPE_CHECKING, Any
 import psycopg
 import pytest
 
+from hive_common.auth import DEFAULT_ISSUER, TokenIssuer
+from hive_common.clients import RegistryClient
+from hive_common.grpc_client import create_channel
 from service_registry.config import RegistrySettings
 
 if TYPE_CHECKING:  # conftest is not importable at run time (import mode importlib)
@@ -107,3 +110,23 @@ async def test_a_replica_taking_a_plan_over_hands_back_the_tickets_of_a_worker_g
     survivor = await start_survivor(flow)
     await flow.start_orchestrator(assign_lease_seconds=3600)
     await assert_ran_on_a_survivor(flow, "orphan-taken-over", survivor)
+
+
+async def test_the_tickets_of_a_worker_that_deregistered_holding_them_run_elsewhere(
+    flow: Flow,
+) -> None:
+    # A worker deregisters with a ticket still on it (a draining worker does not start
+    # the assignments it receives). The ticket used to wait out its lease. No resync within the test
+    # (it would find the worker gone too): only the DEREGISTERED event can bring it back.
+    await flow.start_orchestrator(assign_lease_seconds=3600, resync_interval_seconds=3600)
+    doomed = await hang_on_a_doomed_worker(flow, "left-behind")
+    await flow.kill_worker(doomed)
+    token, _ = TokenIssuer(secret=flow.jwt_secret, issuer=DEFAULT_ISSUER).issue_worker_token(
+        worker_id=doomed.worker_id, ttl_seconds=60
+    )
+    async with RegistryClient(
+        channel=create_channel(flow.registry_target), owns_channel=True
+    ) as registry:
+        await registry.deregister(worker_id=doomed.worker_id, token=token)
+    survivor = await start_survivor(flow)
+    await assert_ran_on_a_survivor(flow, "left-behind", survivor)

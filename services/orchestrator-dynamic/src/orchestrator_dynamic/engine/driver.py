@@ -87,6 +87,12 @@ _TRANSIENT = (Unavailable, DeadlineExceeded)
 _WORKER_WAKE_EVENTS = frozenset(
     {registry_pb.WORKER_EVENT_TYPE_REGISTERED, registry_pb.WORKER_EVENT_TYPE_UPDATED}
 )
+# A worker gone with tickets still on it -> why they are handed back (see _worker_lost).
+_WORKER_GONE_EVENTS = {
+    registry_pb.WORKER_EVENT_TYPE_EXPIRED: "the registry expired it (no heartbeat for its TTL)",
+    # E.g. assignments a draining worker received but does not start.
+    registry_pb.WORKER_EVENT_TYPE_DEREGISTERED: "it deregistered while holding the ticket",
+}
 # How long a freed slot is remembered for worker_candidate (heartbeats come far more often).
 _FREED_SLOT_MEMORY = timedelta(seconds=60)
 
@@ -349,8 +355,9 @@ class PlanDriver:
                         self._discovered.clear()  # the workers changed
                         if event.type in _WORKER_WAKE_EVENTS:
                             self._wake_waiting()
-                        elif event.type == registry_pb.WORKER_EVENT_TYPE_EXPIRED:
-                            self._worker_lost(event.worker.worker_id)
+                        elif event.type in _WORKER_GONE_EVENTS:
+                            why = _WORKER_GONE_EVENTS[event.type]
+                            self._worker_lost(event.worker.worker_id, why)
             except HiveError as exc:
                 self._health.failed(REGISTRY, str(exc))
                 _log.warning("worker watch failed", error=str(exc))
@@ -358,14 +365,15 @@ class PlanDriver:
                 _log.exception("worker watch error")
             await asyncio.sleep(self._settings.error_retry)
 
-    def _worker_lost(self, worker_id: str) -> None:
-        """The registry expired ``worker_id`` (no heartbeat for its TTL): the plans with
-        tickets there hand them back in their next round, instead of waiting out leases
-        as long as the tasks' timeouts (an hour by default)."""
+    def _worker_lost(self, worker_id: str, why: str) -> None:
+        """``worker_id`` is gone (expired or deregistered): the plans with tickets there
+        hand them back in their next round, instead of waiting out leases as long as the
+        tasks' timeouts (an hour by default). A ticket the worker finished just before is
+        not affected: the hand-back of a ticket that moved on is refused and re-read."""
         self._seen_live.pop(worker_id, None)
         for plan in self._plans.values():
             if plan.progress.occupying.get(worker_id):
-                self._lose(plan, worker_id, "the registry expired it (no heartbeat for its TTL)")
+                self._lose(plan, worker_id, why)
 
     def _lose(self, plan: DrivenPlan, worker_id: str, why: str) -> None:
         plan.lost_workers[worker_id] = why
