@@ -11,6 +11,7 @@ import grpc
 import psycopg
 import pytest
 
+from hive_common.errors import HiveError
 from hive_common.grpc_errors import from_rpc_error
 from neuralhive.registry.v1 import registry_service_pb2 as pb
 
@@ -430,3 +431,47 @@ async def test_concurrent_registrations_of_one_name_agree(start_registry: StartR
         == [("WORKER_EVENT_TYPE_REGISTERED", "same")] + [("WORKER_EVENT_TYPE_UPDATED", "same")] * 3
     )
     watch.cancel()
+
+
+async def test_a_registry_down_longer_than_the_ttl_expires_no_worker(
+    start_registry: StartRegistry,
+) -> None:
+    # Its own silence is not the workers': started again after 90 s (TTL 60 s), the
+    # registry used to expire every worker in its first sweep, and their heartbeats got
+    # NOT_FOUND (a new worker id each, their tickets handed back as lost).
+    first = await start_registry()
+    worker_id = (await first.register("w1")).worker.worker_id
+    await first.app.stop(0)
+    first.clock.advance(90)
+
+    second = await start_registry()
+    assert (await second.sweep()).expired == []
+    response = await second.heartbeat(worker_id)
+    assert response.worker.worker_id == worker_id
+    assert response.worker.status == HEALTHY
+    # Silent for a TTL from then on, it expires as usual.
+    second.clock.advance(61)
+    assert [w.name for w in (await second.sweep()).expired] == ["w1"]
+
+
+class _Unreachable:
+    """A connection pool whose database does not answer."""
+
+    def connection(self) -> Any:
+        raise psycopg.OperationalError("connection refused")
+
+
+async def test_a_database_outage_longer_than_the_ttl_expires_no_worker(
+    registry: Registry,
+) -> None:
+    w1 = (await registry.register("w1")).worker.worker_id
+    repository = registry.app.repository
+    pool, repository._pool = repository._pool, _Unreachable()  # type: ignore[assignment]
+    with pytest.raises(HiveError):
+        await registry.sweep()  # the outage begins: heartbeats cannot be recorded
+    registry.clock.advance(90)
+    repository._pool = pool  # the database answers again
+    assert (await registry.sweep()).expired == []
+    assert (await registry.heartbeat(w1)).worker.worker_id == w1
+    registry.clock.advance(61)
+    assert [w.name for w in (await registry.sweep()).expired] == ["w1"]

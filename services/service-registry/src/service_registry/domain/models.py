@@ -6,10 +6,11 @@ import math
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 
 DEFAULT_NAMESPACE = "default"
+_NEVER = datetime.min.replace(tzinfo=UTC)
 
 
 class WorkerStatus(StrEnum):
@@ -44,6 +45,10 @@ class HealthPolicy:
     heartbeat_interval: timedelta = timedelta(seconds=5)
     missed_heartbeats: int = 3
     expire_after: timedelta = timedelta(seconds=60)
+    # Since when the registry could hear heartbeats (it started, or its database answered
+    # again after an outage); None: always. Silence before that is the registry's, not
+    # the workers': nobody expires until ``expire_after`` has passed since then.
+    heard_since: datetime | None = None
 
     def __post_init__(self) -> None:
         if self.heartbeat_interval <= timedelta(0):
@@ -63,7 +68,10 @@ class HealthPolicy:
 
     def expiry_cutoff(self, now: datetime) -> datetime:
         """A worker whose last heartbeat is older than this is EXPIRED."""
-        return now - self.expire_after
+        cutoff = now - self.expire_after
+        if self.heard_since is not None and self.heard_since > cutoff:
+            return _NEVER
+        return cutoff
 
     def is_unhealthy(self, last_heartbeat_at: datetime, now: datetime) -> bool:
         return last_heartbeat_at < self.unhealthy_cutoff(now)

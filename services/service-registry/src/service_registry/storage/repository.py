@@ -10,7 +10,7 @@ import asyncio
 import uuid
 from collections.abc import AsyncIterator, Mapping, Sequence
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
 
@@ -19,7 +19,7 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
-from hive_common.errors import HiveError, NotFound
+from hive_common.errors import HiveError, NotFound, Unavailable
 from hive_common.logging import get_logger
 from hive_common.postgres import database_errors
 from service_registry.domain import lifecycle
@@ -171,6 +171,9 @@ class WorkerRepository:
     ) -> None:
         self._pool = pool
         self._policy = policy
+        # Whether the database was out of reach since the last successful operation (or
+        # the registry just started): see _policy_at.
+        self._deaf = True
         self._ranker = ranker
         # Discovery's plan needs statistics that know how many workers there are: after
         # this many new workers, and then whenever the table about doubled since the last
@@ -183,8 +186,22 @@ class WorkerRepository:
 
     @asynccontextmanager
     async def _connection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
-        async with database_errors("registry database"), self._pool.connection() as conn:
-            yield conn
+        try:
+            async with database_errors("registry database"), self._pool.connection() as conn:
+                yield conn
+        except Unavailable:
+            self._deaf = True
+            raise
+
+    def _policy_at(self, now: datetime) -> HealthPolicy:
+        """The health policy for decisions about expiry at ``now``. After a start or a
+        database outage no heartbeat could be recorded, so the silence is counted from
+        the first operation after it (``HealthPolicy.heard_since``): a registry or
+        database down longer than the TTL used to expire every live worker at once."""
+        if self._deaf:
+            self._deaf = False
+            self._policy = replace(self._policy, heard_since=now)
+        return self._policy
 
     @asynccontextmanager
     async def _transaction(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
@@ -285,7 +302,7 @@ class WorkerRepository:
             )
             row = await cur.fetchone()
             existing = self._row_to_worker(row, now) if row else None
-            transition = lifecycle.register(existing, spec, now=now, policy=self._policy)
+            transition = lifecycle.register(existing, spec, now=now, policy=self._policy_at(now))
             if transition.previous is not None:
                 await conn.execute(_UPDATE, _params(transition.worker, self._ranker))
             else:
@@ -324,9 +341,9 @@ class WorkerRepository:
         if row is None:
             return None
         existing = self._row_to_worker(row, now)
-        if self._policy.is_expired(existing.last_heartbeat_at, now):
+        if self._policy_at(now).is_expired(existing.last_heartbeat_at, now):
             return None
-        transition = lifecycle.heartbeat(existing, update, now=now, policy=self._policy)
+        transition = lifecycle.heartbeat(existing, update, now=now, policy=self._policy_at(now))
         if transition.events:
             return None
         params = {**_params(transition.worker, self._ranker), "xmin": row[-1]}
@@ -341,14 +358,15 @@ class WorkerRepository:
             )
             row = await cur.fetchone()
             existing = self._row_to_worker(row, now) if row else None
-            if existing is not None and self._policy.is_expired(existing.last_heartbeat_at, now):
+            policy = self._policy_at(now)
+            if existing is not None and policy.is_expired(existing.last_heartbeat_at, now):
                 await conn.execute("DELETE FROM workers WHERE worker_id = %s", (update.worker_id,))
                 await self._insert_events(
                     conn, [lifecycle.event(WorkerEventType.EXPIRED, existing, now)]
                 )
                 expired = True
             else:
-                transition = lifecycle.heartbeat(existing, update, now=now, policy=self._policy)
+                transition = lifecycle.heartbeat(existing, update, now=now, policy=policy)
                 await conn.execute(_HEARTBEAT_UPDATE, _params(transition.worker, self._ranker))
                 await self._insert_events(conn, transition.events)
         if expired:
@@ -369,7 +387,7 @@ class WorkerRepository:
             if row is None:
                 return None
             worker = self._row_to_worker(row, now)
-            expired = self._policy.is_expired(worker.last_heartbeat_at, now)
+            expired = self._policy_at(now).is_expired(worker.last_heartbeat_at, now)
             kind = WorkerEventType.EXPIRED if expired else WorkerEventType.DEREGISTERED
             event = lifecycle.event(kind, worker, now)
             await self._insert_events(conn, [event])
@@ -383,7 +401,7 @@ class WorkerRepository:
         """
         params = {
             "unhealthy_cutoff": self._policy.unhealthy_cutoff(now),
-            "expiry_cutoff": self._policy.expiry_cutoff(now),
+            "expiry_cutoff": self._policy_at(now).expiry_cutoff(now),
         }
         async with self._transaction() as conn:
             cur = await conn.execute(
@@ -423,7 +441,7 @@ class WorkerRepository:
         async with self._connection() as conn:
             cur = await conn.execute(
                 _SELECT + sql.SQL(" WHERE worker_id = %s AND last_heartbeat_at >= %s"),
-                (worker_id, self._policy.expiry_cutoff(now)),
+                (worker_id, self._policy_at(now).expiry_cutoff(now)),
             )
             row = await cur.fetchone()
         if row is None:
@@ -442,7 +460,7 @@ class WorkerRepository:
     async def list_page(self, query: ListQuery, *, now: datetime) -> WorkerPage:
         conditions: list[sql.Composable] = [sql.SQL("last_heartbeat_at >= %(expiry_cutoff)s")]
         params: dict[str, Any] = {
-            "expiry_cutoff": self._policy.expiry_cutoff(now),
+            "expiry_cutoff": self._policy_at(now).expiry_cutoff(now),
             "unhealthy_cutoff": self._policy.unhealthy_cutoff(now),
             "limit": query.page_size + 1,
         }
@@ -532,7 +550,7 @@ class WorkerRepository:
                 " FROM workers WHERE last_heartbeat_at >= %(ec)s",
                 {
                     "uc": self._policy.unhealthy_cutoff(now),
-                    "ec": self._policy.expiry_cutoff(now),
+                    "ec": self._policy_at(now).expiry_cutoff(now),
                 },
             )
             row = await cur.fetchone()
