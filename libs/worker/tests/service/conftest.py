@@ -15,7 +15,7 @@ from typing import Any
 
 import pytest
 
-from hive_common.auth import TokenIssuer
+from hive_common.auth import DEFAULT_ISSUER, TokenIssuer
 from hive_common.clients import CallPolicy, ReconnectPolicy, RegistryClient, TicketClient
 from hive_common.testing.databases import PostgresServer, temporary_postgres_database
 from hive_testsupport import (
@@ -91,7 +91,7 @@ async def registry(registry_dsn: str) -> AsyncIterator[InProcessRegistry]:
 
 @pytest.fixture
 def service_token() -> str:
-    issuer = TokenIssuer(secret=JWT_SECRET, issuer="hive-worker-tests")
+    issuer = TokenIssuer(secret=JWT_SECRET, issuer=DEFAULT_ISSUER)  # the services check it
     token, _ = issuer.issue_service_token(service="orchestrator-dynamic", ttl_seconds=3600)
     return token
 
