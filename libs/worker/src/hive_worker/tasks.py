@@ -9,14 +9,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import http.client
 import math
 import os
 import shlex
+import socket
+import subprocess
+import threading
 import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from http.client import HTTPMessage
 from typing import IO, Any
 
@@ -108,6 +113,62 @@ class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
+class _Sockets:
+    """The sockets of a request running in a thread, for the event loop to end it:
+    :meth:`shut` shuts them down, and any the thread connects later, so that a read
+    blocked on one returns at once and the request fails."""
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self._sockets: list[socket.socket] = []
+        self._shut = False
+
+    def add(self, sock: socket.socket) -> None:
+        with self._lock:
+            self._sockets.append(sock)
+            if self._shut:
+                self.shut()
+
+    def shut(self) -> None:
+        with self._lock:
+            self._shut = True
+            for sock in self._sockets:
+                with contextlib.suppress(OSError):  # closed already
+                    sock.shutdown(socket.SHUT_RDWR)
+
+
+class _TrackedConnection(http.client.HTTPConnection):
+    """An HTTP connection that adds its socket, once connected, to ``sockets``."""
+
+    def __init__(self, host: str, *, sockets: _Sockets, **kwargs: Any) -> None:
+        super().__init__(host, **kwargs)
+        self._sockets = sockets
+
+    def connect(self) -> None:
+        super().connect()
+        self._sockets.add(self.sock)
+
+
+class _TrackedHTTPSConnection(_TrackedConnection, http.client.HTTPSConnection):
+    """An HTTPS connection that adds its socket, once connected (TLS included), to
+    ``sockets``."""
+
+
+class _TrackingHandler(urllib.request.HTTPHandler, urllib.request.HTTPSHandler):
+    """Opens http and https URLs (in place of urllib's handlers for them) over tracked
+    connections."""
+
+    def __init__(self, sockets: _Sockets) -> None:
+        super().__init__()
+        self._sockets = sockets
+
+    def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        return self.do_open(partial(_TrackedConnection, sockets=self._sockets), req)
+
+    def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
+        return self.do_open(partial(_TrackedHTTPSConnection, sockets=self._sockets), req)
+
+
 @dataclass(frozen=True, slots=True)
 class HttpGetTask:
     """``{"url": str, "timeout_seconds": n}``: GET an http(s) URL.
@@ -115,6 +176,10 @@ class HttpGetTask:
     Returns ``status``, ``content_type``, a ``body`` excerpt of at most ``max_body_bytes``
     and ``truncated``. A 4xx answer is a permanent failure (except 408, 425, 429), a 5xx
     or a network error a retryable one; the failure's result carries the same fields.
+    ``timeout_seconds`` is a deadline for the whole request (connecting, the headers, the
+    body), past which it is a retryable failure. The request runs in a thread; when the
+    handler stops waiting for it (the deadline, a cancel), its connection is shut down
+    so that the thread stops as well.
     """
 
     default_timeout_seconds: float
@@ -131,7 +196,15 @@ class HttpGetTask:
             raise InvalidParameters(
                 "timeout_seconds", f"must be above 0 and at most {self.max_timeout_seconds:g}"
             )
-        status, content_type, body = await asyncio.to_thread(self._fetch, url, timeout)
+        sockets = _Sockets()
+        try:
+            async with asyncio.timeout(timeout):
+                fetched = await asyncio.to_thread(self._fetch, url, timeout, sockets)
+        except TimeoutError:
+            raise TaskError(f"GET {url} timed out after {timeout:g}s") from None
+        finally:
+            sockets.shut()  # the thread's request ends now if it still runs (timeout, cancel)
+        status, content_type, body = fetched
         text, truncated = _excerpt(body, self.max_body_bytes)
         result = {
             "url": url,
@@ -145,8 +218,8 @@ class HttpGetTask:
             raise TaskError(f"GET {url} answered {status}", permanent=permanent, result=result)
         return result
 
-    def _fetch(self, url: str, timeout: float) -> tuple[int, str, bytes]:
-        opener = urllib.request.build_opener(_HttpOnlyRedirects())
+    def _fetch(self, url: str, timeout: float, sockets: _Sockets) -> tuple[int, str, bytes]:
+        opener = urllib.request.build_opener(_HttpOnlyRedirects(), _TrackingHandler(sockets))
         request = urllib.request.Request(url, method="GET", headers={"User-Agent": "hive-worker"})
         try:
             with opener.open(request, timeout=timeout) as response:
@@ -185,6 +258,9 @@ class ShellTask:
     allow-list exactly (no path or basename matching, so ``/tmp/x/make`` is not
     ``make``). Returns ``exit_code`` and bounded ``stdout`` / ``stderr``; a non-zero exit
     is a retryable failure carrying the same fields, a disallowed program a permanent one.
+    Past ``timeout_seconds`` (until the program has exited and its output ended) the
+    program is killed: a retryable failure whose result has the output read until then
+    and ``exit_code`` None.
     The program gets the worker's environment without ``HIVE_*`` (see
     :func:`program_environment`).
     """
@@ -223,59 +299,73 @@ class ShellTask:
         if timeout <= 0:
             raise InvalidParameters("timeout_seconds", "must be above 0")
         try:
-            process = await asyncio.create_subprocess_exec(
+            transport, output = await asyncio.get_running_loop().subprocess_exec(
+                lambda: _Output(self.max_output_bytes),
                 *argv,
                 env=program_environment(os.environ),
-                stdin=asyncio.subprocess.DEVNULL,
-                stdout=asyncio.subprocess.PIPE,
-                stderr=asyncio.subprocess.PIPE,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
             )
         except OSError as exc:
             # Another worker may have the program: retryable.
             raise TaskError(f"cannot start {argv[0]!r}: {exc.strerror or exc}") from exc
-        assert process.stdout is not None
-        assert process.stderr is not None
         try:
             async with asyncio.timeout(timeout):
-                stdout, stderr, _ = await asyncio.gather(
-                    self._bounded(process.stdout), self._bounded(process.stderr), process.wait()
-                )
+                await asyncio.shield(output.finished)
         except TimeoutError:
-            await _kill(process)
-            raise TaskError(f"{argv[0]} timed out after {timeout:g}s") from None
-        except BaseException:  # cancelled (ticket timeout, shutdown): never leave it running
-            await _kill(process)
-            raise
-        out, out_cut = _excerpt(stdout, self.max_output_bytes)
-        err, err_cut = _excerpt(stderr, self.max_output_bytes)
+            exit_code = None  # it, or a child of it holding its output, still ran
+        else:
+            exit_code = transport.get_returncode()
+        finally:
+            # Kills the program if it still runs (timed out, or cancelled: ticket timeout,
+            # shutdown) and closes the pipes, which a child of it may hold open; then waits
+            # until it is reaped (no zombie): at once, killed and with its pipes closed.
+            transport.close()
+            await asyncio.shield(output.finished)
+        out, out_cut = _excerpt(output.stdout, self.max_output_bytes)
+        err, err_cut = _excerpt(output.stderr, self.max_output_bytes)
         result = {
             "argv": argv,
-            "exit_code": process.returncode,
+            "exit_code": exit_code,
             "stdout": out,
             "stderr": err,
             "stdout_truncated": out_cut,
             "stderr_truncated": err_cut,
         }
-        if process.returncode != 0:
-            raise TaskError(f"{argv[0]} exited with {process.returncode}", result=result)
+        if exit_code is None:
+            raise TaskError(f"{argv[0]} timed out after {timeout:g}s", result=result)
+        if exit_code != 0:
+            raise TaskError(f"{argv[0]} exited with {exit_code}", result=result)
         return result
 
-    async def _bounded(self, stream: asyncio.StreamReader) -> bytes:
-        """Read to EOF keeping at most one byte more than the limit (to flag truncation)."""
-        kept = bytearray()
-        while chunk := await stream.read(65536):
-            room = self.max_output_bytes + 1 - len(kept)
-            if room > 0:
-                kept += chunk[:room]
-        return bytes(kept)
 
+class _Output(asyncio.SubprocessProtocol):
+    """A program's stdout and stderr, keeping at most one byte more than ``limit`` of each
+    (to flag truncation). It reads whatever comes, so a program never waits on a full
+    pipe; ``finished`` is done once the program has exited and both pipes are closed."""
 
-async def _kill(process: asyncio.subprocess.Process) -> None:
-    with contextlib.suppress(ProcessLookupError):
-        process.kill()
-    # Shielded: a cancelled caller still reaps the child (no zombie).
-    with contextlib.suppress(Exception):
-        await asyncio.shield(process.wait())
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._kept = {1: bytearray(), 2: bytearray()}
+        self.finished: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    @property
+    def stdout(self) -> bytes:
+        return bytes(self._kept[1])
+
+    @property
+    def stderr(self) -> bytes:
+        return bytes(self._kept[2])
+
+    def pipe_data_received(self, fd: int, data: bytes) -> None:
+        kept = self._kept[fd]
+        room = self._limit + 1 - len(kept)
+        if room > 0:
+            kept += data[:room]
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.finished.set_result(None)
 
 
 def builtin_tasks(

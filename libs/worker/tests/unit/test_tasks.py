@@ -3,12 +3,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import gc
 import json
 import os
 import sys
 import threading
 import time
+import warnings
+from collections import defaultdict
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -79,6 +83,10 @@ async def test_fail_is_retryable_by_default_and_permanent_on_request() -> None:
 # ---------------------------------------------------------------- http_get
 
 
+DRIP_STARTED: defaultdict[str, threading.Event] = defaultdict(threading.Event)
+CLIENT_GONE: defaultdict[str, threading.Event] = defaultdict(threading.Event)
+
+
 class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         path = self.path
@@ -101,8 +109,27 @@ class _Handler(BaseHTTPRequestHandler):
             self.send_response(302)
             self.send_header("Location", "/loop" if path == "/loop" else "file:///etc/hostname")
             self.end_headers()
+        elif path.startswith("/drip/"):
+            self._drip(path)
         else:
             self._send(200, "héllo".encode())
+
+    def _drip(self, path: str) -> None:
+        """``/drip/headers/…`` or ``/drip/body/…``: the headers, or a 100000-byte body, one
+        byte every 0.25 s (for 20 s at most); ``CLIENT_GONE[path]`` is set once writing
+        fails: the client closed the connection."""
+        DRIP_STARTED[path].set()
+        if path.startswith("/drip/body/"):
+            start = b"HTTP/1.1 200 OK\r\nContent-Length: 100000\r\n\r\n"
+        else:
+            start = b"HTTP/1.1 200 OK\r\nX-Drip: "
+        try:
+            self.wfile.write(start)
+            for _ in range(80):
+                time.sleep(0.25)
+                self.wfile.write(b"x")
+        except (BrokenPipeError, ConnectionResetError):
+            CLIENT_GONE[path].set()
 
     def _send(self, status: int, body: bytes) -> None:
         self.send_response(status)
@@ -189,6 +216,32 @@ async def test_http_get_timeout_is_a_retryable_failure(http_base: str) -> None:
     with pytest.raises(TaskError) as raised:
         await http_task()({"url": f"{http_base}/slow", "timeout_seconds": 0.2}, ctx())
     assert not raised.value.permanent
+
+
+@pytest.mark.parametrize("phase", ["headers", "body"])
+async def test_http_get_timeout_is_a_deadline_for_the_whole_request(
+    http_base: str, phase: str
+) -> None:
+    # Each byte comes long before a socket timeout: timeout_seconds used to bound each
+    # read only, so a dripping server held the task until the ticket timed out.
+    path = f"/drip/{phase}/deadline"
+    with pytest.raises(TaskError, match=r"timed out after 1s") as raised:
+        async with asyncio.timeout(15):  # a hang guard
+            await http_task()({"url": f"{http_base}{path}", "timeout_seconds": 1}, ctx())
+    assert not raised.value.permanent
+    # The thread that read stops too: it closes the connection.
+    assert await asyncio.to_thread(CLIENT_GONE[path].wait, 10)
+
+
+async def test_http_get_cancelled_stops_reading(http_base: str) -> None:
+    path = "/drip/body/cancel"
+    fetch = asyncio.ensure_future(http_task()({"url": f"{http_base}{path}"}, ctx()))
+    assert await asyncio.to_thread(DRIP_STARTED[path].wait, 10)
+    fetch.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await fetch
+    # The thread doing the request used to go on reading, holding a thread of the pool.
+    assert await asyncio.to_thread(CLIENT_GONE[path].wait, 10)
 
 
 @pytest.mark.parametrize("seconds", [0, -1, 11, "5"])
@@ -310,12 +363,80 @@ async def test_shell_with_an_empty_allow_list_runs_nothing() -> None:
         await task({"argv": [PY, "-c", "1"]}, ctx())
 
 
-async def test_shell_timeout_kills_the_program() -> None:
-    with pytest.raises(TaskError, match="timed out") as raised:
-        await shell()(
-            {"argv": [PY, "-c", "import time; time.sleep(30)"], "timeout_seconds": 0.3}, ctx()
-        )
+@contextlib.contextmanager
+def nothing_left_behind() -> Iterator[None]:
+    """Fails when the block leaves an unclosed transport (a ResourceWarning) or an error
+    only the event loop sees (such as "Task exception was never retrieved")."""
+    loop = asyncio.get_running_loop()
+    reported: list[dict[str, Any]] = []
+    loop.set_exception_handler(lambda _, context: reported.append(context))
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", ResourceWarning)
+            yield
+            gc.collect()
+    finally:
+        loop.set_exception_handler(None)
+    assert [w.message for w in caught if issubclass(w.category, ResourceWarning)] == []
+    assert reported == []
+
+
+async def test_shell_timeout_kills_the_program_and_keeps_its_output() -> None:
+    script = "import sys, time; print('started'); print('warn', file=sys.stderr); time.sleep(30)"
+    with nothing_left_behind(), pytest.raises(TaskError, match="timed out after 1s") as raised:
+        await shell()({"argv": [PY, "-u", "-c", script], "timeout_seconds": 1}, ctx())
     assert not raised.value.permanent
+    assert raised.value.result == {
+        "argv": [PY, "-u", "-c", script],
+        "exit_code": None,
+        "stdout": "started\n",
+        "stderr": "warn\n",
+        "stdout_truncated": False,
+        "stderr_truncated": False,
+    }
+
+
+# Writes without end: its pipe is always full.
+_FLOOD = "import sys\nwhile True: sys.stdout.write('y' * 65536)"
+
+
+async def test_shell_timeout_ends_a_program_that_keeps_writing() -> None:
+    # The timeout used to stop reading the output, then wait for the killed program's
+    # full pipe to close, which it never did: the task hung until the ticket timeout.
+    with nothing_left_behind(), pytest.raises(TaskError, match="timed out after 1s") as raised:
+        async with asyncio.timeout(15):  # a hang guard
+            await shell(max_output=5)({"argv": [PY, "-c", _FLOOD], "timeout_seconds": 1}, ctx())
+    assert raised.value.result is not None
+    assert raised.value.result["exit_code"] is None
+    assert (raised.value.result["stdout"], raised.value.result["stdout_truncated"]) == (
+        "yyyyy",
+        True,
+    )
+
+
+async def test_shell_cancelled_ends_a_program_that_keeps_writing() -> None:
+    with nothing_left_behind():
+        run = asyncio.ensure_future(shell()({"argv": [PY, "-c", _FLOOD]}, ctx()))
+        await asyncio.sleep(0.5)
+        run.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            async with asyncio.timeout(15):  # a hang guard
+                await run
+
+
+async def test_shell_timeout_does_not_wait_for_a_child_holding_the_output() -> None:
+    # The program exits at once, but a child of it keeps stdout open: the output never
+    # ends, so the task times out, and does not hang waiting for the end.
+    script = (
+        "import subprocess, sys; "
+        "subprocess.Popen([sys.executable, '-c', 'import time; time.sleep(10)']); "
+        "print('parent done')"
+    )
+    with nothing_left_behind(), pytest.raises(TaskError, match="timed out after 1s") as raised:
+        async with asyncio.timeout(15):  # a hang guard
+            await shell()({"argv": [PY, "-c", script], "timeout_seconds": 1}, ctx())
+    assert raised.value.result is not None
+    assert raised.value.result["stdout"] == "parent done\n"
 
 
 async def test_shell_missing_program_is_retryable() -> None:
