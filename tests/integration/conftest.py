@@ -328,6 +328,8 @@ TICKETS_SETTINGS = {
     # An assignment not started within 2 s goes back to PENDING.
     "DEFAULT_LEASE_SECONDS": 2,
     "LEASE_SWEEP_INTERVAL_SECONDS": 0.2,
+    # As short as the leases: reports held back by a restart get in first all the same.
+    "LEASE_GRACE_SECONDS": 2,
     "RELAY_IDLE_INTERVAL_SECONDS": 0.1,
     "RELAY_MAX_BACKOFF_SECONDS": 1,
     "WATCH_POLL_INTERVAL_SECONDS": 0.05,

@@ -55,6 +55,9 @@ def ticket_settings(
         "mongo_timeout_ms": 500,
         "jwt_secret": SecretStr(jwt_secret),
         "lease_sweep_interval_seconds": 0.1,
+        # Tests expire leases right after starting the service (a test of the grace
+        # itself sets one).
+        "lease_grace_seconds": 0,
         "relay_idle_interval_seconds": 0.1,
         "watch_poll_interval_seconds": 0.05,
         "readiness_interval_seconds": 0.5,

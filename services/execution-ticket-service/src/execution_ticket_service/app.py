@@ -178,7 +178,12 @@ async def build_service(settings: TicketSettings, *, clock: Clock = utc_now) -> 
             max_backoff=settings.relay_max_backoff_seconds,
         ),
     )
-    sweeper = LeaseSweeper(repository=repository, interval=settings.lease_sweep_interval_seconds)
+    sweeper = LeaseSweeper(
+        repository=repository,
+        interval=settings.lease_sweep_interval_seconds,
+        grace=timedelta(seconds=settings.lease_grace_seconds),
+        clock=clock,
+    )
     stats = StatsRefresher(
         repository=repository, metrics=metrics, interval=settings.stats_interval_seconds
     )

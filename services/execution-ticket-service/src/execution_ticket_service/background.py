@@ -10,13 +10,13 @@ from __future__ import annotations
 import asyncio
 import random
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 
 from execution_ticket_service.metrics import TicketMetrics
 from execution_ticket_service.signals import ChangeSignal, spaced_delay
 from execution_ticket_service.storage.audit import AuditStore
-from execution_ticket_service.storage.tickets import TicketRepository, utc_now
-from hive_common.errors import HiveError
+from execution_ticket_service.storage.tickets import Clock, TicketRepository, utc_now
+from hive_common.errors import HiveError, Unavailable
 from hive_common.logging import get_logger
 
 log = get_logger(__name__)
@@ -128,14 +128,51 @@ class OutboxRelay:
 
 
 class LeaseSweeper:
-    """Re-queues (or fails) tickets whose lease passed; safe to run on every replica."""
+    """Re-queues (or fails) tickets whose lease passed; safe to run on every replica.
+
+    A lease is the time a worker has to report. While this replica cannot hear reports
+    (it was not running, or its database did not answer) the workers' reports wait in
+    their retries, so for ``grace`` after it starts or its database answers again no
+    lease expires: the reports held back get in first. Without it, a database outage
+    longer than a lease failed (or re-ran) tasks that had finished during the outage.
+    """
 
     def __init__(
-        self, *, repository: TicketRepository, interval: float, batch_size: int = 100
+        self,
+        *,
+        repository: TicketRepository,
+        interval: float,
+        grace: timedelta = timedelta(0),
+        clock: Clock = utc_now,
+        batch_size: int = 100,
     ) -> None:
         self._repository = repository
         self._interval = interval
+        self._grace = grace
+        self._clock = clock
         self._batch_size = batch_size
+        # Since when reports could reach the database through this replica; None while
+        # the database does not answer.
+        self._heard_since: datetime | None = clock()
+
+    async def sweep_round(self) -> None:
+        """Expire the leases that passed, unless in the grace (then only check that the
+        database answers)."""
+        now = self._clock()
+        try:
+            if self._heard_since is None or now - self._heard_since < self._grace:
+                await self._repository.ping()
+                if self._heard_since is None:
+                    self._heard_since = now
+                    log.info(
+                        "database answers again; leases expire again after the grace",
+                        grace_seconds=self._grace.total_seconds(),
+                    )
+                return
+            await self.sweep_once()
+        except Unavailable:
+            self._heard_since = None
+            raise
 
     async def sweep_once(self) -> int:
         total = 0
@@ -156,7 +193,7 @@ class LeaseSweeper:
     async def run(self) -> None:
         while True:
             try:
-                await self.sweep_once()
+                await self.sweep_round()
             except Exception as exc:
                 round_failed("lease sweep failed", exc)
             await asyncio.sleep(self._interval)

@@ -42,6 +42,9 @@ class TicketSettings(HiveSettings):
 
     # Background work.
     lease_sweep_interval_seconds: float = Field(default=1.0, gt=0)
+    # No lease expires this long after the service starts or its database answers again:
+    # the workers' reports held back meanwhile get in first (see LeaseSweeper).
+    lease_grace_seconds: float = Field(default=30.0, ge=0)
     relay_batch_size: int = Field(default=500, ge=1)
     relay_idle_interval_seconds: float = Field(default=0.5, gt=0)
     # Events arriving within this window after a change are relayed together (lag target < 1 s).

@@ -6,11 +6,12 @@ import asyncio
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import psycopg
 import pytest
 
+from execution_ticket_service.background import LeaseSweeper
 from execution_ticket_service.domain.models import (
     Assignment,
     EventType,
@@ -22,7 +23,13 @@ from execution_ticket_service.domain.models import (
     TicketStatus,
 )
 from execution_ticket_service.storage.tickets import Pool, TicketRepository
-from hive_common.errors import Aborted, AlreadyExists, FailedPrecondition, NotFound
+from hive_common.errors import (
+    Aborted,
+    AlreadyExists,
+    FailedPrecondition,
+    NotFound,
+    Unavailable,
+)
 
 if TYPE_CHECKING:  # conftest is not importable at run time (import mode importlib)
     from conftest import LoopTurns
@@ -651,3 +658,43 @@ async def test_watch_never_skips_an_event_that_commits_late(
     # ... and afterwards both arrive, the slow one first.
     events = await repo.events_after(start, TicketFilter(), limit=10)
     assert [(e.actor, e.ticket.task_id) for e in events] == [("test:slow", "early"), ("s", "fast")]
+
+
+class _Unreachable:
+    """A connection pool whose database does not answer."""
+
+    def connection(self) -> Any:
+        raise psycopg.OperationalError("connection refused")
+
+
+async def test_no_lease_expires_until_a_grace_after_the_database_answers_again(
+    repo: TicketRepository, clock: Any
+) -> None:
+    # A lease that passed while the database did not answer used to expire in the first
+    # sweep after it: the worker's report of a task finished meanwhile, still in its
+    # retries, came second (FAILED "timed out", or the task re-run).
+    sweeper = LeaseSweeper(repository=repo, interval=1, grace=timedelta(seconds=30), clock=clock)
+    [(t, _)] = await repo.create_many([spec(max_retries=1)], actor="s")
+    await repo.assign(
+        Assignment(ticket_id=t.ticket_id, worker_id="w", lease_seconds=10, attempt=1), actor="s"
+    )
+    clock.advance(11)
+    await sweeper.sweep_round()  # within the grace after the sweeper's own start
+    assert (await repo.get(t.ticket_id)).status is S.ASSIGNED
+
+    clock.advance(20)
+    pool, repo._pool = repo._pool, _Unreachable()  # type: ignore[assignment]
+    with pytest.raises(Unavailable):
+        await sweeper.sweep_round()
+    clock.advance(60)  # the outage lasts a minute
+    repo._pool = pool
+    await sweeper.sweep_round()
+    # The worker's report, held back by the outage, gets in first.
+    running = await repo.update_status(
+        StatusUpdate(ticket_id=t.ticket_id, status=S.RUNNING, attempt=1), actor="worker:w"
+    )
+    assert running.status is S.RUNNING
+    # A lease that passes after the grace expires as usual.
+    clock.advance(24 * 3600)
+    await sweeper.sweep_round()
+    assert (await repo.get(t.ticket_id)).status is S.PENDING
