@@ -177,6 +177,7 @@ async def build_app(
         readiness=readiness,
         logger=logger,
     )
+    runtime.add_before_stop_callback(service.end_watches)
     # Callbacks run last-added first: stop sweeping, then close the pool.
     runtime.add_shutdown_callback(pool.close)
     runtime.add_shutdown_callback(sweeper.stop)

@@ -475,3 +475,15 @@ async def test_a_database_outage_longer_than_the_ttl_expires_no_worker(
     assert (await registry.heartbeat(w1)).worker.worker_id == w1
     registry.clock.advance(61)
     assert [w.name for w in (await registry.sweep()).expired] == ["w1"]
+
+
+async def test_a_stop_ends_the_open_watches_instead_of_waiting_out_its_grace(
+    registry: Registry,
+) -> None:
+    # The stop used to wait for every WatchWorkers stream (they never end on their own)
+    # until its grace period was over: 10 s by default for each restart of the registry.
+    watch = await registry.open_watch()
+    async with asyncio.timeout(30):  # a bound against hanging; the grace is far longer
+        await registry.app.stop(3600)
+        assert await watch.read() == grpc.aio.EOF
+    assert await watch.code() == grpc.StatusCode.OK

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import uuid
 from collections.abc import AsyncIterator
 from datetime import datetime
@@ -61,6 +62,13 @@ class RegistryService:
         self._clock = clock
         self._ranker = ranker
         self._watch_poll = watch_poll_interval_seconds
+        self._draining = asyncio.Event()
+
+    async def end_watches(self) -> None:
+        """End every watch at its next idle moment: a stop would otherwise wait for the
+        endless streams until its grace period ends (watchers start again at a replica
+        still running, or this one once it is back)."""
+        self._draining.set()
 
     async def register(self, spec: RegistrationSpec) -> Transition:
         return await self._store.register(spec, now=self._clock.now())
@@ -106,4 +114,7 @@ class RegistryService:
                 position = event.sequence
                 yield event
             if not events:
-                await asyncio.sleep(self._watch_poll)
+                if self._draining.is_set():
+                    return
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._draining.wait(), self._watch_poll)
