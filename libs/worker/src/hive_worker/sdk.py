@@ -1062,6 +1062,17 @@ class Worker:
                     run.interrupted = True
                     run.stop_handler()
                 _, still = await asyncio.wait(still, timeout=_SHUTDOWN_REPORT_SECONDS)
+                if still:
+                    # Their outcome is lost (e.g. the ticket service is down): the lease
+                    # expiry or the orchestrator's lost-worker check brings them back.
+                    log.warning(
+                        "stopping without reporting these tickets' outcome",
+                        tickets=[
+                            f"{r.ticket.ticket_id} attempt {r.ticket.attempt} ({r.phase.name})"
+                            for r in self._runs.values()
+                            if r.task in still
+                        ],
+                    )
                 for task in still:
                     task.cancel()
                 await asyncio.gather(*still, return_exceptions=True)

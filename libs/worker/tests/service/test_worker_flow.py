@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 from typing import Any
 
 import pytest
+from structlog.testing import capture_logs
 
 from hive_common.clients import RegistryClient, TicketClient
 from hive_common.errors import AlreadyExists, NotFound, Unauthenticated
@@ -593,6 +594,28 @@ async def test_work_still_running_when_the_drain_grace_ends_is_failed_for_a_retr
     assert requeued.error_message == "the worker stopped before the task finished"
     with pytest.raises(NotFound):
         await registry_admin.get_worker(worker_id=worker_id)
+
+
+async def test_a_drain_that_cannot_report_names_the_tickets_left_unreported(
+    workers: Any, tickets: Any, orchestrator: TicketClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # With the ticket service down the drain used to end, exit 0, and say nothing of the
+    # outcomes it could not report.
+    monkeypatch.setattr(sdk, "_SHUTDOWN_REPORT_SECONDS", 0.5)
+    worker = workers.make(drain_grace_seconds=0.2)
+    gate = Gate()  # never released
+    worker.add_task("block", gate)
+    worker_id = await workers.start(worker)
+    assigned = await create_and_assign(orchestrator, worker_id, spec("block"))
+    await gate.until(lambda: len(gate.started) == 1)
+    await tickets.stop()
+
+    with capture_logs() as logs:
+        worker.drain()
+        await asyncio.wait_for(workers.running[-1][1], WAIT_SECONDS)
+    [unreported] = [e for e in logs if e["event"].startswith("stopping without reporting")]
+    assert unreported["log_level"] == "warning"
+    assert unreported["tickets"] == [f"{assigned.ticket_id} attempt 1 (REPORTING)"]
 
 
 async def test_a_second_live_worker_under_a_name_is_refused_and_the_first_runs_on(
