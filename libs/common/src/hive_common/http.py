@@ -26,6 +26,7 @@ from typing import Any, Literal, NotRequired, TypedDict
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
@@ -267,6 +268,83 @@ def _incoming_request_id(scope: Scope) -> str | None:
     return None
 
 
+_ERROR_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "required": ["error"],
+    "properties": {
+        "error": {
+            "type": "object",
+            "required": ["code", "message", "details"],
+            "properties": {
+                "code": {"type": "string", "examples": ["INVALID_ARGUMENT", "NOT_FOUND"]},
+                "message": {"type": "string"},
+                "details": {
+                    "type": "object",
+                    "description": "What the error concerns; for INVALID_ARGUMENT "
+                    "`field_violations`: [{field, description}], one per problem.",
+                },
+            },
+        }
+    },
+}
+_ERROR_DESCRIPTIONS = {
+    400: "Bad input (INVALID_ARGUMENT): `details.field_violations` names every problem",
+    401: "No valid `Authorization: Bearer <token>` (UNAUTHENTICATED)",
+    403: "The token may not do this (PERMISSION_DENIED)",
+    503: "A dependency (the database) does not answer (UNAVAILABLE)",
+}
+_BEARER = "bearerAuth"
+
+
+def _document_errors(app: FastAPI, *, bearer_auth: bool) -> None:
+    """Make the OpenAPI document tell the truth about errors and authentication: every
+    error is the ``{"error": {...}}`` body, bad input is 400 (FastAPI documents a 422
+    this API never sends), and with ``bearer_auth`` the ``/api/`` operations need a
+    bearer token (so ``/docs`` can send one)."""
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is not None:
+            return app.openapi_schema
+        schema = get_openapi(
+            title=app.title,
+            version=app.version,
+            description=app.description,
+            routes=app.routes,
+        )
+        components = schema.setdefault("components", {})
+        schemas = components.setdefault("schemas", {})
+        for unused in ("HTTPValidationError", "ValidationError"):
+            schemas.pop(unused, None)
+        schemas["Error"] = _ERROR_SCHEMA
+        if bearer_auth:
+            components["securitySchemes"] = {
+                _BEARER: {"type": "http", "scheme": "bearer", "bearerFormat": "JWT"}
+            }
+        error = {
+            "content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
+        }
+        for path, operations in schema.get("paths", {}).items():
+            for operation in operations.values():
+                responses = operation.setdefault("responses", {})
+                if responses.pop("422", None) is not None or path.startswith("/api/"):
+                    responses.setdefault("400", {"description": _ERROR_DESCRIPTIONS[400]})
+                if path.startswith("/api/"):
+                    statuses = (401, 403, 503) if bearer_auth else (503,)
+                    for status in statuses:
+                        responses.setdefault(
+                            str(status), {"description": _ERROR_DESCRIPTIONS[status]}
+                        )
+                    if bearer_auth:
+                        operation["security"] = [{_BEARER: []}]
+                for status, response in responses.items():
+                    if status[0] in "45":
+                        response.update(error)
+        app.openapi_schema = schema
+        return schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
+
 def create_http_app(
     *,
     title: str,
@@ -276,14 +354,19 @@ def create_http_app(
     metrics: HttpMetrics | None = None,
     description: str = "",
     logger: Any | None = None,
+    bearer_auth: bool = False,
 ) -> FastAPI:
     """A FastAPI app with /health, /ready, the shared error handlers and request logging.
 
     ``readiness`` is awaited on every ``GET /ready`` (bounded by
     ``readiness_timeout_seconds``); keep it cheap (a ``SELECT 1``, a ping). Add the
-    service's routers with ``app.include_router(...)``.
+    service's routers with ``app.include_router(...)``. ``bearer_auth``: the ``/api/``
+    routes need a bearer token (documented so in the OpenAPI document).
     """
-    app = FastAPI(title=title, version=version, description=description)
+    # No redirect to the path without its trailing slash: Starlette builds it from the
+    # Host header, which any client may set (an open redirect); such a path is a 404.
+    app = FastAPI(title=title, version=version, description=description, redirect_slashes=False)
+    _document_errors(app, bearer_auth=bearer_auth)
     app.add_middleware(RequestLoggingMiddleware, metrics=metrics, logger=logger)
     app.add_exception_handler(HiveError, _hive_error_handler)
     app.add_exception_handler(RequestValidationError, _validation_error_handler)

@@ -340,3 +340,44 @@ def test_overall_status() -> None:
     assert overall_status({}) == "ok"
     assert overall_status({"a": {"status": "ok"}, "b": {"status": "degraded"}}) == "degraded"
     assert overall_status({"a": {"status": "down"}, "b": {"status": "degraded"}}) == "down"
+
+
+@pytest.mark.parametrize("bearer_auth", [False, True])
+async def test_the_openapi_document_tells_the_errors_and_the_authentication(
+    log_stream: io.StringIO, bearer_auth: bool
+) -> None:
+    # It listed only a 422 FastAPI would send (this API answers 400, with its own error
+    # body) and no way to send the bearer token the API needs.
+    app = create_http_app(title="test", version="1", bearer_auth=bearer_auth)
+
+    @app.get("/api/v1/things/{thing_id}")
+    async def get_thing(thing_id: str, page_size: int = 10) -> dict[str, str]:
+        return {}
+
+    async with httpx.AsyncClient(
+        transport=httpx.ASGITransport(app=app), base_url="http://test"
+    ) as c:
+        document = (await c.get("/openapi.json")).json()
+    operation = document["paths"]["/api/v1/things/{thing_id}"]["get"]
+    assert "422" not in operation["responses"]
+    error = {"$ref": "#/components/schemas/Error"}
+    assert operation["responses"]["400"]["content"]["application/json"]["schema"] == error
+    assert "HTTPValidationError" not in document["components"]["schemas"]
+    assert "error" in document["components"]["schemas"]["Error"]["properties"]
+    if bearer_auth:
+        assert operation["security"] == [{"bearerAuth": []}]
+        assert document["components"]["securitySchemes"]["bearerAuth"]["scheme"] == "bearer"
+        assert {"401", "403"} <= set(operation["responses"])
+    else:
+        assert "security" not in operation
+        assert "securitySchemes" not in document["components"]
+    # The probes stay open.
+    assert "security" not in document["paths"]["/health"]["get"]
+
+
+async def test_a_trailing_slash_is_not_found_not_a_redirect_built_from_the_host_header(
+    client: httpx.AsyncClient,
+) -> None:
+    response = await client.get("/plans/", headers={"host": "evil.example"})
+    assert response.status_code == 404
+    assert "location" not in response.headers

@@ -257,6 +257,7 @@ async def build_service(settings: TicketSettings, *, clock: Clock = utc_now) -> 
         description="Execution tickets of Hive Flow C (read API; writes go through gRPC).",
         readiness=readiness,
         metrics=HttpMetrics(registry),
+        bearer_auth=settings.http_require_auth,
     )
     http_app.include_router(
         build_router(

@@ -181,6 +181,7 @@ async def build_app(
         description="Hive Flow C plan orchestrator: submit DAGs of tasks and follow them.",
         readiness=readiness,
         metrics=HttpMetrics(metrics_registry),
+        bearer_auth=settings.api_token is not None,
     )
     http_app.include_router(
         build_router(

@@ -197,6 +197,21 @@ async def test_api_token_when_configured(flow: Flow) -> None:
     assert refused.json()["error"]["code"] == "UNAUTHENTICATED"
     wrong = await client.get("/api/v1/plans", headers={"authorization": "Bearer nope"})
     assert wrong.status_code == 401
+    twice = await client.get(
+        "/api/v1/plans",
+        headers=[
+            ("authorization", "Bearer s3cret-token-for-tests"),
+            ("authorization", "Bearer nope"),
+        ],
+    )
+    assert twice.status_code == 401
+    # The OpenAPI document says so, and shows what a plan looks like.
+    document = (await client.get("/openapi.json")).json()
+    submit = document["paths"]["/api/v1/plans"]["post"]
+    assert submit["security"] == [{"bearerAuth": []}]
+    example = submit["requestBody"]["content"]["application/json"]["example"]
+    assert example["tasks"][0]["task_type"] == "echo"
+    assert {"400", "401", "409", "413", "415"} <= set(submit["responses"])
     ok = await client.get(
         "/api/v1/plans", headers={"authorization": "Bearer s3cret-token-for-tests"}
     )

@@ -157,6 +157,7 @@ async def build_app(
         metrics=HttpMetrics(metrics_registry),
         description="Live workers of Hive Flow C: registration, health and discovery.",
         logger=logger,
+        bearer_auth=True,
     )
     http_app.include_router(build_router(service=service, authorizer=authorizer, limits=limits))
 

@@ -14,6 +14,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Query, Request
 from starlette.responses import JSONResponse
 
+from hive_common.auth import bearer_token_from_metadata
 from hive_common.errors import (
     FieldViolation,
     InvalidArgument,
@@ -160,6 +161,28 @@ def _statuses(values: list[str]) -> list[PlanStatus]:
     return statuses
 
 
+_PLAN_BODY: dict[str, Any] = {
+    "required": True,
+    "description": "A plan: a DAG of tasks (see the README's plan format).",
+    "content": {
+        "application/json": {
+            "schema": {"type": "object", "required": ["tasks"]},
+            "example": {
+                "name": "hello: one echo task",
+                "tasks": [
+                    {
+                        "task_id": "hello",
+                        "task_type": "echo",
+                        "required_capabilities": ["python"],
+                        "parameters": {"message": "hello from hive"},
+                    }
+                ],
+            },
+        }
+    },
+}
+
+
 def build_router(
     *, plans: PlanService, max_request_bytes: int, api_token: str | None = None
 ) -> APIRouter:
@@ -169,11 +192,9 @@ def build_router(
     async def authorize(request: Request) -> None:
         if api_token is None:
             return
-        header = request.headers.get("authorization", "")
-        scheme, _, token = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(
-            token.strip().encode(), api_token.encode()
-        ):
+        # Every Authorization header, not just the first: two are refused.
+        token = bearer_token_from_metadata(request.headers.items()) or ""
+        if not hmac.compare_digest(token.encode(), api_token.encode()):
             raise Unauthenticated("missing or wrong API token (Authorization: Bearer <token>)")
 
     router = APIRouter(prefix=PLANS_PATH, tags=["plans"], dependencies=[Depends(authorize)])
@@ -182,6 +203,14 @@ def build_router(
         "",
         status_code=202,
         summary="Submit a plan (202 new, 200 identical resubmission, 409 different body)",
+        # The body is read and checked by the plan validator (every problem with its JSON
+        # path), not by a model: documented here so that /docs can send one.
+        openapi_extra={"requestBody": _PLAN_BODY},
+        responses={
+            409: {"description": "A plan with this id and a different body exists"},
+            413: {"description": "Body over MAX_REQUEST_BYTES"},
+            415: {"description": "Content-Type is not JSON"},
+        },
     )
     async def submit_plan(
         request: Request, strict: Annotated[bool, Query()] = False
