@@ -107,6 +107,25 @@ async def evaluate_readiness(
     return overall_status(report), report
 
 
+async def check_dependency(
+    probe: Callable[[], Awaitable[object]],
+    *,
+    timeout_seconds: float = 2.0,
+    failed: CheckStatus = "down",
+) -> CheckResult:
+    """One dependency's readiness check: ok, or ``failed`` saying why (its error, or no
+    answer within ``timeout_seconds``: a database that does not answer used to hold
+    /ready until the whole check timed out, naming no dependency)."""
+    try:
+        async with asyncio.timeout(timeout_seconds):
+            await probe()
+    except TimeoutError:
+        return {"status": failed, "detail": f"no answer within {timeout_seconds:g} s"}
+    except HiveError as exc:
+        return {"status": failed, "detail": exc.message}
+    return {"status": "ok"}
+
+
 def json_path(loc: Sequence[int | str]) -> str:
     """A pydantic error location as a JSON path: ``("body", "tasks", 2, "id")`` ->
     ``body.tasks[2].id``."""
@@ -404,6 +423,7 @@ __all__ = [
     "ReadinessCheck",
     "ReadinessReport",
     "RequestLoggingMiddleware",
+    "check_dependency",
     "create_http_app",
     "error_response",
     "evaluate_readiness",

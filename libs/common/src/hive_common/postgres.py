@@ -53,7 +53,11 @@ async def database_errors(database: str) -> AsyncIterator[None]:
     try:
         yield
     except psycopg_pool.PoolTimeout as exc:
-        raise Unavailable(f"{database}: connection pool exhausted") from exc
+        # Also what a database that does not answer looks like: no new connection either.
+        raise Unavailable(
+            f"{database}: no connection in time (the database does not answer, "
+            "or every connection is busy)"
+        ) from exc
     except psycopg.OperationalError as exc:
         raise Unavailable(f"{database} unavailable") from exc
     except psycopg.Error as exc:

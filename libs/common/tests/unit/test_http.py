@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 from collections.abc import AsyncIterator
@@ -12,11 +13,18 @@ import pytest
 from fastapi import FastAPI, Request
 from pydantic import BaseModel, Field
 
-from hive_common.errors import FailedPrecondition, FieldViolation, InvalidArgument, NotFound
+from hive_common.errors import (
+    FailedPrecondition,
+    FieldViolation,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+)
 from hive_common.http import (
     CLIENT_CLOSED_REQUEST,
     CheckResult,
     ReadinessReport,
+    check_dependency,
     create_http_app,
     json_path,
     overall_status,
@@ -381,3 +389,24 @@ async def test_a_trailing_slash_is_not_found_not_a_redirect_built_from_the_host_
     response = await client.get("/plans/", headers={"host": "evil.example"})
     assert response.status_code == 404
     assert "location" not in response.headers
+
+
+async def test_a_dependency_check_names_what_does_not_answer() -> None:
+    async def ok() -> None:
+        return None
+
+    async def hangs() -> None:
+        await asyncio.Event().wait()
+
+    async def refuses() -> None:
+        raise Unavailable("registry database unavailable")
+
+    assert await check_dependency(ok) == {"status": "ok"}
+    assert await check_dependency(hangs, timeout_seconds=0.05) == {
+        "status": "down",
+        "detail": "no answer within 0.05 s",
+    }
+    assert await check_dependency(refuses, failed="degraded") == {
+        "status": "degraded",
+        "detail": "registry database unavailable",
+    }

@@ -16,7 +16,8 @@ from hive_common.postgres import database_errors
         (
             psycopg_pool.PoolTimeout("no connection in 30s"),
             Unavailable,
-            "x db: connection pool exhausted",
+            "x db: no connection in time (the database does not answer, "
+            "or every connection is busy)",
         ),
         (
             psycopg.OperationalError("connection to server at 10.0.0.7, port 5432 failed"),

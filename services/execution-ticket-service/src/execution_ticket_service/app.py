@@ -35,9 +35,8 @@ from execution_ticket_service.transport.grpc.servicer import TicketServicer, Wat
 from execution_ticket_service.transport.http.routes import build_router
 from execution_ticket_service.watch import EventLogTail, TailSettings
 from hive_common.auth import TokenIssuer, TokenVerifier
-from hive_common.errors import HiveError
 from hive_common.grpc_server import GrpcService, build_grpc_server
-from hive_common.http import CheckResult, create_http_app
+from hive_common.http import CheckResult, check_dependency, create_http_app
 from hive_common.logging import get_logger
 from hive_common.metrics import HttpMetrics, RpcMetrics, new_registry
 from hive_common.migrations import apply_migrations
@@ -236,19 +235,12 @@ async def build_service(settings: TicketSettings, *, clock: Clock = utc_now) -> 
     )
 
     async def readiness() -> dict[str, CheckResult]:
-        report: dict[str, CheckResult] = {}
-        try:
-            await repository.ping()  # reads the tickets table: also proves the schema
-            report["postgresql"] = {"status": "ok"}
+        # Reading the tickets table also proves the schema (the migrations).
+        report: dict[str, CheckResult] = {"postgresql": await check_dependency(repository.ping)}
+        if report["postgresql"]["status"] == "ok":
             report["migrations"] = {"status": "ok"}
-        except HiveError as exc:
-            report["postgresql"] = {"status": "down", "detail": exc.message}
-        try:
-            await audit.ping()
-            report["mongodb"] = {"status": "ok"}
-        except HiveError as exc:
-            # The outbox keeps every event until MongoDB is back: degraded, not down.
-            report["mongodb"] = {"status": "degraded", "detail": exc.message}
+        # The outbox keeps every event until MongoDB is back: degraded, not down.
+        report["mongodb"] = await check_dependency(audit.ping, failed="degraded")
         return report
 
     http_app = create_http_app(

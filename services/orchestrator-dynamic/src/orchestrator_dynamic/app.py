@@ -13,7 +13,7 @@ from hive_common.auth import TokenIssuer
 from hive_common.clients import CallPolicy, RegistryClient, TicketClient
 from hive_common.errors import HiveError
 from hive_common.grpc_server import GrpcService, build_grpc_server
-from hive_common.http import CheckResult, create_http_app
+from hive_common.http import CheckResult, check_dependency, create_http_app
 from hive_common.logging import get_logger
 from hive_common.metrics import HttpMetrics, RpcMetrics, new_registry
 from hive_common.migrations import apply_migrations
@@ -151,12 +151,9 @@ async def build_app(
     )
 
     async def readiness() -> dict[str, CheckResult]:
-        report: dict[str, CheckResult] = {}
-        try:
-            await repository.list_plans(page_size=1)
-            report["postgresql"] = {"status": "ok"}
-        except HiveError as exc:
-            report["postgresql"] = {"status": "down", "detail": exc.message}
+        report: dict[str, CheckResult] = {
+            "postgresql": await check_dependency(lambda: repository.list_plans(page_size=1))
+        }
         # The remote services only delay work: degraded, never down. A cheap call to
         # each (with the service token) refreshes what the driver last saw.
         probes: tuple[tuple[str, Callable[[], Awaitable[object]]], ...] = (

@@ -12,7 +12,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from hive_common.auth import TokenIssuer, TokenVerifier
 from hive_common.grpc_server import GrpcService, build_grpc_server
-from hive_common.http import CheckResult, create_http_app
+from hive_common.http import CheckResult, check_dependency, create_http_app
 from hive_common.logging import get_logger
 from hive_common.metrics import HttpMetrics, RpcMetrics, new_registry
 from hive_common.migrations import apply_migrations
@@ -144,11 +144,7 @@ async def build_app(
     )
 
     async def readiness() -> dict[str, CheckResult]:
-        try:
-            await repository.ping()
-        except Exception as exc:
-            return {"postgres": {"status": "down", "detail": type(exc).__name__}}
-        return {"postgres": {"status": "ok"}}
+        return {"postgres": await check_dependency(repository.ping)}
 
     http_app = create_http_app(
         title="service-registry",
