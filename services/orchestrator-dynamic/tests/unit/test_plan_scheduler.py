@@ -630,3 +630,15 @@ def test_merged_requeue_starts_a_new_backoff() -> None:
 
     assert requeued.backoff_end() is None  # the stored backoff belonged to attempt 2
     assert decision.start_backoff == {"a": NOW + timedelta(seconds=2)}
+
+
+@pytest.mark.parametrize("status", [S.ASSIGNED, S.RUNNING, S.COMPLETED, S.FAILED, S.CANCELLED])
+def test_a_backoff_means_nothing_once_the_ticket_left_pending(status: S) -> None:
+    # A FAILED (or CANCELLED) ticket used to show the backoff of its last retry for good.
+    waiting = TicketState(
+        "a", "tk", S.PENDING, attempt=2, backoff_until=NOW, backoff_attempt=2, version=5
+    )
+    assert waiting.backoff_end() == NOW
+    moved = merge_observation(waiting, TicketState("a", "tk", status, attempt=2, version=6))
+    assert moved is not None
+    assert moved.backoff_end() is None

@@ -70,7 +70,8 @@ class TicketState:
     """What the orchestrator knows of one task's ticket.
 
     ``ticket_id`` is None until C2 created the ticket. ``backoff_until`` is only meaningful
-    for ``backoff_attempt``: a backoff computed for attempt 2 says nothing about attempt 3.
+    for ``backoff_attempt``: a backoff computed for attempt 2 says nothing about attempt 3,
+    and only while the ticket is PENDING (it delays a dispatch).
     """
 
     task_id: str
@@ -87,7 +88,7 @@ class TicketState:
     updated_at: datetime | None = None
 
     def backoff_end(self) -> datetime | None:
-        if self.backoff_attempt == self.attempt:
+        if self.status is TicketStatus.PENDING and self.backoff_attempt == self.attempt:
             return self.backoff_until
         return None
 
