@@ -410,6 +410,9 @@ def create_http_app(
             status_code=503 if status == "down" else 200,
         )
 
+    # HEAD too: monitors and `curl -I` probe with it (it was 405).
+    for path, probe in (("/health", health), ("/ready", ready)):
+        app.add_api_route(path, probe, methods=["HEAD"], include_in_schema=False)
     return app
 
 

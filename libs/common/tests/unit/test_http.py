@@ -110,6 +110,11 @@ async def test_health_is_always_ok(
     assert response.json() == {"status": "ok"}
 
 
+async def test_probes_answer_head(client: httpx.AsyncClient) -> None:
+    assert (await client.head("/health")).status_code == 200
+    assert (await client.head("/ready")).status_code == 200
+
+
 async def test_ready_ok(client: httpx.AsyncClient) -> None:
     response = await client.get("/ready")
     assert response.status_code == 200
