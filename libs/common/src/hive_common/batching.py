@@ -1,4 +1,5 @@
-"""Group commit: items submitted while a call is in flight go together in the next call.
+"""Group commit: items submitted while a call is in flight go together in the next call;
+and :func:`bounded_batches`, consecutive lists of items bounded by count and bytes.
 
 Every item waits for the next call of ``send``, which carries the items submitted since
 the previous call went out: those submitted in the same turn of the event loop and those
@@ -9,7 +10,7 @@ than one call; under load, many items share one call (one round trip, one transa
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable, Hashable, Sequence
+from collections.abc import Awaitable, Callable, Hashable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Generic, TypeAlias, TypeVar
 
@@ -139,4 +140,28 @@ def distinct_prefix(key: Callable[[I], Hashable], *, limit: int) -> Take[I]:
     return take
 
 
-__all__ = ["GroupCommit", "Send", "Take", "distinct_prefix"]
+def bounded_batches(
+    items: Iterable[I], size: Callable[[I], int], *, max_bytes: int, limit: int | None = None
+) -> Iterator[list[I]]:
+    """``items`` in order, in consecutive lists of at most ``limit`` items (None: any
+    number) whose ``size`` adds up to at most ``max_bytes``; an item larger than that goes
+    alone, so every list holds at least one. E.g. what one gRPC message may carry.
+
+    Lazy: an item is sized when its list is filled, so taking the first list reads (and
+    sizes) at most one item beyond it."""
+    if limit is not None and limit < 1:
+        raise ValueError("limit must be at least 1")
+    batch: list[I] = []
+    total = 0
+    for item in items:
+        item_size = size(item)
+        if batch and (total + item_size > max_bytes or len(batch) == limit):
+            yield batch
+            batch, total = [], 0
+        batch.append(item)
+        total += item_size
+    if batch:
+        yield batch
+
+
+__all__ = ["GroupCommit", "Send", "Take", "bounded_batches", "distinct_prefix"]

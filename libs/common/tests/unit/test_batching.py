@@ -7,7 +7,7 @@ from collections.abc import Sequence
 
 import pytest
 
-from hive_common.batching import GroupCommit, distinct_prefix
+from hive_common.batching import GroupCommit, bounded_batches, distinct_prefix
 from hive_common.errors import FailedPrecondition, Internal, Unavailable
 
 
@@ -142,3 +142,24 @@ async def test_submit_many_answers_in_order_and_raises_only_a_failed_call() -> N
     recorder.fail_call = Unavailable("database restarting")
     with pytest.raises(Unavailable):
         await group.submit_many(["d", "e"])
+
+
+def test_bounded_batches_bound_count_and_bytes_and_send_a_large_item_alone() -> None:
+    sizes = [3, 3, 3, 9, 1, 1, 1, 1, 1]
+    batches = list(bounded_batches(sizes, lambda n: n, max_bytes=6, limit=3))
+    assert batches == [[3, 3], [3], [9], [1, 1, 1], [1, 1]]
+    assert list(bounded_batches([], len, max_bytes=1)) == []
+    with pytest.raises(ValueError, match="limit"):
+        next(bounded_batches([1], lambda n: n, max_bytes=1, limit=0))
+
+
+def test_bounded_batches_size_no_more_than_one_item_beyond_the_first_batch() -> None:
+    sized: list[int] = []
+
+    def size(item: int) -> int:
+        sized.append(item)
+        return 10
+
+    first = next(bounded_batches(iter(range(100)), size, max_bytes=25))
+    assert first == [0, 1]
+    assert sized == [0, 1, 2]

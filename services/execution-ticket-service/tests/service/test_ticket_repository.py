@@ -62,7 +62,7 @@ async def test_same_key_different_content_names_the_fields(repo: TicketRepositor
     assert fields == {"tickets[1].priority", "tickets[1].description"}
     # all-or-nothing: the new ticket of the refused batch was not written
     page, _ = await repo.list_page(TicketFilter(plan_id="plan-1"), after_seq=0, limit=10)
-    assert [t.task_id for t in page] == ["t1", "t2"]
+    assert [t.task_id for _, t in page] == ["t1", "t2"]
     backlog, _ = await repo.outbox_backlog()
     assert backlog == 2
 
@@ -84,19 +84,19 @@ async def test_list_pages_in_insertion_order_with_filters(repo: TicketRepository
     seen: list[str] = []
     after = 0
     while True:
-        page, nxt = await repo.list_page(TicketFilter(plan_id="plan-1"), after_seq=after, limit=3)
-        seen += [t.task_id for t in page]
-        if nxt is None:
+        page, more = await repo.list_page(TicketFilter(plan_id="plan-1"), after_seq=after, limit=3)
+        seen += [t.task_id for _, t in page]
+        if not more:
             break
-        after = nxt
+        after = page[-1][0]
     assert seen == [f"t{i:02}" for i in range(7)]
     pending, _ = await repo.list_page(
         TicketFilter(statuses=frozenset({S.PENDING})), after_seq=0, limit=100
     )
     assert len(pending) == 8
-    none, nxt = await repo.list_page(TicketFilter(worker_id="w"), after_seq=0, limit=100)
+    none, more = await repo.list_page(TicketFilter(worker_id="w"), after_seq=0, limit=100)
     assert none == []
-    assert nxt is None
+    assert not more
 
 
 async def test_update_flow_and_events(repo: TicketRepository) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import base64
 import math
-from typing import Any
+from typing import Any, cast
 
 import pytest
 from google.protobuf.message import DecodeError
@@ -17,6 +17,7 @@ from execution_ticket_service.domain.paging import (
     decode_watch_cursor,
     encode_cursor,
     encode_page_token,
+    fill_page,
     filter_digest,
 )
 from execution_ticket_service.domain.validation import (
@@ -237,6 +238,19 @@ def test_page_token_round_trip_and_filter_binding() -> None:
     decode_page_token("garbage!", f, errors)
     decode_page_token(encode_cursor(Cursor(1, 2)), f, errors)
     assert [v.field for v in errors.items] == ["page_token"] * 3
+
+
+def test_a_page_ends_before_the_ticket_that_would_pass_its_byte_budget() -> None:
+    rows = cast(Any, [(10, "aaa"), (11, "bbb"), (12, "cccccccc"), (13, "d")])
+
+    def page(rows: Any, *, more: bool = False) -> tuple[list[str], int | None]:
+        return fill_page(rows, more=more, convert=str, size=len, max_bytes=6)
+
+    assert page(rows) == (["aaa", "bbb"], 11)  # continue after seq 11
+    assert page(rows[2:]) == (["cccccccc"], 12)  # the first goes, however large
+    assert page(rows[3:]) == (["d"], None)  # the end of the listing
+    assert page(rows[3:], more=True) == (["d"], 13)  # the rows read were not all
+    assert page([]) == ([], None)
 
 
 def test_cursor_round_trip_and_order() -> None:

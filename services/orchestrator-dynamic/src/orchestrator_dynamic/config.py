@@ -15,6 +15,14 @@ from hive_common.config import HiveSettings
 from orchestrator_dynamic.domain.scheduler import RetryBackoff, SchedulingPolicy
 from orchestrator_dynamic.domain.validation import PlanLimits
 
+MAX_PARAMETERS_BYTES_LIMIT = 256 * 1024
+"""The highest ``max_parameters_bytes``. A task's parameters travel in its ticket as a
+protobuf Struct, at most 2.75 times their JSON size as C1 measures it (a number costs 11
+bytes for the 4 of ``0.0,``), beside at most ~50 KB of other fields: up to 256 KiB, a
+ticket C1 accepts is under 1 MiB, so it can always be created (one call carries up to
+``TICKET_CALL_BYTES``, 2 MiB, of tickets, and a larger one alone) and, with a result of up
+to 1 MiB as JSON, still fits the 4 MiB of a gRPC message."""
+
 
 class OrchestratorSettings(HiveSettings):
     model_config = SettingsConfigDict(
@@ -50,7 +58,7 @@ class OrchestratorSettings(HiveSettings):
     # Plan limits (C1).
     max_tasks: int = Field(default=10_000, ge=1)
     max_dag_depth: int = Field(default=256, ge=1)
-    max_parameters_bytes: int = Field(default=64 * 1024, ge=2)
+    max_parameters_bytes: int = Field(default=64 * 1024, ge=2, le=MAX_PARAMETERS_BYTES_LIMIT)
     max_retries: int = Field(default=20, ge=0)
     # Tickets per BatchCreateTickets call (C2).
     ticket_batch_size: int = Field(default=500, ge=1)

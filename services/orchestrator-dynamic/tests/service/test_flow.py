@@ -9,6 +9,7 @@ import psycopg
 import pytest
 
 from neuralhive.ticket.v1 import ticket_service_pb2 as ticket_pb
+from orchestrator_dynamic.engine import driver as driver_module
 from orchestrator_dynamic.engine import plans as plans_module
 
 if TYPE_CHECKING:  # conftest is not importable at run time (import mode importlib)
@@ -378,6 +379,45 @@ async def test_huge_plans_create_tickets_in_chunks(flow: Flow, tickets_dsn: str)
     assert first_assigned is not None
     assert last_created is not None
     assert first_assigned < last_created
+
+
+def large_plan(plan_id: str) -> dict[str, Any]:
+    """90 tasks with 50 KB of parameters each: ~4.5 MB, more than one gRPC message holds
+    (4 MiB), so no call may carry all of their tickets."""
+    tasks = [echo(f"t{n:02}", parameters={"blob": "x" * 50_000, "n": n}) for n in range(90)]
+    return {"plan_id": plan_id, "tasks": tasks}
+
+
+async def test_a_plan_whose_tickets_exceed_one_grpc_message_completes(flow: Flow) -> None:
+    # Re-read often: every listing of the plan's tickets (parameters and results) is
+    # larger than one message too.
+    await flow.start_orchestrator(max_request_bytes=8 * 1024 * 1024, resync_interval_seconds=0.5)
+    await flow.start_worker("w1", ["python"], max_concurrent=8)
+    await flow.start_worker("w2", ["python"], max_concurrent=8)
+    response = await flow.submit(large_plan("big"))
+    assert response.status_code == 202, response.text
+    assert response.json()["tickets_created"] is True
+    assert None not in response.json()["ticket_ids"].values()
+    final = await flow.wait_settled("big")
+    assert final["status"] == "COMPLETED", final["error_message"]
+    assert final["counts"]["COMPLETED"] == 90
+    async with flow.ticket_client() as client:
+        results = [t.result["n"] async for t in client.iter_tickets(plan_id="big")]
+    assert sorted(results) == list(range(90))
+
+
+async def test_tickets_the_ticket_service_cannot_receive_fail_the_plan_visibly(
+    flow: Flow, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As if the orchestrator's byte bound were above the ticket service's message limit:
+    # one BatchCreateTickets call carries every ticket and is refused (RESOURCE_EXHAUSTED).
+    monkeypatch.setattr(driver_module, "TICKET_CALL_BYTES", 64 * 1024 * 1024)
+    await flow.start_orchestrator(max_request_bytes=8 * 1024 * 1024)
+    response = await flow.submit(large_plan("too-big"))
+    assert response.status_code == 202, response.text
+    final = await flow.wait_settled("too-big")
+    assert final["status"] == "FAILED"
+    assert "the ticket service refused the plan's tickets" in final["error_message"]
 
 
 async def test_without_fail_fast_independent_branches_finish(flow: Flow) -> None:

@@ -19,10 +19,11 @@ from hive_common.errors import Unavailable
 from hive_common.http import create_http_app
 from neuralhive.registry.v1 import registry_service_pb2 as registry_pb
 from neuralhive.ticket.v1 import ticket_service_pb2 as ticket_pb
-from orchestrator_dynamic.config import OrchestratorSettings
+from orchestrator_dynamic.config import MAX_PARAMETERS_BYTES_LIMIT, OrchestratorSettings
 from orchestrator_dynamic.domain.plan import Plan, Priority, TaskSpec
 from orchestrator_dynamic.domain.records import PlanLease
 from orchestrator_dynamic.domain.scheduler import (
+    Assignment,
     FreedSlot,
     PlanGraph,
     PlanProgress,
@@ -32,13 +33,19 @@ from orchestrator_dynamic.domain.scheduler import (
     TicketStatus,
     WorkerHealth,
 )
+from orchestrator_dynamic.domain.validation import PlanValidator
 from orchestrator_dynamic.engine.convert import (
     ticket_spec,
     ticket_state,
     worker_candidate,
     worker_view,
 )
-from orchestrator_dynamic.engine.driver import DrivenPlan, DriverSettings, PlanDriver
+from orchestrator_dynamic.engine.driver import (
+    TICKET_CALL_BYTES,
+    DrivenPlan,
+    DriverSettings,
+    PlanDriver,
+)
 from orchestrator_dynamic.engine.health import REGISTRY, TICKET_SERVICE, DependencyHealth
 from orchestrator_dynamic.engine.metrics import OrchestratorMetrics
 from orchestrator_dynamic.engine.tokens import ServiceTokenProvider
@@ -213,7 +220,8 @@ async def test_a_discovery_answer_is_reused_for_a_short_while() -> None:
 
 
 def driven_plan(task_ids: tuple[str, ...], start: datetime) -> DrivenPlan:
-    graph = PlanGraph(Plan(tasks=tuple(TaskSpec(task_id=t, task_type="echo") for t in task_ids)))
+    tasks = tuple(TaskSpec(task_id=t, task_type="echo") for t in task_ids)
+    graph = PlanGraph(Plan(tasks=tasks, plan_id="p"))  # a stored plan always has its id
     return DrivenPlan(
         lease=PlanLease(plan_id="p", owner_id="o", epoch=1, expires_at=start),
         progress=PlanProgress(graph),
@@ -322,9 +330,13 @@ class RecordingRepository:
 class AssigningTickets:
     """AssignTickets that accepts every assignment (the worker never starts them)."""
 
+    def __init__(self) -> None:
+        self.calls: list[list[str]] = []  # the tickets of each call
+
     async def assign_tickets(
         self, requests: list[ticket_pb.AssignTicketRequest]
     ) -> list[ticket_pb.ExecutionTicket]:
+        self.calls.append([r.ticket_id for r in requests])
         return [
             ticket_pb.ExecutionTicket(
                 ticket_id=r.ticket_id,
@@ -381,6 +393,31 @@ async def test_a_plan_is_running_as_soon_as_a_round_assigns_its_first_ticket(
     assert repository.statuses == ([expected] if expected is PlanStatus.RUNNING else [])
     await driver._round()  # nothing new: nothing stored
     assert repository.statuses == ([expected] if expected is PlanStatus.RUNNING else [])
+
+
+async def test_assignments_go_in_calls_bounded_by_count_and_by_their_tickets_bytes() -> None:
+    # The answer carries each ticket whole: ~0.8 MB each, at most two of them per call
+    # (TICKET_CALL_BYTES), whatever the count bound allows.
+    tickets = AssigningTickets()
+    driver = PlanDriver(
+        repository=cast(Any, RecordingRepository()),
+        tickets=cast(Any, tickets),
+        registry=cast(Any, None),
+        policy=SchedulingPolicy(),
+        settings=DriverSettings(owner_id="o", ticket_batch_size=3),
+        health=DependencyHealth(),
+        metrics=OrchestratorMetrics(CollectorRegistry()),
+    )
+    start = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
+    tasks = [TaskSpec(t, "echo", parameters={"blob": "x" * 800_000}) for t in "abcd"]
+    tasks += [TaskSpec(t, "echo") for t in "efghi"]
+    plan = driven_plan((), start)
+    plan.progress = PlanProgress(
+        PlanGraph(Plan(tasks=tuple(tasks), plan_id="p")),
+        {t.task_id: TicketState(t.task_id, "t-" + t.task_id, version=1) for t in tasks},
+    )
+    await driver._assign(plan, [Assignment(t.task_id, "w") for t in tasks])
+    assert tickets.calls == [["t-a", "t-b"], ["t-c", "t-d", "t-e"], ["t-f", "t-g", "t-h"], ["t-i"]]
 
 
 def test_worker_view() -> None:
@@ -440,6 +477,35 @@ def test_settings_reject_a_renew_interval_beyond_the_lease() -> None:
     assert settings.plan_limits().max_tasks == 5
     assert settings.scheduling_policy().fail_fast is False
     assert settings.scheduling_policy().backoff.base_seconds == 0.5
+
+
+def test_the_largest_ticket_c1_accepts_fits_in_one_call_with_room_for_a_result() -> None:
+    with pytest.raises(ValidationError):
+        OrchestratorSettings(max_parameters_bytes=MAX_PARAMETERS_BYTES_LIMIT + 1)
+    limits = OrchestratorSettings(max_parameters_bytes=MAX_PARAMETERS_BYTES_LIMIT).plan_limits()
+    deps = [f"{n:03}".ljust(limits.max_id_length, "d") for n in range(200)]
+    # Numbers grow the most as a Struct: 11 bytes each for the 4 of "0.0," in C1's JSON.
+    numbers = [0.0] * ((limits.max_parameters_bytes - len('{"n":[]}')) // 4)
+    largest = {
+        "task_id": "t" * limits.max_id_length,
+        "task_type": "y" * limits.max_task_type_length,
+        "description": "\U0001d11e" * limits.max_description_length,  # 4 bytes each
+        "required_capabilities": [
+            f"{n:02}".ljust(limits.max_capability_length, "c")
+            for n in range(limits.max_capabilities_per_task)
+        ],
+        "depends_on": deps,
+        "parameters": {"n": numbers},
+    }
+    raw = {
+        "plan_id": "p" * limits.max_id_length,
+        "tasks": [*({"task_id": d, "task_type": "echo"} for d in deps), largest],
+    }
+    plan = PlanValidator(limits=limits).validate(raw).unwrap()
+    spec = ticket_spec(plan, plan.tasks[-1])
+    assert spec.ByteSize() < TICKET_CALL_BYTES // 2  # under 1 MiB
+    numbers.append(0.0)  # the parameters were as large as C1 accepts
+    assert not PlanValidator(limits=limits).validate(raw).ok
 
 
 def _body_app(limit: int) -> FastAPI:

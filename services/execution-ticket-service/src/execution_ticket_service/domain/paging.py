@@ -1,4 +1,4 @@
-"""Opaque tokens: ListTickets page tokens and WatchTickets cursors.
+"""Opaque tokens: ListTickets page tokens and WatchTickets cursors; the size of a page.
 
 Both are base64url JSON so they are opaque to clients but debuggable; a page token is
 bound to the filter it was issued for, so reusing it with other filters is bad input.
@@ -11,10 +11,22 @@ import binascii
 import hashlib
 import json
 import re
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
-from execution_ticket_service.domain.models import TicketFilter
+from execution_ticket_service.domain.models import Ticket, TicketFilter
 from execution_ticket_service.domain.validation import Violations
+from hive_common.batching import bounded_batches
+
+T = TypeVar("T")
+
+PAGE_BYTES = 2 * 1024 * 1024
+"""A ListTickets page ends before the ticket that would take it past this many bytes (the
+first ticket always goes): half of the 4 MiB a gRPC message may hold by default (the
+server's send limit, a default client's receive limit), whatever ``page_size`` asks for.
+A ticket may legitimately be ~3 MiB (its result up to 1 MiB as JSON, more as protobuf),
+so one that large is a page of its own."""
 
 
 def _encode(body: dict[str, object]) -> str:
@@ -74,6 +86,24 @@ def decode_page_token(token: str, ticket_filter: TicketFilter, errors: Violation
         errors.add("page_token", "was issued for different filters")
         return 0
     return after
+
+
+def fill_page(
+    rows: Sequence[tuple[int, Ticket]],
+    *,
+    more: bool,
+    convert: Callable[[Ticket], T],
+    size: Callable[[T], int],
+    max_bytes: int = PAGE_BYTES,
+) -> tuple[list[T], int | None]:
+    """A page of a listing from ``rows`` (``(seq, ticket)`` as read, in seq order; ``more``:
+    rows follow them): the tickets converted, up to the first whose ``size`` would take
+    the page past ``max_bytes`` (the first always goes), and the seq to continue after
+    (None when the page ends the listing). A ticket left out is converted, at most one."""
+    converted = ((seq, convert(ticket)) for seq, ticket in rows)
+    page = next(bounded_batches(converted, lambda row: size(row[1]), max_bytes=max_bytes), [])
+    complete = len(page) == len(rows) and not more
+    return [item for _, item in page], None if complete else page[-1][0]
 
 
 @dataclass(frozen=True, order=True, slots=True)

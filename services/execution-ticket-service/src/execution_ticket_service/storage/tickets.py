@@ -731,8 +731,9 @@ class TicketRepository:
 
     async def list_page(
         self, ticket_filter: TicketFilter, *, after_seq: int, limit: int
-    ) -> tuple[list[Ticket], int | None]:
-        """One page in insertion order; the second value is the seq to continue after."""
+    ) -> tuple[list[tuple[int, Ticket]], bool]:
+        """Up to ``limit`` tickets after ``after_seq`` in insertion order, each with its seq
+        (what a page token continues after), and whether more follow them."""
         conditions = [sql.SQL("seq > %(after)s")]
         if ticket_filter.plan_id:
             conditions.append(sql.SQL("plan_id = %(plan_id)s"))
@@ -752,10 +753,7 @@ class TicketRepository:
         }
 
         rows = await self._fetch(query, params)
-        more = len(rows) > limit
-        rows = rows[:limit]
-        next_after = rows[-1]["seq"] if more and rows else None
-        return [ticket_from_row(r) for r in rows], next_after
+        return [(r["seq"], ticket_from_row(r)) for r in rows[:limit]], len(rows) > limit
 
     async def count_unfinished(self) -> dict[TicketStatus, int]:
         """How many tickets are PENDING, ASSIGNED and RUNNING: the status index serves it,

@@ -40,6 +40,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
+from hive_common.batching import bounded_batches
 from hive_common.clients import RegistryClient, TicketClient, TicketWatch
 from hive_common.errors import (
     Aborted,
@@ -49,6 +50,7 @@ from hive_common.errors import (
     HiveError,
     InvalidArgument,
     NotFound,
+    ResourceExhausted,
     Unavailable,
     UndecodableResponse,
 )
@@ -95,6 +97,13 @@ _WORKER_GONE_EVENTS = {
 }
 # How long a freed slot is remembered for worker_candidate (heartbeats come far more often).
 _FREED_SLOT_MEMORY = timedelta(seconds=60)
+
+TICKET_CALL_BYTES = 2 * 1024 * 1024
+"""Besides ``ticket_batch_size``, what one BatchCreateTickets or AssignTickets call carries
+of tickets, as the serialized size of their specs: the request, and the answer (the
+tickets, each its spec plus ~100 bytes), stay within half of the 4 MiB a gRPC message may
+have by default. A ticket larger than that goes alone (C1's parameter limit keeps one
+well under the message limit)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -151,6 +160,8 @@ class DrivenPlan:
     lost: bool = False
     # Workers gone while this plan had tickets on them -> why (see _hand_back).
     lost_workers: dict[str, str] = field(default_factory=dict)
+    # Task id -> the serialized size of its TicketSpec, once built (see _spec).
+    spec_bytes: dict[str, int] = field(default_factory=dict)
 
     @property
     def plan_id(self) -> str:
@@ -541,6 +552,13 @@ class PlanDriver:
             self._metrics.round_failures.labels("transient").inc()
             _log.warning("plan round postponed", plan_id=plan.plan_id, error=str(exc))
             self._postpone(plan, loop.time() + self._settings.error_retry)
+        except ResourceExhausted as exc:
+            # A message over a size limit (every call is bounded: a ticket service with a
+            # lower limit, or an answer carrying tickets larger than known): trying again
+            # at once would fail the same way. Next time, after a re-read of the tickets.
+            self._metrics.round_failures.labels("too_large").inc()
+            _log.error("plan round failed", plan_id=plan.plan_id, error=repr(exc))
+            plan.due = plan.resync_due = loop.time() + self._settings.resync_interval
         except HiveError as exc:
             self._metrics.round_failures.labels("error").inc()
             _log.error("plan round failed", plan_id=plan.plan_id, error=repr(exc))
@@ -607,22 +625,32 @@ class PlanDriver:
         )
 
     async def _activate(self, plan: DrivenPlan) -> str | None:
-        """C2 for tasks without a ticket, one batch (``ticket_batch_size``, critical path
-        first) per round, so the tickets created so far are dispatched while the others
-        are created; the plan is activated once every task has one. Returns why the ticket
-        service refused the tickets for good, if it did.
+        """C2 for tasks without a ticket, one batch (``ticket_batch_size`` and
+        :data:`TICKET_CALL_BYTES`, critical path first) per round, so the tickets created so
+        far are dispatched while the others are created; the plan is activated once every
+        task has one. Returns why the ticket service refused the tickets for good, if it
+        did (a message too large included: the batch is already as small as it may be).
 
         The round's resync (due when the plan is taken up) reads what exists by then;
         the tickets created after it are known from the calls' answers and followed on
         the watch like every other change."""
         missing = [t for t in plan.graph.ranked if plan.tickets[t].ticket_id is None]
-        batch = missing[: self._settings.ticket_batch_size]
+        batch = next(
+            bounded_batches(
+                (_spec(plan, t) for t in missing),
+                ticket_pb.TicketSpec.ByteSize,
+                max_bytes=TICKET_CALL_BYTES,
+                limit=self._settings.ticket_batch_size,
+            ),
+            [],
+        )
         if batch:
             try:
                 await self._create_tickets(plan, batch)
-            except (InvalidArgument, AlreadyExists) as exc:
+            except (InvalidArgument, AlreadyExists, ResourceExhausted) as exc:
                 # Only a misconfiguration gets here (the validator mirrors the ticket
-                # service's rules): retrying cannot help, so the plan fails visibly.
+                # service's rules; its message limit is above TICKET_CALL_BYTES): retrying
+                # cannot help, so the plan fails visibly.
                 return f"the ticket service refused the plan's tickets: {exc.message}"
         if len(missing) > len(batch):
             plan.due = 0.0  # the next batch in the next round
@@ -647,15 +675,15 @@ class PlanDriver:
         plan.activated.set()
         await self._finish(plan)
 
-    async def _create_tickets(self, plan: DrivenPlan, task_ids: Sequence[str]) -> None:
+    async def _create_tickets(
+        self, plan: DrivenPlan, specs: Sequence[ticket_pb.TicketSpec]
+    ) -> None:
         """One BatchCreateTickets call (and one ticket-service transaction)."""
-        graph = plan.graph
-        specs = [ticket_spec(graph.plan, graph.tasks[t]) for t in task_ids]
         response = await self._call_tickets(self._tickets.batch_create_tickets(specs=specs))
         for ticket in response.tickets:
             self._merge(plan, ticket_state(ticket.task_id, ticket))
         await self._flush(plan)
-        _log.info("tickets created", plan_id=plan.plan_id, count=len(task_ids))
+        _log.info("tickets created", plan_id=plan.plan_id, count=len(specs))
 
     def _merge(self, plan: DrivenPlan, observed: TicketState) -> bool:
         """Fold one observation; True if it freed a worker slot (the ticket left
@@ -950,12 +978,16 @@ class PlanDriver:
 
     async def _assign(self, plan: DrivenPlan, assignments: Sequence[Assignment]) -> None:
         """The round's assignments of one plan, in batches (one call and one ticket-service
-        transaction each), each stored with the observations the round folded (one
+        transaction each; ``ticket_batch_size`` and :data:`TICKET_CALL_BYTES` of tickets,
+        which the answer carries), each stored with the observations the round folded (one
         statement); a refused one is re-read and decided again next round."""
-        size = self._settings.ticket_batch_size
         failure: HiveError | None = None
-        for start in range(0, len(assignments), size):
-            chunk = assignments[start : start + size]
+        for chunk in bounded_batches(
+            assignments,
+            lambda assignment: _spec_bytes(plan, assignment.task_id),
+            max_bytes=TICKET_CALL_BYTES,
+            limit=self._settings.ticket_batch_size,
+        ):
             requests = []
             for assignment in chunk:
                 state = plan.tickets[assignment.task_id]
@@ -1014,6 +1046,21 @@ class PlanDriver:
             raise
         self._health.succeeded(TICKET_SERVICE)
         return result
+
+
+def _spec(plan: DrivenPlan, task_id: str) -> ticket_pb.TicketSpec:
+    """The task's TicketSpec (C2), its size kept in ``plan.spec_bytes``."""
+    spec = ticket_spec(plan.graph.plan, plan.graph.tasks[task_id])
+    plan.spec_bytes[task_id] = spec.ByteSize()
+    return spec
+
+
+def _spec_bytes(plan: DrivenPlan, task_id: str) -> int:
+    """The serialized size of the task's TicketSpec: about what its ticket weighs in a
+    call or an answer (a result it may have aside)."""
+    if task_id not in plan.spec_bytes:
+        _spec(plan, task_id)
+    return plan.spec_bytes[task_id]
 
 
 def _plan_order(plan: DrivenPlan) -> tuple[int, datetime, str]:

@@ -37,7 +37,8 @@ class OrchestratorMetrics:
         )
         self.round_failures = Counter(
             "hive_orchestrator_round_failures_total",
-            "Plan rounds that failed and are retried, by kind (transient, error, ownership_lost).",
+            "Plan rounds that failed and are retried, by kind (transient, too_large, error, "
+            "ownership_lost).",
             ("kind",),
             registry=registry,
         )

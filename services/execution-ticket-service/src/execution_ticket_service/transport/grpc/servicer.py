@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 import grpc
+from google.protobuf.message import Message
 
 from execution_ticket_service.domain.models import (
     EventType,
@@ -21,6 +22,7 @@ from execution_ticket_service.domain.paging import (
     decode_watch_cursor,
     encode_cursor,
     encode_page_token,
+    fill_page,
 )
 from execution_ticket_service.domain.state_machine import check_token_eligible, token_eligible
 from execution_ticket_service.domain.validation import (
@@ -50,7 +52,9 @@ from execution_ticket_service.transport.grpc.convert import (
 )
 from execution_ticket_service.watch import EventLogTail
 from hive_common.auth import TokenClaims, TokenIssuer
-from hive_common.errors import HiveError
+from hive_common.batching import bounded_batches
+from hive_common.errors import FieldViolation, HiveError, InvalidArgument, ResourceExhausted
+from hive_common.grpc_server import DEFAULT_MAX_MESSAGE_BYTES
 from hive_common.logging import bind_request_context
 from hive_common.timestamps import datetime_to_timestamp
 from neuralhive.ticket.v1 import ticket_service_pb2 as pb
@@ -65,6 +69,13 @@ WATCH_CURSOR_HEADER = "x-watch-cursor"
 # gRPC clients is 4 MiB; a ticket's result alone may be up to 1 MiB).
 WATCH_BATCH_EVENTS = 100
 WATCH_BATCH_BYTES = 1024 * 1024
+# The largest answer the server sends (build_grpc_server's default send limit). A page of
+# ListTickets and a WatchTickets message are bounded well below it; a batch call's answer
+# is checked against it (see _refuse_unsendable_batch and _sendable).
+MAX_ANSWER_BYTES = DEFAULT_MAX_MESSAGE_BYTES
+# What a new ticket holds beyond the TicketSpec it was created from (id, status, attempt,
+# version, timestamps, defaults filled in): ~90 bytes, at most this many.
+NEW_TICKET_EXTRA_BYTES = 128
 # The events that hand a worker a ticket to start (include_ticket_tokens).
 _TOKEN_EVENTS = frozenset({EventType.ASSIGNED, EventType.SNAPSHOT})
 
@@ -110,21 +121,24 @@ class TicketServicer(pb_grpc.TicketServiceServicer):
     async def BatchCreateTickets(
         self, request: pb.BatchCreateTicketsRequest, context: Any
     ) -> pb.BatchCreateTicketsResponse:
+        _refuse_unsendable_batch(request)
         specs = validate_batch([raw_spec(s) for s in request.tickets], self._limits)
         results = await self._repository.create_many(specs, actor=actor_of(current_claims()))
         # A new ticket's parameters are the request's: copy its Struct rather than rebuild
         # it from the dict. An existing ticket's come from the database and are rebuilt.
-        return pb.BatchCreateTicketsResponse(
-            tickets=[
-                ticket_to_proto(
-                    ticket,
-                    parameters=source.parameters
-                    if created and source.HasField("parameters")
-                    else None,
-                )
-                for (ticket, created), source in zip(results, request.tickets, strict=True)
-            ],
-            created_count=sum(1 for _, created in results if created),
+        return _sendable(
+            pb.BatchCreateTicketsResponse(
+                tickets=[
+                    ticket_to_proto(
+                        ticket,
+                        parameters=source.parameters
+                        if created and source.HasField("parameters")
+                        else None,
+                    )
+                    for (ticket, created), source in zip(results, request.tickets, strict=True)
+                ],
+                created_count=sum(1 for _, created in results if created),
+            )
         )
 
     async def GetTicket(self, request: pb.GetTicketRequest, context: Any) -> pb.GetTicketResponse:
@@ -144,11 +158,12 @@ class TicketServicer(pb_grpc.TicketServiceServicer):
         limit = resolve_page_size(request.page_size, self._limits, errors)
         after = decode_page_token(request.page_token, ticket_filter, errors)
         errors.raise_if_any("invalid list request")
-        tickets, next_after = await self._repository.list_page(
-            ticket_filter, after_seq=after, limit=limit
+        rows, more = await self._repository.list_page(ticket_filter, after_seq=after, limit=limit)
+        tickets, next_after = fill_page(
+            rows, more=more, convert=ticket_to_proto, size=pb.ExecutionTicket.ByteSize
         )
         return pb.ListTicketsResponse(
-            tickets=[ticket_to_proto(t) for t in tickets],
+            tickets=tickets,
             next_page_token=(
                 encode_page_token(next_after, ticket_filter) if next_after is not None else ""
             ),
@@ -169,8 +184,10 @@ class TicketServicer(pb_grpc.TicketServiceServicer):
             [_raw_assignment(a) for a in request.assignments], self._limits
         )
         results = await self._repository.assign_many(assignments, actor=actor_of(current_claims()))
-        return pb.AssignTicketsResponse(
-            results=[_batch_result(pb.AssignTicketsResult, result) for result in results]
+        return _sendable(
+            pb.AssignTicketsResponse(
+                results=[_batch_result(pb.AssignTicketsResult, result) for result in results]
+            )
         )
 
     def _status_update(self, request: pb.UpdateTicketStatusRequest) -> StatusUpdate:
@@ -213,11 +230,13 @@ class TicketServicer(pb_grpc.TicketServiceServicer):
             else:
                 refusals.append(None)
         applied = iter(await self._repository.update_status_many(accepted) if accepted else ())
-        return pb.UpdateTicketStatusesResponse(
-            results=[
-                _batch_result(pb.UpdateTicketStatusesResult, refusal or next(applied))
-                for refusal in refusals
-            ]
+        return _sendable(
+            pb.UpdateTicketStatusesResponse(
+                results=[
+                    _batch_result(pb.UpdateTicketStatusesResult, refusal or next(applied))
+                    for refusal in refusals
+                ]
+            )
         )
 
     async def GenerateToken(
@@ -357,20 +376,48 @@ def _responses(
         for event in events:
             yield pb.WatchTicketsResponse(event=event)
         return
-    response = pb.WatchTicketsResponse()
-    size = 0
-    for event in events:
-        event_size = event.ByteSize()
-        if response.events and (
-            len(response.events) >= WATCH_BATCH_EVENTS or size + event_size > WATCH_BATCH_BYTES
-        ):
-            yield response
-            response = pb.WatchTicketsResponse()
-            size = 0
-        response.events.append(event)
-        size += event_size
-    if response.events:
-        yield response
+    for chunk in bounded_batches(
+        events, pb.TicketEvent.ByteSize, max_bytes=WATCH_BATCH_BYTES, limit=WATCH_BATCH_EVENTS
+    ):
+        yield pb.WatchTicketsResponse(events=chunk)
+
+
+def _refuse_unsendable_batch(request: pb.BatchCreateTicketsRequest) -> None:
+    """Refuse, before writing anything, a BatchCreateTickets whose answer (the tickets
+    created: the request's specs and what the service adds to each) could not be sent."""
+    answer = request.ByteSize() + len(request.tickets) * NEW_TICKET_EXTRA_BYTES
+    if answer > MAX_ANSWER_BYTES:
+        raise InvalidArgument(
+            "the answer would not fit in one message: send fewer tickets per call",
+            violations=[
+                FieldViolation(
+                    "tickets",
+                    f"their answer would be up to {answer} bytes, over the "
+                    f"{MAX_ANSWER_BYTES} bytes of a message",
+                )
+            ],
+        )
+
+
+Answer = TypeVar("Answer", bound=Message)
+
+
+def _sendable(answer: Answer) -> Answer:
+    """``answer`` if one message holds it; else a RESOURCE_EXHAUSTED that says why (gRPC
+    would fail the call with the same code, after logging an ERROR with a traceback).
+
+    For the batch calls whose answer carries tickets as stored (their parameters and
+    results are not in the request, so nothing could tell before), the changes made stand:
+    every such call is idempotent, and repeated in smaller calls it answers each item."""
+    size = answer.ByteSize()
+    if size > MAX_ANSWER_BYTES:
+        raise ResourceExhausted(
+            f"the answer would be {size} bytes, over the {MAX_ANSWER_BYTES} bytes of a "
+            "message: send fewer per call (what this call changed stands; repeating it in "
+            "smaller calls answers each item)",
+            details={"answer_bytes": size, "limit_bytes": MAX_ANSWER_BYTES},
+        )
+    return answer
 
 
 BatchResult = TypeVar("BatchResult", pb.AssignTicketsResult, pb.UpdateTicketStatusesResult)

@@ -8,7 +8,12 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel
 
-from execution_ticket_service.domain.paging import decode_page_token, encode_page_token
+from execution_ticket_service.domain.models import Ticket
+from execution_ticket_service.domain.paging import (
+    decode_page_token,
+    encode_page_token,
+    fill_page,
+)
 from execution_ticket_service.domain.validation import (
     Limits,
     Violations,
@@ -79,6 +84,10 @@ class AuditHistory(BaseModel):
     events: list[AuditEventOut]
 
 
+def _ticket_out(ticket: Ticket) -> TicketOut:
+    return TicketOut(**ticket_document(ticket))
+
+
 def build_router(
     *,
     repository: TicketRepository,
@@ -121,11 +130,13 @@ def build_router(
         limit = resolve_page_size(page_size, limits, errors)
         after = decode_page_token(page_token, ticket_filter, errors)
         errors.raise_if_any("invalid list request")
-        tickets, next_after = await repository.list_page(
-            ticket_filter, after_seq=after, limit=limit
+        rows, more = await repository.list_page(ticket_filter, after_seq=after, limit=limit)
+        # Bounded by size as over gRPC (here, each ticket's JSON).
+        tickets, next_after = fill_page(
+            rows, more=more, convert=_ticket_out, size=lambda t: len(t.model_dump_json().encode())
         )
         return TicketPage(
-            tickets=[TicketOut(**ticket_document(t)) for t in tickets],
+            tickets=tickets,
             next_page_token=(
                 encode_page_token(next_after, ticket_filter) if next_after is not None else ""
             ),
@@ -133,8 +144,7 @@ def build_router(
 
     @router.get("/{ticket_id}", response_model=TicketOut, dependencies=auth, summary="A ticket")
     async def get_ticket(ticket_id: str) -> TicketOut:
-        ticket = await repository.get(validate_ticket_id(ticket_id))
-        return TicketOut(**ticket_document(ticket))
+        return _ticket_out(await repository.get(validate_ticket_id(ticket_id)))
 
     @router.get(
         "/{ticket_id}/events",
