@@ -20,9 +20,12 @@ SendReports = Callable[
 ]
 
 MAX_REPORTS_PER_CALL = 100
-# The ticket service receives at most 4 MiB per message by default, and one result may be
-# up to 1 MiB: a call carries about 1 MiB of reports (a larger report goes alone).
+# A gRPC message holds at most 4 MiB by default, and one result may be up to 1 MiB: a
+# call carries about 1 MiB of reports and of the tickets its answer returns (a larger
+# report goes alone).
 MAX_BYTES_PER_CALL = 1024 * 1024
+
+_Pending = tuple[pb.TicketStatusReport, int]  # a report, and the size of its answer
 
 
 class ReportBatcher:
@@ -40,24 +43,35 @@ class ReportBatcher:
             raise ValueError("max_per_call must be at least 1")
         self._max = max_per_call
         self._max_bytes = max_bytes_per_call
-        self._calls: GroupCommit[pb.TicketStatusReport, pb.ExecutionTicket] = GroupCommit(
-            send, take=self._take, name="hive-worker-reports"
+        async def send_reports(
+            pending: list[_Pending],
+        ) -> Sequence[pb.ExecutionTicket | HiveError]:
+            return await send([report for report, _ in pending])
+
+        self._calls: GroupCommit[_Pending, pb.ExecutionTicket] = GroupCommit(
+            send_reports, take=self._take, name="hive-worker-reports"
         )
 
-    async def report(self, report: pb.TicketStatusReport) -> pb.ExecutionTicket:
-        return await self._calls.submit(report)
+    async def report(
+        self, report: pb.TicketStatusReport, *, answer_bytes: int = 0
+    ) -> pb.ExecutionTicket:
+        """``answer_bytes``: about how large the ticket it returns is, beyond what the
+        report carries (its parameters, ...): it counts against the call's size bound, so
+        that the answer fits in a message too (it carries every ticket whole)."""
+        return await self._calls.submit((report, answer_bytes))
 
     async def aclose(self) -> None:
         """Stop sending; reports still waiting fail with ``CancelledError``."""
         await self._calls.aclose()
 
-    def _take(self, reports: Sequence[pb.TicketStatusReport]) -> int:
+    def _take(self, pending: Sequence[_Pending]) -> int:
         """How many of the oldest reports the next call carries: up to the count and size
-        bounds (a report larger than the size bound goes alone)."""
+        bounds, counting each report and its answer (a report larger than the size bound
+        goes alone)."""
         size = 0
         count = 0
-        for report in reports[: self._max]:
-            size += report.ByteSize()
+        for report, answer_bytes in pending[: self._max]:
+            size += report.ByteSize() + answer_bytes
             if count and size > self._max_bytes:
                 break
             count += 1

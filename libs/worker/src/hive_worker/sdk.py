@@ -1018,7 +1018,11 @@ class Worker:
     ) -> Awaitable[pb.ExecutionTicket]:
         """The update with the run's current ticket token, in the next UpdateTicketStatuses
         call (see :mod:`hive_worker.reports`)."""
-        return self._reports.report(pb.TicketStatusReport(update=update, ticket_token=run.token))
+        return self._reports.report(
+            pb.TicketStatusReport(update=update, ticket_token=run.token),
+            # The answer returns the ticket whole: its parameters, besides the result.
+            answer_bytes=run.ticket.ByteSize(),
+        )
 
     async def _fail_orphan(self, ticket: pb.ExecutionTicket, token: pb.TicketToken | None) -> None:
         assert self._worker_id is not None

@@ -42,5 +42,14 @@ async def test_calls_are_bounded_by_count_and_size() -> None:
         batcher.report(report("tail")),
     )
     assert service.calls == [["small", "big1"], ["big2"], ["huge"], ["tail"]]
+    service.calls.clear()
+    # The tickets the answer returns count too (their parameters are not in the report):
+    # an answer over a message's size was an error for every report of the call.
+    await asyncio.gather(
+        batcher.report(report("p1"), answer_bytes=600),
+        batcher.report(report("p2"), answer_bytes=600),
+        batcher.report(report("p3")),
+    )
+    assert service.calls == [["p1"], ["p2", "p3"]]
     with pytest.raises(ValueError, match="at least 1"):
         ReportBatcher(service.send, max_per_call=0)
