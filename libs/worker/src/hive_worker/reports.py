@@ -43,6 +43,7 @@ class ReportBatcher:
             raise ValueError("max_per_call must be at least 1")
         self._max = max_per_call
         self._max_bytes = max_bytes_per_call
+
         async def send_reports(
             pending: list[_Pending],
         ) -> Sequence[pb.ExecutionTicket | HiveError]:
