@@ -403,7 +403,8 @@ class PlanDriver:
             if worker_id in plan.lost_workers or worker_id in self._seen_live:
                 continue
             try:
-                await self._registry.get_worker(worker_id=worker_id)
+                # Short: the plan's round waits for it (a slow registry must not stall it).
+                await self._registry.get_worker(worker_id=worker_id, deadline=2.0)
             except NotFound:
                 self._lose(plan, worker_id, "the registry no longer lists it")
                 continue
