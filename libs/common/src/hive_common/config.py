@@ -36,6 +36,19 @@ MIN_JWT_SECRET_BYTES = 32
 _LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
 
 
+def normalise_log_level(value: object) -> object:
+    """A log level setting in any case, ``WARN`` for ``WARNING``; ``ValueError`` for an
+    unknown one (a settings validator of the services and the worker)."""
+    if isinstance(value, str):
+        upper = value.strip().upper()
+        if upper == "WARN":
+            upper = "WARNING"
+        if upper not in _LOG_LEVELS:
+            raise ValueError(f"must be one of {', '.join(_LOG_LEVELS)}")
+        return upper
+    return value
+
+
 class WarningLogger(Protocol):
     """Anything with a structlog-style ``warning(event, **fields)`` method."""
 
@@ -87,14 +100,7 @@ class HiveSettings(BaseSettings):
     @field_validator("log_level", mode="before")
     @classmethod
     def _normalise_log_level(cls, value: object) -> object:
-        if isinstance(value, str):
-            upper = value.strip().upper()
-            if upper == "WARN":
-                upper = "WARNING"
-            if upper not in _LOG_LEVELS:
-                raise ValueError(f"must be one of {', '.join(_LOG_LEVELS)}")
-            return upper
-        return value
+        return normalise_log_level(value)
 
     @field_validator("jwt_secret")
     @classmethod
@@ -147,4 +153,5 @@ __all__ = [
     "HiveSettings",
     "LogFormat",
     "WarningLogger",
+    "normalise_log_level",
 ]

@@ -14,9 +14,7 @@ from typing import Annotated, Any
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from hive_common.config import LogFormat
-
-_LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
+from hive_common.config import LogFormat, normalise_log_level
 
 
 def parse_list(value: object) -> object:
@@ -140,12 +138,9 @@ class WorkerSettings(BaseSettings):
     @field_validator("log_level", mode="before")
     @classmethod
     def _log_level(cls, value: Any) -> Any:
-        if isinstance(value, str):
-            upper = value.strip().upper()
-            if upper not in _LOG_LEVELS:
-                raise ValueError(f"must be one of {', '.join(_LOG_LEVELS)}")
-            return upper
-        return value
+        # WARN too, as the services take it (compose passes one level to all: a worker
+        # refusing it restarted for ever while the services ran).
+        return normalise_log_level(value)
 
 
 __all__ = ["WorkerSettings", "parse_labels", "parse_list"]

@@ -268,6 +268,13 @@ def test_bad_settings_are_refused(values: dict[str, Any]) -> None:
         WorkerSettings(**({"capabilities": ["python"]} | values))
 
 
+@pytest.mark.parametrize(("given", "level"), [("warn", "WARNING"), (" debug ", "DEBUG")])
+def test_log_levels_are_read_as_the_services_read_them(given: str, level: str) -> None:
+    # compose passes one HIVE_LOG_LEVEL to every process: `warn` made the workers refuse
+    # to start (and restart for ever) while the services ran.
+    assert WorkerSettings(capabilities=["python"], log_level=given).log_level == level
+
+
 @pytest.mark.parametrize("capabilities", ["", " , ", [], None])
 def test_a_worker_without_capabilities_is_refused_before_registering(
     capabilities: Any, monkeypatch: pytest.MonkeyPatch
