@@ -41,7 +41,7 @@ DATABASES = ("tickets", "registry", "orchestrator")
 MONGO_DATABASE = "hive_tickets"
 DB_PROCESS = "databases"
 SERVICES = ("service-registry", "execution-ticket-service", "orchestrator-dynamic")
-# As in docker-compose.yml.
+# The allow-list of docker-compose.yml; a shorter drain for Ctrl-C.
 WORKER_SETTINGS = {"SHELL_ALLOW_LIST": "echo,true,false,sleep", "DRAIN_GRACE_SECONDS": 10}
 WORKERS = (
     WorkerOptions(
@@ -164,14 +164,14 @@ def summary(
 Hive Flow C dev stack is ready. Ctrl-C stops everything.
 
   orchestrator      {orchestrator}   (POST /api/v1/plans, docs {orchestrator}/docs)
-                    gRPC health {services.orchestrator.grpc_target}
+                    gRPC {services.orchestrator.grpc_target} (OrchestratorService, health)
   ticket service    {tickets}   gRPC {services.tickets.grpc_target}   metrics http://127.0.0.1:{services.tickets.metrics_port}/metrics
   service registry  {registry}   gRPC {services.registry.grpc_target}
   workers           {workers}
   PostgreSQL        {", ".join(dsns.values())}
   MongoDB           {mongo_uri}  (database {MONGO_DATABASE}: audit_trail, status_change_events)
   logs              {logs}/<name>.log     tail -f {logs}/*.log
-  environment       {env_file}  (URLs, gRPC targets and a service token: `source` it)
+  environment       {env_file}  (URLs, gRPC targets, the JWT secret, a service token: `source` it)
 
 Submit a plan and watch it run (the `hive` CLI reads the environment file):
 
@@ -294,14 +294,16 @@ def main(argv: list[str] | None = None) -> int:
                 "HIVE_ORCHESTRATOR_URL": ports.services.orchestrator.http_url,
                 "HIVE_TICKETS_URL": ports.services.tickets.http_url,
                 "HIVE_REGISTRY_URL": ports.services.registry.http_url,
-                "HIVE_TICKETS_TARGET": ports.services.tickets.grpc_target,
-                "HIVE_REGISTRY_TARGET": ports.services.registry.grpc_target,
-                "HIVE_SERVICE_TOKEN": token,
-                "HIVE_TOKEN": token,  # what the `hive` CLI sends to the ticket and registry APIs
-                "HIVE_DEV_JWT_SECRET": jwt_secret,
-                "HIVE_DEV_REGISTRATION_SECRET": registration_secret,
-                "HIVE_DEV_POSTGRES_DSN": postgres_admin,
-                "HIVE_DEV_MONGO_URI": mongo_uri,
+                # The `hive` CLI signs its own short-lived tokens with the secret (a token
+                # written here would expire while the stack runs on).
+                "HIVE_JWT_SECRET": jwt_secret,
+                "HIVE_SERVICE_TOKEN": token,  # for curl: 12 hours
+                # An extra `uv run hive-worker ...` joins this stack.
+                "HIVE_WORKER_TICKETS_TARGET": ports.services.tickets.grpc_target,
+                "HIVE_WORKER_REGISTRY_TARGET": ports.services.registry.grpc_target,
+                "HIVE_WORKER_REGISTRATION_SECRET": registration_secret,
+                # Nothing that `make dev` reads (HIVE_DEV_*): sourced in the shell that runs
+                # it next, the database URLs made it use the stopped servers of this run.
             },
         )
         print(

@@ -20,6 +20,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from hive_cli.auth import resolve_credentials
 from hive_common.localdb import find_mongo_server, find_postgres_bin_dir
 from hive_common.testing.databases import unavailable_action
 
@@ -127,6 +128,9 @@ def test_make_dev_runs_an_example_plan_and_ctrl_c_stops_everything_cleanly(
     assert "examples/diamond.json" in out
     env = dev_stack.env()
     assert env["HIVE_ORCHESTRATOR_URL"] == orchestrator
+    # Sourced in the shell that runs `make dev` next, it must change nothing there (the
+    # database URLs it held made the next run use this run's stopped servers).
+    assert not [key for key in env if key.startswith("HIVE_DEV_")]
     logs = sorted(p.name for p in (dev_stack.state_dir / "logs").iterdir())
     assert logs == [
         "databases.log",
@@ -160,6 +164,13 @@ def test_make_dev_runs_an_example_plan_and_ctrl_c_stops_everything_cleanly(
             headers={"Authorization": f"Bearer {env['HIVE_SERVICE_TOKEN']}"},
         )
         assert sorted(w["name"] for w in workers.json()["workers"]) == ["worker-1", "worker-2"]
+        # The CLI signs its own tokens with the secret in the file (no token to expire).
+        minted = resolve_credentials(token=None, api_token=None, env=env).service()()
+        again = http.get(
+            f"{env['HIVE_REGISTRY_URL']}/api/v1/workers",
+            headers={"Authorization": f"Bearer {minted}"},
+        )
+        assert again.status_code == 200, again.text
 
     # What Ctrl-C sends, forwarded again by `uv run`, then an impatient second Ctrl-C and a
     # supervisor's SIGTERM: a burst of signals must still stop everything cleanly (a lock
