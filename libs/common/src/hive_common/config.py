@@ -56,12 +56,15 @@ class WarningLogger(Protocol):
 
 
 class HiveSettings(BaseSettings):
-    """Base settings: logging, bind address, ports, JWT, shutdown grace, HTTP keep-alive.
+    """Base settings: logging, bind address, ports, JWT, start-up wait, shutdown grace, HTTP
+    keep-alive.
 
     Environment variables are ``<env_prefix><FIELD>`` (case-insensitive); the base prefix is
     ``HIVE_`` and each service sets its own (``HIVE_TICKETS_``, ``HIVE_REGISTRY_``,
     ``HIVE_ORCHESTRATOR_``). Empty variables count as unset, so ``HIVE_X_METRICS_PORT=``
-    keeps the default ``None``.
+    keeps the service's own default: ``None`` (``/metrics`` on the HTTP app) here and in the
+    registry and the orchestrator, but 9092 in the ticket service, whose separate metrics
+    listener cannot be turned off.
     """
 
     model_config = SettingsConfigDict(
@@ -86,6 +89,11 @@ class HiveSettings(BaseSettings):
     jwt_secret: SecretStr = SecretStr(DEVELOPMENT_JWT_SECRET)
     jwt_issuer: str = DEFAULT_ISSUER
     jwt_audience: str = DEFAULT_AUDIENCE
+    startup_timeout_seconds: float = Field(
+        default=60.0,
+        gt=0,
+        description="How long start-up waits for the service's PostgreSQL database.",
+    )
     shutdown_grace_seconds: float = Field(default=10.0, ge=0)
     http_keep_alive_seconds: int = Field(
         default=75,

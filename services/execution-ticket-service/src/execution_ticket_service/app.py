@@ -142,8 +142,10 @@ async def build_service(settings: TicketSettings, *, clock: Clock = utc_now) -> 
         )
         log.info("migrations applied", applied=applied)
 
-    await wait_for_dependency(migrate, name="postgresql", deadline_seconds=60)
-    await pool.open(wait=True, timeout=30)
+    await wait_for_dependency(
+        migrate, name="postgresql", deadline_seconds=settings.startup_timeout_seconds
+    )
+    await pool.open(wait=True, timeout=settings.startup_timeout_seconds)
 
     registry = new_registry()
     metrics = TicketMetrics(registry)

@@ -39,7 +39,6 @@ class OrchestratorSettings(HiveSettings):
     postgres_dsn: SecretStr = SecretStr("postgresql://postgres@127.0.0.1:5432/orchestrator")
     postgres_pool_min_size: int = Field(default=1, ge=1)
     postgres_pool_max_size: int = Field(default=10, ge=1)
-    startup_timeout_seconds: float = Field(default=60.0, gt=0)
 
     ticket_service_target: str = "127.0.0.1:50052"
     registry_target: str = "127.0.0.1:50051"

@@ -33,7 +33,6 @@ class RegistrySettings(HiveSettings):
     postgres_pool_min_size: int = Field(default=2, ge=1)
     postgres_pool_max_size: int = Field(default=10, ge=1)
     migrate_on_start: bool = True
-    startup_timeout_seconds: float = Field(default=60.0, gt=0)
 
     # Workers present this as "authorization: Bearer <secret>" to Register; unset means
     # only the service token may register workers.
