@@ -16,6 +16,9 @@ from hive_common.errors import Internal, Unavailable
 DictPool = psycopg_pool.AsyncConnectionPool[AsyncConnection[DictRow]]
 
 
+RECONNECT_TIMEOUT_SECONDS = 5.0
+
+
 def open_pool(
     dsn: str,
     *,
@@ -35,6 +38,10 @@ def open_pool(
         min_size=min_size,
         max_size=max_size,
         timeout=timeout_seconds,
+        # A connection attempt backs off 1, 2, 4, 8 ... s until it gives up after this
+        # long; the next request for a connection starts a new one at once. Left at its
+        # default (300 s), the pool found a database back from a 72 s outage 44-60 s late.
+        reconnect_timeout=RECONNECT_TIMEOUT_SECONDS,
         open=False,
         kwargs={"row_factory": dict_row, "autocommit": True},
         connection_class=AsyncConnection[DictRow],

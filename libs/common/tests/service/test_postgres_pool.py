@@ -1,0 +1,49 @@
+"""The shared connection pool against a real PostgreSQL that goes away and comes back."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+
+import pytest
+
+from hive_common import localdb
+from hive_common.errors import Unavailable
+from hive_common.postgres import DictPool, database_errors, open_pool
+
+pytestmark = pytest.mark.service
+
+
+async def _select_one(pool: DictPool) -> None:
+    async with database_errors("test database"), pool.connection() as conn:
+        await conn.execute("SELECT 1")
+
+
+async def test_a_pool_finds_its_database_back_soon_after_a_long_outage() -> None:
+    # psycopg_pool's reconnection attempt backs off 1, 2, 4 ... 32 s (up to 300 s): after a
+    # 35 s outage the services found their database back up to ~30 s late. Now an attempt
+    # gives up after a few seconds and the next request starts a fresh one.
+    if localdb.find_postgres_bin_dir() is None:
+        pytest.skip("no PostgreSQL server binaries (scripts/install-tools.sh installs them)")
+    with localdb.LocalPostgres() as server:
+        pool = open_pool(server.dsn, min_size=1, max_size=2, timeout_seconds=1)
+        await pool.open(wait=True)
+        try:
+            await _select_one(pool)
+            server.stop()
+            loop = asyncio.get_running_loop()
+            outage_ends = loop.time() + 35
+            while loop.time() < outage_ends:  # the services keep asking meanwhile
+                with contextlib.suppress(Unavailable):
+                    await _select_one(pool)
+                await asyncio.sleep(0.5)
+            server.start()
+            async with asyncio.timeout(15):  # was ~28 s here: the attempt slept its back-off
+                while True:
+                    try:
+                        await _select_one(pool)
+                        break
+                    except Unavailable:
+                        await asyncio.sleep(0.2)
+        finally:
+            await pool.close()
