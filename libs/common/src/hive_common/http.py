@@ -64,6 +64,7 @@ QUIET_PATHS: tuple[str, ...] = ("/health", "/ready", "/metrics")
 _REQUEST_ID_PATTERN = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 _STATE_ERROR_CODE = "hive_error_code"
 
+_DEPENDENCY_CODES = frozenset({"UNAVAILABLE", "DEADLINE_EXCEEDED"})
 _CODE_BY_HTTP_STATUS: dict[int, str] = {
     400: "INVALID_ARGUMENT",
     401: "UNAUTHENTICATED",
@@ -269,8 +270,12 @@ class RequestLoggingMiddleware:
         if isinstance(state, dict) and _STATE_ERROR_CODE in state:
             fields["error_code"] = state[_STATE_ERROR_CODE]
         elif status >= 500:
-            fields["error_code"] = "INTERNAL"
-        if status >= 500:
+            fields["error_code"] = _CODE_BY_HTTP_STATUS.get(status, "INTERNAL")
+        if fields.get("error_code") in _DEPENDENCY_CODES:
+            # A dependency away (/ready during a database outage): not a fault of ours,
+            # and every probe would add an ERROR line that reads like one.
+            self._logger.warning("http_request", **fields)
+        elif status >= 500:
             self._logger.error("http_request", **fields)
         elif scope["path"] in self._quiet:
             self._logger.debug("http_request", **fields)

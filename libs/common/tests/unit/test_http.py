@@ -115,6 +115,16 @@ async def test_probes_answer_head(client: httpx.AsyncClient) -> None:
     assert (await client.head("/ready")).status_code == 200
 
 
+async def test_ready_down_is_logged_as_a_warning_not_an_internal_error(
+    client: httpx.AsyncClient, report: dict[str, CheckResult], log_stream: io.StringIO
+) -> None:
+    # Every probe during a database outage used to log an ERROR with error_code INTERNAL.
+    report["postgres"] = {"status": "down", "detail": "no answer within 2 s"}
+    assert (await client.get("/ready")).status_code == 503
+    [line] = [x for x in log_lines(log_stream) if x["event"] == "http_request"]
+    assert (line["level"], line["error_code"]) == ("warning", "UNAVAILABLE")
+
+
 async def test_ready_ok(client: httpx.AsyncClient) -> None:
     response = await client.get("/ready")
     assert response.status_code == 200
