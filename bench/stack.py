@@ -13,7 +13,7 @@ from bench.report import Report
 from hive_common import flowc_processes as flowc
 from hive_common.auth import DEFAULT_ISSUER, TokenIssuer
 from hive_common.flowc_processes import Endpoint, Launch
-from hive_common.localdb import free_port
+from hive_common.localdb import quiet_port
 from hive_common.procstack import ManagedProcess, ProcessSpec, log_ready
 
 # Benchmark-only credentials: the services run on loopback for the length of a run.
@@ -46,12 +46,12 @@ class Built:
 
 
 def _ports() -> Endpoint:
-    return Endpoint(grpc_port=free_port(), http_port=free_port(), metrics_port=free_port())
+    return Endpoint(grpc_port=quiet_port(), http_port=quiet_port(), metrics_port=quiet_port())
 
 
 def echo_server(name: str = "echo", *, postgres_dsn: str | None = None) -> Built:
     """The echo service; with ``postgres_dsn`` the durable floor (see bench.echo)."""
-    endpoint = Endpoint(grpc_port=free_port())
+    endpoint = Endpoint(grpc_port=quiet_port())
     argv = [sys.executable, "-m", "bench.echo", "--port", str(endpoint.grpc_port)]
     if postgres_dsn:
         argv += ["--postgres-dsn", postgres_dsn]

@@ -11,9 +11,7 @@ deadline; no test asserts on elapsed time.
 from __future__ import annotations
 
 import os
-import random
 import secrets
-import socket
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -27,7 +25,7 @@ from pymongo import ASCENDING, MongoClient
 
 from hive_common.auth import DEFAULT_ISSUER, TokenIssuer
 from hive_common.flowc_processes import Launch, StackPorts, WorkerOptions, flow_specs
-from hive_common.localdb import free_port
+from hive_common.localdb import quiet_port
 from hive_common.procstack import ProcessSpec, ProcessStack, logged_errors
 from hive_common.testing.databases import (
     MongoServer,
@@ -54,40 +52,6 @@ def wait_for(probe: Callable[[], T | None], *, what: str, timeout: float = WAIT_
             return last
         time.sleep(0.1)
     pytest.fail(f"timed out after {timeout:.0f}s waiting for {what}; last value: {last!r}")
-
-
-def ephemeral_port_range() -> tuple[int, int]:
-    """The kernel's range for outgoing connections' local ports (and for port 0)."""
-    try:
-        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
-    except (OSError, ValueError):
-        return 32768, 60999
-    return low, high
-
-
-def port_is_free(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        try:
-            sock.bind(("127.0.0.1", port))
-        except OSError:
-            return False
-    return True
-
-
-_handed_out: set[int] = set()
-
-
-def quiet_port() -> int:
-    """A free port outside the ephemeral range, so that no outgoing connection (of this or
-    another test run) can take it between now and the moment a process binds it."""
-    low, high = ephemeral_port_range()
-    candidates = range(20_000, low) if low > 21_000 else range(high + 1, 65_536)
-    for _ in range(1000):
-        port = random.choice(candidates)
-        if port not in _handed_out and port_is_free(port):
-            _handed_out.add(port)
-            return port
-    return free_port()
 
 
 @dataclass

@@ -21,10 +21,16 @@ import httpx
 import pytest
 
 from hive_cli.auth import resolve_credentials
-from hive_common.localdb import find_mongo_server, find_postgres_bin_dir
+from hive_common.localdb import (
+    ephemeral_port_range,
+    find_mongo_server,
+    find_postgres_bin_dir,
+    port_is_free,
+    quiet_port,
+)
 from hive_common.testing.databases import unavailable_action
 
-from .conftest import ephemeral_port_range, port_is_free, quiet_port, wait_for
+from .conftest import wait_for
 
 pytestmark = pytest.mark.integration
 

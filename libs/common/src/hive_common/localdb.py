@@ -21,6 +21,7 @@ import contextlib
 import glob
 import os
 import pwd
+import random
 import re
 import shutil
 import signal
@@ -48,10 +49,13 @@ __all__ = [
     "LocalServerError",
     "ServerBinariesNotFound",
     "ServerStartError",
+    "ephemeral_port_range",
     "find_ferretdb",
     "find_mongo_server",
     "find_postgres_bin_dir",
     "free_port",
+    "port_is_free",
+    "quiet_port",
 ]
 
 FERRETDB_GOGC = "400"
@@ -152,6 +156,41 @@ def free_port(host: str = "127.0.0.1") -> int:
         sock.bind((host, 0))
         port: int = sock.getsockname()[1]
         return port
+
+
+def ephemeral_port_range() -> tuple[int, int]:
+    """The kernel's range for outgoing connections' local ports (and for port 0)."""
+    try:
+        low, high = map(int, Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    except (OSError, ValueError):
+        return 32768, 60999
+    return low, high
+
+
+def port_is_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+_handed_out: set[int] = set()
+
+
+def quiet_port() -> int:
+    """A free port outside the ephemeral range, so that no outgoing connection (of this or
+    another process) can take it between now and the moment a process binds it (a port
+    from :func:`free_port` can be: a service of a second stack failed to bind one)."""
+    low, high = ephemeral_port_range()
+    candidates = range(20_000, low) if low > 21_000 else range(high + 1, 65_536)
+    for _ in range(1000):
+        port = random.choice(candidates)
+        if port not in _handed_out and port_is_free(port):
+            _handed_out.add(port)
+            return port
+    return free_port()
 
 
 # --------------------------------------------------------------------------------------------
