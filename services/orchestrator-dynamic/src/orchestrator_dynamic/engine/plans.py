@@ -235,18 +235,16 @@ class PlanService:
         """Mark the plan CANCELLED; its owner cancels every ticket still in flight. Returns
         the plan and whether this call requested the cancel (a CANCELLED plan again: no);
         ``FailedPrecondition`` for a COMPLETED or FAILED plan."""
-        _, changed = await self._repo.request_cancel(self._lookup(plan_id))
+        summary, changed = await self._repo.request_cancel(self._lookup(plan_id))
+        if not changed and summary.status is not PlanStatus.CANCELLED:
+            raise FailedPrecondition(
+                f"plan {plan_id!r} is already {summary.status.value}",
+                details={"plan_id": plan_id, "status": summary.status.value},
+            )
         if changed:
             self._driver.kick(plan_id, cancel_requested=True)
             _log.info("plan cancel requested", plan_id=plan_id)
-        stored = await self._repo.get(plan_id)
-        status = stored.summary.status
-        if not changed and status is not PlanStatus.CANCELLED:
-            raise FailedPrecondition(
-                f"plan {plan_id!r} is already {status.value}",
-                details={"plan_id": plan_id, "status": status.value},
-            )
-        return stored, changed
+        return await self._repo.get(plan_id), changed
 
     async def explain(self, plan_id: str, task_id: str | None = None) -> list[Explanation]:
         """Why the task's ticket (or every not-running ticket) is where it is."""

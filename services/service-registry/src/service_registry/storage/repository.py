@@ -341,9 +341,10 @@ class WorkerRepository:
         if row is None:
             return None
         existing = self._row_to_worker(row, now)
-        if self._policy_at(now).is_expired(existing.last_heartbeat_at, now):
+        policy = self._policy_at(now)
+        if policy.is_expired(existing.last_heartbeat_at, now):
             return None
-        transition = lifecycle.heartbeat(existing, update, now=now, policy=self._policy_at(now))
+        transition = lifecycle.heartbeat(existing, update, now=now, policy=policy)
         if transition.events:
             return None
         params = {**_params(transition.worker, self._ranker), "xmin": row[-1]}
