@@ -23,6 +23,7 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 from psycopg_pool import AsyncConnectionPool
 
+from hive_common.grpc_server import EXCLUSIVE_PORT
 from neuralhive.registry.v1 import registry_service_pb2 as rpb
 from neuralhive.registry.v1 import registry_service_pb2_grpc as rpb_grpc
 from neuralhive.ticket.v1 import ticket_service_pb2 as pb
@@ -167,7 +168,7 @@ async def serve(port: int, postgres_dsn: str | None = None) -> None:
         async with pool.connection() as conn:
             await conn.execute(_FLOOR_TABLE)
         tickets = DurableEchoTicketService(pool)  # type: ignore[abstract]
-    server = grpc.aio.server()
+    server = grpc.aio.server(options=[EXCLUSIVE_PORT])
     pb_grpc.add_TicketServiceServicer_to_server(tickets, server)
     rpb_grpc.add_ServiceRegistryServicer_to_server(EchoRegistry(), server)  # type: ignore[abstract]
     bound = server.add_insecure_port(f"127.0.0.1:{port}")

@@ -90,6 +90,10 @@ def channel_options(
         # 0 = keep pinging an open stream that carries no data (idle watch streams).
         ("grpc.http2.max_pings_without_data", 0),
         ("grpc.primary_user_agent", "hive-flow-c"),
+        # Connections of its own: with grpc's process-wide pool a new channel shares the
+        # connection attempts of any other channel to the same address, and fails at once
+        # with their stale "connection refused" while they back off.
+        ("grpc.use_local_subchannel_pool", 1),
     ]
 
 

@@ -457,6 +457,11 @@ class DrainingHealthServicer(health_pb2_grpc.HealthServicer):  # type: ignore[mi
             self._changed.notify_all()
 
 
+EXCLUSIVE_PORT = ("grpc.so_reuseport", 0)
+"""Server option: grpc sets SO_REUSEPORT by default, so a second server on a port in use
+would start and silently take a share of its connections instead of failing to bind."""
+
+
 class HiveGrpcServer:
     """A built ``grpc.aio.Server`` plus its health servicer; see :func:`build_grpc_server`."""
 
@@ -482,9 +487,15 @@ class HiveGrpcServer:
     def add_insecure_port(self, host: str, port: int) -> int:
         """Listen on ``host:port`` (0 = any free port); returns the port actually bound."""
         address = f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-        bound = self.server.add_insecure_port(address)
+        try:
+            bound = self.server.add_insecure_port(address)
+        except RuntimeError:  # grpcio >= 1.50 raises; older ones returned 0
+            bound = 0
         if bound == 0:
-            raise RuntimeError(f"could not bind gRPC server to {address}")
+            raise OSError(
+                f"could not bind the gRPC server to {address}: the port is in use "
+                "or the host is not an address of this machine"
+            )
         self.bound_ports.append(bound)
         return bound
 
@@ -545,6 +556,7 @@ def build_grpc_server(
         options=[
             ("grpc.max_receive_message_length", max_receive_message_bytes),
             ("grpc.max_send_message_length", max_send_message_bytes),
+            EXCLUSIVE_PORT,
             *SERVER_KEEPALIVE_OPTIONS,
             *options,
         ],

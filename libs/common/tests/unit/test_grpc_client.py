@@ -27,6 +27,7 @@ from hive_common.grpc_client import (
     server_keepalive_options,
 )
 from hive_common.grpc_errors import abort
+from hive_common.grpc_server import EXCLUSIVE_PORT
 
 VIOLATIONS = [
     FieldViolation("tasks[0].task_id", "must not be empty"),
@@ -103,7 +104,7 @@ def recorder() -> Recorder:
 async def _server(
     recorder: Recorder, options: Sequence[tuple[str, Any]] = ()
 ) -> AsyncIterator[str]:
-    server = grpc.aio.server(options=options)
+    server = grpc.aio.server(options=[EXCLUSIVE_PORT, *options])
     server.add_generic_rpc_handlers((_handlers(recorder),))
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
@@ -330,6 +331,33 @@ async def test_server_keepalive_options_keep_an_idle_stream_open(recorder: Recor
         # only ends by our timeout, never with an error).
         with pytest.raises(TimeoutError):
             await asyncio.wait_for(call.read(), timeout=2.0)
+
+
+async def test_a_new_channel_connects_afresh_while_another_backs_off(
+    recorder: Recorder,
+) -> None:
+    # With grpc's process-wide subchannel pool the second channel shared the first one's
+    # connection in back-off and failed at once with its stale "connection refused" (a
+    # flaky CI failure of another test here, against a server just started).
+    async with _server(recorder) as address:
+        backing_off = create_channel(address, default_timeout=5.0)
+        await _unary(backing_off, "Echo")(b"")
+    try:
+        with pytest.raises(Unavailable):
+            await _unary(backing_off, "Echo")(b"")
+        port = address.rsplit(":", 1)[1]
+        restarted = grpc.aio.server(options=[EXCLUSIVE_PORT])
+        restarted.add_generic_rpc_handlers((_handlers(recorder),))
+        assert restarted.add_insecure_port(address) == int(port)
+        await restarted.start()
+        try:
+            async with create_channel(address, default_timeout=5.0) as fresh:
+                reply = json.loads(await _unary(fresh, "Echo")(b"hello"))
+            assert reply["request"] == "hello"
+        finally:
+            await restarted.stop(grace=None)
+    finally:
+        await backing_off.close()
 
 
 def test_channel_options_are_sane() -> None:

@@ -329,6 +329,17 @@ async def test_extra_interceptor_errors_are_mapped(channel: grpc.aio.Channel) ->
     assert from_rpc_error(info.value).violations == [FieldViolation("x-reject", "no")]
 
 
+async def test_a_second_server_on_a_port_in_use_fails_to_bind(
+    server: tuple[HiveGrpcServer, int], channel: grpc.aio.Channel
+) -> None:
+    # grpc's default SO_REUSEPORT let a second server start on the same port and take a
+    # share of its connections (and made a test's port-0 server flaky in CI).
+    second = build_grpc_server(services=[echo_service(EchoServicer())])
+    with pytest.raises(OSError, match=rf"127\.0\.0\.1:{server[1]}: the port is in use"):
+        second.add_insecure_port("127.0.0.1", server[1])
+    assert await unary(channel, "Echo")(b"still here") == b"still here"
+
+
 async def test_unknown_method_is_unimplemented(channel: grpc.aio.Channel) -> None:
     with pytest.raises(grpc.aio.AioRpcError) as info:
         await unary(channel, "Nope")(b"")

@@ -32,6 +32,7 @@ from hive_common.errors import Internal, InvalidArgument, UndecodableResponse
 from hive_common.grpc_client import create_channel
 from hive_common.grpc_errors import from_rpc_error
 from hive_common.grpc_server import (
+    EXCLUSIVE_PORT,
     UNDECODABLE_REQUEST_MESSAGE,
     GrpcService,
     HandlerWrappingInterceptor,
@@ -285,7 +286,7 @@ class DeepAnswers(pb_grpc.TicketServiceServicer):
 
 @asynccontextmanager
 async def serve(servicer: DeepAnswers) -> AsyncIterator[int]:
-    server = grpc.aio.server()
+    server = grpc.aio.server(options=[EXCLUSIVE_PORT])
     pb_grpc.add_TicketServiceServicer_to_server(servicer, server)
     port = server.add_insecure_port("127.0.0.1:0")
     await server.start()
