@@ -18,9 +18,10 @@ from __future__ import annotations
 
 import logging
 import sys
+from collections.abc import Mapping
 from typing import Any, Literal, Protocol
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from hive_common.auth import DEFAULT_AUDIENCE, DEFAULT_ISSUER
@@ -47,6 +48,28 @@ def normalise_log_level(value: object) -> object:
             raise ValueError(f"must be one of {', '.join(_LOG_LEVELS)}")
         return upper
     return value
+
+
+def invalid_settings_message(
+    program: str, exc: ValidationError, env_prefix: str, flags: Mapping[str, str] | None = None
+) -> str:
+    """What ``program`` prints for invalid settings: one line per setting, named by its
+    environment variable (and its command-line flag in ``flags``, by field), saying what
+    is wrong; never the value given (it may be a secret, and pydantic's own text shows it)."""
+    lines = [f"{program}: invalid settings:"]
+    flags = flags or {}
+    for error in exc.errors(include_url=False, include_input=False):
+        message = error["msg"].removeprefix("Value error, ")
+        if not error["loc"]:  # a rule across settings: its message names them
+            lines.append(f"  {message}")
+            continue
+        name, *inner = error["loc"]
+        setting = f"{env_prefix}{str(name).upper()}"
+        if str(name) in flags:
+            setting = f"{flags[str(name)]} / {setting}"
+        where = "".join(f"[{i}]" for i in inner)
+        lines.append(f"  {setting}{where}: {message}")
+    return "\n".join(lines)
 
 
 class WarningLogger(Protocol):

@@ -154,3 +154,17 @@ ERRORS_BY_CODE: dict[str, type[HiveError]] = {
         Internal,
     )
 }
+
+
+def describe_error(exc: BaseException) -> str:
+    """``exc`` for a log line: type, message and every field violation it carries.
+
+    ``repr`` of a :class:`HiveError` is only its message; a refusal such as Register's
+    INVALID_ARGUMENT says which setting is wrong only in its violations.
+    """
+    if not isinstance(exc, HiveError):
+        return f"{type(exc).__name__}: {exc}"
+    text = f"{type(exc).__name__}: {exc.message}"
+    if exc.violations:
+        text += f" ({exc.violations_text()})"
+    return text

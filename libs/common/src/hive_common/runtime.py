@@ -55,6 +55,10 @@ class _EmbeddedUvicornServer(uvicorn.Server):
         yield
 
 
+class ServerStoppedUnexpectedly(RuntimeError):
+    """One of the service's servers stopped without being asked (the rest were stopped)."""
+
+
 class _HttpListener:
     """One uvicorn server on a socket we bind ourselves (so port 0 reports its real port)."""
 
@@ -67,9 +71,11 @@ class _HttpListener:
         try:
             self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             self.socket.bind((host, port))
-        except OSError:
+        except OSError as exc:
             self.socket.close()
-            raise
+            raise OSError(
+                exc.errno, f"could not bind the {name} listener to {host}:{port}: {exc.strerror}"
+            ) from exc
         self.port: int = self.socket.getsockname()[1]
         config = uvicorn.Config(
             app,
@@ -387,10 +393,11 @@ class ServiceRuntime:
                 loop.remove_signal_handler(sig)
             await self.stop()
         if unexpected:
-            raise RuntimeError("a server of this service stopped unexpectedly")
+            raise ServerStoppedUnexpectedly("a server of this service stopped unexpectedly")
 
 
 __all__ = [
+    "ServerStoppedUnexpectedly",
     "ServiceRuntime",
     "ShutdownCallback",
 ]

@@ -15,11 +15,12 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from hive_common.errors import HiveError
+from hive_common.config import invalid_settings_message
+from hive_common.errors import HiveError, describe_error
 from hive_common.heap import freeze_heap
 from hive_common.logging import configure_logging, get_logger
 from hive_worker.config import WorkerSettings
-from hive_worker.sdk import Worker, describe_error
+from hive_worker.sdk import Worker
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -87,7 +88,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = settings_from_args(argv)
     except ValidationError as exc:
-        print(f"hive-worker: invalid settings:\n{exc}", file=sys.stderr)
+        prefix = WorkerSettings.model_config.get("env_prefix", "")
+        flags = {a.dest: a.option_strings[0] for a in build_parser()._actions if a.option_strings}
+        print(invalid_settings_message("hive-worker", exc, prefix, flags), file=sys.stderr)
         return 2
     configure_logging(level=settings.log_level, fmt=settings.log_format)
     log = get_logger("hive_worker")

@@ -59,6 +59,7 @@ from hive_common.errors import (
     PermissionDenied,
     Unauthenticated,
     UndecodableResponse,
+    describe_error,
 )
 from hive_common.logging import get_logger
 from hive_common.retry import is_retryable
@@ -91,20 +92,6 @@ _NAME_RETRY_MAX = 2.0
 """Longest pause between registrations while waiting for a name (a holder that
 deregisters frees it at once)."""
 _DEREGISTER_SECONDS = 5.0
-
-
-def describe_error(exc: BaseException) -> str:
-    """``exc`` for a log line: type, message and every field violation it carries.
-
-    ``repr`` of a :class:`HiveError` is only its message; a refusal such as Register's
-    INVALID_ARGUMENT says which setting is wrong only in its violations.
-    """
-    if not isinstance(exc, HiveError):
-        return repr(exc)
-    text = f"{type(exc).__name__}: {exc.message}"
-    if exc.violations:
-        text += f" ({exc.violations_text()})"
-    return text
 
 
 def _refusal_hint(exc: HiveError) -> dict[str, str]:

@@ -289,8 +289,12 @@ def test_a_worker_without_capabilities_is_refused_before_registering(
 def test_the_command_refuses_bad_settings(capsys: pytest.CaptureFixture[str]) -> None:
     from hive_worker.cli import main
 
-    assert main(["--max-concurrent", "0"]) == 2
-    assert "max_concurrent" in capsys.readouterr().err
+    assert main(["--max-concurrent", "0", "--capabilities", "shell"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "hive-worker: invalid settings:",
+        "  --max-concurrent / HIVE_WORKER_MAX_CONCURRENT: Input should be greater than or "
+        "equal to 1",
+    ]
 
 
 def test_the_command_refuses_an_empty_capability_list_without_calling_the_registry(
@@ -304,6 +308,6 @@ def test_the_command_refuses_an_empty_capability_list_without_calling_the_regist
     monkeypatch.setattr(cli, "_serve", must_not_run)
     monkeypatch.delenv("HIVE_WORKER_CAPABILITIES", raising=False)
     assert cli.main(["--capabilities", ""]) == 2
-    assert "capabilities\n  Value error, at least one capability is required" in (
+    assert "  --capabilities / HIVE_WORKER_CAPABILITIES: at least one capability is required" in (
         capsys.readouterr().err
     )

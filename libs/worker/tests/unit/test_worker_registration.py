@@ -17,9 +17,9 @@ from hive_common.errors import (
     InvalidArgument,
     Unauthenticated,
     Unavailable,
+    describe_error,
 )
 from hive_worker import Worker, WorkerSettings, sdk
-from hive_worker.sdk import describe_error
 from neuralhive.registry.v1 import registry_service_pb2 as rpb
 
 CAPABILITY_RULE = (

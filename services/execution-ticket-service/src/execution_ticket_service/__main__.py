@@ -2,26 +2,24 @@
 
 from __future__ import annotations
 
-import asyncio
+import sys
+from typing import Any
 
 from execution_ticket_service.app import build_service
 from execution_ticket_service.config import TicketSettings
+from hive_common.entrypoint import run_service
 from hive_common.heap import freeze_heap
-from hive_common.logging import configure_logging, get_logger
 
 
-async def _run() -> None:
-    settings = TicketSettings()
-    configure_logging(level=settings.log_level, fmt=settings.log_format)
-    settings.warn_if_insecure(get_logger("execution_ticket_service"))
+async def _serve(settings: TicketSettings, logger: Any) -> None:
     service = await build_service(settings)
     freeze_heap()  # start-up objects are never garbage: keep full GCs short
     await service.run_until_signal()
 
 
-def main() -> None:
-    asyncio.run(_run())
+def main() -> int:
+    return run_service(TicketSettings, _serve, program="execution-ticket-service")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

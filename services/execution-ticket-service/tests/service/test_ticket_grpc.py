@@ -22,6 +22,7 @@ from execution_ticket_service.domain.paging import Cursor, encode_cursor
 from execution_ticket_service.transport.grpc.servicer import WATCH_BATCH_BYTES, WATCH_BATCH_EVENTS
 from hive_common.auth import TokenIssuer
 from hive_common.grpc_errors import rich_status_of
+from hive_common.runtime import ServerStoppedUnexpectedly
 from neuralhive.ticket.v1 import ticket_service_pb2 as pb
 from neuralhive.ticket.v1 import ticket_service_pb2_grpc as pb_grpc
 
@@ -1489,7 +1490,7 @@ async def test_run_until_signal_stops_everything_when_a_server_dies(
         )
         assert built.runtime.grpc_server is not None
         await built.runtime.grpc_server.server.stop(0)  # dies without being asked to
-        with pytest.raises(RuntimeError, match="stopped unexpectedly"):
+        with pytest.raises(ServerStoppedUnexpectedly):
             async with asyncio.timeout(30):  # a hang guard, not a timing assertion
                 await running
         assert not built.runtime.started

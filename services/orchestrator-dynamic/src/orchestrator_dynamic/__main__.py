@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
+import sys
+from typing import Any
 
+from hive_common.entrypoint import run_service
 from hive_common.heap import freeze_heap
-from hive_common.logging import configure_logging, get_logger
 from orchestrator_dynamic.app import build_app
 from orchestrator_dynamic.config import OrchestratorSettings
 
 
-async def _run() -> None:
-    settings = OrchestratorSettings()
-    configure_logging(level=settings.log_level, fmt=settings.log_format)
-    logger = get_logger("orchestrator_dynamic")
-    settings.warn_if_insecure(logger)
+async def _serve(settings: OrchestratorSettings, logger: Any) -> None:
     if settings.api_token is None:
         logger.warning(
             "HTTP_API_OPEN",
@@ -25,9 +22,9 @@ async def _run() -> None:
     await app.run_until_signal()
 
 
-def main() -> None:
-    asyncio.run(_run())
+def main() -> int:
+    return run_service(OrchestratorSettings, _serve, program="orchestrator-dynamic")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

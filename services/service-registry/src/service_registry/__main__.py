@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import asyncio
+import sys
+from typing import Any
 
+from hive_common.entrypoint import run_service
 from hive_common.heap import freeze_heap
-from hive_common.logging import configure_logging, get_logger
 from service_registry.app import build_app
 from service_registry.config import RegistrySettings
 
 
-async def _main() -> None:
-    settings = RegistrySettings()
-    configure_logging(level=settings.log_level, fmt=settings.log_format)
-    logger = get_logger("service_registry")
-    settings.warn_if_insecure(logger)
+async def _serve(settings: RegistrySettings, logger: Any) -> None:
     if settings.registration_secret is None:
         logger.warning(
             "no registration secret configured",
@@ -26,9 +23,9 @@ async def _main() -> None:
     await app.run_until_signal()
 
 
-def main() -> None:
-    asyncio.run(_main())
+def main() -> int:
+    return run_service(RegistrySettings, _serve, program="service-registry")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
