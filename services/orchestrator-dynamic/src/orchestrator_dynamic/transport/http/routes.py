@@ -239,7 +239,8 @@ def build_router(
         )
         return {
             "plans": [summary_json(s) for s in page.plans],
-            "next_page_token": page.next_page_token,
+            # "" on the last page, like the ticket service's and the registry's listings
+            "next_page_token": page.next_page_token or "",
         }
 
     @router.get("/{plan_id}", summary="Plan status, per-ticket status, counts, timestamps")
