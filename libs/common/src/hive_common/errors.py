@@ -156,6 +156,11 @@ ERRORS_BY_CODE: dict[str, type[HiveError]] = {
 }
 
 
+WORKER_NAME_IN_USE = "WORKER_NAME_IN_USE"
+"""``details["reason"]`` of the registry's ALREADY_EXISTS for a worker name another live
+process holds (the registry raises it, the worker recognises it)."""
+
+
 def describe_error(exc: BaseException) -> str:
     """``exc`` for a log line: type, message and every field violation it carries.
 

@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import uuid
 
-from hive_common.errors import AlreadyExists, HiveError
-
-NAME_IN_USE = "WORKER_NAME_IN_USE"
-"""``details["reason"]`` of the registry's refusal of a name another live process holds."""
+from hive_common.errors import WORKER_NAME_IN_USE, AlreadyExists, HiveError
 
 DEFAULT_UNHEALTHY_WINDOW_SECONDS = 15.0
 """The registry's default (5 s x 3 missed heartbeats), if a refusal does not say."""
@@ -26,7 +23,7 @@ def new_instance_id() -> str:
 
 def is_name_in_use(exc: HiveError) -> bool:
     """True for the registry's refusal of a name another live worker process holds."""
-    return isinstance(exc, AlreadyExists) and exc.details.get("reason") == NAME_IN_USE
+    return isinstance(exc, AlreadyExists) and exc.details.get("reason") == WORKER_NAME_IN_USE
 
 
 def _seconds(exc: HiveError, key: str, default: float) -> float:

@@ -10,7 +10,7 @@ import uuid
 from dataclasses import dataclass, replace
 from datetime import datetime
 
-from hive_common.errors import AlreadyExists, NotFound
+from hive_common.errors import WORKER_NAME_IN_USE, AlreadyExists, NotFound
 from service_registry.domain.models import (
     DEFAULT_NAMESPACE,
     HealthPolicy,
@@ -33,10 +33,6 @@ class Transition:
     worker: Worker
     events: list[WorkerEvent]
     previous: Worker | None = None
-
-
-NAME_IN_USE = "WORKER_NAME_IN_USE"
-"""``details["reason"]`` of the refusal of a name held by another live instance."""
 
 
 class WorkerNameInUse(AlreadyExists):
@@ -133,7 +129,7 @@ def _refuse_if_held_by_another_live_instance(
         f"(the name of a worker that stopped heartbeating is free {window:g} s after its "
         "last heartbeat)",
         details={
-            "reason": NAME_IN_USE,
+            "reason": WORKER_NAME_IN_USE,
             "name": spec.name,
             "namespace": spec.namespace,
             "last_heartbeat_age_seconds": round(age, 3),
