@@ -30,6 +30,7 @@ from hive_common.errors import (
     NotFound,
     Unavailable,
 )
+from hive_common.testing.outage import UnreachablePool
 
 if TYPE_CHECKING:  # conftest is not importable at run time (import mode importlib)
     from conftest import LoopTurns
@@ -660,13 +661,6 @@ async def test_watch_never_skips_an_event_that_commits_late(
     assert [(e.actor, e.ticket.task_id) for e in events] == [("test:slow", "early"), ("s", "fast")]
 
 
-class _Unreachable:
-    """A connection pool whose database does not answer."""
-
-    def connection(self) -> Any:
-        raise psycopg.OperationalError("connection refused")
-
-
 async def test_no_lease_expires_until_a_grace_after_the_database_answers_again(
     repo: TicketRepository, clock: Any
 ) -> None:
@@ -683,7 +677,7 @@ async def test_no_lease_expires_until_a_grace_after_the_database_answers_again(
     assert (await repo.get(t.ticket_id)).status is S.ASSIGNED
 
     clock.advance(20)
-    pool, repo._pool = repo._pool, _Unreachable()  # type: ignore[assignment]
+    pool, repo._pool = repo._pool, UnreachablePool()  # type: ignore[assignment]
     with pytest.raises(Unavailable):
         await sweeper.sweep_round()
     clock.advance(60)  # the outage lasts a minute

@@ -13,6 +13,7 @@ import pytest
 
 from hive_common.errors import HiveError
 from hive_common.grpc_errors import from_rpc_error
+from hive_common.testing.outage import UnreachablePool
 from neuralhive.registry.v1 import registry_service_pb2 as pb
 
 if TYPE_CHECKING:  # conftest is not importable at run time (import mode importlib)
@@ -454,19 +455,12 @@ async def test_a_registry_down_longer_than_the_ttl_expires_no_worker(
     assert [w.name for w in (await second.sweep()).expired] == ["w1"]
 
 
-class _Unreachable:
-    """A connection pool whose database does not answer."""
-
-    def connection(self) -> Any:
-        raise psycopg.OperationalError("connection refused")
-
-
 async def test_a_database_outage_longer_than_the_ttl_expires_no_worker(
     registry: Registry,
 ) -> None:
     w1 = (await registry.register("w1")).worker.worker_id
     repository = registry.app.repository
-    pool, repository._pool = repository._pool, _Unreachable()  # type: ignore[assignment]
+    pool, repository._pool = repository._pool, UnreachablePool()  # type: ignore[assignment]
     with pytest.raises(HiveError):
         await registry.sweep()  # the outage begins: heartbeats cannot be recorded
     registry.clock.advance(90)
