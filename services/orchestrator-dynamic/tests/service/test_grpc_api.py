@@ -132,6 +132,42 @@ async def test_invalid_plans_and_unknown_ids(flow: Flow, channel: grpc.aio.Chann
         await stub.CancelPlan(pb.CancelPlanRequest(plan_id="nope"))
 
 
+@pytest.mark.parametrize(
+    ("plan", "field", "description"),
+    [
+        (pb.PlanSpec(plan_id="p-99", priority=99), "$.priority", "'99' is not a priority"),
+        (pb.PlanSpec(plan_id="p-neg", priority=-3), "$.priority", "'-3' is not a priority"),
+        (
+            pb.PlanSpec(plan_id="p-nan", tasks=[pb.TaskSpec(parameters=params(x=float("nan")))]),
+            "$.tasks[0].parameters.x",
+            "nan is not a JSON number",
+        ),
+        (
+            pb.PlanSpec(plan_id="p-inf", tasks=[pb.TaskSpec(parameters=params(x=-float("inf")))]),
+            "$.tasks[0].parameters.x",
+            "-inf is not a JSON number",
+        ),
+    ],
+)
+async def test_numbers_json_cannot_carry_are_invalid_not_internal(
+    channel: grpc.aio.Channel, plan: pb.PlanSpec, field: str, description: str
+) -> None:
+    # An unnamed priority and NaN / infinite parameters failed in the conversion to the
+    # HTTP API's JSON: INTERNAL with a traceback in the log.
+    stub = pb_grpc.OrchestratorServiceStub(channel)
+    for task in plan.tasks:
+        task.task_id, task.task_type = "a", "echo"
+        task.required_capabilities.append("python")
+    if not plan.tasks:
+        plan.tasks.append(pb.TaskSpec(task_id="a", task_type="echo", required_capabilities=["x"]))
+    with pytest.raises(InvalidArgument) as raised:
+        await stub.SubmitPlan(pb.SubmitPlanRequest(plan=plan))
+    fields = {v.field: v.description for v in raised.value.violations}
+    assert description in fields[field], fields
+    with pytest.raises(NotFound):
+        await stub.GetPlan(pb.GetPlanRequest(plan_id=plan.plan_id))
+
+
 async def test_cancelling_a_completed_plan_is_failed_precondition_like_over_http(
     flow: Flow, channel: grpc.aio.Channel
 ) -> None:

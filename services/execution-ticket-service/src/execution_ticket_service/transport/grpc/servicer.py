@@ -47,7 +47,6 @@ from execution_ticket_service.transport.grpc.convert import (
     event_to_proto,
     raw_spec,
     status_name,
-    struct_to_dict,
     ticket_to_proto,
 )
 from execution_ticket_service.watch import EventLogTail
@@ -56,6 +55,7 @@ from hive_common.batching import bounded_batches
 from hive_common.errors import FieldViolation, HiveError, InvalidArgument, ResourceExhausted
 from hive_common.grpc_server import DEFAULT_MAX_MESSAGE_BYTES
 from hive_common.logging import bind_request_context
+from hive_common.structs import struct_to_dict
 from hive_common.timestamps import datetime_to_timestamp
 from neuralhive.ticket.v1 import ticket_service_pb2 as pb
 from neuralhive.ticket.v1 import ticket_service_pb2_grpc as pb_grpc

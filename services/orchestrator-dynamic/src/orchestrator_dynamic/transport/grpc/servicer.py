@@ -14,9 +14,8 @@ from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Any
 
-from google.protobuf import json_format
-
 from hive_common.errors import Unauthenticated
+from hive_common.structs import struct_to_dict
 from hive_common.timestamps import datetime_to_timestamp
 from neuralhive.orchestrator.v1 import orchestrator_service_pb2 as pb
 from neuralhive.orchestrator.v1 import orchestrator_service_pb2_grpc as pb_grpc
@@ -51,8 +50,11 @@ def plan_spec_json(spec: pb.PlanSpec) -> dict[str, Any]:
     for name in ("plan_id", "intent_id", "name"):
         if getattr(spec, name):
             body[name] = getattr(spec, name)
-    if spec.priority != ticket_pb.PRIORITY_UNSPECIFIED:
-        body["priority"] = ticket_pb.Priority.Name(spec.priority).removeprefix("PRIORITY_")
+    if spec.priority in ticket_pb.Priority.values():
+        if spec.priority != ticket_pb.PRIORITY_UNSPECIFIED:
+            body["priority"] = ticket_pb.Priority.Name(spec.priority).removeprefix("PRIORITY_")
+    else:  # a number the enum does not name: the validator refuses it with its path
+        body["priority"] = str(spec.priority)
     tasks: list[dict[str, Any]] = []
     for task in spec.tasks:
         item: dict[str, Any] = {
@@ -66,9 +68,7 @@ def plan_spec_json(spec: pb.PlanSpec) -> dict[str, Any]:
         if task.HasField("parameters"):
             # Struct numbers are doubles: whole ones are read back as integers, as the
             # validator reads JSON parameters, so both APIs hash the same plan the same.
-            item["parameters"] = whole_numbers_as_integers(
-                json_format.MessageToDict(task.parameters)
-            )
+            item["parameters"] = whole_numbers_as_integers(struct_to_dict(task.parameters))
         if task.timeout_seconds:
             item["timeout_seconds"] = task.timeout_seconds
         if task.max_retries:
