@@ -50,6 +50,6 @@ def run_service(
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
     except (HiveError, OSError, ServerStoppedUnexpectedly) as exc:
-        logger.error("service stopped", error=describe_error(exc))
+        logger.error("service failed", error=describe_error(exc))
         return EXIT_FAILED
     return 0

@@ -64,26 +64,69 @@ def _stringify(value: Any) -> str:
         return str(value)
 
 
-def to_status_proto(error: HiveError) -> Any:
-    """Build the ``google.rpc.Status`` message describing ``error``."""
-    code = grpc.StatusCode[error.grpc_code]
-    status = status_pb2.Status(code=code.value[0], message=error.message)
-    if error.violations:
-        bad_request = error_details_pb2.BadRequest(
-            field_violations=[
-                error_details_pb2.BadRequest.FieldViolation(
-                    field=v.field, description=v.description
-                )
-                for v in error.violations
-            ]
+MAX_STATUS_BYTES = 3000
+"""Budget of the serialized ``google.rpc.Status``. It travels base64-encoded in a trailer
+beside the message, and gRPC clients refuse trailers beyond 8 KiB at random and beyond
+16 KiB always (as RESOURCE_EXHAUSTED, with no details at all): violations past the budget
+are counted in a last one, not sent."""
+MAX_MESSAGE_CHARS = 256
+"""The status message is cut to this (it travels twice: percent-encoded and in the Status)."""
+_MAX_TEXT_CHARS = 256
+"""One violation's field or description, or one ErrorInfo value, is cut to this."""
+_ROOM_FOR_THE_COUNT = 64
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 1] + "\u2026"
+
+
+def _bounded_violations(
+    violations: Iterable[FieldViolation], room: int
+) -> list[error_details_pb2.BadRequest.FieldViolation]:
+    kept: list[error_details_pb2.BadRequest.FieldViolation] = []
+    left = 0
+    for v in violations:
+        item = error_details_pb2.BadRequest.FieldViolation(
+            field=_clip(v.field, _MAX_TEXT_CHARS),
+            description=_clip(v.description, _MAX_TEXT_CHARS),
         )
-        status.details.add().Pack(bad_request)
+        size = item.ByteSize() + 4  # the tag and length around it
+        if left or size > room - _ROOM_FOR_THE_COUNT:
+            left += 1
+            continue
+        room -= size
+        kept.append(item)
+    if left:
+        kept.append(
+            error_details_pb2.BadRequest.FieldViolation(
+                field="request", description=f"{left} more violations not shown"
+            )
+        )
+    return kept
+
+
+def to_status_proto(error: HiveError) -> Any:
+    """Build the ``google.rpc.Status`` message describing ``error``, within
+    :data:`MAX_STATUS_BYTES` (message, violations and detail values cut or counted)."""
+    code = grpc.StatusCode[error.grpc_code]
+    status = status_pb2.Status(code=code.value[0], message=_clip(error.message, MAX_MESSAGE_CHARS))
+    info = None
     if error.details:
         info = error_details_pb2.ErrorInfo(
             reason=error.code,
             domain=ERROR_DOMAIN,
-            metadata={str(k): _stringify(v) for k, v in error.details.items()},
+            metadata={
+                _clip(str(k), _MAX_TEXT_CHARS): _clip(_stringify(v), _MAX_TEXT_CHARS)
+                for k, v in error.details.items()
+            },
         )
+    if error.violations:
+        room = MAX_STATUS_BYTES - status.ByteSize() - (info.ByteSize() + 64 if info else 0)
+        bad_request = error_details_pb2.BadRequest(
+            field_violations=_bounded_violations(error.violations, room)
+        )
+        status.details.add().Pack(bad_request)
+    if info is not None:
         status.details.add().Pack(info)
     return status
 

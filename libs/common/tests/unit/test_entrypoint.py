@@ -95,7 +95,7 @@ def test_a_failure_to_start_or_to_keep_serving_is_one_error_line(
     out, err = capsys.readouterr()
     assert "Traceback" not in out + err
     [line] = [x for x in _log_lines(out) if x["level"] == "error"]
-    assert line["event"] == "service stopped"
+    assert line["event"] == "service failed"
     assert line["logger"] == "demo_service"
     assert line["error"] == shown
 

@@ -20,10 +20,12 @@ from hive_common.errors import (
 )
 from hive_common.grpc_errors import (
     ERROR_DOMAIN,
+    MAX_STATUS_BYTES,
     STATUS_DETAILS_KEY,
     abort,
     from_rpc_error,
     to_status,
+    to_status_proto,
 )
 
 
@@ -186,3 +188,29 @@ async def test_abort_sends_the_status_and_unwinds() -> None:
     assert context.status.code is grpc.StatusCode.INVALID_ARGUMENT
     decoded = from_rpc_error(_as_rpc_error(context.status))
     assert decoded.violations == [FieldViolation("f", "d")]
+
+
+def test_the_status_stays_within_its_budget_cutting_long_texts_and_counting_the_rest() -> None:
+    error = InvalidArgument(
+        "bad " * 200,
+        violations=[FieldViolation("f" * 1000, "d" * 1000)]
+        + [FieldViolation(f"tasks[{i}]", "unknown") for i in range(3000)],
+        details={"plan_id": "p" * 1000},
+    )
+    status = to_status_proto(error)
+    assert status.ByteSize() <= MAX_STATUS_BYTES
+    decoded = from_rpc_error(_as_rpc_error(to_status(error)))
+    first, *middle, last = decoded.violations
+    assert first == FieldViolation("f" * 255 + "\u2026", "d" * 255 + "\u2026")
+    assert [v.field for v in middle] == [f"tasks[{i}]" for i in range(len(middle))]
+    assert last == FieldViolation("request", f"{3000 - len(middle)} more violations not shown")
+    assert decoded.details == {"plan_id": "p" * 255 + "\u2026"}
+    assert decoded.message.endswith("\u2026")
+
+
+def test_a_status_within_its_budget_is_sent_whole() -> None:
+    violations = [FieldViolation(f"tasks[{i}].task_id", "must not be empty") for i in range(20)]
+    decoded = from_rpc_error(
+        _as_rpc_error(to_status(InvalidArgument("bad", violations=violations)))
+    )
+    assert decoded.violations == violations

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import io
 import json
+import sys
 from collections.abc import AsyncIterator
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from typing import Any
@@ -16,7 +17,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from hive_common.errors import FieldViolation, InvalidArgument, NotFound
-from hive_common.grpc_errors import from_rpc_error, rich_status_of
+from hive_common.grpc_errors import MAX_MESSAGE_CHARS, from_rpc_error, rich_status_of
 from hive_common.grpc_server import (
     INTERNAL_ERROR_MESSAGE,
     GrpcService,
@@ -44,6 +45,16 @@ class EchoServicer:
             violations=[
                 FieldViolation("tasks[0].task_id", "must not be empty"),
                 FieldViolation("priority", "unknown value"),
+            ],
+        )
+
+    async def invalid_everywhere(self, request: bytes, context: Any) -> bytes:
+        """As many violations as the request says, each naming a long field."""
+        raise InvalidArgument(
+            "plan is invalid " + "x" * 5000,
+            violations=[
+                FieldViolation(f"tasks[{i}].depends_on[0]", f"unknown task '{'s' * 40}'")
+                for i in range(int(request))
             ],
         )
 
@@ -82,6 +93,7 @@ def echo_service(servicer: EchoServicer) -> GrpcService:
     handlers: dict[str, grpc.RpcMethodHandler[Any, Any]] = {
         "Echo": grpc.unary_unary_rpc_method_handler(servicer.echo),
         "Invalid": grpc.unary_unary_rpc_method_handler(servicer.invalid),
+        "InvalidEverywhere": grpc.unary_unary_rpc_method_handler(servicer.invalid_everywhere),
         "Crash": grpc.unary_unary_rpc_method_handler(servicer.crash),
         "RequestId": grpc.unary_unary_rpc_method_handler(servicer.request_id),
         "OwnAbort": grpc.unary_unary_rpc_method_handler(servicer.own_abort),
@@ -329,15 +341,49 @@ async def test_extra_interceptor_errors_are_mapped(channel: grpc.aio.Channel) ->
     assert from_rpc_error(info.value).violations == [FieldViolation("x-reject", "no")]
 
 
+_BIND_TWICE = """
+import sys
+from hive_common.grpc_server import build_grpc_server
+try:
+    build_grpc_server(services=[]).add_insecure_port("127.0.0.1", int(sys.argv[1]))
+except OSError as exc:
+    print(exc)
+    sys.exit(3)
+"""
+
+
 async def test_a_second_server_on_a_port_in_use_fails_to_bind(
     server: tuple[HiveGrpcServer, int], channel: grpc.aio.Channel
 ) -> None:
     # grpc's default SO_REUSEPORT let a second server start on the same port and take a
-    # share of its connections (and made a test's port-0 server flaky in CI).
-    second = build_grpc_server(services=[echo_service(EchoServicer())])
-    with pytest.raises(OSError, match=rf"127\.0\.0\.1:{server[1]}: the port is in use"):
-        second.add_insecure_port("127.0.0.1", server[1])
+    # share of its connections. (In a process of its own: a grpc.aio server whose bind
+    # failed made a pytest process with other servers crash at exit.)
+    second = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", _BIND_TWICE, str(server[1]), stdout=asyncio.subprocess.PIPE
+    )
+    out, _ = await second.communicate()
+    assert second.returncode == 3
+    assert f"127.0.0.1:{server[1]}: the port is in use" in out.decode()
     assert await unary(channel, "Echo")(b"still here") == b"still here"
+
+
+@pytest.mark.parametrize("count", [200, 5000])
+async def test_many_violations_arrive_as_invalid_argument_within_the_trailer_limits(
+    channel: grpc.aio.Channel, count: int
+) -> None:
+    # 200 violations made a ~17 KiB trailer: clients refused it as RESOURCE_EXHAUSTED
+    # (always beyond 16 KiB, at random beyond 8 KiB) and saw no violation at all.
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await unary(channel, "InvalidEverywhere")(str(count).encode())
+    assert info.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    error = from_rpc_error(info.value)
+    assert error.message.startswith("plan is invalid xxx")
+    assert len(error.message) == MAX_MESSAGE_CHARS
+    *shown, last = error.violations
+    assert shown[0] == FieldViolation("tasks[0].depends_on[0]", f"unknown task '{'s' * 40}'")
+    assert [v.field for v in shown] == [f"tasks[{i}].depends_on[0]" for i in range(len(shown))]
+    assert last == FieldViolation("request", f"{count - len(shown)} more violations not shown")
+    assert len(shown) >= 20
 
 
 async def test_unknown_method_is_unimplemented(channel: grpc.aio.Channel) -> None:

@@ -168,6 +168,29 @@ async def test_numbers_json_cannot_carry_are_invalid_not_internal(
         await stub.GetPlan(pb.GetPlanRequest(plan_id=plan.plan_id))
 
 
+async def test_a_plan_with_hundreds_of_problems_is_invalid_argument_with_the_first_ones(
+    channel: grpc.aio.Channel,
+) -> None:
+    # 200 tasks depending on a missing one made a 17 KiB trailer: RESOURCE_EXHAUSTED at the
+    # client, with no violation at all.
+    tasks = [
+        pb.TaskSpec(
+            task_id=f"t{i}",
+            task_type="echo",
+            required_capabilities=["python"],
+            depends_on=["setup"],
+        )
+        for i in range(200)
+    ]
+    stub = pb_grpc.OrchestratorServiceStub(channel)
+    with pytest.raises(InvalidArgument) as raised:
+        await stub.SubmitPlan(pb.SubmitPlanRequest(plan=pb.PlanSpec(plan_id="big", tasks=tasks)))
+    *shown, last = raised.value.violations
+    assert shown[0].field == "$.tasks[0].depends_on[0]"
+    assert last.field == "request"
+    assert last.description == f"{200 - len(shown)} more violations not shown"
+
+
 async def test_cancelling_a_completed_plan_is_failed_precondition_like_over_http(
     flow: Flow, channel: grpc.aio.Channel
 ) -> None:
