@@ -146,18 +146,23 @@ def _escape_controls(logger: WrappedLogger, method_name: str, event_dict: EventD
     return event_dict
 
 
-def _renderer_chain(fmt: Literal["json", "pretty"]) -> list[Processor]:
+def _is_terminal(stream: IO[str]) -> bool:
+    isatty = getattr(stream, "isatty", None)
+    return bool(callable(isatty) and isatty())
+
+
+def _renderer_chain(fmt: Literal["json", "pretty"], stream: IO[str]) -> list[Processor]:
     if fmt == "json":
         # Plain-text traceback: no frame locals (they can hold secrets or request bodies).
         return [structlog.processors.format_exc_info, structlog.processors.JSONRenderer()]
-    return [_escape_controls, structlog.dev.ConsoleRenderer()]
+    # Colours only on a terminal: in a file (make dev's logs) they are escape sequences.
+    return [_escape_controls, structlog.dev.ConsoleRenderer(colors=_is_terminal(stream))]
 
 
 def _resolve_format(fmt: LogFormat, stream: IO[str]) -> Literal["json", "pretty"]:
     if fmt != "auto":
         return fmt
-    isatty = getattr(stream, "isatty", None)
-    return "pretty" if callable(isatty) and isatty() else "json"
+    return "pretty" if _is_terminal(stream) else "json"
 
 
 def _report_logging_error() -> None:
@@ -240,7 +245,7 @@ def configure_logging(
         logging.getLevelNamesMapping()[level.upper()] if isinstance(level, str) else level
     )
     shared = _shared_processors()
-    renderer = _renderer_chain(resolved)
+    renderer = _renderer_chain(resolved, out)
 
     handler = logging.StreamHandler(out)
     handler.setFormatter(

@@ -128,6 +128,22 @@ def test_exception_is_rendered_as_text_traceback() -> None:
     assert "ValueError: bad thing" in line["exception"]
 
 
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_pretty_format_has_colours_on_a_terminal_only() -> None:
+    # make dev writes each service's pretty log to a file: it was full of escape codes.
+    file = configure(fmt="pretty")
+    get_logger("x").warning("hello", plan_id="p")
+    assert "\x1b[" not in file.getvalue()
+    terminal = Terminal()
+    configure_logging(stream=terminal, level="INFO", fmt="pretty")
+    get_logger("x").warning("hello", plan_id="p")
+    assert "\x1b[" in terminal.getvalue()
+
+
 def test_pretty_format_is_not_json() -> None:
     stream = configure(fmt="pretty")
     get_logger("x").info("hello", plan_id="p")
