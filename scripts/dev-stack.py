@@ -16,6 +16,7 @@ and on Ctrl-C (or SIGTERM) stops the workers, then the orchestrator, then the se
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import secrets
@@ -202,6 +203,21 @@ def write_env_file(path: Path, values: dict[str, str]) -> None:
     path.chmod(0o600)  # holds a service token and the secrets
 
 
+def lock_state_dir(state_dir: Path) -> int | None:
+    """Hold ``state_dir`` for this run (released when the process ends, even by kill -9):
+    the descriptor of the lock, or ``None`` when another run holds it."""
+    state_dir.mkdir(parents=True, exist_ok=True)
+    fd = os.open(state_dir / "dev-stack.lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        return None
+    os.ftruncate(fd, 0)
+    os.write(fd, f"{os.getpid()}\n".encode())
+    return fd
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dev-stack", description=__doc__.split("\n\n")[0])
     parser.add_argument("--state-dir", type=Path, default=REPO / ".hive", help="default .hive")
@@ -222,6 +238,15 @@ def main(argv: list[str] | None = None) -> int:
     given_postgres = os.environ.get("HIVE_DEV_POSTGRES_DSN", "").strip()
     given_mongo = os.environ.get("HIVE_DEV_MONGO_URI", "").strip()
     run_databases = not (given_postgres and given_mongo)
+
+    if lock_state_dir(state_dir) is None:
+        holder = (state_dir / "dev-stack.lock").read_text().strip() or "?"
+        print(
+            f"error: {state_dir} is in use by another `make dev` (pid {holder}). Stop it "
+            "(Ctrl-C), or give this one its own --state-dir (and --port-offset).",
+            file=sys.stderr,
+        )
+        return 2
 
     wanted = ports.services.named()
     if run_databases:

@@ -4,6 +4,7 @@ process cleanly."""
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import random
@@ -122,6 +123,29 @@ def dev_stack() -> Iterator[DevStack]:
                 stack.process.kill()
                 stack.process.wait(10)
         shutil.rmtree(state_dir, ignore_errors=True)
+
+
+def test_a_second_make_dev_on_the_same_state_dir_is_refused_in_one_line(tmp_path: Path) -> None:
+    # It used to start a second PostgreSQL on the same data directory, fail, and print the
+    # first run's database logs, ending in "lock file postmaster.pid already exists".
+    fd = os.open(tmp_path / "dev-stack.lock", os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        os.write(fd, b"4242\n")
+        done = subprocess.run(
+            [sys.executable, str(REPO / "scripts" / "dev-stack.py"), "--state-dir", str(tmp_path)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    finally:
+        os.close(fd)
+    assert done.returncode == 2
+    assert done.stdout == ""
+    assert done.stderr.splitlines() == [
+        f"error: {tmp_path} is in use by another `make dev` (pid 4242). Stop it (Ctrl-C), "
+        "or give this one its own --state-dir (and --port-offset)."
+    ]
 
 
 def test_make_dev_runs_an_example_plan_and_ctrl_c_stops_everything_cleanly(
