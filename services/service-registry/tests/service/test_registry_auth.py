@@ -171,12 +171,18 @@ async def test_get_worker_accepts_any_valid_token(registry: Registry) -> None:
 
 async def test_registration_secret(start_registry: StartRegistry) -> None:
     registry: Registry = await start_registry()
-    await expect(
-        UNAUTHENTICATED,
-        registry.stub.Register(
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await registry.stub.Register(
             pb.RegisterRequest(name="w", capabilities=["x"], max_concurrent=1),
             metadata=md("wrong-registration-secret"),
-        ),
+        )
+    assert refused.value.code() == UNAUTHENTICATED
+    # Was "token is malformed": the worker sent a secret, not a token.
+    assert refused.value.details() == "not the registration secret (nor a token)"
+    # Where the secret is no use, a malformed token is still called that.
+    await expect(
+        UNAUTHENTICATED,
+        registry.stub.ListWorkers(pb.ListWorkersRequest(), metadata=md("wrong-secret")),
     )
     await registry.app.stop(0)
 

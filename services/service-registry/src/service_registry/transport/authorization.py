@@ -29,7 +29,16 @@ class Authorizer:
             and hmac.compare_digest(token.encode(), self._secret)
         ):
             return None
-        claims = self._tokens.verify(token)
+        try:
+            claims = self._tokens.verify(token)
+        except Unauthenticated as exc:
+            if None in allowed and exc.details.get("reason") == "malformed":
+                # Not a JWT at all: what a worker with a wrong secret sends.
+                raise Unauthenticated(
+                    "not the registration secret (nor a token)",
+                    details={"reason": "bad_registration_secret"},
+                ) from exc
+            raise
         if claims.kind not in allowed:
             kinds = sorted(k.value for k in allowed if k is not None)
             raise PermissionDenied(
