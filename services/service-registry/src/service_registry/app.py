@@ -91,7 +91,7 @@ async def build_app(
     try:
         repository = WorkerRepository(pool=pool, policy=policy, ranker=ranker)
         await wait_for_dependency(
-            repository.ping, name="postgres", deadline_seconds=settings.startup_timeout_seconds
+            repository.ping, name="postgresql", deadline_seconds=settings.startup_timeout_seconds
         )
         if settings.migrate_on_start:
             applied = await asyncio.to_thread(apply_migrations, dsn=dsn, directory=MIGRATIONS_DIR)
@@ -144,7 +144,7 @@ async def build_app(
     )
 
     async def readiness() -> dict[str, CheckResult]:
-        return {"postgres": await check_dependency(repository.ping)}
+        return {"postgresql": await check_dependency(repository.ping)}
 
     http_app = create_http_app(
         title="service-registry",

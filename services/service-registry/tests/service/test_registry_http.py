@@ -23,7 +23,7 @@ async def test_probes_and_metrics(registry: Registry) -> None:
     assert (await registry.http.get("/health")).json() == {"status": "ok"}
     ready = await registry.http.get("/ready")
     assert ready.status_code == 200
-    assert ready.json()["checks"]["postgres"]["status"] == "ok"
+    assert ready.json()["checks"]["postgresql"]["status"] == "ok"
 
     worker_id = (await registry.register("w1")).worker.worker_id
     await registry.heartbeat(worker_id, in_flight=1)
