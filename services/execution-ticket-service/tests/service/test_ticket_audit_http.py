@@ -265,6 +265,9 @@ async def test_http_api(
         assert names == [f"t{i}" for i in range(5)]
         completed = (await http.get("/api/v1/tickets", params={"status": "COMPLETED"})).json()
         assert [t["ticket_id"] for t in completed["tickets"]] == [ticket.ticket_id]
+        # In any case, as the orchestrator's and the registry's status filters.
+        lower = (await http.get("/api/v1/tickets", params={"status": "completed"})).json()
+        assert lower["tickets"] == completed["tickets"]
 
         async def audited() -> bool:
             response = await http.get(f"/api/v1/tickets/{ticket.ticket_id}/events")
@@ -280,8 +283,14 @@ async def test_http_api(
 
         bad = await http.get("/api/v1/tickets", params={"status": "NOPE", "page_size": -1})
         assert bad.status_code == 400
-        fields = {v["field"] for v in bad.json()["error"]["details"]["field_violations"]}
-        assert fields == {"status[0]", "page_size"}
+        fields = {
+            v["field"]: v["description"] for v in bad.json()["error"]["details"]["field_violations"]
+        }
+        assert set(fields) == {"status[0]", "page_size"}
+        assert fields["status[0]"] == (
+            "unknown status 'NOPE'; use one of PENDING, ASSIGNED, RUNNING, COMPLETED, FAILED, "
+            "CANCELLED"
+        )
         assert (await http.get("/api/v1/tickets/not-a-uuid")).status_code == 400
         missing = await http.get("/api/v1/tickets/00000000-0000-0000-0000-000000000000")
         assert missing.status_code == 404

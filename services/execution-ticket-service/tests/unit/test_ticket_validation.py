@@ -221,6 +221,19 @@ def test_filter_and_page_size() -> None:
     assert [v.field for v in errors.items] == ["page_size"]
 
 
+def test_status_filters_take_any_case_and_name_the_unspecified_status() -> None:
+    errors = Violations()
+    f = validate_filter(plan_id="", statuses=["running", "Failed", ""], worker_id="", errors=errors)
+    assert f.statuses == {TicketStatus.RUNNING, TicketStatus.FAILED}
+    assert [(v.field, v.description) for v in errors.items] == [
+        (
+            "statuses[2]",
+            "no status (unspecified); use one of PENDING, ASSIGNED, RUNNING, COMPLETED, "
+            "FAILED, CANCELLED",
+        )
+    ]
+
+
 def test_token_ttl() -> None:
     assert resolve_token_ttl(0, LIMITS) == LIMITS.default_token_ttl_seconds
     with pytest.raises(InvalidArgument):

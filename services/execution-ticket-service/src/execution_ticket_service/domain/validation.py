@@ -21,6 +21,7 @@ from execution_ticket_service.domain.models import (
 )
 from execution_ticket_service.domain.state_machine import UPDATE_TARGETS
 from hive_common.errors import FieldViolation, InvalidArgument
+from hive_common.text import shown
 
 MAX_ID_LENGTH = 200
 MAX_TEXT_LENGTH = 4000
@@ -204,11 +205,16 @@ def parse_priority(value: str, path: str, errors: Violations) -> Priority:
         return Priority.NORMAL
 
 
+_STATUS_NAMES = ", ".join(s.value for s in TicketStatus)
+
+
 def parse_status(value: str, path: str, errors: Violations) -> TicketStatus | None:
+    """A status name in any case (``pending``, as the other services' filters take it)."""
     try:
-        return TicketStatus(value)
+        return TicketStatus(value.upper())
     except ValueError:
-        errors.add(path, f"unknown status {value!r}")
+        problem = f"unknown status {shown(value)!r}" if value else "no status (unspecified)"
+        errors.add(path, f"{problem}; use one of {_STATUS_NAMES}")
         return None
 
 
