@@ -301,12 +301,24 @@ async def test_bodies_that_cannot_be_plans_are_refused_with_paths(flow: Flow) ->
         error = refused.json()["error"]
         assert error["code"] == "UNSUPPORTED_MEDIA_TYPE"
         assert "send Content-Type: application/json" in error["message"]
+    # JSON in another charset was read as UTF-8 and refused as "not UTF-8 ... byte 62".
+    for charset in ("latin-1", '"UTF-16"'):
+        refused = await client.post(
+            "/api/v1/plans",
+            content=plan_text.encode(),
+            headers={"content-type": f"application/json; charset={charset}"},
+        )
+        assert refused.status_code == 415, refused.text
+        assert refused.json()["error"]["message"] == (
+            "request body must be UTF-8 JSON (RFC 8259), not "
+            f"charset={charset.strip(chr(34)).lower()!r}"
+        )
 
     await assert_nothing_stored(flow)
     accepted = await client.post(
         "/api/v1/plans",
         content=plan_text.encode(),
-        headers={"content-type": "application/json; charset=utf-8"},
+        headers={"content-type": "application/json; Charset=UTF-8"},
     )
     assert accepted.status_code == 202, accepted.text
 

@@ -54,6 +54,15 @@ def is_json_media_type(content_type: str | None) -> bool:
     return kind == "application" and (subtype == "json" or subtype.endswith("+json"))
 
 
+def declared_charset(content_type: str) -> str | None:
+    """The ``charset`` parameter of a Content-Type, lower-case and unquoted, if any."""
+    for parameter in content_type.split(";")[1:]:
+        name, _, value = parameter.partition("=")
+        if name.strip().lower() == "charset":
+            return value.strip().strip('"').lower()
+    return None
+
+
 def _iso(moment: datetime | None) -> str | None:
     return moment.isoformat() if moment is not None else None
 
@@ -104,6 +113,12 @@ async def read_json_body(request: Request, *, limit: int) -> object:
         raise UnsupportedMediaType(
             "request body must be JSON: send Content-Type: application/json"
             + (f" (got {content_type!r})" if content_type else " (none was sent)"),
+            details={"content_type": content_type or ""},
+        )
+    charset = declared_charset(content_type or "")
+    if charset not in (None, "utf-8", "utf8"):
+        raise UnsupportedMediaType(
+            f"request body must be UTF-8 JSON (RFC 8259), not charset={charset!r}",
             details={"content_type": content_type or ""},
         )
     encoding = request.headers.get("content-encoding", "identity").strip().lower()
