@@ -58,6 +58,16 @@ def test_an_integer_too_long_to_read_is_reported_with_its_path() -> None:
     assert "sys.set_int_max_str_digits" not in str(error)
 
 
+def test_a_number_beyond_a_double_is_reported_as_written_not_as_inf() -> None:
+    error = refused('{"tasks": [{"parameters": {"x": 1e400, "y": [-2.5E+999]}}]}')
+    assert fields(error) == {
+        "$.tasks[0].parameters.x": "number too large: 1e400 is beyond the range of a double",
+        "$.tasks[0].parameters.y[0]": (
+            "number too large: -2.5E+999 is beyond the range of a double"
+        ),
+    }
+
+
 def test_nesting_beyond_the_decoder_is_a_limit() -> None:
     deep = '{"tasks": [{"parameters": ' + '{"n": ' * 5000 + "1" + "}" * 5000 + "}]}"
     error = refused(deep)

@@ -4,16 +4,20 @@
 - text that is not JSON, and the non-standard ``NaN`` / ``Infinity`` constants;
 - duplicate keys in an object (``json.loads`` keeps the last one silently, so a second
   ``"tasks"`` would drop the first list);
-- integer literals too long to read (Python's ``int`` refuses more than 4300 digits);
+- integer literals too long to read (Python's ``int`` refuses more than 4300 digits) and
+  number literals beyond the range of a double (``1e400``, which ``json.loads`` reads as
+  infinity);
 - nesting deeper than the decoder can follow, as a limit rather than a ``RecursionError``.
 """
 
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 from hive_common.errors import FieldViolation, InvalidArgument
+from hive_common.text import shown
 from orchestrator_dynamic.domain.validation import child
 
 # A body too deep for the decoder (about the interpreter's recursion limit) is refused as
@@ -39,6 +43,13 @@ class _TooLong:
 
     def __init__(self, digits: int) -> None:
         self.digits = digits
+
+
+class _OutOfRange:
+    """A number literal beyond the range of a double (``1e400``), in place of ``inf``."""
+
+    def __init__(self, text: str) -> None:
+        self.text = text
 
 
 class _Decoding:
@@ -67,6 +78,13 @@ class _Decoding:
             return _TooLong(digits)
         return int(text)
 
+    def number(self, text: str) -> float | _OutOfRange:
+        value = float(text)
+        if math.isinf(value):
+            self.suspect = True
+            return _OutOfRange(text)
+        return value
+
 
 def _no_constants(name: str) -> object:
     raise ValueError(f"{name} is not valid JSON")
@@ -81,6 +99,7 @@ def decode_json(text: str) -> object:
             parse_constant=_no_constants,
             object_pairs_hook=decoding.object_pairs,
             parse_int=decoding.integer,
+            parse_float=decoding.number,
         )
     except json.JSONDecodeError as exc:
         raise InvalidArgument(
@@ -108,7 +127,7 @@ def decode_json(text: str) -> object:
 
 
 def _marked(value: object) -> list[FieldViolation]:
-    """Every duplicate key and too long integer in ``value``, in document order."""
+    """Every duplicate key and too large number in ``value``, in document order."""
     found: list[FieldViolation] = []
     # Iterative: the decoded value may nest as deep as the decoder could follow.
     stack: list[tuple[object, str]] = [(value, "$")]
@@ -117,6 +136,12 @@ def _marked(value: object) -> list[FieldViolation]:
         if isinstance(node, _TooLong):
             found.append(
                 FieldViolation(path, f"number too large: an integer of {node.digits} digits")
+            )
+        elif isinstance(node, _OutOfRange):
+            found.append(
+                FieldViolation(
+                    path, f"number too large: {shown(node.text)} is beyond the range of a double"
+                )
             )
         elif isinstance(node, dict):
             if isinstance(node, _DuplicateKeys):
