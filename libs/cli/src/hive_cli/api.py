@@ -30,9 +30,20 @@ class ApiError(Exception):
     code: str
     message: str
     details: JsonObject = field(default_factory=dict)
+    url: str = ""
 
     def __str__(self) -> str:
         return f"{self.service}: {self.code} ({self.status}): {self.message}"
+
+    @property
+    def from_another_service(self) -> bool:
+        """The answer is not what this service sends: not its JSON error shape, not JSON
+        at all, or a 404 for the route itself (a URL of another service, or not Hive)."""
+        return (
+            self.code.startswith("HTTP_")
+            or self.code == "BAD_RESPONSE"
+            or (self.status == 404 and self.message == "Not Found")
+        )
 
     @property
     def exit_code(self) -> ExitCode:
@@ -59,6 +70,7 @@ class ServiceUnreachable(Exception):
     service: str
     url: str
     reason: str
+    hint: str = "is the service running? (see --orchestrator/--tickets/--registry)"
 
     def __str__(self) -> str:
         return f"{self.service} at {self.url} is unreachable: {self.reason}"
@@ -141,12 +153,21 @@ class ServiceClient:
             )
         except httpx.TimeoutException as exc:
             raise ServiceUnreachable(self.name, self.base_url, f"timed out ({exc})") from exc
+        except httpx.RemoteProtocolError as exc:
+            raise ServiceUnreachable(
+                self.name,
+                self.base_url,
+                f"it answered, but not in HTTP/1.1 ({exc})",
+                hint=f"is this the {self.name}'s HTTP URL, not its gRPC port? (--{self.name})",
+            ) from exc
         except httpx.TransportError as exc:
             raise ServiceUnreachable(
                 self.name, self.base_url, str(exc) or type(exc).__name__
             ) from exc
         if response.status_code >= 400:
-            raise error_from_response(self.name, response)
+            error = error_from_response(self.name, response)
+            error.url = self.base_url
+            raise error
         try:
             body = response.json()
         except ValueError as exc:
@@ -155,6 +176,7 @@ class ServiceClient:
                 response.status_code,
                 "BAD_RESPONSE",
                 f"answer to {method} {path} is not JSON",
+                url=self.base_url,
             ) from exc
         if not isinstance(body, dict):
             raise ApiError(
@@ -162,6 +184,7 @@ class ServiceClient:
                 response.status_code,
                 "BAD_RESPONSE",
                 f"answer to {method} {path} is not a JSON object",
+                url=self.base_url,
             )
         return body
 

@@ -390,11 +390,13 @@ def resolve_settings(args: argparse.Namespace, env: Mapping[str, str]) -> Settin
         if not url.startswith(("http://", "https://")):
             raise UsageError(f"--{service} must be an http:// or https:// URL, not {url!r}")
         try:
-            host = httpx.URL(url).host
+            parsed = httpx.URL(url)
         except httpx.InvalidURL as exc:
             raise UsageError(f"--{service}: invalid URL {url!r}: {exc}") from exc
-        if not host:
+        if not parsed.host:
             raise UsageError(f"--{service}: invalid URL {url!r}: no host")
+        if parsed.port is not None and not 0 < parsed.port <= 65535:
+            raise UsageError(f"--{service}: invalid URL {url!r}: port must be 1-65535")
         urls[service] = url
     output = getattr(args, "output", None) or env.get("HIVE_OUTPUT") or "table"
     if output not in ("table", "json"):
@@ -671,6 +673,8 @@ def main(
         hint = None
         if exc.exit_code is ExitCode.AUTH and command is not None:
             hint = auth_hint(command.settings.credentials)
+        elif exc.from_another_service:
+            hint = f"is {exc.url} the {exc.service}'s HTTP URL? (--{exc.service})"
         _report(err, json_errors, error_json(exc), error_text(exc, hint=hint))
         return exc.exit_code
     except ServiceUnreachable as exc:

@@ -252,7 +252,7 @@ def error_text(error: ApiError | ServiceUnreachable, *, hint: str | None = None)
     """An error for humans: code, message, every field violation with its JSON path."""
     if isinstance(error, ServiceUnreachable):
         lines = [f"error: {error.service} at {error.url} is unreachable: {error.reason}"]
-        lines.append("hint: is the service running? (see --orchestrator/--tickets/--registry)")
+        lines.append(f"hint: {error.hint}")
         return "\n".join(lines)
     lines = [f"error: {inline(error.code)}: {inline(error.message)}"]
     violations = error.field_violations

@@ -102,7 +102,9 @@ def test_bad_url_and_bad_env_output_are_usage_errors() -> None:
     assert services.requests == []
 
 
-@pytest.mark.parametrize("url", ["http://[::1", "http://", "https://host:port"])
+@pytest.mark.parametrize(
+    "url", ["http://[::1", "http://", "https://host:port", "http://127.0.0.1:99999"]
+)
 def test_an_unparsable_url_is_a_usage_error(url: str) -> None:
     services = FakeServices()
     run = services.run("--orchestrator", url, "plan", "list")

@@ -156,6 +156,48 @@ def test_connection_refused_exits_5_naming_the_service_and_url() -> None:
     assert "Connection refused" in run.err
 
 
+def test_a_grpc_port_given_as_the_url_is_named_as_such() -> None:
+    def grpc_port(request: httpx.Request) -> httpx.Response:
+        raise httpx.RemoteProtocolError("illegal request line", request=request)
+
+    services = FakeServices()
+    services.routes[("GET", "/api/v1/plans")] = grpc_port
+    run = services.run("plan", "list", "--orchestrator", "http://127.0.0.1:50053")
+    assert run.code == ExitCode.UNAVAILABLE
+    assert run.err.splitlines() == [
+        "error: orchestrator at http://127.0.0.1:50053 is unreachable: it answered, but not "
+        "in HTTP/1.1 (illegal request line)",
+        "hint: is this the orchestrator's HTTP URL, not its gRPC port? (--orchestrator)",
+    ]
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        # Another Hive service: its 404 for a route it does not have.
+        httpx.Response(404, json={"error": {"code": "NOT_FOUND", "message": "Not Found"}}),
+        httpx.Response(404, text="404 page not found"),  # not Hive at all
+        httpx.Response(200, text="# HELP python_info ..."),  # a metrics port
+    ],
+)
+def test_the_url_of_another_service_gets_a_hint(answer: httpx.Response) -> None:
+    services = FakeServices()
+    services.routes[("GET", "/api/v1/workers")] = lambda _r: answer
+    run = services.run("workers", "list", "--registry", "http://127.0.0.1:8003")
+    assert run.code in (ExitCode.NOT_FOUND, ExitCode.SERVER_ERROR)
+    assert run.err.splitlines()[-1] == (
+        "hint: is http://127.0.0.1:8003 the registry's HTTP URL? (--registry)"
+    )
+
+
+def test_a_plan_not_found_gets_no_url_hint() -> None:
+    services = FakeServices()
+    services.on("GET", "/api/v1/plans/x", 404, error_body("NOT_FOUND", "plan x not found"))
+    run = services.run("plan", "status", "x")
+    assert run.code == ExitCode.NOT_FOUND
+    assert "hint" not in run.err
+
+
 def test_timeout_exits_5() -> None:
     def slow(request: httpx.Request) -> httpx.Response:
         raise httpx.ReadTimeout("timed out", request=request)
