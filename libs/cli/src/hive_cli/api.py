@@ -286,6 +286,10 @@ class HiveApi:
             },
         )
 
+    def get_ticket(self, ticket_id: str) -> JsonObject:
+        """One ticket with its parameters, result and error."""
+        return self.tickets.request("GET", f"/api/v1/tickets/{_segment(ticket_id)}")
+
     def ticket_events(self, ticket_id: str) -> JsonObject:
         """A ticket's audit history, oldest first (``{"ticket_id", "events": [...]}``)."""
         return self.tickets.request("GET", f"/api/v1/tickets/{_segment(ticket_id)}/events")

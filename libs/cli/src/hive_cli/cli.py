@@ -29,6 +29,7 @@ from hive_cli.render import (
     plan_detail,
     plans_table,
     submission_text,
+    ticket_detail,
     tickets_table,
     to_json,
     workers_table,
@@ -347,6 +348,11 @@ def build_parser(*, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> HiveA
         help="only this worker",
     )
     _paging_options(tickets_list)
+    tickets_show = leaf(ticket_cmds, "show", "one ticket: status, error, parameters and result")
+    tickets_show.add_argument("ticket_id", type=_filter_value("ticket id"))
+    tickets_show.add_argument(
+        "--events", action="store_true", help="and its audit history, oldest first"
+    )
 
     workers = bind(groups.add_parser("workers", help="registered workers (service registry)"))
     worker_cmds = workers.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -591,6 +597,15 @@ class Command:
             ),
         )
         return self._emit_page(body, "tickets", tickets_table)
+
+    def _tickets_show(self) -> int:
+        ticket = self.api.get_ticket(self.args.ticket_id)
+        events = None
+        if self.args.events:
+            events = list(self.api.ticket_events(self.args.ticket_id).get("events") or [])
+        body = ticket if events is None else {**ticket, "events": events}
+        self.emit(body, lambda: ticket_detail(ticket, events))
+        return ExitCode.OK
 
     def _workers_list(self) -> int:
         body = self._pages(

@@ -182,6 +182,50 @@ def tickets_table(tickets: Sequence[JsonObject]) -> str:
     )
 
 
+def ticket_detail(ticket: JsonObject, events: Sequence[JsonObject] | None = None) -> str:
+    """One ticket: where it stands, its error and result (indented JSON), and with
+    ``events`` its audit history."""
+    attempts = 1 + int(ticket.get("max_retries") or 0)
+    lines = [
+        f"ticket      {ticket.get('ticket_id')}",
+        f"plan        {inline(ticket.get('plan_id'))}  task {inline(ticket.get('task_id'))}"
+        f" ({inline(ticket.get('task_type'))})",
+        f"status      {ticket.get('status')}, attempt {ticket.get('attempt')} of {attempts}"
+        + (f", worker {ticket['worker_id']}" if ticket.get("worker_id") else ""),
+        f"created     {cell(ticket.get('created_at'))}",
+    ]
+    for label, key in (("started", "started_at"), ("finished", "completed_at")):
+        if ticket.get(key):
+            lines.append(f"{label:<11} {cell(ticket[key])}")
+    if ticket.get("error_message"):
+        lines.append(f"error       {inline(ticket['error_message'])}")
+    for label in ("parameters", "result"):
+        if ticket.get(label):
+            indented = "\n  ".join(inline(x) for x in to_json(ticket[label]).splitlines())
+            lines.append(f"{label}:\n  {indented}")
+    if events is not None:
+        lines.append("")
+        lines.append(
+            table(
+                ["OCCURRED", "EVENT", "STATUS", "ATTEMPT", "ACTOR", "DETAILS"],
+                [
+                    [
+                        e.get("occurred_at"),
+                        e.get("type"),
+                        f"{e.get('previous_status') or '-'} -> {e.get('status')}",
+                        e.get("attempt"),
+                        e.get("actor"),
+                        e.get("details"),
+                    ]
+                    for e in events
+                ],
+            )
+            if events
+            else "no audit events yet (the relay delivers them within about a second)"
+        )
+    return "\n".join(lines)
+
+
 def workers_table(workers: Sequence[JsonObject]) -> str:
     return table(
         ["WORKER", "NAME", "STATUS", "CAPABILITIES", "LOAD", "SUCCESS", "LAST HEARTBEAT"],

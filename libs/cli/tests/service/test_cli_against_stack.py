@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import socket
 import uuid
@@ -115,6 +116,27 @@ async def test_failing_plan_exits_1_and_names_the_failed_task(stack: Stack) -> N
     explained = await stack.hive("plan", "explain", plan_id, "flaky")
     assert explained.code == ExitCode.OK
     assert explained.out.startswith("flaky  FAILED  attempt 3/3")
+
+    # A task's result and a ticket's history, from the ticket service.
+    ids = {
+        t["task_id"]: t["ticket_id"]
+        for t in (await stack.hive("-o", "json", "plan", "status", plan_id)).json()["tickets"]
+    }
+    setup = await stack.hive("tickets", "show", ids["setup"])
+    assert setup.code == ExitCode.OK, setup.err
+    assert "status      COMPLETED, attempt 1 of 1" in setup.out
+    assert setup.out.endswith('result:\n  {\n    "step": "setup"\n  }\n'), setup.out
+    for _ in range(50):  # the audit relay delivers the last event within about a second
+        flaky = (await stack.hive("-o", "json", "tickets", "show", ids["flaky"], "--events")).json()
+        if flaky["events"][-1]["status"] == "FAILED":
+            break
+        await asyncio.sleep(0.2)
+    assert flaky["status"] == "FAILED"
+    assert flaky["error_message"] == "simulated transient error"
+    # Attempts 1 and 2 failed and were requeued; attempt 3 failed for good.
+    ends = [(e["type"], e["attempt"]) for e in flaky["events"] if e["previous_status"] == "RUNNING"]
+    assert ends == [("REQUEUED", 2), ("REQUEUED", 3), ("STATUS_CHANGED", 3)]
+    assert flaky["events"][-1]["status"] == "FAILED"
 
 
 async def test_failed_attempts_between_two_polls_come_from_the_ticket_events(

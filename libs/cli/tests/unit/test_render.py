@@ -261,3 +261,80 @@ def test_a_hostile_error_message_from_a_service_is_escaped() -> None:
     assert run.code == ExitCode.USAGE
     assert "\x1b" not in run.err
     assert "\\x1b[2J" in run.err
+
+
+TICKET_ID = "6f1f0a3e-8a47-4cf8-9a0f-3c1d1fbb7a11"
+
+
+def ticket(**extra: Any) -> dict[str, Any]:
+    return {
+        "ticket_id": TICKET_ID,
+        "plan_id": "p1",
+        "task_id": "build",
+        "task_type": "echo",
+        "status": "COMPLETED",
+        "attempt": 2,
+        "max_retries": 2,
+        "worker_id": "w-1",
+        "error_message": "",
+        "parameters": {"n": 3},
+        "result": {"echo": {"n": 3}, "note": "line one\nline two"},
+        "created_at": "2026-12-05T10:00:00+00:00",
+        "started_at": "2026-12-05T10:00:01+00:00",
+        "completed_at": "2026-12-05T10:00:02+00:00",
+        **extra,
+    }
+
+
+def test_tickets_show_prints_where_a_ticket_stands_and_its_result() -> None:
+    # Task results were only in `hive -o json tickets list --plan ...`.
+    services = FakeServices()
+    services.on("GET", f"/api/v1/tickets/{TICKET_ID}", body=ticket())
+    run = services.run("tickets", "show", TICKET_ID)
+    assert run.code == ExitCode.OK, run.err
+    assert run.out.splitlines() == [
+        f"ticket      {TICKET_ID}",
+        "plan        p1  task build (echo)",
+        "status      COMPLETED, attempt 2 of 3, worker w-1",
+        "created     2026-12-05 10:00:00Z",
+        "started     2026-12-05 10:00:01Z",
+        "finished    2026-12-05 10:00:02Z",
+        "parameters:",
+        "  {",
+        '    "n": 3',
+        "  }",
+        "result:",
+        "  {",
+        '    "echo": {',
+        '      "n": 3',
+        "    },",
+        '    "note": "line one\\nline two"',
+        "  }",
+    ]
+
+
+def test_tickets_show_with_events_adds_the_audit_history() -> None:
+    services = FakeServices()
+    services.on("GET", f"/api/v1/tickets/{TICKET_ID}", body=ticket(status="FAILED"))
+    event = {
+        "type": "STATUS_CHANGED",
+        "occurred_at": "2026-12-05T10:00:02+00:00",
+        "previous_status": "RUNNING",
+        "status": "FAILED",
+        "attempt": 2,
+        "actor": "worker:w-1",
+        "details": {},
+    }
+    services.on(
+        "GET",
+        f"/api/v1/tickets/{TICKET_ID}/events",
+        body={"ticket_id": TICKET_ID, "events": [event]},
+    )
+    run = services.run("tickets", "show", TICKET_ID, "--events")
+    assert run.code == ExitCode.OK, run.err
+    assert run.out.splitlines()[-2:] == [
+        "OCCURRED              EVENT           STATUS             ATTEMPT  ACTOR       DETAILS",
+        "2026-12-05 10:00:02Z  STATUS_CHANGED  RUNNING -> FAILED  2        worker:w-1  -",
+    ]
+    as_json = services.run("-o", "json", "tickets", "show", TICKET_ID, "--events")
+    assert json.loads(as_json.out) == {**ticket(status="FAILED"), "events": [event]}
