@@ -7,6 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import psycopg
 import pytest
+from structlog.testing import capture_logs
 
 from neuralhive.ticket.v1 import ticket_service_pb2 as ticket_pb
 from orchestrator_dynamic.engine import driver as driver_module
@@ -107,13 +108,23 @@ async def test_failing_task_is_retried_then_fails_the_plan(flow: Flow) -> None:
             echo("last", "after"),
         ],
     }
-    response = await flow.submit(plan)
-    assert response.status_code == 202, response.text
-
-    final = await flow.wait_settled("fails")
+    with capture_logs() as logs:
+        response = await flow.submit(plan)
+        assert response.status_code == 202, response.text
+        final = await flow.wait_settled("fails")
     assert final["status"] == "FAILED"
     assert "flaky" in final["error_message"]
     assert "3 attempts" in final["error_message"]
+    # The log says why, not only that it failed.
+    failed = [
+        (e["event"], e.get("error"))
+        for e in logs
+        if e["event"] in ("plan status", "plan settled") and e["status"] == "FAILED"
+    ]
+    assert failed == [
+        ("plan status", final["error_message"]),
+        ("plan settled", final["error_message"]),
+    ]
     tickets = flow.tasks(final)
     assert tickets["prepare"]["status"] == "COMPLETED"
     assert tickets["flaky"]["status"] == "FAILED"

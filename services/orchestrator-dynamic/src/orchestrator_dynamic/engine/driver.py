@@ -862,11 +862,13 @@ class PlanDriver:
             plan.lease, status=status, error_message=error, settled=decision.settled
         )
         if summary.status != plan.status:
-            _log.info("plan status", plan_id=plan.plan_id, status=summary.status.value)
+            reason = {"error": summary.error_message} if summary.error_message else {}
+            _log.info("plan status", plan_id=plan.plan_id, status=summary.status.value, **reason)
         plan.status, plan.error_message = summary.status, summary.error_message
 
     async def _finish(self, plan: DrivenPlan) -> None:
-        _log.info("plan settled", plan_id=plan.plan_id, status=plan.status.value)
+        reason = {"error": plan.error_message} if plan.error_message else {}
+        _log.info("plan settled", plan_id=plan.plan_id, status=plan.status.value, **reason)
         self._plans.pop(plan.plan_id, None)
         self._metrics.plans_settled.labels(plan.status.value).inc()
         self._metrics.plans_driven.set(len(self._plans))
