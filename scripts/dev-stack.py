@@ -174,11 +174,12 @@ Hive Flow C dev stack is ready. Ctrl-C stops everything.
   logs              {logs}/<name>.log     tail -f {logs}/*.log
   environment       {env_file}  (URLs, gRPC targets, the JWT secret, a service token: `source` it)
 
-Submit a plan and watch it run (the `hive` CLI reads the environment file):
+Submit a plan and watch it run (the `hive` CLI reads the variables `source` sets):
 
   source {env_file}
   uv run hive plan submit examples/diamond.json --watch
   uv run hive tickets list --plan <plan_id>; uv run hive workers list
+  uv run hive tickets show <ticket_id> --events   # a task's result and history
 
 or with curl:
 
@@ -194,6 +195,16 @@ The ticket and registry APIs want a token (in the environment file):
        "{tickets}/api/v1/tickets?plan_id=<plan_id>"
   curl -s -H "Authorization: Bearer $HIVE_SERVICE_TOKEN" {registry}/api/v1/workers
 """
+
+
+def how_it_ended(returncode: int | None) -> str:
+    """``exited with code 1``, ``was killed by SIGKILL`` (a negative return code)."""
+    if returncode is not None and returncode < 0:
+        try:
+            return f"was killed by {signal.Signals(-returncode).name}"
+        except ValueError:
+            pass
+    return f"exited with code {returncode}"
 
 
 def write_env_file(path: Path, values: dict[str, str]) -> None:
@@ -348,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
             if dead:
                 for process in dead:
                     print(
-                        f"\n{process.name} exited with code {process.returncode}; last lines of "
+                        f"\n{process.name} {how_it_ended(process.returncode)}; last lines of "
                         f"{process.log_path}:\n{process.log_tail(30)}",
                         file=sys.stderr,
                     )

@@ -5,6 +5,7 @@ process cleanly."""
 from __future__ import annotations
 
 import fcntl
+import importlib.util
 import json
 import os
 import random
@@ -17,6 +18,7 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -123,6 +125,23 @@ def dev_stack() -> Iterator[DevStack]:
                 stack.process.kill()
                 stack.process.wait(10)
         shutil.rmtree(state_dir, ignore_errors=True)
+
+
+def _dev_stack_module() -> Any:
+    spec = importlib.util.spec_from_file_location("dev_stack", REPO / "scripts" / "dev-stack.py")
+    assert spec is not None
+    assert spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["dev_stack"] = module  # dataclasses look their module up by name
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_how_a_process_ended_names_the_signal_that_killed_it() -> None:
+    how_it_ended = _dev_stack_module().how_it_ended
+    assert how_it_ended(1) == "exited with code 1"
+    assert how_it_ended(-9) == "was killed by SIGKILL"  # was "exited with code -9"
+    assert how_it_ended(-15) == "was killed by SIGTERM"
 
 
 def test_a_second_make_dev_on_the_same_state_dir_is_refused_in_one_line(tmp_path: Path) -> None:
