@@ -27,7 +27,7 @@ other values as compact JSON. Decoded details are therefore always ``dict[str, s
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from typing import Any, NoReturn
 
 import grpc
@@ -81,21 +81,19 @@ def _clip(text: str, limit: int) -> str:
 
 
 def _bounded_violations(
-    violations: Iterable[FieldViolation], room: int
+    violations: Sequence[FieldViolation], room: int
 ) -> list[error_details_pb2.BadRequest.FieldViolation]:
     kept: list[error_details_pb2.BadRequest.FieldViolation] = []
-    left = 0
     for v in violations:
         item = error_details_pb2.BadRequest.FieldViolation(
             field=_clip(v.field, _MAX_TEXT_CHARS),
             description=_clip(v.description, _MAX_TEXT_CHARS),
         )
-        size = item.ByteSize() + 4  # the tag and length around it
-        if left or size > room - _ROOM_FOR_THE_COUNT:
-            left += 1
-            continue
-        room -= size
+        room -= item.ByteSize() + 4  # the tag and length around it
+        if room < _ROOM_FOR_THE_COUNT:
+            break
         kept.append(item)
+    left = len(violations) - len(kept)
     if left:
         kept.append(
             error_details_pb2.BadRequest.FieldViolation(
