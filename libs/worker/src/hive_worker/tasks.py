@@ -1,8 +1,8 @@
 """Built-in task types: echo, sleep, fail, http_get and shell.
 
-Parameters arrive from a ``google.protobuf.Struct``, so every number is a float; handlers
-accept whole floats where an integer is meant. Bad parameters raise
-:class:`~hive_worker.handlers.InvalidParameters` (a permanent failure).
+Parameters arrive from a ``google.protobuf.Struct`` (every number a double); the worker
+turns whole ones into ``int``, and handlers take either where a number is meant. Bad
+parameters raise :class:`~hive_worker.handlers.InvalidParameters` (a permanent failure).
 """
 
 from __future__ import annotations
@@ -10,12 +10,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import http.client
+import ipaddress
 import math
 import os
+import re
 import shlex
 import socket
 import subprocess
 import threading
+import unicodedata
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -25,6 +28,7 @@ from functools import partial
 from http.client import HTTPMessage
 from typing import IO, Any
 
+from hive_common.text import shown
 from hive_worker.handlers import (
     InvalidParameters,
     PermanentTaskError,
@@ -60,6 +64,64 @@ def _flag(params: Mapping[str, Any], name: str) -> bool:
     if not isinstance(value, bool):
         raise InvalidParameters(name, "must be true or false")
     return value
+
+
+_HOST_LABEL = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
+
+
+def _shown(value: str) -> str:
+    """``value`` quoted for a message: cut short, control and invisible characters escaped
+    by ``repr`` (a bidi override cannot reorder the message)."""
+    return repr(shown(value))
+
+
+def _valid_host(host: str, bracketed: bool) -> bool:
+    """An IPv6 address in brackets, else a DNS name or IPv4 address (IDNA allowed)."""
+    if bracketed:
+        try:
+            return isinstance(ipaddress.ip_address(host), ipaddress.IPv6Address)
+        except ValueError:
+            return False
+    try:
+        ascii_host = host.encode("idna").decode("ascii")
+    except UnicodeError:
+        return False
+    labels = ascii_host.removesuffix(".").split(".")
+    return len(ascii_host) <= 253 and all(_HOST_LABEL.fullmatch(label) for label in labels)
+
+
+def _http_url(params: Mapping[str, Any]) -> str:
+    """The ``url`` parameter, checked in full before any connection (else a malformed
+    URL is a network error, retried): http/https, a valid host, a port of 1-65535, no
+    whitespace, control or invisible formatting characters, ASCII outside the host."""
+    url = _text(params, "url")
+    if any(ch.isspace() or unicodedata.category(ch) in ("Cc", "Cf") for ch in url):
+        raise InvalidParameters(
+            "url", f"must not contain spaces or control characters: {_shown(url)}"
+        )
+    try:
+        parts = urllib.parse.urlsplit(url)
+    except ValueError as exc:  # e.g. an unclosed or invalid [IPv6] host
+        raise InvalidParameters("url", f"is malformed ({exc}): {_shown(url)}") from None
+    host = parts.hostname
+    if parts.scheme not in ("http", "https") or not host:
+        raise InvalidParameters("url", "must be an http:// or https:// URL with a host")
+    userinfo, _, host_port = parts.netloc.rpartition("@")
+    if not _valid_host(host, bracketed=host_port.startswith("[")):
+        raise InvalidParameters("url", f"has an invalid host {_shown(host)}")
+    try:
+        port = parts.port
+    except ValueError:  # not a number, or over 65535
+        port = 0
+    if port == 0:
+        raise InvalidParameters(
+            "url", f"has an invalid port (a number from 1 to 65535): {_shown(url)}"
+        )
+    if not (userinfo + parts.path + parts.query + parts.fragment).isascii():
+        raise InvalidParameters(
+            "url", f"must be ASCII outside the host (percent-encode the rest): {_shown(url)}"
+        )
+    return url
 
 
 def _excerpt(data: bytes, limit: int) -> tuple[str, bool]:
@@ -187,10 +249,7 @@ class HttpGetTask:
     max_body_bytes: int
 
     async def __call__(self, params: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
-        url = _text(params, "url")
-        parts = urllib.parse.urlsplit(url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise InvalidParameters("url", "must be an http:// or https:// URL with a host")
+        url = _http_url(params)
         timeout = _number(params, "timeout_seconds", default=self.default_timeout_seconds)
         if not 0 < timeout <= self.max_timeout_seconds:
             raise InvalidParameters(

@@ -199,6 +199,44 @@ async def test_http_get_only_takes_http_urls(url: str) -> None:
         await http_task()({"url": url}, ctx())
 
 
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("http://[::1", "is malformed (Invalid IPv6 URL)"),
+        ("http://[zz]/", "is malformed"),
+        ("http://127.0.0.1:abc/", "has an invalid port (a number from 1 to 65535)"),
+        ("http://127.0.0.1:99999/", "has an invalid port"),
+        ("http://127.0.0.1:0/", "has an invalid port"),
+        ("http://a b/", "must not contain spaces or control characters"),
+        ("http://%00/", "has an invalid host '%00'"),
+        ("http://a..b/", "has an invalid host"),
+        ("http://\u202eexample.com/", "must not contain spaces or control characters"),
+        ("http://127.0.0.1:1/\x7f", "must not contain spaces or control characters"),
+        ("http://127.0.0.1:1/caf\u00e9", "must be ASCII outside the host"),
+        ("http://example.com/" + "x" * 500 + " ", "must not contain spaces"),
+    ],
+)
+async def test_http_get_refuses_a_malformed_url_before_connecting(url: str, problem: str) -> None:
+    # These used to reach urllib: retryable failures (every retry used) with raw
+    # exception text, or a dial to port 99999.
+    with pytest.raises(InvalidParameters) as raised:
+        await http_task()({"url": url}, ctx())
+    message = raised.value.message
+    assert message.startswith(f"parameters.url: {problem}")
+    assert len(message) < 200  # the bad value is echoed, bounded
+    assert message.isprintable()  # control characters and a bidi override are escaped
+
+
+@pytest.mark.parametrize(
+    "url", ["http://[::1]:8080/x", "https://user:pw@example.com:443/a?b=c#d", "http://bücher.de/"]
+)
+async def test_http_get_url_check_takes_valid_urls(url: str) -> None:
+    task = HttpGetTask(default_timeout_seconds=5, max_timeout_seconds=10, max_body_bytes=1)
+    # Valid: the URL passes; the timeout parameter is what is refused.
+    with pytest.raises(InvalidParameters, match="timeout_seconds"):
+        await task({"url": url, "timeout_seconds": 0}, ctx())
+
+
 async def test_http_get_refuses_a_redirect_to_another_scheme(http_base: str) -> None:
     with pytest.raises(PermanentTaskError, match="non-HTTP"):
         await http_task()({"url": f"{http_base}/to-ftp"}, ctx())
