@@ -1,5 +1,6 @@
-"""``google.protobuf.Struct`` to Python, for validation (not ``json_format``, which raises on
-NaN and infinities instead of handing them to the validator to refuse with their path)."""
+"""``google.protobuf.Struct`` to Python: for validation (not ``json_format``, which raises on
+NaN and infinities instead of handing them to the validator to refuse with their path),
+and with whole numbers as integers (a Struct holds every number as a double)."""
 
 from __future__ import annotations
 
@@ -31,3 +32,20 @@ def struct_to_dict(message: struct_pb2.Struct) -> dict[str, Any]:
     service's BatchCreateTickets CPU time.
     """
     return {key: _value_to_python(item) for key, item in message.fields.items()}
+
+
+MAX_EXACT_INTEGER = 2**53
+"""A double (all a Struct holds) represents every integer up to this magnitude exactly."""
+
+
+def whole_numbers_as_integers(value: Any) -> Any:
+    """``value`` with every whole float within ±2^53 as an ``int``: ``3`` sent through a
+    Struct arrives as ``3.0``. (The orchestrator reads a plan the same way whether it came
+    as JSON or as a Struct; the worker hands parameters to handlers this way.)"""
+    if isinstance(value, dict):
+        return {k: whole_numbers_as_integers(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [whole_numbers_as_integers(v) for v in value]
+    if isinstance(value, float) and value.is_integer() and abs(value) <= MAX_EXACT_INTEGER:
+        return int(value)
+    return value

@@ -94,12 +94,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     configure_logging(level=settings.log_level, fmt=settings.log_format)
     log = get_logger("hive_worker")
-    if settings.registration_secret is None:
-        log.warning(
-            "no registration secret",
-            detail="set HIVE_WORKER_REGISTRATION_SECRET to the registry's registration "
-            "secret; without it the registry refuses to register this worker",
-        )
     try:
         asyncio.run(_serve(settings))
     except HiveError as exc:

@@ -9,6 +9,7 @@ failure; running past the ticket's timeout is a retryable failure too.
 
 from __future__ import annotations
 
+import inspect
 import re
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -79,6 +80,14 @@ class InvalidParameters(PermanentTaskError):
         self.field = field_name
 
 
+def _is_async(handler: object) -> bool:
+    """True for an ``async def`` function (also through ``functools.partial``) or an
+    object whose ``__call__`` is one."""
+    return inspect.iscoroutinefunction(handler) or inspect.iscoroutinefunction(
+        type(handler).__call__
+    )
+
+
 class TaskRegistry:
     """Task type -> handler."""
 
@@ -86,11 +95,18 @@ class TaskRegistry:
         self._handlers: dict[str, TaskHandler] = {}
 
     def register(self, task_type: str, handler: TaskHandler, *, replace: bool = False) -> None:
-        """Add ``handler`` for ``task_type``; ``ValueError`` for a bad or taken name."""
+        """Add ``handler`` for ``task_type``; ``ValueError`` for a bad or taken name,
+        ``TypeError`` for a handler that is not ``async def``."""
         if not _TASK_TYPE.match(task_type):
             raise ValueError(
                 f"task type {task_type!r} must be 1-128 characters of letters, digits "
                 "and _ . : / - (starting with a letter or digit)"
+            )
+        if not _is_async(handler):
+            # A plain function would only fail once a ticket runs it.
+            raise TypeError(
+                f"handler for {task_type!r} must be an async def function (or an object "
+                f"whose __call__ is async def), not {handler!r}"
             )
         if task_type in self._handlers and not replace:
             raise ValueError(f"task type {task_type!r} already has a handler")

@@ -40,8 +40,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
 
-from google.protobuf import json_format
-
 from hive_common.clients import (
     CallPolicy,
     ReconnectPolicy,
@@ -63,6 +61,7 @@ from hive_common.errors import (
 )
 from hive_common.logging import get_logger
 from hive_common.retry import is_retryable
+from hive_common.structs import struct_to_dict, whole_numbers_as_integers
 from hive_worker.config import WorkerSettings
 from hive_worker.handlers import TaskContext, TaskError, TaskHandler, TaskRegistry
 from hive_worker.registration import (
@@ -80,6 +79,10 @@ HandlerT = TypeVar("HandlerT", bound=TaskHandler)
 ERROR_MESSAGE_LIMIT = 4000
 """The ticket service refuses longer error messages."""
 
+MAX_RESULT_NESTING = 32
+"""How deep objects and arrays may nest in a result (the result itself is level 1): the
+ticket service refuses deeper ones, and protobuf cannot even encode much deeper ones."""
+
 _TERMINAL = frozenset(
     {pb.TICKET_STATUS_COMPLETED, pb.TICKET_STATUS_FAILED, pb.TICKET_STATUS_CANCELLED}
 )
@@ -92,6 +95,8 @@ _NAME_RETRY_MAX = 2.0
 """Longest pause between registrations while waiting for a name (a holder that
 deregisters frees it at once)."""
 _DEREGISTER_SECONDS = 5.0
+_UNREACHABLE_WARNING_GAP = 30.0
+"""Least seconds between two "registry unreachable" warnings."""
 
 
 def _refusal_hint(exc: HiveError) -> dict[str, str]:
@@ -209,13 +214,52 @@ def _clean_json(value: Any) -> Any:
     return value
 
 
+def _nests_deeper(value: object, levels: int) -> bool:
+    """True when ``value`` nests objects/arrays more than ``levels`` deep (counting itself).
+    Looks no deeper than that, so a very deep (or circular) value costs nothing more."""
+    if not isinstance(value, Mapping | list | tuple):
+        return False
+    if levels == 0:
+        return True
+    items = value.values() if isinstance(value, Mapping) else value
+    return any(_nests_deeper(item, levels - 1) for item in items)
+
+
 def normalise_result(value: object) -> dict[str, Any]:
     """A handler's return value as a storable JSON object (``TypeError``/``ValueError``)."""
     if not isinstance(value, Mapping):
         raise TypeError(f"a handler must return a dict, not {type(value).__name__}")
+    if _nests_deeper(value, MAX_RESULT_NESTING):
+        raise ValueError(
+            f"objects and arrays nest more than {MAX_RESULT_NESTING} levels deep "
+            "(the ticket service's limit)"
+        )
     decoded = json.loads(json.dumps(dict(value), allow_nan=False))
     cleaned: dict[str, Any] = _clean_json(decoded)
     return cleaned
+
+
+def _task_failure(error: TaskError) -> Outcome:
+    """The outcome of a handler's :class:`TaskError` (its result checked like any result)."""
+    if error.result is None:
+        return Outcome.failure(error.message, permanent=error.permanent)
+    try:
+        result = normalise_result(error.result)
+    except (TypeError, ValueError) as exc:
+        return Outcome.failure(
+            f"{error.message} (result dropped: {exc})", permanent=error.permanent
+        )
+    return Outcome.failure(error.message, permanent=error.permanent, result=result)
+
+
+def _without_result(outcome: Outcome, reason: str) -> Outcome:
+    """What to report instead of ``outcome`` when its result cannot be stored: a result
+    that does not change when retried, so a completed task fails for good."""
+    if outcome.completed:
+        return Outcome.failure(f"the result was refused: {reason}", permanent=True)
+    return Outcome.failure(
+        f"{outcome.error_message} (result dropped: {reason})", permanent=outcome.permanent
+    )
 
 
 def _error_text(message: str) -> str:
@@ -368,6 +412,12 @@ class Worker:
                     loop.add_signal_handler(sig, self._on_signal, sig)
                     installed.append(sig)
         heartbeat: asyncio.Task[None] | None = None
+        if self.settings.registration_secret is None:
+            self._log.warning(
+                "no registration secret",
+                detail="set HIVE_WORKER_REGISTRATION_SECRET to the registry's registration "
+                "secret; without it the registry refuses to register this worker",
+            )
         try:
             registered = await self._register_until_done()
             if not registered:
@@ -478,7 +528,7 @@ class Worker:
 
     # ------------------------------------------------------------------ registration
 
-    async def _register(self) -> None:
+    async def _register(self, *, deadline: float | None = None) -> None:
         secret = self.settings.registration_secret
         response = await self._registry_client.register(
             name=self.settings.name,
@@ -489,6 +539,7 @@ class Worker:
             version=self.settings.version,
             token=secret.get_secret_value() if secret is not None else None,
             instance_id=self.instance_id,
+            deadline=deadline,
         )
         previous = self._worker_id
         self._worker_id = response.worker.worker_id
@@ -518,10 +569,14 @@ class Worker:
         """
         loop = asyncio.get_running_loop()
         failures = 0
+        warned_at: float | None = None
         name_wait_ends: float | None = None
         while not self._drain_requested.is_set():
             try:
-                return await self._unless_drained(self._register())
+                # One attempt's time per call: this loop retries, and says so (below).
+                return await self._unless_drained(
+                    self._register(deadline=self.settings.call_timeout_seconds)
+                )
             except HiveError as exc:
                 if is_name_in_use(exc):
                     now = loop.time()
@@ -546,7 +601,13 @@ class Worker:
                     )
                     raise
                 failures += 1
-                self._log.warning("registry unavailable; retrying", error=repr(exc))
+                if warned_at is None or loop.time() - warned_at >= _UNREACHABLE_WARNING_GAP:
+                    warned_at = loop.time()
+                    self._log.warning(
+                        f"registry {self.settings.registry_target} unreachable; retrying",
+                        attempt=failures,
+                        error=describe_error(exc),
+                    )
                 await self._pause(failures)
         return False
 
@@ -791,6 +852,7 @@ class Worker:
     # ------------------------------------------------------------------ one attempt
 
     async def _execute(self, run: _Run) -> None:
+        outcome: Outcome | None = None
         try:
             async with self._slots:
                 with self._holding_slot():
@@ -811,14 +873,32 @@ class Worker:
             if run.abandoned or run.released:
                 return  # we cancelled it on purpose
             raise
-        except Exception:
+        except Exception as exc:
             run.log.exception("unexpected error while handling the assignment")
+            await self._report_unexpected(run, exc, outcome)
         finally:
             if run.handler_task is not None and not run.handler_task.done():
                 run.handler_task.cancel()
             self._runs.pop(run.key, None)
             self._remember(run.key)
             self._heartbeat_wake.set()
+
+    async def _report_unexpected(
+        self, run: _Run, error: Exception, outcome: Outcome | None
+    ) -> None:
+        """Report FAILED after an unexpected error (else the ticket stays RUNNING until its
+        timeout). If reporting ``outcome`` is what failed (e.g. a result protobuf cannot
+        encode), it is reported without its result."""
+        reason = f"{type(error).__name__}: {error}"
+        if run.phase is Phase.REPORTING and outcome is not None and outcome.result:
+            failure = _without_result(outcome, reason)
+        else:
+            failure = Outcome.failure(f"unexpected error in the worker: {reason}")
+        run.phase = Phase.REPORTING
+        try:
+            await self._report(run, failure)
+        except Exception:
+            run.log.exception("could not report the unexpected error")
 
     @contextlib.contextmanager
     def _holding_slot(self) -> Iterator[None]:
@@ -902,7 +982,7 @@ class Worker:
                 f"unknown task type {ticket.task_type!r} (this worker runs: {known})",
                 permanent=True,
             )
-        params: dict[str, Any] = json_format.MessageToDict(ticket.parameters)
+        params: dict[str, Any] = whole_numbers_as_integers(struct_to_dict(ticket.parameters))
         ctx = TaskContext(
             ticket_id=ticket.ticket_id,
             plan_id=ticket.plan_id,
@@ -931,7 +1011,7 @@ class Worker:
             return Outcome.failure("the worker stopped before the task finished")
         error = handler_task.exception()
         if isinstance(error, TaskError):
-            return Outcome.failure(error.message, permanent=error.permanent, result=error.result)
+            return _task_failure(error)
         if error is not None:
             run.log.warning("task raised", error=repr(error), exc_info=error)
             return Outcome.failure(f"{type(error).__name__}: {error}")
@@ -961,15 +1041,7 @@ class Worker:
                     run.log.error("outcome refused by the ticket service", error=repr(exc))
                     return
                 # e.g. a result over the size limit: report without it; it will not change.
-                if outcome.completed:
-                    outcome = Outcome.failure(
-                        f"the result was refused: {exc.message}", permanent=True
-                    )
-                else:
-                    outcome = Outcome.failure(
-                        f"{outcome.error_message} (result dropped: {exc.message})",
-                        permanent=outcome.permanent,
-                    )
+                outcome = _without_result(outcome, exc.message)
                 continue
             except _DEFINITE_REFUSALS as exc:
                 run.log.warning("ticket moved on; outcome not applied", error=repr(exc))
@@ -1091,4 +1163,11 @@ class Worker:
         await self._reports.aclose()
 
 
-__all__ = ["ERROR_MESSAGE_LIMIT", "Outcome", "Phase", "Worker", "normalise_result"]
+__all__ = [
+    "ERROR_MESSAGE_LIMIT",
+    "MAX_RESULT_NESTING",
+    "Outcome",
+    "Phase",
+    "Worker",
+    "normalise_result",
+]

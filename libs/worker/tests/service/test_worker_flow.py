@@ -231,6 +231,58 @@ async def test_results_the_service_cannot_store_become_clear_failures(
     assert dict(stored.result) == {"text": "a\ufffdb"}
 
 
+async def test_an_unexpected_error_fails_the_ticket_instead_of_leaving_it_running(
+    workers: Any, orchestrator: TicketClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # An error the worker did not foresee used to be logged only: the ticket stayed
+    # RUNNING until its timeout (an hour by default) on a healthy worker.
+    worker = workers.make()
+
+    @worker.task("huge-number")
+    async def huge_number(params: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
+        return {"n": 10**400}  # valid JSON, but no double holds it: the report cannot be built
+
+    @worker.task("deep")
+    async def deep(params: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
+        result: dict[str, Any] = {}
+        for _ in range(40):  # deeper than protobuf decodes when copying the report
+            result = {"in": result}
+        return result
+
+    invoke = worker._invoke_handler
+
+    async def broken(run: Any) -> sdk.Outcome | None:
+        if run.ticket.task_type == "broken":
+            raise RuntimeError("worker bug")
+        return await invoke(run)
+
+    monkeypatch.setattr(worker, "_invoke_handler", broken)
+    worker.add_task("broken", echo_params)
+    worker_id = await workers.start(worker)
+
+    unencodable = await create_and_assign(orchestrator, worker_id, spec("huge-number"))
+    failed = await wait_status(orchestrator, unencodable.ticket_id, FAILED, attempt=1)
+    assert failed.error_message == (
+        "the result was refused: OverflowError: int too large to convert to float"
+    )
+    assert not failed.result.fields  # reported without it
+
+    too_deep = await create_and_assign(orchestrator, worker_id, spec("deep", max_retries=2))
+    failed = await wait_status(orchestrator, too_deep.ticket_id, FAILED, attempt=1)
+    assert failed.error_message == (
+        "the handler returned an invalid result: objects and arrays nest more than 32 "
+        "levels deep (the ticket service's limit)"
+    )
+
+    bug = await create_and_assign(orchestrator, worker_id, spec("broken", max_retries=1))
+    requeued = await wait_status(orchestrator, bug.ticket_id, PENDING, attempt=2)  # retryable
+    assert requeued.error_message == "unexpected error in the worker: RuntimeError: worker bug"
+
+
+async def echo_params(params: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
+    return params
+
+
 async def test_max_concurrent_is_honoured(workers: Any, orchestrator: TicketClient) -> None:
     worker = workers.make(max_concurrent=2)
     gate = Gate()

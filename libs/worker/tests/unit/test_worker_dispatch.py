@@ -4,6 +4,7 @@ attempt's outcome is decided (no service involved: the dispatch runs without I/O
 from __future__ import annotations
 
 import asyncio
+import functools
 from typing import Any
 
 import pytest
@@ -19,7 +20,7 @@ from hive_worker import (
     WorkerSettings,
 )
 from hive_worker.cli import settings_from_args
-from hive_worker.sdk import Outcome, Phase, _Run, normalise_result
+from hive_worker.sdk import MAX_RESULT_NESTING, Outcome, Phase, _Run, normalise_result
 from neuralhive.ticket.v1 import ticket_service_pb2 as pb
 
 TICKET = "5b2f3a8e-1d7c-4c1e-9a53-2f1b0c9d8e71"
@@ -178,6 +179,92 @@ def test_normalise_result() -> None:
         normalise_result({"x": float("inf")})
     with pytest.raises(TypeError):
         normalise_result({"x": object()})
+
+
+def nested(levels: int) -> dict[str, Any]:
+    """A result whose objects nest ``levels`` deep (the result itself is level 1)."""
+    value: dict[str, Any] = {"leaf": 1}
+    for _ in range(levels - 1):
+        value = {"in": value}
+    return value
+
+
+async def test_a_result_nested_deeper_than_the_ticket_service_takes_fails_for_good() -> None:
+    # 40 levels made building the report's protobuf fail (DecodeError) and the ticket
+    # stayed RUNNING until its timeout; the ticket service refuses more than 32 anyway.
+    worker = Worker(settings=settings())
+    worker.add_task("deep", functools.partial(returning, nested(MAX_RESULT_NESTING + 1)))
+    worker.add_task("deepest", functools.partial(returning, nested(100_000)))
+    worker.add_task("limit", functools.partial(returning, nested(MAX_RESULT_NESTING)))
+    for task_type in ["deep", "deepest"]:
+        assert await dispatch(worker, ticket(task_type, {})) == Outcome.failure(
+            "the handler returned an invalid result: objects and arrays nest more than 32 "
+            "levels deep (the ticket service's limit)",
+            permanent=True,
+        )
+    assert await dispatch(worker, ticket("limit", {})) == Outcome(
+        completed=True, result=nested(MAX_RESULT_NESTING)
+    )
+
+
+async def test_a_task_error_result_that_cannot_be_stored_is_dropped_from_the_failure() -> None:
+    worker = Worker(settings=settings())
+
+    @worker.task("fail-deep")
+    async def fail_deep(params: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
+        raise TaskError("gave up", result=nested(40))
+
+    assert await dispatch(worker, ticket("fail-deep", {})) == Outcome.failure(
+        "gave up (result dropped: objects and arrays nest more than 32 levels deep "
+        "(the ticket service's limit))"
+    )
+
+
+async def returning(result: dict[str, Any], params: dict[str, Any], ctx: TaskContext) -> Any:
+    return result
+
+
+def test_a_handler_that_is_not_async_is_refused_when_registered() -> None:
+    # It used to be taken and fail each time a ticket ran it ("An asyncio.Future, a
+    # coroutine or an awaitable is required"), leaving the ticket RUNNING.
+    worker = Worker(settings=settings())
+
+    def upper(params: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
+        return {"text": str(params["text"]).upper()}
+
+    with pytest.raises(TypeError, match="handler for 'upper' must be an async def function"):
+        worker.task("upper")(upper)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="handler for 'upper' must be an async def function"):
+        worker.add_task("upper", upper)  # type: ignore[arg-type]
+    assert "upper" not in worker.tasks
+
+    class Resize:
+        async def __call__(self, params: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
+            return {}
+
+    # Async callables of every shape are taken: objects, partials.
+    worker.add_task("resize", Resize())
+    worker.add_task("partial", functools.partial(returning, {}))
+    assert {"resize", "partial"} <= set(worker.tasks.task_types())
+
+
+async def test_whole_numbers_reach_handlers_as_integers() -> None:
+    worker = Worker(settings=settings())
+    seen: list[dict[str, Any]] = []
+
+    @worker.task("record")
+    async def record(params: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
+        seen.append(params)
+        return {}
+
+    params = {"n": 3, "x": 2.5, "neg": -4, "big": 2.0**60, "list": [1, {"k": 2}], "flag": True}
+    await dispatch(worker, ticket("record", params))
+    [got] = seen
+    assert got == {"n": 3, "x": 2.5, "neg": -4, "big": 2.0**60, "list": [1, {"k": 2}], "flag": True}
+    types = [type(v) for v in (got["n"], got["neg"], got["list"][0], got["list"][1]["k"])]
+    assert types == [int] * 4
+    # Past 2**53 a double is no longer exact: it stays a float, and so does 2.5.
+    assert (type(got["big"]), type(got["x"]), got["flag"]) == (float, float, True)
 
 
 def test_a_run_is_superseded_only_by_newer_changes_that_leave_it() -> None:

@@ -264,3 +264,61 @@ async def test_a_drain_ends_the_wait_between_registration_attempts(refusal: Exce
     worker.drain()
     async with asyncio.timeout(1):
         assert await task is False
+
+
+# -- an unreachable registry -------------------------------------------------------------------
+
+
+async def test_an_unreachable_registry_is_a_rate_limited_warning_naming_it() -> None:
+    # It used to be INFO lines of the retry helper only ("retrying call",
+    # function=UnaryInvoker.__call__.<locals>.retry): silent at LOG_LEVEL=WARNING.
+    down = Unavailable("failed to connect to all addresses")
+    registry = ScriptedRegistry(down, down, down, down, registered(5))
+    worker = worker_with(
+        registry,  # type: ignore[arg-type]
+        registry_target="127.0.0.1:50999",
+        reconnect_max_backoff_seconds=0.1,
+    )
+    with capture_logs() as logs:
+        async with asyncio.timeout(5):
+            assert await worker._register_until_done()
+    assert len(registry.calls) == 5
+    # The first failure, then none within the next 30 s.
+    [warning] = [entry for entry in logs if entry["log_level"] == "warning"]
+    assert warning["event"] == "registry 127.0.0.1:50999 unreachable; retrying"
+    assert warning["attempt"] == 1
+    assert warning["error"] == "Unavailable: failed to connect to all addresses"
+    assert "function" not in warning
+
+
+async def test_unreachable_registry_warnings_repeat_after_the_gap_with_the_attempt_count(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(sdk, "_UNREACHABLE_WARNING_GAP", 0.0)
+    down = Unavailable("registry down")
+    registry = ScriptedRegistry(down, down, down, registered(5))
+    worker = worker_with(registry, reconnect_max_backoff_seconds=0.1)  # type: ignore[arg-type]
+    with capture_logs() as logs:
+        async with asyncio.timeout(5):
+            assert await worker._register_until_done()
+    warnings = [entry for entry in logs if entry["log_level"] == "warning"]
+    assert [entry["attempt"] for entry in warnings] == [1, 2, 3]
+
+
+async def test_run_warns_once_when_no_registration_secret_is_set() -> None:
+    # Only the hive-worker command used to say so; an SDK worker was refused silently.
+    worker = worker_with(FakeRegistry(Unauthenticated("invalid registration credential")))
+    assert worker.settings.registration_secret is None
+    with capture_logs() as logs, pytest.raises(Unauthenticated):
+        await worker.run(install_signal_handlers=False)
+    [warning] = [entry for entry in logs if entry["event"] == "no registration secret"]
+    assert warning["log_level"] == "warning"
+    assert "HIVE_WORKER_REGISTRATION_SECRET" in warning["detail"]
+
+    with_secret = worker_with(
+        FakeRegistry(Unauthenticated("invalid registration credential")),
+        registration_secret="join",
+    )
+    with capture_logs() as logs, pytest.raises(Unauthenticated):
+        await with_secret.run(install_signal_handlers=False)
+    assert [entry for entry in logs if entry["event"] == "no registration secret"] == []

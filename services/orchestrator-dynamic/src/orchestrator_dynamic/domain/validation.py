@@ -29,14 +29,13 @@ from enum import StrEnum
 from typing import Any, NoReturn
 
 from hive_common.errors import FieldViolation, InvalidArgument
+from hive_common.structs import MAX_EXACT_INTEGER, whole_numbers_as_integers
 from orchestrator_dynamic.domain.graph import find_cycles, longest_chains
 from orchestrator_dynamic.domain.plan import JsonValue, Plan, Priority, TaskSpec
 
 ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]*")
 TASK_TYPE_PATTERN = re.compile(r"[A-Za-z][A-Za-z0-9._-]*")
 CAPABILITY_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/+-]*")
-# Ticket parameters travel as protobuf Struct, whose numbers are doubles.
-_MAX_EXACT_INTEGER = 2**53
 # PostgreSQL text and jsonb cannot hold U+0000.
 _NUL_MESSAGE = "must not contain NUL (U+0000) characters"
 # JSON's "\\ud800" escapes decode to lone surrogates, which have no UTF-8 form: such a
@@ -205,19 +204,6 @@ def is_valid_id(value: str) -> bool:
 def has_surrogate(value: str) -> bool:
     """Whether ``value`` holds a lone UTF-16 surrogate (it then has no UTF-8 form)."""
     return _SURROGATE.search(value) is not None
-
-
-def whole_numbers_as_integers(value: JsonValue) -> JsonValue:
-    """``value`` with every whole float within ±2^53 as an integer: parameters are read
-    the same way whether they came as JSON (``30.0``) or as a protobuf Struct (whose
-    numbers are all doubles), so the same plan hashes the same either way."""
-    if isinstance(value, dict):
-        return {k: whole_numbers_as_integers(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [whole_numbers_as_integers(v) for v in value]
-    if isinstance(value, float) and value.is_integer() and abs(value) <= _MAX_EXACT_INTEGER:
-        return int(value)
-    return value
 
 
 def child(path: str, key: str | int) -> str:
@@ -778,7 +764,7 @@ class PlanValidator:
             elif (
                 isinstance(node, int)
                 and not isinstance(node, bool)
-                and abs(node) > _MAX_EXACT_INTEGER
+                and abs(node) > MAX_EXACT_INTEGER
             ):
                 issues.error(
                     node_path,

@@ -15,14 +15,13 @@ from datetime import datetime
 from typing import Any
 
 from hive_common.errors import Unauthenticated
-from hive_common.structs import struct_to_dict
+from hive_common.structs import struct_to_dict, whole_numbers_as_integers
 from hive_common.timestamps import datetime_to_timestamp
 from neuralhive.orchestrator.v1 import orchestrator_service_pb2 as pb
 from neuralhive.orchestrator.v1 import orchestrator_service_pb2_grpc as pb_grpc
 from neuralhive.ticket.v1 import ticket_service_pb2 as ticket_pb
 from orchestrator_dynamic.domain.records import StoredPlan
 from orchestrator_dynamic.domain.scheduler import PlanStatus, TicketStatus
-from orchestrator_dynamic.domain.validation import whole_numbers_as_integers
 from orchestrator_dynamic.engine.plans import PlanService
 
 SERVICE_NAME = "neuralhive.orchestrator.v1.OrchestratorService"
