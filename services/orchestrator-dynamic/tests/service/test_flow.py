@@ -9,6 +9,7 @@ import psycopg
 import pytest
 from structlog.testing import capture_logs
 
+from hive_common.logging import configure_logging
 from neuralhive.ticket.v1 import ticket_service_pb2 as ticket_pb
 from orchestrator_dynamic.engine import driver as driver_module
 from orchestrator_dynamic.engine import plans as plans_module
@@ -108,6 +109,7 @@ async def test_failing_task_is_retried_then_fails_the_plan(flow: Flow) -> None:
             echo("last", "after"),
         ],
     }
+    configure_logging(level="INFO", fmt="json")  # an earlier test may have left WARNING
     with capture_logs() as logs:
         response = await flow.submit(plan)
         assert response.status_code == 202, response.text
