@@ -19,6 +19,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from execution_ticket_service.app import TicketService, build_service
 from execution_ticket_service.domain.paging import Cursor, encode_cursor
+from execution_ticket_service.domain.state_machine import MAX_LOST_RUNS
 from execution_ticket_service.transport.grpc.servicer import WATCH_BATCH_BYTES, WATCH_BATCH_EVENTS
 from hive_common.auth import TokenIssuer
 from hive_common.grpc_errors import rich_status_of
@@ -839,24 +840,75 @@ async def test_attempt_fencing_rejects_and_records_late_results(
     assert await code_of(future) is Code.FAILED_PRECONDITION
 
 
+async def _swept(client: Client, ticket: pb.ExecutionTicket) -> pb.ExecutionTicket:
+    async def changed() -> bool:
+        return (await client.get(ticket.ticket_id)).version > ticket.version
+
+    await eventually(changed, what=f"lease expiry of attempt {ticket.attempt}")
+    return await client.get(ticket.ticket_id)
+
+
 async def test_lease_expiry_requeues_then_fails_timed_out(
     client: Client, advance_clock: Callable[[float], None]
 ) -> None:
-    ticket = await client.create(max_retries=1)
+    ticket = await client.create(max_retries=1, timeout_seconds=30)
     for attempt in (1, 2):
         ticket = await client.assign(ticket, lease_seconds=10)
+        ticket = await client.update(ticket, S.TICKET_STATUS_RUNNING)
         assert ticket.attempt == attempt
-        advance_clock(11)
-
-        async def swept(ticket_id: str = ticket.ticket_id, seen: int = ticket.version) -> bool:
-            return (await client.get(ticket_id)).version > seen
-
-        await eventually(swept, what=f"lease expiry of attempt {attempt}")
-        ticket = await client.get(ticket.ticket_id)
+        advance_clock(31)  # the RUNNING lease: the task's timeout
+        ticket = await _swept(client, ticket)
+        assert ticket.error_message == "timed out"
     assert ticket.status == S.TICKET_STATUS_FAILED
-    assert ticket.error_message == "timed out"
     assert ticket.attempt == 2
+    assert ticket.lost_runs == 0
     assert not ticket.HasField("lease_expires_at")
+
+
+async def test_an_assignment_never_started_is_requeued_without_using_a_retry(
+    client: Client, advance_clock: Callable[[float], None]
+) -> None:
+    # The worker never reported RUNNING (lost, frozen): not the task's failure. It used to
+    # take a retry, and with the default max_retries 0 fail the task it never ran.
+    ticket = await client.create()
+    for attempt in range(1, MAX_LOST_RUNS + 2):
+        ticket = await client.assign(ticket, lease_seconds=10)
+        advance_clock(11)
+        ticket = await _swept(client, ticket)
+        assert ticket.error_message == "timed out"
+        if attempt <= MAX_LOST_RUNS:
+            assert (ticket.status, ticket.attempt, ticket.lost_runs) == (
+                S.TICKET_STATUS_PENDING,
+                attempt + 1,
+                attempt,
+            )
+    # Beyond MAX_LOST_RUNS it counts as an ordinary failure: no retries were left.
+    assert ticket.status == S.TICKET_STATUS_FAILED
+    assert ticket.lost_runs == MAX_LOST_RUNS
+
+
+async def test_a_failure_reported_as_worker_lost_uses_no_retry(client: Client) -> None:
+    ticket = await client.create()  # max_retries 0
+    for attempt in range(1, MAX_LOST_RUNS + 2):
+        ticket = await client.assign(ticket)
+        ticket = await client.update(ticket, S.TICKET_STATUS_RUNNING)
+        ticket = await client.update(
+            ticket, S.TICKET_STATUS_FAILED, error_message="worker w1 lost", worker_lost=True
+        )
+        expected_status = (
+            S.TICKET_STATUS_PENDING if attempt <= MAX_LOST_RUNS else S.TICKET_STATUS_FAILED
+        )
+        assert (ticket.status, ticket.lost_runs) == (
+            expected_status,
+            min(attempt, MAX_LOST_RUNS),
+        )
+    assert ticket.error_message == "worker w1 lost"
+    # Only with FAILED.
+    other = await client.create(task_id="t2")
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await client.update(other, S.TICKET_STATUS_CANCELLED, worker_lost=True)
+    assert refused.value.code() is Code.INVALID_ARGUMENT
+    assert violations(refused.value) == {"worker_lost"}
 
 
 # ---- tokens ------------------------------------------------------------------------------------

@@ -17,6 +17,11 @@ from hive_testsupport.migrations import migrations_until, roll_back_migration
 pytestmark = pytest.mark.service
 
 NARROW_OUTBOX = "0002_narrow_outbox"
+LOST_RUNS = "0003_lost_runs"
+COLUMNS = (
+    "SELECT column_name FROM information_schema.columns "
+    "WHERE table_schema = 'public' AND table_name = 'tickets'"
+)
 
 
 async def _create(dsn: str, *task_ids: str) -> None:
@@ -62,9 +67,8 @@ async def test_narrow_outbox_keeps_pending_events_and_rolls_back(
     assert isinstance(first, int)
     assert isinstance(last, int)
 
-    applied = await asyncio.to_thread(
-        apply_migrations, dsn=postgres_dsn, directory=MIGRATIONS_DIRECTORY
-    )
+    until_outbox = migrations_until(MIGRATIONS_DIRECTORY, NARROW_OUTBOX, into=tmp_path / "m2")
+    applied = await asyncio.to_thread(apply_migrations, dsn=postgres_dsn, directory=until_outbox)
     assert applied == [NARROW_OUTBOX]
     pending = [r[0] for r in await _rows(postgres_dsn, "SELECT seq FROM ticket_outbox ORDER BY 1")]
     assert pending == list(range(first + 1, last + 1))
@@ -72,14 +76,36 @@ async def test_narrow_outbox_keeps_pending_events_and_rolls_back(
     await _create(postgres_dsn, "t4")  # the trigger enters new events
     assert len(await _rows(postgres_dsn, "SELECT seq FROM ticket_outbox")) == 3
 
-    await asyncio.to_thread(roll_back_migration, postgres_dsn, MIGRATIONS_DIRECTORY, NARROW_OUTBOX)
+    await asyncio.to_thread(roll_back_migration, postgres_dsn, until_outbox, NARROW_OUTBOX)
     unrelayed = await _rows(
         postgres_dsn,
         "SELECT ticket->>'task_id' FROM ticket_events WHERE relayed_at IS NULL ORDER BY seq",
     )
     assert [r[0] for r in unrelayed] == ["t2", "t3", "t4"]
+    applied = await asyncio.to_thread(apply_migrations, dsn=postgres_dsn, directory=until_outbox)
+    assert applied == [NARROW_OUTBOX]
+    assert len(await _rows(postgres_dsn, "SELECT seq FROM ticket_outbox")) == 3
+
+
+async def test_lost_runs_start_at_zero_for_existing_tickets_and_events(
+    postgres_dsn: str, tmp_path: Path
+) -> None:
+    until_outbox = migrations_until(MIGRATIONS_DIRECTORY, NARROW_OUTBOX, into=tmp_path / "m2")
+    await asyncio.to_thread(apply_migrations, dsn=postgres_dsn, directory=until_outbox)
+    await _create(postgres_dsn, "t1")  # its CREATED event's payload has no lost_runs
+
     applied = await asyncio.to_thread(
         apply_migrations, dsn=postgres_dsn, directory=MIGRATIONS_DIRECTORY
     )
-    assert applied == [NARROW_OUTBOX]
-    assert len(await _rows(postgres_dsn, "SELECT seq FROM ticket_outbox")) == 3
+    assert applied == [LOST_RUNS]
+    assert await _rows(postgres_dsn, "SELECT lost_runs FROM tickets") == [(0,)]
+    pool = open_pool(postgres_dsn, min_size=1, max_size=2)
+    await pool.open(wait=True)
+    try:
+        [event] = await TicketRepository(pool=pool).claim_outbox(limit=10, claim_seconds=30)
+    finally:
+        await pool.close()
+    assert event.event.ticket.lost_runs == 0
+
+    await asyncio.to_thread(roll_back_migration, postgres_dsn, MIGRATIONS_DIRECTORY, LOST_RUNS)
+    assert "lost_runs" not in {str(r[0]) for r in await _rows(postgres_dsn, COLUMNS)}

@@ -527,20 +527,34 @@ async def test_unknown_ticket(repo: TicketRepository) -> None:
 async def test_lease_expiry_requeues_then_fails(
     repo: TicketRepository, advance_clock: Callable[[float], None]
 ) -> None:
-    [(t, _)] = await repo.create_many([spec(max_retries=1)], actor="s")
+    [(t, _)] = await repo.create_many([spec(max_retries=1, timeout_seconds=30)], actor="s")
     for attempt in (1, 2):
         await repo.assign(
             Assignment(ticket_id=t.ticket_id, worker_id="w", lease_seconds=10, attempt=attempt),
             actor="s",
         )
+        await repo.update_status(
+            StatusUpdate(ticket_id=t.ticket_id, status=S.RUNNING, attempt=attempt), actor="w"
+        )
         assert await repo.expire_leases() == []
-        advance_clock(11)
+        advance_clock(31)
         [event] = await repo.expire_leases()
         assert event.type is EventType.LEASE_EXPIRED
     t = await repo.get(t.ticket_id)
     assert t.status is S.FAILED
     assert t.error_message == "timed out"
     assert t.attempt == 2
+    assert t.lost_runs == 0
+    # An assignment never started is a lost run: stored, and read back.
+    [(never, _)] = await repo.create_many([spec("t2")], actor="s")
+    await repo.assign(
+        Assignment(ticket_id=never.ticket_id, worker_id="w", lease_seconds=10, attempt=1),
+        actor="s",
+    )
+    advance_clock(11)
+    await repo.expire_leases()
+    never = await repo.get(never.ticket_id)
+    assert (never.status, never.attempt, never.lost_runs) == (S.PENDING, 2, 1)
 
 
 async def test_outbox_claims_are_exclusive(repo: TicketRepository) -> None:

@@ -18,6 +18,7 @@ from execution_ticket_service.domain.models import (
 from execution_ticket_service.domain.state_machine import (
     LEASE_EXPIRED_MESSAGE,
     LEGAL_TRANSITIONS,
+    MAX_LOST_RUNS,
     check_token_eligible,
     decide_assign,
     decide_lease_expiry,
@@ -310,11 +311,48 @@ def test_lease_expiry_requeues_with_retries_left() -> None:
 
 def test_lease_expiry_fails_the_last_attempt_as_timed_out() -> None:
     outcome = decide_lease_expiry(
-        ticket(S.ASSIGNED, attempt=3, max_retries=2), now=LATER + timedelta(minutes=1)
+        ticket(S.RUNNING, attempt=3, max_retries=2), now=LATER + timedelta(minutes=1)
     )
     assert outcome.ticket.status is S.FAILED
     assert outcome.ticket.error_message == LEASE_EXPIRED_MESSAGE == "timed out"
     assert outcome.ticket.attempt == 3
+
+
+def test_an_assignment_lease_expiry_is_a_lost_run_until_the_limit() -> None:
+    # The worker never started the task: re-queued without using a retry.
+    last = ticket(S.ASSIGNED, attempt=3, max_retries=2)
+    outcome = decide_lease_expiry(last, now=LATER + timedelta(minutes=1))
+    assert (outcome.ticket.status, outcome.ticket.attempt, outcome.ticket.lost_runs) == (
+        S.PENDING,
+        4,
+        1,
+    )
+    assert not outcome.ticket.retries_left  # attempt 4, one lost: the last of 1 + 2 retries
+    assert outcome.ticket.error_message == "timed out"
+    assert outcome.event is not None
+    assert outcome.event.details["worker_lost"] is True
+    spent = replace(last, lost_runs=MAX_LOST_RUNS, attempt=3 + MAX_LOST_RUNS)
+    assert decide_lease_expiry(spent, now=LATER + timedelta(minutes=1)).ticket.status is S.FAILED
+
+
+def test_a_worker_lost_failure_requeues_without_using_a_retry() -> None:
+    running = ticket(S.RUNNING, attempt=1, max_retries=0)
+    lost = update(S.FAILED, error_message="worker w1 lost", worker_lost=True)
+    outcome = decide_update(running, lost, now=LATER, actor="orchestrator")
+    assert (outcome.ticket.status, outcome.ticket.attempt, outcome.ticket.lost_runs) == (
+        S.PENDING,
+        2,
+        1,
+    )
+    assert outcome.event is not None
+    assert outcome.event.details["worker_lost"] is True
+    # An ordinary failure of that attempt then ends it: max_retries 0.
+    again = replace(outcome.ticket, status=S.RUNNING, worker_id="w2")
+    failed = decide_update(again, update(S.FAILED, attempt=2), now=LATER, actor="w2")
+    assert failed.ticket.status is S.FAILED
+    # worker_lost with permanent is permanent.
+    permanent = update(S.FAILED, worker_lost=True, permanent=True)
+    assert decide_update(running, permanent, now=LATER, actor="o").ticket.status is S.FAILED
 
 
 @pytest.mark.parametrize("status", list(S))
@@ -334,7 +372,8 @@ def test_digest_depends_on_every_field() -> None:
         update_digest(replace(base, error_message="f")),
         update_digest(replace(base, result={"a": 2})),
         update_digest(replace(base, permanent=True)),
+        update_digest(replace(base, worker_lost=True)),
         update_digest(replace(base, status=S.COMPLETED)),
     }
-    assert len(digests) == 6
+    assert len(digests) == 7
     assert update_digest(replace(base, expected_version=7)) == update_digest(base)

@@ -93,6 +93,8 @@ class Ticket:
     completed_at: datetime | None = None
     # Fingerprint of the last applied status update, so an identical retry is a no-op.
     last_update_digest: str = ""
+    # Attempts that ended with their worker (stopped or lost), not with the task.
+    lost_runs: int = 0
 
     @property
     def plan_id(self) -> str:
@@ -104,8 +106,9 @@ class Ticket:
 
     @property
     def retries_left(self) -> bool:
-        """Attempts start at 1, so attempt ``max_retries + 1`` is the last one."""
-        return self.attempt <= self.spec.max_retries
+        """Attempts start at 1, so attempt ``max_retries + 1`` is the last one (not
+        counting the lost runs: they did not use a retry)."""
+        return self.attempt - self.lost_runs <= self.spec.max_retries
 
 
 @dataclass(frozen=True, slots=True)
@@ -140,6 +143,7 @@ class StatusUpdate:
     result: JsonObject | None = None
     error_message: str = ""
     permanent: bool = False
+    worker_lost: bool = False
 
 
 @dataclass(frozen=True, slots=True)

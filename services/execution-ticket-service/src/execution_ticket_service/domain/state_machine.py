@@ -43,6 +43,9 @@ LEGAL_TRANSITIONS: dict[TicketStatus, frozenset[TicketStatus]] = {
 UPDATE_TARGETS: frozenset[TicketStatus] = frozenset({S.RUNNING, S.COMPLETED, S.FAILED, S.CANCELLED})
 
 LEASE_EXPIRED_MESSAGE = "timed out"
+MAX_LOST_RUNS = 3
+"""Attempts per ticket that may end with their worker (stopped or lost) without using one
+of the task's retries; after that such an ending counts as an ordinary failure."""
 LEASE_SWEEPER_ACTOR = "system:lease-sweeper"
 
 
@@ -73,6 +76,7 @@ def update_digest(update: StatusUpdate) -> str:
         "result": update.result,
         "error_message": update.error_message,
         "permanent": update.permanent,
+        "worker_lost": update.worker_lost,
     }
     canonical = json.dumps(body, sort_keys=True, separators=(",", ":"), default=str)
     return hashlib.sha256(canonical.encode()).hexdigest()
@@ -122,11 +126,12 @@ def _check_edge(ticket: Ticket, target: TicketStatus) -> None:
         )
 
 
-def _requeue(ticket: Ticket, now: datetime) -> Ticket:
+def _requeue(ticket: Ticket, now: datetime, *, lost_run: bool = False) -> Ticket:
     return replace(
         ticket,
         status=S.PENDING,
         attempt=ticket.attempt + 1,
+        lost_runs=ticket.lost_runs + lost_run,
         worker_id="",
         lease_expires_at=None,
         started_at=None,
@@ -214,6 +219,8 @@ def decide_update(ticket: Ticket, update: StatusUpdate, *, now: datetime, actor:
     base = replace(ticket, version=ticket.version + 1, updated_at=now, last_update_digest=digest)
     kind = EventType.STATUS_CHANGED
     details: dict[str, object] = {}
+    # The worker, not the task, ended this attempt: a re-queue that uses no retry.
+    lost_run = update.worker_lost and ticket.lost_runs < MAX_LOST_RUNS
     if update.status is S.RUNNING:
         # From here the worker has the task's own timeout to finish.
         after = replace(
@@ -231,11 +238,18 @@ def decide_update(ticket: Ticket, update: StatusUpdate, *, now: datetime, actor:
             completed_at=now,
             lease_expires_at=None,
         )
-    elif update.status is S.FAILED and not update.permanent and ticket.retries_left:
-        after = replace(_requeue(ticket, now), error_message=update.error_message)
-        after = replace(after, last_update_digest=digest)
+    elif update.status is S.FAILED and not update.permanent and (lost_run or ticket.retries_left):
+        after = replace(
+            _requeue(ticket, now, lost_run=lost_run),
+            error_message=update.error_message,
+            last_update_digest=digest,
+        )
         kind = EventType.REQUEUED
-        details = {"failed_attempt": ticket.attempt, "error_message": update.error_message}
+        details = {
+            "failed_attempt": ticket.attempt,
+            "error_message": update.error_message,
+            "worker_lost": lost_run,
+        }
     elif update.status is S.FAILED:
         after = replace(
             base,
@@ -266,9 +280,17 @@ def decide_lease_expiry(ticket: Ticket, *, now: datetime) -> Outcome:
         or ticket.lease_expires_at > now
     ):
         return Outcome(ticket=ticket)
-    if ticket.retries_left:
-        after = _requeue(ticket, now)
-        details: dict[str, object] = {"expired_attempt": ticket.attempt, "requeued": True}
+    # An ASSIGNED lease that passed: the worker never started the task (lost, or gone).
+    lost_run = ticket.status is S.ASSIGNED and ticket.lost_runs < MAX_LOST_RUNS
+    if lost_run or ticket.retries_left:
+        after = replace(
+            _requeue(ticket, now, lost_run=lost_run), error_message=LEASE_EXPIRED_MESSAGE
+        )
+        details: dict[str, object] = {
+            "expired_attempt": ticket.attempt,
+            "requeued": True,
+            "worker_lost": lost_run,
+        }
     else:
         after = replace(
             ticket,

@@ -393,6 +393,7 @@ def validate_status_update(
     error_message: str,
     permanent: bool,
     limits: Limits,
+    worker_lost: bool = False,
 ) -> StatusUpdate:
     errors = Violations()
     ticket_id = check_uuid(ticket_id, "ticket_id", errors)
@@ -413,6 +414,8 @@ def validate_status_update(
     _check_text(error_message, "error_message", errors)
     if permanent and target is not TicketStatus.FAILED:
         errors.add("permanent", "only applies to FAILED")
+    if worker_lost and target is not TicketStatus.FAILED:
+        errors.add("worker_lost", "only applies to FAILED")
     errors.raise_if_any("invalid status update")
     assert target is not None
     return StatusUpdate(
@@ -423,6 +426,7 @@ def validate_status_update(
         result=result,
         error_message=error_message,
         permanent=permanent,
+        worker_lost=worker_lost,
     )
 
 

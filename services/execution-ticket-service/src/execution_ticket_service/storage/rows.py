@@ -59,6 +59,8 @@ def ticket_from_row(row: Mapping[str, Any]) -> Ticket:
         started_at=_ts(row["started_at"]),
         completed_at=_ts(row["completed_at"]),
         last_update_digest=row["last_update_digest"],
+        # Absent from the outbox payloads of events written before migration 0003.
+        lost_runs=row.get("lost_runs", 0),
     )
 
 
@@ -78,6 +80,7 @@ def ticket_document(ticket: Ticket) -> dict[str, Any]:
         "priority": spec.priority.value,
         "status": ticket.status.value,
         "attempt": ticket.attempt,
+        "lost_runs": ticket.lost_runs,
         "max_retries": spec.max_retries,
         "timeout_seconds": spec.timeout_seconds,
         "worker_id": ticket.worker_id,

@@ -185,6 +185,7 @@ JOIN unnest(%(plan_id)s::text[], %(task_id)s::text[]) AS k(plan_id, task_id)
 _WRITTEN_COLUMNS = {
     "status": "text",
     "attempt": "integer",
+    "lost_runs": "integer",
     "worker_id": "text",
     "lease_expires_at": "timestamptz",
     "error_message": "text",
@@ -1040,6 +1041,7 @@ def _row_params(outcome: Outcome, read_version: int) -> dict[str, Any]:
         "read_version": read_version,
         "status": ticket.status.value,
         "attempt": ticket.attempt,
+        "lost_runs": ticket.lost_runs,
         "worker_id": ticket.worker_id or None,
         "lease_expires_at": ticket.lease_expires_at,
         "error_message": ticket.error_message,

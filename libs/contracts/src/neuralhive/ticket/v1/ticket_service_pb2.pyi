@@ -177,6 +177,7 @@ class ExecutionTicket(_message.Message):
     UPDATED_AT_FIELD_NUMBER: _builtins.int
     STARTED_AT_FIELD_NUMBER: _builtins.int
     COMPLETED_AT_FIELD_NUMBER: _builtins.int
+    LOST_RUNS_FIELD_NUMBER: _builtins.int
     ticket_id: _builtins.str
     plan_id: _builtins.str
     intent_id: _builtins.str
@@ -193,6 +194,10 @@ class ExecutionTicket(_message.Message):
     error_message: _builtins.str
     version: _builtins.int
     """Increases with every change; use as expected_version."""
+    lost_runs: _builtins.int
+    """Attempts that ended because their worker stopped or was lost, not because the task
+    failed: they did not use the task's retries (see UpdateTicketStatusRequest.worker_lost).
+    """
     @_builtins.property
     def parameters(self) -> _struct_pb2.Struct: ...
     @_builtins.property
@@ -237,10 +242,11 @@ class ExecutionTicket(_message.Message):
         updated_at: _timestamp_pb2.Timestamp | None = ...,
         started_at: _timestamp_pb2.Timestamp | None = ...,
         completed_at: _timestamp_pb2.Timestamp | None = ...,
+        lost_runs: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["completed_at", b"completed_at", "created_at", b"created_at", "lease_expires_at", b"lease_expires_at", "parameters", b"parameters", "result", b"result", "started_at", b"started_at", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "completed_at", b"completed_at", "created_at", b"created_at", "depends_on", b"depends_on", "description", b"description", "error_message", b"error_message", "intent_id", b"intent_id", "lease_expires_at", b"lease_expires_at", "max_retries", b"max_retries", "parameters", b"parameters", "plan_id", b"plan_id", "priority", b"priority", "required_capabilities", b"required_capabilities", "result", b"result", "started_at", b"started_at", "status", b"status", "task_id", b"task_id", "task_type", b"task_type", "ticket_id", b"ticket_id", "timeout_seconds", b"timeout_seconds", "updated_at", b"updated_at", "version", b"version", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "completed_at", b"completed_at", "created_at", b"created_at", "depends_on", b"depends_on", "description", b"description", "error_message", b"error_message", "intent_id", b"intent_id", "lease_expires_at", b"lease_expires_at", "lost_runs", b"lost_runs", "max_retries", b"max_retries", "parameters", b"parameters", "plan_id", b"plan_id", "priority", b"priority", "required_capabilities", b"required_capabilities", "result", b"result", "started_at", b"started_at", "status", b"status", "task_id", b"task_id", "task_type", b"task_type", "ticket_id", b"ticket_id", "timeout_seconds", b"timeout_seconds", "updated_at", b"updated_at", "version", b"version", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -574,6 +580,7 @@ class UpdateTicketStatusRequest(_message.Message):
     RESULT_FIELD_NUMBER: _builtins.int
     ERROR_MESSAGE_FIELD_NUMBER: _builtins.int
     PERMANENT_FIELD_NUMBER: _builtins.int
+    WORKER_LOST_FIELD_NUMBER: _builtins.int
     ticket_id: _builtins.str
     status: Global___TicketStatus.ValueType
     """RUNNING, COMPLETED, FAILED or CANCELLED. A FAILED report with retries left
@@ -585,6 +592,12 @@ class UpdateTicketStatusRequest(_message.Message):
     error_message: _builtins.str
     permanent: _builtins.bool
     """A failure that retrying cannot fix: goes straight to FAILED."""
+    worker_lost: _builtins.bool
+    """FAILED because the attempt's worker stopped (a drain) or was lost (expired,
+    deregistered), not because the task failed: re-queued without using one of the
+    task's retries, up to the service's MAX_LOST_RUNS per ticket (then it counts as an
+    ordinary failure). Ignored with permanent.
+    """
     @_builtins.property
     def result(self) -> _struct_pb2.Struct: ...
     def __init__(
@@ -597,10 +610,11 @@ class UpdateTicketStatusRequest(_message.Message):
         result: _struct_pb2.Struct | None = ...,
         error_message: _builtins.str = ...,
         permanent: _builtins.bool = ...,
+        worker_lost: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_expected_version", b"_expected_version", "expected_version", b"expected_version", "result", b"result"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_expected_version", b"_expected_version", "attempt", b"attempt", "error_message", b"error_message", "expected_version", b"expected_version", "permanent", b"permanent", "result", b"result", "status", b"status", "ticket_id", b"ticket_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_expected_version", b"_expected_version", "attempt", b"attempt", "error_message", b"error_message", "expected_version", b"expected_version", "permanent", b"permanent", "result", b"result", "status", b"status", "ticket_id", b"ticket_id", "worker_lost", b"worker_lost"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__expected_version: _TypeAlias = _typing.Literal["expected_version"]  # noqa: Y015
     _WhichOneofArgType__expected_version: _TypeAlias = _typing.Literal["_expected_version", b"_expected_version"]  # noqa: Y015

@@ -88,6 +88,7 @@ def ticket_to_proto(
         priority=_PRIORITY[spec.priority],
         status=_STATUS[ticket.status],
         attempt=ticket.attempt,
+        lost_runs=ticket.lost_runs,
         max_retries=spec.max_retries,
         timeout_seconds=spec.timeout_seconds,
         worker_id=ticket.worker_id,

@@ -201,6 +201,7 @@ class TicketServicer(pb_grpc.TicketServiceServicer):
             result=struct_to_dict(request.result) if request.HasField("result") else None,
             error_message=request.error_message,
             permanent=request.permanent,
+            worker_lost=request.worker_lost,
             limits=self._limits,
         )
 

@@ -43,6 +43,7 @@ class TicketOut(BaseModel):
     priority: str
     status: str
     attempt: int
+    lost_runs: int
     max_retries: int
     timeout_seconds: int
     worker_id: str
