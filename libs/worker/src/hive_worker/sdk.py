@@ -133,12 +133,25 @@ class Outcome:
     result: dict[str, Any] | None = None
     error_message: str = ""
     permanent: bool = False
+    # The worker, not the task, ended the attempt (a drain): it uses no retry.
+    worker_lost: bool = False
 
     @classmethod
     def failure(
-        cls, message: str, *, permanent: bool = False, result: dict[str, Any] | None = None
+        cls,
+        message: str,
+        *,
+        permanent: bool = False,
+        result: dict[str, Any] | None = None,
+        worker_lost: bool = False,
     ) -> Outcome:
-        return cls(completed=False, error_message=message, permanent=permanent, result=result)
+        return cls(
+            completed=False,
+            error_message=message,
+            permanent=permanent,
+            result=result,
+            worker_lost=worker_lost,
+        )
 
 
 @dataclass(eq=False)
@@ -974,7 +987,7 @@ class Worker:
     async def _invoke_handler(self, run: _Run) -> Outcome | None:
         ticket = run.ticket
         if run.interrupted:
-            return Outcome.failure("the worker stopped before the task started")
+            return Outcome.failure("the worker stopped before the task started", worker_lost=True)
         handler = self.tasks.get(ticket.task_type)
         if handler is None:
             known = ", ".join(self.tasks.task_types()) or "none"
@@ -1008,7 +1021,7 @@ class Worker:
         if handler_task.cancelled():
             if run.abandoned:
                 return None
-            return Outcome.failure("the worker stopped before the task finished")
+            return Outcome.failure("the worker stopped before the task finished", worker_lost=True)
         error = handler_task.exception()
         if isinstance(error, TaskError):
             return _task_failure(error)
@@ -1069,6 +1082,7 @@ class Worker:
             result=_clean_json(outcome.result) if outcome.result else None,
             error_message="" if outcome.completed else _error_text(outcome.error_message),
             permanent=outcome.permanent,
+            worker_lost=outcome.worker_lost,
         )
         return lambda: self._send_report(update, run)
 
@@ -1095,7 +1109,10 @@ class Worker:
         run.log.warning("found a running attempt this process does not own; failing it")
         try:
             await self._report(
-                run, Outcome.failure("the worker restarted while this attempt was running")
+                run,
+                Outcome.failure(
+                    "the worker restarted while this attempt was running", worker_lost=True
+                ),
             )
         except HiveError as exc:
             run.log.warning("could not fail the orphaned attempt", error=repr(exc))

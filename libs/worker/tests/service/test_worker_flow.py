@@ -493,7 +493,8 @@ async def test_an_attempt_left_running_by_a_dead_process_is_failed_on_restart(
     gate = Gate()
     first.add_task("block", gate)
     worker_id = await workers.start(first)
-    assigned = await create_and_assign(orchestrator, worker_id, spec("block", max_retries=1))
+    # max_retries 0: the restart is the worker's ending, not the task's, and uses no retry.
+    assigned = await create_and_assign(orchestrator, worker_id, spec("block"))
     await gate.until(lambda: len(gate.started) == 1)
     # The process dies: no report, no deregistration; the ticket stays RUNNING.
     workers.running[-1][1].cancel()
@@ -508,6 +509,7 @@ async def test_an_attempt_left_running_by_a_dead_process_is_failed_on_restart(
     assert await workers.start(successor) == worker_id
     requeued = await wait_status(orchestrator, assigned.ticket_id, PENDING, attempt=2)
     assert requeued.error_message == "the worker restarted while this attempt was running"
+    assert requeued.lost_runs == 1
 
 
 async def _hive_worker_process(
@@ -628,21 +630,22 @@ async def test_a_worker_the_registry_forgot_registers_again_and_keeps_working(
     assert dict(done.result) == {"again": True}
 
 
-async def test_work_still_running_when_the_drain_grace_ends_is_failed_for_a_retry(
+async def test_work_still_running_when_the_drain_grace_ends_is_requeued_using_no_retry(
     workers: Any, orchestrator: TicketClient, registry_admin: RegistryClient
 ) -> None:
     worker = workers.make(drain_grace_seconds=0.2)
     gate = Gate()  # never released
     worker.add_task("block", gate)
     worker_id = await workers.start(worker)
-    assigned = await create_and_assign(orchestrator, worker_id, spec("block", max_retries=1))
+    # max_retries 0: a rolling restart used to fail the task it interrupted.
+    assigned = await create_and_assign(orchestrator, worker_id, spec("block"))
     await gate.until(lambda: len(gate.started) == 1)
 
     worker.drain()
     await asyncio.wait_for(workers.running[-1][1], WAIT_SECONDS)
     assert gate.cancelled == [assigned.ticket_id]
     requeued = await orchestrator.get_ticket(ticket_id=assigned.ticket_id)
-    assert (requeued.status, requeued.attempt) == (PENDING, 2)
+    assert (requeued.status, requeued.attempt, requeued.lost_runs) == (PENDING, 2, 1)
     assert requeued.error_message == "the worker stopped before the task finished"
     with pytest.raises(NotFound):
         await registry_admin.get_worker(worker_id=worker_id)

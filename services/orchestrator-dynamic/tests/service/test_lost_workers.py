@@ -51,7 +51,7 @@ async def hang_on_a_doomed_worker(flow: Flow, plan_id: str) -> Any:
         "required_capabilities": ["python"],
         # Leases as long as the defaults: only a lost worker can bring the ticket back.
         "timeout_seconds": 3600,
-        "max_retries": 1,
+        # No retries (the default): losing the worker must not use one (it failed the plan).
     }
     assert (await flow.submit({"plan_id": plan_id, "tasks": [task]})).status_code == 202
     async with asyncio.timeout(60):
@@ -65,6 +65,9 @@ async def assert_ran_on_a_survivor(flow: Flow, plan_id: str, survivor: Any) -> N
     job = flow.tasks(final)["job"]
     assert job["attempt"] == 2
     assert job["worker_id"] == survivor.worker_id
+    async with flow.ticket_client() as tickets:
+        ticket = await tickets.get_ticket(ticket_id=job["ticket_id"])
+    assert ticket.lost_runs == 1
 
 
 async def start_survivor(flow: Flow) -> Any:

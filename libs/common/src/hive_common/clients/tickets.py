@@ -54,14 +54,17 @@ def status_update_request(
     error_message: str = "",
     permanent: bool = False,
     expected_version: int | None = None,
+    worker_lost: bool = False,
 ) -> pb.UpdateTicketStatusRequest:
-    """An UpdateTicketStatus request; ``result`` must be a JSON object (``ValueError``)."""
+    """An UpdateTicketStatus request; ``result`` must be a JSON object (``ValueError``).
+    ``worker_lost``: a FAILED that is the worker's ending, not the task's (no retry used)."""
     request = pb.UpdateTicketStatusRequest(
         ticket_id=ticket_id,
         status=status,
         attempt=attempt,
         error_message=error_message,
         permanent=permanent,
+        worker_lost=worker_lost,
     )
     if result is not None:
         request.result.CopyFrom(to_struct(result))
@@ -390,6 +393,7 @@ class TicketClient(GrpcClient):
         error_message: str = "",
         permanent: bool = False,
         expected_version: int | None = None,
+        worker_lost: bool = False,
         token: str | None = None,
         attempt_timeout: float | None = None,
         deadline: float | None = None,
@@ -407,6 +411,7 @@ class TicketClient(GrpcClient):
             error_message=error_message,
             permanent=permanent,
             expected_version=expected_version,
+            worker_lost=worker_lost,
         )
         response = await self._invoke(
             self._stub.UpdateTicketStatus,

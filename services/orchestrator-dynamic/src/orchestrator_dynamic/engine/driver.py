@@ -806,8 +806,8 @@ class PlanDriver:
         await self._flush(plan)
 
     async def _hand_back(self, plan: DrivenPlan) -> None:
-        """Report the tickets a lost worker held as failed (retryable, so the ticket service
-        re-queues those with attempts left: the "worker lost" edge of the state machine).
+        """Report the tickets a lost worker held as failed with ``worker_lost`` (the ticket
+        service re-queues them without using one of the task's retries, up to its limit).
         Should the worker still be running one, its result is refused as late (fenced)."""
         lost, plan.lost_workers = plan.lost_workers, {}
         handed = [
@@ -821,6 +821,7 @@ class PlanDriver:
                 state,
                 ticket_pb.TICKET_STATUS_FAILED,
                 f"worker {state.worker_id} lost: {lost[state.worker_id]}",
+                worker_lost=True,
             )
             if self._merge(plan, ticket_state(state.task_id, ticket)):
                 self._wake_waiting()
@@ -834,7 +835,12 @@ class PlanDriver:
             await self._flush(plan)
 
     async def _report(
-        self, state: TicketState, status: ticket_pb.TicketStatus.ValueType, error_message: str
+        self,
+        state: TicketState,
+        status: ticket_pb.TicketStatus.ValueType,
+        error_message: str,
+        *,
+        worker_lost: bool = False,
     ) -> ticket_pb.ExecutionTicket:
         """Report ``status`` for the ticket's current attempt; the ticket as it now is."""
         assert state.ticket_id is not None
@@ -845,6 +851,7 @@ class PlanDriver:
                     status=status,
                     attempt=state.attempt,
                     error_message=error_message,
+                    worker_lost=worker_lost,
                 )
             )
         except (FailedPrecondition, Aborted):
