@@ -185,7 +185,8 @@ def tickets_table(tickets: Sequence[JsonObject]) -> str:
 def ticket_detail(ticket: JsonObject, events: Sequence[JsonObject] | None = None) -> str:
     """One ticket: where it stands, its error and result (indented JSON), and with
     ``events`` its audit history."""
-    attempts = 1 + int(ticket.get("max_retries") or 0)
+    # Attempts that ended with their worker (lost runs) used no retry.
+    attempts = 1 + int(ticket.get("max_retries") or 0) + int(ticket.get("lost_runs") or 0)
     lines = [
         f"ticket      {ticket.get('ticket_id')}",
         f"plan        {inline(ticket.get('plan_id'))}  task {inline(ticket.get('task_id'))}"

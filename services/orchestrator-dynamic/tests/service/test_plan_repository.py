@@ -32,6 +32,7 @@ pytestmark = pytest.mark.service
 TTL = timedelta(seconds=30)
 DROP_WATCH_CURSOR = "0002_drop_plans_watch_cursor"
 TASK_COUNTS = "0003_plan_task_counts"
+LOST_RUNS = "0004_plan_task_lost_runs"
 S = TicketStatus
 
 
@@ -116,7 +117,7 @@ async def test_migrations_apply_once_and_then_find_nothing_to_do(postgres_dsn: s
         apply_migrations, dsn=postgres_dsn, directory=MIGRATIONS_DIRECTORY
     )
 
-    assert first == ["0001_plans", DROP_WATCH_CURSOR, TASK_COUNTS]
+    assert first == ["0001_plans", DROP_WATCH_CURSOR, TASK_COUNTS, LOST_RUNS]
     assert second == []
     async with await psycopg.AsyncConnection.connect(postgres_dsn) as conn:
         cur = await conn.execute(
@@ -139,16 +140,16 @@ async def test_unused_watch_cursor_column_is_dropped_and_restored_by_the_rollbac
     applied = await asyncio.to_thread(
         apply_migrations, dsn=postgres_dsn, directory=MIGRATIONS_DIRECTORY
     )
-    assert applied == [DROP_WATCH_CURSOR, TASK_COUNTS]
+    assert applied == [DROP_WATCH_CURSOR, TASK_COUNTS, LOST_RUNS]
     assert "watch_cursor" not in await plan_columns(postgres_dsn)
 
-    for migration in (TASK_COUNTS, DROP_WATCH_CURSOR):
+    for migration in (LOST_RUNS, TASK_COUNTS, DROP_WATCH_CURSOR):
         await asyncio.to_thread(roll_back_migration, postgres_dsn, MIGRATIONS_DIRECTORY, migration)
     assert "watch_cursor" in await plan_columns(postgres_dsn)
     applied = await asyncio.to_thread(
         apply_migrations, dsn=postgres_dsn, directory=MIGRATIONS_DIRECTORY
     )
-    assert applied == [DROP_WATCH_CURSOR, TASK_COUNTS]
+    assert applied == [DROP_WATCH_CURSOR, TASK_COUNTS, LOST_RUNS]
 
 
 async def counted(dsn: str) -> dict[str, dict[str, int]]:
@@ -190,7 +191,7 @@ async def test_task_counts_are_filled_in_for_existing_plans_and_rolled_back(
         apply_migrations, dsn=postgres_dsn, directory=MIGRATIONS_DIRECTORY
     )
 
-    assert applied == [TASK_COUNTS]
+    assert applied == [TASK_COUNTS, LOST_RUNS]
     repo_pool = open_pool(postgres_dsn, min_size=1, max_size=1)
     await repo_pool.open(wait=True)
     try:
@@ -198,9 +199,13 @@ async def test_task_counts_are_filled_in_for_existing_plans_and_rolled_back(
         a, b = (await repo.get_summary("a")).counts, (await repo.get_summary("b")).counts
     finally:
         await repo_pool.close()
+    async with await psycopg.AsyncConnection.connect(postgres_dsn) as conn:
+        cur = await conn.execute("SELECT DISTINCT lost_runs FROM plan_tasks")
+        assert await cur.fetchall() == [(0,)]  # existing tasks start with no lost runs
     assert (a["COMPLETED"], a["RUNNING"], a["PENDING"], a["FAILED"]) == (2, 1, 1, 0)
     assert (b["PENDING"], sum(b.values())) == (1, 1)
-    await asyncio.to_thread(roll_back_migration, postgres_dsn, MIGRATIONS_DIRECTORY, TASK_COUNTS)
+    for migration in (LOST_RUNS, TASK_COUNTS):
+        await asyncio.to_thread(roll_back_migration, postgres_dsn, MIGRATIONS_DIRECTORY, migration)
     assert "counts" not in await plan_columns(postgres_dsn)
     assert await counted(postgres_dsn) == {
         "a": {"COMPLETED": 2, "RUNNING": 1, "PENDING": 1},

@@ -78,6 +78,8 @@ class TicketState:
     ticket_id: str | None = None
     status: TicketStatus = TicketStatus.PENDING
     attempt: int = 1
+    # Attempts that ended with their worker: they used none of the task's retries.
+    lost_runs: int = 0
     worker_id: str | None = None
     error_message: str | None = None
     lease_expires_at: datetime | None = None
@@ -740,7 +742,7 @@ def _explain_one(context: _Explaining, task_id: str) -> Explanation:
 
     if not reasons:  # pragma: no cover - every state above yields a reason; never index []
         reasons.append(Reason(ReasonCode.READY, f"{state.status.value.lower()}"))
-    max_attempts = graph.max_retries[task_id] + 1
+    max_attempts = graph.max_retries[task_id] + 1 + state.lost_runs
     return Explanation(
         task_id=task_id,
         ticket_id=state.ticket_id,

@@ -61,6 +61,7 @@ def ticket_state(task_id: str, ticket: ticket_pb.ExecutionTicket) -> TicketState
         ticket_id=ticket.ticket_id or None,
         status=_STATUS_FROM_PROTO.get(ticket.status, TicketStatus.PENDING),
         attempt=max(1, ticket.attempt),
+        lost_runs=ticket.lost_runs,
         worker_id=ticket.worker_id or None,
         error_message=ticket.error_message or None,
         lease_expires_at=timestamp(ticket, "lease_expires_at"),

@@ -82,8 +82,8 @@ SELECT %(plan_id)s, t.task_id, t.position - 1, %(now)s
 """
 
 _SELECT_TASKS = """
-SELECT task_id, ticket_id, status, attempt, worker_id, error_message, lease_expires_at,
-       ticket_version, backoff_until, backoff_attempt, updated_at
+SELECT task_id, ticket_id, status, attempt, lost_runs, worker_id, error_message,
+       lease_expires_at, ticket_version, backoff_until, backoff_attempt, updated_at
   FROM plan_tasks WHERE plan_id = %(plan_id)s ORDER BY position
 """
 
@@ -113,16 +113,17 @@ changed AS (
        SET ticket_id = COALESCE(u.ticket_id, t.ticket_id),
            status = u.status,
            attempt = u.attempt,
+           lost_runs = u.lost_runs,
            worker_id = u.worker_id,
            error_message = u.error_message,
            lease_expires_at = u.lease_expires_at,
            ticket_version = u.version,
            updated_at = %(now)s
       FROM unnest(%(task_ids)s::text[], %(ticket_ids)s::text[], %(statuses)s::text[],
-                  %(attempts)s::int[], %(worker_ids)s::text[], %(errors)s::text[],
-                  %(leases)s::timestamptz[], %(versions)s::bigint[])
-           AS u(task_id, ticket_id, status, attempt, worker_id, error_message, lease_expires_at,
-                version)
+                  %(attempts)s::int[], %(lost_runs)s::int[], %(worker_ids)s::text[],
+                  %(errors)s::text[], %(leases)s::timestamptz[], %(versions)s::bigint[])
+           AS u(task_id, ticket_id, status, attempt, lost_runs, worker_id, error_message,
+                lease_expires_at, version)
      WHERE EXISTS (SELECT 1 FROM owned)
        AND t.plan_id = %(plan_id)s
        AND t.task_id = u.task_id
@@ -440,6 +441,7 @@ class PlanRepository:
             "ticket_ids": [t.ticket_id for t in tickets],
             "statuses": [t.status.value for t in tickets],
             "attempts": [t.attempt for t in tickets],
+            "lost_runs": [t.lost_runs for t in tickets],
             "worker_ids": [t.worker_id for t in tickets],
             "errors": [t.error_message for t in tickets],
             "leases": [t.lease_expires_at for t in tickets],
@@ -604,6 +606,7 @@ def _ticket_state(row: Mapping[str, Any]) -> TicketState:
         ticket_id=row["ticket_id"],
         status=TicketStatus(row["status"]),
         attempt=row["attempt"],
+        lost_runs=row["lost_runs"],
         worker_id=row["worker_id"],
         error_message=row["error_message"],
         lease_expires_at=row["lease_expires_at"],

@@ -91,6 +91,7 @@ def ticket_json(state: TicketState) -> dict[str, Any]:
         "ticket_id": state.ticket_id,
         "status": state.status.value,
         "attempt": state.attempt,
+        "lost_runs": state.lost_runs,
         "worker_id": state.worker_id,
         "error_message": state.error_message,
         "lease_expires_at": _iso(state.lease_expires_at),

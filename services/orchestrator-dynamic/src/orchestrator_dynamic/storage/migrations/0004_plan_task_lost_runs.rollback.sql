@@ -1,0 +1,1 @@
+ALTER TABLE plan_tasks DROP COLUMN lost_runs;
