@@ -903,7 +903,7 @@ class Worker:
         timeout). If reporting ``outcome`` is what failed (e.g. a result protobuf cannot
         encode), it is reported without its result."""
         reason = f"{type(error).__name__}: {error}"
-        if run.phase is Phase.REPORTING and outcome is not None and outcome.result:
+        if run.phase is Phase.REPORTING and outcome is not None and outcome.result is not None:
             failure = _without_result(outcome, reason)
         else:
             failure = Outcome.failure(f"unexpected error in the worker: {reason}")
@@ -1079,7 +1079,7 @@ class Worker:
             ticket_id=run.ticket.ticket_id,
             status=pb.TICKET_STATUS_COMPLETED if outcome.completed else pb.TICKET_STATUS_FAILED,
             attempt=run.ticket.attempt,
-            result=_clean_json(outcome.result) if outcome.result else None,
+            result=None if outcome.result is None else _clean_json(outcome.result),
             error_message="" if outcome.completed else _error_text(outcome.error_message),
             permanent=outcome.permanent,
             worker_lost=outcome.worker_lost,

@@ -162,6 +162,11 @@ async def test_echo_runs_to_completed_with_its_result(
         what="succeeded_total == 1 in the registry",
     )
     assert seen.failed_total == 0
+    # An empty result is a result ({}), not "none recorded" (it was stored as null).
+    empty = await create_and_assign(orchestrator, worker_id, spec("echo", {}, task_id="e"))
+    empty_done = await wait_status(orchestrator, empty.ticket_id, COMPLETED)
+    assert empty_done.HasField("result")
+    assert dict(empty_done.result) == {}
 
 
 async def test_a_retryable_failure_is_requeued_then_fails_for_good(
