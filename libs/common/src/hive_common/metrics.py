@@ -148,7 +148,9 @@ def add_metrics_route(app: FastAPI, registry: CollectorRegistry, *, path: str = 
         body, content_type = render_latest(registry)
         return Response(content=body, media_type=content_type)
 
-    app.add_route(path, metrics, methods=["GET"], include_in_schema=False)
+    # An API route (not a plain Starlette one): the request metrics name it by its path,
+    # not as "unmatched" with the unknown paths.
+    app.add_api_route(path, metrics, methods=["GET"], include_in_schema=False)
 
 
 __all__ = [

@@ -170,8 +170,11 @@ async def test_metrics_on_http_app_without_metrics_port(servicer: SlowServicer) 
         assert rt.metrics_port is None
         async with httpx.AsyncClient() as client:
             response = await client.get(f"http://127.0.0.1:{rt.http_port}/metrics")
+            again = await client.get(f"http://127.0.0.1:{rt.http_port}/metrics")
         assert response.status_code == 200
         assert "grpc_server_started_total" in response.text
+        # Scrapes count as /metrics, not with the unknown paths as "unmatched".
+        assert 'http_requests_total{method="GET",route="/metrics",status="200"} 1.0' in again.text
     finally:
         await rt.stop(1)
 
