@@ -49,11 +49,40 @@ def open_pool(
     )
 
 
+_STALE_PREPARED_STATEMENT = "cached plan must not change result type"
+
+
+def _is_stale_prepared_statement(exc: BaseException) -> bool:
+    return (
+        isinstance(exc, psycopg.errors.FeatureNotSupported)
+        and exc.diag.message_primary == _STALE_PREPARED_STATEMENT
+    )
+
+
+@asynccontextmanager
+async def connection(pool: DictPool) -> AsyncIterator[AsyncConnection[DictRow]]:
+    """A connection of ``pool`` (what the storage layers use instead of ``pool.connection()``).
+
+    A statement psycopg prepared before a migration changed its result (a column added
+    under a running replica) fails with "cached plan must not change result type"; on an
+    autocommit connection psycopg would run it prepared that way for ever. The connection's
+    prepared statements are then dropped, so the next run prepares it again.
+    """
+    async with pool.connection() as conn:
+        try:
+            yield conn
+        except psycopg.errors.FeatureNotSupported as exc:
+            if _is_stale_prepared_statement(exc) and not conn.closed:
+                await conn.execute("DEALLOCATE ALL")  # psycopg forgets its own list too
+            raise
+
+
 @asynccontextmanager
 async def database_errors(database: str) -> AsyncIterator[None]:
     """Translate driver errors raised in the block (storage layers only).
 
-    No free connection in time or a lost server is UNAVAILABLE (retryable); any other
+    No free connection in time, a lost server or a statement prepared before a schema
+    change is UNAVAILABLE (retryable); any other
     driver error is INTERNAL with its SQLSTATE. Messages name ``database`` but never carry
     the driver's text (it holds host names and ports).
     """
@@ -68,6 +97,8 @@ async def database_errors(database: str) -> AsyncIterator[None]:
     except psycopg.OperationalError as exc:
         raise Unavailable(f"{database} unavailable") from exc
     except psycopg.Error as exc:
+        if _is_stale_prepared_statement(exc):  # see connection(): prepared again next time
+            raise Unavailable(f"{database}: the schema changed; retry") from exc
         # A client-side error (e.g. a NUL byte psycopg refuses to send) has no SQLSTATE.
         details = {"sqlstate": exc.sqlstate} if exc.sqlstate else {}
         raise Internal(f"{database} error", details=details) from exc

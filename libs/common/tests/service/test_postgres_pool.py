@@ -5,11 +5,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 
+import psycopg
 import pytest
 
 from hive_common import localdb
 from hive_common.errors import Unavailable
-from hive_common.postgres import DictPool, database_errors, open_pool
+from hive_common.postgres import DictPool, connection, database_errors, open_pool
 
 pytestmark = pytest.mark.service
 
@@ -47,3 +48,31 @@ async def test_a_pool_finds_its_database_back_soon_after_a_long_outage() -> None
                         await asyncio.sleep(0.2)
         finally:
             await pool.close()
+
+
+async def test_a_statement_prepared_before_a_schema_change_is_unavailable_once(
+    postgres_dsn: str,
+) -> None:
+    # A migration adding a column (a rolling upgrade) made every statement prepared with
+    # `SELECT *` on the running replicas' connections fail once: INTERNAL, ~600 in 5 s.
+    pool = open_pool(postgres_dsn, min_size=1, max_size=1)
+    await pool.open(wait=True)
+    try:
+        async with pool.connection() as conn:
+            await conn.execute("CREATE TABLE widgets (id int)")
+            await conn.execute("INSERT INTO widgets VALUES (1)")
+
+        async def read() -> list[object]:
+            async with database_errors("test database"), connection(pool) as conn:
+                cur = await conn.execute("SELECT * FROM widgets")
+                return [tuple(row.values()) for row in await cur.fetchall()]
+
+        for _ in range(6):  # psycopg prepares a statement run 5 times (prepare_threshold)
+            assert await read() == [(1,)]
+        async with await psycopg.AsyncConnection.connect(postgres_dsn, autocommit=True) as other:
+            await other.execute("ALTER TABLE widgets ADD COLUMN name text")
+        with pytest.raises(Unavailable, match="test database: the schema changed; retry"):
+            await read()
+        assert await read() == [(1, None)]  # prepared again (it failed for ever before)
+    finally:
+        await pool.close()

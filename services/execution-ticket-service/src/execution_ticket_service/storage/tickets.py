@@ -58,7 +58,7 @@ from hive_common.errors import (
     HiveError,
     NotFound,
 )
-from hive_common.postgres import DictPool, database_errors
+from hive_common.postgres import DictPool, connection, database_errors
 from hive_common.postgres import open_pool as open_dict_pool
 
 T = TypeVar("T")
@@ -392,7 +392,7 @@ class TicketRepository:
         async with database_errors("ticket database"):
             for attempt in range(1, _ATTEMPTS + 1):
                 try:
-                    async with self._pool.connection() as conn:
+                    async with connection(self._pool) as conn:
                         if not transaction:
                             return await work(conn)
                         async with conn.transaction():

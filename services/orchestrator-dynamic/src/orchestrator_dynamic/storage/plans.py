@@ -33,7 +33,7 @@ from hive_common.errors import (
     InvalidArgument,
     NotFound,
 )
-from hive_common.postgres import DictPool, database_errors
+from hive_common.postgres import DictPool, connection, database_errors
 from orchestrator_dynamic.domain.plan import Plan, Priority, plan_body_hash
 from orchestrator_dynamic.domain.records import (
     PlanLease,
@@ -244,7 +244,7 @@ class PlanRepository:
 
     @asynccontextmanager
     async def _connection(self) -> AsyncIterator[Connection]:
-        async with database_errors("orchestrator database"), self._pool.connection() as conn:
+        async with database_errors("orchestrator database"), connection(self._pool) as conn:
             yield conn
 
     @asynccontextmanager

@@ -21,7 +21,7 @@ from psycopg_pool import AsyncConnectionPool
 
 from hive_common.errors import HiveError, NotFound, Unavailable
 from hive_common.logging import get_logger
-from hive_common.postgres import database_errors
+from hive_common.postgres import connection, database_errors
 from service_registry.domain import lifecycle
 from service_registry.domain.lifecycle import Transition, WorkerExpired
 from service_registry.domain.models import (
@@ -187,7 +187,7 @@ class WorkerRepository:
     @asynccontextmanager
     async def _connection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
         try:
-            async with database_errors("registry database"), self._pool.connection() as conn:
+            async with database_errors("registry database"), connection(self._pool) as conn:
                 yield conn
         except Unavailable:
             self._deaf = True
