@@ -152,6 +152,15 @@ WITH input AS (
     ) WITH ORDINALITY AS i(ticket_id, plan_id, task_id, intent_id, task_type, description,
                            parameters, required_capabilities, depends_on, priority,
                            max_retries, timeout_seconds, ord)
+    -- Batches sharing tickets take turns, per plan: a lock on each plan of the batch, in
+    -- plan order, before any row goes in (evaluated once, first). Rows go in in request
+    -- order (the order of the listing and of the events), so two batches holding the same
+    -- tickets in different orders waited for each other's keys: a deadlock each (a second
+    -- to detect, retried, then ABORTED).
+    WHERE (SELECT count(*) FROM (
+               SELECT pg_advisory_xact_lock(hashtextextended(plan_id, 0))
+               FROM (SELECT DISTINCT unnest(%(plan_id)b::text[]) AS plan_id ORDER BY 1) AS p
+           ) AS locked) > 0
 ),
 inserted AS (
     INSERT INTO tickets (ticket_id, plan_id, task_id, intent_id, task_type, description,
