@@ -11,7 +11,6 @@ what it cannot show is anything about the base image itself.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shlex
@@ -19,26 +18,15 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from types import ModuleType
 
 import pytest
+
+from hive_testsupport.scripts import load_script
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
-def _load_script() -> ModuleType:
-    spec = importlib.util.spec_from_file_location(
-        "lint_deploy", REPO_ROOT / "scripts" / "lint_deploy.py"
-    )
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["lint_deploy"] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
-
-
-lint_deploy = _load_script()
+lint_deploy = load_script("lint_deploy.py")
 
 # Our import packages per workspace member, to compare their data files with the venv's.
 PACKAGES = {

@@ -6,33 +6,23 @@ real files and a failure on the copy show the checker looks at that very thing.
 
 from __future__ import annotations
 
-import importlib.util
 import shutil
 import subprocess
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 import pytest
 import yaml
 
+from hive_testsupport.scripts import load_script
+
 REPO_ROOT = Path(__file__).resolve().parents[2]
 SCRIPT = REPO_ROOT / "scripts" / "lint_deploy.py"
 
 
-def _load_script() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("lint_deploy", SCRIPT)
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["lint_deploy"] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
-
-
-lint_deploy = _load_script()
+lint_deploy = load_script("lint_deploy.py")
 
 
 @pytest.fixture

@@ -5,7 +5,6 @@ process cleanly."""
 from __future__ import annotations
 
 import fcntl
-import importlib.util
 import json
 import os
 import random
@@ -18,7 +17,6 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import httpx
 import pytest
@@ -32,6 +30,7 @@ from hive_common.localdb import (
     quiet_port,
 )
 from hive_common.testing.databases import unavailable_action
+from hive_testsupport.scripts import load_script
 
 from .conftest import wait_for
 
@@ -127,18 +126,8 @@ def dev_stack() -> Iterator[DevStack]:
         shutil.rmtree(state_dir, ignore_errors=True)
 
 
-def _dev_stack_module() -> Any:
-    spec = importlib.util.spec_from_file_location("dev_stack", REPO / "scripts" / "dev-stack.py")
-    assert spec is not None
-    assert spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["dev_stack"] = module  # dataclasses look their module up by name
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_how_a_process_ended_names_the_signal_that_killed_it() -> None:
-    how_it_ended = _dev_stack_module().how_it_ended
+    how_it_ended = load_script("dev-stack.py").how_it_ended
     assert how_it_ended(1) == "exited with code 1"
     assert how_it_ended(-9) == "was killed by SIGKILL"  # was "exited with code -9"
     assert how_it_ended(-15) == "was killed by SIGTERM"
