@@ -557,7 +557,10 @@ class TicketRepository:
             written = await self._apply_all_on_recent(requests)
             if written is not None:
                 return list(written)
-        # In one order, so concurrent batches wait for each other instead of deadlocking.
+        # In one order within each phase (remembered tickets, then fresh reads), so such
+        # batches wait for each other instead of deadlocking. Across the two phases the
+        # order is not global: an AssignTickets locking the same tickets can (rarely)
+        # deadlock with one; PostgreSQL detects it in a second and _run retries.
         order = sorted(range(len(requests)), key=lambda i: requests[i][0])
 
         async def work(conn: AsyncConnection[DictRow]) -> dict[int, Outcome | HiveError]:
