@@ -131,7 +131,7 @@ def _requeue(ticket: Ticket, now: datetime, *, lost_run: bool = False) -> Ticket
         ticket,
         status=S.PENDING,
         attempt=ticket.attempt + 1,
-        lost_runs=ticket.lost_runs + lost_run,
+        lost_runs=ticket.lost_runs + (1 if lost_run else 0),
         worker_id="",
         lease_expires_at=None,
         started_at=None,
