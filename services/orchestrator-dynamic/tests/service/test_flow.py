@@ -433,6 +433,30 @@ async def test_tickets_the_ticket_service_cannot_receive_fail_the_plan_visibly(
     assert "the ticket service refused the plan's tickets" in final["error_message"]
 
 
+async def test_a_failed_attempt_is_retried_on_another_worker(flow: Flow) -> None:
+    # The retry went back to the worker the attempt failed on (a frozen one included)
+    # whenever the registry ranked it first.
+    await flow.start_orchestrator()
+    ran_on: list[tuple[int, str]] = []
+    for name in ("w1", "w2"):
+        worker = await flow.start_worker(name, ["python"], max_concurrent=1)
+
+        async def flaky(params: dict[str, Any], ctx: Any, name: str = name) -> dict[str, Any]:
+            ran_on.append((ctx.attempt, name))
+            if ctx.attempt == 1:
+                raise RuntimeError("first attempt fails")
+            return {}
+
+        worker.add_task("flaky", flaky)
+    task = {"task_id": "f", "task_type": "flaky", "required_capabilities": ["python"]}
+    response = await flow.submit({"plan_id": "elsewhere", "tasks": [task | {"max_retries": 1}]})
+    assert response.status_code == 202, response.text
+    final = await flow.wait_settled("elsewhere")
+    assert final["status"] == "COMPLETED", final
+    assert [attempt for attempt, _ in ran_on] == [1, 2]
+    assert ran_on[0][1] != ran_on[1][1], ran_on
+
+
 async def test_without_fail_fast_independent_branches_finish(flow: Flow) -> None:
     await flow.start_orchestrator(fail_fast=False)
     await flow.start_worker("w1", ["python"], max_concurrent=4)

@@ -558,6 +558,27 @@ def test_capability_sets_of_ready_tasks() -> None:
     assert graph.capability_sets_of([]) == set()
 
 
+def test_a_retry_goes_to_another_worker_when_one_has_room() -> None:
+    # A task's next attempt went straight back to the worker its last one ended on (a
+    # frozen worker still HEALTHY in the registry got the retry of the task it froze on).
+    graph = PlanGraph(CAPS_PLAN)
+    py = frozenset({"python"})
+    best = WorkerCandidate("best", spare_capacity=1, score=0.9)
+    other = WorkerCandidate("other", spare_capacity=1, score=0.1)
+
+    elsewhere = assign_round(graph, ["p1"], {py: [best, other]}, CapacityLedger(), {"p1": "best"})
+    assert elsewhere.assignments == (Assignment("p1", "other"),)
+    # Only when another has room: else the same worker (better than waiting).
+    only = assign_round(graph, ["p1"], {py: [best]}, CapacityLedger(), {"p1": "best"})
+    assert only.assignments == (Assignment("p1", "best"),)
+    full = WorkerCandidate("other", spare_capacity=0)
+    same = assign_round(graph, ["p1"], {py: [best, full]}, CapacityLedger(), {"p1": "best"})
+    assert same.assignments == (Assignment("p1", "best"),)
+    # Other tasks keep the ranking.
+    kept = assign_round(graph, ["p2"], {py: [best, other]}, CapacityLedger(), {"p1": "best"})
+    assert kept.assignments == (Assignment("p2", "best"),)
+
+
 def test_assign_round_without_candidates_assigns_nothing() -> None:
     graph = PlanGraph(CAPS_PLAN)
 

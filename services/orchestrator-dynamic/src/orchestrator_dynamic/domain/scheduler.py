@@ -524,9 +524,13 @@ class CapacityLedger:
     def promised(self, worker_id: str) -> int:
         return self._promised.get(worker_id, 0)
 
-    def choose(self, candidates: Sequence[WorkerCandidate]) -> WorkerCandidate | None:
-        """Pick a worker and promise it one slot."""
-        chosen = choose_worker(candidates, self._promised)
+    def choose(
+        self, candidates: Sequence[WorkerCandidate], avoid: str | None = None
+    ) -> WorkerCandidate | None:
+        """Pick a worker and promise it one slot; another than ``avoid`` when one has room
+        (``avoid`` only when it is the only one)."""
+        others = [c for c in candidates if c.worker_id != avoid] if avoid else candidates
+        chosen = choose_worker(others, self._promised) or choose_worker(candidates, self._promised)
         if chosen is not None:
             self._promised[chosen.worker_id] = self.promised(chosen.worker_id) + 1
         return chosen
@@ -558,10 +562,13 @@ def assign_round(
     ready: Sequence[str],
     candidates: Mapping[frozenset[str], Sequence[WorkerCandidate]],
     ledger: CapacityLedger,
+    avoid: Mapping[str, str] | None = None,
 ) -> AssignmentRound:
     """Match ready tasks (in dispatch order) to workers: for each, the best-ranked candidate
-    for its capability set that still has room after this round's promises. The ledger may
-    be shared across plans so one round never overfills a worker."""
+    for its capability set that still has room after this round's promises; for a task in
+    ``avoid`` (task id -> the worker its last attempt ended on), another worker if one has
+    room. The ledger may be shared across plans so one round never overfills a worker."""
+    avoid = avoid or {}
     assignments: list[Assignment] = []
     unassigned: list[str] = []
     # Capability sets whose candidates are all full: promises only grow during the round,
@@ -570,7 +577,11 @@ def assign_round(
     full: set[frozenset[str]] = set()
     for i, task_id in enumerate(ready):
         needed = graph.capability_set[task_id]
-        chosen = None if needed in full else ledger.choose(candidates.get(needed, ()))
+        chosen = (
+            None
+            if needed in full
+            else ledger.choose(candidates.get(needed, ()), avoid.get(task_id))
+        )
         if chosen is not None:
             assignments.append(Assignment(task_id, chosen.worker_id))
             continue

@@ -160,6 +160,9 @@ class DrivenPlan:
     lost: bool = False
     # Workers gone while this plan had tickets on them -> why (see _hand_back).
     lost_workers: dict[str, str] = field(default_factory=dict)
+    # Task id -> the worker its last attempt ended on without finishing (failed, lost,
+    # timed out): the next attempt goes elsewhere if another worker has room.
+    retry_elsewhere: dict[str, str] = field(default_factory=dict)
     # Task id -> the serialized size of its TicketSpec, once built (see _spec).
     spec_bytes: dict[str, int] = field(default_factory=dict)
 
@@ -697,6 +700,10 @@ class PlanDriver:
             return False
         plan.progress.record(merged)
         plan.unsaved[observed.task_id] = merged
+        if merged.attempt > current.attempt and current.worker_id:
+            plan.retry_elsewhere[observed.task_id] = current.worker_id
+        elif merged.status is not TicketStatus.PENDING:
+            plan.retry_elsewhere.pop(observed.task_id, None)
         freed = current.status in OCCUPYING and (
             merged.status not in OCCUPYING or merged.worker_id != current.worker_id
         )
@@ -920,7 +927,9 @@ class PlanDriver:
         ledger = CapacityLedger()
         waiting = 0
         for plan, decision in ready:
-            assignment_round = assign_round(plan.graph, decision.dispatch, candidates, ledger)
+            assignment_round = assign_round(
+                plan.graph, decision.dispatch, candidates, ledger, plan.retry_elsewhere
+            )
             plan.waiting_for_workers = bool(assignment_round.unassigned)
             waiting += len(assignment_round.unassigned)
             if assignment_round.unassigned:
