@@ -4,9 +4,10 @@ and with whole numbers as integers (a Struct holds every number as a double)."""
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from google.protobuf import struct_pb2
+if TYPE_CHECKING:  # annotations only: the orchestrator's domain layer imports this module
+    from google.protobuf import struct_pb2
 
 
 def _value_to_python(value: struct_pb2.Value) -> Any:

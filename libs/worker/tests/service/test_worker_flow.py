@@ -635,16 +635,25 @@ async def test_a_worker_the_registry_forgot_registers_again_and_keeps_working(
     assert dict(done.result) == {"again": True}
 
 
-async def test_work_still_running_when_the_drain_grace_ends_is_requeued_using_no_retry(
-    workers: Any, orchestrator: TicketClient, registry_admin: RegistryClient
-) -> None:
+async def _blocked_with_a_short_drain(
+    workers: Any, orchestrator: TicketClient
+) -> tuple[Any, str, Gate, pb.ExecutionTicket]:
+    """A worker with a 0.2 s drain grace running a task that never ends: (worker, its id,
+    the task's gate, the ticket)."""
     worker = workers.make(drain_grace_seconds=0.2)
     gate = Gate()  # never released
     worker.add_task("block", gate)
     worker_id = await workers.start(worker)
-    # max_retries 0: a rolling restart used to fail the task it interrupted.
     assigned = await create_and_assign(orchestrator, worker_id, spec("block"))
     await gate.until(lambda: len(gate.started) == 1)
+    return worker, worker_id, gate, assigned
+
+
+async def test_work_still_running_when_the_drain_grace_ends_is_requeued_using_no_retry(
+    workers: Any, orchestrator: TicketClient, registry_admin: RegistryClient
+) -> None:
+    # max_retries 0: a rolling restart used to fail the task it interrupted.
+    worker, worker_id, gate, assigned = await _blocked_with_a_short_drain(workers, orchestrator)
 
     worker.drain()
     await asyncio.wait_for(workers.running[-1][1], WAIT_SECONDS)
@@ -662,12 +671,7 @@ async def test_a_drain_that_cannot_report_names_the_tickets_left_unreported(
     # With the ticket service down the drain used to end, exit 0, and say nothing of the
     # outcomes it could not report.
     monkeypatch.setattr(sdk, "_SHUTDOWN_REPORT_SECONDS", 0.5)
-    worker = workers.make(drain_grace_seconds=0.2)
-    gate = Gate()  # never released
-    worker.add_task("block", gate)
-    worker_id = await workers.start(worker)
-    assigned = await create_and_assign(orchestrator, worker_id, spec("block"))
-    await gate.until(lambda: len(gate.started) == 1)
+    worker, _, _, assigned = await _blocked_with_a_short_drain(workers, orchestrator)
     await tickets.stop()
 
     with capture_logs() as logs:
