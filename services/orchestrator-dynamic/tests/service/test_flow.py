@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import re
 from typing import TYPE_CHECKING, Any
 
 import psycopg
@@ -80,6 +81,11 @@ async def test_three_level_dag_completes(flow: Flow) -> None:
 
     metrics = (await flow.client().get("/metrics")).text
     assert 'hive_orchestrator_plans_settled_total{status="COMPLETED"} 1.0' in metrics
+    assert 'hive_orchestrator_plan_duration_seconds_count{status="COMPLETED"} 1.0' in metrics
+    # Submission to settlement took more than nothing and less than the test's own run.
+    duration = re.search(r'plan_duration_seconds_sum\{status="COMPLETED"\} (\S+)', metrics)
+    assert duration is not None
+    assert 0 < float(duration[1]) < 60
     assert 'hive_orchestrator_assignments_total{outcome="assigned"} 4.0' in metrics
     assert 'hive_orchestrator_plan_submissions_total{result="created"} 1.0' in metrics
     assert "hive_orchestrator_plans_driven 0.0" in metrics

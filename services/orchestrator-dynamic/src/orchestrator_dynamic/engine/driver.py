@@ -885,6 +885,8 @@ class PlanDriver:
         _log.info("plan settled", plan_id=plan.plan_id, status=plan.status.value, **reason)
         self._plans.pop(plan.plan_id, None)
         self._metrics.plans_settled.labels(plan.status.value).inc()
+        duration = (self._clock() - plan.created_at).total_seconds()
+        self._metrics.plan_duration_seconds.labels(plan.status.value).observe(max(duration, 0.0))
         self._metrics.plans_driven.set(len(self._plans))
         await self._safe_release(plan.lease)
 

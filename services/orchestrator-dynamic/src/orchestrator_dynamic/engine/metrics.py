@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+
+# From a few seconds (small plans) to a day (large or long-running ones).
+_PLAN_SECONDS_BUCKETS = (1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200, 21600, 86400)
 
 
 class OrchestratorMetrics:
@@ -33,6 +36,14 @@ class OrchestratorMetrics:
             "hive_orchestrator_plans_settled_total",
             "Plans whose tickets all reached a terminal status, by plan status.",
             ("status",),
+            registry=registry,
+        )
+        self.plan_duration_seconds = Histogram(
+            "hive_orchestrator_plan_duration_seconds",
+            "Seconds from a plan's submission until every ticket of it was terminal, by plan "
+            "status (observed by the replica that settled it).",
+            ("status",),
+            buckets=_PLAN_SECONDS_BUCKETS,
             registry=registry,
         )
         self.round_failures = Counter(
