@@ -61,7 +61,7 @@ from hive_common.errors import (
 )
 from hive_common.logging import get_logger
 from hive_common.retry import is_retryable
-from hive_common.structs import struct_to_dict, whole_numbers_as_integers
+from hive_common.structs import struct_to_dict
 from hive_worker.config import WorkerSettings
 from hive_worker.handlers import TaskContext, TaskError, TaskHandler, TaskRegistry
 from hive_worker.registration import (
@@ -995,7 +995,7 @@ class Worker:
                 f"unknown task type {ticket.task_type!r} (this worker runs: {known})",
                 permanent=True,
             )
-        params: dict[str, Any] = whole_numbers_as_integers(struct_to_dict(ticket.parameters))
+        params: dict[str, Any] = struct_to_dict(ticket.parameters)
         ctx = TaskContext(
             ticket_id=ticket.ticket_id,
             plan_id=ticket.plan_id,

@@ -32,6 +32,11 @@ pytestmark = pytest.mark.service
 S = pb.TicketStatus
 
 
+def typed(value: Any) -> str:
+    """``value`` as JSON, in which 3 and 3.0 differ (they are equal in Python)."""
+    return json.dumps(value, sort_keys=True)
+
+
 def bearer(token: str) -> tuple[tuple[str, str], ...]:
     return (("authorization", f"Bearer {token}"),)
 
@@ -323,6 +328,49 @@ async def test_http_api(
         assert 'hive_ticket_transitions_total{event_type="REQUEUED"' in text
         assert "hive_ticket_outbox_lag_seconds" in text
         assert "hive_ticket_lease_expiries_total" in text
+
+
+async def test_whole_numbers_stay_integers_over_http_and_in_the_audit(
+    service: TicketService,
+    stub: pb_grpc.TicketServiceAsyncStub,
+    service_token: str,
+    issuer: TokenIssuer,
+    settings: TicketSettings,
+) -> None:
+    # A Struct holds every number as a double: 3 arrives as 3.0 and was shown so.
+    md = bearer(service_token)
+    spec = pb.TicketSpec(plan_id="numbers", task_id="t", task_type="echo")
+    spec.parameters.update({"n": 3, "list": [1, 2], "ratio": 2.5, "big": 1e300})
+    ticket = (await stub.CreateTicket(pb.CreateTicketRequest(ticket=spec), metadata=md)).ticket
+    await stub.AssignTicket(
+        pb.AssignTicketRequest(ticket_id=ticket.ticket_id, worker_id="w1", attempt=1), metadata=md
+    )
+    for status in (S.TICKET_STATUS_RUNNING, S.TICKET_STATUS_COMPLETED):
+        update = pb.UpdateTicketStatusRequest(ticket_id=ticket.ticket_id, status=status, attempt=1)
+        if status == S.TICKET_STATUS_COMPLETED:
+            update.result.update({"count": 7})
+        await stub.UpdateTicketStatus(update, metadata=md)
+    worker_token, _ = issuer.issue_worker_token(worker_id="w1", ttl_seconds=60)
+    async with httpx.AsyncClient(
+        base_url=f"http://127.0.0.1:{service.runtime.http_port}",
+        headers={"authorization": f"Bearer {worker_token}"},
+    ) as http:
+        got = (await http.get(f"/api/v1/tickets/{ticket.ticket_id}")).json()
+        assert typed(got["parameters"]) == typed(
+            {"n": 3, "list": [1, 2], "ratio": 2.5, "big": 1e300}
+        )
+        assert typed(got["result"]) == typed({"count": 7})
+
+    # The audit trail's snapshot (MongoDB) too.
+    audit = AuditStore(client=service.mongo, database=settings.mongo_database)
+
+    async def audited() -> bool:
+        return len(await audit.history(ticket.ticket_id, limit=10)) == 4
+
+    await eventually(audited, what="the audit trail")
+    last = (await audit.history(ticket.ticket_id, limit=10))[-1]
+    assert typed(last["ticket"]["parameters"]) == typed(got["parameters"])
+    assert typed(last["ticket"]["result"]) == typed({"count": 7})
 
 
 async def test_http_nul_characters_are_400_with_the_field(

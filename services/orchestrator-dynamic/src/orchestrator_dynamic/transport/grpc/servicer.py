@@ -15,7 +15,7 @@ from datetime import datetime
 from typing import Any
 
 from hive_common.errors import Unauthenticated
-from hive_common.structs import struct_to_dict, whole_numbers_as_integers
+from hive_common.structs import struct_to_dict
 from hive_common.timestamps import datetime_to_timestamp
 from neuralhive.orchestrator.v1 import orchestrator_service_pb2 as pb
 from neuralhive.orchestrator.v1 import orchestrator_service_pb2_grpc as pb_grpc
@@ -65,9 +65,9 @@ def plan_spec_json(spec: pb.PlanSpec) -> dict[str, Any]:
         if task.description:
             item["description"] = task.description
         if task.HasField("parameters"):
-            # Struct numbers are doubles: whole ones are read back as integers, as the
-            # validator reads JSON parameters, so both APIs hash the same plan the same.
-            item["parameters"] = whole_numbers_as_integers(struct_to_dict(task.parameters))
+            # Whole numbers come back as integers, as the validator reads JSON parameters,
+            # so both APIs hash the same plan the same.
+            item["parameters"] = struct_to_dict(task.parameters)
         if task.timeout_seconds:
             item["timeout_seconds"] = task.timeout_seconds
         if task.max_retries:
