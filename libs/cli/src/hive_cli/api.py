@@ -71,8 +71,12 @@ class ServiceUnreachable(Exception):
     url: str
     reason: str
     hint: str = "is the service running? (see --orchestrator/--tickets/--registry)"
+    # The request was sent and the answer did not come in time: it may have been carried out.
+    sent: bool = False
 
     def __str__(self) -> str:
+        if self.sent:
+            return f"{self.service} at {self.url} did not answer in time: {self.reason}"
         return f"{self.service} at {self.url} is unreachable: {self.reason}"
 
 
@@ -151,6 +155,17 @@ class ServiceClient:
             response = self._http.request(
                 method, path, params=query, content=content, headers=headers
             )
+        except (httpx.ReadTimeout, httpx.WriteTimeout) as exc:
+            raise ServiceUnreachable(
+                self.name,
+                self.base_url,
+                f"timed out ({exc})",
+                hint=(
+                    "the request may have been carried out all the same (check before sending "
+                    "it again); --request-timeout waits longer"
+                ),
+                sent=True,
+            ) from exc
         except httpx.TimeoutException as exc:
             raise ServiceUnreachable(self.name, self.base_url, f"timed out ({exc})") from exc
         except httpx.RemoteProtocolError as exc:

@@ -57,7 +57,9 @@ MAX_INTEGER_DIGITS = 4300
 # The orchestrator answers 400 to a larger plans page (the ticket service and the registry
 # cap a larger page size at their configured maximum instead).
 MAX_PLANS_PAGE_SIZE = 500
-DEFAULT_REQUEST_TIMEOUT = 10.0
+# Above the orchestrator's SUBMIT_WAIT_SECONDS (10 s), which a plan submission may spend
+# waiting for its tickets before it answers (at 10 s the CLI gave up on a stored plan).
+DEFAULT_REQUEST_TIMEOUT = 30.0
 DEFAULT_WATCH_INTERVAL = 1.0
 # The largest value of any SECONDS option (a week): far more than any real wait, and far
 # below what a socket timeout or time.sleep() can take (about 292 years, as nanoseconds).

@@ -296,7 +296,7 @@ def _new_details(details: object, message: str) -> dict[str, Any]:
 def error_text(error: ApiError | ServiceUnreachable, *, hint: str | None = None) -> str:
     """An error for humans: code, message, every field violation with its JSON path."""
     if isinstance(error, ServiceUnreachable):
-        lines = [f"error: {error.service} at {error.url} is unreachable: {error.reason}"]
+        lines = [f"error: {error}"]
         lines.append(f"hint: {error.hint}")
         return "\n".join(lines)
     lines = [f"error: {inline(error.code)}: {inline(error.message)}"]
@@ -317,8 +317,8 @@ def error_json(error: ApiError | ServiceUnreachable) -> JsonObject:
     if isinstance(error, ServiceUnreachable):
         return {
             "error": {
-                "code": "UNREACHABLE",
-                "message": f"{error.service} at {error.url} is unreachable: {error.reason}",
+                "code": "TIMED_OUT" if error.sent else "UNREACHABLE",
+                "message": str(error),
                 "details": {"service": error.service, "url": error.url},
             }
         }

@@ -8,7 +8,9 @@ from pathlib import Path
 import httpx
 import pytest
 
+from hive_cli.cli import DEFAULT_REQUEST_TIMEOUT
 from hive_cli.exit_codes import ExitCode, exit_code_for_status
+from orchestrator_dynamic.config import OrchestratorSettings
 
 from .conftest import FakeServices, error_body
 
@@ -198,68 +200,36 @@ def test_a_plan_not_found_gets_no_url_hint() -> None:
     assert "hint" not in run.err
 
 
+PLAN = b'{"tasks": [{"task_id": "a", "task_type": "echo"}]}'
+
+
 def test_timeout_exits_5() -> None:
     def slow(request: httpx.Request) -> httpx.Response:
         raise httpx.ReadTimeout("timed out", request=request)
 
     services = FakeServices()
-    services.routes[("GET", "/api/v1/plans/p1")] = slow
+    services.routes[("POST", "/api/v1/plans")] = slow
+    run = services.run("plan", "submit", "-", stdin=PLAN)
+    assert run.code == ExitCode.UNAVAILABLE
+    # Sent and not answered: not "unreachable", and it may have been stored.
+    assert "did not answer in time: timed out" in run.err
+    assert "may have been carried out" in run.err
+    json_run = services.run("-o", "json", "plan", "submit", "-", stdin=PLAN)
+    assert json.loads(json_run.err)["error"]["code"] == "TIMED_OUT"
+
+
+def test_connect_timeout_is_unreachable() -> None:
+    def unreachable(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectTimeout("timed out", request=request)
+
+    services = FakeServices()
+    services.routes[("GET", "/api/v1/plans/p1")] = unreachable
     run = services.run("plan", "status", "p1")
     assert run.code == ExitCode.UNAVAILABLE
-    assert "timed out" in run.err
+    assert "is unreachable: timed out" in run.err
 
 
-def test_json_mode_errors_are_json_on_stderr_and_stdout_stays_empty() -> None:
-    services = FakeServices()
-    services.on("GET", "/api/v1/plans/x", 404, error_body("NOT_FOUND", "no plan x"))
-    run = services.run("-o", "json", "plan", "status", "x")
-    assert run.code == ExitCode.NOT_FOUND
-    assert run.out == ""
-    body = json.loads(run.err)
-    assert body["error"]["code"] == "NOT_FOUND"
-    assert body["error"]["http_status"] == 404
-    assert body["error"]["service"] == "orchestrator"
-
-
-@pytest.mark.parametrize(
-    ("content", "message"),
-    [
-        (b'{"tasks": [', "is not valid JSON: Expecting value at line 1 column 12"),
-        (b"\xff\xfe{}", "is not UTF-8 text"),
-        (b'{"n": ' + b"9" * 5000 + b"}", "number too large: an integer of 5000 digits"),
-        (b"[" * 100_000 + b"]" * 100_000, "nests too deeply"),
-    ],
-)
-def test_plan_file_that_is_not_json_is_rejected_locally(
-    tmp_path: Path, content: bytes, message: str
-) -> None:
-    plan = tmp_path / "plan.json"
-    plan.write_bytes(content)
-    services = FakeServices()
-    run = services.run("plan", "submit", str(plan))
-    assert run.code == ExitCode.USAGE
-    assert message in run.err
-    assert services.requests == []
-
-
-def test_missing_plan_file_is_a_usage_error(tmp_path: Path) -> None:
-    services = FakeServices()
-    run = services.run("plan", "submit", str(tmp_path / "absent.json"))
-    assert run.code == ExitCode.USAGE
-    assert "cannot read plan file" in run.err
-    assert "absent.json" in run.err
-    assert services.requests == []
-
-
-def test_plan_from_standard_input() -> None:
-    services = FakeServices()
-    services.on(
-        "POST",
-        "/api/v1/plans",
-        202,
-        {"plan_id": "p1", "created": True, "status": "PENDING", "task_count": 0},
-    )
-    run = services.run("plan", "submit", "-", stdin=b'{"tasks": []}')
-    assert run.code == ExitCode.OK
-    assert services.requests[0].content == b'{"tasks": []}'
-    assert "plan p1 submitted" in run.out
+def test_default_request_timeout_outlasts_the_orchestrators_submit_wait() -> None:
+    # At equal values the CLI gave up ("unreachable") just before a stored plan's answer.
+    submit_wait = OrchestratorSettings.model_fields["submit_wait_seconds"].default
+    assert submit_wait + 5 < DEFAULT_REQUEST_TIMEOUT
