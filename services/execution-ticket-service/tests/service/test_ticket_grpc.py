@@ -1150,6 +1150,27 @@ async def test_worker_watch_sees_its_assignments_and_resumes_from_cursor(client:
     resumed.cancel()
 
 
+async def test_a_worker_id_that_is_a_uuid_is_one_worker_in_any_case(client: Client) -> None:
+    # The registry's worker ids are UUIDs, accepted in any case there: an upper-case one
+    # was stored as sent, and listings, filters and watches in lower case missed it.
+    worker_id = "5f0c1b9e-6a7d-4c2b-9e8f-0a1b2c3d4e5f"
+    upper = worker_id.upper()
+    stream = client.stub.WatchTickets(
+        pb.WatchTicketsRequest(worker_id=upper), metadata=client.worker(worker_id)
+    )
+    await stream.initial_metadata()
+    ticket = await client.assign(await client.create(task_id="u"), worker_id=upper)
+    assert ticket.worker_id == worker_id
+    event = await next_event(stream)
+    assert event.ticket.ticket_id == ticket.ticket_id
+    stream.cancel()
+    for asked in (worker_id, upper):
+        listed = await client.stub.ListTickets(
+            pb.ListTicketsRequest(worker_id=asked), metadata=client.svc
+        )
+        assert [t.ticket_id for t in listed.tickets] == [ticket.ticket_id]
+
+
 async def test_a_worker_watch_can_deliver_each_assignment_with_its_ticket_token(
     client: Client,
 ) -> None:

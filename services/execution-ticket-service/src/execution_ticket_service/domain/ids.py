@@ -1,4 +1,4 @@
-"""Random (version 4) UUID strings, many at a time.
+"""UUID strings: random (version 4) ones many at a time, and one canonical form.
 
 One ``os.urandom`` call and one hex conversion for a whole batch cost a fraction of
 ``str(uuid.uuid4())`` per ticket (a syscall and a ``UUID`` object each).
@@ -7,6 +7,19 @@ One ``os.urandom`` call and one hex conversion for a whole batch cost a fraction
 from __future__ import annotations
 
 import os
+import uuid
+
+
+def canonical_if_uuid(value: str) -> str:
+    """The canonical (lower-case, hyphenated) form of a UUID; any other string as it is.
+
+    For ids that are UUIDs when they come from Hive (ticket ids, the registry's worker
+    ids) but are only checked where they are used: ``A1B2...`` and ``a1b2...`` must be
+    one worker to its assignments, watches and listings."""
+    try:
+        return str(uuid.UUID(value))
+    except ValueError:
+        return value
 
 
 def new_uuid4_strings(count: int) -> list[str]:

@@ -10,6 +10,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from execution_ticket_service.domain.ids import canonical_if_uuid
 from execution_ticket_service.domain.models import (
     Assignment,
     JsonObject,
@@ -336,7 +337,7 @@ def _check_assignment(
         errors.add(f"{prefix}expected_version", "must be at least 1")
     return Assignment(
         ticket_id=ticket_id,
-        worker_id=raw.worker_id,
+        worker_id=canonical_if_uuid(raw.worker_id),
         lease_seconds=lease,
         attempt=raw.attempt,
         expected_version=raw.expected_version,
@@ -376,7 +377,7 @@ def validate_report_batch(ticket_ids: Sequence[str], limits: Limits) -> None:
     _check_batch_size(len(ticket_ids), "reports", limits, errors, message="invalid reports")
     seen: dict[str, int] = {}
     for index, ticket_id in enumerate(ticket_ids):
-        key = check_uuid(ticket_id, "", Violations())  # canonical when it is a UUID
+        key = canonical_if_uuid(ticket_id)
         if key in seen:
             errors.add(f"reports[{index}].update.ticket_id", f"repeats reports[{seen[key]}]")
         seen.setdefault(key, index)
@@ -445,7 +446,9 @@ def validate_filter(
         status = parse_status(value, f"{statuses_path}[{index}]", errors)
         if status is not None:
             parsed.add(status)
-    return TicketFilter(plan_id=plan_id, statuses=frozenset(parsed), worker_id=worker_id)
+    return TicketFilter(
+        plan_id=plan_id, statuses=frozenset(parsed), worker_id=canonical_if_uuid(worker_id)
+    )
 
 
 def resolve_page_size(page_size: int, limits: Limits, errors: Violations) -> int:

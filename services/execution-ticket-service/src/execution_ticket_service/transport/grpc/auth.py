@@ -10,13 +10,13 @@ called by the servicer): any valid token may make the call itself.
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from contextvars import ContextVar
 from typing import Any
 
 from execution_ticket_service.domain.authorization import AccessRequest, authorize
+from execution_ticket_service.domain.ids import canonical_if_uuid
 from execution_ticket_service.domain.models import Ticket, TicketStatus
 from execution_ticket_service.domain.validation import validate_ticket_id
 from execution_ticket_service.transport.grpc.convert import status_name
@@ -47,13 +47,6 @@ def actor_of(claims: TokenClaims) -> str:
     return f"worker:{claims.worker_id or claims.subject}"
 
 
-def _canonical_uuid(value: str) -> str:
-    try:
-        return str(uuid.UUID(value))
-    except ValueError:
-        return value
-
-
 def _status(value: int) -> TicketStatus | None:
     try:
         return TicketStatus(status_name(value))
@@ -64,7 +57,7 @@ def _status(value: int) -> TicketStatus | None:
 def _update_access(request: pb.UpdateTicketStatusRequest) -> AccessRequest:
     return AccessRequest(
         method="UpdateTicketStatus",
-        ticket_id=_canonical_uuid(request.ticket_id),
+        ticket_id=canonical_if_uuid(request.ticket_id),
         attempt=request.attempt,
         status=_status(request.status),
     )
@@ -94,7 +87,7 @@ class TicketAuthInterceptor(HandlerWrappingInterceptor):
         if method == "UpdateTicketStatus":
             return _update_access(request)
         if method == "WatchTickets":
-            return AccessRequest(method=method, worker_id=request.worker_id)
+            return AccessRequest(method=method, worker_id=canonical_if_uuid(request.worker_id))
         if method == "GenerateToken" and claims.kind is TokenKind.WORKER:
             ticket = await self._lookup(validate_ticket_id(request.ticket_id))
             return AccessRequest(method=method, ticket_id=ticket.ticket_id, ticket=ticket)

@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf.message import Message
 
+from execution_ticket_service.domain.ids import canonical_if_uuid
 from execution_ticket_service.domain.models import (
     EventType,
     StatusUpdate,
@@ -301,8 +302,9 @@ class TicketServicer(pb_grpc.TicketServiceServicer):
             # ids); the stream would wait for events that never come.
             errors.add("cursor", "is ahead of the event log (from another database?)")
             errors.raise_if_any("invalid watch request")
-        ticket_filter = TicketFilter(plan_id=request.plan_id, worker_id=request.worker_id)
-        token_holder = request.worker_id if request.include_ticket_tokens else ""
+        worker_id = canonical_if_uuid(request.worker_id)
+        ticket_filter = TicketFilter(plan_id=request.plan_id, worker_id=worker_id)
+        token_holder = worker_id if request.include_ticket_tokens else ""
         # The caller's own changes are skipped here, after the shared tail filtered: it
         # saves building and sending messages the caller does not need.
         own_actor = actor_of(current_claims()) if request.exclude_own_changes else None
