@@ -111,17 +111,24 @@ async def evaluate_readiness(
 async def check_dependency(
     probe: Callable[[], Awaitable[object]],
     *,
-    timeout_seconds: float = 2.0,
+    timeout_seconds: float = 1.0,
     failed: CheckStatus = "down",
+    last_error: Callable[[], str | None] | None = None,
 ) -> CheckResult:
     """One dependency's readiness check: ok, or ``failed`` saying why (its error, or no
     answer within ``timeout_seconds``: a database that does not answer used to hold
-    /ready until the whole check timed out, naming no dependency)."""
+    /ready until the whole check timed out, naming no dependency). ``last_error``: what
+    the client last saw of the dependency, said instead of "no answer" when the probe
+    timed out (a driver that retries a refused connection until its own timeout).
+
+    Keep /ready well within the probes' timeouts (compose and Kubernetes give it 3 s): run
+    a service's checks concurrently (:func:`asyncio.gather`)."""
     try:
         async with asyncio.timeout(timeout_seconds):
             await probe()
     except TimeoutError:
-        return {"status": failed, "detail": f"no answer within {timeout_seconds:g} s"}
+        seen = last_error() if last_error is not None else None
+        return {"status": failed, "detail": seen or f"no answer within {timeout_seconds:g} s"}
     except HiveError as exc:
         return {"status": failed, "detail": exc.message}
     return {"status": "ok"}
@@ -374,7 +381,7 @@ def create_http_app(
     title: str,
     version: str,
     readiness: ReadinessCheck | None = None,
-    readiness_timeout_seconds: float = 5.0,
+    readiness_timeout_seconds: float = 2.5,
     metrics: HttpMetrics | None = None,
     description: str = "",
     logger: Any | None = None,

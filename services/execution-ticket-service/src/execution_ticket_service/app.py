@@ -237,12 +237,16 @@ async def build_service(settings: TicketSettings, *, clock: Clock = utc_now) -> 
     )
 
     async def readiness() -> dict[str, CheckResult]:
-        # Reading the tickets table also proves the schema (the migrations).
-        report: dict[str, CheckResult] = {"postgresql": await check_dependency(repository.ping)}
-        if report["postgresql"]["status"] == "ok":
+        postgresql, mongodb = await asyncio.gather(
+            # Reading the tickets table also proves the schema (the migrations).
+            check_dependency(repository.ping),
+            # The outbox keeps every event until MongoDB is back: degraded, not down.
+            check_dependency(audit.ping, failed="degraded", last_error=audit.last_error),
+        )
+        report: dict[str, CheckResult] = {"postgresql": postgresql}
+        if postgresql["status"] == "ok":
             report["migrations"] = {"status": "ok"}
-        # The outbox keeps every event until MongoDB is back: degraded, not down.
-        report["mongodb"] = await check_dependency(audit.ping, failed="degraded")
+        report["mongodb"] = mongodb
         return report
 
     http_app = create_http_app(

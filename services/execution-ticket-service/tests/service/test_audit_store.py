@@ -11,6 +11,8 @@ from execution_ticket_service.domain.models import TicketSpec
 from execution_ticket_service.storage import audit
 from execution_ticket_service.storage.audit import AuditStore
 from execution_ticket_service.storage.tickets import OutboxEntry, TicketRepository
+from hive_common.http import check_dependency
+from hive_common.localdb import free_port
 
 if TYPE_CHECKING:  # conftest is not importable at run time (import mode importlib)
     from conftest import LoopTurns
@@ -48,3 +50,22 @@ async def test_a_big_batch_is_built_in_chunks_with_the_event_loop_let_in_between
         {built[i] for i in range(c, min(c + 100, 250))} for c in (0, 100, 200)
     )
     assert first < second < third
+
+
+async def test_readiness_says_why_mongodb_is_unreachable_before_the_driver_gives_up() -> None:
+    # The driver retries a refused connection until its server selection timeout (2 s by
+    # default), longer than /ready may take: the check said "no answer", not "refused".
+    port = free_port()  # nothing listens there
+    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
+        f"mongodb://127.0.0.1:{port}", serverSelectionTimeoutMS=30_000
+    )
+    store = AuditStore(client=client, database="readiness")
+    try:
+        assert store.last_error() is None  # nothing tried yet
+        check = await check_dependency(
+            store.ping, timeout_seconds=1.0, failed="degraded", last_error=store.last_error
+        )
+    finally:
+        await client.close()
+    assert check["status"] == "degraded"
+    assert check.get("detail", "").startswith(f"MongoDB unavailable: 127.0.0.1:{port}: ")

@@ -111,6 +111,13 @@ class AuditStore:
         except PyMongoError as exc:
             raise Unavailable(f"MongoDB unavailable: {exc}") from exc
 
+    def last_error(self) -> str | None:
+        """Why the client's last attempt to reach MongoDB failed, if it did (the driver
+        retries a refused connection until its server selection timeout)."""
+        descriptions = self._db.client.topology_description.server_descriptions()
+        errors = [str(d.error) for d in descriptions.values() if d.error is not None]
+        return f"MongoDB unavailable: {errors[0]}" if errors else None
+
     async def record(self, entries: Sequence[OutboxEntry]) -> None:
         """Store the events; already stored ones are skipped (redelivery is harmless)."""
         relayed_at = datetime.now(UTC)
