@@ -188,6 +188,7 @@ async def build_app(
         )
     )
     grpc_server = None
+    servicer: OrchestratorServicer | None = None
     if settings.grpc_enabled:
         servicer = OrchestratorServicer(
             plans=plans,
@@ -204,6 +205,8 @@ async def build_app(
                 )
             ],
             metrics=RpcMetrics(metrics_registry),
+            # A plan HTTP accepts (MAX_REQUEST_BYTES) is accepted over gRPC too.
+            max_receive_message_bytes=settings.max_request_bytes,
         )
     runtime = ServiceRuntime.from_settings(
         settings,
@@ -222,5 +225,8 @@ async def build_app(
         registry=registry,
         pool=pool,
     )
+    if servicer is not None:
+        # WatchPlan streams of unsettled plans never end on their own.
+        runtime.add_before_stop_callback(servicer.end_watches)
     runtime.add_shutdown_callback(app._shutdown)
     return app

@@ -302,6 +302,26 @@ async def test_plan_waits_for_a_missing_capability(flow: Flow) -> None:
     assert final["status"] == "COMPLETED"
 
 
+async def test_tickets_waiting_for_workers_are_no_longer_counted_once_their_plan_is_cancelled(
+    flow: Flow,
+) -> None:
+    # The gauge was only set by a dispatch round: it kept counting a cancelled plan's
+    # tickets until some other plan had tickets to dispatch.
+    await flow.start_orchestrator()
+    plan = {"plan_id": "waits", "tasks": [echo("a", caps=("gpu",)), echo("b", caps=("gpu",))]}
+    assert (await flow.submit(plan)).status_code == 202
+
+    async def waiting(expected: float) -> bool:
+        metrics = (await flow.client().get("/metrics")).text
+        found = re.search(r"^hive_orchestrator_tickets_waiting_for_workers (\S+)$", metrics, re.M)
+        return found is not None and float(found.group(1)) == expected
+
+    await flow.wait_for(lambda: waiting(2.0), what="two tickets waiting for a worker")
+    assert (await flow.client().post("/api/v1/plans/waits/cancel")).status_code == 200
+    assert (await flow.wait_settled("waits"))["status"] == "CANCELLED"
+    await flow.wait_for(lambda: waiting(0.0), what="no ticket waiting for a worker")
+
+
 @pytest.mark.parametrize("sets", [3, 40], ids=["asks-per-set", "reads-the-workers"])
 async def test_feasibility_asks_the_registry_about_the_plans_capability_sets(
     flow: Flow, sets: int

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
@@ -14,6 +15,7 @@ from hive_common.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    ResourceExhausted,
     Unauthenticated,
 )
 from hive_common.grpc_client import create_channel
@@ -268,3 +270,88 @@ async def test_ids_that_cannot_exist_are_not_found(flow: Flow, channel: grpc.aio
         with pytest.raises(NotFound) as raised:
             await call
         assert len(raised.value.message) < 200
+
+
+async def test_two_authorization_entries_are_refused_like_over_http(flow: Flow) -> None:
+    # The servicer took the first entry holding the token: a wrong one then the right one
+    # was OK over gRPC, and 401 over HTTP and at the other services.
+    app = await flow.start_orchestrator(api_token="grpc-token-for-tests")
+    channel = create_channel(f"127.0.0.1:{app.runtime.grpc_port}")
+    try:
+        stub = pb_grpc.OrchestratorServiceStub(channel)
+        for headers in (
+            [("authorization", "Bearer wrong"), ("authorization", "Bearer grpc-token-for-tests")],
+            [("authorization", "Basic grpc-token-for-tests")],
+        ):
+            with pytest.raises(Unauthenticated) as raised:
+                await stub.GetPlan(pb.GetPlanRequest(plan_id="x"), metadata=headers)
+            over_http = await flow.client().get("/api/v1/plans/x", headers=headers)
+            assert over_http.status_code == 401
+            assert over_http.json()["error"]["message"] == raised.value.message
+        assert raised.value.message == "authorization header must be 'Bearer <token>'"
+    finally:
+        await channel.close()
+
+
+async def test_stop_ends_watch_plan_streams_instead_of_waiting_for_the_grace(
+    flow: Flow,
+) -> None:
+    # A stream watching a plan that never settles held the stop for the whole grace
+    # period, then ended UNAVAILABLE ("Cancelling all calls").
+    app = await flow.start_orchestrator()
+    channel = create_channel(f"127.0.0.1:{app.runtime.grpc_port}")
+    try:
+        stub = pb_grpc.OrchestratorServiceStub(channel)
+        never = pb.TaskSpec(task_id="a", task_type="echo", required_capabilities=["no-such"])
+        plan = pb.PlanSpec(plan_id="never-settles", tasks=[never])
+        await stub.SubmitPlan(pb.SubmitPlanRequest(plan=plan))
+        updates = aiter(stub.WatchPlan(pb.WatchPlanRequest(plan_id="never-settles")))
+        first = await anext(updates)
+        assert first.plan.plan_id == "never-settles"
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        await app.stop(30)
+        rest = [update async for update in updates]  # ends with OK, or raises
+        assert all(not update.plan.completed_at.seconds for update in rest)
+        # Far below the 30 s grace: the stream ended because of the stop, not the grace.
+        assert loop.time() - started < 15
+    finally:
+        await channel.close()
+
+
+def blob_plan(plan_id: str, tasks: int) -> pb.SubmitPlanRequest:
+    """Tasks with 60 KB of parameters each (within MAX_PARAMETERS_BYTES)."""
+    return pb.SubmitPlanRequest(
+        plan=pb.PlanSpec(
+            plan_id=plan_id,
+            tasks=[
+                pb.TaskSpec(
+                    task_id=f"t{n:03}",
+                    task_type="echo",
+                    required_capabilities=["python"],
+                    parameters=params(blob="x" * 60_000, n=n),
+                )
+                for n in range(tasks)
+            ],
+        )
+    )
+
+
+async def test_plans_up_to_max_request_bytes_are_accepted_over_grpc_too(flow: Flow) -> None:
+    # The gRPC server kept its default 4 MiB receive limit: a 5 MB plan accepted over
+    # HTTP (MAX_REQUEST_BYTES, 8 MiB) was RESOURCE_EXHAUSTED over gRPC.
+    limit = 8 * 1024 * 1024
+    app = await flow.start_orchestrator(max_request_bytes=limit)
+    channel = create_channel(f"127.0.0.1:{app.runtime.grpc_port}", max_message_bytes=2 * limit)
+    try:
+        stub = pb_grpc.OrchestratorServiceStub(channel)
+        request = blob_plan("five-megabytes", 85)
+        assert 4 * 1024 * 1024 < request.ByteSize() < limit
+        submitted = await stub.SubmitPlan(request)
+        assert submitted.created is True
+        over = blob_plan("over-the-limit", 150)
+        assert over.ByteSize() > limit
+        with pytest.raises(ResourceExhausted):
+            await stub.SubmitPlan(over)
+    finally:
+        await channel.close()

@@ -10,6 +10,10 @@ from typing import TYPE_CHECKING, Any
 import psycopg
 import pytest
 
+from hive_common.grpc_client import create_channel
+from neuralhive.orchestrator.v1 import orchestrator_service_pb2 as pb
+from neuralhive.orchestrator.v1 import orchestrator_service_pb2_grpc as pb_grpc
+
 if TYPE_CHECKING:  # conftest is not importable at run time (import mode importlib)
     from conftest import Flow
 
@@ -70,7 +74,7 @@ async def test_ticket_service_outage_delays_and_loses_nothing(flow: Flow) -> Non
 
 
 async def test_registry_outage_delays_dispatch(flow: Flow) -> None:
-    await flow.start_orchestrator()
+    app = await flow.start_orchestrator()
     await flow.start_worker("w1", ["python"])
     await flow.stop_registry()
 
@@ -78,6 +82,17 @@ async def test_registry_outage_delays_dispatch(flow: Flow) -> None:
     assert response.status_code == 202, response.text
     warnings = response.json()["warnings"]
     assert any("could not be asked" in w["description"] for w in warnings), warnings
+    # Not capability_unavailable: that one says no worker offers a capability.
+    assert [w["code"] for w in warnings] == ["feasibility_unchecked"]
+    channel = create_channel(f"127.0.0.1:{app.runtime.grpc_port}")
+    try:
+        task = pb.TaskSpec(task_id="a", task_type="echo", required_capabilities=["python"])
+        over_grpc = await pb_grpc.OrchestratorServiceStub(channel).SubmitPlan(
+            pb.SubmitPlanRequest(plan=pb.PlanSpec(plan_id="no-registry-grpc", tasks=[task]))
+        )
+    finally:
+        await channel.close()
+    assert [w.split(": ", 1)[0] for w in over_grpc.warnings] == ["feasibility_unchecked"]
     explained = await flow.client().get("/api/v1/plans/no-registry/tasks/t0/explain")
     assert explained.status_code == 200
     codes = [r["code"] for r in explained.json()["reasons"]]

@@ -76,6 +76,8 @@ class IssueCode(StrEnum):
     CYCLE = "cycle"
     LIMIT_EXCEEDED = "limit_exceeded"
     CAPABILITY_UNAVAILABLE = "capability_unavailable"
+    # The registry could not tell (unreachable, too many workers): not a sign of infeasibility.
+    FEASIBILITY_UNCHECKED = "feasibility_unchecked"
     TRUNCATED = "truncated"
 
 

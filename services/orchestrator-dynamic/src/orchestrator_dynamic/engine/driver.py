@@ -156,7 +156,8 @@ class DrivenPlan:
     # Loop time at which to run the plan's round again (0: now).
     due: float = 0.0
     resync_due: float = 0.0
-    waiting_for_workers: bool = False
+    # Ready tickets that found no worker in the plan's last dispatch round.
+    waiting_for_workers: int = 0
     lost: bool = False
     # Workers gone while this plan had tickets on them -> why (see _hand_back).
     lost_workers: dict[str, str] = field(default_factory=dict)
@@ -543,6 +544,11 @@ class PlanDriver:
                 ready.append((plan, decision))
         if ready:
             await self._dispatch(ready)
+        # Every round, not only dispatching ones: a plan that settled, was dropped or has
+        # nothing ready any more no longer counts.
+        self._metrics.tickets_waiting_for_workers.set(
+            sum(p.waiting_for_workers for p in self._plans.values())
+        )
 
     async def _guarded(self, plan: DrivenPlan, work: Awaitable[T]) -> T | None:
         """``work``'s result; None when it failed (the plan is dropped or postponed)."""
@@ -609,6 +615,7 @@ class PlanDriver:
             await self._cancel(plan, decision.cancel)
             decision = self._decide(plan)
         if not decision.dispatch:
+            plan.waiting_for_workers = 0
             # Else stored with the round's assignments (one statement), and the status
             # after them (see _end_round).
             await self._flush(plan)
@@ -927,17 +934,14 @@ class PlanDriver:
             retry = min(retry, self._settings.registry_lag_retry)
             self._discovered.clear()  # look again, at the registry
         ledger = CapacityLedger()
-        waiting = 0
         for plan, decision in ready:
             assignment_round = assign_round(
                 plan.graph, decision.dispatch, candidates, ledger, plan.retry_elsewhere
             )
-            plan.waiting_for_workers = bool(assignment_round.unassigned)
-            waiting += len(assignment_round.unassigned)
+            plan.waiting_for_workers = len(assignment_round.unassigned)
             if assignment_round.unassigned:
                 plan.due = min(plan.due, loop.time() + retry)
             await self._guarded(plan, self._end_round(plan, decision, assignment_round.assignments))
-        self._metrics.tickets_waiting_for_workers.set(waiting)
 
     async def _end_round(
         self, plan: DrivenPlan, decision: SchedulingDecision, assignments: Sequence[Assignment]

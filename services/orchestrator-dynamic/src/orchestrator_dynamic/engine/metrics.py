@@ -17,8 +17,8 @@ class OrchestratorMetrics:
         )
         self.tickets_waiting_for_workers = Gauge(
             "hive_orchestrator_tickets_waiting_for_workers",
-            "Ready tickets that found no worker with the capabilities and spare capacity "
-            "in the last dispatch round.",
+            "Ready tickets of the driven plans that found no worker with the capabilities "
+            "and spare capacity in their plan's last dispatch round.",
             registry=registry,
         )
         self.assignments = Counter(

@@ -159,7 +159,7 @@ class PlanService:
         return None, ValidationIssue(
             "$.tasks",
             f"capability feasibility not checked: {reason}",
-            IssueCode.CAPABILITY_UNAVAILABLE,
+            IssueCode.FEASIBILITY_UNCHECKED,
             Severity.WARNING,
         )
 

@@ -9,11 +9,13 @@ status codes with ``google.rpc.BadRequest`` details by the shared interceptor.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hmac
 from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Any
 
+from hive_common.auth import bearer_token_from_metadata
 from hive_common.errors import Unauthenticated
 from hive_common.structs import struct_to_dict
 from hive_common.timestamps import datetime_to_timestamp
@@ -120,18 +122,21 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
         self._plans = plans
         self._api_token = api_token
         self._watch_interval = watch_interval_seconds
+        self._draining = asyncio.Event()
+
+    async def end_watches(self) -> None:
+        """End every WatchPlan stream at its next idle moment: a stop would otherwise wait
+        for streams of unsettled plans until its grace period ends (watchers start again
+        at a replica still running, or this one once it is back)."""
+        self._draining.set()
 
     def _authorize(self, context: Any) -> None:
         if self._api_token is None:
             return
-        for key, value in context.invocation_metadata() or ():
-            if key == "authorization":
-                scheme, _, token = str(value).partition(" ")
-                if scheme.lower() == "bearer" and hmac.compare_digest(
-                    token.strip().encode(), self._api_token.encode()
-                ):
-                    return
-        raise Unauthenticated("missing or wrong API token (authorization: Bearer <token>)")
+        # The HTTP API's rules: two authorization entries, or another scheme, are refused.
+        token = bearer_token_from_metadata(context.invocation_metadata()) or ""
+        if not hmac.compare_digest(token.encode(), self._api_token.encode()):
+            raise Unauthenticated("missing or wrong API token (authorization: Bearer <token>)")
 
     async def SubmitPlan(
         self, request: pb.SubmitPlanRequest, context: Any
@@ -141,7 +146,8 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
         return pb.SubmitPlanResponse(
             plan=plan_message(submission.stored),
             created=submission.created,
-            warnings=[str(w) for w in submission.warnings],
+            # The HTTP warning's code, field and description in one string.
+            warnings=[f"{w.code.value}: {w}" for w in submission.warnings],
         )
 
     async def GetPlan(self, request: pb.GetPlanRequest, context: Any) -> pb.GetPlanResponse:
@@ -158,7 +164,8 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
     async def WatchPlan(
         self, request: pb.WatchPlanRequest, context: Any
     ) -> AsyncIterator[pb.WatchPlanResponse]:
-        """The plan now and after every change, until every ticket is terminal."""
+        """The plan now and after every change, until every ticket is terminal (or the
+        server stops: the stream then ends with OK)."""
         self._authorize(context)
         last: tuple[object, ...] | None = None
         while True:
@@ -170,4 +177,7 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
                 yield pb.WatchPlanResponse(plan=plan_message(stored))
             if summary.settled:
                 return
-            await asyncio.sleep(self._watch_interval)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._draining.wait(), self._watch_interval)
+            if self._draining.is_set():
+                return
