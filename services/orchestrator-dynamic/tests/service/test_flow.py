@@ -6,6 +6,7 @@ import asyncio
 import re
 from typing import TYPE_CHECKING, Any
 
+import httpx
 import psycopg
 import pytest
 from structlog.testing import capture_logs
@@ -140,6 +141,10 @@ async def test_failing_task_is_retried_then_fails_the_plan(flow: Flow) -> None:
     assert "boom" in tickets["flaky"]["error_message"]
     assert tickets["after"]["status"] == "CANCELLED"
     assert tickets["last"]["status"] == "CANCELLED"
+    # Each cancelled ticket says why it will never run.
+    assert tickets["after"]["error_message"] == (
+        f"cancelled by the orchestrator: {final['error_message']}"
+    )
 
     explained = await flow.client().get("/api/v1/plans/fails/tasks/after/explain")
     assert explained.status_code == 200, explained.text
@@ -225,6 +230,40 @@ async def test_cancel_stops_everything_in_flight(flow: Flow) -> None:
     again = await flow.client().post("/api/v1/plans/to-cancel/cancel")
     assert again.status_code == 200
     assert again.json()["cancel_requested"] is False
+
+
+async def ticket_service_calls(flow: Flow, method: str) -> float:
+    """How many calls of ``method`` the ticket service has handled (any status)."""
+    assert flow.tickets.service is not None
+    port = flow.tickets.service.runtime.metrics_port
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}") as metrics:
+        text = (await metrics.get("/metrics")).text
+    pattern = rf'grpc_server_handled_total{{[^}}]*grpc_method="{method}"[^}}]*}} (\S+)'
+    return sum(float(count) for count in re.findall(pattern, text))
+
+
+async def test_a_cancel_reports_its_tickets_in_batches(flow: Flow) -> None:
+    # One UpdateTicketStatus call per ticket, one after the other: cancelling a plan of
+    # 2,000 tickets held up every other plan of the replica for 7 s.
+    await flow.start_orchestrator(ticket_batch_size=25)
+    tasks = [
+        {"task_id": f"t{i}", "task_type": "echo", "required_capabilities": ["nobody-has-it"]}
+        for i in range(60)
+    ]
+    assert (await flow.submit({"plan_id": "many", "tasks": tasks})).status_code == 202
+    await flow.wait_plan(
+        "many", lambda b: all(t["ticket_id"] for t in b["tickets"]), "every ticket created"
+    )
+    singles = await ticket_service_calls(flow, "UpdateTicketStatus")
+    batches = await ticket_service_calls(flow, "UpdateTicketStatuses")
+    assert (await flow.client().post("/api/v1/plans/many/cancel")).status_code == 200
+    final = await flow.wait_settled("many")
+    assert {t["status"] for t in final["tickets"]} == {"CANCELLED"}
+    assert {t["error_message"] for t in final["tickets"]} == {
+        "cancelled by the orchestrator: cancelled on request"
+    }
+    assert await ticket_service_calls(flow, "UpdateTicketStatus") == singles
+    assert await ticket_service_calls(flow, "UpdateTicketStatuses") == batches + 3  # 25+25+10
 
 
 async def test_orchestrator_restart_mid_plan_still_finishes(flow: Flow) -> None:

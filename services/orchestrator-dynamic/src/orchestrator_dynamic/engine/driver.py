@@ -41,7 +41,7 @@ from datetime import UTC, datetime, timedelta
 from typing import TypeVar
 
 from hive_common.batching import bounded_batches
-from hive_common.clients import RegistryClient, TicketClient, TicketWatch
+from hive_common.clients import RegistryClient, TicketClient, TicketWatch, status_update_request
 from hive_common.errors import (
     Aborted,
     AlreadyExists,
@@ -612,7 +612,9 @@ class PlanDriver:
             await self._start_backoffs(plan, decision)
             decision = self._decide(plan)
         if decision.cancel:
-            await self._cancel(plan, decision.cancel)
+            # Said in each ticket's error message: why it will never run.
+            reason = decision.error_message or "a task it depends on was cancelled"
+            await self._cancel(plan, decision.cancel, reason)
             decision = self._decide(plan)
         if not decision.dispatch:
             plan.waiting_for_workers = 0
@@ -678,7 +680,7 @@ class PlanDriver:
             if plan.tickets[t].ticket_id is not None and not plan.tickets[t].status.terminal
         ]
         if created:
-            await self._cancel(plan, created)
+            await self._cancel(plan, created, f"the plan failed: {reason}")
         summary = await self._repo.set_status(
             plan.lease, status=PlanStatus.FAILED, error_message=reason, settled=True
         )
@@ -806,18 +808,20 @@ class PlanDriver:
                 until=until.isoformat(),
             )
 
-    async def _cancel(self, plan: DrivenPlan, task_ids: Sequence[str]) -> None:
-        for task_id in task_ids:
-            state = plan.tickets[task_id]
-            if state.ticket_id is None or state.status.terminal:
-                continue
-            ticket = await self._report(
-                state, ticket_pb.TICKET_STATUS_CANCELLED, "cancelled by the orchestrator"
-            )
-            if self._merge(plan, ticket_state(task_id, ticket)):
-                self._wake_waiting()
-            self._metrics.cancellations.inc()
-        await self._flush(plan)
+    async def _cancel(self, plan: DrivenPlan, task_ids: Sequence[str], reason: str) -> None:
+        states = [
+            plan.tickets[task_id]
+            for task_id in task_ids
+            if plan.tickets[task_id].ticket_id is not None
+            and not plan.tickets[task_id].status.terminal
+        ]
+        cancelled = await self._report_all(
+            plan,
+            states,
+            ticket_pb.TICKET_STATUS_CANCELLED,
+            lambda _: f"cancelled by the orchestrator: {reason}",
+        )
+        self._metrics.cancellations.inc(cancelled)
 
     async def _hand_back(self, plan: DrivenPlan) -> None:
         """Report the tickets a lost worker held as failed with ``worker_lost`` (the ticket
@@ -829,48 +833,73 @@ class PlanDriver:
             for state in plan.tickets.values()
             if state.worker_id in lost and state.status in OCCUPYING and state.ticket_id
         ]
-        for state in handed:
-            assert state.worker_id is not None
-            ticket = await self._report(
-                state,
-                ticket_pb.TICKET_STATUS_FAILED,
-                f"worker {state.worker_id} lost: {lost[state.worker_id]}",
-                worker_lost=True,
-            )
-            if self._merge(plan, ticket_state(state.task_id, ticket)):
-                self._wake_waiting()
-        if handed:
-            _log.warning(
-                "tickets of a lost worker handed back",
-                plan_id=plan.plan_id,
-                workers=sorted(lost),
-                tickets=len(handed),
-            )
-            await self._flush(plan)
+        if not handed:
+            return
+        await self._report_all(
+            plan,
+            handed,
+            ticket_pb.TICKET_STATUS_FAILED,
+            lambda state: f"worker {state.worker_id} lost: {lost[state.worker_id or '']}",
+            worker_lost=True,
+        )
+        _log.warning(
+            "tickets of a lost worker handed back",
+            plan_id=plan.plan_id,
+            workers=sorted(lost),
+            tickets=len(handed),
+        )
 
-    async def _report(
+    async def _report_all(
         self,
-        state: TicketState,
+        plan: DrivenPlan,
+        states: Sequence[TicketState],
         status: ticket_pb.TicketStatus.ValueType,
-        error_message: str,
+        error_message: Callable[[TicketState], str],
         *,
         worker_lost: bool = False,
-    ) -> ticket_pb.ExecutionTicket:
-        """Report ``status`` for the ticket's current attempt; the ticket as it now is."""
-        assert state.ticket_id is not None
-        try:
-            return await self._call_tickets(
-                self._tickets.update_ticket_status(
+    ) -> int:
+        """Report ``status`` for the current attempt of each ticket, in batches (one
+        UpdateTicketStatuses call each, as :meth:`_assign` does: a cancel of 2,000 tickets
+        was 2,000 calls one after the other, which held up every plan of the replica for
+        seconds), and take in the tickets as they now are; one that moved on meanwhile
+        (finished, or re-queued to a new attempt) is re-read. How many were applied."""
+        applied = 0
+        failure: HiveError | None = None
+        for chunk in bounded_batches(
+            states,
+            lambda state: _spec_bytes(plan, state.task_id),
+            max_bytes=TICKET_CALL_BYTES,
+            limit=self._settings.ticket_batch_size,
+        ):
+            reports = []
+            for state in chunk:
+                assert state.ticket_id is not None
+                update = status_update_request(
                     ticket_id=state.ticket_id,
                     status=status,
                     attempt=state.attempt,
-                    error_message=error_message,
+                    error_message=error_message(state),
                     worker_lost=worker_lost,
                 )
-            )
-        except (FailedPrecondition, Aborted):
-            # It moved on (finished, or re-queued to a new attempt): read the truth.
-            return await self._call_tickets(self._tickets.get_ticket(ticket_id=state.ticket_id))
+                reports.append(ticket_pb.TicketStatusReport(update=update))
+            results = await self._call_tickets(self._tickets.update_ticket_statuses(reports))
+            for state, report, result in zip(chunk, reports, results, strict=True):
+                if isinstance(result, FailedPrecondition | Aborted):
+                    ticket = await self._call_tickets(
+                        self._tickets.get_ticket(ticket_id=report.update.ticket_id)
+                    )
+                elif isinstance(result, HiveError):
+                    failure = failure or result
+                    continue
+                else:
+                    ticket = result
+                    applied += 1
+                if self._merge(plan, ticket_state(state.task_id, ticket)):
+                    self._wake_waiting()
+            await self._flush(plan)
+        if failure is not None:
+            raise failure
+        return applied
 
     async def _store_status(self, plan: DrivenPlan, decision: SchedulingDecision) -> None:
         status, error = decision.status, decision.error_message
