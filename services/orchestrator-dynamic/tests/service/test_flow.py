@@ -430,6 +430,24 @@ async def test_strict_mode_rejects_an_infeasible_plan(flow: Flow) -> None:
     assert (await flow.client().get("/api/v1/plans/strict")).status_code == 404
 
 
+async def test_a_stored_plan_resubmitted_is_not_checked_for_workers_again(flow: Flow) -> None:
+    # A strict resubmission was a 400 ("nothing stored") for a plan that existed and ran,
+    # once its workers were gone; any resubmission repeated the capability warnings.
+    await flow.start_orchestrator()
+    await flow.start_worker("gpu", ["gpu"])
+    plan: dict[str, Any] = {"plan_id": "on-gpu", "tasks": [echo("a", caps=("gpu",))]}
+    first = await flow.submit(plan, strict="true")
+    assert first.status_code == 202, first.text
+    await flow.wait_settled("on-gpu")
+    await flow.stop_workers()
+    again = await flow.submit(plan, strict="true")
+    assert again.status_code == 200, again.text
+    assert again.json()["created"] is False
+    assert again.json()["warnings"] == []
+    other = await flow.submit({**plan, "name": "another body"}, strict="true")
+    assert other.status_code == 409, other.text
+
+
 async def test_huge_plans_create_tickets_in_chunks(flow: Flow, tickets_dsn: str) -> None:
     await flow.start_orchestrator(ticket_batch_size=3)
     await flow.start_worker("w1", ["python"], max_concurrent=8)

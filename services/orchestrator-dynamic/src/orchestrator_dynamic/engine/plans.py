@@ -99,11 +99,16 @@ class PlanService:
         result = self._validator.validate(raw, strict=strict)
         if isinstance(result, InvalidPlan):
             raise result.to_error()
-        capabilities, feasibility_warning = await self._capabilities_for(result.plan)
-        if capabilities is not None:
-            result = self._validator.check_feasibility(result, capabilities, strict=strict)
-            if isinstance(result, InvalidPlan):
-                raise result.to_error()
+        feasibility_warning = None
+        # A plan already stored under this id is returned (same body) or refused (another
+        # body, 409) as it is: whether workers can run it now is not a question any more
+        # (a strict resubmission was a 400 for a plan that existed and ran).
+        if not await self._exists(result.plan.plan_id):
+            capabilities, feasibility_warning = await self._capabilities_for(result.plan)
+            if capabilities is not None:
+                result = self._validator.check_feasibility(result, capabilities, strict=strict)
+                if isinstance(result, InvalidPlan):
+                    raise result.to_error()
         plan = result.plan
         if plan.plan_id is None:
             plan = plan.with_plan_id(str(uuid.uuid4()))
@@ -126,6 +131,15 @@ class PlanService:
             tickets_created=tickets_created,
         )
         return Submission(stored, created, warnings, tickets_created)
+
+    async def _exists(self, plan_id: str | None) -> bool:
+        if plan_id is None:
+            return False
+        try:
+            await self._repo.get_summary(plan_id)
+        except NotFound:
+            return False
+        return True
 
     async def _capabilities_for(
         self, plan: Plan
