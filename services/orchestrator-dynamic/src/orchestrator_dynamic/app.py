@@ -150,27 +150,26 @@ async def build_app(
         clock=clock,
     )
 
+    async def probe(name: str, call: Callable[[], Awaitable[object]]) -> None:
+        try:
+            await call()
+            health.succeeded(name)
+        except HiveError as exc:
+            health.failed(name, f"{type(exc).__name__}: {exc.message}")
+
     async def readiness() -> dict[str, CheckResult]:
-        report: dict[str, CheckResult] = {
-            "postgresql": await check_dependency(lambda: repository.list_plans(page_size=1))
-        }
-        # The remote services only delay work: degraded, never down. A cheap call to
-        # each (with the service token) refreshes what the driver last saw.
-        probes: tuple[tuple[str, Callable[[], Awaitable[object]]], ...] = (
-            (
+        # Together, so that /ready stays within the probes' timeouts. The remote services
+        # only delay work: degraded, never down. A cheap call to each (with the service
+        # token) refreshes what the driver last saw.
+        postgresql, _, _ = await asyncio.gather(
+            check_dependency(lambda: repository.list_plans(page_size=1)),
+            probe(
                 TICKET_SERVICE,
                 lambda: tickets.list_tickets(plan_id=_PROBE_PLAN, page_size=1, deadline=1.0),
             ),
-            (REGISTRY, lambda: registry.list_workers(page_size=1, deadline=1.0)),
+            probe(REGISTRY, lambda: registry.list_workers(page_size=1, deadline=1.0)),
         )
-        for name, probe in probes:
-            try:
-                await probe()
-                health.succeeded(name)
-            except HiveError as exc:
-                health.failed(name, f"{type(exc).__name__}: {exc.message}")
-        report.update(health.report())
-        return report
+        return {"postgresql": postgresql, **health.report()}
 
     http_app = create_http_app(
         title="orchestrator-dynamic",
