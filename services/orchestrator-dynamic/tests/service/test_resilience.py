@@ -136,6 +136,38 @@ async def test_two_replicas_share_plans_and_take_over(flow: Flow) -> None:
     assert third_view.driver.owner_id not in {first.driver.owner_id, second.driver.owner_id}
 
 
+async def test_a_cancel_through_another_replica_reaches_the_tickets_soon(flow: Flow) -> None:
+    # The driving replica saw such a cancel at its next resync of the plan (30 s by
+    # default), and the plan's tasks ran on meanwhile.
+    driving = await flow.start_orchestrator(resync_interval_seconds=600)
+    await flow.start_worker("w1", ["python"], max_concurrent=1)
+    plan = {
+        "plan_id": "cancelled-elsewhere",
+        "tasks": [
+            {
+                "task_id": "long",
+                "task_type": "sleep",
+                "required_capabilities": ["python"],
+                "parameters": {"seconds": 120},
+            }
+        ],
+    }
+    assert (await flow.submit(plan)).status_code == 202
+    await flow.wait_plan(
+        "cancelled-elsewhere",
+        lambda b: flow.tasks(b)["long"]["status"] == "RUNNING",
+        "the task running",
+    )
+    other = await flow.start_orchestrator()  # flow.client() now talks to this one
+    assert "cancelled-elsewhere" in driving.driver.driven_plan_ids()
+    assert "cancelled-elsewhere" not in other.driver.driven_plan_ids()
+    response = await flow.client().post("/api/v1/plans/cancelled-elsewhere/cancel")
+    assert response.status_code == 200, response.text
+    async with asyncio.timeout(20):
+        final = await flow.wait_settled("cancelled-elsewhere")
+    assert flow.tasks(final)["long"]["status"] == "CANCELLED"
+
+
 async def test_a_ticket_of_a_lost_worker_runs_elsewhere(flow: Flow) -> None:
     # Short leases so the lost worker's ticket comes back quickly.
     await flow.start_orchestrator(assign_lease_seconds=2)

@@ -325,11 +325,20 @@ class PlanDriver:
                     )
                     for lease in leases:
                         await self._attach(lease)
+                await self._notice_cancels()
             except HiveError as exc:
                 _log.warning("claiming plans failed", error=str(exc))
             except Exception:
                 _log.exception("claim loop error")
             await asyncio.sleep(self._settings.claim_interval)
+
+    async def _notice_cancels(self) -> None:
+        """Cancels requested through another replica for plans this one drives: seen
+        within a claim interval (the resync of each plan, every 30 s, was the first to
+        see them, and the plan's tickets ran on meanwhile)."""
+        unseen = [p.plan_id for p in self._plans.values() if not p.cancel_requested]
+        for plan_id in await self._repo.cancel_requested(unseen):
+            self.kick(plan_id, cancel_requested=True)
 
     async def _renew_loop(self) -> None:
         while True:

@@ -426,6 +426,18 @@ class PlanRepository:
             changed = await cur.fetchone() is not None
         return await self.get_summary(plan_id), changed
 
+    async def cancel_requested(self, plan_ids: Sequence[str]) -> set[str]:
+        """Which of these plans a cancel was requested for (through any replica)."""
+        if not plan_ids:
+            return set()
+        async with self._connection() as conn:
+            cur = await conn.execute(
+                "SELECT plan_id FROM plans"
+                " WHERE plan_id = ANY(%(plan_ids)s) AND cancel_requested_at IS NOT NULL",
+                {"plan_ids": list(plan_ids)},
+            )
+            return {row["plan_id"] for row in await cur.fetchall()}
+
     # -- owner-only writes -------------------------------------------------------------
 
     async def update_tickets(self, lease: PlanLease, tickets: Sequence[TicketState]) -> list[str]:
