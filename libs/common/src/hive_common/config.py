@@ -60,7 +60,7 @@ def invalid_settings_message(
     flags = flags or {}
     for error in exc.errors(include_url=False, include_input=False):
         message = error["msg"].removeprefix("Value error, ")
-        if not error["loc"]:  # a rule across settings: its message names them
+        if not error["loc"]:  # a rule across settings: its message names them (env_name)
             lines.append(f"  {message}")
             continue
         name, *inner = error["loc"]
@@ -139,6 +139,17 @@ class HiveSettings(BaseSettings):
         if len(value.get_secret_value().encode()) < MIN_JWT_SECRET_BYTES:
             raise ValueError(f"must be at least {MIN_JWT_SECRET_BYTES} bytes for HS256")
         return value
+
+    @classmethod
+    def env_name(cls, field: str) -> str:
+        """The environment variable that sets ``field``: ``env_name("grpc_port")`` is
+        ``HIVE_TICKETS_GRPC_PORT`` in the ticket service. What a rule across settings
+        names in its message (``invalid_settings_message`` prints that message as it is);
+        ``KeyError`` for a name that is not a setting, so a typo fails every test that
+        builds the settings instead of naming a variable that does not exist."""
+        if field not in cls.model_fields:
+            raise KeyError(f"{cls.__name__} has no setting {field!r}")
+        return f"{cls.model_config.get('env_prefix', '')}{field.upper()}"
 
     @property
     def uses_development_jwt_secret(self) -> bool:

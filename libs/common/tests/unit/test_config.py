@@ -144,3 +144,16 @@ def test_resolved_log_format() -> None:
     assert HiveSettings(log_format="auto").resolved_log_format(is_tty=False) == "json"
     assert HiveSettings(log_format="json").resolved_log_format(is_tty=True) == "json"
     assert HiveSettings(log_level="warning").log_level_number == 30
+
+
+def test_env_name_is_the_variable_that_sets_a_field() -> None:
+    # What the services' rules across settings name in their messages.
+    assert TicketSettings.env_name("grpc_port") == "HIVE_TICKETS_GRPC_PORT"
+    assert RegistrySettings.env_name("jwt_secret") == "HIVE_REGISTRY_JWT_SECRET"
+    assert HiveSettings.env_name("log_level") == "HIVE_LOG_LEVEL"
+    assert TicketSettings().env_name("postgres_dsn") == "HIVE_TICKETS_POSTGRES_DSN"
+
+
+def test_env_name_refuses_a_name_that_is_not_a_setting() -> None:
+    with pytest.raises(KeyError, match="no setting 'grpc_prot'"):
+        TicketSettings.env_name("grpc_prot")

@@ -6,11 +6,14 @@ containers set ``HIVE_TICKETS_HTTP_PORT=8000`` and ``HIVE_TICKETS_METRICS_PORT=9
 
 from __future__ import annotations
 
-from pydantic import Field
+from pydantic import Field, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from execution_ticket_service.domain.validation import Limits
 from hive_common.config import HiveSettings
+
+MAX_TIMEOUT_SECONDS = Limits().max_timeout_seconds
+"""The longest task timeout a ticket may have (7 days; not a setting)."""
 
 
 class TicketSettings(HiveSettings):
@@ -32,7 +35,7 @@ class TicketSettings(HiveSettings):
     max_parameters_bytes: int = Field(default=64 * 1024, ge=2)
     max_result_bytes: int = Field(default=1024 * 1024, ge=2)
     max_batch_size: int = Field(default=10_000, ge=1)
-    default_timeout_seconds: int = Field(default=3600, ge=1)
+    default_timeout_seconds: int = Field(default=3600, ge=1, le=MAX_TIMEOUT_SECONDS)
     default_lease_seconds: int = Field(default=60, ge=1)
     max_lease_seconds: int = Field(default=24 * 3600, ge=1)
     default_page_size: int = Field(default=100, ge=1)
@@ -69,6 +72,22 @@ class TicketSettings(HiveSettings):
 
     # The HTTP read API asks for a bearer token like the gRPC API does.
     http_require_auth: bool = True
+
+    @model_validator(mode="after")
+    def _check_consistency(self) -> TicketSettings:
+        # A default above its maximum would be accepted here and then refuse every
+        # request relying on it, blaming a field the client never set. Messages name the
+        # environment variables: they are what an operator sets.
+        name = self.env_name
+        pairs = (
+            ("postgres_pool_min_size", "postgres_pool_max_size"),
+            ("default_lease_seconds", "max_lease_seconds"),
+            ("default_token_ttl_seconds", "max_token_ttl_seconds"),
+        )
+        for low, high in pairs:
+            if getattr(self, low) > getattr(self, high):
+                raise ValueError(f"{name(low)} must not exceed {name(high)}")
+        return self
 
     def limits(self) -> Limits:
         return Limits(

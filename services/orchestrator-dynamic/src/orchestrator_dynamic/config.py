@@ -93,12 +93,20 @@ class OrchestratorSettings(HiveSettings):
 
     @model_validator(mode="after")
     def _check_consistency(self) -> OrchestratorSettings:
+        # Messages name the environment variables: they are what an operator sets.
+        name = self.env_name
         if self.lease_renew_interval_seconds >= self.lease_ttl_seconds:
-            raise ValueError("lease_renew_interval_seconds must be below lease_ttl_seconds")
+            raise ValueError(
+                f"{name('lease_renew_interval_seconds')} must be below {name('lease_ttl_seconds')}"
+            )
         if self.postgres_pool_min_size > self.postgres_pool_max_size:
-            raise ValueError("postgres_pool_min_size must not exceed postgres_pool_max_size")
+            raise ValueError(
+                f"{name('postgres_pool_min_size')} must not exceed {name('postgres_pool_max_size')}"
+            )
         if self.backoff_base_seconds > self.backoff_cap_seconds:
-            raise ValueError("backoff_base_seconds must not exceed backoff_cap_seconds")
+            raise ValueError(
+                f"{name('backoff_base_seconds')} must not exceed {name('backoff_cap_seconds')}"
+            )
         return self
 
     def plan_limits(self) -> PlanLimits:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from datetime import timedelta
 
 from pydantic import Field, SecretStr, field_validator, model_validator
@@ -65,10 +66,35 @@ class RegistrySettings(HiveSettings):
 
     @model_validator(mode="after")
     def _check_consistency(self) -> RegistrySettings:
+        # Messages name the environment variables: they are what an operator sets.
+        name = self.env_name
+        if self.expire_after_seconds <= (
+            self.heartbeat_interval_seconds * self.unhealthy_after_missed_heartbeats
+        ):
+            raise ValueError(
+                f"{name('expire_after_seconds')} must be longer than "
+                f"{name('heartbeat_interval_seconds')} x "
+                f"{name('unhealthy_after_missed_heartbeats')} (a worker expires after "
+                "it turned UNHEALTHY)"
+            )
+        weights = (
+            self.ranking_weight_spare_capacity,
+            self.ranking_weight_success_rate,
+            self.ranking_weight_freshness,
+        )
+        if not all(math.isfinite(w) for w in weights) or sum(weights) <= 0:
+            raise ValueError(
+                f"{name('ranking_weight_spare_capacity')}, "
+                f"{name('ranking_weight_success_rate')} and "
+                f"{name('ranking_weight_freshness')} must be finite and not all zero"
+            )
+        if self.postgres_pool_min_size > self.postgres_pool_max_size:
+            raise ValueError(
+                f"{name('postgres_pool_min_size')} must not exceed {name('postgres_pool_max_size')}"
+            )
+        # The domain's own checks (the same rules, in its terms) as a backstop.
         self.health_policy()
         self.ranking_weights()
-        if self.postgres_pool_min_size > self.postgres_pool_max_size:
-            raise ValueError("postgres_pool_min_size must not exceed postgres_pool_max_size")
         return self
 
     def health_policy(self) -> HealthPolicy:

@@ -2,10 +2,21 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 from pydantic import ValidationError
 
+from hive_common.config import invalid_settings_message
 from service_registry.config import RegistrySettings
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ambient HIVE_* variables must not leak into these tests."""
+    for name in list(os.environ):
+        if name.upper().startswith("HIVE_"):
+            monkeypatch.delenv(name)
 
 
 def test_reads_its_own_prefix(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -34,3 +45,53 @@ def test_reads_its_own_prefix(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_inconsistent_settings_are_refused(overrides: dict[str, object]) -> None:
     with pytest.raises(ValidationError):
         RegistrySettings(**overrides)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("overrides", "line"),
+    [
+        (
+            {"expire_after_seconds": 10},  # not longer than 5 s x 3 missed heartbeats
+            "HIVE_REGISTRY_EXPIRE_AFTER_SECONDS must be longer than "
+            "HIVE_REGISTRY_HEARTBEAT_INTERVAL_SECONDS x "
+            "HIVE_REGISTRY_UNHEALTHY_AFTER_MISSED_HEARTBEATS (a worker expires after it "
+            "turned UNHEALTHY)",
+        ),
+        (
+            {"heartbeat_interval_seconds": 30},  # 30 s x 3 is longer than 60 s
+            "HIVE_REGISTRY_EXPIRE_AFTER_SECONDS must be longer than "
+            "HIVE_REGISTRY_HEARTBEAT_INTERVAL_SECONDS x "
+            "HIVE_REGISTRY_UNHEALTHY_AFTER_MISSED_HEARTBEATS (a worker expires after it "
+            "turned UNHEALTHY)",
+        ),
+        (
+            {"postgres_pool_min_size": 30},  # the maximum's default is 10
+            "HIVE_REGISTRY_POSTGRES_POOL_MIN_SIZE must not exceed "
+            "HIVE_REGISTRY_POSTGRES_POOL_MAX_SIZE",
+        ),
+        (
+            {
+                "ranking_weight_spare_capacity": 0,
+                "ranking_weight_success_rate": 0,
+                "ranking_weight_freshness": 0,
+            },
+            "HIVE_REGISTRY_RANKING_WEIGHT_SPARE_CAPACITY, HIVE_REGISTRY_RANKING_WEIGHT_SUCCESS_RATE"
+            " and HIVE_REGISTRY_RANKING_WEIGHT_FRESHNESS must be finite and not all zero",
+        ),
+        (
+            {"ranking_weight_freshness": "inf"},
+            "HIVE_REGISTRY_RANKING_WEIGHT_SPARE_CAPACITY, HIVE_REGISTRY_RANKING_WEIGHT_SUCCESS_RATE"
+            " and HIVE_REGISTRY_RANKING_WEIGHT_FRESHNESS must be finite and not all zero",
+        ),
+    ],
+)
+def test_rules_across_settings_name_the_environment_variables(
+    monkeypatch: pytest.MonkeyPatch, overrides: dict[str, object], line: str
+) -> None:
+    # What an operator reads: the variables they set, not Python fields ("expire_after").
+    for name, value in overrides.items():
+        monkeypatch.setenv(f"HIVE_REGISTRY_{name.upper()}", str(value))
+    with pytest.raises(ValidationError) as exc:
+        RegistrySettings()
+    message = invalid_settings_message("service-registry", exc.value, "HIVE_REGISTRY_")
+    assert message.splitlines() == ["service-registry: invalid settings:", f"  {line}"]

@@ -1,0 +1,115 @@
+"""TicketSettings: rules across settings, refused at start with the variables' names.
+
+A default above its maximum used to be accepted, then every request relying on it was
+refused (INVALID_ARGUMENT, blaming a field the client never set); a pool minimum above
+its maximum ended in a traceback from psycopg_pool.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import pytest
+from pydantic import ValidationError
+
+from execution_ticket_service.config import MAX_TIMEOUT_SECONDS, TicketSettings
+from hive_common.config import invalid_settings_message
+from hive_common.entrypoint import EXIT_INVALID_SETTINGS, run_service
+
+PROGRAM = "execution-ticket-service"
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ambient HIVE_* variables must not leak into these tests."""
+    for name in list(os.environ):
+        if name.upper().startswith("HIVE_"):
+            monkeypatch.delenv(name)
+
+
+def refusal(monkeypatch: pytest.MonkeyPatch, **env: str) -> list[str]:
+    """The lines the service prints for these ``HIVE_TICKETS_*`` variables, headline off."""
+    for name, value in env.items():
+        monkeypatch.setenv(f"HIVE_TICKETS_{name}", value)
+    with pytest.raises(ValidationError) as exc:
+        TicketSettings()
+    headline, *lines = invalid_settings_message(PROGRAM, exc.value, "HIVE_TICKETS_").splitlines()
+    assert headline == f"{PROGRAM}: invalid settings:"
+    return lines
+
+
+@pytest.mark.parametrize(
+    ("env", "line"),
+    [
+        (
+            {"POSTGRES_POOL_MIN_SIZE": "25"},  # the maximum's default is 20
+            "HIVE_TICKETS_POSTGRES_POOL_MIN_SIZE must not exceed "
+            "HIVE_TICKETS_POSTGRES_POOL_MAX_SIZE",
+        ),
+        (
+            {"POSTGRES_POOL_MIN_SIZE": "5", "POSTGRES_POOL_MAX_SIZE": "4"},
+            "HIVE_TICKETS_POSTGRES_POOL_MIN_SIZE must not exceed "
+            "HIVE_TICKETS_POSTGRES_POOL_MAX_SIZE",
+        ),
+        (
+            {"DEFAULT_LEASE_SECONDS": "100000"},  # the maximum's default is 86400
+            "HIVE_TICKETS_DEFAULT_LEASE_SECONDS must not exceed HIVE_TICKETS_MAX_LEASE_SECONDS",
+        ),
+        (
+            {"MAX_LEASE_SECONDS": "30"},  # below the default lease, 60
+            "HIVE_TICKETS_DEFAULT_LEASE_SECONDS must not exceed HIVE_TICKETS_MAX_LEASE_SECONDS",
+        ),
+        (
+            {"DEFAULT_TOKEN_TTL_SECONDS": "100000"},
+            "HIVE_TICKETS_DEFAULT_TOKEN_TTL_SECONDS must not exceed "
+            "HIVE_TICKETS_MAX_TOKEN_TTL_SECONDS",
+        ),
+        (
+            {"MAX_TOKEN_TTL_SECONDS": "600"},  # below the default TTL, 3600
+            "HIVE_TICKETS_DEFAULT_TOKEN_TTL_SECONDS must not exceed "
+            "HIVE_TICKETS_MAX_TOKEN_TTL_SECONDS",
+        ),
+        (
+            {"DEFAULT_TIMEOUT_SECONDS": "700000"},  # a ticket's timeout is at most 7 days
+            f"HIVE_TICKETS_DEFAULT_TIMEOUT_SECONDS: Input should be less than or equal to "
+            f"{MAX_TIMEOUT_SECONDS}",
+        ),
+    ],
+)
+def test_a_default_above_its_maximum_is_refused_naming_the_variables(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], line: str
+) -> None:
+    assert refusal(monkeypatch, **env) == [f"  {line}"]
+
+
+def test_defaults_up_to_their_maximums_are_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in {
+        "POSTGRES_POOL_MIN_SIZE": "20",
+        "DEFAULT_LEASE_SECONDS": "86400",
+        "DEFAULT_TOKEN_TTL_SECONDS": "86400",
+        "DEFAULT_TIMEOUT_SECONDS": str(MAX_TIMEOUT_SECONDS),
+    }.items():
+        monkeypatch.setenv(f"HIVE_TICKETS_{name}", value)
+    limits = TicketSettings().limits()
+    assert limits.default_lease_seconds == limits.max_lease_seconds == 86400
+    assert limits.default_token_ttl_seconds == limits.max_token_ttl_seconds == 86400
+    assert limits.default_timeout_seconds == limits.max_timeout_seconds == MAX_TIMEOUT_SECONDS
+    assert TicketSettings(postgres_pool_min_size=3, postgres_pool_max_size=3)
+
+
+def test_the_console_script_exits_2_with_one_line_and_no_traceback(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("HIVE_TICKETS_POSTGRES_POOL_MIN_SIZE", "25")
+
+    async def serve(settings: TicketSettings, logger: Any) -> None:
+        raise AssertionError("must not start")
+
+    assert run_service(TicketSettings, serve, program=PROGRAM) == EXIT_INVALID_SETTINGS
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    assert captured.err.splitlines() == [
+        f"{PROGRAM}: invalid settings:",
+        "  HIVE_TICKETS_POSTGRES_POOL_MIN_SIZE must not exceed HIVE_TICKETS_POSTGRES_POOL_MAX_SIZE",
+    ]

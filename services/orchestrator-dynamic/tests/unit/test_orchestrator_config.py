@@ -1,0 +1,61 @@
+"""OrchestratorSettings: rules across settings name the environment variables.
+
+They used to name Python fields ("lease_renew_interval_seconds must be below
+lease_ttl_seconds"), where every other invalid setting is named by its variable.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+from pydantic import ValidationError
+
+from hive_common.config import invalid_settings_message
+from orchestrator_dynamic.config import OrchestratorSettings
+
+PROGRAM = "orchestrator-dynamic"
+
+
+@pytest.fixture(autouse=True)
+def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Ambient HIVE_* variables must not leak into these tests."""
+    for name in list(os.environ):
+        if name.upper().startswith("HIVE_"):
+            monkeypatch.delenv(name)
+
+
+@pytest.mark.parametrize(
+    ("env", "line"),
+    [
+        (
+            {"LEASE_RENEW_INTERVAL_SECONDS": "40"},  # the lease's default TTL is 30 s
+            "HIVE_ORCHESTRATOR_LEASE_RENEW_INTERVAL_SECONDS must be below "
+            "HIVE_ORCHESTRATOR_LEASE_TTL_SECONDS",
+        ),
+        (
+            {"LEASE_TTL_SECONDS": "10"},  # the renewal's default interval is 10 s
+            "HIVE_ORCHESTRATOR_LEASE_RENEW_INTERVAL_SECONDS must be below "
+            "HIVE_ORCHESTRATOR_LEASE_TTL_SECONDS",
+        ),
+        (
+            {"POSTGRES_POOL_MIN_SIZE": "30"},  # the maximum's default is 10
+            "HIVE_ORCHESTRATOR_POSTGRES_POOL_MIN_SIZE must not exceed "
+            "HIVE_ORCHESTRATOR_POSTGRES_POOL_MAX_SIZE",
+        ),
+        (
+            {"BACKOFF_BASE_SECONDS": "500"},  # the cap's default is 300 s
+            "HIVE_ORCHESTRATOR_BACKOFF_BASE_SECONDS must not exceed "
+            "HIVE_ORCHESTRATOR_BACKOFF_CAP_SECONDS",
+        ),
+    ],
+)
+def test_rules_across_settings_name_the_environment_variables(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], line: str
+) -> None:
+    for name, value in env.items():
+        monkeypatch.setenv(f"HIVE_ORCHESTRATOR_{name}", value)
+    with pytest.raises(ValidationError) as exc:
+        OrchestratorSettings()
+    message = invalid_settings_message(PROGRAM, exc.value, "HIVE_ORCHESTRATOR_")
+    assert message.splitlines() == [f"{PROGRAM}: invalid settings:", f"  {line}"]
