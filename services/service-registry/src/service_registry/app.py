@@ -11,6 +11,7 @@ from typing import Any
 from psycopg_pool import AsyncConnectionPool
 
 from hive_common.auth import TokenIssuer, TokenVerifier
+from hive_common.errors import FailedPrecondition, Internal
 from hive_common.grpc_server import GrpcService, build_grpc_server
 from hive_common.http import CheckResult, check_dependency, create_http_app
 from hive_common.logging import get_logger
@@ -21,6 +22,7 @@ from hive_common.runtime import ServiceRuntime
 from neuralhive.registry.v1 import registry_service_pb2_grpc as pb_grpc
 from service_registry.config import RegistrySettings
 from service_registry.domain.clock import Clock, SystemClock
+from service_registry.domain.models import DiscoveryQuery
 from service_registry.domain.ranking import WorkerRanker
 from service_registry.domain.service import RegistryService
 from service_registry.metrics import RegistryMetrics
@@ -33,6 +35,8 @@ from service_registry.transport.http.routes import build_router
 
 MIGRATIONS_DIR = Path(__file__).parent / "storage" / "migrations"
 SERVICE_FULL_NAME = "neuralhive.registry.v1.ServiceRegistry"
+# undefined_table, undefined_column: the schema is missing or older than the code.
+_SCHEMA_BEHIND_SQLSTATES = frozenset({"42P01", "42703"})
 
 
 @dataclass
@@ -143,8 +147,42 @@ async def build_app(
         logger=logger,
     )
 
+    async def schema_is_migrated() -> None:
+        # Reads the tables and columns the registry uses, as the other services' checks do:
+        # with MIGRATE_ON_START=false on a database without the migrations, every call
+        # failed while /ready said ok. Not a read that moves the health timeline
+        # (WorkerRepository._policy_at).
+        try:
+            await repository.latest_event_sequence()
+            await repository.discovery_candidates(
+                DiscoveryQuery(
+                    required_capabilities=(),
+                    label_selector={},
+                    namespace="",
+                    max_results=1,
+                    include_full=True,
+                ),
+                now=clock.now(),
+                seed=0,
+                window=1,
+            )
+        except Internal as exc:
+            if exc.details.get("sqlstate") not in _SCHEMA_BEHIND_SQLSTATES:
+                raise
+            raise FailedPrecondition(
+                "the database lacks the registry's schema (migrations not applied): apply "
+                f"them, or set {settings.env_name('migrate_on_start')}=true"
+            ) from exc
+
     async def readiness() -> dict[str, CheckResult]:
-        return {"postgresql": await check_dependency(repository.ping)}
+        # Together, within the probes' time (see check_dependency).
+        postgresql, migrations = await asyncio.gather(
+            check_dependency(repository.ping), check_dependency(schema_is_migrated)
+        )
+        report: dict[str, CheckResult] = {"postgresql": postgresql}
+        if postgresql["status"] == "ok":  # else it failed for the same reason
+            report["migrations"] = migrations
+        return report
 
     http_app = create_http_app(
         title="service-registry",
