@@ -13,6 +13,7 @@ import pytest
 from hive_common.grpc_client import create_channel
 from neuralhive.orchestrator.v1 import orchestrator_service_pb2 as pb
 from neuralhive.orchestrator.v1 import orchestrator_service_pb2_grpc as pb_grpc
+from orchestrator_dynamic.domain.records import PlanOwnershipLost
 
 if TYPE_CHECKING:  # conftest is not importable at run time (import mode importlib)
     from conftest import Flow
@@ -166,6 +167,53 @@ async def test_a_cancel_through_another_replica_reaches_the_tickets_soon(flow: F
     async with asyncio.timeout(20):
         final = await flow.wait_settled("cancelled-elsewhere")
     assert flow.tasks(final)["long"]["status"] == "CANCELLED"
+
+
+async def test_a_stale_round_of_a_plan_claimed_again_leaves_the_new_claim_alone(
+    flow: Flow,
+) -> None:
+    # A database outage longer than the lease: the replica claims its own plan again
+    # (a new epoch, a new copy), then a round of the old copy still in flight ends with
+    # ownership lost and dropped the plan by id, the new copy with it; the plan then
+    # waited for its lease to expire once more.
+    app = await flow.start_orchestrator()
+    await flow.start_worker("w1", ["python"], max_concurrent=1)
+    plan = {
+        "plan_id": "claimed-again",
+        "tasks": [
+            {
+                "task_id": "long",
+                "task_type": "sleep",
+                "required_capabilities": ["python"],
+                "parameters": {"seconds": 120},
+            }
+        ],
+    }
+    assert (await flow.submit(plan)).status_code == 202
+    await flow.wait_plan(
+        "claimed-again",
+        lambda b: flow.tasks(b)["long"]["status"] == "RUNNING",
+        "the task running",
+    )
+    old = app.driver._plans["claimed-again"]
+    async with await psycopg.AsyncConnection.connect(flow.orchestrator_dsn) as conn:
+        await conn.execute(
+            "UPDATE plans SET owner_lease_expires_at = now() - interval '1 second'"
+            " WHERE plan_id = 'claimed-again'"
+        )
+        await conn.commit()
+
+    async def claimed_again() -> bool:
+        current = app.driver._plans.get("claimed-again")
+        return current is not None and current is not old
+
+    await flow.wait_for(claimed_again, what="the plan claimed again")
+
+    async def stale_round() -> None:
+        raise PlanOwnershipLost("the old copy's lease")
+
+    await app.driver._guarded(old, stale_round())
+    assert "claimed-again" in app.driver.driven_plan_ids()
 
 
 async def test_a_ticket_of_a_lost_worker_runs_elsewhere(flow: Flow) -> None:

@@ -597,7 +597,15 @@ class PlanDriver:
 
     async def _drop(self, plan: DrivenPlan, why: str) -> None:
         _log.info("no longer driving plan", plan_id=plan.plan_id, reason=why)
-        self._plans.pop(plan.plan_id, None)
+        self._forget(plan)
+
+    def _forget(self, plan: DrivenPlan) -> None:
+        """Stop driving ``plan``, and only it: after this replica claimed the plan again
+        (its lease expired in a database outage), a round of the old copy still in flight
+        ends with ownership lost, and must not take the new copy away (the plan then
+        waited for its lease to expire once more)."""
+        if self._plans.get(plan.plan_id) is plan:
+            del self._plans[plan.plan_id]
         self._metrics.plans_driven.set(len(self._plans))
 
     async def _step(self, plan: DrivenPlan) -> SchedulingDecision | None:
@@ -928,11 +936,10 @@ class PlanDriver:
     async def _finish(self, plan: DrivenPlan) -> None:
         reason = {"error": plan.error_message} if plan.error_message else {}
         _log.info("plan settled", plan_id=plan.plan_id, status=plan.status.value, **reason)
-        self._plans.pop(plan.plan_id, None)
+        self._forget(plan)
         self._metrics.plans_settled.labels(plan.status.value).inc()
         duration = (self._clock() - plan.created_at).total_seconds()
         self._metrics.plan_duration_seconds.labels(plan.status.value).observe(max(duration, 0.0))
-        self._metrics.plans_driven.set(len(self._plans))
         await self._safe_release(plan.lease)
 
     # -- dispatch (C3/C4) ----------------------------------------------------------------
