@@ -17,6 +17,11 @@ DictPool = psycopg_pool.AsyncConnectionPool[AsyncConnection[DictRow]]
 
 
 RECONNECT_TIMEOUT_SECONDS = 5.0
+# How long a request waits for a free connection before it fails UNAVAILABLE. Short: in a
+# database outage every request waits this long (it was psycopg's 30 s, beyond the
+# clients' per-attempt timeouts: they saw DEADLINE_EXCEEDED, /ready said "down" in 1 s),
+# and with queries of milliseconds a connection is free long before it.
+POOL_TIMEOUT_SECONDS = 3.0
 
 
 def open_pool(
@@ -24,7 +29,7 @@ def open_pool(
     *,
     min_size: int = 1,
     max_size: int = 10,
-    timeout_seconds: float = 30.0,
+    timeout_seconds: float = POOL_TIMEOUT_SECONDS,
     configure: Callable[[AsyncConnection[DictRow]], Awaitable[None]] | None = None,
 ) -> DictPool:
     """An unopened pool of autocommit connections returning dict rows.

@@ -6,8 +6,9 @@ import psycopg
 import psycopg_pool
 import pytest
 
+from hive_common.clients import CallPolicy
 from hive_common.errors import Internal, NotFound, Unavailable
-from hive_common.postgres import database_errors
+from hive_common.postgres import POOL_TIMEOUT_SECONDS, database_errors, open_pool
 
 
 @pytest.mark.parametrize(
@@ -55,3 +56,11 @@ async def test_the_sqlstate_is_given_only_when_the_server_gave_one() -> None:
         async with database_errors("x db"):
             raise psycopg.DataError("PostgreSQL text fields cannot contain NUL (0x00) bytes")
     assert info.value.details == {}  # was {"sqlstate": ""}
+
+
+def test_a_database_outage_is_unavailable_before_a_clients_attempt_times_out() -> None:
+    # A request waits POOL_TIMEOUT_SECONDS for a connection in an outage: at psycopg's 30 s
+    # the hive clients' attempts ended first and they saw DEADLINE_EXCEEDED, not the
+    # retryable UNAVAILABLE the service would have answered.
+    assert CallPolicy().timeout_seconds > POOL_TIMEOUT_SECONDS
+    assert open_pool("postgresql://nowhere/db").timeout == POOL_TIMEOUT_SECONDS

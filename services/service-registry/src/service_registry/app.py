@@ -17,6 +17,7 @@ from hive_common.http import CheckResult, check_dependency, create_http_app
 from hive_common.logging import get_logger
 from hive_common.metrics import HttpMetrics, RpcMetrics, new_registry
 from hive_common.migrations import apply_migrations
+from hive_common.postgres import POOL_TIMEOUT_SECONDS, RECONNECT_TIMEOUT_SECONDS
 from hive_common.retry import wait_for_dependency
 from hive_common.runtime import ServiceRuntime
 from neuralhive.registry.v1 import registry_service_pb2_grpc as pb_grpc
@@ -90,6 +91,10 @@ async def build_app(
         kwargs={"autocommit": True},
         open=False,
         name="registry",
+        # As every service's pool (hive_common.postgres.open_pool): back 10-13 s after a
+        # database outage without it, and requests waiting 30 s for a connection in one.
+        reconnect_timeout=RECONNECT_TIMEOUT_SECONDS,
+        timeout=POOL_TIMEOUT_SECONDS,
     )
     await pool.open(wait=False)
     try:
