@@ -6,13 +6,12 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 from pymongo import AsyncMongoClient
+from pymongo.errors import AutoReconnect, ServerSelectionTimeoutError
 
 from execution_ticket_service.domain.models import TicketSpec
 from execution_ticket_service.storage import audit
 from execution_ticket_service.storage.audit import AuditStore
 from execution_ticket_service.storage.tickets import OutboxEntry, TicketRepository
-from hive_common.http import check_dependency
-from hive_common.localdb import free_port
 
 if TYPE_CHECKING:  # conftest is not importable at run time (import mode importlib)
     from conftest import LoopTurns
@@ -52,20 +51,35 @@ async def test_a_big_batch_is_built_in_chunks_with_the_event_loop_let_in_between
     assert first < second < third
 
 
-async def test_readiness_says_why_mongodb_is_unreachable_before_the_driver_gives_up() -> None:
+async def test_last_error_is_what_the_driver_last_saw_of_mongodb(
+    mongo_uri: str, mongo_database_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     # The driver retries a refused connection until its server selection timeout (2 s by
-    # default), longer than /ready may take: the check said "no answer", not "refused".
-    port = free_port()  # nothing listens there
-    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(
-        f"mongodb://127.0.0.1:{port}", serverSelectionTimeoutMS=30_000
-    )
-    store = AuditStore(client=client, database="readiness")
+    # default), longer than /ready may wait for it: the check said "no answer", not why.
+    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(mongo_uri)
+    store = AuditStore(client=client, database=mongo_database_name)
     try:
-        assert store.last_error() is None  # nothing tried yet
-        check = await check_dependency(
-            store.ping, timeout_seconds=1.0, failed="degraded", last_error=store.last_error
+        await store.ping()
+        assert store.last_error() is None  # reached
+        # (An unreachable server, without the driver's own attempts: closing a client in
+        # the middle of one leaks its socket, a ResourceWarning in some later test.)
+        [description] = client.topology_description.server_descriptions().values()
+        refused = description.to_unknown(error=AutoReconnect("127.0.0.1:9: Connection refused"))
+        monkeypatch.setattr(
+            type(client.topology_description),
+            "server_descriptions",
+            lambda self: {refused.address: refused},
         )
+        assert store.last_error() == "MongoDB unavailable: 127.0.0.1:9: Connection refused"
     finally:
         await client.close()
-    assert check["status"] == "degraded"
-    assert check.get("detail", "").startswith(f"MongoDB unavailable: 127.0.0.1:{port}: ")
+
+
+def test_unavailable_says_why_without_the_drivers_topology_description() -> None:
+    timeout = ServerSelectionTimeoutError(
+        "127.0.0.1:9: [Errno 111] Connection refused, Timeout: 0.3s, Topology Description:"
+        " <TopologyDescription id: 1, topology_type: Unknown, servers: [...]>"
+    )
+    assert audit._unavailable(timeout).message == (
+        "MongoDB unavailable: 127.0.0.1:9: [Errno 111] Connection refused, Timeout: 0.3s"
+    )

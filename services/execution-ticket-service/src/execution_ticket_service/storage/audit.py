@@ -90,6 +90,13 @@ def status_change_document(audit: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in audit.items() if key != "ticket"}
 
 
+def _unavailable(exc: PyMongoError) -> Unavailable:
+    """What the driver said, without the topology description a server selection timeout
+    appends (a kilobyte of internals in every /events 503 and log line)."""
+    reason = str(exc).split(", Topology Description: ")[0]
+    return Unavailable(f"MongoDB unavailable: {reason}")
+
+
 class AuditStore:
     """Writes and reads the audit collections. Raises only :class:`Unavailable`."""
 
@@ -103,13 +110,13 @@ class AuditStore:
                 await collection.create_index([("event_id", ASCENDING)], unique=True)
                 await collection.create_index([("ticket_id", ASCENDING), ("sequence", ASCENDING)])
         except PyMongoError as exc:
-            raise Unavailable(f"MongoDB unavailable: {exc}") from exc
+            raise _unavailable(exc) from exc
 
     async def ping(self) -> None:
         try:
             await self._db.command("ping")
         except PyMongoError as exc:
-            raise Unavailable(f"MongoDB unavailable: {exc}") from exc
+            raise _unavailable(exc) from exc
 
     def last_error(self) -> str | None:
         """Why the client's last attempt to reach MongoDB failed, if it did (the driver
@@ -135,7 +142,7 @@ class AuditStore:
             await self._insert(AUDIT_TRAIL, documents)
             await self._insert(STATUS_CHANGES, status_changes)
         except PyMongoError as exc:
-            raise Unavailable(f"MongoDB unavailable: {exc}") from exc
+            raise _unavailable(exc) from exc
 
     async def _insert(self, collection: str, documents: list[dict[str, Any]]) -> None:
         """Insert ``documents`` (insert_many adds ``_id`` to them)."""
@@ -166,7 +173,7 @@ class AuditStore:
             )
             documents = [doc async for doc in cursor]
         except PyMongoError as exc:
-            raise Unavailable(f"MongoDB unavailable: {exc}") from exc
+            raise _unavailable(exc) from exc
         return [_readable(doc) for doc in documents]
 
 
