@@ -27,7 +27,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from neuralhive.ticket.v1 import ticket_service_pb2 as neuralhive_dot_ticket_dot_v1_dot_ticket__service__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n5neuralhive/orchestrator/v1/orchestrator_service.proto\x12\x1aneuralhive.orchestrator.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a)neuralhive/ticket/v1/ticket_service.proto\"\xb9\x02\n\x08TaskSpec\x12\x17\n\x07task_id\x18\x01 \x01(\tR\x06taskId\x12\x1b\n\ttask_type\x18\x02 \x01(\tR\x08taskType\x12 \n\x0b\x64\x65scription\x18\x03 \x01(\tR\x0b\x64\x65scription\x12\x33\n\x15required_capabilities\x18\x04 \x03(\tR\x14requiredCapabilities\x12\x1d\n\ndepends_on\x18\x05 \x03(\tR\tdependsOn\x12\x37\n\nparameters\x18\x06 \x01(\x0b\x32\x17.google.protobuf.StructR\nparameters\x12\'\n\x0ftimeout_seconds\x18\x07 \x01(\x05R\x0etimeoutSeconds\x12\x1f\n\x0bmax_retries\x18\x08 \x01(\x05R\nmaxRetries\"\xcc\x01\n\x08PlanSpec\x12\x17\n\x07plan_id\x18\x01 \x01(\tR\x06planId\x12\x1b\n\tintent_id\x18\x02 \x01(\tR\x08intentId\x12\x12\n\x04name\x18\x03 \x01(\tR\x04name\x12:\n\x08priority\x18\x04 \x01(\x0e\x32\x1e.neuralhive.ticket.v1.PriorityR\x08priority\x12:\n\x05tasks\x18\x05 \x03(\x0b\x32$.neuralhive.orchestrator.v1.TaskSpecR\x05tasks\"\xda\x01\n\nPlanTicket\x12\x17\n\x07task_id\x18\x01 \x01(\tR\x06taskId\x12\x1b\n\tticket_id\x18\x02 \x01(\tR\x08ticketId\x12:\n\x06status\x18\x03 \x01(\x0e\x32\".neuralhive.ticket.v1.TicketStatusR\x06status\x12\x1b\n\tworker_id\x18\x04 \x01(\tR\x08workerId\x12\x18\n\x07\x61ttempt\x18\x05 \x01(\x05R\x07\x61ttempt\x12#\n\rerror_message\x18\x06 \x01(\tR\x0c\x65rrorMessage\"\xad\x04\n\x04Plan\x12\x17\n\x07plan_id\x18\x01 \x01(\tR\x06planId\x12\x1b\n\tintent_id\x18\x02 \x01(\tR\x08intentId\x12\x12\n\x04name\x18\x03 \x01(\tR\x04name\x12>\n\x06status\x18\x04 \x01(\x0e\x32&.neuralhive.orchestrator.v1.PlanStatusR\x06status\x12@\n\x07tickets\x18\x05 \x03(\x0b\x32&.neuralhive.orchestrator.v1.PlanTicketR\x07tickets\x12\x44\n\x06\x63ounts\x18\x06 \x03(\x0b\x32,.neuralhive.orchestrator.v1.Plan.CountsEntryR\x06\x63ounts\x12#\n\rerror_message\x18\x07 \x01(\tR\x0c\x65rrorMessage\x12\x39\n\ncreated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\tcreatedAt\x12\x39\n\nupdated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.TimestampR\tupdatedAt\x12=\n\x0c\x63ompleted_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.TimestampR\x0b\x63ompletedAt\x1a\x39\n\x0b\x43ountsEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\x05R\x05value:\x02\x38\x01\"e\n\x11SubmitPlanRequest\x12\x38\n\x04plan\x18\x01 \x01(\x0b\x32$.neuralhive.orchestrator.v1.PlanSpecR\x04plan\x12\x16\n\x06strict\x18\x02 \x01(\x08R\x06strict\"\x80\x01\n\x12SubmitPlanResponse\x12\x34\n\x04plan\x18\x01 \x01(\x0b\x32 .neuralhive.orchestrator.v1.PlanR\x04plan\x12\x18\n\x07\x63reated\x18\x02 \x01(\x08R\x07\x63reated\x12\x1a\n\x08warnings\x18\x03 \x03(\tR\x08warnings\")\n\x0eGetPlanRequest\x12\x17\n\x07plan_id\x18\x01 \x01(\tR\x06planId\"G\n\x0fGetPlanResponse\x12\x34\n\x04plan\x18\x01 \x01(\x0b\x32 .neuralhive.orchestrator.v1.PlanR\x04plan\",\n\x11\x43\x61ncelPlanRequest\x12\x17\n\x07plan_id\x18\x01 \x01(\tR\x06planId\"u\n\x12\x43\x61ncelPlanResponse\x12\x34\n\x04plan\x18\x01 \x01(\x0b\x32 .neuralhive.orchestrator.v1.PlanR\x04plan\x12)\n\x10\x63\x61ncel_requested\x18\x02 \x01(\x08R\x0f\x63\x61ncelRequested\"+\n\x10WatchPlanRequest\x12\x17\n\x07plan_id\x18\x01 \x01(\tR\x06planId\"I\n\x11WatchPlanResponse\x12\x34\n\x04plan\x18\x01 \x01(\x0b\x32 .neuralhive.orchestrator.v1.PlanR\x04plan*\xa9\x01\n\nPlanStatus\x12\x1b\n\x17PLAN_STATUS_UNSPECIFIED\x10\x00\x12\x17\n\x13PLAN_STATUS_PENDING\x10\x01\x12\x17\n\x13PLAN_STATUS_RUNNING\x10\x02\x12\x19\n\x15PLAN_STATUS_COMPLETED\x10\x03\x12\x16\n\x12PLAN_STATUS_FAILED\x10\x04\x12\x19\n\x15PLAN_STATUS_CANCELLED\x10\x05\x32\xbf\x03\n\x13OrchestratorService\x12k\n\nSubmitPlan\x12-.neuralhive.orchestrator.v1.SubmitPlanRequest\x1a..neuralhive.orchestrator.v1.SubmitPlanResponse\x12\x62\n\x07GetPlan\x12*.neuralhive.orchestrator.v1.GetPlanRequest\x1a+.neuralhive.orchestrator.v1.GetPlanResponse\x12k\n\nCancelPlan\x12-.neuralhive.orchestrator.v1.CancelPlanRequest\x1a..neuralhive.orchestrator.v1.CancelPlanResponse\x12j\n\tWatchPlan\x12,.neuralhive.orchestrator.v1.WatchPlanRequest\x1a-.neuralhive.orchestrator.v1.WatchPlanResponse0\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n5neuralhive/orchestrator/v1/orchestrator_service.proto\x12\x1aneuralhive.orchestrator.v1\x1a\x1cgoogle/protobuf/struct.proto\x1a\x1fgoogle/protobuf/timestamp.proto\x1a)neuralhive/ticket/v1/ticket_service.proto\"\xb9\x02\n\x08TaskSpec\x12\x17\n\x07task_id\x18\x01 \x01(\tR\x06taskId\x12\x1b\n\ttask_type\x18\x02 \x01(\tR\x08taskType\x12 \n\x0b\x64\x65scription\x18\x03 \x01(\tR\x0b\x64\x65scription\x12\x33\n\x15required_capabilities\x18\x04 \x03(\tR\x14requiredCapabilities\x12\x1d\n\ndepends_on\x18\x05 \x03(\tR\tdependsOn\x12\x37\n\nparameters\x18\x06 \x01(\x0b\x32\x17.google.protobuf.StructR\nparameters\x12\'\n\x0ftimeout_seconds\x18\x07 \x01(\x05R\x0etimeoutSeconds\x12\x1f\n\x0bmax_retries\x18\x08 \x01(\x05R\nmaxRetries\"\xcc\x01\n\x08PlanSpec\x12\x17\n\x07plan_id\x18\x01 \x01(\tR\x06planId\x12\x1b\n\tintent_id\x18\x02 \x01(\tR\x08intentId\x12\x12\n\x04name\x18\x03 \x01(\tR\x04name\x12:\n\x08priority\x18\x04 \x01(\x0e\x32\x1e.neuralhive.ticket.v1.PriorityR\x08priority\x12:\n\x05tasks\x18\x05 \x03(\x0b\x32$.neuralhive.orchestrator.v1.TaskSpecR\x05tasks\"\xb9\x03\n\nPlanTicket\x12\x17\n\x07task_id\x18\x01 \x01(\tR\x06taskId\x12\x1b\n\tticket_id\x18\x02 \x01(\tR\x08ticketId\x12:\n\x06status\x18\x03 \x01(\x0e\x32\".neuralhive.ticket.v1.TicketStatusR\x06status\x12\x1b\n\tworker_id\x18\x04 \x01(\tR\x08workerId\x12\x18\n\x07\x61ttempt\x18\x05 \x01(\x05R\x07\x61ttempt\x12#\n\rerror_message\x18\x06 \x01(\tR\x0c\x65rrorMessage\x12\x1b\n\tlost_runs\x18\x07 \x01(\x05R\x08lostRuns\x12\x44\n\x10lease_expires_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\x0eleaseExpiresAt\x12?\n\rbackoff_until\x18\t \x01(\x0b\x32\x1a.google.protobuf.TimestampR\x0c\x62\x61\x63koffUntil\x12\x39\n\nupdated_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.TimestampR\tupdatedAt\"\x8f\x06\n\x04Plan\x12\x17\n\x07plan_id\x18\x01 \x01(\tR\x06planId\x12\x1b\n\tintent_id\x18\x02 \x01(\tR\x08intentId\x12\x12\n\x04name\x18\x03 \x01(\tR\x04name\x12>\n\x06status\x18\x04 \x01(\x0e\x32&.neuralhive.orchestrator.v1.PlanStatusR\x06status\x12@\n\x07tickets\x18\x05 \x03(\x0b\x32&.neuralhive.orchestrator.v1.PlanTicketR\x07tickets\x12\x44\n\x06\x63ounts\x18\x06 \x03(\x0b\x32,.neuralhive.orchestrator.v1.Plan.CountsEntryR\x06\x63ounts\x12#\n\rerror_message\x18\x07 \x01(\tR\x0c\x65rrorMessage\x12\x39\n\ncreated_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.TimestampR\tcreatedAt\x12\x39\n\nupdated_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.TimestampR\tupdatedAt\x12=\n\x0c\x63ompleted_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.TimestampR\x0b\x63ompletedAt\x12:\n\x08priority\x18\x0b \x01(\x0e\x32\x1e.neuralhive.ticket.v1.PriorityR\x08priority\x12\x1d\n\ntask_count\x18\x0c \x01(\x05R\ttaskCount\x12\x39\n\nsettled_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.TimestampR\tsettledAt\x12J\n\x13\x63\x61ncel_requested_at\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.TimestampR\x11\x63\x61ncelRequestedAt\x1a\x39\n\x0b\x43ountsEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\x05R\x05value:\x02\x38\x01\"e\n\x11SubmitPlanRequest\x12\x38\n\x04plan\x18\x01 \x01(\x0b\x32$.neuralhive.orchestrator.v1.PlanSpecR\x04plan\x12\x16\n\x06strict\x18\x02 \x01(\x08R\x06strict\"\xc5\x02\n\x12SubmitPlanResponse\x12\x34\n\x04plan\x18\x01 \x01(\x0b\x32 .neuralhive.orchestrator.v1.PlanR\x04plan\x12\x18\n\x07\x63reated\x18\x02 \x01(\x08R\x07\x63reated\x12\x1a\n\x08warnings\x18\x03 \x03(\tR\x08warnings\x12\'\n\x0ftickets_created\x18\x04 \x01(\x08R\x0eticketsCreated\x12\\\n\nticket_ids\x18\x05 \x03(\x0b\x32=.neuralhive.orchestrator.v1.SubmitPlanResponse.TicketIdsEntryR\tticketIds\x1a<\n\x0eTicketIdsEntry\x12\x10\n\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n\x05value\x18\x02 \x01(\tR\x05value:\x02\x38\x01\")\n\x0eGetPlanRequest\x12\x17\n\x07plan_id\x18\x01 \x01(\tR\x06planId\"G\n\x0fGetPlanResponse\x12\x34\n\x04plan\x18\x01 \x01(\x0b\x32 .neuralhive.orchestrator.v1.PlanR\x04plan\",\n\x11\x43\x61ncelPlanRequest\x12\x17\n\x07plan_id\x18\x01 \x01(\tR\x06planId\"u\n\x12\x43\x61ncelPlanResponse\x12\x34\n\x04plan\x18\x01 \x01(\x0b\x32 .neuralhive.orchestrator.v1.PlanR\x04plan\x12)\n\x10\x63\x61ncel_requested\x18\x02 \x01(\x08R\x0f\x63\x61ncelRequested\"+\n\x10WatchPlanRequest\x12\x17\n\x07plan_id\x18\x01 \x01(\tR\x06planId\"I\n\x11WatchPlanResponse\x12\x34\n\x04plan\x18\x01 \x01(\x0b\x32 .neuralhive.orchestrator.v1.PlanR\x04plan*\xa9\x01\n\nPlanStatus\x12\x1b\n\x17PLAN_STATUS_UNSPECIFIED\x10\x00\x12\x17\n\x13PLAN_STATUS_PENDING\x10\x01\x12\x17\n\x13PLAN_STATUS_RUNNING\x10\x02\x12\x19\n\x15PLAN_STATUS_COMPLETED\x10\x03\x12\x16\n\x12PLAN_STATUS_FAILED\x10\x04\x12\x19\n\x15PLAN_STATUS_CANCELLED\x10\x05\x32\xbf\x03\n\x13OrchestratorService\x12k\n\nSubmitPlan\x12-.neuralhive.orchestrator.v1.SubmitPlanRequest\x1a..neuralhive.orchestrator.v1.SubmitPlanResponse\x12\x62\n\x07GetPlan\x12*.neuralhive.orchestrator.v1.GetPlanRequest\x1a+.neuralhive.orchestrator.v1.GetPlanResponse\x12k\n\nCancelPlan\x12-.neuralhive.orchestrator.v1.CancelPlanRequest\x1a..neuralhive.orchestrator.v1.CancelPlanResponse\x12j\n\tWatchPlan\x12,.neuralhive.orchestrator.v1.WatchPlanRequest\x1a-.neuralhive.orchestrator.v1.WatchPlanResponse0\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -36,34 +36,38 @@ if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
   _globals['_PLAN_COUNTSENTRY']._loaded_options = None
   _globals['_PLAN_COUNTSENTRY']._serialized_options = b'8\001'
-  _globals['_PLANSTATUS']._serialized_start=2131
-  _globals['_PLANSTATUS']._serialized_end=2300
+  _globals['_SUBMITPLANRESPONSE_TICKETIDSENTRY']._loaded_options = None
+  _globals['_SUBMITPLANRESPONSE_TICKETIDSENTRY']._serialized_options = b'8\001'
+  _globals['_PLANSTATUS']._serialized_start=2777
+  _globals['_PLANSTATUS']._serialized_end=2946
   _globals['_TASKSPEC']._serialized_start=192
   _globals['_TASKSPEC']._serialized_end=505
   _globals['_PLANSPEC']._serialized_start=508
   _globals['_PLANSPEC']._serialized_end=712
   _globals['_PLANTICKET']._serialized_start=715
-  _globals['_PLANTICKET']._serialized_end=933
-  _globals['_PLAN']._serialized_start=936
-  _globals['_PLAN']._serialized_end=1493
-  _globals['_PLAN_COUNTSENTRY']._serialized_start=1436
-  _globals['_PLAN_COUNTSENTRY']._serialized_end=1493
-  _globals['_SUBMITPLANREQUEST']._serialized_start=1495
-  _globals['_SUBMITPLANREQUEST']._serialized_end=1596
-  _globals['_SUBMITPLANRESPONSE']._serialized_start=1599
-  _globals['_SUBMITPLANRESPONSE']._serialized_end=1727
-  _globals['_GETPLANREQUEST']._serialized_start=1729
-  _globals['_GETPLANREQUEST']._serialized_end=1770
-  _globals['_GETPLANRESPONSE']._serialized_start=1772
-  _globals['_GETPLANRESPONSE']._serialized_end=1843
-  _globals['_CANCELPLANREQUEST']._serialized_start=1845
-  _globals['_CANCELPLANREQUEST']._serialized_end=1889
-  _globals['_CANCELPLANRESPONSE']._serialized_start=1891
-  _globals['_CANCELPLANRESPONSE']._serialized_end=2008
-  _globals['_WATCHPLANREQUEST']._serialized_start=2010
-  _globals['_WATCHPLANREQUEST']._serialized_end=2053
-  _globals['_WATCHPLANRESPONSE']._serialized_start=2055
-  _globals['_WATCHPLANRESPONSE']._serialized_end=2128
-  _globals['_ORCHESTRATORSERVICE']._serialized_start=2303
-  _globals['_ORCHESTRATORSERVICE']._serialized_end=2750
+  _globals['_PLANTICKET']._serialized_end=1156
+  _globals['_PLAN']._serialized_start=1159
+  _globals['_PLAN']._serialized_end=1942
+  _globals['_PLAN_COUNTSENTRY']._serialized_start=1885
+  _globals['_PLAN_COUNTSENTRY']._serialized_end=1942
+  _globals['_SUBMITPLANREQUEST']._serialized_start=1944
+  _globals['_SUBMITPLANREQUEST']._serialized_end=2045
+  _globals['_SUBMITPLANRESPONSE']._serialized_start=2048
+  _globals['_SUBMITPLANRESPONSE']._serialized_end=2373
+  _globals['_SUBMITPLANRESPONSE_TICKETIDSENTRY']._serialized_start=2313
+  _globals['_SUBMITPLANRESPONSE_TICKETIDSENTRY']._serialized_end=2373
+  _globals['_GETPLANREQUEST']._serialized_start=2375
+  _globals['_GETPLANREQUEST']._serialized_end=2416
+  _globals['_GETPLANRESPONSE']._serialized_start=2418
+  _globals['_GETPLANRESPONSE']._serialized_end=2489
+  _globals['_CANCELPLANREQUEST']._serialized_start=2491
+  _globals['_CANCELPLANREQUEST']._serialized_end=2535
+  _globals['_CANCELPLANRESPONSE']._serialized_start=2537
+  _globals['_CANCELPLANRESPONSE']._serialized_end=2654
+  _globals['_WATCHPLANREQUEST']._serialized_start=2656
+  _globals['_WATCHPLANREQUEST']._serialized_end=2699
+  _globals['_WATCHPLANRESPONSE']._serialized_start=2701
+  _globals['_WATCHPLANRESPONSE']._serialized_end=2774
+  _globals['_ORCHESTRATORSERVICE']._serialized_start=2949
+  _globals['_ORCHESTRATORSERVICE']._serialized_end=3396
 # @@protoc_insertion_point(module_scope)

@@ -123,6 +123,10 @@ Global___PlanSpec: _TypeAlias = PlanSpec  # noqa: Y015
 
 @_typing.final
 class PlanTicket(_message.Message):
+    """One task's ticket, as the HTTP plan's `tickets[]` (its null strings are "" here, its null
+    times unset).
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     TASK_ID_FIELD_NUMBER: _builtins.int
@@ -131,12 +135,31 @@ class PlanTicket(_message.Message):
     WORKER_ID_FIELD_NUMBER: _builtins.int
     ATTEMPT_FIELD_NUMBER: _builtins.int
     ERROR_MESSAGE_FIELD_NUMBER: _builtins.int
+    LOST_RUNS_FIELD_NUMBER: _builtins.int
+    LEASE_EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    BACKOFF_UNTIL_FIELD_NUMBER: _builtins.int
+    UPDATED_AT_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     ticket_id: _builtins.str
+    """"" until the ticket was created in the ticket service."""
     status: _ticket_service_pb2.TicketStatus.ValueType
     worker_id: _builtins.str
     attempt: _builtins.int
     error_message: _builtins.str
+    lost_runs: _builtins.int
+    """Attempts that ended with their worker (lost): they used none of the task's retries."""
+    @_builtins.property
+    def lease_expires_at(self) -> _timestamp_pb2.Timestamp:
+        """Until when the worker holds the ticket (ASSIGNED: to start it; RUNNING: to finish it)."""
+
+    @_builtins.property
+    def backoff_until(self) -> _timestamp_pb2.Timestamp:
+        """Set while a PENDING retry waits for its backoff: not dispatched before then."""
+
+    @_builtins.property
+    def updated_at(self) -> _timestamp_pb2.Timestamp:
+        """When the orchestrator last updated this entry."""
+
     def __init__(
         self,
         *,
@@ -146,10 +169,14 @@ class PlanTicket(_message.Message):
         worker_id: _builtins.str = ...,
         attempt: _builtins.int = ...,
         error_message: _builtins.str = ...,
+        lost_runs: _builtins.int = ...,
+        lease_expires_at: _timestamp_pb2.Timestamp | None = ...,
+        backoff_until: _timestamp_pb2.Timestamp | None = ...,
+        updated_at: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["backoff_until", b"backoff_until", "lease_expires_at", b"lease_expires_at", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "error_message", b"error_message", "status", b"status", "task_id", b"task_id", "ticket_id", b"ticket_id", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "backoff_until", b"backoff_until", "error_message", b"error_message", "lease_expires_at", b"lease_expires_at", "lost_runs", b"lost_runs", "status", b"status", "task_id", b"task_id", "ticket_id", b"ticket_id", "updated_at", b"updated_at", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -157,6 +184,10 @@ Global___PlanTicket: _TypeAlias = PlanTicket  # noqa: Y015
 
 @_typing.final
 class Plan(_message.Message):
+    """A plan, as the HTTP API's `GET /api/v1/plans/{plan_id}` (its null strings are "" here, its
+    null times unset).
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     @_typing.final
@@ -189,11 +220,18 @@ class Plan(_message.Message):
     CREATED_AT_FIELD_NUMBER: _builtins.int
     UPDATED_AT_FIELD_NUMBER: _builtins.int
     COMPLETED_AT_FIELD_NUMBER: _builtins.int
+    PRIORITY_FIELD_NUMBER: _builtins.int
+    TASK_COUNT_FIELD_NUMBER: _builtins.int
+    SETTLED_AT_FIELD_NUMBER: _builtins.int
+    CANCEL_REQUESTED_AT_FIELD_NUMBER: _builtins.int
     plan_id: _builtins.str
     intent_id: _builtins.str
     name: _builtins.str
     status: Global___PlanStatus.ValueType
     error_message: _builtins.str
+    priority: _ticket_service_pb2.Priority.ValueType
+    """As submitted (PRIORITY_NORMAL when the plan named none)."""
+    task_count: _builtins.int
     @_builtins.property
     def tickets(self) -> _containers.RepeatedCompositeFieldContainer[Global___PlanTicket]: ...
     @_builtins.property
@@ -205,7 +243,15 @@ class Plan(_message.Message):
     @_builtins.property
     def updated_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
-    def completed_at(self) -> _timestamp_pb2.Timestamp: ...
+    def completed_at(self) -> _timestamp_pb2.Timestamp:
+        """When the status became terminal (COMPLETED, FAILED, CANCELLED)."""
+
+    @_builtins.property
+    def settled_at(self) -> _timestamp_pb2.Timestamp:
+        """When every ticket was terminal: nothing left to drive (a cancel has finished)."""
+
+    @_builtins.property
+    def cancel_requested_at(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
         self,
         *,
@@ -219,10 +265,14 @@ class Plan(_message.Message):
         created_at: _timestamp_pb2.Timestamp | None = ...,
         updated_at: _timestamp_pb2.Timestamp | None = ...,
         completed_at: _timestamp_pb2.Timestamp | None = ...,
+        priority: _ticket_service_pb2.Priority.ValueType = ...,
+        task_count: _builtins.int = ...,
+        settled_at: _timestamp_pb2.Timestamp | None = ...,
+        cancel_requested_at: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["completed_at", b"completed_at", "created_at", b"created_at", "updated_at", b"updated_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cancel_requested_at", b"cancel_requested_at", "completed_at", b"completed_at", "created_at", b"created_at", "settled_at", b"settled_at", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["completed_at", b"completed_at", "counts", b"counts", "created_at", b"created_at", "error_message", b"error_message", "intent_id", b"intent_id", "name", b"name", "plan_id", b"plan_id", "status", b"status", "tickets", b"tickets", "updated_at", b"updated_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel_requested_at", b"cancel_requested_at", "completed_at", b"completed_at", "counts", b"counts", "created_at", b"created_at", "error_message", b"error_message", "intent_id", b"intent_id", "name", b"name", "plan_id", b"plan_id", "priority", b"priority", "settled_at", b"settled_at", "status", b"status", "task_count", b"task_count", "tickets", b"tickets", "updated_at", b"updated_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -256,25 +306,57 @@ Global___SubmitPlanRequest: _TypeAlias = SubmitPlanRequest  # noqa: Y015
 class SubmitPlanResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
+    @_typing.final
+    class TicketIdsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     PLAN_FIELD_NUMBER: _builtins.int
     CREATED_FIELD_NUMBER: _builtins.int
     WARNINGS_FIELD_NUMBER: _builtins.int
+    TICKETS_CREATED_FIELD_NUMBER: _builtins.int
+    TICKET_IDS_FIELD_NUMBER: _builtins.int
     created: _builtins.bool
     """False when the identical plan already existed."""
+    tickets_created: _builtins.bool
+    """False when the tickets could not be created yet (the orchestrator keeps trying)."""
     @_builtins.property
     def plan(self) -> Global___Plan: ...
     @_builtins.property
-    def warnings(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def warnings(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """`<code>: <field>: <description>` each (the HTTP warning objects)."""
+
+    @_builtins.property
+    def ticket_ids(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Task id -> ticket id ("" for a ticket not created yet)."""
+
     def __init__(
         self,
         *,
         plan: Global___Plan | None = ...,
         created: _builtins.bool = ...,
         warnings: _abc.Iterable[_builtins.str] | None = ...,
+        tickets_created: _builtins.bool = ...,
+        ticket_ids: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["plan", b"plan"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "plan", b"plan", "warnings", b"warnings"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created", b"created", "plan", b"plan", "ticket_ids", b"ticket_ids", "tickets_created", b"tickets_created", "warnings", b"warnings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

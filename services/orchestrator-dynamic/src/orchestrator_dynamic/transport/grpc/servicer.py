@@ -22,8 +22,9 @@ from hive_common.timestamps import datetime_to_timestamp
 from neuralhive.orchestrator.v1 import orchestrator_service_pb2 as pb
 from neuralhive.orchestrator.v1 import orchestrator_service_pb2_grpc as pb_grpc
 from neuralhive.ticket.v1 import ticket_service_pb2 as ticket_pb
+from orchestrator_dynamic.domain.plan import Priority
 from orchestrator_dynamic.domain.records import StoredPlan
-from orchestrator_dynamic.domain.scheduler import PlanStatus, TicketStatus
+from orchestrator_dynamic.domain.scheduler import PlanStatus, TicketState, TicketStatus
 from orchestrator_dynamic.engine.plans import PlanService
 
 SERVICE_NAME = "neuralhive.orchestrator.v1.OrchestratorService"
@@ -34,6 +35,12 @@ _PLAN_STATUS = {
     PlanStatus.COMPLETED: pb.PLAN_STATUS_COMPLETED,
     PlanStatus.FAILED: pb.PLAN_STATUS_FAILED,
     PlanStatus.CANCELLED: pb.PLAN_STATUS_CANCELLED,
+}
+_PRIORITY = {
+    Priority.LOW: ticket_pb.PRIORITY_LOW,
+    Priority.NORMAL: ticket_pb.PRIORITY_NORMAL,
+    Priority.HIGH: ticket_pb.PRIORITY_HIGH,
+    Priority.CRITICAL: ticket_pb.PRIORITY_CRITICAL,
 }
 _TICKET_STATUS = {
     TicketStatus.PENDING: ticket_pb.TICKET_STATUS_PENDING,
@@ -84,30 +91,45 @@ def _set_time(target: Any, moment: datetime | None) -> None:
         target.CopyFrom(datetime_to_timestamp(moment))
 
 
+def plan_ticket_message(state: TicketState) -> pb.PlanTicket:
+    """One entry of the HTTP plan's ``tickets`` (``ticket_json``): null strings are "",
+    null times unset."""
+    message = pb.PlanTicket(
+        task_id=state.task_id,
+        ticket_id=state.ticket_id or "",
+        status=_TICKET_STATUS[state.status],
+        worker_id=state.worker_id or "",
+        attempt=state.attempt,
+        lost_runs=state.lost_runs,
+        error_message=state.error_message or "",
+    )
+    _set_time(message.lease_expires_at, state.lease_expires_at)
+    # Only the backoff of the current PENDING attempt, as over HTTP.
+    _set_time(message.backoff_until, state.backoff_end())
+    _set_time(message.updated_at, state.updated_at)
+    return message
+
+
 def plan_message(stored: StoredPlan) -> pb.Plan:
+    """The HTTP API's plan (``plan_json``) as a message: null strings are "", null times
+    unset."""
     summary = stored.summary
     message = pb.Plan(
         plan_id=summary.plan_id,
         intent_id=summary.intent_id,
         name=summary.name,
+        priority=_PRIORITY[summary.priority],
         status=_PLAN_STATUS[summary.status],
+        task_count=summary.task_count,
         counts=dict(summary.counts),
         error_message=summary.error_message or "",
-        tickets=[
-            pb.PlanTicket(
-                task_id=t.task_id,
-                ticket_id=t.ticket_id or "",
-                status=_TICKET_STATUS[t.status],
-                worker_id=t.worker_id or "",
-                attempt=t.attempt,
-                error_message=t.error_message or "",
-            )
-            for t in stored.tasks
-        ],
+        tickets=[plan_ticket_message(t) for t in stored.tasks],
     )
     _set_time(message.created_at, summary.created_at)
     _set_time(message.updated_at, summary.updated_at)
     _set_time(message.completed_at, summary.completed_at)
+    _set_time(message.settled_at, summary.settled_at)
+    _set_time(message.cancel_requested_at, summary.cancel_requested_at)
     return message
 
 
@@ -148,6 +170,8 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
             created=submission.created,
             # The HTTP warning's code, field and description in one string.
             warnings=[f"{w.code.value}: {w}" for w in submission.warnings],
+            tickets_created=submission.tickets_created,
+            ticket_ids={t.task_id: t.ticket_id or "" for t in submission.stored.tasks},
         )
 
     async def GetPlan(self, request: pb.GetPlanRequest, context: Any) -> pb.GetPlanResponse:
