@@ -394,17 +394,20 @@ def resolve_settings(args: argparse.Namespace, env: Mapping[str, str]) -> Settin
     """Flags win over the environment, which wins over the built-in defaults."""
     urls = {}
     for service, default in DEFAULT_URLS.items():
-        url = getattr(args, service, None) or env.get(URL_ENV[service]) or default
+        flag = getattr(args, service, None)
+        url = flag or env.get(URL_ENV[service]) or default
+        # What the user set: the flag, or else the environment variable.
+        source = f"--{service}" if flag else URL_ENV[service]
         if not url.startswith(("http://", "https://")):
-            raise UsageError(f"--{service} must be an http:// or https:// URL, not {url!r}")
+            raise UsageError(f"{source} must be an http:// or https:// URL, not {url!r}")
         try:
             parsed = httpx.URL(url)
         except httpx.InvalidURL as exc:
-            raise UsageError(f"--{service}: invalid URL {url!r}: {exc}") from exc
+            raise UsageError(f"{source}: invalid URL {url!r}: {exc}") from exc
         if not parsed.host:
-            raise UsageError(f"--{service}: invalid URL {url!r}: no host")
+            raise UsageError(f"{source}: invalid URL {url!r}: no host")
         if parsed.port is not None and not 0 < parsed.port <= 65535:
-            raise UsageError(f"--{service}: invalid URL {url!r}: port must be 1-65535")
+            raise UsageError(f"{source}: invalid URL {url!r}: port must be 1-65535")
         urls[service] = url
     output = getattr(args, "output", None) or env.get("HIVE_OUTPUT") or "table"
     if output not in ("table", "json"):

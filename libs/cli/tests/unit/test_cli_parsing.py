@@ -97,6 +97,10 @@ def test_bad_url_and_bad_env_output_are_usage_errors() -> None:
     run = services.run("--orchestrator", "127.0.0.1:8003", "plan", "list")
     assert run.code == ExitCode.USAGE
     assert "--orchestrator must be an http:// or https:// URL" in run.err
+    # Set in the environment: the variable is named, not a flag never passed.
+    run = services.run("plan", "list", env={"HIVE_ORCHESTRATOR_URL": "notaurl"})
+    assert run.code == ExitCode.USAGE
+    assert "HIVE_ORCHESTRATOR_URL must be an http:// or https:// URL, not 'notaurl'" in run.err
     run = services.run("plan", "list", env={"HIVE_OUTPUT": "yaml"})
     assert run.code == ExitCode.USAGE
     assert services.requests == []
