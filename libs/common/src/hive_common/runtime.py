@@ -59,6 +59,14 @@ class ServerStoppedUnexpectedly(RuntimeError):
     """One of the service's servers stopped without being asked (the rest were stopped)."""
 
 
+def _uvicorn_grace(grace: float) -> int:
+    """uvicorn's graceful shutdown timeout: whole seconds, and at least 1: at 0 it times
+    out at once even with nothing to wait for, and logs "Cancel 0 running task(s), timeout
+    graceful shutdown exceeded" at ERROR (a start that failed on a port in use stops the
+    HTTP server it had started with no grace: that line came before "service failed")."""
+    return max(1, math.ceil(grace))
+
+
 class _HttpListener:
     """One uvicorn server on a socket we bind ourselves (so port 0 reports its real port)."""
 
@@ -83,7 +91,7 @@ class _HttpListener:
             access_log=False,  # the app's middleware writes the one line per request
             ws="none",
             lifespan="auto",
-            timeout_graceful_shutdown=math.ceil(grace),  # uvicorn takes whole seconds
+            timeout_graceful_shutdown=_uvicorn_grace(grace),
             timeout_keep_alive=keep_alive,
             server_header=False,
         )
@@ -110,7 +118,7 @@ class _HttpListener:
         if self.task is None:
             self.socket.close()
             return
-        self.server.config.timeout_graceful_shutdown = math.ceil(grace)
+        self.server.config.timeout_graceful_shutdown = _uvicorn_grace(grace)
         self.server.should_exit = True
         try:
             await self.task

@@ -21,6 +21,7 @@ from hive_common.entrypoint import (
 )
 from hive_common.errors import Unavailable
 from hive_common.http import create_http_app
+from hive_common.metrics import new_registry
 from hive_common.runtime import ServerStoppedUnexpectedly, ServiceRuntime
 
 SECRET = "short-but-secret"
@@ -100,8 +101,9 @@ def test_a_failure_to_start_or_to_keep_serving_is_one_error_line(
     assert line["error"] == shown
 
 
+@pytest.mark.parametrize("listener", ["http", "metrics"])
 def test_a_port_in_use_names_the_listener_and_the_address(
-    capsys: pytest.CaptureFixture[str],
+    capsys: pytest.CaptureFixture[str], listener: str
 ) -> None:
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
@@ -112,16 +114,20 @@ def test_a_port_in_use_names_the_listener_and_the_address(
             runtime = ServiceRuntime(
                 http_app=create_http_app(title="demo", version="1"),
                 host="127.0.0.1",
-                http_port=busy,
+                http_port=busy if listener == "http" else 0,
+                metrics_registry=new_registry(),
+                metrics_port=busy if listener == "metrics" else 0,
             )
             await runtime.run_until_signal()
 
         assert run_service(DemoSettings, serve, program="demo") == EXIT_FAILED
 
     out, _ = capsys.readouterr()
+    # One error line: the HTTP server started before the metrics one failed is stopped
+    # without uvicorn's "Cancel 0 running task(s), timeout graceful shutdown exceeded".
     [line] = [x for x in _log_lines(out) if x["level"] == "error"]
     assert line["error"] == (
-        f"OSError: [Errno 98] could not bind the http listener to 127.0.0.1:{busy}: "
+        f"OSError: [Errno 98] could not bind the {listener} listener to 127.0.0.1:{busy}: "
         "Address already in use"
     )
 
