@@ -8,7 +8,8 @@
 * one error shape for everything, ``{"error": {"code", "message", "details"}}``:
   ``HiveError`` -> its ``http_status``; request validation -> 400 ``INVALID_ARGUMENT`` with
   ``details.field_violations`` whose ``field`` is a JSON path (``body.tasks[2].task_id``,
-  ``query.page_size``); Starlette HTTP errors (404 unknown route, 405 ...) -> their status;
+  ``query.page_size``: every service names query parameters so, see
+  :func:`query_violations`); Starlette HTTP errors (404 unknown route, 405 ...) -> their status;
   any other exception -> 500 ``INTERNAL`` with a generic message, logged with its stack;
 * one canonical log line per request (method, path, route, status, duration_ms,
   request_id from ``x-request-id`` or generated, echoed back in the response header);
@@ -21,12 +22,13 @@ import asyncio
 import json
 import re
 import time
-from collections.abc import Awaitable, Callable, Mapping, Sequence
-from typing import Any, Literal, NotRequired, TypedDict
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from typing import Annotated, Any, Literal, NotRequired, TypedDict
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
+from pydantic import WithJsonSchema
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
@@ -54,6 +56,9 @@ class CheckResult(TypedDict):
 ReadinessReport = Mapping[str, CheckResult]
 ReadinessCheck = Callable[[], Awaitable[ReadinessReport]]
 """An async callable returning ``{check name: {"status": ..., "detail": ...}}``."""
+
+IsoDateTime = Annotated[str, WithJsonSchema({"type": "string", "format": "date-time"})]
+"""A timestamp a response carries as an ISO 8601 string (documented as a date-time)."""
 
 REQUEST_ID_HEADER = "x-request-id"
 INTERNAL_ERROR_MESSAGE = "internal error"
@@ -156,6 +161,12 @@ def validation_violations(errors: Sequence[Any]) -> list[FieldViolation]:
             loc = loc[:1]
         violations.append(FieldViolation(json_path(loc), str(error.get("msg", "invalid"))))
     return violations
+
+
+def query_violations(violations: Iterable[FieldViolation]) -> list[FieldViolation]:
+    """Violations of query parameters named as the HTTP APIs name them, as FastAPI does:
+    ``page_size`` -> ``query.page_size`` (the domain names them bare, as gRPC fields)."""
+    return [FieldViolation(f"query.{v.field}", v.description) for v in violations]
 
 
 def error_response(error: HiveError, *, headers: Mapping[str, str] | None = None) -> JSONResponse:
@@ -331,7 +342,11 @@ def _document_errors(app: FastAPI, *, bearer_auth: bool) -> None:
     """Make the OpenAPI document tell the truth about errors and authentication: every
     error is the ``{"error": {...}}`` body, bad input is 400 (FastAPI documents a 422
     this API never sends), and with ``bearer_auth`` the ``/api/`` operations need a
-    bearer token (so ``/docs`` can send one)."""
+    bearer token (so ``/docs`` can send one).
+
+    400 goes on the operations with a query parameter or a body; one that refuses a
+    malformed path parameter says so itself (``responses={400: ...}``), like the other
+    statuses only some routes send (404, 409, 412 ...): they get the error body here."""
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is not None:
@@ -357,7 +372,9 @@ def _document_errors(app: FastAPI, *, bearer_auth: bool) -> None:
         for path, operations in schema.get("paths", {}).items():
             for operation in operations.values():
                 responses = operation.setdefault("responses", {})
-                if responses.pop("422", None) is not None or path.startswith("/api/"):
+                responses.pop("422", None)
+                parameters = operation.get("parameters", [])
+                if "requestBody" in operation or any(p["in"] != "path" for p in parameters):
                     responses.setdefault("400", {"description": _ERROR_DESCRIPTIONS[400]})
                 if path.startswith("/api/"):
                     statuses = (401, 403, 503) if bearer_auth else (503,)
@@ -435,6 +452,7 @@ __all__ = [
     "REQUEST_ID_HEADER",
     "CheckResult",
     "CheckStatus",
+    "IsoDateTime",
     "ReadinessCheck",
     "ReadinessReport",
     "RequestLoggingMiddleware",
@@ -444,5 +462,6 @@ __all__ = [
     "evaluate_readiness",
     "json_path",
     "overall_status",
+    "query_violations",
     "validation_violations",
 ]

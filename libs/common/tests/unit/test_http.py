@@ -28,6 +28,7 @@ from hive_common.http import (
     create_http_app,
     json_path,
     overall_status,
+    query_violations,
 )
 from hive_common.logging import configure_logging, current_request_context
 from hive_common.metrics import HttpMetrics, new_registry
@@ -359,6 +360,19 @@ def test_json_path() -> None:
     assert json_path(()) == ""
 
 
+def test_query_violations_name_query_parameters_as_fastapi_does() -> None:
+    # The ticket service said `page_size` and `status[0]` where the others (and FastAPI
+    # itself, for a page_size that is no number) said `query.page_size`.
+    violations = [
+        FieldViolation("page_size", "must not be negative"),
+        FieldViolation("status[0]", "x"),
+    ]
+    assert query_violations(violations) == [
+        FieldViolation("query.page_size", "must not be negative"),
+        FieldViolation("query.status[0]", "x"),
+    ]
+
+
 def test_overall_status() -> None:
     assert overall_status({}) == "ok"
     assert overall_status({"a": {"status": "ok"}, "b": {"status": "degraded"}}) == "degraded"
@@ -433,3 +447,52 @@ async def test_a_dependency_check_names_what_does_not_answer() -> None:
         "status": "degraded",
         "detail": "registry database unavailable",
     }
+
+
+def test_the_openapi_document_lists_the_statuses_each_route_answers() -> None:
+    # A route could only say 400/401/403/503 with the error body, and every /api/ route
+    # said 400, also those with nothing a client could get wrong (a plan read by id).
+    app = create_http_app(title="test", version="1")
+
+    @app.get("/api/v1/things/{thing_id}", responses={404: {"description": "No such thing"}})
+    async def get_thing(thing_id: str) -> dict[str, str]:
+        return {}
+
+    @app.post(
+        "/api/v1/things/{thing_id}/close",
+        responses={
+            400: {"description": "Malformed thing id"},
+            404: {"description": "No such thing"},
+            412: {"description": "Already closed"},
+        },
+    )
+    async def close_thing(thing_id: str) -> dict[str, str]:
+        return {}
+
+    @app.get("/api/v1/things")
+    async def list_things(page_size: int = 10) -> dict[str, str]:
+        return {}
+
+    paths = app.openapi()["paths"]
+    responses = {
+        (method, path): operation["responses"]
+        for path, operations in paths.items()
+        for method, operation in operations.items()
+    }
+    assert set(responses["get", "/api/v1/things/{thing_id}"]) == {"200", "404", "503"}
+    assert set(responses["post", "/api/v1/things/{thing_id}/close"]) == {
+        "200",
+        "400",
+        "404",
+        "412",
+        "503",
+    }
+    assert set(responses["get", "/api/v1/things"]) == {"200", "400", "503"}
+    error = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
+    for (_, path), answers in responses.items():
+        for status, answer in answers.items():
+            if status[0] in "45":
+                assert answer["content"] == error, (path, status)
+    assert responses["post", "/api/v1/things/{thing_id}/close"]["412"]["description"] == (
+        "Already closed"
+    )

@@ -291,8 +291,9 @@ async def test_http_api(
         fields = {
             v["field"]: v["description"] for v in bad.json()["error"]["details"]["field_violations"]
         }
-        assert set(fields) == {"status[0]", "page_size"}
-        assert fields["status[0]"] == (
+        # Named as query parameters, as in the other services' HTTP APIs (query.<name>).
+        assert set(fields) == {"query.status[0]", "query.page_size"}
+        assert fields["query.status[0]"] == (
             "unknown status 'NOPE'; use one of PENDING, ASSIGNED, RUNNING, COMPLETED, FAILED, "
             "CANCELLED"
         )
@@ -403,11 +404,11 @@ async def test_http_nul_characters_are_400_with_the_field(
         assert await fields_of(
             "/api/v1/tickets",
             {"plan_id": f"p{nul}", "worker_id": f"{nul}w", "status": [f"PENDING{nul}"]},
-        ) == {"plan_id", "worker_id", "status[0]"}
+        ) == {"query.plan_id", "query.worker_id", "query.status[0]"}
         # A valid token with a NUL appended is not that token.
         assert await fields_of(
             "/api/v1/tickets", {"page_size": 1, "page_token": f"{token}{nul}"}
-        ) == {"page_token"}
+        ) == {"query.page_token"}
         assert await fields_of(f"/api/v1/tickets/{ticket_id}%00") == {"ticket_id"}
         assert await fields_of(f"/api/v1/tickets/{ticket_id}%00/events") == {"ticket_id"}
         # The same requests without the NUL are fine.

@@ -7,7 +7,10 @@ import base64
 import json
 from typing import TYPE_CHECKING, Any
 
+import httpx
 import pytest
+
+from hive_common.auth import TokenIssuer
 
 if TYPE_CHECKING:  # conftest is not importable at run time (import mode importlib)
     from conftest import Flow
@@ -247,7 +250,7 @@ async def test_ids_and_page_tokens_that_cannot_exist(flow: Flow) -> None:
     token = base64.urlsafe_b64encode(raw).decode().rstrip("=")
     forged = await client.get("/api/v1/plans", params={"page_token": token})
     assert forged.status_code == 400, forged.text
-    assert violations(forged) == {"page_token": "malformed or foreign page token"}
+    assert violations(forged) == {"query.page_token": "malformed or foreign page token"}
     assert [p["plan_id"] for p in (await client.get("/api/v1/plans")).json()["plans"]] == ["real"]
 
 
@@ -332,3 +335,111 @@ async def test_whole_floats_in_parameters_are_the_same_plan(flow: Flow) -> None:
     again = await flow.submit(as_float)
     assert again.status_code == 200, again.text
     assert again.json()["created"] is False
+
+
+def assert_documented(value: Any, schema: dict[str, Any], document: dict[str, Any]) -> None:
+    """``value`` is what ``schema`` in the OpenAPI ``document`` says: an object has its
+    properties in their order and no others, nulls only where allowed, enums kept."""
+    if "$ref" in schema:
+        name = schema["$ref"].rsplit("/", 1)[1]
+        assert_documented(value, document["components"]["schemas"][name], document)
+    elif "anyOf" in schema:
+        others = [s for s in schema["anyOf"] if s != {"type": "null"}]
+        if value is not None or len(others) == len(schema["anyOf"]):
+            (other,) = others
+            assert_documented(value, other, document)
+    elif "enum" in schema:
+        assert value in schema["enum"], (value, schema)
+    elif "properties" in schema:
+        assert list(value) == list(schema["properties"])
+        for key, field in schema["properties"].items():
+            assert_documented(value[key], field, document)
+    elif schema.get("type") == "array":
+        for item in value:
+            assert_documented(item, schema["items"], document)
+    elif schema.get("type") == "object":
+        assert isinstance(value, dict)
+        if isinstance(schema.get("additionalProperties"), dict):
+            for item in value.values():
+                assert_documented(item, schema["additionalProperties"], document)
+    elif "type" in schema:
+        kinds: dict[str, type | tuple[type, ...]] = {
+            "string": str,
+            "integer": int,
+            "boolean": bool,
+            "number": (int, float),
+        }
+        assert isinstance(value, kinds[schema["type"]]), (value, schema)
+
+
+async def test_the_answers_are_what_the_openapi_document_says(flow: Flow) -> None:
+    # The document had no response schemas, and left out the 200, 404 and 412 answers.
+    await flow.start_orchestrator()
+    client = flow.client()
+    document = (await client.get("/openapi.json")).json()
+
+    def check(method: str, path: str, response: httpx.Response) -> None:
+        status = str(response.status_code)
+        answer = document["paths"][path][method]["responses"].get(status)
+        assert answer is not None, f"{method} {path} answered {status}, not documented"
+        schema = answer["content"]["application/json"]["schema"]
+        assert_documented(response.json(), schema, document)
+
+    # No worker offers python: a warning, and the plan waits.
+    plan = {"plan_id": "doc", "tasks": [task("a"), task("b", "a")]}
+    submitted = await flow.submit(plan)
+    assert submitted.status_code == 202
+    assert submitted.json()["warnings"]
+    check("post", "/api/v1/plans", submitted)
+    check("post", "/api/v1/plans", await flow.submit(plan))  # 200
+    check("post", "/api/v1/plans", await flow.submit({**plan, "name": "other"}))  # 409
+    plan_path = "/api/v1/plans/{plan_id}"
+    check("get", plan_path, await client.get("/api/v1/plans/doc"))
+    check("get", plan_path, await client.get("/api/v1/plans/nope"))  # 404
+    check("get", "/api/v1/plans", await client.get("/api/v1/plans"))
+    explain = "/api/v1/plans/{plan_id}/explain"
+    check("get", explain, await client.get("/api/v1/plans/doc/explain", params={"all": "true"}))
+    check("get", explain, await client.get("/api/v1/plans/nope/explain"))
+    explain_task = "/api/v1/plans/{plan_id}/tasks/{task_id}/explain"
+    check("get", explain_task, await client.get("/api/v1/plans/doc/tasks/b/explain"))
+    check("get", explain_task, await client.get("/api/v1/plans/doc/tasks/zz/explain"))
+    cancel = "/api/v1/plans/{plan_id}/cancel"
+    cancelled = await client.post("/api/v1/plans/doc/cancel")
+    assert cancelled.json()["cancel_requested_at"] is not None
+    check("post", cancel, cancelled)
+    check("post", cancel, await client.post("/api/v1/plans/nope/cancel"))  # 404
+    check("get", plan_path, await client.get("/api/v1/plans/doc"))
+
+    await flow.start_worker("w1", ["python"])
+    done = {"plan_id": "done", "tasks": [task("a")]}
+    assert (await flow.submit(done)).status_code == 202
+    await flow.wait_settled("done")
+    check("post", cancel, await client.post("/api/v1/plans/done/cancel"))  # 412
+
+
+async def test_a_bad_query_parameter_has_the_same_field_path_in_every_service(
+    flow: Flow,
+) -> None:
+    # The ticket service said page_size, status[0] and page_token, the orchestrator
+    # page_token, where the rest said query.page_size, query.status[0], query.page_token.
+    app = await flow.start_orchestrator()
+    assert flow.tickets.service is not None
+    assert flow.registry.app is not None
+    issuer = TokenIssuer(secret=flow.jwt_secret, issuer="hive-flow-c", audience="neuralhive")
+    token, _ = issuer.issue_service_token(service="tests", ttl_seconds=600)
+    listings = {
+        f"{app.runtime.http_port}/api/v1/plans",
+        f"{flow.tickets.service.runtime.http_port}/api/v1/tickets",
+        f"{flow.registry.app.runtime.http_port}/api/v1/workers",
+    }
+    async with httpx.AsyncClient(headers={"authorization": f"Bearer {token}"}) as client:
+        for name, value, field in [
+            ("page_size", "-1", "query.page_size"),
+            ("status", "bogus", "query.status[0]"),
+            ("page_token", "zz!", "query.page_token"),
+        ]:
+            for listing in listings:
+                response = await client.get(f"http://127.0.0.1:{listing}", params={name: value})
+                assert response.status_code == 400, (listing, response.text)
+                violations = response.json()["error"]["details"]["field_violations"]
+                assert [v["field"] for v in violations] == [field], listing

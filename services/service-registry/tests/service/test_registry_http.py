@@ -133,3 +133,18 @@ async def test_list_refusals_name_query_parameters(registry: Registry) -> None:
         "query.label[0]",
         "query.label[1]",
     ]
+
+
+async def test_the_answers_have_the_documented_fields(registry: Registry) -> None:
+    # The worker answers had no schema in the OpenAPI document.
+    worker_id = (await registry.register("w1", labels={"zone": "eu"})).worker.worker_id
+    headers = auth(registry.service_md)
+    document = (await registry.http.get("/openapi.json")).json()
+    schemas = document["components"]["schemas"]
+    worker = schemas["WorkerOut"]
+    one = await registry.http.get(f"/api/v1/workers/{worker_id}", headers=headers)
+    assert list(one.json()) == list(worker["properties"])
+    assert one.json()["status"] in schemas["WorkerStatus"]["enum"]
+    page = await registry.http.get("/api/v1/workers", headers=headers)
+    assert list(page.json()) == list(schemas["WorkerPage"]["properties"])
+    assert page.json()["workers"] == [one.json()]

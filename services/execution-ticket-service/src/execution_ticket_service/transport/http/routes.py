@@ -6,9 +6,9 @@ from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
-from pydantic import BaseModel
+from pydantic import BaseModel, WithJsonSchema
 
-from execution_ticket_service.domain.models import Ticket
+from execution_ticket_service.domain.models import Priority, Ticket, TicketStatus
 from execution_ticket_service.domain.paging import (
     decode_page_token,
     encode_page_token,
@@ -25,9 +25,18 @@ from execution_ticket_service.storage.audit import AuditStore
 from execution_ticket_service.storage.rows import ticket_document
 from execution_ticket_service.storage.tickets import TicketRepository
 from hive_common.auth import TokenClaims, TokenVerifier, bearer_token_from_metadata
-from hive_common.errors import Unauthenticated
+from hive_common.errors import InvalidArgument, Unauthenticated
+from hive_common.http import query_violations
 
 MAX_EVENTS = 1000
+# A status filter value: documented with its values, accepted in any case.
+_StatusName = Annotated[
+    str, WithJsonSchema({"type": "string", "enum": [s.value for s in TicketStatus]})
+]
+_BY_ID: dict[int | str, dict[str, Any]] = {
+    400: {"description": "The ticket id is not a UUID (INVALID_ARGUMENT)"},
+    404: {"description": "No such ticket"},
+}
 
 
 class TicketOut(BaseModel):
@@ -40,8 +49,8 @@ class TicketOut(BaseModel):
     parameters: dict[str, Any]
     required_capabilities: list[str]
     depends_on: list[str]
-    priority: str
-    status: str
+    priority: Priority
+    status: TicketStatus
     attempt: int
     lost_runs: int
     max_retries: int
@@ -116,8 +125,11 @@ def build_router(
     async def list_tickets(
         plan_id: str = "",
         worker_id: str = "",
-        status: Annotated[list[str] | None, Query(description="any of these statuses")] = None,
-        page_size: int = 0,
+        status: Annotated[
+            list[_StatusName] | None, Query(description="any of these statuses, any case")
+        ] = None,
+        # Checked with the other parameters (every problem in one answer), not by FastAPI.
+        page_size: Annotated[int, Query(json_schema_extra={"minimum": 0})] = 0,
         page_token: str = "",
     ) -> TicketPage:
         errors = Violations()
@@ -130,7 +142,8 @@ def build_router(
         )
         limit = resolve_page_size(page_size, limits, errors)
         after = decode_page_token(page_token, ticket_filter, errors)
-        errors.raise_if_any("invalid list request")
+        if errors.items:
+            raise InvalidArgument("invalid list request", violations=query_violations(errors.items))
         rows, more = await repository.list_page(ticket_filter, after_seq=after, limit=limit)
         # Bounded by size as over gRPC (here, each ticket's JSON).
         tickets, next_after = fill_page(
@@ -143,13 +156,20 @@ def build_router(
             ),
         )
 
-    @router.get("/{ticket_id}", response_model=TicketOut, dependencies=auth, summary="A ticket")
+    @router.get(
+        "/{ticket_id}",
+        response_model=TicketOut,
+        responses=_BY_ID,
+        dependencies=auth,
+        summary="A ticket",
+    )
     async def get_ticket(ticket_id: str) -> TicketOut:
         return _ticket_out(await repository.get(validate_ticket_id(ticket_id)))
 
     @router.get(
         "/{ticket_id}/events",
         response_model=AuditHistory,
+        responses=_BY_ID,
         dependencies=auth,
         summary="Audit history of a ticket (from MongoDB; 503 while it is unavailable)",
     )

@@ -10,9 +10,11 @@ from __future__ import annotations
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Query, Request
+from pydantic import BaseModel, Field, WithJsonSchema
 
 from hive_common.auth import TokenKind, bearer_token_from_metadata
 from hive_common.errors import FieldViolation, InvalidArgument
+from hive_common.http import IsoDateTime
 from service_registry.domain.models import Worker, WorkerStatus
 from service_registry.domain.service import RegistryService
 from service_registry.domain.validation import (
@@ -23,6 +25,37 @@ from service_registry.domain.validation import (
     validate_list,
 )
 from service_registry.transport.authorization import Authorizer
+
+
+class WorkerOut(BaseModel):
+    """A worker as the API shows it (the model of :func:`worker_to_json`, same key order)."""
+
+    worker_id: str
+    name: str
+    namespace: str
+    capabilities: list[str]
+    labels: dict[str, str]
+    max_concurrent: int
+    in_flight: int
+    spare_capacity: int
+    version: str
+    status: WorkerStatus
+    registered_at: IsoDateTime
+    last_heartbeat_at: IsoDateTime
+    succeeded_total: int
+    failed_total: int
+    success_rate: float
+
+
+class WorkerPage(BaseModel):
+    workers: list[WorkerOut]
+    next_page_token: str = Field(description='"" on the last page')
+
+
+# A status filter value: documented with its values, accepted in any case.
+_StatusName = Annotated[
+    str, WithJsonSchema({"type": "string", "enum": [s.value for s in WorkerStatus]})
+]
 
 
 def worker_to_json(worker: Worker) -> dict[str, Any]:
@@ -67,14 +100,15 @@ def build_router(*, service: RegistryService, authorizer: Authorizer, limits: Li
     service_only = frozenset({TokenKind.SERVICE})
     any_token = frozenset({TokenKind.SERVICE, TokenKind.WORKER, TokenKind.TICKET})
 
-    @router.get("/workers", summary="List workers (service token)")
+    @router.get("/workers", response_model=WorkerPage, summary="List workers (service token)")
     async def list_workers(
         request: Request,
         namespace: str = "",
-        status: Annotated[list[str] | None, Query()] = None,
+        status: Annotated[list[_StatusName] | None, Query(description="any case")] = None,
         capability: str = "",
         label: Annotated[list[str] | None, Query(description="key=value, repeatable")] = None,
-        page_size: int = 0,
+        # Checked with the other parameters (every problem in one answer), not by FastAPI.
+        page_size: Annotated[int, Query(json_schema_extra={"minimum": 0})] = 0,
         page_token: str = "",
     ) -> dict[str, Any]:
         authorizer.authorize(_bearer(request), service_only, "listing workers")
@@ -100,7 +134,15 @@ def build_router(*, service: RegistryService, authorizer: Authorizer, limits: Li
             "next_page_token": encode_cursor(page.next_cursor) if page.next_cursor else "",
         }
 
-    @router.get("/workers/{worker_id}", summary="One worker (any valid token)")
+    @router.get(
+        "/workers/{worker_id}",
+        response_model=WorkerOut,
+        responses={
+            400: {"description": "The worker id is not a UUID (INVALID_ARGUMENT)"},
+            404: {"description": "No such worker"},
+        },
+        summary="One worker (any valid token)",
+    )
     async def get_worker(worker_id: str, request: Request) -> dict[str, Any]:
         authorizer.authorize(_bearer(request), any_token, "reading a worker")
         return worker_to_json(await service.get(parse_worker_id(worker_id)))
