@@ -193,6 +193,7 @@ async def build_app(
             plans=plans,
             api_token=settings.api_token.get_secret_value() if settings.api_token else None,
             watch_interval_seconds=settings.watch_plan_interval_seconds,
+            max_watch_streams=settings.watch_plan_max_streams,
         )
         grpc_server = build_grpc_server(
             services=[

@@ -90,6 +90,7 @@ class OrchestratorSettings(HiveSettings):
     # The OrchestratorService gRPC twin of the HTTP API (on grpc_port).
     grpc_enabled: bool = True
     watch_plan_interval_seconds: float = Field(default=0.5, gt=0)
+    watch_plan_max_streams: int = Field(default=256, ge=1)
 
     @model_validator(mode="after")
     def _check_consistency(self) -> OrchestratorSettings:

@@ -319,6 +319,51 @@ async def test_stop_ends_watch_plan_streams_instead_of_waiting_for_the_grace(
         await channel.close()
 
 
+async def test_watch_plan_streams_read_the_whole_plan_only_when_it_changed_and_are_bounded(
+    flow: Flow, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Every stream read the whole plan (every task) twice a second: 20 streams on a
+    # 3,000-task plan held up the orchestrator (submits took seconds, /ready blamed
+    # PostgreSQL), and any number of streams was served.
+    app = await flow.start_orchestrator(watch_plan_interval_seconds=0.05, watch_plan_max_streams=2)
+    full_reads: list[str] = []
+    read_plan = app.repository.get
+
+    async def counted(plan_id: str) -> Any:
+        full_reads.append(plan_id)
+        return await read_plan(plan_id)
+
+    monkeypatch.setattr(app.repository, "get", counted)
+    channel = create_channel(f"127.0.0.1:{app.runtime.grpc_port}")
+    try:
+        stub = pb_grpc.OrchestratorServiceStub(channel)
+        never = pb.TaskSpec(task_id="a", task_type="echo", required_capabilities=["no-such"])
+        await stub.SubmitPlan(pb.SubmitPlanRequest(plan=pb.PlanSpec(plan_id="idle", tasks=[never])))
+        watches = [stub.WatchPlan(pb.WatchPlanRequest(plan_id="idle")) for _ in range(2)]
+        for watch in watches:
+            assert (await anext(aiter(watch))).plan.plan_id == "idle"
+        reads_after_first = len(full_reads)
+        await asyncio.sleep(1.0)  # some 20 polls of each stream, the plan unchanged
+        assert len(full_reads) == reads_after_first
+        with pytest.raises(ResourceExhausted) as refused:
+            await anext(aiter(stub.WatchPlan(pb.WatchPlanRequest(plan_id="idle"))))
+        assert "WATCH_PLAN_MAX_STREAMS" in refused.value.message
+        # A change is still seen (and read once per stream).
+        assert (await flow.client().post("/api/v1/plans/idle/cancel")).status_code == 200
+        for watch in watches:
+            async for update in watch:
+                if update.plan.status == pb.PLAN_STATUS_CANCELLED:
+                    break
+        for watch in watches:
+            watch.cancel()
+        # Their slots are free again.
+        again = stub.WatchPlan(pb.WatchPlanRequest(plan_id="idle"))
+        assert (await anext(aiter(again))).plan.status == pb.PLAN_STATUS_CANCELLED
+        again.cancel()
+    finally:
+        await channel.close()
+
+
 def blob_plan(plan_id: str, tasks: int) -> pb.SubmitPlanRequest:
     """Tasks with 60 KB of parameters each (within MAX_PARAMETERS_BYTES)."""
     return pb.SubmitPlanRequest(

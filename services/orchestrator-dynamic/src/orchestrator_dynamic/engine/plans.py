@@ -19,7 +19,7 @@ from hive_common.logging import get_logger
 from hive_common.text import shown
 from neuralhive.registry.v1 import registry_service_pb2 as registry_pb
 from orchestrator_dynamic.domain.plan import Plan, plan_body_hash
-from orchestrator_dynamic.domain.records import PlanPage, StoredPlan
+from orchestrator_dynamic.domain.records import PlanPage, PlanSummary, StoredPlan
 from orchestrator_dynamic.domain.scheduler import (
     Explanation,
     PlanGraph,
@@ -237,6 +237,10 @@ class PlanService:
 
     async def get(self, plan_id: str) -> StoredPlan:
         return await self._repo.get(self._lookup(plan_id))
+
+    async def get_summary(self, plan_id: str) -> PlanSummary:
+        """The plan's row alone (no tasks): cheap."""
+        return await self._repo.get_summary(self._lookup(plan_id))
 
     async def list_plans(
         self, *, page_size: int, page_token: str | None, statuses: Collection[PlanStatus]

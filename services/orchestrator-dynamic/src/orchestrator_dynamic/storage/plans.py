@@ -137,13 +137,21 @@ touched AS (
 SELECT f.owner_id, f.owner_epoch, ARRAY(SELECT task_id FROM changed) AS changed FROM fence f
 """
 
+# The plan row is touched too, as by every write of its tasks: WatchPlan polls the row.
 _START_BACKOFFS = """
-UPDATE plan_tasks t
-   SET backoff_until = u.until, backoff_attempt = u.attempt, updated_at = %(now)s
-  FROM unnest(%(task_ids)s::text[], %(attempts)s::int[], %(untils)s::timestamptz[])
-       AS u(task_id, attempt, until)
- WHERE t.plan_id = %(plan_id)s AND t.task_id = u.task_id AND t.attempt = u.attempt
-RETURNING t.task_id
+WITH changed AS (
+    UPDATE plan_tasks t
+       SET backoff_until = u.until, backoff_attempt = u.attempt, updated_at = %(now)s
+      FROM unnest(%(task_ids)s::text[], %(attempts)s::int[], %(untils)s::timestamptz[])
+           AS u(task_id, attempt, until)
+     WHERE t.plan_id = %(plan_id)s AND t.task_id = u.task_id AND t.attempt = u.attempt
+    RETURNING t.task_id
+),
+touched AS (
+    UPDATE plans SET updated_at = %(now)s
+     WHERE plan_id = %(plan_id)s AND EXISTS (SELECT 1 FROM changed)
+)
+SELECT task_id FROM changed
 """
 
 # FOR NO KEY UPDATE, not FOR SHARE: the fenced transactions go on to update the plan row,

@@ -16,7 +16,7 @@ from datetime import datetime
 from typing import Any
 
 from hive_common.auth import bearer_token_from_metadata
-from hive_common.errors import Unauthenticated
+from hive_common.errors import ResourceExhausted, Unauthenticated
 from hive_common.structs import struct_to_dict
 from hive_common.timestamps import datetime_to_timestamp
 from neuralhive.orchestrator.v1 import orchestrator_service_pb2 as pb
@@ -140,10 +140,13 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
         plans: PlanService,
         api_token: str | None = None,
         watch_interval_seconds: float = 0.5,
+        max_watch_streams: int = 256,
     ) -> None:
         self._plans = plans
         self._api_token = api_token
         self._watch_interval = watch_interval_seconds
+        self._max_watches = max_watch_streams
+        self._watches = 0
         self._draining = asyncio.Event()
 
     async def end_watches(self) -> None:
@@ -189,16 +192,39 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
         self, request: pb.WatchPlanRequest, context: Any
     ) -> AsyncIterator[pb.WatchPlanResponse]:
         """The plan now and after every change, until every ticket is terminal (or the
-        server stops: the stream then ends with OK)."""
+        server stops: the stream then ends with OK).
+
+        Each poll reads the plan's row alone; the whole plan (every task) only when the row
+        says it changed (every write of the plan's tasks touches it): 20 streams reading a
+        3,000-task plan twice a second held up the whole orchestrator. At most
+        ``max_watch_streams`` at once (RESOURCE_EXHAUSTED beyond)."""
         self._authorize(context)
+        if self._watches >= self._max_watches:
+            raise ResourceExhausted(
+                f"this orchestrator serves {self._max_watches} WatchPlan streams already "
+                "(WATCH_PLAN_MAX_STREAMS); try again later, or poll GetPlan"
+            )
+        self._watches += 1
+        try:
+            async for plan in self._changes(request.plan_id):
+                yield pb.WatchPlanResponse(plan=plan)
+        finally:
+            self._watches -= 1
+
+    async def _changes(self, plan_id: str) -> AsyncIterator[pb.Plan]:
+        seen: tuple[object, ...] | None = None
         last: tuple[object, ...] | None = None
         while True:
-            stored = await self._plans.get(request.plan_id)
-            summary = stored.summary
-            key = (summary.updated_at, summary.status, summary.settled_at, tuple(stored.tasks))
-            if key != last:
-                last = key
-                yield pb.WatchPlanResponse(plan=plan_message(stored))
+            summary = await self._plans.get_summary(plan_id)
+            row = (summary.updated_at, summary.status, summary.settled_at)
+            if row != seen:
+                seen = row
+                stored = await self._plans.get(plan_id)
+                summary = stored.summary
+                key = (summary.updated_at, summary.status, summary.settled_at, stored.tasks)
+                if key != last:
+                    last = key
+                    yield plan_message(stored)
             if summary.settled:
                 return
             with contextlib.suppress(TimeoutError):
