@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import threading
 from typing import TYPE_CHECKING, Any
 
 import httpx
@@ -15,6 +16,7 @@ from hive_common.logging import configure_logging
 from neuralhive.ticket.v1 import ticket_service_pb2 as ticket_pb
 from orchestrator_dynamic.engine import driver as driver_module
 from orchestrator_dynamic.engine import plans as plans_module
+from orchestrator_dynamic.transport.http import routes as routes_module
 
 if TYPE_CHECKING:  # conftest is not importable at run time (import mode importlib)
     from conftest import Flow
@@ -446,6 +448,30 @@ async def test_a_stored_plan_resubmitted_is_not_checked_for_workers_again(flow: 
     assert again.json()["warnings"] == []
     other = await flow.submit({**plan, "name": "another body"}, strict="true")
     assert other.status_code == 409, other.text
+
+
+async def test_a_plan_is_decoded_validated_and_hashed_off_the_event_loop(
+    flow: Flow, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A plan within the limits (5,000 tasks, a million dependencies) took seconds of CPU
+    # on the event loop: every request and plan round of the replica waited (/health 4 s).
+    app = await flow.start_orchestrator()
+    threads: dict[str, bool] = {}
+
+    def spy(name: str, work: Any) -> Any:
+        def run(*args: Any, **kwargs: Any) -> Any:
+            threads[name] = threading.current_thread() is threading.main_thread()
+            return work(*args, **kwargs)
+
+        return run
+
+    validator = app.plans._validator
+    monkeypatch.setattr(validator, "validate", spy("validate", validator.validate))
+    monkeypatch.setattr(plans_module, "plan_body_hash", spy("hash", plans_module.plan_body_hash))
+    monkeypatch.setattr(routes_module, "decode_json", spy("decode", routes_module.decode_json))
+    response = await flow.submit({"plan_id": "off-loop", "tasks": [echo("a")]})
+    assert response.status_code == 202, response.text
+    assert threads == {"decode": False, "validate": False, "hash": False}
 
 
 async def test_huge_plans_create_tickets_in_chunks(flow: Flow, tickets_dsn: str) -> None:

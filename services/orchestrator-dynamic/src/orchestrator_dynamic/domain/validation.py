@@ -617,15 +617,17 @@ class PlanValidator:
         entries: list[tuple[int, str]] = []
         first_seen: dict[str, int] = {}
         for i, item in enumerate(value):
-            item_path = child(field_path, i)
+            # Paths are built for errors only: a plan may hold a million entries.
             if not isinstance(item, str):
                 issues.error(
-                    item_path, IssueCode.WRONG_TYPE, f"must be a string, got {json_type_name(item)}"
+                    child(field_path, i),
+                    IssueCode.WRONG_TYPE,
+                    f"must be a string, got {json_type_name(item)}",
                 )
                 continue
             if item in first_seen:
                 issues.error(
-                    item_path,
+                    child(field_path, i),
                     IssueCode.DUPLICATE_ENTRY,
                     f"{_shorten(repr(item))} is already listed at "
                     f"{child(field_path, first_seen[item])}",
@@ -825,38 +827,36 @@ class PlanValidator:
         # cycle and depth checks below still run when other problems exist.
         nodes: list[str] = []
         edges: dict[str, list[str]] = {}
-        dep_position: dict[tuple[str, str], int] = {}
         for draft in drafts:
-            deps_path = child(draft.path, "depends_on")
             is_node = draft.task_id is not None and first_index[draft.task_id] == draft.index
             if is_node and draft.task_id is not None:
                 nodes.append(draft.task_id)
                 edges[draft.task_id] = []
+            # Paths are built for errors only: a plan may hold a million dependencies.
             for position, dep in draft.depends_on:
-                item_path = child(deps_path, position)
                 if draft.task_id is not None and dep == draft.task_id:
                     issues.error(
-                        item_path, IssueCode.SELF_DEPENDENCY, "a task cannot depend on itself"
+                        child(child(draft.path, "depends_on"), position),
+                        IssueCode.SELF_DEPENDENCY,
+                        "a task cannot depend on itself",
                     )
                 elif dep in invalid_ids:
                     pass  # that task's id is reported already; don't pile on
                 elif dep not in first_index:
                     issues.error(
-                        item_path,
+                        child(child(draft.path, "depends_on"), position),
                         IssueCode.UNKNOWN_DEPENDENCY,
                         f"depends on {_shorten(repr(dep))}, which is not a task of this plan",
                     )
                 elif is_node and draft.task_id is not None:
                     edges[draft.task_id].append(dep)
-                    dep_position[(draft.task_id, dep)] = position
 
         cycles = find_cycles(nodes, edges)
         for cycle in cycles:
             start, nxt = cycle[0], cycle[1]
-            path = child(
-                child(child("$.tasks", first_index[start]), "depends_on"),
-                dep_position[(start, nxt)],
-            )
+            first = drafts[first_index[start]]
+            position = next(p for p, dep in first.depends_on if dep == nxt)
+            path = child(child(first.path, "depends_on"), position)
             issues.error(
                 path,
                 IssueCode.CYCLE,
