@@ -18,6 +18,8 @@ from hive_cli.exit_codes import ExitCode, exit_code_for_status
 
 JsonObject = dict[str, Any]
 QueryValue = str | int | bool | Sequence[str]
+# Requests that change nothing: one that timed out can simply be sent again.
+SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
 @dataclass
@@ -106,6 +108,11 @@ def error_from_response(service: str, response: httpx.Response) -> ApiError:
 
 
 def _segment(value: str) -> str:
+    """``value`` as one path segment: ``/`` is escaped, and so are the dot segments ``.``
+    and ``..``, which the URL would otherwise resolve (``/tickets/..`` is ``/``), so no id
+    can address another route."""
+    if value in (".", ".."):
+        return value.replace(".", "%2E")
     return quote(value, safe="")
 
 
@@ -156,15 +163,14 @@ class ServiceClient:
                 method, path, params=query, content=content, headers=headers
             )
         except (httpx.ReadTimeout, httpx.WriteTimeout) as exc:
-            raise ServiceUnreachable(
-                self.name,
-                self.base_url,
-                f"timed out ({exc})",
-                hint=(
+            hint = "--request-timeout waits longer"
+            if method not in SAFE_METHODS:
+                hint = (
                     "the request may have been carried out all the same (check before sending "
-                    "it again); --request-timeout waits longer"
-                ),
-                sent=True,
+                    f"it again); {hint}"
+                )
+            raise ServiceUnreachable(
+                self.name, self.base_url, f"timed out ({exc})", hint=hint, sent=True
             ) from exc
         except httpx.TimeoutException as exc:
             raise ServiceUnreachable(self.name, self.base_url, f"timed out ({exc})") from exc
@@ -310,6 +316,10 @@ class HiveApi:
         return self.tickets.request("GET", f"/api/v1/tickets/{_segment(ticket_id)}/events")
 
     # Workers (registry).
+    def get_worker(self, worker_id: str) -> JsonObject:
+        """One registered worker."""
+        return self.registry.request("GET", f"/api/v1/workers/{_segment(worker_id)}")
+
     def list_workers(
         self,
         *,

@@ -12,6 +12,7 @@ import os
 import re
 import sys
 import time
+import uuid
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import IO, TYPE_CHECKING, Any, NoReturn, TextIO
@@ -32,6 +33,7 @@ from hive_cli.render import (
     ticket_detail,
     tickets_table,
     to_json,
+    worker_detail,
     workers_table,
 )
 from hive_cli.watch import PlanWatcher, WatchTimeout, plan_exit_code
@@ -80,12 +82,25 @@ class UsageError(Exception):
     """Bad command line or unreadable input: exit code 2."""
 
 
+def usage_error_json(message: str, **details: str) -> JsonObject:
+    """A usage error (exit 2) as ``--output json`` reports it."""
+    return {"error": {"code": "USAGE", "message": message, "details": details}}
+
+
 class HiveArgumentParser(argparse.ArgumentParser):
     """argparse that writes to the streams given to :func:`main` and raises instead of
-    exiting, so ``main`` can run in-process."""
+    exiting, so ``main`` can run in-process; with ``json_errors`` its errors are JSON."""
 
     out: TextIO = sys.stdout
     err: TextIO = sys.stderr
+    json_errors: bool = False
+
+    def error(self, message: str) -> NoReturn:
+        if not self.json_errors:
+            super().error(message)
+        body = usage_error_json(message, usage=" ".join(self.format_usage().split()))
+        _report(self.err, True, body, message)
+        raise SystemExit(ExitCode.USAGE)
 
     def _print_message(self, message: str, file: SupportsWrite[str] | None = None) -> None:
         if message:
@@ -206,6 +221,27 @@ _plan_id = _id_argument("plan id")
 _task_id = _id_argument("task id")
 
 
+def _uuid_argument(what: str) -> Callable[[str], str]:
+    """Ticket and worker ids are UUIDs: anything else names nothing, and ``.``, ``..`` or
+    ``<id>/events`` would reach another route. Sent in the canonical form."""
+
+    def parse(text: str) -> str:
+        if not text.strip():
+            raise argparse.ArgumentTypeError(f"{what} must not be empty")
+        try:
+            return str(uuid.UUID(text))
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"{text!r} is not a valid {what}: it must be a UUID"
+            ) from None
+
+    return parse
+
+
+_ticket_id = _uuid_argument("ticket id")
+_worker_id = _uuid_argument("worker id")
+
+
 def _filter_value(what: str) -> Callable[[str], str]:
     """A listing filter: an empty one would silently list everything (e.g. ``--worker
     "$W"`` with ``W`` unset), so it is refused. (Such options default to None: argparse
@@ -254,12 +290,14 @@ def _watch_options(parser: argparse.ArgumentParser) -> None:
     )
 
 
-def build_parser(*, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> HiveArgumentParser:
-    """The whole ``hive`` command tree."""
+def build_parser(
+    *, out: TextIO = sys.stdout, err: TextIO = sys.stderr, json_errors: bool = False
+) -> HiveArgumentParser:
+    """The whole ``hive`` command tree; ``json_errors``: usage errors as JSON on ``err``."""
     parsers: list[HiveArgumentParser] = []
 
     def bind(parser: HiveArgumentParser) -> HiveArgumentParser:
-        parser.out, parser.err = out, err
+        parser.out, parser.err, parser.json_errors = out, err, json_errors
         parsers.append(parser)
         return parser
 
@@ -290,6 +328,7 @@ def build_parser(*, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> HiveA
         return parser
 
     plan = bind(groups.add_parser("plan", help="submit, watch and inspect plans"))
+    _global_options(plan)
     plan_cmds = plan.add_subparsers(dest="command", metavar="COMMAND", required=True)
 
     submit = leaf(plan_cmds, "submit", "submit a plan file (JSON; '-' reads standard input)")
@@ -327,9 +366,14 @@ def build_parser(*, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> HiveA
     )
     explain.add_argument("plan_id", type=_plan_id)
     explain.add_argument("task_id", nargs="?", type=_task_id, help="one task only")
-    explain.add_argument("--all", action="store_true", help="every task, running and finished too")
+    explain.add_argument(
+        "--all",
+        action="store_true",
+        help="every task, running and finished too (not with TASK)",
+    )
 
     tickets = bind(groups.add_parser("tickets", help="execution tickets (ticket service)"))
+    _global_options(tickets)
     ticket_cmds = tickets.add_subparsers(dest="command", metavar="COMMAND", required=True)
     tickets_list = leaf(ticket_cmds, "list", "list tickets, oldest first")
     tickets_list.add_argument(
@@ -351,12 +395,13 @@ def build_parser(*, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> HiveA
     )
     _paging_options(tickets_list)
     tickets_show = leaf(ticket_cmds, "show", "one ticket: status, error, parameters and result")
-    tickets_show.add_argument("ticket_id", type=_filter_value("ticket id"))
+    tickets_show.add_argument("ticket_id", type=_ticket_id)
     tickets_show.add_argument(
         "--events", action="store_true", help="and its audit history, oldest first"
     )
 
     workers = bind(groups.add_parser("workers", help="registered workers (service registry)"))
+    _global_options(workers)
     worker_cmds = workers.add_subparsers(dest="command", metavar="COMMAND", required=True)
     workers_list = leaf(worker_cmds, "list", "list registered workers")
     workers_list.add_argument(
@@ -376,6 +421,8 @@ def build_parser(*, out: TextIO = sys.stdout, err: TextIO = sys.stderr) -> HiveA
         "--namespace", type=_filter_value("namespace"), default=None, help="registry namespace"
     )
     _paging_options(workers_list)
+    workers_show = leaf(worker_cmds, "show", "one worker: status, capabilities, load, record")
+    workers_show.add_argument("worker_id", type=_worker_id)
 
     return root
 
@@ -582,6 +629,9 @@ class Command:
         return ExitCode.OK
 
     def _plan_explain(self) -> int:
+        if self.args.task_id and self.args.all:
+            # One task's explanation is given whatever its status: --all would change nothing.
+            raise UsageError("--all explains every task of a plan: leave it out with a TASK")
         if self.args.task_id:
             body = self.api.explain_task(self.args.plan_id, self.args.task_id)
         else:
@@ -625,6 +675,11 @@ class Command:
         )
         return self._emit_page(body, "workers", workers_table)
 
+    def _workers_show(self) -> int:
+        worker = self.api.get_worker(self.args.worker_id)
+        self.emit(worker, lambda: worker_detail(worker))
+        return ExitCode.OK
+
     def _pages(self, key: str, fetch: Callable[[str], JsonObject]) -> JsonObject:
         """One page, or with ``--all`` every page merged into one answer."""
         body = fetch(self.args.page_token)
@@ -667,13 +722,15 @@ def main(
     if stdin is None:
         stdin = getattr(sys.stdin, "buffer", None)
     environment = os.environ if env is None else env
-    parser = build_parser(out=out, err=err)
+    argv = sys.argv[1:] if argv is None else argv
+    # Known before parsing, so that every error, the parser's own too, follows it.
+    json_errors = output_of(argv, environment) == "json"
+    parser = build_parser(out=out, err=err, json_errors=json_errors)
     try:
         args = parser.parse_args(argv)
     except SystemExit as exc:
         return exc.code if isinstance(exc.code, int) else ExitCode.USAGE
 
-    json_errors = False
     command: Command | None = None
     try:
         settings = resolve_settings(args, environment)
@@ -682,17 +739,12 @@ def main(
             command = Command(args, settings, api, Streams(out, err, stdin))
             return command.run()
     except UsageError as exc:
-        _report(
-            err,
-            json_errors,
-            {"error": {"code": "USAGE", "message": str(exc), "details": {}}},
-            f"error: {exc}",
-        )
+        _report(err, json_errors, usage_error_json(str(exc)), f"error: {exc}")
         return ExitCode.USAGE
     except ApiError as exc:
         hint = None
         if exc.exit_code is ExitCode.AUTH and command is not None:
-            hint = auth_hint(command.settings.credentials)
+            hint = auth_hint(command.settings.credentials, exc.service)
         elif exc.from_another_service:
             hint = f"is {exc.url} the {exc.service}'s HTTP URL? (--{exc.service})"
         _report(err, json_errors, error_json(exc), error_text(exc, hint=hint))
@@ -701,29 +753,52 @@ def main(
         _report(err, json_errors, error_json(exc), error_text(exc))
         return ExitCode.UNAVAILABLE
     except WatchTimeout as exc:
-        err.write(
-            f"timed out: {exc}; it keeps running (hive plan watch {exc.plan.get('plan_id')})\n"
-        )
+        plan_id = exc.plan.get("plan_id")
+        message = f"{exc}; it keeps running (hive plan watch {plan_id})"
+        body = {
+            "error": {
+                "code": "WATCH_TIMEOUT",
+                "message": message,
+                "details": {"plan_id": plan_id, "status": exc.plan.get("status")},
+            }
+        }
+        _report(err, json_errors, body, f"timed out: {message}")
         if json_errors:
             out.write(to_json(exc.plan) + "\n")
         return ExitCode.WATCH_TIMEOUT
     except KeyboardInterrupt:
         watching = command.watching if command is not None else None
+        message = "interrupted"
         if watching:
-            err.write(
-                f"\ninterrupted; plan {watching} keeps running (hive plan watch {watching})\n"
-            )
-        else:
-            err.write("\ninterrupted\n")
+            message += f"; plan {watching} keeps running (hive plan watch {watching})"
+        details = {"plan_id": watching} if watching else {}
+        body = {"error": {"code": "INTERRUPTED", "message": message, "details": details}}
+        _report(err, json_errors, body, f"\n{message}")
         return ExitCode.INTERRUPTED
     except Exception as exc:  # a bug in the CLI: one line, not a stack trace
         if environment.get("HIVE_DEBUG"):
             raise
-        err.write(
-            f"error: internal error in hive: {type(exc).__name__}: {exc}"
-            " (HIVE_DEBUG=1 shows the traceback)\n"
-        )
+        message = f"internal error in hive: {type(exc).__name__}: {exc}"
+        body = {"error": {"code": "INTERNAL", "message": message, "details": {}}}
+        _report(err, json_errors, body, f"error: {message} (HIVE_DEBUG=1 shows the traceback)")
         return ExitCode.SERVER_ERROR
+
+
+def output_of(argv: Sequence[str], env: Mapping[str, str]) -> str:
+    """The output format (``-o``/``--output``, else ``HIVE_OUTPUT``) read from the raw
+    command line, as argparse would (``-ojson``, ``--output=json``, ``--out json``; the last
+    one wins), for errors found before or while the command line is parsed."""
+    output = env.get("HIVE_OUTPUT") or "table"
+    args = iter(argv)
+    for arg in args:
+        if arg == "--":
+            break
+        name, equals, value = arg.partition("=")
+        if name == "-o" or (name.startswith("--ou") and "--output".startswith(name)):
+            output = value if equals else next(args, output)
+        elif arg.startswith("-o"):
+            output = arg[2:]
+    return output
 
 
 def _report(err: TextIO, as_json: bool, body: JsonObject, text: str) -> None:

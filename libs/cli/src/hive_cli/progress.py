@@ -73,11 +73,16 @@ class FailureTracker:
     attempt's; attempts that failed unseen between two polls are read from the ticket's
     audit events (``events``, asked only for such tickets). The audit trail lags a moment
     behind: an attempt it does not list yet waits for the next poll, once, while the plan
-    runs. One it cannot tell (not readable, or still not listed) comes without a message.
+    runs. One it cannot tell (not readable, or still not listed) comes without a message;
+    the first time the events cannot be read, ``note`` says so (once per watch).
     """
 
-    def __init__(self, events: EventsReader | None = None) -> None:
+    def __init__(
+        self, events: EventsReader | None = None, *, note: Callable[[str], None] | None = None
+    ) -> None:
         self._events = events
+        self._note = note
+        self._noted = False
         self._reported: dict[str, int] = {}  # task -> last re-queued attempt reported
         self._final: set[str] = set()
         self._waited: set[tuple[str, int]] = set()
@@ -124,7 +129,13 @@ class FailureTracker:
             return None
         try:
             return failed_attempts(self._events(str(ticket_id)))
-        except (ApiError, ServiceUnreachable):
+        except (ApiError, ServiceUnreachable) as exc:
+            if self._note is not None and not self._noted:
+                self._noted = True
+                self._note(
+                    f"cannot read ticket histories ({inline(exc)}): failed attempts no poll "
+                    "saw are shown without their error message"
+                )
             return None
 
 

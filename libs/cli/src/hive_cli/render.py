@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import unicodedata
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -46,7 +47,32 @@ def cell(value: object, *, limit: int = MAX_CELL) -> str:
     else:
         text = str(value)
     text = inline(" ".join(text.split()))
-    return text if len(text) <= limit else text[: limit - 1] + "…"
+    return text if width(text) <= limit else truncated(text, limit)
+
+
+def char_width(char: str) -> int:
+    """Terminal columns of one character: 2 for East Asian wide and fullwidth ones (CJK,
+    most emoji), 0 for combining marks and invisible format characters, else 1."""
+    if unicodedata.category(char) in ("Mn", "Me", "Cf"):
+        return 0
+    return 2 if unicodedata.east_asian_width(char) in ("W", "F") else 1
+
+
+def width(text: str) -> int:
+    """Terminal columns of ``text`` (not ``len``: a CJK character takes two)."""
+    return sum(char_width(c) for c in text)
+
+
+def truncated(text: str, limit: int) -> str:
+    """``text`` cut to at most ``limit`` terminal columns, the last one an ellipsis."""
+    kept: list[str] = []
+    used = 0
+    for char in text:
+        used += char_width(char)
+        if used > limit - 1:
+            break
+        kept.append(char)
+    return "".join(kept) + "…"
 
 
 def short_time(value: str) -> str:
@@ -65,14 +91,15 @@ def short_time(value: str) -> str:
 def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
     """A plain, left-aligned text table (no trailing spaces)."""
     cells = [[cell(v) for v in row] for row in rows]
-    widths = [len(h) for h in headers]
+    widths = [width(h) for h in headers]
     for row in cells:
         for i, text in enumerate(row):
-            widths[i] = max(widths[i], len(text))
-    lines = ["  ".join(h.ljust(w) for h, w in zip(headers, widths, strict=True)).rstrip()]
-    for row in cells:
-        lines.append("  ".join(t.ljust(w) for t, w in zip(row, widths, strict=True)).rstrip())
-    return "\n".join(lines)
+            widths[i] = max(widths[i], width(text))
+    lines = [list(headers), *cells]
+    return "\n".join(
+        "  ".join(t + " " * (w - width(t)) for t, w in zip(line, widths, strict=True)).rstrip()
+        for line in lines
+    )
 
 
 def counts_text(counts: Mapping[str, Any]) -> str:
@@ -243,6 +270,24 @@ def workers_table(workers: Sequence[JsonObject]) -> str:
             for w in workers
         ],
     )
+
+
+def worker_detail(worker: JsonObject) -> str:
+    """One worker: identity, status, capabilities and labels, load and its record."""
+    lines = [
+        f"worker        {worker.get('worker_id')}",
+        f"name          {inline(worker.get('name'))}  namespace {inline(worker.get('namespace'))}"
+        + (f"  version {inline(worker['version'])}" if worker.get("version") else ""),
+        f"status        {worker.get('status')}",
+        f"capabilities  {cell(worker.get('capabilities'), limit=10_000)}",
+        f"labels        {cell(worker.get('labels'), limit=10_000)}",
+        f"load          {worker.get('in_flight')}/{worker.get('max_concurrent')} in flight",
+        f"record        {worker.get('succeeded_total')} succeeded, {worker.get('failed_total')}"
+        f" failed ({_rate(worker.get('success_rate'))})",
+        f"registered    {cell(worker.get('registered_at'))}",
+        f"heartbeat     {cell(worker.get('last_heartbeat_at'))}",
+    ]
+    return "\n".join(lines)
 
 
 def _rate(value: object) -> str:

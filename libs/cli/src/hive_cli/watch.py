@@ -48,7 +48,7 @@ class PlanWatcher:
         first poll fails, else once the orchestrator has been unreachable for longer than
         ``unreachable_grace``.
         """
-        failures = FailureTracker(self.api.ticket_events)
+        failures = FailureTracker(self.api.ticket_events, note=self.display.note)
         started = self.clock()
         unreachable_since: float | None = None
         last: JsonObject | None = None

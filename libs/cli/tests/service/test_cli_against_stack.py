@@ -246,6 +246,31 @@ async def test_unknown_plan_and_task_exit_3(stack: Stack) -> None:
     assert missing_task.code == ExitCode.NOT_FOUND, missing_task.err
 
 
+async def test_workers_show_and_unknown_tickets_and_workers(stack: Stack) -> None:
+    workers = (await stack.hive("-o", "json", "workers", "list")).json()["workers"]
+    listed = {w["name"]: w for w in workers}["cli-w1"]
+    worker_id = listed["worker_id"]
+    shown = await stack.hive("workers", "show", worker_id)
+    assert shown.code == ExitCode.OK, shown.err
+    assert shown.out.splitlines()[:3] == [
+        f"worker        {worker_id}",
+        f"name          cli-w1  namespace {listed['namespace']}  version {listed['version']}",
+        "status        HEALTHY",
+    ]
+    as_json = await stack.hive("-o", "json", "workers", "show", worker_id.upper())
+    assert as_json.json()["name"] == "cli-w1"
+    unknown = str(uuid.uuid4())
+    for argv in (("workers", "show", unknown), ("tickets", "show", unknown)):
+        run = await stack.hive(*argv)
+        assert run.code == ExitCode.NOT_FOUND, (argv, run.err)
+        assert run.err.startswith("error: NOT_FOUND: "), run.err
+        assert "hint" not in run.err
+    # Not a UUID: refused before any request, JSON in JSON mode.
+    dots = await stack.hive("-o", "json", "tickets", "show", "..")
+    assert dots.code == ExitCode.USAGE
+    assert json.loads(dots.err)["error"]["code"] == "USAGE"
+
+
 async def test_resubmission_is_idempotent_and_a_different_body_conflicts(stack: Stack) -> None:
     plan_id = f"cli-{uuid.uuid4().hex[:8]}"
     first = await stack.hive("plan", "submit", "-", *WATCH, stdin=echo_plan(plan_id, "a", "b"))

@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import jwt
 import pytest
 
-from hive_cli.auth import CredentialsError, resolve_credentials
+from hive_cli.auth import MINTED_TOKEN_TTL_SECONDS, CredentialsError, resolve_credentials
 from hive_cli.exit_codes import ExitCode
 from hive_common.auth import TokenKind, TokenVerifier
 from hive_common.config import DEVELOPMENT_JWT_SECRET
@@ -39,6 +40,29 @@ def test_without_configuration_the_development_secret_signs() -> None:
     assert TokenVerifier(secret=DEVELOPMENT_JWT_SECRET).verify(creds.service_token).kind is (
         TokenKind.SERVICE
     )
+
+
+def test_a_minted_token_is_signed_again_before_it_expires() -> None:
+    # One token per run expired after 15 minutes: a longer watch read no ticket history.
+    now = [1_800_000_000.0]
+    creds = resolve_credentials(
+        token=None, api_token=None, env={"HIVE_JWT_SECRET": SECRET}, clock=lambda: now[0]
+    )
+
+    def expiry(token: str | None) -> int:
+        assert token is not None
+        claims = jwt.decode(token, options={"verify_signature": False})
+        return int(claims["exp"])
+
+    first = creds.service()()
+    assert expiry(first) == now[0] + MINTED_TOKEN_TTL_SECONDS
+    now[0] += 60
+    assert creds.service()() == first  # not one per request
+    for _ in range(10):  # 50 minutes
+        now[0] += 300
+        token = creds.service()()
+        assert expiry(token) >= now[0] + 30, "a token about to expire (or expired) was sent"
+    assert creds.service_token != first
 
 
 def test_issuer_and_audience_follow_the_environment() -> None:

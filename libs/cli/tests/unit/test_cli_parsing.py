@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import httpx
 import pytest
 
+from hive_cli.api import HiveApi, ServiceClient
 from hive_cli.cli import DEFAULT_URLS, Settings, build_parser, resolve_settings
 from hive_cli.exit_codes import ExitCode
 
@@ -44,6 +46,15 @@ def test_global_options_work_before_and_after_the_subcommand() -> None:
     after = settings_for("workers", "list", "--output", "json", "--registry", "http://r:1")
     assert before.output == after.output == "json"
     assert before.urls["registry"] == after.urls["registry"] == "http://r:1"
+    # Between the group and its command too ("invalid choice: 'json'" before).
+    between = settings_for("workers", "-o", "json", "--registry", "http://r:1", "list")
+    assert between.output == "json"
+    assert between.urls["registry"] == "http://r:1"
+    services = FakeServices()
+    services.on("GET", "/api/v1/plans", body={"plans": [], "next_page_token": ""})
+    run = services.run("plan", "-o", "json", "list")
+    assert run.code == ExitCode.OK, run.err
+    assert run.json() == {"plans": [], "next_page_token": ""}
 
 
 def test_subcommand_arguments() -> None:
@@ -118,6 +129,9 @@ def test_an_unparsable_url_is_a_usage_error(url: str) -> None:
     assert services.requests == []
 
 
+UUID = "6f1f0a3e-8a47-4cf8-9a0f-3c1d1fbb7a11"
+
+
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
@@ -148,6 +162,16 @@ def test_an_unparsable_url_is_a_usage_error(url: str) -> None:
         (["--api-token", "", "plan", "list"], "token must not be empty"),
         # The orchestrator answers 400 to a larger page.
         (["plan", "list", "--limit", "501"], "--limit: must be at most 500: '501'"),
+        # A ticket id is a UUID: '.' and '..' were dot segments (the listing, or 404 for
+        # the route), '<id>/events' reached the events route, all with exit 0 or 3.
+        (["tickets", "show", ""], "ticket id must not be empty"),
+        (["tickets", "show", "."], "'.' is not a valid ticket id: it must be a UUID"),
+        (["tickets", "show", ".."], "'..' is not a valid ticket id: it must be a UUID"),
+        (["tickets", "show", f"{UUID}/events"], "is not a valid ticket id: it must be a UUID"),
+        (["tickets", "show", "nope"], "'nope' is not a valid ticket id: it must be a UUID"),
+        (["workers", "show", ".."], "'..' is not a valid worker id: it must be a UUID"),
+        # A single task's explanation is the same with or without --all: refused, not ignored.
+        (["plan", "explain", "p1", "build", "--all"], "leave it out with a TASK"),
     ],
 )
 def test_ids_and_filters_that_cannot_be_sent_are_refused_before_any_request(
@@ -158,6 +182,64 @@ def test_ids_and_filters_that_cannot_be_sent_are_refused_before_any_request(
     assert run.code == ExitCode.USAGE, run.err
     assert message in run.err
     assert services.requests == []
+
+
+def test_a_ticket_id_is_sent_in_its_canonical_form() -> None:
+    services = FakeServices()
+    services.on("GET", f"/api/v1/tickets/{UUID}", body={"ticket_id": UUID})
+    for form in (UUID.upper(), UUID.replace("-", ""), f"{{{UUID}}}"):
+        assert services.run("tickets", "show", form).code == ExitCode.OK
+    assert {r.url.path for r in services.requests} == {f"/api/v1/tickets/{UUID}"}
+
+
+def test_no_id_can_address_another_route() -> None:
+    # Below the command line's checks: '.' and '..' are percent-encoded, or the URL would
+    # resolve them (/api/v1/tickets/. is the listing); '/' is percent-encoded as before.
+    sent: list[httpx.Request] = []
+
+    def record(request: httpx.Request) -> httpx.Response:
+        sent.append(request)
+        return httpx.Response(200, json={})
+
+    def client(name: str) -> ServiceClient:
+        return ServiceClient(
+            name=name,
+            base_url="http://h:1",
+            token=lambda: None,
+            timeout=1,
+            transport=httpx.MockTransport(record),
+        )
+
+    api = HiveApi(
+        orchestrator=client("orchestrator"), tickets=client("tickets"), registry=client("registry")
+    )
+    for odd in (".", ".."):
+        api.get_plan(odd)
+        api.cancel_plan(odd)
+        api.explain_plan(odd)
+        api.explain_task(odd, odd)
+        api.get_ticket(odd)
+        api.ticket_events(odd)
+        api.get_worker(odd)
+    api.get_ticket("a/events")
+    assert [r.url.raw_path.decode() for r in sent] == [
+        "/api/v1/plans/%2E",
+        "/api/v1/plans/%2E/cancel",
+        "/api/v1/plans/%2E/explain",
+        "/api/v1/plans/%2E/tasks/%2E/explain",
+        "/api/v1/tickets/%2E",
+        "/api/v1/tickets/%2E/events",
+        "/api/v1/workers/%2E",
+        "/api/v1/plans/%2E%2E",
+        "/api/v1/plans/%2E%2E/cancel",
+        "/api/v1/plans/%2E%2E/explain",
+        "/api/v1/plans/%2E%2E/tasks/%2E%2E/explain",
+        "/api/v1/tickets/%2E%2E",
+        "/api/v1/tickets/%2E%2E/events",
+        "/api/v1/workers/%2E%2E",
+        "/api/v1/tickets/a%2Fevents",
+    ]
+    api.close()
 
 
 @pytest.mark.parametrize("value", ["inf", "-inf", "nan", "1e10", "1e300", "604801", "0", "-1"])

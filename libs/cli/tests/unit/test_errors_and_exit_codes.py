@@ -128,6 +128,40 @@ def test_unauthenticated_exits_6_with_a_hint() -> None:
     assert "HIVE_JWT_SECRET" in run.err
 
 
+ORCHESTRATOR_401 = error_body(
+    "UNAUTHENTICATED", "missing or wrong API token (Authorization: Bearer <token>)"
+)
+
+
+@pytest.mark.parametrize(
+    ("argv", "env", "hint"),
+    [
+        (
+            ["plan", "list"],
+            {},
+            "hint: the orchestrator requires its API token: set --api-token or "
+            "HIVE_ORCHESTRATOR_API_TOKEN (the orchestrator's HIVE_ORCHESTRATOR_API_TOKEN)",
+        ),
+        (
+            ["plan", "list", "--api-token", "wrong"],
+            {"HIVE_JWT_SECRET": "a-real-secret-of-at-least-thirty-two-bytes"},
+            "hint: check the API token given with --api-token / HIVE_ORCHESTRATOR_API_TOKEN "
+            "against the orchestrator's HIVE_ORCHESTRATOR_API_TOKEN",
+        ),
+    ],
+)
+def test_an_orchestrator_401_hints_at_its_api_token_not_the_jwt_secret(
+    argv: list[str], env: dict[str, str], hint: str
+) -> None:
+    # The orchestrator checks only its API token; the hint named HIVE_JWT_SECRET.
+    services = FakeServices()
+    services.on("GET", "/api/v1/plans", 401, ORCHESTRATOR_401)
+    run = services.run(*argv, env=env)
+    assert run.code == ExitCode.AUTH
+    assert run.err.splitlines()[-1] == hint
+    assert "JWT" not in run.err
+
+
 def test_a_body_that_is_not_the_error_shape_still_gives_a_clear_error() -> None:
     services = FakeServices()
     services.routes[("GET", "/api/v1/plans")] = lambda _r: httpx.Response(
@@ -218,6 +252,24 @@ def test_timeout_exits_5() -> None:
     assert json.loads(json_run.err)["error"]["code"] == "TIMED_OUT"
 
 
+def test_a_read_that_timed_out_is_not_said_to_have_been_carried_out() -> None:
+    def slow(request: httpx.Request) -> httpx.Response:
+        raise httpx.ReadTimeout("timed out", request=request)
+
+    services = FakeServices()
+    services.routes[("GET", "/api/v1/plans/p1")] = slow
+    run = services.run("plan", "status", "p1")
+    assert run.code == ExitCode.UNAVAILABLE
+    assert run.err.splitlines() == [
+        "error: orchestrator at http://127.0.0.1:8003 did not answer in time: timed out "
+        "(timed out)",
+        "hint: --request-timeout waits longer",
+    ]
+    # A cancel (POST) may have been carried out.
+    services.routes[("POST", "/api/v1/plans/p1/cancel")] = slow
+    assert "may have been carried out" in services.run("plan", "cancel", "p1").err
+
+
 def test_connect_timeout_is_unreachable() -> None:
     def unreachable(request: httpx.Request) -> httpx.Response:
         raise httpx.ConnectTimeout("timed out", request=request)
@@ -233,3 +285,81 @@ def test_default_request_timeout_outlasts_the_orchestrators_submit_wait() -> Non
     # At equal values the CLI gave up ("unreachable") just before a stored plan's answer.
     submit_wait = OrchestratorSettings.model_fields["submit_wait_seconds"].default
     assert submit_wait + 5 < DEFAULT_REQUEST_TIMEOUT
+
+
+@pytest.mark.parametrize(
+    ("argv", "env"),
+    [
+        # Settings that cannot be resolved: reported before any request.
+        (["-o", "json", "plan", "status", "x", "--orchestrator", "ftp://x"], {}),
+        (["plan", "list"], {"HIVE_OUTPUT": "json", "HIVE_ORCHESTRATOR_URL": "localhost:9703"}),
+        (["plan", "list", "--token", "a b"], {"HIVE_OUTPUT": "json"}),
+        (["tickets", "list"], {"HIVE_OUTPUT": "json", "HIVE_JWT_SECRET": "short"}),
+        # The parser's own errors, wherever -o json is.
+        (["plan", "status", "../x"], {"HIVE_OUTPUT": "json"}),
+        (["-o", "json", "plan", "list", "--limit", "501"], {}),
+        (["plan", "list", "--limit", "501", "--output=json"], {}),
+        (["--out", "json", "plan", "frobnicate"], {}),
+        (["-ojson", "tickets", "show", ".."], {}),
+        (["-o", "json"], {}),
+        # The last -o wins, over the environment too.
+        (["-o", "table", "plan", "list", "--bogus", "-o", "json"], {"HIVE_OUTPUT": "table"}),
+    ],
+)
+def test_in_json_mode_usage_errors_are_json_on_stderr(argv: list[str], env: dict[str, str]) -> None:
+    services = FakeServices()
+    run = services.run(*argv, env=env)
+    assert run.code == ExitCode.USAGE
+    assert run.out == ""
+    error = json.loads(run.err)["error"]
+    assert error["code"] == "USAGE"
+    assert error["message"]
+    assert services.requests == []
+
+
+def test_usage_errors_stay_text_in_table_mode() -> None:
+    run = FakeServices().run("-o", "json", "plan", "list", "--limit", "501", "-o", "table")
+    assert run.code == ExitCode.USAGE
+    assert run.err.startswith("usage: hive plan list")
+    run = FakeServices().run("plan", "status", "x", "--orchestrator", "ftp://x")
+    assert run.err == "error: --orchestrator must be an http:// or https:// URL, not 'ftp://x'\n"
+
+
+def test_in_json_mode_a_watch_timeout_is_json_on_stderr() -> None:
+    services = FakeServices()
+    services.on(
+        "GET",
+        "/api/v1/plans/p1",
+        body={"plan_id": "p1", "status": "RUNNING", "task_count": 1, "tickets": []},
+    )
+    run = services.run(
+        "plan", "watch", "p1", "--interval", "0.01", "--timeout", "0.05", "-o", "json"
+    )
+    assert run.code == ExitCode.WATCH_TIMEOUT
+    assert json.loads(run.out)["status"] == "RUNNING"
+    # The progress display goes to stderr in JSON mode; the error follows it.
+    error = json.loads(run.err[run.err.index('{\n  "error"') :])["error"]
+    assert error == {
+        "code": "WATCH_TIMEOUT",
+        "message": "plan p1 is still RUNNING; it keeps running (hive plan watch p1)",
+        "details": {"plan_id": "p1", "status": "RUNNING"},
+    }
+
+
+def test_in_json_mode_an_internal_error_is_json_on_stderr() -> None:
+    def bug(_request: httpx.Request) -> httpx.Response:
+        raise RuntimeError("boom")
+
+    services = FakeServices()
+    services.routes[("GET", "/api/v1/plans")] = bug
+    run = services.run("-o", "json", "plan", "list")
+    assert run.code == ExitCode.SERVER_ERROR
+    assert json.loads(run.err)["error"] == {
+        "code": "INTERNAL",
+        "message": "internal error in hive: RuntimeError: boom",
+        "details": {},
+    }
+    text = services.run("plan", "list")
+    assert text.err == (
+        "error: internal error in hive: RuntimeError: boom (HIVE_DEBUG=1 shows the traceback)\n"
+    )

@@ -221,6 +221,40 @@ def test_unreadable_events_still_give_a_line_per_failed_attempt(
     assert [r.url.path for r in ticket_reads(services)] == ["/api/v1/tickets/t-flaky/events"]
 
 
+def test_unreadable_events_are_noted_once() -> None:
+    # The lines without their messages used to come with no word about why.
+    notes: list[str] = []
+
+    def refused(_ticket_id: str) -> JsonObject:
+        raise ApiError("tickets", 401, "UNAUTHENTICATED", "token has expired")
+
+    tracker = FailureTracker(refused, note=notes.append)
+    tracker.new_failures(snapshot("RUNNING", ticket("a", "PENDING", 3), ticket("b", "RUNNING")))
+    assert notes == [
+        "cannot read ticket histories (tickets: UNAUTHENTICATED (401): token has expired): "
+        "failed attempts no poll saw are shown without their error message"
+    ]
+    later = snapshot("RUNNING", ticket("a", "PENDING", 3), ticket("b", "COMPLETED", 3))
+    assert [f.text() for f in tracker.new_failures(later)] == [
+        "retry   b attempt 1 failed",
+        "retry   b attempt 2 failed",
+    ]
+    assert len(notes) == 1
+
+
+def test_a_watch_notes_unreadable_events_on_its_display() -> None:
+    services = FakeServices()
+    services.on(
+        "GET", "/api/v1/tickets/t-flaky/events", 401, error_body("UNAUTHENTICATED", "expired")
+    )
+    jumped = snapshot("RUNNING", SETUP, ticket("flaky", "PENDING", 3, "error 2"), REPORT)
+    plan_answers(services, jumped, snapshot("FAILED", SETUP, ticket("flaky", "FAILED", 3), REPORT))
+    run = services.run("-o", "json", "plan", "watch", "p1", "--interval", "0.01")
+    assert run.code == ExitCode.PLAN_UNSUCCESSFUL
+    assert "cannot read ticket histories (tickets: UNAUTHENTICATED (401): expired)" in run.err
+    assert run.err.count("cannot read ticket histories") == 1
+
+
 class EventReads:
     """A ticket's events as the audit trail has them at each read."""
 
@@ -483,6 +517,21 @@ def test_ctrl_c_stops_the_watch_and_says_how_to_reattach() -> None:
     run = services.run("plan", "watch", "p1")
     assert run.code == 130
     assert "interrupted; plan p1 keeps running (hive plan watch p1)" in run.err
+
+
+def test_in_json_mode_ctrl_c_is_json_on_stderr() -> None:
+    def interrupt(_request: httpx.Request) -> httpx.Response:
+        raise KeyboardInterrupt
+
+    services = FakeServices()
+    services.routes[("GET", "/api/v1/plans/p1")] = interrupt
+    run = services.run("plan", "watch", "p1", env={"HIVE_OUTPUT": "json"})
+    assert run.code == 130
+    assert json.loads(run.err)["error"] == {
+        "code": "INTERRUPTED",
+        "message": "interrupted; plan p1 keeps running (hive plan watch p1)",
+        "details": {"plan_id": "p1"},
+    }
 
 
 def test_watch_does_not_retry_api_errors() -> None:

@@ -16,6 +16,7 @@ from hive_cli.render import (
     plan_detail,
     submission_text,
     table,
+    width,
 )
 
 from .conftest import FakeServices
@@ -62,6 +63,33 @@ def plan(status: str = "RUNNING", **extra: Any) -> dict[str, Any]:
 def test_table_aligns_columns_without_trailing_spaces() -> None:
     text = table(["A", "LONGER"], [["xx", None], ["y", "z"]])
     assert text.splitlines() == ["A   LONGER", "xx  -", "y   z"]
+
+
+def test_wide_characters_take_two_columns() -> None:
+    assert width("日本語") == 6
+    assert width("✓ ok") == 4
+    assert width("e\u0301") == 1  # e and a combining acute accent
+    assert width("🚀") == 2
+
+
+def test_table_aligns_columns_with_wide_and_combining_characters() -> None:
+    text = table(
+        ["NAME", "NEXT"],
+        [["日本語 name", "x"], ["plain", "y"], ["cafe\u0301", "z"], ["🚀 launch", "w"]],
+    )
+    lines = text.splitlines()
+    # Every NEXT cell starts at the same terminal column (len() put them 3 apart).
+    assert {width(line[:-1]) for line in lines[1:]} == {width(lines[0][:-4])}
+    assert lines[1] == "日本語 name  x"
+    assert lines[2] == "plain        y"
+
+
+def test_a_long_wide_cell_is_cut_to_60_columns() -> None:
+    long = cell("日本語" * 20)
+    assert width(long) <= 60
+    assert long == "日本語" * 9 + "日本" + "…"
+    assert width(cell("日" * 30)) == 60
+    assert cell("日" * 30) == "日" * 30  # fits exactly
 
 
 def test_cells() -> None:
@@ -339,3 +367,61 @@ def test_tickets_show_with_events_adds_the_audit_history() -> None:
     ]
     as_json = services.run("-o", "json", "tickets", "show", TICKET_ID, "--events")
     assert json.loads(as_json.out) == {**ticket(status="FAILED"), "events": [event]}
+
+
+WORKER_ID = "0b6c1c36-5d0e-4c55-8a57-3d7e6b1c0f42"
+
+
+def worker(**extra: Any) -> dict[str, Any]:
+    return {
+        "worker_id": WORKER_ID,
+        "name": "cli-w1",
+        "namespace": "default",
+        "capabilities": ["python", "shell"],
+        "labels": {"zone": "a"},
+        "max_concurrent": 4,
+        "in_flight": 1,
+        "spare_capacity": 3,
+        "version": "0.1.0",
+        "status": "HEALTHY",
+        "registered_at": "2026-12-05T10:00:00+00:00",
+        "last_heartbeat_at": "2026-12-05T10:05:00+00:00",
+        "succeeded_total": 9,
+        "failed_total": 1,
+        "success_rate": 0.9,
+        **extra,
+    }
+
+
+def test_workers_show_prints_one_worker() -> None:
+    services = FakeServices()
+    services.on("GET", f"/api/v1/workers/{WORKER_ID}", body=worker())
+    run = services.run("workers", "show", WORKER_ID)
+    assert run.code == ExitCode.OK, run.err
+    assert run.out.splitlines() == [
+        f"worker        {WORKER_ID}",
+        "name          cli-w1  namespace default  version 0.1.0",
+        "status        HEALTHY",
+        "capabilities  python,shell",
+        "labels        zone=a",
+        "load          1/4 in flight",
+        "record        9 succeeded, 1 failed (90%)",
+        "registered    2026-12-05 10:00:00Z",
+        "heartbeat     2026-12-05 10:05:00Z",
+    ]
+    as_json = services.run("-o", "json", "workers", "show", WORKER_ID.upper())
+    assert json.loads(as_json.out) == worker()
+    assert services.requests[-1].url.path == f"/api/v1/workers/{WORKER_ID}"
+
+
+def test_workers_show_of_an_unknown_worker_exits_3() -> None:
+    services = FakeServices()
+    services.on(
+        "GET",
+        f"/api/v1/workers/{WORKER_ID}",
+        404,
+        {"error": {"code": "NOT_FOUND", "message": f"worker {WORKER_ID} not found"}},
+    )
+    run = services.run("workers", "show", WORKER_ID)
+    assert run.code == ExitCode.NOT_FOUND
+    assert run.err == f"error: NOT_FOUND: worker {WORKER_ID} not found\n"
