@@ -62,6 +62,11 @@ def build_parser() -> argparse.ArgumentParser:
         dest="shell_allow_list",
         help="comma-separated programs the shell task may run (exact argv[0])",
     )
+    add(
+        "--http-get-allow",
+        dest="http_get_allow_networks",
+        help="comma-separated internal networks (CIDRs) http_get may reach, e.g. 10.0.0.0/8",
+    )
     add("--sleep-max", dest="sleep_max_seconds", type=float, help="longest allowed sleep task")
     add("--log-level", dest="log_level")
     add("--log-format", dest="log_format", choices=["auto", "json", "pretty"])

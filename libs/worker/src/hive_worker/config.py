@@ -11,7 +11,7 @@ import json
 import socket
 from typing import Annotated, Any
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, IPvAnyNetwork, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 from hive_common.config import LogFormat, normalise_log_level
@@ -100,11 +100,16 @@ class WorkerSettings(BaseSettings):
     http_get_timeout_seconds: float = Field(default=10.0, gt=0)
     http_get_max_timeout_seconds: float = Field(default=60.0, gt=0)
     http_get_max_body_bytes: int = Field(default=64 * 1024, ge=0)
+    http_get_allow_networks: Annotated[list[IPvAnyNetwork], NoDecode] = Field(
+        default_factory=list,
+        description="Internal networks (CIDRs, or single addresses) http_get may reach "
+        "besides public addresses; empty: none (no loopback, link-local, private ...).",
+    )
 
     log_level: str = "INFO"
     log_format: LogFormat = "auto"
 
-    @field_validator("capabilities", "shell_allow_list", mode="before")
+    @field_validator("capabilities", "shell_allow_list", "http_get_allow_networks", mode="before")
     @classmethod
     def _split_list(cls, value: object) -> object:
         return parse_list(value)

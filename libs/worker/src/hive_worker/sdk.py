@@ -318,6 +318,7 @@ class Worker:
                 http_get_timeout_seconds=settings.http_get_timeout_seconds,
                 http_get_max_timeout_seconds=settings.http_get_max_timeout_seconds,
                 http_get_max_body_bytes=settings.http_get_max_body_bytes,
+                http_get_allow_networks=settings.http_get_allow_networks,
             ).items():
                 self.tasks.register(task_type, handler)
         self._registry = registry

@@ -68,6 +68,10 @@ def _flag(params: Mapping[str, Any], name: str) -> bool:
 
 _HOST_LABEL = re.compile(r"[A-Za-z0-9_]([A-Za-z0-9_-]{0,61}[A-Za-z0-9_])?")
 
+# A ``user:password@`` right after the scheme's ``//``, where urllib takes the authority
+# from (tabs and line breaks, which it drops, removed first).
+_USERINFO = re.compile(r"\A[^/?#]*//[^/?#]*@")
+
 
 def _shown(value: str) -> str:
     """``value`` quoted for a message: cut short, control and invisible characters escaped
@@ -93,8 +97,13 @@ def _valid_host(host: str, bracketed: bool) -> bool:
 def _http_url(params: Mapping[str, Any]) -> str:
     """The ``url`` parameter, checked in full before any connection (else a malformed
     URL is a network error, retried): http/https, a valid host, a port of 1-65535, no
-    whitespace, control or invisible formatting characters, ASCII outside the host."""
+    whitespace, control or invisible formatting characters, ASCII outside the host, no
+    ``user:password@`` (refused first, so that no message repeats it)."""
     url = _text(params, "url")
+    if _USERINFO.match(re.sub(r"[\t\r\n]", "", url)):
+        raise InvalidParameters(
+            "url", "must not contain a user name or password (user:password@host)"
+        )
     if any(ch.isspace() or unicodedata.category(ch) in ("Cc", "Cf") for ch in url):
         raise InvalidParameters(
             "url", f"must not contain spaces or control characters: {_shown(url)}"
@@ -106,8 +115,7 @@ def _http_url(params: Mapping[str, Any]) -> str:
     host = parts.hostname
     if parts.scheme not in ("http", "https") or not host:
         raise InvalidParameters("url", "must be an http:// or https:// URL with a host")
-    userinfo, _, host_port = parts.netloc.rpartition("@")
-    if not _valid_host(host, bracketed=host_port.startswith("[")):
+    if not _valid_host(host, bracketed=parts.netloc.startswith("[")):
         raise InvalidParameters("url", f"has an invalid host {_shown(host)}")
     try:
         port = parts.port
@@ -117,7 +125,7 @@ def _http_url(params: Mapping[str, Any]) -> str:
         raise InvalidParameters(
             "url", f"has an invalid port (a number from 1 to 65535): {_shown(url)}"
         )
-    if not (userinfo + parts.path + parts.query + parts.fragment).isascii():
+    if not (parts.path + parts.query + parts.fragment).isascii():
         raise InvalidParameters(
             "url", f"must be ASCII outside the host (percent-encode the rest): {_shown(url)}"
         )
@@ -158,8 +166,47 @@ class _RedirectRefused(Exception):
     pass
 
 
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+# What makes an address internal, in the order a refusal names it.
+_INTERNAL_KINDS = (
+    ("is_unspecified", "unspecified"),
+    ("is_loopback", "loopback"),
+    ("is_link_local", "link-local"),
+    ("is_multicast", "multicast"),
+    ("is_reserved", "reserved"),
+    ("is_private", "private"),
+)
+
+
+def internal_address_kind(address: str, allowed: Sequence[Network] = ()) -> str | None:
+    """Why ``address`` (an IP address) is one ``http_get`` must not reach ("loopback",
+    "link-local", "private", ...), or None for a public address or one inside an
+    ``allowed`` network. An IPv4-mapped IPv6 address counts as its IPv4 address."""
+    ip = ipaddress.ip_address(address)
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    if any(ip in network for network in allowed):
+        return None
+    for attribute, kind in _INTERNAL_KINDS:
+        if getattr(ip, attribute):
+            return kind
+    return None if ip.is_global else "non-public"  # e.g. 100.64.0.0/10 (carrier NAT)
+
+
+class _DestinationRefused(Exception):
+    """A host resolving to an internal address outside the allowed networks."""
+
+    def __init__(self, host: str, kind: str) -> None:
+        super().__init__(host, kind)
+        self.host = host
+        self.kind = kind
+
+
 class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
-    """Follow redirects to http/https only (urllib also allows ftp)."""
+    """Follow redirects to http/https only (urllib also allows ftp), without credentials
+    (urllib would take them for part of the host name). Where a redirect leads is checked
+    like the first URL when its connection is made."""
 
     def redirect_request(
         self,
@@ -170,8 +217,12 @@ class _HttpOnlyRedirects(urllib.request.HTTPRedirectHandler):
         headers: HTTPMessage,
         newurl: str,
     ) -> urllib.request.Request | None:
+        if _USERINFO.match(re.sub(r"[\t\r\n]", "", newurl)):
+            fp.close()
+            raise _RedirectRefused("to a URL with a user name or password")
         if urllib.parse.urlsplit(newurl).scheme not in ("http", "https"):
-            raise _RedirectRefused(newurl)
+            fp.close()
+            raise _RedirectRefused(f"to a non-HTTP URL: {_shown(newurl)}")
         return super().redirect_request(req, fp, code, msg, headers, newurl)
 
 
@@ -200,11 +251,40 @@ class _Sockets:
 
 
 class _TrackedConnection(http.client.HTTPConnection):
-    """An HTTP connection that adds its socket, once connected, to ``sockets``."""
+    """An HTTP connection that adds its socket, once connected, to ``sockets``, and only
+    connects to a host whose addresses are all public or in ``allowed``."""
 
-    def __init__(self, host: str, *, sockets: _Sockets, **kwargs: Any) -> None:
+    def __init__(
+        self, host: str, *, sockets: _Sockets, allowed: Sequence[Network], **kwargs: Any
+    ) -> None:
         super().__init__(host, **kwargs)
         self._sockets = sockets
+        self._allowed = allowed
+        # connect() (TLS included, which still verifies the host name) opens its socket
+        # with this.
+        self._create_connection = self._connect_checked
+
+    def _connect_checked(
+        self,
+        address: tuple[str, int],
+        timeout: float | None,
+        source_address: tuple[str, int] | None,
+    ) -> socket.socket:
+        """Resolve the host once, check every address, then connect to those addresses
+        (not the name again: a second lookup could answer another address)."""
+        host, port = address
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        for *_, sockaddr in infos:
+            kind = internal_address_kind(str(sockaddr[0]), self._allowed)
+            if kind is not None:
+                raise _DestinationRefused(host, kind)
+        error: OSError = OSError(f"no address for {host!r}")
+        for *_, sockaddr in infos:
+            try:
+                return socket.create_connection((str(sockaddr[0]), port), timeout, source_address)
+            except OSError as exc:
+                error = exc
+        raise error
 
     def connect(self) -> None:
         super().connect()
@@ -220,15 +300,20 @@ class _TrackingHandler(urllib.request.HTTPHandler, urllib.request.HTTPSHandler):
     """Opens http and https URLs (in place of urllib's handlers for them) over tracked
     connections."""
 
-    def __init__(self, sockets: _Sockets) -> None:
+    def __init__(self, sockets: _Sockets, allowed: Sequence[Network]) -> None:
         super().__init__()
         self._sockets = sockets
+        self._allowed = allowed
 
     def http_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
-        return self.do_open(partial(_TrackedConnection, sockets=self._sockets), req)
+        return self.do_open(
+            partial(_TrackedConnection, sockets=self._sockets, allowed=self._allowed), req
+        )
 
     def https_open(self, req: urllib.request.Request) -> http.client.HTTPResponse:
-        return self.do_open(partial(_TrackedHTTPSConnection, sockets=self._sockets), req)
+        return self.do_open(
+            partial(_TrackedHTTPSConnection, sockets=self._sockets, allowed=self._allowed), req
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -238,6 +323,10 @@ class HttpGetTask:
     Returns ``status``, ``content_type``, a ``body`` excerpt of at most ``max_body_bytes``
     and ``truncated``. A 4xx answer is a permanent failure (except 408, 425, 429), a 5xx
     or a network error a retryable one; the failure's result carries the same fields.
+    A host (of the URL or of a redirect) resolving to an internal address (loopback,
+    link-local, private, ... see :func:`internal_address_kind`) outside
+    ``allowed_networks`` is a permanent failure, refused before connecting; the
+    connection goes to the addresses checked. Proxies from the environment are not used.
     ``timeout_seconds`` is a deadline for the whole request (connecting, the headers, the
     body), past which it is a retryable failure. The request runs in a thread; when the
     handler stops waiting for it (the deadline, a cancel), its connection is shut down
@@ -247,6 +336,7 @@ class HttpGetTask:
     default_timeout_seconds: float
     max_timeout_seconds: float
     max_body_bytes: int
+    allowed_networks: Sequence[Network] = ()
 
     async def __call__(self, params: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
         url = _http_url(params)
@@ -278,7 +368,12 @@ class HttpGetTask:
         return result
 
     def _fetch(self, url: str, timeout: float, sockets: _Sockets) -> tuple[int, str, bytes]:
-        opener = urllib.request.build_opener(_HttpOnlyRedirects(), _TrackingHandler(sockets))
+        opener = urllib.request.build_opener(
+            # No proxy: the worker checks where it connects, which a proxy would decide.
+            urllib.request.ProxyHandler({}),
+            _HttpOnlyRedirects(),
+            _TrackingHandler(sockets, self.allowed_networks),
+        )
         request = urllib.request.Request(url, method="GET", headers={"User-Agent": "hive-worker"})
         try:
             with opener.open(request, timeout=timeout) as response:
@@ -295,7 +390,14 @@ class HttpGetTask:
                 content_type = exc.headers.get_content_type() if exc.headers else ""
                 return exc.code, content_type, body
         except _RedirectRefused as exc:
-            raise PermanentTaskError(f"GET {url} redirected to a non-HTTP URL: {exc}") from exc
+            raise PermanentTaskError(f"GET {url} redirected {exc}") from exc
+        except _DestinationRefused as exc:
+            allowed = ", ".join(str(n) for n in self.allowed_networks) or "none"
+            raise PermanentTaskError(
+                f"GET {url}: host {_shown(exc.host)} refused ({exc.kind} address): http_get "
+                f"only reaches public addresses and the networks of HTTP_GET_ALLOW_NETWORKS "
+                f"(allowed: {allowed})"
+            ) from exc
         except (urllib.error.URLError, OSError) as exc:
             reason = getattr(exc, "reason", exc)
             raise TaskError(f"GET {url} failed: {reason}") from exc
@@ -436,6 +538,7 @@ def builtin_tasks(
     http_get_timeout_seconds: float,
     http_get_max_timeout_seconds: float,
     http_get_max_body_bytes: int,
+    http_get_allow_networks: Sequence[Network] = (),
 ) -> dict[str, TaskHandler]:
     """The built-in handlers by task type, configured."""
     return {
@@ -446,6 +549,7 @@ def builtin_tasks(
             default_timeout_seconds=min(http_get_timeout_seconds, http_get_max_timeout_seconds),
             max_timeout_seconds=http_get_max_timeout_seconds,
             max_body_bytes=http_get_max_body_bytes,
+            allowed_networks=tuple(http_get_allow_networks),
         ),
         "shell": ShellTask(
             allow_list=tuple(shell_allow_list),
@@ -455,4 +559,13 @@ def builtin_tasks(
     }
 
 
-__all__ = ["HttpGetTask", "ShellTask", "SleepTask", "builtin_tasks", "echo", "fail"]
+__all__ = [
+    "HttpGetTask",
+    "Network",
+    "ShellTask",
+    "SleepTask",
+    "builtin_tasks",
+    "echo",
+    "fail",
+    "internal_address_kind",
+]

@@ -6,8 +6,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
+import ipaddress
 import json
 import os
+import socket
 import sys
 import threading
 import time
@@ -20,7 +22,15 @@ from typing import Any
 import pytest
 
 from hive_worker.handlers import InvalidParameters, PermanentTaskError, TaskContext, TaskError
-from hive_worker.tasks import HttpGetTask, ShellTask, SleepTask, builtin_tasks, echo, fail
+from hive_worker.tasks import (
+    HttpGetTask,
+    ShellTask,
+    SleepTask,
+    builtin_tasks,
+    echo,
+    fail,
+    internal_address_kind,
+)
 
 PY = sys.executable
 
@@ -85,11 +95,13 @@ async def test_fail_is_retryable_by_default_and_permanent_on_request() -> None:
 
 DRIP_STARTED: defaultdict[str, threading.Event] = defaultdict(threading.Event)
 CLIENT_GONE: defaultdict[str, threading.Event] = defaultdict(threading.Event)
+REQUESTED: list[str] = []  # the paths the test server was asked for
 
 
 class _Handler(BaseHTTPRequestHandler):
     def do_GET(self) -> None:
         path = self.path
+        REQUESTED.append(path)
         if path.startswith("/status/"):
             self._send(int(path.rsplit("/", 1)[1]), b"status page")
         elif path == "/big":
@@ -104,6 +116,14 @@ class _Handler(BaseHTTPRequestHandler):
         elif path == "/to-ok":
             self.send_response(302)
             self.send_header("Location", "/status/200")
+            self.end_headers()
+        elif path == "/to-metadata":
+            self.send_response(302)
+            self.send_header("Location", "http://169.254.169.254/latest/meta-data/")
+            self.end_headers()
+        elif path == "/to-credentials":
+            self.send_response(302)
+            self.send_header("Location", f"http://admin:s3cr3t@{self.headers['Host']}/status/200")
             self.end_headers()
         elif path in ("/loop", "/to-file"):
             self.send_response(302)
@@ -156,8 +176,17 @@ def http_base() -> Iterator[str]:
         server.server_close()
 
 
-def http_task(max_body: int = 1024) -> HttpGetTask:
-    return HttpGetTask(default_timeout_seconds=5, max_timeout_seconds=10, max_body_bytes=max_body)
+LOOPBACK = (ipaddress.ip_network("127.0.0.0/8"),)
+
+
+def http_task(max_body: int = 1024, allowed: tuple[Any, ...] = LOOPBACK) -> HttpGetTask:
+    """An http_get task allowed to reach the test server (on 127.0.0.1) by default."""
+    return HttpGetTask(
+        default_timeout_seconds=5,
+        max_timeout_seconds=10,
+        max_body_bytes=max_body,
+        allowed_networks=allowed,
+    )
 
 
 async def test_http_get_returns_status_and_body(http_base: str) -> None:
@@ -228,7 +257,13 @@ async def test_http_get_refuses_a_malformed_url_before_connecting(url: str, prob
 
 
 @pytest.mark.parametrize(
-    "url", ["http://[::1]:8080/x", "https://user:pw@example.com:443/a?b=c#d", "http://bücher.de/"]
+    "url",
+    [
+        "http://[::1]:8080/x",
+        "https://example.com:443/a?b=c#d",
+        "http://bücher.de/",
+        "https://example.com/a@b?next=//c:d@e#f@g",  # an @ outside the authority is fine
+    ],
 )
 async def test_http_get_url_check_takes_valid_urls(url: str) -> None:
     task = HttpGetTask(default_timeout_seconds=5, max_timeout_seconds=10, max_body_bytes=1)
@@ -237,8 +272,147 @@ async def test_http_get_url_check_takes_valid_urls(url: str) -> None:
         await task({"url": url, "timeout_seconds": 0}, ctx())
 
 
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://admin:s3cr3t@127.0.0.1:9501/health",
+        "https://s3cr3t@example.com/",
+        "http://admin:s3cr3t@[::1",  # malformed as well: the credentials are not shown
+        "http://admin:s3cr3t@example.com/a b",  # so is a space
+        "http:/\t/admin:s3cr3t@example.com/",  # urllib drops the tab
+        "HTTP://a@b:s3cr3t@example.com/",
+    ],
+)
+async def test_http_get_refuses_credentials_without_showing_them(url: str) -> None:
+    # They passed the check, then urllib took them for part of the host name: a name
+    # resolution error, retried, with the credentials in the plan's error and the logs.
+    with pytest.raises(InvalidParameters) as raised:
+        await http_task()({"url": url}, ctx())
+    message = raised.value.message
+    assert message.startswith("parameters.url: must not contain a user name or password")
+    assert "s3cr3t" not in message
+
+
+async def test_http_get_refuses_a_redirect_to_a_url_with_credentials(http_base: str) -> None:
+    with pytest.raises(PermanentTaskError, match="user name or password") as raised:
+        await http_task()({"url": f"{http_base}/to-credentials"}, ctx())
+    assert "s3cr3t" not in raised.value.message
+
+
+@pytest.mark.parametrize(
+    ("host", "kind"),
+    [
+        ("127.0.0.1", "loopback"),
+        ("localhost", "loopback"),
+        ("[::1]", "loopback"),
+        ("[::ffff:127.0.0.1]", "loopback"),
+        ("169.254.169.254", "link-local"),
+        ("10.1.2.3", "private"),
+        ("172.16.0.1", "private"),
+        ("192.168.1.1", "private"),
+        ("[fd00::1]", "private"),
+        ("0.0.0.0", "unspecified"),
+        ("224.0.0.1", "multicast"),
+        ("240.0.0.1", "reserved"),
+        ("100.64.0.1", "non-public"),
+    ],
+)
+async def test_http_get_refuses_internal_destinations_by_default(
+    http_base: str, host: str, kind: str
+) -> None:
+    # Any plan author could read the worker's loopback services, the cloud metadata and
+    # the private network, and port-scan them through the error messages.
+    port = http_base.rsplit(":", 1)[1]
+    path = f"/internal/{host}"
+    with pytest.raises(PermanentTaskError) as raised:
+        await http_task(allowed=())({"url": f"http://{host}:{port}{path}"}, ctx())
+    message = raised.value.message
+    assert f"host '{host.strip('[]')}' refused ({kind} address)" in message
+    assert "(allowed: none)" in message
+    assert path not in REQUESTED  # refused before connecting
+
+
+async def test_http_get_checks_every_redirect(http_base: str) -> None:
+    # The first URL is allowed, the redirect's host is not: it used to be followed.
+    allowed = (ipaddress.ip_network("127.0.0.1/32"),)
+    with pytest.raises(PermanentTaskError) as raised:
+        await http_task(allowed=allowed)(
+            {"url": f"{http_base}/to-metadata", "timeout_seconds": 2}, ctx()
+        )
+    assert "host '169.254.169.254' refused (link-local address)" in raised.value.message
+    assert "(allowed: 127.0.0.1/32)" in raised.value.message
+
+
+async def test_http_get_allowed_networks_let_internal_addresses_through(http_base: str) -> None:
+    allowed = (ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("127.0.0.1"))
+    result = await http_task(allowed=allowed)({"url": f"{http_base}/status/200"}, ctx())
+    assert result["status"] == 200
+
+
+async def test_http_get_connects_to_the_address_it_checked(
+    http_base: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # DNS rebinding: a name answering an allowed address to the check, then an internal
+    # one to a second lookup when connecting. The name is looked up once.
+    port = int(http_base.rsplit(":", 1)[1])
+    answers = iter(["127.0.0.1", "169.254.169.254"])
+    lookups = []
+    real_getaddrinfo = socket.getaddrinfo
+
+    def getaddrinfo(host: Any, *args: Any, **kwargs: Any) -> Any:
+        if host == "rebind.test":
+            lookups.append(host)
+            host = next(answers)
+        return real_getaddrinfo(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket, "getaddrinfo", getaddrinfo)
+    allowed = (ipaddress.ip_network("127.0.0.1/32"),)
+    result = await http_task(allowed=allowed)(
+        {"url": f"http://rebind.test:{port}/status/200", "timeout_seconds": 2}, ctx()
+    )
+    assert result["status"] == 200
+    assert lookups == ["rebind.test"]
+
+
+async def test_http_get_ignores_proxies_of_the_environment(
+    http_base: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A proxy would choose the destination the worker checked.
+    monkeypatch.setenv("http_proxy", "http://127.0.0.1:1")
+    monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:1")
+    result = await http_task()({"url": f"{http_base}/status/200"}, ctx())
+    assert result["status"] == 200
+
+
+@pytest.mark.parametrize(
+    ("address", "kind"),
+    [
+        ("8.8.8.8", None),
+        ("2001:4860:4860::8888", None),
+        ("::ffff:8.8.8.8", None),
+        ("127.0.0.1", "loopback"),
+        ("::1", "loopback"),
+        ("::ffff:10.0.0.1", "private"),
+        ("fe80::1", "link-local"),
+        ("ff02::1", "multicast"),
+        ("::", "unspecified"),
+        ("255.255.255.255", "reserved"),
+    ],
+)
+def test_internal_address_kind(address: str, kind: str | None) -> None:
+    assert internal_address_kind(address) == kind
+
+
+def test_internal_address_kind_allowed_networks() -> None:
+    allowed = [ipaddress.ip_network("10.0.0.0/8"), ipaddress.ip_network("fd00::/8")]
+    assert internal_address_kind("10.9.9.9", allowed) is None
+    assert internal_address_kind("::ffff:10.9.9.9", allowed) is None
+    assert internal_address_kind("fd00::1", allowed) is None
+    assert internal_address_kind("192.168.0.1", allowed) == "private"
+
+
 async def test_http_get_refuses_a_redirect_to_another_scheme(http_base: str) -> None:
-    with pytest.raises(PermanentTaskError, match="non-HTTP"):
+    with pytest.raises(PermanentTaskError, match="redirected to a non-HTTP URL: 'ftp://"):
         await http_task()({"url": f"{http_base}/to-ftp"}, ctx())
 
 
@@ -492,8 +666,10 @@ def test_builtin_task_types() -> None:
         http_get_timeout_seconds=100,
         http_get_max_timeout_seconds=5,
         http_get_max_body_bytes=10,
+        http_get_allow_networks=[ipaddress.ip_network("10.0.0.0/8")],
     )
     assert sorted(handlers) == ["echo", "fail", "http_get", "shell", "sleep"]
     http = handlers["http_get"]
     assert isinstance(http, HttpGetTask)
     assert http.default_timeout_seconds == 5  # capped by the maximum
+    assert http.allowed_networks == (ipaddress.ip_network("10.0.0.0/8"),)

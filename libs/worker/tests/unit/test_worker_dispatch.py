@@ -340,6 +340,28 @@ def test_flags_override_the_environment(monkeypatch: pytest.MonkeyPatch) -> None
     assert loaded.max_concurrent == 3  # not given on the command line: env applies
 
 
+def test_http_get_allow_networks_setting(monkeypatch: pytest.MonkeyPatch) -> None:
+    # By default http_get reaches public addresses only; the setting adds networks.
+    assert WorkerSettings(capabilities=["http"]).http_get_allow_networks == []
+    monkeypatch.setenv("HIVE_WORKER_CAPABILITIES", "http")
+    monkeypatch.setenv("HIVE_WORKER_HTTP_GET_ALLOW_NETWORKS", "10.0.0.0/8, 127.0.0.1,fd00::/8")
+    loaded = WorkerSettings()
+    assert [str(n) for n in loaded.http_get_allow_networks] == [
+        "10.0.0.0/8",
+        "127.0.0.1/32",
+        "fd00::/8",
+    ]
+    worker = Worker(settings=loaded)
+    assert worker.tasks.get("http_get").allowed_networks == tuple(  # type: ignore[union-attr]
+        loaded.http_get_allow_networks
+    )
+    flagged = settings_from_args(["--http-get-allow", "192.168.0.0/16"])
+    assert [str(n) for n in flagged.http_get_allow_networks] == ["192.168.0.0/16"]
+    for bad in ("nope", "10.0.0.1/8", "localhost"):
+        with pytest.raises(ValueError, match="http_get_allow_networks"):
+            WorkerSettings(http_get_allow_networks=bad)
+
+
 @pytest.mark.parametrize(
     "values",
     [
