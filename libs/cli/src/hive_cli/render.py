@@ -334,7 +334,10 @@ def _new_details(details: object, message: str) -> dict[str, Any]:
     return {
         k: v
         for k, v in details.items()
-        if v is not None and v != [] and not (isinstance(v, str | int) and str(v) in message)
+        if v is not None
+        and v != []
+        # A time is in the message as the tables show times.
+        and not (isinstance(v, str | int) and short_time(str(v)) in message)
     }
 
 

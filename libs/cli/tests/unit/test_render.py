@@ -193,6 +193,28 @@ def test_explanation_summary_and_details_are_not_repeated() -> None:
     ]
 
 
+def test_an_explained_time_is_shown_once_as_the_tables_show_times() -> None:
+    # The message says the time as tables do; the details' ISO form is the same time.
+    waiting = {
+        "task_id": "a",
+        "status": "PENDING",
+        "attempt": 2,
+        "max_attempts": 3,
+        "summary": "retry backoff until 2026-12-06 03:23:31Z before attempt 2",
+        "reasons": [
+            {
+                "code": "RETRY_BACKOFF",
+                "message": "retry backoff until 2026-12-06 03:23:31Z before attempt 2",
+                "details": {"backoff_until": "2026-12-06T03:23:31.354268+00:00", "attempt": 2},
+            }
+        ],
+    }
+    assert explanations_text({"plan_id": "p1", "tasks": [waiting]}).splitlines() == [
+        "a  PENDING  attempt 2/3",
+        "  - [RETRY_BACKOFF] retry backoff until 2026-12-06 03:23:31Z before attempt 2",
+    ]
+
+
 def test_json_output_is_the_service_answer_verbatim() -> None:
     services = FakeServices()
     services.on("GET", "/api/v1/plans/p1", body=plan())

@@ -102,14 +102,14 @@ CASES = [
             ),
         },
         [R.RETRY_BACKOFF],
-        "retry backoff until 2026-11-24T12:00:30+00:00 before attempt 2 (previous error: exit 3)",
+        "retry backoff until 2026-11-24 12:00:30Z before attempt 2 (previous error: exit 3)",
     ),
     Case(
         "retry backoff not started yet shows its ceiling",
         "x",
         {**ALL_PENDING, "x": ts("x", attempt=3)},
         [R.RETRY_BACKOFF],
-        "no later than 2026-11-24T12:00:20+00:00",
+        "no later than 2026-11-24 12:00:20Z",
     ),
     Case(
         "no live worker with the capability",
@@ -151,8 +151,8 @@ CASES = [
             "a": ts("a", S.ASSIGNED, worker_id="w-py", lease_expires_at=NOW + timedelta(seconds=9)),
         },
         [R.LEASED],
-        "leased to worker w-py until 2026-11-24T12:00:09+00:00, waiting for it to start "
-        "(healthy, last seen 2026-11-24T11:59:56+00:00)",
+        "leased to worker w-py until 2026-11-24 12:00:09Z, waiting for it to start "
+        "(healthy, last seen 2026-11-24 11:59:56Z)",
     ),
     Case(
         "leased to a worker that is gone, lease expired",
@@ -171,7 +171,7 @@ CASES = [
         "a",
         {**ALL_PENDING, "a": ts("a", S.RUNNING, worker_id="w-py")},
         [R.RUNNING],
-        "running on worker w-py (healthy, last seen 2026-11-24T11:59:56+00:00)",
+        "running on worker w-py (healthy, last seen 2026-11-24 11:59:56Z)",
     ),
     Case(
         "running, registry unreachable",

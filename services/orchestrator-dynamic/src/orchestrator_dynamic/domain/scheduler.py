@@ -27,7 +27,7 @@ import bisect
 import random
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 
 from orchestrator_dynamic.domain.graph import heights, reachable, reverse_edges
@@ -676,6 +676,12 @@ def _iso(moment: datetime | None) -> str | None:
     return moment.isoformat() if moment is not None else None
 
 
+def _shown(moment: datetime) -> str:
+    """A time in a message for people, as the CLI's tables show times (UTC, to the second;
+    the details carry it in full)."""
+    return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%SZ")
+
+
 def explain(
     graph: PlanGraph,
     tickets: Mapping[str, TicketState],
@@ -814,7 +820,7 @@ def _lease_reason(
     }
     if worker is not None:
         seen = (
-            f"last seen {worker.last_heartbeat_at.isoformat()}"
+            f"last seen {_shown(worker.last_heartbeat_at)}"
             if worker.last_heartbeat_at
             else "never seen"
         )
@@ -832,7 +838,7 @@ def _lease_reason(
             ReasonCode.RUNNING, f"running on worker {state.worker_id} ({health})", details
         )
     lease = (
-        f" until {state.lease_expires_at.isoformat()}"
+        f" until {_shown(state.lease_expires_at)}"
         + (" (expired)" if state.lease_expires_at <= now else "")
         if state.lease_expires_at
         else ""
@@ -867,7 +873,7 @@ def _pending_reasons(context: _Explaining, state: TicketState) -> list[Reason]:
             Reason(
                 ReasonCode.RETRY_BACKOFF,
                 f"re-queued for attempt {state.attempt}; a retry backoff ending no later than "
-                f"{decision.start_backoff[task_id].isoformat()} starts in the next scheduling "
+                f"{_shown(decision.start_backoff[task_id])} starts in the next scheduling "
                 "round"
                 + (f" (previous error: {state.error_message})" if state.error_message else ""),
                 {
@@ -881,7 +887,7 @@ def _pending_reasons(context: _Explaining, state: TicketState) -> list[Reason]:
         reasons.append(
             Reason(
                 ReasonCode.RETRY_BACKOFF,
-                f"retry backoff until {backoff_end.isoformat()} before attempt {state.attempt}"
+                f"retry backoff until {_shown(backoff_end)} before attempt {state.attempt}"
                 + (f" (previous error: {state.error_message})" if state.error_message else ""),
                 {"backoff_until": backoff_end.isoformat(), "attempt": state.attempt},
             )
