@@ -221,7 +221,7 @@ _plan_id = _id_argument("plan id")
 _task_id = _id_argument("task id")
 
 
-def _uuid_argument(what: str) -> Callable[[str], str]:
+def _uuid_argument(what: str, where: str = "") -> Callable[[str], str]:
     """Ticket and worker ids are UUIDs: anything else names nothing, and ``.``, ``..`` or
     ``<id>/events`` would reach another route. Sent in the canonical form."""
 
@@ -232,14 +232,14 @@ def _uuid_argument(what: str) -> Callable[[str], str]:
             return str(uuid.UUID(text))
         except ValueError:
             raise argparse.ArgumentTypeError(
-                f"{text!r} is not a valid {what}: it must be a UUID"
+                f"{text!r} is not a valid {what}: it must be a UUID{where}"
             ) from None
 
     return parse
 
 
 _ticket_id = _uuid_argument("ticket id")
-_worker_id = _uuid_argument("worker id")
+_worker_id = _uuid_argument("worker id", " (`hive workers list` shows them)")
 
 
 def _filter_value(what: str) -> Callable[[str], str]:
@@ -388,10 +388,10 @@ def build_parser(
     )
     tickets_list.add_argument(
         "--worker",
-        type=_filter_value("worker id"),
+        type=_worker_id,  # a name listed nothing, silently
         default=None,
         metavar="WORKER_ID",
-        help="only this worker",
+        help="only this worker (its id)",
     )
     _paging_options(tickets_list)
     tickets_show = leaf(ticket_cmds, "show", "one ticket: status, error, parameters and result")

@@ -295,3 +295,13 @@ def test_help_lists_exit_codes_on_stdout_and_exits_0() -> None:
     assert sub.code == 0
     assert "--watch" in sub.out
     assert "exit codes:" in sub.out
+
+
+def test_a_worker_filter_is_a_worker_id_not_a_name() -> None:
+    # A name listed nothing ("no tickets found", exit 0).
+    services = FakeServices()
+    run = services.run("tickets", "list", "--worker", "worker-1")
+    assert run.code == ExitCode.USAGE
+    assert "'worker-1' is not a valid worker id: it must be a UUID" in run.err
+    assert "hive workers list" in run.err
+    assert services.requests == []
