@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
+import threading
 from collections.abc import Sequence
 from typing import Any
 
@@ -82,10 +84,37 @@ def settings_from_args(argv: Sequence[str] | None = None) -> WorkerSettings:
     return WorkerSettings(**values)
 
 
+_EXIT_BOUND_SECONDS = 5.0
+"""How long the process may take to end after a drain before it exits anyway."""
+
+
+def _exit_anyway_after(seconds: float, worker: Worker) -> None:
+    """Exit 0 ``seconds`` from now if the process has not ended by then: after the drain,
+    ``asyncio.run`` waits for handlers that ignore their cancellation and for threads
+    (``asyncio.to_thread``) still running, which nothing can stop. Their attempts were
+    already reported (worker lost, re-queued), so exiting loses nothing."""
+
+    def expire() -> None:
+        get_logger("hive_worker").warning(
+            "process still busy after the drain (a handler ignoring its cancellation or "
+            "a handler's thread); exiting anyway",
+            waited_seconds=seconds,
+            tickets=worker.unstopped_handlers,
+        )
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(0)
+
+    timer = threading.Timer(seconds, expire)
+    timer.daemon = True  # a process that ends in time does not wait for it
+    timer.start()
+
+
 async def _serve(settings: WorkerSettings) -> None:
     worker = Worker(settings=settings)
     freeze_heap()  # start-up objects are never garbage: keep full GCs short
     await worker.run()
+    _exit_anyway_after(_EXIT_BOUND_SECONDS, worker)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

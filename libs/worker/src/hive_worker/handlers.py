@@ -37,11 +37,15 @@ class TaskContext:
     worker_id: str
     description: str = ""
     logger: Any = field(default_factory=lambda: get_logger("hive_worker.task"))
+    lost_runs: int = 0
+    """Earlier attempts that ended with their worker (drained, lost), not with the task:
+    they used no retry."""
 
     @property
     def last_attempt(self) -> bool:
-        """True when a retryable failure would not be retried."""
-        return self.attempt > self.max_retries
+        """True when a retryable failure would not be retried (the ticket service's rule:
+        attempts that used a retry, ``attempt - lost_runs``, beyond ``max_retries``)."""
+        return self.attempt - self.lost_runs > self.max_retries
 
 
 class TaskError(Exception):

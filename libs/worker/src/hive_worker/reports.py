@@ -24,6 +24,9 @@ MAX_REPORTS_PER_CALL = 100
 # call carries about 1 MiB of reports and of the tickets its answer returns (a larger
 # report goes alone).
 MAX_BYTES_PER_CALL = 1024 * 1024
+MAX_MESSAGE_BYTES = 4 * 1024 * 1024
+"""The largest gRPC message the ticket service receives and sends (gRPC's default): a
+report alone, and the ticket its answer returns, must each fit in one."""
 
 _Pending = tuple[pb.TicketStatusReport, int]  # a report, and the size of its answer
 

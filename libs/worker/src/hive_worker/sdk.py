@@ -47,6 +47,7 @@ from hive_common.clients import (
     TicketClient,
     TicketWatch,
     status_update_request,
+    to_struct,
 )
 from hive_common.errors import (
     Aborted,
@@ -55,13 +56,14 @@ from hive_common.errors import (
     InvalidArgument,
     NotFound,
     PermissionDenied,
+    ResourceExhausted,
     Unauthenticated,
     UndecodableResponse,
     describe_error,
 )
 from hive_common.logging import get_logger
 from hive_common.retry import is_retryable
-from hive_common.structs import struct_to_dict
+from hive_common.structs import MAX_EXACT_INTEGER, struct_to_dict
 from hive_worker.config import WorkerSettings
 from hive_worker.handlers import TaskContext, TaskError, TaskHandler, TaskRegistry
 from hive_worker.registration import (
@@ -70,7 +72,7 @@ from hive_worker.registration import (
     retry_after,
     unhealthy_window,
 )
-from hive_worker.reports import ReportBatcher
+from hive_worker.reports import MAX_MESSAGE_BYTES, ReportBatcher
 from hive_worker.tasks import builtin_tasks
 from neuralhive.ticket.v1 import ticket_service_pb2 as pb
 
@@ -97,6 +99,10 @@ deregisters frees it at once)."""
 _DEREGISTER_SECONDS = 5.0
 _UNREACHABLE_WARNING_GAP = 30.0
 """Least seconds between two "registry unreachable" warnings."""
+_HANDLER_STOP_SECONDS = 5.0
+"""How long a cancelled handler gets to stop before the worker goes on without it."""
+_MESSAGE_MARGIN = 64 * 1024
+"""Room in a gRPC message for what a report's size leaves out (headers, framing)."""
 
 
 def _refusal_hint(exc: HiveError) -> dict[str, str]:
@@ -170,6 +176,7 @@ class _Run:
     interrupted: bool = False  # drain grace over: stop, report FAILED
     accepted_version: int = 0
     log: Any = field(default=None)
+    stop_requested: asyncio.Event = field(default_factory=asyncio.Event)
 
     @property
     def key(self) -> tuple[str, int]:
@@ -184,6 +191,7 @@ class _Run:
         return ticket.status in _TERMINAL or ticket.worker_id != self.worker_id
 
     def stop_handler(self) -> None:
+        self.stop_requested.set()
         if self.handler_task is not None and not self.handler_task.done():
             self.handler_task.cancel()
 
@@ -238,6 +246,27 @@ def _nests_deeper(value: object, levels: int) -> bool:
     return any(_nests_deeper(item, levels - 1) for item in items)
 
 
+def _refuse_inexact(value: object, path: str) -> None:
+    """``ValueError`` naming the path of what the JSON round trip and ``Struct`` would
+    change without a word: a key that is not a string (``1`` became ``"1"``, colliding
+    with a ``"1"``), an integer a double does not hold exactly."""
+    if isinstance(value, Mapping):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise ValueError(
+                    f"{path}: keys must be strings, not {type(key).__name__} ({key!r})"
+                )
+            _refuse_inexact(item, f"{path}.{key}")
+    elif isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            _refuse_inexact(item, f"{path}[{index}]")
+    elif isinstance(value, int) and not isinstance(value, bool) and abs(value) > MAX_EXACT_INTEGER:
+        raise ValueError(
+            f"{path}: integers beyond ±2^53 cannot be passed on exactly (JSON numbers "
+            "travel as doubles); send it as a string"
+        )
+
+
 def normalise_result(value: object) -> dict[str, Any]:
     """A handler's return value as a storable JSON object (``TypeError``/``ValueError``)."""
     if not isinstance(value, Mapping):
@@ -247,9 +276,38 @@ def normalise_result(value: object) -> dict[str, Any]:
             f"objects and arrays nest more than {MAX_RESULT_NESTING} levels deep "
             "(the ticket service's limit)"
         )
+    _refuse_inexact(value, "result")
     decoded = json.loads(json.dumps(dict(value), allow_nan=False))
     cleaned: dict[str, Any] = _clean_json(decoded)
     return cleaned
+
+
+class _HandlerRaised(Exception):
+    """Carries what a handler raised that must not end its asyncio task as such:
+    ``KeyboardInterrupt`` / ``SystemExit`` escape the event loop and stop the whole worker,
+    and a ``CancelledError`` the worker did not cause would read as the worker's cancel."""
+
+    def __init__(self, error: BaseException) -> None:
+        super().__init__(error)
+        self.error = error
+
+
+async def _guarded(
+    handler: TaskHandler, params: dict[str, Any], ctx: TaskContext
+) -> Mapping[str, Any]:
+    """Run ``handler`` so that whatever it raises is an ordinary failure of the task,
+    except a cancellation asked for by the worker (a timeout, a drain, a ticket moved on)."""
+    try:
+        return await handler(params, ctx)
+    except asyncio.CancelledError as exc:
+        task = asyncio.current_task()
+        if task is not None and task.cancelling():
+            raise  # the worker cancelled it
+        raise _HandlerRaised(exc) from exc
+    except Exception:
+        raise
+    except BaseException as exc:
+        raise _HandlerRaised(exc) from exc
 
 
 def _task_failure(error: TaskError) -> Outcome:
@@ -346,8 +404,11 @@ class Worker:
         self._watch_task: asyncio.Task[None] | None = None
         self._watch_cursor: tuple[str, str] = ("", "")  # (worker_id, cursor)
         self._signals = 0
+        self._ran = False  # run() is once per Worker
         self._active = 0  # attempts holding a slot
         self._background: set[asyncio.Task[None]] = set()
+        # Handlers cancelled that did not stop (they ignore cancellation): ticket, attempt.
+        self._unstopped: dict[asyncio.Task[Mapping[str, Any]], str] = {}
         self._backoff = ReconnectPolicy(max_backoff_seconds=settings.reconnect_max_backoff_seconds)
         self._reports = ReportBatcher(
             lambda reports: self._ticket_client.update_ticket_statuses(reports)
@@ -401,6 +462,13 @@ class Worker:
         return self.settings.max_concurrent - self._active
 
     @property
+    def unstopped_handlers(self) -> list[str]:
+        """``"<ticket_id> attempt <n>"`` of handlers cancelled (timeout, drain, ticket moved
+        on) that have not stopped: they ignore cancellation. The worker went on without
+        them (their slot is free, their outcome reported); they still run in the loop."""
+        return sorted(self._unstopped.values())
+
+    @property
     def draining(self) -> bool:
         """True once a drain has started."""
         return self._draining
@@ -416,7 +484,16 @@ class Worker:
         self._drain_requested.set()
 
     async def run(self, *, install_signal_handlers: bool = True) -> None:
-        """Serve until drained. Raises a :class:`HiveError` if registration is refused."""
+        """Serve until drained. Raises a :class:`HiveError` if registration is refused.
+
+        Once per :class:`Worker`: a second call raises ``RuntimeError`` (its drain and
+        its closed report queue would end it at once); build a new Worker to run again.
+        """
+        if self._ran:
+            raise RuntimeError(
+                "this Worker has already run (a Worker runs once): create a new Worker"
+            )
+        self._ran = True
         loop = asyncio.get_running_loop()
         owned = self._open_clients()
         installed: list[signal.Signals] = []
@@ -461,7 +538,7 @@ class Worker:
                 loop.remove_signal_handler(sig)
             for client in owned:
                 await client.close()
-            # Clients this run created are closed: a later run() creates new ones.
+            # Clients this run created are closed (and forgotten).
             if self._registry in owned:
                 self._registry = None
             if self._tickets in owned:
@@ -1008,22 +1085,35 @@ class Worker:
             worker_id=run.worker_id,
             description=ticket.description,
             logger=run.log,
+            lost_runs=ticket.lost_runs,
         )
         timeout = self._handler_timeout(ticket)
-        handler_task: asyncio.Task[Mapping[str, Any]] = asyncio.ensure_future(handler(params, ctx))
+        handler_task: asyncio.Task[Mapping[str, Any]] = asyncio.ensure_future(
+            _guarded(handler, params, ctx)
+        )
         run.handler_task = handler_task
-        done, _ = await asyncio.wait({handler_task}, timeout=timeout)
-        if not done:
-            handler_task.cancel()
-            await asyncio.gather(handler_task, return_exceptions=True)
+        stop = asyncio.ensure_future(run.stop_requested.wait())
+        try:
+            await asyncio.wait(
+                {handler_task, stop}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            stop.cancel()
+        timed_out = not handler_task.done() and not run.stop_requested.is_set()
+        if not handler_task.done():
+            run.stop_handler()
+            await asyncio.wait({handler_task}, timeout=_HANDLER_STOP_SECONDS)
+            if not handler_task.done():
+                self._leave_behind(run, handler_task)
+        if timed_out or not handler_task.done() or handler_task.cancelled():
             if run.abandoned:
                 return None
-            return Outcome.failure(f"timed out after {timeout:g}s")
-        if handler_task.cancelled():
-            if run.abandoned:
-                return None
+            if timed_out:
+                return Outcome.failure(f"timed out after {timeout:g}s")
             return Outcome.failure("the worker stopped before the task finished", worker_lost=True)
         error = handler_task.exception()
+        if isinstance(error, _HandlerRaised):
+            error = error.error
         if isinstance(error, TaskError):
             return _task_failure(error)
         if error is not None:
@@ -1034,7 +1124,24 @@ class Worker:
         except (TypeError, ValueError) as exc:
             return Outcome.failure(f"the handler returned an invalid result: {exc}", permanent=True)
 
+    def _leave_behind(self, run: _Run, handler_task: asyncio.Task[Mapping[str, Any]]) -> None:
+        """Go on without a cancelled handler that does not stop (it swallows the
+        cancellation, or waits for something that cannot be cancelled): else its slot,
+        its outcome and the end of a drain would wait for it for ever."""
+        run.log.warning(
+            "handler did not stop when cancelled; going on without it",
+            waited_seconds=_HANDLER_STOP_SECONDS,
+        )
+        self._unstopped[handler_task] = f"{run.ticket.ticket_id} attempt {run.ticket.attempt}"
+        handler_task.add_done_callback(self._forget_unstopped)
+
+    def _forget_unstopped(self, handler_task: asyncio.Task[Mapping[str, Any]]) -> None:
+        self._unstopped.pop(handler_task, None)
+        if not handler_task.cancelled():
+            handler_task.exception()  # retrieved: it was reported already
+
     async def _report(self, run: _Run, outcome: Outcome) -> None:
+        outcome = self._fitting(run, outcome)
         for _ in range(3):  # a fresh token or a rejected result may take another round
             if not self._token_fresh(run):
                 try:
@@ -1050,11 +1157,12 @@ class Worker:
             except Unauthenticated:
                 run.token = ""  # expired meanwhile: get a new one and try again
                 continue
-            except InvalidArgument as exc:
+            except (InvalidArgument, ResourceExhausted) as exc:
                 if outcome.result is None:
                     run.log.error("outcome refused by the ticket service", error=repr(exc))
                     return
-                # e.g. a result over the size limit: report without it; it will not change.
+                # e.g. a result over the size limit (or larger than a gRPC message):
+                # report without it; it will not change.
                 outcome = _without_result(outcome, exc.message)
                 continue
             except _DEFINITE_REFUSALS as exc:
@@ -1086,6 +1194,22 @@ class Worker:
             worker_lost=outcome.worker_lost,
         )
         return lambda: self._send_report(update, run)
+
+    def _fitting(self, run: _Run, outcome: Outcome) -> Outcome:
+        """``outcome``, or without its result when the report or its answer (the ticket,
+        result included) would not fit in a gRPC message: such a call would fail with
+        RESOURCE_EXHAUSTED, each time."""
+        if outcome.result is None:
+            return outcome
+        size = to_struct(_clean_json(outcome.result)).ByteSize() + run.ticket.ByteSize()
+        limit = MAX_MESSAGE_BYTES - _MESSAGE_MARGIN
+        if size <= limit:
+            return outcome
+        return _without_result(
+            outcome,
+            f"the result is too large to report ({size} bytes with the ticket encoded, "
+            f"more than the {limit} a gRPC message carries)",
+        )
 
     def _send_report(
         self, update: pb.UpdateTicketStatusRequest, run: _Run
@@ -1169,6 +1293,11 @@ class Worker:
                 log.info("deregistered")
             except HiveError as exc:
                 log.warning("deregistration failed; the registry will expire us", error=repr(exc))
+        if self._unstopped:
+            log.warning(
+                "handlers ignoring their cancellation still run; not waiting for them",
+                tickets=self.unstopped_handlers,
+            )
 
     async def _cancel_all(self) -> None:
         tasks = [r.task for r in self._runs.values() if r.task is not None]

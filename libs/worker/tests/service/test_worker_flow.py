@@ -21,7 +21,7 @@ from structlog.testing import capture_logs
 
 from hive_common.clients import RegistryClient, TicketClient
 from hive_common.errors import AlreadyExists, NotFound, Unauthenticated
-from hive_worker import TaskContext, sdk
+from hive_worker import TaskContext, TaskError, sdk
 from neuralhive.registry.v1 import registry_service_pb2 as rpb
 from neuralhive.ticket.v1 import ticket_service_pb2 as pb
 
@@ -236,6 +236,40 @@ async def test_results_the_service_cannot_store_become_clear_failures(
     assert dict(stored.result) == {"text": "a\ufffdb"}
 
 
+@pytest.mark.parametrize("checked_before_sending", [True, False])
+async def test_a_result_larger_than_a_grpc_message_fails_for_good_without_it(
+    workers: Any,
+    orchestrator: TicketClient,
+    monkeypatch: pytest.MonkeyPatch,
+    checked_before_sending: bool,
+) -> None:
+    # The ticket service refused the report (RESOURCE_EXHAUSTED), the worker reported
+    # nothing, and the ticket stayed RUNNING until its lease expired, then ran again.
+    if not checked_before_sending:  # the service's refusal is handled the same way
+        monkeypatch.setattr(sdk, "MAX_MESSAGE_BYTES", 64 * 1024 * 1024)
+    worker = workers.make()
+
+    @worker.task("huge")
+    async def huge(params: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
+        return {"s": "x" * 5_000_000}
+
+    @worker.task("huge-failure")
+    async def huge_failure(params: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
+        raise TaskError("gave up", result={"s": "x" * 5_000_000})
+
+    worker_id = await workers.start(worker)
+    completed = await create_and_assign(orchestrator, worker_id, spec("huge", max_retries=2))
+    failed = await create_and_assign(orchestrator, worker_id, spec("huge-failure"))
+    refused = await wait_status(orchestrator, completed.ticket_id, FAILED, attempt=1)
+    dropped = await wait_status(orchestrator, failed.ticket_id, FAILED, attempt=1)
+    expected = "too large to report" if checked_before_sending else "larger than max"
+    assert refused.error_message.startswith("the result was refused: ")
+    assert expected in refused.error_message
+    assert not refused.result.fields
+    assert dropped.error_message.startswith("gave up (result dropped: ")
+    assert expected in dropped.error_message
+
+
 async def test_an_unexpected_error_fails_the_ticket_instead_of_leaving_it_running(
     workers: Any, orchestrator: TicketClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -245,7 +279,7 @@ async def test_an_unexpected_error_fails_the_ticket_instead_of_leaving_it_runnin
 
     @worker.task("huge-number")
     async def huge_number(params: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
-        return {"n": 10**400}  # valid JSON, but no double holds it: the report cannot be built
+        return {"n": 10**400}  # valid JSON, but no double holds it
 
     @worker.task("deep")
     async def deep(params: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
@@ -267,8 +301,8 @@ async def test_an_unexpected_error_fails_the_ticket_instead_of_leaving_it_runnin
 
     unencodable = await create_and_assign(orchestrator, worker_id, spec("huge-number"))
     failed = await wait_status(orchestrator, unencodable.ticket_id, FAILED, attempt=1)
-    assert failed.error_message == (
-        "the result was refused: OverflowError: int too large to convert to float"
+    assert failed.error_message.startswith(
+        "the handler returned an invalid result: result.n: integers beyond ±2^53"
     )
     assert not failed.result.fields  # reported without it
 

@@ -4,11 +4,14 @@ attempt's outcome is decided (no service involved: the dispatch runs without I/O
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
+import threading
 from typing import Any
 
 import pytest
 from google.protobuf import struct_pb2
+from structlog.testing import capture_logs
 
 from hive_worker import (
     InvalidParameters,
@@ -18,6 +21,7 @@ from hive_worker import (
     TaskRegistry,
     Worker,
     WorkerSettings,
+    sdk,
 )
 from hive_worker.cli import settings_from_args
 from hive_worker.sdk import MAX_RESULT_NESTING, Outcome, Phase, _Run, normalise_result
@@ -179,6 +183,33 @@ def test_normalise_result() -> None:
         normalise_result({"x": float("inf")})
     with pytest.raises(TypeError):
         normalise_result({"x": object()})
+
+
+@pytest.mark.parametrize(
+    ("result", "problem"),
+    [
+        ({"i": 2**53 + 1}, "result.i: integers beyond ±2^53"),
+        ({"neg": [0, -(2**53) - 1]}, "result.neg[1]: integers beyond ±2^53"),
+        ({"big": {"n": 2**60}}, "result.big.n: integers beyond ±2^53"),
+        ({"n": 10**400}, "result.n: integers beyond ±2^53"),
+        ({1: "a", "1": "b"}, "result: keys must be strings, not int (1)"),
+        ({"in": [{(1, 2): 0}]}, "result.in[0]: keys must be strings, not tuple"),
+    ],
+)
+async def test_results_json_would_change_fail_for_good_naming_the_place(
+    result: dict[Any, Any], problem: str
+) -> None:
+    # They were stored changed: 2**53 + 1 as 9007199254740992, 2**60 as a float, and
+    # {1: "a", "1": "b"} as {"1": "b"}.
+    worker = Worker(settings=settings())
+    worker.add_task("inexact", functools.partial(returning, result))
+    outcome = await dispatch(worker, ticket("inexact", {}))
+    assert outcome is not None
+    assert outcome.permanent
+    assert outcome.error_message.startswith(f"the handler returned an invalid result: {problem}")
+    # At the limit, and floats of any size, pass unchanged.
+    exact = {"max": 2**53, "min": -(2**53), "f": 2.0**60, "flag": True}
+    assert normalise_result(exact) == exact
 
 
 def nested(levels: int) -> dict[str, Any]:
@@ -420,3 +451,183 @@ def test_the_command_refuses_an_empty_capability_list_without_calling_the_regist
     assert "  --capabilities / HIVE_WORKER_CAPABILITIES: at least one capability is required" in (
         capsys.readouterr().err
     )
+
+
+@pytest.mark.parametrize(
+    ("raised", "message"),
+    [
+        (SystemExit(3), "SystemExit: 3"),
+        (KeyboardInterrupt("stop"), "KeyboardInterrupt: stop"),
+        # Raised by the handler itself (e.g. it awaited a future someone else cancelled),
+        # not a cancel of the worker's: it was reported as the worker stopping, which uses
+        # no retry, so the task ran again and again.
+        (asyncio.CancelledError("not ours"), "CancelledError: not ours"),
+    ],
+)
+async def test_a_base_exception_a_handler_raises_is_a_retryable_failure(
+    raised: BaseException, message: str
+) -> None:
+    # SystemExit / KeyboardInterrupt left the event loop and killed the whole worker.
+    worker = Worker(settings=settings())
+
+    @worker.task("raise")
+    async def raise_it(params: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
+        await asyncio.sleep(0)
+        raise raised
+
+    assert await dispatch(worker, ticket("raise", {})) == Outcome.failure(message)
+    # The worker goes on.
+    assert await dispatch(worker, ticket("echo", {"a": 1})) == Outcome(
+        completed=True, result={"a": 1}
+    )
+
+
+async def test_a_handler_the_worker_cancels_is_reported_as_the_worker_stopping() -> None:
+    worker = Worker(settings=settings())
+    gate = asyncio.Event()
+    worker.add_task("hang", functools.partial(waiting, gate))
+    run = _Run(ticket=ticket("hang", {}), worker_id="w-1", log=worker._log)
+    invoked = asyncio.create_task(worker._invoke_handler(run))
+    await asyncio.sleep(0)  # the handler task is made before the first await
+    assert run.handler_task is not None
+    await asyncio.sleep(0)
+    run.interrupted = True  # what the end of a drain's grace does
+    run.stop_handler()
+    assert await invoked == Outcome.failure(
+        "the worker stopped before the task finished", worker_lost=True
+    )
+
+
+async def waiting(gate: asyncio.Event, params: dict[str, Any], ctx: TaskContext) -> Any:
+    await gate.wait()
+    return {}
+
+
+@pytest.mark.parametrize(
+    ("attempt", "lost_runs", "max_retries", "last"),
+    [(1, 0, 0, True), (1, 0, 1, False), (2, 0, 1, True), (2, 1, 1, False), (3, 1, 1, True)],
+)
+async def test_last_attempt_does_not_count_the_runs_the_worker_lost(
+    attempt: int, lost_runs: int, max_retries: int, last: bool
+) -> None:
+    # Attempt 2 after a lost run said last_attempt, and the ticket service retried it.
+    worker = Worker(settings=settings())
+    seen: list[TaskContext] = []
+
+    @worker.task("ctx")
+    async def record(params: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
+        seen.append(ctx)
+        return {}
+
+    t = ticket("ctx", {})
+    t.attempt, t.lost_runs, t.max_retries = attempt, lost_runs, max_retries
+    await dispatch(worker, t)
+    [ctx] = seen
+    assert (ctx.lost_runs, ctx.last_attempt) == (lost_runs, last)
+
+
+class Stubborn:
+    """A handler that swallows cancellation until ``release`` is set."""
+
+    def __init__(self) -> None:
+        self.release = asyncio.Event()
+
+    async def __call__(self, params: dict[str, Any], ctx: TaskContext) -> dict[str, Any]:
+        while not self.release.is_set():
+            with contextlib.suppress(asyncio.CancelledError):
+                await self.release.wait()
+        return {}
+
+
+@pytest.mark.parametrize("stopped_by", ["timeout", "drain", "ticket moved on"])
+async def test_a_handler_that_ignores_its_cancellation_is_left_behind_after_a_bound(
+    stopped_by: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The worker waited for it without a bound: no report after a timeout, a slot never
+    # freed after a plan cancel, a drain (and the process) that never ended.
+    monkeypatch.setattr(sdk, "_HANDLER_STOP_SECONDS", 0.1)
+    worker = Worker(settings=settings())
+    stubborn = Stubborn()
+    worker.add_task("stubborn", stubborn)
+    run = _Run(
+        ticket=ticket("stubborn", {}, timeout=1 if stopped_by == "timeout" else 60),
+        worker_id="w-1",
+        log=worker._log,
+    )
+    with capture_logs() as logs:
+        invoked = asyncio.create_task(worker._invoke_handler(run))
+        if stopped_by != "timeout":
+            await asyncio.sleep(0)  # the handler task is made before the first await
+            assert run.handler_task is not None
+            await asyncio.sleep(0)
+            run.interrupted = stopped_by == "drain"
+            run.abandoned = stopped_by == "ticket moved on"
+            run.stop_handler()
+        outcome = await asyncio.wait_for(invoked, 5)
+    expected = {
+        "timeout": Outcome.failure("timed out after 0.9s"),
+        "drain": Outcome.failure("the worker stopped before the task finished", worker_lost=True),
+        "ticket moved on": None,
+    }[stopped_by]
+    assert outcome == expected
+    assert [e["log_level"] for e in logs if e["event"].startswith("handler did not stop")] == [
+        "warning"
+    ]
+    assert worker.unstopped_handlers == [f"{TICKET} attempt 1"]
+    stubborn.release.set()
+    await asyncio.sleep(0.01)
+    assert worker.unstopped_handlers == []
+
+
+def test_the_command_exits_after_a_drain_even_if_a_handler_does_not_stop(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # A handler ignoring its cancellation (or a thread) kept the process alive after the
+    # drain, with nothing logged, until a second signal.
+    from hive_worker import cli
+
+    stubborn = Stubborn()
+    exits: list[int] = []
+    loops: list[asyncio.AbstractEventLoop] = []
+
+    class DrainedWorker:
+        unstopped_handlers = ["t-1 attempt 1"]
+
+        def __init__(self, settings: WorkerSettings) -> None:
+            pass
+
+        async def run(self) -> None:
+            loops.append(asyncio.get_running_loop())
+            ctx = TaskContext("t-1", "p", "t", "stubborn", 1, 0, 60.0, "w-1")
+            asyncio.get_running_loop().create_task(stubborn({}, ctx))
+            await asyncio.sleep(0)
+
+    def exit_now(code: int) -> None:  # instead of os._exit: record it, let the loop end
+        exits.append(code)
+        loops[0].call_soon_threadsafe(stubborn.release.set)
+
+    monkeypatch.setattr(cli, "Worker", DrainedWorker)
+    monkeypatch.setattr(cli, "configure_logging", lambda **_: None)
+    monkeypatch.setattr(cli, "freeze_heap", lambda: None)
+    monkeypatch.setattr(cli, "_EXIT_BOUND_SECONDS", 0.2)
+    monkeypatch.setattr(cli.os, "_exit", exit_now)
+    returned: list[int] = []
+    with capture_logs() as logs:
+        main = threading.Thread(
+            target=lambda: returned.append(cli.main(["--capabilities", "python"])), daemon=True
+        )
+        main.start()
+        main.join(10)
+    assert exits == [0]
+    assert returned == [0]
+    [warning] = [e for e in logs if e["event"].startswith("process still busy after the drain")]
+    assert (warning["log_level"], warning["tickets"]) == ("warning", ["t-1 attempt 1"])
+
+
+async def test_a_worker_refuses_a_second_run() -> None:
+    # A second run() returned at once, doing nothing, with wait_ready() giving the old id.
+    worker = Worker(settings=settings())
+    worker.drain()  # drained before registering: the first run returns at once
+    await asyncio.wait_for(worker.run(install_signal_handlers=False), 10)
+    with pytest.raises(RuntimeError, match=r"already run .*create a new Worker"):
+        await worker.run(install_signal_handlers=False)
