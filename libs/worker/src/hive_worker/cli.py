@@ -88,7 +88,7 @@ _EXIT_BOUND_SECONDS = 5.0
 """How long the process may take to end after a drain before it exits anyway."""
 
 
-def _exit_anyway_after(seconds: float, worker: Worker) -> None:
+def _exit_anyway_after(seconds: float, worker: Worker) -> threading.Timer:
     """Exit 0 ``seconds`` from now if the process has not ended by then: after the drain,
     ``asyncio.run`` waits for handlers that ignore their cancellation and for threads
     (``asyncio.to_thread``) still running, which nothing can stop. Their attempts were
@@ -108,13 +108,16 @@ def _exit_anyway_after(seconds: float, worker: Worker) -> None:
     timer = threading.Timer(seconds, expire)
     timer.daemon = True  # a process that ends in time does not wait for it
     timer.start()
+    return timer
 
 
-async def _serve(settings: WorkerSettings) -> None:
+async def _serve(settings: WorkerSettings) -> threading.Timer:
+    """Run the worker; the timer that ends the process if the event loop's own ending
+    (waiting for what the handlers left) outlasts the bound: cancel it once it is over."""
     worker = Worker(settings=settings)
     freeze_heap()  # start-up objects are never garbage: keep full GCs short
     await worker.run()
-    _exit_anyway_after(_EXIT_BOUND_SECONDS, worker)
+    return _exit_anyway_after(_EXIT_BOUND_SECONDS, worker)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -129,7 +132,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     configure_logging(level=settings.log_level, fmt=settings.log_format)
     log = get_logger("hive_worker")
     try:
-        asyncio.run(_serve(settings))
+        # Cancelled once the loop is closed: main() may return to a caller that goes on.
+        asyncio.run(_serve(settings)).cancel()
     except HiveError as exc:
         log.error("worker stopped", error=describe_error(exc))
         return 1

@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import functools
 import threading
+import time
 from typing import Any
 
 import pytest
@@ -631,3 +632,31 @@ async def test_a_worker_refuses_a_second_run() -> None:
     await asyncio.wait_for(worker.run(install_signal_handlers=False), 10)
     with pytest.raises(RuntimeError, match=r"already run .*create a new Worker"):
         await worker.run(install_signal_handlers=False)
+
+
+def test_the_command_leaves_no_exit_timer_behind_when_it_ends_in_time(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The bound on the process's ending was armed and never disarmed: a caller of main()
+    # that went on (a test, a script) was ended by os._exit(0) a few seconds later.
+    from hive_worker import cli
+
+    exits: list[int] = []
+
+    class QuickWorker:
+        unstopped_handlers: list[str] = []
+
+        def __init__(self, settings: WorkerSettings) -> None:
+            pass
+
+        async def run(self) -> None:
+            await asyncio.sleep(0)
+
+    monkeypatch.setattr(cli, "Worker", QuickWorker)
+    monkeypatch.setattr(cli, "configure_logging", lambda **_: None)
+    monkeypatch.setattr(cli, "freeze_heap", lambda: None)
+    monkeypatch.setattr(cli, "_EXIT_BOUND_SECONDS", 0.2)
+    monkeypatch.setattr(cli.os, "_exit", exits.append)
+    assert cli.main(["--capabilities", "python"]) == 0
+    time.sleep(0.5)
+    assert exits == []
