@@ -137,28 +137,26 @@ async def test_two_replicas_share_plans_and_take_over(flow: Flow) -> None:
     assert third_view.driver.owner_id not in {first.driver.owner_id, second.driver.owner_id}
 
 
+async def run_a_long_task(flow: Flow, plan_id: str) -> None:
+    """Submit a plan of one 120 s task on a new worker; return once it runs."""
+    await flow.start_worker("w1", ["python"], max_concurrent=1)
+    task = {
+        "task_id": "long",
+        "task_type": "sleep",
+        "required_capabilities": ["python"],
+        "parameters": {"seconds": 120},
+    }
+    assert (await flow.submit({"plan_id": plan_id, "tasks": [task]})).status_code == 202
+    await flow.wait_plan(
+        plan_id, lambda b: flow.tasks(b)["long"]["status"] == "RUNNING", "the task running"
+    )
+
+
 async def test_a_cancel_through_another_replica_reaches_the_tickets_soon(flow: Flow) -> None:
     # The driving replica saw such a cancel at its next resync of the plan (30 s by
     # default), and the plan's tasks ran on meanwhile.
     driving = await flow.start_orchestrator(resync_interval_seconds=600)
-    await flow.start_worker("w1", ["python"], max_concurrent=1)
-    plan = {
-        "plan_id": "cancelled-elsewhere",
-        "tasks": [
-            {
-                "task_id": "long",
-                "task_type": "sleep",
-                "required_capabilities": ["python"],
-                "parameters": {"seconds": 120},
-            }
-        ],
-    }
-    assert (await flow.submit(plan)).status_code == 202
-    await flow.wait_plan(
-        "cancelled-elsewhere",
-        lambda b: flow.tasks(b)["long"]["status"] == "RUNNING",
-        "the task running",
-    )
+    await run_a_long_task(flow, "cancelled-elsewhere")
     other = await flow.start_orchestrator()  # flow.client() now talks to this one
     assert "cancelled-elsewhere" in driving.driver.driven_plan_ids()
     assert "cancelled-elsewhere" not in other.driver.driven_plan_ids()
@@ -177,24 +175,7 @@ async def test_a_stale_round_of_a_plan_claimed_again_leaves_the_new_claim_alone(
     # ownership lost and dropped the plan by id, the new copy with it; the plan then
     # waited for its lease to expire once more.
     app = await flow.start_orchestrator()
-    await flow.start_worker("w1", ["python"], max_concurrent=1)
-    plan = {
-        "plan_id": "claimed-again",
-        "tasks": [
-            {
-                "task_id": "long",
-                "task_type": "sleep",
-                "required_capabilities": ["python"],
-                "parameters": {"seconds": 120},
-            }
-        ],
-    }
-    assert (await flow.submit(plan)).status_code == 202
-    await flow.wait_plan(
-        "claimed-again",
-        lambda b: flow.tasks(b)["long"]["status"] == "RUNNING",
-        "the task running",
-    )
+    await run_a_long_task(flow, "claimed-again")
     old = app.driver._plans["claimed-again"]
     async with await psycopg.AsyncConnection.connect(flow.orchestrator_dsn) as conn:
         await conn.execute(
