@@ -325,6 +325,7 @@ class HiveApi:
         *,
         capability: str = "",
         statuses: Sequence[str] = (),
+        labels: Sequence[str] = (),
         namespace: str = "",
         page_size: int = 0,
         page_token: str = "",
@@ -335,6 +336,7 @@ class HiveApi:
             params={
                 "capability": capability,
                 "status": statuses,
+                "label": labels,
                 "namespace": namespace,
                 "page_size": page_size,
                 "page_token": page_token,

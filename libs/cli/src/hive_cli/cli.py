@@ -242,6 +242,14 @@ _ticket_id = _uuid_argument("ticket id")
 _worker_id = _uuid_argument("worker id", " (`hive workers list` shows them)")
 
 
+def _label_filter(text: str) -> str:
+    """``KEY=VALUE`` (the registry checks the key and the value themselves)."""
+    key, sep, _ = text.partition("=")
+    if not sep or not key.strip():
+        raise argparse.ArgumentTypeError(f"{text!r} is not KEY=VALUE")
+    return text
+
+
 def _filter_value(what: str) -> Callable[[str], str]:
     """A listing filter: an empty one would silently list everything (e.g. ``--worker
     "$W"`` with ``W`` unset), so it is refused. (Such options default to None: argparse
@@ -416,6 +424,14 @@ def build_parser(
         type=_status_filter,
         default=[],
         help="HEALTHY, UNHEALTHY, DRAINING (repeat or a,b)",
+    )
+    workers_list.add_argument(
+        "--label",
+        action="append",
+        type=_label_filter,
+        default=[],
+        metavar="KEY=VALUE",
+        help="only workers with this label (repeat: all of them)",
     )
     workers_list.add_argument(
         "--namespace", type=_filter_value("namespace"), default=None, help="registry namespace"
@@ -668,6 +684,7 @@ class Command:
             lambda token: self.api.list_workers(
                 capability=self.args.capability or "",
                 statuses=_statuses(self.args.status),
+                labels=self.args.label,
                 namespace=self.args.namespace or "",
                 page_size=self.args.limit,
                 page_token=token,

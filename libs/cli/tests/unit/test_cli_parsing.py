@@ -305,3 +305,15 @@ def test_a_worker_filter_is_a_worker_id_not_a_name() -> None:
     assert "'worker-1' is not a valid worker id: it must be a UUID" in run.err
     assert "hive workers list" in run.err
     assert services.requests == []
+
+
+def test_workers_can_be_listed_by_label() -> None:
+    services = FakeServices()
+    services.on("GET", "/api/v1/workers", body={"workers": [], "next_page_token": ""})
+    run = services.run("workers", "list", "--label", "zone=eu", "--label", "gpu=a100")
+    assert run.code == ExitCode.OK, run.err
+    [request] = services.requests
+    assert request.url.params.get_list("label") == ["zone=eu", "gpu=a100"]
+    bad = services.run("workers", "list", "--label", "zone")
+    assert bad.code == ExitCode.USAGE
+    assert "'zone' is not KEY=VALUE" in bad.err
