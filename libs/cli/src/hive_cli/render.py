@@ -32,6 +32,11 @@ def to_json(value: object) -> str:
     return json.dumps(value, indent=2, ensure_ascii=False)
 
 
+EVENT_DETAILS_LIMIT = 4200
+"""An event's details in ``tickets show --events``: room for a whole error message (the
+services keep 4,000 characters of one)."""
+
+
 def cell(value: object, *, limit: int = MAX_CELL) -> str:
     """One table cell: ``-`` for nothing, timestamps shortened, one line, bounded."""
     if value is None or value == "" or value == [] or value == {}:
@@ -88,9 +93,12 @@ def short_time(value: str) -> str:
     return moment.astimezone(UTC).strftime("%Y-%m-%d %H:%M:%SZ")
 
 
-def table(headers: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    """A plain, left-aligned text table (no trailing spaces)."""
-    cells = [[cell(v) for v in row] for row in rows]
+def table(
+    headers: Sequence[str], rows: Sequence[Sequence[object]], *, last_limit: int = MAX_CELL
+) -> str:
+    """A plain, left-aligned text table (no trailing spaces); ``last_limit``: the width
+    the last column's cells are cut at (nothing is aligned after it)."""
+    cells = [[cell(v) for v in row[:-1]] + [cell(row[-1], limit=last_limit)] for row in rows]
     widths = [width(h) for h in headers]
     for row in cells:
         for i, text in enumerate(row):
@@ -247,6 +255,8 @@ def ticket_detail(ticket: JsonObject, events: Sequence[JsonObject] | None = None
                     ]
                     for e in events
                 ],
+                # The details hold an earlier attempt's error: the one place to read it.
+                last_limit=EVENT_DETAILS_LIMIT,
             )
             if events
             else "no audit events yet (the relay delivers them within about a second)"

@@ -391,6 +391,31 @@ def test_tickets_show_with_events_adds_the_audit_history() -> None:
     assert json.loads(as_json.out) == {**ticket(status="FAILED"), "events": [event]}
 
 
+def test_an_events_details_are_shown_whole() -> None:
+    # They were cut at 60 columns: an earlier attempt's error (the one place to read it
+    # without JSON) was lost.
+    services = FakeServices()
+    services.on("GET", f"/api/v1/tickets/{TICKET_ID}", body=ticket(status="PENDING"))
+    error = "connection reset by peer while reading the upstream answer " * 4
+    event = {
+        "type": "REQUEUED",
+        "occurred_at": "2026-12-05T10:00:02+00:00",
+        "previous_status": "RUNNING",
+        "status": "PENDING",
+        "attempt": 2,
+        "actor": "worker:w-1",
+        "details": {"failed_attempt": 1, "error_message": error.strip()},
+    }
+    services.on(
+        "GET",
+        f"/api/v1/tickets/{TICKET_ID}/events",
+        body={"ticket_id": TICKET_ID, "events": [event]},
+    )
+    run = services.run("tickets", "show", TICKET_ID, "--events")
+    assert run.code == ExitCode.OK, run.err
+    assert run.out.splitlines()[-1].endswith(f"error_message={error.strip()}")
+
+
 WORKER_ID = "0b6c1c36-5d0e-4c55-8a57-3d7e6b1c0f42"
 
 
