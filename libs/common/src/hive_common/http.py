@@ -377,7 +377,9 @@ def _document_errors(app: FastAPI, *, bearer_auth: bool) -> None:
                 if "requestBody" in operation or any(p["in"] != "path" for p in parameters):
                     responses.setdefault("400", {"description": _ERROR_DESCRIPTIONS[400]})
                 if path.startswith("/api/"):
-                    statuses = (401, 403, 503) if bearer_auth else (503,)
+                    # 403 only where a route says so: a token may be valid and still
+                    # not allowed there (the others never send it).
+                    statuses = (401, 503) if bearer_auth else (503,)
                     for status in statuses:
                         responses.setdefault(
                             str(status), {"description": _ERROR_DESCRIPTIONS[status]}

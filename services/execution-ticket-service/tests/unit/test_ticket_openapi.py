@@ -13,10 +13,10 @@ from execution_ticket_service.transport.http.routes import build_router
 from hive_common.http import create_http_app
 
 STATUSES = {
-    "/api/v1/tickets": {"200", "400", "401", "403", "503"},
+    "/api/v1/tickets": {"200", "400", "401", "503"},
     # A malformed id is 400, an unknown one 404.
-    "/api/v1/tickets/{ticket_id}": {"200", "400", "401", "403", "404", "503"},
-    "/api/v1/tickets/{ticket_id}/events": {"200", "400", "401", "403", "404", "503"},
+    "/api/v1/tickets/{ticket_id}": {"200", "400", "401", "404", "503"},
+    "/api/v1/tickets/{ticket_id}/events": {"200", "400", "401", "404", "503"},
 }
 
 

@@ -56,7 +56,7 @@ def test_the_routes_document_their_statuses_and_answers() -> None:
     listing = document["paths"]["/api/v1/workers"]["get"]
     one = document["paths"]["/api/v1/workers/{worker_id}"]["get"]
     assert set(listing["responses"]) == {"200", "400", "401", "403", "503"}
-    assert set(one["responses"]) == {"200", "400", "401", "403", "404", "503"}
+    assert set(one["responses"]) == {"200", "400", "401", "404", "503"}
     error = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
     for operation in (listing, one):
         for status, answer in operation["responses"].items():

@@ -100,7 +100,12 @@ def build_router(*, service: RegistryService, authorizer: Authorizer, limits: Li
     service_only = frozenset({TokenKind.SERVICE})
     any_token = frozenset({TokenKind.SERVICE, TokenKind.WORKER, TokenKind.TICKET})
 
-    @router.get("/workers", response_model=WorkerPage, summary="List workers (service token)")
+    @router.get(
+        "/workers",
+        response_model=WorkerPage,
+        responses={403: {"description": "A worker or ticket token: listing needs a service token"}},
+        summary="List workers (service token)",
+    )
     async def list_workers(
         request: Request,
         namespace: str = "",
