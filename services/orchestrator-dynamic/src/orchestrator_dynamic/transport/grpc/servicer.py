@@ -133,6 +133,48 @@ def plan_message(stored: StoredPlan) -> pb.Plan:
     return message
 
 
+class _PlanFeed:
+    """One plan's changes, read once for every WatchPlan stream watching it."""
+
+    def __init__(self, changes: AsyncIterator[pb.Plan]) -> None:
+        self.plan: pb.Plan | None = None
+        self.version = 0
+        self.error: Exception | None = None
+        self.ended = False
+        self.watchers = 0
+        self._updated = asyncio.Event()
+        self.task = asyncio.create_task(self._follow(changes), name="hive-watch-plan")
+
+    async def _follow(self, changes: AsyncIterator[pb.Plan]) -> None:
+        try:
+            async for plan in changes:
+                self.plan, self.version = plan, self.version + 1
+                self._wake()
+        except Exception as exc:  # e.g. NotFound, Unavailable: every watcher gets it
+            self.error = exc
+        finally:
+            self.ended = True
+            self._wake()
+
+    def _wake(self) -> None:
+        self._updated.set()
+        self._updated = asyncio.Event()
+
+    async def updates(self) -> AsyncIterator[pb.Plan]:
+        """The latest plan, then every later one, until the feed ends (its error raised)."""
+        seen = 0
+        while True:
+            if self.version > seen and self.plan is not None:
+                seen = self.version
+                yield self.plan
+            elif self.ended:
+                if self.error is not None:
+                    raise self.error
+                return
+            else:
+                await self._updated.wait()
+
+
 class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
     def __init__(
         self,
@@ -147,6 +189,7 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
         self._watch_interval = watch_interval_seconds
         self._max_watches = max_watch_streams
         self._watches = 0
+        self._feeds: dict[str, _PlanFeed] = {}
         self._draining = asyncio.Event()
 
     async def end_watches(self) -> None:
@@ -194,22 +237,33 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
         """The plan now and after every change, until every ticket is terminal (or the
         server stops: the stream then ends with OK).
 
-        Each poll reads the plan's row alone; the whole plan (every task) only when the row
-        says it changed (every write of the plan's tasks touches it): 20 streams reading a
-        3,000-task plan twice a second held up the whole orchestrator. At most
-        ``max_watch_streams`` at once (RESOURCE_EXHAUSTED beyond)."""
+        The streams of one plan share one poll (:class:`_PlanFeed`): it reads the plan's
+        row, and the whole plan (every task) only when the row says it changed (every
+        write of the plan's tasks touches it). Each stream read the whole plan twice a
+        second: 20 streams on a 3,000-task plan held up the orchestrator. At most
+        ``max_watch_streams`` streams at once (RESOURCE_EXHAUSTED beyond)."""
         self._authorize(context)
         if self._watches >= self._max_watches:
             raise ResourceExhausted(
                 f"this orchestrator serves {self._max_watches} WatchPlan streams already "
                 "(WATCH_PLAN_MAX_STREAMS); try again later, or poll GetPlan"
             )
+        plan_id = request.plan_id
+        feed = self._feeds.get(plan_id)
+        if feed is None or feed.ended:
+            feed = self._feeds[plan_id] = _PlanFeed(self._changes(plan_id))
+        feed.watchers += 1
         self._watches += 1
         try:
-            async for plan in self._changes(request.plan_id):
+            async for plan in feed.updates():
                 yield pb.WatchPlanResponse(plan=plan)
         finally:
             self._watches -= 1
+            feed.watchers -= 1
+            if feed.watchers == 0:
+                feed.task.cancel()
+                if self._feeds.get(plan_id) is feed:
+                    del self._feeds[plan_id]
 
     async def _changes(self, plan_id: str) -> AsyncIterator[pb.Plan]:
         seen: tuple[object, ...] | None = None
