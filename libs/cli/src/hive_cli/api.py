@@ -116,6 +116,12 @@ def _segment(value: str) -> str:
     return quote(value, safe="")
 
 
+def _timed_out(exc: httpx.TimeoutException) -> str:
+    """ "timed out", with what httpx adds when it adds something ("timed out (timed out)")."""
+    said = str(exc)
+    return "timed out" if said in ("", "timed out") else f"timed out ({said})"
+
+
 class ServiceClient:
     """One service's HTTP API: base URL, bearer token, JSON in and out."""
 
@@ -170,10 +176,10 @@ class ServiceClient:
                     f"it again); {hint}"
                 )
             raise ServiceUnreachable(
-                self.name, self.base_url, f"timed out ({exc})", hint=hint, sent=True
+                self.name, self.base_url, _timed_out(exc), hint=hint, sent=True
             ) from exc
         except httpx.TimeoutException as exc:
-            raise ServiceUnreachable(self.name, self.base_url, f"timed out ({exc})") from exc
+            raise ServiceUnreachable(self.name, self.base_url, _timed_out(exc)) from exc
         except httpx.RemoteProtocolError as exc:
             raise ServiceUnreachable(
                 self.name,

@@ -463,6 +463,7 @@ def test_the_command_refuses_an_empty_capability_list_without_calling_the_regist
         # not a cancel of the worker's: it was reported as the worker stopping, which uses
         # no retry, so the task ran again and again.
         (asyncio.CancelledError("not ours"), "CancelledError: not ours"),
+        (asyncio.CancelledError(), "CancelledError"),  # no message: no "CancelledError: "
     ],
 )
 async def test_a_base_exception_a_handler_raises_is_a_retryable_failure(
