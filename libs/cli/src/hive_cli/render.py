@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import unicodedata
 from collections.abc import Mapping, Sequence
 from datetime import UTC, datetime
@@ -341,14 +342,22 @@ def _new_details(details: object, message: str) -> dict[str, Any]:
     """Details worth printing: not null and not already spelled out in the message."""
     if not isinstance(details, Mapping):
         return {}
-    return {
-        k: v
-        for k, v in details.items()
-        if v is not None
-        and v != []
-        # A time is in the message as the tables show times.
-        and not (isinstance(v, str | int) and short_time(str(v)) in message)
-    }
+    return {k: v for k, v in details.items() if v is not None and not _said(v, message)}
+
+
+def _said(value: object, message: str) -> bool:
+    """Whether ``message`` spells ``value`` out already: a scalar (a time as the tables show
+    times), or every key and value of a mapping / item of a list (``{"f": "PENDING"}`` in
+    "waiting on f (PENDING)")."""
+    if isinstance(value, Mapping):
+        return all(_said(k, message) and _said(v, message) for k, v in value.items())
+    if isinstance(value, list):
+        return all(_said(item, message) for item in value)
+    if not isinstance(value, str | int):
+        return False
+    # As a word of its own: a task "a" is not said by "waiting".
+    text = re.escape(short_time(str(value)))
+    return re.search(rf"(?<![\w.-]){text}(?![\w.-])", message) is not None
 
 
 def error_text(error: ApiError | ServiceUnreachable, *, hint: str | None = None) -> str:

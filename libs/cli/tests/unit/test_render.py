@@ -164,7 +164,7 @@ def test_explanations() -> None:
     assert text.splitlines() == [
         "deploy  PENDING  attempt 1/3",
         "  waiting for dependencies",
-        '  - [WAITING_FOR_DEPENDENCIES] waiting for test  {"pending": ["test"]}',
+        "  - [WAITING_FOR_DEPENDENCIES] waiting for test",  # the list is in the message
     ]
     single = explanations_text({"plan_id": "p1", **body["tasks"][0]})  # type: ignore[dict-item]
     assert single == text
@@ -213,6 +213,27 @@ def test_an_explained_time_is_shown_once_as_the_tables_show_times() -> None:
         "a  PENDING  attempt 2/3",
         "  - [RETRY_BACKOFF] retry backoff until 2026-12-06 03:23:31Z before attempt 2",
     ]
+
+
+def test_explained_details_the_message_spells_out_are_not_printed_again() -> None:
+    waiting = {
+        "task_id": "b",
+        "status": "PENDING",
+        "attempt": 1,
+        "max_attempts": 1,
+        "summary": "waiting on a (RUNNING), f (PENDING)",
+        "reasons": [
+            {
+                "code": "WAITING_ON_DEPENDENCIES",
+                "message": "waiting on a (RUNNING), f (PENDING)",
+                "details": {"dependencies": {"a": "RUNNING", "f": "PENDING"}, "extra": ["i"]},
+            }
+        ],
+    }
+    assert explanations_text({"plan_id": "p1", "tasks": [waiting]}).splitlines()[1] == (
+        # "i" is in "waiting", not said as a word of its own.
+        '  - [WAITING_ON_DEPENDENCIES] waiting on a (RUNNING), f (PENDING)  {"extra": ["i"]}'
+    )
 
 
 def test_json_output_is_the_service_answer_verbatim() -> None:
