@@ -35,7 +35,7 @@ from __future__ import annotations
 import asyncio
 import bisect
 import contextlib
-from collections.abc import Awaitable, Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from typing import TypeVar
@@ -83,6 +83,7 @@ from orchestrator_dynamic.storage.plans import PlanRepository
 
 _log = get_logger("orchestrator_dynamic.driver")
 T = TypeVar("T")
+_OfTask = TypeVar("_OfTask", TicketState, Assignment)
 
 _PRIORITY_RANK = {Priority.CRITICAL: 0, Priority.HIGH: 1, Priority.NORMAL: 2, Priority.LOW: 3}
 _TRANSIENT = (Unavailable, DeadlineExceeded)
@@ -882,12 +883,7 @@ class PlanDriver:
         (finished, or re-queued to a new attempt) is re-read. How many were applied."""
         applied = 0
         failure: HiveError | None = None
-        for chunk in bounded_batches(
-            states,
-            lambda state: _spec_bytes(plan, state.task_id),
-            max_bytes=TICKET_CALL_BYTES,
-            limit=self._settings.ticket_batch_size,
-        ):
+        for chunk in self._in_calls(plan, states):
             reports = []
             for state in chunk:
                 assert state.ticket_id is not None
@@ -1046,18 +1042,23 @@ class PlanDriver:
         }
         return bool(self._freed_workers)
 
+    def _in_calls(self, plan: DrivenPlan, items: Sequence[_OfTask]) -> Iterator[list[_OfTask]]:
+        """``items`` in the batches of one ticket-service call each: ``ticket_batch_size``
+        of them and :data:`TICKET_CALL_BYTES` of their tickets (which the answer carries)."""
+        return bounded_batches(
+            items,
+            lambda item: _spec_bytes(plan, item.task_id),
+            max_bytes=TICKET_CALL_BYTES,
+            limit=self._settings.ticket_batch_size,
+        )
+
     async def _assign(self, plan: DrivenPlan, assignments: Sequence[Assignment]) -> None:
         """The round's assignments of one plan, in batches (one call and one ticket-service
         transaction each; ``ticket_batch_size`` and :data:`TICKET_CALL_BYTES` of tickets,
         which the answer carries), each stored with the observations the round folded (one
         statement); a refused one is re-read and decided again next round."""
         failure: HiveError | None = None
-        for chunk in bounded_batches(
-            assignments,
-            lambda assignment: _spec_bytes(plan, assignment.task_id),
-            max_bytes=TICKET_CALL_BYTES,
-            limit=self._settings.ticket_batch_size,
-        ):
+        for chunk in self._in_calls(plan, assignments):
             requests = []
             for assignment in chunk:
                 state = plan.tickets[assignment.task_id]
