@@ -168,7 +168,8 @@ def describe_error(exc: BaseException) -> str:
     INVALID_ARGUMENT says which setting is wrong only in its violations.
     """
     if not isinstance(exc, HiveError):
-        return f"{type(exc).__name__}: {exc}"
+        said = str(exc)  # none (e.g. CancelledError()): the type alone, no "Type: "
+        return f"{type(exc).__name__}: {said}" if said else type(exc).__name__
     text = f"{type(exc).__name__}: {exc.message}"
     if exc.violations:
         text += f" ({exc.violations_text()})"

@@ -282,12 +282,6 @@ def normalise_result(value: object) -> dict[str, Any]:
     return cleaned
 
 
-def _described(error: BaseException) -> str:
-    """``Type: message``, or the type alone when there is no message (``CancelledError``)."""
-    said = str(error)
-    return f"{type(error).__name__}: {said}" if said else type(error).__name__
-
-
 class _HandlerRaised(Exception):
     """Carries what a handler raised that must not end its asyncio task as such:
     ``KeyboardInterrupt`` / ``SystemExit`` escape the event loop and stop the whole worker,
@@ -986,7 +980,7 @@ class Worker:
         """Report FAILED after an unexpected error (else the ticket stays RUNNING until its
         timeout). If reporting ``outcome`` is what failed (e.g. a result protobuf cannot
         encode), it is reported without its result."""
-        reason = _described(error)
+        reason = describe_error(error)
         if run.phase is Phase.REPORTING and outcome is not None and outcome.result is not None:
             failure = _without_result(outcome, reason)
         else:
@@ -1124,7 +1118,7 @@ class Worker:
             return _task_failure(error)
         if error is not None:
             run.log.warning("task raised", error=repr(error), exc_info=error)
-            return Outcome.failure(_described(error))
+            return Outcome.failure(describe_error(error))
         try:
             return Outcome(completed=True, result=normalise_result(handler_task.result()))
         except (TypeError, ValueError) as exc:
