@@ -7,6 +7,7 @@ object. Command-line flags (:mod:`hive_worker.cli`) override the environment.
 
 from __future__ import annotations
 
+import ipaddress
 import json
 import socket
 from typing import Annotated, Any
@@ -109,10 +110,26 @@ class WorkerSettings(BaseSettings):
     log_level: str = "INFO"
     log_format: LogFormat = "auto"
 
-    @field_validator("capabilities", "shell_allow_list", "http_get_allow_networks", mode="before")
+    @field_validator("capabilities", "shell_allow_list", mode="before")
     @classmethod
     def _split_list(cls, value: object) -> object:
         return parse_list(value)
+
+    @field_validator("http_get_allow_networks", mode="before")
+    @classmethod
+    def _networks(cls, value: object) -> object:
+        entries = parse_list(value)
+        for entry in entries if isinstance(entries, list) else ():
+            try:
+                ipaddress.ip_network(entry)
+            except ValueError as error:
+                # "10.0.0.1/8": say which network was probably meant.
+                if isinstance(entry, str) and "host bits set" in str(error):
+                    network = ipaddress.ip_network(entry, strict=False)
+                    raise ValueError(
+                        f"{entry!r} has host bits set; the network is {network}"
+                    ) from None
+        return entries
 
     @field_validator("labels", mode="before")
     @classmethod

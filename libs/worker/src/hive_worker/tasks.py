@@ -179,13 +179,30 @@ _INTERNAL_KINDS = (
 )
 
 
+# NAT64's well-known prefix (RFC 6052): a gateway turns 64:ff9b::a.b.c.d into a.b.c.d.
+_NAT64 = ipaddress.IPv6Network("64:ff9b::/96")
+
+
+def _embedded_ipv4(ip: ipaddress.IPv6Address) -> ipaddress.IPv4Address | None:
+    """The IPv4 address an IPv6 address leads to: IPv4-mapped, 6to4 (2002::/16, which
+    Python counts as global whatever it embeds) or NAT64."""
+    if ip.ipv4_mapped is not None:
+        return ip.ipv4_mapped
+    if ip.sixtofour is not None:
+        return ip.sixtofour
+    if ip in _NAT64:
+        return ipaddress.IPv4Address(int(ip) & 0xFFFFFFFF)
+    return None
+
+
 def internal_address_kind(address: str, allowed: Sequence[Network] = ()) -> str | None:
     """Why ``address`` (an IP address) is one ``http_get`` must not reach ("loopback",
     "link-local", "private", ...), or None for a public address or one inside an
-    ``allowed`` network. An IPv4-mapped IPv6 address counts as its IPv4 address."""
+    ``allowed`` network. An IPv6 address embedding an IPv4 one (mapped, 6to4, NAT64)
+    counts as that IPv4 address."""
     ip = ipaddress.ip_address(address)
-    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
+    if isinstance(ip, ipaddress.IPv6Address):
+        ip = _embedded_ipv4(ip) or ip
     if any(ip in network for network in allowed):
         return None
     for attribute, kind in _INTERNAL_KINDS:

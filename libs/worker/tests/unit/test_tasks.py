@@ -397,6 +397,12 @@ async def test_http_get_ignores_proxies_of_the_environment(
         ("ff02::1", "multicast"),
         ("::", "unspecified"),
         ("255.255.255.255", "reserved"),
+        # 6to4 and NAT64 addresses lead to the IPv4 address they embed.
+        ("2002:7f00:1::", "loopback"),
+        ("2002:a00:1::1", "private"),
+        ("2002:808:808::", None),
+        ("64:ff9b::a9fe:a9fe", "link-local"),
+        ("64:ff9b::808:808", None),
     ],
 )
 def test_internal_address_kind(address: str, kind: str | None) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import re
 import threading
 import time
 from typing import Any
@@ -392,6 +393,10 @@ def test_http_get_allow_networks_setting(monkeypatch: pytest.MonkeyPatch) -> Non
     for bad in ("nope", "10.0.0.1/8", "localhost"):
         with pytest.raises(ValueError, match="http_get_allow_networks"):
             WorkerSettings(http_get_allow_networks=bad)
+    with pytest.raises(
+        ValueError, match=re.escape("'10.0.0.1/8' has host bits set; the network is 10.0.0.0/8")
+    ):
+        WorkerSettings(http_get_allow_networks="192.168.0.0/16,10.0.0.1/8")
 
 
 @pytest.mark.parametrize(
