@@ -306,6 +306,16 @@ def test_forged_positions_are_not_tokens(number: str) -> None:
     assert [v.field for v in errors.items] == ["page_token", "cursor", "cursor", "cursor"]
 
 
+def test_deeply_nested_tokens_are_not_tokens() -> None:
+    # json.loads raised RecursionError: INTERNAL (HTTP 500) instead of bad input.
+    ticket_filter = TicketFilter()
+    errors = Violations()
+    deep = _forged("[" * 1500)
+    decode_page_token(deep, ticket_filter, errors)
+    decode_watch_cursor(deep, errors)
+    assert [v.field for v in errors.items] == ["page_token", "cursor"]
+
+
 @pytest.mark.parametrize("after", [10, 100, 10_000, 100_000])
 @pytest.mark.parametrize("mangle", [lambda t: t + "\x00", lambda t: "\x00" + t, lambda t: t + " "])
 def test_tokens_with_foreign_characters_are_not_tokens(after: int, mangle: Any) -> None:

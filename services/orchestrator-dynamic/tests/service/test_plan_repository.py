@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import random
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -389,7 +390,16 @@ async def test_list_of_nothing(repo: PlanRepository) -> None:
     assert page.next_page_token is None
 
 
-@pytest.mark.parametrize("token", ["garbage!", "e30", "eyJjIjogMX0", "eyJjIjoiMjAyNiIsInAiOjF9"])
+@pytest.mark.parametrize(
+    "token",
+    [
+        "garbage!",
+        "e30",
+        "eyJjIjogMX0",
+        "eyJjIjoiMjAyNiIsInAiOjF9",
+        base64.urlsafe_b64encode(b"[" * 1500).decode(),  # a RecursionError was a 500
+    ],
+)
 async def test_list_rejects_foreign_page_tokens(repo: PlanRepository, token: str) -> None:
     with pytest.raises(InvalidArgument) as info:
         await repo.list_plans(page_token=token)

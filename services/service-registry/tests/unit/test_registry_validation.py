@@ -198,6 +198,7 @@ def _token(value: Any) -> str:
         _token(["NOT A NAMESPACE", "a"]),
         _token(["default", "x" * 129]),
         encode_cursor(ListCursor("default", "w1")) + NUL,  # b64decode would drop the NUL
+        base64.urlsafe_b64encode(b"[" * 1500).decode(),  # a RecursionError was a 500
     ],
 )
 def test_forged_page_tokens_are_malformed(token: str) -> None:

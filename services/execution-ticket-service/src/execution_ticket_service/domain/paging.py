@@ -1,16 +1,13 @@
 """Opaque tokens: ListTickets page tokens and WatchTickets cursors; the size of a page.
 
-Both are base64url JSON so they are opaque to clients but debuggable; a page token is
+Both are :mod:`hive_common.tokens` (base64url JSON); a page token is
 bound to the filter it was issued for, so reusing it with other filters is bad input.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
 import hashlib
 import json
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TypeVar
@@ -18,6 +15,7 @@ from typing import TypeVar
 from execution_ticket_service.domain.models import Ticket, TicketFilter
 from execution_ticket_service.domain.validation import Violations
 from hive_common.batching import bounded_batches
+from hive_common.tokens import decode_token, encode_token
 
 T = TypeVar("T")
 
@@ -29,23 +27,8 @@ A ticket may legitimately be ~3 MiB (its result up to 1 MiB as JSON, more as pro
 so one that large is a page of its own."""
 
 
-def _encode(body: dict[str, object]) -> str:
-    raw = json.dumps(body, separators=(",", ":"), sort_keys=True).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-# b64decode silently drops characters outside the alphabet (NUL included): check first.
-_TOKEN = re.compile(r"[A-Za-z0-9_-]*")
-
-
 def _decode(token: str) -> dict[str, object] | None:
-    if _TOKEN.fullmatch(token) is None:
-        return None
-    try:
-        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
-        body = json.loads(raw)
-    except (binascii.Error, ValueError, UnicodeDecodeError):
-        return None
+    body = decode_token(token)
     return body if isinstance(body, dict) else None
 
 
@@ -70,7 +53,7 @@ def filter_digest(ticket_filter: TicketFilter) -> str:
 
 
 def encode_page_token(after_seq: int, ticket_filter: TicketFilter) -> str:
-    return _encode({"v": 1, "after": after_seq, "f": filter_digest(ticket_filter)})
+    return encode_token({"v": 1, "after": after_seq, "f": filter_digest(ticket_filter)})
 
 
 def decode_page_token(token: str, ticket_filter: TicketFilter, errors: Violations) -> int:
@@ -120,7 +103,7 @@ def encode_cursor(cursor: Cursor, *, snapshot_after: int | None = None) -> str:
     body: dict[str, object] = {"v": 1, "x": cursor.xid, "s": cursor.seq}
     if snapshot_after is not None:
         body["t"] = snapshot_after
-    return _encode(body)
+    return encode_token(body)
 
 
 def decode_cursor(token: str, errors: Violations, path: str = "cursor") -> Cursor | None:

@@ -14,9 +14,6 @@ expired but was not claimed by anyone else still fences correctly and may keep w
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
 from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
@@ -34,6 +31,7 @@ from hive_common.errors import (
     NotFound,
 )
 from hive_common.postgres import DictPool, connection, database_errors
+from hive_common.tokens import decode_token, encode_token
 from orchestrator_dynamic.domain.plan import Plan, Priority, plan_body_hash
 from orchestrator_dynamic.domain.records import (
     PlanLease,
@@ -647,21 +645,21 @@ def _lease(row: Mapping[str, Any]) -> PlanLease:
 
 
 def _encode_token(created_at: datetime, plan_id: str) -> str:
-    raw = json.dumps({"c": created_at.isoformat(), "p": plan_id}, separators=(",", ":"))
-    return base64.urlsafe_b64encode(raw.encode()).decode().rstrip("=")
+    return encode_token({"c": created_at.isoformat(), "p": plan_id})
 
 
 def _decode_token(token: str) -> tuple[datetime, str]:
     try:
-        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
-        body = json.loads(raw)
+        body = decode_token(token)
+        if not isinstance(body, dict):
+            raise ValueError("not a token")
         created_at = datetime.fromisoformat(body["c"])
         plan_id = body["p"]
         # Every plan id has the id form; another string (e.g. with NUL, which PostgreSQL
         # text cannot hold) was not issued here.
         if not isinstance(plan_id, str) or not is_valid_id(plan_id) or created_at.tzinfo is None:
             raise ValueError("bad token content")
-    except (binascii.Error, ValueError, TypeError, KeyError, UnicodeDecodeError) as exc:
+    except (ValueError, TypeError, KeyError) as exc:
         raise InvalidArgument(
             "page_token is not a token this service issued",
             violations=[FieldViolation("page_token", "malformed or foreign page token")],

@@ -2,9 +2,6 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
 import re
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
@@ -12,6 +9,7 @@ from dataclasses import dataclass
 
 from hive_common.errors import FieldViolation, InvalidArgument
 from hive_common.text import shown
+from hive_common.tokens import decode_token, encode_token
 from service_registry.domain.models import (
     DEFAULT_NAMESPACE,
     DiscoveryQuery,
@@ -259,22 +257,11 @@ def validate_discovery(
 
 
 def encode_cursor(cursor: ListCursor) -> str:
-    raw = json.dumps([cursor.namespace, cursor.name], separators=(",", ":")).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-# b64decode silently drops characters outside the alphabet (NUL included): check first.
-_TOKEN_RE = re.compile(r"[A-Za-z0-9_-]*")
+    return encode_token([cursor.namespace, cursor.name])
 
 
 def _decode_cursor(token: str) -> ListCursor | None:
-    if not _TOKEN_RE.fullmatch(token):
-        return None
-    try:
-        raw = base64.urlsafe_b64decode(token + "=" * (-len(token) % 4))
-        value = json.loads(raw)
-    except (binascii.Error, ValueError):
-        return None
+    value = decode_token(token)
     # A token names a stored worker, so its parts follow the registration rules; anything
     # else (a NUL, a lone surrogate) was forged and must not reach the database.
     if (
