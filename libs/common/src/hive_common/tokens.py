@@ -27,9 +27,10 @@ def decode_token(token: str) -> object | None:
     if len(token) > MAX_TOKEN_CHARS or _TOKEN.fullmatch(token) is None:
         return None
     try:
-        return json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
+        value: object = json.loads(base64.urlsafe_b64decode(token + "=" * (-len(token) % 4)))
     except (binascii.Error, ValueError, RecursionError):
         return None
+    return value
 
 
 __all__ = ["MAX_TOKEN_CHARS", "decode_token", "encode_token"]
