@@ -20,7 +20,7 @@ from hive_common.logging import get_logger
 TaskHandler = Callable[[dict[str, Any], "TaskContext"], Awaitable[Mapping[str, Any]]]
 """``async def handler(params: dict, ctx: TaskContext) -> dict``."""
 
-_TASK_TYPE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.:/-]{0,127}$")
+_TASK_TYPE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:/-]{0,127}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -101,7 +101,7 @@ class TaskRegistry:
     def register(self, task_type: str, handler: TaskHandler, *, replace: bool = False) -> None:
         """Add ``handler`` for ``task_type``; ``ValueError`` for a bad or taken name,
         ``TypeError`` for a handler that is not ``async def``."""
-        if not _TASK_TYPE.match(task_type):
+        if not _TASK_TYPE.fullmatch(task_type):
             raise ValueError(
                 f"task type {task_type!r} must be 1-128 characters of letters, digits "
                 "and _ . : / - (starting with a letter or digit)"

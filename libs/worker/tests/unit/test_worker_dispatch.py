@@ -46,7 +46,7 @@ def test_registry_registers_and_refuses_duplicates_and_bad_names() -> None:
         registry.register("resize", noop)
     registry.register("resize", echo_twice, replace=True)
     assert registry.get("resize") is echo_twice
-    for bad in ["", " x", "a b", "-lead", "x" * 129]:
+    for bad in ["", " x", "a b", "-lead", "x" * 129, "resize\n"]:
         with pytest.raises(ValueError, match="task type"):
             registry.register(bad, noop)
     assert registry.task_types() == ["resize"]

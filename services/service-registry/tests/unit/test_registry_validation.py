@@ -78,6 +78,13 @@ def test_good_registration_is_normalised() -> None:
         ({"version": f"v{NUL}1"}, {"version"}),
         ({"labels": {"k": f"a{NUL}b"}}, {"labels[k]"}),
         ({"labels": {f"k{NUL}": "v"}}, {f"labels[k{NUL}]"}),
+        # A trailing newline (a pattern's "$" matches before one) is not part of a name.
+        ({"name": "w1\n"}, {"name"}),
+        ({"name": "x" * 128 + "\n"}, {"name"}),
+        ({"namespace": "ns\n"}, {"namespace"}),
+        ({"capabilities": ["cap\n"]}, {"capabilities[0]"}),
+        ({"labels": {"zone\n": "eu"}}, {"labels[zone\n]"}),
+        ({"instance_id": "i\n"}, {"instance_id"}),
         (
             {"name": "", "max_concurrent": 0, "namespace": "A"},
             {"name", "max_concurrent", "namespace"},

@@ -20,10 +20,10 @@ from service_registry.domain.models import (
     WorkerStatus,
 )
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
-NAMESPACE_RE = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
-CAPABILITY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/+-]{0,63}$")
-LABEL_KEY_RE = re.compile(r"^[A-Za-z0-9]([A-Za-z0-9._/-]{0,61}[A-Za-z0-9])?$")
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
+NAMESPACE_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+CAPABILITY_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/+-]{0,63}")
+LABEL_KEY_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9._/-]{0,61}[A-Za-z0-9])?")
 MAX_CAPABILITIES = 64
 MAX_LABELS = 32
 MAX_LABEL_VALUE = 256
@@ -80,7 +80,7 @@ def _no_nul(value: str, field: str, v: _Violations) -> None:
 def _namespace(value: str, field: str, v: _Violations) -> str:
     if not value:
         return DEFAULT_NAMESPACE
-    if not NAMESPACE_RE.match(value):
+    if not NAMESPACE_RE.fullmatch(value):
         v.add(field, "must be a DNS label: 1-63 lowercase letters, digits or '-'")
     return value
 
@@ -94,7 +94,7 @@ def _capabilities(
     if len(values) > MAX_CAPABILITIES:
         v.add(field, f"at most {MAX_CAPABILITIES} capabilities")
     for i, cap in enumerate(values):
-        if not CAPABILITY_RE.match(cap):
+        if not CAPABILITY_RE.fullmatch(cap):
             v.add(
                 f"{field}[{i}]",
                 "must be 1-64 characters: letters, digits and . _ : / + - "
@@ -104,7 +104,7 @@ def _capabilities(
 
 
 def _label(key: str, value: str, field: str, v: _Violations) -> None:
-    if not LABEL_KEY_RE.match(key):
+    if not LABEL_KEY_RE.fullmatch(key):
         v.add(
             field,
             "label key must be 1-63 letters, digits, '.', '_', '/' or '-', "
@@ -171,7 +171,7 @@ def validate_registration(
     v = _Violations()
     if not name:
         v.add("name", "is required")
-    elif not NAME_RE.match(name):
+    elif not NAME_RE.fullmatch(name):
         v.add("name", "must be 1-128 letters, digits, '.', '_', ':' or '-', starting alphanumeric")
     spec = RegistrationSpec(
         name=name,
@@ -182,7 +182,7 @@ def validate_registration(
         version=version,
         instance_id=instance_id,
     )
-    if instance_id and not NAME_RE.match(instance_id):
+    if instance_id and not NAME_RE.fullmatch(instance_id):
         v.add(
             "instance_id",
             "must be empty or 1-128 letters, digits, '.', '_', ':' or '-', starting alphanumeric",
@@ -268,8 +268,8 @@ def _decode_cursor(token: str) -> ListCursor | None:
         isinstance(value, list)
         and len(value) == 2
         and all(isinstance(part, str) for part in value)
-        and NAMESPACE_RE.match(value[0])
-        and NAME_RE.match(value[1])
+        and NAMESPACE_RE.fullmatch(value[0])
+        and NAME_RE.fullmatch(value[1])
     ):
         return ListCursor(namespace=value[0], name=value[1])
     return None
@@ -292,12 +292,12 @@ def validate_list(
     names the fields as the transport spells them (``query.`` for HTTP).
     """
     v = _Violations()
-    if namespace and not NAMESPACE_RE.match(namespace):
+    if namespace and not NAMESPACE_RE.fullmatch(namespace):
         v.add(
             f"{field_prefix}namespace",
             "must be a DNS label: 1-63 lowercase letters, digits or '-'",
         )
-    if capability and not CAPABILITY_RE.match(capability):
+    if capability and not CAPABILITY_RE.fullmatch(capability):
         v.add(
             f"{field_prefix}capability",
             "must be 1-64 characters: letters, digits and . _ : / + -",
@@ -328,7 +328,7 @@ def validate_list(
 def validate_watch(*, namespace: str) -> str | None:
     """The namespace to watch; empty means every namespace."""
     v = _Violations()
-    if namespace and not NAMESPACE_RE.match(namespace):
+    if namespace and not NAMESPACE_RE.fullmatch(namespace):
         v.add("namespace", "must be a DNS label: 1-63 lowercase letters, digits or '-'")
     v.raise_if_any("invalid watch request")
     return namespace or None
