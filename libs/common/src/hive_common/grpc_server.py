@@ -46,7 +46,7 @@ from hive_common.logging import (
     bind_request_context,
     clear_request_context,
     get_logger,
-    new_request_id,
+    request_id_from,
 )
 from hive_common.metrics import RpcMetrics
 
@@ -317,7 +317,7 @@ class ServerCallInterceptor(HandlerWrappingInterceptor):
     async def _observe(self, call: RpcCall, context: Any, request: Any) -> AsyncIterator[None]:
         clear_request_context()
         bind_request_context(
-            request_id=call.metadata_value(REQUEST_ID_METADATA_KEY) or new_request_id()
+            request_id=request_id_from(call.metadata_value(REQUEST_ID_METADATA_KEY))
         )
         # Read now: peer() on a call torn down by a vanished client can crash the process.
         peer = _peer(context)

@@ -13,6 +13,7 @@ the two paths never interleave.
 from __future__ import annotations
 
 import logging
+import re
 import sys
 import traceback
 import uuid
@@ -306,6 +307,18 @@ def new_request_id() -> str:
     return uuid.uuid4().hex
 
 
+# A client's request id goes into every log line of its request: only a sane token.
+_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
+
+
+def request_id_from(candidate: str | None) -> str:
+    """The request id a client sent (header or metadata), if it is a sane token (at most
+    128 of ``A-Za-z0-9._:-``), else a fresh one."""
+    if candidate is not None and _REQUEST_ID.fullmatch(candidate):
+        return candidate
+    return new_request_id()
+
+
 def bind_request_context(
     *,
     request_id: str | None = None,
@@ -355,4 +368,5 @@ __all__ = [
     "get_logger",
     "new_request_id",
     "request_context",
+    "request_id_from",
 ]

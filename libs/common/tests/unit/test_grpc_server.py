@@ -232,6 +232,15 @@ async def test_request_id_is_bound_in_handler_context(channel: grpc.aio.Channel)
     assert generated != b"abc"
     # Each RPC gets its own id: nothing leaks from the previous call.
     assert await unary(channel, "RequestId")(b"") != generated
+    # A client's id goes into every log line: as over HTTP, only a sane token is kept.
+    for bad in ('x y"z<' * 100, "a" * 129, "ab;cd"):
+        replaced = await unary(channel, "RequestId")(b"", metadata=(("x-request-id", bad),))
+        assert len(replaced) == 32
+        assert replaced != bad.encode()
+    kept = "a" * 128
+    assert (
+        await unary(channel, "RequestId")(b"", metadata=(("x-request-id", kept),)) == kept.encode()
+    )
 
 
 async def test_invalid_argument_arrives_with_bad_request_details(
