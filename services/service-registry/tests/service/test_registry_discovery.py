@@ -9,6 +9,7 @@ import grpc
 import psycopg
 import pytest
 
+from hive_common.grpc_errors import from_rpc_error
 from neuralhive.registry.v1 import registry_service_pb2 as pb
 
 if TYPE_CHECKING:  # conftest is not importable at run time (import mode importlib)
@@ -225,6 +226,16 @@ async def test_list_filters_and_pages(registry: Registry) -> None:
         with pytest.raises(grpc.aio.AioRpcError) as exc:
             await list_names(registry, **bad)
         assert exc.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    # Every violation at once, as over HTTP (a bad status used to hide the others).
+    with pytest.raises(grpc.aio.AioRpcError) as exc:
+        await list_names(registry, statuses=[99], namespace="BAD", capability="a b", page_size=-1)
+    refused = from_rpc_error(exc.value)
+    assert [v.field for v in refused.violations] == [
+        "statuses[0]",
+        "namespace",
+        "capability",
+        "page_size",
+    ]
 
 
 async def test_a_registration_burst_refreshes_the_planner_statistics(

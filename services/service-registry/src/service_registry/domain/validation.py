@@ -285,13 +285,16 @@ def validate_list(
     limits: Limits,
     labels: Sequence[str] = (),
     field_prefix: str = "",
+    status_violations: Sequence[FieldViolation] = (),
 ) -> ListQuery:
     """Empty namespace means every namespace (an operator's view), unlike discovery.
 
     ``labels`` (HTTP only) are the repeated ``key=value`` selectors; ``field_prefix``
-    names the fields as the transport spells them (``query.`` for HTTP).
+    names the fields as the transport spells them (``query.`` for HTTP);
+    ``status_violations``: statuses the transport could not read, reported with the rest.
     """
     v = _Violations()
+    v.items.extend(status_violations)
     if namespace and not NAMESPACE_RE.fullmatch(namespace):
         v.add(
             f"{field_prefix}namespace",

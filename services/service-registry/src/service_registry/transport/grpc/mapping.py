@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from hive_common.errors import FieldViolation, InvalidArgument
+from hive_common.errors import FieldViolation
 from hive_common.timestamps import datetime_to_timestamp
 from neuralhive.registry.v1 import registry_service_pb2 as pb
 from service_registry.domain.models import Worker, WorkerEvent, WorkerEventType, WorkerStatus
 from service_registry.domain.ranking import RankedWorker
-from service_registry.domain.validation import bounded
 
 STATUS_TO_PB: dict[WorkerStatus, pb.WorkerStatus.ValueType] = {
     WorkerStatus.HEALTHY: pb.WORKER_STATUS_HEALTHY,
@@ -61,7 +60,8 @@ def event_to_pb(event: WorkerEvent) -> pb.WorkerEvent:
     )
 
 
-def statuses_from_pb(values: list[int]) -> list[WorkerStatus]:
+def statuses_from_pb(values: list[int]) -> tuple[list[WorkerStatus], list[FieldViolation]]:
+    """The statuses, and a violation for each value that is not one."""
     statuses: list[WorkerStatus] = []
     violations: list[FieldViolation] = []
     for i, value in enumerate(values):
@@ -72,6 +72,4 @@ def statuses_from_pb(values: list[int]) -> list[WorkerStatus]:
             )
         else:
             statuses.append(status)
-    if violations:
-        raise InvalidArgument("invalid list request", violations=bounded(violations))
-    return statuses
+    return statuses, violations

@@ -142,13 +142,15 @@ class RegistryServicer(pb_grpc.ServiceRegistryServicer):
     async def ListWorkers(
         self, request: pb.ListWorkersRequest, context: Any
     ) -> pb.ListWorkersResponse:
+        statuses, violations = statuses_from_pb(list(request.statuses))
         query = validate_list(
             namespace=request.namespace,
-            statuses=statuses_from_pb(list(request.statuses)),
+            statuses=statuses,
             capability=request.capability,
             page_size=request.page_size,
             page_token=request.page_token,
             limits=self._limits,
+            status_violations=violations,
         )
         page = await self._service.list_workers(query)
         return pb.ListWorkersResponse(

@@ -13,13 +13,12 @@ from fastapi import APIRouter, Query, Request
 from pydantic import BaseModel, Field, WithJsonSchema
 
 from hive_common.auth import TokenKind, bearer_token_from_metadata
-from hive_common.errors import FieldViolation, InvalidArgument
+from hive_common.errors import FieldViolation
 from hive_common.http import IsoDateTime
 from service_registry.domain.models import Worker, WorkerStatus
 from service_registry.domain.service import RegistryService
 from service_registry.domain.validation import (
     Limits,
-    bounded,
     encode_cursor,
     parse_worker_id,
     validate_list,
@@ -118,21 +117,17 @@ def build_router(*, service: RegistryService, authorizer: Authorizer, limits: Li
     ) -> dict[str, Any]:
         authorizer.authorize(_bearer(request), service_only, "listing workers")
         statuses, violations = _parse_statuses(status or [])
-        try:
-            query = validate_list(
-                namespace=namespace,
-                statuses=statuses,
-                capability=capability,
-                page_size=page_size,
-                page_token=page_token,
-                limits=limits,
-                labels=label or [],
-                field_prefix="query.",
-            )
-        except InvalidArgument as exc:
-            violations += exc.violations
-        if violations:
-            raise InvalidArgument("invalid list request", violations=bounded(violations))
+        query = validate_list(
+            namespace=namespace,
+            statuses=statuses,
+            capability=capability,
+            page_size=page_size,
+            page_token=page_token,
+            limits=limits,
+            labels=label or [],
+            field_prefix="query.",
+            status_violations=violations,
+        )
         page = await service.list_workers(query)
         return {
             "workers": [worker_to_json(w) for w in page.workers],
