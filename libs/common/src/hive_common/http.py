@@ -231,6 +231,10 @@ class RequestLoggingMiddleware:
         started = time.perf_counter()
         status = 500
         response_started = False
+        # HEAD is GET without the body, on every route that answers GET (FastAPI's routes
+        # answer GET only: HEAD was a 405). The log line and metrics keep HEAD.
+        head = scope["method"] == "HEAD"
+        app_scope = {**scope, "method": "GET"} if head else scope
 
         async def send_with_request_id(message: Message) -> None:
             nonlocal status, response_started
@@ -240,10 +244,12 @@ class RequestLoggingMiddleware:
                 headers = list(message.get("headers", []))
                 headers.append((REQUEST_ID_HEADER.encode(), request_id.encode()))
                 message = {**message, "headers": headers}
+            elif head and message["type"] == "http.response.body":
+                message = {**message, "body": b""}
             await send(message)
 
         try:
-            await self.app(scope, receive, send_with_request_id)
+            await self.app(app_scope, receive, send_with_request_id)
         except ClientDisconnect:
             # The client went away before its request was read: there is nobody to answer,
             # and it is not a server error (nginx's 499 in the request line and metrics).
@@ -263,12 +269,13 @@ class RequestLoggingMiddleware:
                     "headers": [(b"content-type", b"application/json")],
                 }
             )
-            await send({"type": "http.response.body", "body": json.dumps(body).encode()})
+            await send_with_request_id(
+                {"type": "http.response.body", "body": json.dumps(body).encode()}
+            )
         finally:
-            self._finish(scope, status, time.perf_counter() - started)
+            self._finish(scope, app_scope.get("route"), status, time.perf_counter() - started)
 
-    def _finish(self, scope: Scope, status: int, seconds: float) -> None:
-        route = scope.get("route")
+    def _finish(self, scope: Scope, route: Any, status: int, seconds: float) -> None:
         route_path = str(getattr(route, "path", "")) or "unmatched"
         if self._metrics is not None:
             self._metrics.request_finished(scope["method"], route_path, status, seconds)
@@ -437,9 +444,6 @@ def create_http_app(
             status_code=503 if status == "down" else 200,
         )
 
-    # HEAD too: monitors and `curl -I` probe with it (it was 405).
-    for path, probe in (("/health", health), ("/ready", ready)):
-        app.add_api_route(path, probe, methods=["HEAD"], include_in_schema=False)
     return app
 
 

@@ -111,9 +111,27 @@ async def test_health_is_always_ok(
     assert response.json() == {"status": "ok"}
 
 
-async def test_probes_answer_head(client: httpx.AsyncClient) -> None:
+async def test_head_is_get_without_the_body(
+    client: httpx.AsyncClient, log_stream: io.StringIO
+) -> None:
+    # Monitors and `curl -I` probe with HEAD; FastAPI's routes answered it with 405.
     assert (await client.head("/health")).status_code == 200
     assert (await client.head("/ready")).status_code == 200
+    got = await client.get("/plans?page_size=3")
+    head = await client.head("/plans?page_size=3")
+    assert head.status_code == 200
+    assert head.content == b""
+    assert head.headers["content-length"] == got.headers["content-length"]
+    assert head.headers["content-type"] == "application/json"
+    missing = await client.head("/plans/missing")
+    assert (missing.status_code, missing.content) == (404, b"")
+    assert (await client.head("/raw")).status_code == 405  # POST only
+    lines = [x for x in log_lines(log_stream) if x["event"] == "http_request"]
+    assert [(x["method"], x["route"], x["status"]) for x in lines[-3:]] == [
+        ("HEAD", "/plans", 200),
+        ("HEAD", "/plans/{plan_id}", 404),
+        ("HEAD", "/raw", 405),
+    ]
 
 
 async def test_ready_down_is_logged_as_a_warning_not_an_internal_error(
