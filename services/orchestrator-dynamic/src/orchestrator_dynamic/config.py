@@ -6,14 +6,18 @@ service (8002/50052); containers set ``HIVE_ORCHESTRATOR_HTTP_PORT=8000``.
 
 from __future__ import annotations
 
+import re
 from datetime import timedelta
 
-from pydantic import Field, SecretStr, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from hive_common.config import HiveSettings
 from orchestrator_dynamic.domain.scheduler import RetryBackoff, SchedulingPolicy
 from orchestrator_dynamic.domain.validation import PlanLimits
+
+# The registry's namespace rule.
+_NAMESPACE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 
 MAX_PARAMETERS_BYTES_LIMIT = 256 * 1024
 """The highest ``max_parameters_bytes``. A task's parameters travel in its ticket as a
@@ -46,7 +50,8 @@ class OrchestratorSettings(HiveSettings):
     rpc_timeout_seconds: float = Field(default=5.0, gt=0)
     rpc_deadline_seconds: float = Field(default=15.0, gt=0)
     service_token_ttl_seconds: int = Field(default=3600, ge=60)
-    # Registry namespace the workers are discovered in; empty means "default".
+    # Registry namespace the workers are discovered in; empty means "default". The
+    # registry's rule (a DNS label): another value would make every discovery a refusal.
     worker_namespace: str = ""
 
     # Optional static token for the HTTP API (``Authorization: Bearer <token>``); unset
@@ -66,8 +71,9 @@ class OrchestratorSettings(HiveSettings):
     fail_fast: bool = True
     backoff_base_seconds: float = Field(default=1.0, ge=0)
     backoff_cap_seconds: float = Field(default=300.0, ge=0)
-    # AssignTicket lease; 0 means the ticket service's default.
-    assign_lease_seconds: int = Field(default=0, ge=0)
+    # AssignTicket lease; 0 means the ticket service's default. At most the ticket
+    # service's default MAX_LEASE_SECONDS (a day): a longer one would refuse every assignment.
+    assign_lease_seconds: int = Field(default=0, ge=0, le=24 * 3600)
     # Re-check tickets that found no worker (besides registry events) this often.
     dispatch_retry_seconds: float = Field(default=5.0, gt=0)
     # Reuse a DiscoverWorkers answer for this long (0: ask every scheduling round).
@@ -91,6 +97,13 @@ class OrchestratorSettings(HiveSettings):
     grpc_enabled: bool = True
     watch_plan_interval_seconds: float = Field(default=0.5, gt=0)
     watch_plan_max_streams: int = Field(default=256, ge=1)
+
+    @field_validator("worker_namespace")
+    @classmethod
+    def _namespace(cls, value: str) -> str:
+        if value and not _NAMESPACE.fullmatch(value):
+            raise ValueError("must be a DNS label: 1-63 lowercase letters, digits or '-'")
+        return value
 
     @model_validator(mode="after")
     def _check_consistency(self) -> OrchestratorSettings:

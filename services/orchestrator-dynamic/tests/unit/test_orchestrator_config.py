@@ -59,3 +59,35 @@ def test_rules_across_settings_name_the_environment_variables(
         OrchestratorSettings()
     message = invalid_settings_message(PROGRAM, exc.value, "HIVE_ORCHESTRATOR_")
     assert message.splitlines() == [f"{PROGRAM}: invalid settings:", f"  {line}"]
+
+
+@pytest.mark.parametrize(
+    ("env", "line"),
+    [
+        # Each was accepted, and every plan then stayed PENDING (every discovery or every
+        # assignment refused by the other service).
+        (
+            {"WORKER_NAMESPACE": "Team_A"},
+            "HIVE_ORCHESTRATOR_WORKER_NAMESPACE: must be a DNS label: 1-63 lowercase "
+            "letters, digits or '-'",
+        ),
+        (
+            {"ASSIGN_LEASE_SECONDS": "90000"},
+            "HIVE_ORCHESTRATOR_ASSIGN_LEASE_SECONDS: Input should be less than or equal to 86400",
+        ),
+    ],
+)
+def test_settings_the_other_services_would_refuse(
+    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], line: str
+) -> None:
+    for name, value in env.items():
+        monkeypatch.setenv(f"HIVE_ORCHESTRATOR_{name}", value)
+    with pytest.raises(ValidationError) as exc:
+        OrchestratorSettings()
+    message = invalid_settings_message(PROGRAM, exc.value, "HIVE_ORCHESTRATOR_")
+    assert message.splitlines() == [f"{PROGRAM}: invalid settings:", f"  {line}"]
+
+
+def test_a_namespace_within_the_rule_is_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HIVE_ORCHESTRATOR_WORKER_NAMESPACE", "team-a")
+    assert OrchestratorSettings().worker_namespace == "team-a"
