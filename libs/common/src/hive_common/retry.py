@@ -28,7 +28,7 @@ from tenacity import (
 )
 from tenacity.stop import stop_base
 
-from hive_common.errors import DeadlineExceeded, HiveError, Unavailable
+from hive_common.errors import DeadlineExceeded, HiveError, Unavailable, describe_error
 from hive_common.logging import get_logger
 
 P = ParamSpec("P")
@@ -161,7 +161,7 @@ async def wait_for_dependency(
             result = await check()
         except Exception as exc:
             last_error = exc
-            log.warning("dependency not ready", attempt=attempts, error=repr(exc))
+            log.warning("dependency not ready", attempt=attempts, error=describe_error(exc))
             raise
         if result is False:
             last_error = None

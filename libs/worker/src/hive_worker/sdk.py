@@ -782,13 +782,13 @@ class Worker:
             if self._draining:
                 self._log.info("registry no longer knows this worker while draining")
                 return
-            self._log.warning("heartbeat refused; registering again", error=repr(exc))
+            self._log.warning("heartbeat refused; registering again", error=describe_error(exc))
             try:
                 await self._register()
             except HiveError as again:
                 self._log.error("re-registration failed", error=repr(again))
         except HiveError as exc:
-            self._log.warning("heartbeat failed", error=repr(exc))
+            self._log.warning("heartbeat failed", error=describe_error(exc))
 
     def _reported_load(self) -> int:
         """:attr:`load`, or every slot while the assignment watch cannot reach the ticket
@@ -856,7 +856,7 @@ class Worker:
                 self._log.error(
                     "ticket watch got a message it cannot decode; skipping it",
                     cursor=watch.cursor,
-                    error=str(exc),
+                    error=describe_error(exc),
                 )
                 self._watch_cursor = (worker_id, "")
                 from_now = True
@@ -865,7 +865,7 @@ class Worker:
             except HiveError as exc:
                 # Transient failures are handled inside the watch; this is a refusal.
                 failures += 1
-                self._log.warning("ticket watch refused", error=repr(exc))
+                self._log.warning("ticket watch refused", error=describe_error(exc))
                 if isinstance(exc, Unauthenticated | PermissionDenied):
                     # A fresh worker token (or a new id, which restarts this watch).
                     with contextlib.suppress(HiveError):
@@ -1009,7 +1009,9 @@ class Worker:
                 if not is_retryable(exc):
                     raise
                 failures += 1
-                run.log.warning(f"{what}: ticket service unavailable; retrying", error=repr(exc))
+                run.log.warning(
+                    f"{what}: ticket service unavailable; retrying", error=describe_error(exc)
+                )
                 await asyncio.sleep(self._backoff.backoff(failures))
 
     async def _refresh_token(self, run: _Run) -> None:
@@ -1045,11 +1047,11 @@ class Worker:
                 run, "start", lambda: self._send_report(start, run)
             )
         except _DEFINITE_REFUSALS as exc:
-            run.log.info("assignment no longer valid; not starting", error=repr(exc))
+            run.log.info("assignment no longer valid; not starting", error=describe_error(exc))
             return False
         except HiveError as exc:
             # Unexpected (e.g. tokens refused): leave it; the assignment lease re-queues it.
-            run.log.error("could not start the assignment", error=repr(exc))
+            run.log.error("could not start the assignment", error=describe_error(exc))
             return False
         run.ticket = updated
         run.accepted_version = max(run.accepted_version, updated.version)
@@ -1147,10 +1149,14 @@ class Worker:
                 try:
                     await self._refresh_token(run)
                 except _DEFINITE_REFUSALS as exc:
-                    run.log.warning("ticket moved on; outcome not reported", error=repr(exc))
+                    run.log.warning(
+                        "ticket moved on; outcome not reported", error=describe_error(exc)
+                    )
                     return
                 except HiveError as exc:
-                    run.log.error("no ticket token; outcome not reported", error=repr(exc))
+                    run.log.error(
+                        "no ticket token; outcome not reported", error=describe_error(exc)
+                    )
                     return
             try:
                 await self._until_definite(run, "report", self._sender(run, outcome))
@@ -1159,17 +1165,19 @@ class Worker:
                 continue
             except (InvalidArgument, ResourceExhausted) as exc:
                 if outcome.result is None:
-                    run.log.error("outcome refused by the ticket service", error=repr(exc))
+                    run.log.error(
+                        "outcome refused by the ticket service", error=describe_error(exc)
+                    )
                     return
                 # e.g. a result over the size limit (or larger than a gRPC message):
                 # report without it; it will not change.
                 outcome = _without_result(outcome, exc.message)
                 continue
             except _DEFINITE_REFUSALS as exc:
-                run.log.warning("ticket moved on; outcome not applied", error=repr(exc))
+                run.log.warning("ticket moved on; outcome not applied", error=describe_error(exc))
                 return
             except HiveError as exc:  # e.g. INTERNAL: retrying the same report will not help
-                run.log.error("outcome refused by the ticket service", error=repr(exc))
+                run.log.error("outcome refused by the ticket service", error=describe_error(exc))
                 return
             if outcome.completed:
                 self.succeeded_total += 1
@@ -1240,7 +1248,7 @@ class Worker:
                 ),
             )
         except HiveError as exc:
-            run.log.warning("could not fail the orphaned attempt", error=repr(exc))
+            run.log.warning("could not fail the orphaned attempt", error=describe_error(exc))
 
     # ------------------------------------------------------------------ drain
 
@@ -1292,7 +1300,9 @@ class Worker:
                 )
                 log.info("deregistered")
             except HiveError as exc:
-                log.warning("deregistration failed; the registry will expire us", error=repr(exc))
+                log.warning(
+                    "deregistration failed; the registry will expire us", error=describe_error(exc)
+                )
         if self._unstopped:
             log.warning(
                 "handlers ignoring their cancellation still run; not waiting for them",

@@ -53,6 +53,7 @@ from hive_common.errors import (
     ResourceExhausted,
     Unavailable,
     UndecodableResponse,
+    describe_error,
 )
 from hive_common.logging import get_logger
 from neuralhive.registry.v1 import registry_service_pb2 as registry_pb
@@ -328,7 +329,7 @@ class PlanDriver:
                         await self._attach(lease)
                 await self._notice_cancels()
             except HiveError as exc:
-                _log.warning("claiming plans failed", error=str(exc))
+                _log.warning("claiming plans failed", error=describe_error(exc))
             except Exception:
                 _log.exception("claim loop error")
             await asyncio.sleep(self._settings.claim_interval)
@@ -354,7 +355,7 @@ class PlanDriver:
             except HiveError as exc:
                 # The epoch still fences writes; if the outage outlasts the lease another
                 # replica may take the plans over and our next write notices.
-                _log.warning("renewing plan leases failed", error=str(exc))
+                _log.warning("renewing plan leases failed", error=describe_error(exc))
                 continue
             kept = {lease.plan_id: lease for lease in renewed}
             for plan in plans:
@@ -385,7 +386,7 @@ class PlanDriver:
                             self._worker_lost(event.worker.worker_id, why)
             except HiveError as exc:
                 self._health.failed(REGISTRY, str(exc))
-                _log.warning("worker watch failed", error=str(exc))
+                _log.warning("worker watch failed", error=describe_error(exc))
             except Exception:
                 _log.exception("worker watch error")
             await asyncio.sleep(self._settings.error_retry)
@@ -426,7 +427,7 @@ class PlanDriver:
                 # The watch and the leases remain; the next resync asks again.
                 if isinstance(exc, _TRANSIENT):
                     self._health.failed(REGISTRY, str(exc))
-                _log.warning("checking the workers of a plan failed", error=str(exc))
+                _log.warning("checking the workers of a plan failed", error=describe_error(exc))
                 return
             self._seen_live[worker_id] = now + self._settings.resync_interval
 
@@ -476,18 +477,18 @@ class PlanDriver:
                 _log.error(
                     "ticket watch got a message it cannot decode; starting afresh from now",
                     cursor=watch.cursor,
-                    error=str(exc),
+                    error=describe_error(exc),
                 )
                 cursor = ""
             except InvalidArgument as exc:
                 # A cursor the service no longer accepts: start afresh from "now"; once
                 # that watch is positioned every plan is re-read (whatever happened in
                 # between).
-                _log.warning("ticket watch cursor refused", error=str(exc))
+                _log.warning("ticket watch cursor refused", error=describe_error(exc))
                 cursor = ""
             except HiveError as exc:
                 self._health.failed(TICKET_SERVICE, str(exc))
-                _log.warning("ticket watch failed", error=str(exc))
+                _log.warning("ticket watch failed", error=describe_error(exc))
                 cursor = watch.cursor
             except Exception:
                 _log.exception("ticket watch error")
@@ -570,18 +571,18 @@ class PlanDriver:
             await self._drop(plan, "ownership lost")
         except _TRANSIENT as exc:
             self._metrics.round_failures.labels("transient").inc()
-            _log.warning("plan round postponed", plan_id=plan.plan_id, error=str(exc))
+            _log.warning("plan round postponed", plan_id=plan.plan_id, error=describe_error(exc))
             self._postpone(plan, loop.time() + self._settings.error_retry)
         except ResourceExhausted as exc:
             # A message over a size limit (every call is bounded: a ticket service with a
             # lower limit, or an answer carrying tickets larger than known): trying again
             # at once would fail the same way. Next time, after a re-read of the tickets.
             self._metrics.round_failures.labels("too_large").inc()
-            _log.error("plan round failed", plan_id=plan.plan_id, error=repr(exc))
+            _log.error("plan round failed", plan_id=plan.plan_id, error=describe_error(exc))
             plan.due = plan.resync_due = loop.time() + self._settings.resync_interval
         except HiveError as exc:
             self._metrics.round_failures.labels("error").inc()
-            _log.error("plan round failed", plan_id=plan.plan_id, error=repr(exc))
+            _log.error("plan round failed", plan_id=plan.plan_id, error=describe_error(exc))
             self._postpone(plan, loop.time() + self._settings.error_retry)
         except Exception:
             # A bug must not stall the plan (nor the other plans of this round).
@@ -1016,7 +1017,7 @@ class PlanDriver:
         except HiveError as exc:
             if isinstance(exc, _TRANSIENT):
                 self._health.failed(REGISTRY, str(exc))
-            _log.warning("worker discovery failed", error=str(exc))
+            _log.warning("worker discovery failed", error=describe_error(exc))
             return []
         self._health.succeeded(REGISTRY)
         self._discovered[capabilities] = (now, ranked)

@@ -15,6 +15,7 @@ from hive_common.errors import (
     HiveError,
     NotFound,
     Unavailable,
+    describe_error,
 )
 from hive_common.logging import get_logger
 from hive_common.text import shown
@@ -124,7 +125,9 @@ class PlanService:
                 await self._driver.adopt(stored.plan_id, wait_seconds=self._submit_wait)
             except HiveError as exc:
                 # Stored: the claim loop picks the plan up when the database answers again.
-                _log.warning("adopting a new plan failed", plan_id=stored.plan_id, error=str(exc))
+                _log.warning(
+                    "adopting a new plan failed", plan_id=stored.plan_id, error=describe_error(exc)
+                )
             stored = await self._repo.get(stored.plan_id)
             tickets_created = all(t.ticket_id is not None for t in stored.tasks)
         self._metrics.submissions.labels("created" if created else "existing").inc()
@@ -172,7 +175,9 @@ class PlanService:
             if isinstance(exc, Unavailable | DeadlineExceeded):
                 self._health.failed(REGISTRY, str(exc))
             else:
-                _log.error("asking the registry about capabilities failed", error=repr(exc))
+                _log.error(
+                    "asking the registry about capabilities failed", error=describe_error(exc)
+                )
             reason = "the registry could not be asked"
         return None, ValidationIssue(
             "$.tasks",

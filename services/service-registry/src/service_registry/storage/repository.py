@@ -19,7 +19,7 @@ from psycopg import sql
 from psycopg.types.json import Jsonb
 from psycopg_pool import AsyncConnectionPool
 
-from hive_common.errors import HiveError, NotFound, Unavailable
+from hive_common.errors import HiveError, NotFound, Unavailable, describe_error
 from hive_common.logging import get_logger
 from hive_common.postgres import connection, database_errors
 from service_registry.domain import lifecycle
@@ -286,7 +286,7 @@ class WorkerRepository:
                     row = await cur.fetchone()
             except HiveError as exc:
                 # Only an optimisation: the registration itself succeeded.
-                _log.warning("analysing workers failed", error=str(exc))
+                _log.warning("analysing workers failed", error=describe_error(exc))
                 return
             rows = int(row[0]) if row else 0
             self._analyze_after = max(self._analyze_after, rows)
