@@ -6,8 +6,12 @@ containers set ``HIVE_TICKETS_HTTP_PORT=8000`` and ``HIVE_TICKETS_METRICS_PORT=9
 
 from __future__ import annotations
 
-from pydantic import Field, model_validator
+import warnings
+
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
+from pymongo.errors import ConfigurationError
+from pymongo.uri_parser import parse_uri
 
 from execution_ticket_service.domain.validation import Limits
 from hive_common.config import HiveSettings
@@ -42,6 +46,26 @@ class TicketSettings(HiveSettings):
     max_page_size: int = Field(default=1000, ge=1)
     default_token_ttl_seconds: int = Field(default=3600, ge=1)
     max_token_ttl_seconds: int = Field(default=24 * 3600, ge=1)
+
+    @field_validator("mongo_uri")
+    @classmethod
+    def _mongo_uri(cls, value: str) -> str:
+        # The client parses it only when it is built: a bad one was a traceback (exit 1)
+        # after the migrations. A mongodb+srv:// URI is checked as its mongodb:// form
+        # (its hosts come from DNS when the client connects, not now).
+        srv = "mongodb+srv://"
+        is_srv = value.startswith(srv)
+        plain = "mongodb://" + value[len(srv) :] if is_srv else value
+        hosts = plain[len("mongodb://") :].split("/")[0].rpartition("@")[2]
+        if is_srv and ("," in hosts or ":" in hosts):
+            raise ValueError("not a MongoDB URI: a mongodb+srv:// URI names one host, no port")
+        try:
+            with warnings.catch_warnings():  # unknown options: the client warns of them
+                warnings.simplefilter("ignore")
+                parse_uri(plain, warn=True)
+        except (ConfigurationError, ValueError) as exc:
+            raise ValueError(f"not a MongoDB URI: {exc}") from None
+        return value
 
     # Background work.
     lease_sweep_interval_seconds: float = Field(default=1.0, gt=0)

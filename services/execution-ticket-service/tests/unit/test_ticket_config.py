@@ -113,3 +113,40 @@ def test_the_console_script_exits_2_with_one_line_and_no_traceback(
         f"{PROGRAM}: invalid settings:",
         "  HIVE_TICKETS_POSTGRES_POOL_MIN_SIZE must not exceed HIVE_TICKETS_POSTGRES_POOL_MAX_SIZE",
     ]
+
+
+@pytest.mark.parametrize(
+    ("uri", "reason"),
+    [
+        ("foo://x", "Invalid URI scheme"),
+        ("mongodb://h:99999", "Port must be an integer between 0 and 65535"),
+        ("mongodb://", "Must provide at least one hostname or IP"),
+        ("mongodb+srv://a.example.com:27017", "a mongodb+srv:// URI names one host, no port"),
+        ("mongodb+srv://a.example.com,b.example.com", "names one host"),
+    ],
+)
+def test_a_malformed_mongo_uri_is_an_invalid_setting(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], uri: str, reason: str
+) -> None:
+    # The client parsed it only when built, after the migrations: a traceback, exit 1.
+    monkeypatch.setenv("HIVE_TICKETS_MONGO_URI", uri)
+
+    async def serve(settings: TicketSettings, logger: Any) -> None:
+        raise AssertionError("must not start")
+
+    assert run_service(TicketSettings, serve, program=PROGRAM) == EXIT_INVALID_SETTINGS
+    [_header, line] = capsys.readouterr().err.splitlines()
+    assert line.startswith("  HIVE_TICKETS_MONGO_URI: not a MongoDB URI: ")
+    assert reason in line
+
+
+@pytest.mark.parametrize(
+    "uri",
+    [
+        "mongodb://localhost:27017",
+        "mongodb://u:p@h1,h2:27018/db?replicaSet=rs&authSource=admin",
+        "mongodb+srv://cluster0.example.com/?retryWrites=true",  # hosts from DNS, later
+    ],
+)
+def test_mongo_uris_the_client_takes_are_accepted(uri: str) -> None:
+    assert TicketSettings(mongo_uri=uri).mongo_uri == uri
