@@ -82,12 +82,16 @@ async def connection(pool: DictPool) -> AsyncIterator[AsyncConnection[DictRow]]:
             raise
 
 
+# undefined_table, invalid_schema_name
+_NOT_MIGRATED = frozenset({"42P01", "3F000"})
+
+
 @asynccontextmanager
 async def database_errors(database: str) -> AsyncIterator[None]:
     """Translate driver errors raised in the block (storage layers only).
 
-    No free connection in time, a lost server or a statement prepared before a schema
-    change is UNAVAILABLE (retryable); any other
+    No free connection in time, a lost server, a statement prepared before a schema
+    change or a schema not migrated yet is UNAVAILABLE (retryable); any other
     driver error is INTERNAL with its SQLSTATE. Messages name ``database`` but never carry
     the driver's text (it holds host names and ports).
     """
@@ -104,6 +108,13 @@ async def database_errors(database: str) -> AsyncIterator[None]:
     except psycopg.Error as exc:
         if _is_stale_prepared_statement(exc):  # see connection(): prepared again next time
             raise Unavailable(f"{database}: the schema changed; retry") from exc
+        if exc.sqlstate in _NOT_MIGRATED:
+            # A service started with migrations off, before they were applied (its /ready
+            # says so too): clients retry, a worker waits instead of giving up.
+            raise Unavailable(
+                f"{database}: the database schema is not there (migrations not applied)",
+                details={"sqlstate": exc.sqlstate},
+            ) from exc
         # A client-side error (e.g. a NUL byte psycopg refuses to send) has no SQLSTATE.
         details = {"sqlstate": exc.sqlstate} if exc.sqlstate else {}
         raise Internal(f"{database} error", details=details) from exc

@@ -26,7 +26,13 @@ from hive_common.postgres import POOL_TIMEOUT_SECONDS, database_errors, open_poo
             "x db unavailable",
         ),
         (psycopg.errors.DeadlockDetected("deadlock"), Unavailable, "x db unavailable"),
-        (psycopg.errors.UndefinedTable("relation missing"), Internal, "x db error"),
+        # A service started with migrations off, before they were applied: retry later.
+        (
+            psycopg.errors.UndefinedTable("relation missing"),
+            Unavailable,
+            "x db: the database schema is not there (migrations not applied)",
+        ),
+        (psycopg.errors.UndefinedColumn("column missing"), Internal, "x db error"),
     ],
 )
 async def test_driver_errors_become_hive_errors(
@@ -50,8 +56,8 @@ async def test_other_errors_pass_through_unchanged() -> None:
 async def test_the_sqlstate_is_given_only_when_the_server_gave_one() -> None:
     with pytest.raises(Internal) as info:
         async with database_errors("x db"):
-            raise psycopg.errors.UndefinedTable("relation missing")
-    assert info.value.details == {"sqlstate": "42P01"}
+            raise psycopg.errors.UndefinedColumn("column missing")
+    assert info.value.details == {"sqlstate": "42703"}
     with pytest.raises(Internal) as info:
         async with database_errors("x db"):
             raise psycopg.DataError("PostgreSQL text fields cannot contain NUL (0x00) bytes")

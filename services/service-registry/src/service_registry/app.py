@@ -11,7 +11,7 @@ from typing import Any
 from psycopg_pool import AsyncConnectionPool
 
 from hive_common.auth import TokenIssuer, TokenVerifier
-from hive_common.errors import FailedPrecondition, Internal
+from hive_common.errors import FailedPrecondition, Internal, Unavailable
 from hive_common.grpc_server import GrpcService, build_grpc_server
 from hive_common.http import CheckResult, check_dependency, create_http_app
 from hive_common.logging import get_logger
@@ -171,7 +171,7 @@ async def build_app(
                 seed=0,
                 window=1,
             )
-        except Internal as exc:
+        except (Internal, Unavailable) as exc:  # a missing table is UNAVAILABLE
             if exc.details.get("sqlstate") not in _SCHEMA_BEHIND_SQLSTATES:
                 raise
             raise FailedPrecondition(

@@ -10,6 +10,7 @@ import asyncio
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -49,6 +50,14 @@ async def test_not_ready_until_the_migrations_are_applied(
     registry: Registry = await start_registry(migrate_on_start=False)
 
     await assert_not_ready_for_the_schema(registry)
+    # Calls meanwhile are UNAVAILABLE (retry later), not INTERNAL / 500: a worker started
+    # before the operator applied the migrations gave up for good.
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await registry.register("early")
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert "migrations not applied" in (info.value.details() or "")
+    listing = await registry.http.get("/api/v1/workers", headers=dict(registry.service_md))
+    assert listing.status_code == 503, listing.text
 
     await asyncio.to_thread(apply_migrations, dsn=postgres_dsn, directory=MIGRATIONS_DIR)
     ready = await registry.http.get("/ready")
