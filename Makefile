@@ -2,7 +2,8 @@
 SHELL := /bin/bash
 .DEFAULT_GOAL := help
 
-UV ?= uv
+# uv from PATH, else where install-tools.sh puts it (pip --user).
+UV ?= $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
 BUF ?= $(CURDIR)/node_modules/.bin/buf
 COMPOSE ?= docker compose
 PY_SRC := libs/common/src libs/worker/src libs/cli/src libs/testsupport/src services/execution-ticket-service/src services/service-registry/src services/orchestrator-dynamic/src bench
@@ -67,13 +68,17 @@ dev: ## Run everything without Docker: local PostgreSQL + MongoDB-compatible ser
 	$(UV) run --all-packages python scripts/dev-stack.py $(DEV_ARGS)
 
 .PHONY: up
-up: ## Build and start the Docker stack (PostgreSQL, MongoDB, 3 services, 2 workers); waits until healthy
+up: compose-check ## Build and start the Docker stack (PostgreSQL, MongoDB, 3 services, 2 workers); waits until healthy
 	$(COMPOSE) up -d --build --wait
 
+.PHONY: compose-check
+compose-check:
+	@$(COMPOSE) version >/dev/null 2>&1 || { echo "make: '$(COMPOSE)' is not available: the Docker stack needs Docker Compose v2 and a Docker engine; 'make dev' runs the same stack as local processes without them" >&2; exit 1; }
+
 .PHONY: down
-down: ## Stop and remove the Docker stack (volumes kept; `docker compose down -v` drops the data)
+down: compose-check ## Stop and remove the Docker stack (volumes kept; `docker compose down -v` drops the data)
 	$(COMPOSE) down
 
 .PHONY: logs
-logs: ## Follow the Docker stack's logs
+logs: compose-check ## Follow the Docker stack's logs
 	$(COMPOSE) logs --follow --tail=200

@@ -31,6 +31,7 @@ apt_install() {
 }
 
 # Tools installed with --user land here; go may live in /usr/local/go.
+CALLER_PATH="$PATH"
 export PATH="$HOME/.local/bin:$PATH"
 if ! command -v go >/dev/null && [[ -x /usr/local/go/bin/go ]]; then
   export PATH="$PATH:/usr/local/go/bin"
@@ -122,3 +123,9 @@ log "uv sync --all-packages --frozen"
 uv sync --all-packages --frozen
 
 log "done"
+if ! PATH="$CALLER_PATH" command -v uv >/dev/null; then
+  # make finds uv there by itself; a shell (uv run hive ...) needs it on its PATH.
+  log "uv is in $HOME/.local/bin, which is not on your PATH: add"
+  log "  export PATH=\"\$HOME/.local/bin:\$PATH\""
+  log "to your shell profile (e.g. ~/.bashrc), and run it in this shell"
+fi

@@ -5,4 +5,5 @@
 #     --postgres-port 55432 --mongo-port 57017 --env-file .hive/db.env
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
+export PATH="$PATH:$HOME/.local/bin"  # where install-tools.sh puts uv
 exec uv run --all-packages python -m hive_common.localdb "$@"
