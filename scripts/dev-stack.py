@@ -233,12 +233,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="dev-stack", description=__doc__.split("\n\n")[0])
     parser.add_argument("--state-dir", type=Path, default=REPO / ".hive", help="default .hive")
     parser.add_argument(
-        "--port-offset", type=int, default=int(os.environ.get("HIVE_DEV_PORT_OFFSET", "0"))
+        "--port-offset",
+        type=int,
+        default=None,
+        help="added to every service port (default: HIVE_DEV_PORT_OFFSET, else 0)",
     )
     parser.add_argument("--postgres-port", type=int, default=55432)
     parser.add_argument("--mongo-port", type=int, default=57017)
     parser.add_argument("--log-format", choices=("pretty", "json"), default="pretty")
     args = parser.parse_args(argv)
+    if args.port_offset is None:
+        given = os.environ.get("HIVE_DEV_PORT_OFFSET", "").strip() or "0"
+        try:
+            args.port_offset = int(given)
+        except ValueError:
+            parser.error(f"HIVE_DEV_PORT_OFFSET must be an integer, not {given!r}")
 
     state_dir: Path = args.state_dir.resolve()
     log_dir = state_dir / "logs"
@@ -246,6 +255,21 @@ def main(argv: list[str] | None = None) -> int:
     ports = Ports.with_offset(
         args.port_offset, postgres_port=args.postgres_port, mongo_port=args.mongo_port
     )
+    outside = {
+        name: port
+        for name, port in {
+            **ports.services.named(),
+            "postgres": ports.postgres_port,
+            "mongo": ports.mongo_port,
+        }.items()
+        if not 0 < port < 65536
+    }
+    if outside:
+        listing = ", ".join(f"{name} {port}" for name, port in outside.items())
+        parser.error(
+            f"ports outside 1-65535: {listing} (check --port-offset / HIVE_DEV_PORT_OFFSET, "
+            "--postgres-port, --mongo-port)"
+        )
     given_postgres = os.environ.get("HIVE_DEV_POSTGRES_DSN", "").strip()
     given_mongo = os.environ.get("HIVE_DEV_MONGO_URI", "").strip()
     run_databases = not (given_postgres and given_mongo)

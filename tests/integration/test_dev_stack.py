@@ -133,6 +133,31 @@ def test_how_a_process_ended_names_the_signal_that_killed_it() -> None:
     assert how_it_ended(-15) == "was killed by SIGTERM"
 
 
+@pytest.mark.parametrize(
+    ("args", "env", "error"),
+    [
+        ([], {"HIVE_DEV_PORT_OFFSET": "abc"}, "HIVE_DEV_PORT_OFFSET must be an integer, not 'abc'"),
+        (["--port-offset", "-60000"], {}, "ports outside 1-65535: registry_grpc -9949"),
+        (["--mongo-port", "70000"], {}, "ports outside 1-65535: mongo 70000 (check"),
+    ],
+)
+def test_bad_ports_are_usage_errors(
+    tmp_path: Path, args: list[str], env: dict[str, str], error: str
+) -> None:
+    # They were tracebacks (int() of the variable; bind() of a port beyond 65535).
+    script = str(REPO / "scripts" / "dev-stack.py")
+    done = subprocess.run(
+        [sys.executable, script, "--state-dir", str(tmp_path), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, **env},
+    )
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    assert f"dev-stack: error: {error}" in done.stderr
+
+
 def test_a_second_make_dev_on_the_same_state_dir_is_refused_in_one_line(tmp_path: Path) -> None:
     # It used to start a second PostgreSQL on the same data directory, fail, and print the
     # first run's database logs, ending in "lock file postmaster.pid already exists".
