@@ -933,6 +933,15 @@ class Worker:
         run.take_token(token)
         self._runs[run.key] = run
         run.task = asyncio.create_task(self._execute(run), name=f"hive-task-{ticket.ticket_id}")
+        # Not in _execute's finally: a task cancelled before its first step (an assignment
+        # cancelled at once) never runs its body, and its slot stayed counted for good.
+        run.task.add_done_callback(lambda _: self._finished_run(run))
+        self._heartbeat_wake.set()
+
+    def _finished_run(self, run: _Run) -> None:
+        if self._runs.get(run.key) is run:
+            del self._runs[run.key]
+        self._remember(run.key)
         self._heartbeat_wake.set()
 
     def _remember(self, key: tuple[str, int]) -> None:
@@ -970,9 +979,6 @@ class Worker:
         finally:
             if run.handler_task is not None and not run.handler_task.done():
                 run.handler_task.cancel()
-            self._runs.pop(run.key, None)
-            self._remember(run.key)
-            self._heartbeat_wake.set()
 
     async def _report_unexpected(
         self, run: _Run, error: Exception, outcome: Outcome | None

@@ -329,6 +329,26 @@ def test_the_load_a_heartbeat_reports_leaves_out_attempts_reporting_their_outcom
     assert worker.load == 3
 
 
+async def test_an_assignment_cancelled_before_it_starts_frees_its_slot() -> None:
+    # Cancelled at once (before its task's first step), its run stayed in the worker's
+    # count for good: heartbeats said in_flight 5 of 4 with nothing running.
+    worker = Worker(settings=settings(max_concurrent=4))
+    worker._worker_id = "w-1"
+    for n in range(5):
+        assigned = ticket("echo", {})
+        assigned.ticket_id = f"t-{n}"
+        worker._accept(assigned, None)
+        [run] = [r for r in worker._runs.values() if r.ticket.ticket_id == f"t-{n}"]
+        cancelled = ticket("echo", {})
+        cancelled.ticket_id = f"t-{n}"
+        cancelled.status = pb.TICKET_STATUS_CANCELLED
+        worker._abandon(run, cancelled)
+    assert worker.in_flight == 5
+    await asyncio.sleep(0)  # the cancelled tasks end; their callbacks run
+    await asyncio.sleep(0)
+    assert (worker.in_flight, worker.load) == (0, 0)
+
+
 def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HIVE_WORKER_CAPABILITIES", "python, shell,python")
     monkeypatch.setenv("HIVE_WORKER_LABELS", "zone=a, tier=gpu")
