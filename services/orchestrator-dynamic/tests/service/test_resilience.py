@@ -197,6 +197,49 @@ async def test_a_stale_round_of_a_plan_claimed_again_leaves_the_new_claim_alone(
     assert "claimed-again" in app.driver.driven_plan_ids()
 
 
+async def test_no_task_is_assigned_after_a_cancel_through_another_replica(flow: Flow) -> None:
+    # The driving replica learned of such a cancel at its next claim (5 s) and assigned
+    # the plan's next tasks meanwhile: a plan could end CANCELLED with every task run.
+    driving = await flow.start_orchestrator(claim_interval_seconds=600, resync_interval_seconds=600)
+    await flow.start_worker("w1", ["python"], max_concurrent=1)
+    plan = {
+        "plan_id": "chain-cancelled-elsewhere",
+        "tasks": [
+            {
+                "task_id": "first",
+                "task_type": "sleep",
+                "required_capabilities": ["python"],
+                "parameters": {"seconds": 2},
+            },
+            *(
+                {
+                    "task_id": task_id,
+                    "task_type": "echo",
+                    "required_capabilities": ["python"],
+                    "depends_on": [after],
+                }
+                for task_id, after in (("second", "first"), ("third", "second"))
+            ),
+        ],
+    }
+    assert (await flow.submit(plan)).status_code == 202
+    await flow.wait_plan(
+        "chain-cancelled-elsewhere",
+        lambda b: flow.tasks(b)["first"]["status"] == "RUNNING",
+        "the first task running",
+    )
+    await flow.start_orchestrator()  # flow.client() now talks to this one
+    response = await flow.client().post("/api/v1/plans/chain-cancelled-elsewhere/cancel")
+    assert response.status_code == 200, response.text
+    assert "chain-cancelled-elsewhere" in driving.driver.driven_plan_ids()
+    async with asyncio.timeout(20):
+        final = await flow.wait_settled("chain-cancelled-elsewhere")
+    assert final["status"] == "CANCELLED"
+    for task_id in ("second", "third"):
+        ticket = flow.tasks(final)[task_id]
+        assert (ticket["status"], ticket["worker_id"]) == ("CANCELLED", None), ticket
+
+
 async def test_a_ticket_of_a_lost_worker_runs_elsewhere(flow: Flow) -> None:
     # Short leases so the lost worker's ticket comes back quickly.
     await flow.start_orchestrator(assign_lease_seconds=2)

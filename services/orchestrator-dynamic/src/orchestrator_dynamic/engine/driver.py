@@ -929,6 +929,8 @@ class PlanDriver:
             reason = {"error": summary.error_message} if summary.error_message else {}
             _log.info("plan status", plan_id=plan.plan_id, status=summary.status.value, **reason)
         plan.status, plan.error_message = summary.status, summary.error_message
+        if summary.cancel_requested_at is not None and not plan.cancel_requested:
+            self.kick(plan.plan_id, cancel_requested=True)  # through another replica
 
     async def _finish(self, plan: DrivenPlan) -> None:
         reason = {"error": plan.error_message} if plan.error_message else {}
@@ -951,6 +953,7 @@ class PlanDriver:
 
     async def _dispatch(self, ready: list[tuple[DrivenPlan, SchedulingDecision]]) -> None:
         loop = asyncio.get_running_loop()
+        ready = await self._without_cancelled(ready)
         needed: set[frozenset[str]] = set()
         for plan, decision in ready:
             needed |= plan.graph.capability_sets_of(decision.dispatch)
@@ -984,6 +987,21 @@ class PlanDriver:
             if assignment_round.unassigned:
                 plan.due = min(plan.due, loop.time() + retry)
             await self._guarded(plan, self._end_round(plan, decision, assignment_round.assignments))
+
+    async def _without_cancelled(
+        self, ready: list[tuple[DrivenPlan, SchedulingDecision]]
+    ) -> list[tuple[DrivenPlan, SchedulingDecision]]:
+        """``ready`` without the plans a cancel was requested for through another replica
+        (one read for the round): no ticket is assigned for a plan already CANCELLED.
+        They are cancelled in their next round, at once."""
+        try:
+            cancelled = await self._repo.cancel_requested([plan.plan_id for plan, _ in ready])
+        except _TRANSIENT as exc:  # the round's own writes will say so
+            _log.warning("checking for cancels failed", error=describe_error(exc))
+            return ready
+        for plan_id in cancelled:
+            self.kick(plan_id, cancel_requested=True)
+        return [(plan, decision) for plan, decision in ready if plan.plan_id not in cancelled]
 
     async def _end_round(
         self, plan: DrivenPlan, decision: SchedulingDecision, assignments: Sequence[Assignment]
