@@ -632,6 +632,77 @@ async def test_assign_tickets_applies_each_assignment_or_says_why_not(client: Cl
     assert again.results[0].ticket == first.ticket
 
 
+async def test_an_assignment_past_the_workers_capacity_is_refused(client: Client) -> None:
+    # Orchestrator replicas sharing workers each counted only their own assignments: two
+    # of them filled a 4-slot worker with 8 tickets, and the queued ones timed out.
+    tickets = [await client.create(task_id=f"t{n}") for n in range(6)]
+    running = await client.update(
+        await client.assign(tickets[0], worker_id="w1"), S.TICKET_STATUS_RUNNING
+    )
+    await client.assign(tickets[1], worker_id="w1")
+    await client.update(await client.assign(tickets[2], worker_id="w1"), S.TICKET_STATUS_RUNNING)
+    await client.update(running, S.TICKET_STATUS_COMPLETED)  # done: its slot is free
+
+    def item(ticket: pb.ExecutionTicket, worker_id: str = "w1") -> pb.AssignTicketRequest:
+        return pb.AssignTicketRequest(
+            ticket_id=ticket.ticket_id, worker_id=worker_id, attempt=1, worker_capacity=3
+        )
+
+    # w1 holds 2 (one ASSIGNED, one RUNNING) of 3: one more fits, in request order.
+    response = await client.stub.AssignTickets(
+        pb.AssignTicketsRequest(
+            assignments=[item(tickets[3]), item(tickets[4]), item(tickets[5], "w2")]
+        ),
+        metadata=client.svc,
+    )
+    fits, full, elsewhere = response.results
+    assert (fits.error_code, elsewhere.error_code) == (0, 0)
+    assert full.error_code == Code.RESOURCE_EXHAUSTED.value[0]
+    assert full.error_message == "worker w1 holds 3 tickets, its capacity 3: no free slot"
+    assert (await client.get(tickets[4].ticket_id)).status == S.TICKET_STATUS_PENDING
+    # A repeated assignment holds its slot already: the same answer, not a refusal.
+    again = await client.assign(tickets[3], worker_capacity=3)
+    assert again == fits.ticket
+    # AssignTicket checks it too.
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await client.assign(tickets[4], worker_capacity=3)
+    assert info.value.code() == Code.RESOURCE_EXHAUSTED
+    # 0: not checked (as before the field existed).
+    assert (await client.assign(tickets[4])).status == S.TICKET_STATUS_ASSIGNED
+
+
+async def test_concurrent_assigners_never_take_one_worker_past_its_capacity(
+    client: Client,
+) -> None:
+    tickets = [await client.create(task_id=f"c{n}") for n in range(24)]
+
+    async def assigner(mine: list[pb.ExecutionTicket]) -> int:
+        assigned = 0
+        for ticket in mine:  # one call per ticket, as a busy replica's rounds
+            response = await client.stub.AssignTickets(
+                pb.AssignTicketsRequest(
+                    assignments=[
+                        pb.AssignTicketRequest(
+                            ticket_id=ticket.ticket_id,
+                            worker_id="shared",
+                            attempt=1,
+                            worker_capacity=5,
+                        )
+                    ]
+                ),
+                metadata=client.svc,
+            )
+            assigned += response.results[0].error_code == 0
+        return assigned
+
+    counts = await asyncio.gather(*(assigner(tickets[n::4]) for n in range(4)))
+    assert sum(counts) == 5
+    listing = await client.stub.ListTickets(
+        pb.ListTicketsRequest(worker_id="shared", page_size=100), metadata=client.svc
+    )
+    assert len(listing.tickets) == 5
+
+
 async def test_assign_tickets_refuses_bad_batches_whole_and_non_service_callers(
     client: Client,
 ) -> None:

@@ -18,6 +18,7 @@ pytestmark = pytest.mark.service
 
 NARROW_OUTBOX = "0002_narrow_outbox"
 LOST_RUNS = "0003_lost_runs"
+WORKER_ACTIVE = "0004_worker_active_tickets"
 COLUMNS = (
     "SELECT column_name FROM information_schema.columns "
     "WHERE table_schema = 'public' AND table_name = 'tickets'"
@@ -94,9 +95,8 @@ async def test_lost_runs_start_at_zero_for_existing_tickets_and_events(
     await asyncio.to_thread(apply_migrations, dsn=postgres_dsn, directory=until_outbox)
     await _create(postgres_dsn, "t1")  # its CREATED event's payload has no lost_runs
 
-    applied = await asyncio.to_thread(
-        apply_migrations, dsn=postgres_dsn, directory=MIGRATIONS_DIRECTORY
-    )
+    until_lost_runs = migrations_until(MIGRATIONS_DIRECTORY, LOST_RUNS, into=tmp_path / "m3")
+    applied = await asyncio.to_thread(apply_migrations, dsn=postgres_dsn, directory=until_lost_runs)
     assert applied == [LOST_RUNS]
     assert await _rows(postgres_dsn, "SELECT lost_runs FROM tickets") == [(0,)]
     pool = open_pool(postgres_dsn, min_size=1, max_size=2)
@@ -109,3 +109,15 @@ async def test_lost_runs_start_at_zero_for_existing_tickets_and_events(
 
     await asyncio.to_thread(roll_back_migration, postgres_dsn, MIGRATIONS_DIRECTORY, LOST_RUNS)
     assert "lost_runs" not in {str(r[0]) for r in await _rows(postgres_dsn, COLUMNS)}
+
+
+async def test_the_active_tickets_of_a_worker_are_indexed(postgres_dsn: str) -> None:
+    # Assignments with a worker capacity count them; finished tickets stay out of it.
+    applied = await asyncio.to_thread(
+        apply_migrations, dsn=postgres_dsn, directory=MIGRATIONS_DIRECTORY
+    )
+    assert applied[-1] == WORKER_ACTIVE
+    indexes = "SELECT indexname FROM pg_indexes WHERE tablename = 'tickets'"
+    assert ("tickets_worker_active_idx",) in await _rows(postgres_dsn, indexes)
+    await asyncio.to_thread(roll_back_migration, postgres_dsn, MIGRATIONS_DIRECTORY, WORKER_ACTIVE)
+    assert ("tickets_worker_active_idx",) not in await _rows(postgres_dsn, indexes)

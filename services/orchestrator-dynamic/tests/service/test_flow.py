@@ -12,6 +12,7 @@ import psycopg
 import pytest
 from structlog.testing import capture_logs
 
+from hive_common.clients.registry import RegistryClient
 from hive_common.logging import configure_logging
 from neuralhive.ticket.v1 import ticket_service_pb2 as ticket_pb
 from orchestrator_dynamic.engine import driver as driver_module
@@ -700,3 +701,47 @@ async def test_a_freed_slot_goes_to_the_highest_priority_plan_waiting(flow: Flow
         ]
     started = sorted(tickets, key=lambda t: t.started_at.ToDatetime())
     assert [t.plan_id for t in started[:2]] == ["low", "critical"]
+
+
+async def test_a_worker_full_with_another_replicas_tickets_gets_no_more(flow: Flow) -> None:
+    # Each replica counted only its own assignments, and the registry the worker's last
+    # heartbeat: two replicas filled a 4-slot worker with 8 tickets. The ticket service
+    # now checks each assignment against the worker's max_concurrent.
+    await flow.start_orchestrator(dispatch_retry_seconds=0.3)
+    async with RegistryClient.connect(flow.registry_target) as registry:
+        # A worker that holds a ticket the registry does not know of yet (no heartbeat
+        # since: its in_flight says 0).
+        registered = await registry.register(
+            name="one-slot",
+            capabilities=["solo"],
+            max_concurrent=1,
+            token=flow.registration_secret,
+            instance_id="i-1",
+        )
+    worker_id = registered.worker.worker_id
+    async with flow.ticket_client() as client:
+        foreign = (
+            await client.create_ticket(
+                spec=ticket_pb.TicketSpec(plan_id="elsewhere", task_id="held", task_type="echo")
+            )
+        ).ticket
+        await client.assign_ticket(ticket_id=foreign.ticket_id, worker_id=worker_id, attempt=1)
+        plan = {"plan_id": "waits-for-the-slot", "tasks": [echo("next", caps=("solo",))]}
+        assert (await flow.submit(plan)).status_code == 202
+
+        async def refused_as_full() -> bool:
+            metrics = (await flow.client().get("/metrics")).text
+            return 'hive_orchestrator_assignments_total{outcome="worker_full"}' in metrics
+
+        await flow.wait_for(refused_as_full, what="an assignment refused for a full worker")
+        body = await flow.plan("waits-for-the-slot")
+        assert flow.tasks(body)["next"]["status"] == "PENDING"
+        # The slot frees: the task gets it.
+        await client.update_ticket_status(
+            ticket_id=foreign.ticket_id, status=ticket_pb.TICKET_STATUS_CANCELLED, attempt=0
+        )
+        await flow.wait_plan(
+            "waits-for-the-slot",
+            lambda b: flow.tasks(b)["next"]["worker_id"] == worker_id,
+            "the task assigned to the freed slot",
+        )

@@ -324,7 +324,10 @@ class RecordingRepository:
         settled: bool = False,
     ) -> Any:
         self.statuses.append(status)
-        return SimpleNamespace(status=status, error_message=error_message)
+        return SimpleNamespace(status=status, error_message=error_message, cancel_requested_at=None)
+
+    async def cancel_requested(self, plan_ids: list[str]) -> set[str]:
+        return set()
 
 
 class AssigningTickets:
@@ -332,11 +335,13 @@ class AssigningTickets:
 
     def __init__(self) -> None:
         self.calls: list[list[str]] = []  # the tickets of each call
+        self.capacities: set[int] = set()  # the worker capacities the calls named
 
     async def assign_tickets(
         self, requests: list[ticket_pb.AssignTicketRequest]
     ) -> list[ticket_pb.ExecutionTicket]:
         self.calls.append([r.ticket_id for r in requests])
+        self.capacities.update(r.worker_capacity for r in requests)
         return [
             ticket_pb.ExecutionTicket(
                 ticket_id=r.ticket_id,
@@ -416,8 +421,9 @@ async def test_assignments_go_in_calls_bounded_by_count_and_by_their_tickets_byt
         PlanGraph(Plan(tasks=tuple(tasks), plan_id="p")),
         {t.task_id: TicketState(t.task_id, "t-" + t.task_id, version=1) for t in tasks},
     )
-    await driver._assign(plan, [Assignment(t.task_id, "w") for t in tasks])
+    await driver._assign(plan, [Assignment(t.task_id, "w") for t in tasks], {"w": 4})
     assert tickets.calls == [["t-a", "t-b"], ["t-c", "t-d", "t-e"], ["t-f", "t-g", "t-h"], ["t-i"]]
+    assert tickets.capacities == {4}  # the ticket service checks the worker's capacity
 
 
 def test_worker_view() -> None:

@@ -155,6 +155,9 @@ class Assignment:
     lease_seconds: int
     attempt: int
     expected_version: int | None = None
+    # The worker's max_concurrent: refused when it holds this many ASSIGNED or RUNNING
+    # tickets already (0: not checked).
+    worker_capacity: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -23,7 +23,7 @@ from execution_ticket_service.domain.models import (
     TicketEvent,
     TicketStatus,
 )
-from hive_common.errors import Aborted, FailedPrecondition, HiveError
+from hive_common.errors import Aborted, FailedPrecondition, HiveError, ResourceExhausted
 
 S = TicketStatus
 
@@ -165,6 +165,17 @@ def decide_assign(ticket: Ticket, request: Assignment, *, now: datetime, actor: 
     )
     event = _event(EventType.ASSIGNED, before=ticket, after=after, now=now, actor=actor)
     return Outcome(ticket=after, changed=True, event=event)
+
+
+def check_worker_capacity(request: Assignment, held: int) -> None:
+    """An assignment that would take its worker past ``worker_capacity`` (``held``: its
+    tickets ASSIGNED or RUNNING now, whoever assigned them) is RESOURCE_EXHAUSTED."""
+    if request.worker_capacity and held >= request.worker_capacity:
+        raise ResourceExhausted(
+            f"worker {request.worker_id} holds {held} tickets, its capacity "
+            f"{request.worker_capacity}: no free slot",
+            details={"worker_id": request.worker_id, "held": held},
+        )
 
 
 def decide_update(ticket: Ticket, update: StatusUpdate, *, now: datetime, actor: str) -> Outcome:

@@ -321,6 +321,7 @@ class RawAssignment:
     lease_seconds: int
     attempt: int
     expected_version: int | None
+    worker_capacity: int = 0
 
 
 def _check_assignment(
@@ -335,12 +336,15 @@ def _check_assignment(
         errors.add(f"{prefix}attempt", "must be at least 1 (the ticket's current attempt)")
     if raw.expected_version is not None and raw.expected_version < 1:
         errors.add(f"{prefix}expected_version", "must be at least 1")
+    if raw.worker_capacity < 0:
+        errors.add(f"{prefix}worker_capacity", "must not be negative (0: not checked)")
     return Assignment(
         ticket_id=ticket_id,
         worker_id=canonical_if_uuid(raw.worker_id),
         lease_seconds=lease,
         attempt=raw.attempt,
         expected_version=raw.expected_version,
+        worker_capacity=raw.worker_capacity,
     )
 
 

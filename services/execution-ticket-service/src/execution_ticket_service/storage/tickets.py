@@ -45,6 +45,7 @@ from execution_ticket_service.domain.models import (
 from execution_ticket_service.domain.paging import Cursor, encode_cursor
 from execution_ticket_service.domain.state_machine import (
     Outcome,
+    check_worker_capacity,
     decide_assign,
     decide_lease_expiry,
     decide_update,
@@ -788,16 +789,27 @@ class TicketRepository:
 
     async def assign(self, request: Assignment, *, actor: str) -> Ticket:
         """Apply one assignment, or raise its refusal; written together with concurrent
-        changes, as by :meth:`update_status_many`."""
+        changes, as by :meth:`update_status_many` (with a capacity check: as one batch)."""
+        if request.worker_capacity:
+            [answer] = await self.assign_many([request], actor=actor)
+            if isinstance(answer, HiveError):
+                raise answer
+            return answer
         return await self._changes.submit((request.ticket_id, _assigning(request, actor)))
 
     async def assign_many(
         self, requests: Sequence[Assignment], *, actor: str
     ) -> list[Ticket | HiveError]:
         """Several assignments in one transaction (tickets distinct); each one is applied
-        or refused (the error AssignTicket would raise) on its own, in request order."""
+        or refused (the error AssignTicket would raise) on its own, in request order.
+
+        An assignment with a ``worker_capacity`` is refused when its worker holds that many
+        tickets (ASSIGNED or RUNNING) already: the workers' counts are read under a lock
+        per worker (held to the commit), so two replicas assigning to one worker at once
+        cannot both take its last slot."""
         ids = [r.ticket_id for r in requests]
-        if len(requests) > 1:
+        checked = sorted({r.worker_id for r in requests if r.worker_capacity})
+        if len(requests) > 1 and not checked:
             written = await self._apply_all_on_recent(
                 [(r.ticket_id, _assigning(r, actor)) for r in requests]
             )
@@ -805,6 +817,7 @@ class TicketRepository:
                 return self._batch_answers(written)
 
         async def work(conn: AsyncConnection[DictRow]) -> list[Outcome | HiveError]:
+            held = await _held_by_workers(conn, checked) if checked else {}
             # Locked in one order, so concurrent batches cannot deadlock on each other.
             cur = await conn.execute(
                 "SELECT * FROM tickets WHERE ticket_id = ANY(%s::uuid[]) "
@@ -822,6 +835,9 @@ class TicketRepository:
                     continue
                 try:
                     outcome = decide_assign(ticket, request, now=now, actor=actor)
+                    if _is_change(outcome):  # a repeated assignment holds its slot already
+                        check_worker_capacity(request, held.get(request.worker_id, 0))
+                        held[request.worker_id] = held.get(request.worker_id, 0) + 1
                 except HiveError as exc:
                     results.append(exc)
                     continue
@@ -1116,6 +1132,28 @@ def _kept_changing(ticket_id: str) -> Aborted:
         f"ticket {ticket_id} kept changing concurrently; retry the request",
         details={"ticket_id": ticket_id},
     )
+
+
+# pg_advisory_xact_lock's first key for the per-worker assignment locks.
+_WORKER_LOCKS = 0x68697665  # "hive"
+
+
+async def _held_by_workers(conn: AsyncConnection[DictRow], workers: list[str]) -> dict[str, int]:
+    """Lock each worker (sorted, so assigners cannot deadlock; to the commit) and count its
+    tickets ASSIGNED or RUNNING. Two statements: the count's snapshot is taken after the
+    locks, so it sees what a concurrent assigner committed before releasing them."""
+    await conn.execute(
+        "SELECT pg_advisory_xact_lock(%s, hashtext(w))"
+        " FROM (SELECT w FROM unnest(%s::text[]) AS w ORDER BY w) AS sorted",
+        (_WORKER_LOCKS, workers),
+    )
+    cur = await conn.execute(
+        "SELECT worker_id, count(*) AS held FROM tickets"
+        " WHERE worker_id = ANY(%s::text[]) AND status IN ('ASSIGNED', 'RUNNING')"
+        " GROUP BY worker_id",
+        (workers,),
+    )
+    return {row["worker_id"]: row["held"] for row in await cur.fetchall()}
 
 
 def _not_found(ticket_id: str) -> NotFound:

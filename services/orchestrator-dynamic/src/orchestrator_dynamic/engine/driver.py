@@ -962,8 +962,12 @@ class PlanDriver:
         candidates: dict[frozenset[str], list[WorkerCandidate]] = {}
         # Workers the registry offered with a spare slot of its own reckoning.
         discovered: set[str] = set()
+        # Each worker's max_concurrent, which the ticket service enforces over every
+        # replica's assignments (ours count only ours, the registry's lag a heartbeat).
+        capacities: dict[str, int] = {}
         for capabilities in needed:
             ranked = await self._discover(capabilities)
+            capacities.update((r.worker.worker_id, r.worker.max_concurrent) for r in ranked)
             found = [
                 worker_candidate(
                     r,
@@ -986,7 +990,9 @@ class PlanDriver:
             plan.waiting_for_workers = len(assignment_round.unassigned)
             if assignment_round.unassigned:
                 plan.due = min(plan.due, loop.time() + retry)
-            await self._guarded(plan, self._end_round(plan, decision, assignment_round.assignments))
+            await self._guarded(
+                plan, self._end_round(plan, decision, assignment_round.assignments, capacities)
+            )
 
     async def _without_cancelled(
         self, ready: list[tuple[DrivenPlan, SchedulingDecision]]
@@ -1004,7 +1010,11 @@ class PlanDriver:
         return [(plan, decision) for plan, decision in ready if plan.plan_id not in cancelled]
 
     async def _end_round(
-        self, plan: DrivenPlan, decision: SchedulingDecision, assignments: Sequence[Assignment]
+        self,
+        plan: DrivenPlan,
+        decision: SchedulingDecision,
+        assignments: Sequence[Assignment],
+        capacities: Mapping[str, int],
     ) -> None:
         """Store a dispatching plan's round: the observations with its assignments, then
         the plan status as the assignments left it (a PENDING plan whose first ticket was
@@ -1012,7 +1022,7 @@ class PlanDriver:
         (it excludes our changes), so deciding the status before them left it PENDING until
         the worker started the ticket or the next resync."""
         if assignments:
-            await self._assign(plan, assignments)
+            await self._assign(plan, assignments, capacities)
         else:
             await self._flush(plan)
         await self._store_status(plan, plan.progress.after_dispatch(decision))
@@ -1071,11 +1081,15 @@ class PlanDriver:
             limit=self._settings.ticket_batch_size,
         )
 
-    async def _assign(self, plan: DrivenPlan, assignments: Sequence[Assignment]) -> None:
+    async def _assign(
+        self, plan: DrivenPlan, assignments: Sequence[Assignment], capacities: Mapping[str, int]
+    ) -> None:
         """The round's assignments of one plan, in batches (one call and one ticket-service
         transaction each; ``ticket_batch_size`` and :data:`TICKET_CALL_BYTES` of tickets,
         which the answer carries), each stored with the observations the round folded (one
-        statement); a refused one is re-read and decided again next round."""
+        statement); a refused one is re-read and decided again next round, one refused for
+        a full worker (``capacities``: checked by the ticket service) after dispatch_retry."""
+        loop = asyncio.get_running_loop()
         failure: HiveError | None = None
         for chunk in self._in_calls(plan, assignments):
             requests = []
@@ -1089,10 +1103,24 @@ class PlanDriver:
                         attempt=state.attempt,
                         lease_seconds=self._settings.assign_lease_seconds,
                         expected_version=state.version,
+                        worker_capacity=capacities.get(assignment.worker_id, 0),
                     )
                 )
             results = await self._call_tickets(self._tickets.assign_tickets(requests))
             for assignment, request, result in zip(chunk, requests, results, strict=True):
+                if isinstance(result, ResourceExhausted):
+                    # Full with tickets another replica assigned (which the registry
+                    # reports a heartbeat later): the task waits, its ticket unchanged.
+                    self._metrics.assignments.labels("worker_full").inc()
+                    _log.info(
+                        "assignment refused: the worker is full",
+                        plan_id=plan.plan_id,
+                        task_id=assignment.task_id,
+                        worker_id=assignment.worker_id,
+                    )
+                    plan.waiting_for_workers += 1
+                    plan.due = min(plan.due, loop.time() + self._settings.dispatch_retry)
+                    continue
                 if isinstance(result, Aborted | FailedPrecondition | NotFound):
                     self._metrics.assignments.labels("refused").inc()
                     # Someone else changed the ticket (a race with a status change or

@@ -448,6 +448,7 @@ class AssignTicketRequest(_message.Message):
     LEASE_SECONDS_FIELD_NUMBER: _builtins.int
     ATTEMPT_FIELD_NUMBER: _builtins.int
     EXPECTED_VERSION_FIELD_NUMBER: _builtins.int
+    WORKER_CAPACITY_FIELD_NUMBER: _builtins.int
     ticket_id: _builtins.str
     worker_id: _builtins.str
     lease_seconds: _builtins.int
@@ -455,6 +456,12 @@ class AssignTicketRequest(_message.Message):
     attempt: _builtins.int
     """The attempt being assigned (the ticket's current attempt)."""
     expected_version: _builtins.int
+    worker_capacity: _builtins.int
+    """The worker's capacity (its max_concurrent), 0 for no check: the assignment is
+    refused with RESOURCE_EXHAUSTED when the worker already holds this many tickets
+    ASSIGNED or RUNNING, whoever assigned them (orchestrator replicas sharing workers).
+    A repeated identical assignment is not counted twice.
+    """
     def __init__(
         self,
         *,
@@ -463,10 +470,11 @@ class AssignTicketRequest(_message.Message):
         lease_seconds: _builtins.int = ...,
         attempt: _builtins.int = ...,
         expected_version: _builtins.int | None = ...,
+        worker_capacity: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_expected_version", b"_expected_version", "expected_version", b"expected_version"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_expected_version", b"_expected_version", "attempt", b"attempt", "expected_version", b"expected_version", "lease_seconds", b"lease_seconds", "ticket_id", b"ticket_id", "worker_id", b"worker_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_expected_version", b"_expected_version", "attempt", b"attempt", "expected_version", b"expected_version", "lease_seconds", b"lease_seconds", "ticket_id", b"ticket_id", "worker_capacity", b"worker_capacity", "worker_id", b"worker_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__expected_version: _TypeAlias = _typing.Literal["expected_version"]  # noqa: Y015
     _WhichOneofArgType__expected_version: _TypeAlias = _typing.Literal["_expected_version", b"_expected_version"]  # noqa: Y015
@@ -547,7 +555,8 @@ class AssignTicketsResult(_message.Message):
     ERROR_MESSAGE_FIELD_NUMBER: _builtins.int
     error_code: _builtins.int
     """When refused: the gRPC status code AssignTicket would have returned (NOT_FOUND = 5,
-    FAILED_PRECONDITION = 9, ABORTED = 10) and its message; 0 when assigned.
+    RESOURCE_EXHAUSTED = 8, FAILED_PRECONDITION = 9, ABORTED = 10) and its message; 0
+    when assigned.
     """
     error_message: _builtins.str
     @_builtins.property

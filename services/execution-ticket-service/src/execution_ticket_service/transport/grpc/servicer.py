@@ -446,6 +446,7 @@ def _raw_assignment(request: pb.AssignTicketRequest) -> RawAssignment:
         expected_version=(
             request.expected_version if request.HasField("expected_version") else None
         ),
+        worker_capacity=request.worker_capacity,
     )
 
 
