@@ -38,7 +38,8 @@ class Failure:
         return f"retry   {self.task_id} attempt {self.attempt} failed{message}"
 
 
-# The message the ticket service gives a ticket whose lease ran out (worker gone or slow).
+# The message of a ticket whose lease ran out, in audit events written before the events
+# carried it (worker gone or slow).
 LEASE_EXPIRED_MESSAGE = "timed out"
 
 EventsReader = Callable[[str], JsonObject]
@@ -56,7 +57,8 @@ def failed_attempts(history: Mapping[str, Any]) -> dict[int, str]:
         if event.get("type") == "REQUEUED":
             attempt, message = details.get("failed_attempt"), details.get("error_message")
         elif event.get("type") == "LEASE_EXPIRED" and details.get("requeued"):
-            attempt, message = details.get("expired_attempt"), LEASE_EXPIRED_MESSAGE
+            attempt = details.get("expired_attempt")
+            message = details.get("error_message") or LEASE_EXPIRED_MESSAGE
         else:
             continue
         if isinstance(attempt, int):

@@ -303,7 +303,12 @@ def test_an_expired_lease_is_a_failed_attempt() -> None:
     tracker = FailureTracker(EventReads(history(expired)))
     # A re-queue after an expired lease leaves no error message on the ticket.
     (failure,) = tracker.new_failures(snapshot("RUNNING", ticket("a", "PENDING", 2)))
-    assert failure.text() == "retry   a attempt 1 failed: timed out"
+    assert failure.text() == "retry   a attempt 1 failed: timed out"  # an event of before
+    never = "not started: worker w1 did not start it within its assignment lease"
+    expired["details"] = {"expired_attempt": 1, "requeued": True, "error_message": never}
+    tracker = FailureTracker(EventReads(history(expired)))
+    (failure,) = tracker.new_failures(snapshot("RUNNING", ticket("a", "PENDING", 2)))
+    assert failure.text() == f"retry   a attempt 1 failed: {never}"
 
 
 def test_plain_display_prints_a_line_per_change_and_each_failure() -> None:

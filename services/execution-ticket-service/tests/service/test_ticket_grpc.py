@@ -946,7 +946,9 @@ async def test_an_assignment_never_started_is_requeued_without_using_a_retry(
         ticket = await client.assign(ticket, lease_seconds=10)
         advance_clock(11)
         ticket = await _swept(client, ticket)
-        assert ticket.error_message == "timed out"
+        assert ticket.error_message == (
+            "not started: worker w1 did not start it within its assignment lease"
+        )
         if attempt <= MAX_LOST_RUNS:
             assert (ticket.status, ticket.attempt, ticket.lost_runs) == (
                 S.TICKET_STATUS_PENDING,

@@ -328,9 +328,12 @@ def test_an_assignment_lease_expiry_is_a_lost_run_until_the_limit() -> None:
         1,
     )
     assert not outcome.ticket.retries_left  # attempt 4, one lost: the last of 1 + 2 retries
-    assert outcome.ticket.error_message == "timed out"
+    # Not "timed out": the task never ran (it read as if it had run too long).
+    never_started = "not started: worker w1 did not start it within its assignment lease"
+    assert outcome.ticket.error_message == never_started
     assert outcome.event is not None
     assert outcome.event.details["worker_lost"] is True
+    assert outcome.event.details["error_message"] == never_started
     spent = replace(last, lost_runs=MAX_LOST_RUNS, attempt=3 + MAX_LOST_RUNS)
     assert decide_lease_expiry(spent, now=LATER + timedelta(minutes=1)).ticket.status is S.FAILED
 

@@ -43,6 +43,7 @@ LEGAL_TRANSITIONS: dict[TicketStatus, frozenset[TicketStatus]] = {
 UPDATE_TARGETS: frozenset[TicketStatus] = frozenset({S.RUNNING, S.COMPLETED, S.FAILED, S.CANCELLED})
 
 LEASE_EXPIRED_MESSAGE = "timed out"
+"""A RUNNING ticket's lease (the task's timeout) that passed."""
 MAX_LOST_RUNS = 3
 """Attempts per ticket that may end with their worker (stopped or lost) without using one
 of the task's retries; after that such an ending counts as an ordinary failure."""
@@ -292,27 +293,32 @@ def decide_lease_expiry(ticket: Ticket, *, now: datetime) -> Outcome:
     ):
         return Outcome(ticket=ticket)
     # An ASSIGNED lease that passed: the worker never started the task (lost, or gone).
-    lost_run = ticket.status is S.ASSIGNED and ticket.lost_runs < MAX_LOST_RUNS
+    never_started = ticket.status is S.ASSIGNED
+    message = (
+        f"not started: worker {ticket.worker_id} did not start it within its assignment lease"
+        if never_started
+        else LEASE_EXPIRED_MESSAGE
+    )
+    lost_run = never_started and ticket.lost_runs < MAX_LOST_RUNS
     if lost_run or ticket.retries_left:
-        after = replace(
-            _requeue(ticket, now, lost_run=lost_run), error_message=LEASE_EXPIRED_MESSAGE
-        )
+        after = replace(_requeue(ticket, now, lost_run=lost_run), error_message=message)
         details: dict[str, object] = {
             "expired_attempt": ticket.attempt,
             "requeued": True,
             "worker_lost": lost_run,
+            "error_message": message,
         }
     else:
         after = replace(
             ticket,
             status=S.FAILED,
-            error_message=LEASE_EXPIRED_MESSAGE,
+            error_message=message,
             completed_at=now,
             lease_expires_at=None,
             version=ticket.version + 1,
             updated_at=now,
         )
-        details = {"expired_attempt": ticket.attempt, "requeued": False}
+        details = {"expired_attempt": ticket.attempt, "requeued": False, "error_message": message}
     event = _event(
         EventType.LEASE_EXPIRED,
         before=ticket,
