@@ -885,23 +885,13 @@ class Worker:
         key = (ticket.ticket_id, ticket.attempt)
         if key in self._runs or key in self._finished:
             return
+        # (A RUNNING ticket of this worker id is always this process's: another process
+        # of the name registers under a new id, see the registry.)
         if ticket.status == pb.TICKET_STATUS_ASSIGNED:
             if self._draining:
                 self._log.info("draining; not taking assignment", ticket_id=ticket.ticket_id)
                 return
             self._accept(ticket, token)
-        elif (
-            ticket.status == pb.TICKET_STATUS_RUNNING
-            and event.type == pb.TICKET_EVENT_TYPE_SNAPSHOT
-        ):
-            # Running for this worker id, but not in this process: a previous process
-            # died mid-task. Fail the attempt so it is retried now, not at lease expiry.
-            self._remember(key)
-            orphan = asyncio.create_task(
-                self._fail_orphan(ticket, token), name="hive-worker-orphan"
-            )
-            self._background.add(orphan)
-            orphan.add_done_callback(self._background.discard)
 
     def _abandon(self, run: _Run, ticket: pb.ExecutionTicket) -> None:
         if run.phase is Phase.REPORTING or run.abandoned:
@@ -1235,26 +1225,6 @@ class Worker:
             # The answer returns the ticket whole: its parameters, besides the result.
             answer_bytes=run.ticket.ByteSize(),
         )
-
-    async def _fail_orphan(self, ticket: pb.ExecutionTicket, token: pb.TicketToken | None) -> None:
-        assert self._worker_id is not None
-        run = _Run(
-            ticket=ticket,
-            worker_id=self._worker_id,
-            phase=Phase.REPORTING,
-            log=self._log.bind(ticket_id=ticket.ticket_id, attempt=ticket.attempt),
-        )
-        run.take_token(token)
-        run.log.warning("found a running attempt this process does not own; failing it")
-        try:
-            await self._report(
-                run,
-                Outcome.failure(
-                    "the worker restarted while this attempt was running", worker_lost=True
-                ),
-            )
-        except HiveError as exc:
-            run.log.warning("could not fail the orphaned attempt", error=describe_error(exc))
 
     # ------------------------------------------------------------------ drain
 

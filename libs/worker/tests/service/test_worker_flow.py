@@ -385,11 +385,11 @@ async def test_reports_made_together_go_in_one_call(
     assert worker.succeeded_total == 4
 
 
-async def test_an_assignment_made_while_the_worker_was_away_is_picked_up(
+async def test_a_name_taken_over_gets_a_new_identity_and_leaves_the_old_ones_tickets(
     workers: Any, registry: Any, orchestrator: TicketClient
 ) -> None:
     name = f"returning-{uuid.uuid4().hex[:6]}"
-    # An earlier life of this worker registered; the ticket was assigned to it meanwhile.
+    # An earlier life of this worker registered; a ticket was assigned to it meanwhile.
     earlier = RegistryClient.connect(registry.target)
     async with earlier:
         response = await earlier.register(
@@ -397,17 +397,26 @@ async def test_an_assignment_made_while_the_worker_was_away_is_picked_up(
             capabilities=["python"],
             max_concurrent=1,
             token="hive-worker-service-tests-registration-secret",
+            instance_id="earlier-process",
         )
-    # That life ended long enough ago for its registration to have lapsed (not expired).
+    # That life went silent long enough for its registration to have lapsed (not expired).
     registry.clock.advance(16)
     assigned = await create_and_assign(
         orchestrator, response.worker.worker_id, spec("echo", {"x": "while away"})
     )
 
+    # The name is taken over under a new id (the old one ends with EXPIRED, and the
+    # orchestrator hands its tickets back): with the same id, the earlier process, had it
+    # only been paused, would have run this one's assignments too.
     worker_id = await workers.start(workers.make(name=name))
-    assert worker_id == response.worker.worker_id
-    done = await wait_status(orchestrator, assigned.ticket_id, COMPLETED)
-    assert dict(done.result) == {"x": "while away"}
+    assert worker_id != response.worker.worker_id
+    mine = await create_and_assign(orchestrator, worker_id, spec("echo", {"x": "mine"}))
+    assert dict((await wait_status(orchestrator, mine.ticket_id, COMPLETED)).result) == {
+        "x": "mine"
+    }
+    # The old identity's assignment is not this process's to run.
+    left = await orchestrator.get_ticket(ticket_id=assigned.ticket_id)
+    assert (left.status, left.worker_id) == (ASSIGNED, response.worker.worker_id)
 
 
 async def test_a_cancelled_ticket_stops_its_handler_and_reports_nothing(
@@ -522,33 +531,6 @@ async def test_registration_with_a_wrong_secret_is_refused(workers: Any) -> None
     worker = workers.make(registration_secret="not-the-secret")
     with pytest.raises(Unauthenticated):
         await asyncio.wait_for(worker.run(install_signal_handlers=False), WAIT_SECONDS)
-
-
-async def test_an_attempt_left_running_by_a_dead_process_is_failed_on_restart(
-    workers: Any, registry: Any, orchestrator: TicketClient
-) -> None:
-    name = f"phoenix-{uuid.uuid4().hex[:6]}"
-    first = workers.make(name=name)
-    gate = Gate()
-    first.add_task("block", gate)
-    worker_id = await workers.start(first)
-    # max_retries 0: the restart is the worker's ending, not the task's, and uses no retry.
-    assigned = await create_and_assign(orchestrator, worker_id, spec("block"))
-    await gate.until(lambda: len(gate.started) == 1)
-    # The process dies: no report, no deregistration; the ticket stays RUNNING.
-    workers.running[-1][1].cancel()
-    await asyncio.gather(workers.running[-1][1], return_exceptions=True)
-    assert (await orchestrator.get_ticket(ticket_id=assigned.ticket_id)).status == RUNNING
-
-    # Its successor (same name) is refused while the dead process's registration looks
-    # live, and waits; once that lapses (registry time moves 16 s), it takes the name
-    # over with the same worker id and finds the attempt in its snapshot.
-    successor = workers.make(name=name)
-    asyncio.get_running_loop().call_later(1.0, registry.clock.advance, 16)
-    assert await workers.start(successor) == worker_id
-    requeued = await wait_status(orchestrator, assigned.ticket_id, PENDING, attempt=2)
-    assert requeued.error_message == "the worker restarted while this attempt was running"
-    assert requeued.lost_runs == 1
 
 
 async def _hive_worker_process(

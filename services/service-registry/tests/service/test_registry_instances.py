@@ -100,6 +100,7 @@ async def test_the_same_instance_registers_again_under_its_worker_id(
 async def test_a_restart_after_a_crash_takes_the_name_over_once_the_old_one_is_silent(
     registry: Registry,
 ) -> None:
+    watch = await registry.open_watch()
     crashed = await registry.register("host-1", instance_id="proc-a")
     worker_id = crashed.worker.worker_id
     registry.clock.advance(15)  # exactly the unhealthy window: still counted live
@@ -109,9 +110,20 @@ async def test_a_restart_after_a_crash_takes_the_name_over_once_the_old_one_is_s
 
     restarted = await registry.register("host-1", instance_id="proc-b")
 
-    # Same identity: the new process finds (and fails) the attempts the old one left.
-    assert restarted.worker.worker_id == worker_id
+    # A new identity: the old one ends (EXPIRED: its tickets are handed back), so the old
+    # process, were it only paused, cannot wake up holding the new one's assignments (it
+    # kept the same id, and both processes ran every task).
+    assert restarted.worker.worker_id != worker_id
     assert restarted.worker.status == pb.WORKER_STATUS_HEALTHY
+    with pytest.raises(grpc.aio.AioRpcError) as gone:
+        await registry.heartbeat(worker_id)
+    assert gone.value.code() == grpc.StatusCode.NOT_FOUND
+    assert await registry.next_events(watch, 3) == [
+        ("WORKER_EVENT_TYPE_REGISTERED", "host-1"),
+        ("WORKER_EVENT_TYPE_EXPIRED", "host-1"),
+        ("WORKER_EVENT_TYPE_REGISTERED", "host-1"),
+    ]
+    watch.cancel()
     # The name is now the new process's: the old one, were it to come back, is refused.
     registry.clock.advance(1)
     await refusal(registry, "host-1", "proc-a")
@@ -153,7 +165,7 @@ async def test_leaving_the_instance_id_out_does_not_take_a_live_instance_over(
     # Once the holder is silent past the unhealthy window the name is free again.
     registry.clock.advance(20)
     taken_over = await registry.register("host-2")
-    assert taken_over.worker.worker_id == holder.worker.worker_id
+    assert taken_over.worker.worker_id != holder.worker.worker_id
 
 
 async def test_an_invalid_instance_id_is_invalid_argument(registry: Registry) -> None:

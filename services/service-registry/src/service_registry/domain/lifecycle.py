@@ -65,17 +65,20 @@ def register(
 
     :class:`WorkerNameInUse` when another instance holds the name and is live (heartbeat
     within the unhealthy window): two processes sharing one worker_id would both run
-    every assignment. A holder silent for longer (crashed) is taken over. A ``spec``
-    without an instance (older clients) is refused only by a live holder that named one:
-    else leaving the field out would hand anyone with the registration secret a running
-    worker's identity, token and assignments.
+    every assignment. A holder silent for longer (crashed, or only paused) is taken over
+    under a new worker id, its own ending with EXPIRED (its tickets are handed back): a
+    paused process that wakes up must not find its id alive, or it would run the new
+    process's assignments too. A ``spec`` without an instance (older clients) is refused
+    only by a live holder that named one: else leaving the field out would hand anyone
+    with the registration secret a running worker's identity, token and assignments.
     """
     events: list[WorkerEvent] = []
-    if existing is not None and policy.is_expired(existing.last_heartbeat_at, now):
+    if existing is not None and (
+        policy.is_expired(existing.last_heartbeat_at, now)
+        or _taken_over(existing, spec, now=now, policy=policy)
+    ):
         events.append(_event(WorkerEventType.EXPIRED, expired_view(existing, policy, now), now))
         existing = None
-    if existing is not None:
-        _refuse_if_held_by_another_live_instance(existing, spec, now=now, policy=policy)
     if existing is None:
         worker = Worker(
             worker_id=new_worker_id or uuid.uuid4(),
@@ -113,13 +116,15 @@ def register(
     return Transition(worker=worker, events=events, previous=existing)
 
 
-def _refuse_if_held_by_another_live_instance(
+def _taken_over(
     existing: Worker, spec: RegistrationSpec, *, now: datetime, policy: HealthPolicy
-) -> None:
+) -> bool:
+    """Whether ``spec`` is another instance taking the name over from a silent holder;
+    :class:`WorkerNameInUse` while that holder is live."""
     if existing.instance_id == spec.instance_id:
-        return  # the same process again (or, both empty, a client older than instances)
+        return False  # the same process again (or, both empty, a client older than instances)
     if policy.is_unhealthy(existing.last_heartbeat_at, now):
-        return  # silent past the unhealthy window: a crashed process, take the name over
+        return True  # silent past the unhealthy window: crashed (or paused)
     age = max(0.0, (now - existing.last_heartbeat_at).total_seconds())
     window = policy.unhealthy_after.total_seconds()
     where = "" if spec.namespace == DEFAULT_NAMESPACE else f" in namespace '{spec.namespace}'"
