@@ -601,9 +601,13 @@ async def test_watch_raises_errors_that_retrying_cannot_fix(
     tickets.watch_scripts = [([1], "deny")]
     async with ticket_client(ticket_port, sleeps) as client:
         watch = client.watch_tickets(worker_id="other")
+        assert not watch.live  # nothing answered yet
         assert (await anext(watch)).event_id == "e1"
+        assert watch.live
         with pytest.raises(PermissionDenied):
             await anext(watch)
+        # Refused: it delivers no more (a worker reported free slots on it for ever).
+        assert not watch.live
         await watch.aclose()
     assert len(tickets.watch_requests) == 1
 

@@ -391,9 +391,10 @@ class Worker:
         self._token_expires_at: datetime | None = None
         self._server_interval: float = 5.0
         self._warned_interval: float | None = None  # the registry interval warned about
-        # The assignment watch now open, and whether heartbeats said it was unreachable.
+        # The assignment watch now open, and whether heartbeats said it does not deliver
+        # (as at the start, until it first does: nothing logged for that).
         self._watch: TicketWatch | None = None
-        self._reported_unreachable = False
+        self._reported_unreachable = True
         self._runs: dict[tuple[str, int], _Run] = {}
         self._finished: OrderedDict[tuple[str, int], None] = OrderedDict()
         self._slots = asyncio.Semaphore(settings.max_concurrent)
@@ -791,20 +792,21 @@ class Worker:
             self._log.warning("heartbeat failed", error=describe_error(exc))
 
     def _reported_load(self) -> int:
-        """:attr:`load`, or every slot while the assignment watch cannot reach the ticket
-        service: a worker that cannot see its assignments must not attract any (each
-        would cost an attempt and a lease, and a plan could fail for it)."""
+        """:attr:`load`, or every slot while the assignment watch does not deliver (the
+        ticket service unreachable, or refusing the watch): a worker that cannot see its
+        assignments must not attract any (each would cost an attempt and a lease, and a
+        plan could fail for it)."""
         watch = self._watch
-        unreachable = watch is not None and watch.down
+        # Draining: no new work comes anyway; the load says what is left.
+        unreachable = not self._draining and (watch is None or not watch.live)
         if unreachable != self._reported_unreachable:
             self._reported_unreachable = unreachable
             if unreachable:
                 self._log.warning(
-                    "ticket service unreachable: reporting no free slot until the "
-                    "assignment watch is back"
+                    "assignment watch not delivering: reporting no free slot until it is back"
                 )
             else:
-                self._log.info("assignment watch back: reporting free slots again")
+                self._log.info("assignment watch delivering: reporting free slots")
         return self.settings.max_concurrent if unreachable else self.load
 
     def _token_expiring(self) -> bool:
@@ -1232,10 +1234,8 @@ class Worker:
         self._draining = True
         log = self._log
         log.info("draining", in_flight=len(self._runs))
-        if self._watch_task is not None:
-            self._watch_task.cancel()
-            await asyncio.gather(self._watch_task, return_exceptions=True)
-            self._watch_task = None
+        # The watch stays open while attempts run: a cancel of one must still stop it
+        # (assignments it brings now are not taken, see _on_event).
         for run in list(self._runs.values()):
             if run.phase is Phase.QUEUED and run.task is not None:
                 run.released = True
@@ -1266,6 +1266,10 @@ class Worker:
                     task.cancel()
                 await asyncio.gather(*still, return_exceptions=True)
 
+        if self._watch_task is not None:
+            self._watch_task.cancel()
+            await asyncio.gather(self._watch_task, return_exceptions=True)
+            self._watch_task = None
         heartbeat.cancel()
         await asyncio.gather(heartbeat, return_exceptions=True)
         if self._worker_id is not None:

@@ -736,3 +736,25 @@ async def test_the_command_stops_at_once_on_sigterm_while_the_registry_is_unreac
             await process.wait()
     assert process.returncode == 0, output.decode(errors="replace")
     assert stopped_after < 3, output.decode(errors="replace")  # was 20-27 s
+
+
+async def test_a_cancel_during_a_drain_still_stops_the_running_task(
+    workers: Any, orchestrator: TicketClient
+) -> None:
+    # The drain closed the assignment watch first: a plan cancelled during the drain
+    # grace ran its task to the end, and the refused report was logged at WARNING.
+    worker = workers.make(drain_grace_seconds=60)
+    gate = Gate()
+    worker.add_task("block", gate)
+    worker_id = await workers.start(worker)
+    assigned = await create_and_assign(orchestrator, worker_id, spec("block"))
+    await gate.until(lambda: len(gate.started) == 1)
+
+    worker.drain()
+    await orchestrator.update_ticket_status(
+        ticket_id=assigned.ticket_id, status=CANCELLED, attempt=0, error_message="plan cancelled"
+    )
+    await gate.until(lambda: gate.cancelled == [assigned.ticket_id])
+    await asyncio.wait_for(workers.running[-1][1], WAIT_SECONDS)  # the drain ends
+    final = await orchestrator.get_ticket(ticket_id=assigned.ticket_id)
+    assert (final.status, final.error_message) == (CANCELLED, "plan cancelled")

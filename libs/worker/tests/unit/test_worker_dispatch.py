@@ -9,7 +9,8 @@ import functools
 import re
 import threading
 import time
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
 
 import pytest
 from google.protobuf import struct_pb2
@@ -347,6 +348,20 @@ async def test_an_assignment_cancelled_before_it_starts_frees_its_slot() -> None
     await asyncio.sleep(0)  # the cancelled tasks end; their callbacks run
     await asyncio.sleep(0)
     assert (worker.in_flight, worker.load) == (0, 0)
+
+
+def test_no_free_slot_is_reported_while_the_assignment_watch_does_not_deliver() -> None:
+    # A watch the ticket service refused (e.g. tokens signed with another secret) was not
+    # "down": heartbeats said every slot free, and tickets waited out their leases on it.
+    worker = Worker(settings=settings(max_concurrent=4))
+    assert worker._reported_load() == 4  # no watch yet
+    worker._watch = cast(Any, SimpleNamespace(live=False))  # refused, or reconnecting
+    assert worker._reported_load() == 4
+    worker._watch = cast(Any, SimpleNamespace(live=True))
+    assert worker._reported_load() == 0
+    worker._watch = cast(Any, SimpleNamespace(live=False))
+    worker._draining = True  # nothing new comes anyway: the load says what is left
+    assert worker._reported_load() == 0
 
 
 def test_settings_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:

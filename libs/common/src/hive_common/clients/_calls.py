@@ -222,19 +222,22 @@ class ReconnectingStream(Generic[ResponseT, ItemT]):
         self._closed = False
         self._failures = 0
         self._outage_started: float | None = None
+        self._live = False
         self.connections = 0
         """How many times the stream was opened (1 + reconnections)."""
 
     @property
-    def down(self) -> bool:
-        """True from a failure until the stream is established again (a message, or a
-        subclass's :meth:`_established`): while the server cannot be reached."""
-        return self._outage_started is not None
+    def live(self) -> bool:
+        """True while the stream delivers: from the server's first answer on it (a
+        message, or a subclass's :meth:`_established`) to a failure, a refusal or the
+        end. False before, while reconnecting, and after a refusal ended it."""
+        return self._live
 
     def _established(self) -> None:
         """Subclasses: the server answered the (re)opened stream (e.g. its headers)."""
         self._outage_started = None
         self._failures = 0
+        self._live = True
 
     def _request(self) -> Any:
         raise NotImplementedError
@@ -294,8 +297,7 @@ class ReconnectingStream(Generic[ResponseT, ItemT]):
             if response is None:  # grpc's answer to a message it could not decode
                 self._drop()
                 raise _undecodable_response(self._method, stream=type(self).__name__)
-            self._failures = 0
-            self._outage_started = None
+            self._established()
             self._pending.extend(self._accept(response))
 
     async def _open(self) -> None:
@@ -306,6 +308,7 @@ class ReconnectingStream(Generic[ResponseT, ItemT]):
         await self._connected(call)
 
     def _drop(self) -> None:
+        self._live = False
         if self._call is not None and not self._call.done():
             self._call.cancel()
         self._call = None
