@@ -440,17 +440,24 @@ async def test_a_cancelled_ticket_stops_its_handler_and_reports_nothing(
     assert worker.succeeded_total == worker.failed_total == 0
 
 
-async def test_drain_finishes_running_work_takes_no_new_work_and_deregisters(
-    workers: Any, orchestrator: TicketClient, registry_admin: RegistryClient
-) -> None:
+async def draining_while_blocked(
+    workers: Any, orchestrator: TicketClient
+) -> tuple[str, Gate, pb.ExecutionTicket]:
+    """A worker draining (grace 60 s) while the ticket it runs blocks on ``gate``."""
     worker = workers.make(drain_grace_seconds=60)
     gate = Gate()
     worker.add_task("block", gate)
     worker_id = await workers.start(worker)
     running = await create_and_assign(orchestrator, worker_id, spec("block"))
     await gate.until(lambda: len(gate.started) == 1)
-
     worker.drain()
+    return worker_id, gate, running
+
+
+async def test_drain_finishes_running_work_takes_no_new_work_and_deregisters(
+    workers: Any, orchestrator: TicketClient, registry_admin: RegistryClient
+) -> None:
+    worker_id, gate, running = await draining_while_blocked(workers, orchestrator)
     draining = await eventually(
         lambda: registry_admin.get_worker(worker_id=worker_id),
         lambda w: w.status == rpb.WORKER_STATUS_DRAINING,
@@ -743,14 +750,7 @@ async def test_a_cancel_during_a_drain_still_stops_the_running_task(
 ) -> None:
     # The drain closed the assignment watch first: a plan cancelled during the drain
     # grace ran its task to the end, and the refused report was logged at WARNING.
-    worker = workers.make(drain_grace_seconds=60)
-    gate = Gate()
-    worker.add_task("block", gate)
-    worker_id = await workers.start(worker)
-    assigned = await create_and_assign(orchestrator, worker_id, spec("block"))
-    await gate.until(lambda: len(gate.started) == 1)
-
-    worker.drain()
+    _, gate, assigned = await draining_while_blocked(workers, orchestrator)
     await orchestrator.update_ticket_status(
         ticket_id=assigned.ticket_id, status=CANCELLED, attempt=0, error_message="plan cancelled"
     )
