@@ -745,3 +745,41 @@ async def test_a_worker_full_with_another_replicas_tickets_gets_no_more(flow: Fl
             lambda b: flow.tasks(b)["next"]["worker_id"] == worker_id,
             "the task assigned to the freed slot",
         )
+
+
+async def test_a_worker_with_a_free_slot_ranked_below_a_hundred_full_ones_is_used(
+    flow: Flow,
+) -> None:
+    # Discovery asks for 100 workers, full ones included: 100 full workers with good
+    # records filled the answer, and the one with a free slot was never offered.
+    await flow.start_orchestrator()
+    async with RegistryClient.connect(flow.registry_target) as registry:
+
+        async def worker(name: str, *, max_concurrent: int, **heartbeat: int) -> str:
+            registered = await registry.register(
+                name=name,
+                capabilities=["crowd"],
+                max_concurrent=max_concurrent,
+                token=flow.registration_secret,
+                instance_id=name,
+            )
+            await registry.heartbeat(
+                worker_id=registered.worker.worker_id,
+                token=registered.token,
+                **heartbeat,
+            )
+            return registered.worker.worker_id
+
+        # Ranked below every full one: one slot in ten free, a poor record, older.
+        spare = await worker(
+            "spare", max_concurrent=10, in_flight=9, succeeded_total=0, failed_total=20
+        )
+        for n in range(100):
+            await worker(f"full-{n}", max_concurrent=1, in_flight=1, succeeded_total=50)
+        plan = {"plan_id": "finds-the-spare-slot", "tasks": [echo("only", caps=("crowd",))]}
+        assert (await flow.submit(plan)).status_code == 202
+        await flow.wait_plan(
+            "finds-the-spare-slot",
+            lambda b: flow.tasks(b)["only"]["worker_id"] == spare,
+            "the task assigned to the worker with a free slot",
+        )

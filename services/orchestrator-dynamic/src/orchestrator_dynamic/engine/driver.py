@@ -88,6 +88,8 @@ _OfTask = TypeVar("_OfTask", TicketState, Assignment)
 
 _PRIORITY_RANK = {Priority.CRITICAL: 0, Priority.HIGH: 1, Priority.NORMAL: 2, Priority.LOW: 3}
 _TRANSIENT = (Unavailable, DeadlineExceeded)
+# Workers per DiscoverWorkers answer (the registry's default cap).
+_DISCOVERY_RESULTS = 100
 _WORKER_WAKE_EVENTS = frozenset(
     {registry_pb.WORKER_EVENT_TYPE_REGISTERED, registry_pb.WORKER_EVENT_TYPE_UPDATED}
 )
@@ -1035,13 +1037,13 @@ class PlanDriver:
         if cached is not None and now - cached[0] < self._settings.discovery_cache:
             return cached[1]
         try:
-            ranked = await self._registry.discover_workers(
-                required_capabilities=sorted(capabilities),
-                namespace=self._settings.namespace,
-                max_results=100,
-                # Full ones too: we may have freed slots there since their heartbeat.
-                include_full=True,
-            )
+            ranked = await self._discover_ranked(capabilities, include_full=True)
+            if len(ranked) >= _DISCOVERY_RESULTS:
+                # Cut off: full workers with good records can fill the answer, and a
+                # worker with free slots ranked below them would never be offered.
+                seen = {r.worker.worker_id for r in ranked}
+                spare = await self._discover_ranked(capabilities, include_full=False)
+                ranked += [r for r in spare if r.worker.worker_id not in seen]
         except HiveError as exc:
             if isinstance(exc, _TRANSIENT):
                 self._health.failed(REGISTRY, str(exc))
@@ -1050,6 +1052,17 @@ class PlanDriver:
         self._health.succeeded(REGISTRY)
         self._discovered[capabilities] = (now, ranked)
         return ranked
+
+    async def _discover_ranked(
+        self, capabilities: frozenset[str], *, include_full: bool
+    ) -> list[registry_pb.RankedWorker]:
+        # Full ones too (include_full): we may have freed slots there since their heartbeat.
+        return await self._registry.discover_workers(
+            required_capabilities=sorted(capabilities),
+            namespace=self._settings.namespace,
+            max_results=_DISCOVERY_RESULTS,
+            include_full=include_full,
+        )
 
     def _forget_old_frees(self) -> None:
         """A worker heartbeats every few seconds: older frees are in the registry's count."""
