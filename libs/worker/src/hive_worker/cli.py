@@ -80,7 +80,16 @@ def settings_from_args(argv: Sequence[str] | None = None) -> WorkerSettings:
     values: dict[str, Any] = vars(build_parser().parse_args(argv))
     labels = values.pop("label", None)
     if labels is not None:
-        values["labels"] = ",".join(labels)
+        # One label per flag, split at its first "=": a value may hold commas.
+        pairs = [label.partition("=") for label in labels]
+        bad = [
+            label
+            for label, (key, sep, _) in zip(labels, pairs, strict=True)
+            if not sep or not key.strip()
+        ]
+        values["labels"] = (
+            bad[0] if bad else {key.strip(): value.strip() for key, _, value in pairs}
+        )  # a bad one is refused by the settings, naming it
     return WorkerSettings(**values)
 
 
@@ -127,6 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except ValidationError as exc:
         prefix = WorkerSettings.model_config.get("env_prefix", "")
         flags = {a.dest: a.option_strings[0] for a in build_parser()._actions if a.option_strings}
+        flags["labels"] = flags.pop("label")  # the flag is one label, the setting all of them
         print(invalid_settings_message("hive-worker", exc, prefix, flags), file=sys.stderr)
         return 2
     configure_logging(level=settings.log_level, fmt=settings.log_format)

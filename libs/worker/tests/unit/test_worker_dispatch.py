@@ -478,6 +478,22 @@ def test_the_command_refuses_bad_settings(capsys: pytest.CaptureFixture[str]) ->
     ]
 
 
+def test_each_label_flag_is_one_label(capsys: pytest.CaptureFixture[str]) -> None:
+    # The flags were joined with commas and split again: a value with a comma became two
+    # labels (one refused), and a refusal named HIVE_WORKER_LABELS only.
+    loaded = settings_from_args(
+        ["--capabilities", "python", "--label", "desc=fast,cheap", "--label", "eq=a=b"]
+    )
+    assert loaded.labels == {"desc": "fast,cheap", "eq": "a=b"}
+    from hive_worker.cli import main
+
+    assert main(["--capabilities", "python", "--label", "zone=eu", "--label", "novalue"]) == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "hive-worker: invalid settings:",
+        "  --label / HIVE_WORKER_LABELS: label 'novalue' is not key=value",
+    ]
+
+
 def test_the_command_refuses_an_empty_capability_list_without_calling_the_registry(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
