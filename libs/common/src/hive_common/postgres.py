@@ -9,6 +9,7 @@ from contextlib import asynccontextmanager
 import psycopg
 import psycopg_pool
 from psycopg import AsyncConnection
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 from psycopg.rows import DictRow, dict_row
 
 from hive_common.errors import Internal, Unavailable
@@ -22,6 +23,14 @@ RECONNECT_TIMEOUT_SECONDS = 5.0
 # clients' per-attempt timeouts: they saw DEADLINE_EXCEEDED, /ready said "down" in 1 s),
 # and with queries of milliseconds a connection is free long before it.
 POOL_TIMEOUT_SECONDS = 3.0
+
+
+def named_dsn(dsn: str, application_name: str) -> str:
+    """``dsn`` with ``application_name`` set unless it sets one: ``pg_stat_activity``
+    then tells each service's (and the bench's) connections apart."""
+    if "application_name" in conninfo_to_dict(dsn):
+        return dsn
+    return make_conninfo(dsn, application_name=application_name)
 
 
 def open_pool(

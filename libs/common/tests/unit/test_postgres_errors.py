@@ -5,10 +5,11 @@ from __future__ import annotations
 import psycopg
 import psycopg_pool
 import pytest
+from psycopg.conninfo import conninfo_to_dict
 
 from hive_common.clients import CallPolicy
 from hive_common.errors import Internal, NotFound, Unavailable
-from hive_common.postgres import POOL_TIMEOUT_SECONDS, database_errors, open_pool
+from hive_common.postgres import POOL_TIMEOUT_SECONDS, database_errors, named_dsn, open_pool
 
 
 @pytest.mark.parametrize(
@@ -70,3 +71,17 @@ def test_a_database_outage_is_unavailable_before_a_clients_attempt_times_out() -
     # retryable UNAVAILABLE the service would have answered.
     assert CallPolicy().timeout_seconds > POOL_TIMEOUT_SECONDS
     assert open_pool("postgresql://nowhere/db").timeout == POOL_TIMEOUT_SECONDS
+
+
+def test_connections_carry_the_services_name_unless_the_dsn_has_one() -> None:
+    # pg_stat_activity showed every service's connections with a blank application_name.
+    named = named_dsn("postgresql://hive@db:5432/tickets", "execution-ticket-service")
+    assert conninfo_to_dict(named) == {
+        "user": "hive",
+        "host": "db",
+        "port": "5432",
+        "dbname": "tickets",
+        "application_name": "execution-ticket-service",
+    }
+    own = "postgresql://hive@db/tickets?application_name=tickets-a"
+    assert named_dsn(own, "execution-ticket-service") == own

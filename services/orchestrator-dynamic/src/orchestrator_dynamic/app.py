@@ -17,6 +17,7 @@ from hive_common.http import CheckResult, check_dependency, create_http_app
 from hive_common.logging import get_logger
 from hive_common.metrics import HttpMetrics, RpcMetrics, new_registry
 from hive_common.migrations import apply_migrations
+from hive_common.postgres import named_dsn
 from hive_common.retry import wait_for_dependency
 from hive_common.runtime import ServiceRuntime
 from neuralhive.orchestrator.v1 import orchestrator_service_pb2_grpc as pb_grpc
@@ -90,7 +91,9 @@ async def build_app(
         migrate, name="postgresql", deadline_seconds=settings.startup_timeout_seconds
     )
     pool = open_pool(
-        dsn, min_size=settings.postgres_pool_min_size, max_size=settings.postgres_pool_max_size
+        named_dsn(dsn, settings.service_name),
+        min_size=settings.postgres_pool_min_size,
+        max_size=settings.postgres_pool_max_size,
     )
     await pool.open(wait=True, timeout=settings.startup_timeout_seconds)
     repository = PlanRepository(pool=pool, clock=clock)

@@ -17,7 +17,7 @@ from hive_common.http import CheckResult, check_dependency, create_http_app
 from hive_common.logging import get_logger
 from hive_common.metrics import HttpMetrics, RpcMetrics, new_registry
 from hive_common.migrations import apply_migrations
-from hive_common.postgres import POOL_TIMEOUT_SECONDS, RECONNECT_TIMEOUT_SECONDS
+from hive_common.postgres import POOL_TIMEOUT_SECONDS, RECONNECT_TIMEOUT_SECONDS, named_dsn
 from hive_common.retry import wait_for_dependency
 from hive_common.runtime import ServiceRuntime
 from neuralhive.registry.v1 import registry_service_pb2_grpc as pb_grpc
@@ -83,7 +83,7 @@ async def build_app(
     limits = settings.limits()
 
     pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
-        dsn,
+        named_dsn(dsn, settings.service_name),
         min_size=settings.postgres_pool_min_size,
         max_size=settings.postgres_pool_max_size,
         # A single statement is its own transaction (one round trip, not BEGIN + statement

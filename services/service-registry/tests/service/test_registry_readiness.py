@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import grpc
+import psycopg
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
@@ -99,3 +100,15 @@ async def test_the_pool_finds_the_database_again_and_waits_as_every_services(
     # connection during one (past the clients' per-attempt timeouts).
     assert registry.app.pool.reconnect_timeout == RECONNECT_TIMEOUT_SECONDS
     assert registry.app.pool.timeout == POOL_TIMEOUT_SECONDS
+
+
+async def test_its_connections_are_named_in_pg_stat_activity(
+    registry: Registry, postgres_dsn: str
+) -> None:
+    async with await psycopg.AsyncConnection.connect(postgres_dsn) as conn:
+        cur = await conn.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE application_name = 'service-registry'"
+        )
+        row = await cur.fetchone()
+    assert row is not None
+    assert row[0] >= 1
