@@ -167,6 +167,7 @@ class ServiceRuntime:
         self._requested_ports = (grpc_port, http_port, metrics_port)
         self._readiness = readiness
         self._readiness_interval = readiness_interval_seconds
+        self._readiness_status: str | None = None  # as last evaluated
         self._readiness_timeout = readiness_timeout_seconds
         self._logger = logger if logger is not None else get_logger("hive.runtime")
         self._shutdown_callbacks: list[ShutdownCallback] = []
@@ -291,11 +292,13 @@ class ServiceRuntime:
             self._readiness, timeout_seconds=self._readiness_timeout
         )
         serving = status != "down"
-        was = self.grpc_server.serving if self.grpc_server is not None else None
         await self.set_serving(serving)
-        if was is not serving:
-            log = self._logger.info if serving else self._logger.warning
-            log("serving status changed", serving=serving, readiness=status, checks=report)
+        # Every change of readiness, "degraded" too (a dependency the service runs
+        # without, e.g. the audit store): it was logged only when serving flipped.
+        if status != self._readiness_status:
+            self._readiness_status = status
+            log = self._logger.info if status == "ok" else self._logger.warning
+            log("readiness changed", serving=serving, readiness=status, checks=report)
 
     async def _watch_readiness(self) -> None:
         # Also ends on the state, not only on cancellation: a check's client library may

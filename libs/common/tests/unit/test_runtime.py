@@ -319,6 +319,44 @@ async def test_readiness_watcher_drives_grpc_health(servicer: SlowServicer) -> N
         await rt.stop(1)
 
 
+async def test_every_change_of_readiness_is_logged(
+    servicer: SlowServicer, quiet_logs: io.StringIO
+) -> None:
+    # "degraded" (e.g. MongoDB paused under the ticket service) was never logged: only a
+    # change of the serving flag was.
+    report: dict[str, CheckResult] = {"postgres": {"status": "ok"}}
+
+    async def readiness() -> ReadinessReport:
+        return report
+
+    rt = make_runtime(servicer, readiness=readiness, readiness_interval_seconds=0.02)
+    await rt.start()
+
+    def changes() -> list[tuple[str, str, bool]]:
+        lines = [json.loads(line) for line in quiet_logs.getvalue().splitlines()]
+        return [
+            (line["level"], line["readiness"], line["serving"])
+            for line in lines
+            if line["event"] == "readiness changed"
+        ]
+
+    try:
+        for status in ("degraded", "down", "ok"):
+            report["mongo"] = {"status": status}
+            for _ in range(200):
+                if changes() and changes()[-1][1] == status:
+                    break
+                await asyncio.sleep(0.01)
+    finally:
+        await rt.stop(1)
+    assert changes() == [
+        ("info", "ok", True),
+        ("warning", "degraded", True),
+        ("warning", "down", False),
+        ("info", "ok", True),
+    ]
+
+
 async def test_stop_ends_even_when_a_readiness_check_swallows_its_cancellation(
     servicer: SlowServicer,
 ) -> None:
