@@ -1180,6 +1180,8 @@ class Worker:
             if outcome.completed:
                 self.succeeded_total += 1
                 run.log.info("task completed")
+            elif outcome.worker_lost:  # the worker stopping: not a failure of its own
+                run.log.info("attempt handed back", error=outcome.error_message)
             else:
                 self.failed_total += 1
                 run.log.info(

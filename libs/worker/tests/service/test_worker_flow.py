@@ -440,24 +440,25 @@ async def test_a_cancelled_ticket_stops_its_handler_and_reports_nothing(
     assert worker.succeeded_total == worker.failed_total == 0
 
 
-async def draining_while_blocked(
-    workers: Any, orchestrator: TicketClient
-) -> tuple[str, Gate, pb.ExecutionTicket]:
-    """A worker draining (grace 60 s) while the ticket it runs blocks on ``gate``."""
-    worker = workers.make(drain_grace_seconds=60)
+async def _blocked(
+    workers: Any, orchestrator: TicketClient, *, drain_grace_seconds: float = 0.2
+) -> tuple[Any, str, Gate, pb.ExecutionTicket]:
+    """A worker running a task that blocks until its gate is released: (worker, its id,
+    the task's gate, the ticket)."""
+    worker = workers.make(drain_grace_seconds=drain_grace_seconds)
     gate = Gate()
     worker.add_task("block", gate)
     worker_id = await workers.start(worker)
-    running = await create_and_assign(orchestrator, worker_id, spec("block"))
+    assigned = await create_and_assign(orchestrator, worker_id, spec("block"))
     await gate.until(lambda: len(gate.started) == 1)
-    worker.drain()
-    return worker_id, gate, running
+    return worker, worker_id, gate, assigned
 
 
 async def test_drain_finishes_running_work_takes_no_new_work_and_deregisters(
     workers: Any, orchestrator: TicketClient, registry_admin: RegistryClient
 ) -> None:
-    worker_id, gate, running = await draining_while_blocked(workers, orchestrator)
+    worker, worker_id, gate, running = await _blocked(workers, orchestrator, drain_grace_seconds=60)
+    worker.drain()
     draining = await eventually(
         lambda: registry_admin.get_worker(worker_id=worker_id),
         lambda w: w.status == rpb.WORKER_STATUS_DRAINING,
@@ -658,25 +659,11 @@ async def test_a_worker_the_registry_forgot_registers_again_and_keeps_working(
     assert dict(done.result) == {"again": True}
 
 
-async def _blocked_with_a_short_drain(
-    workers: Any, orchestrator: TicketClient
-) -> tuple[Any, str, Gate, pb.ExecutionTicket]:
-    """A worker with a 0.2 s drain grace running a task that never ends: (worker, its id,
-    the task's gate, the ticket)."""
-    worker = workers.make(drain_grace_seconds=0.2)
-    gate = Gate()  # never released
-    worker.add_task("block", gate)
-    worker_id = await workers.start(worker)
-    assigned = await create_and_assign(orchestrator, worker_id, spec("block"))
-    await gate.until(lambda: len(gate.started) == 1)
-    return worker, worker_id, gate, assigned
-
-
 async def test_work_still_running_when_the_drain_grace_ends_is_requeued_using_no_retry(
     workers: Any, orchestrator: TicketClient, registry_admin: RegistryClient
 ) -> None:
     # max_retries 0: a rolling restart used to fail the task it interrupted.
-    worker, worker_id, gate, assigned = await _blocked_with_a_short_drain(workers, orchestrator)
+    worker, worker_id, gate, assigned = await _blocked(workers, orchestrator)
 
     worker.drain()
     await asyncio.wait_for(workers.running[-1][1], WAIT_SECONDS)
@@ -684,6 +671,7 @@ async def test_work_still_running_when_the_drain_grace_ends_is_requeued_using_no
     requeued = await orchestrator.get_ticket(ticket_id=assigned.ticket_id)
     assert (requeued.status, requeued.attempt, requeued.lost_runs) == (PENDING, 2, 1)
     assert requeued.error_message == "the worker stopped before the task finished"
+    assert worker.failed_total == 0  # the worker's stop, not a failure of its tasks
     with pytest.raises(NotFound):
         await registry_admin.get_worker(worker_id=worker_id)
 
@@ -694,7 +682,7 @@ async def test_a_drain_that_cannot_report_names_the_tickets_left_unreported(
     # With the ticket service down the drain used to end, exit 0, and say nothing of the
     # outcomes it could not report.
     monkeypatch.setattr(sdk, "_SHUTDOWN_REPORT_SECONDS", 0.5)
-    worker, _, _, assigned = await _blocked_with_a_short_drain(workers, orchestrator)
+    worker, _, _, assigned = await _blocked(workers, orchestrator)
     await tickets.stop()
 
     with capture_logs() as logs:
@@ -750,7 +738,8 @@ async def test_a_cancel_during_a_drain_still_stops_the_running_task(
 ) -> None:
     # The drain closed the assignment watch first: a plan cancelled during the drain
     # grace ran its task to the end, and the refused report was logged at WARNING.
-    _, gate, assigned = await draining_while_blocked(workers, orchestrator)
+    worker, _, gate, assigned = await _blocked(workers, orchestrator, drain_grace_seconds=60)
+    worker.drain()
     await orchestrator.update_ticket_status(
         ticket_id=assigned.ticket_id, status=CANCELLED, attempt=0, error_message="plan cancelled"
     )
