@@ -601,6 +601,8 @@ async def test_watch_raises_errors_that_retrying_cannot_fix(
     tickets.watch_scripts = [([1], "deny")]
     async with ticket_client(ticket_port, sleeps) as client:
         watch = client.watch_tickets(worker_id="other")
+        changes: list[bool] = []
+        watch.on_live_change = lambda: changes.append(watch.live)
         assert not watch.live  # nothing answered yet
         assert (await anext(watch)).event_id == "e1"
         assert watch.live
@@ -608,6 +610,7 @@ async def test_watch_raises_errors_that_retrying_cannot_fix(
             await anext(watch)
         # Refused: it delivers no more (a worker reported free slots on it for ever).
         assert not watch.live
+        assert changes == [True, False]
         await watch.aclose()
     assert len(tickets.watch_requests) == 1
 

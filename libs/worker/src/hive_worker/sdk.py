@@ -845,6 +845,8 @@ class Worker:
             )
             from_now = False
             self._watch = watch
+            # Heartbeat at once when it starts or stops delivering (see _reported_load).
+            watch.on_live_change = self._heartbeat_wake.set
             try:
                 async for event in watch:
                     failures = 0

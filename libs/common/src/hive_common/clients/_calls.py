@@ -223,6 +223,8 @@ class ReconnectingStream(Generic[ResponseT, ItemT]):
         self._failures = 0
         self._outage_started: float | None = None
         self._live = False
+        self.on_live_change: Callable[[], None] | None = None
+        """Called when :attr:`live` changes (e.g. to tell someone at once)."""
         self.connections = 0
         """How many times the stream was opened (1 + reconnections)."""
 
@@ -237,7 +239,13 @@ class ReconnectingStream(Generic[ResponseT, ItemT]):
         """Subclasses: the server answered the (re)opened stream (e.g. its headers)."""
         self._outage_started = None
         self._failures = 0
-        self._live = True
+        self._set_live(True)
+
+    def _set_live(self, live: bool) -> None:
+        if live is not self._live:
+            self._live = live
+            if self.on_live_change is not None:
+                self.on_live_change()
 
     def _request(self) -> Any:
         raise NotImplementedError
@@ -308,7 +316,7 @@ class ReconnectingStream(Generic[ResponseT, ItemT]):
         await self._connected(call)
 
     def _drop(self) -> None:
-        self._live = False
+        self._set_live(False)
         if self._call is not None and not self._call.done():
             self._call.cancel()
         self._call = None
