@@ -32,6 +32,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import enum
+import functools
 import json
 import signal
 from collections import OrderedDict
@@ -391,10 +392,11 @@ class Worker:
         self._token_expires_at: datetime | None = None
         self._server_interval: float = 5.0
         self._warned_interval: float | None = None  # the registry interval warned about
-        # The assignment watch now open, and whether heartbeats said it does not deliver
-        # (as at the start, until it first does: nothing logged for that).
+        # The assignment watch now open; whether the ticket service refused the last one
+        # (until one delivers); whether heartbeats said it does not deliver.
         self._watch: TicketWatch | None = None
-        self._reported_unreachable = True
+        self._watch_refused = False
+        self._reported_unreachable = False
         self._runs: dict[tuple[str, int], _Run] = {}
         self._finished: OrderedDict[tuple[str, int], None] = OrderedDict()
         self._slots = asyncio.Semaphore(settings.max_concurrent)
@@ -798,7 +800,9 @@ class Worker:
         plan could fail for it)."""
         watch = self._watch
         # Draining: no new work comes anyway; the load says what is left.
-        unreachable = not self._draining and (watch is None or not watch.live)
+        unreachable = not self._draining and (
+            self._watch_refused or (watch is not None and watch.down)
+        )
         if unreachable != self._reported_unreachable:
             self._reported_unreachable = unreachable
             if unreachable:
@@ -806,7 +810,7 @@ class Worker:
                     "assignment watch not delivering: reporting no free slot until it is back"
                 )
             else:
-                self._log.info("assignment watch delivering: reporting free slots")
+                self._log.info("assignment watch back: reporting free slots again")
         return self.settings.max_concurrent if unreachable else self.load
 
     def _token_expiring(self) -> bool:
@@ -846,7 +850,7 @@ class Worker:
             from_now = False
             self._watch = watch
             # Heartbeat at once when it starts or stops delivering (see _reported_load).
-            watch.on_live_change = self._heartbeat_wake.set
+            watch.on_live_change = functools.partial(self._watch_live_changed, watch)
             try:
                 async for event in watch:
                     failures = 0
@@ -870,6 +874,8 @@ class Worker:
                 # Transient failures are handled inside the watch; this is a refusal.
                 failures += 1
                 self._log.warning("ticket watch refused", error=describe_error(exc))
+                self._watch_refused = True
+                self._heartbeat_wake.set()
                 if isinstance(exc, Unauthenticated | PermissionDenied):
                     # A fresh worker token (or a new id, which restarts this watch).
                     with contextlib.suppress(HiveError):
@@ -877,6 +883,11 @@ class Worker:
                 await self._pause(failures)
             finally:
                 await watch.aclose()
+
+    def _watch_live_changed(self, watch: TicketWatch) -> None:
+        if watch.live:
+            self._watch_refused = False
+        self._heartbeat_wake.set()
 
     def _on_event(self, event: pb.TicketEvent) -> None:
         ticket = event.ticket

@@ -354,12 +354,22 @@ def test_no_free_slot_is_reported_while_the_assignment_watch_does_not_deliver() 
     # A watch the ticket service refused (e.g. tokens signed with another secret) was not
     # "down": heartbeats said every slot free, and tickets waited out their leases on it.
     worker = Worker(settings=settings(max_concurrent=4))
-    assert worker._reported_load() == 4  # no watch yet
-    worker._watch = cast(Any, SimpleNamespace(live=False))  # refused, or reconnecting
+    assert worker._reported_load() == 0  # starting: its first watch is being opened
+    watch = SimpleNamespace(live=False, down=True)  # reconnecting after a failure
+    worker._watch = cast(Any, watch)
     assert worker._reported_load() == 4
-    worker._watch = cast(Any, SimpleNamespace(live=True))
+    watch.live, watch.down = True, False
+    worker._watch_live_changed(cast(Any, watch))
     assert worker._reported_load() == 0
-    worker._watch = cast(Any, SimpleNamespace(live=False))
+    worker._watch_refused = True  # what a refusal sets, until a watch delivers again
+    watch.live = False
+    assert worker._reported_load() == 4
+    worker._watch_live_changed(cast(Any, watch))  # still not live: still refused
+    assert worker._reported_load() == 4
+    watch.live = True
+    worker._watch_live_changed(cast(Any, watch))
+    assert worker._reported_load() == 0
+    worker._watch_refused = True
     worker._draining = True  # nothing new comes anyway: the load says what is left
     assert worker._reported_load() == 0
 

@@ -229,6 +229,12 @@ class ReconnectingStream(Generic[ResponseT, ItemT]):
         """How many times the stream was opened (1 + reconnections)."""
 
     @property
+    def down(self) -> bool:
+        """True from a failure until the stream is established again (a message, or a
+        subclass's :meth:`_established`): while the server cannot be reached."""
+        return self._outage_started is not None
+
+    @property
     def live(self) -> bool:
         """True while the stream delivers: from the server's first answer on it (a
         message, or a subclass's :meth:`_established`) to a failure, a refusal or the
