@@ -133,6 +133,14 @@ async def test_list_refusals_name_query_parameters(registry: Registry) -> None:
         "query.label[0]",
         "query.label[1]",
     ]
+    # The rule as Register states it: "-x" is refused for its first character.
+    assert await violations({"capability": "-x"}) == [
+        (
+            "query.capability",
+            "must be 1-64 characters: letters, digits and . _ : / + - "
+            "(starting with a letter or digit)",
+        )
+    ]
 
 
 async def test_the_answers_have_the_documented_fields(registry: Registry) -> None:

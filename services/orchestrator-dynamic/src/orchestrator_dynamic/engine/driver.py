@@ -95,7 +95,11 @@ _WORKER_WAKE_EVENTS = frozenset(
 )
 # A worker gone with tickets still on it -> why they are handed back (see _worker_lost).
 _WORKER_GONE_EVENTS = {
-    registry_pb.WORKER_EVENT_TYPE_EXPIRED: "the registry expired it (no heartbeat for its TTL)",
+    # Silent past its TTL, or silent past the unhealthy window and its name taken over.
+    registry_pb.WORKER_EVENT_TYPE_EXPIRED: (
+        "the registry expired it (no heartbeat for its TTL, or its name taken over by a new "
+        "process after it went silent)"
+    ),
     # E.g. assignments a draining worker received but does not start.
     registry_pb.WORKER_EVENT_TYPE_DEREGISTERED: "it deregistered while holding the ticket",
 }

@@ -23,6 +23,9 @@ from service_registry.domain.models import (
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
 NAMESPACE_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 CAPABILITY_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/+-]{0,63}")
+_CAPABILITY_RULE = (
+    "must be 1-64 characters: letters, digits and . _ : / + - (starting with a letter or digit)"
+)
 LABEL_KEY_RE = re.compile(r"[A-Za-z0-9]([A-Za-z0-9._/-]{0,61}[A-Za-z0-9])?")
 MAX_CAPABILITIES = 64
 MAX_LABELS = 32
@@ -97,8 +100,7 @@ def _capabilities(
         if not CAPABILITY_RE.fullmatch(cap):
             v.add(
                 f"{field}[{i}]",
-                "must be 1-64 characters: letters, digits and . _ : / + - "
-                "(starting with a letter or digit)",
+                _CAPABILITY_RULE,
             )
     return tuple(sorted(set(values)))
 
@@ -303,7 +305,7 @@ def validate_list(
     if capability and not CAPABILITY_RE.fullmatch(capability):
         v.add(
             f"{field_prefix}capability",
-            "must be 1-64 characters: letters, digits and . _ : / + -",
+            _CAPABILITY_RULE,
         )
     after = None
     if page_token:
