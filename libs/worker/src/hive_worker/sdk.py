@@ -789,7 +789,15 @@ class Worker:
             try:
                 await self._register()
             except HiveError as again:
-                self._log.error("re-registration failed", error=repr(again))
+                if is_name_in_use(again):
+                    # Another process took the name over while this one was silent (paused,
+                    # frozen): that one does the work now; this one stops (run() raises).
+                    self._log.error(
+                        "worker name taken over by another process; stopping",
+                        error=describe_error(again),
+                    )
+                    raise
+                self._log.error("re-registration failed", error=describe_error(again))
         except HiveError as exc:
             self._log.warning("heartbeat failed", error=describe_error(exc))
 

@@ -15,6 +15,7 @@ from hive_common.errors import (
     AlreadyExists,
     FieldViolation,
     InvalidArgument,
+    NotFound,
     Unauthenticated,
     Unavailable,
     describe_error,
@@ -205,6 +206,24 @@ async def test_a_name_held_by_a_live_process_is_waited_for_then_taken_over() -> 
     assert waiting["name"] == "unit"
     assert "--name" in waiting["error"]
     assert [e for e in logs if e["log_level"] in ("warning", "error")] == []
+
+
+async def test_a_process_whose_name_was_taken_over_stops() -> None:
+    # Paused past the unhealthy window, it woke up to find its id gone and its name held
+    # by the process that took it over: it retried every heartbeat for ever, a zombie.
+    registry = ScriptedRegistry(name_in_use())
+    worker = worker_with(registry)  # type: ignore[arg-type]
+    worker._worker_id = "w-old"
+
+    class GoneHeartbeats:
+        async def heartbeat(self, **kwargs: Any) -> Any:
+            raise NotFound("worker w-old not found")
+
+    registry.heartbeat = GoneHeartbeats().heartbeat  # type: ignore[attr-defined]
+    with capture_logs() as logs, pytest.raises(AlreadyExists):
+        await worker._heartbeat_once()
+    [line] = [e for e in logs if e["event"].startswith("worker name taken over")]
+    assert line["log_level"] == "error"
 
 
 async def test_a_name_still_held_after_the_window_is_a_refusal(
