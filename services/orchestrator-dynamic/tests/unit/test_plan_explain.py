@@ -18,6 +18,7 @@ from orchestrator_dynamic.domain.scheduler import (
     WorkerHealth,
     WorkerView,
     explain,
+    in_namespace,
 )
 
 NOW = datetime(2026, 11, 24, 12, 0, tzinfo=UTC)
@@ -250,6 +251,28 @@ def test_explain(case: Case) -> None:
     assert [r.code for r in explanation.reasons] == case.codes
     assert case.summary_contains in explanation.summary
     assert explanation.summary == explanation.reasons[0].message
+
+
+def test_worker_messages_name_a_namespace_other_than_the_default() -> None:
+    # "no live worker with capability 'gpu'" while `hive workers list` showed one (in
+    # another namespace than the orchestrator's).
+    def summary(namespace: str, workers: list[WorkerView]) -> str:
+        (explanation,) = explain(
+            PlanGraph(PLAN),
+            ALL_PENDING,
+            ["g"],
+            now=NOW,
+            policy=SchedulingPolicy(),
+            workers=workers,
+            where=in_namespace(namespace),
+        )
+        return explanation.summary
+
+    assert summary("ml", [PY]) == "no live worker in namespace 'ml' with capability 'gpu'"
+    assert summary("ml", [PY, GPU]) == (
+        "no single live worker in namespace 'ml' has all of 'python', 'gpu'"
+    )
+    assert summary("default", [PY]) == summary("", [PY]) == "no live worker with capability 'gpu'"
 
 
 def test_explain_carries_structured_details() -> None:

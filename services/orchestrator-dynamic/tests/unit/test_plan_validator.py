@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
@@ -733,6 +733,13 @@ def test_feasibility_warning_names_the_capability() -> None:
     result = PlanValidator().validate(raw, worker_capabilities=[["python"]])
 
     assert [w.message for w in result.warnings] == ["no live worker offers capability 'gpu'"]
+    valid = PlanValidator().validate(raw, worker_capabilities=None)
+    elsewhere = PlanValidator().check_feasibility(
+        cast(Any, valid), [["python"]], where=" in namespace 'ml'"
+    )
+    assert [w.message for w in elsewhere.warnings] == [
+        "no live worker in namespace 'ml' offers capability 'gpu'"
+    ]
 
 
 # -- the result's error form -------------------------------------------------------------------

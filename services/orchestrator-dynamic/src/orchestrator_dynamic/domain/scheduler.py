@@ -691,9 +691,11 @@ def explain(
     policy: SchedulingPolicy,
     workers: Sequence[WorkerView] | None,
     cancel_requested: bool = False,
+    where: str = "",
 ) -> list[Explanation]:
     """Why each of ``task_ids``' tickets is (not) running. ``workers`` is the registry's
-    view of the registered workers (None when they could not be read). Raises
+    view of the registered workers (None when they could not be read), ``where`` where
+    they were looked for, as the messages say it (see :func:`in_namespace`). Raises
     ``KeyError`` for a task that is not in the plan."""
     for task_id in task_ids:
         if task_id not in graph.index:
@@ -712,8 +714,16 @@ def explain(
         by_id={w.worker_id: w for w in workers or ()},
         now=now,
         cancel_requested=cancel_requested,
+        where=where,
     )
     return [_explain_one(context, task_id) for task_id in task_ids]
+
+
+def in_namespace(namespace: str) -> str:
+    """How a message says where workers were looked for: nothing for the default
+    namespace, `` in namespace 'ml'`` for another (a worker registered elsewhere is
+    listed by the registry, yet never offered)."""
+    return "" if namespace in ("", "default") else f" in namespace {namespace!r}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -729,6 +739,7 @@ class _Explaining:
     by_id: Mapping[str, WorkerView]
     now: datetime
     cancel_requested: bool
+    where: str
     # Required capabilities -> what the workers say about them (the same for many tasks).
     worker_reasons: dict[tuple[str, ...], list[Reason]] = field(default_factory=dict)
 
@@ -894,7 +905,7 @@ def _pending_reasons(context: _Explaining, state: TicketState) -> list[Reason]:
         )
     required = graph.required_capabilities[task_id]
     if required not in context.worker_reasons:
-        context.worker_reasons[required] = _worker_reasons(required, context.workers)
+        context.worker_reasons[required] = _worker_reasons(required, context.workers, context.where)
     reasons.extend(context.worker_reasons[required])
     blocked_on_workers = any(
         r.code in (ReasonCode.NO_CAPABLE_WORKER, ReasonCode.NO_WORKER_CAPACITY) for r in reasons
@@ -906,7 +917,9 @@ def _pending_reasons(context: _Explaining, state: TicketState) -> list[Reason]:
     return reasons
 
 
-def _worker_reasons(required: Sequence[str], workers: Sequence[WorkerView] | None) -> list[Reason]:
+def _worker_reasons(
+    required: Sequence[str], workers: Sequence[WorkerView] | None, where: str
+) -> list[Reason]:
     if workers is None:
         return [
             Reason(
@@ -922,7 +935,7 @@ def _worker_reasons(required: Sequence[str], workers: Sequence[WorkerView] | Non
         return [
             Reason(
                 ReasonCode.NO_CAPABLE_WORKER,
-                "no live worker with capability " + ", ".join(repr(c) for c in missing),
+                f"no live worker{where} with capability " + ", ".join(repr(c) for c in missing),
                 {"missing_capabilities": list(missing)},
             )
         ]
@@ -931,7 +944,7 @@ def _worker_reasons(required: Sequence[str], workers: Sequence[WorkerView] | Non
         return [
             Reason(
                 ReasonCode.NO_CAPABLE_WORKER,
-                "no single live worker has all of " + ", ".join(repr(c) for c in required),
+                f"no single live worker{where} has all of " + ", ".join(repr(c) for c in required),
                 {"missing_capabilities": []},
             )
         ]

@@ -310,13 +310,15 @@ class PlanValidator:
         worker_capabilities: Iterable[Collection[str]],
         *,
         strict: bool = False,
+        where: str = "",
     ) -> PlanValidationResult:
         """The feasibility check of :meth:`validate`, for a plan that passed ``validate``
         without one: the caller can then ask the registry about just the capability sets
         the plan needs. ``worker_capabilities`` are capability sets of live workers; the
         result is the same as with every live worker's set as long as it holds, for each
         set a task requires, one that covers it if any worker's does, and otherwise, for
-        each capability of it that some worker has, one such worker's set."""
+        each capability of it that some worker has, one such worker's set. ``where``: where
+        the workers were looked for, as the messages say it (``in_namespace``)."""
         issues = _Issues(self._unknown_fields)
         drafts = [
             _TaskDraft(
@@ -326,7 +328,7 @@ class PlanValidator:
             )
             for i, task in enumerate(valid.plan.tasks)
         ]
-        self._feasibility(drafts, worker_capabilities, strict, issues)
+        self._feasibility(drafts, worker_capabilities, strict, issues, where)
         warnings = valid.warnings + self._bounded(issues.warnings)
         if issues.errors:
             return InvalidPlan(errors=self._bounded(issues.errors), warnings=warnings)
@@ -886,6 +888,7 @@ class PlanValidator:
         worker_capabilities: Iterable[Collection[str]],
         strict: bool,
         issues: _Issues,
+        where: str,
     ) -> None:
         # Distinct capability sets (workers mostly share a few), and per set of required
         # capabilities whether one of them has it all: 10,000 tasks against 5,000 workers
@@ -904,7 +907,7 @@ class PlanValidator:
                 report(
                     child(caps_path, position),
                     IssueCode.CAPABILITY_UNAVAILABLE,
-                    f"no live worker offers capability {capability!r}",
+                    f"no live worker{where} offers capability {capability!r}",
                 )
             if missing or len(required) < 2:
                 continue
@@ -915,5 +918,6 @@ class PlanValidator:
                 report(
                     caps_path,
                     IssueCode.CAPABILITY_UNAVAILABLE,
-                    "no single live worker offers all of: " + ", ".join(c for _, c in required),
+                    f"no single live worker{where} offers all of: "
+                    + ", ".join(c for _, c in required),
                 )

@@ -29,6 +29,7 @@ from orchestrator_dynamic.domain.scheduler import (
     SchedulingPolicy,
     WorkerView,
     explain,
+    in_namespace,
 )
 from orchestrator_dynamic.domain.validation import (
     InvalidPlan,
@@ -110,7 +111,9 @@ class PlanService:
         if not await self._exists(result.plan.plan_id):
             capabilities, feasibility_warning = await self._capabilities_for(result.plan)
             if capabilities is not None:
-                result = self._validator.check_feasibility(result, capabilities, strict=strict)
+                result = self._validator.check_feasibility(
+                    result, capabilities, strict=strict, where=in_namespace(self._namespace)
+                )
                 if isinstance(result, InvalidPlan):
                     raise result.to_error()
         plan = result.plan
@@ -298,4 +301,5 @@ class PlanService:
             policy=self._policy,
             workers=views,
             cancel_requested=stored.summary.cancel_requested_at is not None,
+            where=in_namespace(self._namespace),
         )
