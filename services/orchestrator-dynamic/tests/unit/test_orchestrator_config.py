@@ -1,7 +1,8 @@
-"""OrchestratorSettings: rules across settings name the environment variables.
+"""OrchestratorSettings: invalid settings, rules across settings too, are named by their
+environment variables.
 
-They used to name Python fields ("lease_renew_interval_seconds must be below
-lease_ttl_seconds"), where every other invalid setting is named by its variable.
+Rules across settings used to name Python fields ("lease_renew_interval_seconds must be
+below lease_ttl_seconds"), where every other invalid setting is named by its variable.
 """
 
 from __future__ import annotations
@@ -48,24 +49,8 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
             "HIVE_ORCHESTRATOR_BACKOFF_BASE_SECONDS must not exceed "
             "HIVE_ORCHESTRATOR_BACKOFF_CAP_SECONDS",
         ),
-    ],
-)
-def test_rules_across_settings_name_the_environment_variables(
-    monkeypatch: pytest.MonkeyPatch, env: dict[str, str], line: str
-) -> None:
-    for name, value in env.items():
-        monkeypatch.setenv(f"HIVE_ORCHESTRATOR_{name}", value)
-    with pytest.raises(ValidationError) as exc:
-        OrchestratorSettings()
-    message = invalid_settings_message(PROGRAM, exc.value, "HIVE_ORCHESTRATOR_")
-    assert message.splitlines() == [f"{PROGRAM}: invalid settings:", f"  {line}"]
-
-
-@pytest.mark.parametrize(
-    ("env", "line"),
-    [
-        # Each was accepted, and every plan then stayed PENDING (every discovery or every
-        # assignment refused by the other service).
+        # Settings the other services would refuse: each was accepted, and every plan then
+        # stayed PENDING (every discovery or every assignment refused).
         (
             {"WORKER_NAMESPACE": "Team_A"},
             "HIVE_ORCHESTRATOR_WORKER_NAMESPACE: must be a DNS label: 1-63 lowercase "
@@ -77,7 +62,7 @@ def test_rules_across_settings_name_the_environment_variables(
         ),
     ],
 )
-def test_settings_the_other_services_would_refuse(
+def test_invalid_settings_are_named_by_their_environment_variables(
     monkeypatch: pytest.MonkeyPatch, env: dict[str, str], line: str
 ) -> None:
     for name, value in env.items():
