@@ -11,6 +11,7 @@ from execution_ticket_service.storage.audit import AuditStore
 from execution_ticket_service.storage.tickets import TicketRepository
 from execution_ticket_service.transport.http.routes import build_router
 from hive_common.http import create_http_app
+from hive_testsupport.openapi import assert_errors_have_the_error_body, operations
 
 STATUSES = {
     "/api/v1/tickets": {"200", "400", "401", "503"},
@@ -36,13 +37,9 @@ def openapi_document() -> dict[str, Any]:
 def test_every_route_documents_the_statuses_it_answers_with_the_error_body() -> None:
     # The by-id routes did not say 404.
     document = openapi_document()
-    found = {path: document["paths"][path]["get"]["responses"] for path in STATUSES}
-    assert {path: set(answers) for path, answers in found.items()} == STATUSES
-    error = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
-    for path, answers in found.items():
-        for status, answer in answers.items():
-            if status[0] in "45":
-                assert answer["content"] == error, (path, status)
+    found = {path: operation for (_, path), operation in operations(document).items()}
+    assert {path: set(op["responses"]) for path, op in found.items()} == STATUSES
+    assert_errors_have_the_error_body(found)
 
 
 def test_the_status_filter_and_the_ticket_status_document_their_values() -> None:

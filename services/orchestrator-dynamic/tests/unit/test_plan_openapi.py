@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any, cast
 
 from hive_common.http import create_http_app
+from hive_testsupport.openapi import assert_errors_have_the_error_body, operations, resolve
 from orchestrator_dynamic.domain.scheduler import PlanStatus, TicketStatus
 from orchestrator_dynamic.engine.plans import PlanService
 from orchestrator_dynamic.transport.http.routes import build_router
@@ -55,24 +56,6 @@ def openapi_document() -> dict[str, Any]:
     return app.openapi()
 
 
-def operations(document: dict[str, Any]) -> dict[tuple[str, str], dict[str, Any]]:
-    return {
-        (method, path): operation
-        for path, methods in document["paths"].items()
-        if path.startswith("/api/")
-        for method, operation in methods.items()
-    }
-
-
-def resolve(document: dict[str, Any], schema: dict[str, Any]) -> dict[str, Any]:
-    if "$ref" in schema:
-        resolved: dict[str, Any] = document["components"]["schemas"][
-            schema["$ref"].rsplit("/", 1)[1]
-        ]
-        return resolved
-    return schema
-
-
 def body_schema(document: dict[str, Any], method: str, path: str, status: str) -> dict[str, Any]:
     answer = document["paths"][path][method]["responses"][status]
     return resolve(document, answer["content"]["application/json"]["schema"])
@@ -84,13 +67,10 @@ def test_every_route_documents_the_statuses_it_answers_with_the_error_body() -> 
     document = openapi_document()
     found = operations(document)
     assert {key: set(op["responses"]) for key, op in found.items()} == STATUSES
-    error = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
     for (method, path), operation in found.items():
         if "{plan_id}" in path:
             assert "404" in operation["responses"], (method, path)
-        for status, answer in operation["responses"].items():
-            if status[0] in "45":
-                assert answer["content"] == error, (method, path, status)
+    assert_errors_have_the_error_body(found)
 
 
 def test_every_answer_has_a_schema_with_the_fields_the_route_returns() -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any, cast
 
 from hive_common.http import create_http_app
+from hive_testsupport.openapi import assert_errors_have_the_error_body, resolve
 from service_registry.domain.models import WorkerStatus
 from service_registry.domain.service import RegistryService
 from service_registry.domain.validation import Limits
@@ -43,13 +44,6 @@ def openapi_document() -> dict[str, Any]:
     return app.openapi()
 
 
-def schema_of(document: dict[str, Any], schema: dict[str, Any]) -> dict[str, Any]:
-    if "$ref" in schema:
-        found: dict[str, Any] = document["components"]["schemas"][schema["$ref"].split("/")[-1]]
-        return found
-    return schema
-
-
 def test_the_routes_document_their_statuses_and_answers() -> None:
     # GET /workers/{id} did not say 404, and both answers were untyped objects.
     document = openapi_document()
@@ -57,24 +51,20 @@ def test_the_routes_document_their_statuses_and_answers() -> None:
     one = document["paths"]["/api/v1/workers/{worker_id}"]["get"]
     assert set(listing["responses"]) == {"200", "400", "401", "403", "503"}
     assert set(one["responses"]) == {"200", "400", "401", "404", "503"}
-    error = {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}
-    for operation in (listing, one):
-        for status, answer in operation["responses"].items():
-            if status[0] in "45":
-                assert answer["content"] == error, status
+    assert_errors_have_the_error_body({"listing": listing, "one": one})
 
     def answer_schema(operation: dict[str, Any]) -> dict[str, Any]:
         content = operation["responses"]["200"]["content"]["application/json"]
-        return schema_of(document, content["schema"])
+        return resolve(document, content["schema"])
 
     worker = answer_schema(one)
     assert list(worker["properties"]) == WORKER_FIELDS
     assert worker["required"] == WORKER_FIELDS
-    assert schema_of(document, worker["properties"]["status"])["enum"] == list(WorkerStatus)
+    assert resolve(document, worker["properties"]["status"])["enum"] == list(WorkerStatus)
     assert worker["properties"]["registered_at"]["format"] == "date-time"
     page = answer_schema(listing)
     assert list(page["properties"]) == ["workers", "next_page_token"]
-    assert schema_of(document, page["properties"]["workers"]["items"]) == worker
+    assert resolve(document, page["properties"]["workers"]["items"]) == worker
 
 
 def test_the_query_parameters_document_their_values() -> None:
