@@ -237,10 +237,12 @@ def test_a_plan_not_found_gets_no_url_hint() -> None:
 PLAN = b'{"tasks": [{"task_id": "a", "task_type": "echo"}]}'
 
 
-def test_timeout_exits_5() -> None:
-    def slow(request: httpx.Request) -> httpx.Response:
-        raise httpx.ReadTimeout("timed out", request=request)
+def slow(request: httpx.Request) -> httpx.Response:
+    """A service that does not answer in time."""
+    raise httpx.ReadTimeout("timed out", request=request)
 
+
+def test_timeout_exits_5() -> None:
     services = FakeServices()
     services.routes[("POST", "/api/v1/plans")] = slow
     run = services.run("plan", "submit", "-", stdin=PLAN)
@@ -253,9 +255,6 @@ def test_timeout_exits_5() -> None:
 
 
 def test_a_read_that_timed_out_is_not_said_to_have_been_carried_out() -> None:
-    def slow(request: httpx.Request) -> httpx.Response:
-        raise httpx.ReadTimeout("timed out", request=request)
-
     services = FakeServices()
     services.routes[("GET", "/api/v1/plans/p1")] = slow
     run = services.run("plan", "status", "p1")

@@ -171,23 +171,43 @@ def test_explanations() -> None:
     assert "nothing is waiting" in explanations_text({"plan_id": "p1", "tasks": []})
 
 
-def test_explanation_summary_and_details_are_not_repeated() -> None:
-    finished = {
-        "task_id": "a",
-        "status": "FAILED",
-        "attempt": 3,
-        "max_attempts": 3,
-        "worker_id": "w-1",
-        "summary": "finished as FAILED after attempt 3: boom",
-        "reasons": [
-            {
-                "code": "FINISHED",
-                "message": "finished as FAILED after attempt 3: boom",
-                "details": {"status": "FAILED", "error_message": "boom", "lease": None, "n": 7},
-            }
-        ],
+def explained(
+    task_id: str,
+    status: str,
+    attempts: tuple[int, int],
+    code: str,
+    message: str,
+    details: dict[str, Any],
+    **fields: Any,
+) -> dict[str, Any]:
+    """One task of an explain answer, with one reason (its message the summary)."""
+    attempt, max_attempts = attempts
+    return {
+        "task_id": task_id,
+        "status": status,
+        "attempt": attempt,
+        "max_attempts": max_attempts,
+        "summary": message,
+        "reasons": [{"code": code, "message": message, "details": details}],
+        **fields,
     }
-    assert explanations_text({"plan_id": "p1", "tasks": [finished]}).splitlines() == [
+
+
+def explanations_lines(*tasks: dict[str, Any]) -> list[str]:
+    return explanations_text({"plan_id": "p1", "tasks": list(tasks)}).splitlines()
+
+
+def test_explanation_summary_and_details_are_not_repeated() -> None:
+    finished = explained(
+        "a",
+        "FAILED",
+        (3, 3),
+        "FINISHED",
+        "finished as FAILED after attempt 3: boom",
+        {"status": "FAILED", "error_message": "boom", "lease": None, "n": 7},
+        worker_id="w-1",
+    )
+    assert explanations_lines(finished) == [
         "a  FAILED  attempt 3/3  worker w-1",
         '  - [FINISHED] finished as FAILED after attempt 3: boom  {"n": 7}',
     ]
@@ -195,42 +215,30 @@ def test_explanation_summary_and_details_are_not_repeated() -> None:
 
 def test_an_explained_time_is_shown_once_as_the_tables_show_times() -> None:
     # The message says the time as tables do; the details' ISO form is the same time.
-    waiting = {
-        "task_id": "a",
-        "status": "PENDING",
-        "attempt": 2,
-        "max_attempts": 3,
-        "summary": "retry backoff until 2026-12-06 03:23:31Z before attempt 2",
-        "reasons": [
-            {
-                "code": "RETRY_BACKOFF",
-                "message": "retry backoff until 2026-12-06 03:23:31Z before attempt 2",
-                "details": {"backoff_until": "2026-12-06T03:23:31.354268+00:00", "attempt": 2},
-            }
-        ],
-    }
-    assert explanations_text({"plan_id": "p1", "tasks": [waiting]}).splitlines() == [
+    waiting = explained(
+        "a",
+        "PENDING",
+        (2, 3),
+        "RETRY_BACKOFF",
+        "retry backoff until 2026-12-06 03:23:31Z before attempt 2",
+        {"backoff_until": "2026-12-06T03:23:31.354268+00:00", "attempt": 2},
+    )
+    assert explanations_lines(waiting) == [
         "a  PENDING  attempt 2/3",
         "  - [RETRY_BACKOFF] retry backoff until 2026-12-06 03:23:31Z before attempt 2",
     ]
 
 
 def test_explained_details_the_message_spells_out_are_not_printed_again() -> None:
-    waiting = {
-        "task_id": "b",
-        "status": "PENDING",
-        "attempt": 1,
-        "max_attempts": 1,
-        "summary": "waiting on a (RUNNING), f (PENDING)",
-        "reasons": [
-            {
-                "code": "WAITING_ON_DEPENDENCIES",
-                "message": "waiting on a (RUNNING), f (PENDING)",
-                "details": {"dependencies": {"a": "RUNNING", "f": "PENDING"}, "extra": ["i"]},
-            }
-        ],
-    }
-    assert explanations_text({"plan_id": "p1", "tasks": [waiting]}).splitlines()[1] == (
+    waiting = explained(
+        "b",
+        "PENDING",
+        (1, 1),
+        "WAITING_ON_DEPENDENCIES",
+        "waiting on a (RUNNING), f (PENDING)",
+        {"dependencies": {"a": "RUNNING", "f": "PENDING"}, "extra": ["i"]},
+    )
+    assert explanations_lines(waiting)[1] == (
         # "i" is in "waiting", not said as a word of its own.
         '  - [WAITING_ON_DEPENDENCIES] waiting on a (RUNNING), f (PENDING)  {"extra": ["i"]}'
     )
