@@ -6,18 +6,15 @@ service (8002/50052); containers set ``HIVE_ORCHESTRATOR_HTTP_PORT=8000``.
 
 from __future__ import annotations
 
-import re
 from datetime import timedelta
 
 from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
 from hive_common.config import HiveSettings
+from hive_common.namespaces import NAMESPACE_RE, NAMESPACE_RULE
 from orchestrator_dynamic.domain.scheduler import RetryBackoff, SchedulingPolicy
 from orchestrator_dynamic.domain.validation import PlanLimits
-
-# The registry's namespace rule.
-_NAMESPACE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 
 MAX_PARAMETERS_BYTES_LIMIT = 256 * 1024
 """The highest ``max_parameters_bytes``. A task's parameters travel in its ticket as a
@@ -101,8 +98,8 @@ class OrchestratorSettings(HiveSettings):
     @field_validator("worker_namespace")
     @classmethod
     def _namespace(cls, value: str) -> str:
-        if value and not _NAMESPACE.fullmatch(value):
-            raise ValueError("must be a DNS label: 1-63 lowercase letters, digits or '-'")
+        if value and not NAMESPACE_RE.fullmatch(value):
+            raise ValueError(NAMESPACE_RULE)
         return value
 
     @model_validator(mode="after")

@@ -30,6 +30,7 @@ from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 
+from hive_common.namespaces import DEFAULT_NAMESPACE
 from orchestrator_dynamic.domain.graph import heights, reachable, reverse_edges
 from orchestrator_dynamic.domain.plan import JsonValue, Plan, TaskSpec
 
@@ -723,7 +724,7 @@ def in_namespace(namespace: str) -> str:
     """How a message says where workers were looked for: nothing for the default
     namespace, `` in namespace 'ml'`` for another (a worker registered elsewhere is
     listed by the registry, yet never offered)."""
-    return "" if namespace in ("", "default") else f" in namespace {namespace!r}"
+    return "" if namespace in ("", DEFAULT_NAMESPACE) else f" in namespace {namespace!r}"
 
 
 @dataclass(frozen=True, slots=True)

@@ -11,8 +11,8 @@ from dataclasses import dataclass, replace
 from datetime import datetime
 
 from hive_common.errors import WORKER_NAME_IN_USE, AlreadyExists, NotFound
+from hive_common.namespaces import DEFAULT_NAMESPACE
 from service_registry.domain.models import (
-    DEFAULT_NAMESPACE,
     HealthPolicy,
     HeartbeatUpdate,
     RegistrationSpec,

@@ -9,7 +9,6 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from enum import StrEnum
 
-DEFAULT_NAMESPACE = "default"
 _NEVER = datetime.min.replace(tzinfo=UTC)
 
 

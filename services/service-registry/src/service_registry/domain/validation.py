@@ -8,10 +8,10 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from hive_common.errors import FieldViolation, InvalidArgument
+from hive_common.namespaces import DEFAULT_NAMESPACE, NAMESPACE_RE, NAMESPACE_RULE
 from hive_common.text import shown
 from hive_common.tokens import decode_token, encode_token
 from service_registry.domain.models import (
-    DEFAULT_NAMESPACE,
     DiscoveryQuery,
     HeartbeatUpdate,
     ListCursor,
@@ -21,7 +21,6 @@ from service_registry.domain.models import (
 )
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:-]{0,127}")
-NAMESPACE_RE = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 CAPABILITY_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9._:/+-]{0,63}")
 _CAPABILITY_RULE = (
     "must be 1-64 characters: letters, digits and . _ : / + - (starting with a letter or digit)"
@@ -84,7 +83,7 @@ def _namespace(value: str, field: str, v: _Violations) -> str:
     if not value:
         return DEFAULT_NAMESPACE
     if not NAMESPACE_RE.fullmatch(value):
-        v.add(field, "must be a DNS label: 1-63 lowercase letters, digits or '-'")
+        v.add(field, NAMESPACE_RULE)
     return value
 
 
@@ -300,7 +299,7 @@ def validate_list(
     if namespace and not NAMESPACE_RE.fullmatch(namespace):
         v.add(
             f"{field_prefix}namespace",
-            "must be a DNS label: 1-63 lowercase letters, digits or '-'",
+            NAMESPACE_RULE,
         )
     if capability and not CAPABILITY_RE.fullmatch(capability):
         v.add(
@@ -334,6 +333,6 @@ def validate_watch(*, namespace: str) -> str | None:
     """The namespace to watch; empty means every namespace."""
     v = _Violations()
     if namespace and not NAMESPACE_RE.fullmatch(namespace):
-        v.add("namespace", "must be a DNS label: 1-63 lowercase letters, digits or '-'")
+        v.add("namespace", NAMESPACE_RULE)
     v.raise_if_any("invalid watch request")
     return namespace or None
