@@ -200,6 +200,14 @@ async def _http_exception_handler(request: Request, exc: Exception) -> JSONRespo
     return JSONResponse(body, status_code=status, headers=exc.headers)
 
 
+def _without_empty_parameters(query_string: bytes) -> bytes:
+    """``query_string`` without its empty parameters (``page_size=``, ``&status&``): a
+    parameter given empty is one not given, whatever its type (an empty string filter was
+    "unset" while an empty number was a 400)."""
+    items = query_string.split(b"&")
+    return b"&".join(item for item in items if item.partition(b"=")[2])
+
+
 class RequestLoggingMiddleware:
     """Pure-ASGI middleware: request id, one log line per request, metrics, last-resort 500.
 
@@ -234,7 +242,12 @@ class RequestLoggingMiddleware:
         # HEAD is GET without the body, on every route that answers GET (FastAPI's routes
         # answer GET only: HEAD was a 405). The log line and metrics keep HEAD.
         head = scope["method"] == "HEAD"
-        app_scope = {**scope, "method": "GET"} if head else scope
+        scope.setdefault("state", {})  # shared with the copy: handlers note error codes in it
+        app_scope = {
+            **scope,
+            "method": "GET" if head else scope["method"],
+            "query_string": _without_empty_parameters(scope.get("query_string", b"")),
+        }
 
         async def send_with_request_id(message: Message) -> None:
             nonlocal status, response_started

@@ -515,3 +515,18 @@ def test_the_openapi_document_lists_the_statuses_each_route_answers() -> None:
     assert responses["post", "/api/v1/things/{thing_id}/close"]["412"]["description"] == (
         "Already closed"
     )
+
+
+@pytest.mark.parametrize(
+    "query", ["page_size=", "page_size", "page_size=&x=1", "x=1&page_size=&&", "page_size=="]
+)
+async def test_an_empty_query_parameter_is_one_not_given(
+    client: httpx.AsyncClient, query: str
+) -> None:
+    # An empty string filter was "unset" while an empty number was a 400.
+    response = await client.get(f"/plans?{query}")
+    if query == "page_size==":
+        assert response.status_code == 400  # "=" is a value, and not a number
+    else:
+        assert (response.status_code, response.json()["page_size"]) == (200, 10)
+    assert (await client.get("/plans?page_size=3&other=")).json()["page_size"] == 3
