@@ -7,9 +7,10 @@ a Docker engine are available, and by the no-Docker development stack (``make de
   data directory, listening on 127.0.0.1 and a unix socket inside that directory. PostgreSQL
   refuses to run as root, so when we are root the server runs as an unprivileged OS user
   (``$HIVE_PG_OS_USER``, default ``nobody``).
-* :class:`LocalMongo` runs ``mongod`` if it is on ``PATH``, else FerretDB (v1, SQLite backend).
-  It can be stopped and started again on the same port with the same data, which outage tests
-  rely on.
+* :class:`LocalMongo` runs ``mongod`` if it is on ``PATH``, else FerretDB (v1) with its
+  SQLite backend, or its PostgreSQL backend when given a database URL (as the dev stack
+  does). It can be stopped and started again on the same port with the same data, which
+  outage tests rely on.
 
 Servers are plain child processes: :meth:`stop` ends them, :meth:`close` also removes a
 temporary data directory, and every server still running when the interpreter exits is stopped.
@@ -59,6 +60,8 @@ __all__ = [
 ]
 
 FERRETDB_GOGC = "400"
+# The PostgreSQL database FerretDB keeps its documents in, beside the services' ones.
+FERRETDB_DATABASE = "ferretdb"
 
 POSTGRES_MISSING_HINT = (
     "PostgreSQL server binaries (initdb, postgres) not found on PATH, in $HIVE_PG_BIN_DIR or in "
@@ -542,7 +545,14 @@ class LocalPostgres(_LocalServer):
 
 
 class LocalMongo(_LocalServer):
-    """A MongoDB-compatible server: ``mongod`` if installed, else FerretDB with SQLite.
+    """A MongoDB-compatible server: ``mongod`` if installed, else FerretDB.
+
+    FerretDB stores its documents in SQLite files in the data directory, or, given
+    ``postgresql_url`` (a database of its own), in PostgreSQL. Its SQLite backend filters
+    every query in FerretDB itself, reading the whole collection: finding one ticket's
+    audit documents took seconds once a dev stack had run a few thousand tickets. The
+    PostgreSQL backend hands simple equality filters to PostgreSQL. A data directory that
+    already holds SQLite data keeps SQLite (its documents stay visible).
 
     :meth:`stop` then :meth:`start` brings the same server back on the same port with the
     same data. ``data_dir=None`` makes a temporary directory removed by :meth:`close`.
@@ -557,12 +567,15 @@ class LocalMongo(_LocalServer):
         port: int = 0,
         startup_timeout: float = 60.0,
         server: tuple[str, Path] | None = None,
+        postgresql_url: str | None = None,
     ) -> None:
         found = server or find_mongo_server()
         if found is None:
             raise ServerBinariesNotFound(MONGO_MISSING_HINT)
         self.kind, self.binary = found
         super().__init__(data_dir=data_dir, port=port, startup_timeout=startup_timeout)
+        has_sqlite_data = any((self.base_dir / "db").glob("*.sqlite"))
+        self.postgresql_url = None if has_sqlite_data else postgresql_url
 
     @property
     def uri(self) -> str:
@@ -586,10 +599,14 @@ class LocalMongo(_LocalServer):
                 "--nounixsocket",
                 "--quiet",
             ]
+        backend = (
+            ["--handler=sqlite", f"--sqlite-url=file:{self.base_dir / 'db'}/"]
+            if self.postgresql_url is None
+            else ["--handler=postgresql", f"--postgresql-url={self.postgresql_url}"]
+        )
         return [
             str(self.binary),
-            "--handler=sqlite",
-            f"--sqlite-url=file:{self.base_dir / 'db'}/",
+            *backend,
             f"--state-dir={self.base_dir / 'state'}",
             f"--listen-addr={self.host}:{self._port}",
             # "-" disables the debug/metrics HTTP listener (default 127.0.0.1:8088), which
@@ -654,9 +671,14 @@ def main(argv: list[str] | None = None) -> int:
     for signum in (signal.SIGINT, signal.SIGTERM):
         signal.signal(signum, lambda *_: stop.set())
     postgres = LocalPostgres(data_dir=data_dir / "postgres", port=args.postgres_port)
-    mongo = LocalMongo(data_dir=data_dir / "mongo", port=args.mongo_port)
+    mongo: LocalMongo | None = None
     try:
         postgres.start()
+        mongo = LocalMongo(
+            data_dir=data_dir / "mongo",
+            port=args.mongo_port,
+            postgresql_url=postgres.ensure_database(FERRETDB_DATABASE),
+        )
         mongo.start()
         urls = {name: postgres.ensure_database(name) for name in args.database}
         env = {"HIVE_DEV_POSTGRES_ADMIN_DSN": postgres.dsn, "HIVE_DEV_MONGO_URI": mongo.uri}
@@ -669,7 +691,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     finally:
-        mongo.close()
+        if mongo is not None:
+            mongo.close()
         postgres.close()
     return 0
 
