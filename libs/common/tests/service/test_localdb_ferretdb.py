@@ -68,9 +68,9 @@ def test_ferretdb_on_postgresql_hands_equality_filters_to_postgresql(postgres_ds
         assert _explained_find(db.uri, "t-7")["filterPushdown"] is True
         with psycopg.connect(postgres_dsn) as conn:  # the documents live there
             tables = conn.execute(
-                "SELECT count(*) FROM information_schema.tables WHERE table_schema = 'audit'"
-            ).fetchone()
-        assert tables is not None and tables[0] >= 1
+                "SELECT table_name FROM information_schema.tables WHERE table_schema = 'audit'"
+            ).fetchall()
+        assert tables
     with localdb.LocalMongo(server=("ferretdb", _ferretdb())) as sqlite:
         _insert_events(sqlite.uri, 5)
         assert _explained_find(sqlite.uri, "t-3")["filterPushdown"] is False
