@@ -7,11 +7,19 @@ from a thread (``await asyncio.to_thread(apply_migrations, dsn=..., directory=..
 Replicas starting together serialise on a PostgreSQL session advisory lock held on a dedicated
 connection, so exactly one applies pending migrations and the others then find nothing to do.
 Unlike yoyo's own lock table, an advisory lock cannot be left behind by a crashed process.
-Each migration runs in one transaction: a failing migration leaves nothing behind.
+Each migration and the row that marks it applied commit in one transaction: a failing
+migration leaves nothing behind, and a process killed after the commit leaves it applied
+and marked (yoyo's own ``apply_one`` commits the two apart: a replica killed between them
+left a schema every later start tried to migrate again, and failed on).
+
+A migration's statements wait at most :data:`TABLE_LOCK_TIMEOUT_SECONDS` for a table lock:
+a DDL statement queued behind a long transaction blocks every later query of its table,
+so it gives up, rolls back, and :func:`migrate_on_start` tries again.
 """
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 from pathlib import Path
 from typing import Any
@@ -21,15 +29,27 @@ import psycopg
 from psycopg.conninfo import conninfo_to_dict
 from yoyo import get_backend, read_migrations
 
-from hive_common.errors import Internal, InvalidArgument
+from hive_common.errors import Internal, InvalidArgument, Unavailable
+from hive_common.logging import get_logger
+from hive_common.retry import wait_for_dependency
 
-__all__ = ["MigrationError", "advisory_lock_key", "apply_migrations", "postgres_url"]
+__all__ = [
+    "MigrationError",
+    "advisory_lock_key",
+    "apply_migrations",
+    "migrate_on_start",
+    "postgres_url",
+]
 
 DEFAULT_LOCK_NAME = "hive_common.migrations"
+TABLE_LOCK_TIMEOUT_SECONDS = 3.0
+
+_log = get_logger(__name__)
 
 
 class MigrationError(Internal):
-    """Applying migrations failed; ``details`` name the directory and failing migration."""
+    """A migration failed (not for want of PostgreSQL or a lock: trying again would fail
+    the same way); ``details`` name the directory and failing migration."""
 
 
 def advisory_lock_key(name: str) -> int:
@@ -70,6 +90,35 @@ def postgres_url(dsn: str, *, scheme: str = "postgresql", **overrides: str) -> s
     return f"{scheme}://{netloc}/{quote(dbname, safe='')}{query}"
 
 
+async def migrate_on_start(*, dsn: str, directory: Path, deadline_seconds: float) -> list[str]:
+    """Apply the pending migrations at a service's start; returns the ids applied.
+
+    While PostgreSQL cannot be reached, another replica holds the migration lock, or a
+    migration cannot lock its tables, it tries again, for ``deadline_seconds`` in all
+    (then :class:`Unavailable`, saying why). A migration that fails otherwise raises
+    :class:`MigrationError` at once: it would fail the same way every time.
+    """
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + deadline_seconds
+    applied: list[str] = []
+
+    async def attempt() -> None:
+        applied[:] = await asyncio.to_thread(
+            apply_migrations,
+            dsn=dsn,
+            directory=directory,
+            lock_timeout_seconds=max(deadline - loop.time(), 1.0),
+        )
+
+    await wait_for_dependency(
+        attempt,
+        name="postgresql",
+        deadline_seconds=deadline_seconds,
+        fatal=lambda exc: not isinstance(exc, Unavailable),
+    )
+    return applied
+
+
 def apply_migrations(
     *,
     dsn: str,
@@ -86,9 +135,11 @@ def apply_migrations(
     Advisory locks are per database, so the default ``lock_name`` serialises every yoyo run
     on one database whatever the directory; pass another name only for unrelated schemas.
 
-    Raises :class:`InvalidArgument` if ``directory`` does not exist and :class:`MigrationError`
-    when the lock cannot be taken in time or a migration fails (that migration is rolled back;
-    the ones before it stay applied).
+    Raises :class:`InvalidArgument` if ``directory`` does not exist, :class:`Unavailable`
+    when PostgreSQL cannot be reached or a lock (the migration lock, for
+    ``lock_timeout_seconds``, or a table's) cannot be had, and :class:`MigrationError` when
+    a migration fails otherwise. A failed migration is rolled back; the ones before it stay
+    applied.
     """
     if not directory.is_dir():
         raise InvalidArgument(
@@ -101,39 +152,55 @@ def apply_migrations(
     try:
         lock_conn = psycopg.connect(dsn, autocommit=True, connect_timeout=30)
     except psycopg.Error as exc:
-        raise MigrationError(
+        raise Unavailable(
             f"cannot connect to PostgreSQL to migrate: {exc}", details=details
         ) from exc
     try:
         with lock_conn:
-            try:
-                # lock_timeout bounds the wait for a replica that is stuck mid-migration.
-                lock_conn.execute(f"SET lock_timeout = {int(lock_timeout_seconds * 1000)}")
-                lock_conn.execute("SELECT pg_advisory_lock(%s)", (key,))
-            except psycopg.errors.LockNotAvailable as exc:
-                raise MigrationError(
-                    f"timed out after {lock_timeout_seconds:.0f}s waiting for the migration lock",
-                    details=details,
-                ) from exc
+            _take_migration_lock(lock_conn, key, lock_timeout_seconds, details)
             try:
                 return _apply_locked(dsn=dsn, migrations=migrations, details=details)
             finally:
                 lock_conn.execute("SELECT pg_advisory_unlock(%s)", (key,))
     except psycopg.Error as exc:
-        raise MigrationError(f"migration lock connection failed: {exc}", details=details) from exc
+        raise Unavailable(f"migration lock connection failed: {exc}", details=details) from exc
+
+
+def _take_migration_lock(
+    conn: psycopg.Connection[Any], key: int, timeout_seconds: float, details: dict[str, Any]
+) -> None:
+    row = conn.execute("SELECT pg_try_advisory_lock(%s)", (key,)).fetchone()
+    if row is not None and row[0]:
+        return
+    _log.info("waiting for another replica's migrations", timeout_seconds=timeout_seconds)
+    try:
+        conn.execute(f"SET lock_timeout = {int(timeout_seconds * 1000)}")
+        conn.execute("SELECT pg_advisory_lock(%s)", (key,))
+    except psycopg.errors.LockNotAvailable as exc:
+        raise Unavailable(
+            f"another replica held the migration lock for {timeout_seconds:.0f}s "
+            "(migrating, or stuck in a migration)",
+            details=details,
+        ) from exc
 
 
 def _apply_locked(*, dsn: str, migrations: Any, details: dict[str, Any]) -> list[str]:
     try:
         backend = get_backend(postgres_url(dsn, scheme="postgresql+psycopg"))
     except Exception as exc:  # yoyo raises driver errors and its own, with no common base
-        raise MigrationError(f"cannot open migration backend: {exc}", details=details) from exc
+        raise Unavailable(f"cannot open migration backend: {exc}", details=details) from exc
     applied: list[str] = []
     try:
+        _warn_of_unknown(backend, migrations)
         pending = backend.to_apply(migrations)
         for migration in pending:
             try:
-                backend.apply_one(migration)
+                _apply_one(backend, migration)
+            except psycopg.OperationalError as exc:  # the server, or a lock not had in time
+                raise Unavailable(
+                    f"migration {migration.id} could not run and was rolled back: {exc}",
+                    details={**details, "migration_id": migration.id, "applied": applied},
+                ) from exc
             except Exception as exc:
                 raise MigrationError(
                     f"migration {migration.id} failed and was rolled back: {exc}",
@@ -145,3 +212,29 @@ def _apply_locked(*, dsn: str, migrations: Any, details: dict[str, Any]) -> list
     finally:
         backend.connection.close()
     return applied
+
+
+def _apply_one(backend: Any, migration: Any) -> None:
+    """The migration's statements and the rows marking it applied, in one transaction."""
+    backend.ensure_internal_schema_updated()
+    with backend.transaction():
+        backend.execute(f"SET LOCAL lock_timeout = {int(TABLE_LOCK_TIMEOUT_SECONDS * 1000)}")
+        migration.process_steps(backend, "apply")  # a savepoint in this transaction
+        backend.log_migration(migration, "apply")
+        backend.mark_one(migration, log=False)
+
+
+def _warn_of_unknown(backend: Any, migrations: Any) -> None:
+    """Log the migrations the database has and this code does not know: a newer release
+    applied them (this one may not read what they changed)."""
+    backend.ensure_internal_schema_updated()
+    known = {migration.hash for migration in migrations}
+    cursor = backend.execute(
+        backend.format_sql("SELECT migration_id, migration_hash FROM {0.migration_table_quoted}")
+    )
+    unknown = sorted(row[0] for row in cursor.fetchall() if row[1] not in known)
+    if unknown:
+        _log.warning(
+            "the database has migrations this release does not know: a newer release applied them",
+            unknown_migrations=unknown,
+        )

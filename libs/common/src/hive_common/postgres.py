@@ -91,8 +91,9 @@ async def connection(pool: DictPool) -> AsyncIterator[AsyncConnection[DictRow]]:
             raise
 
 
-# undefined_table, invalid_schema_name
-_NOT_MIGRATED = frozenset({"42P01", "3F000"})
+SCHEMA_BEHIND_SQLSTATES = frozenset({"42P01", "42703", "3F000"})
+"""undefined_table, undefined_column, invalid_schema_name: the schema is missing or older
+than the code (migrations not applied yet)."""
 
 
 @asynccontextmanager
@@ -117,7 +118,7 @@ async def database_errors(database: str) -> AsyncIterator[None]:
     except psycopg.Error as exc:
         if _is_stale_prepared_statement(exc):  # see connection(): prepared again next time
             raise Unavailable(f"{database}: the schema changed; retry") from exc
-        if exc.sqlstate in _NOT_MIGRATED:
+        if exc.sqlstate in SCHEMA_BEHIND_SQLSTATES:
             # A service started with migrations off, before they were applied (its /ready
             # says so too): clients retry, a worker waits instead of giving up.
             raise Unavailable(

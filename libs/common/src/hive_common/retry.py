@@ -141,14 +141,16 @@ async def wait_for_dependency(
     initial_wait: float = 0.2,
     max_wait: float = 5.0,
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    fatal: Callable[[Exception], bool] = lambda exc: False,
 ) -> None:
     """Block start-up until ``check()`` succeeds, logging every failed attempt.
 
     ``check`` succeeds when it returns anything but ``False`` without raising; any
     exception counts as "not yet" (a database that is still starting raises driver
-    errors of every kind). After ``deadline_seconds`` it raises
-    :class:`~hive_common.errors.Unavailable` naming the dependency, chained to the last
-    error.
+    errors of every kind), except one ``fatal`` says trying again cannot help: that one is
+    raised at once. After ``deadline_seconds`` it raises
+    :class:`~hive_common.errors.Unavailable` naming the dependency and the last error,
+    chained to it.
     """
     log = _log.bind(dependency=name)
     attempts = 0
@@ -170,7 +172,7 @@ async def wait_for_dependency(
         log.info("dependency ready", attempt=attempts)
 
     policy = AsyncRetrying(
-        retry=retry_if_exception(lambda exc: isinstance(exc, Exception)),
+        retry=retry_if_exception(lambda exc: isinstance(exc, Exception) and not fatal(exc)),
         wait=wait_random_exponential(multiplier=initial_wait, max=max_wait),
         stop=stop_before_delay(deadline_seconds),
         sleep=sleep,
@@ -179,8 +181,11 @@ async def wait_for_dependency(
     try:
         await policy(attempt)
     except Exception as exc:
+        if fatal(exc):
+            raise
+        why = f": {describe_error(last_error)}" if last_error is not None else ""
         raise Unavailable(
-            f"{name} not available after {deadline_seconds:g}s ({attempts} attempts)",
+            f"{name} not available after {deadline_seconds:g}s ({attempts} attempts){why}",
             details={"dependency": name, "attempts": attempts},
         ) from (last_error or exc)
 

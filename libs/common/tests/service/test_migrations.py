@@ -2,14 +2,30 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
+import io
+import json
 import threading
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import psycopg
 import pytest
+from yoyo.backends.base import DatabaseBackend
 
-from hive_common.errors import InvalidArgument
-from hive_common.migrations import MigrationError, apply_migrations, postgres_url
+from hive_common.errors import InvalidArgument, Unavailable
+from hive_common.logging import configure_logging
+from hive_common.migrations import (
+    DEFAULT_LOCK_NAME,
+    TABLE_LOCK_TIMEOUT_SECONDS,
+    MigrationError,
+    advisory_lock_key,
+    apply_migrations,
+    migrate_on_start,
+    postgres_url,
+)
 
 pytestmark = pytest.mark.service
 
@@ -124,13 +140,117 @@ def test_missing_directory_is_invalid_argument(postgres_dsn: str, tmp_path: Path
         apply_migrations(dsn=postgres_dsn, directory=tmp_path / "nope")
 
 
-def test_unreachable_database_raises_migration_error(tmp_path: Path) -> None:
+def test_unreachable_database_is_unavailable(tmp_path: Path) -> None:
     directory = tmp_path / "migrations"
     write(directory, "0001_ok.sql", "CREATE TABLE ok_table (id int);\n")
-    with pytest.raises(MigrationError, match="cannot connect"):
+    with pytest.raises(Unavailable, match="cannot connect"):
         apply_migrations(
             dsn="postgresql://nobody@127.0.0.1:1/none?connect_timeout=2", directory=directory
         )
+
+
+def test_a_migration_and_its_mark_commit_together(
+    postgres_dsn: str, migrations_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # yoyo's apply_one commits the migration, then marks it applied in another
+    # transaction: a replica killed in between left a schema every later start tried to
+    # migrate again ("relation runs already exists"), and failed on.
+    def killed(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt  # the process dies between the two
+
+    monkeypatch.setattr(DatabaseBackend, "mark_one", killed)
+    with pytest.raises(KeyboardInterrupt):
+        apply_migrations(dsn=postgres_dsn, directory=migrations_dir)
+    assert tables(postgres_dsn) == set()
+    monkeypatch.undo()
+    assert apply_migrations(dsn=postgres_dsn, directory=migrations_dir) == [
+        "0001_create_runs",
+        "0002_add_index",
+    ]
+
+
+@contextlib.contextmanager
+def transaction_reading(dsn: str, table: str) -> Iterator[None]:
+    """A transaction that has read ``table`` and stays open (a report, a backup...)."""
+    with psycopg.connect(dsn) as conn:
+        conn.execute(f"SELECT count(*) FROM {table}")
+        yield
+        conn.rollback()
+
+
+async def test_a_migration_behind_a_long_transaction_gives_up_its_lock_wait(
+    postgres_dsn: str, migrations_dir: Path
+) -> None:
+    # Its ALTER TABLE queued behind the open transaction, holding up every other query of
+    # the table, for as long as that transaction lasted (start-up timeout or not).
+    apply_migrations(dsn=postgres_dsn, directory=migrations_dir)
+    write(migrations_dir, "0003_more.sql", "ALTER TABLE runs ADD COLUMN extra int;\n")
+    with transaction_reading(postgres_dsn, "runs"):
+        started = time.monotonic()
+        with pytest.raises(Unavailable, match="0003_more could not run") as caught:
+            apply_migrations(dsn=postgres_dsn, directory=migrations_dir)
+        assert time.monotonic() - started < TABLE_LOCK_TIMEOUT_SECONDS + 2
+        assert "lock timeout" in caught.value.message
+        with pytest.raises(Unavailable, match=r"not available after 4s .*0003_more"):
+            await migrate_on_start(dsn=postgres_dsn, directory=migrations_dir, deadline_seconds=4)
+
+
+async def test_a_migration_applies_once_the_long_transaction_ends(
+    postgres_dsn: str, migrations_dir: Path
+) -> None:
+    apply_migrations(dsn=postgres_dsn, directory=migrations_dir)
+    write(migrations_dir, "0003_more.sql", "ALTER TABLE runs ADD COLUMN extra int;\n")
+    reader = await psycopg.AsyncConnection.connect(postgres_dsn)
+    await reader.execute("SELECT count(*) FROM runs")
+    migrating = asyncio.create_task(
+        migrate_on_start(dsn=postgres_dsn, directory=migrations_dir, deadline_seconds=60)
+    )
+    await asyncio.sleep(TABLE_LOCK_TIMEOUT_SECONDS + 1)  # at least one attempt gave up
+    assert not migrating.done()
+    await reader.rollback()
+    await reader.close()
+    assert await asyncio.wait_for(migrating, 30) == ["0003_more"]
+
+
+async def test_a_failing_migration_stops_the_start_at_once(
+    postgres_dsn: str, tmp_path: Path
+) -> None:
+    directory = tmp_path / "migrations"
+    write(directory, "0001_broken.sql", "INSERT INTO missing_table VALUES (1);\n")
+    started = time.monotonic()
+    with pytest.raises(MigrationError, match="0001_broken failed"):
+        await migrate_on_start(dsn=postgres_dsn, directory=directory, deadline_seconds=60)
+    assert time.monotonic() - started < 10  # not retried for the start-up timeout
+
+
+async def test_waiting_for_another_replicas_migrations_ends_with_the_start_up_timeout(
+    postgres_dsn: str, migrations_dir: Path
+) -> None:
+    # Bounded by a hard-coded 300 s before.
+    with psycopg.connect(postgres_dsn, autocommit=True) as holder:
+        holder.execute("SELECT pg_advisory_lock(%s)", (advisory_lock_key(DEFAULT_LOCK_NAME),))
+        started = time.monotonic()
+        with pytest.raises(Unavailable, match="another replica held the migration lock"):
+            await migrate_on_start(dsn=postgres_dsn, directory=migrations_dir, deadline_seconds=3)
+        assert time.monotonic() - started < 10
+    assert tables(postgres_dsn) == set()
+
+
+def test_migrations_the_code_does_not_know_are_logged(
+    postgres_dsn: str, migrations_dir: Path
+) -> None:
+    # A database a newer release migrated was used without a word (a rollback to older
+    # code then misread what those migrations changed).
+    apply_migrations(dsn=postgres_dsn, directory=migrations_dir)
+    write(migrations_dir, "0003_future.sql", "CREATE TABLE future (id int);\n")
+    apply_migrations(dsn=postgres_dsn, directory=migrations_dir)
+    (migrations_dir / "0003_future.sql").unlink()
+    stream = io.StringIO()
+    configure_logging(level="INFO", fmt="json", stream=stream)
+    assert apply_migrations(dsn=postgres_dsn, directory=migrations_dir) == []
+    [warning] = [json.loads(line) for line in stream.getvalue().splitlines()]
+    assert warning["level"] == "warning"
+    assert warning["unknown_migrations"] == ["0003_future"]
 
 
 def test_key_value_conninfo_is_accepted(postgres_dsn: str, migrations_dir: Path) -> None:

@@ -33,7 +33,13 @@ from hive_common.postgres import POOL_TIMEOUT_SECONDS, database_errors, named_ds
             Unavailable,
             "x db: the database schema is not there (migrations not applied)",
         ),
-        (psycopg.errors.UndefinedColumn("column missing"), Internal, "x db error"),
+        # ... or on a schema older than the code (a column a later migration adds).
+        (
+            psycopg.errors.UndefinedColumn("column missing"),
+            Unavailable,
+            "x db: the database schema is not there (migrations not applied)",
+        ),
+        (psycopg.errors.UndefinedFunction("no such function"), Internal, "x db error"),
     ],
 )
 async def test_driver_errors_become_hive_errors(
@@ -57,8 +63,8 @@ async def test_other_errors_pass_through_unchanged() -> None:
 async def test_the_sqlstate_is_given_only_when_the_server_gave_one() -> None:
     with pytest.raises(Internal) as info:
         async with database_errors("x db"):
-            raise psycopg.errors.UndefinedColumn("column missing")
-    assert info.value.details == {"sqlstate": "42703"}
+            raise psycopg.errors.UndefinedFunction("no such function")
+    assert info.value.details == {"sqlstate": "42883"}
     with pytest.raises(Internal) as info:
         async with database_errors("x db"):
             raise psycopg.DataError("PostgreSQL text fields cannot contain NUL (0x00) bytes")

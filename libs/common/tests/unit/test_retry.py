@@ -245,6 +245,29 @@ async def test_wait_for_dependency_raises_unavailable_at_the_deadline() -> None:
         )
     error: HiveError = raised.value
     assert "mongo" in error.message
+    assert error.message.endswith(": ConnectionRefusedError: refused")  # why, not only that
     assert error.details == {"dependency": "mongo", "attempts": calls}
     assert calls >= 2
     assert isinstance(error.__cause__, ConnectionRefusedError)
+
+
+async def test_wait_for_dependency_raises_a_fatal_error_at_once() -> None:
+    # A migration that fails the same way every time was retried for the whole start-up
+    # timeout, each attempt logged as the database not being ready.
+    sleep = RecordingSleep()
+    calls = 0
+
+    async def check() -> None:
+        nonlocal calls
+        calls += 1
+        raise ValueError("bad migration") if calls > 1 else ConnectionRefusedError("refused")
+
+    with pytest.raises(ValueError, match="bad migration"):
+        await wait_for_dependency(
+            check,
+            name="postgresql",
+            deadline_seconds=60,
+            sleep=sleep,
+            fatal=lambda exc: isinstance(exc, ValueError),
+        )
+    assert (calls, len(sleep.waits)) == (2, 1)

@@ -39,9 +39,8 @@ from hive_common.grpc_server import GrpcService, build_grpc_server
 from hive_common.http import CheckResult, check_dependency, create_http_app
 from hive_common.logging import get_logger
 from hive_common.metrics import HttpMetrics, RpcMetrics, new_registry
-from hive_common.migrations import apply_migrations
+from hive_common.migrations import migrate_on_start
 from hive_common.postgres import named_dsn
-from hive_common.retry import wait_for_dependency
 from hive_common.runtime import ServiceRuntime
 from neuralhive.ticket.v1 import ticket_service_pb2_grpc as pb_grpc
 
@@ -137,15 +136,12 @@ async def build_service(settings: TicketSettings, *, clock: Clock = utc_now) -> 
         max_size=settings.postgres_pool_max_size,
     )
 
-    async def migrate() -> None:
-        applied = await asyncio.to_thread(
-            apply_migrations, dsn=settings.postgres_dsn, directory=MIGRATIONS_DIRECTORY
-        )
-        log.info("migrations applied", applied=applied)
-
-    await wait_for_dependency(
-        migrate, name="postgresql", deadline_seconds=settings.startup_timeout_seconds
+    applied = await migrate_on_start(
+        dsn=settings.postgres_dsn,
+        directory=MIGRATIONS_DIRECTORY,
+        deadline_seconds=settings.startup_timeout_seconds,
     )
+    log.info("migrations applied", applied=applied)
     await pool.open(wait=True, timeout=settings.startup_timeout_seconds)
 
     registry = new_registry()

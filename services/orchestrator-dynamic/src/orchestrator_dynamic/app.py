@@ -16,9 +16,8 @@ from hive_common.grpc_server import GrpcService, build_grpc_server
 from hive_common.http import CheckResult, check_dependency, create_http_app
 from hive_common.logging import get_logger
 from hive_common.metrics import HttpMetrics, RpcMetrics, new_registry
-from hive_common.migrations import apply_migrations
+from hive_common.migrations import migrate_on_start
 from hive_common.postgres import named_dsn
-from hive_common.retry import wait_for_dependency
 from hive_common.runtime import ServiceRuntime
 from neuralhive.orchestrator.v1 import orchestrator_service_pb2_grpc as pb_grpc
 from orchestrator_dynamic.config import OrchestratorSettings
@@ -83,13 +82,10 @@ async def build_app(
     """Wait for PostgreSQL, apply migrations, then build (not start) the service."""
     dsn = settings.postgres_dsn.get_secret_value()
 
-    async def migrate() -> None:
-        applied = await asyncio.to_thread(apply_migrations, dsn=dsn, directory=MIGRATIONS_DIRECTORY)
-        log.info("migrations applied", applied=applied)
-
-    await wait_for_dependency(
-        migrate, name="postgresql", deadline_seconds=settings.startup_timeout_seconds
+    applied = await migrate_on_start(
+        dsn=dsn, directory=MIGRATIONS_DIRECTORY, deadline_seconds=settings.startup_timeout_seconds
     )
+    log.info("migrations applied", applied=applied)
     pool = open_pool(
         named_dsn(dsn, settings.service_name),
         min_size=settings.postgres_pool_min_size,

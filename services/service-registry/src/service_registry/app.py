@@ -16,8 +16,13 @@ from hive_common.grpc_server import GrpcService, build_grpc_server
 from hive_common.http import CheckResult, check_dependency, create_http_app
 from hive_common.logging import get_logger
 from hive_common.metrics import HttpMetrics, RpcMetrics, new_registry
-from hive_common.migrations import apply_migrations
-from hive_common.postgres import POOL_TIMEOUT_SECONDS, RECONNECT_TIMEOUT_SECONDS, named_dsn
+from hive_common.migrations import migrate_on_start
+from hive_common.postgres import (
+    POOL_TIMEOUT_SECONDS,
+    RECONNECT_TIMEOUT_SECONDS,
+    SCHEMA_BEHIND_SQLSTATES,
+    named_dsn,
+)
 from hive_common.retry import wait_for_dependency
 from hive_common.runtime import ServiceRuntime
 from neuralhive.registry.v1 import registry_service_pb2_grpc as pb_grpc
@@ -36,8 +41,6 @@ from service_registry.transport.http.routes import build_router
 
 MIGRATIONS_DIR = Path(__file__).parent / "storage" / "migrations"
 SERVICE_FULL_NAME = "neuralhive.registry.v1.ServiceRegistry"
-# undefined_table, undefined_column: the schema is missing or older than the code.
-_SCHEMA_BEHIND_SQLSTATES = frozenset({"42P01", "42703"})
 
 
 @dataclass
@@ -103,7 +106,11 @@ async def build_app(
             repository.ping, name="postgresql", deadline_seconds=settings.startup_timeout_seconds
         )
         if settings.migrate_on_start:
-            applied = await asyncio.to_thread(apply_migrations, dsn=dsn, directory=MIGRATIONS_DIR)
+            applied = await migrate_on_start(
+                dsn=dsn,
+                directory=MIGRATIONS_DIR,
+                deadline_seconds=settings.startup_timeout_seconds,
+            )
             if applied:
                 logger.info("migrations applied", migrations=applied)
     except BaseException:
@@ -172,7 +179,7 @@ async def build_app(
                 window=1,
             )
         except (Internal, Unavailable) as exc:  # a missing table is UNAVAILABLE
-            if exc.details.get("sqlstate") not in _SCHEMA_BEHIND_SQLSTATES:
+            if exc.details.get("sqlstate") not in SCHEMA_BEHIND_SQLSTATES:
                 raise
             raise FailedPrecondition(
                 "the database lacks the registry's schema (migrations not applied): apply "
