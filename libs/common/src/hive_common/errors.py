@@ -13,10 +13,21 @@ from typing import Any, ClassVar
 
 @dataclass(frozen=True, slots=True)
 class FieldViolation:
-    """One problem with one input field; ``field`` is a JSON path or proto field path."""
+    """One problem with one input field; ``field`` is a JSON path or proto field path.
+
+    ``omitted``: this entry stands for that many violations left out of a long list
+    (:func:`not_shown`), so a transport that has to cut the list further counts them
+    right.
+    """
 
     field: str
     description: str
+    omitted: int = 0
+
+
+def not_shown(count: int, *, field: str = "request", what: str = "violations") -> FieldViolation:
+    """The last entry of a list cut short: ``count`` more were left out."""
+    return FieldViolation(field=field, description=f"{count} more {what} not shown", omitted=count)
 
 
 class HiveError(Exception):

@@ -41,6 +41,7 @@ from hive_common.errors import (
     Internal,
     InvalidArgument,
     Unavailable,
+    not_shown,
 )
 
 ERROR_DOMAIN = "neuralhive"
@@ -93,11 +94,12 @@ def _bounded_violations(
         if room < _ROOM_FOR_THE_COUNT:
             break
         kept.append(item)
-    left = len(violations) - len(kept)
+    left = sum(v.omitted or 1 for v in violations[len(kept) :])
     if left:
+        summary = not_shown(left)
         kept.append(
             error_details_pb2.BadRequest.FieldViolation(
-                field="request", description=f"{left} more violations not shown"
+                field=summary.field, description=summary.description
             )
         )
     return kept

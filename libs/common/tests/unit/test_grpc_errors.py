@@ -17,6 +17,7 @@ from hive_common.errors import (
     InvalidArgument,
     NotFound,
     Unavailable,
+    not_shown,
 )
 from hive_common.grpc_errors import (
     ERROR_DOMAIN,
@@ -206,6 +207,14 @@ def test_the_status_stays_within_its_budget_cutting_long_texts_and_counting_the_
     assert last == FieldViolation("request", f"{3000 - len(middle)} more violations not shown")
     assert decoded.details == {"plan_id": "p" * 255 + "\u2026"}
     assert decoded.message.endswith("\u2026")
+
+
+def test_a_summary_entry_cut_off_counts_the_violations_it_stood_for() -> None:
+    shown_by_the_service = [FieldViolation(f"tasks[{i}]", "unknown") for i in range(2000)]
+    error = InvalidArgument("bad", violations=[*shown_by_the_service, not_shown(4000)])
+    decoded = from_rpc_error(_as_rpc_error(to_status(error)))
+    *middle, last = decoded.violations
+    assert last == FieldViolation("request", f"{6000 - len(middle)} more violations not shown")
 
 
 def test_a_status_within_its_budget_is_sent_whole() -> None:

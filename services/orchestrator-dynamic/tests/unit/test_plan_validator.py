@@ -813,7 +813,8 @@ def test_reported_issues_are_bounded() -> None:
     assert len(result.errors) == 11
     assert result.errors[-1].code is E.TRUNCATED
     assert result.errors[-1].message == "20 more errors not shown"
-    assert result.to_error().message.startswith("invalid plan: 10 problems")
+    # All 30 counted (the message said 10: those shown).
+    assert result.to_error().message.startswith("invalid plan: 30 problems")
 
 
 def test_large_valid_plan_at_the_task_limit() -> None:

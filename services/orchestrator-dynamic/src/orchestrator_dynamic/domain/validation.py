@@ -92,9 +92,11 @@ class ValidationIssue:
     message: str
     code: IssueCode
     severity: Severity = Severity.ERROR
+    # A TRUNCATED issue stands for this many issues not shown.
+    omitted: int = 0
 
     def to_field_violation(self) -> FieldViolation:
-        return FieldViolation(field=self.path, description=self.message)
+        return FieldViolation(field=self.path, description=self.message, omitted=self.omitted)
 
     def to_json(self) -> dict[str, str]:
         return {"field": self.path, "description": self.message, "code": self.code.value}
@@ -153,7 +155,7 @@ class InvalidPlan:
         return False
 
     def to_error(self) -> InvalidArgument:
-        count = sum(1 for e in self.errors if e.code is not IssueCode.TRUNCATED)
+        count = sum(e.omitted or 1 for e in self.errors)
         noun = "problem" if count == 1 else "problems"
         return InvalidArgument(
             f"invalid plan: {count} {noun}" + (f"; first: {self.errors[0]}" if count else ""),
@@ -346,6 +348,7 @@ class PlanValidator:
                 f"{rest} more {issues[0].severity.value}s not shown",
                 IssueCode.TRUNCATED,
                 issues[0].severity,
+                omitted=rest,
             )
         )
         return tuple(kept)

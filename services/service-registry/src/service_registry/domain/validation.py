@@ -7,7 +7,7 @@ import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
-from hive_common.errors import FieldViolation, InvalidArgument
+from hive_common.errors import FieldViolation, InvalidArgument, not_shown
 from hive_common.namespaces import DEFAULT_NAMESPACE, NAMESPACE_RE, NAMESPACE_RULE
 from hive_common.text import shown
 from hive_common.tokens import decode_token, encode_token
@@ -57,7 +57,7 @@ def bounded(violations: list[FieldViolation]) -> list[FieldViolation]:
     rest = len(violations) - MAX_REPORTED_VIOLATIONS
     return [
         *violations[:MAX_REPORTED_VIOLATIONS],
-        FieldViolation(field="request", description=f"{rest} more violations not shown"),
+        not_shown(rest),
     ]
 
 
