@@ -49,6 +49,7 @@ from hive_common.logging import (
     request_id_from,
 )
 from hive_common.metrics import RpcMetrics
+from hive_common.text import shown
 
 REQUEST_ID_METADATA_KEY = "x-request-id"
 DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
@@ -423,7 +424,9 @@ class DrainingHealthServicer(health_pb2_grpc.HealthServicer):  # type: ignore[mi
     async def Check(self, request: Any, context: Any) -> Any:
         status = self._status.get(request.service)
         if status is None:
-            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {request.service!r}")
+            # Clipped: a 16 KiB name echoed whole outgrew the client's metadata limit.
+            service = shown(request.service)
+            await context.abort(grpc.StatusCode.NOT_FOUND, f"unknown service {service!r}")
         return health_pb2.HealthCheckResponse(status=status)
 
     async def Watch(self, request: Any, context: Any) -> None:

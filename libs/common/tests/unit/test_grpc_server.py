@@ -198,6 +198,17 @@ async def test_unknown_health_service_is_not_found(channel: grpc.aio.Channel) ->
     assert info.value.code() == grpc.StatusCode.NOT_FOUND
 
 
+async def test_a_long_unknown_health_service_name_is_not_found_clipped(
+    channel: grpc.aio.Channel,
+) -> None:
+    # Echoed whole, a 20 KiB name made the status outgrow the client's metadata limit:
+    # RESOURCE_EXHAUSTED instead of NOT_FOUND.
+    with pytest.raises(grpc.aio.AioRpcError) as raised:
+        await health_status(channel, "x" * 20_000)
+    assert raised.value.code() == grpc.StatusCode.NOT_FOUND
+    assert len(raised.value.details() or "") < 300
+
+
 async def test_reflection_lists_services(channel: grpc.aio.Channel) -> None:
     stub = reflection_pb2_grpc.ServerReflectionStub(channel)
     call = stub.ServerReflectionInfo(
