@@ -31,6 +31,7 @@ from pydantic import WithJsonSchema
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import JSONResponse
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from hive_common.errors import FieldViolation, HiveError, InvalidArgument
@@ -197,7 +198,24 @@ async def _http_exception_handler(request: Request, exc: Exception) -> JSONRespo
     code = _CODE_BY_HTTP_STATUS.get(status, "INTERNAL" if status >= 500 else "INVALID_ARGUMENT")
     _remember_error_code(request, code)
     body = {"error": {"code": code, "message": str(exc.detail), "details": {}}}
-    return JSONResponse(body, status_code=status, headers=exc.headers)
+    headers = exc.headers
+    if status == 405:
+        headers = {**(headers or {}), "Allow": ", ".join(_allowed_methods(request))}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    """Every method some route of the path answers (Starlette names only the first
+    route's: ``Allow: POST`` on a path with a GET route and a POST route); HEAD with GET,
+    as the middleware answers it."""
+    methods: set[str] = set()
+    for route in request.app.router.routes:
+        route_methods = getattr(route, "methods", None)
+        if route_methods and route.matches(request.scope)[0] is not Match.NONE:
+            methods |= route_methods
+    if "GET" in methods:
+        methods.add("HEAD")
+    return sorted(methods)
 
 
 def _without_empty_parameters(query_string: bytes) -> bytes:

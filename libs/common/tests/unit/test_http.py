@@ -314,6 +314,14 @@ async def test_unknown_route_uses_error_shape(client: httpx.AsyncClient) -> None
     response = await client.delete("/health")
     assert response.status_code == 405
     assert response.json()["error"]["code"] == "UNIMPLEMENTED"
+    assert response.headers["allow"] == "GET, HEAD"
+
+
+async def test_a_405_allows_every_method_of_the_path(client: httpx.AsyncClient) -> None:
+    # GET and POST /plans are two routes: the answer named only the first one's method.
+    response = await client.delete("/plans")
+    assert (response.status_code, response.headers["allow"]) == (405, "GET, HEAD, POST")
+    assert (await client.put("/raw")).headers["allow"] == "POST"
 
 
 async def test_one_log_line_per_request_with_request_id(
