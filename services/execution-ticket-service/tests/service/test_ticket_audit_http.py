@@ -78,10 +78,13 @@ async def run_lifecycle(
             ),
             metadata=md,
         )
-        final = S.TICKET_STATUS_FAILED if attempt == 1 else S.TICKET_STATUS_COMPLETED
+        failed = attempt == 1
         await stub.UpdateTicketStatus(
             pb.UpdateTicketStatusRequest(
-                ticket_id=ticket.ticket_id, status=final, attempt=attempt, error_message="e"
+                ticket_id=ticket.ticket_id,
+                status=S.TICKET_STATUS_FAILED if failed else S.TICKET_STATUS_COMPLETED,
+                attempt=attempt,
+                error_message="e" if failed else "",
             ),
             metadata=md,
         )

@@ -929,7 +929,9 @@ async def test_lease_expiry_requeues_then_fails_timed_out(
         assert ticket.attempt == attempt
         advance_clock(31)  # the RUNNING lease: the task's timeout
         ticket = await _swept(client, ticket)
-        assert ticket.error_message == "timed out"
+        assert ticket.error_message == (
+            "timed out: worker w1 did not report within the task's timeout (30s)"
+        )
     assert ticket.status == S.TICKET_STATUS_FAILED
     assert ticket.attempt == 2
     assert ticket.lost_runs == 0

@@ -543,7 +543,7 @@ async def test_lease_expiry_requeues_then_fails(
         assert event.type is EventType.LEASE_EXPIRED
     t = await repo.get(t.ticket_id)
     assert t.status is S.FAILED
-    assert t.error_message == "timed out"
+    assert t.error_message == "timed out: worker w did not report within the task's timeout (30s)"
     assert t.attempt == 2
     assert t.lost_runs == 0
     # An assignment never started is a lost run: stored, and read back.

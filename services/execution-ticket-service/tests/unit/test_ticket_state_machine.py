@@ -16,7 +16,6 @@ from execution_ticket_service.domain.models import (
     TicketStatus,
 )
 from execution_ticket_service.domain.state_machine import (
-    LEASE_EXPIRED_MESSAGE,
     LEGAL_TRANSITIONS,
     MAX_LOST_RUNS,
     check_token_eligible,
@@ -271,6 +270,16 @@ def test_assign_only_from_pending(current: S, legal: bool) -> None:
     assert outcome.event.type is EventType.ASSIGNED
 
 
+@pytest.mark.parametrize("current", [S.ASSIGNED, S.RUNNING])
+def test_assigning_a_held_ticket_names_its_worker(current: S) -> None:
+    # It said "illegal transition ASSIGNED -> ASSIGNED".
+    with pytest.raises(FailedPrecondition) as raised:
+        decide_assign(ticket(current, worker="other"), assignment(), now=LATER, actor="s")
+    assert raised.value.message == (
+        f"ticket {TID} is already {current.value} on worker other (attempt 1)"
+    )
+
+
 def test_repeated_assignment_is_a_no_op() -> None:
     first = decide_assign(ticket(), assignment(), now=LATER, actor="s")
     again = decide_assign(first.ticket, assignment(lease_seconds=99), now=LATER, actor="s")
@@ -314,7 +323,10 @@ def test_lease_expiry_fails_the_last_attempt_as_timed_out() -> None:
         ticket(S.RUNNING, attempt=3, max_retries=2), now=LATER + timedelta(minutes=1)
     )
     assert outcome.ticket.status is S.FAILED
-    assert outcome.ticket.error_message == LEASE_EXPIRED_MESSAGE == "timed out"
+    # Said who and what limit (it was a bare "timed out").
+    assert outcome.ticket.error_message == (
+        "timed out: worker w1 did not report within the task's timeout (30s)"
+    )
     assert outcome.ticket.attempt == 3
 
 

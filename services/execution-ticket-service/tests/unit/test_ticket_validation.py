@@ -174,7 +174,12 @@ def test_assignments_validation_names_each_item_and_refuses_repeats() -> None:
         ({"attempt": -1, "status": "CANCELLED"}, "attempt"),
         ({"expected_version": 0}, "expected_version"),
         ({"permanent": True}, "permanent"),
-        ({"error_message": "e" * 4001}, "error_message"),
+        ({"error_message": "e" * 4001, "status": "FAILED"}, "error_message"),
+        # Fields the status does not keep were accepted and dropped.
+        ({"error_message": "oops"}, "error_message"),
+        ({"error_message": "oops", "status": "COMPLETED"}, "error_message"),
+        ({"result": {"out": 1}}, "result"),
+        ({"result": {}, "status": "CANCELLED"}, "result"),
         ({"ticket_id": "zzz"}, "ticket_id"),
     ],
 )

@@ -42,8 +42,6 @@ LEGAL_TRANSITIONS: dict[TicketStatus, frozenset[TicketStatus]] = {
 # PENDING only happens as a consequence of a failure or an expired lease).
 UPDATE_TARGETS: frozenset[TicketStatus] = frozenset({S.RUNNING, S.COMPLETED, S.FAILED, S.CANCELLED})
 
-LEASE_EXPIRED_MESSAGE = "timed out"
-"""A RUNNING ticket's lease (the task's timeout) that passed."""
 MAX_LOST_RUNS = 3
 """Attempts per ticket that may end with their worker (stopped or lost) without using one
 of the task's retries; after that such an ending counts as an ordinary failure."""
@@ -155,6 +153,13 @@ def decide_assign(ticket: Ticket, request: Assignment, *, now: datetime, actor: 
             details={"current_attempt": ticket.attempt, "attempt": request.attempt},
         )
     _check_version(ticket, request.expected_version)
+    if ticket.status in LEASED_STATUSES:
+        # Not "illegal transition ASSIGNED -> ASSIGNED": say who holds it.
+        raise FailedPrecondition(
+            f"ticket {ticket.ticket_id} is already {ticket.status.value} on worker "
+            f"{ticket.worker_id} (attempt {ticket.attempt})",
+            details={"status": ticket.status.value, "worker_id": ticket.worker_id},
+        )
     _check_edge(ticket, S.ASSIGNED)
     after = replace(
         ticket,
@@ -297,7 +302,8 @@ def decide_lease_expiry(ticket: Ticket, *, now: datetime) -> Outcome:
     message = (
         f"not started: worker {ticket.worker_id} did not start it within its assignment lease"
         if never_started
-        else LEASE_EXPIRED_MESSAGE
+        else f"timed out: worker {ticket.worker_id} did not report within the task's timeout "
+        f"({ticket.spec.timeout_seconds}s)"
     )
     lost_run = never_started and ticket.lost_runs < MAX_LOST_RUNS
     if lost_run or ticket.retries_left:

@@ -417,6 +417,11 @@ def validate_status_update(
     elif result is not None:
         check_json(result, "result", errors)
     _check_text(error_message, "error_message", errors)
+    # What a status does not keep is refused, not dropped without a word.
+    if result is not None and target in (TicketStatus.RUNNING, TicketStatus.CANCELLED):
+        errors.add("result", "only applies to COMPLETED and FAILED")
+    if error_message and target in (TicketStatus.RUNNING, TicketStatus.COMPLETED):
+        errors.add("error_message", "only applies to FAILED and CANCELLED")
     if permanent and target is not TicketStatus.FAILED:
         errors.add("permanent", "only applies to FAILED")
     if worker_lost and target is not TicketStatus.FAILED:
