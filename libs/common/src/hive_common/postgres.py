@@ -25,12 +25,26 @@ RECONNECT_TIMEOUT_SECONDS = 5.0
 POOL_TIMEOUT_SECONDS = 3.0
 
 
-def named_dsn(dsn: str, application_name: str) -> str:
-    """``dsn`` with ``application_name`` set unless it sets one: ``pg_stat_activity``
-    then tells each service's (and the bench's) connections apart."""
-    if "application_name" in conninfo_to_dict(dsn):
-        return dsn
-    return make_conninfo(dsn, application_name=application_name)
+# How long a statement of a service waits for a lock before it fails (UNAVAILABLE: the
+# caller retries). Without it a table locked by someone else (a migration, a manual
+# LOCK, a long DDL) held every request on it for as long as the lock lasted, past the
+# clients' per-attempt timeouts, and the registry, hearing no error, expired every
+# worker once the lock went.
+LOCK_TIMEOUT_MS = 5000
+
+
+def service_dsn(dsn: str, application_name: str) -> str:
+    """``dsn`` as a service's pool connects with it: ``application_name`` set unless it
+    sets one (``pg_stat_activity`` then tells each service's connections apart), and a
+    ``lock_timeout`` of :data:`LOCK_TIMEOUT_MS` unless its ``options`` set one."""
+    params = conninfo_to_dict(dsn)
+    extra: dict[str, str] = {}
+    if "application_name" not in params:
+        extra["application_name"] = application_name
+    options = str(params.get("options") or "")
+    if "lock_timeout" not in options:
+        extra["options"] = f"{options} -c lock_timeout={LOCK_TIMEOUT_MS}".strip()
+    return make_conninfo(dsn, **extra) if extra else dsn
 
 
 def open_pool(

@@ -9,7 +9,13 @@ from psycopg.conninfo import conninfo_to_dict
 
 from hive_common.clients import CallPolicy
 from hive_common.errors import Internal, NotFound, Unavailable
-from hive_common.postgres import POOL_TIMEOUT_SECONDS, database_errors, named_dsn, open_pool
+from hive_common.postgres import (
+    LOCK_TIMEOUT_MS,
+    POOL_TIMEOUT_SECONDS,
+    database_errors,
+    open_pool,
+    service_dsn,
+)
 
 
 @pytest.mark.parametrize(
@@ -81,13 +87,16 @@ def test_a_database_outage_is_unavailable_before_a_clients_attempt_times_out() -
 
 def test_connections_carry_the_services_name_unless_the_dsn_has_one() -> None:
     # pg_stat_activity showed every service's connections with a blank application_name.
-    named = named_dsn("postgresql://hive@db:5432/tickets", "execution-ticket-service")
+    named = service_dsn("postgresql://hive@db:5432/tickets", "execution-ticket-service")
     assert conninfo_to_dict(named) == {
         "user": "hive",
         "host": "db",
         "port": "5432",
         "dbname": "tickets",
         "application_name": "execution-ticket-service",
+        "options": f"-c lock_timeout={LOCK_TIMEOUT_MS}",
     }
-    own = "postgresql://hive@db/tickets?application_name=tickets-a"
-    assert named_dsn(own, "execution-ticket-service") == own
+    own = "postgresql://hive@db/tickets?application_name=tickets-a&options=-c%20lock_timeout%3D1s"
+    assert service_dsn(own, "execution-ticket-service") == own
+    theirs = conninfo_to_dict(service_dsn("dbname=t options='-c search_path=x'", "s"))
+    assert theirs["options"] == f"-c search_path=x -c lock_timeout={LOCK_TIMEOUT_MS}"

@@ -40,7 +40,7 @@ from hive_common.http import CheckResult, check_dependency, create_http_app
 from hive_common.logging import get_logger
 from hive_common.metrics import HttpMetrics, RpcMetrics, new_registry
 from hive_common.migrations import migrate_on_start
-from hive_common.postgres import named_dsn
+from hive_common.postgres import service_dsn
 from hive_common.runtime import ServiceRuntime
 from neuralhive.ticket.v1 import ticket_service_pb2_grpc as pb_grpc
 
@@ -131,7 +131,7 @@ def _report_failure(task: asyncio.Task[None]) -> None:
 async def build_service(settings: TicketSettings, *, clock: Clock = utc_now) -> TicketService:
     """Wait for PostgreSQL, apply migrations, then build (not start) the service."""
     pool = open_pool(
-        named_dsn(settings.postgres_dsn, settings.service_name),
+        service_dsn(settings.postgres_dsn, settings.service_name),
         min_size=settings.postgres_pool_min_size,
         max_size=settings.postgres_pool_max_size,
     )

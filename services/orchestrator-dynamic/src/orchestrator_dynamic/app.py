@@ -17,7 +17,7 @@ from hive_common.http import CheckResult, check_dependency, create_http_app
 from hive_common.logging import get_logger
 from hive_common.metrics import HttpMetrics, RpcMetrics, new_registry
 from hive_common.migrations import migrate_on_start
-from hive_common.postgres import named_dsn
+from hive_common.postgres import service_dsn
 from hive_common.runtime import ServiceRuntime
 from neuralhive.orchestrator.v1 import orchestrator_service_pb2_grpc as pb_grpc
 from orchestrator_dynamic.config import OrchestratorSettings
@@ -87,7 +87,7 @@ async def build_app(
     )
     log.info("migrations applied", applied=applied)
     pool = open_pool(
-        named_dsn(dsn, settings.service_name),
+        service_dsn(dsn, settings.service_name),
         min_size=settings.postgres_pool_min_size,
         max_size=settings.postgres_pool_max_size,
     )

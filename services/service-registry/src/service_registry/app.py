@@ -21,7 +21,7 @@ from hive_common.postgres import (
     POOL_TIMEOUT_SECONDS,
     RECONNECT_TIMEOUT_SECONDS,
     SCHEMA_BEHIND_SQLSTATES,
-    named_dsn,
+    service_dsn,
 )
 from hive_common.retry import wait_for_dependency
 from hive_common.runtime import ServiceRuntime
@@ -86,7 +86,7 @@ async def build_app(
     limits = settings.limits()
 
     pool: AsyncConnectionPool[Any] = AsyncConnectionPool(
-        named_dsn(dsn, settings.service_name),
+        service_dsn(dsn, settings.service_name),
         min_size=settings.postgres_pool_min_size,
         max_size=settings.postgres_pool_max_size,
         # A single statement is its own transaction (one round trip, not BEGIN + statement

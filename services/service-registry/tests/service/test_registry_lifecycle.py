@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import json
+import time
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -13,6 +14,7 @@ import pytest
 
 from hive_common.errors import HiveError
 from hive_common.grpc_errors import from_rpc_error
+from hive_common.postgres import LOCK_TIMEOUT_MS
 from hive_common.testing.outage import UnreachablePool
 from neuralhive.registry.v1 import registry_service_pb2 as pb
 
@@ -469,6 +471,44 @@ async def test_a_database_outage_longer_than_the_ttl_expires_no_worker(
     assert (await registry.heartbeat(w1)).worker.worker_id == w1
     registry.clock.advance(61)
     assert [w.name for w in (await registry.sweep()).expired] == ["w1"]
+
+
+async def test_a_database_that_hangs_longer_than_the_ttl_expires_no_worker(
+    registry: Registry, postgres_dsn: str
+) -> None:
+    # A lock on the workers table (no error, only silence) held past the TTL: heartbeats
+    # ended at their deadline, and once the lock went every worker expired (new worker
+    # ids, running tasks handed back and run twice).
+    w1 = (await registry.register("w1")).worker.worker_id
+    async with await psycopg.AsyncConnection.connect(postgres_dsn) as locker:
+        await locker.execute("LOCK TABLE workers IN ACCESS EXCLUSIVE MODE")
+        with pytest.raises(grpc.aio.AioRpcError) as gave_up:
+            await registry.stub.Heartbeat(
+                pb.HeartbeatRequest(worker_id=w1), metadata=registry.worker_md(w1), timeout=1
+            )
+        assert gave_up.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        await asyncio.sleep(1)  # still held (the heartbeat, still waiting, is written late)
+        registry.clock.advance(90)
+        await locker.rollback()
+    assert (await registry.sweep()).expired == []
+    assert (await registry.heartbeat(w1)).worker.worker_id == w1
+
+
+async def test_a_locked_table_is_unavailable_after_the_lock_timeout(
+    registry: Registry, postgres_dsn: str
+) -> None:
+    # Requests waited for as long as the lock lasted, past their clients' deadlines.
+    w1 = (await registry.register("w1")).worker.worker_id
+    async with await psycopg.AsyncConnection.connect(postgres_dsn) as locker:
+        await locker.execute("LOCK TABLE workers IN ACCESS EXCLUSIVE MODE")
+        started = time.monotonic()
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await registry.stub.Heartbeat(
+                pb.HeartbeatRequest(worker_id=w1), metadata=registry.worker_md(w1), timeout=30
+            )
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert time.monotonic() - started < LOCK_TIMEOUT_MS / 1000 + 3
+        await locker.rollback()
 
 
 async def test_a_stop_ends_the_open_watches_instead_of_waiting_out_its_grace(

@@ -158,6 +158,10 @@ def worker_from_json(data: Mapping[str, Any]) -> Worker:
     )
 
 
+# An operation that took this long found the database stalled (they take milliseconds).
+_STALLED_SECONDS = 1.0
+
+
 class WorkerRepository:
     """Workers, their health transitions and the ordered event log, in PostgreSQL."""
 
@@ -186,12 +190,18 @@ class WorkerRepository:
 
     @asynccontextmanager
     async def _connection(self) -> AsyncIterator[psycopg.AsyncConnection[Any]]:
+        loop = asyncio.get_running_loop()
+        started = loop.time()
         try:
             async with database_errors("registry database"), connection(self._pool) as conn:
                 yield conn
-        except Unavailable:
+        except (Unavailable, asyncio.CancelledError):
             self._deaf = True
             raise
+        if loop.time() - started > _STALLED_SECONDS:
+            # The database hung without failing (a lock held, a stalled server): the
+            # heartbeats meanwhile timed out at their workers, or were recorded late.
+            self._deaf = True
 
     def _policy_at(self, now: datetime) -> HealthPolicy:
         """The health policy for decisions about expiry at ``now``. After a start or a
