@@ -12,6 +12,15 @@ environment prefix, and overrides the defaults that differ (name, ports)::
 
 ``HIVE_TICKETS_GRPC_PORT=1234`` then configures only that service. The settings object is
 built once in ``__main__`` / ``app.py`` and passed down; never at module level.
+
+A duration setting (its name ends in ``_seconds``, ``_hours`` or ``_ms``) must have an upper
+bound, and a float one is a ``FiniteFloat``::
+
+    sweep_interval_seconds: FiniteFloat = Field(default=2.0, gt=0, le=DAY)
+
+An unbounded one was accepted up to ``inf`` and then overflowed where the service turned it
+into a ``timedelta`` or a date (a traceback at start-up, or a background loop dead), instead
+of being an invalid setting; a subclass declaring one is a ``TypeError`` at import.
 """
 
 from __future__ import annotations
@@ -21,7 +30,7 @@ import sys
 from collections.abc import Mapping
 from typing import Any, Literal, Protocol
 
-from pydantic import Field, SecretStr, ValidationError, field_validator
+from pydantic import Field, FiniteFloat, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from hive_common.auth import DEFAULT_AUDIENCE, DEFAULT_ISSUER
@@ -33,6 +42,23 @@ DEVELOPMENT_JWT_SECRET = "hive-flow-c-local-development-only-insecure-jwt-secret
 
 MIN_JWT_SECRET_BYTES = 32
 """HS256 keys shorter than the hash output (32 bytes) are weak (RFC 7518, section 3.2)."""
+
+MINUTE = 60
+HOUR = 60 * MINUTE
+DAY = 24 * HOUR
+YEAR = 365 * DAY
+"""Seconds in a minute, an hour, a day, a year: the units duration settings' bounds are
+written in."""
+
+TOKEN_TTL_LIMIT = 30 * DAY
+"""The longest lifetime a token setting may give: a credential living longer than a month
+is one nobody rotates."""
+
+RETENTION_LIMIT = 5 * YEAR
+"""The longest retention of a history setting (events kept for watchers)."""
+
+DURATION_SUFFIXES = ("_seconds", "_hours", "_ms")
+"""How a duration setting's name ends; each must have an upper bound (``le`` or ``lt``)."""
 
 _LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
 
@@ -112,21 +138,43 @@ class HiveSettings(BaseSettings):
     jwt_secret: SecretStr = SecretStr(DEVELOPMENT_JWT_SECRET)
     jwt_issuer: str = DEFAULT_ISSUER
     jwt_audience: str = DEFAULT_AUDIENCE
-    startup_timeout_seconds: float = Field(
+    startup_timeout_seconds: FiniteFloat = Field(
         default=60.0,
         gt=0,
+        le=DAY,
         description="How long start-up waits for the service's PostgreSQL database.",
     )
-    shutdown_grace_seconds: float = Field(default=10.0, ge=0)
+    shutdown_grace_seconds: FiniteFloat = Field(default=10.0, ge=0, le=HOUR)
     http_keep_alive_seconds: int = Field(
         default=75,
         ge=1,
+        le=HOUR,
         description=(
             "How long an idle HTTP connection is kept open. Longer than the clients' and "
             "load balancers' own idle timeouts (httpx 5 s, AWS ALB 60 s), so that they, not "
             "the server, close it: a request sent as the server closes fails."
         ),
     )
+
+    @classmethod
+    def __pydantic_init_subclass__(cls, **kwargs: Any) -> None:
+        super().__pydantic_init_subclass__(**kwargs)
+        # Checked once here rather than remembered at each new setting: an unbounded
+        # duration is accepted up to inf and overflows later, far from the settings.
+        unbounded = [
+            name
+            for name, field in cls.model_fields.items()
+            if name.endswith(DURATION_SUFFIXES)
+            and not any(  # pydantic's le / lt rules (annotated_types.Le / Lt)
+                getattr(rule, "le", None) is not None or getattr(rule, "lt", None) is not None
+                for rule in field.metadata
+            )
+        ]
+        if unbounded:
+            raise TypeError(
+                f"{cls.__name__}: duration settings need an upper bound (le=...): "
+                + ", ".join(unbounded)
+            )
 
     @field_validator("log_level", mode="before")
     @classmethod
@@ -190,8 +238,15 @@ class HiveSettings(BaseSettings):
 
 
 __all__ = [
+    "DAY",
     "DEVELOPMENT_JWT_SECRET",
+    "DURATION_SUFFIXES",
+    "HOUR",
+    "MINUTE",
     "MIN_JWT_SECRET_BYTES",
+    "RETENTION_LIMIT",
+    "TOKEN_TTL_LIMIT",
+    "YEAR",
     "HiveSettings",
     "LogFormat",
     "WarningLogger",

@@ -5,10 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from pydantic import ValidationError
+from pydantic import Field, FiniteFloat, ValidationError
 from pydantic_settings import SettingsConfigDict
 
-from hive_common.config import DEVELOPMENT_JWT_SECRET, HiveSettings
+from hive_common.config import DAY, DEVELOPMENT_JWT_SECRET, HiveSettings
 
 REAL_SECRET = "x" * 40
 
@@ -110,6 +110,13 @@ def test_log_level_is_normalised(given: str, expected: str) -> None:
         {"shutdown_grace_seconds": -1},
         {"http_keep_alive_seconds": 0},
         {"http_keep_alive_seconds": "forever"},
+        # Durations are finite and bounded (inf overflowed where it became a timedelta).
+        {"startup_timeout_seconds": "inf"},
+        {"startup_timeout_seconds": "nan"},
+        {"startup_timeout_seconds": 86401},
+        {"shutdown_grace_seconds": "inf"},
+        {"shutdown_grace_seconds": 3601},
+        {"http_keep_alive_seconds": 3601},
     ],
 )
 def test_invalid_values_are_rejected(bad: dict[str, Any]) -> None:
@@ -157,3 +164,22 @@ def test_env_name_is_the_variable_that_sets_a_field() -> None:
 def test_env_name_refuses_a_name_that_is_not_a_setting() -> None:
     with pytest.raises(KeyError, match="no setting 'grpc_prot'"):
         TicketSettings.env_name("grpc_prot")
+
+
+def test_the_shared_durations_at_their_maximums_are_accepted() -> None:
+    settings = HiveSettings(
+        startup_timeout_seconds=86400, shutdown_grace_seconds=3600, http_keep_alive_seconds=3600
+    )
+    assert settings.startup_timeout_seconds == 86400
+
+
+def test_a_duration_setting_without_an_upper_bound_is_refused_at_import() -> None:
+    # Else it is accepted up to inf and overflows later, far from the settings.
+    with pytest.raises(TypeError, match=r"upper bound \(le=\.\.\.\): poll_seconds, keep_hours$"):
+
+        class Unbounded(HiveSettings):
+            poll_seconds: float = Field(default=1.0, gt=0)
+            keep_hours: int = 24
+            bounded_seconds: FiniteFloat = Field(default=1.0, gt=0, le=DAY)
+            below_ms: int = Field(default=10, lt=1000)
+            retries: int = 3  # not a duration

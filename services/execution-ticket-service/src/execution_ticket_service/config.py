@@ -8,16 +8,26 @@ from __future__ import annotations
 
 import warnings
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, FiniteFloat, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 from pymongo.errors import ConfigurationError
 from pymongo.uri_parser import parse_uri
 
 from execution_ticket_service.domain.validation import Limits
-from hive_common.config import HiveSettings
+from hive_common.config import (
+    DAY,
+    HOUR,
+    MINUTE,
+    RETENTION_LIMIT,
+    TOKEN_TTL_LIMIT,
+    HiveSettings,
+)
 
 MAX_TIMEOUT_SECONDS = Limits().max_timeout_seconds
 """The longest task timeout a ticket may have (7 days; not a setting)."""
+
+MAX_LEASE_SECONDS_LIMIT = DAY
+"""The highest ``max_lease_seconds``: a lease is the time a worker has to start a task."""
 
 
 class TicketSettings(HiveSettings):
@@ -33,19 +43,21 @@ class TicketSettings(HiveSettings):
     postgres_pool_max_size: int = Field(default=20, ge=1)
     mongo_uri: str = "mongodb://localhost:27017"
     mongo_database: str = "hive_tickets"
-    mongo_timeout_ms: int = Field(default=2000, ge=100)
+    # Server selection and connect timeout (the socket timeout is 5 times it): at most an
+    # hour, already far past a useful wait (pymongo itself refuses 10^9 ms or more).
+    mongo_timeout_ms: int = Field(default=2000, ge=100, le=HOUR * 1000)
 
     # Request limits and defaults.
     max_parameters_bytes: int = Field(default=64 * 1024, ge=2)
     max_result_bytes: int = Field(default=1024 * 1024, ge=2)
     max_batch_size: int = Field(default=10_000, ge=1)
     default_timeout_seconds: int = Field(default=3600, ge=1, le=MAX_TIMEOUT_SECONDS)
-    default_lease_seconds: int = Field(default=60, ge=1)
-    max_lease_seconds: int = Field(default=24 * 3600, ge=1)
+    default_lease_seconds: int = Field(default=60, ge=1, le=MAX_LEASE_SECONDS_LIMIT)
+    max_lease_seconds: int = Field(default=DAY, ge=1, le=MAX_LEASE_SECONDS_LIMIT)
     default_page_size: int = Field(default=100, ge=1)
     max_page_size: int = Field(default=1000, ge=1)
-    default_token_ttl_seconds: int = Field(default=3600, ge=1)
-    max_token_ttl_seconds: int = Field(default=24 * 3600, ge=1)
+    default_token_ttl_seconds: int = Field(default=3600, ge=1, le=TOKEN_TTL_LIMIT)
+    max_token_ttl_seconds: int = Field(default=DAY, ge=1, le=TOKEN_TTL_LIMIT)
 
     @field_validator("mongo_uri")
     @classmethod
@@ -67,32 +79,33 @@ class TicketSettings(HiveSettings):
             raise ValueError(f"not a MongoDB URI: {exc}") from None
         return value
 
-    # Background work.
-    lease_sweep_interval_seconds: float = Field(default=1.0, gt=0)
+    # Background work. Periods are at most a day; the sub-second knobs of the live paths
+    # (relay, watch) at most a minute.
+    lease_sweep_interval_seconds: FiniteFloat = Field(default=1.0, gt=0, le=DAY)
     # No lease expires this long after the service starts or its database answers again:
     # the workers' reports held back meanwhile get in first (see LeaseSweeper).
-    lease_grace_seconds: float = Field(default=30.0, ge=0)
+    lease_grace_seconds: FiniteFloat = Field(default=30.0, ge=0, le=DAY)
     relay_batch_size: int = Field(default=500, ge=1)
-    relay_idle_interval_seconds: float = Field(default=0.5, gt=0)
+    relay_idle_interval_seconds: FiniteFloat = Field(default=0.5, gt=0, le=MINUTE)
     # Events arriving within this window after a change are relayed together (lag target < 1 s).
-    relay_batch_window_seconds: float = Field(default=0.15, ge=0)
-    relay_max_backoff_seconds: float = Field(default=10.0, gt=0)
-    stats_interval_seconds: float = Field(default=5.0, gt=0)
-    watch_poll_interval_seconds: float = Field(default=0.5, gt=0)
+    relay_batch_window_seconds: FiniteFloat = Field(default=0.15, ge=0, le=MINUTE)
+    relay_max_backoff_seconds: FiniteFloat = Field(default=10.0, gt=0, le=HOUR)
+    stats_interval_seconds: FiniteFloat = Field(default=5.0, gt=0, le=DAY)
+    watch_poll_interval_seconds: FiniteFloat = Field(default=0.5, gt=0, le=MINUTE)
     watch_batch_size: int = Field(default=500, ge=1)
     # Recent events kept in memory for WatchTickets streams (one database read per change
     # for all streams); a stream further behind reads the database until it catches up.
     watch_window_events: int = Field(default=5_000, ge=1)
     # The event-log reader's reads start at least this far apart: under load one read
     # picks up the changes of a few milliseconds instead of one query per change.
-    watch_read_gap_seconds: float = Field(default=0.005, ge=0)
+    watch_read_gap_seconds: FiniteFloat = Field(default=0.005, ge=0, le=MINUTE)
     # Unfinished tickets whose last written state is remembered, so that their next change
     # needs no read first (the write is checked against the version); 0 turns it off.
     recent_tickets: int = Field(default=5_000, ge=0)
-    readiness_interval_seconds: float = Field(default=2.0, gt=0)
+    readiness_interval_seconds: FiniteFloat = Field(default=2.0, gt=0, le=DAY)
     # Relayed events older than this are deleted (bounds the watch log and outbox table).
-    event_retention_hours: float = Field(default=7 * 24, gt=0)
-    event_purge_interval_seconds: float = Field(default=300.0, gt=0)
+    event_retention_hours: FiniteFloat = Field(default=7 * 24, gt=0, le=RETENTION_LIMIT // HOUR)
+    event_purge_interval_seconds: FiniteFloat = Field(default=300.0, gt=0, le=DAY)
 
     # The HTTP read API asks for a bearer token like the gRPC API does.
     http_require_auth: bool = True

@@ -1,8 +1,11 @@
-"""TicketSettings: rules across settings, refused at start with the variables' names.
+"""TicketSettings: invalid settings, rules across settings too, refused at start with the
+variables' names.
 
 A default above its maximum used to be accepted, then every request relying on it was
 refused (INVALID_ARGUMENT, blaming a field the client never set); a pool minimum above
-its maximum ended in a traceback from psycopg_pool.
+its maximum ended in a traceback from psycopg_pool. Durations had no upper bound: ``inf``
+or 10^12 s was accepted, then overflowed (a traceback at start-up, every AssignTicket
+INTERNAL, or a purge failing every round).
 """
 
 from __future__ import annotations
@@ -14,10 +17,55 @@ import pytest
 from pydantic import ValidationError
 
 from execution_ticket_service.config import MAX_TIMEOUT_SECONDS, TicketSettings
-from hive_common.config import invalid_settings_message
+from hive_common.config import DURATION_SUFFIXES, invalid_settings_message
 from hive_common.entrypoint import EXIT_INVALID_SETTINGS, run_service
 
 PROGRAM = "execution-ticket-service"
+
+DURATION_MAXIMUMS = {
+    "STARTUP_TIMEOUT_SECONDS": 86400,
+    "SHUTDOWN_GRACE_SECONDS": 3600,
+    "HTTP_KEEP_ALIVE_SECONDS": 3600,
+    "MONGO_TIMEOUT_MS": 3_600_000,
+    "DEFAULT_TIMEOUT_SECONDS": MAX_TIMEOUT_SECONDS,
+    "DEFAULT_LEASE_SECONDS": 86400,
+    "MAX_LEASE_SECONDS": 86400,
+    "DEFAULT_TOKEN_TTL_SECONDS": 30 * 86400,
+    "MAX_TOKEN_TTL_SECONDS": 30 * 86400,
+    "LEASE_SWEEP_INTERVAL_SECONDS": 86400,
+    "LEASE_GRACE_SECONDS": 86400,
+    "RELAY_IDLE_INTERVAL_SECONDS": 60,
+    "RELAY_BATCH_WINDOW_SECONDS": 60,
+    "RELAY_MAX_BACKOFF_SECONDS": 3600,
+    "STATS_INTERVAL_SECONDS": 86400,
+    "WATCH_POLL_INTERVAL_SECONDS": 60,
+    "WATCH_READ_GAP_SECONDS": 60,
+    "READINESS_INTERVAL_SECONDS": 86400,
+    "EVENT_RETENTION_HOURS": 5 * 365 * 24,
+    "EVENT_PURGE_INTERVAL_SECONDS": 86400,
+}
+"""Every duration setting and its largest value."""
+
+
+def beyond_maximum_cases() -> list[Any]:
+    """Each duration given ``inf``, a huge number and one more than its maximum."""
+    cases = []
+    for name, maximum in DURATION_MAXIMUMS.items():
+        is_int = TicketSettings.model_fields[name.lower()].annotation is int
+        not_finite = (
+            "Input should be a valid integer, unable to parse string as an integer"
+            if is_int
+            else "Input should be a finite number"
+        )
+        too_big = f"Input should be less than or equal to {maximum}"
+        for value, message in (
+            ("inf", not_finite),
+            ("1e300", not_finite if is_int else too_big),
+            (str(maximum + 1), too_big),
+        ):
+            line = f"HIVE_TICKETS_{name}: {message}"
+            cases.append(pytest.param({name: value}, line, id=f"{name}={value}"))
+    return cases
 
 
 @pytest.fixture(autouse=True)
@@ -53,7 +101,7 @@ def refusal(monkeypatch: pytest.MonkeyPatch, **env: str) -> list[str]:
             "HIVE_TICKETS_POSTGRES_POOL_MAX_SIZE",
         ),
         (
-            {"DEFAULT_LEASE_SECONDS": "100000"},  # the maximum's default is 86400
+            {"DEFAULT_LEASE_SECONDS": "7200", "MAX_LEASE_SECONDS": "3600"},
             "HIVE_TICKETS_DEFAULT_LEASE_SECONDS must not exceed HIVE_TICKETS_MAX_LEASE_SECONDS",
         ),
         (
@@ -75,12 +123,34 @@ def refusal(monkeypatch: pytest.MonkeyPatch, **env: str) -> list[str]:
             f"HIVE_TICKETS_DEFAULT_TIMEOUT_SECONDS: Input should be less than or equal to "
             f"{MAX_TIMEOUT_SECONDS}",
         ),
+        *beyond_maximum_cases(),
     ],
 )
-def test_a_default_above_its_maximum_is_refused_naming_the_variables(
+def test_invalid_settings_are_refused_naming_the_variables(
     monkeypatch: pytest.MonkeyPatch, env: dict[str, str], line: str
 ) -> None:
     assert refusal(monkeypatch, **env) == [f"  {line}"]
+
+
+def test_leases_of_10_to_the_12_seconds_are_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Accepted before, then every AssignTicket relying on the default answered INTERNAL
+    # ("date value out of range").
+    assert refusal(
+        monkeypatch, DEFAULT_LEASE_SECONDS=str(10**12), MAX_LEASE_SECONDS=str(10**12)
+    ) == [
+        "  HIVE_TICKETS_DEFAULT_LEASE_SECONDS: Input should be less than or equal to 86400",
+        "  HIVE_TICKETS_MAX_LEASE_SECONDS: Input should be less than or equal to 86400",
+    ]
+
+
+def test_every_duration_at_its_maximum_is_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
+    durations = {n for n in TicketSettings.model_fields if n.endswith(DURATION_SUFFIXES)}
+    assert set(DURATION_MAXIMUMS) == {n.upper() for n in durations}  # none forgotten
+    for name, maximum in DURATION_MAXIMUMS.items():
+        monkeypatch.setenv(f"HIVE_TICKETS_{name}", str(maximum))
+    settings = TicketSettings()
+    for name, maximum in DURATION_MAXIMUMS.items():
+        assert getattr(settings, name.lower()) == maximum
 
 
 def test_defaults_up_to_their_maximums_are_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -98,10 +168,33 @@ def test_defaults_up_to_their_maximums_are_accepted(monkeypatch: pytest.MonkeyPa
     assert TicketSettings(postgres_pool_min_size=3, postgres_pool_max_size=3)
 
 
+@pytest.mark.parametrize(
+    ("env", "line"),
+    [
+        (
+            {"POSTGRES_POOL_MIN_SIZE": "25"},
+            "HIVE_TICKETS_POSTGRES_POOL_MIN_SIZE must not exceed "
+            "HIVE_TICKETS_POSTGRES_POOL_MAX_SIZE",
+        ),
+        # Each a traceback (exit 1) at start-up or later, before durations were bounded.
+        (
+            {"LEASE_GRACE_SECONDS": "inf"},
+            "HIVE_TICKETS_LEASE_GRACE_SECONDS: Input should be a finite number",
+        ),
+        (
+            {"EVENT_RETENTION_HOURS": "100000000"},
+            "HIVE_TICKETS_EVENT_RETENTION_HOURS: Input should be less than or equal to 43800",
+        ),
+    ],
+)
 def test_the_console_script_exits_2_with_one_line_and_no_traceback(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    env: dict[str, str],
+    line: str,
 ) -> None:
-    monkeypatch.setenv("HIVE_TICKETS_POSTGRES_POOL_MIN_SIZE", "25")
+    for name, value in env.items():
+        monkeypatch.setenv(f"HIVE_TICKETS_{name}", value)
 
     async def serve(settings: TicketSettings, logger: Any) -> None:
         raise AssertionError("must not start")
@@ -109,10 +202,7 @@ def test_the_console_script_exits_2_with_one_line_and_no_traceback(
     assert run_service(TicketSettings, serve, program=PROGRAM) == EXIT_INVALID_SETTINGS
     captured = capsys.readouterr()
     assert captured.out == ""
-    assert captured.err.splitlines() == [
-        f"{PROGRAM}: invalid settings:",
-        "  HIVE_TICKETS_POSTGRES_POOL_MIN_SIZE must not exceed HIVE_TICKETS_POSTGRES_POOL_MAX_SIZE",
-    ]
+    assert captured.err.splitlines() == [f"{PROGRAM}: invalid settings:", f"  {line}"]
 
 
 @pytest.mark.parametrize(

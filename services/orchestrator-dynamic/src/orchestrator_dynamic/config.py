@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, FiniteFloat, SecretStr, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from hive_common.config import HiveSettings
+from hive_common.config import DAY, HOUR, MINUTE, TOKEN_TTL_LIMIT, HiveSettings
 from hive_common.namespaces import NAMESPACE_RE, NAMESPACE_RULE
 from orchestrator_dynamic.domain.scheduler import RetryBackoff, SchedulingPolicy
 from orchestrator_dynamic.domain.validation import PlanLimits
@@ -44,9 +44,9 @@ class OrchestratorSettings(HiveSettings):
     ticket_service_target: str = "127.0.0.1:50052"
     registry_target: str = "127.0.0.1:50051"
     # Per attempt / whole call (retries of UNAVAILABLE included) for unary calls.
-    rpc_timeout_seconds: float = Field(default=5.0, gt=0)
-    rpc_deadline_seconds: float = Field(default=15.0, gt=0)
-    service_token_ttl_seconds: int = Field(default=3600, ge=60)
+    rpc_timeout_seconds: FiniteFloat = Field(default=5.0, gt=0, le=HOUR)
+    rpc_deadline_seconds: FiniteFloat = Field(default=15.0, gt=0, le=HOUR)
+    service_token_ttl_seconds: int = Field(default=HOUR, ge=60, le=TOKEN_TTL_LIMIT)
     # Registry namespace the workers are discovered in; empty means "default". The
     # registry's rule (a DNS label): another value would make every discovery a refusal.
     worker_namespace: str = ""
@@ -66,33 +66,35 @@ class OrchestratorSettings(HiveSettings):
 
     # Scheduling (C3 to C5).
     fail_fast: bool = True
-    backoff_base_seconds: float = Field(default=1.0, ge=0)
-    backoff_cap_seconds: float = Field(default=300.0, ge=0)
+    backoff_base_seconds: FiniteFloat = Field(default=1.0, ge=0, le=DAY)
+    backoff_cap_seconds: FiniteFloat = Field(default=300.0, ge=0, le=DAY)
     # AssignTicket lease; 0 means the ticket service's default. At most the ticket
     # service's default MAX_LEASE_SECONDS (a day): a longer one would refuse every assignment.
-    assign_lease_seconds: int = Field(default=0, ge=0, le=24 * 3600)
+    assign_lease_seconds: int = Field(default=0, ge=0, le=DAY)
     # Re-check tickets that found no worker (besides registry events) this often.
-    dispatch_retry_seconds: float = Field(default=5.0, gt=0)
-    # Reuse a DiscoverWorkers answer for this long (0: ask every scheduling round).
-    discovery_cache_seconds: float = Field(default=0.25, ge=0)
+    dispatch_retry_seconds: FiniteFloat = Field(default=5.0, gt=0, le=DAY)
+    # Reuse a DiscoverWorkers answer for this long (0: ask every scheduling round); at most
+    # a minute, the registry's default time for a silent worker to expire.
+    discovery_cache_seconds: FiniteFloat = Field(default=0.25, ge=0, le=MINUTE)
     # Full ListTickets resync of every driven plan (the watch is the fast path).
-    resync_interval_seconds: float = Field(default=30.0, gt=0)
+    resync_interval_seconds: FiniteFloat = Field(default=30.0, gt=0, le=DAY)
     # Wait after a failed round before trying again (dependency outage).
-    error_retry_seconds: float = Field(default=1.0, gt=0)
+    error_retry_seconds: FiniteFloat = Field(default=1.0, gt=0, le=HOUR)
 
-    # Plan ownership (one replica drives a plan at a time).
+    # Plan ownership (one replica drives a plan at a time): a plan whose replica died
+    # waits at most a day (the lease) for another; renewals are at most hourly.
     owner_id: str | None = None
-    lease_ttl_seconds: float = Field(default=30.0, gt=0)
-    lease_renew_interval_seconds: float = Field(default=10.0, gt=0)
-    claim_interval_seconds: float = Field(default=5.0, gt=0)
+    lease_ttl_seconds: FiniteFloat = Field(default=30.0, gt=0, le=DAY)
+    lease_renew_interval_seconds: FiniteFloat = Field(default=10.0, gt=0, le=HOUR)
+    claim_interval_seconds: FiniteFloat = Field(default=5.0, gt=0, le=DAY)
     # How long POST /api/v1/plans waits for ticket creation before answering without ids.
-    submit_wait_seconds: float = Field(default=10.0, ge=0)
+    submit_wait_seconds: FiniteFloat = Field(default=10.0, ge=0, le=HOUR)
 
-    readiness_interval_seconds: float = Field(default=5.0, gt=0)
+    readiness_interval_seconds: FiniteFloat = Field(default=5.0, gt=0, le=DAY)
 
     # The OrchestratorService gRPC twin of the HTTP API (on grpc_port).
     grpc_enabled: bool = True
-    watch_plan_interval_seconds: float = Field(default=0.5, gt=0)
+    watch_plan_interval_seconds: FiniteFloat = Field(default=0.5, gt=0, le=MINUTE)
     watch_plan_max_streams: int = Field(default=256, ge=1)
 
     @field_validator("worker_namespace")

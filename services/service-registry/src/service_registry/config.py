@@ -5,10 +5,10 @@ from __future__ import annotations
 import math
 from datetime import timedelta
 
-from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic import Field, FiniteFloat, SecretStr, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from hive_common.config import HiveSettings
+from hive_common.config import DAY, HOUR, MINUTE, RETENTION_LIMIT, TOKEN_TTL_LIMIT, HiveSettings
 from service_registry.domain.models import HealthPolicy
 from service_registry.domain.ranking import RankingWeights
 from service_registry.domain.validation import Limits
@@ -38,15 +38,16 @@ class RegistrySettings(HiveSettings):
     # Workers present this as "authorization: Bearer <secret>" to Register; unset means
     # only the service token may register workers.
     registration_secret: SecretStr | None = None
-    worker_token_ttl_seconds: int = Field(default=86_400, ge=60)
+    worker_token_ttl_seconds: int = Field(default=DAY, ge=60, le=TOKEN_TTL_LIMIT)
 
-    heartbeat_interval_seconds: int = Field(default=5, ge=1)
+    # Workers are told to heartbeat at least hourly, and a silent one expires within a day.
+    heartbeat_interval_seconds: int = Field(default=5, ge=1, le=HOUR)
     unhealthy_after_missed_heartbeats: int = Field(default=3, ge=1)
-    expire_after_seconds: int = Field(default=60, ge=2)
-    sweep_interval_seconds: float = Field(default=2.0, gt=0)
+    expire_after_seconds: int = Field(default=60, ge=2, le=DAY)
+    sweep_interval_seconds: FiniteFloat = Field(default=2.0, gt=0, le=HOUR)
     mass_transition_threshold: int = Field(default=10, ge=1)
-    event_retention_seconds: int = Field(default=3600, ge=60)
-    watch_poll_interval_seconds: float = Field(default=0.25, gt=0)
+    event_retention_seconds: int = Field(default=HOUR, ge=60, le=RETENTION_LIMIT)
+    watch_poll_interval_seconds: FiniteFloat = Field(default=0.25, gt=0, le=MINUTE)
 
     ranking_weight_spare_capacity: float = Field(default=0.6, ge=0)
     ranking_weight_success_rate: float = Field(default=0.3, ge=0)

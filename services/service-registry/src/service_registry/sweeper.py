@@ -3,6 +3,7 @@
 Several replicas may sweep at once: each row changes once (see WorkerRepository.sweep).
 Many transitions in one sweep (a network partition, a registry outage) are never silent:
 they are events, a metric, and a warning log line naming how many and which.
+A round that fails is logged and the next one runs: whatever went wrong, the loop goes on.
 """
 
 from __future__ import annotations
@@ -78,6 +79,10 @@ class HealthSweeper:
             except HiveError as exc:
                 # The database may be briefly away; the next sweep catches up.
                 self._logger.warning("sweep failed", error=exc.message, code=exc.code)
+            except Exception as exc:
+                # A defect: logged with its traceback, and the loop goes on. A sweeper that
+                # died silently would never expire a worker again.
+                self._logger.error("sweep failed", exc_info=exc)
             await asyncio.sleep(self._interval)
 
     def start(self) -> None:

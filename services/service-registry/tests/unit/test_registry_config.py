@@ -1,14 +1,53 @@
-"""RegistrySettings: environment prefix, defaults and consistency checks."""
+"""RegistrySettings: environment prefix, defaults, bounds and consistency checks.
+
+Durations had no upper bound: a huge HIVE_REGISTRY_EXPIRE_AFTER_SECONDS was a traceback at
+start-up, a huge HIVE_REGISTRY_EVENT_RETENTION_SECONDS killed the health sweeper.
+"""
 
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import pytest
 from pydantic import ValidationError
 
-from hive_common.config import invalid_settings_message
+from hive_common.config import DURATION_SUFFIXES, invalid_settings_message
 from service_registry.config import RegistrySettings
+
+DURATION_MAXIMUMS = {
+    "startup_timeout_seconds": 86400,
+    "shutdown_grace_seconds": 3600,
+    "http_keep_alive_seconds": 3600,
+    "worker_token_ttl_seconds": 30 * 86400,
+    "heartbeat_interval_seconds": 3600,
+    "expire_after_seconds": 86400,
+    "sweep_interval_seconds": 3600,
+    "event_retention_seconds": 5 * 365 * 86400,
+    "watch_poll_interval_seconds": 60,
+}
+"""Every duration setting and its largest value."""
+
+
+def beyond_maximum_cases() -> list[Any]:
+    """Each duration given ``inf``, a huge number and one more than its maximum."""
+    cases = []
+    for name, maximum in DURATION_MAXIMUMS.items():
+        is_int = RegistrySettings.model_fields[name].annotation is int
+        not_finite = (
+            "Input should be a valid integer, unable to parse string as an integer"
+            if is_int
+            else "Input should be a finite number"
+        )
+        too_big = f"Input should be less than or equal to {maximum}"
+        for value, message in (
+            ("inf", not_finite),
+            ("1e300", not_finite if is_int else too_big),
+            (str(maximum + 1), too_big),
+        ):
+            line = f"HIVE_REGISTRY_{name.upper()}: {message}"
+            cases.append(pytest.param({name: value}, line, id=f"{name}={value}"))
+    return cases
 
 
 @pytest.fixture(autouse=True)
@@ -83,9 +122,20 @@ def test_inconsistent_settings_are_refused(overrides: dict[str, object]) -> None
             "HIVE_REGISTRY_RANKING_WEIGHT_SPARE_CAPACITY, HIVE_REGISTRY_RANKING_WEIGHT_SUCCESS_RATE"
             " and HIVE_REGISTRY_RANKING_WEIGHT_FRESHNESS must be finite and not all zero",
         ),
+        # Each a traceback, or a sweeper dead, before durations were bounded.
+        (
+            {"expire_after_seconds": 10**15},
+            "HIVE_REGISTRY_EXPIRE_AFTER_SECONDS: Input should be less than or equal to 86400",
+        ),
+        (
+            {"event_retention_seconds": 99999999999},
+            "HIVE_REGISTRY_EVENT_RETENTION_SECONDS: Input should be less than or equal to "
+            "157680000",
+        ),
+        *beyond_maximum_cases(),
     ],
 )
-def test_rules_across_settings_name_the_environment_variables(
+def test_invalid_settings_name_the_environment_variables(
     monkeypatch: pytest.MonkeyPatch, overrides: dict[str, object], line: str
 ) -> None:
     # What an operator reads: the variables they set, not Python fields ("expire_after").
@@ -95,3 +145,14 @@ def test_rules_across_settings_name_the_environment_variables(
         RegistrySettings()
     message = invalid_settings_message("service-registry", exc.value, "HIVE_REGISTRY_")
     assert message.splitlines() == ["service-registry: invalid settings:", f"  {line}"]
+
+
+def test_every_duration_at_its_maximum_is_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
+    durations = {n for n in RegistrySettings.model_fields if n.endswith(DURATION_SUFFIXES)}
+    assert set(DURATION_MAXIMUMS) == durations  # none forgotten
+    for name, maximum in DURATION_MAXIMUMS.items():
+        monkeypatch.setenv(f"HIVE_REGISTRY_{name.upper()}", str(maximum))
+    settings = RegistrySettings()
+    for name, maximum in DURATION_MAXIMUMS.items():
+        assert getattr(settings, name) == maximum
+    assert settings.health_policy().expire_after.total_seconds() == 86400
