@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import math
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any, cast
 
@@ -1431,6 +1431,31 @@ async def test_a_watch_dropped_in_the_middle_of_its_snapshot_gets_the_rest_of_it
     ]
     assert changes[1].ticket.status == S.TICKET_STATUS_CANCELLED
     resumed.cancel()
+
+
+async def test_a_snapshot_is_read_a_page_at_a_time(
+    client: Client, service: TicketService, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # All unfinished tickets were read at once: ~26,000 took a gigabyte per stream.
+    tickets = [await client.create(task_id=f"t{i}") for i in range(5)]
+    service.servicer._watch = replace(service.servicer._watch, batch_size=2)
+    pages: list[int] = []
+    read = service.repository.snapshot
+
+    async def counted(*args: Any, **kwargs: Any) -> Any:
+        cursor, page = await read(*args, **kwargs)
+        pages.append(len(page))
+        return cursor, page
+
+    monkeypatch.setattr(service.repository, "snapshot", counted)
+    stream = client.stub.WatchTickets(
+        pb.WatchTicketsRequest(plan_id="plan-1", include_snapshot=True), metadata=client.svc
+    )
+    events = [await next_event(stream) for _ in tickets]
+    stream.cancel()
+    assert [e.ticket.ticket_id for e in events] == [t.ticket_id for t in tickets]
+    assert {e.type for e in events} == {pb.TICKET_EVENT_TYPE_SNAPSHOT}
+    assert pages == [2, 2, 1]
 
 
 async def test_watch_snapshot_then_changes_by_plan(client: Client) -> None:

@@ -915,10 +915,11 @@ class TicketRepository:
         return Cursor(xid=row["xmin"], seq=0)
 
     async def snapshot(
-        self, ticket_filter: TicketFilter, *, after_seq: int = 0
+        self, ticket_filter: TicketFilter, *, after_seq: int = 0, limit: int
     ) -> tuple[Cursor, list[tuple[int, Ticket]]]:
-        """Non-terminal matching tickets (with their sequence numbers, in that order, after
-        ``after_seq``) plus the position to follow them from, consistently.
+        """The first ``limit`` non-terminal matching tickets (with their sequence numbers,
+        in that order, after ``after_seq``) plus the position to follow them from,
+        consistently.
 
         Events after the position may repeat changes already in the snapshot (at least once);
         ``ticket.version`` tells a client which is newer.
@@ -931,13 +932,14 @@ class TicketRepository:
             conditions.append(sql.SQL("plan_id = %(plan_id)s"))
         if ticket_filter.worker_id:
             conditions.append(sql.SQL("worker_id = %(worker_id)s"))
-        query = sql.SQL("SELECT * FROM tickets WHERE {} ORDER BY seq").format(
+        query = sql.SQL("SELECT * FROM tickets WHERE {} ORDER BY seq LIMIT %(limit)s").format(
             sql.SQL(" AND ").join(conditions)
         )
         params = {
             "plan_id": ticket_filter.plan_id,
             "worker_id": ticket_filter.worker_id,
             "after": after_seq,
+            "limit": limit,
         }
 
         async def work(conn: AsyncConnection[DictRow]) -> tuple[Cursor, list[tuple[int, Ticket]]]:

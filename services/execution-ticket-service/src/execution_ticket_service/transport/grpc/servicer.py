@@ -309,10 +309,14 @@ class TicketServicer(pb_grpc.TicketServiceServicer):
         # saves building and sending messages the caller does not need.
         own_actor = actor_of(current_claims()) if request.exclude_own_changes else None
 
+        # A snapshot is read a page at a time (all tens of thousands of unfinished tickets
+        # at once took a gigabyte per stream); the pages after the first are read as they
+        # are then, as a stream resumed in the middle of a snapshot reads the rest.
+        page = self._watch.batch_size
         with self._tail.subscribed():
             tickets: list[tuple[int, Ticket]] = []
             if cursor is None and request.include_snapshot:
-                cursor, tickets = await self._repository.snapshot(ticket_filter)
+                cursor, tickets = await self._repository.snapshot(ticket_filter, limit=page)
                 snapshot_after = 0
             elif cursor is None:
                 cursor = await self._repository.current_position()
@@ -320,7 +324,7 @@ class TicketServicer(pb_grpc.TicketServiceServicer):
                 # Resumed in the middle of a snapshot: the rest of it (as the tickets are
                 # now), then the changes after the snapshot's position, as before.
                 _, tickets = await self._repository.snapshot(
-                    ticket_filter, after_seq=snapshot_after
+                    ticket_filter, after_seq=snapshot_after, limit=page
                 )
             # Headers as soon as the watch is positioned, not with the first event: the client
             # knows the watch is established, and gets the stream's starting cursor in
@@ -331,7 +335,7 @@ class TicketServicer(pb_grpc.TicketServiceServicer):
             header = encode_cursor(cursor, snapshot_after=snapshot_after)
             await context.send_initial_metadata(((WATCH_CURSOR_HEADER, header),))
 
-            if tickets:
+            while tickets:
                 now = utc_now()
                 snapshots = (
                     TicketEvent(
@@ -352,6 +356,11 @@ class TicketServicer(pb_grpc.TicketServiceServicer):
                     batch=request.batch_events,
                 ):
                     yield response
+                if len(tickets) < page:
+                    break
+                _, tickets = await self._repository.snapshot(
+                    ticket_filter, after_seq=tickets[-1][0], limit=page
+                )
 
             # Each stream keeps its own position in the shared tail: a slow or vanished client
             # only stalls itself.
