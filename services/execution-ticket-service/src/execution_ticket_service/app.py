@@ -205,6 +205,7 @@ async def build_service(settings: TicketSettings, *, clock: Clock = utc_now) -> 
             poll_interval=settings.watch_poll_interval_seconds,
             batch_size=settings.watch_batch_size,
             window=settings.watch_window_events,
+            window_bytes=settings.watch_window_bytes,
             read_gap=settings.watch_read_gap_seconds,
         ),
     )

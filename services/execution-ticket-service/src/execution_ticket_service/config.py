@@ -96,6 +96,8 @@ class TicketSettings(HiveSettings):
     # Recent events kept in memory for WatchTickets streams (one database read per change
     # for all streams); a stream further behind reads the database until it catches up.
     watch_window_events: int = Field(default=5_000, ge=1)
+    # ... and at most this many bytes of their tickets' parameters and results as JSON.
+    watch_window_bytes: int = Field(default=64 * 1024 * 1024, ge=1)
     # The event-log reader's reads start at least this far apart: under load one read
     # picks up the changes of a few milliseconds instead of one query per change.
     watch_read_gap_seconds: FiniteFloat = Field(default=0.005, ge=0, le=MINUTE)

@@ -32,7 +32,7 @@ from dataclasses import dataclass
 from execution_ticket_service.background import round_failed
 from execution_ticket_service.domain.models import TicketEvent, TicketFilter
 from execution_ticket_service.domain.paging import Cursor, decode_cursor
-from execution_ticket_service.domain.validation import Violations
+from execution_ticket_service.domain.validation import Violations, json_size
 from execution_ticket_service.signals import ChangeSignal, spaced_delay
 from execution_ticket_service.storage.tickets import TicketRepository
 from hive_common.logging import get_logger
@@ -44,8 +44,11 @@ log = get_logger(__name__)
 class TailSettings:
     poll_interval: float = 0.5
     batch_size: int = 500
-    # Events kept in memory; a stream further behind than this reads the database.
+    # Events kept in memory, and their tickets' parameters and results as JSON bytes at
+    # most (each event holds its own copy: 5,000 events of 30 KB parameters pinned 200 MB);
+    # a stream further behind than the window reads the database.
     window: int = 5_000
+    window_bytes: int = 64 * 1024 * 1024
     retry_interval: float = 1.0
     # Reads start at least this far apart (see spaced_delay).
     read_gap: float = 0.005
@@ -60,6 +63,14 @@ def cursor_of(event: TicketEvent) -> Cursor:
     cursor = decode_cursor(event.cursor, Violations())
     assert cursor is not None  # the repository always sets a valid cursor
     return cursor
+
+
+def _payload_bytes(event: TicketEvent) -> int:
+    """About what the event's ticket holds beyond its fixed fields: its parameters and
+    result as JSON (the unbounded part; the rest is a few hundred bytes)."""
+    ticket = event.ticket
+    size = json_size(ticket.spec.parameters) if ticket.spec.parameters else 0
+    return size + (json_size(ticket.result) if ticket.result else 0)
 
 
 def _matches(event: TicketEvent, ticket_filter: TicketFilter) -> bool:
@@ -82,6 +93,8 @@ class EventLogTail:
         self._start: Cursor | None = None
         self._keys: list[Cursor] = []
         self._events: list[TicketEvent] = []
+        self._sizes: list[int] = []
+        self._bytes = 0
         self._appended = ChangeSignal()
         self._subscribers = 0
         self._wanted = asyncio.Event()
@@ -124,6 +137,8 @@ class EventLogTail:
                 position = self._start = None
                 self._keys.clear()
                 self._events.clear()
+                self._sizes.clear()
+                self._bytes = 0
                 await self._wanted.wait()
             delay = spaced_delay(now=loop.time(), last=last_read, gap=self._settings.read_gap)
             if delay > 0:
@@ -155,13 +170,25 @@ class EventLogTail:
                 await self._signal.wait(generation, poll)
 
     def _append(self, events: list[TicketEvent]) -> Cursor:
+        sizes = [_payload_bytes(e) for e in events]
         self._keys.extend(cursor_of(e) for e in events)
         self._events.extend(events)
-        excess = len(self._events) - self._settings.window
+        self._sizes.extend(sizes)
+        self._bytes += sum(sizes)
+        excess = max(len(self._events) - self._settings.window, 0)
+        dropped = sum(self._sizes[:excess])
+        # Then the oldest while over the byte budget (the newest event stays).
+        while (
+            self._bytes - dropped > self._settings.window_bytes and excess < len(self._events) - 1
+        ):
+            dropped += self._sizes[excess]
+            excess += 1
         if excess > 0:
+            self._bytes -= dropped
             self._start = self._keys[excess - 1]
             del self._keys[:excess]
             del self._events[:excess]
+            del self._sizes[:excess]
         self._appended.notify()
         return self._keys[-1]
 

@@ -177,6 +177,39 @@ async def test_a_stream_behind_the_window_reads_the_database_then_joins_it(
         assert len(counting.reads) == reads_before
 
 
+async def test_the_window_keeps_its_bytes_within_the_budget(
+    counting: CountingRepository,
+) -> None:
+    # 5,000 events were kept whatever their tickets weighed: 30 KB parameters pinned
+    # 200 MB, results of a megabyte would have pinned gigabytes.
+    signal = ChangeSignal()
+    counting._on_change = lambda counts: signal.notify()
+    settings = TailSettings(poll_interval=0.05, batch_size=50, window=1_000, window_bytes=25_000)
+    async with _running(
+        EventLogTail(repository=counting, signal=signal, settings=settings)
+    ) as tail:
+        await _until(tail, lambda: tail._start is not None)
+        await counting.create_many(
+            [
+                TicketSpec(
+                    plan_id="big",
+                    task_id=f"t{i}",
+                    task_type="echo",
+                    parameters={"blob": "x" * 10_000},
+                )
+                for i in range(6)
+            ],
+            actor="service:test",
+        )
+        everything = await counting.events_after(ORIGIN, TicketFilter(), limit=1_000)
+        await _until(tail, _holds(tail, everything[-1]))
+        assert len(tail._events) == 2  # 10 KB each: two fit in 25 KB, not six
+        assert tail._bytes == sum(tail._sizes) < 25_000
+        # A stream from before the window still gets every event, from the database.
+        events, _ = await _read_all(tail, ORIGIN, TicketFilter(plan_id="big"), limit=4)
+        assert [e.event_id for e in events] == [e.event_id for e in everything]
+
+
 async def test_the_tail_reads_only_while_streams_are_open(counting: CountingRepository) -> None:
     signal = ChangeSignal()
     counting._on_change = lambda counts: signal.notify()
