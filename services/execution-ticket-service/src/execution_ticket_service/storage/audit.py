@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
@@ -90,11 +91,23 @@ def status_change_document(audit: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in audit.items() if key != "ticket"}
 
 
+# "host:port: " before each server's error, and the driver's timeouts after it.
+_SERVER_ADDRESS = re.compile(r"(?:\[[0-9a-fA-F:.]+\]|[\w.-]+):\d+: ")
+_CONFIGURED_TIMEOUTS = re.compile(r" \(configured timeouts: [^)]*\)")
+
+
+def _said(driver_text: str) -> str:
+    """``MongoDB unavailable: <why>``: what the driver said, without the topology
+    description a server selection timeout appends (a kilobyte of internals in every
+    /events 503 and log line), the timeouts it was configured with, or the servers'
+    addresses (the unauthenticated /ready showed where MongoDB runs)."""
+    reason = driver_text.split(", Topology Description: ")[0]
+    reason = _CONFIGURED_TIMEOUTS.sub("", _SERVER_ADDRESS.sub("", reason))
+    return f"MongoDB unavailable: {reason}"
+
+
 def _unavailable(exc: PyMongoError) -> Unavailable:
-    """What the driver said, without the topology description a server selection timeout
-    appends (a kilobyte of internals in every /events 503 and log line)."""
-    reason = str(exc).split(", Topology Description: ")[0]
-    return Unavailable(f"MongoDB unavailable: {reason}")
+    return Unavailable(_said(str(exc)))
 
 
 class AuditStore:
@@ -123,7 +136,7 @@ class AuditStore:
         retries a refused connection until its server selection timeout)."""
         descriptions = self._db.client.topology_description.server_descriptions()
         errors = [str(d.error) for d in descriptions.values() if d.error is not None]
-        return f"MongoDB unavailable: {errors[0]}" if errors else None
+        return _said(errors[0]) if errors else None
 
     async def record(self, entries: Sequence[OutboxEntry]) -> None:
         """Store the events; already stored ones are skipped (redelivery is harmless)."""
