@@ -34,6 +34,7 @@ TTL = timedelta(seconds=30)
 DROP_WATCH_CURSOR = "0002_drop_plans_watch_cursor"
 TASK_COUNTS = "0003_plan_task_counts"
 LOST_RUNS = "0004_plan_task_lost_runs"
+ROUND_ERROR = "0005_plan_round_error"
 S = TicketStatus
 
 
@@ -118,7 +119,7 @@ async def test_migrations_apply_once_and_then_find_nothing_to_do(postgres_dsn: s
         apply_migrations, dsn=postgres_dsn, directory=MIGRATIONS_DIRECTORY
     )
 
-    assert first == ["0001_plans", DROP_WATCH_CURSOR, TASK_COUNTS, LOST_RUNS]
+    assert first == ["0001_plans", DROP_WATCH_CURSOR, TASK_COUNTS, LOST_RUNS, ROUND_ERROR]
     assert second == []
     async with await psycopg.AsyncConnection.connect(postgres_dsn) as conn:
         cur = await conn.execute(
@@ -141,16 +142,16 @@ async def test_unused_watch_cursor_column_is_dropped_and_restored_by_the_rollbac
     applied = await asyncio.to_thread(
         apply_migrations, dsn=postgres_dsn, directory=MIGRATIONS_DIRECTORY
     )
-    assert applied == [DROP_WATCH_CURSOR, TASK_COUNTS, LOST_RUNS]
+    assert applied == [DROP_WATCH_CURSOR, TASK_COUNTS, LOST_RUNS, ROUND_ERROR]
     assert "watch_cursor" not in await plan_columns(postgres_dsn)
 
-    for migration in (LOST_RUNS, TASK_COUNTS, DROP_WATCH_CURSOR):
+    for migration in (ROUND_ERROR, LOST_RUNS, TASK_COUNTS, DROP_WATCH_CURSOR):
         await asyncio.to_thread(roll_back_migration, postgres_dsn, MIGRATIONS_DIRECTORY, migration)
     assert "watch_cursor" in await plan_columns(postgres_dsn)
     applied = await asyncio.to_thread(
         apply_migrations, dsn=postgres_dsn, directory=MIGRATIONS_DIRECTORY
     )
-    assert applied == [DROP_WATCH_CURSOR, TASK_COUNTS, LOST_RUNS]
+    assert applied == [DROP_WATCH_CURSOR, TASK_COUNTS, LOST_RUNS, ROUND_ERROR]
 
 
 async def counted(dsn: str) -> dict[str, dict[str, int]]:
@@ -192,7 +193,7 @@ async def test_task_counts_are_filled_in_for_existing_plans_and_rolled_back(
         apply_migrations, dsn=postgres_dsn, directory=MIGRATIONS_DIRECTORY
     )
 
-    assert applied == [TASK_COUNTS, LOST_RUNS]
+    assert applied == [TASK_COUNTS, LOST_RUNS, ROUND_ERROR]
     repo_pool = open_pool(postgres_dsn, min_size=1, max_size=1)
     await repo_pool.open(wait=True)
     try:
@@ -205,7 +206,7 @@ async def test_task_counts_are_filled_in_for_existing_plans_and_rolled_back(
         assert await cur.fetchall() == [(0,)]  # existing tasks start with no lost runs
     assert (a["COMPLETED"], a["RUNNING"], a["PENDING"], a["FAILED"]) == (2, 1, 1, 0)
     assert (b["PENDING"], sum(b.values())) == (1, 1)
-    for migration in (LOST_RUNS, TASK_COUNTS):
+    for migration in (ROUND_ERROR, LOST_RUNS, TASK_COUNTS):
         await asyncio.to_thread(roll_back_migration, postgres_dsn, MIGRATIONS_DIRECTORY, migration)
     assert "counts" not in await plan_columns(postgres_dsn)
     assert await counted(postgres_dsn) == {

@@ -290,3 +290,36 @@ async def test_a_ticket_of_a_lost_worker_runs_elsewhere(flow: Flow) -> None:
     job = flow.tasks(final)["job"]
     assert job["attempt"] >= 2
     assert job["worker_id"] == survivor.worker_id
+
+
+async def test_a_plan_whose_assignments_are_refused_says_so_and_recovers(flow: Flow) -> None:
+    # An assignment lease the ticket service does not allow: every assignment refused,
+    # the round retried every second for ever, explain saying "ready" while the plan
+    # stayed PENDING.
+    allowed = flow.ticket_settings
+    await flow.stop_ticket_service()
+    flow.ticket_settings = allowed.model_copy(update={"max_lease_seconds": 60})
+    await flow.start_ticket_service()
+    app = await flow.start_orchestrator(assign_lease_seconds=120)
+    await flow.start_worker("w1", ["python"])
+    assert (await flow.submit(chain("refused", length=1))).status_code == 202
+
+    async def failing_reason() -> dict[str, Any] | None:
+        explained = await flow.client().get("/api/v1/plans/refused/tasks/t0/explain")
+        reasons = explained.json()["reasons"]
+        return reasons[0] if reasons[0]["code"] == "ROUNDS_FAILING" else None
+
+    reason = await flow.wait_for(failing_reason, what="explain saying the rounds fail")
+    assert "lease_seconds" in reason["details"]["error"]
+    assert "lease_seconds" in reason["message"]
+    assert (await flow.plan("refused"))["status"] == "PENDING"
+
+    await flow.stop_ticket_service()
+    flow.ticket_settings = allowed
+    await flow.start_ticket_service()
+    assert (await flow.wait_settled("refused"))["status"] == "COMPLETED"
+
+    async def cleared() -> bool:
+        return await app.repository.round_error("refused") is None
+
+    await flow.wait_for(cleared, what="the failed rounds forgotten")

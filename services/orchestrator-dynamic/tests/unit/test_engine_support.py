@@ -45,6 +45,7 @@ from orchestrator_dynamic.engine.driver import (
     DrivenPlan,
     DriverSettings,
     PlanDriver,
+    error_retry_delay,
 )
 from orchestrator_dynamic.engine.health import REGISTRY, TICKET_SERVICE, DependencyHealth
 from orchestrator_dynamic.engine.metrics import OrchestratorMetrics
@@ -638,3 +639,11 @@ async def test_read_json_body_explains_unreadable_bodies_without_python_internal
     assert error["details"]["field_violations"] == [{"field": field, "description": description}]
     for internal in ("recursion", "sys.set_int_max_str_digits", "4300"):
         assert internal not in response.text
+
+
+def test_a_plan_whose_rounds_keep_failing_tries_again_later_each_time() -> None:
+    # Every second, for ever, an ERROR line each (a refusal that fails the same way).
+    delays = [error_retry_delay(n, first=1.0, cap=30.0) for n in range(1, 8)]
+    assert delays == [1.0, 2.0, 4.0, 8.0, 16.0, 30.0, 30.0]
+    assert error_retry_delay(10_000, first=1.0, cap=30.0) == 30.0
+    assert error_retry_delay(1, first=5.0, cap=2.0) == 5.0  # never sooner than the first

@@ -12,6 +12,7 @@ from orchestrator_dynamic.domain.scheduler import (
     PlanGraph,
     ReasonCode,
     RetryBackoff,
+    RoundError,
     SchedulingPolicy,
     TicketState,
     TicketStatus,
@@ -63,6 +64,7 @@ class Case:
     workers: list[WorkerView] | None = field(default_factory=lambda: [PY, GPU, PY_GPU])
     fail_fast: bool = True
     cancel_requested: bool = False
+    round_error: RoundError | None = None
 
 
 CASES = [
@@ -135,6 +137,17 @@ CASES = [
         [R.NO_WORKER_CAPACITY],
         "all 1 capable live workers are at capacity",
         workers=[PY, GPU, PY_GPU_FULL],
+    ),
+    Case(
+        # It said "ready" while every assignment was refused (e.g. a lease the ticket
+        # service does not allow), the plan PENDING for ever.
+        "ready, but the plan's rounds fail",
+        "a",
+        ALL_PENDING,
+        [R.ROUNDS_FAILING],
+        "ready, but the plan's scheduling rounds fail (the last at 2026-11-24 11:59:58Z, "
+        "tried again later each time): InvalidArgument: invalid assignments",
+        round_error=RoundError("InvalidArgument: invalid assignments", NOW - timedelta(seconds=2)),
     ),
     Case(
         "registry unreachable",
@@ -246,6 +259,7 @@ def test_explain(case: Case) -> None:
         policy=policy,
         workers=case.workers,
         cancel_requested=case.cancel_requested,
+        round_error=case.round_error,
     )
 
     assert [r.code for r in explanation.reasons] == case.codes

@@ -632,6 +632,15 @@ class ReasonCode(StrEnum):
     WORKERS_UNKNOWN = "WORKERS_UNKNOWN"
     LEASED = "LEASED"
     READY = "READY"
+    ROUNDS_FAILING = "ROUNDS_FAILING"
+
+
+@dataclass(frozen=True, slots=True)
+class RoundError:
+    """Why a plan's scheduling rounds keep failing, and when the last one did."""
+
+    message: str
+    failed_at: datetime
 
 
 @dataclass(frozen=True, slots=True)
@@ -693,10 +702,12 @@ def explain(
     workers: Sequence[WorkerView] | None,
     cancel_requested: bool = False,
     where: str = "",
+    round_error: RoundError | None = None,
 ) -> list[Explanation]:
     """Why each of ``task_ids``' tickets is (not) running. ``workers`` is the registry's
     view of the registered workers (None when they could not be read), ``where`` where
-    they were looked for, as the messages say it (see :func:`in_namespace`). Raises
+    they were looked for, as the messages say it (see :func:`in_namespace`);
+    ``round_error``: why the plan's scheduling rounds keep failing, if they do. Raises
     ``KeyError`` for a task that is not in the plan."""
     for task_id in task_ids:
         if task_id not in graph.index:
@@ -716,6 +727,7 @@ def explain(
         now=now,
         cancel_requested=cancel_requested,
         where=where,
+        round_error=round_error,
     )
     return [_explain_one(context, task_id) for task_id in task_ids]
 
@@ -741,6 +753,7 @@ class _Explaining:
     now: datetime
     cancel_requested: bool
     where: str
+    round_error: RoundError | None
     # Required capabilities -> what the workers say about them (the same for many tasks).
     worker_reasons: dict[tuple[str, ...], list[Reason]] = field(default_factory=dict)
 
@@ -912,10 +925,19 @@ def _pending_reasons(context: _Explaining, state: TicketState) -> list[Reason]:
         r.code in (ReasonCode.NO_CAPABLE_WORKER, ReasonCode.NO_WORKER_CAPACITY) for r in reasons
     )
     if task_id in context.dispatch and not blocked_on_workers:
-        reasons.insert(
-            0, Reason(ReasonCode.READY, "ready: it is assigned in the next scheduling round")
-        )
+        reasons.insert(0, _ready_reason(context.round_error))
     return reasons
+
+
+def _ready_reason(round_error: RoundError | None) -> Reason:
+    if round_error is None:
+        return Reason(ReasonCode.READY, "ready: it is assigned in the next scheduling round")
+    return Reason(
+        ReasonCode.ROUNDS_FAILING,
+        "ready, but the plan's scheduling rounds fail (the last at "
+        f"{_shown(round_error.failed_at)}, tried again later each time): {round_error.message}",
+        {"error": round_error.message, "failed_at": round_error.failed_at.isoformat()},
+    )
 
 
 def _worker_reasons(

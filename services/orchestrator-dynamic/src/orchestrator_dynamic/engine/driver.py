@@ -163,6 +163,10 @@ class DrivenPlan:
     assigned_at: dict[str, datetime] = field(default_factory=dict)
     # Loop time at which to run the plan's round again (0: now).
     due: float = 0.0
+    # Rounds failed in a row for want of anything but a dependency (each retried later
+    # than the one before), and whether this round failed.
+    failed_rounds: int = 0
+    round_failed: bool = False
     resync_due: float = 0.0
     # Ready tickets that found no worker in the plan's last dispatch round.
     waiting_for_workers: int = 0
@@ -548,6 +552,7 @@ class PlanDriver:
                 self._fold_inbox(plan)
                 plan.due = 0.0
         ready: list[tuple[DrivenPlan, SchedulingDecision]] = []
+        stepped: list[DrivenPlan] = []
         for plan in sorted(self._plans.values(), key=_plan_order):
             if plan.lost:
                 await self._drop(plan, "lease lost")
@@ -556,11 +561,16 @@ class PlanDriver:
             if not plan.inbox and plan.due > now and plan.resync_due > now:
                 continue
             plan.due = now + 3600.0  # recomputed below
+            plan.round_failed = False
+            stepped.append(plan)
             decision = await self._guarded(plan, self._step(plan))
             if decision is not None:
                 ready.append((plan, decision))
         if ready:
             await self._dispatch(ready)
+        for plan in stepped:
+            if plan.failed_rounds and not plan.round_failed:
+                await self._rounds_recovered(plan)
         # Every round, not only dispatching ones: a plan that settled, was dropped or has
         # nothing ready any more no longer counts.
         self._metrics.tickets_waiting_for_workers.set(
@@ -576,6 +586,7 @@ class PlanDriver:
             self._metrics.round_failures.labels("ownership_lost").inc()
             await self._drop(plan, "ownership lost")
         except _TRANSIENT as exc:
+            plan.round_failed = True
             self._metrics.round_failures.labels("transient").inc()
             _log.warning("plan round postponed", plan_id=plan.plan_id, error=describe_error(exc))
             self._postpone(plan, loop.time() + self._settings.error_retry)
@@ -585,17 +596,47 @@ class PlanDriver:
             # at once would fail the same way. Next time, after a re-read of the tickets.
             self._metrics.round_failures.labels("too_large").inc()
             _log.error("plan round failed", plan_id=plan.plan_id, error=describe_error(exc))
+            await self._round_failed(plan, exc)
             plan.due = plan.resync_due = loop.time() + self._settings.resync_interval
         except HiveError as exc:
             self._metrics.round_failures.labels("error").inc()
             _log.error("plan round failed", plan_id=plan.plan_id, error=describe_error(exc))
-            self._postpone(plan, loop.time() + self._settings.error_retry)
-        except Exception:
+            await self._round_failed(plan, exc)
+        except Exception as exc:
             # A bug must not stall the plan (nor the other plans of this round).
             self._metrics.round_failures.labels("error").inc()
             _log.exception("plan round crashed", plan_id=plan.plan_id)
-            self._postpone(plan, loop.time() + self._settings.error_retry)
+            await self._round_failed(plan, exc)
         return None
+
+    async def _round_failed(self, plan: DrivenPlan, exc: Exception) -> None:
+        """A round failed, and would fail the same way at once (a refusal, a defect): try
+        again later each time (it was every second, for ever, an ERROR line each), and
+        record why, which explain says (it said the tasks were ready)."""
+        plan.round_failed = True
+        plan.failed_rounds += 1
+        self._postpone(
+            plan,
+            asyncio.get_running_loop().time()
+            + error_retry_delay(
+                plan.failed_rounds,
+                first=self._settings.error_retry,
+                cap=self._settings.resync_interval,
+            ),
+        )
+        try:
+            await self._repo.set_round_error(plan.plan_id, describe_error(exc))
+        except HiveError as stored:
+            _log.warning("recording a failed round failed", error=describe_error(stored))
+
+    async def _rounds_recovered(self, plan: DrivenPlan) -> None:
+        try:
+            await self._repo.set_round_error(plan.plan_id, None)
+        except HiveError as exc:
+            _log.warning("clearing a failed round failed", error=describe_error(exc))
+            return
+        plan.failed_rounds = 0
+        _log.info("plan rounds succeed again", plan_id=plan.plan_id)
 
     @staticmethod
     def _postpone(plan: DrivenPlan, at: float) -> None:
@@ -1181,6 +1222,13 @@ class PlanDriver:
             raise
         self._health.succeeded(TICKET_SERVICE)
         return result
+
+
+def error_retry_delay(failed_rounds: int, *, first: float, cap: float) -> float:
+    """Seconds until a plan whose last ``failed_rounds`` rounds failed tries again:
+    ``first``, doubling with each failure, at most ``cap``."""
+    doubled: float = first * 2 ** min(failed_rounds - 1, 30)
+    return min(doubled, max(cap, first))
 
 
 def _spec(plan: DrivenPlan, task_id: str) -> ticket_pb.TicketSpec:

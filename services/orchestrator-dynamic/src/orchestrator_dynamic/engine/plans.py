@@ -302,4 +302,5 @@ class PlanService:
             workers=views,
             cancel_requested=stored.summary.cancel_requested_at is not None,
             where=in_namespace(self._namespace),
+            round_error=await self._repo.round_error(stored.summary.plan_id),
         )

@@ -40,7 +40,12 @@ from orchestrator_dynamic.domain.records import (
     PlanSummary,
     StoredPlan,
 )
-from orchestrator_dynamic.domain.scheduler import PlanStatus, TicketState, TicketStatus
+from orchestrator_dynamic.domain.scheduler import (
+    PlanStatus,
+    RoundError,
+    TicketState,
+    TicketStatus,
+)
 from orchestrator_dynamic.domain.validation import is_valid_id
 
 Pool: TypeAlias = DictPool
@@ -443,6 +448,28 @@ class PlanRepository:
                 {"plan_ids": list(plan_ids)},
             )
             return {row["plan_id"] for row in await cur.fetchall()}
+
+    async def round_error(self, plan_id: str) -> RoundError | None:
+        """Why the plan's scheduling rounds keep failing, if they do."""
+        async with self._connection() as conn:
+            cur = await conn.execute(
+                "SELECT round_error, round_failed_at FROM plans WHERE plan_id = %(plan_id)s",
+                {"plan_id": plan_id},
+            )
+            row = await cur.fetchone()
+        if row is None or row["round_error"] is None:
+            return None
+        return RoundError(message=row["round_error"], failed_at=row["round_failed_at"])
+
+    async def set_round_error(self, plan_id: str, message: str | None) -> None:
+        """Record why the plan's last scheduling round failed (None: it no longer does)."""
+        async with self._connection() as conn:
+            await conn.execute(
+                "UPDATE plans SET round_error = %(message)s,"
+                " round_failed_at = CASE WHEN %(message)s::text IS NULL THEN NULL ELSE %(now)s END"
+                " WHERE plan_id = %(plan_id)s",
+                {"plan_id": plan_id, "message": message, "now": self._clock()},
+            )
 
     # -- owner-only writes -------------------------------------------------------------
 

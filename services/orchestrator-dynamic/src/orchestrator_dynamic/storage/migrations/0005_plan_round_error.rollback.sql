@@ -1,0 +1,1 @@
+ALTER TABLE plans DROP COLUMN round_error, DROP COLUMN round_failed_at;
