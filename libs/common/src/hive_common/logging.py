@@ -227,6 +227,23 @@ def _filtering_wrapper(level: int) -> tuple[type[FilteringBoundLogger], list[Pro
     return _WRAPPERS[logging.CRITICAL], [_drop_everything]
 
 
+class _PeerGoneFilter(logging.Filter):
+    """grpc logs "ExecuteBatchError raised in core by servicer method [...]" at ERROR, with
+    a traceback, when a stream's message could not be sent: its client went away (killed,
+    or closed without reading). That is a client leaving, not a fault of the service:
+    logged at INFO, without the traceback."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if str(record.msg).startswith("ExecuteBatchError raised in core by servicer method"):
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.msg = f"{record.msg}: the client went away before it was sent"
+            record.exc_info = record.exc_text = None
+        return True
+
+
+_PEER_GONE = _PeerGoneFilter()
+
+
 def configure_logging(
     *,
     level: int | str = "INFO",
@@ -291,6 +308,7 @@ def configure_logging(
         routed.handlers.clear()
         routed.propagate = True
         routed.setLevel(logging.NOTSET)
+    logging.getLogger("grpc._cython.cygrpc").addFilter(_PEER_GONE)  # once: same object
 
 
 def get_logger(name: str | None = None, **initial: Any) -> HiveLogger:

@@ -63,6 +63,28 @@ def test_stdlib_records_go_through_structlog() -> None:
     ]
 
 
+def test_a_stream_whose_client_went_away_is_not_an_error() -> None:
+    # grpc logged it at ERROR with a traceback: a client of WatchTickets killed while
+    # messages were on their way.
+    out = configure(fmt="json")
+    grpc_core = logging.getLogger("grpc._cython.cygrpc")
+    try:
+        raise RuntimeError("Failed grpc_call_start_batch")
+    except RuntimeError:
+        grpc_core.exception(
+            "ExecuteBatchError raised in core by servicer method [%s]", "/x.Service/Watch"
+        )
+        grpc_core.exception("Unexpected error in %s", "/x.Service/Get")
+    gone, other = lines(out)
+    assert gone["level"] == "info"
+    assert gone["event"] == (
+        "ExecuteBatchError raised in core by servicer method [/x.Service/Watch]: "
+        "the client went away before it was sent"
+    )
+    assert "exception" not in gone
+    assert (other["level"], "exception" in other) == ("error", True)
+
+
 def test_uvicorn_loggers_lose_their_own_handlers() -> None:
     uvicorn_logger = logging.getLogger("uvicorn")
     uvicorn_logger.addHandler(logging.StreamHandler(io.StringIO()))
