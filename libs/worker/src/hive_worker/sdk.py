@@ -75,6 +75,7 @@ from hive_worker.registration import (
 )
 from hive_worker.reports import MAX_MESSAGE_BYTES, ReportBatcher
 from hive_worker.tasks import builtin_tasks
+from neuralhive.registry.v1 import registry_service_pb2 as rpb
 from neuralhive.ticket.v1 import ticket_service_pb2 as pb
 
 HandlerT = TypeVar("HandlerT", bound=TaskHandler)
@@ -204,6 +205,23 @@ class _Run:
         self.token_expires_at = (
             token.expires_at.ToDatetime(tzinfo=UTC) if token.HasField("expires_at") else None
         )
+
+
+def _token_lifetime(response: rpb.RegisterResponse) -> float | None:
+    """Seconds the worker token in ``response`` lasts (``None``: no expiry given).
+
+    Measured on the registry's clock, from the moment it registered the worker (the
+    worker's last heartbeat) to the token's expiry, so that this host's clock being off
+    does not count; by this host's clock if the response has no such moment.
+    """
+    if not response.HasField("token_expires_at"):
+        return None
+    expires_at = response.token_expires_at.ToDatetime(tzinfo=UTC)
+    if response.worker.HasField("last_heartbeat_at"):
+        issued_at = response.worker.last_heartbeat_at.ToDatetime(tzinfo=UTC)
+    else:
+        issued_at = datetime.now(UTC)
+    return (expires_at - issued_at).total_seconds()
 
 
 _LOAD_REPORT_GAP = 0.5
@@ -389,7 +407,10 @@ class Worker:
         self.instance_id = new_instance_id()
         """This process's id at the registry (random, per :class:`Worker` object)."""
         self._worker_token: str | None = None
-        self._token_expires_at: datetime | None = None
+        # How long the worker token lasts (None: no expiry given) and when it came
+        # (event loop time): see _token_expiring.
+        self._token_lifetime: float | None = None
+        self._token_received_at = 0.0
         self._server_interval: float = 5.0
         self._warned_interval: float | None = None  # the registry interval warned about
         # The assignment watch now open; whether the ticket service refused the last one
@@ -638,11 +659,8 @@ class Worker:
         previous = self._worker_id
         self._worker_id = response.worker.worker_id
         self._worker_token = response.token
-        self._token_expires_at = (
-            response.token_expires_at.ToDatetime(tzinfo=UTC)
-            if response.HasField("token_expires_at")
-            else None
-        )
+        self._token_lifetime = _token_lifetime(response)
+        self._token_received_at = asyncio.get_running_loop().time()
         self._use_server_interval(response.heartbeat_interval_seconds)
         self._heartbeat_wake.set()  # re-registration reset in_flight at the registry
         if previous is not None and previous != self._worker_id:
@@ -758,14 +776,26 @@ class Worker:
         )
 
     async def _heartbeat_loop(self) -> None:
+        """Heartbeat every interval (start to start), and early when woken (a change of
+        load, a drain), but then at most once per :data:`_LOAD_REPORT_GAP`.
+
+        The gap is taken out of the interval, not added to it: a pause after every
+        heartbeat made them ``interval + 0.5 s`` apart, and a registry that allows one
+        missed beat listed an idle worker UNHEALTHY a third of the time.
+        """
+        loop = asyncio.get_running_loop()
+        started = loop.time() - self._interval  # the first one goes at once
         while True:
-            await _wait_event(self._heartbeat_wake, self._interval)
+            await _wait_event(self._heartbeat_wake, started + self._interval - loop.time())
+            if self._heartbeat_wake.is_set():
+                # Coalesce in-flight changes: at 0.1 s a busy worker sent ~10 a second.
+                # Nothing waits for them: the orchestrator counts the slots it sees freed
+                # and taken from ticket events.
+                gap = min(_LOAD_REPORT_GAP, self._interval)
+                await asyncio.sleep(max(0.0, started + gap - loop.time()))
             self._heartbeat_wake.clear()
+            started = loop.time()
             await self._heartbeat_once()
-            # Coalesce in-flight changes into at most one heartbeat per _LOAD_REPORT_GAP:
-            # at 0.1 s a busy worker sent ~10 a second. Nothing waits for them: the
-            # orchestrator counts the slots it sees freed and taken from ticket events.
-            await asyncio.sleep(min(_LOAD_REPORT_GAP, self._interval))
 
     async def _heartbeat_once(self) -> None:
         assert self._worker_id is not None
@@ -822,10 +852,15 @@ class Worker:
         return self.settings.max_concurrent if unreachable else self.load
 
     def _token_expiring(self) -> bool:
-        if self._token_expires_at is None:
+        """Whether to register again for a fresh worker token: a few heartbeats before it
+        expires, but never in the first half of its life. A token living no longer than
+        that margin (the registry's minimum TTL is 60 s) counted as expiring as soon as it
+        was issued: the worker registered again on every heartbeat."""
+        if self._token_lifetime is None:
             return False
-        margin = timedelta(seconds=max(60.0, 3 * self._interval))
-        return datetime.now(UTC) >= self._token_expires_at - margin
+        margin = min(max(60.0, 3 * self._interval), self._token_lifetime / 2)
+        age = asyncio.get_running_loop().time() - self._token_received_at
+        return age >= self._token_lifetime - margin
 
     # ------------------------------------------------------------------ watch
 
@@ -1130,7 +1165,10 @@ class Worker:
             if run.abandoned:
                 return None
             if timed_out:
-                return Outcome.failure(f"timed out after {timeout:g}s")
+                # The task's timeout, not the handler's share of it (see _handler_timeout).
+                return Outcome.failure(
+                    f"timed out: the task's timeout is {ticket.timeout_seconds}s"
+                )
             return Outcome.failure("the worker stopped before the task finished", worker_lost=True)
         error = handler_task.exception()
         if isinstance(error, _HandlerRaised):

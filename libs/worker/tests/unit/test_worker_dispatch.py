@@ -159,7 +159,8 @@ async def test_dispatch_outcomes() -> None:
     timed_out = await dispatch(worker, ticket("hang", {}, timeout=1))
     assert timed_out is not None
     assert not timed_out.permanent
-    assert timed_out.error_message.startswith("timed out after 0.9s")
+    # The task's timeout, not the handler's share of it ("timed out after 0.9s").
+    assert timed_out.error_message == "timed out: the task's timeout is 1s"
 
 
 async def test_dispatch_of_a_disallowed_shell_command_is_permanent() -> None:
@@ -633,17 +634,20 @@ async def test_a_handler_that_ignores_its_cancellation_is_left_behind_after_a_bo
             run.stop_handler()
         outcome = await asyncio.wait_for(invoked, 5)
     expected = {
-        "timeout": Outcome.failure("timed out after 0.9s"),
+        "timeout": Outcome.failure("timed out: the task's timeout is 1s"),
         "drain": Outcome.failure("the worker stopped before the task finished", worker_lost=True),
         "ticket moved on": None,
     }[stopped_by]
+    left_behind = worker.unstopped_handlers
+    # Released before asserting: a failing test must not leave it running (the event
+    # loop's teardown would wait for it for ever).
+    stubborn.release.set()
+    await asyncio.sleep(0.01)
     assert outcome == expected
     assert [e["log_level"] for e in logs if e["event"].startswith("handler did not stop")] == [
         "warning"
     ]
-    assert worker.unstopped_handlers == [f"{TICKET} attempt 1"]
-    stubborn.release.set()
-    await asyncio.sleep(0.01)
+    assert left_behind == [f"{TICKET} attempt 1"]
     assert worker.unstopped_handlers == []
 
 

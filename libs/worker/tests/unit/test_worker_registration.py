@@ -1,10 +1,13 @@
-"""What the worker says when the registry refuses it, which heartbeat interval it keeps,
-how it waits for a name another process holds, and that a stop interrupts registration
-(no service involved: the registry client is a fake that answers Register)."""
+"""What the worker says when the registry refuses it, which heartbeat interval it keeps
+and how often it heartbeats, when it renews its worker token, how it waits for a name
+another process holds, and that a stop interrupts registration (no service involved: the
+registry client is a fake that answers Register, and Heartbeat where needed)."""
 
 from __future__ import annotations
 
 import asyncio
+import itertools
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
@@ -113,6 +116,123 @@ async def test_the_heartbeat_interval_is_never_longer_than_the_registry_asks(
     assert (warning["configured_seconds"], warning["registry_seconds"]) == (20.0, 5)
     assert "HIVE_WORKER_HEARTBEAT_INTERVAL_SECONDS" in warning["hint"]
     assert "at most 5" in warning["hint"]
+
+
+# -- heartbeats and the worker token ---------------------------------------------------------
+
+
+class HeartbeatRegistry:
+    """Answers Register with ``answer`` and Heartbeat after ``delay`` seconds, recording
+    when each heartbeat started (event loop time)."""
+
+    def __init__(self, answer: rpb.RegisterResponse, *, delay: float = 0.0) -> None:
+        self.answer = answer
+        self.delay = delay
+        self.registrations = 0
+        self.beats: list[float] = []
+
+    async def register(self, **kwargs: Any) -> rpb.RegisterResponse:
+        self.registrations += 1
+        return self.answer
+
+    async def heartbeat(self, **kwargs: Any) -> rpb.HeartbeatResponse:
+        self.beats.append(asyncio.get_running_loop().time())
+        await asyncio.sleep(self.delay)
+        return rpb.HeartbeatResponse()
+
+    def gaps(self) -> list[float]:
+        return [later - earlier for earlier, later in itertools.pairwise(self.beats)]
+
+
+async def heartbeat_for(worker: Worker, seconds: float) -> None:
+    """Run the worker's heartbeat loop for ``seconds``."""
+    beating = asyncio.create_task(worker._heartbeat_loop())
+    await asyncio.sleep(seconds)
+    beating.cancel()
+    await asyncio.gather(beating, return_exceptions=True)
+
+
+async def test_heartbeats_start_one_interval_apart() -> None:
+    # A pause after each heartbeat (0.5 s, or the interval if shorter, meant to rate-limit
+    # load reports) was added to the interval: with one missed beat allowed, the registry
+    # listed an idle worker UNHEALTHY a third of the time. The call's own time counts too.
+    registry = HeartbeatRegistry(registered(5), delay=0.1)
+    worker = worker_with(registry, heartbeat_interval_seconds=0.3)  # type: ignore[arg-type]
+    await worker._register()
+    await heartbeat_for(worker, 1.05)  # beats at 0, 0.3, 0.6, 0.9
+    gaps = registry.gaps()
+    assert len(gaps) >= 2, gaps
+    assert all(0.27 <= gap <= 0.4 for gap in gaps), gaps
+
+
+async def test_load_changes_bring_heartbeats_early_but_at_most_one_per_gap() -> None:
+    registry = HeartbeatRegistry(registered(5))
+    worker = worker_with(registry)  # type: ignore[arg-type]
+    await worker._register()
+    beating = asyncio.create_task(worker._heartbeat_loop())
+    for _ in range(24):  # a load change every 0.05 s, for 1.2 s
+        worker._heartbeat_wake.set()
+        await asyncio.sleep(0.05)
+    beating.cancel()
+    await asyncio.gather(beating, return_exceptions=True)
+    gaps = registry.gaps()  # beats at 0, 0.5, 1.0 (the interval is 5 s)
+    assert gaps
+    assert all(sdk._LOAD_REPORT_GAP - 0.01 <= gap <= sdk._LOAD_REPORT_GAP + 0.1 for gap in gaps)
+
+
+def registered_with_token(
+    ttl: int, *, interval: int = 5, registry_clock_ahead: float = 0.0
+) -> rpb.RegisterResponse:
+    """A registration whose worker token lasts ``ttl`` seconds from now (on a registry
+    clock ``registry_clock_ahead`` seconds ahead of this host's)."""
+    response = registered(interval)
+    issued_at = datetime.now(UTC) + timedelta(seconds=registry_clock_ahead)
+    response.worker.last_heartbeat_at.FromDatetime(issued_at)
+    response.token_expires_at.FromDatetime(issued_at + timedelta(seconds=ttl))
+    return response
+
+
+@pytest.mark.parametrize(("ttl", "interval"), [(60, 5), (60, 1), (90, 30), (120, 5), (3600, 5)])
+async def test_the_worker_token_is_renewed_once_before_it_expires_not_on_every_heartbeat(
+    ttl: int, interval: int
+) -> None:
+    # The renewal margin (60 s, or 3 intervals) was the whole life of a token of the
+    # registry's minimum TTL (60 s): each heartbeat registered again (~2 a second), and
+    # each registration reset the worker's in_flight at the registry.
+    registry = HeartbeatRegistry(registered_with_token(ttl, interval=interval))
+    worker = worker_with(registry)  # type: ignore[arg-type]
+    await worker._register()
+    for _ in range(3):
+        await worker._heartbeat_once()
+    assert registry.registrations == 1  # a fresh token is not renewed
+    received = worker._token_received_at
+    renewed_at: list[int] = []
+    for age in range(0, ttl, interval):  # a heartbeat every interval of the token's life
+        worker._token_received_at = received - age  # as if ``age`` seconds had passed
+        await worker._heartbeat_once()
+        if registry.registrations > 1:
+            renewed_at.append(age)
+            break
+    [age] = renewed_at
+    assert ttl / 2 <= age <= ttl - interval  # not early, and with a heartbeat to spare
+    for _ in range(3):  # the new token is fresh
+        await worker._heartbeat_once()
+    assert registry.registrations == 2
+    assert len(registry.beats) == 3 + len(range(0, age + 1, interval)) + 3
+
+
+@pytest.mark.parametrize("registry_clock_ahead", [-7200.0, 7200.0])
+async def test_a_fresh_worker_token_is_not_renewed_whatever_the_registry_clock_says(
+    registry_clock_ahead: float,
+) -> None:
+    registry = HeartbeatRegistry(
+        registered_with_token(3600, registry_clock_ahead=registry_clock_ahead)
+    )
+    worker = worker_with(registry)  # type: ignore[arg-type]
+    await worker._register()
+    for _ in range(3):
+        await worker._heartbeat_once()
+    assert (registry.registrations, len(registry.beats)) == (1, 3)
 
 
 # -- one live process per name ---------------------------------------------------------------
