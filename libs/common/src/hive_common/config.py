@@ -63,6 +63,20 @@ DURATION_SUFFIXES = ("_seconds", "_hours", "_ms")
 _LOG_LEVELS = ("CRITICAL", "ERROR", "WARNING", "INFO", "DEBUG")
 
 
+def unbounded_durations(settings: type[BaseSettings]) -> list[str]:
+    """The duration settings of ``settings`` (named ``*_seconds``, ``*_hours``, ``*_ms``)
+    without an upper bound (pydantic's ``le`` / ``lt``)."""
+    return [
+        name
+        for name, field in settings.model_fields.items()
+        if name.endswith(DURATION_SUFFIXES)
+        and not any(
+            getattr(rule, "le", None) is not None or getattr(rule, "lt", None) is not None
+            for rule in field.metadata
+        )
+    ]
+
+
 def normalise_log_level(value: object) -> object:
     """A log level setting in any case, ``WARN`` for ``WARNING``; ``ValueError`` for an
     unknown one (a settings validator of the services and the worker)."""
@@ -161,15 +175,7 @@ class HiveSettings(BaseSettings):
         super().__pydantic_init_subclass__(**kwargs)
         # Checked once here rather than remembered at each new setting: an unbounded
         # duration is accepted up to inf and overflows later, far from the settings.
-        unbounded = [
-            name
-            for name, field in cls.model_fields.items()
-            if name.endswith(DURATION_SUFFIXES)
-            and not any(  # pydantic's le / lt rules (annotated_types.Le / Lt)
-                getattr(rule, "le", None) is not None or getattr(rule, "lt", None) is not None
-                for rule in field.metadata
-            )
-        ]
+        unbounded = unbounded_durations(cls)
         if unbounded:
             raise TypeError(
                 f"{cls.__name__}: duration settings need an upper bound (le=...): "
@@ -251,4 +257,5 @@ __all__ = [
     "LogFormat",
     "WarningLogger",
     "normalise_log_level",
+    "unbounded_durations",
 ]

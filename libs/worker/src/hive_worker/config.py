@@ -12,10 +12,10 @@ import json
 import socket
 from typing import Annotated, Any
 
-from pydantic import Field, IPvAnyNetwork, SecretStr, field_validator
+from pydantic import Field, FiniteFloat, IPvAnyNetwork, SecretStr, field_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-from hive_common.config import LogFormat, normalise_log_level
+from hive_common.config import DAY, HOUR, LogFormat, normalise_log_level
 
 
 def parse_list(value: object) -> object:
@@ -78,28 +78,29 @@ class WorkerSettings(BaseSettings):
     version: str = "0.1.0"
 
     # Liveness and shutdown.
-    heartbeat_interval_seconds: float | None = Field(
+    heartbeat_interval_seconds: FiniteFloat | None = Field(
         default=None,
         gt=0,
+        le=HOUR,
         description="None: use the interval the registry asks for. A longer one than the "
         "registry's is not used (the registry's is, with a warning): missing heartbeats "
         "makes the registry mark the worker UNHEALTHY, then remove it.",
     )
-    drain_grace_seconds: float = Field(default=30.0, ge=0)
-    call_timeout_seconds: float = Field(default=10.0, gt=0)
-    call_deadline_seconds: float = Field(default=30.0, gt=0)
-    reconnect_max_backoff_seconds: float = Field(default=5.0, gt=0)
+    drain_grace_seconds: FiniteFloat = Field(default=30.0, ge=0, le=DAY)
+    call_timeout_seconds: FiniteFloat = Field(default=10.0, gt=0, le=HOUR)
+    call_deadline_seconds: FiniteFloat = Field(default=30.0, gt=0, le=HOUR)
+    reconnect_max_backoff_seconds: FiniteFloat = Field(default=5.0, gt=0, le=HOUR)
 
     # Built-in task types.
-    sleep_max_seconds: float = Field(default=3600.0, ge=0)
+    sleep_max_seconds: FiniteFloat = Field(default=3600.0, ge=0, le=7 * DAY)
     shell_allow_list: StrList = Field(
         default_factory=list,
         description="Programs the shell task may run (exact argv[0]); empty disables it.",
     )
     shell_max_output_bytes: int = Field(default=64 * 1024, ge=0)
-    shell_timeout_seconds: float = Field(default=300.0, gt=0)
-    http_get_timeout_seconds: float = Field(default=10.0, gt=0)
-    http_get_max_timeout_seconds: float = Field(default=60.0, gt=0)
+    shell_timeout_seconds: FiniteFloat = Field(default=300.0, gt=0, le=7 * DAY)
+    http_get_timeout_seconds: FiniteFloat = Field(default=10.0, gt=0, le=HOUR)
+    http_get_max_timeout_seconds: FiniteFloat = Field(default=60.0, gt=0, le=HOUR)
     http_get_max_body_bytes: int = Field(default=64 * 1024, ge=0)
     http_get_allow_networks: Annotated[list[IPvAnyNetwork], NoDecode] = Field(
         default_factory=list,

@@ -16,6 +16,7 @@ import pytest
 from google.protobuf import struct_pb2
 from structlog.testing import capture_logs
 
+from hive_common.config import unbounded_durations
 from hive_worker import (
     InvalidParameters,
     PermanentTaskError,
@@ -453,11 +454,20 @@ def test_http_get_allow_networks_setting(monkeypatch: pytest.MonkeyPatch) -> Non
         {"capabilities": ["a", " "]},
         {"log_level": "LOUD"},
         {"name": ""},
+        # Unbounded durations were accepted up to inf, and overflowed later.
+        {"drain_grace_seconds": float("inf")},
+        {"call_timeout_seconds": 1e300},
+        {"heartbeat_interval_seconds": float("nan")},
+        {"sleep_max_seconds": 7 * 86400 + 1},
     ],
 )
 def test_bad_settings_are_refused(values: dict[str, Any]) -> None:
     with pytest.raises(ValueError, match="validation error"):
         WorkerSettings(**({"capabilities": ["python"]} | values))
+
+
+def test_every_duration_setting_has_an_upper_bound() -> None:
+    assert unbounded_durations(WorkerSettings) == []
 
 
 @pytest.mark.parametrize(("given", "level"), [("warn", "WARNING"), (" debug ", "DEBUG")])
