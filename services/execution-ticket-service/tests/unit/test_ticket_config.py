@@ -17,55 +17,35 @@ import pytest
 from pydantic import ValidationError
 
 from execution_ticket_service.config import MAX_TIMEOUT_SECONDS, TicketSettings
-from hive_common.config import DURATION_SUFFIXES, invalid_settings_message
+from hive_common.config import invalid_settings_message
 from hive_common.entrypoint import EXIT_INVALID_SETTINGS, run_service
+from hive_testsupport.durations import at_their_maximums, beyond_maximum_cases
 
 PROGRAM = "execution-ticket-service"
 
 DURATION_MAXIMUMS = {
-    "STARTUP_TIMEOUT_SECONDS": 86400,
-    "SHUTDOWN_GRACE_SECONDS": 3600,
-    "HTTP_KEEP_ALIVE_SECONDS": 3600,
-    "MONGO_TIMEOUT_MS": 3_600_000,
-    "DEFAULT_TIMEOUT_SECONDS": MAX_TIMEOUT_SECONDS,
-    "DEFAULT_LEASE_SECONDS": 86400,
-    "MAX_LEASE_SECONDS": 86400,
-    "DEFAULT_TOKEN_TTL_SECONDS": 30 * 86400,
-    "MAX_TOKEN_TTL_SECONDS": 30 * 86400,
-    "LEASE_SWEEP_INTERVAL_SECONDS": 86400,
-    "LEASE_GRACE_SECONDS": 86400,
-    "RELAY_IDLE_INTERVAL_SECONDS": 60,
-    "RELAY_BATCH_WINDOW_SECONDS": 60,
-    "RELAY_MAX_BACKOFF_SECONDS": 3600,
-    "STATS_INTERVAL_SECONDS": 86400,
-    "WATCH_POLL_INTERVAL_SECONDS": 60,
-    "WATCH_READ_GAP_SECONDS": 60,
-    "READINESS_INTERVAL_SECONDS": 86400,
-    "EVENT_RETENTION_HOURS": 5 * 365 * 24,
-    "EVENT_PURGE_INTERVAL_SECONDS": 86400,
+    "startup_timeout_seconds": 86400,
+    "shutdown_grace_seconds": 3600,
+    "http_keep_alive_seconds": 3600,
+    "mongo_timeout_ms": 3_600_000,
+    "default_timeout_seconds": MAX_TIMEOUT_SECONDS,
+    "default_lease_seconds": 86400,
+    "max_lease_seconds": 86400,
+    "default_token_ttl_seconds": 30 * 86400,
+    "max_token_ttl_seconds": 30 * 86400,
+    "lease_sweep_interval_seconds": 86400,
+    "lease_grace_seconds": 86400,
+    "relay_idle_interval_seconds": 60,
+    "relay_batch_window_seconds": 60,
+    "relay_max_backoff_seconds": 3600,
+    "stats_interval_seconds": 86400,
+    "watch_poll_interval_seconds": 60,
+    "watch_read_gap_seconds": 60,
+    "readiness_interval_seconds": 86400,
+    "event_retention_hours": 5 * 365 * 24,
+    "event_purge_interval_seconds": 86400,
 }
 """Every duration setting and its largest value."""
-
-
-def beyond_maximum_cases() -> list[Any]:
-    """Each duration given ``inf``, a huge number and one more than its maximum."""
-    cases = []
-    for name, maximum in DURATION_MAXIMUMS.items():
-        is_int = TicketSettings.model_fields[name.lower()].annotation is int
-        not_finite = (
-            "Input should be a valid integer, unable to parse string as an integer"
-            if is_int
-            else "Input should be a finite number"
-        )
-        too_big = f"Input should be less than or equal to {maximum}"
-        for value, message in (
-            ("inf", not_finite),
-            ("1e300", not_finite if is_int else too_big),
-            (str(maximum + 1), too_big),
-        ):
-            line = f"HIVE_TICKETS_{name}: {message}"
-            cases.append(pytest.param({name: value}, line, id=f"{name}={value}"))
-    return cases
 
 
 @pytest.fixture(autouse=True)
@@ -123,7 +103,7 @@ def refusal(monkeypatch: pytest.MonkeyPatch, **env: str) -> list[str]:
             f"HIVE_TICKETS_DEFAULT_TIMEOUT_SECONDS: Input should be less than or equal to "
             f"{MAX_TIMEOUT_SECONDS}",
         ),
-        *beyond_maximum_cases(),
+        *beyond_maximum_cases(TicketSettings, DURATION_MAXIMUMS, "HIVE_TICKETS_"),
     ],
 )
 def test_invalid_settings_are_refused_naming_the_variables(
@@ -144,13 +124,7 @@ def test_leases_of_10_to_the_12_seconds_are_refused(monkeypatch: pytest.MonkeyPa
 
 
 def test_every_duration_at_its_maximum_is_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
-    durations = {n for n in TicketSettings.model_fields if n.endswith(DURATION_SUFFIXES)}
-    assert set(DURATION_MAXIMUMS) == {n.upper() for n in durations}  # none forgotten
-    for name, maximum in DURATION_MAXIMUMS.items():
-        monkeypatch.setenv(f"HIVE_TICKETS_{name}", str(maximum))
-    settings = TicketSettings()
-    for name, maximum in DURATION_MAXIMUMS.items():
-        assert getattr(settings, name.lower()) == maximum
+    at_their_maximums(TicketSettings, DURATION_MAXIMUMS, "HIVE_TICKETS_", monkeypatch)
 
 
 def test_defaults_up_to_their_maximums_are_accepted(monkeypatch: pytest.MonkeyPatch) -> None:

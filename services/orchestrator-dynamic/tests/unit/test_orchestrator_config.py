@@ -9,59 +9,38 @@ Durations had no upper bound: HIVE_ORCHESTRATOR_LEASE_TTL_SECONDS=inf was a trac
 from __future__ import annotations
 
 import os
-from typing import Any
 
 import pytest
 from pydantic import ValidationError
 
-from hive_common.config import DURATION_SUFFIXES, invalid_settings_message
+from hive_common.config import invalid_settings_message
+from hive_testsupport.durations import at_their_maximums, beyond_maximum_cases
 from orchestrator_dynamic.config import OrchestratorSettings
 
 PROGRAM = "orchestrator-dynamic"
 
 DURATION_MAXIMUMS = {
-    "STARTUP_TIMEOUT_SECONDS": 86400,
-    "SHUTDOWN_GRACE_SECONDS": 3600,
-    "HTTP_KEEP_ALIVE_SECONDS": 3600,
-    "RPC_TIMEOUT_SECONDS": 3600,
-    "RPC_DEADLINE_SECONDS": 3600,
-    "SERVICE_TOKEN_TTL_SECONDS": 30 * 86400,
-    "BACKOFF_BASE_SECONDS": 86400,
-    "BACKOFF_CAP_SECONDS": 86400,
-    "ASSIGN_LEASE_SECONDS": 86400,
-    "DISPATCH_RETRY_SECONDS": 86400,
-    "DISCOVERY_CACHE_SECONDS": 60,
-    "RESYNC_INTERVAL_SECONDS": 86400,
-    "ERROR_RETRY_SECONDS": 3600,
-    "LEASE_TTL_SECONDS": 86400,
-    "LEASE_RENEW_INTERVAL_SECONDS": 3600,
-    "CLAIM_INTERVAL_SECONDS": 86400,
-    "SUBMIT_WAIT_SECONDS": 3600,
-    "READINESS_INTERVAL_SECONDS": 86400,
-    "WATCH_PLAN_INTERVAL_SECONDS": 60,
+    "startup_timeout_seconds": 86400,
+    "shutdown_grace_seconds": 3600,
+    "http_keep_alive_seconds": 3600,
+    "rpc_timeout_seconds": 3600,
+    "rpc_deadline_seconds": 3600,
+    "service_token_ttl_seconds": 30 * 86400,
+    "backoff_base_seconds": 86400,
+    "backoff_cap_seconds": 86400,
+    "assign_lease_seconds": 86400,
+    "dispatch_retry_seconds": 86400,
+    "discovery_cache_seconds": 60,
+    "resync_interval_seconds": 86400,
+    "error_retry_seconds": 3600,
+    "lease_ttl_seconds": 86400,
+    "lease_renew_interval_seconds": 3600,
+    "claim_interval_seconds": 86400,
+    "submit_wait_seconds": 3600,
+    "readiness_interval_seconds": 86400,
+    "watch_plan_interval_seconds": 60,
 }
 """Every duration setting and its largest value."""
-
-
-def beyond_maximum_cases() -> list[Any]:
-    """Each duration given ``inf``, a huge number and one more than its maximum."""
-    cases = []
-    for name, maximum in DURATION_MAXIMUMS.items():
-        is_int = OrchestratorSettings.model_fields[name.lower()].annotation is int
-        not_finite = (
-            "Input should be a valid integer, unable to parse string as an integer"
-            if is_int
-            else "Input should be a finite number"
-        )
-        too_big = f"Input should be less than or equal to {maximum}"
-        for value, message in (
-            ("inf", not_finite),
-            ("1e300", not_finite if is_int else too_big),
-            (str(maximum + 1), too_big),
-        ):
-            line = f"HIVE_ORCHESTRATOR_{name}: {message}"
-            cases.append(pytest.param({name: value}, line, id=f"{name}={value}"))
-    return cases
 
 
 @pytest.fixture(autouse=True)
@@ -106,7 +85,7 @@ def clean_env(monkeypatch: pytest.MonkeyPatch) -> None:
             {"ASSIGN_LEASE_SECONDS": "90000"},
             "HIVE_ORCHESTRATOR_ASSIGN_LEASE_SECONDS: Input should be less than or equal to 86400",
         ),
-        *beyond_maximum_cases(),
+        *beyond_maximum_cases(OrchestratorSettings, DURATION_MAXIMUMS, "HIVE_ORCHESTRATOR_"),
     ],
 )
 def test_invalid_settings_are_named_by_their_environment_variables(
@@ -126,11 +105,8 @@ def test_a_namespace_within_the_rule_is_kept(monkeypatch: pytest.MonkeyPatch) ->
 
 
 def test_every_duration_at_its_maximum_is_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
-    durations = {n for n in OrchestratorSettings.model_fields if n.endswith(DURATION_SUFFIXES)}
-    assert set(DURATION_MAXIMUMS) == {n.upper() for n in durations}  # none forgotten
-    for name, maximum in DURATION_MAXIMUMS.items():
-        monkeypatch.setenv(f"HIVE_ORCHESTRATOR_{name}", str(maximum))
-    settings = OrchestratorSettings()
-    for name, maximum in DURATION_MAXIMUMS.items():
-        assert getattr(settings, name.lower()) == maximum
+    settings = at_their_maximums(
+        OrchestratorSettings, DURATION_MAXIMUMS, "HIVE_ORCHESTRATOR_", monkeypatch
+    )
+    assert isinstance(settings, OrchestratorSettings)
     assert settings.lease_ttl.total_seconds() == 86400

@@ -7,12 +7,12 @@ start-up, a huge HIVE_REGISTRY_EVENT_RETENTION_SECONDS killed the health sweeper
 from __future__ import annotations
 
 import os
-from typing import Any
 
 import pytest
 from pydantic import ValidationError
 
-from hive_common.config import DURATION_SUFFIXES, invalid_settings_message
+from hive_common.config import invalid_settings_message
+from hive_testsupport.durations import at_their_maximums, beyond_maximum_cases
 from service_registry.config import RegistrySettings
 
 DURATION_MAXIMUMS = {
@@ -27,27 +27,6 @@ DURATION_MAXIMUMS = {
     "watch_poll_interval_seconds": 60,
 }
 """Every duration setting and its largest value."""
-
-
-def beyond_maximum_cases() -> list[Any]:
-    """Each duration given ``inf``, a huge number and one more than its maximum."""
-    cases = []
-    for name, maximum in DURATION_MAXIMUMS.items():
-        is_int = RegistrySettings.model_fields[name].annotation is int
-        not_finite = (
-            "Input should be a valid integer, unable to parse string as an integer"
-            if is_int
-            else "Input should be a finite number"
-        )
-        too_big = f"Input should be less than or equal to {maximum}"
-        for value, message in (
-            ("inf", not_finite),
-            ("1e300", not_finite if is_int else too_big),
-            (str(maximum + 1), too_big),
-        ):
-            line = f"HIVE_REGISTRY_{name.upper()}: {message}"
-            cases.append(pytest.param({name: value}, line, id=f"{name}={value}"))
-    return cases
 
 
 @pytest.fixture(autouse=True)
@@ -132,7 +111,7 @@ def test_inconsistent_settings_are_refused(overrides: dict[str, object]) -> None
             "HIVE_REGISTRY_EVENT_RETENTION_SECONDS: Input should be less than or equal to "
             "157680000",
         ),
-        *beyond_maximum_cases(),
+        *beyond_maximum_cases(RegistrySettings, DURATION_MAXIMUMS, "HIVE_REGISTRY_"),
     ],
 )
 def test_invalid_settings_name_the_environment_variables(
@@ -148,11 +127,6 @@ def test_invalid_settings_name_the_environment_variables(
 
 
 def test_every_duration_at_its_maximum_is_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
-    durations = {n for n in RegistrySettings.model_fields if n.endswith(DURATION_SUFFIXES)}
-    assert set(DURATION_MAXIMUMS) == durations  # none forgotten
-    for name, maximum in DURATION_MAXIMUMS.items():
-        monkeypatch.setenv(f"HIVE_REGISTRY_{name.upper()}", str(maximum))
-    settings = RegistrySettings()
-    for name, maximum in DURATION_MAXIMUMS.items():
-        assert getattr(settings, name) == maximum
+    settings = at_their_maximums(RegistrySettings, DURATION_MAXIMUMS, "HIVE_REGISTRY_", monkeypatch)
+    assert isinstance(settings, RegistrySettings)
     assert settings.health_policy().expire_after.total_seconds() == 86400
