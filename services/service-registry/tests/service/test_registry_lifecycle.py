@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import contextlib
 import json
 import time
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -473,6 +475,25 @@ async def test_a_database_outage_longer_than_the_ttl_expires_no_worker(
     assert [w.name for w in (await registry.sweep()).expired] == ["w1"]
 
 
+@contextlib.asynccontextmanager
+async def workers_locked(dsn: str) -> AsyncIterator[None]:
+    """The workers table locked by another session (no error, only silence) meanwhile."""
+    async with await psycopg.AsyncConnection.connect(dsn) as locker:
+        await locker.execute("LOCK TABLE workers IN ACCESS EXCLUSIVE MODE")
+        yield
+        await locker.rollback()
+
+
+async def heartbeat_refused(registry: Registry, worker_id: str, *, deadline: float) -> Any:
+    with pytest.raises(grpc.aio.AioRpcError) as refused:
+        await registry.stub.Heartbeat(
+            pb.HeartbeatRequest(worker_id=worker_id),
+            metadata=registry.worker_md(worker_id),
+            timeout=deadline,
+        )
+    return refused.value
+
+
 async def test_a_database_that_hangs_longer_than_the_ttl_expires_no_worker(
     registry: Registry, postgres_dsn: str
 ) -> None:
@@ -480,16 +501,11 @@ async def test_a_database_that_hangs_longer_than_the_ttl_expires_no_worker(
     # ended at their deadline, and once the lock went every worker expired (new worker
     # ids, running tasks handed back and run twice).
     w1 = (await registry.register("w1")).worker.worker_id
-    async with await psycopg.AsyncConnection.connect(postgres_dsn) as locker:
-        await locker.execute("LOCK TABLE workers IN ACCESS EXCLUSIVE MODE")
-        with pytest.raises(grpc.aio.AioRpcError) as gave_up:
-            await registry.stub.Heartbeat(
-                pb.HeartbeatRequest(worker_id=w1), metadata=registry.worker_md(w1), timeout=1
-            )
-        assert gave_up.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    async with workers_locked(postgres_dsn):
+        gave_up = await heartbeat_refused(registry, w1, deadline=1)
+        assert gave_up.code() == grpc.StatusCode.DEADLINE_EXCEEDED
         await asyncio.sleep(1)  # still held (the heartbeat, still waiting, is written late)
         registry.clock.advance(90)
-        await locker.rollback()
     assert (await registry.sweep()).expired == []
     assert (await registry.heartbeat(w1)).worker.worker_id == w1
 
@@ -499,16 +515,11 @@ async def test_a_locked_table_is_unavailable_after_the_lock_timeout(
 ) -> None:
     # Requests waited for as long as the lock lasted, past their clients' deadlines.
     w1 = (await registry.register("w1")).worker.worker_id
-    async with await psycopg.AsyncConnection.connect(postgres_dsn) as locker:
-        await locker.execute("LOCK TABLE workers IN ACCESS EXCLUSIVE MODE")
+    async with workers_locked(postgres_dsn):
         started = time.monotonic()
-        with pytest.raises(grpc.aio.AioRpcError) as refused:
-            await registry.stub.Heartbeat(
-                pb.HeartbeatRequest(worker_id=w1), metadata=registry.worker_md(w1), timeout=30
-            )
-        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        refused = await heartbeat_refused(registry, w1, deadline=30)
+        assert refused.code() == grpc.StatusCode.UNAVAILABLE
         assert time.monotonic() - started < LOCK_TIMEOUT_MS / 1000 + 3
-        await locker.rollback()
 
 
 async def test_a_stop_ends_the_open_watches_instead_of_waiting_out_its_grace(
