@@ -553,8 +553,15 @@ async def test_transition_table(client: Client, start: Any, request_: Any, expec
     if request_ == ASSIGN:
         call = client.assign(ticket, worker_id="w2")
     else:
-        # Content differs from how drive() got here, so no request is an idempotent repeat.
-        call = client.update(ticket, request_, error_message="table", result=struct(n=1))
+        # Content differs from how drive() got here, so no request is an idempotent repeat
+        # (and is only what the requested status keeps).
+        contents: dict[Any, dict[str, Any]] = {
+            S.TICKET_STATUS_COMPLETED: {"result": struct(n=1)},
+            S.TICKET_STATUS_FAILED: {"error_message": "table", "result": struct(n=1)},
+            S.TICKET_STATUS_CANCELLED: {"error_message": "table"},
+        }
+        content = contents.get(request_, {})
+        call = client.update(ticket, request_, **content)
     if isinstance(expected, Code):
         assert await code_of(call) is expected
         assert await client.get(ticket.ticket_id) == ticket  # nothing changed
