@@ -218,6 +218,16 @@ def _allowed_methods(request: Request) -> list[str]:
     return sorted(methods)
 
 
+def _route_path(scope: Scope) -> str:
+    """The path template of the route that answered (metrics label), "unmatched" if none.
+    FastAPI's own routes (/openapi.json, /docs) are plain Starlette routes, which name
+    their endpoint but not themselves: their paths have no parameters."""
+    route = scope.get("route")
+    if route is not None:
+        return str(route.path)
+    return str(scope["path"]) if "endpoint" in scope else "unmatched"
+
+
 def _without_empty_parameters(query_string: bytes) -> bytes:
     """``query_string`` without its empty parameters (``page_size=``, ``&status&``): a
     parameter given empty is one not given, whatever its type (an empty string filter was
@@ -304,10 +314,9 @@ class RequestLoggingMiddleware:
                 {"type": "http.response.body", "body": json.dumps(body).encode()}
             )
         finally:
-            self._finish(scope, app_scope.get("route"), status, time.perf_counter() - started)
+            self._finish(scope, _route_path(app_scope), status, time.perf_counter() - started)
 
-    def _finish(self, scope: Scope, route: Any, status: int, seconds: float) -> None:
-        route_path = str(getattr(route, "path", "")) or "unmatched"
+    def _finish(self, scope: Scope, route_path: str, status: int, seconds: float) -> None:
         if self._metrics is not None:
             self._metrics.request_finished(scope["method"], route_path, status, seconds)
         fields: dict[str, Any] = {

@@ -372,6 +372,21 @@ async def test_http_metrics_by_route(
     assert registry.get_sample_value("http_requests_total", ready) == 1
 
 
+async def test_the_openapi_document_and_docs_are_counted_under_their_paths(
+    report: dict[str, CheckResult], log_stream: io.StringIO
+) -> None:
+    # They were counted as "unmatched", with the 404s.
+    registry = new_registry()
+    app = build_app(report, metrics=HttpMetrics(registry))
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://t") as c:
+        assert (await c.get("/openapi.json")).status_code == 200
+        assert (await c.get("/docs")).status_code == 200
+        assert (await c.get("/nowhere/7")).status_code == 404
+    for route, status in (("/openapi.json", "200"), ("/docs", "200"), ("unmatched", "404")):
+        labels = {"method": "GET", "route": route, "status": status}
+        assert registry.get_sample_value("http_requests_total", labels) == 1, route
+
+
 async def test_openapi_stays_enabled(client: httpx.AsyncClient) -> None:
     response = await client.get("/openapi.json")
     assert response.status_code == 200
