@@ -204,15 +204,23 @@ async def _http_exception_handler(request: Request, exc: Exception) -> JSONRespo
     return JSONResponse(body, status_code=status, headers=headers)
 
 
+_METHODS = ("DELETE", "GET", "PATCH", "POST", "PUT")
+
+
 def _allowed_methods(request: Request) -> list[str]:
     """Every method some route of the path answers (Starlette names only the first
     route's: ``Allow: POST`` on a path with a GET route and a POST route); HEAD with GET,
-    as the middleware answers it."""
-    methods: set[str] = set()
-    for route in request.app.router.routes:
-        route_methods = getattr(route, "methods", None)
-        if route_methods and route.matches(request.scope)[0] is not Match.NONE:
-            methods |= route_methods
+    as the middleware answers it. Asked of the routes as the router asks them (included
+    routers hold their routes inside)."""
+    routes = request.app.router.routes
+    methods = {
+        method
+        for method in _METHODS
+        if any(
+            route.matches({**request.scope, "method": method})[0] is Match.FULL
+            for route in routes
+        )
+    }
     if "GET" in methods:
         methods.add("HEAD")
     return sorted(methods)

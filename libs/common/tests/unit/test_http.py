@@ -10,7 +10,7 @@ from typing import Any
 
 import httpx
 import pytest
-from fastapi import FastAPI, Request
+from fastapi import APIRouter, FastAPI, Request
 from pydantic import BaseModel, Field
 
 from hive_common.errors import (
@@ -63,6 +63,18 @@ def build_app(report: dict[str, CheckResult], metrics: HttpMetrics | None = None
     @app.get("/plans")
     async def list_plans(page_size: int = 10) -> dict[str, Any]:
         return {"page_size": page_size, "request_id": current_request_context().get("request_id")}
+
+    things = APIRouter(prefix="/api/v1/things")
+
+    @things.get("/{thing_id}")
+    async def get_thing(thing_id: str) -> dict[str, str]:
+        return {"thing_id": thing_id}
+
+    @things.delete("/{thing_id}")
+    async def delete_thing(thing_id: str) -> dict[str, str]:
+        return {"thing_id": thing_id}
+
+    app.include_router(things)
 
     @app.get("/plans/{plan_id}")
     async def get_plan(plan_id: str) -> dict[str, str]:
@@ -322,6 +334,9 @@ async def test_a_405_allows_every_method_of_the_path(client: httpx.AsyncClient) 
     response = await client.delete("/plans")
     assert (response.status_code, response.headers["allow"]) == (405, "GET, HEAD, POST")
     assert (await client.put("/raw")).headers["allow"] == "POST"
+    # Routes of an included router too (every service's API is one).
+    response = await client.put("/api/v1/things/7")
+    assert (response.status_code, response.headers["allow"]) == (405, "DELETE, GET, HEAD")
 
 
 async def test_one_log_line_per_request_with_request_id(

@@ -191,6 +191,9 @@ async def test_listing_pages_and_unknown_plans(flow: Flow) -> None:
     assert (await flow.client().post("/api/v1/plans/nope/cancel")).status_code == 404
     no_task = await flow.client().get("/api/v1/plans/p0/tasks/zzz/explain")
     assert no_task.status_code == 404
+    # A 405 names every method of the path (it said POST only, or nothing at all).
+    not_allowed = await flow.client().delete("/api/v1/plans")
+    assert (not_allowed.status_code, not_allowed.headers["allow"]) == (405, "GET, HEAD, POST")
 
 
 async def test_api_token_when_configured(flow: Flow) -> None:
