@@ -86,3 +86,12 @@ def test_unavailable_says_why_without_the_drivers_topology_description() -> None
     assert audit._unavailable(timeout).message == (
         "MongoDB unavailable: [Errno 111] Connection refused, timed out, refused, Timeout: 0.3s"
     )
+    # The driver's asyncio connection errors name the address their own way.
+    refused = AutoReconnect("127.0.0.1:36999: [Errno 111] Connect call failed ('127.0.0.1', 36999)")
+    assert audit._unavailable(refused).message == (
+        "MongoDB unavailable: [Errno 111] Connect call failed"
+    )
+    ipv6 = AutoReconnect("[::1]:27017: [Errno 111] Connect call failed ('::1', 27017, 0, 0)")
+    assert (
+        audit._unavailable(ipv6).message == "MongoDB unavailable: [Errno 111] Connect call failed"
+    )

@@ -91,8 +91,9 @@ def status_change_document(audit: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in audit.items() if key != "ticket"}
 
 
-# "host:port: " before each server's error, and the driver's timeouts after it.
-_SERVER_ADDRESS = re.compile(r"(?:\[[0-9a-fA-F:.]+\]|[\w.-]+):\d+: ")
+# "host:port: " before each server's error, a socket address "('host', port)" in it, and
+# the driver's timeouts after it.
+_SERVER_ADDRESS = re.compile(r"(?:\[[0-9a-fA-F:.]+\]|[\w.-]+):\d+: | ?\('[^']*', \d+(?:, \d+)*\)")
 _CONFIGURED_TIMEOUTS = re.compile(r" \(configured timeouts: [^)]*\)")
 
 
