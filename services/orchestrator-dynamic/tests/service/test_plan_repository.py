@@ -486,6 +486,22 @@ async def test_reclaiming_ones_own_plan_starts_a_new_epoch(repo: PlanRepository)
     assert (await repo.get("plan-1")).summary.status is PlanStatus.RUNNING
 
 
+async def test_a_new_owner_starts_without_the_failed_rounds_of_the_last(
+    repo: PlanRepository,
+) -> None:
+    # The driver counts failed rounds in memory: a recorded failure outlived the replica
+    # that recorded it (explain said ROUNDS_FAILING for good after a takeover).
+    await create(repo, "p1")
+    await create(repo, "p2")
+    for plan_id in ("p1", "p2"):
+        await repo.set_round_error(plan_id, "InvalidArgument: refused")
+        assert await repo.round_error(plan_id) is not None
+    assert await repo.claim("p1", owner_id="replica-a", ttl=TTL) is not None
+    assert [lease.plan_id for lease in await repo.claim_unowned(owner_id="b", ttl=TTL)] == ["p2"]
+    assert await repo.round_error("p1") is None
+    assert await repo.round_error("p2") is None
+
+
 async def test_concurrent_claims_have_one_winner(pool: Pool, clock: FakeClock) -> None:
     repo = PlanRepository(pool=pool, clock=clock)
     await create(repo)

@@ -193,7 +193,7 @@ _LEASE_COLUMNS = "plan_id, owner_id, owner_epoch, owner_lease_expires_at"
 _CLAIM = f"""
 UPDATE plans
    SET owner_id = %(owner_id)s, owner_epoch = owner_epoch + 1,
-       owner_lease_expires_at = %(expires_at)s
+       owner_lease_expires_at = %(expires_at)s, round_error = NULL, round_failed_at = NULL
  WHERE plan_id = %(plan_id)s AND settled_at IS NULL
    AND (owner_id IS NULL OR owner_lease_expires_at <= %(now)s OR owner_id = %(owner_id)s)
 RETURNING {_LEASE_COLUMNS}
@@ -212,7 +212,7 @@ WITH candidates AS MATERIALIZED (
 )
 UPDATE plans p
    SET owner_id = %(owner_id)s, owner_epoch = p.owner_epoch + 1,
-       owner_lease_expires_at = %(expires_at)s
+       owner_lease_expires_at = %(expires_at)s, round_error = NULL, round_failed_at = NULL
   FROM candidates c
  WHERE p.plan_id = c.plan_id
 RETURNING p.plan_id, p.owner_id, p.owner_epoch, p.owner_lease_expires_at
