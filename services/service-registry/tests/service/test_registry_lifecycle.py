@@ -7,6 +7,7 @@ import base64
 import contextlib
 import json
 import time
+import uuid
 from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
@@ -494,32 +495,38 @@ async def heartbeat_refused(registry: Registry, worker_id: str, *, deadline: flo
     return refused.value
 
 
-async def test_a_database_that_hangs_longer_than_the_ttl_expires_no_worker(
+async def test_a_table_locked_longer_than_the_ttl_expires_no_worker(
     registry: Registry, postgres_dsn: str
 ) -> None:
     # A lock on the workers table (no error, only silence) held past the TTL: heartbeats
-    # ended at their deadline, and once the lock went every worker expired (new worker
-    # ids, running tasks handed back and run twice).
-    w1 = (await registry.register("w1")).worker.worker_id
-    async with workers_locked(postgres_dsn):
-        gave_up = await heartbeat_refused(registry, w1, deadline=1)
-        assert gave_up.code() == grpc.StatusCode.DEADLINE_EXCEEDED
-        await asyncio.sleep(1)  # still held (the heartbeat, still waiting, is written late)
-        registry.clock.advance(90)
-    assert (await registry.sweep()).expired == []
-    assert (await registry.heartbeat(w1)).worker.worker_id == w1
-
-
-async def test_a_locked_table_is_unavailable_after_the_lock_timeout(
-    registry: Registry, postgres_dsn: str
-) -> None:
-    # Requests waited for as long as the lock lasted, past their clients' deadlines.
+    # waited for as long as the lock lasted (past their deadlines), and once it went every
+    # worker expired (new worker ids, running tasks handed back and run twice).
     w1 = (await registry.register("w1")).worker.worker_id
     async with workers_locked(postgres_dsn):
         started = time.monotonic()
         refused = await heartbeat_refused(registry, w1, deadline=30)
         assert refused.code() == grpc.StatusCode.UNAVAILABLE
         assert time.monotonic() - started < LOCK_TIMEOUT_MS / 1000 + 3
+        registry.clock.advance(90)
+    assert (await registry.sweep()).expired == []
+    assert (await registry.heartbeat(w1)).worker.worker_id == w1
+
+
+async def test_a_call_given_up_at_once_does_not_put_off_expiry(
+    registry: Registry, postgres_dsn: str
+) -> None:
+    # Any cancelled call counted as the database hanging: a client giving up (or being
+    # killed) over and over kept every silent worker from ever expiring.
+    w1 = uuid.UUID((await registry.register("w1")).worker.worker_id)
+    assert (await registry.sweep()).expired == []  # heard from now on
+    async with workers_locked(postgres_dsn):
+        reading = asyncio.create_task(registry.app.repository.get(w1, now=registry.clock.now()))
+        await asyncio.sleep(0.2)
+        reading.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await reading
+    registry.clock.advance(61)
+    assert [w.name for w in (await registry.sweep()).expired] == ["w1"]
 
 
 async def test_a_stop_ends_the_open_watches_instead_of_waiting_out_its_grace(

@@ -158,10 +158,6 @@ def worker_from_json(data: Mapping[str, Any]) -> Worker:
     )
 
 
-# An operation that took this long found the database stalled (they take milliseconds).
-_STALLED_SECONDS = 1.0
-
-
 class WorkerRepository:
     """Workers, their health transitions and the ordered event log, in PostgreSQL."""
 
@@ -195,13 +191,16 @@ class WorkerRepository:
         try:
             async with database_errors("registry database"), connection(self._pool) as conn:
                 yield conn
-        except (Unavailable, asyncio.CancelledError):
+        except Unavailable:
             self._deaf = True
             raise
-        if loop.time() - started > _STALLED_SECONDS:
-            # The database hung without failing (a lock held, a stalled server): the
-            # heartbeats meanwhile timed out at their workers, or were recorded late.
-            self._deaf = True
+        finally:
+            # An operation that took a heartbeat interval found the database hung without
+            # failing (a table locked by someone else, a stalled server): heartbeats were
+            # lost meanwhile, or recorded late. (Not any cancelled call: a client giving
+            # up would put off every silent worker's expiry.)
+            if loop.time() - started >= self._policy.heartbeat_interval.total_seconds():
+                self._deaf = True
 
     def _policy_at(self, now: datetime) -> HealthPolicy:
         """The health policy for decisions about expiry at ``now``. After a start or a
