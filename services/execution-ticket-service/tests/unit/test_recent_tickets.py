@@ -59,3 +59,26 @@ def test_size_zero_remembers_nothing() -> None:
     recent = RecentTickets(0)
     recent.put(ticket(1))
     assert recent.get(ticket(1).ticket_id) is None
+
+
+def test_forgets_the_least_recently_written_beyond_its_bytes() -> None:
+    # Counted only: 5,000 tickets of 64 KiB parameters would have held 320 MB.
+    def big(n: int) -> Ticket:
+        spec = TicketSpec(
+            plan_id="p", task_id=f"t{n}", task_type="echo", parameters={"b": "x" * 1000}
+        )
+        return replace(ticket(n), spec=spec)
+
+    recent = RecentTickets(10, max_bytes=2500)
+    first, second = big(1), big(2)
+    recent.put(first)
+    recent.put(second)
+    recent.put(replace(first, status=S.RUNNING, version=3))  # same spec: not counted twice
+    assert len(recent) == 2
+    recent.put(big(3))
+    assert recent.get(second.ticket_id) is None  # the least recently written
+    assert recent.get(first.ticket_id) is not None
+    assert len(recent) == 2
+    recent.put(replace(first, status=S.COMPLETED, version=4))
+    recent.put(big(4))
+    assert len(recent) == 2  # the finished one's bytes were given back

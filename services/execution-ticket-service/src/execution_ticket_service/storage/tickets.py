@@ -50,6 +50,7 @@ from execution_ticket_service.domain.state_machine import (
     decide_lease_expiry,
     decide_update,
 )
+from execution_ticket_service.domain.validation import json_size
 from execution_ticket_service.storage.rows import ticket_from_row
 from hive_common.batching import GroupCommit, Take, distinct_prefix
 from hive_common.errors import (
@@ -324,6 +325,14 @@ _EVENT_COLUMNS = (
 )
 
 
+RECENT_TICKETS_BYTES = 64 * 1024 * 1024
+
+
+def _spec_bytes(ticket: Ticket) -> int:
+    parameters = ticket.spec.parameters
+    return json_size(parameters) if parameters else 0
+
+
 class RecentTickets:
     """The state this process last wrote for recently changed, unfinished tickets (the
     least recently written are forgotten first).
@@ -333,24 +342,36 @@ class RecentTickets:
     again on a fresh read. Terminal tickets are dropped: nothing changes them any more.
     """
 
-    def __init__(self, max_entries: int) -> None:
+    def __init__(self, max_entries: int, *, max_bytes: int = RECENT_TICKETS_BYTES) -> None:
         self._max_entries = max_entries
-        self._tickets: collections.OrderedDict[str, Ticket] = collections.OrderedDict()
+        # ... and at most this many bytes of their parameters as JSON (5,000 tickets of
+        # 64 KiB parameters would have held 320 MB).
+        self._max_bytes = max_bytes
+        self._tickets: collections.OrderedDict[str, tuple[Ticket, int]] = collections.OrderedDict()
+        self._bytes = 0
 
     def __len__(self) -> int:
         return len(self._tickets)
 
     def get(self, ticket_id: str) -> Ticket | None:
-        return self._tickets.get(ticket_id)
+        entry = self._tickets.get(ticket_id)
+        return entry[0] if entry is not None else None
 
     def put(self, ticket: Ticket) -> None:
+        old = self._tickets.pop(ticket.ticket_id, None)
+        if old is not None:
+            self._bytes -= old[1]
         if ticket.status.terminal or self._max_entries == 0:
-            self._tickets.pop(ticket.ticket_id, None)
             return
-        self._tickets[ticket.ticket_id] = ticket
-        self._tickets.move_to_end(ticket.ticket_id)
-        if len(self._tickets) > self._max_entries:
-            self._tickets.popitem(last=False)
+        # A ticket's versions share its spec: measured once.
+        size = old[1] if old is not None and old[0].spec is ticket.spec else _spec_bytes(ticket)
+        self._tickets[ticket.ticket_id] = (ticket, size)
+        self._bytes += size
+        while len(self._tickets) > self._max_entries or (
+            self._bytes > self._max_bytes and len(self._tickets) > 1
+        ):
+            _, (_, dropped) = self._tickets.popitem(last=False)
+            self._bytes -= dropped
 
 
 class TicketRepository:
