@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from typing import TYPE_CHECKING, Any
 
 import pytest
@@ -12,6 +13,7 @@ from execution_ticket_service.domain.models import TicketSpec
 from execution_ticket_service.storage import audit
 from execution_ticket_service.storage.audit import AuditStore
 from execution_ticket_service.storage.tickets import OutboxEntry, TicketRepository
+from hive_common.http import check_dependency
 
 if TYPE_CHECKING:  # conftest is not importable at run time (import mode importlib)
     from conftest import LoopTurns
@@ -91,7 +93,42 @@ def test_unavailable_says_why_without_the_drivers_topology_description() -> None
     assert audit._unavailable(refused).message == (
         "MongoDB unavailable: [Errno 111] Connect call failed"
     )
-    ipv6 = AutoReconnect("[::1]:27017: [Errno 111] Connect call failed ('::1', 27017, 0, 0)")
+    ipv6 = AutoReconnect("fd00::5:27017: [Errno 111] Connect call failed ('::1', 27017, 0, 0)")
     assert (
         audit._unavailable(ipv6).message == "MongoDB unavailable: [Errno 111] Connect call failed"
     )
+
+
+async def test_a_ping_the_readiness_check_stops_waiting_for_is_not_cancelled(
+    mongo_uri: str, mongo_database_name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # /ready gives MongoDB a second, the driver's server selection takes two: the ping
+    # was cancelled inside the driver, which once left its topology lock broken (every
+    # later call, the relay's and /events, hung for good).
+    client: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(mongo_uri)
+    store = AuditStore(client=client, database=mongo_database_name)
+    calls: list[str] = []
+    answered = asyncio.Event()
+
+    async def slow_command(*args: Any, **kwargs: Any) -> dict[str, Any]:
+        calls.append("ping")
+        try:
+            await asyncio.sleep(0.5)
+        except asyncio.CancelledError:
+            calls.append("cancelled")
+            raise
+        answered.set()
+        return {"ok": 1}
+
+    monkeypatch.setattr(store._db, "command", slow_command)
+    try:
+        first, second = await asyncio.gather(
+            check_dependency(store.ping, timeout_seconds=0.1),
+            check_dependency(store.ping, timeout_seconds=0.1),
+        )
+        assert first["status"] == second["status"] == "down"
+        await asyncio.wait_for(answered.wait(), 5)
+        assert calls == ["ping"]  # one ping for both, and it ran to its end
+        assert await check_dependency(store.ping) == {"status": "ok"}
+    finally:
+        await client.close()

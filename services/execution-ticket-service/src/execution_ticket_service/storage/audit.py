@@ -93,7 +93,7 @@ def status_change_document(audit: dict[str, Any]) -> dict[str, Any]:
 
 # "host:port: " before each server's error, a socket address "('host', port)" in it, and
 # the driver's timeouts after it.
-_SERVER_ADDRESS = re.compile(r"(?:\[[0-9a-fA-F:.]+\]|[\w.-]+):\d+: | ?\('[^']*', \d+(?:, \d+)*\)")
+_SERVER_ADDRESS = re.compile(r"[^\s,()]+:\d+: | ?\('[^']*', \d+(?:, \d+)*\)")
 _CONFIGURED_TIMEOUTS = re.compile(r" \(configured timeouts: [^)]*\)")
 
 
@@ -116,6 +116,7 @@ class AuditStore:
 
     def __init__(self, *, client: MongoClient, database: str) -> None:
         self._db = client[database]
+        self._pinging: asyncio.Task[None] | None = None
 
     async def ensure_indexes(self) -> None:
         try:
@@ -127,6 +128,17 @@ class AuditStore:
             raise _unavailable(exc) from exc
 
     async def ping(self) -> None:
+        """Whether MongoDB answers. A caller that stops waiting (readiness gives it a
+        second; the driver's server selection takes longer) leaves the ping running, and
+        the next caller waits for the same one: a ping cancelled inside the driver's
+        server selection once left its topology lock broken, and every later call (the
+        relay's, /events) hung for good."""
+        if self._pinging is None or self._pinging.done():
+            self._pinging = asyncio.create_task(self._ping_once(), name="mongodb-ping")
+            self._pinging.add_done_callback(_retrieved)
+        await asyncio.shield(self._pinging)
+
+    async def _ping_once(self) -> None:
         try:
             await self._db.command("ping")
         except PyMongoError as exc:
@@ -189,6 +201,12 @@ class AuditStore:
         except PyMongoError as exc:
             raise _unavailable(exc) from exc
         return [_readable(doc) for doc in documents]
+
+
+def _retrieved(task: asyncio.Task[None]) -> None:
+    """Its outcome is its awaiters' (none left: nobody to tell, nothing to log)."""
+    if not task.cancelled():
+        task.exception()
 
 
 def _readable(document: dict[str, Any]) -> dict[str, Any]:
