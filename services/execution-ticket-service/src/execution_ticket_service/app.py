@@ -57,6 +57,7 @@ class TicketService:
     servicer: TicketServicer
     repository: TicketRepository
     relay: OutboxRelay
+    audit: AuditStore
     sweeper: LeaseSweeper
     stats: StatsRefresher
     purger: EventPurger
@@ -101,6 +102,7 @@ class TicketService:
     async def _shutdown(self) -> None:
         await self._stop_tasks()
         await self.repository.aclose()
+        await self.audit.aclose()
         await self.mongo.close()
         await self.pool.close()
 
@@ -276,6 +278,7 @@ async def build_service(settings: TicketSettings, *, clock: Clock = utc_now) -> 
         servicer=servicer,
         repository=repository,
         relay=relay,
+        audit=audit,
         sweeper=sweeper,
         stats=stats,
         purger=purger,

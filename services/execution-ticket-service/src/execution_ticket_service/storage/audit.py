@@ -138,6 +138,12 @@ class AuditStore:
             self._pinging.add_done_callback(_retrieved)
         await asyncio.shield(self._pinging)
 
+    async def aclose(self) -> None:
+        """End a ping still running (at shutdown, before the client closes)."""
+        if self._pinging is not None and not self._pinging.done():
+            self._pinging.cancel()
+            await asyncio.gather(self._pinging, return_exceptions=True)
+
     async def _ping_once(self) -> None:
         try:
             await self._db.command("ping")
