@@ -163,7 +163,8 @@ async def wait_for_dependency(
             result = await check()
         except Exception as exc:
             last_error = exc
-            log.warning("dependency not ready", attempt=attempts, error=describe_error(exc))
+            if not fatal(exc):  # a fatal one is the caller's to report, once
+                log.warning("dependency not ready", attempt=attempts, error=describe_error(exc))
             raise
         if result is False:
             last_error = None
