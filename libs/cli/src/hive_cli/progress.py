@@ -24,18 +24,34 @@ _ERASE_LINE = "\r\x1b[2K"
 
 @dataclass(frozen=True)
 class Failure:
-    """One failed attempt; ``message`` is empty when it is not known."""
+    """One failed attempt; ``message`` is empty when it is not known. ``lost``: the attempt
+    ended with its worker (stopped, lost), not with the task: a run again that used none of
+    the task's retries."""
 
     task_id: str
     attempt: int
     message: str
     final: bool
+    lost: bool = False
 
     def text(self) -> str:
         message = f": {inline(self.message)}" if self.message else ""
         if self.final:
             return f"FAILED  {self.task_id} (attempt {self.attempt}){message}"
+        if self.lost:
+            return (
+                f"rerun   {self.task_id} attempt {self.attempt} lost its worker "
+                f"(no retry used){message}"
+            )
         return f"retry   {self.task_id} attempt {self.attempt} failed{message}"
+
+
+@dataclass(frozen=True)
+class FailedAttempt:
+    """What a ticket's audit events say of one of its re-queued attempts."""
+
+    message: str
+    lost: bool = False
 
 
 # The message of a ticket whose lease ran out, in audit events written before the events
@@ -45,11 +61,11 @@ LEASE_EXPIRED_MESSAGE = "timed out"
 EventsReader = Callable[[str], JsonObject]
 
 
-def failed_attempts(history: Mapping[str, Any]) -> dict[int, str]:
-    """Re-queued attempts and their error messages, from a ticket's audit events
-    (``GET /api/v1/tickets/{id}/events``): REQUEUED after a failure, or LEASE_EXPIRED
-    with ``requeued``."""
-    attempts: dict[int, str] = {}
+def failed_attempts(history: Mapping[str, Any]) -> dict[int, FailedAttempt]:
+    """Re-queued attempts, their error messages and whether they lost their worker, from a
+    ticket's audit events (``GET /api/v1/tickets/{id}/events``): REQUEUED after a failure,
+    or LEASE_EXPIRED with ``requeued``."""
+    attempts: dict[int, FailedAttempt] = {}
     for event in history.get("events") or []:
         details = event.get("details") if isinstance(event, Mapping) else None
         if not isinstance(details, Mapping):
@@ -62,7 +78,9 @@ def failed_attempts(history: Mapping[str, Any]) -> dict[int, str]:
         else:
             continue
         if isinstance(attempt, int):
-            attempts[attempt] = str(message or "")
+            attempts[attempt] = FailedAttempt(
+                str(message or ""), details.get("worker_lost") is True
+            )
     return attempts
 
 
@@ -86,6 +104,7 @@ class FailureTracker:
         self._note = note
         self._noted = False
         self._reported: dict[str, int] = {}  # task -> last re-queued attempt reported
+        self._lost_runs: dict[str, int] = {}  # task -> its lost runs at the last poll
         self._final: set[str] = set()
         self._waited: set[tuple[str, int]] = set()
 
@@ -107,24 +126,42 @@ class FailureTracker:
         status = ticket.get("status")
         missed = range(self._reported.get(task_id, 0) + 1, attempt)
         failures: list[Failure] = []
+        lost_runs = ticket.get("lost_runs")
+        lost_runs = lost_runs if isinstance(lost_runs, int) else 0
         if missed:
-            # A re-queued ticket shows its previous attempt's error until the next one ends.
-            shown = {attempt - 1: message} if message and status in RETRYING else {}
+            # A re-queued ticket shows its previous attempt's error until the next one ends
+            # (and, the only attempt that ended since the last poll, lost its worker if the
+            # ticket's lost runs grew meanwhile).
+            lost = len(missed) == 1 and lost_runs > self._lost_runs.get(task_id, 0)
+            shown = (
+                {attempt - 1: FailedAttempt(message, lost)}
+                if message and status in RETRYING
+                else {}
+            )
             events = None if missed[0] in shown else self._failed_attempts(ticket)
             for failed in missed:
-                text = (events or {}).get(failed, shown.get(failed))
-                waiting = text is None and events is not None and can_wait
+                seen = (events or {}).get(failed, shown.get(failed))
+                waiting = seen is None and events is not None and can_wait
                 if waiting and (task_id, failed) not in self._waited:
                     self._waited.add((task_id, failed))
                     return failures  # the next poll reads the events again
-                failures.append(Failure(task_id, failed, text or "", final=False))
+                failures.append(
+                    Failure(
+                        task_id,
+                        failed,
+                        seen.message if seen else "",
+                        final=False,
+                        lost=seen.lost if seen else False,
+                    )
+                )
                 self._reported[task_id] = failed
+        self._lost_runs[task_id] = lost_runs
         if status == "FAILED" and task_id not in self._final:
             self._final.add(task_id)
             failures.append(Failure(task_id, attempt, message, final=True))
         return failures
 
-    def _failed_attempts(self, ticket: Mapping[str, Any]) -> dict[int, str] | None:
+    def _failed_attempts(self, ticket: Mapping[str, Any]) -> dict[int, FailedAttempt] | None:
         """The ticket's re-queued attempts from its events; None if they cannot be read."""
         ticket_id = ticket.get("ticket_id")
         if self._events is None or not ticket_id:

@@ -119,6 +119,37 @@ def no_event_reads(ticket_id: str) -> JsonObject:
     raise AssertionError(f"events of {ticket_id} read, though every failure was seen")
 
 
+def test_an_attempt_that_lost_its_worker_is_not_called_a_retry() -> None:
+    # Printed as "retry ... failed", though it used none of the task's retries.
+    tracker = FailureTracker(no_event_reads)
+    assert tracker.new_failures(snapshot("RUNNING", ticket("a", "RUNNING"))) == []
+    lost = {**ticket("a", "PENDING", 2, "worker w1 was lost"), "lost_runs": 1}
+    (rerun,) = tracker.new_failures(snapshot("RUNNING", lost))
+    assert rerun.text() == "rerun   a attempt 1 lost its worker (no retry used): worker w1 was lost"
+    failed = {**ticket("a", "PENDING", 3, "exit 1"), "lost_runs": 1}
+    (retry,) = tracker.new_failures(snapshot("RUNNING", failed))
+    assert retry.text() == "retry   a attempt 2 failed: exit 1"
+
+
+def test_a_lost_worker_is_read_from_the_events_too() -> None:
+    events = history(
+        {
+            "type": "REQUEUED",
+            "details": {"failed_attempt": 1, "error_message": "gone", "worker_lost": True},
+        },
+        requeued(2, "exit 1"),
+    )
+    tracker = FailureTracker(lambda ticket_id: events)
+    assert tracker.new_failures(snapshot("RUNNING", ticket("flaky", "RUNNING"))) == []
+    lines = [
+        f.text() for f in tracker.new_failures(snapshot("RUNNING", ticket("flaky", "RUNNING", 3)))
+    ]
+    assert lines == [
+        "rerun   flaky attempt 1 lost its worker (no retry used): gone",
+        "retry   flaky attempt 2 failed: exit 1",
+    ]
+
+
 def test_failures_are_reported_once_each() -> None:
     tracker = FailureTracker(no_event_reads)
     running = snapshot("RUNNING", ticket("a", "RUNNING"))
