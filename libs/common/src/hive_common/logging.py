@@ -26,6 +26,7 @@ import structlog
 from structlog.typing import EventDict, FilteringBoundLogger, Processor, WrappedLogger
 
 from hive_common.config import LogFormat
+from hive_common.errors import HiveError
 from hive_common.text import escape_controls
 
 REQUEST_CONTEXT_KEYS = ("request_id", "plan_id", "ticket_id")
@@ -54,6 +55,16 @@ class HiveLogger(Protocol):
     def error(self, event: str | None = ..., *args: Any, **kw: Any) -> Any: ...
     def exception(self, event: str | None = ..., *args: Any, **kw: Any) -> Any: ...
     def critical(self, event: str | None = ..., *args: Any, **kw: Any) -> Any: ...
+
+
+def log_round_failure(logger: HiveLogger, what: str, exc: Exception) -> None:
+    """Log a failed round of a background loop, which goes on: a dependency being away
+    is a warning; anything else is a defect, logged with its traceback (the loop must
+    survive it too, or one bad row would stop it for good)."""
+    if isinstance(exc, HiveError):
+        logger.warning(what, error=exc.message, code=exc.code)
+    else:
+        logger.error(what, exc_info=exc)
 
 
 class _LineWriter:
@@ -384,6 +395,7 @@ __all__ = [
     "configure_logging",
     "current_request_context",
     "get_logger",
+    "log_round_failure",
     "new_request_id",
     "request_context",
     "request_id_from",

@@ -16,20 +16,10 @@ from execution_ticket_service.metrics import TicketMetrics
 from execution_ticket_service.signals import ChangeSignal, spaced_delay
 from execution_ticket_service.storage.audit import AuditStore
 from execution_ticket_service.storage.tickets import Clock, TicketRepository, utc_now
-from hive_common.errors import HiveError, Unavailable
-from hive_common.logging import get_logger
+from hive_common.errors import Unavailable
+from hive_common.logging import get_logger, log_round_failure
 
 log = get_logger(__name__)
-
-
-def round_failed(what: str, exc: Exception) -> None:
-    """Log a failed round of a loop, which goes on: a dependency being away is a warning;
-    anything else is a defect, logged with its traceback (the loop must survive it too,
-    or one bad row would stop the audit trail, the lease expiry or the purge for good)."""
-    if isinstance(exc, HiveError):
-        log.warning(what, error=exc.message, code=exc.code)
-    else:
-        log.error(what, exc_info=exc)
 
 
 @dataclass(frozen=True, slots=True)
@@ -114,7 +104,7 @@ class OutboxRelay:
             except Exception as exc:
                 self.healthy = False
                 self._metrics.relay_failures.inc()
-                round_failed("audit relay round failed", exc)
+                log_round_failure(log, "audit relay round failed", exc)
                 await asyncio.sleep(backoff.next_delay())
                 continue
             if delivered < self._settings.batch_size:
@@ -195,7 +185,7 @@ class LeaseSweeper:
             try:
                 await self.sweep_round()
             except Exception as exc:
-                round_failed("lease sweep failed", exc)
+                log_round_failure(log, "lease sweep failed", exc)
             await asyncio.sleep(self._interval)
 
 
@@ -220,7 +210,7 @@ class StatsRefresher:
             try:
                 await self.refresh_once()
             except Exception as exc:
-                round_failed("metrics refresh failed", exc)
+                log_round_failure(log, "metrics refresh failed", exc)
             await asyncio.sleep(self._interval)
 
 
@@ -253,5 +243,5 @@ class EventPurger:
                 if deleted:
                     log.info("old events purged", deleted=deleted)
             except Exception as exc:
-                round_failed("event purge failed", exc)
+                log_round_failure(log, "event purge failed", exc)
             await asyncio.sleep(self._interval)

@@ -29,13 +29,12 @@ import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from execution_ticket_service.background import round_failed
 from execution_ticket_service.domain.models import TicketEvent, TicketFilter
 from execution_ticket_service.domain.paging import Cursor, decode_cursor
 from execution_ticket_service.domain.validation import Violations, json_size
 from execution_ticket_service.signals import ChangeSignal, spaced_delay
 from execution_ticket_service.storage.tickets import TicketRepository
-from hive_common.logging import get_logger
+from hive_common.logging import get_logger, log_round_failure
 
 log = get_logger(__name__)
 
@@ -156,7 +155,7 @@ class EventLogTail:
                     position, TicketFilter(), limit=self._settings.batch_size
                 )
             except Exception as exc:
-                round_failed("event log tail: read failed; retrying", exc)
+                log_round_failure(log, "event log tail: read failed; retrying", exc)
                 await asyncio.sleep(self._settings.retry_interval)
                 continue
             if events:

@@ -13,7 +13,7 @@ import contextlib
 from datetime import timedelta
 from typing import Any
 
-from hive_common.errors import HiveError
+from hive_common.logging import log_round_failure
 from service_registry.domain.clock import Clock
 from service_registry.domain.models import WorkerEventType
 from service_registry.metrics import RegistryMetrics
@@ -76,13 +76,10 @@ class HealthSweeper:
         while True:
             try:
                 await self.sweep_once()
-            except HiveError as exc:
-                # The database may be briefly away; the next sweep catches up.
-                self._logger.warning("sweep failed", error=exc.message, code=exc.code)
             except Exception as exc:
-                # A defect: logged with its traceback, and the loop goes on. A sweeper that
-                # died silently would never expire a worker again.
-                self._logger.error("sweep failed", exc_info=exc)
+                # The database briefly away (the next sweep catches up), or a defect: a
+                # sweeper that died silently would never expire a worker again.
+                log_round_failure(self._logger, "sweep failed", exc)
             await asyncio.sleep(self._interval)
 
     def start(self) -> None:
