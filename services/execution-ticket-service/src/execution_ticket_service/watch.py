@@ -31,7 +31,7 @@ from dataclasses import dataclass
 
 from execution_ticket_service.domain.models import TicketEvent, TicketFilter
 from execution_ticket_service.domain.paging import Cursor, decode_cursor
-from execution_ticket_service.domain.validation import Violations, json_size
+from execution_ticket_service.domain.validation import Violations, payload_bytes
 from execution_ticket_service.signals import ChangeSignal, spaced_delay
 from execution_ticket_service.storage.tickets import TicketRepository
 from hive_common.logging import get_logger, log_round_failure
@@ -62,14 +62,6 @@ def cursor_of(event: TicketEvent) -> Cursor:
     cursor = decode_cursor(event.cursor, Violations())
     assert cursor is not None  # the repository always sets a valid cursor
     return cursor
-
-
-def _payload_bytes(event: TicketEvent) -> int:
-    """About what the event's ticket holds beyond its fixed fields: its parameters and
-    result as JSON (the unbounded part; the rest is a few hundred bytes)."""
-    ticket = event.ticket
-    size = json_size(ticket.spec.parameters) if ticket.spec.parameters else 0
-    return size + (json_size(ticket.result) if ticket.result else 0)
 
 
 def _matches(event: TicketEvent, ticket_filter: TicketFilter) -> bool:
@@ -169,7 +161,7 @@ class EventLogTail:
                 await self._signal.wait(generation, poll)
 
     def _append(self, events: list[TicketEvent]) -> Cursor:
-        sizes = [_payload_bytes(e) for e in events]
+        sizes = [payload_bytes(e.ticket) for e in events]
         self._keys.extend(cursor_of(e) for e in events)
         self._events.extend(events)
         self._sizes.extend(sizes)

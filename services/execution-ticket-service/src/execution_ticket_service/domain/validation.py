@@ -16,6 +16,7 @@ from execution_ticket_service.domain.models import (
     JsonObject,
     Priority,
     StatusUpdate,
+    Ticket,
     TicketFilter,
     TicketSpec,
     TicketStatus,
@@ -182,6 +183,13 @@ def _may_need_checking(encoded: str) -> bool:
 
 def json_size(value: Any) -> int:
     return len(_json_text(value).encode())
+
+
+def payload_bytes(ticket: Ticket) -> int:
+    """About what a ticket holds in memory beyond its fixed fields: its parameters and
+    result as JSON (the unbounded part; the rest is a few hundred bytes)."""
+    size = json_size(ticket.spec.parameters) if ticket.spec.parameters else 0
+    return size + (json_size(ticket.result) if ticket.result else 0)
 
 
 def _check_id_list(values: Sequence[str], path: str, errors: Violations) -> tuple[str, ...]:

@@ -50,7 +50,7 @@ from execution_ticket_service.domain.state_machine import (
     decide_lease_expiry,
     decide_update,
 )
-from execution_ticket_service.domain.validation import json_size
+from execution_ticket_service.domain.validation import payload_bytes
 from execution_ticket_service.storage.rows import ticket_from_row
 from hive_common.batching import GroupCommit, Take, distinct_prefix
 from hive_common.errors import (
@@ -328,11 +328,6 @@ _EVENT_COLUMNS = (
 RECENT_TICKETS_BYTES = 64 * 1024 * 1024
 
 
-def _spec_bytes(ticket: Ticket) -> int:
-    parameters = ticket.spec.parameters
-    return json_size(parameters) if parameters else 0
-
-
 class RecentTickets:
     """The state this process last wrote for recently changed, unfinished tickets (the
     least recently written are forgotten first).
@@ -357,14 +352,18 @@ class RecentTickets:
         entry = self._tickets.get(ticket_id)
         return entry[0] if entry is not None else None
 
-    def put(self, ticket: Ticket) -> None:
+    def put(self, ticket: Ticket, *, size: int | None = None) -> None:
+        """``size``: its :func:`payload_bytes`, when the caller has it at hand."""
         old = self._tickets.pop(ticket.ticket_id, None)
         if old is not None:
             self._bytes -= old[1]
         if ticket.status.terminal or self._max_entries == 0:
             return
-        # A ticket's versions share its spec: measured once.
-        size = old[1] if old is not None and old[0].spec is ticket.spec else _spec_bytes(ticket)
+        if size is None:
+            # A ticket's versions share its spec (unfinished: no result): measured once.
+            size = (
+                old[1] if old is not None and old[0].spec is ticket.spec else payload_bytes(ticket)
+            )
         self._tickets[ticket.ticket_id] = (ticket, size)
         self._bytes += size
         while len(self._tickets) > self._max_entries or (
@@ -749,9 +748,11 @@ class TicketRepository:
         # all-or-nothing batch has anything to roll back.
         answers = await self._run(work, transaction=all_or_none and len(specs) > 1)
         created = 0
-        for answer in answers:
+        for answer, parameters in zip(answers, params["parameters"], strict=True):
             if not isinstance(answer, AlreadyExists) and answer[1]:
-                self._recent.put(answer[0])  # as written: the first assignment needs no read
+                # As written: the first assignment needs no read (its parameters' JSON,
+                # encoded for the row, is what the memory counts).
+                self._recent.put(answer[0], size=len(parameters))
                 created += 1
         self._changed({(EventType.CREATED, None, TicketStatus.PENDING): created} if created else {})
         return answers
