@@ -215,8 +215,8 @@ def _apply_locked(*, dsn: str, migrations: Any, details: dict[str, Any]) -> list
 
 
 def _apply_one(backend: Any, migration: Any) -> None:
-    """The migration's statements and the rows marking it applied, in one transaction."""
-    backend.ensure_internal_schema_updated()
+    """The migration's statements and the rows marking it applied, in one transaction
+    (yoyo's own tables are there: :func:`_warn_of_unknown` ensured them first)."""
     with backend.transaction():
         backend.execute(f"SET LOCAL lock_timeout = {int(TABLE_LOCK_TIMEOUT_SECONDS * 1000)}")
         migration.process_steps(backend, "apply")  # a savepoint in this transaction
