@@ -45,6 +45,13 @@ def counting(repo: TicketRepository) -> CountingRepository:
     return CountingRepository(repo)
 
 
+def _tail(counting: CountingRepository, settings: TailSettings) -> EventLogTail:
+    """A tail over ``counting``, woken by its changes as in the service."""
+    signal = ChangeSignal()
+    counting._on_change = lambda counts: signal.notify()
+    return EventLogTail(repository=counting, signal=signal, settings=settings)
+
+
 @contextlib.asynccontextmanager
 async def _running(tail: EventLogTail) -> AsyncIterator[EventLogTail]:
     """The tail running, with one stream open (it only reads while streams are open)."""
@@ -59,12 +66,8 @@ async def _running(tail: EventLogTail) -> AsyncIterator[EventLogTail]:
 
 @pytest.fixture
 async def tail(counting: CountingRepository) -> AsyncIterator[EventLogTail]:
-    signal = ChangeSignal()
-    counting._on_change = lambda counts: signal.notify()
     settings = TailSettings(poll_interval=0.05, batch_size=50, window=1_000)
-    async with _running(
-        EventLogTail(repository=counting, signal=signal, settings=settings)
-    ) as running:
+    async with _running(_tail(counting, settings)) as running:
         yield running
 
 
@@ -149,13 +152,9 @@ async def test_a_stream_behind_the_window_reads_the_database_then_joins_it(
 ) -> None:
     # A stream resumed from before the window (or slower than the window is long) gets
     # every event exactly once, in log order, whatever the window holds meanwhile.
-    signal = ChangeSignal()
-    counting._on_change = lambda counts: signal.notify()
     await _history(counting, "old", 4, "w1")  # before the tail started
     settings = TailSettings(poll_interval=0.05, batch_size=50, window=3)
-    async with _running(
-        EventLogTail(repository=counting, signal=signal, settings=settings)
-    ) as tail:
+    async with _running(_tail(counting, settings)) as tail:
         await _until(tail, lambda: tail._start is not None)
         await _history(counting, "new", 4, "w1")
         everything = await counting.events_after(ORIGIN, TicketFilter(), limit=1_000)
@@ -182,12 +181,8 @@ async def test_the_window_keeps_its_bytes_within_the_budget(
 ) -> None:
     # 5,000 events were kept whatever their tickets weighed: 30 KB parameters pinned
     # 200 MB, results of a megabyte would have pinned gigabytes.
-    signal = ChangeSignal()
-    counting._on_change = lambda counts: signal.notify()
     settings = TailSettings(poll_interval=0.05, batch_size=50, window=1_000, window_bytes=25_000)
-    async with _running(
-        EventLogTail(repository=counting, signal=signal, settings=settings)
-    ) as tail:
+    async with _running(_tail(counting, settings)) as tail:
         await _until(tail, lambda: tail._start is not None)
         await counting.create_many(
             [
@@ -211,13 +206,7 @@ async def test_the_window_keeps_its_bytes_within_the_budget(
 
 
 async def test_the_tail_reads_only_while_streams_are_open(counting: CountingRepository) -> None:
-    signal = ChangeSignal()
-    counting._on_change = lambda counts: signal.notify()
-    tail = EventLogTail(
-        repository=counting,
-        signal=signal,
-        settings=TailSettings(poll_interval=0.05, batch_size=50, window=1_000),
-    )
+    tail = _tail(counting, TailSettings(poll_interval=0.05, batch_size=50, window=1_000))
     task = asyncio.create_task(tail.run())
     try:
         await _history(counting, "quiet", 2, "w1")
@@ -244,13 +233,9 @@ async def test_the_tail_reads_only_while_streams_are_open(counting: CountingRepo
 async def test_changes_within_the_read_gap_are_read_together(
     counting: CountingRepository,
 ) -> None:
-    signal = ChangeSignal()
-    counting._on_change = lambda counts: signal.notify()
     # A long gap, so that the burst below surely falls within it on any machine.
     settings = TailSettings(poll_interval=10.0, batch_size=50, window=1_000, read_gap=2.0)
-    async with _running(
-        EventLogTail(repository=counting, signal=signal, settings=settings)
-    ) as tail:
+    async with _running(_tail(counting, settings)) as tail:
         await _until(tail, lambda: tail._start is not None)
         reads_before = len(counting.reads)
         for i in range(10):  # ten changes, each waking the tail
@@ -268,15 +253,11 @@ async def test_changes_within_the_read_gap_are_read_together(
 async def test_events_a_running_transaction_hid_are_read_once_it_ends(
     counting: CountingRepository, migrated_dsn: str
 ) -> None:
-    signal = ChangeSignal()
-    counting._on_change = lambda counts: signal.notify()
     # No slow polling within the test's bounds: only the busy polling can find the event.
     settings = TailSettings(
         poll_interval=3600.0, busy_poll_interval=0.02, busy_seconds=3600.0, window=1_000
     )
-    async with _running(
-        EventLogTail(repository=counting, signal=signal, settings=settings)
-    ) as tail:
+    async with _running(_tail(counting, settings)) as tail:
         await _until(tail, lambda: tail._start is not None)
         # A transaction elsewhere in the cluster, with an id: the tail reads only below it.
         async with await psycopg.AsyncConnection.connect(migrated_dsn) as other:
