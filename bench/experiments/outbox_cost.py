@@ -3,7 +3,11 @@
 Two fresh databases on a throwaway PostgreSQL (durable, as the bench runs it): one of the
 schema before migration 0002 (the relay claimed and marked the wide ``ticket_events`` rows
 themselves), one of today's schema (a trigger enters each event into the narrow
-``ticket_outbox``; the relay claims and deletes there, through ``TicketRepository``).
+``ticket_outbox``; the relay claims and deletes there, through ``TicketRepository``), and
+one of today's schema without the outbox (``cursor``: the trigger dropped, the relay reads
+the event log after its position with ``TicketRepository.events_after``, as the watch tail
+does, and writes its position to a one-row table: what a relay that follows the log would
+cost instead of the outbox's insert, claim and delete per event).
 Both get the same work, alternating, ``rounds`` times: ``batch`` events inserted one
 statement each (as status changes write them), then one relay round over them (claim,
 then mark delivered). Reports PostgreSQL's CPU and WAL per event and the dead event rows
@@ -26,8 +30,11 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from bench.environment import databases
+from execution_ticket_service.domain.models import TicketFilter
+from execution_ticket_service.domain.paging import Cursor
 from execution_ticket_service.storage import MIGRATIONS_DIRECTORY
 from execution_ticket_service.storage.tickets import TicketRepository, open_pool
+from execution_ticket_service.watch import cursor_of
 from hive_common.migrations import apply_migrations
 from hive_testsupport.migrations import migrations_until
 
@@ -51,6 +58,25 @@ RETURNING seq, xid, event_id, event_type, worker_id, previous_status, actor, occ
 _MARK_BEFORE = (
     "UPDATE ticket_events SET relayed_at = now(), relay_claimed_until = NULL WHERE seq = ANY(%s)"
 )
+
+
+# The cursor relay's bookkeeping: one row, claimed for a while (as outbox rows are, so one
+# replica relays at a time), then moved to the last event delivered.
+_POSITION_TABLE = """
+CREATE TABLE audit_relay_position (
+    id int PRIMARY KEY, xid bigint NOT NULL, seq bigint NOT NULL, claimed_until timestamptz
+) WITH (fillfactor = 50)
+"""
+_CLAIM_POSITION = (
+    "UPDATE audit_relay_position SET claimed_until = now() + interval '30 seconds' WHERE id = 1"
+)
+_MOVE_POSITION = "UPDATE audit_relay_position SET xid = %s, seq = %s WHERE id = 1"
+
+
+async def _without_outbox(conn: psycopg.AsyncConnection[Any]) -> None:
+    await conn.execute("DROP TRIGGER ticket_events_outbox ON ticket_events")
+    await conn.execute(_POSITION_TABLE)
+    await conn.execute("INSERT INTO audit_relay_position VALUES (1, 0, 0, NULL)")
 
 
 def _ticket_row(ticket_id: str) -> dict[str, Any]:
@@ -113,15 +139,27 @@ async def measure(
         for pool in pools.values():
             await pool.open(wait=True)
         repository = TicketRepository(pool=pools["after"])
+        log_reader = TicketRepository(pool=pools["cursor"])
+        await _without_outbox(conns["cursor"])
+        position = Cursor(xid=0, seq=0)
 
         async def relay_after(_: psycopg.AsyncConnection[Any], limit: int) -> int:
             entries = await repository.claim_outbox(limit=limit, claim_seconds=30)
             await repository.mark_relayed([e.seq for e in entries])
             return len(entries)
 
+        async def relay_cursor(conn: psycopg.AsyncConnection[Any], limit: int) -> int:
+            nonlocal position
+            await conn.execute(_CLAIM_POSITION)
+            events = await log_reader.events_after(position, TicketFilter(), limit=limit)
+            position = cursor_of(events[-1])
+            await conn.execute(_MOVE_POSITION, (position.xid, position.seq))
+            return len(events)
+
         relay: dict[str, Callable[[psycopg.AsyncConnection[Any], int], Awaitable[int]]] = {
             "before": _relay_before,
             "after": relay_after,
+            "cursor": relay_cursor,
         }
         for _ in range(rounds):
             for name, conn in conns.items():
@@ -182,12 +220,14 @@ def main() -> None:
         dsns = {
             "before": dbs.fresh_database("outbox_before"),
             "after": dbs.fresh_database("outbox_after"),
+            "cursor": dbs.fresh_database("outbox_cursor"),
         }
         first = migrations_until(
             MIGRATIONS_DIRECTORY, "0001_tickets", into=Path(tmp) / "migrations"
         )
         apply_migrations(dsn=dsns["before"], directory=first)
         apply_migrations(dsn=dsns["after"], directory=MIGRATIONS_DIRECTORY)
+        apply_migrations(dsn=dsns["cursor"], directory=MIGRATIONS_DIRECTORY)
         results = asyncio.run(
             measure(dsns, dbs.cpu_sources["postgresql"], rounds=args.rounds, batch=args.batch)
         )
