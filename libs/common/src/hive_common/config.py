@@ -1,14 +1,15 @@
 """Settings shared by every Hive Flow C service.
 
-Each service subclasses :class:`HiveSettings` in its own ``config.py`` with its own
-environment prefix, and overrides the defaults that differ (name, ports)::
+Each service subclasses :class:`HiveSettings` (through :class:`PostgresSettings`, as each has
+a database of its own) in its own ``config.py`` with its own environment prefix, and
+overrides the defaults that differ (name, ports)::
 
-    class TicketSettings(HiveSettings):
+    class TicketSettings(PostgresSettings):
         model_config = SettingsConfigDict(env_prefix="HIVE_TICKETS_")
 
         service_name: str = "execution-ticket-service"
         grpc_port: int = 50052
-        postgres_dsn: str = "postgresql://localhost/tickets"
+        postgres_dsn: SecretStr = SecretStr("postgresql://localhost/tickets")
 
 ``HIVE_TICKETS_GRPC_PORT=1234`` then configures only that service. The settings object is
 built once in ``__main__`` / ``app.py`` and passed down; never at module level.
@@ -25,12 +26,17 @@ of being an invalid setting; a subclass declaring one is a ``TypeError`` at impo
 
 from __future__ import annotations
 
-import logging
-import sys
 from collections.abc import Mapping
-from typing import Any, Literal, Protocol
+from typing import Any, Literal, Protocol, Self
 
-from pydantic import Field, FiniteFloat, SecretStr, ValidationError, field_validator
+from pydantic import (
+    Field,
+    FiniteFloat,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from hive_common.auth import DEFAULT_AUDIENCE, DEFAULT_ISSUER
@@ -210,19 +216,6 @@ class HiveSettings(BaseSettings):
         """True when no real secret was configured."""
         return self.jwt_secret.get_secret_value() == DEVELOPMENT_JWT_SECRET
 
-    @property
-    def log_level_number(self) -> int:
-        """``log_level`` as a stdlib ``logging`` level number."""
-        return logging.getLevelNamesMapping()[self.log_level]
-
-    def resolved_log_format(self, *, is_tty: bool | None = None) -> Literal["json", "pretty"]:
-        """``log_format`` with ``auto`` resolved: pretty on a terminal, JSON otherwise."""
-        if self.log_format != "auto":
-            return self.log_format
-        if is_tty is None:
-            is_tty = sys.stdout.isatty()
-        return "pretty" if is_tty else "json"
-
     def warn_if_insecure(self, logger: WarningLogger) -> bool:
         """Log a loud warning when the development JWT secret is in use; True if it is.
 
@@ -259,3 +252,21 @@ __all__ = [
     "normalise_log_level",
     "unbounded_durations",
 ]
+
+
+class PostgresSettings(HiveSettings):
+    """A service with a PostgreSQL database of its own: the DSN (a secret, as it usually
+    carries a password: ``repr(settings)`` shows ``**********``) and its pool's sizes."""
+
+    postgres_dsn: SecretStr = SecretStr("postgresql://localhost/postgres")
+    postgres_pool_min_size: int = Field(default=2, ge=1)
+    postgres_pool_max_size: int = Field(default=10, ge=1)
+
+    @model_validator(mode="after")
+    def _check_pool_sizes(self) -> Self:
+        if self.postgres_pool_min_size > self.postgres_pool_max_size:
+            name = self.env_name
+            raise ValueError(
+                f"{name('postgres_pool_min_size')} must not exceed {name('postgres_pool_max_size')}"
+            )
+        return self

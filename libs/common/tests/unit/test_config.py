@@ -5,20 +5,20 @@ from __future__ import annotations
 from typing import Any
 
 import pytest
-from pydantic import Field, FiniteFloat, ValidationError
+from pydantic import Field, FiniteFloat, SecretStr, ValidationError
 from pydantic_settings import SettingsConfigDict
 
-from hive_common.config import DAY, DEVELOPMENT_JWT_SECRET, HiveSettings
+from hive_common.config import DAY, DEVELOPMENT_JWT_SECRET, HiveSettings, PostgresSettings
 
 REAL_SECRET = "x" * 40
 
 
-class TicketSettings(HiveSettings):
+class TicketSettings(PostgresSettings):
     model_config = SettingsConfigDict(env_prefix="HIVE_TICKETS_")
 
     service_name: str = "execution-ticket-service"
     grpc_port: int = 50052
-    postgres_dsn: str = "postgresql://localhost/tickets"
+    postgres_dsn: SecretStr = SecretStr("postgresql://localhost/tickets")
 
 
 class RegistrySettings(HiveSettings):
@@ -70,7 +70,7 @@ def test_each_service_reads_its_own_prefix(monkeypatch: pytest.MonkeyPatch) -> N
     base = HiveSettings()
 
     assert tickets.grpc_port == 6001
-    assert tickets.postgres_dsn == "postgresql://db/t"
+    assert tickets.postgres_dsn.get_secret_value() == "postgresql://db/t"
     assert tickets.log_level == "INFO"
     assert tickets.service_name == "execution-ticket-service"
     assert registry.grpc_port == 6002
@@ -146,11 +146,25 @@ def test_no_warning_with_real_secret() -> None:
     assert logger.warnings == []
 
 
-def test_resolved_log_format() -> None:
-    assert HiveSettings(log_format="auto").resolved_log_format(is_tty=True) == "pretty"
-    assert HiveSettings(log_format="auto").resolved_log_format(is_tty=False) == "json"
-    assert HiveSettings(log_format="json").resolved_log_format(is_tty=True) == "json"
-    assert HiveSettings(log_level="warning").log_level_number == 30
+def test_a_database_dsn_is_never_shown(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The ticket service's DSN was a plain string: repr(settings) showed its password.
+    monkeypatch.setenv("HIVE_TICKETS_POSTGRES_DSN", "postgresql://hive:pg-password@db/t")
+    settings = TicketSettings()
+    assert "pg-password" not in repr(settings)
+    assert "pg-password" not in str(settings.model_dump())
+    assert settings.postgres_dsn.get_secret_value() == "postgresql://hive:pg-password@db/t"
+
+
+def test_a_pool_smaller_at_least_than_at_most_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HIVE_TICKETS_POSTGRES_POOL_MIN_SIZE", "11")  # the maximum's default is 10
+    with pytest.raises(
+        ValidationError,
+        match=(
+            "HIVE_TICKETS_POSTGRES_POOL_MIN_SIZE must not exceed HIVE_TICKETS_POSTGRES_POOL_MAX_SIZE"
+        ),
+    ):
+        TicketSettings()
+    assert TicketSettings(postgres_pool_min_size=10).postgres_pool_max_size == 10
 
 
 def test_env_name_is_the_variable_that_sets_a_field() -> None:

@@ -52,8 +52,11 @@ def test_ticket_service_reads_every_variable(environ: pytest.MonkeyPatch) -> Non
         41002,
         41003,
     )
-    assert settings.postgres_dsn == "postgresql://pg/tickets"
-    assert (settings.mongo_uri, settings.mongo_database) == ("mongodb://mongo:27017", "audit")
+    assert settings.postgres_dsn.get_secret_value() == "postgresql://pg/tickets"
+    assert (settings.mongo_uri.get_secret_value(), settings.mongo_database) == (
+        "mongodb://mongo:27017",
+        "audit",
+    )
     assert settings.jwt_secret.get_secret_value() == "jwt-secret-for-the-env-test-0123456789"
     assert (settings.log_level, settings.log_format) == ("WARNING", "json")
     assert (settings.mongo_timeout_ms, settings.default_lease_seconds) == (321, 7)

@@ -132,14 +132,15 @@ def _report_failure(task: asyncio.Task[None]) -> None:
 
 async def build_service(settings: TicketSettings, *, clock: Clock = utc_now) -> TicketService:
     """Wait for PostgreSQL, apply migrations, then build (not start) the service."""
+    dsn = settings.postgres_dsn.get_secret_value()
     pool = open_pool(
-        service_dsn(settings.postgres_dsn, settings.service_name),
+        service_dsn(dsn, settings.service_name),
         min_size=settings.postgres_pool_min_size,
         max_size=settings.postgres_pool_max_size,
     )
 
     applied = await migrate_on_start(
-        dsn=settings.postgres_dsn,
+        dsn=dsn,
         directory=MIGRATIONS_DIRECTORY,
         deadline_seconds=settings.startup_timeout_seconds,
     )
@@ -159,7 +160,7 @@ async def build_service(settings: TicketSettings, *, clock: Clock = utc_now) -> 
     )
     # MongoDB is optional at start-up: the client connects lazily, the relay retries.
     mongo: MongoClient = AsyncMongoClient(
-        settings.mongo_uri,
+        settings.mongo_uri.get_secret_value(),
         serverSelectionTimeoutMS=settings.mongo_timeout_ms,
         connectTimeoutMS=settings.mongo_timeout_ms,
         socketTimeoutMS=settings.mongo_timeout_ms * 5,

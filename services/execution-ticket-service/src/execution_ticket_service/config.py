@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import warnings
 
-from pydantic import Field, FiniteFloat, field_validator, model_validator
+from pydantic import Field, FiniteFloat, SecretStr, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 from pymongo.errors import ConfigurationError
 from pymongo.uri_parser import parse_uri
@@ -20,7 +20,7 @@ from hive_common.config import (
     MINUTE,
     RETENTION_LIMIT,
     TOKEN_TTL_LIMIT,
-    HiveSettings,
+    PostgresSettings,
 )
 
 MAX_TIMEOUT_SECONDS = Limits().max_timeout_seconds
@@ -30,7 +30,7 @@ MAX_LEASE_SECONDS_LIMIT = DAY
 """The highest ``max_lease_seconds``: a lease is the time a worker has to start a task."""
 
 
-class TicketSettings(HiveSettings):
+class TicketSettings(PostgresSettings):
     model_config = SettingsConfigDict(env_prefix="HIVE_TICKETS_", extra="ignore")
 
     service_name: str = "execution-ticket-service"
@@ -38,10 +38,10 @@ class TicketSettings(HiveSettings):
     http_port: int = Field(default=8002, ge=0, le=65535)
     metrics_port: int | None = Field(default=9092, ge=0, le=65535)
 
-    postgres_dsn: str = "postgresql://localhost/tickets"
-    postgres_pool_min_size: int = Field(default=2, ge=1)
+    postgres_dsn: SecretStr = SecretStr("postgresql://localhost/tickets")
     postgres_pool_max_size: int = Field(default=20, ge=1)
-    mongo_uri: str = "mongodb://localhost:27017"
+    # A secret too: a MongoDB URI may carry a password.
+    mongo_uri: SecretStr = SecretStr("mongodb://localhost:27017")
     mongo_database: str = "hive_tickets"
     # Server selection and connect timeout (the socket timeout is 5 times it): at most an
     # hour, already far past a useful wait (pymongo itself refuses 10^9 ms or more).
@@ -61,11 +61,12 @@ class TicketSettings(HiveSettings):
 
     @field_validator("mongo_uri")
     @classmethod
-    def _mongo_uri(cls, value: str) -> str:
+    def _mongo_uri(cls, secret: SecretStr) -> SecretStr:
         # The client parses it only when it is built: a bad one was a traceback (exit 1)
         # after the migrations. A mongodb+srv:// URI is checked as its mongodb:// form
         # (its hosts come from DNS when the client connects, not now).
         srv = "mongodb+srv://"
+        value = secret.get_secret_value()
         is_srv = value.startswith(srv)
         plain = "mongodb://" + value[len(srv) :] if is_srv else value
         hosts = plain[len("mongodb://") :].split("/")[0].rpartition("@")[2]
@@ -77,7 +78,7 @@ class TicketSettings(HiveSettings):
                 parse_uri(plain, warn=True)
         except (ConfigurationError, ValueError) as exc:
             raise ValueError(f"not a MongoDB URI: {exc}") from None
-        return value
+        return secret
 
     # Background work. Periods are at most a day; the sub-second knobs of the live paths
     # (relay, watch) at most a minute.
@@ -119,7 +120,6 @@ class TicketSettings(HiveSettings):
         # environment variables: they are what an operator sets.
         name = self.env_name
         pairs = (
-            ("postgres_pool_min_size", "postgres_pool_max_size"),
             ("default_lease_seconds", "max_lease_seconds"),
             ("default_token_ttl_seconds", "max_token_ttl_seconds"),
         )

@@ -213,4 +213,13 @@ def test_a_malformed_mongo_uri_is_an_invalid_setting(
     ],
 )
 def test_mongo_uris_the_client_takes_are_accepted(uri: str) -> None:
-    assert TicketSettings(mongo_uri=uri).mongo_uri == uri
+    assert TicketSettings(mongo_uri=uri).mongo_uri.get_secret_value() == uri
+
+
+def test_database_addresses_are_secrets(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Both usually carry a password; the DSN was a plain string shown by repr(settings).
+    monkeypatch.setenv("HIVE_TICKETS_POSTGRES_DSN", "postgresql://hive:pg-password@db/tickets")
+    monkeypatch.setenv("HIVE_TICKETS_MONGO_URI", "mongodb://audit:mongo-password@mongo:27017")
+    settings = TicketSettings()
+    assert "password" not in repr(settings)
+    assert settings.mongo_uri.get_secret_value() == "mongodb://audit:mongo-password@mongo:27017"

@@ -11,7 +11,7 @@ from datetime import timedelta
 from pydantic import Field, FiniteFloat, SecretStr, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from hive_common.config import DAY, HOUR, MINUTE, TOKEN_TTL_LIMIT, HiveSettings
+from hive_common.config import DAY, HOUR, MINUTE, TOKEN_TTL_LIMIT, PostgresSettings
 from hive_common.namespaces import NAMESPACE_RE, NAMESPACE_RULE
 from orchestrator_dynamic.domain.scheduler import RetryBackoff, SchedulingPolicy
 from orchestrator_dynamic.domain.validation import PlanLimits
@@ -25,7 +25,7 @@ ticket C1 accepts is under 1 MiB, so it can always be created (one call carries 
 to 1 MiB as JSON, still fits the 4 MiB of a gRPC message."""
 
 
-class OrchestratorSettings(HiveSettings):
+class OrchestratorSettings(PostgresSettings):
     model_config = SettingsConfigDict(
         env_prefix="HIVE_ORCHESTRATOR_",
         env_ignore_empty=True,
@@ -39,7 +39,6 @@ class OrchestratorSettings(HiveSettings):
 
     postgres_dsn: SecretStr = SecretStr("postgresql://postgres@127.0.0.1:5432/orchestrator")
     postgres_pool_min_size: int = Field(default=1, ge=1)
-    postgres_pool_max_size: int = Field(default=10, ge=1)
 
     ticket_service_target: str = "127.0.0.1:50052"
     registry_target: str = "127.0.0.1:50051"
@@ -111,10 +110,6 @@ class OrchestratorSettings(HiveSettings):
         if self.lease_renew_interval_seconds >= self.lease_ttl_seconds:
             raise ValueError(
                 f"{name('lease_renew_interval_seconds')} must be below {name('lease_ttl_seconds')}"
-            )
-        if self.postgres_pool_min_size > self.postgres_pool_max_size:
-            raise ValueError(
-                f"{name('postgres_pool_min_size')} must not exceed {name('postgres_pool_max_size')}"
             )
         if self.backoff_base_seconds > self.backoff_cap_seconds:
             raise ValueError(

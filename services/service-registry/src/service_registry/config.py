@@ -8,7 +8,7 @@ from datetime import timedelta
 from pydantic import Field, FiniteFloat, SecretStr, field_validator, model_validator
 from pydantic_settings import SettingsConfigDict
 
-from hive_common.config import DAY, HOUR, MINUTE, RETENTION_LIMIT, TOKEN_TTL_LIMIT, HiveSettings
+from hive_common.config import DAY, HOUR, MINUTE, RETENTION_LIMIT, TOKEN_TTL_LIMIT, PostgresSettings
 from service_registry.domain.models import HealthPolicy
 from service_registry.domain.ranking import RankingWeights
 from service_registry.domain.validation import Limits
@@ -16,7 +16,7 @@ from service_registry.domain.validation import Limits
 MIN_REGISTRATION_SECRET = 16
 
 
-class RegistrySettings(HiveSettings):
+class RegistrySettings(PostgresSettings):
     """Local defaults (gRPC 50051, HTTP 8001) avoid the other services' local ports;
     containers set ``HIVE_REGISTRY_HTTP_PORT=8000``."""
 
@@ -31,8 +31,6 @@ class RegistrySettings(HiveSettings):
     grpc_port: int = Field(default=50051, ge=0, le=65535)
     http_port: int = Field(default=8001, ge=0, le=65535)
     postgres_dsn: SecretStr = SecretStr("postgresql://postgres@127.0.0.1:5432/registry")
-    postgres_pool_min_size: int = Field(default=2, ge=1)
-    postgres_pool_max_size: int = Field(default=10, ge=1)
     migrate_on_start: bool = True
 
     # Workers present this as "authorization: Bearer <secret>" to Register; unset means
@@ -88,10 +86,6 @@ class RegistrySettings(HiveSettings):
                 f"{name('ranking_weight_spare_capacity')}, "
                 f"{name('ranking_weight_success_rate')} and "
                 f"{name('ranking_weight_freshness')} must be finite and not all zero"
-            )
-        if self.postgres_pool_min_size > self.postgres_pool_max_size:
-            raise ValueError(
-                f"{name('postgres_pool_min_size')} must not exceed {name('postgres_pool_max_size')}"
             )
         # The domain's own checks (the same rules, in its terms) as a backstop.
         self.health_policy()
