@@ -28,7 +28,7 @@ from execution_ticket_service.app import build_service
 from hive_common.auth import TokenIssuer
 from hive_common.heap import freeze_heap
 from hive_common.logging import configure_logging
-from hive_testsupport import ticket_settings
+from hive_testsupport.settings import ticket_settings
 from neuralhive.ticket.v1 import ticket_service_pb2 as pb
 from neuralhive.ticket.v1 import ticket_service_pb2_grpc as pb_grpc
 

@@ -1,6 +1,6 @@
 """The whole of Flow C as separate OS processes: the service registry, the ticket service, the
 orchestrator and two reference workers (``hive_common.procstack``), on PostgreSQL and a
-MongoDB-compatible server from the ``hive_common.testing.databases`` plugin.
+MongoDB-compatible server from the ``hive_testsupport.databases`` plugin.
 
 Each test module gets its own stack and its own databases (three PostgreSQL databases and
 one MongoDB database). Intervals are shortened through the services' environment variables
@@ -27,7 +27,7 @@ from hive_common.auth import DEFAULT_ISSUER, TokenIssuer
 from hive_common.flowc_processes import Launch, StackPorts, WorkerOptions, flow_specs
 from hive_common.localdb import quiet_port
 from hive_common.procstack import ProcessSpec, ProcessStack, logged_errors
-from hive_common.testing.databases import (
+from hive_testsupport.databases import (
     MongoServer,
     PostgresServer,
     temporary_mongo_database,

@@ -29,7 +29,7 @@ from hive_common.localdb import (
     port_is_free,
     quiet_port,
 )
-from hive_common.testing.databases import unavailable_action
+from hive_testsupport.databases import unavailable_action
 from hive_testsupport.scripts import load_script
 
 from .conftest import wait_for

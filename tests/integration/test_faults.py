@@ -9,7 +9,7 @@ from typing import Any
 
 import pytest
 
-from hive_common.testing.databases import MongoServer
+from hive_testsupport.databases import MongoServer
 
 from .conftest import (
     FlowStack,

@@ -61,11 +61,6 @@ class Credentials:
     # Where the service token came from, for error hints: "flag", "env", "secret", "dev".
     service_token_source: str
 
-    @property
-    def service_token(self) -> str | None:
-        """The service token a request sent now carries."""
-        return self.service_token_provider()
-
     def orchestrator(self) -> Callable[[], str | None]:
         return lambda: self.orchestrator_token
 

@@ -21,8 +21,9 @@ from typing import Any
 import pytest_asyncio
 
 from hive_cli.cli import main
-from hive_common.testing.databases import PostgresServer, temporary_postgres_database
-from hive_testsupport import InProcessFlow, registry_settings, ticket_settings
+from hive_testsupport.databases import PostgresServer, temporary_postgres_database
+from hive_testsupport.inprocess import InProcessFlow
+from hive_testsupport.settings import registry_settings, ticket_settings
 
 JWT_SECRET = "hive-cli-service-tests-jwt-secret-0123456789abcdef"
 REGISTRATION_SECRET = "hive-cli-service-tests-registration-secret"

@@ -18,28 +18,28 @@ SECRET = "a-real-secret-of-at-least-thirty-two-bytes"
 
 def test_explicit_token_wins_over_env_and_secret() -> None:
     env = {"HIVE_TOKEN": "env-token", "HIVE_JWT_SECRET": SECRET}
-    assert resolve_credentials(token="flag", api_token=None, env=env).service_token == "flag"
-    assert resolve_credentials(token=None, api_token=None, env=env).service_token == "env-token"
+    assert resolve_credentials(token="flag", api_token=None, env=env).service()() == "flag"
+    assert resolve_credentials(token=None, api_token=None, env=env).service()() == "env-token"
 
 
 def test_minted_service_token_verifies_with_the_shared_secret() -> None:
     creds = resolve_credentials(token=None, api_token=None, env={"HIVE_JWT_SECRET": SECRET})
     assert creds.service_token_source == "secret"
-    assert creds.service_token is not None
-    claims = TokenVerifier(secret=SECRET).verify(creds.service_token)
+    token = creds.service()()
+    assert token is not None
+    claims = TokenVerifier(secret=SECRET).verify(token)
     assert claims.kind is TokenKind.SERVICE
     assert claims.subject == "hive-cli"
     with pytest.raises(Unauthenticated):
-        TokenVerifier(secret=DEVELOPMENT_JWT_SECRET).verify(creds.service_token)
+        TokenVerifier(secret=DEVELOPMENT_JWT_SECRET).verify(token)
 
 
 def test_without_configuration_the_development_secret_signs() -> None:
     creds = resolve_credentials(token=None, api_token=None, env={})
     assert creds.service_token_source == "dev"
-    assert creds.service_token is not None
-    assert TokenVerifier(secret=DEVELOPMENT_JWT_SECRET).verify(creds.service_token).kind is (
-        TokenKind.SERVICE
-    )
+    token = creds.service()()
+    assert token is not None
+    assert TokenVerifier(secret=DEVELOPMENT_JWT_SECRET).verify(token).kind is TokenKind.SERVICE
 
 
 def test_a_minted_token_is_signed_again_before_it_expires() -> None:
@@ -62,14 +62,15 @@ def test_a_minted_token_is_signed_again_before_it_expires() -> None:
         now[0] += 300
         token = creds.service()()
         assert expiry(token) >= now[0] + 30, "a token about to expire (or expired) was sent"
-    assert creds.service_token != first
+    assert creds.service()() != first
 
 
 def test_issuer_and_audience_follow_the_environment() -> None:
     env = {"HIVE_JWT_SECRET": SECRET, "HIVE_JWT_AUDIENCE": "other", "HIVE_JWT_ISSUER": "ops"}
     creds = resolve_credentials(token=None, api_token=None, env=env)
-    assert creds.service_token is not None
-    claims = TokenVerifier(secret=SECRET, audience="other").verify(creds.service_token)
+    token = creds.service()()
+    assert token is not None
+    claims = TokenVerifier(secret=SECRET, audience="other").verify(token)
     assert claims.issuer == "ops"
 
 

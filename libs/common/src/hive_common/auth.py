@@ -8,10 +8,12 @@ Three kinds of token (DESIGN.md section 6):
   ``attempt``; ``sub`` and ``worker_id`` are the worker running that attempt.
 
 Every token carries ``iss``, ``aud``, ``sub``, ``iat``, ``exp`` and a random ``jti``;
-``kind`` and ``scope`` (space-separated, as in RFC 8693) are ours. Verification turns
-every kind of bad token into :class:`~hive_common.errors.Unauthenticated` with a clear
-message and a machine-readable ``details["reason"]``. Deciding what a valid token may
-do (PERMISSION_DENIED) is the caller's business.
+``kind`` and ``scope`` (space-separated, as in RFC 8693) are ours. Only ticket tokens are
+issued with scopes (the ticket service's ``ticket:update``, part of its documented token
+format); no service decides on them. Verification turns every kind of bad token into
+:class:`~hive_common.errors.Unauthenticated` with a clear message and a machine-readable
+``details["reason"]``. Deciding what a valid token may do (PERMISSION_DENIED) is the
+caller's business.
 """
 
 from __future__ import annotations
@@ -64,10 +66,6 @@ class TokenClaims:
     plan_id: str | None = None
     attempt: int | None = None
 
-    def has_scope(self, scope: str) -> bool:
-        """True when the token was granted ``scope``."""
-        return scope in self.scopes
-
 
 def _secret_bytes(secret: str | bytes) -> bytes:
     key = secret.encode() if isinstance(secret, str) else secret
@@ -98,27 +96,23 @@ class TokenIssuer:
         self._audience = _require_text("audience", audience)
         self._clock = clock
 
-    def issue_service_token(
-        self, *, service: str, ttl_seconds: int, scopes: Iterable[str] = ()
-    ) -> tuple[str, TokenClaims]:
+    def issue_service_token(self, *, service: str, ttl_seconds: int) -> tuple[str, TokenClaims]:
         """A token for ``service`` (``sub`` = service name)."""
         return self._issue(
             kind=TokenKind.SERVICE,
             subject=_require_text("service", service),
             ttl_seconds=ttl_seconds,
-            scopes=scopes,
+            scopes=(),
         )
 
-    def issue_worker_token(
-        self, *, worker_id: str, ttl_seconds: int, scopes: Iterable[str] = ()
-    ) -> tuple[str, TokenClaims]:
+    def issue_worker_token(self, *, worker_id: str, ttl_seconds: int) -> tuple[str, TokenClaims]:
         """A token for a registered worker (``sub`` = ``worker_id``)."""
         _require_text("worker_id", worker_id)
         return self._issue(
             kind=TokenKind.WORKER,
             subject=worker_id,
             ttl_seconds=ttl_seconds,
-            scopes=scopes,
+            scopes=(),
             worker_id=worker_id,
         )
 

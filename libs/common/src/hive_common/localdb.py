@@ -1,6 +1,6 @@
 """Throwaway local database servers started from binaries on this machine.
 
-Used by the test plugin (``hive_common.testing.databases``) when neither environment DSNs nor
+Used by the test plugin (``hive_testsupport.databases``) when neither environment DSNs nor
 a Docker engine are available, and by the no-Docker development stack (``make dev``).
 
 * :class:`LocalPostgres` runs ``initdb`` + ``postgres`` (PostgreSQL 13 or newer) in its own

@@ -17,8 +17,8 @@ import re
 import sys
 import traceback
 import uuid
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import AbstractContextManager, contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from types import FrameType
 from typing import IO, Any, Literal, Protocol
 
@@ -373,30 +373,14 @@ def clear_request_context() -> None:
     structlog.contextvars.clear_contextvars()
 
 
-def current_request_context() -> Mapping[str, Any]:
-    """The fields currently bound in contextvars."""
-    return structlog.contextvars.get_contextvars()
-
-
-@contextmanager
-def request_context(**fields: Any) -> Iterator[None]:
-    """Bind ``fields`` (``None`` skipped) for the ``with`` block, restoring previous values."""
-    with structlog.contextvars.bound_contextvars(
-        **{k: v for k, v in fields.items() if v is not None}
-    ):
-        yield
-
-
 __all__ = [
     "REQUEST_CONTEXT_KEYS",
     "HiveLogger",
     "bind_request_context",
     "clear_request_context",
     "configure_logging",
-    "current_request_context",
     "get_logger",
     "log_round_failure",
     "new_request_id",
-    "request_context",
     "request_id_from",
 ]

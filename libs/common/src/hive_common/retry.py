@@ -4,18 +4,13 @@ Two uses only (CONVENTIONS.md): retrying *idempotent* client calls that failed w
 UNAVAILABLE / DEADLINE_EXCEEDED, and waiting for a dependency at start-up. Both always
 have an overall deadline and use exponential backoff with full jitter, so replicas that
 lost the same dependency do not retry in lock step.
-
-A tenacity ``AsyncRetrying`` object keeps per-run state in a thread-local, which all
-coroutines of one event loop share (a hazard as soon as a hook awaits);
-:func:`call_with_policy` therefore runs on a ``copy()`` of the policy, so one policy
-object may be shared by concurrent callers.
 """
 
 from __future__ import annotations
 
 import asyncio
 from collections.abc import Awaitable, Callable
-from typing import Any, ParamSpec, TypeVar
+from typing import Any
 
 import grpc
 from tenacity import (
@@ -30,9 +25,6 @@ from tenacity.stop import stop_base
 
 from hive_common.errors import DeadlineExceeded, HiveError, Unavailable, describe_error
 from hive_common.logging import get_logger
-
-P = ParamSpec("P")
-T = TypeVar("T")
 
 RETRYABLE_STATUS_CODES: frozenset[grpc.StatusCode] = frozenset(
     {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
@@ -87,7 +79,9 @@ def retry_policy(
     jitter). No attempt starts once the next wait would cross ``deadline_seconds`` from
     the first attempt, and at most ``max_attempts`` attempts run when given. When it
     gives up, the last error is re-raised unchanged (not a ``tenacity.RetryError``).
-    ``sleep`` is replaceable for tests.
+    ``sleep`` is replaceable for tests. Run it as ``await policy(fn, *args)``, one policy
+    per call: tenacity keeps a run's state in the policy object (a thread-local that every
+    coroutine of the event loop shares).
     """
     if deadline_seconds <= 0:
         raise ValueError("deadline_seconds must be positive")
@@ -106,31 +100,6 @@ def retry_policy(
         before_sleep=_log_retry,
         reraise=True,
     )
-
-
-async def call_with_retry(
-    fn: Callable[P, Awaitable[T]],
-    /,
-    *args: P.args,
-    **kwargs: P.kwargs,
-) -> T:
-    """Await ``fn(*args, **kwargs)`` under the default :func:`retry_policy`.
-
-    Only for idempotent calls. For a custom policy use :func:`call_with_policy`.
-    """
-    return await call_with_policy(retry_policy(), fn, *args, **kwargs)
-
-
-async def call_with_policy(
-    policy: AsyncRetrying,
-    fn: Callable[P, Awaitable[T]],
-    /,
-    *args: P.args,
-    **kwargs: P.kwargs,
-) -> T:
-    """Await ``fn(*args, **kwargs)`` under ``policy`` (copied, so the policy may be shared)."""
-    result: T = await policy.copy()(fn, *args, **kwargs)
-    return result
 
 
 async def wait_for_dependency(
@@ -197,8 +166,6 @@ class _NotReady(Exception):
 
 __all__ = [
     "RETRYABLE_STATUS_CODES",
-    "call_with_policy",
-    "call_with_retry",
     "is_retryable",
     "retry_policy",
     "wait_for_dependency",

@@ -62,18 +62,14 @@ def _payload(**overrides: Any) -> dict[str, Any]:
 
 
 def test_service_token_round_trip(issuer: TokenIssuer, verifier: TokenVerifier) -> None:
-    token, issued = issuer.issue_service_token(
-        service="orchestrator-dynamic", ttl_seconds=300, scopes={"tickets:write", "tickets:read"}
-    )
+    token, issued = issuer.issue_service_token(service="orchestrator-dynamic", ttl_seconds=300)
     claims = verifier.verify(token)
     assert claims == issued
     assert claims.kind is TokenKind.SERVICE
     assert claims.subject == "orchestrator-dynamic"
     assert claims.issuer == "execution-ticket-service"
     assert claims.audience == "neuralhive"
-    assert claims.scopes == frozenset({"tickets:write", "tickets:read"})
-    assert claims.has_scope("tickets:read")
-    assert not claims.has_scope("admin")
+    assert claims.scopes == frozenset()
     assert (claims.worker_id, claims.ticket_id, claims.plan_id, claims.attempt) == (
         None,
         None,
@@ -100,11 +96,12 @@ def test_ticket_token_round_trip(issuer: TokenIssuer, verifier: TokenVerifier) -
         plan_id="p-1",
         attempt=2,
         ttl_seconds=60,
-        scopes=["ticket:update"],
+        scopes=["ticket:update", "ticket:read"],
     )
     claims = verifier.verify(token)
     assert claims == issued
     assert claims.kind is TokenKind.TICKET
+    assert claims.scopes == frozenset({"ticket:update", "ticket:read"})
     assert (claims.worker_id, claims.ticket_id, claims.plan_id, claims.attempt) == (
         "w-1",
         "t-1",
@@ -248,7 +245,9 @@ def test_foreign_token_with_right_secret_is_claims_checked(verifier: TokenVerifi
     [
         lambda i: i.issue_service_token(service="", ttl_seconds=60),
         lambda i: i.issue_service_token(service="svc", ttl_seconds=0),
-        lambda i: i.issue_service_token(service="svc", ttl_seconds=60, scopes=["a b"]),
+        lambda i: i.issue_ticket_token(
+            worker_id="w", ticket_id="t", plan_id="p", attempt=0, ttl_seconds=60, scopes=["a b"]
+        ),
         lambda i: i.issue_worker_token(worker_id=" ", ttl_seconds=60),
         lambda i: i.issue_ticket_token(
             worker_id="w", ticket_id="t", plan_id="p", attempt=-1, ttl_seconds=60

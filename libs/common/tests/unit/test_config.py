@@ -157,12 +157,8 @@ def test_a_database_dsn_is_never_shown(monkeypatch: pytest.MonkeyPatch) -> None:
 
 def test_a_pool_smaller_at_least_than_at_most_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("HIVE_TICKETS_POSTGRES_POOL_MIN_SIZE", "11")  # the maximum's default is 10
-    with pytest.raises(
-        ValidationError,
-        match=(
-            "HIVE_TICKETS_POSTGRES_POOL_MIN_SIZE must not exceed HIVE_TICKETS_POSTGRES_POOL_MAX_SIZE"
-        ),
-    ):
+    rule = "HIVE_TICKETS_POSTGRES_POOL_MIN_SIZE must not exceed HIVE_TICKETS_POSTGRES_POOL_MAX_SIZE"
+    with pytest.raises(ValidationError, match=rule):
         TicketSettings()
     assert TicketSettings(postgres_pool_min_size=10).postgres_pool_max_size == 10
 

@@ -12,6 +12,7 @@ from typing import Any
 
 import grpc
 import pytest
+import structlog
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
@@ -26,7 +27,7 @@ from hive_common.grpc_server import (
     RpcCall,
     build_grpc_server,
 )
-from hive_common.logging import configure_logging, current_request_context
+from hive_common.logging import configure_logging
 from hive_common.metrics import RpcMetrics, new_registry
 
 SERVICE = "test.Echo"
@@ -62,7 +63,7 @@ class EchoServicer:
         raise RuntimeError(SECRET)
 
     async def request_id(self, request: bytes, context: Any) -> bytes:
-        return str(current_request_context().get("request_id")).encode()
+        return str(structlog.contextvars.get_contextvars().get("request_id")).encode()
 
     async def own_abort(self, request: bytes, context: Any) -> bytes:
         await context.abort(grpc.StatusCode.OUT_OF_RANGE, "servicer aborted")

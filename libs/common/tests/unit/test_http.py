@@ -10,6 +10,7 @@ from typing import Any
 
 import httpx
 import pytest
+import structlog
 from fastapi import APIRouter, FastAPI, Request
 from pydantic import BaseModel, Field
 
@@ -30,7 +31,7 @@ from hive_common.http import (
     overall_status,
     query_violations,
 )
-from hive_common.logging import configure_logging, current_request_context
+from hive_common.logging import configure_logging
 from hive_common.metrics import HttpMetrics, new_registry
 
 SECRET = "connection string postgres://admin:hunter2@db"
@@ -62,7 +63,8 @@ def build_app(report: dict[str, CheckResult], metrics: HttpMetrics | None = None
 
     @app.get("/plans")
     async def list_plans(page_size: int = 10) -> dict[str, Any]:
-        return {"page_size": page_size, "request_id": current_request_context().get("request_id")}
+        request_id = structlog.contextvars.get_contextvars().get("request_id")
+        return {"page_size": page_size, "request_id": request_id}
 
     things = APIRouter(prefix="/api/v1/things")
 

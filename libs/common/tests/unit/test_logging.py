@@ -16,9 +16,7 @@ from hive_common.logging import (
     bind_request_context,
     clear_request_context,
     configure_logging,
-    current_request_context,
     get_logger,
-    request_context,
 )
 
 
@@ -107,16 +105,6 @@ def test_contextvars_appear_in_structlog_and_stdlib_lines() -> None:
     assert "ticket_id" not in one
     assert (two["request_id"], two["plan_id"]) == ("r-1", "p-1")
     assert "request_id" not in three
-
-
-def test_request_context_manager_restores() -> None:
-    stream = configure()
-    bind_request_context(request_id="outer")
-    with request_context(ticket_id="t-9", plan_id=None):
-        assert dict(current_request_context()) == {"request_id": "outer", "ticket_id": "t-9"}
-        get_logger().info("inside")
-    assert dict(current_request_context()) == {"request_id": "outer"}
-    assert lines(stream)[0]["ticket_id"] == "t-9"
 
 
 def test_configure_twice_does_not_duplicate() -> None:

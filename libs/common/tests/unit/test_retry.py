@@ -21,13 +21,7 @@ from hive_common.errors import (
     Unauthenticated,
     Unavailable,
 )
-from hive_common.retry import (
-    call_with_policy,
-    call_with_retry,
-    is_retryable,
-    retry_policy,
-    wait_for_dependency,
-)
+from hive_common.retry import is_retryable, retry_policy, wait_for_dependency
 
 
 class CodedRpcError(grpc.RpcError):
@@ -47,14 +41,6 @@ class RecordingSleep:
 
     async def __call__(self, seconds: float) -> None:
         self.waits.append(seconds)
-
-
-class YieldingSleep(RecordingSleep):
-    """Records waits and yields to the loop, so concurrent retries interleave."""
-
-    async def __call__(self, seconds: float) -> None:
-        self.waits.append(seconds)
-        await asyncio.sleep(0)
 
 
 class Flaky:
@@ -84,12 +70,8 @@ class Flaky:
 async def test_retries_transient_errors_then_succeeds(error: BaseException) -> None:
     sleep = RecordingSleep()
     fn = Flaky(error, error)
-    result = await call_with_policy(
-        retry_policy(deadline_seconds=60, initial_wait=0.1, max_wait=1.0, sleep=sleep),
-        fn,
-        "value",
-    )
-    assert result == "value"
+    policy = retry_policy(deadline_seconds=60, initial_wait=0.1, max_wait=1.0, sleep=sleep)
+    assert await policy(fn, "value") == "value"
     assert fn.calls == 3
     assert len(sleep.waits) == 2
 
@@ -117,9 +99,7 @@ async def test_never_retries_definite_answers(error: BaseException) -> None:
     sleep = RecordingSleep()
     fn = Flaky(error)
     with pytest.raises(type(error)) as raised:
-        await call_with_policy(
-            retry_policy(deadline_seconds=60, initial_wait=0.1, max_wait=1.0, sleep=sleep), fn
-        )
+        await retry_policy(deadline_seconds=60, initial_wait=0.1, max_wait=1.0, sleep=sleep)(fn)
     assert raised.value is error
     assert fn.calls == 1
     assert sleep.waits == []
@@ -133,7 +113,7 @@ async def test_max_attempts_gives_up_with_the_last_error() -> None:
         deadline_seconds=60, initial_wait=0.1, max_wait=1.0, max_attempts=4, sleep=sleep
     )
     with pytest.raises(Unavailable) as raised:
-        await call_with_policy(policy, fn)
+        await policy(fn)
     assert fn.calls == 4
     assert raised.value is errors[3]
     assert len(sleep.waits) == 3
@@ -144,7 +124,7 @@ async def test_gives_up_at_the_deadline() -> None:
     fn = Flaky(*[Unavailable("down") for _ in range(10_000)])
     policy = retry_policy(deadline_seconds=0.2, initial_wait=0.005, max_wait=0.02)
     with pytest.raises(Unavailable):
-        await call_with_policy(policy, fn)
+        await policy(fn)
     assert 2 <= fn.calls < 10_000
 
 
@@ -154,7 +134,7 @@ async def test_wait_that_would_cross_the_deadline_is_not_taken() -> None:
     fn = Flaky(Unavailable("down"), Unavailable("down"))
     policy = retry_policy(deadline_seconds=1e-9, initial_wait=1.0, max_wait=1.0, sleep=sleep)
     with pytest.raises(Unavailable):
-        await call_with_policy(policy, fn)
+        await policy(fn)
     assert fn.calls == 1
     assert sleep.waits == []
 
@@ -165,32 +145,12 @@ async def test_waits_are_jittered_capped_and_growing_windows() -> None:
     policy = retry_policy(
         deadline_seconds=1e6, initial_wait=0.1, max_wait=0.4, max_attempts=41, sleep=sleep
     )
-    assert await call_with_policy(policy, fn) == "ok"
+    assert await policy(fn) == "ok"
     assert len(sleep.waits) == 40
     assert len(set(sleep.waits)) > 1  # jitter: not a fixed schedule
     assert all(0 <= w <= 0.4 for w in sleep.waits)  # cap per wait
     assert sleep.waits[0] <= 0.1  # first window is initial_wait
     assert max(sleep.waits[2:]) > 0.1  # windows grow beyond the first one
-
-
-async def test_shared_policy_is_safe_for_concurrent_calls() -> None:
-    sleep = YieldingSleep()
-    policy = retry_policy(
-        deadline_seconds=60, initial_wait=0.001, max_wait=0.001, max_attempts=5, sleep=sleep
-    )
-    flakies = [Flaky(*[Unavailable("down")] * n) for n in range(5)]
-    results = await asyncio.gather(
-        *(call_with_policy(policy, f, str(i)) for i, f in enumerate(flakies))
-    )
-    assert results == ["0", "1", "2", "3", "4"]
-    assert [f.calls for f in flakies] == [1, 2, 3, 4, 5]
-
-
-async def test_call_with_retry_uses_the_default_policy() -> None:
-    fn = Flaky(Unavailable("blip"))
-    # Default initial wait is small (0.1 s window); one real retry is enough here.
-    assert await call_with_retry(fn, "v") == "v"
-    assert fn.calls == 2
 
 
 def test_is_retryable_on_plain_exceptions() -> None:

@@ -1,35 +1,8 @@
 """Test support for Hive Flow C: the services and reference workers in-process, with
-settings suited to tests (``hive_testsupport.settings``, ``hive_testsupport.inprocess``).
+settings suited to tests (``hive_testsupport.settings``, ``hive_testsupport.inprocess``),
+and the pytest plugin giving tests real databases (``hive_testsupport.databases``).
 
 Used by the service tests' conftest files; never a runtime dependency of a service.
+Import from the submodules: pytest loads the database plugin in every test run, and
+importing this package must not import every service with it.
 """
-
-from hive_testsupport.inprocess import (
-    InProcessFlow,
-    InProcessRegistry,
-    InProcessTicketService,
-    WorkerTasks,
-    drain_workers,
-    start_worker,
-)
-from hive_testsupport.settings import (
-    FAST_TICKET_LOOPS,
-    orchestrator_settings,
-    registry_settings,
-    ticket_settings,
-    worker_settings,
-)
-
-__all__ = [
-    "FAST_TICKET_LOOPS",
-    "InProcessFlow",
-    "InProcessRegistry",
-    "InProcessTicketService",
-    "WorkerTasks",
-    "drain_workers",
-    "orchestrator_settings",
-    "registry_settings",
-    "start_worker",
-    "ticket_settings",
-    "worker_settings",
-]

@@ -36,7 +36,7 @@ import functools
 import json
 import signal
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable, Iterator, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar
@@ -429,7 +429,6 @@ class Worker:
         self._watch_cursor: tuple[str, str] = ("", "")  # (worker_id, cursor)
         self._signals = 0
         self._ran = False  # run() is once per Worker
-        self._active = 0  # attempts holding a slot
         self._background: set[asyncio.Task[None]] = set()
         # Handlers cancelled that did not stop (they ignore cancellation): ticket, attempt.
         self._unstopped: dict[asyncio.Task[Mapping[str, Any]], str] = {}
@@ -474,16 +473,6 @@ class Worker:
         the ticket service may already have applied the outcome, and the orchestrator
         counts the slot free from then on)."""
         return sum(1 for run in self._runs.values() if run.phase is not Phase.REPORTING)
-
-    @property
-    def queued(self) -> int:
-        """Accepted attempts waiting for a free slot (not started)."""
-        return sum(1 for run in self._runs.values() if run.phase is Phase.QUEUED)
-
-    @property
-    def free_slots(self) -> int:
-        """How many more attempts could run right now (``max_concurrent`` - active)."""
-        return self.settings.max_concurrent - self._active
 
     @property
     def unstopped_handlers(self) -> list[str]:
@@ -1003,20 +992,19 @@ class Worker:
         outcome: Outcome | None = None
         try:
             async with self._slots:
-                with self._holding_slot():
-                    if self._draining:
-                        run.log.info("draining; assignment not started")
-                        return
-                    run.phase = Phase.STARTING
-                    if not await self._mark_running(run):
-                        return
-                    run.phase = Phase.RUNNING
-                    outcome = await self._invoke_handler(run)
-                    if outcome is None:
-                        return
-                    run.phase = Phase.REPORTING
-                    self._heartbeat_wake.set()  # the load changed
-                    await self._report(run, outcome)
+                if self._draining:
+                    run.log.info("draining; assignment not started")
+                    return
+                run.phase = Phase.STARTING
+                if not await self._mark_running(run):
+                    return
+                run.phase = Phase.RUNNING
+                outcome = await self._invoke_handler(run)
+                if outcome is None:
+                    return
+                run.phase = Phase.REPORTING
+                self._heartbeat_wake.set()  # the load changed
+                await self._report(run, outcome)
         except asyncio.CancelledError:
             if run.abandoned or run.released:
                 return  # we cancelled it on purpose
@@ -1044,14 +1032,6 @@ class Worker:
             await self._report(run, failure)
         except Exception:
             run.log.exception("could not report the unexpected error")
-
-    @contextlib.contextmanager
-    def _holding_slot(self) -> Iterator[None]:
-        self._active += 1
-        try:
-            yield
-        finally:
-            self._active -= 1
 
     async def _until_definite(self, run: _Run, what: str, call: Callable[[], Any]) -> Any:
         """Await ``call()`` until it succeeds or fails with a non-transient error."""

@@ -17,20 +17,22 @@ import pytest
 
 from hive_common.auth import DEFAULT_ISSUER, TokenIssuer
 from hive_common.clients import CallPolicy, ReconnectPolicy, RegistryClient, TicketClient
-from hive_common.testing.databases import PostgresServer, temporary_postgres_database
-from hive_testsupport import (
-    FAST_TICKET_LOOPS,
+from hive_testsupport.clock import ManualClock
+from hive_testsupport.databases import PostgresServer, temporary_postgres_database
+from hive_testsupport.inprocess import (
     InProcessRegistry,
     InProcessTicketService,
     WorkerTasks,
     drain_workers,
-    registry_settings,
     start_worker,
+)
+from hive_testsupport.settings import (
+    FAST_TICKET_LOOPS,
+    registry_settings,
     ticket_settings,
     worker_settings,
 )
 from hive_worker import Worker
-from service_registry.domain.clock import ManualClock
 
 JWT_SECRET = "hive-worker-service-tests-jwt-secret-0123456789"
 REGISTRATION_SECRET = "hive-worker-service-tests-registration-secret"

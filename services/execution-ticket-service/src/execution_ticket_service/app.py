@@ -18,18 +18,13 @@ from execution_ticket_service.background import (
     StatsRefresher,
 )
 from execution_ticket_service.config import TicketSettings
+from execution_ticket_service.domain.clock import Clock, utc_now
 from execution_ticket_service.domain.models import TransitionCounts
 from execution_ticket_service.metrics import TicketMetrics
 from execution_ticket_service.signals import ChangeSignal
 from execution_ticket_service.storage import MIGRATIONS_DIRECTORY
 from execution_ticket_service.storage.audit import AuditStore, MongoClient
-from execution_ticket_service.storage.tickets import (
-    Clock,
-    Pool,
-    TicketRepository,
-    open_pool,
-    utc_now,
-)
+from execution_ticket_service.storage.tickets import Pool, TicketRepository, open_pool
 from execution_ticket_service.transport.grpc.auth import SERVICE_NAME, TicketAuthInterceptor
 from execution_ticket_service.transport.grpc.servicer import TicketServicer, WatchSettings
 from execution_ticket_service.transport.http.routes import build_router

@@ -12,10 +12,11 @@ import random
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from execution_ticket_service.domain.clock import Clock, utc_now
 from execution_ticket_service.metrics import TicketMetrics
 from execution_ticket_service.signals import ChangeSignal, spaced_delay
 from execution_ticket_service.storage.audit import AuditStore
-from execution_ticket_service.storage.tickets import Clock, TicketRepository, utc_now
+from execution_ticket_service.storage.tickets import TicketRepository
 from hive_common.errors import Unavailable
 from hive_common.logging import get_logger, log_round_failure
 

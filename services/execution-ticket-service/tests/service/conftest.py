@@ -16,7 +16,7 @@ from execution_ticket_service.storage import MIGRATIONS_DIRECTORY
 from execution_ticket_service.storage.tickets import Pool, TicketRepository, open_pool
 from hive_common.auth import TokenIssuer
 from hive_common.migrations import apply_migrations
-from hive_testsupport import FAST_TICKET_LOOPS, ticket_settings
+from hive_testsupport.settings import FAST_TICKET_LOOPS, ticket_settings
 from neuralhive.ticket.v1 import ticket_service_pb2_grpc as pb_grpc
 
 

@@ -23,7 +23,7 @@ from execution_ticket_service.signals import ChangeSignal
 from execution_ticket_service.storage.audit import AuditStore
 from execution_ticket_service.storage.tickets import OutboxEntry, TicketRepository
 from hive_common.auth import TokenIssuer
-from hive_common.testing.databases import MongoServer
+from hive_testsupport.databases import MongoServer
 from neuralhive.ticket.v1 import ticket_service_pb2 as pb
 from neuralhive.ticket.v1 import ticket_service_pb2_grpc as pb_grpc
 

@@ -31,7 +31,7 @@ from hive_common.errors import (
     NotFound,
     Unavailable,
 )
-from hive_common.testing.outage import UnreachablePool
+from hive_testsupport.outage import UnreachablePool
 
 if TYPE_CHECKING:  # conftest is not importable at run time (import mode importlib)
     from conftest import LoopTurns

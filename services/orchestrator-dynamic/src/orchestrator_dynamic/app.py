@@ -7,7 +7,6 @@ import socket
 import uuid
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
 from hive_common.auth import TokenIssuer
 from hive_common.clients import CallPolicy, RegistryClient, TicketClient
@@ -21,6 +20,7 @@ from hive_common.postgres import service_dsn
 from hive_common.runtime import ServiceRuntime
 from neuralhive.orchestrator.v1 import orchestrator_service_pb2_grpc as pb_grpc
 from orchestrator_dynamic.config import OrchestratorSettings
+from orchestrator_dynamic.domain.clock import Clock, utc_now
 from orchestrator_dynamic.domain.validation import PlanValidator
 from orchestrator_dynamic.engine.driver import DriverSettings, PlanDriver
 from orchestrator_dynamic.engine.health import REGISTRY, TICKET_SERVICE, DependencyHealth
@@ -77,7 +77,7 @@ def default_owner_id() -> str:
 async def build_app(
     settings: OrchestratorSettings,
     *,
-    clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    clock: Clock = utc_now,
 ) -> OrchestratorApp:
     """Wait for PostgreSQL, apply migrations, then build (not start) the service."""
     dsn = settings.postgres_dsn.get_secret_value()

@@ -12,12 +12,12 @@ from typing import Any
 import httpx
 import pytest
 
-import hive_testsupport as testsupport
 from execution_ticket_service.config import TicketSettings
 from hive_common.auth import TokenIssuer
 from hive_common.clients import TicketClient
-from hive_common.testing.databases import PostgresServer, temporary_postgres_database
-from hive_testsupport import InProcessFlow
+from hive_testsupport import settings as testsettings
+from hive_testsupport.databases import PostgresServer, temporary_postgres_database
+from hive_testsupport.inprocess import InProcessFlow
 from orchestrator_dynamic.app import OrchestratorApp
 from service_registry.config import RegistrySettings
 
@@ -58,7 +58,7 @@ def registry_dsn(postgres_server: PostgresServer) -> Iterator[str]:
 
 @pytest.fixture
 def ticket_settings(tickets_dsn: str, mongo_uri: str, mongo_database_name: str) -> TicketSettings:
-    return testsupport.ticket_settings(
+    return testsettings.ticket_settings(
         postgres_dsn=tickets_dsn,
         mongo_uri=mongo_uri,
         mongo_database=mongo_database_name,
@@ -68,7 +68,7 @@ def ticket_settings(tickets_dsn: str, mongo_uri: str, mongo_database_name: str) 
 
 @pytest.fixture
 def registry_settings(registry_dsn: str) -> RegistrySettings:
-    return testsupport.registry_settings(
+    return testsettings.registry_settings(
         postgres_dsn=registry_dsn,
         jwt_secret=JWT_SECRET,
         registration_secret=REGISTRATION_SECRET,

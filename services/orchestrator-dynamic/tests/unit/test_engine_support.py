@@ -33,7 +33,7 @@ from orchestrator_dynamic.domain.scheduler import (
     TicketStatus,
     WorkerHealth,
 )
-from orchestrator_dynamic.domain.validation import PlanValidator
+from orchestrator_dynamic.domain.validation import InvalidPlan, PlanValidator, ValidPlan
 from orchestrator_dynamic.engine.convert import (
     ticket_spec,
     ticket_state,
@@ -508,11 +508,13 @@ def test_the_largest_ticket_c1_accepts_fits_in_one_call_with_room_for_a_result()
         "plan_id": "p" * limits.max_id_length,
         "tasks": [*({"task_id": d, "task_type": "echo"} for d in deps), largest],
     }
-    plan = PlanValidator(limits=limits).validate(raw).unwrap()
+    valid = PlanValidator(limits=limits).validate(raw)
+    assert isinstance(valid, ValidPlan), valid
+    plan = valid.plan
     spec = ticket_spec(plan, plan.tasks[-1])
     assert spec.ByteSize() < TICKET_CALL_BYTES // 2  # under 1 MiB
     numbers.append(0.0)  # the parameters were as large as C1 accepts
-    assert not PlanValidator(limits=limits).validate(raw).ok
+    assert isinstance(PlanValidator(limits=limits).validate(raw), InvalidPlan)
 
 
 def _body_app(limit: int) -> FastAPI:

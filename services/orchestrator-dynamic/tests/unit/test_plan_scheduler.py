@@ -84,7 +84,6 @@ class Case:
     dispatch: tuple[str, ...] = ()
     cancel: tuple[str, ...] = ()
     start_backoff: tuple[str, ...] = ()
-    missing: tuple[str, ...] = ()
     settled: bool = False
     wakeup: timedelta | None = None
     fail_fast: bool = True
@@ -114,7 +113,6 @@ CASES = [
         DIAMOND,
         {},
         P.PENDING,
-        missing=("a", "b", "c", "d"),
     ),
     Case(
         "some tickets created: only those can be dispatched",
@@ -122,7 +120,6 @@ CASES = [
         {"a": t(), "b": t(created=False)},
         P.PENDING,
         dispatch=("a",),
-        missing=("b", "c", "d"),
     ),
     Case(
         "all pending: the roots are ready",
@@ -373,7 +370,6 @@ def test_decide(case: Case) -> None:
     assert decision.dispatch == case.dispatch
     assert decision.cancel == case.cancel
     assert tuple(decision.start_backoff) == case.start_backoff
-    assert decision.missing_tickets == case.missing
     assert decision.settled is case.settled
     assert decision.next_wakeup == (NOW + case.wakeup if case.wakeup is not None else None)
     assert decision.error_message == case.error

@@ -17,11 +17,11 @@ import httpx
 import pytest
 
 from hive_common.auth import TokenIssuer
+from hive_testsupport.clock import ManualClock
 from neuralhive.registry.v1 import registry_service_pb2 as pb
 from neuralhive.registry.v1 import registry_service_pb2_grpc as pb_grpc
 from service_registry.app import RegistryApp, build_app
 from service_registry.config import RegistrySettings
-from service_registry.domain.clock import ManualClock
 
 JWT_SECRET = "registry-service-tests-secret-0123456789abcdef"
 REGISTRATION_SECRET = "join-the-hive-registration-secret"

@@ -18,7 +18,7 @@ import pytest
 from hive_common.errors import HiveError
 from hive_common.grpc_errors import from_rpc_error
 from hive_common.postgres import LOCK_TIMEOUT_MS
-from hive_common.testing.outage import UnreachablePool
+from hive_testsupport.outage import UnreachablePool
 from neuralhive.registry.v1 import registry_service_pb2 as pb
 
 if TYPE_CHECKING:  # conftest is not importable at run time (import mode importlib)

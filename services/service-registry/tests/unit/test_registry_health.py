@@ -10,8 +10,8 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from hive_common.errors import NotFound
+from hive_testsupport.clock import ManualClock
 from service_registry.domain import lifecycle
-from service_registry.domain.clock import ManualClock
 from service_registry.domain.models import (
     HealthPolicy,
     HeartbeatUpdate,

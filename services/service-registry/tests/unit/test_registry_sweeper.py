@@ -15,7 +15,7 @@ import pytest
 from prometheus_client import CollectorRegistry
 
 from hive_common.errors import Unavailable
-from service_registry.domain.clock import ManualClock
+from hive_testsupport.clock import ManualClock
 from service_registry.domain.models import WorkerStatus
 from service_registry.metrics import RegistryMetrics
 from service_registry.storage import SweepResult, WorkerRepository

@@ -21,7 +21,7 @@ import grpc
 from hive_common.errors import DeadlineExceeded, HiveError, UndecodableResponse
 from hive_common.grpc_client import TokenProvider, create_channel
 from hive_common.logging import get_logger
-from hive_common.retry import call_with_policy, is_retryable, retry_policy
+from hive_common.retry import is_retryable, retry_policy
 
 RequestT = TypeVar("RequestT")
 ResponseT = TypeVar("ResponseT")
@@ -187,7 +187,7 @@ class UnaryInvoker:
             max_wait=self.policy.max_backoff_seconds,
             sleep=self._sleep,
         )
-        return await call_with_policy(policy, retry)
+        return await policy(retry)
 
 
 class ReconnectingStream(Generic[ResponseT, ItemT]):

@@ -8,7 +8,7 @@ unary calls retry UNAVAILABLE / DEADLINE_EXCEEDED within the overall deadline.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any
 
 import grpc
@@ -255,33 +255,6 @@ class RegistryClient(GrpcClient):
             attempt_timeout=attempt_timeout,
             deadline=deadline,
         )
-
-    async def iter_workers(
-        self,
-        *,
-        namespace: str = "",
-        statuses: Iterable[pb.WorkerStatus.ValueType] = (),
-        capability: str = "",
-        page_size: int = 0,
-        token: str | None = None,
-    ) -> AsyncIterator[pb.Worker]:
-        """Every matching worker, page after page (each page call retried on its own)."""
-        wanted = list(statuses)
-        page_token = ""
-        while True:
-            page = await self.list_workers(
-                namespace=namespace,
-                statuses=wanted,
-                capability=capability,
-                page_size=page_size,
-                page_token=page_token,
-                token=token,
-            )
-            for worker in page.workers:
-                yield worker
-            if not page.next_page_token:
-                return
-            page_token = page.next_page_token
 
     def watch_workers(
         self,

@@ -20,9 +20,6 @@ from hive_common.auth import TokenClaims, TokenKind
 from hive_common.errors import PermissionDenied
 
 READ_METHODS = frozenset({"GetTicket", "ListTickets"})
-SERVICE_ONLY_METHODS = frozenset(
-    {"CreateTicket", "BatchCreateTickets", "AssignTicket", "AssignTickets"}
-)
 # Open to every token: each report in it is authorized on its own, as UpdateTicketStatus.
 REPORT_METHODS = frozenset({"UpdateTicketStatuses"})
 WORKER_UPDATE_TARGETS = frozenset(

@@ -23,8 +23,7 @@ from typing import Any
 from pymongo import ASCENDING, AsyncMongoClient
 from pymongo.errors import BulkWriteError, PyMongoError
 
-from execution_ticket_service.domain.models import EventType
-from execution_ticket_service.storage.rows import ticket_document
+from execution_ticket_service.domain.models import EventType, ticket_document
 from execution_ticket_service.storage.tickets import OutboxEntry
 from hive_common.errors import Unavailable
 

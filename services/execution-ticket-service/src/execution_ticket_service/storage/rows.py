@@ -62,34 +62,3 @@ def ticket_from_row(row: Mapping[str, Any]) -> Ticket:
         # Absent from the outbox payloads of events written before migration 0003.
         lost_runs=row.get("lost_runs", 0),
     )
-
-
-def ticket_document(ticket: Ticket) -> dict[str, Any]:
-    """The ticket as a plain document (MongoDB audit, HTTP); datetimes stay datetimes."""
-    spec = ticket.spec
-    return {
-        "ticket_id": ticket.ticket_id,
-        "plan_id": spec.plan_id,
-        "intent_id": spec.intent_id,
-        "task_id": spec.task_id,
-        "task_type": spec.task_type,
-        "description": spec.description,
-        "parameters": spec.parameters,
-        "required_capabilities": list(spec.required_capabilities),
-        "depends_on": list(spec.depends_on),
-        "priority": spec.priority.value,
-        "status": ticket.status.value,
-        "attempt": ticket.attempt,
-        "lost_runs": ticket.lost_runs,
-        "max_retries": spec.max_retries,
-        "timeout_seconds": spec.timeout_seconds,
-        "worker_id": ticket.worker_id,
-        "lease_expires_at": ticket.lease_expires_at,
-        "error_message": ticket.error_message,
-        "result": ticket.result,
-        "version": ticket.version,
-        "created_at": ticket.created_at,
-        "updated_at": ticket.updated_at,
-        "started_at": ticket.started_at,
-        "completed_at": ticket.completed_at,
-    }

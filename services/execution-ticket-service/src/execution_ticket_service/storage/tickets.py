@@ -20,7 +20,7 @@ import collections
 import json
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any, TypeVar, cast
 
 import psycopg
@@ -29,6 +29,7 @@ from psycopg.abc import Params
 from psycopg.rows import DictRow
 from psycopg.types.json import Jsonb, set_json_loads
 
+from execution_ticket_service.domain.clock import Clock, utc_now
 from execution_ticket_service.domain.ids import new_uuid4_strings
 from execution_ticket_service.domain.models import (
     SPEC_CONTENT_FIELDS,
@@ -65,7 +66,6 @@ from hive_common.postgres import open_pool as open_dict_pool
 
 T = TypeVar("T")
 Pool = DictPool
-Clock = Callable[[], datetime]
 Statement = str | sql.Composed
 
 # Conflicts PostgreSQL resolves by aborting one transaction; retrying it is always safe.
@@ -84,10 +84,6 @@ _CONVERT_CHUNK = 50
 
 # A change to decide and write: the ticket and the decision to make on it as it is then.
 Change = tuple[str, Callable[[Ticket, datetime], Outcome]]
-
-
-def utc_now() -> datetime:
-    return datetime.now(UTC)
 
 
 # Every number of ``parameters`` and ``result`` came as a protobuf double. jsonb keeps
@@ -1196,4 +1192,4 @@ def _new_ticket(ticket_id: str, spec: TicketSpec, now: datetime) -> Ticket:
     )
 
 
-__all__ = ["OutboxEntry", "Pool", "TicketRepository", "open_pool", "utc_now"]
+__all__ = ["OutboxEntry", "Pool", "TicketRepository", "open_pool"]

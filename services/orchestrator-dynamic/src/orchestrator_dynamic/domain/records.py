@@ -52,7 +52,6 @@ class PlanSummary:
     settled_at: datetime | None
     cancel_requested_at: datetime | None
     owner_id: str | None
-    owner_lease_expires_at: datetime | None
 
     @property
     def settled(self) -> bool:

@@ -207,8 +207,6 @@ class SchedulingDecision:
     # Re-queued tasks whose backoff starts now: task id -> backoff end, to be persisted with
     # the ticket's current attempt.
     start_backoff: Mapping[str, datetime]
-    # Tasks that have no ticket yet and still need one (C2).
-    missing_tickets: tuple[str, ...]
     # The earliest future backoff end: when to decide again if nothing else happens.
     next_wakeup: datetime | None
     # Every ticket is terminal: nothing left to drive.
@@ -240,10 +238,10 @@ class PlanProgress:
         self._failed: set[str] = set()
         self._cancelled: set[str] = set()
         self._started = 0  # tasks whose ticket left PENDING or was re-queued
-        # PENDING tasks by what decide() has to do with them: create the ticket; start or
-        # wait out a retry backoff; dispatch once the dependencies are COMPLETED (``_ready``:
-        # the dispatch ranks of those whose dependencies are, sorted).
-        self._missing: set[str] = set()
+        # PENDING tasks with a ticket, by what decide() has to do with them: start or wait
+        # out a retry backoff; dispatch once the dependencies are COMPLETED (``_ready``: the
+        # dispatch ranks of those whose dependencies are, sorted). Those without a ticket
+        # wait for the driver to create it (C2).
         self._retrying: set[str] = set()
         self._ready: list[int] = []
         # Worker id -> this plan's tickets ASSIGNED or RUNNING there.
@@ -300,7 +298,8 @@ class PlanProgress:
             if not self._unmet[task_id]:
                 bisect.insort(self._ready, self.graph.dispatch_rank[task_id])
         elif status is TicketStatus.PENDING:
-            (self._missing if state.ticket_id is None else self._retrying).add(task_id)
+            if state.ticket_id is not None:
+                self._retrying.add(task_id)
         elif status in OCCUPYING and state.worker_id:
             self.occupying[state.worker_id] = self.occupying.get(state.worker_id, 0) + 1
 
@@ -316,7 +315,7 @@ class PlanProgress:
             if not self._unmet[task_id]:
                 self._unready(task_id)
         elif status is TicketStatus.PENDING:
-            (self._missing if state.ticket_id is None else self._retrying).discard(task_id)
+            self._retrying.discard(task_id)
         elif status in OCCUPYING and state.worker_id:
             left = self.occupying[state.worker_id] - 1
             if left:
@@ -382,7 +381,6 @@ class PlanProgress:
             dispatch=tuple(map(graph.ranked.__getitem__, ranks)),
             cancel=tuple(self._in_plan_order(to_cancel)),
             start_backoff=start_backoff,
-            missing_tickets=tuple(self._in_plan_order(self._missing - to_cancel)),
             next_wakeup=min(wakeups, default=None),
             settled=not active,
             error_message=_error_message(states, failed, cancelled, status, cancel_requested),

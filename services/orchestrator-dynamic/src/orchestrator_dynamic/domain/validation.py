@@ -26,7 +26,7 @@ import re
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any, NoReturn
+from typing import Any
 
 from hive_common.errors import FieldViolation, InvalidArgument
 from hive_common.structs import MAX_EXACT_INTEGER, whole_numbers_as_integers
@@ -137,22 +137,11 @@ class ValidPlan:
     plan: Plan
     warnings: tuple[ValidationIssue, ...] = ()
 
-    @property
-    def ok(self) -> bool:
-        return True
-
-    def unwrap(self) -> Plan:
-        return self.plan
-
 
 @dataclass(frozen=True, slots=True)
 class InvalidPlan:
     errors: tuple[ValidationIssue, ...]
     warnings: tuple[ValidationIssue, ...] = ()
-
-    @property
-    def ok(self) -> bool:
-        return False
 
     def to_error(self) -> InvalidArgument:
         count = sum(e.omitted or 1 for e in self.errors)
@@ -162,9 +151,6 @@ class InvalidPlan:
             violations=[issue.to_field_violation() for issue in self.errors],
             details={"warnings": [w.to_json() for w in self.warnings]} if self.warnings else {},
         )
-
-    def unwrap(self) -> NoReturn:
-        raise self.to_error()
 
 
 PlanValidationResult = ValidPlan | InvalidPlan

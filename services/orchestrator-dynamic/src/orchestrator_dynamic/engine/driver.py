@@ -37,7 +37,7 @@ import bisect
 import contextlib
 from collections.abc import Awaitable, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import TypeVar
 
 from hive_common.batching import bounded_batches
@@ -58,6 +58,7 @@ from hive_common.errors import (
 from hive_common.logging import get_logger
 from neuralhive.registry.v1 import registry_service_pb2 as registry_pb
 from neuralhive.ticket.v1 import ticket_service_pb2 as ticket_pb
+from orchestrator_dynamic.domain.clock import Clock, utc_now
 from orchestrator_dynamic.domain.plan import Priority
 from orchestrator_dynamic.domain.records import PlanLease, PlanOwnershipLost, StoredPlan
 from orchestrator_dynamic.domain.scheduler import (
@@ -209,7 +210,7 @@ class PlanDriver:
         settings: DriverSettings,
         health: DependencyHealth,
         metrics: OrchestratorMetrics,
-        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        clock: Clock = utc_now,
     ) -> None:
         self._metrics = metrics
         self._repo = repository

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import uuid
-from collections.abc import Callable, Collection
+from collections.abc import Collection
 from dataclasses import dataclass
-from datetime import UTC, datetime
 
 from hive_common.clients import RegistryClient
 from hive_common.errors import (
@@ -20,6 +19,7 @@ from hive_common.errors import (
 from hive_common.logging import get_logger
 from hive_common.text import shown
 from neuralhive.registry.v1 import registry_service_pb2 as registry_pb
+from orchestrator_dynamic.domain.clock import Clock, utc_now
 from orchestrator_dynamic.domain.plan import Plan, plan_body_hash
 from orchestrator_dynamic.domain.records import PlanPage, PlanSummary, StoredPlan
 from orchestrator_dynamic.domain.scheduler import (
@@ -81,7 +81,7 @@ class PlanService:
         namespace: str = "",
         submit_wait_seconds: float = 10.0,
         registry_deadline_seconds: float = 5.0,
-        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        clock: Clock = utc_now,
     ) -> None:
         self._repo = repository
         self._validator = validator

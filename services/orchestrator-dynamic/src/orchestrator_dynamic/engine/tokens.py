@@ -6,10 +6,10 @@ A worker that sees its assignment calls GenerateToken itself (with its worker to
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 
 from hive_common.auth import TokenIssuer
+from orchestrator_dynamic.domain.clock import Clock, utc_now
 
 
 class ServiceTokenProvider:
@@ -22,7 +22,7 @@ class ServiceTokenProvider:
         issuer: TokenIssuer,
         service: str,
         ttl_seconds: int,
-        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        clock: Clock = utc_now,
     ) -> None:
         self._issuer = issuer
         self._service = service

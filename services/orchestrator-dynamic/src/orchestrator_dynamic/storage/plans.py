@@ -14,9 +14,9 @@ expired but was not claimed by anyone else still fences correctly and may keep w
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable, Collection, Mapping, Sequence
+from collections.abc import AsyncIterator, Collection, Mapping, Sequence
 from contextlib import asynccontextmanager
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from typing import Any, TypeAlias
 
 from psycopg import AsyncConnection
@@ -32,6 +32,7 @@ from hive_common.errors import (
 )
 from hive_common.postgres import DictPool, connection, database_errors
 from hive_common.tokens import decode_token, encode_token
+from orchestrator_dynamic.domain.clock import Clock, utc_now
 from orchestrator_dynamic.domain.plan import Plan, Priority, plan_body_hash
 from orchestrator_dynamic.domain.records import (
     PlanLease,
@@ -55,15 +56,10 @@ DEFAULT_PAGE_SIZE = 50
 MAX_PAGE_SIZE = 500
 
 
-def _utc_now() -> datetime:
-    return datetime.now(UTC)
-
-
 _SUMMARY_COLUMNS = """
     p.plan_id, p.intent_id, p.name, p.priority, p.task_count, p.status, p.error_message,
     p.created_at, p.updated_at,
-    p.completed_at, p.settled_at, p.cancel_requested_at, p.owner_id, p.owner_lease_expires_at,
-    p.counts
+    p.completed_at, p.settled_at, p.cancel_requested_at, p.owner_id, p.counts
 """
 
 _SELECT_SUMMARY = "SELECT " + _SUMMARY_COLUMNS + " FROM plans p"
@@ -232,22 +228,11 @@ UPDATE plans SET owner_id = NULL, owner_lease_expires_at = NULL
 RETURNING plan_id
 """
 
-_LIST_UNSETTLED = (
-    _SELECT_SUMMARY
-    + """
- WHERE p.settled_at IS NULL
-   AND (%(after_created)s::timestamptz IS NULL
-        OR (p.created_at, p.plan_id) > (%(after_created)s::timestamptz, %(after_plan)s::text))
- ORDER BY p.created_at, p.plan_id
- LIMIT %(limit)s
-"""
-)
-
 
 class PlanRepository:
     """Plans, their tasks' last known ticket states, and plan ownership leases."""
 
-    def __init__(self, *, pool: Pool, clock: Callable[[], datetime] = _utc_now) -> None:
+    def __init__(self, *, pool: Pool, clock: Clock = utc_now) -> None:
         self._pool = pool
         self._clock = clock
 
@@ -412,21 +397,6 @@ class PlanRepository:
         )
         return PlanPage(plans=plans, next_page_token=next_token)
 
-    async def list_unsettled(
-        self, *, limit: int = 100, after: PlanSummary | None = None
-    ) -> list[PlanSummary]:
-        """Plans with something left to drive, oldest first, whoever owns them."""
-        async with self._connection() as conn:
-            cur = await conn.execute(
-                _LIST_UNSETTLED,
-                {
-                    "after_created": after.created_at if after else None,
-                    "after_plan": after.plan_id if after else None,
-                    "limit": max(1, limit),
-                },
-            )
-            return [_summary(r) for r in await cur.fetchall()]
-
     async def request_cancel(self, plan_id: str) -> tuple[PlanSummary, bool]:
         """Record a cancel request and mark the plan CANCELLED at once (the owner then
         cancels its tickets). Returns the plan and whether this call changed it: a plan that
@@ -578,16 +548,6 @@ class PlanRepository:
             )
             return sorted((_lease(r) for r in await cur.fetchall()), key=lambda x: x.plan_id)
 
-    async def renew(self, lease: PlanLease, *, ttl: timedelta) -> PlanLease:
-        """Extend a lease; ``PlanOwnershipLost`` if it is no longer the current one."""
-        renewed = await self.renew_many([lease], ttl=ttl)
-        if not renewed:
-            raise PlanOwnershipLost(
-                f"plan {lease.plan_id!r} is no longer driven by {lease.owner_id!r}",
-                details={"plan_id": lease.plan_id},
-            )
-        return renewed[0]
-
     async def renew_many(self, leases: Sequence[PlanLease], *, ttl: timedelta) -> list[PlanLease]:
         """Extend several leases of one owner in one statement; returns the renewed ones
         (a lease missing from the result was lost)."""
@@ -641,7 +601,6 @@ def _summary(row: Mapping[str, Any]) -> PlanSummary:
         settled_at=row["settled_at"],
         cancel_requested_at=row["cancel_requested_at"],
         owner_id=row["owner_id"],
-        owner_lease_expires_at=row["owner_lease_expires_at"],
     )
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import uuid
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -77,10 +76,6 @@ class HealthPolicy:
 
     def is_expired(self, last_heartbeat_at: datetime, now: datetime) -> bool:
         return last_heartbeat_at < self.expiry_cutoff(now)
-
-    def missed_intervals(self, last_heartbeat_at: datetime, now: datetime) -> int:
-        age = max(0.0, (now - last_heartbeat_at).total_seconds())
-        return math.floor(age / self.heartbeat_interval.total_seconds())
 
     def status_of(
         self, *, last_heartbeat_at: datetime, draining: bool, now: datetime

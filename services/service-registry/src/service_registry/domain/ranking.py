@@ -67,10 +67,6 @@ class WorkerRanker:
         self._policy = policy
         self._weights = (weights or RankingWeights()).normalized()
 
-    @property
-    def normalized_weights(self) -> tuple[float, float, float]:
-        return self._weights
-
     def is_eligible(self, worker: Worker, query: DiscoveryQuery, now: datetime) -> bool:
         """Live, not draining, not full (unless asked for), in the namespace, all
         capabilities, every label."""

@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 import grpc
 from google.protobuf.message import Message
 
+from execution_ticket_service.domain.clock import utc_now
 from execution_ticket_service.domain.ids import canonical_if_uuid
 from execution_ticket_service.domain.models import (
     EventType,
@@ -26,6 +27,7 @@ from execution_ticket_service.domain.paging import (
     fill_page,
 )
 from execution_ticket_service.domain.state_machine import check_token_eligible, token_eligible
+from execution_ticket_service.domain.stores import TicketStore
 from execution_ticket_service.domain.validation import (
     Limits,
     RawAssignment,
@@ -42,7 +44,6 @@ from execution_ticket_service.domain.validation import (
     validate_status_update,
     validate_ticket_id,
 )
-from execution_ticket_service.storage.tickets import TicketRepository, utc_now
 from execution_ticket_service.transport.grpc.auth import actor_of, current_claims
 from execution_ticket_service.transport.grpc.convert import (
     event_to_proto,
@@ -91,7 +92,7 @@ class TicketServicer(pb_grpc.TicketServiceServicer):
     def __init__(
         self,
         *,
-        repository: TicketRepository,
+        repository: TicketStore,
         issuer: TokenIssuer,
         limits: Limits,
         tail: EventLogTail,

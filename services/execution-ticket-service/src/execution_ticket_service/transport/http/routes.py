@@ -8,12 +8,13 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, WithJsonSchema
 
-from execution_ticket_service.domain.models import Priority, Ticket, TicketStatus
+from execution_ticket_service.domain.models import Priority, Ticket, TicketStatus, ticket_document
 from execution_ticket_service.domain.paging import (
     decode_page_token,
     encode_page_token,
     fill_page,
 )
+from execution_ticket_service.domain.stores import AuditTrail, TicketStore
 from execution_ticket_service.domain.validation import (
     Limits,
     Violations,
@@ -21,9 +22,6 @@ from execution_ticket_service.domain.validation import (
     validate_filter,
     validate_ticket_id,
 )
-from execution_ticket_service.storage.audit import AuditStore
-from execution_ticket_service.storage.rows import ticket_document
-from execution_ticket_service.storage.tickets import TicketRepository
 from hive_common.auth import TokenClaims, TokenVerifier, bearer_token_from_metadata
 from hive_common.errors import InvalidArgument, Unauthenticated
 from hive_common.http import query_violations
@@ -100,8 +98,8 @@ def _ticket_out(ticket: Ticket) -> TicketOut:
 
 def build_router(
     *,
-    repository: TicketRepository,
-    audit: AuditStore,
+    repository: TicketStore,
+    audit: AuditTrail,
     limits: Limits,
     verifier: TokenVerifier | None,
 ) -> APIRouter:

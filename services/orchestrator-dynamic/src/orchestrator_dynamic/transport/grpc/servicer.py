@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hmac
 from collections.abc import AsyncIterator
 from datetime import datetime
 from typing import Any
 
-from hive_common.auth import bearer_token_from_metadata
-from hive_common.errors import ResourceExhausted, Unauthenticated
+from hive_common.errors import ResourceExhausted
 from hive_common.structs import struct_to_dict
 from hive_common.timestamps import datetime_to_timestamp
 from neuralhive.orchestrator.v1 import orchestrator_service_pb2 as pb
@@ -26,6 +24,7 @@ from orchestrator_dynamic.domain.plan import Priority
 from orchestrator_dynamic.domain.records import StoredPlan
 from orchestrator_dynamic.domain.scheduler import PlanStatus, TicketState, TicketStatus
 from orchestrator_dynamic.engine.plans import PlanService
+from orchestrator_dynamic.transport.auth import check_api_token
 
 SERVICE_NAME = "neuralhive.orchestrator.v1.OrchestratorService"
 
@@ -199,12 +198,7 @@ class OrchestratorServicer(pb_grpc.OrchestratorServiceServicer):
         self._draining.set()
 
     def _authorize(self, context: Any) -> None:
-        if self._api_token is None:
-            return
-        # The HTTP API's rules: two authorization entries, or another scheme, are refused.
-        token = bearer_token_from_metadata(context.invocation_metadata()) or ""
-        if not hmac.compare_digest(token.encode(), self._api_token.encode()):
-            raise Unauthenticated("missing or wrong API token (authorization: Bearer <token>)")
+        check_api_token(context.invocation_metadata(), self._api_token, header="authorization")
 
     async def SubmitPlan(
         self, request: pb.SubmitPlanRequest, context: Any

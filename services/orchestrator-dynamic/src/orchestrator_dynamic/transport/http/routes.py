@@ -8,7 +8,6 @@ shape with JSON paths from ``PlanValidator``.
 from __future__ import annotations
 
 import asyncio
-import hmac
 from datetime import datetime
 from typing import Annotated, Any
 
@@ -16,13 +15,7 @@ from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, Field, WithJsonSchema
 from starlette.responses import JSONResponse
 
-from hive_common.auth import bearer_token_from_metadata
-from hive_common.errors import (
-    FieldViolation,
-    InvalidArgument,
-    ResourceExhausted,
-    Unauthenticated,
-)
+from hive_common.errors import FieldViolation, InvalidArgument, ResourceExhausted
 from hive_common.http import IsoDateTime, query_violations
 from orchestrator_dynamic.domain.json_input import decode_json
 from orchestrator_dynamic.domain.plan import Priority
@@ -35,6 +28,7 @@ from orchestrator_dynamic.domain.scheduler import (
 )
 from orchestrator_dynamic.domain.validation import IssueCode
 from orchestrator_dynamic.engine.plans import PlanService
+from orchestrator_dynamic.transport.auth import check_api_token
 
 PLANS_PATH = "/api/v1/plans"
 
@@ -314,12 +308,8 @@ def build_router(
     ``Authorization: Bearer <api_token>``."""
 
     async def authorize(request: Request) -> None:
-        if api_token is None:
-            return
         # Every Authorization header, not just the first: two are refused.
-        token = bearer_token_from_metadata(request.headers.items()) or ""
-        if not hmac.compare_digest(token.encode(), api_token.encode()):
-            raise Unauthenticated("missing or wrong API token (Authorization: Bearer <token>)")
+        check_api_token(request.headers.items(), api_token)
 
     router = APIRouter(prefix=PLANS_PATH, tags=["plans"], dependencies=[Depends(authorize)])
 

@@ -1,8 +1,8 @@
 """Pytest plugin giving tests real, isolated PostgreSQL and MongoDB databases.
 
-Auto-loaded through the ``pytest11`` entry point of hive-common. Nothing starts until a test
-asks for a database fixture. Each server kind is acquired once per session, from the first
-source that works:
+Auto-loaded through the ``pytest11`` entry point of hive-testsupport. Nothing starts until
+a test asks for a database fixture. Each server kind is acquired once per session, from the
+first source that works:
 
 1. an environment DSN: ``HIVE_TEST_POSTGRES_DSN`` (a superuser / CREATEDB conninfo) and
    ``HIVE_TEST_MONGO_URI``;
@@ -16,8 +16,8 @@ If no source works the test is skipped with a message naming what is missing, ex
 
 Fixtures:
 
-* ``postgres_dsn`` (function) / ``module_postgres_dsn`` (module): conninfo URL of a fresh,
-  empty database, dropped ``WITH (FORCE)`` afterwards.
+* ``postgres_dsn`` (function): conninfo URL of a fresh, empty database, dropped
+  ``WITH (FORCE)`` afterwards.
 * ``mongo_uri`` (session): ``mongodb://`` URI of the server.
 * ``mongo_database_name`` (function) / ``module_mongo_database_name`` (module): a unique
   database name on that server, dropped afterwards.
@@ -374,13 +374,6 @@ def temporary_mongo_database(server: MongoServer) -> Iterator[str]:
 @pytest.fixture
 def postgres_dsn(postgres_server: PostgresServer) -> Iterator[str]:
     """Conninfo URL of a fresh, empty PostgreSQL database for this test only."""
-    with temporary_postgres_database(postgres_server) as dsn:
-        yield dsn
-
-
-@pytest.fixture(scope="module")
-def module_postgres_dsn(postgres_server: PostgresServer) -> Iterator[str]:
-    """Like ``postgres_dsn`` but shared by the tests of one module."""
     with temporary_postgres_database(postgres_server) as dsn:
         yield dsn
 

@@ -8,7 +8,7 @@ from psycopg.conninfo import conninfo_to_dict
 from pymongo import AsyncMongoClient, MongoClient
 from pymongo.errors import PyMongoError
 
-from hive_common.testing.databases import (
+from hive_testsupport.databases import (
     MongoServer,
     PostgresServer,
     temporary_mongo_database,

@@ -1,1 +1,0 @@
-"""Test support shared by every Hive Flow C package (the database plugin lives here)."""
