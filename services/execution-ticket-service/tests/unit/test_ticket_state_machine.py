@@ -180,6 +180,28 @@ def test_identical_repeat_of_a_requeueing_failure_is_a_no_op_even_with_stale_att
     assert again.event is None
 
 
+def test_a_requeueing_failure_repeated_after_the_next_attempt_moved_on_is_a_no_op() -> None:
+    # Its reply lost, the worker sends it again after the next attempt was assigned to
+    # another worker and started: it was refused as stale and recorded as a late result.
+    request = update(S.FAILED, error_message="transient")
+    requeued = decide_update(ticket(S.RUNNING), request, now=LATER, actor="worker:a").ticket
+    assigned = decide_assign(
+        requeued,
+        Assignment(ticket_id=requeued.ticket_id, worker_id="b", lease_seconds=30, attempt=2),
+        now=LATER,
+        actor="service:o",
+    ).ticket
+    running = decide_update(assigned, update(S.RUNNING, attempt=2), now=LATER, actor="worker:b")
+    again = decide_update(running.ticket, request, now=LATER, actor="worker:a")
+    assert (again.changed, again.event, again.error) == (False, None, None)
+    assert again.ticket == running.ticket
+    # Another report of the ended attempt is still a late result.
+    other = decide_update(
+        running.ticket, update(S.FAILED, error_message="other"), now=LATER, actor="worker:a"
+    )
+    assert isinstance(other.error, FailedPrecondition)
+
+
 def test_repeat_with_different_content_is_not_a_no_op() -> None:
     first = decide_update(
         ticket(S.RUNNING), update(S.COMPLETED, result={"x": 1}), now=LATER, actor="a"

@@ -93,6 +93,10 @@ class Ticket:
     completed_at: datetime | None = None
     # Fingerprint of the last applied status update, so an identical retry is a no-op.
     last_update_digest: str = ""
+    # ... and of the failure report that re-queued the ticket last: retried once the next
+    # attempt has moved on (its first report replaced last_update_digest), it is still the
+    # same report, not a late result of the attempt it ended.
+    requeue_digest: str = ""
     # Attempts that ended with their worker (stopped or lost), not with the task.
     lost_runs: int = 0
 

@@ -191,7 +191,7 @@ def decide_update(ticket: Ticket, update: StatusUpdate, *, now: datetime, actor:
     "whatever attempt is current": cancellation is an operator action, not a worker result.
     """
     digest = update_digest(update)
-    if digest == ticket.last_update_digest:
+    if digest in (ticket.last_update_digest, ticket.requeue_digest):
         return Outcome(ticket=ticket)  # identical retry: same answer, no second event
     if update.attempt and update.attempt < ticket.attempt:
         # Fencing: a result from an attempt that was re-queued is never applied, only recorded.
@@ -260,6 +260,7 @@ def decide_update(ticket: Ticket, update: StatusUpdate, *, now: datetime, actor:
             _requeue(ticket, now, lost_run=lost_run),
             error_message=update.error_message,
             last_update_digest=digest,
+            requeue_digest=digest,
         )
         kind = EventType.REQUEUED
         details = {

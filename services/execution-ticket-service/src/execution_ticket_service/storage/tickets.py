@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import dataclasses
 import json
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -199,6 +200,7 @@ _WRITTEN_COLUMNS = {
     "result": "jsonb",
     "version": "bigint",
     "last_update_digest": "text",
+    "requeue_digest": "text",
     "updated_at": "timestamptz",
     "started_at": "timestamptz",
     "completed_at": "timestamptz",
@@ -234,8 +236,9 @@ WITH t AS (
            %(previous_status)s, t.status, %(actor)s, %(occurred_at)s, to_jsonb(t), %(details)s
     FROM t
     ON CONFLICT (event_id) DO NOTHING
+    RETURNING 1
 )
-SELECT count(*) AS matched FROM t
+SELECT (SELECT count(*) FROM t) AS matched, (SELECT count(*) FROM inserted) AS inserted
 """
 
 # A change and its event in one statement (one round trip): the event reads the updated
@@ -475,40 +478,46 @@ class TicketRepository:
 
     async def _apply(
         self, conn: AsyncConnection[DictRow], outcome: Outcome, *, read_version: int
-    ) -> bool:
+    ) -> Outcome | None:
         """Write ``outcome`` if the ticket is still at ``read_version`` (the version the
-        decision was made on); False when a concurrent change got there first."""
+        decision was made on); the outcome as written, or None when a concurrent change got
+        there first. An event alone (a rejected late result) that was recorded before (the
+        same report repeated: the same event id) is not recorded again, nor reported."""
         if _is_change(outcome):
             params = _row_params(outcome, read_version) | _event_params(outcome, read_version)
             cur = await conn.execute(_UPDATE_TICKET_AND_INSERT_EVENT, params)
-            return cur.rowcount == 1
+            return outcome if cur.rowcount == 1 else None
         if outcome.changed:
             cur = await conn.execute(_UPDATE_TICKET, _row_params(outcome, read_version))
-            return cur.rowcount == 1
+            return outcome if cur.rowcount == 1 else None
         if outcome.event is not None:
             cur = await conn.execute(_INSERT_EVENT, _event_params(outcome, read_version))
             row = await cur.fetchone()
-            return row is not None and row["matched"] == 1
-        return True
+            if row is None or row["matched"] != 1:
+                return None
+            return outcome if row["inserted"] else dataclasses.replace(outcome, event=None)
+        return outcome
 
     async def _apply_all(
         self, conn: AsyncConnection[DictRow], decided: Sequence[tuple[Outcome, int]]
-    ) -> set[int]:
+    ) -> list[Outcome | None]:
         """Write every ``(outcome, read_version)``: the changes with an event (nearly all)
-        in one statement when there are enough of them, the rest one by one. Returns the
-        positions of those not written because their ticket had moved on."""
+        in one statement when there are enough of them, the rest one by one. Returns, per
+        position, the outcome as written, or None when its ticket had moved on (not
+        written)."""
+        applied: list[Outcome | None] = [outcome for outcome, _ in decided]
         changes = [i for i, (outcome, _) in enumerate(decided) if _is_change(outcome)]
         one_by_one: Sequence[int] = range(len(decided))
-        missed: set[int] = set()
         if len(changes) >= _BATCH_STATEMENT_MIN:
             written = await self._apply_changes(conn, [decided[i] for i in changes])
-            missed = {i for i in changes if decided[i][0].ticket.ticket_id not in written}
+            for i in changes:
+                if decided[i][0].ticket.ticket_id not in written:
+                    applied[i] = None
             one_by_one = [i for i in one_by_one if not _is_change(decided[i][0])]
         for i in one_by_one:
             outcome, version = decided[i]
-            if not await self._apply(conn, outcome, read_version=version):
-                missed.add(i)
-        return missed
+            applied[i] = await self._apply(conn, outcome, read_version=version)
+        return applied
 
     async def _apply_changes(
         self,
@@ -585,9 +594,11 @@ class TicketRepository:
                 i: decided for i in order if (decided := self._decided_on_recent(*requests[i]))
             }
             indexes = list(on_recent)
-            missed = await self._apply_all(conn, [on_recent[i] for i in indexes])
+            applied = await self._apply_all(conn, [on_recent[i] for i in indexes])
             results: dict[int, Outcome | HiveError] = {
-                i: on_recent[i][0] for n, i in enumerate(indexes) if n not in missed
+                i: outcome
+                for i, outcome in zip(indexes, applied, strict=True)
+                if outcome is not None
             }
             await self._decide_fresh_and_apply(
                 conn, [(i, requests[i]) for i in order if i not in results], results
@@ -645,11 +656,13 @@ class TicketRepository:
                     decided.append((request, (decide(ticket, now), ticket.version)))
                 except HiveError as exc:  # the decision's refusal (not database errors)
                     results[key] = exc
-            missed = await self._apply_all(conn, [change for _, change in decided])
-            for n, ((key, _), (outcome, _)) in enumerate(decided):
-                if n not in missed:
-                    results[key] = outcome
-            pending = [request for n, (request, _) in enumerate(decided) if n in missed]
+            applied = await self._apply_all(conn, [change for _, change in decided])
+            pending = []
+            for (request, _), outcome in zip(decided, applied, strict=True):
+                if outcome is None:
+                    pending.append(request)
+                else:
+                    results[request[0]] = outcome
         for key, (ticket_id, _) in pending:
             results[key] = _kept_changing(ticket_id)
 
@@ -1096,6 +1109,7 @@ def _row_params(outcome: Outcome, read_version: int) -> dict[str, Any]:
         "result": None if ticket.result is None else Jsonb(ticket.result),
         "version": ticket.version,
         "last_update_digest": ticket.last_update_digest,
+        "requeue_digest": ticket.requeue_digest,
         "updated_at": ticket.updated_at,
         "started_at": ticket.started_at,
         "completed_at": ticket.completed_at,
