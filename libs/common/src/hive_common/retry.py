@@ -9,6 +9,7 @@ lost the same dependency do not retry in lock step.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -51,13 +52,13 @@ def is_retryable(exc: BaseException) -> bool:
     return False
 
 
-def _log_retry(retry_state: RetryCallState) -> None:
+def _log_retry(call: str | None, retry_state: RetryCallState) -> None:
     outcome = retry_state.outcome
     error = outcome.exception() if outcome is not None else None
     sleep = retry_state.next_action.sleep if retry_state.next_action is not None else None
     _log.info(
         "retrying call",
-        function=getattr(retry_state.fn, "__qualname__", repr(retry_state.fn)),
+        call=call or getattr(retry_state.fn, "__qualname__", repr(retry_state.fn)),
         attempt=retry_state.attempt_number,
         error=repr(error),
         sleep_seconds=sleep,
@@ -72,8 +73,10 @@ def retry_policy(
     max_attempts: int | None = None,
     retry_on: Callable[[BaseException], bool] = is_retryable,
     sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
+    call: str | None = None,
 ) -> AsyncRetrying:
-    """A policy for idempotent async calls.
+    """A policy for idempotent async calls; its "retrying call" log lines name ``call``
+    (e.g. the RPC), else the function retried.
 
     Waits are drawn uniformly from ``[0, min(max_wait, initial_wait * 2**(n-1))]`` (full
     jitter). No attempt starts once the next wait would cross ``deadline_seconds`` from
@@ -97,7 +100,7 @@ def retry_policy(
         wait=wait_random_exponential(multiplier=initial_wait, max=max_wait),
         stop=stop,
         sleep=sleep,
-        before_sleep=_log_retry,
+        before_sleep=functools.partial(_log_retry, call),
         reraise=True,
     )
 

@@ -13,6 +13,7 @@ from typing import Any
 
 import grpc
 import pytest
+import structlog
 
 from hive_common.clients import (
     CallPolicy,
@@ -328,13 +329,17 @@ async def test_unavailable_is_retried_until_success(
 ) -> None:
     tickets.failures = [Unavailable("db down"), Unavailable("db down")]
     async with ticket_client(ticket_port, sleeps) as client:
-        ticket = await client.assign_ticket(
-            ticket_id=TICKET_ID, worker_id="w-1", attempt=1, expected_version=3
-        )
+        with structlog.testing.capture_logs() as logs:
+            ticket = await client.assign_ticket(
+                ticket_id=TICKET_ID, worker_id="w-1", attempt=1, expected_version=3
+            )
     assert ticket.ticket_id == TICKET_ID
     assert [c[0] for c in tickets.calls] == ["AssignTicket"] * 3
     assert tickets.calls[0][1].expected_version == 3
     assert len(sleeps.waits) == 2  # one back-off per retry
+    # Each retry's log line names the RPC (it named tenacity's inner function).
+    retries = [e for e in logs if e["event"] == "retrying call"]
+    assert [e["call"] for e in retries] == ["/neuralhive.ticket.v1.TicketService/AssignTicket"] * 2
 
 
 async def test_assign_tickets_answers_each_assignment_in_order_retrying_the_call(

@@ -171,10 +171,15 @@ class LeaseSweeper:
             events = await self._repository.expire_leases(limit=self._batch_size)
             total += len(events)
             for event in events:
+                # The attempt whose lease passed, and why (the ticket's own attempt is
+                # already the next one when it was re-queued).
                 log.info(
                     "lease expired",
                     ticket_id=event.ticket.ticket_id,
+                    plan_id=event.ticket.spec.plan_id,
                     worker_id=event.worker_id,
+                    expired_attempt=event.details.get("expired_attempt"),
+                    reason=event.details.get("error_message"),
                     status=event.ticket.status.value,
                     attempt=event.ticket.attempt,
                 )

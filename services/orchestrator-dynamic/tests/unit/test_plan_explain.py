@@ -154,7 +154,7 @@ CASES = [
         "a",
         ALL_PENDING,
         [R.READY, R.WORKERS_UNKNOWN],
-        "ready",
+        "ready as far as the plan goes; whether a worker can take it is unknown",
         workers=None,
     ),
     Case(

@@ -186,6 +186,7 @@ class UnaryInvoker:
             initial_wait=self.policy.initial_backoff_seconds,
             max_wait=self.policy.max_backoff_seconds,
             sleep=self._sleep,
+            call=_method_name(method),
         )
         return await policy(retry)
 

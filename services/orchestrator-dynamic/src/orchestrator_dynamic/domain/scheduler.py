@@ -923,11 +923,19 @@ def _pending_reasons(context: _Explaining, state: TicketState) -> list[Reason]:
         r.code in (ReasonCode.NO_CAPABLE_WORKER, ReasonCode.NO_WORKER_CAPACITY) for r in reasons
     )
     if task_id in context.dispatch and not blocked_on_workers:
-        reasons.insert(0, _ready_reason(context.round_error))
+        reasons.insert(
+            0, _ready_reason(context.round_error, workers_known=context.workers is not None)
+        )
     return reasons
 
 
-def _ready_reason(round_error: RoundError | None) -> Reason:
+def _ready_reason(round_error: RoundError | None, *, workers_known: bool) -> Reason:
+    if round_error is None and not workers_known:
+        # No claim about workers it cannot see (it said "assigned in the next round").
+        return Reason(
+            ReasonCode.READY,
+            "ready as far as the plan goes; whether a worker can take it is unknown",
+        )
     if round_error is None:
         return Reason(ReasonCode.READY, "ready: it is assigned in the next scheduling round")
     return Reason(

@@ -23,7 +23,8 @@ class OrchestratorMetrics:
         )
         self.assignments = Counter(
             "hive_orchestrator_assignments_total",
-            "AssignTicket calls by outcome (assigned, refused: a race, the ticket is re-read).",
+            "Ticket assignments by outcome (assigned; refused: a race, the ticket is re-read; "
+            "worker_full: the worker's capacity was taken, through another replica).",
             ("outcome",),
             registry=registry,
         )
