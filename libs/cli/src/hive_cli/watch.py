@@ -11,10 +11,13 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from hive_cli.api import HiveApi, JsonObject, ServiceUnreachable
+from hive_cli.api import ApiError, HiveApi, JsonObject, ServiceUnreachable
 from hive_cli.exit_codes import ExitCode
 from hive_cli.progress import FailureTracker, ProgressDisplay
 from hive_cli.render import TERMINAL_PLAN_STATUSES
+
+TRANSIENT_STATUSES = frozenset({502, 503, 504})
+"""Answers a watch rides out like an unreachable orchestrator."""
 
 # How long the orchestrator may stay unreachable during a watch before giving up; a
 # restart (rolling update, crash) takes a few seconds and must not end the watch.
@@ -46,7 +49,8 @@ class PlanWatcher:
 
         ``ApiError`` (e.g. NOT_FOUND) propagates; ``ServiceUnreachable`` at once if the
         first poll fails, else once the orchestrator has been unreachable for longer than
-        ``unreachable_grace``.
+        ``unreachable_grace``. An answer that says "not now" (502, 503, 504: its database
+        down, a proxy during a restart) counts as unreachable.
         """
         failures = FailureTracker(self.api.ticket_events, note=self.display.note)
         started = self.clock()
@@ -56,13 +60,15 @@ class PlanWatcher:
             while True:
                 try:
                     plan = self.api.get_plan(plan_id)
-                except ServiceUnreachable as exc:
+                except (ServiceUnreachable, ApiError) as exc:
+                    if isinstance(exc, ApiError) and exc.status not in TRANSIENT_STATUSES:
+                        raise
                     if last is None:
                         raise  # never reached: a wrong URL or a stopped service, not a restart
                     now = self.clock()
                     if unreachable_since is None:
                         unreachable_since = now
-                        self.display.note(f"orchestrator unreachable ({exc.reason}); retrying")
+                        self.display.note(f"orchestrator unreachable ({_why(exc)}); retrying")
                     elif now - unreachable_since > self.unreachable_grace:
                         raise
                 else:
@@ -79,6 +85,12 @@ class PlanWatcher:
                 self.sleep(self.interval)
         finally:
             self.display.close()
+
+
+def _why(exc: ServiceUnreachable | ApiError) -> str:
+    if isinstance(exc, ServiceUnreachable):
+        return exc.reason
+    return f"{exc.status} {exc.code}: {exc.message}"
 
 
 def plan_exit_code(plan: JsonObject) -> ExitCode:

@@ -537,6 +537,33 @@ def test_watch_rides_out_a_short_outage_but_not_a_long_one() -> None:
     assert clock.now <= 3.0
 
 
+def test_watch_rides_out_an_orchestrator_answering_unavailable() -> None:
+    # Its database down: the orchestrator answers 503; the watch ended at once (exit 5)
+    # while the plan went on to complete.
+    busy = ApiError("orchestrator", 503, "UNAVAILABLE", "orchestrator database unavailable")
+    clock = FakeClock()
+    display = io.StringIO()
+    api = ScriptedApi(
+        [
+            snapshot("RUNNING", ticket("a", "RUNNING")),
+            busy,
+            snapshot("COMPLETED", ticket("a", "COMPLETED")),
+        ]
+    )
+    plain = watcher(api, clock, unreachable_grace=5.0)
+    plain.display = PlainDisplay(display)
+    assert plain.watch("p1")["status"] == "COMPLETED"
+    assert (
+        "orchestrator unreachable (503 UNAVAILABLE: orchestrator database unavailable); "
+        "retrying" in display.getvalue()
+    )
+    # A definite answer still ends the watch.
+    gone = ApiError("orchestrator", 404, "NOT_FOUND", "no plan p1")
+    api = ScriptedApi([snapshot("RUNNING", ticket("a", "RUNNING")), gone])
+    with pytest.raises(ApiError):
+        watcher(api, FakeClock()).watch("p1")
+
+
 def test_watch_fails_at_once_if_the_orchestrator_was_never_reached() -> None:
     api = ScriptedApi([ServiceUnreachable("orchestrator", "http://x", "refused")])
     with pytest.raises(ServiceUnreachable):
