@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 from pymongo import AsyncMongoClient
-from pymongo.errors import AutoReconnect, ServerSelectionTimeoutError
+from pymongo.errors import AutoReconnect, OperationFailure, ServerSelectionTimeoutError
 
 from execution_ticket_service.domain.models import TicketSpec
 from execution_ticket_service.storage import audit
@@ -96,6 +96,21 @@ def test_unavailable_says_why_without_the_drivers_topology_description() -> None
     ipv6 = AutoReconnect("fd00::5:27017: [Errno 111] Connect call failed ('::1', 27017, 0, 0)")
     assert (
         audit._unavailable(ipv6).message == "MongoDB unavailable: [Errno 111] Connect call failed"
+    )
+    # FerretDB's answer when its PostgreSQL is down: a kilobyte with its Go stack frames,
+    # its backend's address and user, all of it twice (pymongo appends the "full error").
+    errmsg = (
+        "[msg_ping.go:55 handler.(*Handler).MsgPing] [backend.go:109 postgresql.(*backend)"
+        ".Status] failed to connect to `user=postgres database=ferretdb`:\n\t127.0.0.1:55603"
+        " (127.0.0.1): dial error: dial tcp connect: connection refused\n\t127.0.0.1:55603"
+        " (127.0.0.1): dial error: dial tcp connect: connection refused"
+    )
+    backend_down = OperationFailure(
+        errmsg, code=1, details={"ok": 0.0, "errmsg": errmsg, "code": 1, "codeName": "X"}
+    )
+    assert audit._unavailable(backend_down).message == (
+        "MongoDB unavailable: failed to connect to: dial error: dial tcp connect: "
+        "connection refused"
     )
 
 

@@ -94,16 +94,21 @@ def status_change_document(audit: dict[str, Any]) -> dict[str, Any]:
 # the driver's timeouts after it.
 _SERVER_ADDRESS = re.compile(r"[^\s,()]+:\d+: | ?\('[^']*', \d+(?:, \d+)*\)")
 _CONFIGURED_TIMEOUTS = re.compile(r" \(configured timeouts: [^)]*\)")
+# A server's own error (FerretDB's when its PostgreSQL is down): Go stack frames, its
+# backend's connection string in backquotes and "host:port (host): " before each dial error.
+_SERVER_INTERNALS = re.compile(r"\[[^\]\s]+\.go:\d+ [^\]]*\] ?| ?`[^`]*`|\S+:\d+ \(\S+\): ")
 
 
 def _said(driver_text: str) -> str:
     """``MongoDB unavailable: <why>``: what the driver said, without the topology
-    description a server selection timeout appends (a kilobyte of internals in every
-    /events 503 and log line), the timeouts it was configured with, or the servers'
-    addresses (the unauthenticated /ready showed where MongoDB runs)."""
-    reason = driver_text.split(", Topology Description: ")[0]
+    description a server selection timeout appends or the "full error" document an error
+    of the server's gets (a kilobyte of internals in every /events 503 and log line), the
+    timeouts it was configured with, the servers' addresses (the unauthenticated /ready
+    showed where MongoDB runs) or a server's internals; each distinct line once."""
+    reason = driver_text.split(", Topology Description: ")[0].split(", full error: {")[0]
     reason = _CONFIGURED_TIMEOUTS.sub("", _SERVER_ADDRESS.sub("", reason))
-    return f"MongoDB unavailable: {reason}"
+    lines = [line.strip() for line in _SERVER_INTERNALS.sub("", reason).splitlines()]
+    return "MongoDB unavailable: " + " ".join(dict.fromkeys(line for line in lines if line))
 
 
 def _unavailable(exc: PyMongoError) -> Unavailable:
