@@ -20,7 +20,9 @@ class RegistryMetrics:
         )
         self.heartbeats = Counter(
             "registry_heartbeats_total",
-            "Heartbeats received, by outcome (ok, not_found, refused).",
+            "Heartbeats past the token check, by outcome (ok, not_found, refused: invalid or "
+            "for another worker); those refused for their token are in grpc_server_handled_total "
+            "(UNAUTHENTICATED, PERMISSION_DENIED).",
             ("outcome",),
             registry=registry,
         )
