@@ -8,7 +8,7 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from execution_ticket_service.domain.models import TicketSpec
+from execution_ticket_service.domain.models import Ticket, TicketSpec
 from execution_ticket_service.storage import MIGRATIONS_DIRECTORY
 from execution_ticket_service.storage.tickets import TicketRepository, open_pool
 from hive_common.migrations import apply_migrations
@@ -35,6 +35,17 @@ async def _create(dsn: str, *task_ids: str) -> None:
         await TicketRepository(pool=pool).create_many(specs, actor="s")
     finally:
         await pool.close()
+
+
+async def _the_relayed_ticket(dsn: str) -> Ticket:
+    """The ticket of the one event in the outbox, as the audit relay reads it."""
+    pool = open_pool(dsn, min_size=1, max_size=2)
+    await pool.open(wait=True)
+    try:
+        [entry] = await TicketRepository(pool=pool).claim_outbox(limit=10, claim_seconds=30)
+    finally:
+        await pool.close()
+    return entry.event.ticket
 
 
 async def _rows(dsn: str, query: str) -> list[tuple[object, ...]]:
@@ -101,13 +112,7 @@ async def test_lost_runs_start_at_zero_for_existing_tickets_and_events(
     applied = await asyncio.to_thread(apply_migrations, dsn=postgres_dsn, directory=until_lost_runs)
     assert applied == [LOST_RUNS]
     assert await _rows(postgres_dsn, "SELECT lost_runs FROM tickets") == [(0,)]
-    pool = open_pool(postgres_dsn, min_size=1, max_size=2)
-    await pool.open(wait=True)
-    try:
-        [event] = await TicketRepository(pool=pool).claim_outbox(limit=10, claim_seconds=30)
-    finally:
-        await pool.close()
-    assert event.event.ticket.lost_runs == 0
+    assert (await _the_relayed_ticket(postgres_dsn)).lost_runs == 0
 
     await asyncio.to_thread(roll_back_migration, postgres_dsn, MIGRATIONS_DIRECTORY, LOST_RUNS)
     assert "lost_runs" not in {str(r[0]) for r in await _rows(postgres_dsn, COLUMNS)}
@@ -176,13 +181,7 @@ async def test_the_requeue_digest_starts_empty_for_existing_tickets_and_events(
     )
     assert applied == [REQUEUE_DIGEST]
     assert await _rows(postgres_dsn, "SELECT requeue_digest FROM tickets") == [("",)]
-    pool = open_pool(postgres_dsn, min_size=1, max_size=2)
-    await pool.open(wait=True)
-    try:
-        [event] = await TicketRepository(pool=pool).claim_outbox(limit=10, claim_seconds=30)
-    finally:
-        await pool.close()
-    assert event.event.ticket.requeue_digest == ""
+    assert (await _the_relayed_ticket(postgres_dsn)).requeue_digest == ""
 
     await asyncio.to_thread(roll_back_migration, postgres_dsn, MIGRATIONS_DIRECTORY, REQUEUE_DIGEST)
     assert "requeue_digest" not in {str(r[0]) for r in await _rows(postgres_dsn, COLUMNS)}
