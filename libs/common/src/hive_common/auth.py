@@ -214,7 +214,9 @@ class TokenVerifier:
     """Verifies tokens signed with the shared secret for one audience.
 
     ``issuers``, when given, restricts which ``iss`` values are accepted.
-    ``leeway_seconds`` tolerates clock skew on ``exp`` and ``iat``.
+    ``leeway_seconds`` tolerates clock skew on ``exp`` and ``iat``. Tokens signed with one
+    of ``accepted_secrets`` are valid too (a secret being rotated in or out; only
+    ``secret`` signs).
     """
 
     def __init__(
@@ -224,10 +226,11 @@ class TokenVerifier:
         audience: str = DEFAULT_AUDIENCE,
         leeway_seconds: float = 5.0,
         issuers: Iterable[str] | None = None,
+        accepted_secrets: Iterable[str | bytes] = (),
     ) -> None:
         if leeway_seconds < 0:
             raise ValueError("leeway_seconds must not be negative")
-        self._key = _secret_bytes(secret)
+        self._keys = (_secret_bytes(secret), *map(_secret_bytes, accepted_secrets))
         self._audience = _require_text("audience", audience)
         self._leeway = leeway_seconds
         self._issuers = frozenset(issuers) if issuers is not None else None
@@ -246,14 +249,7 @@ class TokenVerifier:
 
     def _decode(self, token: str) -> dict[str, Any]:
         try:
-            payload: dict[str, Any] = jwt.decode(
-                token,
-                self._key,
-                algorithms=[ALGORITHM],
-                audience=self._audience,
-                leeway=self._leeway,
-                options={"require": list(_REGISTERED_CLAIMS), "verify_iss": False},
-            )
+            payload = self._decode_with_any_key(token)
         except jwt.ExpiredSignatureError as exc:
             raise _refuse("expired", "token has expired") from exc
         except jwt.InvalidSignatureError as exc:
@@ -272,6 +268,28 @@ class TokenVerifier:
             raise _refuse("malformed", "token is malformed") from exc
         except jwt.InvalidTokenError as exc:
             raise _refuse("invalid", f"token is invalid: {exc}") from exc
+        return payload
+
+    def _decode_with_any_key(self, token: str) -> dict[str, Any]:
+        """The payload of ``token`` checked with the first key that signed it (the signing
+        secret first); PyJWT's errors as they are."""
+        *others, last = self._keys
+        for key in others:
+            try:
+                return self._decode_with(token, key)
+            except jwt.InvalidSignatureError:
+                continue
+        return self._decode_with(token, last)
+
+    def _decode_with(self, token: str, key: bytes) -> dict[str, Any]:
+        payload: dict[str, Any] = jwt.decode(
+            token,
+            key,
+            algorithms=[ALGORITHM],
+            audience=self._audience,
+            leeway=self._leeway,
+            options={"require": list(_REGISTERED_CLAIMS), "verify_iss": False},
+        )
         return payload
 
     def _claims(self, payload: dict[str, Any]) -> TokenClaims:

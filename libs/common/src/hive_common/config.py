@@ -39,7 +39,7 @@ from pydantic import (
 )
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from hive_common.auth import DEFAULT_AUDIENCE, DEFAULT_ISSUER
+from hive_common.auth import DEFAULT_AUDIENCE, DEFAULT_ISSUER, TokenVerifier
 
 LogFormat = Literal["auto", "json", "pretty"]
 
@@ -156,6 +156,13 @@ class HiveSettings(BaseSettings):
         description="Own port for /metrics; None serves /metrics on the HTTP app.",
     )
     jwt_secret: SecretStr = SecretStr(DEVELOPMENT_JWT_SECRET)
+    jwt_accepted_secret: SecretStr | None = Field(
+        default=None,
+        description=(
+            "A second secret whose tokens are valid too (it signs nothing): the other one "
+            "while the JWT secret is rotated."
+        ),
+    )
     jwt_issuer: str = DEFAULT_ISSUER
     jwt_audience: str = DEFAULT_AUDIENCE
     startup_timeout_seconds: FiniteFloat = Field(
@@ -193,10 +200,10 @@ class HiveSettings(BaseSettings):
     def _normalise_log_level(cls, value: object) -> object:
         return normalise_log_level(value)
 
-    @field_validator("jwt_secret")
+    @field_validator("jwt_secret", "jwt_accepted_secret")
     @classmethod
-    def _check_jwt_secret(cls, value: SecretStr) -> SecretStr:
-        if len(value.get_secret_value().encode()) < MIN_JWT_SECRET_BYTES:
+    def _check_jwt_secret(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and len(value.get_secret_value().encode()) < MIN_JWT_SECRET_BYTES:
             raise ValueError(f"must be at least {MIN_JWT_SECRET_BYTES} bytes for HS256")
         return value
 
@@ -210,6 +217,17 @@ class HiveSettings(BaseSettings):
         if field not in cls.model_fields:
             raise KeyError(f"{cls.__name__} has no setting {field!r}")
         return f"{cls.model_config.get('env_prefix', '')}{field.upper()}"
+
+    def token_verifier(self) -> TokenVerifier:
+        """What checks the tokens this service is given: signed with ``jwt_secret`` or
+        ``jwt_accepted_secret``, for ``jwt_audience``, issued by ``jwt_issuer``."""
+        accepted = self.jwt_accepted_secret
+        return TokenVerifier(
+            secret=self.jwt_secret.get_secret_value(),
+            audience=self.jwt_audience,
+            issuers=[self.jwt_issuer],
+            accepted_secrets=[accepted.get_secret_value()] if accepted else [],
+        )
 
     @property
     def uses_development_jwt_secret(self) -> bool:

@@ -135,6 +135,27 @@ def test_bad_signature_is_refused(verifier: TokenVerifier) -> None:
     assert error.details == {"reason": "bad_signature"}
 
 
+def test_tokens_of_an_accepted_secret_are_valid_and_checked_like_any() -> None:
+    # A secret being rotated: tokens signed with it are valid, and what they say is checked.
+    rotating = TokenVerifier(secret=SECRET, accepted_secrets=[OTHER_SECRET])
+    other = TokenIssuer(secret=OTHER_SECRET, issuer="svc")
+    token, _ = other.issue_worker_token(worker_id="w-1", ttl_seconds=60)
+    assert rotating.verify(token).worker_id == "w-1"
+    own, _ = TokenIssuer(secret=SECRET, issuer="svc").issue_worker_token(
+        worker_id="w-2", ttl_seconds=60
+    )
+    assert rotating.verify(own).worker_id == "w-2"
+    past = TokenIssuer(secret=OTHER_SECRET, issuer="svc", clock=lambda: time.time() - 3600)
+    expired, _ = past.issue_worker_token(worker_id="w-1", ttl_seconds=60)
+    assert _refused(rotating, expired).details == {"reason": "expired"}
+    third, _ = TokenIssuer(secret="t" * 32, issuer="svc").issue_worker_token(
+        worker_id="w-1", ttl_seconds=60
+    )
+    assert _refused(rotating, third).details == {"reason": "bad_signature"}
+    with pytest.raises(ValueError, match="at least 32 bytes"):
+        TokenVerifier(secret=SECRET, accepted_secrets=["short"])
+
+
 def test_tampered_payload_is_refused(issuer: TokenIssuer, verifier: TokenVerifier) -> None:
     token, _ = issuer.issue_worker_token(worker_id="w-1", ttl_seconds=60)
     header, payload, signature = token.split(".")

@@ -8,6 +8,7 @@ import pytest
 from pydantic import Field, FiniteFloat, SecretStr, ValidationError
 from pydantic_settings import SettingsConfigDict
 
+from hive_common.auth import TokenIssuer
 from hive_common.config import DAY, DEVELOPMENT_JWT_SECRET, HiveSettings, PostgresSettings
 
 REAL_SECRET = "x" * 40
@@ -161,6 +162,21 @@ def test_a_pool_smaller_at_least_than_at_most_is_refused(monkeypatch: pytest.Mon
     with pytest.raises(ValidationError, match=rule):
         TicketSettings()
     assert TicketSettings(postgres_pool_min_size=10).postgres_pool_max_size == 10
+
+
+def test_an_accepted_jwt_secret_is_a_secret_of_the_same_strength(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("HIVE_TICKETS_JWT_ACCEPTED_SECRET", "short")
+    with pytest.raises(ValidationError, match="at least 32 bytes"):
+        TicketSettings()
+    monkeypatch.setenv("HIVE_TICKETS_JWT_ACCEPTED_SECRET", "n" * 32)
+    settings = TicketSettings(jwt_secret=REAL_SECRET)
+    assert "n" * 32 not in repr(settings)
+    token, _ = TokenIssuer(secret="n" * 32, issuer=settings.jwt_issuer).issue_worker_token(
+        worker_id="w-1", ttl_seconds=60
+    )
+    assert settings.token_verifier().verify(token).worker_id == "w-1"
 
 
 def test_env_name_is_the_variable_that_sets_a_field() -> None:

@@ -29,7 +29,7 @@ from execution_ticket_service.transport.grpc.auth import SERVICE_NAME, TicketAut
 from execution_ticket_service.transport.grpc.servicer import TicketServicer, WatchSettings
 from execution_ticket_service.transport.http.routes import build_router
 from execution_ticket_service.watch import EventLogTail, TailSettings
-from hive_common.auth import TokenIssuer, TokenVerifier
+from hive_common.auth import TokenIssuer
 from hive_common.grpc_server import GrpcService, build_grpc_server
 from hive_common.http import CheckResult, check_dependency, create_http_app
 from hive_common.logging import get_logger
@@ -192,9 +192,7 @@ async def build_service(settings: TicketSettings, *, clock: Clock = utc_now) -> 
 
     secret = settings.jwt_secret.get_secret_value()
     issuer = TokenIssuer(secret=secret, issuer=settings.jwt_issuer, audience=settings.jwt_audience)
-    verifier = TokenVerifier(
-        secret=secret, audience=settings.jwt_audience, issuers=[settings.jwt_issuer]
-    )
+    verifier = settings.token_verifier()
     limits = settings.limits()
     tail = EventLogTail(
         repository=repository,

@@ -16,6 +16,7 @@ from google.protobuf import struct_pb2
 from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+from pydantic import SecretStr
 
 from execution_ticket_service.app import TicketService, build_service
 from execution_ticket_service.domain.paging import Cursor, encode_cursor
@@ -1685,3 +1686,37 @@ async def test_run_until_signal_stops_everything_when_a_server_dies(
 
 async def _true(value: bool) -> bool:
     return value
+
+
+async def test_tokens_of_the_accepted_secret_are_valid_during_a_rotation(
+    settings: Any, clock: Any
+) -> None:
+    # Rotating the shared secret: every service accepts the old and the new one for a
+    # while, so tokens signed with either work whichever replica restarted first.
+    rotating = settings.model_copy(
+        update={"jwt_accepted_secret": SecretStr("the-next-secret-being-rotated-in-0123456")}
+    )
+    built = await build_service(rotating, clock=clock)
+    await built.start()
+
+    def token(secret: str) -> tuple[tuple[str, str]]:
+        issuer = TokenIssuer(
+            secret=secret, issuer=settings.jwt_issuer, audience=settings.jwt_audience
+        )
+        value, _ = issuer.issue_service_token(service="orchestrator-dynamic", ttl_seconds=60)
+        return (("authorization", f"Bearer {value}"),)
+
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{built.runtime.grpc_port}") as ch:
+            stub = pb_grpc.TicketServiceStub(ch)
+            current = settings.jwt_secret.get_secret_value()
+            for secret in (current, "the-next-secret-being-rotated-in-0123456"):
+                await stub.ListTickets(pb.ListTicketsRequest(), metadata=token(secret))
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await stub.ListTickets(
+                    pb.ListTicketsRequest(), metadata=token("some-other-secret-0123456789abcdef")
+                )
+            assert refused.value.code() is grpc.StatusCode.UNAUTHENTICATED
+            assert "signature is invalid" in (refused.value.details() or "")
+    finally:
+        await built.stop(0)

@@ -10,7 +10,7 @@ from typing import Any
 
 from psycopg_pool import AsyncConnectionPool
 
-from hive_common.auth import TokenIssuer, TokenVerifier
+from hive_common.auth import TokenIssuer
 from hive_common.errors import FailedPrecondition, Internal, Unavailable
 from hive_common.grpc_server import GrpcService, build_grpc_server
 from hive_common.http import CheckResult, check_dependency, create_http_app
@@ -128,9 +128,7 @@ async def build_app(
     secret = settings.jwt_secret.get_secret_value()
     issuer = TokenIssuer(secret=secret, issuer=settings.jwt_issuer, audience=settings.jwt_audience)
     authorizer = Authorizer(
-        verifier=TokenVerifier(
-            secret=secret, audience=settings.jwt_audience, issuers=[settings.jwt_issuer]
-        ),
+        verifier=settings.token_verifier(),
         registration_secret=(
             settings.registration_secret.get_secret_value()
             if settings.registration_secret
