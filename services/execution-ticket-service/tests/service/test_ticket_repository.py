@@ -24,7 +24,6 @@ from execution_ticket_service.domain.models import (
     TicketSpec,
     TicketStatus,
 )
-from execution_ticket_service.domain.paging import Cursor
 from execution_ticket_service.storage.tickets import Pool, TicketRepository, open_pool
 from hive_common.errors import (
     Aborted,
@@ -250,60 +249,6 @@ async def test_a_change_that_lost_the_race_is_decided_again_on_the_new_row(
     stored = await repo.get(ticket_id)
     assert (stored.status, stored.version, stored.result) == (S.CANCELLED, 4, None)
     assert await repo.events_after(position, TicketFilter(), limit=10) == []
-
-
-async def test_a_ticket_changed_by_a_younger_transaction_keeps_its_events_in_order(
-    repo: TicketRepository, pool: Pool, migrated_dsn: str
-) -> None:
-    # A batch's transaction takes its xid at its first write (ticket a); a younger
-    # transaction then assigns ticket m and commits before the batch reads m. Written in
-    # the batch's transaction, m's CANCELLED came before its ASSIGNED in the log's (xid,
-    # seq) order, which is the order watchers get (seen with concurrent CancelPlan and
-    # AssignTickets). The batch is now written again in a new transaction.
-    [(m, _)] = await repo.create_many([spec("m")], actor="s")
-    assign_m = (
-        "WITH u AS (UPDATE tickets SET status = 'ASSIGNED', worker_id = 'w2', version = 2,"
-        " lease_expires_at = now() + interval '1 minute' WHERE ticket_id = %s RETURNING *)"
-        " INSERT INTO ticket_events (event_id, event_type, ticket_id, plan_id, worker_id,"
-        " previous_status, status, actor, occurred_at, ticket)"
-        " SELECT gen_random_uuid(), 'ASSIGNED', u.ticket_id, u.plan_id, 'w2', 'PENDING',"
-        " u.status, 'service:o', now(), to_jsonb(u) FROM u"
-    )
-    fired = False
-    held: list[str] = []  # ticket a, once created
-
-    def clock() -> datetime:
-        # Once the batch's transaction holds ticket a (it has written it), the younger
-        # transaction assigns m.
-        nonlocal fired
-        if held and not fired:
-            with psycopg.connect(migrated_dsn, autocommit=True) as other:
-                try:
-                    other.execute(
-                        "SELECT 1 FROM tickets WHERE ticket_id = %s FOR UPDATE NOWAIT", held
-                    )
-                except psycopg.errors.LockNotAvailable:
-                    other.execute(assign_m, (m.ticket_id,))
-                    fired = True
-        return datetime.now(UTC)
-
-    racing = TicketRepository(pool=pool, clock=clock)
-    [(a, _)] = await racing.create_many([spec("a")], actor="s")  # remembered: written first
-    held.append(a.ticket_id)
-    cancel = [
-        (StatusUpdate(ticket_id=t, status=S.CANCELLED, attempt=0), "service:o")
-        for t in (a.ticket_id, m.ticket_id)
-    ]
-    answers = await racing.update_status_many(cancel)
-    assert fired
-    assert [a.status for a in answers if isinstance(a, Ticket)] == [S.CANCELLED, S.CANCELLED]
-    events = await repo.events_after(Cursor(0, 0), TicketFilter(plan_id="plan-1"), limit=100)
-    m_events = [e for e in events if e.ticket.ticket_id == m.ticket_id]
-    assert [(e.type, e.ticket.version) for e in m_events] == [
-        (EventType.CREATED, 1),
-        (EventType.ASSIGNED, 2),
-        (EventType.STATUS_CHANGED, 3),
-    ]
 
 
 async def test_a_change_that_keeps_losing_the_race_is_aborted_and_writes_nothing(

@@ -1,4 +1,4 @@
--- depends: 0005_events_in_change_order
+-- depends: 0004_worker_active_tickets
 -- The digest of the failure report that re-queued a ticket last (Ticket.requeue_digest):
 -- that report, retried after the next attempt reported something, is an identical retry
 -- (same answer, no event), not a late result of the attempt it ended.
