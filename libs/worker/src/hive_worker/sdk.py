@@ -90,7 +90,7 @@ ticket service refuses deeper ones, and protobuf cannot even encode much deeper 
 _TERMINAL = frozenset(
     {pb.TICKET_STATUS_COMPLETED, pb.TICKET_STATUS_FAILED, pb.TICKET_STATUS_CANCELLED}
 )
-_DEFINITE_REFUSALS = (FailedPrecondition, PermissionDenied, NotFound, Aborted)
+_DEFINITE_REFUSALS = (FailedPrecondition, PermissionDenied, NotFound)
 _FINISHED_MEMORY = 4096
 _SHUTDOWN_REPORT_SECONDS = 10.0
 _NAME_WAIT_MARGIN = 2.0
@@ -1034,17 +1034,23 @@ class Worker:
             run.log.exception("could not report the unexpected error")
 
     async def _until_definite(self, run: _Run, what: str, call: Callable[[], Any]) -> Any:
-        """Await ``call()`` until it succeeds or fails with a non-transient error."""
+        """Await ``call()`` until it succeeds or fails with a non-transient error.
+
+        ABORTED is transient here: the worker names no ``expected_version``, so the ticket
+        service says it only for a change that lost to concurrent ones ("retry the
+        request"); the next try is decided on the ticket as it is then (a finished task's
+        outcome was dropped on it)."""
         failures = 0
         while True:
             try:
                 return await call()
             except HiveError as exc:
-                if not is_retryable(exc):
+                if not (is_retryable(exc) or isinstance(exc, Aborted)):
                     raise
                 failures += 1
+                why = "conflicting changes" if isinstance(exc, Aborted) else "unavailable"
                 run.log.warning(
-                    f"{what}: ticket service unavailable; retrying", error=describe_error(exc)
+                    f"{what}: ticket service {why}; retrying", error=describe_error(exc)
                 )
                 await asyncio.sleep(self._backoff.backoff(failures))
 

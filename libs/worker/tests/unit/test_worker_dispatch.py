@@ -17,6 +17,7 @@ from google.protobuf import struct_pb2
 from structlog.testing import capture_logs
 
 from hive_common.config import unbounded_durations
+from hive_common.errors import Aborted, FailedPrecondition
 from hive_worker import (
     InvalidParameters,
     PermanentTaskError,
@@ -741,3 +742,28 @@ def test_the_command_leaves_no_exit_timer_behind_when_it_ends_in_time(
     assert cli.main(["--capabilities", "python"]) == 0
     time.sleep(0.5)
     assert exits == []
+
+
+async def test_an_aborted_report_is_sent_again_not_dropped() -> None:
+    # ABORTED from the ticket service, to a worker (which names no expected_version), is a
+    # change that lost to concurrent ones: "retry the request". The worker dropped a
+    # finished task's outcome on it ("ticket moved on"), leaving the ticket RUNNING until
+    # its timeout; a definite refusal still ends the report.
+    worker = Worker(settings=settings(reconnect_max_backoff_seconds=0.1))
+    run = _Run(ticket=ticket("echo", {}), worker_id="w-1", log=worker._log)
+    answers: list[Exception | str] = [
+        Aborted("concurrent update conflict; retry the request"),
+        Aborted("concurrent update conflict; retry the request"),
+        "reported",
+    ]
+
+    async def call() -> str:
+        answer = answers.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    assert await worker._until_definite(run, "report", call) == "reported"
+    answers[:] = [FailedPrecondition("ticket is CANCELLED, a terminal status")]
+    with pytest.raises(FailedPrecondition):
+        await worker._until_definite(run, "report", call)
