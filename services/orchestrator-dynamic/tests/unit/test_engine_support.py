@@ -13,9 +13,10 @@ import pytest
 from fastapi import FastAPI, Request
 from prometheus_client import CollectorRegistry
 from pydantic import ValidationError
+from structlog.testing import capture_logs
 
 from hive_common.auth import TokenIssuer, TokenVerifier
-from hive_common.errors import Unavailable
+from hive_common.errors import Aborted, Unavailable
 from hive_common.http import create_http_app
 from neuralhive.registry.v1 import registry_service_pb2 as registry_pb
 from neuralhive.ticket.v1 import ticket_service_pb2 as ticket_pb
@@ -399,6 +400,43 @@ async def test_a_plan_is_running_as_soon_as_a_round_assigns_its_first_ticket(
     assert repository.statuses == ([expected] if expected is PlanStatus.RUNNING else [])
     await driver._round()  # nothing new: nothing stored
     assert repository.statuses == ([expected] if expected is PlanStatus.RUNNING else [])
+
+
+class AbortingTickets:
+    """AssignTickets answered ABORTED as a whole: the ticket service's group commit lost to
+    concurrent changes of other callers' tickets ("retry the request")."""
+
+    async def assign_tickets(self, requests: list[Any]) -> list[Any]:
+        raise Aborted("concurrent update conflict; retry the request")
+
+
+async def test_an_aborted_round_is_postponed_like_an_outage_not_failed() -> None:
+    # It was logged at ERROR as "plan round failed" and counted as a failing round.
+    metrics = OrchestratorMetrics(CollectorRegistry())
+    repository = RecordingRepository()
+    driver = PlanDriver(
+        repository=cast(Any, repository),
+        tickets=cast(Any, AbortingTickets()),
+        registry=cast(Any, OneWorkerRegistry(1)),
+        policy=SchedulingPolicy(),
+        settings=DriverSettings(owner_id="o"),
+        health=DependencyHealth(),
+        metrics=metrics,
+    )
+    plan = driven_plan(("a",), datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC))
+    plan.progress.record(TicketState("a", "t-a", version=1))
+    plan.activated.set()
+    plan.resync_due = float("inf")
+    driver._plans[plan.plan_id] = plan
+
+    with capture_logs() as logs:
+        await driver._round()
+
+    assert plan.failed_rounds == 0
+    assert [e["event"] for e in logs if e["log_level"] == "error"] == []
+    assert "plan round postponed" in [e["event"] for e in logs]
+    transient = metrics.round_failures.labels("transient")._value.get()
+    assert transient == 1
 
 
 async def test_assignments_go_in_calls_bounded_by_count_and_by_their_tickets_bytes() -> None:

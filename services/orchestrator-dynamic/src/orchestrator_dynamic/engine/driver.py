@@ -89,6 +89,10 @@ _OfTask = TypeVar("_OfTask", TicketState, Assignment)
 
 _PRIORITY_RANK = {Priority.CRITICAL: 0, Priority.HIGH: 1, Priority.NORMAL: 2, Priority.LOW: 3}
 _TRANSIENT = (Unavailable, DeadlineExceeded)
+# A round fails on these and is tried again after ERROR_RETRY_SECONDS, as in an outage:
+# a whole call ABORTED is a conflict with concurrent changes ("retry the request"; an
+# assignment refused for its version comes per ticket, in the call's answer).
+_POSTPONING = (*_TRANSIENT, Aborted)
 # Workers per DiscoverWorkers answer (the registry's default cap).
 _DISCOVERY_RESULTS = 100
 _WORKER_WAKE_EVENTS = frozenset(
@@ -586,7 +590,7 @@ class PlanDriver:
         except PlanOwnershipLost:
             self._metrics.round_failures.labels("ownership_lost").inc()
             await self._drop(plan, "ownership lost")
-        except _TRANSIENT as exc:
+        except _POSTPONING as exc:
             plan.round_failed = True
             self._metrics.round_failures.labels("transient").inc()
             _log.warning("plan round postponed", plan_id=plan.plan_id, error=describe_error(exc))
