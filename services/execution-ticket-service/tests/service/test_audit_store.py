@@ -109,7 +109,7 @@ def test_unavailable_says_why_without_the_drivers_topology_description() -> None
         errmsg, code=1, details={"ok": 0.0, "errmsg": errmsg, "code": 1, "codeName": "X"}
     )
     assert audit._unavailable(backend_down).message == (
-        "MongoDB unavailable: failed to connect to: dial error: dial tcp connect: "
+        "MongoDB unavailable: failed to connect to `...`: dial error: dial tcp connect: "
         "connection refused"
     )
 

@@ -96,7 +96,13 @@ _SERVER_ADDRESS = re.compile(r"[^\s,()]+:\d+: | ?\('[^']*', \d+(?:, \d+)*\)")
 _CONFIGURED_TIMEOUTS = re.compile(r" \(configured timeouts: [^)]*\)")
 # A server's own error (FerretDB's when its PostgreSQL is down): Go stack frames, its
 # backend's connection string in backquotes and "host:port (host): " before each dial error.
-_SERVER_INTERNALS = re.compile(r"\[[^\]\s]+\.go:\d+ [^\]]*\] ?| ?`[^`]*`|\S+:\d+ \(\S+\): ")
+_SERVER_INTERNALS = re.compile(r"\[[^\]\s]+\.go:\d+ [^\]]*\] ?|`[^`]*`|\S+:\d+ \(\S+\): ")
+
+
+def _elided(match: re.Match[str]) -> str:
+    # A quoted name (FerretDB's backend connection string) stays a placeholder, so the
+    # sentence around it still reads ("failed to connect to `...`: dial error: ...").
+    return "`...`" if match.group().startswith("`") else ""
 
 
 def _said(driver_text: str) -> str:
@@ -107,7 +113,7 @@ def _said(driver_text: str) -> str:
     showed where MongoDB runs) or a server's internals; each distinct line once."""
     reason = driver_text.split(", Topology Description: ")[0].split(", full error: {")[0]
     reason = _CONFIGURED_TIMEOUTS.sub("", _SERVER_ADDRESS.sub("", reason))
-    lines = [line.strip() for line in _SERVER_INTERNALS.sub("", reason).splitlines()]
+    lines = [line.strip() for line in _SERVER_INTERNALS.sub(_elided, reason).splitlines()]
     return "MongoDB unavailable: " + " ".join(dict.fromkeys(line for line in lines if line))
 
 
