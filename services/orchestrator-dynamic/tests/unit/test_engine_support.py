@@ -4,6 +4,7 @@ dependency health, settings checks, and the HTTP body reader."""
 from __future__ import annotations
 
 import gzip
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
 from typing import Any, cast
@@ -408,6 +409,44 @@ class AbortingTickets:
 
     async def assign_tickets(self, requests: list[Any]) -> list[Any]:
         raise Aborted("concurrent update conflict; retry the request")
+
+
+class CancellingRegistry(OneWorkerRegistry):
+    """A registry during whose answer the plan is cancelled through this replica."""
+
+    def __init__(self, driver: Callable[[], PlanDriver], plan_id: str) -> None:
+        super().__init__(spare=1)
+        self._driver = driver
+        self._plan_id = plan_id
+
+    async def discover_workers(self, **kwargs: Any) -> list[registry_pb.RankedWorker]:
+        self._driver().kick(self._plan_id, cancel_requested=True)
+        return await super().discover_workers(**kwargs)
+
+
+async def test_a_cancel_that_arrives_while_the_round_asks_the_registry_assigns_nothing() -> None:
+    # The round had read the cancels before it asked the registry; the cancel answered 200
+    # meanwhile, then the round assigned a ticket of the cancelled plan (seen in a soak).
+    tickets = AssigningTickets()
+    plan = driven_plan(("a",), datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC))
+    driver = PlanDriver(
+        repository=cast(Any, RecordingRepository()),
+        tickets=cast(Any, tickets),
+        registry=cast(Any, CancellingRegistry(lambda: driver, plan.plan_id)),
+        policy=SchedulingPolicy(),
+        settings=DriverSettings(owner_id="o"),
+        health=DependencyHealth(),
+        metrics=OrchestratorMetrics(CollectorRegistry()),
+    )
+    plan.progress.record(TicketState("a", "t-a", version=1))
+    plan.activated.set()
+    plan.resync_due = float("inf")
+    driver._plans[plan.plan_id] = plan
+
+    await driver._round()
+
+    assert plan.cancel_requested
+    assert tickets.calls == []
 
 
 async def test_an_aborted_round_is_postponed_like_an_outage_not_failed() -> None:

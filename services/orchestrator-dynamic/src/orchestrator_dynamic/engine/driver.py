@@ -1036,6 +1036,10 @@ class PlanDriver:
             self._discovered.clear()  # look again, at the registry
         ledger = CapacityLedger()
         for plan, decision in ready:
+            if plan.cancel_requested:
+                # Cancelled through this replica while the round asked the registry (kick):
+                # nothing more is assigned; the next round, due at once, cancels the rest.
+                continue
             assignment_round = assign_round(
                 plan.graph, decision.dispatch, candidates, ledger, plan.retry_elsewhere
             )
