@@ -235,6 +235,7 @@ def _warn_of_unknown(backend: Any, migrations: Any) -> None:
     unknown = sorted(row[0] for row in cursor.fetchall() if row[1] not in known)
     if unknown:
         _log.warning(
-            "the database has migrations this release does not know: a newer release applied them",
+            "the database has migrations this release does not know: a newer release (or a "
+            "development build whose migrations were withdrawn) applied them",
             unknown_migrations=unknown,
         )

@@ -19,7 +19,9 @@ pytestmark = pytest.mark.service
 NARROW_OUTBOX = "0002_narrow_outbox"
 LOST_RUNS = "0003_lost_runs"
 WORKER_ACTIVE = "0004_worker_active_tickets"
-REQUEUE_DIGEST = "0005_requeue_digest"
+EVENT_ORDER = "0005_events_in_change_order"
+REQUEUE_DIGEST = "0006_requeue_digest"
+WRITE_ORDER = "0007_events_in_write_order"
 COLUMNS = (
     "SELECT column_name FROM information_schema.columns "
     "WHERE table_schema = 'public' AND table_name = 'tickets'"
@@ -132,15 +134,57 @@ async def test_the_active_tickets_of_a_worker_are_indexed(postgres_dsn: str) -> 
 async def test_the_requeue_digest_starts_empty_for_existing_tickets_and_events(
     postgres_dsn: str, tmp_path: Path
 ) -> None:
-    until_active = migrations_until(MIGRATIONS_DIRECTORY, WORKER_ACTIVE, into=tmp_path / "m4")
-    await asyncio.to_thread(apply_migrations, dsn=postgres_dsn, directory=until_active)
+    until_order = migrations_until(MIGRATIONS_DIRECTORY, EVENT_ORDER, into=tmp_path / "m5")
+    await asyncio.to_thread(apply_migrations, dsn=postgres_dsn, directory=until_order)
     await _create(postgres_dsn, "t1")  # its CREATED event's payload has no requeue_digest
     applied = await asyncio.to_thread(
         apply_migrations, dsn=postgres_dsn, directory=MIGRATIONS_DIRECTORY
     )
-    assert applied == [REQUEUE_DIGEST]
+    assert applied == [REQUEUE_DIGEST, WRITE_ORDER]
     assert await _rows(postgres_dsn, "SELECT requeue_digest FROM tickets") == [("",)]
     assert (await _the_relayed_ticket(postgres_dsn)).requeue_digest == ""
 
     await asyncio.to_thread(roll_back_migration, postgres_dsn, MIGRATIONS_DIRECTORY, REQUEUE_DIGEST)
     assert "requeue_digest" not in {str(r[0]) for r in await _rows(postgres_dsn, COLUMNS)}
+
+
+async def _event_after_a_younger_one(dsn: str) -> None:
+    """Write an event of ticket "t" in a transaction older than the one that wrote its
+    last event (committed in between)."""
+    insert = (
+        "INSERT INTO ticket_events (event_id, event_type, ticket_id, plan_id, status, actor,"
+        " occurred_at, ticket) SELECT gen_random_uuid(), %s, ticket_id, plan_id, status,"
+        " 's', now(), '{}' FROM tickets WHERE task_id = 't'"
+    )
+    async with (
+        await psycopg.AsyncConnection.connect(dsn) as older,
+        await psycopg.AsyncConnection.connect(dsn, autocommit=True) as younger,
+    ):
+        await older.execute("SELECT pg_current_xact_id()")  # its xid, taken first
+        await younger.execute(insert, ("ASSIGNED",))
+        await older.execute(insert, ("STATUS_CHANGED",))
+        await older.commit()
+
+
+async def test_an_event_written_behind_a_younger_transactions_is_accepted_again(
+    postgres_dsn: str,
+) -> None:
+    # 0005 failed such a write (serialization_failure, for the service to retry), which
+    # aborted whole group commits under contention; 0007 withdraws it, 0005's id kept so a
+    # database that applied it migrates on.
+    applied = await asyncio.to_thread(
+        apply_migrations, dsn=postgres_dsn, directory=MIGRATIONS_DIRECTORY
+    )
+    assert applied[-3:] == [EVENT_ORDER, REQUEUE_DIGEST, WRITE_ORDER]
+    await _create(postgres_dsn, "t")
+    await _event_after_a_younger_one(postgres_dsn)
+    await asyncio.to_thread(roll_back_migration, postgres_dsn, MIGRATIONS_DIRECTORY, WRITE_ORDER)
+    with pytest.raises(psycopg.errors.SerializationFailure, match="younger"):
+        await _event_after_a_younger_one(postgres_dsn)
+    [(events, outbox)] = await _rows(
+        postgres_dsn,
+        "SELECT (SELECT count(*) FROM ticket_events), (SELECT count(*) FROM ticket_outbox)",
+    )
+    # CREATED, two ASSIGNED (the younger commits both times), one STATUS_CHANGED: every
+    # event in the outbox.
+    assert (events, outbox) == (4, 4)

@@ -59,7 +59,7 @@ def ticket_from_row(row: Mapping[str, Any]) -> Ticket:
         started_at=_ts(row["started_at"]),
         completed_at=_ts(row["completed_at"]),
         last_update_digest=row["last_update_digest"],
-        # Absent from the outbox payloads of events written before migration 0005.
+        # Absent from the outbox payloads of events written before migration 0006.
         requeue_digest=row.get("requeue_digest", ""),
         # Absent from the outbox payloads of events written before migration 0003.
         lost_runs=row.get("lost_runs", 0),
