@@ -19,6 +19,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
@@ -112,18 +113,24 @@ async def evaluate_readiness(
     return overall_status(report), report
 
 
+LAST_ERROR_SECONDS = 0.5
+"""How long :func:`check_dependency` gives ``last_error`` (a refused connection fails in
+milliseconds; /ready must stay within the probes' timeouts)."""
+
+
 async def check_dependency(
     probe: Callable[[], Awaitable[object]],
     *,
     timeout_seconds: float = 1.0,
     failed: CheckStatus = "down",
-    last_error: Callable[[], str | None] | None = None,
+    last_error: Callable[[], Awaitable[str | None]] | None = None,
 ) -> CheckResult:
     """One dependency's readiness check: ok, or ``failed`` saying why (its error, or no
     answer within ``timeout_seconds``: a database that does not answer used to hold
     /ready until the whole check timed out, naming no dependency). ``last_error``: what
-    the client last saw of the dependency, said instead of "no answer" when the probe
-    timed out (a driver that retries a refused connection until its own timeout).
+    the client last saw of the dependency, or a quick look of its own (at most
+    :data:`LAST_ERROR_SECONDS`), said instead of "no answer" when the probe timed out (a
+    driver that retries a refused connection until its own timeout).
 
     Keep /ready well within the probes' timeouts (compose and Kubernetes give it 3 s): run
     a service's checks concurrently (:func:`asyncio.gather`)."""
@@ -131,7 +138,11 @@ async def check_dependency(
         async with asyncio.timeout(timeout_seconds):
             await probe()
     except TimeoutError:
-        seen = last_error() if last_error is not None else None
+        seen = None
+        if last_error is not None:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(LAST_ERROR_SECONDS):
+                    seen = await last_error()
         return {"status": failed, "detail": seen or f"no answer within {timeout_seconds:g} s"}
     except HiveError as exc:
         return {"status": failed, "detail": exc.message}

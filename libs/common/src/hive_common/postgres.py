@@ -3,6 +3,7 @@ its driver errors become :class:`~hive_common.errors.HiveError`."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import asynccontextmanager
 
@@ -45,6 +46,25 @@ def service_dsn(dsn: str, application_name: str) -> str:
     if "lock_timeout" not in options:
         extra["options"] = f"{options} -c lock_timeout={LOCK_TIMEOUT_MS}".strip()
     return make_conninfo(dsn, **extra) if extra else dsn
+
+
+# 'connection to server at "db", port 5432 failed: ' before each address libpq tried.
+_SERVER_TRIED = re.compile(r'connection to server (?:at|on) "[^"]*"(?:, port \d+)? failed: ')
+
+
+async def connect_failure(dsn: str) -> str | None:
+    """Why a new connection to ``dsn`` fails now (libpq's reason without the server's
+    address: the unauthenticated /ready shows it), or None when one can be made: what a
+    readiness check says when its pool's query got no answer (the pool retries a refused
+    connection until its own timeout, hiding why)."""
+    try:
+        conn = await psycopg.AsyncConnection.connect(dsn, connect_timeout=2)
+    except psycopg.Error as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = _SERVER_TRIED.sub("", first.removeprefix("connection failed: "))
+        return f"PostgreSQL unavailable: {' '.join(reason.split())}"
+    await conn.close()
+    return None
 
 
 def open_pool(

@@ -10,7 +10,13 @@ import pytest
 
 from hive_common import localdb
 from hive_common.errors import Unavailable
-from hive_common.postgres import DictPool, connection, database_errors, open_pool
+from hive_common.postgres import (
+    DictPool,
+    connect_failure,
+    connection,
+    database_errors,
+    open_pool,
+)
 
 pytestmark = pytest.mark.service
 
@@ -76,3 +82,18 @@ async def test_a_statement_prepared_before_a_schema_change_is_unavailable_once(
         assert await read() == [(1, None)]  # prepared again (it failed for ever before)
     finally:
         await pool.close()
+
+
+async def test_connect_failure_says_why_without_the_address(postgres_dsn: str) -> None:
+    # /ready said "no answer within 1 s" when PostgreSQL refused connections: the pool
+    # retries them until its own timeout, hiding why.
+    assert await connect_failure(postgres_dsn) is None  # a server that answers
+    port = localdb.free_port()  # nothing listens there
+    refused = await connect_failure(f"postgresql://hive@127.0.0.1:{port}/tickets")
+    assert refused == "PostgreSQL unavailable: Connection refused"
+    wrong_user = psycopg.conninfo.make_conninfo(postgres_dsn, user="no_such_role_here")
+    said = await connect_failure(wrong_user)
+    assert said is not None
+    assert said.startswith("PostgreSQL unavailable: FATAL:")
+    assert "127.0.0.1" not in said
+    assert "port" not in said

@@ -35,7 +35,7 @@ from hive_common.http import CheckResult, check_dependency, create_http_app
 from hive_common.logging import get_logger
 from hive_common.metrics import HttpMetrics, RpcMetrics, new_registry
 from hive_common.migrations import migrate_on_start
-from hive_common.postgres import service_dsn
+from hive_common.postgres import connect_failure, service_dsn
 from hive_common.runtime import ServiceRuntime
 from neuralhive.ticket.v1 import ticket_service_pb2_grpc as pb_grpc
 
@@ -233,7 +233,7 @@ async def build_service(settings: TicketSettings, *, clock: Clock = utc_now) -> 
     async def readiness() -> dict[str, CheckResult]:
         postgresql, mongodb = await asyncio.gather(
             # Reading the tickets table also proves the schema (the migrations).
-            check_dependency(repository.ping),
+            check_dependency(repository.ping, last_error=lambda: connect_failure(dsn)),
             # The outbox keeps every event until MongoDB is back: degraded, not down.
             check_dependency(audit.ping, failed="degraded", last_error=audit.last_error),
         )

@@ -62,7 +62,7 @@ async def test_last_error_is_what_the_driver_last_saw_of_mongodb(
     store = AuditStore(client=client, database=mongo_database_name)
     try:
         await store.ping()
-        assert store.last_error() is None  # reached
+        assert await store.last_error() is None  # reached
         # (An unreachable server, without the driver's own attempts: closing a client in
         # the middle of one leaks its socket, a ResourceWarning in some later test.)
         [description] = client.topology_description.server_descriptions().values()
@@ -73,7 +73,7 @@ async def test_last_error_is_what_the_driver_last_saw_of_mongodb(
             lambda self: {refused.address: refused},
         )
         # Not where MongoDB runs: /ready, which says it, answers anyone.
-        assert store.last_error() == "MongoDB unavailable: Connection refused"
+        assert await store.last_error() == "MongoDB unavailable: Connection refused"
     finally:
         await client.close()
 

@@ -16,7 +16,7 @@ from hive_common.http import CheckResult, check_dependency, create_http_app
 from hive_common.logging import get_logger
 from hive_common.metrics import HttpMetrics, RpcMetrics, new_registry
 from hive_common.migrations import migrate_on_start
-from hive_common.postgres import service_dsn
+from hive_common.postgres import connect_failure, service_dsn
 from hive_common.runtime import ServiceRuntime
 from neuralhive.orchestrator.v1 import orchestrator_service_pb2_grpc as pb_grpc
 from orchestrator_dynamic.config import OrchestratorSettings
@@ -161,7 +161,9 @@ async def build_app(
         # only delay work: degraded, never down. A cheap call to each (with the service
         # token) refreshes what the driver last saw.
         postgresql, _, _ = await asyncio.gather(
-            check_dependency(lambda: repository.list_plans(page_size=1)),
+            check_dependency(
+                lambda: repository.list_plans(page_size=1), last_error=lambda: connect_failure(dsn)
+            ),
             probe(
                 TICKET_SERVICE,
                 lambda: tickets.list_tickets(plan_id=_PROBE_PLAN, page_size=1, deadline=1.0),

@@ -21,6 +21,7 @@ from hive_common.postgres import (
     POOL_TIMEOUT_SECONDS,
     RECONNECT_TIMEOUT_SECONDS,
     SCHEMA_BEHIND_SQLSTATES,
+    connect_failure,
     service_dsn,
 )
 from hive_common.retry import wait_for_dependency
@@ -187,7 +188,8 @@ async def build_app(
     async def readiness() -> dict[str, CheckResult]:
         # Together, within the probes' time (see check_dependency).
         postgresql, migrations = await asyncio.gather(
-            check_dependency(repository.ping), check_dependency(schema_is_migrated)
+            check_dependency(repository.ping, last_error=lambda: connect_failure(dsn)),
+            check_dependency(schema_is_migrated),
         )
         report: dict[str, CheckResult] = {"postgresql": postgresql}
         if postgresql["status"] == "ok":  # else it failed for the same reason

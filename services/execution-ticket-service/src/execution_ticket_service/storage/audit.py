@@ -160,7 +160,7 @@ class AuditStore:
         except PyMongoError as exc:
             raise _unavailable(exc) from exc
 
-    def last_error(self) -> str | None:
+    async def last_error(self) -> str | None:
         """Why the client's last attempt to reach MongoDB failed, if it did (the driver
         retries a refused connection until its server selection timeout)."""
         descriptions = self._db.client.topology_description.server_descriptions()
