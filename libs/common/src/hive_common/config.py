@@ -254,24 +254,6 @@ class HiveSettings(BaseSettings):
         return True
 
 
-__all__ = [
-    "DAY",
-    "DEVELOPMENT_JWT_SECRET",
-    "DURATION_SUFFIXES",
-    "HOUR",
-    "MINUTE",
-    "MIN_JWT_SECRET_BYTES",
-    "RETENTION_LIMIT",
-    "TOKEN_TTL_LIMIT",
-    "YEAR",
-    "HiveSettings",
-    "LogFormat",
-    "WarningLogger",
-    "normalise_log_level",
-    "unbounded_durations",
-]
-
-
 class PostgresSettings(HiveSettings):
     """A service with a PostgreSQL database of its own: the DSN (a secret, as it usually
     carries a password: ``repr(settings)`` shows ``**********``) and its pool's sizes."""
@@ -288,3 +270,22 @@ class PostgresSettings(HiveSettings):
                 f"{name('postgres_pool_min_size')} must not exceed {name('postgres_pool_max_size')}"
             )
         return self
+
+
+__all__ = [
+    "DAY",
+    "DEVELOPMENT_JWT_SECRET",
+    "DURATION_SUFFIXES",
+    "HOUR",
+    "MINUTE",
+    "MIN_JWT_SECRET_BYTES",
+    "RETENTION_LIMIT",
+    "TOKEN_TTL_LIMIT",
+    "YEAR",
+    "HiveSettings",
+    "LogFormat",
+    "PostgresSettings",
+    "WarningLogger",
+    "normalise_log_level",
+    "unbounded_durations",
+]

@@ -60,7 +60,8 @@ async def connect_failure(dsn: str) -> str | None:
     try:
         conn = await psycopg.AsyncConnection.connect(dsn, connect_timeout=2)
     except psycopg.Error as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        text = str(exc).strip()
+        first = text.splitlines()[0] if text else type(exc).__name__
         reason = _SERVER_TRIED.sub("", first.removeprefix("connection failed: "))
         return f"PostgreSQL unavailable: {' '.join(reason.split())}"
     await conn.close()

@@ -90,30 +90,25 @@ def status_change_document(audit: dict[str, Any]) -> dict[str, Any]:
     return {key: value for key, value in audit.items() if key != "ticket"}
 
 
-# "host:port: " before each server's error, a socket address "('host', port)" in it, and
-# the driver's timeouts after it.
-_SERVER_ADDRESS = re.compile(r"[^\s,()]+:\d+: | ?\('[^']*', \d+(?:, \d+)*\)")
-_CONFIGURED_TIMEOUTS = re.compile(r" \(configured timeouts: [^)]*\)")
-# A server's own error (FerretDB's when its PostgreSQL is down): Go stack frames, its
-# backend's connection string in backquotes and "host:port (host): " before each dial error.
-_SERVER_INTERNALS = re.compile(r"\[[^\]\s]+\.go:\d+ [^\]]*\] ?|`[^`]*`|\S+:\d+ \(\S+\): ")
-
-
-def _elided(match: re.Match[str]) -> str:
-    # A quoted name (FerretDB's backend connection string) stays a placeholder, so the
-    # sentence around it still reads ("failed to connect to `...`: dial error: ...").
-    return "`...`" if match.group().startswith("`") else ""
+# What a driver's or a server's error text says that /ready must not show: "host:port: "
+# before each server's error, a socket address "('host', port)" in it, the driver's
+# configured timeouts after it; a server's own internals (FerretDB's when its PostgreSQL
+# is down): Go stack frames, "host:port (host): " before each dial error and its backend's
+# connection string in backquotes (left as `...`, so the sentence around it still reads).
+_NOT_SHOWN = re.compile(
+    r"[^\s,()]+:\d+: | ?\('[^']*', \d+(?:, \d+)*\)| \(configured timeouts: [^)]*\)"
+    r"|\[[^\]\s]+\.go:\d+ [^\]]*\] ?|\S+:\d+ \(\S+\): |`[^`]*`"
+)
 
 
 def _said(driver_text: str) -> str:
     """``MongoDB unavailable: <why>``: what the driver said, without the topology
     description a server selection timeout appends or the "full error" document an error
-    of the server's gets (a kilobyte of internals in every /events 503 and log line), the
-    timeouts it was configured with, the servers' addresses (the unauthenticated /ready
-    showed where MongoDB runs) or a server's internals; each distinct line once."""
+    of the server's gets (a kilobyte of internals in every /events 503 and log line), nor
+    what :data:`_NOT_SHOWN` matches; each distinct line once."""
     reason = driver_text.split(", Topology Description: ")[0].split(", full error: {")[0]
-    reason = _CONFIGURED_TIMEOUTS.sub("", _SERVER_ADDRESS.sub("", reason))
-    lines = [line.strip() for line in _SERVER_INTERNALS.sub(_elided, reason).splitlines()]
+    shown = _NOT_SHOWN.sub(lambda m: "`...`" if m.group().startswith("`") else "", reason)
+    lines = [line.strip() for line in shown.splitlines()]
     return "MongoDB unavailable: " + " ".join(dict.fromkeys(line for line in lines if line))
 
 
