@@ -907,6 +907,10 @@ class Worker:
                 failures += 1
                 self._log.warning("ticket watch refused", error=describe_error(exc))
                 self._watch_refused = True
+                if isinstance(exc, InvalidArgument):
+                    # A cursor the service no longer accepts (older than its event
+                    # retention): start again with a snapshot of our tickets.
+                    self._watch_cursor = (worker_id, "")
                 self._heartbeat_wake.set()
                 if isinstance(exc, Unauthenticated | PermissionDenied):
                     # A fresh worker token (or a new id, which restarts this watch).

@@ -181,13 +181,17 @@ async def build_service(settings: TicketSettings, *, clock: Clock = utc_now) -> 
         clock=clock,
     )
     stats = StatsRefresher(
-        repository=repository, metrics=metrics, interval=settings.stats_interval_seconds
+        repository=repository,
+        metrics=metrics,
+        interval=settings.stats_interval_seconds,
+        clock=clock,
     )
 
     purger = EventPurger(
         repository=repository,
         retention=timedelta(hours=settings.event_retention_hours),
         interval=settings.event_purge_interval_seconds,
+        clock=clock,
     )
 
     secret = settings.jwt_secret.get_secret_value()

@@ -200,16 +200,22 @@ class StatsRefresher:
     and lag."""
 
     def __init__(
-        self, *, repository: TicketRepository, metrics: TicketMetrics, interval: float
+        self,
+        *,
+        repository: TicketRepository,
+        metrics: TicketMetrics,
+        interval: float,
+        clock: Clock = utc_now,
     ) -> None:
         self._repository = repository
         self._metrics = metrics
         self._interval = interval
+        self._clock = clock  # the one that stamps the events
 
     async def refresh_once(self) -> None:
         self._metrics.set_status_counts(await self._repository.count_unfinished())
         pending, oldest = await self._repository.outbox_backlog()
-        self._metrics.set_backlog(pending, oldest, utc_now())
+        self._metrics.set_backlog(pending, oldest, self._clock())
 
     async def run(self) -> None:
         while True:
@@ -223,18 +229,25 @@ class StatsRefresher:
 class EventPurger:
     """Keeps the event log bounded: relayed events older than the retention are deleted.
 
-    A WatchTickets cursor older than the retention may therefore miss events.
+    A WatchTickets cursor from before a deleted event is then refused (see
+    ``EventLogTail.read``).
     """
 
     def __init__(
-        self, *, repository: TicketRepository, retention: timedelta, interval: float
+        self,
+        *,
+        repository: TicketRepository,
+        retention: timedelta,
+        interval: float,
+        clock: Clock = utc_now,
     ) -> None:
         self._repository = repository
         self._retention = retention
         self._interval = interval
+        self._clock = clock  # the one that stamps the events
 
     async def purge_once(self) -> int:
-        cutoff = utc_now() - self._retention
+        cutoff = self._clock() - self._retention
         total = 0
         while True:
             deleted = await self._repository.purge_events(older_than=cutoff)

@@ -4,7 +4,9 @@ Each stream used to query the log itself on every change, so a change cost one q
 open stream (the orchestrator's plus one per worker). The tail reads the log once per
 change into a bounded in-memory window; a stream whose position is inside the window is
 served from memory, filtered in Python. A stream behind the window (resumed from an old
-cursor, or slower than the window is long) reads the database until it reaches it.
+cursor, or slower than the window is long) reads the database until it reaches it; a
+position before an event the purge deleted is refused (INVALID_ARGUMENT), never served
+with a gap.
 
 The tail only reads while at least one stream is open (:meth:`EventLogTail.subscribed`):
 without watchers, writes cost nothing extra. Reads start at least ``read_gap`` apart
@@ -195,6 +197,16 @@ class EventLogTail:
             found = await self._repository.events_after(
                 position, ticket_filter, limit=limit, until=start
             )
+            # Read after the events, so a purge that ran meanwhile is seen here.
+            if await self._repository.purged_through() > position:
+                errors = Violations()
+                errors.add(
+                    "cursor",
+                    "is older than the event retention (EVENT_RETENTION_HOURS): events "
+                    "after it were deleted; watch again without a cursor (include_snapshot "
+                    "sends the tickets' current state)",
+                )
+                errors.raise_if_any("invalid watch request")
             if start is None or len(found) == limit:
                 return found, cursor_of(found[-1]) if found else position
             position = start  # caught up with the window as it was; go on from memory

@@ -1720,3 +1720,52 @@ async def test_tokens_of_the_accepted_secret_are_valid_during_a_rotation(
             assert "signature is invalid" in (refused.value.details() or "")
     finally:
         await built.stop(0)
+
+
+async def test_a_cursor_older_than_the_event_retention_is_refused(
+    settings: Any, clock: Any, service_token: str
+) -> None:
+    # Events older than EVENT_RETENTION_HOURS are purged once relayed: a stream resumed
+    # from before them used to go on without them, silently.
+    small_window = settings.model_copy(update={"watch_window_events": 1})
+    built = await build_service(small_window, clock=clock)
+    await built.start()
+    svc = bearer(service_token)
+    try:
+        async with grpc.aio.insecure_channel(f"127.0.0.1:{built.runtime.grpc_port}") as ch:
+            stub = pb_grpc.TicketServiceStub(ch)
+            stream = stub.WatchTickets(pb.WatchTicketsRequest(plan_id="p-old"), metadata=svc)
+            before = await watch_cursor_of(stream)
+            await stub.CreateTicket(
+                pb.CreateTicketRequest(ticket=spec(plan_id="p-old", task_id="a")), metadata=svc
+            )
+            old = await next_event(stream)
+            stream.cancel()
+            clock.advance(settings.event_retention_hours * 3600 + 60)
+            recent = await stub.CreateTicket(
+                pb.CreateTicketRequest(ticket=spec(plan_id="p-old", task_id="b")), metadata=svc
+            )
+
+            async def purged() -> bool:  # once the relay has delivered the old event
+                return await built.purger.purge_once() > 0
+
+            await eventually(purged, what="the old event purged")
+
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await _first_event(
+                    stub.WatchTickets(
+                        pb.WatchTicketsRequest(plan_id="p-old", cursor=before), metadata=svc
+                    )
+                )
+            assert info.value.code() is Code.INVALID_ARGUMENT
+            assert violations(info.value) == {"cursor"}
+            assert "older than the event retention" in str(rich_status_of(info.value))
+            # From the old event's own cursor nothing was deleted: the stream goes on.
+            resumed = stub.WatchTickets(
+                pb.WatchTicketsRequest(plan_id="p-old", cursor=old.cursor), metadata=svc
+            )
+            event = await next_event(resumed)
+            assert event.ticket.ticket_id == recent.ticket.ticket_id
+            resumed.cancel()
+    finally:
+        await built.stop(0)

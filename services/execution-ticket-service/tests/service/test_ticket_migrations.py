@@ -22,6 +22,7 @@ WORKER_ACTIVE = "0004_worker_active_tickets"
 EVENT_ORDER = "0005_events_in_change_order"
 REQUEUE_DIGEST = "0006_requeue_digest"
 WRITE_ORDER = "0007_events_in_write_order"
+PURGE_MARK = "0008_purge_mark"
 COLUMNS = (
     "SELECT column_name FROM information_schema.columns "
     "WHERE table_schema = 'public' AND table_name = 'tickets'"
@@ -137,14 +138,15 @@ async def test_the_requeue_digest_starts_empty_for_existing_tickets_and_events(
     until_order = migrations_until(MIGRATIONS_DIRECTORY, EVENT_ORDER, into=tmp_path / "m5")
     await asyncio.to_thread(apply_migrations, dsn=postgres_dsn, directory=until_order)
     await _create(postgres_dsn, "t1")  # its CREATED event's payload has no requeue_digest
+    until_write_order = migrations_until(MIGRATIONS_DIRECTORY, WRITE_ORDER, into=tmp_path / "m7")
     applied = await asyncio.to_thread(
-        apply_migrations, dsn=postgres_dsn, directory=MIGRATIONS_DIRECTORY
+        apply_migrations, dsn=postgres_dsn, directory=until_write_order
     )
     assert applied == [REQUEUE_DIGEST, WRITE_ORDER]
     assert await _rows(postgres_dsn, "SELECT requeue_digest FROM tickets") == [("",)]
     assert (await _the_relayed_ticket(postgres_dsn)).requeue_digest == ""
 
-    await asyncio.to_thread(roll_back_migration, postgres_dsn, MIGRATIONS_DIRECTORY, REQUEUE_DIGEST)
+    await asyncio.to_thread(roll_back_migration, postgres_dsn, until_write_order, REQUEUE_DIGEST)
     assert "requeue_digest" not in {str(r[0]) for r in await _rows(postgres_dsn, COLUMNS)}
 
 
@@ -167,18 +169,19 @@ async def _event_after_a_younger_one(dsn: str) -> None:
 
 
 async def test_an_event_written_behind_a_younger_transactions_is_accepted_again(
-    postgres_dsn: str,
+    postgres_dsn: str, tmp_path: Path
 ) -> None:
     # 0005 failed such a write (serialization_failure, for the service to retry), which
     # aborted whole group commits under contention; 0007 withdraws it, 0005's id kept so a
     # database that applied it migrates on.
+    until_write_order = migrations_until(MIGRATIONS_DIRECTORY, WRITE_ORDER, into=tmp_path / "m7")
     applied = await asyncio.to_thread(
-        apply_migrations, dsn=postgres_dsn, directory=MIGRATIONS_DIRECTORY
+        apply_migrations, dsn=postgres_dsn, directory=until_write_order
     )
     assert applied[-3:] == [EVENT_ORDER, REQUEUE_DIGEST, WRITE_ORDER]
     await _create(postgres_dsn, "t")
     await _event_after_a_younger_one(postgres_dsn)
-    await asyncio.to_thread(roll_back_migration, postgres_dsn, MIGRATIONS_DIRECTORY, WRITE_ORDER)
+    await asyncio.to_thread(roll_back_migration, postgres_dsn, until_write_order, WRITE_ORDER)
     with pytest.raises(psycopg.errors.SerializationFailure, match="younger"):
         await _event_after_a_younger_one(postgres_dsn)
     [(events, outbox)] = await _rows(
@@ -188,3 +191,23 @@ async def test_an_event_written_behind_a_younger_transactions_is_accepted_again(
     # CREATED, two ASSIGNED (the younger commits both times), one STATUS_CHANGED: every
     # event in the outbox.
     assert (events, outbox) == (4, 4)
+
+
+async def test_the_purge_mark_starts_at_the_origin_and_rolls_back(
+    postgres_dsn: str, tmp_path: Path
+) -> None:
+    # Purges made before the mark existed are not known: it starts at (0, 0), and the
+    # first purge after the migration moves it.
+    until_write_order = migrations_until(MIGRATIONS_DIRECTORY, WRITE_ORDER, into=tmp_path / "m7")
+    await asyncio.to_thread(apply_migrations, dsn=postgres_dsn, directory=until_write_order)
+    await _create(postgres_dsn, "t1")
+    applied = await asyncio.to_thread(
+        apply_migrations, dsn=postgres_dsn, directory=MIGRATIONS_DIRECTORY
+    )
+    assert applied == [PURGE_MARK]
+    assert await _rows(postgres_dsn, "SELECT xid, seq FROM ticket_events_purged") == [(0, 0)]
+    await _create(postgres_dsn, "t2")  # the service writes on as before
+
+    await asyncio.to_thread(roll_back_migration, postgres_dsn, MIGRATIONS_DIRECTORY, PURGE_MARK)
+    [(exists,)] = await _rows(postgres_dsn, "SELECT to_regclass('ticket_events_purged')")
+    assert exists is None

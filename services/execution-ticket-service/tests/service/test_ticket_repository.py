@@ -24,7 +24,9 @@ from execution_ticket_service.domain.models import (
     TicketSpec,
     TicketStatus,
 )
+from execution_ticket_service.domain.paging import Cursor
 from execution_ticket_service.storage.tickets import Pool, TicketRepository, open_pool
+from execution_ticket_service.watch import cursor_of
 from hive_common.errors import (
     Aborted,
     AlreadyExists,
@@ -694,6 +696,28 @@ async def test_purge_removes_only_old_relayed_events(
     assert await repo.purge_events(older_than=cutoff) == 0
     pending, _ = await repo.outbox_backlog()
     assert pending == 2  # the undelivered old event and the recent one are kept
+
+
+async def test_purge_marks_the_newest_position_it_deleted(
+    repo: TicketRepository, advance_clock: Callable[[float], None]
+) -> None:
+    assert await repo.purged_through() == Cursor(xid=0, seq=0)  # nothing purged yet
+    await repo.create_many([spec("a")], actor="s")
+    advance_clock(10)
+    await repo.create_many([spec("b")], actor="s")
+    relayed = await repo.claim_outbox(limit=10, claim_seconds=30)
+    await repo.mark_relayed([e.seq for e in relayed])
+    first, second = await repo.events_after(Cursor(xid=0, seq=0), TicketFilter(), limit=10)
+    advance_clock(3600)
+    await repo.create_many([spec("recent")], actor="s")
+    # Only "a" is old enough: the mark is its position, not "b"'s.
+    assert await repo.purge_events(older_than=first.occurred_at + timedelta(seconds=1)) == 1
+    assert await repo.purged_through() == cursor_of(first)
+    assert await repo.purge_events(older_than=second.occurred_at + timedelta(seconds=1)) == 1
+    assert await repo.purged_through() == cursor_of(second)
+    # A purge that deletes nothing leaves the mark where it is.
+    assert await repo.purge_events(older_than=second.occurred_at) == 0
+    assert await repo.purged_through() == cursor_of(second)
 
 
 async def test_watch_never_skips_an_event_that_commits_late(

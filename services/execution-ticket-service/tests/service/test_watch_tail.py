@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
+from datetime import timedelta
 from typing import Any
 
 import psycopg
@@ -22,6 +23,7 @@ from execution_ticket_service.domain.paging import Cursor
 from execution_ticket_service.signals import ChangeSignal
 from execution_ticket_service.storage.tickets import TicketRepository
 from execution_ticket_service.watch import EventLogTail, TailSettings, cursor_of
+from hive_common.errors import InvalidArgument
 
 pytestmark = pytest.mark.service
 
@@ -272,3 +274,33 @@ async def test_events_a_running_transaction_hid_are_read_once_it_ends(
             await other.rollback()  # ends without a signal
         await _until(tail, lambda: len(tail._keys) == 1)
         assert tail._events[0].ticket.plan_id == "hidden"
+
+
+async def test_a_stream_behind_an_event_the_purge_deleted_is_refused(
+    counting: CountingRepository, advance_clock: Callable[[float], None]
+) -> None:
+    # Resumed from a cursor older than the retention, a stream would silently miss the
+    # deleted events: it is refused instead; a position after them reads on as before.
+    await _history(counting, "old", 2, "w1")
+    relayed = await counting.claim_outbox(limit=100, claim_seconds=30)
+    await counting.mark_relayed([e.seq for e in relayed])
+    old = await counting.events_after(ORIGIN, TicketFilter(), limit=100)
+    advance_clock(3600)
+    settings = TailSettings(poll_interval=0.05, batch_size=50, window=1)
+    async with _running(_tail(counting, settings)) as tail:
+        await _until(tail, lambda: tail._start is not None)
+        await _history(counting, "new", 1, "w1")
+        new = await counting.events_after(cursor_of(old[-1]), TicketFilter(), limit=100)
+        await _until(tail, _holds(tail, new[-1]))
+        events, _ = await _read_all(tail, cursor_of(old[0]), TicketFilter(), limit=10)
+        assert [e.event_id for e in events] == [e.event_id for e in old[1:] + new]
+        await counting.purge_events(older_than=old[-1].occurred_at + timedelta(seconds=1))
+
+        for position in (ORIGIN, cursor_of(old[0]), cursor_of(old[-2])):
+            with pytest.raises(InvalidArgument) as caught:
+                await tail.read(position, TicketFilter(worker_id="w1"), limit=10)
+            [violation] = caught.value.violations
+            assert violation.field == "cursor"
+            assert "older than the event retention" in violation.description
+        events, _ = await _read_all(tail, cursor_of(old[-1]), TicketFilter(), limit=10)
+        assert [e.event_id for e in events] == [e.event_id for e in new]

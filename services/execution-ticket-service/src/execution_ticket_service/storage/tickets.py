@@ -1058,15 +1058,30 @@ class TicketRepository:
         )
 
     async def purge_events(self, *, older_than: datetime, limit: int = 10_000) -> int:
-        """Delete relayed events that happened before ``older_than`` (never undelivered ones)."""
-        return await self._execute(
-            "DELETE FROM ticket_events WHERE seq IN ("
-            " SELECT e.seq FROM ticket_events e"
-            " WHERE e.occurred_at < %s"
-            "   AND NOT EXISTS (SELECT 1 FROM ticket_outbox o WHERE o.seq = e.seq)"
-            " ORDER BY e.seq LIMIT %s)",
+        """Delete relayed events that happened before ``older_than`` (never undelivered
+        ones), and move the purge mark (:meth:`purged_through`) past them."""
+        [row] = await self._fetch(
+            "WITH gone AS ("
+            " DELETE FROM ticket_events WHERE seq IN ("
+            "  SELECT e.seq FROM ticket_events e"
+            "  WHERE e.occurred_at < %s"
+            "    AND NOT EXISTS (SELECT 1 FROM ticket_outbox o WHERE o.seq = e.seq)"
+            "  ORDER BY e.seq LIMIT %s)"
+            " RETURNING xid, seq),"
+            " newest AS (SELECT xid, seq FROM gone ORDER BY xid DESC, seq DESC LIMIT 1),"
+            " marked AS ("
+            " UPDATE ticket_events_purged m SET xid = newest.xid, seq = newest.seq FROM newest"
+            " WHERE (newest.xid, newest.seq) > (m.xid, m.seq))"
+            " SELECT count(*) AS n FROM gone",
             (older_than, limit),
         )
+        return int(row["n"])
+
+    async def purged_through(self) -> Cursor:
+        """The newest position of an event the purge deleted: a reader positioned before
+        it has missed events."""
+        [row] = await self._fetch("SELECT xid, seq FROM ticket_events_purged")
+        return Cursor(xid=row["xid"], seq=row["seq"])
 
     async def outbox_backlog(self) -> tuple[int, datetime | None]:
         """How many events await relay, and when the first of them (in log order) happened.

@@ -818,7 +818,10 @@ class WatchTicketsRequest(_message.Message):
     """At least one of plan_id or worker_id, unless the caller holds the service token."""
     worker_id: _builtins.str
     cursor: _builtins.str
-    """Resume after this cursor (from a previous event); empty starts with new events."""
+    """Resume after this cursor (from a previous event); empty starts with new events.
+    INVALID_ARGUMENT for a cursor older than the service's event retention (events after
+    it were deleted): watch again without one.
+    """
     include_snapshot: _builtins.bool
     """With an empty cursor: first send one SNAPSHOT event per matching non-terminal ticket."""
     include_ticket_tokens: _builtins.bool

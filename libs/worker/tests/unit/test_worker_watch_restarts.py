@@ -1,9 +1,10 @@
-"""The worker's assignment watch skips a message it cannot decode (no service involved:
+"""How the worker's assignment watch starts again after a refusal (no service involved:
 the ticket client is a fake that scripts each watch).
 
-Resuming from the cursor before such a message (or asking for a snapshot that holds the
-same ticket) would meet it again, forever; the worker starts afresh from "now" instead,
-and keeps running.
+A message it cannot decode: resuming from the cursor before it (or asking for a snapshot
+that holds the same ticket) would meet it again, forever; the worker starts afresh from
+"now" instead, and keeps running. A cursor the service refuses (older than its event
+retention): the worker starts again with a snapshot of its tickets.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
-from hive_common.errors import UndecodableResponse
+from hive_common.errors import FieldViolation, InvalidArgument, UndecodableResponse
 from hive_worker import Worker, WorkerSettings
 from neuralhive.ticket.v1 import ticket_service_pb2 as pb
 
@@ -115,3 +116,18 @@ async def test_after_skipping_the_watch_resumes_normally_again() -> None:
         ("", False),
         ("", False),
     ]
+
+
+async def test_a_refused_cursor_restarts_the_watch_with_a_snapshot() -> None:
+    expired = InvalidArgument(
+        "invalid watch request",
+        violations=[FieldViolation("cursor", "is older than the event retention ...")],
+    )
+    # The stream delivered up to "c3"; reopened from there, its cursor is refused.
+    fake = FakeTickets([([other_workers_event("c3")], expired)])
+    worker = await run_watch(fake, watches=2)
+    first, second = fake.requests
+    assert (first["cursor"], first["include_snapshot"]) == ("", True)
+    # Not "c3" again (refused for ever): the worker's tickets as they are now.
+    assert (second["cursor"], second["include_snapshot"]) == ("", True)
+    assert worker._watch_cursor == ("w-1", "")
