@@ -13,13 +13,13 @@ class RegistryMetrics:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         self.workers = Gauge(
-            "registry_workers",
+            "hive_registry_workers",
             "Registered (not expired) workers by status, as of the last sweep.",
             ("status",),
             registry=registry,
         )
         self.heartbeats = Counter(
-            "registry_heartbeats_total",
+            "hive_registry_heartbeats_total",
             "Heartbeats past the token check, by outcome (ok, not_found, refused: invalid or "
             "for another worker); those refused for their token are in grpc_server_handled_total "
             "(UNAUTHENTICATED, PERMISSION_DENIED).",
@@ -27,31 +27,31 @@ class RegistryMetrics:
             registry=registry,
         )
         self.registrations = Counter(
-            "registry_registrations_total",
+            "hive_registry_registrations_total",
             "Register calls, by result (new, again, name_in_use).",
             ("result",),
             registry=registry,
         )
         self.discovery_seconds = Histogram(
-            "registry_discovery_seconds",
+            "hive_registry_discovery_seconds",
             "DiscoverWorkers latency (validation, query and ranking).",
             buckets=LATENCY_BUCKETS,
             registry=registry,
         )
         self.discovery_results = Histogram(
-            "registry_discovery_results",
+            "hive_registry_discovery_results",
             "Workers returned per DiscoverWorkers call.",
             buckets=(0, 1, 2, 5, 10, 20, 50, 100),
             registry=registry,
         )
         self.events = Counter(
-            "registry_worker_events_total",
+            "hive_registry_worker_events_total",
             "Worker events published, by type.",
             ("type",),
             registry=registry,
         )
         self.mass_transitions = Counter(
-            "registry_mass_transitions_total",
+            "hive_registry_mass_transitions_total",
             "Sweeps that turned at least the alarm threshold of workers UNHEALTHY or EXPIRED.",
             ("transition",),
             registry=registry,

@@ -32,11 +32,11 @@ async def test_probes_and_metrics(registry: Registry) -> None:
     )
     await registry.sweep()
     text = (await registry.http.get("/metrics")).text
-    assert 'registry_workers{status="HEALTHY"} 1.0' in text
-    assert 'registry_workers{status="UNHEALTHY"} 0.0' in text
-    assert 'registry_heartbeats_total{outcome="ok"} 1.0' in text
-    assert "registry_discovery_seconds_count 1.0" in text
-    assert 'registry_worker_events_total{type="REGISTERED"} 1.0' in text
+    assert 'hive_registry_workers{status="HEALTHY"} 1.0' in text
+    assert 'hive_registry_workers{status="UNHEALTHY"} 0.0' in text
+    assert 'hive_registry_heartbeats_total{outcome="ok"} 1.0' in text
+    assert "hive_registry_discovery_seconds_count 1.0" in text
+    assert 'hive_registry_worker_events_total{type="REGISTERED"} 1.0' in text
 
 
 async def test_list_and_get_workers(registry: Registry) -> None:

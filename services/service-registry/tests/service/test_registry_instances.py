@@ -72,7 +72,7 @@ async def test_a_second_live_instance_of_a_name_is_refused(registry: Registry) -
     await registry.heartbeat(worker_id, in_flight=0, draining=True)
     await refusal(registry, "host-1", "proc-b")
     metrics = (await registry.http.get("/metrics")).text
-    assert 'registry_registrations_total{result="name_in_use"} 3.0' in metrics
+    assert 'hive_registry_registrations_total{result="name_in_use"} 3.0' in metrics
     # Another namespace is another name.
     elsewhere = await registry.register("host-1", namespace="batch", instance_id="proc-b")
     assert elsewhere.worker.worker_id != worker_id

@@ -149,9 +149,9 @@ async def test_mass_expiry_is_visible(registry: Registry) -> None:
     result = await registry.sweep()
     assert sorted(w.name for w in result.expired) == ["w0", "w1", "w2", "w3"]
     metrics = (await registry.http.get("/metrics")).text
-    assert 'registry_mass_transitions_total{transition="expired"} 1.0' in metrics
-    assert 'registry_worker_events_total{type="EXPIRED"} 4.0' in metrics
-    assert 'registry_workers{status="HEALTHY"} 1.0' in metrics
+    assert 'hive_registry_mass_transitions_total{transition="expired"} 1.0' in metrics
+    assert 'hive_registry_worker_events_total{type="EXPIRED"} 4.0' in metrics
+    assert 'hive_registry_workers{status="HEALTHY"} 1.0' in metrics
 
 
 async def test_draining_is_sticky_and_cleared_by_registering_again(registry: Registry) -> None:
@@ -368,9 +368,9 @@ async def test_expiry_on_contact_is_counted(registry: Registry) -> None:
         pb.DeregisterRequest(worker_id=by_deregister), metadata=registry.worker_md(by_deregister)
     )
     metrics = (await registry.http.get("/metrics")).text
-    assert 'registry_worker_events_total{type="EXPIRED"} 2.0' in metrics
-    assert 'registry_worker_events_total{type="DEREGISTERED"} 0.0' in metrics
-    assert 'registry_heartbeats_total{outcome="not_found"} 1.0' in metrics
+    assert 'hive_registry_worker_events_total{type="EXPIRED"} 2.0' in metrics
+    assert 'hive_registry_worker_events_total{type="DEREGISTERED"} 0.0' in metrics
+    assert 'hive_registry_heartbeats_total{outcome="not_found"} 1.0' in metrics
 
 
 async def test_invalid_watch_namespace(registry: Registry) -> None:
