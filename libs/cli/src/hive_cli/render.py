@@ -135,8 +135,9 @@ def plans_table(plans: Sequence[JsonObject]) -> str:
     )
 
 
-def plan_detail(plan: JsonObject) -> str:
-    """Header lines and the per-ticket table of one plan."""
+def plan_detail(plan: JsonObject, *, now: datetime | None = None) -> str:
+    """Header lines and the per-ticket table of one plan; ``now`` (default: the clock)
+    tells whether the driving replica's lease has expired."""
     lines = [
         f"plan      {plan.get('plan_id')}"
         + (f"  ({inline(plan['name'])})" if plan.get("name") else ""),
@@ -151,6 +152,9 @@ def plan_detail(plan: JsonObject) -> str:
         lines.append(f"finished  {cell(plan.get('completed_at'))}")
     if plan.get("cancel_requested_at"):
         lines.append(f"cancelled {cell(plan.get('cancel_requested_at'))} (requested)")
+    if plan.get("owner_id"):
+        lease = _lease_text(plan.get("owner_lease_expires_at"), now or datetime.now(UTC))
+        lines.append(f"driver    {inline(plan['owner_id'])}{lease}")
     if plan.get("error_message"):
         lines.append(f"error     {inline(plan['error_message'])}")
     tickets = plan.get("tickets") or []
@@ -158,6 +162,20 @@ def plan_detail(plan: JsonObject) -> str:
         lines.append("")
         lines.append(tickets_of_plan_table(tickets))
     return "\n".join(lines)
+
+
+def _lease_text(expires_at: object, now: datetime) -> str:
+    """`` (lease until T)``, or that it expired (the replica stopped renewing it)."""
+    if not isinstance(expires_at, str):
+        return ""
+    try:
+        expired = datetime.fromisoformat(expires_at) <= now
+    except (ValueError, TypeError):  # not a time, or one without a zone
+        expired = False
+    shown = cell(expires_at)
+    if expired:
+        return f" (lease expired {shown}, not renewed: see hive plan explain)"
+    return f" (lease until {shown})"
 
 
 def tickets_of_plan_table(tickets: Sequence[JsonObject]) -> str:
@@ -312,9 +330,16 @@ def explanations_text(body: JsonObject) -> str:
     tasks = body.get("tasks")
     if tasks is None:  # a single task's explanation
         tasks = [body]
-    if not tasks:
-        return f"plan {body.get('plan_id')}: nothing is waiting (use --all to see every task)"
     blocks = []
+    # The plan's owner let its lease expire: what follows is as it left it.
+    stale = body.get("stale_owner")
+    if isinstance(stale, Mapping):
+        code, message = stale.get("code"), inline(stale.get("message"))
+        blocks.append(f"plan {body.get('plan_id')}: [{code}] {message}")
+    if not tasks:
+        blocks.append(
+            f"plan {body.get('plan_id')}: nothing is waiting (use --all to see every task)"
+        )
     for task in tasks:
         head = (
             f"{task.get('task_id')}  {task.get('status')}  "

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -120,6 +121,22 @@ def test_plan_detail_shows_header_and_ticket_rows() -> None:
     assert lines[-1].endswith("exit 1")
 
 
+def test_plan_detail_names_the_driving_replica_and_its_lease() -> None:
+    now = datetime(2026, 11, 24, 23, 0, 10, tzinfo=UTC)
+    driven = plan(owner_id="orch-a-1f2e", owner_lease_expires_at="2026-11-24T23:00:30+00:00")
+    assert "driver    orch-a-1f2e (lease until 2026-11-24 23:00:30Z)" in (
+        plan_detail(driven, now=now).splitlines()
+    )
+    later = datetime(2026, 11, 24, 23, 1, tzinfo=UTC)
+    assert (
+        "driver    orch-a-1f2e (lease expired 2026-11-24 23:00:30Z, not renewed:"
+        " see hive plan explain)"
+    ) in plan_detail(driven, now=later).splitlines()
+    # No replica holds it (a settled plan, one released at shutdown): no line.
+    for body in (plan(), plan(owner_id=None, owner_lease_expires_at=None)):
+        assert not any(line.startswith("driver") for line in plan_detail(body).splitlines())
+
+
 def test_submission_text_lists_ticket_ids_and_warnings() -> None:
     body = plan(
         "PENDING",
@@ -169,6 +186,30 @@ def test_explanations() -> None:
     single = explanations_text({"plan_id": "p1", **body["tasks"][0]})  # type: ignore[dict-item]
     assert single == text
     assert "nothing is waiting" in explanations_text({"plan_id": "p1", "tasks": []})
+    assert explanations_text({"plan_id": "p1", "stale_owner": None, **body}) == text
+
+
+def test_an_expired_owner_lease_is_said_before_the_tasks() -> None:
+    stale = {
+        "code": "OWNER_LEASE_EXPIRED",
+        "message": "replica orch-a, which drives this plan, has not renewed its lease",
+        "details": {"owner_id": "orch-a"},
+    }
+    waiting = explained("b", "PENDING", (1, 1), "READY", "ready", {})
+    lines = explanations_text({"plan_id": "p1", "stale_owner": stale, "tasks": [waiting]})
+    assert lines.splitlines() == [
+        "plan p1: [OWNER_LEASE_EXPIRED] replica orch-a, which drives this plan, has not"
+        " renewed its lease",
+        "",
+        "b  PENDING  attempt 1/1",
+        "  - [READY] ready",
+    ]
+    # Even when no task is waiting (the one task runs), and for one task.
+    nothing = explanations_text({"plan_id": "p1", "stale_owner": stale, "tasks": []})
+    assert nothing.splitlines()[0].startswith("plan p1: [OWNER_LEASE_EXPIRED] replica orch-a")
+    assert nothing.splitlines()[-1].startswith("plan p1: nothing is waiting")
+    one = explanations_text({"plan_id": "p1", "stale_owner": stale, **waiting})
+    assert one == lines
 
 
 def explained(

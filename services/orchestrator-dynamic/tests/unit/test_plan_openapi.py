@@ -26,6 +26,8 @@ PLAN_FIELDS = [
     "completed_at",
     "settled_at",
     "cancel_requested_at",
+    "owner_id",
+    "owner_lease_expires_at",
 ]
 TICKET_FIELDS = [
     "task_id",
@@ -100,6 +102,11 @@ def test_every_answer_has_a_schema_with_the_fields_the_route_returns() -> None:
         "title": "Created At",
     }
     assert {"type": "null"} in plan["properties"]["settled_at"]["anyOf"]
+    # The driving replica: null when no replica holds the plan's lease.
+    assert {"type": "null"} in plan["properties"]["owner_id"]["anyOf"]
+    assert {"type": "string", "format": "date-time"} in plan["properties"][
+        "owner_lease_expires_at"
+    ]["anyOf"]
     ticket = resolve(document, plan["properties"]["tickets"]["items"])
     assert list(ticket["properties"]) == TICKET_FIELDS
     assert resolve(document, ticket["properties"]["status"])["enum"] == list(TicketStatus)
@@ -125,9 +132,17 @@ def test_every_answer_has_a_schema_with_the_fields_the_route_returns() -> None:
         PLAN_FIELDS
     )
     explained = body_schema(document, "get", "/api/v1/plans/{plan_id}/explain", "200")
+    assert list(explained["properties"]) == ["plan_id", "stale_owner", "tasks"]
     task = resolve(document, explained["properties"]["tasks"]["items"])
     one = body_schema(document, "get", "/api/v1/plans/{plan_id}/tasks/{task_id}/explain", "200")
-    assert list(one["properties"]) == ["plan_id", *task["properties"]]
+    assert list(one["properties"]) == ["plan_id", "stale_owner", *task["properties"]]
+    for schema in (explained, one):
+        # A reason of the plan's (code OWNER_LEASE_EXPIRED), or null.
+        stale = schema["properties"]["stale_owner"]["anyOf"]
+        assert {"type": "null"} in stale
+        (reason,) = [resolve(document, s) for s in stale if s != {"type": "null"}]
+        assert list(reason["properties"]) == ["code", "message", "details"]
+        assert "OWNER_LEASE_EXPIRED" in resolve(document, reason["properties"]["code"])["enum"]
 
 
 def test_the_status_filter_documents_its_values() -> None:

@@ -51,11 +51,24 @@ class PlanSummary:
     # When every ticket was terminal: nothing left to drive.
     settled_at: datetime | None
     cancel_requested_at: datetime | None
+    # The plan row's lease as stored (see ``lease_holder`` for what it means).
     owner_id: str | None
+    owner_lease_expires_at: datetime | None
 
     @property
     def settled(self) -> bool:
         return self.settled_at is not None
+
+    @property
+    def lease_holder(self) -> tuple[str, datetime] | None:
+        """The replica the plan's lease names and when the lease ends (in the past: that
+        replica has not renewed it, and any replica may claim the plan), or None when no
+        replica holds it: not claimed yet, released at shutdown, or settled (the lease
+        is released then, and one a failed release left behind means nothing: a settled
+        plan is never claimed again)."""
+        if self.settled or self.owner_id is None or self.owner_lease_expires_at is None:
+            return None
+        return self.owner_id, self.owner_lease_expires_at
 
 
 @dataclass(frozen=True, slots=True)

@@ -631,6 +631,8 @@ class ReasonCode(StrEnum):
     LEASED = "LEASED"
     READY = "READY"
     ROUNDS_FAILING = "ROUNDS_FAILING"
+    # Of the plan, not of a task: explain's ``stale_owner`` (see owner_lease_expired).
+    OWNER_LEASE_EXPIRED = "OWNER_LEASE_EXPIRED"
 
 
 @dataclass(frozen=True, slots=True)
@@ -943,6 +945,34 @@ def _ready_reason(round_error: RoundError | None, *, workers_known: bool) -> Rea
         "ready, but the plan's scheduling rounds fail (the last at "
         f"{_shown(round_error.failed_at)}, tried again later each time): {round_error.message}",
         {"error": round_error.message, "failed_at": round_error.failed_at.isoformat()},
+    )
+
+
+def owner_lease_expired(
+    owner_id: str,
+    lease_expires_at: datetime,
+    *,
+    last_changed_at: datetime,
+    claim_interval_seconds: float,
+) -> Reason:
+    """What explain says of a plan whose owner let its lease expire (killed, or cut off
+    from the database): until a replica claims the plan, what the plan shows is what that
+    owner last stored, and the plan may not be driven at all."""
+    return Reason(
+        ReasonCode.OWNER_LEASE_EXPIRED,
+        f"replica {owner_id} has not renewed its lease on this plan, which expired at"
+        f" {_shown(lease_expires_at)} (it stopped, or cannot reach the database): the plan's"
+        f" status, counts and tickets are shown as {owner_id} last wrote them (the plan last"
+        f" changed at {_shown(last_changed_at)}) and may be behind the ticket service;"
+        " a running replica takes the plan over at its next claim of unowned plans (this"
+        f" one claims every {claim_interval_seconds:g} s, CLAIM_INTERVAL_SECONDS) and"
+        " re-reads its tickets",
+        {
+            "owner_id": owner_id,
+            "owner_lease_expires_at": lease_expires_at.isoformat(),
+            "last_changed_at": last_changed_at.isoformat(),
+            "claim_interval_seconds": claim_interval_seconds,
+        },
     )
 
 

@@ -251,6 +251,11 @@ class PlanDriver:
     def owner_id(self) -> str:
         return self._settings.owner_id
 
+    @property
+    def claim_interval(self) -> float:
+        """Seconds between two claims of unowned plans (CLAIM_INTERVAL_SECONDS)."""
+        return self._settings.claim_interval
+
     def driven_plan_ids(self) -> list[str]:
         return sorted(self._plans)
 

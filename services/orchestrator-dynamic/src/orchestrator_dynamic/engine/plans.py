@@ -26,10 +26,12 @@ from orchestrator_dynamic.domain.scheduler import (
     Explanation,
     PlanGraph,
     PlanStatus,
+    Reason,
     SchedulingPolicy,
     WorkerView,
     explain,
     in_namespace,
+    owner_lease_expired,
 )
 from orchestrator_dynamic.domain.validation import (
     InvalidPlan,
@@ -63,6 +65,13 @@ class Submission:
     warnings: tuple[ValidationIssue, ...]
     # False when the tickets could not be created yet (the driver keeps trying).
     tickets_created: bool
+
+
+@dataclass(frozen=True, slots=True)
+class PlanExplanation:
+    # Set when the plan's owner let its lease expire: what is shown is as it left it.
+    stale_owner: Reason | None
+    tasks: list[Explanation]
 
 
 class PlanService:
@@ -276,8 +285,9 @@ class PlanService:
             _log.info("plan cancel requested", plan_id=plan_id)
         return await self._repo.get(plan_id), changed
 
-    async def explain(self, plan_id: str, task_id: str | None = None) -> list[Explanation]:
-        """Why the task's ticket (or every not-running ticket) is where it is."""
+    async def explain(self, plan_id: str, task_id: str | None = None) -> PlanExplanation:
+        """Why the task's ticket (or every not-running ticket) is where it is, and whether
+        the plan's owner let its lease expire (the state explained is then as it left it)."""
         stored = await self._repo.get(self._lookup(plan_id))
         graph = PlanGraph(stored.plan)
         if task_id is not None and task_id not in graph.index:
@@ -293,14 +303,28 @@ class PlanService:
                 self._health.failed(REGISTRY, str(exc))
         else:
             views = [worker_view(w) for w in workers] if workers is not None else None
-        return explain(
+        now = self._clock()
+        tasks = explain(
             graph,
             stored.ticket_states(),
             [task_id] if task_id is not None else graph.order,
-            now=self._clock(),
+            now=now,
             policy=self._policy,
             workers=views,
             cancel_requested=stored.summary.cancel_requested_at is not None,
             where=in_namespace(self._namespace),
             round_error=await self._repo.round_error(stored.summary.plan_id),
         )
+        stale_owner = None
+        holder = stored.summary.lease_holder
+        if holder is not None:
+            owner_id, lease_expires_at = holder
+            # The claims' own test (owner_lease_expires_at <= now): claimable from now on.
+            if lease_expires_at <= now:
+                stale_owner = owner_lease_expired(
+                    owner_id,
+                    lease_expires_at,
+                    last_changed_at=stored.summary.updated_at,
+                    claim_interval_seconds=self._driver.claim_interval,
+                )
+        return PlanExplanation(stale_owner, tasks)

@@ -59,7 +59,8 @@ MAX_PAGE_SIZE = 500
 _SUMMARY_COLUMNS = """
     p.plan_id, p.intent_id, p.name, p.priority, p.task_count, p.status, p.error_message,
     p.created_at, p.updated_at,
-    p.completed_at, p.settled_at, p.cancel_requested_at, p.owner_id, p.counts
+    p.completed_at, p.settled_at, p.cancel_requested_at, p.owner_id, p.owner_lease_expires_at,
+    p.counts
 """
 
 _SELECT_SUMMARY = "SELECT " + _SUMMARY_COLUMNS + " FROM plans p"
@@ -601,6 +602,7 @@ def _summary(row: Mapping[str, Any]) -> PlanSummary:
         settled_at=row["settled_at"],
         cancel_requested_at=row["cancel_requested_at"],
         owner_id=row["owner_id"],
+        owner_lease_expires_at=row["owner_lease_expires_at"],
     )
 
 

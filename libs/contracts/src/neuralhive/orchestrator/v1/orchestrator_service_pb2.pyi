@@ -224,6 +224,8 @@ class Plan(_message.Message):
     TASK_COUNT_FIELD_NUMBER: _builtins.int
     SETTLED_AT_FIELD_NUMBER: _builtins.int
     CANCEL_REQUESTED_AT_FIELD_NUMBER: _builtins.int
+    OWNER_ID_FIELD_NUMBER: _builtins.int
+    OWNER_LEASE_EXPIRES_AT_FIELD_NUMBER: _builtins.int
     plan_id: _builtins.str
     intent_id: _builtins.str
     name: _builtins.str
@@ -232,6 +234,10 @@ class Plan(_message.Message):
     priority: _ticket_service_pb2.Priority.ValueType
     """As submitted (PRIORITY_NORMAL when the plan named none)."""
     task_count: _builtins.int
+    owner_id: _builtins.str
+    """The replica driving the plan (holding its lease); "" when none does (not claimed yet,
+    released at shutdown, settled).
+    """
     @_builtins.property
     def tickets(self) -> _containers.RepeatedCompositeFieldContainer[Global___PlanTicket]: ...
     @_builtins.property
@@ -252,6 +258,12 @@ class Plan(_message.Message):
 
     @_builtins.property
     def cancel_requested_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def owner_lease_expires_at(self) -> _timestamp_pb2.Timestamp:
+        """When that lease ends unless renewed (unset when owner_id is ""); in the past: the
+        owner stopped renewing it, and the plan is shown as it last wrote it.
+        """
+
     def __init__(
         self,
         *,
@@ -269,10 +281,12 @@ class Plan(_message.Message):
         task_count: _builtins.int = ...,
         settled_at: _timestamp_pb2.Timestamp | None = ...,
         cancel_requested_at: _timestamp_pb2.Timestamp | None = ...,
+        owner_id: _builtins.str = ...,
+        owner_lease_expires_at: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["cancel_requested_at", b"cancel_requested_at", "completed_at", b"completed_at", "created_at", b"created_at", "settled_at", b"settled_at", "updated_at", b"updated_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cancel_requested_at", b"cancel_requested_at", "completed_at", b"completed_at", "created_at", b"created_at", "owner_lease_expires_at", b"owner_lease_expires_at", "settled_at", b"settled_at", "updated_at", b"updated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel_requested_at", b"cancel_requested_at", "completed_at", b"completed_at", "counts", b"counts", "created_at", b"created_at", "error_message", b"error_message", "intent_id", b"intent_id", "name", b"name", "plan_id", b"plan_id", "priority", b"priority", "settled_at", b"settled_at", "status", b"status", "task_count", b"task_count", "tickets", b"tickets", "updated_at", b"updated_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cancel_requested_at", b"cancel_requested_at", "completed_at", b"completed_at", "counts", b"counts", "created_at", b"created_at", "error_message", b"error_message", "intent_id", b"intent_id", "name", b"name", "owner_id", b"owner_id", "owner_lease_expires_at", b"owner_lease_expires_at", "plan_id", b"plan_id", "priority", b"priority", "settled_at", b"settled_at", "status", b"status", "task_count", b"task_count", "tickets", b"tickets", "updated_at", b"updated_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -129,6 +129,9 @@ def plan_message(stored: StoredPlan) -> pb.Plan:
     _set_time(message.completed_at, summary.completed_at)
     _set_time(message.settled_at, summary.settled_at)
     _set_time(message.cancel_requested_at, summary.cancel_requested_at)
+    if (holder := summary.lease_holder) is not None:
+        message.owner_id = holder[0]
+        _set_time(message.owner_lease_expires_at, holder[1])
     return message
 
 

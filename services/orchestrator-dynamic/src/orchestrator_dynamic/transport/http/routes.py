@@ -22,6 +22,7 @@ from orchestrator_dynamic.domain.plan import Priority
 from orchestrator_dynamic.domain.records import PlanSummary, StoredPlan
 from orchestrator_dynamic.domain.scheduler import (
     PlanStatus,
+    Reason,
     ReasonCode,
     TicketState,
     TicketStatus,
@@ -50,6 +51,15 @@ class PlanSummaryOut(BaseModel):
     completed_at: IsoDateTime | None = Field(description="When the status became terminal")
     settled_at: IsoDateTime | None = Field(description="When every ticket was terminal")
     cancel_requested_at: IsoDateTime | None
+    owner_id: str | None = Field(
+        description="The replica driving the plan (holding its lease); null when none does:"
+        " not claimed yet, released at shutdown, or settled"
+    )
+    owner_lease_expires_at: IsoDateTime | None = Field(
+        description="When its lease ends unless renewed; in the past: that replica stopped"
+        " renewing it, and a replica takes the plan over at its next claim (explain's"
+        " stale_owner says so)"
+    )
 
 
 class PlanTicketOut(BaseModel):
@@ -108,13 +118,22 @@ class TaskExplanationOut(BaseModel):
     reasons: list[ReasonOut]
 
 
+_STALE_OWNER = (
+    "Set (code OWNER_LEASE_EXPIRED) when the plan's owner has not renewed its lease: the"
+    " state explained is as that replica last wrote it, until another replica takes the plan"
+    " over; null otherwise"
+)
+
+
 class PlanExplanationOut(BaseModel):
     plan_id: str
+    stale_owner: ReasonOut | None = Field(description=_STALE_OWNER)
     tasks: list[TaskExplanationOut]
 
 
 class _InPlan(BaseModel):
     plan_id: str
+    stale_owner: ReasonOut | None = Field(description=_STALE_OWNER)
 
 
 # Bases in this order put plan_id first (pydantic takes the fields of the last base first).
@@ -164,6 +183,7 @@ def _iso(moment: datetime | None) -> str | None:
 
 
 def summary_json(summary: PlanSummary) -> dict[str, Any]:
+    holder = summary.lease_holder
     return {
         "plan_id": summary.plan_id,
         "intent_id": summary.intent_id,
@@ -178,7 +198,13 @@ def summary_json(summary: PlanSummary) -> dict[str, Any]:
         "completed_at": _iso(summary.completed_at),
         "settled_at": _iso(summary.settled_at),
         "cancel_requested_at": _iso(summary.cancel_requested_at),
+        "owner_id": holder[0] if holder else None,
+        "owner_lease_expires_at": _iso(holder[1]) if holder else None,
     }
+
+
+def _reason_json(reason: Reason | None) -> dict[str, Any] | None:
+    return reason.to_json() if reason is not None else None
 
 
 def ticket_json(state: TicketState) -> dict[str, Any]:
@@ -381,7 +407,7 @@ def build_router(
         # check the answers against the document.
         response_model=None,
         responses={200: {"model": PlanOut, "description": "The plan"}, **_NOT_FOUND},
-        summary="Plan status, per-ticket status, counts, timestamps",
+        summary="Plan status, per-ticket status, counts, timestamps, driving replica",
     )
     async def get_plan(plan_id: str) -> dict[str, Any]:
         return plan_json(await plans.get(plan_id))
@@ -410,14 +436,19 @@ def build_router(
     async def explain_plan(
         plan_id: str, all_tasks: Annotated[bool, Query(alias="all")] = False
     ) -> dict[str, Any]:
-        explanations = await plans.explain(plan_id)
+        explained = await plans.explain(plan_id)
+        explanations = explained.tasks
         if not all_tasks:
             explanations = [
                 e
                 for e in explanations
                 if e.status is not TicketStatus.RUNNING and not e.status.terminal
             ]
-        return {"plan_id": plan_id, "tasks": [e.to_json() for e in explanations]}
+        return {
+            "plan_id": plan_id,
+            "stale_owner": _reason_json(explained.stale_owner),
+            "tasks": [e.to_json() for e in explanations],
+        }
 
     @router.get(
         "/{plan_id}/tasks/{task_id}/explain",
@@ -426,8 +457,13 @@ def build_router(
         summary="Why one task's ticket is where it is",
     )
     async def explain_task(plan_id: str, task_id: str) -> dict[str, Any]:
-        (explanation,) = await plans.explain(plan_id, task_id)
-        body: dict[str, Any] = {"plan_id": plan_id, **explanation.to_json()}
+        explained = await plans.explain(plan_id, task_id)
+        (explanation,) = explained.tasks
+        body: dict[str, Any] = {
+            "plan_id": plan_id,
+            "stale_owner": _reason_json(explained.stale_owner),
+            **explanation.to_json(),
+        }
         return body
 
     return router
