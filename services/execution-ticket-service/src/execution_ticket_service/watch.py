@@ -32,7 +32,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from execution_ticket_service.domain.models import TicketEvent, TicketFilter
-from execution_ticket_service.domain.paging import Cursor, decode_cursor
+from execution_ticket_service.domain.paging import Cursor, decode_cursor, encode_cursor
 from execution_ticket_service.domain.validation import Violations, payload_bytes
 from execution_ticket_service.signals import ChangeSignal, spaced_delay
 from execution_ticket_service.storage.tickets import TicketRepository
@@ -58,6 +58,8 @@ class TailSettings:
     # committed events (any transaction of the cluster, see events_after) is not signalled.
     busy_poll_interval: float = 0.02
     busy_seconds: float = 1.0
+    # How often the tail looks whether the event purge deleted events it had not read.
+    purge_check_interval: float = 1.0
 
 
 def cursor_of(event: TicketEvent) -> Cursor:
@@ -124,14 +126,14 @@ class EventLogTail:
         last_read = -math.inf
         last_generation = self._signal.generation
         busy_until = -math.inf
+        # The tail's position when it last read the purge mark, and when to read it next.
+        checked: Cursor | None = None
+        next_check = -math.inf
         while True:
             if not self._subscribers:
                 # Nobody to serve: forget the window, start afresh with the next stream.
-                position = self._start = None
-                self._keys.clear()
-                self._events.clear()
-                self._sizes.clear()
-                self._bytes = 0
+                position = self._start = checked = None
+                self._forget()
                 await self._wanted.wait()
             delay = spaced_delay(now=loop.time(), last=last_read, gap=self._settings.read_gap)
             if delay > 0:
@@ -143,24 +145,53 @@ class EventLogTail:
                 last_generation = generation
             try:
                 if position is None:
-                    position = await self._repository.current_position()
+                    position = checked = await self._repository.current_position()
                     self._start = position
                 events = await self._repository.events_after(
                     position, TicketFilter(), limit=self._settings.batch_size
                 )
+                if events:
+                    position = self._append(events)
+                    busy_until = loop.time() + self._settings.busy_seconds
+                if loop.time() >= next_check:
+                    position = checked = await self._past_purged(position, checked)
+                    next_check = loop.time() + self._settings.purge_check_interval
             except Exception as exc:
                 log_round_failure(log, "event log tail: read failed; retrying", exc)
                 await asyncio.sleep(self._settings.retry_interval)
                 continue
-            if events:
-                position = self._append(events)
-                busy_until = loop.time() + self._settings.busy_seconds
             if len(events) < self._settings.batch_size:
                 # Other replicas' changes, and events a running transaction hid, are found
                 # by polling: fast while busy.
                 busy = loop.time() < busy_until
                 poll = self._settings.busy_poll_interval if busy else self._settings.poll_interval
                 await self._signal.wait(generation, poll)
+
+    async def _past_purged(self, position: Cursor, checked: Cursor | None) -> Cursor:
+        """``position``, or past the purge mark when the purge deleted an event after
+        ``checked`` (the position at the last look), which the tail may not have read: a
+        transaction open longer than the retention held the tail back. The window is then
+        emptied and starts at the mark, so a stream before it reads the database and is
+        refused there, never served with a gap."""
+        mark = await self._repository.purged_through()
+        if checked is None or mark <= checked:
+            return position
+        log.warning(
+            "event log tail: the purge deleted events it may not have read; streams "
+            "positioned before them are refused",
+            tail_position=encode_cursor(position),
+            purged_through=encode_cursor(mark),
+        )
+        self._forget()
+        self._start = max(position, mark)
+        self._appended.notify()
+        return self._start
+
+    def _forget(self) -> None:
+        self._keys.clear()
+        self._events.clear()
+        self._sizes.clear()
+        self._bytes = 0
 
     def _append(self, events: list[TicketEvent]) -> Cursor:
         sizes = [payload_bytes(e.ticket) for e in events]

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 from collections.abc import AsyncIterator, Callable
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import psycopg
@@ -28,6 +28,7 @@ from hive_common.errors import InvalidArgument
 pytestmark = pytest.mark.service
 
 ORIGIN = Cursor(xid=0, seq=0)
+FAR_FUTURE = datetime(9999, 1, 1, tzinfo=UTC)
 
 
 class CountingRepository(TicketRepository):
@@ -304,3 +305,66 @@ async def test_a_stream_behind_an_event_the_purge_deleted_is_refused(
             assert "older than the event retention" in violation.description
         events, _ = await _read_all(tail, cursor_of(old[-1]), TicketFilter(), limit=10)
         assert [e.event_id for e in events] == [e.event_id for e in new]
+
+
+async def test_the_purge_leaves_events_a_running_transaction_hides_from_the_tail(
+    counting: CountingRepository, migrated_dsn: str
+) -> None:
+    # A transaction open longer than the retention holds the tail back: the events written
+    # meanwhile, relayed and old enough, used to be purged before the tail could read them
+    # (a live stream then never got them). The purge now waits for that transaction.
+    settings = TailSettings(poll_interval=0.05, busy_poll_interval=0.02, window=1_000)
+    async with _running(_tail(counting, settings)) as tail:
+        await _until(tail, lambda: tail._start is not None)
+        async with await psycopg.AsyncConnection.connect(migrated_dsn) as other:
+            await other.execute("SELECT pg_current_xact_id()")
+            await _history(counting, "held", 2, "w1")
+            relayed = await counting.claim_outbox(limit=100, claim_seconds=30)
+            await counting.mark_relayed([e.seq for e in relayed])
+            # Old enough whatever the retention.
+            assert await counting.purge_events(older_than=FAR_FUTURE) == 0
+            await other.rollback()
+        await _until(tail, lambda: len(tail._keys) == 6)
+        events, _ = await _read_all(tail, tail._start, TicketFilter(plan_id="held"), limit=10)
+        assert len(events) == 6  # what a live stream of the plan gets
+        # Once the tail could read them, they go.
+        assert await counting.purge_events(older_than=FAR_FUTURE) == 6
+
+
+async def test_the_tail_refuses_streams_behind_events_purged_before_it_read_them(
+    counting: CountingRepository, migrated_dsn: str
+) -> None:
+    # As a replica of the previous release purged (without waiting for the transaction
+    # that held the tail back): the tail finds the purge mark past where it had looked
+    # last, and sends every stream before the mark to the database, where it is refused.
+    settings = TailSettings(
+        poll_interval=0.05, busy_poll_interval=0.02, window=1_000, purge_check_interval=0.05
+    )
+    async with _running(_tail(counting, settings)) as tail:
+        await _until(tail, lambda: tail._start is not None)
+        start = tail._start
+        assert start is not None
+        async with await psycopg.AsyncConnection.connect(migrated_dsn) as other:
+            await other.execute("SELECT pg_current_xact_id()")
+            await _history(counting, "gone", 1, "w1")
+            gone = await counting.events_after(start, TicketFilter(), limit=10, until=None)
+            assert gone == []  # hidden from every reader while the transaction runs
+            async with await psycopg.AsyncConnection.connect(
+                migrated_dsn, autocommit=True
+            ) as purger:
+                cur = await purger.execute(
+                    "WITH gone AS (DELETE FROM ticket_events WHERE plan_id = 'gone'"
+                    " RETURNING xid, seq) UPDATE ticket_events_purged SET (xid, seq) ="
+                    " (SELECT xid, seq FROM gone ORDER BY xid DESC, seq DESC LIMIT 1)"
+                    " RETURNING xid, seq"
+                )
+                [(xid, seq)] = await cur.fetchall()
+            await other.rollback()
+        mark = Cursor(xid=xid, seq=seq)
+        await _until(tail, lambda: tail._start is not None and tail._start >= mark)
+        await _history(counting, "after", 1, "w1")
+        await _until(tail, lambda: len(tail._keys) == 3)
+        with pytest.raises(InvalidArgument):
+            await tail.read(start, TicketFilter(), limit=10)
+        events, _ = await _read_all(tail, mark, TicketFilter(), limit=10)
+        assert [e.ticket.plan_id for e in events] == ["after"] * 3

@@ -1059,12 +1059,14 @@ class TicketRepository:
 
     async def purge_events(self, *, older_than: datetime, limit: int = 10_000) -> int:
         """Delete relayed events that happened before ``older_than`` (never undelivered
-        ones), and move the purge mark (:meth:`purged_through`) past them."""
+        ones, nor any a watch cannot have read yet: see :meth:`events_after`), and move the
+        purge mark (:meth:`purged_through`) past them."""
         [row] = await self._fetch(
             "WITH gone AS ("
             " DELETE FROM ticket_events WHERE seq IN ("
             "  SELECT e.seq FROM ticket_events e"
             "  WHERE e.occurred_at < %s"
+            "    AND e.xid < pg_snapshot_xmin(pg_current_snapshot())::text::bigint"
             "    AND NOT EXISTS (SELECT 1 FROM ticket_outbox o WHERE o.seq = e.seq)"
             "  ORDER BY e.seq LIMIT %s)"
             " RETURNING xid, seq),"
