@@ -1362,6 +1362,40 @@ async def test_a_cursor_ahead_of_the_event_log_is_refused(client: Client) -> Non
     assert violations(info.value) == {"cursor"}
 
 
+async def test_a_cursor_in_a_snapshot_is_refused_by_a_watch_of_other_filters(
+    client: Client,
+) -> None:
+    # It names the last ticket of *that* snapshot: another plan's watch resumed from it
+    # sent nothing of its own snapshot.
+    for plan in ("plan-x", "plan-y"):
+        for task in ("a", "b"):
+            await client.create(task_id=task, plan_id=plan)
+    stream = client.stub.WatchTickets(
+        pb.WatchTicketsRequest(plan_id="plan-y", include_snapshot=True), metadata=client.svc
+    )
+    first = await next_event(stream)
+    stream.cancel()
+    assert first.type == pb.TICKET_EVENT_TYPE_SNAPSHOT
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await _first_event(
+            client.stub.WatchTickets(
+                pb.WatchTicketsRequest(plan_id="plan-x", cursor=first.cursor), metadata=client.svc
+            )
+        )
+    assert info.value.code() is Code.INVALID_ARGUMENT
+    assert violations(info.value) == {"cursor"}
+    resumed = client.stub.WatchTickets(
+        pb.WatchTicketsRequest(plan_id="plan-y", cursor=first.cursor), metadata=client.svc
+    )
+    rest = await next_event(resumed)  # the same watch resumes with the rest of its snapshot
+    assert (rest.type, rest.ticket.plan_id, rest.ticket.task_id) == (
+        pb.TICKET_EVENT_TYPE_SNAPSHOT,
+        "plan-y",
+        "b",
+    )
+    resumed.cancel()
+
+
 async def test_a_watch_dropped_before_its_first_event_resumes_from_its_header_cursor(
     client: Client,
 ) -> None:

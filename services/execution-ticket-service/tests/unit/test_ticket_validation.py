@@ -282,16 +282,37 @@ def test_cursor_round_trip_and_order() -> None:
 
 def test_watch_cursors_carry_the_snapshot_position() -> None:
     errors = Violations()
+    every = TicketFilter()
     plain = encode_cursor(Cursor(xid=7, seq=9))
     mid = encode_cursor(Cursor(xid=7, seq=9), snapshot_after=41)
-    assert decode_watch_cursor(plain, errors) == (Cursor(7, 9), None)
-    assert decode_watch_cursor(mid, errors) == (Cursor(7, 9), 41)
+    assert decode_watch_cursor(plain, every, errors) == (Cursor(7, 9), None)
+    assert decode_watch_cursor(mid, every, errors) == (Cursor(7, 9), 41)
     assert decode_cursor(mid, errors) == Cursor(7, 9)  # the log position alone
-    assert decode_watch_cursor("", errors) == (None, None)
+    assert decode_watch_cursor("", every, errors) == (None, None)
     assert not errors.items
     forged = base64.urlsafe_b64encode(b'{"v":1,"x":7,"s":9,"t":-1}').decode().rstrip("=")
-    assert decode_watch_cursor(forged, errors) == (None, None)
+    assert decode_watch_cursor(forged, every, errors) == (None, None)
     assert [v.field for v in errors.items] == ["cursor"]
+
+
+def test_a_cursor_in_a_snapshot_resumes_only_a_watch_of_its_filters() -> None:
+    # Applied to another plan's watch, the rest of *that* snapshot was cut short.
+    plan_x, plan_y = TicketFilter(plan_id="x"), TicketFilter(plan_id="y")
+    mid = encode_cursor(Cursor(xid=7, seq=9), snapshot_after=41, ticket_filter=plan_y)
+    errors = Violations()
+    assert decode_watch_cursor(mid, plan_y, errors) == (Cursor(7, 9), 41)
+    assert not errors.items
+    assert decode_watch_cursor(mid, plan_x, errors) == (None, None)
+    [violation] = errors.items
+    assert violation.field == "cursor"
+    assert "other filters" in violation.description
+    # A plain position suits any filters; a cursor issued before the binding is taken.
+    plain = encode_cursor(Cursor(xid=7, seq=9), ticket_filter=plan_y)
+    unbound = _forged('{"v":1,"x":7,"s":9,"t":41}')
+    errors = Violations()
+    assert decode_watch_cursor(plain, plan_x, errors) == (Cursor(7, 9), None)
+    assert decode_watch_cursor(unbound, plan_x, errors) == (Cursor(7, 9), 41)
+    assert not errors.items
 
 
 def _forged(body: str) -> str:
@@ -307,7 +328,7 @@ def test_forged_positions_are_not_tokens(number: str) -> None:
     decode_page_token(_forged(f'{{"v":1,"after":{number},"f":"{digest}"}}'), ticket_filter, errors)
     decode_cursor(_forged(f'{{"v":1,"x":{number},"s":0}}'), errors)
     decode_cursor(_forged(f'{{"v":1,"x":0,"s":{number}}}'), errors)
-    decode_watch_cursor(_forged(f'{{"v":1,"x":0,"s":0,"t":{number}}}'), errors)
+    decode_watch_cursor(_forged(f'{{"v":1,"x":0,"s":0,"t":{number}}}'), ticket_filter, errors)
     assert [v.field for v in errors.items] == ["page_token", "cursor", "cursor", "cursor"]
 
 
@@ -317,7 +338,7 @@ def test_deeply_nested_tokens_are_not_tokens() -> None:
     errors = Violations()
     deep = _forged("[" * 1500)
     decode_page_token(deep, ticket_filter, errors)
-    decode_watch_cursor(deep, errors)
+    decode_watch_cursor(deep, ticket_filter, errors)
     assert [v.field for v in errors.items] == ["page_token", "cursor"]
 
 

@@ -97,12 +97,19 @@ class Cursor:
     seq: int
 
 
-def encode_cursor(cursor: Cursor, *, snapshot_after: int | None = None) -> str:
-    """``snapshot_after``: the cursor is in the middle of a snapshot, whose tickets after
-    that ticket sequence number are still to be sent (see WatchTickets)."""
+def encode_cursor(
+    cursor: Cursor,
+    *,
+    snapshot_after: int | None = None,
+    ticket_filter: TicketFilter = TicketFilter(),
+) -> str:
+    """``snapshot_after``: the cursor is in the middle of a snapshot (of the tickets
+    ``ticket_filter`` matches, which the cursor is then bound to), whose tickets after that
+    ticket sequence number are still to be sent (see WatchTickets)."""
     body: dict[str, object] = {"v": 1, "x": cursor.xid, "s": cursor.seq}
     if snapshot_after is not None:
         body["t"] = snapshot_after
+        body["f"] = filter_digest(ticket_filter)
     return encode_token(body)
 
 
@@ -120,10 +127,12 @@ def decode_cursor(token: str, errors: Violations, path: str = "cursor") -> Curso
 
 
 def decode_watch_cursor(
-    token: str, errors: Violations, path: str = "cursor"
+    token: str, ticket_filter: TicketFilter, errors: Violations, path: str = "cursor"
 ) -> tuple[Cursor | None, int | None]:
     """A WatchTickets cursor: the log position and, for a cursor taken in the middle of a
-    snapshot, the ticket sequence number the rest of the snapshot starts after."""
+    snapshot, the ticket sequence number the rest of the snapshot starts after (such a
+    cursor resumes only a watch of the filters it was issued for: another's snapshot
+    would be cut short). A plain position suits any filters."""
     cursor = decode_cursor(token, errors, path)
     if cursor is None:
         return None, None
@@ -133,5 +142,13 @@ def decode_watch_cursor(
     after = _position(body["t"])
     if after is None:
         errors.add(path, "is not a cursor issued by this service")
+        return None, None
+    # Cursors issued before they were bound have no "f".
+    if body.get("f", filter_digest(ticket_filter)) != filter_digest(ticket_filter):
+        errors.add(
+            path,
+            "was issued in the middle of the snapshot of a watch with other filters "
+            "(plan_id, worker_id): resume with those, or watch without a cursor",
+        )
         return None, None
     return cursor, after

@@ -291,7 +291,9 @@ class TicketServicer(pb_grpc.TicketServiceServicer):
         errors = Violations()
         check_identifier(request.plan_id, "plan_id", errors, required=False)
         check_identifier(request.worker_id, "worker_id", errors, required=False)
-        cursor, snapshot_after = decode_watch_cursor(request.cursor, errors)
+        worker_id = canonical_if_uuid(request.worker_id)
+        ticket_filter = TicketFilter(plan_id=request.plan_id, worker_id=worker_id)
+        cursor, snapshot_after = decode_watch_cursor(request.cursor, ticket_filter, errors)
         if request.cursor and request.include_snapshot:
             errors.add("include_snapshot", "only applies without a cursor")
         if request.include_ticket_tokens and not request.worker_id:
@@ -303,8 +305,6 @@ class TicketServicer(pb_grpc.TicketServiceServicer):
             # ids); the stream would wait for events that never come.
             errors.add("cursor", "is ahead of the event log (from another database?)")
             errors.raise_if_any("invalid watch request")
-        worker_id = canonical_if_uuid(request.worker_id)
-        ticket_filter = TicketFilter(plan_id=request.plan_id, worker_id=worker_id)
         token_holder = worker_id if request.include_ticket_tokens else ""
         # The caller's own changes are skipped here, after the shared tail filtered: it
         # saves building and sending messages the caller does not need.
@@ -333,7 +333,9 @@ class TicketServicer(pb_grpc.TicketServiceServicer):
             # before its first event leaves the client nowhere to resume from, and a change made
             # before it reconnects would be missed. (A resumed stream echoes its own cursor.)
             # A snapshot stream's header cursor resumes with the whole snapshot again.
-            header = encode_cursor(cursor, snapshot_after=snapshot_after)
+            header = encode_cursor(
+                cursor, snapshot_after=snapshot_after, ticket_filter=ticket_filter
+            )
             await context.send_initial_metadata(((WATCH_CURSOR_HEADER, header),))
 
             while tickets:
@@ -348,7 +350,9 @@ class TicketServicer(pb_grpc.TicketServiceServicer):
                         actor=SNAPSHOT_ACTOR,
                         worker_id=ticket.worker_id,
                         # Resuming here sends the rest of the snapshot first.
-                        cursor=encode_cursor(cursor, snapshot_after=seq),
+                        cursor=encode_cursor(
+                            cursor, snapshot_after=seq, ticket_filter=ticket_filter
+                        ),
                     )
                     for seq, ticket in tickets
                 )
