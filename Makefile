@@ -7,6 +7,11 @@ UV ?= $(shell command -v uv 2>/dev/null || echo $(HOME)/.local/bin/uv)
 BUF ?= $(CURDIR)/node_modules/.bin/buf
 COMPOSE ?= docker compose
 PY_SRC := libs/common/src libs/worker/src libs/cli/src libs/testsupport/src services/execution-ticket-service/src services/service-registry/src services/orchestrator-dynamic/src bench
+# Tests type-checked with the sources. Each services/*/tests/* tree gets a mypy run of its
+# own: no package encloses it (dashes in the service's name), so mypy names its
+# conftest.py `conftest`, as it does the root one and every other such tree's.
+PY_TESTS := conftest.py tests $(wildcard libs/*/tests)
+PY_TESTS_ALONE := $(wildcard services/*/tests/*/)
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
@@ -48,8 +53,9 @@ breaking: ## buf breaking-change check of the protos against the main branch
 	cd libs/contracts && $(BUF) breaking --against '$(CURDIR)/.git#branch=main,subdir=libs/contracts'
 
 .PHONY: typecheck
-typecheck: ## mypy --strict over our code (generated stubs excluded)
-	$(UV) run mypy $(PY_SRC)
+typecheck: ## mypy --strict over our code and its tests (generated stubs excluded)
+	$(UV) run mypy $(PY_SRC) $(PY_TESTS)
+	@for tree in $(PY_TESTS_ALONE); do echo "$(UV) run mypy $$tree"; $(UV) run mypy $$tree || exit 1; done
 
 .PHONY: test
 test: ## Run every test (unit, service, integration) against real databases

@@ -126,6 +126,9 @@ class FakeTickets(pb_grpc.TicketServiceServicer):
     async def BatchCreateTickets(self, request: Any, context: Context) -> Any:
         await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not scripted")
 
+    async def UpdateTicketStatuses(self, request: Any, context: Context) -> Any:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not scripted")
+
     async def ListTickets(self, request: pb.ListTicketsRequest, context: Context) -> Any:
         await self._fail_if_scripted("ListTickets", request, context)
         start = int(request.page_token or 0)

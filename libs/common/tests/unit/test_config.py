@@ -30,9 +30,9 @@ class RegistrySettings(HiveSettings):
 
 class RecordingLogger:
     def __init__(self) -> None:
-        self.warnings: list[tuple[str, dict[str, Any]]] = []
+        self.warnings: list[tuple[str | None, dict[str, Any]]] = []
 
-    def warning(self, event: str, /, **fields: Any) -> None:
+    def warning(self, event: str | None = None, *args: Any, **fields: Any) -> None:
         self.warnings.append((event, fields))
 
 

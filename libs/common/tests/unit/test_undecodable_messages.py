@@ -135,7 +135,44 @@ def deep_service(recorder: Recorder) -> GrpcService:
     return GrpcService(name=SERVICE, register=register)
 
 
-class CreateOnlyTickets(pb_grpc.TicketServiceServicer):
+class UnscriptedTickets(pb_grpc.TicketServiceServicer):
+    """Every RPC answers UNIMPLEMENTED; the fakes below override the ones they script."""
+
+    async def CreateTicket(self, request: Any, context: Context) -> Any:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not scripted")
+
+    async def BatchCreateTickets(self, request: Any, context: Context) -> Any:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not scripted")
+
+    async def GetTicket(self, request: Any, context: Context) -> Any:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not scripted")
+
+    async def ListTickets(self, request: Any, context: Context) -> Any:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not scripted")
+
+    async def AssignTicket(self, request: Any, context: Context) -> Any:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not scripted")
+
+    async def AssignTickets(self, request: Any, context: Context) -> Any:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not scripted")
+
+    async def UpdateTicketStatus(self, request: Any, context: Context) -> Any:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not scripted")
+
+    async def UpdateTicketStatuses(self, request: Any, context: Context) -> Any:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not scripted")
+
+    async def GenerateToken(self, request: Any, context: Context) -> Any:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not scripted")
+
+    async def WatchTickets(
+        self, request: Any, context: Context
+    ) -> AsyncIterator[pb.WatchTicketsResponse]:
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not scripted")
+        yield pb.WatchTicketsResponse()  # never reached: a stream, like the RPC
+
+
+class CreateOnlyTickets(UnscriptedTickets):
     def __init__(self, recorder: Recorder) -> None:
         self._recorder = recorder
 
@@ -251,7 +288,7 @@ async def test_a_too_deep_create_ticket_request_is_invalid_argument(
 # ---------------------------------------------------------------------- client side
 
 
-class DeepAnswers(pb_grpc.TicketServiceServicer):
+class DeepAnswers(UnscriptedTickets):
     """Answers the client can encode but not decode."""
 
     def __init__(self) -> None:

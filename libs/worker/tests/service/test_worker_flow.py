@@ -25,6 +25,8 @@ from hive_worker import TaskContext, TaskError, sdk
 from neuralhive.registry.v1 import registry_service_pb2 as rpb
 from neuralhive.ticket.v1 import ticket_service_pb2 as pb
 
+from .conftest import Workers
+
 pytestmark = pytest.mark.service
 
 WAIT_SECONDS = 30.0
@@ -215,7 +217,7 @@ async def test_permanent_failures_skip_the_remaining_retries(
 
 
 async def test_results_the_service_cannot_store_become_clear_failures(
-    workers: Any, orchestrator: TicketClient
+    workers: Workers, orchestrator: TicketClient
 ) -> None:
     worker = workers.make()
 
@@ -238,7 +240,7 @@ async def test_results_the_service_cannot_store_become_clear_failures(
 
 @pytest.mark.parametrize("checked_before_sending", [True, False])
 async def test_a_result_larger_than_a_grpc_message_fails_for_good_without_it(
-    workers: Any,
+    workers: Workers,
     orchestrator: TicketClient,
     monkeypatch: pytest.MonkeyPatch,
     checked_before_sending: bool,
@@ -271,7 +273,7 @@ async def test_a_result_larger_than_a_grpc_message_fails_for_good_without_it(
 
 
 async def test_an_unexpected_error_fails_the_ticket_instead_of_leaving_it_running(
-    workers: Any, orchestrator: TicketClient, monkeypatch: pytest.MonkeyPatch
+    workers: Workers, orchestrator: TicketClient, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # An error the worker did not foresee used to be logged only: the ticket stayed
     # RUNNING until its timeout (an hour by default) on a healthy worker.

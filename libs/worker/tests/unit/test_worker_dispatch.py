@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import os
 import re
 import threading
 import time
@@ -270,7 +271,7 @@ def test_a_handler_that_is_not_async_is_refused_when_registered() -> None:
         return {"text": str(params["text"]).upper()}
 
     with pytest.raises(TypeError, match="handler for 'upper' must be an async def function"):
-        worker.task("upper")(upper)  # type: ignore[arg-type]
+        worker.task("upper")(upper)  # type: ignore[type-var]  # deliberately not async
     with pytest.raises(TypeError, match="handler for 'upper' must be an async def function"):
         worker.add_task("upper", upper)  # type: ignore[arg-type]
     assert "upper" not in worker.tasks
@@ -693,7 +694,7 @@ def test_the_command_exits_after_a_drain_even_if_a_handler_does_not_stop(
     monkeypatch.setattr(cli, "configure_logging", lambda **_: None)
     monkeypatch.setattr(cli, "freeze_heap", lambda: None)
     monkeypatch.setattr(cli, "_EXIT_BOUND_SECONDS", 0.2)
-    monkeypatch.setattr(cli.os, "_exit", exit_now)
+    monkeypatch.setattr(os, "_exit", exit_now)
     returned: list[int] = []
     with capture_logs() as logs:
         main = threading.Thread(
@@ -738,7 +739,7 @@ def test_the_command_leaves_no_exit_timer_behind_when_it_ends_in_time(
     monkeypatch.setattr(cli, "configure_logging", lambda **_: None)
     monkeypatch.setattr(cli, "freeze_heap", lambda: None)
     monkeypatch.setattr(cli, "_EXIT_BOUND_SECONDS", 0.2)
-    monkeypatch.setattr(cli.os, "_exit", exits.append)
+    monkeypatch.setattr(os, "_exit", exits.append)
     assert cli.main(["--capabilities", "python"]) == 0
     time.sleep(0.5)
     assert exits == []

@@ -430,7 +430,7 @@ async def test_json_mongodb_would_refuse_is_audited_and_the_relay_goes_on(
     # Keys with dots or a leading $ (FerretDB refuses them; common in real parameters) and
     # numbers beyond 64-bit integers (BSON has none): one such event stopped the audit
     # trail of every ticket for good.
-    parameters = {
+    parameters: dict[str, Any] = {
         "spark.executor.memory": "4g",
         "$schema": "s",
         "nested": {"a.b": [{"$ref": "x"}]},

@@ -8,7 +8,7 @@ import random
 import uuid
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import psycopg
 import pytest
@@ -457,8 +457,9 @@ async def test_concurrent_single_creates_are_written_together_and_answered_each(
         repo.create(spec("elsewhere", plan_id="plan-2"), actor="service:p"),  # another actor
         return_exceptions=True,
     )
-    *new, identical, differs, elsewhere = answers
-    assert [(t.spec.task_id, created) for t, created in new] == [  # type: ignore[union-attr,misc]
+    *answered, identical, differs, elsewhere = answers
+    new = cast(list[tuple[Ticket, bool]], answered)  # (ticket, created): unpacking fails otherwise
+    assert [(t.spec.task_id, created) for t, created in new] == [
         (f"new{i}", True) for i in range(4)
     ]
     assert identical == (taken, False)
@@ -467,7 +468,7 @@ async def test_concurrent_single_creates_are_written_together_and_answered_each(
     assert isinstance(elsewhere, tuple)
     assert elsewhere[1]
     # The four of one turn went in one statement, and the refusal took nothing back.
-    assert len(_batch_xids(migrated_dsn, [t.ticket_id for t, _ in new])) == 1  # type: ignore[union-attr,misc]
+    assert len(_batch_xids(migrated_dsn, [t.ticket_id for t, _ in new])) == 1
     events = await repo.events_after(position, TicketFilter(), limit=10)
     assert sorted((e.ticket.task_id, e.actor) for e in events) == [
         ("elsewhere", "service:p"),
@@ -500,7 +501,7 @@ async def test_concurrent_changes_are_written_together_and_answered_each(
     )
     assert isinstance(batch, list)
     done = [first, second, *batch]
-    assert [(t.ticket_id, t.status) for t in done] == [(t, S.COMPLETED) for t in running]  # type: ignore[union-attr]
+    assert [(t.ticket_id, t.status) for t in done] == [(t, S.COMPLETED) for t in running]
     assert isinstance(assigned, Ticket)
     assert (assigned.status, assigned.worker_id) == (S.ASSIGNED, "w2")
     assert isinstance(refused, FailedPrecondition)  # for this update only

@@ -325,7 +325,9 @@ async def test_the_purge_leaves_events_a_running_transaction_hides_from_the_tail
             assert await counting.purge_events(older_than=FAR_FUTURE) == 0
             await other.rollback()
         await _until(tail, lambda: len(tail._keys) == 6)
-        events, _ = await _read_all(tail, tail._start, TicketFilter(plan_id="held"), limit=10)
+        start = tail._start
+        assert start is not None
+        events, _ = await _read_all(tail, start, TicketFilter(plan_id="held"), limit=10)
         assert len(events) == 6  # what a live stream of the plan gets
         # Once the tail could read them, they go.
         assert await counting.purge_events(older_than=FAR_FUTURE) == 6

@@ -5,8 +5,8 @@ from typing import Any
 import pytest
 from google.protobuf import json_format, struct_pb2
 
-from execution_ticket_service.transport.grpc.convert import dict_to_struct, struct_to_dict
-from hive_common.structs import whole_numbers_as_integers
+from execution_ticket_service.transport.grpc.convert import dict_to_struct
+from hive_common.structs import struct_to_dict, whole_numbers_as_integers
 
 
 def typed(value: Any) -> str:

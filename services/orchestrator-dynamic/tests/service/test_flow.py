@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import re
 import threading
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import httpx
 import psycopg
@@ -15,6 +15,8 @@ from structlog.testing import capture_logs
 from hive_common.clients.registry import RegistryClient
 from hive_common.logging import configure_logging
 from neuralhive.ticket.v1 import ticket_service_pb2 as ticket_pb
+from orchestrator_dynamic.domain.json_input import decode_json
+from orchestrator_dynamic.domain.plan import plan_body_hash
 from orchestrator_dynamic.engine import driver as driver_module
 from orchestrator_dynamic.engine import plans as plans_module
 from orchestrator_dynamic.transport.http import routes as routes_module
@@ -468,8 +470,8 @@ async def test_a_plan_is_decoded_validated_and_hashed_off_the_event_loop(
 
     validator = app.plans._validator
     monkeypatch.setattr(validator, "validate", spy("validate", validator.validate))
-    monkeypatch.setattr(plans_module, "plan_body_hash", spy("hash", plans_module.plan_body_hash))
-    monkeypatch.setattr(routes_module, "decode_json", spy("decode", routes_module.decode_json))
+    monkeypatch.setattr(plans_module, "plan_body_hash", spy("hash", plan_body_hash))
+    monkeypatch.setattr(routes_module, "decode_json", spy("decode", decode_json))
     response = await flow.submit({"plan_id": "off-loop", "tasks": [echo("a")]})
     assert response.status_code == 202, response.text
     assert threads == {"decode": False, "validate": False, "hash": False}
@@ -525,7 +527,7 @@ async def test_a_plan_whose_tickets_exceed_one_grpc_message_completes(flow: Flow
     assert final["status"] == "COMPLETED", final["error_message"]
     assert final["counts"]["COMPLETED"] == 90
     async with flow.ticket_client() as client:
-        results = [t.result["n"] async for t in client.iter_tickets(plan_id="big")]
+        results = [cast(float, t.result["n"]) async for t in client.iter_tickets(plan_id="big")]
     assert sorted(results) == list(range(90))
 
 
@@ -755,7 +757,14 @@ async def test_a_worker_with_a_free_slot_ranked_below_a_hundred_full_ones_is_use
     await flow.start_orchestrator()
     async with RegistryClient.connect(flow.registry_target) as registry:
 
-        async def worker(name: str, *, max_concurrent: int, **heartbeat: int) -> str:
+        async def worker(
+            name: str,
+            *,
+            max_concurrent: int,
+            in_flight: int,
+            succeeded_total: int | None = None,
+            failed_total: int | None = None,
+        ) -> str:
             registered = await registry.register(
                 name=name,
                 capabilities=["crowd"],
@@ -766,7 +775,9 @@ async def test_a_worker_with_a_free_slot_ranked_below_a_hundred_full_ones_is_use
             await registry.heartbeat(
                 worker_id=registered.worker.worker_id,
                 token=registered.token,
-                **heartbeat,
+                in_flight=in_flight,
+                succeeded_total=succeeded_total,
+                failed_total=failed_total,
             )
             return registered.worker.worker_id
 

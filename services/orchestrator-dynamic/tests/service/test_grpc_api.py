@@ -137,8 +137,16 @@ async def test_invalid_plans_and_unknown_ids(flow: Flow, channel: grpc.aio.Chann
 @pytest.mark.parametrize(
     ("plan", "field", "description"),
     [
-        (pb.PlanSpec(plan_id="p-99", priority=99), "$.priority", "'99' is not a priority"),
-        (pb.PlanSpec(plan_id="p-neg", priority=-3), "$.priority", "'-3' is not a priority"),
+        (
+            pb.PlanSpec(plan_id="p-99", priority=ticket_pb.Priority.ValueType(99)),
+            "$.priority",
+            "'99' is not a priority",
+        ),
+        (
+            pb.PlanSpec(plan_id="p-neg", priority=ticket_pb.Priority.ValueType(-3)),
+            "$.priority",
+            "'-3' is not a priority",
+        ),
         (
             pb.PlanSpec(plan_id="p-nan", tasks=[pb.TaskSpec(parameters=params(x=float("nan")))]),
             "$.tasks[0].parameters.x",
