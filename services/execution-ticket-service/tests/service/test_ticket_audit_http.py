@@ -284,6 +284,14 @@ async def test_http_api(
         await eventually(audited, what="audit history over HTTP")
         history = (await http.get(f"/api/v1/tickets/{ticket.ticket_id}/events")).json()
         assert [e["type"] for e in history["events"]] == EXPECTED_TYPES
+        assert history["truncated"] is False
+        # A shorter history says that more events follow.
+        for limit, truncated in ((3, True), (8, False)):
+            part = await http.get(
+                f"/api/v1/tickets/{ticket.ticket_id}/events", params={"limit": limit}
+            )
+            assert [e["type"] for e in part.json()["events"]] == EXPECTED_TYPES[:limit]
+            assert part.json()["truncated"] is truncated
         # Each event says when the relay sent it, never before it happened.
         for event in history["events"]:
             relayed_at = datetime.fromisoformat(event["relayed_at"])

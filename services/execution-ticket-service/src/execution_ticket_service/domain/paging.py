@@ -89,6 +89,9 @@ def fill_page(
     return [item for _, item in page], None if complete else page[-1][0]
 
 
+_EVERY_TICKET = TicketFilter()
+
+
 @dataclass(frozen=True, order=True, slots=True)
 class Cursor:
     """A position in the event log: (writer transaction id, sequence), see storage."""
@@ -101,7 +104,7 @@ def encode_cursor(
     cursor: Cursor,
     *,
     snapshot_after: int | None = None,
-    ticket_filter: TicketFilter = TicketFilter(),
+    ticket_filter: TicketFilter = _EVERY_TICKET,
 ) -> str:
     """``snapshot_after``: the cursor is in the middle of a snapshot (of the tickets
     ``ticket_filter`` matches, which the cursor is then bound to), whose tickets after that

@@ -6,7 +6,7 @@ from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Query, Request
-from pydantic import BaseModel, WithJsonSchema
+from pydantic import BaseModel, Field, WithJsonSchema
 
 from execution_ticket_service.domain.models import Priority, Ticket, TicketStatus, ticket_document
 from execution_ticket_service.domain.paging import (
@@ -90,6 +90,10 @@ class AuditEventOut(BaseModel):
 class AuditHistory(BaseModel):
     ticket_id: str
     events: list[AuditEventOut]
+    truncated: bool = Field(
+        description="More events follow the ones listed (oldest first): ask with a larger"
+        " limit (at most 1000)"
+    )
 
 
 def _ticket_out(ticket: Ticket) -> TicketOut:
@@ -175,10 +179,11 @@ def build_router(
         ticket_id: str, limit: Annotated[int, Query(ge=1, le=MAX_EVENTS)] = MAX_EVENTS
     ) -> AuditHistory:
         ticket = await repository.get(validate_ticket_id(ticket_id))
-        documents = await audit.history(ticket.ticket_id, limit=limit)
+        documents = await audit.history(ticket.ticket_id, limit=limit + 1)
         return AuditHistory(
             ticket_id=ticket.ticket_id,
-            events=[AuditEventOut(**doc) for doc in documents],
+            events=[AuditEventOut(**doc) for doc in documents[:limit]],
+            truncated=len(documents) > limit,
         )
 
     return router
