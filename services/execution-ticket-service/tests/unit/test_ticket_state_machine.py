@@ -414,3 +414,26 @@ def test_digest_depends_on_every_field() -> None:
     }
     assert len(digests) == 7
     assert update_digest(replace(base, expected_version=7)) == update_digest(base)
+    # Whoever words a worker's loss, it is the same report.
+    lost = replace(base, worker_lost=True)
+    assert update_digest(replace(lost, error_message="f")) == update_digest(lost)
+
+
+def test_a_lost_worker_reported_twice_requeues_once_without_a_late_result() -> None:
+    # The worker hands its attempt back as it drains (through one ticket-service replica),
+    # and the orchestrator, not yet aware of it, reports the worker lost (through another).
+    running = ticket(S.RUNNING, attempt=1)
+    handed_back = update(S.FAILED, error_message="the worker stopped", worker_lost=True)
+    first = decide_update(running, handed_back, now=LATER, actor="worker:w1")
+    assert first.event is not None and first.event.type is EventType.REQUEUED
+    reported = update(S.FAILED, error_message="worker w1 lost: deregistered", worker_lost=True)
+    second = decide_update(first.ticket, reported, now=LATER, actor="service:orchestrator")
+    assert (second.changed, second.event, second.error) == (False, None, None)
+    assert second.ticket == first.ticket
+    # Still so once the next attempt runs elsewhere.
+    moved_on = replace(first.ticket, status=S.RUNNING, worker_id="w2", version=9)
+    third = decide_update(moved_on, reported, now=LATER, actor="service:orchestrator")
+    assert (third.changed, third.event, third.error) == (False, None, None)
+    # Another report of that attempt is still a late result.
+    late = decide_update(moved_on, update(S.FAILED, error_message="x"), now=LATER, actor="w1")
+    assert late.event is not None and late.event.type is EventType.LATE_RESULT_REJECTED

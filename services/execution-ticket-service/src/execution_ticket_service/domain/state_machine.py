@@ -68,12 +68,17 @@ _LATE_RESULTS = uuid.UUID("5f0c4e52-7d1b-4a53-9a8e-2a6f1c0b9d47")
 
 
 def update_digest(update: StatusUpdate) -> str:
-    """Fingerprint of a status update; an identical retry has the same digest."""
+    """Fingerprint of a status update; an identical retry has the same digest.
+
+    A ``worker_lost`` report states one fact whoever words it: the attempt ended with its
+    worker. So its message is left out, and the worker's own hand-back and the
+    orchestrator's report of the same lost worker (through different replicas, each
+    unaware of the other) are one report, not a re-queue and a late result."""
     body = {
         "status": update.status.value,
         "attempt": update.attempt,
         "result": update.result,
-        "error_message": update.error_message,
+        "error_message": "" if update.worker_lost else update.error_message,
         "permanent": update.permanent,
         "worker_lost": update.worker_lost,
     }
