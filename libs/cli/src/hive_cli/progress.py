@@ -14,9 +14,15 @@ from datetime import datetime
 from typing import Any, Protocol, TextIO
 
 from hive_cli.api import ApiError, JsonObject, ServiceUnreachable
-from hive_cli.render import STATUS_ORDER, TERMINAL_PLAN_STATUSES, inline, plural
+from hive_cli.render import (
+    STATUS_ORDER,
+    TERMINAL_TICKET_STATUSES,
+    inline,
+    plan_settled,
+    plural,
+    status_label,
+)
 
-TERMINAL_TICKET_STATUSES = ("COMPLETED", "FAILED", "CANCELLED")
 # A ticket in one of these after a failure is retrying it.
 RETRYING = ("PENDING", "ASSIGNED", "RUNNING")
 _ERASE_LINE = "\r\x1b[2K"
@@ -109,8 +115,8 @@ class FailureTracker:
         self._waited: set[tuple[str, int]] = set()
 
     def new_failures(self, plan: Mapping[str, Any]) -> list[Failure]:
-        # Once the plan is finished there is no next poll to wait for.
-        can_wait = plan.get("status") not in TERMINAL_PLAN_STATUSES
+        # Once the plan is over there is no next poll to wait for.
+        can_wait = not plan_settled(plan)
         failures: list[Failure] = []
         for ticket in plan.get("tickets") or []:
             if isinstance(ticket, Mapping):
@@ -221,7 +227,7 @@ def progress_line(
     """``RUNNING [███░░░] 3/6 50%  COMPLETED 3 · RUNNING 2 · PENDING 1  12s``."""
     progress = progress_of(plan)
     parts = [
-        f"{progress.status:<9}",
+        f"{status_label(plan):<9}",
         bar(progress.fraction, bar_width, unicode=unicode),
         f"{progress.done}/{progress.total}",
         f"{progress.fraction:4.0%}",
@@ -235,12 +241,13 @@ def progress_line(
     return line
 
 
-def run_time(plan: Mapping[str, Any]) -> float | None:
+def run_time(plan: Mapping[str, Any], until: str = "completed_at") -> float | None:
     """Seconds from the plan's creation to its terminal status (``created_at`` to
-    ``completed_at``); None if the plan does not say."""
+    ``completed_at``), or to another of its times (``settled_at``: its last ticket
+    ended); None if the plan does not say."""
     try:
         started = datetime.fromisoformat(plan["created_at"])
-        return (datetime.fromisoformat(plan["completed_at"]) - started).total_seconds()
+        return (datetime.fromisoformat(plan[until]) - started).total_seconds()
     except (KeyError, TypeError, ValueError):
         return None
 
@@ -248,13 +255,17 @@ def run_time(plan: Mapping[str, Any]) -> float | None:
 def final_summary(plan: Mapping[str, Any], *, elapsed: float | None = None) -> str:
     """The closing lines of a watch: outcome, then every task that did not complete.
 
-    The time is the plan's own run time; only a plan without its timestamps gets the
+    The time is the plan's own run time, and when its last ticket ended later (tickets
+    in flight cancelled), that time too; only a plan without its timestamps gets the
     time spent watching (``elapsed``), labelled as such.
     """
     progress = progress_of(plan)
     took = ""
     if (seconds := run_time(plan)) is not None:
         took = f" after {seconds:.1f}s"
+        settled = run_time(plan, "settled_at")
+        if settled is not None and f"{settled:.1f}" != f"{seconds:.1f}":
+            took += f" (settled after {settled:.1f}s)"
     elif elapsed is not None:
         took = f" (watched for {elapsed:.1f}s)"
     finished = f"{progress.done}/{plural(progress.total, 'task')} finished"
@@ -335,7 +346,7 @@ class PlainDisplay:
         for failure in failures:
             self._stream.write(failure.text() + "\n")
         progress = progress_of(plan)
-        key = (progress.status, tuple(sorted(progress.counts.items())))
+        key = (status_label(plan), tuple(sorted(progress.counts.items())))
         if key != self._last:
             self._last = key
             line = progress_line(plan, bar_width=self._bar_width, unicode=False, elapsed=elapsed)

@@ -14,7 +14,35 @@ from hive_common.text import escape_controls
 
 STATUS_ORDER = ("PENDING", "ASSIGNED", "RUNNING", "COMPLETED", "FAILED", "CANCELLED")
 TERMINAL_PLAN_STATUSES = frozenset({"COMPLETED", "FAILED", "CANCELLED"})
+TERMINAL_TICKET_STATUSES = ("COMPLETED", "FAILED", "CANCELLED")
 MAX_CELL = 60
+
+
+def plan_settled(plan: Mapping[str, Any]) -> bool:
+    """Whether a plan is over: its status terminal and every ticket terminal
+    (``settled_at`` set). A plan is CANCELLED or FAILED as soon as that is decided, while
+    its tickets in flight are still being cancelled (and may run on until then); the
+    orchestrator's WatchPlan stream ends at ``settled_at`` too. An answer that does not
+    carry ``settled_at`` is over at its terminal status."""
+    if plan.get("status") not in TERMINAL_PLAN_STATUSES:
+        return False
+    return "settled_at" not in plan or plan["settled_at"] is not None
+
+
+def status_label(plan: Mapping[str, Any]) -> str:
+    """The plan's status; for one whose status is terminal while tickets are still in
+    flight (being cancelled), what it waits for: ``CANCELLED, settling: 1 running``."""
+    status = str(plan.get("status"))
+    if status not in TERMINAL_PLAN_STATUSES or plan_settled(plan):
+        return status
+    counts = plan.get("counts")
+    counts = counts if isinstance(counts, Mapping) else {}
+    in_flight = [
+        f"{counts[s]} {s.lower()}"
+        for s in STATUS_ORDER
+        if s not in TERMINAL_TICKET_STATUSES and isinstance(counts.get(s), int) and counts[s]
+    ]
+    return f"{status}, settling" + (": " + ", ".join(in_flight) if in_flight else "")
 
 
 def inline(value: object) -> str:
@@ -141,7 +169,7 @@ def plan_detail(plan: JsonObject, *, now: datetime | None = None) -> str:
     lines = [
         f"plan      {plan.get('plan_id')}"
         + (f"  ({inline(plan['name'])})" if plan.get("name") else ""),
-        f"status    {plan.get('status')}",
+        f"status    {status_label(plan)}",
         f"tasks     {plan.get('task_count')}: {counts_text(plan.get('counts') or {})}",
         f"priority  {plan.get('priority')}",
         f"created   {cell(plan.get('created_at'))}",
@@ -150,6 +178,8 @@ def plan_detail(plan: JsonObject, *, now: datetime | None = None) -> str:
         lines.append(f"intent    {inline(plan['intent_id'])}")
     if plan.get("completed_at"):
         lines.append(f"finished  {cell(plan.get('completed_at'))}")
+    if plan.get("settled_at") and plan.get("settled_at") != plan.get("completed_at"):
+        lines.append(f"settled   {cell(plan.get('settled_at'))} (its last ticket ended)")
     if plan.get("cancel_requested_at"):
         lines.append(f"cancelled {cell(plan.get('cancel_requested_at'))} (requested)")
     if plan.get("owner_id"):

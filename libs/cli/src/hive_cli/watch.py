@@ -1,4 +1,5 @@
-"""Follow a plan to a terminal status by polling ``GET /api/v1/plans/{id}``.
+"""Follow a plan to its end by polling ``GET /api/v1/plans/{id}``: a terminal status and
+every ticket terminal (``settled_at``), as the orchestrator's WatchPlan stream ends.
 
 The orchestrator's HTTP API has no streaming endpoint; a short poll interval is cheap (one
 indexed read) and survives orchestrator restarts, which a stream would have to reconnect
@@ -14,7 +15,7 @@ from dataclasses import dataclass
 from hive_cli.api import ApiError, HiveApi, JsonObject, ServiceUnreachable
 from hive_cli.exit_codes import ExitCode
 from hive_cli.progress import FailureTracker, ProgressDisplay
-from hive_cli.render import TERMINAL_PLAN_STATUSES
+from hive_cli.render import plan_settled
 
 TRANSIENT_STATUSES = frozenset({502, 503, 504})
 """Answers a watch rides out like an unreachable orchestrator."""
@@ -34,7 +35,7 @@ class WatchTimeout(Exception):
 
 @dataclass
 class PlanWatcher:
-    """Polls one plan and feeds every snapshot to a display until it is terminal."""
+    """Polls one plan and feeds every snapshot to a display until it is settled."""
 
     api: HiveApi
     display: ProgressDisplay
@@ -45,7 +46,9 @@ class PlanWatcher:
     clock: Callable[[], float] = time.monotonic
 
     def watch(self, plan_id: str) -> JsonObject:
-        """The first terminal snapshot; :class:`WatchTimeout` when ``timeout`` elapses.
+        """The first snapshot of the plan settled (its status terminal and every ticket
+        terminal: a plan CANCELLED or FAILED with tickets still in flight is watched on
+        until they end); :class:`WatchTimeout` when ``timeout`` elapses.
 
         ``ApiError`` (e.g. NOT_FOUND) propagates; ``ServiceUnreachable`` at once if the
         first poll fails, else once the orchestrator has been unreachable for longer than
@@ -78,7 +81,7 @@ class PlanWatcher:
                     last = plan
                     elapsed = self.clock() - started
                     self.display.update(plan, failures.new_failures(plan), elapsed)
-                    if plan.get("status") in TERMINAL_PLAN_STATUSES:
+                    if plan_settled(plan):
                         return plan
                 if self.timeout is not None and self.clock() - started >= self.timeout:
                     raise WatchTimeout(last or {"plan_id": plan_id, "status": "UNKNOWN"})

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import io
 import json
 import socket
 import uuid
@@ -11,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from hive_cli.cli import main
 from hive_cli.exit_codes import ExitCode
 
 from .conftest import EXAMPLES, WATCH_TIMEOUT_SECONDS, Stack
@@ -331,3 +333,57 @@ async def test_unreachable_service_exits_5(stack: Stack) -> None:
     run = await stack.hive("plan", "list", "--orchestrator", f"http://127.0.0.1:{closed}")
     assert run.code == ExitCode.UNAVAILABLE
     assert f"orchestrator at http://127.0.0.1:{closed} is unreachable" in run.err
+
+
+async def test_a_cancelled_plan_is_watched_until_its_last_ticket_ended(stack: Stack) -> None:
+    # A plan is CANCELLED at once, its tickets in flight cancelled next: the watch ended at
+    # the status ("CANCELLED ... 0/1 tasks finished") while the task ran on. The ticket
+    # service stopped keeps the ticket RUNNING until it is back.
+    plan = {
+        "tasks": [
+            {
+                "task_id": "nap",
+                "task_type": "sleep",
+                "required_capabilities": ["python"],
+                "parameters": {"seconds": 60},
+            }
+        ]
+    }
+    submitted = await stack.hive("plan", "submit", "-", stdin=json.dumps(plan).encode())
+    assert submitted.code == ExitCode.OK, submitted.err
+    plan_id = plan_id_of(submitted.out)
+
+    for _ in range(600):  # the worker starts it within moments
+        status = (await stack.hive("-o", "json", "plan", "status", plan_id)).json()
+        if status["tickets"][0]["status"] == "RUNNING":
+            break
+        await asyncio.sleep(0.1)
+    else:
+        pytest.fail(f"plan {plan_id}'s task never started")
+
+    env = stack.env  # (stack.hive asks the stopped ticket service for its port)
+    out, err = io.StringIO(), io.StringIO()
+
+    def hive(*argv: str) -> int:
+        return main(list(argv), stdout=out, stderr=err, stdin=io.BytesIO(b""), env=env)
+
+    await stack.stop_ticket_service()
+    try:
+        assert await asyncio.to_thread(hive, "plan", "cancel", plan_id) == 0, err.getvalue()
+        out.truncate(0)
+        out.seek(0)
+        watch = asyncio.create_task(
+            asyncio.to_thread(hive, "plan", "watch", plan_id, "--interval", "0.1")
+        )
+        await asyncio.sleep(1.5)
+        assert not watch.done(), out.getvalue()
+    finally:
+        await stack.start_ticket_service()
+    async with asyncio.timeout(WATCH_TIMEOUT_SECONDS):
+        code = await watch
+    assert code == ExitCode.PLAN_UNSUCCESSFUL, err.getvalue()
+    lines = out.getvalue().splitlines()
+    assert any(line.startswith("CANCELLED, settling: 1 running [") for line in lines), lines
+    (closing,) = [line for line in lines if line.startswith(f"plan {plan_id} CANCELLED")]
+    assert " (settled after " in closing, lines
+    assert closing.endswith(": 1/1 task finished"), lines

@@ -675,3 +675,84 @@ def test_watch_timeout_exit_8() -> None:
     assert run.code == 8
     assert "timed out: plan p1 is still RUNNING" in run.err
     assert "hive plan watch p1" in run.err
+
+
+SETTLING_AT: dict[str, Any] = {
+    "created_at": "2026-11-24T23:00:00.500000+00:00",
+    "completed_at": "2026-11-24T23:00:03.710000+00:00",
+    "settled_at": None,
+}
+SETTLED_AT: dict[str, Any] = {**SETTLING_AT, "settled_at": "2026-11-24T23:00:31.900000+00:00"}
+
+
+def cancelled_while_running() -> list[JsonObject]:
+    """A plan cancelled (through another replica) with a ticket still running: CANCELLED at
+    once, settled once that ticket ended too."""
+    return [
+        snapshot("RUNNING", ticket("a", "RUNNING"), ticket("b", "PENDING"), settled_at=None),
+        snapshot("CANCELLED", ticket("a", "RUNNING"), ticket("b", "PENDING"), **SETTLING_AT),
+        snapshot("CANCELLED", ticket("a", "RUNNING"), ticket("b", "CANCELLED"), **SETTLING_AT),
+        snapshot("CANCELLED", ticket("a", "CANCELLED"), ticket("b", "CANCELLED"), **SETTLED_AT),
+    ]
+
+
+def test_watch_goes_on_until_a_cancelled_plan_is_settled() -> None:
+    # It exited at the first CANCELLED snapshot, "0/2 tasks finished", while the task ran
+    # on for 28 s.
+    clock = FakeClock()
+    display = io.StringIO()
+    snaps = cancelled_while_running()
+    api = ScriptedApi([*snaps, snaps[-1]])
+    plain = watcher(api, clock)
+    plain.display = PlainDisplay(display, bar_width=4)
+
+    final = plain.watch("p1")
+
+    assert final["settled_at"] is not None
+    assert api.calls == 4
+    assert display.getvalue().splitlines() == [
+        "RUNNING   [----] 0/2   0%  PENDING 1 · RUNNING 1  0s",
+        "CANCELLED, settling: 1 pending, 1 running [----] 0/2   0%  PENDING 1 · RUNNING 1  0s",
+        "CANCELLED, settling: 1 running [##--] 1/2  50%  RUNNING 1 · CANCELLED 1  1s",
+        "CANCELLED [####] 2/2 100%  CANCELLED 2  2s",
+    ]
+
+
+def test_a_terminal_and_settled_plan_ends_the_watch_at_once() -> None:
+    for answer in (
+        snapshot("FAILED", ticket("a", "FAILED"), **SETTLED_AT),
+        # An answer that does not carry settled_at ends at its terminal status.
+        snapshot("COMPLETED", ticket("a", "COMPLETED")),
+    ):
+        api = ScriptedApi([answer])
+        assert watcher(api, FakeClock()).watch("p1") is answer
+        assert api.calls == 1
+
+
+def test_progress_line_of_a_plan_settling_with_no_ticket_in_flight_left() -> None:
+    # Every ticket terminal, the plan not marked settled yet (the next poll sees it).
+    plan = snapshot("FAILED", ticket("a", "FAILED"), **SETTLING_AT)
+    assert progress_line(plan, bar_width=4, unicode=False) == (
+        "FAILED, settling [####] 1/1 100%  FAILED 1"
+    )
+
+
+def test_final_summary_of_a_plan_that_settled_later_says_when() -> None:
+    plan = snapshot("CANCELLED", ticket("a", "CANCELLED"), **SETTLED_AT)
+    assert final_summary(plan).splitlines()[0] == (
+        "plan p1 CANCELLED after 3.2s (settled after 31.4s): 1/1 task finished"
+    )
+    at_once = snapshot(
+        "COMPLETED", ticket("a", "COMPLETED"), **FINISHED_AT, settled_at=FINISHED_AT["completed_at"]
+    )
+    assert final_summary(at_once) == "plan p1 COMPLETED after 3.2s: 1/1 task finished"
+
+
+def test_plan_watch_of_a_cancelled_plan_exits_1_once_settled() -> None:
+    services = FakeServices()
+    plan_answers(services, *cancelled_while_running())
+    run = services.run("plan", "watch", "p1", "--interval", "0.01")
+    assert run.code == ExitCode.PLAN_UNSUCCESSFUL, run.err
+    lines = run.out.splitlines()
+    assert any(line.startswith("CANCELLED, settling: 1 running [") for line in lines), lines
+    assert lines[-3] == "plan p1 CANCELLED after 3.2s (settled after 31.4s): 2/2 tasks finished"

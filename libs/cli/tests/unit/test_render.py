@@ -114,11 +114,29 @@ def test_plan_detail_shows_header_and_ticket_rows() -> None:
     text = plan_detail(plan("FAILED", error_message="task test failed"))
     lines = text.splitlines()
     assert lines[0] == "plan      p1  (release)"
-    assert "status    FAILED" in lines
+    # FAILED with a ticket still running: being cancelled.
+    assert "status    FAILED, settling: 1 running" in lines
     assert "tasks     2: RUNNING 1 · COMPLETED 1" in lines
     assert "error     task test failed" in lines
     assert any(line.split()[:4] == ["test", "RUNNING", "2", "w-2"] for line in lines)
     assert lines[-1].endswith("exit 1")
+
+
+def test_plan_detail_of_a_settled_plan_says_when_its_last_ticket_ended() -> None:
+    lines = plan_detail(
+        plan(
+            "CANCELLED",
+            counts={"COMPLETED": 1, "CANCELLED": 1},
+            completed_at="2026-11-24T23:00:02+00:00",
+            settled_at="2026-11-24T23:00:30+00:00",
+        )
+    ).splitlines()
+    assert "status    CANCELLED" in lines
+    assert "finished  2026-11-24 23:00:02Z" in lines
+    assert "settled   2026-11-24 23:00:30Z (its last ticket ended)" in lines
+    at_once = plan("COMPLETED", completed_at="2026-11-24T23:00:02+00:00")
+    at_once["settled_at"] = at_once["completed_at"]
+    assert not any(line.startswith("settled") for line in plan_detail(at_once).splitlines())
 
 
 def test_plan_detail_names_the_driving_replica_and_its_lease() -> None:

@@ -375,6 +375,48 @@ async def test_watch_plan_streams_read_the_whole_plan_only_when_it_changed_and_a
         await channel.close()
 
 
+async def test_watch_plan_goes_on_past_a_terminal_status_until_the_plan_is_settled(
+    flow: Flow, channel: grpc.aio.Channel
+) -> None:
+    # A plan is CANCELLED at once, its tickets in flight cancelled next (here only once
+    # the stopped ticket service is back): the stream ends with the plan settled, as the
+    # `hive` CLI's watch does, not at the status.
+    stub = pb_grpc.OrchestratorServiceStub(channel)
+    await flow.start_worker("w1", ["python"])
+    nap = pb.TaskSpec(
+        task_id="nap",
+        task_type="sleep",
+        required_capabilities=["python"],
+        parameters=params(seconds=60),
+    )
+    await stub.SubmitPlan(pb.SubmitPlanRequest(plan=pb.PlanSpec(plan_id="nap", tasks=[nap])))
+    await flow.wait_plan(
+        "nap", lambda b: b["tickets"][0]["status"] == "RUNNING", "its ticket running"
+    )
+    updates = aiter(stub.WatchPlan(pb.WatchPlanRequest(plan_id="nap")))
+    await flow.stop_ticket_service()
+    try:
+        assert (await flow.client().post("/api/v1/plans/nap/cancel")).status_code == 200
+        async with asyncio.timeout(30):
+            while True:
+                update = (await anext(updates)).plan
+                if update.status == pb.PLAN_STATUS_CANCELLED:
+                    break
+        assert not update.HasField("settled_at")
+        assert update.counts["RUNNING"] == 1
+        # Still open: the next update is the plan settled, once the ticket service is back.
+        following = asyncio.ensure_future(anext(updates))
+        await asyncio.sleep(1.0)
+        assert not following.done()
+    finally:
+        await flow.start_ticket_service()
+    async with asyncio.timeout(30):
+        rest = [(await following).plan] + [u.plan async for u in updates]
+    assert rest[-1].HasField("settled_at")
+    assert rest[-1].counts["CANCELLED"] == 1
+    assert all(not u.HasField("settled_at") for u in rest[:-1])
+
+
 def blob_plan(plan_id: str, tasks: int) -> pb.SubmitPlanRequest:
     """Tasks with 60 KB of parameters each (within MAX_PARAMETERS_BYTES)."""
     return pb.SubmitPlanRequest(

@@ -323,3 +323,32 @@ async def test_a_plan_whose_assignments_are_refused_says_so_and_recovers(flow: F
         return await app.repository.round_error("refused") is None
 
     await flow.wait_for(cleared, what="the failed rounds forgotten")
+
+
+async def test_a_plan_whose_tickets_are_refused_for_its_token_says_why(flow: Flow) -> None:
+    # An orchestrator with another JWT secret than the ticket service's: every ticket
+    # creation refused (UNAUTHENTICATED, tried again with a back-off), while explain said
+    # "its ticket has not been created yet" for ever.
+    shared = flow.jwt_secret
+    flow.jwt_secret = "not-the-secret-the-ticket-service-knows-0123456789"
+    try:
+        await flow.start_orchestrator(submit_wait_seconds=0.5)
+    finally:
+        flow.jwt_secret = shared
+    submitted = await flow.submit(chain("unsigned", length=1))
+    assert submitted.status_code == 202, submitted.text
+    assert submitted.json()["tickets_created"] is False
+
+    async def failing_reason() -> dict[str, Any] | None:
+        explained = await flow.client().get("/api/v1/plans/unsigned/tasks/t0/explain")
+        reasons = explained.json()["reasons"]
+        return reasons[0] if reasons[0]["code"] == "ROUNDS_FAILING" else None
+
+    reason = await flow.wait_for(failing_reason, what="explain saying the rounds fail")
+    assert "Unauthenticated" in reason["details"]["error"], reason
+    assert reason["message"].startswith("its ticket has not been created: "), reason
+    explained = await flow.client().get("/api/v1/plans/unsigned/explain")
+    assert [r["code"] for r in explained.json()["tasks"][0]["reasons"]][:2] == [
+        "ROUNDS_FAILING",
+        "TICKET_NOT_CREATED",
+    ]

@@ -150,6 +150,29 @@ CASES = [
         round_error=RoundError("InvalidArgument: invalid assignments", NOW - timedelta(seconds=2)),
     ),
     Case(
+        # Its ticket creation refused (e.g. an orchestrator whose JWT secret the ticket
+        # service does not accept): explain said "not created yet" for ever.
+        "ticket not created, the plan's rounds fail",
+        "a",
+        {"b": ts("b")},
+        [R.ROUNDS_FAILING, R.TICKET_NOT_CREATED, R.WORKERS_UNKNOWN],
+        "its ticket has not been created: the plan's scheduling rounds fail (the last at "
+        "2026-11-24 11:59:58Z, tried again later each time): Unauthenticated: token "
+        "signature is invalid",
+        workers=None,
+        round_error=RoundError(
+            "Unauthenticated: token signature is invalid", NOW - timedelta(seconds=2)
+        ),
+    ),
+    Case(
+        "ticket not created and waiting on dependencies, the plan's rounds fail",
+        "d",
+        {"a": ts("a", S.COMPLETED)},
+        [R.ROUNDS_FAILING, R.TICKET_NOT_CREATED, R.WAITING_ON_DEPENDENCIES],
+        "its ticket has not been created: the plan's scheduling rounds fail",
+        round_error=RoundError("Unauthenticated: refused", NOW - timedelta(seconds=2)),
+    ),
+    Case(
         "registry unreachable",
         "a",
         ALL_PENDING,
@@ -265,6 +288,25 @@ def test_explain(case: Case) -> None:
     assert [r.code for r in explanation.reasons] == case.codes
     assert case.summary_contains in explanation.summary
     assert explanation.summary == explanation.reasons[0].message
+
+
+def test_rounds_failing_for_a_ticket_not_created_carries_the_error() -> None:
+    failed_at = NOW - timedelta(seconds=2)
+    (explanation,) = explain(
+        PlanGraph(PLAN),
+        {},
+        ["a"],
+        now=NOW,
+        policy=SchedulingPolicy(),
+        workers=[PY],
+        round_error=RoundError("Unauthenticated: token signature is invalid", failed_at),
+    )
+
+    assert explanation.ticket_id is None
+    assert explanation.reasons[0].details == {
+        "error": "Unauthenticated: token signature is invalid",
+        "failed_at": failed_at.isoformat(),
+    }
 
 
 def test_worker_messages_name_a_namespace_other_than_the_default() -> None:

@@ -880,6 +880,12 @@ def _pending_reasons(context: _Explaining, state: TicketState) -> list[Reason]:
     task_id = state.task_id
     reasons: list[Reason] = []
     if state.ticket_id is None:
+        if context.round_error is not None:
+            # Tickets are created by the plan's rounds (C2 first in each): while they fail,
+            # creation is what fails (it said "not created yet" for ever).
+            reasons.append(
+                _rounds_failing(context.round_error, "its ticket has not been created: ")
+            )
         reasons.append(Reason(ReasonCode.TICKET_NOT_CREATED, "its ticket has not been created yet"))
     waiting = [
         dep for dep in graph.depends_on[task_id] if states[dep].status is not TicketStatus.COMPLETED
@@ -940,9 +946,15 @@ def _ready_reason(round_error: RoundError | None, *, workers_known: bool) -> Rea
         )
     if round_error is None:
         return Reason(ReasonCode.READY, "ready: it is assigned in the next scheduling round")
+    return _rounds_failing(round_error, "ready, but ")
+
+
+def _rounds_failing(round_error: RoundError, lead: str) -> Reason:
+    """ROUNDS_FAILING, its message led by what it means for the task (``ready, but ``;
+    ``its ticket has not been created: ``)."""
     return Reason(
         ReasonCode.ROUNDS_FAILING,
-        "ready, but the plan's scheduling rounds fail (the last at "
+        f"{lead}the plan's scheduling rounds fail (the last at "
         f"{_shown(round_error.failed_at)}, tried again later each time): {round_error.message}",
         {"error": round_error.message, "failed_at": round_error.failed_at.isoformat()},
     )
