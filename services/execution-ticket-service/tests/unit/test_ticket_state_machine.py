@@ -425,7 +425,8 @@ def test_a_lost_worker_reported_twice_requeues_once_without_a_late_result() -> N
     running = ticket(S.RUNNING, attempt=1)
     handed_back = update(S.FAILED, error_message="the worker stopped", worker_lost=True)
     first = decide_update(running, handed_back, now=LATER, actor="worker:w1")
-    assert first.event is not None and first.event.type is EventType.REQUEUED
+    assert first.event is not None
+    assert first.event.type is EventType.REQUEUED
     reported = update(S.FAILED, error_message="worker w1 lost: deregistered", worker_lost=True)
     second = decide_update(first.ticket, reported, now=LATER, actor="service:orchestrator")
     assert (second.changed, second.event, second.error) == (False, None, None)
@@ -436,4 +437,5 @@ def test_a_lost_worker_reported_twice_requeues_once_without_a_late_result() -> N
     assert (third.changed, third.event, third.error) == (False, None, None)
     # Another report of that attempt is still a late result.
     late = decide_update(moved_on, update(S.FAILED, error_message="x"), now=LATER, actor="w1")
-    assert late.event is not None and late.event.type is EventType.LATE_RESULT_REJECTED
+    assert late.event is not None
+    assert late.event.type is EventType.LATE_RESULT_REJECTED
