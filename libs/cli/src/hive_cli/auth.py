@@ -16,7 +16,13 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
-from hive_common.auth import DEFAULT_AUDIENCE, DEFAULT_ISSUER, TokenIssuer
+from hive_common.auth import (
+    BEARER_TOKEN_RULE,
+    DEFAULT_AUDIENCE,
+    DEFAULT_ISSUER,
+    TokenIssuer,
+    is_bearer_token,
+)
 from hive_common.config import DEVELOPMENT_JWT_SECRET
 
 CLI_SUBJECT = "hive-cli"
@@ -70,8 +76,8 @@ class Credentials:
 
 def _checked(token: str, source: str) -> str:
     """``token`` if it can be sent in an ``Authorization`` header as is."""
-    if not all(33 <= ord(c) <= 126 for c in token):
-        raise CredentialsError(f"{source}: token must be printable ASCII without whitespace")
+    if not is_bearer_token(token):
+        raise CredentialsError(f"{source}: token must be {BEARER_TOKEN_RULE}")
     return token
 
 

@@ -351,6 +351,17 @@ def _instant(value: Any, name: str) -> datetime:
         raise _refuse("invalid", f"token claim {name!r} is out of range") from None
 
 
+BEARER_TOKEN_RULE = "printable ASCII without whitespace"
+"""What a token must be to be sent as ``Authorization: Bearer <token>`` as it is."""
+
+
+def is_bearer_token(token: str) -> bool:
+    """True if ``token`` can be sent as ``Authorization: Bearer <token>`` and read back
+    whole (:data:`BEARER_TOKEN_RULE`): a space splits it, another character is not sent
+    as it is. The rule of every token a client sends and a service is configured with."""
+    return bool(token) and all(33 <= ord(c) <= 126 for c in token)
+
+
 def bearer_token_from_metadata(
     metadata: Iterable[tuple[str, str | bytes]] | None,
 ) -> str | None:
@@ -427,6 +438,7 @@ class VerifiedTokenCache:
 
 __all__ = [
     "ALGORITHM",
+    "BEARER_TOKEN_RULE",
     "DEFAULT_AUDIENCE",
     "MIN_SECRET_BYTES",
     "TokenClaims",
@@ -435,4 +447,5 @@ __all__ = [
     "TokenVerifier",
     "VerifiedTokenCache",
     "bearer_token_from_metadata",
+    "is_bearer_token",
 ]

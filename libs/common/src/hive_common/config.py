@@ -37,6 +37,7 @@ from pydantic import (
     field_validator,
     model_validator,
 )
+from pydantic_core import InitErrorDetails, PydanticCustomError
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from hive_common.auth import DEFAULT_AUDIENCE, DEFAULT_ISSUER, TokenVerifier
@@ -141,6 +142,8 @@ class HiveSettings(BaseSettings):
         env_ignore_empty=True,
         extra="ignore",
         validate_default=True,
+        # pydantic's own text of an error shows the value given: a secret, for some.
+        hide_input_in_errors=True,
     )
 
     service_name: str = "hive-service"
@@ -207,6 +210,32 @@ class HiveSettings(BaseSettings):
             raise ValueError(f"must be at least {MIN_JWT_SECRET_BYTES} bytes for HS256")
         return value
 
+    def cross_field_violations(self) -> list[str]:
+        """The rules across settings these settings break, one message each, naming the
+        environment variables (:meth:`env_name`). A subclass with rules of its own extends
+        it (``violations = super().cross_field_violations()``, then appends its own); all
+        of them are reported together, one error each. They are checked only once every
+        setting is valid on its own (pydantic builds nothing to check them on before)."""
+        return []
+
+    @model_validator(mode="after")
+    def _check_cross_field_rules(self) -> Self:
+        violations = self.cross_field_violations()
+        if violations:
+            # One error per rule (a ValueError would be one error for the first only).
+            raise ValidationError.from_exception_data(
+                type(self).__name__,
+                [
+                    InitErrorDetails(
+                        type=PydanticCustomError("settings_rule", violation),
+                        loc=(),
+                        input=None,
+                    )
+                    for violation in violations
+                ],
+            )
+        return self
+
     @classmethod
     def env_name(cls, field: str) -> str:
         """The environment variable that sets ``field``: ``env_name("grpc_port")`` is
@@ -262,14 +291,27 @@ class PostgresSettings(HiveSettings):
     postgres_pool_min_size: int = Field(default=2, ge=1)
     postgres_pool_max_size: int = Field(default=10, ge=1)
 
-    @model_validator(mode="after")
-    def _check_pool_sizes(self) -> Self:
+    @field_validator("postgres_dsn")
+    @classmethod
+    def _check_postgres_dsn(cls, secret: SecretStr) -> SecretStr:
+        # Parsed only at start-up before: a traceback (exit 1), or start-up retrying it as
+        # "not ready" until its timeout. Imported here: the hive CLI reads this module, and
+        # psycopg would double its start-up time.
+        from hive_common.postgres import dsn_problem
+
+        problem = dsn_problem(secret.get_secret_value())
+        if problem is not None:
+            raise ValueError(f"not a PostgreSQL connection string: {problem}")
+        return secret
+
+    def cross_field_violations(self) -> list[str]:
+        violations = super().cross_field_violations()
         if self.postgres_pool_min_size > self.postgres_pool_max_size:
             name = self.env_name
-            raise ValueError(
+            violations.append(
                 f"{name('postgres_pool_min_size')} must not exceed {name('postgres_pool_max_size')}"
             )
-        return self
+        return violations
 
 
 __all__ = [

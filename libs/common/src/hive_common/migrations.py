@@ -31,6 +31,7 @@ from yoyo import get_backend, read_migrations
 
 from hive_common.errors import Internal, InvalidArgument, Unavailable
 from hive_common.logging import get_logger
+from hive_common.postgres import refused_connection_settings
 from hive_common.retry import wait_for_dependency
 
 __all__ = [
@@ -135,7 +136,8 @@ def apply_migrations(
     Advisory locks are per database, so the default ``lock_name`` serialises every yoyo run
     on one database whatever the directory; pass another name only for unrelated schemas.
 
-    Raises :class:`InvalidArgument` if ``directory`` does not exist, :class:`Unavailable`
+    Raises :class:`InvalidArgument` if ``directory`` does not exist or libpq refuses a
+    value of ``dsn`` (``sslmode=bogus``: no retry can cure it), :class:`Unavailable`
     when PostgreSQL cannot be reached or a lock (the migration lock, for
     ``lock_timeout_seconds``, or a table's) cannot be had, and :class:`MigrationError` when
     a migration fails otherwise. A failed migration is rolled back; the ones before it stay
@@ -152,6 +154,11 @@ def apply_migrations(
     try:
         lock_conn = psycopg.connect(dsn, autocommit=True, connect_timeout=30)
     except psycopg.Error as exc:
+        refused = refused_connection_settings(exc, dsn)
+        if refused is not None:  # not worth trying again until the start-up timeout
+            raise InvalidArgument(
+                f"PostgreSQL refuses the connection settings: {refused}", details=details
+            ) from None
         raise Unavailable(
             f"cannot connect to PostgreSQL to migrate: {exc}", details=details
         ) from exc

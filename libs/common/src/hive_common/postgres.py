@@ -34,6 +34,60 @@ POOL_TIMEOUT_SECONDS = 3.0
 LOCK_TIMEOUT_MS = 5000
 
 
+# What libpq's messages quote that is its own text, not a part of the DSN.
+_LIBPQ_QUOTED = frozenset({"=", "]"})
+_QUOTED = re.compile(r'"([^"]*)"')
+_HIDDEN = '"***"'
+
+
+def _without_dsn_parts(message: str, dsn: str) -> str:
+    """libpq's ``message`` about ``dsn`` on one line, with every part of the DSN it quotes
+    (a word, a token, the whole URI: any of them may be, or hold, the password) shown as
+    ``"***"``. With a ``"`` in the DSN, the quoted parts cannot be told apart: everything
+    from the first quote to the last is hidden."""
+    text = " ".join(message.split())
+    if '"' in dsn:
+        first, last = text.find('"'), text.rfind('"')
+        if first == -1:
+            return text
+        return f"{text[:first]}{_HIDDEN}{text[last + 1 :] if last > first else ''}"
+    return _QUOTED.sub(lambda m: m.group() if m.group(1) in _LIBPQ_QUOTED else _HIDDEN, text)
+
+
+def dsn_problem(dsn: str) -> str | None:
+    """Why libpq cannot parse ``dsn`` as a connection string (one line, never quoting the
+    DSN: it may hold a password), or None. Unknown options are refused too; values libpq
+    checks only when it connects (``sslmode=bogus``, a port of ``abc``) are not: see
+    :func:`refused_connection_settings`."""
+    try:
+        conninfo_to_dict(dsn)
+    except psycopg.ProgrammingError as exc:
+        return _without_dsn_parts(str(exc), dsn)
+    return None
+
+
+# psycopg's prefix for a connection libpq refused to start: before any network I/O, for
+# option values it refuses (each of its messages then says "invalid ...").
+_REFUSED_AT_START = "connection is bad: invalid "
+
+
+def refused_connection_settings(exc: BaseException, dsn: str) -> str | None:
+    """What is wrong with ``dsn``'s settings when ``exc``, raised connecting with it, is
+    libpq refusing one of its values before connecting (``invalid sslmode value``,
+    ``invalid port number``), one line without the password; None for any other failure
+    (one that trying again may cure)."""
+    text = str(exc)
+    if not isinstance(exc, psycopg.OperationalError) or not text.startswith(_REFUSED_AT_START):
+        return None
+    text = " ".join(text.removeprefix("connection is bad: ").split())
+    try:
+        password = str(conninfo_to_dict(dsn).get("password") or "")
+    except psycopg.ProgrammingError:  # not reached: psycopg parsed it before connecting
+        return _without_dsn_parts(text, dsn)
+    # The DSN parsed, so its password is known: hide it, keep the value libpq refused.
+    return text.replace(password, "***") if password else text
+
+
 def service_dsn(dsn: str, application_name: str) -> str:
     """``dsn`` as a service's pool connects with it: ``application_name`` set unless it
     sets one (``pg_stat_activity`` then tells each service's connections apart), and a

@@ -279,3 +279,31 @@ def test_key_value_conninfo_is_accepted(postgres_dsn: str, migrations_dir: Path)
 )
 def test_postgres_url_conversion(dsn: str, url: str) -> None:
     assert postgres_url(dsn, scheme="postgresql+psycopg") == url
+
+
+@pytest.mark.parametrize(
+    ("dsn", "reason"),
+    [
+        ("postgresql://hive:pg-secret@127.0.0.1:1/none?sslmode=bogus", "invalid sslmode value"),
+        ("postgresql://hive:pg-secret@127.0.0.1:99999/none", "invalid port number"),
+        (
+            "host=127.0.0.1 port=abc user=hive password=pg-secret",
+            'for connection option "port"',
+        ),
+    ],
+)
+async def test_connection_settings_libpq_refuses_stop_the_start_at_once(
+    tmp_path: Path, dsn: str, reason: str
+) -> None:
+    # A DSN that parses but whose values libpq refuses before it connects: it was retried
+    # as "dependency not ready" for the whole start-up timeout, then reported an outage.
+    directory = tmp_path / "migrations"
+    write(directory, "0001_ok.sql", "CREATE TABLE ok_table (id int);\n")
+    started = time.monotonic()
+    with pytest.raises(InvalidArgument) as raised:
+        await migrate_on_start(dsn=dsn, directory=directory, deadline_seconds=60)
+    assert time.monotonic() - started < 10
+    message = raised.value.message
+    assert message.startswith("PostgreSQL refuses the connection settings: ")
+    assert reason in message
+    assert "pg-secret" not in message

@@ -9,7 +9,13 @@ from pydantic import Field, FiniteFloat, SecretStr, ValidationError
 from pydantic_settings import SettingsConfigDict
 
 from hive_common.auth import TokenIssuer
-from hive_common.config import DAY, DEVELOPMENT_JWT_SECRET, HiveSettings, PostgresSettings
+from hive_common.config import (
+    DAY,
+    DEVELOPMENT_JWT_SECRET,
+    HiveSettings,
+    PostgresSettings,
+    invalid_settings_message,
+)
 
 REAL_SECRET = "x" * 40
 
@@ -209,3 +215,76 @@ def test_a_duration_setting_without_an_upper_bound_is_refused_at_import() -> Non
             bounded_seconds: FiniteFloat = Field(default=1.0, gt=0, le=DAY)
             below_ms: int = Field(default=10, lt=1000)
             retries: int = 3  # not a duration
+
+
+def _settings_lines(exc: ValidationError) -> list[str]:
+    return invalid_settings_message("svc", exc, "HIVE_TICKETS_").splitlines()[1:]
+
+
+@pytest.mark.parametrize(
+    ("dsn", "reason", "secret"),
+    [
+        ("garbage", 'missing "=" after', "garbage"),
+        # A raw '%' in a URL's password; libpq quotes the token it could not decode.
+        ("postgresql://postgres:p%ss@db/tickets", "invalid percent-encoded token", "p%ss"),
+        ("postgresql://hive:pw-secret@db/tickets?bogus_option=1", "invalid URI query", "pw-"),
+        # An unquoted password with a space: libpq quotes the word after it.
+        ("host=db password=top secret", 'missing "=" after', "secret"),
+        ("host=db password=top secret=x", "invalid connection option", "secret"),
+        ("mysql://hive:pw-secret@db/tickets", 'missing "=" after', "pw-secret"),
+        ("postgresql://hive:pw-secret@[::1/tickets", "IPv6 host address", "pw-secret"),
+        # A '"' in the DSN: libpq's quoted parts cannot be told apart, all of them go.
+        ('host=db password=pa"ss word', 'missing "***" in connection info string', "word"),
+    ],
+)
+def test_a_malformed_postgres_dsn_is_an_invalid_setting_that_never_shows_it(
+    monkeypatch: pytest.MonkeyPatch, dsn: str, reason: str, secret: str
+) -> None:
+    # It was a traceback at start-up (exit 1), or start-up retried it as "not ready"; and
+    # libpq's message quotes parts of the DSN, a password among them.
+    monkeypatch.setenv("HIVE_TICKETS_POSTGRES_DSN", dsn)
+    with pytest.raises(ValidationError) as exc:
+        TicketSettings()
+    [line] = _settings_lines(exc.value)
+    assert line.startswith("  HIVE_TICKETS_POSTGRES_DSN: not a PostgreSQL connection string: ")
+    assert reason in line
+    assert secret not in line
+    assert secret not in str(exc.value)  # pydantic's own text shows no input either
+    assert "\n" not in exc.value.errors()[0]["msg"]
+
+
+@pytest.mark.parametrize(
+    "dsn",
+    [
+        "postgresql://hive:p%25ss@db:5432/tickets?sslmode=require&application_name=x",
+        "postgres://db1:5432,db2:5433/tickets?target_session_attrs=read-write",
+        "postgresql:///tickets?host=/var/run/postgresql",
+        "host=db port=5432 dbname=tickets user=hive password='top secret'",
+        "",  # libpq's defaults (PGHOST, the local socket ...)
+    ],
+)
+def test_postgres_dsns_libpq_takes_are_accepted(dsn: str) -> None:
+    assert TicketSettings(postgres_dsn=dsn).postgres_dsn.get_secret_value() == dsn
+
+
+def test_every_rule_across_settings_is_reported_at_once() -> None:
+    class TwoRules(PostgresSettings):
+        model_config = SettingsConfigDict(env_prefix="HIVE_TICKETS_")
+
+        low_seconds: int = Field(default=1, le=DAY)
+        high_seconds: int = Field(default=2, le=DAY)
+
+        def cross_field_violations(self) -> list[str]:
+            violations = super().cross_field_violations()
+            if self.low_seconds > self.high_seconds:
+                name = self.env_name
+                violations.append(f"{name('low_seconds')} must not exceed {name('high_seconds')}")
+            return violations
+
+    with pytest.raises(ValidationError) as exc:
+        TwoRules(postgres_pool_min_size=5, postgres_pool_max_size=4, low_seconds=3)
+    assert _settings_lines(exc.value) == [
+        "  HIVE_TICKETS_POSTGRES_POOL_MIN_SIZE must not exceed HIVE_TICKETS_POSTGRES_POOL_MAX_SIZE",
+        "  HIVE_TICKETS_LOW_SECONDS must not exceed HIVE_TICKETS_HIGH_SECONDS",
+    ]
+    assert TwoRules(low_seconds=2).low_seconds == 2

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import warnings
 
-from pydantic import Field, FiniteFloat, SecretStr, field_validator, model_validator
+from pydantic import Field, FiniteFloat, SecretStr, field_validator
 from pydantic_settings import SettingsConfigDict
 from pymongo.errors import ConfigurationError
 from pymongo.uri_parser import parse_uri
@@ -113,11 +113,11 @@ class TicketSettings(PostgresSettings):
     # The HTTP read API asks for a bearer token like the gRPC API does.
     http_require_auth: bool = True
 
-    @model_validator(mode="after")
-    def _check_consistency(self) -> TicketSettings:
+    def cross_field_violations(self) -> list[str]:
         # A default above its maximum would be accepted here and then refuse every
         # request relying on it, blaming a field the client never set. Messages name the
         # environment variables: they are what an operator sets.
+        violations = super().cross_field_violations()
         name = self.env_name
         pairs = (
             ("default_lease_seconds", "max_lease_seconds"),
@@ -125,8 +125,8 @@ class TicketSettings(PostgresSettings):
         )
         for low, high in pairs:
             if getattr(self, low) > getattr(self, high):
-                raise ValueError(f"{name(low)} must not exceed {name(high)}")
-        return self
+                violations.append(f"{name(low)} must not exceed {name(high)}")
+        return violations
 
     def limits(self) -> Limits:
         return Limits(

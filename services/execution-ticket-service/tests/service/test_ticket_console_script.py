@@ -6,6 +6,7 @@ import asyncio
 import os
 import shutil
 import signal
+import subprocess
 
 import httpx
 import pytest
@@ -61,3 +62,36 @@ async def test_console_script_serves_and_stops_on_sigterm(
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+@pytest.mark.parametrize(
+    ("dsn", "password", "reason"),
+    [
+        ("garbage", "garbage", 'missing "=" after "***" in connection info string'),
+        # A raw '%' in the password of a URL (libpq quotes the token it could not decode).
+        ("postgresql://postgres:p%ss@db/tickets", "p%ss", 'invalid percent-encoded token: "***"'),
+        (
+            "postgresql://postgres:pg-secret@db/tickets?bogus_option=1",
+            "pg-secret",
+            'invalid URI query parameter: "***"',
+        ),
+    ],
+)
+def test_a_malformed_postgres_dsn_exits_2_with_one_line_and_never_the_password(
+    dsn: str, password: str, reason: str
+) -> None:
+    # It was a traceback (psycopg.ProgrammingError, exit 1) quoting part of the DSN.
+    executable = shutil.which("execution-ticket-service")
+    assert executable is not None, "the console script is not installed"
+    env = {name: value for name, value in os.environ.items() if not name.startswith("HIVE_")}
+    env["HIVE_TICKETS_POSTGRES_DSN"] = dsn
+    run = subprocess.run(
+        [executable], env=env, capture_output=True, text=True, timeout=60, check=False
+    )
+    assert run.returncode == 2, run.stderr
+    assert run.stdout == ""
+    assert run.stderr.splitlines() == [
+        "execution-ticket-service: invalid settings:",
+        f"  HIVE_TICKETS_POSTGRES_DSN: not a PostgreSQL connection string: {reason}",
+    ]
+    assert password not in run.stderr

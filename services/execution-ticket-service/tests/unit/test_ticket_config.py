@@ -223,3 +223,18 @@ def test_database_addresses_are_secrets(monkeypatch: pytest.MonkeyPatch) -> None
     settings = TicketSettings()
     assert "password" not in repr(settings)
     assert settings.mongo_uri.get_secret_value() == "mongodb://audit:mongo-password@mongo:27017"
+
+
+def test_every_rule_across_settings_is_reported_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Each showed up only once the one before it was fixed.
+    assert refusal(
+        monkeypatch,
+        POSTGRES_POOL_MIN_SIZE="25",
+        MAX_LEASE_SECONDS="30",
+        MAX_TOKEN_TTL_SECONDS="600",
+    ) == [
+        "  HIVE_TICKETS_POSTGRES_POOL_MIN_SIZE must not exceed HIVE_TICKETS_POSTGRES_POOL_MAX_SIZE",
+        "  HIVE_TICKETS_DEFAULT_LEASE_SECONDS must not exceed HIVE_TICKETS_MAX_LEASE_SECONDS",
+        "  HIVE_TICKETS_DEFAULT_TOKEN_TTL_SECONDS must not exceed "
+        "HIVE_TICKETS_MAX_TOKEN_TTL_SECONDS",
+    ]

@@ -8,9 +8,10 @@ from __future__ import annotations
 
 from datetime import timedelta
 
-from pydantic import Field, FiniteFloat, SecretStr, field_validator, model_validator
+from pydantic import Field, FiniteFloat, SecretStr, field_validator
 from pydantic_settings import SettingsConfigDict
 
+from hive_common.auth import BEARER_TOKEN_RULE, is_bearer_token
 from hive_common.config import DAY, HOUR, MINUTE, TOKEN_TTL_LIMIT, PostgresSettings
 from hive_common.namespaces import NAMESPACE_RE, NAMESPACE_RULE
 from orchestrator_dynamic.domain.scheduler import RetryBackoff, SchedulingPolicy
@@ -103,19 +104,29 @@ class OrchestratorSettings(PostgresSettings):
             raise ValueError(NAMESPACE_RULE)
         return value
 
-    @model_validator(mode="after")
-    def _check_consistency(self) -> OrchestratorSettings:
+    @field_validator("api_token")
+    @classmethod
+    def _api_token(cls, value: SecretStr | None) -> SecretStr | None:
+        # Another one was accepted, and every request then got 401: no client can send it.
+        if value is not None and not is_bearer_token(value.get_secret_value()):
+            raise ValueError(
+                f"must be {BEARER_TOKEN_RULE} (clients send it as 'Authorization: Bearer <token>')"
+            )
+        return value
+
+    def cross_field_violations(self) -> list[str]:
         # Messages name the environment variables: they are what an operator sets.
+        violations = super().cross_field_violations()
         name = self.env_name
         if self.lease_renew_interval_seconds >= self.lease_ttl_seconds:
-            raise ValueError(
+            violations.append(
                 f"{name('lease_renew_interval_seconds')} must be below {name('lease_ttl_seconds')}"
             )
         if self.backoff_base_seconds > self.backoff_cap_seconds:
-            raise ValueError(
+            violations.append(
                 f"{name('backoff_base_seconds')} must not exceed {name('backoff_cap_seconds')}"
             )
-        return self
+        return violations
 
     def plan_limits(self) -> PlanLimits:
         return PlanLimits(

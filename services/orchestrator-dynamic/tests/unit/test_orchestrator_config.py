@@ -110,3 +110,49 @@ def test_every_duration_at_its_maximum_is_accepted(monkeypatch: pytest.MonkeyPat
     )
     assert isinstance(settings, OrchestratorSettings)
     assert settings.lease_ttl.total_seconds() == 86400
+
+
+def test_every_rule_across_settings_is_reported_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Each showed up only once the one before it was fixed.
+    for name, value in {
+        "POSTGRES_POOL_MIN_SIZE": "30",
+        "LEASE_RENEW_INTERVAL_SECONDS": "40",
+        "BACKOFF_BASE_SECONDS": "500",
+    }.items():
+        monkeypatch.setenv(f"HIVE_ORCHESTRATOR_{name}", value)
+    with pytest.raises(ValidationError) as exc:
+        OrchestratorSettings()
+    message = invalid_settings_message(PROGRAM, exc.value, "HIVE_ORCHESTRATOR_")
+    assert message.splitlines() == [
+        f"{PROGRAM}: invalid settings:",
+        "  HIVE_ORCHESTRATOR_POSTGRES_POOL_MIN_SIZE must not exceed "
+        "HIVE_ORCHESTRATOR_POSTGRES_POOL_MAX_SIZE",
+        "  HIVE_ORCHESTRATOR_LEASE_RENEW_INTERVAL_SECONDS must be below "
+        "HIVE_ORCHESTRATOR_LEASE_TTL_SECONDS",
+        "  HIVE_ORCHESTRATOR_BACKOFF_BASE_SECONDS must not exceed "
+        "HIVE_ORCHESTRATOR_BACKOFF_CAP_SECONDS",
+    ]
+
+
+@pytest.mark.parametrize("token", ["a b", "tab\there", "tökén", "line\nbreak"])
+def test_an_api_token_no_client_can_send_is_refused(
+    monkeypatch: pytest.MonkeyPatch, token: str
+) -> None:
+    # It was accepted, and every request then got 401: "Authorization: Bearer a b" is
+    # not a bearer token (the hive CLI refuses to send it).
+    monkeypatch.setenv("HIVE_ORCHESTRATOR_API_TOKEN", token)
+    with pytest.raises(ValidationError) as exc:
+        OrchestratorSettings()
+    message = invalid_settings_message(PROGRAM, exc.value, "HIVE_ORCHESTRATOR_")
+    assert message.splitlines() == [
+        f"{PROGRAM}: invalid settings:",
+        "  HIVE_ORCHESTRATOR_API_TOKEN: must be printable ASCII without whitespace "
+        "(clients send it as 'Authorization: Bearer <token>')",
+    ]
+
+
+def test_an_api_token_a_client_can_send_is_kept(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("HIVE_ORCHESTRATOR_API_TOKEN", "s3cret-Token_~+/=")
+    token = OrchestratorSettings().api_token
+    assert token is not None
+    assert token.get_secret_value() == "s3cret-Token_~+/="

@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from datetime import timedelta
 
-from pydantic import Field, FiniteFloat, SecretStr, field_validator, model_validator
+from pydantic import Field, FiniteFloat, SecretStr, field_validator
 from pydantic_settings import SettingsConfigDict
 
 from hive_common.config import DAY, HOUR, MINUTE, RETENTION_LIMIT, TOKEN_TTL_LIMIT, PostgresSettings
@@ -63,14 +63,14 @@ class RegistrySettings(PostgresSettings):
             raise ValueError(f"must be at least {MIN_REGISTRATION_SECRET} characters")
         return value
 
-    @model_validator(mode="after")
-    def _check_consistency(self) -> RegistrySettings:
+    def cross_field_violations(self) -> list[str]:
         # Messages name the environment variables: they are what an operator sets.
+        violations = super().cross_field_violations()
         name = self.env_name
         if self.expire_after_seconds <= (
             self.heartbeat_interval_seconds * self.unhealthy_after_missed_heartbeats
         ):
-            raise ValueError(
+            violations.append(
                 f"{name('expire_after_seconds')} must be longer than "
                 f"{name('heartbeat_interval_seconds')} x "
                 f"{name('unhealthy_after_missed_heartbeats')} (a worker expires after "
@@ -82,15 +82,16 @@ class RegistrySettings(PostgresSettings):
             self.ranking_weight_freshness,
         )
         if not all(math.isfinite(w) for w in weights) or sum(weights) <= 0:
-            raise ValueError(
+            violations.append(
                 f"{name('ranking_weight_spare_capacity')}, "
                 f"{name('ranking_weight_success_rate')} and "
                 f"{name('ranking_weight_freshness')} must be finite and not all zero"
             )
-        # The domain's own checks (the same rules, in its terms) as a backstop.
-        self.health_policy()
-        self.ranking_weights()
-        return self
+        if not violations:
+            # The domain's own checks (the same rules, in its terms) as a backstop.
+            self.health_policy()
+            self.ranking_weights()
+        return violations
 
     def health_policy(self) -> HealthPolicy:
         return HealthPolicy(

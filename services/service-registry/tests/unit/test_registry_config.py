@@ -130,3 +130,29 @@ def test_every_duration_at_its_maximum_is_accepted(monkeypatch: pytest.MonkeyPat
     settings = at_their_maximums(RegistrySettings, DURATION_MAXIMUMS, "HIVE_REGISTRY_", monkeypatch)
     assert isinstance(settings, RegistrySettings)
     assert settings.health_policy().expire_after.total_seconds() == 86400
+
+
+def test_every_rule_across_settings_is_reported_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Each showed up only once the one before it was fixed.
+    for name, value in {
+        "POSTGRES_POOL_MIN_SIZE": "30",
+        "EXPIRE_AFTER_SECONDS": "10",
+        "RANKING_WEIGHT_SPARE_CAPACITY": "0",
+        "RANKING_WEIGHT_SUCCESS_RATE": "0",
+        "RANKING_WEIGHT_FRESHNESS": "0",
+    }.items():
+        monkeypatch.setenv(f"HIVE_REGISTRY_{name}", value)
+    with pytest.raises(ValidationError) as exc:
+        RegistrySettings()
+    message = invalid_settings_message("service-registry", exc.value, "HIVE_REGISTRY_")
+    assert message.splitlines() == [
+        "service-registry: invalid settings:",
+        "  HIVE_REGISTRY_POSTGRES_POOL_MIN_SIZE must not exceed "
+        "HIVE_REGISTRY_POSTGRES_POOL_MAX_SIZE",
+        "  HIVE_REGISTRY_EXPIRE_AFTER_SECONDS must be longer than "
+        "HIVE_REGISTRY_HEARTBEAT_INTERVAL_SECONDS x "
+        "HIVE_REGISTRY_UNHEALTHY_AFTER_MISSED_HEARTBEATS (a worker expires after it "
+        "turned UNHEALTHY)",
+        "  HIVE_REGISTRY_RANKING_WEIGHT_SPARE_CAPACITY, HIVE_REGISTRY_RANKING_WEIGHT_SUCCESS_RATE"
+        " and HIVE_REGISTRY_RANKING_WEIGHT_FRESHNESS must be finite and not all zero",
+    ]
