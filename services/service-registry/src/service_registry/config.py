@@ -8,6 +8,7 @@ from datetime import timedelta
 from pydantic import Field, FiniteFloat, SecretStr, field_validator
 from pydantic_settings import SettingsConfigDict
 
+from hive_common.auth import BEARER_TOKEN_RULE, is_bearer_token
 from hive_common.config import DAY, HOUR, MINUTE, RETENTION_LIMIT, TOKEN_TTL_LIMIT, PostgresSettings
 from service_registry.domain.models import HealthPolicy
 from service_registry.domain.ranking import RankingWeights
@@ -61,6 +62,9 @@ class RegistrySettings(PostgresSettings):
     def _check_registration_secret(cls, value: SecretStr | None) -> SecretStr | None:
         if value is not None and len(value.get_secret_value()) < MIN_REGISTRATION_SECRET:
             raise ValueError(f"must be at least {MIN_REGISTRATION_SECRET} characters")
+        # Workers send it as 'Authorization: Bearer <secret>': another one locks them out.
+        if value is not None and not is_bearer_token(value.get_secret_value()):
+            raise ValueError(f"must be {BEARER_TOKEN_RULE} (workers send it as a bearer token)")
         return value
 
     def cross_field_violations(self) -> list[str]:

@@ -57,6 +57,7 @@ def test_reads_its_own_prefix(monkeypatch: pytest.MonkeyPatch) -> None:
             "ranking_weight_freshness": 0,
         },
         {"registration_secret": "short"},
+        {"registration_secret": "a registration secret with spaces"},
         {"postgres_pool_min_size": 5, "postgres_pool_max_size": 2},
     ],
 )
