@@ -150,8 +150,8 @@ def decode_watch_cursor(
     if body.get("f", filter_digest(ticket_filter)) != filter_digest(ticket_filter):
         errors.add(
             path,
-            "was issued in the middle of the snapshot of a watch with other filters "
-            "(plan_id, worker_id): resume with those, or watch without a cursor",
+            "was issued by a snapshot watch with other filters (plan_id, worker_id): "
+            "resume with those, or watch without a cursor",
         )
         return None, None
     return cursor, after
