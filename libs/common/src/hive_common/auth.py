@@ -37,6 +37,10 @@ DEFAULT_ISSUER = "hive-flow-c"
 """The ``iss`` every service signs with and accepts unless configured otherwise."""
 MIN_SECRET_BYTES = 32
 """RFC 7518 section 3.2: an HS256 key must be at least 256 bits."""
+CLOCK_SKEW_LEEWAY_SECONDS = 5.0
+"""How far apart the clocks of a token's signer and its verifier may be: a token is
+accepted up to this long after its ``exp``, and with an ``iat`` up to this far in the
+future. Every service verifies with it (``TokenVerifier``'s default)."""
 
 _REGISTERED_CLAIMS = ("iss", "aud", "sub", "iat", "exp", "jti")
 
@@ -214,9 +218,9 @@ class TokenVerifier:
     """Verifies tokens signed with the shared secret for one audience.
 
     ``issuers``, when given, restricts which ``iss`` values are accepted.
-    ``leeway_seconds`` tolerates clock skew on ``exp`` and ``iat``. Tokens signed with one
-    of ``accepted_secrets`` are valid too (a secret being rotated in or out; only
-    ``secret`` signs).
+    ``leeway_seconds`` (:data:`CLOCK_SKEW_LEEWAY_SECONDS`) tolerates clock skew on ``exp``
+    and ``iat``. Tokens signed with one of ``accepted_secrets`` are valid too (a secret
+    being rotated in or out; only ``secret`` signs).
     """
 
     def __init__(
@@ -224,7 +228,7 @@ class TokenVerifier:
         *,
         secret: str | bytes,
         audience: str = DEFAULT_AUDIENCE,
-        leeway_seconds: float = 5.0,
+        leeway_seconds: float = CLOCK_SKEW_LEEWAY_SECONDS,
         issuers: Iterable[str] | None = None,
         accepted_secrets: Iterable[str | bytes] = (),
     ) -> None:

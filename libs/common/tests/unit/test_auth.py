@@ -13,6 +13,7 @@ import jwt
 import pytest
 
 from hive_common.auth import (
+    CLOCK_SKEW_LEEWAY_SECONDS,
     TokenClaims,
     TokenIssuer,
     TokenKind,
@@ -186,6 +187,19 @@ def test_leeway_tolerates_small_skew() -> None:
     token, _ = past.issue_worker_token(worker_id="w-1", ttl_seconds=60)
     lenient = TokenVerifier(secret=SECRET, audience="neuralhive", leeway_seconds=600)
     assert lenient.verify(token).worker_id == "w-1"
+
+
+def test_services_accept_a_token_up_to_the_clock_skew_leeway_after_its_exp() -> None:
+    """What the READMEs document: every service verifies with the default leeway."""
+    assert CLOCK_SKEW_LEEWAY_SECONDS == 5
+    default = TokenVerifier(secret=SECRET, audience="neuralhive")
+    now = time.time()
+    just_expired = _raw(_payload(iat=int(now) - 63, exp=int(now) - 3))
+    long_expired = _raw(_payload(iat=int(now) - 68, exp=int(now) - 8))
+    slightly_early = _raw(_payload(iat=int(now) + 3, exp=int(now) + 60))
+    assert default.verify(just_expired).worker_id == "w-1"
+    assert default.verify(slightly_early).worker_id == "w-1"
+    assert _refused(default, long_expired).details == {"reason": "expired"}
 
 
 def test_token_from_the_future_is_refused(verifier: TokenVerifier) -> None:

@@ -19,11 +19,11 @@ from orchestrator_dynamic.domain.validation import PlanLimits
 
 MAX_PARAMETERS_BYTES_LIMIT = 256 * 1024
 """The highest ``max_parameters_bytes``. A task's parameters travel in its ticket as a
-protobuf Struct, at most 2.75 times their JSON size as C1 measures it (a number costs 11
-bytes for the 4 of ``0.0,``), beside at most ~50 KB of other fields: up to 256 KiB, a
-ticket C1 accepts is under 1 MiB, so it can always be created (one call carries up to
-``TICKET_CALL_BYTES``, 2 MiB, of tickets, and a larger one alone) and, with a result of up
-to 1 MiB as JSON, still fits the 4 MiB of a gRPC message."""
+protobuf Struct, at most 5.5 times their size as C1 (and the ticket service) measure it
+(a number costs 11 bytes for the 2 of ``0,``; text about its UTF-8 size), beside at most
+~50 KB of other fields: up to 256 KiB, a ticket C1 accepts is under 1.5 MiB, so it can
+always be created (one call carries up to ``TICKET_CALL_BYTES``, 2 MiB, of tickets, and a
+larger one alone) and leaves 2.5 MiB of the 4 MiB of a gRPC message for its result."""
 
 
 class OrchestratorSettings(PostgresSettings):

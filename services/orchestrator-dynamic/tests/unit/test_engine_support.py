@@ -4,6 +4,7 @@ dependency health, settings checks, and the HTTP body reader."""
 from __future__ import annotations
 
 import gzip
+import json
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from types import SimpleNamespace
@@ -19,6 +20,7 @@ from structlog.testing import capture_logs
 from hive_common.auth import TokenIssuer, TokenVerifier
 from hive_common.errors import Aborted, Unavailable
 from hive_common.http import create_http_app
+from hive_common.structs import struct_to_dict
 from neuralhive.registry.v1 import registry_service_pb2 as registry_pb
 from neuralhive.ticket.v1 import ticket_service_pb2 as ticket_pb
 from orchestrator_dynamic.config import MAX_PARAMETERS_BYTES_LIMIT, OrchestratorSettings
@@ -35,7 +37,12 @@ from orchestrator_dynamic.domain.scheduler import (
     TicketStatus,
     WorkerHealth,
 )
-from orchestrator_dynamic.domain.validation import InvalidPlan, PlanValidator, ValidPlan
+from orchestrator_dynamic.domain.validation import (
+    InvalidPlan,
+    PlanLimits,
+    PlanValidator,
+    ValidPlan,
+)
 from orchestrator_dynamic.engine.convert import (
     ticket_spec,
     ticket_state,
@@ -568,8 +575,9 @@ def test_the_largest_ticket_c1_accepts_fits_in_one_call_with_room_for_a_result()
         OrchestratorSettings(max_parameters_bytes=MAX_PARAMETERS_BYTES_LIMIT + 1)
     limits = OrchestratorSettings(max_parameters_bytes=MAX_PARAMETERS_BYTES_LIMIT).plan_limits()
     deps = [f"{n:03}".ljust(limits.max_id_length, "d") for n in range(200)]
-    # Numbers grow the most as a Struct: 11 bytes each for the 4 of "0.0," in C1's JSON.
-    numbers = [0.0] * ((limits.max_parameters_bytes - len('{"n":[]}')) // 4)
+    # Numbers grow the most as a Struct: 11 bytes each for the 2 of "0," in C1's JSON
+    # (whole numbers are measured as integers, "0.0" as "0").
+    numbers = [0.0] * ((limits.max_parameters_bytes - len('{"n":[]}')) // 2)
     largest = {
         "task_id": "t" * limits.max_id_length,
         "task_type": "y" * limits.max_task_type_length,
@@ -589,9 +597,44 @@ def test_the_largest_ticket_c1_accepts_fits_in_one_call_with_room_for_a_result()
     assert isinstance(valid, ValidPlan), valid
     plan = valid.plan
     spec = ticket_spec(plan, plan.tasks[-1])
-    assert spec.ByteSize() < TICKET_CALL_BYTES // 2  # under 1 MiB
+    # Under 1.5 MiB: within one call (TICKET_CALL_BYTES), 2.5 MiB of a 4 MiB message left.
+    assert spec.ByteSize() < TICKET_CALL_BYTES * 3 // 4
     numbers.append(0.0)  # the parameters were as large as C1 accepts
     assert isinstance(PlanValidator(limits=limits).validate(raw), InvalidPlan)
+
+
+def _ticket_service_measure(parameters: dict[str, Any]) -> int:
+    """A task's parameters as the ticket service measures them: the Struct the orchestrator
+    sends, read back with whole numbers as integers, as compact UTF-8 JSON."""
+    valid = PlanValidator().validate(
+        {"plan_id": "p", "tasks": [{"task_id": "t", "task_type": "echo", "parameters": parameters}]}
+    )
+    assert isinstance(valid, ValidPlan), valid
+    sent = ticket_spec(valid.plan, valid.plan.tasks[0]).parameters
+    return len(json.dumps(struct_to_dict(sent), separators=(",", ":"), ensure_ascii=False).encode())
+
+
+@pytest.mark.parametrize(
+    "parameters",
+    [
+        {"text": "é" * 400},  # 2 bytes each in UTF-8, 6 as a \u00e9 escape
+        {"emoji": "\U0001f600 and 中文", "quote": 'a"b\\c\n'},
+        {"n": [1, 2, 3, -40, 2**53], "whole": 30.0, "e": 1e2, "f": 1.5, "big": 1e300},
+        {"nested": {"list": [True, False, None, {"k": []}]}, "": 0},
+    ],
+)
+def test_c1_measures_parameters_exactly_as_the_ticket_service(parameters: dict[str, Any]) -> None:
+    size = _ticket_service_measure(parameters)
+    raw = {"tasks": [{"task_id": "t", "task_type": "echo", "parameters": parameters}]}
+
+    at_limit = PlanValidator(limits=PlanLimits(max_parameters_bytes=size)).validate(raw)
+    below = PlanValidator(limits=PlanLimits(max_parameters_bytes=size - 1)).validate(raw)
+
+    assert isinstance(at_limit, ValidPlan), at_limit
+    assert isinstance(below, InvalidPlan)
+    assert [str(e) for e in below.errors] == [
+        f"$.tasks[0].parameters: is {size} bytes as UTF-8 JSON; the limit is {size - 1}"
+    ]
 
 
 def _body_app(limit: int) -> FastAPI:

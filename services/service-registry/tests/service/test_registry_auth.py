@@ -178,11 +178,25 @@ async def test_registration_secret(start_registry: StartRegistry) -> None:
         )
     assert refused.value.code() == UNAUTHENTICATED
     # Was "token is malformed": the worker sent a secret, not a token.
-    assert refused.value.details() == "not the registration secret (nor a token)"
+    assert refused.value.details() == (
+        "not the registration secret (HIVE_REGISTRY_REGISTRATION_SECRET) nor a token"
+    )
     # Where the secret is no use, a malformed token is still called that.
     await expect(
         UNAUTHENTICATED,
         registry.stub.ListWorkers(pb.ListWorkersRequest(), metadata=md("wrong-secret")),
+    )
+    # A worker token is refused naming what Register takes: the secret first.
+    worker_id = (await registry.register("w1")).worker.worker_id
+    with pytest.raises(grpc.aio.AioRpcError) as denied:
+        await registry.stub.Register(
+            pb.RegisterRequest(name="w", capabilities=["x"], max_concurrent=1),
+            metadata=registry.worker_md(worker_id),
+        )
+    assert denied.value.code() == DENIED
+    assert denied.value.details() == (
+        "Register needs the registration secret (HIVE_REGISTRY_REGISTRATION_SECRET) or a "
+        "service token; a worker token is not enough"
     )
     await registry.app.stop(0)
 

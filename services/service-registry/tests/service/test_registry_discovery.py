@@ -8,6 +8,7 @@ from typing import TYPE_CHECKING, Any
 import grpc
 import psycopg
 import pytest
+from structlog.testing import capture_logs
 
 from hive_common.grpc_errors import from_rpc_error
 from neuralhive.registry.v1 import registry_service_pb2 as pb
@@ -162,6 +163,38 @@ async def test_discovery_filters(registry: Registry) -> None:
     assert await names(label_selector={"zone": "c"}) == set()
     assert await names(namespace="batch") == {"batch-py"}
     assert await names(namespace="default", required_capabilities=["gpu"]) == {"py-gpu", "gpu"}
+
+
+async def test_in_flight_above_capacity_is_accepted_and_counts_as_full(registry: Registry) -> None:
+    # A worker may hold more than max_concurrent for a while (attempts the ticket service
+    # has moved on, a re-registration with a lower capacity) or report it by mistake:
+    # refusing its heartbeats would make it UNHEALTHY. It is shown as reported, discovered
+    # as full, and the first heartbeat over capacity is logged.
+    await setup_workers(registry, {"over": {"in_flight": 3}, "full": {"in_flight": 4}})
+    over_id = next(
+        r.worker.worker_id
+        for r in await discover(registry, include_full=True)
+        if r.worker.name == "over"
+    )
+
+    with capture_logs() as logs:
+        first = await registry.heartbeat(over_id, in_flight=999)
+        again = await registry.heartbeat(over_id, in_flight=998)
+
+    assert first.worker.in_flight == 999
+    assert again.worker.in_flight == 998
+    assert again.worker.status == pb.WORKER_STATUS_HEALTHY
+    warnings = [e for e in logs if e["log_level"] == "warning"]
+    assert [(e["event"], e["in_flight"], e["max_concurrent"]) for e in warnings] == [
+        ("worker reports more tasks in flight than its max_concurrent", 999, 4)
+    ]
+    assert warnings[0]["worker_id"] == over_id
+    assert await discover(registry) == []
+    ranked = {r.worker.name: r for r in await discover(registry, include_full=True)}
+    assert ranked["over"].spare_capacity == 0
+    assert ranked["over"].worker.in_flight == 998
+    # Ranked as a full worker, not below one (the same spare term; it heartbeated later).
+    assert ranked["over"].score >= ranked["full"].score
 
 
 async def test_max_results_default_and_cap(start_registry: Any) -> None:

@@ -8,7 +8,7 @@ import contextvars
 import pytest
 
 from hive_common.auth import TokenClaims, TokenIssuer, TokenKind, TokenVerifier
-from hive_common.errors import PermissionDenied, Unauthenticated
+from hive_common.errors import HiveError, PermissionDenied, Unauthenticated
 from hive_common.grpc_server import RpcCall
 from service_registry.transport.authorization import Authorizer
 from service_registry.transport.grpc.auth import (
@@ -93,6 +93,133 @@ def test_registration_secret_only_opens_register() -> None:
         authorizer().authorize("bootstrap-secreT", RULES["Register"], "Register")
     with pytest.raises(Unauthenticated):
         authorizer(None).authorize("bootstrap-secret", RULES["Register"], "Register")
+
+
+_REGISTER_NEEDS = (
+    "Register needs the registration secret (HIVE_REGISTRY_REGISTRATION_SECRET) or a service token"
+)
+_NO_SECRET = (
+    "Register needs a service token (this registry has no registration secret: "
+    "HIVE_REGISTRY_REGISTRATION_SECRET is unset)"
+)
+_HEARTBEAT_NEEDS = "Heartbeat needs a worker token (the one Register returns)"
+
+# (rpc, what is sent, registration secret configured) -> (error, message, details)
+REFUSALS: list[tuple[str, str | None, bool, type[HiveError], str, dict[str, str]]] = [
+    (
+        "Register",
+        "worker",
+        True,
+        PermissionDenied,
+        f"{_REGISTER_NEEDS}; a worker token is not enough",
+        {"token_kind": "worker"},
+    ),
+    (
+        "Register",
+        "ticket",
+        True,
+        PermissionDenied,
+        f"{_REGISTER_NEEDS}; a ticket token is not enough",
+        {"token_kind": "ticket"},
+    ),
+    (
+        "Register",
+        "worker",
+        False,
+        PermissionDenied,
+        f"{_NO_SECRET}; a worker token is not enough",
+        {"token_kind": "worker"},
+    ),
+    (
+        "Register",
+        None,
+        True,
+        Unauthenticated,
+        f"missing 'authorization: Bearer <token>': {_REGISTER_NEEDS}",
+        {"reason": "missing"},
+    ),
+    (
+        "Register",
+        "wrong-secret",
+        True,
+        Unauthenticated,
+        "not the registration secret (HIVE_REGISTRY_REGISTRATION_SECRET) nor a token",
+        {"reason": "bad_registration_secret"},
+    ),
+    (
+        "Register",
+        "bootstrap-secret",
+        False,
+        Unauthenticated,
+        "not a token, and this registry has no registration secret "
+        "(HIVE_REGISTRY_REGISTRATION_SECRET is unset): Register needs a service token",
+        {"reason": "no_registration_secret"},
+    ),
+    (
+        "Heartbeat",
+        "service",
+        True,
+        PermissionDenied,
+        f"{_HEARTBEAT_NEEDS}, not a service token",
+        {"token_kind": "service"},
+    ),
+    (
+        "Heartbeat",
+        "bootstrap-secret",
+        True,
+        Unauthenticated,
+        f"the registration secret only opens Register: {_HEARTBEAT_NEEDS}",
+        {"reason": "registration_secret"},
+    ),
+    (
+        "Heartbeat",
+        None,
+        True,
+        Unauthenticated,
+        f"missing 'authorization: Bearer <token>': {_HEARTBEAT_NEEDS}",
+        {"reason": "missing"},
+    ),
+    (
+        "DiscoverWorkers",
+        "worker",
+        True,
+        PermissionDenied,
+        "DiscoverWorkers needs a service token, not a worker token",
+        {"token_kind": "worker"},
+    ),
+    (
+        "GetWorker",
+        None,
+        True,
+        Unauthenticated,
+        "missing 'authorization: Bearer <token>': GetWorker needs a service, ticket or worker "
+        "token",
+        {"reason": "missing"},
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("rpc", "sent", "with_secret", "error", "message", "details"),
+    REFUSALS,
+    ids=[f"{r[0]}-{r[1]}-{'secret' if r[2] else 'no_secret'}" for r in REFUSALS],
+)
+def test_refusals_say_what_the_call_needs(
+    rpc: str,
+    sent: str | None,
+    with_secret: bool,
+    error: type[HiveError],
+    message: str,
+    details: dict[str, str],
+) -> None:
+    checks = authorizer("bootstrap-secret" if with_secret else None)
+    credential = token(sent) if sent in ("service", "worker", "ticket") else sent
+
+    with pytest.raises(error) as refused:
+        checks.authorize(credential, RULES[rpc], rpc)
+
+    assert refused.value.message == message
+    assert refused.value.details == details
 
 
 def test_missing_token_is_unauthenticated() -> None:

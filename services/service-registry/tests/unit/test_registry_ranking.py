@@ -151,6 +151,22 @@ def test_score_formula(policy: HealthPolicy, make_worker: MakeWorker) -> None:
     assert ranked[0].score == score
 
 
+def test_in_flight_above_capacity_ranks_as_full(
+    policy: HealthPolicy, make_worker: MakeWorker
+) -> None:
+    """A heartbeat over max_concurrent is accepted (see the README's Input rules): the
+    worker counts as full, neither below a full one nor with negative spare capacity."""
+    ranker = WorkerRanker(policy=policy)
+    full = make_worker("full", in_flight=4)
+    over = make_worker("over", in_flight=999)
+    assert over.spare_capacity == 0
+    assert ranker.rank_key(over) == ranker.rank_key(full)
+    assert ranker.rank([over], query(), T0) == []
+    ranked = ranker.rank([over, full], DiscoveryQuery(("python",), {}, "default", 10, True), T0)
+    assert {r.worker.name: r.spare_capacity for r in ranked} == {"over": 0, "full": 0}
+    assert ranked[0].score == ranked[1].score
+
+
 def test_rank_key_orders_like_the_score(policy: HealthPolicy, make_worker: MakeWorker) -> None:
     """The stored, clock-free key must order workers exactly as the score does."""
     ranker = WorkerRanker(policy=policy)

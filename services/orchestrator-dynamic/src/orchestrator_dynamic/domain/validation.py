@@ -112,9 +112,10 @@ class PlanLimits:
     max_tasks: int = 10_000
     # Tasks on the longest dependency chain (a task without dependencies has depth 1).
     max_dag_depth: int = 256
-    # One task's parameters as JSON the way the ticket service measures them after the
-    # protobuf Struct round trip: numbers as doubles, non-ASCII escaped (never smaller than
-    # the UTF-8 form). Keep it at most the ticket service's limit.
+    # One task's parameters as the ticket service measures them after the protobuf Struct
+    # round trip: compact JSON (no spaces), non-ASCII unescaped, whole numbers within
+    # 2^53 as integers (``30.0`` is ``30``), counted in UTF-8 bytes. Keep it at most the
+    # ticket service's limit.
     max_parameters_bytes: int = 64 * 1024
     max_parameters_nesting: int = 32
     max_id_length: int = 128
@@ -174,15 +175,8 @@ def json_type_name(value: object) -> str:
     return f"non-JSON value ({type(value).__name__})"
 
 
-def _as_doubles(value: object) -> object:
-    """``value`` with every integer as a float (called only on walked, bounded-depth data)."""
-    if isinstance(value, dict):
-        return {k: _as_doubles(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [_as_doubles(v) for v in value]
-    if isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    return value
+# Compact JSON, non-ASCII as is: its UTF-8 length is a task's parameters' size.
+_compact_json = json.JSONEncoder(separators=(",", ":"), ensure_ascii=False).encode
 
 
 def is_valid_id(value: str) -> bool:
@@ -775,23 +769,25 @@ class PlanValidator:
                 )
         if len(issues.errors) > before:
             return None
+        # A private deep copy (the plan must not change when the caller's input does: the
+        # walk above let only dicts, lists and immutable scalars through), with whole
+        # numbers read as integers, as the gRPC twin and the ticket service read them.
+        copied = whole_numbers_as_integers(value)
+        assert isinstance(copied, dict)
         try:
-            encoded = json.dumps(value, separators=(",", ":"), ensure_ascii=False)
+            encoded = _compact_json(copied)
         except (ValueError, TypeError, RecursionError):  # pragma: no cover - walked above
             issues.error(field_path, IssueCode.INVALID_VALUE, "is not serialisable as JSON")
             return None
-        size = len(json.dumps(_as_doubles(value), separators=(",", ":")))
+        # The ticket service's measure of the same parameters (see PlanLimits).
+        size = len(encoded.encode())
         if size > lim.max_parameters_bytes:
             issues.error(
                 field_path,
                 IssueCode.LIMIT_EXCEEDED,
-                f"is {size} bytes as JSON; the limit is {lim.max_parameters_bytes}",
+                f"is {size} bytes as UTF-8 JSON; the limit is {lim.max_parameters_bytes}",
             )
             return None
-        # A private deep copy (the plan must not change when the caller's input does), with
-        # whole numbers read as integers, as the gRPC twin reads them.
-        copied = whole_numbers_as_integers(json.loads(encoded))
-        assert isinstance(copied, dict)
         return copied
 
     # -- across tasks ------------------------------------------------------------------

@@ -8,11 +8,12 @@ from typing import Any
 
 from hive_common.auth import TokenIssuer
 from hive_common.errors import HiveError, NotFound
+from hive_common.logging import get_logger
 from hive_common.timestamps import datetime_to_timestamp
 from neuralhive.registry.v1 import registry_service_pb2 as pb
 from neuralhive.registry.v1 import registry_service_pb2_grpc as pb_grpc
 from service_registry.domain.lifecycle import WorkerExpired, WorkerNameInUse
-from service_registry.domain.models import WorkerEventType
+from service_registry.domain.models import Worker, WorkerEventType
 from service_registry.domain.service import RegistryService
 from service_registry.domain.validation import (
     Limits,
@@ -32,6 +33,27 @@ from service_registry.transport.grpc.mapping import (
     statuses_from_pb,
     worker_to_pb,
 )
+
+_log = get_logger("service_registry.heartbeat")
+
+
+def _warn_if_over_capacity(worker: Worker, previous: Worker | None) -> None:
+    """Log the first heartbeat of an episode over ``max_concurrent``. Such a heartbeat is
+    accepted, not refused: a worker may hold more for a while (attempts the ticket service
+    has moved on, a re-registration with a lower capacity), and refusing its heartbeats
+    would make it UNHEALTHY. Discovery counts it as full (spare capacity 0)."""
+    if worker.in_flight <= worker.max_concurrent:
+        return
+    if previous is not None and previous.in_flight > previous.max_concurrent:
+        return
+    _log.warning(
+        "worker reports more tasks in flight than its max_concurrent",
+        worker_id=str(worker.worker_id),
+        name=worker.name,
+        namespace=worker.namespace,
+        in_flight=worker.in_flight,
+        max_concurrent=worker.max_concurrent,
+    )
 
 
 class RegistryServicer(pb_grpc.ServiceRegistryServicer):
@@ -104,6 +126,7 @@ class RegistryServicer(pb_grpc.ServiceRegistryServicer):
             raise
         self._metrics.heartbeats.labels("ok").inc()
         self._metrics.count_events([e.type for e in transition.events])
+        _warn_if_over_capacity(transition.worker, transition.previous)
         return pb.HeartbeatResponse(
             worker=worker_to_pb(transition.worker), heartbeat_interval_seconds=self._interval
         )
