@@ -47,7 +47,7 @@ class TicketSettings(PostgresSettings):
     # hour, already far past a useful wait (pymongo itself refuses 10^9 ms or more).
     mongo_timeout_ms: int = Field(default=2000, ge=100, le=HOUR * 1000)
 
-    # Request limits and defaults.
+    # Request limits and defaults (sizes as compact UTF-8 JSON).
     max_parameters_bytes: int = Field(default=64 * 1024, ge=2)
     max_result_bytes: int = Field(default=1024 * 1024, ge=2)
     max_batch_size: int = Field(default=10_000, ge=1)
@@ -97,7 +97,8 @@ class TicketSettings(PostgresSettings):
     # Recent events kept in memory for WatchTickets streams (one database read per change
     # for all streams); a stream further behind reads the database until it catches up.
     watch_window_events: int = Field(default=5_000, ge=1)
-    # ... and at most this many bytes of their tickets' parameters and results as JSON.
+    # ... and at most this many bytes of their tickets' parameters and results (and of the
+    # results in their details) as JSON.
     watch_window_bytes: int = Field(default=64 * 1024 * 1024, ge=1)
     # The event-log reader's reads start at least this far apart: under load one read
     # picks up the changes of a few milliseconds instead of one query per change.

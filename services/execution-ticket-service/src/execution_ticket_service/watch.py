@@ -33,7 +33,7 @@ from dataclasses import dataclass
 
 from execution_ticket_service.domain.models import TicketEvent, TicketFilter
 from execution_ticket_service.domain.paging import Cursor, decode_cursor, encode_cursor
-from execution_ticket_service.domain.validation import Violations, payload_bytes
+from execution_ticket_service.domain.validation import Violations, event_payload_bytes
 from execution_ticket_service.signals import ChangeSignal, spaced_delay
 from execution_ticket_service.storage.tickets import TicketRepository
 from hive_common.logging import get_logger, log_round_failure
@@ -45,9 +45,10 @@ log = get_logger(__name__)
 class TailSettings:
     poll_interval: float = 0.5
     batch_size: int = 500
-    # Events kept in memory, and their tickets' parameters and results as JSON bytes at
-    # most (each event holds its own copy: 5,000 events of 30 KB parameters pinned 200 MB);
-    # a stream further behind than the window reads the database.
+    # Events kept in memory, and their tickets' parameters and results (and the results in
+    # their details) as JSON bytes at most (each event holds its own copy: 5,000 events of
+    # 30 KB parameters pinned 200 MB); a stream further behind than the window reads the
+    # database.
     window: int = 5_000
     window_bytes: int = 64 * 1024 * 1024
     retry_interval: float = 1.0
@@ -194,7 +195,7 @@ class EventLogTail:
         self._bytes = 0
 
     def _append(self, events: list[TicketEvent]) -> Cursor:
-        sizes = [payload_bytes(e.ticket) for e in events]
+        sizes = [event_payload_bytes(e) for e in events]
         self._keys.extend(cursor_of(e) for e in events)
         self._events.extend(events)
         self._sizes.extend(sizes)

@@ -9,6 +9,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime
 from typing import Any
 
+import grpc
 import httpx
 import pytest
 from prometheus_client import CollectorRegistry
@@ -383,6 +384,118 @@ async def test_whole_numbers_stay_integers_over_http_and_in_the_audit(
     last = (await audit.history(ticket.ticket_id, limit=10))[-1]
     assert typed(last["ticket"]["parameters"]) == typed(got["parameters"])
     assert typed(last["ticket"]["result"]) == typed({"count": 7})
+
+
+async def test_every_attempts_result_and_a_late_one_are_in_the_audit_history(
+    service: TicketService,
+    stub: pb_grpc.TicketServiceAsyncStub,
+    service_token: str,
+    issuer: TokenIssuer,
+    advance_clock: Callable[[float], None],
+    mongo_uri: str,
+    settings: TicketSettings,
+) -> None:
+    # Attempt 1 fails with a result (re-queued: the result was lost), attempt 2 times out
+    # (no retry left), then its worker reports a result for it (nothing was recorded).
+    md = bearer(service_token)
+    worker = bearer(issuer.issue_worker_token(worker_id="w1", ttl_seconds=600)[0])
+    spec = pb.TicketSpec(
+        plan_id="attempts", task_id="t", task_type="echo", max_retries=1, timeout_seconds=30
+    )
+    ticket = (await stub.CreateTicket(pb.CreateTicketRequest(ticket=spec), metadata=md)).ticket
+    first_result: dict[str, Any] = {"attempt": 1, "log": "café: só metade"}
+    late_result: dict[str, Any] = {"attempt": 2, "rows": 12}
+    token = ""
+    for attempt in (1, 2):
+        await stub.AssignTicket(
+            pb.AssignTicketRequest(ticket_id=ticket.ticket_id, worker_id="w1", attempt=attempt),
+            metadata=md,
+        )
+        token = (
+            await stub.GenerateToken(
+                pb.GenerateTokenRequest(ticket_id=ticket.ticket_id), metadata=worker
+            )
+        ).token
+        update = pb.UpdateTicketStatusRequest(
+            ticket_id=ticket.ticket_id, status=S.TICKET_STATUS_RUNNING, attempt=attempt
+        )
+        await stub.UpdateTicketStatus(update, metadata=bearer(token))
+        if attempt == 1:
+            update.status = S.TICKET_STATUS_FAILED
+            update.error_message = "flaky"
+            update.result.update(first_result)
+            requeued = await stub.UpdateTicketStatus(update, metadata=bearer(token))
+            assert requeued.ticket.status == S.TICKET_STATUS_PENDING
+    advance_clock(31)
+
+    async def timed_out() -> bool:
+        got = await stub.GetTicket(pb.GetTicketRequest(ticket_id=ticket.ticket_id), metadata=md)
+        return got.ticket.status == S.TICKET_STATUS_FAILED
+
+    await eventually(timed_out, what="the lease expiry of attempt 2")
+    for result in (late_result, {"attempt": 2, "rows": 13}):
+        late = pb.UpdateTicketStatusRequest(
+            ticket_id=ticket.ticket_id, status=S.TICKET_STATUS_COMPLETED, attempt=2
+        )
+        late.result.update(result)
+        with pytest.raises(grpc.aio.AioRpcError) as refused:
+            await stub.UpdateTicketStatus(late, metadata=bearer(token))
+        assert refused.value.code() is grpc.StatusCode.FAILED_PRECONDITION
+        assert "is FAILED, a terminal status" in (refused.value.details() or "")
+
+    expected = [
+        "CREATED",
+        "ASSIGNED",
+        "STATUS_CHANGED",
+        "REQUEUED",
+        "ASSIGNED",
+        "STATUS_CHANGED",
+        "LEASE_EXPIRED",
+        "LATE_RESULT_REJECTED",  # once: the second report of that result adds nothing
+    ]
+    async with httpx.AsyncClient(
+        base_url=f"http://127.0.0.1:{service.runtime.http_port}", headers=dict(md)
+    ) as http:
+
+        async def history() -> list[dict[str, Any]]:
+            response = await http.get(f"/api/v1/tickets/{ticket.ticket_id}/events")
+            events: list[dict[str, Any]] = response.json()["events"]
+            return events
+
+        async def audited() -> bool:
+            return len(await history()) >= len(expected)
+
+        await eventually(audited, what="the audit history")
+        events = await history()
+    assert [e["type"] for e in events] == expected
+    requeue, rejected = events[3], events[7]
+    assert typed(requeue["details"]["result"]) == typed(first_result)
+    assert requeue["details"]["failed_attempt"] == 1
+    assert rejected["late_result"] is True
+    assert rejected["actor"] == "worker:w1"
+    assert rejected["details"] == {
+        "reported_status": "COMPLETED",
+        "reported_attempt": 2,
+        "result": late_result,
+        "error_message": "",
+    }
+    # In MongoDB the results are JSON text, as the tickets' (see the audit module).
+    mongo: AsyncMongoClient[dict[str, Any]] = AsyncMongoClient(mongo_uri)
+    try:
+        stored = [
+            doc["details"]["result"]
+            async for doc in mongo[settings.mongo_database]
+            .audit_trail.find(
+                {
+                    "ticket_id": ticket.ticket_id,
+                    "type": {"$in": ["REQUEUED", "LATE_RESULT_REJECTED"]},
+                }
+            )
+            .sort("sequence")
+        ]
+    finally:
+        await mongo.close()
+    assert [json.loads(text) for text in stored] == [first_result, late_result]
 
 
 async def test_http_nul_characters_are_400_with_the_field(

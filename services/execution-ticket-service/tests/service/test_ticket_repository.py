@@ -250,7 +250,10 @@ async def test_a_change_that_lost_the_race_is_decided_again_on_the_new_row(
         )
     stored = await repo.get(ticket_id)
     assert (stored.status, stored.version, stored.result) == (S.CANCELLED, 4, None)
-    assert await repo.events_after(position, TicketFilter(), limit=10) == []
+    # Not applied, only recorded: the attempt ended (cancelled) before its result came.
+    [late] = await repo.events_after(position, TicketFilter(), limit=10)
+    assert late.type is EventType.LATE_RESULT_REJECTED
+    assert (late.ticket, late.details["result"]) == (stored, {"x": 1})
 
 
 async def test_a_change_that_keeps_losing_the_race_is_aborted_and_writes_nothing(
@@ -291,8 +294,12 @@ async def test_concurrent_terminal_reports_on_one_ticket_one_wins(repo: TicketRe
     stored = await repo.get(ticket_id)
     assert stored == won[0]
     assert stored.version == 4
-    [event] = await repo.events_after(position, TicketFilter(), limit=20)
-    assert event.ticket == stored
+    events = await repo.events_after(position, TicketFilter(), limit=20)
+    [change] = [e for e in events if e.type is not EventType.LATE_RESULT_REJECTED]
+    assert change.ticket == stored
+    # The results that lost (one reporter, one attempt: one record) came too late.
+    [late] = [e for e in events if e.type is EventType.LATE_RESULT_REJECTED]
+    assert (late.ticket, late.details["reported_status"]) == (stored, "COMPLETED")
 
 
 async def test_concurrent_report_batches_on_the_same_tickets_apply_each_report_once(
@@ -356,8 +363,12 @@ async def test_a_report_batch_decides_again_the_tickets_changed_elsewhere(
         *((t, S.COMPLETED, 4) for t in untouched),
     ]
     events = await repo.events_after(position, TicketFilter(), limit=10)
-    assert sorted(e.ticket.ticket_id for e in events) == sorted([bumped, *untouched])
-    assert {e.ticket.ticket_id: e.ticket for e in events} == {t.ticket_id: t for t in done}
+    # The cancelled ticket's report came too late: recorded, not applied.
+    [late] = [e for e in events if e.type is EventType.LATE_RESULT_REJECTED]
+    assert (late.ticket.ticket_id, late.ticket.status) == (cancelled, S.CANCELLED)
+    changes = [e for e in events if e is not late]
+    assert sorted(e.ticket.ticket_id for e in changes) == sorted([bumped, *untouched])
+    assert {e.ticket.ticket_id: e.ticket for e in changes} == {t.ticket_id: t for t in done}
 
 
 async def test_a_batch_of_tickets_not_remembered_is_read_and_written_together(
@@ -547,7 +558,8 @@ async def test_a_remembered_ticket_changed_elsewhere_is_read_again(
             StatusUpdate(ticket_id=ticket_id, status=S.COMPLETED, attempt=1), actor="worker:w1"
         )
     assert (await repo.get(ticket_id)).status is S.CANCELLED
-    assert await repo.events_after(position, TicketFilter(), limit=10) == []
+    [late] = await repo.events_after(position, TicketFilter(), limit=10)  # recorded only
+    assert late.type is EventType.LATE_RESULT_REJECTED
 
 
 async def test_a_refusal_on_the_remembered_ticket_is_checked_on_a_fresh_read(

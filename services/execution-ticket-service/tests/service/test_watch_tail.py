@@ -13,6 +13,7 @@ import pytest
 
 from execution_ticket_service.domain.models import (
     Assignment,
+    EventType,
     StatusUpdate,
     TicketEvent,
     TicketFilter,
@@ -206,6 +207,42 @@ async def test_the_window_keeps_its_bytes_within_the_budget(
         # A stream from before the window still gets every event, from the database.
         events, _ = await _read_all(tail, ORIGIN, TicketFilter(plan_id="big"), limit=4)
         assert [e.event_id for e in events] == [e.event_id for e in everything]
+
+
+async def test_the_window_counts_the_results_its_events_details_hold(
+    counting: CountingRepository,
+) -> None:
+    # A re-queue keeps the failed attempt's result in its event (as a late result keeps
+    # the refused one), beside a ticket that holds none: counted as the tickets' are.
+    settings = TailSettings(poll_interval=0.05, batch_size=50, window=1_000, window_bytes=25_000)
+    async with _running(_tail(counting, settings)) as tail:
+        await _until(tail, lambda: tail._start is not None)
+        created = await counting.create_many(
+            [
+                TicketSpec(plan_id="retried", task_id=f"t{i}", task_type="echo", max_retries=1)
+                for i in range(6)
+            ],
+            actor="service:test",
+        )
+        for ticket, _ in created:
+            await counting.assign(
+                Assignment(ticket_id=ticket.ticket_id, worker_id="w1", lease_seconds=60, attempt=1),
+                actor="service:test",
+            )
+            await counting.update_status(
+                StatusUpdate(
+                    ticket_id=ticket.ticket_id,
+                    status=TicketStatus.FAILED,
+                    attempt=1,
+                    result={"log": "x" * 10_000},
+                ),
+                actor="worker:w1",
+            )
+        everything = await counting.events_after(ORIGIN, TicketFilter(), limit=1_000)
+        await _until(tail, _holds(tail, everything[-1]))
+        requeues = [e for e in tail._events if e.type is EventType.REQUEUED]
+        assert len(requeues) == 2  # 10 KB each: two fit in 25 KB, not six
+        assert tail._bytes == sum(tail._sizes) < 25_000
 
 
 async def test_the_tail_reads_only_while_streams_are_open(counting: CountingRepository) -> None:

@@ -24,6 +24,7 @@ from execution_ticket_service.domain.state_machine import (
     decide_update,
     update_digest,
 )
+from execution_ticket_service.domain.validation import event_payload_bytes, json_size
 from hive_common.errors import Aborted, FailedPrecondition
 
 S = TicketStatus
@@ -87,6 +88,12 @@ def test_update_transitions(current: S, requested: S, expected: S | None) -> Non
     if current is S.RUNNING and requested is S.RUNNING:
         before = replace(before, last_update_digest="something else")
     request = update(requested)
+    if expected is None and current.terminal and requested in (S.COMPLETED, S.FAILED):
+        # Refused, and recorded as a late result (see the tests of late results).
+        refused = decide_update(before, request, now=LATER, actor="worker:w1")
+        assert isinstance(refused.error, FailedPrecondition)
+        assert (refused.changed, refused.ticket) == (False, before)
+        return
     if expected is None:
         with pytest.raises(FailedPrecondition):
             decide_update(before, request, now=LATER, actor="worker:w1")
@@ -158,6 +165,88 @@ def test_failure_requeues_only_with_retries_left(
         assert outcome.event.type is EventType.STATUS_CHANGED
 
 
+def test_a_requeueing_failure_keeps_the_attempts_result_in_its_event() -> None:
+    request = update(S.FAILED, error_message="flaky", result={"partial": [1, 2]})
+    outcome = decide_update(ticket(S.RUNNING), request, now=LATER, actor="worker:w1")
+    assert outcome.ticket.status is S.PENDING
+    assert outcome.ticket.result is None  # the ticket's result is its final attempt's
+    assert outcome.event is not None
+    assert outcome.event.type is EventType.REQUEUED
+    assert outcome.event.details == {
+        "failed_attempt": 1,
+        "error_message": "flaky",
+        "worker_lost": False,
+        "result": {"partial": [1, 2]},
+    }
+    # Counted where events are held in memory (the watch window's byte budget).
+    assert event_payload_bytes(outcome.event) == json_size({"partial": [1, 2]}) > 0
+
+
+def _ended(how: str) -> Ticket:
+    """Attempt 1 of a ticket without retries, ended ``how`` (not by a result of the test's)."""
+    running = ticket(S.RUNNING, max_retries=0)
+    if how == "timed out":
+        assert running.lease_expires_at is not None
+        expired = running.lease_expires_at + timedelta(seconds=1)
+        return decide_lease_expiry(running, now=expired).ticket
+    if how == "cancelled":
+        cancel = update(S.CANCELLED, attempt=0)
+        return decide_update(running, cancel, now=LATER, actor="service:o").ticket
+    done = update(S.COMPLETED, result={"first": True})
+    return decide_update(running, done, now=LATER, actor="worker:w1").ticket
+
+
+@pytest.mark.parametrize("how", ["timed out", "cancelled", "completed"])
+@pytest.mark.parametrize("reported", [S.COMPLETED, S.FAILED])
+def test_a_result_for_the_attempt_a_terminal_ticket_ended_is_recorded_as_late(
+    how: str, reported: S
+) -> None:
+    ended = _ended(how)
+    assert ended.status.terminal
+    assert ended.attempt == 1
+    message = "boom" if reported is S.FAILED else ""
+    # expected_version is not looked at: no version of the ticket could take the result.
+    report = update(reported, result={"late": 1}, error_message=message, expected_version=1)
+    outcome = decide_update(ended, report, now=LATER, actor="worker:w1")
+    assert (outcome.changed, outcome.ticket) == (False, ended)
+    assert isinstance(outcome.error, FailedPrecondition)
+    assert outcome.error.message == f"ticket {TID} is {ended.status.value}, a terminal status"
+    event = outcome.event
+    assert event is not None
+    assert event.type is EventType.LATE_RESULT_REJECTED
+    assert (event.previous_status, event.ticket, event.worker_id) == (ended.status, ended, "w1")
+    assert event.details == {
+        "reported_status": reported.value,
+        "reported_attempt": 1,
+        "result": {"late": 1},
+        "error_message": message,
+    }
+    # Recorded once per reporter, attempt and reported status, as a late result after a
+    # re-queue is (the same event id: the store records it once).
+    other = decide_update(ended, replace(report, result={"late": 2}), now=LATER, actor="worker:w1")
+    assert other.event is not None
+    assert other.event.event_id == event.event_id
+    requeued = replace(ended, status=S.PENDING, attempt=2)
+    stale = decide_update(requeued, report, now=LATER, actor="worker:w1")
+    assert stale.event is not None
+    assert stale.event.event_id == event.event_id
+
+
+def test_the_report_that_ended_an_attempt_repeated_is_still_a_repeat() -> None:
+    done = update(S.COMPLETED, result={"first": True})
+    again = decide_update(_ended("completed"), done, now=LATER, actor="worker:w1")
+    assert (again.changed, again.event, again.error) == (False, None, None)
+
+
+@pytest.mark.parametrize("reported", [S.RUNNING, S.CANCELLED])
+@pytest.mark.parametrize("how", ["timed out", "cancelled", "completed"])
+def test_a_start_or_cancel_of_a_terminal_ticket_is_refused_without_an_event(
+    how: str, reported: S
+) -> None:
+    with pytest.raises(FailedPrecondition, match="a terminal status"):
+        decide_update(_ended(how), update(reported), now=LATER, actor="worker:w1")
+
+
 @pytest.mark.parametrize("status", [S.RUNNING, S.COMPLETED, S.FAILED, S.CANCELLED])
 def test_identical_repeat_is_a_no_op(status: S) -> None:
     start = S.RUNNING if status is not S.RUNNING else S.ASSIGNED
@@ -206,8 +295,10 @@ def test_repeat_with_different_content_is_not_a_no_op() -> None:
     first = decide_update(
         ticket(S.RUNNING), update(S.COMPLETED, result={"x": 1}), now=LATER, actor="a"
     )
-    with pytest.raises(FailedPrecondition):
-        decide_update(first.ticket, update(S.COMPLETED, result={"x": 2}), now=LATER, actor="a")
+    other = decide_update(first.ticket, update(S.COMPLETED, result={"x": 2}), now=LATER, actor="a")
+    assert isinstance(other.error, FailedPrecondition)
+    assert other.event is not None
+    assert other.event.type is EventType.LATE_RESULT_REJECTED
 
 
 def test_stale_attempt_is_recorded_as_late_result_and_not_applied() -> None:

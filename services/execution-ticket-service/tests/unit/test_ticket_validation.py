@@ -26,6 +26,7 @@ from execution_ticket_service.domain.validation import (
     RawAssignment,
     RawTicketSpec,
     Violations,
+    json_size,
     resolve_page_size,
     resolve_token_ttl,
     validate_assignment,
@@ -478,3 +479,26 @@ def test_the_nesting_limit_keeps_every_ticket_message_decodable() -> None:
 def test_other_control_characters_in_free_text_are_fine() -> None:
     spec = validate_create(good(description="a\tb\nc", parameters={"k\n": "v\t"}), LIMITS)
     assert spec.description == "a\tb\nc"
+
+
+def test_sizes_are_counted_in_utf8_bytes_and_a_refusal_says_the_size() -> None:
+    # ~400 KB of UTF-8, 1.2 MB with every "é" escaped as \u00e9 (which it was refused as).
+    accented = {"r": "é" * 200_000}
+    assert json_size(accented) == 400_008
+    assert validate_status_update(**_update(result=accented)).result == accented
+    with pytest.raises(InvalidArgument) as info:
+        validate_status_update(**_update(result={"r": "é" * 600_000}))
+    assert [(v.field, v.description) for v in info.value.violations] == [
+        ("result", "is 1,200,008 bytes as JSON, at most 1,048,576")
+    ]
+    # Parameters alike (LIMITS: 100 bytes): {"p":"ç...ç"} is 8 bytes plus 2 per "ç".
+    assert validate_create(good(parameters={"p": "ç" * 46}), LIMITS).parameters
+    with pytest.raises(InvalidArgument) as info:
+        validate_create(good(parameters={"p": "ç" * 47}), LIMITS)
+    assert [(v.field, v.description) for v in info.value.violations] == [
+        ("ticket.parameters", "is 102 bytes as JSON, at most 100")
+    ]
+    # A NUL is still found among characters that are no longer escaped.
+    with pytest.raises(InvalidArgument) as info:
+        validate_create(good(parameters={"p": f"ç{NUL}"}), LIMITS)
+    assert fields_of(info.value) == {"ticket.parameters.p"}

@@ -117,12 +117,16 @@ def _check_version(ticket: Ticket, expected: int | None) -> None:
         )
 
 
+def _terminal(ticket: Ticket, target: TicketStatus) -> FailedPrecondition:
+    return FailedPrecondition(
+        f"ticket {ticket.ticket_id} is {ticket.status.value}, a terminal status",
+        details={"status": ticket.status.value, "requested": target.value},
+    )
+
+
 def _check_edge(ticket: Ticket, target: TicketStatus) -> None:
     if ticket.status.terminal:
-        raise FailedPrecondition(
-            f"ticket {ticket.ticket_id} is {ticket.status.value}, a terminal status",
-            details={"status": ticket.status.value, "requested": target.value},
-        )
+        raise _terminal(ticket, target)
     if target not in LEGAL_TRANSITIONS[ticket.status]:
         raise FailedPrecondition(
             f"illegal transition {ticket.status.value} -> {target.value}",
@@ -204,36 +208,18 @@ def decide_update(ticket: Ticket, update: StatusUpdate, *, now: datetime, actor:
             f"attempt {update.attempt} is stale; the ticket is at attempt {ticket.attempt}",
             details={"current_attempt": ticket.attempt, "attempt": update.attempt},
         )
-        event = _event(
-            EventType.LATE_RESULT_REJECTED,
-            before=ticket,
-            after=ticket,
-            now=now,
-            actor=actor,
-            # Recorded once per reporter, attempt and reported status: the first such late
-            # result. Sent again, or with another result or message, it is the same event,
-            # so a holder of a stale ticket token cannot grow the log (up to a result's
-            # size per report) for as long as its token lives.
-            event_id=str(
-                uuid.uuid5(
-                    _LATE_RESULTS,
-                    f"{ticket.ticket_id}:{actor}:{update.attempt}:{update.status.value}",
-                )
-            ),
-            # Concerns the reporting worker, not whoever holds the ticket now.
-            worker_id=actor.removeprefix("worker:") if actor.startswith("worker:") else "",
-            details={
-                "reported_status": update.status.value,
-                "reported_attempt": update.attempt,
-                "result": update.result,
-                "error_message": update.error_message,
-            },
-        )
-        return Outcome(ticket=ticket, event=event, error=error)
+        return _late_result(ticket, update, now=now, actor=actor, error=error)
     if update.attempt > ticket.attempt:
         raise FailedPrecondition(
             f"attempt {update.attempt} does not exist; the ticket is at attempt {ticket.attempt}",
             details={"current_attempt": ticket.attempt, "attempt": update.attempt},
+        )
+    if ticket.status.terminal and update.status in (S.COMPLETED, S.FAILED):
+        # The attempt already ended another way (timed out with no retry left, cancelled,
+        # another report): its result comes too late, and is recorded as one that came
+        # after a re-queue is (whatever expected_version says: the ticket can never take it).
+        return _late_result(
+            ticket, update, now=now, actor=actor, error=_terminal(ticket, update.status)
         )
     _check_version(ticket, update.expected_version)
     _check_edge(ticket, update.status)
@@ -268,10 +254,13 @@ def decide_update(ticket: Ticket, update: StatusUpdate, *, now: datetime, actor:
             requeue_digest=digest,
         )
         kind = EventType.REQUEUED
+        # The failed attempt's result is kept here (the ticket's result is only the final
+        # attempt's), so the audit history shows what every attempt reported.
         details = {
             "failed_attempt": ticket.attempt,
             "error_message": update.error_message,
             "worker_lost": lost_run,
+            "result": update.result,
         }
     elif update.status is S.FAILED:
         after = replace(
@@ -293,6 +282,39 @@ def decide_update(ticket: Ticket, update: StatusUpdate, *, now: datetime, actor:
         )
     event = _event(kind, before=ticket, after=after, now=now, actor=actor, details=details)
     return Outcome(ticket=after, changed=True, event=event)
+
+
+def _late_result(
+    ticket: Ticket, update: StatusUpdate, *, now: datetime, actor: str, error: HiveError
+) -> Outcome:
+    """A report the ticket can no longer take: refused with ``error``, never applied, and
+    recorded as a LATE_RESULT_REJECTED event with what it reported."""
+    event = _event(
+        EventType.LATE_RESULT_REJECTED,
+        before=ticket,
+        after=ticket,
+        now=now,
+        actor=actor,
+        # Recorded once per reporter, attempt and reported status: the first such late
+        # result. Sent again, or with another result or message, it is the same event,
+        # so a holder of a stale ticket token cannot grow the log (up to a result's
+        # size per report) for as long as its token lives.
+        event_id=str(
+            uuid.uuid5(
+                _LATE_RESULTS,
+                f"{ticket.ticket_id}:{actor}:{update.attempt}:{update.status.value}",
+            )
+        ),
+        # Concerns the reporting worker, not whoever holds the ticket now.
+        worker_id=actor.removeprefix("worker:") if actor.startswith("worker:") else "",
+        details={
+            "reported_status": update.status.value,
+            "reported_attempt": update.attempt,
+            "result": update.result,
+            "error_message": update.error_message,
+        },
+    )
+    return Outcome(ticket=ticket, event=event, error=error)
 
 
 def decide_lease_expiry(ticket: Ticket, *, now: datetime) -> Outcome:

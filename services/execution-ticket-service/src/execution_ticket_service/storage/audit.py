@@ -4,8 +4,9 @@ Delivery is at least once; a unique index on ``event_id`` makes a redelivered ev
 harmless duplicate-key error, which is ignored.
 
 The users' free-form JSON (a ticket's ``parameters`` and ``result``, a refused late
-result in ``details.result``) is stored as its JSON text: JSON allows object keys and
-numbers that a MongoDB server may refuse (FerretDB refuses every key with a ``.`` or a
+result or a re-queued attempt's result in ``details.result``) is stored as its JSON text:
+JSON allows object keys and numbers that a MongoDB server may refuse (FerretDB refuses
+every key with a ``.`` or a
 leading ``$``, common in real parameters such as ``{"spark.executor.memory": "4g"}``;
 BSON has no integer beyond 64 bits), and one refused document would hold up the relay.
 :meth:`AuditStore.history` gives the JSON back as objects.

@@ -122,7 +122,13 @@ class TicketSpec(_message.Message):
     timeout_seconds: _builtins.int
     """0 means the service default."""
     @_builtins.property
-    def parameters(self) -> _struct_pb2.Struct: ...
+    def parameters(self) -> _struct_pb2.Struct:
+        """A JSON object: at most the service's MAX_PARAMETERS_BYTES (64 KiB by default) as
+        compact UTF-8 JSON, objects and arrays nested at most 32 levels deep (the object
+        itself is level 1), only finite numbers, no NUL (U+0000) in any string or key;
+        INVALID_ARGUMENT otherwise.
+        """
+
     @_builtins.property
     def required_capabilities(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -207,7 +213,11 @@ class ExecutionTicket(_message.Message):
     @_builtins.property
     def lease_expires_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
-    def result(self) -> _struct_pb2.Struct: ...
+    def result(self) -> _struct_pb2.Struct:
+        """The final attempt's result (COMPLETED or FAILED). A FAILED report that re-queued the
+        ticket keeps its result in the audit history instead (the REQUEUED event's details).
+        """
+
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -594,6 +604,10 @@ class UpdateTicketStatusRequest(_message.Message):
     status: Global___TicketStatus.ValueType
     """RUNNING, COMPLETED, FAILED or CANCELLED. A FAILED report with retries left
     re-queues the ticket as PENDING with attempt + 1 unless permanent is set.
+    A COMPLETED or FAILED report for an attempt that already ended (re-queued, timed
+    out, cancelled, ended by another report) is FAILED_PRECONDITION, and recorded once
+    (per reporter, attempt and status) in the audit history as LATE_RESULT_REJECTED with
+    its result; repeating the report that ended the attempt is an idempotent repeat.
     """
     attempt: _builtins.int
     """The attempt this update belongs to (fencing)."""
@@ -608,7 +622,11 @@ class UpdateTicketStatusRequest(_message.Message):
     ordinary failure). Ignored with permanent.
     """
     @_builtins.property
-    def result(self) -> _struct_pb2.Struct: ...
+    def result(self) -> _struct_pb2.Struct:
+        """Only with COMPLETED or FAILED. Limits as TicketSpec.parameters, with the service's
+        MAX_RESULT_BYTES (1 MiB by default).
+        """
+
     def __init__(
         self,
         *,
@@ -683,6 +701,9 @@ class TicketStatusReport(_message.Message):
     """The token authorizing this one update, as UpdateTicketStatus's bearer token would:
     a worker sends each ticket's ticket token here and authenticates the call itself
     with its worker token. Empty: the call's own bearer token authorizes the update.
+    The bare JWT, as GenerateTokenResponse.token and TicketToken.token carry it: with
+    the "Bearer " of the authorization metadata in front it is malformed
+    (UNAUTHENTICATED for this report).
     """
     @_builtins.property
     def update(self) -> Global___UpdateTicketStatusRequest: ...
@@ -785,6 +806,9 @@ class GenerateTokenResponse(_message.Message):
     EXPIRES_AT_FIELD_NUMBER: _builtins.int
     ATTEMPT_FIELD_NUMBER: _builtins.int
     token: _builtins.str
+    """A bare JWT: send it as "authorization: Bearer <token>" metadata, or as it is in
+    TicketStatusReport.ticket_token.
+    """
     attempt: _builtins.int
     @_builtins.property
     def expires_at(self) -> _timestamp_pb2.Timestamp: ...
@@ -815,7 +839,11 @@ class WatchTicketsRequest(_message.Message):
     EXCLUDE_OWN_CHANGES_FIELD_NUMBER: _builtins.int
     BATCH_EVENTS_FIELD_NUMBER: _builtins.int
     plan_id: _builtins.str
-    """At least one of plan_id or worker_id, unless the caller holds the service token."""
+    """Filters (both: events matching both). A service token may watch anything (neither:
+    every ticket). A worker token must set worker_id to its own worker (plan_id alone,
+    or another worker's id, is PERMISSION_DENIED; plan_id may narrow it further). A
+    ticket token may not watch.
+    """
     worker_id: _builtins.str
     cursor: _builtins.str
     """Resume after this cursor (from a previous event); empty starts with new events.
@@ -919,6 +947,7 @@ class TicketToken(_message.Message):
     EXPIRES_AT_FIELD_NUMBER: _builtins.int
     ATTEMPT_FIELD_NUMBER: _builtins.int
     token: _builtins.str
+    """A bare JWT (see GenerateTokenResponse.token)."""
     attempt: _builtins.int
     @_builtins.property
     def expires_at(self) -> _timestamp_pb2.Timestamp: ...
