@@ -14,6 +14,7 @@ from google.protobuf import struct_pb2
 from execution_ticket_service.app import TicketService
 from execution_ticket_service.config import TicketSettings
 from execution_ticket_service.transport.grpc.servicer import NEW_TICKET_EXTRA_BYTES
+from hive_common.grpc_errors import rich_status_of
 from hive_common.grpc_server import DEFAULT_MAX_MESSAGE_BYTES
 from neuralhive.ticket.v1 import ticket_service_pb2 as pb
 from neuralhive.ticket.v1 import ticket_service_pb2_grpc as pb_grpc
@@ -159,3 +160,40 @@ async def test_an_answer_too_large_to_send_is_a_clear_resource_exhausted(
             metadata=bearer(service_token),
         )
         assert [r.ticket.status for r in response.results] == [pb.TICKET_STATUS_ASSIGNED] * 25
+
+
+async def test_a_result_of_small_numbers_is_bounded_as_protobuf_too(
+    stub: Stub, service_token: str
+) -> None:
+    # Within MAX_RESULT_BYTES as JSON (each "0," two bytes), 5.5 times that as a Struct:
+    # a ticket holding it could not be sent by any answer.
+    [ticket] = (
+        await stub.BatchCreateTickets(
+            pb.BatchCreateTicketsRequest(tickets=[large_spec(0)]), metadata=bearer(service_token)
+        )
+    ).tickets
+    await stub.AssignTicket(
+        pb.AssignTicketRequest(ticket_id=ticket.ticket_id, worker_id="w1", attempt=1),
+        metadata=bearer(service_token),
+    )
+
+    def report(status: pb.TicketStatus.ValueType, zeros: int = 0) -> pb.UpdateTicketStatusRequest:
+        request = pb.UpdateTicketStatusRequest(ticket_id=ticket.ticket_id, status=status, attempt=1)
+        if zeros:
+            request.result.update({"r": [0] * zeros})
+        return request
+
+    await stub.UpdateTicketStatus(report(pb.TICKET_STATUS_RUNNING), metadata=bearer(service_token))
+    too_many = report(pb.TICKET_STATUS_COMPLETED, 300_000)  # 600 KB as JSON, 3.3 MB as Struct
+    assert too_many.ByteSize() < DEFAULT_MAX_MESSAGE_BYTES  # it arrives
+    with pytest.raises(grpc.aio.AioRpcError) as info:
+        await stub.UpdateTicketStatus(too_many, metadata=bearer(service_token))
+    assert info.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+    assert "bytes as a protobuf Struct, at most 2,883,584" in str(rich_status_of(info.value))
+    fits = report(pb.TICKET_STATUS_COMPLETED, 250_000)  # 2.75 MB as Struct
+    await stub.UpdateTicketStatus(fits, metadata=bearer(service_token))
+    stored = await stub.GetTicket(
+        pb.GetTicketRequest(ticket_id=ticket.ticket_id), metadata=bearer(service_token)
+    )
+    assert len(stored.ticket.result["r"]) == 250_000
+    assert stored.ByteSize() < DEFAULT_MAX_MESSAGE_BYTES

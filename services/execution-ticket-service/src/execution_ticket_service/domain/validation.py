@@ -418,6 +418,13 @@ def validate_report_batch(ticket_ids: Sequence[str], limits: Limits) -> None:
     errors.raise_if_any("invalid reports")
 
 
+# A result's protobuf (Struct) size at most this many times MAX_RESULT_BYTES. Most JSON is
+# at most 2.75 times larger as a Struct (11 bytes for each `0.0,`), but a list of small
+# whole numbers is 5.5 times (each `0,`): without this bound a result within
+# MAX_RESULT_BYTES could make a ticket that no answer can carry (README: Message size).
+STRUCT_SIZE_RATIO = 2.75
+
+
 def validate_status_update(
     *,
     ticket_id: str,
@@ -429,7 +436,9 @@ def validate_status_update(
     permanent: bool,
     limits: Limits,
     worker_lost: bool = False,
+    result_struct_bytes: int = 0,
 ) -> StatusUpdate:
+    """``result_struct_bytes``: the result's size as it came, a protobuf Struct (0 if not)."""
     errors = Violations()
     ticket_id = check_uuid(ticket_id, "ticket_id", errors)
     target = parse_status(status, "status", errors) if status else None
@@ -443,8 +452,16 @@ def validate_status_update(
     if expected_version is not None and expected_version < 1:
         errors.add("expected_version", "must be at least 1")
     result_size = json_size(result) if result is not None else 0
+    struct_limit = int(limits.max_result_bytes * STRUCT_SIZE_RATIO)
     if result_size > limits.max_result_bytes:
         errors.add("result", _too_large(result_size, limits.max_result_bytes))
+    elif result_struct_bytes > struct_limit:
+        errors.add(
+            "result",
+            f"is {result_struct_bytes:,} bytes as a protobuf Struct, at most {struct_limit:,}"
+            f" ({STRUCT_SIZE_RATIO} times MAX_RESULT_BYTES: a list of small numbers takes 5.5"
+            " times its JSON size)",
+        )
     elif result is not None:
         check_json(result, "result", errors)
     _check_text(error_message, "error_message", errors)

@@ -205,6 +205,7 @@ class TicketServicer(pb_grpc.TicketServiceServicer):
             permanent=request.permanent,
             worker_lost=request.worker_lost,
             limits=self._limits,
+            result_struct_bytes=request.result.ByteSize() if request.HasField("result") else 0,
         )
 
     async def UpdateTicketStatus(
