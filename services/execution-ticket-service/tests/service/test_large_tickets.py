@@ -195,5 +195,5 @@ async def test_a_result_of_small_numbers_is_bounded_as_protobuf_too(
     stored = await stub.GetTicket(
         pb.GetTicketRequest(ticket_id=ticket.ticket_id), metadata=bearer(service_token)
     )
-    assert len(stored.ticket.result["r"]) == 250_000
+    assert len(stored.ticket.result.fields["r"].list_value.values) == 250_000
     assert stored.ByteSize() < DEFAULT_MAX_MESSAGE_BYTES
