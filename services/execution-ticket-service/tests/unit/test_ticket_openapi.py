@@ -55,3 +55,19 @@ def test_the_status_filter_and_the_ticket_status_document_their_values() -> None
         "$ref": "#/components/schemas/TicketStatus"
     }
     assert schemas["TicketStatus"]["enum"] == list(TicketStatus)
+
+
+def test_the_audit_history_documents_its_event_types_and_statuses() -> None:
+    # They were plain strings: an integrator had to guess the values.
+    event = openapi_document()["components"]["schemas"]["AuditEventOut"]["properties"]
+    assert event["type"]["enum"] == [
+        "CREATED",
+        "ASSIGNED",
+        "STATUS_CHANGED",
+        "REQUEUED",
+        "LEASE_EXPIRED",
+        "LATE_RESULT_REJECTED",
+    ]
+    assert event["status"]["enum"] == list(TicketStatus)
+    [named, _] = event["previous_status"]["anyOf"]
+    assert named["enum"] == list(TicketStatus)

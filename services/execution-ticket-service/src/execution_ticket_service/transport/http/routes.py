@@ -8,7 +8,13 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Depends, Query, Request
 from pydantic import BaseModel, Field, WithJsonSchema
 
-from execution_ticket_service.domain.models import Priority, Ticket, TicketStatus, ticket_document
+from execution_ticket_service.domain.models import (
+    EventType,
+    Priority,
+    Ticket,
+    TicketStatus,
+    ticket_document,
+)
 from execution_ticket_service.domain.paging import (
     decode_page_token,
     encode_page_token,
@@ -30,6 +36,13 @@ MAX_EVENTS = 1000
 # A status filter value: documented with its values, accepted in any case.
 _StatusName = Annotated[
     str, WithJsonSchema({"type": "string", "enum": [s.value for s in TicketStatus]})
+]
+# An audit document's type and statuses: documented with their values, read as stored.
+_AuditedType = Annotated[
+    str,
+    WithJsonSchema(
+        {"type": "string", "enum": [t.value for t in EventType if t is not EventType.SNAPSHOT]}
+    ),
 ]
 _BY_ID: dict[int | str, dict[str, Any]] = {
     400: {"description": "The ticket id is not a UUID (INVALID_ARGUMENT)"},
@@ -72,13 +85,13 @@ class TicketPage(BaseModel):
 class AuditEventOut(BaseModel):
     event_id: str
     sequence: int
-    type: str
+    type: _AuditedType
     ticket_id: str
     plan_id: str
     worker_id: str
     attempt: int
-    previous_status: str | None
-    status: str
+    previous_status: _StatusName | None
+    status: _StatusName
     actor: str
     occurred_at: datetime
     # When the relay sent the event to MongoDB (absent on documents of earlier versions).
