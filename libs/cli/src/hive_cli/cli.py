@@ -672,10 +672,13 @@ class Command:
     def _tickets_show(self) -> int:
         ticket = self.api.get_ticket(self.args.ticket_id)
         events = None
+        truncated = False
         if self.args.events:
-            events = list(self.api.ticket_events(self.args.ticket_id).get("events") or [])
-        body = ticket if events is None else {**ticket, "events": events}
-        self.emit(body, lambda: ticket_detail(ticket, events))
+            history = self.api.ticket_events(self.args.ticket_id)
+            events = list(history.get("events") or [])
+            truncated = bool(history.get("truncated"))
+        body = ticket if events is None else {**ticket, "events": events, "truncated": truncated}
+        self.emit(body, lambda: ticket_detail(ticket, events, truncated=truncated))
         return ExitCode.OK
 
     def _workers_list(self) -> int:

@@ -266,9 +266,11 @@ def tickets_table(tickets: Sequence[JsonObject]) -> str:
     )
 
 
-def ticket_detail(ticket: JsonObject, events: Sequence[JsonObject] | None = None) -> str:
+def ticket_detail(
+    ticket: JsonObject, events: Sequence[JsonObject] | None = None, *, truncated: bool = False
+) -> str:
     """One ticket: where it stands, its error and result (indented JSON), and with
-    ``events`` its audit history."""
+    ``events`` its audit history (``truncated``: more events follow them)."""
     # Attempts that ended with their worker (lost runs) used no retry.
     attempts = 1 + int(ticket.get("max_retries") or 0) + int(ticket.get("lost_runs") or 0)
     lines = [
@@ -310,6 +312,8 @@ def ticket_detail(ticket: JsonObject, events: Sequence[JsonObject] | None = None
             if events
             else "no audit events yet (the relay delivers them within about a second)"
         )
+        if truncated:
+            lines.append(f"(the first {len(events)} events: more follow)")
     return "\n".join(lines)
 
 

@@ -476,7 +476,25 @@ def test_tickets_show_with_events_adds_the_audit_history() -> None:
         "2026-12-05 10:00:02Z  STATUS_CHANGED  RUNNING -> FAILED  2        worker:w-1  -",
     ]
     as_json = services.run("-o", "json", "tickets", "show", TICKET_ID, "--events")
-    assert json.loads(as_json.out) == {**ticket(status="FAILED"), "events": [event]}
+    assert json.loads(as_json.out) == {
+        **ticket(status="FAILED"),
+        "events": [event],
+        "truncated": False,
+    }
+
+
+def test_tickets_show_says_when_the_history_goes_on() -> None:
+    services = FakeServices()
+    services.on("GET", f"/api/v1/tickets/{TICKET_ID}", body=ticket(status="RUNNING"))
+    event = {"type": "CREATED", "occurred_at": "2026-12-05T10:00:00+00:00", "status": "PENDING"}
+    services.on(
+        "GET",
+        f"/api/v1/tickets/{TICKET_ID}/events",
+        body={"ticket_id": TICKET_ID, "events": [event] * 3, "truncated": True},
+    )
+    run = services.run("tickets", "show", TICKET_ID, "--events")
+    assert run.code == ExitCode.OK, run.err
+    assert run.out.splitlines()[-1] == "(the first 3 events: more follow)"
 
 
 def test_an_events_details_are_shown_whole() -> None:
