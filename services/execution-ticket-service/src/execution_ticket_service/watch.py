@@ -32,7 +32,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from execution_ticket_service.domain.models import TicketEvent, TicketFilter
-from execution_ticket_service.domain.paging import Cursor, decode_cursor, encode_cursor
+from execution_ticket_service.domain.paging import (
+    Cursor,
+    CursorPurged,
+    decode_cursor,
+    encode_cursor,
+)
 from execution_ticket_service.domain.validation import Violations, event_payload_bytes
 from execution_ticket_service.signals import ChangeSignal, spaced_delay
 from execution_ticket_service.storage.tickets import TicketRepository
@@ -59,8 +64,6 @@ class TailSettings:
     # committed events (any transaction of the cluster, see events_after) is not signalled.
     busy_poll_interval: float = 0.02
     busy_seconds: float = 1.0
-    # How often the tail looks whether the event purge deleted events it had not read.
-    purge_check_interval: float = 1.0
 
 
 def cursor_of(event: TicketEvent) -> Cursor:
@@ -127,13 +130,10 @@ class EventLogTail:
         last_read = -math.inf
         last_generation = self._signal.generation
         busy_until = -math.inf
-        # The tail's position when it last read the purge mark, and when to read it next.
-        checked: Cursor | None = None
-        next_check = -math.inf
         while True:
             if not self._subscribers:
                 # Nobody to serve: forget the window, start afresh with the next stream.
-                position = self._start = checked = None
+                position = self._start = None
                 self._forget()
                 await self._wanted.wait()
             delay = spaced_delay(now=loop.time(), last=last_read, gap=self._settings.read_gap)
@@ -146,21 +146,21 @@ class EventLogTail:
                 last_generation = generation
             try:
                 if position is None:
-                    position = checked = await self._repository.current_position()
+                    position = await self._repository.current_position()
                     self._start = position
                 events = await self._repository.events_after(
                     position, TicketFilter(), limit=self._settings.batch_size
                 )
-                if events:
-                    position = self._append(events)
-                    busy_until = loop.time() + self._settings.busy_seconds
-                if loop.time() >= next_check:
-                    position = checked = await self._past_purged(position, checked)
-                    next_check = loop.time() + self._settings.purge_check_interval
+            except CursorPurged as purged:
+                position = self._past_purged(position, purged.purged_through)
+                continue
             except Exception as exc:
                 log_round_failure(log, "event log tail: read failed; retrying", exc)
                 await asyncio.sleep(self._settings.retry_interval)
                 continue
+            if events:
+                position = self._append(events)
+                busy_until = loop.time() + self._settings.busy_seconds
             if len(events) < self._settings.batch_size:
                 # Other replicas' changes, and events a running transaction hid, are found
                 # by polling: fast while busy.
@@ -168,23 +168,19 @@ class EventLogTail:
                 poll = self._settings.busy_poll_interval if busy else self._settings.poll_interval
                 await self._signal.wait(generation, poll)
 
-    async def _past_purged(self, position: Cursor, checked: Cursor | None) -> Cursor:
-        """``position``, or past the purge mark when the purge deleted an event after
-        ``checked`` (the position at the last look), which the tail may not have read: a
-        transaction open longer than the retention held the tail back. The window is then
-        emptied and starts at the mark, so a stream before it reads the database and is
-        refused there, never served with a gap."""
-        mark = await self._repository.purged_through()
-        if checked is None or mark <= checked:
-            return position
+    def _past_purged(self, position: Cursor, purged_through: Cursor) -> Cursor:
+        """Where the tail reads on after the purge deleted events it had not read yet (a
+        transaction open longer than the retention held them back until the purge could
+        take them): past them. The window is emptied and starts there, so a stream before
+        it reads the database and is refused, never served with a gap."""
         log.warning(
-            "event log tail: the purge deleted events it may not have read; streams "
-            "positioned before them are refused",
+            "event log tail: the purge deleted events it had not read; streams positioned "
+            "before them are refused",
             tail_position=encode_cursor(position),
-            purged_through=encode_cursor(mark),
+            purged_through=encode_cursor(purged_through),
         )
         self._forget()
-        self._start = max(position, mark)
+        self._start = max(position, purged_through)
         self._appended.notify()
         return self._start
 
@@ -229,16 +225,6 @@ class EventLogTail:
             found = await self._repository.events_after(
                 position, ticket_filter, limit=limit, until=start
             )
-            # Read after the events, so a purge that ran meanwhile is seen here.
-            if await self._repository.purged_through() > position:
-                errors = Violations()
-                errors.add(
-                    "cursor",
-                    "is older than the event retention (EVENT_RETENTION_HOURS): events "
-                    "after it were deleted; watch again without a cursor (include_snapshot "
-                    "sends the tickets' current state)",
-                )
-                errors.raise_if_any("invalid watch request")
             if start is None or len(found) == limit:
                 return found, cursor_of(found[-1]) if found else position
             position = start  # caught up with the window as it was; go on from memory

@@ -24,7 +24,7 @@ from execution_ticket_service.domain.models import (
     TicketSpec,
     TicketStatus,
 )
-from execution_ticket_service.domain.paging import Cursor
+from execution_ticket_service.domain.paging import Cursor, CursorPurged
 from execution_ticket_service.storage.tickets import Pool, TicketRepository, open_pool
 from execution_ticket_service.watch import cursor_of
 from hive_common.errors import (
@@ -40,6 +40,8 @@ if TYPE_CHECKING:  # conftest is not importable at run time (import mode importl
     from conftest import LoopTurns
 
 pytestmark = pytest.mark.service
+
+ORIGIN = Cursor(xid=0, seq=0)
 
 S = TicketStatus
 
@@ -714,23 +716,33 @@ async def test_purge_removes_only_old_relayed_events(
 async def test_purge_marks_the_newest_position_it_deleted(
     repo: TicketRepository, advance_clock: Callable[[float], None]
 ) -> None:
-    assert await repo.purged_through() == Cursor(xid=0, seq=0)  # nothing purged yet
+    # A reader positioned before an event the purge deleted is refused, one after it
+    # reads on.
     await repo.create_many([spec("a")], actor="s")
     advance_clock(10)
     await repo.create_many([spec("b")], actor="s")
     relayed = await repo.claim_outbox(limit=10, claim_seconds=30)
     await repo.mark_relayed([e.seq for e in relayed])
-    first, second = await repo.events_after(Cursor(xid=0, seq=0), TicketFilter(), limit=10)
+    first, second = await repo.events_after(ORIGIN, TicketFilter(), limit=10)
     advance_clock(3600)
     await repo.create_many([spec("recent")], actor="s")
     # Only "a" is old enough: the mark is its position, not "b"'s.
     assert await repo.purge_events(older_than=first.occurred_at + timedelta(seconds=1)) == 1
-    assert await repo.purged_through() == cursor_of(first)
+    with pytest.raises(CursorPurged) as purged:
+        await repo.events_after(ORIGIN, TicketFilter(), limit=10)
+    assert purged.value.purged_through == cursor_of(first)
+    assert [
+        e.ticket.task_id
+        for e in await repo.events_after(cursor_of(first), TicketFilter(), limit=10)
+    ] == ["b", "recent"]
     assert await repo.purge_events(older_than=second.occurred_at + timedelta(seconds=1)) == 1
-    assert await repo.purged_through() == cursor_of(second)
+    with pytest.raises(CursorPurged) as purged:
+        await repo.events_after(cursor_of(first), TicketFilter(), limit=10)
+    assert purged.value.purged_through == cursor_of(second)
     # A purge that deletes nothing leaves the mark where it is.
     assert await repo.purge_events(older_than=second.occurred_at) == 0
-    assert await repo.purged_through() == cursor_of(second)
+    [recent] = await repo.events_after(cursor_of(second), TicketFilter(), limit=10)
+    assert recent.ticket.task_id == "recent"
 
 
 async def test_watch_never_skips_an_event_that_commits_late(

@@ -373,12 +373,12 @@ async def test_the_purge_leaves_events_a_running_transaction_hides_from_the_tail
 async def test_the_tail_refuses_streams_behind_events_purged_before_it_read_them(
     counting: CountingRepository, migrated_dsn: str
 ) -> None:
-    # As a replica of the previous release purged (without waiting for the transaction
-    # that held the tail back): the tail finds the purge mark past where it had looked
-    # last, and sends every stream before the mark to the database, where it is refused.
-    settings = TailSettings(
-        poll_interval=0.05, busy_poll_interval=0.02, window=1_000, purge_check_interval=0.05
-    )
+    # Events a transaction hid are purged the moment it ends, before the tail reads them
+    # (as a replica of the previous release purged, not waiting for that transaction):
+    # the read that would have passed over them with the newer events finds the purge
+    # mark ahead instead, in the same statement. The tail goes on from the mark, and a
+    # stream before it is refused; no stream is served the newer events across the gap.
+    settings = TailSettings(poll_interval=0.05, busy_poll_interval=0.02, window=1_000)
     async with _running(_tail(counting, settings)) as tail:
         await _until(tail, lambda: tail._start is not None)
         start = tail._start
@@ -386,8 +386,6 @@ async def test_the_tail_refuses_streams_behind_events_purged_before_it_read_them
         async with await psycopg.AsyncConnection.connect(migrated_dsn) as other:
             await other.execute("SELECT pg_current_xact_id()")
             await _history(counting, "gone", 1, "w1")
-            gone = await counting.events_after(start, TicketFilter(), limit=10, until=None)
-            assert gone == []  # hidden from every reader while the transaction runs
             async with await psycopg.AsyncConnection.connect(
                 migrated_dsn, autocommit=True
             ) as purger:
@@ -398,12 +396,15 @@ async def test_the_tail_refuses_streams_behind_events_purged_before_it_read_them
                     " RETURNING xid, seq"
                 )
                 [(xid, seq)] = await cur.fetchall()
+            await _history(counting, "newer", 1, "w1")  # hidden too, until the end
             await other.rollback()
         mark = Cursor(xid=xid, seq=seq)
-        await _until(tail, lambda: tail._start is not None and tail._start >= mark)
-        await _history(counting, "after", 1, "w1")
         await _until(tail, lambda: len(tail._keys) == 3)
-        with pytest.raises(InvalidArgument):
+        assert tail._start is not None
+        assert tail._start >= mark
+        assert [e.ticket.plan_id for e in tail._events] == ["newer"] * 3
+        with pytest.raises(InvalidArgument) as refused:
             await tail.read(start, TicketFilter(), limit=10)
+        assert "older than the event retention" in refused.value.violations[0].description
         events, _ = await _read_all(tail, mark, TicketFilter(), limit=10)
-        assert [e.ticket.plan_id for e in events] == ["after"] * 3
+        assert [e.ticket.plan_id for e in events] == ["newer"] * 3

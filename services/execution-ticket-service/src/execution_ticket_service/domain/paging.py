@@ -15,6 +15,7 @@ from typing import TypeVar
 from execution_ticket_service.domain.models import Ticket, TicketFilter
 from execution_ticket_service.domain.validation import Violations
 from hive_common.batching import bounded_batches
+from hive_common.errors import FieldViolation, InvalidArgument
 from hive_common.tokens import decode_token, encode_token
 
 T = TypeVar("T")
@@ -98,6 +99,25 @@ class Cursor:
 
     xid: int
     seq: int
+
+
+class CursorPurged(InvalidArgument):
+    """Events after a log position were deleted by the event purge: reading on from it
+    would skip them (``purged_through``: the newest position it deleted)."""
+
+    def __init__(self, purged_through: Cursor) -> None:
+        super().__init__(
+            "invalid watch request",
+            violations=[
+                FieldViolation(
+                    "cursor",
+                    "is older than the event retention (EVENT_RETENTION_HOURS): events after "
+                    "it were deleted; watch again without a cursor (include_snapshot sends "
+                    "the tickets' current state)",
+                )
+            ],
+        )
+        self.purged_through = purged_through
 
 
 def encode_cursor(

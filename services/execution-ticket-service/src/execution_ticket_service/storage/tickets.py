@@ -44,7 +44,7 @@ from execution_ticket_service.domain.models import (
     TicketStatus,
     TransitionCounts,
 )
-from execution_ticket_service.domain.paging import Cursor, encode_cursor
+from execution_ticket_service.domain.paging import Cursor, CursorPurged, encode_cursor
 from execution_ticket_service.domain.state_machine import (
     Outcome,
     check_worker_capacity,
@@ -123,6 +123,11 @@ def _spec_differences(existing: TicketSpec, requested: TicketSpec) -> list[str]:
     return [
         name for name in SPEC_CONTENT_FIELDS if getattr(existing, name) != getattr(requested, name)
     ]
+
+
+def _purged_and_event_from_row(row: dict[str, Any]) -> tuple[Cursor, TicketEvent | None]:
+    purged = Cursor(xid=row["purged_xid"], seq=row["purged_seq"])
+    return purged, _event_from_row(row) if row["event_id"] is not None else None
 
 
 def _event_from_row(row: dict[str, Any]) -> TicketEvent:
@@ -995,7 +1000,9 @@ class TicketRepository:
         until: Cursor | None = None,
     ) -> list[TicketEvent]:
         """Committed events after ``cursor`` (and at or before ``until``) in log order,
-        never skipping a late commit."""
+        never skipping a late commit. Raises :class:`CursorPurged` when the event purge
+        deleted events after ``cursor`` (read in the same statement, so consistently: a
+        purge that commits later finds the events already read)."""
         conditions = [
             sql.SQL("(xid, seq) > (%(xid)s, %(seq)s)"),
             # Rows of transactions still running could later appear *before* rows we have
@@ -1008,8 +1015,11 @@ class TicketRepository:
             conditions.append(sql.SQL("plan_id = %(plan_id)s"))
         if ticket_filter.worker_id:
             conditions.append(sql.SQL("worker_id = %(worker_id)s"))
+        # The purge mark's one row, joined with the events (none: one row of NULLs).
         query = sql.SQL(
-            "SELECT {} FROM ticket_events WHERE {} ORDER BY xid, seq LIMIT %(limit)s"
+            "SELECT m.xid AS purged_xid, m.seq AS purged_seq, e.* FROM ticket_events_purged m"
+            " LEFT JOIN LATERAL (SELECT {} FROM ticket_events WHERE {}"
+            " ORDER BY xid, seq LIMIT %(limit)s) e ON true ORDER BY e.xid, e.seq"
         ).format(sql.SQL(_EVENT_COLUMNS), sql.SQL(" AND ").join(conditions))
         params = {
             "xid": cursor.xid,
@@ -1020,8 +1030,11 @@ class TicketRepository:
             "until_seq": until.seq if until is not None else None,
             "limit": limit,
         }
-
-        return await self._fetch_converted(query, params, _event_from_row)
+        rows = await self._fetch_converted(query, params, _purged_and_event_from_row)
+        purged_through = rows[0][0]
+        if purged_through > cursor:
+            raise CursorPurged(purged_through)
+        return [event for _, event in rows if event is not None]
 
     # -- the event log: outbox ----------------------------------------------------------------
 
@@ -1060,7 +1073,7 @@ class TicketRepository:
     async def purge_events(self, *, older_than: datetime, limit: int = 10_000) -> int:
         """Delete relayed events that happened before ``older_than`` (never undelivered
         ones, nor any a watch cannot have read yet: see :meth:`events_after`), and move the
-        purge mark (:meth:`purged_through`) past them."""
+        purge mark past them (a reader positioned before it gets :class:`CursorPurged`)."""
         [row] = await self._fetch(
             "WITH gone AS ("
             " DELETE FROM ticket_events WHERE seq IN ("
@@ -1078,12 +1091,6 @@ class TicketRepository:
             (older_than, limit),
         )
         return int(row["n"])
-
-    async def purged_through(self) -> Cursor:
-        """The newest position of an event the purge deleted: a reader positioned before
-        it has missed events."""
-        [row] = await self._fetch("SELECT xid, seq FROM ticket_events_purged")
-        return Cursor(xid=row["xid"], seq=row["seq"])
 
     async def outbox_backlog(self) -> tuple[int, datetime | None]:
         """How many events await relay, and when the first of them (in log order) happened.
