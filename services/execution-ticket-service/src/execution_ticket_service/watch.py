@@ -152,6 +152,7 @@ class EventLogTail:
                     position, TicketFilter(), limit=self._settings.batch_size
                 )
             except CursorPurged as purged:
+                assert position is not None  # set before the read
                 position = self._past_purged(position, purged.purged_through)
                 continue
             except Exception as exc:
