@@ -10,7 +10,7 @@ from contextlib import asynccontextmanager
 import psycopg
 import psycopg_pool
 from psycopg import AsyncConnection
-from psycopg.conninfo import conninfo_to_dict, make_conninfo
+from psycopg.conninfo import conninfo_to_dict, make_conninfo, timeout_from_conninfo
 from psycopg.rows import DictRow, dict_row
 
 from hive_common.errors import Internal, Unavailable
@@ -60,15 +60,20 @@ def dsn_problem(dsn: str) -> str | None:
     checks only when it connects (``sslmode=bogus``, a port of ``abc``) are not: see
     :func:`refused_connection_settings`."""
     try:
-        conninfo_to_dict(dsn)
+        # psycopg's own reading of connect_timeout too (it refused "abc" only at connect).
+        timeout_from_conninfo(conninfo_to_dict(dsn))
     except psycopg.ProgrammingError as exc:
         return _without_dsn_parts(str(exc), dsn)
+    except UnicodeDecodeError:
+        return "a percent-encoded part is not UTF-8"
     return None
 
 
-# psycopg's prefix for a connection libpq refused to start: before any network I/O, for
-# option values it refuses (each of its messages then says "invalid ...").
-_REFUSED_AT_START = "connection is bad: invalid "
+# libpq refusing an option's value as it starts a connection, before any I/O with the
+# server (psycopg: "connection is bad: invalid sslmode value: ...", or "connection is bad:
+# connection to server at ... failed: invalid integer value "x" for connection option
+# "keepalives""): no retry can cure it.
+_REFUSED_AT_START = re.compile(r"^connection is bad: (?:.* failed: )?(invalid .*)$", re.DOTALL)
 
 
 def refused_connection_settings(exc: BaseException, dsn: str) -> str | None:
@@ -76,10 +81,10 @@ def refused_connection_settings(exc: BaseException, dsn: str) -> str | None:
     libpq refusing one of its values before connecting (``invalid sslmode value``,
     ``invalid port number``), one line without the password; None for any other failure
     (one that trying again may cure)."""
-    text = str(exc)
-    if not isinstance(exc, psycopg.OperationalError) or not text.startswith(_REFUSED_AT_START):
+    refused = _REFUSED_AT_START.match(str(exc))
+    if not isinstance(exc, psycopg.OperationalError) or refused is None:
         return None
-    text = " ".join(text.removeprefix("connection is bad: ").split())
+    text = " ".join(refused.group(1).split())
     try:
         password = str(conninfo_to_dict(dsn).get("password") or "")
     except psycopg.ProgrammingError:  # not reached: psycopg parsed it before connecting

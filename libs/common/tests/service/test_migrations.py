@@ -290,6 +290,11 @@ def test_postgres_url_conversion(dsn: str, url: str) -> None:
             "host=127.0.0.1 port=abc user=hive password=pg-secret",
             'for connection option "port"',
         ),
+        # Refused as libpq opens the socket, after the address was resolved.
+        (
+            "postgresql://hive:pg-secret@127.0.0.1:1/none?keepalives=x",
+            'invalid integer value "x" for connection option "keepalives"',
+        ),
     ],
 )
 async def test_connection_settings_libpq_refuses_stop_the_start_at_once(

@@ -235,6 +235,10 @@ def _settings_lines(exc: ValidationError) -> list[str]:
         ("postgresql://hive:pw-secret@[::1/tickets", "IPv6 host address", "pw-secret"),
         # A '"' in the DSN: libpq's quoted parts cannot be told apart, all of them go.
         ('host=db password=pa"ss word', 'missing "***" in connection info string', "word"),
+        # psycopg's own check of connect_timeout (it refused it only when connecting) ...
+        ("postgresql://hive:pw-secret@db/t?connect_timeout=abc", "bad value for connect", "pw-"),
+        # ... and a percent escape that is no UTF-8 (a UnicodeDecodeError's text before).
+        ("postgresql://hive:pw-secret@db/t?application_name=%E9%FF", "not UTF-8", "pw-"),
     ],
 )
 def test_a_malformed_postgres_dsn_is_an_invalid_setting_that_never_shows_it(
