@@ -73,15 +73,23 @@ def cell(value: object, *, limit: int = MAX_CELL) -> str:
     if isinstance(value, bool):
         text = "yes" if value else "no"
     elif isinstance(value, list):
-        text = ",".join(str(v) for v in value)
+        text = ",".join(_item(v) for v in value)
     elif isinstance(value, dict):
-        text = ",".join(f"{k}={v}" for k, v in value.items())
+        text = ",".join(f"{k}={_item(v)}" for k, v in value.items())
     elif isinstance(value, str):
         text = short_time(value)
     else:
         text = str(value)
     text = inline(" ".join(text.split()))
     return text if width(text) <= limit else truncated(text, limit)
+
+
+def _item(value: object) -> str:
+    """An item of a list or object in a cell: text as it is, anything else as JSON (an
+    event's result, ``true``; not Python's ``{'a': True}``)."""
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, separators=(",", ":"), ensure_ascii=False, default=str)
 
 
 def char_width(char: str) -> int:

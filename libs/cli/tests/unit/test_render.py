@@ -483,6 +483,35 @@ def test_tickets_show_with_events_adds_the_audit_history() -> None:
     }
 
 
+def test_an_events_result_is_shown_as_json() -> None:
+    # It read result={'other': True},worker_lost=False (Python's form, not the API's).
+    services = FakeServices()
+    services.on("GET", f"/api/v1/tickets/{TICKET_ID}", body=ticket(status="PENDING"))
+    event = {
+        "type": "REQUEUED",
+        "occurred_at": "2026-12-05T10:00:02+00:00",
+        "previous_status": "RUNNING",
+        "status": "PENDING",
+        "attempt": 2,
+        "actor": "worker:w-1",
+        "details": {
+            "failed_attempt": 1,
+            "result": {"other": True, "n": None},
+            "worker_lost": False,
+        },
+    }
+    services.on(
+        "GET",
+        f"/api/v1/tickets/{TICKET_ID}/events",
+        body={"ticket_id": TICKET_ID, "events": [event]},
+    )
+    run = services.run("tickets", "show", TICKET_ID, "--events")
+    assert run.code == ExitCode.OK, run.err
+    assert run.out.splitlines()[-1].endswith(
+        'failed_attempt=1,result={"other":true,"n":null},worker_lost=false'
+    )
+
+
 def test_tickets_show_says_when_the_history_goes_on() -> None:
     services = FakeServices()
     services.on("GET", f"/api/v1/tickets/{TICKET_ID}", body=ticket(status="RUNNING"))
