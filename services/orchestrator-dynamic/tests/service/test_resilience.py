@@ -65,6 +65,11 @@ async def test_ticket_service_outage_delays_and_loses_nothing(flow: Flow) -> Non
     assert late.status_code == 202, late.text
     assert late.json()["tickets_created"] is False
     assert all(t is None for t in late.json()["ticket_ids"].values())
+    # Explain says why its tickets wait (it said "not created yet", nothing more).
+    explained = await flow.client().get("/api/v1/plans/submitted-during-outage/explain")
+    first = explained.json()["tasks"][0]["reasons"]
+    assert [r["code"] for r in first[:2]] == ["TICKET_SERVICE_UNREACHABLE", "TICKET_NOT_CREATED"]
+    assert first[0]["details"]["error"]
 
     await flow.start_ticket_service()
 

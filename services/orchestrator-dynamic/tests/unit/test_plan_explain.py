@@ -65,6 +65,7 @@ class Case:
     fail_fast: bool = True
     cancel_requested: bool = False
     round_error: RoundError | None = None
+    tickets_unreachable: str | None = None
 
 
 CASES = [
@@ -171,6 +172,36 @@ CASES = [
         [R.ROUNDS_FAILING, R.TICKET_NOT_CREATED, R.WAITING_ON_DEPENDENCIES],
         "its ticket has not been created: the plan's scheduling rounds fail",
         round_error=RoundError("Unauthenticated: refused", NOW - timedelta(seconds=2)),
+    ),
+    Case(
+        # It said "assigned in the next scheduling round" while the rounds waited for the
+        # ticket service, and "not created yet" without saying why.
+        "ready, the ticket service unreachable",
+        "a",
+        ALL_PENDING,
+        [R.TICKET_SERVICE_UNREACHABLE],
+        "the ticket service cannot be reached (connection refused): the scheduling rounds "
+        "wait for it; ready: it is assigned once the service answers",
+        tickets_unreachable="connection refused",
+    ),
+    Case(
+        "ticket not created, the ticket service unreachable",
+        "a",
+        {"b": ts("b")},
+        [R.TICKET_SERVICE_UNREACHABLE, R.TICKET_NOT_CREATED],
+        "the ticket service cannot be reached (connection refused): the scheduling rounds "
+        "wait for it; its ticket is created once it answers",
+        tickets_unreachable="connection refused",
+    ),
+    Case(
+        # What the rounds say when they fail for another reason comes first.
+        "ticket not created, rounds failing, the ticket service unreachable",
+        "a",
+        {"b": ts("b")},
+        [R.ROUNDS_FAILING, R.TICKET_NOT_CREATED],
+        "its ticket has not been created: the plan's scheduling rounds fail",
+        round_error=RoundError("Unauthenticated: refused", NOW - timedelta(seconds=2)),
+        tickets_unreachable="connection refused",
     ),
     Case(
         "registry unreachable",
@@ -283,6 +314,7 @@ def test_explain(case: Case) -> None:
         workers=case.workers,
         cancel_requested=case.cancel_requested,
         round_error=case.round_error,
+        tickets_unreachable=case.tickets_unreachable,
     )
 
     assert [r.code for r in explanation.reasons] == case.codes

@@ -631,6 +631,7 @@ class ReasonCode(StrEnum):
     LEASED = "LEASED"
     READY = "READY"
     ROUNDS_FAILING = "ROUNDS_FAILING"
+    TICKET_SERVICE_UNREACHABLE = "TICKET_SERVICE_UNREACHABLE"
     # Of the plan, not of a task: explain's ``stale_owner`` (see owner_lease_expired).
     OWNER_LEASE_EXPIRED = "OWNER_LEASE_EXPIRED"
 
@@ -703,12 +704,15 @@ def explain(
     cancel_requested: bool = False,
     where: str = "",
     round_error: RoundError | None = None,
+    tickets_unreachable: str | None = None,
 ) -> list[Explanation]:
     """Why each of ``task_ids``' tickets is (not) running. ``workers`` is the registry's
     view of the registered workers (None when they could not be read), ``where`` where
     they were looked for, as the messages say it (see :func:`in_namespace`);
-    ``round_error``: why the plan's scheduling rounds keep failing, if they do. Raises
-    ``KeyError`` for a task that is not in the plan."""
+    ``round_error``: why the plan's scheduling rounds keep failing, if they do;
+    ``tickets_unreachable``: why the ticket service could not be reached last, if it
+    could not (the rounds wait for it). Raises ``KeyError`` for a task that is not in the
+    plan."""
     for task_id in task_ids:
         if task_id not in graph.index:
             raise KeyError(task_id)
@@ -728,6 +732,7 @@ def explain(
         cancel_requested=cancel_requested,
         where=where,
         round_error=round_error,
+        tickets_unreachable=tickets_unreachable,
     )
     return [_explain_one(context, task_id) for task_id in task_ids]
 
@@ -754,6 +759,7 @@ class _Explaining:
     cancel_requested: bool
     where: str
     round_error: RoundError | None
+    tickets_unreachable: str | None
     # Required capabilities -> what the workers say about them (the same for many tasks).
     worker_reasons: dict[tuple[str, ...], list[Reason]] = field(default_factory=dict)
 
@@ -886,6 +892,12 @@ def _pending_reasons(context: _Explaining, state: TicketState) -> list[Reason]:
             reasons.append(
                 _rounds_failing(context.round_error, "its ticket has not been created: ")
             )
+        elif context.tickets_unreachable is not None:
+            reasons.append(
+                _tickets_unreachable(
+                    context.tickets_unreachable, "its ticket is created once it answers"
+                )
+            )
         reasons.append(Reason(ReasonCode.TICKET_NOT_CREATED, "its ticket has not been created yet"))
     waiting = [
         dep for dep in graph.depends_on[task_id] if states[dep].status is not TicketStatus.COMPLETED
@@ -931,14 +943,27 @@ def _pending_reasons(context: _Explaining, state: TicketState) -> list[Reason]:
         r.code in (ReasonCode.NO_CAPABLE_WORKER, ReasonCode.NO_WORKER_CAPACITY) for r in reasons
     )
     if task_id in context.dispatch and not blocked_on_workers:
-        reasons.insert(
-            0, _ready_reason(context.round_error, workers_known=context.workers is not None)
-        )
+        reasons.insert(0, _ready_reason(context))
     return reasons
 
 
-def _ready_reason(round_error: RoundError | None, *, workers_known: bool) -> Reason:
-    if round_error is None and not workers_known:
+def _tickets_unreachable(detail: str, then: str) -> Reason:
+    return Reason(
+        ReasonCode.TICKET_SERVICE_UNREACHABLE,
+        f"the ticket service cannot be reached ({detail}): the scheduling rounds wait for it;"
+        f" {then}",
+        {"error": detail},
+    )
+
+
+def _ready_reason(context: _Explaining) -> Reason:
+    round_error = context.round_error
+    if round_error is None and context.tickets_unreachable is not None:
+        # It said "assigned in the next scheduling round" through the outage.
+        return _tickets_unreachable(
+            context.tickets_unreachable, "ready: it is assigned once the service answers"
+        )
+    if round_error is None and context.workers is None:
         # No claim about workers it cannot see (it said "assigned in the next round").
         return Reason(
             ReasonCode.READY,

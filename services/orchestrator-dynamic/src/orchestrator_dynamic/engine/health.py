@@ -29,8 +29,10 @@ class DependencyHealth:
     def failed(self, name: str, detail: str) -> None:
         self._outcomes[name] = _Outcome(ok=False, detail=detail)
 
-    def is_ok(self, name: str) -> bool:
-        return self._outcomes.get(name, _Outcome()).ok
+    def failure(self, name: str) -> str | None:
+        """Why the latest call to ``name`` failed; None when it succeeded."""
+        outcome = self._outcomes.get(name, _Outcome())
+        return None if outcome.ok else outcome.detail
 
     def report(self) -> dict[str, CheckResult]:
         report: dict[str, CheckResult] = {}

@@ -43,7 +43,7 @@ from orchestrator_dynamic.domain.validation import (
 )
 from orchestrator_dynamic.engine.convert import worker_view
 from orchestrator_dynamic.engine.driver import PlanDriver
-from orchestrator_dynamic.engine.health import REGISTRY, DependencyHealth
+from orchestrator_dynamic.engine.health import REGISTRY, TICKET_SERVICE, DependencyHealth
 from orchestrator_dynamic.engine.metrics import OrchestratorMetrics
 from orchestrator_dynamic.storage.plans import PlanRepository
 
@@ -314,6 +314,7 @@ class PlanService:
             cancel_requested=stored.summary.cancel_requested_at is not None,
             where=in_namespace(self._namespace),
             round_error=await self._repo.round_error(stored.summary.plan_id),
+            tickets_unreachable=self._health.failure(TICKET_SERVICE),
         )
         stale_owner = None
         holder = stored.summary.lease_holder
