@@ -19,8 +19,14 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from pydantic import SecretStr
 
 from execution_ticket_service.app import TicketService, build_service
-from execution_ticket_service.domain.paging import Cursor, encode_cursor
+from execution_ticket_service.domain.paging import (
+    Cursor,
+    CursorPurged,
+    decode_cursor,
+    encode_cursor,
+)
 from execution_ticket_service.domain.state_machine import MAX_LOST_RUNS
+from execution_ticket_service.domain.validation import Violations
 from execution_ticket_service.transport.grpc.servicer import WATCH_BATCH_BYTES, WATCH_BATCH_EVENTS
 from hive_common.auth import TokenIssuer
 from hive_common.grpc_errors import rich_status_of
@@ -1768,6 +1774,16 @@ async def test_a_cursor_older_than_the_event_retention_is_refused(
     try:
         async with grpc.aio.insecure_channel(f"127.0.0.1:{built.runtime.grpc_port}") as ch:
             stub = pb_grpc.TicketServiceStub(ch)
+            for task in ("s0", "s1"):
+                await stub.CreateTicket(
+                    pb.CreateTicketRequest(ticket=spec(plan_id="p-old", task_id=task)),
+                    metadata=svc,
+                )
+            snapshot = stub.WatchTickets(
+                pb.WatchTicketsRequest(plan_id="p-old", include_snapshot=True), metadata=svc
+            )
+            in_snapshot = (await next_event(snapshot)).cursor  # s1 is still to come
+            snapshot.cancel()
             stream = stub.WatchTickets(pb.WatchTicketsRequest(plan_id="p-old"), metadata=svc)
             before = await watch_cursor_of(stream)
             await stub.CreateTicket(
@@ -1780,8 +1796,16 @@ async def test_a_cursor_older_than_the_event_retention_is_refused(
                 pb.CreateTicketRequest(ticket=spec(plan_id="p-old", task_id="b")), metadata=svc
             )
 
-            async def purged() -> bool:  # once the relay has delivered the old event
-                return await built.purger.purge_once() > 0
+            start = decode_cursor(before, Violations())
+            assert start is not None
+
+            async def purged() -> bool:  # "a"'s event, once the relay has delivered it
+                await built.purger.purge_once()
+                try:
+                    await built.repository.check_resumable(start)
+                except CursorPurged:
+                    return True
+                return False
 
             await eventually(purged, what="the old event purged")
 
@@ -1794,6 +1818,14 @@ async def test_a_cursor_older_than_the_event_retention_is_refused(
             assert info.value.code() is Code.INVALID_ARGUMENT
             assert violations(info.value) == {"cursor"}
             assert "older than the event retention" in str(rich_status_of(info.value))
+            # A cursor in the middle of a snapshot too, before any of the snapshot's rest.
+            with pytest.raises(grpc.aio.AioRpcError) as info:
+                await _first_event(
+                    stub.WatchTickets(
+                        pb.WatchTicketsRequest(plan_id="p-old", cursor=in_snapshot), metadata=svc
+                    )
+                )
+            assert info.value.code() is Code.INVALID_ARGUMENT
             # From the old event's own cursor nothing was deleted: the stream goes on.
             resumed = stub.WatchTickets(
                 pb.WatchTicketsRequest(plan_id="p-old", cursor=old.cursor), metadata=svc

@@ -23,6 +23,7 @@ EVENT_ORDER = "0005_events_in_change_order"
 REQUEUE_DIGEST = "0006_requeue_digest"
 WRITE_ORDER = "0007_events_in_write_order"
 PURGE_MARK = "0008_purge_mark"
+PURGE_MARK_TRIGGER = "0009_purge_mark_trigger"
 COLUMNS = (
     "SELECT column_name FROM information_schema.columns "
     "WHERE table_schema = 'public' AND table_name = 'tickets'"
@@ -196,18 +197,32 @@ async def test_an_event_written_behind_a_younger_transactions_is_accepted_again(
 async def test_the_purge_mark_starts_at_the_origin_and_rolls_back(
     postgres_dsn: str, tmp_path: Path
 ) -> None:
-    # Purges made before the mark existed are not known: it starts at (0, 0), and the
-    # first purge after the migration moves it.
+    # Purges made before the mark existed are not known: it starts at (0, 0); from 0009
+    # on every delete from the log moves it, whatever code deletes (a replica of the
+    # release before, purging without moving it, let new readers stream across the gap).
     until_write_order = migrations_until(MIGRATIONS_DIRECTORY, WRITE_ORDER, into=tmp_path / "m7")
     await asyncio.to_thread(apply_migrations, dsn=postgres_dsn, directory=until_write_order)
     await _create(postgres_dsn, "t1")
     applied = await asyncio.to_thread(
         apply_migrations, dsn=postgres_dsn, directory=MIGRATIONS_DIRECTORY
     )
-    assert applied == [PURGE_MARK]
+    assert applied == [PURGE_MARK, PURGE_MARK_TRIGGER]
     assert await _rows(postgres_dsn, "SELECT xid, seq FROM ticket_events_purged") == [(0, 0)]
     await _create(postgres_dsn, "t2")  # the service writes on as before
+    # The purge of the release before 0008: a bare DELETE.
+    async with await psycopg.AsyncConnection.connect(postgres_dsn, autocommit=True) as conn:
+        cur = await conn.execute(
+            "DELETE FROM ticket_events WHERE seq IN (SELECT min(seq) FROM ticket_events)"
+            " RETURNING xid, seq"
+        )
+        [deleted] = await cur.fetchall()
+    assert await _rows(postgres_dsn, "SELECT xid, seq FROM ticket_events_purged") == [deleted]
 
+    await asyncio.to_thread(
+        roll_back_migration, postgres_dsn, MIGRATIONS_DIRECTORY, PURGE_MARK_TRIGGER
+    )
     await asyncio.to_thread(roll_back_migration, postgres_dsn, MIGRATIONS_DIRECTORY, PURGE_MARK)
     [(exists,)] = await _rows(postgres_dsn, "SELECT to_regclass('ticket_events_purged')")
     assert exists is None
+    async with await psycopg.AsyncConnection.connect(postgres_dsn, autocommit=True) as conn:
+        await conn.execute("DELETE FROM ticket_events")  # no trigger left behind

@@ -60,6 +60,7 @@ from hive_common.errors import (
     AlreadyExists,
     FieldViolation,
     HiveError,
+    InvalidArgument,
     NotFound,
 )
 from hive_common.postgres import DictPool, connection, database_errors
@@ -1072,25 +1073,38 @@ class TicketRepository:
 
     async def purge_events(self, *, older_than: datetime, limit: int = 10_000) -> int:
         """Delete relayed events that happened before ``older_than`` (never undelivered
-        ones, nor any a watch cannot have read yet: see :meth:`events_after`), and move the
-        purge mark past them (a reader positioned before it gets :class:`CursorPurged`)."""
-        [row] = await self._fetch(
-            "WITH gone AS ("
-            " DELETE FROM ticket_events WHERE seq IN ("
-            "  SELECT e.seq FROM ticket_events e"
-            "  WHERE e.occurred_at < %s"
-            "    AND e.xid < pg_snapshot_xmin(pg_current_snapshot())::text::bigint"
-            "    AND NOT EXISTS (SELECT 1 FROM ticket_outbox o WHERE o.seq = e.seq)"
-            "  ORDER BY e.seq LIMIT %s)"
-            " RETURNING xid, seq),"
-            " newest AS (SELECT xid, seq FROM gone ORDER BY xid DESC, seq DESC LIMIT 1),"
-            " marked AS ("
-            " UPDATE ticket_events_purged m SET xid = newest.xid, seq = newest.seq FROM newest"
-            " WHERE (newest.xid, newest.seq) > (m.xid, m.seq))"
-            " SELECT count(*) AS n FROM gone",
+        ones, nor any a watch cannot have read yet: see :meth:`events_after`); a trigger
+        moves the purge mark past them (a reader positioned before it gets
+        :class:`CursorPurged`)."""
+        return await self._execute(
+            "DELETE FROM ticket_events WHERE seq IN ("
+            " SELECT e.seq FROM ticket_events e"
+            " WHERE e.occurred_at < %s"
+            "   AND e.xid < pg_snapshot_xmin(pg_current_snapshot())::text::bigint"
+            "   AND NOT EXISTS (SELECT 1 FROM ticket_outbox o WHERE o.seq = e.seq)"
+            " ORDER BY e.seq LIMIT %s)",
             (older_than, limit),
         )
-        return int(row["n"])
+
+    async def check_resumable(self, cursor: Cursor) -> None:
+        """Refuse a position no reader can go on from: ahead of the log (made up, or from
+        another database: a restore restarts the transaction ids; the stream would wait
+        for events that never come), or before an event the purge deleted
+        (:class:`CursorPurged`)."""
+        [row] = await self._fetch(
+            "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint AS xmin, xid, seq"
+            " FROM ticket_events_purged"
+        )
+        if cursor > Cursor(xid=row["xmin"], seq=0):
+            raise InvalidArgument(
+                "invalid watch request",
+                violations=[
+                    FieldViolation("cursor", "is ahead of the event log (from another database?)")
+                ],
+            )
+        purged_through = Cursor(xid=row["xid"], seq=row["seq"])
+        if purged_through > cursor:
+            raise CursorPurged(purged_through)
 
     async def outbox_backlog(self) -> tuple[int, datetime | None]:
         """How many events await relay, and when the first of them (in log order) happened.

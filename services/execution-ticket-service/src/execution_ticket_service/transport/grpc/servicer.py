@@ -300,12 +300,10 @@ class TicketServicer(pb_grpc.TicketServiceServicer):
         if request.include_ticket_tokens and not request.worker_id:
             errors.add("include_ticket_tokens", "requires worker_id")
         errors.raise_if_any("invalid watch request")
-        if cursor is not None and cursor > await self._repository.current_position():
-            # Every cursor this log issued lies before its current position: this one was
-            # made up, or comes from another database (a restore restarts the transaction
-            # ids); the stream would wait for events that never come.
-            errors.add("cursor", "is ahead of the event log (from another database?)")
-            errors.raise_if_any("invalid watch request")
+        if cursor is not None:
+            # Up front, before any of a snapshot's rest is sent, and whichever replica
+            # answers (one whose window still holds the purged events would serve them).
+            await self._repository.check_resumable(cursor)
         token_holder = worker_id if request.include_ticket_tokens else ""
         # The caller's own changes are skipped here, after the shared tail filtered: it
         # saves building and sending messages the caller does not need.
