@@ -452,23 +452,35 @@ def test_tickets_show_prints_where_a_ticket_stands_and_its_result() -> None:
     ]
 
 
-def test_tickets_show_with_events_adds_the_audit_history() -> None:
+def _with_history(status: str, events: list[dict[str, Any]], **history: Any) -> FakeServices:
+    """Fake services answering a ticket in ``status`` and its audit history."""
     services = FakeServices()
-    services.on("GET", f"/api/v1/tickets/{TICKET_ID}", body=ticket(status="FAILED"))
-    event = {
-        "type": "STATUS_CHANGED",
-        "occurred_at": "2026-12-05T10:00:02+00:00",
-        "previous_status": "RUNNING",
-        "status": "FAILED",
-        "attempt": 2,
-        "actor": "worker:w-1",
-        "details": {},
-    }
+    services.on("GET", f"/api/v1/tickets/{TICKET_ID}", body=ticket(status=status))
     services.on(
         "GET",
         f"/api/v1/tickets/{TICKET_ID}/events",
-        body={"ticket_id": TICKET_ID, "events": [event]},
+        body={"ticket_id": TICKET_ID, "events": events, **history},
     )
+    return services
+
+
+def _event(**fields: Any) -> dict[str, Any]:
+    """A REQUEUED event (attempt 1 failed, attempt 2 next), or what ``fields`` say."""
+    return {
+        "type": "REQUEUED",
+        "occurred_at": "2026-12-05T10:00:02+00:00",
+        "previous_status": "RUNNING",
+        "status": "PENDING",
+        "attempt": 2,
+        "actor": "worker:w-1",
+        "details": {},
+        **fields,
+    }
+
+
+def test_tickets_show_with_events_adds_the_audit_history() -> None:
+    event = _event(type="STATUS_CHANGED", status="FAILED")
+    services = _with_history("FAILED", [event])
     run = services.run("tickets", "show", TICKET_ID, "--events")
     assert run.code == ExitCode.OK, run.err
     assert run.out.splitlines()[-2:] == [
@@ -485,27 +497,10 @@ def test_tickets_show_with_events_adds_the_audit_history() -> None:
 
 def test_an_events_result_is_shown_as_json() -> None:
     # It read result={'other': True},worker_lost=False (Python's form, not the API's).
-    services = FakeServices()
-    services.on("GET", f"/api/v1/tickets/{TICKET_ID}", body=ticket(status="PENDING"))
-    event = {
-        "type": "REQUEUED",
-        "occurred_at": "2026-12-05T10:00:02+00:00",
-        "previous_status": "RUNNING",
-        "status": "PENDING",
-        "attempt": 2,
-        "actor": "worker:w-1",
-        "details": {
-            "failed_attempt": 1,
-            "result": {"other": True, "n": None},
-            "worker_lost": False,
-        },
-    }
-    services.on(
-        "GET",
-        f"/api/v1/tickets/{TICKET_ID}/events",
-        body={"ticket_id": TICKET_ID, "events": [event]},
+    details = {"failed_attempt": 1, "result": {"other": True, "n": None}, "worker_lost": False}
+    run = _with_history("PENDING", [_event(details=details)]).run(
+        "tickets", "show", TICKET_ID, "--events"
     )
-    run = services.run("tickets", "show", TICKET_ID, "--events")
     assert run.code == ExitCode.OK, run.err
     assert run.out.splitlines()[-1].endswith(
         'failed_attempt=1,result={"other":true,"n":null},worker_lost=false'
@@ -513,14 +508,7 @@ def test_an_events_result_is_shown_as_json() -> None:
 
 
 def test_tickets_show_says_when_the_history_goes_on() -> None:
-    services = FakeServices()
-    services.on("GET", f"/api/v1/tickets/{TICKET_ID}", body=ticket(status="RUNNING"))
-    event = {"type": "CREATED", "occurred_at": "2026-12-05T10:00:00+00:00", "status": "PENDING"}
-    services.on(
-        "GET",
-        f"/api/v1/tickets/{TICKET_ID}/events",
-        body={"ticket_id": TICKET_ID, "events": [event] * 3, "truncated": True},
-    )
+    services = _with_history("RUNNING", [_event()] * 3, truncated=True)
     run = services.run("tickets", "show", TICKET_ID, "--events")
     assert run.code == ExitCode.OK, run.err
     assert run.out.splitlines()[-1] == "(the first 3 events: more follow)"
@@ -529,24 +517,11 @@ def test_tickets_show_says_when_the_history_goes_on() -> None:
 def test_an_events_details_are_shown_whole() -> None:
     # They were cut at 60 columns: an earlier attempt's error (the one place to read it
     # without JSON) was lost.
-    services = FakeServices()
-    services.on("GET", f"/api/v1/tickets/{TICKET_ID}", body=ticket(status="PENDING"))
     error = "connection reset by peer while reading the upstream answer " * 4
-    event = {
-        "type": "REQUEUED",
-        "occurred_at": "2026-12-05T10:00:02+00:00",
-        "previous_status": "RUNNING",
-        "status": "PENDING",
-        "attempt": 2,
-        "actor": "worker:w-1",
-        "details": {"failed_attempt": 1, "error_message": error.strip()},
-    }
-    services.on(
-        "GET",
-        f"/api/v1/tickets/{TICKET_ID}/events",
-        body={"ticket_id": TICKET_ID, "events": [event]},
+    details = {"failed_attempt": 1, "error_message": error.strip()}
+    run = _with_history("PENDING", [_event(details=details)]).run(
+        "tickets", "show", TICKET_ID, "--events"
     )
-    run = services.run("tickets", "show", TICKET_ID, "--events")
     assert run.code == ExitCode.OK, run.err
     assert run.out.splitlines()[-1].endswith(f"error_message={error.strip()}")
 
