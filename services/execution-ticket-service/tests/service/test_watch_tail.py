@@ -408,3 +408,26 @@ async def test_the_tail_refuses_streams_behind_events_purged_before_it_read_them
         assert "older than the event retention" in refused.value.violations[0].description
         events, _ = await _read_all(tail, mark, TicketFilter(), limit=10)
         assert [e.ticket.plan_id for e in events] == ["newer"] * 3
+
+
+async def test_a_reader_starting_now_starts_past_a_purge_that_ran_ahead(
+    counting: CountingRepository, migrated_dsn: str
+) -> None:
+    # The purge of the release before 0008 does not wait for running transactions: with
+    # one open longer than the retention, the mark passes the oldest running transaction,
+    # and a watch without a cursor (starting there) was refused as "older than the event
+    # retention", over and over.
+    async with await psycopg.AsyncConnection.connect(migrated_dsn) as other:
+        await other.execute("SELECT pg_current_xact_id()")
+        await _history(counting, "purged", 1, "w1")
+        async with await psycopg.AsyncConnection.connect(migrated_dsn, autocommit=True) as old:
+            await old.execute("DELETE FROM ticket_events WHERE plan_id = 'purged'")
+        start = await counting.current_position()
+        assert await counting.events_after(start, TicketFilter(), limit=10) == []
+        await counting.check_resumable(start)  # a header cursor resumes
+        position, _ = await counting.snapshot(TicketFilter(), limit=10)
+        assert position == start
+        await other.rollback()
+    await _history(counting, "after", 1, "w1")
+    events = await counting.events_after(start, TicketFilter(), limit=10)
+    assert [e.ticket.plan_id for e in events] == ["after"] * 3

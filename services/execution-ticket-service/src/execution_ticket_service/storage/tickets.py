@@ -126,6 +126,21 @@ def _spec_differences(existing: TicketSpec, requested: TicketSpec) -> list[str]:
     ]
 
 
+# Where a reader starting "now" starts: the oldest running transaction, and never before
+# the purge mark.
+_START_POSITION = (
+    "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint AS xmin, xid, seq"
+    " FROM ticket_events_purged"
+)
+
+
+def _start_position(row: dict[str, Any]) -> Cursor:
+    """A reader starting "now" reads from the oldest transaction still running; only a
+    purge of the release before 0008 (no wait for running transactions) deletes past it,
+    and starting before the mark would only have the reader refused."""
+    return max(Cursor(xid=row["xmin"], seq=0), Cursor(xid=row["xid"], seq=row["seq"]))
+
+
 def _purged_and_event_from_row(row: dict[str, Any]) -> tuple[Cursor, TicketEvent | None]:
     purged = Cursor(xid=row["purged_xid"], seq=row["purged_seq"])
     return purged, _event_from_row(row) if row["event_id"] is not None else None
@@ -944,12 +959,10 @@ class TicketRepository:
     # -- the event log: watch -------------------------------------------------------------
 
     async def current_position(self) -> Cursor:
-        """Where "new events only" starts: everything from still-running transactions on."""
-
-        [row] = await self._fetch(
-            "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint AS xmin"
-        )
-        return Cursor(xid=row["xmin"], seq=0)
+        """Where "new events only" starts: everything from still-running transactions on
+        (see :func:`_start_position`)."""
+        [row] = await self._fetch(_START_POSITION)
+        return _start_position(row)
 
     async def snapshot(
         self, ticket_filter: TicketFilter, *, after_seq: int = 0, limit: int
@@ -981,14 +994,12 @@ class TicketRepository:
 
         async def work(conn: AsyncConnection[DictRow]) -> tuple[Cursor, list[tuple[int, Ticket]]]:
             await conn.execute("SET TRANSACTION ISOLATION LEVEL REPEATABLE READ")
-            cur = await conn.execute(
-                "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint AS xmin"
-            )
+            cur = await conn.execute(_START_POSITION)
             row = await cur.fetchone()
             assert row is not None
             cur = await conn.execute(query, params)
             tickets = [(r["seq"], ticket_from_row(r)) for r in await cur.fetchall()]
-            return Cursor(xid=row["xmin"], seq=0), tickets
+            return _start_position(row), tickets
 
         return await self._run(work)
 
@@ -1091,11 +1102,8 @@ class TicketRepository:
         another database: a restore restarts the transaction ids; the stream would wait
         for events that never come), or before an event the purge deleted
         (:class:`CursorPurged`)."""
-        [row] = await self._fetch(
-            "SELECT pg_snapshot_xmin(pg_current_snapshot())::text::bigint AS xmin, xid, seq"
-            " FROM ticket_events_purged"
-        )
-        if cursor > Cursor(xid=row["xmin"], seq=0):
+        [row] = await self._fetch(_START_POSITION)
+        if cursor > _start_position(row):
             raise InvalidArgument(
                 "invalid watch request",
                 violations=[
