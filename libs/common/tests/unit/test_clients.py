@@ -34,6 +34,7 @@ from hive_common.errors import (
 )
 from hive_common.grpc_client import create_channel
 from hive_common.grpc_errors import abort
+from hive_testsupport.fakes import UnscriptedTickets
 from neuralhive.registry.v1 import registry_service_pb2 as rpb
 from neuralhive.registry.v1 import registry_service_pb2_grpc as rpb_grpc
 from neuralhive.ticket.v1 import ticket_service_pb2 as pb
@@ -58,7 +59,7 @@ def _event(n: int) -> pb.WatchTicketsResponse:
     )
 
 
-class FakeTickets(pb_grpc.TicketServiceServicer):
+class FakeTickets(UnscriptedTickets):
     """Scripted answers: ``failures`` are raised (in order) before a call succeeds."""
 
     def __init__(self) -> None:
@@ -119,15 +120,6 @@ class FakeTickets(pb_grpc.TicketServiceServicer):
     async def AssignTicket(self, request: pb.AssignTicketRequest, context: Context) -> Any:
         await self._fail_if_scripted("AssignTicket", request, context)
         return pb.AssignTicketResponse(ticket=pb.ExecutionTicket(ticket_id=request.ticket_id))
-
-    async def CreateTicket(self, request: Any, context: Context) -> Any:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not scripted")
-
-    async def BatchCreateTickets(self, request: Any, context: Context) -> Any:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not scripted")
-
-    async def UpdateTicketStatuses(self, request: Any, context: Context) -> Any:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not scripted")
 
     async def ListTickets(self, request: pb.ListTicketsRequest, context: Context) -> Any:
         await self._fail_if_scripted("ListTickets", request, context)

@@ -42,6 +42,7 @@ from hive_common.grpc_server import (
 )
 from hive_common.logging import configure_logging
 from hive_common.retry import is_retryable
+from hive_testsupport.fakes import UnscriptedTickets
 from neuralhive.ticket.v1 import ticket_service_pb2 as pb
 from neuralhive.ticket.v1 import ticket_service_pb2_grpc as pb_grpc
 
@@ -133,43 +134,6 @@ def deep_service(recorder: Recorder) -> GrpcService:
         server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(SERVICE, handlers),))
 
     return GrpcService(name=SERVICE, register=register)
-
-
-class UnscriptedTickets(pb_grpc.TicketServiceServicer):
-    """Every RPC answers UNIMPLEMENTED; the fakes below override the ones they script."""
-
-    async def CreateTicket(self, request: Any, context: Context) -> Any:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not scripted")
-
-    async def BatchCreateTickets(self, request: Any, context: Context) -> Any:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not scripted")
-
-    async def GetTicket(self, request: Any, context: Context) -> Any:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not scripted")
-
-    async def ListTickets(self, request: Any, context: Context) -> Any:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not scripted")
-
-    async def AssignTicket(self, request: Any, context: Context) -> Any:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not scripted")
-
-    async def AssignTickets(self, request: Any, context: Context) -> Any:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not scripted")
-
-    async def UpdateTicketStatus(self, request: Any, context: Context) -> Any:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not scripted")
-
-    async def UpdateTicketStatuses(self, request: Any, context: Context) -> Any:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not scripted")
-
-    async def GenerateToken(self, request: Any, context: Context) -> Any:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not scripted")
-
-    async def WatchTickets(
-        self, request: Any, context: Context
-    ) -> AsyncIterator[pb.WatchTicketsResponse]:
-        await context.abort(grpc.StatusCode.UNIMPLEMENTED, "not scripted")
-        yield pb.WatchTicketsResponse()  # never reached: a stream, like the RPC
 
 
 class CreateOnlyTickets(UnscriptedTickets):

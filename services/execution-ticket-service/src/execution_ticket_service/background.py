@@ -229,8 +229,8 @@ class StatsRefresher:
 class EventPurger:
     """Keeps the event log bounded: relayed events older than the retention are deleted.
 
-    A WatchTickets cursor from before a deleted event is then refused (see
-    ``EventLogTail.read``).
+    A WatchTickets cursor from before a deleted event is then refused (the purge mark:
+    see ``TicketRepository.events_after`` and ``check_resumable``).
     """
 
     def __init__(
